@@ -1,0 +1,3 @@
+"""uds-example server: FastAPI over a Unix domain socket."""
+
+__version__ = "1.0.0"

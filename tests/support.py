@@ -1,0 +1,175 @@
+"""Helpers shared by the integration tests: short socket paths, real server processes, polling.
+
+Tests never sleep and hope: they poll with a deadline and put the last error in the failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def short_tmpdir(prefix: str = "uds") -> Path:
+    """A fresh directory under /tmp with a short name (AF_UNIX paths stop at 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix + "-", dir="/tmp"))
+
+
+def wait_until(check: Callable[[], T | None], *, timeout: float = 10.0, interval: float = 0.01,
+               what: str = "condition") -> T:
+    """Call ``check`` until it returns something other than None/False, or fail after ``timeout``.
+
+    Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure.
+    """
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    delay = interval
+    while True:
+        try:
+            result = check()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            last = exc
+        else:
+            if result is not None and result is not False:
+                return result
+            last = None
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: {last!r}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def http_over_uds(path: str, method: str = "GET", target: str = "/healthz", body: bytes | None = None,
+                  headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One raw HTTP/1.1 request over the socket, stdlib only; returns (status, body)."""
+    import http.client
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+
+    conn = _Conn("localhost", timeout=timeout)
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def socket_accepts(path: str) -> bool:
+    status, _ = http_over_uds(path, "GET", "/healthz", timeout=1.0)
+    return status == 200
+
+
+class ServerProcess:
+    """A real ``uds-server`` (``python -m app``) in a subprocess, its output captured to a file."""
+
+    def __init__(self, args: Sequence[str], *, socket_path: str | None = None, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, python: str = PYTHON) -> None:
+        self.args = list(args)
+        self.socket_path = socket_path
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="uds-server-", suffix=".log")[1])
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [python, "-m", "app", *self.args], stdout=self._log, stderr=subprocess.STDOUT,
+            env=full_env, cwd=ROOT, start_new_session=True,
+        )
+
+    @property
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, timeout: float = 15.0) -> ServerProcess:
+        assert self.socket_path, "wait_ready needs socket_path"
+        path = self.socket_path
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output}")
+            return socket_accepts(path)
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"server on {path}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- server output ---\n{self.output}") from None
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait for the exit code (killing the process if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server did not stop within {timeout}s after {sig!r}:\n{self.output}")
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+@contextlib.contextmanager
+def running_server(*extra: str, env: dict[str, str] | None = None,
+                   tmp: Path | None = None) -> Iterator[ServerProcess]:
+    """Start ``uds-server`` on a short temp socket, wait until it answers, stop it after."""
+    directory = tmp or short_tmpdir()
+    path = str(directory / "s.sock")
+    with ServerProcess(["--socket", path, *extra], socket_path=path, env=env) as server:
+        server.wait_ready()
+        yield server
+        server.stop()
+    if tmp is None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``uds-client`` (``python -m client``) and capture its output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [PYTHON, "-m", "client", *args], capture_output=True, text=True, env=full_env, cwd=ROOT,
+        timeout=timeout, input=input, check=False,
+    )
+
+
+def require_tool(name: str) -> str:
+    """The path of an external tool the test needs; fail (never skip) when it is missing."""
+    found = shutil.which(name)
+    if not found:
+        raise AssertionError(f"{name} is not installed; scripts/test installs it (apt-get install {name})")
+    return found

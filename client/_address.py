@@ -3,17 +3,20 @@
 Accepted spellings, like ``DOCKER_HOST`` and the libraries that talk to it:
 
 * a bare absolute path: ``/csi/csi.sock``
-* ``unix:///csi/csi.sock`` (and the lax ``unix:/csi/csi.sock``, ``unix://csi/csi.sock`` is rejected
+* ``unix:///csi/csi.sock`` and the lax ``unix:/csi/csi.sock`` (``unix://csi/csi.sock`` is rejected
   because ``csi`` would be a host name)
 * ``http+unix://%2Fcsi%2Fcsi.sock`` (requests-unixsocket, docker-py), with an optional path suffix
-  that is ignored
+  (``/messages``) that is ignored
 
-Anything else raises :class:`AddressError`, quoting the value.
+Scheme names are case-insensitive. Anything else raises :class:`AddressError`, quoting the value
+and saying what to write instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from urllib.parse import unquote
 
 __all__ = ["DEFAULT_ADDRESS", "ENV_VAR", "MAX_PATH_BYTES", "AddressError", "parse_address", "to_url"]
@@ -22,6 +25,12 @@ DEFAULT_ADDRESS = "unix:///csi/csi.sock"
 ENV_VAR = "UDS_SOCKET"
 # sun_path is 108 bytes on Linux, one of which is the terminating NUL.
 MAX_PATH_BYTES = 107
+
+_EXPECTED = "expected unix:///path/to.sock or an absolute path"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_TCP = {"tcp", "http", "https"}
+
+_Bad = Callable[[str], "AddressError"]
 
 
 class AddressError(ValueError):
@@ -36,40 +45,74 @@ def parse_address(value: str) -> str:
     >>> parse_address("http+unix://%2Fcsi%2Fcsi.sock")
     '/csi/csi.sock'
     """
+
+    def bad(reason: str) -> AddressError:
+        return AddressError(f"invalid socket address {value!r}: {reason}")
+
     raw = value.strip()
     if not raw:
-        raise AddressError("invalid socket address '': expected unix:///path/to.sock or an absolute path")
+        raise bad(_EXPECTED)
+    if "\x00" in raw:
+        raise bad("it contains a NUL byte")
+    scheme, sep, rest = raw.partition(":")
+    scheme = scheme.lower() if sep else ""
     path: str
-    if raw.startswith("http+unix://"):
-        rest = raw[len("http+unix://") :]
-        host, _, _ = rest.partition("/")
-        path = unquote(host)
-    elif raw.startswith("unix://"):
-        path = raw[len("unix://") :]
-        if not path.startswith("/"):
-            raise AddressError(
-                f"invalid socket address {value!r}: unix:// needs an absolute path, as in unix:///csi/csi.sock"
+    if scheme == "http+unix":
+        path = _http_unix_path(rest, bad)
+    elif scheme == "unix":
+        path = rest
+        if path == "//":
+            raise bad("unix:// names no socket; write unix:///path/to.sock")
+        if path.startswith("//") and not path.startswith("///"):
+            host = path[2:].partition("/")[0]
+            raise bad(
+                f"{host!r} would be a host name; unix:// needs three slashes before an absolute path, "
+                "as in unix:///csi/csi.sock"
             )
-    elif raw.startswith("unix:"):
-        path = raw[len("unix:") :]
-    elif "://" in raw:
-        scheme = raw.split("://", 1)[0]
-        raise AddressError(
-            f"invalid socket address {value!r}: scheme {scheme!r} is not supported; use unix:///path/to.sock"
-        )
+        if path.startswith("///"):
+            path = path[2:]
+    elif "://" in raw and _SCHEME.fullmatch(raw.split("://", 1)[0]):
+        name = raw.split("://", 1)[0]
+        hint = " (to reach the socket over TCP, run uds-client proxy)" if name.lower() in _TCP else ""
+        raise bad(f"scheme {name!r} is not supported; use unix:///path/to.sock{hint}")
     else:
         path = raw
-    if not path.startswith("/"):
-        raise AddressError(f"invalid socket address {value!r}: the socket path must be absolute")
+    return _check_path(path, bad)
+
+
+def _http_unix_path(rest: str, bad: _Bad) -> str:
+    if not rest.startswith("//"):
+        raise bad("http+unix needs the percent-encoded path as the host, as in http+unix://%2Fcsi%2Fcsi.sock")
+    host = rest[2:].partition("/")[0].partition("?")[0].partition("#")[0]
+    if not host:
+        raise bad("http+unix:// names no socket; encode the path as in http+unix://%2Fcsi%2Fcsi.sock")
+    try:
+        path = unquote(host, errors="strict")
+    except UnicodeDecodeError:
+        raise bad("the percent-encoding is not valid UTF-8") from None
     if "\x00" in path:
-        raise AddressError(f"invalid socket address {value!r}: the path contains a NUL byte")
-    path = os.path.normpath(path)
-    size = len(os.fsencode(path))
+        raise bad("the decoded path contains a NUL byte")
+    if not path.startswith("/"):
+        raise bad(f"the decoded path {path!r} is not absolute; encode the leading slash as %2F")
+    return path
+
+
+def _check_path(path: str, bad: _Bad) -> str:
+    if not path.startswith("/"):
+        raise bad(f"the socket path must be absolute; {_EXPECTED}")
+    if path.endswith("/"):
+        raise bad("the path names a directory; add the socket's file name, as in /csi/csi.sock")
+    # Drop repeated slashes and "." only: ".." stays, since collapsing it lexically would be wrong
+    # when a directory on the way is a symbolic link.
+    path = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+    if path == "/":
+        raise bad("the path names a directory; add the socket's file name, as in /csi/csi.sock")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:
+        raise bad("the path cannot be encoded for the file system") from None
     if size > MAX_PATH_BYTES:
-        raise AddressError(
-            f"invalid socket address {value!r}: the path is {size} bytes, "
-            f"AF_UNIX allows at most {MAX_PATH_BYTES}; use a shorter path"
-        )
+        raise bad(f"the path is {size} bytes, AF_UNIX allows at most {MAX_PATH_BYTES}; use a shorter path")
     return path
 
 

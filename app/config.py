@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import grp
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from client._address import DEFAULT_ADDRESS, ENV_VAR, parse_address
+from client._address import ENV_VAR, parse_address
 
 __all__ = ["ENV", "Settings", "SettingsError"]
 
@@ -41,6 +41,7 @@ ENV: dict[str, str] = {
     "keepalive_timeout": "UDS_KEEPALIVE_TIMEOUT",
     "request_timeout": "UDS_REQUEST_TIMEOUT",
     "reply": "UDS_REPLY",
+    "debug": "UDS_DEBUG",
 }
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -75,6 +76,8 @@ class Settings:
     request_timeout: float = 30.0
     """A client that has not sent a whole request (headers and body) by then is cut off."""
     reply: str = "Hello from server via UDS"
+    debug: bool = False
+    """Log tracebacks (never sent to clients)."""
 
     @property
     def uses_tcp(self) -> bool:
@@ -157,10 +160,7 @@ def _positive_float(value: object) -> float:
 
 
 def _mode(value: object) -> int:
-    if isinstance(value, int):
-        mode = value
-    else:
-        mode = int(str(value), 8)
+    mode = value if isinstance(value, int) else int(str(value), 8)
     if not 0 <= mode <= 0o777:
         raise ValueError("must be an octal mode like 660")
     if mode & 0o600 != 0o600:
@@ -193,7 +193,7 @@ def _ids(value: object) -> tuple[int, ...]:
     return ids
 
 
-def _choice(options: tuple[str, ...]) -> object:
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
     def convert(value: object) -> str:
         text = str(value).lower()
         if text not in options:
@@ -214,7 +214,7 @@ def _bool(value: object) -> bool:
     raise ValueError("use true or false")
 
 
-_CONVERTERS: dict[str, object] = {
+_CONVERTERS: dict[str, Callable[[object], object]] = {
     "socket": _as_socket,
     "port": _port,
     "socket_mode": _mode,
@@ -224,6 +224,7 @@ _CONVERTERS: dict[str, object] = {
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
     "access_log": _bool,
+    "debug": _bool,
     "max_text_length": _positive_int,
     "max_body_bytes": _positive_int,
     "history_size": _positive_int,

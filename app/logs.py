@@ -1,0 +1,101 @@
+"""Logging setup, done once by the entry point (library modules only ever get a logger).
+
+``text``: INFO lines of the ``app`` loggers are the bare message, so ``kubectl logs`` shows the demo
+lines exactly (``🔌 Server listening on /csi/csi.sock``); every other line is ``LEVEL message``.
+``json``: one object per line with ``ts``, ``level``, ``logger``, ``message`` and any extra fields.
+uvicorn's loggers go through the same handler. Tracebacks only with ``debug``; otherwise an
+exception is summarised on the same line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import IO, Any
+
+__all__ = ["JsonFormatter", "TextFormatter", "configure"]
+
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "color_message", "taskName",
+}
+_APP = "app"
+
+
+def _exception_line(record: logging.LogRecord) -> str:
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return ""
+
+
+class TextFormatter(logging.Formatter):
+    """Bare message for ``app`` INFO lines, ``LEVEL message`` for everything else."""
+
+    def __init__(self, debug: bool = False) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno != logging.INFO or not (record.name == _APP or record.name.startswith("app.")):
+            message = f"{record.levelname} {message}"
+        if record.exc_info:
+            if self.debug:
+                message = f"{message}\n{self.formatException(record.exc_info)}"
+            else:
+                message = f"{message} ({_exception_line(record)}; run with --debug for the traceback)"
+        return message.replace("\r", "\\r") if "\r" in message else message
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (RFC 3339 UTC), level, logger, message, extra fields."""
+
+    def __init__(self, debug: bool = False) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
+        millis = int((record.created - seconds) * 1000)
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["error"] = _exception_line(record)
+            if self.debug:
+                entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(level: str = "info", fmt: str = "text", *, debug: bool = False, access_log: bool = False,
+              stream: IO[str] | None = None) -> logging.Handler:
+    """Send the ``app`` and ``uvicorn`` loggers to one handler on ``stream`` (stdout by default)."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(JsonFormatter(debug) if fmt == "json" else TextFormatter(debug))
+    numeric = getattr(logging, level.upper())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in (_APP, "uvicorn", "uvicorn.error", "uvicorn.asgi", "fastapi"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+        logger.setLevel(numeric)
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.setLevel(numeric)
+    # uvicorn checks hasHandlers() per connection: with propagation off it skips access logging at no cost.
+    access.propagate = access_log
+    logging.captureWarnings(True)
+    return handler

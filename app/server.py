@@ -1,0 +1,159 @@
+"""Run the application under uvicorn on a socket we bound ourselves, and stop it cleanly.
+
+``run(settings)`` binds (``app.sockets``), serves with httptools + uvloop and our protocol
+(``app.peercred``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, removes the socket on
+every exit path and returns the process exit code: 0 clean stop, 3 startup failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable, Generator
+from types import FrameType
+from typing import Any, cast
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+from app.config import Settings
+from app.peercred import PeerCredProtocol
+from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
+
+__all__ = ["STARTUP_FAILURE", "UdsServer", "build_config", "run"]
+
+logger = logging.getLogger("app.server")
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stopped(Exception):
+    """A stop signal arrived before the server was serving."""
+
+
+class UdsServer(uvicorn.Server):
+    """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, address: str) -> None:
+        super().__init__(config)
+        self.app = app
+        self.address = address
+        self.drained = False
+        self.signals: list[int] = []
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.signals.append(sig)
+        state = getattr(self.app, "state", None)
+        if state is not None:
+            state.draining = True  # /readyz answers 503 from now on
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Like uvicorn's, without re-raising the signal afterwards (which would kill us uncleanly)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            logger.info("🔌 Server listening on %s", self.address)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        import asyncio
+
+        state = self.server_state
+        names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
+        busy = len(state.tasks)
+        logger.info(
+            "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
+            names, len(state.connections), busy, self.config.timeout_graceful_shutdown or 0,
+        )
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await super().shutdown(sockets=sockets)
+        took = loop.time() - began
+        if self.drained:
+            logger.info("Drain done in %.2fs: all requests finished", took)
+        else:
+            logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
+
+    async def _wait_tasks_to_complete(self) -> None:
+        await super()._wait_tasks_to_complete()
+        self.drained = True
+
+
+def build_config(settings: Settings, app: Any) -> uvicorn.Config:
+    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging."""
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http=PeerCredProtocol,
+        ws="none",
+        lifespan="on",
+        log_config=None,
+        log_level=None,
+        access_log=settings.access_log,
+        proxy_headers=False,
+        server_header=False,
+        # uvicorn types these as int but schedules them with call_later, which takes seconds as float.
+        timeout_keep_alive=cast(int, settings.keepalive_timeout),
+        timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
+    )
+    config.request_timeout = settings.request_timeout  # type: ignore[attr-defined]  # read by PeerCredProtocol
+    return config
+
+
+def bind(settings: Settings) -> tuple[BoundSocket, str]:
+    """Bind the listening socket named by ``settings``; return it and the address to log."""
+    if settings.uses_tcp:
+        host = settings.host or "127.0.0.1"
+        bound = bind_tcp(host, settings.port or 0)
+        port = bound.sock.getsockname()[1]
+        return bound, f"http://{host}:{port}"
+    bound = bind_unix(settings.socket, settings.socket_mode, settings.socket_group)
+    logger.info("Socket %s: %s", settings.socket, describe(settings.socket))
+    return bound, settings.socket
+
+
+def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> int:
+    """Serve until stopped; return the exit code (0 clean stop, 3 startup failure)."""
+    previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
+    bound: BoundSocket | None = None
+    try:
+        if app_factory is None:
+            from app.main import create_app
+
+            app_factory = create_app
+        application = app_factory(settings)
+        bound, address = bind(settings)
+        config = build_config(settings, application)
+        server = UdsServer(config, application, address)
+        server.run(sockets=[bound.sock])
+        return 0 if server.started else STARTUP_FAILURE
+    except _Stopped:
+        logger.info("Stopped before serving")
+        return 0
+    except SocketError as exc:
+        logger.error("%s", exc)
+        return STARTUP_FAILURE
+    finally:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # nothing may interrupt the cleanup below
+        if bound is not None:
+            bound.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_early(sig: int, frame: FrameType | None) -> None:
+    raise _Stopped(signal.Signals(sig).name)

@@ -1,1 +1,61 @@
-"""uds-example client: a typed library and the uds-client command for a Unix-socket REST server."""
+"""uds-example client: a typed library and the uds-client command for a Unix-socket REST server.
+
+Names load on first use (PEP 562), so ``import client`` stays free of httpx for the lean
+``uds-client health`` probe.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from client._address import DEFAULT_ADDRESS, AddressError, parse_address
+    from client._client import AsyncClient, Client
+    from client._errors import APIError, ClientError, ConnectError, UsageError, WaitTimeout
+    from client._models import Health, Message, Peer, RawResponse, Version
+    from client._probe import probe
+    from client._wait import wait_for_socket
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "APIError",
+    "AddressError",
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "ConnectError",
+    "Health",
+    "Message",
+    "Peer",
+    "RawResponse",
+    "UsageError",
+    "Version",
+    "WaitTimeout",
+    "parse_address",
+    "probe",
+    "wait_for_socket",
+]
+
+_WHERE = {
+    "DEFAULT_ADDRESS": "_address", "AddressError": "_address", "parse_address": "_address",
+    "AsyncClient": "_client", "Client": "_client",
+    "APIError": "_errors", "ClientError": "_errors", "ConnectError": "_errors", "UsageError": "_errors",
+    "WaitTimeout": "_errors",
+    "Health": "_models", "Message": "_models", "Peer": "_models", "RawResponse": "_models",
+    "Version": "_models",
+    "probe": "_probe", "wait_for_socket": "_wait",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'client' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"client.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -5,9 +5,10 @@ The CLI turns them into one line on stderr and an exit code (``exit_code`` on ea
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
-__all__ = ["APIError", "ClientError", "ConnectError", "UsageError"]
+__all__ = ["APIError", "ClientError", "ConnectError", "UsageError", "WaitTimeout", "reason_for"]
 
 
 class ClientError(Exception):
@@ -44,6 +45,54 @@ _HINTS = {
     "permission denied": "Check that your user is in the socket's group (ls -l on the socket).",
     "timed out": "The server did not answer in time: is it overloaded or stuck? Try --timeout.",
 }
+
+
+class WaitTimeout(ConnectError):
+    """``--wait`` gave up: the socket did not appear or accept before the deadline."""
+
+    def __init__(self, address: str, waited: float, last_reason: str) -> None:
+        super().__init__(address, last_reason)
+        self.waited = waited
+        message = f"gave up waiting for {address} after {waited:.1f}s (last error: {last_reason})."
+        Exception.__init__(self, f"{message} {self.hint}")
+
+
+_ERRNO_REASONS = {
+    errno.ENOENT: "no such file",
+    errno.ENOTDIR: "no such file",
+    errno.ECONNREFUSED: "connection refused",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ETIMEDOUT: "timed out",
+    errno.ENOTSOCK: "not a socket",
+    errno.ECONNRESET: "connection reset by the server",
+    errno.EPIPE: "connection closed by the server",
+    errno.EAGAIN: "the server's listen backlog is full",
+}
+
+
+def reason_for(exc: BaseException) -> str:
+    """A short phrase for a connection failure, read from the first ``OSError`` in the cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            return "timed out"
+        if isinstance(current, OSError) and current.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[current.errno]
+        current = current.__cause__ or current.__context__
+    text = str(exc).lower()
+    for needle, reason in (
+        ("no such file", "no such file"),
+        ("connection refused", "connection refused"),
+        ("permission denied", "permission denied"),
+        ("timed out", "timed out"),
+        ("disconnected", "connection closed by the server"),
+    ):
+        if needle in text:
+            return reason
+    return str(exc) or type(exc).__name__
 
 
 class APIError(ClientError):

@@ -1,0 +1,108 @@
+"""Typed results of the API: frozen dataclasses built from the server's JSON (stdlib only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = ["Health", "Message", "Peer", "RawResponse", "Version"]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The credentials (SO_PEERCRED) of the process that sent a message."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Peer:
+        return cls(pid=int(data["pid"]), uid=int(data["uid"]), gid=int(data["gid"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message the server stored, with its reply; ``peer`` is ``None`` over TCP."""
+
+    id: int
+    text: str
+    reply: str
+    received_at: datetime
+    peer: Peer | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Message:
+        peer = data.get("peer")
+        return cls(
+            id=int(data["id"]),
+            text=str(data["text"]),
+            reply=str(data["reply"]),
+            received_at=datetime.fromisoformat(str(data["received_at"])),
+            peer=Peer.from_json(peer) if isinstance(peer, dict) else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as the server spells it (``received_at`` in RFC 3339 UTC)."""
+        at = self.received_at.isoformat().replace("+00:00", "Z")
+        peer = self.peer
+        peer_json = None if peer is None else {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid}
+        return {"id": self.id, "text": self.text, "reply": self.reply, "received_at": at, "peer": peer_json}
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The answer of ``/healthz`` or ``/readyz``: ``ok`` is False while the server drains."""
+
+    status: str
+    ok: bool
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], http_status: int) -> Health:
+        status = data.get("status")
+        if not isinstance(status, str):
+            status = str(data.get("error") or "unavailable")
+        return cls(status=status, ok=http_status == 200)
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """Versions of the server and its main components; ``extra`` keeps any other fields."""
+
+    app: str
+    python: str
+    uvicorn: str
+    fastapi: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Version:
+        known = ("app", "python", "uvicorn", "fastapi")
+        return cls(
+            app=str(data.get("app", "")), python=str(data.get("python", "")),
+            uvicorn=str(data.get("uvicorn", "")), fastapi=str(data.get("fastapi", "")),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RawResponse:
+    """The undecoded answer of :meth:`Client.get`: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.content)

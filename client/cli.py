@@ -1,0 +1,390 @@
+"""``uds-client``: talk to the server on its Unix socket, like ``docker`` talks to docker.sock.
+
+The only module of the client that prints or exits. Exit codes: 0 ok, 1 the server answered an
+error, 2 usage, 3 cannot reach the socket. Errors are one line on stderr; ``--debug`` adds the
+traceback and one log line per request.
+
+The top level imports the standard library only: ``health`` answers through ``client._probe``
+without httpx, and the other commands import the library when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any
+
+from client._address import DEFAULT_ADDRESS, ENV_VAR, AddressError, parse_address, to_url
+from client._errors import APIError, ClientError, UsageError
+
+if TYPE_CHECKING:
+    from client._client import Client
+
+__all__ = ["main"]
+
+PROG = "uds-client"
+# Global options that take a value: skipped when looking for the command name in argv.
+_VALUE_OPTIONS = ("--socket", "--timeout", "--wait")
+# Commands whose code lives in its own module, imported only when argv names the command.
+_EXTERNAL = {
+    "bench": ("client.bench", "measure round trips and throughput against the server"),
+    "proxy": ("client.proxy", "expose the socket's API on a local TCP port (for a browser or curl)"),
+    "docs": ("client.docs_export", "export the OpenAPI spec and offline API docs to a directory"),
+}
+
+
+class _Exit(Exception):
+    """Leave with ``code`` after printing ``message`` (local failures, not the server's)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive_float(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: read the installed version only when asked (importlib.metadata is not free)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("uds-example")
+        except PackageNotFoundError:
+            number = "unknown (not installed)"
+        print(f"{PROG} {number}")
+        parser.exit(0)
+
+
+# --- the library, loaded on demand -------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Client:
+    if "httpx" not in sys.modules:
+        # httpx's package init imports its own command line (click, rich: ~30 ms) when those are
+        # installed; a None entry makes that optional import fail fast, as if they were absent.
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+        import httpx  # noqa: F401
+
+        if sys.modules.get("httpx._main", 0) is None:
+            del sys.modules["httpx._main"]
+    from client._client import Client
+
+    return Client(args.socket, timeout=args.timeout)
+
+
+def _dumps(data: object) -> str:
+    import json
+
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def _api_error(args: argparse.Namespace, exc: APIError) -> str:
+    return f"{to_url(args.socket)} answered {exc.status}: {exc.message}"
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+def _send_once(client: Client, args: argparse.Namespace) -> None:
+    message = client.send(args.text)
+    if args.json:
+        print(_dumps(message.to_json()), flush=True)
+    else:
+        print(f"📥 Client received: {message.reply}", flush=True)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send TEXT once; with --every keep sending, with --then-wait stay idle, until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    if args.every is not None or args.then_wait:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    with _client(args) as client:
+        _send_once(client, args)
+        if args.every is None and not args.then_wait:
+            return 0
+        while not stop.wait(args.every):
+            if args.every is None:
+                continue
+            try:
+                _send_once(client, args)
+            except ClientError as exc:
+                # Keep the container alive while the server restarts: report and try again later.
+                text = _api_error(args, exc) if isinstance(exc, APIError) else str(exc)
+                print(f"Error: {text}", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_messages(args: argparse.Namespace) -> int:
+    """Print the most recent messages, oldest first."""
+    with _client(args) as client:
+        messages = client.messages(args.limit)
+    if args.json:
+        print(_dumps({"messages": [m.to_json() for m in messages]}))
+        return 0
+    for m in messages:
+        peer = "tcp" if m.peer is None else f"pid={m.peer.pid} uid={m.peer.uid} gid={m.peer.gid}"
+        print(f"#{m.id} {m.to_json()['received_at']} {peer}: {m.text}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    """Print the server's versions."""
+    with _client(args) as client:
+        version = client.version()
+    fields: dict[str, Any] = {"app": version.app, "python": version.python, "uvicorn": version.uvicorn,
+                              "fastapi": version.fastapi, **version.extra}
+    if args.json:
+        print(_dumps(fields))
+    else:
+        width = max(len(name) for name in fields)
+        for name, value in fields.items():
+            print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    """Print the OpenAPI spec, or write it to --output."""
+    with _client(args) as client:
+        text = _dumps(client.openapi()) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        raise _Exit(f"cannot write {args.output}: {exc.strerror or exc}", 2) from exc
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """GET PATH and print the body as it came."""
+    with _client(args) as client:
+        raw = client.get(args.path)
+    body = raw.text
+    sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
+    if raw.ok:
+        return 0
+    try:
+        message = str(raw.json().get("message") or "")
+    except (ValueError, AttributeError):
+        message = ""
+    print(f"Error: {to_url(args.socket)} answered {raw.status} for GET {args.path}"
+          + (f": {message}" if message else ""), file=sys.stderr)
+    return 1
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy (ready with --ready), 1 when the server says otherwise, 3 if unreachable."""
+    from client._probe import probe
+
+    target = "/readyz" if args.ready else "/healthz"
+    status, body = probe(args.socket, target, timeout=args.timeout)
+    if status == 200:
+        return 0
+    detail = body.decode("utf-8", "replace").strip().replace("\n", " ")[:200]
+    print(f"Error: {to_url(args.socket)} is not {'ready' if args.ready else 'healthy'}: "
+          f"{target} answered {status} {detail}", file=sys.stderr)
+    return 1
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in argv (the first word that is not a global option or its value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _VALUE_OPTIONS:
+            skip = True
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _load_external(name: str) -> ModuleType:
+    module_name = _EXTERNAL[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise _Exit(f"'{PROG} {name}' is not available: module {module_name} is not installed", 2) from exc
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only the external ``command`` (if any) has its module imported."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Talk to the uds-example server over its Unix socket.",
+        epilog="Exit codes: 0 ok, 1 the server answered an error, 2 usage, 3 cannot reach the socket.",
+    )
+    parser.add_argument("--socket", metavar="ADDRESS",
+                        help=f"server socket: unix:///path, unix:/path, a bare absolute path or "
+                             f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                        help="connect and read timeout per request (default: 5)")
+    parser.add_argument("--wait", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                        help="before the first request, wait up to SECONDS (backing off) for the "
+                             "server to accept; exit 3 if it never does (default: 0, no waiting)")
+    parser.add_argument("--debug", action="store_true", help="log each request and show tracebacks")
+    parser.add_argument("--version", action=_VersionAction)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    send = commands.add_parser(
+        "send", help="send a message and print the server's reply",
+        description="POST TEXT to /messages and print '📥 Client received: <reply>'. Each send carries "
+                    "a fresh Idempotency-Key, so a retry never stores it twice. To keep a container "
+                    "running, add --every SECONDS (send again periodically) or --then-wait (send once, "
+                    "then idle); both stop cleanly with exit 0 on SIGTERM or SIGINT. With them only "
+                    "the first send is fatal; later failures print one error line and the loop goes on.",
+    )
+    send.add_argument("text", metavar="TEXT", help="the message text")
+    send.add_argument("--json", action="store_true", help="print the stored message as JSON")
+    keep = send.add_mutually_exclusive_group()
+    keep.add_argument("--every", type=_positive_float, metavar="SECONDS",
+                      help="after the first send, send again every SECONDS until SIGTERM/SIGINT")
+    keep.add_argument("--then-wait", action="store_true",
+                      help="after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)")
+    send.set_defaults(func=cmd_send)
+
+    messages = commands.add_parser("messages", help="list recent messages, oldest first")
+    messages.add_argument("--limit", type=_positive_int, metavar="N", help="at most N messages")
+    messages.add_argument("--json", action="store_true", help="print JSON")
+    messages.set_defaults(func=cmd_messages)
+
+    version = commands.add_parser("version", help="print the server's versions")
+    version.add_argument("--json", action="store_true", help="print JSON")
+    version.set_defaults(func=cmd_version)
+
+    openapi = commands.add_parser("openapi", help="print the OpenAPI spec (or write it to a file)")
+    openapi.add_argument("--output", "-o", metavar="FILE", help="write the spec to FILE")
+    openapi.set_defaults(func=cmd_openapi)
+
+    get = commands.add_parser("get", help="GET a path and print the raw body (exit 1 on an error status)")
+    get.add_argument("path", metavar="PATH", help="request path, e.g. /messages?limit=3")
+    get.set_defaults(func=cmd_get)
+
+    health = commands.add_parser(
+        "health", help="quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
+        description="GET /healthz (or /readyz with --ready) with the standard library only, for "
+                    "Kubernetes exec probes. Prints nothing when healthy.",
+    )
+    health.add_argument("--ready", action="store_true", help="check readiness (/readyz) instead")
+    health.set_defaults(func=cmd_health)
+
+    for name, (_, help_text) in _EXTERNAL.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = _load_external(name)
+            module.add_arguments(sub)
+            sub.set_defaults(func=module.run)
+    return parser
+
+
+def _resolve_socket(value: str | None) -> str:
+    raw = value if value is not None else (os.environ.get(ENV_VAR) or DEFAULT_ADDRESS)
+    try:
+        return parse_address(raw)
+    except AddressError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _enable_debug_logging() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("client")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
+def _wait(args: argparse.Namespace) -> None:
+    from client._wait import wait_for_socket
+
+    reported = False
+
+    def on_retry(reason: str, delay: float) -> None:
+        nonlocal reported
+        if not reported or args.debug:
+            print(f"{PROG}: waiting up to {args.wait:g}s for {to_url(args.socket)} ({reason})",
+                  file=sys.stderr, flush=True)
+            reported = True
+
+    wait_for_socket(args.socket, args.wait, on_retry=on_retry)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``uds-client``; return the exit code."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words
+    try:
+        parser = build_parser(_command_in(words))
+        args = parser.parse_args(words)
+        if args.debug:
+            _enable_debug_logging()
+        args.socket = _resolve_socket(args.socket)
+        if args.wait > 0:
+            _wait(args)
+        run: Callable[[argparse.Namespace], int] = args.func
+        return run(args)
+    except APIError as exc:
+        return _fail(_api_error(args, exc), exc.exit_code, debug)
+    except ClientError as exc:
+        return _fail(str(exc), exc.exit_code, debug)
+    except _Exit as exc:
+        return _fail(str(exc), exc.code, debug)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"Error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

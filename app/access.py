@@ -1,0 +1,62 @@
+"""Peer allowlist: only processes whose uid or gid is allowed may call the API.
+
+Installed only when ``allow_uid`` or ``allow_gid`` is set, so an open server pays nothing. The
+peer comes from ``scope["extensions"]["uds.peer"]`` (SO_PEERCRED, set by the socket layer).
+A connection without peer credentials (TCP) is refused: the allowlist fails closed. The probes
+(``/healthz``, ``/readyz``) stay open so the kubelet can reach them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import error_body
+
+__all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
+
+log = logging.getLogger("app.access")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
+    """True when the peer's uid is in ``uids`` or its gid is in ``gids``; no peer is never allowed."""
+    if peer is None:
+        return False
+    return peer.get("uid") in uids or peer.get("gid") in gids
+
+
+class PeerAllowlist:
+    """Pure ASGI middleware answering 403 (the JSON error shape) to peers not on the list."""
+
+    def __init__(self, app: ASGIApp, allow_uid: Iterable[int] = (), allow_gid: Iterable[int] = ()) -> None:
+        self.app = app
+        self.uids = frozenset(allow_uid)
+        self.gids = frozenset(allow_gid)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        peer = scope.get("extensions", {}).get("uds.peer")
+        if is_allowed(peer, self.uids, self.gids):
+            await self.app(scope, receive, send)
+            return
+        if peer is None:
+            log.warning("Refused %s %s: no peer credentials (not a Unix socket connection); "
+                        "the allowlist admits only Unix socket peers", scope["method"], scope["path"])
+            message = "this server only accepts allowed peers over its Unix socket"
+        else:
+            log.warning("Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
+                        scope["method"], scope["path"], peer.get("pid"), peer.get("uid"), peer.get("gid"))
+            message = (f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
+                       "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID")
+        body = error_body(403, message)
+        await send({
+            "type": "http.response.start", "status": 403,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        })
+        await send({"type": "http.response.body", "body": body})

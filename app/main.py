@@ -1,0 +1,68 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; nothing happens at import.
+
+``uvicorn app.main:app`` also works: the module-level ``app`` is built from the environment on
+first access (PEP 562 module ``__getattr__``, which uvicorn's ``getattr`` lookup triggers), so
+importing this module reads no settings and builds nothing.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.access import PeerAllowlist
+from app.config import Settings
+from app.errors import install as install_errors
+from app.routes import docs, health, messages
+from app.store import MessageStore
+
+__all__ = ["create_app"]
+
+DESCRIPTION = """\
+Pod-local REST over a Unix domain socket. Clients in the same Pod reach it through the shared
+socket (default `unix:///csi/csi.sock`), e.g. `curl --unix-socket /csi/csi.sock http://localhost/healthz`.
+
+Every error has one JSON shape: `{"error": "<code>", "message": "<one line>", "status": <int>}`,
+plus `details` for validation errors (422).
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the application for these settings."""
+    app = FastAPI(
+        title="uds-example",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        openapi_tags=[
+            {"name": "messages", "description": "Send messages and read the recent history."},
+            {"name": "health", "description": "Probes and versions."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.draining = False
+    store = MessageStore(settings.history_size, settings.idempotency_keys)
+    app.state.store = store
+    install_errors(app)
+    routers = [messages.build_router(settings, store), health.build_router()]
+    for router in routers:
+        app.include_router(router)
+    docs.install(app)
+    app.state.method_routes = [route for router in routers for route in router.routes] + list(app.routes)
+    if settings.allow_uid or settings.allow_gid:
+        app.add_middleware(PeerAllowlist, allow_uid=settings.allow_uid, allow_gid=settings.allow_gid)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app(Settings.from_env())
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

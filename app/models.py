@@ -1,0 +1,128 @@
+"""Request and response schemas: the one definition of the API that OpenAPI and the tests share.
+
+``POST /messages`` parses its body by hand for speed (``app.routes.messages``); the model built by
+:func:`message_in_model` is what it is documented and tested against.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+
+__all__ = [
+    "EXAMPLE_MESSAGE",
+    "ErrorBody",
+    "ErrorDetail",
+    "HealthStatus",
+    "Message",
+    "MessageIn",
+    "MessageList",
+    "Peer",
+    "ReadyStatus",
+    "VersionInfo",
+    "message_in_model",
+]
+
+EXAMPLE_MESSAGE: dict[str, Any] = {
+    "id": 1,
+    "text": "Hello from client",
+    "reply": "Hello from server via UDS",
+    "received_at": "2026-11-28T21:00:00.123456Z",
+    "peer": {"pid": 42, "uid": 1000, "gid": 1000},
+}
+
+
+class MessageIn(BaseModel):
+    """What a client sends to ``POST /messages`` (default text limit; see :func:`message_in_model`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "Hello from client"}]})
+
+    text: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="The message, 1 to max_text_length characters."
+    )
+
+
+@lru_cache(maxsize=8)
+def message_in_model(max_text_length: int) -> type[MessageIn]:
+    """``MessageIn`` with the server's configured text limit (the model the server documents)."""
+    if max_text_length == 4096:
+        return MessageIn
+    text_type = Annotated[str, StringConstraints(min_length=1, max_length=max_text_length)]
+    return create_model(
+        "MessageIn",
+        __base__=MessageIn,
+        text=(text_type, Field(description="The message, 1 to max_text_length characters.")),
+    )
+
+
+class Peer(BaseModel):
+    """Credentials of the process on the other end of the Unix socket (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class Message(BaseModel):
+    """A stored message and the server's reply."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_MESSAGE]})
+
+    id: int = Field(description="Increasing number, unique for the server's lifetime.")
+    text: str = Field(description="The text the client sent.")
+    reply: str = Field(description="The server's answer.")
+    received_at: str = Field(description="When the server stored it, RFC 3339 in UTC.")
+    peer: Peer | None = Field(description="The sender's pid/uid/gid; null over TCP.")
+
+
+class MessageList(BaseModel):
+    """The most recent messages, oldest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [EXAMPLE_MESSAGE]}]})
+
+    messages: list[Message]
+
+
+class HealthStatus(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"]
+
+
+class ReadyStatus(BaseModel):
+    """Readiness: ``ready``, or ``draining`` while the server shuts down."""
+
+    status: Literal["ready", "draining"]
+
+
+class VersionInfo(BaseModel):
+    """Versions of the server and the stack under it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    app: str
+    python: str
+    uvicorn: str
+    fastapi: str
+    starlette: str
+    pydantic: str
+    orjson: str
+
+
+class ErrorDetail(BaseModel):
+    """One validation problem: where (``loc``), what kind (``type``) and a sentence (``msg``)."""
+
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error the API answers."""
+
+    error: str = Field(description="Short machine-readable code, e.g. not_found.")
+    message: str = Field(description="One line for a person: what failed and what to do.")
+    status: int = Field(description="The HTTP status code, repeated.")
+    details: list[ErrorDetail] | None = Field(default=None, description="Validation problems (422 only).")

@@ -1,0 +1,7 @@
+"""The API's routers, one per noun."""
+
+from __future__ import annotations
+
+from app.routes import docs, health, messages
+
+__all__ = ["docs", "health", "messages"]

@@ -7,9 +7,12 @@ Names load on first use (PEP 562), so ``import client`` stays free of httpx for 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+# Not typing.TYPE_CHECKING: ``uds-client health`` should not import typing; mypy honours this name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from client._address import DEFAULT_ADDRESS, AddressError, parse_address
     from client._client import AsyncClient, Client
     from client._errors import APIError, ClientError, ConnectError, UsageError, WaitTimeout

@@ -1,12 +1,12 @@
-"""A lean health probe: one HTTP/1.1 request over AF_UNIX with the standard library only.
+"""A lean health probe: one HTTP/1.1 request over AF_UNIX with nothing but ``socket``.
 
 ``uds-client health`` runs as a Kubernetes exec probe every few seconds, so it must not pay for
-importing httpx; this module imports nothing outside the standard library and ``client._errors``.
+importing httpx, nor even ``http.client`` (which pulls in ``email`` and ``ssl``, ~10 ms). The
+request is fixed (``GET`` with ``Connection: close``), so reading to EOF frames the response.
 """
 
 from __future__ import annotations
 
-import http.client
 import socket
 
 from client._address import to_url
@@ -14,33 +14,61 @@ from client._errors import ConnectError, reason_for
 
 __all__ = ["probe"]
 
+_MAX_RESPONSE = 1 << 20
 
-class _UnixConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket; the Host header reads ``localhost``."""
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+class _BadResponse(Exception):
+    """The peer answered something that is not HTTP/1.x."""
 
 
 def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET ``target`` on the socket at ``path``; return (status, body) or raise :class:`ConnectError`."""
-    conn = _UnixConnection(path, timeout)
+    request = f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode("ascii")
     try:
-        conn.request("GET", target, headers={"Connection": "close"})
-        response = conn.getresponse()
-        return response.status, response.read()
-    except (OSError, http.client.HTTPException) as exc:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(request)
+            data = _read_all(sock)
+        return _parse(data)
+    except (OSError, _BadResponse) as exc:
         raise ConnectError(to_url(path), reason_for(exc)) from exc
-    finally:
-        conn.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size <= _MAX_RESPONSE:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _parse(data: bytes) -> tuple[int, bytes]:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    status_line, _, header_block = head.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise _BadResponse("the server did not answer with HTTP/1.x")
+    headers = header_block.lower()
+    if b"transfer-encoding: chunked" in headers:
+        body = _unchunk(body)
+    return int(parts[1]), body
+
+
+def _unchunk(body: bytes) -> bytes:
+    out: list[bytes] = []
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise _BadResponse("bad chunked encoding from the server") from None
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return b"".join(out)

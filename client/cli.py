@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
-import threading
-import traceback
 from collections.abc import Callable, Sequence
-from types import FrameType, ModuleType
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
 
 from client._address import DEFAULT_ADDRESS, ENV_VAR, AddressError, parse_address, to_url
 from client._errors import APIError, ClientError, UsageError
 
+# Not typing.TYPE_CHECKING: importing typing costs ~2 ms on every probe; mypy honours this name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from client._client import Client
 
 __all__ = ["main"]
@@ -90,17 +90,26 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
+_UNUSED_EXTRAS = ("httpx._main", "trio")
+
+
 # --- the library, loaded on demand -------------------------------------------------------------
 
 def _client(args: argparse.Namespace) -> Client:
     if "httpx" not in sys.modules:
-        # httpx's package init imports its own command line (click, rich: ~30 ms) when those are
-        # installed; a None entry makes that optional import fail fast, as if they were absent.
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-        import httpx  # noqa: F401
-
-        if sys.modules.get("httpx._main", 0) is None:
-            del sys.modules["httpx._main"]
+        # httpx and httpcore import optional extras when they are installed: httpx its own command
+        # line (click, rich) and httpcore trio, ~70 ms together, none of which a one-shot sync
+        # request uses. A None entry in sys.modules makes those optional imports fail fast.
+        blocked = [name for name in _UNUSED_EXTRAS if name not in sys.modules]
+        for name in blocked:
+            sys.modules[name] = None  # type: ignore[assignment]
+        try:
+            import httpcore  # noqa: F401
+            import httpx  # noqa: F401
+        finally:
+            for name in blocked:
+                if sys.modules.get(name, 0) is None:
+                    del sys.modules[name]
     from client._client import Client
 
     return Client(args.socket, timeout=args.timeout)
@@ -128,6 +137,10 @@ def _send_once(client: Client, args: argparse.Namespace) -> None:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send TEXT once; with --every keep sending, with --then-wait stay idle, until SIGTERM/SIGINT."""
+    import signal
+    import threading
+    from types import FrameType
+
     stop = threading.Event()
     if args.every is not None or args.then_wait:
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -252,6 +265,80 @@ def _load_external(name: str) -> ModuleType:
         raise _Exit(f"'{PROG} {name}' is not available: module {module_name} is not installed", 2) from exc
 
 
+# Each command's options are only added when argv names it: argparse is slow to add arguments,
+# and ``health`` runs every few seconds.
+
+def _build_send(send: argparse.ArgumentParser) -> None:
+    send.add_argument("text", metavar="TEXT", help="the message text")
+    send.add_argument("--json", action="store_true", help="print the stored message as JSON")
+    keep = send.add_mutually_exclusive_group()
+    keep.add_argument("--every", type=_positive_float, metavar="SECONDS",
+                      help="after the first send, send again every SECONDS until SIGTERM/SIGINT")
+    keep.add_argument("--then-wait", action="store_true",
+                      help="after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)")
+    send.set_defaults(func=cmd_send)
+
+
+def _build_messages(messages: argparse.ArgumentParser) -> None:
+    messages.add_argument("--limit", type=_positive_int, metavar="N", help="at most N messages")
+    messages.add_argument("--json", action="store_true", help="print JSON")
+    messages.set_defaults(func=cmd_messages)
+
+
+def _build_version(version: argparse.ArgumentParser) -> None:
+    version.add_argument("--json", action="store_true", help="print JSON")
+    version.set_defaults(func=cmd_version)
+
+
+def _build_openapi(openapi: argparse.ArgumentParser) -> None:
+    openapi.add_argument("--output", "-o", metavar="FILE", help="write the spec to FILE")
+    openapi.set_defaults(func=cmd_openapi)
+
+
+def _build_get(get: argparse.ArgumentParser) -> None:
+    get.add_argument("path", metavar="PATH", help="request path, e.g. /messages?limit=3")
+    get.set_defaults(func=cmd_get)
+
+
+def _build_health(health: argparse.ArgumentParser) -> None:
+    health.add_argument("--ready", action="store_true", help="check readiness (/readyz) instead")
+    health.set_defaults(func=cmd_health)
+
+
+def _external_builder(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def build(sub: argparse.ArgumentParser) -> None:
+        module = _load_external(name)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+
+    return build
+
+
+_SEND_DESCRIPTION = (
+    "POST TEXT to /messages and print '📥 Client received: <reply>'. Each send carries a fresh "
+    "Idempotency-Key, so a retry never stores it twice. To keep a container running, add --every "
+    "SECONDS (send again periodically) or --then-wait (send once, then idle); both stop cleanly with "
+    "exit 0 on SIGTERM or SIGINT. With them only the first send is fatal; later failures print one "
+    "error line and the loop goes on."
+)
+_HEALTH_DESCRIPTION = (
+    "GET /healthz (or /readyz with --ready) with the standard library only, for Kubernetes exec "
+    "probes. Prints nothing when healthy."
+)
+# name -> (help, description, builder)
+_COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
+    "send": ("send a message and print the server's reply", _SEND_DESCRIPTION, _build_send),
+    "messages": ("list recent messages, oldest first", None, _build_messages),
+    "version": ("print the server's versions", None, _build_version),
+    "openapi": ("print the OpenAPI spec (or write it to a file)", None, _build_openapi),
+    "get": ("GET a path and print the raw body (exit 1 on an error status)", None, _build_get),
+    "health": ("quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
+               _HEALTH_DESCRIPTION, _build_health),
+    **{name: (help_text, None, _external_builder(name)) for name, (_, help_text) in _EXTERNAL.items()},
+}
+
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the external ``command`` (if any) has its module imported."""
     parser = argparse.ArgumentParser(
@@ -271,54 +358,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    send = commands.add_parser(
-        "send", help="send a message and print the server's reply",
-        description="POST TEXT to /messages and print '📥 Client received: <reply>'. Each send carries "
-                    "a fresh Idempotency-Key, so a retry never stores it twice. To keep a container "
-                    "running, add --every SECONDS (send again periodically) or --then-wait (send once, "
-                    "then idle); both stop cleanly with exit 0 on SIGTERM or SIGINT. With them only "
-                    "the first send is fatal; later failures print one error line and the loop goes on.",
-    )
-    send.add_argument("text", metavar="TEXT", help="the message text")
-    send.add_argument("--json", action="store_true", help="print the stored message as JSON")
-    keep = send.add_mutually_exclusive_group()
-    keep.add_argument("--every", type=_positive_float, metavar="SECONDS",
-                      help="after the first send, send again every SECONDS until SIGTERM/SIGINT")
-    keep.add_argument("--then-wait", action="store_true",
-                      help="after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)")
-    send.set_defaults(func=cmd_send)
-
-    messages = commands.add_parser("messages", help="list recent messages, oldest first")
-    messages.add_argument("--limit", type=_positive_int, metavar="N", help="at most N messages")
-    messages.add_argument("--json", action="store_true", help="print JSON")
-    messages.set_defaults(func=cmd_messages)
-
-    version = commands.add_parser("version", help="print the server's versions")
-    version.add_argument("--json", action="store_true", help="print JSON")
-    version.set_defaults(func=cmd_version)
-
-    openapi = commands.add_parser("openapi", help="print the OpenAPI spec (or write it to a file)")
-    openapi.add_argument("--output", "-o", metavar="FILE", help="write the spec to FILE")
-    openapi.set_defaults(func=cmd_openapi)
-
-    get = commands.add_parser("get", help="GET a path and print the raw body (exit 1 on an error status)")
-    get.add_argument("path", metavar="PATH", help="request path, e.g. /messages?limit=3")
-    get.set_defaults(func=cmd_get)
-
-    health = commands.add_parser(
-        "health", help="quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
-        description="GET /healthz (or /readyz with --ready) with the standard library only, for "
-                    "Kubernetes exec probes. Prints nothing when healthy.",
-    )
-    health.add_argument("--ready", action="store_true", help="check readiness (/readyz) instead")
-    health.set_defaults(func=cmd_health)
-
-    for name, (_, help_text) in _EXTERNAL.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    for name, (help_text, description, build) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=description or help_text)
         if name == command:
-            module = _load_external(name)
-            module.add_arguments(sub)
-            sub.set_defaults(func=module.run)
+            build(sub)
     return parser
 
 
@@ -381,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
+        import traceback
+
         traceback.print_exc()
     print(f"Error: {message}", file=sys.stderr)
     return code

@@ -1,0 +1,179 @@
+"""``uds-demo``: the Pod in one process tree, no cluster needed.
+
+Starts ``uds-server`` on a socket in a fresh temp directory, waits for it, runs ``uds-client send
+"Hello from client"`` once, and prints both containers' lines labelled as ``kubectl logs uds-demo -c
+<container>`` would show them. Then it stops the server with SIGTERM, checks it exited 0 and removes
+the directory. Exit 0 when all of that worked, else 1 with one line saying what failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO
+
+__all__ = ["main"]
+
+MESSAGE = "Hello from client"
+RECEIVED = f"📩 Server received: {MESSAGE}"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 30.0
+
+
+class DemoError(Exception):
+    """A step of the demo failed; the message says which and why."""
+
+
+class _Lines:
+    """Print a child's output lines as they come, labelled, and remember them."""
+
+    def __init__(self, label: str, stream: IO[str]) -> None:
+        self.label = label
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            print(f"[{self.label}] {line}", flush=True)
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        stream.close()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        """Whether a line containing ``text`` arrives within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(text in line for line in self.lines):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    return any(text in line for line in self.lines)
+                self._changed.wait(min(remaining, 0.1))
+            return True
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("UDS_SOCKET", None)
+    return env
+
+
+def _start_server(path: str) -> tuple[subprocess.Popen[str], _Lines]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app", "--socket", path],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=_child_env(),
+    )
+    assert server.stdout is not None
+    return server, _Lines("uds-server", server.stdout)
+
+
+def _wait_ready(server: subprocess.Popen[str], path: str) -> None:
+    from client._errors import ConnectError
+    from client._probe import probe
+
+    deadline = time.monotonic() + START_TIMEOUT
+    delay = 0.01
+    reason = "not started"
+    while True:
+        if server.poll() is not None:
+            raise DemoError(f"uds-server exited with code {server.returncode} before it was ready")
+        try:
+            status, _ = probe(path, timeout=1.0)
+            if status == 200:
+                return
+            reason = f"/healthz answered {status}"
+        except ConnectError as exc:
+            reason = exc.reason
+        if time.monotonic() >= deadline:
+            raise DemoError(f"uds-server did not answer on {path} within {START_TIMEOUT:g}s ({reason})")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _run_client(path: str) -> None:
+    client = subprocess.Popen(
+        [sys.executable, "-m", "client", "--socket", path, "send", MESSAGE],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=_child_env(),
+    )
+    assert client.stdout is not None
+    lines = _Lines("uds-client", client.stdout)
+    try:
+        code = client.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        client.wait()
+        raise DemoError("uds-client did not finish within 30s") from None
+    lines.join(5)
+    if code != 0:
+        raise DemoError(f"uds-client exited with code {code}")
+
+
+def _stop_server(server: subprocess.Popen[str], lines: _Lines) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        code = server.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        raise DemoError(f"uds-server did not stop within {STOP_TIMEOUT:g}s of SIGTERM") from None
+    lines.join(5)
+    if code != 0:
+        raise DemoError(f"uds-server exited with code {code} after SIGTERM (expected 0)")
+
+
+def run() -> None:
+    """Run the demo; raise :class:`DemoError` on the first step that fails."""
+    directory = tempfile.mkdtemp(prefix="uds-demo-", dir="/tmp")
+    path = os.path.join(directory, "csi.sock")
+    server: subprocess.Popen[str] | None = None
+    try:
+        server, lines = _start_server(path)
+        _wait_ready(server, path)
+        _run_client(path)
+        if not lines.wait_for(RECEIVED, 10.0):
+            raise DemoError(f"uds-server never logged {RECEIVED!r}")
+        _stop_server(server, lines)
+    finally:
+        if server is not None and server.poll() is None:
+            server.kill()
+            server.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``uds-demo`` entry point."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if words:
+        print(f"Error: uds-demo takes no arguments (got {' '.join(words)}); try uds-demo --help",
+              file=sys.stderr)
+        return 2
+    try:
+        run()
+    except DemoError as exc:
+        print(f"Error: demo failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print("Demo finished: the server and the client talked over the socket.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

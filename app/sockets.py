@@ -37,8 +37,8 @@ class BoundSocket:
 
     sock: socket.socket
     path: str | None = None
-    st_dev: int = 0
-    st_ino: int = 0
+    identity: tuple[int, int, int] = (0, 0, 0)
+    """(st_dev, st_ino, st_ctime_ns) after setup: inode numbers alone are reused at once."""
 
     def remove(self) -> bool:
         """Unlink the socket file if it is still the inode we created; True if removed."""
@@ -48,7 +48,7 @@ class BoundSocket:
             st = os.lstat(self.path)
         except FileNotFoundError:
             return False
-        if (st.st_dev, st.st_ino) != (self.st_dev, self.st_ino) or not stat.S_ISSOCK(st.st_mode):
+        if _identity(st) != self.identity or not stat.S_ISSOCK(st.st_mode):
             logger.warning("Left %s in place: it is no longer the socket this server created", self.path)
             return False
         with contextlib.suppress(FileNotFoundError):
@@ -81,13 +81,13 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: i
             sock.bind(path)
         finally:
             os.umask(old_umask)
-        st = os.lstat(path)
-        bound = BoundSocket(sock, path, st.st_dev, st.st_ino)
+        bound = BoundSocket(sock, path, _identity(os.lstat(path)))
     except OSError as exc:
         sock.close()
         raise SocketError(f"cannot bind {path}: {_reason(exc)}") from exc
     try:
         _apply_owner_and_mode(path, mode, group)
+        bound.identity = _identity(os.lstat(path))
         sock.listen(backlog)
     except BaseException:
         bound.close()
@@ -124,10 +124,19 @@ def describe(path: str) -> str:
     return f"mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}, group {st.st_gid}{name}"
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
 def _ensure_parent(path: str) -> None:
     parent = os.path.dirname(path) or "/"
     if os.path.isdir(parent):
         return
+    if os.path.lexists(parent):
+        raise SocketError(
+            f"cannot create the socket's directory {parent}: it exists and is not a directory; "
+            "choose another --socket"
+        )
     try:
         os.makedirs(parent, mode=0o755, exist_ok=True)
     except OSError as exc:

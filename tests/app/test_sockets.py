@@ -1,0 +1,331 @@
+"""The socket's life: bind under a strict umask, mode and group, stale/live checks, cleanup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app import sockets
+from app.sockets import BoundSocket, SocketError, bind_unix
+from tests.support import ServerProcess, http_over_uds, short_tmpdir, wait_until
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    directory = short_tmpdir("sk")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_default_mode_is_0660_and_listening(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    bound = bind_unix(str(path))
+    try:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert _mode(path) == 0o660
+        assert st.st_gid == os.getgid()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.close()
+    finally:
+        bound.close()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o666])
+def test_custom_mode_applied(tmp: Path, mode: int) -> None:
+    path = tmp / "s.sock"
+    bound = bind_unix(str(path), mode)
+    try:
+        assert _mode(path) == mode
+    finally:
+        bound.close()
+
+
+def test_custom_group_applied(tmp: Path) -> None:
+    if os.geteuid() != 0:
+        groups = [g for g in os.getgroups() if g != os.getgid()]
+        assert groups, "needs root or a supplementary group to test chown"
+        gid = groups[0]
+    else:
+        gid = 4321
+    path = tmp / "s.sock"
+    bound = bind_unix(str(path), 0o660, gid)
+    try:
+        assert os.lstat(path).st_gid == gid
+        assert _mode(path) == 0o660
+        assert f"group {gid}" in sockets.describe(str(path))
+    finally:
+        bound.close()
+
+
+def test_never_more_open_than_target_while_binding(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between bind and chmod the file is owner-only: the umask applies at bind time."""
+    seen: list[int] = []
+    real_chown, real_chmod = os.chown, os.chmod
+
+    def chown(path: str, uid: int, gid: int) -> None:
+        seen.append(_mode(Path(path)))
+        real_chown(path, uid, gid)
+
+    def chmod(path: str, mode: int) -> None:
+        seen.append(_mode(Path(path)))
+        real_chmod(path, mode)
+
+    monkeypatch.setattr(sockets.os, "chown", chown)
+    monkeypatch.setattr(sockets.os, "chmod", chmod)
+    old = os.umask(0)  # the most permissive process umask must not leak into the socket
+    try:
+        bound = bind_unix(str(tmp / "s.sock"), 0o660, os.getgid())
+    finally:
+        os.umask(old)
+    try:
+        assert seen == [0o600, 0o600]
+        assert _mode(tmp / "s.sock") == 0o660
+    finally:
+        bound.close()
+    assert os.umask(old) == old, "bind_unix must restore the process umask"
+
+
+def test_missing_parent_created_0755(tmp: Path) -> None:
+    path = tmp / "a" / "b" / "s.sock"
+    old = os.umask(0o022)
+    try:
+        bound = bind_unix(str(path))
+    finally:
+        os.umask(old)
+    try:
+        assert _mode(tmp / "a" / "b") == 0o755
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        bound.close()
+
+
+def test_parent_cannot_be_created(tmp: Path) -> None:
+    blocker = tmp / "file"
+    blocker.write_text("x")
+    with pytest.raises(SocketError, match=r"cannot create the socket's directory .*/file: it exists and is not a dir"):
+        bind_unix(str(blocker / "s.sock"))
+    with pytest.raises(SocketError, match=r"cannot create the socket's directory .*/file/sub: not a directory"):
+        bind_unix(str(blocker / "sub" / "s.sock"))
+    assert blocker.read_text() == "x"
+
+
+def test_path_too_long() -> None:
+    path = "/tmp/" + "x" * 110 + ".sock"
+    with pytest.raises(SocketError, match=r"is 120 bytes, AF_UNIX allows at most 107"):
+        bind_unix(path)
+    assert not os.path.exists(path)
+
+
+def _refused(path: Path, kind: str) -> None:
+    with pytest.raises(SocketError, match=rf"exists and is {kind}; left untouched"):
+        bind_unix(str(path))
+
+
+def test_regular_file_refused_and_untouched(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    path.write_text("precious")
+    _refused(path, "a regular file")
+    assert path.read_text() == "precious"
+
+
+def test_directory_refused_and_untouched(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    path.mkdir()
+    (path / "inside").write_text("x")
+    _refused(path, "a directory")
+    assert (path / "inside").read_text() == "x"
+
+
+def test_symlink_refused_and_untouched(tmp: Path) -> None:
+    target = tmp / "target"
+    target.write_text("t")
+    path = tmp / "s.sock"
+    path.symlink_to(target)
+    _refused(path, "a symbolic link")
+    assert path.is_symlink() and os.readlink(path) == str(target)
+    assert target.read_text() == "t"
+
+
+def test_dangling_symlink_to_stale_socket_refused(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    path.symlink_to(tmp / "elsewhere.sock")
+    _refused(path, "a symbolic link")
+    assert path.is_symlink()
+
+
+def _stale_socket(path: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # never listened: connecting is refused
+
+
+def test_stale_socket_replaced_and_logged(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp / "s.sock"
+    _stale_socket(path)
+    with caplog.at_level(logging.INFO, logger="app.sockets"):
+        bound = bind_unix(str(path))
+    try:
+        assert _mode(path) == 0o660
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))  # the new socket listens where the dead one was
+        client.close()
+        assert f"Removed stale socket {path} (nothing was listening on it)" in caplog.text
+    finally:
+        bound.close()
+
+
+def test_live_socket_refused_and_untouched(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        ino = os.lstat(path).st_ino
+        with pytest.raises(SocketError, match="another server is already listening on it"):
+            bind_unix(str(path))
+        assert os.lstat(path).st_ino == ino
+    finally:
+        live.close()
+
+
+def test_remove_only_our_inode(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    bound = bind_unix(str(path))
+    other = tmp / "other.sock"
+    _stale_socket(other)
+    os.rename(other, path)  # someone else's socket now lives at the path
+    ino = os.lstat(path).st_ino
+    bound.close()
+    assert os.lstat(path).st_ino == ino, "a socket we did not create must stay"
+
+
+def test_remove_checks_more_than_the_inode_number(tmp: Path) -> None:
+    """Filesystems hand a freed inode number to the next file: identity includes the ctime."""
+    path = tmp / "s.sock"
+    bound = bind_unix(str(path))
+    os.unlink(path)
+    _stale_socket(path)
+    dev, ino, ctime = bound.identity
+    st = os.lstat(path)
+
+    def replaced_later() -> bool:
+        os.chmod(path, 0o600)  # a later change, as another server's setup would make
+        return os.lstat(path).st_ctime_ns != ctime
+
+    wait_until(replaced_later, what="a ctime tick")
+    bound.identity = (dev, st.st_ino, ctime)  # pretend the new file reused our inode number
+    bound.close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode), "a socket we did not create must stay"
+
+
+def test_close_is_idempotent_and_tolerates_missing_file(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    bound = bind_unix(str(path))
+    os.unlink(path)
+    bound.close()
+    bound.close()
+    assert not path.exists()
+
+
+def test_tcp_port_zero_picks_a_port() -> None:
+    bound: BoundSocket = sockets.bind_tcp("127.0.0.1", 0)
+    try:
+        assert bound.sock.getsockname()[1] > 0
+        assert bound.remove() is False
+    finally:
+        bound.close()
+
+
+# Real processes -----------------------------------------------------------------------------------
+
+
+def test_second_server_refused_first_keeps_serving(tmp: Path) -> None:
+    path = str(tmp / "s.sock")
+    with ServerProcess(["--socket", path], socket_path=path) as first:
+        first.wait_ready()
+        ino = os.lstat(path).st_ino
+        with ServerProcess(["--socket", path]) as second:
+            assert second.proc.wait(30) == 3
+            errors = [line for line in second.output.splitlines() if "ERROR" in line]
+            assert errors == [
+                f"ERROR cannot listen on {path}: another server is already listening on it; "
+                "stop it first or choose another --socket"
+            ], second.output
+            assert "Traceback" not in second.output
+        assert os.lstat(path).st_ino == ino
+        assert http_over_uds(path)[0] == 200
+        assert first.stop() == 0
+    assert not os.path.exists(path)
+
+
+def test_restart_after_kill_9_over_stale_socket(tmp: Path) -> None:
+    path = str(tmp / "s.sock")
+    with ServerProcess(["--socket", path], socket_path=path) as first:
+        first.wait_ready()
+        first.stop(signal.SIGKILL)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode), "SIGKILL leaves the socket behind"
+    with ServerProcess(["--socket", path], socket_path=path) as second:
+        second.wait_ready()
+        assert f"Removed stale socket {path} (nothing was listening on it)" in second.output.splitlines()
+        assert _mode(Path(path)) == 0o660
+        assert second.stop() == 0
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_server_refuses_non_socket_path(tmp: Path, kind: str) -> None:
+    path = tmp / "s.sock"
+    if kind == "file":
+        path.write_text("keep")
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp / "nowhere")
+    with ServerProcess(["--socket", str(path)]) as server:
+        assert server.proc.wait(30) == 3
+        lines = [line for line in server.output.splitlines() if line.startswith("ERROR")]
+        assert len(lines) == 1 and "left untouched" in lines[0], server.output
+    assert os.path.lexists(path)
+    if kind == "file":
+        assert path.read_text() == "keep"
+
+
+def test_server_applies_mode_and_group(tmp: Path) -> None:
+    assert os.geteuid() == 0, "chown to another group needs root here"
+    path = str(tmp / "s.sock")
+    with ServerProcess(["--socket", path, "--socket-mode", "0640", "--socket-group", "daemon"],
+                       socket_path=path) as server:
+        server.wait_ready()
+        st = os.lstat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        import grp
+
+        daemon = grp.getgrnam("daemon")
+        assert st.st_gid == daemon.gr_gid
+        assert f"Socket {path}: mode 0640, owner uid 0, group {daemon.gr_gid} (daemon)" in server.output
+        assert server.stop() == 0
+
+
+def test_server_creates_missing_parent(tmp: Path) -> None:
+    path = str(tmp / "new" / "s.sock")
+    with ServerProcess(["--socket", path], socket_path=path) as server:
+        server.wait_ready()
+        assert _mode(tmp / "new") == 0o755
+        assert f"Created directory {tmp / 'new'} for the socket" in server.output
+        assert server.stop() == 0
+    wait_until(lambda: not os.path.exists(path), what="socket removed")

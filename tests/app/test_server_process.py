@@ -1,0 +1,276 @@
+"""The uds-server process: log lines, peer credentials, clean stops, exit codes, log formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.config import Settings
+from app.logs import JsonFormatter, TextFormatter, configure
+from app.server import UdsServer, build_config, run
+from tests.support import ServerProcess, http_over_uds, running_server, short_tmpdir, wait_until
+
+HELLO = json.dumps({"text": "Hello from client"}).encode()
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    directory = short_tmpdir("sp")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _lines(server: ServerProcess) -> list[str]:
+    """The server's output so far (read from its log file, which stays readable after stop())."""
+    return _text(server).splitlines()
+
+
+def _text(server: ServerProcess) -> str:
+    return server.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def test_demo_lines_exact_and_peer_credentials(tmp: Path) -> None:
+    with running_server(tmp=tmp) as server:
+        path = str(server.socket_path)
+        assert f"🔌 Server listening on {path}" in _lines(server)
+        status, body = http_over_uds(path, "POST", "/messages", HELLO, JSON)
+        assert status == 201, body
+        message = json.loads(body)
+        assert message["reply"] == "Hello from server via UDS"
+        assert message["peer"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        wait_until(lambda: "📩 Server received: Hello from client" in _lines(server), what="received line")
+        assert server.stop() == 0
+    assert not os.path.exists(path)
+
+
+def test_peer_pid_is_the_connecting_process(tmp: Path) -> None:
+    """A child process connects: the peer pid is the child's, not ours."""
+    import subprocess
+
+    with running_server(tmp=tmp) as server:
+        code = (
+            "import json,os,sys; from tests.support import http_over_uds as h;"
+            "s,b=h(sys.argv[1],'POST','/messages',b'{\"text\":\"x\"}',{'content-type':'application/json'});"
+            "print(json.dumps({'pid':os.getpid(),'peer':json.loads(b)['peer']}))"
+        )
+        out = subprocess.run([sys.executable, "-c", code, str(server.socket_path)], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+        result = json.loads(out.stdout)
+        assert result["peer"]["pid"] == result["pid"] != os.getpid()
+
+
+def test_startup_lines_log_mode_and_group(tmp: Path) -> None:
+    with running_server(tmp=tmp) as server:
+        lines = _lines(server)
+        mode_line = f"Socket {server.socket_path}: mode 0660, owner uid {os.getuid()}, group {os.getgid()}"
+        assert any(line.startswith(mode_line) for line in lines), lines
+        assert lines.index(f"🔌 Server listening on {server.socket_path}") > 0
+        assert not any(line.startswith(("WARNING", "ERROR")) for line in lines), lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(tmp: Path, sig: signal.Signals) -> None:
+    path = str(tmp / "s.sock")
+    with ServerProcess(["--socket", path], socket_path=path) as server:
+        server.wait_ready()
+        assert server.stop(sig) == 0
+        lines = _lines(server)
+    assert not os.path.exists(path)
+    assert f"Received {sig.name}: draining 0 connection(s), 0 request(s) in flight (up to 20s)" in lines
+    done = r"Drain done in \d+\.\d\ds: all requests finished"
+    assert any(re.fullmatch(done, line) for line in lines), lines
+    assert "Traceback" not in "\n".join(lines)
+
+
+def test_signal_with_keepalive_connections_open(tmp: Path) -> None:
+    path = str(tmp / "s.sock")
+    with ServerProcess(["--socket", path], socket_path=path) as server:
+        server.wait_ready()
+        idle = []
+        try:
+            for _ in range(3):
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                idle.append(conn)
+                conn.settimeout(10)
+                conn.connect(path)
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while not data.endswith(b'{"status":"ok"}'):
+                    chunk = conn.recv(4096)
+                    assert chunk, data
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200")
+            assert server.stop() == 0
+            for conn in idle:
+                assert conn.recv(4096) == b"", "idle keep-alive connections are closed on shutdown"
+        finally:
+            for conn in idle:
+                conn.close()
+        draining = "Received SIGTERM: draining 3 connection(s), 0 request(s) in flight (up to 20s)"
+        assert draining in _lines(server)
+    assert not os.path.exists(path)
+
+
+def test_tcp_mode_for_debugging(tmp: Path) -> None:
+    import http.client
+
+    with ServerProcess(["--host", "127.0.0.1", "--port", "0"]) as server:
+        match = wait_until(
+            lambda: re.search(r"^🔌 Server listening on http://127\.0\.0\.1:(\d+)$", _text(server), re.M),
+            what="TCP listening line",
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=10)
+        conn.request("POST", "/messages", HELLO, JSON)
+        response = conn.getresponse()
+        assert response.status == 201
+        assert json.loads(response.read())["peer"] is None
+        conn.close()
+        assert server.stop() == 0
+
+
+def test_json_log_format(tmp: Path) -> None:
+    with running_server("--log-format", "json", "--access-log", tmp=tmp) as server:
+        path = str(server.socket_path)
+        assert http_over_uds(path, "POST", "/messages", HELLO, JSON)[0] == 201
+        wait_until(lambda: "Server received" in _text(server), what="received line")
+        assert server.stop() == 0
+        entries = [json.loads(line) for line in _lines(server)]
+    for entry in entries:
+        assert {"ts", "level", "logger", "message"} <= entry.keys()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
+    messages = {entry["message"]: entry for entry in entries}
+    assert messages[f"🔌 Server listening on {path}"]["logger"] == "app.server"
+    assert messages["📩 Server received: Hello from client"]["logger"] == "app.messages"
+    assert any(e["logger"] == "uvicorn.access" and "POST /messages" in e["message"] for e in entries), entries
+
+
+def test_access_log_off_by_default(tmp: Path) -> None:
+    with running_server(tmp=tmp) as server:
+        assert http_over_uds(str(server.socket_path))[0] == 200
+        assert server.stop() == 0
+        assert "GET /healthz" not in _text(server)
+
+
+def test_exit_codes(tmp: Path) -> None:
+    """0 clean stop, 2 bad usage, 3 startup failure."""
+    with running_server(tmp=tmp) as server:
+        assert server.stop() == 0
+    with ServerProcess(["--socket-mode", "abc"]) as usage:
+        assert usage.proc.wait(30) == 2
+    blocker = tmp / "file"
+    blocker.write_text("x")
+    with ServerProcess(["--socket", str(blocker / "s.sock")]) as failure:
+        assert failure.proc.wait(30) == 3
+        assert _lines(failure) == [
+            f"ERROR cannot create the socket's directory {blocker}: it exists and is not a directory; "
+            "choose another --socket"
+        ]
+
+
+def test_cannot_create_parent_directory(tmp: Path) -> None:
+    with ServerProcess(["--socket", "/proc/uds-example/s.sock"]) as server:
+        assert server.proc.wait(30) == 3
+        lines = _lines(server)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("ERROR cannot create the socket's directory /proc/uds-example: ")
+
+
+# In-process: lifespan failure, draining flag, formatters ------------------------------------------
+
+
+async def _failing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "lifespan"
+    await receive()
+    await send({"type": "lifespan.startup.failed", "message": "no store"})
+
+
+def test_lifespan_failure_exits_3_and_removes_socket(tmp: Path) -> None:
+    path = str(tmp / "s.sock")
+    with pytest.raises(SystemExit) as exit_info:
+        run(Settings(socket=path), app_factory=lambda _settings: _failing_app)
+    assert exit_info.value.code == 3
+    assert not os.path.exists(path)
+
+
+def test_handle_exit_marks_app_draining() -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.state.draining = False
+    server = UdsServer(build_config(Settings(), app), app, "/x.sock")
+    server.handle_exit(signal.SIGTERM, None)
+    assert app.state.draining is True
+    assert server.should_exit
+
+
+def _record(name: str, level: int, msg: str, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord(name, level, __file__, 1, msg, None, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_text_formatter() -> None:
+    fmt = TextFormatter()
+    demo = "📩 Server received: Hello"
+    assert fmt.format(_record("app.messages", logging.INFO, demo)) == demo
+    assert fmt.format(_record("app", logging.INFO, "x")) == "x"
+    assert fmt.format(_record("uvicorn.error", logging.INFO, "Shutting down")) == "INFO Shutting down"
+    assert fmt.format(_record("app.sockets", logging.WARNING, "careful")) == "WARNING careful"
+    assert fmt.format(_record("application", logging.INFO, "other")) == "INFO other"
+    try:
+        raise ValueError("bad\nsecond line")
+    except ValueError:
+        record = logging.LogRecord("app", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    assert fmt.format(record) == "ERROR failed (ValueError: bad; run with --debug for the traceback)"
+    assert "Traceback" in TextFormatter(debug=True).format(record)
+
+
+def test_json_formatter_extras() -> None:
+    line = JsonFormatter().format(
+        _record("app.messages", logging.INFO, "📩 Server received: %s", peer={"pid": 1, "uid": 2, "gid": 3},
+                color_message="x")
+    )
+    entry = json.loads(line)
+    assert entry["message"] == "📩 Server received: %s"
+    assert entry["peer"] == {"pid": 1, "uid": 2, "gid": 3}
+    assert entry["level"] == "info"
+    assert "color_message" not in entry
+    assert "\n" not in line
+
+
+def test_configure_routes_uvicorn_through_one_handler() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure("info", "text", stream=stream)
+        logging.getLogger("uvicorn.error").info("Application startup complete.")
+        logging.getLogger("app.server").info("🔌 Server listening on /csi/csi.sock")
+        logging.getLogger("app.server").debug("hidden")
+        logging.getLogger("uvicorn.access").info("not with access log off")
+        assert stream.getvalue().splitlines() == [
+            "INFO Application startup complete.",
+            "🔌 Server listening on /csi/csi.sock",
+        ]
+        assert not logging.getLogger("uvicorn.access").hasHandlers()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for name in ("app", "uvicorn", "uvicorn.error", "uvicorn.asgi", "uvicorn.access", "fastapi"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        logging.getLogger("uvicorn.access").propagate = True
+        logging.captureWarnings(False)
+

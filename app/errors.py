@@ -153,10 +153,14 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             ]
         out[status] = {
             "model": ErrorBody,
-            "description": _DEFAULT_MESSAGES.get(status, "Validation error").capitalize(),
+            "description": _sentence(_DEFAULT_MESSAGES.get(status, "the request is invalid")),
             "content": {JSON: {"example": example}},
         }
     return out
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def install(app: FastAPI) -> None:

@@ -41,6 +41,7 @@ def build_router() -> APIRouter:
     @router.get(
         "/healthz",
         summary="Liveness probe",
+        operation_id="healthz",
         description="200 while the process can answer HTTP. Never restricted by the peer allowlist.",
         response_model=None,
         responses={200: {"model": HealthStatus, "content": {JSON: {"example": {"status": "ok"}}}}},
@@ -52,6 +53,7 @@ def build_router() -> APIRouter:
     @router.get(
         "/readyz",
         summary="Readiness probe",
+        operation_id="readyz",
         description=(
             "200 `ready` while the server takes work; 503 `draining` once shutdown has begun, so "
             "Kubernetes stops sending traffic. Never restricted by the peer allowlist."
@@ -72,6 +74,7 @@ def build_router() -> APIRouter:
     @router.get(
         "/version",
         summary="Server and stack versions",
+        operation_id="version",
         description="Versions of the server, Python, uvicorn, FastAPI, Starlette, pydantic and orjson.",
         response_model=None,
         responses={

@@ -6,13 +6,17 @@ does. Its schema is still the pydantic ``MessageIn``/``Message`` in OpenAPI, and
 the hand-written checks agree with that model.
 """
 
+# No ``from __future__ import annotations``: the route signatures refer to per-app limits in
+# closures, which FastAPI must see as real objects, not strings.
 
 import logging
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from app.config import Settings
@@ -20,7 +24,7 @@ from app.errors import error_response, error_responses, summarize
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import MessageStore
 
-__all__ = ["MAX_KEY_LENGTH", "build_router", "check_text_body"]
+__all__ = ["MAX_KEY_LENGTH", "LeanRoute", "build_router", "check_text_body"]
 
 log = logging.getLogger("app.messages")
 
@@ -108,6 +112,18 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
     }
 
 
+class LeanRoute(APIRoute):
+    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``.
+
+    It is documented like any route (``openapi_extra``, ``responses``) but skips dependency
+    solving and body/response models: the endpoint does its own parsing and validation.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
+        return endpoint
+
+
 def build_router(settings: Settings, store: MessageStore) -> APIRouter:
     """The ``/messages`` router, bound to this app's settings and store."""
     router = APIRouter(prefix="/messages", tags=["messages"])
@@ -116,26 +132,6 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
     reply = settings.reply
     default_limit = min(100, settings.history_size)
 
-    @router.post(
-        "",
-        status_code=201,
-        summary="Send a message",
-        description=(
-            f"Stores the message (the last {settings.history_size} are kept) and answers with the "
-            "server's reply and the sender's peer credentials (null over TCP). The body is JSON "
-            f"(`application/json` or `application/*+json`), at most {max_body} bytes."
-        ),
-        response_model=None,
-        openapi_extra=_request_schema(settings),
-        responses={
-            201: {"model": Message, "description": "Stored.", "headers": {
-                "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}},
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
-            200: {"model": Message, "description": "Already stored under this Idempotency-Key.",
-                  "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
-            **error_responses(400, 403, 413, 415, 422),
-        },
-    )
     async def create_message(request: Request) -> Response:
         """Store a message and answer with the server's reply."""
         scope = request.scope
@@ -202,9 +198,35 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         log.info("📩 Server received: %s", _shown(text), extra={"peer": peer, "message_id": record["id"]})
         return Response(orjson.dumps(record), 201, {"location": f"/messages/{record['id']}"}, JSON)
 
+    router.add_api_route(
+        "",
+        create_message,
+        methods=["POST"],
+        route_class_override=LeanRoute,
+        operation_id="create_message",
+        status_code=201,
+        summary="Send a message",
+        description=(
+            f"Stores the message (the last {settings.history_size} are kept) and answers with the "
+            "server's reply and the sender's peer credentials (null over TCP). The body is JSON "
+            f"(`application/json` or `application/*+json`), at most {max_body} bytes."
+        ),
+        response_model=None,
+        openapi_extra=_request_schema(settings),
+        responses={
+            201: {"model": Message, "description": "Stored.", "headers": {
+                "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}},
+                "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
+            200: {"model": Message, "description": "Already stored under this Idempotency-Key.",
+                  "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
+            **error_responses(400, 403, 413, 415, 422),
+        },
+    )
+
     @router.get(
         "",
         summary="List recent messages",
+        operation_id="list_messages",
         description="The most recent `limit` messages still in the bounded history, oldest first.",
         response_model=None,
         responses={200: {"model": MessageList, "description": "Recent messages, oldest first."},
@@ -221,6 +243,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
     @router.get(
         "/{message_id}",
         summary="Get one message",
+        operation_id="get_message",
         description="The message with this id, while it is still in the bounded history; 404 otherwise.",
         response_model=None,
         responses={200: {"model": Message, "description": "The message.",

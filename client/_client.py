@@ -24,10 +24,10 @@ from client._models import Health, Message, RawResponse, Version
 from client._transport import (
     BASE_URL,
     ReuseTracker,
-    async_transport,
+    UnixAsyncTransport,
+    UnixTransport,
     is_stale_connection_error,
     map_errors,
-    sync_transport,
 )
 
 __all__ = ["AsyncClient", "Client", "resolve_socket"]
@@ -128,7 +128,7 @@ class Client(_Base):
         self._owns_http = http_client is None
         if http_client is None:
             http_client = httpx.Client(
-                transport=sync_transport(self.path, max_connections=max_connections),
+                transport=UnixTransport(self.path, max_connections=max_connections),
                 base_url=BASE_URL, timeout=timeout, trust_env=False,
             )
         self._http = http_client
@@ -215,7 +215,7 @@ class AsyncClient(_Base):
         self._owns_http = http_client is None
         if http_client is None:
             http_client = httpx.AsyncClient(
-                transport=async_transport(self.path, max_connections=max_connections),
+                transport=UnixAsyncTransport(self.path, max_connections=max_connections),
                 base_url=BASE_URL, timeout=timeout, trust_env=False,
             )
         self._http = http_client

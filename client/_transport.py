@@ -1,8 +1,9 @@
 """httpx transports over a Unix socket, and the one place httpx errors become the library's errors.
 
-* No CA bundle: httpx builds a verifying TLS context (loading certifi, ~25 ms) for every transport
-  unless it is handed one. TLS never runs over the socket, so one bare context is built once and
-  shared.
+* No TLS context at all: ``httpx.HTTPTransport`` builds a verifying one (loading certifi's CA
+  bundle, ~25 ms) for every transport, though TLS never runs over the socket. These transports
+  build their httpcore pool directly, without one.
+* A failed ``connect()`` closes its socket (httpcore 1.0's sync backend leaks it).
 * Idle pooled connections expire after ``KEEPALIVE_EXPIRY`` seconds, well under the server's
   keep-alive (15 s), so the client rarely reuses a connection the server is closing (httpx#2487).
   When it still happens, :class:`ReuseTracker` tells the caller the failed request went out on a
@@ -12,11 +13,13 @@
 from __future__ import annotations
 
 import contextlib
-import ssl
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import httpcore
 import httpx
+from httpcore._backends.sync import SyncStream
 
 from client._address import to_url
 from client._errors import ClientError, ConnectError, reason_for
@@ -25,44 +28,59 @@ __all__ = [
     "BASE_URL",
     "KEEPALIVE_EXPIRY",
     "ReuseTracker",
-    "async_transport",
+    "UnixAsyncTransport",
+    "UnixTransport",
     "is_stale_connection_error",
     "map_errors",
-    "sync_transport",
 ]
 
 BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
-_ssl_context: ssl.SSLContext | None = None
 
 
-def _bare_ssl_context() -> ssl.SSLContext:
-    """A TLS context without a CA bundle, built once; it is never used over a Unix socket."""
-    global _ssl_context
-    if _ssl_context is None:
-        _ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    return _ssl_context
+class _UnixBackend(httpcore.SyncBackend):
+    """httpcore's sync backend, but a socket whose ``connect()`` fails is closed, not leaked."""
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpcore.ConnectTimeout(exc) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(exc) from exc
+        return SyncStream(sock)
 
 
-def _limits(max_connections: int | None) -> httpx.Limits:
-    return httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-    )
+class UnixTransport(httpx.HTTPTransport):
+    """A pooled HTTP/1.1 transport to the socket at ``path``, without TLS or proxy setup.
+
+    ``httpx.HTTPTransport.__init__`` is skipped on purpose: all it would add is the TLS context
+    and proxy handling; requests go through the inherited ``handle_request`` and ``self._pool``.
+    """
+
+    def __init__(self, path: str, *, max_connections: int | None = 10) -> None:
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=None, max_connections=max_connections,
+            max_keepalive_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY,
+            uds=path, network_backend=_UnixBackend(),
+        )
 
 
-def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx.HTTPTransport:
-    """A pooled HTTP/1.1 transport to the socket at ``path``."""
-    return httpx.HTTPTransport(
-        uds=path, verify=_bare_ssl_context(), trust_env=False, limits=_limits(max_connections)
-    )
+class UnixAsyncTransport(httpx.AsyncHTTPTransport):
+    """The asyncio flavour of :class:`UnixTransport` (anyio's connect closes failed sockets)."""
 
-
-def async_transport(path: str, *, max_connections: int | None = 100) -> httpx.AsyncHTTPTransport:
-    """The asyncio flavour of :func:`sync_transport`."""
-    return httpx.AsyncHTTPTransport(
-        uds=path, verify=_bare_ssl_context(), trust_env=False, limits=_limits(max_connections)
-    )
+    def __init__(self, path: str, *, max_connections: int | None = 100) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=None, max_connections=max_connections,
+            max_keepalive_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY, uds=path,
+        )
 
 
 class ReuseTracker:

@@ -1,0 +1,109 @@
+"""In-process fixtures for the HTTP layer: the app driven through httpx's ASGI transport.
+
+``ASGIClient`` is synchronous (tests stay plain functions) and can pretend the request came over
+the Unix socket by putting peer credentials into the scope, as the socket layer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import Settings
+from app.main import create_app
+
+PEER = {"pid": 4242, "uid": 1000, "gid": 1000}
+
+
+class _WithPeer:
+    """ASGI wrapper adding ``scope["extensions"]["uds.peer"]`` like the socket layer does."""
+
+    def __init__(self, app: ASGIApp, peer: dict[str, int] | None) -> None:
+        self.app = app
+        self.peer = peer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.peer is not None and scope["type"] == "http":
+            scope = dict(scope)
+            scope["extensions"] = {**scope.get("extensions", {}), "uds.peer": dict(self.peer)}
+        await self.app(scope, receive, send)
+
+
+class ASGIClient:
+    """A synchronous facade over ``httpx.AsyncClient(transport=ASGITransport(app))``."""
+
+    def __init__(self, app: FastAPI, peer: dict[str, int] | None = None, *,
+                 raise_app_exceptions: bool = True) -> None:
+        self.app = app
+        self._runner = asyncio.Runner()
+        transport = httpx.ASGITransport(app=_WithPeer(app, peer), raise_app_exceptions=raise_app_exceptions)
+        self._client = httpx.AsyncClient(transport=transport, base_url="http://uds")
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self._runner.run(self._client.request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def post_stream(self, url: str, chunks: Callable[[], AsyncIterator[bytes]],
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+        """POST a body produced chunk by chunk (no Content-Length: chunked transfer)."""
+        return self._runner.run(self._client.post(url, content=chunks(), headers=headers))
+
+    def close(self) -> None:
+        self._runner.run(self._client.aclose())
+        self._runner.close()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., ASGIClient]]:
+    """Build clients for apps with custom settings or peers; all are closed after the test."""
+    made: list[ASGIClient] = []
+
+    def make(settings: Settings | None = None, peer: dict[str, int] | None = PEER,
+             app: FastAPI | None = None, raise_app_exceptions: bool = True) -> ASGIClient:
+        client = ASGIClient(app or create_app(settings or Settings()), peer,
+                            raise_app_exceptions=raise_app_exceptions)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., ASGIClient]) -> ASGIClient:
+    """A client of a default app, whose requests carry ``PEER`` as their peer credentials."""
+    return make_client()
+
+
+def assert_error(response: httpx.Response, status: int, error: str | None = None) -> dict[str, Any]:
+    """The response is the one JSON error shape with this status (and code); returns the body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) <= {"error", "message", "status", "details"}, body
+    assert body["status"] == status
+    assert isinstance(body["error"], str)
+    assert body["error"]
+    assert isinstance(body["message"], str)
+    assert body["message"]
+    assert "\n" not in body["message"]
+    if error is not None:
+        assert body["error"] == error, body
+    return body

@@ -78,7 +78,11 @@ class PeerCredProtocol(HttpToolsProtocol):
         self.request_timeout: float = getattr(config, "request_timeout", 30.0)
         self._deadline: TimerHandle | None = None
         self._in_head = False
+        self._begins = 0
         self._head_bytes = 0
+        """Bytes of chunks that continued an unfinished head (a lower bound on its size)."""
+        self._field_bytes = 0
+        """Bytes of the request target and completed header fields (exact)."""
         self._head_count = 0
         self._seen_bytes = False
         self._reject: tuple[int, str, str] | None = None
@@ -96,12 +100,14 @@ class PeerCredProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._seen_bytes = True
-        if self._in_head:
+        begins = self._begins
+        super().data_received(data)
+        # httptools buffers a header until it ends, so bound the head by the bytes that carried it on.
+        # A chunk in which the head began is not counted: it may hold the previous body too.
+        if self._in_head and self._begins == begins:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._refuse_head(f"the request head is over {MAX_HEADER_BYTES} bytes")
-                return
-        super().data_received(data)
 
     # Parser callbacks
     def on_message_begin(self) -> None:
@@ -109,17 +115,27 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self.peer is not None:
             self.scope["extensions"] = {PEER_KEY: dict(self.peer)}  # type: ignore[dict-item]
         self._in_head = True
+        self._begins += 1
         self._head_bytes = 0
+        self._field_bytes = 0
         self._head_count = 0
         if self._deadline is None:
             self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
 
+    def on_url(self, url: bytes) -> None:
+        self._field_bytes += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_count += 1
+        self._field_bytes += len(name) + len(value) + 4
         if self._head_count > MAX_HEADERS:
             message = f"the request has more than {MAX_HEADERS} header fields"
             self._reject = (431, "headers_too_large", message)
-            raise ValueError("too many headers")
+            raise ValueError("too many header fields")
+        if self._field_bytes > MAX_HEADER_BYTES:
+            self._reject = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
+            raise ValueError("request head too large")
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:

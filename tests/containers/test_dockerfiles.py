@@ -1,5 +1,7 @@
 """Static proof for the Dockerfiles: hadolint passes, and the house rules for images hold.
 
+(The shell scripts that build and play the images are checked here too, with shellcheck.)
+
 Multi-stage with a pinned BASE_IMAGE build arg, dependencies before the source, offline wheels
 when present, bytecode compiled at build time, a numeric non-root USER, an exec-form ENTRYPOINT,
 OCI labels, and a .dockerignore that keeps the context to what the images need.
@@ -18,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, short_tmpdir
+from tests.support import ROOT, require_tool, short_tmpdir
 
 DOCKERFILES = ["Dockerfile.server", "Dockerfile.client"]
+SCRIPTS = ["scripts/podman-setup", "scripts/build-images", "scripts/pod-demo"]
 OCI_LABELS = ("title", "description", "version", "revision", "licenses", "base.name")
 
 
@@ -62,6 +65,13 @@ def test_hadolint_catches_a_bad_dockerfile() -> None:
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # :latest
     shutil.rmtree(bad.parent)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_container_scripts_pass_shellcheck(script: str) -> None:
+    result = subprocess.run([require_tool("shellcheck"), str(ROOT / script)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)

@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+_SIGTERM = signal.SIGTERM  # the class below has a method named signal
 
 
 def short_tmpdir(prefix: str = "uds") -> Path:
@@ -118,7 +119,7 @@ class ServerProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    def stop(self, sig: int = _SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the exit code (killing the process if it hangs)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

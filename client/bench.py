@@ -1,0 +1,447 @@
+"""``uds-client bench``: throughput and latency of ``POST /messages`` over the socket, and over TCP.
+
+Each round measures every concurrency on every transport, interleaved so that drift on a shared
+machine hits both alike; the table shows medians over the rounds and the UDS/TCP ratios. The load
+comes from :mod:`client._loadgen` (keep-alive HTTP/1.1, one request in flight per connection).
+
+Only the standard library is imported at the top, so ``uds-client health`` pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client._address import to_url
+from client._errors import ClientError, ConnectError, UsageError
+
+__all__ = ["add_arguments", "run"]
+
+DESCRIPTION = (
+    "Send POST /messages with a JSON body over keep-alive connections and report req/s and p50/p90/p99 "
+    "latency per transport and concurrency (medians over --rounds), plus UDS/TCP ratios. Compare with "
+    "TCP against a server started with 'uds-server --host 127.0.0.1 --port N' (--tcp 127.0.0.1:N), or "
+    "let --spawn start one server on a temporary socket and one on a free loopback port."
+)
+_SPAWN_READY_TIMEOUT = 15.0
+
+
+def _concurrency_list(text: str) -> list[int]:
+    values: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part.isdigit() or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"expected numbers of connections like 1,10,50, got {text!r}")
+        values.append(int(part))
+    return values
+
+
+def _tcp_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def _positive(kind: type[int] | type[float], zero_ok: bool = False) -> Any:
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < 0 or (value == 0 and not zero_ok):
+            bound = "at least 0" if zero_ok else "greater than 0"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``uds-client bench``."""
+    parser.description = DESCRIPTION
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--tcp", type=_tcp_address, metavar="HOST:PORT",
+                       help="also measure this TCP server (uds-server --host HOST --port PORT), same code")
+    where.add_argument("--spawn", action="store_true",
+                       help="start two uds-server processes (temporary socket, free loopback port), "
+                            "measure both, stop them; --socket is then ignored")
+    parser.add_argument("--concurrency", "-c", type=_concurrency_list, default=[1, 10, 50],
+                        metavar="N[,N...]", help="connections kept busy, comma-separated (default: 1,10,50)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--duration", "-d", type=_positive(float), default=5.0, metavar="SECONDS",
+                        help="seconds measured per run, after the warm-up (default: 5)")
+    amount.add_argument("--requests", "-n", type=_positive(int), metavar="N",
+                        help="measure N requests per run instead of a duration")
+    parser.add_argument("--warmup", type=_positive(float, zero_ok=True), default=1.0, metavar="SECONDS",
+                        help="seconds of unmeasured load before each run (default: 1)")
+    parser.add_argument("--rounds", "-r", type=_positive(int), default=3, metavar="N",
+                        help="repeat every run N times and report medians (default: 3)")
+    parser.add_argument("--workers", type=_positive(int), default=1, metavar="N",
+                        help="generator processes (default: 1; raise it if 'gen cpu' nears 100%%)")
+    parser.add_argument("--text", default="Hello from client", help="message text sent in every request")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    parser.add_argument("--progress", action="store_true",
+                        help="show progress on stderr even when it is not a terminal")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="also draw req/s and latency percentiles to FILE.png (needs uds-example[plot])")
+
+
+@dataclass(slots=True)
+class Cell:
+    """One transport at one concurrency, over all rounds."""
+
+    transport: str
+    concurrency: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    def median(self, key: str) -> float:
+        values = [r[key] for r in self.rounds if not math.isnan(r[key])]
+        return statistics.median(values) if values else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "transport": self.transport,
+            "concurrency": self.concurrency,
+            "rps": self.median("rps"),
+            "p50_ms": self.median("p50_ms"),
+            "p90_ms": self.median("p90_ms"),
+            "p99_ms": self.median("p99_ms"),
+            "requests": sum(r["requests"] for r in self.rounds),
+            "errors": sum(r["errors"] for r in self.rounds),
+            "generator_cpu": self.median("generator_cpu"),
+            "statuses": dict(sorted(self.statuses.items())),
+            "error_kinds": dict(sorted(self.error_kinds.items())),
+            "rounds": self.rounds,
+        }
+
+
+class _Progress:
+    """One self-rewriting line on stderr."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.step = 0
+        self.label = ""
+
+    def start(self, label: str) -> None:
+        self.step += 1
+        self.label = label
+        self.update(0.0, 0)
+
+    def update(self, seconds: float, requests: int) -> None:
+        if self.enabled:
+            line = f"[{self.step}/{self.total}] {self.label}: {seconds:4.1f}s, {requests:,} requests"
+            sys.stderr.write("\r" + line.ljust(70))
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.step:
+            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.flush()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _check_tcp(host: str, port: int, timeout: float) -> None:
+    """One ``GET /healthz`` over TCP; raise :class:`ConnectError` when nothing answers."""
+    address = f"http://{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            head = sock.recv(64)
+    except ConnectionRefusedError as exc:
+        hint = "Is a server listening there (uds-server --host/--port)?"
+        raise ConnectError(address, "connection refused", hint) from exc
+    except TimeoutError as exc:
+        raise ConnectError(address, "timed out") from exc
+    except OSError as exc:
+        raise ConnectError(address, exc.strerror or type(exc).__name__) from exc
+    if not head.startswith(b"HTTP/1."):
+        raise ConnectError(address, "not an HTTP server", "Check the --tcp address.")
+
+
+def _check_uds(path: str, timeout: float) -> None:
+    from client._probe import probe
+
+    probe(path, timeout=timeout)
+
+
+@contextlib.contextmanager
+def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT) -> Iterator[tuple[str, tuple[str, int]]]:
+    """Start one ``uds-server`` on a temporary socket and one on a free loopback port; stop both after.
+
+    Both run the same code with their default settings; their output goes to /dev/null.
+    """
+    directory = tempfile.mkdtemp(prefix="uds-bench-", dir="/tmp")
+    path = os.path.join(directory, "b.sock")
+    port = _free_port()
+    command = [sys.executable, "-m", "app"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for extra in (["--socket", path], ["--host", "127.0.0.1", "--port", str(port)]):
+            procs.append(subprocess.Popen([*command, *extra], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+        _wait_ready(procs, lambda: _check_uds(path, 1.0), to_url(path), timeout)
+        _wait_ready(procs, lambda: _check_tcp("127.0.0.1", port, 1.0), f"http://127.0.0.1:{port}", timeout)
+        yield path, ("127.0.0.1", port)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_ready(procs: Sequence[subprocess.Popen[bytes]], check: Any, where: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise ClientError(f"the spawned uds-server exited with {proc.returncode} "
+                                  f"before serving {where}")
+        try:
+            check()
+            return
+        except ConnectError as exc:
+            if time.monotonic() + delay > deadline:
+                raise ClientError(f"the spawned uds-server did not answer on {where} within {timeout:g}s "
+                                  f"({exc.reason})") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _measure(targets: dict[str, Any], args: argparse.Namespace, show: _Progress) -> list[Cell]:
+    from client._loadgen import LoadSpec, run_load
+
+    body = json.dumps({"text": args.text}, separators=(",", ":")).encode()
+    cells = {(name, c): Cell(name, c) for c in args.concurrency for name in targets}
+    for round_no in range(1, args.rounds + 1):
+        for conc in args.concurrency:
+            for name, target in targets.items():
+                spec = LoadSpec(concurrency=conc, duration=args.duration, requests=args.requests,
+                                warmup=args.warmup, workers=args.workers, body=body, timeout=args.timeout)
+                show.start(f"{name} c={conc} round {round_no}/{args.rounds}")
+                result = run_load(target, spec, progress=show.update)
+                cell = cells[(name, conc)]
+                cell.rounds.append({
+                    "rps": result.rps, "p50_ms": result.percentile_ms(50), "p90_ms": result.percentile_ms(90),
+                    "p99_ms": result.percentile_ms(99), "requests": result.requests, "errors": result.errors,
+                    "elapsed_s": result.elapsed, "generator_cpu": result.generator_cpu,
+                })
+                for status, count in result.statuses.items():
+                    cell.statuses[str(status)] = cell.statuses.get(str(status), 0) + count
+                for kind, count in result.error_kinds.items():
+                    cell.error_kinds[kind] = cell.error_kinds.get(kind, 0) + count
+    show.done()
+    return list(cells.values())
+
+
+def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """UDS over TCP per concurrency: throughput ratio (>1: UDS faster) and p50/p99 ratios (<1: UDS faster)."""
+    by = {(r["transport"], r["concurrency"]): r for r in results}
+    out: list[dict[str, Any]] = []
+    for (transport, conc), uds in by.items():
+        tcp = by.get(("tcp", conc))
+        if transport != "uds" or tcp is None:
+            continue
+        out.append({
+            "concurrency": conc,
+            "rps_uds_over_tcp": _ratio(uds["rps"], tcp["rps"]),
+            "p50_uds_over_tcp": _ratio(uds["p50_ms"], tcp["p50_ms"]),
+            "p99_uds_over_tcp": _ratio(uds["p99_ms"], tcp["p99_ms"]),
+        })
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human-readable report."""
+    s = report["settings"]
+    amount = f"{s['requests']} requests" if s["requests"] else f"{s['duration']:g}s"
+    lines = [
+        f"POST {s['path']} ({s['body_bytes']} B JSON), {amount} x {s['rounds']} round(s), medians; "
+        f"warm-up {s['warmup']:g}s; {s['workers']} generator process(es)",
+    ]
+    for name, where in report["targets"].items():
+        lines.append(f"  {name}: {where}")
+    lines.append("")
+    header = (f"{'transport':<10}{'conc':>5}{'req/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+              f"{'errors':>8}{'gen cpu':>9}")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for r in report["results"]:
+        lines.append(
+            f"{r['transport']:<10}{r['concurrency']:>5}{r['rps']:>11,.0f}{_ms(r['p50_ms'])}{_ms(r['p90_ms'])}"
+            f"{_ms(r['p99_ms'])}{r['errors']:>8}{r['generator_cpu']:>8.0%} "
+        )
+    if report["ratios"]:
+        lines.append("")
+        lines.append("UDS/TCP: throughput (>1 is UDS faster), p50 and p99 latency (<1 is UDS faster)")
+        for q in report["ratios"]:
+            lines.append(f"  conc {q['concurrency']:>3}: req/s {q['rps_uds_over_tcp']:.2f}x, "
+                         f"p50 {q['p50_uds_over_tcp']:.2f}x, p99 {q['p99_uds_over_tcp']:.2f}x")
+    busy = [r for r in report["results"] if r["generator_cpu"] > 0.9]
+    if busy:
+        lines.append("")
+        lines.append("note: the generator kept its core over 90% busy; rerun with more --workers to be sure "
+                     "the server, not the generator, sets these figures")
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return f"{'-':>9}" if math.isnan(value) else f"{value:>9.3f}"
+
+
+def plot(report: dict[str, Any], filename: str) -> None:
+    """Draw req/s and p50/p90/p99 latency against concurrency, one line per transport."""
+    mpl = _import_matplotlib()
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for transport in dict.fromkeys(r["transport"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["transport"] == transport]
+        conc = [r["concurrency"] for r in rows]
+        left.plot(conc, [r["rps"] for r in rows], marker="o", label=transport.upper())
+        for key, style in (("p50_ms", "-"), ("p90_ms", "--"), ("p99_ms", ":")):
+            label = f"{transport.upper()} {key[:3]}"
+            right.plot(conc, [r[key] for r in rows], style, marker="o", label=label)
+    left.set(title="Throughput", xlabel="connections", ylabel="requests/s", xscale="log")
+    right.set(title="Latency", xlabel="connections", ylabel="ms", xscale="log", yscale="log")
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    settings = report["settings"]
+    fig.suptitle(f"uds-client bench: POST {settings['path']}, medians of {settings['rounds']} rounds")
+    fig.tight_layout()
+    try:
+        fig.savefig(filename, dpi=110)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"cannot write the plot to {filename} ({reason}); check the path") from exc
+    finally:
+        plt.close(fig)
+
+
+def _import_matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            "--plot needs matplotlib, which is not installed: pip install 'uds-example[plot]'"
+        ) from exc
+    return matplotlib
+
+
+def build_report(targets: dict[str, str], cells: Sequence[Cell], args: argparse.Namespace,
+                 body_bytes: int) -> dict[str, Any]:
+    results = [c.summary() for c in cells]
+    return {
+        "tool": "uds-client bench",
+        "settings": {
+            "method": "POST", "path": "/messages", "body_bytes": body_bytes, "concurrency": args.concurrency,
+            "duration": None if args.requests else args.duration, "requests": args.requests,
+            "warmup": args.warmup, "rounds": args.rounds, "workers": args.workers,
+        },
+        "targets": targets,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "results": results,
+        "ratios": ratios(results),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the table (or JSON), optionally plot; exit 1 if any request failed."""
+    from client._loadgen import Target
+
+    if args.plot:
+        _import_matplotlib()  # fail before minutes of measuring, not after
+    show = _Progress(args.progress or sys.stderr.isatty(),
+                     args.rounds * len(args.concurrency) * (2 if args.spawn or args.tcp else 1))
+    with contextlib.ExitStack() as stack:
+        if args.spawn:
+            path, tcp = stack.enter_context(spawned_servers())
+        else:
+            path, tcp = args.socket, args.tcp
+            _check_uds(path, args.timeout)
+            if tcp is not None:
+                _check_tcp(tcp[0], tcp[1], args.timeout)
+        targets = {"uds": Target(socket=path)}
+        if tcp is not None:
+            targets["tcp"] = Target(host=tcp[0], port=tcp[1])
+        try:
+            cells = _measure(targets, args, show)
+        except KeyboardInterrupt:
+            show.done()
+            raise
+    body_bytes = len(json.dumps({"text": args.text}, separators=(",", ":")).encode())
+    report = build_report({k: t.label for k, t in targets.items()}, cells, args, body_bytes)
+    if args.json:
+        print(_dump(report))
+    else:
+        print(format_table(report))
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    failed = sum(r["errors"] for r in report["results"])
+    total = sum(r["requests"] for r in report["results"])
+    if failed:
+        kinds = {k for r in report["results"] for k in r["error_kinds"]} | _bad(report)
+        print(f"Error: {failed} of {total} requests failed ({', '.join(sorted(kinds))}); "
+              "see the errors column", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bad(report: dict[str, Any]) -> set[str]:
+    return {f"HTTP {s}" for r in report["results"] for s in r["statuses"] if not s.startswith("2")}
+
+
+def _dump(report: dict[str, Any]) -> str:
+    """JSON with NaN (no samples) spelled null, as strict parsers expect."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(report), indent=2)

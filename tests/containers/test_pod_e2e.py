@@ -9,12 +9,21 @@ nothing behind; the fixture tears down in any case. Fails, never skips, without 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import html
+import re
+import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import ROOT, require_tool, wait_until
+from tests.support import ROOT, require_tool, short_tmpdir, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -23,6 +32,7 @@ POD = "uds-demo"
 SERVER = f"{POD}-uds-server"
 CLIENT = f"{POD}-uds-client"
 VOLUME = "csi-socket"
+BASE_IMAGE = "localhost/uds-example-base:bookworm-python3.11"
 SERVER_LINES = ("🔌 Server listening on /csi/csi.sock", "📩 Server received: Hello from client")
 CLIENT_LINE = "📥 Client received: Hello from server via UDS"
 
@@ -63,10 +73,15 @@ def run_script(name: str, *args: str, timeout: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def pod() -> Iterator[None]:
+def images() -> None:
+    """podman configured, the base image and both images built (cached between runs)."""
     require_tool("podman")
     run_script("podman-setup", timeout=60)
     run_script("build-images", "--no-setup", timeout=800)
+
+
+@pytest.fixture(scope="module")
+def pod(images: None) -> Iterator[None]:
     tear_down()
     try:
         ok("kube", "play", "--network", "none", str(MANIFEST))
@@ -169,3 +184,62 @@ def test_stop_and_kube_down_leave_nothing(pod: None) -> None:
         assert not exists("container", container)
     assert not exists("volume", VOLUME)
     assert ok("ps", "--all", "--quiet", "--filter", f"pod={POD}") == ""
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def package_index(wheels: Path) -> Iterator[str]:
+    """A PEP 503 "simple" index of ``wheels`` served over HTTP on 127.0.0.1; yields its URL."""
+    root = short_tmpdir("index")
+    files = root / "files"
+    shutil.copytree(wheels, files, ignore=shutil.ignore_patterns(".*"))
+    projects: dict[str, list[str]] = {}
+    for wheel in sorted(files.glob("*.whl")):
+        name = re.sub(r"[-_.]+", "-", wheel.name.split("-", 1)[0]).lower()
+        projects.setdefault(name, []).append(wheel.name)
+    for name, names in projects.items():
+        page = root / "simple" / name / "index.html"
+        page.parent.mkdir(parents=True)
+        links = "".join(f'<a href="../../files/{html.escape(n)}">{html.escape(n)}</a>\n' for n in names)
+        page.write_text(f"<!DOCTYPE html><html><body>\n{links}</body></html>\n")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_client_image_builds_from_a_package_index_without_wheels(images: None) -> None:
+    """The path a cluster build takes: no build/wheels in the context, packages from an index.
+
+    The index serves the same wheels over HTTP (PIP_INDEX_URL), standing in for PyPI here.
+    """
+    context = short_tmpdir("context")
+    tag = "localhost/uds-example-client:index-test"
+    try:
+        for name in ("pyproject.toml", ".dockerignore"):
+            shutil.copy2(ROOT / name, context / name)
+        for package in ("app", "client"):
+            shutil.copytree(ROOT / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
+        with package_index(ROOT / "build" / "wheels") as url:
+            ok("build", "--format", "docker", "--pull=never", "--network", "host", "--no-cache",
+               "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"PIP_INDEX_URL={url}",
+               "-f", str(ROOT / "Dockerfile.client"), "-t", tag, str(context), timeout=600)
+        version = ok("run", "--rm", "--network", "none", tag, "--version").strip()
+        assert version.endswith("1.0.0"), version
+        listing = ok("run", "--rm", "--network", "none", "--entrypoint", "ls", tag,
+                     "/opt/venv/lib/python3.11/site-packages").split()
+        assert "httpx" in listing
+        assert "fastapi" not in listing
+    finally:
+        podman("rmi", "--force", tag)
+        shutil.rmtree(context, ignore_errors=True)

@@ -300,3 +300,22 @@ def test_docs_assets_come_from_fastapi_offline(client: ASGIClient) -> None:
     assert client.get(f"{ASSETS_URL}/swagger-ui.css").headers["content-type"].startswith("text/css")
     assert client.get(f"{ASSETS_URL}/favicon.png").headers["content-type"] == "image/png"
     assert client.get("/docs/oauth2-redirect").status_code == 200
+
+
+def test_json_logs_of_a_real_server_carry_the_peer() -> None:
+    import json
+    import os
+
+    from tests.support import http_over_uds, running_server
+
+    with running_server("--log-format", "json") as server:
+        assert server.socket_path
+        body = b'{"text": "Hello from client"}'
+        status, _ = http_over_uds(server.socket_path, "POST", "/messages", body, JSON)
+        assert status == 201
+        events = [json.loads(line) for line in server.output.splitlines() if line.startswith("{")]
+    received = [e for e in events if e.get("message") == "📩 Server received: Hello from client"]
+    assert len(received) == 1, events
+    assert received[0]["logger"] == "app.messages"
+    assert received[0]["peer"]["uid"] == os.getuid()
+    assert received[0]["message_id"] == 1

@@ -152,29 +152,31 @@ def test_client_image_packages_cover_the_client_imports() -> None:
     imported: dict[str, set[str]] = {}
     for path in sorted((ROOT / "client").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        optional = optional_imports(tree)
+        optional = optional_modules(tree)
         for node in ast.walk(tree):
-            if node in optional:
-                continue
-            if isinstance(node, ast.Import):
-                tops = {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                tops = {node.module.split(".")[0]}
-            else:
-                continue
-            for top in tops - set(sys.stdlib_module_names) - allowed:
+            for top in imported_modules(node) - set(sys.stdlib_module_names) - allowed - optional:
                 imported.setdefault(top, set()).add(path.name)
     assert not imported, f"client modules import packages the client image lacks: {imported}"
 
 
-def optional_imports(tree: ast.AST) -> set[ast.AST]:
-    """Imports inside ``try: ... except ImportError``: the code works without those packages."""
-    found: set[ast.AST] = set()
+def imported_modules(node: ast.AST) -> set[str]:
+    """Top-level names of the absolute imports in one node (empty for other nodes)."""
+    if isinstance(node, ast.Import):
+        return {alias.name.split(".")[0] for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()
+
+
+def optional_modules(tree: ast.AST) -> set[str]:
+    """Modules a file imports inside ``try: ... except ImportError``: it works without them."""
+    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
             isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
             for h in node.handlers
         ):
             for stmt in node.body:
-                found.update(n for n in ast.walk(stmt) if isinstance(n, ast.Import | ast.ImportFrom))
+                for inner in ast.walk(stmt):
+                    found |= imported_modules(inner)
     return found

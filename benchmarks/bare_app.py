@@ -60,8 +60,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     config = uvicorn.Config(
-        create_app(), uds=args.socket, host="127.0.0.1", port=args.port or 8000, http="httptools",
-        loop="uvloop", access_log=False, log_level="warning", lifespan="off",
+        create_app(),
+        uds=args.socket,
+        host="127.0.0.1",
+        port=args.port or 8000,
+        http="httptools",
+        loop="uvloop",
+        access_log=False,
+        log_level="warning",
+        lifespan="off",
     )
     uvicorn.Server(config).run()
 

@@ -1,0 +1,311 @@
+"""Shared by the benchmark scripts: servers in subprocesses, autocannon, medians, result rows.
+
+Every script measures the two sides of a comparison in the same run, interleaved round by round,
+and reports medians and their ratio; absolute figures depend on the machine and are context only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+BODY = '{"text":"Hello from client"}'
+AUTOCANNON = HERE / "node_modules" / ".bin" / "autocannon"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a tool missing, a server that would not start)."""
+
+
+@dataclass(slots=True)
+class Row:
+    """One figure of the results table: ``a`` against ``b`` and their ratio, with its target."""
+
+    bench: str
+    measure: str
+    a_label: str
+    a: float
+    b_label: str = ""
+    b: float | None = None
+    unit: str = ""
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def short_dir(prefix: str = "ub") -> str:
+    return tempfile.mkdtemp(prefix=prefix + "-", dir="/tmp")
+
+
+def healthz_uds(path: str, timeout: float = 1.0) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def healthz_tcp(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def poll(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.002) -> float:
+    """Call ``check`` until true; return the seconds it took, or raise after ``timeout``."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+class Server:
+    """``uds-server`` (or the bare Starlette app) on a socket or a loopback port, output discarded."""
+
+    def __init__(self, kind: str = "ours", *, tcp: bool = False, extra: Sequence[str] = ()) -> None:
+        self.dir = short_dir()
+        self.socket = None if tcp else os.path.join(self.dir, "s.sock")
+        self.port = free_port() if tcp else None
+        where = ["--port", str(self.port)] if tcp else ["--socket", str(self.socket)]
+        if kind == "ours":
+            command = [PYTHON, "-m", "app", *where, *extra]
+            if tcp:
+                command[3:3] = ["--host", "127.0.0.1"]
+        elif kind == "bare":
+            command = [PYTHON, str(HERE / "bare_app.py"), *where, *extra]
+        else:
+            raise ValueError(kind)
+        self.kind = kind
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def transport(self) -> str:
+        return "tcp" if self.port else "uds"
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.kind} server exited with {self.proc.returncode} during start-up")
+        return healthz_tcp(self.port) if self.port else healthz_uds(str(self.socket))
+
+    def wait_ready(self, timeout: float = 20.0) -> float:
+        """Block until ``GET /healthz`` answers 200; return seconds since the exec."""
+        poll(self.healthy, timeout, f"the {self.kind} server ({self.transport})")
+        return time.monotonic() - self.started
+
+    def target(self) -> Any:
+        from client._loadgen import Target
+
+        return Target(port=self.port) if self.port else Target(socket=self.socket)
+
+    def rss_kib(self) -> int:
+        """Resident memory of the server process and its children, in KiB (from /proc)."""
+        total = 0
+        pids = [self.proc.pid, *_children(self.proc.pid)]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out.extend(int(p) for p in (task / "children").read_text().split())
+    return out
+
+
+@contextlib.contextmanager
+def servers(*specs: tuple[str, bool]) -> Iterator[list[Server]]:
+    """Start servers given as (kind, tcp) pairs, wait for all, stop all afterwards."""
+    started: list[Server] = []
+    try:
+        for kind, tcp in specs:
+            started.append(Server(kind, tcp=tcp))
+        for server in started:
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def ensure_autocannon() -> str:
+    """The local autocannon, installed with ``npm ci`` from benchmarks/package-lock.json if absent."""
+    if AUTOCANNON.exists():
+        return str(AUTOCANNON)
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise BenchError("node and npm are needed for autocannon: apt-get install nodejs npm")
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(HERE)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    if result.returncode != 0 or not AUTOCANNON.exists():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"npm ci in {HERE} failed ({last}); run it by hand to see why")
+    return str(AUTOCANNON)
+
+
+def autocannon(server: Server, connections: int, duration: float, warmup: float = 1.0) -> dict[str, float]:
+    """One autocannon run of ``POST /messages``; req/s, latency percentiles (ms, integer) and errors."""
+    tool = ensure_autocannon()
+    command = [
+        tool,
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration:g}",
+        "-m",
+        "POST",
+        "-H",
+        "content-type=application/json",
+        "-b",
+        BODY,
+        "--json",
+    ]
+    if warmup > 0:
+        command += ["-W", "[", "-c", str(connections), "-d", f"{warmup:g}", "]"]
+    if server.socket:
+        command += ["-S", server.socket, "http://localhost/messages"]
+    else:
+        command += [f"http://127.0.0.1:{server.port}/messages"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, timeout=duration + warmup + 60
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise BenchError(f"autocannon failed with {result.returncode}: {result.stderr.strip()[-300:]}")
+    data = json.loads(lines[-1])
+    elapsed = float(data["duration"])
+    return {
+        "rps": data["requests"]["total"] / elapsed,
+        "p50_ms": float(data["latency"]["p50"]),
+        "p99_ms": float(data["latency"]["p99"]),
+        "errors": float(data["errors"] + data["timeouts"] + data["non2xx"]),
+        "requests": float(data["requests"]["total"]),
+    }
+
+
+def loadgen(server: Server, connections: int, duration: float, warmup: float = 1.0) -> dict[str, float]:
+    """One run of our generator (``client._loadgen``) with the same request autocannon sends."""
+    from client._loadgen import LoadSpec, run_load
+
+    spec = LoadSpec(concurrency=connections, duration=duration, warmup=warmup, body=BODY.encode())
+    result = run_load(server.target(), spec)
+    return {
+        "rps": result.rps,
+        "p50_ms": result.percentile_ms(50),
+        "p99_ms": result.percentile_ms(99),
+        "errors": float(result.errors),
+        "requests": float(result.requests),
+        "generator_cpu": result.generator_cpu,
+    }
+
+
+def compare(
+    bench: str,
+    measure: str,
+    labels: tuple[str, str],
+    runs: Sequence[tuple[dict[str, float], dict[str, float]]],
+    key: str,
+    unit: str,
+    target: str,
+    ok: Callable[[float], bool],
+) -> Row:
+    """A row from paired rounds: medians of ``key`` for each side and the ratio of the medians."""
+    a = median([x[key] for x, _ in runs])
+    b = median([y[key] for _, y in runs])
+    ratio = a / b if b else float("nan")
+    errors = sum(x.get("errors", 0) + y.get("errors", 0) for x, y in runs)
+    rounds = [{f"a_{k}": v for k, v in x.items()} | {f"b_{k}": v for k, v in y.items()} for x, y in runs]
+    return Row(
+        bench, measure, labels[0], a, labels[1], b, unit, ratio, target, ok(ratio) and errors == 0, rounds
+    )
+
+
+def main_for(run: Callable[[bool], list[Row]]) -> None:
+    """Let each script run alone: ``python benchmarks/<script>.py [--quick]`` prints its rows."""
+    quick = "--quick" in sys.argv[1:]
+    for row in run(quick):
+        print(json.dumps(row.as_dict()))
+
+
+def paired(
+    rounds: int, first: Callable[[], dict[str, float]], second: Callable[[], dict[str, float]]
+) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """Run both sides ``rounds`` times, swapping which goes first each round so drift hits both."""
+    runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    for index in range(rounds):
+        if index % 2 == 0:
+            a = first()
+            b = second()
+        else:
+            b = second()
+            a = first()
+        runs.append((a, b))
+    return runs

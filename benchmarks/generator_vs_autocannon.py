@@ -1,0 +1,40 @@
+"""(c) Our load generator (uds-client bench) against autocannon, same server, same request, 10 conns.
+
+Measured against our server and against the faster bare route: if the generator were the
+bottleneck, it would fall behind autocannon on the faster server first.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from _common import Row, autocannon, compare, loadgen, main_for, paired, servers
+
+
+def run(quick: bool) -> list[Row]:
+    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (3, 5.0, 1.0)
+    rows: list[Row] = []
+    with servers(("ours", False), ("bare", False)) as (ours, bare):
+        for server, name in ((ours, "uds-server"), (bare, "bare Starlette")):
+            runs = paired(
+                rounds,
+                partial(loadgen, server, 10, duration, warmup),
+                partial(autocannon, server, 10, duration, warmup),
+            )
+            rows.append(
+                compare(
+                    "c",
+                    f"req/s against {name} over UDS, 10 conns",
+                    ("uds-client bench", "autocannon"),
+                    runs,
+                    "rps",
+                    "req/s",
+                    "0.8x .. 1.25x (agree)",
+                    lambda r: 0.8 <= r <= 1.25,
+                )
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main_for(run)

@@ -23,9 +23,10 @@ from client._errors import APIError, ClientError, UsageError
 from client._models import Health, Message, RawResponse, Version
 from client._transport import (
     BASE_URL,
+    Reply,
     ReuseTracker,
     UnixAsyncTransport,
-    UnixTransport,
+    UnixConnectionPool,
     is_stale_connection_error,
     map_errors,
 )
@@ -34,7 +35,10 @@ __all__ = ["AsyncClient", "Client", "resolve_socket"]
 
 log = logging.getLogger("client")
 
-_JSON_HEADERS = {"content-type": "application/json"}
+_USER_AGENT = "uds-client"
+_GET_HEADERS = {"user-agent": _USER_AGENT, "accept": "application/json"}
+_POST_HEADERS = {**_GET_HEADERS, "content-type": "application/json"}
+_Response = httpx.Response | Reply
 
 
 def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -47,14 +51,14 @@ def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None 
         raise UsageError(str(exc)) from exc
 
 
-def _decode(response: httpx.Response) -> Any:
+def _decode(response: _Response) -> Any:
     try:
         return orjson.loads(response.content)
     except orjson.JSONDecodeError:
         return None
 
 
-def _check(response: httpx.Response, *, ok: tuple[int, ...] = ()) -> Any:
+def _check(response: _Response, *, ok: tuple[int, ...] = ()) -> Any:
     """Decode the JSON body, or raise :class:`APIError` from the server's error shape."""
     body = _decode(response)
     status = response.status_code
@@ -68,8 +72,9 @@ def _check(response: httpx.Response, *, ok: tuple[int, ...] = ()) -> Any:
     raise APIError(status, f"{reason} (HTTP {status})", body=body if body is not None else response.text)
 
 
-def _raw(response: httpx.Response) -> RawResponse:
-    return RawResponse(status=response.status_code, headers=dict(response.headers), content=response.content)
+def _raw(response: _Response) -> RawResponse:
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    return RawResponse(status=response.status_code, headers=headers, content=response.content)
 
 
 def _message_list(body: Any) -> list[Message]:
@@ -78,34 +83,31 @@ def _message_list(body: Any) -> list[Message]:
 
 def _send_request(text: str, idempotency_key: str | None) -> tuple[bytes, dict[str, str]]:
     key = idempotency_key if idempotency_key is not None else uuid.uuid4().hex
-    return orjson.dumps({"text": text}), {**_JSON_HEADERS, "idempotency-key": key}
+    return orjson.dumps({"text": text}), {**_POST_HEADERS, "idempotency-key": key}
 
 
-def _limit_params(limit: int | None) -> dict[str, int] | None:
+def _messages_target(limit: int | None) -> str:
     if limit is None:
-        return None
+        return "/messages"
     if limit < 1:
         raise UsageError(f"limit must be at least 1, not {limit}")
-    return {"limit": limit}
+    return f"/messages?limit={int(limit)}"
 
 
 class _Base:
     """What both clients share: the socket, request building, logging."""
-
-    _http: httpx.Client | httpx.AsyncClient
 
     def __init__(self, socket: str | None, timeout: float, environ: Mapping[str, str] | None) -> None:
         self.path = resolve_socket(socket, environ)
         self.address = to_url(self.path)
         self.timeout = timeout
 
-    def _build(self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None,
-               params: dict[str, int] | None, tracker: ReuseTracker) -> httpx.Request:
-        return self._http.build_request(
-            method, url, content=content, headers=headers, params=params, extensions={"trace": tracker}
-        )
+    def _build(self, http: httpx.Client | httpx.AsyncClient, method: str, url: str, content: bytes | None,
+               headers: dict[str, str], tracker: ReuseTracker) -> httpx.Request:
+        extensions = {"trace": tracker}
+        return http.build_request(method, url, content=content, headers=headers, extensions=extensions)
 
-    def _log(self, method: str, url: str, response: httpx.Response, started: float, retried: bool) -> None:
+    def _log(self, method: str, url: str, response: _Response, started: float, retried: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
             elapsed = (time.perf_counter() - started) * 1000
             note = " (retried on a fresh connection)" if retried else ""
@@ -117,31 +119,36 @@ class _Base:
 
 
 class Client(_Base):
-    """A synchronous client. ``Client()`` talks to ``$UDS_SOCKET`` or ``unix:///csi/csi.sock``."""
+    """A synchronous client. ``Client()`` talks to ``$UDS_SOCKET`` or ``unix:///csi/csi.sock``.
 
-    _http: httpx.Client
+    Without ``http_client`` it keeps persistent connections to the socket (thread-safe); with one
+    (a FastAPI ``TestClient``, say) every request goes through that client instead.
+    """
 
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
                  http_client: httpx.Client | None = None, environ: Mapping[str, str] | None = None,
                  max_connections: int = 10) -> None:
         super().__init__(socket, timeout, environ)
-        self._owns_http = http_client is None
-        if http_client is None:
-            http_client = httpx.Client(
-                transport=UnixTransport(self.path, max_connections=max_connections),
-                base_url=BASE_URL, timeout=timeout, trust_env=False,
-            )
         self._http = http_client
+        self._pool = None if http_client is not None else UnixConnectionPool(
+            self.path, timeout=timeout, max_idle=max_connections
+        )
+
+    def _send_once(self, method: str, url: str, content: bytes | None, headers: dict[str, str],
+                   tracker: ReuseTracker) -> _Response:
+        if self._pool is not None:
+            return self._pool.request(method, url, content, headers, tracker)
+        assert self._http is not None
+        return self._http.send(self._build(self._http, method, url, content, headers, tracker))
 
     def _request(self, method: str, url: str, *, content: bytes | None = None,
-                 headers: dict[str, str] | None = None,
-                 params: dict[str, int] | None = None) -> httpx.Response:
+                 headers: dict[str, str] = _GET_HEADERS) -> _Response:
         started = time.perf_counter()
         tracker = ReuseTracker()
         retried = False
         with map_errors(self.path):
             try:
-                response = self._http.send(self._build(method, url, content, headers, params, tracker))
+                response = self._send_once(method, url, content, headers, tracker)
             except Exception as exc:
                 if not (is_stale_connection_error(exc) and tracker.reused):
                     raise
@@ -149,7 +156,7 @@ class Client(_Base):
                           self.address, method, url, exc)
                 retried = True
                 tracker = ReuseTracker()
-                response = self._http.send(self._build(method, url, content, headers, params, tracker))
+                response = self._send_once(method, url, content, headers, tracker)
         self._log(method, url, response, started, retried)
         return response
 
@@ -160,7 +167,7 @@ class Client(_Base):
 
     def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return _message_list(_check(self._request("GET", "/messages", params=_limit_params(limit))))
+        return _message_list(_check(self._request("GET", _messages_target(limit))))
 
     def message(self, id: int) -> Message:
         """GET /messages/{id}."""
@@ -191,9 +198,9 @@ class Client(_Base):
         return _raw(self._request("GET", path))
 
     def close(self) -> None:
-        """Close pooled connections (only those of an httpx client this object built)."""
-        if self._owns_http:
-            self._http.close()
+        """Close pooled connections (a caller's ``http_client`` stays open: it is theirs)."""
+        if self._pool is not None:
+            self._pool.close()
 
     def __enter__(self) -> Self:
         return self
@@ -221,14 +228,14 @@ class AsyncClient(_Base):
         self._http = http_client
 
     async def _request(self, method: str, url: str, *, content: bytes | None = None,
-                       headers: dict[str, str] | None = None,
-                       params: dict[str, int] | None = None) -> httpx.Response:
+                       headers: dict[str, str] = _GET_HEADERS) -> httpx.Response:
         started = time.perf_counter()
         tracker = ReuseTracker()
         retried = False
         with map_errors(self.path):
             try:
-                response = await self._http.send(self._build(method, url, content, headers, params, tracker))
+                request = self._build(self._http, method, url, content, headers, tracker)
+                response = await self._http.send(request)
             except Exception as exc:
                 if not (is_stale_connection_error(exc) and tracker.reused):
                     raise
@@ -236,7 +243,8 @@ class AsyncClient(_Base):
                           self.address, method, url, exc)
                 retried = True
                 tracker = ReuseTracker()
-                response = await self._http.send(self._build(method, url, content, headers, params, tracker))
+                request = self._build(self._http, method, url, content, headers, tracker)
+                response = await self._http.send(request)
         self._log(method, url, response, started, retried)
         return response
 
@@ -248,7 +256,7 @@ class AsyncClient(_Base):
 
     async def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return _message_list(_check(await self._request("GET", "/messages", params=_limit_params(limit))))
+        return _message_list(_check(await self._request("GET", _messages_target(limit))))
 
     async def message(self, id: int) -> Message:
         """GET /messages/{id}."""

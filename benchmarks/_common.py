@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -102,7 +103,14 @@ def poll(check: Callable[[], bool], timeout: float, what: str, interval: float =
 class Server:
     """``uds-server`` (or the bare Starlette app) on a socket or a loopback port, output discarded."""
 
-    def __init__(self, kind: str = "ours", *, tcp: bool = False, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        kind: str = "ours",
+        *,
+        tcp: bool = False,
+        extra: Sequence[str] = (),
+        cpus: set[int] | None = None,
+    ) -> None:
         self.dir = short_dir()
         self.socket = None if tcp else os.path.join(self.dir, "s.sock")
         self.port = free_port() if tcp else None
@@ -124,6 +132,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_pin(cpus),
         )
 
     @property
@@ -167,6 +176,21 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _pin(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that confines the child to ``cpus`` before it starts any thread."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(server CPUs, generator CPUs) when the machine has two or more, so they never share a core."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None
+    return {available[0]}, set(available[1:])
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     with contextlib.suppress(OSError):
@@ -177,12 +201,12 @@ def _children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def servers(*specs: tuple[str, bool]) -> Iterator[list[Server]]:
-    """Start servers given as (kind, tcp) pairs, wait for all, stop all afterwards."""
+def servers(*specs: tuple[str, bool], cpus: set[int] | None = None) -> Iterator[list[Server]]:
+    """Start servers given as (kind, tcp) pairs (on ``cpus`` if given), wait for all, stop all after."""
     started: list[Server] = []
     try:
         for kind, tcp in specs:
-            started.append(Server(kind, tcp=tcp))
+            started.append(Server(kind, tcp=tcp, cpus=cpus))
         for server in started:
             server.wait_ready()
         yield started
@@ -211,8 +235,10 @@ def ensure_autocannon() -> str:
     return str(AUTOCANNON)
 
 
-def autocannon(server: Server, connections: int, duration: float, warmup: float = 1.0) -> dict[str, float]:
-    """One autocannon run of ``POST /messages``; req/s, latency percentiles (ms, integer) and errors."""
+def autocannon(
+    server: Server, connections: int, duration: float, warmup: float = 1.0, cpus: set[int] | None = None
+) -> dict[str, float]:
+    """One autocannon run of ``POST /messages``: req/s, latency (whole ms), errors, CPU it used."""
     tool = ensure_autocannon()
     command = [
         tool,
@@ -234,9 +260,17 @@ def autocannon(server: Server, connections: int, duration: float, warmup: float 
         command += ["-S", server.socket, "http://localhost/messages"]
     else:
         command += [f"http://127.0.0.1:{server.port}/messages"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
-        command, capture_output=True, text=True, check=False, timeout=duration + warmup + 60
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=duration + warmup + 60,
+        preexec_fn=_pin(cpus),
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         raise BenchError(f"autocannon failed with {result.returncode}: {result.stderr.strip()[-300:]}")
@@ -248,15 +282,25 @@ def autocannon(server: Server, connections: int, duration: float, warmup: float 
         "p99_ms": float(data["latency"]["p99"]),
         "errors": float(data["errors"] + data["timeouts"] + data["non2xx"]),
         "requests": float(data["requests"]["total"]),
+        # start-up and warm-up included: an upper bound on its share of a core while measuring
+        "generator_cpu": cpu / (elapsed + warmup),
     }
 
 
-def loadgen(server: Server, connections: int, duration: float, warmup: float = 1.0) -> dict[str, float]:
+def loadgen(
+    server: Server, connections: int, duration: float, warmup: float = 1.0, cpus: set[int] | None = None
+) -> dict[str, float]:
     """One run of our generator (``client._loadgen``) with the same request autocannon sends."""
     from client._loadgen import LoadSpec, run_load
 
     spec = LoadSpec(concurrency=connections, duration=duration, warmup=warmup, body=BODY.encode())
-    result = run_load(server.target(), spec)
+    saved = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        result = run_load(server.target(), spec)
+    finally:
+        os.sched_setaffinity(0, saved)
     return {
         "rps": result.rps,
         "p50_ms": result.percentile_ms(50),

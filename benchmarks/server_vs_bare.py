@@ -1,17 +1,22 @@
-"""(b) Our server against a bare Starlette route doing the same work, both on uvicorn over the socket."""
+"""(b) Our server against a bare Starlette route doing the same work, both on uvicorn over the socket.
+
+With two or more CPUs the server runs on the first and autocannon on the others.
+"""
 
 from __future__ import annotations
 
-from _common import Row, autocannon, compare, main_for, paired, servers
+from _common import Row, autocannon, compare, main_for, paired, servers, split_cpus
 
 
 def run(quick: bool) -> list[Row]:
     rounds, duration, warmup = (1, 1.0, 0.5) if quick else (3, 5.0, 1.0)
-    with servers(("ours", False), ("bare", False)) as (ours, bare):
+    split = split_cpus()
+    server_cpus, generator_cpus = split if split else (None, None)
+    with servers(("ours", False), ("bare", False), cpus=server_cpus) as (ours, bare):
         runs = paired(
             rounds,
-            lambda: autocannon(ours, 10, duration, warmup),
-            lambda: autocannon(bare, 10, duration, warmup),
+            lambda: autocannon(ours, 10, duration, warmup, generator_cpus),
+            lambda: autocannon(bare, 10, duration, warmup, generator_cpus),
         )
     return [
         compare(

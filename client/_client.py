@@ -104,7 +104,7 @@ class _Base:
 
     def _build(self, http: httpx.Client | httpx.AsyncClient, method: str, url: str, content: bytes | None,
                headers: dict[str, str], tracker: ReuseTracker) -> httpx.Request:
-        extensions = {"trace": tracker}
+        extensions = {"trace": tracker.atrace if isinstance(http, httpx.AsyncClient) else tracker}
         return http.build_request(method, url, content=content, headers=headers, extensions=extensions)
 
     def _log(self, method: str, url: str, response: _Response, started: float, retried: bool) -> None:

@@ -197,6 +197,10 @@ class ReuseTracker:
         if event.startswith("connection.connect_"):
             self.opened = True
 
+    async def atrace(self, event: str, info: dict[str, Any]) -> None:
+        """The same, for async transports (httpcore wants a coroutine function there)."""
+        self(event, info)
+
     @property
     def reused(self) -> bool:
         return not self.opened

@@ -81,6 +81,8 @@ def reason_for(exc: BaseException) -> str:
             return "timed out"
         if isinstance(current, OSError) and current.errno in _ERRNO_REASONS:
             return _ERRNO_REASONS[current.errno]
+        if isinstance(current, ConnectionError) and current.errno is None:
+            return "connection closed by the server"  # http.client's RemoteDisconnected
         current = current.__cause__ or current.__context__
     text = str(exc).lower()
     for needle, reason in (

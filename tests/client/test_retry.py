@@ -1,0 +1,149 @@
+"""One transparent retry when a reused keep-alive connection turns out closed, never a double store.
+
+A relay between client and server stands in for the race of httpx#2487: on a chosen request of a
+connection it forwards the request to the real server (which stores the message), then closes the
+client's connection without the response. Only a retry with the same Idempotency-Key can then
+return the message without storing it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client import AsyncClient, Client, ConnectError
+from tests.support import running_server, wait_until
+
+
+def _read_http_message(sock: socket.socket) -> bytes | None:
+    """One HTTP/1.1 message with a Content-Length body (or none); None at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+class _Relay(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, path: str, upstream: str, drop_request_number: int) -> None:
+        self.upstream = upstream
+        self.drop_request_number = drop_request_number
+        self.connections = 0
+        self.dropped = 0
+        self.lock = threading.Lock()
+        super().__init__(path, _RelayHandler)
+
+
+class _RelayHandler(socketserver.BaseRequestHandler):
+    server: _Relay
+
+    def handle(self) -> None:
+        with self.server.lock:
+            self.server.connections += 1
+        client = self.request
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as upstream:
+            upstream.connect(self.server.upstream)
+            number = 0
+            while True:
+                request = _read_http_message(client)
+                if request is None:
+                    return
+                number += 1
+                upstream.sendall(request)
+                response = _read_http_message(upstream)
+                if response is None:
+                    return
+                if number == self.server.drop_request_number:
+                    with self.server.lock:
+                        self.server.dropped += 1
+                    return  # the server did the work; the client never hears back
+                client.sendall(response)
+
+
+@contextlib.contextmanager
+def _relay(tmp: Path, upstream: str, drop_request_number: int) -> Iterator[_Relay]:
+    relay = _Relay(str(tmp / "relay.sock"), upstream, drop_request_number)
+    thread = threading.Thread(target=relay.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        relay.shutdown()
+        relay.server_close()
+        thread.join(5)
+
+
+def _stored(server_path: str, text: str) -> int:
+    with Client(server_path) as direct:
+        return sum(1 for m in direct.messages(limit=1000) if m.text == text)
+
+
+def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str, tmp_short: Path) -> None:
+    with _relay(tmp_short, server_path, drop_request_number=2) as relay, Client(relay.server_address) as c:
+        first = c.send("before the drop")
+        second = c.send("dropped then retried")
+        assert second.text == "dropped then retried"
+        assert second.id > first.id
+        assert relay.dropped == 1
+        assert relay.connections == 2  # the retry went out on a fresh connection
+    assert _stored(server_path, "dropped then retried") == 1
+
+
+def test_async_client_retries_a_dropped_reused_connection_once(server_path: str, tmp_short: Path) -> None:
+    async def scenario(path: str) -> None:
+        async with AsyncClient(path) as c:
+            await c.send("async before")
+            again = await c.send("async dropped then retried")
+            assert again.text == "async dropped then retried"
+
+    with _relay(tmp_short, server_path, drop_request_number=2) as relay:
+        asyncio.run(scenario(str(relay.server_address)))
+        assert relay.dropped == 1
+    assert _stored(server_path, "async dropped then retried") == 1
+
+
+def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_short: Path) -> None:
+    with _relay(tmp_short, server_path, drop_request_number=1) as relay, Client(relay.server_address) as c:
+        with pytest.raises(ConnectError) as info:
+            c.send("lost on a fresh connection")
+        assert info.value.reason == "connection closed by the server"
+        assert relay.connections == 1
+    assert _stored(server_path, "lost on a fresh connection") == 1
+
+
+def test_idle_connection_closed_by_the_server_is_not_reused(tmp_short: Path) -> None:
+    with running_server("--keepalive-timeout", "0.2", tmp=tmp_short) as server:
+        assert server.socket_path is not None
+        with Client(server.socket_path) as c:
+            c.send("one")
+            pool = c._pool
+            assert pool is not None
+            idle = pool._idle[0]
+            wait_until(idle.closed_by_peer, timeout=10, what="the server to close the idle connection")
+            c.send("two")
+            assert idle not in pool._idle
+        with Client(server.socket_path) as again:
+            assert [m.text for m in again.messages()] == ["one", "two"]

@@ -1,0 +1,38 @@
+"""``uds-demo``: the Pod's conversation end to end, as its two containers' logs show it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+LISTENING = re.compile(r"\[uds-server\] 🔌 Server listening on (/tmp/uds-demo-[^/]+)/csi\.sock")
+RECEIVED = "[uds-server] 📩 Server received: Hello from client"
+REPLIED = "[uds-client] 📥 Client received: Hello from server via UDS"
+
+
+def test_demo_prints_both_sides_and_cleans_up() -> None:
+    demo = Path(sys.executable).parent / "uds-demo"
+    assert demo.exists(), f"{demo} is missing: install the project (pip install -e .)"
+    result = subprocess.run([str(demo)], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    lines = result.stdout.splitlines()
+    listening = [line for line in lines if line.startswith("[uds-server] 🔌 Server listening on ")]
+    assert len(listening) == 1, result.stdout
+    match = LISTENING.fullmatch(listening[0])
+    assert match, listening[0]
+    assert RECEIVED in lines
+    assert REPLIED in lines
+    assert lines.index(listening[0]) < lines.index(REPLIED)
+    assert not Path(match.group(1)).exists(), "the demo left its temp directory behind"
+    assert result.stderr == ""
+
+
+def test_demo_rejects_arguments_with_exit_2() -> None:
+    result = subprocess.run([sys.executable, "-m", "app.demo", "--bogus"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("Error: uds-demo takes no arguments")

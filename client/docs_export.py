@@ -1,0 +1,189 @@
+"""``uds-client docs --output DIR``: the API docs as files that open from ``file://``, no server needed.
+
+The spec is fetched from ``/openapi.json`` over the socket and inlined in each page; Swagger UI and
+ReDoc come from the ``fastapi-offline`` package and are copied into ``DIR/assets``. Nothing is
+loaded from the network. Written files:
+
+* ``index.html``: Swagger UI (read-only: "Try it out" is off, since no server is behind the page)
+* ``redoc.html``: ReDoc
+* ``openapi.json``: the spec as served
+* ``assets/``: ``swagger-ui-bundle.js``, ``swagger-ui.css``, ``redoc.standalone.js``, ``favicon.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from client._address import to_url
+from client._errors import ClientError, UsageError
+
+__all__ = ["ASSETS", "add_arguments", "assets_directory", "export", "render_redoc", "render_swagger", "run"]
+
+ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+
+_SWAGGER = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} - Swagger UI (offline)</title>
+<link rel="icon" type="image/png" href="assets/favicon.png">
+<link rel="stylesheet" href="assets/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script id="openapi-spec" type="application/json">{spec}</script>
+<script src="assets/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({{
+  spec: JSON.parse(document.getElementById("openapi-spec").textContent),
+  dom_id: "#swagger-ui",
+  layout: "BaseLayout",
+  deepLinking: true,
+  validatorUrl: null,
+  supportedSubmitMethods: [],
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
+}});
+</script>
+</body>
+</html>
+"""
+
+_REDOC = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} - ReDoc (offline)</title>
+<link rel="icon" type="image/png" href="assets/favicon.png">
+<style>body {{ margin: 0; padding: 0; }}</style>
+</head>
+<body>
+<div id="redoc"></div>
+<script id="openapi-spec" type="application/json">{spec}</script>
+<script src="assets/redoc.standalone.js"></script>
+<script>
+Redoc.init(JSON.parse(document.getElementById("openapi-spec").textContent), {{}},
+           document.getElementById("redoc"));
+</script>
+</body>
+</html>
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``uds-client docs``."""
+    parser.add_argument("--output", "-o", required=True, metavar="DIR",
+                        help="directory to write index.html (Swagger UI), redoc.html, openapi.json and "
+                             "assets/ into; created if missing, existing files replaced")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch the spec over the socket and write the offline docs; print where they are."""
+    from client._client import Client
+
+    with Client(args.socket, timeout=args.timeout) as client:
+        spec = client.openapi()
+    if not isinstance(spec.get("openapi"), str) or not isinstance(spec.get("paths"), dict):
+        raise ClientError(f"{to_url(args.socket)} answered /openapi.json with something that is not an "
+                          "OpenAPI document")
+    written = export(spec, Path(args.output))
+    index = written[0]
+    print(f"Wrote {', '.join(str(p) for p in written)}")
+    print(f"Open {index.resolve().as_uri()} (Swagger UI) or {written[1].resolve().as_uri()} (ReDoc)")
+    sys.stdout.flush()
+    return 0
+
+
+def assets_directory() -> Path:
+    """The ``fastapi-offline`` package's static directory (found without importing FastAPI)."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the fastapi-offline package is not installed; pip install fastapi-offline")
+    directory = Path(next(iter(spec.submodule_search_locations))) / "static"
+    missing = [name for name in ASSETS if not (directory / name).is_file()]
+    if missing:
+        raise UsageError(f"fastapi-offline in {directory} lacks {', '.join(missing)}; reinstall it")
+    return directory
+
+
+def spec_script(spec: dict[str, Any]) -> str:
+    """The spec as JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
+    text = json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(raw, escaped)
+    return text
+
+
+def _title(spec: dict[str, Any]) -> str:
+    info = spec.get("info")
+    title = info.get("title") if isinstance(info, dict) else None
+    return html.escape(str(title or "API"))
+
+
+def render_swagger(spec: dict[str, Any]) -> str:
+    """Swagger UI page with ``spec`` inlined."""
+    return _SWAGGER.format(title=_title(spec), spec=spec_script(spec))
+
+
+def render_redoc(spec: dict[str, Any]) -> str:
+    """ReDoc page with ``spec`` inlined."""
+    return _REDOC.format(title=_title(spec), spec=spec_script(spec))
+
+
+def export(spec: dict[str, Any], output: Path) -> list[Path]:
+    """Write the pages, the spec and the assets into ``output``; return the written paths."""
+    source = assets_directory()
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {str(output)!r} is a file, not a directory; name a directory")
+    assets = output / "assets"
+    try:
+        assets.mkdir(parents=True, exist_ok=True)
+        files = [
+            _write(output / "index.html", render_swagger(spec).encode()),
+            _write(output / "redoc.html", render_redoc(spec).encode()),
+            _write(output / "openapi.json", (json.dumps(spec, indent=2, ensure_ascii=False) + "\n").encode()),
+        ]
+        for name in ASSETS:
+            _copy(source / name, assets / name)
+    except OSError as exc:
+        where = exc.filename or output
+        reason = (exc.strerror or type(exc).__name__).lower()
+        raise UsageError(f"cannot write {where} ({reason}); choose another --output directory") from exc
+    return [*files, assets]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """Replace ``path`` atomically, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _copy(source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,8 +1,9 @@
-"""``Client`` and ``AsyncClient``: one typed method per endpoint, over httpx on a Unix socket.
+"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket.
 
-Both take an existing ``httpx.Client`` / ``httpx.AsyncClient`` (a FastAPI ``TestClient`` works),
-or build a pooled one on the socket. Requests and responses are shaped by the shared helpers below;
-the two classes only differ in how they send.
+``Client`` sends through a pool of persistent connections (``client._transport``); ``AsyncClient``
+through httpx. Both take an existing ``httpx.Client`` / ``httpx.AsyncClient`` instead (a FastAPI
+``TestClient`` works). Requests and responses are shaped by the shared helpers below; the classes
+only differ in how they send. httpx is imported only by the code paths that use it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import time
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
-import httpx
 import orjson
 
 from client._address import DEFAULT_ADDRESS, ENV_VAR, AddressError, parse_address, to_url
@@ -25,11 +25,15 @@ from client._transport import (
     BASE_URL,
     Reply,
     ReuseTracker,
-    UnixAsyncTransport,
+    StaleConnection,
     UnixConnectionPool,
-    is_stale_connection_error,
-    map_errors,
+    async_transport,
+    is_stale_httpx_error,
+    map_httpx_errors,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["AsyncClient", "Client", "resolve_socket"]
 
@@ -38,7 +42,7 @@ log = logging.getLogger("client")
 _USER_AGENT = "uds-client"
 _GET_HEADERS = {"user-agent": _USER_AGENT, "accept": "application/json"}
 _POST_HEADERS = {**_GET_HEADERS, "content-type": "application/json"}
-_Response = httpx.Response | Reply
+_Response: TypeAlias = "httpx.Response | Reply"
 
 
 def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -102,10 +106,9 @@ class _Base:
         self.address = to_url(self.path)
         self.timeout = timeout
 
-    def _build(self, http: httpx.Client | httpx.AsyncClient, method: str, url: str, content: bytes | None,
-               headers: dict[str, str], tracker: ReuseTracker) -> httpx.Request:
-        extensions = {"trace": tracker.atrace if isinstance(http, httpx.AsyncClient) else tracker}
-        return http.build_request(method, url, content=content, headers=headers, extensions=extensions)
+    def _log_retry(self, method: str, url: str, exc: Exception) -> None:
+        log.debug("%s %s %s: reused connection was closed by the server (%s); retrying once",
+                  self.address, method, url, exc)
 
     def _log(self, method: str, url: str, response: _Response, started: float, retried: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -134,31 +137,37 @@ class Client(_Base):
             self.path, timeout=timeout, max_idle=max_connections
         )
 
-    def _send_once(self, method: str, url: str, content: bytes | None, headers: dict[str, str],
-                   tracker: ReuseTracker) -> _Response:
-        if self._pool is not None:
-            return self._pool.request(method, url, content, headers, tracker)
-        assert self._http is not None
-        return self._http.send(self._build(self._http, method, url, content, headers, tracker))
-
     def _request(self, method: str, url: str, *, content: bytes | None = None,
                  headers: dict[str, str] = _GET_HEADERS) -> _Response:
         started = time.perf_counter()
-        tracker = ReuseTracker()
         retried = False
-        with map_errors(self.path):
+        if self._pool is not None:
             try:
-                response = self._send_once(method, url, content, headers, tracker)
-            except Exception as exc:
-                if not (is_stale_connection_error(exc) and tracker.reused):
-                    raise
-                log.debug("%s %s %s: reused connection was closed by the server (%s); retrying once",
-                          self.address, method, url, exc)
+                response: _Response = self._pool.request(method, url, content, headers)
+            except StaleConnection as exc:
+                self._log_retry(method, url, exc)
                 retried = True
-                tracker = ReuseTracker()
-                response = self._send_once(method, url, content, headers, tracker)
+                response = self._pool.request(method, url, content, headers, fresh=True)
+        else:
+            response, retried = self._via_httpx(method, url, content, headers)
         self._log(method, url, response, started, retried)
         return response
+
+    def _via_httpx(self, method: str, url: str, content: bytes | None,
+                   headers: dict[str, str]) -> tuple[httpx.Response, bool]:
+        http = self._http
+        assert http is not None
+        tracker = ReuseTracker()
+        with map_httpx_errors(self.path):
+            request = http.build_request(method, url, content=content, headers=headers,
+                                         extensions={"trace": tracker})
+            try:
+                return http.send(request), False
+            except Exception as exc:
+                if not (is_stale_httpx_error(exc) and tracker.reused):
+                    raise
+                self._log_retry(method, url, exc)
+                return http.send(request), True
 
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
@@ -218,11 +227,13 @@ class AsyncClient(_Base):
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
                  http_client: httpx.AsyncClient | None = None, environ: Mapping[str, str] | None = None,
                  max_connections: int = 100) -> None:
+        import httpx
+
         super().__init__(socket, timeout, environ)
         self._owns_http = http_client is None
         if http_client is None:
             http_client = httpx.AsyncClient(
-                transport=UnixAsyncTransport(self.path, max_connections=max_connections),
+                transport=async_transport(self.path, max_connections=max_connections),
                 base_url=BASE_URL, timeout=timeout, trust_env=False,
             )
         self._http = http_client
@@ -232,18 +243,16 @@ class AsyncClient(_Base):
         started = time.perf_counter()
         tracker = ReuseTracker()
         retried = False
-        with map_errors(self.path):
+        with map_httpx_errors(self.path):
+            request = self._http.build_request(method, url, content=content, headers=headers,
+                                               extensions={"trace": tracker.atrace})
             try:
-                request = self._build(self._http, method, url, content, headers, tracker)
                 response = await self._http.send(request)
             except Exception as exc:
-                if not (is_stale_connection_error(exc) and tracker.reused):
+                if not (is_stale_httpx_error(exc) and tracker.reused):
                     raise
-                log.debug("%s %s %s: reused connection was closed by the server (%s); retrying once",
-                          self.address, method, url, exc)
+                self._log_retry(method, url, exc)
                 retried = True
-                tracker = ReuseTracker()
-                request = self._build(self._http, method, url, content, headers, tracker)
                 response = await self._http.send(request)
         self._log(method, url, response, started, retried)
         return response

@@ -1,18 +1,18 @@
-"""Transports to the server's Unix socket, and the one place lower-layer errors become ours.
+"""Transports to the server's Unix socket, each mapping its lower-layer errors once.
 
 * :class:`UnixConnectionPool` is what ``Client`` sends through: persistent ``http.client``
-  connections over AF_UNIX. httpx's own sync stack (httpx, httpcore, h11) spends ~170 us of Python
-  per request, more than the server does; the standard library's parser keeps round trips within a
-  few percent of bare ``http.client``. It raises httpx's exception types, so the mapping below
-  serves every transport.
-* :class:`UnixAsyncTransport` (httpx/httpcore) backs ``AsyncClient``. It builds its pool without
-  a TLS context: ``httpx.AsyncHTTPTransport`` would load certifi's CA bundle (~25 ms) though TLS
-  never runs over the socket.
+  connections over AF_UNIX. httpx's sync stack (httpx, httpcore, h11) spends ~170 us of Python per
+  request, more than the server does, and ~40 ms importing; the standard library keeps round trips
+  within a few percent of bare ``http.client`` and ``uds-client send`` quick to start. Socket and
+  ``http.client`` errors become :class:`ConnectError` here.
+* :func:`async_transport` builds the httpx transport behind ``AsyncClient`` (and
+  :func:`map_httpx_errors` maps httpx errors for it and for any caller-supplied httpx client),
+  with a bare TLS context built once: httpx would otherwise load certifi's CA bundle (~25 ms) per
+  transport, though TLS never runs over the socket. httpx is imported only when these are used.
 * Idle connections expire after ``KEEPALIVE_EXPIRY`` seconds, well under the server's keep-alive
-  (15 s), and an idle connection the server has closed is dropped before reuse, so the stale
-  pooled connection race (httpx#2487) is rare. When it still happens, the pool (or
-  :class:`ReuseTracker` for any httpx client) tells the caller the failed request went out on a
-  reused connection, and the caller retries it once.
+  (15 s), and an idle connection the server has closed is dropped before reuse, so the stale pooled
+  connection race (httpx#2487) is rare. When it still happens the failure is flagged as stale
+  (:class:`StaleConnection`, or :class:`ReuseTracker` for httpx) and the caller retries once.
 """
 
 from __future__ import annotations
@@ -23,30 +23,36 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from email.message import Message as _Headers
-from typing import Any
-
-import httpcore
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from client._address import to_url
 from client._errors import ClientError, ConnectError, reason_for
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
 
 __all__ = [
     "BASE_URL",
     "KEEPALIVE_EXPIRY",
     "Reply",
     "ReuseTracker",
-    "UnixAsyncTransport",
+    "StaleConnection",
     "UnixConnectionPool",
-    "is_stale_connection_error",
-    "map_errors",
+    "async_transport",
+    "is_stale_httpx_error",
+    "map_httpx_errors",
 ]
 
 BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
-_CONNECT_EVENT = "connection.connect_unix_socket.started"
+
+
+class StaleConnection(ConnectError):
+    """A reused keep-alive connection turned out closed by the server; retrying is safe."""
 
 
 class Reply:
@@ -82,12 +88,9 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         try:
             sock.settimeout(self.timeout)
             sock.connect(self._path)
-        except TimeoutError as exc:
+        except BaseException:
             sock.close()
-            raise httpx.ConnectTimeout(f"timed out connecting to {self._path}") from exc
-        except OSError as exc:
-            sock.close()
-            raise httpx.ConnectError(str(exc)) from exc
+            raise
         self.sock = sock
 
     def closed_by_peer(self) -> bool:
@@ -102,19 +105,25 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         return bool(readable)
 
 
+_STALE_ERRORS = (
+    ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected,
+)
+
+
 class UnixConnectionPool:
     """Thread-safe pool of persistent HTTP/1.1 connections to the socket at ``path``."""
 
     def __init__(self, path: str, *, timeout: float, max_idle: int = 10,
                  keepalive_expiry: float = KEEPALIVE_EXPIRY) -> None:
         self.path = path
+        self.address = to_url(path)
         self.timeout = timeout
         self.max_idle = max_idle
         self.keepalive_expiry = keepalive_expiry
         self._idle: list[_UnixHTTPConnection] = []
         self._lock = threading.Lock()
 
-    def _checkout(self, trace: Callable[[str, dict[str, Any]], None] | None) -> _UnixHTTPConnection:
+    def _reuse(self) -> _UnixHTTPConnection | None:
         now = time.monotonic()
         with self._lock:
             while self._idle:
@@ -122,11 +131,7 @@ class UnixConnectionPool:
                 if now - conn.idle_since < self.keepalive_expiry and not conn.closed_by_peer():
                     return conn
                 conn.close()
-        if trace is not None:
-            trace(_CONNECT_EVENT, {"path": self.path})
-        conn = _UnixHTTPConnection(self.path, self.timeout)
-        conn.connect()
-        return conn
+        return None
 
     def _checkin(self, conn: _UnixHTTPConnection) -> None:
         conn.idle_since = time.monotonic()
@@ -136,17 +141,27 @@ class UnixConnectionPool:
                 return
         conn.close()
 
-    def request(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str],
-                trace: Callable[[str, dict[str, Any]], None] | None = None) -> Reply:
-        """Send one request and read the whole response; errors are raised as httpx exceptions."""
-        conn = self._checkout(trace)
+    def request(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str], *,
+                fresh: bool = False) -> Reply:
+        """Send one request and read the whole response.
+
+        Raises :class:`StaleConnection` when a reused connection was closed under it (the caller
+        may retry with ``fresh=True``), :class:`ConnectError` for every other socket failure.
+        """
+        conn = None if fresh else self._reuse()
+        reused = conn is not None
+        if conn is None:
+            conn = _UnixHTTPConnection(self.path, self.timeout)
         try:
             conn.request(method, target, body, headers)
             response = conn.getresponse()
             content = response.read()
-        except BaseException as exc:
+        except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            _raise_as_httpx(exc)
+            error = StaleConnection if reused and isinstance(exc, _STALE_ERRORS) else ConnectError
+            raise error(self.address, reason_for(exc)) from exc
+        except BaseException:
+            conn.close()
             raise
         if response.will_close:
             conn.close()
@@ -161,32 +176,32 @@ class UnixConnectionPool:
             conn.close()
 
 
-def _raise_as_httpx(exc: BaseException) -> None:
-    """Re-raise a socket or ``http.client`` error as the httpx exception for it."""
-    if isinstance(exc, httpx.TransportError):
-        return
-    if isinstance(exc, TimeoutError):
-        raise httpx.ReadTimeout(f"timed out: {exc}") from exc
-    if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
-        raise httpx.RemoteProtocolError(f"server closed the connection: {exc}") from exc
-    if isinstance(exc, http.client.HTTPException):
-        raise httpx.RemoteProtocolError(f"bad response: {exc!r}") from exc
-    if isinstance(exc, OSError):
-        raise httpx.ReadError(str(exc)) from exc
+# --- httpx (AsyncClient, caller-supplied clients); imported only when used -----------------------
+
+_ssl_context: ssl.SSLContext | None = None
 
 
-class UnixAsyncTransport(httpx.AsyncHTTPTransport):
-    """The asyncio flavour of :class:`UnixTransport` (anyio's connect closes failed sockets)."""
+def _bare_ssl_context() -> ssl.SSLContext:
+    """A TLS context without a CA bundle, built once; it is never used over a Unix socket."""
+    global _ssl_context
+    if _ssl_context is None:
+        import ssl
 
-    def __init__(self, path: str, *, max_connections: int | None = 100) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=None, max_connections=max_connections,
-            max_keepalive_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY, uds=path,
-        )
+        _ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return _ssl_context
+
+
+def async_transport(path: str, *, max_connections: int | None = 100) -> httpx.AsyncHTTPTransport:
+    """A pooled httpx transport to the socket at ``path``, without a CA bundle or proxy lookup."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=KEEPALIVE_EXPIRY)
+    return httpx.AsyncHTTPTransport(uds=path, verify=_bare_ssl_context(), trust_env=False, limits=limits)
 
 
 class ReuseTracker:
-    """A ``trace`` callback that records whether a request opened a new connection."""
+    """An httpx ``trace`` callback that records whether a request opened a new connection."""
 
     __slots__ = ("opened",)
 
@@ -206,17 +221,18 @@ class ReuseTracker:
         return not self.opened
 
 
-_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+def is_stale_httpx_error(exc: BaseException) -> bool:
+    """True for the httpx errors a keep-alive connection closed by the server produces."""
+    import httpx
 
-
-def is_stale_connection_error(exc: BaseException) -> bool:
-    """True for the errors a keep-alive connection closed by the server produces."""
-    return isinstance(exc, _STALE)
+    return isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
 
 
 @contextlib.contextmanager
-def map_errors(path: str) -> Iterator[None]:
-    """Turn httpx transport errors into :class:`ConnectError` (or :class:`ClientError`), once."""
+def map_httpx_errors(path: str) -> Iterator[None]:
+    """Turn httpx errors into :class:`ConnectError` (or :class:`ClientError`), keeping the cause."""
+    import httpx
+
     try:
         yield
     except httpx.TimeoutException as exc:
@@ -225,3 +241,5 @@ def map_errors(path: str) -> Iterator[None]:
         raise ConnectError(to_url(path), reason_for(exc)) from exc
     except httpx.HTTPError as exc:
         raise ClientError(f"request to {to_url(path)} failed: {exc}") from exc
+
+

@@ -90,26 +90,9 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-_UNUSED_EXTRAS = ("httpx._main", "trio")
-
-
 # --- the library, loaded on demand -------------------------------------------------------------
 
 def _client(args: argparse.Namespace) -> Client:
-    if "httpx" not in sys.modules:
-        # httpx and httpcore import optional extras when they are installed: httpx its own command
-        # line (click, rich) and httpcore trio, ~70 ms together, none of which a one-shot sync
-        # request uses. A None entry in sys.modules makes those optional imports fail fast.
-        blocked = [name for name in _UNUSED_EXTRAS if name not in sys.modules]
-        for name in blocked:
-            sys.modules[name] = None  # type: ignore[assignment]
-        try:
-            import httpcore  # noqa: F401
-            import httpx  # noqa: F401
-        finally:
-            for name in blocked:
-                if sys.modules.get(name, 0) is None:
-                    del sys.modules[name]
     from client._client import Client
 
     return Client(args.socket, timeout=args.timeout)

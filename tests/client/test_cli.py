@@ -316,6 +316,18 @@ def test_health_does_not_import_httpx(server_path: str) -> None:
     assert result.stdout.strip() == "0 []"
 
 
+def test_send_does_not_import_httpx(server_path: str) -> None:
+    code = (
+        "import sys\n"
+        "from client.cli import main\n"
+        f"rc = main(['--socket', {server_path!r}, 'send', 'lean'])\n"
+        "print(rc, sorted(m for m in ('httpx', 'httpcore', 'h11', 'anyio') if m in sys.modules))\n"
+    )
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "0 []"
+
+
 def test_cli_module_top_level_imports_only_the_standard_library() -> None:
     code = (
         "import sys\n"

@@ -191,8 +191,17 @@ def test_missing_socket_is_a_connect_error(tmp_short: object) -> None:
     assert error.reason == "no such file"
     assert error.address == "unix://" + path
     assert str(error) == f"cannot connect to unix://{path} (no such file). Is the server running?"
-    assert isinstance(error.__cause__, httpx.ConnectError)
+    assert isinstance(error.__cause__, FileNotFoundError)
     assert error.exit_code == 3
+
+
+def test_errors_of_a_callers_httpx_client_are_mapped_the_same(silent_socket: str) -> None:
+    transport = httpx.HTTPTransport(uds=silent_socket)
+    with httpx.Client(transport=transport, base_url="http://localhost", timeout=0.3) as http, \
+            Client(silent_socket, http_client=http) as c, pytest.raises(ConnectError) as info:
+        c.health()
+    assert info.value.reason == "timed out"
+    assert isinstance(info.value.__cause__, httpx.ReadTimeout)
 
 
 def test_refused_socket_is_a_connect_error(refused_socket: str) -> None:
@@ -205,7 +214,7 @@ def test_silent_server_times_out(silent_socket: str) -> None:
     with Client(silent_socket, timeout=0.3) as c, pytest.raises(ConnectError) as info:
         c.health()
     assert info.value.reason == "timed out"
-    assert isinstance(info.value.__cause__, httpx.TimeoutException)
+    assert isinstance(info.value.__cause__, TimeoutError)
 
 
 def test_non_json_success_is_a_client_error(server_path: str) -> None:

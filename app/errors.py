@@ -95,14 +95,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else None
     generic = detail is None or detail == _reason(status)
     if status == 404 and generic:
-        message = f"no route {request.url.path}; see /docs for the routes"
+        message = f"no route {_shown_path(request)}; see /docs for the routes"
     elif status == 405 and generic:
         allow = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
-        message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allow}"
+        message = f"method {request.method} is not allowed on {_shown_path(request)}; allowed: {allow}"
         return error_response(status, message, headers={**(exc.headers or {}), "Allow": allow})
     else:
         message = (detail if not generic else None) or _DEFAULT_MESSAGES.get(status, "request failed")
     return error_response(status, message, headers=exc.headers)
+
+
+def _shown_path(request: Request) -> str:
+    """The path as the client sent it (still percent-encoded, so it stays on one line)."""
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        return raw.decode("latin-1")
+    return request.url.path.encode("unicode_escape").decode("ascii")
 
 
 def _allowed_methods(request: Request) -> str:

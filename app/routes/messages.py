@@ -184,7 +184,8 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         if text is None:
             return error_response(422, summarize(details), error="validation_error", details=details)
 
-        peer = scope.get("extensions", {}).get("uds.peer") if "extensions" in scope else None
+        extensions = scope.get("extensions")
+        peer = extensions.get("uds.peer") if extensions else None
         if key is not None:
             earlier = store.by_key(key)
             if earlier is not None:

@@ -12,10 +12,13 @@ from app.main import create_app
 from tests.app.conftest import ASGIClient, assert_error
 
 
-@pytest.mark.parametrize("path", ["/nope", "/messages/1/extra", "/docs-assets/missing.js", "/", "/%00"])
+@pytest.mark.parametrize(
+    "path", ["/nope", "/messages/1/extra", "/docs-assets/missing.js", "/", "/%00", "/a%0Ab", "/%E2%80%A8x"]
+)
 def test_unknown_route_is_404_json(client: ASGIClient, path: str) -> None:
     body = assert_error(client.get(path), 404, "not_found")
     assert "/docs" in body["message"]
+    assert body["message"].isprintable(), body["message"]
 
 
 @pytest.mark.parametrize(

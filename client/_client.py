@@ -220,13 +220,18 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """The asyncio twin of :class:`Client`; share one instance between tasks."""
+    """The asyncio twin of :class:`Client`; share one instance between tasks.
+
+    Tasks beyond ``max_connections`` queue for a connection. A few connections serve many tasks
+    best: httpcore scans its whole pool for each request, and with 50 tasks on 50 connections
+    throughput measured 5-10x lower than on 8.
+    """
 
     _http: httpx.AsyncClient
 
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
                  http_client: httpx.AsyncClient | None = None, environ: Mapping[str, str] | None = None,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 8) -> None:
         import httpx
 
         super().__init__(socket, timeout, environ)

@@ -191,7 +191,7 @@ def _bare_ssl_context() -> ssl.SSLContext:
     return _ssl_context
 
 
-def async_transport(path: str, *, max_connections: int | None = 100) -> httpx.AsyncHTTPTransport:
+def async_transport(path: str, *, max_connections: int | None = 8) -> httpx.AsyncHTTPTransport:
     """A pooled httpx transport to the socket at ``path``, without a CA bundle or proxy lookup."""
     import httpx
 

@@ -8,6 +8,8 @@ loaded from the network. Written files:
 * ``redoc.html``: ReDoc
 * ``openapi.json``: the spec as served
 * ``assets/``: ``swagger-ui-bundle.js``, ``swagger-ui.css``, ``redoc.standalone.js``, ``favicon.png``
+
+A Content-Security-Policy in each page lets it load only those files, so nothing can reach out.
 """
 
 from __future__ import annotations
@@ -26,15 +28,25 @@ from typing import Any
 from client._address import to_url
 from client._errors import ClientError, UsageError
 
-__all__ = ["ASSETS", "add_arguments", "assets_directory", "export", "render_redoc", "render_swagger", "run"]
+__all__ = [
+    "ASSETS", "CSP", "add_arguments", "assets_directory", "export", "render_redoc", "render_swagger", "run",
+]
 
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+
+# The pages may load only the files next to them (file: when opened from disk, 'self' when served).
+# ReDoc 2 hard-codes one remote image (Redocly's logo, https://cdn.redoc.ly/...): this blocks it.
+CSP = (
+    "default-src 'none'; script-src 'self' file: 'unsafe-inline'; style-src 'self' file: 'unsafe-inline'; "
+    "img-src 'self' file: data:; font-src 'self' file: data:; worker-src 'self' blob:; connect-src 'none'"
+)
 
 _SWAGGER = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
 <title>{title} - Swagger UI (offline)</title>
 <link rel="icon" type="image/png" href="assets/favicon.png">
 <link rel="stylesheet" href="assets/swagger-ui.css">
@@ -63,6 +75,7 @@ _REDOC = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
 <title>{title} - ReDoc (offline)</title>
 <link rel="icon" type="image/png" href="assets/favicon.png">
 <style>body {{ margin: 0; padding: 0; }}</style>
@@ -133,12 +146,12 @@ def _title(spec: dict[str, Any]) -> str:
 
 def render_swagger(spec: dict[str, Any]) -> str:
     """Swagger UI page with ``spec`` inlined."""
-    return _SWAGGER.format(title=_title(spec), spec=spec_script(spec))
+    return _SWAGGER.format(title=_title(spec), spec=spec_script(spec), csp=CSP)
 
 
 def render_redoc(spec: dict[str, Any]) -> str:
     """ReDoc page with ``spec`` inlined."""
-    return _REDOC.format(title=_title(spec), spec=spec_script(spec))
+    return _REDOC.format(title=_title(spec), spec=spec_script(spec), csp=CSP)
 
 
 def export(spec: dict[str, Any], output: Path) -> list[Path]:

@@ -124,8 +124,9 @@ class _Base:
 class Client(_Base):
     """A synchronous client. ``Client()`` talks to ``$UDS_SOCKET`` or ``unix:///csi/csi.sock``.
 
-    Without ``http_client`` it keeps persistent connections to the socket (thread-safe); with one
-    (a FastAPI ``TestClient``, say) every request goes through that client instead.
+    Without ``http_client`` it keeps up to ``max_connections`` idle persistent connections to the
+    socket (thread-safe; threads beyond that open short-lived ones); with one (a FastAPI
+    ``TestClient``, say) every request goes through that client instead.
     """
 
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,

@@ -76,6 +76,10 @@ def _positive(kind: type[int] | type[float], zero_ok: bool = False) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``uds-client bench``."""
     parser.description = DESCRIPTION
+    parser.epilog = (
+        "Exit status: 0 every request got a 2xx answer; 1 some did not (see the errors column); "
+        "2 bad usage; 3 a server could not be reached."
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--tcp", type=_tcp_address, metavar="HOST:PORT",
                        help="also measure this TCP server (uds-server --host HOST --port PORT), same code")

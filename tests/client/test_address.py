@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from urllib.parse import quote
+
 import pytest
 
-from client._address import DEFAULT_ADDRESS, MAX_PATH_BYTES, AddressError, parse_address, to_url
+from client._address import DEFAULT_ADDRESS, ENV_VAR, MAX_PATH_BYTES, AddressError, parse_address, to_url
+from tests.support import PYTHON, ROOT, ServerProcess, run_cli, short_tmpdir
 
 
 @pytest.mark.parametrize(
@@ -95,3 +101,67 @@ def test_bad_values_are_rejected_with_the_value_quoted(value: str, reason: str) 
 
 def test_address_error_is_a_value_error() -> None:
     assert issubclass(AddressError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every spelling through the real uds-server and uds-client, from UDS_SOCKET
+
+
+def _spellings(path: str) -> dict[str, str]:
+    return {
+        "bare": path,
+        "unix3": "unix://" + path,
+        "unix1": "unix:" + path,
+        "http+unix": "http+unix://" + quote(path, safe="") + "/ignored",
+        "upper": "UNIX://" + path,
+    }
+
+
+@pytest.mark.parametrize("spelling", ["bare", "unix3", "unix1", "http+unix", "upper"])
+def test_uds_socket_spelling_works_for_server_and_client(spelling: str) -> None:
+    directory = short_tmpdir("addr")
+    path = str(directory / "s.sock")
+    env = {ENV_VAR: _spellings(path)[spelling]}
+    try:
+        with ServerProcess([], socket_path=path, env=env) as server:
+            server.wait_ready()
+            health = run_cli("health", env=env)
+            assert (health.returncode, health.stderr) == (0, "")
+            sent = run_cli("send", "Hello from client", env=env)
+            assert sent.returncode == 0, sent.stderr
+            assert sent.stdout == "📥 Client received: Hello from server via UDS\n"
+            assert server.stop() == 0
+        assert "📩 Server received: Hello from client" in server.log_path.read_text()
+        server.log_path.unlink()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("value", ["relative.sock", "unix://host/s.sock", "tcp://127.0.0.1:80",
+                                   "http+unix://s.sock", "/" + "x" * 120])
+def test_bad_uds_socket_is_quoted_by_client_and_server(value: str) -> None:
+    env = {ENV_VAR: value}
+    client = run_cli("health", env=env)
+    assert client.returncode == 2
+    assert client.stderr.startswith(f"Error: invalid socket address {value!r}: ")
+    assert client.stderr.count("\n") == 1
+    server = subprocess.run([PYTHON, "-m", "app"], capture_output=True, text=True, env={**os.environ, **env},
+                            cwd=ROOT, timeout=60, check=False)
+    assert server.returncode == 2
+    assert f"invalid socket address {value!r}: " in server.stderr + server.stdout
+    assert "Traceback" not in server.stderr + server.stdout
+
+
+def test_socket_flag_beats_a_bad_uds_socket() -> None:
+    directory = short_tmpdir("addr")
+    path = str(directory / "s.sock")
+    env = {ENV_VAR: "tcp://nowhere:1"}
+    try:
+        with ServerProcess(["--socket", "unix://" + path], socket_path=path, env=env) as server:
+            server.wait_ready()
+            result = run_cli("--socket", "http+unix://" + quote(path, safe=""), "health", env=env)
+            assert (result.returncode, result.stderr) == (0, "")
+            assert server.stop() == 0
+        server.log_path.unlink()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -59,7 +59,13 @@ def _positive_float(text: str) -> float:
 
 
 def _non_negative_float(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else _positive_float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -135,9 +141,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         _send_once(client, args)
         if args.every is None and not args.then_wait:
             return 0
+        # --then-wait: wait(None) returns only once a signal set the event.
         while not stop.wait(args.every):
-            if args.every is None:
-                continue
             try:
                 _send_once(client, args)
             except ClientError as exc:

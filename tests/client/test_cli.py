@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socketserver
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -347,3 +348,70 @@ def test_command_word_is_found_after_global_options() -> None:
     assert cli._command_in(["--timeout", "3", "--debug", "bench", "--x"]) == "bench"
     assert cli._command_in(["--socket=/a.sock", "proxy"]) == "proxy"
     assert cli._command_in(["--debug"]) is None
+
+
+# --- health against answers a real server rarely gives -------------------------------------------
+
+
+class _CannedHandler(socketserver.BaseRequestHandler):
+    server: _CannedServer
+
+    def handle(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        self.request.sendall(self.server.answer)
+
+
+class _CannedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, path: str, answer: bytes) -> None:
+        self.answer = answer
+        super().__init__(path, _CannedHandler)
+
+
+@contextlib.contextmanager
+def _canned(tmp: Path, answer: bytes) -> Iterator[str]:
+    """A socket whose every request gets ``answer`` (raw bytes), then the connection closes."""
+    server = _CannedServer(str(tmp / "canned.sock"), answer)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield str(server.server_address)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_health_ready_exits_1_while_draining(tmp_short: Path) -> None:
+    body = b'{"status":"draining"}'
+    answer = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    with _canned(tmp_short, answer) as path:
+        result = run_cli("--socket", path, "health", "--ready")
+    assert result.returncode == 1
+    assert _one_error_line(result) == (
+        f'Error: unix://{path} is not ready: /readyz answered 503 {{"status":"draining"}}'
+    )
+
+
+def test_health_reads_a_chunked_answer(tmp_short: Path) -> None:
+    answer = (b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n"
+              b"5\r\nbroke\r\n3;x=1\r\nn!!\r\n0\r\n\r\n")
+    with _canned(tmp_short, answer) as path:
+        result = run_cli("--socket", path, "health")
+    assert result.returncode == 1
+    assert _one_error_line(result).endswith("/healthz answered 500 broken!!")
+
+
+def test_health_against_something_that_is_not_http_exits_3(tmp_short: Path) -> None:
+    with _canned(tmp_short, b"SSH-2.0-OpenSSH_9.2\r\n\r\n") as path:
+        result = run_cli("--socket", path, "health")
+    assert result.returncode == 3
+    assert "did not answer with HTTP/1.x" in _one_error_line(result)

@@ -226,3 +226,12 @@ def test_non_json_success_is_a_client_error(server_path: str) -> None:
         assert page.headers["content-type"].startswith("text/html")
         with pytest.raises(ClientError, match="not JSON"):
             _check(c._request("GET", "/docs"))
+
+
+def test_one_client_shared_by_threads(server_path: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Client(server_path, max_connections=4) as c, ThreadPoolExecutor(8) as pool:
+        messages = list(pool.map(lambda i: c.send(f"thread {i}"), range(80)))
+    assert len({m.id for m in messages}) == 80
+    assert sorted(m.text for m in messages) == sorted(f"thread {i}" for i in range(80))

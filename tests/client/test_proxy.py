@@ -400,6 +400,14 @@ def test_real_server_through_the_proxy() -> None:
             assert (response.status, body["status"], body["error"]) == (404, 404, body["error"])
         finally:
             conn.close()
+        # A client that half-closes after its request still gets the whole answer.
+        sock = connect(proxy.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = recv_until_eof(sock)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answer.endswith(b'{"status":"ok"}')
         for target in ("/docs", "/redoc", "/openapi.json"):
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
             conn.request("GET", target)

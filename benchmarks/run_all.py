@@ -54,7 +54,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     host = report["host"]
     lines = [
         f"Run {report['started']} ({report['mode']}), {host['cpus']} CPUs, {host['machine']}, "
-        f"Python {host['python']}, {report['seconds']:.0f} s in all.",
+        f"Python {host['python']}, {report['seconds']:.0f} s in all; 1-minute load average "
+        f"{host['loadavg_1m_before']:.1f} before, {host['loadavg_1m_after']:.1f} after.",
         "",
         "| | Measure | A | B | A/B | Target | Met |",
         "|---|---|---|---|---|---|---|",
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now(datetime.UTC)
     clock = time.monotonic()
+    load_before = os.getloadavg()[0]
     rows: list[Row] = []
     failures: list[dict[str, str]] = []
     for key in chosen:
@@ -110,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "mode": "quick" if args.quick else "full",
         "seconds": time.monotonic() - clock,
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                 "kernel": platform.release()},
+        "host": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "loadavg_1m_before": load_before,
+            "loadavg_1m_after": os.getloadavg()[0],
+        },
         "rows": [row.as_dict() for row in rows],
         "failures": failures,
     }

@@ -338,16 +338,21 @@ def plot(report: dict[str, Any], filename: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for transport in dict.fromkeys(r["transport"] for r in report["results"]):
+    transports = list(dict.fromkeys(r["transport"] for r in report["results"]))
+    for index, transport in enumerate(transports):
         rows = [r for r in report["results"] if r["transport"] == transport]
         conc = [r["concurrency"] for r in rows]
-        left.plot(conc, [r["rps"] for r in rows], marker="o", label=transport.upper())
+        color = f"C{index}"
+        left.plot(conc, [r["rps"] for r in rows], marker="o", color=color, label=transport.upper())
         for key, style in (("p50_ms", "-"), ("p90_ms", "--"), ("p99_ms", ":")):
             label = f"{transport.upper()} {key[:3]}"
-            right.plot(conc, [r[key] for r in rows], style, marker="o", label=label)
-    left.set(title="Throughput", xlabel="connections", ylabel="requests/s", xscale="log")
+            right.plot(conc, [r[key] for r in rows], style, marker="o", color=color, label=label)
+    left.set(title="Throughput", xlabel="connections", ylabel="requests/s", xscale="log", ylim=(0, None))
     right.set(title="Latency", xlabel="connections", ylabel="ms", xscale="log", yscale="log")
+    ticks = sorted({r["concurrency"] for r in report["results"]})
     for axis in (left, right):
+        axis.set_xticks(ticks, [str(t) for t in ticks])
+        axis.xaxis.set_minor_locator(mpl.ticker.NullLocator())
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     settings = report["settings"]
@@ -383,7 +388,8 @@ def build_report(targets: dict[str, str], cells: Sequence[Cell], args: argparse.
             "warmup": args.warmup, "rounds": args.rounds, "workers": args.workers,
         },
         "targets": targets,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+                 "loadavg_1m": os.getloadavg()[0]},
         "results": results,
         "ratios": ratios(results),
     }

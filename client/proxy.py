@@ -239,10 +239,11 @@ class Proxy:
         down = asyncio.ensure_future(_copy(upstream_reader, client_writer, moved, 1))
         try:
             done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-            for t, side in ((up, "client"), (down, "socket")):
+            for t, direction in ((up, "client to socket"), (down, "socket to client")):
                 error = t.exception() if t in done and not t.cancelled() else None
                 if error is not None:
-                    return f" ({side} side failed: {reason_for(error)})"
+                    what = error.strerror if isinstance(error, OSError) and error.strerror else error
+                    return f" ({direction} stopped: {str(what).lower() or type(error).__name__})"
             if up in done:
                 # The client half-closed (sent FIN): the server may still be answering.
                 await asyncio.wait({down})

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -220,6 +221,20 @@ def test_half_close_and_streaming_both_ways() -> None:
         proxy.wait_output(r"proxy #1 close 127\.0\.0\.1:\d+: 5 B to socket, 15 B to client, [\d.]+ s\n")
         assert proxy.stop() == 0
     assert re.search(r"proxy #1 open 127\.0\.0\.1:\d+ -> unix://" + re.escape(path), proxy.output)
+
+
+def test_a_client_reset_closes_both_sides_and_is_logged() -> None:
+    with unix_server(_EchoHandler) as path, Proxy(path) as proxy:
+        proxy.wait_listening()
+        sock = connect(proxy.port)
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # with linger 0: an RST, not a FIN
+        proxy.wait_output(r"proxy #1 close 127\.0\.0\.1:\d+: 4 B to socket, 4 B to client, [\d.]+ s "
+                          r"\(client to socket stopped: connection reset by peer\)\n")
+        assert proxy.stop() == 0
+    assert "closed 0 open connection(s)" in proxy.output
 
 
 def test_backpressure_holds_a_large_transfer_and_delivers_it_exactly() -> None:

@@ -95,6 +95,10 @@ Redoc.init(JSON.parse(document.getElementById("openapi-spec").textContent), {{}}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``uds-client docs``."""
+    parser.epilog = (
+        "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output is "
+        "a file or cannot be written; 3 the socket cannot be reached."
+    )
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="directory to write index.html (Swagger UI), redoc.html, openapi.json and "
                              "assets/ into; created if missing, existing files replaced")

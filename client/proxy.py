@@ -115,6 +115,11 @@ def check_socket(path: str, timeout: float) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``uds-client proxy``."""
+    parser.epilog = (
+        "Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be used "
+        "(in use, not permitted); 3 the socket cannot be reached at start. The server sees the proxy "
+        "as the caller: whoever can reach the TCP port acts with this user's rights."
+    )
     parser.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,

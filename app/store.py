@@ -66,6 +66,12 @@ class MessageStore:
             return list(self._history)
         return [self._history[i] for i in range(size - limit, size)]
 
+    def clear(self) -> None:
+        """Forget every message and key; ids start again at 1."""
+        self._history.clear()
+        self._keys.clear()
+        self._next_id = 1
+
     @property
     def remembered_keys(self) -> int:
         return len(self._keys)

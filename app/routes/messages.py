@@ -68,6 +68,12 @@ def check_text_body(data: object, max_length: int) -> tuple[str | None, list[dic
     return (text if not details and type(text) is str else None), details
 
 
+_GET_IT = {"GetMessage": {
+    "operationId": "get_message", "parameters": {"message_id": "$response.body#/id"},
+    "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
+}}
+
+
 def _json_content_type(value: bytes) -> bool:
     """``application/json`` or ``application/<anything>+json``, parameters such as charset allowed."""
     media = value.split(b";", 1)[0].strip().lower()
@@ -217,9 +223,9 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         responses={
             201: {"model": Message, "description": "Stored.", "headers": {
                 "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}},
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
+                "content": {JSON: {"example": EXAMPLE_MESSAGE}}, "links": _GET_IT},
             200: {"model": Message, "description": "Already stored under this Idempotency-Key.",
-                  "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
+                  "content": {JSON: {"example": EXAMPLE_MESSAGE}}, "links": _GET_IT},
             **error_responses(400, 403, 409, 413, 415, 422),
         },
     )

@@ -262,6 +262,8 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
     assert body_schema["properties"]["text"]["maxLength"] == 4096
     assert {"201", "200", "409", "413", "415", "422"} <= set(post["responses"])
     assert post["parameters"][0]["name"] == "Idempotency-Key"
+    link = post["responses"]["201"]["links"]["GetMessage"]
+    assert link == {**link, "operationId": "get_message", "parameters": {"message_id": "$response.body#/id"}}
 
 
 def test_openapi_text_limit_follows_settings(make_client: Callable[..., ASGIClient]) -> None:

@@ -36,3 +36,17 @@ def test_every_operation_is_exercised() -> None:
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     case.call_and_validate()
+
+
+class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+    """Sequences of calls following the OpenAPI links (POST /messages, then GET /messages/{id})."""
+
+    def setup(self) -> None:
+        """Each sequence starts from an empty server, so replays see the same state."""
+        APP.state.store.clear()
+
+
+@pytest.mark.slow
+class TestStatefulWorkflow(Workflow.TestCase):  # type: ignore[name-defined,misc]
+    settings = settings(max_examples=100, deadline=None, stateful_step_count=8,
+                        suppress_health_check=list(HealthCheck))

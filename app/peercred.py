@@ -177,12 +177,11 @@ class PeerCredProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         cycle = self.cycle
-        in_body = cycle is not None and not self._in_head and not cycle.response_complete
-        if in_body and cycle.response_started:
-            # The application already answered; only the rest of the body is missing.
-            self.transport.close()
-            return
-        if in_body:
+        if not self._in_head and cycle is not None:
+            if cycle.response_started:
+                # The application already answered (say, 413 before reading); only the body is late.
+                self.transport.close()
+                return
             # The application is waiting for the body: tell it the client is gone, answer for it.
             cycle.disconnected = True
             cycle.message_event.set()

@@ -84,7 +84,11 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: i
         bound = BoundSocket(sock, path, _identity(os.lstat(path)))
     except OSError as exc:
         sock.close()
-        raise SocketError(f"cannot bind {path}: {_reason(exc)}") from exc
+        hint = ""
+        if isinstance(exc, PermissionError):
+            parent = os.path.dirname(path)
+            hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+        raise SocketError(f"cannot bind {path}: {_reason(exc)}{hint}") from exc
     try:
         _apply_owner_and_mode(path, mode, group)
         bound.identity = _identity(os.lstat(path))

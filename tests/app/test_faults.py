@@ -46,9 +46,10 @@ def _read_head(conn: socket.socket, buffer: bytearray) -> tuple[int, dict[str, s
     return status, headers
 
 
-def _read_response(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One whole response (skipping 1xx) with a Content-Length body."""
-    buffer = bytearray()
+def _read_response(conn: socket.socket, buffer: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One whole response (skipping 1xx) with a Content-Length body; ``buffer`` keeps what follows it."""
+    if buffer is None:
+        buffer = bytearray()
     status, headers = _read_head(conn, buffer)
     while status < 200:
         status, headers = _read_head(conn, buffer)
@@ -58,7 +59,9 @@ def _read_response(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
         if not chunk:
             raise AssertionError(f"connection closed in the body: {bytes(buffer)!r}")
         buffer += chunk
-    return status, headers, bytes(buffer[:length])
+    body = bytes(buffer[:length])
+    del buffer[:length]
+    return status, headers, body
 
 
 def _closed(conn: socket.socket) -> bool:
@@ -128,6 +131,19 @@ def test_slow_body_gets_408(tmp: Path) -> None:
         status, body = http_over_uds(str(server.socket_path), "GET", "/messages")
         assert status == 200
         assert json.loads(body)["messages"] == [], "the cut-off request was not stored"
+
+
+def test_late_body_after_an_early_answer_is_closed_without_408(tmp: Path) -> None:
+    """The application answered without reading the body; a body that never ends is just cut off."""
+    with running_server("--request-timeout", "0.5", tmp=tmp) as server:
+        conn = _connect(str(server.socket_path))
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            status, _, _ = _read_response(conn)
+            assert status == 200
+            assert _closed(conn), "no second response may follow the first"
+        finally:
+            conn.close()
 
 
 def test_keepalive_timeout_closes_idle_connection_between_requests(tmp: Path) -> None:
@@ -207,8 +223,9 @@ def test_large_body_is_not_mistaken_for_a_large_head(tmp: Path) -> None:
             one = (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n" % len(body)) + body
             conn.sendall(one * 3)
+            buffer = bytearray()
             for _ in range(3):
-                status, _, reply = _read_response(conn)
+                status, _, reply = _read_response(conn, buffer)
                 assert status == 201, reply
         finally:
             conn.close()

@@ -188,6 +188,25 @@ def test_cannot_create_parent_directory(tmp: Path) -> None:
         assert lines[0].startswith("ERROR cannot create the socket's directory /proc/uds-example: ")
 
 
+def test_permission_denied_is_a_startup_failure(tmp: Path) -> None:
+    """A user who may not write the socket's directory gets one line and exit 3."""
+    import subprocess
+
+    assert os.geteuid() == 0, "this test switches to the nobody user"
+    os.chmod(tmp, 0o755)  # nobody may enter, not write
+    path = tmp / "s.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--socket", str(path)], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[2], user=65534, group=65534, extra_groups=[], check=False,
+    )
+    assert result.returncode == 3, result
+    assert result.stdout.splitlines() == [
+        f"ERROR cannot bind {path}: permission denied; uid 65534 needs write access to {tmp} "
+        "(check its owner and mode)"
+    ]
+    assert not path.exists()
+
+
 # In-process: lifespan failure, draining flag, formatters ------------------------------------------
 
 

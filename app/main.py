@@ -24,6 +24,15 @@ socket (default `unix:///csi/csi.sock`), e.g. `curl --unix-socket /csi/csi.sock 
 
 Every error has one JSON shape: `{"error": "<code>", "message": "<one line>", "status": <int>}`,
 plus `details` for validation errors (422).
+
+`POST /messages` takes an optional `Idempotency-Key` header: a retry with the same key and text
+returns the stored message (200) instead of storing it again; the same key with another text is a
+conflict (409).
+
+With a peer allowlist (`UDS_ALLOW_UID` / `UDS_ALLOW_GID`), only processes whose uid or gid is listed
+(read from the socket with SO_PEERCRED) may call the API; others get 403. `/healthz` and `/readyz`
+stay open for probes. A connection without peer credentials (TCP) is refused: the allowlist fails
+closed.
 """
 
 

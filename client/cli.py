@@ -78,6 +78,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size`` answers, without importing shutil (and lzma, bz2)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter; it only learns the width more cheaply (``health`` runs often)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
 class _VersionAction(argparse.Action):
     """``--version``: read the installed version only when asked (importlib.metadata is not free)."""
 
@@ -330,7 +353,7 @@ _COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the external ``command`` (if any) has its module imported."""
     parser = argparse.ArgumentParser(
-        prog=PROG, allow_abbrev=False,
+        prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
         description="Talk to the uds-example server over its Unix socket.",
         epilog="Exit codes: 0 ok, 1 the server answered an error, 2 usage, 3 cannot reach the socket.",
     )
@@ -347,7 +370,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for name, (help_text, description, build) in _COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=description or help_text)
+        sub = commands.add_parser(name, help=help_text, description=description or help_text,
+                                  formatter_class=_Formatter)
         if name == command:
             build(sub)
     return parser

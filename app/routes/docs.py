@@ -13,9 +13,22 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
-__all__ = ["ASSETS_URL", "assets_directory", "install"]
+__all__ = ["ASSETS_URL", "CONTENT_SECURITY_POLICY", "assets_directory", "install"]
 
 ASSETS_URL = "/docs-assets"
+
+# The pages may load only what this server serves: ReDoc 2 hard-codes one image on its CDN
+# (cdn.redoc.ly), which the browser must not fetch from an offline Pod or an air-gapped laptop.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _offline(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    return page
 
 
 def assets_directory() -> Path:
@@ -34,14 +47,14 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         """Swagger UI, served offline."""
-        return get_swagger_ui_html(
+        return _offline(get_swagger_ui_html(
             openapi_url=openapi_url,
             title=f"{app.title} - Swagger UI",
             oauth2_redirect_url=redirect_url,
             swagger_js_url=f"{ASSETS_URL}/swagger-ui-bundle.js",
             swagger_css_url=f"{ASSETS_URL}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS_URL}/favicon.png",
-        )
+        ))
 
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -51,10 +64,10 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     @app.get(redoc_url, include_in_schema=False)
     async def redoc() -> HTMLResponse:
         """ReDoc, served offline and without web fonts."""
-        return get_redoc_html(
+        return _offline(get_redoc_html(
             openapi_url=openapi_url,
             title=f"{app.title} - ReDoc",
             redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
             redoc_favicon_url=f"{ASSETS_URL}/favicon.png",
             with_google_fonts=False,
-        )
+        ))

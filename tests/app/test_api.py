@@ -288,6 +288,10 @@ def test_docs_pages_are_offline(client: ASGIClient, page: str) -> None:
         assert fetched.status_code == 200, asset
         assert len(fetched.content) > 1000, asset
     assert "/openapi.json" in html
+    # ReDoc's bundle names one image on its CDN: the policy keeps the browser from fetching it.
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy
+    assert "img-src 'self' data:" in policy
 
 
 def test_docs_assets_come_from_fastapi_offline(client: ASGIClient) -> None:

@@ -33,6 +33,8 @@ MAX_HEADER_BYTES = 32 * 1024
 """Largest request line plus headers, in bytes (nginx's default large_client_header_buffers)."""
 
 _UCRED = struct.Struct("3i")
+_HEAD_TOO_LARGE = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
+_TOO_MANY_HEADERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} header fields")
 logger = logging.getLogger("app.connections")
 
 
@@ -64,7 +66,12 @@ def error_response(status: int, error: str, message: str) -> bytes:
 
 
 class PeerCredProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol with peer credentials, a per-request deadline and header limits."""
+    """HttpToolsProtocol with peer credentials, a per-request deadline and header limits.
+
+    Per-request cost is kept near zero: the deadline is one timer per connection that is re-armed
+    lazily when it fires (not a timer per request), and the head size is summed only when the head
+    arrived in a chunk larger than the limit or across chunks.
+    """
 
     def __init__(
         self,
@@ -77,37 +84,41 @@ class PeerCredProtocol(HttpToolsProtocol):
         self.peer: dict[str, int] | None = None
         self.request_timeout: float = getattr(config, "request_timeout", 30.0)
         self._deadline: TimerHandle | None = None
+        self._waiting_since: float | None = None
+        """Loop time since which the client owes us a complete request (None: it owes nothing)."""
         self._in_head = False
         self._begins = 0
+        self._chunk_bytes = 0
         self._head_bytes = 0
         """Bytes of chunks that continued an unfinished head (a lower bound on its size)."""
-        self._field_bytes = 0
-        """Bytes of the request target and completed header fields (exact)."""
-        self._head_count = 0
-        self._seen_bytes = False
         self._reject: tuple[int, str, str] | None = None
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.peer = read_peer(transport.get_extra_info("socket"))
-        # A connection that never sends a request is closed after request_timeout.
+        # A connection that never sends a request is closed after request_timeout too.
+        self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadline()
+        self._waiting_since = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._seen_bytes = True
+        self._chunk_bytes = len(data)
         begins = self._begins
         super().data_received(data)
-        # httptools buffers a header until it ends, so bound the head by the bytes that carried it on.
-        # A chunk in which the head began is not counted: it may hold the previous body too.
+        # httptools buffers a header until it ends, so bound the head by the chunks that carry it on.
+        # The chunk in which the head began is not counted here: it may hold the previous body too.
         if self._in_head and self._begins == begins:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER_BYTES:
-                self._refuse_head(f"the request head is over {MAX_HEADER_BYTES} bytes")
+                self._reject = _HEAD_TOO_LARGE
+                self.send_400_response("")
 
     # Parser callbacks
     def on_message_begin(self) -> None:
@@ -117,39 +128,31 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._in_head = True
         self._begins += 1
         self._head_bytes = 0
-        self._field_bytes = 0
-        self._head_count = 0
+        if self._waiting_since is None:
+            self._waiting_since = self.loop.time()
         if self._deadline is None:
             self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
 
-    def on_url(self, url: bytes) -> None:
-        self._field_bytes += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_count += 1
-        self._field_bytes += len(name) + len(value) + 4
-        if self._head_count > MAX_HEADERS:
-            message = f"the request has more than {MAX_HEADERS} header fields"
-            self._reject = (431, "headers_too_large", message)
-            raise ValueError("too many header fields")
-        if self._field_bytes > MAX_HEADER_BYTES:
-            self._reject = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
-            raise ValueError("request head too large")
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if len(self.headers) > MAX_HEADERS:
+            self._reject = _TOO_MANY_HEADERS
+            raise ValueError("too many header fields")  # httptools turns it into a parser error
+        # A head that fit in one small chunk is small; only a big or split one is measured.
+        split_or_big = self._head_bytes or self._chunk_bytes > MAX_HEADER_BYTES
+        if split_or_big and self._head_size() > MAX_HEADER_BYTES:
+            self._reject = _HEAD_TOO_LARGE
+            raise ValueError("request head too large")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._cancel_deadline()
+        self._waiting_since = None
         super().on_message_complete()
 
     # Errors
     def send_400_response(self, msg: str) -> None:
         """Parse errors (and limits raised from parser callbacks) as the JSON error shape."""
-        self._cancel_deadline()
+        self._waiting_since = None
         if self._reject is not None:
             status, error, message = self._reject
         else:
@@ -159,24 +162,24 @@ class PeerCredProtocol(HttpToolsProtocol):
             self.transport.write(error_response(status, error, message))
             self.transport.close()
 
-    def _refuse_head(self, message: str) -> None:
-        self._reject = (431, "headers_too_large", message)
-        self.send_400_response(message)
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _on_deadline(self) -> None:
         self._deadline = None
-        if self.transport.is_closing():
+        since = self._waiting_since
+        if since is None or self.transport.is_closing():
+            return  # idle between requests: uvicorn's keep-alive timeout takes over
+        remaining = since + self.request_timeout - self.loop.time()
+        if remaining > 0:
+            self._deadline = self.loop.call_later(remaining, self._on_deadline)
             return
-        if not self._seen_bytes:
-            logger.info("Closed a connection that sent nothing for %gs", self.request_timeout)
+        self._waiting_since = None
+        cycle = self.cycle
+        if not self._in_head and (cycle is None or cycle.response_complete):
+            logger.info("Closed a connection that sent no request for %gs", self.request_timeout)
             self.transport.close()
             return
-        cycle = self.cycle
         if not self._in_head and cycle is not None:
             if cycle.response_started:
                 # The application already answered (say, 413 before reading); only the body is late.

@@ -112,7 +112,7 @@ def test_silent_connection_is_closed(tmp: Path) -> None:
             assert _closed(silent)
         finally:
             silent.close()
-        closed = "Closed a connection that sent nothing for 0.5s"
+        closed = "Closed a connection that sent no request for 0.5s"
         wait_until(lambda: closed in _lines(server), what="log line")
 
 
@@ -142,6 +142,43 @@ def test_late_body_after_an_early_answer_is_closed_without_408(tmp: Path) -> Non
             status, _, _ = _read_response(conn)
             assert status == 200
             assert _closed(conn), "no second response may follow the first"
+        finally:
+            conn.close()
+
+
+def test_busy_connection_outlives_request_timeout(tmp: Path) -> None:
+    """The deadline is per request: a keep-alive connection may live and idle far longer."""
+    import time
+
+    with running_server("--request-timeout", "0.3", "--keepalive-timeout", "30", tmp=tmp) as server:
+        conn = _connect(str(server.socket_path))
+        try:
+            buffer = bytearray()
+            began = time.monotonic()
+            count = 0
+            while time.monotonic() - began < 1.5 or count < 10:  # several deadlines' worth of requests
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert _read_response(conn, buffer)[0] == 200
+                count += 1
+            conn.settimeout(1.0)  # idle for over three request timeouts: nothing may arrive
+            with pytest.raises(TimeoutError):
+                conn.recv(1)
+            conn.settimeout(DEADLINE)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(conn, buffer)[0] == 200
+        finally:
+            conn.close()
+        assert "Request not complete" not in "\n".join(_lines(server))
+
+
+def test_head_in_pieces_within_the_limit_is_served(tmp: Path) -> None:
+    with running_server(tmp=tmp) as server:
+        conn = _connect(str(server.socket_path))
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+            conn.sendall(b"Host: x\r\nX-Pad: " + b"p" * 20000)
+            conn.sendall(b"\r\n\r\n")
+            assert _read_response(conn)[0] == 200
         finally:
             conn.close()
 

@@ -40,6 +40,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
+        if "\n" in message or "\r" in message:  # one line per event, whatever the message holds
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
         if record.levelno != logging.INFO or not (record.name == _APP or record.name.startswith("app.")):
             message = f"{record.levelname} {message}"
         if record.exc_info:
@@ -47,7 +49,7 @@ class TextFormatter(logging.Formatter):
                 message = f"{message}\n{self.formatException(record.exc_info)}"
             else:
                 message = f"{message} ({_exception_line(record)}; run with --debug for the traceback)"
-        return message.replace("\r", "\\r") if "\r" in message else message
+        return message
 
 
 class JsonFormatter(logging.Formatter):

@@ -224,6 +224,22 @@ def test_lifespan_failure_exits_3_and_removes_socket(tmp: Path) -> None:
     assert not os.path.exists(path)
 
 
+def test_signal_before_serving_stops_cleanly(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM while the application is being built: exit 0, nothing left behind, handlers restored."""
+    path = str(tmp / "s.sock")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def factory(_settings: Settings) -> object:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the build")
+
+    with caplog.at_level(logging.INFO, logger="app.server"):
+        assert run(Settings(socket=path), app_factory=factory) == 0
+    assert "Stopped before serving" in caplog.text
+    assert not os.path.exists(path)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_handle_exit_marks_app_draining() -> None:
     from fastapi import FastAPI
 
@@ -249,6 +265,7 @@ def test_text_formatter() -> None:
     assert fmt.format(_record("uvicorn.error", logging.INFO, "Shutting down")) == "INFO Shutting down"
     assert fmt.format(_record("app.sockets", logging.WARNING, "careful")) == "WARNING careful"
     assert fmt.format(_record("application", logging.INFO, "other")) == "INFO other"
+    assert fmt.format(_record("app.x", logging.INFO, "a\nINFO forged\r")) == "a\\nINFO forged\\r"
     try:
         raise ValueError("bad\nsecond line")
     except ValueError:

@@ -207,6 +207,26 @@ def test_permission_denied_is_a_startup_failure(tmp: Path) -> None:
     assert not path.exists()
 
 
+def test_group_not_allowed_is_a_startup_failure(tmp: Path) -> None:
+    """chown to a group the user is not in fails with one line, exit 3, and no socket left."""
+    import subprocess
+
+    assert os.geteuid() == 0, "this test switches to the nobody user"
+    os.chmod(tmp, 0o1777)
+    path = tmp / "s.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--socket", str(path), "--socket-group", "0"], capture_output=True,
+        text=True, timeout=60, cwd=Path(__file__).resolve().parents[2], user=65534, group=65534,
+        extra_groups=[], check=False,
+    )
+    assert result.returncode == 3, result
+    assert result.stdout.splitlines() == [
+        f"ERROR cannot give {path} to group 0: operation not permitted; "
+        "the server's user must be root or a member of that group (--socket-group)"
+    ]
+    assert not path.exists()
+
+
 # In-process: lifespan failure, draining flag, formatters ------------------------------------------
 
 

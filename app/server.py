@@ -84,6 +84,8 @@ class UdsServer(uvicorn.Server):
         took = loop.time() - began
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
+        elif self.force_exit:
+            logger.warning("Drain cut short after %.2fs by a second signal", took)
         else:
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
 

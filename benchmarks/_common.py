@@ -321,10 +321,12 @@ def compare(
     target: str,
     ok: Callable[[float], bool],
 ) -> Row:
-    """A row from paired rounds: medians of ``key`` for each side and the ratio of the medians."""
+    """A row from paired rounds: medians of ``key`` for each side and the median per-round ratio."""
     a = median([x[key] for x, _ in runs])
     b = median([y[key] for _, y in runs])
-    ratio = a / b if b else float("nan")
+    # The median of each round's own ratio: both sides of a round ran back to back, so a swing in
+    # the machine's load between rounds cancels out instead of landing on one side.
+    ratio = median([x[key] / y[key] for x, y in runs if y[key]])
     errors = sum(x.get("errors", 0) + y.get("errors", 0) for x, y in runs)
     rounds = [{f"a_{k}": v for k, v in x.items()} | {f"b_{k}": v for k, v in y.items()} for x, y in runs]
     return Row(

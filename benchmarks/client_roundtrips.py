@@ -84,7 +84,7 @@ def async_rate(path: str, seconds: float, tasks: int = 50) -> dict[str, float]:
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, seconds = (1, 0.5) if quick else (3, 3.0)
+    rounds, seconds = (1, 0.5) if quick else (7, 2.0)
     with servers(("ours", False)) as (server,):
         path = str(server.socket)
         sequential = paired(rounds, lambda: client_rate(path, seconds), lambda: stdlib_rate(path, seconds))

@@ -14,7 +14,7 @@ from _common import Row, autocannon, compare, loadgen, main_for, paired, servers
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (3, 5.0, 1.0)
+    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (7, 3.0, 1.0)
     rows: list[Row] = []
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)

@@ -9,7 +9,7 @@ from _common import Row, autocannon, compare, main_for, paired, servers, split_c
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (3, 5.0, 1.0)
+    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (7, 3.0, 1.0)
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
     with servers(("ours", False), ("bare", False), cpus=server_cpus) as (ours, bare):

@@ -273,7 +273,7 @@ def _measure(targets: dict[str, Any], args: argparse.Namespace, show: _Progress)
 
 
 def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """UDS over TCP per concurrency: throughput ratio (>1: UDS faster) and p50/p99 ratios (<1: UDS faster)."""
+    """UDS over TCP per concurrency: throughput ratio (>1: UDS faster), p50/p99 ratios (<1: UDS faster)."""
     by = {(r["transport"], r["concurrency"]): r for r in results}
     out: list[dict[str, Any]] = []
     for (transport, conc), uds in by.items():
@@ -282,15 +282,20 @@ def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         out.append({
             "concurrency": conc,
-            "rps_uds_over_tcp": _ratio(uds["rps"], tcp["rps"]),
-            "p50_uds_over_tcp": _ratio(uds["p50_ms"], tcp["p50_ms"]),
-            "p99_uds_over_tcp": _ratio(uds["p99_ms"], tcp["p99_ms"]),
+            "rps_uds_over_tcp": _paired_ratio(uds, tcp, "rps"),
+            "p50_uds_over_tcp": _paired_ratio(uds, tcp, "p50_ms"),
+            "p99_uds_over_tcp": _paired_ratio(uds, tcp, "p99_ms"),
         })
     return out
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+def _paired_ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    """Median over rounds of a/b: each round ran both back to back, so load swings cancel out."""
+    values = [
+        x[key] / y[key] for x, y in zip(a["rounds"], b["rounds"], strict=True)
+        if y[key] and not math.isnan(x[key]) and not math.isnan(y[key])
+    ]
+    return statistics.median(values) if values else math.nan
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -1,14 +1,15 @@
 """Transports to the server's Unix socket, each mapping its lower-layer errors once.
 
-* :class:`UnixConnectionPool` is what ``Client`` sends through: persistent ``http.client``
-  connections over AF_UNIX. httpx's sync stack (httpx, httpcore, h11) spends ~170 us of Python per
-  request, more than the server does, and ~40 ms importing; the standard library keeps round trips
-  within a few percent of bare ``http.client`` and ``uds-client send`` quick to start. Socket and
-  ``http.client`` errors become :class:`ConnectError` here.
-* :func:`async_transport` builds the httpx transport behind ``AsyncClient`` (and
-  :func:`map_httpx_errors` maps httpx errors for it and for any caller-supplied httpx client),
-  with a bare TLS context built once: httpx would otherwise load certifi's CA bundle (~25 ms) per
-  transport, though TLS never runs over the socket. httpx is imported only when these are used.
+* :func:`sync_transport` and :func:`async_transport` build the ``httpx.HTTPTransport(uds=...)`` /
+  ``httpx.AsyncHTTPTransport(uds=...)`` behind ``Client`` and ``AsyncClient``, with a bare TLS
+  context built once: httpx would otherwise load certifi's CA bundle (~25 ms) per transport, though
+  TLS never runs over the socket. :func:`map_httpx_errors` maps httpx errors for them and for any
+  caller-supplied httpx client. httpx is imported only when these are used.
+* :class:`UnixConnectionPool` is the ``Client(backend="http.client")`` path: persistent
+  ``http.client`` connections over AF_UNIX. httpx's sync stack (httpx, httpcore, h11) spends
+  ~170 us of Python per request, more than the server does, and ~65 ms importing; the standard
+  library keeps round trips within a few percent of bare ``http.client`` and ``uds-client`` quick
+  to start. Socket and ``http.client`` errors become :class:`ConnectError` here.
 * Idle connections expire after ``KEEPALIVE_EXPIRY`` seconds, well under the server's keep-alive
   (15 s), and an idle connection the server has closed is dropped before reuse, so the stale pooled
   connection race (httpx#2487) is rare. When it still happens the failure is flagged as stale
@@ -45,6 +46,7 @@ __all__ = [
     "async_transport",
     "is_stale_httpx_error",
     "map_httpx_errors",
+    "sync_transport",
 ]
 
 BASE_URL = "http://localhost"
@@ -189,6 +191,46 @@ def _bare_ssl_context() -> ssl.SSLContext:
 
         _ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     return _ssl_context
+
+
+def _closing_unix_backend() -> Any:
+    """httpcore's sync network backend, except that a socket whose ``connect()`` fails is closed.
+
+    httpcore 1.0's ``SyncBackend.connect_unix_socket`` leaks that socket (a ResourceWarning, and
+    a file descriptor per failed attempt while ``--wait`` polls for a server).
+    """
+    import httpcore
+    from httpcore._backends.sync import SyncStream
+
+    class ClosingUnixBackend(httpcore.SyncBackend):
+        def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                socket_options: Any = None) -> httpcore.NetworkStream:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(timeout)
+                sock.connect(path)
+            except TimeoutError as exc:
+                sock.close()
+                raise httpcore.ConnectTimeout(exc) from exc
+            except OSError as exc:
+                sock.close()
+                raise httpcore.ConnectError(exc) from exc
+            return SyncStream(sock)
+
+    return ClosingUnixBackend()
+
+
+def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx.HTTPTransport:
+    """``httpx.HTTPTransport(uds=path)`` with no CA bundle and idle connections kept < the server's."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=KEEPALIVE_EXPIRY)
+    transport = httpx.HTTPTransport(uds=path, verify=_bare_ssl_context(), trust_env=False, limits=limits)
+    transport._pool._network_backend = _closing_unix_backend()
+    return transport
 
 
 def async_transport(path: str, *, max_connections: int | None = 8) -> httpx.AsyncHTTPTransport:

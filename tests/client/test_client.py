@@ -12,7 +12,7 @@ import pytest
 
 import client
 from client import APIError, Client, ClientError, ConnectError, Health, Message, UsageError, Version
-from client._client import resolve_socket
+from client._client import Backend, resolve_socket
 from client._transport import KEEPALIVE_EXPIRY
 
 # --- in-process: the app behind FastAPI's TestClient ---------------------------------------------
@@ -165,8 +165,33 @@ def test_idle_connections_expire_before_the_servers_keep_alive() -> None:
 # --- a real server on a socket ---------------------------------------------------------------------
 
 
-def test_round_trip_over_the_socket_carries_peer_credentials(server_path: str) -> None:
+@pytest.fixture(params=["httpx", "http.client"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Both ways ``Client`` can send: httpx's Unix-socket transport and the stdlib pool."""
+    value: Backend = request.param
+    return value
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first error in the chain (httpcore wraps the OSError as its argument, not its cause)."""
+    while True:
+        if exc.__cause__ is not None:
+            exc = exc.__cause__
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            return exc
+
+
+def test_default_backend_is_httpx_over_the_socket(server_path: str) -> None:
     with Client(server_path) as c:
+        assert isinstance(c._http, httpx.Client)
+        assert c._pool is None
+        assert c.health().ok
+
+
+def test_round_trip_over_the_socket_carries_peer_credentials(server_path: str, backend: Backend) -> None:
+    with Client(server_path, backend=backend) as c:
         message = c.send("Hello from client")
         assert message.reply == "Hello from server via UDS"
         assert message.peer is not None
@@ -176,22 +201,23 @@ def test_round_trip_over_the_socket_carries_peer_credentials(server_path: str) -
         assert c.health().ok
 
 
-def test_env_var_names_the_socket(server_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_var_names_the_socket(server_path: str, monkeypatch: pytest.MonkeyPatch,
+                                  backend: Backend) -> None:
     monkeypatch.setenv("UDS_SOCKET", "unix://" + server_path)
-    with Client() as c:
+    with Client(backend=backend) as c:
         assert c.path == server_path
         assert c.health().ok
 
 
-def test_missing_socket_is_a_connect_error(tmp_short: object) -> None:
+def test_missing_socket_is_a_connect_error(tmp_short: object, backend: Backend) -> None:
     path = f"{tmp_short}/missing.sock"
-    with Client(path) as c, pytest.raises(ConnectError) as info:
+    with Client(path, backend=backend) as c, pytest.raises(ConnectError) as info:
         c.health()
     error = info.value
     assert error.reason == "no such file"
     assert error.address == "unix://" + path
     assert str(error) == f"cannot connect to unix://{path} (no such file). Is the server running?"
-    assert isinstance(error.__cause__, FileNotFoundError)
+    assert isinstance(root_cause(error), FileNotFoundError)
     assert error.exit_code == 3
 
 
@@ -204,23 +230,23 @@ def test_errors_of_a_callers_httpx_client_are_mapped_the_same(silent_socket: str
     assert isinstance(info.value.__cause__, httpx.ReadTimeout)
 
 
-def test_refused_socket_is_a_connect_error(refused_socket: str) -> None:
-    with Client(refused_socket) as c, pytest.raises(ConnectError) as info:
+def test_refused_socket_is_a_connect_error(refused_socket: str, backend: Backend) -> None:
+    with Client(refused_socket, backend=backend) as c, pytest.raises(ConnectError) as info:
         c.send("x")
     assert info.value.reason == "connection refused"
 
 
-def test_silent_server_times_out(silent_socket: str) -> None:
-    with Client(silent_socket, timeout=0.3) as c, pytest.raises(ConnectError) as info:
+def test_silent_server_times_out(silent_socket: str, backend: Backend) -> None:
+    with Client(silent_socket, timeout=0.3, backend=backend) as c, pytest.raises(ConnectError) as info:
         c.health()
     assert info.value.reason == "timed out"
-    assert isinstance(info.value.__cause__, TimeoutError)
+    assert isinstance(info.value.__cause__, TimeoutError | httpx.TimeoutException)
 
 
-def test_non_json_success_is_a_client_error(server_path: str) -> None:
+def test_non_json_success_is_a_client_error(server_path: str, backend: Backend) -> None:
     from client._client import _check
 
-    with Client(server_path) as c:
+    with Client(server_path, backend=backend) as c:
         page = c.get("/docs")
         assert page.ok
         assert page.headers["content-type"].startswith("text/html")
@@ -228,10 +254,10 @@ def test_non_json_success_is_a_client_error(server_path: str) -> None:
             _check(c._request("GET", "/docs"))
 
 
-def test_one_client_shared_by_threads(server_path: str) -> None:
+def test_one_client_shared_by_threads(server_path: str, backend: Backend) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with Client(server_path, max_connections=4) as c, ThreadPoolExecutor(8) as pool:
+    with Client(server_path, max_connections=4, backend=backend) as c, ThreadPoolExecutor(8) as pool:
         messages = list(pool.map(lambda i: c.send(f"thread {i}"), range(80)))
     assert len({m.id for m in messages}) == 80
     assert sorted(m.text for m in messages) == sorted(f"thread {i}" for i in range(80))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from client import AsyncClient, Client, ConnectError
+from client._client import Backend
 from tests.support import running_server, wait_until
 
 
@@ -101,15 +102,18 @@ def _stored(server_path: str, text: str) -> int:
         return sum(1 for m in direct.messages(limit=1000) if m.text == text)
 
 
-def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str, tmp_short: Path) -> None:
-    with _relay(tmp_short, server_path, drop_request_number=2) as relay, Client(relay.server_address) as c:
-        first = c.send("before the drop")
-        second = c.send("dropped then retried")
-        assert second.text == "dropped then retried"
+@pytest.mark.parametrize("backend", ["httpx", "http.client"])
+def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str, tmp_short: Path,
+                                                                   backend: Backend) -> None:
+    with _relay(tmp_short, server_path, drop_request_number=2) as relay, \
+            Client(relay.server_address, backend=backend) as c:
+        first = c.send(f"before the drop ({backend})")
+        second = c.send(f"dropped then retried ({backend})")
+        assert second.text == f"dropped then retried ({backend})"
         assert second.id > first.id
         assert relay.dropped == 1
         assert relay.connections == 2  # the retry went out on a fresh connection
-    assert _stored(server_path, "dropped then retried") == 1
+    assert _stored(server_path, f"dropped then retried ({backend})") == 1
 
 
 def test_async_client_retries_a_dropped_reused_connection_once(server_path: str, tmp_short: Path) -> None:
@@ -125,19 +129,22 @@ def test_async_client_retries_a_dropped_reused_connection_once(server_path: str,
     assert _stored(server_path, "async dropped then retried") == 1
 
 
-def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_short: Path) -> None:
-    with _relay(tmp_short, server_path, drop_request_number=1) as relay, Client(relay.server_address) as c:
+@pytest.mark.parametrize("backend", ["httpx", "http.client"])
+def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_short: Path,
+                                                      backend: Backend) -> None:
+    with _relay(tmp_short, server_path, drop_request_number=1) as relay, \
+            Client(relay.server_address, backend=backend) as c:
         with pytest.raises(ConnectError) as info:
-            c.send("lost on a fresh connection")
+            c.send(f"lost on a fresh connection ({backend})")
         assert info.value.reason == "connection closed by the server"
         assert relay.connections == 1
-    assert _stored(server_path, "lost on a fresh connection") == 1
+    assert _stored(server_path, f"lost on a fresh connection ({backend})") == 1
 
 
 def test_idle_connection_closed_by_the_server_is_not_reused(tmp_short: Path) -> None:
     with running_server("--keepalive-timeout", "0.2", tmp=tmp_short) as server:
         assert server.socket_path is not None
-        with Client(server.socket_path) as c:
+        with Client(server.socket_path, backend="http.client") as c:
             c.send("one")
             pool = c._pool
             assert pool is not None

@@ -42,7 +42,7 @@ def wait_until(check: Callable[[], T | None], *, timeout: float = 10.0, interval
     while True:
         try:
             result = check()
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # reported below
             last = exc
         else:
             if result is not None and result is not False:
@@ -82,14 +82,21 @@ def socket_accepts(path: str) -> bool:
 class ServerProcess:
     """A real ``uds-server`` (``python -m app``) in a subprocess, its output captured to a file."""
 
-    def __init__(self, args: Sequence[str], *, socket_path: str | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None, python: str = PYTHON) -> None:
+    def __init__(self, args: Sequence[str], *, socket_path: str | None = None,
+                 env: dict[str, str] | None = None, log_path: Path | None = None,
+                 python: str = PYTHON) -> None:
         self.args = list(args)
         self.socket_path = socket_path
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="uds-server-", suffix=".log")[1])
+        self._own_log = log_path is None
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="uds-server-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        self.log_path = log_path
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self._final_output = ""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [python, "-m", "app", *self.args], stdout=self._log, stderr=subprocess.STDOUT,
@@ -98,7 +105,10 @@ class ServerProcess:
 
     @property
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
+        if not self.log_path.exists():
+            return self._final_output
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def wait_ready(self, timeout: float = 15.0) -> ServerProcess:
@@ -128,7 +138,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"server did not stop within {timeout}s after {sig!r}:\n{self.output}")
+                raise AssertionError(
+                    f"server did not stop within {timeout}s after {sig!r}:\n{self.output}") from None
         self._log.close()
         return self.proc.returncode
 
@@ -141,6 +152,11 @@ class ServerProcess:
             self.proc.wait()
         with contextlib.suppress(Exception):
             self._log.close()
+        if self._own_log:
+            # Keep what the server said for assertions made after the block, then tidy /tmp.
+            if self.log_path.exists():
+                self._final_output = self.log_path.read_text(encoding="utf-8", errors="replace")
+                self.log_path.unlink()
 
 
 @contextlib.contextmanager

@@ -93,6 +93,7 @@ def test_quick_start_commands_exist(command: str) -> None:
     text = README.read_text(encoding="utf-8")
     assert f"{command} " in text
     path = ROOT / command
-    assert path.is_file() and os.access(path, os.X_OK)
+    assert path.is_file()
+    assert os.access(path, os.X_OK)
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "exec scripts/test" in ci

@@ -1,7 +1,9 @@
 """Logging setup, done once by the entry point (library modules only ever get a logger).
 
 ``text``: INFO lines of the ``app`` loggers are the bare message, so ``kubectl logs`` shows the demo
-lines exactly (``🔌 Server listening on /csi/csi.sock``); every other line is ``LEVEL message``.
+lines exactly (``🔌 Server listening on /csi/csi.sock``); every other line is ``LEVEL message``. A
+record that names its ``peer`` (each received message) gets it on the next line,
+``  from peer pid=.. uid=.. gid=.. (message N)``, so the demo line above it stays exactly as it is.
 ``json``: one object per line with ``ts``, ``level``, ``logger``, ``message`` and any extra fields.
 uvicorn's loggers go through the same handler. Tracebacks only with ``debug``; otherwise an
 exception is summarised on the same line.
@@ -44,6 +46,12 @@ class TextFormatter(logging.Formatter):
             message = message.replace("\r", "\\r").replace("\n", "\\n")
         if record.levelno != logging.INFO or not (record.name == _APP or record.name.startswith("app.")):
             message = f"{record.levelname} {message}"
+        peer = getattr(record, "peer", None)
+        if isinstance(peer, dict):  # the caller beside its message; the demo line itself stays bare
+            number = getattr(record, "message_id", None)
+            suffix = f" (message {number})" if number is not None else ""
+            message = (f"{message}\n  from peer pid={peer.get('pid')} uid={peer.get('uid')} "
+                       f"gid={peer.get('gid')}{suffix}")
         if record.exc_info:
             if self.debug:
                 message = f"{message}\n{self.formatException(record.exc_info)}"

@@ -294,6 +294,17 @@ def test_text_formatter() -> None:
     assert "Traceback" in TextFormatter(debug=True).format(record)
 
 
+def test_text_formatter_puts_the_peer_on_the_line_after_the_demo_line() -> None:
+    record = _record("app.messages", logging.INFO, "📩 Server received: Hello from client",
+                     peer={"pid": 0, "uid": 10002, "gid": 10000}, message_id=7)
+    demo, peer = TextFormatter().format(record).split("\n")
+    assert demo == "📩 Server received: Hello from client"
+    assert peer == "  from peer pid=0 uid=10002 gid=10000 (message 7)"
+    # Over TCP there is no peer: the demo line alone.
+    tcp = _record("app.messages", logging.INFO, "📩 Server received: x", peer=None, message_id=8)
+    assert TextFormatter().format(tcp) == "📩 Server received: x"
+
+
 def test_json_formatter_extras() -> None:
     line = JsonFormatter().format(
         _record("app.messages", logging.INFO, "📩 Server received: %s", peer={"pid": 1, "uid": 2, "gid": 3},

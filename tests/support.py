@@ -152,11 +152,10 @@ class ServerProcess:
             self.proc.wait()
         with contextlib.suppress(Exception):
             self._log.close()
-        if self._own_log:
-            # Keep what the server said for assertions made after the block, then tidy /tmp.
-            if self.log_path.exists():
-                self._final_output = self.log_path.read_text(encoding="utf-8", errors="replace")
-                self.log_path.unlink()
+        # Keep what the server said for assertions made after the block, then tidy /tmp.
+        if self._own_log and self.log_path.exists():
+            self._final_output = self.log_path.read_text(encoding="utf-8", errors="replace")
+            self.log_path.unlink()
 
 
 @contextlib.contextmanager

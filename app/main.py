@@ -84,6 +84,13 @@ def __getattr__(name: str) -> FastAPI:
     global _app
     if name == "app":
         if _app is None:
-            _app = create_app(Settings.from_env())
+            settings = Settings.from_env()
+            # The plain `uvicorn app.main:app --uds ...` form has no entry point of ours to set up
+            # logging, so the demo lines would be lost below uvicorn's WARNING root: do it here.
+            from app.logs import configure
+
+            configure(settings.log_level, settings.log_format, debug=settings.debug,
+                      access_log=settings.access_log)
+            _app = create_app(settings)
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

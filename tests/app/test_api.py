@@ -220,6 +220,10 @@ def test_app_state_and_settings(settings: Settings) -> None:
 def test_module_level_app_is_built_lazily_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UDS_HISTORY_SIZE", "7")
     monkeypatch.setenv("UDS_REPLY", "from env")
+    monkeypatch.setenv("UDS_LOG_FORMAT", "json")
+    calls: list[tuple[object, ...]] = []
+    # The plain-uvicorn path sets up logging; record that instead of rewiring pytest's handlers.
+    monkeypatch.setattr("app.logs.configure", lambda *args, **kwargs: calls.append(args))
     sys.modules.pop("app.main", None)
     module = importlib.import_module("app.main")
     try:
@@ -228,6 +232,7 @@ def test_module_level_app_is_built_lazily_from_the_environment(monkeypatch: pyte
         assert built is module.app
         assert built.state.settings.history_size == 7
         assert built.state.settings.reply == "from env"
+        assert calls == [("info", "json")]
         with pytest.raises(AttributeError):
             _ = module.no_such_name
     finally:

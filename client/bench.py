@@ -97,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of unmeasured load before each run (default: 1)")
     parser.add_argument("--rounds", "-r", type=_positive(int), default=3, metavar="N",
                         help="repeat every run N times and report medians (default: 3)")
+    parser.add_argument("--pin", action="store_true",
+                        help="with --spawn: servers on the first CPU, the generator on the others, so they "
+                             "never share a core (needs 2+ CPUs)")
     parser.add_argument("--workers", type=_positive(int), default=1, metavar="N",
                         help="generator processes (default: 1; raise it if 'gen cpu' nears 100%%)")
     parser.add_argument("--text", default="Hello from client", help="message text sent in every request")
@@ -196,7 +199,8 @@ def _check_uds(path: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT) -> Iterator[tuple[str, tuple[str, int]]]:
+def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT,
+                    cpus: set[int] | None = None) -> Iterator[tuple[str, tuple[str, int]]]:
     """Start one ``uds-server`` on a temporary socket and one on a free loopback port; stop both after.
 
     Both run the same code with their default settings; their output goes to /dev/null.
@@ -210,7 +214,7 @@ def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT) -> Iterator[tuple[str
         for extra in (["--socket", path], ["--host", "127.0.0.1", "--port", str(port)]):
             procs.append(subprocess.Popen([*command, *extra], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True))
+                                          start_new_session=True, preexec_fn=_pinned(cpus)))
         _wait_ready(procs, lambda: _check_uds(path, 1.0), to_url(path), timeout)
         _wait_ready(procs, lambda: _check_tcp("127.0.0.1", port, 1.0), f"http://127.0.0.1:{port}", timeout)
         yield path, ("127.0.0.1", port)
@@ -225,6 +229,20 @@ def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT) -> Iterator[tuple[str
                 proc.kill()
                 proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _pinned(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` confining the child to ``cpus`` before it starts any thread, or None."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _split_cpus() -> tuple[set[int], set[int]]:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        raise UsageError(f"--pin needs at least 2 CPUs; this process may use {len(available)}")
+    return {available[0]}, set(available[1:])
 
 
 def _wait_ready(procs: Sequence[subprocess.Popen[bytes]], check: Any, where: str, timeout: float) -> None:
@@ -391,6 +409,7 @@ def build_report(targets: dict[str, str], cells: Sequence[Cell], args: argparse.
             "method": "POST", "path": "/messages", "body_bytes": body_bytes, "concurrency": args.concurrency,
             "duration": None if args.requests else args.duration, "requests": args.requests,
             "warmup": args.warmup, "rounds": args.rounds, "workers": args.workers,
+            "pinned": bool(getattr(args, "pin", False)),
         },
         "targets": targets,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
@@ -409,8 +428,15 @@ def run(args: argparse.Namespace) -> int:
     show = _Progress(args.progress or sys.stderr.isatty(),
                      args.rounds * len(args.concurrency) * (2 if args.spawn or args.tcp else 1))
     with contextlib.ExitStack() as stack:
+        if args.pin and not args.spawn:
+            raise UsageError("--pin only applies to servers started with --spawn")
         if args.spawn:
-            path, tcp = stack.enter_context(spawned_servers())
+            server_cpus, generator_cpus = _split_cpus() if args.pin else (None, None)
+            path, tcp = stack.enter_context(spawned_servers(cpus=server_cpus))
+            if generator_cpus:
+                saved = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, generator_cpus)
+                stack.callback(os.sched_setaffinity, 0, saved)
         else:
             path, tcp = args.socket, args.tcp
             _check_uds(path, args.timeout)

@@ -308,6 +308,14 @@ def test_bench_spawn_table_progress_and_plot(tmp_path: Path) -> None:
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_bench_spawn_pinned(tmp_path: Path) -> None:
+    done = run_cli("bench", "--spawn", "--pin", "-c", "1", "-n", "20", "--warmup", "0", "-r", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["settings"]["pinned"] is True
+    _check_report(report, {"uds", "tcp"}, [1], 1, 20)
+
+
 def test_bench_only_uds_has_no_ratios(server: ServerProcess) -> None:
     assert server.socket_path
     done = run_cli("--socket", server.socket_path, "bench", "-c", "2", "-n", "25", "--warmup", "0", "-r", "1",
@@ -339,7 +347,7 @@ def test_bench_tcp_refused_is_exit_3(server: ServerProcess) -> None:
 @pytest.mark.parametrize(
     "args",
     [["-c", "0"], ["-c", "1,x"], ["--tcp", "nohost:99999"], ["-d", "0"], ["-d", "1", "-n", "5"],
-     ["--spawn", "--tcp", "127.0.0.1:1"]],
+     ["--spawn", "--tcp", "127.0.0.1:1"], ["--pin", "-n", "5"]],
 )
 def test_bench_usage_errors_are_exit_2(args: list[str]) -> None:
     done = run_cli("bench", *args)

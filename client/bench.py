@@ -334,7 +334,7 @@ def format_table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         lines.append(
             f"{r['transport']:<10}{r['concurrency']:>5}{r['rps']:>11,.0f}{_ms(r['p50_ms'])}{_ms(r['p90_ms'])}"
-            f"{_ms(r['p99_ms'])}{r['errors']:>8}{r['generator_cpu']:>8.0%} "
+            f"{_ms(r['p99_ms'])}{r['errors']:>8}{r['generator_cpu']:>9.0%}"
         )
     if report["ratios"]:
         lines.append("")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +27,14 @@ def _stored_count(path: str) -> int:
     assert status == 200
     messages = json.loads(body)["messages"]
     return int(messages[-1]["id"]) if messages else 0
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for socket paths, removed afterwards."""
+    directory = short_tmpdir("bench")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- the generator against the real server ------------------------------------------------------
@@ -80,8 +89,8 @@ def test_generator_with_two_worker_processes(server: ServerProcess) -> None:
     assert len(result.latencies_ns) == 101
 
 
-def test_generator_reports_a_missing_socket() -> None:
-    path = str(short_tmpdir() / "absent.sock")
+def test_generator_reports_a_missing_socket(sock_dir: Path) -> None:
+    path = str(sock_dir / "absent.sock")
     result = run_load(Target(socket=path), LoadSpec(concurrency=2, requests=4, warmup=0))
     assert result.requests == 0
     assert result.errors == 4
@@ -133,14 +142,14 @@ def _read_request(conn: socket.socket, buf: bytearray) -> bool:
 
 
 @pytest.fixture
-def scripted() -> Iterator[Callable[[Callable[[int], bytes | None]], str]]:
+def scripted(sock_dir: Path) -> Iterator[Callable[[Callable[[int], bytes | None]], str]]:
     """A Unix socket server answering request n with ``reply(n)`` (None: never answer)."""
     listeners: list[socket.socket] = []
     threads: list[threading.Thread] = []
     stop = threading.Event()
 
     def start(reply: Callable[[int], bytes | None]) -> str:
-        path = str(short_tmpdir() / "f.sock")
+        path = str(sock_dir / f"f{len(listeners)}.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(16)
@@ -326,8 +335,8 @@ def test_bench_only_uds_has_no_ratios(server: ServerProcess) -> None:
     assert report["ratios"] == []
 
 
-def test_bench_cannot_connect_is_exit_3() -> None:
-    path = str(short_tmpdir() / "none.sock")
+def test_bench_cannot_connect_is_exit_3(sock_dir: Path) -> None:
+    path = str(sock_dir / "none.sock")
     done = run_cli("--socket", path, "bench", "-n", "5")
     assert done.returncode == 3
     assert done.stderr.strip().splitlines() == [

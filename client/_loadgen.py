@@ -216,6 +216,9 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:  # e.g. a 408 for an idle connection: nothing of ours to answer
+            self._broken("unsolicited")
+            return
         buf = self.buf
         buf += data
         if self.need < 0:

@@ -42,9 +42,14 @@ class _Lines:
         self._thread.start()
 
     def _pump(self, stream: IO[str]) -> None:
+        shown = True
         for raw in stream:
             line = raw.rstrip("\n")
-            print(f"[{self.label}] {line}", flush=True)
+            if shown:
+                try:
+                    print(f"[{self.label}] {line}", flush=True)
+                except (BrokenPipeError, ValueError):  # the reader went away (| head): keep going quietly
+                    shown = False
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
@@ -171,7 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print("Demo finished: the server and the client talked over the socket.", flush=True)
+    try:
+        print("Demo finished: the server and the client talked over the socket.", flush=True)
+    except BrokenPipeError:
+        # stdout's reader is gone (uds-demo | head): the demo itself succeeded and cleaned up.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit-time flush quiet
     return 0
 
 

@@ -341,3 +341,61 @@ def test_configure_routes_uvicorn_through_one_handler() -> None:
         logging.getLogger("uvicorn.access").propagate = True
         logging.captureWarnings(False)
 
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_batching_handler_writes_one_loop_turn_at_once_and_keeps_order() -> None:
+    import asyncio
+
+    from app.logs import BatchingStreamHandler
+
+    stream = _CountingStream()
+    handler = BatchingStreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    handler.handle(_record("app", logging.INFO, "before the loop"))
+    assert (stream.getvalue(), stream.writes) == ("before the loop\n", 1)
+
+    async def burst() -> None:
+        for i in range(100):
+            handler.handle(_record("app.messages", logging.INFO, f"📩 Server received: {i}"))
+        assert stream.writes == 1, "lines of one loop turn wait for the end of the turn"
+        await asyncio.sleep(0)
+        assert stream.writes == 2, "and then go out in one write"
+        handler.handle(_record("app", logging.INFO, "pending at close"))
+
+    asyncio.run(burst())
+    handler.handle(_record("app", logging.INFO, "after the loop"))
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    assert lines == ["before the loop", *(f"📩 Server received: {i}" for i in range(100)),
+                     "pending at close", "after the loop"]
+
+
+def test_batching_handler_serves_a_second_event_loop() -> None:
+    import asyncio
+
+    from app.logs import BatchingStreamHandler
+
+    stream = _CountingStream()
+    handler = BatchingStreamHandler(stream)
+
+    async def one(text: str) -> None:
+        handler.handle(_record("app", logging.INFO, text))
+
+    def run_and_close(text: str) -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(one(text))
+        loop.close()  # its drain may never run
+
+    run_and_close("first loop")
+    asyncio.run(one("second loop"))
+    assert stream.getvalue().splitlines() == ["first loop", "second loop"]

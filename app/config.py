@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import os
 from collections.abc import Callable, Mapping
@@ -89,9 +88,6 @@ class Settings:
         if self.uses_tcp:
             return f"http://{self.host or '127.0.0.1'}:{self.port}"
         return self.socket
-
-    def replace(self, **changes: object) -> Settings:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -74,6 +74,73 @@ def http_over_uds(path: str, method: str = "GET", target: str = "/healthz", body
         conn.close()
 
 
+def _fill(conn: socket.socket, buffer: bytearray) -> bool:
+    """Append what ``conn`` has to ``buffer``; False once the peer has closed."""
+    chunk = conn.recv(65536)
+    buffer += chunk
+    return bool(chunk)
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def read_head(conn: socket.socket, buffer: bytearray) -> tuple[bytes, dict[str, str]] | None:
+    """The next message head (start line and headers) from ``conn``; None if the peer closes first.
+
+    ``buffer`` holds bytes already read and keeps those that follow the head.
+    """
+    while b"\r\n\r\n" not in buffer:
+        if not _fill(conn, buffer):
+            return None
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    buffer[:] = rest
+    return head, _headers(head)
+
+
+Message = tuple[bytes, dict[str, str], bytes]
+"""A raw HTTP message: head (start line and headers), headers by lowercase name, body."""
+
+
+def read_message(conn: socket.socket, buffer: bytearray | None = None) -> Message | None:
+    """One raw HTTP/1.1 request or response framed by Content-Length: (head, headers, body).
+
+    None if the peer closes before the whole message; bytes past it stay in ``buffer``.
+    """
+    if buffer is None:
+        buffer = bytearray()
+    found = read_head(conn, buffer)
+    if found is None:
+        return None
+    head, headers = found
+    length = int(headers.get("content-length", "0"))
+    while len(buffer) < length:
+        if not _fill(conn, buffer):
+            return None
+    body = bytes(buffer[:length])
+    del buffer[:length]
+    return head, headers, body
+
+
+def response_status(head: bytes) -> int:
+    return int(head.split(None, 2)[1])
+
+
+def read_response(conn: socket.socket, buffer: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One whole response (skipping 1xx) as (status, headers, body); fails if the peer closes first."""
+    if buffer is None:
+        buffer = bytearray()
+    while True:
+        message = read_message(conn, buffer)
+        if message is None:
+            raise AssertionError(f"connection closed before a whole response: {bytes(buffer)!r}")
+        head, headers, body = message
+        status = response_status(head)
+        if status >= 200:
+            return status, headers, body
+
+
 def socket_accepts(path: str) -> bool:
     status, _ = http_over_uds(path, "GET", "/healthz", timeout=1.0)
     return status == 200

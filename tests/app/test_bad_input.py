@@ -15,7 +15,7 @@ import pytest
 
 from app.config import Settings
 from tests.app.conftest import ASGIClient, assert_error
-from tests.support import ServerProcess, http_over_uds, running_server
+from tests.support import ServerProcess, http_over_uds, read_response, running_server
 
 JSON = {"content-type": "application/json"}
 LIMIT = 64 * 1024
@@ -138,26 +138,7 @@ def _raw_exchange(path: str, request: bytes, timeout: float = 10.0) -> tuple[int
         conn.settimeout(timeout)
         conn.connect(path)
         conn.sendall(request)
-        return _read_response(conn)
-
-
-def _read_response(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed before a response head: {data!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed in the body: {rest!r}")
-        rest += chunk
-    return int(lines[0].split()[1]), headers, rest[:length]
+        return read_response(conn)
 
 
 def _request(method: str, target: str, body: bytes = b"", content_type: str | None = "application/json",

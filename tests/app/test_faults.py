@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, http_over_uds, running_server, short_tmpdir, wait_until
+from tests.support import (
+    ServerProcess,
+    http_over_uds,
+    read_head,
+    read_response,
+    response_status,
+    running_server,
+    short_tmpdir,
+    wait_until,
+)
 
 DEADLINE = 20.0
 """Socket read timeout in these tests: far above the server's timeouts, only there to fail, not wait."""
@@ -33,35 +42,11 @@ def _connect(path: str) -> socket.socket:
 
 
 def _read_head(conn: socket.socket, buffer: bytearray) -> tuple[int, dict[str, str]]:
-    while b"\r\n\r\n" not in buffer:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed before a whole response head: {bytes(buffer)!r}")
-        buffer += chunk
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-    buffer[:] = rest
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return status, headers
-
-
-def _read_response(conn: socket.socket, buffer: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One whole response (skipping 1xx) with a Content-Length body; ``buffer`` keeps what follows it."""
-    if buffer is None:
-        buffer = bytearray()
-    status, headers = _read_head(conn, buffer)
-    while status < 200:
-        status, headers = _read_head(conn, buffer)
-    length = int(headers.get("content-length", "0"))
-    while len(buffer) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed in the body: {bytes(buffer)!r}")
-        buffer += chunk
-    body = bytes(buffer[:length])
-    del buffer[:length]
-    return status, headers, body
+    found = read_head(conn, buffer)
+    if found is None:
+        raise AssertionError(f"connection closed before a whole response head: {bytes(buffer)!r}")
+    head, headers = found
+    return response_status(head), headers
 
 
 def _closed(conn: socket.socket) -> bool:
@@ -92,7 +77,7 @@ def test_stalled_head_gets_408_and_others_are_served(tmp: Path) -> None:
         try:
             stalled.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Ty")
             assert http_over_uds(path)[0] == 200, "a stalled client must not block others"
-            status, headers, body = _read_response(stalled)
+            status, headers, body = read_response(stalled)
             assert status == 408
             assert headers["content-type"] == "application/json"
             assert headers["connection"] == "close"
@@ -122,7 +107,7 @@ def test_slow_body_gets_408(tmp: Path) -> None:
         try:
             conn.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{\"text\": \"")
-            status, _, body = _read_response(conn)
+            status, _, body = read_response(conn)
             assert status == 408
             _error(body, 408, "request_timeout")
             assert _closed(conn)
@@ -139,7 +124,7 @@ def test_late_body_after_an_early_answer_is_closed_without_408(tmp: Path) -> Non
         conn = _connect(str(server.socket_path))
         try:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
-            status, _, _ = _read_response(conn)
+            status, _, _ = read_response(conn)
             assert status == 200
             assert _closed(conn), "no second response may follow the first"
         finally:
@@ -158,14 +143,14 @@ def test_busy_connection_outlives_request_timeout(tmp: Path) -> None:
             count = 0
             while time.monotonic() - began < 1.5 or count < 10:  # several deadlines' worth of requests
                 conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert _read_response(conn, buffer)[0] == 200
+                assert read_response(conn, buffer)[0] == 200
                 count += 1
             conn.settimeout(1.0)  # idle for over three request timeouts: nothing may arrive
             with pytest.raises(TimeoutError):
                 conn.recv(1)
             conn.settimeout(DEADLINE)
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _read_response(conn, buffer)[0] == 200
+            assert read_response(conn, buffer)[0] == 200
         finally:
             conn.close()
         assert "Request not complete" not in "\n".join(_lines(server))
@@ -178,7 +163,7 @@ def test_head_in_pieces_within_the_limit_is_served(tmp: Path) -> None:
             conn.sendall(b"GET /healthz HTTP/1.1\r\n")
             conn.sendall(b"Host: x\r\nX-Pad: " + b"p" * 20000)
             conn.sendall(b"\r\n\r\n")
-            assert _read_response(conn)[0] == 200
+            assert read_response(conn)[0] == 200
         finally:
             conn.close()
 
@@ -188,7 +173,7 @@ def test_keepalive_timeout_closes_idle_connection_between_requests(tmp: Path) ->
         conn = _connect(str(server.socket_path))
         try:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _read_response(conn)[0] == 200
+            assert read_response(conn)[0] == 200
             assert _closed(conn)
         finally:
             conn.close()
@@ -200,7 +185,7 @@ def test_too_many_headers_get_431(tmp: Path) -> None:
         try:
             fields = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
-            status, headers, body = _read_response(conn)
+            status, headers, body = read_response(conn)
             assert status == 431
             assert headers["connection"] == "close"
             message = str(_error(body, 431, "headers_too_large")["message"])
@@ -229,7 +214,7 @@ def test_endless_header_gets_431(tmp: Path) -> None:
         try:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
             _send_until_refused(conn, b"a" * 8192, 2 * 1024 * 1024)
-            status, _, body = _read_response(conn)
+            status, _, body = read_response(conn)
             assert status == 431
             message = str(_error(body, 431, "headers_too_large")["message"])
             assert message == "the request head is over 32768 bytes"
@@ -244,7 +229,7 @@ def test_large_head_in_one_piece_gets_431(tmp: Path) -> None:
         conn = _connect(str(server.socket_path))
         try:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
-            status, _, body = _read_response(conn)
+            status, _, body = read_response(conn)
             assert status == 431
             _error(body, 431, "headers_too_large")
         finally:
@@ -262,7 +247,7 @@ def test_large_body_is_not_mistaken_for_a_large_head(tmp: Path) -> None:
             conn.sendall(one * 3)
             buffer = bytearray()
             for _ in range(3):
-                status, _, reply = _read_response(conn, buffer)
+                status, _, reply = read_response(conn, buffer)
                 assert status == 201, reply
         finally:
             conn.close()
@@ -273,7 +258,7 @@ def test_garbage_gets_400_json(tmp: Path) -> None:
         conn = _connect(str(server.socket_path))
         try:
             conn.sendall(b"\x16\x03\x01 this is not http\r\n\r\n")
-            status, headers, body = _read_response(conn)
+            status, headers, body = read_response(conn)
             assert status == 400
             assert headers["content-type"] == "application/json"
             _error(body, 400, "bad_request")
@@ -314,7 +299,7 @@ def test_sigterm_during_slow_request_lets_it_finish(tmp: Path) -> None:
             wait_until(lambda: not os.path.exists(path) or _refused(path), what="listener closed")
             for i in range(len(body) // 2, len(body), 3):  # trickle the rest
                 conn.sendall(body[i : i + 3])
-            status, headers, reply = _read_response(conn)
+            status, headers, reply = read_response(conn)
             assert status == 201
             assert json.loads(reply)["text"] == "Hello from client"
             assert headers["connection"] == "close"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from client._loadgen import LoadSpec, Target, build_request, run_load
-from tests.support import ServerProcess, http_over_uds, run_cli, short_tmpdir, wait_until
+from tests.support import ServerProcess, http_over_uds, read_message, run_cli, short_tmpdir, wait_until
 
 POST = b'{"text":"Hello from client"}'
 
@@ -121,24 +121,7 @@ def test_spec_rejects_nonsense() -> None:
 
 def _read_request(conn: socket.socket, buf: bytearray) -> bool:
     """Read one request (head plus Content-Length body) into nothing; False when the peer closed."""
-    while b"\r\n\r\n" not in buf:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return False
-        buf += chunk
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(rest) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return False
-        rest += chunk
-    buf[:] = rest[length:]
-    return True
+    return read_message(conn, buf) is not None
 
 
 @pytest.fixture

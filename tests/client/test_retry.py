@@ -20,28 +20,15 @@ import pytest
 
 from client import AsyncClient, Client, ConnectError
 from client._client import Backend
-from tests.support import running_server, wait_until
+from tests.support import read_message, running_server, wait_until
 
 
 def _read_http_message(sock: socket.socket) -> bytes | None:
-    """One HTTP/1.1 message with a Content-Length body (or none); None at EOF."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        body += chunk
+    """One HTTP/1.1 message with a Content-Length body (or none), as raw bytes; None at EOF."""
+    message = read_message(sock)
+    if message is None:
+        return None
+    head, _, body = message
     return head + b"\r\n\r\n" + body
 
 

@@ -37,6 +37,10 @@ _OPTIONS: tuple[tuple[str, str, str], ...] = (
      "SECONDS"),
     ("keepalive_timeout", "seconds an idle keep-alive connection stays open", "SECONDS"),
     ("request_timeout", "seconds a client has to send a whole request before it gets 408", "SECONDS"),
+    ("send_timeout", "seconds a response may make no write progress before the connection is closed",
+     "SECONDS"),
+    ("max_connections", "concurrent connections; past it new requests get 503 (keep below the fd limit, "
+     "which the server raises to its hard limit at start)", "N"),
     ("reply", "the reply text sent with every stored message", "TEXT"),
 )
 

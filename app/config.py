@@ -39,6 +39,8 @@ ENV: dict[str, str] = {
     "shutdown_timeout": "UDS_SHUTDOWN_TIMEOUT",
     "keepalive_timeout": "UDS_KEEPALIVE_TIMEOUT",
     "request_timeout": "UDS_REQUEST_TIMEOUT",
+    "send_timeout": "UDS_SEND_TIMEOUT",
+    "max_connections": "UDS_MAX_CONNECTIONS",
     "reply": "UDS_REPLY",
     "debug": "UDS_DEBUG",
 }
@@ -74,6 +76,10 @@ class Settings:
     """Server keep-alive; the client keeps idle connections for less than this."""
     request_timeout: float = 30.0
     """A client that has not sent a whole request (headers and body) by then is cut off."""
+    send_timeout: float = 30.0
+    """A response that makes no write progress for this long closes the connection."""
+    max_connections: int = 4096
+    """Concurrent connections; past it new requests get 503. Kept below the fd limit."""
     reply: str = "Hello from server via UDS"
     debug: bool = False
     """Log tracebacks (never sent to clients)."""
@@ -228,4 +234,6 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "shutdown_timeout": _positive_float,
     "keepalive_timeout": _positive_float,
     "request_timeout": _positive_float,
+    "send_timeout": _positive_float,
+    "max_connections": _positive_int,
 }

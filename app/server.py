@@ -110,8 +110,10 @@ def build_config(settings: Settings, app: Any) -> uvicorn.Config:
         # uvicorn types these as int but schedules them with call_later, which takes seconds as float.
         timeout_keep_alive=cast(int, settings.keepalive_timeout),
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
+        limit_concurrency=settings.max_connections,
     )
     config.request_timeout = settings.request_timeout  # type: ignore[attr-defined]  # read by PeerCredProtocol
+    config.send_timeout = settings.send_timeout  # type: ignore[attr-defined]  # read by PeerCredProtocol
     return config
 
 

@@ -21,6 +21,8 @@ def test_defaults() -> None:
     assert s.access_log is False
     assert s.log_format == "text"
     assert s.debug is False
+    assert s.send_timeout == 30.0
+    assert s.max_connections == 4096
     assert not s.uses_tcp
     assert s.address == "/csi/csi.sock"
 
@@ -94,6 +96,8 @@ def test_help_names_env_var_and_default() -> None:
         ("shutdown_timeout", "0", "--shutdown-timeout (UDS_SHUTDOWN_TIMEOUT): must be greater than 0"),
         ("keepalive_timeout", "soon", "--keepalive-timeout (UDS_KEEPALIVE_TIMEOUT)"),
         ("request_timeout", "-1", "--request-timeout (UDS_REQUEST_TIMEOUT): must be greater than 0"),
+        ("send_timeout", "0", "--send-timeout (UDS_SEND_TIMEOUT): must be greater than 0"),
+        ("max_connections", "0", "--max-connections (UDS_MAX_CONNECTIONS): must be at least 1"),
         ("socket", "tcp://x:1", "--socket (UDS_SOCKET): invalid socket address 'tcp://x:1'"),
         ("socket", "relative.sock", "--socket (UDS_SOCKET): invalid socket address 'relative.sock'"),
     ],

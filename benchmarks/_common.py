@@ -150,7 +150,7 @@ class Server:
         return time.monotonic() - self.started
 
     def target(self) -> Any:
-        from client._loadgen import Target
+        from client.cli._loadgen import Target
 
         return Target(port=self.port) if self.port else Target(socket=self.socket)
 
@@ -290,8 +290,8 @@ def autocannon(
 def loadgen(
     server: Server, connections: int, duration: float, warmup: float = 1.0, cpus: set[int] | None = None
 ) -> dict[str, float]:
-    """One run of our generator (``client._loadgen``) with the same request autocannon sends."""
-    from client._loadgen import LoadSpec, run_load
+    """One run of our generator (``client.cli._loadgen``) with the same request autocannon sends."""
+    from client.cli._loadgen import LoadSpec, run_load
 
     spec = LoadSpec(concurrency=connections, duration=duration, warmup=warmup, body=BODY.encode())
     saved = os.sched_getaffinity(0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from client._loadgen import LoadSpec, Target, build_request, run_load
+from client.cli._loadgen import LoadSpec, Target, build_request, run_load
 from tests.support import ServerProcess, http_over_uds, read_message, run_cli, short_tmpdir, wait_until
 
 POST = b'{"text":"Hello from client"}'
@@ -350,8 +350,8 @@ def test_bench_usage_errors_are_exit_2(args: list[str]) -> None:
 def test_bench_plot_without_matplotlib_is_a_clear_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from client import bench
     from client._errors import UsageError
+    from client.cli import bench
 
     real_import = builtins.__import__
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client import cli
+from client.cli import _main as cli
 from tests.support import PYTHON, ROOT, run_cli, running_server, wait_until
 
 REPLY_LINE = "📥 Client received: Hello from server via UDS"

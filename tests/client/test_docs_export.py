@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client.docs_export import ASSETS, assets_directory, render_redoc, render_swagger, spec_script
+from client.cli.docs_export import ASSETS, assets_directory, render_redoc, render_swagger, spec_script
 from tests.client.test_proxy import _HTTPHandler, unix_server
 from tests.support import http_over_uds, run_cli, short_tmpdir
 

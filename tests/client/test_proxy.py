@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from client._errors import UsageError
-from client.proxy import is_loopback, parse_listen
+from client.cli.proxy import is_loopback, parse_listen
 from tests.support import PYTHON, ROOT, running_server, short_tmpdir, wait_until
 
 # ---------------------------------------------------------------------------------------------

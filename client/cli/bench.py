@@ -2,7 +2,7 @@
 
 Each round measures every concurrency on every transport, interleaved so that drift on a shared
 machine hits both alike; the table shows medians over the rounds and the UDS/TCP ratios. The load
-comes from :mod:`client._loadgen` (keep-alive HTTP/1.1, one request in flight per connection).
+comes from :mod:`client.cli._loadgen` (keep-alive HTTP/1.1, one request in flight per connection).
 
 Only the standard library is imported at the top, so ``uds-client health`` pays nothing for it.
 """
@@ -265,7 +265,7 @@ def _wait_ready(procs: Sequence[subprocess.Popen[bytes]], check: Any, where: str
 
 
 def _measure(targets: dict[str, Any], args: argparse.Namespace, show: _Progress) -> list[Cell]:
-    from client._loadgen import LoadSpec, run_load
+    from client.cli._loadgen import LoadSpec, run_load
 
     body = json.dumps({"text": args.text}, separators=(",", ":")).encode()
     cells = {(name, c): Cell(name, c) for c in args.concurrency for name in targets}
@@ -421,7 +421,7 @@ def build_report(targets: dict[str, str], cells: Sequence[Cell], args: argparse.
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (or JSON), optionally plot; exit 1 if any request failed."""
-    from client._loadgen import Target
+    from client.cli._loadgen import Target
 
     if args.plot:
         _import_matplotlib()  # fail before minutes of measuring, not after

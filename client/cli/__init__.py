@@ -1,0 +1,9 @@
+"""The ``uds-client`` command and its tools: the only part of ``client`` that prints or exits.
+
+``_main`` is the entry point and the API commands; ``bench`` (with its load generator ``_loadgen``),
+``proxy`` and ``docs_export`` are imported only when their command runs.
+"""
+
+from client.cli._main import build_parser, main
+
+__all__ = ["build_parser", "main"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import grp
+import re
 import subprocess
 
 import pytest
 
 from app.__main__ import build_parser
-from app.config import ENV, Settings, SettingsError
+from app.config import Settings, SettingsError, options
 from tests.support import PYTHON, ROOT
 
 
@@ -57,22 +58,39 @@ def test_address_spellings(value: str, path: str) -> None:
     assert Settings.from_env({}, socket=value).socket == path
 
 
-def test_every_field_has_an_env_var_and_a_flag() -> None:
-    parser = build_parser()
-    flags = {opt for action in parser._actions for opt in action.option_strings}
-    for field, var in ENV.items():
-        assert var.startswith("UDS_")
-        assert "--" + field.replace("_", "-") in flags, field
-        assert hasattr(Settings(), field)
+ENV = {name: option.env for name, option in options()}
 
 
-def test_help_names_env_var_and_default() -> None:
+def test_help_shows_each_option_with_env_var_and_default() -> None:
     text = " ".join(build_parser().format_help().split())
-    for var in ENV.values():
-        assert f"env {var}" in text
-    assert "default unix:///csi/csi.sock" in text
-    assert "default 0660" in text
-    assert "default 20.0" in text
+    for name, var in ENV.items():
+        flag = "--" + name.replace("_", "-")
+        assert re.search(rf"{flag}\b[^\[]*\[env {var}; default [^\]]+\]", text), (flag, text)
+    assert "default unix:///csi/csi.sock]" in text
+    assert "http+unix://%2F..." in text
+    assert "default 0660]" in text
+    assert "default 20.0]" in text
+    assert "[env UDS_SEND_TIMEOUT; default 30.0]" in text
+    assert "[env UDS_MAX_CONNECTIONS; default 4096]" in text
+    assert "[env UDS_DEBUG; default off]" in text
+
+
+def _parsed(*argv: str, env: dict[str, str] | None = None) -> Settings:
+    """What uds-server would run with: argv through the real parser, then the environment."""
+    flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    return Settings.from_env(env or {}, **flags)
+
+
+def test_flags_through_the_parser() -> None:
+    s = _parsed("--allow-uid", "1000", "--allow-uid", "1001", "--send-timeout", "2.5",
+                "--max-connections", "64", "--access-log", env={"UDS_MAX_CONNECTIONS": "8"})
+    assert s.allow_uid == (1000, 1001)
+    assert s.send_timeout == 2.5
+    assert s.max_connections == 64, "the flag beats the environment"
+    assert s.access_log is True
+    assert _parsed(env={"UDS_MAX_CONNECTIONS": "8"}).max_connections == 8
+    assert _parsed("--no-debug", env={"UDS_DEBUG": "1"}).debug is False
+    assert _parsed(env={"UDS_DEBUG": "1"}).debug is True
 
 
 @pytest.mark.parametrize(

@@ -11,32 +11,42 @@ import contextlib
 import logging
 import signal
 import socket
-import threading
 from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any, cast
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
+from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
 from app.peercred import PeerCredProtocol
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 
-__all__ = ["STARTUP_FAILURE", "UdsServer", "build_config", "run"]
+__all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "run"]
 
 logger = logging.getLogger("app.server")
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _Stopped(Exception):
     """A stop signal arrived before the server was serving."""
 
 
+class UdsConfig(uvicorn.Config):
+    """uvicorn's Config plus the deadlines our protocol (``app.peercred``) enforces on each connection."""
+
+    def __init__(self, app: Any, *, request_timeout: float, send_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.request_timeout = request_timeout
+        """Seconds a client has to send a whole request (head and body)."""
+        self.send_timeout = send_timeout
+        """Seconds a response may make no write progress before the connection is closed."""
+
+
 class UdsServer(uvicorn.Server):
     """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal."""
 
-    def __init__(self, config: uvicorn.Config, app: Any, address: str) -> None:
+    def __init__(self, config: UdsConfig, app: Any, address: str) -> None:
         super().__init__(config)
         self.app = app
         self.address = address
@@ -52,16 +62,19 @@ class UdsServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        """Like uvicorn's, without re-raising the signal afterwards (which would kill us uncleanly)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+        """uvicorn's, without re-raising the captured signal once the server has stopped.
+
+        uvicorn raises a captured SIGTERM/SIGINT again after the graceful shutdown, when its own
+        handlers are gone; ``run()`` must instead remove the socket and return 0. The signals are
+        forgotten just before that (``self.signals`` keeps them for the drain log). The list is
+        uvicorn's private ``_captured_signals``: tests/app/test_server_process.py fails loudly if
+        uvicorn renames it or re-raises another way.
+        """
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -94,10 +107,12 @@ class UdsServer(uvicorn.Server):
         self.drained = True
 
 
-def build_config(settings: Settings, app: Any) -> uvicorn.Config:
+def build_config(settings: Settings, app: Any) -> UdsConfig:
     """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging."""
-    config = uvicorn.Config(
+    return UdsConfig(
         app,
+        request_timeout=settings.request_timeout,
+        send_timeout=settings.send_timeout,
         loop="uvloop",
         http=PeerCredProtocol,
         ws="none",
@@ -107,14 +122,11 @@ def build_config(settings: Settings, app: Any) -> uvicorn.Config:
         access_log=settings.access_log,
         proxy_headers=False,
         server_header=False,
+        limit_concurrency=settings.max_connections,
         # uvicorn types these as int but schedules them with call_later, which takes seconds as float.
         timeout_keep_alive=cast(int, settings.keepalive_timeout),
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
-        limit_concurrency=settings.max_connections,
     )
-    config.request_timeout = settings.request_timeout  # type: ignore[attr-defined]  # read by PeerCredProtocol
-    config.send_timeout = settings.send_timeout  # type: ignore[attr-defined]  # read by PeerCredProtocol
-    return config
 
 
 def bind(settings: Settings) -> tuple[BoundSocket, str]:

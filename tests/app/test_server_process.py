@@ -19,7 +19,7 @@ import pytest
 
 from app.config import Settings
 from app.logs import JsonFormatter, TextFormatter, configure
-from app.server import UdsServer, build_config, run
+from app.server import UdsConfig, UdsServer, build_config, run
 from tests.support import ServerProcess, http_over_uds, running_server, short_tmpdir, wait_until
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -269,6 +269,32 @@ def test_handle_exit_marks_app_draining() -> None:
     server.handle_exit(signal.SIGTERM, None)
     assert app.state.draining is True
     assert server.should_exit
+
+
+def test_config_carries_the_settings() -> None:
+    settings = Settings(request_timeout=7.0, send_timeout=3.0, max_connections=12, keepalive_timeout=1.5)
+    config = build_config(settings, _failing_app)
+    assert isinstance(config, UdsConfig)
+    assert (config.request_timeout, config.send_timeout) == (7.0, 3.0)
+    assert config.limit_concurrency == 12
+    assert config.timeout_keep_alive == 1.5
+
+
+def test_captured_signal_is_not_raised_again_after_the_stop() -> None:
+    """uvicorn raises a captured SIGTERM again once its handlers are gone; UdsServer must not."""
+    server = UdsServer(build_config(Settings(), _failing_app), _failing_app, "/x.sock")
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda sig, _frame: seen.append(sig))
+    try:
+        with server.capture_signals():
+            assert signal.getsignal(signal.SIGTERM) == server.handle_exit
+            signal.raise_signal(signal.SIGTERM)
+            wait_until(lambda: server.should_exit, what="SIGTERM handled by the server")
+        assert server.signals == [signal.SIGTERM]
+        assert seen == [], "the signal reached the handler restored after the stop"
+        assert signal.getsignal(signal.SIGTERM) is not server.handle_exit
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _record(name: str, level: int, msg: str, **extra: Any) -> logging.LogRecord:

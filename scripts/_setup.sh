@@ -58,6 +58,19 @@ make_venv() {
         "$PY" -m venv "$VENV"
     fi
     echo "==> pip install -e .$extras"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT$extras"
+    quietly "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
+    quietly "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT$extras"
+}
+
+# quietly CMD...: run CMD with its output captured; show that output only if CMD fails.
+quietly() {
+    local log rc=0
+    log="$(mktemp)"
+    "$@" >"$log" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        cat "$log" >&2
+        echo "Error: '$*' failed with exit code $rc (its output is above)." >&2
+    fi
+    rm -f "$log"
+    return "$rc"
 }

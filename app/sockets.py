@@ -1,8 +1,22 @@
 """The listening socket's life: check the path, bind safely, set mode and group, clean up.
 
 Better than ``uvicorn --uds``: a live server's socket is never replaced, files that are not sockets
-are never touched, the socket is never more open than the target mode (it is bound under a strict
-umask, then chowned, then chmodded), and on exit it is removed only if it is still the one we made.
+are never touched, the socket is never more open than the target mode, and on exit it is removed
+only if it is still the one we made.
+
+The socket is made in a private 0700 directory created beside the target (same filesystem): bound
+there under a strict umask, chowned and chmodded there through a directory descriptor with calls
+that do not follow symlinks, checked with ``stat(follow_symlinks=False)``, set listening, and only
+then renamed over the target path. Nobody else can add or swap entries in that directory, so
+whatever another user does to the target path meanwhile (a symlink renamed over it, say), the
+server changes the mode and owner of its own socket and of nothing else. ``rename()`` is atomic and
+replaces a symlink at the target, never what it points to. A race at the target is still lost
+cleanly: the path is checked again just before the rename (a live socket, a file, a directory or a
+symlink there stops the start) and just after it (the socket there must be ours, or the start fails).
+
+Binding and chmodding by descriptor go through ``/proc/self/fd`` (glibc's ``fchmodat`` with
+``AT_SYMLINK_NOFOLLOW`` does the same); without ``/proc`` the bind falls back to the private
+directory's path and the check after the bind catches a directory swapped meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 from dataclasses import dataclass
 
 from client._address import MAX_PATH_BYTES
@@ -25,6 +40,9 @@ logger = logging.getLogger("app.sockets")
 BACKLOG = 2048
 PROBE_TIMEOUT = 1.0
 """Seconds to wait for an existing socket to accept before deciding whether it is alive."""
+PROC_FD = "/proc/self/fd"
+_INNER = "s"
+"""The socket's name inside the private directory (short: AF_UNIX paths stop at 107 bytes)."""
 
 
 class SocketError(Exception):
@@ -64,7 +82,12 @@ class BoundSocket:
 
 
 def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: int = BACKLOG) -> BoundSocket:
-    """Bind and listen on ``path`` with ``mode`` and ``group``; raise :class:`SocketError` if we cannot."""
+    """Bind and listen on ``path`` with ``mode`` and ``group``; raise :class:`SocketError` if we cannot.
+
+    The socket is bound, given its group and mode and set listening inside a private 0700
+    directory beside ``path``, then renamed into place, so it appears at ``path`` complete and
+    nothing another user puts at ``path`` is ever chmodded or chowned.
+    """
     size = len(os.fsencode(path))
     if size > MAX_PATH_BYTES:
         raise SocketError(
@@ -72,31 +95,20 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: i
             "use a shorter --socket"
         )
     _ensure_parent(path)
-    _clear_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent = os.path.dirname(path) or "."
     try:
-        # Owner-only while it is bound: never more open than the target mode (which includes 0600).
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        bound = BoundSocket(sock, path, _identity(os.lstat(path)))
+        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        sock.close()
-        hint = ""
-        if isinstance(exc, PermissionError):
-            parent = os.path.dirname(path)
-            hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
-        raise SocketError(f"cannot bind {path}: {_reason(exc)}{hint}") from exc
+        raise SocketError(f"cannot open the socket's directory {parent}: {_reason(exc)}") from exc
     try:
-        _apply_owner_and_mode(path, mode, group)
-        bound.identity = _identity(os.lstat(path))
-        sock.listen(backlog)
-    except BaseException:
-        bound.close()
-        raise
-    return bound
+        _warn_if_shared(parent, os.fstat(parent_fd), group)
+        private = _PrivateDir.create(path, parent, parent_fd)
+        try:
+            return _bind_privately(path, private, mode, group, backlog)
+        finally:
+            private.remove()
+    finally:
+        os.close(parent_fd)
 
 
 def bind_tcp(host: str, port: int, backlog: int = BACKLOG) -> BoundSocket:
@@ -120,7 +132,7 @@ def bind_tcp(host: str, port: int, backlog: int = BACKLOG) -> BoundSocket:
 
 def describe(path: str) -> str:
     """``mode 0660, owner uid 1000, group 1000 (csi)`` for the log line at start."""
-    st = os.stat(path)
+    st = os.lstat(path)
     try:
         name = f" ({grp.getgrgid(st.st_gid).gr_name})"
     except KeyError:
@@ -133,7 +145,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
 
 
 def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(path) or "/"
+    parent = os.path.dirname(path) or "."
     if os.path.isdir(parent):
         return
     if os.path.lexists(parent):
@@ -151,12 +163,145 @@ def _ensure_parent(path: str) -> None:
     logger.info("Created directory %s for the socket", parent)
 
 
-def _clear_stale(path: str) -> None:
-    """Refuse anything but a dead socket at ``path``; remove a dead one."""
+class _PrivateDir:
+    """A fresh 0700 directory of ours beside the target, held open by descriptor."""
+
+    def __init__(self, parent_fd: int, entry: str, fd: int, path: str) -> None:
+        self.parent_fd = parent_fd
+        self.entry = entry
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def create(cls, target: str, parent: str, parent_fd: int) -> _PrivateDir:
+        name = os.path.basename(target)
+        try:
+            made = tempfile.mkdtemp(prefix=f".{name[:64]}.", dir=parent)
+        except OSError as exc:
+            hint = ""
+            if isinstance(exc, PermissionError):
+                hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+            raise SocketError(f"cannot bind {target}: {_reason(exc)}{hint}") from exc
+        entry = os.path.basename(made)
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except OSError as exc:
+            raise _replaced(target, f"its private directory {made} was replaced during start") from exc
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+            os.close(fd)
+            raise _replaced(target, f"its private directory {made} was replaced during start")
+        return cls(parent_fd, entry, fd, made)
+
+    def bind_path(self) -> str:
+        """Where to bind: through the descriptor when /proc has it, else the directory's path."""
+        by_fd = f"{PROC_FD}/{self.fd}"
+        if os.path.isdir(by_fd):
+            return f"{by_fd}/{_INNER}"
+        return os.path.join(self.path, _INNER)
+
+    def remove(self) -> None:
+        """Remove the socket if it is still inside, then the directory if it is still ours."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_INNER, dir_fd=self.fd)
+            mine = os.fstat(self.fd)
+            st = os.stat(self.entry, dir_fd=self.parent_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                os.rmdir(self.entry, dir_fd=self.parent_fd)
+            else:
+                logger.warning("Left %s in place: it is no longer the directory this server made", self.path)
+        except OSError as exc:
+            logger.warning("Could not remove the private directory %s: %s", self.path, _reason(exc))
+        finally:
+            os.close(self.fd)
+
+
+def _bind_privately(path: str, private: _PrivateDir, mode: int, group: int | None,
+                    backlog: int) -> BoundSocket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        st = os.lstat(path)
+        # Owner-only while it is bound: never more open than the target mode (which includes 0600).
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(private.bind_path())
+        finally:
+            os.umask(old_umask)
+    except OSError as exc:
+        sock.close()
+        raise SocketError(f"cannot bind {path}: {_reason(exc)}") from exc
+    try:
+        made = _inner_stat(path, private)
+        if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
+            raise _replaced(path, f"its private directory {private.path} was replaced during start")
+        _apply_owner_and_mode(path, private, (made.st_dev, made.st_ino), mode, group)
+        sock.listen(backlog)
+        identity = _move_into_place(path, private, (made.st_dev, made.st_ino))
+    except BaseException:
+        sock.close()
+        raise
+    return BoundSocket(sock, path, identity)
+
+
+def _inner_stat(path: str, private: _PrivateDir) -> os.stat_result:
+    try:
+        return os.stat(_INNER, dir_fd=private.fd, follow_symlinks=False)
+    except OSError as exc:
+        raise _replaced(path, f"its private directory {private.path} was replaced during start") from exc
+
+
+def _apply_owner_and_mode(path: str, private: _PrivateDir, made: tuple[int, int], mode: int,
+                          group: int | None) -> None:
+    """Set group and mode on the socket inside the private directory, without following symlinks."""
+    if group is not None:
+        try:
+            os.chown(_INNER, -1, group, dir_fd=private.fd, follow_symlinks=False)
+        except OSError as exc:
+            raise SocketError(
+                f"cannot give {path} to group {group}: {_reason(exc)}; "
+                "the server's user must be root or a member of that group (--socket-group)"
+            ) from exc
+    try:
+        os.chmod(_INNER, mode, dir_fd=private.fd, follow_symlinks=False)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise SocketError(f"cannot set mode {mode:04o} on {path}: {reason}") from exc
+    st = _inner_stat(path, private)
+    if (st.st_dev, st.st_ino) != made or not stat.S_ISSOCK(st.st_mode):
+        raise _replaced(path, f"its private directory {private.path} was replaced during start")
+    if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
+        raise SocketError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
+            f"mode {mode:04o} group {group}; does the filesystem support it?"
+        )
+
+
+def _move_into_place(path: str, private: _PrivateDir, made: tuple[int, int]) -> tuple[int, int, int]:
+    """Rename the finished socket over ``path`` if only a dead socket or nothing is there."""
+    name = os.path.basename(path)
+    stale = _check_target(path, private.parent_fd)
+    try:
+        os.rename(_INNER, name, src_dir_fd=private.fd, dst_dir_fd=private.parent_fd)
+    except OSError as exc:
+        raise SocketError(f"cannot move the socket into place at {path}: {_reason(exc)}") from exc
+    # The rename keeps the inode and changes its ctime: the identity for cleanup is taken now.
+    try:
+        st = os.stat(name, dir_fd=private.parent_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return
+        st = None
+    if st is None or not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != made:
+        raise _replaced(path, "another program replaced the socket as soon as it appeared")
+    if stale:
+        logger.info("Removed stale socket %s (nothing was listening on it)", path)
+    return _identity(st)
+
+
+def _check_target(path: str, parent_fd: int) -> bool:
+    """Refuse anything but a dead socket at ``path``; True if a dead one is there to replace."""
+    try:
+        st = os.stat(os.path.basename(path), dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
     except OSError as exc:
         raise SocketError(f"cannot inspect {path}: {_reason(exc)}") from exc
     if stat.S_ISLNK(st.st_mode):
@@ -184,13 +329,50 @@ def _clear_stale(path: str) -> None:
         raise SocketError(
             f"cannot listen on {path}: the existing socket cannot be checked ({state}); left untouched"
         )
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
+    return True
+
+
+def _replaced(path: str, what: str) -> SocketError:
+    return SocketError(
+        f"cannot listen on {path}: {what}; another user can write its directory "
+        f"{os.path.dirname(path) or '.'}: make it writable only by the server's user and the socket's group"
+    )
+
+
+def _warn_if_shared(parent: str, st: os.stat_result, group: int | None) -> None:
+    """Warn when users other than ours and the socket's group can replace entries in ``parent``."""
+    euid = os.geteuid()
+    if group is not None:
+        socket_gid = group
+    elif st.st_mode & stat.S_ISGID:
+        socket_gid = st.st_gid  # new files take the directory's group
+    else:
+        socket_gid = os.getegid()
+    writers = []
+    if st.st_mode & stat.S_IWOTH:
+        writers.append("every user")
+    if st.st_mode & stat.S_IWGRP and st.st_gid != socket_gid:
+        writers.append(f"group {st.st_gid}")
+    owner_other = st.st_uid not in (0, euid)
+    if owner_other:
+        writers.append(f"its owner uid {st.st_uid}")
+    if not writers:
         return
-    except OSError as exc:
-        raise SocketError(f"cannot remove the stale socket {path}: {_reason(exc)}") from exc
-    logger.info("Removed stale socket %s (nothing was listening on it)", path)
+    if st.st_mode & stat.S_ISVTX and not owner_other:
+        risk = (
+            "its sticky bit stops them from renaming or removing the socket while it exists, but any of "
+            "them can take the path before the server starts or after it stops"
+        )
+    else:
+        risk = (
+            "any of them can remove the socket or replace it with their own, so clients could reach "
+            "another program"
+        )
+    logger.warning(
+        "Socket directory %s can be written by %s (mode %04o, owner uid %d, group %d): %s; "
+        "keep it writable only by uid %d and group %d, or mount it read-only in the other containers",
+        parent, " and ".join(writers), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, risk, euid, socket_gid,
+    )
 
 
 def _probe(path: str) -> str:
@@ -211,27 +393,6 @@ def _probe(path: str) -> str:
     finally:
         probe.close()
     return "live"
-
-
-def _apply_owner_and_mode(path: str, mode: int, group: int | None) -> None:
-    if group is not None:
-        try:
-            os.chown(path, -1, group)
-        except OSError as exc:
-            raise SocketError(
-                f"cannot give {path} to group {group}: {_reason(exc)}; "
-                "the server's user must be root or a member of that group (--socket-group)"
-            ) from exc
-    try:
-        os.chmod(path, mode)
-    except OSError as exc:
-        raise SocketError(f"cannot set mode {mode:04o} on {path}: {_reason(exc)}") from exc
-    st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
-        raise SocketError(
-            f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
-            f"mode {mode:04o} group {group}; does the filesystem support it?"
-        )
 
 
 def _reason(exc: OSError) -> str:

@@ -73,28 +73,40 @@ def test_custom_group_applied(tmp: Path) -> None:
 
 
 def test_never_more_open_than_target_while_binding(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between bind and chmod the file is owner-only: the umask applies at bind time."""
-    seen: list[int] = []
+    """Mode and group are set on the owner-only socket in a private directory, never through a link.
+
+    The target path stays empty until the socket is finished: it appears there by rename.
+    """
+    seen: list[tuple[str, int, dict[str, object], bool]] = []
     real_chown, real_chmod = os.chown, os.chmod
+    target = tmp / "s.sock"
 
-    def chown(path: str, uid: int, gid: int) -> None:
-        seen.append(_mode(Path(path)))
-        real_chown(path, uid, gid)
+    def record(name: str, kwargs: dict[str, object]) -> None:
+        fd = kwargs["dir_fd"]
+        assert isinstance(fd, int)
+        seen.append((name, stat.S_IMODE(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode),
+                     {k: v for k, v in kwargs.items() if k != "dir_fd"}, os.path.lexists(target)))
 
-    def chmod(path: str, mode: int) -> None:
-        seen.append(_mode(Path(path)))
-        real_chmod(path, mode)
+    def chown(path: str, uid: int, gid: int, **kwargs: object) -> None:
+        record(path, kwargs)
+        real_chown(path, uid, gid, **kwargs)  # type: ignore[arg-type]
+
+    def chmod(path: str, mode: int, **kwargs: object) -> None:
+        record(path, kwargs)
+        real_chmod(path, mode, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sockets.os, "chown", chown)
     monkeypatch.setattr(sockets.os, "chmod", chmod)
     old = os.umask(0)  # the most permissive process umask must not leak into the socket
     try:
-        bound = bind_unix(str(tmp / "s.sock"), 0o660, os.getgid())
+        bound = bind_unix(str(target), 0o660, os.getgid())
     finally:
         os.umask(old)
     try:
-        assert seen == [0o600, 0o600]
-        assert _mode(tmp / "s.sock") == 0o660
+        nofollow = {"follow_symlinks": False}
+        assert seen == [("s", 0o600, nofollow, False), ("s", 0o600, nofollow, False)]
+        assert _mode(target) == 0o660
+        assert os.listdir(tmp) == ["s.sock"], "the private directory is removed"
     finally:
         bound.close()
     assert os.umask(old) == old, "bind_unix must restore the process umask"

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import error_response
 
 __all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
 
@@ -30,7 +30,11 @@ def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozense
 
 
 class PeerAllowlist:
-    """Pure ASGI middleware answering 403 (the JSON error shape) to peers not on the list."""
+    """Pure ASGI middleware answering 403 (the shared JSON error response) to peers not on the list.
+
+    It answers without reading the request body; the protocol then closes the connection, so a
+    refused peer cannot keep streaming a body into the server.
+    """
 
     def __init__(self, app: ASGIApp, allow_uid: Iterable[int] = (), allow_gid: Iterable[int] = ()) -> None:
         self.app = app
@@ -45,18 +49,19 @@ class PeerAllowlist:
         if is_allowed(peer, self.uids, self.gids):
             await self.app(scope, receive, send)
             return
+        method, path = _shown(scope["method"]), _shown(scope["path"])
         if peer is None:
             log.warning("Refused %s %s: no peer credentials (not a Unix socket connection); "
-                        "the allowlist admits only Unix socket peers", scope["method"], scope["path"])
+                        "the allowlist admits only Unix socket peers", method, path)
             message = "this server only accepts allowed peers over its Unix socket"
         else:
             log.warning("Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
-                        scope["method"], scope["path"], peer.get("pid"), peer.get("uid"), peer.get("gid"))
+                        method, path, peer.get("pid"), peer.get("uid"), peer.get("gid"))
             message = (f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
                        "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID")
-        body = error_body(403, message)
-        await send({
-            "type": "http.response.start", "status": 403,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        })
-        await send({"type": "http.response.body", "body": body})
+        await error_response(403, message)(scope, receive, send)
+
+
+def _shown(text: str) -> str:
+    """``text`` for one log line: control characters (ESC, CR, LF...) escaped as ``\\x1b``, ``\\r``..."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -1,13 +1,24 @@
-"""uvicorn's httptools protocol, plus peer credentials, request deadlines and header limits.
+"""uvicorn's httptools protocol, plus peer credentials, deadlines, limits and strict HTTP/1.1.
 
 The protocol is the only code that sees raw connections, so it is where we:
 
 * read ``SO_PEERCRED`` once per accepted Unix-socket connection and hand it to every HTTP scope of
   that connection as ``scope["extensions"]["uds.peer"] = {"pid", "uid", "gid"}`` (absent over TCP);
 * cut off clients that do not send a whole request within ``request_timeout`` (408, or a plain
-  close for a connection that never sent a byte);
-* reject oversized request heads (431) before they can use memory;
-* answer parse errors with the project's JSON error shape instead of uvicorn's plain text.
+  close for a connection that never sent a byte), and clients that read none of their response
+  for ``send_timeout`` (the connection is aborted and its unsent data dropped);
+* reject oversized request heads and chunked trailers (431) before they can use memory;
+* refuse what RFC 9112 says to refuse: transfer codings other than ``chunked`` (501) and a
+  missing, repeated or malformed ``Host`` (400);
+* stop reading a request the application answered early (403, 413, 415...): close after the answer;
+* answer every error with the project's JSON error shape, after the answers to requests pipelined
+  before it;
+* cap concurrent connections (``limit_concurrency``): at the cap the longest-idle connection (no
+  request in flight) is closed to make room, as nginx does; when every connection is busy a new
+  one gets 503, and both are logged at most once per ``LOG_PERIOD`` seconds.
+
+None of this costs the hot path more than a few attribute checks: the extra work runs only for
+chunked bodies, split heads, paused writes or full servers.
 """
 
 from __future__ import annotations
@@ -15,26 +26,44 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import struct
 from asyncio import TimerHandle
 from typing import Any
 
+import httptools
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-__all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "PEER_KEY", "PeerCredProtocol", "error_response", "read_peer"]
+__all__ = [
+    "LOG_PERIOD", "MAX_HEADERS", "MAX_HEADER_BYTES", "PEER_KEY", "PeerCredProtocol", "error_response",
+    "read_peer",
+]
 
 PEER_KEY = "uds.peer"
 MAX_HEADERS = 100
-"""Most header fields in one request (gunicorn's default too)."""
+"""Most header fields in one request, and most trailer fields after a chunked body (gunicorn's default)."""
 MAX_HEADER_BYTES = 32 * 1024
-"""Largest request line plus headers, in bytes (nginx's default large_client_header_buffers)."""
+"""Largest request line plus headers, and largest trailer section, in bytes (nginx's
+large_client_header_buffers)."""
+LOG_PERIOD = 10.0
+"""Seconds between two log lines about connections refused or closed at the connection cap."""
 
 _UCRED = struct.Struct("3i")
 _HEAD_TOO_LARGE = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
 _TOO_MANY_HEADERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} header fields")
+_TRAILERS_TOO_LARGE = (431, "headers_too_large", f"the trailer fields are over {MAX_HEADER_BYTES} bytes")
+_TOO_MANY_TRAILERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} trailer fields")
+_CODING = (501, "not_implemented",
+           "the only transfer coding accepted is chunked; send Transfer-Encoding: chunked or Content-Length")
+_NO_HOST = (400, "bad_request", "the request has no Host header; HTTP/1.1 requires one (Host: localhost)")
+_HOSTS = (400, "bad_request", "the request has more than one Host header; send exactly one")
+_BAD_HOST = (400, "bad_request", "the Host header is not a valid host[:port]; send Host: localhost")
+_FULL = (503, "unavailable", "the server is at its connection limit; try again shortly")
+_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+"""RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
 logger = logging.getLogger("app.connections")
 
 
@@ -65,12 +94,47 @@ def error_response(status: int, error: str, message: str) -> bytes:
     )
 
 
-class PeerCredProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol with peer credentials, a per-request deadline and header limits.
+class _CapLog:
+    """Connections refused (503) or closed to make room at the cap: one log line per period at most.
 
-    Per-request cost is kept near zero: the deadline is one timer per connection that is re-armed
-    lazily when it fires (not a timer per request), and the head size is summed only when the head
-    arrived in a chunk larger than the limit or across chunks.
+    The first event is logged at once; later ones are counted and summed up when the period ends.
+    """
+
+    def __init__(self) -> None:
+        self.refused = 0
+        self.closed = 0
+        self._timer: TimerHandle | None = None
+
+    def note(self, loop: asyncio.AbstractEventLoop, cap: int, *, refused: bool) -> None:
+        if refused:
+            self.refused += 1
+        else:
+            self.closed += 1
+        if self._timer is None:
+            self._flush(loop, cap)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, cap: int) -> None:
+        self._timer = None
+        if not (self.refused or self.closed):
+            return
+        level = logging.WARNING if self.refused else logging.INFO
+        logger.log(level, "At the connection limit (%d, --max-connections): refused %d connection(s) "
+                   "with 503, closed %d idle connection(s) to make room; next report in %gs at most",
+                   cap, self.refused, self.closed, LOG_PERIOD)
+        self.refused = self.closed = 0
+        self._timer = loop.call_later(LOG_PERIOD, self._flush, loop, cap)
+
+
+_CAP_LOG = _CapLog()
+
+
+class PeerCredProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with peer credentials, deadlines, limits and strict request framing.
+
+    Per-request cost is kept near zero: the request deadline is one timer per connection that is
+    re-armed lazily when it fires (not a timer per request); the head size is summed only when the
+    head arrived in a chunk larger than the limit or across chunks; trailers, transfer codings and
+    the send deadline are looked at only when a chunked body or a paused write happens.
     """
 
     def __init__(
@@ -82,43 +146,92 @@ class PeerCredProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.peer: dict[str, int] | None = None
-        self.request_timeout: float = getattr(config, "request_timeout", 30.0)
+        self.request_timeout: float = float(getattr(config, "request_timeout", 30.0))
+        self.send_timeout: float = float(getattr(config, "send_timeout", 30.0))
+        self.max_connections: int | None = config.limit_concurrency
+        # uvicorn's own check answers plain text and never makes room; ours replaces it.
+        self.limit_concurrency = None
         self._deadline: TimerHandle | None = None
         self._waiting_since: float | None = None
         """Loop time since which the client owes us a complete request (None: it owes nothing)."""
+        self._connected_at = 0.0
         self._in_head = False
+        self._message_done = True
+        """The message being parsed is complete (or none has begun)."""
         self._begins = 0
         self._chunk_bytes = 0
         self._head_bytes = 0
         """Bytes of chunks that continued an unfinished head (a lower bound on its size)."""
         self._reject: tuple[int, str, str] | None = None
+        self._refused = False
+        """An error was answered or is waiting to be: the rest of the input is ignored."""
+        self._pending: bytes | None = None
+        """An error answer waiting for the answers to requests pipelined before it."""
+        self._good_host = b"localhost"
+        """The last Host value found valid on this connection (clients repeat theirs)."""
+        self._in_chunk_head = False
+        """The last body event was a chunk header: chunk data follows or, after the last chunk, trailers."""
+        self._chunked_cycle: RequestResponseCycle | None = None
+        self._trailer_bytes = 0
+        self._send_timer: TimerHandle | None = None
+        self._unsent = 0
+        self._over_cap = False
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.peer = read_peer(transport.get_extra_info("socket"))
         # A connection that never sends a request is closed after request_timeout too.
-        self._waiting_since = self.loop.time()
+        self._connected_at = self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+        cap = self.max_connections
+        if cap is not None and len(self.connections) > cap:
+            self._make_room(cap)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting_since = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._chunk_bytes = len(data)
+        if self._refused:
+            return  # an error was answered (or will be, after earlier answers): nothing more is parsed
+        self._unset_keepalive_if_required()
+        self._chunk_bytes = size = len(data)
         begins = self._begins
-        super().data_received(data)
+        chunk_cycle = self._chunked_cycle if self._in_chunk_head else None
+        body_before = len(chunk_cycle.body) if chunk_cycle is not None else 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            self._parse_error(exc)
+            return
         # httptools buffers a header until it ends, so bound the head by the chunks that carry it on.
         # The chunk in which the head began is not counted here: it may hold the previous body too.
         if self._in_head and self._begins == begins:
-            self._head_bytes += len(data)
+            self._head_bytes += size
             if self._head_bytes > MAX_HEADER_BYTES:
-                self._reject = _HEAD_TOO_LARGE
-                self.send_400_response("")
+                self._refuse(*_HEAD_TOO_LARGE)
+        elif (chunk_cycle is not None and self._in_chunk_head and self.cycle is chunk_cycle
+              and len(chunk_cycle.body) == body_before and not chunk_cycle.response_complete):
+            # A whole chunk of input after the last chunk's header and no body: trailer fields.
+            # Counted per chunk, like the head: httptools re-copies a growing field on every chunk.
+            self._trailer_bytes += size
+            if self._trailer_bytes > MAX_HEADER_BYTES:
+                self._refuse(*_TRAILERS_TOO_LARGE)
+            elif len(self.headers) > MAX_HEADERS:
+                self._refuse(*_TOO_MANY_TRAILERS)
 
     # Parser callbacks
     def on_message_begin(self) -> None:
@@ -126,6 +239,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self.peer is not None:
             self.scope["extensions"] = {PEER_KEY: dict(self.peer)}  # type: ignore[dict-item]
         self._in_head = True
+        self._message_done = False
         self._begins += 1
         self._head_bytes = 0
         if self._waiting_since is None:
@@ -134,8 +248,8 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if len(self.headers) > MAX_HEADERS:
+        headers = self.headers
+        if len(headers) > MAX_HEADERS:
             self._reject = _TOO_MANY_HEADERS
             raise ValueError("too many header fields")  # httptools turns it into a parser error
         # A head that fit in one small chunk is small; only a big or split one is measured.
@@ -143,27 +257,187 @@ class PeerCredProtocol(HttpToolsProtocol):
         if split_or_big and self._head_size() > MAX_HEADER_BYTES:
             self._reject = _HEAD_TOO_LARGE
             raise ValueError("request head too large")
+        host = None
+        hosts = 0
+        for name, value in headers:
+            if name == b"host":
+                host = value
+                hosts += 1
+        if host != self._good_host or hosts != 1:
+            self._check_host(host, hosts)
+        if self._over_cap:
+            if len(self.connections) > (self.max_connections or 0):
+                self._reject = _FULL
+                raise ValueError("over the connection limit")
+            self._over_cap = False
+        self._in_head = False
         super().on_headers_complete()
+        # Trailer fields (after a chunked body) land in a list of their own, counted, never used.
+        self.headers = []
+
+    def on_chunk_header(self) -> None:
+        self._in_chunk_head = True
+        cycle = self.cycle
+        if self._chunked_cycle is not cycle:  # the first chunk of this message
+            self._chunked_cycle = cycle
+            self._trailer_bytes = 0
+            codings = [value for name, value in self.scope["headers"] if name == b"transfer-encoding"]
+            if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+                self._reject = _CODING
+                raise ValueError("unsupported transfer coding")
+
+    def on_chunk_complete(self) -> None:
+        self._in_chunk_head = False
 
     def on_message_complete(self) -> None:
+        self._in_chunk_head = False
+        trailers = self.headers
+        if trailers:
+            if len(trailers) > MAX_HEADERS:
+                self._reject = _TOO_MANY_TRAILERS
+                raise ValueError("too many trailer fields")
+            if sum(len(name) + len(value) + 4 for name, value in trailers) > MAX_HEADER_BYTES:
+                self._reject = _TRAILERS_TOO_LARGE
+                raise ValueError("trailer section too large")
         self._waiting_since = None
+        self._message_done = True
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            last = not self.pipeline  # the response that completed was the last one owed before the error
+            super().on_response_complete()
+            if last and not self.transport.is_closing():
+                self.transport.write(pending)
+                self.transport.close()
+            return
+        super().on_response_complete()
+        if not self._message_done and not self._in_head and self.cycle.response_complete:
+            # Answered before the whole request arrived (403, 413, 415...): read no more of it.
+            self.transport.close()
+
+    # Flow control
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the peer must read within ``send_timeout``."""
+        self.flow.pause_writing()
+        if self._send_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _on_send_timeout(self) -> None:
+        self._send_timer = None
+        if not self.flow.write_paused:
+            return
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:  # the peer read something: it gets another period
+            self._unsent = unsent
+            self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
+            return
+        logger.warning("Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
+                       self.send_timeout, unsent)
+        self.transport.abort()
 
     # Errors
     def send_400_response(self, msg: str) -> None:
         """Parse errors (and limits raised from parser callbacks) as the JSON error shape."""
+        self._refuse(*(self._reject or (400, "bad_request", "the request is not valid HTTP/1.1")))
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        reject = self._reject
+        if reject is None:
+            reason = str(exc).replace("`", "")
+            if "Transfer-Encoding" in reason and "Content-Length" not in reason:
+                reject = _CODING
+            else:
+                reason = reason or type(exc).__name__
+                reject = (400, "bad_request", f"the request is not valid HTTP/1.1 ({reason})")
+        self._refuse(*reject)
+
+    def _refuse(self, status: int, error: str, message: str) -> None:
+        """Answer ``status`` and close, after any answers owed to requests pipelined before this one."""
+        self._refused = True
+        self._reject = None
         self._waiting_since = None
-        if self._reject is not None:
-            status, error, message = self._reject
+        if status == 503:
+            _CAP_LOG.note(self.loop, self.max_connections or 0, refused=True)
         else:
-            status, error, message = 400, "bad_request", "the request is not valid HTTP/1.1"
-        logger.warning("Rejected a request with %d: %s", status, message)
-        if not self.transport.is_closing():
-            self.transport.write(error_response(status, error, message))
-            self.transport.close()
+            logger.warning("Rejected a request with %d: %s", status, message)
+        if self.transport.is_closing():
+            return
+        answer = error_response(status, error, message)
+        cycle = self.cycle
+        if cycle is not None and not self._in_head and not self._message_done:
+            # The error is in the body of the request being parsed, whose answer may be under way.
+            queued = next((item for item in self.pipeline if item[0] is cycle), None)
+            if queued is not None:
+                self.pipeline.remove(queued)  # never run; earlier requests are still being answered
+                self._pending = answer
+                return
+            if cycle.response_started:
+                self.transport.close()  # its answer is (being) sent; the rest of it is not read
+                return
+            cycle.disconnected = True  # the application waits for a body that will not come
+            cycle.message_event.set()
+        elif cycle is not None and not cycle.response_complete:
+            self._pending = answer  # answer the requests before this one first
+            self.flow.pause_reading()
+            return
+        self.transport.write(answer)
+        self.transport.close()
+
+    def _check_host(self, host: bytes | None, hosts: int) -> None:
+        """RFC 9112 section 3.2: exactly one valid Host (HTTP/1.0 may omit it)."""
+        if hosts > 1:
+            self._reject = _HOSTS
+        elif host is None:
+            if self.parser.get_http_version() == "1.0":
+                return
+            self._reject = _NO_HOST
+        elif _HOST_RE.fullmatch(host) is None:
+            self._reject = _BAD_HOST
+        else:
+            self._good_host = host
+            return
+        raise ValueError("bad Host header")
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    # Connection cap
+    def _idle_since(self) -> float | None:
+        """Since when this connection has had no request in flight, or None if it has one."""
+        if self._in_head or self._refused or self.pipeline or self.transport.is_closing():
+            return None
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            return keep_alive.when() - self.timeout_keep_alive
+        if not self._begins:  # connected, sent nothing yet
+            return self._connected_at
+        return None
+
+    def _make_room(self, cap: int) -> None:
+        """Over the cap: close the longest-idle connection, or mark this one for a 503."""
+        oldest: PeerCredProtocol | None = None
+        oldest_since = 0.0
+        for conn in self.connections:
+            if conn is self or not isinstance(conn, PeerCredProtocol):
+                continue
+            since = conn._idle_since()
+            if since is not None and (oldest is None or since < oldest_since):
+                oldest, oldest_since = conn, since
+        if oldest is not None:
+            oldest.transport.close()
+            self.connections.discard(oldest)  # counted out now; connection_lost follows
+            _CAP_LOG.note(self.loop, cap, refused=False)
+        else:
+            self._over_cap = True  # its request gets 503 unless a connection frees up first
 
     def _on_deadline(self) -> None:
         self._deadline = None

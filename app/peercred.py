@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import re
+import resource
 import socket
 import struct
 from asyncio import TimerHandle
@@ -38,8 +39,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 __all__ = [
-    "LOG_PERIOD", "MAX_HEADERS", "MAX_HEADER_BYTES", "PEER_KEY", "PeerCredProtocol", "error_response",
-    "read_peer",
+    "FD_RESERVE", "LOG_PERIOD", "MAX_HEADERS", "MAX_HEADER_BYTES", "PEER_KEY", "PeerCredProtocol",
+    "connection_cap", "error_response", "raise_open_file_limit", "read_peer",
 ]
 
 PEER_KEY = "uds.peer"
@@ -48,6 +49,8 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 """Largest request line plus headers, and largest trailer section, in bytes (nginx's
 large_client_header_buffers)."""
+FD_RESERVE = 64
+"""File descriptors kept free beyond the connection cap: the listening socket, logs, the event loop."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 
@@ -92,6 +95,31 @@ def error_response(status: int, error: str, message: str) -> bytes:
             body,
         )
     )
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the ``(soft, hard)`` in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    was = soft
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # an unlimited hard limit above the kernel's nr_open
+            logger.debug("Could not raise the open-file limit to %d: %s", hard, exc)
+    logger.debug("Open files: soft limit %d (was %d), hard limit %d", soft, was, hard)
+    return soft, hard
+
+
+def connection_cap(requested: int | None, soft_limit: int) -> int:
+    """The connection cap: ``requested``, but at most the open-file limit less ``FD_RESERVE``."""
+    room = soft_limit - FD_RESERVE if 0 <= soft_limit != resource.RLIM_INFINITY else 1 << 30
+    room = max(1, room)
+    if requested is None:
+        return room
+    cap = min(requested, room)
+    logger.debug("Connection limit %d (--max-connections %d, open-file limit %d)", cap, requested, soft_limit)
+    return cap
 
 
 class _CapLog:

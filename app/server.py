@@ -150,9 +150,14 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             from app.main import create_app
 
             app_factory = create_app
+        from app.peercred import connection_cap, raise_open_file_limit
+
         application = app_factory(settings)
         bound, address = bind(settings)
+        open_files, _ = raise_open_file_limit()
         config = build_config(settings, application)
+        # Connections past the open-file limit would fail silently at accept(): cap them below it.
+        config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
         server = UdsServer(config, application, address)
         server.run(sockets=[bound.sock])
         return 0 if server.started else STARTUP_FAILURE

@@ -35,11 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         default = option.shown_default or _show(getattr(defaults, name))
         text = f"{option.help} [env {option.env}; default {default}]".replace("%", "%%")
         if option.metavar is None:
-            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
+            parser.add_argument(
+                flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
-            parser.add_argument(flag(name), dest=name, metavar=option.metavar, default=None, help=text,
-                                action="append" if option.repeat else "store")
+            parser.add_argument(
+                flag(name),
+                dest=name,
+                metavar=option.metavar,
+                default=None,
+                help=text,
+                action="append" if option.repeat else "store",
+            )
     parser.add_argument("--version", action="version", version=f"uds-server {__version__}")
     return parser
 

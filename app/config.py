@@ -136,79 +136,174 @@ class Option:
     """The default as ``--help`` shows it, when ``str(default)`` does not read well."""
 
 
-def _setting(default: Any, option: Option) -> Any:
-    """A ``Settings`` field: its default and its ``Option``."""
+def _setting(
+    default: Any,
+    *,
+    env: str,
+    help: str,
+    metavar: str | None = None,
+    convert: Callable[[object], object] = _as_str,
+    repeat: bool = False,
+    shown_default: str | None = None,
+) -> Any:
+    """A ``Settings`` field: its default, with its ``Option`` in the field's metadata."""
+    option = Option(env, help, metavar, convert, repeat, shown_default)
     return field(default=default, metadata={"option": option})
+
+
+_ANYONE = "anyone who can open the socket"
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the server can be told. Defaults are the production defaults."""
 
-    socket: str = _setting("/csi/csi.sock", Option(
-        ENV_VAR, "socket to serve: unix:///abs/path, unix:/abs/path, /abs/path, http+unix://%2F...",
-        "ADDRESS", _as_socket, shown_default="unix:///csi/csi.sock"))
+    socket: str = _setting(
+        "/csi/csi.sock",
+        env=ENV_VAR,
+        help="socket to serve: unix:///abs/path, unix:/abs/path, /abs/path, http+unix://%2F...",
+        metavar="ADDRESS",
+        convert=_as_socket,
+        shown_default="unix:///csi/csi.sock",
+    )
     """Absolute socket path (already parsed from ``unix:///...`` or a bare path)."""
-    host: str | None = _setting(None, Option(
-        "UDS_HOST", "serve TCP on this host instead of the socket (debugging, benchmarks); needs --port",
-        "HOST"))
-    port: int | None = _setting(None, Option(
-        "UDS_PORT", "serve TCP on this port instead of the socket (0 picks a free port)", "PORT", _port))
-    socket_mode: int = _setting(0o660, Option(
-        "UDS_SOCKET_MODE", "octal permissions of the socket; keep 0600 at least", "MODE", _mode,
-        shown_default="0660"))
-    socket_group: int | None = _setting(None, Option(
-        "UDS_SOCKET_GROUP", "group (name or gid) that owns the socket, for clients in other containers",
-        "GROUP", _group, shown_default="the process's group"))
+    host: str | None = _setting(
+        None,
+        env="UDS_HOST",
+        help="serve TCP on this host instead of the socket (debugging, benchmarks); needs --port",
+        metavar="HOST",
+    )
+    port: int | None = _setting(
+        None,
+        env="UDS_PORT",
+        help="serve TCP on this port instead of the socket (0 picks a free port)",
+        metavar="PORT",
+        convert=_port,
+    )
+    socket_mode: int = _setting(
+        0o660,
+        env="UDS_SOCKET_MODE",
+        help="octal permissions of the socket; keep 0600 at least",
+        metavar="MODE",
+        convert=_mode,
+        shown_default="0660",
+    )
+    socket_group: int | None = _setting(
+        None,
+        env="UDS_SOCKET_GROUP",
+        help="group (name or gid) that owns the socket, for clients in other containers",
+        metavar="GROUP",
+        convert=_group,
+        shown_default="the process's group",
+    )
     """Group id the socket is chowned to; ``None`` keeps the process's group."""
-    allow_uid: tuple[int, ...] = _setting((), Option(
-        "UDS_ALLOW_UID", "only peers with this uid may call the API (repeatable; SO_PEERCRED)", "UID",
-        _ids, repeat=True, shown_default="anyone who can open the socket"))
-    """Peers allowed to call the API; empty means anyone who can open the socket."""
-    allow_gid: tuple[int, ...] = _setting((), Option(
-        "UDS_ALLOW_GID", "only peers with this gid may call the API (repeatable; SO_PEERCRED)", "GID",
-        _ids, repeat=True, shown_default="anyone who can open the socket"))
-    log_level: str = _setting("info", Option(
-        "UDS_LOG_LEVEL", ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1], "LEVEL",
-        _choice(LOG_LEVELS)))
-    log_format: str = _setting("text", Option(
-        "UDS_LOG_FORMAT", "text (demo lines bare, for kubectl logs) or json (one object per line)",
-        "FORMAT", _choice(LOG_FORMATS)))
-    access_log: bool = _setting(False, Option(
-        "UDS_ACCESS_LOG", "log one line per request (costs speed)", convert=_bool))
-    max_text_length: int = _setting(4096, Option(
-        "UDS_MAX_TEXT_LENGTH", "longest message text, in characters", "N", _positive_int))
-    max_body_bytes: int = _setting(64 * 1024, Option(
-        "UDS_MAX_BODY_BYTES", "largest request body, in bytes", "BYTES", _positive_int))
-    history_size: int = _setting(1000, Option(
-        "UDS_HISTORY_SIZE", "messages kept in memory", "N", _positive_int))
-    idempotency_keys: int = _setting(10_000, Option(
-        "UDS_IDEMPOTENCY_KEYS", "Idempotency-Key values remembered", "N", _positive_int))
-    shutdown_timeout: float = _setting(20.0, Option(
-        "UDS_SHUTDOWN_TIMEOUT",
-        "seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)", "SECONDS",
-        _positive_float))
-    keepalive_timeout: float = _setting(15.0, Option(
-        "UDS_KEEPALIVE_TIMEOUT", "seconds an idle keep-alive connection stays open", "SECONDS",
-        _positive_float))
+    allow_uid: tuple[int, ...] = _setting(
+        (),
+        env="UDS_ALLOW_UID",
+        help="only peers with this uid may call the API (repeatable; SO_PEERCRED)",
+        metavar="UID",
+        convert=_ids,
+        repeat=True,
+        shown_default=_ANYONE,
+    )
+    """Peers allowed to call the API; empty (with ``allow_gid`` empty) means anyone."""
+    allow_gid: tuple[int, ...] = _setting(
+        (),
+        env="UDS_ALLOW_GID",
+        help="only peers with this gid may call the API (repeatable; SO_PEERCRED)",
+        metavar="GID",
+        convert=_ids,
+        repeat=True,
+        shown_default=_ANYONE,
+    )
+    log_level: str = _setting(
+        "info",
+        env="UDS_LOG_LEVEL",
+        help=", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1],
+        metavar="LEVEL",
+        convert=_choice(LOG_LEVELS),
+    )
+    log_format: str = _setting(
+        "text",
+        env="UDS_LOG_FORMAT",
+        help="text (demo lines bare, for kubectl logs) or json (one object per line)",
+        metavar="FORMAT",
+        convert=_choice(LOG_FORMATS),
+    )
+    access_log: bool = _setting(
+        False, env="UDS_ACCESS_LOG", help="log one line per request (costs speed)", convert=_bool
+    )
+    max_text_length: int = _setting(
+        4096,
+        env="UDS_MAX_TEXT_LENGTH",
+        help="longest message text, in characters",
+        metavar="N",
+        convert=_positive_int,
+    )
+    max_body_bytes: int = _setting(
+        64 * 1024,
+        env="UDS_MAX_BODY_BYTES",
+        help="largest request body, in bytes",
+        metavar="BYTES",
+        convert=_positive_int,
+    )
+    history_size: int = _setting(
+        1000, env="UDS_HISTORY_SIZE", help="messages kept in memory", metavar="N", convert=_positive_int
+    )
+    idempotency_keys: int = _setting(
+        10_000,
+        env="UDS_IDEMPOTENCY_KEYS",
+        help="Idempotency-Key values remembered",
+        metavar="N",
+        convert=_positive_int,
+    )
+    shutdown_timeout: float = _setting(
+        20.0,
+        env="UDS_SHUTDOWN_TIMEOUT",
+        help="seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)",
+        metavar="SECONDS",
+        convert=_positive_float,
+    )
+    keepalive_timeout: float = _setting(
+        15.0,
+        env="UDS_KEEPALIVE_TIMEOUT",
+        help="seconds an idle keep-alive connection stays open",
+        metavar="SECONDS",
+        convert=_positive_float,
+    )
     """Server keep-alive; the client keeps idle connections for less than this."""
-    request_timeout: float = _setting(30.0, Option(
-        "UDS_REQUEST_TIMEOUT", "seconds a client has to send a whole request before it gets 408",
-        "SECONDS", _positive_float))
-    """A client that has not sent a whole request (headers and body) by then is cut off."""
-    send_timeout: float = _setting(30.0, Option(
-        "UDS_SEND_TIMEOUT",
-        "seconds a response may make no write progress (a client that does not read) "
-        "before the connection is closed", "SECONDS", _positive_float))
-    max_connections: int = _setting(4096, Option(
-        "UDS_MAX_CONNECTIONS",
-        "concurrent connections; past it new requests get 503. Keep it below the open-file limit, "
-        "which the server raises to its hard limit at start", "N", _positive_int))
-    reply: str = _setting("Hello from server via UDS", Option(
-        "UDS_REPLY", "the reply text sent with every stored message", "TEXT"))
-    debug: bool = _setting(False, Option(
-        "UDS_DEBUG", "log tracebacks (never sent to clients)", convert=_bool))
-    """Log tracebacks (never sent to clients)."""
+    request_timeout: float = _setting(
+        30.0,
+        env="UDS_REQUEST_TIMEOUT",
+        help="seconds a client has to send a whole request (head and body) before it gets 408",
+        metavar="SECONDS",
+        convert=_positive_float,
+    )
+    send_timeout: float = _setting(
+        30.0,
+        env="UDS_SEND_TIMEOUT",
+        help="seconds a response may make no write progress (a client that does not read) "
+        "before the connection is closed",
+        metavar="SECONDS",
+        convert=_positive_float,
+    )
+    max_connections: int = _setting(
+        4096,
+        env="UDS_MAX_CONNECTIONS",
+        help="concurrent connections; past it new requests get 503. Keep it below the open-file "
+        "limit, which the server raises to its hard limit at start",
+        metavar="N",
+        convert=_positive_int,
+    )
+    reply: str = _setting(
+        "Hello from server via UDS",
+        env="UDS_REPLY",
+        help="the reply text sent with every stored message",
+        metavar="TEXT",
+    )
+    debug: bool = _setting(
+        False, env="UDS_DEBUG", help="log tracebacks (never sent to clients)", convert=_bool
+    )
 
     @property
     def uses_tcp(self) -> bool:

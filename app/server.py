@@ -89,7 +89,10 @@ class UdsServer(uvicorn.Server):
         busy = len(state.tasks)
         logger.info(
             "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
-            names, len(state.connections), busy, self.config.timeout_graceful_shutdown or 0,
+            names,
+            len(state.connections),
+            busy,
+            self.config.timeout_graceful_shutdown or 0,
         )
         loop = asyncio.get_running_loop()
         began = loop.time()

@@ -82,8 +82,18 @@ def _parsed(*argv: str, env: dict[str, str] | None = None) -> Settings:
 
 
 def test_flags_through_the_parser() -> None:
-    s = _parsed("--allow-uid", "1000", "--allow-uid", "1001", "--send-timeout", "2.5",
-                "--max-connections", "64", "--access-log", env={"UDS_MAX_CONNECTIONS": "8"})
+    s = _parsed(
+        "--allow-uid",
+        "1000",
+        "--allow-uid",
+        "1001",
+        "--send-timeout",
+        "2.5",
+        "--max-connections",
+        "64",
+        "--access-log",
+        env={"UDS_MAX_CONNECTIONS": "8"},
+    )
     assert s.allow_uid == (1000, 1001)
     assert s.send_timeout == 2.5
     assert s.max_connections == 64, "the flag beats the environment"
@@ -146,7 +156,9 @@ def test_conversions() -> None:
     root = grp.getgrgid(0).gr_name
     s = Settings.from_env(
         {"UDS_ALLOW_UID": "1000, 1001", "UDS_ACCESS_LOG": "yes", "UDS_LOG_LEVEL": "DEBUG"},
-        allow_gid=["5", "6"], socket_group=root, socket_mode="640",
+        allow_gid=["5", "6"],
+        socket_group=root,
+        socket_mode="640",
     )
     assert s.allow_uid == (1000, 1001)
     assert s.allow_gid == (5, 6)
@@ -163,21 +175,37 @@ def test_unknown_override_is_a_programming_error() -> None:
 
 def _server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": "/usr/bin:/bin", **(env or {})}
-    return subprocess.run([PYTHON, "-m", "app", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=full_env, timeout=60, check=False)
+    return subprocess.run(
+        [PYTHON, "-m", "app", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "env", "line"),
     [
-        (["--socket-mode", "999"], {},
-         "Error: invalid value '999' for --socket-mode (UDS_SOCKET_MODE): "
-         "invalid literal for int() with base 8: '999'"),
-        ([], {"UDS_SOCKET_MODE": "0400"},
-         "Error: invalid value '0400' for --socket-mode (UDS_SOCKET_MODE): "
-         "the owner needs read and write (0600) to serve the socket"),
-        (["--log-format", "xml"], {},
-         "Error: invalid value 'xml' for --log-format (UDS_LOG_FORMAT): choose one of text, json"),
+        (
+            ["--socket-mode", "999"],
+            {},
+            "Error: invalid value '999' for --socket-mode (UDS_SOCKET_MODE): "
+            "invalid literal for int() with base 8: '999'",
+        ),
+        (
+            [],
+            {"UDS_SOCKET_MODE": "0400"},
+            "Error: invalid value '0400' for --socket-mode (UDS_SOCKET_MODE): "
+            "the owner needs read and write (0600) to serve the socket",
+        ),
+        (
+            ["--log-format", "xml"],
+            {},
+            "Error: invalid value 'xml' for --log-format (UDS_LOG_FORMAT): choose one of text, json",
+        ),
     ],
 )
 def test_cli_bad_value_is_one_line_exit_2(args: list[str], env: dict[str, str], line: str) -> None:

@@ -66,8 +66,14 @@ def test_peer_pid_is_the_connecting_process(tmp: Path) -> None:
             "s,b=h(sys.argv[1],'POST','/messages',b'{\"text\":\"x\"}',{'content-type':'application/json'});"
             "print(json.dumps({'pid':os.getpid(),'peer':json.loads(b)['peer']}))"
         )
-        out = subprocess.run([sys.executable, "-c", code, str(server.socket_path)], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(server.socket_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+            timeout=60,
+        )
         result = json.loads(out.stdout)
         assert result["peer"]["pid"] == result["pid"] != os.getpid()
 
@@ -196,8 +202,15 @@ def test_permission_denied_is_a_startup_failure(tmp: Path) -> None:
     os.chmod(tmp, 0o755)  # nobody may enter, not write
     path = tmp / "s.sock"
     result = subprocess.run(
-        [sys.executable, "-m", "app", "--socket", str(path)], capture_output=True, text=True, timeout=60,
-        cwd=Path(__file__).resolve().parents[2], user=65534, group=65534, extra_groups=[], check=False,
+        [sys.executable, "-m", "app", "--socket", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        check=False,
     )
     assert result.returncode == 3, result
     assert result.stdout.splitlines() == [
@@ -212,12 +225,18 @@ def test_group_not_allowed_is_a_startup_failure(tmp: Path) -> None:
     import subprocess
 
     assert os.geteuid() == 0, "this test switches to the nobody user"
-    os.chmod(tmp, 0o1777)
+    os.chown(tmp, 65534, 65534)  # the server's own directory: no warning about other writers
     path = tmp / "s.sock"
     result = subprocess.run(
-        [sys.executable, "-m", "app", "--socket", str(path), "--socket-group", "0"], capture_output=True,
-        text=True, timeout=60, cwd=Path(__file__).resolve().parents[2], user=65534, group=65534,
-        extra_groups=[], check=False,
+        [sys.executable, "-m", "app", "--socket", str(path), "--socket-group", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        check=False,
     )
     assert result.returncode == 3, result
     assert result.stdout.splitlines() == [
@@ -321,8 +340,13 @@ def test_text_formatter() -> None:
 
 
 def test_text_formatter_puts_the_peer_on_the_line_after_the_demo_line() -> None:
-    record = _record("app.messages", logging.INFO, "📩 Server received: Hello from client",
-                     peer={"pid": 0, "uid": 10002, "gid": 10000}, message_id=7)
+    record = _record(
+        "app.messages",
+        logging.INFO,
+        "📩 Server received: Hello from client",
+        peer={"pid": 0, "uid": 10002, "gid": 10000},
+        message_id=7,
+    )
     demo, peer = TextFormatter().format(record).split("\n")
     assert demo == "📩 Server received: Hello from client"
     assert peer == "  from peer pid=0 uid=10002 gid=10000 (message 7)"
@@ -333,8 +357,13 @@ def test_text_formatter_puts_the_peer_on_the_line_after_the_demo_line() -> None:
 
 def test_json_formatter_extras() -> None:
     line = JsonFormatter().format(
-        _record("app.messages", logging.INFO, "📩 Server received: %s", peer={"pid": 1, "uid": 2, "gid": 3},
-                color_message="x")
+        _record(
+            "app.messages",
+            logging.INFO,
+            "📩 Server received: %s",
+            peer={"pid": 1, "uid": 2, "gid": 3},
+            color_message="x",
+        )
     )
     entry = json.loads(line)
     assert entry["message"] == "📩 Server received: %s"
@@ -366,7 +395,6 @@ def test_configure_routes_uvicorn_through_one_handler() -> None:
             logging.getLogger(name).setLevel(logging.NOTSET)
         logging.getLogger("uvicorn.access").propagate = True
         logging.captureWarnings(False)
-
 
 
 class _CountingStream(io.StringIO):
@@ -402,8 +430,12 @@ def test_batching_handler_writes_one_loop_turn_at_once_and_keeps_order() -> None
     handler.handle(_record("app", logging.INFO, "after the loop"))
     handler.close()
     lines = stream.getvalue().splitlines()
-    assert lines == ["before the loop", *(f"📩 Server received: {i}" for i in range(100)),
-                     "pending at close", "after the loop"]
+    assert lines == [
+        "before the loop",
+        *(f"📩 Server received: {i}" for i in range(100)),
+        "pending at close",
+        "after the loop",
+    ]
 
 
 def test_batching_handler_serves_a_second_event_loop() -> None:

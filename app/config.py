@@ -6,7 +6,7 @@ argument parser (``app.__main__``) are both generated from those fields, so addi
 entry here. Nothing here reads ``os.environ`` at import.
 
 Why not pydantic-settings: importing it costs about 150 ms, measured on this project's machine,
-against about 55 ms for the whole ``uds-server --help``; this module needs only the standard library.
+against 40-60 ms for the whole ``uds-server --help``; this module needs only the standard library.
 """
 
 from __future__ import annotations

@@ -58,15 +58,22 @@ class BoundSocket:
     identity: tuple[int, int, int] = (0, 0, 0)
     """(st_dev, st_ino, st_ctime_ns) after setup: inode numbers alone are reused at once."""
 
-    def remove(self) -> bool:
-        """Unlink the socket file if it is still the inode we created; True if removed."""
+    def in_place(self) -> bool | None:
+        """True while ``path`` is still our socket, False if something replaced it, None if gone."""
         if self.path is None:
-            return False
+            return None
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
+            return None
+        return _identity(st) == self.identity and stat.S_ISSOCK(st.st_mode)
+
+    def remove(self) -> bool:
+        """Unlink the socket file if it is still the inode we created; True if removed."""
+        state = self.in_place()
+        if state is None or self.path is None:
             return False
-        if _identity(st) != self.identity or not stat.S_ISSOCK(st.st_mode):
+        if not state:
             logger.warning("Left %s in place: it is no longer the socket this server created", self.path)
             return False
         with contextlib.suppress(FileNotFoundError):

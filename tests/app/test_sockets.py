@@ -95,8 +95,8 @@ def test_never_more_open_than_target_while_binding(tmp: Path, monkeypatch: pytes
         record(path, kwargs)
         real_chmod(path, mode, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sockets.os, "chown", chown)
-    monkeypatch.setattr(sockets.os, "chmod", chmod)
+    monkeypatch.setattr(os, "chown", chown)
+    monkeypatch.setattr(os, "chmod", chmod)
     old = os.umask(0)  # the most permissive process umask must not leak into the socket
     try:
         bound = bind_unix(str(target), 0o660, os.getgid())
@@ -147,6 +147,7 @@ def test_path_too_long() -> None:
 def _refused(path: Path, kind: str) -> None:
     with pytest.raises(SocketError, match=rf"exists and is {kind}; left untouched"):
         bind_unix(str(path))
+    assert os.listdir(path.parent) == [path.name] or kind == "a symbolic link", "private directory removed"
 
 
 def test_regular_file_refused_and_untouched(tmp: Path) -> None:
@@ -254,6 +255,179 @@ def test_close_is_idempotent_and_tolerates_missing_file(tmp: Path) -> None:
     bound.close()
     bound.close()
     assert not path.exists()
+
+
+# Races with another user at the path, made deterministic -------------------------------------------
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int, int]:
+    st = os.lstat(path)
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_ctime_ns)
+
+
+@pytest.fixture
+def victim(tmp: Path) -> Path:
+    """A 0600 file of the server's user that a symlink at the socket path points to."""
+    vault = tmp / "vault"
+    vault.mkdir(mode=0o700)
+    secret = vault / "secret"
+    secret.write_text("owner only")
+    secret.chmod(0o600)
+    return secret
+
+
+def _swap_in_symlink(path: Path, target: Path) -> None:
+    """What another uid does: rename a fresh symlink over the path (atomic, whatever is there)."""
+    link = path.with_name(".swap")
+    link.symlink_to(target)
+    os.rename(link, path)
+
+
+def _other_gid() -> int:
+    return 4321 if os.geteuid() == 0 else os.getgid()
+
+
+def test_symlink_swapped_in_before_the_rename_is_replaced_not_followed(
+        tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp / "s.sock"
+    before = _fingerprint(victim)
+    real_check = sockets._check_target
+
+    def check_then_swap(target: str, parent_fd: int) -> bool:
+        stale = real_check(target, parent_fd)
+        _swap_in_symlink(path, victim)  # after the last check, before the rename
+        return stale
+
+    monkeypatch.setattr(sockets, "_check_target", check_then_swap)
+    bound = bind_unix(str(path), 0o660, _other_gid())
+    try:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode), "the rename replaces the symlink itself"
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, _other_gid())
+        assert _fingerprint(victim) == before
+    finally:
+        bound.close()
+    assert not path.exists()
+
+
+def test_socket_replaced_right_after_the_rename_fails_the_start(
+        tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp / "s.sock"
+    before = _fingerprint(victim)
+    real_rename = os.rename
+
+    def rename_then_swap(src: str, dst: str, **kwargs: int) -> None:
+        real_rename(src, dst, **kwargs)
+        if dst == path.name:
+            _swap_in_symlink(path, victim)
+
+    monkeypatch.setattr(os, "rename", rename_then_swap)
+    with pytest.raises(SocketError) as caught:
+        bind_unix(str(path), 0o660, _other_gid())
+    monkeypatch.undo()
+    assert str(caught.value) == (
+        f"cannot listen on {path}: another program replaced the socket as soon as it appeared; another user "
+        f"can write its directory {tmp}: make it writable only by the server's user and the socket's group"
+    )
+    assert os.readlink(path) == str(victim), "the replacement is left alone"
+    assert _fingerprint(victim) == before
+    assert sorted(os.listdir(tmp)) == ["s.sock", "vault"], "no private directory left behind"
+
+
+def test_private_directory_swapped_for_a_symlink_is_refused(
+        tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another uid renames the private directory away and puts a symlink to a directory there."""
+    path = tmp / "s.sock"
+    decoy = victim.parent
+    before = (_fingerprint(decoy), sorted(os.listdir(decoy)))
+    real_mkdtemp = sockets.tempfile.mkdtemp
+
+    def mkdtemp_then_swap(prefix: str, dir: str) -> str:
+        made = real_mkdtemp(prefix=prefix, dir=dir)
+        os.rename(made, made + ".moved")
+        os.symlink(decoy, made)
+        return made
+
+    monkeypatch.setattr(sockets.tempfile, "mkdtemp", mkdtemp_then_swap)
+    with pytest.raises(SocketError, match=r"its private directory .* was replaced during start"):
+        bind_unix(str(path), 0o660, _other_gid())
+    assert (_fingerprint(decoy), sorted(os.listdir(decoy))) == before
+    assert not os.path.lexists(path)
+
+
+def test_bind_without_proc_uses_the_private_path(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sockets, "PROC_FD", str(tmp / "no-proc"))
+    bound = bind_unix(str(tmp / "s.sock"), 0o640)
+    try:
+        assert _mode(tmp / "s.sock") == 0o640
+        assert os.listdir(tmp) == ["s.sock"]
+    finally:
+        bound.close()
+
+
+def test_longest_path_binds_although_the_private_one_is_longer(tmp: Path) -> None:
+    name = "x" * (107 - len(str(tmp)) - 1)
+    path = tmp / name
+    assert len(os.fsencode(str(path))) == 107
+    bound = bind_unix(str(path))
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert _mode(path) == 0o660
+    finally:
+        bound.close()
+
+
+# The warning about who else can write the directory ----------------------------------------------------
+
+
+def _warnings(directory: Path, caplog: pytest.LogCaptureFixture, group: int | None = None) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.sockets"):
+        bound = bind_unix(str(directory / "s.sock"), 0o660, group)
+    bound.close()
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_warns_when_every_user_can_write_the_directory(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp.chmod(0o777)
+    gid = os.getegid()
+    assert _warnings(tmp, caplog) == [
+        f"Socket directory {tmp} can be written by every user (mode 0777, owner uid {os.geteuid()}, "
+        f"group {gid}): any of them can remove the socket or replace it with their own, so clients could "
+        f"reach another program; keep it writable only by uid {os.geteuid()} and group {gid}, or mount it "
+        "read-only in the other containers"
+    ]
+
+
+def test_sticky_bit_is_described_as_a_partial_guard(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp.chmod(0o1777)
+    (line,) = _warnings(tmp, caplog)
+    assert "can be written by every user (mode 1777" in line
+    assert ("its sticky bit stops them from renaming or removing the socket while it exists, but any of "
+            "them can take the path before the server starts or after it stops") in line
+
+
+def test_warns_when_another_group_can_write_it(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert os.geteuid() == 0, "needs root to give the directory to another group"
+    os.chown(tmp, -1, 4242)
+    tmp.chmod(0o770)
+    (line,) = _warnings(tmp, caplog, group=4321)
+    assert f"Socket directory {tmp} can be written by group 4242 (mode 0770" in line
+    assert _warnings(tmp, caplog, group=4242) == [], "the socket's own group may write it"
+
+
+def test_warns_when_another_user_owns_the_directory(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert os.geteuid() == 0, "needs root to give the directory to another user"
+    os.chown(tmp, 65534, -1)
+    tmp.chmod(0o755)
+    (line,) = _warnings(tmp, caplog)
+    assert f"Socket directory {tmp} can be written by its owner uid 65534 (mode 0755" in line
+
+
+@pytest.mark.parametrize("mode", [0o750, 0o700, 0o755])
+def test_no_warning_for_a_private_directory(tmp: Path, caplog: pytest.LogCaptureFixture, mode: int) -> None:
+    tmp.chmod(mode)
+    assert _warnings(tmp, caplog) == []
 
 
 def test_tcp_port_zero_picks_a_port() -> None:

@@ -224,8 +224,9 @@ class _PrivateDir:
             os.close(self.fd)
 
 
-def _bind_privately(path: str, private: _PrivateDir, mode: int, group: int | None,
-                    backlog: int) -> BoundSocket:
+def _bind_privately(
+    path: str, private: _PrivateDir, mode: int, group: int | None, backlog: int
+) -> BoundSocket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Owner-only while it is bound: never more open than the target mode (which includes 0600).
@@ -257,8 +258,9 @@ def _inner_stat(path: str, private: _PrivateDir) -> os.stat_result:
         raise _replaced(path, f"its private directory {private.path} was replaced during start") from exc
 
 
-def _apply_owner_and_mode(path: str, private: _PrivateDir, made: tuple[int, int], mode: int,
-                          group: int | None) -> None:
+def _apply_owner_and_mode(
+    path: str, private: _PrivateDir, made: tuple[int, int], mode: int, group: int | None
+) -> None:
     """Set group and mode on the socket inside the private directory, without following symlinks."""
     if group is not None:
         try:
@@ -378,7 +380,14 @@ def _warn_if_shared(parent: str, st: os.stat_result, group: int | None) -> None:
     logger.warning(
         "Socket directory %s can be written by %s (mode %04o, owner uid %d, group %d): %s; "
         "keep it writable only by uid %d and group %d, or mount it read-only in the other containers",
-        parent, " and ".join(writers), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, risk, euid, socket_gid,
+        parent,
+        " and ".join(writers),
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        risk,
+        euid,
+        socket_gid,
     )
 
 

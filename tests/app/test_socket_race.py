@@ -89,8 +89,14 @@ class Swapper:
         self.stop_file = directory / ".stop"
         self.proc = subprocess.Popen(
             [PYTHON, "-c", SWAPPER, str(directory), name, str(victim), str(self.stop_file), str(limit)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
-            user=NOBODY, group=NOBODY, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            env={"PATH": "/usr/bin:/bin"},
         )
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()
@@ -204,9 +210,17 @@ def test_swapper_can_write_the_directory(arena: tuple[Path, Path]) -> None:
             "import os, sys; os.symlink(sys.argv[2], sys.argv[1] + '.l'); "
             "os.rename(sys.argv[1] + '.l', sys.argv[1])"
         )
-        result = subprocess.run([sys.executable, "-c", code, str(path), str(victim)], user=NOBODY,
-                                group=NOBODY, extra_groups=[], capture_output=True, text=True, cwd=ROOT,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(victim)],
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         assert os.readlink(path) == str(victim)
     finally:

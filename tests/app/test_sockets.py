@@ -84,8 +84,14 @@ def test_never_more_open_than_target_while_binding(tmp: Path, monkeypatch: pytes
     def record(name: str, kwargs: dict[str, object]) -> None:
         fd = kwargs["dir_fd"]
         assert isinstance(fd, int)
-        seen.append((name, stat.S_IMODE(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode),
-                     {k: v for k, v in kwargs.items() if k != "dir_fd"}, os.path.lexists(target)))
+        seen.append(
+            (
+                name,
+                stat.S_IMODE(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode),
+                {k: v for k, v in kwargs.items() if k != "dir_fd"},
+                os.path.lexists(target),
+            )
+        )
 
     def chown(path: str, uid: int, gid: int, **kwargs: object) -> None:
         record(path, kwargs)
@@ -288,7 +294,8 @@ def _other_gid() -> int:
 
 
 def test_symlink_swapped_in_before_the_rename_is_replaced_not_followed(
-        tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp / "s.sock"
     before = _fingerprint(victim)
     real_check = sockets._check_target
@@ -311,7 +318,8 @@ def test_symlink_swapped_in_before_the_rename_is_replaced_not_followed(
 
 
 def test_socket_replaced_right_after_the_rename_fails_the_start(
-        tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp / "s.sock"
     before = _fingerprint(victim)
     real_rename = os.rename
@@ -335,7 +343,8 @@ def test_socket_replaced_right_after_the_rename_fails_the_start(
 
 
 def test_private_directory_swapped_for_a_symlink_is_refused(
-        tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another uid renames the private directory away and puts a symlink to a directory there."""
     path = tmp / "s.sock"
     decoy = victim.parent
@@ -403,8 +412,10 @@ def test_sticky_bit_is_described_as_a_partial_guard(tmp: Path, caplog: pytest.Lo
     tmp.chmod(0o1777)
     (line,) = _warnings(tmp, caplog)
     assert "can be written by every user (mode 1777" in line
-    assert ("its sticky bit stops them from renaming or removing the socket while it exists, but any of "
-            "them can take the path before the server starts or after it stops") in line
+    assert (
+        "its sticky bit stops them from renaming or removing the socket while it exists, but any of "
+        "them can take the path before the server starts or after it stops"
+    ) in line
 
 
 def test_warns_when_another_group_can_write_it(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -497,8 +508,9 @@ def test_server_refuses_non_socket_path(tmp: Path, kind: str) -> None:
 def test_server_applies_mode_and_group(tmp: Path) -> None:
     assert os.geteuid() == 0, "chown to another group needs root here"
     path = str(tmp / "s.sock")
-    with ServerProcess(["--socket", path, "--socket-mode", "0640", "--socket-group", "daemon"],
-                       socket_path=path) as server:
+    with ServerProcess(
+        ["--socket", path, "--socket-mode", "0640", "--socket-group", "daemon"], socket_path=path
+    ) as server:
         server.wait_ready()
         st = os.lstat(path)
         assert stat.S_IMODE(st.st_mode) == 0o640

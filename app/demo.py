@@ -9,8 +9,6 @@ the directory. Exit 0 when all of that worked, else 1 with one line saying what 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import IO
+
+from client.cli.spawn import ServerProcess, SpawnError, app_command
 
 __all__ = ["main"]
 
@@ -70,49 +70,12 @@ class _Lines:
         self._thread.join(timeout)
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("UDS_SOCKET", None)
-    return env
-
-
-def _start_server(path: str) -> tuple[subprocess.Popen[str], _Lines]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app", "--socket", path],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=_child_env(),
-    )
-    assert server.stdout is not None
-    return server, _Lines("uds-server", server.stdout)
-
-
-def _wait_ready(server: subprocess.Popen[str], path: str) -> None:
-    from client._errors import ConnectError
-    from client._probe import probe
-
-    deadline = time.monotonic() + START_TIMEOUT
-    delay = 0.01
-    reason = "not started"
-    while True:
-        if server.poll() is not None:
-            raise DemoError(f"uds-server exited with code {server.returncode} before it was ready")
-        try:
-            status, _ = probe(path, timeout=1.0)
-            if status == 200:
-                return
-            reason = f"/healthz answered {status}"
-        except ConnectError as exc:
-            reason = exc.reason
-        if time.monotonic() >= deadline:
-            raise DemoError(f"uds-server did not answer on {path} within {START_TIMEOUT:g}s ({reason})")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
 def _run_client(path: str) -> None:
+    # Unbuffered output, and the socket from --socket, never from the environment.
+    env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"} | {"PYTHONUNBUFFERED": "1"}
     client = subprocess.Popen(
         [sys.executable, "-m", "client", "--socket", path, "send", MESSAGE],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=_child_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=env,
     )
     assert client.stdout is not None
     lines = _Lines("uds-client", client.stdout)
@@ -127,36 +90,25 @@ def _run_client(path: str) -> None:
         raise DemoError(f"uds-client exited with code {code}")
 
 
-def _stop_server(server: subprocess.Popen[str], lines: _Lines) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        code = server.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-        raise DemoError(f"uds-server did not stop within {STOP_TIMEOUT:g}s of SIGTERM") from None
-    lines.join(5)
-    if code != 0:
-        raise DemoError(f"uds-server exited with code {code} after SIGTERM (expected 0)")
-
-
 def run() -> None:
     """Run the demo; raise :class:`DemoError` on the first step that fails."""
-    directory = tempfile.mkdtemp(prefix="uds-demo-", dir="/tmp")
-    path = os.path.join(directory, "csi.sock")
-    server: subprocess.Popen[str] | None = None
-    try:
-        server, lines = _start_server(path)
-        _wait_ready(server, path)
-        _run_client(path)
-        if not lines.wait_for(RECEIVED, 10.0):
-            raise DemoError(f"uds-server never logged {RECEIVED!r}")
-        _stop_server(server, lines)
-    finally:
-        if server is not None and server.poll() is None:
-            server.kill()
-            server.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="uds-demo-", dir="/tmp") as directory:
+        path = os.path.join(directory, "csi.sock")
+        with ServerProcess(app_command("--socket", path), socket=path, stdout=subprocess.PIPE, text=True,
+                           env={"UDS_SOCKET": None}) as server:
+            assert server.proc.stdout is not None
+            lines = _Lines("uds-server", server.proc.stdout)
+            try:
+                server.wait_ready(START_TIMEOUT)
+                _run_client(path)
+                if not lines.wait_for(RECEIVED, 10.0):
+                    raise DemoError(f"uds-server never logged {RECEIVED!r}")
+                code = server.stop(timeout=STOP_TIMEOUT)
+            except SpawnError as exc:
+                raise DemoError(str(exc)) from exc
+            lines.join(5)
+            if code != 0:
+                raise DemoError(f"uds-server exited with code {code} after SIGTERM (expected 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

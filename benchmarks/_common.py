@@ -11,17 +11,15 @@ import json
 import os
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from client.cli.spawn import ServerProcess, SpawnError, app_command, free_port, pinned, socket_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -59,48 +57,7 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def short_dir(prefix: str = "ub") -> str:
-    return tempfile.mkdtemp(prefix=prefix + "-", dir="/tmp")
-
-
-def healthz_uds(path: str, timeout: float = 1.0) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            return sock.recv(16).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-def healthz_tcp(port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            return sock.recv(16).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-def poll(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.002) -> float:
-    """Call ``check`` until true; return the seconds it took, or raise after ``timeout``."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
-class Server:
+class Server(ServerProcess):
     """``uds-server`` (or the bare Starlette app) on a socket or a loopback port, output discarded."""
 
     def __init__(
@@ -111,43 +68,31 @@ class Server:
         extra: Sequence[str] = (),
         cpus: set[int] | None = None,
     ) -> None:
-        self.dir = short_dir()
-        self.socket = None if tcp else os.path.join(self.dir, "s.sock")
-        self.port = free_port() if tcp else None
-        where = ["--port", str(self.port)] if tcp else ["--socket", str(self.socket)]
+        self.dir = socket_dir("ub")
+        path = None if tcp else os.path.join(self.dir, "s.sock")
+        port = free_port() if tcp else None
+        where = ["--port", str(port)] if tcp else ["--socket", str(path)]
         if kind == "ours":
-            command = [PYTHON, "-m", "app", *where, *extra]
-            if tcp:
-                command[3:3] = ["--host", "127.0.0.1"]
+            command = app_command(*(["--host", "127.0.0.1"] if tcp else []), *where, *extra)
         elif kind == "bare":
             command = [PYTHON, str(HERE / "bare_app.py"), *where, *extra]
         else:
             raise ValueError(kind)
         self.kind = kind
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_pin(cpus),
-        )
+        super().__init__(command, socket=path, port=port, name=f"the {kind} server", cwd=ROOT, cpus=cpus)
 
     @property
     def transport(self) -> str:
         return "tcp" if self.port else "uds"
 
-    def healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.kind} server exited with {self.proc.returncode} during start-up")
-        return healthz_tcp(self.port) if self.port else healthz_uds(str(self.socket))
-
-    def wait_ready(self, timeout: float = 20.0) -> float:
-        """Block until ``GET /healthz`` answers 200; return seconds since the exec."""
-        poll(self.healthy, timeout, f"the {self.kind} server ({self.transport})")
-        return time.monotonic() - self.started
+    def ready(self, timeout: float = 20.0) -> float:
+        """Block until ``GET /healthz`` answers, polling every 2 ms; return seconds since the exec."""
+        try:
+            self.wait_ready(timeout, first_delay=0.002, max_delay=0.002)
+        except SpawnError as exc:
+            raise BenchError(str(exc)) from exc
+        assert self.ready_after is not None
+        return self.ready_after
 
     def target(self) -> Any:
         from client.cli._loadgen import Target
@@ -165,30 +110,11 @@ class Server:
                         total += int(line.split()[1])
         return total
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def close(self) -> None:
+        """Stop with SIGTERM (SIGKILL after 15 s) and remove the socket's directory."""
+        with contextlib.suppress(SpawnError):
+            self.stop(timeout=15)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _pin(cpus: set[int] | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that confines the child to ``cpus`` before it starts any thread."""
-    if not cpus:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
-def split_cpus() -> tuple[set[int], set[int]] | None:
-    """(server CPUs, generator CPUs) when the machine has two or more, so they never share a core."""
-    available = sorted(os.sched_getaffinity(0))
-    if len(available) < 2:
-        return None
-    return {available[0]}, set(available[1:])
 
 
 def _children(pid: int) -> list[int]:
@@ -208,11 +134,11 @@ def servers(*specs: tuple[str, bool], cpus: set[int] | None = None) -> Iterator[
         for kind, tcp in specs:
             started.append(Server(kind, tcp=tcp, cpus=cpus))
         for server in started:
-            server.wait_ready()
+            server.ready()
         yield started
     finally:
         for server in started:
-            server.stop()
+            server.close()
 
 
 def ensure_autocannon() -> str:
@@ -267,7 +193,7 @@ def autocannon(
         text=True,
         check=False,
         timeout=duration + warmup + 60,
-        preexec_fn=_pin(cpus),
+        preexec_fn=pinned(cpus),
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

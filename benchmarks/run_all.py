@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import HERE, Row
 
+from client.cli.bench import json_safe
+
 BENCHES = {
     "a": ("server_transport", "server over UDS vs TCP"),
     "b": ("server_vs_bare", "server vs a bare Starlette route"),
@@ -73,16 +75,6 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the uds-example benchmarks.")
     parser.add_argument("--quick", action="store_true", help="one short round each (a smoke test)")
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [row.as_dict() for row in rows],
         "failures": failures,
     }
-    report = _clean(report)
+    report = json_safe(report)
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(report)
     (args.out / "results.md").write_text(markdown, encoding="utf-8")

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from _common import Row, autocannon, compare, loadgen, main_for, paired, servers, split_cpus
+from _common import Row, autocannon, compare, loadgen, main_for, paired, servers
+
+from client.cli.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:

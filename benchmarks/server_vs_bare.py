@@ -5,7 +5,9 @@ With two or more CPUs the server runs on the first and autocannon on the others.
 
 from __future__ import annotations
 
-from _common import Row, autocannon, compare, main_for, paired, servers, split_cpus
+from _common import Row, autocannon, compare, main_for, paired, servers
+
+from client.cli.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:

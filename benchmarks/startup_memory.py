@@ -13,9 +13,9 @@ from _common import Row, Server, loadgen, main_for, median, servers
 def cold_start(kind: str) -> float:
     server = Server(kind)
     try:
-        return server.wait_ready()
+        return server.ready()
     finally:
-        server.stop()
+        server.close()
 
 
 def rss_during(server: Server, seconds: float, samples: list[int]) -> None:

@@ -13,10 +13,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from client._probe import probe
+from client.cli import spawn
+from client.cli.spawn import poll
 
 T = TypeVar("T")
 
@@ -25,33 +28,21 @@ PYTHON = sys.executable
 _SIGTERM = signal.SIGTERM  # the class below has a method named signal
 
 
-def short_tmpdir(prefix: str = "uds") -> Path:
-    """A fresh directory under /tmp with a short name (AF_UNIX paths stop at 107 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix + "-", dir="/tmp"))
+short_tmpdir = spawn.socket_dir
+"""A fresh directory under /tmp with a short name (AF_UNIX paths stop at 107 bytes)."""
 
 
 def wait_until(check: Callable[[], T | None], *, timeout: float = 10.0, interval: float = 0.01,
                what: str = "condition") -> T:
     """Call ``check`` until it returns something other than None/False, or fail after ``timeout``.
 
-    Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure.
+    Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure. The
+    loop is :func:`client.cli.spawn.poll`, the one the demo, bench and benchmarks use.
     """
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    delay = interval
-    while True:
-        try:
-            result = check()
-        except Exception as exc:  # reported below
-            last = exc
-        else:
-            if result is not None and result is not False:
-                return result
-            last = None
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: {last!r}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+    try:
+        return poll(check, timeout, what=what, retry_on=Exception, first_delay=interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def http_over_uds(path: str, method: str = "GET", target: str = "/healthz", body: bytes | None = None,
@@ -142,12 +133,16 @@ def read_response(conn: socket.socket, buffer: bytearray | None = None) -> tuple
 
 
 def socket_accepts(path: str) -> bool:
-    status, _ = http_over_uds(path, "GET", "/healthz", timeout=1.0)
+    """Whether a server on ``path`` answers ``GET /healthz`` with 200 (raises if nothing answers)."""
+    status, _ = probe(path, timeout=1.0)
     return status == 200
 
 
-class ServerProcess:
-    """A real ``uds-server`` (``python -m app``) in a subprocess, its output captured to a file."""
+class ServerProcess(spawn.ServerProcess):
+    """A real ``uds-server`` (``python -m app ARGS``) with its output captured to a file.
+
+    Failures are AssertionErrors that carry what the server printed.
+    """
 
     def __init__(self, args: Sequence[str], *, socket_path: str | None = None,
                  env: dict[str, str] | None = None, log_path: Path | None = None,
@@ -160,15 +155,10 @@ class ServerProcess:
             os.close(fd)
             log_path = Path(name)
         self.log_path = log_path
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
         self._final_output = ""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [python, "-m", "app", *self.args], stdout=self._log, stderr=subprocess.STDOUT,
-            env=full_env, cwd=ROOT, start_new_session=True,
-        )
+        super().__init__(spawn.app_command(*self.args, python=python), socket=socket_path,
+                         stdout=self._log, env=env, cwd=ROOT)
 
     @property
     def output(self) -> str:
@@ -178,45 +168,27 @@ class ServerProcess:
             return self._final_output
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def wait_ready(self, timeout: float = 15.0) -> ServerProcess:
+    def wait_ready(self, timeout: float = 15.0, **delays: float) -> ServerProcess:
         assert self.socket_path, "wait_ready needs socket_path"
-        path = self.socket_path
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output}")
-            return socket_accepts(path)
-
         try:
-            wait_until(ready, timeout=timeout, what=f"server on {path}")
-        except AssertionError as exc:
+            return super().wait_ready(timeout, **delays)
+        except spawn.SpawnError as exc:
             raise AssertionError(f"{exc}\n--- server output ---\n{self.output}") from None
-        return self
 
     def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
+        self.send_signal(sig)
 
     def stop(self, sig: int = _SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the exit code (killing the process if it hangs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"server did not stop within {timeout}s after {sig!r}:\n{self.output}") from None
+        try:
+            code = super().stop(sig, timeout)
+        except spawn.SpawnError as exc:
+            raise AssertionError(f"{exc}:\n{self.output}") from None
         self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> ServerProcess:
-        return self
+        return code
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        super().__exit__(*exc)
         with contextlib.suppress(Exception):
             self._log.close()
         # Keep what the server said for assertions made after the block, then tidy /tmp.

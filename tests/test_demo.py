@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from app.demo import main
 from tests.support import ROOT
 
 LISTENING = re.compile(r"\[uds-server\] 🔌 Server listening on (/tmp/uds-demo-[^/]+)/csi\.sock")
@@ -31,8 +34,8 @@ def test_demo_prints_both_sides_and_cleans_up() -> None:
     assert result.stderr == ""
 
 
-def test_demo_rejects_arguments_with_exit_2() -> None:
-    result = subprocess.run([sys.executable, "-m", "app.demo", "--bogus"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("Error: uds-demo takes no arguments")
+def test_demo_rejects_arguments_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--bogus"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "Error: uds-demo takes no arguments (got --bogus); try uds-demo --help\n"

@@ -16,21 +16,17 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client._address import to_url
-from client._errors import ClientError, ConnectError, UsageError
+from client._errors import UsageError
+from client._probe import probe
+from client.cli.spawn import ServerProcess, app_command, free_port, probe_tcp, socket_dir, split_cpus
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "json_safe", "run"]
 
 DESCRIPTION = (
     "Send POST /messages with a JSON body over keep-alive connections and report req/s and p50/p90/p99 "
@@ -167,37 +163,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _check_tcp(host: str, port: int, timeout: float) -> None:
-    """One ``GET /healthz`` over TCP; raise :class:`ConnectError` when nothing answers."""
-    address = f"http://{host}:{port}"
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            head = sock.recv(64)
-    except ConnectionRefusedError as exc:
-        hint = "Is a server listening there (uds-server --host/--port)?"
-        raise ConnectError(address, "connection refused", hint) from exc
-    except TimeoutError as exc:
-        raise ConnectError(address, "timed out") from exc
-    except OSError as exc:
-        raise ConnectError(address, exc.strerror or type(exc).__name__) from exc
-    if not head.startswith(b"HTTP/1."):
-        raise ConnectError(address, "not an HTTP server", "Check the --tcp address.")
-
-
-def _check_uds(path: str, timeout: float) -> None:
-    from client._probe import probe
-
-    probe(path, timeout=timeout)
-
-
 @contextlib.contextmanager
 def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT,
                     cpus: set[int] | None = None) -> Iterator[tuple[str, tuple[str, int]]]:
@@ -205,63 +170,27 @@ def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT,
 
     Both run the same code with their default settings; their output goes to /dev/null.
     """
-    directory = tempfile.mkdtemp(prefix="uds-bench-", dir="/tmp")
+    directory = socket_dir("uds-bench")
     path = os.path.join(directory, "b.sock")
-    port = _free_port()
-    command = [sys.executable, "-m", "app"]
-    procs: list[subprocess.Popen[bytes]] = []
+    port = free_port()
     try:
-        for extra in (["--socket", path], ["--host", "127.0.0.1", "--port", str(port)]):
-            procs.append(subprocess.Popen([*command, *extra], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=_pinned(cpus)))
-        _wait_ready(procs, lambda: _check_uds(path, 1.0), to_url(path), timeout)
-        _wait_ready(procs, lambda: _check_tcp("127.0.0.1", port, 1.0), f"http://127.0.0.1:{port}", timeout)
-        yield path, ("127.0.0.1", port)
+        with ServerProcess(app_command("--socket", path), socket=path, cpus=cpus) as uds, \
+                ServerProcess(app_command("--host", "127.0.0.1", "--port", str(port)), port=port,
+                              cpus=cpus) as tcp:
+            uds.wait_ready(timeout)
+            tcp.wait_ready(timeout)
+            yield path, ("127.0.0.1", port)
+            uds.stop()
+            tcp.stop()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _pinned(cpus: set[int] | None) -> Any:
-    """A ``preexec_fn`` confining the child to ``cpus`` before it starts any thread, or None."""
-    if not cpus:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
-def _split_cpus() -> tuple[set[int], set[int]]:
-    available = sorted(os.sched_getaffinity(0))
-    if len(available) < 2:
-        raise UsageError(f"--pin needs at least 2 CPUs; this process may use {len(available)}")
-    return {available[0]}, set(available[1:])
-
-
-def _wait_ready(procs: Sequence[subprocess.Popen[bytes]], check: Any, where: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise ClientError(f"the spawned uds-server exited with {proc.returncode} "
-                                  f"before serving {where}")
-        try:
-            check()
-            return
-        except ConnectError as exc:
-            if time.monotonic() + delay > deadline:
-                raise ClientError(f"the spawned uds-server did not answer on {where} within {timeout:g}s "
-                                  f"({exc.reason})") from exc
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+def _pin_split() -> tuple[set[int], set[int]]:
+    split = split_cpus()
+    if split is None:
+        raise UsageError(f"--pin needs at least 2 CPUs; this process may use {len(os.sched_getaffinity(0))}")
+    return split
 
 
 def _measure(targets: dict[str, Any], args: argparse.Namespace, show: _Progress) -> list[Cell]:
@@ -431,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         if args.pin and not args.spawn:
             raise UsageError("--pin only applies to servers started with --spawn")
         if args.spawn:
-            server_cpus, generator_cpus = _split_cpus() if args.pin else (None, None)
+            server_cpus, generator_cpus = _pin_split() if args.pin else (None, None)
             path, tcp = stack.enter_context(spawned_servers(cpus=server_cpus))
             if generator_cpus:
                 saved = os.sched_getaffinity(0)
@@ -439,9 +368,9 @@ def run(args: argparse.Namespace) -> int:
                 stack.callback(os.sched_setaffinity, 0, saved)
         else:
             path, tcp = args.socket, args.tcp
-            _check_uds(path, args.timeout)
+            probe(path, timeout=args.timeout)
             if tcp is not None:
-                _check_tcp(tcp[0], tcp[1], args.timeout)
+                probe_tcp(tcp[0], tcp[1], timeout=args.timeout)
         targets = {"uds": Target(socket=path)}
         if tcp is not None:
             targets["tcp"] = Target(host=tcp[0], port=tcp[1])
@@ -474,15 +403,15 @@ def _bad(report: dict[str, Any]) -> set[str]:
 
 
 def _dump(report: dict[str, Any]) -> str:
-    """JSON with NaN (no samples) spelled null, as strict parsers expect."""
+    return json.dumps(json_safe(report), indent=2)
 
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
 
-    return json.dumps(clean(report), indent=2)
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN (no samples) spelled None, as strict JSON parsers expect."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value

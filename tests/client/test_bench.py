@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
+from client.cli import main
 from client.cli._loadgen import LoadSpec, Target, build_request, run_load
-from tests.support import ServerProcess, http_over_uds, read_message, run_cli, short_tmpdir, wait_until
+from client.cli.bench import format_table
+from client.cli.spawn import app_command, free_port, spawn
+from tests.support import ROOT, ServerProcess, http_over_uds, read_message, run_cli, short_tmpdir
 
 POST = b'{"text":"Hello from client"}'
 
@@ -227,29 +230,22 @@ def test_generator_times_out_a_silent_server(scripted: Callable[..., str]) -> No
 # --- uds-client bench ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def tcp_server() -> Iterator[int]:
     """A real ``uds-server --host 127.0.0.1 --port N`` (same code as the socket server)."""
-    port = _free_port()
-    with ServerProcess(["--host", "127.0.0.1", "--port", str(port)]) as proc:
-
-        def answers() -> bool:
-            if proc.proc.poll() is not None:
-                raise AssertionError(f"TCP server exited:\n{proc.output}")
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                return sock.recv(12) == b"HTTP/1.1 200"
-
-        wait_until(answers, timeout=15, what=f"TCP server on port {port}")
+    port = free_port()
+    with spawn(app_command("--host", "127.0.0.1", "--port", str(port)), port=port, cwd=ROOT):
         yield port
-        proc.stop()
+
+
+def _bench(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``uds-client ARGV`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _check_report(report: dict[str, Any], transports: set[str], concurrency: list[int], rounds: int,
@@ -286,54 +282,52 @@ def test_bench_json_uds_and_tcp(server: ServerProcess, tcp_server: int) -> None:
     assert done.stderr == ""  # no progress when stderr is not a terminal
 
 
-def test_bench_spawn_table_progress_and_plot(tmp_path: Path) -> None:
+def test_bench_spawn_pinned_json_progress_plot_and_table(tmp_path: Path) -> None:
     plot = tmp_path / "lat.png"
-    done = run_cli("bench", "--spawn", "-c", "2", "-n", "30", "--warmup", "0", "-r", "1", "--progress",
-                   "--plot", str(plot))
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert any(line.split()[:2] == ["uds", "2"] for line in lines), done.stdout
-    assert any(line.split()[:2] == ["tcp", "2"] for line in lines), done.stdout
-    assert any(line.strip().startswith("conc   2: req/s") for line in lines), done.stdout
-    assert "[1/2] uds c=2 round 1/1" in done.stderr
-    assert "[2/2] tcp c=2 round 1/1" in done.stderr
-    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-
-
-def test_bench_spawn_pinned(tmp_path: Path) -> None:
-    done = run_cli("bench", "--spawn", "--pin", "-c", "1", "-n", "20", "--warmup", "0", "-r", "1", "--json")
+    done = run_cli("bench", "--spawn", "--pin", "-c", "2", "-n", "30", "--warmup", "0", "-r", "1",
+                   "--progress", "--plot", str(plot), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["settings"]["pinned"] is True
-    _check_report(report, {"uds", "tcp"}, [1], 1, 20)
+    _check_report(report, {"uds", "tcp"}, [2], 1, 30)
+    assert "[1/2] uds c=2 round 1/1" in done.stderr
+    assert "[2/2] tcp c=2 round 1/1" in done.stderr
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The human-readable table of the same report.
+    lines = format_table(report).splitlines()
+    assert any(line.split()[:2] == ["uds", "2"] for line in lines), lines
+    assert any(line.split()[:2] == ["tcp", "2"] for line in lines), lines
+    assert any(line.strip().startswith("conc   2: req/s") for line in lines), lines
 
 
-def test_bench_only_uds_has_no_ratios(server: ServerProcess) -> None:
+def test_bench_only_uds_has_no_ratios(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert server.socket_path
-    done = run_cli("--socket", server.socket_path, "bench", "-c", "2", "-n", "25", "--warmup", "0", "-r", "1",
-                   "--json")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    code, out, err = _bench(capsys, "--socket", server.socket_path, "bench", "-c", "2", "-n", "25",
+                            "--warmup", "0", "-r", "1", "--json")
+    assert code == 0, err
+    report = json.loads(out)
     _check_report(report, {"uds"}, [2], 1, 25)
     assert report["ratios"] == []
+    assert report["settings"]["pinned"] is False
 
 
-def test_bench_cannot_connect_is_exit_3(sock_dir: Path) -> None:
+def test_bench_cannot_connect_is_exit_3(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(sock_dir / "none.sock")
-    done = run_cli("--socket", path, "bench", "-n", "5")
-    assert done.returncode == 3
-    assert done.stderr.strip().splitlines() == [
+    code, _, err = _bench(capsys, "--socket", path, "bench", "-n", "5")
+    assert code == 3
+    assert err.strip().splitlines() == [
         f"Error: cannot connect to unix://{path} (no such file). Is the server running?"
     ]
 
 
-def test_bench_tcp_refused_is_exit_3(server: ServerProcess) -> None:
+def test_bench_tcp_refused_is_exit_3(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert server.socket_path
-    port = _free_port()
-    done = run_cli("--socket", server.socket_path, "bench", "--tcp", f"127.0.0.1:{port}", "-n", "5")
-    assert done.returncode == 3
-    assert f"http://127.0.0.1:{port} (connection refused)" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    port = free_port()
+    code, _, err = _bench(capsys, "--socket", server.socket_path, "bench", "--tcp", f"127.0.0.1:{port}",
+                          "-n", "5")
+    assert code == 3
+    assert f"http://127.0.0.1:{port} (connection refused)" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -341,10 +335,10 @@ def test_bench_tcp_refused_is_exit_3(server: ServerProcess) -> None:
     [["-c", "0"], ["-c", "1,x"], ["--tcp", "nohost:99999"], ["-d", "0"], ["-d", "1", "-n", "5"],
      ["--spawn", "--tcp", "127.0.0.1:1"], ["--pin", "-n", "5"]],
 )
-def test_bench_usage_errors_are_exit_2(args: list[str]) -> None:
-    done = run_cli("bench", *args)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
+def test_bench_usage_errors_are_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _bench(capsys, "--socket", "/nonexistent/s.sock", "bench", *args)
+    assert code == 2, err
+    assert "Traceback" not in err
 
 
 def test_bench_plot_without_matplotlib_is_a_clear_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,244 @@
+"""Start a server in a child process and wait until it answers: the one helper for that job.
+
+``uds-demo``, ``uds-client bench --spawn``, the benchmarks and the tests all start ``uds-server``
+through :class:`ServerProcess`. The server runs as a command (``python -m app``, see
+:func:`app_command`), so nothing here imports ``app`` and the client image can carry this module.
+
+Readiness is polled with a deadline, and a child that exits first ends the wait at once with its
+exit code. A socket is polled by the library's own loop (:func:`client.wait_for_socket`, the one
+behind ``uds-client --wait``) with the raw probe :func:`client.probe`; a loopback port, which that
+loop cannot reach, by :func:`poll` with :func:`probe_tcp`. :func:`poll` is also the tests' generic
+"wait until" loop. Everything here is standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Self, TypeVar
+
+from client._errors import ClientError, ConnectError, WaitTimeout, reason_for
+from client._wait import wait_for_socket
+
+__all__ = [
+    "ServerProcess",
+    "SpawnError",
+    "app_command",
+    "free_port",
+    "pinned",
+    "poll",
+    "probe_tcp",
+    "socket_dir",
+    "spawn",
+    "split_cpus",
+]
+
+T = TypeVar("T")
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 30.0
+
+
+class SpawnError(ClientError):
+    """The child server could not start, did not answer in time, or did not stop when told."""
+
+
+def app_command(*args: str, python: str = sys.executable) -> list[str]:
+    """The ``uds-server`` command line, run as ``python -m app`` by ``python``."""
+    return [python, "-m", "app", *args]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def socket_dir(prefix: str = "uds") -> Path:
+    """A fresh directory under /tmp with a short name: AF_UNIX paths stop at 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix + "-", dir="/tmp"))
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(server CPUs, load-generator CPUs), the first CPU and the rest; None with fewer than two."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None
+    return {available[0]}, set(available[1:])
+
+
+def probe_tcp(host: str, port: int, *, timeout: float = 5.0) -> int:
+    """``GET /healthz`` over TCP; return the status or raise :class:`ConnectError`."""
+    address = f"http://{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            head = sock.recv(64)
+    except ConnectionRefusedError as exc:
+        hint = "Is a server listening there (uds-server --host HOST --port PORT)?"
+        raise ConnectError(address, "connection refused", hint) from exc
+    except OSError as exc:
+        raise ConnectError(address, reason_for(exc)) from exc
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ConnectError(address, "not an HTTP server", "Check the address.")
+    return int(parts[1])
+
+
+def poll(check: Callable[[], T | None], timeout: float, *, what: str,
+         retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
+         first_delay: float = 0.01, max_delay: float = 0.2) -> T:
+    """Call ``check`` until it returns something other than None or False, and return that.
+
+    ``retry_on`` exceptions count as "not yet"; any other propagates at once. Between calls the
+    pause doubles from ``first_delay`` up to ``max_delay``. After ``timeout`` seconds raise
+    :class:`TimeoutError` naming ``what`` and the last exception.
+    """
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    delay = first_delay
+    while True:
+        try:
+            result = check()
+        except retry_on as exc:
+            last = exc
+        else:
+            if result is not None and result is not False:
+                return result
+            last = None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}")
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_delay)
+
+
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` confining the child to ``cpus`` before it starts any thread, or None."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+class ServerProcess:
+    """A server command in a child process (its own session), and where it serves.
+
+    ``socket`` or ``host``/``port`` say where :meth:`wait_ready` looks; the command must serve there.
+    ``stdout`` takes the child's output, stderr included (``subprocess.PIPE``, a file, or the
+    default ``DEVNULL``). ``env`` is laid over ``os.environ`` (a value of None removes the name).
+    """
+
+    def __init__(self, command: Sequence[str], *, socket: str | None = None, port: int | None = None,
+                 host: str = "127.0.0.1", name: str = "uds-server",
+                 stdout: int | IO[Any] = subprocess.DEVNULL, text: bool = False,
+                 env: Mapping[str, str | None] | None = None, cwd: str | Path | None = None,
+                 cpus: set[int] | None = None) -> None:
+        self.command = list(command)
+        self.socket = socket
+        self.host = host
+        self.port = port
+        self.name = name
+        self.ready_after: float | None = None
+        full_env = dict(os.environ)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        self.started = time.monotonic()
+        self.proc: subprocess.Popen[Any] = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, text=text,
+            encoding="utf-8" if text else None, env=full_env, cwd=cwd, start_new_session=True,
+            preexec_fn=pinned(cpus),
+        )
+
+    @property
+    def where(self) -> str:
+        return f"unix://{self.socket}" if self.socket else f"http://{self.host}:{self.port}"
+
+    def _check_alive(self, *_: object) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise SpawnError(f"{self.name} exited with code {code} before it answered on {self.where}")
+
+    def _tcp_ready(self) -> bool:
+        self._check_alive()
+        assert self.port is not None
+        probe_tcp(self.host, self.port, timeout=1.0)
+        return True
+
+    def wait_ready(self, timeout: float = START_TIMEOUT, *, first_delay: float = 0.01,
+                   max_delay: float = 0.2) -> Self:
+        """Wait until ``GET /healthz`` gets an answer; ``ready_after`` is then the seconds since exec.
+
+        Raise :class:`SpawnError` as soon as the child exits, or after ``timeout`` with the last error.
+        """
+        try:
+            if self.socket is not None:
+                self._check_alive()
+                wait_for_socket(self.socket, timeout, first_delay=first_delay, max_delay=max_delay,
+                                on_retry=self._check_alive)
+            elif self.port is not None:
+                poll(self._tcp_ready, timeout, what=self.where, first_delay=first_delay, max_delay=max_delay)
+            else:
+                raise ValueError("wait_ready needs the socket or the port the server serves on")
+        except WaitTimeout as exc:
+            self._check_alive()
+            raise SpawnError(f"{self.name} did not answer on {self.where} within {timeout:g}s "
+                             f"(last error: {exc.reason})") from exc
+        except TimeoutError as exc:
+            self._check_alive()
+            raise SpawnError(f"{self.name} did not answer on {self.where} within {timeout:g}s "
+                             f"({exc})") from exc
+        self.ready_after = time.monotonic() - self.started
+        return self
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` (if still running) and return the exit code; kill it and raise on a hang."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise SpawnError(f"{self.name} did not stop within {timeout:g}s of "
+                                 f"{signal.Signals(sig).name}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+@contextlib.contextmanager
+def spawn(command: Sequence[str], *, timeout: float = START_TIMEOUT,
+          **options: Any) -> Iterator[ServerProcess]:
+    """Start ``command``, wait until it answers, stop it with SIGTERM on leaving.
+
+    ``options`` are :class:`ServerProcess`'s. SIGKILL ends it instead if the block raised.
+    """
+    with ServerProcess(command, **options) as server:
+        server.wait_ready(timeout)
+        yield server
+        server.stop()

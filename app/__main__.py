@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from app import __version__
 from app.config import Settings, SettingsError, flag, options
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_settings"]
 
 USAGE_ERROR = 2
 
@@ -57,12 +57,20 @@ def _show(value: object) -> str:
     return "unset" if value is None else str(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, build Settings (flag > env > default), configure logging, serve."""
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """The Settings ``uds-server`` runs with: the flags in ``argv`` over ``environ`` over the defaults.
+
+    Raises SettingsError for a bad value; argparse exits 2 for bad usage.
+    """
     args = build_parser().parse_args(argv)
     flags = {name: value for name, value in vars(args).items() if value is not None}
+    return Settings.from_env(os.environ if environ is None else environ, **flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, build Settings (flag > env > default), configure logging, serve."""
     try:
-        settings = Settings.from_env(os.environ, **flags)
+        settings = parse_settings(argv)
     except SettingsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return USAGE_ERROR

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from app.__main__ import build_parser
+from app.__main__ import build_parser, parse_settings
 from app.config import Settings, SettingsError, options
 from tests.support import PYTHON, ROOT
 
@@ -76,9 +76,7 @@ def test_help_shows_each_option_with_env_var_and_default() -> None:
 
 
 def _parsed(*argv: str, env: dict[str, str] | None = None) -> Settings:
-    """What uds-server would run with: argv through the real parser, then the environment."""
-    flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    return Settings.from_env(env or {}, **flags)
+    return parse_settings(argv, env or {})
 
 
 def test_flags_through_the_parser() -> None:

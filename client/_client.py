@@ -1,91 +1,122 @@
-"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket.
+"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket, over httpx2.
 
-Both send through httpx's Unix-socket transports by default; ``Client(backend="http.client")`` uses
-a pool of persistent standard-library connections instead (``client._transport``). Both also take
-an existing ``httpx.Client`` / ``httpx.AsyncClient`` (a FastAPI ``TestClient`` works). Requests and
-responses are shaped by the shared helpers below; the classes only differ in how they send. httpx
-is imported only by the code paths that use it.
+Both send through httpx2's Unix-socket transports (``client._transport``), or through an
+``httpx2.Client`` / ``httpx2.AsyncClient`` the caller passes (FastAPI's ``TestClient`` works).
+``timeout`` bounds each whole request, and a response is read only up to ``max_response_bytes``.
+Requests and responses are shaped by the shared helpers below; the classes only differ in how
+they wait.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeAlias
+from typing import Any, Self, TypeVar
 
+import anyio
+import httpx2
 import orjson
 
-from client._address import DEFAULT_ADDRESS, ENV_VAR, AddressError, parse_address, to_url
+from client import resolve_socket
+from client._address import to_url
 from client._errors import APIError, ClientError, UsageError
 from client._models import Health, Message, RawResponse, Version
 from client._transport import (
     BASE_URL,
-    Reply,
+    DEADLINE,
     ReuseTracker,
-    StaleConnection,
-    UnixConnectionPool,
     async_transport,
-    is_stale_httpx_error,
-    map_httpx_errors,
+    is_stale_error,
+    map_errors,
     sync_transport,
 )
 
-if TYPE_CHECKING:
-    import httpx
-
-__all__ = ["AsyncClient", "Backend", "Client", "resolve_socket"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
 
 log = logging.getLogger("client")
 
+# The largest legitimate answer is a full history: 1,000 messages of 4,096 four-byte characters
+# with their replies and peers, about 25 MB of JSON.
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
 _USER_AGENT = "uds-client"
-_GET_HEADERS = {"user-agent": _USER_AGENT, "accept": "application/json"}
+# No compression on a local socket: what is counted against the cap is what arrives.
+_GET_HEADERS = {"user-agent": _USER_AGENT, "accept": "application/json", "accept-encoding": "identity"}
 _POST_HEADERS = {**_GET_HEADERS, "content-type": "application/json"}
-_Response: TypeAlias = "httpx.Response | Reply"
-Backend: TypeAlias = Literal["httpx", "http.client"]
+_T = TypeVar("_T")
 
 
-def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``."""
-    env = os.environ if environ is None else environ
-    value = socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS)
+class _Answer:
+    """A response whose body has been read (within the cap): what the helpers below need."""
+
+    __slots__ = ("content", "response")
+
+    def __init__(self, response: httpx2.Response, content: bytes) -> None:
+        self.response = response
+        self.content = content
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+
+_NOT_JSON: Any = object()
+
+
+def _decode(answer: _Answer) -> Any:
     try:
-        return parse_address(value)
-    except AddressError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _decode(response: _Response) -> Any:
-    try:
-        return orjson.loads(response.content)
+        return orjson.loads(answer.content)
     except orjson.JSONDecodeError:
-        return None
+        return _NOT_JSON
 
 
-def _check(response: _Response, *, ok: tuple[int, ...] = ()) -> Any:
+def _snippet(content: bytes) -> str:
+    text = content[:200].decode("utf-8", "replace")
+    return text + ("..." if len(content) > 200 else "")
+
+
+def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
     """Decode the JSON body, or raise :class:`APIError` from the server's error shape."""
-    body = _decode(response)
-    status = response.status_code
+    body = _decode(answer)
+    status = answer.status
     if status < 400 or status in ok:
-        if body is None and status != 204:
-            raise ClientError(f"the server answered {status} with a body that is not JSON")
+        if body is _NOT_JSON:
+            if status == 204:
+                return None
+            raise ClientError(f"the server answered {status} with a body that is not JSON: "
+                              f"{_snippet(answer.content)}")
         return body
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         raise APIError(status, body["message"], error=body.get("error"), body=body)
-    reason = response.reason_phrase or "error"
-    raise APIError(status, f"{reason} (HTTP {status})", body=body if body is not None else response.text)
+    reason = answer.response.reason_phrase or "error"
+    text = answer.content.decode("utf-8", "replace")
+    raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
 
 
-def _raw(response: _Response) -> RawResponse:
-    headers = {name.lower(): value for name, value in response.headers.items()}
-    return RawResponse(status=response.status_code, headers=headers, content=response.content)
+def _shaped(build: Callable[[Any], _T], body: Any, what: str) -> _T:
+    """``build(body)``, or one :class:`ClientError` when the JSON does not have the expected shape."""
+    try:
+        return build(body)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        shown = orjson.dumps(body)
+        raise ClientError(f"the server's answer is not {what}: {_snippet(shown)}") from exc
+
+
+def _message(body: Any) -> Message:
+    return _shaped(Message.from_json, body, "a message")
 
 
 def _message_list(body: Any) -> list[Message]:
-    return [Message.from_json(item) for item in body["messages"]]
+    return _shaped(lambda data: [Message.from_json(item) for item in data["messages"]], body,
+                   "a list of messages")
+
+
+def _raw(answer: _Answer) -> RawResponse:
+    headers = {name.lower(): value for name, value in answer.response.headers.items()}
+    return RawResponse(status=answer.status, headers=headers, content=answer.content)
 
 
 def _send_request(text: str, idempotency_key: str | None) -> tuple[bytes, dict[str, str]]:
@@ -102,23 +133,37 @@ def _messages_target(limit: int | None) -> str:
 
 
 class _Base:
-    """What both clients share: the socket, request building, logging."""
+    """What both clients share: the socket, limits, the response cap, logging."""
 
-    def __init__(self, socket: str | None, timeout: float, environ: Mapping[str, str] | None) -> None:
+    def __init__(self, socket: str | None, timeout: float, environ: Mapping[str, str] | None,
+                 max_response_bytes: int) -> None:
+        if not timeout > 0:
+            raise UsageError(f"timeout must be greater than 0, not {timeout!r}")
+        if max_response_bytes < 1:
+            raise UsageError(f"max_response_bytes must be at least 1, not {max_response_bytes!r}")
         self.path = resolve_socket(socket, environ)
         self.address = to_url(self.path)
         self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+
+    def _too_large(self, method: str, url: str) -> ClientError:
+        return ClientError(f"{self.address} answered {method} {url} with more than "
+                           f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)")
+
+    def _check_length(self, response: httpx2.Response, method: str, url: str) -> None:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_response_bytes:
+            raise self._too_large(method, url)
 
     def _log_retry(self, method: str, url: str, exc: Exception) -> None:
         log.debug("%s %s %s: reused connection was closed by the server (%s); retrying once",
                   self.address, method, url, exc)
 
-    def _log(self, method: str, url: str, response: _Response, started: float, retried: bool) -> None:
+    def _log(self, method: str, url: str, status: int, started: float, retried: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            elapsed = (time.perf_counter() - started) * 1000
+            elapsed = (time.monotonic() - started) * 1000
             note = " (retried on a fresh connection)" if retried else ""
-            log.debug("%s %s %s -> %d in %.1f ms%s", self.address, method, url,
-                      response.status_code, elapsed, note)
+            log.debug("%s %s %s -> %d in %.1f ms%s", self.address, method, url, status, elapsed, note)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
@@ -127,75 +172,71 @@ class _Base:
 class Client(_Base):
     """A synchronous client. ``Client()`` talks to ``$UDS_SOCKET`` or ``unix:///csi/csi.sock``.
 
-    ``backend`` picks how requests travel:
-
-    * ``"httpx"`` (default): an ``httpx.Client`` over ``httpx.HTTPTransport(uds=...)`` built for
-      the socket (no CA bundle, idle connections dropped before the server drops them).
-    * ``"http.client"``: a thread-safe pool of persistent standard-library connections, for
-      hot loops and one-shot programs: round trips within a few percent of bare ``http.client``
-      (httpx's per-request cost, mostly h11 and httpcore, roughly halves that rate) and no
-      httpx import (~65 ms). ``uds-client`` uses it.
-
-    ``http_client`` (an ``httpx.Client``, e.g. FastAPI's ``TestClient``) overrides both. Up to
-    ``max_connections`` connections are kept.
+    Requests go through an ``httpx2.Client`` over ``httpx2.HTTPTransport(uds=...)`` built for the
+    socket (``client._transport``); ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's
+    ``TestClient``) replaces it. ``timeout`` bounds each whole request: connect, write and read.
+    A response larger than ``max_response_bytes`` raises :class:`ClientError` without being read.
+    Up to ``max_connections`` connections are kept; one instance may be shared by threads.
     """
 
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
-                 http_client: httpx.Client | None = None, environ: Mapping[str, str] | None = None,
-                 max_connections: int = 10, backend: Backend = "httpx") -> None:
-        super().__init__(socket, timeout, environ)
-        self._owns_http = False
-        self._pool: UnixConnectionPool | None = None
-        if http_client is None and backend == "http.client":
-            self._pool = UnixConnectionPool(self.path, timeout=timeout, max_idle=max_connections)
-        elif http_client is None:
-            if backend != "httpx":
-                raise UsageError(f"backend must be 'httpx' or 'http.client', not {backend!r}")
-            import httpx
-
-            http_client = httpx.Client(
+                 http_client: httpx2.Client | None = None, environ: Mapping[str, str] | None = None,
+                 max_connections: int = 10,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+        super().__init__(socket, timeout, environ, max_response_bytes)
+        self._owns_http = http_client is None
+        if http_client is None:
+            http_client = httpx2.Client(
                 transport=sync_transport(self.path, max_connections=max_connections),
                 base_url=BASE_URL, timeout=timeout, trust_env=False,
             )
-            self._owns_http = True
         self._http = http_client
 
     def _request(self, method: str, url: str, *, content: bytes | None = None,
-                 headers: dict[str, str] = _GET_HEADERS) -> _Response:
-        started = time.perf_counter()
+                 headers: dict[str, str] = _GET_HEADERS) -> _Answer:
+        started = time.monotonic()
+        token = DEADLINE.set(started + self.timeout)
         retried = False
-        if self._pool is not None:
-            try:
-                response: _Response = self._pool.request(method, url, content, headers)
-            except StaleConnection as exc:
-                self._log_retry(method, url, exc)
-                retried = True
-                response = self._pool.request(method, url, content, headers, fresh=True)
-        else:
-            response, retried = self._via_httpx(method, url, content, headers)
-        self._log(method, url, response, started, retried)
-        return response
+        try:
+            with map_errors(self.address):
+                tracker = ReuseTracker()
+                request = self._http.build_request(method, url, content=content, headers=headers,
+                                                   extensions={"trace": tracker})
+                try:
+                    answer = self._read(request, method, url)
+                except httpx2.TransportError as exc:
+                    if not (is_stale_error(exc) and tracker.reused):
+                        raise
+                    self._log_retry(method, url, exc)
+                    retried = True
+                    answer = self._read(request, method, url)
+        finally:
+            DEADLINE.reset(token)
+        self._log(method, url, answer.status, started, retried)
+        return answer
 
-    def _via_httpx(self, method: str, url: str, content: bytes | None,
-                   headers: dict[str, str]) -> tuple[httpx.Response, bool]:
-        http = self._http
-        assert http is not None
-        tracker = ReuseTracker()
-        with map_httpx_errors(self.path):
-            request = http.build_request(method, url, content=content, headers=headers,
-                                         extensions={"trace": tracker})
-            try:
-                return http.send(request), False
-            except Exception as exc:
-                if not (is_stale_httpx_error(exc) and tracker.reused):
-                    raise
-                self._log_retry(method, url, exc)
-                return http.send(request), True
+    def _read(self, request: httpx2.Request, method: str, url: str) -> _Answer:
+        response = self._http.send(request, stream=True)
+        try:
+            self._check_length(response, method, url)
+            return _Answer(response, self._body(response.iter_bytes(), method, url))
+        finally:
+            response.close()
+
+    def _body(self, chunks: Iterator[bytes], method: str, url: str) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise self._too_large(method, url)
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
         content, headers = _send_request(text, idempotency_key)
-        return Message.from_json(_check(self._request("POST", "/messages", content=content, headers=headers)))
+        return _message(_check(self._request("POST", "/messages", content=content, headers=headers)))
 
     def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
@@ -203,25 +244,26 @@ class Client(_Base):
 
     def message(self, id: int) -> Message:
         """GET /messages/{id}."""
-        return Message.from_json(_check(self._request("GET", f"/messages/{int(id)}")))
+        return _message(_check(self._request("GET", f"/messages/{int(id)}")))
 
     def health(self) -> Health:
         """GET /healthz."""
-        return Health.from_json(_check(self._request("GET", "/healthz")), 200)
+        return _shaped(lambda body: Health.from_json(body, 200), _check(self._request("GET", "/healthz")),
+                       "a health status")
 
     def ready(self) -> Health:
         """GET /readyz; ``ok`` is False (no exception) while the server drains."""
-        response = self._request("GET", "/readyz")
-        return Health.from_json(_check(response, ok=(503,)), response.status_code)
+        answer = self._request("GET", "/readyz")
+        return _shaped(lambda body: Health.from_json(body, answer.status), _check(answer, ok=(503,)),
+                       "a health status")
 
     def version(self) -> Version:
         """GET /version."""
-        return Version.from_json(_check(self._request("GET", "/version")))
+        return _shaped(Version.from_json, _check(self._request("GET", "/version")), "a list of versions")
 
     def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
-        spec: dict[str, Any] = _check(self._request("GET", "/openapi.json"))
-        return spec
+        return _shaped(_spec, _check(self._request("GET", "/openapi.json")), "an OpenAPI document")
 
     def get(self, path: str) -> RawResponse:
         """A raw GET of ``path``; error statuses are returned, not raised."""
@@ -231,9 +273,7 @@ class Client(_Base):
 
     def close(self) -> None:
         """Close pooled connections (a caller's ``http_client`` stays open: it is theirs)."""
-        if self._pool is not None:
-            self._pool.close()
-        if self._owns_http and self._http is not None:
+        if self._owns_http:
             self._http.close()
 
     def __enter__(self) -> Self:
@@ -244,54 +284,74 @@ class Client(_Base):
         self.close()
 
 
-class AsyncClient(_Base):
-    """The asyncio twin of :class:`Client`; share one instance between tasks.
+def _spec(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise TypeError("not a JSON object")
+    return body
 
-    Tasks beyond ``max_connections`` queue for a connection. A few connections serve many tasks
-    best: httpcore scans its whole pool for each request, and with 50 tasks on 50 connections
-    throughput measured 5-10x lower than on 8.
+
+class AsyncClient(_Base):
+    """The asyncio (or trio) twin of :class:`Client`; share one instance between tasks.
+
+    Tasks beyond ``max_connections`` queue for a connection: a few connections serve many tasks
+    best, since the pool is scanned for each request. ``timeout`` is a cancel scope around each
+    whole request.
     """
 
-    _http: httpx.AsyncClient
-
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
-                 http_client: httpx.AsyncClient | None = None, environ: Mapping[str, str] | None = None,
-                 max_connections: int = 8) -> None:
-        import httpx
-
-        super().__init__(socket, timeout, environ)
+                 http_client: httpx2.AsyncClient | None = None, environ: Mapping[str, str] | None = None,
+                 max_connections: int = 8,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+        super().__init__(socket, timeout, environ, max_response_bytes)
         self._owns_http = http_client is None
         if http_client is None:
-            http_client = httpx.AsyncClient(
+            http_client = httpx2.AsyncClient(
                 transport=async_transport(self.path, max_connections=max_connections),
                 base_url=BASE_URL, timeout=timeout, trust_env=False,
             )
         self._http = http_client
 
     async def _request(self, method: str, url: str, *, content: bytes | None = None,
-                       headers: dict[str, str] = _GET_HEADERS) -> httpx.Response:
-        started = time.perf_counter()
-        tracker = ReuseTracker()
+                       headers: dict[str, str] = _GET_HEADERS) -> _Answer:
+        started = time.monotonic()
         retried = False
-        with map_httpx_errors(self.path):
+        with map_errors(self.address), anyio.fail_after(self.timeout):
+            tracker = ReuseTracker()
             request = self._http.build_request(method, url, content=content, headers=headers,
                                                extensions={"trace": tracker.atrace})
             try:
-                response = await self._http.send(request)
-            except Exception as exc:
-                if not (is_stale_httpx_error(exc) and tracker.reused):
+                answer = await self._read(request, method, url)
+            except httpx2.TransportError as exc:
+                if not (is_stale_error(exc) and tracker.reused):
                     raise
                 self._log_retry(method, url, exc)
                 retried = True
-                response = await self._http.send(request)
-        self._log(method, url, response, started, retried)
-        return response
+                answer = await self._read(request, method, url)
+        self._log(method, url, answer.status, started, retried)
+        return answer
+
+    async def _read(self, request: httpx2.Request, method: str, url: str) -> _Answer:
+        response = await self._http.send(request, stream=True)
+        try:
+            self._check_length(response, method, url)
+            return _Answer(response, await self._body(response.aiter_bytes(), method, url))
+        finally:
+            await response.aclose()
+
+    async def _body(self, chunks: AsyncIterator[bytes], method: str, url: str) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise self._too_large(method, url)
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
         content, headers = _send_request(text, idempotency_key)
-        response = await self._request("POST", "/messages", content=content, headers=headers)
-        return Message.from_json(_check(response))
+        return _message(_check(await self._request("POST", "/messages", content=content, headers=headers)))
 
     async def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
@@ -299,25 +359,27 @@ class AsyncClient(_Base):
 
     async def message(self, id: int) -> Message:
         """GET /messages/{id}."""
-        return Message.from_json(_check(await self._request("GET", f"/messages/{int(id)}")))
+        return _message(_check(await self._request("GET", f"/messages/{int(id)}")))
 
     async def health(self) -> Health:
         """GET /healthz."""
-        return Health.from_json(_check(await self._request("GET", "/healthz")), 200)
+        body = _check(await self._request("GET", "/healthz"))
+        return _shaped(lambda data: Health.from_json(data, 200), body, "a health status")
 
     async def ready(self) -> Health:
         """GET /readyz; ``ok`` is False (no exception) while the server drains."""
-        response = await self._request("GET", "/readyz")
-        return Health.from_json(_check(response, ok=(503,)), response.status_code)
+        answer = await self._request("GET", "/readyz")
+        return _shaped(lambda body: Health.from_json(body, answer.status), _check(answer, ok=(503,)),
+                       "a health status")
 
     async def version(self) -> Version:
         """GET /version."""
-        return Version.from_json(_check(await self._request("GET", "/version")))
+        return _shaped(Version.from_json, _check(await self._request("GET", "/version")),
+                       "a list of versions")
 
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
-        spec: dict[str, Any] = _check(await self._request("GET", "/openapi.json"))
-        return spec
+        return _shaped(_spec, _check(await self._request("GET", "/openapi.json")), "an OpenAPI document")
 
     async def get(self, path: str) -> RawResponse:
         """A raw GET of ``path``; error statuses are returned, not raised."""
@@ -326,7 +388,7 @@ class AsyncClient(_Base):
         return _raw(await self._request("GET", path))
 
     async def aclose(self) -> None:
-        """Close pooled connections (only those of an httpx client this object built)."""
+        """Close pooled connections (only those of an httpx2 client this object built)."""
         if self._owns_http:
             await self._http.aclose()
 

@@ -1,4 +1,8 @@
-"""Typed results of the API: frozen dataclasses built from the server's JSON (stdlib only)."""
+"""Typed results of the API: frozen dataclasses built from the server's JSON (stdlib only).
+
+``from_json`` raises ``TypeError``, ``KeyError`` or ``ValueError`` for JSON of the wrong shape;
+the client turns those into one :class:`~client.ClientError`.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,38 @@ from typing import Any
 __all__ = ["Health", "Message", "Peer", "RawResponse", "Version"]
 
 
+def _object(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"expected {what} (a JSON object), got {type(data).__name__}")
+    return data
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The credentials (SO_PEERCRED) of the process that sent a message."""
+    """The credentials (SO_PEERCRED) of the process that sent a message.
+
+    ``forwarded_for`` is set when that process is ``uds-client proxy``: the user it admitted
+    (``pid`` 0 and ``gid`` -1 when the proxy could not see them).
+    """
 
     pid: int
     uid: int
     gid: int
+    forwarded_for: Peer | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Peer:
-        return cls(pid=int(data["pid"]), uid=int(data["uid"]), gid=int(data["gid"]))
+    def from_json(cls, data: Any) -> Peer:
+        data = _object(data, "peer credentials")
+        forwarded = data.get("forwarded_for")
+        return cls(pid=int(data["pid"]), uid=int(data["uid"]), gid=int(data["gid"]),
+                   forwarded_for=None if forwarded is None else cls.from_json(forwarded))
+
+    def to_json(self) -> dict[str, Any]:
+        """The credentials as the server spells them."""
+        data: dict[str, Any] = {"pid": self.pid, "uid": self.uid, "gid": self.gid}
+        if self.forwarded_for is not None:
+            data["forwarded_for"] = self.forwarded_for.to_json()
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +58,8 @@ class Message:
     peer: Peer | None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Message:
+    def from_json(cls, data: Any) -> Message:
+        data = _object(data, "a message")
         peer = data.get("peer")
         return cls(
             id=int(data["id"]),
@@ -47,7 +73,7 @@ class Message:
         """The message as the server spells it (``received_at`` in RFC 3339 UTC)."""
         at = self.received_at.isoformat().replace("+00:00", "Z")
         peer = self.peer
-        peer_json = None if peer is None else {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid}
+        peer_json = None if peer is None else peer.to_json()
         return {"id": self.id, "text": self.text, "reply": self.reply, "received_at": at, "peer": peer_json}
 
 
@@ -59,7 +85,8 @@ class Health:
     ok: bool
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], http_status: int) -> Health:
+    def from_json(cls, data: Any, http_status: int) -> Health:
+        data = _object(data, "a health status")
         status = data.get("status")
         if not isinstance(status, str):
             status = str(data.get("error") or "unavailable")
@@ -77,7 +104,8 @@ class Version:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Version:
+    def from_json(cls, data: Any) -> Version:
+        data = _object(data, "versions")
         known = ("app", "python", "uvicorn", "fastapi")
         return cls(
             app=str(data.get("app", "")), python=str(data.get("python", "")),

@@ -3,11 +3,14 @@
 ``uds-client health`` runs as a Kubernetes exec probe every few seconds, so it must not pay for
 importing httpx, nor even ``http.client`` (which pulls in ``email`` and ``ssl``, ~10 ms). The
 request is fixed (``GET`` with ``Connection: close``), so reading to EOF frames the response.
+``timeout`` bounds the whole probe: every connect, send and recv waits only for what is left of it,
+so a server that drips a byte at a time cannot keep the probe past it.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 
 from client._address import to_url
 from client._errors import ConnectError, reason_for
@@ -24,21 +27,32 @@ class _BadResponse(Exception):
 def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET ``target`` on the socket at ``path``; return (status, body) or raise :class:`ConnectError`."""
     request = f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode("ascii")
+    deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
+            _wait_until(sock, deadline)
             sock.connect(path)
+            _wait_until(sock, deadline)
             sock.sendall(request)
-            data = _read_all(sock)
+            data = _read_all(sock, deadline)
         return _parse(data)
     except (OSError, _BadResponse) as exc:
         raise ConnectError(to_url(path), reason_for(exc)) from exc
 
 
-def _read_all(sock: socket.socket) -> bytes:
+def _wait_until(sock: socket.socket, deadline: float) -> None:
+    """Let the next socket call wait only for what is left before ``deadline``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the probe's deadline has passed")
+    sock.settimeout(left)
+
+
+def _read_all(sock: socket.socket, deadline: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while size <= _MAX_RESPONSE:
+        _wait_until(sock, deadline)
         chunk = sock.recv(65536)
         if not chunk:
             break

@@ -1,249 +1,163 @@
-"""Transports to the server's Unix socket, each mapping its lower-layer errors once.
+"""httpx2's Unix-socket transports, set up for a socket, and the mapping of their errors.
 
-* :func:`sync_transport` and :func:`async_transport` build the ``httpx.HTTPTransport(uds=...)`` /
-  ``httpx.AsyncHTTPTransport(uds=...)`` behind ``Client`` and ``AsyncClient``, with a bare TLS
-  context built once: httpx would otherwise load certifi's CA bundle (~25 ms) per transport, though
-  TLS never runs over the socket. :func:`map_httpx_errors` maps httpx errors for them and for any
-  caller-supplied httpx client. httpx is imported only when these are used.
-* :class:`UnixConnectionPool` is the ``Client(backend="http.client")`` path: persistent
-  ``http.client`` connections over AF_UNIX. httpx's sync stack (httpx, httpcore, h11) spends
-  ~170 us of Python per request, more than the server does, and ~65 ms importing; the standard
-  library keeps round trips within a few percent of bare ``http.client`` and ``uds-client`` quick
-  to start. Socket and ``http.client`` errors become :class:`ConnectError` here.
-* Idle connections expire after ``KEEPALIVE_EXPIRY`` seconds, well under the server's keep-alive
-  (15 s), and an idle connection the server has closed is dropped before reuse, so the stale pooled
-  connection race (httpx#2487) is rare. When it still happens the failure is flagged as stale
-  (:class:`StaleConnection`, or :class:`ReuseTracker` for httpx) and the caller retries once.
+* **No CA bundle.** httpx2 gives every transport a TLS context and loads the system CA file into it
+  (measured: 38 ms per transport). TLS never runs over the socket, so :func:`sync_transport` and
+  :func:`async_transport` pass one bare context, built once.
+* **A deadline per request.** ``Client`` sets :data:`DEADLINE` for the whole of a request; the
+  sync network backend below makes every connect, read and write wait at most until then, so
+  ``timeout`` bounds the request, not each read (a server dripping a byte a second cannot stretch
+  it). ``AsyncClient`` puts a cancel scope around the request instead.
+* **No leaked socket.** httpcore2 2.16's ``SyncBackend.connect_unix_socket`` leaves a socket whose
+  ``connect()`` failed to the garbage collector (a ``ResourceWarning``, and a descriptor per attempt
+  while ``--wait`` polls); :class:`UnixBackend` closes it. httpx2 has no argument for a network
+  backend, so :func:`sync_transport` swaps the transport's private ``_pool`` for a pool built
+  through httpcore2's public constructor, and fails loudly if that attribute changes.
+* **Stale connections.** Idle connections expire after :data:`KEEPALIVE_EXPIRY`, well under the
+  server's keep-alive (15 s). When a reused connection still turns out closed, :class:`ReuseTracker`
+  and :func:`is_stale_error` let the caller retry once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import select
 import socket
-import threading
+import ssl
 import time
-from collections.abc import Iterator, Mapping
-from email.message import Message as _Headers
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from typing import Any
 
-from client._address import to_url
+import httpcore2
+import httpx2
+
 from client._errors import ClientError, ConnectError, reason_for
-
-if TYPE_CHECKING:
-    import ssl
-
-    import httpx
 
 __all__ = [
     "BASE_URL",
+    "DEADLINE",
     "KEEPALIVE_EXPIRY",
-    "Reply",
     "ReuseTracker",
-    "StaleConnection",
-    "UnixConnectionPool",
+    "UnixBackend",
     "async_transport",
-    "is_stale_httpx_error",
-    "map_httpx_errors",
+    "is_stale_error",
+    "map_errors",
     "sync_transport",
 ]
 
 BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
 
+DEADLINE: ContextVar[float | None] = ContextVar("uds_client_deadline", default=None)
+"""``time.monotonic()`` by which the current request must be done, or None for no deadline."""
 
-class StaleConnection(ConnectError):
-    """A reused keep-alive connection turned out closed by the server; retrying is safe."""
-
-
-class Reply:
-    """A whole response read from the pool: what ``_client`` needs of an ``httpx.Response``."""
-
-    __slots__ = ("_headers", "content", "reason_phrase", "status_code")
-
-    def __init__(self, status_code: int, reason_phrase: str, headers: _Headers, content: bytes) -> None:
-        self.status_code = status_code
-        self.reason_phrase = reason_phrase
-        self._headers = headers
-        self.content = content
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {name.lower(): value for name, value in self._headers.items()}
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", errors="replace")
+_BARE_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over AF_UNIX; a socket whose ``connect()`` fails is closed at once."""
+def _remaining(timeout: float | None) -> float | None:
+    """``timeout`` cut to what is left of the request's deadline; TimeoutError once it has passed."""
+    deadline = DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request's deadline has passed")
+    return left if timeout is None or timeout > left else timeout
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-        self.idle_since = 0.0
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+class UnixStream(httpcore2.NetworkStream):
+    """A connected AF_UNIX socket whose reads and writes respect :data:`DEADLINE`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+            self._sock.settimeout(_remaining(timeout))
+            return self._sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore2.ReadTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore2.ReadError(exc) from exc
 
-    def closed_by_peer(self) -> bool:
-        """True when the idle socket is readable: the server closed it (or sent junk)."""
-        sock = self.sock
-        if sock is None:
-            return True
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        view = memoryview(buffer)
         try:
-            readable, _, _ = select.select((sock,), (), (), 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
-
-
-_STALE_ERRORS = (
-    ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected,
-)
-
-
-class UnixConnectionPool:
-    """Thread-safe pool of persistent HTTP/1.1 connections to the socket at ``path``."""
-
-    def __init__(self, path: str, *, timeout: float, max_idle: int = 10,
-                 keepalive_expiry: float = KEEPALIVE_EXPIRY) -> None:
-        self.path = path
-        self.address = to_url(path)
-        self.timeout = timeout
-        self.max_idle = max_idle
-        self.keepalive_expiry = keepalive_expiry
-        self._idle: list[_UnixHTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def _reuse(self) -> _UnixHTTPConnection | None:
-        now = time.monotonic()
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if now - conn.idle_since < self.keepalive_expiry and not conn.closed_by_peer():
-                    return conn
-                conn.close()
-        return None
-
-    def _checkin(self, conn: _UnixHTTPConnection) -> None:
-        conn.idle_since = time.monotonic()
-        with self._lock:
-            if len(self._idle) < self.max_idle:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def request(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str], *,
-                fresh: bool = False) -> Reply:
-        """Send one request and read the whole response.
-
-        Raises :class:`StaleConnection` when a reused connection was closed under it (the caller
-        may retry with ``fresh=True``), :class:`ConnectError` for every other socket failure.
-        """
-        conn = None if fresh else self._reuse()
-        reused = conn is not None
-        if conn is None:
-            conn = _UnixHTTPConnection(self.path, self.timeout)
-        try:
-            conn.request(method, target, body, headers)
-            response = conn.getresponse()
-            content = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            error = StaleConnection if reused and isinstance(exc, _STALE_ERRORS) else ConnectError
-            raise error(self.address, reason_for(exc)) from exc
-        except BaseException:
-            conn.close()
-            raise
-        if response.will_close:
-            conn.close()
-        else:
-            self._checkin(conn)
-        return Reply(response.status, response.reason, response.headers, content)
+            while view:
+                self._sock.settimeout(_remaining(timeout))
+                view = view[self._sock.send(view) :]
+        except TimeoutError as exc:
+            raise httpcore2.WriteTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore2.WriteError(exc) from exc
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._sock.close()
 
-
-# --- httpx (AsyncClient, caller-supplied clients); imported only when used -----------------------
-
-_ssl_context: ssl.SSLContext | None = None
-
-
-def _bare_ssl_context() -> ssl.SSLContext:
-    """A TLS context without a CA bundle, built once; it is never used over a Unix socket."""
-    global _ssl_context
-    if _ssl_context is None:
-        import ssl
-
-        _ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    return _ssl_context
-
-
-def _closing_unix_backend() -> Any:
-    """httpcore's sync network backend, except that a socket whose ``connect()`` fails is closed.
-
-    httpcore 1.0's ``SyncBackend.connect_unix_socket`` leaks that socket (a ResourceWarning, and
-    a file descriptor per failed attempt while ``--wait`` polls for a server).
-    """
-    import httpcore
-    from httpcore._backends.sync import SyncStream
-
-    class ClosingUnixBackend(httpcore.SyncBackend):
-        def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                socket_options: Any = None) -> httpcore.NetworkStream:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def get_extra_info(self, info: str) -> Any:
+        if info == "socket":
+            return self._sock
+        if info == "is_readable":
+            # An idle connection is readable when the server closed it (or sent something unasked).
             try:
-                for option in socket_options or ():
-                    sock.setsockopt(*option)
-                sock.settimeout(timeout)
-                sock.connect(path)
-            except TimeoutError as exc:
-                sock.close()
-                raise httpcore.ConnectTimeout(exc) from exc
-            except OSError as exc:
-                sock.close()
-                raise httpcore.ConnectError(exc) from exc
-            return SyncStream(sock)
-
-    return ClosingUnixBackend()
+                return bool(select.select((self._sock,), (), (), 0)[0])
+            except (OSError, ValueError):
+                return True
+        return None
 
 
-def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx.HTTPTransport:
-    """``httpx.HTTPTransport(uds=path)`` with no CA bundle and idle connections kept < the server's."""
-    import httpx
+class UnixBackend(httpcore2.SyncBackend):
+    """httpcore2's sync backend, with :class:`UnixStream` and a socket closed when connect() fails."""
 
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                          keepalive_expiry=KEEPALIVE_EXPIRY)
-    transport = httpx.HTTPTransport(uds=path, verify=_bare_ssl_context(), trust_env=False, limits=limits)
-    transport._pool._network_backend = _closing_unix_backend()
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(_remaining(timeout))
+            sock.connect(path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpcore2.ConnectTimeout(exc) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore2.ConnectError(exc) from exc
+        return UnixStream(sock)
+
+
+def _limits(max_connections: int | None) -> httpx2.Limits:
+    return httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                         keepalive_expiry=KEEPALIVE_EXPIRY)
+
+
+def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
+    """``httpx2.HTTPTransport(uds=path)`` with no CA bundle, :class:`UnixBackend` and short keep-alive."""
+    limits = _limits(max_connections)
+    transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
+    if type(getattr(transport, "_pool", None)) is not httpcore2.ConnectionPool:
+        raise RuntimeError("httpx2.HTTPTransport no longer keeps its httpcore2.ConnectionPool in _pool; "
+                           "update client._transport.sync_transport for this httpx2 version")
+    transport._pool = httpcore2.ConnectionPool(
+        ssl_context=_BARE_TLS, uds=path, network_backend=UnixBackend(),
+        max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+    )
     return transport
 
 
-def async_transport(path: str, *, max_connections: int | None = 8) -> httpx.AsyncHTTPTransport:
-    """A pooled httpx transport to the socket at ``path``, without a CA bundle or proxy lookup."""
-    import httpx
+def async_transport(path: str, *, max_connections: int | None = 8) -> httpx2.AsyncHTTPTransport:
+    """``httpx2.AsyncHTTPTransport(uds=path)`` with no CA bundle and short keep-alive.
 
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                          keepalive_expiry=KEEPALIVE_EXPIRY)
-    return httpx.AsyncHTTPTransport(uds=path, verify=_bare_ssl_context(), trust_env=False, limits=limits)
+    httpcore2's async backend (anyio) closes a socket whose connect() fails; the request's deadline
+    is a cancel scope in ``AsyncClient``.
+    """
+    return httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False,
+                                     limits=_limits(max_connections))
 
 
 class ReuseTracker:
-    """An httpx ``trace`` callback that records whether a request opened a new connection."""
+    """An httpx2 ``trace`` callback that records whether a request opened a new connection."""
 
     __slots__ = ("opened",)
 
@@ -255,7 +169,7 @@ class ReuseTracker:
             self.opened = True
 
     async def atrace(self, event: str, info: dict[str, Any]) -> None:
-        """The same, for async transports (httpcore wants a coroutine function there)."""
+        """The same, for async transports (httpcore2 wants a coroutine function there)."""
         self(event, info)
 
     @property
@@ -263,25 +177,19 @@ class ReuseTracker:
         return not self.opened
 
 
-def is_stale_httpx_error(exc: BaseException) -> bool:
-    """True for the httpx errors a keep-alive connection closed by the server produces."""
-    import httpx
-
-    return isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
+def is_stale_error(exc: BaseException) -> bool:
+    """True for the httpx2 errors that a keep-alive connection closed by the server produces."""
+    return isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
 
 
 @contextlib.contextmanager
-def map_httpx_errors(path: str) -> Iterator[None]:
-    """Turn httpx errors into :class:`ConnectError` (or :class:`ClientError`), keeping the cause."""
-    import httpx
-
+def map_errors(address: str) -> Iterator[None]:
+    """Turn httpx2 errors and timeouts into :class:`ConnectError` or :class:`ClientError`, with the cause."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        raise ConnectError(to_url(path), "timed out") from exc
-    except httpx.TransportError as exc:
-        raise ConnectError(to_url(path), reason_for(exc)) from exc
-    except httpx.HTTPError as exc:
-        raise ClientError(f"request to {to_url(path)} failed: {exc}") from exc
-
-
+    except (httpx2.TimeoutException, TimeoutError) as exc:
+        raise ConnectError(address, "timed out") from exc
+    except httpx2.TransportError as exc:
+        raise ConnectError(address, reason_for(exc)) from exc
+    except httpx2.HTTPError as exc:
+        raise ClientError(f"request to {address} failed: {exc}") from exc

@@ -2,10 +2,11 @@
 
 The only module of the client that prints or exits. Exit codes: 0 ok, 1 the server answered an
 error, 2 usage, 3 cannot reach the socket. Errors are one line on stderr; ``--debug`` adds the
-traceback and one log line per request.
+traceback and one log line per request. Text from the server is printed with its control characters
+escaped (``\r``, ESC, ...), so it cannot move the cursor or rewrite the terminal.
 
 The top level imports the standard library only: ``health`` answers through ``client._probe``
-without httpx, and the other commands import the library when they run.
+without httpx2, and the other commands import ``Client`` when they run.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from client._address import DEFAULT_ADDRESS, ENV_VAR, AddressError, parse_address, to_url
-from client._errors import APIError, ClientError, UsageError
+from client import resolve_socket
+from client._address import DEFAULT_ADDRESS, ENV_VAR, to_url
+from client._errors import APIError, ClientError
 
 # Not typing.TYPE_CHECKING: importing typing costs ~2 ms on every probe; mypy honours this name.
 TYPE_CHECKING = False
@@ -38,6 +40,24 @@ _EXTERNAL = {
     "proxy": ("client.cli.proxy", "expose the socket's API on a local TCP port (for a browser or curl)"),
     "docs": ("client.cli.docs_export", "export the OpenAPI spec and offline API docs to a directory"),
 }
+
+
+# C0 controls, DEL, C1 controls, line separators and the bidirectional overrides: what can move the
+# cursor, rewrite a line or reorder it on a terminal.
+_CONTROLS = (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _CONTROLS}
+_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
+# The same for JSON output: json.dumps escapes C0 already; the rest become \u escapes, still valid JSON.
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in _CONTROLS if code >= 0x20}
+
+
+def _clean(text: str) -> str:
+    """``text`` on one line, with every control character spelled as an escape."""
+    return text.translate(_ESCAPES)
+
+
+def _error(text: str) -> None:
+    print(f"Error: {_clean(text)}", file=sys.stderr, flush=True)
 
 
 class _Exit(Exception):
@@ -124,14 +144,13 @@ class _VersionAction(argparse.Action):
 def _client(args: argparse.Namespace) -> Client:
     from client._client import Client
 
-    # One-shot commands: the standard-library backend spares the ~65 ms httpx import.
-    return Client(args.socket, timeout=args.timeout, backend="http.client")
+    return Client(args.socket, timeout=args.timeout)
 
 
 def _dumps(data: object) -> str:
     import json
 
-    return json.dumps(data, indent=2, ensure_ascii=False)
+    return json.dumps(data, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
 def _api_error(args: argparse.Namespace, exc: APIError) -> str:
@@ -145,7 +164,7 @@ def _send_once(client: Client, args: argparse.Namespace) -> None:
     if args.json:
         print(_dumps(message.to_json()), flush=True)
     else:
-        print(f"📥 Client received: {message.reply}", flush=True)
+        print(f"📥 Client received: {_clean(message.reply)}", flush=True)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -171,8 +190,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 _send_once(client, args)
             except ClientError as exc:
                 # Keep the container alive while the server restarts: report and try again later.
-                text = _api_error(args, exc) if isinstance(exc, APIError) else str(exc)
-                print(f"Error: {text}", file=sys.stderr, flush=True)
+                _error(_api_error(args, exc) if isinstance(exc, APIError) else str(exc))
     return 0
 
 
@@ -185,7 +203,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
         return 0
     for m in messages:
         peer = "tcp" if m.peer is None else f"pid={m.peer.pid} uid={m.peer.uid} gid={m.peer.gid}"
-        print(f"#{m.id} {m.to_json()['received_at']} {peer}: {m.text}")
+        print(f"#{m.id} {m.to_json()['received_at']} {peer}: {_clean(m.text)}")
     return 0
 
 
@@ -200,7 +218,7 @@ def cmd_version(args: argparse.Namespace) -> int:
     else:
         width = max(len(name) for name in fields)
         for name, value in fields.items():
-            print(f"{name:<{width}}  {value}")
+            print(f"{_clean(name):<{width}}  {_clean(str(value))}")
     return 0
 
 
@@ -231,8 +249,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         message = str(raw.json().get("message") or "")
     except (ValueError, AttributeError):
         message = ""
-    print(f"Error: {to_url(args.socket)} answered {raw.status} for GET {args.path}"
-          + (f": {message}" if message else ""), file=sys.stderr)
+    _error(f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
+           + (f": {message}" if message else ""))
     return 1
 
 
@@ -244,9 +262,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     status, body = probe(args.socket, target, timeout=args.timeout)
     if status == 200:
         return 0
-    detail = body.decode("utf-8", "replace").strip().replace("\n", " ")[:200]
-    print(f"Error: {to_url(args.socket)} is not {'ready' if args.ready else 'healthy'}: "
-          f"{target} answered {status} {detail}", file=sys.stderr)
+    detail = body.decode("utf-8", "replace").strip()[:200]
+    _error(f"{to_url(args.socket)} is not {'ready' if args.ready else 'healthy'}: "
+           f"{target} answered {status} {detail}")
     return 1
 
 
@@ -362,7 +380,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help=f"server socket: unix:///path, unix:/path, a bare absolute path or "
                              f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})")
     parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
-                        help="connect and read timeout per request (default: 5)")
+                        help="give up on a request after SECONDS, whole: connect, send and the entire "
+                             "answer (default: 5)")
     parser.add_argument("--wait", type=_non_negative_float, default=0.0, metavar="SECONDS",
                         help="before the first request, wait up to SECONDS (backing off) for the "
                              "server to accept; exit 3 if it never does (default: 0, no waiting)")
@@ -376,14 +395,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             build(sub)
     return parser
-
-
-def _resolve_socket(value: str | None) -> str:
-    raw = value if value is not None else (os.environ.get(ENV_VAR) or DEFAULT_ADDRESS)
-    try:
-        return parse_address(raw)
-    except AddressError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def _enable_debug_logging() -> None:
@@ -404,7 +415,7 @@ def _wait(args: argparse.Namespace) -> None:
     def on_retry(reason: str, delay: float) -> None:
         nonlocal reported
         if not reported or args.debug:
-            print(f"{PROG}: waiting up to {args.wait:g}s for {to_url(args.socket)} ({reason})",
+            print(f"{PROG}: waiting up to {args.wait:g}s for {_clean(to_url(args.socket))} ({reason})",
                   file=sys.stderr, flush=True)
             reported = True
 
@@ -420,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(words)
         if args.debug:
             _enable_debug_logging()
-        args.socket = _resolve_socket(args.socket)
+        args.socket = resolve_socket(args.socket)
         if args.wait > 0:
             _wait(args)
         run: Callable[[argparse.Namespace], int] = args.func
@@ -440,7 +451,7 @@ def _fail(message: str, code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    print(f"Error: {message}", file=sys.stderr)
+    _error(message)
     return code
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-import httpx
+import httpx2
 import pytest
 
 from app.config import Settings
@@ -14,7 +14,7 @@ from client import APIError, AsyncClient, ConnectError, Health
 
 
 def _in_process() -> AsyncClient:
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(Settings())),
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=create_app(Settings())),
                              base_url="http://testserver")
     return AsyncClient(http_client=http)
 
@@ -68,7 +68,7 @@ def test_missing_socket_is_a_connect_error(tmp_short: object) -> None:
     with pytest.raises(ConnectError) as info:
         asyncio.run(scenario())
     assert info.value.reason == "no such file"
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, httpx2.ConnectError)
 
 
 def test_silent_server_times_out(silent_socket: str) -> None:

@@ -7,12 +7,21 @@ import os
 import ssl
 from datetime import UTC
 
-import httpx
+import httpx2
 import pytest
 
 import client
-from client import APIError, Client, ClientError, ConnectError, Health, Message, UsageError, Version
-from client._client import Backend, resolve_socket
+from client import (
+    APIError,
+    Client,
+    ClientError,
+    ConnectError,
+    Health,
+    Message,
+    UsageError,
+    Version,
+    resolve_socket,
+)
 from client._transport import KEEPALIVE_EXPIRY
 
 # --- in-process: the app behind FastAPI's TestClient ---------------------------------------------
@@ -146,14 +155,19 @@ def test_public_names_resolve() -> None:
         _ = client.NoSuchName  # type: ignore[attr-defined]
 
 
-def test_creating_a_client_builds_no_ca_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_creating_clients_loads_no_ca_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a CA bundle was loaded for a Unix socket client")
 
     monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", refuse)
     monkeypatch.setattr(ssl.SSLContext, "load_default_certs", refuse)
+    monkeypatch.setattr(ssl.SSLContext, "set_default_verify_paths", refuse)
     with Client("/tmp/none.sock") as one, Client("/tmp/none.sock") as two:
         assert one.path == two.path == "/tmp/none.sock"
+    client.AsyncClient("/tmp/none.sock")
+    # The check above would catch httpx2's default: it loads the system CA file per transport.
+    with pytest.raises(AssertionError, match="CA bundle"):
+        httpx2.HTTPTransport(uds="/tmp/none.sock")
 
 
 def test_idle_connections_expire_before_the_servers_keep_alive() -> None:
@@ -162,14 +176,13 @@ def test_idle_connections_expire_before_the_servers_keep_alive() -> None:
     assert Settings().keepalive_timeout > KEEPALIVE_EXPIRY
 
 
+@pytest.mark.parametrize("options", [{"timeout": 0}, {"timeout": -1.0}, {"max_response_bytes": 0}])
+def test_bad_limits_are_usage_errors(options: dict[str, float]) -> None:
+    with pytest.raises(UsageError):
+        Client("/tmp/none.sock", **options)  # type: ignore[arg-type]
+
+
 # --- a real server on a socket ---------------------------------------------------------------------
-
-
-@pytest.fixture(params=["httpx", "http.client"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    """Both ways ``Client`` can send: httpx's Unix-socket transport and the stdlib pool."""
-    value: Backend = request.param
-    return value
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -183,15 +196,9 @@ def root_cause(exc: BaseException) -> BaseException:
             return exc
 
 
-def test_default_backend_is_httpx_over_the_socket(server_path: str) -> None:
+def test_round_trip_over_the_socket_carries_peer_credentials(server_path: str) -> None:
     with Client(server_path) as c:
-        assert isinstance(c._http, httpx.Client)
-        assert c._pool is None
-        assert c.health().ok
-
-
-def test_round_trip_over_the_socket_carries_peer_credentials(server_path: str, backend: Backend) -> None:
-    with Client(server_path, backend=backend) as c:
+        assert isinstance(c._http, httpx2.Client)
         message = c.send("Hello from client")
         assert message.reply == "Hello from server via UDS"
         assert message.peer is not None
@@ -201,17 +208,16 @@ def test_round_trip_over_the_socket_carries_peer_credentials(server_path: str, b
         assert c.health().ok
 
 
-def test_env_var_names_the_socket(server_path: str, monkeypatch: pytest.MonkeyPatch,
-                                  backend: Backend) -> None:
+def test_env_var_names_the_socket(server_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UDS_SOCKET", "unix://" + server_path)
-    with Client(backend=backend) as c:
+    with Client() as c:
         assert c.path == server_path
         assert c.health().ok
 
 
-def test_missing_socket_is_a_connect_error(tmp_short: object, backend: Backend) -> None:
+def test_missing_socket_is_a_connect_error(tmp_short: object) -> None:
     path = f"{tmp_short}/missing.sock"
-    with Client(path, backend=backend) as c, pytest.raises(ConnectError) as info:
+    with Client(path) as c, pytest.raises(ConnectError) as info:
         c.health()
     error = info.value
     assert error.reason == "no such file"
@@ -221,32 +227,33 @@ def test_missing_socket_is_a_connect_error(tmp_short: object, backend: Backend) 
     assert error.exit_code == 3
 
 
-def test_errors_of_a_callers_httpx_client_are_mapped_the_same(silent_socket: str) -> None:
-    transport = httpx.HTTPTransport(uds=silent_socket)
-    with httpx.Client(transport=transport, base_url="http://localhost", timeout=0.3) as http, \
+def test_errors_of_a_callers_httpx2_client_are_mapped_the_same(silent_socket: str) -> None:
+    transport = httpx2.HTTPTransport(uds=silent_socket, verify=False)
+    with httpx2.Client(transport=transport, base_url="http://localhost", timeout=0.3) as http, \
             Client(silent_socket, http_client=http) as c, pytest.raises(ConnectError) as info:
         c.health()
     assert info.value.reason == "timed out"
-    assert isinstance(info.value.__cause__, httpx.ReadTimeout)
+    assert isinstance(info.value.__cause__, httpx2.ReadTimeout)
 
 
-def test_refused_socket_is_a_connect_error(refused_socket: str, backend: Backend) -> None:
-    with Client(refused_socket, backend=backend) as c, pytest.raises(ConnectError) as info:
+def test_refused_socket_is_a_connect_error(refused_socket: str) -> None:
+    with Client(refused_socket) as c, pytest.raises(ConnectError) as info:
         c.send("x")
     assert info.value.reason == "connection refused"
+    assert isinstance(root_cause(info.value), ConnectionRefusedError)
 
 
-def test_silent_server_times_out(silent_socket: str, backend: Backend) -> None:
-    with Client(silent_socket, timeout=0.3, backend=backend) as c, pytest.raises(ConnectError) as info:
+def test_silent_server_times_out(silent_socket: str) -> None:
+    with Client(silent_socket, timeout=0.3) as c, pytest.raises(ConnectError) as info:
         c.health()
     assert info.value.reason == "timed out"
-    assert isinstance(info.value.__cause__, TimeoutError | httpx.TimeoutException)
+    assert isinstance(info.value.__cause__, httpx2.TimeoutException)
 
 
-def test_non_json_success_is_a_client_error(server_path: str, backend: Backend) -> None:
+def test_non_json_success_is_a_client_error(server_path: str) -> None:
     from client._client import _check
 
-    with Client(server_path, backend=backend) as c:
+    with Client(server_path) as c:
         page = c.get("/docs")
         assert page.ok
         assert page.headers["content-type"].startswith("text/html")
@@ -254,10 +261,10 @@ def test_non_json_success_is_a_client_error(server_path: str, backend: Backend) 
             _check(c._request("GET", "/docs"))
 
 
-def test_one_client_shared_by_threads(server_path: str, backend: Backend) -> None:
+def test_one_client_shared_by_threads(server_path: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with Client(server_path, max_connections=4, backend=backend) as c, ThreadPoolExecutor(8) as pool:
+    with Client(server_path, max_connections=4) as c, ThreadPoolExecutor(8) as pool:
         messages = list(pool.map(lambda i: c.send(f"thread {i}"), range(80)))
     assert len({m.id for m in messages}) == 80
     assert sorted(m.text for m in messages) == sorted(f"thread {i}" for i in range(80))

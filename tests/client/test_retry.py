@@ -1,25 +1,27 @@
 """One transparent retry when a reused keep-alive connection turns out closed, never a double store.
 
-A relay between client and server stands in for the race of httpx#2487: on a chosen request of a
-connection it forwards the request to the real server (which stores the message), then closes the
-client's connection without the response. Only a retry with the same Idempotency-Key can then
-return the message without storing it twice.
+A relay between client and server stands in for the stale keep-alive race (HTTPX issue 2487): on a
+chosen request of a connection it forwards the request to the real server (which stores the
+message), then closes the client's connection without the response. Only a retry with the same
+Idempotency-Key can then return the message without storing it twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import select
 import socket
 import socketserver
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from client import AsyncClient, Client, ConnectError
-from client._client import Backend
 from tests.support import read_message, running_server, wait_until
 
 
@@ -89,18 +91,17 @@ def _stored(server_path: str, text: str) -> int:
         return sum(1 for m in direct.messages(limit=1000) if m.text == text)
 
 
-@pytest.mark.parametrize("backend", ["httpx", "http.client"])
-def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str, tmp_short: Path,
-                                                                   backend: Backend) -> None:
+def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str,
+                                                                   tmp_short: Path) -> None:
     with _relay(tmp_short, server_path, drop_request_number=2) as relay, \
-            Client(relay.server_address, backend=backend) as c:
-        first = c.send(f"before the drop ({backend})")
-        second = c.send(f"dropped then retried ({backend})")
-        assert second.text == f"dropped then retried ({backend})"
+            Client(relay.server_address) as c:
+        first = c.send("before the drop")
+        second = c.send("dropped then retried")
+        assert second.text == "dropped then retried"
         assert second.id > first.id
         assert relay.dropped == 1
         assert relay.connections == 2  # the retry went out on a fresh connection
-    assert _stored(server_path, f"dropped then retried ({backend})") == 1
+    assert _stored(server_path, "dropped then retried") == 1
 
 
 def test_async_client_retries_a_dropped_reused_connection_once(server_path: str, tmp_short: Path) -> None:
@@ -116,28 +117,33 @@ def test_async_client_retries_a_dropped_reused_connection_once(server_path: str,
     assert _stored(server_path, "async dropped then retried") == 1
 
 
-@pytest.mark.parametrize("backend", ["httpx", "http.client"])
-def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_short: Path,
-                                                      backend: Backend) -> None:
+def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_short: Path) -> None:
     with _relay(tmp_short, server_path, drop_request_number=1) as relay, \
-            Client(relay.server_address, backend=backend) as c:
+            Client(relay.server_address) as c:
         with pytest.raises(ConnectError) as info:
-            c.send(f"lost on a fresh connection ({backend})")
+            c.send("lost on a fresh connection")
         assert info.value.reason == "connection closed by the server"
         assert relay.connections == 1
-    assert _stored(server_path, f"lost on a fresh connection ({backend})") == 1
+    assert _stored(server_path, "lost on a fresh connection") == 1
 
 
-def test_idle_connection_closed_by_the_server_is_not_reused(tmp_short: Path) -> None:
+def test_idle_connection_closed_by_the_server_is_not_reused(tmp_short: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    opened: list[socket.socket] = []
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_unix_socket.complete":
+            opened.append(info["return_value"].get_extra_info("socket"))
+
     with running_server("--keepalive-timeout", "0.2", tmp=tmp_short) as server:
         assert server.socket_path is not None
-        with Client(server.socket_path, backend="http.client") as c:
-            c.send("one")
-            pool = c._pool
-            assert pool is not None
-            idle = pool._idle[0]
-            wait_until(idle.closed_by_peer, timeout=10, what="the server to close the idle connection")
+        with Client(server.socket_path) as c, caplog.at_level(logging.DEBUG, logger="client"):
+            assert c._http.get("/healthz", extensions={"trace": trace}).status_code == 200
+            assert len(opened) == 1
+            idle = opened[0]
+            wait_until(lambda: bool(select.select([idle], [], [], 0)[0]), timeout=10,
+                       what="the server to close the idle connection")
+            assert c._http.get("/healthz", extensions={"trace": trace}).status_code == 200
+            assert len(opened) == 2  # a fresh connection; the closed one was dropped, not tried
             c.send("two")
-            assert idle not in pool._idle
-        with Client(server.socket_path) as again:
-            assert [m.text for m in again.messages()] == ["one", "two"]
+        assert "retrying once" not in caplog.text

@@ -186,6 +186,15 @@ def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT,
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _require_server_package() -> None:
+    """``--spawn`` runs ``python -m app``: fail with a usage error where only the client is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("app") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UsageError("--spawn starts uds-server, and the server package is not installed here (the "
+                         "client image has only the client); measure a running server with --socket instead")
+
+
 def _pin_split() -> tuple[set[int], set[int]]:
     split = split_cpus()
     if split is None:
@@ -360,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
         if args.pin and not args.spawn:
             raise UsageError("--pin only applies to servers started with --spawn")
         if args.spawn:
+            _require_server_package()
             server_cpus, generator_cpus = _pin_split() if args.pin else (None, None)
             path, tcp = stack.enter_context(spawned_servers(cpus=server_cpus))
             if generator_cpus:

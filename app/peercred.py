@@ -24,12 +24,15 @@ chunked bodies, split heads, paused writes or full servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import re
 import resource
 import socket
 import struct
+import termios
 from asyncio import TimerHandle
 from typing import Any
 
@@ -55,6 +58,7 @@ LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 
 _UCRED = struct.Struct("3i")
+_OUTQ = struct.Struct("i")
 _HEAD_TOO_LARGE = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
 _TOO_MANY_HEADERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} header fields")
 _TRAILERS_TOO_LARGE = (431, "headers_too_large", f"the trailer fields are over {MAX_HEADER_BYTES} bytes")
@@ -350,7 +354,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         """The transport's buffer is full: the peer must read within ``send_timeout``."""
         self.flow.pause_writing()
         if self._send_timer is None:
-            self._unsent = self.transport.get_write_buffer_size()
+            self._unsent = self._unsent_bytes()
             self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
 
     def resume_writing(self) -> None:
@@ -359,11 +363,24 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._send_timer.cancel()
             self._send_timer = None
 
+    def _unsent_bytes(self) -> int:
+        """Bytes written but not yet read by the peer: our buffer plus the kernel's (``SIOCOUTQ``).
+
+        The kernel's part matters: a Unix socket turns writable only once three quarters of its
+        send buffer were read, so a slow reader can make progress our buffer does not show for long.
+        """
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                unsent += _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _OUTQ.pack(0)))[0]
+        return unsent
+
     def _on_send_timeout(self) -> None:
         self._send_timer = None
         if not self.flow.write_paused:
             return
-        unsent = self.transport.get_write_buffer_size()
+        unsent = self._unsent_bytes()
         if unsent < self._unsent:  # the peer read something: it gets another period
             self._unsent = unsent
             self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
@@ -454,12 +471,18 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Over the cap: close the longest-idle connection, or mark this one for a 503."""
         oldest: PeerCredProtocol | None = None
         oldest_since = 0.0
+        open_ = 0
         for conn in self.connections:
+            if conn.transport.is_closing():
+                continue  # on its way out: it makes room by itself
+            open_ += 1
             if conn is self or not isinstance(conn, PeerCredProtocol):
                 continue
             since = conn._idle_since()
             if since is not None and (oldest is None or since < oldest_since):
                 oldest, oldest_since = conn, since
+        if open_ <= cap:
+            return
         if oldest is not None:
             oldest.transport.close()
             self.connections.discard(oldest)  # counted out now; connection_lost follows

@@ -1,0 +1,546 @@
+"""Attacks on the HTTP layer over a real socket, in raw bytes: trailers, early answers, readers that
+never read, transfer codings, Host, pipelining and the connection cap.
+
+Where memory is the point, the server's RSS is measured with psutil.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import (
+    ServerProcess,
+    http_over_uds,
+    read_head,
+    read_response,
+    response_status,
+    running_server,
+    short_tmpdir,
+    wait_until,
+)
+
+DEADLINE = 20.0
+"""Socket timeout: far above every server timeout used here, only there to fail, not to wait."""
+MB = 1024 * 1024
+POST_CHUNKED = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+BODY = b'{"text": "hi"}'
+ONE_CHUNK = b"%x\r\n%s\r\n" % (len(BODY), BODY)
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    directory = short_tmpdir("pa")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server() as proc:
+        yield proc
+
+
+def _path(server: ServerProcess) -> str:
+    assert server.socket_path
+    return server.socket_path
+
+
+def _connect(path: str, timeout: float = DEADLINE) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    conn.connect(path)
+    return conn
+
+
+def _rss(server: ServerProcess) -> int:
+    return int(psutil.Process(server.proc.pid).memory_info().rss)
+
+
+def _closed(conn: socket.socket) -> bool:
+    """True once the server has closed the connection (EOF; a reset counts too)."""
+    try:
+        while conn.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    return True
+
+
+def _error(body: bytes, status: int, code: str) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(body)
+    assert doc["status"] == status, doc
+    assert doc["error"] == code, doc
+    assert isinstance(doc["message"], str)
+    assert "\n" not in doc["message"]
+    return doc
+
+
+def _stream_until_answered(conn: socket.socket, head: bytes, frame: bytes, limit: int) -> tuple[bytes, int]:
+    """Send ``head``, then ``frame`` again and again until the server answers, closes or ``limit``
+    bytes went out; return what the server said and how many bytes were sent."""
+    conn.sendall(head)
+    conn.setblocking(False)
+    answered = b""
+    sent = 0
+    try:
+        while sent < limit:
+            with contextlib.suppress(BlockingIOError):
+                more = conn.recv(65536)
+                if not more:
+                    break
+                answered += more
+            if b"\r\n\r\n" in answered:
+                break
+            try:
+                sent += conn.send(frame)
+            except BlockingIOError:
+                time.sleep(0.001)  # the server is not reading right now; poll its answer again
+            except (BrokenPipeError, ConnectionResetError):
+                break
+    finally:
+        conn.settimeout(DEADLINE)
+    with contextlib.suppress(ConnectionResetError):
+        while b"\r\n\r\n" not in answered:
+            more = conn.recv(65536)
+            if not more:
+                break
+            answered += more
+    return answered, sent
+
+
+def _answer(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), raw[:200]
+    return response_status(head), json.loads(body) if body else {}
+
+
+def _count(server: ServerProcess) -> int:
+    status, body = http_over_uds(_path(server), "GET", "/messages?limit=1000")
+    assert status == 200
+    return len(json.loads(body)["messages"])
+
+
+# --- trailers ---------------------------------------------------------------------------------------
+
+
+def test_endless_trailer_value_gets_431_and_memory_stays_flat(server: ServerProcess) -> None:
+    """One trailer field whose value never ends: 431 after 32 KiB, not GBs of memory or CPU."""
+    before = _rss(server)
+    with _connect(_path(server)) as conn:
+        answered, sent = _stream_until_answered(conn, POST_CHUNKED + ONE_CHUNK + b"0\r\nX-Trailer: ",
+                                                b"a" * 65536, 256 * MB)
+        status, doc = _answer(answered)
+        assert status == 431, answered[:300]
+        assert doc["message"] == "the trailer fields are over 32768 bytes"
+        assert _closed(conn)
+    assert sent < 16 * MB, f"the server read {sent} bytes of trailers before answering"
+    grown = _rss(server) - before
+    assert grown < 20 * MB, f"server memory grew by {grown} bytes"
+    assert http_over_uds(_path(server))[0] == 200
+
+
+def test_endless_trailer_fields_get_431(server: ServerProcess) -> None:
+    before = _rss(server)
+    with _connect(_path(server)) as conn:
+        answered, sent = _stream_until_answered(conn, POST_CHUNKED + ONE_CHUNK + b"0\r\n",
+                                                b"X-T: 1\r\n" * 8192, 256 * MB)
+        status, doc = _answer(answered)
+        assert status == 431, answered[:300]
+        assert doc["error"] == "headers_too_large"
+        assert _closed(conn)
+    assert sent < 16 * MB
+    assert _rss(server) - before < 20 * MB
+
+
+def test_over_100_trailer_fields_in_one_piece_get_431(server: ServerProcess) -> None:
+    stored = _count(server)
+    fields = b"".join(b"X-T%d: v\r\n" % i for i in range(101))
+    with _connect(_path(server)) as conn:
+        conn.sendall(POST_CHUNKED + ONE_CHUNK + b"0\r\n" + fields + b"\r\n")
+        status, headers, body = read_response(conn)
+        assert status == 431
+        assert headers["connection"] == "close"
+        message = _error(body, 431, "headers_too_large")["message"]
+        assert message == "the request has more than 100 trailer fields"
+        assert _closed(conn)
+    assert _count(server) == stored, "the refused request was not stored"
+
+
+def test_trailers_are_dropped_not_merged_into_the_headers(server: ServerProcess) -> None:
+    """A trailer cannot change what the head said (here: the content type and Idempotency-Key)."""
+    trailers = b"Content-Type: text/plain\r\nIdempotency-Key: not a valid key\r\n\r\n"
+    with _connect(_path(server)) as conn:
+        conn.sendall(POST_CHUNKED + ONE_CHUNK + b"0\r\n" + trailers)
+        status, _, body = read_response(conn)
+        assert status == 201, body
+        assert json.loads(body)["text"] == "hi"
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_response(conn)[0] == 200, "the connection stays usable after a request with trailers"
+
+
+# --- early answers close the connection -------------------------------------------------------------
+
+
+def test_refused_peer_streaming_a_chunked_body_is_closed(tmp: Path) -> None:
+    """The allowlist answers 403 without reading; the protocol then stops reading and closes."""
+    env = {"UDS_ALLOW_UID": str(os.getuid() + 12345)}
+    with running_server("--request-timeout", "60", env=env, tmp=tmp) as server:
+        before = _rss(server)
+        frame = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+        with _connect(_path(server)) as conn:
+            answered, sent = _stream_until_answered(conn, POST_CHUNKED, frame, 256 * MB)
+            status, doc = _answer(answered)
+            assert status == 403
+            assert doc["error"] == "forbidden"
+            # The server must close now, not after the 60 s request deadline.
+            conn.settimeout(5.0)
+            assert _closed(conn)
+        assert sent < 64 * MB, f"the server read {sent} bytes after refusing the peer"
+        assert _rss(server) - before < 20 * MB
+        assert http_over_uds(_path(server), "GET", "/readyz")[0] == 200
+
+
+def test_refused_peer_with_endless_trailers_is_closed(tmp: Path) -> None:
+    env = {"UDS_ALLOW_UID": str(os.getuid() + 12345)}
+    with running_server("--request-timeout", "60", env=env, tmp=tmp) as server:
+        before = _rss(server)
+        with _connect(_path(server)) as conn:
+            answered, sent = _stream_until_answered(conn, POST_CHUNKED + ONE_CHUNK + b"0\r\nX-T: ",
+                                                    b"a" * 65536, 256 * MB)
+            assert _answer(answered)[0] == 403
+            conn.settimeout(5.0)
+            assert _closed(conn)
+        assert sent < 64 * MB
+        assert _rss(server) - before < 20 * MB
+
+
+@pytest.mark.parametrize(("head", "status", "code"), [
+    (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+     b"Content-Length: 100000\r\n\r\n",
+     415, "unsupported_media_type"),
+    (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 100000000\r\n\r\n", 413, "payload_too_large"),
+    (b"POST /nope HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 100000\r\n\r\n", 404, "not_found"),
+    (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\nffff\r\n", 415, "unsupported_media_type"),
+])
+def test_early_answer_then_close(server: ServerProcess, head: bytes, status: int, code: str) -> None:
+    """An answer sent before the body was read ends the connection: the body is not read on."""
+    stored = _count(server)
+    with _connect(_path(server)) as conn:
+        conn.sendall(head + b'{"text": "')
+        got, _, body = read_response(conn)
+        assert got == status
+        _error(body, status, code)
+        conn.settimeout(5.0)  # far below the 30 s request deadline that would close it otherwise
+        assert _closed(conn), "the rest of the body must not be awaited"
+    assert _count(server) == stored
+
+
+def test_complete_bad_request_keeps_the_connection(server: ServerProcess) -> None:
+    """A refused request whose body arrived whole leaves the connection usable (no needless close)."""
+    with _connect(_path(server)) as conn:
+        body = b'{"text": "hi"}'
+        conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        buffer = bytearray()
+        assert read_response(conn, buffer)[0] == 415
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_response(conn, buffer)[0] == 200
+
+
+# --- a client that never reads ----------------------------------------------------------------------
+
+
+def _fill_history(path: str, count: int) -> None:
+    """``count`` messages of 4,096 four-byte characters (16 KiB of JSON each), over one connection."""
+    text = json.dumps({"text": "😀" * 4096}, ensure_ascii=False).encode()
+    request = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(text)) + text
+    with _connect(path) as conn:
+        buffer = bytearray()
+        for start in range(0, count, 50):
+            batch = min(50, count - start)
+            conn.sendall(request * batch)
+            for _ in range(batch):
+                assert read_response(conn, buffer)[0] == 201
+
+
+def test_client_that_never_reads_is_cut_after_send_timeout(tmp: Path) -> None:
+    with running_server("--send-timeout", "1", "--history-size", "300", tmp=tmp) as server:
+        path = _path(server)
+        _fill_history(path, 300)
+        baseline = _rss(server)
+        readers = []
+        try:
+            for _ in range(10):
+                conn = _connect(path)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                conn.sendall(b"GET /messages?limit=300 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                readers.append(conn)
+            # Each answer is ~5 MB; whatever the server holds of it is dropped at the send timeout.
+            wait_until(lambda: server.output.count("read nothing for 1s") == 10, timeout=15,
+                       what="ten send timeouts in the log")
+            for conn in readers:
+                conn.settimeout(5.0)
+                received = 0
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := conn.recv(1 << 20):
+                        received += len(chunk)
+                assert received < 5 * MB, "the connection ends before the whole answer"
+        finally:
+            for conn in readers:
+                conn.close()
+        wait_until(lambda: _rss(server) - baseline < 20 * MB, timeout=10, what="memory to come back")
+        line = next(x for x in server.output.splitlines() if "read nothing" in x)
+        assert line.startswith("WARNING Closed a connection whose peer read nothing for 1s; dropped ")
+        assert http_over_uds(path)[0] == 200
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=DEADLINE)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = _connect(self.path)
+
+
+def test_slow_reader_that_keeps_reading_is_not_cut(tmp: Path) -> None:
+    """Progress resets the send timeout: a client that reads slowly gets its whole answer."""
+    with running_server("--send-timeout", "0.5", "--history-size", "30", tmp=tmp) as server:
+        path = _path(server)
+        _fill_history(path, 30)
+        conn = _UnixHTTPConnection(path)
+        try:
+            conn.request("GET", "/messages?limit=30")
+            response = conn.getresponse()
+            assert response.status == 200
+            body = bytearray()
+            # ~500 KB at 160 KB/s: the server's buffer stays full for longer than the send timeout
+            # at a time, but the peer keeps taking from it.
+            while chunk := response.read(8192):
+                body += chunk
+                time.sleep(0.05)
+            assert len(json.loads(bytes(body))["messages"]) == 30
+        finally:
+            conn.close()
+        assert "read nothing" not in server.output
+
+
+# --- RFC 9112 framing: Transfer-Encoding and Host ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("coding", "status"), [
+    (b"gzip, chunked", 501),
+    (b"deflate,chunked", 501),
+    (b"identity", 501),
+    (b"gzip", 501),
+    (b"chunked, chunked", 501),
+    (b"chunked, gzip", 501),
+    (b"chunked\r\nTransfer-Encoding: chunked", 501),
+    (b"chunked\r\nContent-Length: 14", 400),
+])
+def test_transfer_codings_other_than_chunked_are_refused(server: ServerProcess, coding: bytes,
+                                                         status: int) -> None:
+    stored = _count(server)
+    with _connect(_path(server)) as conn:
+        conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: " + coding + b"\r\n\r\n" + ONE_CHUNK + b"0\r\n\r\n")
+        got, headers, body = read_response(conn)
+        assert got == status, body
+        assert headers["connection"] == "close"
+        assert headers["content-type"] == "application/json"
+        assert _closed(conn)
+    assert _count(server) == stored, "nothing sent with a refused coding is stored"
+
+
+def test_chunked_any_case_is_accepted(server: ServerProcess) -> None:
+    with _connect(_path(server)) as conn:
+        conn.sendall(POST_CHUNKED.replace(b"chunked", b"Chunked") + ONE_CHUNK + b"0\r\n\r\n")
+        assert read_response(conn)[0] == 201
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (b"", "no Host header"),
+    (b"Host: localhost\r\nHost: localhost\r\n", "more than one Host"),
+    (b"Host: a b\r\n", "not a valid host"),
+    (b"Host: local/host\r\n", "not a valid host"),
+    (b"Host: x@y\r\n", "not a valid host"),
+    (b"Host: [::1\r\n", "not a valid host"),
+    (b"Host: localhost:80x\r\n", "not a valid host"),
+])
+def test_missing_repeated_or_invalid_host_gets_400(server: ServerProcess, fields: bytes,
+                                                   message: str) -> None:
+    with _connect(_path(server)) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n" + fields + b"\r\n")
+        status, headers, body = read_response(conn)
+        assert status == 400
+        assert headers["connection"] == "close"
+        assert message in str(_error(body, 400, "bad_request")["message"])
+        assert _closed(conn)
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: localhost:80\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: uds\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\n\r\n",
+])
+def test_valid_hosts_and_http10_without_host_are_served(server: ServerProcess, request_head: bytes) -> None:
+    with _connect(_path(server)) as conn:
+        conn.sendall(request_head)
+        assert read_response(conn)[0] == 200
+
+
+# --- pipelining -------------------------------------------------------------------------------------
+
+
+def _post(text: str) -> bytes:
+    body = json.dumps({"text": text}).encode()
+    return (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+@pytest.mark.parametrize("bad", [
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\n\r\n",
+    b"\x16\x03\x01 not http\r\n\r\n",
+    POST_CHUNKED.replace(b"chunked", b"gzip, chunked") + ONE_CHUNK + b"0\r\n\r\n",
+    POST_CHUNKED + ONE_CHUNK + b"0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(101)) + b"\r\n",
+])
+def test_pipelined_good_requests_are_answered_before_the_error(server: ServerProcess, bad: bytes) -> None:
+    with _connect(_path(server)) as conn:
+        conn.sendall(_post("first") + _post("second") + bad)
+        buffer = bytearray()
+        texts = []
+        for _ in range(2):
+            status, _, body = read_response(conn, buffer)
+            assert status == 201, body
+            texts.append(json.loads(body)["text"])
+        assert texts == ["first", "second"]
+        status, headers, body = read_response(conn, buffer)
+        assert status in (400, 431, 501), body
+        assert headers["connection"] == "close"
+        assert json.loads(body)["status"] == status
+        assert _closed(conn)
+
+
+# --- open files and the connection cap --------------------------------------------------------------
+
+
+def _limited_python(directory: Path, soft: int, hard: int) -> str:
+    """An executable that runs this Python under RLIMIT_NOFILE ``soft:hard`` (like ``prlimit``)."""
+    wrapper = directory / "python-nofile"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return str(wrapper)
+
+
+def _open_files(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit(tmp: Path) -> None:
+    path = str(tmp / "s.sock")
+    python = _limited_python(tmp, 256, 1024)
+    with ServerProcess(["--socket", path], socket_path=path, python=python) as server:
+        server.wait_ready()
+        assert _open_files(server.proc.pid) == (1024, 1024)
+        server.stop()
+
+
+def _start_busy(path: str) -> socket.socket:
+    """A connection with a request in flight: the application is waiting for the rest of its body."""
+    conn = _connect(path)
+    conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: 19\r\n\r\n")
+    found = read_head(conn, bytearray())
+    assert found is not None
+    assert response_status(found[0]) == 100
+    return conn
+
+
+def test_past_the_cap_busy_server_answers_503_json_and_logs_once(tmp: Path) -> None:
+    path = str(tmp / "s.sock")
+    python = _limited_python(tmp, 1024, 1024)
+    args = ["--socket", path, "--max-connections", "3"]
+    with ServerProcess(args, socket_path=path, python=python) as server:
+        server.wait_ready()
+        busy = [_start_busy(path) for _ in range(3)]
+        try:
+            for _ in range(3):
+                with _connect(path) as extra:
+                    extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    status, headers, body = read_response(extra)
+                    assert status == 503
+                    assert headers["content-type"] == "application/json"
+                    assert headers["connection"] == "close"
+                    _error(body, 503, "unavailable")
+                    assert _closed(extra)
+            for conn in busy:  # the requests in flight are unharmed
+                conn.sendall(b'{"text": "in time"}')
+                assert read_response(conn)[0] == 201
+        finally:
+            for conn in busy:
+                conn.close()
+        wait_until(lambda: http_over_uds(path)[0] == 200, what="a free slot")
+        lines = [x for x in server.output.splitlines() if "At the connection limit" in x]
+        assert lines == ["WARNING At the connection limit (3, --max-connections): refused 1 connection(s) "
+                         "with 503, closed 0 idle connection(s) to make room; next report in 10s at most"]
+        server.stop()
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room(tmp: Path) -> None:
+    """Idle connections never starve the probe: the oldest idle one is closed for the newcomer."""
+    with running_server("--max-connections", "20", tmp=tmp) as server:
+        path = _path(server)
+        sockets = len(psutil.Process(server.proc.pid).net_connections("unix"))  # listener, event loop
+        idle = []
+        try:
+            for _ in range(200):  # ten times the cap, never sending a byte
+                idle.append(_connect(path))
+            kept = _connect(path)  # a keep-alive connection that served a request, then idles
+            idle.append(kept)
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert read_response(kept)[0] == 200
+            for _ in range(5):
+                assert http_over_uds(path, timeout=5.0)[0] == 200
+            assert http_over_uds(path, "POST", "/messages", b'{"text": "hi"}',
+                                 {"content-type": "application/json"})[0] == 201
+            alive = psutil.Process(server.proc.pid).net_connections("unix")
+            assert len(alive) - sockets <= 20 + 1, f"{len(alive) - sockets} connections open past a cap of 20"
+            idle[0].settimeout(5.0)
+            assert _closed(idle[0]), "the longest-idle connection was closed to make room"
+        finally:
+            for conn in idle:
+                conn.close()
+        assert "closed" in next(x for x in server.output.splitlines() if "At the connection limit" in x)
+        assert "refused 0 connection(s)" in server.output

@@ -95,3 +95,14 @@ def test_allowlist_over_a_real_socket() -> None:
                                      {"content-type": "application/json"})
         assert status == 201
         assert json.loads(body)["peer"]["uid"] == me
+
+
+def test_refused_line_escapes_control_characters(make_client: Callable[..., ASGIClient],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """ESC, CR and LF from the path cannot forge log lines or drive a terminal."""
+    client = make_client(LIST, peer=STRANGER)
+    with caplog.at_level(logging.WARNING, logger="app.access"):
+        assert_error(client.get("/x%1b[31mred%0d%0aINFO forged"), 403, "forbidden")
+    line = next(r.getMessage() for r in caplog.records if r.name == "app.access")
+    assert not any(c in line for c in "\x1b\r\n"), line
+    assert "Refused GET /x\\x1b[31mred\\r\\nINFO forged from pid=12" in line

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from client.cli import main
 from client.cli._loadgen import LoadSpec, Target, build_request, run_load
 from client.cli.bench import format_table
 from client.cli.spawn import app_command, free_port, spawn
-from tests.support import ROOT, ServerProcess, http_over_uds, read_message, run_cli, short_tmpdir
+from tests.support import ROOT, ServerProcess, http_over_uds, read_message, run_cli
 
 POST = b'{"text":"Hello from client"}'
 
@@ -30,14 +29,6 @@ def _stored_count(path: str) -> int:
     assert status == 200
     messages = json.loads(body)["messages"]
     return int(messages[-1]["id"]) if messages else 0
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory for socket paths, removed afterwards."""
-    directory = short_tmpdir("bench")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- the generator against the real server ------------------------------------------------------
@@ -92,8 +83,8 @@ def test_generator_with_two_worker_processes(server: ServerProcess) -> None:
     assert len(result.latencies_ns) == 101
 
 
-def test_generator_reports_a_missing_socket(sock_dir: Path) -> None:
-    path = str(sock_dir / "absent.sock")
+def test_generator_reports_a_missing_socket(tmp_short: Path) -> None:
+    path = str(tmp_short / "absent.sock")
     result = run_load(Target(socket=path), LoadSpec(concurrency=2, requests=4, warmup=0))
     assert result.requests == 0
     assert result.errors == 4
@@ -128,14 +119,14 @@ def _read_request(conn: socket.socket, buf: bytearray) -> bool:
 
 
 @pytest.fixture
-def scripted(sock_dir: Path) -> Iterator[Callable[[Callable[[int], bytes | None]], str]]:
+def scripted(tmp_short: Path) -> Iterator[Callable[[Callable[[int], bytes | None]], str]]:
     """A Unix socket server answering request n with ``reply(n)`` (None: never answer)."""
     listeners: list[socket.socket] = []
     threads: list[threading.Thread] = []
     stop = threading.Event()
 
     def start(reply: Callable[[int], bytes | None]) -> str:
-        path = str(sock_dir / f"f{len(listeners)}.sock")
+        path = str(tmp_short / f"f{len(listeners)}.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(16)
@@ -311,8 +302,8 @@ def test_bench_only_uds_has_no_ratios(server: ServerProcess, capsys: pytest.Capt
     assert report["settings"]["pinned"] is False
 
 
-def test_bench_cannot_connect_is_exit_3(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = str(sock_dir / "none.sock")
+def test_bench_cannot_connect_is_exit_3(tmp_short: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_short / "none.sock")
     code, _, err = _bench(capsys, "--socket", path, "bench", "-n", "5")
     assert code == 3
     assert err.strip().splitlines() == [

@@ -102,7 +102,7 @@ def poll(check: Callable[[], T | None], timeout: float, *, what: str,
 
     ``retry_on`` exceptions count as "not yet"; any other propagates at once. Between calls the
     pause doubles from ``first_delay`` up to ``max_delay``. After ``timeout`` seconds raise
-    :class:`TimeoutError` naming ``what`` and the last exception.
+    :class:`TimeoutError` naming ``what`` and the last exception (also its ``__cause__``).
     """
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
@@ -118,7 +118,8 @@ def poll(check: Callable[[], T | None], timeout: float, *, what: str,
             last = None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}")
+            message = f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}"
+            raise TimeoutError(message) from last
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, max_delay)
 
@@ -193,14 +194,12 @@ class ServerProcess:
                 poll(self._tcp_ready, timeout, what=self.where, first_delay=first_delay, max_delay=max_delay)
             else:
                 raise ValueError("wait_ready needs the socket or the port the server serves on")
-        except WaitTimeout as exc:
+        except (WaitTimeout, TimeoutError) as exc:
             self._check_alive()
+            last = exc if isinstance(exc, WaitTimeout) else exc.__cause__
+            reason = last.reason if isinstance(last, ConnectError) else repr(last)
             raise SpawnError(f"{self.name} did not answer on {self.where} within {timeout:g}s "
-                             f"(last error: {exc.reason})") from exc
-        except TimeoutError as exc:
-            self._check_alive()
-            raise SpawnError(f"{self.name} did not answer on {self.where} within {timeout:g}s "
-                             f"({exc})") from exc
+                             f"(last error: {reason})") from exc
         self.ready_after = time.monotonic() - self.started
         return self
 

@@ -3,7 +3,8 @@
 ``text``: INFO lines of the ``app`` loggers are the bare message, so ``kubectl logs`` shows the demo
 lines exactly (``🔌 Server listening on /csi/csi.sock``); every other line is ``LEVEL message``. A
 record that names its ``peer`` (each received message) gets it on the next line,
-``  from peer pid=.. uid=.. gid=.. (message N)``, so the demo line above it stays exactly as it is.
+``  from peer pid=.. uid=.. gid=.. (message N)`` (with ``via proxy for uid=.. gid=.. pid=..``
+when ``uds-client proxy`` named its caller), so the demo line above it stays exactly as it is.
 ``json``: one object per line with ``ts``, ``level``, ``logger``, ``message`` and any extra fields.
 uvicorn's loggers go through the same handler. Tracebacks only with ``debug``; otherwise an
 exception is summarised on the same line.
@@ -51,8 +52,11 @@ class TextFormatter(logging.Formatter):
         if isinstance(peer, dict):  # the caller beside its message; the demo line itself stays bare
             number = getattr(record, "message_id", None)
             suffix = f" (message {number})" if number is not None else ""
+            forwarded = peer.get("forwarded_for")  # the caller a proxy on the socket named
+            via = (f" via proxy for uid={forwarded.get('uid')} gid={forwarded.get('gid')} "
+                   f"pid={forwarded.get('pid')}" if isinstance(forwarded, dict) else "")
             message = (f"{message}\n  from peer pid={peer.get('pid')} uid={peer.get('uid')} "
-                       f"gid={peer.get('gid')}{suffix}")
+                       f"gid={peer.get('gid')}{via}{suffix}")
         if record.exc_info:
             if self.debug:
                 message = f"{message}\n{self.formatException(record.exc_info)}"

@@ -57,12 +57,23 @@ def message_in_model(max_text_length: int) -> type[MessageIn]:
     )
 
 
+class ForwardedPeer(BaseModel):
+    """The caller a proxy on the socket named (``Uds-Forwarded-Peer``); a claim made by that peer."""
+
+    uid: int
+    gid: int = Field(description="-1 when the proxy could not see the caller's groups.")
+    pid: int = Field(description="0 when the proxy could not see the caller's process.")
+
+
 class Peer(BaseModel):
     """Credentials of the process on the other end of the Unix socket (SO_PEERCRED)."""
 
     pid: int
     uid: int
     gid: int
+    forwarded_for: ForwardedPeer | None = Field(
+        default=None, description="Set when the peer is `uds-client proxy`: the user it admitted."
+    )
 
 
 class Message(BaseModel):

@@ -1,40 +1,88 @@
-"""``uds-client proxy``: a TCP listener that pipes every connection to the Unix socket, byte for byte.
+"""``uds-client proxy``: a loopback TCP port in front of the Unix socket, for browsers and curl.
 
 Browsers, curl without ``--unix-socket`` and ``kubectl port-forward`` speak TCP only; the proxy lets
-them reach the socket. It is a byte pipe, so keep-alive, streaming and half-close behave as they do
-on the socket itself. The server sees the proxy as its peer (SO_PEERCRED is the proxy's pid/uid).
+them reach the socket without widening who can use it. The socket's file permissions say who may
+call the API; a TCP port has no such permissions, so the proxy checks every request before any of
+it reaches the socket:
+
+* **The caller must be someone who could have used the socket.** Two ways to prove it:
+
+  - *By uid, as identd does* (no setup, works for curl and a browser on the same machine): the
+    kernel reports the uid that owns the connecting TCP socket (:mod:`client.cli._caller`, an exact
+    ``sock_diag`` lookup by address pair), the gids come from the process holding that socket (or
+    the account database when that process is not visible), and the caller is admitted only if
+    the socket's owner, group and mode would let it ``connect()`` (search on each directory, write
+    on the socket). Only callers in this network namespace can be identified: a Pod's containers
+    share one, so they are checked like local users; anything else is unknown and needs the token.
+  - *By token, as Jupyter does*: a random token made at start is printed only on the proxy's
+    stderr (``Docs: http://127.0.0.1:PORT/docs?token=...``). A GET with ``?token=`` gets a redirect
+    to the same page without it and an ``HttpOnly; SameSite=Strict`` cookie scoped to this port;
+    requests that carry the cookie are admitted. Reading the proxy's output proves the caller is
+    the user who started it (or can ``kubectl exec`` into the Pod, which is more). This is what
+    ``kubectl port-forward`` needs: its connections are made by the container runtime (uid 0).
+
+  Both are on by default; ``--token-only`` turns the uid check off. Everything else gets ``403``.
+  The uid check alone would admit a cross-site page in the user's browser, so a request whose
+  ``Origin`` is not the proxy's own is refused too (the token's cookie is SameSite=Strict already).
+* **Host must be the proxy's own address** (``127.0.0.1:PORT``, ``localhost:PORT``, ``[::1]:PORT``,
+  the ``--listen`` address, and any ``--allow-host``), or the answer is ``421``: a DNS-rebinding
+  page in a local browser sends its own host name.
+* **The server learns who is behind the proxy**: the proxy removes any ``Uds-Forwarded-Peer``
+  header the caller sent and adds ``Uds-Forwarded-Peer: uid=U gid=G pid=P`` for the identified
+  caller (``pid=0``, ``gid=-1`` when not visible). The server records it as the message's
+  ``peer.forwarded_for`` next to the proxy's own SO_PEERCRED, so the claim is attributable.
+
+To check every request, the proxy reads each request head (h11 parses it, at most 32 KiB and 100
+header fields, within ``--head-timeout``) and forwards **one request per TCP connection**: it
+sends ``Connection: close`` upstream, so the server answers with ``Connection: close`` and ends
+the connection, and clients open a new one for their next request (RFC 9112 section 9.6); a
+pipelined request behind the first is not forwarded. Measured with 500 sequential
+``GET /healthz`` on the test machine: 218 us each on one keep-alive connection through the old
+byte pipe, 557 us with a new connection each, 0.6 ms to 1 ms with these checks; a browser loads
+the docs in a handful of requests. Bodies are streamed with backpressure (h11 re-frames them; a
+chunked body stays chunked, its trailers dropped); responses are copied byte for byte.
 
 Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port cannot be bound (in use,
 not permitted); 3 the socket cannot be reached at start.
 
-Top-level imports are light stdlib modules only, so ``uds-client`` starts fast: asyncio (and uvloop,
-when installed) are imported when the proxy runs.
+Top-level imports are light stdlib modules only, so ``uds-client`` starts fast: asyncio, h11 (and
+uvloop, when installed) are imported when the proxy runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import hmac
 import ipaddress
 import json
+import secrets
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
+from urllib.parse import parse_qsl, urlencode
 
 if TYPE_CHECKING:
     import asyncio
+
+    import h11
+
+    from client.cli._caller import Caller
 
 from client._address import to_url
 from client._errors import ConnectError, UsageError, reason_for
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "FORWARDED_HEADER",
     "Listen",
     "Proxy",
     "add_arguments",
+    "allowed_hosts",
     "check_socket",
     "is_loopback",
     "parse_listen",
@@ -44,6 +92,14 @@ __all__ = [
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_HOST = "127.0.0.1"
+FORWARDED_HEADER = b"uds-forwarded-peer"
+"""The request header that names the caller behind the proxy (the server records it)."""
+MAX_HEAD_BYTES = 32 * 1024
+"""Largest request head the proxy reads (the server's own limit)."""
+MAX_HEADERS = 100
+"""Most header fields in one request (the server's own limit)."""
+DEFAULT_HEAD_TIMEOUT = 30.0
+"""Seconds a connection may take to send its request head (the server's request_timeout)."""
 
 
 class Listen(tuple[str, int]):
@@ -113,12 +169,24 @@ def check_socket(path: str, timeout: float) -> None:
         sock.close()
 
 
+def allowed_hosts(listen_host: str, port: int, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` values the proxy answers to: its own address, loopback names, and ``extra``."""
+    names = {_hostport(listen_host, port)}
+    if listen_host in _WILDCARD or is_loopback(listen_host):
+        names |= {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    if port == 80:
+        names |= {name.rsplit(":", 1)[0] for name in names}
+    return frozenset(name.lower() for name in (*names, *extra))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``uds-client proxy``."""
     parser.epilog = (
-        "Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be used "
-        "(in use, not permitted); 3 the socket cannot be reached at start. The server sees the proxy "
-        "as the caller: whoever can reach the TCP port acts with this user's rights."
+        "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
+        "this machine and network namespace only) may connect to the socket, or if it carries the "
+        "token printed at start (as a cookie set by opening the printed URL). Exit codes: 0 stopped by "
+        "SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be used (in use, not permitted); "
+        "3 the socket cannot be reached at start."
     )
     parser.add_argument(
         "--listen",
@@ -128,31 +196,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "no host means 127.0.0.1, loopback only; port 0 picks a free port)",
     )
     parser.add_argument(
+        "--token-only",
+        action="store_true",
+        help="admit only requests carrying the printed token, even from users who may use the socket",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="also answer requests whose Host header is HOST:PORT (for example the local side of "
+        "kubectl port-forward 9000:8080); repeatable",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=float,
+        default=DEFAULT_HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has not sent its whole request head in time "
+        f"(default {DEFAULT_HEAD_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
-        help="do not log a line per connection (startup lines and errors are still printed)",
+        help="do not log a line per forwarded request (startup lines, refusals and errors are still printed)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the socket, listen on TCP, pipe connections until SIGINT/SIGTERM; return the exit code."""
+    """Check the socket, listen on TCP, serve connections until SIGINT/SIGTERM; return the exit code."""
     listen = parse_listen(args.listen)
+    if not args.head_timeout > 0:
+        raise UsageError(f"invalid --head-timeout {args.head_timeout!r}: give a number of seconds above 0")
+    extra = [parse_listen(value) for value in args.allow_host]
     check_socket(args.socket, args.timeout)
     return serve(
         listen,
         args.socket,
         connect_timeout=args.timeout,
-        log_connections=not getattr(args, "quiet", False),
+        log_connections=not args.quiet,
         stream=sys.stderr,
+        token_only=args.token_only,
+        allow_hosts=[_hostport(*hp) for hp in extra],
+        head_timeout=args.head_timeout,
     )
 
 
 _CHUNK = 256 * 1024
-# After the server has closed its side, how long the client may keep its side open before it is cut.
-_CLOSE_GRACE = 5.0
-# How long to wait for a request head before answering 502 when the socket cannot be reached.
-_HEAD_WAIT = 1.0
+# After answering, how long the proxy keeps reading (and dropping) what the client still sends, so
+# that closing does not reset the connection before the client has read the answer.
+_LINGER = 2.0
+_LINGER_BYTES = 1 << 20
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+# Hop-by-hop fields are not forwarded; the proxy sets Connection itself.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te",
+                         FORWARDED_HEADER})
+_REASONS = {303: "See Other", 400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
+            421: "Misdirected Request", 431: "Request Header Fields Too Large", 501: "Not Implemented",
+            502: "Bad Gateway"}
+_ERRORS = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 421: "misdirected_request",
+           431: "headers_too_large", 501: "not_implemented", 502: "bad_gateway"}
 
 
 def _hostport(host: str, port: int) -> str:
@@ -169,115 +272,269 @@ def _bind_reason(exc: OSError) -> str:
     }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())
 
 
+def _shown(value: bytes | str, limit: int = 200) -> str:
+    """Text from outside as it goes into one log line or message: control characters escaped, cut."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
+    body = json.dumps({"error": _ERRORS.get(status, "error"), "message": message, "status": status}).encode()
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", "Connection: close", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 def bad_gateway(message: str) -> bytes:
     """A complete HTTP/1.1 502 response carrying the shared JSON error shape."""
-    body = json.dumps({"error": "bad_gateway", "message": message, "status": 502}).encode()
-    head = (
-        "HTTP/1.1 502 Bad Gateway\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+    return error_answer(502, message)
+
+
+class _Closed(Exception):
+    """The client closed the connection before sending a request."""
+
+
+@dataclass
+class _Verdict:
+    """What to do with one request: forward it (``status`` 0), redirect (303) or refuse."""
+
+    status: int = 0
+    message: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    target: bytes = b""
+    by: str = ""
 
 
 class Proxy:
-    """Accepts TCP connections and pipes each one to a new connection on the Unix socket."""
+    """Accepts TCP connections, checks each request, forwards admitted ones to the Unix socket."""
 
     def __init__(self, path: str, *, connect_timeout: float, log: Callable[[str], None],
-                 log_connections: bool = True) -> None:
+                 log_connections: bool = True, token: str | None = None, token_only: bool = False,
+                 head_timeout: float = DEFAULT_HEAD_TIMEOUT) -> None:
+        from client.cli._caller import SocketAccess
+
         self.path = path
         self.url = to_url(path)
         self.connect_timeout = connect_timeout
         self.log = log
         self.log_connections = log_connections
+        self.token = token or secrets.token_urlsafe(24)
+        self.token_only = token_only
+        self.head_timeout = head_timeout
+        self.access = SocketAccess(path)
+        self.hosts: frozenset[str] = frozenset()
+        self.origins: frozenset[str] = frozenset()
+        self.cookie = "uds-proxy"
         self.tasks: set[asyncio.Task[None]] = set()
         self.count = 0
 
-    async def handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        """Serve one TCP connection until both sides are done (or the proxy stops)."""
+    def listening(self, hosts: frozenset[str], port: int) -> None:
+        """Set what the proxy answers to, once its port is known."""
+        self.hosts = hosts
+        self.origins = frozenset(f"http://{host}" for host in hosts)
+        self.cookie = f"uds-proxy-{port}"  # cookies ignore ports: one name per proxy port
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one TCP connection: one request, checked, then forwarded or refused."""
         import asyncio
+
+        import h11
+
+        from client.cli._caller import find_caller
 
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
         self.count += 1
         number = self.count
-        peer = client_writer.get_extra_info("peername")
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
         who = _hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
+        # Identify the caller while its head arrives: its socket exists now, and may not later.
+        finding: asyncio.Future[Caller | None] | None = None
+        if isinstance(peer, tuple) and isinstance(local, tuple):
+            finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
         started = time.monotonic()
-        moved = [0, 0]  # bytes to the socket, bytes to the client
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        received = [0]
         try:
             try:
-                upstream_reader, upstream_writer = await asyncio.wait_for(
-                    _open_unix(self.path), self.connect_timeout
-                )
-            except (OSError, TimeoutError) as exc:
-                reason = reason_for(exc)
-                message = str(ConnectError(self.url, reason))
-                self.log(f"proxy #{number} {who}: {message} (answered 502)")
-                await self._refuse(client_reader, client_writer, message)
+                request = await asyncio.wait_for(_next_request(reader, conn, received), self.head_timeout)
+            except _Closed:
                 return
-            if self.log_connections:
-                self.log(f"proxy #{number} open {who} -> {self.url}")
-            note = " (cut: the proxy is stopping)"
-            try:
-                note = await self._pipe(client_reader, client_writer, upstream_reader, upstream_writer, moved)
-            finally:
-                upstream_writer.close()
-                if self.log_connections:
-                    self.log(
-                        f"proxy #{number} close {who}: {moved[0]} B to socket, {moved[1]} B to client, "
-                        f"{time.monotonic() - started:.3f} s{note}"
-                    )
+            except TimeoutError:
+                if received[0]:
+                    self.log(f"proxy #{number} {who}: no complete request head within "
+                             f"{self.head_timeout:g}s (answered 408)")
+                    await _answer(reader, writer, error_answer(408, (
+                        f"the request head was not complete within {self.head_timeout:g}s; send it faster")))
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in _ERRORS else 400
+                message = f"the request is not valid HTTP/1.1 ({_shown(str(exc))})"
+                if status == 431:
+                    message = f"the request head is over {MAX_HEAD_BYTES} bytes"
+                self.log(f"proxy #{number} {who}: refused {status}: {message}")
+                await _answer(reader, writer, error_answer(status, message))
+                return
+            except (OSError, asyncio.IncompleteReadError):
+                return
+            caller = await finding if finding is not None else None
+            verdict = self._check(request, caller)
+            line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
+            if verdict.status:
+                if verdict.status != 303:
+                    self.log(f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
+                             f"{line}: {verdict.message}")
+                elif self.log_connections:
+                    self.log(f"proxy #{number} {who} {_describe(caller)}: token accepted, cookie set, "
+                             f"redirected {line}")
+                await _answer(reader, writer, error_answer(verdict.status, verdict.message, verdict.headers))
+                return
+            await self._forward(reader, writer, conn, request, verdict, caller,
+                                f"proxy #{number} {who} {_describe(caller)} {line}", started)
         finally:
-            client_writer.close()
+            if finding is not None and not finding.done():
+                finding.cancel()
+            writer.close()
             self.tasks.discard(task)
 
-    async def _pipe(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                    upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
-                    moved: list[int]) -> str:
-        """Copy both ways until both are done; return a note for the log line ("" if all went well)."""
+    def _without_token(self, target: bytes) -> bytes:
+        path, sep, query = target.partition(b"?")
+        if not sep or b"token=" not in query:
+            return target
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        pairs = [(k, v) for k, v in pairs if k != "token"]
+        rest = urlencode(pairs)
+        return path + (b"?" + rest.encode("latin-1") if rest else b"")
+
+    def _check(self, request: h11.Request, caller: Caller | None) -> _Verdict:
+        """Host, Origin, then the caller: by uid against the socket's permissions, or by token."""
+        if len(request.headers) > MAX_HEADERS:
+            return _Verdict(431, f"the request has more than {MAX_HEADERS} header fields")
+        # h11 bounds a head that arrives in pieces; one that arrived whole is measured here.
+        size = len(request.method) + len(request.target) + 11
+        if size + sum(len(name) + len(value) + 4 for name, value in request.headers) > MAX_HEAD_BYTES:
+            return _Verdict(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+        host = origin = None
+        cookies: list[bytes] = []
+        framing = set()
+        for name, value in request.headers:
+            if name == b"host":
+                host = value
+            elif name in (b"content-length", b"transfer-encoding"):
+                framing.add(name)
+            elif name == b"origin":
+                origin = value
+            elif name == b"cookie":
+                cookies.append(value)
+        if host is None:
+            return _Verdict(400, "the request has no Host header; send Host: 127.0.0.1:PORT")
+        if len(framing) == 2:  # RFC 9112 section 6.1: a sign of request smuggling
+            return _Verdict(400, "the request has both Content-Length and Transfer-Encoding; send one")
+        if host.decode("latin-1").lower() not in self.hosts:
+            return _Verdict(421, f"this proxy does not answer for host {_shown(host)!r}; use "
+                            f"{' or '.join(sorted(self.hosts))} (or start it with --allow-host)")
+        if origin is not None and origin.decode("latin-1").lower() not in self.origins:
+            return _Verdict(403, f"cross-origin requests are refused (Origin {_shown(origin)!r}); "
+                            "open the page from the proxy's own address")
+        if b"token=" in request.target:
+            query = request.target.partition(b"?")[2].decode("latin-1")
+            given = dict(parse_qsl(query, keep_blank_values=True)).get("token")
+            if given is not None:
+                if not hmac.compare_digest(given.encode(), self.token.encode()):
+                    return _Verdict(403, "wrong token; open the URL the proxy printed at start")
+                target = self._without_token(request.target)
+                if request.method in (b"GET", b"HEAD"):
+                    cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                    return _Verdict(303, "token accepted; continue without it in the URL",
+                                    (("Location", target.decode("latin-1")), ("Set-Cookie", cookie)))
+                return _Verdict(target=target, by="token")
+        if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):
+            return _Verdict(target=request.target, by="uid")
+        if self._has_cookie(cookies):
+            return _Verdict(target=request.target, by="token")
+        if self.token_only:
+            why = "this proxy admits only requests with its token"
+        elif caller is None:
+            why = "the proxy cannot tell who opened this connection (not a socket of this machine)"
+        else:
+            why = (f"uid {caller.uid} may not connect to {self.url} ({self.access.describe()}; groups "
+                   f"{_groups(caller)})")
+        return _Verdict(403, f"{why}; open the URL with the token that the proxy printed at start")
+
+    def _has_cookie(self, cookies: list[bytes]) -> bool:
+        expected = self.token.encode()
+        name = self.cookie.encode()
+        for header in cookies:
+            for pair in header.split(b";"):
+                key, _, value = pair.strip().partition(b"=")
+                if key == name and hmac.compare_digest(value, expected):
+                    return True
+        return False
+
+    def _upstream_headers(self, request: h11.Request, caller: Caller | None) -> list[tuple[bytes, bytes]]:
+        name = self.cookie.encode()
+        headers: list[tuple[bytes, bytes]] = []
+        for raw_name, value in request.headers.raw_items():
+            lower = raw_name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            if lower == b"cookie":  # the proxy's own cookie is a secret for the proxy alone
+                kept = [p for p in value.split(b";") if p.strip().partition(b"=")[0] != name]
+                if not kept:
+                    continue
+                value = b";".join(kept).strip()
+            headers.append((raw_name, value))
+        headers.append((b"Connection", b"close"))
+        if caller is not None:
+            headers.append((b"Uds-Forwarded-Peer",
+                            f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode()))
+        return headers
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: h11.Connection,
+                       request: h11.Request, verdict: _Verdict, caller: Caller | None, label: str,
+                       started: float) -> None:
         import asyncio
 
-        up = asyncio.ensure_future(_copy(client_reader, upstream_writer, moved, 0))
-        down = asyncio.ensure_future(_copy(upstream_reader, client_writer, moved, 1))
+        import h11
+
         try:
-            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-            for t, direction in ((up, "client to socket"), (down, "socket to client")):
-                error = t.exception() if t in done and not t.cancelled() else None
-                if error is not None:
-                    what = error.strerror if isinstance(error, OSError) and error.strerror else error
-                    return f" ({direction} stopped: {str(what).lower() or type(error).__name__})"
-            if up in done:
-                # The client half-closed (sent FIN): the server may still be answering.
-                await asyncio.wait({down})
-            else:
-                # The server is done; give the client a moment to close its side, then cut it.
-                await asyncio.wait({up}, timeout=_CLOSE_GRACE)
-            return ""
+            upstream_reader, upstream_writer = await asyncio.wait_for(
+                _open_unix(self.path), self.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            message = str(ConnectError(self.url, reason_for(exc)))
+            self.log(f"{label}: {message} (answered 502)")
+            await _answer(reader, writer, bad_gateway(message))
+            return
+        if self.log_connections:
+            self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
+        moved = [0, 0]  # bytes to the socket, bytes to the client
+        note = " (cut: the proxy is stopping)"
+        upstream = h11.Connection(h11.CLIENT)
+        try:
+            head = upstream.send(h11.Request(method=request.method, target=verdict.target,
+                                             headers=self._upstream_headers(request, caller)))
+            assert head is not None
+            upstream_writer.write(head)
+            moved[0] += len(head)
+            body = asyncio.ensure_future(_copy_body(reader, conn, upstream, upstream_writer, moved))
+            down = asyncio.ensure_future(_copy(upstream_reader, writer, moved, 1))
+            note, error = await _finish(body, down)
+            if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
+                # The socket got a cut-off body and is answering nothing: the client hears why.
+                await _answer(reader, writer, error_answer(
+                    400, f"the request body is not valid HTTP/1.1 ({_shown(str(error))})"))
+            elif not writer.is_closing():
+                await _linger(reader, writer)
         finally:
-            for t in (up, down):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: str) -> None:
-        import asyncio
-        import contextlib
-
-        # Read the request head first: closing with unread input would reset the connection and
-        # the client would never see the answer.
-        unanswered = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
-        with contextlib.suppress(*unanswered):
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEAD_WAIT)
-        with contextlib.suppress(OSError):
-            writer.write(bad_gateway(message))
-            await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(reader.read(), _HEAD_WAIT)
+            upstream_writer.close()
+            if self.log_connections:
+                self.log(f"{label}: {moved[0]} B to socket, {moved[1]} B to client, "
+                         f"{time.monotonic() - started:.3f} s{note}")
 
     async def close_all(self) -> int:
         """Cut every open connection; return how many there were."""
@@ -288,6 +545,117 @@ class Proxy:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
+
+
+def _describe(caller: Caller | None) -> str:
+    if caller is None:
+        return "(unknown user)"
+    return f"(uid={caller.uid} gid={caller.gid} pid={caller.pid})"
+
+
+def _groups(caller: Caller) -> str:
+    where = {"process": "of its process", "account": "of its account", "none": "unknown"}[caller.source]
+    return f"{','.join(map(str, sorted(caller.groups))) or 'none'} {where}".strip()
+
+
+async def _next_request(reader: asyncio.StreamReader, conn: h11.Connection,
+                        received: list[int]) -> h11.Request:
+    """Read until h11 has a whole request head; raises :class:`_Closed` on EOF before one."""
+    import h11
+
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(_CHUNK)
+            received[0] += len(data)
+            if not data and not received[0]:
+                raise _Closed
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        raise _Closed  # ConnectionClosed
+
+
+async def _copy_body(reader: asyncio.StreamReader, conn: h11.Connection, upstream: h11.Connection,
+                     writer: asyncio.StreamWriter, moved: list[int]) -> None:
+    """Stream the request body to the socket, re-framed by h11, waiting for it to drain."""
+    import h11
+
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(_CHUNK)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Data):
+            out = upstream.send(h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            out = upstream.send(h11.EndOfMessage())
+        else:
+            return
+        if out:
+            writer.write(out)
+            moved[0] += len(out)
+            await writer.drain()
+        if isinstance(event, h11.EndOfMessage):
+            return
+
+
+async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tuple[str, BaseException | None]:
+    """Wait for the answer to be copied; return a note for the log line ("" if all went well)."""
+    import asyncio
+
+    import h11
+
+    try:
+        done, _ = await asyncio.wait({body, down}, return_when=asyncio.FIRST_COMPLETED)
+        if body in done and body.exception() is None:
+            await asyncio.wait({down})  # the whole request is sent: wait for the whole answer
+            done = {body, down}
+        for t, direction in ((body, "client to socket"), (down, "socket to client")):
+            error = t.exception() if t in done and not t.cancelled() else None
+            if error is not None:
+                if isinstance(error, h11.RemoteProtocolError):
+                    what: object = f"invalid body: {error}"
+                else:
+                    what = error.strerror if isinstance(error, OSError) and error.strerror else error
+                return f" ({direction} stopped: {str(what).lower() or type(error).__name__})", error
+        return "", None
+    finally:
+        for t in (body, down):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(body, down, return_exceptions=True)
+
+
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: bytes) -> None:
+    """Send the proxy's own answer, end the connection, and linger so that it is not reset."""
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        writer.write(response)
+        await writer.drain()
+    await _linger(reader, writer)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then drop what the client still sends (up to a limit) until it closes too."""
+    import asyncio
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        if writer.can_write_eof() and not writer.is_closing():
+            writer.write_eof()
+    deadline = asyncio.get_running_loop().time() + _LINGER
+    dropped = 0
+    with contextlib.suppress(OSError, TimeoutError):
+        while dropped < _LINGER_BYTES:
+            async with asyncio.timeout_at(deadline):
+                data = await reader.read(_CHUNK)
+            if not data:
+                break
+            dropped += len(data)
 
 
 async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -305,7 +673,7 @@ async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWri
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int],
                 index: int) -> None:
-    """Copy until EOF, waiting for the other side to drain (backpressure), then pass the EOF on."""
+    """Copy until EOF, waiting for the other side to drain (backpressure)."""
     while True:
         data = await reader.read(_CHUNK)
         if not data:
@@ -313,12 +681,11 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, move
         writer.write(data)
         moved[index] += len(data)
         await writer.drain()
-    if writer.can_write_eof() and not writer.is_closing():
-        writer.write_eof()
 
 
 def serve(listen: Listen, path: str, *, connect_timeout: float = 5.0, log_connections: bool = True,
-          stream: TextIO | None = None) -> int:
+          stream: TextIO | None = None, token_only: bool = False, allow_hosts: Iterable[str] = (),
+          head_timeout: float = DEFAULT_HEAD_TIMEOUT) -> int:
     """Run the proxy until SIGINT or SIGTERM; return 0. Raises :class:`UsageError` if it cannot bind."""
     import asyncio
 
@@ -338,12 +705,14 @@ def serve(listen: Listen, path: str, *, connect_timeout: float = 5.0, log_connec
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
-    proxy = Proxy(path, connect_timeout=connect_timeout, log=log, log_connections=log_connections)
+    proxy = Proxy(path, connect_timeout=connect_timeout, log=log, log_connections=log_connections,
+                  token_only=token_only, head_timeout=head_timeout)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_main(proxy, listen, log))
+        return runner.run(_main(proxy, listen, log, tuple(allow_hosts)))
 
 
-async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None]) -> int:
+async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None],
+                allow_hosts: tuple[str, ...]) -> int:
     import asyncio
 
     try:
@@ -355,6 +724,7 @@ async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None]) -> int
             "Stop what uses it or choose another address with --listen."
         ) from exc
     port = server.sockets[0].getsockname()[1]
+    proxy.listening(allowed_hosts(listen.host, port, allow_hosts), port)
     where = _hostport(listen.host, port)
     browse = _hostport(_WILDCARD.get(listen.host, listen.host), port)
     loopback = is_loopback(listen.host)
@@ -362,11 +732,16 @@ async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None]) -> int
     log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
     if not loopback:
         log(
-            f"WARNING: {where} is not a loopback address: anyone who can reach it can call the API with "
-            "this user's rights (the server sees the proxy as the peer). Use --listen 127.0.0.1:PORT "
-            "unless you mean it."
+            f"WARNING: {where} is not a loopback address: callers on other machines cannot be identified "
+            "and need the token; anyone who sees it can call the API with this user's rights. Use "
+            "--listen 127.0.0.1:PORT unless you mean it."
         )
-    log(f"Docs: http://{browse}/docs")
+    if proxy.token_only:
+        log("Access: only requests with this proxy's token (open the URL below once; it sets a cookie)")
+    else:
+        log(f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
+            "or anyone with this proxy's token (open the URL below once; it sets a cookie)")
+    log(f"Docs: http://{browse}/docs?token={proxy.token}")
     stop = asyncio.Event()
     received: list[str] = []
     loop = asyncio.get_running_loop()

@@ -1,0 +1,236 @@
+"""Who is on the other end of a loopback TCP connection, and may that user connect to a Unix socket?
+
+The proxy uses this to admit only callers who could have used the socket themselves, the way
+identd answers "who owns this connection": the kernel knows the uid that created every TCP
+socket in this network namespace.
+
+* :func:`tcp_owner` asks the kernel for the connecting socket by its exact address pair over
+  ``NETLINK_SOCK_DIAG`` (what ``ss`` uses) and gets its owner uid and inode. Reading
+  ``/proc/net/tcp`` and ``tcp6`` instead cost 14 ms per lookup on the test machine with 1,500
+  sockets open (it lists every socket); the exact lookup costs tens of microseconds at any count.
+* :func:`find_caller` adds the gids: the fsgid and supplementary groups of a process that holds
+  that socket (``/proc/<pid>/fd``, readable for the proxy's own uid, or for any uid when the proxy
+  runs as root), which are exactly what the kernel checks on ``connect()``. When no such process
+  is visible (another user's process, another container's PID namespace), it falls back to the
+  account database (``pwd``/``grp``: the primary group and the groups listing the user); that can
+  be wider than the process, which may have dropped groups, but never wider than what the user
+  gets by logging in.
+* :class:`SocketAccess` applies the kernel's rule without capabilities: search permission on
+  every directory of the path and write permission on the socket file, by owner, group or other
+  class. A caller with only ``CAP_DAC_OVERRIDE`` (root that neither owns the socket nor is in its
+  group) is refused: stricter than the kernel, never wider.
+
+Stdlib only, Linux only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import ipaddress
+import os
+import pwd
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+__all__ = ["Caller", "SocketAccess", "find_caller", "tcp_owner"]
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NLMSG = struct.Struct("=IHHII")
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
+_REQ = struct.Struct("=BBBBI")
+# inet_diag_sockid: sport, dport (big-endian), src[16], dst[16], interface, cookie[2].
+_SOCKID = struct.Struct("!HH16s16s")
+_SOCKID_TAIL = struct.Struct("=III")
+_NOCOOKIE = 0xFFFFFFFF
+_ALL_STATES = 0xFFFFFFFF
+# inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
+_MSG_TAIL = struct.Struct("=IIIII")
+_MSG_TAIL_AT = 4 + 48
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The owner of a TCP connection: ``pid`` 0 and ``gid`` -1 when no holding process was visible."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int]
+    source: str
+    """Where the groups come from: ``process`` (exact) or ``account`` (pwd/grp) or ``none``."""
+
+
+def _packed(address: str) -> tuple[int, bytes]:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return family, ip.packed.ljust(16, b"\0")
+
+
+def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
+    """One exact NETLINK_SOCK_DIAG lookup of the TCP socket ``src -> dst``: ``(uid, inode)``."""
+    request = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
+               + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
+               + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE))
+    message = _NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + request
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.sendto(message, (0, 0))
+        answer = nl.recv(8192)
+    if len(answer) < _NLMSG.size:
+        return None
+    _, kind, _, _, _ = _NLMSG.unpack_from(answer)
+    body = answer[_NLMSG.size :]
+    if kind == _NLMSG_ERROR or kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:
+        return None
+    _, _, _, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_TAIL_AT)
+    return uid, inode
+
+
+def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] | None:
+    """``(uid, inode)`` of the socket that connected from ``peer`` to our ``local`` address.
+
+    Only sockets in this network namespace are found; None for anything else (a remote peer, a
+    socket already closed, a kernel without sock_diag).
+    """
+    try:
+        family, peer_ip = _packed(peer[0])
+        local_family, local_ip = _packed(local[0])
+    except ValueError:
+        return None
+    attempts = [(family, (peer_ip, peer[1]), (local_ip, local[1]))]
+    if family == socket.AF_INET and ":" in peer[0]:
+        # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d; an IPv6 caller may have
+        # dialled that mapped address too.
+        mapped = [b"\0" * 10 + b"\xff\xff" + ip[:4] for ip in (peer_ip, local_ip)]
+        attempts.append((socket.AF_INET6, (mapped[0], peer[1]), (mapped[1], local[1])))
+    if local_family != family:
+        return None
+    for fam, src, dst in attempts:
+        try:
+            found = _diag(fam, src, dst)
+        except OSError:
+            return None
+        if found is not None and found[1] != 0:  # inode 0: orphaned, no process holds it any more
+            return found
+    return None
+
+
+def _process_holding(inode: int) -> int | None:
+    """The pid of a process that has the socket with this inode open, if one is visible."""
+    target = f"socket:[{inode}]"
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fd_dir = f"/proc/{name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fd_dir}/{fd}") == target:
+                    return int(name)
+    return None
+
+
+def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
+    """``(fsuid, fsgid, groups)`` from ``/proc/<pid>/status``; what the kernel checks on connect()."""
+    uid = gid = None
+    groups: frozenset[int] = frozenset()
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key == "Uid":
+                    uid = int(value.split()[3])
+                elif key == "Gid":
+                    gid = int(value.split()[3])
+                elif key == "Groups":
+                    groups = frozenset(int(g) for g in value.split())
+    except (OSError, ValueError, IndexError):
+        return None
+    if uid is None or gid is None:
+        return None
+    return uid, gid, groups | {gid}
+
+
+def _account_groups(uid: int) -> tuple[int, frozenset[int]] | None:
+    """The primary gid and all groups of ``uid`` in the account database, if it has an entry."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return None
+    try:
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    except OSError:
+        groups = [entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem)]
+    return entry.pw_gid, frozenset(groups)
+
+
+def find_caller(peer: tuple[str, int], local: tuple[str, int]) -> Caller | None:
+    """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found."""
+    owner = tcp_owner(peer, local)
+    if owner is None:
+        return None
+    uid, inode = owner
+    pid = _process_holding(inode)
+    if pid is not None:
+        credentials = _process_credentials(pid)
+        if credentials is not None and credentials[0] == uid:
+            return Caller(uid=uid, gid=credentials[1], pid=pid, groups=credentials[2], source="process")
+    account = _account_groups(uid)
+    if account is not None:
+        return Caller(uid=uid, gid=account[0], pid=0, groups=account[1], source="account")
+    return Caller(uid=uid, gid=-1, pid=0, groups=frozenset(), source="none")
+
+
+def _may(info: os.stat_result, uid: int, groups: frozenset[int], bit: int) -> bool:
+    """The kernel's owner/group/other class check (no capabilities) for one permission bit."""
+    mode = info.st_mode
+    if uid == info.st_uid:
+        return bool(mode & (bit << 6))
+    if info.st_gid in groups:
+        return bool(mode & (bit << 3))
+    return bool(mode & bit)
+
+
+class SocketAccess:
+    """Who may ``connect()`` to the Unix socket at ``path``, by the file permissions in force now."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def allows(self, uid: int, groups: frozenset[int]) -> bool:
+        """True if ``uid`` with ``groups`` may search every directory to the socket and write it."""
+        try:
+            real = os.path.realpath(self.path)
+            target = os.stat(real)
+            if not stat.S_ISSOCK(target.st_mode):
+                return False
+            directory = os.path.dirname(real)
+            while True:
+                if not _may(os.stat(directory), uid, groups, 0o1):
+                    return False
+                parent = os.path.dirname(directory)
+                if parent == directory:
+                    break
+                directory = parent
+        except OSError:
+            return False
+        return _may(target, uid, groups, 0o2)
+
+    def describe(self) -> str:
+        """``mode 0660, owner 0, group 4242`` for messages (or why it cannot be read)."""
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            return (exc.strerror or type(exc).__name__).lower()
+        return f"mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}, group {info.st_gid}"

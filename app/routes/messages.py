@@ -21,6 +21,8 @@ from starlette.responses import Response
 
 from app.config import Settings
 from app.errors import error_response, error_responses, summarize
+from app.forwarded import HEADER as FORWARDED_HEADER
+from app.forwarded import with_forwarded
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import MessageStore
 
@@ -141,7 +143,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
     async def create_message(request: Request) -> Response:
         """Store a message and answer with the server's reply."""
         scope = request.scope
-        content_type = content_length = key_raw = None
+        content_type = content_length = key_raw = forwarded_raw = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value
@@ -149,6 +151,8 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                 content_length = value
             elif name == b"idempotency-key":
                 key_raw = value
+            elif name == FORWARDED_HEADER:  # set by uds-client proxy: the caller behind it
+                forwarded_raw = value
         if content_type is None or not _json_content_type(content_type):
             return error_response(415, "unsupported content type; send Content-Type: application/json")
         if content_length is not None:
@@ -192,6 +196,10 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
 
         extensions = scope.get("extensions")
         peer = extensions.get("uds.peer") if extensions else None
+        if forwarded_raw is not None and peer is not None:
+            peer = with_forwarded(peer, forwarded_raw)
+            if peer is None:
+                return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
         if key is not None:
             earlier = store.by_key(key)
             if earlier is not None:

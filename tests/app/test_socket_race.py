@@ -2,12 +2,17 @@
 
 The directory is world-writable, as an emptyDir is for every container of a Pod. The swapper runs
 as uid 65534 and points its symlinks at a 0600 file of the server's user (root here). Whatever it
-wins, the server must never change the mode, owner or group of anything but its own socket, and
-each start must either serve on the path or stop with one ERROR line and exit 3.
+wins, the server must never change the mode, owner or group of anything but its own socket (the
+victim's change time proves no chmod or chown reached it). Each real start must serve on the path,
+or stop with one ERROR line and exit 3, or, when the swapper replaces the finished socket after
+the server's last check (no server can prevent that in a directory others can write), have warned
+about the directory at start and leave the replacement alone at stop. The in-process test runs the
+same race on ``bind_unix`` thousands of times.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import stat
@@ -24,6 +29,7 @@ from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, short_tmpd
 
 NOBODY = 65534
 STARTS = 30
+BINDS = 3000
 SOCKET_GROUP = "daemon"
 
 # Busy-loops on lstat (no inotify): each time a socket is at the path, renames a fresh symlink to
@@ -33,7 +39,8 @@ SWAPPER = textwrap.dedent("""
     directory, name, victim, stop, limit = sys.argv[1:6]
     path = os.path.join(directory, name)
     deadline = time.monotonic() + float(limit)
-    made = swaps = spins = 0
+    lstat, rename, is_socket = os.lstat, os.rename, stat.S_ISSOCK
+    made = swaps = 0
 
     def fresh():
         global made
@@ -44,18 +51,15 @@ SWAPPER = textwrap.dedent("""
 
     link = fresh()
     print("ready", flush=True)
-    while True:
-        spins += 1
-        if spins % 2048 == 0 and (os.path.exists(stop) or time.monotonic() > deadline):
-            break
-        try:
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                continue
-            os.rename(link, path)
-        except OSError:
-            continue
-        swaps += 1
-        link = fresh()
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        for _ in range(4096):  # the hot loop: as few bytecodes as possible between two lstat calls
+            try:
+                if is_socket(lstat(path).st_mode):
+                    rename(link, path)
+                    swaps += 1
+                    link = fresh()
+            except OSError:
+                pass
     os.unlink(link)
     print(swaps, flush=True)
 """)
@@ -152,13 +156,13 @@ def _one_start(path: Path) -> tuple[str, list[str]]:
         # The swapper replaced the finished socket after the server had checked it: nothing a
         # server can prevent in a directory others can write. It must have warned at start, and on
         # stop it must leave the replacement alone.
-        server.stop()
+        code = server.stop()
         problems = []
         if "can be written by every user" not in server.output:
             problems.append(f"no warning about the world-writable directory:\n{server.output}")
         if f"Left {path} in place: it is no longer the socket this server created" not in server.output:
             problems.append(f"no line about the replaced socket at stop:\n{server.output}")
-        return "replaced after start", problems
+        return f"replaced after start, exit {code}", problems
 
 
 def test_symlink_swapped_in_during_start_never_gets_chmodded(arena: tuple[Path, Path]) -> None:
@@ -193,6 +197,49 @@ def test_symlink_swapped_in_during_start_never_gets_chmodded(arena: tuple[Path, 
     assert swaps > 0, f"the swapper never caught a socket: the race was not run; {summary}"
     assert _fingerprint(victim.parent) == vault_before
     assert _fingerprint(shared)[:3] == shared_before[:3], "the shared directory's mode and owner stay"
+    leftovers = [p.name for p in shared.iterdir() if p.name.startswith(f".{path.name}.")]
+    assert not leftovers, f"private directories left behind: {leftovers}"
+
+
+def test_many_binds_against_the_swapper_never_touch_the_victim(arena: tuple[Path, Path]) -> None:
+    """The same race on ``bind_unix`` alone, in-process: thousands of tries in a few seconds."""
+    import time
+
+    from app.sockets import SocketError, bind_unix
+
+    shared, victim = arena
+    path = shared / "s.sock"
+    gid = grp.getgrnam(SOCKET_GROUP).gr_gid
+    before = _fingerprint(victim)
+    outcomes: Counter[str] = Counter()
+    breaches = 0
+    swapper = Swapper(shared, path.name, victim, limit=120)
+    try:
+        deadline = time.monotonic() + 6
+        tries = 0
+        while tries < BINDS and time.monotonic() < deadline:
+            tries += 1
+            _clear(path)
+            try:
+                bound = bind_unix(str(path), 0o660, gid)
+            except SocketError as exc:
+                outcomes["refused: " + str(exc).replace(str(path), "PATH").split(";")[0]] += 1
+            else:
+                held = os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode)
+                outcomes["bound" if held else "bound, then replaced"] += 1
+                bound.close()
+            if _fingerprint(victim) != before:
+                breaches += 1
+                os.chown(victim, 0, 0)
+                os.chmod(victim, 0o600)
+                before = _fingerprint(victim)
+        swaps = swapper.finish()
+    finally:
+        swapper.kill()
+    summary = f"{tries} binds, {swaps} swaps, {breaches} changed the victim: {dict(outcomes)}"
+    print(summary)
+    assert breaches == 0, summary
+    assert swaps > tries // 10, f"the swapper hardly ran: {summary}"
     leftovers = [p.name for p in shared.iterdir() if p.name.startswith(f".{path.name}.")]
     assert not leftovers, f"private directories left behind: {leftovers}"
 

@@ -2,7 +2,11 @@
 
 Every test gets a fresh profile and a performance log, from which :func:`requested_urls` reads
 every URL the page asked for (CDP ``Network.requestWillBeSent``). A missing browser fails the
-test: it never skips.
+test: it never skips. The browser resolves ``rebind.example`` to 127.0.0.1, as a DNS-rebinding
+attacker's name would.
+
+The proxy admits the browser by uid (the tests run as root, who owns the server's socket), or, with
+``--token-only``, by the cookie that opening its tokened URL sets.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from tests.client.test_proxy import Proxy
 from tests.support import ROOT, ServerProcess, require_tool, running_server, short_tmpdir
 
 ARTIFACTS = ROOT / "artifacts" / "browser"
+REBIND_HOST = "rebind.example"
 CHROME_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
     "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1280,1600",
-    "--disable-dev-shm-usage",
+    "--disable-dev-shm-usage", f"--host-resolver-rules=MAP {REBIND_HOST} 127.0.0.1",
 )
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -38,13 +43,29 @@ def docs_server() -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def proxy_port(docs_server: ServerProcess) -> Iterator[int]:
-    """``uds-client proxy`` on a free loopback port in front of ``docs_server``; its port."""
+def proxy(docs_server: ServerProcess) -> Iterator[Proxy]:
+    """``uds-client proxy`` on a free loopback port in front of ``docs_server``."""
     assert docs_server.socket_path is not None
-    with Proxy(docs_server.socket_path, "--quiet") as proxy:
-        proxy.wait_listening()
-        yield proxy.port
-        assert proxy.stop() == 0
+    with Proxy(docs_server.socket_path) as running:
+        running.wait_listening()
+        yield running
+        assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def proxy_port(proxy: Proxy) -> int:
+    """The port of :func:`proxy`."""
+    return proxy.port
+
+
+@pytest.fixture(scope="module")
+def token_proxy(docs_server: ServerProcess) -> Iterator[Proxy]:
+    """``uds-client proxy --token-only`` in front of ``docs_server``: only its token's cookie opens it."""
+    assert docs_server.socket_path is not None
+    with Proxy(docs_server.socket_path, "--token-only") as running:
+        running.wait_listening()
+        yield running
+        assert running.stop() == 0
 
 
 @pytest.fixture

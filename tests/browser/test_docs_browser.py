@@ -1,22 +1,28 @@
 """The API docs in a real browser: Swagger UI and ReDoc through the proxy, and the offline export.
 
-Each page must render the operations and request nothing from outside the machine.
-Screenshots land in artifacts/browser/.
+Each page must render the operations and request nothing from outside the machine. The proxy lets
+the browser in by its uid, or with ``--token-only`` by the cookie its printed URL sets, and turns
+away a rebinding host name and a foreign origin. Screenshots land in artifacts/browser/.
 """
 
 from __future__ import annotations
 
+import http.server
+import os
 import re
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.browser.conftest import LOCAL_HOSTS, network, off_machine, requested_urls, screenshot
+from tests.browser.conftest import LOCAL_HOSTS, REBIND_HOST, network, off_machine, requested_urls, screenshot
+from tests.client.test_proxy import Proxy
 from tests.support import ServerProcess, http_over_uds, run_cli
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -95,8 +101,92 @@ def test_the_browser_can_call_the_api_through_the_proxy(chrome: webdriver.Chrome
     )
     assert status == 201, body
     assert body["reply"] == "Hello from server via UDS"
-    assert body["peer"] is not None  # the server saw the proxy's credentials on the socket
+    # The server saw the proxy's credentials on the socket, and the proxy named the browser behind it:
+    # the Chromium process that owns the TCP connection.
+    forwarded = body["peer"]["forwarded_for"]
+    assert forwarded["uid"] == os.geteuid()
+    assert psutil.Process(forwarded["pid"]).name().startswith("chrom"), forwarded
     assert off_machine(requested_urls(chrome)) == []
+
+
+_POST_MESSAGE = """
+    const done = arguments[arguments.length - 1];
+    fetch(arguments[0], {method: "POST", headers: {"Content-Type": "application/json"},
+                         body: JSON.stringify({text: "Hello from client"})})
+      .then(r => r.json().then(j => done([r.status, j])))
+      .catch(e => done([0, String(e)]));
+"""
+
+
+def test_a_token_only_proxy_opens_with_its_url_and_an_httponly_strict_cookie(
+        chrome: webdriver.Chrome, token_proxy: Proxy) -> None:
+    base = f"http://127.0.0.1:{token_proxy.port}"
+    chrome.get(f"{base}/docs")
+    assert '"error": "forbidden"' in chrome.page_source  # no token yet: nothing of the API
+    chrome.get(f"{base}/docs?token={token_proxy.token}")
+    wait_for_css(chrome, SWAGGER_POST)
+    assert chrome.current_url == f"{base}/docs"  # redirected: the token left the address bar
+    cookies = chrome.get_cookies()
+    assert [(c["name"], c["value"], c["httpOnly"], c["sameSite"], c["path"]) for c in cookies] == [
+        (f"uds-proxy-{token_proxy.port}", token_proxy.token, True, "Strict", "/")]
+    assert chrome.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read it
+    status, body = chrome.execute_async_script(_POST_MESSAGE, "/messages")
+    assert status == 201, body
+    assert body["peer"]["forwarded_for"]["uid"] == os.geteuid()
+    screenshot(chrome, "token-swagger-ui")
+
+
+def test_a_rebinding_host_name_gets_nothing(chrome: webdriver.Chrome, proxy: Proxy) -> None:
+    # The browser resolves rebind.example to 127.0.0.1, as after a DNS-rebinding attack.
+    chrome.get(f"http://{REBIND_HOST}:{proxy.port}/docs")
+    assert '"error": "misdirected_request"' in chrome.page_source
+    status, body = chrome.execute_async_script(_POST_MESSAGE, "/messages")
+    assert status == 421, body
+    assert f"refused 421 GET /docs: this proxy does not answer for host '{REBIND_HOST}:{proxy.port}'" in (
+        proxy.output)
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>another site</title><p>another site</p>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_page_of_another_origin_cannot_use_the_proxy(chrome: webdriver.Chrome, proxy: Proxy,
+                                                      docs_server: ServerProcess) -> None:
+    assert docs_server.socket_path is not None
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        chrome.get(f"http://127.0.0.1:{site.server_address[1]}/")
+        _, before = http_over_uds(docs_server.socket_path, "GET", "/messages?limit=1000")
+        # A "simple" cross-origin request (no preflight) that the same user's browser sends.
+        status, _ = chrome.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1];
+            fetch(arguments[0], {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                 body: '{"text": "from another site"}'})
+              .then(r => done([r.status, r.type])).catch(e => done([0, String(e)]));
+            """,
+            f"http://127.0.0.1:{proxy.port}/messages",
+        )
+        assert status == 0  # opaque either way; what matters is below
+        proxy.wait_output(r"refused 403 POST /messages: cross-origin requests are refused "
+                          rf"\(Origin 'http://127\.0\.0\.1:{site.server_address[1]}'\)")
+        _, after = http_over_uds(docs_server.socket_path, "GET", "/messages?limit=1000")
+        assert after == before
+    finally:
+        site.shutdown()
+        site.server_close()
+        thread.join(10)
 
 
 def test_redoc_renders_through_the_proxy(chrome: webdriver.Chrome, proxy_port: int) -> None:

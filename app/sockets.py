@@ -193,11 +193,11 @@ class _PrivateDir:
         try:
             fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except OSError as exc:
-            raise _replaced(target, f"its private directory {made} was replaced during start") from exc
+            raise _replaced(target, f"the private directory {made} was replaced during start") from exc
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
             os.close(fd)
-            raise _replaced(target, f"its private directory {made} was replaced during start")
+            raise _replaced(target, f"the private directory {made} was replaced during start")
         return cls(parent_fd, entry, fd, made)
 
     def bind_path(self) -> str:
@@ -241,7 +241,7 @@ def _bind_privately(
     try:
         made = _inner_stat(path, private)
         if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
-            raise _replaced(path, f"its private directory {private.path} was replaced during start")
+            raise _replaced(path, f"the private directory {private.path} was replaced during start")
         _apply_owner_and_mode(path, private, (made.st_dev, made.st_ino), mode, group)
         sock.listen(backlog)
         identity = _move_into_place(path, private, (made.st_dev, made.st_ino))
@@ -255,7 +255,7 @@ def _inner_stat(path: str, private: _PrivateDir) -> os.stat_result:
     try:
         return os.stat(_INNER, dir_fd=private.fd, follow_symlinks=False)
     except OSError as exc:
-        raise _replaced(path, f"its private directory {private.path} was replaced during start") from exc
+        raise _replaced(path, f"the private directory {private.path} was replaced during start") from exc
 
 
 def _apply_owner_and_mode(
@@ -277,7 +277,7 @@ def _apply_owner_and_mode(
         raise SocketError(f"cannot set mode {mode:04o} on {path}: {reason}") from exc
     st = _inner_stat(path, private)
     if (st.st_dev, st.st_ino) != made or not stat.S_ISSOCK(st.st_mode):
-        raise _replaced(path, f"its private directory {private.path} was replaced during start")
+        raise _replaced(path, f"the private directory {private.path} was replaced during start")
     if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
         raise SocketError(
             f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "

@@ -358,10 +358,25 @@ def test_private_directory_swapped_for_a_symlink_is_refused(
         return made
 
     monkeypatch.setattr(sockets.tempfile, "mkdtemp", mkdtemp_then_swap)
-    with pytest.raises(SocketError, match=r"its private directory .* was replaced during start"):
+    with pytest.raises(SocketError, match=r"the private directory .* was replaced during start"):
         bind_unix(str(path), 0o660, _other_gid())
     assert (_fingerprint(decoy), sorted(os.listdir(decoy))) == before
     assert not os.path.lexists(path)
+
+
+def test_setgid_directory_like_an_emptydir_with_fsgroup(tmp: Path) -> None:
+    """Kubernetes makes an emptyDir 2777 with fsGroup: the private directory inherits the setgid bit."""
+    shared = tmp / "csi"
+    shared.mkdir()
+    os.chown(shared, -1, _other_gid())
+    shared.chmod(0o2777)
+    bound = bind_unix(str(shared / "csi.sock"))
+    try:
+        st = os.lstat(shared / "csi.sock")
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, _other_gid()), "the directory's group"
+        assert os.listdir(shared) == ["csi.sock"]
+    finally:
+        bound.close()
 
 
 def test_bind_without_proc_uses_the_private_path(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:

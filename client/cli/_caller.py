@@ -33,6 +33,7 @@ import pwd
 import socket
 import stat
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["Caller", "SocketAccess", "find_caller", "tcp_owner"]
@@ -52,6 +53,8 @@ _ALL_STATES = 0xFFFFFFFF
 # inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
 _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_TAIL_AT = 4 + 48
+_RECENT: deque[int] = deque(maxlen=16)
+"""Pids that held recent callers' sockets (threads may race on it: a miss only costs a full scan)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,21 +126,36 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
     return None
 
 
+def _holds(pid: int, target: str) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in reversed(fds):  # a new connection tends to have one of the highest fd numbers
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{fd_dir}/{fd}") == target:
+                return True
+    return False
+
+
 def _process_holding(inode: int) -> int | None:
-    """The pid of a process that has the socket with this inode open, if one is visible."""
+    """The pid of a process that has the socket with this inode open, if one is visible.
+
+    The processes that held the last callers' sockets are looked at first (a browser or a script
+    opens many connections), then every process, newest first (a new ``curl`` has a high pid).
+    """
     target = f"socket:[{inode}]"
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        fd_dir = f"/proc/{name}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"{fd_dir}/{fd}") == target:
-                    return int(name)
+    for pid in list(_RECENT):
+        if _holds(pid, target):
+            return pid
+    pids = sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True)
+    for pid in pids:
+        if _holds(pid, target):
+            with contextlib.suppress(ValueError):
+                _RECENT.remove(pid)
+            _RECENT.append(pid)
+            return pid
     return None
 
 

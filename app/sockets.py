@@ -197,6 +197,9 @@ class _PrivateDir:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
             os.close(fd)
+            if st.st_uid == os.geteuid():  # ours after all (a strange umask): do not leave it behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry, dir_fd=parent_fd)
             raise _replaced(target, f"the private directory {made} was replaced during start")
         return cls(parent_fd, entry, fd, made)
 

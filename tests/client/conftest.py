@@ -110,6 +110,7 @@ def raw_server(path: str, handle: Handler) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+        Path(path).unlink(missing_ok=True)
 
 
 def answering(answer: bytes) -> Handler:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.cli.docs_export import ASSETS, assets_directory, render_redoc, render_swagger, spec_script
-from tests.client.test_proxy import _HTTPHandler, unix_server
+from tests.client.conftest import answering, json_answer, raw_server
 from tests.support import http_over_uds, run_cli, short_tmpdir
 
 _SPEC_TAG = re.compile(r'<script id="openapi-spec" type="application/json">(.*?)</script>', re.S)
@@ -103,8 +103,9 @@ def test_output_is_required() -> None:
     assert "--output" in result.stderr
 
 
-def test_an_answer_that_is_not_openapi_exits_1(tmp_path: Path) -> None:
-    with unix_server(_HTTPHandler) as path:
+def test_an_answer_that_is_not_openapi_exits_1(tmp_path: Path, tmp_short: Path) -> None:
+    not_a_spec = json_answer(200, b'{"openapi": 3, "hello": "world"}', "OK")
+    with raw_server(str(tmp_short / "spec.sock"), answering(not_a_spec)) as path:
         result = run_cli("--socket", path, "docs", "--output", str(tmp_path / "d"))
     assert result.returncode == 1
     assert result.stderr == (

@@ -256,7 +256,7 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"up
 _REASONS = {303: "See Other", 400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
             421: "Misdirected Request", 431: "Request Header Fields Too Large", 501: "Not Implemented",
             502: "Bad Gateway"}
-_ERRORS = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 421: "misdirected_request",
+_ERRORS = {303: "see_other", 400: "bad_request", 403: "forbidden", 408: "request_timeout", 421: "misdirected_request",
            431: "headers_too_large", 501: "not_implemented", 502: "bad_gateway"}
 
 

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -30,6 +31,7 @@ import pytest
 
 from client._errors import UsageError
 from client._models import Message
+from client.cli import _caller
 from client.cli._caller import SocketAccess, find_caller, tcp_owner
 from client.cli.proxy import allowed_hosts, is_loopback, parse_listen
 from tests.support import PYTHON, ROOT, http_over_uds, running_server, short_tmpdir, wait_until
@@ -147,6 +149,23 @@ def test_find_caller_reads_the_groups_of_the_process_holding_the_socket() -> Non
             assert caller.source == "process"
             assert caller.groups == {NOBODY, SOCKET_GID}
             child.kill()
+
+
+@pytest.mark.parametrize(("uid", "source"), [(NOBODY, "account"), (4242, "none")])
+def test_find_caller_falls_back_to_the_account_database(monkeypatch: pytest.MonkeyPatch, uid: int,
+                                                        source: str) -> None:
+    # As when the holding process is not visible (another user's, another container's).
+    monkeypatch.setattr(_caller, "tcp_owner", lambda peer, local: (uid, 1))
+    monkeypatch.setattr(_caller, "_process_holding", lambda inode: None)
+    caller = find_caller(("127.0.0.1", 1), ("127.0.0.1", 2))
+    assert caller is not None
+    assert (caller.uid, caller.pid, caller.source) == (uid, 0, source)
+    if source == "account":  # uid 65534 is in /etc/passwd: its primary group and memberships
+        entry = pwd.getpwuid(uid)
+        assert (caller.gid, caller.groups) == (entry.pw_gid, frozenset(os.getgrouplist(entry.pw_name,
+                                                                                        entry.pw_gid)))
+    else:  # unknown to the account database: no groups at all
+        assert (caller.gid, caller.groups) == (-1, frozenset())
 
 
 @pytest.fixture
@@ -532,8 +551,9 @@ def test_token_only_the_url_sets_an_httponly_samesite_cookie_and_the_token_stays
                                    "token that the proxy printed at start")
         status, _, body = http_request(proxy.port, "GET", "/docs?token=wrong")
         assert (status, body["message"]) == (403, "wrong token; open the URL the proxy printed at start")
-        status, headers, _ = http_request(proxy.port, "GET", f"/headers?a=1&token={proxy.token}&b=2")
-        assert status == 303
+        status, headers, body = http_request(proxy.port, "GET", f"/headers?a=1&token={proxy.token}&b=2")
+        assert (status, body) == (303, {"error": "see_other", "status": 303,
+                                        "message": "token accepted; continue without it in the URL"})
         assert headers["location"] == "/headers?a=1&b=2"
         assert headers["set-cookie"] == (
             f"uds-proxy-{proxy.port}={proxy.token}; Path=/; HttpOnly; SameSite=Strict")

@@ -14,9 +14,14 @@ replaces a symlink at the target, never what it points to. A race at the target 
 cleanly: the path is checked again just before the rename (a live socket, a file, a directory or a
 symlink there stops the start) and just after it (the socket there must be ours, or the start fails).
 
-Binding and chmodding by descriptor go through ``/proc/self/fd`` (glibc's ``fchmodat`` with
-``AT_SYMLINK_NOFOLLOW`` does the same); without ``/proc`` the bind falls back to the private
-directory's path and the check after the bind catches a directory swapped meanwhile.
+Binding by descriptor goes through ``/proc/self/fd``, as glibc's ``fchmodat`` with
+``AT_SYMLINK_NOFOLLOW`` does; without ``/proc`` the bind falls back to the private directory's path
+and the check after the bind catches a directory swapped meanwhile.
+
+Why by hand: neither the standard library nor uvicorn places a socket this way, and the plain way
+loses the race. Measured (``tests/app/test_socket_race.py``), with uid 65534 renaming symlinks over
+the path: binding in place, then chown and chmod by path, changed a 0600 file of the server's user
+in 409 of 3,000 binds; this module, in none.
 """
 
 from __future__ import annotations

@@ -118,6 +118,15 @@ def test_never_more_open_than_target_while_binding(tmp: Path, monkeypatch: pytes
     assert os.umask(old) == old, "bind_unix must restore the process umask"
 
 
+def test_describe_names_the_path_itself_not_a_link_target(tmp: Path) -> None:
+    target = tmp / "target"
+    target.write_text("t")
+    target.chmod(0o600)
+    (tmp / "link").symlink_to(target)
+    assert sockets.describe(str(tmp / "link")).startswith("mode 0777, ")
+    assert sockets.describe(str(target)).startswith("mode 0600, ")
+
+
 def test_missing_parent_created_0755(tmp: Path) -> None:
     path = tmp / "a" / "b" / "s.sock"
     old = os.umask(0o022)

@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -317,16 +318,21 @@ def test_json_logs_of_a_real_server_carry_the_peer() -> None:
     import json
     import os
 
-    from tests.support import http_over_uds, running_server
+    from tests.support import http_over_uds, running_server, wait_until
+
+    def received() -> list[dict[str, Any]]:
+        events = [json.loads(line) for line in server.output.splitlines() if line.startswith("{")]
+        return [e for e in events if e.get("message") == "📩 Server received: Hello from client"]
 
     with running_server("--log-format", "json") as server:
         assert server.socket_path
         body = b'{"text": "Hello from client"}'
         status, _ = http_over_uds(server.socket_path, "POST", "/messages", body, JSON)
         assert status == 201
-        events = [json.loads(line) for line in server.output.splitlines() if line.startswith("{")]
-    received = [e for e in events if e.get("message") == "📩 Server received: Hello from client"]
-    assert len(received) == 1, events
-    assert received[0]["logger"] == "app.messages"
-    assert received[0]["peer"]["uid"] == os.getuid()
-    assert received[0]["message_id"] == 1
+        # The log line is written at the end of the event-loop turn, maybe after the answer.
+        lines = wait_until(lambda: received() or None, what="the log line of the POST")
+    assert len(lines) == 1, lines
+    event: dict[str, Any] = lines[0]
+    assert event["logger"] == "app.messages"
+    assert event["peer"]["uid"] == os.getuid()
+    assert event["message_id"] == 1

@@ -1,130 +1,60 @@
-"""The lean ``POST /messages`` path answers exactly as its documented pydantic model would.
-
-The endpoint parses with orjson and validates by hand; these tests hold it to ``MessageIn``
-(the schema in OpenAPI) on generated corpora of valid and invalid bodies: same verdict, same
-status, same error types and locations. The one deliberate difference: the lean path follows
-RFC 8259 strictly, so ``NaN``/``Infinity`` literals (which pydantic's JSON parser tolerates) are
-``invalid_json``; the answer is a 422 either way.
-"""
+"""The lean ``POST /messages`` path: validated by its pydantic model, answered in the one error shape,
+bounded by a server-wide budget of body bytes; and ``GET /messages`` streamed in bounded chunks."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import pydantic
+import orjson
 import pytest
 from fastapi.routing import APIRoute
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
 from app.config import Settings
 from app.main import create_app
-from app.models import Message, message_in_model
-from app.routes.messages import LeanRoute, check_text_body
-from tests.app.conftest import PEER, ASGIClient
+from app.models import message_in_model
+from app.routes import messages
+from app.routes.messages import LIST_CHUNK, LeanRoute
+from tests.app.conftest import ASGIClient, assert_error
 
-MAX = 5
-MODEL = message_in_model(MAX)
+JSON = {"content-type": "application/json"}
+TEXT = [("body", "text")]
 
-finite = st.floats(allow_nan=False, allow_infinity=False)
-scalars = st.none() | st.booleans() | st.integers() | finite | st.text(max_size=8)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-    st.text(max_size=4), inner, max_size=3), max_leaves=6)
-edges = st.sampled_from(["", "a", "x" * MAX, "x" * (MAX + 1), "é" * MAX])
-texts = st.text(min_size=0, max_size=MAX + 2) | edges
-keys = st.sampled_from(["text", "extra", "Text", "text ", ""]) | st.text(max_size=4)
-objects = st.dictionaries(keys, json_values | texts, max_size=4) | st.fixed_dictionaries(
-    {"text": texts | json_values}, optional={"extra": json_values, "id": st.integers()}
-)
-bodies = objects | json_values
-
-
-def pydantic_verdict(raw: bytes) -> tuple[str | None, list[tuple[str, tuple[Any, ...]]]]:
-    """What ``MessageIn`` says: ``(text, [])`` or ``(None, [(type, ("body", *loc)), ...])``."""
-    try:
-        return MODEL.model_validate_json(raw).text, []
-    except pydantic.ValidationError as exc:
-        return None, [(e["type"], ("body", *e["loc"])) for e in exc.errors()]
+# (body, error code, [(type, loc), ...]): the model's verdicts, located under "body" like FastAPI's.
+VERDICTS: list[tuple[bytes, str, list[tuple[str, list[str]]]]] = [
+    (b'{"text": 5}', "validation_error", [("string_type", ["body", "text"])]),
+    (b"{}", "validation_error", [("missing", ["body", "text"])]),
+    (b'{"text": ""}', "validation_error", [("string_too_short", ["body", "text"])]),
+    (b'{"text": "123456"}', "validation_error", [("string_too_long", ["body", "text"])]),
+    (b'{"text": "a", "b": 1, "c": 2}', "validation_error",
+     [("extra_forbidden", ["body", "b"]), ("extra_forbidden", ["body", "c"])]),
+    (b'{"x": 1}', "validation_error", [("missing", ["body", "text"]), ("extra_forbidden", ["body", "x"])]),
+    (b"[]", "validation_error", [("model_type", ["body"])]),
+    (b'"text"', "validation_error", [("model_type", ["body"])]),
+    (b'{"text": NaN}', "validation_error", [("string_type", ["body", "text"])]),
+    (b'{"text": "a"', "invalid_json", [("json_invalid", ["body"])]),
+    (b'{"text": "\\ud800"}', "invalid_json", [("json_invalid", ["body"])]),
+    (b"", "invalid_json", [("json_invalid", ["body"])]),
+]
 
 
-def lean_verdict(data: object) -> tuple[str | None, list[tuple[str, tuple[Any, ...]]]]:
-    text, details = check_text_body(data, MAX)
-    return text, [(d["type"], tuple(d["loc"])) for d in details]
+@pytest.mark.parametrize(("raw", "error", "expected"), VERDICTS,
+                         ids=[v[0].decode() or "empty" for v in VERDICTS])
+def test_invalid_bodies_get_the_models_verdict(make_client: Callable[..., ASGIClient], raw: bytes, error: str,
+                                               expected: list[tuple[str, list[str]]]) -> None:
+    client = make_client(Settings(max_text_length=5))
+    body = assert_error(client.post("/messages", content=raw, headers=JSON), 422, error)
+    assert [(d["type"], d["loc"]) for d in body["details"]] == expected
+    assert all(set(d) == {"type", "loc", "msg"} for d in body["details"]), "the input is never echoed"
+    assert body["message"].startswith("the request body is empty" if not raw else "invalid request: ")
+    assert client.get("/messages").json() == {"messages": []}
 
 
-@settings(max_examples=1500, deadline=None)
-@given(bodies)
-@example({"text": "x" * MAX, "extra": 1})
-@example({"text": 5, "other": None})
-@example({})
-@example([])
-@example("text")
-@example({"text": ""})
-@example({"text": "x" * (MAX + 1)})
-@example({"text": "\U0001f600" * MAX})
-def test_hand_validation_matches_the_model(data: Any) -> None:
-    raw = json.dumps(data).encode()
-    assert lean_verdict(data) == pydantic_verdict(raw), raw
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bodies, st.booleans())
-def test_endpoint_answers_like_the_model(data: Any, ascii_only: bool) -> None:
-    raw = json.dumps(data, ensure_ascii=ascii_only).encode()
-    expected_text, expected_errors = pydantic_verdict(raw)
-    client = ASGIClient(create_app(Settings(max_text_length=MAX)), PEER)
-    try:
-        response = client.post("/messages", content=raw, headers={"content-type": "application/json"})
-    finally:
-        client.close()
-    if expected_text is not None:
-        assert response.status_code == 201, response.text
-        Message.model_validate_json(response.content, strict=True)
-        assert response.json()["text"] == expected_text
-    else:
-        assert response.status_code == 422, response.text
-        body = response.json()
-        assert body["error"] == "validation_error"
-        assert [(d["type"], tuple(d["loc"])) for d in body["details"]] == expected_errors
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=40) | bodies.map(lambda d: json.dumps(d).encode()).flatmap(
-    lambda raw: st.integers(0, max(len(raw) - 1, 0)).map(lambda i: raw[:i] + raw[i + 1:])))
-def test_any_bytes_get_the_models_verdict(raw: bytes) -> None:
-    """Arbitrary and truncated bodies: accepted exactly when the model accepts them, else a 422."""
-    expected_text, _ = pydantic_verdict(raw)
-    client = ASGIClient(create_app(Settings(max_text_length=MAX)), PEER)
-    try:
-        response = client.post("/messages", content=raw, headers={"content-type": "application/json"})
-    finally:
-        client.close()
-    if expected_text is not None and not _has_nonstandard_literal(raw):
-        assert response.status_code == 201, (raw, response.text)
-        assert response.json()["text"] == expected_text
-    else:
-        assert response.status_code == 422, (raw, response.text)
-        assert response.json()["error"] in {"invalid_json", "validation_error"}
-
-
-def _has_nonstandard_literal(raw: bytes) -> bool:
-    """True when the body only parses thanks to NaN/Infinity (not JSON by RFC 8259)."""
-    def refuse(name: str) -> float:
-        raise ValueError(name)
-
-    try:
-        json.loads(raw, parse_constant=refuse)
-    except ValueError:
-        return True
-    return False
-
-
-@pytest.mark.parametrize("raw", [b'{"text": NaN}', b'{"text": "a", "x": Infinity}'])
-def test_nan_and_infinity_are_invalid_json(client: ASGIClient, raw: bytes) -> None:
-    response = client.post("/messages", content=raw, headers={"content-type": "application/json"})
-    assert response.status_code == 422
-    assert response.json()["error"] == "invalid_json"
+def test_the_longest_text_is_accepted(make_client: Callable[..., ASGIClient]) -> None:
+    response = make_client(Settings(max_text_length=5)).post("/messages", json={"text": "\U0001f600" * 5})
+    assert response.status_code == 201, response.text
+    assert response.json()["text"] == "\U0001f600" * 5
 
 
 def test_the_hot_route_is_a_documented_lean_route() -> None:
@@ -141,3 +71,93 @@ def test_the_hot_route_is_a_documented_lean_route() -> None:
     schema = body["content"]["application/json"]["schema"]
     assert schema == message_in_model(4096).model_json_schema()
 
+
+def test_bodies_past_the_server_wide_budget_get_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow chunked body holds most of the budget: a body that does not fit is refused, unread."""
+    monkeypatch.setattr(messages, "BODY_BUDGET", 60)
+    monkeypatch.setattr(messages, "REQUEST_COST", 10)
+    client = ASGIClient(create_app(Settings()))
+    counted, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b'{"text": "' + b"s" * 30
+        counted.set()  # the server asks for more: it has drawn 10 + 40 bytes from the budget
+        await release.wait()
+        yield b'"}'
+
+    async def both() -> tuple[Any, Any]:
+        held = asyncio.ensure_future(client._client.post("/messages", content=slow(), headers=JSON))
+        await asyncio.wait_for(counted.wait(), 10)
+        refused = await client._client.post("/messages", content=b'{"text": "no room"}', headers=JSON)
+        release.set()
+        return await held, refused
+
+    try:
+        held, refused = client._runner.run(both())
+        body = assert_error(refused, 503, "unavailable")
+        assert "too many request bodies" in body["message"]
+        assert refused.headers["retry-after"] == "1"
+        assert held.status_code == 201, held.text
+        # Every byte was given back: a chunked body of 50 bytes (10 + 50) fits again.
+        fifty = b'{"text": "' + b"a" * 38 + b'"}'
+        again = client.post_stream("/messages", lambda: _chunks(fifty), headers=JSON)
+        assert again.status_code == 201, again.text
+    finally:
+        client.close()
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(body), 4):
+        yield body[i:i + 4]
+
+
+def test_a_long_list_is_streamed_in_chunks(make_client: Callable[..., ASGIClient]) -> None:
+    client = make_client(Settings(max_text_length=4096))
+    text = "x" * 4000
+    ids = [client.post("/messages", json={"text": f"{i}{text}"}).json()["id"] for i in range(20)]
+    response = client.get("/messages", params={"limit": 20})
+    assert response.status_code == 200
+    assert "content-length" not in response.headers, "streamed (chunked over a socket)"
+    assert response.headers["content-type"] == "application/json"
+    assert [m["id"] for m in response.json()["messages"]] == ids
+    assert [m["text"] for m in response.json()["messages"]] == [f"{i}{text}" for i in range(20)]
+    assert len(response.content) > 4 * LIST_CHUNK
+    short = client.get("/messages", params={"limit": 2})
+    assert int(short.headers["content-length"]) == len(short.content)
+    assert short.json()["messages"] == response.json()["messages"][-2:]
+
+
+def test_a_streamed_list_leaves_out_what_left_the_history_and_pins_nothing() -> None:
+    """A client reading slowly while new messages push old ones out: the answer stays valid JSON,
+    skips the messages that left, and holds no reference to them."""
+    import sys
+
+    app = create_app(Settings(history_size=40))
+    store = app.state.store
+    for i in range(40):
+        store.add(f"{i}" + "x" * 2000, "r", "t", None)
+    chunks = messages._list_chunks(store, store.recent_ids(40))
+    first = next(chunks)
+    first_ids = [r["id"] for r in orjson.loads(first + b"]}")["messages"]]
+    assert first_ids == list(range(1, len(first_ids) + 1))
+    assert len(first) >= LIST_CHUNK
+    old = store.get(39)
+    assert old is not None
+    for i in range(39):  # 39 new messages: only message 40 of the first 40 is still in the history
+        store.add(f"new {i}", "r", "t", None)
+    assert sys.getrefcount(old) == 2, "only `old` and getrefcount's argument refer to the message"
+    document = orjson.loads(first + b"".join(chunks))
+    assert [m["id"] for m in document["messages"]] == [*first_ids, 40]
+
+
+def test_long_lists_past_the_limit_get_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(messages, "LIST_STREAMS", 0)
+    client = ASGIClient(create_app(Settings()))
+    try:
+        for _ in range(5):  # 20 KiB: more than one chunk
+            client.post("/messages", json={"text": "x" * 4096})
+        assert client.get("/messages?limit=1").status_code == 200, "one chunk is never refused"
+        body = assert_error(client.get("/messages"), 503, "unavailable")
+        assert "limit" in body["message"]
+    finally:
+        client.close()

@@ -52,6 +52,8 @@ class UdsServer(uvicorn.Server):
         self.address = address
         self.drained = False
         self.signals: list[int] = []
+        self.bound: BoundSocket | None = None
+        self.socket_lost = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
@@ -104,6 +106,19 @@ class UdsServer(uvicorn.Server):
             logger.warning("Drain cut short after %.2fs by a second signal", took)
         else:
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
+
+    async def on_tick(self, counter: int) -> bool:
+        """Once a second, stop (exit 3) if another program removed or replaced our socket file."""
+        if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
+            if not self.socket_lost:
+                self.socket_lost = True
+                logger.error(
+                    "Socket %s was removed or replaced by another program: clients cannot reach this "
+                    "server; stopping",
+                    self.address,
+                )
+            return True
+        return await super().on_tick(counter)
 
     async def _wait_tasks_to_complete(self) -> None:
         await super()._wait_tasks_to_complete()
@@ -162,8 +177,10 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
         # Connections past the open-file limit would fail silently at accept(): cap them below it.
         config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
         server = UdsServer(config, application, address)
+        if not settings.uses_tcp:
+            server.bound = bound
         server.run(sockets=[bound.sock])
-        return 0 if server.started else STARTUP_FAILURE
+        return 0 if server.started and not server.socket_lost else STARTUP_FAILURE
     except _Stopped:
         logger.info("Stopped before serving")
         return 0

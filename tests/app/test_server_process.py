@@ -457,3 +457,14 @@ def test_batching_handler_serves_a_second_event_loop() -> None:
     run_and_close("first loop")
     asyncio.run(one("second loop"))
     assert stream.getvalue().splitlines() == ["first loop", "second loop"]
+
+
+def test_socket_removed_while_serving_stops_with_exit_3(tmp: Path) -> None:
+    with running_server(tmp=tmp) as server:
+        assert server.socket_path is not None
+        os.unlink(server.socket_path)
+        wait_until(lambda: server.proc.poll() is not None, timeout=10, what="the server to stop itself")
+        assert server.stop() == 3
+        lost = [line for line in server.output.splitlines() if "was removed or replaced" in line]
+        assert len(lost) == 1, server.output
+        assert server.socket_path in lost[0]

@@ -4,9 +4,10 @@ The directory is world-writable, as an emptyDir is for every container of a Pod.
 as uid 65534 and points its symlinks at a 0600 file of the server's user (root here). Whatever it
 wins, the server must never change the mode, owner or group of anything but its own socket (the
 victim's change time proves no chmod or chown reached it). Each real start must serve on the path,
-or stop with one ERROR line and exit 3, or, when the swapper replaces the finished socket after
-the server's last check (no server can prevent that in a directory others can write), have warned
-about the directory at start and leave the replacement alone at stop. The in-process test runs the
+or stop with one ERROR line and exit 3: when the swapper replaces the finished socket after the
+server's last check (no server can prevent that in a directory others can write), the server must
+have warned about the directory at start, notice the loss within a second, stop with exit 3 and
+leave the replacement alone. The in-process test runs the
 same race on ``bind_unix`` thousands of times.
 """
 
@@ -156,8 +157,11 @@ def _one_start(path: Path) -> tuple[str, list[str]]:
         # The swapper replaced the finished socket after the server had checked it: nothing a
         # server can prevent in a directory others can write. It must have warned at start, and on
         # stop it must leave the replacement alone.
+        wait_until(lambda: server.proc.poll() is not None, timeout=10, what="the server to stop itself")
         code = server.stop()
         problems = []
+        if code != 3 or "was removed or replaced by another program" not in server.output:
+            problems.append(f"exit {code}, no ERROR line about the lost socket:\n{server.output}")
         if "can be written by every user" not in server.output:
             problems.append(f"no warning about the world-writable directory:\n{server.output}")
         if f"Left {path} in place: it is no longer the socket this server created" not in server.output:

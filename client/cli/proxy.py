@@ -41,8 +41,9 @@ pipelined request behind the first is not forwarded. Measured with 500 sequentia
 old byte pipe (557 us with a new connection each); 0.8 to 1.1 ms with the checks, most of it
 finding the caller's process (the last callers' processes are looked at first; a full scan of
 ``/proc`` took 9 to 11 ms). A browser loads the docs in a handful of requests. Bodies are
-streamed with backpressure (h11 re-frames them; a chunked body stays chunked, its trailers
-dropped); responses are copied byte for byte.
+streamed with backpressure (h11 decodes them, the proxy re-frames them: a chunked body stays
+chunked, its trailers dropped; the request keeps the client's HTTP version); responses are copied
+byte for byte.
 
 Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port cannot be bound (in use,
 not permitted); 3 the socket cannot be reached at start.
@@ -256,8 +257,8 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"up
 _REASONS = {303: "See Other", 400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
             421: "Misdirected Request", 431: "Request Header Fields Too Large", 501: "Not Implemented",
             502: "Bad Gateway"}
-_ERRORS = {303: "see_other", 400: "bad_request", 403: "forbidden", 408: "request_timeout", 421: "misdirected_request",
-           431: "headers_too_large", 501: "not_implemented", 502: "bad_gateway"}
+_ERRORS = {303: "see_other", 400: "bad_request", 403: "forbidden", 408: "request_timeout",
+           421: "misdirected_request", 431: "headers_too_large", 501: "not_implemented", 502: "bad_gateway"}
 
 
 def _hostport(host: str, port: int) -> str:
@@ -516,14 +517,16 @@ class Proxy:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
         moved = [0, 0]  # bytes to the socket, bytes to the client
         note = " (cut: the proxy is stopping)"
-        upstream = h11.Connection(h11.CLIENT)
+        headers = self._upstream_headers(request, caller)
+        chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
         try:
-            head = upstream.send(h11.Request(method=request.method, target=verdict.target,
-                                             headers=self._upstream_headers(request, caller)))
-            assert head is not None
+            # The request line keeps the client's HTTP version, so the server frames its answer
+            # for that client (no chunked answer to HTTP/1.0).
+            head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version,
+                                                b"".join(b"%s: %s\r\n" % field for field in headers))
             upstream_writer.write(head)
             moved[0] += len(head)
-            body = asyncio.ensure_future(_copy_body(reader, conn, upstream, upstream_writer, moved))
+            body = asyncio.ensure_future(_copy_body(reader, conn, chunked, upstream_writer, moved))
             down = asyncio.ensure_future(_copy(upstream_reader, writer, moved, 1))
             note, error = await _finish(body, down)
             if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
@@ -579,9 +582,13 @@ async def _next_request(reader: asyncio.StreamReader, conn: h11.Connection,
         raise _Closed  # ConnectionClosed
 
 
-async def _copy_body(reader: asyncio.StreamReader, conn: h11.Connection, upstream: h11.Connection,
+async def _copy_body(reader: asyncio.StreamReader, conn: h11.Connection, chunked: bool,
                      writer: asyncio.StreamWriter, moved: list[int]) -> None:
-    """Stream the request body to the socket, re-framed by h11, waiting for it to drain."""
+    """Stream the request body h11 decodes to the socket, re-framed, waiting for it to drain.
+
+    A chunked body is sent as one chunk per piece read, and its trailers are dropped; a body of
+    known length is sent as it is (h11 has checked that it is exactly that long).
+    """
     import h11
 
     while True:
@@ -591,9 +598,11 @@ async def _copy_body(reader: asyncio.StreamReader, conn: h11.Connection, upstrea
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Data):
-            out = upstream.send(h11.Data(data=event.data))
+            if not event.data:
+                continue
+            out = b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked else bytes(event.data)
         elif isinstance(event, h11.EndOfMessage):
-            out = upstream.send(h11.EndOfMessage())
+            out = b"0\r\n\r\n" if chunked else b""
         else:
             return
         if out:

@@ -700,7 +700,7 @@ def test_half_close_after_the_request_still_gets_the_whole_answer() -> None:
                      + re.escape(upstream.path) + r" \(admitted by uid\)", proxy.output)
 
 
-def test_a_chunked_body_is_forwarded_chunked_without_its_trailers() -> None:
+def test_bodies_are_reframed_chunked_without_trailers_and_the_http_version_is_kept() -> None:
     with unix_server() as upstream, Proxy(upstream.path) as proxy:
         proxy.wait_listening()
         status, _, body = raw_exchange(proxy.port, (
@@ -710,6 +710,11 @@ def test_a_chunked_body_is_forwarded_chunked_without_its_trailers() -> None:
         answer = json.loads(body)
         assert (answer["body"], answer["trailers"]) == ("hello world", [])
         assert "Transfer-Encoding: chunked" in answer["head"]
+        # The client's HTTP version is kept, so the server frames its answer for that client.
+        status, _, body = raw_exchange(proxy.port, f"POST /headers HTTP/1.0\r\nHost: {proxy.host}\r\n"
+                                                   "Content-Length: 2\r\n\r\nhi".encode())
+        assert (status, json.loads(body)["head"][0], json.loads(body)["body"]) == (
+            200, "POST /headers HTTP/1.0", "hi")
         assert proxy.stop() == 0
 
 

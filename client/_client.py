@@ -9,6 +9,7 @@ they wait.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -26,7 +27,8 @@ from client._errors import APIError, ClientError, UsageError
 from client._models import Health, Message, RawResponse, Version
 from client._transport import (
     BASE_URL,
-    DEADLINE,
+    REQUEST,
+    Budget,
     ReuseTracker,
     async_transport,
     is_stale_error,
@@ -174,7 +176,8 @@ class Client(_Base):
 
     Requests go through an ``httpx2.Client`` over ``httpx2.HTTPTransport(uds=...)`` built for the
     socket (``client._transport``); ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's
-    ``TestClient``) replaces it. ``timeout`` bounds each whole request: connect, write and read.
+    ``TestClient``) replaces it. ``timeout`` bounds each whole request: connect, write and read
+    (with a caller's ``http_client``, its own per-step timeouts apply instead).
     A response larger than ``max_response_bytes`` raises :class:`ClientError` without being read.
     Up to ``max_connections`` connections are kept; one instance may be shared by threads.
     """
@@ -195,23 +198,27 @@ class Client(_Base):
     def _request(self, method: str, url: str, *, content: bytes | None = None,
                  headers: dict[str, str] = _GET_HEADERS) -> _Answer:
         started = time.monotonic()
-        token = DEADLINE.set(started + self.timeout)
+        budget = Budget(started + self.timeout)
+        token = REQUEST.set(budget)
         retried = False
         try:
             with map_errors(self.address):
-                tracker = ReuseTracker()
+                # Our own backend marks the budget when it connects; another transport needs a trace.
+                tracker = None if self._owns_http else ReuseTracker()
+                extensions = {} if tracker is None else {"trace": tracker}
                 request = self._http.build_request(method, url, content=content, headers=headers,
-                                                   extensions={"trace": tracker})
+                                                   extensions=extensions)
                 try:
                     answer = self._read(request, method, url)
                 except httpx2.TransportError as exc:
-                    if not (is_stale_error(exc) and tracker.reused):
+                    opened = budget.opened if tracker is None else tracker.opened
+                    if not is_stale_error(exc) or opened:
                         raise
                     self._log_retry(method, url, exc)
                     retried = True
                     answer = self._read(request, method, url)
         finally:
-            DEADLINE.reset(token)
+            REQUEST.reset(token)
         self._log(method, url, answer.status, started, retried)
         return answer
 
@@ -294,8 +301,7 @@ class AsyncClient(_Base):
     """The asyncio (or trio) twin of :class:`Client`; share one instance between tasks.
 
     Tasks beyond ``max_connections`` queue for a connection: a few connections serve many tasks
-    best, since the pool is scanned for each request. ``timeout`` is a cancel scope around each
-    whole request.
+    best, since the pool is scanned for each request. ``timeout`` bounds each whole request.
     """
 
     def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
@@ -314,19 +320,29 @@ class AsyncClient(_Base):
     async def _request(self, method: str, url: str, *, content: bytes | None = None,
                        headers: dict[str, str] = _GET_HEADERS) -> _Answer:
         started = time.monotonic()
+        budget = Budget(started + self.timeout)
+        token = REQUEST.set(budget)
         retried = False
-        with map_errors(self.address), anyio.fail_after(self.timeout):
-            tracker = ReuseTracker()
-            request = self._http.build_request(method, url, content=content, headers=headers,
-                                               extensions={"trace": tracker.atrace})
-            try:
-                answer = await self._read(request, method, url)
-            except httpx2.TransportError as exc:
-                if not (is_stale_error(exc) and tracker.reused):
-                    raise
-                self._log_retry(method, url, exc)
-                retried = True
-                answer = await self._read(request, method, url)
+        try:
+            # Our own backend bounds each step by the budget and marks it when it connects; another
+            # transport gets a cancel scope around the request and a trace.
+            tracker = None if self._owns_http else ReuseTracker()
+            extensions = {} if tracker is None else {"trace": tracker.atrace}
+            scope = contextlib.nullcontext() if tracker is None else anyio.fail_after(self.timeout)
+            with map_errors(self.address), scope:
+                request = self._http.build_request(method, url, content=content, headers=headers,
+                                                   extensions=extensions)
+                try:
+                    answer = await self._read(request, method, url)
+                except httpx2.TransportError as exc:
+                    opened = budget.opened if tracker is None else tracker.opened
+                    if not is_stale_error(exc) or opened:
+                        raise
+                    self._log_retry(method, url, exc)
+                    retried = True
+                    answer = await self._read(request, method, url)
+        finally:
+            REQUEST.reset(token)
         self._log(method, url, answer.status, started, retried)
         return answer
 

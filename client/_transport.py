@@ -3,18 +3,22 @@
 * **No CA bundle.** httpx2 gives every transport a TLS context and loads the system CA file into it
   (measured: 38 ms per transport). TLS never runs over the socket, so :func:`sync_transport` and
   :func:`async_transport` pass one bare context, built once.
-* **A deadline per request.** ``Client`` sets :data:`DEADLINE` for the whole of a request; the
-  sync network backend below makes every connect, read and write wait at most until then, so
-  ``timeout`` bounds the request, not each read (a server dripping a byte a second cannot stretch
-  it). ``AsyncClient`` puts a cancel scope around the request instead.
+* **A deadline per request.** ``Client`` sets :data:`REQUEST` (a :class:`Budget`) for the whole
+  of a request; the network backends below make every connect, read and write wait at most until
+  its deadline, so ``timeout`` bounds the request, not each read (a server dripping a byte a second
+  cannot stretch it). httpcore2 already bounds each async read with a cancel scope; passing it the
+  time left costs nothing more, where a second scope around the request measured ~5% of throughput.
 * **No leaked socket.** httpcore2 2.16's ``SyncBackend.connect_unix_socket`` leaves a socket whose
   ``connect()`` failed to the garbage collector (a ``ResourceWarning``, and a descriptor per attempt
-  while ``--wait`` polls); :class:`UnixBackend` closes it. httpx2 has no argument for a network
-  backend, so :func:`sync_transport` swaps the transport's private ``_pool`` for a pool built
-  through httpcore2's public constructor, and fails loudly if that attribute changes.
+  while ``--wait`` polls); :class:`UnixBackend` closes it (anyio closes it for the async one).
+  httpx2 has no argument for a network backend, so both transports get their private ``_pool``
+  swapped for a pool built through httpcore2's public constructor, failing loudly if that
+  attribute changes.
 * **Stale connections.** Idle connections expire after :data:`KEEPALIVE_EXPIRY`, well under the
-  server's keep-alive (15 s). When a reused connection still turns out closed, :class:`ReuseTracker`
-  and :func:`is_stale_error` let the caller retry once.
+  server's keep-alive (15 s). When a reused connection still turns out closed (:func:`is_stale_error`)
+  the caller retries once: the backends mark the :class:`Budget` of a request that opened a new
+  connection (an httpx2 ``trace`` callback, :class:`ReuseTracker`, does it for other transports;
+  it runs on every event of every request, so the default transports avoid it).
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from client._errors import ClientError, ConnectError, reason_for
 
 __all__ = [
     "BASE_URL",
-    "DEADLINE",
     "KEEPALIVE_EXPIRY",
+    "REQUEST",
+    "AsyncUnixBackend",
+    "Budget",
     "ReuseTracker",
     "UnixBackend",
     "async_transport",
@@ -48,25 +54,36 @@ __all__ = [
 BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
 
-DEADLINE: ContextVar[float | None] = ContextVar("uds_client_deadline", default=None)
-"""``time.monotonic()`` by which the current request must be done, or None for no deadline."""
-
 _BARE_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+class Budget:
+    """One request's deadline (``time.monotonic()``), and whether it had to open a connection."""
+
+    __slots__ = ("deadline", "opened")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.opened = False
+
+
+REQUEST: ContextVar[Budget | None] = ContextVar("uds_client_request", default=None)
+"""The :class:`Budget` of the request running in this thread or task, if any."""
 
 
 def _remaining(timeout: float | None) -> float | None:
     """``timeout`` cut to what is left of the request's deadline; TimeoutError once it has passed."""
-    deadline = DEADLINE.get()
-    if deadline is None:
+    budget = REQUEST.get()
+    if budget is None:
         return timeout
-    left = deadline - time.monotonic()
+    left = budget.deadline - time.monotonic()
     if left <= 0:
         raise TimeoutError("the request's deadline has passed")
     return left if timeout is None or timeout > left else timeout
 
 
 class UnixStream(httpcore2.NetworkStream):
-    """A connected AF_UNIX socket whose reads and writes respect :data:`DEADLINE`."""
+    """A connected AF_UNIX socket whose reads and writes respect the request's deadline (:data:`REQUEST`)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -111,6 +128,9 @@ class UnixBackend(httpcore2.SyncBackend):
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
+        budget = REQUEST.get()
+        if budget is not None:
+            budget.opened = True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             for option in socket_options or ():
@@ -126,6 +146,58 @@ class UnixBackend(httpcore2.SyncBackend):
         return UnixStream(sock)
 
 
+class AsyncDeadlineStream(httpcore2.AsyncNetworkStream):
+    """httpcore2's async stream, each read and write given only what is left of the deadline."""
+
+    def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    # httpcore2's interface passes each step its timeout (hence the noqa).
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        try:
+            left = _remaining(timeout)
+        except TimeoutError as exc:
+            raise httpcore2.ReadTimeout(exc) from exc
+        return await self._inner.read(max_bytes, left)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        try:
+            left = _remaining(timeout)
+        except TimeoutError as exc:
+            raise httpcore2.WriteTimeout(exc) from exc
+        await self._inner.write(buffer, left)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class AsyncUnixBackend(httpcore2.AnyIOBackend):
+    """httpcore2's anyio backend (asyncio or trio), with streams bound by the request's deadline."""
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        budget = REQUEST.get()
+        if budget is not None:
+            budget.opened = True
+        try:
+            left = _remaining(timeout)
+        except TimeoutError as exc:
+            raise httpcore2.ConnectTimeout(exc) from exc
+        stream = await super().connect_unix_socket(path, timeout=left, socket_options=socket_options)
+        return AsyncDeadlineStream(stream)
+
+
+def _pool_of(transport: httpx2.HTTPTransport | httpx2.AsyncHTTPTransport, kind: type) -> None:
+    if type(getattr(transport, "_pool", None)) is not kind:
+        raise RuntimeError(f"httpx2's {type(transport).__name__} no longer keeps its {kind.__name__} in "
+                           "_pool; update client._transport for this httpx2 version")
+
+
 def _limits(max_connections: int | None) -> httpx2.Limits:
     return httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                          keepalive_expiry=KEEPALIVE_EXPIRY)
@@ -135,9 +207,7 @@ def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTT
     """``httpx2.HTTPTransport(uds=path)`` with no CA bundle, :class:`UnixBackend` and short keep-alive."""
     limits = _limits(max_connections)
     transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
-    if type(getattr(transport, "_pool", None)) is not httpcore2.ConnectionPool:
-        raise RuntimeError("httpx2.HTTPTransport no longer keeps its httpcore2.ConnectionPool in _pool; "
-                           "update client._transport.sync_transport for this httpx2 version")
+    _pool_of(transport, httpcore2.ConnectionPool)
     transport._pool = httpcore2.ConnectionPool(
         ssl_context=_BARE_TLS, uds=path, network_backend=UnixBackend(),
         max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
@@ -147,13 +217,16 @@ def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTT
 
 
 def async_transport(path: str, *, max_connections: int | None = 8) -> httpx2.AsyncHTTPTransport:
-    """``httpx2.AsyncHTTPTransport(uds=path)`` with no CA bundle and short keep-alive.
-
-    httpcore2's async backend (anyio) closes a socket whose connect() fails; the request's deadline
-    is a cancel scope in ``AsyncClient``.
-    """
-    return httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False,
-                                     limits=_limits(max_connections))
+    """``httpx2.AsyncHTTPTransport(uds=path)``: no CA bundle, :class:`AsyncUnixBackend`, short keep-alive."""
+    limits = _limits(max_connections)
+    transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
+    _pool_of(transport, httpcore2.AsyncConnectionPool)
+    transport._pool = httpcore2.AsyncConnectionPool(
+        ssl_context=_BARE_TLS, uds=path, network_backend=AsyncUnixBackend(),
+        max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+    )
+    return transport
 
 
 class ReuseTracker:

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from client import AsyncClient, Client, ClientError, ConnectError
@@ -44,6 +45,21 @@ def test_async_client_timeout_bounds_the_whole_request(dripping: tuple[str, Drip
     async def scenario() -> None:
         async with AsyncClient(path, timeout=TIMEOUT) as c:
             await c.health()
+
+    started = time.monotonic()
+    with pytest.raises(ConnectError) as info:
+        asyncio.run(scenario())
+    _bounded(time.monotonic() - started, drip)
+    assert info.value.reason == "timed out"
+
+
+def test_async_client_bounds_a_callers_httpx2_client_too(dripping: tuple[str, Drip]) -> None:
+    path, drip = dripping
+
+    async def scenario() -> None:
+        transport = httpx2.AsyncHTTPTransport(uds=path, verify=False)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            await AsyncClient(path, timeout=TIMEOUT, http_client=http).health()
 
     started = time.monotonic()
     with pytest.raises(ConnectError) as info:

@@ -16,7 +16,14 @@ import httpx2
 import pytest
 
 from client import AsyncClient, Client, ConnectError
-from client._transport import UnixBackend, UnixStream, sync_transport
+from client._transport import (
+    AsyncDeadlineStream,
+    AsyncUnixBackend,
+    UnixBackend,
+    UnixStream,
+    async_transport,
+    sync_transport,
+)
 
 
 def _resource_warnings(action: Callable[[], None]) -> list[str]:
@@ -71,13 +78,13 @@ def test_httpcore2_still_leaks_the_socket_of_a_failed_connect(tmp_short: Path) -
     assert leaked, "httpcore2's SyncBackend no longer leaks the socket; client._transport.UnixBackend can go"
 
 
-def test_httpx2_keeps_its_pool_where_sync_transport_replaces_it() -> None:
-    """``sync_transport`` swaps ``HTTPTransport._pool``; if httpx2 renames or retypes it, fail here."""
-    stock = httpx2.HTTPTransport(uds="/tmp/none.sock", verify=False)
-    assert type(stock._pool) is httpcore2.ConnectionPool
-    assert hasattr(stock._pool, "_network_backend"), "httpcore2.ConnectionPool changed its internals"
-    ours = sync_transport("/tmp/none.sock")
-    assert type(ours._pool) is httpcore2.ConnectionPool
+def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
+    """Our transports swap ``_pool`` of httpx2's transports; if httpx2 renames or retypes it, fail here."""
+    assert type(httpx2.HTTPTransport(uds="/tmp/none.sock", verify=False)._pool) is httpcore2.ConnectionPool
+    stock = httpx2.AsyncHTTPTransport(uds="/tmp/none.sock", verify=False)
+    assert type(stock._pool) is httpcore2.AsyncConnectionPool
+    assert type(sync_transport("/tmp/none.sock")._pool) is httpcore2.ConnectionPool
+    assert type(async_transport("/tmp/none.sock")._pool) is httpcore2.AsyncConnectionPool
 
 
 def test_client_requests_go_through_the_closing_backend(server_path: str,
@@ -96,3 +103,24 @@ def test_client_requests_go_through_the_closing_backend(server_path: str,
         assert c.send("through the backend").text == "through the backend"
     assert len(streams) == 1  # one connection, kept alive for the second request
     assert isinstance(streams[0], UnixStream)
+
+
+def test_async_client_requests_go_through_the_deadline_backend(server_path: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    streams: list[httpcore2.AsyncNetworkStream] = []
+    original = AsyncUnixBackend.connect_unix_socket
+
+    async def counting(self: AsyncUnixBackend, *args: Any, **kwargs: Any) -> httpcore2.AsyncNetworkStream:
+        stream = await original(self, *args, **kwargs)
+        streams.append(stream)
+        return stream
+
+    async def scenario() -> None:
+        async with AsyncClient(server_path) as c:
+            assert (await c.health()).ok
+            assert (await c.send("through the async backend")).text == "through the async backend"
+
+    monkeypatch.setattr(AsyncUnixBackend, "connect_unix_socket", counting)
+    asyncio.run(scenario())
+    assert len(streams) == 1
+    assert isinstance(streams[0], AsyncDeadlineStream)

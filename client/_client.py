@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -122,7 +122,8 @@ def _raw(answer: _Answer) -> RawResponse:
 
 
 def _send_request(text: str, idempotency_key: str | None) -> tuple[bytes, dict[str, str]]:
-    key = idempotency_key if idempotency_key is not None else uuid.uuid4().hex
+    # 128 random bits, as uuid4().hex without importing uuid (~1.5 ms of a one-shot command).
+    key = idempotency_key if idempotency_key is not None else os.urandom(16).hex()
     return orjson.dumps({"text": text}), {**_POST_HEADERS, "idempotency-key": key}
 
 

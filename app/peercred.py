@@ -410,14 +410,14 @@ class PeerCredProtocol(HttpToolsProtocol):
                 reject = (400, "bad_request", f"the request is not valid HTTP/1.1 ({reason})")
         self._refuse(*reject)
 
-    def _refuse(self, status: int, error: str, message: str) -> None:
+    def _refuse(self, status: int, error: str, message: str, *, log: bool = True) -> None:
         """Answer ``status`` and close, after any answers owed to requests pipelined before this one."""
         self._refused = True
         self._reject = None
         self._waiting_since = None
         if status == 503:
             _CAP_LOG.note(self.loop, self.max_connections or 0, refused=True)
-        else:
+        elif log:
             logger.warning("Rejected a request with %d: %s", status, message)
         if self.transport.is_closing():
             return
@@ -513,18 +513,13 @@ class PeerCredProtocol(HttpToolsProtocol):
             logger.info("Closed a connection that sent no request for %gs", self.request_timeout)
             self.transport.close()
             return
-        if not self._in_head and cycle is not None:
-            if cycle.response_started:
-                # The application already answered (say, 413 before reading); only the body is late.
-                self.transport.close()
-                return
-            # The application is waiting for the body: tell it the client is gone, answer for it.
-            cycle.disconnected = True
-            cycle.message_event.set()
+        if not self._in_head and cycle is not None and cycle.response_started:
+            # The application is answering without the body; only the body is late.
+            self.transport.close()
+            return
         logger.warning("Request not complete after %gs: answered 408 and closed the connection",
                        self.request_timeout)
-        self.transport.write(
-            error_response(408, "request_timeout",
-                           f"the request was not complete within {self.request_timeout:g}s; send it faster")
-        )
-        self.transport.close()
+        # The application, if it waits for the body, learns that the client is gone; the 408 follows
+        # any answers owed to requests pipelined before this one.
+        late = f"the request was not complete within {self.request_timeout:g}s; send it faster"
+        self._refuse(408, "request_timeout", late, log=False)

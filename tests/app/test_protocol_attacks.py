@@ -444,6 +444,36 @@ def test_pipelined_good_requests_are_answered_before_the_error(server: ServerPro
         assert _closed(conn)
 
 
+def test_408_waits_for_the_answer_in_progress(tmp: Path) -> None:
+    """A pipelined head that stalls while a long answer is being written: the answer comes whole,
+    then the 408, then the close (the 408 is never spliced into the answer)."""
+    with running_server("--request-timeout", "0.5", "--history-size", "30", tmp=tmp) as server:
+        path = _path(server)
+        _fill_history(path, 30)
+        conn = _connect(path)
+        try:
+            conn.sendall(b"GET /messages?limit=30 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                         b"GET /healthz HTTP/1.1\r\nHo")
+            wait_until(lambda: "Request not complete after 0.5s" in server.output, what="the deadline")
+            raw = bytearray()
+            while chunk := conn.recv(1 << 20):
+                raw += chunk
+        finally:
+            conn.close()
+        head, _, rest = bytes(raw).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        if b"content-length" in head.lower():
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            body, after = rest[:length], rest[length:]
+        else:  # chunked: the answer ends with the last chunk
+            end = rest.index(b"\r\n0\r\n\r\n") + len(b"\r\n0\r\n\r\n")
+            body, after = rest[:end], rest[end:]
+        assert len(body) > 30 * 16000
+        assert after.startswith(b"HTTP/1.1 408"), after[:200]
+        assert b'"request_timeout"' in after
+
+
 # --- open files and the connection cap --------------------------------------------------------------
 
 

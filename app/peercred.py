@@ -327,8 +327,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._in_chunk_head = False
 
     def on_message_complete(self) -> None:
-        self._in_chunk_head = False
-        trailers = self.headers
+        trailers = self.headers  # the last chunk's on_chunk_complete came just before, after them
         if trailers:
             if len(trailers) > MAX_HEADERS:
                 self._reject = _TOO_MANY_TRAILERS

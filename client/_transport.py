@@ -7,7 +7,7 @@
   of a request; the network backends below make every connect, read and write wait at most until
   its deadline, so ``timeout`` bounds the request, not each read (a server dripping a byte a second
   cannot stretch it). httpcore2 already bounds each async read with a cancel scope; passing it the
-  time left costs nothing more, where a second scope around the request measured ~5% of throughput.
+  time left costs nothing more than a second scope around the request would.
 * **No leaked socket.** httpcore2 2.16's ``SyncBackend.connect_unix_socket`` leaves a socket whose
   ``connect()`` failed to the garbage collector (a ``ResourceWarning``, and a descriptor per attempt
   while ``--wait`` polls); :class:`UnixBackend` closes it (anyio closes it for the async one).
@@ -18,7 +18,8 @@
   server's keep-alive (15 s). When a reused connection still turns out closed (:func:`is_stale_error`)
   the caller retries once: the backends mark the :class:`Budget` of a request that opened a new
   connection (an httpx2 ``trace`` callback, :class:`ReuseTracker`, does it for other transports;
-  it runs on every event of every request, so the default transports avoid it).
+  it runs on every event of every request: measured with a cancel scope around async requests,
+  15-35 us of CPU per sync request and 3-9% per async one, so the default transports avoid both).
 """
 
 from __future__ import annotations

@@ -543,8 +543,10 @@ def test_past_the_cap_busy_server_answers_503_json_and_logs_once(tmp: Path) -> N
                 conn.close()
         wait_until(lambda: http_over_uds(path)[0] == 200, what="a free slot")
         lines = [x for x in server.output.splitlines() if "At the connection limit" in x]
-        assert lines == ["WARNING At the connection limit (3, --max-connections): refused 1 connection(s) "
-                         "with 503, closed 0 idle connection(s) to make room; next report in 10s at most"]
+        assert lines[0] == ("WARNING At the connection limit (3, --max-connections): refused 1 connection(s) "
+                            "with 503, closed 0 idle connection(s) to make room; next report in 10s at most")
+        # The other two refusals are summed up in the next line, 10 s later (if the test lasts that long).
+        assert lines[1:] in ([], [lines[0].replace("refused 1", "refused 2")]), lines
         server.stop()
 
 

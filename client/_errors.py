@@ -1,4 +1,4 @@
-"""The library's exceptions. Lower-layer (httpx, socket) errors are mapped into these once.
+"""The library's exceptions. Lower-layer (httpx2, socket) errors are mapped into these once.
 
 The CLI turns them into one line on stderr and an exit code (``exit_code`` on each class).
 """
@@ -86,7 +86,7 @@ def reason_for(exc: BaseException) -> str:
         if isinstance(current, OSError) and current.errno in _ERRNO_REASONS:
             return _ERRNO_REASONS[current.errno]
         if isinstance(current, ConnectionError) and current.errno is None:
-            return "connection closed by the server"  # http.client's RemoteDisconnected
+            return "connection closed by the server"
         current = current.__cause__ or current.__context__
     text = str(exc).lower()
     for needle, reason in (

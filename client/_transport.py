@@ -9,8 +9,8 @@
   cannot stretch it). httpcore2 already bounds each async read with a cancel scope; passing it the
   time left costs nothing more than a second scope around the request would.
 * **No leaked socket.** httpcore2 2.16's ``SyncBackend.connect_unix_socket`` leaves a socket whose
-  ``connect()`` failed to the garbage collector (a ``ResourceWarning``, and a descriptor per attempt
-  while ``--wait`` polls); :class:`UnixBackend` closes it (anyio closes it for the async one).
+  ``connect()`` failed to the garbage collector (a ``ResourceWarning``, and a descriptor held per
+  failed attempt until it is collected); :class:`UnixBackend` closes it (anyio does for async).
   httpx2 has no argument for a network backend, so both transports get their private ``_pool``
   swapped for a pool built through httpcore2's public constructor, failing loudly if that
   attribute changes.

@@ -2,8 +2,9 @@
 
 A remembered key keeps only what answering a repeat needs: the message's id, time, peer and a
 16-byte digest of its text. A repeat carries its text, so the answer is rebuilt from that text
-once the digests match; a key never keeps a message alive after it has left the history (measured:
-10,000 remembered keys of 16 KiB texts held 330 MB as whole records, 5 MB like this).
+once the digests match; a key never keeps a message alive after it has left the history. Measured
+over the socket, 20,000 keyed POSTs of 16 KiB texts took the server from 50 to 382 MiB RSS when
+each key kept its whole message, and to 74 MiB now (tests/app/test_memory_budget.py).
 
 Everything runs on the event loop thread with no ``await`` inside a method, so no locks are needed.
 """

@@ -161,3 +161,47 @@ def test_long_lists_past_the_limit_get_503(monkeypatch: pytest.MonkeyPatch) -> N
         assert "limit" in body["message"]
     finally:
         client.close()
+
+
+def test_list_slots_are_held_by_readers_that_never_read_and_freed_when_they_go() -> None:
+    """Over a real socket: LIST_STREAMS never-reading clients hold every slot (the next long list
+    gets 503); once they hang up, their slots come back."""
+    import socket
+
+    from app.routes.messages import LIST_STREAMS
+    from tests.support import read_response, running_server, wait_until
+
+    body = orjson.dumps({"text": "\U0001f600" * 4096})
+    post = (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    long_list = b"GET /messages?limit=100 HTTP/1.1\r\nHost: x\r\n\r\n"  # 1.6 MB: more than the kernel holds
+
+    def status_of_a_long_list(path: str) -> int:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(10)
+            conn.connect(path)
+            conn.sendall(long_list)
+            status, _, _ = read_response(conn)
+            return status
+
+    with running_server() as server:
+        path = server.socket_path
+        assert path
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(path)
+            buffer = bytearray()
+            for _ in range(20):  # five at a time: their answers fit in the kernel's buffer
+                conn.sendall(post * 5)
+                assert all(read_response(conn, buffer)[0] == 201 for _ in range(5))
+        readers = []
+        try:
+            for _ in range(LIST_STREAMS):
+                reader = socket.socket(socket.AF_UNIX)
+                readers.append(reader)
+                reader.connect(path)
+                reader.sendall(long_list)
+            assert status_of_a_long_list(path) == 503
+        finally:
+            for reader in readers:
+                reader.close()
+        wait_until(lambda: status_of_a_long_list(path) == 200, what="the slots to come back")

@@ -10,7 +10,8 @@ The protocol is the only code that sees raw connections, so it is where we:
 * reject oversized request heads and chunked trailers (431) before they can use memory;
 * refuse what RFC 9112 says to refuse: transfer codings other than ``chunked`` (501) and a
   missing, repeated or malformed ``Host`` (400);
-* stop reading a request the application answered early (403, 413, 415...): close after the answer;
+* stop parsing a request the application answered early (403, 413, 415...): after the answer the
+  connection lingers, discarding input, then closes (see ``LINGER_SECONDS``);
 * answer every error with the project's JSON error shape, after the answers to requests pipelined
   before it;
 * cap concurrent connections (``limit_concurrency``): at the cap the longest-idle connection (no
@@ -62,6 +63,14 @@ DRAIN = 32
 """Idle connections closed at once when a new one arrives at the cap."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 256 * 1024
+"""After an answer that ends a connection while the client may still be sending (an early 403, 413
+or 415, an error in the body), the server half-closes, discards what still arrives for up to
+``LINGER_SECONDS`` or ``LINGER_BYTES``, then closes: nginx's ``lingering_close``. Closing at once
+would make a client that is still writing its body fail with a broken pipe before it reads the
+answer, and on a Unix socket closing with unread input makes the client's read fail too. Nothing
+is parsed or kept meanwhile."""
 
 _UCRED = struct.Struct("3i")
 _OUTQ = struct.Struct("i")
@@ -215,6 +224,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._send_timer: TimerHandle | None = None
         self._unsent = 0
         self._over_cap = False
+        self._linger: TimerHandle | None = None
+        self._linger_left = 0
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -235,11 +246,19 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # an error was answered (or will be, after earlier answers): nothing more is parsed
+            # An error was answered (or will be, after earlier answers): nothing more is parsed.
+            if self._linger is not None:
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self.transport.close()
+            return
         self._unset_keepalive_if_required()
         self._chunk_bytes = size = len(data)
         begins = self._begins
@@ -347,13 +366,14 @@ class PeerCredProtocol(HttpToolsProtocol):
             last = not self.pipeline  # the response that completed was the last one owed before the error
             super().on_response_complete()
             if last and not self.transport.is_closing():
-                self.transport.write(pending)
-                self.transport.close()
+                self._close_after(pending)
             return
         super().on_response_complete()
         if not self._message_done and not self._in_head and self.cycle.response_complete:
-            # Answered before the whole request arrived (403, 413, 415...): read no more of it.
-            self.transport.close()
+            # Answered before the whole request arrived (403, 413, 415...): parse no more of it.
+            self._refused = True
+            self._waiting_since = None
+            self._close_after(b"")
 
     # Flow control
     def pause_writing(self) -> None:
@@ -440,8 +460,24 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._pending = answer  # answer the requests before this one first
             self.flow.pause_reading()
             return
-        self.transport.write(answer)
-        self.transport.close()
+        self._close_after(answer)
+
+    def _close_after(self, answer: bytes) -> None:
+        """Write ``answer``, half-close, and close once the client stops sending (``LINGER_SECONDS``)."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if answer:
+            transport.write(answer)
+        if self._linger is not None:
+            return
+        try:
+            transport.write_eof()  # the client reads the answer to its end, then EOF
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        self._linger_left = LINGER_BYTES
+        self._linger = self.loop.call_later(LINGER_SECONDS, transport.close)
 
     def _check_host(self, host: bytes | None, hosts: int) -> None:
         """RFC 9112 section 3.2: exactly one valid Host (HTTP/1.0 may omit it)."""

@@ -252,6 +252,27 @@ def test_early_answer_then_close(server: ServerProcess, head: bytes, status: int
     assert _count(server) == stored
 
 
+def test_a_client_still_sending_its_body_reads_the_early_answer(server: ServerProcess) -> None:
+    """After an early answer the server half-closes and discards (lingering close, as nginx does):
+    a client that sends its body after the head, as http.client does, gets no broken pipe and reads
+    the whole answer; a client that keeps sending past the linger budget is closed."""
+    head = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 1048576\r\n\r\n")
+    with _connect(_path(server)) as conn:
+        conn.sendall(head)
+        got, _, body = read_response(conn)
+        assert got == 415
+        _error(body, 415, "unsupported_media_type")
+        conn.sendall(b"x" * 65536)  # the body goes on: discarded, not a broken pipe
+        assert conn.recv(100) == b""  # the answer was whole, then EOF (the server's half-close)
+        sent = 65536
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 1048576:  # past the linger budget the server closes
+                conn.sendall(b"x" * 65536)
+                sent += 65536
+        assert sent < 1048576, "the server read a whole refused body"
+
+
 def test_complete_bad_request_keeps_the_connection(server: ServerProcess) -> None:
     """A refused request whose body arrived whole leaves the connection usable (no needless close)."""
     with _connect(_path(server)) as conn:

@@ -4,6 +4,10 @@ Installed only when ``allow_uid`` or ``allow_gid`` is set, so an open server pay
 peer comes from ``scope["extensions"]["uds.peer"]`` (SO_PEERCRED, set by the socket layer).
 A connection without peer credentials (TCP) is refused: the allowlist fails closed. The probes
 (``/healthz``, ``/readyz``) stay open so the kubelet can reach them.
+
+A request that names the user behind a proxy (``Uds-Forwarded-Peer``, see :mod:`app.forwarded`)
+must have both on the list, the proxy's own process and the user it speaks for: a proxy never
+widens who may call the API. A malformed header is refused too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import error_response
+from app.forwarded import HEADER as FORWARDED_HEADER
+from app.forwarded import parse_forwarded_peer
 
 __all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
 
@@ -47,7 +53,11 @@ class PeerAllowlist:
             return
         peer = scope.get("extensions", {}).get("uds.peer")
         if is_allowed(peer, self.uids, self.gids):
-            await self.app(scope, receive, send)
+            behind = _forwarded(scope)
+            if behind is None or is_allowed(behind.get("peer"), self.uids, self.gids):
+                await self.app(scope, receive, send)
+                return
+            await self._refuse_forwarded(scope, receive, send, behind)
             return
         method, path = _shown(scope["method"]), _shown(scope["path"])
         if peer is None:
@@ -60,6 +70,28 @@ class PeerAllowlist:
             message = (f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
                        "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID")
         await error_response(403, message)(scope, receive, send)
+
+    async def _refuse_forwarded(self, scope: Scope, receive: Receive, send: Send,
+                                behind: dict[str, dict[str, int] | None]) -> None:
+        method, path = _shown(scope["method"]), _shown(scope["path"])
+        user = behind["peer"]
+        if user is None:
+            log.warning("Refused %s %s: malformed Uds-Forwarded-Peer header", method, path)
+            message = "the Uds-Forwarded-Peer header must read 'uid=U gid=G pid=P'"
+        else:
+            log.warning("Refused %s %s via proxy for uid=%s gid=%s: not in allow_uid/allow_gid",
+                        method, path, user["uid"], user["gid"])
+            message = (f"uid {user['uid']} gid {user['gid']}, behind the proxy, is not allowed; "
+                       "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID")
+        await error_response(403, message)(scope, receive, send)
+
+
+def _forwarded(scope: Scope) -> dict[str, dict[str, int] | None] | None:
+    """``{"peer": user or None if malformed}`` when the request names a user behind a proxy, else None."""
+    for name, value in scope["headers"]:
+        if name == FORWARDED_HEADER:
+            return {"peer": parse_forwarded_peer(value)}
+    return None
 
 
 def _shown(text: str) -> str:

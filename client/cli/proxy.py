@@ -30,7 +30,9 @@ it reaches the socket:
 * **The server learns who is behind the proxy**: the proxy removes any ``Uds-Forwarded-Peer``
   header the caller sent and adds ``Uds-Forwarded-Peer: uid=U gid=G pid=P`` for the identified
   caller (``pid=0``, ``gid=-1`` when not visible). The server records it as the message's
-  ``peer.forwarded_for`` next to the proxy's own SO_PEERCRED, so the claim is attributable.
+  ``peer.forwarded_for`` next to the proxy's own SO_PEERCRED, so the claim is attributable, and
+  its allowlist (``--allow-uid``/``--allow-gid``) must admit both. A caller admitted by the token
+  is not named: the token is the proxy user's to share, and its holder acts as that user.
 
 To check every request, the proxy reads each request head (h11 parses it, at most 32 KiB and 100
 header fields, within ``--head-timeout``) and forwards **one request per TCP connection**: it
@@ -517,7 +519,9 @@ class Proxy:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
         moved = [0, 0]  # bytes to the socket, bytes to the client
         note = " (cut: the proxy is stopping)"
-        headers = self._upstream_headers(request, caller)
+        # Only a caller identified by uid is named to the server. The token is the proxy user's to
+        # share: whoever holds it acts as that user, which is what the server sees on the socket.
+        headers = self._upstream_headers(request, caller if verdict.by == "uid" else None)
         chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
         try:
             # The request line keeps the client's HTTP version, so the server frames its answer

@@ -106,3 +106,23 @@ def test_refused_line_escapes_control_characters(make_client: Callable[..., ASGI
     line = next(r.getMessage() for r in caplog.records if r.name == "app.access")
     assert not any(c in line for c in "\x1b\r\n"), line
     assert "Refused GET /x\\x1b[31mred\\r\\nINFO forged from pid=12" in line
+
+
+@pytest.mark.parametrize(("behind", "status"), [
+    ("uid=1000 gid=9 pid=7", 201),       # the user behind the proxy is on the list by uid
+    ("uid=9 gid=3000 pid=7", 201),       # ... or by gid
+    ("uid=5000 gid=5000 pid=7", 403),    # an allowed proxy cannot speak for a stranger
+    ("uid=root", 403),                   # malformed: refused, never taken as absent
+])
+def test_a_proxy_speaks_only_for_allowed_users(make_client: Callable[..., ASGIClient], behind: str,
+                                               status: int, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(LIST)
+    client = make_client(app=app, peer=ALLOWED)
+    with caplog.at_level(logging.WARNING, logger="app.access"):
+        response = client.post("/messages", json={"text": "hi"}, headers={"Uds-Forwarded-Peer": behind})
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert len(app.state.store) == 0
+        assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["app.access"]
+    else:
+        assert response.json()["peer"]["forwarded_for"]["pid"] == 7

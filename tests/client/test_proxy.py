@@ -531,8 +531,9 @@ def test_the_token_admits_a_caller_the_uid_check_refuses(group_server: Any) -> N
         cookie = {"Cookie": f"uds-proxy-{proxy.port}={proxy.token}", "Content-Type": "application/json"}
         answer = as_nobody(proxy.port, "POST", "/messages", '{"text": "with the token"}', cookie)
         assert answer["status"] == 201, answer
-        # Admitted by token, still named: the server records who opened the connection.
-        assert answer["body"]["peer"]["forwarded_for"] == {"uid": NOBODY, "gid": NOBODY, "pid": answer["pid"]}
+        # Admitted by token, not named: the token holder acts as the proxy's user, the peer on the socket.
+        assert "forwarded_for" not in answer["body"]["peer"], answer
+        assert answer["body"]["peer"]["pid"] == proxy.proc.pid
         wrong = {"Cookie": f"uds-proxy-{proxy.port}=x{proxy.token}"}
         assert as_nobody(proxy.port, "GET", "/messages", headers=wrong)["status"] == 403
         other_port = {"Cookie": f"uds-proxy-{proxy.port + 1}={proxy.token}"}

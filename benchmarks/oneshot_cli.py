@@ -145,7 +145,7 @@ def run(quick: bool) -> list[Row]:
         ),
         Row(
             "e",
-            f"the same, CPU time of the process (user + system; steady when the machine is busy) ({where})",
+            f"the same, CPU time of the process (user + system) ({where})",
             "uds-client send",
             send_cpu,
             "curl --unix-socket",

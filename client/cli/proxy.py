@@ -770,10 +770,13 @@ async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None],
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        # A second signal (coreutils timeout sends two) must not kill the proxy halfway through its
+        # shutdown or on its way out: once stopping, the command ignores them until it exits.
         server.close()
         count = await proxy.close_all()
         await server.wait_closed()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     log(f"Proxy stopped ({', '.join(received) or 'stop'}): closed {count} open connection(s)")
     return 0

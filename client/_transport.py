@@ -217,7 +217,7 @@ def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTT
     return transport
 
 
-def async_transport(path: str, *, max_connections: int | None = 8) -> httpx2.AsyncHTTPTransport:
+def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.AsyncHTTPTransport:
     """``httpx2.AsyncHTTPTransport(uds=path)``: no CA bundle, :class:`AsyncUnixBackend`, short keep-alive."""
     limits = _limits(max_connections)
     transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)

@@ -118,7 +118,9 @@ class UnixStream(httpcore2.NetworkStream):
         if info == "is_readable":
             # An idle connection is readable when the server closed it (or sent something unasked).
             try:
-                return bool(select.select((self._sock,), (), (), 0)[0])
+                poller = select.poll()
+                poller.register(self._sock, select.POLLIN)
+                return bool(poller.poll(0))
             except (OSError, ValueError):
                 return True
         return None

@@ -9,7 +9,6 @@ they wait.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ from client._transport import (
     ReuseTracker,
     async_transport,
     is_stale_error,
-    map_errors,
+    mapped_error,
     sync_transport,
 )
 
@@ -214,23 +213,22 @@ class Client(_Base):
         started = time.monotonic()
         budget = Budget(started + self.timeout)
         token = REQUEST.set(budget)
+        # Our own backend marks the budget when it connects; another transport needs a trace.
+        tracker = None if self._owns_http else ReuseTracker()
         retried = False
         try:
-            with map_errors(self.address):
-                # Our own backend marks the budget when it connects; another transport needs a trace.
-                tracker = None if self._owns_http else ReuseTracker()
-                extensions = {} if tracker is None else {"trace": tracker}
-                request = self._http.build_request(method, url, content=content,
-                                                   headers=self._headers(headers), extensions=extensions)
-                try:
-                    answer = self._read(request, method, url)
-                except httpx2.TransportError as exc:
-                    opened = budget.opened if tracker is None else tracker.opened
-                    if not is_stale_error(exc) or opened:
-                        raise
-                    self._log_retry(method, url, exc)
-                    retried = True
-                    answer = self._read(request, method, url)
+            request = self._http.build_request(method, url, content=content, headers=self._headers(headers),
+                                               extensions=None if tracker is None else {"trace": tracker})
+            try:
+                answer = self._read(request, method, url)
+            except httpx2.TransportError as exc:
+                if not is_stale_error(exc) or (budget.opened if tracker is None else tracker.opened):
+                    raise
+                self._log_retry(method, url, exc)
+                retried = True
+                answer = self._read(request, method, url)
+        except (httpx2.HTTPError, TimeoutError) as exc:
+            raise mapped_error(exc, self.address) from exc
         finally:
             REQUEST.reset(token)
         self._log(method, url, answer.status, started, retried)
@@ -340,27 +338,35 @@ class AsyncClient(_Base):
         token = REQUEST.set(budget)
         retried = False
         try:
-            # Our own backend bounds each step by the budget and marks it when it connects; another
-            # transport gets a cancel scope around the request and a trace.
-            tracker = None if self._owns_http else ReuseTracker()
-            extensions = {} if tracker is None else {"trace": tracker.atrace}
-            scope = contextlib.nullcontext() if tracker is None else anyio.fail_after(self.timeout)
-            with map_errors(self.address), scope:
+            if self._owns_http:
+                # Our own backend bounds each step by the budget and marks it when it connects.
+                request = self._http.build_request(method, url, content=content, headers=headers)
+                answer, retried = await self._send(request, method, url, lambda: budget.opened)
+            else:
+                # Another transport: a cancel scope around the request, and a trace for the retry.
+                tracker = ReuseTracker()
                 request = self._http.build_request(method, url, content=content,
-                                                   headers=self._headers(headers), extensions=extensions)
-                try:
-                    answer = await self._read(request, method, url)
-                except httpx2.TransportError as exc:
-                    opened = budget.opened if tracker is None else tracker.opened
-                    if not is_stale_error(exc) or opened:
-                        raise
-                    self._log_retry(method, url, exc)
-                    retried = True
-                    answer = await self._read(request, method, url)
+                                                   headers=self._headers(headers),
+                                                   extensions={"trace": tracker.atrace})
+                with anyio.fail_after(self.timeout):
+                    answer, retried = await self._send(request, method, url, lambda: tracker.opened)
+        except (httpx2.HTTPError, TimeoutError) as exc:
+            raise mapped_error(exc, self.address) from exc
         finally:
             REQUEST.reset(token)
         self._log(method, url, answer.status, started, retried)
         return answer
+
+    async def _send(self, request: httpx2.Request, method: str, url: str,
+                    opened: Callable[[], bool]) -> tuple[_Answer, bool]:
+        """Send, and once more if a reused connection turned out closed; (answer, retried)."""
+        try:
+            return await self._read(request, method, url), False
+        except httpx2.TransportError as exc:
+            if not is_stale_error(exc) or opened():
+                raise
+            self._log_retry(method, url, exc)
+            return await self._read(request, method, url), True
 
     async def _read(self, request: httpx2.Request, method: str, url: str) -> _Answer:
         response = await self._http.send(request, stream=True)

@@ -24,12 +24,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -48,7 +47,7 @@ __all__ = [
     "UnixBackend",
     "async_transport",
     "is_stale_error",
-    "map_errors",
+    "mapped_error",
     "sync_transport",
 ]
 
@@ -258,14 +257,14 @@ def is_stale_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
 
 
-@contextlib.contextmanager
-def map_errors(address: str) -> Iterator[None]:
-    """Turn httpx2 errors and timeouts into :class:`ConnectError` or :class:`ClientError`, with the cause."""
-    try:
-        yield
-    except (httpx2.TimeoutException, TimeoutError) as exc:
-        raise ConnectError(address, "timed out") from exc
-    except httpx2.TransportError as exc:
-        raise ConnectError(address, reason_for(exc)) from exc
-    except httpx2.HTTPError as exc:
-        raise ClientError(f"request to {address} failed: {exc}") from exc
+def mapped_error(exc: BaseException, address: str) -> ClientError:
+    """The library's error for an httpx2 error or a timeout; the caller raises it ``from exc``.
+
+    A function for the caller's ``except`` rather than a context manager, which would cost every
+    request ~0.5 us to enter and leave (a bare ``try`` costs nothing until something is raised).
+    """
+    if isinstance(exc, httpx2.TimeoutException | TimeoutError):
+        return ConnectError(address, "timed out")
+    if isinstance(exc, httpx2.TransportError):
+        return ConnectError(address, reason_for(exc))
+    return ClientError(f"request to {address} failed: {exc}")

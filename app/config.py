@@ -288,10 +288,12 @@ class Settings:
         convert=_positive_float,
     )
     max_connections: int = _setting(
-        4096,
+        512,
         env="UDS_MAX_CONNECTIONS",
-        help="concurrent connections; past it new requests get 503. Keep it below the open-file "
-        "limit, which the server raises to its hard limit at start",
+        help="concurrent connections. At the cap the longest-idle connection is closed for a new "
+        "one, else the oldest still sending a request after 2 s; when all are busy the newcomer "
+        "gets 503. Sized for the 100 MiB memory budget; kept below the open-file limit, which the "
+        "server raises to its hard limit at start",
         metavar="N",
         convert=_positive_int,
     )

@@ -61,6 +61,11 @@ FD_RESERVE = 64
 """File descriptors kept free beyond the connection cap: the listening socket, logs, the event loop."""
 DRAIN = 32
 """Idle connections closed at once when a new one arrives at the cap."""
+SLOW_REQUEST = 2.0
+"""At the cap with no idle connection, a connection still sending a request begun this many seconds
+ago is closed to make room (oldest first): a real client sends a whole request over a Unix socket in
+well under a millisecond, so only a trickling (slowloris) peer is that slow. Without it, as many
+trickling peers as the cap would lock everyone out, probes included, until ``request_timeout``."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 LINGER_SECONDS = 2.0
@@ -151,11 +156,14 @@ class _CapLog:
     def __init__(self) -> None:
         self.refused = 0
         self.closed = 0
+        self.slow = 0
         self._timer: TimerHandle | None = None
 
-    def note(self, loop: asyncio.AbstractEventLoop, cap: int, *, refused: bool) -> None:
+    def note(self, loop: asyncio.AbstractEventLoop, cap: int, *, refused: bool, slow: bool = False) -> None:
         if refused:
             self.refused += 1
+        elif slow:
+            self.slow += 1
         else:
             self.closed += 1
         if self._timer is None:
@@ -163,13 +171,14 @@ class _CapLog:
 
     def _flush(self, loop: asyncio.AbstractEventLoop, cap: int) -> None:
         self._timer = None
-        if not (self.refused or self.closed):
+        if not (self.refused or self.closed or self.slow):
             return
-        level = logging.WARNING if self.refused else logging.INFO
+        level = logging.WARNING if self.refused or self.slow else logging.INFO
         logger.log(level, "At the connection limit (%d, --max-connections): refused %d connection(s) "
-                   "with 503, closed %d idle connection(s) to make room; next report in %gs at most",
-                   cap, self.refused, self.closed, LOG_PERIOD)
-        self.refused = self.closed = 0
+                   "with 503, closed %d idle connection(s) and %d slow to send a request (over %gs) "
+                   "to make room; next report in %gs at most",
+                   cap, self.refused, self.closed, self.slow, SLOW_REQUEST, LOG_PERIOD)
+        self.refused = self.closed = self.slow = 0
         self._timer = loop.call_later(LOG_PERIOD, self._flush, loop, cap)
 
 
@@ -509,13 +518,26 @@ class PeerCredProtocol(HttpToolsProtocol):
             return self._connected_at
         return None
 
-    def _make_room(self, cap: int) -> None:
-        """Over the cap: close the longest-idle connections, or mark this one for a 503.
+    def _slow_since(self, now: float) -> float | None:
+        """Since when this connection has been sending one request, if longer than ``SLOW_REQUEST``."""
+        since = self._waiting_since
+        if since is None or now - since < SLOW_REQUEST or self._refused or self.transport.is_closing():
+            return None
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            return None  # being answered: closing it would cut an answer
+        return since
 
-        Up to ``DRAIN`` idle connections are closed at once (nginx's ``ngx_drain_connections``
-        closes 32), so a burst of new connections costs one scan per ``DRAIN`` of them, not one each.
+    def _make_room(self, cap: int) -> None:
+        """Over the cap: close the longest-idle connections, else the slowest senders, else mark this
+        one for a 503.
+
+        Up to ``DRAIN`` connections are closed at once (nginx's ``ngx_drain_connections`` closes 32),
+        so a burst of new connections costs one scan per ``DRAIN`` of them, not one each.
         """
         idle: list[tuple[float, PeerCredProtocol]] = []
+        slow: list[tuple[float, PeerCredProtocol]] = []
+        now = self.loop.time()
         open_ = 0
         for conn in self.connections:
             if conn.transport.is_closing():
@@ -525,15 +547,20 @@ class PeerCredProtocol(HttpToolsProtocol):
                 since = conn._idle_since()
                 if since is not None:
                     idle.append((since, conn))
+                elif not idle:
+                    since = conn._slow_since(now)
+                    if since is not None:
+                        slow.append((since, conn))
         if open_ <= cap:
             return
-        if not idle:
+        victims = idle or slow
+        if not victims:
             self._over_cap = True  # its request gets 503 unless a connection frees up first
             return
-        for _, conn in heapq.nsmallest(DRAIN, idle, key=_first):
+        for _, conn in heapq.nsmallest(DRAIN, victims, key=_first):
             conn.transport.close()
             self.connections.discard(conn)  # counted out now; connection_lost follows
-            _CAP_LOG.note(self.loop, cap, refused=False)
+            _CAP_LOG.note(self.loop, cap, refused=False, slow=not idle)
 
     def _on_deadline(self) -> None:
         self._deadline = None

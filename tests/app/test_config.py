@@ -23,7 +23,7 @@ def test_defaults() -> None:
     assert s.log_format == "text"
     assert s.debug is False
     assert s.send_timeout == 30.0
-    assert s.max_connections == 4096
+    assert s.max_connections == 512
     assert not s.uses_tcp
     assert s.address == "/csi/csi.sock"
 
@@ -71,7 +71,7 @@ def test_help_shows_each_option_with_env_var_and_default() -> None:
     assert "default 0660]" in text
     assert "default 20.0]" in text
     assert "[env UDS_SEND_TIMEOUT; default 30.0]" in text
-    assert "[env UDS_MAX_CONNECTIONS; default 4096]" in text
+    assert "[env UDS_MAX_CONNECTIONS; default 512]" in text
     assert "[env UDS_DEBUG; default off]" in text
 
 

@@ -565,7 +565,8 @@ def test_past_the_cap_busy_server_answers_503_json_and_logs_once(tmp: Path) -> N
         wait_until(lambda: http_over_uds(path)[0] == 200, what="a free slot")
         lines = [x for x in server.output.splitlines() if "At the connection limit" in x]
         assert lines[0] == ("WARNING At the connection limit (3, --max-connections): refused 1 connection(s) "
-                            "with 503, closed 0 idle connection(s) to make room; next report in 10s at most")
+                            "with 503, closed 0 idle connection(s) and 0 slow to send a request (over 2s) "
+                            "to make room; next report in 10s at most")
         # The other two refusals are summed up in the next line, 10 s later (if the test lasts that long).
         assert lines[1:] in ([], [lines[0].replace("refused 1", "refused 2")]), lines
         server.stop()
@@ -597,3 +598,28 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(tmp: Path) -> None:
                 conn.close()
         assert "closed" in next(x for x in server.output.splitlines() if "At the connection limit" in x)
         assert "refused 0 connection(s)" in server.output
+
+
+def test_at_the_cap_trickling_peers_give_way_to_a_probe(tmp: Path) -> None:
+    """Slowloris: as many peers as the cap, each trickling a request head, never starve /healthz;
+    once their requests are older than SLOW_REQUEST the oldest are closed for newcomers."""
+    with running_server("--max-connections", "20", tmp=tmp) as server:
+        path = _path(server)
+        trickling = []
+        try:
+            for _ in range(40):
+                conn = _connect(path)
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
+                trickling.append(conn)
+            status = wait_until(lambda: http_over_uds(path, timeout=5.0)[0] == 200, timeout=20,
+                                what="/healthz past 40 trickling peers at a cap of 20")
+            assert status
+            assert http_over_uds(path, "POST", "/messages", b'{"text": "hi"}',
+                                 {"content-type": "application/json"})[0] == 201
+            trickling[0].settimeout(5.0)
+            assert _closed(trickling[0]), "the oldest trickling peer was closed to make room"
+        finally:
+            for conn in trickling:
+                conn.close()
+        # The first event at the cap is logged at once; the closings are summed up in the next line.
+        assert "WARNING At the connection limit (20, --max-connections)" in server.output

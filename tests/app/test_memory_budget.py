@@ -31,7 +31,7 @@ import psutil
 import pytest
 
 from app.config import Settings
-from tests.support import ServerProcess, read_response, short_tmpdir, wait_until
+from tests.support import ServerProcess, http_over_uds, read_response, short_tmpdir, wait_until
 
 MiB = 1024 * 1024
 BUDGET = 100 * MiB
@@ -357,3 +357,27 @@ def test_every_attack_at_once(server: ServerProcess) -> None:
             served_after(path)
 
     _run(server, attack, "every attack at once")
+
+
+def test_thousands_idle_and_hundreds_trickling_never_starve_the_probe(server: ServerProcess) -> None:
+    """3,000 idle connections and 500 slowloris peers at the default cap: /healthz still answers,
+    and memory stays in the budget."""
+    path = server.socket_path
+    assert path
+    raise_fd_limit(3500 + 400)
+    opened: list[socket.socket] = []
+    try:
+        with PeakRss(server.proc.pid) as rss:
+            for _ in range(500):
+                conn = connect(path)
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
+                opened.append(conn)
+            opened.extend(connect(path) for _ in range(3000))
+            for _ in range(5):
+                assert wait_until(lambda: http_over_uds(path, timeout=5.0)[0] == 200, timeout=20,
+                                  what="/healthz among idle and trickling connections")
+        assert rss.peak < BUDGET, f"peak RSS {rss.peak / MiB:.1f} MiB"
+    finally:
+        for conn in opened:
+            conn.close()
+    assert server.proc.poll() is None, server.output

@@ -1,4 +1,4 @@
-"""In-process fixtures for the HTTP layer: the app driven through httpx's ASGI transport.
+"""In-process fixtures for the HTTP layer: the app driven through HTTPX2's ASGI transport.
 
 ``ASGIClient`` is synchronous (tests stay plain functions) and can pretend the request came over
 the Unix socket by putting peer credentials into the scope, as the socket layer does.
@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,26 +36,26 @@ class _WithPeer:
 
 
 class ASGIClient:
-    """A synchronous facade over ``httpx.AsyncClient(transport=ASGITransport(app))``."""
+    """A synchronous facade over ``httpx2.AsyncClient(transport=ASGITransport(app))``."""
 
     def __init__(self, app: FastAPI, peer: dict[str, int] | None = None, *,
                  raise_app_exceptions: bool = True) -> None:
         self.app = app
         self._runner = asyncio.Runner()
-        transport = httpx.ASGITransport(app=_WithPeer(app, peer), raise_app_exceptions=raise_app_exceptions)
-        self._client = httpx.AsyncClient(transport=transport, base_url="http://uds")
+        transport = httpx2.ASGITransport(app=_WithPeer(app, peer), raise_app_exceptions=raise_app_exceptions)
+        self._client = httpx2.AsyncClient(transport=transport, base_url="http://uds")
 
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx2.Response:
         return self._runner.run(self._client.request(method, url, **kwargs))
 
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+    def get(self, url: str, **kwargs: Any) -> httpx2.Response:
         return self.request("GET", url, **kwargs)
 
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+    def post(self, url: str, **kwargs: Any) -> httpx2.Response:
         return self.request("POST", url, **kwargs)
 
     def post_stream(self, url: str, chunks: Callable[[], AsyncIterator[bytes]],
-                    headers: dict[str, str] | None = None) -> httpx.Response:
+                    headers: dict[str, str] | None = None) -> httpx2.Response:
         """POST a body produced chunk by chunk (no Content-Length: chunked transfer)."""
         return self._runner.run(self._client.post(url, content=chunks(), headers=headers))
 
@@ -92,7 +92,7 @@ def client(make_client: Callable[..., ASGIClient]) -> ASGIClient:
     return make_client()
 
 
-def assert_error(response: httpx.Response, status: int, error: str | None = None) -> dict[str, Any]:
+def assert_error(response: httpx2.Response, status: int, error: str | None = None) -> dict[str, Any]:
     """The response is the one JSON error shape with this status (and code); returns the body."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json"), response.headers

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from client._address import ENV_VAR, parse_address
+from client.address import ENV_VAR, parse_address
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "Option", "Settings", "SettingsError", "flag", "options"]
 

@@ -36,7 +36,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 
-from client._address import MAX_PATH_BYTES
+from client.address import MAX_PATH_BYTES
 
 __all__ = ["BACKLOG", "BoundSocket", "SocketError", "bind_tcp", "bind_unix"]
 

@@ -1,22 +1,20 @@
 """uds-example client: a typed library and the uds-client command for a Unix-socket REST server.
 
 Names load on first use (PEP 562), so ``import client`` stays free of httpx2 for the lean
-``uds-client health`` probe. :func:`resolve_socket` lives here, the one place both the library and
-that probe reach without importing the HTTP stack.
+``uds-client health`` probe. The address module (:mod:`client.address`) is public: the server
+parses its ``--socket`` with it too.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
-from client._address import DEFAULT_ADDRESS, ENV_VAR, AddressError, parse_address
 from client._errors import UsageError
+from client.address import DEFAULT_ADDRESS, AddressError, parse_address, resolve_socket
 
 # Not typing.TYPE_CHECKING: ``uds-client health`` should not import typing; mypy honours this name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from typing import Any
 
     from client._client import AsyncClient, Client
@@ -53,19 +51,6 @@ _WHERE = {
     "Version": "_models",
     "probe": "_probe", "wait_for_socket": "_wait",
 }
-
-
-def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``.
-
-    Raises :class:`UsageError` quoting a value that is not a socket address.
-    """
-    env = os.environ if environ is None else environ
-    value = socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS)
-    try:
-        return parse_address(value)
-    except AddressError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def __getattr__(name: str) -> Any:

@@ -20,8 +20,6 @@ import anyio
 import httpx2
 import orjson
 
-from client import resolve_socket
-from client._address import to_url
 from client._errors import APIError, ClientError, UsageError
 from client._models import Health, Message, RawResponse, Version
 from client._transport import (
@@ -34,6 +32,7 @@ from client._transport import (
     mapped_error,
     sync_transport,
 )
+from client.address import resolve_socket, to_url
 
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
 

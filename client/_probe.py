@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 import time
 
-from client._address import to_url
 from client._errors import ConnectError, reason_for
+from client.address import to_url
 
 __all__ = ["probe"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from client._address import to_url
 from client._errors import ConnectError, WaitTimeout
 from client._probe import probe
+from client.address import to_url
 
 __all__ = ["wait_for_socket"]
 

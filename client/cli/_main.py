@@ -18,9 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from client import resolve_socket
-from client._address import DEFAULT_ADDRESS, ENV_VAR, to_url
 from client._errors import APIError, ClientError
+from client.address import DEFAULT_ADDRESS, ENV_VAR, resolve_socket, to_url
 
 # Not typing.TYPE_CHECKING: importing typing costs ~2 ms on every probe; mypy honours this name.
 TYPE_CHECKING = False

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from client._address import to_url
 from client._errors import ClientError, UsageError
+from client.address import to_url
 
 __all__ = [
     "ASSETS", "CSP", "add_arguments", "assets_directory", "export", "render_redoc", "render_swagger", "run",

@@ -78,8 +78,8 @@ if TYPE_CHECKING:
 
     from client.cli._caller import Caller
 
-from client._address import to_url
 from client._errors import ConnectError, UsageError, reason_for
+from client.address import to_url
 
 __all__ = [
     "DEFAULT_LISTEN",

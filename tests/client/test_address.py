@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from client._address import DEFAULT_ADDRESS, ENV_VAR, MAX_PATH_BYTES, AddressError, parse_address, to_url
+from client.address import DEFAULT_ADDRESS, ENV_VAR, MAX_PATH_BYTES, AddressError, parse_address, to_url
 from tests.support import PYTHON, ROOT, ServerProcess, run_cli, short_tmpdir
 
 

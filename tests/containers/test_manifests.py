@@ -19,7 +19,7 @@ import yaml
 
 from app.__main__ import build_parser as server_parser
 from app.config import Settings
-from client._address import DEFAULT_ADDRESS
+from client.address import DEFAULT_ADDRESS
 from client.cli import build_parser as client_parser
 from tests.support import ROOT
 

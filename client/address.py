@@ -9,17 +9,28 @@ Accepted spellings, like ``DOCKER_HOST`` and the libraries that talk to it:
   (``/messages``) that is ignored
 
 Scheme names are case-insensitive. Anything else raises :class:`AddressError`, quoting the value
-and saying what to write instead.
+and saying what to write instead. :func:`resolve_socket` applies the precedence every command uses:
+an explicit address, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import unquote
 
-__all__ = ["DEFAULT_ADDRESS", "ENV_VAR", "MAX_PATH_BYTES", "AddressError", "parse_address", "to_url"]
+from client._errors import UsageError
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "ENV_VAR",
+    "MAX_PATH_BYTES",
+    "AddressError",
+    "parse_address",
+    "resolve_socket",
+    "to_url",
+]
 
 DEFAULT_ADDRESS = "unix:///csi/csi.sock"
 ENV_VAR = "UDS_SOCKET"
@@ -35,6 +46,19 @@ _Bad = Callable[[str], "AddressError"]
 
 class AddressError(ValueError):
     """The socket address is not one we understand."""
+
+
+def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``.
+
+    Raises :class:`~client.UsageError` quoting a value that is not a socket address.
+    """
+    env = os.environ if environ is None else environ
+    value = socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS)
+    try:
+        return parse_address(value)
+    except AddressError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def parse_address(value: str) -> str:

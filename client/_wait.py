@@ -1,18 +1,57 @@
-"""Wait for the server's socket to appear and answer, with exponential backoff (stdlib only).
+"""The one wait loop: poll with exponential backoff until a deadline (stdlib only).
 
-In a Pod the client container may start before the server has bound ``/csi/csi.sock``.
+:func:`poll` is generic; :func:`wait_for_socket` polls the server's socket with the raw probe (in a
+Pod the client container may start before the server has bound ``/csi/csi.sock``). ``uds-client
+--wait``, the spawn helper of ``client.cli.spawn`` and the tests all wait through :func:`poll`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from client._errors import ConnectError, WaitTimeout
 from client._probe import probe
 from client.address import to_url
 
-__all__ = ["wait_for_socket"]
+__all__ = ["poll", "wait_for_socket"]
+
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T | None], timeout: float, *, what: str,
+         retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
+         first_delay: float = 0.01, max_delay: float = 0.2,
+         on_retry: Callable[[BaseException | None, float], None] | None = None) -> T:
+    """Call ``check`` until it returns something other than None or False, and return that.
+
+    ``retry_on`` exceptions count as "not yet"; any other propagates at once. Between calls the
+    pause doubles from ``first_delay`` up to ``max_delay``, never past the deadline;
+    ``on_retry(last exception or None, pause)`` is called before each pause. After ``timeout``
+    seconds raise :class:`TimeoutError` naming ``what`` and the last exception (also its cause).
+    """
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    delay = first_delay
+    while True:
+        try:
+            result = check()
+        except retry_on as exc:
+            last = exc
+        else:
+            if result is not None and result is not False:
+                return result
+            last = None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            message = f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}"
+            raise TimeoutError(message) from last
+        pause = min(delay, remaining)
+        if on_retry is not None:
+            on_retry(last, pause)
+        time.sleep(pause)
+        delay = min(delay * 2, max_delay)
 
 
 def wait_for_socket(path: str, timeout: float, *, first_delay: float = 0.02, max_delay: float = 1.0,
@@ -25,20 +64,20 @@ def wait_for_socket(path: str, timeout: float, *, first_delay: float = 0.02, max
     """
     started = time.monotonic()
     deadline = started + timeout
-    delay = first_delay
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            probe(path, timeout=max(min(remaining, 5.0), 0.05))
-        except ConnectError as exc:
-            reason = exc.reason
-        else:
-            return time.monotonic() - started
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise WaitTimeout(to_url(path), time.monotonic() - started, reason)
-        pause = min(delay, remaining)
-        if on_retry is not None:
-            on_retry(reason, pause)
-        time.sleep(pause)
-        delay = min(delay * 2, max_delay)
+
+    def answered() -> bool:
+        probe(path, timeout=max(min(deadline - time.monotonic(), 5.0), 0.05))
+        return True
+
+    def retrying(last: BaseException | None, pause: float) -> None:
+        if on_retry is not None and isinstance(last, ConnectError):
+            on_retry(last.reason, pause)
+
+    try:
+        poll(answered, timeout, what=to_url(path), first_delay=first_delay, max_delay=max_delay,
+             on_retry=retrying)
+    except TimeoutError as exc:
+        last = exc.__cause__
+        reason = last.reason if isinstance(last, ConnectError) else "no answer"
+        raise WaitTimeout(to_url(path), time.monotonic() - started, reason) from last
+    return time.monotonic() - started

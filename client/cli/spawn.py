@@ -7,8 +7,8 @@ through :class:`ServerProcess`. The server runs as a command (``python -m app``,
 Readiness is polled with a deadline, and a child that exits first ends the wait at once with its
 exit code. A socket is polled by the library's own loop (:func:`client.wait_for_socket`, the one
 behind ``uds-client --wait``) with the raw probe :func:`client.probe`; a loopback port, which that
-loop cannot reach, by :func:`poll` with :func:`probe_tcp`. :func:`poll` is also the tests' generic
-"wait until" loop. Everything here is standard library only.
+loop cannot reach, by the same library's :func:`client._wait.poll` with :func:`probe_tcp`; ``poll``
+is also the tests' generic "wait until" loop. Everything here is standard library only.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self, TypeVar
+from typing import IO, Any, Self
 
 from client._errors import ClientError, ConnectError, WaitTimeout, reason_for
-from client._wait import wait_for_socket
+from client._wait import poll, wait_for_socket
 
 __all__ = [
     "ServerProcess",
@@ -40,8 +40,6 @@ __all__ = [
     "spawn",
     "split_cpus",
 ]
-
-T = TypeVar("T")
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
@@ -93,35 +91,6 @@ def probe_tcp(host: str, port: int, *, timeout: float = 5.0) -> int:
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise ConnectError(address, "not an HTTP server", "Check the address.")
     return int(parts[1])
-
-
-def poll(check: Callable[[], T | None], timeout: float, *, what: str,
-         retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
-         first_delay: float = 0.01, max_delay: float = 0.2) -> T:
-    """Call ``check`` until it returns something other than None or False, and return that.
-
-    ``retry_on`` exceptions count as "not yet"; any other propagates at once. Between calls the
-    pause doubles from ``first_delay`` up to ``max_delay``. After ``timeout`` seconds raise
-    :class:`TimeoutError` naming ``what`` and the last exception (also its ``__cause__``).
-    """
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    delay = first_delay
-    while True:
-        try:
-            result = check()
-        except retry_on as exc:
-            last = exc
-        else:
-            if result is not None and result is not False:
-                return result
-            last = None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            message = f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}"
-            raise TimeoutError(message) from last
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, max_delay)
 
 
 def pinned(cpus: set[int] | None) -> Callable[[], None] | None:

@@ -97,8 +97,12 @@ def test_pod_names_labels_and_volume(pod: Spec) -> None:
     assert set(containers(pod)) == {"uds-server", "uds-client"}
     volumes = pod["spec"]["volumes"]
     assert volumes == [{"name": "csi-socket", "emptyDir": {"sizeLimit": "1Mi"}}]
-    for c in containers(pod).values():
-        assert c["volumeMounts"] == [{"name": "csi-socket", "mountPath": "/csi"}], c["name"]
+    # Only the server may create, replace or remove entries in /csi; the client connects read-only.
+    mounts = {name: c["volumeMounts"] for name, c in containers(pod).items()}
+    assert mounts == {
+        "uds-server": [{"name": "csi-socket", "mountPath": "/csi"}],
+        "uds-client": [{"name": "csi-socket", "mountPath": "/csi", "readOnly": True}],
+    }
 
 
 def test_no_host_access_anywhere(pod: Spec) -> None:

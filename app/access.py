@@ -61,28 +61,48 @@ class PeerAllowlist:
             return
         method, path = _shown(scope["method"]), _shown(scope["path"])
         if peer is None:
-            log.warning("Refused %s %s: no peer credentials (not a Unix socket connection); "
-                        "the allowlist admits only Unix socket peers", method, path)
+            log.warning(
+                "Refused %s %s: no peer credentials (not a Unix socket connection); "
+                "the allowlist admits only Unix socket peers",
+                method,
+                path,
+            )
             message = "this server only accepts allowed peers over its Unix socket"
         else:
-            log.warning("Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
-                        method, path, peer.get("pid"), peer.get("uid"), peer.get("gid"))
-            message = (f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
-                       "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID")
+            log.warning(
+                "Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
+                method,
+                path,
+                peer.get("pid"),
+                peer.get("uid"),
+                peer.get("gid"),
+            )
+            message = (
+                f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
+                "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
+            )
         await error_response(403, message)(scope, receive, send)
 
-    async def _refuse_forwarded(self, scope: Scope, receive: Receive, send: Send,
-                                behind: dict[str, dict[str, int] | None]) -> None:
+    async def _refuse_forwarded(
+        self, scope: Scope, receive: Receive, send: Send, behind: dict[str, dict[str, int] | None]
+    ) -> None:
         method, path = _shown(scope["method"]), _shown(scope["path"])
         user = behind["peer"]
         if user is None:
             log.warning("Refused %s %s: malformed Uds-Forwarded-Peer header", method, path)
             message = "the Uds-Forwarded-Peer header must read 'uid=U gid=G pid=P'"
         else:
-            log.warning("Refused %s %s via proxy for uid=%s gid=%s: not in allow_uid/allow_gid",
-                        method, path, user["uid"], user["gid"])
-            message = (f"uid {user['uid']} gid {user['gid']}, behind the proxy, is not allowed; "
-                       "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID")
+            log.warning(
+                "Refused %s %s via proxy for uid=%s gid=%s: not in allow_uid/allow_gid",
+                method,
+                path,
+                user["uid"],
+                user["gid"],
+            )
+            message = (
+                f"uid {user['uid']} gid {user['gid']}, behind the proxy, is not allowed; "
+                "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
+            )
         await error_response(403, message)(scope, receive, send)
 
 

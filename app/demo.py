@@ -75,7 +75,11 @@ def _run_client(path: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"} | {"PYTHONUNBUFFERED": "1"}
     client = subprocess.Popen(
         [sys.executable, "-m", "client", "--socket", path, "send", MESSAGE],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        env=env,
     )
     assert client.stdout is not None
     lines = _Lines("uds-client", client.stdout)
@@ -94,8 +98,13 @@ def run() -> None:
     """Run the demo; raise :class:`DemoError` on the first step that fails."""
     with tempfile.TemporaryDirectory(prefix="uds-demo-", dir="/tmp") as directory:
         path = os.path.join(directory, "csi.sock")
-        with ServerProcess(app_command("--socket", path), socket=path, stdout=subprocess.PIPE, text=True,
-                           env={"UDS_SOCKET": None}) as server:
+        with ServerProcess(
+            app_command("--socket", path),
+            socket=path,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={"UDS_SOCKET": None},
+        ) as server:
             assert server.proc.stdout is not None
             lines = _Lines("uds-server", server.proc.stdout)
             try:
@@ -118,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__)
         return 0
     if words:
-        print(f"Error: uds-demo takes no arguments (got {' '.join(words)}); try uds-demo --help",
-              file=sys.stderr)
+        print(
+            f"Error: uds-demo takes no arguments (got {' '.join(words)}); try uds-demo --help",
+            file=sys.stderr,
+        )
         return 2
     try:
         run()

@@ -53,8 +53,9 @@ _DEFAULT_MESSAGES: dict[int, str] = {
 JSON = "application/json"
 
 
-def error_body(status: int, message: str, *, error: str | None = None,
-               details: Sequence[Mapping[str, Any]] | None = None) -> bytes:
+def error_body(
+    status: int, message: str, *, error: str | None = None, details: Sequence[Mapping[str, Any]] | None = None
+) -> bytes:
     """The encoded error document."""
     doc: dict[str, Any] = {"error": error or CODES.get(status, "error"), "message": message, "status": status}
     if details is not None:
@@ -62,9 +63,14 @@ def error_body(status: int, message: str, *, error: str | None = None,
     return orjson.dumps(doc)
 
 
-def error_response(status: int, message: str | None = None, *, error: str | None = None,
-                   details: Sequence[Mapping[str, Any]] | None = None,
-                   headers: Mapping[str, str] | None = None) -> Response:
+def error_response(
+    status: int,
+    message: str | None = None,
+    *,
+    error: str | None = None,
+    details: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """A ready ``Response`` carrying :func:`error_body`."""
     text = message or _DEFAULT_MESSAGES.get(status, "request failed")
     return Response(error_body(status, text, error=error, details=details), status, headers, JSON)
@@ -151,14 +157,18 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         example: dict[str, Any] = {
-            "error": CODES.get(status, "error"), "message": _DEFAULT_MESSAGES.get(status, "request failed"),
+            "error": CODES.get(status, "error"),
+            "message": _DEFAULT_MESSAGES.get(status, "request failed"),
             "status": status,
         }
         if status == 422:
             example["message"] = "invalid request: text: String should have at least 1 character"
             example["details"] = [
-                {"type": "string_too_short", "loc": ["body", "text"],
-                 "msg": "String should have at least 1 character"},
+                {
+                    "type": "string_too_short",
+                    "loc": ["body", "text"],
+                    "msg": "String should have at least 1 character",
+                },
             ]
         out[status] = {
             "model": ErrorBody,

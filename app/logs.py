@@ -22,7 +22,10 @@ from typing import IO, Any
 __all__ = ["BatchingStreamHandler", "JsonFormatter", "TextFormatter", "configure"]
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "asctime", "color_message", "taskName",
+    "message",
+    "asctime",
+    "color_message",
+    "taskName",
 }
 _APP = "app"
 
@@ -53,10 +56,16 @@ class TextFormatter(logging.Formatter):
             number = getattr(record, "message_id", None)
             suffix = f" (message {number})" if number is not None else ""
             forwarded = peer.get("forwarded_for")  # the caller a proxy on the socket named
-            via = (f" via proxy for uid={forwarded.get('uid')} gid={forwarded.get('gid')} "
-                   f"pid={forwarded.get('pid')}" if isinstance(forwarded, dict) else "")
-            message = (f"{message}\n  from peer pid={peer.get('pid')} uid={peer.get('uid')} "
-                       f"gid={peer.get('gid')}{via}{suffix}")
+            via = (
+                f" via proxy for uid={forwarded.get('uid')} gid={forwarded.get('gid')} "
+                f"pid={forwarded.get('pid')}"
+                if isinstance(forwarded, dict)
+                else ""
+            )
+            message = (
+                f"{message}\n  from peer pid={peer.get('pid')} uid={peer.get('uid')} "
+                f"gid={peer.get('gid')}{via}{suffix}"
+            )
         if record.exc_info:
             if self.debug:
                 message = f"{message}\n{self.formatException(record.exc_info)}"
@@ -158,8 +167,14 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
         super().close()
 
 
-def configure(level: str = "info", fmt: str = "text", *, debug: bool = False, access_log: bool = False,
-              stream: IO[str] | None = None) -> logging.Handler:
+def configure(
+    level: str = "info",
+    fmt: str = "text",
+    *,
+    debug: bool = False,
+    access_log: bool = False,
+    stream: IO[str] | None = None,
+) -> logging.Handler:
     """Send the ``app`` and ``uvicorn`` loggers to one handler on ``stream`` (stdout by default)."""
     # The logging HOWTO's "Optimization" knobs: no caller frame walk, thread or process lookups
     # per record. No formatter here prints them, and each costs microseconds per message.

@@ -89,8 +89,9 @@ def __getattr__(name: str) -> FastAPI:
             # logging, so the demo lines would be lost below uvicorn's WARNING root: do it here.
             from app.logs import configure
 
-            configure(settings.log_level, settings.log_format, debug=settings.debug,
-                      access_log=settings.access_log)
+            configure(
+                settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
+            )
             _app = create_app(settings)
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,8 +47,17 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 __all__ = [
-    "DRAIN", "FD_RESERVE", "LOG_PERIOD", "MAX_HEADERS", "MAX_HEADER_BYTES", "PEER_KEY", "PeerCredProtocol",
-    "connection_cap", "error_response", "raise_open_file_limit", "read_peer",
+    "DRAIN",
+    "FD_RESERVE",
+    "LOG_PERIOD",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "PEER_KEY",
+    "PeerCredProtocol",
+    "connection_cap",
+    "error_response",
+    "raise_open_file_limit",
+    "read_peer",
 ]
 
 PEER_KEY = "uds.peer"
@@ -83,8 +92,11 @@ _HEAD_TOO_LARGE = (431, "headers_too_large", f"the request head is over {MAX_HEA
 _TOO_MANY_HEADERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} header fields")
 _TRAILERS_TOO_LARGE = (431, "headers_too_large", f"the trailer fields are over {MAX_HEADER_BYTES} bytes")
 _TOO_MANY_TRAILERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} trailer fields")
-_CODING = (501, "not_implemented",
-           "the only transfer coding accepted is chunked; send Transfer-Encoding: chunked or Content-Length")
+_CODING = (
+    501,
+    "not_implemented",
+    "the only transfer coding accepted is chunked; send Transfer-Encoding: chunked or Content-Length",
+)
 _NO_HOST = (400, "bad_request", "the request has no Host header; HTTP/1.1 requires one (Host: localhost)")
 _HOSTS = (400, "bad_request", "the request has more than one Host header; send exactly one")
 _BAD_HOST = (400, "bad_request", "the Host header is not a valid host[:port]; send Host: localhost")
@@ -174,10 +186,18 @@ class _CapLog:
         if not (self.refused or self.closed or self.slow):
             return
         level = logging.WARNING if self.refused or self.slow else logging.INFO
-        logger.log(level, "At the connection limit (%d, --max-connections): refused %d connection(s) "
-                   "with 503, closed %d idle connection(s) and %d slow to send a request (over %gs) "
-                   "to make room; next report in %gs at most",
-                   cap, self.refused, self.closed, self.slow, SLOW_REQUEST, LOG_PERIOD)
+        logger.log(
+            level,
+            "At the connection limit (%d, --max-connections): refused %d connection(s) "
+            "with 503, closed %d idle connection(s) and %d slow to send a request (over %gs) "
+            "to make room; next report in %gs at most",
+            cap,
+            self.refused,
+            self.closed,
+            self.slow,
+            SLOW_REQUEST,
+            LOG_PERIOD,
+        )
         self.refused = self.closed = self.slow = 0
         self._timer = loop.call_later(LOG_PERIOD, self._flush, loop, cap)
 
@@ -290,8 +310,13 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._head_bytes += size
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._refuse(*_HEAD_TOO_LARGE)
-        elif (chunk_cycle is not None and self._in_chunk_head and self.cycle is chunk_cycle
-              and len(chunk_cycle.body) == body_before and not chunk_cycle.response_complete):
+        elif (
+            chunk_cycle is not None
+            and self._in_chunk_head
+            and self.cycle is chunk_cycle
+            and len(chunk_cycle.body) == body_before
+            and not chunk_cycle.response_complete
+        ):
             # A whole chunk of input after the last chunk's header and no body: trailer fields.
             # Counted per chunk, like the head: httptools re-copies a growing field on every chunk.
             self._trailer_bytes += size
@@ -420,8 +445,11 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._unsent = unsent
             self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
             return
-        logger.warning("Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
-                       self.send_timeout, unsent)
+        logger.warning(
+            "Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
+            self.send_timeout,
+            unsent,
+        )
         self.transport.abort()
 
     # Errors
@@ -581,8 +609,9 @@ class PeerCredProtocol(HttpToolsProtocol):
             # The application is answering without the body; only the body is late.
             self.transport.close()
             return
-        logger.warning("Request not complete after %gs: answered 408 and closed the connection",
-                       self.request_timeout)
+        logger.warning(
+            "Request not complete after %gs: answered 408 and closed the connection", self.request_timeout
+        )
         # The application, if it waits for the body, learns that the client is gone; the 408 follows
         # any answers owed to requests pipelined before this one.
         late = f"the request was not complete within {self.request_timeout:g}s; send it faster"

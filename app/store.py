@@ -42,8 +42,13 @@ class Remembered(NamedTuple):
 
     def record(self, text: str) -> Record:
         """The stored message, rebuilt around ``text`` (which :meth:`matches`)."""
-        return {"id": self.id, "text": text, "reply": self.reply, "received_at": self.received_at,
-                "peer": self.peer}
+        return {
+            "id": self.id,
+            "text": text,
+            "reply": self.reply,
+            "received_at": self.received_at,
+            "peer": self.peer,
+        }
 
 
 class MessageStore:
@@ -67,8 +72,9 @@ class MessageStore:
     def __len__(self) -> int:
         return len(self._history)
 
-    def add(self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None,
-            key: str | None = None) -> tuple[int, bytes]:
+    def add(
+        self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None = None
+    ) -> tuple[int, bytes]:
         """Store a new message (and remember ``key`` for it); return its id and JSON document.
 
         The oldest message falls off once the history is full; so does the least recently used key.
@@ -78,9 +84,19 @@ class MessageStore:
         # A copy of exactly its size: orjson's own buffer is over-allocated and shrunk in place, and
         # 1,000 of those kept while others come and go fragmented the heap (measured: RSS grew to
         # 200 MB over 40,000 keyed 16 KiB POSTs; with the copy it stays at 75 MB).
-        document = bytes(memoryview(orjson.dumps({
-            "id": message_id, "text": text, "reply": reply, "received_at": received_at, "peer": peer,
-        })))
+        document = bytes(
+            memoryview(
+                orjson.dumps(
+                    {
+                        "id": message_id,
+                        "text": text,
+                        "reply": reply,
+                        "received_at": received_at,
+                        "peer": peer,
+                    }
+                )
+            )
+        )
         self._history.append(document)
         if key is not None:
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)

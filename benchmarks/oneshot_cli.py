@@ -114,8 +114,9 @@ def run(quick: bool) -> list[Row]:
     send, curl_send = median(times["uds-client send"]), median(times["curl send"])
     full, bare = median(times["import Client"]), median(times["import client"])
     send_cpu, curl_send_cpu = median(cpu["uds-client send"]), median(cpu["curl send"])
-    rounds = [{k: v[i] for k, v in times.items()} | {f"{k} cpu": v[i] for k, v in cpu.items()}
-              for i in range(runs)]
+    rounds = [
+        {k: v[i] for k, v in times.items()} | {f"{k} cpu": v[i] for k, v in cpu.items()} for i in range(runs)
+    ]
     return [
         Row(
             "e",

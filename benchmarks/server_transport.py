@@ -21,8 +21,13 @@ def run(quick: bool) -> list[Row]:
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
 
-    def uds_vs_tcp(kind: str, tool: Callable[..., dict[str, float]], measure: str, target: str,
-                   ok: Callable[[float], bool]) -> Row:
+    def uds_vs_tcp(
+        kind: str,
+        tool: Callable[..., dict[str, float]],
+        measure: str,
+        target: str,
+        ok: Callable[[float], bool],
+    ) -> Row:
         with servers((kind, False), (kind, True), cpus=server_cpus) as (uds, tcp):
             runs = paired(
                 rounds,
@@ -32,14 +37,26 @@ def run(quick: bool) -> list[Row]:
         return compare("a", measure, ("UDS", "TCP"), runs, "rps", "req/s", target, ok)
 
     rows = [
-        uds_vs_tcp("ours", tool, f"server req/s, POST /messages, 10 conns, {name}", "UDS >= 1.25x TCP",
-                   lambda r: r >= 1.25)
+        uds_vs_tcp(
+            "ours",
+            tool,
+            f"server req/s, POST /messages, 10 conns, {name}",
+            "UDS >= 1.25x TCP",
+            lambda r: r >= 1.25,
+        )
         for name, tool in (("autocannon", autocannon), ("uds-client bench", loadgen))
     ]
     # The yardstick's own ratio: the bare Starlette route doing the same work, same settings.
     # What the transport can give a Python server of this kind on this machine.
-    rows.append(uds_vs_tcp("bare", autocannon, "bare Starlette route req/s, same work, 10 conns, autocannon",
-                           "reported (the yardstick's own ratio)", lambda r: True))
+    rows.append(
+        uds_vs_tcp(
+            "bare",
+            autocannon,
+            "bare Starlette route req/s, same work, 10 conns, autocannon",
+            "reported (the yardstick's own ratio)",
+            lambda r: True,
+        )
+    )
     return rows
 
 

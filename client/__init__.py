@@ -45,11 +45,19 @@ __all__ = [
 ]
 
 _WHERE = {
-    "AsyncClient": "_client", "Client": "_client",
-    "APIError": "_errors", "ClientError": "_errors", "ConnectError": "_errors", "WaitTimeout": "_errors",
-    "Health": "_models", "Message": "_models", "Peer": "_models", "RawResponse": "_models",
+    "AsyncClient": "_client",
+    "Client": "_client",
+    "APIError": "_errors",
+    "ClientError": "_errors",
+    "ConnectError": "_errors",
+    "WaitTimeout": "_errors",
+    "Health": "_models",
+    "Message": "_models",
+    "Peer": "_models",
+    "RawResponse": "_models",
     "Version": "_models",
-    "probe": "_probe", "wait_for_socket": "_wait",
+    "probe": "_probe",
+    "wait_for_socket": "_wait",
 }
 
 

@@ -87,8 +87,9 @@ def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
         if body is _NOT_JSON:
             if status == 204:
                 return None
-            raise ClientError(f"the server answered {status} with a body that is not JSON: "
-                              f"{_snippet(answer.content)}")
+            raise ClientError(
+                f"the server answered {status} with a body that is not JSON: {_snippet(answer.content)}"
+            )
         return body
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         raise APIError(status, body["message"], error=body.get("error"), body=body)
@@ -111,8 +112,9 @@ def _message(body: Any) -> Message:
 
 
 def _message_list(body: Any) -> list[Message]:
-    return _shaped(lambda data: [Message.from_json(item) for item in data["messages"]], body,
-                   "a list of messages")
+    return _shaped(
+        lambda data: [Message.from_json(item) for item in data["messages"]], body, "a list of messages"
+    )
 
 
 def _raw(answer: _Answer) -> RawResponse:
@@ -139,8 +141,9 @@ class _Base:
 
     _owns_http: bool
 
-    def __init__(self, socket: str | None, timeout: float, environ: Mapping[str, str] | None,
-                 max_response_bytes: int) -> None:
+    def __init__(
+        self, socket: str | None, timeout: float, environ: Mapping[str, str] | None, max_response_bytes: int
+    ) -> None:
         if not timeout > 0:
             raise UsageError(f"timeout must be greater than 0, not {timeout!r}")
         if max_response_bytes < 1:
@@ -151,8 +154,10 @@ class _Base:
         self.max_response_bytes = max_response_bytes
 
     def _too_large(self, method: str, url: str) -> ClientError:
-        return ClientError(f"{self.address} answered {method} {url} with more than "
-                           f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)")
+        return ClientError(
+            f"{self.address} answered {method} {url} with more than "
+            f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)"
+        )
 
     def _declared_fits(self, response: httpx2.Response, method: str, url: str) -> bool:
         """True when the answer's Content-Length is within the cap (h11 then reads no more than it)."""
@@ -170,8 +175,13 @@ class _Base:
         return _HEADERS if extra is None else {**_HEADERS, **extra}
 
     def _log_retry(self, method: str, url: str, exc: Exception) -> None:
-        log.debug("%s %s %s: reused connection was closed by the server (%s); retrying once",
-                  self.address, method, url, exc)
+        log.debug(
+            "%s %s %s: reused connection was closed by the server (%s); retrying once",
+            self.address,
+            method,
+            url,
+            exc,
+        )
 
     def _log(self, method: str, url: str, status: int, started: float, retried: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -194,21 +204,31 @@ class Client(_Base):
     Up to ``max_connections`` connections are kept; one instance may be shared by threads.
     """
 
-    def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
-                 http_client: httpx2.Client | None = None, environ: Mapping[str, str] | None = None,
-                 max_connections: int = 10,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        timeout: float = 5.0,
+        http_client: httpx2.Client | None = None,
+        environ: Mapping[str, str] | None = None,
+        max_connections: int = 10,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         super().__init__(socket, timeout, environ, max_response_bytes)
         self._owns_http = http_client is None
         if http_client is None:
             http_client = httpx2.Client(
                 transport=sync_transport(self.path, max_connections=max_connections),
-                base_url=BASE_URL, timeout=timeout, trust_env=False, headers=_HEADERS,
+                base_url=BASE_URL,
+                timeout=timeout,
+                trust_env=False,
+                headers=_HEADERS,
             )
         self._http = http_client
 
-    def _request(self, method: str, url: str, *, content: bytes | None = None,
-                 headers: dict[str, str] | None = None) -> _Answer:
+    def _request(
+        self, method: str, url: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> _Answer:
         started = time.monotonic()
         budget = Budget(started + self.timeout)
         token = REQUEST.set(budget)
@@ -216,8 +236,13 @@ class Client(_Base):
         tracker = None if self._owns_http else ReuseTracker()
         retried = False
         try:
-            request = self._http.build_request(method, url, content=content, headers=self._headers(headers),
-                                               extensions=None if tracker is None else {"trace": tracker})
+            request = self._http.build_request(
+                method,
+                url,
+                content=content,
+                headers=self._headers(headers),
+                extensions=None if tracker is None else {"trace": tracker},
+            )
             try:
                 answer = self._read(request, method, url)
             except httpx2.TransportError as exc:
@@ -267,14 +292,18 @@ class Client(_Base):
 
     def health(self) -> Health:
         """GET /healthz."""
-        return _shaped(lambda body: Health.from_json(body, 200), _check(self._request("GET", "/healthz")),
-                       "a health status")
+        return _shaped(
+            lambda body: Health.from_json(body, 200),
+            _check(self._request("GET", "/healthz")),
+            "a health status",
+        )
 
     def ready(self) -> Health:
         """GET /readyz; ``ok`` is False (no exception) while the server drains."""
         answer = self._request("GET", "/readyz")
-        return _shaped(lambda body: Health.from_json(body, answer.status), _check(answer, ok=(503,)),
-                       "a health status")
+        return _shaped(
+            lambda body: Health.from_json(body, answer.status), _check(answer, ok=(503,)), "a health status"
+        )
 
     def version(self) -> Version:
         """GET /version."""
@@ -298,8 +327,9 @@ class Client(_Base):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -317,21 +347,31 @@ class AsyncClient(_Base):
     ``timeout`` bounds each whole request.
     """
 
-    def __init__(self, socket: str | None = None, *, timeout: float = 5.0,
-                 http_client: httpx2.AsyncClient | None = None, environ: Mapping[str, str] | None = None,
-                 max_connections: int = 100,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        timeout: float = 5.0,
+        http_client: httpx2.AsyncClient | None = None,
+        environ: Mapping[str, str] | None = None,
+        max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         super().__init__(socket, timeout, environ, max_response_bytes)
         self._owns_http = http_client is None
         if http_client is None:
             http_client = httpx2.AsyncClient(
                 transport=async_transport(self.path, max_connections=max_connections),
-                base_url=BASE_URL, timeout=timeout, trust_env=False, headers=_HEADERS,
+                base_url=BASE_URL,
+                timeout=timeout,
+                trust_env=False,
+                headers=_HEADERS,
             )
         self._http = http_client
 
-    async def _request(self, method: str, url: str, *, content: bytes | None = None,
-                       headers: dict[str, str] | None = None) -> _Answer:
+    async def _request(
+        self, method: str, url: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> _Answer:
         started = time.monotonic()
         budget = Budget(started + self.timeout)
         token = REQUEST.set(budget)
@@ -344,9 +384,13 @@ class AsyncClient(_Base):
             else:
                 # Another transport: a cancel scope around the request, and a trace for the retry.
                 tracker = ReuseTracker()
-                request = self._http.build_request(method, url, content=content,
-                                                   headers=self._headers(headers),
-                                                   extensions={"trace": tracker.atrace})
+                request = self._http.build_request(
+                    method,
+                    url,
+                    content=content,
+                    headers=self._headers(headers),
+                    extensions={"trace": tracker.atrace},
+                )
                 with anyio.fail_after(self.timeout):
                     answer, retried = await self._send(request, method, url, lambda: tracker.opened)
         except (httpx2.HTTPError, TimeoutError) as exc:
@@ -356,8 +400,9 @@ class AsyncClient(_Base):
         self._log(method, url, answer.status, started, retried)
         return answer
 
-    async def _send(self, request: httpx2.Request, method: str, url: str,
-                    opened: Callable[[], bool]) -> tuple[_Answer, bool]:
+    async def _send(
+        self, request: httpx2.Request, method: str, url: str, opened: Callable[[], bool]
+    ) -> tuple[_Answer, bool]:
         """Send, and once more if a reused connection turned out closed; (answer, retried)."""
         try:
             return await self._read(request, method, url), False
@@ -407,13 +452,15 @@ class AsyncClient(_Base):
     async def ready(self) -> Health:
         """GET /readyz; ``ok`` is False (no exception) while the server drains."""
         answer = await self._request("GET", "/readyz")
-        return _shaped(lambda body: Health.from_json(body, answer.status), _check(answer, ok=(503,)),
-                       "a health status")
+        return _shaped(
+            lambda body: Health.from_json(body, answer.status), _check(answer, ok=(503,)), "a health status"
+        )
 
     async def version(self) -> Version:
         """GET /version."""
-        return _shaped(Version.from_json, _check(await self._request("GET", "/version")),
-                       "a list of versions")
+        return _shaped(
+            Version.from_json, _check(await self._request("GET", "/version")), "a list of versions"
+        )
 
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
@@ -433,6 +480,7 @@ class AsyncClient(_Base):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()

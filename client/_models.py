@@ -36,8 +36,12 @@ class Peer:
     def from_json(cls, data: Any) -> Peer:
         data = _object(data, "peer credentials")
         forwarded = data.get("forwarded_for")
-        return cls(pid=int(data["pid"]), uid=int(data["uid"]), gid=int(data["gid"]),
-                   forwarded_for=None if forwarded is None else cls.from_json(forwarded))
+        return cls(
+            pid=int(data["pid"]),
+            uid=int(data["uid"]),
+            gid=int(data["gid"]),
+            forwarded_for=None if forwarded is None else cls.from_json(forwarded),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The credentials as the server spells them."""
@@ -108,8 +112,10 @@ class Version:
         data = _object(data, "versions")
         known = ("app", "python", "uvicorn", "fastapi")
         return cls(
-            app=str(data.get("app", "")), python=str(data.get("python", "")),
-            uvicorn=str(data.get("uvicorn", "")), fastapi=str(data.get("fastapi", "")),
+            app=str(data.get("app", "")),
+            python=str(data.get("python", "")),
+            uvicorn=str(data.get("uvicorn", "")),
+            fastapi=str(data.get("fastapi", "")),
             extra={k: v for k, v in data.items() if k not in known},
         )
 

@@ -128,8 +128,9 @@ class UnixStream(httpcore2.NetworkStream):
 class UnixBackend(httpcore2.SyncBackend):
     """httpcore2's sync backend, with :class:`UnixStream` and a socket closed when connect() fails."""
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore2.NetworkStream:
         budget = REQUEST.get()
         if budget is not None:
             budget.opened = True
@@ -180,7 +181,9 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
     """httpcore2's anyio backend (asyncio or trio), with streams bound by the request's deadline."""
 
     async def connect_unix_socket(
-        self, path: str, timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's interface
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's interface
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         budget = REQUEST.get()
@@ -196,13 +199,18 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
 
 def _pool_of(transport: httpx2.HTTPTransport | httpx2.AsyncHTTPTransport, kind: type) -> None:
     if type(getattr(transport, "_pool", None)) is not kind:
-        raise RuntimeError(f"httpx2's {type(transport).__name__} no longer keeps its {kind.__name__} in "
-                           "_pool; update client._transport for this httpx2 version")
+        raise RuntimeError(
+            f"httpx2's {type(transport).__name__} no longer keeps its {kind.__name__} in "
+            "_pool; update client._transport for this httpx2 version"
+        )
 
 
 def _limits(max_connections: int | None) -> httpx2.Limits:
-    return httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                         keepalive_expiry=KEEPALIVE_EXPIRY)
+    return httpx2.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
 
 
 def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
@@ -211,8 +219,11 @@ def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTT
     transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
     _pool_of(transport, httpcore2.ConnectionPool)
     transport._pool = httpcore2.ConnectionPool(
-        ssl_context=_BARE_TLS, uds=path, network_backend=UnixBackend(),
-        max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
+        ssl_context=_BARE_TLS,
+        uds=path,
+        network_backend=UnixBackend(),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
     )
     return transport
@@ -224,8 +235,11 @@ def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.A
     transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
     _pool_of(transport, httpcore2.AsyncConnectionPool)
     transport._pool = httpcore2.AsyncConnectionPool(
-        ssl_context=_BARE_TLS, uds=path, network_backend=AsyncUnixBackend(),
-        max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
+        ssl_context=_BARE_TLS,
+        uds=path,
+        network_backend=AsyncUnixBackend(),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
     )
     return transport

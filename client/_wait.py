@@ -20,10 +20,16 @@ __all__ = ["poll", "wait_for_socket"]
 T = TypeVar("T")
 
 
-def poll(check: Callable[[], T | None], timeout: float, *, what: str,
-         retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
-         first_delay: float = 0.01, max_delay: float = 0.2,
-         on_retry: Callable[[BaseException | None, float], None] | None = None) -> T:
+def poll(
+    check: Callable[[], T | None],
+    timeout: float,
+    *,
+    what: str,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
+    first_delay: float = 0.01,
+    max_delay: float = 0.2,
+    on_retry: Callable[[BaseException | None, float], None] | None = None,
+) -> T:
     """Call ``check`` until it returns something other than None or False, and return that.
 
     ``retry_on`` exceptions count as "not yet"; any other propagates at once. Between calls the
@@ -54,8 +60,14 @@ def poll(check: Callable[[], T | None], timeout: float, *, what: str,
         delay = min(delay * 2, max_delay)
 
 
-def wait_for_socket(path: str, timeout: float, *, first_delay: float = 0.02, max_delay: float = 1.0,
-                    on_retry: Callable[[str, float], None] | None = None) -> float:
+def wait_for_socket(
+    path: str,
+    timeout: float,
+    *,
+    first_delay: float = 0.02,
+    max_delay: float = 1.0,
+    on_retry: Callable[[str, float], None] | None = None,
+) -> float:
     """Poll ``GET /healthz`` until the server answers (any status); return the seconds waited.
 
     Between attempts the delay doubles from ``first_delay`` up to ``max_delay``, never past the
@@ -74,8 +86,14 @@ def wait_for_socket(path: str, timeout: float, *, first_delay: float = 0.02, max
             on_retry(last.reason, pause)
 
     try:
-        poll(answered, timeout, what=to_url(path), first_delay=first_delay, max_delay=max_delay,
-             on_retry=retrying)
+        poll(
+            answered,
+            timeout,
+            what=to_url(path),
+            first_delay=first_delay,
+            max_delay=max_delay,
+            on_retry=retrying,
+        )
     except TimeoutError as exc:
         last = exc.__cause__
         reason = last.reason if isinstance(last, ConnectError) else "no answer"

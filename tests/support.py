@@ -32,8 +32,9 @@ short_tmpdir = spawn.socket_dir
 """A fresh directory under /tmp with a short name (AF_UNIX paths stop at 107 bytes)."""
 
 
-def wait_until(check: Callable[[], T | None], *, timeout: float = 10.0, interval: float = 0.01,
-               what: str = "condition") -> T:
+def wait_until(
+    check: Callable[[], T | None], *, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+) -> T:
     """Call ``check`` until it returns something other than None/False, or fail after ``timeout``.
 
     Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure. The
@@ -45,8 +46,14 @@ def wait_until(check: Callable[[], T | None], *, timeout: float = 10.0, interval
         raise AssertionError(str(exc)) from None
 
 
-def http_over_uds(path: str, method: str = "GET", target: str = "/healthz", body: bytes | None = None,
-                  headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_over_uds(
+    path: str,
+    method: str = "GET",
+    target: str = "/healthz",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes]:
     """One raw HTTP/1.1 request over the socket, stdlib only; returns (status, body)."""
     import http.client
 
@@ -144,9 +151,15 @@ class ServerProcess(spawn.ServerProcess):
     Failures are AssertionErrors that carry what the server printed.
     """
 
-    def __init__(self, args: Sequence[str], *, socket_path: str | None = None,
-                 env: dict[str, str] | None = None, log_path: Path | None = None,
-                 python: str = PYTHON) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        socket_path: str | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        python: str = PYTHON,
+    ) -> None:
         self.args = list(args)
         self.socket_path = socket_path
         self._own_log = log_path is None
@@ -157,8 +170,13 @@ class ServerProcess(spawn.ServerProcess):
         self.log_path = log_path
         self._final_output = ""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        super().__init__(spawn.app_command(*self.args, python=python), socket=socket_path,
-                         stdout=self._log, env=env, cwd=ROOT)
+        super().__init__(
+            spawn.app_command(*self.args, python=python),
+            socket=socket_path,
+            stdout=self._log,
+            env=env,
+            cwd=ROOT,
+        )
 
     @property
     def output(self) -> str:
@@ -198,8 +216,9 @@ class ServerProcess(spawn.ServerProcess):
 
 
 @contextlib.contextmanager
-def running_server(*extra: str, env: dict[str, str] | None = None,
-                   tmp: Path | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    *extra: str, env: dict[str, str] | None = None, tmp: Path | None = None
+) -> Iterator[ServerProcess]:
     """Start ``uds-server`` on a short temp socket, wait until it answers, stop it after."""
     directory = tmp or short_tmpdir()
     path = str(directory / "s.sock")
@@ -211,14 +230,21 @@ def running_server(*extra: str, env: dict[str, str] | None = None,
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``uds-client`` (``python -m client``) and capture its output."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [PYTHON, "-m", "client", *args], capture_output=True, text=True, env=full_env, cwd=ROOT,
-        timeout=timeout, input=input, check=False,
+        [PYTHON, "-m", "client", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=timeout,
+        input=input,
+        check=False,
     )
 
 

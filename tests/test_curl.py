@@ -24,9 +24,20 @@ def curl(server: ServerProcess, *args: str) -> tuple[int, dict[str, str], bytes]
     exe = require_tool("curl")
     assert server.socket_path
     result = subprocess.run(
-        [exe, "--silent", "--show-error", "--max-time", "10", "--unix-socket", server.socket_path,
-         "--include", *args],
-        capture_output=True, timeout=30, check=False,
+        [
+            exe,
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--unix-socket",
+            server.socket_path,
+            "--include",
+            *args,
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr.decode()
     head, _, body = result.stdout.partition(b"\r\n\r\n")
@@ -55,7 +66,9 @@ POST = ("-X", "POST", "-H", "Content-Type: application/json")
 
 
 def test_post_get_and_list(server: ServerProcess) -> None:
-    status, headers, body = curl(server, *POST, "-d", '{"text": "Hello from client"}', "http://localhost/messages")
+    status, headers, body = curl(
+        server, *POST, "-d", '{"text": "Hello from client"}', "http://localhost/messages"
+    )
     assert status == 201
     message = as_json(headers, body)
     assert message["reply"] == "Hello from server via UDS"
@@ -77,10 +90,18 @@ def test_idempotency_key(server: ServerProcess) -> None:
     assert first[0] == 201
     assert again[0] == 200
     assert as_json(first[1], first[2]) == as_json(again[1], again[2])
-    error(*curl(server, *POST, *key, "-d", '{"text": "other"}', "http://localhost/messages"),
-          409, "idempotency_key_reused")
-    error(*curl(server, *POST, "-H", "Idempotency-Key: a b", "-d", '{"text": "x"}', "http://localhost/messages"),
-          400, "bad_request")
+    error(
+        *curl(server, *POST, *key, "-d", '{"text": "other"}', "http://localhost/messages"),
+        409,
+        "idempotency_key_reused",
+    )
+    error(
+        *curl(
+            server, *POST, "-H", "Idempotency-Key: a b", "-d", '{"text": "x"}', "http://localhost/messages"
+        ),
+        400,
+        "bad_request",
+    )
 
 
 def test_probes_and_version(server: ServerProcess) -> None:
@@ -119,8 +140,11 @@ def test_errors(server: ServerProcess, tmp_path: Path) -> None:
     error(*curl(server, *POST, "-d", '{"text": 5}', "http://localhost/messages"), 422, "validation_error")
     invalid_utf8 = tmp_path / "body.json"
     invalid_utf8.write_bytes(b'{"text": "\xff\xfe"}')
-    error(*curl(server, *POST, "--data-binary", f"@{invalid_utf8}", "http://localhost/messages"),
-          422, "invalid_json")
+    error(
+        *curl(server, *POST, "--data-binary", f"@{invalid_utf8}", "http://localhost/messages"),
+        422,
+        "invalid_json",
+    )
     error(*curl(server, "http://localhost/messages?limit=0"), 422, "validation_error")
 
 

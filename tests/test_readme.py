@@ -57,8 +57,17 @@ def same_output(expected: str, actual: str) -> bool:
 
 def test_readme_has_examples_for_every_endpoint() -> None:
     commands = " ".join(command for command, _ in console_examples())
-    for path in ("/healthz", "/readyz", "/version", "/messages", "/messages/1", "/openapi.json",
-                 "/docs", "/redoc", "Idempotency-Key"):
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/version",
+        "/messages",
+        "/messages/1",
+        "/openapi.json",
+        "/docs",
+        "/redoc",
+        "Idempotency-Key",
+    ):
         assert path in commands, f"README has no curl example for {path}"
 
 
@@ -80,8 +89,14 @@ def test_readme_console_examples_work_verbatim() -> None:
         for command, expected_lines in examples:
             assert README_SOCKET in command or "/nonexistent/" in command, command
             run = command.replace(README_SOCKET, socket_path)
-            result = subprocess.run(["bash", "-c", run + " 2>&1"], capture_output=True, text=True,
-                                    env=env, timeout=30, check=False)
+            result = subprocess.run(
+                ["bash", "-c", run + " 2>&1"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+                check=False,
+            )
             actual_lines = result.stdout.replace(socket_path, README_SOCKET).splitlines()
             assert len(actual_lines) == len(expected_lines), (command, result.stdout)
             for expected, actual in zip(expected_lines, actual_lines, strict=True):

@@ -61,8 +61,11 @@ def build_router() -> APIRouter:
         response_model=None,
         responses={
             200: {"model": ReadyStatus, "content": {JSON: {"example": {"status": "ready"}}}},
-            503: {"model": ReadyStatus, "description": "Shutting down.",
-                  "content": {JSON: {"example": {"status": "draining"}}}},
+            503: {
+                "model": ReadyStatus,
+                "description": "Shutting down.",
+                "content": {JSON: {"example": {"status": "draining"}}},
+            },
         },
     )
     async def readyz(request: Request) -> Response:
@@ -78,9 +81,22 @@ def build_router() -> APIRouter:
         description="Versions of the server, Python, uvicorn, FastAPI, Starlette, pydantic and orjson.",
         response_model=None,
         responses={
-            200: {"model": VersionInfo, "content": {JSON: {"example": {
-                "app": "1.0.0", "python": "3.11.2", "uvicorn": "0.54.0", "fastapi": "0.165.0",
-                "starlette": "1.10.0", "pydantic": "2.14.4", "orjson": "3.13.0"}}}},
+            200: {
+                "model": VersionInfo,
+                "content": {
+                    JSON: {
+                        "example": {
+                            "app": "1.0.0",
+                            "python": "3.11.2",
+                            "uvicorn": "0.54.0",
+                            "fastapi": "0.165.0",
+                            "starlette": "1.10.0",
+                            "pydantic": "2.14.4",
+                            "orjson": "3.13.0",
+                        }
+                    }
+                },
+            },
             **error_responses(403),
         },
     )

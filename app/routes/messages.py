@@ -42,7 +42,12 @@ from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import MessageStore
 
 __all__ = [
-    "BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "REQUEST_COST", "LeanRoute",
+    "BODY_BUDGET",
+    "LIST_CHUNK",
+    "LIST_STREAMS",
+    "MAX_KEY_LENGTH",
+    "REQUEST_COST",
+    "LeanRoute",
     "build_router",
 ]
 
@@ -88,10 +93,13 @@ class _Budget:
         self.free += amount
 
 
-_GET_IT = {"GetMessage": {
-    "operationId": "get_message", "parameters": {"message_id": "$response.body#/id"},
-    "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
-}}
+_GET_IT = {
+    "GetMessage": {
+        "operationId": "get_message",
+        "parameters": {"message_id": "$response.body#/id"},
+        "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
+    }
+}
 
 
 def _json_content_type(value: bytes) -> bool:
@@ -120,17 +128,21 @@ def _shown(text: str) -> str:
 def _request_schema(settings: Settings) -> dict[str, Any]:
     schema = message_in_model(settings.max_text_length).model_json_schema()
     return {
-        "parameters": [{
-            "name": "Idempotency-Key", "in": "header", "required": False,
-            "description": (
-                "Makes the request safe to retry: the first request with a key stores the message (201); "
-                "a repeat with the same key and text returns that message again (200) without storing it "
-                "twice; the same key with a different text is a conflict (409). The server remembers the "
-                f"last {settings.idempotency_keys} keys."
-            ),
-            "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
-            "example": "9f1c2b6e-0a4e-4c57-9d3c-2a1f5e7b8c90",
-        }],
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "Makes the request safe to retry: the first request with a key stores the message (201); "
+                    "a repeat with the same key and text returns that message again (200) without storing it "
+                    "twice; the same key with a different text is a conflict (409). The server remembers the "
+                    f"last {settings.idempotency_keys} keys."
+                ),
+                "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
+                "example": "9f1c2b6e-0a4e-4c57-9d3c-2a1f5e7b8c90",
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {JSON: {"schema": schema, "example": {"text": "Hello from client"}}},
@@ -231,7 +243,8 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             if earlier is not None:
                 if not earlier.matches(text):
                     return error_response(
-                        409, "this Idempotency-Key was already used with a different text; use a new key",
+                        409,
+                        "this Idempotency-Key was already used with a different text; use a new key",
                         error="idempotency_key_reused",
                     )
                 return Response(orjson.dumps(earlier.record(text)), 200, None, JSON)
@@ -257,11 +270,21 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         response_model=None,
         openapi_extra=_request_schema(settings),
         responses={
-            201: {"model": Message, "description": "Stored.", "headers": {
-                "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}},
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}}, "links": _GET_IT},
-            200: {"model": Message, "description": "Already stored under this Idempotency-Key.",
-                  "content": {JSON: {"example": EXAMPLE_MESSAGE}}, "links": _GET_IT},
+            201: {
+                "model": Message,
+                "description": "Stored.",
+                "headers": {
+                    "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}
+                },
+                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
+                "links": _GET_IT,
+            },
+            200: {
+                "model": Message,
+                "description": "Already stored under this Idempotency-Key.",
+                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
+                "links": _GET_IT,
+            },
             **error_responses(400, 403, 409, 413, 415, 422, 503),
         },
     )
@@ -279,13 +302,20 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             "(retry after a second)."
         ),
         response_model=None,
-        responses={200: {"model": MessageList, "description": "Recent messages, oldest first."},
-                   **error_responses(403, 422, 503)},
+        responses={
+            200: {"model": MessageList, "description": "Recent messages, oldest first."},
+            **error_responses(403, 422, 503),
+        },
     )
     async def list_messages(
-        limit: Annotated[int, Query(
-            ge=1, le=settings.history_size, description="How many of the most recent messages to return.",
-        )] = default_limit,
+        limit: Annotated[
+            int,
+            Query(
+                ge=1,
+                le=settings.history_size,
+                description="How many of the most recent messages to return.",
+            ),
+        ] = default_limit,
     ) -> Response:
         """List the most recent messages, oldest first."""
         chunks = _list_chunks(store, store.recent_ids(limit))
@@ -295,8 +325,10 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             return Response(first, 200, None, JSON)
         if not streams.take(1):
             return error_response(
-                503, f"{LIST_STREAMS} long lists are being sent already; try again shortly, or ask for "
-                "fewer with ?limit=", headers=_RETRY,
+                503,
+                f"{LIST_STREAMS} long lists are being sent already; try again shortly, or ask for "
+                "fewer with ?limit=",
+                headers=_RETRY,
             )
         return _ListStream(_resume([first, second], chunks), lambda: streams.give(1))
 
@@ -306,9 +338,14 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         operation_id="get_message",
         description="The message with this id, while it is still in the bounded history; 404 otherwise.",
         response_model=None,
-        responses={200: {"model": Message, "description": "The message.",
-                         "content": {JSON: {"example": EXAMPLE_MESSAGE}}},
-                   **error_responses(403, 404, 422)},
+        responses={
+            200: {
+                "model": Message,
+                "description": "The message.",
+                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
+            },
+            **error_responses(403, 404, 422),
+        },
     )
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],
@@ -370,14 +407,16 @@ class _ListStream(StreamingResponse):
 
 def _too_large(limit: int) -> Response:
     return error_response(
-        413, f"the request body is larger than {limit} bytes; send a shorter text",
+        413,
+        f"the request body is larger than {limit} bytes; send a shorter text",
         headers={"connection": "close"},
     )
 
 
 def _busy() -> Response:
     return error_response(
-        503, "the server is receiving too many request bodies at once; try again shortly",
+        503,
+        "the server is receiving too many request bodies at once; try again shortly",
         headers={**_RETRY, "connection": "close"},
     )
 

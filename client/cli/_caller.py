@@ -79,9 +79,11 @@ def _packed(address: str) -> tuple[int, bytes]:
 
 def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
     """One exact NETLINK_SOCK_DIAG lookup of the TCP socket ``src -> dst``: ``(uid, inode)``."""
-    request = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
-               + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
-               + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE))
+    request = (
+        _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
+        + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
+        + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE)
+    )
     message = _NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + request
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(1.0)

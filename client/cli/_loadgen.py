@@ -130,8 +130,10 @@ class LoadResult:
 
 def build_request(method: str, path: str, body: bytes, host: str = "localhost") -> bytes:
     """The exact bytes sent for every request (HTTP/1.1, keep-alive, JSON body)."""
-    head = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: uds-client-bench\r\n"
-            "Accept: application/json\r\n")
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: uds-client-bench\r\n"
+        "Accept: application/json\r\n"
+    )
     if body or method in ("POST", "PUT", "PATCH"):
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode("ascii") + b"\r\n" + body
@@ -306,8 +308,9 @@ class _Conn(asyncio.Protocol):
             self.run.all_done.set()
 
 
-async def _drive(target: Target, spec: LoadSpec, concurrency: int, requests: int | None,
-                 progress: Progress | None) -> LoadResult:
+async def _drive(
+    target: Target, spec: LoadSpec, concurrency: int, requests: int | None, progress: Progress | None
+) -> LoadResult:
     loop = asyncio.get_running_loop()
     run = _Run(spec, build_request(spec.method, spec.path, spec.body), concurrency, requests)
     conns: list[_Conn] = []
@@ -403,8 +406,9 @@ def _connect_kind(exc: OSError) -> str:
     return "connect-failed"
 
 
-def _run_worker(target: Target, spec: LoadSpec, concurrency: int, requests: int | None,
-                progress: Progress | None = None) -> LoadResult:
+def _run_worker(
+    target: Target, spec: LoadSpec, concurrency: int, requests: int | None, progress: Progress | None = None
+) -> LoadResult:
     coro = _drive(target, spec, concurrency, requests, progress)
     try:
         import uvloop

@@ -114,10 +114,12 @@ def _terminal_columns() -> int:
 class _Formatter(argparse.HelpFormatter):
     """argparse's help formatter; it only learns the width more cheaply (``health`` runs often)."""
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position,
-                         _terminal_columns() - 2 if width is None else width)
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        super().__init__(
+            prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width
+        )
 
 
 class _VersionAction(argparse.Action):
@@ -126,8 +128,13 @@ class _VersionAction(argparse.Action):
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -139,6 +146,7 @@ class _VersionAction(argparse.Action):
 
 
 # --- the library, loaded on demand -------------------------------------------------------------
+
 
 def _client(args: argparse.Namespace) -> Client:
     from client._client import Client
@@ -158,6 +166,7 @@ def _api_error(args: argparse.Namespace, exc: APIError) -> str:
 
 # --- commands -----------------------------------------------------------------------------------
 
+
 def _send_once(client: Client, args: argparse.Namespace) -> None:
     message = client.send(args.text)
     if args.json:
@@ -174,6 +183,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     if args.every is not None or args.then_wait:
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
             stop.set()
 
@@ -210,8 +220,13 @@ def cmd_version(args: argparse.Namespace) -> int:
     """Print the server's versions."""
     with _client(args) as client:
         version = client.version()
-    fields: dict[str, Any] = {"app": version.app, "python": version.python, "uvicorn": version.uvicorn,
-                              "fastapi": version.fastapi, **version.extra}
+    fields: dict[str, Any] = {
+        "app": version.app,
+        "python": version.python,
+        "uvicorn": version.uvicorn,
+        "fastapi": version.fastapi,
+        **version.extra,
+    }
     if args.json:
         print(_dumps(fields))
     else:
@@ -248,8 +263,10 @@ def cmd_get(args: argparse.Namespace) -> int:
         message = str(raw.json().get("message") or "")
     except (ValueError, AttributeError):
         message = ""
-    _error(f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
-           + (f": {message}" if message else ""))
+    _error(
+        f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
+        + (f": {message}" if message else "")
+    )
     return 1
 
 
@@ -262,12 +279,15 @@ def cmd_health(args: argparse.Namespace) -> int:
     if status == 200:
         return 0
     detail = body.decode("utf-8", "replace").strip()[:200]
-    _error(f"{to_url(args.socket)} is not {'ready' if args.ready else 'healthy'}: "
-           f"{target} answered {status} {detail}")
+    _error(
+        f"{to_url(args.socket)} is not {'ready' if args.ready else 'healthy'}: "
+        f"{target} answered {status} {detail}"
+    )
     return 1
 
 
 # --- parser ---------------------------------------------------------------------------------------
+
 
 def _command_in(argv: Sequence[str]) -> str | None:
     """The command named in argv (the first word that is not a global option or its value)."""
@@ -297,14 +317,22 @@ def _load_external(name: str) -> ModuleType:
 # Each command's options are only added when argv names it: argparse is slow to add arguments,
 # and ``health`` runs every few seconds.
 
+
 def _build_send(send: argparse.ArgumentParser) -> None:
     send.add_argument("text", metavar="TEXT", help="the message text")
     send.add_argument("--json", action="store_true", help="print the stored message as JSON")
     keep = send.add_mutually_exclusive_group()
-    keep.add_argument("--every", type=_positive_float, metavar="SECONDS",
-                      help="after the first send, send again every SECONDS until SIGTERM/SIGINT")
-    keep.add_argument("--then-wait", action="store_true",
-                      help="after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)")
+    keep.add_argument(
+        "--every",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="after the first send, send again every SECONDS until SIGTERM/SIGINT",
+    )
+    keep.add_argument(
+        "--then-wait",
+        action="store_true",
+        help="after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)",
+    )
     send.set_defaults(func=cmd_send)
 
 
@@ -361,36 +389,53 @@ _COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], 
     "version": ("print the server's versions", None, _build_version),
     "openapi": ("print the OpenAPI spec (or write it to a file)", None, _build_openapi),
     "get": ("GET a path and print the raw body (exit 1 on an error status)", None, _build_get),
-    "health": ("quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
-               _HEALTH_DESCRIPTION, _build_health),
+    "health": (
+        "quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
+        _HEALTH_DESCRIPTION,
+        _build_health,
+    ),
     **{name: (help_text, None, _external_builder(name)) for name, (_, help_text) in _EXTERNAL.items()},
 }
-
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the external ``command`` (if any) has its module imported."""
     parser = argparse.ArgumentParser(
-        prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
+        prog=PROG,
+        allow_abbrev=False,
+        formatter_class=_Formatter,
         description="Talk to the uds-example server over its Unix socket.",
         epilog="Exit codes: 0 ok, 1 the server answered an error, 2 usage, 3 cannot reach the socket.",
     )
-    parser.add_argument("--socket", metavar="ADDRESS",
-                        help=f"server socket: unix:///path, unix:/path, a bare absolute path or "
-                             f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})")
-    parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
-                        help="give up on a request after SECONDS, whole: connect, send and the entire "
-                             "answer (default: 5)")
-    parser.add_argument("--wait", type=_non_negative_float, default=0.0, metavar="SECONDS",
-                        help="before the first request, wait up to SECONDS (backing off) for the "
-                             "server to accept; exit 3 if it never does (default: 0, no waiting)")
+    parser.add_argument(
+        "--socket",
+        metavar="ADDRESS",
+        help=f"server socket: unix:///path, unix:/path, a bare absolute path or "
+        f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up on a request after SECONDS, whole: connect, send and the entire answer (default: 5)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before the first request, wait up to SECONDS (backing off) for the "
+        "server to accept; exit 3 if it never does (default: 0, no waiting)",
+    )
     parser.add_argument("--debug", action="store_true", help="log each request and show tracebacks")
     parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for name, (help_text, description, build) in _COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=description or help_text,
-                                  formatter_class=_Formatter)
+        sub = commands.add_parser(
+            name, help=help_text, description=description or help_text, formatter_class=_Formatter
+        )
         if name == command:
             build(sub)
     return parser
@@ -414,8 +459,11 @@ def _wait(args: argparse.Namespace) -> None:
     def on_retry(reason: str, delay: float) -> None:
         nonlocal reported
         if not reported or args.debug:
-            print(f"{PROG}: waiting up to {args.wait:g}s for {_clean(to_url(args.socket))} ({reason})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{PROG}: waiting up to {args.wait:g}s for {_clean(to_url(args.socket))} ({reason})",
+                file=sys.stderr,
+                flush=True,
+            )
             reported = True
 
     wait_for_socket(args.socket, args.wait, on_retry=on_retry)

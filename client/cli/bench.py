@@ -77,33 +77,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "2 bad usage; 3 a server could not be reached."
     )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--tcp", type=_tcp_address, metavar="HOST:PORT",
-                       help="also measure this TCP server (uds-server --host HOST --port PORT), same code")
-    where.add_argument("--spawn", action="store_true",
-                       help="start two uds-server processes (temporary socket, free loopback port), "
-                            "measure both, stop them; --socket is then ignored")
-    parser.add_argument("--concurrency", "-c", type=_concurrency_list, default=[1, 10, 50],
-                        metavar="N[,N...]", help="connections kept busy, comma-separated (default: 1,10,50)")
+    where.add_argument(
+        "--tcp",
+        type=_tcp_address,
+        metavar="HOST:PORT",
+        help="also measure this TCP server (uds-server --host HOST --port PORT), same code",
+    )
+    where.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start two uds-server processes (temporary socket, free loopback port), "
+        "measure both, stop them; --socket is then ignored",
+    )
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=_concurrency_list,
+        default=[1, 10, 50],
+        metavar="N[,N...]",
+        help="connections kept busy, comma-separated (default: 1,10,50)",
+    )
     amount = parser.add_mutually_exclusive_group()
-    amount.add_argument("--duration", "-d", type=_positive(float), default=5.0, metavar="SECONDS",
-                        help="seconds measured per run, after the warm-up (default: 5)")
-    amount.add_argument("--requests", "-n", type=_positive(int), metavar="N",
-                        help="measure N requests per run instead of a duration")
-    parser.add_argument("--warmup", type=_positive(float, zero_ok=True), default=1.0, metavar="SECONDS",
-                        help="seconds of unmeasured load before each run (default: 1)")
-    parser.add_argument("--rounds", "-r", type=_positive(int), default=3, metavar="N",
-                        help="repeat every run N times and report medians (default: 3)")
-    parser.add_argument("--pin", action="store_true",
-                        help="with --spawn: servers on the first CPU, the generator on the others, so they "
-                             "never share a core (needs 2+ CPUs)")
-    parser.add_argument("--workers", type=_positive(int), default=1, metavar="N",
-                        help="generator processes (default: 1; raise it if 'gen cpu' nears 100%%)")
+    amount.add_argument(
+        "--duration",
+        "-d",
+        type=_positive(float),
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds measured per run, after the warm-up (default: 5)",
+    )
+    amount.add_argument(
+        "--requests",
+        "-n",
+        type=_positive(int),
+        metavar="N",
+        help="measure N requests per run instead of a duration",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive(float, zero_ok=True),
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds of unmeasured load before each run (default: 1)",
+    )
+    parser.add_argument(
+        "--rounds",
+        "-r",
+        type=_positive(int),
+        default=3,
+        metavar="N",
+        help="repeat every run N times and report medians (default: 3)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --spawn: servers on the first CPU, the generator on the others, so they "
+        "never share a core (needs 2+ CPUs)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="generator processes (default: 1; raise it if 'gen cpu' nears 100%%)",
+    )
     parser.add_argument("--text", default="Hello from client", help="message text sent in every request")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    parser.add_argument("--progress", action="store_true",
-                        help="show progress on stderr even when it is not a terminal")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="also draw req/s and latency percentiles to FILE.png (needs uds-example[plot])")
+    parser.add_argument(
+        "--progress", action="store_true", help="show progress on stderr even when it is not a terminal"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw req/s and latency percentiles to FILE.png (needs uds-example[plot])",
+    )
 
 
 @dataclass(slots=True)
@@ -164,8 +211,9 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT,
-                    cpus: set[int] | None = None) -> Iterator[tuple[str, tuple[str, int]]]:
+def spawned_servers(
+    timeout: float = _SPAWN_READY_TIMEOUT, cpus: set[int] | None = None
+) -> Iterator[tuple[str, tuple[str, int]]]:
     """Start one ``uds-server`` on a temporary socket and one on a free loopback port; stop both after.
 
     Both run the same code with their default settings; their output goes to /dev/null.
@@ -174,9 +222,12 @@ def spawned_servers(timeout: float = _SPAWN_READY_TIMEOUT,
     path = os.path.join(directory, "b.sock")
     port = free_port()
     try:
-        with ServerProcess(app_command("--socket", path), socket=path, cpus=cpus) as uds, \
-                ServerProcess(app_command("--host", "127.0.0.1", "--port", str(port)), port=port,
-                              cpus=cpus) as tcp:
+        with (
+            ServerProcess(app_command("--socket", path), socket=path, cpus=cpus) as uds,
+            ServerProcess(
+                app_command("--host", "127.0.0.1", "--port", str(port)), port=port, cpus=cpus
+            ) as tcp,
+        ):
             uds.wait_ready(timeout)
             tcp.wait_ready(timeout)
             yield path, ("127.0.0.1", port)
@@ -191,8 +242,10 @@ def _require_server_package() -> None:
     import importlib.util
 
     if importlib.util.find_spec("app") is None or importlib.util.find_spec("uvicorn") is None:
-        raise UsageError("--spawn starts uds-server, and the server package is not installed here (the "
-                         "client image has only the client); measure a running server with --socket instead")
+        raise UsageError(
+            "--spawn starts uds-server, and the server package is not installed here (the "
+            "client image has only the client); measure a running server with --socket instead"
+        )
 
 
 def _pin_split() -> tuple[set[int], set[int]]:
@@ -210,16 +263,30 @@ def _measure(targets: dict[str, Any], args: argparse.Namespace, show: _Progress)
     for round_no in range(1, args.rounds + 1):
         for conc in args.concurrency:
             for name, target in targets.items():
-                spec = LoadSpec(concurrency=conc, duration=args.duration, requests=args.requests,
-                                warmup=args.warmup, workers=args.workers, body=body, timeout=args.timeout)
+                spec = LoadSpec(
+                    concurrency=conc,
+                    duration=args.duration,
+                    requests=args.requests,
+                    warmup=args.warmup,
+                    workers=args.workers,
+                    body=body,
+                    timeout=args.timeout,
+                )
                 show.start(f"{name} c={conc} round {round_no}/{args.rounds}")
                 result = run_load(target, spec, progress=show.update)
                 cell = cells[(name, conc)]
-                cell.rounds.append({
-                    "rps": result.rps, "p50_ms": result.percentile_ms(50), "p90_ms": result.percentile_ms(90),
-                    "p99_ms": result.percentile_ms(99), "requests": result.requests, "errors": result.errors,
-                    "elapsed_s": result.elapsed, "generator_cpu": result.generator_cpu,
-                })
+                cell.rounds.append(
+                    {
+                        "rps": result.rps,
+                        "p50_ms": result.percentile_ms(50),
+                        "p90_ms": result.percentile_ms(90),
+                        "p99_ms": result.percentile_ms(99),
+                        "requests": result.requests,
+                        "errors": result.errors,
+                        "elapsed_s": result.elapsed,
+                        "generator_cpu": result.generator_cpu,
+                    }
+                )
                 for status, count in result.statuses.items():
                     cell.statuses[str(status)] = cell.statuses.get(str(status), 0) + count
                 for kind, count in result.error_kinds.items():
@@ -236,19 +303,22 @@ def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         tcp = by.get(("tcp", conc))
         if transport != "uds" or tcp is None:
             continue
-        out.append({
-            "concurrency": conc,
-            "rps_uds_over_tcp": _paired_ratio(uds, tcp, "rps"),
-            "p50_uds_over_tcp": _paired_ratio(uds, tcp, "p50_ms"),
-            "p99_uds_over_tcp": _paired_ratio(uds, tcp, "p99_ms"),
-        })
+        out.append(
+            {
+                "concurrency": conc,
+                "rps_uds_over_tcp": _paired_ratio(uds, tcp, "rps"),
+                "p50_uds_over_tcp": _paired_ratio(uds, tcp, "p50_ms"),
+                "p99_uds_over_tcp": _paired_ratio(uds, tcp, "p99_ms"),
+            }
+        )
     return out
 
 
 def _paired_ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
     """Median over rounds of a/b: each round ran both back to back, so load swings cancel out."""
     values = [
-        x[key] / y[key] for x, y in zip(a["rounds"], b["rounds"], strict=True)
+        x[key] / y[key]
+        for x, y in zip(a["rounds"], b["rounds"], strict=True)
         if y[key] and not math.isnan(x[key]) and not math.isnan(y[key])
     ]
     return statistics.median(values) if values else math.nan
@@ -265,8 +335,10 @@ def format_table(report: dict[str, Any]) -> str:
     for name, where in report["targets"].items():
         lines.append(f"  {name}: {where}")
     lines.append("")
-    header = (f"{'transport':<10}{'conc':>5}{'req/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-              f"{'errors':>8}{'gen cpu':>9}")
+    header = (
+        f"{'transport':<10}{'conc':>5}{'req/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'gen cpu':>9}"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for r in report["results"]:
@@ -278,13 +350,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("UDS/TCP: throughput (>1 is UDS faster), p50 and p99 latency (<1 is UDS faster)")
         for q in report["ratios"]:
-            lines.append(f"  conc {q['concurrency']:>3}: req/s {q['rps_uds_over_tcp']:.2f}x, "
-                         f"p50 {q['p50_uds_over_tcp']:.2f}x, p99 {q['p99_uds_over_tcp']:.2f}x")
+            lines.append(
+                f"  conc {q['concurrency']:>3}: req/s {q['rps_uds_over_tcp']:.2f}x, "
+                f"p50 {q['p50_uds_over_tcp']:.2f}x, p99 {q['p99_uds_over_tcp']:.2f}x"
+            )
     busy = [r for r in report["results"] if r["generator_cpu"] > 0.9]
     if busy:
         lines.append("")
-        lines.append("note: the generator kept its core over 90% busy; rerun with more --workers to be sure "
-                     "the server, not the generator, sets these figures")
+        lines.append(
+            "note: the generator kept its core over 90% busy; rerun with more --workers to be sure "
+            "the server, not the generator, sets these figures"
+        )
     return "\n".join(lines)
 
 
@@ -338,20 +414,31 @@ def _import_matplotlib() -> Any:
     return matplotlib
 
 
-def build_report(targets: dict[str, str], cells: Sequence[Cell], args: argparse.Namespace,
-                 body_bytes: int) -> dict[str, Any]:
+def build_report(
+    targets: dict[str, str], cells: Sequence[Cell], args: argparse.Namespace, body_bytes: int
+) -> dict[str, Any]:
     results = [c.summary() for c in cells]
     return {
         "tool": "uds-client bench",
         "settings": {
-            "method": "POST", "path": "/messages", "body_bytes": body_bytes, "concurrency": args.concurrency,
-            "duration": None if args.requests else args.duration, "requests": args.requests,
-            "warmup": args.warmup, "rounds": args.rounds, "workers": args.workers,
+            "method": "POST",
+            "path": "/messages",
+            "body_bytes": body_bytes,
+            "concurrency": args.concurrency,
+            "duration": None if args.requests else args.duration,
+            "requests": args.requests,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "workers": args.workers,
             "pinned": bool(getattr(args, "pin", False)),
         },
         "targets": targets,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-                 "loadavg_1m": os.getloadavg()[0]},
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "loadavg_1m": os.getloadavg()[0],
+        },
         "results": results,
         "ratios": ratios(results),
     }
@@ -363,8 +450,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot:
         _import_matplotlib()  # fail before minutes of measuring, not after
-    show = _Progress(args.progress or sys.stderr.isatty(),
-                     args.rounds * len(args.concurrency) * (2 if args.spawn or args.tcp else 1))
+    show = _Progress(
+        args.progress or sys.stderr.isatty(),
+        args.rounds * len(args.concurrency) * (2 if args.spawn or args.tcp else 1),
+    )
     with contextlib.ExitStack() as stack:
         if args.pin and not args.spawn:
             raise UsageError("--pin only applies to servers started with --spawn")
@@ -402,8 +491,10 @@ def run(args: argparse.Namespace) -> int:
     total = sum(r["requests"] for r in report["results"])
     if failed:
         kinds = {k for r in report["results"] for k in r["error_kinds"]} | _bad(report)
-        print(f"Error: {failed} of {total} requests failed ({', '.join(sorted(kinds))}); "
-              "see the errors column", file=sys.stderr)
+        print(
+            f"Error: {failed} of {total} requests failed ({', '.join(sorted(kinds))}); see the errors column",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -29,7 +29,14 @@ from client._errors import ClientError, UsageError
 from client.address import to_url
 
 __all__ = [
-    "ASSETS", "CSP", "add_arguments", "assets_directory", "export", "render_redoc", "render_swagger", "run",
+    "ASSETS",
+    "CSP",
+    "add_arguments",
+    "assets_directory",
+    "export",
+    "render_redoc",
+    "render_swagger",
+    "run",
 ]
 
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
@@ -99,9 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output is "
         "a file or cannot be written; 3 the socket cannot be reached."
     )
-    parser.add_argument("--output", "-o", required=True, metavar="DIR",
-                        help="directory to write index.html (Swagger UI), redoc.html, openapi.json and "
-                             "assets/ into; created if missing, existing files replaced")
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="directory to write index.html (Swagger UI), redoc.html, openapi.json and "
+        "assets/ into; created if missing, existing files replaced",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     with Client(args.socket, timeout=args.timeout) as client:
         spec = client.openapi()
     if not isinstance(spec.get("openapi"), str) or not isinstance(spec.get("paths"), dict):
-        raise ClientError(f"{to_url(args.socket)} answered /openapi.json with something that is not an "
-                          "OpenAPI document")
+        raise ClientError(
+            f"{to_url(args.socket)} answered /openapi.json with something that is not an OpenAPI document"
+        )
     written = export(spec, Path(args.output))
     index = written[0]
     print(f"Wrote {', '.join(str(p) for p in written)}")
@@ -136,8 +149,13 @@ def assets_directory() -> Path:
 def spec_script(spec: dict[str, Any]) -> str:
     """The spec as JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
     text = json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
-    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for raw, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(raw, escaped)
     return text
 

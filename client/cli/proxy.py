@@ -254,13 +254,29 @@ _LINGER = 2.0
 _LINGER_BYTES = 1 << 20
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 # Hop-by-hop fields are not forwarded; the proxy sets Connection itself.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te",
-                         FORWARDED_HEADER})
-_REASONS = {303: "See Other", 400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
-            421: "Misdirected Request", 431: "Request Header Fields Too Large", 501: "Not Implemented",
-            502: "Bad Gateway"}
-_ERRORS = {303: "see_other", 400: "bad_request", 403: "forbidden", 408: "request_timeout",
-           421: "misdirected_request", 431: "headers_too_large", 501: "not_implemented", 502: "bad_gateway"}
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
+)
+_REASONS = {
+    303: "See Other",
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+}
+_ERRORS = {
+    303: "see_other",
+    400: "bad_request",
+    403: "forbidden",
+    408: "request_timeout",
+    421: "misdirected_request",
+    431: "headers_too_large",
+    501: "not_implemented",
+    502: "bad_gateway",
+}
 
 
 def _hostport(host: str, port: int) -> str:
@@ -288,8 +304,13 @@ def _shown(value: bytes | str, limit: int = 200) -> str:
 def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
     body = json.dumps({"error": _ERRORS.get(status, "error"), "message": message, "status": status}).encode()
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", "Connection: close", *(f"{k}: {v}" for k, v in headers)]
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -316,9 +337,17 @@ class _Verdict:
 class Proxy:
     """Accepts TCP connections, checks each request, forwards admitted ones to the Unix socket."""
 
-    def __init__(self, path: str, *, connect_timeout: float, log: Callable[[str], None],
-                 log_connections: bool = True, token: str | None = None, token_only: bool = False,
-                 head_timeout: float = DEFAULT_HEAD_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        connect_timeout: float,
+        log: Callable[[str], None],
+        log_connections: bool = True,
+        token: str | None = None,
+        token_only: bool = False,
+        head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+    ) -> None:
         from client.cli._caller import SocketAccess
 
         self.path = path
@@ -372,10 +401,19 @@ class Proxy:
                 return
             except TimeoutError:
                 if received[0]:
-                    self.log(f"proxy #{number} {who}: no complete request head within "
-                             f"{self.head_timeout:g}s (answered 408)")
-                    await _answer(reader, writer, error_answer(408, (
-                        f"the request head was not complete within {self.head_timeout:g}s; send it faster")))
+                    self.log(
+                        f"proxy #{number} {who}: no complete request head within "
+                        f"{self.head_timeout:g}s (answered 408)"
+                    )
+                    await _answer(
+                        reader,
+                        writer,
+                        error_answer(
+                            408,
+                            f"the request head was not complete within {self.head_timeout:g}s; "
+                            "send it faster",
+                        ),
+                    )
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in _ERRORS else 400
@@ -392,15 +430,27 @@ class Proxy:
             line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
             if verdict.status:
                 if verdict.status != 303:
-                    self.log(f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
-                             f"{line}: {verdict.message}")
+                    self.log(
+                        f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
+                        f"{line}: {verdict.message}"
+                    )
                 elif self.log_connections:
-                    self.log(f"proxy #{number} {who} {_describe(caller)}: token accepted, cookie set, "
-                             f"redirected {line}")
+                    self.log(
+                        f"proxy #{number} {who} {_describe(caller)}: token accepted, cookie set, "
+                        f"redirected {line}"
+                    )
                 await _answer(reader, writer, error_answer(verdict.status, verdict.message, verdict.headers))
                 return
-            await self._forward(reader, writer, conn, request, verdict, caller,
-                                f"proxy #{number} {who} {_describe(caller)} {line}", started)
+            await self._forward(
+                reader,
+                writer,
+                conn,
+                request,
+                verdict,
+                caller,
+                f"proxy #{number} {who} {_describe(caller)} {line}",
+                started,
+            )
         finally:
             if finding is not None and not finding.done():
                 finding.cancel()
@@ -441,11 +491,17 @@ class Proxy:
         if len(framing) == 2:  # RFC 9112 section 6.1: a sign of request smuggling
             return _Verdict(400, "the request has both Content-Length and Transfer-Encoding; send one")
         if host.decode("latin-1").lower() not in self.hosts:
-            return _Verdict(421, f"this proxy does not answer for host {_shown(host)!r}; use "
-                            f"{' or '.join(sorted(self.hosts))} (or start it with --allow-host)")
+            return _Verdict(
+                421,
+                f"this proxy does not answer for host {_shown(host)!r}; use "
+                f"{' or '.join(sorted(self.hosts))} (or start it with --allow-host)",
+            )
         if origin is not None and origin.decode("latin-1").lower() not in self.origins:
-            return _Verdict(403, f"cross-origin requests are refused (Origin {_shown(origin)!r}); "
-                            "open the page from the proxy's own address")
+            return _Verdict(
+                403,
+                f"cross-origin requests are refused (Origin {_shown(origin)!r}); "
+                "open the page from the proxy's own address",
+            )
         if b"token=" in request.target:
             query = request.target.partition(b"?")[2].decode("latin-1")
             given = dict(parse_qsl(query, keep_blank_values=True)).get("token")
@@ -455,8 +511,11 @@ class Proxy:
                 target = self._without_token(request.target)
                 if request.method in (b"GET", b"HEAD"):
                     cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-                    return _Verdict(303, "token accepted; continue without it in the URL",
-                                    (("Location", target.decode("latin-1")), ("Set-Cookie", cookie)))
+                    return _Verdict(
+                        303,
+                        "token accepted; continue without it in the URL",
+                        (("Location", target.decode("latin-1")), ("Set-Cookie", cookie)),
+                    )
                 return _Verdict(target=target, by="token")
         if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):
             return _Verdict(target=request.target, by="uid")
@@ -467,8 +526,10 @@ class Proxy:
         elif caller is None:
             why = "the proxy cannot tell who opened this connection (not a socket of this machine)"
         else:
-            why = (f"uid {caller.uid} may not connect to {self.url} ({self.access.describe()}; groups "
-                   f"{_groups(caller)})")
+            why = (
+                f"uid {caller.uid} may not connect to {self.url} ({self.access.describe()}; groups "
+                f"{_groups(caller)})"
+            )
         return _Verdict(403, f"{why}; open the URL with the token that the proxy printed at start")
 
     def _has_cookie(self, cookies: list[bytes]) -> bool:
@@ -496,20 +557,30 @@ class Proxy:
             headers.append((raw_name, value))
         headers.append((b"Connection", b"close"))
         if caller is not None:
-            headers.append((b"Uds-Forwarded-Peer",
-                            f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode()))
+            headers.append(
+                (b"Uds-Forwarded-Peer", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode())
+            )
         return headers
 
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: h11.Connection,
-                       request: h11.Request, verdict: _Verdict, caller: Caller | None, label: str,
-                       started: float) -> None:
+    async def _forward(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: h11.Connection,
+        request: h11.Request,
+        verdict: _Verdict,
+        caller: Caller | None,
+        label: str,
+        started: float,
+    ) -> None:
         import asyncio
 
         import h11
 
         try:
             upstream_reader, upstream_writer = await asyncio.wait_for(
-                _open_unix(self.path), self.connect_timeout)
+                _open_unix(self.path), self.connect_timeout
+            )
         except (OSError, TimeoutError) as exc:
             message = str(ConnectError(self.url, reason_for(exc)))
             self.log(f"{label}: {message} (answered 502)")
@@ -526,8 +597,12 @@ class Proxy:
         try:
             # The request line keeps the client's HTTP version, so the server frames its answer
             # for that client (no chunked answer to HTTP/1.0).
-            head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version,
-                                                b"".join(b"%s: %s\r\n" % field for field in headers))
+            head = b"%s %s HTTP/%s\r\n%s\r\n" % (
+                request.method,
+                verdict.target,
+                request.http_version,
+                b"".join(b"%s: %s\r\n" % field for field in headers),
+            )
             upstream_writer.write(head)
             moved[0] += len(head)
             body = asyncio.ensure_future(_copy_body(reader, conn, chunked, upstream_writer, moved))
@@ -535,15 +610,20 @@ class Proxy:
             note, error = await _finish(body, down)
             if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
                 # The socket got a cut-off body and is answering nothing: the client hears why.
-                await _answer(reader, writer, error_answer(
-                    400, f"the request body is not valid HTTP/1.1 ({_shown(str(error))})"))
+                await _answer(
+                    reader,
+                    writer,
+                    error_answer(400, f"the request body is not valid HTTP/1.1 ({_shown(str(error))})"),
+                )
             elif not writer.is_closing():
                 await _linger(reader, writer)
         finally:
             upstream_writer.close()
             if self.log_connections:
-                self.log(f"{label}: {moved[0]} B to socket, {moved[1]} B to client, "
-                         f"{time.monotonic() - started:.3f} s{note}")
+                self.log(
+                    f"{label}: {moved[0]} B to socket, {moved[1]} B to client, "
+                    f"{time.monotonic() - started:.3f} s{note}"
+                )
 
     async def close_all(self) -> int:
         """Cut every open connection; return how many there were."""
@@ -567,8 +647,9 @@ def _groups(caller: Caller) -> str:
     return f"{','.join(map(str, sorted(caller.groups))) or 'none'} {where}".strip()
 
 
-async def _next_request(reader: asyncio.StreamReader, conn: h11.Connection,
-                        received: list[int]) -> h11.Request:
+async def _next_request(
+    reader: asyncio.StreamReader, conn: h11.Connection, received: list[int]
+) -> h11.Request:
     """Read until h11 has a whole request head; raises :class:`_Closed` on EOF before one."""
     import h11
 
@@ -586,8 +667,13 @@ async def _next_request(reader: asyncio.StreamReader, conn: h11.Connection,
         raise _Closed  # ConnectionClosed
 
 
-async def _copy_body(reader: asyncio.StreamReader, conn: h11.Connection, chunked: bool,
-                     writer: asyncio.StreamWriter, moved: list[int]) -> None:
+async def _copy_body(
+    reader: asyncio.StreamReader,
+    conn: h11.Connection,
+    chunked: bool,
+    writer: asyncio.StreamWriter,
+    moved: list[int],
+) -> None:
     """Stream the request body h11 decodes to the socket, re-framed, waiting for it to drain.
 
     A chunked body is sent as one chunk per piece read, and its trailers are dropped; a body of
@@ -686,8 +772,9 @@ async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWri
             delay = min(delay * 2, 0.05)
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int],
-                index: int) -> None:
+async def _copy(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int], index: int
+) -> None:
     """Copy until EOF, waiting for the other side to drain (backpressure)."""
     while True:
         data = await reader.read(_CHUNK)
@@ -698,9 +785,17 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, move
         await writer.drain()
 
 
-def serve(listen: Listen, path: str, *, connect_timeout: float = 5.0, log_connections: bool = True,
-          stream: TextIO | None = None, token_only: bool = False, allow_hosts: Iterable[str] = (),
-          head_timeout: float = DEFAULT_HEAD_TIMEOUT) -> int:
+def serve(
+    listen: Listen,
+    path: str,
+    *,
+    connect_timeout: float = 5.0,
+    log_connections: bool = True,
+    stream: TextIO | None = None,
+    token_only: bool = False,
+    allow_hosts: Iterable[str] = (),
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+) -> int:
     """Run the proxy until SIGINT or SIGTERM; return 0. Raises :class:`UsageError` if it cannot bind."""
     import asyncio
 
@@ -720,19 +815,27 @@ def serve(listen: Listen, path: str, *, connect_timeout: float = 5.0, log_connec
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
-    proxy = Proxy(path, connect_timeout=connect_timeout, log=log, log_connections=log_connections,
-                  token_only=token_only, head_timeout=head_timeout)
+    proxy = Proxy(
+        path,
+        connect_timeout=connect_timeout,
+        log=log,
+        log_connections=log_connections,
+        token_only=token_only,
+        head_timeout=head_timeout,
+    )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(_main(proxy, listen, log, tuple(allow_hosts)))
 
 
-async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None],
-                allow_hosts: tuple[str, ...]) -> int:
+async def _main(
+    proxy: Proxy, listen: Listen, log: Callable[[str], None], allow_hosts: tuple[str, ...]
+) -> int:
     import asyncio
 
     try:
-        server = await asyncio.start_server(proxy.handle, listen.host, listen.port, backlog=1024,
-                                            reuse_address=True)
+        server = await asyncio.start_server(
+            proxy.handle, listen.host, listen.port, backlog=1024, reuse_address=True
+        )
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {_hostport(*listen)} ({_bind_reason(exc)}). "
@@ -754,8 +857,10 @@ async def _main(proxy: Proxy, listen: Listen, log: Callable[[str], None],
     if proxy.token_only:
         log("Access: only requests with this proxy's token (open the URL below once; it sets a cookie)")
     else:
-        log(f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
-            "or anyone with this proxy's token (open the URL below once; it sets a cookie)")
+        log(
+            f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
+            "or anyone with this proxy's token (open the URL below once; it sets a cookie)"
+        )
     log(f"Docs: http://{browse}/docs?token={proxy.token}")
     stop = asyncio.Event()
     received: list[str] = []

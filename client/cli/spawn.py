@@ -108,11 +108,20 @@ class ServerProcess:
     default ``DEVNULL``). ``env`` is laid over ``os.environ`` (a value of None removes the name).
     """
 
-    def __init__(self, command: Sequence[str], *, socket: str | None = None, port: int | None = None,
-                 host: str = "127.0.0.1", name: str = "uds-server",
-                 stdout: int | IO[Any] = subprocess.DEVNULL, text: bool = False,
-                 env: Mapping[str, str | None] | None = None, cwd: str | Path | None = None,
-                 cpus: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        socket: str | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        name: str = "uds-server",
+        stdout: int | IO[Any] = subprocess.DEVNULL,
+        text: bool = False,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | Path | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.command = list(command)
         self.socket = socket
         self.host = host
@@ -128,8 +137,15 @@ class ServerProcess:
                 full_env[key] = value
         self.started = time.monotonic()
         self.proc: subprocess.Popen[Any] = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, text=text,
-            encoding="utf-8" if text else None, env=full_env, cwd=cwd, start_new_session=True,
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            text=text,
+            encoding="utf-8" if text else None,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
             preexec_fn=pinned(cpus),
         )
 
@@ -148,8 +164,9 @@ class ServerProcess:
         probe_tcp(self.host, self.port, timeout=1.0)
         return True
 
-    def wait_ready(self, timeout: float = START_TIMEOUT, *, first_delay: float = 0.01,
-                   max_delay: float = 0.2) -> Self:
+    def wait_ready(
+        self, timeout: float = START_TIMEOUT, *, first_delay: float = 0.01, max_delay: float = 0.2
+    ) -> Self:
         """Wait until ``GET /healthz`` gets an answer; ``ready_after`` is then the seconds since exec.
 
         Raise :class:`SpawnError` as soon as the child exits, or after ``timeout`` with the last error.
@@ -157,8 +174,13 @@ class ServerProcess:
         try:
             if self.socket is not None:
                 self._check_alive()
-                wait_for_socket(self.socket, timeout, first_delay=first_delay, max_delay=max_delay,
-                                on_retry=self._check_alive)
+                wait_for_socket(
+                    self.socket,
+                    timeout,
+                    first_delay=first_delay,
+                    max_delay=max_delay,
+                    on_retry=self._check_alive,
+                )
             elif self.port is not None:
                 poll(self._tcp_ready, timeout, what=self.where, first_delay=first_delay, max_delay=max_delay)
             else:
@@ -167,8 +189,9 @@ class ServerProcess:
             self._check_alive()
             last = exc if isinstance(exc, WaitTimeout) else exc.__cause__
             reason = last.reason if isinstance(last, ConnectError) else repr(last)
-            raise SpawnError(f"{self.name} did not answer on {self.where} within {timeout:g}s "
-                             f"(last error: {reason})") from exc
+            raise SpawnError(
+                f"{self.name} did not answer on {self.where} within {timeout:g}s (last error: {reason})"
+            ) from exc
         self.ready_after = time.monotonic() - self.started
         return self
 
@@ -183,8 +206,9 @@ class ServerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise SpawnError(f"{self.name} did not stop within {timeout:g}s of "
-                                 f"{signal.Signals(sig).name}") from None
+                raise SpawnError(
+                    f"{self.name} did not stop within {timeout:g}s of {signal.Signals(sig).name}"
+                ) from None
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -200,8 +224,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def spawn(command: Sequence[str], *, timeout: float = START_TIMEOUT,
-          **options: Any) -> Iterator[ServerProcess]:
+def spawn(
+    command: Sequence[str], *, timeout: float = START_TIMEOUT, **options: Any
+) -> Iterator[ServerProcess]:
     """Start ``command``, wait until it answers, stop it with SIGTERM on leaving.
 
     ``options`` are :class:`ServerProcess`'s. SIGKILL ends it instead if the block raised.

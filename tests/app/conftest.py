@@ -38,8 +38,9 @@ class _WithPeer:
 class ASGIClient:
     """A synchronous facade over ``httpx2.AsyncClient(transport=ASGITransport(app))``."""
 
-    def __init__(self, app: FastAPI, peer: dict[str, int] | None = None, *,
-                 raise_app_exceptions: bool = True) -> None:
+    def __init__(
+        self, app: FastAPI, peer: dict[str, int] | None = None, *, raise_app_exceptions: bool = True
+    ) -> None:
         self.app = app
         self._runner = asyncio.Runner()
         transport = httpx2.ASGITransport(app=_WithPeer(app, peer), raise_app_exceptions=raise_app_exceptions)
@@ -54,8 +55,9 @@ class ASGIClient:
     def post(self, url: str, **kwargs: Any) -> httpx2.Response:
         return self.request("POST", url, **kwargs)
 
-    def post_stream(self, url: str, chunks: Callable[[], AsyncIterator[bytes]],
-                    headers: dict[str, str] | None = None) -> httpx2.Response:
+    def post_stream(
+        self, url: str, chunks: Callable[[], AsyncIterator[bytes]], headers: dict[str, str] | None = None
+    ) -> httpx2.Response:
         """POST a body produced chunk by chunk (no Content-Length: chunked transfer)."""
         return self._runner.run(self._client.post(url, content=chunks(), headers=headers))
 
@@ -74,10 +76,15 @@ def make_client() -> Iterator[Callable[..., ASGIClient]]:
     """Build clients for apps with custom settings or peers; all are closed after the test."""
     made: list[ASGIClient] = []
 
-    def make(settings: Settings | None = None, peer: dict[str, int] | None = PEER,
-             app: FastAPI | None = None, raise_app_exceptions: bool = True) -> ASGIClient:
-        client = ASGIClient(app or create_app(settings or Settings()), peer,
-                            raise_app_exceptions=raise_app_exceptions)
+    def make(
+        settings: Settings | None = None,
+        peer: dict[str, int] | None = PEER,
+        app: FastAPI | None = None,
+        raise_app_exceptions: bool = True,
+    ) -> ASGIClient:
+        client = ASGIClient(
+            app or create_app(settings or Settings()), peer, raise_app_exceptions=raise_app_exceptions
+        )
         made.append(client)
         return client
 

@@ -36,8 +36,9 @@ def test_allowed_peers_use_the_api(make_client: Callable[..., ASGIClient], peer:
 
 
 @pytest.mark.parametrize("path", ["/messages", "/messages/1", "/version", "/openapi.json", "/docs", "/nope"])
-def test_stranger_is_refused_everywhere_but_the_probes(make_client: Callable[..., ASGIClient], path: str,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_stranger_is_refused_everywhere_but_the_probes(
+    make_client: Callable[..., ASGIClient], path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     client = make_client(LIST, peer=STRANGER)
     with caplog.at_level(logging.WARNING, logger="app.access"):
         body = assert_error(client.get(path), 403, "forbidden")
@@ -60,8 +61,9 @@ def test_probes_stay_open(make_client: Callable[..., ASGIClient], path: str) -> 
     assert make_client(LIST, peer=None).get(path).status_code == 200
 
 
-def test_no_peer_credentials_fail_closed(make_client: Callable[..., ASGIClient],
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_no_peer_credentials_fail_closed(
+    make_client: Callable[..., ASGIClient], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="app.access"):
         body = assert_error(make_client(LIST, peer=None).post("/messages", json={"text": "x"}), 403)
     assert "Unix socket" in body["message"]
@@ -83,22 +85,25 @@ def test_allowlist_over_a_real_socket() -> None:
     others = {"UDS_ALLOW_UID": str(me + 12345), "UDS_ALLOW_GID": str(os.getgid() + 12345)}
     with running_server(env=others) as server:
         assert server.socket_path
-        status, body = http_over_uds(server.socket_path, "POST", "/messages", b'{"text":"hi"}',
-                                     {"content-type": "application/json"})
+        status, body = http_over_uds(
+            server.socket_path, "POST", "/messages", b'{"text":"hi"}', {"content-type": "application/json"}
+        )
         assert status == 403
         assert json.loads(body)["error"] == "forbidden"
         assert http_over_uds(server.socket_path, "GET", "/readyz")[0] == 200
         assert f"uid={me}" in server.output
     with running_server(env={"UDS_ALLOW_UID": str(me)}) as server:
         assert server.socket_path
-        status, body = http_over_uds(server.socket_path, "POST", "/messages", b'{"text":"hi"}',
-                                     {"content-type": "application/json"})
+        status, body = http_over_uds(
+            server.socket_path, "POST", "/messages", b'{"text":"hi"}', {"content-type": "application/json"}
+        )
         assert status == 201
         assert json.loads(body)["peer"]["uid"] == me
 
 
-def test_refused_line_escapes_control_characters(make_client: Callable[..., ASGIClient],
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_line_escapes_control_characters(
+    make_client: Callable[..., ASGIClient], caplog: pytest.LogCaptureFixture
+) -> None:
     """ESC, CR and LF from the path cannot forge log lines or drive a terminal."""
     client = make_client(LIST, peer=STRANGER)
     with caplog.at_level(logging.WARNING, logger="app.access"):
@@ -108,14 +113,18 @@ def test_refused_line_escapes_control_characters(make_client: Callable[..., ASGI
     assert "Refused GET /x\\x1b[31mred\\r\\nINFO forged from pid=12" in line
 
 
-@pytest.mark.parametrize(("behind", "status"), [
-    ("uid=1000 gid=9 pid=7", 201),       # the user behind the proxy is on the list by uid
-    ("uid=9 gid=3000 pid=7", 201),       # ... or by gid
-    ("uid=5000 gid=5000 pid=7", 403),    # an allowed proxy cannot speak for a stranger
-    ("uid=root", 403),                   # malformed: refused, never taken as absent
-])
-def test_a_proxy_speaks_only_for_allowed_users(make_client: Callable[..., ASGIClient], behind: str,
-                                               status: int, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("behind", "status"),
+    [
+        ("uid=1000 gid=9 pid=7", 201),  # the user behind the proxy is on the list by uid
+        ("uid=9 gid=3000 pid=7", 201),  # ... or by gid
+        ("uid=5000 gid=5000 pid=7", 403),  # an allowed proxy cannot speak for a stranger
+        ("uid=root", 403),  # malformed: refused, never taken as absent
+    ],
+)
+def test_a_proxy_speaks_only_for_allowed_users(
+    make_client: Callable[..., ASGIClient], behind: str, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
     app = create_app(LIST)
     client = make_client(app=app, peer=ALLOWED)
     with caplog.at_level(logging.WARNING, logger="app.access"):

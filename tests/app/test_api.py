@@ -143,8 +143,9 @@ def test_idempotency_key_returns_the_original_and_stores_once(client: ASGIClient
 def test_idempotency_key_reused_with_other_text_is_409(client: ASGIClient) -> None:
     headers = {"Idempotency-Key": "k1"}
     client.post("/messages", json={"text": "first"}, headers=headers)
-    body = assert_error(client.post("/messages", json={"text": "second"}, headers=headers), 409,
-                        "idempotency_key_reused")
+    body = assert_error(
+        client.post("/messages", json={"text": "second"}, headers=headers), 409, "idempotency_key_reused"
+    )
     assert "Idempotency-Key" in body["message"]
     assert len(client.get("/messages").json()["messages"]) == 1
 
@@ -173,8 +174,9 @@ def test_idempotency_keys_are_bounded_lru(make_client: Callable[..., ASGIClient]
 
 @pytest.mark.parametrize("key", ["", " ", "a b", "é", "x" * 256, "tab\there"])
 def test_invalid_idempotency_key_is_400(client: ASGIClient, key: str) -> None:
-    response = client.post("/messages", content=b'{"text":"hi"}',
-                           headers={**JSON, "Idempotency-Key": key.encode("latin-1")})  # type: ignore[dict-item]
+    response = client.post(
+        "/messages", content=b'{"text":"hi"}', headers={**JSON, "Idempotency-Key": key.encode("latin-1")}
+    )  # type: ignore[dict-item]
     body = assert_error(response, 400, "bad_request")
     assert "Idempotency-Key" in body["message"]
     assert client.get("/messages").json() == {"messages": []}
@@ -244,8 +246,12 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
     spec = client.get("/openapi.json").json()
     operations = {(path, method): op for path, item in spec["paths"].items() for method, op in item.items()}
     assert set(operations) == {
-        ("/messages", "post"), ("/messages", "get"), ("/messages/{message_id}", "get"),
-        ("/healthz", "get"), ("/readyz", "get"), ("/version", "get"),
+        ("/messages", "post"),
+        ("/messages", "get"),
+        ("/messages/{message_id}", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/version", "get"),
     }
     for (path, method), op in operations.items():
         where = f"{method.upper()} {path}"
@@ -259,8 +265,10 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
             schema_ref = content["schema"].get("$ref", "")
             if status.startswith("4"):
                 assert schema_ref == "#/components/schemas/ErrorBody", f"{where} {status}"
-        assert any(s.startswith("2") and "example" in r["content"]["application/json"]
-                   for s, r in op["responses"].items()) or (path == "/messages" and method == "get"), where
+        assert any(
+            s.startswith("2") and "example" in r["content"]["application/json"]
+            for s, r in op["responses"].items()
+        ) or (path == "/messages" and method == "get"), where
     post = operations[("/messages", "post")]
     body_schema = post["requestBody"]["content"]["application/json"]["schema"]
     assert body_schema["required"] == ["text"]

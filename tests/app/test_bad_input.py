@@ -48,19 +48,27 @@ BAD_BODIES: list[tuple[str, bytes, str | None, int, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "raw", "content_type", "status", "error"), BAD_BODIES,
-                         ids=[case[0] for case in BAD_BODIES])
-def test_bad_body_in_process(client: ASGIClient, name: str, raw: bytes, content_type: str | None,
-                             status: int, error: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "raw", "content_type", "status", "error"), BAD_BODIES, ids=[case[0] for case in BAD_BODIES]
+)
+def test_bad_body_in_process(
+    client: ASGIClient, name: str, raw: bytes, content_type: str | None, status: int, error: str
+) -> None:
     headers = {"content-type": content_type} if content_type else {}
     assert_error(client.post("/messages", content=raw, headers=headers), status, error)
     assert client.get("/messages").json() == {"messages": []}, "nothing bad may be stored"
 
 
-@pytest.mark.parametrize("content_type", [
-    "application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8",
-    "application/merge-patch+json", "application/vnd.uds.v1+json; charset=utf-8",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "application/merge-patch+json",
+        "application/vnd.uds.v1+json; charset=utf-8",
+    ],
+)
 def test_json_content_types_are_accepted(client: ASGIClient, content_type: str) -> None:
     response = client.post("/messages", content=b'{"text": "hi"}', headers={"content-type": content_type})
     assert response.status_code == 201, response.text
@@ -103,8 +111,11 @@ def test_huge_streamed_body_is_refused_without_reading_it(client: ASGIClient) ->
 
 def test_declared_huge_body_is_refused_before_reading(client: ASGIClient) -> None:
     sent: list[int] = []
-    response = client.post_stream("/messages", _counting_chunks(1024 * 1024, 1024, sent),
-                                  headers={**JSON, "content-length": str(1024**3)})
+    response = client.post_stream(
+        "/messages",
+        _counting_chunks(1024 * 1024, 1024, sent),
+        headers={**JSON, "content-length": str(1024**3)},
+    )
     assert_error(response, 413, "payload_too_large")
     assert sent == [], "the body was read although Content-Length already said it is too large"
 
@@ -141,8 +152,13 @@ def _raw_exchange(path: str, request: bytes, timeout: float = 10.0) -> tuple[int
         return read_response(conn)
 
 
-def _request(method: str, target: str, body: bytes = b"", content_type: str | None = "application/json",
-             extra: str = "") -> bytes:
+def _request(
+    method: str,
+    target: str,
+    body: bytes = b"",
+    content_type: str | None = "application/json",
+    extra: str = "",
+) -> bytes:
     head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
     if content_type:
         head += f"Content-Type: {content_type}\r\n"
@@ -159,26 +175,33 @@ def _check_error(status: int, headers: dict[str, str], body: bytes, expected: in
         assert doc["error"] == error, doc
 
 
-@pytest.mark.parametrize(("name", "raw", "content_type", "status", "error"), BAD_BODIES,
-                         ids=[case[0] for case in BAD_BODIES])
-def test_bad_body_over_the_socket(server: ServerProcess, name: str, raw: bytes, content_type: str | None,
-                                  status: int, error: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "raw", "content_type", "status", "error"), BAD_BODIES, ids=[case[0] for case in BAD_BODIES]
+)
+def test_bad_body_over_the_socket(
+    server: ServerProcess, name: str, raw: bytes, content_type: str | None, status: int, error: str
+) -> None:
     assert server.socket_path
-    _check_error(*_raw_exchange(server.socket_path, _request("POST", "/messages", raw, content_type)),
-                 status, error)
+    _check_error(
+        *_raw_exchange(server.socket_path, _request("POST", "/messages", raw, content_type)), status, error
+    )
     assert http_over_uds(server.socket_path)[0] == 200, "the server must keep serving"
 
 
-@pytest.mark.parametrize(("method", "target", "status", "error"), [
-    ("GET", "/nope", 404, "not_found"),
-    ("DELETE", "/messages", 405, "method_not_allowed"),
-    ("PUT", "/healthz", 405, "method_not_allowed"),
-    ("GET", "/messages/xyz", 422, "validation_error"),
-    ("GET", "/messages?limit=0", 422, "validation_error"),
-    ("GET", "/messages/999999999999999999999999", 404, "not_found"),
-])
-def test_bad_route_or_method_over_the_socket(server: ServerProcess, method: str, target: str, status: int,
-                                             error: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "target", "status", "error"),
+    [
+        ("GET", "/nope", 404, "not_found"),
+        ("DELETE", "/messages", 405, "method_not_allowed"),
+        ("PUT", "/healthz", 405, "method_not_allowed"),
+        ("GET", "/messages/xyz", 422, "validation_error"),
+        ("GET", "/messages?limit=0", 422, "validation_error"),
+        ("GET", "/messages/999999999999999999999999", 404, "not_found"),
+    ],
+)
+def test_bad_route_or_method_over_the_socket(
+    server: ServerProcess, method: str, target: str, status: int, error: str
+) -> None:
     assert server.socket_path
     answer = _raw_exchange(server.socket_path, _request(method, target, content_type=None))
     _check_error(*answer, status, error)
@@ -187,8 +210,10 @@ def test_bad_route_or_method_over_the_socket(server: ServerProcess, method: str,
 def test_huge_declared_body_over_the_socket(server: ServerProcess) -> None:
     """Content-Length: 1 GiB with only a few bytes sent: 413 at once, the rest is never awaited."""
     assert server.socket_path
-    head = ("POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {1024**3}\r\n\r\n").encode()
+    head = (
+        "POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {1024**3}\r\n\r\n"
+    ).encode()
     status, headers, body = _raw_exchange(server.socket_path, head + b'{"text": "', timeout=10)
     _check_error(status, headers, body, 413, "payload_too_large")
     assert http_over_uds(server.socket_path)[0] == 200
@@ -205,8 +230,10 @@ def test_huge_chunked_body_over_the_socket_is_cut_off(server: ServerProcess) -> 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(10)
         conn.connect(server.socket_path)
-        conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n" + b'7\r\n{"text"\r\n')
+        conn.sendall(
+            b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b'7\r\n{"text"\r\n'
+        )
         conn.setblocking(False)
         answered = b""
         while sent < 256 * 1024 * 1024:

@@ -105,8 +105,10 @@ def test_slow_body_gets_408(tmp: Path) -> None:
     with running_server("--request-timeout", "0.5", tmp=tmp) as server:
         conn = _connect(str(server.socket_path))
         try:
-            conn.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"text\": \"")
+            conn.sendall(
+                b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"text": "'
+            )
             status, _, body = read_response(conn)
             assert status == 408
             _error(body, 408, "request_timeout")
@@ -242,8 +244,10 @@ def test_large_body_is_not_mistaken_for_a_large_head(tmp: Path) -> None:
         conn = _connect(str(server.socket_path))
         try:
             body = json.dumps({"text": "a" * 60000}).encode()
-            one = (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n" % len(body)) + body
+            one = (
+                b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body)
+            ) + body
             conn.sendall(one * 3)
             buffer = bytearray()
             for _ in range(3):
@@ -274,8 +278,10 @@ def _start_slow_post(path: str, body: bytes) -> socket.socket:
     for the body, so the test knows the request is in flight without sleeping.
     """
     conn = _connect(path)
-    conn.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    conn.sendall(
+        b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
     buffer = bytearray()
     status, _ = _read_head(conn, buffer)
     assert status == 100
@@ -292,8 +298,10 @@ def test_sigterm_during_slow_request_lets_it_finish(tmp: Path) -> None:
         try:
             server.signal(15)
             wait_until(
-                lambda: "Received SIGTERM: draining 1 connection(s), 1 request(s) in flight (up to 20s)"
-                in _lines(server),
+                lambda: (
+                    "Received SIGTERM: draining 1 connection(s), 1 request(s) in flight (up to 20s)"
+                    in _lines(server)
+                ),
                 what="drain start",
             )
             wait_until(lambda: not os.path.exists(path) or _refused(path), what="listener closed")
@@ -325,8 +333,9 @@ def _refused(path: str) -> bool:
 def test_shutdown_timeout_when_client_never_finishes(tmp: Path) -> None:
     path = str(tmp / "s.sock")
     body = json.dumps({"text": "never finished"}).encode()
-    with ServerProcess(["--socket", path, "--shutdown-timeout", "0.5", "--request-timeout", "600"],
-                       socket_path=path) as server:
+    with ServerProcess(
+        ["--socket", path, "--shutdown-timeout", "0.5", "--request-timeout", "600"], socket_path=path
+    ) as server:
         server.wait_ready()
         conn = _start_slow_post(path, body)
         try:

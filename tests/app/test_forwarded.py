@@ -50,10 +50,14 @@ def test_the_record_and_the_log_line_name_the_forwarded_caller(log_format: str) 
         assert "forwarded_for" not in json.loads(body)["peer"]
         server.stop()
     if log_format == "text":
-        assert (f"📩 Server received: hi\n  from peer pid={os.getpid()} uid={os.geteuid()} "
-                f"gid={os.getegid()} via proxy for uid=4242 gid=4243 pid=99 (message 1)\n") in server.output
-        assert (f"📩 Server received: direct\n  from peer pid={os.getpid()} uid={os.geteuid()} "
-                f"gid={os.getegid()} (message 2)\n") in server.output
+        assert (
+            f"📩 Server received: hi\n  from peer pid={os.getpid()} uid={os.geteuid()} "
+            f"gid={os.getegid()} via proxy for uid=4242 gid=4243 pid=99 (message 1)\n"
+        ) in server.output
+        assert (
+            f"📩 Server received: direct\n  from peer pid={os.getpid()} uid={os.geteuid()} "
+            f"gid={os.getegid()} (message 2)\n"
+        ) in server.output
     else:
         lines = [json.loads(line) for line in server.output.splitlines() if line.startswith("{")]
         received = [line for line in lines if line.get("message_id") == 1]
@@ -65,8 +69,13 @@ def test_a_malformed_forwarded_peer_header_is_refused() -> None:
         assert server.socket_path is not None
         headers = {**JSON, "Uds-Forwarded-Peer": "uid=root"}
         status, body = http_over_uds(server.socket_path, "POST", "/messages", b'{"text": "hi"}', headers)
-        assert (status, json.loads(body)) == (400, {
-            "error": "bad_request", "status": 400,
-            "message": "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P"})
+        assert (status, json.loads(body)) == (
+            400,
+            {
+                "error": "bad_request",
+                "status": 400,
+                "message": "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P",
+            },
+        )
         status, body = http_over_uds(server.socket_path, "GET", "/messages")
         assert json.loads(body) == {"messages": []}

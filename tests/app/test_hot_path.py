@@ -27,8 +27,11 @@ VERDICTS: list[tuple[bytes, str, list[tuple[str, list[str]]]]] = [
     (b"{}", "validation_error", [("missing", ["body", "text"])]),
     (b'{"text": ""}', "validation_error", [("string_too_short", ["body", "text"])]),
     (b'{"text": "123456"}', "validation_error", [("string_too_long", ["body", "text"])]),
-    (b'{"text": "a", "b": 1, "c": 2}', "validation_error",
-     [("extra_forbidden", ["body", "b"]), ("extra_forbidden", ["body", "c"])]),
+    (
+        b'{"text": "a", "b": 1, "c": 2}',
+        "validation_error",
+        [("extra_forbidden", ["body", "b"]), ("extra_forbidden", ["body", "c"])],
+    ),
     (b'{"x": 1}', "validation_error", [("missing", ["body", "text"]), ("extra_forbidden", ["body", "x"])]),
     (b"[]", "validation_error", [("model_type", ["body"])]),
     (b'"text"', "validation_error", [("model_type", ["body"])]),
@@ -39,10 +42,12 @@ VERDICTS: list[tuple[bytes, str, list[tuple[str, list[str]]]]] = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "error", "expected"), VERDICTS,
-                         ids=[v[0].decode() or "empty" for v in VERDICTS])
-def test_invalid_bodies_get_the_models_verdict(make_client: Callable[..., ASGIClient], raw: bytes, error: str,
-                                               expected: list[tuple[str, list[str]]]) -> None:
+@pytest.mark.parametrize(
+    ("raw", "error", "expected"), VERDICTS, ids=[v[0].decode() or "empty" for v in VERDICTS]
+)
+def test_invalid_bodies_get_the_models_verdict(
+    make_client: Callable[..., ASGIClient], raw: bytes, error: str, expected: list[tuple[str, list[str]]]
+) -> None:
     client = make_client(Settings(max_text_length=5))
     body = assert_error(client.post("/messages", content=raw, headers=JSON), 422, error)
     assert [(d["type"], d["loc"]) for d in body["details"]] == expected
@@ -59,8 +64,9 @@ def test_the_longest_text_is_accepted(make_client: Callable[..., ASGIClient]) ->
 
 def test_the_hot_route_is_a_documented_lean_route() -> None:
     app = create_app(Settings())
-    routes = [r for r in app.routes
-              if isinstance(r, APIRoute) and r.path == "/messages" and "POST" in r.methods]
+    routes = [
+        r for r in app.routes if isinstance(r, APIRoute) and r.path == "/messages" and "POST" in r.methods
+    ]
     assert len(routes) == 1
     route = routes[0]
     assert isinstance(route, LeanRoute)
@@ -108,7 +114,7 @@ def test_bodies_past_the_server_wide_budget_get_503(monkeypatch: pytest.MonkeyPa
 
 async def _chunks(body: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(body), 4):
-        yield body[i:i + 4]
+        yield body[i : i + 4]
 
 
 def test_a_long_list_is_streamed_in_chunks(make_client: Callable[..., ASGIClient]) -> None:
@@ -172,8 +178,10 @@ def test_list_slots_are_held_by_readers_that_never_read_and_freed_when_they_go()
     from tests.support import read_response, running_server, wait_until
 
     body = orjson.dumps({"text": "\U0001f600" * 4096})
-    post = (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    post = (
+        b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     long_list = b"GET /messages?limit=100 HTTP/1.1\r\nHost: x\r\n\r\n"  # 1.6 MB: more than the kernel holds
 
     def status_of_a_long_list(path: str) -> int:

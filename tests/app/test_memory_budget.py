@@ -50,8 +50,10 @@ _keys = itertools.count()
 
 
 def keyed_post(key: str, body: bytes = BODY) -> bytes:
-    return (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Idempotency-Key: %s\r\nContent-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+    return (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Idempotency-Key: %s\r\nContent-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+    )
 
 
 LIST_ALL = b"GET /messages?limit=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % DEFAULTS.history_size
@@ -155,8 +157,11 @@ def never_reading_listers(path: str, count: int) -> Iterator[list[socket.socket]
         for conn in conns:
             conn.sendall(LIST_ALL)
         # The server has started answering each of them (a status line is waiting to be read).
-        wait_until(lambda: all(waiting_for_us(c) > 0 for c in conns), timeout=30,
-                   what="the server to start answering every list request")
+        wait_until(
+            lambda: all(waiting_for_us(c) > 0 for c in conns),
+            timeout=30,
+            what="the server to start answering every list request",
+        )
         yield conns
     finally:
         for conn in conns:
@@ -169,8 +174,10 @@ def partial_bodies(path: str, count: int, body_bytes: int = DEFAULTS.max_body_by
 
     Yields how many were refused (answered and closed) rather than left waiting for the last byte.
     """
-    head = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % body_bytes)
+    head = (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % body_bytes
+    )
     partial = head + b'{"text":"' + b"x" * (body_bytes - 10)
     conns: list[socket.socket] = []
     try:
@@ -180,8 +187,11 @@ def partial_bodies(path: str, count: int, body_bytes: int = DEFAULTS.max_body_by
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 conn.sendall(partial)
         served_after(path)
-        wait_until(lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns), timeout=30,
-                   what="the server to read every partial body or refuse it")
+        wait_until(
+            lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns),
+            timeout=30,
+            what="the server to read every partial body or refuse it",
+        )
         yield sum(1 for c in conns if waiting_for_us(c))
     finally:
         for conn in conns:
@@ -201,8 +211,11 @@ def partial_heads(path: str, count: int, head_bytes: int = 30 * 1024) -> Iterato
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed at the cap
                 conn.sendall(partial)
         served_after(path)
-        wait_until(lambda: all(unread_by_server(c) == 0 for c in conns), timeout=30,
-                   what="the server to read every partial head")
+        wait_until(
+            lambda: all(unread_by_server(c) == 0 for c in conns),
+            timeout=30,
+            what="the server to read every partial head",
+        )
         yield
     finally:
         for conn in conns:
@@ -234,8 +247,11 @@ def readers_that_never_read(path: str, count: int, requests: int = 24) -> Iterat
             conn.sendall(request * requests)
         served_after(path)
         # Every answer the server could write is waiting for us; it holds the rest.
-        wait_until(lambda: all(unread_by_server(c) == 0 and waiting_for_us(c) for c in conns), timeout=30,
-                   what="the server to answer into every full connection")
+        wait_until(
+            lambda: all(unread_by_server(c) == 0 and waiting_for_us(c) for c in conns),
+            timeout=30,
+            what="the server to answer into every full connection",
+        )
         yield
     finally:
         for conn in conns:
@@ -246,9 +262,11 @@ def readers_that_never_read(path: str, count: int, requests: int = 24) -> Iterat
 def partial_trailers(path: str, count: int, trailer_bytes: int = 30 * 1024) -> Iterator[None]:
     """``count`` chunked POSTs whose body is whole but whose trailer section never ends."""
     body = b'{"text": "hi"}'
-    partial = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-Pad: %s"
-               % (len(body), body, b"t" * trailer_bytes))
+    partial = (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-Pad: %s"
+        % (len(body), body, b"t" * trailer_bytes)
+    )
     conns: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -257,8 +275,11 @@ def partial_trailers(path: str, count: int, trailer_bytes: int = 30 * 1024) -> I
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 conn.sendall(partial)
         served_after(path)
-        wait_until(lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns), timeout=30,
-                   what="the server to read every partial trailer section or refuse it")
+        wait_until(
+            lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns),
+            timeout=30,
+            what="the server to read every partial trailer section or refuse it",
+        )
         yield
     finally:
         for conn in conns:
@@ -320,15 +341,20 @@ def test_clients_that_never_read_a_full_history(server: ServerProcess) -> None:
     _run(server, attack, f"{LISTERS} never-reading GET /messages?limit=1000")
 
 
-@pytest.mark.parametrize(("attack", "what"), [
-    (partial_bodies, "each holding all but the last byte of a 64 KiB body"),
-    (lambda path, count: partial_bodies(path, count, body_bytes=20), "each trickling a small body"),
-    (partial_heads, "each holding 30 KiB of an unfinished head"),
-    (partial_trailers, "each holding 30 KiB of unfinished trailers"),
-    (idle_connections, "idle"),
-], ids=["partial-bodies", "trickled-bodies", "partial-heads", "partial-trailers", "idle"])
-def test_connections_up_to_the_cap(server: ServerProcess, attack: Callable[[str, int], Any],
-                                   what: str) -> None:
+@pytest.mark.parametrize(
+    ("attack", "what"),
+    [
+        (partial_bodies, "each holding all but the last byte of a 64 KiB body"),
+        (lambda path, count: partial_bodies(path, count, body_bytes=20), "each trickling a small body"),
+        (partial_heads, "each holding 30 KiB of an unfinished head"),
+        (partial_trailers, "each holding 30 KiB of unfinished trailers"),
+        (idle_connections, "idle"),
+    ],
+    ids=["partial-bodies", "trickled-bodies", "partial-heads", "partial-trailers", "idle"],
+)
+def test_connections_up_to_the_cap(
+    server: ServerProcess, attack: Callable[[str, int], Any], what: str
+) -> None:
     def run(path: str) -> None:
         with attack(path, CONNECTIONS):
             served_after(path)
@@ -352,8 +378,13 @@ def test_every_attack_at_once(server: ServerProcess) -> None:
 
     def attack(path: str) -> None:
         _full_history(path)
-        with idle_connections(path, share), never_reading_listers(path, LISTERS), \
-                partial_bodies(path, share), partial_heads(path, share), partial_trailers(path, share):
+        with (
+            idle_connections(path, share),
+            never_reading_listers(path, LISTERS),
+            partial_bodies(path, share),
+            partial_heads(path, share),
+            partial_trailers(path, share),
+        ):
             served_after(path)
 
     _run(server, attack, "every attack at once")
@@ -374,8 +405,11 @@ def test_thousands_idle_and_hundreds_trickling_never_starve_the_probe(server: Se
                 opened.append(conn)
             opened.extend(connect(path) for _ in range(3000))
             for _ in range(5):
-                assert wait_until(lambda: http_over_uds(path, timeout=5.0)[0] == 200, timeout=20,
-                                  what="/healthz among idle and trickling connections")
+                assert wait_until(
+                    lambda: http_over_uds(path, timeout=5.0)[0] == 200,
+                    timeout=20,
+                    what="/healthz among idle and trickling connections",
+                )
         assert rss.peak < BUDGET, f"peak RSS {rss.peak / MiB:.1f} MiB"
     finally:
         for conn in opened:

@@ -18,20 +18,30 @@ def test_plain_uvicorn_command_serves_the_api_with_env_settings() -> None:
     env = {**os.environ, "UDS_MAX_TEXT_LENGTH": "5", "UDS_REPLY": "plain reply"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:app", "--uds", path, "--no-access-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
     )
     try:
-        wait_until(lambda: proc.poll() is None and socket_accepts(path), timeout=15,
-                   what=f"plain uvicorn on {path}")
-        status, body = http_over_uds(path, "POST", "/messages", body=b'{"text": "hi"}',
-                                     headers={"Content-Type": "application/json"})
+        wait_until(
+            lambda: proc.poll() is None and socket_accepts(path), timeout=15, what=f"plain uvicorn on {path}"
+        )
+        status, body = http_over_uds(
+            path, "POST", "/messages", body=b'{"text": "hi"}', headers={"Content-Type": "application/json"}
+        )
         assert status == 201
         message = json.loads(body)
         assert message["reply"] == "plain reply"
         # No SO_PEERCRED without uds-server's protocol class: the peer is unknown, not invented.
         assert message["peer"] is None
-        status, body = http_over_uds(path, "POST", "/messages", body=b'{"text": "too long"}',
-                                     headers={"Content-Type": "application/json"})
+        status, body = http_over_uds(
+            path,
+            "POST",
+            "/messages",
+            body=b'{"text": "too long"}',
+            headers={"Content-Type": "application/json"},
+        )
         assert status == 422
         assert json.loads(body)["error"] == "validation_error"
         status, _ = http_over_uds(path, "GET", "/readyz")

@@ -35,8 +35,10 @@ from tests.support import (
 DEADLINE = 20.0
 """Socket timeout: far above every server timeout used here, only there to fail, not to wait."""
 MB = 1024 * 1024
-POST_CHUNKED = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+POST_CHUNKED = (
+    b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
 BODY = b'{"text": "hi"}'
 ONE_CHUNK = b"%x\r\n%s\r\n" % (len(BODY), BODY)
 
@@ -141,8 +143,9 @@ def test_endless_trailer_value_gets_431_and_memory_stays_flat(server: ServerProc
     """One trailer field whose value never ends: 431 after 32 KiB, not GBs of memory or CPU."""
     before = _rss(server)
     with _connect(_path(server)) as conn:
-        answered, sent = _stream_until_answered(conn, POST_CHUNKED + ONE_CHUNK + b"0\r\nX-Trailer: ",
-                                                b"a" * 65536, 256 * MB)
+        answered, sent = _stream_until_answered(
+            conn, POST_CHUNKED + ONE_CHUNK + b"0\r\nX-Trailer: ", b"a" * 65536, 256 * MB
+        )
         status, doc = _answer(answered)
         assert status == 431, answered[:300]
         assert doc["message"] == "the trailer fields are over 32768 bytes"
@@ -156,8 +159,9 @@ def test_endless_trailer_value_gets_431_and_memory_stays_flat(server: ServerProc
 def test_endless_trailer_fields_get_431(server: ServerProcess) -> None:
     before = _rss(server)
     with _connect(_path(server)) as conn:
-        answered, sent = _stream_until_answered(conn, POST_CHUNKED + ONE_CHUNK + b"0\r\n",
-                                                b"X-T: 1\r\n" * 8192, 256 * MB)
+        answered, sent = _stream_until_answered(
+            conn, POST_CHUNKED + ONE_CHUNK + b"0\r\n", b"X-T: 1\r\n" * 8192, 256 * MB
+        )
         status, doc = _answer(answered)
         assert status == 431, answered[:300]
         assert doc["error"] == "headers_too_large"
@@ -219,8 +223,9 @@ def test_refused_peer_with_endless_trailers_is_closed(tmp: Path) -> None:
     with running_server("--request-timeout", "60", env=env, tmp=tmp) as server:
         before = _rss(server)
         with _connect(_path(server)) as conn:
-            answered, sent = _stream_until_answered(conn, POST_CHUNKED + ONE_CHUNK + b"0\r\nX-T: ",
-                                                    b"a" * 65536, 256 * MB)
+            answered, sent = _stream_until_answered(
+                conn, POST_CHUNKED + ONE_CHUNK + b"0\r\nX-T: ", b"a" * 65536, 256 * MB
+            )
             assert _answer(answered)[0] == 403
             conn.settimeout(5.0)
             assert _closed(conn)
@@ -228,17 +233,35 @@ def test_refused_peer_with_endless_trailers_is_closed(tmp: Path) -> None:
         assert _rss(server) - before < 20 * MB
 
 
-@pytest.mark.parametrize(("head", "status", "code"), [
-    (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
-     b"Content-Length: 100000\r\n\r\n",
-     415, "unsupported_media_type"),
-    (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-     b"Content-Length: 100000000\r\n\r\n", 413, "payload_too_large"),
-    (b"POST /nope HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-     b"Content-Length: 100000\r\n\r\n", 404, "not_found"),
-    (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\nffff\r\n", 415, "unsupported_media_type"),
-])
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        (
+            b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 100000\r\n\r\n",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n",
+            413,
+            "payload_too_large",
+        ),
+        (
+            b"POST /nope HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n",
+            404,
+            "not_found",
+        ),
+        (
+            b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nffff\r\n",
+            415,
+            "unsupported_media_type",
+        ),
+    ],
+)
 def test_early_answer_then_close(server: ServerProcess, head: bytes, status: int, code: str) -> None:
     """An answer sent before the body was read ends the connection: the body is not read on."""
     stored = _count(server)
@@ -256,8 +279,10 @@ def test_a_client_still_sending_its_body_reads_the_early_answer(server: ServerPr
     """After an early answer the server half-closes and discards (lingering close, as nginx does):
     a client that sends its body after the head, as http.client does, gets no broken pipe and reads
     the whole answer; a client that keeps sending past the linger budget is closed."""
-    head = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 1048576\r\n\r\n")
+    head = (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 1048576\r\n\r\n"
+    )
     with _connect(_path(server)) as conn:
         conn.sendall(head)
         got, _, body = read_response(conn)
@@ -277,8 +302,10 @@ def test_complete_bad_request_keeps_the_connection(server: ServerProcess) -> Non
     """A refused request whose body arrived whole leaves the connection usable (no needless close)."""
     with _connect(_path(server)) as conn:
         body = b'{"text": "hi"}'
-        conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.sendall(
+            b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         buffer = bytearray()
         assert read_response(conn, buffer)[0] == 415
         conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -291,8 +318,10 @@ def test_complete_bad_request_keeps_the_connection(server: ServerProcess) -> Non
 def _fill_history(path: str, count: int) -> None:
     """``count`` messages of 4,096 four-byte characters (16 KiB of JSON each), over one connection."""
     text = json.dumps({"text": "😀" * 4096}, ensure_ascii=False).encode()
-    request = (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n" % len(text)) + text
+    request = (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(text)
+    ) + text
     with _connect(path) as conn:
         buffer = bytearray()
         for start in range(0, count, 50):
@@ -315,8 +344,11 @@ def test_client_that_never_reads_is_cut_after_send_timeout(tmp: Path) -> None:
                 conn.sendall(b"GET /messages?limit=300 HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 readers.append(conn)
             # Each answer is ~5 MB; whatever the server holds of it is dropped at the send timeout.
-            wait_until(lambda: server.output.count("read nothing for 1s") == 10, timeout=15,
-                       what="ten send timeouts in the log")
+            wait_until(
+                lambda: server.output.count("read nothing for 1s") == 10,
+                timeout=15,
+                what="ten send timeouts in the log",
+            )
             for conn in readers:
                 conn.settimeout(5.0)
                 received = 0
@@ -367,22 +399,28 @@ def test_slow_reader_that_keeps_reading_is_not_cut(tmp: Path) -> None:
 # --- RFC 9112 framing: Transfer-Encoding and Host ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("coding", "status"), [
-    (b"gzip, chunked", 501),
-    (b"deflate,chunked", 501),
-    (b"identity", 501),
-    (b"gzip", 501),
-    (b"chunked, chunked", 501),
-    (b"chunked, gzip", 501),
-    (b"chunked\r\nTransfer-Encoding: chunked", 501),
-    (b"chunked\r\nContent-Length: 14", 400),
-])
-def test_transfer_codings_other_than_chunked_are_refused(server: ServerProcess, coding: bytes,
-                                                         status: int) -> None:
+@pytest.mark.parametrize(
+    ("coding", "status"),
+    [
+        (b"gzip, chunked", 501),
+        (b"deflate,chunked", 501),
+        (b"identity", 501),
+        (b"gzip", 501),
+        (b"chunked, chunked", 501),
+        (b"chunked, gzip", 501),
+        (b"chunked\r\nTransfer-Encoding: chunked", 501),
+        (b"chunked\r\nContent-Length: 14", 400),
+    ],
+)
+def test_transfer_codings_other_than_chunked_are_refused(
+    server: ServerProcess, coding: bytes, status: int
+) -> None:
     stored = _count(server)
     with _connect(_path(server)) as conn:
-        conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: " + coding + b"\r\n\r\n" + ONE_CHUNK + b"0\r\n\r\n")
+        conn.sendall(
+            b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: " + coding + b"\r\n\r\n" + ONE_CHUNK + b"0\r\n\r\n"
+        )
         got, headers, body = read_response(conn)
         assert got == status, body
         assert headers["connection"] == "close"
@@ -397,17 +435,21 @@ def test_chunked_any_case_is_accepted(server: ServerProcess) -> None:
         assert read_response(conn)[0] == 201
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    (b"", "no Host header"),
-    (b"Host: localhost\r\nHost: localhost\r\n", "more than one Host"),
-    (b"Host: a b\r\n", "not a valid host"),
-    (b"Host: local/host\r\n", "not a valid host"),
-    (b"Host: x@y\r\n", "not a valid host"),
-    (b"Host: [::1\r\n", "not a valid host"),
-    (b"Host: localhost:80x\r\n", "not a valid host"),
-])
-def test_missing_repeated_or_invalid_host_gets_400(server: ServerProcess, fields: bytes,
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (b"", "no Host header"),
+        (b"Host: localhost\r\nHost: localhost\r\n", "more than one Host"),
+        (b"Host: a b\r\n", "not a valid host"),
+        (b"Host: local/host\r\n", "not a valid host"),
+        (b"Host: x@y\r\n", "not a valid host"),
+        (b"Host: [::1\r\n", "not a valid host"),
+        (b"Host: localhost:80x\r\n", "not a valid host"),
+    ],
+)
+def test_missing_repeated_or_invalid_host_gets_400(
+    server: ServerProcess, fields: bytes, message: str
+) -> None:
     with _connect(_path(server)) as conn:
         conn.sendall(b"GET /healthz HTTP/1.1\r\n" + fields + b"\r\n")
         status, headers, body = read_response(conn)
@@ -417,15 +459,18 @@ def test_missing_repeated_or_invalid_host_gets_400(server: ServerProcess, fields
         assert _closed(conn)
 
 
-@pytest.mark.parametrize("request_head", [
-    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nHost: localhost:80\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nHost: uds\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n",
-    b"GET /healthz HTTP/1.0\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: localhost:80\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: uds\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\n\r\n",
+    ],
+)
 def test_valid_hosts_and_http10_without_host_are_served(server: ServerProcess, request_head: bytes) -> None:
     with _connect(_path(server)) as conn:
         conn.sendall(request_head)
@@ -437,17 +482,22 @@ def test_valid_hosts_and_http10_without_host_are_served(server: ServerProcess, r
 
 def _post(text: str) -> bytes:
     body = json.dumps({"text": text}).encode()
-    return (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    return (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
 
 
-@pytest.mark.parametrize("bad", [
-    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\n\r\n",
-    b"\x16\x03\x01 not http\r\n\r\n",
-    POST_CHUNKED.replace(b"chunked", b"gzip, chunked") + ONE_CHUNK + b"0\r\n\r\n",
-    POST_CHUNKED + ONE_CHUNK + b"0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(101)) + b"\r\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01 not http\r\n\r\n",
+        POST_CHUNKED.replace(b"chunked", b"gzip, chunked") + ONE_CHUNK + b"0\r\n\r\n",
+        POST_CHUNKED + ONE_CHUNK + b"0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(101)) + b"\r\n",
+    ],
+)
 def test_pipelined_good_requests_are_answered_before_the_error(server: ServerProcess, bad: bytes) -> None:
     with _connect(_path(server)) as conn:
         conn.sendall(_post("first") + _post("second") + bad)
@@ -473,8 +523,9 @@ def test_408_waits_for_the_answer_in_progress(tmp: Path) -> None:
         _fill_history(path, 30)
         conn = _connect(path)
         try:
-            conn.sendall(b"GET /messages?limit=30 HTTP/1.1\r\nHost: localhost\r\n\r\n"
-                         b"GET /healthz HTTP/1.1\r\nHo")
+            conn.sendall(
+                b"GET /messages?limit=30 HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHo"
+            )
             wait_until(lambda: "Request not complete after 0.5s" in server.output, what="the deadline")
             raw = bytearray()
             while chunk := conn.recv(1 << 20):
@@ -484,8 +535,13 @@ def test_408_waits_for_the_answer_in_progress(tmp: Path) -> None:
         head, _, rest = bytes(raw).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         if b"content-length" in head.lower():
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
+            length = int(
+                next(
+                    line.split(b":")[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+            )
             body, after = rest[:length], rest[length:]
         else:  # chunked: the answer ends with the last chunk
             end = rest.index(b"\r\n0\r\n\r\n") + len(b"\r\n0\r\n\r\n")
@@ -531,8 +587,10 @@ def test_open_file_limit_is_raised_to_the_hard_limit(tmp: Path) -> None:
 def _start_busy(path: str) -> socket.socket:
     """A connection with a request in flight: the application is waiting for the rest of its body."""
     conn = _connect(path)
-    conn.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Expect: 100-continue\r\nContent-Length: 19\r\n\r\n")
+    conn.sendall(
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 19\r\n\r\n"
+    )
     found = read_head(conn, bytearray())
     assert found is not None
     assert response_status(found[0]) == 100
@@ -564,9 +622,11 @@ def test_past_the_cap_busy_server_answers_503_json_and_logs_once(tmp: Path) -> N
                 conn.close()
         wait_until(lambda: http_over_uds(path)[0] == 200, what="a free slot")
         lines = [x for x in server.output.splitlines() if "At the connection limit" in x]
-        assert lines[0] == ("WARNING At the connection limit (3, --max-connections): refused 1 connection(s) "
-                            "with 503, closed 0 idle connection(s) and 0 slow to send a request (over 2s) "
-                            "to make room; next report in 10s at most")
+        assert lines[0] == (
+            "WARNING At the connection limit (3, --max-connections): refused 1 connection(s) "
+            "with 503, closed 0 idle connection(s) and 0 slow to send a request (over 2s) "
+            "to make room; next report in 10s at most"
+        )
         # The other two refusals are summed up in the next line, 10 s later (if the test lasts that long).
         assert lines[1:] in ([], [lines[0].replace("refused 1", "refused 2")]), lines
         server.stop()
@@ -587,8 +647,12 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(tmp: Path) -> None:
             assert read_response(kept)[0] == 200
             for _ in range(5):
                 assert http_over_uds(path, timeout=5.0)[0] == 200
-            assert http_over_uds(path, "POST", "/messages", b'{"text": "hi"}',
-                                 {"content-type": "application/json"})[0] == 201
+            assert (
+                http_over_uds(
+                    path, "POST", "/messages", b'{"text": "hi"}', {"content-type": "application/json"}
+                )[0]
+                == 201
+            )
             alive = psutil.Process(server.proc.pid).net_connections("unix")
             assert len(alive) - sockets <= 20 + 1, f"{len(alive) - sockets} connections open past a cap of 20"
             idle[0].settimeout(5.0)
@@ -611,11 +675,18 @@ def test_at_the_cap_trickling_peers_give_way_to_a_probe(tmp: Path) -> None:
                 conn = _connect(path)
                 conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
                 trickling.append(conn)
-            status = wait_until(lambda: http_over_uds(path, timeout=5.0)[0] == 200, timeout=20,
-                                what="/healthz past 40 trickling peers at a cap of 20")
+            status = wait_until(
+                lambda: http_over_uds(path, timeout=5.0)[0] == 200,
+                timeout=20,
+                what="/healthz past 40 trickling peers at a cap of 20",
+            )
             assert status
-            assert http_over_uds(path, "POST", "/messages", b'{"text": "hi"}',
-                                 {"content-type": "application/json"})[0] == 201
+            assert (
+                http_over_uds(
+                    path, "POST", "/messages", b'{"text": "hi"}', {"content-type": "application/json"}
+                )[0]
+                == 201
+            )
             trickling[0].settimeout(5.0)
             assert _closed(trickling[0]), "the oldest trickling peer was closed to make room"
         finally:

@@ -26,8 +26,12 @@ schema.config.generation.update(max_examples=EXAMPLES)
 def test_every_operation_is_exercised() -> None:
     operations = {(op.method.upper(), op.path) for op in (r.ok() for r in schema.get_all_operations())}
     assert operations == {
-        ("POST", "/messages"), ("GET", "/messages"), ("GET", "/messages/{message_id}"),
-        ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/version"),
+        ("POST", "/messages"),
+        ("GET", "/messages"),
+        ("GET", "/messages/{message_id}"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/version"),
     }
 
 
@@ -48,5 +52,6 @@ class Workflow(schema.as_state_machine()):  # type: ignore[misc]
 
 @pytest.mark.slow
 class TestStatefulWorkflow(Workflow.TestCase):  # type: ignore[name-defined,misc]
-    settings = settings(max_examples=100, deadline=None, stateful_step_count=8,
-                        suppress_health_check=list(HealthCheck))
+    settings = settings(
+        max_examples=100, deadline=None, stateful_step_count=8, suppress_health_check=list(HealthCheck)
+    )

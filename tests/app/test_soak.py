@@ -40,8 +40,10 @@ def tmp() -> Iterator[Path]:
 
 def _request(n: int) -> bytes:
     body = json.dumps({"text": f"soak message {n}"}).encode()
-    return (b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
 
 
 async def _worker(path: str, count: int, tally: Tally, sample: Callable[[], None]) -> None:

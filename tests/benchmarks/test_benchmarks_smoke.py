@@ -27,12 +27,23 @@ def quick_run() -> Iterator[tuple[subprocess.CompletedProcess[str], Path]]:
     npm = require_tool("npm")
     require_tool("curl")
     if not AUTOCANNON.exists():
-        installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--prefix", str(BENCHMARKS)],
-                                   capture_output=True, text=True, timeout=300, check=False)
+        installed = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(BENCHMARKS)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert installed.returncode == 0, f"npm ci for autocannon failed:\n{installed.stderr}"
     out = short_tmpdir("bench")
-    done = subprocess.run([PYTHON, str(BENCHMARKS / "run_all.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=280, cwd=ROOT, check=False)
+    done = subprocess.run(
+        [PYTHON, str(BENCHMARKS / "run_all.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        check=False,
+    )
     yield done, out
     shutil.rmtree(out, ignore_errors=True)
 

@@ -28,9 +28,17 @@ from tests.support import ROOT, ServerProcess, require_tool, running_server, sho
 ARTIFACTS = ROOT / "artifacts" / "browser"
 REBIND_HOST = "rebind.example"
 CHROME_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-    "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1280,1600",
-    "--disable-dev-shm-usage", f"--host-resolver-rules=MAP {REBIND_HOST} 127.0.0.1",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--window-size=1280,1600",
+    "--disable-dev-shm-usage",
+    f"--host-resolver-rules=MAP {REBIND_HOST} 127.0.0.1",
 )
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -113,8 +121,9 @@ def network(driver: webdriver.Chrome) -> Network:
             urls.append((params["requestId"], params["url"]))
         elif method == "Network.loadingFailed" and params.get("blockedReason"):
             blocked.add(params["requestId"])
-    return Network(sent=[u for r, u in urls if r not in blocked],
-                   blocked=[u for r, u in urls if r in blocked])
+    return Network(
+        sent=[u for r, u in urls if r not in blocked], blocked=[u for r, u in urls if r in blocked]
+    )
 
 
 def requested_urls(driver: webdriver.Chrome) -> list[str]:

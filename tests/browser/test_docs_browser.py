@@ -119,7 +119,8 @@ _POST_MESSAGE = """
 
 
 def test_a_token_only_proxy_opens_with_its_url_and_an_httponly_strict_cookie(
-        chrome: webdriver.Chrome, token_proxy: Proxy) -> None:
+    chrome: webdriver.Chrome, token_proxy: Proxy
+) -> None:
     base = f"http://127.0.0.1:{token_proxy.port}"
     chrome.get(f"{base}/docs")
     assert '"error": "forbidden"' in chrome.page_source  # no token yet: nothing of the API
@@ -128,7 +129,8 @@ def test_a_token_only_proxy_opens_with_its_url_and_an_httponly_strict_cookie(
     assert chrome.current_url == f"{base}/docs"  # redirected: the token left the address bar
     cookies = chrome.get_cookies()
     assert [(c["name"], c["value"], c["httpOnly"], c["sameSite"], c["path"]) for c in cookies] == [
-        (f"uds-proxy-{token_proxy.port}", token_proxy.token, True, "Strict", "/")]
+        (f"uds-proxy-{token_proxy.port}", token_proxy.token, True, "Strict", "/")
+    ]
     assert chrome.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read it
     status, body = chrome.execute_async_script(_POST_MESSAGE, "/messages")
     assert status == 201, body
@@ -145,7 +147,8 @@ def test_a_rebinding_host_name_gets_nothing(chrome: webdriver.Chrome, proxy: Pro
     status, body = chrome.execute_async_script(_POST_MESSAGE, "/messages")
     assert status == 421, body
     assert f"refused 421 GET /docs: this proxy does not answer for host '{REBIND_HOST}:{proxy.port}'" in (
-        proxy.output)
+        proxy.output
+    )
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
@@ -161,8 +164,9 @@ class _Page(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_page_of_another_origin_cannot_use_the_proxy(chrome: webdriver.Chrome, proxy: Proxy,
-                                                      docs_server: ServerProcess) -> None:
+def test_a_page_of_another_origin_cannot_use_the_proxy(
+    chrome: webdriver.Chrome, proxy: Proxy, docs_server: ServerProcess
+) -> None:
     assert docs_server.socket_path is not None
     site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
     thread = threading.Thread(target=site.serve_forever, daemon=True)
@@ -181,8 +185,10 @@ def test_a_page_of_another_origin_cannot_use_the_proxy(chrome: webdriver.Chrome,
             f"http://127.0.0.1:{proxy.port}/messages",
         )
         assert status == 0  # opaque either way; what matters is below
-        proxy.wait_output(r"refused 403 POST /messages: cross-origin requests are refused "
-                          rf"\(Origin 'http://127\.0\.0\.1:{site.server_address[1]}'\)")
+        proxy.wait_output(
+            r"refused 403 POST /messages: cross-origin requests are refused "
+            rf"\(Origin 'http://127\.0\.0\.1:{site.server_address[1]}'\)"
+        )
         _, after = http_over_uds(docs_server.socket_path, "GET", "/messages?limit=1000")
         assert after == before
     finally:

@@ -124,8 +124,10 @@ def answering(answer: bytes) -> Handler:
 
 
 def json_answer(status: int, body: bytes, reason: str = "Whatever") -> bytes:
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+    )
 
 
 DRIP_INTERVAL = 0.2
@@ -137,8 +139,10 @@ class Drip:
     def __init__(self) -> None:
         self.sent = 0
         body = b'{"status": "ok"}' + b" " * 1000
-        self.answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                       b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.answer = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
 
     def __call__(self, conn: socket.socket, stop: threading.Event) -> None:
         if read_message(conn) is None:

@@ -136,16 +136,25 @@ def test_uds_socket_spelling_works_for_server_and_client(spelling: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.mark.parametrize("value", ["relative.sock", "unix://host/s.sock", "tcp://127.0.0.1:80",
-                                   "http+unix://s.sock", "/" + "x" * 120])
+@pytest.mark.parametrize(
+    "value",
+    ["relative.sock", "unix://host/s.sock", "tcp://127.0.0.1:80", "http+unix://s.sock", "/" + "x" * 120],
+)
 def test_bad_uds_socket_is_quoted_by_client_and_server(value: str) -> None:
     env = {ENV_VAR: value}
     client = run_cli("health", env=env)
     assert client.returncode == 2
     assert client.stderr.startswith(f"Error: invalid socket address {value!r}: ")
     assert client.stderr.count("\n") == 1
-    server = subprocess.run([PYTHON, "-m", "app"], capture_output=True, text=True, env={**os.environ, **env},
-                            cwd=ROOT, timeout=60, check=False)
+    server = subprocess.run(
+        [PYTHON, "-m", "app"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
     assert server.returncode == 2
     assert f"invalid socket address {value!r}: " in server.stderr + server.stdout
     assert "Traceback" not in server.stderr + server.stdout

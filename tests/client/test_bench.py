@@ -206,14 +206,17 @@ def test_generator_flags_a_response_without_length(scripted: Callable[..., str])
 
 
 def test_generator_flags_garbage(scripted: Callable[..., str]) -> None:
-    result = run_load(Target(socket=scripted(lambda n: b"SSH-2.0-OpenSSH\r\n\r\n")),
-                      LoadSpec(concurrency=1, requests=2, warmup=0))
+    result = run_load(
+        Target(socket=scripted(lambda n: b"SSH-2.0-OpenSSH\r\n\r\n")),
+        LoadSpec(concurrency=1, requests=2, warmup=0),
+    )
     assert result.error_kinds == {"protocol": 2}
 
 
 def test_generator_times_out_a_silent_server(scripted: Callable[..., str]) -> None:
-    result = run_load(Target(socket=scripted(lambda n: None)),
-                      LoadSpec(concurrency=2, requests=2, warmup=0, timeout=0.3))
+    result = run_load(
+        Target(socket=scripted(lambda n: None)), LoadSpec(concurrency=2, requests=2, warmup=0, timeout=0.3)
+    )
     assert result.requests == 0
     assert result.error_kinds == {"timeout": 2}
 
@@ -239,8 +242,9 @@ def _bench(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, st
     return code, out, err
 
 
-def _check_report(report: dict[str, Any], transports: set[str], concurrency: list[int], rounds: int,
-                  requests: int) -> None:
+def _check_report(
+    report: dict[str, Any], transports: set[str], concurrency: list[int], rounds: int, requests: int
+) -> None:
     results = report["results"]
     assert isinstance(results, list)
     expected = {(t, c) for t in transports for c in concurrency}
@@ -261,12 +265,29 @@ def _check_report(report: dict[str, Any], transports: set[str], concurrency: lis
 
 def test_bench_json_uds_and_tcp(server: ServerProcess, tcp_server: int) -> None:
     assert server.socket_path
-    done = run_cli("--socket", server.socket_path, "bench", "--tcp", f"127.0.0.1:{tcp_server}",
-                   "-c", "1,3", "-n", "40", "--warmup", "0", "-r", "2", "--json")
+    done = run_cli(
+        "--socket",
+        server.socket_path,
+        "bench",
+        "--tcp",
+        f"127.0.0.1:{tcp_server}",
+        "-c",
+        "1,3",
+        "-n",
+        "40",
+        "--warmup",
+        "0",
+        "-r",
+        "2",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     _check_report(report, {"uds", "tcp"}, [1, 3], 2, 40)
-    assert report["targets"] == {"uds": f"unix://{server.socket_path}", "tcp": f"http://127.0.0.1:{tcp_server}"}
+    assert report["targets"] == {
+        "uds": f"unix://{server.socket_path}",
+        "tcp": f"http://127.0.0.1:{tcp_server}",
+    }
     assert [r["concurrency"] for r in report["ratios"]] == [1, 3]
     for ratio in report["ratios"]:
         assert ratio["rps_uds_over_tcp"] > 0
@@ -275,8 +296,23 @@ def test_bench_json_uds_and_tcp(server: ServerProcess, tcp_server: int) -> None:
 
 def test_bench_spawn_pinned_json_progress_plot_and_table(tmp_path: Path) -> None:
     plot = tmp_path / "lat.png"
-    done = run_cli("bench", "--spawn", "--pin", "-c", "2", "-n", "30", "--warmup", "0", "-r", "1",
-                   "--progress", "--plot", str(plot), "--json")
+    done = run_cli(
+        "bench",
+        "--spawn",
+        "--pin",
+        "-c",
+        "2",
+        "-n",
+        "30",
+        "--warmup",
+        "0",
+        "-r",
+        "1",
+        "--progress",
+        "--plot",
+        str(plot),
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["settings"]["pinned"] is True
@@ -293,8 +329,21 @@ def test_bench_spawn_pinned_json_progress_plot_and_table(tmp_path: Path) -> None
 
 def test_bench_only_uds_has_no_ratios(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert server.socket_path
-    code, out, err = _bench(capsys, "--socket", server.socket_path, "bench", "-c", "2", "-n", "25",
-                            "--warmup", "0", "-r", "1", "--json")
+    code, out, err = _bench(
+        capsys,
+        "--socket",
+        server.socket_path,
+        "bench",
+        "-c",
+        "2",
+        "-n",
+        "25",
+        "--warmup",
+        "0",
+        "-r",
+        "1",
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     _check_report(report, {"uds"}, [2], 1, 25)
@@ -314,8 +363,9 @@ def test_bench_cannot_connect_is_exit_3(tmp_short: Path, capsys: pytest.CaptureF
 def test_bench_tcp_refused_is_exit_3(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert server.socket_path
     port = free_port()
-    code, _, err = _bench(capsys, "--socket", server.socket_path, "bench", "--tcp", f"127.0.0.1:{port}",
-                          "-n", "5")
+    code, _, err = _bench(
+        capsys, "--socket", server.socket_path, "bench", "--tcp", f"127.0.0.1:{port}", "-n", "5"
+    )
     assert code == 3
     assert f"http://127.0.0.1:{port} (connection refused)" in err
     assert len(err.strip().splitlines()) == 1
@@ -323,8 +373,15 @@ def test_bench_tcp_refused_is_exit_3(server: ServerProcess, capsys: pytest.Captu
 
 @pytest.mark.parametrize(
     "args",
-    [["-c", "0"], ["-c", "1,x"], ["--tcp", "nohost:99999"], ["-d", "0"], ["-d", "1", "-n", "5"],
-     ["--spawn", "--tcp", "127.0.0.1:1"], ["--pin", "-n", "5"]],
+    [
+        ["-c", "0"],
+        ["-c", "1,x"],
+        ["--tcp", "nohost:99999"],
+        ["-d", "0"],
+        ["-d", "1", "-n", "5"],
+        ["--spawn", "--tcp", "127.0.0.1:1"],
+        ["--pin", "-n", "5"],
+    ],
 )
 def test_bench_usage_errors_are_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _bench(capsys, "--socket", "/nonexistent/s.sock", "bench", *args)

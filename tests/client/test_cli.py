@@ -106,9 +106,9 @@ def test_send_json(server_path: str, capsys: pytest.CaptureFixture[str]) -> None
     assert set(body["peer"]) == {"pid", "uid", "gid"}
 
 
-def test_socket_flag_wins_over_the_env_var(server_path: str, tmp_short: Path,
-                                           monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_socket_flag_wins_over_the_env_var(
+    server_path: str, tmp_short: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("UDS_SOCKET", f"unix://{server_path}")
     assert _run(capsys, "version")[0] == 0
     code, _, err = _run(capsys, "--socket", str(tmp_short / "other.sock"), "health")
@@ -138,8 +138,9 @@ def test_version_text_and_json(server_path: str, capsys: pytest.CaptureFixture[s
     assert {"python", "uvicorn", "fastapi"} <= set(data)
 
 
-def test_openapi_to_stdout_and_file(server_path: str, tmp_short: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_openapi_to_stdout_and_file(
+    server_path: str, tmp_short: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, printed, err = _run(capsys, "--socket", server_path, "openapi")
     assert (code, err) == (0, "")
     assert "/messages" in json.loads(printed)["paths"]
@@ -148,8 +149,9 @@ def test_openapi_to_stdout_and_file(server_path: str, tmp_short: Path,
     assert json.loads(target.read_text(encoding="utf-8")) == json.loads(printed)
 
 
-def test_openapi_to_an_unwritable_place_is_one_line(server_path: str, tmp_short: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_openapi_to_an_unwritable_place_is_one_line(
+    server_path: str, tmp_short: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     target = str(tmp_short / "no" / "d.json")
     code, _, err = _run(capsys, "--socket", server_path, "openapi", "--output", target)
     assert code == 2
@@ -189,8 +191,9 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 # --- exit 1: the server answered an error ----------------------------------------------------------
 
 
-def test_get_unknown_path_exits_1_printing_the_body(server_path: str,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_get_unknown_path_exits_1_printing_the_body(
+    server_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = _run(capsys, "--socket", server_path, "get", "/messages/987654")
     assert code == 1
     assert json.loads(out)["status"] == 404
@@ -198,8 +201,9 @@ def test_get_unknown_path_exits_1_printing_the_body(server_path: str,
 
 
 @pytest.mark.parametrize("text", ["", "x" * 5000])
-def test_invalid_text_exits_1_with_the_servers_message(server_path: str, text: str,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_invalid_text_exits_1_with_the_servers_message(
+    server_path: str, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = _run(capsys, "--socket", server_path, "send", text)
     assert (code, out) == (1, "")
     assert "answered 422" in _error_line(err)
@@ -240,8 +244,9 @@ def test_bad_address_exits_2_quoting_it(address: str, capsys: pytest.CaptureFixt
     assert repr(address) in line
 
 
-def test_bad_address_from_env_exits_2(monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_address_from_env_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("UDS_SOCKET", "ftp://x")
     code, _, err = _run(capsys, "send", "x")
     assert code == 2
@@ -254,8 +259,9 @@ def test_get_needs_an_absolute_path(server_path: str, capsys: pytest.CaptureFixt
     assert "must start with '/'" in _error_line(err)
 
 
-def test_missing_external_command_module_is_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_external_command_module_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(cli._EXTERNAL, "ghost", ("client.ghost_command_absent", "a missing command"))
     monkeypatch.setitem(cli._COMMANDS, "ghost", ("a missing command", None, cli._external_builder("ghost")))
     assert cli.main(["ghost"]) == 2
@@ -269,8 +275,9 @@ def test_missing_external_command_module_is_one_line(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("command", [("health",), ("send", "x"), ("messages",)])
-def test_unreachable_sockets_exit_3(refused_socket: str, command: tuple[str, ...],
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_sockets_exit_3(
+    refused_socket: str, command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = _run(capsys, "--socket", "/nonexistent/x.sock", *command)
     assert code == 3
     assert _error_line(err) == (
@@ -282,8 +289,9 @@ def test_unreachable_sockets_exit_3(refused_socket: str, command: tuple[str, ...
 
 
 @pytest.mark.parametrize("command", [("health",), ("send", "x")])
-def test_silent_server_exits_3_timed_out(silent_socket: str, command: tuple[str, ...],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_silent_server_exits_3_timed_out(
+    silent_socket: str, command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = _run(capsys, "--socket", silent_socket, "--timeout", "0.3", *command)
     assert code == 3
     line = _error_line(err)
@@ -292,8 +300,9 @@ def test_silent_server_exits_3_timed_out(silent_socket: str, command: tuple[str,
 
 
 @pytest.mark.parametrize("command", [("health",), ("send", "x"), ("version",)])
-def test_a_dripping_server_cannot_outlast_the_timeout(dripping: tuple[str, Drip], command: tuple[str, ...],
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_dripping_server_cannot_outlast_the_timeout(
+    dripping: tuple[str, Drip], command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
     path, drip = dripping
     started = time.monotonic()
     code, _, err = _run(capsys, "--socket", path, "--timeout", "1", *command)
@@ -310,8 +319,9 @@ def test_a_dripping_server_cannot_outlast_the_timeout(dripping: tuple[str, Drip]
 @contextlib.contextmanager
 def _cli_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     """Run ``uds-client`` in the background, collecting its stdout lines; killed if still alive."""
-    with subprocess.Popen([PYTHON, "-m", "client", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=ROOT) as proc:
+    with subprocess.Popen(
+        [PYTHON, "-m", "client", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    ) as proc:
         assert proc.stdout is not None
         stream = proc.stdout
         lines: list[str] = []
@@ -422,16 +432,19 @@ def test_health_ready_exits_1_while_draining(tmp_short: Path, capsys: pytest.Cap
 
 
 def test_health_reads_a_chunked_answer(tmp_short: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    answer = (b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n"
-              b"5\r\nbroke\r\n3;x=1\r\nn!!\r\n0\r\n\r\n")
+    answer = (
+        b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nbroke\r\n3;x=1\r\nn!!\r\n0\r\n\r\n"
+    )
     with _canned(tmp_short, answer) as path:
         code, _, err = _run(capsys, "--socket", path, "health")
     assert code == 1
     assert _error_line(err).endswith("/healthz answered 500 broken!!")
 
 
-def test_health_against_something_that_is_not_http_exits_3(tmp_short: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_health_against_something_that_is_not_http_exits_3(
+    tmp_short: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with _canned(tmp_short, b"SSH-2.0-OpenSSH_9.2\r\n\r\n") as path:
         code, _, err = _run(capsys, "--socket", path, "health")
     assert code == 3
@@ -439,8 +452,9 @@ def test_health_against_something_that_is_not_http_exits_3(tmp_short: Path,
 
 
 @pytest.mark.parametrize("body", [b"{}", b"[]", b'{"id":1}'])
-def test_a_201_that_is_not_a_message_exits_1_with_one_line(tmp_short: Path, body: bytes,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_201_that_is_not_a_message_exits_1_with_one_line(
+    tmp_short: Path, body: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
     with _canned(tmp_short, json_answer(201, body, "Created")) as path:
         code, out, err = _run(capsys, "--socket", path, "send", "x")
     assert (code, out) == (1, "")
@@ -467,10 +481,14 @@ def test_server_text_in_error_lines_is_escaped(tmp_short: Path, capsys: pytest.C
         assert _error_line(err) == f"Error: the server answered 200 with a body that is not JSON: {_ESCAPED}"
 
 
-def test_server_text_in_normal_output_is_escaped(tmp_short: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    message = {"id": 1, "text": _HOSTILE, "reply": _HOSTILE, "received_at": "2026-01-01T00:00:00Z",
-               "peer": None}
+def test_server_text_in_normal_output_is_escaped(tmp_short: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = {
+        "id": 1,
+        "text": _HOSTILE,
+        "reply": _HOSTILE,
+        "received_at": "2026-01-01T00:00:00Z",
+        "peer": None,
+    }
     with _canned(tmp_short, json_answer(201, json.dumps(message).encode(), "Created")) as path:
         code, out, _ = _run(capsys, "--socket", path, "send", "x")
         assert (code, out) == (0, f"📥 Client received: {_ESCAPED}\n")

@@ -115,8 +115,9 @@ def test_bad_arguments_are_usage_errors(app_client: Client) -> None:
         app_client.get("healthz")
 
 
-def test_one_debug_line_per_request_and_no_logging_setup(app_client: Client,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_one_debug_line_per_request_and_no_logging_setup(
+    app_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.DEBUG, logger="client"):
         app_client.health()
         app_client.send("logged")
@@ -229,8 +230,11 @@ def test_missing_socket_is_a_connect_error(tmp_short: object) -> None:
 
 def test_errors_of_a_callers_httpx2_client_are_mapped_the_same(silent_socket: str) -> None:
     transport = httpx2.HTTPTransport(uds=silent_socket, verify=False)
-    with httpx2.Client(transport=transport, base_url="http://localhost", timeout=0.3) as http, \
-            Client(silent_socket, http_client=http) as c, pytest.raises(ConnectError) as info:
+    with (
+        httpx2.Client(transport=transport, base_url="http://localhost", timeout=0.3) as http,
+        Client(silent_socket, http_client=http) as c,
+        pytest.raises(ConnectError) as info,
+    ):
         c.health()
     assert info.value.reason == "timed out"
     assert isinstance(info.value.__cause__, httpx2.ReadTimeout)

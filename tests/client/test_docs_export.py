@@ -65,8 +65,12 @@ def test_export_twice_replaces_the_files(server_path: str, tmp_path: Path) -> No
 
 
 def test_spec_text_cannot_break_out_of_the_script_element() -> None:
-    spec = {"openapi": "3.1.0", "info": {"title": "<b>T</b> & co", "version": "1"},
-            "paths": {}, "x-note": "</script><script>alert(1)</script><!-- \u2028 \u2029"}
+    spec = {
+        "openapi": "3.1.0",
+        "info": {"title": "<b>T</b> & co", "version": "1"},
+        "paths": {},
+        "x-note": "</script><script>alert(1)</script><!-- \u2028 \u2029",
+    }
     text = spec_script(spec)
     for bad in ("<", ">", "&", "\u2028", "\u2029"):
         assert bad not in text

@@ -91,14 +91,19 @@ def _sized(size: int, *, declared: bool) -> bytes:
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "read-to-close"])
 def test_an_answer_over_max_response_bytes_is_refused(tmp_short: Path, declared: bool) -> None:
-    with raw_server(str(tmp_short / "big.sock"), answering(_sized(2000, declared=declared))) as path, \
-            Client(path, max_response_bytes=1999) as c, pytest.raises(ClientError) as info:
+    with (
+        raw_server(str(tmp_short / "big.sock"), answering(_sized(2000, declared=declared))) as path,
+        Client(path, max_response_bytes=1999) as c,
+        pytest.raises(ClientError) as info,
+    ):
         c.get("/big")
     assert str(info.value) == (
         f"unix://{path} answered GET /big with more than 1999 bytes; refusing to read it (max_response_bytes)"
     )
-    with raw_server(str(tmp_short / "fits.sock"), answering(_sized(2000, declared=declared))) as path, \
-            Client(path, max_response_bytes=2000) as c:
+    with (
+        raw_server(str(tmp_short / "fits.sock"), answering(_sized(2000, declared=declared))) as path,
+        Client(path, max_response_bytes=2000) as c,
+    ):
         assert len(c.get("/big").content) == 2000
 
 
@@ -144,8 +149,14 @@ def test_a_300_mb_answer_stays_far_from_the_clients_memory(tmp_short: Path) -> N
         "print(rc, int(status.split('VmHWM:')[1].split()[0]) * 1024)\n"
     )
     with raw_server(str(tmp_short / "flood.sock"), handle) as path:  # type: ignore[arg-type]
-        result = subprocess.run([PYTHON, "-c", code, "--socket", path, "get", "/messages"],
-                                capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+        result = subprocess.run(
+            [PYTHON, "-c", code, "--socket", path, "get", "/messages"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
     rc, peak = result.stdout.split()
     assert rc == "1", result.stderr
     assert result.stderr == (
@@ -162,8 +173,11 @@ def test_a_300_mb_answer_stays_far_from_the_clients_memory(tmp_short: Path) -> N
 
 @pytest.mark.parametrize("body", [b"{}", b"[]", b'"text"', b"null", b'{"id": "x", "text": 1}'])
 def test_a_201_that_is_not_a_message_is_one_client_error(tmp_short: Path, body: bytes) -> None:
-    with raw_server(str(tmp_short / "odd.sock"), answering(json_answer(201, body, "Created"))) as path, \
-            Client(path) as c, pytest.raises(ClientError) as info:
+    with (
+        raw_server(str(tmp_short / "odd.sock"), answering(json_answer(201, body, "Created"))) as path,
+        Client(path) as c,
+        pytest.raises(ClientError) as info,
+    ):
         c.send("x")
     assert type(info.value) is ClientError
     assert str(info.value).startswith("the server's answer is not a message: ")
@@ -171,6 +185,9 @@ def test_a_201_that_is_not_a_message_is_one_client_error(tmp_short: Path, body: 
 
 @pytest.mark.parametrize("body", [b"{}", b'{"messages": 5}', b'{"messages": [{}]}', b"[1]"])
 def test_a_message_list_of_the_wrong_shape_is_one_client_error(tmp_short: Path, body: bytes) -> None:
-    with raw_server(str(tmp_short / "odd.sock"), answering(json_answer(200, body, "OK"))) as path, \
-            Client(path) as c, pytest.raises(ClientError, match="not a list of messages"):
+    with (
+        raw_server(str(tmp_short / "odd.sock"), answering(json_answer(200, body, "OK"))) as path,
+        Client(path) as c,
+        pytest.raises(ClientError, match="not a list of messages"),
+    ):
         c.messages()

@@ -20,8 +20,15 @@ SOCKET_GID = 4242  # a group nobody belongs to unless the test adds it
 
 def _as_nobody(*args: str, extra_groups: list[int] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, *args], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
-        user=NOBODY, group=NOBODY, extra_groups=extra_groups or [],
+        [PYTHON, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=extra_groups or [],
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
 
@@ -63,7 +70,14 @@ def test_client_outside_the_group_gets_permission_denied(shared_dir: Path) -> No
 def test_client_in_the_group_gets_through(shared_dir: Path) -> None:
     with running_server("--socket-mode", "660", "--socket-group", str(SOCKET_GID), tmp=shared_dir) as server:
         assert server.socket_path is not None
-        result = _as_nobody("-m", "client", "--socket", server.socket_path, "send", "Hello from client",
-                            extra_groups=[SOCKET_GID])
+        result = _as_nobody(
+            "-m",
+            "client",
+            "--socket",
+            server.socket_path,
+            "send",
+            "Hello from client",
+            extra_groups=[SOCKET_GID],
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "📥 Client received: Hello from server via UDS\n"

@@ -63,8 +63,8 @@ def test_parse_listen(value: str, host: str, port: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "abc", "127.0.0.1:", "127.0.0.1:http", "1.2.3.4:65536", "::1:80", "[::1]80", "[::1", "-1",
-              "a b:80"],
+    "value",
+    ["", "abc", "127.0.0.1:", "127.0.0.1:http", "1.2.3.4:65536", "::1:80", "[::1]80", "[::1", "-1", "a b:80"],
 )
 def test_parse_listen_rejects_bad_values_quoting_them(value: str) -> None:
     with pytest.raises(UsageError) as info:
@@ -74,8 +74,15 @@ def test_parse_listen_rejects_bad_values_quoting_them(value: str) -> None:
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
-     ("0.0.0.0", False), ("::", False), ("10.0.0.1", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+    ],
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
@@ -85,7 +92,12 @@ def test_allowed_hosts() -> None:
     assert allowed_hosts("127.0.0.1", 8080) == {"127.0.0.1:8080", "localhost:8080", "[::1]:8080"}
     assert allowed_hosts("::1", 9) == {"[::1]:9", "127.0.0.1:9", "localhost:9"}
     assert allowed_hosts("0.0.0.0", 8080, ["Box.Example:9000"]) == {
-        "0.0.0.0:8080", "127.0.0.1:8080", "localhost:8080", "[::1]:8080", "box.example:9000"}
+        "0.0.0.0:8080",
+        "127.0.0.1:8080",
+        "localhost:8080",
+        "[::1]:8080",
+        "box.example:9000",
+    }
     assert "localhost" in allowed_hosts("127.0.0.1", 80)  # port 80 may be left out of Host
     assert allowed_hosts("10.0.0.1", 8080) == {"10.0.0.1:8080"}
 
@@ -120,7 +132,9 @@ def test_tcp_owner_on_a_dual_stack_listener() -> None:
             with accepted:
                 assert peer[0] == "::ffff:127.0.0.1"
                 assert tcp_owner(peer[:2], accepted.getsockname()[:2]) == (
-                    os.geteuid(), os.fstat(client.fileno()).st_ino)
+                    os.geteuid(),
+                    os.fstat(client.fileno()).st_ino,
+                )
 
 
 _CONNECT_AND_WAIT = """
@@ -136,8 +150,14 @@ def test_find_caller_reads_the_groups_of_the_process_holding_the_socket() -> Non
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         with subprocess.Popen(
-            [PYTHON, "-c", _CONNECT_AND_WAIT, str(listener.getsockname()[1])], user=NOBODY, group=NOBODY,
-            extra_groups=[SOCKET_GID], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+            [PYTHON, "-c", _CONNECT_AND_WAIT, str(listener.getsockname()[1])],
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[SOCKET_GID],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
         ) as child:
             assert child.stdout is not None
             assert child.stdout.readline() == "connected\n"
@@ -153,8 +173,9 @@ def test_find_caller_reads_the_groups_of_the_process_holding_the_socket() -> Non
 
 
 @pytest.mark.parametrize(("uid", "source"), [(NOBODY, "account"), (4242, "none")])
-def test_find_caller_falls_back_to_the_account_database(monkeypatch: pytest.MonkeyPatch, uid: int,
-                                                        source: str) -> None:
+def test_find_caller_falls_back_to_the_account_database(
+    monkeypatch: pytest.MonkeyPatch, uid: int, source: str
+) -> None:
     # As when the holding process is not visible (another user's, another container's).
     monkeypatch.setattr(_caller, "tcp_owner", lambda peer, local: (uid, 1))
     monkeypatch.setattr(_caller, "_process_holding", lambda inode: None)
@@ -163,8 +184,10 @@ def test_find_caller_falls_back_to_the_account_database(monkeypatch: pytest.Monk
     assert (caller.uid, caller.pid, caller.source) == (uid, 0, source)
     if source == "account":  # uid 65534 is in /etc/passwd: its primary group and memberships
         entry = pwd.getpwuid(uid)
-        assert (caller.gid, caller.groups) == (entry.pw_gid, frozenset(os.getgrouplist(entry.pw_name,
-                                                                                        entry.pw_gid)))
+        assert (caller.gid, caller.groups) == (
+            entry.pw_gid,
+            frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)),
+        )
     else:  # unknown to the account database: no groups at all
         assert (caller.gid, caller.groups) == (-1, frozenset())
 
@@ -186,18 +209,19 @@ def socket_file() -> Iterator[Path]:
 @pytest.mark.parametrize(
     ("mode", "dir_mode", "uid", "groups", "allowed"),
     [
-        (0o660, 0o755, 1000, {SOCKET_GID}, True),    # in the group
-        (0o660, 0o755, 1000, {1000}, False),         # outside the group
-        (0o660, 0o755, 0, set(), True),              # the owner (root owns it here)
-        (0o606, 0o755, 1000, {SOCKET_GID}, False),   # the group class is excluded, even if others may
-        (0o606, 0o755, 1000, {1000}, True),          # other
-        (0o460, 0o755, 0, {SOCKET_GID}, False),      # the owner class decides for the owner
-        (0o660, 0o750, 1000, {SOCKET_GID}, False),   # no search permission on the directory
-        (0o660, 0o710, 1000, {0, SOCKET_GID}, True), # search by the directory's group, write by the socket's
+        (0o660, 0o755, 1000, {SOCKET_GID}, True),  # in the group
+        (0o660, 0o755, 1000, {1000}, False),  # outside the group
+        (0o660, 0o755, 0, set(), True),  # the owner (root owns it here)
+        (0o606, 0o755, 1000, {SOCKET_GID}, False),  # the group class is excluded, even if others may
+        (0o606, 0o755, 1000, {1000}, True),  # other
+        (0o460, 0o755, 0, {SOCKET_GID}, False),  # the owner class decides for the owner
+        (0o660, 0o750, 1000, {SOCKET_GID}, False),  # no search permission on the directory
+        (0o660, 0o710, 1000, {0, SOCKET_GID}, True),  # search by the directory's group, write by the socket's
     ],
 )
-def test_socket_access_is_the_kernels_rule(socket_file: Path, mode: int, dir_mode: int, uid: int,
-                                           groups: set[int], allowed: bool) -> None:
+def test_socket_access_is_the_kernels_rule(
+    socket_file: Path, mode: int, dir_mode: int, uid: int, groups: set[int], allowed: bool
+) -> None:
     os.chown(socket_file, 0, SOCKET_GID)
     os.chmod(socket_file, mode)
     os.chmod(socket_file.parent, dir_mode)
@@ -272,9 +296,12 @@ class _HTTPHandler(socketserver.StreamRequestHandler):
                 return
 
     def _head(self, length: int, close: bool) -> None:
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {length}\r\n".encode()
-                         + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {length}\r\n".encode()
+            + (b"Connection: close\r\n" if close else b"")
+            + b"\r\n"
+        )
 
 
 @contextlib.contextmanager
@@ -307,7 +334,10 @@ class Proxy:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "client", "--socket", socket_path, "proxy", "--listen", listen, *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.port = 0
@@ -328,8 +358,9 @@ class Proxy:
         def listening() -> tuple[int, str] | None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.output}")
-            found = re.search(r"Proxy listening on http://\S+:(\d+) .*\n(?:.*\n)*?Docs: \S+\?token=(\S+)\n",
-                              self.output)
+            found = re.search(
+                r"Proxy listening on http://\S+:(\d+) .*\n(?:.*\n)*?Docs: \S+\?token=(\S+)\n", self.output
+            )
             return (int(found.group(1)), found.group(2)) if found else None
 
         self.port, self.token = wait_until(listening, timeout=15, what="the proxy's startup lines")
@@ -385,15 +416,19 @@ def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split(" ")[1]), headers, body
 
 
-def http_request(port: int, method: str, target: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+def http_request(
+    port: int, method: str, target: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(method, target, body=body, headers=headers or {})
         response = conn.getresponse()
         data = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, (
-            json.loads(data) if data else None)
+        return (
+            response.status,
+            {k.lower(): v for k, v in response.getheaders()},
+            (json.loads(data) if data else None),
+        )
     finally:
         conn.close()
 
@@ -413,13 +448,26 @@ print(json.dumps({"pid": os.getpid(), "status": response.status, "body": json.lo
 """
 
 
-def as_nobody(port: int, method: str, target: str, body: str = "", headers: dict[str, str] | None = None,
-              extra_groups: list[int] | None = None) -> dict[str, Any]:
+def as_nobody(
+    port: int,
+    method: str,
+    target: str,
+    body: str = "",
+    headers: dict[str, str] | None = None,
+    extra_groups: list[int] | None = None,
+) -> dict[str, Any]:
     """One request through the proxy made by uid 65534: ``{"pid", "status", "body"}``."""
     result = subprocess.run(
         [PYTHON, "-c", _AS_CALLER, str(port), method, target, body, json.dumps(headers or {})],
-        capture_output=True, text=True, cwd="/", timeout=60, check=False, user=NOBODY, group=NOBODY,
-        extra_groups=extra_groups or [], env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+        check=False,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=extra_groups or [],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
     assert result.returncode == 0, result.stderr
     answer: dict[str, Any] = json.loads(result.stdout)
@@ -445,25 +493,39 @@ def group_server() -> Iterator[Any]:
 def test_a_uid_refused_on_the_socket_is_refused_by_the_proxy(group_server: Any) -> None:
     path = group_server.socket_path
     direct = subprocess.run(
-        [PYTHON, "-m", "client", "--socket", path, "send", "Hello from nobody"], capture_output=True,
-        text=True, cwd=ROOT, timeout=60, check=False, user=NOBODY, group=NOBODY, extra_groups=[],
+        [PYTHON, "-m", "client", "--socket", path, "send", "Hello from nobody"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
     assert direct.returncode == 3, direct.stderr
     assert "(permission denied)" in direct.stderr
     with Proxy(path) as proxy:
         proxy.wait_listening()
-        for method, target, body in (("POST", "/messages", '{"text": "Hello from nobody"}'),
-                                     ("GET", "/messages", ""), ("GET", "/docs", "")):
+        for method, target, body in (
+            ("POST", "/messages", '{"text": "Hello from nobody"}'),
+            ("GET", "/messages", ""),
+            ("GET", "/docs", ""),
+        ):
             answer = as_nobody(proxy.port, method, target, body, {"Content-Type": "application/json"})
             assert answer["status"] == 403, answer
             assert answer["body"]["error"] == "forbidden"
             assert answer["body"]["message"].startswith(
                 f"uid {NOBODY} may not connect to unix://{path} (mode 0660, owner 0, group {SOCKET_GID}; "
-                f"groups {NOBODY} of its process); open the URL with the token")
+                f"groups {NOBODY} of its process); open the URL with the token"
+            )
         assert proxy.stop() == 0
-    assert re.search(rf"proxy #1 127\.0\.0\.1:\d+ \(uid={NOBODY} gid={NOBODY} pid=\d+\): refused 403 POST "
-                     r"/messages: uid 65534 may not connect", proxy.output)
+    assert re.search(
+        rf"proxy #1 127\.0\.0\.1:\d+ \(uid={NOBODY} gid={NOBODY} pid=\d+\): refused 403 POST "
+        r"/messages: uid 65534 may not connect",
+        proxy.output,
+    )
     status, stored = http_over_uds(path, "GET", "/messages")
     assert (status, json.loads(stored)) == (200, {"messages": []})  # nothing got through
 
@@ -472,8 +534,14 @@ def test_a_uid_in_the_socket_group_gets_through_and_the_server_names_it(group_se
     path = group_server.socket_path
     with Proxy(path) as proxy:
         proxy.wait_listening()
-        answer = as_nobody(proxy.port, "POST", "/messages", '{"text": "Hello from the group"}',
-                           {"Content-Type": "application/json"}, extra_groups=[SOCKET_GID])
+        answer = as_nobody(
+            proxy.port,
+            "POST",
+            "/messages",
+            '{"text": "Hello from the group"}',
+            {"Content-Type": "application/json"},
+            extra_groups=[SOCKET_GID],
+        )
         assert answer["status"] == 201, answer
         peer = answer["body"]["peer"]
         # The peer is the proxy (its real SO_PEERCRED); forwarded_for is the caller behind it.
@@ -489,30 +557,39 @@ def test_a_uid_in_the_socket_group_gets_through_and_the_server_names_it(group_se
     assert stored.peer is not None
     assert stored.peer.forwarded_for is not None
     assert (stored.peer.uid, stored.peer.forwarded_for.uid, stored.peer.forwarded_for.pid) == (
-        0, NOBODY, answer["pid"])
+        0,
+        NOBODY,
+        answer["pid"],
+    )
     assert stored.to_json()["peer"]["forwarded_for"] == {"pid": answer["pid"], "uid": NOBODY, "gid": NOBODY}
     group_server.stop()
-    assert (f"📩 Server received: Hello from the group\n  from peer pid={proxy.proc.pid} uid=0 gid=0 "
-            f"via proxy for uid={NOBODY} gid={NOBODY} pid={answer['pid']} (message {message_id})\n"
-            ) in group_server.output
+    assert (
+        f"📩 Server received: Hello from the group\n  from peer pid={proxy.proc.pid} uid=0 gid=0 "
+        f"via proxy for uid={NOBODY} gid={NOBODY} pid={answer['pid']} (message {message_id})\n"
+    ) in group_server.output
 
 
 def test_the_proxy_replaces_a_forwarded_peer_header_the_caller_sent(group_server: Any) -> None:
     with Proxy(group_server.socket_path) as proxy:
         proxy.wait_listening()
         forged = {"Content-Type": "application/json", "Uds-Forwarded-Peer": "uid=0 gid=0 pid=1"}
-        answer = as_nobody(proxy.port, "POST", "/messages", '{"text": "who am I"}', forged,
-                           extra_groups=[SOCKET_GID])
+        answer = as_nobody(
+            proxy.port, "POST", "/messages", '{"text": "who am I"}', forged, extra_groups=[SOCKET_GID]
+        )
         assert answer["status"] == 201, answer
         assert answer["body"]["peer"]["forwarded_for"] == {"uid": NOBODY, "gid": NOBODY, "pid": answer["pid"]}
         assert proxy.stop() == 0
     # Raw bytes, the header twice and in other spellings: what reaches the socket has exactly one.
     with unix_server() as upstream, Proxy(upstream.path) as proxy:
         proxy.wait_listening()
-        status, _, body = raw_exchange(proxy.port, (
-            f"GET /headers HTTP/1.1\r\nHost: {proxy.host}\r\nUds-Forwarded-Peer: uid=1 gid=1 pid=1\r\n"
-            "uds-forwarded-peer: uid=2 gid=2 pid=2\r\nUDS-FORWARDED-PEER:uid=3 gid=3 pid=3\r\n"
-            "Connection: keep-alive, Uds-Forwarded-Peer\r\nKeep-Alive: timeout=5\r\n\r\n").encode())
+        status, _, body = raw_exchange(
+            proxy.port,
+            (
+                f"GET /headers HTTP/1.1\r\nHost: {proxy.host}\r\nUds-Forwarded-Peer: uid=1 gid=1 pid=1\r\n"
+                "uds-forwarded-peer: uid=2 gid=2 pid=2\r\nUDS-FORWARDED-PEER:uid=3 gid=3 pid=3\r\n"
+                "Connection: keep-alive, Uds-Forwarded-Peer\r\nKeep-Alive: timeout=5\r\n\r\n"
+            ).encode(),
+        )
         assert status == 200
         head = json.loads(body)["head"]
         forwarded = [h for h in head if h.lower().startswith("uds-forwarded-peer:")]
@@ -549,16 +626,25 @@ def test_token_only_the_url_sets_an_httponly_samesite_cookie_and_the_token_stays
         # Root may use the socket, but with --token-only that is not enough.
         status, _, body = http_request(proxy.port, "GET", "/healthz")
         assert (status, body["error"]) == (403, "forbidden")
-        assert body["message"] == ("this proxy admits only requests with its token; open the URL with the "
-                                   "token that the proxy printed at start")
+        assert body["message"] == (
+            "this proxy admits only requests with its token; open the URL with the "
+            "token that the proxy printed at start"
+        )
         status, _, body = http_request(proxy.port, "GET", "/docs?token=wrong")
         assert (status, body["message"]) == (403, "wrong token; open the URL the proxy printed at start")
         status, headers, body = http_request(proxy.port, "GET", f"/headers?a=1&token={proxy.token}&b=2")
-        assert (status, body) == (303, {"error": "see_other", "status": 303,
-                                        "message": "token accepted; continue without it in the URL"})
+        assert (status, body) == (
+            303,
+            {
+                "error": "see_other",
+                "status": 303,
+                "message": "token accepted; continue without it in the URL",
+            },
+        )
         assert headers["location"] == "/headers?a=1&b=2"
         assert headers["set-cookie"] == (
-            f"uds-proxy-{proxy.port}={proxy.token}; Path=/; HttpOnly; SameSite=Strict")
+            f"uds-proxy-{proxy.port}={proxy.token}; Path=/; HttpOnly; SameSite=Strict"
+        )
         cookie = f"theme=dark; uds-proxy-{proxy.port}={proxy.token}"
         status, _, body = http_request(proxy.port, "GET", "/headers?a=1&b=2", headers={"Cookie": cookie})
         assert status == 200
@@ -580,8 +666,13 @@ def test_token_only_the_url_sets_an_httponly_samesite_cookie_and_the_token_stays
 def test_a_foreign_host_is_refused_421_dns_rebinding() -> None:
     with unix_server() as upstream, Proxy(upstream.path) as proxy:
         proxy.wait_listening()
-        for host in ("evil.example", f"evil.example:{proxy.port}", f"127.0.0.1:{proxy.port + 1}",
-                     "127.0.0.1", f"127.0.0.2:{proxy.port}"):
+        for host in (
+            "evil.example",
+            f"evil.example:{proxy.port}",
+            f"127.0.0.1:{proxy.port + 1}",
+            "127.0.0.1",
+            f"127.0.0.2:{proxy.port}",
+        ):
             status, _, body = http_request(proxy.port, "GET", "/healthz", headers={"Host": host})
             assert (status, body["error"], body["status"]) == (421, "misdirected_request", 421), host
             assert body["message"].startswith(f"this proxy does not answer for host {host!r}; use ")
@@ -589,11 +680,19 @@ def test_a_foreign_host_is_refused_421_dns_rebinding() -> None:
             status, _, body = http_request(proxy.port, "GET", "/healthz", headers={"Host": host})
             assert status == 200, host
         status, _, body = raw_exchange(proxy.port, b"GET /healthz HTTP/1.0\r\n\r\n")
-        assert (status, body) == (400, json.dumps({
-            "error": "bad_request", "message": "the request has no Host header; send Host: 127.0.0.1:PORT",
-            "status": 400}).encode())
-        status, _, _ = raw_exchange(proxy.port, f"GET / HTTP/1.1\r\nHost: {proxy.host}\r\nHost: {proxy.host}"
-                                                "\r\n\r\n".encode())
+        assert (status, body) == (
+            400,
+            json.dumps(
+                {
+                    "error": "bad_request",
+                    "message": "the request has no Host header; send Host: 127.0.0.1:PORT",
+                    "status": 400,
+                }
+            ).encode(),
+        )
+        status, _, _ = raw_exchange(
+            proxy.port, f"GET / HTTP/1.1\r\nHost: {proxy.host}\r\nHost: {proxy.host}\r\n\r\n".encode()
+        )
         assert status == 400
         assert proxy.stop() == 0
     assert upstream.seen == ["GET /healthz"] * 3
@@ -615,8 +714,9 @@ def test_a_cross_origin_request_is_refused() -> None:
             status, _, body = http_request(proxy.port, "POST", "/echo", b"{}", {"Origin": origin})
             assert (status, body["error"]) == (403, "forbidden"), origin
             assert body["message"].startswith(f"cross-origin requests are refused (Origin {origin!r})")
-        status, _, body = http_request(proxy.port, "POST", "/echo", b"{}",
-                                       {"Origin": f"http://localhost:{proxy.port}"})
+        status, _, body = http_request(
+            proxy.port, "POST", "/echo", b"{}", {"Origin": f"http://localhost:{proxy.port}"}
+        )
         assert (status, body) == (200, {})
         assert proxy.stop() == 0
     assert upstream.seen == ["POST /echo"]
@@ -625,22 +725,35 @@ def test_a_cross_origin_request_is_refused() -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "status", "message"),
     [
-        (b"GET / HTTP/1.1\r\nHost: HOST\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n", 431,
-         "the request head is over 32768 bytes"),
-        (b"GET / HTTP/1.1\r\nHost: HOST\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
-         431, "the request has more than 100 header fields"),
-        (b"POST /echo HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501,
-         "the request is not valid HTTP/1.1 (Only Transfer-Encoding: chunked is supported)"),
-        (b"POST /echo HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
-         b"0\r\n\r\n", 400, "the request has both Content-Length and Transfer-Encoding; send one"),
+        (
+            b"GET / HTTP/1.1\r\nHost: HOST\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n",
+            431,
+            "the request head is over 32768 bytes",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: HOST\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+            431,
+            "the request has more than 100 header fields",
+        ),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "the request is not valid HTTP/1.1 (Only Transfer-Encoding: chunked is supported)",
+        ),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+            b"0\r\n\r\n",
+            400,
+            "the request has both Content-Length and Transfer-Encoding; send one",
+        ),
         (b"HELLO\r\n\r\n", 400, None),
         (b"GET / HTTP/1.1\r\nHost: HOST\r\nNo-Colon\r\n\r\n", 400, None),
     ],
-    ids=["head-too-large", "too-many-fields", "gzip-chunked", "length-and-chunked", "not-http",
-         "no-colon"],
+    ids=["head-too-large", "too-many-fields", "gzip-chunked", "length-and-chunked", "not-http", "no-colon"],
 )
 def test_bad_request_heads_get_json_errors_and_never_reach_the_socket(
-        request_bytes: bytes, status: int, message: str | None) -> None:
+    request_bytes: bytes, status: int, message: str | None
+) -> None:
     with unix_server() as upstream, Proxy(upstream.path) as proxy:
         proxy.wait_listening()
         got, headers, body = raw_exchange(proxy.port, request_bytes.replace(b"HOST", proxy.host.encode()))
@@ -695,28 +808,43 @@ def test_half_close_after_the_request_still_gets_the_whole_answer() -> None:
         sock.close()
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
         assert answer.endswith(b"\r\n\r\nhello")
-        proxy.wait_output(r"proxy #1 127\.0\.0\.1:\d+ \(uid=0 gid=0 pid=\d+\) POST /echo: \d+ B to socket, "
-                          r"\d+ B to client, [\d.]+ s\n")
+        proxy.wait_output(
+            r"proxy #1 127\.0\.0\.1:\d+ \(uid=0 gid=0 pid=\d+\) POST /echo: \d+ B to socket, "
+            r"\d+ B to client, [\d.]+ s\n"
+        )
         assert proxy.stop() == 0
-    assert re.search(r"proxy #1 127\.0\.0\.1:\d+ \(uid=0 gid=0 pid=\d+\) POST /echo -> unix://"
-                     + re.escape(upstream.path) + r" \(admitted by uid\)", proxy.output)
+    assert re.search(
+        r"proxy #1 127\.0\.0\.1:\d+ \(uid=0 gid=0 pid=\d+\) POST /echo -> unix://"
+        + re.escape(upstream.path)
+        + r" \(admitted by uid\)",
+        proxy.output,
+    )
 
 
 def test_bodies_are_reframed_chunked_without_trailers_and_the_http_version_is_kept() -> None:
     with unix_server() as upstream, Proxy(upstream.path) as proxy:
         proxy.wait_listening()
-        status, _, body = raw_exchange(proxy.port, (
-            f"POST /headers HTTP/1.1\r\nHost: {proxy.host}\r\nTransfer-Encoding: chunked\r\n\r\n"
-            "5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n").encode())
+        status, _, body = raw_exchange(
+            proxy.port,
+            (
+                f"POST /headers HTTP/1.1\r\nHost: {proxy.host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                "5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+            ).encode(),
+        )
         assert status == 200
         answer = json.loads(body)
         assert (answer["body"], answer["trailers"]) == ("hello world", [])
         assert "Transfer-Encoding: chunked" in answer["head"]
         # The client's HTTP version is kept, so the server frames its answer for that client.
-        status, _, body = raw_exchange(proxy.port, f"POST /headers HTTP/1.0\r\nHost: {proxy.host}\r\n"
-                                                   "Content-Length: 2\r\n\r\nhi".encode())
+        status, _, body = raw_exchange(
+            proxy.port,
+            f"POST /headers HTTP/1.0\r\nHost: {proxy.host}\r\nContent-Length: 2\r\n\r\nhi".encode(),
+        )
         assert (status, json.loads(body)["head"][0], json.loads(body)["body"]) == (
-            200, "POST /headers HTTP/1.0", "hi")
+            200,
+            "POST /headers HTTP/1.0",
+            "hi",
+        )
         assert proxy.stop() == 0
 
 
@@ -724,15 +852,18 @@ def test_a_client_reset_closes_both_sides_and_is_logged() -> None:
     with unix_server() as upstream, Proxy(upstream.path) as proxy:
         proxy.wait_listening()
         sock = connect(proxy.port)
-        sock.sendall(f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: 100\r\n\r\nping"
-                     .encode())
+        sock.sendall(
+            f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: 100\r\n\r\nping".encode()
+        )
         received = b""
         while not received.endswith(b"ping"):
             received += sock.recv(1024)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # with linger 0: an RST, not a FIN
-        proxy.wait_output(r"proxy #1 .* POST /stream: \d+ B to socket, \d+ B to client, [\d.]+ s "
-                          r"\(client to socket stopped: connection reset by peer\)\n")
+        proxy.wait_output(
+            r"proxy #1 .* POST /stream: \d+ B to socket, \d+ B to client, [\d.]+ s "
+            r"\(client to socket stopped: connection reset by peer\)\n"
+        )
         assert proxy.stop() == 0
     assert "closed 0 open connection(s)" in proxy.output
 
@@ -743,8 +874,9 @@ def test_backpressure_holds_a_large_transfer_and_delivers_it_exactly() -> None:
         proxy.wait_listening()
         rss_before = psutil.Process(proxy.proc.pid).memory_info().rss
         sock = connect(proxy.port)
-        sock.sendall(f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: {len(payload)}\r\n\r\n"
-                     .encode())
+        sock.sendall(
+            f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        )
         sent = [0]
 
         def send() -> None:
@@ -809,7 +941,8 @@ def test_startup_lines_say_loopback_who_may_call_and_print_the_tokened_url() -> 
             f"Proxy listening on http://127.0.0.1:{proxy.port} (loopback only) -> unix://{path}\n"
             f"Access: callers on this machine who may connect to unix://{path} themselves (checked by uid), "
             "or anyone with this proxy's token (open the URL below once; it sets a cookie)\n"
-            f"Docs: http://127.0.0.1:{proxy.port}/docs?token={proxy.token}\n")
+            f"Docs: http://127.0.0.1:{proxy.port}/docs?token={proxy.token}\n"
+        )
         assert len(proxy.token) >= 32
         assert "WARNING" not in out
         assert proxy.stop(signal.SIGINT) == 0
@@ -859,14 +992,22 @@ def test_port_in_use_exits_2_with_one_line() -> None:
 
 @pytest.mark.parametrize(
     ("args", "start"),
-    [(("--listen", "127.0.0.1:http"), "Error: invalid --listen '127.0.0.1:http'"),
-     (("--head-timeout", "0"), "Error: invalid --head-timeout 0.0"),
-     (("--allow-host", "a b:1"), "Error: invalid --listen 'a b:1'")],
+    [
+        (("--listen", "127.0.0.1:http"), "Error: invalid --listen '127.0.0.1:http'"),
+        (("--head-timeout", "0"), "Error: invalid --head-timeout 0.0"),
+        (("--allow-host", "a b:1"), "Error: invalid --listen 'a b:1'"),
+    ],
 )
 def test_bad_option_values_exit_2(args: tuple[str, ...], start: str) -> None:
     with unix_server() as upstream:
-        result = subprocess.run([PYTHON, "-m", "client", "--socket", upstream.path, "proxy", *args],
-                                capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        result = subprocess.run(
+            [PYTHON, "-m", "client", "--socket", upstream.path, "proxy", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(start)
     assert result.stderr.count("\n") == 1
@@ -881,8 +1022,9 @@ def test_socket_gone_later_answers_502_in_the_shared_error_shape() -> None:
         status, body = http_get(proxy.port, "/healthz")
         # The caller is checked against the socket's permissions: with no socket, nobody passes.
         assert (status, body["error"]) == (403, "forbidden")
-        status, _, body = http_request(proxy.port, "GET", "/healthz",
-                                       headers={"Cookie": f"uds-proxy-{proxy.port}={proxy.token}"})
+        status, _, body = http_request(
+            proxy.port, "GET", "/healthz", headers={"Cookie": f"uds-proxy-{proxy.port}={proxy.token}"}
+        )
         assert status == 502
         assert body == {
             "error": "bad_gateway",
@@ -915,8 +1057,9 @@ def test_sigterm_closes_open_connections_and_exits_0() -> None:
         proxy.wait_listening()
         socks = [connect(proxy.port) for _ in range(3)]
         for sock in socks:
-            sock.sendall(f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: 9\r\n\r\nx"
-                         .encode())
+            sock.sendall(
+                f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: 9\r\n\r\nx".encode()
+            )
             received = b""
             while not received.endswith(b"\r\n\r\nx"):
                 received += sock.recv(1024)
@@ -940,16 +1083,23 @@ def test_real_server_through_the_proxy() -> None:
         proxy.wait_listening()
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
         try:
-            conn.request("POST", "/messages", body=json.dumps({"text": "Hello from client"}),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/messages",
+                body=json.dumps({"text": "Hello from client"}),
+                headers={"Content-Type": "application/json"},
+            )
             response = conn.getresponse()
             message = json.loads(response.read())
             assert response.status == 201
             assert message["reply"] == "Hello from server via UDS"
             # The server sees the proxy process as its peer, and this process behind it.
             assert message["peer"]["pid"] == proxy.proc.pid
-            assert message["peer"]["forwarded_for"] == {"uid": os.geteuid(), "gid": os.getegid(),
-                                                        "pid": os.getpid()}
+            assert message["peer"]["forwarded_for"] == {
+                "uid": os.geteuid(),
+                "gid": os.getegid(),
+                "pid": os.getpid(),
+            }
             conn.request("GET", f"/messages/{message['id']}")  # http.client reconnects after close
             response = conn.getresponse()
             assert (response.status, json.loads(response.read())["text"]) == (200, "Hello from client")
@@ -960,17 +1110,26 @@ def test_real_server_through_the_proxy() -> None:
         finally:
             conn.close()
         # A chunked body reaches the real server intact.
-        status, _, body = raw_exchange(proxy.port, (
-            f"POST /messages HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Type: application/json\r\n"
-            'Transfer-Encoding: chunked\r\n\r\n9\r\n{"text": \r\n5\r\n"hi"}\r\n0\r\n\r\n').encode())
+        status, _, body = raw_exchange(
+            proxy.port,
+            (
+                f"POST /messages HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Type: application/json\r\n"
+                'Transfer-Encoding: chunked\r\n\r\n9\r\n{"text": \r\n5\r\n"hi"}\r\n0\r\n\r\n'
+            ).encode(),
+        )
         assert (status, json.loads(body)["text"]) == (201, "hi")
         # A broken one is answered by the proxy, in the shared error shape.
-        status, _, body = raw_exchange(proxy.port, (
-            f"POST /messages HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Type: application/json\r\n"
-            'Transfer-Encoding: chunked\r\n\r\n9\r\n{"text": \r\n6\r\n"hi"}\r\n0\r\n\r\n').encode())
+        status, _, body = raw_exchange(
+            proxy.port,
+            (
+                f"POST /messages HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Type: application/json\r\n"
+                'Transfer-Encoding: chunked\r\n\r\n9\r\n{"text": \r\n6\r\n"hi"}\r\n0\r\n\r\n'
+            ).encode(),
+        )
         assert (status, json.loads(body)["error"]) == (400, "bad_request")
         assert json.loads(body)["message"].startswith(
-            "the request body is not valid HTTP/1.1 (malformed chunk")
+            "the request body is not valid HTTP/1.1 (malformed chunk"
+        )
         for target in ("/docs", "/redoc", "/openapi.json"):
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
             conn.request("GET", target)

@@ -91,10 +91,8 @@ def _stored(server_path: str, text: str) -> int:
         return sum(1 for m in direct.messages(limit=1000) if m.text == text)
 
 
-def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str,
-                                                                   tmp_short: Path) -> None:
-    with _relay(tmp_short, server_path, drop_request_number=2) as relay, \
-            Client(relay.server_address) as c:
+def test_dropped_reused_connection_is_retried_once_and_stored_once(server_path: str, tmp_short: Path) -> None:
+    with _relay(tmp_short, server_path, drop_request_number=2) as relay, Client(relay.server_address) as c:
         first = c.send("before the drop")
         second = c.send("dropped then retried")
         assert second.text == "dropped then retried"
@@ -118,8 +116,7 @@ def test_async_client_retries_a_dropped_reused_connection_once(server_path: str,
 
 
 def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_short: Path) -> None:
-    with _relay(tmp_short, server_path, drop_request_number=1) as relay, \
-            Client(relay.server_address) as c:
+    with _relay(tmp_short, server_path, drop_request_number=1) as relay, Client(relay.server_address) as c:
         with pytest.raises(ConnectError) as info:
             c.send("lost on a fresh connection")
         assert info.value.reason == "connection closed by the server"
@@ -127,8 +124,9 @@ def test_a_fresh_connection_that_fails_is_not_retried(server_path: str, tmp_shor
     assert _stored(server_path, "lost on a fresh connection") == 1
 
 
-def test_idle_connection_closed_by_the_server_is_not_reused(tmp_short: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_idle_connection_closed_by_the_server_is_not_reused(
+    tmp_short: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     opened: list[socket.socket] = []
 
     def trace(event: str, info: dict[str, Any]) -> None:
@@ -141,8 +139,11 @@ def test_idle_connection_closed_by_the_server_is_not_reused(tmp_short: Path,
             assert c._http.get("/healthz", extensions={"trace": trace}).status_code == 200
             assert len(opened) == 1
             idle = opened[0]
-            wait_until(lambda: bool(select.select([idle], [], [], 0)[0]), timeout=10,
-                       what="the server to close the idle connection")
+            wait_until(
+                lambda: bool(select.select([idle], [], [], 0)[0]),
+                timeout=10,
+                what="the server to close the idle connection",
+            )
             assert c._http.get("/healthz", extensions={"trace": trace}).status_code == 200
             assert len(opened) == 2  # a fresh connection; the closed one was dropped, not tried
             c.send("two")

@@ -25,7 +25,9 @@ def test_a_server_that_exits_ends_the_wait_at_once_with_its_code(tmp_short: Path
     bad_mode = app_command("--socket", path, "--socket-mode", "abc")
     with ServerProcess(bad_mode, socket=path, cwd=ROOT) as server:
         began = time.monotonic()
-        with pytest.raises(SpawnError, match=rf"uds-server exited with code 2 before it answered on unix://{path}"):
+        with pytest.raises(
+            SpawnError, match=rf"uds-server exited with code 2 before it answered on unix://{path}"
+        ):
             server.wait_ready(timeout=60)
         assert time.monotonic() - began < 30  # not the deadline: the exit ended it
 
@@ -49,8 +51,10 @@ def test_a_port_that_never_answers_times_out_with_the_last_error() -> None:
 
 
 def test_stop_kills_a_server_that_ignores_sigterm() -> None:
-    ignoring = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('on', flush=1); "
-                "time.sleep(60)")
+    ignoring = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('on', flush=1); "
+        "time.sleep(60)"
+    )
     with ServerProcess([sys.executable, "-c", ignoring], stdout=subprocess.PIPE, text=True) as server:
         assert server.proc.stdout is not None
         assert server.proc.stdout.readline() == "on\n"  # the handler is in place
@@ -63,8 +67,12 @@ def test_stop_kills_a_server_that_ignores_sigterm() -> None:
 def test_env_overrides_and_removals_reach_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UDS_SOCKET", "/from/the/parent.sock")
     show = "import os; e = os.environ; print(e.get('UDS_SOCKET'), e['EXTRA'], e['PYTHONUNBUFFERED'])"
-    with ServerProcess([sys.executable, "-c", show], stdout=subprocess.PIPE, text=True,
-                       env={"UDS_SOCKET": None, "EXTRA": "x"}) as child:
+    with ServerProcess(
+        [sys.executable, "-c", show],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"UDS_SOCKET": None, "EXTRA": "x"},
+    ) as child:
         out, _ = child.proc.communicate(timeout=30)
     assert out == "None x 1\n"
 

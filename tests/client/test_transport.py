@@ -87,8 +87,9 @@ def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
     assert type(async_transport("/tmp/none.sock")._pool) is httpcore2.AsyncConnectionPool
 
 
-def test_client_requests_go_through_the_closing_backend(server_path: str,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_requests_go_through_the_closing_backend(
+    server_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     streams: list[httpcore2.NetworkStream] = []
     original = UnixBackend.connect_unix_socket
 
@@ -105,8 +106,9 @@ def test_client_requests_go_through_the_closing_backend(server_path: str,
     assert isinstance(streams[0], UnixStream)
 
 
-def test_async_client_requests_go_through_the_deadline_backend(server_path: str,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_async_client_requests_go_through_the_deadline_backend(
+    server_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     streams: list[httpcore2.AsyncNetworkStream] = []
     original = AsyncUnixBackend.connect_unix_socket
 

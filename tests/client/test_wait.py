@@ -25,8 +25,13 @@ def test_backs_off_exponentially_up_to_the_cap_then_gives_up(tmp_short: Path) ->
     path = str(tmp_short / "never.sock")
     retries: list[tuple[str, float]] = []
     with pytest.raises(WaitTimeout) as info:
-        wait_for_socket(path, 1.0, first_delay=0.01, max_delay=0.08,
-                        on_retry=lambda reason, delay: retries.append((reason, delay)))
+        wait_for_socket(
+            path,
+            1.0,
+            first_delay=0.01,
+            max_delay=0.08,
+            on_retry=lambda reason, delay: retries.append((reason, delay)),
+        )
     delays = [delay for _, delay in retries]
     assert {reason for reason, _ in retries} == {"no such file"}
     assert delays[:4] == [0.01, 0.02, 0.04, 0.08]
@@ -49,7 +54,10 @@ def test_cli_waits_for_a_server_that_starts_later(tmp_short: Path) -> None:
     path = str(tmp_short / "late.sock")
     with subprocess.Popen(
         [PYTHON, "-m", "client", "--socket", path, "--wait", "60", "send", "Hello from client"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     ) as client:
         assert client.stderr is not None
         stderr = client.stderr

@@ -56,8 +56,21 @@ def box() -> Iterator[Path]:
     with ServerProcess(["--socket", path, "--socket-group", "10000"], socket_path=path) as server:
         try:
             server.wait_ready()
-            ok("run", "--detach", "--rm", "--name", CONTAINER, "--network", "none", "--volume",
-               f"{directory}:/csi", "--entrypoint", "sleep", IMAGE, "600")
+            ok(
+                "run",
+                "--detach",
+                "--rm",
+                "--name",
+                CONTAINER,
+                "--network",
+                "none",
+                "--volume",
+                f"{directory}:/csi",
+                "--entrypoint",
+                "sleep",
+                IMAGE,
+                "600",
+            )
             yield directory
         finally:
             podman("rm", "--force", "--time", "0", CONTAINER)
@@ -112,7 +125,9 @@ def test_bench_against_the_socket(box: Path) -> None:
 def test_proxy_serves_the_api_on_loopback_and_stops_on_sigterm(box: Path) -> None:
     proxy = subprocess.Popen(
         ["podman", "exec", CONTAINER, "uds-client", "proxy", "--quiet", "--listen", "127.0.0.1:8080"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     fetch = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/healthz').read().decode())"
     # SIGTERM to the proxy, found by its command line (processes may exit while /proc is read).
@@ -127,8 +142,12 @@ def test_proxy_serves_the_api_on_loopback_and_stops_on_sigterm(box: Path) -> Non
         "        os.kill(int(pid), signal.SIGTERM)\n"
     )
     try:
-        body = wait_until(lambda: ok("exec", CONTAINER, "python", "-c", fetch), timeout=15, interval=0.2,
-                          what="the proxy to answer inside the container")
+        body = wait_until(
+            lambda: ok("exec", CONTAINER, "python", "-c", fetch),
+            timeout=15,
+            interval=0.2,
+            what="the proxy to answer inside the container",
+        )
         assert json.loads(body) == {"status": "ok"}
         ok("exec", CONTAINER, "python", "-c", term)
         _, err = proxy.communicate(timeout=60)
@@ -141,9 +160,11 @@ def test_proxy_serves_the_api_on_loopback_and_stops_on_sigterm(box: Path) -> Non
 
 @pytest.mark.parametrize(
     ("argv", "needs"),
-    [(["docs", "--output", "/tmp/docs"], "fastapi-offline"),
-     (["bench", "--spawn", "-n", "5"], "the server package"),
-     (["bench", "--plot", "/tmp/bench.png", "-n", "5"], "matplotlib")],
+    [
+        (["docs", "--output", "/tmp/docs"], "fastapi-offline"),
+        (["bench", "--spawn", "-n", "5"], "the server package"),
+        (["bench", "--plot", "/tmp/bench.png", "-n", "5"], "matplotlib"),
+    ],
 )
 def test_commands_that_need_the_server_package_say_so(box: Path, argv: list[str], needs: str) -> None:
     done = uds_client(*argv)

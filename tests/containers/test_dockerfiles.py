@@ -34,8 +34,14 @@ def hadolint() -> str:
 
 
 def run_hadolint(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([hadolint(), "--no-color", str(path)], capture_output=True, text=True,
-                          timeout=60, check=False, cwd=ROOT)
+    return subprocess.run(
+        [hadolint(), "--no-color", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
 
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
@@ -69,8 +75,13 @@ def test_hadolint_catches_a_bad_dockerfile() -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_container_scripts_pass_shellcheck(script: str) -> None:
-    result = subprocess.run([require_tool("shellcheck"), str(ROOT / script)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [require_tool("shellcheck"), str(ROOT / script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -102,7 +113,7 @@ def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: str)
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_runtime_stage_is_compiled_non_root_and_exec_form(dockerfile: str) -> None:
     steps = instructions(dockerfile)
-    runtime = steps[max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM"):]
+    runtime = steps[max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM") :]
     build_runs = " ".join(args for keyword, args in steps if keyword == "RUN")
     assert "compileall" in build_runs
     assert "unchecked-hash" in build_runs
@@ -131,8 +142,11 @@ def test_oci_labels(dockerfile: str) -> None:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    rules = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert rules[0] == "*", "exclude everything, then allow what the images copy"
     allowed = {r for r in rules if r.startswith("!")}
     assert allowed == {"!pyproject.toml", "!app/", "!client/", "!build/wheels/"}

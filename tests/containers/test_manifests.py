@@ -71,8 +71,13 @@ def pod(request: pytest.FixtureRequest) -> Spec:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
 def test_kubernetes_validate_strict(manifest: Path, version: str) -> None:
-    result = subprocess.run([kubernetes_validate(), "--strict", "-k", version, str(manifest)],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [kubernetes_validate(), "--strict", "-k", version, str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert f"passed for resource pod/uds-demo against version {version}" in output, output
@@ -202,8 +207,9 @@ def test_native_sidecar_runs_the_server_as_a_restartable_init_container() -> Non
     assert sidecar["metadata"] == pod["metadata"]
 
 
-@pytest.mark.parametrize(("dockerfile", "name"), [("Dockerfile.server", "uds-server"),
-                                                  ("Dockerfile.client", "uds-client")])
+@pytest.mark.parametrize(
+    ("dockerfile", "name"), [("Dockerfile.server", "uds-server"), ("Dockerfile.client", "uds-client")]
+)
 def test_image_user_matches_the_manifest(dockerfile: str, name: str) -> None:
     """The image's USER is what the Pod runs as, so `docker run` behaves like the Pod."""
     users = re.findall(r"^USER\s+(\d+):(\d+)\s*$", (ROOT / dockerfile).read_text(), re.MULTILINE)

@@ -66,8 +66,14 @@ def tear_down() -> None:
 
 
 def run_script(name: str, *args: str, timeout: float) -> None:
-    result = subprocess.run([str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                            timeout=timeout, check=False, cwd=ROOT)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
     output = f"{result.stdout}\n{result.stderr}"
     assert result.returncode == 0, f"scripts/{name} failed ({result.returncode}):\n{output}"
 
@@ -96,8 +102,12 @@ def pod(images: None) -> Iterator[None]:
         try:
             wait_until(client_done, timeout=90, interval=0.1, what="the client's round trip")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- server ---\n" + "\n".join(logs(SERVER))
-                                 + "\n--- client ---\n" + "\n".join(logs(CLIENT))) from None
+            raise AssertionError(
+                f"{exc}\n--- server ---\n"
+                + "\n".join(logs(SERVER))
+                + "\n--- client ---\n"
+                + "\n".join(logs(CLIENT))
+            ) from None
         yield
     finally:
         tear_down()
@@ -133,8 +143,11 @@ def test_socket_has_the_intended_mode_owner_and_group(pod: None) -> None:
 
 
 def test_probes_pass(pod: None) -> None:
-    for container, argv in ((SERVER, ["uds-client", "health"]), (SERVER, ["uds-client", "health", "--ready"]),
-                            (CLIENT, ["uds-client", "health"])):
+    for container, argv in (
+        (SERVER, ["uds-client", "health"]),
+        (SERVER, ["uds-client", "health", "--ready"]),
+        (CLIENT, ["uds-client", "health"]),
+    ):
         result = exec_in(container, *argv)
         assert result.returncode == 0, f"{container}: {' '.join(argv)}: {result.stderr}"
         assert result.stdout == "", "a probe is quiet when healthy"
@@ -231,13 +244,37 @@ def test_client_image_builds_from_a_package_index_without_wheels(images: None) -
         for package in ("app", "client"):
             shutil.copytree(ROOT / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
         with package_index(ROOT / "build" / "wheels") as url:
-            ok("build", "--format", "docker", "--pull=never", "--network", "host", "--no-cache",
-               "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"PIP_INDEX_URL={url}",
-               "-f", str(ROOT / "Dockerfile.client"), "-t", tag, str(context), timeout=600)
+            ok(
+                "build",
+                "--format",
+                "docker",
+                "--pull=never",
+                "--network",
+                "host",
+                "--no-cache",
+                "--build-arg",
+                f"BASE_IMAGE={BASE_IMAGE}",
+                "--build-arg",
+                f"PIP_INDEX_URL={url}",
+                "-f",
+                str(ROOT / "Dockerfile.client"),
+                "-t",
+                tag,
+                str(context),
+                timeout=600,
+            )
         version = ok("run", "--rm", "--network", "none", tag, "--version").strip()
         assert version.endswith("1.0.0"), version
-        listing = ok("run", "--rm", "--network", "none", "--entrypoint", "ls", tag,
-                     "/opt/venv/lib/python3.11/site-packages").split()
+        listing = ok(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "ls",
+            tag,
+            "/opt/venv/lib/python3.11/site-packages",
+        ).split()
         assert "httpx2" in listing
         assert "fastapi" not in listing
     finally:

@@ -255,6 +255,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._over_cap = False
         self._linger: TimerHandle | None = None
         self._linger_left = 0
+        self._live: list[RequestResponseCycle] = []
+        """Cycles not yet answered, the running one and those pipelined behind it."""
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -278,6 +280,14 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        # uvicorn marks only the last parsed cycle as disconnected; the one still answering (with
+        # requests pipelined behind it) would then write to the closed transport and log an
+        # "internal error" that any peer could trigger at will by hanging up.
+        for cycle in self._live:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._live.clear()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -364,6 +374,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._over_cap = False
         self._in_head = False
         super().on_headers_complete()
+        self._live.append(self.cycle)
         # Trailer fields (after a chunked body) land in a list of their own, counted, never used.
         self.headers = []
 
@@ -395,6 +406,11 @@ class PeerCredProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        live = self._live
+        if len(live) == 1:
+            live.clear()
+        else:
+            live[:] = [cycle for cycle in live if not cycle.response_complete]
         pending = self._pending
         if pending is not None:
             last = not self.pipeline  # the response that completed was the last one owed before the error

@@ -694,3 +694,45 @@ def test_at_the_cap_trickling_peers_give_way_to_a_probe(tmp: Path) -> None:
                 conn.close()
         # The first event at the cap is logged at once; the closings are summed up in the next line.
         assert "WARNING At the connection limit (20, --max-connections)" in server.output
+
+
+def test_hanging_up_on_pipelined_answers_logs_no_error(tmp: Path) -> None:
+    """A peer that pipelines requests, reads nothing and hangs up must not make the server log an
+    internal error per request (uvicorn left the running answer unaware of the disconnect)."""
+    with running_server(tmp=tmp) as server:
+        path = _path(server)
+        text = "\U0001f600" * 4096
+        status, _ = http_over_uds(
+            path,
+            "POST",
+            "/messages",
+            json.dumps({"text": text}).encode(),
+            {"content-type": "application/json"},
+        )
+        assert status == 201
+        conns = []
+        for _ in range(10):
+            conn = _connect(path)
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(200):
+                    conn.send(b"GET /messages/1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            conns.append(conn)
+        # Every connection has answers waiting on a full buffer: the server is writing to each.
+        wait_until(
+            lambda: all(_unread(conn) > 0 for conn in conns), what="answers queued on every connection"
+        )
+        for conn in conns:
+            conn.close()
+        assert wait_until(lambda: http_over_uds(path)[0] == 200, what="the server to answer again")
+        assert server.stop() == 0
+    assert "ERROR" not in server.output, server.output
+
+
+def _unread(conn: socket.socket) -> int:
+    """Bytes waiting in the client's receive queue (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]

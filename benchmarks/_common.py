@@ -67,7 +67,9 @@ class Server(ServerProcess):
         tcp: bool = False,
         extra: Sequence[str] = (),
         cpus: set[int] | None = None,
+        source: Path = ROOT,
     ) -> None:
+        """``source`` is the tree whose ``app`` runs (another revision's checkout, say)."""
         self.dir = socket_dir("ub")
         path = None if tcp else os.path.join(self.dir, "s.sock")
         port = free_port() if tcp else None
@@ -79,7 +81,7 @@ class Server(ServerProcess):
         else:
             raise ValueError(kind)
         self.kind = kind
-        super().__init__(command, socket=path, port=port, name=f"the {kind} server", cwd=ROOT, cpus=cpus)
+        super().__init__(command, socket=path, port=port, name=f"the {kind} server", cwd=source, cpus=cpus)
 
     @property
     def transport(self) -> str:

@@ -28,8 +28,8 @@ def run(quick: bool) -> list[Row]:
             runs,
             "rps",
             "req/s",
-            ">= 0.6x",
-            lambda r: r >= 0.6,
+            ">= 0.85x",
+            lambda r: r >= 0.85,
         )
     ]
 

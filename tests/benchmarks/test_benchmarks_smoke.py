@@ -86,3 +86,36 @@ def test_results_markdown_table(quick_run: tuple[subprocess.CompletedProcess[str
     assert {line.split("|")[1].strip() for line in body} == {"a", "b", "c", "d", "e", "f"}
     assert all(line.count("|") == 8 for line in body)
     assert not any("could not run" in line for line in body)
+
+
+def test_against_revision_compares_two_checkouts() -> None:
+    """(g) checks out a revision in a temporary worktree and runs its server beside this tree's."""
+    require_tool("git")
+    done = subprocess.run(
+        [
+            PYTHON,
+            str(BENCHMARKS / "against_revision.py"),
+            "--rev",
+            "HEAD",
+            "--rounds",
+            "1",
+            "--duration",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(row) == ROW_KEYS
+    assert (row["bench"], row["b_label"]) == ("g", "HEAD")
+    assert row["a"] > 0, row
+    assert row["b"] > 0, row
+    assert [(r["a_errors"], r["b_errors"]) for r in row["rounds"]] == [(0, 0)]
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
+    )
+    assert "ub-rev-" not in listed.stdout, "the temporary worktree was left behind"

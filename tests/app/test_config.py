@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import grp
+import os
 import re
 import subprocess
 
 import pytest
 
-from app.__main__ import build_parser, parse_settings
+from app.__main__ import build_parser, main, parse_settings
 from app.config import Settings, SettingsError, options
 from tests.support import PYTHON, ROOT
 
@@ -206,20 +207,32 @@ def _server(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         ),
     ],
 )
-def test_cli_bad_value_is_one_line_exit_2(args: list[str], env: dict[str, str], line: str) -> None:
-    result = _server(*args, env=env)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [line]
-    assert result.stdout == ""
+def test_cli_bad_value_is_one_line_exit_2(
+    args: list[str],
+    env: dict[str, str],
+    line: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in [n for n in os.environ if n.startswith("UDS_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [line]
+    assert captured.out == ""
 
 
-def test_cli_unknown_flag_exit_2() -> None:
-    result = _server("--no-such-flag")
-    assert result.returncode == 2
-    assert "unrecognized arguments: --no-such-flag" in result.stderr
+def test_cli_unknown_flag_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--no-such-flag"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_cli_help_and_version_exit_0() -> None:
+    """The real command: ``python -m app``, as the images run it."""
     result = _server("--help")
     assert result.returncode == 0
     assert "UDS_SOCKET_GROUP" in result.stdout

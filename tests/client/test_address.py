@@ -99,10 +99,6 @@ def test_bad_values_are_rejected_with_the_value_quoted(value: str, reason: str) 
     assert "\n" not in message
 
 
-def test_address_error_is_a_value_error() -> None:
-    assert issubclass(AddressError, ValueError)
-
-
 # ---------------------------------------------------------------------------------------------
 # Every spelling through the real uds-server and uds-client, from UDS_SOCKET
 

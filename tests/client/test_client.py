@@ -22,7 +22,6 @@ from client import (
     Version,
     resolve_socket,
 )
-from client._transport import KEEPALIVE_EXPIRY
 
 # --- in-process: the app behind FastAPI's TestClient ---------------------------------------------
 
@@ -169,12 +168,6 @@ def test_creating_clients_loads_no_ca_bundle(monkeypatch: pytest.MonkeyPatch) ->
     # The check above would catch httpx2's default: it loads the system CA file per transport.
     with pytest.raises(AssertionError, match="CA bundle"):
         httpx2.HTTPTransport(uds="/tmp/none.sock")
-
-
-def test_idle_connections_expire_before_the_servers_keep_alive() -> None:
-    from app.config import Settings
-
-    assert Settings().keepalive_timeout > KEEPALIVE_EXPIRY
 
 
 @pytest.mark.parametrize("options", [{"timeout": 0}, {"timeout": -1.0}, {"max_response_bytes": 0}])

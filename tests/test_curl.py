@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ServerProcess, require_tool, running_server
+from tests.support import ServerProcess, require_tool, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,10 @@ def test_post_get_and_list(server: ServerProcess) -> None:
     status, headers, body = curl(server, "http://localhost/messages?limit=1")
     assert status == 200
     assert as_json(headers, body) == {"messages": [message]}
-    assert "📩 Server received: Hello from client" in server.output.splitlines()
+    # The log line is written after the answer, on the next turn of the server's event loop.
+    wait_until(
+        lambda: "📩 Server received: Hello from client" in server.output.splitlines(), what="the log line"
+    )
 
 
 def test_idempotency_key(server: ServerProcess) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from app.config import Settings
 from tests.app.conftest import ASGIClient, assert_error
-from tests.support import ServerProcess, http_over_uds, read_response, running_server
+from tests.support import ServerProcess, http_over_uds, read_response, running_server, wait_until
 
 JSON = {"content-type": "application/json"}
 LIMIT = 64 * 1024
@@ -266,4 +266,5 @@ def test_server_still_stores_good_messages_after_bad_ones(server: ServerProcess)
     status, body = http_over_uds(server.socket_path, "POST", "/messages", b'{"text": "still here"}', JSON)
     assert status == 201
     assert json.loads(body)["text"] == "still here"
-    assert "📩 Server received: still here" in server.output.splitlines()
+    # The log line is written after the answer, on the next turn of the server's event loop.
+    wait_until(lambda: "📩 Server received: still here" in server.output.splitlines(), what="the log line")

@@ -169,6 +169,31 @@ def never_reading_listers(path: str, count: int) -> Iterator[list[socket.socket]
 
 
 @contextlib.contextmanager
+def holding(path: str, count: int, partial: bytes, what: str) -> Iterator[list[socket.socket]]:
+    """``count`` connections that each send ``partial`` (an unfinished request) and wait.
+
+    Yields them once the server has read every byte sent, or has answered (refused) and closed.
+    """
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            conn = connect(path)
+            conns.append(conn)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused at once
+                conn.sendall(partial)
+        served_after(path)
+        wait_until(
+            lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns),
+            timeout=30,
+            what=f"the server to read every {what} or refuse it",
+        )
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@contextlib.contextmanager
 def partial_bodies(path: str, count: int, body_bytes: int = DEFAULTS.max_body_bytes) -> Iterator[int]:
     """``count`` connections each announcing a ``body_bytes`` body and sending all but its last byte.
 
@@ -178,24 +203,8 @@ def partial_bodies(path: str, count: int, body_bytes: int = DEFAULTS.max_body_by
         b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % body_bytes
     )
-    partial = head + b'{"text":"' + b"x" * (body_bytes - 10)
-    conns: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            conn = connect(path)
-            conns.append(conn)
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                conn.sendall(partial)
-        served_after(path)
-        wait_until(
-            lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns),
-            timeout=30,
-            what="the server to read every partial body or refuse it",
-        )
+    with holding(path, count, head + b'{"text":"' + b"x" * (body_bytes - 10), "partial body") as conns:
         yield sum(1 for c in conns if waiting_for_us(c))
-    finally:
-        for conn in conns:
-            conn.close()
 
 
 @contextlib.contextmanager
@@ -203,23 +212,8 @@ def partial_heads(path: str, count: int, head_bytes: int = 30 * 1024) -> Iterato
     """``count`` connections each sending ``head_bytes`` of a request head (under the head limit)
     without the blank line that ends it."""
     partial = b"POST /messages HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"p" * head_bytes
-    conns: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            conn = connect(path)
-            conns.append(conn)
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed at the cap
-                conn.sendall(partial)
-        served_after(path)
-        wait_until(
-            lambda: all(unread_by_server(c) == 0 for c in conns),
-            timeout=30,
-            what="the server to read every partial head",
-        )
+    with holding(path, count, partial, "partial head"):
         yield
-    finally:
-        for conn in conns:
-            conn.close()
 
 
 @contextlib.contextmanager
@@ -267,23 +261,8 @@ def partial_trailers(path: str, count: int, trailer_bytes: int = 30 * 1024) -> I
         b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-Pad: %s"
         % (len(body), body, b"t" * trailer_bytes)
     )
-    conns: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            conn = connect(path)
-            conns.append(conn)
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                conn.sendall(partial)
-        served_after(path)
-        wait_until(
-            lambda: all(unread_by_server(c) == 0 or waiting_for_us(c) for c in conns),
-            timeout=30,
-            what="the server to read every partial trailer section or refuse it",
-        )
+    with holding(path, count, partial, "partial trailer section"):
         yield
-    finally:
-        for conn in conns:
-            conn.close()
 
 
 def raise_fd_limit(needed: int) -> None:

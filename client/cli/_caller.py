@@ -16,9 +16,12 @@ socket in this network namespace.
   be wider than the process, which may have dropped groups, but never wider than what the user
   gets by logging in.
 * :class:`SocketAccess` applies the kernel's rule without capabilities: search permission on
-  every directory of the path and write permission on the socket file, by owner, group or other
-  class. A caller with only ``CAP_DAC_OVERRIDE`` (root that neither owns the socket nor is in its
-  group) is refused: stricter than the kernel, never wider.
+  every directory the kernel looks a name up in on the way to the socket, and write permission on
+  the socket file, by owner, group or other class. The path is walked name by name as the kernel
+  does (:func:`traversal`): the directories of the path as given, and those of every symbolic link's
+  target, so a link in a private directory does not hide that directory. A caller with only
+  ``CAP_DAC_OVERRIDE`` (root that neither owns the socket nor is in its group) is refused: stricter
+  than the kernel, never wider.
 
 Stdlib only, Linux only.
 """
@@ -26,6 +29,7 @@ Stdlib only, Linux only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import ipaddress
 import os
@@ -36,7 +40,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["Caller", "SocketAccess", "find_caller", "tcp_owner"]
+__all__ = ["Caller", "SocketAccess", "find_caller", "tcp_owner", "traversal"]
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
@@ -222,6 +226,50 @@ def _may(info: os.stat_result, uid: int, groups: frozenset[int], bit: int) -> bo
     return bool(mode & bit)
 
 
+_MAX_SYMLINKS = 40
+"""Symbolic links the kernel follows in one path lookup before it fails with ELOOP."""
+
+
+def traversal(path: str) -> tuple[list[str], str]:
+    """The directories the kernel searches to open ``path``, and the file it reaches.
+
+    The path is resolved name by name, the way the kernel's path walk does: every directory a
+    name is looked up in is listed (those of the path as given, then those of each symbolic
+    link's target, which restarts at ``/`` when absolute), ``..`` goes to the real parent, and a
+    final link is followed too (``connect()`` follows it). ``os.path.realpath`` alone would lose
+    the directories that hold the links. Raises :class:`OSError` where the kernel's walk would
+    fail (a missing name, a name that is not a directory, too many links).
+    """
+    # A relative path is walked from / through the working directory: each caller has its own,
+    # so every directory above it counts too (stricter than the kernel, never wider).
+    given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+    searched: list[str] = []
+    current = "/"
+    names = [name for name in given.split("/") if name not in ("", ".")]
+    links = 0
+    while names:
+        name = names.pop(0)
+        searched.append(current)
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        info = os.lstat(candidate)
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = "/"
+            names[:0] = [part for part in target.split("/") if part not in ("", ".")]
+            continue
+        if names and not stat.S_ISDIR(info.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        current = candidate
+    return searched, current
+
+
 class SocketAccess:
     """Who may ``connect()`` to the Unix socket at ``path``, by the file permissions in force now."""
 
@@ -229,20 +277,19 @@ class SocketAccess:
         self.path = path
 
     def allows(self, uid: int, groups: frozenset[int]) -> bool:
-        """True if ``uid`` with ``groups`` may search every directory to the socket and write it."""
+        """True if ``uid`` with ``groups`` may search every directory on the way to the socket and write it.
+
+        Anything that cannot be checked (a name gone meanwhile, a directory that cannot be read)
+        refuses.
+        """
         try:
-            real = os.path.realpath(self.path)
-            target = os.stat(real)
+            searched, final = traversal(self.path)
+            target = os.stat(final)
             if not stat.S_ISSOCK(target.st_mode):
                 return False
-            directory = os.path.dirname(real)
-            while True:
+            for directory in dict.fromkeys(searched):
                 if not _may(os.stat(directory), uid, groups, 0o1):
                     return False
-                parent = os.path.dirname(directory)
-                if parent == directory:
-                    break
-                directory = parent
         except OSError:
             return False
         return _may(target, uid, groups, 0o2)

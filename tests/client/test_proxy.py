@@ -236,6 +236,53 @@ def test_socket_access_refuses_what_is_not_a_socket(tmp_path: Path) -> None:
     assert SocketAccess(str(tmp_path / "missing")).allows(0, frozenset()) is False
 
 
+@pytest.mark.parametrize(
+    ("link_dir_mode", "target_dir_mode", "relative", "allowed"),
+    [
+        (0o755, 0o755, False, True),
+        (0o700, 0o755, False, False),  # the link's own directory is private: realpath alone misses it
+        (0o755, 0o700, False, False),  # the target's directory is private
+        (0o755, 0o755, True, True),
+        (0o700, 0o755, True, False),
+        (0o711, 0o711, True, True),  # search permission is all a directory needs
+    ],
+)
+def test_socket_access_checks_the_directories_of_a_symlink_and_of_its_target(
+    socket_file: Path, link_dir_mode: int, target_dir_mode: int, relative: bool, allowed: bool
+) -> None:
+    os.chmod(socket_file, 0o666)
+    links = short_tmpdir("lnk")
+    try:
+        # link -> hop -> socket: a chain, the second link pointing back through ".." when relative.
+        (links / "sub").mkdir()
+        hop = links / "sub" / "hop"
+        hop.symlink_to(os.path.relpath(socket_file, hop.parent) if relative else socket_file)
+        link = links / "link"
+        link.symlink_to("sub/../sub/hop" if relative else hop)
+        os.chmod(links, link_dir_mode)
+        os.chmod(links / "sub", 0o755)
+        os.chmod(socket_file.parent, target_dir_mode)
+        assert _caller.traversal(str(link))[1] == str(socket_file)
+        assert SocketAccess(str(link)).allows(1000, frozenset({1000})) is allowed
+        os.chmod(links / "sub", 0o700)  # a directory only the first link's target passes through
+        assert SocketAccess(str(link)).allows(1000, frozenset({1000})) is False
+        assert SocketAccess(str(socket_file)).allows(1000, frozenset({1000})) is (target_dir_mode != 0o700)
+    finally:
+        os.chmod(socket_file.parent, 0o755)
+        shutil.rmtree(links)
+
+
+def test_socket_access_refuses_a_link_loop_and_a_file_used_as_a_directory(socket_file: Path) -> None:
+    links = short_tmpdir("lnk")
+    try:
+        (links / "a").symlink_to("b")
+        (links / "b").symlink_to("a")
+        assert SocketAccess(str(links / "a")).allows(0, frozenset()) is False
+        assert SocketAccess(f"{socket_file}/x").allows(0, frozenset()) is False
+    finally:
+        shutil.rmtree(links)
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers: an HTTP server on a socket, the proxy in a subprocess, callers as another uid
 
@@ -528,6 +575,62 @@ def test_a_uid_refused_on_the_socket_is_refused_by_the_proxy(group_server: Any) 
     )
     status, stored = http_over_uds(path, "GET", "/messages")
     assert (status, json.loads(stored)) == (200, {"messages": []})  # nothing got through
+
+
+def _connect_as_nobody(path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "client", "--socket", path, "send", "Hello from nobody"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    )
+
+
+def test_a_symlink_in_a_private_directory_does_not_open_the_proxy_to_a_uid_the_kernel_refuses() -> None:
+    """The kernel searches the directories holding the link, not only those of the socket it names."""
+    if os.geteuid() != 0:
+        pytest.fail("this test runs callers as uid 65534 and needs root (CI runs it as root)")
+    public = short_tmpdir("pxs")
+    private = short_tmpdir("pxp")
+    try:
+        public.chmod(0o755)
+        private.chmod(0o700)
+        with running_server("--socket-mode", "666", tmp=public) as server:
+            path = str(server.socket_path)
+            hidden = private / "s.sock"
+            hidden.symlink_to(path)
+            direct = _connect_as_nobody(str(hidden))
+            assert direct.returncode == 3, direct.stderr
+            assert "(permission denied)" in direct.stderr
+            with Proxy(str(hidden)) as proxy:
+                proxy.wait_listening()
+                json_type = {"Content-Type": "application/json"}
+                answer = as_nobody(proxy.port, "POST", "/messages", '{"text": "via the link"}', json_type)
+                assert answer["status"] == 403, answer
+                refusal = f"uid {NOBODY} may not connect to unix://{hidden} "
+                assert answer["body"]["message"].startswith(refusal)
+                assert as_nobody(proxy.port, "GET", "/healthz")["status"] == 403
+                assert proxy.stop() == 0
+            # The same link in a directory everyone may search: the kernel and the proxy both admit.
+            private.chmod(0o755)
+            assert _connect_as_nobody(str(hidden)).returncode == 0
+            with Proxy(str(hidden)) as proxy:
+                proxy.wait_listening()
+                assert as_nobody(proxy.port, "GET", "/healthz")["status"] == 200
+                assert proxy.stop() == 0
+            status, stored = http_over_uds(path, "GET", "/messages")
+            assert status == 200
+            texts = [m["text"] for m in json.loads(stored)["messages"]]
+            assert texts == ["Hello from nobody"]  # only the direct send once it was allowed
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(public, ignore_errors=True)
 
 
 def test_a_uid_in_the_socket_group_gets_through_and_the_server_names_it(group_server: Any) -> None:

@@ -14,6 +14,15 @@ replaces a symlink at the target, never what it points to. A race at the target 
 cleanly: the path is checked again just before the rename (a live socket, a file, a directory or a
 symlink there stops the start) and just after it (the socket there must be ours, or the start fails).
 
+A start killed between the bind and the rename (``kill -9``, an OOM kill) leaves its private
+directory behind, with a dead socket inside. Each start removes such leftovers of its own socket
+name before it binds, so a crash loop cannot fill a small ``emptyDir``: only directories named as
+``mkdtemp`` names them, owned by the server's uid, mode 0700, holding nothing or just the dead
+socket, opened without following symlinks and emptied through their descriptor. A starting server
+holds an ``flock`` on its private directory, so another server's cleanup never takes one in use
+(and a start whose directory was taken all the same makes a fresh one); the lock dies with the
+process, so a killed start's directory is free to go.
+
 Binding by descriptor goes through ``/proc/self/fd``, as glibc's ``fchmodat`` with
 ``AT_SYMLINK_NOFOLLOW`` does; without ``/proc`` the bind falls back to the private directory's path
 and the check after the bind catches a directory swapped meanwhile.
@@ -28,9 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import logging
 import os
+import re
 import socket
 import stat
 import tempfile
@@ -48,6 +59,11 @@ PROBE_TIMEOUT = 1.0
 PROC_FD = "/proc/self/fd"
 _INNER = "s"
 """The socket's name inside the private directory (short: AF_UNIX paths stop at 107 bytes)."""
+_RANDOM = "[a-z0-9_]{8}"
+"""What ``tempfile.mkdtemp`` puts after the prefix: eight of ``[a-z0-9_]``."""
+_CREATE_ATTEMPTS = 5
+_OPEN_PRIVATE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+"""Open a private directory itself, never a symlink's target."""
 
 
 class SocketError(Exception):
@@ -114,6 +130,7 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: i
         raise SocketError(f"cannot open the socket's directory {parent}: {_reason(exc)}") from exc
     try:
         _warn_if_shared(parent, os.fstat(parent_fd), group)
+        _remove_leftovers(path, parent, parent_fd)
         private = _PrivateDir.create(path, parent, parent_fd)
         try:
             return _bind_privately(path, private, mode, group, backlog)
@@ -186,34 +203,45 @@ class _PrivateDir:
 
     @classmethod
     def create(cls, target: str, parent: str, parent_fd: int) -> _PrivateDir:
-        name = os.path.basename(target)
+        for _ in range(_CREATE_ATTEMPTS):
+            made = cls._make(target, parent)
+            entry = os.path.basename(made)
+            try:
+                fd = os.open(entry, _OPEN_PRIVATE, dir_fd=parent_fd)
+            except FileNotFoundError:
+                continue  # another start removed it as a leftover (it was empty): take a fresh one
+            except OSError as exc:
+                raise _replaced(target, f"the private directory {made} was replaced during start") from exc
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
+                os.close(fd)
+                if st.st_uid == os.geteuid():  # ours after all (a strange umask): do not leave it behind
+                    with contextlib.suppress(OSError):
+                        os.rmdir(entry, dir_fd=parent_fd)
+                raise _replaced(target, f"the private directory {made} was replaced during start")
+            # Locked, another server's start leaves it alone. Not lockable: that start is removing it
+            # as a leftover (it is still empty), or already has; take a fresh one.
+            if _try_lock(fd) is not False and _same_entry(entry, parent_fd, st):
+                return cls(parent_fd, entry, fd, made)
+            os.close(fd)
+        raise SocketError(
+            f"cannot bind {target}: {_CREATE_ATTEMPTS} private directories beside it were removed by "
+            "another program during start; make sure only this server uses its directory"
+        )
+
+    @staticmethod
+    def _make(target: str, parent: str) -> str:
         try:
-            made = tempfile.mkdtemp(prefix=f".{name[:64]}.", dir=parent)
+            return tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
         except OSError as exc:
             hint = ""
             if isinstance(exc, PermissionError):
                 hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
             raise SocketError(f"cannot bind {target}: {_reason(exc)}{hint}") from exc
-        entry = os.path.basename(made)
-        try:
-            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-        except OSError as exc:
-            raise _replaced(target, f"the private directory {made} was replaced during start") from exc
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
-            os.close(fd)
-            if st.st_uid == os.geteuid():  # ours after all (a strange umask): do not leave it behind
-                with contextlib.suppress(OSError):
-                    os.rmdir(entry, dir_fd=parent_fd)
-            raise _replaced(target, f"the private directory {made} was replaced during start")
-        return cls(parent_fd, entry, fd, made)
 
     def bind_path(self) -> str:
         """Where to bind: through the descriptor when /proc has it, else the directory's path."""
-        by_fd = f"{PROC_FD}/{self.fd}"
-        if os.path.isdir(by_fd):
-            return f"{by_fd}/{_INNER}"
-        return os.path.join(self.path, _INNER)
+        return _inner_path(self.fd, self.path)
 
     def remove(self) -> None:
         """Remove the socket if it is still inside, then the directory if it is still ours."""
@@ -230,6 +258,100 @@ class _PrivateDir:
             logger.warning("Could not remove the private directory %s: %s", self.path, _reason(exc))
         finally:
             os.close(self.fd)
+
+
+def _private_prefix(target: str) -> str:
+    return f".{os.path.basename(target)[:64]}."
+
+
+def _inner_path(fd: int, path: str) -> str:
+    """The socket inside the private directory ``fd``: through /proc when it has it, else by ``path``."""
+    by_fd = f"{PROC_FD}/{fd}"
+    if os.path.isdir(by_fd):
+        return f"{by_fd}/{_INNER}"
+    return os.path.join(path, _INNER)
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Take the private directory's lock: True if taken, False if held elsewhere, None if unsupported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
+    """True while ``entry`` in the parent is still the directory ``st`` describes."""
+    try:
+        now = os.stat(entry, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
+    """Remove private directories of this socket name that killed starts left behind (best effort)."""
+    pattern = re.compile(re.escape(_private_prefix(path)) + _RANDOM)
+    try:
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            names = sorted(name for name in os.listdir(listing) if pattern.fullmatch(name))
+        finally:
+            os.close(listing)
+    except OSError as exc:
+        logger.debug("Did not look for leftover private directories in %s: %s", parent, _reason(exc))
+        return
+    for name in names:
+        leftover = os.path.join(parent, name)
+        try:
+            held = _remove_leftover(name, leftover, parent_fd)
+        except OSError as exc:
+            logger.debug("Left %s in place: %s", leftover, _reason(exc))
+            continue
+        if held is not None:
+            logger.info("Removed %s, left by a start that did not finish (%s)", leftover, held)
+
+
+def _remove_leftover(name: str, leftover: str, parent_fd: int) -> str | None:
+    """Remove ``name`` if it is a dead start's private directory; say what it held, or None if kept.
+
+    Kept: anything that is not a 0700 directory of our uid (a symlink is not opened), a directory
+    another start holds locked, anything inside but a single socket of ours named as we name it,
+    and a socket something listens on.
+    """
+    fd = os.open(name, _OPEN_PRIVATE, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID != 0o700
+            or _try_lock(fd) is not True
+        ):
+            return None
+        with os.scandir(fd) as entries:
+            inside = [entry.name for entry in entries]
+        if inside == [_INNER]:
+            made = os.stat(_INNER, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
+                return None
+            if _probe(_inner_path(fd, leftover)) != "stale":
+                return None
+            os.unlink(_INNER, dir_fd=fd)
+            held = "a dead socket"
+        elif not inside:
+            held = "nothing"
+        else:
+            return None
+        if not _same_entry(name, parent_fd, st):
+            return None
+        os.rmdir(name, dir_fd=parent_fd)
+        return held
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _bind_privately(

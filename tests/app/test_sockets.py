@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import signal
 import socket
 import stat
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 
 from app import sockets
 from app.sockets import BoundSocket, SocketError, bind_unix
-from tests.support import ServerProcess, http_over_uds, short_tmpdir, wait_until
+from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, short_tmpdir, wait_until
 
 
 @pytest.fixture
@@ -358,7 +361,7 @@ def test_private_directory_swapped_for_a_symlink_is_refused(
     path = tmp / "s.sock"
     decoy = victim.parent
     before = (_fingerprint(decoy), sorted(os.listdir(decoy)))
-    real_mkdtemp = sockets.tempfile.mkdtemp
+    real_mkdtemp = tempfile.mkdtemp
 
     def mkdtemp_then_swap(prefix: str, dir: str) -> str:
         made = real_mkdtemp(prefix=prefix, dir=dir)
@@ -366,7 +369,7 @@ def test_private_directory_swapped_for_a_symlink_is_refused(
         os.symlink(decoy, made)
         return made
 
-    monkeypatch.setattr(sockets.tempfile, "mkdtemp", mkdtemp_then_swap)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_swap)
     with pytest.raises(SocketError, match=r"the private directory .* was replaced during start"):
         bind_unix(str(path), 0o660, _other_gid())
     assert (_fingerprint(decoy), sorted(os.listdir(decoy))) == before
@@ -554,3 +557,207 @@ def test_server_creates_missing_parent(tmp: Path) -> None:
         assert f"Created directory {tmp / 'new'} for the socket" in server.output
         assert server.stop() == 0
     wait_until(lambda: not os.path.exists(path), what="socket removed")
+
+
+# Leftover private directories of starts killed between the bind and the rename -------------------------
+
+
+def _leftover(directory: Path, *, listen: bool = False) -> tuple[Path, socket.socket]:
+    """A private directory with a socket inside, made as ``bind_unix`` makes them for ``s.sock``."""
+    made = Path(tempfile.mkdtemp(prefix=".s.sock.", dir=directory))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(made / "s"))
+    if listen:
+        sock.listen(1)
+    else:
+        sock.close()  # what a kill leaves: nothing listens, connecting is refused
+    return made, sock
+
+
+def _bind_and_log(path: Path, caplog: pytest.LogCaptureFixture) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app.sockets"):
+        bound = bind_unix(str(path))
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        bound.close()
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Removed ")]
+
+
+def test_leftover_of_a_start_killed_before_the_rename_is_removed_at_the_next_start(tmp: Path) -> None:
+    path = tmp / "s.sock"
+    killed = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import os, signal, sys\n"
+            "from app import sockets\n"
+            "sockets._move_into_place = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "sockets.bind_unix(sys.argv[1])\n",
+            str(path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (leftover,) = [entry for entry in tmp.iterdir() if entry.name.startswith(".s.sock.")]
+    assert [entry.name for entry in leftover.iterdir()] == ["s"]
+    assert stat.S_ISSOCK(os.lstat(leftover / "s").st_mode)
+    with ServerProcess(["--socket", str(path)], socket_path=str(path)) as server:
+        server.wait_ready()
+        line = f"Removed {leftover}, left by a start that did not finish (a dead socket)"
+        assert line in server.output.splitlines()
+        assert os.listdir(tmp) == ["s.sock"]
+        assert server.stop() == 0
+
+
+def test_empty_leftover_is_removed(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A start killed after making its directory and before binding leaves it empty."""
+    made = Path(tempfile.mkdtemp(prefix=".s.sock.", dir=tmp))
+    assert _bind_and_log(tmp / "s.sock", caplog) == [
+        f"Removed {made}, left by a start that did not finish (nothing)"
+    ]
+    assert os.listdir(tmp) == []
+
+
+def test_leftovers_of_other_socket_names_are_not_touched(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    made = Path(tempfile.mkdtemp(prefix=".other.sock.", dir=tmp))
+    assert _bind_and_log(tmp / "s.sock", caplog) == []
+    assert os.listdir(tmp) == [made.name]
+
+
+def test_leftover_of_another_uid_is_left_alone(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert os.geteuid() == 0, "chown to another uid needs root here"
+    made, _ = _leftover(tmp)
+    os.chown(made / "s", 65534, 65534)
+    os.chown(made, 65534, 65534)
+    assert _bind_and_log(tmp / "s.sock", caplog) == []
+    assert os.lstat(made).st_uid == 65534
+    assert os.listdir(made) == ["s"]
+
+
+def test_socket_of_another_uid_inside_our_leftover_is_left_alone(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert os.geteuid() == 0, "chown to another uid needs root here"
+    made, _ = _leftover(tmp)
+    os.chown(made / "s", 65534, 65534, follow_symlinks=False)
+    assert _bind_and_log(tmp / "s.sock", caplog) == []
+    assert os.listdir(made) == ["s"]
+
+
+def test_symlink_named_like_a_leftover_is_left_alone(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The link points at a directory shaped exactly like a leftover: neither is touched."""
+    shaped, _ = _leftover(tmp)
+    target = tmp / "elsewhere"
+    os.rename(shaped, target)
+    link = tmp / ".s.sock.abcd1234"
+    link.symlink_to(target)
+    assert _bind_and_log(tmp / "s.sock", caplog) == []
+    assert link.is_symlink()
+    assert os.listdir(target) == ["s"]
+    assert stat.S_ISSOCK(os.lstat(target / "s").st_mode)
+
+
+def test_leftover_with_a_live_socket_is_left_alone(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Something listens inside: another server's start, not a dead one."""
+    made, live = _leftover(tmp, listen=True)
+    try:
+        assert _bind_and_log(tmp / "s.sock", caplog) == []
+        assert os.listdir(made) == ["s"]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(made / "s"))  # still the same listener
+        client.close()
+    finally:
+        live.close()
+
+
+def test_leftover_with_an_extra_file_is_left_alone(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    made, _ = _leftover(tmp)
+    (made / "notes").write_text("keep")
+    assert _bind_and_log(tmp / "s.sock", caplog) == []
+    assert sorted(os.listdir(made)) == ["notes", "s"]
+    assert (made / "notes").read_text() == "keep"
+
+
+@pytest.mark.parametrize("mode", [0o750, 0o755, 0o1700])
+def test_leftover_of_another_mode_is_left_alone(
+    tmp: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    made, _ = _leftover(tmp)
+    made.chmod(mode)
+    assert _bind_and_log(tmp / "s.sock", caplog) == []
+    assert os.listdir(made) == ["s"]
+
+
+def test_leftover_locked_by_a_starting_server_is_left_alone(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start holds a lock on its directory from creation to removal; another start skips it."""
+    made = Path(tempfile.mkdtemp(prefix=".s.sock.", dir=tmp))
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert _bind_and_log(tmp / "s.sock", caplog) == []
+        assert made.is_dir()
+    finally:
+        os.close(fd)
+
+
+def test_start_whose_directory_is_removed_before_it_opens_it_makes_a_fresh_one(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another start took the new, still empty directory for a leftover and removed it."""
+    real_mkdtemp = tempfile.mkdtemp
+    made: list[str] = []
+
+    def mkdtemp_removed_once(prefix: str, dir: str) -> str:
+        made.append(real_mkdtemp(prefix=prefix, dir=dir))
+        if len(made) == 1:
+            os.rmdir(made[0])
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_removed_once)
+    bound = bind_unix(str(tmp / "s.sock"))
+    try:
+        assert len(made) == 2
+        assert os.listdir(tmp) == ["s.sock"]
+    finally:
+        bound.close()
+
+
+@pytest.mark.parametrize("when", ["before the lock", "while another start holds the lock"])
+def test_start_whose_directory_is_taken_as_a_leftover_makes_a_fresh_one(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Another start's cleanup got to the new directory after this start opened it."""
+    real_try_lock = sockets._try_lock
+    calls: list[int] = []
+
+    def cleanup_first(fd: int) -> bool | None:
+        calls.append(fd)
+        if len(calls) > 1:
+            return real_try_lock(fd)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if when == "before the lock":
+            os.rmdir(name)  # the other start locked, removed it, and let go
+            return real_try_lock(fd)
+        other = os.open(name, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            return real_try_lock(fd)
+        finally:
+            os.close(other)
+            os.rmdir(name)  # it goes on to remove it
+
+    monkeypatch.setattr(sockets, "_try_lock", cleanup_first)
+    bound = bind_unix(str(tmp / "s.sock"))
+    try:
+        assert len(calls) == 2, "a fresh private directory was made and locked"
+        assert os.listdir(tmp) == ["s.sock"]
+    finally:
+        bound.close()

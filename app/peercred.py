@@ -46,6 +46,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from app.logs import Throttle
+
 __all__ = [
     "DRAIN",
     "FD_RESERVE",
@@ -72,9 +74,16 @@ DRAIN = 32
 """Idle connections closed at once when a new one arrives at the cap."""
 SLOW_REQUEST = 2.0
 """At the cap with no idle connection, a connection still sending a request begun this many seconds
-ago is closed to make room (oldest first): a real client sends a whole request over a Unix socket in
-well under a millisecond, so only a trickling (slowloris) peer is that slow. Without it, as many
-trickling peers as the cap would lock everyone out, probes included, until ``request_timeout``."""
+ago, or not reading the answer it was sent for that long, is closed to make room (oldest first): a
+real client sends a whole request over a Unix socket in well under a millisecond and reads what it
+asked for, so only a trickling (slowloris) or never-reading peer is that slow. Without it, as many
+such peers as the cap would lock everyone out, probes included, for ``request_timeout`` or
+``send_timeout``. A connection lingering after an error answer goes first of all."""
+MAX_PIPELINE = 8
+"""Requests parsed ahead of the one being answered on a connection (HTTP/1.1 pipelining). Each
+waits as a parsed request (~3 KiB) and httptools parses a whole read at once, so without a bound one
+read of 200 KiB of ``GET /healthz`` queued ~16 MiB. Past it: 503 after the earlier answers, then
+close."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 LINGER_SECONDS = 2.0
@@ -101,6 +110,12 @@ _NO_HOST = (400, "bad_request", "the request has no Host header; HTTP/1.1 requir
 _HOSTS = (400, "bad_request", "the request has more than one Host header; send exactly one")
 _BAD_HOST = (400, "bad_request", "the Host header is not a valid host[:port]; send Host: localhost")
 _FULL = (503, "unavailable", "the server is at its connection limit; try again shortly")
+_PIPELINED = (
+    503,
+    "unavailable",
+    f"more than {MAX_PIPELINE} requests pipelined on one connection; "
+    "wait for the answers before sending more",
+)
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 """RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
 _first = itemgetter(0)
@@ -203,6 +218,7 @@ class _CapLog:
 
 
 _CAP_LOG = _CapLog()
+_REJECTED = Throttle(logger)
 
 
 class PeerCredProtocol(HttpToolsProtocol):
@@ -256,6 +272,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._linger: TimerHandle | None = None
         self._linger_left = 0
         self._live: list[RequestResponseCycle] = []
+        self._paused_at: float | None = None
+        """Loop time since which the peer has left our answers unread (writing paused), or None."""
         """Cycles not yet answered, the running one and those pipelined behind it."""
 
     # Connection events
@@ -367,6 +385,9 @@ class PeerCredProtocol(HttpToolsProtocol):
                 hosts += 1
         if host != self._good_host or hosts != 1:
             self._check_host(host, hosts)
+        if len(self.pipeline) >= MAX_PIPELINE:
+            self._reject = _PIPELINED
+            raise ValueError("too many pipelined requests")
         if self._over_cap:
             if len(self.connections) > (self.max_connections or 0):
                 self._reject = _FULL
@@ -429,12 +450,15 @@ class PeerCredProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         """The transport's buffer is full: the peer must read within ``send_timeout``."""
         self.flow.pause_writing()
+        if self._paused_at is None:
+            self._paused_at = self.loop.time()
         if self._send_timer is None:
             self._unsent = self._unsent_bytes()
             self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        self._paused_at = None
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -489,10 +513,10 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._refused = True
         self._reject = None
         self._waiting_since = None
-        if status == 503:
+        if status == 503 and error == _FULL[1] and message == _FULL[2]:
             _CAP_LOG.note(self.loop, self.max_connections or 0, refused=True)
         elif log:
-            logger.warning("Rejected a request with %d: %s", status, message)
+            _REJECTED.log(logging.WARNING, "Rejected a request with %d: %s", status, message)
         if self.transport.is_closing():
             return
         answer = error_response(status, error, message)
@@ -553,6 +577,8 @@ class PeerCredProtocol(HttpToolsProtocol):
     # Connection cap
     def _idle_since(self) -> float | None:
         """Since when this connection has had no request in flight, or None if it has one."""
+        if self._linger is not None:
+            return 0.0  # answered and closing: the first to go
         if self._in_head or self._refused or self.pipeline or self.transport.is_closing():
             return None
         keep_alive = self.timeout_keep_alive_task
@@ -564,6 +590,9 @@ class PeerCredProtocol(HttpToolsProtocol):
 
     def _slow_since(self, now: float) -> float | None:
         """Since when this connection has been sending one request, if longer than ``SLOW_REQUEST``."""
+        paused = self._paused_at
+        if paused is not None and now - paused >= SLOW_REQUEST and not self.transport.is_closing():
+            return paused  # not reading what it asked for
         since = self._waiting_since
         if since is None or now - since < SLOW_REQUEST or self._refused or self.transport.is_closing():
             return None

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from app.peercred import MAX_PIPELINE
 from tests.support import (
     ServerProcess,
     http_over_uds,
@@ -324,8 +325,8 @@ def _fill_history(path: str, count: int) -> None:
     ) + text
     with _connect(path) as conn:
         buffer = bytearray()
-        for start in range(0, count, 50):
-            batch = min(50, count - start)
+        for start in range(0, count, MAX_PIPELINE):  # pipelined, as deep as the server allows
+            batch = min(MAX_PIPELINE, count - start)
             conn.sendall(request * batch)
             for _ in range(batch):
                 assert read_response(conn, buffer)[0] == 201
@@ -736,3 +737,47 @@ def _unread(conn: socket.socket) -> int:
     import termios
 
     return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_deep_pipelining_is_cut_at_the_limit_and_memory_stays_flat(tmp: Path) -> None:
+    """One read of thousands of pipelined requests once queued ~16 MiB of parsed requests."""
+    with running_server(tmp=tmp) as server:
+        path = _path(server)
+        before = _rss(server)
+        with _connect(path) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" * 5000)
+            buffer = bytearray()
+            statuses = [read_response(conn, buffer)[0]]
+            while statuses[-1] == 200:
+                statuses.append(read_response(conn, buffer)[0])
+            assert _closed(conn), "the connection ends after the 503"
+            peak = _rss(server)
+        assert statuses[-1] == 503, statuses
+        assert statuses[:-1] == [200] * (len(statuses) - 1)
+        assert len(statuses) - 1 <= MAX_PIPELINE + 1, f"{len(statuses) - 1} answered before the 503"
+        assert peak - before < 8 * MB, f"grew by {(peak - before) / MB:.1f} MiB"
+
+
+def test_at_the_cap_peers_that_do_not_read_their_answers_give_way(tmp: Path) -> None:
+    """Connections whose answers sit unread never lock a probe out at the cap (for the whole send
+    timeout): after SLOW_REQUEST they are closed for newcomers."""
+    with running_server("--max-connections", "20", tmp=tmp) as server:
+        path = _path(server)
+        _fill_history(path, 100)
+        hogs = []
+        try:
+            for _ in range(24):
+                conn = _connect(path)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                # A 1.6 MB answer, never read: the server's writes to it stay paused.
+                conn.sendall(b"GET /messages?limit=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                hogs.append(conn)
+            assert wait_until(
+                lambda: http_over_uds(path, timeout=5.0)[0] == 200,
+                timeout=20,
+                what="/healthz past 24 connections that read nothing, at a cap of 20",
+            )
+        finally:
+            for conn in hogs:
+                conn.close()
+        assert server.stop() == 0

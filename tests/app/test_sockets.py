@@ -624,6 +624,18 @@ def test_empty_leftover_is_removed(tmp: Path, caplog: pytest.LogCaptureFixture) 
     assert os.listdir(tmp) == []
 
 
+def test_leftover_removed_without_proc(
+    tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc the probe reaches the dead socket through the leftover's path."""
+    monkeypatch.setattr(sockets, "PROC_FD", str(tmp / "no-proc"))
+    made, _ = _leftover(tmp)
+    assert _bind_and_log(tmp / "s.sock", caplog) == [
+        f"Removed {made}, left by a start that did not finish (a dead socket)"
+    ]
+    assert os.listdir(tmp) == []
+
+
 def test_leftovers_of_other_socket_names_are_not_touched(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     made = Path(tempfile.mkdtemp(prefix=".other.sock.", dir=tmp))
     assert _bind_and_log(tmp / "s.sock", caplog) == []

@@ -47,6 +47,12 @@ streamed with backpressure (h11 decodes them, the proxy re-frames them: a chunke
 chunked, its trailers dropped; the request keeps the client's HTTP version); responses are copied
 byte for byte.
 
+Connections are capped (``--max-connections``, lowered to fit the open-file limit, whose soft
+value the proxy raises to the hard one at start): at the cap the oldest connection open for over
+``MAKE_ROOM_AFTER`` without a whole request head is closed to make room, else the newcomer gets
+``503``; a connection silent from the start is closed after ``FIRST_BYTE_TIMEOUT``. Without this,
+1,100 idle connections under a limit of 1,024 files left the proxy unable to answer anyone.
+
 Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port cannot be bound (in use,
 not permitted); 3 the socket cannot be reached at start.
 
@@ -89,8 +95,10 @@ __all__ = [
     "add_arguments",
     "allowed_hosts",
     "check_socket",
+    "connection_cap",
     "is_loopback",
     "parse_listen",
+    "raise_open_file_limit",
     "run",
     "serve",
 ]
@@ -105,6 +113,22 @@ MAX_HEADERS = 100
 """Most header fields in one request (the server's own limit)."""
 DEFAULT_HEAD_TIMEOUT = 30.0
 """Seconds a connection may take to send its request head (the server's request_timeout)."""
+FIRST_BYTE_TIMEOUT = 10.0
+"""Seconds a new connection may stay silent before the proxy closes it (at most ``--head-timeout``):
+browsers open spare connections and send nothing on them."""
+DEFAULT_MAX_CONNECTIONS = 256
+"""Connections served at once (``--max-connections``); each one admitted holds two file descriptors."""
+FD_RESERVE = 64
+"""File descriptors kept free beyond the connections: the listener, logs, lookups of the caller."""
+MAKE_ROOM_AFTER = 1.0
+"""At the cap, a connection that has not sent a whole request head this many seconds after it was
+opened is closed to make room for a newcomer (oldest first): curl and browsers send theirs in
+milliseconds, so only an idle or trickling connection is that slow."""
+LOG_PERIOD = 10.0
+"""Seconds between two log lines about connections refused or closed at the connection cap."""
+_REFUSING = 32
+"""503 answers that may linger at once (so that the client reads them); beyond that, the proxy
+answers and closes at once, and the file descriptors stay bounded however fast connections come."""
 
 
 class Listen(tuple[str, int]):
@@ -174,6 +198,31 @@ def check_socket(path: str, timeout: float) -> None:
         sock.close()
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the ``(soft, hard)`` in force.
+
+    The server does the same (it is not imported: the client never imports ``app``). The default
+    soft limit, often 1024, would let a few hundred idle connections exhaust the proxy's files.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit above the kernel's nr_open
+            pass
+    return soft, hard
+
+
+def connection_cap(requested: int, soft_limit: int) -> int:
+    """``requested``, but no more than the open-file limit leaves room for (two files each)."""
+    if soft_limit < 0:  # RLIM_INFINITY
+        return requested
+    return max(1, min(requested, (soft_limit - FD_RESERVE - _REFUSING) // 2))
+
+
 def allowed_hosts(listen_host: str, port: int, extra: Iterable[str] = ()) -> frozenset[str]:
     """The ``Host`` values the proxy answers to: its own address, loopback names, and ``extra``."""
     names = {_hostport(listen_host, port)}
@@ -222,6 +271,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_HEAD_TIMEOUT:g})",
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once; at the limit, one open for over "
+        f"{MAKE_ROOM_AFTER:g}s without a whole request head is closed to make room, or the newcomer "
+        f"gets 503 (default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="do not log a line per forwarded request (startup lines, refusals and errors are still printed)",
@@ -233,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen)
     if not args.head_timeout > 0:
         raise UsageError(f"invalid --head-timeout {args.head_timeout!r}: give a number of seconds above 0")
+    if not args.max_connections > 0:
+        raise UsageError(f"invalid --max-connections {args.max_connections!r}: give a whole number above 0")
     extra = [parse_listen(value) for value in args.allow_host]
     check_socket(args.socket, args.timeout)
     return serve(
@@ -244,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
         token_only=args.token_only,
         allow_hosts=[_hostport(*hp) for hp in extra],
         head_timeout=args.head_timeout,
+        max_connections=args.max_connections,
     )
 
 
@@ -266,6 +327,7 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",
+    503: "Service Unavailable",
 }
 _ERRORS = {
     303: "see_other",
@@ -276,6 +338,7 @@ _ERRORS = {
     431: "headers_too_large",
     501: "not_implemented",
     502: "bad_gateway",
+    503: "unavailable",
 }
 
 
@@ -334,6 +397,49 @@ class _Verdict:
     by: str = ""
 
 
+class _CapReport:
+    """Connections refused (503) or closed to make room at the cap: one log line per period at most.
+
+    The first event is logged at once; later ones are counted and summed up when the period ends.
+    """
+
+    def __init__(self, log: Callable[[str], None], cap: int) -> None:
+        self.log = log
+        self.cap = cap
+        self.refused = 0
+        self.closed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, *, refused: bool) -> None:
+        if refused:
+            self.refused += 1
+        else:
+            self.closed += 1
+        if self._timer is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        import asyncio
+
+        self._timer = None
+        if not (self.refused or self.closed):
+            return
+        self.log(
+            f"Proxy at its connection limit ({self.cap}, --max-connections): refused {self.refused} "
+            f"connection(s) with 503, closed {self.closed} without a request head after "
+            f"{MAKE_ROOM_AFTER:g}s to make room; next report in {LOG_PERIOD:g}s at most"
+        )
+        self.refused = self.closed = 0
+        self._timer = asyncio.get_running_loop().call_later(LOG_PERIOD, self._flush)
+
+    def close(self) -> None:
+        """Log what is still counted (the proxy is stopping) and stop the timer."""
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class Proxy:
     """Accepts TCP connections, checks each request, forwards admitted ones to the Unix socket."""
 
@@ -347,6 +453,7 @@ class Proxy:
         token: str | None = None,
         token_only: bool = False,
         head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         from client.cli._caller import SocketAccess
 
@@ -362,7 +469,14 @@ class Proxy:
         self.hosts: frozenset[str] = frozenset()
         self.origins: frozenset[str] = frozenset()
         self.cookie = "uds-proxy"
+        self.max_connections = max_connections
         self.tasks: set[asyncio.Task[None]] = set()
+        self.slots: set[asyncio.Task[None]] = set()
+        """Connections counted against ``max_connections`` (not those being refused)."""
+        self.waiting: dict[asyncio.Task[None], float] = {}
+        """Connections without a whole request head yet, oldest first, with the time they opened."""
+        self.refusing = 0
+        self.report = _CapReport(log, max_connections)
         self.count = 0
 
     def listening(self, hosts: frozenset[str], port: int) -> None:
@@ -382,6 +496,13 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
+        if not self._take_slot(task):
+            try:
+                await self._refuse(reader, writer)
+            finally:
+                writer.close()
+                self.tasks.discard(task)
+            return
         self.count += 1
         number = self.count
         peer = writer.get_extra_info("peername")
@@ -396,7 +517,10 @@ class Proxy:
         received = [0]
         try:
             try:
-                request = await asyncio.wait_for(_next_request(reader, conn, received), self.head_timeout)
+                request = await asyncio.wait_for(
+                    _next_request(reader, conn, received, min(FIRST_BYTE_TIMEOUT, self.head_timeout)),
+                    self.head_timeout,
+                )
             except _Closed:
                 return
             except TimeoutError:
@@ -425,6 +549,7 @@ class Proxy:
                 return
             except (OSError, asyncio.IncompleteReadError):
                 return
+            self.waiting.pop(task, None)
             caller = await finding if finding is not None else None
             verdict = self._check(request, caller)
             line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
@@ -456,6 +581,48 @@ class Proxy:
                 finding.cancel()
             writer.close()
             self.tasks.discard(task)
+            self.slots.discard(task)
+            self.waiting.pop(task, None)
+
+    def _take_slot(self, task: asyncio.Task[None]) -> bool:
+        """Count a new connection against the cap, closing one without a request head to make room.
+
+        False when the proxy is full of connections that sent their head or opened less than
+        ``MAKE_ROOM_AFTER`` seconds ago: the newcomer is refused.
+        """
+        now = time.monotonic()
+        if len(self.slots) >= self.max_connections:
+            oldest = next(iter(self.waiting.items()), None)
+            if oldest is None or now - oldest[1] < MAKE_ROOM_AFTER:
+                self.report.note(refused=True)
+                return False
+            victim = oldest[0]
+            del self.waiting[victim]
+            self.slots.discard(victim)
+            victim.cancel()  # it closes its connection; it had sent no whole request
+            self.report.note(refused=False)
+        self.slots.add(task)
+        self.waiting[task] = now
+        return True
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer 503; linger for the client to read it while few others do, else close at once."""
+        import contextlib
+
+        answer = error_answer(
+            503,
+            f"the proxy is at its connection limit ({self.max_connections}); try again shortly",
+            (("Retry-After", "1"),),
+        )
+        if self.refusing >= _REFUSING:
+            with contextlib.suppress(OSError):
+                writer.write(answer)
+            return
+        self.refusing += 1
+        try:
+            await _answer(reader, writer, answer)
+        finally:
+            self.refusing -= 1
 
     def _without_token(self, target: bytes) -> bytes:
         path, sep, query = target.partition(b"?")
@@ -629,6 +796,7 @@ class Proxy:
         """Cut every open connection; return how many there were."""
         import asyncio
 
+        self.report.close()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -648,15 +816,24 @@ def _groups(caller: Caller) -> str:
 
 
 async def _next_request(
-    reader: asyncio.StreamReader, conn: h11.Connection, received: list[int]
+    reader: asyncio.StreamReader, conn: h11.Connection, received: list[int], first_byte: float
 ) -> h11.Request:
-    """Read until h11 has a whole request head; raises :class:`_Closed` on EOF before one."""
+    """Read until h11 has a whole request head; raises :class:`_Closed` on EOF before one.
+
+    The first bytes must come within ``first_byte`` seconds (:class:`TimeoutError` otherwise).
+    """
+    import asyncio
+
     import h11
 
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await reader.read(_CHUNK)
+            if received[0]:
+                data = await reader.read(_CHUNK)
+            else:
+                async with asyncio.timeout(first_byte):
+                    data = await reader.read(_CHUNK)
             received[0] += len(data)
             if not data and not received[0]:
                 raise _Closed
@@ -795,6 +972,7 @@ def serve(
     token_only: bool = False,
     allow_hosts: Iterable[str] = (),
     head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> int:
     """Run the proxy until SIGINT or SIGTERM; return 0. Raises :class:`UsageError` if it cannot bind."""
     import asyncio
@@ -815,6 +993,13 @@ def serve(
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
+    soft, _ = raise_open_file_limit()
+    cap = connection_cap(max_connections, soft)
+    if cap < max_connections:
+        log(
+            f"Connections: at most {cap} at once, not {max_connections} (--max-connections): the "
+            f"open-file limit is {soft}; raise it (ulimit -n) to serve more"
+        )
     proxy = Proxy(
         path,
         connect_timeout=connect_timeout,
@@ -822,6 +1007,7 @@ def serve(
         log_connections=log_connections,
         token_only=token_only,
         head_timeout=head_timeout,
+        max_connections=cap,
     )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(_main(proxy, listen, log, tuple(allow_hosts)))

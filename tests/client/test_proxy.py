@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ from client._models import Message
 from client.cli import _caller
 from client.cli._caller import SocketAccess, find_caller, tcp_owner
 from client.cli.proxy import allowed_hosts, is_loopback, parse_listen
+from tests.app.test_protocol_attacks import _limited_python, _open_files
 from tests.support import PYTHON, ROOT, http_over_uds, running_server, short_tmpdir, wait_until
 
 NOBODY = 65534
@@ -376,11 +378,13 @@ def unix_server(handler: type[socketserver.BaseRequestHandler] = _HTTPHandler) -
 class Proxy:
     """``uds-client proxy`` in a subprocess; ``port`` and ``token`` are read from its startup lines."""
 
-    def __init__(self, socket_path: str, *args: str, listen: str = "127.0.0.1:0") -> None:
+    def __init__(
+        self, socket_path: str, *args: str, listen: str = "127.0.0.1:0", python: str = PYTHON
+    ) -> None:
         self.log_path = short_tmpdir("pxlog") / "proxy.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "client", "--socket", socket_path, "proxy", "--listen", listen, *args],
+            [python, "-m", "client", "--socket", socket_path, "proxy", "--listen", listen, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -898,6 +902,126 @@ def test_one_request_per_connection_a_pipelined_second_is_not_forwarded() -> Non
 
 
 # ---------------------------------------------------------------------------------------------
+# The connection cap and the open-file limit
+
+
+def _in_flight(proxy: Proxy) -> socket.socket:
+    """A connection whose whole request head reached the socket; its body is still to come."""
+    sock = connect(proxy.port)
+    sock.sendall(f"POST /stream HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: 9\r\n\r\nx".encode())
+    received = b""
+    while not received.endswith(b"\r\n\r\nx"):
+        received += sock.recv(1024)
+    return sock
+
+
+def _cap_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Proxy at its connection limit")]
+
+
+def test_at_the_cap_a_newcomer_gets_503_json_and_the_refusals_are_logged_once() -> None:
+    with unix_server() as upstream, Proxy(upstream.path, "--max-connections", "2") as proxy:
+        proxy.wait_listening()
+        busy = [_in_flight(proxy) for _ in range(2)]
+        try:
+            for _ in range(3):  # connections with a request under way are never closed to make room
+                status, headers, body = raw_exchange(
+                    proxy.port, f"GET /healthz HTTP/1.1\r\nHost: {proxy.host}\r\n\r\n".encode()
+                )
+                assert (status, headers["content-type"], headers["connection"]) == (
+                    503,
+                    "application/json",
+                    "close",
+                )
+                assert headers["retry-after"] == "1"
+                assert json.loads(body) == {
+                    "error": "unavailable",
+                    "message": "the proxy is at its connection limit (2); try again shortly",
+                    "status": 503,
+                }
+            for sock in busy:  # the requests under way are unharmed
+                sock.sendall(b"12345678")
+                assert recv_until_eof(sock) == b"12345678"  # the rest of the echoed body
+        finally:
+            for sock in busy:
+                sock.close()
+        wait_until(lambda: http_get(proxy.port, "/healthz")[0] == 200, timeout=15, what="a free slot")
+        assert proxy.stop() == 0
+    assert upstream.seen.count("GET /healthz") == 1  # the refused requests never reached the socket
+    # One line at once, the other refusals summed up 10 s later (if the test lasts that long).
+    lines = _cap_lines(proxy.output)
+    assert lines[0] == (
+        "Proxy at its connection limit (2, --max-connections): refused 1 connection(s) with 503, "
+        "closed 0 without a request head after 1s to make room; next report in 10s at most"
+    )
+    assert lines[1:] in ([], [lines[0].replace("refused 1", "refused 2")]), lines
+
+
+def test_idle_connections_do_not_lock_out_a_request_and_the_open_file_limit_is_raised() -> None:
+    """1,100 idle connections against a proxy started with 256 open files (the hard limit 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:  # this process holds the idle connections
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    limits = short_tmpdir("pxn")
+    python = _limited_python(limits, 256, 1024)
+    idle: list[socket.socket] = []
+    try:
+        with (
+            unix_server() as upstream,
+            Proxy(upstream.path, "--max-connections", "16", "--quiet", python=python) as proxy,
+        ):
+            proxy.wait_listening()
+            assert _open_files(proxy.proc.pid) == (1024, 1024)
+            for _ in range(1100):
+                idle.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
+            statuses: list[int] = []
+
+            def answered() -> bool:
+                statuses.append(http_get(proxy.port, "/healthz")[0])
+                return statuses[-1] == 200
+
+            # Until the idle connections are a second old, newcomers are refused; then they make room.
+            wait_until(answered, timeout=30, interval=0.2, what="a request answered among idle connections")
+            assert set(statuses) <= {200, 503}, statuses
+            for _ in range(5):
+                assert http_get(proxy.port, "/healthz") == (200, {"status": "ok", "target": "/healthz"})
+            assert proxy.stop() == 0
+        assert upstream.seen.count("GET /healthz") == 6
+        lines = _cap_lines(proxy.output)
+        assert lines, proxy.output
+        counts = [
+            re.search(r"refused (\d+) connection\(s\) with 503, closed (\d+) without", line) for line in lines
+        ]
+        assert all(counts), lines
+        closed = sum(int(found.group(2)) for found in counts if found)
+        assert closed >= 1, lines  # idle connections made room
+        assert "Traceback" not in proxy.output
+        assert "accept" not in proxy.output  # asyncio's "socket.accept() out of system resource"
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        shutil.rmtree(limits, ignore_errors=True)
+
+
+def test_a_connection_silent_from_the_start_is_closed_before_the_head_timeout() -> None:
+    with unix_server() as upstream, Proxy(upstream.path, "--head-timeout", "60") as proxy:
+        proxy.wait_listening()
+        silent = connect(proxy.port)
+        slow = connect(proxy.port)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")  # begun, never finished
+        silent.settimeout(30)  # well inside --head-timeout: a socket.timeout here fails the test
+        assert recv_until_eof(silent) == b""  # closed with no answer: it sent nothing
+        slow.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the one that began its head is still waiting
+            slow.recv(1)
+        silent.close()
+        slow.close()
+        assert proxy.stop() == 0
+    assert upstream.seen == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Data path
 
 
@@ -1098,6 +1222,7 @@ def test_port_in_use_exits_2_with_one_line() -> None:
     [
         (("--listen", "127.0.0.1:http"), "Error: invalid --listen '127.0.0.1:http'"),
         (("--head-timeout", "0"), "Error: invalid --head-timeout 0.0"),
+        (("--max-connections", "0"), "Error: invalid --max-connections 0"),
         (("--allow-host", "a b:1"), "Error: invalid --listen 'a b:1'"),
     ],
 )

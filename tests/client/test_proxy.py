@@ -996,11 +996,28 @@ def test_idle_connections_do_not_lock_out_a_request_and_the_open_file_limit_is_r
         closed = sum(int(found.group(2)) for found in counts if found)
         assert closed >= 1, lines  # idle connections made room
         assert "Traceback" not in proxy.output
-        assert "accept" not in proxy.output  # asyncio's "socket.accept() out of system resource"
+        assert "socket.accept() out of system resource" not in proxy.output  # asyncio's EMFILE line
     finally:
         for sock in idle:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        shutil.rmtree(limits, ignore_errors=True)
+
+
+def test_the_cap_is_lowered_to_fit_an_open_file_limit_that_cannot_be_raised() -> None:
+    limits = short_tmpdir("pxn")
+    try:
+        python = _limited_python(limits, 200, 200)
+        with unix_server() as upstream, Proxy(upstream.path, python=python) as proxy:
+            proxy.wait_listening()
+            assert _open_files(proxy.proc.pid) == (200, 200)
+            assert proxy.output.startswith(
+                "Connections: at most 52 at once, not 256 (--max-connections): the open-file limit "
+                "is 200; raise it (ulimit -n) to serve more\nProxy listening on "
+            )
+            assert http_get(proxy.port, "/healthz")[0] == 200
+            assert proxy.stop() == 0
+    finally:
         shutil.rmtree(limits, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import error_response
 from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import parse_forwarded_peer
+from app.logs import Throttle
 
 __all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
 
@@ -46,6 +47,8 @@ class PeerAllowlist:
         self.app = app
         self.uids = frozenset(allow_uid)
         self.gids = frozenset(allow_gid)
+        # Refusals are logged at most once per 10 s (with a count): a refused peer must not flood the log.
+        self.refused = Throttle(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -61,7 +64,8 @@ class PeerAllowlist:
             return
         method, path = _shown(scope["method"]), _shown(scope["path"])
         if peer is None:
-            log.warning(
+            self.refused.log(
+                logging.WARNING,
                 "Refused %s %s: no peer credentials (not a Unix socket connection); "
                 "the allowlist admits only Unix socket peers",
                 method,
@@ -69,7 +73,8 @@ class PeerAllowlist:
             )
             message = "this server only accepts allowed peers over its Unix socket"
         else:
-            log.warning(
+            self.refused.log(
+                logging.WARNING,
                 "Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
                 method,
                 path,
@@ -89,10 +94,16 @@ class PeerAllowlist:
         method, path = _shown(scope["method"]), _shown(scope["path"])
         user = behind["peer"]
         if user is None:
-            log.warning("Refused %s %s: malformed Uds-Forwarded-Peer header", method, path)
-            message = "the Uds-Forwarded-Peer header must read 'uid=U gid=G pid=P'"
+            self.refused.log(
+                logging.WARNING,
+                "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
+                method,
+                path,
+            )
+            message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         else:
-            log.warning(
+            self.refused.log(
+                logging.WARNING,
                 "Refused %s %s via proxy for uid=%s gid=%s: not in allow_uid/allow_gid",
                 method,
                 path,
@@ -107,11 +118,12 @@ class PeerAllowlist:
 
 
 def _forwarded(scope: Scope) -> dict[str, dict[str, int] | None] | None:
-    """``{"peer": user or None if malformed}`` when the request names a user behind a proxy, else None."""
-    for name, value in scope["headers"]:
-        if name == FORWARDED_HEADER:
-            return {"peer": parse_forwarded_peer(value)}
-    return None
+    """``{"peer": user, or None if malformed or repeated}`` when the request names a user behind a
+    proxy, else None. A repeated header is refused: the record keeps one, so the check must too."""
+    values = [value for name, value in scope["headers"] if name == FORWARDED_HEADER]
+    if not values:
+        return None
+    return {"peer": parse_forwarded_peer(values[0]) if len(values) == 1 else None}
 
 
 def _shown(text: str) -> str:

@@ -38,6 +38,7 @@ from app.config import Settings
 from app.errors import error_response, error_responses, public_details, summarize
 from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import with_forwarded
+from app.logs import Throttle
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import MessageStore
 
@@ -67,30 +68,50 @@ LIST_CHUNK = 16 * 1024
 """``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
 LIST_STREAMS = 32
 """Most ``GET /messages`` answers longer than one chunk being written at once, server-wide."""
+PEER_SHARE = 4
+"""One peer uid may hold at most 1/``PEER_SHARE`` of either budget (bodies, long lists), so a single
+uid holding bodies or lists open cannot lock every other uid out."""
 JSON = "application/json"
 _RETRY = {"retry-after": "1"}
 
 
 class _Budget:
-    """A count drawn on and given back on the event loop thread (no awaits inside, no lock).
+    """A count drawn on and given back on the event loop thread (no awaits inside, no lock), of
+    which one peer uid may hold at most ``per_peer``.
 
     Not an ``asyncio.Semaphore``: a request that does not fit is refused at once, not queued, and
     it draws an amount (its body's size), not one unit.
     """
 
-    __slots__ = ("free",)
+    __slots__ = ("free", "held", "per_peer")
 
     def __init__(self, total: int) -> None:
         self.free = total
+        self.per_peer = max(1, total // PEER_SHARE)
+        self.held: dict[int | None, int] = {}
 
-    def take(self, amount: int) -> bool:
-        if amount > self.free:
+    def take(self, amount: int, uid: int | None) -> bool:
+        held = self.held.get(uid, 0)
+        if amount > self.free or held + amount > self.per_peer:
             return False
         self.free -= amount
+        self.held[uid] = held + amount
         return True
 
-    def give(self, amount: int) -> None:
+    def give(self, amount: int, uid: int | None) -> None:
         self.free += amount
+        left = self.held[uid] - amount
+        if left:
+            self.held[uid] = left
+        else:
+            del self.held[uid]
+
+
+def _uid(scope: Scope) -> int | None:
+    """The peer's uid (SO_PEERCRED); None over TCP."""
+    extensions = scope.get("extensions")
+    peer = extensions.get("uds.peer") if extensions else None
+    return peer["uid"] if peer else None
 
 
 _GET_IT = {
@@ -170,6 +191,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
     reply = settings.reply
     default_limit = min(100, settings.history_size)
     bodies = _Budget(BODY_BUDGET)
+    busy_log = Throttle(log)
     streams = _Budget(LIST_STREAMS)
 
     async def create_message(request: Request) -> Response:
@@ -184,6 +206,8 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             elif name == b"idempotency-key":
                 key_raw = value
             elif name == FORWARDED_HEADER:  # set by uds-client proxy: the caller behind it
+                if forwarded_raw is not None:
+                    return error_response(400, "more than one Uds-Forwarded-Peer header; send one")
                 forwarded_raw = value
         if content_type is None or not _json_content_type(content_type):
             return error_response(415, "unsupported content type; send Content-Type: application/json")
@@ -195,8 +219,9 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             if size > max_body:
                 return _too_large(max_body)
         taken = REQUEST_COST + size
-        if not bodies.take(taken):
-            return _busy()
+        uid = _uid(scope)
+        if not bodies.take(taken, uid):
+            return _busy(uid, busy_log)
         try:
             key: str | None = None
             if key_raw is not None:
@@ -218,8 +243,8 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                     if size > taken:  # chunked transfer: draw on the budget as the body arrives
                         if size - REQUEST_COST > max_body:
                             return _too_large(max_body)
-                        if not bodies.take(size - taken):
-                            return _busy()
+                        if not bodies.take(size - taken, uid):
+                            return _busy(uid, busy_log)
                         taken = size
                     chunks.append(chunk)
                 if not message.get("more_body", False):
@@ -230,7 +255,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             except ValidationError as exc:
                 return _invalid(exc, body)
         finally:
-            bodies.give(taken)
+            bodies.give(taken, uid)
 
         extensions = scope.get("extensions")
         peer = extensions.get("uds.peer") if extensions else None
@@ -308,6 +333,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         },
     )
     async def list_messages(
+        request: Request,
         limit: Annotated[
             int,
             Query(
@@ -323,14 +349,22 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         second = next(chunks, None)
         if second is None:
             return Response(first, 200, None, JSON)
-        if not streams.take(1):
+        uid = _uid(request.scope)
+        if not streams.take(1, uid):
+            busy_log.log(
+                logging.WARNING,
+                "Refused a long list with 503: all %d slots (or peer uid %s's "
+                "share) are taken by answers being sent",
+                LIST_STREAMS,
+                uid,
+            )
             return error_response(
                 503,
-                f"{LIST_STREAMS} long lists are being sent already; try again shortly, or ask for "
-                "fewer with ?limit=",
+                f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent "
+                "already; try again shortly, or ask for fewer with ?limit=",
                 headers=_RETRY,
             )
-        return _ListStream(_resume([first, second], chunks), lambda: streams.give(1))
+        return _ListStream(_resume([first, second], chunks), lambda: streams.give(1, uid))
 
     @router.get(
         "/{message_id}",
@@ -413,10 +447,17 @@ def _too_large(limit: int) -> Response:
     )
 
 
-def _busy() -> Response:
+def _busy(uid: int | None, throttle: Throttle) -> Response:
+    throttle.log(
+        logging.WARNING,
+        "Refused a request body with 503: the body budget (or peer uid %s's "
+        "share) is taken by requests still receiving theirs",
+        uid,
+    )
     return error_response(
         503,
-        "the server is receiving too many request bodies at once; try again shortly",
+        "the server is receiving too many request bodies at once (from your uid or in all); "
+        "try again shortly",
         headers={**_RETRY, "connection": "close"},
     )
 

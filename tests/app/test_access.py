@@ -135,3 +135,27 @@ def test_a_proxy_speaks_only_for_allowed_users(
         assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["app.access"]
     else:
         assert response.json()["peer"]["forwarded_for"]["pid"] == 7
+
+
+def test_a_repeated_forwarded_header_is_refused(make_client: Callable[..., ASGIClient]) -> None:
+    """The check and the record must read the same header: two of them are refused, not one picked."""
+    app = create_app(LIST)
+    client = make_client(app=app, peer=ALLOWED)
+    headers = [
+        ("Uds-Forwarded-Peer", "uid=1000 gid=9 pid=7"),
+        ("Uds-Forwarded-Peer", "uid=5000 gid=5000 pid=8"),
+    ]
+    response = client.post("/messages", json={"text": "hi"}, headers=headers)
+    assert_error(response, 403, "forbidden")
+    assert len(app.state.store) == 0
+
+
+def test_refusals_are_logged_once_per_period(
+    make_client: Callable[..., ASGIClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused peer repeating itself must not flood the log: the rest are counted into a later line."""
+    client = make_client(LIST, peer=STRANGER)
+    with caplog.at_level(logging.WARNING, logger="app.access"):
+        for _ in range(50):
+            assert_error(client.get("/messages"), 403, "forbidden")
+    assert len([r for r in caplog.records if r.name == "app.access"]) == 1

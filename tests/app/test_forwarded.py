@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import pytest
 
+from app.config import Settings
 from app.forwarded import parse_forwarded_peer
+from app.main import create_app
+from tests.app.conftest import ASGIClient, assert_error
 from tests.support import http_over_uds, running_server
 
 JSON = {"Content-Type": "application/json"}
@@ -79,3 +83,13 @@ def test_a_malformed_forwarded_peer_header_is_refused() -> None:
         )
         status, body = http_over_uds(server.socket_path, "GET", "/messages")
         assert json.loads(body) == {"messages": []}
+
+
+def test_a_repeated_forwarded_peer_header_is_refused(make_client: Callable[..., ASGIClient]) -> None:
+    """Without an allowlist too: the record would have to pick one claim of two."""
+    app = create_app(Settings())
+    client = make_client(app=app)
+    headers = [("Uds-Forwarded-Peer", "uid=1 gid=1 pid=1"), ("Uds-Forwarded-Peer", "uid=2 gid=2 pid=2")]
+    body = assert_error(client.post("/messages", json={"text": "hi"}, headers=headers), 400, "bad_request")
+    assert body["message"] == "more than one Uds-Forwarded-Peer header; send one"
+    assert len(app.state.store) == 0

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx2
 import orjson
 import pytest
 from fastapi.routing import APIRoute
@@ -16,7 +17,7 @@ from app.main import create_app
 from app.models import message_in_model
 from app.routes import messages
 from app.routes.messages import LIST_CHUNK, LeanRoute
-from tests.app.conftest import ASGIClient, assert_error
+from tests.app.conftest import ASGIClient, _WithPeer, assert_error
 
 JSON = {"content-type": "application/json"}
 TEXT = [("body", "text")]
@@ -82,6 +83,7 @@ def test_bodies_past_the_server_wide_budget_get_503(monkeypatch: pytest.MonkeyPa
     """A slow chunked body holds most of the budget: a body that does not fit is refused, unread."""
     monkeypatch.setattr(messages, "BODY_BUDGET", 60)
     monkeypatch.setattr(messages, "REQUEST_COST", 10)
+    monkeypatch.setattr(messages, "PEER_SHARE", 1)  # one peer may hold it all: the server-wide bound
     client = ASGIClient(create_app(Settings()))
     counted, release = asyncio.Event(), asyncio.Event()
 
@@ -110,6 +112,38 @@ def test_bodies_past_the_server_wide_budget_get_503(monkeypatch: pytest.MonkeyPa
         assert again.status_code == 201, again.text
     finally:
         client.close()
+
+
+def test_one_uid_holding_bodies_open_leaves_room_for_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer uid may hold a quarter of the body budget: past it that uid gets 503, others do not."""
+    monkeypatch.setattr(messages, "BODY_BUDGET", 400)
+    monkeypatch.setattr(messages, "REQUEST_COST", 10)
+    app = create_app(Settings())
+    hog, other = {"pid": 1, "uid": 2000, "gid": 2000}, {"pid": 2, "uid": 3000, "gid": 3000}
+
+    async def scenario() -> tuple[int, int, int]:
+        counted, release = asyncio.Event(), asyncio.Event()
+
+        async def slow() -> AsyncIterator[bytes]:
+            yield b'{"text": "' + b"s" * 60  # 10 + 70 of the hog's 100
+            counted.set()
+            await release.wait()
+            yield b'"}'
+
+        def client(peer: dict[str, int]) -> httpx2.AsyncClient:
+            transport = httpx2.ASGITransport(app=_WithPeer(app, peer))
+            return httpx2.AsyncClient(transport=transport, base_url="http://uds")
+
+        async with client(hog) as hogging, client(other) as polite:
+            held = asyncio.ensure_future(hogging.post("/messages", content=slow(), headers=JSON))
+            await asyncio.wait_for(counted.wait(), 10)
+            body = b'{"text": "' + b"x" * 30 + b'"}'  # 10 + 42: past the hog's share, within the other's
+            refused = await hogging.post("/messages", content=body, headers=JSON)
+            served = await polite.post("/messages", content=body, headers=JSON)
+            release.set()
+            return refused.status_code, served.status_code, (await held).status_code
+
+    assert asyncio.run(scenario()) == (503, 201, 201)
 
 
 async def _chunks(body: bytes) -> AsyncIterator[bytes]:

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from app.peercred import MAX_PIPELINE
+from app.routes.messages import LIST_STREAMS, PEER_SHARE
 from tests.support import (
     ServerProcess,
     http_over_uds,
@@ -332,6 +333,10 @@ def _fill_history(path: str, count: int) -> None:
                 assert read_response(conn, buffer)[0] == 201
 
 
+READERS = LIST_STREAMS // PEER_SHARE
+"""As many never-reading list readers as one uid may have answered at once."""
+
+
 def test_client_that_never_reads_is_cut_after_send_timeout(tmp: Path) -> None:
     with running_server("--send-timeout", "1", "--history-size", "300", tmp=tmp) as server:
         path = _path(server)
@@ -339,16 +344,16 @@ def test_client_that_never_reads_is_cut_after_send_timeout(tmp: Path) -> None:
         baseline = _rss(server)
         readers = []
         try:
-            for _ in range(10):
+            for _ in range(READERS):
                 conn = _connect(path)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 conn.sendall(b"GET /messages?limit=300 HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 readers.append(conn)
             # Each answer is ~5 MB; whatever the server holds of it is dropped at the send timeout.
             wait_until(
-                lambda: server.output.count("read nothing for 1s") == 10,
+                lambda: server.output.count("read nothing for 1s") == READERS,
                 timeout=15,
-                what="ten send timeouts in the log",
+                what="a send timeout per reader in the log",
             )
             for conn in readers:
                 conn.settimeout(5.0)

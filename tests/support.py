@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -254,3 +255,25 @@ def require_tool(name: str) -> str:
     if not found:
         raise AssertionError(f"{name} is not installed; scripts/test installs it (apt-get install {name})")
     return found
+
+
+def python_with_open_files(directory: Path, soft: int, hard: int) -> str:
+    """An executable that runs this Python under RLIMIT_NOFILE ``soft:hard`` (like ``prlimit``)."""
+    wrapper = directory / "python-nofile"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return str(wrapper)
+
+
+def open_files_of(pid: int) -> tuple[int, int]:
+    """The ``(soft, hard)`` open-file limit of process ``pid``, read from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/PID/limits")

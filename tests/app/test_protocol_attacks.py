@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import socket
-import stat
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,8 @@ from app.routes.messages import LIST_STREAMS, PEER_SHARE
 from tests.support import (
     ServerProcess,
     http_over_uds,
+    open_files_of,
+    python_with_open_files,
     read_head,
     read_response,
     response_status,
@@ -560,33 +560,12 @@ def test_408_waits_for_the_answer_in_progress(tmp: Path) -> None:
 # --- open files and the connection cap --------------------------------------------------------------
 
 
-def _limited_python(directory: Path, soft: int, hard: int) -> str:
-    """An executable that runs this Python under RLIMIT_NOFILE ``soft:hard`` (like ``prlimit``)."""
-    wrapper = directory / "python-nofile"
-    wrapper.write_text(
-        f"#!{sys.executable}\n"
-        "import os, resource, sys\n"
-        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
-        f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return str(wrapper)
-
-
-def _open_files(pid: int) -> tuple[int, int]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            soft, hard = line.split()[3:5]
-            return int(soft), int(hard)
-    raise AssertionError("no open-file limit in /proc/PID/limits")
-
-
 def test_open_file_limit_is_raised_to_the_hard_limit(tmp: Path) -> None:
     path = str(tmp / "s.sock")
-    python = _limited_python(tmp, 256, 1024)
+    python = python_with_open_files(tmp, 256, 1024)
     with ServerProcess(["--socket", path], socket_path=path, python=python) as server:
         server.wait_ready()
-        assert _open_files(server.proc.pid) == (1024, 1024)
+        assert open_files_of(server.proc.pid) == (1024, 1024)
         server.stop()
 
 
@@ -605,7 +584,7 @@ def _start_busy(path: str) -> socket.socket:
 
 def test_past_the_cap_busy_server_answers_503_json_and_logs_once(tmp: Path) -> None:
     path = str(tmp / "s.sock")
-    python = _limited_python(tmp, 1024, 1024)
+    python = python_with_open_files(tmp, 1024, 1024)
     args = ["--socket", path, "--max-connections", "3"]
     with ServerProcess(args, socket_path=path, python=python) as server:
         server.wait_ready()

@@ -36,8 +36,16 @@ from client._models import Message
 from client.cli import _caller
 from client.cli._caller import SocketAccess, find_caller, tcp_owner
 from client.cli.proxy import allowed_hosts, is_loopback, parse_listen
-from tests.app.test_protocol_attacks import _limited_python, _open_files
-from tests.support import PYTHON, ROOT, http_over_uds, running_server, short_tmpdir, wait_until
+from tests.support import (
+    PYTHON,
+    ROOT,
+    http_over_uds,
+    open_files_of,
+    python_with_open_files,
+    running_server,
+    short_tmpdir,
+    wait_until,
+)
 
 NOBODY = 65534
 SOCKET_GID = 4242  # a group uid 65534 is in only when a test adds it
@@ -963,7 +971,7 @@ def test_idle_connections_do_not_lock_out_a_request_and_the_open_file_limit_is_r
     if soft < 1500:  # this process holds the idle connections
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     limits = short_tmpdir("pxn")
-    python = _limited_python(limits, 256, 1024)
+    python = python_with_open_files(limits, 256, 1024)
     idle: list[socket.socket] = []
     try:
         with (
@@ -971,7 +979,7 @@ def test_idle_connections_do_not_lock_out_a_request_and_the_open_file_limit_is_r
             Proxy(upstream.path, "--max-connections", "16", "--quiet", python=python) as proxy,
         ):
             proxy.wait_listening()
-            assert _open_files(proxy.proc.pid) == (1024, 1024)
+            assert open_files_of(proxy.proc.pid) == (1024, 1024)
             for _ in range(1100):
                 idle.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
             statuses: list[int] = []
@@ -1007,10 +1015,10 @@ def test_idle_connections_do_not_lock_out_a_request_and_the_open_file_limit_is_r
 def test_the_cap_is_lowered_to_fit_an_open_file_limit_that_cannot_be_raised() -> None:
     limits = short_tmpdir("pxn")
     try:
-        python = _limited_python(limits, 200, 200)
+        python = python_with_open_files(limits, 200, 200)
         with unix_server() as upstream, Proxy(upstream.path, python=python) as proxy:
             proxy.wait_listening()
-            assert _open_files(proxy.proc.pid) == (200, 200)
+            assert open_files_of(proxy.proc.pid) == (200, 200)
             assert proxy.output.startswith(
                 "Connections: at most 52 at once, not 256 (--max-connections): the open-file limit "
                 "is 200; raise it (ulimit -n) to serve more\nProxy listening on "

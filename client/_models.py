@@ -111,11 +111,14 @@ class Version:
     def from_json(cls, data: Any) -> Version:
         data = _object(data, "versions")
         known = ("app", "python", "uvicorn", "fastapi")
+        missing = [name for name in known if not isinstance(data.get(name), str)]
+        if missing:
+            raise KeyError(f"no version string for {', '.join(missing)}")
         return cls(
-            app=str(data.get("app", "")),
-            python=str(data.get("python", "")),
-            uvicorn=str(data.get("uvicorn", "")),
-            fastapi=str(data.get("fastapi", "")),
+            app=data["app"],
+            python=data["python"],
+            uvicorn=data["uvicorn"],
+            fastapi=data["fastapi"],
             extra={k: v for k, v in data.items() if k not in known},
         )
 

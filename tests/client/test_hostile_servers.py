@@ -191,3 +191,16 @@ def test_a_message_list_of_the_wrong_shape_is_one_client_error(tmp_short: Path, 
         pytest.raises(ClientError, match="not a list of messages"),
     ):
         c.messages()
+
+
+@pytest.mark.parametrize(
+    "body", [b"{}", b'{"app": "1.0.0"}', b'{"app": 1, "python": "3", "uvicorn": "0", "fastapi": "0"}']
+)
+def test_versions_of_the_wrong_shape_are_one_client_error(tmp_short: Path, body: bytes) -> None:
+    """Not blanks and exit 0: every version the command prints must be there."""
+    with (
+        raw_server(str(tmp_short / "odd.sock"), answering(json_answer(200, body, "OK"))) as path,
+        Client(path) as c,
+        pytest.raises(ClientError, match="not a list of versions"),
+    ):
+        c.version()

@@ -27,7 +27,8 @@ plus `details` for validation errors (422).
 
 `POST /messages` takes an optional `Idempotency-Key` header: a retry with the same key and text
 returns the stored message (200) instead of storing it again; the same key with another text is a
-conflict (409).
+conflict (409). Keys belong to the peer uid that sent them: the same key from another uid is
+another key.
 
 With a peer allowlist (`UDS_ALLOW_UID` / `UDS_ALLOW_GID`), only processes whose uid or gid is listed
 (read from the socket with SO_PEERCRED) may call the API; others get 403. `/healthz` and `/readyz`

@@ -264,6 +264,9 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             if peer is None:
                 return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
         if key is not None:
+            # Keys belong to the peer uid that sent them: another uid reusing one stores its own
+            # message and learns nothing of the first (neither its record nor, by a 409, its text).
+            key = key if uid is None else f"{uid}:{key}"
             earlier = store.by_key(key)
             if earlier is not None:
                 if not earlier.matches(text):

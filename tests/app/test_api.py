@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from app.config import Settings
+from app.main import create_app
 from tests.app.conftest import PEER, ASGIClient, assert_error
 
 JSON = {"content-type": "application/json"}
@@ -344,3 +345,18 @@ def test_json_logs_of_a_real_server_carry_the_peer() -> None:
     assert event["logger"] == "app.messages"
     assert event["peer"]["uid"] == os.getuid()
     assert event["message_id"] == 1
+
+
+def test_idempotency_keys_belong_to_the_uid_that_sent_them(make_client: Callable[..., ASGIClient]) -> None:
+    """Another uid reusing a key stores its own message and learns nothing of the first."""
+    app = create_app(Settings())
+    first = make_client(app=app, peer={"pid": 1, "uid": 1000, "gid": 1000})
+    other = make_client(app=app, peer={"pid": 2, "uid": 2000, "gid": 2000})
+    headers = {"Idempotency-Key": "shared-key"}
+    mine = first.post("/messages", json={"text": "secret"}, headers=headers)
+    assert mine.status_code == 201
+    theirs = other.post("/messages", json={"text": "guess"}, headers=headers)
+    assert theirs.status_code == 201, "a guessed text must not come back as 409"
+    assert theirs.json()["id"] != mine.json()["id"]
+    again = first.post("/messages", json={"text": "secret"}, headers=headers)
+    assert (again.status_code, again.json()["id"]) == (200, mine.json()["id"])

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import error_response
 from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import parse_forwarded_peer
-from app.logs import Throttle
+from app.logs import Throttle, escaped
 
 __all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
 
@@ -62,7 +62,7 @@ class PeerAllowlist:
                 return
             await self._refuse_forwarded(scope, receive, send, behind)
             return
-        method, path = _shown(scope["method"]), _shown(scope["path"])
+        method, path = escaped(scope["method"]), escaped(scope["path"])
         if peer is None:
             self.refused.log(
                 logging.WARNING,
@@ -91,7 +91,7 @@ class PeerAllowlist:
     async def _refuse_forwarded(
         self, scope: Scope, receive: Receive, send: Send, behind: dict[str, dict[str, int] | None]
     ) -> None:
-        method, path = _shown(scope["method"]), _shown(scope["path"])
+        method, path = escaped(scope["method"]), escaped(scope["path"])
         user = behind["peer"]
         if user is None:
             self.refused.log(
@@ -124,8 +124,3 @@ def _forwarded(scope: Scope) -> dict[str, dict[str, int] | None] | None:
     if not values:
         return None
     return {"peer": parse_forwarded_peer(values[0]) if len(values) == 1 else None}
-
-
-def _shown(text: str) -> str:
-    """``text`` for one log line: control characters (ESC, CR, LF...) escaped as ``\\x1b``, ``\\r``..."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import IO, Any
 
-__all__ = ["BatchingStreamHandler", "JsonFormatter", "TextFormatter", "Throttle", "configure"]
+__all__ = ["BatchingStreamHandler", "JsonFormatter", "TextFormatter", "Throttle", "configure", "escaped"]
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
@@ -165,6 +165,11 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
     def close(self) -> None:
         self._write_pending()
         super().close()
+
+
+def escaped(text: str) -> str:
+    """``text`` from outside, fit for one log line: control characters (ESC, CR, LF...) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class Throttle:

@@ -205,42 +205,33 @@ def _pool_of(transport: httpx2.HTTPTransport | httpx2.AsyncHTTPTransport, kind: 
         )
 
 
-def _limits(max_connections: int | None) -> httpx2.Limits:
-    return httpx2.Limits(
-        max_connections=max_connections,
-        max_keepalive_connections=max_connections,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-    )
+def _pool_options(path: str, max_connections: int | None) -> dict[str, Any]:
+    """What both pools are built with: the socket, no CA bundle, idle connections kept < the server's."""
+    return {
+        "ssl_context": _BARE_TLS,
+        "uds": path,
+        "max_connections": max_connections,
+        "max_keepalive_connections": max_connections,
+        "keepalive_expiry": KEEPALIVE_EXPIRY,
+    }
 
 
 def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
     """``httpx2.HTTPTransport(uds=path)`` with no CA bundle, :class:`UnixBackend` and short keep-alive."""
-    limits = _limits(max_connections)
-    transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
+    transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
     _pool_of(transport, httpcore2.ConnectionPool)
     transport._pool = httpcore2.ConnectionPool(
-        ssl_context=_BARE_TLS,
-        uds=path,
-        network_backend=UnixBackend(),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=UnixBackend(), **_pool_options(path, max_connections)
     )
     return transport
 
 
 def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.AsyncHTTPTransport:
     """``httpx2.AsyncHTTPTransport(uds=path)``: no CA bundle, :class:`AsyncUnixBackend`, short keep-alive."""
-    limits = _limits(max_connections)
-    transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False, limits=limits)
+    transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
     _pool_of(transport, httpcore2.AsyncConnectionPool)
     transport._pool = httpcore2.AsyncConnectionPool(
-        ssl_context=_BARE_TLS,
-        uds=path,
-        network_backend=AsyncUnixBackend(),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=AsyncUnixBackend(), **_pool_options(path, max_connections)
     )
     return transport
 

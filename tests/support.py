@@ -277,3 +277,25 @@ def open_files_of(pid: int) -> tuple[int, int]:
             soft, hard = line.split()[3:5]
             return int(soft), int(hard)
     raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+NOBODY = 65534
+"""The uid (and gid) the permission tests drop to; CI runs as root, which file modes do not stop."""
+
+
+def python_as_nobody(
+    *args: str, extra_groups: list[int] | None = None, cwd: str | Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run this Python with ``args`` as uid/gid 65534 (plus ``extra_groups``), output captured."""
+    return subprocess.run(
+        [PYTHON, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=extra_groups or [],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    )

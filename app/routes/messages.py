@@ -38,7 +38,7 @@ from app.config import Settings
 from app.errors import error_response, error_responses, public_details, summarize
 from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import with_forwarded
-from app.logs import Throttle
+from app.logs import Throttle, escaped
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import MessageStore
 
@@ -141,9 +141,7 @@ def _shown(text: str) -> str:
     """The text as it goes into one log line: control characters escaped, long texts cut."""
     if len(text) > LOGGED_TEXT:
         text = f"{text[:LOGGED_TEXT]}… ({len(text)} characters)"
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text
+    return escaped(text)
 
 
 def _request_schema(settings: Settings) -> dict[str, Any]:
@@ -219,7 +217,9 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             if size > max_body:
                 return _too_large(max_body)
         taken = REQUEST_COST + size
-        uid = _uid(scope)
+        extensions = scope.get("extensions")
+        peer = extensions.get("uds.peer") if extensions else None
+        uid = peer["uid"] if peer else None
         if not bodies.take(taken, uid):
             return _busy(uid, busy_log)
         try:
@@ -257,8 +257,6 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
         finally:
             bodies.give(taken, uid)
 
-        extensions = scope.get("extensions")
-        peer = extensions.get("uds.peer") if extensions else None
         if forwarded_raw is not None and peer is not None:
             peer = with_forwarded(peer, forwarded_raw)
             if peer is None:

@@ -7,7 +7,9 @@ the Unix socket by putting peer credentials into the scope, as the socket layer 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -17,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.main import create_app
+from tests.support import short_tmpdir
 
 PEER = {"pid": 4242, "uid": 1000, "gid": 1000}
 
@@ -64,6 +67,14 @@ class ASGIClient:
     def close(self) -> None:
         self._runner.run(self._client.aclose())
         self._runner.close()
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    """A short directory for this test's sockets (AF_UNIX paths stop at 107 bytes), removed after."""
+    directory = short_tmpdir("ua")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

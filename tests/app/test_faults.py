@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +17,11 @@ from tests.support import (
     read_response,
     response_status,
     running_server,
-    short_tmpdir,
     wait_until,
 )
 
 DEADLINE = 20.0
 """Socket read timeout in these tests: far above the server's timeouts, only there to fail, not wait."""
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    directory = short_tmpdir("ft")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _connect(path: str) -> socket.socket:

@@ -10,7 +10,6 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -30,7 +29,6 @@ from tests.support import (
     read_response,
     response_status,
     running_server,
-    short_tmpdir,
     wait_until,
 )
 
@@ -43,13 +41,6 @@ POST_CHUNKED = (
 )
 BODY = b'{"text": "hi"}'
 ONE_CHUNK = b"%x\r\n%s\r\n" % (len(BODY), BODY)
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    directory = short_tmpdir("pa")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +18,10 @@ import pytest
 from app.config import Settings
 from app.logs import JsonFormatter, TextFormatter, configure
 from app.server import UdsConfig, UdsServer, build_config, run
-from tests.support import ServerProcess, http_over_uds, running_server, short_tmpdir, wait_until
+from tests.support import ServerProcess, http_over_uds, running_server, wait_until
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    directory = short_tmpdir("sp")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _lines(server: ServerProcess) -> list[str]:

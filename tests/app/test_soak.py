@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.support import ServerProcess, running_server, short_tmpdir
+from tests.support import ServerProcess, running_server
 
 REQUESTS = 100_000
 CONNECTIONS = 50
@@ -29,13 +28,6 @@ class Tally:
     done: int = 0
     errors: list[str] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    directory = short_tmpdir("sk")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _request(n: int) -> bytes:

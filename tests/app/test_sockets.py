@@ -5,27 +5,18 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app import sockets
 from app.sockets import BoundSocket, SocketError, bind_unix
-from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, short_tmpdir, wait_until
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    directory = short_tmpdir("sk")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, wait_until
 
 
 def _mode(path: Path) -> int:

@@ -7,37 +7,20 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import PYTHON, ROOT, running_server
+from tests.support import NOBODY, PYTHON, ROOT, python_as_nobody, running_server
 
-NOBODY = 65534
 SOCKET_GID = 4242  # a group nobody belongs to unless the test adds it
-
-
-def _as_nobody(*args: str, extra_groups: list[int] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=extra_groups or [],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _nobody_can_run_the_client() -> None:
     if os.geteuid() != 0:
         pytest.fail("these tests drop a child to uid 65534 and need root (CI runs them as root)")
-    probe = _as_nobody("-c", "import client.cli")
+    probe = python_as_nobody("-c", "import client.cli")
     if probe.returncode != 0:
         pytest.fail(
             f"uid {NOBODY} cannot run {PYTHON} -m client from {ROOT}: make the repository and its venv "
@@ -59,7 +42,7 @@ def test_client_outside_the_group_gets_permission_denied(shared_dir: Path) -> No
         assert stat.S_IMODE(info.st_mode) == 0o660
         assert info.st_gid == SOCKET_GID
         for command in (("health",), ("send", "Hello from client")):
-            result = _as_nobody("-m", "client", "--socket", path, *command)
+            result = python_as_nobody("-m", "client", "--socket", path, *command)
             assert result.returncode == 3, result.stderr
             assert result.stderr.strip() == (
                 f"Error: cannot connect to unix://{path} (permission denied). "
@@ -70,7 +53,7 @@ def test_client_outside_the_group_gets_permission_denied(shared_dir: Path) -> No
 def test_client_in_the_group_gets_through(shared_dir: Path) -> None:
     with running_server("--socket-mode", "660", "--socket-group", str(SOCKET_GID), tmp=shared_dir) as server:
         assert server.socket_path is not None
-        result = _as_nobody(
+        result = python_as_nobody(
             "-m",
             "client",
             "--socket",

@@ -37,17 +37,18 @@ from client.cli import _caller
 from client.cli._caller import SocketAccess, find_caller, tcp_owner
 from client.cli.proxy import allowed_hosts, is_loopback, parse_listen
 from tests.support import (
+    NOBODY,
     PYTHON,
     ROOT,
     http_over_uds,
     open_files_of,
+    python_as_nobody,
     python_with_open_files,
     running_server,
     short_tmpdir,
     wait_until,
 )
 
-NOBODY = 65534
 SOCKET_GID = 4242  # a group uid 65534 is in only when a test adds it
 
 # ---------------------------------------------------------------------------------------------
@@ -516,17 +517,16 @@ def as_nobody(
     extra_groups: list[int] | None = None,
 ) -> dict[str, Any]:
     """One request through the proxy made by uid 65534: ``{"pid", "status", "body"}``."""
-    result = subprocess.run(
-        [PYTHON, "-c", _AS_CALLER, str(port), method, target, body, json.dumps(headers or {})],
-        capture_output=True,
-        text=True,
+    result = python_as_nobody(
+        "-c",
+        _AS_CALLER,
+        str(port),
+        method,
+        target,
+        body,
+        json.dumps(headers or {}),
+        extra_groups=extra_groups,
         cwd="/",
-        timeout=60,
-        check=False,
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=extra_groups or [],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
     assert result.returncode == 0, result.stderr
     answer: dict[str, Any] = json.loads(result.stdout)
@@ -551,18 +551,7 @@ def group_server() -> Iterator[Any]:
 
 def test_a_uid_refused_on_the_socket_is_refused_by_the_proxy(group_server: Any) -> None:
     path = group_server.socket_path
-    direct = subprocess.run(
-        [PYTHON, "-m", "client", "--socket", path, "send", "Hello from nobody"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-    )
+    direct = _connect_as_nobody(path)
     assert direct.returncode == 3, direct.stderr
     assert "(permission denied)" in direct.stderr
     with Proxy(path) as proxy:
@@ -590,18 +579,7 @@ def test_a_uid_refused_on_the_socket_is_refused_by_the_proxy(group_server: Any) 
 
 
 def _connect_as_nobody(path: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "client", "--socket", path, "send", "Hello from nobody"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-    )
+    return python_as_nobody("-m", "client", "--socket", path, "send", "Hello from nobody")
 
 
 def test_a_symlink_in_a_private_directory_does_not_open_the_proxy_to_a_uid_the_kernel_refuses() -> None:

@@ -23,6 +23,8 @@ __all__ = ["LOG_FORMATS", "LOG_LEVELS", "Option", "Settings", "SettingsError", "
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
+STORES = ("sqlite", "memory")
+DURABILITIES = ("normal", "full")
 
 
 class SettingsError(ValueError):
@@ -94,6 +96,14 @@ def _ids(value: object) -> tuple[int, ...]:
     if any(i < 0 for i in ids):
         raise ValueError("ids are not negative")
     return ids
+
+
+def _listen(value: object) -> str:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host:
+        raise ValueError("use HOST:PORT, e.g. 0.0.0.0:9100 or [::]:9100")
+    _port(port)
+    return str(value)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
@@ -248,7 +258,11 @@ class Settings:
         convert=_positive_int,
     )
     history_size: int = _setting(
-        1000, env="UDS_HISTORY_SIZE", help="messages kept in memory", metavar="N", convert=_positive_int
+        1000,
+        env="UDS_HISTORY_SIZE",
+        help="messages kept; older ones are pruned (ids are never reused)",
+        metavar="N",
+        convert=_positive_int,
     )
     idempotency_keys: int = _setting(
         10_000,
@@ -256,6 +270,49 @@ class Settings:
         help="Idempotency-Key values remembered",
         metavar="N",
         convert=_positive_int,
+    )
+    store: str = _setting(
+        "sqlite",
+        env="UDS_STORE",
+        help="sqlite (durable, in --data-dir) or memory (lost when the process stops)",
+        metavar="KIND",
+        convert=_choice(STORES),
+    )
+    data_dir: str = _setting(
+        "/var/lib/uds-example",
+        env="UDS_DATA_DIR",
+        help="directory of the durable store (created if missing)",
+        metavar="DIR",
+    )
+    durability: str = _setting(
+        "normal",
+        env="UDS_DURABILITY",
+        help="normal (acknowledged messages survive a crash of the process) or full (they also "
+        "survive a power cut: every commit is flushed to disk, which costs throughput)",
+        metavar="LEVEL",
+        convert=_choice(DURABILITIES),
+    )
+    workers: int = _setting(
+        1,
+        env="UDS_WORKERS",
+        help="worker processes serving the one socket (more than 1 needs --store sqlite)",
+        metavar="N",
+        convert=_positive_int,
+    )
+    max_streams: int = _setting(
+        100,
+        env="UDS_MAX_STREAMS",
+        help="event streams (GET /v1/events) open at once, per server; the next one gets 503",
+        metavar="N",
+        convert=_positive_int,
+    )
+    metrics_listen: str | None = _setting(
+        None,
+        env="UDS_METRICS_LISTEN",
+        help="also serve /metrics (and nothing else) over TCP on HOST:PORT, for Prometheus",
+        metavar="HOST:PORT",
+        convert=_listen,
+        shown_default="off",
     )
     shutdown_timeout: float = _setting(
         20.0,

@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-__all__ = ["MessageStore", "Record", "Remembered", "text_digest"]
+__all__ = [
+    "KeyConflict",
+    "MessageStore",
+    "Record",
+    "Remembered",
+    "Store",
+    "StoreError",
+    "StoreFull",
+    "Stored",
+    "text_digest",
+]
 
 Record = dict[str, Any]
 
@@ -25,6 +36,69 @@ Record = dict[str, Any]
 def text_digest(text: str) -> bytes:
     """A 16-byte BLAKE2b digest of ``text``: what a remembered key compares a repeat's text with."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class Stored(NamedTuple):
+    """What :meth:`Store.put` answers: the message's id and JSON document, and whether it is new."""
+
+    id: int
+    document: bytes
+    created: bool
+    """False when the Idempotency-Key was already used with the same text (a repeat: 200, not 201)."""
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says what and what to do."""
+
+
+class KeyConflict(StoreError):
+    """The Idempotency-Key was already used with a different text (409)."""
+
+
+class StoreFull(StoreError):
+    """The disk (or the database's size limit) is full: nothing was written (507)."""
+
+
+class Store(Protocol):
+    """What the routes and the event stream need of a message store (memory or durable).
+
+    Ids start at 1, increase, and never name two messages, even after pruning or a restart of a
+    durable store. Reads never block on the event loop for long; ``put`` answers only once the
+    message (and its key) is committed.
+    """
+
+    async def put(
+        self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
+    ) -> Stored:
+        """Store a message under ``key`` (already scoped to the peer), or return the one stored
+        under it. Raises :class:`KeyConflict` when ``key`` holds another text, :class:`StoreFull`
+        when nothing could be written."""
+        ...
+
+    def get(self, message_id: int) -> bytes | None:
+        """The JSON document of this message, while it is in the history."""
+        ...
+
+    def recent_ids(self, limit: int) -> Sequence[int]:
+        """The ids of the most recent ``limit`` messages, oldest first."""
+        ...
+
+    def since(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages with an id above ``after_id`` still in the history, oldest
+        first, as (id, JSON document)."""
+        ...
+
+    def first_id(self) -> int | None:
+        """The oldest id still in the history (None when empty)."""
+        ...
+
+    def last_id(self) -> int:
+        """The highest id ever stored, by any process sharing the store (0 before the first)."""
+        ...
+
+    def add_listener(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(last_id)`` on the event loop after each commit made by this process."""
+        ...
 
 
 class Remembered(NamedTuple):

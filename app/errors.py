@@ -35,6 +35,7 @@ CODES: dict[int, str] = {
     422: "validation_error",
     500: "internal_error",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 _DEFAULT_MESSAGES: dict[int, str] = {
@@ -48,6 +49,7 @@ _DEFAULT_MESSAGES: dict[int, str] = {
     415: "unsupported content type; send Content-Type: application/json",
     500: "internal server error; the server log has the details",
     503: "the server is not available; try again shortly",
+    507: "the server's disk is full; nothing was stored; retry once space is freed",
 }
 
 JSON = "application/json"

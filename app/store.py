@@ -126,14 +126,15 @@ class Remembered(NamedTuple):
 
 
 class MessageStore:
-    """The last ``history_size`` messages (ids increasing) and the last ``key_capacity`` keys.
+    """The last ``history_size`` messages (ids increasing) and the last ``key_capacity`` keys, in
+    this process's memory (``--store memory``): lost when the process stops.
 
     Each message is kept as its JSON document, encoded once: answers send those bytes as they are,
     and no ``str`` is kept (orjson caches a UTF-8 copy inside each ``str`` it encodes, which would
     double, for some texts triple, what a stored text costs).
     """
 
-    __slots__ = ("_history", "_key_capacity", "_keys", "_next_id")
+    __slots__ = ("_history", "_key_capacity", "_keys", "_listeners", "_next_id")
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
         if history_size < 1 or key_capacity < 1:
@@ -142,17 +143,23 @@ class MessageStore:
         self._keys: OrderedDict[str, Remembered] = OrderedDict()
         self._key_capacity = key_capacity
         self._next_id = 1
+        self._listeners: list[Callable[[int], None]] = []
 
-    def __len__(self) -> int:
-        return len(self._history)
-
-    def add(
-        self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None = None
-    ) -> tuple[int, bytes]:
-        """Store a new message (and remember ``key`` for it); return its id and JSON document.
+    async def put(
+        self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
+    ) -> Stored:
+        """Store a new message (and remember ``key`` for it), or answer the one stored under ``key``.
 
         The oldest message falls off once the history is full; so does the least recently used key.
+        Nothing here awaits, so the key check and the add happen in one step of the event loop.
         """
+        if key is not None:
+            earlier = self._keys.get(key)
+            if earlier is not None:
+                self._keys.move_to_end(key)
+                if not earlier.matches(text):
+                    raise KeyConflict("this Idempotency-Key was already used with a different text")
+                return Stored(earlier.id, orjson.dumps(earlier.record(text)), False)
         message_id = self._next_id
         self._next_id += 1
         # A copy of exactly its size: orjson's own buffer is over-allocated and shrunk in place, and
@@ -176,14 +183,9 @@ class MessageStore:
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)
             if len(self._keys) > self._key_capacity:
                 self._keys.popitem(last=False)
-        return message_id, document
-
-    def by_key(self, key: str) -> Remembered | None:
-        """What was first stored under ``key``, if the key is still remembered (marks it recent)."""
-        remembered = self._keys.get(key)
-        if remembered is not None:
-            self._keys.move_to_end(key)
-        return remembered
+        for listener in self._listeners:
+            listener(message_id)
+        return Stored(message_id, document, True)
 
     def get(self, message_id: int) -> bytes | None:
         """The JSON document of the message with this id, if it is still in the history."""
@@ -196,15 +198,26 @@ class MessageStore:
         """The ids of the most recent ``limit`` messages, oldest first.
 
         Ids, not documents: a reader that walks them later (a list sent to a slow client) fetches
-        each with :meth:`get` and holds no message that has since left the history.
+        the messages then and holds none that has since left the history.
         """
         return range(self._next_id - min(limit, len(self._history)), self._next_id)
 
-    def clear(self) -> None:
-        """Forget every message and key; ids keep increasing (an id never names two messages)."""
-        self._history.clear()
-        self._keys.clear()
+    def since(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages with an id above ``after_id``, oldest first."""
+        first = self._next_id - len(self._history)
+        start = max(after_id + 1, first)
+        stop = min(start + max(limit, 0), self._next_id)
+        history = self._history
+        return [(i, history[i - first]) for i in range(start, stop)]
 
-    @property
-    def remembered_keys(self) -> int:
-        return len(self._keys)
+    def first_id(self) -> int | None:
+        """The oldest id still in the history (None when empty)."""
+        return self._next_id - len(self._history) if self._history else None
+
+    def last_id(self) -> int:
+        """The highest id stored so far (0 before the first)."""
+        return self._next_id - 1
+
+    def add_listener(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(last_id)`` right after each message is stored (on the event loop)."""
+        self._listeners.append(callback)

@@ -23,11 +23,10 @@ Memory stays bounded whatever clients do (measured in tests/app/test_memory_budg
 # closures, which FastAPI must see as real objects, not strings.
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
@@ -40,7 +39,7 @@ from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import with_forwarded
 from app.logs import Throttle, escaped
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
-from app.store import MessageStore
+from app.store import KeyConflict, Store, StoreFull
 
 __all__ = [
     "BODY_BUDGET",
@@ -181,7 +180,7 @@ class LeanRoute(APIRoute):
         return endpoint
 
 
-def build_router(settings: Settings, store: MessageStore) -> APIRouter:
+def build_router(settings: Settings, store: Store) -> APIRouter:
     """The ``/messages`` router, bound to this app's settings and store."""
     router = APIRouter(prefix="/messages", tags=["messages"])
     max_body = settings.max_body_bytes
@@ -265,18 +264,21 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
             # Keys belong to the peer uid that sent them: another uid reusing one stores its own
             # message and learns nothing of the first (neither its record nor, by a 409, its text).
             key = key if uid is None else f"{uid}:{key}"
-            earlier = store.by_key(key)
-            if earlier is not None:
-                if not earlier.matches(text):
-                    return error_response(
-                        409,
-                        "this Idempotency-Key was already used with a different text; use a new key",
-                        error="idempotency_key_reused",
-                    )
-                return Response(orjson.dumps(earlier.record(text)), 200, None, JSON)
-        message_id, document = store.add(text, reply, _now(), peer, key)
+        try:
+            stored = await store.put(text, reply, _now(), peer, key)
+        except KeyConflict:
+            return error_response(
+                409,
+                "this Idempotency-Key was already used with a different text; use a new key",
+                error="idempotency_key_reused",
+            )
+        except StoreFull as exc:
+            return error_response(507, str(exc))
+        if not stored.created:
+            return Response(stored.document, 200, None, JSON)
+        message_id = stored.id
         log.info("📩 Server received: %s", _shown(text), extra={"peer": peer, "message_id": message_id})
-        return Response(document, 201, {"location": f"/messages/{message_id}"}, JSON)
+        return Response(stored.document, 201, {"location": f"/messages/{message_id}"}, JSON)
 
     router.add_api_route(
         "",
@@ -311,7 +313,7 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
                 "content": {JSON: {"example": EXAMPLE_MESSAGE}},
                 "links": _GET_IT,
             },
-            **error_responses(400, 403, 409, 413, 415, 422, 503),
+            **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
         },
     )
 
@@ -396,24 +398,42 @@ def build_router(settings: Settings, store: MessageStore) -> APIRouter:
     return router
 
 
-def _list_chunks(store: MessageStore, ids: range) -> Iterator[bytes]:
-    """``{"messages": [...]}`` in chunks of about :data:`LIST_CHUNK` bytes, fetching each message
-    only when its chunk is made (messages that left the history by then are left out)."""
+def _list_chunks(store: Store, ids: Sequence[int]) -> Iterator[bytes]:
+    """``{"messages": [...]}`` for the messages ``ids[0]..ids[-1]`` in chunks of about
+    :data:`LIST_CHUNK` bytes, reading the rows of each chunk only when it is made (one ``since``
+    query per chunk on the durable store; messages that left the history by then are left out).
+
+    Each read asks for about as many rows as fill one chunk, judged by the rows read so far, so the
+    generator holds about one chunk, not the list.
+    """
     parts = [b'{"messages":[']
-    size = 0
-    separator = b""
-    for message_id in ids:
-        data = store.get(message_id)
-        if data is None:
-            continue
-        parts.append(separator)
-        separator = b","
-        parts.append(data)
-        size += len(data) + 1
-        if size >= LIST_CHUNK:
-            yield b"".join(parts)
-            parts = []
-            size = 0
+    if ids:
+        size = 0
+        separator = b""
+        after, last = ids[0] - 1, ids[-1]
+        want = 8
+        read = read_bytes = 0
+        while after < last:
+            rows = store.since(after, min(want, last - after))
+            if not rows:
+                break
+            for message_id, data in rows:
+                if message_id > last:
+                    after = last
+                    break
+                after = message_id
+                parts.append(separator)
+                separator = b","
+                parts.append(data)
+                size += len(data) + 1
+                read += 1
+                read_bytes += len(data) + 1
+                if size >= LIST_CHUNK:
+                    yield b"".join(parts)
+                    parts = []
+                    size = 0
+            del rows
+            want = max(1, min(256, (LIST_CHUNK - size) * read // max(read_bytes, 1) + 1))
     parts.append(b"]}")
     yield b"".join(parts)
 

@@ -172,10 +172,14 @@ def test_a_streamed_list_leaves_out_what_left_the_history_and_pins_nothing() -> 
     skips the messages that left, and holds no reference to them."""
     import sys
 
-    app = create_app(Settings(history_size=40))
+    app = create_app(Settings(history_size=40, store="memory"))
     store = app.state.store
+
+    def add(text: str) -> None:
+        asyncio.run(store.put(text, "r", "t", None, None))
+
     for i in range(40):
-        store.add(f"{i}" + "x" * 2000, "r", "t", None)
+        add(f"{i}" + "x" * 2000)
     chunks = messages._list_chunks(store, store.recent_ids(40))
     first = next(chunks)
     first_ids = [r["id"] for r in orjson.loads(first + b"]}")["messages"]]
@@ -184,7 +188,7 @@ def test_a_streamed_list_leaves_out_what_left_the_history_and_pins_nothing() -> 
     old = store.get(39)
     assert old is not None
     for i in range(39):  # 39 new messages: only message 40 of the first 40 is still in the history
-        store.add(f"new {i}", "r", "t", None)
+        add(f"new {i}")
     assert sys.getrefcount(old) == 2, "only `old` and getrefcount's argument refer to the message"
     document = orjson.loads(first + b"".join(chunks))
     assert [m["id"] for m in document["messages"]] == [*first_ids, 40]

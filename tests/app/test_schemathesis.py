@@ -8,6 +8,8 @@ invalid data rejected and valid data accepted.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -18,7 +20,8 @@ from app.main import create_app
 EXAMPLES = 200
 
 # A small history and key memory so generated traffic also runs into the bounds.
-APP = create_app(Settings(history_size=50, idempotency_keys=20, max_text_length=64))
+SETTINGS = Settings(history_size=50, idempotency_keys=20, max_text_length=64, store="memory")
+APP = create_app(SETTINGS)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 schema.config.generation.update(max_examples=EXAMPLES)
 
@@ -46,8 +49,11 @@ class Workflow(schema.as_state_machine()):  # type: ignore[misc]
     """Sequences of calls following the OpenAPI links (POST /messages, then GET /messages/{id})."""
 
     def setup(self) -> None:
-        """Each sequence starts from an empty server, so replays see the same state."""
-        APP.state.store.clear()
+        """Each sequence starts from an empty server (a fresh app), so replays see the same state."""
+        self.app = create_app(SETTINGS)
+
+    def call(self, case: schemathesis.Case, **kwargs: Any) -> Any:
+        return case.call(app=self.app, **kwargs)
 
 
 @pytest.mark.slow

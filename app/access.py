@@ -3,7 +3,8 @@
 Installed only when ``allow_uid`` or ``allow_gid`` is set, so an open server pays nothing. The
 peer comes from ``scope["extensions"]["uds.peer"]`` (SO_PEERCRED, set by the socket layer).
 A connection without peer credentials (TCP) is refused: the allowlist fails closed. The probes
-(``/healthz``, ``/readyz``) stay open so the kubelet can reach them.
+(``/healthz``, ``/readyz``) stay open so the kubelet can reach them, and so does ``/_ping``: a
+client negotiates the API version before anything else, and the versions are no secret.
 
 A request that names the user behind a proxy (``Uds-Forwarded-Peer``, see :mod:`app.forwarded`)
 must have both on the list, the proxy's own process and the user it speaks for: a proxy never
@@ -26,7 +27,7 @@ __all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
 
 log = logging.getLogger("app.access")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
 
 
 def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:

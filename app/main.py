@@ -7,6 +7,8 @@ importing this module reads no settings and builds nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import APIRouter, FastAPI
 
 from app import __version__
@@ -15,12 +17,19 @@ from app.config import Settings
 from app.errors import install as install_errors
 from app.routes import docs, health, messages
 from app.store import MessageStore
+from app.versions import API_VERSIONS, add_unsupported_route, add_versioned
 
 __all__ = ["create_app"]
 
 DESCRIPTION = """\
 Pod-local REST over a Unix domain socket. Clients in the same Pod reach it through the shared
 socket (default `unix:///csi/csi.sock`), e.g. `curl --unix-socket /csi/csi.sock http://localhost/healthz`.
+
+The API is versioned like Docker's: every operation lives under `/v{N}/...` (this document lists
+version 1), and the same path without the prefix is an alias of the current version. `GET /_ping`
+answers `OK` with the headers `Api-Version` (current) and `Min-Api-Version` (oldest served); a path
+under a version the server does not serve (`/v9/messages`) gets 400. The probes (`/healthz`,
+`/readyz`) and `/_ping` are unversioned.
 
 Every error has one JSON shape: `{"error": "<code>", "message": "<one line>", "status": <int>}`,
 plus `details` for validation errors (422).
@@ -31,14 +40,18 @@ conflict (409). Keys belong to the peer uid that sent them: the same key from an
 another key.
 
 With a peer allowlist (`UDS_ALLOW_UID` / `UDS_ALLOW_GID`), only processes whose uid or gid is listed
-(read from the socket with SO_PEERCRED) may call the API; others get 403. `/healthz` and `/readyz`
-stay open for probes. A connection without peer credentials (TCP) is refused: the allowlist fails
-closed.
+(read from the socket with SO_PEERCRED) may call the API; others get 403. `/healthz`, `/readyz`
+and `/_ping` stay open for probes and version negotiation. A connection without peer credentials
+(TCP) is refused: the allowlist fails closed.
 """
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the application for these settings."""
+def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS) -> FastAPI:
+    """Build the application for these settings.
+
+    ``api_versions`` (oldest first) are the API versions served under ``/v{N}``; the default is
+    :data:`app.versions.API_VERSIONS`. Only tests pass others, to stand in for older or newer servers.
+    """
     app = FastAPI(
         title="uds-example",
         version=__version__,
@@ -55,13 +68,18 @@ def create_app(settings: Settings) -> FastAPI:
         ],
     )
     app.state.settings = settings
+    app.state.api_versions = tuple(sorted(set(api_versions)))
     app.state.draining = False
     store = MessageStore(settings.history_size, settings.idempotency_keys)
     app.state.store = store
     install_errors(app)
-    for router in (messages.build_router(settings, store), health.build_router()):
-        _add_routes(app, router)
+    # API routes under /v{N} and their unversioned aliases (app.versions); every API router joins
+    # the table through add_versioned. The probes and /_ping stay unversioned.
+    add_versioned(app, messages.build_router(settings, store))
+    add_versioned(app, health.build_versioned_router(app.state.api_versions))
+    _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
+    add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)
     if settings.allow_uid or settings.allow_gid:
         app.add_middleware(PeerAllowlist, allow_uid=settings.allow_uid, allow_gid=settings.allow_gid)

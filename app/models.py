@@ -109,7 +109,7 @@ class ReadyStatus(BaseModel):
 
 
 class VersionInfo(BaseModel):
-    """Versions of the server and the stack under it."""
+    """Versions of the server, the stack under it, and the API versions it serves."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -120,6 +120,8 @@ class VersionInfo(BaseModel):
     starlette: str
     pydantic: str
     orjson: str
+    api_version: str = Field(description="The newest API version served (`Api-Version` of `/_ping`).")
+    min_api_version: str = Field(description="The oldest API version served (`Min-Api-Version` of `/_ping`).")
 
 
 class ErrorDetail(BaseModel):

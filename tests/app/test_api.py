@@ -246,18 +246,22 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
     spec = client.get("/openapi.json").json()
     operations = {(path, method): op for path, item in spec["paths"].items() for method, op in item.items()}
     assert set(operations) == {
-        ("/messages", "post"),
-        ("/messages", "get"),
-        ("/messages/{message_id}", "get"),
+        ("/v1/messages", "post"),
+        ("/v1/messages", "get"),
+        ("/v1/messages/{message_id}", "get"),
+        ("/v1/version", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
-        ("/version", "get"),
+        ("/_ping", "get"),
+        ("/_ping", "head"),
     }
     for (path, method), op in operations.items():
         where = f"{method.upper()} {path}"
         assert op.get("summary"), where
         assert op.get("description"), where
         assert op.get("tags"), where
+        if path == "/_ping":  # text/plain OK; tests/app/test_versions.py checks it
+            continue
         for status, response in op["responses"].items():
             content = response.get("content", {}).get("application/json")
             assert content, f"{where} {status}"
@@ -268,8 +272,8 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
         assert any(
             s.startswith("2") and "example" in r["content"]["application/json"]
             for s, r in op["responses"].items()
-        ) or (path == "/messages" and method == "get"), where
-    post = operations[("/messages", "post")]
+        ) or (path == "/v1/messages" and method == "get"), where
+    post = operations[("/v1/messages", "post")]
     body_schema = post["requestBody"]["content"]["application/json"]["schema"]
     assert body_schema["required"] == ["text"]
     assert body_schema["additionalProperties"] is False
@@ -282,7 +286,7 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
 
 def test_openapi_text_limit_follows_settings(make_client: Callable[..., ASGIClient]) -> None:
     spec = make_client(Settings(max_text_length=10)).get("/openapi.json").json()
-    schema = spec["paths"]["/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = spec["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert schema["properties"]["text"]["maxLength"] == 10
 
 

@@ -397,6 +397,11 @@ class Settings:
                 values[name] = _convert(name, option, raw)
         if "host" in values and "port" not in values:
             raise SettingsError(f"--host needs --port ({known['port'].env}) to serve TCP")
+        if values.get("workers", 1) != 1 and values.get("store") == "memory":
+            raise SettingsError(
+                f"--workers {values['workers']} needs --store sqlite ({known['store'].env}): with --store "
+                "memory each worker process would keep its own messages and keys"
+            )
         return cls(**values)  # type: ignore[arg-type]
 
 

@@ -15,7 +15,8 @@ from app import __version__
 from app.access import PeerAllowlist
 from app.config import Settings
 from app.errors import install as install_errors
-from app.routes import docs, health, messages
+from app.events import EventHub, stream_capacity
+from app.routes import docs, events, health, messages
 from app.store import MessageStore
 from app.versions import API_VERSIONS, add_unsupported_route, add_versioned
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
         openapi_tags=[
             {"name": "messages", "description": "Send messages and read the recent history."},
             {"name": "health", "description": "Probes and versions."},
+            {"name": "events", "description": "Stored messages as a live Server-Sent Events stream."},
         ],
     )
     app.state.settings = settings
@@ -77,6 +79,9 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     # the table through add_versioned. The probes and /_ping stay unversioned.
     add_versioned(app, messages.build_router(settings, store))
     add_versioned(app, health.build_versioned_router(app.state.api_versions))
+    # One event hub per process; the server's signal handler tells it to end the streams on SIGTERM.
+    app.state.events = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
+    add_versioned(app, events.build_router(app.state.events))
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
     add_unsupported_route(app)  # last: only requests no route matched reach it

@@ -60,6 +60,9 @@ class UdsServer(uvicorn.Server):
         state = getattr(self.app, "state", None)
         if state is not None:
             state.draining = True  # /readyz answers 503 from now on
+            events = getattr(state, "events", None)
+            if events is not None:
+                events.drain_soon()  # every event stream gets `shutdown` and ends: no wait on them
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

@@ -1,0 +1,323 @@
+"""The event hub: one per process, it sends every stored message to every open event stream.
+
+The store is the source. The hub wakes when this process commits (``Store.add_listener``: the
+POST only sets an ``asyncio.Event``, whatever the number of streams) and, while any stream is
+open, also every :data:`POLL_INTERVAL` seconds to read ``Store.last_id()``, so that messages
+committed by the other ``--workers`` processes reach this process's streams too. It then reads the
+new messages once (``Store.since``), encodes each as a Server-Sent Event once, and appends the same
+bytes to every subscriber's buffer.
+
+Each subscriber (:class:`Subscriber`) has a buffer of at most :data:`BUFFER` events. A reader too
+slow to take them (or one that never reads) is cut off when the buffer is full: the hub drops it
+and its buffer at once, and its stream ends with a final ``overflow`` event. So a stream costs at
+most :data:`BUFFER` references to documents the store already holds plus its socket's buffers, and
+a POST never waits for a reader.
+
+A stream that starts from an id (``Last-Event-ID`` or ``?since=``) first reads what it missed from
+the store itself, in batches of :data:`BATCH`, as fast as its reader takes them; then, in the
+same step of the event loop as its last empty read, it joins the hub with that id as its cursor.
+The hub sends it only ids above its cursor, so nothing is lost or sent twice across the switch.
+An id older than the history (or unknown to the store) gets a ``reset`` event first.
+
+On SIGTERM (:meth:`EventHub.drain_soon`, called from the server's signal handler) every stream is
+told ``shutdown`` and ends, so uvicorn's drain does not wait for them until its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import orjson
+from fastapi.sse import format_sse_event
+
+from app.store import Store
+
+__all__ = [
+    "BATCH",
+    "BUFFER",
+    "HEARTBEAT",
+    "HEARTBEAT_INTERVAL",
+    "POLL_INTERVAL",
+    "EventHub",
+    "StreamsFull",
+    "Subscriber",
+    "stream_capacity",
+]
+
+log = logging.getLogger("app.events")
+
+HEARTBEAT_INTERVAL = 5.0
+"""Seconds an open stream may stay silent before it gets a heartbeat comment (``: heartbeat``).
+
+Below the 10 s after which ``uds-client proxy`` and common HTTP proxies close a silent connection;
+clients (``client._events``) treat three missed heartbeats as a dropped stream."""
+HEARTBEAT = b": heartbeat\n\n"
+POLL_INTERVAL = 0.1
+"""Seconds between two reads of ``Store.last_id()`` while streams are open: how late a message
+stored by another worker process may reach this process's streams (this process's own commits
+wake the hub at once)."""
+BUFFER = 256
+"""Events a subscriber may have waiting; one more and it is cut off with ``overflow``."""
+BATCH = 100
+"""Messages read from the store at a time (catching up, or by the hub)."""
+RETRY_MS = 1000
+"""The ``retry:`` sent first on every stream: browsers' ``EventSource`` reconnects after 1 s."""
+
+End = Literal["overflow", "shutdown"]
+
+
+def stream_capacity(max_streams: int, workers: int) -> int:
+    """Streams one worker process may hold: its share of ``--max-streams``, at least one.
+
+    The cap is per server: with ``--workers N`` each process admits ``max_streams // N``, so the
+    server as a whole never holds more than ``max_streams`` (the kernel spreads connections over
+    the processes; a stream refused by a full process is told to retry, and the retry may land on
+    another). What the cap bounds (memory, descriptors, fan-out work) is per process, which a share
+    counted in each process bounds without any state shared between them.
+    """
+    return max(1, max_streams // max(1, workers))
+
+
+def _message_event(message_id: int, document: bytes) -> bytes:
+    return format_sse_event(data_str=document.decode("utf-8"), event="message", id=str(message_id))
+
+
+def _control_event(event: str, data: dict[str, object], event_id: int | None = None) -> bytes:
+    return format_sse_event(
+        data_str=orjson.dumps(data).decode("utf-8"),
+        event=event,
+        id=None if event_id is None else str(event_id),
+    )
+
+
+class StreamsFull(Exception):
+    """No stream can be opened now: all slots are taken, or the server is shutting down."""
+
+
+class Subscriber:
+    """One open stream: its cursor (the last id it was given), its buffer, and why it ends."""
+
+    __slots__ = ("buffer", "cursor", "end", "sent", "wake")
+
+    def __init__(self) -> None:
+        self.cursor = 0
+        """The last id handed to this stream (sent, or waiting in its buffer)."""
+        self.sent = 0
+        """The last id written to the stream: where its reader resumes after a cut-off."""
+        self.buffer: deque[bytes] = deque()
+        self.wake = asyncio.Event()
+        self.end: End | None = None
+
+
+class EventHub:
+    """Fans this process's store out to its open streams (at most ``capacity`` of them)."""
+
+    def __init__(self, store: Store, capacity: int) -> None:
+        self.store = store
+        self.capacity = capacity
+        self.open = 0
+        """Streams open now (catching up or live)."""
+        self.draining = False
+        self._streams: set[Subscriber] = set()
+        self._live: set[Subscriber] = set()
+        self._last = 0
+        """The highest id the hub has handed to its live subscribers (or skipped past)."""
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        store.add_listener(self._on_commit)
+
+    # -- the POST side: one flag, whatever the number of streams ----------------------------------
+
+    def _on_commit(self, last_id: int) -> None:
+        if self._live and self._wake is not None:
+            self._wake.set()
+
+    # -- streams -----------------------------------------------------------------------------------
+
+    def subscribe(self) -> Subscriber:
+        """Take a slot for a new stream; :class:`StreamsFull` when none is left or the server drains."""
+        if self.draining:
+            raise StreamsFull("the server is shutting down")
+        if self.open >= self.capacity:
+            raise StreamsFull(f"{self.capacity} event streams are open already")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+        self.open += 1
+        subscriber = Subscriber()
+        self._streams.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Give the slot back (the stream ended, failed, or its client went away)."""
+        if subscriber in self._streams:
+            self._streams.discard(subscriber)
+            self._live.discard(subscriber)
+            subscriber.buffer.clear()
+            self.open -= 1
+
+    async def stream(self, subscriber: Subscriber, since: int | None) -> AsyncIterator[bytes]:
+        """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events.
+
+        It ends after a final ``overflow`` or ``shutdown`` event; the caller unsubscribes.
+        """
+        store = self.store
+        yield format_sse_event(retry=RETRY_MS)
+        if since is None:
+            subscriber.cursor = subscriber.sent = store.last_id()
+            self._join(subscriber)
+        else:
+            subscriber.cursor = subscriber.sent = since
+            last = store.last_id()
+            if since > last:
+                # An id this store never gave (its history was lost, e.g. a memory store restarted).
+                first = store.first_id()
+                subscriber.cursor = subscriber.sent = last if first is None else first - 1
+                yield self._reset(since, subscriber.cursor)
+            while subscriber.end is None:
+                first = store.first_id()
+                if first is not None and subscriber.cursor < first - 1:
+                    requested = subscriber.cursor
+                    subscriber.cursor = subscriber.sent = first - 1
+                    yield self._reset(requested, subscriber.cursor)
+                rows = store.since(subscriber.cursor, BATCH)
+                if not rows:
+                    self._join(subscriber)  # same loop step as the empty read: nothing falls between
+                    break
+                subscriber.cursor = subscriber.sent = rows[-1][0]
+                yield b"".join([_message_event(i, doc) for i, doc in rows])
+        buffer = subscriber.buffer
+        wake = subscriber.wake
+        while True:
+            if buffer:
+                chunk = b"".join(buffer)
+                buffer.clear()
+                subscriber.sent = subscriber.cursor
+                yield chunk
+                continue
+            if subscriber.end is not None:
+                yield self._final(subscriber)
+                return
+            wake.clear()
+            try:
+                async with asyncio.timeout(HEARTBEAT_INTERVAL):
+                    await wake.wait()
+            except TimeoutError:
+                yield HEARTBEAT
+
+    def _join(self, subscriber: Subscriber) -> None:
+        if subscriber.end is not None:
+            return
+        if not self._live:
+            self._last = subscriber.cursor
+        else:
+            self._last = min(self._last, subscriber.cursor)
+        self._live.add(subscriber)
+        if self._task is None:
+            assert self._loop is not None
+            self._task = self._loop.create_task(self._run(), name="event hub")
+
+    @staticmethod
+    def _reset(requested: int, cursor: int) -> bytes:
+        oldest = cursor + 1
+        log.info("Event stream asked for messages after #%d: continuing from #%d", requested, oldest)
+        return _control_event(
+            "reset",
+            {
+                "oldest": oldest,
+                "message": f"messages after #{requested} are no longer all in the history; "
+                f"list them again (GET /messages), events go on from #{oldest}",
+            },
+            cursor,
+        )
+
+    @staticmethod
+    def _final(subscriber: Subscriber) -> bytes:
+        sent = subscriber.sent
+        if subscriber.end == "overflow":
+            text = (
+                f"this stream was cut off: its reader fell more than {BUFFER} events behind; "
+                f"reconnect with Last-Event-ID: {sent}"
+            )
+        else:
+            text = f"the server is shutting down; reconnect with Last-Event-ID: {sent}"
+        return _control_event(subscriber.end or "shutdown", {"last_id": sent, "message": text})
+
+    # -- the hub -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        try:
+            while self._live:
+                wake.clear()
+                self._fan_out()
+                if not self._live:
+                    break
+                try:
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+        except Exception:  # never leave streams silent without saying why
+            log.exception("Event hub failed; closing its streams")
+            self._end_all("shutdown")
+        finally:
+            self._task = None
+
+    def _fan_out(self) -> None:
+        """Hand every message above ``_last`` to the live subscribers (their buffers, not sockets)."""
+        store = self.store
+        while self._live and store.last_id() > self._last:
+            rows = store.since(self._last, BATCH)
+            if not rows:  # pruned before the hub read them: the next round gives each a reset
+                self._last = store.last_id()
+                break
+            events = [(i, _message_event(i, doc)) for i, doc in rows]
+            first_id = rows[0][0]
+            for subscriber in list(self._live):
+                if subscriber.cursor < first_id - 1:
+                    subscriber.buffer.append(self._reset(subscriber.cursor, first_id - 1))
+                    subscriber.cursor = first_id - 1
+                buffer = subscriber.buffer
+                before = len(buffer)
+                for message_id, event in events:
+                    if message_id > subscriber.cursor:
+                        buffer.append(event)
+                        subscriber.cursor = message_id
+                if len(buffer) > BUFFER:
+                    self._cut_off(subscriber)
+                elif len(buffer) > before:
+                    subscriber.wake.set()
+            self._last = rows[-1][0]
+
+    def _cut_off(self, subscriber: Subscriber) -> None:
+        """The reader is too slow: drop its buffer, stop feeding it, let it send ``overflow``."""
+        subscriber.buffer.clear()  # resent on resume, from the reader's Last-Event-ID
+        subscriber.end = "overflow"
+        self._live.discard(subscriber)
+        subscriber.wake.set()
+        log.warning("Cut off an event stream whose reader fell more than %d events behind", BUFFER)
+
+    def _end_all(self, reason: End) -> None:
+        for subscriber in self._streams:
+            if subscriber.end is None:
+                subscriber.end = reason
+            subscriber.wake.set()
+        self._live.clear()
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    def drain_soon(self) -> None:
+        """Tell every stream to send ``shutdown`` and end; safe to call from a signal handler."""
+        self.draining = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._end_all, "shutdown")

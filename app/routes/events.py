@@ -1,0 +1,126 @@
+"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``).
+
+The answer is FastAPI's ``fastapi.sse.EventSourceResponse`` built around the hub's byte stream
+(``app.events``), not a generator path operation: FastAPI would then run two tasks and two memory
+streams per open stream and encode every event once per stream; the hub encodes each event once,
+for all streams, and a stream writes what it has waiting in one chunk.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route signature's annotations.
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+from fastapi.sse import EventSourceResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app.errors import error_response, error_responses
+from app.events import BUFFER, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from app.logs import Throttle
+
+__all__ = ["build_router"]
+
+log = logging.getLogger("app.events")
+
+RETRY_AFTER = "1"
+
+_DESCRIPTION = f"""\
+A `text/event-stream` (Server-Sent Events) of every message stored from now on, by any worker
+process: event `message`, `id` the message id, data the message as `GET /messages/{{id}}` answers it.
+
+**Resuming.** With `Last-Event-ID` (sent by browsers' `EventSource` on reconnection) or
+`?since=ID`, the stream first replays the messages after that id still in the history, then goes on
+live: nothing is lost or repeated across a reconnection. The header wins when both are given.
+When some of those messages have left the history (or the id is unknown to the server), event
+`reset` comes first: its data names the `oldest` id kept; list the messages again
+(`GET /messages`), and the stream goes on from that oldest message.
+
+**Heartbeats.** An idle stream gets a comment line (`: heartbeat`) every {HEARTBEAT_INTERVAL:g} s.
+
+**Ends.** A reader that falls more than {BUFFER} events behind gets event `overflow` and the stream
+ends; on shutdown every stream gets event `shutdown` and ends. Both carry `last_id`: reconnect with
+`Last-Event-ID` to go on without a gap.
+
+At most `--max-streams` streams are open at once (with `--workers N`, each worker process holds its
+share); past that the answer is 503 with `Retry-After`.
+"""
+
+_EXAMPLE = (
+    "retry: 1000\n\n"
+    "event: message\n"
+    'data: {"id":7,"text":"hi","reply":"Hello from server via UDS",'
+    '"received_at":"2026-01-01T00:00:00.000000Z","peer":{"pid":42,"uid":1000,"gid":1000}}\n'
+    "id: 7\n\n"
+    ": heartbeat\n\n"
+)
+
+
+class _EventStream(EventSourceResponse):
+    """An event stream that gives its slot back however it ends (done, failed, client gone)."""
+
+    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None) -> None:
+        super().__init__(hub.stream(subscriber, since), headers={"cache-control": "no-cache"})
+        self._hub = hub
+        self._subscriber = subscriber
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._hub.unsubscribe(self._subscriber)
+
+
+class _Documented(Response):
+    """What the OpenAPI document shows the 200 as (the endpoint returns its own responses)."""
+
+    media_type = "text/event-stream"
+
+
+def build_router(hub: EventHub) -> APIRouter:
+    """The ``/events`` router, bound to this process's hub."""
+    router = APIRouter(prefix="/events", tags=["events"])
+    refusals = Throttle(log)
+
+    responses: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "The event stream.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _EXAMPLE}},
+        },
+        **error_responses(403, 422, 503),
+    }
+
+    @router.get(
+        "",
+        summary="Stream events",
+        operation_id="stream_events",
+        description=_DESCRIPTION,
+        # Not response_class=EventSourceResponse: FastAPI would expect a generator (see above).
+        response_class=_Documented,
+        response_model=None,
+        responses=responses,
+    )
+    async def stream_events(
+        since: Annotated[
+            int | None,
+            Query(ge=0, description="Replay the messages after this id first (like `Last-Event-ID`)."),
+        ] = None,
+        last_event_id: Annotated[
+            int | None,
+            Header(alias="last-event-id", ge=0, description="The id of the last event received."),
+        ] = None,
+    ) -> Response:
+        """Stream stored messages as Server-Sent Events."""
+        try:
+            subscriber = hub.subscribe()
+        except StreamsFull as exc:
+            refusals.log(logging.WARNING, "Refused an event stream with 503: %s", exc)
+            return error_response(
+                503,
+                f"{exc}; try again shortly",
+                headers={"retry-after": RETRY_AFTER},
+            )
+        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since)
+
+    return router

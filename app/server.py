@@ -3,6 +3,9 @@
 ``run(settings)`` binds (``app.sockets``), serves with httptools + uvloop and our protocol
 (``app.peercred``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, removes the socket on
 every exit path and returns the process exit code: 0 clean stop, 3 startup failure.
+
+With ``workers`` above 1 the process binds, then hands the socket to ``app.workers``, whose
+worker processes each serve it through :func:`serve`; this process alone removes the socket.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from app.config import Settings
 from app.peercred import PeerCredProtocol
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 
-__all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "run"]
+__all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "run", "serve"]
 
 logger = logging.getLogger("app.server")
 
@@ -44,12 +47,19 @@ class UdsConfig(uvicorn.Config):
 
 
 class UdsServer(uvicorn.Server):
-    """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal."""
+    """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
 
-    def __init__(self, config: UdsConfig, app: Any, address: str) -> None:
+    Once serving it logs the demo line, or, given ``on_started`` (a worker process, whose parent
+    logs that line once for all workers), calls it instead.
+    """
+
+    def __init__(
+        self, config: UdsConfig, app: Any, address: str, on_started: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self.app = app
         self.address = address
+        self.on_started = on_started
         self.drained = False
         self.signals: list[int] = []
         self.bound: BoundSocket | None = None
@@ -84,7 +94,10 @@ class UdsServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
-            logger.info("🔌 Server listening on %s", self.address)
+            if self.on_started is None:
+                logger.info("🔌 Server listening on %s", self.address)
+            else:
+                self.on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         import asyncio
@@ -171,18 +184,14 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             from app.main import create_app
 
             app_factory = create_app
-        from app.peercred import connection_cap, raise_open_file_limit
+        if settings.workers > 1:
+            from app.workers import Supervisor
 
+            bound, address = bind(settings)
+            return Supervisor(settings, app_factory, bound, address).run()
         application = app_factory(settings)
         bound, address = bind(settings)
-        open_files, _ = raise_open_file_limit()
-        config = build_config(settings, application)
-        # Connections past the open-file limit would fail silently at accept(): cap them below it.
-        config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
-        server = UdsServer(config, application, address)
-        if not settings.uses_tcp:
-            server.bound = bound
-        server.run(sockets=[bound.sock])
+        server = serve(settings, application, bound.sock, address, bound=None if settings.uses_tcp else bound)
         return 0 if server.started and not server.socket_lost else STARTUP_FAILURE
     except _Stopped:
         logger.info("Stopped before serving")
@@ -197,6 +206,31 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             bound.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def serve(
+    settings: Settings,
+    application: Any,
+    sock: socket.socket,
+    address: str,
+    *,
+    bound: BoundSocket | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> UdsServer:
+    """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
+
+    ``bound``: the socket file to check once a second (stop if it is removed or replaced).
+    """
+    from app.peercred import connection_cap, raise_open_file_limit
+
+    open_files, _ = raise_open_file_limit()
+    config = build_config(settings, application)
+    # Connections past the open-file limit would fail silently at accept(): cap them below it.
+    config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
+    server = UdsServer(config, application, address, on_started)
+    server.bound = bound
+    server.run(sockets=[sock])
+    return server
 
 
 def _stop_early(sig: int, frame: FrameType | None) -> None:

@@ -1,0 +1,380 @@
+"""``--workers N``: N worker processes serve the one socket this process bound; this one supervises.
+
+The parent binds the socket with every check ``app.sockets`` makes, then starts each worker as a
+fresh interpreter (``python -m app.workers``, never a fork of a process with an event loop) that
+gets the listening socket's descriptor and one end of a socket pair. Over that pair the parent sends
+the settings and the app factory; the worker builds its own app (and store connection), serves with
+:func:`app.server.serve`, and answers ``ready`` once it accepts. The parent
+
+- logs the demo line ``🔌 Server listening on ...`` once, when every worker serves;
+- checks once a second that the socket file is still its own (removed or replaced: exit 3);
+- replaces a worker that dies, with one line naming its pid and exit status or signal; a worker
+  that dies within ``QUICK_DEATH`` seconds of its start is replaced after a delay that doubles up to
+  ``MAX_DELAY``, and when every worker has failed to start in a row with none left running, it
+  exits 3;
+- on SIGTERM or SIGINT closes its copy of the listening socket and sends SIGTERM to every worker,
+  each of which marks ``/readyz`` draining and drains within ``--shutdown-timeout``; a second
+  SIGINT is passed on (workers then stop at once); a worker still running ``STOP_GRACE`` seconds
+  after the drain deadline is killed. Then it exits 0 and removes the socket, the only process
+  that does.
+
+A worker watches its end of the pair: when the parent is gone (``kill -9``), it drains and exits,
+so it never keeps serving a socket that nobody supervises. Workers run in their own process group,
+so a terminal's Ctrl-C reaches the parent alone, which passes it on as SIGTERM.
+
+Why not uvicorn's ``uvicorn.supervisors.Multiprocess`` (0.54, read in its source): its
+``keep_subprocess_alive`` replaces a dead worker at once with no delay and logs only
+``Child process [pid] died``, without the status or signal; a single worker's exit 3 stops the
+whole server; ``join_all`` waits for workers with no deadline; its loop has no place to check the
+socket file or to log once every worker serves, and its ``run`` returns no exit code; its workers
+run plain ``uvicorn.Server`` on a pickled ``Config``, so the app must be an import string and our
+server class (drain, peer credentials, ``/readyz``) would not run. Its children are started by
+``multiprocessing``'s spawn, which also starts a resource-tracker process and re-runs the parent's
+``__main__`` module in each worker; ``subprocess`` with ``pass_fds`` starts just the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from app.config import Settings
+from app.server import STARTUP_FAILURE
+from app.sockets import BoundSocket
+
+__all__ = ["QUICK_DEATH", "Supervisor", "SupervisorHooks"]
+
+logger = logging.getLogger("app.workers")
+
+READY = "ready"
+QUICK_DEATH = 10.0
+"""A worker that dies this many seconds after its start or sooner counts toward the restart delay."""
+FIRST_DELAY = 0.5
+MAX_DELAY = 10.0
+CALM = 30.0
+"""Seconds without a worker dying after which the restart delay starts again from nothing."""
+STOP_GRACE = 5.0
+"""Seconds past ``--shutdown-timeout`` a worker gets to exit before it is killed."""
+CHECK_EVERY = 1.0
+"""Seconds between checks of the socket file (the single-process server checks as often)."""
+_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SupervisorHooks:
+    """Extension points in the parent around its workers' lives (metrics overrides them)."""
+
+    def before_spawn(self) -> None:
+        """Called once, before the first worker starts; environment set here reaches every worker."""
+
+    def worker_exited(self, pid: int) -> None:
+        """Called after worker ``pid`` has exited and been reaped, before any replacement starts."""
+
+
+def describe_exit(code: int) -> str:
+    """``exited with status 1`` or ``killed by signal SIGKILL`` for a ``Popen.returncode``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"killed by signal {name}"
+    return f"exited with status {code}"
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    started: float = field(default_factory=time.monotonic)
+    ready: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Supervisor:
+    """Start ``settings.workers`` workers on ``bound`` and keep them running until a stop signal."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        app_factory: Callable[[Settings], Any],
+        bound: BoundSocket,
+        address: str,
+        hooks: SupervisorHooks | None = None,
+    ) -> None:
+        self.settings = settings
+        self.app_factory = app_factory
+        self.bound = bound
+        self.address = address
+        self.hooks = hooks or SupervisorHooks()
+        self.slots: list[_Worker | None] = [None] * settings.workers
+        self.due: dict[int, float] = {}
+        """Slots waiting for a replacement, and when it starts (monotonic)."""
+        self.signals: list[int] = []
+        self.announced = False
+        self.failed_starts = 0
+        """Workers in a row that died before serving (reset when one serves)."""
+        self.quick_deaths = 0
+        self.last_death = float("-inf")
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- the parent's loop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until stopped; return the exit code (0 clean stop, 3 startup failure or lost socket)."""
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOPS}
+        try:
+            self.hooks.before_spawn()
+            for slot in range(len(self.slots)):
+                self._start(slot)
+            code = self._supervise()
+            return self._stop(code)
+        finally:
+            for worker in self._live():  # an exception above: never leave a worker behind
+                with contextlib.suppress(OSError):
+                    worker.proc.kill()
+                self._reap(worker)
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        self.signals.append(sig)
+
+    def _supervise(self) -> int:
+        next_check = time.monotonic() + CHECK_EVERY
+        while True:
+            now = time.monotonic()
+            wakeups = [next_check, *self.due.values()]
+            self._wait(max(0.0, min(wakeups) - now))
+            if self.signals:
+                return 0
+            now = time.monotonic()
+            if self.quick_deaths and now - self.last_death >= CALM:
+                self.quick_deaths = 0
+            for slot, when in sorted(self.due.items()):
+                if when <= now:
+                    del self.due[slot]
+                    self._start(slot)
+            if self.failed_starts >= len(self.slots) and not self._live():
+                logger.error(
+                    "Every worker failed to start (%d in a row): see the lines above; stopping",
+                    self.failed_starts,
+                )
+                return STARTUP_FAILURE
+            if now >= next_check:
+                next_check = now + CHECK_EVERY
+                if not self.settings.uses_tcp and self.bound.in_place() is not True:
+                    logger.error(
+                        "Socket %s was removed or replaced by another program: clients cannot reach "
+                        "this server; stopping",
+                        self.address,
+                    )
+                    return STARTUP_FAILURE
+
+    def _wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a worker's message or exit, or a signal; handle what came."""
+        by_conn = {worker.conn: worker for worker in self._live()}
+        ready = wait([*by_conn, self._wake_r], timeout)
+        for item in ready:
+            if item is self._wake_r:
+                with contextlib.suppress(OSError):
+                    while self._wake_r.recv(64):
+                        pass
+                continue
+            worker = by_conn[item]  # type: ignore[index]
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                self._died(worker)
+                continue
+            if message == READY:
+                self._serving(worker)
+
+    def _live(self) -> list[_Worker]:
+        return [worker for worker in self.slots if worker is not None]
+
+    # -- workers' lives --------------------------------------------------------------------------
+
+    def _start(self, slot: int) -> _Worker:
+        """Start a worker in ``slot``: a fresh interpreter given the listening socket and its pair."""
+        ours, theirs = socket.socketpair()
+        listen_fd = self.bound.sock.fileno()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app.workers", str(listen_fd), str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(listen_fd, theirs.fileno()),
+                process_group=0,  # Ctrl-C in a terminal reaches the parent only
+            )
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        worker = _Worker(proc, conn)
+        self.slots[slot] = worker
+        # If it died at once, its end of the pair reads as closed and _wait reaps it.
+        with contextlib.suppress(OSError):
+            conn.send((self.settings, self.app_factory, self.address))
+        return worker
+
+    def _serving(self, worker: _Worker) -> None:
+        worker.ready = time.monotonic()
+        self.failed_starts = 0
+        if not self.announced and all(w is not None and w.ready is not None for w in self.slots):
+            self.announced = True
+            logger.info(
+                "%d workers serving (pids %s)",
+                len(self.slots),
+                ", ".join(str(w.pid) for w in self._live()),
+            )
+            logger.info("🔌 Server listening on %s", self.address)
+
+    def _died(self, worker: _Worker) -> None:
+        """Reap a worker whose end of the pair closed, log it and schedule its replacement."""
+        code = self._reap(worker)
+        slot = self.slots.index(worker)
+        self.slots[slot] = None
+        now = time.monotonic()
+        if worker.ready is None:
+            self.failed_starts += 1
+        delay = 0.0
+        if now - worker.started <= QUICK_DEATH:
+            if self.quick_deaths:
+                delay = min(FIRST_DELAY * 2 ** (self.quick_deaths - 1), MAX_DELAY)
+            self.quick_deaths += 1
+        self.last_death = now
+        when = "before serving" if worker.ready is None else f"after {now - worker.started:.1f}s of serving"
+        if delay:
+            then = f"starting a replacement in {delay:g}s ({self.quick_deaths} quick exits in a row)"
+            self.due[slot] = now + delay
+        else:
+            then = f"replaced by pid {self._start(slot).pid}"
+        logger.warning("Worker pid %d %s %s; %s", worker.pid, describe_exit(code), when, then)
+
+    def _reap(self, worker: _Worker) -> int:
+        """Wait for ``worker`` to exit (kill it if it lingers), tell the hooks; return its exit code."""
+        worker.conn.close()
+        try:
+            code = worker.proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:  # its pair closed, yet it runs on: it cannot serve us
+            worker.proc.kill()
+            code = worker.proc.wait()
+        self.hooks.worker_exited(worker.pid)
+        return code
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def _stop(self, code: int) -> int:
+        """Stop every worker (each drains within the shutdown timeout), then return ``code``."""
+        live = self._live()
+        self.due.clear()
+        names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
+        timeout = self.settings.shutdown_timeout
+        logger.info(
+            "Received %s: stopping %d worker(s), each drains for up to %gs", names, len(live), timeout
+        )
+        # New connections are refused once every worker has closed its copy too, as with one process.
+        self.bound.sock.close()
+        forwarded = len(self.signals)
+        for worker in live:
+            self._signal(worker, signal.SIGTERM)
+        deadline = time.monotonic() + timeout + STOP_GRACE
+        while self._live() and time.monotonic() < deadline:
+            by_conn = {worker.conn: worker for worker in self._live()}
+            for item in wait([*by_conn, self._wake_r], deadline - time.monotonic()):
+                if item is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        while self._wake_r.recv(64):
+                            pass
+                    continue
+                worker = by_conn[item]  # type: ignore[index]
+                try:
+                    worker.conn.recv()  # a late "ready": it drains all the same
+                except (EOFError, OSError):
+                    self._stopped(worker)
+            for sig in self.signals[forwarded:]:
+                if sig == signal.SIGINT:  # a second Ctrl-C: workers stop without waiting
+                    for worker in self._live():
+                        self._signal(worker, signal.SIGINT)
+            forwarded = len(self.signals)
+        for worker in self._live():
+            logger.error(
+                "Worker pid %d did not stop within %gs of SIGTERM: killed", worker.pid, timeout + STOP_GRACE
+            )
+            self._signal(worker, signal.SIGKILL)
+            self._stopped(worker)
+        logger.info("All workers stopped")
+        return code
+
+    def _stopped(self, worker: _Worker) -> None:
+        code = self._reap(worker)
+        self.slots[self.slots.index(worker)] = None
+        if code not in (0, STARTUP_FAILURE) and code != -signal.SIGKILL:
+            logger.warning("Worker pid %d %s while stopping", worker.pid, describe_exit(code))
+
+    @staticmethod
+    def _signal(worker: _Worker, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(sig)
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+
+def _watch_parent(conn: Connection) -> None:
+    """Block until the parent's end of the pair closes (it exited or was killed), then drain."""
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            conn.recv()
+    logger.warning("Worker pid %d: the parent process is gone; stopping", os.getpid())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_main(listen_fd: int, parent_fd: int) -> int:
+    """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
+    from app.server import _stop_early, _Stopped, serve
+
+    previous = {sig: signal.signal(sig, _stop_early) for sig in _STOPS}
+    conn = Connection(parent_fd)
+    sock = socket.socket(fileno=listen_fd)
+    try:
+        settings, app_factory, address = conn.recv()
+    except (EOFError, OSError):
+        return STARTUP_FAILURE  # the parent went away before it told us anything
+    from app.logs import configure
+
+    configure(settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log)
+    threading.Thread(target=_watch_parent, args=(conn,), name="watch-parent", daemon=True).start()
+    try:
+        application = app_factory(settings)
+        server = serve(settings, application, sock, address, on_started=lambda: conn.send(READY))
+    except _Stopped:
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    logger.info("Worker pid %d stopped after %d request(s)", os.getpid(), server.server_state.total_requests)
+    return 0 if server.started else STARTUP_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(int(sys.argv[1]), int(sys.argv[2])))

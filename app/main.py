@@ -16,7 +16,7 @@ from app.access import PeerAllowlist
 from app.config import Settings
 from app.errors import install as install_errors
 from app.events import EventHub, stream_capacity
-from app.routes import docs, events, health, messages
+from app.routes import docs, events, health, messages, metrics
 from app.store import MessageStore
 from app.versions import API_VERSIONS, add_unsupported_route, add_versioned
 
@@ -84,6 +84,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     add_versioned(app, events.build_router(app.state.events))
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
+    metrics.install(app, settings)  # GET /metrics (unversioned) and app.state.metrics
     add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)
     if settings.allow_uid or settings.allow_gid:

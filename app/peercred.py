@@ -39,6 +39,7 @@ import struct
 import termios
 from asyncio import TimerHandle
 from operator import itemgetter
+from time import perf_counter
 from typing import Any
 
 import httptools
@@ -47,6 +48,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.logs import Throttle
+from app.metrics import Recorder, TimedCycle
 
 __all__ = [
     "DRAIN",
@@ -275,6 +277,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._paused_at: float | None = None
         """Loop time since which the peer has left our answers unread (writing paused), or None."""
         """Cycles not yet answered, the running one and those pipelined behind it."""
+        self.recorder: Recorder | None = getattr(config, "recorder", None)
+        """Counts each request for ``/metrics`` (``app.metrics``), when on."""
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -396,6 +400,13 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._in_head = False
         super().on_headers_complete()
         self._live.append(self.cycle)
+        recorder = self.recorder
+        if recorder is not None and recorder.on:
+            cycle = self.cycle
+            cycle.__class__ = TimedCycle  # records the request when its response starts
+            cycle.recorder = recorder  # type: ignore[attr-defined]
+            cycle.started = perf_counter()  # type: ignore[attr-defined]
+            cycle.uid = self.peer["uid"] if self.peer is not None else None  # type: ignore[attr-defined]
         # Trailer fields (after a chunked body) land in a list of their own, counted, never used.
         self.headers = []
 
@@ -519,6 +530,10 @@ class PeerCredProtocol(HttpToolsProtocol):
             _REJECTED.log(logging.WARNING, "Rejected a request with %d: %s", status, message)
         if self.transport.is_closing():
             return
+        recorder = self.recorder
+        if recorder is not None and recorder.on:
+            method = self.scope.get("method", "unknown") if self._begins else "unknown"
+            recorder.refused(method, status, self.peer["uid"] if self.peer is not None else None)
         answer = error_response(status, error, message)
         cycle = self.cycle
         if cycle is not None and not self._in_head and not self._message_done:

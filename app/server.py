@@ -23,6 +23,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
+from app.metrics import Metrics, MetricsError, Recorder, for_workers, serve_endpoint
 from app.peercred import PeerCredProtocol
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 
@@ -44,6 +45,8 @@ class UdsConfig(uvicorn.Config):
         """Seconds a client has to send a whole request (head and body)."""
         self.send_timeout = send_timeout
         """Seconds a response may make no write progress before the connection is closed."""
+        self.recorder: Recorder | None = None
+        """Where the protocol counts requests for ``/metrics`` (``app.metrics``)."""
 
 
 class UdsServer(uvicorn.Server):
@@ -60,6 +63,9 @@ class UdsServer(uvicorn.Server):
         self.app = app
         self.address = address
         self.on_started = on_started
+        self.metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
+        if self.metrics is not None:
+            self.metrics.open_connections = lambda: len(self.server_state.connections)
         self.drained = False
         self.signals: list[int] = []
         self.bound: BoundSocket | None = None
@@ -116,6 +122,8 @@ class UdsServer(uvicorn.Server):
         began = loop.time()
         await super().shutdown(sockets=sockets)
         took = loop.time() - began
+        if self.metrics is not None:
+            self.metrics.flush()  # the last counts, for a parent still serving --workers' metrics
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
         elif self.force_exit:
@@ -124,7 +132,10 @@ class UdsServer(uvicorn.Server):
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
 
     async def on_tick(self, counter: int) -> bool:
-        """Once a second, stop (exit 3) if another program removed or replaced our socket file."""
+        """Every tick (0.1 s) hand the metrics counted to prometheus-client; once a second, stop
+        (exit 3) if another program removed or replaced our socket file."""
+        if self.metrics is not None:
+            self.metrics.flush()
         if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
             if not self.socket_lost:
                 self.socket_lost = True
@@ -143,7 +154,7 @@ class UdsServer(uvicorn.Server):
 
 def build_config(settings: Settings, app: Any) -> UdsConfig:
     """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging."""
-    return UdsConfig(
+    config = UdsConfig(
         app,
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,
@@ -161,6 +172,9 @@ def build_config(settings: Settings, app: Any) -> UdsConfig:
         timeout_keep_alive=cast(int, settings.keepalive_timeout),
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
     )
+    metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
+    config.recorder = metrics.recorder if metrics is not None else None
+    return config
 
 
 def bind(settings: Settings) -> tuple[BoundSocket, str]:
@@ -188,14 +202,25 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             from app.workers import Supervisor
 
             bound, address = bind(settings)
-            return Supervisor(settings, app_factory, bound, address).run()
+            with for_workers(settings) as hooks:  # PROMETHEUS_MULTIPROC_DIR and the one endpoint
+                return Supervisor(settings, app_factory, bound, address, hooks).run()
         application = app_factory(settings)
         bound, address = bind(settings)
-        server = serve(settings, application, bound.sock, address, bound=None if settings.uses_tcp else bound)
+        endpoint = serve_endpoint(settings, getattr(application.state, "metrics", None))
+        try:
+            server = serve(
+                settings, application, bound.sock, address, bound=None if settings.uses_tcp else bound
+            )
+        finally:
+            if endpoint is not None:
+                endpoint.close()
         return 0 if server.started and not server.socket_lost else STARTUP_FAILURE
     except _Stopped:
         logger.info("Stopped before serving")
         return 0
+    except MetricsError as exc:
+        logger.error("%s", exc)
+        return STARTUP_FAILURE
     except SocketError as exc:
         logger.error("%s", exc)
         return STARTUP_FAILURE

@@ -1,0 +1,61 @@
+"""``GET /metrics`` on the socket: the Prometheus exposition, for ``curl --unix-socket``.
+
+Unversioned, like the probes: its format is Prometheus', versioned by its content type, and the
+same path serves it on the TCP port of ``--metrics-listen``. Unlike the probes it is subject to the
+peer allowlist, like the API. The first request to it starts the counting when nothing else has
+(see ``app.metrics``).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+
+from app.config import Settings
+from app.errors import error_responses
+from app.metrics import METRICS_PATH, Metrics
+
+__all__ = ["install"]
+
+
+def install(app: FastAPI, settings: Settings) -> Metrics:
+    """Give ``app`` its :class:`Metrics` (``app.state.metrics``) and the ``GET /metrics`` route."""
+    metrics = Metrics(on=settings.metrics_listen is not None)
+    app.state.metrics = metrics
+    events = getattr(app.state, "events", None)
+    if events is not None:
+        metrics.event_streams = lambda: int(events.open)
+
+    async def get_metrics(request: Request) -> Response:
+        """Prometheus metrics of the server (all workers)."""
+        metrics.recorder.on = True
+        metrics.flush()
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, 200, {"cache-control": "no-store"}, content_type)
+
+    app.router.routes.append(
+        APIRoute(
+            METRICS_PATH,
+            get_metrics,
+            methods=["GET"],
+            tags=["metrics"],
+            operation_id="get_metrics",
+            summary="Prometheus metrics",
+            description=(
+                "Request counts and durations by route template, messages stored, open connections "
+                "and event streams, requests by peer uid, and the process metrics, in Prometheus' text "
+                "format (or OpenMetrics, if `Accept` asks for it). With `--workers`, the sum over all "
+                "workers. `--metrics-listen HOST:PORT` serves the same over TCP for Prometheus."
+            ),
+            response_model=None,
+            responses={
+                200: {
+                    "description": "The metrics.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **error_responses(403),
+            },
+        )
+    )
+    return metrics

@@ -5,12 +5,22 @@ Both send through httpx2's Unix-socket transports (``client._transport``), or th
 ``timeout`` bounds each whole request, and a response is read only up to ``max_response_bytes``.
 Requests and responses are shaped by the shared helpers below; the classes only differ in how
 they wait.
+
+API versions, as Docker's client negotiates them: before its first API call a client asks
+``GET /_ping`` once (lazily; a lock makes concurrent first calls wait for that one ping) and then
+sends every API request under ``/v{N}``, N the highest version both sides support
+(:data:`API_VERSIONS` is the client's own range; ``Api-Version`` and ``Min-Api-Version`` the
+server's). No common version raises :class:`ClientError` naming both ranges; a server without
+``/_ping`` (404) gets the unversioned paths. The probes, ``/openapi.json`` and :meth:`Client.get`
+stay unversioned and never ping. A method for a new API route builds its path with
+``self._api("/noun")`` (``await self._api(...)`` on :class:`AsyncClient`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
@@ -34,7 +44,7 @@ from client._transport import (
 )
 from client.address import resolve_socket, to_url
 
-__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
+__all__ = ["API_VERSIONS", "DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
 
 log = logging.getLogger("client")
 
@@ -48,6 +58,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 _HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
 _JSON = {"content-type": "application/json"}
 _T = TypeVar("_T")
+
+API_VERSIONS = (1, 1)
+"""The oldest and the newest API version this client speaks."""
 
 
 class _Answer:
@@ -128,18 +141,27 @@ def _send_request(text: str, idempotency_key: str | None) -> tuple[bytes, dict[s
     return orjson.dumps({"text": text}), {**_JSON, "idempotency-key": key}
 
 
-def _messages_target(limit: int | None) -> str:
+def _messages_query(limit: int | None) -> str:
     if limit is None:
-        return "/messages"
+        return ""
     if limit < 1:
         raise UsageError(f"limit must be at least 1, not {limit}")
-    return f"/messages?limit={int(limit)}"
+    return f"?limit={int(limit)}"
+
+
+def _versions_text(low: int, high: int) -> str:
+    return f"API version {low}" if low == high else f"API versions {low} to {high}"
 
 
 class _Base:
-    """What both clients share: the socket, limits, the response cap, logging."""
+    """What both clients share: the socket, limits, the response cap, logging, the API version."""
+
+    API_VERSIONS: tuple[int, int] = API_VERSIONS
+    """(oldest, newest) API version spoken; a subclass may speak another range."""
 
     _owns_http: bool
+    _prefix: str | None = None
+    """``/v{N}`` once negotiated, ``""`` for a server without versions; None before the ping."""
 
     def __init__(
         self, socket: str | None, timeout: float, environ: Mapping[str, str] | None, max_response_bytes: int
@@ -152,6 +174,39 @@ class _Base:
         self.address = to_url(self.path)
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
+
+    def _chosen(self, answer: _Answer) -> str:
+        """The path prefix for the server's ``/_ping`` answer (or an error when none will do)."""
+        if answer.status == 404:  # a server from before API versions
+            return ""
+        if answer.status >= 400:
+            _check(answer)  # raises APIError with the server's message
+        headers = answer.response.headers
+        current, oldest = headers.get("api-version"), headers.get("min-api-version")
+        if current is None:
+            return ""
+        try:
+            high = int(current)
+            low = int(oldest) if oldest is not None else high
+        except ValueError:
+            shown = _snippet(f"{current!r}, Min-Api-Version {oldest!r}".encode())
+            raise ClientError(
+                f"{self.address} answered /_ping with Api-Version {shown}, not whole numbers; "
+                "is it a uds-example server?"
+            ) from None
+        mine_low, mine_high = self.API_VERSIONS
+        version = min(high, mine_high)
+        if version < max(low, mine_low):
+            fix = "upgrade the server" if high < mine_low else "upgrade the client"
+            raise ClientError(
+                f"{self.address} serves {_versions_text(low, high)}; this client speaks "
+                f"{_versions_text(mine_low, mine_high)}: no version in common, {fix}"
+            )
+        return f"/v{version}"
+
+    @staticmethod
+    def _version_of(prefix: str) -> int | None:
+        return int(prefix[2:]) if prefix else None
 
     def _too_large(self, method: str, url: str) -> ClientError:
         return ClientError(
@@ -225,6 +280,22 @@ class Client(_Base):
                 headers=_HEADERS,
             )
         self._http = http_client
+        self._negotiation = threading.Lock()
+
+    def _api(self, path: str) -> str:
+        """``path`` under the negotiated API version (pinging the server first, once)."""
+        prefix = self._prefix
+        if prefix is None:
+            with self._negotiation:
+                prefix = self._prefix
+                if prefix is None:
+                    prefix = self._prefix = self._chosen(self._request("GET", "/_ping"))
+        return prefix + path
+
+    def api_version(self) -> int | None:
+        """The API version this client uses with the server (asking it first if not done yet);
+        None for a server without API versions, which gets the unversioned paths."""
+        return self._version_of(self._api(""))
 
     def _request(
         self, method: str, url: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
@@ -280,15 +351,17 @@ class Client(_Base):
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
         content, headers = _send_request(text, idempotency_key)
-        return _message(_check(self._request("POST", "/messages", content=content, headers=headers)))
+        url = self._api("/messages")
+        return _message(_check(self._request("POST", url, content=content, headers=headers)))
 
     def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return _message_list(_check(self._request("GET", _messages_target(limit))))
+        query = _messages_query(limit)
+        return _message_list(_check(self._request("GET", self._api("/messages") + query)))
 
     def message(self, id: int) -> Message:
         """GET /messages/{id}."""
-        return _message(_check(self._request("GET", f"/messages/{int(id)}")))
+        return _message(_check(self._request("GET", self._api(f"/messages/{int(id)}"))))
 
     def health(self) -> Health:
         """GET /healthz."""
@@ -307,7 +380,8 @@ class Client(_Base):
 
     def version(self) -> Version:
         """GET /version."""
-        return _shaped(Version.from_json, _check(self._request("GET", "/version")), "a list of versions")
+        answer = self._request("GET", self._api("/version"))
+        return _shaped(Version.from_json, _check(answer), "a list of versions")
 
     def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
@@ -368,6 +442,25 @@ class AsyncClient(_Base):
                 headers=_HEADERS,
             )
         self._http = http_client
+        self._negotiation: anyio.Lock | None = None
+
+    async def _api(self, path: str) -> str:
+        """``path`` under the negotiated API version (pinging the server first, once: concurrent
+        first calls wait for that one ping)."""
+        prefix = self._prefix
+        if prefix is None:
+            if self._negotiation is None:
+                self._negotiation = anyio.Lock()
+            async with self._negotiation:
+                prefix = self._prefix
+                if prefix is None:
+                    prefix = self._prefix = self._chosen(await self._request("GET", "/_ping"))
+        return prefix + path
+
+    async def api_version(self) -> int | None:
+        """The API version this client uses with the server (asking it first if not done yet);
+        None for a server without API versions, which gets the unversioned paths."""
+        return self._version_of(await self._api(""))
 
     async def _request(
         self, method: str, url: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
@@ -434,15 +527,17 @@ class AsyncClient(_Base):
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
         content, headers = _send_request(text, idempotency_key)
-        return _message(_check(await self._request("POST", "/messages", content=content, headers=headers)))
+        url = await self._api("/messages")
+        return _message(_check(await self._request("POST", url, content=content, headers=headers)))
 
     async def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return _message_list(_check(await self._request("GET", _messages_target(limit))))
+        query = _messages_query(limit)
+        return _message_list(_check(await self._request("GET", await self._api("/messages") + query)))
 
     async def message(self, id: int) -> Message:
         """GET /messages/{id}."""
-        return _message(_check(await self._request("GET", f"/messages/{int(id)}")))
+        return _message(_check(await self._request("GET", await self._api(f"/messages/{int(id)}"))))
 
     async def health(self) -> Health:
         """GET /healthz."""
@@ -458,9 +553,8 @@ class AsyncClient(_Base):
 
     async def version(self) -> Version:
         """GET /version."""
-        return _shaped(
-            Version.from_json, _check(await self._request("GET", "/version")), "a list of versions"
-        )
+        answer = await self._request("GET", await self._api("/version"))
+        return _shaped(Version.from_json, _check(answer), "a list of versions")
 
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""

@@ -35,7 +35,8 @@ def test_endpoints_in_process() -> None:
             assert await client.health() == Health("ok", True)
             assert (await client.ready()).ok
             assert (await client.version()).app == "1.0.0"
-            assert "/messages" in (await client.openapi())["paths"]
+            assert "/v1/messages" in (await client.openapi())["paths"]
+            assert await client.api_version() == 1
             assert (await client.get("/nope")).status == 404
             with pytest.raises(APIError) as info:
                 await client.message(999_999)

@@ -77,7 +77,8 @@ def test_debug_shows_the_traceback_and_request_log(server_path: str) -> None:
     assert failed.stderr.strip().splitlines()[-1].startswith("Error: cannot connect")
     ok = run_cli("--debug", "--socket", server_path, "send", "logged")
     assert ok.returncode == 0
-    assert "POST /messages -> 201" in ok.stderr
+    assert "GET /_ping -> 200" in ok.stderr
+    assert "POST /v1/messages -> 201" in ok.stderr
 
 
 # --- output, in process: main() against a real server ------------------------------------------------
@@ -143,7 +144,7 @@ def test_openapi_to_stdout_and_file(
 ) -> None:
     code, printed, err = _run(capsys, "--socket", server_path, "openapi")
     assert (code, err) == (0, "")
-    assert "/messages" in json.loads(printed)["paths"]
+    assert "/v1/messages" in json.loads(printed)["paths"]
     target = tmp_short / "spec.json"
     assert _run(capsys, "--socket", server_path, "openapi", "--output", str(target)) == (0, "", "")
     assert json.loads(target.read_text(encoding="utf-8")) == json.loads(printed)

@@ -93,7 +93,7 @@ def test_probes_version_and_openapi(app_client: Client) -> None:
     assert version.uvicorn
     spec = app_client.openapi()
     assert spec["openapi"].startswith("3.")
-    assert "/messages" in spec["paths"]
+    assert "/v1/messages" in spec["paths"]
 
 
 def test_raw_get_returns_error_statuses_without_raising(app_client: Client) -> None:
@@ -120,11 +120,12 @@ def test_one_debug_line_per_request_and_no_logging_setup(
     with caplog.at_level(logging.DEBUG, logger="client"):
         app_client.health()
         app_client.send("logged")
-    lines = [r for r in caplog.records if r.name == "client"]
-    assert len(lines) == 2
-    assert "GET /healthz -> 200" in lines[0].getMessage()
-    assert "POST /messages -> 201" in lines[1].getMessage()
-    assert "logged" not in lines[1].getMessage()  # never the body
+    lines = [r.getMessage() for r in caplog.records if r.name == "client"]
+    assert len(lines) == 3, lines  # the probe is unversioned; the first API call pings once
+    assert "GET /healthz -> 200" in lines[0]
+    assert "GET /_ping -> 200" in lines[1]
+    assert "POST /v1/messages -> 201" in lines[2]
+    assert "logged" not in lines[2]  # never the body
     assert logging.getLogger("client").handlers == []
 
 

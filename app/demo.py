@@ -104,6 +104,7 @@ def run() -> None:
             stdout=subprocess.PIPE,
             text=True,
             env={"UDS_SOCKET": None},
+            data_dir=os.path.join(directory, "data"),  # the durable store, removed with the directory
         ) as server:
             assert server.proc.stdout is not None
             lines = _Lines("uds-server", server.proc.stdout)

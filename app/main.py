@@ -14,10 +14,10 @@ from fastapi import APIRouter, FastAPI
 from app import __version__
 from app.access import PeerAllowlist
 from app.config import Settings
+from app.durable import build_store, store_lifespan
 from app.errors import install as install_errors
 from app.events import EventHub, stream_capacity
 from app.routes import docs, events, health, messages, metrics
-from app.store import MessageStore
 from app.versions import API_VERSIONS, add_unsupported_route, add_versioned
 
 __all__ = ["create_app"]
@@ -60,6 +60,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json",
+        lifespan=store_lifespan,  # each (worker) process opens its own connections to the store
         # FastAPI's built-in OpenTelemetry hooks check the global providers on every request;
         # this server logs instead, so they are off (no per-request cost).
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -72,7 +73,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     app.state.settings = settings
     app.state.api_versions = tuple(sorted(set(api_versions)))
     app.state.draining = False
-    store = MessageStore(settings.history_size, settings.idempotency_keys)
+    store = build_store(settings)  # not opened yet: create_app does no I/O
     app.state.store = store
     install_errors(app)
     # API routes under /v{N} and their unversioned aliases (app.versions); every API router joins
@@ -117,6 +118,9 @@ def __getattr__(name: str) -> FastAPI:
             configure(
                 settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
             )
+            from app.durable import prepare_store
+
+            prepare_store(settings)  # uds-server does this before binding; here uvicorn has bound
             _app = create_app(settings)
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

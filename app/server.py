@@ -26,6 +26,7 @@ from app.config import Settings
 from app.metrics import Metrics, MetricsError, Recorder, for_workers, serve_endpoint
 from app.peercred import PeerCredProtocol
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
+from app.store import StoreError
 
 __all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "run", "serve"]
 
@@ -198,6 +199,9 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             from app.main import create_app
 
             app_factory = create_app
+        from app.durable import prepare_store
+
+        prepare_store(settings)  # the data directory and the database, checked before binding
         if settings.workers > 1:
             from app.workers import Supervisor
 
@@ -221,7 +225,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     except MetricsError as exc:
         logger.error("%s", exc)
         return STARTUP_FAILURE
-    except SocketError as exc:
+    except (SocketError, StoreError) as exc:
         logger.error("%s", exc)
         return STARTUP_FAILURE
     finally:

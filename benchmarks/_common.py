@@ -68,8 +68,13 @@ class Server(ServerProcess):
         extra: Sequence[str] = (),
         cpus: set[int] | None = None,
         source: Path = ROOT,
+        store: str | None = None,
     ) -> None:
-        """``source`` is the tree whose ``app`` runs (another revision's checkout, say)."""
+        """``source`` is the tree whose ``app`` runs (another revision's checkout, say).
+
+        ``uds-server`` keeps its durable store in a ``data`` directory beside the socket, removed
+        with it; ``store`` (``memory`` or ``sqlite``) overrides the default store. Both go by
+        environment variables, which an older revision without those settings ignores."""
         self.dir = socket_dir("ub")
         path = None if tcp else os.path.join(self.dir, "s.sock")
         port = free_port() if tcp else None
@@ -81,7 +86,16 @@ class Server(ServerProcess):
         else:
             raise ValueError(kind)
         self.kind = kind
-        super().__init__(command, socket=path, port=port, name=f"the {kind} server", cwd=source, cpus=cpus)
+        super().__init__(
+            command,
+            socket=path,
+            port=port,
+            name=f"the {kind} server",
+            cwd=source,
+            cpus=cpus,
+            env={"UDS_STORE": store} if store else None,
+            data_dir=os.path.join(self.dir, "data") if kind == "ours" else None,
+        )
 
     @property
     def transport(self) -> str:
@@ -129,12 +143,15 @@ def _children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def servers(*specs: tuple[str, bool], cpus: set[int] | None = None) -> Iterator[list[Server]]:
-    """Start servers given as (kind, tcp) pairs (on ``cpus`` if given), wait for all, stop all after."""
+def servers(
+    *specs: tuple[str, bool], cpus: set[int] | None = None, store: str | None = None
+) -> Iterator[list[Server]]:
+    """Start servers given as (kind, tcp) pairs (on ``cpus`` if given, ours with ``store`` if
+    given), wait for all, stop all after."""
     started: list[Server] = []
     try:
         for kind, tcp in specs:
-            started.append(Server(kind, tcp=tcp, cpus=cpus))
+            started.append(Server(kind, tcp=tcp, cpus=cpus, store=store))
         for server in started:
             server.ready()
         yield started

@@ -38,7 +38,9 @@ def run(rev: str, rounds: int, duration: float) -> Row:
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
     with worktree(rev) as other_tree:
-        ours, theirs = Server(cpus=server_cpus), Server(cpus=server_cpus, source=other_tree)
+        # Both on the memory store: an older revision has no other, and like is compared with like.
+        ours = Server(cpus=server_cpus, store="memory")
+        theirs = Server(cpus=server_cpus, source=other_tree, store="memory")
         try:
             ours.ready()
             theirs.ready()

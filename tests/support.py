@@ -149,7 +149,9 @@ def socket_accepts(path: str) -> bool:
 class ServerProcess(spawn.ServerProcess):
     """A real ``uds-server`` (``python -m app ARGS``) with its output captured to a file.
 
-    Failures are AssertionErrors that carry what the server printed.
+    Failures are AssertionErrors that carry what the server printed. Unless ``ARGS`` or ``env``
+    name a data directory (or the memory store), the server keeps its durable store in a fresh
+    temporary directory, removed on leaving the block: tests never write to /var/lib.
     """
 
     def __init__(
@@ -170,6 +172,10 @@ class ServerProcess(spawn.ServerProcess):
             log_path = Path(name)
         self.log_path = log_path
         self._final_output = ""
+        self.data_dir: Path | None = None
+        named = {"--data-dir", "--store"} & {arg.split("=", 1)[0] for arg in self.args}
+        if not named and not {"UDS_DATA_DIR", "UDS_STORE"} & set(env or {}):
+            self.data_dir = Path(tempfile.mkdtemp(prefix="uds-data-"))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         super().__init__(
             spawn.app_command(*self.args, python=python),
@@ -177,6 +183,7 @@ class ServerProcess(spawn.ServerProcess):
             stdout=self._log,
             env=env,
             cwd=ROOT,
+            data_dir=self.data_dir,
         )
 
     @property
@@ -214,6 +221,8 @@ class ServerProcess(spawn.ServerProcess):
         if self._own_log and self.log_path.exists():
             self._final_output = self.log_path.read_text(encoding="utf-8", errors="replace")
             self.log_path.unlink()
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -216,16 +216,22 @@ def spawned_servers(
 ) -> Iterator[tuple[str, tuple[str, int]]]:
     """Start one ``uds-server`` on a temporary socket and one on a free loopback port; stop both after.
 
-    Both run the same code with their default settings; their output goes to /dev/null.
+    Both run the same code with their default settings (the durable store, each in its own data
+    directory inside the temporary one, removed after); their output goes to /dev/null.
     """
     directory = socket_dir("uds-bench")
     path = os.path.join(directory, "b.sock")
     port = free_port()
     try:
         with (
-            ServerProcess(app_command("--socket", path), socket=path, cpus=cpus) as uds,
             ServerProcess(
-                app_command("--host", "127.0.0.1", "--port", str(port)), port=port, cpus=cpus
+                app_command("--socket", path), socket=path, cpus=cpus, data_dir=directory / "uds-data"
+            ) as uds,
+            ServerProcess(
+                app_command("--host", "127.0.0.1", "--port", str(port)),
+                port=port,
+                cpus=cpus,
+                data_dir=directory / "tcp-data",
             ) as tcp,
         ):
             uds.wait_ready(timeout)

@@ -121,7 +121,11 @@ class ServerProcess:
         env: Mapping[str, str | None] | None = None,
         cwd: str | Path | None = None,
         cpus: set[int] | None = None,
+        data_dir: str | Path | None = None,
     ) -> None:
+        """``data_dir`` is given to the server as ``UDS_DATA_DIR`` (a ``--data-dir`` flag in the
+        command wins): where ``uds-server`` keeps its durable store. Callers that start servers for
+        a moment pass a temporary directory they remove, never the system's default."""
         self.command = list(command)
         self.socket = socket
         self.host = host
@@ -130,6 +134,8 @@ class ServerProcess:
         self.ready_after: float | None = None
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
+        if data_dir is not None:
+            full_env["UDS_DATA_DIR"] = str(data_dir)
         for key, value in (env or {}).items():
             if value is None:
                 full_env.pop(key, None)

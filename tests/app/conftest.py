@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
+from app.durable import prepare_store
 from app.main import create_app
 from tests.support import short_tmpdir
 
 PEER = {"pid": 4242, "uid": 1000, "gid": 1000}
+DEFAULT_DATA_DIR = Settings().data_dir
 
 
 class _WithPeer:
@@ -42,12 +45,22 @@ class ASGIClient:
     """A synchronous facade over ``httpx2.AsyncClient(transport=ASGITransport(app))``."""
 
     def __init__(
-        self, app: FastAPI, peer: dict[str, int] | None = None, *, raise_app_exceptions: bool = True
+        self,
+        app: FastAPI,
+        peer: dict[str, int] | None = None,
+        *,
+        raise_app_exceptions: bool = True,
+        lifespan: bool = False,
     ) -> None:
+        """``lifespan``: run the app's startup (which opens a durable store) now, its shutdown on
+        :meth:`close`, as the server does; only one client of an app may do so."""
         self.app = app
         self._runner = asyncio.Runner()
         transport = httpx2.ASGITransport(app=_WithPeer(app, peer), raise_app_exceptions=raise_app_exceptions)
         self._client = httpx2.AsyncClient(transport=transport, base_url="http://uds")
+        self._lifespan = app.router.lifespan_context(app) if lifespan else None
+        if self._lifespan is not None:
+            self._runner.run(self._lifespan.__aenter__())
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx2.Response:
         return self._runner.run(self._client.request(method, url, **kwargs))
@@ -66,6 +79,8 @@ class ASGIClient:
 
     def close(self) -> None:
         self._runner.run(self._client.aclose())
+        if self._lifespan is not None:
+            self._runner.run(self._lifespan.__aexit__(None, None, None))
         self._runner.close()
 
 
@@ -79,13 +94,20 @@ def tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings()
+    return Settings(store="memory")
 
 
 @pytest.fixture
 def make_client() -> Iterator[Callable[..., ASGIClient]]:
-    """Build clients for apps with custom settings or peers; all are closed after the test."""
+    """Build clients for apps with custom settings or peers; all are closed after the test.
+
+    Without settings the app keeps messages in memory. Given settings that leave the store at its
+    default (SQLite in /var/lib/uds-example), the app keeps them in SQLite in a temporary data
+    directory instead, opened and closed like the server does (the app's lifespan): the API tests
+    that pass settings run on the durable store, the others on the memory store.
+    """
     made: list[ASGIClient] = []
+    directories: list[Path] = []
 
     def make(
         settings: Settings | None = None,
@@ -93,15 +115,24 @@ def make_client() -> Iterator[Callable[..., ASGIClient]]:
         app: FastAPI | None = None,
         raise_app_exceptions: bool = True,
     ) -> ASGIClient:
-        client = ASGIClient(
-            app or create_app(settings or Settings()), peer, raise_app_exceptions=raise_app_exceptions
-        )
+        lifespan = False
+        if app is None:
+            settings = settings or Settings(store="memory")
+            if settings.store == "sqlite" and settings.data_dir == DEFAULT_DATA_DIR:
+                directories.append(short_tmpdir("ud"))
+                settings = replace(settings, data_dir=str(directories[-1]))
+                prepare_store(settings)
+            app = create_app(settings)
+            lifespan = True
+        client = ASGIClient(app, peer, raise_app_exceptions=raise_app_exceptions, lifespan=lifespan)
         made.append(client)
         return client
 
     yield make
     for client in made:
         client.close()
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

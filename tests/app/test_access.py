@@ -18,11 +18,11 @@ from tests.support import http_over_uds, running_server
 ALLOWED = {"pid": 10, "uid": 1000, "gid": 2000}
 BY_GID = {"pid": 11, "uid": 4000, "gid": 3000}
 STRANGER = {"pid": 12, "uid": 5000, "gid": 5000}
-LIST = Settings(allow_uid=(1000,), allow_gid=(3000,))
+LIST = Settings(allow_uid=(1000,), allow_gid=(3000,), store="memory")
 
 
 def test_no_allowlist_means_no_middleware() -> None:
-    assert create_app(Settings()).user_middleware == []
+    assert create_app(Settings(store="memory")).user_middleware == []
     assert [m.cls for m in create_app(LIST).user_middleware] == [PeerAllowlist]
 
 

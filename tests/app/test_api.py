@@ -352,7 +352,7 @@ def test_json_logs_of_a_real_server_carry_the_peer() -> None:
 
 def test_idempotency_keys_belong_to_the_uid_that_sent_them(make_client: Callable[..., ASGIClient]) -> None:
     """Another uid reusing a key stores its own message and learns nothing of the first."""
-    app = create_app(Settings())
+    app = create_app(Settings(store="memory"))
     first = make_client(app=app, peer={"pid": 1, "uid": 1000, "gid": 1000})
     other = make_client(app=app, peer={"pid": 2, "uid": 2000, "gid": 2000})
     headers = {"Idempotency-Key": "shared-key"}

@@ -64,7 +64,7 @@ def test_validation_details_never_echo_the_input(client: ASGIClient) -> None:
 
 
 def test_unexpected_exception_is_500_json_without_internals(make_client: Callable[..., ASGIClient]) -> None:
-    app = create_app(Settings())
+    app = create_app(Settings(store="memory"))
 
     @app.get("/boom")
     async def boom() -> None:
@@ -79,7 +79,7 @@ def test_unexpected_exception_is_500_json_without_internals(make_client: Callabl
 def test_http_exception_detail_is_the_message(make_client: Callable[..., ASGIClient]) -> None:
     from fastapi import HTTPException
 
-    app = create_app(Settings())
+    app = create_app(Settings(store="memory"))
 
     @app.get("/teapot")
     async def teapot() -> None:

@@ -87,7 +87,7 @@ def test_a_malformed_forwarded_peer_header_is_refused() -> None:
 
 def test_a_repeated_forwarded_peer_header_is_refused(make_client: Callable[..., ASGIClient]) -> None:
     """Without an allowlist too: the record would have to pick one claim of two."""
-    app = create_app(Settings())
+    app = create_app(Settings(store="memory"))
     client = make_client(app=app)
     headers = [("Uds-Forwarded-Peer", "uid=1 gid=1 pid=1"), ("Uds-Forwarded-Peer", "uid=2 gid=2 pid=2")]
     body = assert_error(client.post("/messages", json={"text": "hi"}, headers=headers), 400, "bad_request")

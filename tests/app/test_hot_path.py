@@ -64,7 +64,7 @@ def test_the_longest_text_is_accepted(make_client: Callable[..., ASGIClient]) ->
 
 
 def test_the_hot_route_is_a_documented_lean_route() -> None:
-    app = create_app(Settings())
+    app = create_app(Settings(store="memory"))
     routes = [r for r in app.routes if isinstance(r, APIRoute) and "POST" in r.methods]
     assert [r.path for r in routes] == ["/v1/messages", "/messages"], "the versioned route and its alias"
     for route in routes:
@@ -82,7 +82,7 @@ def test_bodies_past_the_server_wide_budget_get_503(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(messages, "BODY_BUDGET", 60)
     monkeypatch.setattr(messages, "REQUEST_COST", 10)
     monkeypatch.setattr(messages, "PEER_SHARE", 1)  # one peer may hold it all: the server-wide bound
-    client = ASGIClient(create_app(Settings()))
+    client = ASGIClient(create_app(Settings(store="memory")))
     counted, release = asyncio.Event(), asyncio.Event()
 
     async def slow() -> AsyncIterator[bytes]:
@@ -116,7 +116,7 @@ def test_one_uid_holding_bodies_open_leaves_room_for_the_others(monkeypatch: pyt
     """A peer uid may hold a quarter of the body budget: past it that uid gets 503, others do not."""
     monkeypatch.setattr(messages, "BODY_BUDGET", 400)
     monkeypatch.setattr(messages, "REQUEST_COST", 10)
-    app = create_app(Settings())
+    app = create_app(Settings(store="memory"))
     hog, other = {"pid": 1, "uid": 2000, "gid": 2000}, {"pid": 2, "uid": 3000, "gid": 3000}
 
     async def scenario() -> tuple[int, int, int]:
@@ -194,7 +194,7 @@ def test_a_streamed_list_leaves_out_what_left_the_history_and_pins_nothing() -> 
 
 def test_long_lists_past_the_limit_get_503(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(messages, "LIST_STREAMS", 0)
-    client = ASGIClient(create_app(Settings()))
+    client = ASGIClient(create_app(Settings(store="memory")))
     try:
         for _ in range(5):  # 20 KiB: more than one chunk
             client.post("/messages", json={"text": "x" * 4096})

@@ -193,7 +193,7 @@ def test_permission_denied_is_a_startup_failure(tmp: Path) -> None:
     os.chmod(tmp, 0o755)  # nobody may enter, not write
     path = tmp / "s.sock"
     result = subprocess.run(
-        [sys.executable, "-m", "app", "--socket", str(path)],
+        [sys.executable, "-m", "app", "--socket", str(path), "--store", "memory"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -219,7 +219,7 @@ def test_group_not_allowed_is_a_startup_failure(tmp: Path) -> None:
     os.chown(tmp, 65534, 65534)  # the server's own directory: no warning about other writers
     path = tmp / "s.sock"
     result = subprocess.run(
-        [sys.executable, "-m", "app", "--socket", str(path), "--socket-group", "0"],
+        [sys.executable, "-m", "app", "--socket", str(path), "--socket-group", "0", "--store", "memory"],
         capture_output=True,
         text=True,
         timeout=60,

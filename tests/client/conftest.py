@@ -27,7 +27,7 @@ Handler = Callable[[socket.socket, threading.Event], None]
 @pytest.fixture
 def app_client() -> Iterator[Client]:
     """A ``Client`` over FastAPI's ``TestClient``: the real app, no socket (peer is None)."""
-    with TestClient(create_app(Settings()), raise_server_exceptions=False) as http:
+    with TestClient(create_app(Settings(store="memory")), raise_server_exceptions=False) as http:
         assert isinstance(http, httpx2.Client), "Starlette's TestClient must be an httpx2.Client"
         with Client(http_client=http) as client:
             yield client

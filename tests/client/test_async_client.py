@@ -15,7 +15,7 @@ from client import APIError, AsyncClient, ConnectError, Health
 
 def _in_process() -> AsyncClient:
     http = httpx2.AsyncClient(
-        transport=httpx2.ASGITransport(app=create_app(Settings())), base_url="http://testserver"
+        transport=httpx2.ASGITransport(app=create_app(Settings(store="memory"))), base_url="http://testserver"
     )
     return AsyncClient(http_client=http)
 

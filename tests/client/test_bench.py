@@ -228,7 +228,9 @@ def test_generator_times_out_a_silent_server(scripted: Callable[..., str]) -> No
 def tcp_server() -> Iterator[int]:
     """A real ``uds-server --host 127.0.0.1 --port N`` (same code as the socket server)."""
     port = free_port()
-    with spawn(app_command("--host", "127.0.0.1", "--port", str(port)), port=port, cwd=ROOT):
+    with spawn(
+        app_command("--host", "127.0.0.1", "--port", str(port), "--store", "memory"), port=port, cwd=ROOT
+    ):
         yield port
 
 

@@ -64,6 +64,9 @@ BUFFER = 256
 """Events a subscriber may have waiting; one more and it is cut off with ``overflow``."""
 BATCH = 100
 """Messages read from the store at a time (catching up, or by the hub)."""
+CHUNK = 64 * 1024
+"""Bytes a stream writes at a time, at most (plus one event): a stalled reader's socket holds no
+more than this beyond the kernel's buffers until ``--send-timeout`` closes it."""
 RETRY_MS = 1000
 """The ``retry:`` sent first on every stream: browsers' ``EventSource`` reconnects after 1 s."""
 
@@ -94,6 +97,18 @@ def _control_event(event: str, data: dict[str, object], event_id: int | None = N
     )
 
 
+def _take(pending: deque[tuple[int, bytes]], subscriber: Subscriber) -> bytes:
+    """Up to :data:`CHUNK` bytes of ``pending`` events (at least one), noted as sent."""
+    parts = []
+    size = 0
+    while pending and size < CHUNK:
+        event_id, event = pending.popleft()
+        parts.append(event)
+        size += len(event)
+        subscriber.sent = event_id
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class StreamsFull(Exception):
     """No stream can be opened now: all slots are taken, or the server is shutting down."""
 
@@ -108,7 +123,8 @@ class Subscriber:
         """The last id handed to this stream (sent, or waiting in its buffer)."""
         self.sent = 0
         """The last id written to the stream: where its reader resumes after a cut-off."""
-        self.buffer: deque[bytes] = deque()
+        self.buffer: deque[tuple[int, bytes]] = deque()
+        """(id, encoded event) waiting to be written; the bytes are shared by every stream."""
         self.wake = asyncio.Event()
         self.end: End | None = None
 
@@ -189,16 +205,15 @@ class EventHub:
                 if not rows:
                     self._join(subscriber)  # same loop step as the empty read: nothing falls between
                     break
-                subscriber.cursor = subscriber.sent = rows[-1][0]
-                yield b"".join([_message_event(i, doc) for i, doc in rows])
+                subscriber.cursor = rows[-1][0]
+                pending = deque((i, _message_event(i, doc)) for i, doc in rows)
+                while pending:
+                    yield _take(pending, subscriber)
         buffer = subscriber.buffer
         wake = subscriber.wake
         while True:
             if buffer:
-                chunk = b"".join(buffer)
-                buffer.clear()
-                subscriber.sent = subscriber.cursor
-                yield chunk
+                yield _take(buffer, subscriber)
                 continue
             if subscriber.end is not None:
                 yield self._final(subscriber)
@@ -282,14 +297,14 @@ class EventHub:
             first_id = rows[0][0]
             for subscriber in list(self._live):
                 if subscriber.cursor < first_id - 1:
-                    subscriber.buffer.append(self._reset(subscriber.cursor, first_id - 1))
+                    subscriber.buffer.append((first_id - 1, self._reset(subscriber.cursor, first_id - 1)))
                     subscriber.cursor = first_id - 1
                 buffer = subscriber.buffer
                 before = len(buffer)
-                for message_id, event in events:
-                    if message_id > subscriber.cursor:
-                        buffer.append(event)
-                        subscriber.cursor = message_id
+                for item in events:
+                    if item[0] > subscriber.cursor:
+                        buffer.append(item)
+                        subscriber.cursor = item[0]
                 if len(buffer) > BUFFER:
                     self._cut_off(subscriber)
                 elif len(buffer) > before:

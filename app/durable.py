@@ -367,9 +367,9 @@ class SqliteStore:
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
         """Queue the message for this turn's transaction; answer once that has committed."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
             self._idle = asyncio.Event()
         future: asyncio.Future[Stored] = loop.create_future()
         self._pending.append((text, reply, received_at, peer, key, future))

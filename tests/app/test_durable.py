@@ -1,0 +1,322 @@
+"""The SQLite store (app.durable): what it keeps, its bounds, its ids, its schema, and the bad states
+a real ``uds-server`` refuses to start on (one line, exit 3, the file untouched)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+from app.config import Settings
+from app.durable import (
+    APPLICATION_ID,
+    DB_NAME,
+    SCHEMA_VERSION,
+    SqliteStore,
+    prepare_store,
+)
+from app.store import KeyConflict, Stored, StoreError
+from tests.support import NOBODY, PYTHON, ROOT, ServerProcess, http_over_uds, python_as_nobody
+
+PEER = {"pid": 1, "uid": 1000, "gid": 1000}
+
+
+def _settings(directory: Path, **values: object) -> Settings:
+    return Settings(data_dir=str(directory), **values)  # type: ignore[arg-type]
+
+
+def _store(directory: Path, history_size: int = 1000, key_capacity: int = 10_000) -> SqliteStore:
+    prepare_store(_settings(directory))
+    store = SqliteStore(directory / DB_NAME, history_size=history_size, key_capacity=key_capacity)
+    store.open()
+    return store
+
+
+async def _put(store: SqliteStore, text: str, key: str | None = None) -> Stored:
+    return await store.put(text, "r", "t", PEER, key)
+
+
+def _texts(rows: list[tuple[int, bytes]]) -> list[str]:
+    return [orjson.loads(document)["text"] for _, document in rows]
+
+
+@pytest.fixture
+def data(tmp: Path) -> Path:
+    return tmp / "data"
+
+
+# -- The store ---------------------------------------------------------------------------------------
+
+
+def test_messages_survive_reopening_and_ids_never_repeat_after_pruning(data: Path) -> None:
+    store = _store(data, history_size=3)
+    ids = [asyncio.run(_put(store, f"m{i}")).id for i in range(5)]
+    assert ids == [1, 2, 3, 4, 5]
+    assert _texts(store.since(0, 10)) == ["m2", "m3", "m4"]
+    assert store.first_id() == 3
+    assert store.get(2) is None
+    store.close()
+    again = _store(data, history_size=3)
+    for _ in range(3):  # prune everything stored before: the next id still follows the last one
+        asyncio.run(_put(again, "later"))
+    assert [i for i, _ in again.since(0, 10)] == [6, 7, 8]
+    assert again.last_id() == 8
+    assert orjson.loads(again.get(6) or b"") == {
+        "id": 6,
+        "text": "later",
+        "reply": "r",
+        "received_at": "t",
+        "peer": PEER,
+    }
+    again.close()
+
+
+def test_one_turn_is_one_transaction_and_a_key_repeated_in_it_stores_once(data: Path) -> None:
+    store = _store(data)
+    commits: list[int] = []
+    store.add_listener(commits.append)
+
+    async def burst() -> list[Stored | BaseException]:
+        puts = [_put(store, "same", "k") for _ in range(10)] + [_put(store, f"other {i}") for i in range(5)]
+        puts.append(_put(store, "not the same", "k"))
+        return await asyncio.gather(*puts, return_exceptions=True)
+
+    results = asyncio.run(burst())
+    first = results[0]
+    assert isinstance(first, Stored)
+    assert first.created
+    for repeat in results[1:10]:
+        assert repeat == Stored(first.id, first.document, False)
+    assert [r.created for r in results[10:15] if isinstance(r, Stored)] == [True] * 5
+    assert isinstance(results[15], KeyConflict)
+    assert len(store.since(0, 100)) == 6
+    assert commits == [6], "one commit for the whole turn, its listeners told once with the last id"
+    store.close()
+
+
+def test_keys_outlive_the_history_and_are_bounded_least_recently_used(data: Path) -> None:
+    store = _store(data, history_size=1, key_capacity=2)
+
+    async def steps() -> list[bool]:
+        created = []
+        for text, key in [("a", "a"), ("b", "b"), ("a", "a"), ("c", "c"), ("a", "a"), ("b", "b")]:
+            created.append((await _put(store, text, key)).created)
+        return created
+
+    # "a" touched before "c" arrives, so "b" is the least recently used key and is forgotten.
+    assert asyncio.run(steps()) == [True, True, False, True, False, True]
+    count = sqlite3.connect(data / DB_NAME).execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
+    assert count == 2
+    repeat = asyncio.run(_put(store, "a", "a"))
+    assert repeat.id == 1
+    assert store.get(1) is None, "the message left the history; its key still answers"
+    assert orjson.loads(repeat.document)["text"] == "a"
+    store.close()
+
+
+def test_reads_see_what_another_connection_committed(data: Path) -> None:
+    """Worker processes share the file: each one's reads (and last_id, which streams poll) see the
+    others' commits."""
+    mine, theirs = _store(data), _store(data)
+    assert mine.last_id() == 0
+    assert mine.first_id() is None
+    stored = asyncio.run(_put(theirs, "from the other worker"))
+    assert mine.last_id() == stored.id
+    assert mine.get(stored.id) == stored.document
+    assert mine.recent_ids(5) == [stored.id]
+    mine.close()
+    theirs.close()
+
+
+def test_processes_sharing_the_file_store_one_message_per_key(data: Path) -> None:
+    """Two processes, each 25 concurrent puts of one key, started together: one message."""
+    prepare_store(_settings(data))
+    script = (
+        "import asyncio, sys\n"
+        "from app.durable import SqliteStore\n"
+        "s = SqliteStore(sys.argv[1], history_size=100, key_capacity=100)\n"
+        "s.open()\n"
+        "async def main():\n"
+        "    rs = await asyncio.gather(*(s.put('once', 'r', 't', None, 'k') for _ in range(25)))\n"
+        "    print(sorted({r.id for r in rs}), sum(r.created for r in rs))\n"
+        "asyncio.run(main())\n"
+        "s.close()\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-c", script, str(data / DB_NAME)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sorted(outputs) == [["[1]", "0"], ["[1]", "1"]], "one process created it, the other found it"
+    reader = _store(data)
+    assert len(reader.since(0, 10)) == 1
+    reader.close()
+
+
+def test_a_fresh_database_is_private_marked_and_at_the_current_version(data: Path) -> None:
+    prepare_store(_settings(data))
+    path = data / DB_NAME
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert data.stat().st_mode & 0o777 == 0o700
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    prepare_store(_settings(data))  # again: nothing to migrate, nothing refused
+
+
+def test_durability_levels_set_synchronous(data: Path) -> None:
+    prepare_store(_settings(data))
+    for level, expected in (("normal", 1), ("full", 2)):
+        store = SqliteStore(data / DB_NAME, history_size=5, key_capacity=5, durability=level)
+        store.open()
+        assert store._reader is not None
+        assert store._reader.execute("PRAGMA synchronous").fetchone()[0] == expected
+        store.close()
+
+
+def test_a_store_not_prepared_refuses_to_open(data: Path) -> None:
+    data.mkdir()
+    sqlite3.connect(data / DB_NAME).close()
+    store = SqliteStore(data / DB_NAME, history_size=5, key_capacity=5)
+    with pytest.raises(StoreError, match="schema version 0, not 1"):
+        store.open()
+
+
+# -- Bad state at startup: a real uds-server, one line, exit 3, the file untouched --------------------
+
+
+def _fingerprint(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_size
+
+
+def _refused(tmp: Path, data: Path, *, as_nobody: bool = False) -> str:
+    """Start uds-server on ``data``; assert exit 3, one ERROR line, no socket; return the line."""
+    sock = tmp / "s.sock"
+    args = ["--socket", str(sock), "--data-dir", str(data)]
+    if as_nobody:
+        result = python_as_nobody("-m", "app", *args)
+        code, output = result.returncode, result.stdout + result.stderr
+    else:
+        with ServerProcess(args) as server:
+            code = server.proc.wait(60)
+            output = server.output
+    lines = output.splitlines()
+    assert code == 3, output
+    assert len(lines) == 1, output
+    assert lines[0].startswith("ERROR "), output
+    assert not sock.exists()
+    return lines[0]
+
+
+def test_a_newer_schema_is_refused_untouched(tmp: Path, data: Path) -> None:
+    prepare_store(_settings(data))
+    db = sqlite3.connect(data / DB_NAME)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = _fingerprint(data / DB_NAME)
+    line = _refused(tmp, data)
+    assert f"schema version {SCHEMA_VERSION + 1}, newer than this server's {SCHEMA_VERSION}" in line
+    assert str(data / DB_NAME) in line
+    assert _fingerprint(data / DB_NAME) == before
+    assert sorted(os.listdir(data)) == [DB_NAME]
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp: Path, data: Path) -> None:
+    data.mkdir()
+    (data / DB_NAME).write_bytes(b"this is not SQLite\n" * 300)
+    before = _fingerprint(data / DB_NAME)
+    line = _refused(tmp, data)
+    assert "is not a SQLite database or is corrupt (file is not a database)" in line
+    assert "move it aside" in line
+    assert _fingerprint(data / DB_NAME) == before
+
+
+def test_a_damaged_database_is_refused_untouched(tmp: Path, data: Path) -> None:
+    """A valid header over damaged pages: the integrity check finds it before anything is written."""
+    store = _store(data)
+    for i in range(200):
+        asyncio.run(_put(store, f"message {i} " + "x" * 500))
+    store.close()  # the last connection checkpoints the log into the file
+    path = data / DB_NAME
+    page = 4096
+    raw = bytearray(path.read_bytes())
+    assert len(raw) > 4 * page
+    raw[2 * page : 2 * page + 64] = b"\xff" * 64  # an interior page of the messages table
+    path.write_bytes(bytes(raw))
+    before = _fingerprint(path)
+    line = _refused(tmp, data)
+    assert "is corrupt" in line or "is not a SQLite database or is corrupt" in line, line
+    assert _fingerprint(path) == before
+
+
+def test_a_database_of_another_program_is_refused_untouched(tmp: Path, data: Path) -> None:
+    data.mkdir()
+    db = sqlite3.connect(data / DB_NAME)
+    db.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+    before = _fingerprint(data / DB_NAME)
+    assert "belongs to another program" in _refused(tmp, data)
+    assert _fingerprint(data / DB_NAME) == before
+
+
+def test_a_data_directory_that_is_a_file_is_refused_untouched(tmp: Path) -> None:
+    data = tmp / "data"
+    data.write_text("not a directory")
+    before = _fingerprint(data)
+    line = _refused(tmp, data)
+    assert line == (
+        f"ERROR data directory {data} is not a directory (a file is there); fix it, or set "
+        "--data-dir (UDS_DATA_DIR) to another directory"
+    )
+    assert _fingerprint(data) == before
+
+
+def test_a_data_directory_that_cannot_be_created_is_refused(tmp: Path) -> None:
+    assert os.geteuid() == 0, "this test switches to uid 65534 (CI runs as root)"
+    parent = tmp / "parent"
+    parent.mkdir(mode=0o755)  # uid 65534 may enter, not create
+    os.chmod(tmp, 0o755)
+    line = _refused(tmp, parent / "data", as_nobody=True)
+    assert line.startswith(f"ERROR cannot create data directory {parent / 'data'} (uid {NOBODY}): "), line
+    assert "Permission denied" in line
+    assert not (parent / "data").exists()
+
+
+def test_a_data_directory_that_cannot_be_written_is_refused(tmp: Path) -> None:
+    assert os.geteuid() == 0, "this test switches to uid 65534 (CI runs as root)"
+    os.chmod(tmp, 0o755)
+    data = tmp / "data"
+    data.mkdir()
+    os.chown(data, NOBODY, NOBODY)
+    os.chmod(data, 0o500)  # its owner may read and enter, not write
+    line = _refused(tmp, data, as_nobody=True)
+    assert line.startswith(
+        f"ERROR cannot write in data directory {data} (uid {NOBODY}): Permission denied"
+    ), line
+    assert f"make it writable for uid {NOBODY}" in line
+    assert os.listdir(data) == []
+
+
+def test_the_memory_store_needs_no_data_directory(tmp: Path) -> None:
+    data = tmp / "never"
+    sock = tmp / "s.sock"
+    with ServerProcess(
+        ["--socket", str(sock), "--store", "memory", "--data-dir", str(data)], socket_path=str(sock)
+    ) as server:
+        server.wait_ready()
+        assert http_over_uds(str(sock))[0] == 200
+        assert server.stop() == 0
+    assert not data.exists()

@@ -286,11 +286,12 @@ class Supervisor:
         """Stop every worker (each drains within the shutdown timeout), then return ``code``."""
         live = self._live()
         self.due.clear()
-        names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
         timeout = self.settings.shutdown_timeout
-        logger.info(
-            "Received %s: stopping %d worker(s), each drains for up to %gs", names, len(live), timeout
-        )
+        if self.signals:
+            names = ", ".join(signal.Signals(s).name for s in self.signals)
+            logger.info(
+                "Received %s: stopping %d worker(s), each drains for up to %gs", names, len(live), timeout
+            )
         # New connections are refused once every worker has closed its copy too, as with one process.
         self.bound.sock.close()
         forwarded = len(self.signals)
@@ -321,7 +322,8 @@ class Supervisor:
             )
             self._signal(worker, signal.SIGKILL)
             self._stopped(worker)
-        logger.info("All workers stopped")
+        if live:
+            logger.info("All workers stopped")
         return code
 
     def _stopped(self, worker: _Worker) -> None:
@@ -364,7 +366,11 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
     configure(settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log)
     threading.Thread(target=_watch_parent, args=(conn,), name="watch-parent", daemon=True).start()
     try:
-        application = app_factory(settings)
+        try:
+            application = app_factory(settings)
+        except Exception:
+            logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
+            return STARTUP_FAILURE
         server = serve(settings, application, sock, address, on_started=lambda: conn.send(READY))
     except _Stopped:
         return 0

@@ -12,10 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import html
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,7 +35,8 @@ MANIFEST = ROOT / "k8s" / "pod.yaml"
 POD = "uds-demo"
 SERVER = f"{POD}-uds-server"
 CLIENT = f"{POD}-uds-client"
-VOLUME = "csi-socket"
+# podman 4.3 turns each emptyDir into a named volume of that name.
+VOLUMES = ("csi-socket", "state")
 BASE_IMAGE = "localhost/uds-example-base:bookworm-python3.11"
 SERVER_LINES = ("🔌 Server listening on /csi/csi.sock", "📩 Server received: Hello from client")
 CLIENT_LINE = "📥 Client received: Hello from server via UDS"
@@ -61,8 +66,9 @@ def tear_down() -> None:
         podman("kube", "down", str(MANIFEST))
     if exists("pod", POD):
         podman("pod", "rm", "--force", POD)
-    if exists("volume", VOLUME):
-        podman("volume", "rm", "--force", VOLUME)
+    for volume in VOLUMES:
+        if exists("volume", volume):
+            podman("volume", "rm", "--force", volume)
 
 
 def run_script(name: str, *args: str, timeout: float) -> None:
@@ -185,6 +191,55 @@ def test_only_the_shared_group_gets_in(pod: None) -> None:
     assert member.stdout.strip() == CLIENT_LINE
 
 
+# Keyed POSTs through the client library in the client container; prints each stored message's id.
+SEND_KEYED = """
+import sys
+from client import Client
+with Client() as client:
+    for key, text in zip(sys.argv[1::2], sys.argv[2::2]):
+        print(client.send(text, idempotency_key=key).id)
+"""
+
+
+def send_keyed(keys: list[str], texts: list[str]) -> list[int]:
+    argv = [word for pair in zip(keys, texts, strict=True) for word in pair]
+    return [int(line) for line in ok("exec", CLIENT, "python", "-c", SEND_KEYED, *argv).split()]
+
+
+def history() -> dict[int, str]:
+    listed = json.loads(ok("exec", CLIENT, "uds-client", "messages", "--json"))
+    return {m["id"]: m["text"] for m in listed["messages"]}
+
+
+def test_a_killed_server_is_restarted_with_its_history(pod: None) -> None:
+    """SIGKILL to the server's process, as the OOM killer sends it: podman restarts the container
+    (restartPolicy: Always), and the history and the keys, in the `state` emptyDir, survive."""
+    keys = [str(uuid.uuid4()) for _ in range(5)]
+    texts = [f"kept across a crash {n}" for n in range(5)]
+    ids = send_keyed(keys, texts)
+    before = history()
+    assert dict(zip(ids, texts, strict=True)).items() <= before.items()
+    restarts = int(ok("inspect", "--format", "{{.RestartCount}}", SERVER))
+    # From the host, by pid: `podman kill` marks the container as stopped by its user, so its
+    # restart policy would not apply, and inside the container the kernel ignores a SIGKILL to PID 1.
+    os.kill(int(ok("inspect", "--format", "{{.State.Pid}}", SERVER)), signal.SIGKILL)
+
+    def serving_again() -> bool:
+        status, count = ok("inspect", "--format", "{{.State.Status}} {{.RestartCount}}", SERVER).split()
+        if status != "running" or int(count) <= restarts:
+            return False
+        return exec_in(SERVER, "uds-client", "health", "--ready").returncode == 0
+
+    wait_until(serving_again, timeout=60, interval=0.2, what="podman to restart the server and it to serve")
+    assert history() == before
+    # Retrying each key answers with the message first stored for it, and stores nothing new.
+    assert send_keyed(keys, texts) == ids
+    assert history() == before
+    assert logs(SERVER).count(SERVER_LINES[0]) == 2, "\n".join(logs(SERVER))
+    client = ok("inspect", "--format", "{{.State.Status}} {{.RestartCount}}", CLIENT).split()
+    assert client == ["running", "0"], "the client should be left alone"
+
+
 def test_stop_and_kube_down_leave_nothing(pod: None) -> None:
     # SIGTERM reaches both entrypoints (exec form, PID 1): both exit 0 well within the grace period.
     ok("pod", "stop", "--time", "30", POD, timeout=60)
@@ -195,7 +250,8 @@ def test_stop_and_kube_down_leave_nothing(pod: None) -> None:
     assert not exists("pod", POD)
     for container in (SERVER, CLIENT):
         assert not exists("container", container)
-    assert not exists("volume", VOLUME)
+    for volume in VOLUMES:
+        assert not exists("volume", volume), volume
     assert ok("ps", "--all", "--quiet", "--filter", f"pod={POD}") == ""
 
 

@@ -305,11 +305,11 @@ def test_a_slow_reader_resumes_from_its_last_id_without_gap() -> None:
         poster.close()
 
 
-def _connections(workers: set[int], path: str) -> dict[int, int]:
-    """How many connections on the socket each worker holds (its listening socket included)."""
+def _connections(workers: set[int]) -> dict[int, int]:
+    """How many sockets with a name each worker holds: the listening socket and those it accepted
+    on it (their name is the one the socket was bound by, which need not be its path)."""
     return {
-        pid: sum(1 for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr == path)
-        for pid in workers
+        pid: sum(1 for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr) for pid in workers
     }
 
 
@@ -324,14 +324,16 @@ def test_a_stream_sees_messages_stored_by_both_workers(tmp: Path) -> None:
         workers = wait_until(two_workers, what="two worker processes")
         stored_by: dict[int, int] = {}
         with streams(path, 1) as (stream,):
+            baseline = _connections(workers)
             deadline = time.monotonic() + 60
             while set(stored_by.values()) != workers:
                 assert time.monotonic() < deadline, f"every POST went to one worker: {stored_by}"
-                before = _connections(workers, path)
+                wait_until(lambda: _connections(workers) == baseline, what="the earlier connection closed")
+                before = baseline
                 poster = Poster(path)  # a new connection: either worker may accept it
                 try:
                     message_id = poster.post("from whichever worker")
-                    after = _connections(workers, path)
+                    after = _connections(workers)
                 finally:
                     poster.close()
                 grew = [pid for pid in workers if after[pid] > before[pid]]

@@ -212,7 +212,7 @@ class Metrics:
         self.event_streams: Callable[[], int] = lambda: 0
         """Read at each flush; the event hub's count of open streams."""
         # No ``*_created`` series: multiprocess mode has none, so both modes show the same names.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         own = CollectorRegistry()  # the objects this process writes (never exposed in multiprocess mode)
         self.requests = Counter(
             "uds_requests",
@@ -517,4 +517,3 @@ class MetricsEndpoint:
         if self._thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
-

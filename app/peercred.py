@@ -532,8 +532,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             return
         recorder = self.recorder
         if recorder is not None and recorder.on:
-            method = self.scope.get("method", "unknown") if self._begins else "unknown"
-            recorder.refused(method, status, self.peer["uid"] if self.peer is not None else None)
+            recorder.refused(self._method(), status, self.peer["uid"] if self.peer is not None else None)
         answer = error_response(status, error, message)
         cycle = self.cycle
         if cycle is not None and not self._in_head and not self._message_done:
@@ -553,6 +552,14 @@ class PeerCredProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         self._close_after(answer)
+
+    def _method(self) -> str:
+        """The method of the request being refused, as far as it was parsed (else ``unknown``)."""
+        method = self.scope.get("method") if self._begins else None
+        if method is None and self._begins:
+            with contextlib.suppress(httptools.HttpParserError, UnicodeDecodeError):
+                method = self.parser.get_method().decode("ascii")
+        return method or "unknown"
 
     def _close_after(self, answer: bytes) -> None:
         """Write ``answer``, half-close, and close once the client stops sending (``LINGER_SECONDS``)."""

@@ -1,0 +1,249 @@
+"""Metrics on a real server: route templates, the TCP endpoint that serves nothing else, the
+allowlist on the socket's /metrics, a busy port, --workers adding up, the bounded uid label."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics
+from client.cli.spawn import free_port
+from tests.support import (
+    ServerProcess,
+    http_over_uds,
+    read_response,
+    running_server,
+    short_tmpdir,
+    wait_until,
+)
+
+POST_HEADERS = {"Content-Type": "application/json"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, by name and sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def requests_total(text: str, method: str, route: str, status: int) -> float:
+    key = ("uds_requests_total", (("method", method), ("route", route), ("status", str(status))))
+    return samples(text).get(key, 0.0)
+
+
+def scrape(port: int, path: str = "/metrics") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        return str(answer.read().decode())
+
+
+def post(socket_path: str, text: str = "hello", target: str = "/v1/messages") -> int:
+    status, _ = http_over_uds(socket_path, "POST", target, json.dumps({"text": text}).encode(), POST_HEADERS)
+    return status
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[ServerProcess, int]]:
+    port = free_port()
+    with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
+        yield server, port
+
+
+def test_requests_are_counted_by_route_template(metrics_server: tuple[ServerProcess, int]) -> None:
+    server, port = metrics_server
+    path = server.socket_path
+    assert path is not None
+    for number in range(3):
+        assert post(path, f"message {number}") == 201
+    assert http_over_uds(path, "GET", "/v1/messages/2")[0] == 200
+    assert http_over_uds(path, "GET", "/v1/messages/99")[0] == 404
+    assert http_over_uds(path, "GET", "/no/such/path")[0] == 404
+    assert http_over_uds(path, "GET", "/another/missing/path")[0] == 404
+
+    def counted() -> str | None:
+        text = scrape(port)
+        return text if requests_total(text, "GET", UNMATCHED, 404) == 2 else None
+
+    text = wait_until(counted, what="the requests in /metrics")
+    assert requests_total(text, "POST", "/v1/messages", 201) == 3
+    assert requests_total(text, "GET", "/v1/messages/{message_id}", 200) == 1
+    assert requests_total(text, "GET", "/v1/messages/{message_id}", 404) == 1
+    assert "/no/such/path" not in text
+    assert '/v1/messages/2"' not in text
+    found = samples(text)
+    assert found[("uds_messages_stored_total", ())] == 3
+    duration = ("uds_request_duration_seconds_count", (("method", "POST"), ("route", "/v1/messages")))
+    assert found[duration] == 3
+    answered = sum(value for (name, _), value in found.items() if name == "uds_requests_total")
+    assert answered >= 7  # and the readiness probes
+    assert found[("uds_peer_requests_total", (("uid", str(os.getuid())),))] == answered
+    assert any(name == "process_resident_memory_bytes" for name, _ in found)
+    assert ("uds_open_connections", ()) in found
+    assert ("uds_event_streams", ()) in found
+
+
+def test_the_socket_serves_the_same_metrics(metrics_server: tuple[ServerProcess, int]) -> None:
+    server, _port = metrics_server
+    path = server.socket_path
+    assert path is not None
+    assert post(path) == 201
+    status, body = http_over_uds(path, "GET", "/metrics")
+    assert status == 200
+    assert requests_total(body.decode(), "POST", "/v1/messages", 201) == 1
+
+
+def test_the_tcp_port_serves_metrics_and_nothing_else(metrics_server: tuple[ServerProcess, int]) -> None:
+    _, port = metrics_server
+    assert "uds_requests_total" in scrape(port) or "uds_open_connections" in scrape(port)
+    for method, target in (("POST", "/messages"), ("POST", "/v1/messages"), ("GET", "/v1/messages")):
+        for path in (target, "/healthz", "/openapi.json"):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}",
+                data=b'{"text": "x"}' if method == "POST" else None,
+                headers=POST_HEADERS,
+                method=method,
+            )
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=5)
+            with caught.value:
+                assert caught.value.code == 404, (method, path)
+                assert json.loads(caught.value.read())["error"] == "not_found"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    with caught.value:
+        assert caught.value.code == 405
+
+
+def test_a_refused_request_counts_as_unmatched(metrics_server: tuple[ServerProcess, int]) -> None:
+    server, port = metrics_server
+    assert server.socket_path is not None
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(5)
+        conn.connect(server.socket_path)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")  # no Host: the protocol answers 400 itself
+        assert read_response(conn)[0] == 400
+    wait_until(
+        lambda: requests_total(scrape(port), "GET", UNMATCHED, 400) == 1, what="the refused request counted"
+    )
+
+
+def test_counting_starts_with_the_first_scrape_on_the_socket() -> None:
+    with running_server("--store", "memory") as server:
+        path = server.socket_path
+        assert path is not None
+        assert post(path) == 201  # nobody watches yet: not counted
+        first = http_over_uds(path, "GET", "/metrics")[1].decode()
+        assert requests_total(first, "POST", "/v1/messages", 201) == 0
+        assert post(path) == 201
+        second = http_over_uds(path, "GET", "/metrics")[1].decode()
+        assert requests_total(second, "POST", "/v1/messages", 201) == 1
+
+
+def test_the_socket_metrics_follow_the_peer_allowlist() -> None:
+    other = os.getuid() + 1000
+    port = free_port()
+    with running_server(
+        "--store", "memory", "--allow-uid", str(other), "--metrics-listen", f"127.0.0.1:{port}"
+    ) as s:
+        assert s.socket_path is not None
+        status, body = http_over_uds(s.socket_path, "GET", "/metrics")
+        assert status == 403, body
+        assert json.loads(body)["error"] == "forbidden"
+        assert "uds_open_connections" in scrape(port)  # the TCP port is for Prometheus, not peers
+
+
+def test_a_busy_metrics_port_is_one_line_and_exit_3() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        directory = short_tmpdir()
+        path = str(directory / "s.sock")
+        with ServerProcess(
+            ["--socket", path, "--store", "memory", "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
+        ) as server:
+            code = server.proc.wait(timeout=30)
+            output = server.output
+    errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+    assert code == 3, output
+    assert errors == [
+        f"ERROR cannot serve metrics on 127.0.0.1:{port} (--metrics-listen): address already in use; "
+        "stop the program using it or choose another port"
+    ], output
+    assert not os.path.exists(path)  # the socket it had bound is gone again
+
+
+def test_workers_add_up() -> None:
+    port = free_port()
+    path = str(short_tmpdir() / "s.sock")
+    with ServerProcess(
+        ["--socket", path, "--workers", "2", "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
+    ) as server:
+        server.wait_ready()
+        wait_until(lambda: "workers serving" in server.output, what="both workers serving")
+        (directory,) = glob.glob(f"/tmp/uds-metrics-{server.proc.pid}-*")
+        sent = 0
+
+        def both_served() -> list[float] | None:
+            # Eight clients at once, each on new connections, until each worker has answered some.
+            nonlocal sent
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(post, [path] * 40)) == {201}
+            sent += 40
+            counts = [posts_in(file) for file in glob.glob(f"{directory}/counter_*.db")]
+            return counts if len(counts) == 2 and all(counts) else None
+
+        wait_until(both_served, timeout=30, what="POSTs answered by both workers")
+
+        def added_up() -> str | None:
+            text = scrape(port)
+            return text if requests_total(text, "POST", "/v1/messages", 201) == sent else None
+
+        text = wait_until(added_up, timeout=15, what=f"{sent} POSTs in the workers' sum")
+        assert samples(text)[("uds_messages_stored_total", ())] == sent
+        by_worker = [posts_in(file) for file in glob.glob(f"{directory}/counter_*.db")]
+        assert sum(by_worker) == sent  # two workers' files, one sum
+        socket_view = http_over_uds(path, "GET", "/metrics")[1].decode()
+        assert requests_total(socket_view, "POST", "/v1/messages", 201) == sent  # the same view
+        assert server.stop() == 0
+    assert not os.path.exists(directory)  # removed at exit
+
+
+def posts_in(path: str) -> float:
+    """The POST /v1/messages 201 count in one worker's counter file."""
+    wanted = {"method": "POST", "route": "/v1/messages", "status": "201"}
+    for key, value, *_ in MmapedDict.read_all_values_from_file(path):
+        _, name, labels, _ = json.loads(key)
+        if name == "uds_requests_total" and labels == wanted:
+            return float(value)
+    return 0.0
+
+
+def test_peer_uids_are_bounded() -> None:
+    metrics = Metrics(on=True)
+    for uid in range(MAX_PEER_UIDS + 10):
+        metrics.recorder.record("GET", "/healthz", 200, 0.001, uid)
+    metrics.flush()
+    body, _ = metrics.exposition(None)
+    found = samples(body.decode())
+    uids = {
+        dict(labels)["uid"]: value
+        for (name, labels), value in found.items()
+        if name == "uds_peer_requests_total"
+    }
+    assert len(uids) == MAX_PEER_UIDS + 1
+    assert uids[OTHER] == 10
+    assert sum(uids.values()) == MAX_PEER_UIDS + 10

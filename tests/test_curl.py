@@ -86,6 +86,29 @@ def test_post_get_and_list(server: ServerProcess) -> None:
     )
 
 
+def test_versioned_paths_and_their_aliases(server: ServerProcess) -> None:
+    status, headers, body = curl(server, *POST, "-d", '{"text": "to v1"}', "http://localhost/v1/messages")
+    assert status == 201
+    message = as_json(headers, body)
+    assert headers["location"] == f"/v1/messages/{message['id']}"
+    for path in (f"/v1/messages/{message['id']}", f"/messages/{message['id']}"):
+        status, headers, body = curl(server, f"http://localhost{path}")
+        assert (status, as_json(headers, body)) == (200, message)
+    status, headers, body = curl(server, "http://localhost/v1/version")
+    assert (status, as_json(headers, body)["api_version"]) == (200, "1")
+    doc = error(*curl(server, "http://localhost/v9/messages"), 400, "unsupported_api_version")
+    assert "this server supports API version 1" in doc["message"]
+
+
+@pytest.mark.parametrize("method", [(), ("--head",)])
+def test_ping(server: ServerProcess, method: tuple[str, ...]) -> None:
+    status, headers, body = curl(server, *method, "http://localhost/_ping")
+    assert status == 200
+    assert (headers["api-version"], headers["min-api-version"]) == ("1", "1")
+    assert headers["server"].startswith("uds-example/")
+    assert body == (b"" if method else b"OK")
+
+
 def test_idempotency_key(server: ServerProcess) -> None:
     key = ("-H", "Idempotency-Key: curl-test-1")
     first = curl(server, *POST, *key, "-d", '{"text": "once"}', "http://localhost/messages")
@@ -120,7 +143,9 @@ def test_probes_and_version(server: ServerProcess) -> None:
 def test_openapi_and_offline_docs(server: ServerProcess) -> None:
     status, headers, body = curl(server, "http://localhost/openapi.json")
     assert status == 200
-    assert "/messages" in as_json(headers, body)["paths"]
+    paths = as_json(headers, body)["paths"]
+    assert "/v1/messages" in paths
+    assert "/messages" not in paths, "the unversioned aliases are not documented"
     for page in ("/docs", "/redoc"):
         status, headers, body = curl(server, f"http://localhost{page}")
         assert status == 200

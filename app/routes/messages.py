@@ -278,7 +278,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             return Response(stored.document, 200, None, JSON)
         message_id = stored.id
         log.info("📩 Server received: %s", _shown(text), extra={"peer": peer, "message_id": message_id})
-        return Response(stored.document, 201, {"location": f"/messages/{message_id}"}, JSON)
+        # Under the version it was posted to: /v1/messages/7, or /messages/7 through the alias.
+        return Response(stored.document, 201, {"location": f"{scope['path']}/{message_id}"}, JSON)
 
     router.add_api_route(
         "",

@@ -181,9 +181,15 @@ def ensure_autocannon() -> str:
 
 
 def autocannon(
-    server: Server, connections: int, duration: float, warmup: float = 1.0, cpus: set[int] | None = None
+    server: Server,
+    connections: int,
+    duration: float,
+    warmup: float = 1.0,
+    cpus: set[int] | None = None,
+    path: str = "/messages",
 ) -> dict[str, float]:
-    """One autocannon run of ``POST /messages``: req/s, latency (whole ms), errors, CPU it used."""
+    """One autocannon run of ``POST path`` (``/messages``, or ``/v1/messages``): req/s, latency
+    (whole ms), errors, CPU it used."""
     tool = ensure_autocannon()
     command = [
         tool,
@@ -202,9 +208,9 @@ def autocannon(
     if warmup > 0:
         command += ["-W", "[", "-c", str(connections), "-d", f"{warmup:g}", "]"]
     if server.socket:
-        command += ["-S", server.socket, "http://localhost/messages"]
+        command += ["-S", server.socket, f"http://localhost{path}"]
     else:
-        command += [f"http://127.0.0.1:{server.port}/messages"]
+        command += [f"http://127.0.0.1:{server.port}{path}"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
         command,

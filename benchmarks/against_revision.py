@@ -3,9 +3,10 @@
 What a change costs the hot path: both servers run from the same venv on the same machine, the
 other one from a temporary ``git worktree`` of ``--rev``, and autocannon alternates between them
 round by round (10 connections, the server pinned to the first CPU). Not part of ``run_all.py``:
-it needs a revision to compare with.
+it needs a revision to compare with. ``--path /v1/messages`` sends this tree's requests to the
+versioned path (the other revision always gets ``/messages``, which every revision serves).
 
-    .venv/bin/python benchmarks/against_revision.py --rev 15c0cee [--rounds 9]
+    .venv/bin/python benchmarks/against_revision.py --rev 15c0cee [--rounds 9] [--path /v1/messages]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def worktree(rev: str) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
 
 
-def run(rev: str, rounds: int, duration: float) -> Row:
+def run(rev: str, rounds: int, duration: float, path: str = "/messages") -> Row:
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
     with worktree(rev) as other_tree:
@@ -46,7 +47,7 @@ def run(rev: str, rounds: int, duration: float) -> Row:
             theirs.ready()
             runs = paired(
                 rounds,
-                lambda: autocannon(ours, 10, duration, 1.0, generator_cpus),
+                lambda: autocannon(ours, 10, duration, 1.0, generator_cpus, path),
                 lambda: autocannon(theirs, 10, duration, 1.0, generator_cpus),
             )
         finally:
@@ -54,7 +55,7 @@ def run(rev: str, rounds: int, duration: float) -> Row:
             theirs.close()
     return compare(
         "g",
-        f"req/s over UDS, autocannon 10 conns: this tree vs {rev}",
+        f"req/s over UDS, autocannon 10 conns: this tree (POST {path}) vs {rev} (POST /messages)",
         ("this tree", rev),
         runs,
         "rps",
@@ -69,8 +70,9 @@ def main() -> None:
     parser.add_argument("--rev", required=True, help="the git revision to compare with")
     parser.add_argument("--rounds", type=int, default=9, help="paired rounds (default 9)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run (default 3)")
+    parser.add_argument("--path", default="/messages", help="this tree's POST path (default /messages)")
     args = parser.parse_args()
-    print(json.dumps(run(args.rev, args.rounds, args.duration).as_dict()))
+    print(json.dumps(run(args.rev, args.rounds, args.duration, args.path).as_dict()))
 
 
 if __name__ == "__main__":

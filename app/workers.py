@@ -19,8 +19,10 @@ the settings and the app factory; the worker builds its own app (and store conne
   that does.
 
 A worker watches its end of the pair: when the parent is gone (``kill -9``), it drains and exits,
-so it never keeps serving a socket that nobody supervises. Workers run in their own process group,
-so a terminal's Ctrl-C reaches the parent alone, which passes it on as SIGTERM.
+so it never keeps serving a socket that nobody supervises. Workers stay in the parent's process
+group, so ``kill -9 -PGID`` (or a container's end) takes them all; a terminal's Ctrl-C reaches
+each worker as the SIGINT it would have sent one process (the parent's SIGTERM after it changes
+nothing: only a second SIGINT cuts a drain short).
 
 Why not uvicorn's ``uvicorn.supervisors.Multiprocess`` (0.54, read in its source): its
 ``keep_subprocess_alive`` replaces a dead worker at once with no delay and logs only
@@ -223,7 +225,6 @@ class Supervisor:
                 [sys.executable, "-m", "app.workers", str(listen_fd), str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listen_fd, theirs.fileno()),
-                process_group=0,  # Ctrl-C in a terminal reaches the parent only
             )
         finally:
             theirs.close()

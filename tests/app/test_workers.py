@@ -372,3 +372,38 @@ def test_workers_with_the_memory_store_is_a_usage_error(tmp: Path) -> None:
         assert len(lines) == 1, done.stderr
         assert "--store sqlite" in lines[0]
         assert not (tmp / "s.sock").exists()
+
+
+# -- crash under load ------------------------------------------------------------------------------
+
+
+def _latest_id(path: str) -> int:
+    messages = _history(path, 1)
+    return int(str(messages[-1]["id"])) if messages else 0
+
+
+def _kill_one_worker_then_everything(server: ServerProcess) -> None:
+    """``kill -9`` a worker mid-load (the one holding fewer of the senders' connections), then,
+    once it is replaced and 100 more messages were stored, the parent and the other worker."""
+    from tests.app.test_durable_crash import kill_server
+
+    path = str(server.socket_path)
+    held = _held(server)
+    busy = [pid for pid, count in held.items() if count] or list(held)
+    victim = min(busy, key=held.__getitem__)
+    before = _latest_id(path)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: f"Worker pid {victim} killed by signal SIGKILL" in server.output, what="the replacement line"
+    )
+    wait_until(lambda: _latest_id(path) >= before + 100, timeout=60, what="100 more messages stored")
+    kill_server(server)  # the parent and every worker: they share its process group
+
+
+def test_crash_under_load_with_two_workers_and_one_killed_first(tmp: Path) -> None:
+    """The durable store's crash test, with --workers 2: one worker is killed mid-load (its
+    connections fail, the others go on), then the whole server; after a restart every answered
+    id is there with its text and retrying every key stores nothing twice."""
+    from tests.app.test_durable_crash import crash_under_load
+
+    crash_under_load(tmp, ["--workers", "2"], kill=_kill_one_worker_then_everything)

@@ -86,6 +86,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
     metrics.install(app, settings)  # GET /metrics (unversioned) and app.state.metrics
+    _spec_after_the_api(app)
     add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)
     if settings.allow_uid or settings.allow_gid:
@@ -101,6 +102,19 @@ def _add_routes(app: FastAPI, router: APIRouter) -> None:
     dependencies, so the routes work the same either way and appear the same in OpenAPI.
     """
     app.router.routes.extend(router.routes)
+
+
+def _spec_after_the_api(app: FastAPI) -> None:
+    """Move ``/openapi.json`` behind the API routes.
+
+    FastAPI puts it first in the table, so every request missed it before reaching its own route:
+    one ``matches`` call, 0.46 µs, about 3% of ``POST /messages`` driven in process.
+    """
+    routes = app.router.routes
+    spec = [route for route in routes if getattr(route, "path", None) == app.openapi_url]
+    for route in spec:
+        routes.remove(route)
+        routes.append(route)
 
 
 _app: FastAPI | None = None

@@ -16,9 +16,9 @@ Adding a router (how every API router joins the table)::
 
 Give the router its unversioned paths (``prefix="/events"``), an ``operation_id`` on every
 route, and no router-level dependencies. :func:`add_versioned` puts each route into the app's
-table under ``/v1/events`` (documented, once) and ``/events`` (an undocumented alias), and under
-every other version the app serves. A route that changes in a later version is added under that
-version only, with ``versions=``.
+table under ``/v1/events`` (documented, once), which also answers ``/events`` (the alias, not
+documented), and under every other version the app serves. A route that changes in a later
+version is added under that version only, with ``versions=``.
 
 What stays unversioned: the probes ``/healthz`` and ``/readyz`` and ``/_ping``, like Docker's
 ``/_ping``. They belong to the process's life, not to the API contract: the kubelet's probes and a
@@ -28,9 +28,14 @@ client that has not negotiated yet must find them at one path whatever versions 
 Why copies, not ``include_router``: FastAPI's ``include_router`` adds a lazy inclusion layer that
 every request is matched through again (about 9 µs a request, a third of the hot path). A copy of
 an ``APIRoute`` with its path recompiled (``starlette.routing.compile_path``, as FastAPI does for
-a mounted app) shares the endpoint, its dependant and its handler, so it costs one more regex test
-in the table and nothing else. Each versioned route is followed by its alias, so the hot
-``POST /messages`` and ``POST /v1/messages`` are tried first and second.
+a mounted app) shares the endpoint, its dependant and its handler.
+
+Why the alias is not a route of its own: the router tries its routes in order, and each miss is a
+call to ``APIRoute.matches`` (measured: 0.46 µs). An alias placed after ``POST /v1/messages`` made
+``POST /messages`` 3% slower in process (the whole app driven through ASGI, batches interleaved:
+13.98 against 13.61 µs). The current version's route matches both paths with one pattern instead
+(``^(?:/v1)?/messages$``, 0.04 µs more per test than ``^/messages$``), so both paths are tried
+first and the table keeps its length; both measured 1.00x the table without versions.
 """
 
 from __future__ import annotations
@@ -83,11 +88,11 @@ def supported_range(versions: Sequence[int]) -> str:
 
 
 def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int] | None = None) -> None:
-    """Put a router's routes into ``app``'s table under each version's prefix, plus the alias.
+    """Put a router's routes into ``app``'s table under each version's prefix.
 
     ``router`` is an ``APIRouter`` whose routes carry their unversioned paths (prefix applied).
-    ``versions`` defaults to every version the app serves; the unversioned alias is added only when
-    they include the app's current version, and only the current version's copy is documented.
+    ``versions`` defaults to every version the app serves. Only the current version's copy is
+    documented, and it also answers the unversioned path (the alias).
     """
     served_versions = served(app)
     current = served_versions[-1]
@@ -97,19 +102,20 @@ def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int] | Non
         if not isinstance(route, APIRoute):
             raise TypeError(f"add_versioned takes API routes; {route!r} is not one")
         for version in sorted(chosen, reverse=True):
-            table.append(
-                _moved(route, prefix(version) + route.path, route.include_in_schema and version == current)
-            )
-            if version == current:
-                table.append(_moved(route, route.path, False))
+            table.append(_moved(route, version, current=version == current))
 
 
-def _moved(route: APIRoute, path: str, documented: bool) -> APIRoute:
-    """A shallow copy of ``route`` answering at ``path``; shown in OpenAPI only if ``documented``."""
+def _moved(route: APIRoute, version: int, *, current: bool) -> APIRoute:
+    """A shallow copy of ``route`` at ``/v{version}`` + its path, documented only for the current
+    version, whose copy also answers the unversioned path."""
     moved = copy.copy(route)
-    moved.path = path
-    moved.path_regex, moved.path_format, moved.param_convertors = compile_path(path)
-    moved.include_in_schema = documented
+    versioned = prefix(version)
+    moved.path = versioned + route.path
+    moved.path_regex, moved.path_format, moved.param_convertors = compile_path(moved.path)
+    if current:
+        bare = compile_path(route.path)[0].pattern  # "^/messages$"
+        moved.path_regex = re.compile(f"^(?:{re.escape(versioned)})?{bare[1:]}")
+    moved.include_in_schema = route.include_in_schema and current
     return moved
 
 

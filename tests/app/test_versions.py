@@ -63,17 +63,26 @@ def test_openapi_lists_each_operation_once_under_v1(client: ASGIClient) -> None:
     )
 
 
-def test_every_api_route_has_its_alias_right_after_it() -> None:
-    """The alias shares the versioned route's endpoint; the hot POST routes come first in the table."""
-    routes = [r for r in create_app(MEMORY).routes if isinstance(r, APIRoute)]
+def test_the_current_version_route_also_answers_the_alias() -> None:
+    """One route per operation answers both paths (no extra route to miss); POST comes first."""
+    app = create_app(MEMORY)
+    routes = [r for r in app.routes if isinstance(r, APIRoute)]
     versioned = [r for r in routes if r.path.startswith("/v1/")]
-    assert versioned
+    assert {r.path for r in versioned} >= {"/v1/messages", "/v1/messages/{message_id}", "/v1/version"}
     for route in versioned:
-        alias = routes[routes.index(route) + 1]
-        assert (alias.path, alias.methods, alias.endpoint) == (route.path[3:], route.methods, route.endpoint)
-        assert route.include_in_schema
-        assert not alias.include_in_schema
-    assert [(r.path, r.methods) for r in routes[:2]] == [("/v1/messages", {"POST"}), ("/messages", {"POST"})]
+        bare = route.path[3:].replace("{message_id}", "7")
+        assert route.path_regex.match(bare), route.path
+        assert route.path_regex.match("/v1" + bare), route.path
+        assert not route.path_regex.match("/v2" + bare), route.path
+        assert [r for r in routes if r.path == route.path[3:]] == [], "no separate alias route"
+    assert (routes[0].path, routes[0].methods) == ("/v1/messages", {"POST"})
+
+
+def test_an_alias_for_the_current_version_only() -> None:
+    app = create_app(MEMORY, api_versions=(1, 2))
+    older = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/v1/messages")
+    assert older.path_regex.match("/v1/messages")
+    assert not older.path_regex.match("/messages"), "the alias means the current version, 2"
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])

@@ -14,12 +14,13 @@ their requests interleave. The history bound (``history_size``) and the key boun
 from ``AUTOINCREMENT``'s ``sqlite_sequence``, which keeps the highest id ever used, so an id is never
 used twice, even after pruning or a restart.
 
-Writes are batched: the ``put`` calls made in one turn of the event loop become one transaction,
-and each is answered once that transaction has committed. The transaction runs on one writer
-thread (its own connection), so the event loop keeps reading requests while SQLite writes, and
-those requests form the next batch. Reads run on the event loop thread on a second connection; in
-WAL mode they never wait for the writer, and they see every commit, other processes' included.
-The measured reasons for batching and for the thread are in :data:`WRITE_FIGURES`.
+Writes are batched: the ``put`` calls made within two turns of the event loop become one
+transaction, and each is answered once that transaction has committed. With ``normal`` durability
+the transaction runs on the event loop thread; with ``full`` (or when another process holds the
+write lock) on one writer thread, so the loop keeps reading requests while the disk syncs, and
+those form the next batch. Reads run on the event loop thread on a second connection; in WAL mode
+they never wait for the writer, and they see every commit, other processes' included. The
+measurements behind these choices are in :data:`WRITE_FIGURES`.
 
 The schema is versioned with ``PRAGMA user_version`` (:data:`MIGRATIONS`); ``PRAGMA application_id``
 marks the file as this program's. :func:`prepare_store` checks and migrates the data directory and
@@ -35,6 +36,7 @@ import contextlib
 import errno
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,13 +97,23 @@ keys for least-recently-used pruning. ``counters`` keeps the number of keys (so 
 SCHEMA_VERSION = max(MIGRATIONS)
 
 WRITE_FIGURES = """
-Measured on this project's 2-core machine, driving ``put`` in-process (20 concurrent puts a turn;
-benchmarks/durable_store.py has the whole server's figures): with ``synchronous=NORMAL`` one
-transaction per POST cost 34 µs a POST, one per event-loop turn 9 µs on the loop thread and 14 µs
-through the writer thread (the memory store: 3.6 µs); with ``synchronous=FULL``, 265-340 µs a POST
-one at a time, 18-27 µs batched. The writer thread costs the hand-over when the loop has nothing
-else to do, and pays off when it has: the loop goes on reading requests during the commit (and
-during a wait for another worker's lock), and they form the next batch.
+Measured on this project's 2-core machine (server on one core, autocannon with 10 connections on
+the other, each comparison interleaved in one run; benchmarks/durable_store.py gives the current
+figure):
+
+* Batching. In-process, one transaction per POST cost 34 µs a POST (a commit that writes a frame to
+  the log costs about 50 µs, the rest a few µs each), one transaction per event-loop turn 9 µs at
+  20 concurrent POSTs. In the server, flushing one turn after the first ``put`` made batches of
+  4 POSTs on average and 0.93x the memory store's req/s; flushing two turns after (``call_soon``
+  twice, so requests read in the next poll join too) made batches of 8 and 1.06x.
+* Where the commit runs. With ``normal``, committing on the event loop thread gave 0.99x the memory
+  store's req/s and handing every batch to a writer thread 0.72x (the hand-over and the GIL cost
+  more than the commit, which does not wait for the disk). With ``full``, where each commit waits
+  for fsync, the writer thread gave 0.67x and the loop thread 0.59x: the loop reads the next
+  requests during the fsync. So ``normal`` commits on the loop and ``full`` on the writer thread.
+* A write lock held by another worker process is never waited for on the loop: SQLite's busy
+  handler sleeps a whole millisecond first, so the loop's attempt does not wait at all and the
+  batch goes to the writer thread, which retries from 0.1 ms up.
 """
 
 
@@ -265,6 +277,11 @@ def _full(exc: sqlite3.Error) -> bool:
 
 # -- The store -------------------------------------------------------------------------------------
 
+
+class _Busy(Exception):
+    """Another process holds the write lock (the inline attempt gives way to the writer thread)."""
+
+
 _Item = tuple[str, str, str, "dict[str, Any] | None", "str | None", "asyncio.Future[Stored]"]
 
 
@@ -281,8 +298,10 @@ class SqliteStore:
         history_size: int,
         key_capacity: int,
         durability: str = "normal",
-        writer_thread: bool = True,
+        inline: bool | None = None,
     ) -> None:
+        """``inline``: commit on the event loop thread first (default: with ``normal`` durability
+        only; see :data:`WRITE_FIGURES`)."""
         if history_size < 1 or key_capacity < 1:
             raise ValueError("history_size and key_capacity must be at least 1")
         if durability not in ("normal", "full"):
@@ -291,7 +310,7 @@ class SqliteStore:
         self.history_size = history_size
         self.key_capacity = key_capacity
         self.durability = durability
-        self.writer_thread = writer_thread
+        self.inline = durability == "normal" if inline is None else inline
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -310,7 +329,9 @@ class SqliteStore:
         """Connect (a reader for this thread, a writer for the writer thread); check the schema."""
         if self._reader is not None:
             return
-        self._writer = self._connection(check_same_thread=not self.writer_thread)
+        # The writer never waits inside SQLite (whose busy handler sleeps a whole millisecond first):
+        # a lock held by another process sends the batch to the writer thread, which waits there.
+        self._writer = self._connection(check_same_thread=False, busy_timeout=0)
         self._reader = self._connection(check_same_thread=True)
         version = self._reader.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
@@ -319,21 +340,22 @@ class SqliteStore:
                 f"database {self.path} has schema version {version}, not {SCHEMA_VERSION}; "
                 "start the server with uds-server, which prepares it"
             )
-        if self.writer_thread:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="uds-store-writer")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="uds-store-writer")
 
-    def _connection(self, *, check_same_thread: bool) -> sqlite3.Connection:
+    def _connection(
+        self, *, check_same_thread: bool, busy_timeout: int = BUSY_TIMEOUT_MS
+    ) -> sqlite3.Connection:
         try:
             connection = sqlite3.connect(
                 f"file:{self.path}?mode=rw",
                 uri=True,
                 isolation_level=None,
-                timeout=BUSY_TIMEOUT_MS / 1000,
+                timeout=busy_timeout / 1000,
                 check_same_thread=check_same_thread,
                 cached_statements=32,
             )
             connection.execute(f"PRAGMA synchronous={self.durability.upper()}")
-            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            connection.execute(f"PRAGMA busy_timeout={busy_timeout}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
         return connection
@@ -366,7 +388,7 @@ class SqliteStore:
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Queue the message for this turn's transaction; answer once that has committed."""
+        """Queue the message for the next transaction; answer once that has committed."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
@@ -375,7 +397,7 @@ class SqliteStore:
         self._pending.append((text, reply, received_at, peer, key, future))
         if not self._scheduled and not self._writing:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            loop.call_soon(loop.call_soon, self._flush)  # two turns: see WRITE_FIGURES
         return await future
 
     def _flush(self) -> None:
@@ -385,15 +407,20 @@ class SqliteStore:
         if not batch:
             return
         self._writing = True
-        if self._executor is None:
+        if self.inline:
+            results: list[Stored | BaseException] | BaseException | None
             try:
-                results: list[Stored | BaseException] | BaseException = self._write(batch)
+                results = self._write(batch, wait=False)
+            except _Busy:
+                results = None  # another process holds the write lock: wait on the writer thread
             except BaseException as exc:  # every waiting request gets the failure
                 results = exc
-            self._finish(batch, results)
-            return
+            if results is not None:
+                self._finish(batch, results)
+                return
         assert self._loop is not None
-        done = self._loop.run_in_executor(self._executor, self._write, batch)
+        assert self._executor is not None
+        done = self._loop.run_in_executor(self._executor, self._write, batch, True)
         done.add_done_callback(lambda fut: self._finish(batch, fut.exception() or fut.result()))
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
@@ -420,16 +447,34 @@ class SqliteStore:
         elif self._idle is not None:
             self._idle.set()
 
-    def _write(self, batch: list[_Item]) -> list[Stored | BaseException]:
-        """One transaction for ``batch``: keys decided, messages inserted, bounds enforced."""
+    def _write(self, batch: list[_Item], wait: bool) -> list[Stored | BaseException]:
+        """One transaction for ``batch``: keys decided, messages inserted, bounds enforced.
+
+        Another process's write lock raises :class:`_Busy` at once unless ``wait`` (on the writer
+        thread), which retries for up to :data:`BUSY_TIMEOUT_MS`, sleeping 0.1 ms and more."""
         connection = self._writer
         if connection is None:
             raise StoreError("the store is closed")
         execute = connection.execute
-        try:
-            execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._mapped(exc) from exc
+        delay, deadline = 0.0001, time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise self._mapped(exc) from exc
+                if not wait:
+                    raise _Busy from exc
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"database {self.path} stayed locked by another process for "
+                        f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was stored"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.005)
+            except sqlite3.Error as exc:
+                raise self._mapped(exc) from exc
         try:
             row = execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
             next_id = (row[0] if row else 0) + 1

@@ -134,6 +134,29 @@ def test_reads_see_what_another_connection_committed(data: Path) -> None:
     theirs.close()
 
 
+def test_a_write_lock_held_by_another_process_is_waited_for_off_the_event_loop(data: Path) -> None:
+    """While another process holds the write lock, the put waits on the writer thread: the event
+    loop goes on (here it releases that lock itself, which a loop blocked in SQLite never would)."""
+    store = _store(data)
+    other = sqlite3.connect(data / DB_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario() -> Stored:
+        put = asyncio.ensure_future(_put(store, "waited"))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not put.done(), "the lock is held: nothing can be committed yet"
+        assert store.last_id() == 0, "reads go on meanwhile"
+        other.execute("COMMIT")
+        return await asyncio.wait_for(put, 30)
+
+    stored = asyncio.run(scenario())
+    assert stored.created
+    assert store.last_id() == stored.id == 1
+    other.close()
+    store.close()
+
+
 def test_processes_sharing_the_file_store_one_message_per_key(data: Path) -> None:
     """Two processes, each 25 concurrent puts of one key, started together: one message."""
     prepare_store(_settings(data))

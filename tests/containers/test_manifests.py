@@ -101,11 +101,18 @@ def test_pod_names_labels_and_volume(pod: Spec) -> None:
         assert labels.get(f"app.kubernetes.io/{key}"), f"missing label app.kubernetes.io/{key}"
     assert set(containers(pod)) == {"uds-server", "uds-client"}
     volumes = pod["spec"]["volumes"]
-    assert volumes == [{"name": "csi-socket", "emptyDir": {"sizeLimit": "1Mi"}}]
-    # Only the server may create, replace or remove entries in /csi; the client connects read-only.
+    assert volumes == [
+        {"name": "csi-socket", "emptyDir": {"sizeLimit": "1Mi"}},
+        {"name": "state", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    # Only the server may create, replace or remove entries in /csi; the client connects read-only
+    # and never sees the server's store.
     mounts = {name: c["volumeMounts"] for name, c in containers(pod).items()}
     assert mounts == {
-        "uds-server": [{"name": "csi-socket", "mountPath": "/csi"}],
+        "uds-server": [
+            {"name": "csi-socket", "mountPath": "/csi"},
+            {"name": "state", "mountPath": server_settings(containers(pod)["uds-server"]).data_dir},
+        ],
         "uds-client": [{"name": "csi-socket", "mountPath": "/csi", "readOnly": True}],
     }
 
@@ -218,3 +225,171 @@ def test_image_user_matches_the_manifest(dockerfile: str, name: str) -> None:
     pod = load(POD)
     assert containers(pod)[name]["securityContext"]["runAsUser"] == uid
     assert pod["spec"]["securityContext"]["runAsGroup"] == gid
+
+
+# --- k8s/deployment.yaml: many Pods of the same pair -------------------------------------------
+
+DEPLOYMENT = K8S / "deployment.yaml"
+METRICS_PORT = 9102
+DEPLOYMENT_KINDS = ["Deployment", "PodDisruptionBudget", "NetworkPolicy"]
+
+
+def documents(path: Path) -> dict[str, Spec]:
+    """The manifest's documents by kind (each kind once)."""
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    kinds = [d["kind"] for d in docs]
+    assert len(set(kinds)) == len(kinds), f"{path.name}: a kind appears twice: {kinds}"
+    return {d["kind"]: d for d in docs}
+
+
+def pod_template(path: Path) -> Spec:
+    """The Pod a manifest describes: the Pod itself, or the Deployment's template."""
+    if path == DEPLOYMENT:
+        template: Spec = documents(path)["Deployment"]["spec"]["template"]
+        return template
+    return load(path)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_deployment_passes_kubernetes_validate_strict(version: str) -> None:
+    result = subprocess.run(
+        [kubernetes_validate(), "--strict", "-k", version, str(DEPLOYMENT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for kind in DEPLOYMENT_KINDS:
+        assert f"passed for resource {kind.lower()}/uds-example against version {version}" in output, output
+
+
+def test_deployment_selects_its_own_pods_and_not_the_demo_pod() -> None:
+    docs = documents(DEPLOYMENT)
+    assert list(docs) == DEPLOYMENT_KINDS
+    deployment = docs["Deployment"]
+    assert deployment["spec"]["replicas"] >= 2
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    assert not selector.items() <= load(POD)["metadata"]["labels"].items(), "it would adopt uds-demo"
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        doc = docs[kind]
+        assert doc["metadata"]["labels"] == deployment["metadata"]["labels"], kind
+        chosen = doc["spec"]["selector" if kind == "PodDisruptionBudget" else "podSelector"]
+        assert chosen == {"matchLabels": selector}, kind
+    # A drain may take one replica at a time, never all of them.
+    budget = docs["PodDisruptionBudget"]["spec"]
+    assert budget.keys() == {"maxUnavailable", "selector"}
+    assert 1 <= budget["maxUnavailable"] < deployment["spec"]["replicas"]
+    # A rollout starts the new Pod before it stops an old one.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_deployment_serves_metrics_where_prometheus_looks() -> None:
+    template = pod_template(DEPLOYMENT)
+    server = containers(template)["uds-server"]
+    [port] = server["ports"]
+    assert port == {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}
+    assert "hostPort" not in port
+    settings = server_settings(server)
+    assert settings.metrics_listen == f"0.0.0.0:{METRICS_PORT}"
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    assert "ports" not in containers(template)["uds-client"]
+
+
+def test_network_policy_admits_only_the_metrics_port() -> None:
+    spec = documents(DEPLOYMENT)["NetworkPolicy"]["spec"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    # One ingress rule, for the named port and nothing else; no egress rule, so no egress at all.
+    assert spec["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert "egress" not in spec
+
+
+def test_state_volume_is_where_the_server_keeps_its_data() -> None:
+    template = pod_template(DEPLOYMENT)
+    server = containers(template)["uds-server"]
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    assert mounts["state"] == {"name": "state", "mountPath": server_settings(server).data_dir}
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert set(volumes["state"]) == {"name", "emptyDir"}
+    # Only the server sees the store; the client has the socket and nothing else.
+    assert [m["name"] for m in containers(template)["uds-client"]["volumeMounts"]] == ["csi-socket"]
+
+
+# --- drift: one pair, three descriptions ------------------------------------------------------
+
+
+# (labels, Pod spec without its containers, containers by name)
+Pair = tuple[Spec, Spec, dict[str, Spec]]
+
+
+def pair_without_allowed_differences(path: Path) -> Pair:
+    """The pair as PATH describes it, minus what only that manifest may have.
+
+    Each removal asserts its exact value, so the allowed differences are listed here and nowhere
+    else; whatever is left must equal k8s/pod.yaml's.
+    """
+    template = pod_template(path)
+    metadata = template["metadata"]
+    labels = dict(metadata["labels"])
+    spec = {k: v for k, v in template["spec"].items() if k not in ("containers", "initContainers")}
+    pair = {name: dict(c) for name, c in containers(template).items()}
+    if path == SIDECAR:
+        # A native sidecar: the server is an init container that the kubelet keeps running.
+        assert [c["name"] for c in template["spec"]["initContainers"]] == ["uds-server"]
+        assert pair["uds-server"].pop("restartPolicy") == "Always"
+    if path == DEPLOYMENT:
+        # Its own instance, so that its selector leaves the demo Pod alone.
+        assert labels.pop("app.kubernetes.io/instance") == "uds-example"
+        # Only the Deployment serves metrics over TCP (with its NetworkPolicy). The demo Pods stay
+        # without a port: podman 4.3 publishes every containerPort on the host, which the
+        # `podman kube play --network none k8s/pod.yaml` of scripts/pod-demo refuses.
+        assert set(metadata["annotations"]) == {f"prometheus.io/{k}" for k in ("scrape", "port", "path")}
+        server = pair["uds-server"]
+        assert server.pop("ports") == [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+        metrics_env = {"name": "UDS_METRICS_LISTEN", "value": f"0.0.0.0:{METRICS_PORT}"}
+        assert metrics_env in server["env"]
+        server["env"] = [e for e in server["env"] if e != metrics_env]
+        # Replicas spread over nodes; one Pod has nothing to spread.
+        assert spec.pop("topologySpreadConstraints")[0]["topologyKey"] == "kubernetes.io/hostname"
+    else:
+        labels.pop("app.kubernetes.io/instance")
+        assert "annotations" not in metadata
+    return labels, spec, pair
+
+
+def differences(parts: Pair, want: Pair) -> list[str]:
+    """The fields in which two descriptions of the pair differ: labels, spec.FIELD, CONTAINER.FIELD."""
+    (labels, spec, pair), (want_labels, want_spec, want_pair) = parts, want
+    found = [] if labels == want_labels else ["labels"]
+    found += [f"spec.{k}" for k in sorted(set(spec) | set(want_spec)) if spec.get(k) != want_spec.get(k)]
+    for name in sorted(set(pair) | set(want_pair)):
+        mine, theirs = pair.get(name, {}), want_pair.get(name, {})
+        found += [f"{name}.{k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    return found
+
+
+@pytest.mark.parametrize("manifest", [SIDECAR, DEPLOYMENT], ids=lambda p: p.name)
+def test_the_pair_does_not_drift_between_manifests(manifest: Path) -> None:
+    """Every field of both containers (image, args, env, mounts, securityContext, resources, probes,
+    ports), the volumes and the other Pod-level settings equal pod.yaml's, but for the differences
+    listed in pair_without_allowed_differences."""
+    found = differences(pair_without_allowed_differences(manifest), pair_without_allowed_differences(POD))
+    assert found == [], f"{manifest.name} differs from pod.yaml in {', '.join(found)}"
+
+
+def test_drift_check_names_each_changed_field() -> None:
+    """The comparison has teeth: one changed field, one new env entry, one new volume are each named."""
+    pod = pair_without_allowed_differences(POD)
+    labels, spec, pair = pair_without_allowed_differences(POD)
+    pair["uds-server"]["resources"] = {"limits": {"memory": "256Mi"}}
+    pair["uds-client"]["env"] = [*pair["uds-client"]["env"], {"name": "UDS_EXTRA", "value": "1"}]
+    spec["volumes"] = [*spec["volumes"], {"name": "scratch", "emptyDir": {}}]
+    found = differences((labels, spec, pair), pod)
+    assert found == ["spec.volumes", "uds-client.env", "uds-server.resources"]

@@ -278,6 +278,9 @@ def _full(exc: sqlite3.Error) -> bool:
 # -- The store -------------------------------------------------------------------------------------
 
 
+_MAX_ID = 2**63 - 1
+
+
 class _Busy(Exception):
     """Another process holds the write lock (the inline attempt gives way to the writer thread)."""
 
@@ -570,6 +573,8 @@ class SqliteStore:
         return self._reader
 
     def get(self, message_id: int) -> bytes | None:
+        if not 0 < message_id <= _MAX_ID:  # SQLite's integers stop at 2**63 - 1
+            return None
         row = self._read().execute("SELECT document FROM messages WHERE id = ?", (message_id,)).fetchone()
         return row[0] if row else None
 
@@ -578,9 +583,14 @@ class SqliteStore:
         return [row[0] for row in reversed(rows)]
 
     def since(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        if after_id >= _MAX_ID or limit < 1:
+            return []
         return (
             self._read()
-            .execute("SELECT id, document FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+            .execute(
+                "SELECT id, document FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                (max(after_id, 0), min(limit, _MAX_ID)),
+            )
             .fetchall()
         )
 

@@ -100,6 +100,16 @@ def test_one_turn_is_one_transaction_and_a_key_repeated_in_it_stores_once(data: 
     store.close()
 
 
+def test_ids_past_sqlites_integers_are_simply_absent(data: Path) -> None:
+    store = _store(data)
+    asyncio.run(_put(store, "one"))
+    assert store.get(10**30) is None
+    assert store.get(-(10**30)) is None
+    assert store.since(10**30, 5) == []
+    assert [i for i, _ in store.since(-(10**30), 10**30)] == [1]
+    store.close()
+
+
 def test_keys_outlive_the_history_and_are_bounded_least_recently_used(data: Path) -> None:
     store = _store(data, history_size=1, key_capacity=2)
 

@@ -3,8 +3,9 @@
 The module fixture configures podman (scripts/podman-setup), builds the base image and both images
 (scripts/build-images: cached, offline inside the build), removes any leftover Pod, plays the
 manifest unchanged with --network none (the Pod needs only its socket) and waits, with a deadline,
-for the client's round trip. The last test stops the Pod and checks that `podman kube down` leaves
-nothing behind; the fixture tears down in any case. Fails, never skips, without podman.
+for the client's round trip. One test kills the server's process and checks that podman restarts it
+with its history; the last one stops the Pod and checks that `podman kube down` leaves nothing
+behind; the fixture tears down in any case. Fails, never skips, without podman.
 """
 
 from __future__ import annotations

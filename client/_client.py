@@ -31,6 +31,7 @@ import httpx2
 import orjson
 
 from client._errors import APIError, ClientError, UsageError
+from client._events import RECONNECT_FOR, Event, follow, follow_async
 from client._models import Health, Message, RawResponse, Version
 from client._transport import (
     BASE_URL,
@@ -363,6 +364,14 @@ class Client(_Base):
         """GET /messages/{id}."""
         return _message(_check(self._request("GET", self._api(f"/messages/{int(id)}"))))
 
+    def events(self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR) -> Iterator[Event]:
+        """GET /events: each message as it is stored (those after id ``since`` first), for ever.
+
+        A dropped stream or a server restart is resumed from the last id (nothing missed or
+        repeated); gives up after ``reconnect_for`` seconds without a stream (see client._events).
+        """
+        return follow(self, since, reconnect_for)
+
     def health(self) -> Health:
         """GET /healthz."""
         return _shaped(
@@ -538,6 +547,16 @@ class AsyncClient(_Base):
     async def message(self, id: int) -> Message:
         """GET /messages/{id}."""
         return _message(_check(await self._request("GET", await self._api(f"/messages/{int(id)}"))))
+
+    def events(
+        self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR
+    ) -> AsyncIterator[Event]:
+        """GET /events: each message as it is stored (those after id ``since`` first), for ever.
+
+        A dropped stream or a server restart is resumed from the last id (nothing missed or
+        repeated); gives up after ``reconnect_for`` seconds without a stream (see client._events).
+        """
+        return follow_async(self, since, reconnect_for)
 
     async def health(self) -> Health:
         """GET /healthz."""

@@ -97,6 +97,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _id(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a message id, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
 def _terminal_columns() -> int:
     """What ``shutil.get_terminal_size`` answers, without importing shutil (and lzma, bz2)."""
     try:
@@ -213,6 +223,45 @@ def cmd_messages(args: argparse.Namespace) -> int:
     for m in messages:
         peer = "tcp" if m.peer is None else f"pid={m.peer.pid} uid={m.peer.uid} gid={m.peer.gid}"
         print(f"#{m.id} {m.to_json()['received_at']} {peer}: {_clean(m.text)}")
+    return 0
+
+
+def _event_line(event: Any, as_json: bool) -> str:
+    """One line for an event of ``GET /events``, like ``docker events``."""
+    import json
+
+    data = event.json()
+    if as_json:
+        doc = {"event": event.event, "id": event.id, "data": data}
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).translate(_JSON_ESCAPES)
+    message = event.message
+    if message is not None:
+        p = message.peer
+        peer = "tcp" if p is None else f"pid={p.pid} uid={p.uid} gid={p.gid}"
+        at = message.to_json()["received_at"]
+        return f"{at} message #{message.id} {peer}: {_clean(message.text)}"
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    detail = data.get("message", "") if isinstance(data, dict) else data
+    return f"{now} {_clean(event.event)}: {_clean(str(detail))}"
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Print events as they come, one line each, until Ctrl-C or SIGTERM (exit 0)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops it like Ctrl-C
+    try:
+        with _client(args) as client:
+            for event in client.events(args.since):
+                print(_event_line(event, args.json), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # the reader (| head) went away: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return 0
 
 
@@ -342,6 +391,14 @@ def _build_messages(messages: argparse.ArgumentParser) -> None:
     messages.set_defaults(func=cmd_messages)
 
 
+def _build_events(events: argparse.ArgumentParser) -> None:
+    events.add_argument(
+        "--since", type=_id, metavar="ID", help="first print the messages after message ID still kept"
+    )
+    events.add_argument("--json", action="store_true", help="print one JSON object per line")
+    events.set_defaults(func=cmd_events)
+
+
 def _build_version(version: argparse.ArgumentParser) -> None:
     version.add_argument("--json", action="store_true", help="print JSON")
     version.set_defaults(func=cmd_version)
@@ -382,10 +439,18 @@ _HEALTH_DESCRIPTION = (
     "GET /healthz (or /readyz with --ready) with the standard library only, for Kubernetes exec "
     "probes. Prints nothing when healthy."
 )
+_EVENTS_DESCRIPTION = (
+    "Follow GET /events and print each event on one line as it comes: every message stored from "
+    "now on (after message ID first, with --since), from any worker. After a server restart or a "
+    "dropped stream it connects again and goes on from the last event, so nothing is missed or "
+    "printed twice; a 'reset' line says some messages left the history meanwhile (list them with "
+    "'messages'). Ctrl-C or SIGTERM stops it with exit 0."
+)
 # name -> (help, description, builder)
 _COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
     "send": ("send a message and print the server's reply", _SEND_DESCRIPTION, _build_send),
     "messages": ("list recent messages, oldest first", None, _build_messages),
+    "events": ("print messages as they are stored, like docker events", _EVENTS_DESCRIPTION, _build_events),
     "version": ("print the server's versions", None, _build_version),
     "openapi": ("print the OpenAPI spec (or write it to a file)", None, _build_openapi),
     "get": ("GET a path and print the raw body (exit 1 on an error status)", None, _build_get),

@@ -36,6 +36,7 @@ BENCHES = {
     "d": ("client_roundtrips", "client library round trips"),
     "e": ("oneshot_cli", "one-shot CLI vs curl"),
     "f": ("startup_memory", "cold start and memory"),
+    "j": ("workers", "--workers 2 vs --workers 1"),
 }
 
 

@@ -37,6 +37,7 @@ BENCHES = {
     "e": ("oneshot_cli", "one-shot CLI vs curl"),
     "f": ("startup_memory", "cold start and memory"),
     "j": ("workers", "--workers 2 vs --workers 1"),
+    "k": ("metrics", "metrics collected vs not"),
 }
 
 

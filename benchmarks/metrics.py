@@ -6,11 +6,15 @@ and handed to ``prometheus-client`` each tick; without it, and with nobody askin
 on the socket, nothing is counted (``app.metrics``). So the ratio is the collection's cost alone.
 Each round of the "on" side ends with a scrape of its ``/metrics``, which must show the POSTs
 counted (otherwise the figure would measure nothing).
+
+Two figures: req/s, and the server's CPU time per request (user + system, from ``/proc``), which
+holds better than req/s when other work shares the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import urllib.request
 from collections.abc import Iterator
 
@@ -39,6 +43,22 @@ def counted(port: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(server: Server, duration: float, warmup: float, cpus: set[int] | None) -> dict[str, float]:
+    """One autocannon run, with the server's CPU microseconds per request (warm-up included)."""
+    before = cpu_seconds(server.proc.pid)
+    result = autocannon(server, 10, duration, warmup, cpus, path=PATH)
+    spent = cpu_seconds(server.proc.pid) - before
+    result["cpu_us"] = spent / (result["requests"] * (duration + warmup) / duration) * 1e6
+    return result
+
+
 @contextlib.contextmanager
 def pair(cpus: set[int] | None) -> Iterator[tuple[Server, Server, int]]:
     port = free_port()
@@ -61,7 +81,7 @@ def run(quick: bool) -> list[Row]:
     with pair(server_cpus) as (on, off, port):
 
         def measured_on() -> dict[str, float]:
-            result = autocannon(on, 10, duration, warmup, generator_cpus, path=PATH)
+            result = load(on, duration, warmup, generator_cpus)
             result["counted"] = counted(port)
             if result["counted"] < result["requests"]:
                 raise BenchError(
@@ -69,9 +89,7 @@ def run(quick: bool) -> list[Row]:
                 )
             return result
 
-        runs = paired(
-            rounds, measured_on, lambda: autocannon(off, 10, duration, warmup, generator_cpus, path=PATH)
-        )
+        runs = paired(rounds, measured_on, lambda: load(off, duration, warmup, generator_cpus))
     return [
         compare(
             "k",
@@ -82,7 +100,17 @@ def run(quick: bool) -> list[Row]:
             "req/s",
             ">= 0.95x",
             lambda r: r >= 0.95,
-        )
+        ),
+        compare(
+            "k",
+            "server CPU per POST (user + system): metrics collected vs not",
+            ("metrics on", "metrics off"),
+            runs,
+            "cpu_us",
+            "us",
+            "<= 1.05x",
+            lambda r: r <= 1.05,
+        ),
     ]
 
 

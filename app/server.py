@@ -210,7 +210,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
                 return Supervisor(settings, app_factory, bound, address, hooks).run()
         application = app_factory(settings)
         bound, address = bind(settings)
-        endpoint = serve_endpoint(settings, getattr(application.state, "metrics", None))
+        endpoint = serve_endpoint(settings, getattr(getattr(application, "state", None), "metrics", None))
         try:
             server = serve(
                 settings, application, bound.sock, address, bound=None if settings.uses_tcp else bound

@@ -60,7 +60,7 @@ def test_results_json_has_every_benchmark(quick_run: tuple[subprocess.CompletedP
     assert report["mode"] == "quick"
     assert report["failures"] == []
     rows = report["rows"]
-    assert {row["bench"] for row in rows} == {"a", "b", "c", "d", "e", "f"}
+    assert {row["bench"] for row in rows} == {"a", "b", "c", "d", "e", "f", "j"}
     for row in rows:
         assert set(row) == ROW_KEYS
         for side in ("a", "b"):
@@ -83,7 +83,7 @@ def test_results_markdown_table(quick_run: tuple[subprocess.CompletedProcess[str
     lines = (out / "results.md").read_text().splitlines()
     assert lines[2] == "| | Measure | A | B | A/B | Target | Met |"
     body = [line for line in lines[4:] if line.startswith("| ")]
-    assert {line.split("|")[1].strip() for line in body} == {"a", "b", "c", "d", "e", "f"}
+    assert {line.split("|")[1].strip() for line in body} == {"a", "b", "c", "d", "e", "f", "j"}
     assert all(line.count("|") == 8 for line in body)
     assert not any("could not run" in line for line in body)
 

@@ -224,6 +224,7 @@ def test_module_level_app_is_built_lazily_from_the_environment(monkeypatch: pyte
     monkeypatch.setenv("UDS_HISTORY_SIZE", "7")
     monkeypatch.setenv("UDS_REPLY", "from env")
     monkeypatch.setenv("UDS_LOG_FORMAT", "json")
+    monkeypatch.setenv("UDS_STORE", "memory")  # building the app may not touch /var/lib
     calls: list[tuple[object, ...]] = []
     # The plain-uvicorn path sets up logging; record that instead of rewiring pytest's handlers.
     monkeypatch.setattr("app.logs.configure", lambda *args, **kwargs: calls.append(args))

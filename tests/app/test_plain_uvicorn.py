@@ -15,7 +15,13 @@ from tests.support import http_over_uds, short_tmpdir, socket_accepts, wait_unti
 def test_plain_uvicorn_command_serves_the_api_with_env_settings() -> None:
     directory = short_tmpdir("plain")
     path = str(directory / "csi.sock")
-    env = {**os.environ, "UDS_MAX_TEXT_LENGTH": "5", "UDS_REPLY": "plain reply"}
+    # The durable store in the test's directory: the plain form prepares it too, on first access.
+    env = {
+        **os.environ,
+        "UDS_MAX_TEXT_LENGTH": "5",
+        "UDS_REPLY": "plain reply",
+        "UDS_DATA_DIR": str(directory / "data"),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:app", "--uds", path, "--no-access-log"],
         stdout=subprocess.PIPE,
@@ -31,6 +37,7 @@ def test_plain_uvicorn_command_serves_the_api_with_env_settings() -> None:
             path, "POST", "/messages", body=b'{"text": "hi"}', headers={"Content-Type": "application/json"}
         )
         assert status == 201
+        assert (directory / "data" / "messages.sqlite3").is_file(), "the message went to the durable store"
         message = json.loads(body)
         assert message["reply"] == "plain reply"
         # No SO_PEERCRED without uds-server's protocol class: the peer is unknown, not invented.

@@ -249,7 +249,7 @@ async def _failing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def test_lifespan_failure_exits_3_and_removes_socket(tmp: Path) -> None:
     path = str(tmp / "s.sock")
     with pytest.raises(SystemExit) as exit_info:
-        run(Settings(socket=path), app_factory=lambda _settings: _failing_app)
+        run(Settings(socket=path, store="memory"), app_factory=lambda _settings: _failing_app)
     assert exit_info.value.code == 3
     assert not os.path.exists(path)
 
@@ -264,7 +264,7 @@ def test_signal_before_serving_stops_cleanly(tmp: Path, caplog: pytest.LogCaptur
         raise AssertionError("the signal should have stopped the build")
 
     with caplog.at_level(logging.INFO, logger="app.server"):
-        assert run(Settings(socket=path), app_factory=factory) == 0
+        assert run(Settings(socket=path, store="memory"), app_factory=factory) == 0
     assert "Stopped before serving" in caplog.text
     assert not os.path.exists(path)
     assert signal.getsignal(signal.SIGTERM) is before

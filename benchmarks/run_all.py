@@ -36,6 +36,7 @@ BENCHES = {
     "d": ("client_roundtrips", "client library round trips"),
     "e": ("oneshot_cli", "one-shot CLI vs curl"),
     "f": ("startup_memory", "cold start and memory"),
+    "i": ("durable_store", "durable store vs memory store"),
     "j": ("workers", "--workers 2 vs --workers 1"),
     "k": ("metrics", "metrics collected vs not"),
 }

@@ -108,7 +108,7 @@ def _spec_after_the_api(app: FastAPI) -> None:
     """Move ``/openapi.json`` behind the API routes.
 
     FastAPI puts it first in the table, so every request missed it before reaching its own route:
-    one ``matches`` call, 0.46 µs, about 3% of ``POST /messages`` driven in process.
+    one ``matches`` call, 0.46 µs, about 4% of ``POST /messages`` driven in process.
     """
     routes = app.router.routes
     spec = [route for route in routes if getattr(route, "path", None) == app.openapi_url]

@@ -247,3 +247,20 @@ def test_peer_uids_are_bounded() -> None:
     assert len(uids) == MAX_PEER_UIDS + 1
     assert uids[OTHER] == 10
     assert sum(uids.values()) == MAX_PEER_UIDS + 10
+
+
+def test_open_event_streams_and_connections_are_gauges(metrics_server: tuple[ServerProcess, int]) -> None:
+    server, port = metrics_server
+    assert server.socket_path is not None
+
+    def gauges() -> tuple[float, float]:
+        found = samples(scrape(port))
+        return found[("uds_event_streams", ())], found[("uds_open_connections", ())]
+
+    with socket.socket(socket.AF_UNIX) as stream:
+        stream.settimeout(5)
+        stream.connect(server.socket_path)
+        stream.sendall(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
+        assert stream.recv(4096).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: gauges() == (1.0, 1.0), what="one stream on one connection")
+    wait_until(lambda: gauges() == (0.0, 0.0), what="the stream and its connection gone")

@@ -407,15 +407,26 @@ def worker_gone(pid: int, directory: str) -> None:
 
 @contextlib.contextmanager
 def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
-    """The parent's side of ``--workers``: the multiprocess directory, set in the environment the
-    workers inherit, the one TCP endpoint (if ``--metrics-listen``) over every worker's files, and
-    supervisor hooks that drop a dead worker's gauges. All of it is undone on exit.
+    """The parent's side of ``--workers``: the multiprocess directory (in the temporary directory,
+    else in ``--data-dir``) set in the environment the workers inherit, the one TCP endpoint (if
+    ``--metrics-listen``) over every worker's files, and supervisor hooks that drop a dead worker's
+    gauges. All of it is undone on exit.
 
-    Raises :class:`MetricsError` when the endpoint cannot listen.
+    Raises :class:`MetricsError` when the directory cannot be made or the endpoint cannot listen.
     """
     from app.workers import SupervisorHooks  # app.workers imports the server, which imports us
 
-    directory = multiprocess_dir()
+    try:
+        base: str | None = tempfile.gettempdir()
+    except FileNotFoundError:  # no writable temporary directory (a read-only root filesystem)
+        base = settings.data_dir
+    try:
+        directory = multiprocess_dir(base)
+    except OSError as exc:
+        raise MetricsError(
+            f"cannot create the workers' metrics directory in {base}: {exc.strerror or exc}; "
+            "set TMPDIR to a writable directory"
+        ) from None
     endpoint: MetricsEndpoint | None = None
 
     class Hooks(SupervisorHooks):

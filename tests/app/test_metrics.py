@@ -165,7 +165,8 @@ def test_the_socket_metrics_follow_the_peer_allowlist() -> None:
         assert "uds_open_connections" in scrape(port)  # the TCP port is for Prometheus, not peers
 
 
-def test_a_busy_metrics_port_is_one_line_and_exit_3() -> None:
+@pytest.mark.parametrize("mode", [["--store", "memory"], ["--workers", "2"]], ids=["one-process", "workers"])
+def test_a_busy_metrics_port_is_one_line_and_exit_3(mode: list[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -173,7 +174,7 @@ def test_a_busy_metrics_port_is_one_line_and_exit_3() -> None:
         directory = short_tmpdir()
         path = str(directory / "s.sock")
         with ServerProcess(
-            ["--socket", path, "--store", "memory", "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
+            ["--socket", path, *mode, "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
         ) as server:
             code = server.proc.wait(timeout=30)
             output = server.output

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from bisect import bisect_right
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Literal
 
 import orjson
@@ -60,6 +61,10 @@ POLL_INTERVAL = 0.1
 """Seconds between two reads of ``Store.last_id()`` while streams are open: how late a message
 stored by another worker process may reach this process's streams (this process's own commits
 wake the hub at once)."""
+FAN_OUT_INTERVAL = 0.02
+"""Seconds between two rounds of the hub, at least: under a stream of POSTs each round carries the
+messages of this interval to every stream in one write, instead of one write per message per
+stream. The first message after a quiet spell goes out at once."""
 BUFFER = 256
 """Events a subscriber may have waiting; one more and it is cut off with ``overflow``."""
 BATCH = 100
@@ -86,6 +91,7 @@ def stream_capacity(max_streams: int, workers: int) -> int:
 
 
 def _message_event(message_id: int, document: bytes) -> bytes:
+    """``event: message``, ``data:`` the document, ``id:`` its id (once per message, for every stream)."""
     return format_sse_event(data_str=document.decode("utf-8"), event="message", id=str(message_id))
 
 
@@ -97,16 +103,47 @@ def _control_event(event: str, data: dict[str, object], event_id: int | None = N
     )
 
 
-def _take(pending: deque[tuple[int, bytes]], subscriber: Subscriber) -> bytes:
-    """Up to :data:`CHUNK` bytes of ``pending`` events (at least one), noted as sent."""
-    parts = []
-    size = 0
-    while pending and size < CHUNK:
-        event_id, event = pending.popleft()
-        parts.append(event)
-        size += len(event)
-        subscriber.sent = event_id
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+class Pending:
+    """Encoded events waiting to be written, with their ids and their size in bytes.
+
+    Lists, extended and joined whole (a round of the hub adds a slice of its events to every
+    stream): no Python-level step per event and per stream.
+    """
+
+    __slots__ = ("events", "ids", "size")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.events: list[bytes] = []
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, ids: list[int], events: list[bytes], size: int) -> None:
+        self.ids += ids
+        self.events += events
+        self.size += size
+
+    def clear(self) -> None:
+        self.ids.clear()
+        self.events.clear()
+        self.size = 0
+
+    def take(self) -> tuple[int, bytes]:
+        """(last id, bytes) of up to :data:`CHUNK` bytes of the oldest events (at least one)."""
+        if self.size <= CHUNK:
+            last, chunk = self.ids[-1], b"".join(self.events)
+            self.clear()
+            return last, chunk
+        count = size = 0
+        while size < CHUNK:
+            size += len(self.events[count])
+            count += 1
+        last, chunk = self.ids[count - 1], b"".join(self.events[:count])
+        del self.ids[:count], self.events[:count]
+        self.size -= size
+        return last, chunk
 
 
 class StreamsFull(Exception):
@@ -123,8 +160,8 @@ class Subscriber:
         """The last id handed to this stream (sent, or waiting in its buffer)."""
         self.sent = 0
         """The last id written to the stream: where its reader resumes after a cut-off."""
-        self.buffer: deque[tuple[int, bytes]] = deque()
-        """(id, encoded event) waiting to be written; the bytes are shared by every stream."""
+        self.buffer = Pending()
+        """Events waiting to be written; their bytes are shared by every stream."""
         self.wake = asyncio.Event()
         self.end: End | None = None
 
@@ -206,14 +243,18 @@ class EventHub:
                     self._join(subscriber)  # same loop step as the empty read: nothing falls between
                     break
                 subscriber.cursor = rows[-1][0]
-                pending = deque((i, _message_event(i, doc)) for i, doc in rows)
+                pending = Pending()
+                events = [_message_event(i, doc) for i, doc in rows]
+                pending.add([i for i, _ in rows], events, sum(map(len, events)))
                 while pending:
-                    yield _take(pending, subscriber)
+                    subscriber.sent, chunk = pending.take()
+                    yield chunk
         buffer = subscriber.buffer
         wake = subscriber.wake
         while True:
             if buffer:
-                yield _take(buffer, subscriber)
+                subscriber.sent, chunk = buffer.take()
+                yield chunk
                 continue
             if subscriber.end is not None:
                 yield self._final(subscriber)
@@ -267,18 +308,24 @@ class EventHub:
 
     async def _run(self) -> None:
         wake = self._wake
+        loop = self._loop
         assert wake is not None
+        assert loop is not None
         try:
             while self._live:
                 wake.clear()
                 self._fan_out()
                 if not self._live:
                     break
+                finished = loop.time()
                 try:
                     async with asyncio.timeout(POLL_INTERVAL):
                         await wake.wait()
                 except TimeoutError:
                     pass
+                pause = finished + FAN_OUT_INTERVAL - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
         except Exception:  # never leave streams silent without saying why
             log.exception("Event hub failed; closing its streams")
             self._end_all("shutdown")
@@ -293,23 +340,26 @@ class EventHub:
             if not rows:  # pruned before the hub read them: the next round gives each a reset
                 self._last = store.last_id()
                 break
-            events = [(i, _message_event(i, doc)) for i, doc in rows]
-            first_id = rows[0][0]
+            ids = [i for i, _ in rows]
+            events = [_message_event(i, doc) for i, doc in rows]
+            ends = list(accumulate(map(len, events), initial=0))
+            first_id, last_id = ids[0], ids[-1]
             for subscriber in list(self._live):
-                if subscriber.cursor < first_id - 1:
-                    subscriber.buffer.append((first_id - 1, self._reset(subscriber.cursor, first_id - 1)))
-                    subscriber.cursor = first_id - 1
+                cursor = subscriber.cursor
+                if cursor >= last_id:
+                    continue
                 buffer = subscriber.buffer
-                before = len(buffer)
-                for item in events:
-                    if item[0] > subscriber.cursor:
-                        buffer.append(item)
-                        subscriber.cursor = item[0]
+                if cursor < first_id - 1:
+                    reset = self._reset(cursor, first_id - 1)
+                    buffer.add([first_id - 1], [reset], len(reset))
+                start = bisect_right(ids, cursor)
+                buffer.add(ids[start:], events[start:], ends[-1] - ends[start])
+                subscriber.cursor = last_id
                 if len(buffer) > BUFFER:
                     self._cut_off(subscriber)
-                elif len(buffer) > before:
+                else:
                     subscriber.wake.set()
-            self._last = rows[-1][0]
+            self._last = last_id
 
     def _cut_off(self, subscriber: Subscriber) -> None:
         """The reader is too slow: drop its buffer, stop feeding it, let it send ``overflow``."""

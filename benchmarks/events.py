@@ -1,4 +1,4 @@
-"""(k) Event streams: delivery latency to 100 subscribers, and what 100 open streams cost POSTs.
+"""(l) Event streams: delivery latency to 100 subscribers, and what 100 open streams cost POSTs.
 
 One ``uds-server`` with its defaults (the SQLite store in a temporary directory).
 
@@ -217,7 +217,7 @@ def run(quick: bool) -> list[Row]:
     finally:
         server.close()
     delivery = Row(
-        "k",
+        "l",
         f"event delivery, 201 to arrival, {SUBSCRIBERS} subscribers, {messages} messages one at a time",
         "p50",
         delays["p50"],
@@ -231,7 +231,7 @@ def run(quick: bool) -> list[Row]:
     return [
         delivery,
         compare(
-            "k",
+            "l",
             f"POST /v1/messages req/s, {CONNECTIONS} conns: {SUBSCRIBERS} streams open (each gets "
             "every message) vs none",
             (f"{SUBSCRIBERS} streams", "no stream"),
@@ -242,7 +242,7 @@ def run(quick: bool) -> list[Row]:
             lambda r: r >= 0.9,
         ),
         compare(
-            "k",
+            "l",
             f"server CPU per POST (on-CPU time / requests): {SUBSCRIBERS} streams open vs none",
             (f"{SUBSCRIBERS} streams", "no stream"),
             runs,

@@ -39,6 +39,7 @@ BENCHES = {
     "i": ("durable_store", "durable store vs memory store"),
     "j": ("workers", "--workers 2 vs --workers 1"),
     "k": ("metrics", "metrics collected vs not"),
+    "l": ("events", "event streams: delivery latency, POSTs with 100 streams open"),
 }
 
 

@@ -57,6 +57,14 @@ def _workers(server: ServerProcess) -> list[int]:
     return sorted(child.pid for child in psutil.Process(server.proc.pid).children())
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for whoever adopted it does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _held(server: ServerProcess) -> dict[int, int]:
     """Connections each worker holds (sockets bound to the listening path, the listener aside)."""
     held = {}
@@ -328,7 +336,27 @@ def test_socket_removed_while_serving_stops_every_worker_with_exit_3(server: Ser
     wait_until(lambda: server.proc.poll() is not None, timeout=30, what="the server to stop itself")
     assert server.stop() == 3
     assert len([x for x in server.output.splitlines() if "was removed or replaced" in x]) == 1
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in workers)
+    assert not any(_running(pid) for pid in workers)
+
+
+def test_workers_stop_when_the_server_process_is_killed(tmp: Path) -> None:
+    """``kill -9`` of the supervising process alone: its workers drain and exit by themselves,
+    and the socket they leave behind is stale, so a new server replaces it."""
+    server = _start(tmp)
+    with server:
+        workers = _workers(server)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(30)
+        wait_until(lambda: not any(_running(pid) for pid in workers), timeout=30, what="the workers to exit")
+    for pid in workers:
+        assert f"Worker pid {pid}: the parent process is gone; stopping" in server.output
+        assert f"Worker pid {pid} stopped after" in server.output
+    assert server.socket_path is not None
+    assert os.path.exists(server.socket_path)
+    again = _start(tmp)
+    with again:
+        assert "Removed stale socket" in again.output
+        assert again.stop() == 0
 
 
 def _unbuildable(settings: Settings) -> object:

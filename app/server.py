@@ -195,10 +195,6 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
     bound: BoundSocket | None = None
     try:
-        if app_factory is None:
-            from app.main import create_app
-
-            app_factory = create_app
         from app.durable import prepare_store
 
         prepare_store(settings)  # the data directory and the database, checked before binding
@@ -208,6 +204,10 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             bound, address = bind(settings)
             with for_workers(settings) as hooks:  # PROMETHEUS_MULTIPROC_DIR and the one endpoint
                 return Supervisor(settings, app_factory, bound, address, hooks).run()
+        if app_factory is None:  # here, not above: a --workers parent never imports FastAPI
+            from app.main import create_app
+
+            app_factory = create_app
         application = app_factory(settings)
         bound, address = bind(settings)
         endpoint = serve_endpoint(settings, getattr(getattr(application, "state", None), "metrics", None))

@@ -35,6 +35,7 @@ from typing import Literal
 import orjson
 from fastapi.sse import format_sse_event
 
+from app.logs import Throttle
 from app.store import Store
 
 __all__ = [
@@ -182,6 +183,7 @@ class EventHub:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cut_offs = Throttle(log)
         store.add_listener(self._on_commit)
 
     # -- the POST side: one flag, whatever the number of streams ----------------------------------
@@ -367,7 +369,9 @@ class EventHub:
         subscriber.end = "overflow"
         self._live.discard(subscriber)
         subscriber.wake.set()
-        log.warning("Cut off an event stream whose reader fell more than %d events behind", BUFFER)
+        self._cut_offs.log(
+            logging.WARNING, "Cut off an event stream whose reader fell more than %d events behind", BUFFER
+        )
 
     def _end_all(self, reason: End) -> None:
         for subscriber in self._streams:

@@ -347,23 +347,26 @@ def _use_multiprocess_values(directory: str) -> None:
 
 
 class _ProcessesCollector(Collector):
-    """``process_*`` summed over the processes that write to a multiprocess directory, and its owner.
+    """``process_*`` summed over the directory's owner (the parent that made it, named in it) and
+    the live processes that write to it, so the parent and every worker show the same figures.
 
     CPU seconds, memory and open files add up; ``process_start_time_seconds`` and
-    ``process_max_fds`` are the first (oldest) process's.
+    ``process_max_fds`` are the owner's.
     """
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.owner = os.getpid()
+        named = re.fullmatch(rf"{_DIR_PREFIX}(\d+)-.*", os.path.basename(directory.rstrip("/")))
+        self.owner = int(named.group(1)) if named else os.getpid()
 
     def pids(self) -> list[int]:
-        found = {self.owner}
+        found = set()
         for path in glob.glob(os.path.join(self.directory, "*.db")):
             match = re.search(r"_(\d+)\.db$", path)
             if match:
                 found.add(int(match.group(1)))
-        return sorted(pid for pid in found if os.path.exists(f"/proc/{pid}"))
+        found.discard(self.owner)
+        return [pid for pid in [self.owner, *sorted(found)] if os.path.exists(f"/proc/{pid}")]
 
     def collect(self) -> Iterable[Metric]:
         merged: dict[str, Metric] = {}

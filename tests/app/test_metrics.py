@@ -219,6 +219,8 @@ def test_workers_add_up() -> None:
         assert sum(by_worker) == sent  # two workers' files, one sum
         socket_view = http_over_uds(path, "GET", "/metrics")[1].decode()
         assert requests_total(socket_view, "POST", "/v1/messages", 201) == sent  # the same view
+        start = ("process_start_time_seconds", ())
+        assert samples(socket_view)[start] == samples(text)[start]  # the parent's, in both views
         assert server.stop() == 0
     assert not os.path.exists(directory)  # removed at exit
 

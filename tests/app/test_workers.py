@@ -284,6 +284,17 @@ def test_sigterm_drains_every_worker_then_exits_0_and_removes_the_socket(tmp: Pa
     assert not os.path.exists(path)
 
 
+def test_ctrl_c_reaches_the_whole_group_and_stops_cleanly(server: ServerProcess) -> None:
+    """SIGINT to the process group, as a terminal's Ctrl-C sends it: one drain each, exit 0."""
+    path = str(server.socket_path)
+    os.killpg(server.proc.pid, signal.SIGINT)
+    wait_until(lambda: server.proc.poll() is not None, timeout=30, what="the server to stop")
+    assert server.stop() == 0
+    assert server.output.count("Drain done in") == 2, server.output
+    assert "Drain cut short" not in server.output
+    assert not os.path.exists(path)
+
+
 def test_drain_is_cut_at_the_shutdown_timeout(tmp: Path) -> None:
     """A request that never finishes: its worker gives up after --shutdown-timeout; exit 0 all the same."""
     server = _start(tmp, "--shutdown-timeout", "1")

@@ -145,6 +145,13 @@ def test_ids_are_unique_and_increase_across_workers(server: ServerProcess) -> No
     # One health probe (wait_ready) and one GET besides the 400 POSTs: both workers took POSTs.
     assert sum(served.values()) == 402, served
     assert min(served.values()) > 2, served
+    # The demo's line for each message, with its peer and id on the next line, as with one process.
+    lines = server.output.splitlines()
+    received = {line: lines[i + 1] for i, line in enumerate(lines) if line.startswith("📩 Server received: ")}
+    assert len(received) == 400
+    peer = f"  from peer pid={os.getpid()} uid={os.getuid()} gid={os.getgid()} (message "
+    assert all(after.startswith(peer) for after in received.values())
+    assert {int(after[len(peer) : -1]) for after in received.values()} == set(every)
 
 
 def test_one_idempotency_key_stores_one_message_across_workers(server: ServerProcess) -> None:

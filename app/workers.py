@@ -8,10 +8,10 @@ the settings and the app factory; the worker builds its own app (and store conne
 
 - logs the demo line ``🔌 Server listening on ...`` once, when every worker serves;
 - checks once a second that the socket file is still its own (removed or replaced: exit 3);
-- replaces a worker that dies, with one line naming its pid and exit status or signal; a worker
-  that dies within ``QUICK_DEATH`` seconds of its start is replaced after a delay that doubles up to
-  ``MAX_DELAY``, and when every worker has failed to start in a row with none left running, it
-  exits 3;
+- replaces a worker that dies, with one line naming its pid and exit status or signal; when
+  workers keep dying within ``QUICK_DEATH`` seconds of their start, each replacement after the
+  first waits, 0.5 s and doubling up to ``MAX_DELAY``; when every worker has failed to start in a
+  row with none left running, it exits 3;
 - on SIGTERM or SIGINT closes its copy of the listening socket and sends SIGTERM to every worker,
   each of which marks ``/readyz`` draining and drains within ``--shutdown-timeout``; a second
   SIGINT is passed on (workers then stop at once); a worker still running ``STOP_GRACE`` seconds
@@ -29,10 +29,11 @@ Why not uvicorn's ``uvicorn.supervisors.Multiprocess`` (0.54, read in its source
 ``Child process [pid] died``, without the status or signal; a single worker's exit 3 stops the
 whole server; ``join_all`` waits for workers with no deadline; its loop has no place to check the
 socket file or to log once every worker serves, and its ``run`` returns no exit code; its workers
-run plain ``uvicorn.Server`` on a pickled ``Config``, so the app must be an import string and our
-server class (drain, peer credentials, ``/readyz``) would not run. Its children are started by
-``multiprocessing``'s spawn, which also starts a resource-tracker process and re-runs the parent's
-``__main__`` module in each worker; ``subprocess`` with ``pass_fds`` starts just the worker.
+run plain ``uvicorn.Server`` on a pickled ``Config``, so the app must be an import string (or
+picklable) and our server class (drain, peer credentials, ``/readyz``) would not run. Its
+children are started by ``multiprocessing``'s spawn, which also starts a resource-tracker process
+and re-runs the parent's ``__main__`` module in each worker; ``subprocess`` with ``pass_fds``
+starts just the worker.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def prepare_store(settings: Settings) -> None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {_reason(exc)}{_AGAIN}") from exc
-    connection = _connect(path, exists)
+    connection = _connect(path)
     try:
         _check(connection, path)
         _migrate(connection, path)
@@ -188,7 +188,13 @@ def prepare_store(settings: Settings) -> None:
 
 def _prepare_directory(directory: Path) -> None:
     uid = os.geteuid()
-    if directory.exists() and not directory.is_dir():
+    try:
+        is_file = directory.exists() and not directory.is_dir()
+    except OSError as exc:  # a parent this uid may not search
+        raise StoreError(
+            f"cannot reach data directory {directory} (uid {uid}): {_reason(exc)}{_AGAIN}"
+        ) from exc
+    if is_file:
         raise StoreError(f"data directory {directory} is not a directory (a file is there){_AGAIN}")
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -207,7 +213,7 @@ def _prepare_directory(directory: Path) -> None:
         ) from exc
 
 
-def _connect(path: Path, exists: bool) -> sqlite3.Connection:
+def _connect(path: Path) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(
             f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
@@ -353,7 +359,7 @@ class SqliteStore:
                 f"file:{self.path}?mode=rw",
                 uri=True,
                 isolation_level=None,
-                timeout=busy_timeout / 1000,
+                timeout=BUSY_TIMEOUT_MS / 1000,  # opening waits: another process may be checkpointing
                 check_same_thread=check_same_thread,
                 cached_statements=32,
             )

@@ -183,11 +183,17 @@ def test_processes_sharing_the_file_store_one_message_per_key(data: Path) -> Non
     )
     procs = [
         subprocess.Popen(
-            [PYTHON, "-c", script, str(data / DB_NAME)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+            [PYTHON, "-c", script, str(data / DB_NAME)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
         )
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    texts = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), texts
+    outputs = [text.split() for text in texts]
     assert all(p.returncode == 0 for p in procs), outputs
     assert sorted(outputs) == [["[1]", "0"], ["[1]", "1"]], "one process created it, the other found it"
     reader = _store(data)
@@ -341,6 +347,16 @@ def test_a_data_directory_that_cannot_be_written_is_refused(tmp: Path) -> None:
     ), line
     assert f"make it writable for uid {NOBODY}" in line
     assert os.listdir(data) == []
+
+
+def test_a_data_directory_that_cannot_be_reached_is_refused(tmp: Path) -> None:
+    assert os.geteuid() == 0, "this test switches to uid 65534 (CI runs as root)"
+    os.chmod(tmp, 0o755)
+    private = tmp / "private"
+    private.mkdir(mode=0o700)  # root's: uid 65534 may not even look inside
+    line = _refused(tmp, private / "data", as_nobody=True)
+    assert line.startswith(f"ERROR cannot reach data directory {private / 'data'} (uid {NOBODY}): "), line
+    assert "Permission denied" in line
 
 
 def test_the_memory_store_needs_no_data_directory(tmp: Path) -> None:

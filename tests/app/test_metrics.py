@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -267,3 +269,39 @@ def test_open_event_streams_and_connections_are_gauges(metrics_server: tuple[Ser
         assert stream.recv(4096).startswith(b"HTTP/1.1 200")
         wait_until(lambda: gauges() == (1.0, 1.0), what="one stream on one connection")
     wait_until(lambda: gauges() == (0.0, 0.0), what="the stream and its connection gone")
+
+
+def test_a_dead_worker_leaves_the_gauges_and_stays_in_the_counters() -> None:
+    port = free_port()
+    path = str(short_tmpdir() / "s.sock")
+    with ServerProcess(
+        ["--socket", path, "--workers", "2", "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
+    ) as server:
+        server.wait_ready()
+        serving = wait_until(
+            lambda: re.search(r"2 workers serving \(pids (\d+), (\d+)\)", server.output), what="both workers"
+        )
+        workers = [int(pid) for pid in serving.groups()]
+        held = socket.socket(socket.AF_UNIX)
+        held.settimeout(5)
+        held.connect(path)
+        body = b'{"text": "kept"}'
+        held.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        assert read_response(held)[0] == 201
+
+        def gauge() -> float:
+            return samples(scrape(port))[("uds_open_connections", ())]
+
+        wait_until(lambda: gauge() == 1, what="the held connection counted")
+        for pid in workers:  # whichever holds it: its last gauge value must not outlive it
+            os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: server.output.count("killed by signal SIGKILL") == 2, timeout=30, what="both reaped"
+        )
+        held.close()
+        wait_until(lambda: gauge() == 0, what="the dead worker's gauge dropped")
+        assert requests_total(scrape(port), "POST", "/v1/messages", 201) == 1  # its counters stay
+        assert server.stop() == 0

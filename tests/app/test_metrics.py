@@ -9,16 +9,18 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics
+from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
 from client.cli.spawn import free_port
 from tests.support import (
     ServerProcess,
@@ -305,3 +307,20 @@ def test_a_dead_worker_leaves_the_gauges_and_stays_in_the_counters() -> None:
         wait_until(lambda: gauge() == 0, what="the dead worker's gauge dropped")
         assert requests_total(scrape(port), "POST", "/v1/messages", 201) == 1  # its counters stay
         assert server.stop() == 0
+
+
+def test_the_workers_directory_replaces_what_killed_servers_left(tmp_path: Path) -> None:
+    finished = subprocess.Popen(["true"])  # its pid is gone once it has been reaped
+    finished.wait()
+    dead = tmp_path / f"uds-metrics-{finished.pid}-old"
+    mine = tmp_path / f"uds-metrics-{os.getpid()}-old"  # a restarted container's server has the same pid
+    alive = tmp_path / f"uds-metrics-{os.getppid()}-other"  # another live server's
+    for directory in (dead, mine, alive):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
+    made = Path(multiprocess_dir(str(tmp_path)))
+    assert not dead.exists()
+    assert not mine.exists()
+    assert alive.exists()
+    assert made.name.startswith(f"uds-metrics-{os.getpid()}-")
+    assert made.stat().st_mode & 0o777 == 0o700

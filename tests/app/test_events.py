@@ -15,6 +15,7 @@ import orjson
 import psutil
 
 from client._events import EventDecoder
+from tests.app.conftest import ASGIClient, assert_error
 from tests.support import (
     ServerProcess,
     read_head,
@@ -340,3 +341,19 @@ def test_a_stream_sees_messages_stored_by_both_workers(tmp: Path) -> None:
                 assert len(grew) == 1, (before, after)
                 stored_by[message_id] = grew[0]
                 assert stream.messages(1) == [message_id]
+
+
+def test_an_idle_stream_gets_heartbeats() -> None:
+    with running_server("--store", "memory") as server, streams(_path(server), 1) as (stream,):
+        assert stream._chunk() == b"retry: 1000\n\n"
+        assert stream._chunk() == b": heartbeat\n\n"  # within HEARTBEAT_INTERVAL (the socket waits 15 s)
+
+
+def test_a_bad_since_or_last_event_id_is_422_in_the_error_shape(client: ASGIClient) -> None:
+    for response in (
+        client.get("/v1/events?since=-1"),
+        client.get("/v1/events?since=abc"),
+        client.get("/v1/events", headers={"last-event-id": "x"}),
+    ):
+        body = assert_error(response, 422, "validation_error")
+        assert body["details"][0]["loc"][0] in ("query", "header"), body

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -246,3 +247,43 @@ def _start(path: str, store: tuple[str, ...]) -> ServerProcess:
     server = ServerProcess(["--socket", path, *store], socket_path=path)
     server.wait_ready()
     return server
+
+
+def test_a_dropped_stream_is_resumed_with_last_event_id(tmp_short: Path) -> None:
+    """A raw server: the first stream sends event 5 and hangs up; the client must come back with
+    ``Last-Event-ID: 5`` (and the 503 in between is retried, not raised)."""
+    from tests.client.conftest import raw_server
+    from tests.support import read_message
+
+    asked: list[str | None] = []
+    stream_head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nretry: 1000\n\n"
+    )
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        request = read_message(conn)
+        if request is None:
+            return
+        head, headers, _ = request
+        if b" /_ping " in head:  # no API versions: the client uses the unversioned paths
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            return
+        asked.append(headers.get("last-event-id"))
+        if len(asked) == 1:
+            conn.sendall(stream_head + b'event: message\ndata: {"n": 5}\nid: 5\n\n')
+        elif len(asked) == 2:
+            body = b'{"error":"unavailable","message":"busy","status":503}'
+            conn.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        else:
+            conn.sendall(stream_head + b': heartbeat\n\nevent: message\ndata: {"n": 6}\nid: 6\n\n')
+            stop.wait(TIMEOUT)
+
+    with raw_server(str(tmp_short / "e.sock"), handle) as path, Client(path) as client:
+        events = client.events()
+        got = [next(events) for _ in range(2)]
+        events.close()  # type: ignore[attr-defined]
+    assert [(e.event, e.id, e.json()) for e in got] == [("message", 5, {"n": 5}), ("message", 6, {"n": 6})]
+    assert asked == [None, "5", "5"]

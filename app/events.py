@@ -5,7 +5,9 @@ POST only sets an ``asyncio.Event``, whatever the number of streams) and, while 
 open, also every :data:`POLL_INTERVAL` seconds to read ``Store.last_id()``, so that messages
 committed by the other ``--workers`` processes reach this process's streams too. It then reads the
 new messages once (``Store.since``), encodes each as a Server-Sent Event once, and appends the same
-bytes to every subscriber's buffer.
+bytes to every subscriber's buffer. A message that comes alone goes out at once; while messages
+come faster than rounds, rounds are paced so that writing events takes at most
+:data:`FAN_OUT_SHARE` of the process's time.
 
 Each subscriber (:class:`Subscriber`) has a buffer of at most :data:`BUFFER` events. A reader too
 slow to take them (or one that never reads) is cut off when the buffer is full: the hub drops it

@@ -65,6 +65,11 @@ APPLICATION_ID = 0x75647378
 """``PRAGMA application_id`` of this program's databases ("udsx"): a file without it is not ours."""
 BUSY_TIMEOUT_MS = 10_000
 """How long a transaction waits for another process's write lock before failing."""
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+"""The log file is cut back to this size when it starts afresh (after a burst made it longer)."""
+CHECKPOINT_EVERY = 100
+"""Commits between two checkpoints (about 600 pages of log at 8 POSTs a commit; SQLite's own
+automatic checkpoint, which runs inside a commit, is off)."""
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -111,6 +116,11 @@ figure):
   more than the commit, which does not wait for the disk). With ``full``, where each commit waits
   for fsync, the writer thread gave 0.67x and the loop thread 0.59x: the loop reads the next
   requests during the fsync. So ``normal`` commits on the loop and ``full`` on the writer thread.
+* Checkpoints. With ``normal`` the only fsyncs are a checkpoint's (about 10 ms for 2,000 pages).
+  SQLite runs them inside the commit that fills the log, here on the loop; they run on the writer
+  thread instead, every :data:`CHECKPOINT_EVERY` commits: 1.01x against 0.86x the memory store's
+  req/s with the machine busy (load average 3-4), 0.92x against 0.91x with it quiet, the same run
+  each, and the log stays at 2.7 MB under load.
 * A write lock held by another worker process is never waited for on the loop: SQLite's busy
   handler sleeps a whole millisecond first, so the loop's attempt does not wait at all and the
   batch goes to the writer thread, which retries from 0.1 ms up.
@@ -322,6 +332,9 @@ class SqliteStore:
         self.inline = durability == "normal" if inline is None else inline
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        self._commits = 0
+        self._checkpointing = False
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
@@ -342,6 +355,10 @@ class SqliteStore:
         # a lock held by another process sends the batch to the writer thread, which waits there.
         self._writer = self._connection(check_same_thread=False, busy_timeout=0)
         self._reader = self._connection(check_same_thread=True)
+        # Checkpoints (the only fsyncs with ``normal``) run on the writer thread, never on the loop.
+        self._writer.execute("PRAGMA wal_autocheckpoint=0")
+        self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        self._checkpointer = self._connection(check_same_thread=False)
         version = self._reader.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
             self._close_connections()
@@ -387,10 +404,10 @@ class SqliteStore:
         self._close_connections()
 
     def _close_connections(self) -> None:
-        for connection in (self._reader, self._writer):
+        for connection in (self._reader, self._writer, self._checkpointer):
             if connection is not None:
                 connection.close()
-        self._reader = self._writer = None
+        self._reader = self._writer = self._checkpointer = None
 
     # -- writes --
 
@@ -416,7 +433,7 @@ class SqliteStore:
         if not batch:
             return
         self._writing = True
-        if self.inline:
+        if self.inline and not self._checkpointing:  # during a checkpoint, batches queue behind it
             results: list[Stored | BaseException] | BaseException | None
             try:
                 results = self._write(batch, wait=False)
@@ -449,12 +466,35 @@ class SqliteStore:
         if last:
             for listener in self._listeners:
                 listener(last)
+        if not isinstance(results, BaseException):
+            self._commits += 1
+            if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
+                self._start_checkpoint()
         if self._pending:
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
         elif self._idle is not None:
             self._idle.set()
+
+    def _start_checkpoint(self) -> None:
+        """Copy the log into the database on the writer thread, off the event loop."""
+        assert self._loop is not None
+        assert self._executor is not None
+        self._commits = 0
+        self._checkpointing = True
+        done = self._loop.run_in_executor(self._executor, self._checkpoint)
+        done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
+
+    def _checkpoint(self) -> None:
+        connection = self._checkpointer
+        if connection is not None:
+            # RESTART, not PASSIVE: it waits (here, off the loop) for writers and then makes the
+            # next commit start the log afresh; this process's batches queue behind it meanwhile.
+            # PASSIVE checkpoints racing with commits let the log grow to 100 MB in 20 s of load.
+            # Busy for 10 s, or a full disk: the log keeps the commits; the next one tries again.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
     def _write(self, batch: list[_Item], wait: bool) -> list[Stored | BaseException]:
         """One transaction for ``batch``: keys decided, messages inserted, bounds enforced.

@@ -16,8 +16,10 @@ import pytest
 from app.config import Settings
 from app.durable import (
     APPLICATION_ID,
+    CHECKPOINT_EVERY,
     DB_NAME,
     SCHEMA_VERSION,
+    WAL_SIZE_LIMIT,
     SqliteStore,
     prepare_store,
 )
@@ -127,6 +129,28 @@ def test_keys_outlive_the_history_and_are_bounded_least_recently_used(data: Path
     assert repeat.id == 1
     assert store.get(1) is None, "the message left the history; its key still answers"
     assert orjson.loads(repeat.document)["text"] == "a"
+    store.close()
+
+
+def test_the_log_stays_bounded_under_steady_writes(data: Path) -> None:
+    """Checkpoints run on the writer thread every CHECKPOINT_EVERY commits and start the log afresh,
+    so it does not grow with the number of messages written."""
+    store = _store(data, history_size=100)
+
+    turns = 3000
+    assert turns > 20 * CHECKPOINT_EVERY
+
+    async def load() -> None:
+        for turn in range(turns):
+            await asyncio.gather(*(_put(store, f"{turn}.{i} " + "x" * 2000) for i in range(8)))
+
+    asyncio.run(load())
+    written = turns * 8 * 2000
+    wal = (data / f"{DB_NAME}-wal").stat().st_size
+    assert written > 4 * WAL_SIZE_LIMIT
+    # Between two checkpoints the log holds CHECKPOINT_EVERY commits: 8.3 MB here (each commit of
+    # 16 KB of texts writes 21 pages), against 48 MB written; unbounded, it would hold them all.
+    assert wal <= 2 * WAL_SIZE_LIMIT, f"the log grew to {wal} bytes"
     store.close()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from app import durable
 from app.config import Settings
 from app.durable import (
     APPLICATION_ID,
@@ -236,6 +237,36 @@ def test_a_fresh_database_is_private_marked_and_at_the_current_version(data: Pat
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
     prepare_store(_settings(data))  # again: nothing to migrate, nothing refused
+
+
+def test_an_older_schema_is_migrated_in_one_transaction_per_version(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path for the next schema: version N's SQL runs on a database at N - 1, data kept; a
+    migration that fails leaves the database at its version."""
+    store = _store(data)
+    first = asyncio.run(_put(store, "kept", "k"))
+    store.close()
+    later = {**durable.MIGRATIONS, SCHEMA_VERSION + 1: "ALTER TABLE messages ADD COLUMN note TEXT"}
+    broken = {**later, SCHEMA_VERSION + 2: "ALTER TABLE no_such_table ADD COLUMN x TEXT"}
+    monkeypatch.setattr(durable, "MIGRATIONS", broken)
+    monkeypatch.setattr(durable, "SCHEMA_VERSION", SCHEMA_VERSION + 2)
+    with pytest.raises(StoreError, match=r"cannot prepare database .*no such table: no_such_table"):
+        prepare_store(_settings(data))
+    db = sqlite3.connect(data / DB_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1, "the good step stayed"
+    db.close()
+
+    monkeypatch.setattr(durable, "MIGRATIONS", later)
+    monkeypatch.setattr(durable, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    prepare_store(_settings(data))
+    again = _store(data)
+    assert again.get(first.id) == first.document
+    assert asyncio.run(_put(again, "kept", "k")).created is False
+    assert again._reader is not None
+    columns = [row[1] for row in again._reader.execute("PRAGMA table_info(messages)")]
+    assert columns == ["id", "document", "note"]
+    again.close()
 
 
 def test_durability_levels_set_synchronous(data: Path) -> None:

@@ -445,7 +445,9 @@ class SqliteStore:
                 self._finish(batch, results)
                 return
         assert self._loop is not None
-        assert self._executor is not None
+        if self._executor is None:
+            self._finish(batch, StoreError(f"the store {self.path} is not open"))
+            return
         done = self._loop.run_in_executor(self._executor, self._write, batch, True)
         done.add_done_callback(lambda fut: self._finish(batch, fut.exception() or fut.result()))
 
@@ -461,8 +463,8 @@ class SqliteStore:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-                if outcome.created:
-                    last = outcome.id
+        if not isinstance(results, BaseException):
+            last = max((r.id for r in results if isinstance(r, Stored) and r.created), default=0)
         if last:
             for listener in self._listeners:
                 listener(last)

@@ -31,6 +31,10 @@ class DemoError(Exception):
     """A step of the demo failed; the message says which and why."""
 
 
+_PRINTING = threading.Lock()
+"""Held while a line of either child is printed, so the two children's lines never mix."""
+
+
 class _Lines:
     """Print a child's output lines as they come, labelled, and remember them."""
 
@@ -47,7 +51,8 @@ class _Lines:
             line = raw.rstrip("\n")
             if shown:
                 try:
-                    print(f"[{self.label}] {line}", flush=True)
+                    with _PRINTING:  # print() writes the text and the newline apart: one line at a time
+                        print(f"[{self.label}] {line}", flush=True)
                 except (BrokenPipeError, ValueError):  # the reader went away (| head): keep going quietly
                     shown = False
             with self._changed:

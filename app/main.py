@@ -85,7 +85,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     add_versioned(app, events.build_router(app.state.events))
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
-    metrics.install(app, settings)  # GET /metrics (unversioned) and app.state.metrics
+    metrics.install(app)  # GET /metrics (unversioned) and app.state.metrics
     _spec_after_the_api(app)
     add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)

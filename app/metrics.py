@@ -28,9 +28,10 @@ Why plain ints first
     ``benchmarks/metrics.py`` measures the cost on POST throughput and on CPU per POST.
 
 When it is on
-    Counting starts when ``--metrics-listen`` is set, with ``--workers`` above 1, or at the first
-    ``GET /metrics`` on the socket, so a server nobody watches pays nothing; the request counters
-    count from then.
+    Always, from the start: a counter that began at the first scrape would report
+    ``uds_messages_stored_total 0`` after a thousand messages. What it costs a POST is measured by
+    ``benchmarks/metrics.py`` (k), whose "off" side is a server with the recorder switched off
+    (``benchmarks/uncounted_server.py``), the only way to run without it.
 
 Workers
     With ``--workers N`` the parent creates a private directory (:func:`multiprocess_dir`), sets
@@ -128,9 +129,9 @@ class Recorder:
 
     __slots__ = ("durations", "on", "peers", "requests", "routes", "stored", "sums")
 
-    def __init__(self, on: bool = False) -> None:
+    def __init__(self, on: bool = True) -> None:
         self.on = on
-        """Count requests; off until someone watches (see the module's docstring)."""
+        """Count requests (always, but in the benchmark that measures what counting costs)."""
         self.requests: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], list[int]] = {}
         """Per method and route: the count in each bucket of :data:`BUCKETS`, then above the last."""
@@ -215,11 +216,10 @@ class Metrics:
     registry that ``/metrics`` shows (this process's alone, or every worker's in multiprocess mode).
     """
 
-    def __init__(self, *, on: bool = False, directory: str | None = None) -> None:
+    def __init__(self, *, on: bool = True, directory: str | None = None) -> None:
         self.directory = directory if directory is not None else os.environ.get(MULTIPROC_ENV) or None
         if self.directory is not None:
             _use_multiprocess_values(self.directory)
-            on = True
         self.recorder = Recorder(on)
         self.open_connections: Callable[[], int] = lambda: 0
         """Read at each flush; the server points it at uvicorn's connection set."""

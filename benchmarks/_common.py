@@ -81,6 +81,8 @@ class Server(ServerProcess):
         where = ["--port", str(port)] if tcp else ["--socket", str(path)]
         if kind == "ours":
             command = app_command(*(["--host", "127.0.0.1"] if tcp else []), *where, *extra)
+        elif kind == "uncounted":
+            command = [PYTHON, str(HERE / "uncounted_server.py"), *where, *extra]
         elif kind == "bare":
             command = [PYTHON, str(HERE / "bare_app.py"), *where, *extra]
         else:

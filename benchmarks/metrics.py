@@ -1,9 +1,10 @@
-"""(k) What collecting metrics costs POST throughput: ``--metrics-listen`` on vs off.
+"""(k) What collecting metrics costs POST throughput: counted vs not.
 
-Both servers are this tree's ``uds-server --store memory``, on the same CPU. With
-``--metrics-listen`` every request is counted (method, route template, status, duration, peer uid)
-and handed to ``prometheus-client`` each tick; without it, and with nobody asking ``GET /metrics``
-on the socket, nothing is counted (``app.metrics``). So the ratio is the collection's cost alone.
+Both servers are this tree's ``uds-server --store memory``, on the same CPU. ``uds-server`` counts
+every request (method, route template, status, duration, peer uid) and hands the counts to
+``prometheus-client`` each tick; here it also serves ``--metrics-listen``. The other side is
+``uncounted_server.py``, the same server with the recorder switched off, which counts nothing. So
+the ratio is the collection's cost alone.
 Each round of the "on" side ends with a scrape of its ``/metrics``, which must show the POSTs
 counted (otherwise the figure would measure nothing).
 
@@ -65,7 +66,7 @@ def pair(cpus: set[int] | None) -> Iterator[tuple[Server, Server, int]]:
     started: list[Server] = []
     try:
         started.append(Server(extra=["--metrics-listen", f"127.0.0.1:{port}"], cpus=cpus, store="memory"))
-        started.append(Server(cpus=cpus, store="memory"))
+        started.append(Server("uncounted", cpus=cpus, store="memory"))
         for server in started:
             server.ready()
         yield started[0], started[1], port

@@ -2,8 +2,7 @@
 
 Unversioned, like the probes: its format is Prometheus', versioned by its content type, and the
 same path serves it on the TCP port of ``--metrics-listen``. Unlike the probes it is subject to the
-peer allowlist, like the API. The first request to it starts the counting when nothing else has
-(see ``app.metrics``).
+peer allowlist, like the API.
 """
 
 from __future__ import annotations
@@ -12,16 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from app.config import Settings
 from app.errors import error_responses
 from app.metrics import METRICS_PATH, Metrics
 
 __all__ = ["install"]
 
 
-def install(app: FastAPI, settings: Settings) -> Metrics:
+def install(app: FastAPI) -> Metrics:
     """Give ``app`` its :class:`Metrics` (``app.state.metrics``) and the ``GET /metrics`` route."""
-    metrics = Metrics(on=settings.metrics_listen is not None)
+    metrics = Metrics()
     app.state.metrics = metrics
     events = getattr(app.state, "events", None)
     if events is not None:
@@ -29,7 +27,6 @@ def install(app: FastAPI, settings: Settings) -> Metrics:
 
     async def get_metrics(request: Request) -> Response:
         """Prometheus metrics of the server (all workers)."""
-        metrics.recorder.on = True
         metrics.flush()
         body, content_type = metrics.exposition(request.headers.get("accept"))
         return Response(body, 200, {"cache-control": "no-store"}, content_type)

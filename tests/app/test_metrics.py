@@ -144,16 +144,17 @@ def test_a_refused_request_counts_as_unmatched(metrics_server: tuple[ServerProce
     )
 
 
-def test_counting_starts_with_the_first_scrape_on_the_socket() -> None:
+def test_counting_starts_with_the_server_not_with_the_first_scrape() -> None:
     with running_server("--store", "memory") as server:
         path = server.socket_path
         assert path is not None
-        assert post(path) == 201  # nobody watches yet: not counted
+        assert post(path) == 201  # before anyone has asked for /metrics
         first = http_over_uds(path, "GET", "/metrics")[1].decode()
-        assert requests_total(first, "POST", "/v1/messages", 201) == 0
+        assert requests_total(first, "POST", "/v1/messages", 201) == 1
+        assert samples(first)[("uds_messages_stored_total", ())] == 1
         assert post(path) == 201
         second = http_over_uds(path, "GET", "/metrics")[1].decode()
-        assert requests_total(second, "POST", "/v1/messages", 201) == 1
+        assert requests_total(second, "POST", "/v1/messages", 201) == 2
 
 
 def test_the_socket_metrics_follow_the_peer_allowlist() -> None:

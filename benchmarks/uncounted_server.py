@@ -1,0 +1,29 @@
+"""``uds-server`` with its request counting switched off: the "off" side of ``metrics.py`` (k).
+
+The server always counts requests for ``/metrics`` (``app.metrics``); this is the same server with
+the recorder off, so that (k) measures what counting costs. Not for anything but that benchmark.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import app.metrics
+
+
+class _Off(app.metrics.Recorder):
+    __slots__ = ()
+
+    def __init__(self, on: bool = True) -> None:
+        super().__init__(False)
+
+
+app.metrics.Recorder = _Off  # type: ignore[misc]
+
+from app.__main__ import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
+
 from tests.support import ServerProcess, wait_until
 
 MESSAGES = 2_000
@@ -152,5 +154,10 @@ def crash_under_load(
         assert server.stop() == 0
 
 
-def test_acknowledged_messages_survive_kill_9_under_load_and_retries_store_nothing_twice(tmp: Path) -> None:
-    crash_under_load(tmp)
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_acknowledged_messages_survive_kill_9_under_load_and_retries_store_nothing_twice(
+    tmp: Path, durability: str
+) -> None:
+    """``normal`` commits on the event loop, ``full`` on the writer thread: both acknowledge only
+    what is committed."""
+    crash_under_load(tmp, ["--durability", durability])

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from client._client import AsyncClient, Client
     from client._errors import APIError, ClientError, ConnectError, WaitTimeout
+    from client._events import Event
     from client._models import Health, Message, Peer, RawResponse, Version
     from client._probe import probe
     from client._wait import wait_for_socket
@@ -31,6 +32,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConnectError",
+    "Event",
     "Health",
     "Message",
     "Peer",
@@ -51,6 +53,7 @@ _WHERE = {
     "ClientError": "_errors",
     "ConnectError": "_errors",
     "WaitTimeout": "_errors",
+    "Event": "_events",
     "Health": "_models",
     "Message": "_models",
     "Peer": "_models",

@@ -39,6 +39,7 @@ import orjson
 from fastapi.sse import format_sse_event
 
 from app.logs import Throttle
+from app.routes.messages import PEER_SHARE
 from app.store import Store
 
 __all__ = [
@@ -164,9 +165,11 @@ class StreamsFull(Exception):
 class Subscriber:
     """One open stream: its cursor (the last id it was given), its buffer, and why it ends."""
 
-    __slots__ = ("beat", "buffer", "cursor", "end", "sent", "wake", "written")
+    __slots__ = ("beat", "buffer", "cursor", "end", "sent", "uid", "wake", "written")
 
-    def __init__(self) -> None:
+    def __init__(self, uid: int | None = None) -> None:
+        self.uid = uid
+        """The peer uid holding the stream (its share is counted per uid)."""
         self.cursor = 0
         """The last id handed to this stream (sent, or waiting in its buffer)."""
         self.sent = 0
@@ -182,13 +185,18 @@ class Subscriber:
 
 
 class EventHub:
-    """Fans this process's store out to its open streams (at most ``capacity`` of them)."""
+    """Fans this process's store out to its open streams: at most ``capacity`` of them, of which one
+    peer uid may hold 1/:data:`~app.routes.messages.PEER_SHARE` (at least one), like the other
+    budgets, so one uid holding streams open cannot lock every other uid out."""
 
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
         self.capacity = capacity
+        self.per_peer = max(1, capacity // PEER_SHARE)
         self.open = 0
         """Streams open now (catching up or live)."""
+        self.held: dict[int | None, int] = {}
+        """Streams open now, by peer uid."""
         self.draining = False
         self._streams: set[Subscriber] = set()
         self._live: set[Subscriber] = set()
@@ -210,17 +218,26 @@ class EventHub:
 
     # -- streams -----------------------------------------------------------------------------------
 
-    def subscribe(self) -> Subscriber:
-        """Take a slot for a new stream; :class:`StreamsFull` when none is left or the server drains."""
+    def subscribe(self, uid: int | None = None) -> Subscriber:
+        """Take a slot for a new stream of peer ``uid``; :class:`StreamsFull` when none is left, the
+        uid holds its share already, or the server drains."""
         if self.draining:
             raise StreamsFull("the server is shutting down")
         if self.open >= self.capacity:
             raise StreamsFull(f"{self.capacity} event streams are open already")
+        held = self.held.get(uid, 0)
+        if held >= self.per_peer:
+            who = "connections without peer credentials" if uid is None else f"uid {uid}"
+            raise StreamsFull(
+                f"{who} holds {held} event streams already, its share of the {self.capacity} this "
+                "process admits"
+            )
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
         self.open += 1
-        subscriber = Subscriber()
+        self.held[uid] = held + 1
+        subscriber = Subscriber(uid)
         self._streams.add(subscriber)
         return subscriber
 
@@ -231,6 +248,11 @@ class EventHub:
             self._live.discard(subscriber)
             subscriber.buffer.clear()
             self.open -= 1
+            left = self.held[subscriber.uid] - 1
+            if left:
+                self.held[subscriber.uid] = left
+            else:
+                del self.held[subscriber.uid]
 
     async def stream(self, subscriber: Subscriber, since: int | None) -> AsyncIterator[bytes]:
         """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events.

@@ -209,7 +209,8 @@ def run(quick: bool) -> list[Row]:
     rounds, duration, messages = (1, 1.0, 30) if quick else (5, 3.0, 300)
     split = split_cpus()
     server_cpus, load_cpus = split if split else (None, None)
-    server = Server("ours", cpus=server_cpus)
+    # One uid holds every subscriber: it may hold a quarter of --max-streams.
+    server = Server("ours", cpus=server_cpus, extra=("--max-streams", str(4 * SUBSCRIBERS)))
     try:
         server.ready()
         assert server.socket is not None

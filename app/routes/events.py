@@ -11,7 +11,7 @@ for all streams, and a stream writes what it has waiting in one chunk.
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.sse import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -44,7 +44,8 @@ ends; on shutdown every stream gets event `shutdown` and ends. Both carry `last_
 `Last-Event-ID` to go on without a gap.
 
 At most `--max-streams` streams are open at once (with `--workers N`, each worker process holds its
-share); past that the answer is 503 with `Retry-After`.
+share), and one peer uid holds at most a quarter of them; past that the answer is 503 with
+`Retry-After`.
 """
 
 _EXAMPLE = (
@@ -102,6 +103,7 @@ def build_router(hub: EventHub) -> APIRouter:
         responses=responses,
     )
     async def stream_events(
+        request: Request,
         since: Annotated[
             int | None,
             Query(ge=0, description="Replay the messages after this id first (like `Last-Event-ID`)."),
@@ -113,7 +115,8 @@ def build_router(hub: EventHub) -> APIRouter:
     ) -> Response:
         """Stream stored messages as Server-Sent Events."""
         try:
-            subscriber = hub.subscribe()
+            peer = request.scope.get("extensions", {}).get("uds.peer")
+            subscriber = hub.subscribe(peer["uid"] if peer else None)
         except StreamsFull as exc:
             refusals.log(logging.WARNING, "Refused an event stream with 503: %s", exc)
             return error_response(

@@ -19,6 +19,7 @@ from app.durable import (
     APPLICATION_ID,
     CHECKPOINT_EVERY,
     DB_NAME,
+    PRUNE_EVERY,
     SCHEMA_VERSION,
     WAL_SIZE_LIMIT,
     SqliteStore,
@@ -78,6 +79,31 @@ def test_messages_survive_reopening_and_ids_never_repeat_after_pruning(data: Pat
         "peer": PEER,
     }
     again.close()
+
+
+def test_rows_past_the_history_are_deleted_every_prune_every_ids_and_never_read(data: Path) -> None:
+    store = _store(data, history_size=3)
+    rows = "SELECT count(*), min(id) FROM messages"
+
+    async def put_many(count: int) -> None:
+        await asyncio.gather(*(_put(store, f"m{i}") for i in range(count)))  # one batch
+
+    asyncio.run(put_many(PRUNE_EVERY - 2))
+    assert sqlite3.connect(data / DB_NAME).execute(rows).fetchone() == (PRUNE_EVERY - 2, 1)
+    last = PRUNE_EVERY - 2
+    assert [i for i, _ in store.since(0, 100)] == [last - 2, last - 1, last]
+    assert list(store.recent_ids(100)) == [last - 2, last - 1, last]
+    assert store.first_id() == last - 2
+    assert store.get(last - 3) is None
+    assert store.get(last - 2) is not None
+    asyncio.run(put_many(4))  # ids reach a multiple of PRUNE_EVERY: the rows below the history go
+    last += 4
+    assert sqlite3.connect(data / DB_NAME).execute(rows).fetchone() == (3, last - 2)
+    assert [i for i, _ in store.since(last - 5, 100)] == [last - 2, last - 1, last]
+    store.close()
+    smaller = _store(data, history_size=1)  # a smaller bound holds at once, before any write
+    assert (smaller.first_id(), list(smaller.recent_ids(5)), smaller.get(last - 1)) == (last, [last], None)
+    smaller.close()
 
 
 def test_one_turn_is_one_transaction_and_a_key_repeated_in_it_stores_once(data: Path) -> None:

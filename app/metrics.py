@@ -47,18 +47,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import io
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
@@ -78,6 +80,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKETS",
+    "ENDPOINT_CONNECTIONS",
+    "ENDPOINT_DEADLINE",
     "MAX_PEER_UIDS",
     "METRICS_PATH",
     "OTHER",
@@ -106,6 +110,14 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 """Upper bounds of the duration histogram, in seconds: a POST over the socket takes 0.1-1 ms."""
 STORING_OPERATION = "create_message"
 """The operation whose 201 answer means a message was stored (its versioned copies included)."""
+ENDPOINT_CONNECTIONS = 16
+"""Connections the TCP endpoint serves at once (a thread each); one more is closed unanswered.
+Prometheus scrapes one at a time. Without a bound, idle connections each held a thread and a file
+descriptor forever: 240 of them took every descriptor of a server limited to 256, and its Unix
+socket refused every request (tests/app/test_metrics_attacks.py)."""
+ENDPOINT_DEADLINE = 10.0
+"""Seconds a TCP endpoint connection may take to send its request (and then to take the answer): a
+client that trickles its request (slowloris) gives its slot back after this."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DIR_PREFIX = "uds-metrics-"
 _PROCESS_SUMS = (
@@ -479,10 +491,34 @@ def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
         handler.wfile.write(body)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each allowed only the time left until ``deadline`` (``time.monotonic``)."""
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        self.connection = connection
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - monotonic()
+        if left <= 0:
+            raise TimeoutError("the metrics request took too long")
+        self.connection.settimeout(left)  # sendall then has at most this long as well
+        return self.connection.recv_into(buffer)
+
+
 class _Handler(MetricsHandler):
-    """``prometheus-client``'s handler, for ``GET /metrics`` only."""
+    """``prometheus-client``'s handler, for ``GET /metrics`` only, one request a connection, which
+    may last :data:`ENDPOINT_DEADLINE` in all (a request trickled in byte by byte included)."""
 
     protocol_version = "HTTP/1.0"
+    timeout = ENDPOINT_DEADLINE
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, monotonic() + ENDPOINT_DEADLINE))
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != METRICS_PATH:
@@ -520,9 +556,32 @@ class MetricsEndpoint:
         family = infos[0][0]
         handler = type("Handler", (_Handler,), {"registry": registry})
 
+        slots = threading.BoundedSemaphore(ENDPOINT_CONNECTIONS)
+
         class Server(ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
+            request_queue_size = 64
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):  # ENDPOINT_CONNECTIONS busy: close it at once
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], OSError):  # a client gone, or cut at the deadline
+                    super().handle_error(request, client_address)
 
         try:
             self.server = Server((host, int(port)), handler)

@@ -1,0 +1,80 @@
+"""The ``--metrics-listen`` TCP port against hostile clients: connections that never finish their
+request cannot take the server's threads and file descriptors, and so cannot starve the API."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+
+import psutil
+
+from app.metrics import ENDPOINT_CONNECTIONS
+from tests.support import (
+    ServerProcess,
+    http_over_uds,
+    python_with_open_files,
+    short_tmpdir,
+    wait_until,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _scrape(port: int) -> int | None:
+    """The status of one ``GET /metrics`` over TCP, None when the connection was closed unanswered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                answer += chunk
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None
+
+
+@contextlib.contextmanager
+def _idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` connections that send half a request line and then nothing (slowloris)."""
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            opened.append(conn)
+            with contextlib.suppress(OSError):  # the server may close it at once
+                conn.sendall(b"GET /metr")
+            time.sleep(0.005)  # the port's accept queue is short; a flood only waits on SYN retries
+        yield opened
+    finally:
+        for conn in opened:
+            conn.close()
+
+
+def test_idle_metrics_connections_cannot_starve_the_api() -> None:
+    directory = short_tmpdir()
+    path = str(directory / "s.sock")
+    port = _free_port()
+    # 256 open files: before the fix, ~240 idle TCP connections to the metrics port took every one
+    # of them (a thread and a descriptor each, forever) and the Unix socket refused every request.
+    python = python_with_open_files(directory, 256, 256)
+    args = ["--socket", path, "--store", "memory", "--metrics-listen", f"127.0.0.1:{port}"]
+    with ServerProcess(args, socket_path=path, python=python) as server:
+        server.wait_ready()
+        process = psutil.Process(server.proc.pid)
+        threads_before = process.num_threads()
+        with _idle_connections(port, 300):
+            assert process.num_threads() <= threads_before + ENDPOINT_CONNECTIONS + 1
+            assert http_over_uds(path, "GET", "/healthz")[0] == 200
+            status, body = http_over_uds(
+                path, "POST", "/v1/messages", b'{"text":"hi"}', {"content-type": "application/json"}
+            )
+            assert status == 201, body
+            # The idle connections are dropped after the deadline, so a scrape gets through again
+            # while the attacker still holds its sockets open.
+            assert wait_until(lambda: _scrape(port) == 200, timeout=60, what="a scrape past idle clients")
+        assert server.stop() == 0

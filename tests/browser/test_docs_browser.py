@@ -28,8 +28,8 @@ from tests.support import ServerProcess, http_over_uds, run_cli
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 RENDER_TIMEOUT = 30
-SWAGGER_POST = '.opblock-post .opblock-summary-path[data-path="/messages"]'
-SWAGGER_GET_ONE = '.opblock-get .opblock-summary-path[data-path="/messages/{message_id}"]'
+SWAGGER_POST = '.opblock-post .opblock-summary-path[data-path="/v1/messages"]'
+SWAGGER_GET_ONE = '.opblock-get .opblock-summary-path[data-path="/v1/messages/{message_id}"]'
 REDOC_HEADING = "//h2[normalize-space()='{}']"
 # ReDoc 2 hard-codes Redocly's logo from its CDN; a Content-Security-Policy must block it.
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"

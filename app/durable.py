@@ -37,6 +37,7 @@ import contextlib
 import errno
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -197,23 +198,64 @@ def prepare_store(settings: Settings) -> None:
     directory = Path(settings.data_dir)
     _prepare_directory(directory)
     path = directory / DB_NAME
-    try:
-        exists = path.exists()
-        if exists and not path.is_file():
-            raise StoreError(f"database {path} is not a regular file{_AGAIN}")
-    except OSError as exc:
-        raise StoreError(f"cannot reach database {path}: {_reason(exc)}{_AGAIN}") from exc
+    exists = _owned_file(path, "database")
+    for suffix in _SIDE_FILES:
+        _owned_file(Path(f"{path}{suffix}"), "database file")
     if not exists:
         try:  # created private: messages are the peers' data
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {_reason(exc)}{_AGAIN}") from exc
+    _make_logs(path)
     connection = _connect(path)
     try:
         _check(connection, path)
         _migrate(connection, path)
     finally:
         connection.close()
+    _make_logs(path)  # the last connection's close removed them
+
+
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+"""The files SQLite opens beside the database (following symbolic links, creating them if absent)."""
+
+
+def _owned_file(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; raises :class:`StoreError` unless it is a regular file of this uid
+    (not a symbolic link: SQLite would write where it points). Ours but open to others: made 0600,
+    as SQLite gives the log and the index the database's mode."""
+    uid = os.geteuid()
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"cannot reach {what} {path}: {_reason(exc)}{_AGAIN}") from exc
+    aside = "move it aside (another uid may have put it there to read or rewrite the messages)"
+    if stat.S_ISLNK(info.st_mode):
+        raise StoreError(f"{what} {path} is a symbolic link; {aside}{_AGAIN}")
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"{what} {path} is not a regular file{_AGAIN}")
+    if info.st_uid != uid:
+        raise StoreError(f"{what} {path} belongs to uid {info.st_uid}, not this server's uid {uid}; {aside}")
+    if info.st_mode & 0o077:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                os.fchmod(descriptor, 0o600)
+            finally:
+                os.close(descriptor)
+        except OSError as exc:
+            raise StoreError(f"cannot make {what} {path} private (0600): {_reason(exc)}{_AGAIN}") from exc
+    return True
+
+
+def _make_logs(path: Path) -> None:
+    """Create the database's ``-wal`` and ``-shm`` (0600, this uid's) before SQLite does, so that in
+    a directory others may write in (an ``emptyDir`` is 0777) no other uid plants them first."""
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileExistsError):  # an open server's, or a crash's: checked above
+            os.close(os.open(f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
 
 
 def _prepare_directory(directory: Path) -> None:
@@ -232,6 +274,12 @@ def _prepare_directory(directory: Path) -> None:
         raise StoreError(
             f"cannot create data directory {directory} (uid {uid}): {_reason(exc)}{_AGAIN}"
         ) from exc
+    info = directory.stat()
+    if info.st_uid not in (uid, 0):  # its owner could swap the database for another at any time
+        raise StoreError(
+            f"data directory {directory} belongs to uid {info.st_uid}, who could replace the database; "
+            f"use a directory of uid {uid} (or root's), or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
     probe = directory / f".write-check-{os.getpid()}"
     try:  # SQLite creates its -wal and -shm files beside the database: the directory must be writable
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

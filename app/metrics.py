@@ -82,6 +82,7 @@ __all__ = [
     "BUCKETS",
     "ENDPOINT_CONNECTIONS",
     "ENDPOINT_DEADLINE",
+    "ENDPOINT_REQUEST_BYTES",
     "MAX_PEER_UIDS",
     "METRICS_PATH",
     "OTHER",
@@ -118,6 +119,10 @@ socket refused every request (tests/app/test_metrics_attacks.py)."""
 ENDPOINT_DEADLINE = 10.0
 """Seconds a TCP endpoint connection may take to send its request (and then to take the answer): a
 client that trickles its request (slowloris) gives its slot back after this."""
+ENDPOINT_REQUEST_BYTES = 16 * 1024
+"""Bytes a TCP endpoint connection may send (a scrape's request is a few hundred); past them it
+reads as closed. The standard library's parser allows 100 header lines of 64 KiB: 16 connections
+sending those held 100 MiB of the server's memory."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DIR_PREFIX = "uds-metrics-"
 _PROCESS_SUMS = (
@@ -492,11 +497,13 @@ def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, each allowed only the time left until ``deadline`` (``time.monotonic``)."""
+    """A socket's reads, each allowed only the time left until ``deadline`` (``time.monotonic``),
+    all of them together at most :data:`ENDPOINT_REQUEST_BYTES` (then it reads as closed)."""
 
     def __init__(self, connection: socket.socket, deadline: float) -> None:
         self.connection = connection
         self.deadline = deadline
+        self.budget = ENDPOINT_REQUEST_BYTES
 
     def readable(self) -> bool:
         return True
@@ -505,8 +512,12 @@ class _DeadlineReader(io.RawIOBase):
         left = self.deadline - monotonic()
         if left <= 0:
             raise TimeoutError("the metrics request took too long")
+        if self.budget <= 0:
+            return 0
         self.connection.settimeout(left)  # sendall then has at most this long as well
-        return self.connection.recv_into(buffer)
+        received = self.connection.recv_into(memoryview(buffer)[: self.budget])
+        self.budget -= received
+        return received
 
 
 class _Handler(MetricsHandler):

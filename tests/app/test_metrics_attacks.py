@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from tests.support import (
     ServerProcess,
     http_over_uds,
     python_with_open_files,
+    running_server,
     short_tmpdir,
     wait_until,
 )
@@ -78,3 +80,33 @@ def test_idle_metrics_connections_cannot_starve_the_api() -> None:
             # while the attacker still holds its sockets open.
             assert wait_until(lambda: _scrape(port) == 200, timeout=60, what="a scrape past idle clients")
         assert server.stop() == 0
+
+
+def test_huge_request_heads_on_the_metrics_port_stay_small_in_memory() -> None:
+    port = _free_port()
+    with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
+        process = psutil.Process(server.proc.pid)
+        before = process.memory_info().rss
+        line = b"x-filler: " + b"a" * 65000 + b"\r\n"  # the standard library's parser allows 100 of them
+
+        def send_head(conn: socket.socket) -> None:
+            with contextlib.suppress(OSError):  # the server stops reading and closes
+                conn.sendall(b"GET /metrics HTTP/1.0\r\n")
+                for _ in range(99):
+                    conn.sendall(line)
+
+        address = ("127.0.0.1", port)
+        conns = [socket.create_connection(address, timeout=10) for _ in range(ENDPOINT_CONNECTIONS)]
+        try:
+            senders = [threading.Thread(target=send_head, args=(conn,)) for conn in conns]
+            for sender in senders:
+                sender.start()
+            for sender in senders:
+                sender.join(30)
+            grown = (process.memory_info().rss - before) / 2**20
+            # Before: 16 such heads held 100 MiB (6.4 MB each) until their connections ended.
+            assert grown < 10, f"the server grew by {grown:.1f} MiB"
+        finally:
+            for conn in conns:
+                conn.close()
+        assert wait_until(lambda: _scrape(port) == 200, what="a scrape after the huge heads")

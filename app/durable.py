@@ -206,13 +206,20 @@ def prepare_store(settings: Settings) -> None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {_reason(exc)}{_AGAIN}") from exc
-    _make_logs(path)
-    connection = _connect(path)
+    made = _make_logs(path)
     try:
-        _check(connection, path)
-        _migrate(connection, path)
-    finally:
-        connection.close()
+        connection = _connect(path)
+        try:
+            _check(connection, path)
+            _migrate(connection, path)
+        finally:
+            connection.close()
+    except BaseException:  # refused: leave the directory as it was
+        for log_file in made:
+            with contextlib.suppress(OSError):
+                if log_file.stat().st_size == 0:
+                    log_file.unlink()
+        raise
     _make_logs(path)  # the last connection's close removed them
 
 
@@ -250,12 +257,21 @@ def _owned_file(path: Path, what: str) -> bool:
     return True
 
 
-def _make_logs(path: Path) -> None:
+def _make_logs(path: Path) -> list[Path]:
     """Create the database's ``-wal`` and ``-shm`` (0600, this uid's) before SQLite does, so that in
-    a directory others may write in (an ``emptyDir`` is 0777) no other uid plants them first."""
+    a directory others may write in (an ``emptyDir`` is 0777) no other uid plants them first;
+    return those it created."""
+    made = []
     for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(FileExistsError):  # an open server's, or a crash's: checked above
-            os.close(os.open(f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        log_file = Path(f"{path}{suffix}")
+        try:
+            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:  # an open server's, or a crash's: checked above
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot create {log_file}: {_reason(exc)}{_AGAIN}") from exc
+        made.append(log_file)
+    return made
 
 
 def _prepare_directory(directory: Path) -> None:

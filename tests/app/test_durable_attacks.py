@@ -4,6 +4,7 @@ messages where uid 65534 can read or rewrite them. Each attack is set up by uid 
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import subprocess
 from pathlib import Path
@@ -111,3 +112,14 @@ def test_a_database_open_to_others_is_made_private(tmp: Path) -> None:
     with running_server("--data-dir", str(data)):
         for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
             assert _mode(data / name) == 0o600, (name, oct(_mode(data / name)))
+
+
+def test_a_refused_database_leaves_no_files_beside_it(tmp: Path) -> None:
+    data = tmp / "data"
+    data.mkdir()
+    db = sqlite3.connect(data / DB_NAME)  # another program's, in rollback-journal mode
+    db.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+    assert "belongs to another program" in _refused(tmp, data)
+    assert sorted(os.listdir(data)) == [DB_NAME]

@@ -38,6 +38,7 @@ import errno
 import os
 import sqlite3
 import stat
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -296,10 +297,11 @@ def _prepare_directory(directory: Path) -> None:
             f"data directory {directory} belongs to uid {info.st_uid}, who could replace the database; "
             f"use a directory of uid {uid} (or root's), or set --data-dir (UDS_DATA_DIR) to another directory"
         )
-    probe = directory / f".write-check-{os.getpid()}"
     try:  # SQLite creates its -wal and -shm files beside the database: the directory must be writable
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
+        # A random name (mkstemp: 0600, O_EXCL): another uid cannot plant it in advance.
+        descriptor, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+        os.close(descriptor)
+        os.unlink(probe)
     except OSError as exc:
         raise StoreError(
             f"cannot write in data directory {directory} (uid {uid}): {_reason(exc)}; make it "

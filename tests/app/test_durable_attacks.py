@@ -123,3 +123,17 @@ def test_a_refused_database_leaves_no_files_beside_it(tmp: Path) -> None:
     db.close()
     assert "belongs to another program" in _refused(tmp, data)
     assert sorted(os.listdir(data)) == [DB_NAME]
+
+
+def test_a_planted_write_check_name_does_not_stop_the_server(tmp: Path) -> None:
+    """The writability probe's name was ``.write-check-PID``: in a shared directory another uid could
+    plant it for the next pid (a container's server is pid 1) and the server would never start."""
+    shared = _shared(tmp)
+    data = shared / "data"
+    data.mkdir()
+    os.chmod(data, 0o1777)
+    planted = data / f".write-check-{os.getpid()}"
+    _as_nobody("touch", str(planted))
+    prepare_store(Settings(data_dir=str(data)))
+    assert (data / DB_NAME).is_file()
+    assert planted.exists()  # another uid's file, left alone

@@ -67,6 +67,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import Metric
 from prometheus_client.exposition import MetricsHandler, choose_encoder
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -74,6 +75,7 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.config import Settings
+from app.logs import Throttle
 
 if TYPE_CHECKING:
     from app.workers import SupervisorHooks
@@ -284,6 +286,7 @@ class Metrics:
         self._pushed_peers: dict[int | str, int] = {}
         self._pushed_stored = 0
         self._gauges = (-1, -1)
+        self._full = Throttle(log)
         if self.directory is None:
             self.registry = own
             ProcessCollector(registry=own)
@@ -293,7 +296,21 @@ class Metrics:
             self.registry = exposition_registry(self.directory)
 
     def flush(self) -> None:
-        """Add what the recorder counted since the last flush to the ``prometheus-client`` objects."""
+        """Add what the recorder counted since the last flush to the ``prometheus-client`` objects.
+
+        A full disk under the workers' mmap files is logged (at most once per 10 s); what could not
+        be written is retried at the next flush, and the server goes on serving."""
+        try:
+            self._flush()
+        except OSError as exc:
+            self._full.log(
+                logging.WARNING,
+                "Cannot record metrics in %s: %s; they are kept in memory and retried (free some space)",
+                self.directory,
+                exc.strerror or exc,
+            )
+
+    def _flush(self) -> None:
         recorder = self.recorder
         if recorder.requests != self._pushed_requests:
             self._flush_requests()
@@ -354,15 +371,64 @@ def exposition_registry(directory: str) -> CollectorRegistry:
 
 
 def _use_multiprocess_values(directory: str) -> None:
-    """Make metrics created from now on keep their values in ``directory``'s mmap files.
+    """Make metrics created from now on keep their values in ``directory``'s mmap files, whose pages
+    are allocated on disk before they are written (:class:`_AllocatedMmapedDict`).
 
     ``prometheus-client`` picks its value class when it is first imported, from
     ``PROMETHEUS_MULTIPROC_DIR``; a process that imported it before the variable was set (a worker
     forked from a parent that had imported it) switches here.
     """
     os.environ[MULTIPROC_ENV] = directory
+    values.MmapedDict = _AllocatedMmapedDict  # type: ignore[attr-defined]  # looked up at each opening
     if values.ValueClass.__name__ != "MmapedValue":
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+class _AllocatedFile:
+    """A file whose ``truncate`` (how ``MmapedDict`` grows its file) allocates the blocks."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def truncate(self, size: int) -> None:
+        os.posix_fallocate(self._file.fileno(), 0, size)  # OSError (ENOSPC) when the disk is full
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+class _AllocatedMmapedDict(MmapedDict):
+    """``prometheus-client``'s mmap file, its pages allocated before they are written.
+
+    The library grows the file with ``truncate``, which leaves a sparse file: on a full disk, the
+    first write to a page with no block behind it is a SIGBUS that kills the process. Measured with
+    ``--workers 2`` and a full temporary directory: every worker died at its next new series, every
+    replacement before serving, and the server stopped. Allocated with ``posix_fallocate``, a full
+    disk is an ``OSError`` instead, which :meth:`Metrics.flush` logs.
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            descriptor = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(descriptor).st_size == 0:
+                    try:
+                        os.posix_fallocate(descriptor, 0, _INITIAL_MMAP_SIZE)
+                    except OSError:  # an empty file would make every exposition fail
+                        os.unlink(filename)
+                        raise
+            finally:
+                os.close(descriptor)
+        super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]
+        self._f = _AllocatedFile(self._f)  # type: ignore[assignment]
+
+    def _init_value(self, key: str) -> None:
+        capacity = self._capacity
+        try:
+            super()._init_value(key)  # type: ignore[no-untyped-call]
+        except OSError:
+            self._capacity = capacity  # the file and its map stay as they were
+            raise
 
 
 class _ProcessesCollector(Collector):

@@ -221,6 +221,7 @@ class _CapLog:
 
 _CAP_LOG = _CapLog()
 _REJECTED = Throttle(logger)
+_UPGRADES = Throttle(logger)
 
 
 class PeerCredProtocol(HttpToolsProtocol):
@@ -311,6 +312,10 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
         self._live.clear()
         super().connection_lost(exc)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """One throttled line, not uvicorn's two per request: a peer may send Upgrade at will."""
+        _UPGRADES.log(logging.WARNING, "Ignored an Upgrade request: served as plain HTTP (no WebSockets)")
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

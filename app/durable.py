@@ -131,21 +131,29 @@ figure):
 * A write lock held by another worker process is never waited for on the loop: SQLite's busy
   handler sleeps a whole millisecond first, so the loop's attempt does not wait at all and the
   batch goes to the writer thread, which retries from 0.1 ms up.
-* Worker processes (``--workers``). A commit has a fixed cost (in process, one message a commit:
-  19 µs, of which the ``COMMIT`` that writes the log 11 µs; the same alternating between two
-  connections, as two workers do, 24 µs: a connection drops its page cache when another has
-  committed and reads the pages again), and each worker commits its own requests, so two workers
-  make smaller batches (at full load 7.5 POSTs a commit each against 15.6 for one worker; at
-  2,000 req/s about one). Cutting the commit itself is what helps both: reading the clock only
-  when a batch has keys (-1.7 µs) and deleting past the history every :data:`PRUNE_EVERY` ids
-  instead of in every commit (-3.7 µs) took the two-connection commit from 24 to 19 µs, and a
-  single connection's from 19 to 15.5. Tried and left out: ``PRAGMA mmap_size`` (256 MiB) made
-  the two-connection commit 35 µs (the pages another connection changed are in the log, which
-  SQLite reads with ``pread`` anyway, and the mapping is re-checked at every transaction); a
-  larger ``cache_size`` changes nothing (the cache is dropped whole after another process's
-  commit, and the database fits the default); a lock file (``flock``) the writer thread blocks on
-  instead of retrying SQLite's lock, and retrying on the loop (1 ms timer) instead of the thread,
-  showed no difference in server CPU per request within the noise of benchmark (j).
+* Worker processes (``--workers``). Each worker commits its own requests, so two make smaller
+  batches (at full load 7.5 POSTs a commit each against 15.6 for one worker), and a commit has a
+  fixed cost: in process, one message a commit took 19 µs (the ``COMMIT``, which writes the log,
+  11 µs), 24 µs when two connections alternate as two workers do (a connection drops its page
+  cache when another has committed, and reads the pages again). Cutting the commit helps both:
+  reading the clock only for a batch with keys (-0.9 µs, -1.7 alternating) and deleting past the
+  history every :data:`PRUNE_EVERY` ids instead of in every commit (-2.9 and -3.7 µs); with both,
+  ``put`` by ``put`` through this class, a message costs 19 µs instead of 24.5 alone and 22 instead
+  of 29 alternating, and in batches of 8 4.6 instead of 5.4 and 5.15 instead of 6.1 µs. Benchmark
+  (j)'s method (20 connections, this code and the code before on the same run, 8 rounds, twice,
+  load average 2.3-3.2): two workers' server CPU per request went from 1.23x and 1.19x one
+  worker's to 1.09x and 1.06x (71.6-73.6 against 78.9-80.8 µs; one worker 66-68 µs either way),
+  with the memory store, two processes against one, at 1.06x and 1.04x: what is left is mostly
+  each process's loop turns serving fewer requests. At a fixed 2,000 req/s: 1.16x before, 1.10x
+  after, the memory store 1.04x. Tried and left out: ``PRAGMA mmap_size`` (256 MiB) made the
+  alternating commit 35 µs instead of 24 (the log's pages are still read with ``pread``; ``BEGIN``
+  went from 4.1 to 9.7 µs and the first read after the other connection's commit from 1.7 to
+  6.6); a larger ``cache_size`` changed nothing (the cache is dropped whole after another
+  connection's commit, and the database fits the default one); a lock file (``flock``) that the
+  writer thread blocks on instead of retrying SQLite's lock, and retrying on the loop on a 1 ms
+  timer instead of handing the batch over, were not better in screening runs. The writer thread's
+  whole CPU (hand-offs, checkpoints) is 1.0-1.5 µs a request with two workers and 0.8 with one,
+  so fewer hand-offs have little to give.
 """
 
 

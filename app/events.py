@@ -89,6 +89,9 @@ RETRY_MS = 1000
 
 End = Literal["overflow", "shutdown"]
 
+_RESETS = Throttle(log)
+"""Resets are logged at most once per period: a peer may ask for an id out of the history at will."""
+
 
 def stream_capacity(max_streams: int, workers: int) -> int:
     """Streams one worker process may hold: its share of ``--max-streams``, at least one.
@@ -327,7 +330,9 @@ class EventHub:
     @staticmethod
     def _reset(requested: int, cursor: int) -> bytes:
         oldest = cursor + 1
-        log.info("Event stream asked for messages after #%d: continuing from #%d", requested, oldest)
+        _RESETS.log(
+            logging.INFO, "Event stream asked for messages after #%d: continuing from #%d", requested, oldest
+        )
         return _control_event(
             "reset",
             {

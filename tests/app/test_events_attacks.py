@@ -71,3 +71,19 @@ def test_the_hub_counts_streams_per_uid_and_in_total() -> None:
         assert hub.held == {1: 1, None: 1}
 
     asyncio.run(main())
+
+
+def test_streams_asking_for_ids_out_of_the_history_cannot_flood_the_log() -> None:
+    with running_server("--store", "memory") as server:
+        path = _path(server)
+        for _ in range(100):
+            stream = RawStream(path, "/v1/events?since=999999")
+            try:
+                assert stream.status == 200
+                assert stream.until("reset")[-1][0] == "reset"
+            finally:
+                stream.close()
+        server.stop()
+    # Before: one INFO line per stream, 100 lines for 100 requests.
+    resets = [line for line in server.output.splitlines() if "Event stream asked for messages" in line]
+    assert 1 <= len(resets) <= 2, resets

@@ -88,6 +88,11 @@ read of 200 KiB of ``GET /healthz`` queued ~16 MiB. Past it: 503 after the earli
 close."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
+DRAIN_STALL = 2.0
+"""Once the server drains, seconds a peer whose answer waits unread (its buffers full: an event
+stream nobody reads) may go on reading nothing before its connection is dropped. Its final event
+cannot reach it anyway; without this it held the drain until ``--shutdown-timeout``, and was then
+cancelled with one ERROR line per stream."""
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * 1024
 """After an answer that ends a connection while the client may still be sending (an early 403, 413
@@ -244,6 +249,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         self.peer: dict[str, int] | None = None
         self.request_timeout: float = float(getattr(config, "request_timeout", 30.0))
         self.send_timeout: float = float(getattr(config, "send_timeout", 30.0))
+        """Seconds the peer may read nothing of a paused answer; :data:`DRAIN_STALL` once draining."""
         self.max_connections: int | None = config.limit_concurrency
         # uvicorn's own check answers plain text and never makes room; ours replaces it.
         self.limit_concurrency = None
@@ -461,6 +467,16 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._refused = True
             self._waiting_since = None
             self._close_after(b"")
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful close; an answer stalled on a peer that reads nothing gets
+        :data:`DRAIN_STALL` seconds more, not the whole send timeout."""
+        super().shutdown()
+        if self.send_timeout > DRAIN_STALL:
+            self.send_timeout = DRAIN_STALL
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = self.loop.call_later(DRAIN_STALL, self._on_send_timeout)
 
     # Flow control
     def pause_writing(self) -> None:

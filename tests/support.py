@@ -308,3 +308,21 @@ def python_as_nobody(
         extra_groups=extra_groups or [],
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str, mode: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``4m``) and ``mode`` mounted at ``where`` (created), unmounted after: a
+    real disk that fills up. Needs root, as CI runs; fails (does not skip) without it."""
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:o}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert mounted.returncode == 0, f"cannot mount a tmpfs (this test needs root): {mounted.stderr.strip()}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -7,34 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app.durable import DB_NAME
-from tests.support import ServerProcess, http_over_uds
+from tests.support import ServerProcess, http_over_uds, small_tmpfs
 
 DISK = "4m"
 TEXT = "x" * 4000
-
-
-@contextlib.contextmanager
-def small_disk(where: Path) -> Iterator[Path]:
-    """A tmpfs of :data:`DISK` mounted at ``where``, unmounted after."""
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK},mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert mounted.returncode == 0, f"cannot mount a tmpfs (this test needs root): {mounted.stderr.strip()}"
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(path: Path) -> None:
@@ -59,7 +40,7 @@ def _post(sock: str, text: str, key: str) -> tuple[int, bytes]:
 
 def test_a_full_disk_answers_507_stores_nothing_and_keeps_reads_working(tmp: Path) -> None:
     sock = str(tmp / "s.sock")
-    with small_disk(tmp / "disk") as disk:
+    with small_tmpfs(tmp / "disk", DISK, 0o700) as disk:
         data = disk / "data"
         args = ["--socket", sock, "--data-dir", str(data), "--history-size", "5000", "--log-level", "warning"]
         with ServerProcess(args, socket_path=sock) as server:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,21 +13,16 @@ from pathlib import Path
 import psutil
 
 from app.metrics import ENDPOINT_CONNECTIONS
+from client.cli.spawn import free_port
 from tests.support import (
     ServerProcess,
     http_over_uds,
     python_with_open_files,
     running_server,
     short_tmpdir,
+    small_tmpfs,
     wait_until,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _scrape(port: int) -> int | None:
@@ -62,7 +56,7 @@ def _idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
 def test_idle_metrics_connections_cannot_starve_the_api() -> None:
     directory = short_tmpdir()
     path = str(directory / "s.sock")
-    port = _free_port()
+    port = free_port()
     # 256 open files: before the fix, ~240 idle TCP connections to the metrics port took every one
     # of them (a thread and a descriptor each, forever) and the Unix socket refused every request.
     python = python_with_open_files(directory, 256, 256)
@@ -85,7 +79,7 @@ def test_idle_metrics_connections_cannot_starve_the_api() -> None:
 
 
 def test_huge_request_heads_on_the_metrics_port_stay_small_in_memory() -> None:
-    port = _free_port()
+    port = free_port()
     with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
         process = psutil.Process(server.proc.pid)
         before = process.memory_info().rss
@@ -122,29 +116,13 @@ METHODS = [
 """Methods llhttp parses: each is a new series of the request metrics."""
 
 
-@contextlib.contextmanager
-def _small_tmpfs(where: Path) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=1777", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert mounted.returncode == 0, f"cannot mount a tmpfs (this test needs root): {mounted.stderr.strip()}"
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_a_full_metrics_directory_never_kills_a_worker(tmp: Path) -> None:
     """With --workers, metrics live in mmap files in the temporary directory. On a full disk, writing
     a new series into a sparse page killed the worker with SIGBUS; its replacements died the same
     way, and the server stopped ("Every worker failed to start"). Any peer makes new series by
     sending requests with other methods; any uid may fill a shared /tmp."""
     with (
-        _small_tmpfs(tmp / "small") as small,
+        small_tmpfs(tmp / "small", "1m", 0o1777) as small,
         running_server("--workers", "2", env={"TMPDIR": str(small)}) as server,
     ):
         path = server.socket_path

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -72,6 +72,8 @@ STOP_GRACE = 5.0
 CHECK_EVERY = 1.0
 """Seconds between checks of the socket file (the single-process server checks as often)."""
 _STOPS = (signal.SIGTERM, signal.SIGINT)
+_CLOSED = object()
+"""What ``Supervisor._messages`` yields for a worker whose end of the pair closed."""
 
 
 class SupervisorHooks:
@@ -200,9 +202,20 @@ class Supervisor:
 
     def _wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a worker's message or exit, or a signal; handle what came."""
+        for worker, message in self._messages(timeout):
+            if message is _CLOSED:
+                self._died(worker)
+            elif message == READY:
+                self._serving(worker)
+
+    def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object]]:
+        """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here).
+
+        Yield each worker that spoke with its message, or with ``_CLOSED`` if its end of the pair
+        closed (it exited).
+        """
         by_conn = {worker.conn: worker for worker in self._live()}
-        ready = wait([*by_conn, self._wake_r], timeout)
-        for item in ready:
+        for item in wait([*by_conn, self._wake_r], timeout):
             if item is self._wake_r:
                 with contextlib.suppress(OSError):
                     while self._wake_r.recv(64):
@@ -212,10 +225,8 @@ class Supervisor:
             try:
                 message = worker.conn.recv()
             except (EOFError, OSError):
-                self._died(worker)
-                continue
-            if message == READY:
-                self._serving(worker)
+                message = _CLOSED
+            yield worker, message
 
     def _live(self) -> list[_Worker]:
         return [worker for worker in self.slots if worker is not None]
@@ -306,17 +317,8 @@ class Supervisor:
             self._signal(worker, signal.SIGTERM)
         deadline = time.monotonic() + timeout + STOP_GRACE
         while self._live() and time.monotonic() < deadline:
-            by_conn = {worker.conn: worker for worker in self._live()}
-            for item in wait([*by_conn, self._wake_r], deadline - time.monotonic()):
-                if item is self._wake_r:
-                    with contextlib.suppress(OSError):
-                        while self._wake_r.recv(64):
-                            pass
-                    continue
-                worker = by_conn[item]  # type: ignore[index]
-                try:
-                    worker.conn.recv()  # a late "ready": it drains all the same
-                except (EOFError, OSError):
+            for worker, message in self._messages(deadline - time.monotonic()):
+                if message is _CLOSED:  # a late "ready" is ignored: it drains all the same
                     self._stopped(worker)
             for sig in self.signals[forwarded:]:
                 if sig == signal.SIGINT:  # a second Ctrl-C: workers stop without waiting

@@ -222,10 +222,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     except _Stopped:
         logger.info("Stopped before serving")
         return 0
-    except MetricsError as exc:
-        logger.error("%s", exc)
-        return STARTUP_FAILURE
-    except (SocketError, StoreError) as exc:
+    except (SocketError, StoreError, MetricsError) as exc:
         logger.error("%s", exc)
         return STARTUP_FAILURE
     finally:

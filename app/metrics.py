@@ -442,8 +442,8 @@ class _ProcessesCollector(Collector):
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        named = re.fullmatch(rf"{_DIR_PREFIX}(\d+)-.*", os.path.basename(directory.rstrip("/")))
-        self.owner = int(named.group(1)) if named else os.getpid()
+        named = _owner(directory)
+        self.owner = named if named is not None else os.getpid()
 
     def pids(self) -> list[int]:
         found = set()
@@ -479,14 +479,19 @@ def multiprocess_dir(base: str | None = None) -> str:
     base = base or tempfile.gettempdir()
     me = os.getpid()
     for old in glob.glob(os.path.join(base, f"{_DIR_PREFIX}*")):
-        match = re.fullmatch(rf"{_DIR_PREFIX}(\d+)-.*", os.path.basename(old))
-        if match is None:
+        pid = _owner(old)
+        if pid is None:
             continue
-        pid = int(match.group(1))
         with contextlib.suppress(OSError):
             if os.stat(old).st_uid == os.getuid() and (pid == me or not os.path.exists(f"/proc/{pid}")):
                 shutil.rmtree(old, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{me}-", dir=base)
+
+
+def _owner(directory: str) -> int | None:
+    """The pid named in a multiprocess directory's name (the server that made it), if any."""
+    named = re.fullmatch(rf"{_DIR_PREFIX}(\d+)-.*", os.path.basename(directory.rstrip("/")))
+    return int(named.group(1)) if named else None
 
 
 def worker_gone(pid: int, directory: str) -> None:

@@ -48,7 +48,7 @@ from typing import Any
 import orjson
 
 from app.config import Settings
-from app.store import KeyConflict, MessageStore, Store, Stored, StoreError, StoreFull, text_digest
+from app.store import KeyConflict, MessageStore, Remembered, Store, Stored, StoreError, StoreFull, text_digest
 
 __all__ = [
     "APPLICATION_ID",
@@ -485,10 +485,7 @@ class SqliteStore:
         if self._idle is not None and (self._writing or self._pending):
             self._idle.clear()
             await self._idle.wait()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        self._close_connections()
+        self.close()
 
     def close(self) -> None:
         """Close at once (nothing may be pending)."""
@@ -547,7 +544,6 @@ class SqliteStore:
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
         self._writing = False
-        last = 0
         for index, item in enumerate(batch):
             future = item[5]
             outcome = results if isinstance(results, BaseException) else results[index]
@@ -559,10 +555,9 @@ class SqliteStore:
                 future.set_result(outcome)
         if not isinstance(results, BaseException):
             last = max((r.id for r in results if isinstance(r, Stored) and r.created), default=0)
-        if last:
-            for listener in self._listeners:
-                listener(last)
-        if not isinstance(results, BaseException):
+            if last:
+                for listener in self._listeners:
+                    listener(last)
             self._commits += 1
             if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
                 self._start_checkpoint()
@@ -649,16 +644,10 @@ class SqliteStore:
                             continue
                         clock += 1
                         touched.append((clock, key))
-                        document = orjson.dumps(
-                            {
-                                "id": message_id,
-                                "text": text,
-                                "reply": first_reply,
-                                "received_at": first_received,
-                                "peer": orjson.loads(first_peer),
-                            }
+                        earlier = Remembered(
+                            message_id, digest, first_reply, first_received, orjson.loads(first_peer)
                         )
-                        results.append(Stored(message_id, document, False))
+                        results.append(Stored(message_id, orjson.dumps(earlier.record(text)), False))
                         continue
                 message_id = next_id
                 next_id += 1

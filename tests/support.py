@@ -10,10 +10,12 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -326,3 +328,18 @@ def small_tmpfs(where: Path, size: str, mode: int) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.UnixStreamServer) -> Iterator[None]:
+    """``server`` answering in a daemon thread; on the way out it is shut down, closed and its
+    socket file removed."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        Path(server.server_address).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from client import Client
-from tests.support import ServerProcess, read_message, running_server, short_tmpdir
+from tests.support import ServerProcess, read_message, running_server, serving, short_tmpdir
 
 Handler = Callable[[socket.socket, threading.Event], None]
 """Serves one accepted connection; returns when done or when the event is set (the test ended)."""
@@ -101,16 +101,11 @@ class _RawHandler(socketserver.BaseRequestHandler):
 def raw_server(path: str, handle: Handler) -> Iterator[str]:
     """A Unix socket at ``path`` whose every connection is served by ``handle`` in its own thread."""
     server = _RawServer(path, handle)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield path
-    finally:
-        server.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-        Path(path).unlink(missing_ok=True)
+    with serving(server):
+        try:
+            yield path
+        finally:
+            server.stop.set()
 
 
 def answering(answer: bytes) -> Handler:

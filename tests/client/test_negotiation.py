@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socketserver
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 
 from client import AsyncClient, Client, ClientError
 from client.cli.spawn import ServerProcess as Spawned
-from tests.support import ROOT, run_cli
+from tests.support import ROOT, run_cli, serving
 
 MESSAGE = {
     "text": "hi",
@@ -97,15 +96,8 @@ class _StubHandler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def stub(tmp: Path, versions: tuple[int, int] | None, ping_delay: float = 0.0) -> Iterator[_Stub]:
     server = _Stub(str(tmp / "stub.sock"), versions, ping_delay)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-        os.unlink(server.path)
 
 
 class _Speaks1To2(Client):

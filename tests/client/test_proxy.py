@@ -45,6 +45,7 @@ from tests.support import (
     python_as_nobody,
     python_with_open_files,
     running_server,
+    serving,
     short_tmpdir,
     wait_until,
 )
@@ -371,16 +372,10 @@ def unix_server(handler: type[socketserver.BaseRequestHandler] = _HTTPHandler) -
     server.daemon_threads = True
     server.path = path  # type: ignore[attr-defined]
     server.seen = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield server
+        with serving(server):
+            yield server
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         os.rmdir(directory)
 
 

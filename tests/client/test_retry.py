@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from client import AsyncClient, Client, ConnectError
-from tests.support import read_message, running_server, wait_until
+from tests.support import read_message, running_server, serving, wait_until
 
 
 def _read_http_message(sock: socket.socket) -> bytes | None:
@@ -84,14 +84,8 @@ class _RelayHandler(socketserver.BaseRequestHandler):
 @contextlib.contextmanager
 def _relay(tmp: Path, upstream: str, drop_request_number: int) -> Iterator[_Relay]:
     relay = _Relay(str(tmp / "relay.sock"), upstream, drop_request_number)
-    thread = threading.Thread(target=relay.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(relay):
         yield relay
-    finally:
-        relay.shutdown()
-        relay.server_close()
-        thread.join(5)
 
 
 def _stored(server_path: str, text: str) -> int:

@@ -52,6 +52,20 @@ def kubernetes_validate() -> str:
     return found
 
 
+def validate_strict(manifest: Path, version: str) -> str:
+    """``kubernetes-validate --strict`` of ``manifest`` against ``version``, which must pass; its output."""
+    result = subprocess.run(
+        [kubernetes_validate(), "--strict", "-k", version, str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
 def env_of(container: Spec) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", [])}
 
@@ -71,15 +85,7 @@ def pod(request: pytest.FixtureRequest) -> Spec:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
 def test_kubernetes_validate_strict(manifest: Path, version: str) -> None:
-    result = subprocess.run(
-        [kubernetes_validate(), "--strict", "-k", version, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = validate_strict(manifest, version)
     assert f"passed for resource pod/uds-demo against version {version}" in output, output
 
 
@@ -252,15 +258,7 @@ def pod_template(path: Path) -> Spec:
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_deployment_passes_kubernetes_validate_strict(version: str) -> None:
-    result = subprocess.run(
-        [kubernetes_validate(), "--strict", "-k", version, str(DEPLOYMENT)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = validate_strict(DEPLOYMENT, version)
     for kind in DEPLOYMENT_KINDS:
         assert f"passed for resource {kind.lower()}/uds-example against version {version}" in output, output
 

@@ -32,6 +32,11 @@ __all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "run", "
 
 logger = logging.getLogger("app.server")
 
+SOCKET_LOST = (
+    "Socket %s was removed or replaced by another program: clients cannot reach this server; stopping"
+)
+"""The error line (``%s``: the address) of a server, or a ``--workers`` parent, whose socket file went."""
+
 
 class _Stopped(Exception):
     """A stop signal arrived before the server was serving."""
@@ -140,11 +145,7 @@ class UdsServer(uvicorn.Server):
         if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
             if not self.socket_lost:
                 self.socket_lost = True
-                logger.error(
-                    "Socket %s was removed or replaced by another program: clients cannot reach this "
-                    "server; stopping",
-                    self.address,
-                )
+                logger.error(SOCKET_LOST, self.address)
             return True
         return await super().on_tick(counter)
 

@@ -53,7 +53,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from app.config import Settings
-from app.server import STARTUP_FAILURE
+from app.server import SOCKET_LOST, STARTUP_FAILURE
 from app.sockets import BoundSocket
 
 __all__ = ["QUICK_DEATH", "Supervisor", "SupervisorHooks"]
@@ -193,11 +193,7 @@ class Supervisor:
             if now >= next_check:
                 next_check = now + CHECK_EVERY
                 if not self.settings.uses_tcp and self.bound.in_place() is not True:
-                    logger.error(
-                        "Socket %s was removed or replaced by another program: clients cannot reach "
-                        "this server; stopping",
-                        self.address,
-                    )
+                    logger.error(SOCKET_LOST, self.address)
                     return STARTUP_FAILURE
 
     def _wait(self, timeout: float) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.containers.test_pod_e2e import ok, podman, run_script
-from tests.support import ROOT, ServerProcess, require_tool, short_tmpdir, wait_until
+from tests.containers.podman import build_images, ok, podman
+from tests.support import ROOT, ServerProcess, short_tmpdir, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,9 +46,7 @@ def succeeds(*argv: str) -> str:
 @pytest.fixture(scope="module")
 def box() -> Iterator[Path]:
     """A server on the host at DIR/csi.sock (group 10000, 0660) and an idle client container."""
-    require_tool("podman")
-    run_script("podman-setup", timeout=60)
-    run_script("build-images", "--no-setup", timeout=800)
+    build_images()
     directory = short_tmpdir("cimg")
     os.chmod(directory, 0o711)  # the container's user may pass through, not list or write
     path = str(directory / "csi.sock")

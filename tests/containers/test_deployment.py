@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.containers.test_pod_e2e import exists, logs, ok, podman, run_script
-from tests.support import ROOT, require_tool, short_tmpdir, wait_until
+from tests.containers.podman import build_images, exists, logs, ok, play, podman, tear_down
+from tests.support import ROOT, short_tmpdir, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -60,44 +60,19 @@ def for_podman(text: str) -> list[Spec]:
     return docs
 
 
-def tear_down(manifest: Path) -> None:
-    if exists("pod", POD):
-        podman("kube", "down", str(manifest))
-    if exists("pod", POD):
-        podman("pod", "rm", "--force", POD)
-    for volume in VOLUMES:
-        if exists("volume", volume):
-            podman("volume", "rm", "--force", volume)
-
-
 @pytest.fixture(scope="module")
 def played() -> Iterator[Path]:
     """The Deployment's one Pod running, the client's round trip done; yields the played file."""
-    require_tool("podman")
-    run_script("podman-setup", timeout=60)
-    run_script("build-images", "--no-setup", timeout=800)
+    build_images()
     directory = short_tmpdir("deploy")
     manifest = directory / "deployment.yaml"
     manifest.write_text(yaml.safe_dump_all(for_podman(MANIFEST.read_text(encoding="utf-8"))))
-    tear_down(manifest)
+    tear_down(POD, manifest, VOLUMES)
     try:
-        ok("kube", "play", "--network", "none", str(manifest))
-
-        def client_done() -> bool:
-            if DEMO_LINES[CLIENT][0] in logs(CLIENT):
-                return True
-            state = ok("inspect", "--format", "{{.State.Status}}", CLIENT).strip()
-            assert state == "running", f"client container is {state}:\n" + "\n".join(logs(CLIENT))
-            return False
-
-        try:
-            wait_until(client_done, timeout=90, interval=0.1, what="the client's round trip")
-        except AssertionError as exc:
-            shown = "".join(f"\n--- {c} ---\n" + "\n".join(logs(c)) for c in (SERVER, CLIENT))
-            raise AssertionError(f"{exc}{shown}") from None
+        play(manifest, SERVER, CLIENT, DEMO_LINES[CLIENT][0])
         yield manifest
     finally:
-        tear_down(manifest)
+        tear_down(POD, manifest, VOLUMES)
         shutil.rmtree(directory, ignore_errors=True)
 
 

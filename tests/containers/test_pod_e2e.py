@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, require_tool, short_tmpdir, wait_until
+from tests.containers.podman import build_images, exists, logs, ok, play, podman, tear_down
+from tests.support import ROOT, short_tmpdir, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -43,81 +44,20 @@ SERVER_LINES = ("🔌 Server listening on /csi/csi.sock", "📩 Server received:
 CLIENT_LINE = "📥 Client received: Hello from server via UDS"
 
 
-def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def ok(*args: str, timeout: float = 120) -> str:
-    result = podman(*args, timeout=timeout)
-    assert result.returncode == 0, f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
-    return result.stdout
-
-
-def logs(container: str) -> list[str]:
-    result = podman("logs", container)
-    return (result.stdout + result.stderr).splitlines()
-
-
-def exists(kind: str, name: str) -> bool:
-    return podman(kind, "exists", name).returncode == 0
-
-
-def tear_down() -> None:
-    if exists("pod", POD):
-        podman("kube", "down", str(MANIFEST))
-    if exists("pod", POD):
-        podman("pod", "rm", "--force", POD)
-    for volume in VOLUMES:
-        if exists("volume", volume):
-            podman("volume", "rm", "--force", volume)
-
-
-def run_script(name: str, *args: str, timeout: float) -> None:
-    result = subprocess.run(
-        [str(ROOT / "scripts" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
-    output = f"{result.stdout}\n{result.stderr}"
-    assert result.returncode == 0, f"scripts/{name} failed ({result.returncode}):\n{output}"
-
-
 @pytest.fixture(scope="module")
 def images() -> None:
     """podman configured, the base image and both images built (cached between runs)."""
-    require_tool("podman")
-    run_script("podman-setup", timeout=60)
-    run_script("build-images", "--no-setup", timeout=800)
+    build_images()
 
 
 @pytest.fixture(scope="module")
 def pod(images: None) -> Iterator[None]:
-    tear_down()
+    tear_down(POD, MANIFEST, VOLUMES)
     try:
-        ok("kube", "play", "--network", "none", str(MANIFEST))
-
-        def client_done() -> bool:
-            if CLIENT_LINE in logs(CLIENT):
-                return True
-            state = ok("inspect", "--format", "{{.State.Status}}", CLIENT).strip()
-            assert state == "running", f"client container is {state}:\n" + "\n".join(logs(CLIENT))
-            return False
-
-        try:
-            wait_until(client_done, timeout=90, interval=0.1, what="the client's round trip")
-        except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}\n--- server ---\n"
-                + "\n".join(logs(SERVER))
-                + "\n--- client ---\n"
-                + "\n".join(logs(CLIENT))
-            ) from None
+        play(MANIFEST, SERVER, CLIENT, CLIENT_LINE)
         yield
     finally:
-        tear_down()
+        tear_down(POD, MANIFEST, VOLUMES)
 
 
 def exec_in(container: str, *argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -194,11 +194,8 @@ def test_a_busy_metrics_port_is_one_line_and_exit_3(mode: list[str]) -> None:
 
 def test_workers_add_up() -> None:
     port = free_port()
-    path = str(short_tmpdir() / "s.sock")
-    with ServerProcess(
-        ["--socket", path, "--workers", "2", "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
-    ) as server:
-        server.wait_ready()
+    with running_server("--workers", "2", "--metrics-listen", f"127.0.0.1:{port}") as server:
+        path = str(server.socket_path)
         wait_until(lambda: "workers serving" in server.output, what="both workers serving")
         (directory,) = glob.glob(f"/tmp/uds-metrics-{server.proc.pid}-*")
         sent = 0
@@ -276,11 +273,8 @@ def test_open_event_streams_and_connections_are_gauges(metrics_server: tuple[Ser
 
 def test_a_dead_worker_leaves_the_gauges_and_stays_in_the_counters() -> None:
     port = free_port()
-    path = str(short_tmpdir() / "s.sock")
-    with ServerProcess(
-        ["--socket", path, "--workers", "2", "--metrics-listen", f"127.0.0.1:{port}"], socket_path=path
-    ) as server:
-        server.wait_ready()
+    with running_server("--workers", "2", "--metrics-listen", f"127.0.0.1:{port}") as server:
+        path = str(server.socket_path)
         serving = wait_until(
             lambda: re.search(r"2 workers serving \(pids (\d+), (\d+)\)", server.output), what="both workers"
         )

@@ -4,6 +4,8 @@ allowlist on the socket's /metrics, a busy port, --workers adding up, the bounde
 from __future__ import annotations
 
 import glob
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
 from client.cli.spawn import free_port
@@ -32,6 +35,8 @@ from tests.support import (
 )
 
 POST_HEADERS = {"Content-Type": "application/json"}
+UVICORN_ON_HEADERS_COMPLETE = "1ea8589acfad92d8ff9182775f337d98fc469e0fa39642a83195fca920f5ca96"
+"""sha256 of uvicorn 0.54's ``HttpToolsProtocol.on_headers_complete`` source."""
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -239,8 +244,13 @@ def posts_in(path: str) -> float:
 
 def test_peer_uids_are_bounded() -> None:
     metrics = Metrics(on=True)
-    for uid in range(MAX_PEER_UIDS + 10):
-        metrics.recorder.record("GET", "/healthz", 200, 0.001, uid)
+    recorder = metrics.recorder
+    labels = [recorder.uid_label(uid) for uid in range(MAX_PEER_UIDS + 10)]
+    assert labels == [*range(MAX_PEER_UIDS), *[OTHER] * 10]
+    assert recorder.uid_label(3) == 3  # a uid seen before keeps its own label
+    assert recorder.uid_label(None) is None  # no peer (TCP): not counted by uid
+    for label in labels:
+        recorder.refused("GET", 400, label)
     metrics.flush()
     body, _ = metrics.exposition(None)
     found = samples(body.decode())
@@ -252,6 +262,45 @@ def test_peer_uids_are_bounded() -> None:
     assert len(uids) == MAX_PEER_UIDS + 1
     assert uids[OTHER] == 10
     assert sum(uids.values()) == MAX_PEER_UIDS + 10
+    assert requests_total(body.decode(), "GET", UNMATCHED, 400) == MAX_PEER_UIDS + 10
+
+
+def test_pipelined_and_encoded_requests_are_each_counted(metrics_server: tuple[ServerProcess, int]) -> None:
+    """The protocol builds each request's cycle itself (its copy of uvicorn's header handling):
+    pipelined requests, a percent-encoded path and a query string are served and counted as usual."""
+    server, port = metrics_server
+    assert server.socket_path is not None
+    body = b'{"text":"piped"}'
+    post = (
+        b"POST /v1/%6Dessages?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(5)
+        conn.connect(server.socket_path)
+        conn.sendall(post * 3 + b"GET /v1/messages/1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        buffer = bytearray()
+        assert [read_response(conn, buffer)[0] for _ in range(4)] == [201, 201, 201, 200]
+
+    def counted() -> str | None:
+        text = scrape(port)
+        return text if requests_total(text, "GET", "/v1/messages/{message_id}", 200) == 1 else None
+
+    text = wait_until(counted, what="the pipelined requests in /metrics")
+    assert requests_total(text, "POST", "/v1/messages", 201) == 3
+    assert samples(text)[("uds_messages_stored_total", ())] == 3
+
+
+def test_the_protocols_copy_of_uvicorns_header_handling_is_current() -> None:
+    """``PeerCredProtocol._start_cycle`` copies uvicorn's ``on_headers_complete`` (to build each
+    cycle from the counting class). A uvicorn that changed the original needs the copy re-checked
+    against it, then this digest updated."""
+    source = inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    assert hashlib.sha256(source.encode()).hexdigest() == UVICORN_ON_HEADERS_COMPLETE, (
+        "uvicorn's HttpToolsProtocol.on_headers_complete changed: compare it with "
+        "app.peercred.PeerCredProtocol._start_cycle"
+    )
 
 
 def test_open_event_streams_and_connections_are_gauges(metrics_server: tuple[ServerProcess, int]) -> None:

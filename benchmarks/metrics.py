@@ -8,22 +8,43 @@ the ratio is the collection's cost alone.
 Each round of the "on" side ends with a scrape of its ``/metrics``, which must show the POSTs
 counted (otherwise the figure would measure nothing).
 
-Two figures: req/s, and the server's CPU time per request (user + system, from ``/proc``), which
-holds better than req/s when other work shares the machine.
+Two figures over the socket: req/s, and the server's CPU time per request (user + system, from
+``/proc``), which holds better than req/s when other work shares the machine. Two processes running
+the very same code differ by up to 2% (where their memory landed), so the rounds are spread over
+fresh pairs of servers, started in turn in either order.
+
+A third figure runs the whole request path in one process, ``--in-process``: the server's protocol
+and application (``--store memory``) with a stand-in transport that keeps what is written, a
+``POST /v1/messages`` at a time, counted and not in turn. Without the socket, the load generator and
+the scheduler it varies far less, so it shows what a change to the counting costs, in microseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import socket
+import struct
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
-from _common import BenchError, Row, Server, autocannon, compare, main_for, paired
+from _common import PYTHON, ROOT, BenchError, Row, Server, autocannon, compare, main_for, paired
 
 from client.cli.spawn import free_port, split_cpus
 
 PATH = "/v1/messages"
+BODY = b'{"text":"Hello from client"}'
+REQUEST = (
+    b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    + b"Content-Length: %d\r\n\r\n" % len(BODY)
+    + BODY
+)
 
 
 def counted(port: int) -> float:
@@ -61,36 +82,155 @@ def load(server: Server, duration: float, warmup: float, cpus: set[int] | None) 
 
 
 @contextlib.contextmanager
-def pair(cpus: set[int] | None) -> Iterator[tuple[Server, Server, int]]:
+def pair(cpus: set[int] | None, on_first: bool) -> Iterator[tuple[Server, Server, int]]:
     port = free_port()
+    sides = [
+        lambda: Server(extra=["--metrics-listen", f"127.0.0.1:{port}"], cpus=cpus, store="memory"),
+        lambda: Server("uncounted", cpus=cpus, store="memory"),
+    ]
     started: list[Server] = []
     try:
-        started.append(Server(extra=["--metrics-listen", f"127.0.0.1:{port}"], cpus=cpus, store="memory"))
-        started.append(Server("uncounted", cpus=cpus, store="memory"))
+        for make in sides if on_first else sides[::-1]:
+            started.append(make())
         for server in started:
             server.ready()
-        yield started[0], started[1], port
+        on, off = started if on_first else started[::-1]
+        yield on, off, port
     finally:
         for server in started:
             server.close()
 
 
+class _Transport(asyncio.Transport):
+    """What the protocol writes to, kept in memory: each answer's second write (its body) ends it."""
+
+    class _Socket:
+        family = socket.AF_UNIX
+
+        def getsockopt(self, *_: Any) -> bytes:
+            return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+
+        def getsockname(self) -> str:
+            return "bench.sock"
+
+        def getpeername(self) -> str:
+            return ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.answered: asyncio.Future[None] | None = None
+        self.sock = self._Socket()
+
+    def write(self, data: Any) -> None:
+        self.writes += 1
+        if self.writes % 2 == 0 and self.answered is not None:
+            self.answered.set_result(None)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """Microseconds per ``POST /v1/messages`` through the protocol and the app, counted vs not."""
+    import uvloop
+    from uvicorn.server import ServerState
+
+    from app.__main__ import parse_settings
+    from app.logs import configure
+    from app.main import create_app
+    from app.metrics import Recorder
+    from app.peercred import PeerCredProtocol
+    from app.server import build_config
+
+    settings = parse_settings(["--store", "memory", "--socket", "/nonexistent/bench.sock"], {})  # never bound
+    # Logged as the server logs (a line per message), to /dev/null like the servers' output above.
+    configure(settings.log_level, settings.log_format, stream=open(os.devnull, "w"))  # noqa: SIM115
+
+    async def measure() -> list[tuple[dict[str, float], dict[str, float]]]:
+        app = create_app(settings)
+        config = build_config(settings, app)
+        config.load()
+        counting = config.recorder
+        if counting is None or not counting.on:
+            raise BenchError("the server built without its recorder: nothing would be measured")
+        sides = {}
+        for on in (True, False):
+            config.recorder = counting if on else Recorder(on=False)
+            transport = _Transport()
+            protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+            protocol.connection_made(transport)
+            sides[on] = (protocol, transport)
+
+        async def one_round(on: bool) -> dict[str, float]:
+            protocol, transport = sides[on]
+            loop = asyncio.get_running_loop()
+            began = time.perf_counter()
+            for _ in range(requests):
+                transport.answered = loop.create_future()
+                protocol.data_received(REQUEST)
+                await transport.answered
+            return {"us": (time.perf_counter() - began) / requests * 1e6, "requests": requests}
+
+        async with app.router.lifespan_context(app):
+            await one_round(True)  # warm-up
+            await one_round(False)
+            runs = []
+            for index in range(rounds):
+                if index % 2 == 0:
+                    runs.append((await one_round(True), await one_round(False)))
+                else:
+                    off = await one_round(False)
+                    runs.append((await one_round(True), off))
+        totals = counting.totals()
+        if totals.requests.get(("POST", PATH, 201), 0) != requests * (rounds + 1):
+            raise BenchError(f"the recorder counted {totals.requests} of {requests * (rounds + 1)} POSTs")
+        return runs
+
+    return uvloop.run(measure())
+
+
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (9, 3.0, 1.0)
+    pairs, rounds, duration, warmup = (1, 1, 1.0, 0.5) if quick else (3, 3, 3.0, 1.0)
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
-    with pair(server_cpus) as (on, off, port):
+    runs = []
+    for index in range(pairs):
+        with pair(server_cpus, on_first=index % 2 == 0) as (on, off, port):
 
-        def measured_on() -> dict[str, float]:
-            result = load(on, duration, warmup, generator_cpus)
-            result["counted"] = counted(port)
-            if result["counted"] < result["requests"]:
-                raise BenchError(
-                    f"/metrics counted {result['counted']:.0f} POSTs of {result['requests']:.0f}"
-                )
-            return result
+            def measured_on(on: Server = on, port: int = port) -> dict[str, float]:
+                result = load(on, duration, warmup, generator_cpus)
+                result["counted"] = counted(port)
+                if result["counted"] < result["requests"]:
+                    raise BenchError(
+                        f"/metrics counted {result['counted']:.0f} POSTs of {result['requests']:.0f}"
+                    )
+                return result
 
-        runs = paired(rounds, measured_on, lambda: load(off, duration, warmup, generator_cpus))
+            runs += paired(rounds, measured_on, lambda off=off: load(off, duration, warmup, generator_cpus))
+    command = [PYTHON, __file__, "--in-process", "500" if quick else "4000", "1" if quick else "15"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if split:
+        command = ["taskset", "-c", ",".join(map(str, sorted(server_cpus or ()))), *command]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"the in-process measure failed: {done.stderr.strip()[-2000:]}")
+    inner = [(a, b) for a, b in json.loads(done.stdout)]
     return [
         compare(
             "k",
@@ -112,8 +252,21 @@ def run(quick: bool) -> list[Row]:
             "<= 1.05x",
             lambda r: r <= 1.05,
         ),
+        compare(
+            "k",
+            "time per POST in process (protocol and app, stand-in transport): counted vs not",
+            ("metrics on", "metrics off"),
+            inner,
+            "us",
+            "us",
+            "<= 1.05x",
+            lambda r: r <= 1.05,
+        ),
     ]
 
 
 if __name__ == "__main__":
-    main_for(run)
+    if sys.argv[1:2] == ["--in-process"]:
+        print(json.dumps(in_process(int(sys.argv[2]), int(sys.argv[3]))))
+    else:
+        main_for(run)

@@ -9,7 +9,8 @@ What is measured
     (``/v1/messages/{message_id}``); a request that matched no route, or that the protocol refused
     before routing (400, 408, 431, 503 at the connection cap), has ``route="unmatched"``. ``uid`` is
     the socket peer's uid (SO_PEERCRED; a ``uds-client proxy`` counts as its own uid): the first
-    :data:`MAX_PEER_UIDS` uids a process sees get their own value, later ones share ``uid="other"``.
+    :data:`MAX_PEER_UIDS` uids to connect to a process get their own value, later ones share
+    ``uid="other"``.
 
 Where it is counted
     The protocol (``app.peercred``) sees every request: it builds each request's cycle from the
@@ -59,7 +60,6 @@ import tempfile
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
@@ -94,7 +94,6 @@ __all__ = [
     "MetricsEndpoint",
     "MetricsError",
     "Recorder",
-    "Totals",
     "for_workers",
     "multiprocess_dir",
     "serve_endpoint",
@@ -149,23 +148,26 @@ class Recorder:
     """Plain counts, kept on the event loop thread (no lock, no allocation once a series exists).
 
     A request is counted in one *cell*, by the route object FastAPI's router matched (by ``id()``:
-    Starlette routes are not hashable; the app's routes live as long as it does), the method, the
-    status and the peer's uid label (:meth:`uid_label`): the requests in each bucket of
-    :data:`BUCKETS` and above the last, then the sum of their seconds. :meth:`totals` adds the
-    cells up into the series ``prometheus-client`` shows. Cells are bounded by the app's routes, the
-    methods httptools parses, the statuses the app answers and :data:`MAX_PEER_UIDS` + 2 uid labels.
+    Starlette routes are not hashable; the app's routes live as long as it does), the method and
+    the status: the requests in each bucket of :data:`BUCKETS` and above the last, then the sum of
+    their seconds; and once in :attr:`peers`, under its connection's uid label (:meth:`uid_label`).
+    Cells are bounded by the app's routes, the methods httptools parses and the statuses the app
+    answers (a peer sending every method to every route made about 500), peers by
+    :data:`MAX_PEER_UIDS` + 2 labels.
     """
 
-    __slots__ = ("cells", "cycle_class", "labels", "on", "refusals", "uids")
+    __slots__ = ("cells", "cycle_class", "labels", "on", "peers", "refusals", "uids")
 
     def __init__(self, on: bool = True) -> None:
         self.on = on
         """Count requests (always, but in the benchmark that measures what counting costs)."""
-        self.cells: dict[tuple[int, str, int, int | str | None], list[float]] = {}
-        self.labels: dict[tuple[int, str, int, int | str | None], tuple[str, str, int, bool]] = {}
+        self.cells: dict[tuple[int, str, int], list[float]] = {}
+        self.labels: dict[tuple[int, str, int], tuple[str, str, str, bool]] = {}
         """Each cell's method, route template, status, and whether its requests stored a message."""
-        self.refusals: dict[tuple[str, int, int | str | None], int] = {}
-        """Requests the protocol answered itself, before routing, by method, status and uid label."""
+        self.peers: dict[int | str | None, int] = {}
+        """Requests by uid label; every request counts here once (under None without a peer)."""
+        self.refusals: dict[tuple[str, int], int] = {}
+        """Requests the protocol answered itself, before routing, by method and status."""
         self.uids: set[int] = set()
         """The uids with a label of their own: the first :data:`MAX_PEER_UIDS` to connect."""
         self.cycle_class: type[RequestResponseCycle] = timed_cycle(self) if on else RequestResponseCycle
@@ -173,7 +175,7 @@ class Recorder:
 
     def uid_label(self, uid: int | None) -> int | str | None:
         """The label a connection's requests count under: its peer's uid (one of the first
-        :data:`MAX_PEER_UIDS` to connect), :data:`OTHER`, or None for no peer (TCP: not counted)."""
+        :data:`MAX_PEER_UIDS` to connect), :data:`OTHER`, or None for no peer (TCP: not shown)."""
         if uid is None or uid in self.uids:
             return uid
         if len(self.uids) < MAX_PEER_UIDS:
@@ -181,85 +183,50 @@ class Recorder:
             return uid
         return OTHER
 
-    def cell(self, key: tuple[int, str, int, int | str | None], route: object) -> list[float]:
+    def cell(self, key: tuple[int, str, int], route: object) -> list[float]:
         """The cell for ``key``, made at its first request (``route``: the matched route or None)."""
         found = self.cells.get(key)
         if found is None:
             path = getattr(route, "path", None) if route is not None else None
             stores = str(getattr(route, "operation_id", "")).startswith(STORING_OPERATION)
-            self.labels[key] = (key[1], path or UNMATCHED, key[2], stores)
+            self.labels[key] = (key[1], path or UNMATCHED, str(key[2]), stores and key[2] == 201)
             found = self.cells[key] = [0] * (len(BUCKETS) + 1) + [0.0]
         return found
 
+    def peer(self, uid: int | str | None) -> None:
+        """Count a request under ``uid``'s label."""
+        self.peers[uid] = self.peers.get(uid, 0) + 1
+
     def refused(self, method: str, status: int, uid: int | str | None) -> None:
         """A request the protocol answered itself, before routing (no duration is recorded)."""
-        key = (method, status, uid)
+        key = (method, status)
         self.refusals[key] = self.refusals.get(key, 0) + 1
-
-    def count(self) -> int:
-        """Requests counted so far (a cheap check for news)."""
-        return int(sum(sum(cell[:-1]) for cell in self.cells.values()) + sum(self.refusals.values()))
-
-    def totals(self) -> Totals:
-        """The cells and refusals added up into the series ``prometheus-client`` shows."""
-        totals = Totals()
-        requests, durations, peers = totals.requests, totals.durations, totals.peers
-        for (method, status, uid), count in self.refusals.items():
-            labels = (method, UNMATCHED, status)
-            requests[labels] = requests.get(labels, 0) + count
-            if uid is not None:
-                peers[uid] = peers.get(uid, 0) + count
-        for key, cell in self.cells.items():
-            method, path, status, stores = self.labels[key]
-            count = int(sum(cell[:-1]))
-            labels = (method, path, status)
-            requests[labels] = requests.get(labels, 0) + count
-            uid = key[3]
-            if uid is not None:
-                peers[uid] = peers.get(uid, 0) + count
-            if stores and status == 201:
-                totals.stored += count
-            series = durations.get((method, path))
-            if series is None:
-                durations[(method, path)] = list(cell)
-            else:
-                for index, value in enumerate(cell):
-                    series[index] += value
-        return totals
-
-
-@dataclass(slots=True)
-class Totals:
-    """What a :class:`Recorder` counted, by the labels ``prometheus-client`` shows."""
-
-    requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    """By method, route template and status."""
-    durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    """By method and route template: the requests in each bucket, then the sum of their seconds."""
-    peers: dict[int | str, int] = field(default_factory=dict)
-    stored: int = 0
+        self.peer(uid)
 
 
 def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
-    """uvicorn's request cycle, which counts its request in ``recorder`` when the response starts.
+    """uvicorn's request cycle, which counts its request in ``recorder`` when the response starts
+    (an answer to a peer already gone is not counted: it is never sent).
 
     The protocol builds its cycles from this class (a copy of uvicorn's ``on_headers_complete``)
     and sets ``started`` (``time.perf_counter()`` when the head was parsed: uvloop's clock counts
-    whole milliseconds) and ``uid`` (the peer's, None over TCP) on each.
+    whole milliseconds) and ``uid`` (the connection's label) on each.
 
     Measured with the whole request path in process (the protocol and the app, a stand-in
     transport: ``benchmarks/metrics.py --in-process``), 15 rounds of 4,000 ``POST /v1/messages``
-    of 44 µs each; counting cost 4.4 µs (1.10x) before, 1.3 µs (1.03x) now:
+    of 44 µs each; counting cost 4.4 µs (1.10x) before, 1.3-2.1 µs (1.03x-1.04x) now:
 
     * changing each cycle's ``__class__`` after uvicorn had built it cost 1.9 µs: CPython 3.11
       then gives the object a real ``__dict__``, and every attribute uvicorn reads gets slower.
       Built from this class, the cycle costs nothing more; its two attributes are slots (0.3 µs);
     * the counting, through three method calls (route lookup, record, peer) into four dicts, cost
-      1.4 µs. Now one dict lookup finds the request's cell, keyed by route, method, status and
-      the connection's uid label, with the names bound in this closure: 0.9 µs.
+      1.4 µs. Now one dict lookup finds the request's cell, keyed by route, method and status,
+      and one more counts the uid label, with the names bound in this closure.
     """
     cells = recorder.cells
+    peers = recorder.peers
     new_cell = recorder.cell
+    new_peer = recorder.peer
     send_on = RequestResponseCycle.send
 
     class TimedCycle(RequestResponseCycle):
@@ -269,17 +236,22 @@ def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
 
         def send(self, message: Any) -> Any:
             # Not ``async``: it returns uvicorn's own coroutine, so no extra frame is awaited.
-            if not self.response_started and message["type"] == "http.response.start":
+            first = not self.response_started and not self.disconnected  # (to a peer gone: never sent)
+            if first and message["type"] == "http.response.start":
                 seconds = perf_counter() - self.started
                 scope = self.scope
                 route = scope.get("route")  # Starlette's router put it in this dict
-                key = (id(route), scope["method"], message["status"], self.uid)
+                key = (id(route), scope["method"], message["status"])
                 try:
                     cell = cells[key]
                 except KeyError:
                     cell = new_cell(key, route)
                 cell[bisect_left(BUCKETS, seconds)] += 1
                 cell[-1] += seconds
+                try:
+                    peers[self.uid] += 1
+                except KeyError:  # the label's first request
+                    new_peer(self.uid)
             return send_on(self, message)
 
     return TimedCycle
@@ -338,11 +310,10 @@ class Metrics:
             ["uid"],
             registry=own,
         )
-        self._pushed_requests: dict[tuple[str, str, int], int] = {}
-        self._pushed_durations: dict[tuple[str, str], list[float]] = {}
-        self._pushed_peers: dict[int | str, int] = {}
-        self._pushed_stored = 0
-        self._pushed_count = 0
+        self._pushed_cells: dict[tuple[int, str, int], list[float]] = {}
+        self._children: dict[tuple[int, str, int], tuple[Any, list[Any], bool]] = {}
+        self._pushed_refusals: dict[tuple[str, int], int] = {}
+        self._pushed_peers: dict[int | str | None, int] = {}
         self._gauges = (-1, -1)
         self._full = Throttle(log)
         if self.directory is None:
@@ -369,10 +340,9 @@ class Metrics:
             )
 
     def _flush(self) -> None:
-        count = self.recorder.count()
-        if count != self._pushed_count:
+        # Every request counts once under a uid label: no change there, no new request.
+        if self.recorder.peers != self._pushed_peers:
             self._flush_requests()
-            self._pushed_count = count
         gauges = (self.open_connections(), self.event_streams())
         if gauges != self._gauges:
             self._gauges = gauges
@@ -380,35 +350,47 @@ class Metrics:
             self.streams.set(gauges[1])
 
     def _flush_requests(self) -> None:
-        """Add each series' growth since the last flush; what raised is left for the next one."""
-        totals = self.recorder.totals()
-        pushed = self._pushed_requests
-        for key, count in totals.requests.items():
-            delta = count - pushed.get(key, 0)
-            if delta:
-                method, route, status = key
-                self.requests.labels(method, route, str(status)).inc(delta)
-                pushed[key] = count
-        for series, buckets in totals.durations.items():
-            before = self._pushed_durations.setdefault(series, [0] * len(buckets))
-            if before == buckets:
+        """Add each cell's growth since the last flush to its series; a cell whose series could not
+        be made (``labels()`` on a full disk raises ``OSError``) is left for the next flush."""
+        recorder = self.recorder
+        pushed = self._pushed_cells
+        for key, cell in list(recorder.cells.items()):
+            before = pushed.get(key)
+            if before == cell:
                 continue
-            child = self.duration.labels(*series)
-            # Histogram children keep one value per bucket (not cumulative) and one for the sum;
-            # observe() takes one value, so the counts are added to those values directly.
-            targets = [*child._buckets, child._sum]
-            for index, value in enumerate(buckets):
+            children = self._children.get(key)
+            if children is None:
+                method, route, status, stores = recorder.labels[key]
+                duration = self.duration.labels(method, route)
+                children = self._children[key] = (
+                    self.requests.labels(method, route, status),
+                    # Histogram children keep one value per bucket (not cumulative) and one for the
+                    # sum; observe() takes one value, so the counts are added to those directly.
+                    [*duration._buckets, duration._sum],
+                    stores,
+                )
+            if before is None:
+                before = pushed[key] = [0] * len(cell)
+            requests, targets, stores = children
+            added = int(sum(cell[:-1]) - sum(before[:-1]))
+            requests.inc(added)
+            if stores:
+                self.stored.inc(added)
+            for index, value in enumerate(cell):
                 if value != before[index]:
                     targets[index].inc(value - before[index])
-                    before[index] = value
-        if totals.stored != self._pushed_stored:
-            self.stored.inc(totals.stored - self._pushed_stored)
-            self._pushed_stored = totals.stored
-        peers = self._pushed_peers
-        for uid, count in totals.peers.items():
-            delta = count - peers.get(uid, 0)
+            before[:] = cell
+        refused = self._pushed_refusals
+        for refusal, count in list(recorder.refusals.items()):
+            delta = count - refused.get(refusal, 0)
             if delta:
-                self.peer_requests.labels(str(uid)).inc(delta)
+                self.requests.labels(refusal[0], UNMATCHED, str(refusal[1])).inc(delta)
+                refused[refusal] = count
+        peers = self._pushed_peers
+        for uid, count in list(recorder.peers.items()):
+            if count != peers.get(uid, 0):
+                if uid is not None:
+                    self.peer_requests.labels(str(uid)).inc(count - peers.get(uid, 0))
                 peers[uid] = count
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:

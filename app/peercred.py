@@ -625,7 +625,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     def _method(self) -> str:
         """The method of the request being refused, as far as it was parsed (else ``unknown``)."""
         method = self.scope.get("method") if self._begins else None
-        if method is None and self._begins:
+        if method is None and self._begins and self.url:  # the method comes before the target
             with contextlib.suppress(httptools.HttpParserError, UnicodeDecodeError):
                 method = self.parser.get_method().decode("ascii")
         return method or "unknown"

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,8 +27,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
 from client.cli.spawn import free_port
 from tests.support import (
+    NOBODY,
     ServerProcess,
     http_over_uds,
+    python_as_nobody,
     read_response,
     running_server,
     short_tmpdir,
@@ -49,8 +52,14 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def requests_total(text: str, method: str, route: str, status: int) -> float:
+    return requests_total_in(samples(text), method, route, status)
+
+
+def requests_total_in(
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float], method: str, route: str, status: int
+) -> float:
     key = ("uds_requests_total", (("method", method), ("route", route), ("status", str(status))))
-    return samples(text).get(key, 0.0)
+    return found.get(key, 0.0)
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
@@ -144,9 +153,18 @@ def test_a_refused_request_counts_as_unmatched(metrics_server: tuple[ServerProce
         conn.connect(server.socket_path)
         conn.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")  # no Host: the protocol answers 400 itself
         assert read_response(conn)[0] == 400
-    wait_until(
-        lambda: requests_total(scrape(port), "GET", UNMATCHED, 400) == 1, what="the refused request counted"
-    )
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(5)
+        conn.connect(server.socket_path)
+        conn.sendall(b"FOO /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # no such method
+        assert read_response(conn)[0] == 400
+
+    def counted() -> str | None:
+        text = scrape(port)
+        return text if requests_total(text, "unknown", UNMATCHED, 400) == 1 else None
+
+    text = wait_until(counted, what="the refused requests counted")
+    assert requests_total(text, "GET", UNMATCHED, 400) == 1
 
 
 def test_counting_starts_with_the_server_not_with_the_first_scrape() -> None:
@@ -290,6 +308,112 @@ def test_pipelined_and_encoded_requests_are_each_counted(metrics_server: tuple[S
     text = wait_until(counted, what="the pipelined requests in /metrics")
     assert requests_total(text, "POST", "/v1/messages", 201) == 3
     assert samples(text)[("uds_messages_stored_total", ())] == 3
+
+
+_POST_AS_NOBODY = textwrap.dedent(
+    """
+    import socket, sys
+    body = b'{"text": "from another uid"}'
+    for _ in range(int(sys.argv[2])):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(sys.argv[1])
+            sock.sendall(
+                b"POST /v1/messages HTTP/1.1\\r\\nhost: localhost\\r\\ncontent-type: application/json\\r\\n"
+                + b"content-length: %d\\r\\n\\r\\n" % len(body) + body
+            )
+            print(sock.recv(4096).split(b" ", 2)[1].decode())
+    """
+)
+
+
+def test_each_request_counts_under_its_connections_uid() -> None:
+    directory = short_tmpdir()
+    directory.chmod(0o755)  # uid 65534 may reach the socket (mode 666)
+    port = free_port()
+    with running_server(
+        "--store", "memory", "--socket-mode", "666", "--metrics-listen", f"127.0.0.1:{port}", tmp=directory
+    ) as server:
+        assert server.socket_path is not None
+        other = python_as_nobody("-c", _POST_AS_NOBODY, server.socket_path, "3")
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.split() == ["201"] * 3
+        assert post(server.socket_path) == 201
+
+        def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            found = samples(scrape(port))
+            return found if requests_total_in(found, "POST", "/v1/messages", 201) == 4 else None
+
+        found = wait_until(counted, what="the four POSTs in /metrics")
+        by_uid = {
+            dict(labels)["uid"]: value
+            for (name, labels), value in found.items()
+            if name == "uds_peer_requests_total"
+        }
+        assert by_uid[str(NOBODY)] == 3
+        assert (
+            by_uid[str(os.getuid())]
+            == sum(value for (name, _), value in found.items() if name == "uds_requests_total") - 3
+        )  # this uid's POST and the readiness probes
+
+
+def test_an_answer_that_never_went_out_is_not_counted() -> None:
+    """A body the protocol refuses (a bad chunk) or that stops arriving (408) is answered by the
+    protocol and counted once there, as refused; the application's own answer to the request it
+    was reading, which the peer never gets, is not counted."""
+    port = free_port()
+    with running_server(
+        "--store", "memory", "--request-timeout", "1", "--metrics-listen", f"127.0.0.1:{port}"
+    ) as server:
+        assert server.socket_path is not None
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(5)
+            conn.connect(server.socket_path)
+            conn.sendall(head + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"tex\r\nZZ\r\n')
+            assert read_response(conn)[0] == 400
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(5)
+            conn.connect(server.socket_path)
+            conn.sendall(head + b'Content-Length: 100\r\n\r\n{"text":')
+            assert read_response(conn)[0] == 408
+
+        def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            found = samples(scrape(port))
+            refused = requests_total_in(found, "POST", UNMATCHED, 400) + requests_total_in(
+                found, "POST", UNMATCHED, 408
+            )
+            return found if refused == 2 else None
+
+        found = wait_until(counted, what="the two refused requests in /metrics")
+        posts = {
+            dict(labels)["route"]
+            for (name, labels), value in found.items()
+            if name == "uds_requests_total" and dict(labels)["method"] == "POST"
+        }
+        assert posts == {UNMATCHED}, found
+        answered = sum(value for (name, _), value in found.items() if name == "uds_requests_total")
+        assert found[("uds_peer_requests_total", (("uid", str(os.getuid())),))] == answered
+
+
+def test_a_flush_visits_only_what_changed() -> None:
+    """Many series (a peer sending every method to every path makes a few hundred) cost a flush
+    only where requests arrived: the others are compared, not rebuilt."""
+    metrics = Metrics(on=True)
+    recorder = metrics.recorder
+    for route in range(300):
+        recorder.cell((route, "GET", 404), None)[0] += 1
+        recorder.peer(0)
+    metrics.flush()
+    calls = []
+    metrics.requests.labels = lambda *labels: calls.append(labels)  # type: ignore[method-assign,assignment]
+    metrics.flush()  # nothing new
+    recorder.cells[(7, "GET", 404)][3] += 1  # one more request in a series already pushed
+    recorder.peer(0)
+    metrics.flush()
+    assert calls == []  # its series' objects were kept from the first flush
+    body, _ = metrics.exposition(None)
+    assert requests_total(body.decode(), "GET", UNMATCHED, 404) == 301
 
 
 def test_the_protocols_copy_of_uvicorns_header_handling_is_current() -> None:

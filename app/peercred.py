@@ -49,7 +49,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.logs import Throttle
-from app.metrics import Recorder
+from app.metrics import PeerTally, Recorder
 
 __all__ = [
     "DRAIN",
@@ -290,15 +290,15 @@ class PeerCredProtocol(HttpToolsProtocol):
         self.timed = self.recorder is not None and self.recorder.on
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
         """The request cycles' class: the recorder's counts each request when its response starts."""
-        self.uid: int | str | None = None
-        """The label the recorder counts this connection's requests under (``Recorder.uid_label``)."""
+        self.tally: PeerTally | None = None
+        """Where the recorder counts this connection's requests by uid (``Recorder.peer``)."""
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.peer = read_peer(transport.get_extra_info("socket"))
-        if self.timed:
-            self.uid = self.recorder.uid_label(self.peer["uid"] if self.peer is not None else None)  # type: ignore[union-attr]
+        if self.recorder is not None and self.timed:
+            self.tally = self.recorder.peer(self.peer["uid"] if self.peer is not None else None)
         # A connection that never sends a request is closed after request_timeout too.
         self._connected_at = self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
@@ -462,7 +462,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         )
         if self.timed:
             cycle.started = perf_counter()  # type: ignore[union-attr]
-            cycle.uid = self.uid  # type: ignore[union-attr]
+            cycle.tally = self.tally  # type: ignore[union-attr]
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(cycle, self.app)  # the usual case: answer it now
         else:
@@ -599,9 +599,8 @@ class PeerCredProtocol(HttpToolsProtocol):
             _REJECTED.log(logging.WARNING, "Rejected a request with %d: %s", status, message)
         if self.transport.is_closing():
             return
-        recorder = self.recorder
-        if recorder is not None and recorder.on:
-            recorder.refused(self._method(), status, self.uid)
+        if self.recorder is not None and self.tally is not None:
+            self.recorder.refused(self._method(), status, self.tally)
         answer = error_response(status, error, message)
         cycle = self.cycle
         if cycle is not None and not self._in_head and not self._message_done:

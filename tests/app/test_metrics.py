@@ -263,12 +263,13 @@ def posts_in(path: str) -> float:
 def test_peer_uids_are_bounded() -> None:
     metrics = Metrics(on=True)
     recorder = metrics.recorder
-    labels = [recorder.uid_label(uid) for uid in range(MAX_PEER_UIDS + 10)]
-    assert labels == [*range(MAX_PEER_UIDS), *[OTHER] * 10]
-    assert recorder.uid_label(3) == 3  # a uid seen before keeps its own label
-    assert recorder.uid_label(None) is None  # no peer (TCP): not counted by uid
-    for label in labels:
-        recorder.refused("GET", 400, label)
+    tallies = [recorder.peer(uid) for uid in range(MAX_PEER_UIDS + 10)]
+    assert [tally.label for tally in tallies] == [*range(MAX_PEER_UIDS), *[OTHER] * 10]
+    assert recorder.peer(3) is tallies[3]  # a uid seen before keeps its own label
+    assert recorder.peer(None).label is None  # no peer (TCP): not shown by uid
+    assert recorder.peer(MAX_PEER_UIDS + 20).label == OTHER
+    for tally in tallies:
+        recorder.refused("GET", 400, tally)
     metrics.flush()
     body, _ = metrics.exposition(None)
     found = samples(body.decode())
@@ -401,15 +402,16 @@ def test_a_flush_visits_only_what_changed() -> None:
     only where requests arrived: the others are compared, not rebuilt."""
     metrics = Metrics(on=True)
     recorder = metrics.recorder
+    tally = recorder.peer(0)
     for route in range(300):
         recorder.cell((route, "GET", 404), None)[0] += 1
-        recorder.peer(0)
+        tally.requests += 1
     metrics.flush()
     calls = []
     metrics.requests.labels = lambda *labels: calls.append(labels)  # type: ignore[method-assign,assignment]
     metrics.flush()  # nothing new
     recorder.cells[(7, "GET", 404)][3] += 1  # one more request in a series already pushed
-    recorder.peer(0)
+    tally.requests += 1
     metrics.flush()
     assert calls == []  # its series' objects were kept from the first flush
     body, _ = metrics.exposition(None)

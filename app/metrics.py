@@ -45,6 +45,7 @@ Workers
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import glob
@@ -60,13 +61,16 @@ import tempfile
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
+import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 from prometheus_client.core import Metric
-from prometheus_client.exposition import MetricsHandler, choose_encoder
+from prometheus_client.exposition import MetricsHandler, _bake_output, choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -90,12 +94,14 @@ __all__ = [
     "METRICS_PATH",
     "OTHER",
     "UNMATCHED",
+    "LoopEndpoint",
     "Metrics",
     "MetricsEndpoint",
     "MetricsError",
     "PeerTally",
     "Recorder",
     "for_workers",
+    "listening_socket",
     "multiprocess_dir",
     "serve_endpoint",
     "timed_cycle",
@@ -589,30 +595,48 @@ def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def serve_endpoint(settings: Settings, metrics: Metrics | None) -> MetricsEndpoint | None:
-    """The TCP endpoint of a single-process server, started; None without ``--metrics-listen``.
+def serve_endpoint(settings: Settings, metrics: Metrics | None) -> LoopEndpoint | None:
+    """The TCP endpoint of a single-process server, listening (the server's loop starts serving
+    it); None without ``--metrics-listen``.
 
     Raises :class:`MetricsError` when it cannot listen.
     """
     if settings.metrics_listen is None or metrics is None:
         return None
-    return MetricsEndpoint(settings.metrics_listen, metrics.registry).start()
+    return LoopEndpoint(settings.metrics_listen, metrics)
 
 
 # -- the TCP endpoint ---------------------------------------------------------------------------------
 
 
-def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
+def _refusal(status: int) -> tuple[list[tuple[str, str]], bytes]:
+    """The headers and JSON body of the endpoint's 404 (any other path), 405 (another method) or
+    400 (not HTTP)."""
     if status == 405:
         error, message = "method_not_allowed", f"{METRICS_PATH} answers GET and HEAD only"
+    elif status == 400:
+        error, message = "bad_request", f"the request is not valid HTTP/1.1; send GET {METRICS_PATH}"
     else:
         error, message = "not_found", f"this port serves {METRICS_PATH} only; the API is on the Unix socket"
     body = json.dumps({"error": error, "message": message, "status": status}).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(body)))
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     if status == 405:
-        handler.send_header("Allow", "GET, HEAD")
+        headers.append(("Allow", "GET, HEAD"))
+    return headers, body
+
+
+def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_only: bool) -> bytes:
+    """A whole ``Connection: close`` answer (its body left out for HEAD)."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{n}: {v}" for n, v in headers)]
+    head = "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1")
+    return head if head_only else head + body
+
+
+def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
+    headers, body = _refusal(status)
+    handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, value)
     handler.end_headers()
     if handler.command != "HEAD":
         handler.wfile.write(body)
@@ -668,6 +692,121 @@ class _Handler(MetricsHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other
 
 
+def listening_socket(listen: str) -> socket.socket:
+    """A TCP socket listening on ``listen`` (``HOST:PORT``) for the metrics endpoint.
+
+    Raises :class:`MetricsError` when the address is not one or cannot be listened on.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:
+        raise MetricsError(
+            f"cannot serve metrics on {listen} (--metrics-listen): {exc}; use HOST:PORT with a local "
+            "address, e.g. 0.0.0.0:9102"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        in_use = exc.errno == errno.EADDRINUSE
+        hint = "stop the program using it or choose another port" if in_use else "check the address"
+        raise MetricsError(
+            f"cannot serve metrics on {listen} (--metrics-listen): {reason.lower()}; {hint}"
+        ) from None
+    return sock
+
+
+class LoopEndpoint:
+    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by the server's event loop; nothing else.
+
+    The single-process server's endpoint. A thread, as :class:`MetricsEndpoint` serves, cost 1.5-2%
+    of ``POST /messages`` throughput just by being there (an idle thread beside uvicorn's loop,
+    measured with ``benchmarks/metrics.py``'s servers), so here the loop serves it, parsing each
+    request with h11. The limits are the thread's: :data:`ENDPOINT_CONNECTIONS` at once (one more
+    is closed unanswered), :data:`ENDPOINT_DEADLINE` for the request and its answer,
+    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection.
+    """
+
+    def __init__(self, listen: str, metrics: Metrics) -> None:
+        self.listen = listen
+        self.metrics = metrics
+        self.sock = listening_socket(listen)
+        self.port: int = self.sock.getsockname()[1]
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=self.sock)
+        log.info("Metrics on http://%s%s", self.listen.rpartition(":")[0] + f":{self.port}", METRICS_PATH)
+
+    def close(self) -> None:
+        """Stop listening and drop the connections being served (a scrape is cheap to repeat)."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self.sock.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= ENDPOINT_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self._writers.add(writer)
+        try:
+            async with asyncio.timeout(ENDPOINT_DEADLINE):
+                answer = await self._answer(reader)
+                if answer:
+                    writer.write(answer)
+                    await writer.drain()
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            if writer.transport.get_write_buffer_size():  # the peer did not take the answer in time
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> bytes:
+        """The whole answer to the connection's request (empty: it closed or sent too much first)."""
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=ENDPOINT_REQUEST_BYTES)
+        budget = ENDPOINT_REQUEST_BYTES
+        try:
+            event = connection.next_event()
+            while event is h11.NEED_DATA:
+                data = await reader.read(min(budget, 65536)) if budget > 0 else b""
+                budget -= len(data)
+                connection.receive_data(data)
+                event = connection.next_event()
+        except h11.RemoteProtocolError:
+            return _whole(400, *_refusal(400), head_only=False)
+        if not isinstance(event, h11.Request):
+            return b""
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        method = event.method.decode("ascii")
+        head_only = method == "HEAD"
+        if path != METRICS_PATH:
+            return _whole(404, *_refusal(404), head_only=head_only)
+        if method not in ("GET", "HEAD"):
+            return _whole(405, *_refusal(405), head_only=head_only)
+        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
+        self.metrics.flush()
+        # prometheus-client's own handlers answer with it: formats, compression, name[] filters.
+        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
+            self.metrics.registry, fields.get("accept"), fields.get("accept-encoding"), parse_qs(query), False
+        )
+        headers = [*headers, ("Content-Length", str(len(output)))]
+        return _whole(int(status.split(" ", 1)[0]), headers, output, head_only=head_only)
+
+
 class MetricsEndpoint:
     """``GET /metrics`` on ``HOST:PORT`` over TCP, served by a daemon thread; nothing else.
 
@@ -677,24 +816,14 @@ class MetricsEndpoint:
 
     def __init__(self, listen: str, registry: CollectorRegistry) -> None:
         self.listen = listen
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
-        try:
-            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except (OSError, ValueError) as exc:
-            raise MetricsError(
-                f"cannot serve metrics on {listen} (--metrics-listen): {exc}; use HOST:PORT with a local "
-                "address, e.g. 0.0.0.0:9102"
-            ) from None
-        family = infos[0][0]
+        sock = listening_socket(listen)
         handler = type("Handler", (_Handler,), {"registry": registry})
 
         slots = threading.BoundedSemaphore(ENDPOINT_CONNECTIONS)
 
         class Server(ThreadingHTTPServer):
-            address_family = family
+            address_family = sock.family
             daemon_threads = True
-            request_queue_size = 64
 
             def process_request(self, request: Any, client_address: Any) -> None:
                 if not slots.acquire(blocking=False):  # ENDPOINT_CONNECTIONS busy: close it at once
@@ -716,15 +845,10 @@ class MetricsEndpoint:
                 if not isinstance(sys.exc_info()[1], OSError):  # a client gone, or cut at the deadline
                     super().handle_error(request, client_address)
 
-        try:
-            self.server = Server((host, int(port)), handler)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            in_use = exc.errno == errno.EADDRINUSE
-            hint = "stop the program using it or choose another port" if in_use else "check the address"
-            raise MetricsError(
-                f"cannot serve metrics on {listen} (--metrics-listen): {reason.lower()}; {hint}"
-            ) from None
+        self.server = Server(sock.getsockname(), handler, bind_and_activate=False)
+        self.server.socket.close()
+        self.server.socket = sock
+        self.server.server_address = sock.getsockname()
         self.port: int = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
 

@@ -23,7 +23,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
-from app.metrics import Metrics, MetricsError, Recorder, for_workers, serve_endpoint
+from app.metrics import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
 from app.peercred import PeerCredProtocol
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 from app.store import StoreError
@@ -76,6 +76,8 @@ class UdsServer(uvicorn.Server):
         self.signals: list[int] = []
         self.bound: BoundSocket | None = None
         self.socket_lost = False
+        self.endpoint: LoopEndpoint | None = None
+        """The ``--metrics-listen`` endpoint this server's loop serves, if any."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
@@ -105,6 +107,8 @@ class UdsServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
+        if self.started and self.endpoint is not None:
+            await self.endpoint.start()
         if self.started:
             if self.on_started is None:
                 logger.info("🔌 Server listening on %s", self.address)
@@ -126,6 +130,8 @@ class UdsServer(uvicorn.Server):
         )
         loop = asyncio.get_running_loop()
         began = loop.time()
+        if self.endpoint is not None:
+            self.endpoint.close()
         await super().shutdown(sockets=sockets)
         took = loop.time() - began
         if self.metrics is not None:
@@ -214,7 +220,12 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
         endpoint = serve_endpoint(settings, getattr(getattr(application, "state", None), "metrics", None))
         try:
             server = serve(
-                settings, application, bound.sock, address, bound=None if settings.uses_tcp else bound
+                settings,
+                application,
+                bound.sock,
+                address,
+                bound=None if settings.uses_tcp else bound,
+                endpoint=endpoint,
             )
         finally:
             if endpoint is not None:
@@ -243,6 +254,7 @@ def serve(
     *,
     bound: BoundSocket | None = None,
     on_started: Callable[[], None] | None = None,
+    endpoint: LoopEndpoint | None = None,
 ) -> UdsServer:
     """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
 
@@ -256,6 +268,7 @@ def serve(
     config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
     server = UdsServer(config, application, address, on_started)
     server.bound = bound
+    server.endpoint = endpoint
     server.run(sockets=[sock])
     return server
 

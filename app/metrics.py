@@ -80,7 +80,7 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.config import Settings
-from app.logs import Throttle
+from app.logs import Throttle, escaped
 
 if TYPE_CHECKING:
     from app.workers import SupervisorHooks
@@ -134,6 +134,7 @@ ENDPOINT_REQUEST_BYTES = 16 * 1024
 reads as closed. The standard library's parser allows 100 header lines of 64 KiB: 16 connections
 sending those held 100 MiB of the server's memory."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_ENDPOINT_FAILED = Throttle(log)
 _DIR_PREFIX = "uds-metrics-"
 _PROCESS_SUMS = (
     "process_cpu_seconds_total",
@@ -414,8 +415,35 @@ class Metrics:
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format ``accept`` asks for (Prometheus text by default)."""
-        encoder, content_type = choose_encoder(accept or "")
+        encoder, content_type = _encoder(accept)
         return encoder(self.registry), content_type
+
+
+def _encoder(accept: str | None) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """prometheus-client's encoder for ``accept``; its text format when that cannot be read.
+
+    ``choose_encoder`` raises ``TypeError`` on a version it cannot compare (``Accept: text/plain;
+    version=x``): any client could make every scrape fail, each with an ERROR line."""
+    try:
+        return choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        return choose_encoder("")
+
+
+def _output(
+    registry: Collector, accept: str | None, accept_encoding: str | None, query: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The status, headers and body of a scrape, as prometheus-client's own handlers make them
+    (format, compression, ``name[]`` filters), for any ``Accept`` (see :func:`_encoder`)."""
+    try:
+        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
+            registry, accept, accept_encoding, parse_qs(query), False
+        )
+    except (TypeError, ValueError):
+        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
+            registry, None, accept_encoding, parse_qs(query), False
+        )
+    return int(status.split(" ", 1)[0]), list(headers), output
 
 
 def exposition_registry(directory: str) -> CollectorRegistry:
@@ -614,7 +642,9 @@ def _refusal(status: int) -> tuple[list[tuple[str, str]], bytes]:
     400 (not HTTP)."""
     if status == 405:
         error, message = "method_not_allowed", f"{METRICS_PATH} answers GET and HEAD only"
-    elif status == 400:
+    elif status == 431:
+        error, message = "headers_too_large", f"the request head is over {ENDPOINT_REQUEST_BYTES} bytes"
+    elif status >= 400 and status < 500 and status != 404:
         error, message = "bad_request", f"the request is not valid HTTP/1.1; send GET {METRICS_PATH}"
     else:
         error, message = "not_found", f"this port serves {METRICS_PATH} only; the API is on the Unix socket"
@@ -678,10 +708,18 @@ class _Handler(MetricsHandler):
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, monotonic() + ENDPOINT_DEADLINE))
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != METRICS_PATH:
+        path, _, query = self.path.partition("?")
+        if path != METRICS_PATH:
             _not_found(self)
             return
-        super().do_GET()
+        status, headers, output = _output(
+            self.registry, self.headers.get("Accept"), self.headers.get("Accept-Encoding"), query
+        )
+        self.send_response(status)
+        for header in headers:
+            self.send_header(*header)
+        self.end_headers()
+        self.wfile.write(output)
 
     def do_HEAD(self) -> None:
         _not_found(self) if self.path.split("?", 1)[0] != METRICS_PATH else self.do_GET()
@@ -762,11 +800,14 @@ class LoopEndpoint:
         try:
             async with asyncio.timeout(ENDPOINT_DEADLINE):
                 answer = await self._answer(reader)
-                if answer:
+                if answer and not writer.is_closing():  # closing: cut at shutdown
                     writer.write(answer)
                     await writer.drain()
         except (TimeoutError, OSError):
             pass
+        except Exception as exc:  # never a line per connection, whatever a client sends
+            reason = escaped(f"{type(exc).__name__}: {exc}")
+            _ENDPOINT_FAILED.log(logging.ERROR, "Metrics endpoint: could not answer a request (%s)", reason)
         finally:
             self._writers.discard(writer)
             if writer.transport.get_write_buffer_size():  # the peer did not take the answer in time
@@ -781,12 +822,14 @@ class LoopEndpoint:
         try:
             event = connection.next_event()
             while event is h11.NEED_DATA:
-                data = await reader.read(min(budget, 65536)) if budget > 0 else b""
+                if budget <= 0:
+                    return _whole(431, *_refusal(431), head_only=False)
+                data = await reader.read(min(budget, 65536))
                 budget -= len(data)
                 connection.receive_data(data)
                 event = connection.next_event()
-        except h11.RemoteProtocolError:
-            return _whole(400, *_refusal(400), head_only=False)
+        except h11.RemoteProtocolError as exc:  # not HTTP, or a head over ENDPOINT_REQUEST_BYTES (431)
+            return _whole(exc.error_status_hint, *_refusal(exc.error_status_hint), head_only=False)
         if not isinstance(event, h11.Request):
             return b""
         target = event.target.decode("latin-1")
@@ -799,12 +842,11 @@ class LoopEndpoint:
             return _whole(405, *_refusal(405), head_only=head_only)
         fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
         self.metrics.flush()
-        # prometheus-client's own handlers answer with it: formats, compression, name[] filters.
-        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
-            self.metrics.registry, fields.get("accept"), fields.get("accept-encoding"), parse_qs(query), False
+        status, headers, output = _output(
+            self.metrics.registry, fields.get("accept"), fields.get("accept-encoding"), query
         )
-        headers = [*headers, ("Content-Length", str(len(output)))]
-        return _whole(int(status.split(" ", 1)[0]), headers, output, head_only=head_only)
+        headers.append(("Content-Length", str(len(output))))
+        return _whole(status, headers, output, head_only=head_only)
 
 
 class MetricsEndpoint:

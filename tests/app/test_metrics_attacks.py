@@ -156,3 +156,48 @@ def test_a_full_metrics_directory_never_kills_a_worker(tmp: Path) -> None:
             lambda: b'method="PROPFIND"' in http_over_uds(path, "GET", "/metrics")[1],
             what="the held-back series written once there is room",
         )
+
+
+def _ask(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_an_accept_header_prometheus_client_cannot_read_still_gets_the_metrics() -> None:
+    """prometheus-client raises on ``Accept: text/plain; version=x``: unguarded, each such scrape
+    ended unanswered with an ERROR line, a log flood for anyone who can reach the port."""
+    port = free_port()
+    with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
+        assert server.socket_path is not None
+        for accept in ("text/plain; version=x", "application/openmetrics-text; version=abc"):
+            request = f"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n".encode()
+            for _ in range(20):
+                answer = _ask(port, request)
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+                assert b"uds_open_connections" in answer
+            status, body = http_over_uds(server.socket_path, "GET", "/metrics", headers={"Accept": accept})
+            assert status == 200, body
+        assert server.stop() == 0
+        assert "ERROR" not in server.output, server.output
+
+
+def test_a_head_over_the_limit_is_431_and_a_stop_with_half_sent_heads_is_clean() -> None:
+    port = free_port()
+    with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
+        big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 20000 + b"\r\n\r\n"
+        assert _ask(port, big).startswith(b"HTTP/1.1 431 ")
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(ENDPOINT_CONNECTIONS)]
+        try:
+            for conn in held:
+                conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+            wait_until(lambda: "Metrics on" in server.output, what="the endpoint serving")
+            assert server.stop() == 0
+        finally:
+            for conn in held:
+                conn.close()
+        assert "ERROR" not in server.output, server.output
+        assert "Task exception" not in server.output, server.output

@@ -70,7 +70,7 @@ from urllib.parse import parse_qs
 import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 from prometheus_client.core import Metric
-from prometheus_client.exposition import MetricsHandler, _bake_output, choose_encoder
+from prometheus_client.exposition import MetricsHandler, _bake_output
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -130,9 +130,10 @@ ENDPOINT_DEADLINE = 10.0
 """Seconds a TCP endpoint connection may take to send its request (and then to take the answer): a
 client that trickles its request (slowloris) gives its slot back after this."""
 ENDPOINT_REQUEST_BYTES = 16 * 1024
-"""Bytes a TCP endpoint connection may send (a scrape's request is a few hundred); past them it
-reads as closed. The standard library's parser allows 100 header lines of 64 KiB: 16 connections
-sending those held 100 MiB of the server's memory."""
+"""Bytes of request head a TCP endpoint connection may send (a scrape's is a few hundred); past
+them the loop's endpoint answers 431 and the thread's reads the connection as closed. The standard
+library's parser allows 100 header lines of 64 KiB: 16 connections sending those held 100 MiB of
+the server's memory."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _ENDPOINT_FAILED = Throttle(log)
 _DIR_PREFIX = "uds-metrics-"
@@ -158,7 +159,7 @@ class Recorder:
     A request is counted in one *cell*, by the route object FastAPI's router matched (by ``id()``:
     Starlette routes are not hashable; the app's routes live as long as it does), the method and
     the status: the requests in each bucket of :data:`BUCKETS` and above the last, then the sum of
-    their seconds; and once in :attr:`peers`, under its connection's uid label (:meth:`uid_label`).
+    their seconds; and once in its connection's :class:`PeerTally` (:meth:`peer`).
     Cells are bounded by the app's routes, the methods httptools parses and the statuses the app
     answers (a peer sending every method to every route made about 500), peers by
     :data:`MAX_PEER_UIDS` + 2 labels.
@@ -326,8 +327,9 @@ class Metrics:
             ["uid"],
             registry=own,
         )
-        self._pushed_cells: dict[tuple[int, str, int], list[float]] = {}
-        self._children: dict[tuple[int, str, int], tuple[Any, list[Any], bool]] = {}
+        self._pushed_cells: dict[tuple[int, str, int], tuple[Any, list[Any], bool, list[float]]] = {}
+        """Per cell: its requests counter child, its histogram child's values, whether it stores,
+        and the cell as last pushed."""
         self._pushed_refusals: dict[tuple[str, int], int] = {}
         self._pushed_peers: dict[int | str | None, int] = {}
         self._pushed_total = 0
@@ -372,25 +374,22 @@ class Metrics:
         """Add each cell's growth since the last flush to its series; a cell whose series could not
         be made (``labels()`` on a full disk raises ``OSError``) is left for the next flush."""
         recorder = self.recorder
-        pushed = self._pushed_cells
         for key, cell in list(recorder.cells.items()):
-            before = pushed.get(key)
-            if before == cell:
-                continue
-            children = self._children.get(key)
-            if children is None:
+            pushed = self._pushed_cells.get(key)
+            if pushed is None:
                 method, route, status, stores = recorder.labels[key]
                 duration = self.duration.labels(method, route)
-                children = self._children[key] = (
+                pushed = self._pushed_cells[key] = (
                     self.requests.labels(method, route, status),
                     # Histogram children keep one value per bucket (not cumulative) and one for the
                     # sum; observe() takes one value, so the counts are added to those directly.
                     [*duration._buckets, duration._sum],
                     stores,
+                    [0] * len(cell),
                 )
-            if before is None:
-                before = pushed[key] = [0] * len(cell)
-            requests, targets, stores = children
+            requests, targets, stores, before = pushed
+            if before == cell:
+                continue
             added = int(sum(cell[:-1]) - sum(before[:-1]))
             requests.inc(added)
             if stores:
@@ -415,26 +414,17 @@ class Metrics:
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format ``accept`` asks for (Prometheus text by default)."""
-        encoder, content_type = _encoder(accept)
-        return encoder(self.registry), content_type
-
-
-def _encoder(accept: str | None) -> tuple[Callable[[CollectorRegistry], bytes], str]:
-    """prometheus-client's encoder for ``accept``; its text format when that cannot be read.
-
-    ``choose_encoder`` raises ``TypeError`` on a version it cannot compare (``Accept: text/plain;
-    version=x``): any client could make every scrape fail, each with an ERROR line."""
-    try:
-        return choose_encoder(accept or "")
-    except (TypeError, ValueError):
-        return choose_encoder("")
+        _, headers, output = _output(self.registry, accept, None, "")
+        return output, dict(headers)["Content-Type"]
 
 
 def _output(
     registry: Collector, accept: str | None, accept_encoding: str | None, query: str
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """The status, headers and body of a scrape, as prometheus-client's own handlers make them
-    (format, compression, ``name[]`` filters), for any ``Accept`` (see :func:`_encoder`)."""
+    (format, compression, ``name[]`` filters), for any ``Accept``: its ``choose_encoder`` raises
+    ``TypeError`` on a version it cannot compare (``Accept: text/plain; version=x``), and would make
+    every such scrape fail with an ERROR line; that one gets the text format."""
     try:
         status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
             registry, accept, accept_encoding, parse_qs(query), False
@@ -644,10 +634,10 @@ def _refusal(status: int) -> tuple[list[tuple[str, str]], bytes]:
         error, message = "method_not_allowed", f"{METRICS_PATH} answers GET and HEAD only"
     elif status == 431:
         error, message = "headers_too_large", f"the request head is over {ENDPOINT_REQUEST_BYTES} bytes"
-    elif status >= 400 and status < 500 and status != 404:
-        error, message = "bad_request", f"the request is not valid HTTP/1.1; send GET {METRICS_PATH}"
-    else:
+    elif status == 404:
         error, message = "not_found", f"this port serves {METRICS_PATH} only; the API is on the Unix socket"
+    else:
+        error, message = "bad_request", f"the request is not valid HTTP/1.1; send GET {METRICS_PATH}"
     body = json.dumps({"error": error, "message": message, "status": status}).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     if status == 405:
@@ -660,6 +650,11 @@ def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_onl
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{n}: {v}" for n, v in headers)]
     head = "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1")
     return head if head_only else head + body
+
+
+def _refused(status: int, *, head_only: bool = False) -> bytes:
+    """The whole answer of a :func:`_refusal`."""
+    return _whole(status, *_refusal(status), head_only=head_only)
 
 
 def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
@@ -730,6 +725,10 @@ class _Handler(MetricsHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other
 
 
+def _announce(listen: str, port: int) -> None:
+    log.info("Metrics on http://%s%s", listen.rpartition(":")[0] + f":{port}", METRICS_PATH)
+
+
 def listening_socket(listen: str) -> socket.socket:
     """A TCP socket listening on ``listen`` (``HOST:PORT``) for the metrics endpoint.
 
@@ -782,7 +781,7 @@ class LoopEndpoint:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, sock=self.sock)
-        log.info("Metrics on http://%s%s", self.listen.rpartition(":")[0] + f":{self.port}", METRICS_PATH)
+        _announce(self.listen, self.port)
 
     def close(self) -> None:
         """Stop listening and drop the connections being served (a scrape is cheap to repeat)."""
@@ -822,14 +821,14 @@ class LoopEndpoint:
         try:
             event = connection.next_event()
             while event is h11.NEED_DATA:
-                if budget <= 0:
-                    return _whole(431, *_refusal(431), head_only=False)
+                if budget <= 0:  # h11's limit is on an incomplete head: a whole one may be larger
+                    return _refused(431)
                 data = await reader.read(min(budget, 65536))
                 budget -= len(data)
                 connection.receive_data(data)
                 event = connection.next_event()
         except h11.RemoteProtocolError as exc:  # not HTTP, or a head over ENDPOINT_REQUEST_BYTES (431)
-            return _whole(exc.error_status_hint, *_refusal(exc.error_status_hint), head_only=False)
+            return _refused(exc.error_status_hint)
         if not isinstance(event, h11.Request):
             return b""
         target = event.target.decode("latin-1")
@@ -837,9 +836,9 @@ class LoopEndpoint:
         method = event.method.decode("ascii")
         head_only = method == "HEAD"
         if path != METRICS_PATH:
-            return _whole(404, *_refusal(404), head_only=head_only)
+            return _refused(404, head_only=head_only)
         if method not in ("GET", "HEAD"):
-            return _whole(405, *_refusal(405), head_only=head_only)
+            return _refused(405, head_only=head_only)
         fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
         self.metrics.flush()
         status, headers, output = _output(
@@ -896,7 +895,7 @@ class MetricsEndpoint:
 
     def start(self) -> MetricsEndpoint:
         self._thread.start()
-        log.info("Metrics on http://%s%s", self.listen.rpartition(":")[0] + f":{self.port}", METRICS_PATH)
+        _announce(self.listen, self.port)
         return self
 
     def close(self) -> None:

@@ -287,7 +287,6 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Cycles not yet answered, the running one and those pipelined behind it."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
         """Counts each request for ``/metrics`` (``app.metrics``), when on."""
-        self.timed = self.recorder is not None and self.recorder.on
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
         """The request cycles' class: the recorder's counts each request when its response starts."""
         self.tally: PeerTally | None = None
@@ -297,7 +296,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.peer = read_peer(transport.get_extra_info("socket"))
-        if self.recorder is not None and self.timed:
+        if self.recorder is not None and self.recorder.on:
             self.tally = self.recorder.peer(self.peer["uid"] if self.peer is not None else None)
         # A connection that never sends a request is closed after request_timeout too.
         self._connected_at = self._waiting_since = self.loop.time()
@@ -460,7 +459,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
         )
-        if self.timed:
+        if self.tally is not None:  # counting
             cycle.started = perf_counter()  # type: ignore[union-attr]
             cycle.tally = self.tally  # type: ignore[union-attr]
         if existing_cycle is None or existing_cycle.response_complete:

@@ -208,19 +208,24 @@ def test_an_id_older_than_the_history_gets_reset_then_the_oldest() -> None:
         poster.close()
 
 
+def stream_refused(path: str) -> dict[str, str]:
+    """Open one more stream, which must be refused with 503 and ``Retry-After: 1``; its headers."""
+    refused = RawStream(path)
+    try:
+        assert refused.status == 503
+        assert refused.headers["retry-after"] == "1"
+        return refused.headers
+    finally:
+        refused.close()
+
+
 def test_past_max_streams_the_answer_is_503_until_one_closes() -> None:
     # One uid may hold a quarter of --max-streams: 2 of 8 (other uids: test_events_attacks.py).
     with running_server("--store", "memory", "--max-streams", "8") as server:
         path = _path(server)
         with streams(path, 2) as open_streams:
             assert [s.status for s in open_streams] == [200, 200]
-            refused = RawStream(path)
-            try:
-                assert refused.status == 503
-                assert refused.headers["retry-after"] == "1"
-                assert refused.headers["content-type"] == "application/json"
-            finally:
-                refused.close()
+            assert stream_refused(path)["content-type"] == "application/json"
             open_streams[0].close()
 
             def reopened() -> RawStream | None:

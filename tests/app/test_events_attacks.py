@@ -9,7 +9,7 @@ import pytest
 
 from app.events import EventHub, StreamsFull
 from app.store import MessageStore
-from tests.app.test_events import RawStream, _path, streams
+from tests.app.test_events import RawStream, _path, stream_refused, streams
 from tests.support import NOBODY, python_as_nobody, running_server, short_tmpdir
 
 _OPEN_AS_NOBODY = textwrap.dedent(
@@ -40,12 +40,7 @@ def test_one_uid_cannot_take_every_stream_slot() -> None:
         # This uid opens streams until it is refused: it gets its share (a quarter), not all 8.
         with streams(path, 2) as mine:
             assert [s.status for s in mine] == [200, 200]
-            refused = RawStream(path)
-            try:
-                assert refused.status == 503
-                assert refused.headers["retry-after"] == "1"
-            finally:
-                refused.close()
+            stream_refused(path)
             # Another uid still gets a stream while this one holds its share.
             other = python_as_nobody("-c", _OPEN_AS_NOBODY, path)
             assert other.returncode == 0, other.stderr

@@ -11,15 +11,16 @@ socket in this network namespace.
 * :func:`find_caller` adds the gids: the fsgid and supplementary groups of a process that holds
   that socket (``/proc/<pid>/fd``, readable for the proxy's own uid, or for any uid when the proxy
   runs as root), which are exactly what the kernel checks on ``connect()``. When no such process
-  is visible (another user's process, another container's PID namespace), it falls back to the
-  account database (``pwd``/``grp``: the primary group and the groups listing the user); that can
-  be wider than the process, which may have dropped groups, but never wider than what the user
-  gets by logging in.
+  is visible (another user's process, another container's PID namespace), the groups are unknown:
+  the account database is no substitute, since a process may run with any gid and no
+  supplementary groups at all.
 * :class:`SocketAccess` applies the kernel's rule without capabilities: search permission on
   every directory the kernel looks a name up in on the way to the socket, and write permission on
   the socket file, by owner, group or other class. The path is walked name by name as the kernel
   does (:func:`traversal`): the directories of the path as given, and those of every symbolic link's
-  target, so a link in a private directory does not hide that directory. A caller with only
+  target, so a link in a private directory does not hide that directory. For a caller whose
+  groups are unknown, a group's bits admit only where the other bits admit too (whether or not
+  the caller is in that group, the kernel would let it in). A caller with only
   ``CAP_DAC_OVERRIDE`` (root that neither owns the socket nor is in its group) is refused: stricter
   than the kernel, never wider.
 
@@ -30,10 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import ipaddress
 import os
-import pwd
 import socket
 import stat
 import struct
@@ -63,14 +62,16 @@ _RECENT: deque[int] = deque(maxlen=16)
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The owner of a TCP connection: ``pid`` 0 and ``gid`` -1 when no holding process was visible."""
+    """The owner of a TCP connection: ``pid`` 0, ``gid`` -1 and ``groups`` None when no holding
+    process was visible."""
 
     uid: int
     gid: int
     pid: int
-    groups: frozenset[int]
+    groups: frozenset[int] | None
+    """The fsgid and supplementary groups of the holding process; None when unknown."""
     source: str
-    """Where the groups come from: ``process`` (exact) or ``account`` (pwd/grp) or ``none``."""
+    """Where the groups come from: ``process`` (exact) or ``none`` (unknown)."""
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -186,19 +187,6 @@ def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
     return uid, gid, groups | {gid}
 
 
-def _account_groups(uid: int) -> tuple[int, frozenset[int]] | None:
-    """The primary gid and all groups of ``uid`` in the account database, if it has an entry."""
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return None
-    try:
-        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-    except OSError:
-        groups = [entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem)]
-    return entry.pw_gid, frozenset(groups)
-
-
 def find_caller(peer: tuple[str, int], local: tuple[str, int]) -> Caller | None:
     """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found."""
     owner = tcp_owner(peer, local)
@@ -210,17 +198,20 @@ def find_caller(peer: tuple[str, int], local: tuple[str, int]) -> Caller | None:
         credentials = _process_credentials(pid)
         if credentials is not None and credentials[0] == uid:
             return Caller(uid=uid, gid=credentials[1], pid=pid, groups=credentials[2], source="process")
-    account = _account_groups(uid)
-    if account is not None:
-        return Caller(uid=uid, gid=account[0], pid=0, groups=account[1], source="account")
-    return Caller(uid=uid, gid=-1, pid=0, groups=frozenset(), source="none")
+    return Caller(uid=uid, gid=-1, pid=0, groups=None, source="none")
 
 
-def _may(info: os.stat_result, uid: int, groups: frozenset[int], bit: int) -> bool:
-    """The kernel's owner/group/other class check (no capabilities) for one permission bit."""
+def _may(info: os.stat_result, uid: int, groups: frozenset[int] | None, bit: int) -> bool:
+    """The kernel's owner/group/other class check (no capabilities) for one permission bit.
+
+    With ``groups`` None (unknown), the caller may or may not be in the file's group, so both the
+    group's and the others' bits must allow: never wider than the kernel.
+    """
     mode = info.st_mode
     if uid == info.st_uid:
         return bool(mode & (bit << 6))
+    if groups is None:
+        return bool(mode & (bit << 3)) and bool(mode & bit)
     if info.st_gid in groups:
         return bool(mode & (bit << 3))
     return bool(mode & bit)
@@ -276,11 +267,11 @@ class SocketAccess:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def allows(self, uid: int, groups: frozenset[int]) -> bool:
+    def allows(self, uid: int, groups: frozenset[int] | None) -> bool:
         """True if ``uid`` with ``groups`` may search every directory on the way to the socket and write it.
 
-        Anything that cannot be checked (a name gone meanwhile, a directory that cannot be read)
-        refuses.
+        ``groups`` None means unknown (see :func:`_may`). Anything that cannot be checked (a name
+        gone meanwhile, a directory that cannot be read) refuses.
         """
         try:
             searched, final = traversal(self.path)

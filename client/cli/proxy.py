@@ -9,11 +9,13 @@ it reaches the socket:
 
   - *By uid, as identd does* (no setup, works for curl and a browser on the same machine): the
     kernel reports the uid that owns the connecting TCP socket (:mod:`client.cli._caller`, an exact
-    ``sock_diag`` lookup by address pair), the gids come from the process holding that socket (or
-    the account database when that process is not visible), and the caller is admitted only if
-    the socket's owner, group and mode would let it ``connect()`` (search on each directory, write
-    on the socket). Only callers in this network namespace can be identified: a Pod's containers
-    share one, so they are checked like local users; anything else is unknown and needs the token.
+    ``sock_diag`` lookup by address pair), the gids come from the process holding that socket, and
+    the caller is admitted only if the socket's owner, group and mode would let it ``connect()``
+    (search on each directory, write on the socket). When that process is not visible (a proxy
+    not running as root sees only its own uid's processes), the groups are unknown and a group's
+    bits admit no one that the others' bits would not. Only callers in this network namespace can
+    be identified: a Pod's containers share one, so they are checked like local users; anything
+    else is unknown and needs the token.
   - *By token, as Jupyter does*: a random token made at start is printed only on the proxy's
     stderr (``Docs: http://127.0.0.1:PORT/docs?token=...``). A GET with ``?token=`` gets a redirect
     to the same page without it and an ``HttpOnly; SameSite=Strict`` cookie scoped to this port;
@@ -811,8 +813,9 @@ def _describe(caller: Caller | None) -> str:
 
 
 def _groups(caller: Caller) -> str:
-    where = {"process": "of its process", "account": "of its account", "none": "unknown"}[caller.source]
-    return f"{','.join(map(str, sorted(caller.groups))) or 'none'} {where}".strip()
+    if caller.groups is None:
+        return "unknown: its process is not visible to the proxy, so the group's bits do not count"
+    return f"{','.join(map(str, sorted(caller.groups))) or 'none'} of its process"
 
 
 async def _next_request(

@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from app.config import Settings
 from app.errors import error_response, error_responses, public_details, summarize
 from app.forwarded import HEADER as FORWARDED_HEADER
-from app.forwarded import with_forwarded
+from app.forwarded import key_owner, with_forwarded
 from app.logs import Throttle, escaped
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.store import KeyConflict, Store, StoreFull
@@ -260,10 +260,11 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             peer = with_forwarded(peer, forwarded_raw)
             if peer is None:
                 return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
-        if key is not None:
-            # Keys belong to the peer uid that sent them: another uid reusing one stores its own
-            # message and learns nothing of the first (neither its record nor, by a 409, its text).
-            key = key if uid is None else f"{uid}:{key}"
+        if key is not None and peer is not None:
+            # Keys belong to the peer uid that sent them (and the caller a proxy names): another uid
+            # reusing one stores its own message and learns nothing of the first (neither its
+            # record nor, by a 409, its text).
+            key = f"{key_owner(peer)}:{key}"
         try:
             stored = await store.put(text, reply, _now(), peer, key)
         except KeyConflict:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from app.config import Settings
-from app.forwarded import parse_forwarded_peer
+from app.forwarded import key_owner, parse_forwarded_peer
 from app.main import create_app
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import http_over_uds, running_server
@@ -34,6 +34,17 @@ JSON = {"Content-Type": "application/json"}
 )
 def test_parse_forwarded_peer(value: bytes, parsed: dict[str, int] | None) -> None:
     assert parse_forwarded_peer(value) == parsed
+
+
+def test_keys_belong_to_the_peer_and_to_the_caller_it_names() -> None:
+    proxy = {"pid": 7, "uid": 0, "gid": 0}
+    assert key_owner(proxy) == "0"
+    named = [key_owner({**proxy, "forwarded_for": {"uid": u, "gid": 1, "pid": 2}}) for u in (4242, 4343)]
+    assert named == ["0>4242", "0>4343"]
+    # Another peer naming the same caller has its own scope: a forged header reaches no one else's.
+    assert key_owner(
+        {"pid": 8, "uid": 4343, "gid": 0, "forwarded_for": {"uid": 4242, "gid": 1, "pid": 2}}
+    ) == ("4343>4242")
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

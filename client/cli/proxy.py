@@ -16,16 +16,19 @@ it reaches the socket:
     bits admit no one that the others' bits would not. Only callers in this network namespace can
     be identified: a Pod's containers share one, so they are checked like local users; anything
     else is unknown and needs the token.
-  - *By token, as Jupyter does*: a random token made at start is printed only on the proxy's
-    stderr (``Docs: http://127.0.0.1:PORT/docs?token=...``). A GET with ``?token=`` gets a redirect
-    to the same page without it and an ``HttpOnly; SameSite=Strict`` cookie scoped to this port;
-    requests that carry the cookie are admitted. Reading the proxy's output proves the caller is
-    the user who started it (or can ``kubectl exec`` into the Pod, which is more). This is what
-    ``kubectl port-forward`` needs: its connections are made by the container runtime (uid 0).
+  - *By token*: a random token made at start is printed only on the proxy's stderr
+    (``Docs: http://127.0.0.1:PORT/docs?token=...``). A request is admitted that carries it in a
+    ``Uds-Proxy-Token`` header (the server's docs pages read it from their address and send it
+    with each request) or as ``?token=`` in its URL (curl, the docs page itself); the proxy removes
+    it, and a ``Referer`` holding it, before forwarding. It is never a cookie: a browser sends a
+    cookie to every port of the host, so a page that another user serves on another loopback port
+    would receive it. Reading the proxy's output proves the caller is the user who started it (or
+    can ``kubectl exec`` into the Pod, which is more). This is what ``kubectl port-forward``
+    needs: its connections are made by the container runtime (uid 0).
 
   Both are on by default; ``--token-only`` turns the uid check off. Everything else gets ``403``.
   The uid check alone would admit a cross-site page in the user's browser, so a request whose
-  ``Origin`` is not the proxy's own is refused too (the token's cookie is SameSite=Strict already).
+  ``Origin`` is not the proxy's own is refused too.
 * **Host must be the proxy's own address** (``127.0.0.1:PORT``, ``localhost:PORT``, ``[::1]:PORT``,
   the ``--listen`` address, and any ``--allow-host``), or the answer is ``421``: a DNS-rebinding
   page in a local browser sends its own host name.
@@ -92,6 +95,7 @@ from client.address import to_url
 __all__ = [
     "DEFAULT_LISTEN",
     "FORWARDED_HEADER",
+    "TOKEN_HEADER",
     "Listen",
     "Proxy",
     "add_arguments",
@@ -109,6 +113,8 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_HOST = "127.0.0.1"
 FORWARDED_HEADER = b"uds-forwarded-peer"
 """The request header that names the caller behind the proxy (the server records it)."""
+TOKEN_HEADER = b"uds-proxy-token"
+"""The request header that carries the proxy's token (the docs pages send it); never forwarded."""
 MAX_HEAD_BYTES = 32 * 1024
 """Largest request head the proxy reads (the server's own limit)."""
 MAX_HEADERS = 100
@@ -240,7 +246,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
         "this machine and network namespace only) may connect to the socket, or if it carries the "
-        "token printed at start (as a cookie set by opening the printed URL). Exit codes: 0 stopped by "
+        "token printed at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs URL "
+        "carries it). Exit codes: 0 stopped by "
         "SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be used (in use, not permitted); "
         "3 the socket cannot be reached at start."
     )
@@ -321,7 +328,6 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
 )
 _REASONS = {
-    303: "See Other",
     400: "Bad Request",
     403: "Forbidden",
     408: "Request Timeout",
@@ -332,7 +338,6 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _ERRORS = {
-    303: "see_other",
     400: "bad_request",
     403: "forbidden",
     408: "request_timeout",
@@ -390,7 +395,7 @@ class _Closed(Exception):
 
 @dataclass
 class _Verdict:
-    """What to do with one request: forward it (``status`` 0), redirect (303) or refuse."""
+    """What to do with one request: forward it (``status`` 0) or refuse."""
 
     status: int = 0
     message: str = ""
@@ -470,7 +475,6 @@ class Proxy:
         self.access = SocketAccess(path)
         self.hosts: frozenset[str] = frozenset()
         self.origins: frozenset[str] = frozenset()
-        self.cookie = "uds-proxy"
         self.max_connections = max_connections
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots: set[asyncio.Task[None]] = set()
@@ -485,7 +489,6 @@ class Proxy:
         """Set what the proxy answers to, once its port is known."""
         self.hosts = hosts
         self.origins = frozenset(f"http://{host}" for host in hosts)
-        self.cookie = f"uds-proxy-{port}"  # cookies ignore ports: one name per proxy port
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one TCP connection: one request, checked, then forwarded or refused."""
@@ -556,16 +559,10 @@ class Proxy:
             verdict = self._check(request, caller)
             line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
             if verdict.status:
-                if verdict.status != 303:
-                    self.log(
-                        f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
-                        f"{line}: {verdict.message}"
-                    )
-                elif self.log_connections:
-                    self.log(
-                        f"proxy #{number} {who} {_describe(caller)}: token accepted, cookie set, "
-                        f"redirected {line}"
-                    )
+                self.log(
+                    f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
+                    f"{line}: {verdict.message}"
+                )
                 await _answer(reader, writer, error_answer(verdict.status, verdict.message, verdict.headers))
                 return
             await self._forward(
@@ -643,8 +640,7 @@ class Proxy:
         size = len(request.method) + len(request.target) + 11
         if size + sum(len(name) + len(value) + 4 for name, value in request.headers) > MAX_HEAD_BYTES:
             return _Verdict(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
-        host = origin = None
-        cookies: list[bytes] = []
+        host = origin = given = None
         framing = set()
         for name, value in request.headers:
             if name == b"host":
@@ -653,8 +649,8 @@ class Proxy:
                 framing.add(name)
             elif name == b"origin":
                 origin = value
-            elif name == b"cookie":
-                cookies.append(value)
+            elif name == TOKEN_HEADER:
+                given = value
         if host is None:
             return _Verdict(400, "the request has no Host header; send Host: 127.0.0.1:PORT")
         if len(framing) == 2:  # RFC 9112 section 6.1: a sign of request smuggling
@@ -671,25 +667,19 @@ class Proxy:
                 f"cross-origin requests are refused (Origin {_shown(origin)!r}); "
                 "open the page from the proxy's own address",
             )
-        if b"token=" in request.target:
-            query = request.target.partition(b"?")[2].decode("latin-1")
-            given = dict(parse_qsl(query, keep_blank_values=True)).get("token")
-            if given is not None:
-                if not hmac.compare_digest(given.encode(), self.token.encode()):
-                    return _Verdict(403, "wrong token; open the URL the proxy printed at start")
-                target = self._without_token(request.target)
-                if request.method in (b"GET", b"HEAD"):
-                    cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-                    return _Verdict(
-                        303,
-                        "token accepted; continue without it in the URL",
-                        (("Location", target.decode("latin-1")), ("Set-Cookie", cookie)),
-                    )
-                return _Verdict(target=target, by="token")
+        target = request.target
+        if b"token=" in target:
+            query = target.partition(b"?")[2].decode("latin-1")
+            in_url = dict(parse_qsl(query, keep_blank_values=True)).get("token")
+            if in_url is not None:
+                given = given if given is not None else in_url.encode()
+                target = self._without_token(target)
+        if given is not None:
+            if not hmac.compare_digest(given, self.token.encode()):
+                return _Verdict(403, "wrong token; open the URL the proxy printed at start")
+            return _Verdict(target=target, by="token")
         if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):
-            return _Verdict(target=request.target, by="uid")
-        if self._has_cookie(cookies):
-            return _Verdict(target=request.target, by="token")
+            return _Verdict(target=target, by="uid")
         if self.token_only:
             why = "this proxy admits only requests with its token"
         elif caller is None:
@@ -701,28 +691,15 @@ class Proxy:
             )
         return _Verdict(403, f"{why}; open the URL with the token that the proxy printed at start")
 
-    def _has_cookie(self, cookies: list[bytes]) -> bool:
-        expected = self.token.encode()
-        name = self.cookie.encode()
-        for header in cookies:
-            for pair in header.split(b";"):
-                key, _, value = pair.strip().partition(b"=")
-                if key == name and hmac.compare_digest(value, expected):
-                    return True
-        return False
-
     def _upstream_headers(self, request: h11.Request, caller: Caller | None) -> list[tuple[bytes, bytes]]:
-        name = self.cookie.encode()
+        token = self.token.encode()
         headers: list[tuple[bytes, bytes]] = []
         for raw_name, value in request.headers.raw_items():
             lower = raw_name.lower()
-            if lower in _HOP_BY_HOP:
+            if lower in _HOP_BY_HOP or lower == TOKEN_HEADER:
                 continue
-            if lower == b"cookie":  # the proxy's own cookie is a secret for the proxy alone
-                kept = [p for p in value.split(b";") if p.strip().partition(b"=")[0] != name]
-                if not kept:
-                    continue
-                value = b";".join(kept).strip()
+            if lower == b"referer" and token in value:  # the token is a secret for the proxy alone
+                continue
             headers.append((raw_name, value))
         headers.append((b"Connection", b"close"))
         if caller is not None:
@@ -1044,11 +1021,11 @@ async def _main(
             "--listen 127.0.0.1:PORT unless you mean it."
         )
     if proxy.token_only:
-        log("Access: only requests with this proxy's token (open the URL below once; it sets a cookie)")
+        log("Access: only requests with this proxy's token (open the URL below; its page sends it)")
     else:
         log(
             f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
-            "or anyone with this proxy's token (open the URL below once; it sets a cookie)"
+            "or anyone with this proxy's token (open the URL below; its page sends it)"
         )
     log(f"Docs: http://{browse}/docs?token={proxy.token}")
     stop = asyncio.Event()

@@ -6,7 +6,7 @@ test: it never skips. The browser resolves ``rebind.example`` to 127.0.0.1, as a
 attacker's name would.
 
 The proxy admits the browser by uid (the tests run as root, who owns the server's socket), or, with
-``--token-only``, by the cookie that opening its tokened URL sets.
+``--token-only``, by the token that the docs page, opened at the proxy's tokened URL, sends.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def proxy_port(proxy: Proxy) -> int:
 
 @pytest.fixture(scope="module")
 def token_proxy(docs_server: ServerProcess) -> Iterator[Proxy]:
-    """``uds-client proxy --token-only`` in front of ``docs_server``: only its token's cookie opens it."""
+    """``uds-client proxy --token-only`` in front of ``docs_server``: only its token opens it."""
     assert docs_server.socket_path is not None
     with Proxy(docs_server.socket_path, "--token-only") as running:
         running.wait_listening()

@@ -691,20 +691,20 @@ def test_the_proxy_replaces_a_forwarded_peer_header_the_caller_sent(group_server
 def test_the_token_admits_a_caller_the_uid_check_refuses(group_server: Any) -> None:
     with Proxy(group_server.socket_path) as proxy:
         proxy.wait_listening()
-        cookie = {"Cookie": f"uds-proxy-{proxy.port}={proxy.token}", "Content-Type": "application/json"}
-        answer = as_nobody(proxy.port, "POST", "/messages", '{"text": "with the token"}', cookie)
+        token = {"Uds-Proxy-Token": proxy.token, "Content-Type": "application/json"}
+        answer = as_nobody(proxy.port, "POST", "/messages", '{"text": "with the token"}', token)
         assert answer["status"] == 201, answer
         # Admitted by token, not named: the token holder acts as the proxy's user, the peer on the socket.
         assert "forwarded_for" not in answer["body"]["peer"], answer
         assert answer["body"]["peer"]["pid"] == proxy.proc.pid
-        wrong = {"Cookie": f"uds-proxy-{proxy.port}=x{proxy.token}"}
+        assert as_nobody(proxy.port, "GET", f"/messages?token={proxy.token}")["status"] == 200
+        wrong = {"Uds-Proxy-Token": f"x{proxy.token}"}
         assert as_nobody(proxy.port, "GET", "/messages", headers=wrong)["status"] == 403
-        other_port = {"Cookie": f"uds-proxy-{proxy.port + 1}={proxy.token}"}
-        assert as_nobody(proxy.port, "GET", "/messages", headers=other_port)["status"] == 403
+        assert as_nobody(proxy.port, "GET", f"/messages?token=x{proxy.token}")["status"] == 403
         assert proxy.stop() == 0
 
 
-def test_token_only_the_url_sets_an_httponly_samesite_cookie_and_the_token_stays_in_the_proxy() -> None:
+def test_token_only_the_token_opens_by_header_or_url_and_stays_in_the_proxy() -> None:
     with unix_server() as upstream, Proxy(upstream.path, "--token-only") as proxy:
         proxy.wait_listening()
         assert "Access: only requests with this proxy's token" in proxy.output
@@ -717,31 +717,30 @@ def test_token_only_the_url_sets_an_httponly_samesite_cookie_and_the_token_stays
         )
         status, _, body = http_request(proxy.port, "GET", "/docs?token=wrong")
         assert (status, body["message"]) == (403, "wrong token; open the URL the proxy printed at start")
+        status, _, body = http_request(proxy.port, "GET", "/docs", headers={"Uds-Proxy-Token": "wrong"})
+        assert (status, body["message"]) == (403, "wrong token; open the URL the proxy printed at start")
+        # In the URL (a page's address, curl): forwarded without it, and no cookie is set.
         status, headers, body = http_request(proxy.port, "GET", f"/headers?a=1&token={proxy.token}&b=2")
-        assert (status, body) == (
-            303,
-            {
-                "error": "see_other",
-                "status": 303,
-                "message": "token accepted; continue without it in the URL",
-            },
-        )
-        assert headers["location"] == "/headers?a=1&b=2"
-        assert headers["set-cookie"] == (
-            f"uds-proxy-{proxy.port}={proxy.token}; Path=/; HttpOnly; SameSite=Strict"
-        )
-        cookie = f"theme=dark; uds-proxy-{proxy.port}={proxy.token}"
-        status, _, body = http_request(proxy.port, "GET", "/headers?a=1&b=2", headers={"Cookie": cookie})
         assert status == 200
+        assert "set-cookie" not in headers
         assert body["head"][0] == "GET /headers?a=1&b=2 HTTP/1.1"
-        assert "Cookie: theme=dark" in body["head"]  # the proxy's own cookie is not passed on
+        # In a header (what the docs pages send): removed, with a Referer that holds the token.
+        sent = {
+            "Uds-Proxy-Token": proxy.token,
+            "Cookie": "theme=dark",
+            "Referer": f"http://{proxy.host}/docs?token={proxy.token}",
+        }
+        status, _, body = http_request(proxy.port, "GET", "/headers", headers=sent)
+        assert status == 200
+        assert "Cookie: theme=dark" in body["head"]  # cookies are not the proxy's business
+        assert not [h for h in body["head"] if h.lower().startswith(("uds-proxy-token:", "referer:"))]
         # A POST may carry the token in the URL (scripts); it is removed before the socket sees it.
         status, _, body = http_request(proxy.port, "POST", f"/headers?token={proxy.token}", body=b"x")
         assert (status, body["head"][0], body["body"]) == (200, "POST /headers HTTP/1.1", "x")
         assert proxy.stop() == 0
     # The token appears once in the log: in the URL printed at start.
     assert proxy.output.count(proxy.token) == 1
-    assert upstream.seen == ["GET /headers?a=1&b=2", "POST /headers"]
+    assert upstream.seen == ["GET /headers?a=1&b=2", "GET /headers", "POST /headers"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1162,7 +1161,7 @@ def test_startup_lines_say_loopback_who_may_call_and_print_the_tokened_url() -> 
         assert out.startswith(
             f"Proxy listening on http://127.0.0.1:{proxy.port} (loopback only) -> unix://{path}\n"
             f"Access: callers on this machine who may connect to unix://{path} themselves (checked by uid), "
-            "or anyone with this proxy's token (open the URL below once; it sets a cookie)\n"
+            "or anyone with this proxy's token (open the URL below; its page sends it)\n"
             f"Docs: http://127.0.0.1:{proxy.port}/docs?token={proxy.token}\n"
         )
         assert len(proxy.token) >= 32
@@ -1246,7 +1245,7 @@ def test_socket_gone_later_answers_502_in_the_shared_error_shape() -> None:
         # The caller is checked against the socket's permissions: with no socket, nobody passes.
         assert (status, body["error"]) == (403, "forbidden")
         status, _, body = http_request(
-            proxy.port, "GET", "/healthz", headers={"Cookie": f"uds-proxy-{proxy.port}={proxy.token}"}
+            proxy.port, "GET", "/healthz", headers={"Uds-Proxy-Token": proxy.token}
         )
         assert status == 502
         assert body == {

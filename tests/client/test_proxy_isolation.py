@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from client.cli._caller import SocketAccess
-from tests.client.test_proxy import _AS_CALLER, Proxy, http_request
+from tests.client.test_proxy import _AS_CALLER, Proxy, http_request, raw_exchange
 from tests.support import NOBODY, PYTHON, ROOT, http_over_uds, require_tool, running_server, short_tmpdir
 
 OTHER_GID = 12345
@@ -225,3 +225,31 @@ def test_idempotency_keys_through_the_proxy_belong_to_each_caller(searchable_dir
         assert answer["status"] == 201, answer
         assert answer["body"]["peer"]["uid"] == 4343
         assert answer["body"]["id"] not in (a["body"]["id"], b["body"]["id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The token is never a cookie
+
+
+def test_the_proxy_sets_no_cookie_and_a_cookie_with_the_token_admits_no_one(searchable_dir: Path) -> None:
+    with running_server("--socket-mode", "600", tmp=searchable_dir) as server:
+        path = str(server.socket_path)
+        with Proxy(path, "--token-only") as proxy:
+            proxy.wait_listening()
+            for target in (
+                f"/docs?token={proxy.token}",
+                f"/messages?token={proxy.token}",
+                "/docs",
+                "/openapi.json",
+            ):
+                request = f"GET {target} HTTP/1.1\r\nHost: {proxy.host}\r\n\r\n".encode()
+                status, headers, _ = raw_exchange(proxy.port, request)
+                assert "set-cookie" not in headers, (target, status, headers)
+            # Whatever name a cookie has, the token in one opens nothing (as a page on another
+            # port of this host would receive it).
+            for name in (f"uds-proxy-{proxy.port}", "uds-proxy", "token"):
+                cookie = {"Cookie": f"{name}={proxy.token}"}
+                assert http_request(proxy.port, "GET", "/messages", headers=cookie)[0] == 403
+                answer = call_as(NOBODY, NOBODY, [], proxy.port, "/messages", "by cookie", cookie)
+                assert answer["status"] == 403, answer
+            assert proxy.stop() == 0

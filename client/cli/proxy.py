@@ -674,12 +674,14 @@ class Proxy:
             if in_url is not None:
                 given = given if given is not None else in_url.encode()
                 target = self._without_token(target)
+        # A caller the uid check admits is admitted (and named) by uid, token or not: the docs
+        # page opened at the printed URL sends the token with every request.
+        if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):
+            return _Verdict(target=target, by="uid")
         if given is not None:
             if not hmac.compare_digest(given, self.token.encode()):
                 return _Verdict(403, "wrong token; open the URL the proxy printed at start")
             return _Verdict(target=target, by="token")
-        if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):
-            return _Verdict(target=target, by="uid")
         if self.token_only:
             why = "this proxy admits only requests with its token"
         elif caller is None:

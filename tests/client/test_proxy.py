@@ -701,6 +701,14 @@ def test_the_token_admits_a_caller_the_uid_check_refuses(group_server: Any) -> N
         wrong = {"Uds-Proxy-Token": f"x{proxy.token}"}
         assert as_nobody(proxy.port, "GET", "/messages", headers=wrong)["status"] == 403
         assert as_nobody(proxy.port, "GET", f"/messages?token=x{proxy.token}")["status"] == 403
+        # A caller the uid check admits is admitted, and named, by uid, with the token or without.
+        status, _, body = http_request(
+            proxy.port, "POST", "/messages", b'{"text": "uid first"}', {**token, "Uds-Proxy-Token": "x"}
+        )
+        assert status == 201, body
+        assert body["peer"]["forwarded_for"]["uid"] == os.geteuid()
+        status, _, body = http_request(proxy.port, "POST", "/messages", b'{"text": "uid first"}', token)
+        assert (status, body["peer"]["forwarded_for"]["uid"]) == (201, os.geteuid())
         assert proxy.stop() == 0
 
 

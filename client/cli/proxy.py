@@ -246,9 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
         "this machine and network namespace only) may connect to the socket, or if it carries the "
-        "token printed at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs URL "
-        "carries it). Exit codes: 0 stopped by "
-        "SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be used (in use, not permitted); "
+        "token printed at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs "
+        "URL carries it, never a cookie). Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen "
+        "or the TCP address cannot be used (in use, not permitted); "
         "3 the socket cannot be reached at start."
     )
     parser.add_argument(
@@ -399,7 +399,6 @@ class _Verdict:
 
     status: int = 0
     message: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
     target: bytes = b""
     by: str = ""
 
@@ -563,7 +562,7 @@ class Proxy:
                     f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
                     f"{line}: {verdict.message}"
                 )
-                await _answer(reader, writer, error_answer(verdict.status, verdict.message, verdict.headers))
+                await _answer(reader, writer, error_answer(verdict.status, verdict.message))
                 return
             await self._forward(
                 reader,

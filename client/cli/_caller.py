@@ -16,7 +16,8 @@ socket in this network namespace.
   supplementary groups at all.
 * :class:`SocketAccess` applies the kernel's rule without capabilities: search permission on
   every directory the kernel looks a name up in on the way to the socket, and write permission on
-  the socket file, by owner, group or other class. The path is walked name by name as the kernel
+  the socket file, by owner, group or other class, or by the file's POSIX access ACL when it
+  has one (the mode's group bits are then the ACL's mask). The path is walked name by name as the kernel
   does (:func:`traversal`): the directories of the path as given, and those of every symbolic link's
   target, so a link in a private directory does not hide that directory. For a caller whose
   groups are unknown, a group's bits admit only where the other bits admit too (whether or not
@@ -201,12 +202,75 @@ def find_caller(peer: tuple[str, int], local: tuple[str, int]) -> Caller | None:
     return Caller(uid=uid, gid=-1, pid=0, groups=None, source="none")
 
 
-def _may(info: os.stat_result, uid: int, groups: frozenset[int] | None, bit: int) -> bool:
-    """The kernel's owner/group/other class check (no capabilities) for one permission bit.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_ACL_ENTRY = struct.Struct("=HHI")
+"""One ``posix_acl_xattr_entry``: tag, permission bits, uid or gid."""
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
 
-    With ``groups`` None (unknown), the caller may or may not be in the file's group, so both the
-    group's and the others' bits must allow: never wider than the kernel.
+
+def _acl(path: str) -> list[tuple[int, int, int]] | None:
+    """The entries of the POSIX access ACL of ``path``, or None when it has none (the mode rules).
+
+    Raises :class:`OSError` when an ACL is there but cannot be read: the caller then refuses.
     """
+    try:
+        raw = os.getxattr(path, _ACL_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return None
+        raise
+    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != _ACL_VERSION:
+        raise OSError(errno.EINVAL, "unreadable access ACL", path)
+    return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
+
+
+def _acl_may(
+    entries: list[tuple[int, int, int]],
+    info: os.stat_result,
+    uid: int,
+    groups: frozenset[int] | None,
+    bit: int,
+) -> bool:
+    """The kernel's ``posix_acl_permission`` for one permission bit (no capabilities).
+
+    The owner gets its entry; a named user its entry under the mask; a caller in any group that
+    has an entry (the owning group's or a named one) what the best of them allows under the mask,
+    and nothing else; everyone else the others' entry. With ``groups`` None, every group entry and
+    the others' entry must allow.
+    """
+    perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
+    mask = perms.get(_ACL_MASK, 0o7)
+    if uid == info.st_uid:
+        return bool(perms.get(_ACL_USER_OBJ, 0) & bit)
+    for tag, perm, who in entries:
+        if tag == _ACL_USER and who == uid:
+            return bool(perm & mask & bit)
+    group_entries = [
+        (perm, info.st_gid if tag == _ACL_GROUP_OBJ else who)
+        for tag, perm, who in entries
+        if tag in (_ACL_GROUP_OBJ, _ACL_GROUP)
+    ]
+    other = bool(perms.get(_ACL_OTHER, 0) & bit)
+    if groups is None:
+        return other and all(perm & mask & bit for perm, _ in group_entries)
+    matched = [perm for perm, gid in group_entries if gid in groups]
+    if matched:
+        return any(perm & mask & bit for perm in matched)
+    return other
+
+
+def _may(path: str, info: os.stat_result, uid: int, groups: frozenset[int] | None, bit: int) -> bool:
+    """The kernel's check (no capabilities) for one permission bit of ``path``, whose stat is ``info``.
+
+    The file's access ACL decides when it has one (:func:`_acl_may`): its mode's group bits are
+    then the ACL's mask, not what the owning group gets. Otherwise the owner, group or other
+    class of the mode. With ``groups`` None (unknown), the caller may or may not be in the file's
+    group, so both the group's and the others' bits must allow: never wider than the kernel.
+    """
+    entries = _acl(path)
+    if entries is not None:
+        return _acl_may(entries, info, uid, groups, bit)
     mode = info.st_mode
     if uid == info.st_uid:
         return bool(mode & (bit << 6))
@@ -279,11 +343,11 @@ class SocketAccess:
             if not stat.S_ISSOCK(target.st_mode):
                 return False
             for directory in dict.fromkeys(searched):
-                if not _may(os.stat(directory), uid, groups, 0o1):
+                if not _may(directory, os.stat(directory), uid, groups, 0o1):
                     return False
+            return _may(final, target, uid, groups, 0o2)
         except OSError:
             return False
-        return _may(target, uid, groups, 0o2)
 
     def describe(self) -> str:
         """``mode 0660, owner 0, group 4242`` for messages (or why it cannot be read)."""

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,84 @@ def test_unknown_groups_admit_only_where_member_and_stranger_alike_would_be(
             assert access.allows(NOBODY, frozenset({SOCKET_GID})) is bool(mode & 0o020)
     finally:
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+_UNDEFINED = 0xFFFFFFFF
+_CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+
+
+def set_acl(
+    path: Path,
+    user_obj: int,
+    group_obj: int,
+    other: int,
+    mask: int,
+    users: tuple[tuple[int, int], ...] = (),
+    groups: tuple[tuple[int, int], ...] = (),
+) -> None:
+    """Give ``path`` a POSIX access ACL (what ``setfacl`` writes), entries in the kernel's order."""
+    entries = [
+        (1, user_obj, _UNDEFINED),
+        *((2, perm, uid) for uid, perm in users),
+        (4, group_obj, _UNDEFINED),
+        *((8, perm, gid) for gid, perm in groups),
+        (16, mask, _UNDEFINED),
+        (32, other, _UNDEFINED),
+    ]
+    os.setxattr(
+        path, "system.posix_acl_access", b"\2\0\0\0" + b"".join(struct.pack("=HHI", *e) for e in entries)
+    )
+
+
+# Each case: the socket's or its directory's ACL, and callers (uid, gid, supplementary groups).
+_ACL_CASES: dict[str, tuple[str, dict[str, Any], list[tuple[int, int, list[int]]]]] = {
+    # The mode's group bits show the mask (rw): the owning group itself gets nothing.
+    "a named user widens the mask, not the owning group": (
+        "socket",
+        {"user_obj": 6, "users": ((4242, 6),), "group_obj": 0, "mask": 6, "other": 0},
+        [(4343, SOCKET_GID, []), (4242, 4242, []), (4343, 4343, [])],
+    ),
+    "a named user gets less than the others": (
+        "socket",
+        {"user_obj": 6, "users": ((NOBODY, 0),), "group_obj": 6, "mask": 6, "other": 6},
+        [(NOBODY, NOBODY, []), (4343, 4343, [])],
+    ),
+    "a named group": (
+        "socket",
+        {"user_obj": 6, "group_obj": 0, "groups": ((4343, 6),), "mask": 6, "other": 0},
+        [(4343, 4343, []), (4344, 4344, [4343]), (NOBODY, NOBODY, []), (4345, SOCKET_GID, [])],
+    ),
+    "a directory a named user may not search": (
+        "directory",
+        {"user_obj": 7, "users": ((NOBODY, 0),), "group_obj": 5, "mask": 5, "other": 5},
+        [(NOBODY, NOBODY, []), (4343, 4343, [])],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_ACL_CASES))
+def test_an_access_acl_is_read_as_the_kernel_reads_it(root_only: None, case: str) -> None:
+    where, acl, callers = _ACL_CASES[case]
+    directory = short_tmpdir("acl")
+    path = directory / "s.sock"
+    try:
+        directory.chmod(0o755)
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            listener.listen(16)
+            os.chown(path, 0, SOCKET_GID)
+            path.chmod(0o666 if where == "directory" else 0o660)
+            set_acl(directory if where == "directory" else path, **acl)
+            access = SocketAccess(str(path))
+            for uid, gid, groups in callers:
+                kernel = run_as(uid, gid, groups, "-c", _CONNECT, str(path))
+                assert kernel.returncode == 0 or "PermissionError" in kernel.stderr, kernel.stderr
+                admitted = kernel.returncode == 0
+                assert access.allows(uid, frozenset({gid, *groups})) is admitted, (uid, gid, groups, admitted)
+                if access.allows(uid, None):  # unknown groups: never wider than the kernel
+                    assert admitted, (uid, gid, groups)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_proxy_not_running_as_root_never_admits_by_a_group_the_caller_does_not_hold(

@@ -310,6 +310,14 @@ def test_idempotency_keys_through_the_proxy_belong_to_each_caller(searchable_dir
 # The token is never a cookie
 
 
+def test_the_docs_pages_send_the_header_the_proxy_reads() -> None:
+    # The server's pages and the client's proxy name it apart (the client never imports app).
+    from app.routes.docs import TOKEN_HEADER as SENT
+    from client.cli.proxy import TOKEN_HEADER as READ
+
+    assert SENT.lower().encode() == READ
+
+
 def test_the_proxy_sets_no_cookie_and_a_cookie_with_the_token_admits_no_one(searchable_dir: Path) -> None:
     with running_server("--socket-mode", "600", tmp=searchable_dir) as server:
         path = str(server.socket_path)

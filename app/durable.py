@@ -40,6 +40,7 @@ import sqlite3
 import stat
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -317,10 +318,17 @@ def _prepare_directory(directory: Path) -> None:
         ) from exc
 
 
+def _uri(path: Path) -> str:
+    """``path`` as a ``file:`` URI that opens the existing file only (``mode=rw``, never creates).
+
+    Percent-encoded: a ``?`` or ``#`` in a directory's name would otherwise end the path there."""
+    return f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(
-            f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            _uri(path), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
         )
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}{_AGAIN}") from exc
@@ -467,7 +475,7 @@ class SqliteStore:
     ) -> sqlite3.Connection:
         try:
             connection = sqlite3.connect(
-                f"file:{self.path}?mode=rw",
+                _uri(self.path),
                 uri=True,
                 isolation_level=None,
                 timeout=BUSY_TIMEOUT_MS / 1000,  # opening waits: another process may be checkpointing

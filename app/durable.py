@@ -206,7 +206,7 @@ def prepare_store(settings: Settings) -> None:
     if settings.store != "sqlite":
         return
     directory = Path(settings.data_dir)
-    _prepare_directory(directory)
+    _prepare_directory(directory, settings.data_dir_private)
     path = directory / DB_NAME
     exists = _owned_file(path, "database")
     for suffix in _SIDE_FILES:
@@ -214,14 +214,15 @@ def prepare_store(settings: Settings) -> None:
     if not exists:
         try:  # created private: messages are the peers' data
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:  # another server starting at the same instant made it first
+            _owned_file(path, "database")
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {_reason(exc)}{_AGAIN}") from exc
     made = _make_logs(path)
     try:
         connection = _connect(path)
         try:
-            _check(connection, path)
-            _migrate(connection, path)
+            _prepare_schema(connection, path)
         finally:
             connection.close()
     except BaseException:  # refused: leave the directory as it was
@@ -284,8 +285,15 @@ def _make_logs(path: Path) -> list[Path]:
     return made
 
 
-def _prepare_directory(directory: Path) -> None:
+def _prepare_directory(directory: Path, private: bool) -> None:
+    """Create the data directory (0700) and refuse one that another uid could swap the database in:
+    another uid's, or writable by group or others without the sticky bit (unless the operator
+    declares it ``private``), or under a parent (or a symbolic link) that such a uid could change.
+
+    A directory the operator made keeps its mode: the server refuses rather than chmods it, as a
+    mode someone chose may serve another reader, and an emptyDir is root's anyway."""
     uid = os.geteuid()
+    directory = Path(os.path.abspath(directory))
     try:
         is_file = directory.exists() and not directory.is_dir()
     except OSError as exc:  # a parent this uid may not search
@@ -294,17 +302,29 @@ def _prepare_directory(directory: Path) -> None:
         ) from exc
     if is_file:
         raise StoreError(f"data directory {directory} is not a directory (a file is there){_AGAIN}")
+    _check_parents(directory, directory.parents, uid)  # before mkdir: nothing made under a bad one
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(
             f"cannot create data directory {directory} (uid {uid}): {_reason(exc)}{_AGAIN}"
         ) from exc
-    info = directory.stat()
+    real = Path(os.path.realpath(directory))
+    _check_parents(directory, [*directory.parents, *real.parents], uid)
+    _check_link(directory, directory, uid)
+    info = real.stat()
     if info.st_uid not in (uid, 0):  # its owner could swap the database for another at any time
         raise StoreError(
             f"data directory {directory} belongs to uid {info.st_uid}, who could replace the database; "
             f"use a directory of uid {uid} (or root's), or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
+    if _open_to_others(info.st_mode) and not private:
+        mode = stat.S_IMODE(info.st_mode)
+        raise StoreError(
+            f"data directory {directory} can be written by other uids (mode {mode:04o}, no sticky bit)"
+            ", who could rename the database away; make it private (chmod 700), or, if "
+            "only this server can reach it (an emptyDir mounted into its container alone), set "
+            "--data-dir-private (UDS_DATA_DIR_PRIVATE=true)"
         )
     try:  # SQLite creates its -wal and -shm files beside the database: the directory must be writable
         # A random name (mkstemp: 0600, O_EXCL): another uid cannot plant it in advance.
@@ -325,6 +345,50 @@ def _uri(path: Path) -> str:
     return f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
 
 
+def _open_to_others(mode: int) -> bool:
+    """Whether group or others may add, rename and remove names in a directory of ``mode``: with
+    the sticky bit (/tmp's 1777) they may only remove their own."""
+    return bool(mode & 0o022) and not mode & stat.S_ISVTX
+
+
+def _check_link(path: Path, directory: Path, uid: int) -> None:
+    """Refuse ``path`` if it is a symbolic link another uid made (they may re-point it at will)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (uid, 0):
+        raise StoreError(
+            f"{path} is a symbolic link of uid {info.st_uid}, who could point it elsewhere; use the "
+            f"data directory's real path, or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
+
+
+def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
+    """Refuse the data directory if a parent that exists is another uid's (not root's), or open
+    to others without the sticky bit: whoever can rename in it can swap the data directory."""
+    for parent in dict.fromkeys(parents):
+        _check_link(parent, directory, uid)
+        try:
+            info = parent.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot reach {parent} (uid {uid}): {_reason(exc)}{_AGAIN}") from exc
+        where = f"directory {parent} (a parent of data directory {directory})"
+        if info.st_uid not in (uid, 0):
+            raise StoreError(
+                f"{where} belongs to uid {info.st_uid}, who could replace the data directory; use a "
+                f"path whose directories are root's or uid {uid}'s{_AGAIN}"
+            )
+        if _open_to_others(info.st_mode):
+            raise StoreError(
+                f"{where} can be written by other uids (mode {stat.S_IMODE(info.st_mode):04o}, no sticky "
+                f"bit), who could replace the data directory; make it writable by its owner only "
+                f"(chmod go-w){_AGAIN}"
+            )
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(
@@ -335,17 +399,66 @@ def _connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _check(connection: sqlite3.Connection, path: Path) -> None:
-    """Read-only checks: nothing is written before they pass."""
-    aside = "restore it from a backup or move it aside to start afresh (it was left untouched)"
+_ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
+
+
+def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
+    """Check, migrate and verify the schema in one write transaction (``BEGIN IMMEDIATE``), so
+    servers starting at once take turns and each finds the schema whole; then switch to WAL mode
+    (which a transaction cannot do). A refusal rolls back: the file is left as it was."""
     try:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}"
+            ) from exc
+        try:
+            version = _check(connection, path)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _statements(MIGRATIONS[step]):
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                connection.execute(f"PRAGMA user_version = {step}")
+            _verify(connection, path)
+            connection.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            raise
+        _to_wal(connection)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot prepare database {path}: {exc}{_AGAIN}") from exc
+
+
+def _to_wal(connection: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, retried for up to :data:`BUSY_TIMEOUT_MS`: while another server
+    starts on the same file, SQLite may refuse the switch's exclusive lock at once (``SQLITE_BUSY``
+    without calling the busy handler, to avoid a deadlock)."""
+    delay, deadline = 0.001, time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _check(connection: sqlite3.Connection, path: Path) -> int:
+    """Read-only checks (nothing is written before they pass); the schema version found."""
+    try:
+        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
         application = connection.execute("PRAGMA application_id").fetchone()[0]
         tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {aside}") from exc
+        raise StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}") from exc
     if application not in (0, APPLICATION_ID) or (application == 0 and (version or tables)):
-        raise StoreError(f"database {path} belongs to another program; {aside}")
+        raise StoreError(f"database {path} belongs to another program; {_ASIDE}")
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"database {path} has schema version {version}, newer than this server's {SCHEMA_VERSION}; "
@@ -359,25 +472,43 @@ def _check(connection: sqlite3.Connection, path: Path) -> None:
             problems = [str(exc)]
         if problems != ["ok"]:
             detail = "; ".join(problems).replace("\n", " ")
-            raise StoreError(f"database {path} is corrupt ({detail}); {aside}")
+            raise StoreError(f"database {path} is corrupt ({detail}); {_ASIDE}")
+    return version
 
 
-def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+_SCHEMA_QUERY = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+
+
+def _verify(connection: sqlite3.Connection, path: Path) -> None:
+    """Refuse a schema that differs from what :data:`MIGRATIONS` make (a table, column or index
+    dropped, changed or added, a counter row gone): the writes would fail on it with a 500."""
+    expected = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        for version in range(connection.execute("PRAGMA user_version").fetchone()[0] + 1, SCHEMA_VERSION + 1):
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _statements(MIGRATIONS[version]):
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                connection.execute(f"PRAGMA user_version = {version}")
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot prepare database {path}: {exc}{_AGAIN}") from exc
+        for step in range(1, SCHEMA_VERSION + 1):
+            for statement in _statements(MIGRATIONS[step]):
+                expected.execute(statement)
+        wanted = {(kind, name): sql for kind, name, sql in expected.execute(_SCHEMA_QUERY)}
+        counters = set()
+        if ("table", "counters") in wanted:
+            counters = {row[0] for row in expected.execute("SELECT name FROM counters")}
+    finally:
+        expected.close()
+    found = {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+    problems = [f"{kind} {name} is missing" for kind, name in wanted if (kind, name) not in found]
+    problems += [
+        f"{kind} {name} differs"
+        for (kind, name), sql in wanted.items()
+        if found.get((kind, name), sql) != sql
+    ]
+    problems += [f"{kind} {name} is not this server's" for kind, name in found if (kind, name) not in wanted]
+    if not problems and counters:
+        present = {row[0] for row in connection.execute("SELECT name FROM counters")}
+        problems = [f"counter {name} is missing" for name in sorted(counters - present)]
+    if problems:
+        raise StoreError(
+            f"database {path} does not have this server's schema (version {SCHEMA_VERSION}): "
+            f"{', '.join(problems)}; {_ASIDE}"
+        )
 
 
 def _statements(script: str) -> list[str]:

@@ -69,11 +69,13 @@ APPLICATION_ID = 0x75647378
 """``PRAGMA application_id`` of this program's databases ("udsx"): a file without it is not ours."""
 BUSY_TIMEOUT_MS = 10_000
 """How long a transaction waits for another process's write lock before failing."""
-WAL_SIZE_LIMIT = 8 * 1024 * 1024
-"""The log file is cut back to this size when it starts afresh (after a burst made it longer)."""
+WAL_SIZE_LIMIT = 1024 * 1024
+"""A checkpoint starts once the log file grows past this size, and the log file is cut back to it
+when it starts afresh: the log needs this much disk plus the commit that crossed it (when the
+log was checkpointed by count only, it filled a 2 MiB disk)."""
 CHECKPOINT_EVERY = 100
-"""Commits between two checkpoints (about 600 pages of log at 8 POSTs a commit; SQLite's own
-automatic checkpoint, which runs inside a commit, is off)."""
+"""Commits between two checkpoints at most, whatever their size (SQLite's own automatic
+checkpoint, which runs inside a commit, is off)."""
 PRUNE_EVERY = 64
 """Messages past the history are deleted when a commit's ids reach a multiple of this, not in every
 commit (the reads hide them meanwhile): a delete writes the oldest page of the table again, so one
@@ -568,6 +570,7 @@ class SqliteStore:
         self._checkpointer: sqlite3.Connection | None = None
         self._commits = 0
         self._checkpointing = False
+        self._log_path = f"{self.path}-wal"
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
@@ -698,7 +701,9 @@ class SqliteStore:
                 for listener in self._listeners:
                     listener(last)
             self._commits += 1
-            if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
+            if not self._checkpointing and (
+                self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
+            ):
                 self._start_checkpoint()
         if self._pending:
             self._scheduled = True
@@ -706,6 +711,15 @@ class SqliteStore:
             self._loop.call_soon(self._flush)
         elif self._idle is not None:
             self._idle.set()
+
+    def _log_size(self) -> int:
+        """The log file's size: one ``stat`` a commit, which sees every process's commits. The file
+        is cut back to WAL_SIZE_LIMIT when the log restarts, so it grows past that only when the log
+        holds more (``journal_size_limit``)."""
+        try:
+            return os.stat(self._log_path).st_size
+        except OSError:
+            return 0
 
     def _start_checkpoint(self) -> None:
         """Copy the log into the database on the writer thread, off the event loop."""
@@ -721,6 +735,7 @@ class SqliteStore:
         if connection is not None:
             # RESTART, not PASSIVE: it waits (here, off the loop) for writers and then makes the
             # next commit start the log afresh; this process's batches queue behind it meanwhile.
+            # TRUNCATE would empty the file, but growing it again costs CPU (docs/performance.md).
             # PASSIVE checkpoints racing with commits let the log grow to 100 MB in 20 s of load.
             # Busy for 10 s, or a full disk: the log keeps the commits; the next one tries again.
             with contextlib.suppress(sqlite3.Error):

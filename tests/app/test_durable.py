@@ -160,8 +160,8 @@ def test_keys_outlive_the_history_and_are_bounded_least_recently_used(data: Path
 
 
 def test_the_log_stays_bounded_under_steady_writes(data: Path) -> None:
-    """Checkpoints run on the writer thread every CHECKPOINT_EVERY commits and start the log afresh,
-    so it does not grow with the number of messages written."""
+    """Checkpoints run on the writer thread once the log file reaches WAL_SIZE_LIMIT (or after
+    CHECKPOINT_EVERY commits) and empty it, so it does not grow with the number of messages written."""
     store = _store(data, history_size=100)
 
     turns = 3000
@@ -175,8 +175,8 @@ def test_the_log_stays_bounded_under_steady_writes(data: Path) -> None:
     written = turns * 8 * 2000
     wal = (data / f"{DB_NAME}-wal").stat().st_size
     assert written > 4 * WAL_SIZE_LIMIT
-    # Between two checkpoints the log holds CHECKPOINT_EVERY commits: 8.3 MB here (each commit of
-    # 16 KB of texts writes 21 pages), against 48 MB written; unbounded, it would hold them all.
+    # Between two checkpoints the log holds about WAL_SIZE_LIMIT (each commit of 16 KB of texts
+    # writes 21 pages), against 48 MB written; unbounded, it would hold them all.
     assert wal <= 2 * WAL_SIZE_LIMIT, f"the log grew to {wal} bytes"
     store.close()
 

@@ -21,13 +21,14 @@ the transaction runs on the event loop thread; with ``full`` (or when another pr
 write lock) on one writer thread, so the loop keeps reading requests while the disk syncs, and
 those form the next batch. Reads run on the event loop thread on a second connection; in WAL mode
 they never wait for the writer, and they see every commit, other processes' included. The
-measurements behind these choices are in :data:`WRITE_FIGURES`.
+measurements behind these choices are in docs/performance.md ("The durable store's design").
 
 The schema is versioned with ``PRAGMA user_version`` (:data:`MIGRATIONS`); ``PRAGMA application_id``
 marks the file as this program's. :func:`prepare_store` checks and migrates the data directory and
 the database before the server binds its socket, and raises :class:`StoreError` (one line) on a
-state it will not touch: a newer schema, a corrupt or foreign file, a data directory that is a file
-or that cannot be created or written. The file is then left as it was.
+state it will not touch: a newer schema or one that drifted, a corrupt or foreign file, a data
+directory that is a file, cannot be created or written, or that another uid could swap the database
+in. The file is then left as it was.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ CHECKPOINT_EVERY = 100
 checkpoint, which runs inside a commit, is off)."""
 PRUNE_EVERY = 64
 """Messages past the history are deleted when a commit's ids reach a multiple of this, not in every
-commit (the reads hide them meanwhile): a delete writes the oldest page of the table again, so one
-in every commit cost 3-4 µs of the 19-24 µs a commit takes (see :data:`WRITE_FIGURES`)."""
+commit (the reads hide them meanwhile): a delete writes the oldest page of the table again, a
+large share of a small commit's cost (docs/performance.md)."""
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -101,8 +102,9 @@ MIGRATIONS: dict[int, str] = {
         INSERT INTO counters VALUES ('keys', 0), ('clock', 0);
     """,
 }
-"""Schema version -> the SQL that brings version ``N - 1`` to ``N``; each runs in one transaction
-that also sets ``user_version``. Add a version here to change the schema; never edit a shipped one.
+"""Schema version -> the SQL that brings version ``N - 1`` to ``N``; the steps a database needs run
+in one transaction with the start's checks, which sets ``user_version`` and then verifies the whole
+schema against these statements. Add a version here to change the schema; never edit a shipped one.
 
 ``messages`` holds each message's JSON document as answered. ``idempotency_keys`` holds what
 answering a repeat needs (the id, a digest of the text and the other fields: the repeat carries its
@@ -110,54 +112,6 @@ text), so a key outlives its message's stay in the history, as with the memory s
 keys for least-recently-used pruning. ``counters`` keeps the number of keys (so the bound costs no
 ``COUNT(*)``) and the clock ``used`` is read from."""
 SCHEMA_VERSION = max(MIGRATIONS)
-
-WRITE_FIGURES = """
-Measured on this project's 2-core machine (server on one core, autocannon with 10 connections on
-the other, each comparison interleaved in one run; benchmarks/durable_store.py gives the current
-figure):
-
-* Batching. In-process, one transaction per POST cost 34 µs a POST (a commit that writes a frame to
-  the log costs about 50 µs, the rest a few µs each), one transaction per event-loop turn 9 µs at
-  20 concurrent POSTs. In the server, flushing one turn after the first ``put`` made batches of
-  4 POSTs on average and 0.93x the memory store's req/s; flushing two turns after (``call_soon``
-  twice, so requests read in the next poll join too) made batches of 8 and 1.06x.
-* Where the commit runs. With ``normal``, committing on the event loop thread gave 0.99x the memory
-  store's req/s and handing every batch to a writer thread 0.72x (the hand-over and the GIL cost
-  more than the commit, which does not wait for the disk). With ``full``, where each commit waits
-  for fsync, the writer thread gave 0.67x and the loop thread 0.59x: the loop reads the next
-  requests during the fsync. So ``normal`` commits on the loop and ``full`` on the writer thread.
-* Checkpoints. With ``normal`` the only fsyncs are a checkpoint's (about 10 ms for 2,000 pages).
-  SQLite runs them inside the commit that fills the log, here on the loop; they run on the writer
-  thread instead, every :data:`CHECKPOINT_EVERY` commits: 1.01x against 0.86x the memory store's
-  req/s with the machine busy (load average 3-4), 0.92x against 0.91x with it quiet, the same run
-  each, and the log stays at 2.7 MB under load.
-* A write lock held by another worker process is never waited for on the loop: SQLite's busy
-  handler sleeps a whole millisecond first, so the loop's attempt does not wait at all and the
-  batch goes to the writer thread, which retries from 0.1 ms up.
-* Worker processes (``--workers``). Each worker commits its own requests, so two make smaller
-  batches (at full load 7.5 POSTs a commit each against 15.6 for one worker), and a commit has a
-  fixed cost: in process, one message a commit took 19 µs (the ``COMMIT``, which writes the log,
-  11 µs), 24 µs when two connections alternate as two workers do (a connection drops its page
-  cache when another has committed, and reads the pages again). Cutting the commit helps both:
-  reading the clock only for a batch with keys (-0.9 µs, -1.7 alternating) and deleting past the
-  history every :data:`PRUNE_EVERY` ids instead of in every commit (-2.9 and -3.7 µs); with both,
-  ``put`` by ``put`` through this class, a message costs 19 µs instead of 24.5 alone and 22 instead
-  of 29 alternating, and in batches of 8 4.6 instead of 5.4 and 5.15 instead of 6.1 µs. Benchmark
-  (j)'s method (20 connections, this code and the code before on the same run, 8 rounds, twice,
-  load average 2.3-3.2): two workers' server CPU per request went from 1.23x and 1.19x one
-  worker's to 1.09x and 1.06x (71.6-73.6 against 78.9-80.8 µs; one worker 66-68 µs either way),
-  with the memory store, two processes against one, at 1.06x and 1.04x: what is left is mostly
-  each process's loop turns serving fewer requests. At a fixed 2,000 req/s: 1.16x before, 1.10x
-  after, the memory store 1.04x. Tried and left out: ``PRAGMA mmap_size`` (256 MiB) made the
-  alternating commit 35 µs instead of 24 (the log's pages are still read with ``pread``; ``BEGIN``
-  went from 4.1 to 9.7 µs and the first read after the other connection's commit from 1.7 to
-  6.6); a larger ``cache_size`` changed nothing (the cache is dropped whole after another
-  connection's commit, and the database fits the default one); a lock file (``flock``) that the
-  writer thread blocks on instead of retrying SQLite's lock, and retrying on the loop on a 1 ms
-  timer instead of handing the batch over, were not better in screening runs. The writer thread's
-  whole CPU (hand-offs, checkpoints) is 1.0-1.5 µs a request with two workers and 0.8 with one,
-  so fewer hand-offs have little to give.
-"""
 
 
 def database_path(settings: Settings) -> Path:
@@ -555,7 +509,7 @@ class SqliteStore:
         inline: bool | None = None,
     ) -> None:
         """``inline``: commit on the event loop thread first (default: with ``normal`` durability
-        only; see :data:`WRITE_FIGURES`)."""
+        only: with ``full`` the loop reads requests during the writer thread's fsync)."""
         if history_size < 1 or key_capacity < 1:
             raise ValueError("history_size and key_capacity must be at least 1")
         if durability not in ("normal", "full"):
@@ -656,7 +610,7 @@ class SqliteStore:
         self._pending.append((text, reply, received_at, peer, key, future))
         if not self._scheduled and not self._writing:
             self._scheduled = True
-            loop.call_soon(loop.call_soon, self._flush)  # two turns: see WRITE_FIGURES
+            loop.call_soon(loop.call_soon, self._flush)  # two turns: the next poll's requests join
         return await future
 
     def _flush(self) -> None:

@@ -366,8 +366,8 @@ def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
+            raise  # locked past BUSY_TIMEOUT_MS, or no disk: "cannot prepare" below
+        except sqlite3.DatabaseError as exc:  # not a database at all
             raise StoreError(
                 f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}"
             ) from exc

@@ -325,3 +325,30 @@ def test_private_does_not_accept_a_directory_of_another_uid(tmp: Path) -> None:
     os.chown(data, NOBODY, NOBODY)
     with pytest.raises(StoreError, match=f"belongs to uid {NOBODY}"):
         prepare_store(Settings(data_dir=str(data), data_dir_private=True))
+
+
+def test_a_table_dropped_while_serving_gives_503_and_one_line_not_500(tmp: Path) -> None:
+    """The start check cannot see what another program does to the file later; then the write
+    fails, nothing is stored, and the answer says so (503), not an internal error."""
+    data = tmp / "data"
+    sock = str(tmp / "s.sock")
+    with ServerProcess(["--socket", sock, "--data-dir", str(data)], socket_path=sock) as server:
+        server.wait_ready()
+        db = sqlite3.connect(data / DB_NAME)
+        db.execute("DROP TABLE counters")
+        db.commit()
+        db.close()
+        for i in range(3):
+            headers = {**JSON, "Idempotency-Key": f"k{i}"}
+            status, body = http_over_uds(sock, "POST", "/messages", BODY, headers)
+            assert status == 503, body
+            error = json.loads(body)
+            assert error["error"] == "unavailable", error
+            assert "no such table: counters; nothing was stored" in error["message"], error
+        status, body = http_over_uds(sock, "GET", "/messages")
+        assert status == 200, body
+        assert json.loads(body)["messages"] == []
+        assert server.stop() == 0
+        logged = [line for line in server.output.splitlines() if "no such table" in line]
+        assert len(logged) == 1, server.output  # throttled: one line, not one per request
+        assert "Traceback" not in server.output

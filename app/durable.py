@@ -728,7 +728,7 @@ class SqliteStore:
             next_id = (row[0] if row else 0) + 1
             clock = 0  # the clock is read (a page of its own) only for a batch with keys
             if any(item[4] is not None for item in batch):
-                clock = execute("SELECT value FROM counters WHERE name = 'clock'").fetchone()[0]
+                clock = self._counter(execute("SELECT value FROM counters WHERE name = 'clock'"), "clock")
             results: list[Stored | BaseException] = []
             messages: list[tuple[int, bytes]] = []
             keys: list[tuple[str, int, bytes, str, str, bytes, int]] = []
@@ -776,9 +776,13 @@ class SqliteStore:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
             if keys:
                 connection.executemany("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", keys)
-                count = execute(
-                    "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value", (len(keys),)
-                ).fetchone()[0]
+                count = self._counter(
+                    execute(
+                        "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value",
+                        (len(keys),),
+                    ),
+                    "keys",
+                )
                 if count > self.key_capacity:
                     execute(
                         "DELETE FROM idempotency_keys WHERE key IN "
@@ -799,6 +803,13 @@ class SqliteStore:
                 raise self._mapped(exc) from exc
             raise
         return results
+
+    def _counter(self, cursor: sqlite3.Cursor, name: str) -> int:
+        row = cursor.fetchone()
+        if row is None:  # the start checks the rows; another program may have deleted one since
+            raise StoreError(f"database {self.path}: counter {name} is missing")
+        value: int = row[0]
+        return value
 
     def _mapped(self, exc: sqlite3.Error) -> StoreError:
         if _full(exc):

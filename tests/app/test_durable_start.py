@@ -327,7 +327,16 @@ def test_private_does_not_accept_a_directory_of_another_uid(tmp: Path) -> None:
         prepare_store(Settings(data_dir=str(data), data_dir_private=True))
 
 
-def test_a_table_dropped_while_serving_gives_503_and_one_line_not_500(tmp: Path) -> None:
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("DROP TABLE counters", "no such table: counters"),
+        ("DELETE FROM counters", "counter clock is missing"),
+    ],
+)
+def test_a_schema_changed_while_serving_gives_503_and_one_line_not_500(
+    tmp: Path, sql: str, reason: str
+) -> None:
     """The start check cannot see what another program does to the file later; then the write
     fails, nothing is stored, and the answer says so (503), not an internal error."""
     data = tmp / "data"
@@ -335,7 +344,7 @@ def test_a_table_dropped_while_serving_gives_503_and_one_line_not_500(tmp: Path)
     with ServerProcess(["--socket", sock, "--data-dir", str(data)], socket_path=sock) as server:
         server.wait_ready()
         db = sqlite3.connect(data / DB_NAME)
-        db.execute("DROP TABLE counters")
+        db.execute(sql)
         db.commit()
         db.close()
         for i in range(3):
@@ -344,11 +353,11 @@ def test_a_table_dropped_while_serving_gives_503_and_one_line_not_500(tmp: Path)
             assert status == 503, body
             error = json.loads(body)
             assert error["error"] == "unavailable", error
-            assert "no such table: counters; nothing was stored" in error["message"], error
+            assert f"{reason}; nothing was stored" in error["message"], error
         status, body = http_over_uds(sock, "GET", "/messages")
         assert status == 200, body
         assert json.loads(body)["messages"] == []
         assert server.stop() == 0
-        logged = [line for line in server.output.splitlines() if "no such table" in line]
+        logged = [line for line in server.output.splitlines() if reason in line]
         assert len(logged) == 1, server.output  # throttled: one line, not one per request
         assert "Traceback" not in server.output

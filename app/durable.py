@@ -267,7 +267,7 @@ def _prepare_directory(directory: Path, private: bool) -> None:
         ) from exc
     real = Path(os.path.realpath(directory))
     _check_parents(directory, [*directory.parents, *real.parents], uid)
-    _check_link(directory, directory, uid)
+    _check_link(directory, uid)
     info = real.stat()
     if info.st_uid not in (uid, 0):  # its owner could swap the database for another at any time
         raise StoreError(
@@ -307,7 +307,7 @@ def _open_to_others(mode: int) -> bool:
     return bool(mode & 0o022) and not mode & stat.S_ISVTX
 
 
-def _check_link(path: Path, directory: Path, uid: int) -> None:
+def _check_link(path: Path, uid: int) -> None:
     """Refuse ``path`` if it is a symbolic link another uid made (they may re-point it at will)."""
     try:
         info = os.lstat(path)
@@ -324,7 +324,7 @@ def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
     """Refuse the data directory if a parent that exists is another uid's (not root's), or open
     to others without the sticky bit: whoever can rename in it can swap the data directory."""
     for parent in dict.fromkeys(parents):
-        _check_link(parent, directory, uid)
+        _check_link(parent, uid)
         try:
             info = parent.stat()
         except FileNotFoundError:

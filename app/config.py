@@ -284,6 +284,15 @@ class Settings:
         help="directory of the durable store (created if missing)",
         metavar="DIR",
     )
+    data_dir_private: bool = _setting(
+        False,
+        env="UDS_DATA_DIR_PRIVATE",
+        help="accept a --data-dir that other uids could write in by its mode, because only this "
+        "server can reach it (an emptyDir mounted into its container alone)",
+        convert=_bool,
+    )
+    """Without it a data directory writable by group or others (no sticky bit) is refused: another
+    uid could rename the database away. Its parents are checked either way."""
     durability: str = _setting(
         "normal",
         env="UDS_DURABILITY",

@@ -21,13 +21,14 @@ the transaction runs on the event loop thread; with ``full`` (or when another pr
 write lock) on one writer thread, so the loop keeps reading requests while the disk syncs, and
 those form the next batch. Reads run on the event loop thread on a second connection; in WAL mode
 they never wait for the writer, and they see every commit, other processes' included. The
-measurements behind these choices are in :data:`WRITE_FIGURES`.
+measurements behind these choices are in docs/performance.md ("The durable store's design").
 
 The schema is versioned with ``PRAGMA user_version`` (:data:`MIGRATIONS`); ``PRAGMA application_id``
 marks the file as this program's. :func:`prepare_store` checks and migrates the data directory and
 the database before the server binds its socket, and raises :class:`StoreError` (one line) on a
-state it will not touch: a newer schema, a corrupt or foreign file, a data directory that is a file
-or that cannot be created or written. The file is then left as it was.
+state it will not touch: a newer schema or one that drifted, a corrupt or foreign file, a data
+directory that is a file, cannot be created or written, or that another uid could swap the database
+in. The file is then left as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import sqlite3
 import stat
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,15 +70,17 @@ APPLICATION_ID = 0x75647378
 """``PRAGMA application_id`` of this program's databases ("udsx"): a file without it is not ours."""
 BUSY_TIMEOUT_MS = 10_000
 """How long a transaction waits for another process's write lock before failing."""
-WAL_SIZE_LIMIT = 8 * 1024 * 1024
-"""The log file is cut back to this size when it starts afresh (after a burst made it longer)."""
+WAL_SIZE_LIMIT = 1024 * 1024
+"""A checkpoint starts once the log file grows past this size, and the log file is cut back to it
+when it starts afresh: the log needs this much disk plus the commit that crossed it (when the
+log was checkpointed by count only, it filled a 2 MiB disk)."""
 CHECKPOINT_EVERY = 100
-"""Commits between two checkpoints (about 600 pages of log at 8 POSTs a commit; SQLite's own
-automatic checkpoint, which runs inside a commit, is off)."""
+"""Commits between two checkpoints at most, whatever their size (SQLite's own automatic
+checkpoint, which runs inside a commit, is off)."""
 PRUNE_EVERY = 64
 """Messages past the history are deleted when a commit's ids reach a multiple of this, not in every
-commit (the reads hide them meanwhile): a delete writes the oldest page of the table again, so one
-in every commit cost 3-4 µs of the 19-24 µs a commit takes (see :data:`WRITE_FIGURES`)."""
+commit (the reads hide them meanwhile): a delete writes the oldest page of the table again, a
+large share of a small commit's cost (docs/performance.md)."""
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -98,8 +102,9 @@ MIGRATIONS: dict[int, str] = {
         INSERT INTO counters VALUES ('keys', 0), ('clock', 0);
     """,
 }
-"""Schema version -> the SQL that brings version ``N - 1`` to ``N``; each runs in one transaction
-that also sets ``user_version``. Add a version here to change the schema; never edit a shipped one.
+"""Schema version -> the SQL that brings version ``N - 1`` to ``N``; the steps a database needs run
+in one transaction with the start's checks, which sets ``user_version`` and then verifies the whole
+schema against these statements. Add a version here to change the schema; never edit a shipped one.
 
 ``messages`` holds each message's JSON document as answered. ``idempotency_keys`` holds what
 answering a repeat needs (the id, a digest of the text and the other fields: the repeat carries its
@@ -107,54 +112,6 @@ text), so a key outlives its message's stay in the history, as with the memory s
 keys for least-recently-used pruning. ``counters`` keeps the number of keys (so the bound costs no
 ``COUNT(*)``) and the clock ``used`` is read from."""
 SCHEMA_VERSION = max(MIGRATIONS)
-
-WRITE_FIGURES = """
-Measured on this project's 2-core machine (server on one core, autocannon with 10 connections on
-the other, each comparison interleaved in one run; benchmarks/durable_store.py gives the current
-figure):
-
-* Batching. In-process, one transaction per POST cost 34 µs a POST (a commit that writes a frame to
-  the log costs about 50 µs, the rest a few µs each), one transaction per event-loop turn 9 µs at
-  20 concurrent POSTs. In the server, flushing one turn after the first ``put`` made batches of
-  4 POSTs on average and 0.93x the memory store's req/s; flushing two turns after (``call_soon``
-  twice, so requests read in the next poll join too) made batches of 8 and 1.06x.
-* Where the commit runs. With ``normal``, committing on the event loop thread gave 0.99x the memory
-  store's req/s and handing every batch to a writer thread 0.72x (the hand-over and the GIL cost
-  more than the commit, which does not wait for the disk). With ``full``, where each commit waits
-  for fsync, the writer thread gave 0.67x and the loop thread 0.59x: the loop reads the next
-  requests during the fsync. So ``normal`` commits on the loop and ``full`` on the writer thread.
-* Checkpoints. With ``normal`` the only fsyncs are a checkpoint's (about 10 ms for 2,000 pages).
-  SQLite runs them inside the commit that fills the log, here on the loop; they run on the writer
-  thread instead, every :data:`CHECKPOINT_EVERY` commits: 1.01x against 0.86x the memory store's
-  req/s with the machine busy (load average 3-4), 0.92x against 0.91x with it quiet, the same run
-  each, and the log stays at 2.7 MB under load.
-* A write lock held by another worker process is never waited for on the loop: SQLite's busy
-  handler sleeps a whole millisecond first, so the loop's attempt does not wait at all and the
-  batch goes to the writer thread, which retries from 0.1 ms up.
-* Worker processes (``--workers``). Each worker commits its own requests, so two make smaller
-  batches (at full load 7.5 POSTs a commit each against 15.6 for one worker), and a commit has a
-  fixed cost: in process, one message a commit took 19 µs (the ``COMMIT``, which writes the log,
-  11 µs), 24 µs when two connections alternate as two workers do (a connection drops its page
-  cache when another has committed, and reads the pages again). Cutting the commit helps both:
-  reading the clock only for a batch with keys (-0.9 µs, -1.7 alternating) and deleting past the
-  history every :data:`PRUNE_EVERY` ids instead of in every commit (-2.9 and -3.7 µs); with both,
-  ``put`` by ``put`` through this class, a message costs 19 µs instead of 24.5 alone and 22 instead
-  of 29 alternating, and in batches of 8 4.6 instead of 5.4 and 5.15 instead of 6.1 µs. Benchmark
-  (j)'s method (20 connections, this code and the code before on the same run, 8 rounds, twice,
-  load average 2.3-3.2): two workers' server CPU per request went from 1.23x and 1.19x one
-  worker's to 1.09x and 1.06x (71.6-73.6 against 78.9-80.8 µs; one worker 66-68 µs either way),
-  with the memory store, two processes against one, at 1.06x and 1.04x: what is left is mostly
-  each process's loop turns serving fewer requests. At a fixed 2,000 req/s: 1.16x before, 1.10x
-  after, the memory store 1.04x. Tried and left out: ``PRAGMA mmap_size`` (256 MiB) made the
-  alternating commit 35 µs instead of 24 (the log's pages are still read with ``pread``; ``BEGIN``
-  went from 4.1 to 9.7 µs and the first read after the other connection's commit from 1.7 to
-  6.6); a larger ``cache_size`` changed nothing (the cache is dropped whole after another
-  connection's commit, and the database fits the default one); a lock file (``flock``) that the
-  writer thread blocks on instead of retrying SQLite's lock, and retrying on the loop on a 1 ms
-  timer instead of handing the batch over, were not better in screening runs. The writer thread's
-  whole CPU (hand-offs, checkpoints) is 1.0-1.5 µs a request with two workers and 0.8 with one,
-  so fewer hand-offs have little to give.
-"""
 
 
 def database_path(settings: Settings) -> Path:
@@ -205,7 +162,7 @@ def prepare_store(settings: Settings) -> None:
     if settings.store != "sqlite":
         return
     directory = Path(settings.data_dir)
-    _prepare_directory(directory)
+    _prepare_directory(directory, settings.data_dir_private)
     path = directory / DB_NAME
     exists = _owned_file(path, "database")
     for suffix in _SIDE_FILES:
@@ -213,14 +170,15 @@ def prepare_store(settings: Settings) -> None:
     if not exists:
         try:  # created private: messages are the peers' data
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:  # another server starting at the same instant made it first
+            _owned_file(path, "database")
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {_reason(exc)}{_AGAIN}") from exc
     made = _make_logs(path)
     try:
         connection = _connect(path)
         try:
-            _check(connection, path)
-            _migrate(connection, path)
+            _prepare_schema(connection, path)
         finally:
             connection.close()
     except BaseException:  # refused: leave the directory as it was
@@ -283,8 +241,15 @@ def _make_logs(path: Path) -> list[Path]:
     return made
 
 
-def _prepare_directory(directory: Path) -> None:
+def _prepare_directory(directory: Path, private: bool) -> None:
+    """Create the data directory (0700) and refuse one that another uid could swap the database in:
+    another uid's, or writable by group or others without the sticky bit (unless the operator
+    declares it ``private``), or under a parent (or a symbolic link) that such a uid could change.
+
+    A directory the operator made keeps its mode: the server refuses rather than chmods it, as a
+    mode someone chose may serve another reader, and an emptyDir is root's anyway."""
     uid = os.geteuid()
+    directory = Path(os.path.abspath(directory))
     try:
         is_file = directory.exists() and not directory.is_dir()
     except OSError as exc:  # a parent this uid may not search
@@ -293,17 +258,29 @@ def _prepare_directory(directory: Path) -> None:
         ) from exc
     if is_file:
         raise StoreError(f"data directory {directory} is not a directory (a file is there){_AGAIN}")
+    _check_parents(directory, directory.parents, uid)  # before mkdir: nothing made under a bad one
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(
             f"cannot create data directory {directory} (uid {uid}): {_reason(exc)}{_AGAIN}"
         ) from exc
-    info = directory.stat()
+    real = Path(os.path.realpath(directory))
+    _check_parents(directory, [*directory.parents, *real.parents], uid)
+    _check_link(directory, uid)
+    info = real.stat()
     if info.st_uid not in (uid, 0):  # its owner could swap the database for another at any time
         raise StoreError(
             f"data directory {directory} belongs to uid {info.st_uid}, who could replace the database; "
             f"use a directory of uid {uid} (or root's), or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
+    if _open_to_others(info.st_mode) and not private:
+        mode = stat.S_IMODE(info.st_mode)
+        raise StoreError(
+            f"data directory {directory} can be written by other uids (mode {mode:04o}, no sticky bit)"
+            ", who could rename the database away; make it private (chmod 700), or, if "
+            "only this server can reach it (an emptyDir mounted into its container alone), set "
+            "--data-dir-private (UDS_DATA_DIR_PRIVATE=true)"
         )
     try:  # SQLite creates its -wal and -shm files beside the database: the directory must be writable
         # A random name (mkstemp: 0600, O_EXCL): another uid cannot plant it in advance.
@@ -317,27 +294,127 @@ def _prepare_directory(directory: Path) -> None:
         ) from exc
 
 
+def _uri(path: Path) -> str:
+    """``path`` as a ``file:`` URI that opens the existing file only (``mode=rw``, never creates).
+
+    Percent-encoded: a ``?`` or ``#`` in a directory's name would otherwise end the path there."""
+    return f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
+
+
+def _open_to_others(mode: int) -> bool:
+    """Whether group or others may add, rename and remove names in a directory of ``mode``: with
+    the sticky bit (/tmp's 1777) they may only remove their own."""
+    return bool(mode & 0o022) and not mode & stat.S_ISVTX
+
+
+def _check_link(path: Path, uid: int) -> None:
+    """Refuse ``path`` if it is a symbolic link another uid made (they may re-point it at will)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (uid, 0):
+        raise StoreError(
+            f"{path} is a symbolic link of uid {info.st_uid}, who could point it elsewhere; use the "
+            f"data directory's real path, or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
+
+
+def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
+    """Refuse the data directory if a parent that exists is another uid's (not root's), or open
+    to others without the sticky bit: whoever can rename in it can swap the data directory."""
+    for parent in dict.fromkeys(parents):
+        _check_link(parent, uid)
+        try:
+            info = parent.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot reach {parent} (uid {uid}): {_reason(exc)}{_AGAIN}") from exc
+        where = f"directory {parent} (a parent of data directory {directory})"
+        if info.st_uid not in (uid, 0):
+            raise StoreError(
+                f"{where} belongs to uid {info.st_uid}, who could replace the data directory; use a "
+                f"path whose directories are root's or uid {uid}'s{_AGAIN}"
+            )
+        if _open_to_others(info.st_mode):
+            raise StoreError(
+                f"{where} can be written by other uids (mode {stat.S_IMODE(info.st_mode):04o}, no sticky "
+                f"bit), who could replace the data directory; make it writable by its owner only "
+                f"(chmod go-w){_AGAIN}"
+            )
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(
-            f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            _uri(path), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
         )
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}{_AGAIN}") from exc
     return connection
 
 
-def _check(connection: sqlite3.Connection, path: Path) -> None:
-    """Read-only checks: nothing is written before they pass."""
-    aside = "restore it from a backup or move it aside to start afresh (it was left untouched)"
+_ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
+
+
+def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
+    """Check, migrate and verify the schema in one write transaction (``BEGIN IMMEDIATE``), so
+    servers starting at once take turns and each finds the schema whole; then switch to WAL mode
+    (which a transaction cannot do). A refusal rolls back: the file is left as it was."""
     try:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            raise  # locked past BUSY_TIMEOUT_MS, or no disk: "cannot prepare" below
+        except sqlite3.DatabaseError as exc:  # not a database at all
+            raise StoreError(
+                f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}"
+            ) from exc
+        try:
+            version = _check(connection, path)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _statements(MIGRATIONS[step]):
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                connection.execute(f"PRAGMA user_version = {step}")
+            _verify(connection, path)
+            connection.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            raise
+        _to_wal(connection)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot prepare database {path}: {exc}{_AGAIN}") from exc
+
+
+def _to_wal(connection: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, retried for up to :data:`BUSY_TIMEOUT_MS`: while another server
+    starts on the same file, SQLite may refuse the switch's exclusive lock at once (``SQLITE_BUSY``
+    without calling the busy handler, to avoid a deadlock)."""
+    delay, deadline = 0.001, time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _check(connection: sqlite3.Connection, path: Path) -> int:
+    """Read-only checks (nothing is written before they pass); the schema version found."""
+    try:
+        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
         application = connection.execute("PRAGMA application_id").fetchone()[0]
         tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {aside}") from exc
+        raise StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}") from exc
     if application not in (0, APPLICATION_ID) or (application == 0 and (version or tables)):
-        raise StoreError(f"database {path} belongs to another program; {aside}")
+        raise StoreError(f"database {path} belongs to another program; {_ASIDE}")
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"database {path} has schema version {version}, newer than this server's {SCHEMA_VERSION}; "
@@ -351,25 +428,43 @@ def _check(connection: sqlite3.Connection, path: Path) -> None:
             problems = [str(exc)]
         if problems != ["ok"]:
             detail = "; ".join(problems).replace("\n", " ")
-            raise StoreError(f"database {path} is corrupt ({detail}); {aside}")
+            raise StoreError(f"database {path} is corrupt ({detail}); {_ASIDE}")
+    return version
 
 
-def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+_SCHEMA_QUERY = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+
+
+def _verify(connection: sqlite3.Connection, path: Path) -> None:
+    """Refuse a schema that differs from what :data:`MIGRATIONS` make (a table, column or index
+    dropped, changed or added, a counter row gone): the writes would fail on it with a 500."""
+    expected = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        for version in range(connection.execute("PRAGMA user_version").fetchone()[0] + 1, SCHEMA_VERSION + 1):
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _statements(MIGRATIONS[version]):
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                connection.execute(f"PRAGMA user_version = {version}")
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot prepare database {path}: {exc}{_AGAIN}") from exc
+        for step in range(1, SCHEMA_VERSION + 1):
+            for statement in _statements(MIGRATIONS[step]):
+                expected.execute(statement)
+        wanted = {(kind, name): sql for kind, name, sql in expected.execute(_SCHEMA_QUERY)}
+        counters = set()
+        if ("table", "counters") in wanted:
+            counters = {row[0] for row in expected.execute("SELECT name FROM counters")}
+    finally:
+        expected.close()
+    found = {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+    problems = [f"{kind} {name} is missing" for kind, name in wanted if (kind, name) not in found]
+    problems += [
+        f"{kind} {name} differs"
+        for (kind, name), sql in wanted.items()
+        if found.get((kind, name), sql) != sql
+    ]
+    problems += [f"{kind} {name} is not this server's" for kind, name in found if (kind, name) not in wanted]
+    if not problems and counters:
+        present = {row[0] for row in connection.execute("SELECT name FROM counters")}
+        problems = [f"counter {name} is missing" for name in sorted(counters - present)]
+    if problems:
+        raise StoreError(
+            f"database {path} does not have this server's schema (version {SCHEMA_VERSION}): "
+            f"{', '.join(problems)}; {_ASIDE}"
+        )
 
 
 def _statements(script: str) -> list[str]:
@@ -414,7 +509,7 @@ class SqliteStore:
         inline: bool | None = None,
     ) -> None:
         """``inline``: commit on the event loop thread first (default: with ``normal`` durability
-        only; see :data:`WRITE_FIGURES`)."""
+        only: with ``full`` the loop reads requests during the writer thread's fsync)."""
         if history_size < 1 or key_capacity < 1:
             raise ValueError("history_size and key_capacity must be at least 1")
         if durability not in ("normal", "full"):
@@ -429,6 +524,7 @@ class SqliteStore:
         self._checkpointer: sqlite3.Connection | None = None
         self._commits = 0
         self._checkpointing = False
+        self._log_path = f"{self.path}-wal"
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
@@ -467,7 +563,7 @@ class SqliteStore:
     ) -> sqlite3.Connection:
         try:
             connection = sqlite3.connect(
-                f"file:{self.path}?mode=rw",
+                _uri(self.path),
                 uri=True,
                 isolation_level=None,
                 timeout=BUSY_TIMEOUT_MS / 1000,  # opening waits: another process may be checkpointing
@@ -514,7 +610,7 @@ class SqliteStore:
         self._pending.append((text, reply, received_at, peer, key, future))
         if not self._scheduled and not self._writing:
             self._scheduled = True
-            loop.call_soon(loop.call_soon, self._flush)  # two turns: see WRITE_FIGURES
+            loop.call_soon(loop.call_soon, self._flush)  # two turns: the next poll's requests join
         return await future
 
     def _flush(self) -> None:
@@ -559,7 +655,9 @@ class SqliteStore:
                 for listener in self._listeners:
                     listener(last)
             self._commits += 1
-            if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
+            if not self._checkpointing and (
+                self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
+            ):
                 self._start_checkpoint()
         if self._pending:
             self._scheduled = True
@@ -567,6 +665,15 @@ class SqliteStore:
             self._loop.call_soon(self._flush)
         elif self._idle is not None:
             self._idle.set()
+
+    def _log_size(self) -> int:
+        """The log file's size: one ``stat`` a commit, which sees every process's commits. The file
+        is cut back to WAL_SIZE_LIMIT when the log restarts, so it grows past that only when the log
+        holds more (``journal_size_limit``)."""
+        try:
+            return os.stat(self._log_path).st_size
+        except OSError:
+            return 0
 
     def _start_checkpoint(self) -> None:
         """Copy the log into the database on the writer thread, off the event loop."""
@@ -582,6 +689,7 @@ class SqliteStore:
         if connection is not None:
             # RESTART, not PASSIVE: it waits (here, off the loop) for writers and then makes the
             # next commit start the log afresh; this process's batches queue behind it meanwhile.
+            # TRUNCATE would empty the file, but growing it again costs CPU (docs/performance.md).
             # PASSIVE checkpoints racing with commits let the log grow to 100 MB in 20 s of load.
             # Busy for 10 s, or a full disk: the log keeps the commits; the next one tries again.
             with contextlib.suppress(sqlite3.Error):
@@ -620,7 +728,7 @@ class SqliteStore:
             next_id = (row[0] if row else 0) + 1
             clock = 0  # the clock is read (a page of its own) only for a batch with keys
             if any(item[4] is not None for item in batch):
-                clock = execute("SELECT value FROM counters WHERE name = 'clock'").fetchone()[0]
+                clock = self._counter(execute("SELECT value FROM counters WHERE name = 'clock'"), "clock")
             results: list[Stored | BaseException] = []
             messages: list[tuple[int, bytes]] = []
             keys: list[tuple[str, int, bytes, str, str, bytes, int]] = []
@@ -668,9 +776,13 @@ class SqliteStore:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
             if keys:
                 connection.executemany("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", keys)
-                count = execute(
-                    "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value", (len(keys),)
-                ).fetchone()[0]
+                count = self._counter(
+                    execute(
+                        "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value",
+                        (len(keys),),
+                    ),
+                    "keys",
+                )
                 if count > self.key_capacity:
                     execute(
                         "DELETE FROM idempotency_keys WHERE key IN "
@@ -691,6 +803,13 @@ class SqliteStore:
                 raise self._mapped(exc) from exc
             raise
         return results
+
+    def _counter(self, cursor: sqlite3.Cursor, name: str) -> int:
+        row = cursor.fetchone()
+        if row is None:  # the start checks the rows; another program may have deleted one since
+            raise StoreError(f"database {self.path}: counter {name} is missing")
+        value: int = row[0]
+        return value
 
     def _mapped(self, exc: sqlite3.Error) -> StoreError:
         if _full(exc):

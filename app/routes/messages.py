@@ -39,7 +39,7 @@ from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import key_owner, with_forwarded
 from app.logs import Throttle, escaped
 from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
-from app.store import KeyConflict, Store, StoreFull
+from app.store import KeyConflict, Store, StoreError, StoreFull
 
 __all__ = [
     "BODY_BUDGET",
@@ -189,6 +189,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     default_limit = min(100, settings.history_size)
     bodies = _Budget(BODY_BUDGET)
     busy_log = Throttle(log)
+    store_errors = Throttle(log)
     streams = _Budget(LIST_STREAMS)
 
     async def create_message(request: Request) -> Response:
@@ -275,6 +276,9 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             )
         except StoreFull as exc:
             return error_response(507, str(exc))
+        except StoreError as exc:  # e.g. the file changed under the server: the transaction rolled back
+            store_errors.log(logging.ERROR, "Cannot store a message: %s", escaped(str(exc)))
+            return error_response(503, f"{exc}; nothing was stored")
         if not stored.created:
             return Response(stored.document, 200, None, JSON)
         message_id = stored.id

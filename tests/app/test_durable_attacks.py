@@ -85,13 +85,13 @@ def test_a_data_directory_owned_by_another_uid_is_refused(tmp: Path) -> None:
 
 
 def test_in_a_directory_open_to_all_the_files_are_ours_and_private(tmp: Path) -> None:
-    """A root-owned directory every uid may write in (an emptyDir is 0777) is used, but every
-    file the database needs is made first, by the server, 0600: no other uid can plant one."""
+    """A root-owned directory every uid may write in (an emptyDir is 0777), declared private by the
+    operator, is used, but every file the database needs is made first, by the server, 0600."""
     shared = _shared(tmp)
     data = shared / "data"
     data.mkdir()
     os.chmod(data, 0o777)
-    with running_server("--data-dir", str(data)) as server:
+    with running_server("--data-dir", str(data), "--data-dir-private") as server:
         assert server.socket_path is not None
         body = b'{"text":"private"}'
         headers = {"content-type": "application/json"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.durable import DB_NAME
+from app.durable import DB_NAME, WAL_SIZE_LIMIT
 from tests.support import ServerProcess, http_over_uds, small_tmpfs
 
 DISK = "4m"
@@ -95,3 +95,47 @@ def test_a_full_disk_answers_507_stores_nothing_and_keeps_reads_working(tmp: Pat
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         finally:
             db.close()
+
+
+def test_a_small_disk_keeps_taking_messages_and_refuses_only_when_full(tmp: Path) -> None:
+    """The write-ahead log is checkpointed by size as well as by count: before, it reached about
+    2 MB before its first checkpoint, so 68 messages of 4 KB filled a 2 MiB disk. With the history
+    and the keys bounded, the store now stays within the disk whatever the number of messages; once
+    the disk is full, the answer is 507 and every acknowledged message survives a restart."""
+    sock = str(tmp / "s.sock")
+    with small_tmpfs(tmp / "disk", "2m", 0o700) as disk:
+        data = disk / "data"
+        args = ["--socket", sock, "--data-dir", str(data), "--history-size", "40", "--log-level", "warning"]
+        stored: dict[int, bytes] = {}
+        with ServerProcess(args, socket_path=sock) as server:
+            server.wait_ready()
+            largest_log = 0
+            for i in range(600):
+                status, body = _post(sock, f"{TEXT} {i}", f"small-{i}")
+                assert status == 201, f"message {i}: {status} {body!r}"
+                stored[json.loads(body)["id"]] = body
+                largest_log = max(largest_log, (data / f"{DB_NAME}-wal").stat().st_size)
+            # Past the limit by at most the commit that crossed it (one that prunes 64 messages of
+            # 4 KB writes about 200 KB): before, 100 commits of 29 KB, about 3 MB.
+            assert largest_log <= WAL_SIZE_LIMIT + 512 * 1024, largest_log
+
+            fill(disk / "filler")
+            refused = None
+            for i in range(2000):
+                status, body = _post(sock, f"{TEXT} late {i}", f"late-{i}")
+                if status == 507:
+                    refused = i
+                    break
+                assert status == 201, body
+                stored[json.loads(body)["id"]] = body
+            assert refused is not None, "the full disk never refused a write"
+            assert server.stop() == 0
+        kept = sorted(stored)[-40:]  # the history: the last 40 acknowledged
+        with ServerProcess(args, socket_path=sock) as server:
+            server.wait_ready()
+            for message_id in kept:
+                assert http_over_uds(sock, "GET", f"/messages/{message_id}") == (200, stored[message_id])
+            status, listing = http_over_uds(sock, "GET", "/messages?limit=40")
+            assert status == 200, listing
+            assert [m["id"] for m in json.loads(listing)["messages"]] == kept
+            assert server.stop() == 0

@@ -320,6 +320,18 @@ def test_state_volume_is_where_the_server_keeps_its_data() -> None:
     assert [m["name"] for m in containers(template)["uds-client"]["volumeMounts"]] == ["csi-socket"]
 
 
+def test_the_private_state_emptydir_is_declared_so(pod: Spec) -> None:
+    """An emptyDir is 0777, which the server refuses as a data directory unless told that only it
+    can reach the directory: true here, as the state volume is mounted into the server alone."""
+    server = containers(pod)["uds-server"]
+    assert server_settings(server).data_dir_private is True
+    users = [
+        name for name, c in containers(pod).items() if any(m["name"] == "state" for m in c["volumeMounts"])
+    ]
+    assert users == ["uds-server"]
+    assert "emptyDir" in {v["name"]: v for v in pod["spec"]["volumes"]}["state"]
+
+
 # --- drift: one pair, three descriptions ------------------------------------------------------
 
 

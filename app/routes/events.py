@@ -61,8 +61,10 @@ _EXAMPLE = (
 class _EventStream(EventSourceResponse):
     """An event stream that gives its slot back however it ends (done, failed, client gone)."""
 
-    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None) -> None:
-        super().__init__(hub.stream(subscriber, since), headers={"cache-control": "no-cache"})
+    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None, request: Request) -> None:
+        super().__init__(
+            hub.stream(subscriber, since, request.is_disconnected), headers={"cache-control": "no-cache"}
+        )
         self._hub = hub
         self._subscriber = subscriber
 
@@ -124,6 +126,6 @@ def build_router(hub: EventHub) -> APIRouter:
                 f"{exc}; try again shortly",
                 headers={"retry-after": RETRY_AFTER},
             )
-        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since)
+        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since, request)
 
     return router

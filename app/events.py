@@ -48,6 +48,7 @@ from app.store import Store
 __all__ = [
     "BATCH",
     "BUFFER",
+    "CHUNK",
     "HEARTBEAT",
     "HEARTBEAT_INTERVAL",
     "POLL_INTERVAL",

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.errors import error_response, error_responses
-from app.events import BUFFER, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from app.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
 from app.logs import Throttle
 
 __all__ = ["EVENT_SCHEMA", "build_router"]
@@ -36,7 +36,8 @@ process: event `message`, `id` the message id, data the message as `GET /message
 live: nothing is lost or repeated across a reconnection. The header wins when both are given.
 When some of those messages have left the history (or the id is unknown to the server), event
 `reset` comes first: its data names the `oldest` id kept; list the messages again
-(`GET /messages`), and the stream goes on from that oldest message.
+(`GET /messages`), and the stream goes on from that oldest message. The replay goes as fast as
+the reader takes it: the server reads the next {CHUNK // 1024} KiB of it only once the last went out.
 
 **Heartbeats.** An idle stream gets a comment line (`: heartbeat`) every {HEARTBEAT_INTERVAL:g} s.
 

@@ -18,10 +18,10 @@ a POST never waits for a reader.
 A stream that starts from an id (``Last-Event-ID`` or ``?since=``) first reads what it missed from
 the store itself, one write of at most :data:`CHUNK` bytes at a time (plus one message), and reads
 the next only once the connection has taken that one: a reader that never reads holds its
-transport's buffer and nothing more.
-Before each read it lets the event loop run and stops if its client has gone, so a client that
-hangs up costs a request's work, not a replay of the history. Then, in the same step of the event
-loop as its last empty read, it joins the hub with that id as its cursor.
+transport's buffer and nothing more. Before each read it lets the event loop run and stops if its
+client has gone, so a client that hangs up costs a request's work, not a replay of the history.
+Then, in the same step of the event loop as its last empty read, it joins the hub with that id as
+its cursor.
 The hub sends it only ids above its cursor, so nothing is lost or sent twice across the switch.
 An id older than the history (or unknown to the store) gets a ``reset`` event first.
 

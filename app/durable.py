@@ -853,19 +853,26 @@ class SqliteStore:
         )
         return [row[0] for row in reversed(rows)]
 
-    def since(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+    def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        return (
-            self._read()
-            .execute(
-                "SELECT id, document FROM messages "
-                "WHERE id > max(?, (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ?) "
-                "ORDER BY id LIMIT ?",
-                (max(after_id, 0), self.history_size, min(limit, _MAX_ID)),
-            )
-            .fetchall()
+        cursor = self._read().execute(
+            "SELECT id, document FROM messages "
+            "WHERE id > max(?, (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ?) "
+            "ORDER BY id LIMIT ?",
+            (max(after_id, 0), self.history_size, min(limit, _MAX_ID)),
         )
+        if max_bytes is None:
+            return cursor.fetchall()
+        rows: list[tuple[int, bytes]] = []
+        size = 0
+        for row in cursor:  # SQLite steps one row at a time: the rest is never read
+            rows.append(row)
+            size += len(row[1])
+            if size >= max_bytes:
+                break
+        cursor.close()
+        return rows
 
     def first_id(self) -> int | None:
         first: int | None = (

@@ -16,8 +16,12 @@ most :data:`BUFFER` references to documents the store already holds plus its soc
 a POST never waits for a reader.
 
 A stream that starts from an id (``Last-Event-ID`` or ``?since=``) first reads what it missed from
-the store itself, in batches of :data:`BATCH`, as fast as its reader takes them; then, in the
-same step of the event loop as its last empty read, it joins the hub with that id as its cursor.
+the store itself, one write of at most :data:`CHUNK` bytes at a time (plus one message), and reads
+the next only once the connection has taken that one: a reader that never reads holds its
+transport's buffer and nothing more. Before each read it lets the event loop run and stops if its
+client has gone, so a client that hangs up costs a request's work, not a replay of the history.
+Then, in the same step of the event loop as its last empty read, it joins the hub with that id as
+its cursor.
 The hub sends it only ids above its cursor, so nothing is lost or sent twice across the switch.
 An id older than the history (or unknown to the store) gets a ``reset`` event first.
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from bisect import bisect_right
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import accumulate
 from time import perf_counter
 from typing import Literal
@@ -45,6 +49,7 @@ from app.store import Store
 __all__ = [
     "BATCH",
     "BUFFER",
+    "CHUNK",
     "HEARTBEAT",
     "HEARTBEAT_INTERVAL",
     "POLL_INTERVAL",
@@ -80,7 +85,7 @@ MAX_PAUSE = 0.04
 BUFFER = 256
 """Events a subscriber may have waiting; one more and it is cut off with ``overflow``."""
 BATCH = 100
-"""Messages read from the store at a time (catching up, or by the hub)."""
+"""Messages read from the store at a time, at most (catching up, or by the hub)."""
 CHUNK = 64 * 1024
 """Bytes a stream writes at a time, at most (plus one event): a stalled reader's socket holds no
 more than this beyond the kernel's buffers until ``--send-timeout`` closes it."""
@@ -116,6 +121,10 @@ def _control_event(event: str, data: dict[str, object], event_id: int | None = N
         event=event,
         id=None if event_id is None else str(event_id),
     )
+
+
+async def _connected() -> bool:
+    return False
 
 
 class Pending:
@@ -257,10 +266,18 @@ class EventHub:
             else:
                 del self.held[subscriber.uid]
 
-    async def stream(self, subscriber: Subscriber, since: int | None) -> AsyncIterator[bytes]:
+    async def stream(
+        self,
+        subscriber: Subscriber,
+        since: int | None,
+        gone: Callable[[], Awaitable[bool]] = _connected,
+    ) -> AsyncIterator[bytes]:
         """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events.
 
-        It ends after a final ``overflow`` or ``shutdown`` event; the caller unsubscribes.
+        It ends after a final ``overflow`` or ``shutdown`` event, or, while catching up, as soon as
+        ``gone()`` (asked before each read of the store, after a pass of the event loop) says its
+        client has left; the caller unsubscribes. Catching up holds one batch of at most
+        :data:`CHUNK` bytes (plus one message) that its reader has not taken.
         """
         store = self.store
         yield format_sse_event(retry=RETRY_MS)
@@ -276,22 +293,24 @@ class EventHub:
                 subscriber.cursor = subscriber.sent = last if first is None else first - 1
                 yield self._reset(since, subscriber.cursor)
             while subscriber.end is None:
+                await asyncio.sleep(0)  # a failed write's connection loss runs; other requests too
+                if await gone():
+                    return
                 first = store.first_id()
                 if first is not None and subscriber.cursor < first - 1:
                     requested = subscriber.cursor
                     subscriber.cursor = subscriber.sent = first - 1
                     yield self._reset(requested, subscriber.cursor)
-                rows = store.since(subscriber.cursor, BATCH)
+                rows = store.since(subscriber.cursor, BATCH, CHUNK)
                 if not rows:
                     self._join(subscriber)  # same loop step as the empty read: nothing falls between
                     break
-                subscriber.cursor = rows[-1][0]
-                pending = Pending()
-                events = [_message_event(i, doc) for i, doc in rows]
-                pending.add([i for i, _ in rows], events, sum(map(len, events)))
-                while pending:
-                    subscriber.sent, chunk = pending.take()
-                    yield chunk
+                subscriber.cursor = subscriber.sent = rows[-1][0]
+                chunk = b"".join([_message_event(i, doc) for i, doc in rows])
+                del rows
+                yield chunk
+                del chunk
+                yield b""  # writes nothing, but waits while the connection cannot take more
         buffer = subscriber.buffer
         wake = subscriber.wake
         while True:

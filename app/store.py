@@ -85,9 +85,10 @@ class Store(Protocol):
         """The ids of the most recent ``limit`` messages, oldest first."""
         ...
 
-    def since(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+    def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         """Up to ``limit`` messages with an id above ``after_id`` still in the history, oldest
-        first, as (id, JSON document)."""
+        first, as (id, JSON document); with ``max_bytes``, no more once their documents reach it
+        (at least one message): a reader that may stall holds a bounded batch."""
         ...
 
     def first_id(self) -> int | None:
@@ -204,13 +205,23 @@ class MessageStore:
         """
         return range(self._next_id - min(limit, len(self._history)), self._next_id)
 
-    def since(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` messages with an id above ``after_id``, oldest first."""
+    def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages with an id above ``after_id``, oldest first (see :class:`Store`)."""
         first = self._next_id - len(self._history)
         start = max(after_id + 1, first)
         stop = min(start + max(limit, 0), self._next_id)
         history = self._history
-        return [(i, history[i - first]) for i in range(start, stop)]
+        if max_bytes is None:
+            return [(i, history[i - first]) for i in range(start, stop)]
+        rows: list[tuple[int, bytes]] = []
+        size = 0
+        for i in range(start, stop):
+            document = history[i - first]
+            rows.append((i, document))
+            size += len(document)
+            if size >= max_bytes:
+                break
+        return rows
 
     def first_id(self) -> int | None:
         """The oldest id still in the history (None when empty)."""

@@ -13,14 +13,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.sse import EventSourceResponse
+from pydantic import WithJsonSchema
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.errors import error_response, error_responses
-from app.events import BUFFER, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from app.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
 from app.logs import Throttle
 
-__all__ = ["build_router"]
+__all__ = ["EVENT_SCHEMA", "build_router"]
 
 log = logging.getLogger("app.events")
 
@@ -35,7 +36,8 @@ process: event `message`, `id` the message id, data the message as `GET /message
 live: nothing is lost or repeated across a reconnection. The header wins when both are given.
 When some of those messages have left the history (or the id is unknown to the server), event
 `reset` comes first: its data names the `oldest` id kept; list the messages again
-(`GET /messages`), and the stream goes on from that oldest message.
+(`GET /messages`), and the stream goes on from that oldest message. The replay goes as fast as
+the reader takes it: the server reads the next {CHUNK // 1024} KiB of it only once the last went out.
 
 **Heartbeats.** An idle stream gets a comment line (`: heartbeat`) every {HEARTBEAT_INTERVAL:g} s.
 
@@ -58,11 +60,76 @@ _EXAMPLE = (
 )
 
 
+_AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})
+"""Optional, never null: a parameter left out is None, but ``null`` is not an id (it is a 422)."""
+
+
+def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+_LAST_ID = {"type": "integer", "minimum": 0, "description": "Reconnect with `Last-Event-ID` set to it."}
+_TEXT = {"type": "string", "description": "What happened and what to do, for a person."}
+
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One event, as OpenAPI 3.2 describes a `text/event-stream` item.",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["message", "reset", "overflow", "shutdown"]},
+        "data": {"type": "string"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "oneOf": [
+        {
+            "properties": {
+                "event": {"const": "message"},
+                "data": _json_data({"$ref": "#/components/schemas/Message"}),
+            },
+            "required": ["id"],
+        },
+        {
+            "properties": {
+                "event": {"const": "reset"},
+                "data": _json_data(
+                    {
+                        "type": "object",
+                        "required": ["oldest", "message"],
+                        "properties": {
+                            "oldest": {"type": "integer", "description": "The id the stream goes on from."},
+                            "message": _TEXT,
+                        },
+                    }
+                ),
+            },
+            "required": ["id"],
+        },
+        {
+            "properties": {
+                "event": {"enum": ["overflow", "shutdown"]},
+                "data": _json_data(
+                    {
+                        "type": "object",
+                        "required": ["last_id", "message"],
+                        "properties": {"last_id": _LAST_ID, "message": _TEXT},
+                    }
+                ),
+            },
+        },
+    ],
+}
+"""The 200's ``itemSchema``: ``data`` of a ``message`` is the message (``contentSchema``), of the
+other events the JSON object they carry; FastAPI writes one only for a generator path operation."""
+
+
 class _EventStream(EventSourceResponse):
     """An event stream that gives its slot back however it ends (done, failed, client gone)."""
 
-    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None) -> None:
-        super().__init__(hub.stream(subscriber, since), headers={"cache-control": "no-cache"})
+    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None, request: Request) -> None:
+        super().__init__(
+            hub.stream(subscriber, since, request.is_disconnected), headers={"cache-control": "no-cache"}
+        )
         self._hub = hub
         self._subscriber = subscriber
 
@@ -73,12 +140,6 @@ class _EventStream(EventSourceResponse):
             self._hub.unsubscribe(self._subscriber)
 
 
-class _Documented(Response):
-    """What the OpenAPI document shows the 200 as (the endpoint returns its own responses)."""
-
-    media_type = "text/event-stream"
-
-
 def build_router(hub: EventHub) -> APIRouter:
     """The ``/events`` router, bound to this process's hub."""
     router = APIRouter(prefix="/events", tags=["events"])
@@ -87,7 +148,7 @@ def build_router(hub: EventHub) -> APIRouter:
     responses: dict[int | str, dict[str, Any]] = {
         200: {
             "description": "The event stream.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _EXAMPLE}},
+            "content": {"text/event-stream": {"itemSchema": EVENT_SCHEMA, "example": _EXAMPLE}},
         },
         **error_responses(403, 422, 503),
     }
@@ -97,8 +158,10 @@ def build_router(hub: EventHub) -> APIRouter:
         summary="Stream events",
         operation_id="stream_events",
         description=_DESCRIPTION,
-        # Not response_class=EventSourceResponse: FastAPI would expect a generator (see above).
-        response_class=_Documented,
+        # Not response_class=EventSourceResponse: FastAPI would expect a generator (see above). A
+        # class without a media type, so that FastAPI adds no ``schema`` beside the ``itemSchema``
+        # (OpenAPI 3.2 reads a ``schema`` of an event stream as the schema of the whole stream).
+        response_class=Response,
         response_model=None,
         responses=responses,
     )
@@ -106,10 +169,12 @@ def build_router(hub: EventHub) -> APIRouter:
         request: Request,
         since: Annotated[
             int | None,
+            _AN_ID,
             Query(ge=0, description="Replay the messages after this id first (like `Last-Event-ID`)."),
         ] = None,
         last_event_id: Annotated[
             int | None,
+            _AN_ID,
             Header(alias="last-event-id", ge=0, description="The id of the last event received."),
         ] = None,
     ) -> Response:
@@ -124,6 +189,6 @@ def build_router(hub: EventHub) -> APIRouter:
                 f"{exc}; try again shortly",
                 headers={"retry-after": RETRY_AFTER},
             )
-        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since)
+        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since, request)
 
     return router

@@ -123,7 +123,8 @@ def test_the_units_command_serves_under_socket_activation(tmp: Path) -> None:
     setenv = [arg for value in env for arg in ("-E", value)]
     log = (tmp / "out.log").open("wb")
     with notify, Spawned([activate, "--listen", path, *setenv, *command], socket=path, stdout=log) as server:
-        wait_until(lambda: Path(path).exists(), what="the socket bound by systemd-socket-activate")
+        # It logs this once the socket listens (a connection before it would be refused).
+        wait_until(lambda: "Listening on" in (tmp / "out.log").read_text(), what="systemd-socket-activate")
         answer = subprocess.Popen(
             [curl, "-sS", "--unix-socket", path, "http://localhost/healthz"], stdout=subprocess.PIPE
         )

@@ -75,7 +75,8 @@ def test_systemd_socket_activate_starts_the_server_and_curl_gets_its_answer(tmp:
         "app",
     ]
     with Spawned(command, socket=path, stdout=log) as server:
-        wait_until(lambda: os.path.exists(path), what=f"{path} bound by systemd-socket-activate")
+        # It logs this once the socket listens (a connection before it would be refused).
+        wait_until(lambda: "Listening on" in (tmp / "out.log").read_text(), what="systemd-socket-activate")
         made = os.stat(path)
         answer = subprocess.run(
             [curl, "-sS", "--unix-socket", path, "-H", "content-type: application/json", "-d", HELLO, URL],

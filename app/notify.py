@@ -85,7 +85,7 @@ class Notifier:
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                shown = self.address if isinstance(self.address, str) else "@" + self.address[1:].decode()
+                shown = self.address if isinstance(self.address, str) else "@" + os.fsdecode(self.address[1:])
                 logger.warning(
                     "Could not notify the service manager at %s (%s): it may not learn the server's "
                     "state; serving on",

@@ -202,7 +202,10 @@ def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[Boun
     if inherited is not None:
         address = address_of(inherited.sock)
         unused = "" if settings.socket == address else f"; --socket {settings.socket} is not used"
-        details = f": {describe(address)}" if address.startswith("/") else ""
+        details = ""
+        if address.startswith("/"):
+            with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
+                details = f": {describe(address)}"
         logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
         return inherited, address
     if settings.uses_tcp:
@@ -283,6 +286,7 @@ def serve(
     """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
 
     ``bound``: the socket file to check once a second (stop if it is removed or replaced).
+    ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
     """
     from app.peercred import connection_cap, raise_open_file_limit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,21 +15,29 @@ import pytest
 from app.notify import Notifier
 from tests.support import ServerProcess, http_over_uds, wait_until
 
+_UCRED = struct.Struct("3i")
+
 
 class Manager:
-    """The service manager's end: a datagram socket that collects what the server sends."""
+    """The service manager's end: a datagram socket that collects what the server sends, and which
+    process sent it (``SO_PASSCRED``, as systemd checks ``NotifyAccess=``)."""
 
     def __init__(self, address: str | bytes) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(address)
         self.sock.settimeout(0)
         self.messages: list[tuple[float, list[str]]] = []
+        self.senders: set[int] = set()
 
     def collect(self) -> list[list[str]]:
         """Every message received so far, each as its lines."""
         with contextlib.suppress(BlockingIOError):
             while True:
-                data = self.sock.recv(4096)
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+                for level, kind, value in ancillary:
+                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                        self.senders.add(_UCRED.unpack(value[: _UCRED.size])[0])
                 self.messages.append((time.monotonic(), data.decode().split("\n")))
         return [lines for _, lines in self.messages]
 
@@ -63,22 +72,26 @@ def test_ready_status_and_stopping(tmp: Path, manager: Manager) -> None:
         assert f"STATUS=Serving on {tmp / 's.sock'}" in ready
         assert server.stop() == 0
     stopping = manager.wait_for("STOPPING=1")
+    assert manager.senders == {server.proc.pid}
     assert "STATUS=Draining 0 connection(s) after SIGTERM" in stopping
     assert [m for m in manager.collect() if "READY=1" in m] == [ready]  # once
     assert ["WATCHDOG=1"] not in manager.collect()  # not asked for
 
 
 def test_workers_ready_once_every_worker_serves(tmp: Path, manager: Manager) -> None:
-    """--workers 2: the parent alone notifies, READY=1 with its own pid once both workers serve."""
-    env = {"NOTIFY_SOCKET": str(tmp / "notify")}
+    """--workers 2: the parent alone notifies (READY=1 with its own pid once both workers serve,
+    watchdog pings from its loop); the workers never do."""
+    env = {"NOTIFY_SOCKET": str(tmp / "notify"), "WATCHDOG_USEC": "200000"}
     with _server(tmp, "--workers", "2", env=env) as server:
         ready = manager.wait_for("READY=1")
         assert "2 workers serving" in server.output  # logged just before READY=1 is sent
         assert f"MAINPID={server.proc.pid}" in ready
         assert f"STATUS=Serving on {tmp / 's.sock'} with 2 workers" in ready
+        wait_until(lambda: manager.collect().count(["WATCHDOG=1"]) >= 3, what="watchdog pings")
         assert server.stop() == 0
     assert "STATUS=Stopping 2 worker(s)" in manager.wait_for("STOPPING=1")
     assert sum(1 for m in manager.collect() if "READY=1" in m) == 1
+    assert manager.senders == {server.proc.pid}
 
 
 def test_worker_death_is_a_status_line(tmp: Path, manager: Manager) -> None:

@@ -203,10 +203,19 @@ def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[Boun
         address = address_of(inherited.sock)
         unused = "" if settings.socket == address else f"; --socket {settings.socket} is not used"
         details = ""
+        mode = 0
         if address.startswith("/"):
             with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
                 details = f": {describe(address)}"
+                mode = os.lstat(address).st_mode
         logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
+        if mode & 0o002:
+            logger.warning(
+                "Socket %s is writable by every user (mode %04o): any local user can call the API; "
+                "set SocketMode=0660 and SocketGroup= in its .socket unit",
+                address,
+                mode & 0o777,
+            )
         return inherited, address
     if settings.uses_tcp:
         host = settings.host or "127.0.0.1"

@@ -218,3 +218,17 @@ def test_sigterm_exit_code_with_an_inherited_socket(tmp: Path, held: socket.sock
         server.wait_ready()
         assert server.stop(signal.SIGTERM) == 0
         assert server.proc.returncode == 0
+
+
+def test_a_world_writable_passed_socket_is_served_with_a_warning(tmp: Path, held: socket.socket) -> None:
+    """The server never changes a passed socket's mode; it says when anyone may connect."""
+    path = held.getsockname()
+    os.chmod(path, 0o666)
+    with _activated(tmp, held) as server:
+        server.wait_ready()
+        assert server.stop() == 0
+    assert (
+        f"WARNING Socket {path} is writable by every user (mode 0666): any local user can call the API; "
+        "set SocketMode=0660 and SocketGroup= in its .socket unit"
+    ) in server.output.splitlines()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666

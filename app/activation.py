@@ -99,7 +99,7 @@ def _check(fd: int, name: str) -> socket.socket:
             kind = _TYPES.get(sock.type, f"a type {int(sock.type)}")
             raise refuse(f"it is {kind} socket, not a stream (SOCK_STREAM) one")
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise refuse("it is not listening")
+            raise refuse("it is not listening (a .socket unit with Accept=yes passes connections instead)")
     except BaseException:
         with contextlib.suppress(OSError):
             sock.detach()  # leave the descriptor to its owner; we exit anyway

@@ -152,7 +152,11 @@ def _wrong_sockets() -> Iterator[tuple[str, socket.socket, str]]:
     tcp.listen(1)
     yield "tcp", tcp, "it is an IPv4 (AF_INET) socket, not a Unix (AF_UNIX) one"
     idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield "not listening", idle, "it is not listening"
+    yield (
+        "not listening",
+        idle,
+        "it is not listening (a .socket unit with Accept=yes passes connections instead)",
+    )
     datagram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     yield "datagram", datagram, "it is a datagram socket, not a stream (SOCK_STREAM) one"
 

@@ -87,9 +87,9 @@ def held(tmp: Path) -> Iterator[socket.socket]:
     sock.close()
 
 
-def _server(tmp: Path, held: socket.socket, name: str) -> ServerProcess:
+def _server(tmp: Path, held: socket.socket, name: str, workers: str = "1") -> ServerProcess:
     return ServerProcess(
-        ["--socket", str(tmp / "own.sock")],
+        ["--socket", str(tmp / "own.sock"), "--workers", workers],
         socket_path=held.getsockname(),
         python=python_with_listen_fds(tmp, held.fileno()),
         pass_fds=(held.fileno(),),
@@ -98,7 +98,8 @@ def _server(tmp: Path, held: socket.socket, name: str) -> ServerProcess:
     )
 
 
-def test_restart_under_load_loses_no_request(tmp: Path, held: socket.socket) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_restart_under_load_loses_no_request(tmp: Path, held: socket.socket, workers: str) -> None:
     """Three restarts under load: every POST is answered (201); some waited in the backlog."""
     path = held.getsockname()
     load = Load(path)
@@ -110,7 +111,7 @@ def test_restart_under_load_loses_no_request(tmp: Path, held: socket.socket) -> 
     ]
     waited = 0
     outputs = []
-    server = _server(tmp, held, "server-0")
+    server = _server(tmp, held, "server-0", workers)
     try:
         server.wait_ready()
         for thread in threads:
@@ -124,7 +125,7 @@ def test_restart_under_load_loses_no_request(tmp: Path, held: socket.socket) -> 
             # Nothing serves now: every thread's request waits in the held socket's backlog.
             wait_until(lambda: len(load.in_flight) == len(threads), what="every thread waiting")
             assert load.answered() == stopped
-            server = _server(tmp, held, f"server-{restart}")
+            server = _server(tmp, held, f"server-{restart}", workers)
             exec_at = time.monotonic()
             server.wait_ready()
             load.reach(stopped + 1, "from the new server")
@@ -142,7 +143,8 @@ def test_restart_under_load_loses_no_request(tmp: Path, held: socket.socket) -> 
         server.__exit__(None, None, None)
     assert load.failures == [], f"{len(load.failures)} failed of {len(load.done) + len(load.failures)}"
     assert waited >= RESTARTS * RAW_THREADS, "requests should have waited for the next server in the backlog"
-    assert all("Drain done" in output for output in outputs), outputs
+    drained = "All workers stopped" if workers != "1" else "Drain done"
+    assert all(drained in output for output in outputs), outputs
 
 
 def _open_fds(pid: int) -> int:

@@ -236,3 +236,22 @@ def test_a_world_writable_passed_socket_is_served_with_a_warning(tmp: Path, held
         "set SocketMode=0660 and SocketGroup= in its .socket unit"
     ) in server.output.splitlines()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
+
+
+def test_an_abstract_passed_socket_is_served_and_named_with_at(tmp: Path) -> None:
+    """ListenStream=@name: an abstract-namespace socket has no file; the logs show ``@name``."""
+    name = f"uds-test-{os.getpid()}-{tmp.name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+        held.bind("\0" + name)
+        held.listen(16)
+        with _activated(tmp, held, ready_at=str(tmp / "unused")) as server:
+            status, _ = wait_until(
+                lambda: http_over_uds("\0" + name), what="an answer on the abstract socket"
+            )
+            assert status == 200
+            assert server.stop() == 0
+    assert (
+        f"Socket @{name} passed by the service manager; --socket {tmp / 'own.sock'} is not used"
+        in server.output
+    )
+    assert f"🔌 Server listening on @{name}" in server.output

@@ -1,7 +1,8 @@
 """``uds-server`` (also ``python -m app``): the only code that reads argv.
 
-Exit codes: 0 clean stop, 2 bad usage or setting, 3 startup failure (uvicorn's STARTUP_FAILURE) or a
-socket file removed or replaced while serving.
+Exit codes: 0 clean stop, 2 bad usage or setting, 3 startup failure (uvicorn's STARTUP_FAILURE: a
+socket passed through LISTEN_FDS that is not one listening Unix stream socket included) or a socket
+file removed or replaced while serving.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uds-server",
         description="Serve the uds-example REST API on a Unix domain socket. "
         "Each option falls back to its environment variable, then to its default.",
-        epilog="Exit codes: 0 clean stop, 2 bad usage, 3 cannot start (socket in use, path, permission) "
-        "or the socket file was removed or replaced while serving.",
+        epilog="Exit codes: 0 clean stop, 2 bad usage, 3 cannot start (socket in use, path, permission, "
+        "a socket passed by systemd that is not a listening Unix stream socket) "
+        "or the socket file was removed or replaced while serving. "
+        "Under systemd it serves the socket passed in LISTEN_FDS and notifies NOTIFY_SOCKET.",
     )
     for name, option in options():
         default = option.shown_default or _show(getattr(defaults, name))

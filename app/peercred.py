@@ -281,6 +281,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._over_cap = False
         self._linger: TimerHandle | None = None
         self._linger_left = 0
+        self._draining = False
+        """The server drains: each request from now on is answered with ``Connection: close``."""
         self._live: list[RequestResponseCycle] = []
         self._paused_at: float | None = None
         """Loop time since which the peer has left our answers unread (writing paused), or None."""
@@ -426,7 +428,8 @@ class PeerCredProtocol(HttpToolsProtocol):
 
         A copy, because uvicorn names its class inside the method: changing each cycle's class
         afterwards cost 1.9 µs of a 44 µs POST (``app.metrics.timed_cycle``). Our protocol never
-        sets uvicorn's ``limit_concurrency`` (it has its own cap), so that branch is left out.
+        sets uvicorn's ``limit_concurrency`` (it has its own cap), so that branch is left out; a
+        request read while the server drains is not kept alive (see :meth:`shutdown`).
         tests/app/test_metrics.py fails when uvicorn changes the original.
         """
         scope = self.scope
@@ -456,7 +459,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             default_headers=self.server_state.default_headers,
             message_event=asyncio.Event(),
             expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            keep_alive=http_version != "1.0" and parser.should_keep_alive() and not self._draining,
             on_response=self.on_response_complete,
         )
         if self.tally is not None:  # counting
@@ -516,14 +519,46 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._close_after(b"")
 
     def shutdown(self) -> None:
-        """uvicorn's graceful close; an answer stalled on a peer that reads nothing gets
-        :data:`DRAIN_STALL` seconds more, not the whole send timeout."""
-        super().shutdown()
+        """uvicorn's graceful close, except that a request the peer has begun or is about to send is
+        still answered (with ``Connection: close``) if it comes within :data:`DRAIN_STALL` seconds.
+
+        Those are connections accepted just before the drain with nothing read yet, a head half
+        read, or input waiting unread after an answer: closing them, as uvicorn does, fails a
+        request the client had every reason to send, which a restart behind a held socket must
+        not do. An answer stalled on a peer that reads nothing gets :data:`DRAIN_STALL` seconds
+        more, not the whole send timeout.
+        """
+        self._draining = True
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and self._owes_request():
+            now = self.loop.time()
+            self.request_timeout = min(self.request_timeout, DRAIN_STALL)
+            if self._waiting_since is None:  # input after an answer, its head not parsed yet
+                self._waiting_since = now
+            if self._deadline is not None:
+                self._deadline.cancel()
+            left = self._waiting_since + self.request_timeout - now
+            self._deadline = self.loop.call_later(max(0.0, left), self._on_deadline)
+        else:
+            super().shutdown()
         if self.send_timeout > DRAIN_STALL:
             self.send_timeout = DRAIN_STALL
             if self._send_timer is not None:
                 self._send_timer.cancel()
                 self._send_timer = self.loop.call_later(DRAIN_STALL, self._on_send_timeout)
+
+    def _owes_request(self) -> bool:
+        """The peer has begun a request, or has sent nothing yet, or has input we have not read."""
+        if self._refused or self.transport.is_closing():
+            return False
+        if not self._begins or self._in_head:
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        with contextlib.suppress(OSError, ValueError):
+            return bool(_OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.FIONREAD, _OUTQ.pack(0)))[0])
+        return False
 
     # Flow control
     def pause_writing(self) -> None:

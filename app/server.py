@@ -6,12 +6,16 @@ every exit path and returns the process exit code: 0 clean stop, 3 startup failu
 
 With ``workers`` above 1 the process binds, then hands the socket to ``app.workers``, whose
 worker processes each serve it through :func:`serve`; this process alone removes the socket.
+
+A socket passed by a service manager (``app.activation``) is served instead of binding one, and
+left in place; with ``NOTIFY_SOCKET`` the manager hears readiness and the drain (``app.notify``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -22,8 +26,10 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
+from app.activation import address_of, inherited_socket
 from app.config import Settings
 from app.metrics import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
+from app.notify import Notifier
 from app.peercred import PeerCredProtocol
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 from app.store import StoreError
@@ -78,6 +84,8 @@ class UdsServer(uvicorn.Server):
         self.socket_lost = False
         self.endpoint: LoopEndpoint | None = None
         """The ``--metrics-listen`` endpoint this server's loop serves, if any."""
+        self.notifier = Notifier()
+        """Tells the service manager when this server serves and drains (a worker's tells nobody)."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
@@ -112,6 +120,7 @@ class UdsServer(uvicorn.Server):
         if self.started:
             if self.on_started is None:
                 logger.info("🔌 Server listening on %s", self.address)
+                self.notifier.ready(f"Serving on {self.address}")
             else:
                 self.on_started()
 
@@ -121,6 +130,7 @@ class UdsServer(uvicorn.Server):
         state = self.server_state
         names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
         busy = len(state.tasks)
+        self.notifier.stopping(f"Draining {len(state.connections)} connection(s) after {names}")
         logger.info(
             "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
             names,
@@ -148,6 +158,7 @@ class UdsServer(uvicorn.Server):
         (exit 3) if another program removed or replaced our socket file."""
         if self.metrics is not None:
             self.metrics.flush()
+        self.notifier.ping_if_due()
         if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
             if not self.socket_lost:
                 self.socket_lost = True
@@ -185,8 +196,27 @@ def build_config(settings: Settings, app: Any) -> UdsConfig:
     return config
 
 
-def bind(settings: Settings) -> tuple[BoundSocket, str]:
-    """Bind the listening socket named by ``settings``; return it and the address to log."""
+def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[BoundSocket, str]:
+    """Bind the listening socket named by ``settings``, unless one was ``inherited`` from a service
+    manager; return it and the address to log."""
+    if inherited is not None:
+        address = address_of(inherited.sock)
+        unused = "" if settings.socket == address else f"; --socket {settings.socket} is not used"
+        details = ""
+        mode = 0
+        if address.startswith("/"):
+            with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
+                details = f": {describe(address)}"
+                mode = os.lstat(address).st_mode
+        logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
+        if mode & 0o002:
+            logger.warning(
+                "Socket %s is writable by every user (mode %04o): any local user can call the API; "
+                "set SocketMode=0660 and SocketGroup= in its .socket unit",
+                address,
+                mode & 0o777,
+            )
+        return inherited, address
     if settings.uses_tcp:
         host = settings.host or "127.0.0.1"
         bound = bind_tcp(host, settings.port or 0)
@@ -201,22 +231,24 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     """Serve until stopped; return the exit code (0 clean stop, 3 startup failure)."""
     previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
     bound: BoundSocket | None = None
+    notifier = Notifier.from_environ(os.environ)
     try:
+        inherited = inherited_socket(os.environ)  # before anything starts a child process
         from app.durable import prepare_store
 
         prepare_store(settings)  # the data directory and the database, checked before binding
         if settings.workers > 1:
             from app.workers import Supervisor
 
-            bound, address = bind(settings)
+            bound, address = bind(settings, inherited)
             with for_workers(settings) as hooks:  # PROMETHEUS_MULTIPROC_DIR and the one endpoint
-                return Supervisor(settings, app_factory, bound, address, hooks).run()
+                return Supervisor(settings, app_factory, bound, address, hooks, notifier).run()
         if app_factory is None:  # here, not above: a --workers parent never imports FastAPI
             from app.main import create_app
 
             app_factory = create_app
         application = app_factory(settings)
-        bound, address = bind(settings)
+        bound, address = bind(settings, inherited)
         endpoint = serve_endpoint(settings, getattr(getattr(application, "state", None), "metrics", None))
         try:
             server = serve(
@@ -224,8 +256,9 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
                 application,
                 bound.sock,
                 address,
-                bound=None if settings.uses_tcp else bound,
+                bound=bound if bound.path is not None else None,  # TCP and inherited: no file to watch
                 endpoint=endpoint,
+                notifier=notifier,
             )
         finally:
             if endpoint is not None:
@@ -236,8 +269,10 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
         return 0
     except (SocketError, StoreError, MetricsError) as exc:
         logger.error("%s", exc)
+        notifier.status(f"Failed to start: {exc}")
         return STARTUP_FAILURE
     finally:
+        notifier.close()
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # nothing may interrupt the cleanup below
         if bound is not None:
@@ -255,10 +290,12 @@ def serve(
     bound: BoundSocket | None = None,
     on_started: Callable[[], None] | None = None,
     endpoint: LoopEndpoint | None = None,
+    notifier: Notifier | None = None,
 ) -> UdsServer:
     """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
 
     ``bound``: the socket file to check once a second (stop if it is removed or replaced).
+    ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
     """
     from app.peercred import connection_cap, raise_open_file_limit
 
@@ -269,6 +306,8 @@ def serve(
     server = UdsServer(config, application, address, on_started)
     server.bound = bound
     server.endpoint = endpoint
+    if notifier is not None:
+        server.notifier = notifier
     server.run(sockets=[sock])
     return server
 

@@ -53,6 +53,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from app.config import Settings
+from app.notify import Notifier
 from app.server import SOCKET_LOST, STARTUP_FAILURE
 from app.sockets import BoundSocket
 
@@ -124,12 +125,15 @@ class Supervisor:
         bound: BoundSocket,
         address: str,
         hooks: SupervisorHooks | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        """``notifier`` tells the service manager: ready once every worker serves, and stopping."""
         self.settings = settings
         self.app_factory = app_factory
         self.bound = bound
         self.address = address
         self.hooks = hooks or SupervisorHooks()
+        self.notifier = notifier or Notifier()
         self.slots: list[_Worker | None] = [None] * settings.workers
         self.due: dict[int, float] = {}
         """Slots waiting for a replacement, and when it starts (monotonic)."""
@@ -174,10 +178,13 @@ class Supervisor:
         while True:
             now = time.monotonic()
             wakeups = [next_check, *self.due.values()]
+            if self.notifier.watchdog_every is not None:
+                wakeups.append(self.notifier.next_ping)
             self._wait(max(0.0, min(wakeups) - now))
             if self.signals:
                 return 0
             now = time.monotonic()
+            self.notifier.ping_if_due(now)
             if self.quick_deaths and now - self.last_death >= CALM:
                 self.quick_deaths = 0
             for slot, when in sorted(self.due.items()):
@@ -192,7 +199,7 @@ class Supervisor:
                 return STARTUP_FAILURE
             if now >= next_check:
                 next_check = now + CHECK_EVERY
-                if not self.settings.uses_tcp and self.bound.in_place() is not True:
+                if self.bound.path is not None and self.bound.in_place() is not True:
                     logger.error(SOCKET_LOST, self.address)
                     return STARTUP_FAILURE
 
@@ -260,6 +267,7 @@ class Supervisor:
                 ", ".join(str(w.pid) for w in self._live()),
             )
             logger.info("🔌 Server listening on %s", self.address)
+            self.notifier.ready(f"Serving on {self.address} with {len(self.slots)} workers")
 
     def _died(self, worker: _Worker) -> None:
         """Reap a worker whose end of the pair closed, log it and schedule its replacement."""
@@ -282,6 +290,7 @@ class Supervisor:
         else:
             then = f"replaced by pid {self._start(slot).pid}"
         logger.warning("Worker pid %d %s %s; %s", worker.pid, describe_exit(code), when, then)
+        self.notifier.status(f"Worker pid {worker.pid} {describe_exit(code)}; {then}")
 
     def _reap(self, worker: _Worker) -> int:
         """Wait for ``worker`` to exit (kill it if it lingers), tell the hooks; return its exit code."""
@@ -301,6 +310,7 @@ class Supervisor:
         live = self._live()
         self.due.clear()
         timeout = self.settings.shutdown_timeout
+        self.notifier.stopping(f"Stopping {len(live)} worker(s)")
         if self.signals:
             names = ", ".join(signal.Signals(s).name for s in self.signals)
             logger.info(

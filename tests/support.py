@@ -164,6 +164,7 @@ class ServerProcess(spawn.ServerProcess):
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         python: str = PYTHON,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.args = list(args)
         self.socket_path = socket_path
@@ -186,6 +187,7 @@ class ServerProcess(spawn.ServerProcess):
             env=env,
             cwd=ROOT,
             data_dir=self.data_dir,
+            pass_fds=pass_fds,
         )
 
     @property
@@ -275,6 +277,25 @@ def python_with_open_files(directory: Path, soft: int, hard: int) -> str:
         f"#!{sys.executable}\n"
         "import os, resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return str(wrapper)
+
+
+def python_with_listen_fds(directory: Path, fd: int, *, listen_pid: str | None = None) -> str:
+    """An executable that runs this Python with descriptor ``fd`` passed as systemd passes a socket:
+    moved to fd 3, with ``LISTEN_FDS=1``, ``LISTEN_FDNAMES=api`` and ``LISTEN_PID`` its own pid (or
+    ``listen_pid``). The child must be started with ``pass_fds=(fd,)``."""
+    wrapper = directory / "python-listen-fds"
+    pid = "str(os.getpid())" if listen_pid is None else repr(listen_pid)
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        f"if {fd} != 3:\n"
+        f"    os.dup2({fd}, 3)\n"
+        f"    os.close({fd})\n"
+        f"os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='api', LISTEN_PID={pid})\n"
         f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)

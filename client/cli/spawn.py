@@ -122,10 +122,12 @@ class ServerProcess:
         cwd: str | Path | None = None,
         cpus: set[int] | None = None,
         data_dir: str | Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         """``data_dir`` is given to the server as ``UDS_DATA_DIR`` (a ``--data-dir`` flag in the
         command wins): where ``uds-server`` keeps its durable store. Callers that start servers for
-        a moment pass a temporary directory they remove, never the system's default."""
+        a moment pass a temporary directory they remove, never the system's default.
+        ``pass_fds``: descriptors the child keeps (a listening socket handed over, say)."""
         self.command = list(command)
         self.socket = socket
         self.host = host
@@ -153,6 +155,7 @@ class ServerProcess:
             cwd=cwd,
             start_new_session=True,
             preexec_fn=pinned(cpus),
+            pass_fds=pass_fds,
         )
 
     @property

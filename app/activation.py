@@ -1,0 +1,111 @@
+"""Socket activation: serve the listening socket a service manager passes (systemd's ``LISTEN_FDS``).
+
+The protocol is ``sd_listen_fds(3)``'s: ``LISTEN_PID`` names the process the sockets are for,
+``LISTEN_FDS`` how many there are from descriptor 3 on, ``LISTEN_FDNAMES`` their names
+(colon-separated). Variables meant for another pid, or without ``LISTEN_PID``, are ignored: the
+server binds its own socket. Either way the three variables are removed from the environment
+once read (``sd_listen_fds(unset_environment=1)``), so a child never takes them for its own.
+
+uds-server serves exactly one socket, and only a listening Unix stream socket: anything else is
+a :class:`~app.sockets.SocketError` (one line, exit 3) rather than a server nobody can reach.
+The inherited socket belongs to the service manager: the server neither binds, chmods nor
+removes its path, and the socket stays listening in the manager's hands when the server exits,
+so connections made meanwhile wait in its backlog for the next server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import MutableMapping
+
+from app.logs import escaped
+from app.sockets import BoundSocket, SocketError
+
+__all__ = ["FIRST_FD", "VARIABLES", "address_of", "inherited_socket"]
+
+logger = logging.getLogger("app.activation")
+
+FIRST_FD = 3
+"""``SD_LISTEN_FDS_START``: the first passed descriptor."""
+VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_FIX = "pass one listening Unix stream socket (ListenStream=/path in the .socket unit)"
+
+
+def inherited_socket(environ: MutableMapping[str, str], pid: int | None = None) -> BoundSocket | None:
+    """The listening socket passed in ``environ`` to process ``pid`` (default: this one), or None.
+
+    Removes ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from ``environ`` in every case.
+    Raises SocketError when the variables are for this process but do not pass exactly one
+    listening ``AF_UNIX`` ``SOCK_STREAM`` socket. The result's ``path`` is None: nothing to remove.
+    """
+    values = {name: environ.pop(name, None) for name in VARIABLES}
+    listen_pid, listen_fds, names = values["LISTEN_PID"], values["LISTEN_FDS"], values["LISTEN_FDNAMES"]
+    if listen_fds is None or listen_pid is None:
+        return None
+    me = os.getpid() if pid is None else pid
+    if listen_pid.strip() != str(me):
+        logger.info(
+            "LISTEN_FDS is set for pid %s, not this process (pid %d): ignored, binding the socket itself",
+            escaped(listen_pid),
+            me,
+        )
+        return None
+    try:
+        count = int(listen_fds, 10)
+    except ValueError:
+        count = -1
+    if count == 0:
+        return None
+    if count != 1:
+        shown = f"LISTEN_FDS={escaped(listen_fds)}" + (f", names {escaped(names)}" if names else "")
+        raise SocketError(f"cannot serve the sockets passed by the service manager ({shown}): {_FIX}")
+    name = (names or "").split(":")[0]
+    sock = _check(FIRST_FD, name)
+    sock.set_inheritable(False)  # workers get it through pass_fds; nothing else should
+    return BoundSocket(sock)
+
+
+def address_of(sock: socket.socket) -> str:
+    """The inherited socket's address as a person reads it: its path, or ``@name`` if abstract."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # the abstract namespace: a leading NUL byte
+        return "@" + escaped(name[1:].decode("utf-8", "backslashreplace"))
+    return escaped(name) if name else f"an unnamed socket (fd {sock.fileno()})"
+
+
+def _check(fd: int, name: str) -> socket.socket:
+    """A socket object for descriptor ``fd`` if it is a listening Unix stream socket."""
+    what = f"fd {fd}" + (f" named {escaped(name)!r}" if name else "")
+
+    def refuse(reason: str) -> SocketError:
+        return SocketError(
+            f"cannot serve the socket passed by the service manager ({what}): {reason}; {_FIX}"
+        )
+
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        reason = "it is not open" if exc.errno == errno.EBADF else "it is not a socket"
+        raise refuse(reason) from exc
+    try:
+        if sock.family != socket.AF_UNIX:
+            family = _FAMILIES.get(sock.family, f"a family {int(sock.family)}")
+            raise refuse(f"it is {family} socket, not a Unix (AF_UNIX) one")
+        if sock.type != socket.SOCK_STREAM:
+            kind = _TYPES.get(sock.type, f"a type {int(sock.type)}")
+            raise refuse(f"it is {kind} socket, not a stream (SOCK_STREAM) one")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise refuse("it is not listening (a .socket unit with Accept=yes passes connections instead)")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.detach()  # leave the descriptor to its owner; we exit anyway
+        raise
+    return sock
+
+
+_FAMILIES = {socket.AF_INET: "an IPv4 (AF_INET)", socket.AF_INET6: "an IPv6 (AF_INET6)"}
+_TYPES = {socket.SOCK_DGRAM: "a datagram", socket.SOCK_SEQPACKET: "a seqpacket", socket.SOCK_RAW: "a raw"}

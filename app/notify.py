@@ -1,0 +1,123 @@
+"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)`` protocol, stdlib only.
+
+With ``NOTIFY_SOCKET`` set (a path, or ``@name`` in the abstract namespace), :class:`Notifier`
+sends one datagram per call, newline-separated ``KEY=value`` lines: ``READY=1`` with ``MAINPID``
+once every worker serves, ``STATUS=`` lines, ``STOPPING=1`` when the drain starts, and
+``WATCHDOG=1`` pings when ``WATCHDOG_USEC`` asks for them (and ``WATCHDOG_PID``, if set, is this
+process). Without ``NOTIFY_SOCKET`` every call does nothing.
+
+A notification never blocks or stops the server: the socket is non-blocking, and a send that
+fails (the manager gone, its queue full) is dropped with one warning for the process's life.
+``from_environ`` removes the variables it reads, so worker processes never notify on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import MutableMapping
+
+from app.logs import escaped
+
+__all__ = ["VARIABLES", "Notifier"]
+
+logger = logging.getLogger("app.notify")
+
+VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class Notifier:
+    """Sends notifications to ``address`` (None: sends nothing); pings every ``watchdog_every`` s."""
+
+    def __init__(self, address: str | bytes | None = None, watchdog_every: float | None = None) -> None:
+        self.address = address
+        self.watchdog_every = watchdog_every if address is not None else None
+        """Seconds between ``WATCHDOG=1`` pings (half the manager's timeout), or None."""
+        self.next_ping = time.monotonic()
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str], pid: int | None = None) -> Notifier:
+        """The notifier ``environ`` asks for (removing its variables), for process ``pid`` (default: this)."""
+        raw, usec, watchdog_pid = (environ.pop(name, None) for name in VARIABLES)
+        if not raw:
+            return cls()
+        if raw.startswith("@"):
+            address: str | bytes = b"\0" + os.fsencode(raw[1:])
+        elif raw.startswith("/"):
+            address = raw
+        else:
+            logger.warning(
+                "NOTIFY_SOCKET=%s is neither a path nor @abstract: the service manager is not told "
+                "when the server is ready",
+                escaped(raw),
+            )
+            return cls()
+        every = None
+        me = os.getpid() if pid is None else pid
+        if usec and (watchdog_pid is None or watchdog_pid.strip() == str(me)):
+            try:
+                timeout = int(usec, 10) / 1e6
+            except ValueError:
+                timeout = 0.0
+            if timeout > 0:
+                every = timeout / 2
+            else:
+                logger.warning("WATCHDOG_USEC=%s is not a positive number: no watchdog pings", escaped(usec))
+        return cls(address, every)
+
+    @property
+    def on(self) -> bool:
+        return self.address is not None
+
+    def send(self, *lines: str) -> None:
+        """Send ``lines`` (``KEY=value`` each) in one datagram; drop them with one warning on failure."""
+        if self.address is None:
+            return
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                shown = self.address if isinstance(self.address, str) else "@" + os.fsdecode(self.address[1:])
+                logger.warning(
+                    "Could not notify the service manager at %s (%s): it may not learn the server's "
+                    "state; serving on",
+                    escaped(shown),
+                    exc.strerror or exc,
+                )
+
+    def ready(self, status: str) -> None:
+        """``READY=1`` with this process as ``MAINPID``, and ``status``."""
+        self.send("READY=1", f"MAINPID={os.getpid()}", _status(status))
+
+    def status(self, status: str) -> None:
+        self.send(_status(status))
+
+    def stopping(self, status: str) -> None:
+        """``STOPPING=1``: the drain begins."""
+        self.send("STOPPING=1", _status(status))
+
+    def ping_if_due(self, now: float | None = None) -> None:
+        """``WATCHDOG=1`` if ``watchdog_every`` seconds have passed since the last ping."""
+        if self.watchdog_every is None:
+            return
+        now = time.monotonic() if now is None else now
+        if now >= self.next_ping:
+            self.next_ping = now + self.watchdog_every
+            self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _status(text: str) -> str:
+    return "STATUS=" + " ".join(escaped(text).split())

@@ -1,7 +1,7 @@
 """``uds-server`` (also ``python -m app``): the only code that reads argv.
 
-Exit codes: 0 clean stop, 2 bad usage or setting, 3 startup failure (uvicorn's STARTUP_FAILURE) or a
-socket file removed or replaced while serving.
+Exit codes: 0 clean stop, 2 bad usage or setting (a bad policy file or audit log too), 3 startup
+failure (uvicorn's STARTUP_FAILURE) or a socket file removed or replaced while serving.
 """
 
 from __future__ import annotations
@@ -69,10 +69,29 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     return Settings.from_env(os.environ if environ is None else environ, **flags)
 
 
+def check_files(settings: Settings) -> None:
+    """Read the policy file and open the audit log once, so a bad one stops the start with exit 2."""
+    if settings.policy is not None:
+        from app.policy import PolicyError, load_policy
+
+        try:
+            load_policy(settings.policy)
+        except PolicyError as exc:
+            raise SettingsError(str(exc)) from None
+    if settings.audit_log is not None and settings.audit_log != "-":
+        from app.audit import AuditError, open_audit_file
+
+        try:
+            os.close(open_audit_file(settings.audit_log))
+        except AuditError as exc:
+            raise SettingsError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build Settings (flag > env > default), configure logging, serve."""
     try:
         settings = parse_settings(argv)
+        check_files(settings)
     except SettingsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return USAGE_ERROR

@@ -363,6 +363,22 @@ class Settings:
     debug: bool = _setting(
         False, env="UDS_DEBUG", help="log tracebacks (never sent to clients)", convert=_bool
     )
+    policy: str | None = _setting(
+        None,
+        env="UDS_POLICY",
+        help="TOML file of rules granting scopes (read, write, events, metrics) by uid, gid, "
+        "user or group; anything not granted gets 403. SIGHUP re-reads it",
+        metavar="FILE",
+        shown_default="none (every peer holds every scope, unless --allow-uid/--allow-gid)",
+    )
+    audit_log: str | None = _setting(
+        None,
+        env="UDS_AUDIT_LOG",
+        help="append a JSON line for every write and every refusal to FILE (created 0600, "
+        "reopened on SIGHUP), or - for standard error",
+        metavar="FILE",
+        shown_default="off",
+    )
 
     @property
     def uses_tcp(self) -> bool:

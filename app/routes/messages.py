@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from app.audit import MESSAGE_ID
 from app.config import Settings
 from app.errors import error_response, error_responses, public_details, summarize
 from app.forwarded import HEADER as FORWARDED_HEADER
@@ -274,6 +275,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             )
         except StoreFull as exc:
             return error_response(507, str(exc))
+        scope[MESSAGE_ID] = stored.id  # for the audit line
         if not stored.created:
             return Response(stored.document, 200, None, JSON)
         message_id = stored.id

@@ -322,7 +322,7 @@ def _line(
         "decision": decision,
         "scope": needed,
     }
-    if needed == "write":
+    if decision == "allow":  # only writes are recorded when allowed
         fields["message_id"] = scope.get(MESSAGE_ID)
     if user is not None:
         fields["forwarded_for"] = user

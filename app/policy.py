@@ -113,8 +113,10 @@ def scope_for(table: Mapping[str, str], method: str, path: str) -> str:
 def load_policy(path: str) -> Policy:
     """Read and check the policy file at ``path``; raise PolicyError naming the file and the line."""
     try:
-        with open(path, "rb") as file:
-            info = os.fstat(file.fileno())
+        # O_NONBLOCK: a FIFO planted in the file's place must not hang the start or a reload.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise PolicyError(f"policy file {path}: not a regular file")
             if info.st_mode & stat.S_IWOTH:

@@ -26,7 +26,7 @@ __all__ = ["FLUSH_AT", "MAX_PENDING", "MESSAGE_ID", "AuditError", "AuditLog", "o
 log = logging.getLogger("app.audit")
 
 FLUSH_AT = 64 * 1024
-MAX_PENDING = 1024 * 1024
+MAX_PENDING = 256 * 1024
 """Bytes of lines held while the file cannot be written; past this, new lines are counted as lost."""
 MESSAGE_ID = "uds.message_id"
 """Scope key where ``POST /messages`` leaves the id it stored, for the audit line."""

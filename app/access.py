@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from time import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -219,7 +220,7 @@ class PeerAllowlist:
             if user is None and peer is not None and access.policy is None:
                 behind = _forwarded(scope)
                 user = behind["peer"] if behind is not None else None
-            audit.record(_line(scope, peer, user, status, "allow", needed))
+            audit.note(_entry(scope, peer, user, status, "allow", needed))
 
     async def _refuse(
         self,
@@ -232,7 +233,7 @@ class PeerAllowlist:
     ) -> None:
         method, path = escaped(scope["method"]), escaped(scope["path"])
         if self.access.audit is not None:
-            self.access.audit.record(_line(scope, peer, user, 403, "deny", needed))
+            self.access.audit.note(_entry(scope, peer, user, 403, "deny", needed))
         if peer is None:
             self.refused.log(
                 logging.WARNING,
@@ -292,7 +293,7 @@ class PeerAllowlist:
         self, scope: Scope, receive: Receive, send: Send, peer: dict[str, int], needed: str
     ) -> None:
         if self.access.audit is not None:
-            self.access.audit.record(_line(scope, peer, None, 403, "deny", needed))
+            self.access.audit.note(_entry(scope, peer, None, 403, "deny", needed))
         self.refused.log(
             logging.WARNING,
             "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
@@ -303,30 +304,22 @@ class PeerAllowlist:
         await error_response(403, message)(scope, receive, send)
 
 
-def _line(
+def _entry(
     scope: Scope,
     peer: dict[str, int] | None,
     user: dict[str, int] | None,
     status: int,
     decision: str,
     needed: str,
-) -> dict[str, Any]:
-    """The audit line's fields (the log adds the time)."""
-    fields: dict[str, Any] = {
-        "uid": peer["uid"] if peer else None,
-        "gid": peer["gid"] if peer else None,
-        "pid": peer["pid"] if peer else None,
-        "method": scope["method"][:16],
-        "route": scope["path"][:MAX_ROUTE],
-        "status": status,
-        "decision": decision,
-        "scope": needed,
-    }
-    if decision == "allow":  # only writes are recorded when allowed
-        fields["message_id"] = scope.get(MESSAGE_ID)
-    if user is not None:
-        fields["forwarded_for"] = user
-    return fields
+) -> tuple[Any, ...]:
+    """The audit entry: the time, then :data:`app.audit.FIELDS`."""
+    if peer is None:
+        uid = gid = pid = None
+    else:
+        uid, gid, pid = peer["uid"], peer["gid"], peer["pid"]
+    message_id = scope.get(MESSAGE_ID) if decision == "allow" else None
+    method, path = scope["method"], scope["path"]
+    return (time(), uid, gid, pid, method[:16], path[:MAX_ROUTE], status, decision, needed, message_id, user)
 
 
 def _forwarded(scope: Scope) -> dict[str, dict[str, int] | None] | None:

@@ -36,6 +36,7 @@ from app.policy import (
     ALL,
     NONE,
     OPEN,
+    OPEN_PATHS,
     SCOPES,
     Policy,
     PolicyError,
@@ -49,7 +50,6 @@ __all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
 
 log = logging.getLogger("app.access")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
 
 
 def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 __all__ = [
     "ALL",
     "OPEN",
+    "OPEN_PATHS",
     "SCOPES",
     "Policy",
     "PolicyError",
@@ -38,7 +39,8 @@ OPEN = ""
 MAX_BYTES = 1 << 20
 """A policy file larger than this is refused (a rule is a few dozen bytes)."""
 
-_OPEN_PATHS = ("/healthz", "/readyz", "/_ping")
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
+"""The probes and the version ping: open to anyone who can connect, whatever the policy."""
 _SELECTORS = ("uid", "gid", "user", "group")
 _RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
 _AT_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)$")
@@ -92,7 +94,7 @@ def shorthand(uids: Sequence[int], gids: Sequence[int]) -> Policy:
 
 def scope_table(versions: Iterable[int]) -> dict[str, str]:
     """Decoded paths whose scope is not read-or-write by method: probes, whoami, events, metrics."""
-    table = dict.fromkeys(_OPEN_PATHS, OPEN)
+    table = dict.fromkeys(OPEN_PATHS, OPEN)
     table["/metrics"] = "metrics"
     for prefix in ("", *(f"/v{version}" for version in versions)):
         table[f"{prefix}/whoami"] = OPEN

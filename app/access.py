@@ -51,7 +51,6 @@ __all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
 log = logging.getLogger("app.access")
 
 
-
 def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
     """True when the peer's uid is in ``uids`` or its gid is in ``gids``; no peer is never allowed."""
     if peer is None:

@@ -210,7 +210,8 @@ class Settings:
     allow_uid: tuple[int, ...] = _setting(
         (),
         env="UDS_ALLOW_UID",
-        help="only peers with this uid may call the API (repeatable; SO_PEERCRED)",
+        help="only peers with this uid may call the API, with every scope (repeatable; SO_PEERCRED; "
+        "beside --policy, its rules are added)",
         metavar="UID",
         convert=_ids,
         repeat=True,
@@ -220,7 +221,8 @@ class Settings:
     allow_gid: tuple[int, ...] = _setting(
         (),
         env="UDS_ALLOW_GID",
-        help="only peers with this gid may call the API (repeatable; SO_PEERCRED)",
+        help="only peers with this gid may call the API, with every scope (repeatable; SO_PEERCRED; "
+        "beside --policy, its rules are added)",
         metavar="GID",
         convert=_ids,
         repeat=True,

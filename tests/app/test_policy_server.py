@@ -454,3 +454,30 @@ def test_through_the_proxy_a_caller_holds_what_both_hold(tmp: Path) -> None:
             assert me["forwarded_for"]["uid"] == nobody
             assert me["forwarded_for"]["scopes"] == ["read", "events"]
             proxy.stop()
+
+
+def test_a_worker_replaced_while_the_file_is_invalid_does_not_start_the_others_keep_the_rules(
+    tmp: Path,
+) -> None:
+    with _server(tmp, POLICY, "--workers", "2") as server:
+        server.wait_ready()
+        path = str(tmp / "s.sock")
+        pids = wait_until(
+            lambda: re.search(r"2 workers serving \(pids (\d+), (\d+)\)", server.output), timeout=10
+        )
+        _write(tmp / "policy.toml", '[[rule]]\nuid = 1\nallow = ["everything"]\n')
+        os.kill(int(pids.group(1)), signal.SIGKILL)
+        wait_until(
+            lambda: re.search(
+                r"Worker pid \d+: policy file \S+, line 1 \(rule 1\): unknown scope", server.output
+            ),
+            timeout=10,
+            what="the replacement's one line",
+        )
+        assert "Traceback" not in server.output
+        for _ in range(4):  # the surviving worker answers with the rules in force
+            assert [s for s, _ in calls_as(READER, path, ("GET", "/v1/messages", ""), POST)] == [200, 403]
+        wait_until(
+            lambda: re.search(r"Worker pid \d+ exited with status 3 before serving", server.output),
+            timeout=10,
+        )

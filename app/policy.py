@@ -121,6 +121,11 @@ def load_policy(path: str) -> Policy:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise PolicyError(f"policy file {path}: not a regular file")
+            if info.st_uid not in (0, os.geteuid()):
+                raise PolicyError(
+                    f"policy file {path}: owned by uid {info.st_uid}, neither root nor this server's "
+                    f"{os.geteuid()}; whoever owns it decides the rules"
+                )
             if info.st_mode & stat.S_IWOTH:
                 raise PolicyError(
                     f"policy file {path}: writable by every user (mode {stat.S_IMODE(info.st_mode):04o}); "

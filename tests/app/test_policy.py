@@ -113,6 +113,10 @@ def test_a_missing_or_world_writable_file_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o666)
     with pytest.raises(PolicyError, match="writable by every user"):
         load_policy(path)
+    os.chmod(path, 0o644)
+    os.chown(path, NOBODY, NOBODY)  # CI runs as root: another uid's file
+    with pytest.raises(PolicyError, match="owned by uid 65534, neither root nor this server's"):
+        load_policy(path)
     with pytest.raises(PolicyError, match="Is a directory"):
         load_policy(str(tmp_path))
     fifo = tmp_path / "fifo"

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uds-server",
         description="Serve the uds-example REST API on a Unix domain socket. "
         "Each option falls back to its environment variable, then to its default.",
-        epilog="Exit codes: 0 clean stop, 2 bad usage, 3 cannot start (socket in use, path, permission) "
+        epilog="Exit codes: 0 clean stop, 2 bad usage (a bad --policy file or --audit-log too), "
+        "3 cannot start (socket in use, path, permission) "
         "or the socket file was removed or replaced while serving.",
     )
     for name, option in options():

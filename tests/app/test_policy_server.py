@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,8 @@ def test_reload_under_load_applies_within_a_second_in_every_worker(tmp: Path) ->
     )
     before += '[[rule]]\nuid = 0\nallow = ["read"]\n'
     after += '[[rule]]\nuid = 0\nallow = ["read"]\n'
-    with _server(tmp, before, "--workers", "2") as server:
+    audit = tmp / "audit.log"
+    with _server(tmp, before, "--workers", "2", "--audit-log", str(audit)) as server:
         server.wait_ready()
         path = str(tmp / "s.sock")
         pids = wait_until(
@@ -295,12 +297,11 @@ def test_reload_under_load_applies_within_a_second_in_every_worker(tmp: Path) ->
         }
         try:
 
-            def stored() -> int | None:
-                _, body = http_over_uds(path, "GET", "/v1/messages?limit=1")
-                messages = json.loads(body)["messages"]
-                return messages[0]["id"] if messages and messages[0]["id"] >= 30 else None
+            def both_loaded() -> bool:
+                lines = _audit(audit) if audit.exists() else []
+                return all(sum(line["uid"] == uid for line in lines) >= 20 for uid in (WRITER, READER))
 
-            wait_until(stored, timeout=30, what="30 messages from the load")
+            wait_until(both_loaded, timeout=30, what="20 audited POSTs from each uid")
             _write(tmp / "policy.toml", after)
             swapped = time.monotonic()
             server.signal(signal.SIGHUP)
@@ -315,6 +316,7 @@ def test_reload_under_load_applies_within_a_second_in_every_worker(tmp: Path) ->
         finally:
             stop.write_text("")
             results = {uid: json.loads(proc.communicate(timeout=30)[0]) for uid, proc in loads.items()}
+        assert server.stop() == 0  # each worker drains and flushes its audit lines before the parent exits
     for uid, records in results.items():
         statuses = {status for _, status in records}
         assert statuses <= {201, 403}, (uid, statuses - {201, 403})  # nothing failed for another reason
@@ -325,6 +327,12 @@ def test_reload_under_load_applies_within_a_second_in_every_worker(tmp: Path) ->
         allowed_before, allowed_after = (201, 403) if uid == WRITER else (403, 201)
         assert set(early) == {allowed_before}, (uid, early)
         assert set(late) == {allowed_after}, (uid, late)
+    # Both workers appended to one audit file: every line whole, one per POST answered, by uid.
+    lines = _audit(audit)
+    assert audit.read_bytes().count(b"\n") == len(lines)
+    for uid, records in results.items():
+        logged = Counter(line["status"] for line in lines if line["uid"] == uid)
+        assert logged == Counter(status for _, status in records), uid
 
 
 def test_every_audit_line_parses_and_forged_text_cannot_break_one(tmp: Path) -> None:

@@ -1,8 +1,8 @@
 """``uds-server`` (also ``python -m app``): the only code that reads argv.
 
-Exit codes: 0 clean stop, 2 bad usage or setting, 3 startup failure (uvicorn's STARTUP_FAILURE: a
-socket passed through LISTEN_FDS that is not one listening Unix stream socket included) or a socket
-file removed or replaced while serving.
+Exit codes: 0 clean stop, 2 bad usage or setting (a bad policy file or audit log too), 3 startup
+failure (uvicorn's STARTUP_FAILURE: a socket passed through LISTEN_FDS that is not one listening
+Unix stream socket included) or a socket file removed or replaced while serving.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uds-server",
         description="Serve the uds-example REST API on a Unix domain socket. "
         "Each option falls back to its environment variable, then to its default.",
-        epilog="Exit codes: 0 clean stop, 2 bad usage, 3 cannot start (socket in use, path, permission, "
+        epilog="Exit codes: 0 clean stop, 2 bad usage (a bad --policy file or --audit-log too), "
+        "3 cannot start (socket in use, path, permission, "
         "a socket passed by systemd that is not a listening Unix stream socket) "
         "or the socket file was removed or replaced while serving. "
         "Under systemd it serves the socket passed in LISTEN_FDS and notifies NOTIFY_SOCKET.",
@@ -72,10 +73,29 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     return Settings.from_env(os.environ if environ is None else environ, **flags)
 
 
+def check_files(settings: Settings) -> None:
+    """Read the policy file and open the audit log once, so a bad one stops the start with exit 2."""
+    if settings.policy is not None:
+        from app.policy import PolicyError, load_policy
+
+        try:
+            load_policy(settings.policy)
+        except PolicyError as exc:
+            raise SettingsError(str(exc)) from None
+    if settings.audit_log is not None and settings.audit_log != "-":
+        from app.audit import AuditError, open_audit_file
+
+        try:
+            os.close(open_audit_file(settings.audit_log))
+        except AuditError as exc:
+            raise SettingsError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build Settings (flag > env > default), configure logging, serve."""
     try:
         settings = parse_settings(argv)
+        check_files(settings)
     except SettingsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return USAGE_ERROR

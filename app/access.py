@@ -1,33 +1,54 @@
-"""Peer allowlist: only processes whose uid or gid is allowed may call the API.
+"""Who may call what: the policy (``--policy``), its shorthand ``--allow-uid``/``--allow-gid`` (every
+scope), and the audit trail (``--audit-log``), applied by one ASGI middleware.
 
-Installed only when ``allow_uid`` or ``allow_gid`` is set, so an open server pays nothing. The
-peer comes from ``scope["extensions"]["uds.peer"]`` (SO_PEERCRED, set by the socket layer).
-A connection without peer credentials (TCP) is refused: the allowlist fails closed. The probes
-(``/healthz``, ``/readyz``) stay open so the kubelet can reach them, and so does ``/_ping``: a
-client negotiates the API version before anything else, and the versions are no secret.
+Installed only when one of them is set, so an open server pays nothing. The peer comes from
+``scope["extensions"]["uds.peer"]`` (SO_PEERCRED, set by the socket layer) and its supplementary
+groups from ``["uds.connection"]`` (SO_PEERGROUPS), where its scopes are cached until the policy
+changes. A connection without peer credentials (TCP) holds no scope: the check fails closed. The
+probes (``/healthz``, ``/readyz``) stay open so the kubelet can reach them, and so do ``/_ping``
+(a client negotiates the API version first; the versions are no secret) and ``/whoami`` (what a
+refused caller runs next; it shows the caller only its own identity and scopes).
 
 A request that names the user behind a proxy (``Uds-Forwarded-Peer``, see :mod:`app.forwarded`)
-must have both on the list, the proxy's own process and the user it speaks for: a proxy never
-widens who may call the API. A malformed header is refused too.
+holds only the scopes both hold, the proxy's own process and the user it speaks for (by uid and
+gid: the header carries no groups): a proxy never widens what a caller may do. A malformed or
+repeated header is refused too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
+from time import time
+from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.audit import MAX_ROUTE, MESSAGE_ID, AuditLog
+from app.config import Settings
 from app.errors import error_response
 from app.forwarded import HEADER as FORWARDED_HEADER
 from app.forwarded import parse_forwarded_peer
 from app.logs import Throttle, escaped
+from app.peercred import CONNECTION_KEY, PEER_KEY, PeerConnection
+from app.policy import (
+    ALL,
+    NONE,
+    OPEN,
+    OPEN_PATHS,
+    SCOPES,
+    Policy,
+    PolicyError,
+    load_policy,
+    scope_for,
+    scope_table,
+    shorthand,
+)
 
-__all__ = ["OPEN_PATHS", "PeerAllowlist", "is_allowed"]
+__all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
 
 log = logging.getLogger("app.access")
-
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
 
 
 def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
@@ -37,43 +58,206 @@ def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozense
     return peer.get("uid") in uids or peer.get("gid") in gids
 
 
+def ordered(scopes: Iterable[str]) -> list[str]:
+    """Scopes in their documented order (read, write, events, metrics)."""
+    held = set(scopes)
+    return [scope for scope in SCOPES if scope in held]
+
+
+class Access:
+    """This process's rules in force (replaced whole by :meth:`reload`) and its audit log.
+
+    Reading the policy file is I/O: a bad file raises PolicyError here, when the app is built.
+    """
+
+    def __init__(self, settings: Settings, versions: Iterable[int]) -> None:
+        self.path = settings.policy
+        flags = settings.allow_uid or settings.allow_gid
+        self.flags = shorthand(settings.allow_uid, settings.allow_gid) if flags else None
+        self.policy: Policy | None = self._with_flags(load_policy(self.path) if self.path else None)
+        """None: no policy and no allowlist, everyone holds every scope."""
+        self.generation = 0
+        """Bumped on every reload; a connection's cached scopes from an older generation are stale."""
+        self.table = scope_table(versions)
+        self.audit = AuditLog(settings.audit_log) if settings.audit_log else None
+
+    def _with_flags(self, policy: Policy | None) -> Policy | None:
+        if self.flags is None:
+            return policy
+        return self.flags if policy is None else policy | self.flags
+
+    @property
+    def installed(self) -> bool:
+        """Whether requests need the middleware: a policy or allowlist to enforce, or writes to audit."""
+        return self.policy is not None or self.audit is not None
+
+    def reload(self) -> bool:
+        """SIGHUP: reopen the audit log, then read the policy file again. A valid file replaces the
+        rules in force at once (the next request sees it); an invalid one changes nothing. One line."""
+        if self.audit is not None:
+            self.audit.reopen()
+        if self.path is None:
+            reopened = "; audit log reopened" if self.audit else ""
+            log.info("Received SIGHUP: no policy file to reload%s", reopened)
+            return False
+        try:
+            policy = load_policy(self.path)
+        except PolicyError as exc:
+            log.error("Policy not reloaded, the rules in force stay: %s", exc)
+            return False
+        self.policy = self._with_flags(policy)
+        self.generation += 1
+        log.info(
+            "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s",
+            self.path,
+            os.getpid(),
+            policy.rules,
+            policy.digest,
+        )
+        return True
+
+    def held(self, peer: dict[str, int] | None, connection: PeerConnection | None) -> frozenset[str]:
+        """The scopes of the process on the socket (cached on its connection)."""
+        policy = self.policy
+        if policy is None:
+            return ALL
+        if peer is None:
+            return NONE
+        if connection is None:
+            return policy.scopes(peer["uid"], peer["gid"])
+        if connection.generation != self.generation:
+            connection.scopes = policy.scopes(peer["uid"], peer["gid"], connection.groups)
+            connection.generation = self.generation
+        return connection.scopes
+
+    def held_behind(self, user: dict[str, int]) -> frozenset[str]:
+        """The scopes of a user named by a proxy (uid and gid only)."""
+        policy = self.policy
+        return ALL if policy is None else policy.scopes(user["uid"], user["gid"])
+
+    def whoami(self, scope: Scope) -> dict[str, Any]:
+        """``GET /whoami``: the caller's credentials and the scopes it holds (through a proxy: the
+        scopes both hold, and the user behind it with its own)."""
+        extensions = scope.get("extensions") or {}
+        peer = extensions.get(PEER_KEY)
+        connection = extensions.get(CONNECTION_KEY)
+        held = self.held(peer, connection)
+        doc: dict[str, Any] = {
+            "uid": peer["uid"] if peer else None,
+            "gid": peer["gid"] if peer else None,
+            "pid": peer["pid"] if peer else None,
+            "groups": list(connection.groups) if connection is not None else [],
+            "scopes": [],
+            "forwarded_for": None,
+        }
+        if peer is not None:
+            behind = _forwarded(scope)
+            user = behind["peer"] if behind is not None else None
+            if user is not None:
+                theirs = self.held_behind(user)
+                held = held & theirs
+                doc["forwarded_for"] = {**user, "scopes": ordered(theirs)}
+        doc["scopes"] = ordered(held)
+        return doc
+
+
 class PeerAllowlist:
-    """Pure ASGI middleware answering 403 (the shared JSON error response) to peers not on the list.
+    """Pure ASGI middleware: a request needing a scope its caller lacks gets 403 (the shared JSON
+    error response, naming the scope); writes and refusals get an audit line.
 
     It answers without reading the request body; the protocol then closes the connection, so a
     refused peer cannot keep streaming a body into the server.
     """
 
-    def __init__(self, app: ASGIApp, allow_uid: Iterable[int] = (), allow_gid: Iterable[int] = ()) -> None:
+    def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app = app
-        self.uids = frozenset(allow_uid)
-        self.gids = frozenset(allow_gid)
+        self.access = access
         # Refusals are logged at most once per 10 s (with a count): a refused peer must not flood the log.
         self.refused = Throttle(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        peer = scope.get("extensions", {}).get("uds.peer")
-        if is_allowed(peer, self.uids, self.gids):
-            behind = _forwarded(scope)
-            if behind is None or is_allowed(behind.get("peer"), self.uids, self.gids):
-                await self.app(scope, receive, send)
-                return
-            await self._refuse_forwarded(scope, receive, send, behind)
+        access = self.access
+        needed = scope_for(access.table, scope["method"], scope["path"])
+        if needed == OPEN:
+            await self.app(scope, receive, send)
             return
+        extensions = scope.get("extensions")
+        peer = extensions.get(PEER_KEY) if extensions else None
+        held = access.held(peer, extensions.get(CONNECTION_KEY) if extensions else None)
+        user: dict[str, int] | None = None
+        if access.policy is not None and peer is not None:
+            behind = _forwarded(scope)
+            if behind is not None:
+                user = behind["peer"]
+                if user is None:
+                    await self._refuse_malformed(scope, receive, send, peer, needed)
+                    return
+                if needed in held and needed not in access.held_behind(user):
+                    await self._refuse(scope, receive, send, peer, needed, user)
+                    return
+        if needed not in held:
+            await self._refuse(scope, receive, send, peer, needed, None)
+            return
+        audit = access.audit
+        if audit is None or needed != "write":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if user is None and peer is not None and access.policy is None:
+                behind = _forwarded(scope)
+                user = behind["peer"] if behind is not None else None
+            audit.note(_entry(scope, peer, user, status, "allow", needed))
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        peer: dict[str, int] | None,
+        needed: str,
+        user: dict[str, int] | None,
+    ) -> None:
         method, path = escaped(scope["method"]), escaped(scope["path"])
+        if self.access.audit is not None:
+            self.access.audit.note(_entry(scope, peer, user, 403, "deny", needed))
         if peer is None:
             self.refused.log(
                 logging.WARNING,
                 "Refused %s %s: no peer credentials (not a Unix socket connection); "
-                "the allowlist admits only Unix socket peers",
+                "the policy admits only Unix socket peers",
                 method,
                 path,
             )
             message = "this server only accepts allowed peers over its Unix socket"
-        else:
+        elif user is not None:
+            self.refused.log(
+                logging.WARNING,
+                "Refused %s %s via proxy pid=%s for uid=%s gid=%s: lacks the %s scope",
+                method,
+                path,
+                peer.get("pid"),
+                user["uid"],
+                user["gid"],
+                needed,
+            )
+            message = (
+                f"uid {user['uid']} gid {user['gid']}, behind the proxy, lacks the {needed!r} scope this "
+                "request needs; `uds-client whoami` shows the scopes you hold"
+            )
+        elif self.access.path is None:  # the allowlist alone: on it or not
             self.refused.log(
                 logging.WARNING,
                 "Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
@@ -87,35 +271,54 @@ class PeerAllowlist:
                 f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
                 "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
             )
-        await error_response(403, message)(scope, receive, send)
-
-    async def _refuse_forwarded(
-        self, scope: Scope, receive: Receive, send: Send, behind: dict[str, dict[str, int] | None]
-    ) -> None:
-        method, path = escaped(scope["method"]), escaped(scope["path"])
-        user = behind["peer"]
-        if user is None:
-            self.refused.log(
-                logging.WARNING,
-                "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
-                method,
-                path,
-            )
-            message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         else:
             self.refused.log(
                 logging.WARNING,
-                "Refused %s %s via proxy for uid=%s gid=%s: not in allow_uid/allow_gid",
+                "Refused %s %s from pid=%s uid=%s gid=%s: lacks the %s scope",
                 method,
                 path,
-                user["uid"],
-                user["gid"],
+                peer.get("pid"),
+                peer.get("uid"),
+                peer.get("gid"),
+                needed,
             )
             message = (
-                f"uid {user['uid']} gid {user['gid']}, behind the proxy, is not allowed; "
-                "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
+                f"uid {peer.get('uid')} gid {peer.get('gid')} lacks the {needed!r} scope this request "
+                "needs; `uds-client whoami` shows the scopes you hold"
             )
         await error_response(403, message)(scope, receive, send)
+
+    async def _refuse_malformed(
+        self, scope: Scope, receive: Receive, send: Send, peer: dict[str, int], needed: str
+    ) -> None:
+        if self.access.audit is not None:
+            self.access.audit.note(_entry(scope, peer, None, 403, "deny", needed))
+        self.refused.log(
+            logging.WARNING,
+            "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
+            escaped(scope["method"]),
+            escaped(scope["path"]),
+        )
+        message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
+        await error_response(403, message)(scope, receive, send)
+
+
+def _entry(
+    scope: Scope,
+    peer: dict[str, int] | None,
+    user: dict[str, int] | None,
+    status: int,
+    decision: str,
+    needed: str,
+) -> tuple[Any, ...]:
+    """The audit entry: the time, then :data:`app.audit.FIELDS`."""
+    if peer is None:
+        uid = gid = pid = None
+    else:
+        uid, gid, pid = peer["uid"], peer["gid"], peer["pid"]
+    message_id = scope.get(MESSAGE_ID) if decision == "allow" else None
+    method, path = scope["method"], scope["path"]
+    return (time(), uid, gid, pid, method[:16], path[:MAX_ROUTE], status, decision, needed, message_id, user)
 
 
 def _forwarded(scope: Scope) -> dict[str, dict[str, int] | None] | None:

@@ -210,7 +210,8 @@ class Settings:
     allow_uid: tuple[int, ...] = _setting(
         (),
         env="UDS_ALLOW_UID",
-        help="only peers with this uid may call the API (repeatable; SO_PEERCRED)",
+        help="only peers with this uid may call the API, with every scope (repeatable; SO_PEERCRED; "
+        "beside --policy, its rules are added)",
         metavar="UID",
         convert=_ids,
         repeat=True,
@@ -220,7 +221,8 @@ class Settings:
     allow_gid: tuple[int, ...] = _setting(
         (),
         env="UDS_ALLOW_GID",
-        help="only peers with this gid may call the API (repeatable; SO_PEERCRED)",
+        help="only peers with this gid may call the API, with every scope (repeatable; SO_PEERCRED; "
+        "beside --policy, its rules are added)",
         metavar="GID",
         convert=_ids,
         repeat=True,
@@ -371,6 +373,22 @@ class Settings:
     )
     debug: bool = _setting(
         False, env="UDS_DEBUG", help="log tracebacks (never sent to clients)", convert=_bool
+    )
+    policy: str | None = _setting(
+        None,
+        env="UDS_POLICY",
+        help="TOML file of rules granting scopes (read, write, events, metrics) by uid, gid, "
+        "user or group; anything not granted gets 403. SIGHUP re-reads it",
+        metavar="FILE",
+        shown_default="none (every peer holds every scope, unless --allow-uid/--allow-gid)",
+    )
+    audit_log: str | None = _setting(
+        None,
+        env="UDS_AUDIT_LOG",
+        help="append a JSON line for every write and every refusal to FILE (created 0600, "
+        "reopened on SIGHUP), or - for standard error",
+        metavar="FILE",
+        shown_default="off",
     )
 
     @property

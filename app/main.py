@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from fastapi import APIRouter, FastAPI
 
 from app import __version__
-from app.access import PeerAllowlist
+from app.access import Access, PeerAllowlist
 from app.config import Settings
 from app.durable import build_store, store_lifespan
 from app.errors import install as install_errors
 from app.events import EventHub, stream_capacity
-from app.routes import docs, events, health, messages, metrics
+from app.routes import docs, events, health, messages, metrics, whoami
 from app.versions import API_VERSIONS, add_unsupported_route, add_versioned
 
 __all__ = ["create_app"]
@@ -44,6 +44,11 @@ With a peer allowlist (`UDS_ALLOW_UID` / `UDS_ALLOW_GID`), only processes whose 
 (read from the socket with SO_PEERCRED) may call the API; others get 403. `/healthz`, `/readyz`
 and `/_ping` stay open for probes and version negotiation. A connection without peer credentials
 (TCP) is refused: the allowlist fails closed.
+
+With a policy (`UDS_POLICY`, a TOML file of rules), each call needs a scope: `read` (GET and HEAD
+of messages, version, docs, this document), `write` (POST of messages), `events` (the event
+stream) or `metrics` (`/metrics`); a caller without it gets 403 naming the scope. `GET /whoami`
+needs none: it shows the caller's uid, gid, groups and the scopes it holds.
 """
 
 
@@ -68,6 +73,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
             {"name": "messages", "description": "Send messages and read the recent history."},
             {"name": "health", "description": "Probes and versions."},
             {"name": "events", "description": "Stored messages as a live Server-Sent Events stream."},
+            {"name": "access", "description": "Who the caller is and the scopes it holds."},
         ],
     )
     app.state.settings = settings
@@ -83,14 +89,18 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     # One event hub per process; the server's signal handler tells it to end the streams on SIGTERM.
     app.state.events = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
     add_versioned(app, events.build_router(app.state.events))
+    # The policy file is read here: a bad one raises PolicyError (uds-server checks it before binding).
+    access = Access(settings, app.state.api_versions)
+    app.state.access = access  # the server reloads it on SIGHUP and flushes its audit log each tick
+    add_versioned(app, whoami.build_router(access))
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
     metrics.install(app)  # GET /metrics (unversioned) and app.state.metrics
     _spec_after_the_api(app)
     add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)
-    if settings.allow_uid or settings.allow_gid:
-        app.add_middleware(PeerAllowlist, allow_uid=settings.allow_uid, allow_gid=settings.allow_gid)
+    if access.installed:
+        app.add_middleware(PeerAllowlist, access=access)
     return app
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "Peer",
     "ReadyStatus",
     "VersionInfo",
+    "WhoAmI",
     "message_in_model",
 ]
 
@@ -72,6 +73,43 @@ class Peer(BaseModel):
     uid: int
     gid: int
     forwarded_for: ForwardedPeer | None = Field(
+        default=None, description="Set when the peer is `uds-client proxy`: the user it admitted."
+    )
+
+
+class ForwardedCaller(ForwardedPeer):
+    """The user behind a proxy, with the scopes it holds itself (by uid and gid)."""
+
+    scopes: list[str]
+
+
+class WhoAmI(BaseModel):
+    """The caller as the server sees it, and the scopes it holds (``GET /whoami``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "uid": 1000,
+                    "gid": 1000,
+                    "pid": 42,
+                    "groups": [1000, 2000],
+                    "scopes": ["read", "write"],
+                    "forwarded_for": None,
+                }
+            ]
+        }
+    )
+
+    uid: int | None = Field(description="SO_PEERCRED; null over TCP.")
+    gid: int | None
+    pid: int | None
+    groups: list[int] = Field(description="Supplementary groups, as the kernel reports them (SO_PEERGROUPS).")
+    scopes: list[str] = Field(
+        description="Scopes this call holds (read, write, events, metrics); through a proxy, those "
+        "both the proxy and the user behind it hold."
+    )
+    forwarded_for: ForwardedCaller | None = Field(
         default=None, description="Set when the peer is `uds-client proxy`: the user it admitted."
     )
 

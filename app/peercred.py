@@ -3,7 +3,9 @@
 The protocol is the only code that sees raw connections, so it is where we:
 
 * read ``SO_PEERCRED`` once per accepted Unix-socket connection and hand it to every HTTP scope of
-  that connection as ``scope["extensions"]["uds.peer"] = {"pid", "uid", "gid"}`` (absent over TCP);
+  that connection as ``scope["extensions"]["uds.peer"] = {"pid", "uid", "gid"}`` (absent over TCP),
+  with ``scope["extensions"]["uds.connection"]``, a :class:`PeerConnection` that holds the
+  supplementary groups (``SO_PEERGROUPS``) and what the access check caches for the connection;
 * cut off clients that do not send a whole request within ``request_timeout`` (408, or a plain
   close for a connection that never sent a byte), and clients that read none of their response
   for ``send_timeout`` (the connection is aborted and its unsent data dropped);
@@ -26,8 +28,10 @@ heads, paused writes or a full server.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import errno
 import fcntl
 import heapq
 import json
@@ -52,20 +56,24 @@ from app.logs import Throttle
 from app.metrics import PeerTally, Recorder
 
 __all__ = [
+    "CONNECTION_KEY",
     "DRAIN",
     "FD_RESERVE",
     "LOG_PERIOD",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "PEER_KEY",
+    "PeerConnection",
     "PeerCredProtocol",
     "connection_cap",
     "error_response",
     "raise_open_file_limit",
+    "read_groups",
     "read_peer",
 ]
 
 PEER_KEY = "uds.peer"
+CONNECTION_KEY = "uds.connection"
 MAX_HEADERS = 100
 """Most header fields in one request, and most trailer fields after a chunked body (gunicorn's default)."""
 MAX_HEADER_BYTES = 32 * 1024
@@ -140,6 +148,37 @@ def read_peer(sock: socket.socket | None) -> dict[str, int] | None:
         return None
     pid, uid, gid = _UCRED.unpack(raw)
     return {"pid": pid, "uid": uid, "gid": gid}
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+"""Linux 4.13+: the connecting process's supplementary groups, as the kernel saw them at connect()."""
+
+
+def read_groups(sock: socket.socket | None) -> tuple[int, ...]:
+    """The connecting process's supplementary group ids (``SO_PEERGROUPS``); empty if unknown."""
+    if sock is None:
+        return ()
+    for room in (64, 65536):  # NGROUPS_MAX is 65536; most processes have a handful
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, room * 4)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return ()
+        return tuple(array.array("I", raw[: len(raw) - len(raw) % 4]))
+    return ()
+
+
+class PeerConnection:
+    """One Unix-socket connection's identity, shared by its requests: its credentials never change
+    while it is open, so the access check computes its scopes once (per policy ``generation``)."""
+
+    __slots__ = ("generation", "groups", "scopes")
+
+    def __init__(self, groups: tuple[int, ...]) -> None:
+        self.groups = groups
+        self.generation = -1
+        self.scopes: frozenset[str] = frozenset()
 
 
 def error_response(status: int, error: str, message: str) -> bytes:
@@ -248,6 +287,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.peer: dict[str, int] | None = None
+        self.connection: PeerConnection | None = None
         self.request_timeout: float = float(getattr(config, "request_timeout", 30.0))
         self.send_timeout: float = float(getattr(config, "send_timeout", 30.0))
         """Seconds the peer may read nothing of a paused answer; :data:`DRAIN_STALL` once draining."""
@@ -297,7 +337,10 @@ class PeerCredProtocol(HttpToolsProtocol):
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.peer = read_peer(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        self.peer = read_peer(sock)
+        # Read now, while the descriptor is surely this connection's (one getsockopt per connection).
+        self.connection = PeerConnection(read_groups(sock)) if self.peer is not None else None
         if self.recorder is not None and self.recorder.on:
             self.tally = self.recorder.peer(self.peer["uid"] if self.peer is not None else None)
         # A connection that never sends a request is closed after request_timeout too.
@@ -381,7 +424,9 @@ class PeerCredProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self.peer is not None:
-            self.scope["extensions"] = {PEER_KEY: dict(self.peer)}  # type: ignore[dict-item]
+            # ASGI types extensions as dict[str, dict]; ours carry a dict and an object.
+            extensions: dict[Any, Any] = {PEER_KEY: dict(self.peer), CONNECTION_KEY: self.connection}
+            self.scope["extensions"] = extensions
         self._in_head = True
         self._message_done = False
         self._begins += 1

@@ -1,8 +1,9 @@
 """Run the application under uvicorn on a socket we bound ourselves, and stop it cleanly.
 
 ``run(settings)`` binds (``app.sockets``), serves with httptools + uvloop and our protocol
-(``app.peercred``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, removes the socket on
-every exit path and returns the process exit code: 0 clean stop, 3 startup failure.
+(``app.peercred``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, reloads the access
+policy and reopens the audit log on SIGHUP (at the next tick, on the event loop), removes the
+socket on every exit path and returns the process exit code: 0 clean stop, 3 startup failure.
 
 With ``workers`` above 1 the process binds, then hands the socket to ``app.workers``, whose
 worker processes each serve it through :func:`serve`; this process alone removes the socket.
@@ -20,7 +21,7 @@ import signal
 import socket
 from collections.abc import Callable, Generator
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -31,10 +32,14 @@ from app.config import Settings
 from app.metrics import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
 from app.notify import Notifier
 from app.peercred import PeerCredProtocol
+from app.policy import PolicyError
 from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 from app.store import StoreError
 
-__all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "run", "serve"]
+__all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "note_hangup", "run", "serve"]
+
+if TYPE_CHECKING:
+    from app.access import Access
 
 logger = logging.getLogger("app.server")
 
@@ -42,6 +47,15 @@ SOCKET_LOST = (
     "Socket %s was removed or replaced by another program: clients cannot reach this server; stopping"
 )
 """The error line (``%s``: the address) of a server, or a ``--workers`` parent, whose socket file went."""
+
+
+_hangups: list[int] = []
+"""SIGHUPs received and not yet acted on; the server's tick takes them (a handler does no I/O)."""
+
+
+def note_hangup(sig: int, frame: FrameType | None) -> None:
+    """The SIGHUP handler, for the whole life of a serving process (the default action would kill it)."""
+    _hangups.append(sig)
 
 
 class _Stopped(Exception):
@@ -86,6 +100,7 @@ class UdsServer(uvicorn.Server):
         """The ``--metrics-listen`` endpoint this server's loop serves, if any."""
         self.notifier = Notifier()
         """Tells the service manager when this server serves and drains (a worker's tells nobody)."""
+        self.access: Access | None = getattr(getattr(app, "state", None), "access", None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
@@ -146,6 +161,8 @@ class UdsServer(uvicorn.Server):
         took = loop.time() - began
         if self.metrics is not None:
             self.metrics.flush()  # the last counts, for a parent still serving --workers' metrics
+        if self.access is not None and self.access.audit is not None:
+            self.access.audit.flush()
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
         elif self.force_exit:
@@ -155,10 +172,18 @@ class UdsServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         """Every tick (0.1 s) hand the metrics counted to prometheus-client; once a second, stop
-        (exit 3) if another program removed or replaced our socket file."""
+        (exit 3) if another program removed or replaced our socket file. After a SIGHUP, reload
+        the access policy (the next request sees it); write the audit lines queued."""
         if self.metrics is not None:
             self.metrics.flush()
         self.notifier.ping_if_due()
+        access = self.access
+        if _hangups:
+            _hangups.clear()
+            if access is not None:
+                access.reload()
+        if access is not None and access.audit is not None:
+            access.audit.flush()
         if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
             if not self.socket_lost:
                 self.socket_lost = True
@@ -230,6 +255,7 @@ def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[Boun
 def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> int:
     """Serve until stopped; return the exit code (0 clean stop, 3 startup failure)."""
     previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, note_hangup)
     bound: BoundSocket | None = None
     notifier = Notifier.from_environ(os.environ)
     try:
@@ -267,7 +293,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     except _Stopped:
         logger.info("Stopped before serving")
         return 0
-    except (SocketError, StoreError, MetricsError) as exc:
+    except (SocketError, StoreError, MetricsError, PolicyError) as exc:
         logger.error("%s", exc)
         notifier.status(f"Failed to start: {exc}")
         return STARTUP_FAILURE

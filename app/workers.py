@@ -12,6 +12,8 @@ the settings and the app factory; the worker builds its own app (and store conne
   workers keep dying within ``QUICK_DEATH`` seconds of their start, each replacement after the
   first waits, 0.5 s and doubling up to ``MAX_DELAY``; when every worker has failed to start in a
   row with none left running, it exits 3;
+- on SIGHUP sends SIGHUP to every worker that serves (one still starting gets it once it does),
+  each of which reloads its access policy and reopens its audit log;
 - on SIGTERM or SIGINT closes its copy of the listening socket and sends SIGTERM to every worker,
   each of which marks ``/readyz`` draining and drains within ``--shutdown-timeout``; a second
   SIGINT is passed on (workers then stop at once); a worker still running ``STOP_GRACE`` seconds
@@ -104,6 +106,8 @@ class _Worker:
     conn: Connection
     started: float = field(default_factory=time.monotonic)
     ready: float | None = None
+    hangup_owed: bool = False
+    """A SIGHUP came while it was starting: it gets one once it serves (its handler is set by then)."""
 
     @property
     def pid(self) -> int:
@@ -138,6 +142,7 @@ class Supervisor:
         self.due: dict[int, float] = {}
         """Slots waiting for a replacement, and when it starts (monotonic)."""
         self.signals: list[int] = []
+        self.hangups = 0
         self.announced = False
         self.failed_starts = 0
         """Workers in a row that died before serving (reset when one serves)."""
@@ -153,6 +158,7 @@ class Supervisor:
         self._wake_w.setblocking(False)
         previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOPS}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             self.hooks.before_spawn()
             for slot in range(len(self.slots)):
@@ -173,6 +179,20 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: object) -> None:
         self.signals.append(sig)
 
+    def _on_hangup(self, sig: int, frame: object) -> None:
+        self.hangups += 1
+
+    def _pass_hangup(self) -> None:
+        """SIGHUP to every worker that serves; one still starting gets it when it says ready."""
+        self.hangups = 0
+        live = self._live()
+        logger.info("Received SIGHUP: passing it to %d worker(s)", len(live))
+        for worker in live:
+            if worker.ready is None:
+                worker.hangup_owed = True
+            else:
+                self._signal(worker, signal.SIGHUP)
+
     def _supervise(self) -> int:
         next_check = time.monotonic() + CHECK_EVERY
         while True:
@@ -183,6 +203,8 @@ class Supervisor:
             self._wait(max(0.0, min(wakeups) - now))
             if self.signals:
                 return 0
+            if self.hangups:
+                self._pass_hangup()
             now = time.monotonic()
             self.notifier.ping_if_due(now)
             if self.quick_deaths and now - self.last_death >= CALM:
@@ -258,6 +280,9 @@ class Supervisor:
 
     def _serving(self, worker: _Worker) -> None:
         worker.ready = time.monotonic()
+        if worker.hangup_owed:
+            worker.hangup_owed = False
+            self._signal(worker, signal.SIGHUP)
         self.failed_starts = 0
         if not self.announced and all(w is not None and w.ready is not None for w in self.slots):
             self.announced = True
@@ -367,9 +392,11 @@ def _watch_parent(conn: Connection) -> None:
 
 def worker_main(listen_fd: int, parent_fd: int) -> int:
     """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
-    from app.server import _stop_early, _Stopped, serve
+    from app.policy import PolicyError
+    from app.server import _stop_early, _Stopped, note_hangup, serve
 
     previous = {sig: signal.signal(sig, _stop_early) for sig in _STOPS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, note_hangup)
     conn = Connection(parent_fd)
     sock = socket.socket(fileno=listen_fd)
     try:
@@ -387,6 +414,9 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
     try:
         try:
             application = app_factory(settings)
+        except PolicyError as exc:  # the file changed since the parent checked it
+            logger.error("Worker pid %d: %s", os.getpid(), exc)
+            return STARTUP_FAILURE
         except Exception:
             logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
             return STARTUP_FAILURE

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from client._client import AsyncClient, Client
     from client._errors import APIError, ClientError, ConnectError, WaitTimeout
     from client._events import Event
-    from client._models import Health, Message, Peer, RawResponse, Version
+    from client._models import Health, Message, Peer, RawResponse, Version, WhoAmI
     from client._probe import probe
     from client._wait import wait_for_socket
 
@@ -40,6 +40,7 @@ __all__ = [
     "UsageError",
     "Version",
     "WaitTimeout",
+    "WhoAmI",
     "parse_address",
     "probe",
     "resolve_socket",
@@ -59,6 +60,7 @@ _WHERE = {
     "Peer": "_models",
     "RawResponse": "_models",
     "Version": "_models",
+    "WhoAmI": "_models",
     "probe": "_probe",
     "wait_for_socket": "_wait",
 }

@@ -32,7 +32,7 @@ import orjson
 
 from client._errors import APIError, ClientError, UsageError
 from client._events import RECONNECT_FOR, Event, follow, follow_async
-from client._models import Health, Message, RawResponse, Version
+from client._models import Health, Message, RawResponse, Version, WhoAmI
 from client._transport import (
     BASE_URL,
     REQUEST,
@@ -396,6 +396,11 @@ class Client(_Base):
         """GET /openapi.json, decoded."""
         return _shaped(_spec, _check(self._request("GET", "/openapi.json")), "an OpenAPI document")
 
+    def whoami(self) -> WhoAmI:
+        """GET /whoami: who the server sees calling and the scopes it holds (needs no scope)."""
+        answer = self._request("GET", self._api("/whoami"))
+        return _shaped(WhoAmI.from_json, _check(answer), "an identity")
+
     def get(self, path: str) -> RawResponse:
         """A raw GET of ``path``; error statuses are returned, not raised."""
         if not path.startswith("/"):
@@ -578,6 +583,11 @@ class AsyncClient(_Base):
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
         return _shaped(_spec, _check(await self._request("GET", "/openapi.json")), "an OpenAPI document")
+
+    async def whoami(self) -> WhoAmI:
+        """GET /whoami: who the server sees calling and the scopes it holds (needs no scope)."""
+        answer = await self._request("GET", await self._api("/whoami"))
+        return _shaped(WhoAmI.from_json, _check(answer), "an identity")
 
     async def get(self, path: str) -> RawResponse:
         """A raw GET of ``path``; error statuses are returned, not raised."""

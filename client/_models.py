@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Health", "Message", "Peer", "RawResponse", "Version"]
+__all__ = ["Health", "Message", "Peer", "RawResponse", "Version", "WhoAmI"]
 
 
 def _object(data: Any, what: str) -> dict[str, Any]:
@@ -121,6 +121,57 @@ class Version:
             fastapi=data["fastapi"],
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmI:
+    """The caller as the server sees it (``GET /whoami``) and the scopes it holds: ``read``,
+    ``write``, ``events``, ``metrics``. Over TCP ``uid``, ``gid`` and ``pid`` are None.
+
+    Through ``uds-client proxy``, ``uid``/``gid``/``pid`` are the proxy's, ``forwarded_for`` the
+    user it speaks for with that user's own ``forwarded_scopes``, and ``scopes`` those both hold.
+    """
+
+    uid: int | None
+    gid: int | None
+    pid: int | None
+    groups: tuple[int, ...]
+    scopes: tuple[str, ...]
+    forwarded_for: Peer | None = None
+    forwarded_scopes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any) -> WhoAmI:
+        data = _object(data, "an identity")
+        forwarded = data.get("forwarded_for")
+
+        def number(name: str) -> int | None:
+            value = data.get(name)
+            return None if value is None else int(value)
+
+        return cls(
+            uid=number("uid"),
+            gid=number("gid"),
+            pid=number("pid"),
+            groups=tuple(int(group) for group in data.get("groups") or ()),
+            scopes=tuple(str(scope) for scope in data["scopes"]),
+            forwarded_for=None if forwarded is None else Peer.from_json(forwarded),
+            forwarded_scopes=tuple(str(s) for s in (forwarded or {}).get("scopes") or ()),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The identity as the server spells it."""
+        forwarded: dict[str, Any] | None = None
+        if self.forwarded_for is not None:
+            forwarded = {**self.forwarded_for.to_json(), "scopes": list(self.forwarded_scopes)}
+        return {
+            "uid": self.uid,
+            "gid": self.gid,
+            "pid": self.pid,
+            "groups": list(self.groups),
+            "scopes": list(self.scopes),
+            "forwarded_for": forwarded,
+        }
 
 
 @dataclass(frozen=True, slots=True)

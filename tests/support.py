@@ -316,9 +316,14 @@ NOBODY = 65534
 
 
 def python_as_nobody(
-    *args: str, extra_groups: list[int] | None = None, cwd: str | Path = ROOT
+    *args: str,
+    extra_groups: list[int] | None = None,
+    cwd: str | Path = ROOT,
+    uid: int = NOBODY,
+    gid: int = NOBODY,
 ) -> subprocess.CompletedProcess[str]:
-    """Run this Python with ``args`` as uid/gid 65534 (plus ``extra_groups``), output captured."""
+    """Run this Python with ``args`` as uid/gid 65534 (or ``uid``/``gid``; plus ``extra_groups``),
+    output captured."""
     return subprocess.run(
         [PYTHON, *args],
         capture_output=True,
@@ -326,8 +331,8 @@ def python_as_nobody(
         cwd=cwd,
         timeout=60,
         check=False,
-        user=NOBODY,
-        group=NOBODY,
+        user=uid,
+        group=gid,
         extra_groups=extra_groups or [],
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from app.audit import MESSAGE_ID
 from app.config import Settings
 from app.errors import error_response, error_responses, public_details, summarize
 from app.forwarded import HEADER as FORWARDED_HEADER
@@ -279,6 +280,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         except StoreError as exc:  # e.g. the file changed under the server: the transaction rolled back
             store_errors.log(logging.ERROR, "Cannot store a message: %s", escaped(str(exc)))
             return error_response(503, f"{exc}; nothing was stored")
+        scope[MESSAGE_ID] = stored.id  # for the audit line
         if not stored.created:
             return Response(stored.document, 200, None, JSON)
         message_id = stored.id

@@ -285,6 +285,27 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_whoami(args: argparse.Namespace) -> int:
+    """Print who the server sees calling and the scopes it holds."""
+    with _client(args) as client:
+        me = client.whoami()
+    if args.json:
+        print(_dumps(me.to_json()))
+        return 0
+
+    def ids(uid: int | None, gid: int | None, pid: int | None) -> str:
+        return "none (not a Unix socket connection)" if uid is None else f"{uid} gid {gid} pid {pid}"
+
+    print(f"uid     {ids(me.uid, me.gid, me.pid)}")
+    print(f"groups  {' '.join(map(str, me.groups)) or '-'}")
+    if me.forwarded_for is not None:
+        user = me.forwarded_for
+        theirs = ", ".join(me.forwarded_scopes) or "nothing"
+        print(f"behind  uid {user.uid} gid {user.gid} pid {user.pid}, holding {theirs}")
+    print(f"scopes  {', '.join(me.scopes) or 'none'}")
+    return 0
+
+
 def cmd_openapi(args: argparse.Namespace) -> int:
     """Print the OpenAPI spec, or write it to --output."""
     with _client(args) as client:
@@ -404,6 +425,11 @@ def _build_version(version: argparse.ArgumentParser) -> None:
     version.set_defaults(func=cmd_version)
 
 
+def _build_whoami(whoami: argparse.ArgumentParser) -> None:
+    whoami.add_argument("--json", action="store_true", help="print JSON")
+    whoami.set_defaults(func=cmd_whoami)
+
+
 def _build_openapi(openapi: argparse.ArgumentParser) -> None:
     openapi.add_argument("--output", "-o", metavar="FILE", help="write the spec to FILE")
     openapi.set_defaults(func=cmd_openapi)
@@ -452,6 +478,11 @@ _COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], 
     "messages": ("list recent messages, oldest first", None, _build_messages),
     "events": ("print messages as they are stored, like docker events", _EVENTS_DESCRIPTION, _build_events),
     "version": ("print the server's versions", None, _build_version),
+    "whoami": (
+        "print your uid, gid and groups as the server sees them, and the scopes you hold",
+        "GET /whoami, which needs no scope: the first thing to run after a 403.",
+        _build_whoami,
+    ),
     "openapi": ("print the OpenAPI spec (or write it to a file)", None, _build_openapi),
     "get": ("GET a path and print the raw body (exit 1 on an error status)", None, _build_get),
     "health": (

@@ -252,6 +252,7 @@ def test_every_operation_is_documented(client: ASGIClient) -> None:
         ("/v1/messages/{message_id}", "get"),
         ("/v1/version", "get"),
         ("/v1/events", "get"),
+        ("/v1/whoami", "get"),
         ("/metrics", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),

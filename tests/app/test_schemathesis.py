@@ -44,6 +44,7 @@ def test_every_operation_is_exercised() -> None:
         ("GET", "/v1/messages/{message_id}"),
         ("GET", "/v1/version"),
         ("GET", "/v1/events"),
+        ("GET", "/v1/whoami"),
         ("GET", "/_ping"),
         ("HEAD", "/_ping"),
         ("GET", "/healthz"),

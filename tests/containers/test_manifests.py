@@ -237,7 +237,8 @@ def test_image_user_matches_the_manifest(dockerfile: str, name: str) -> None:
 
 DEPLOYMENT = K8S / "deployment.yaml"
 METRICS_PORT = 9102
-DEPLOYMENT_KINDS = ["Deployment", "PodDisruptionBudget", "NetworkPolicy"]
+POLICY_DIR = "/etc/uds-example"
+DEPLOYMENT_KINDS = ["ConfigMap", "Deployment", "PodDisruptionBudget", "NetworkPolicy"]
 
 
 def documents(path: Path) -> dict[str, Spec]:
@@ -272,6 +273,7 @@ def test_deployment_selects_its_own_pods_and_not_the_demo_pod() -> None:
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
     assert not selector.items() <= load(POD)["metadata"]["labels"].items(), "it would adopt uds-demo"
+    assert docs["ConfigMap"]["metadata"]["labels"] == deployment["metadata"]["labels"]
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
         doc = docs[kind]
         assert doc["metadata"]["labels"] == deployment["metadata"]["labels"], kind
@@ -299,6 +301,23 @@ def test_deployment_serves_metrics_where_prometheus_looks() -> None:
         "prometheus.io/path": "/metrics",
     }
     assert "ports" not in containers(template)["uds-client"]
+
+
+def test_deployment_reads_its_policy_from_the_configmap() -> None:
+    from app.policy import parse_policy
+
+    template = pod_template(DEPLOYMENT)
+    server = containers(template)["uds-server"]
+    settings = server_settings(server)
+    assert settings.policy == f"{POLICY_DIR}/policy.toml"
+    assert settings.allow_gid == ()  # the shorthand would grant every scope to the whole group
+    text = documents(DEPLOYMENT)["ConfigMap"]["data"]["policy.toml"]
+    policy = parse_policy(text.encode(), "policy.toml")  # the server's own parser: it would start
+    client_uid = containers(template)["uds-client"]["securityContext"]["runAsUser"]
+    server_uid = server["securityContext"]["runAsUser"]
+    assert policy.scopes(client_uid, SHARED_GID) == {"read", "write", "events"}
+    assert policy.scopes(server_uid, SHARED_GID) == {"read"}
+    assert policy.scopes(4242, 4242) == set()
 
 
 def test_network_policy_admits_only_the_metrics_port() -> None:
@@ -366,6 +385,17 @@ def pair_without_allowed_differences(path: Path) -> Pair:
         metrics_env = {"name": "UDS_METRICS_LISTEN", "value": f"0.0.0.0:{METRICS_PORT}"}
         assert metrics_env in server["env"]
         server["env"] = [e for e in server["env"] if e != metrics_env]
+        # Per-scope rules from the ConfigMap replace pod.yaml's UDS_ALLOW_GID (which grants every
+        # scope; test_deployment_reads_its_policy_from_the_configmap).
+        mounts = server["volumeMounts"]
+        assert mounts[-1] == {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True}
+        server["volumeMounts"] = mounts[:-1]
+        policy_env = {"name": "UDS_POLICY", "value": f"{POLICY_DIR}/policy.toml"}
+        assert policy_env in server["env"]
+        env = [e for e in server["env"] if e != policy_env]
+        server["env"] = [*env[:1], {"name": "UDS_ALLOW_GID", "value": str(SHARED_GID)}, *env[1:]]
+        assert spec["volumes"][-1] == {"name": "policy", "configMap": {"name": "uds-example"}}
+        spec["volumes"] = spec["volumes"][:-1]
         # Replicas spread over nodes; one Pod has nothing to spread.
         assert spec.pop("topologySpreadConstraints")[0]["topologyKey"] == "kubernetes.io/hostname"
     else:

@@ -1,0 +1,40 @@
+"""``GET /whoami``: the caller's uid, gid, pid, groups and the scopes it holds (under ``/v{N}``,
+with its unversioned alias). Open to every peer: it is what a caller runs after a 403."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.access import Access
+from app.models import WhoAmI
+
+__all__ = ["build_router"]
+
+JSON = "application/json"
+EXAMPLE = {"uid": 1000, "gid": 1000, "pid": 42, "groups": [1000], "scopes": ["read"], "forwarded_for": None}
+
+
+def build_router(access: Access) -> APIRouter:
+    """The ``/whoami`` route, answering from ``access`` (the rules in force in this process)."""
+    router = APIRouter(prefix="/whoami", tags=["access"])
+
+    @router.get(
+        "",
+        summary="Who am I, and what may I do",
+        operation_id="whoami",
+        description=(
+            "The caller's credentials as the kernel reports them (SO_PEERCRED, SO_PEERGROUPS) and the "
+            "scopes it holds under the policy in force: `read`, `write`, `events`, `metrics`. Through "
+            "`uds-client proxy`, `forwarded_for` names the user behind it, and `scopes` are those both "
+            "hold. Needs no scope; it never shows the rules."
+        ),
+        response_model=None,
+        responses={200: {"model": WhoAmI, "content": {JSON: {"example": EXAMPLE}}}},
+    )
+    async def whoami(request: Request) -> Response:
+        """Answer with the caller's identity and scopes."""
+        return Response(orjson.dumps(access.whoami(request.scope)), 200, None, JSON)
+
+    return router

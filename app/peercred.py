@@ -14,6 +14,8 @@ The protocol is the only code that sees raw connections, so it is where we:
   connection lingers, discarding input, then closes (see ``LINGER_SECONDS``);
 * answer every error with the project's JSON error shape, after the answers to requests pipelined
   before it;
+* bound HTTP/1.1 pipelining by backpressure: while ``MAX_PIPELINE`` requests wait, the rest of the
+  input is held unparsed and reading pauses; each answer lets the next request in;
 * cap concurrent connections (``limit_concurrency``): at the cap the longest-idle connection (no
   request in flight) is closed to make room, as nginx does; when every connection is busy a new
   one gets 503, and both are logged at most once per ``LOG_PERIOD`` seconds.
@@ -45,6 +47,7 @@ from typing import Any
 
 import httptools
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
@@ -85,8 +88,8 @@ such peers as the cap would lock everyone out, probes included, for ``request_ti
 MAX_PIPELINE = 8
 """Requests parsed ahead of the one being answered on a connection (HTTP/1.1 pipelining). Each
 waits as a parsed request (~3 KiB) and httptools parses a whole read at once, so without a bound one
-read of 200 KiB of ``GET /healthz`` queued ~16 MiB. Past it: 503 after the earlier answers, then
-close."""
+read of 200 KiB of ``GET /healthz`` queued ~16 MiB. At the bound the rest of the read is held as
+bytes, unparsed, and reading pauses until an answer makes room (:meth:`PeerCredProtocol._feed`)."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 DRAIN_STALL = 2.0
@@ -118,15 +121,10 @@ _NO_HOST = (400, "bad_request", "the request has no Host header; HTTP/1.1 requir
 _HOSTS = (400, "bad_request", "the request has more than one Host header; send exactly one")
 _BAD_HOST = (400, "bad_request", "the Host header is not a valid host[:port]; send Host: localhost")
 _FULL = (503, "unavailable", "the server is at its connection limit; try again shortly")
-_PIPELINED = (
-    503,
-    "unavailable",
-    f"more than {MAX_PIPELINE} requests pipelined on one connection; "
-    "wait for the answers before sending more",
-)
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 """RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
 _first = itemgetter(0)
+_HEAD_END = b"\r\n\r\n"
 logger = logging.getLogger("app.connections")
 
 
@@ -180,6 +178,22 @@ def connection_cap(requested: int | None, soft_limit: int) -> int:
     cap = min(requested, room)
     logger.debug("Connection limit %d (--max-connections %d, open-file limit %d)", cap, requested, soft_limit)
     return cap
+
+
+class HoldingFlow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while input is :attr:`held`.
+
+    uvicorn resumes reading after every answer and whenever the application waits for a body; input
+    held back behind a full pipeline must not grow meanwhile.
+    """
+
+    held: bytes = b""
+    """Input read but not parsed yet, from :attr:`held_from` on, because ``MAX_PIPELINE`` requests wait."""
+    held_from = 0
+
+    def resume_reading(self) -> None:
+        if not self.held:
+            super().resume_reading()
 
 
 class _CapLog:
@@ -239,6 +253,8 @@ class PeerCredProtocol(HttpToolsProtocol):
     the send deadline are looked at only when a chunked body or a paused write happens.
     """
 
+    flow: HoldingFlow
+
     def __init__(
         self,
         config: Config,
@@ -295,6 +311,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = HoldingFlow(transport)
         self.peer = read_peer(transport.get_extra_info("socket"))
         if self.recorder is not None and self.recorder.on:
             self.tally = self.recorder.peer(self.peer["uid"] if self.peer is not None else None)
@@ -324,6 +341,7 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
         self._live.clear()
+        self.flow.held = b""
         super().connection_lost(exc)
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -338,6 +356,70 @@ class PeerCredProtocol(HttpToolsProtocol):
                 if self._linger_left < 0:
                     self.transport.close()
             return
+        flow = self.flow
+        if flow.held:  # read before the pause took effect: it waits behind what is held
+            flow.held = flow.held[flow.held_from :] + data
+            flow.held_from = 0
+            return
+        # Each request parsed from ``data`` but the one under way ends its head there, so with
+        # fewer head ends than free places the pipeline cannot overflow (the usual case: one request).
+        if data.count(_HEAD_END) < MAX_PIPELINE - len(self.pipeline):
+            self._parse(data)
+        else:
+            self._feed(data, 0)
+
+    def _feed(self, data: bytes, start: int) -> None:
+        """Parse ``data[start:]`` in pieces, holding the rest unparsed while ``MAX_PIPELINE`` wait.
+
+        A piece ends halfway through its k-th head end (``CRLF CRLF``), k the places free, so it
+        completes at most k heads: the one under way and one per whole head end. Over a request
+        whose body is still due the pipeline may be full: pieces then hold no whole head end, so
+        that body arrives (its request may run before the next answer) and no further head ends.
+        """
+        flow = self.flow
+        view = memoryview(data)
+        end = len(data)
+        while start < end:
+            room = MAX_PIPELINE - len(self.pipeline)
+            if room <= 0 and (self._message_done or self._in_head):
+                flow.held = data
+                flow.held_from = start
+                flow.pause_reading()
+                self._waiting_since = None  # the peer owes nothing: we hold its next request
+                return
+            cut = start
+            halfway = False
+            for _ in range(max(room, 1)):
+                found = data.find(_HEAD_END, cut)
+                if found < 0:
+                    cut = end
+                    break
+                cut = found + 4
+            else:
+                cut -= 2
+                halfway = True
+            self._parse(view[start:cut])
+            start = cut
+            if self._refused or self.transport.is_closing():
+                return
+            if halfway and self._in_head and not self._head_bytes:
+                self._head_bytes = 1  # split here: on_headers_complete measures the whole head
+
+    def _release(self) -> None:
+        """An answer went out: parse what was held, as far as the pipeline has room."""
+        flow = self.flow
+        data, start = flow.held, flow.held_from
+        flow.held = b""
+        self._feed(data, start)
+        if not flow.held and not self._refused:
+            flow.resume_reading()
+            if not self._message_done and self._waiting_since is None:
+                self._waiting_since = self.loop.time()  # the rest of a request is due from now
+                if self._deadline is None:
+                    self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+
+    def _parse(self, data: bytes | memoryview) -> None:
+        """Feed ``data`` to the parser, with the bounds that need the chunks' sizes."""
         self._unset_keepalive_if_required()
         self._chunk_bytes = size = len(data)
         begins = self._begins
@@ -407,9 +489,6 @@ class PeerCredProtocol(HttpToolsProtocol):
                 hosts += 1
         if host != self._good_host or hosts != 1:
             self._check_host(host, hosts)
-        if len(self.pipeline) >= MAX_PIPELINE:
-            self._reject = _PIPELINED
-            raise ValueError("too many pipelined requests")
         if self._over_cap:
             if len(self.connections) > (self.max_connections or 0):
                 self._reject = _FULL
@@ -514,6 +593,8 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._refused = True
             self._waiting_since = None
             self._close_after(b"")
+        elif self.flow.held and not self.transport.is_closing():
+            self._release()
 
     def shutdown(self) -> None:
         """uvicorn's graceful close; an answer stalled on a peer that reads nothing gets

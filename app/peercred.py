@@ -51,6 +51,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from app.budget import Budget
 from app.logs import Throttle
 from app.metrics import PeerTally, Recorder
 
@@ -90,6 +91,11 @@ MAX_PIPELINE = 8
 waits as a parsed request (~3 KiB) and httptools parses a whole read at once, so without a bound one
 read of 200 KiB of ``GET /healthz`` queued ~16 MiB. At the bound the rest of the read is held as
 bytes, unparsed, and reading pauses until an answer makes room (:meth:`PeerCredProtocol._feed`)."""
+HELD_BUDGET = 8 * 1024 * 1024
+HELD_PER_PEER = HELD_BUDGET // 4
+"""Bytes of pipelined input held unparsed at once, by the whole process and by one peer uid (like
+the request-body budget). A connection holds at most the read that filled its pipeline (up to
+256 KiB); one that cannot hold its read gets 503 after the answers owed before it, then close."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 DRAIN_STALL = 2.0
@@ -121,6 +127,11 @@ _NO_HOST = (400, "bad_request", "the request has no Host header; HTTP/1.1 requir
 _HOSTS = (400, "bad_request", "the request has more than one Host header; send exactly one")
 _BAD_HOST = (400, "bad_request", "the Host header is not a valid host[:port]; send Host: localhost")
 _FULL = (503, "unavailable", "the server is at its connection limit; try again shortly")
+_HELD_FULL = (
+    503,
+    "unavailable",
+    "too much pipelined input is waiting on the server; wait for the answers before sending more",
+)
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 """RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
 _first = itemgetter(0)
@@ -240,6 +251,7 @@ class _CapLog:
 
 
 _CAP_LOG = _CapLog()
+_HELD = Budget(HELD_BUDGET, HELD_PER_PEER)
 _REJECTED = Throttle(logger)
 _UPGRADES = Throttle(logger)
 
@@ -341,7 +353,7 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
         self._live.clear()
-        self.flow.held = b""
+        self._unhold()
         super().connection_lost(exc)
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -358,8 +370,9 @@ class PeerCredProtocol(HttpToolsProtocol):
             return
         flow = self.flow
         if flow.held:  # read before the pause took effect: it waits behind what is held
-            flow.held = flow.held[flow.held_from :] + data
-            flow.held_from = 0
+            held = flow.held[flow.held_from :] + data
+            self._unhold()
+            self._hold(held, 0)
             return
         # Each request parsed from ``data`` but the one under way ends its head there, so with
         # fewer head ends than free places the pipeline cannot overflow (the usual case: one request).
@@ -376,16 +389,12 @@ class PeerCredProtocol(HttpToolsProtocol):
         whose body is still due the pipeline may be full: pieces then hold no whole head end, so
         that body arrives (its request may run before the next answer) and no further head ends.
         """
-        flow = self.flow
         view = memoryview(data)
         end = len(data)
         while start < end:
             room = MAX_PIPELINE - len(self.pipeline)
             if room <= 0 and (self._message_done or self._in_head):
-                flow.held = data
-                flow.held_from = start
-                flow.pause_reading()
-                self._waiting_since = None  # the peer owes nothing: we hold its next request
+                self._hold(data, start)
                 return
             cut = start
             halfway = False
@@ -405,11 +414,31 @@ class PeerCredProtocol(HttpToolsProtocol):
             if halfway and self._in_head and not self._head_bytes:
                 self._head_bytes = 1  # split here: on_headers_complete measures the whole head
 
+    def _hold(self, data: bytes, start: int) -> None:
+        """Keep ``data[start:]`` for when the pipeline has room, and stop reading; past
+        :data:`HELD_BUDGET` (or the peer's share), refuse it with 503 instead."""
+        uid = self.peer["uid"] if self.peer is not None else None
+        if not _HELD.take(len(data), uid):
+            self._refuse(*_HELD_FULL)
+            return
+        flow = self.flow
+        flow.held = data
+        flow.held_from = start
+        flow.pause_reading()
+        self._waiting_since = None  # the peer owes nothing: we hold its next request
+
+    def _unhold(self) -> None:
+        """Give back what is held (the caller parses it or drops it)."""
+        flow = self.flow
+        if flow.held:
+            _HELD.give(len(flow.held), self.peer["uid"] if self.peer is not None else None)
+            flow.held = b""
+
     def _release(self) -> None:
         """An answer went out: parse what was held, as far as the pipeline has room."""
         flow = self.flow
         data, start = flow.held, flow.held_from
-        flow.held = b""
+        self._unhold()
         self._feed(data, start)
         if not flow.held and not self._refused:
             flow.resume_reading()

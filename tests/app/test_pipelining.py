@@ -1,0 +1,166 @@
+"""Pipelining bounded by backpressure, driven in process: the protocol on a fake transport.
+
+The input arrives cut at random places (inside heads, inside ``CRLF CRLF``, inside bodies). Every
+request is answered in order, no more than ``MAX_PIPELINE`` ever wait, reading pauses while input
+is held, and the held-input budget is given back. (tests/app/test_protocol_attacks.py runs the same
+against a real server, with RSS and CPU measured.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from app import peercred
+from app.budget import Budget
+from app.peercred import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
+
+
+class FakeTransport(asyncio.Transport):
+    """What the protocol writes, and whether it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.reading = True
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def write_eof(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def echo(scope: Any, receive: Any, send: Any) -> None:
+    """Answers ``<path> <body length>`` after reading the whole body and yielding to the loop."""
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await asyncio.sleep(0)
+    body = f"{scope['path']} {size}".encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def requests(count: int, rng: random.Random) -> tuple[bytes, list[bytes]]:
+    """``count`` pipelined requests of every framing, and the answers' bodies they expect."""
+    data = bytearray()
+    expected = []
+    for n in range(count):
+        kind = rng.randrange(3)
+        if kind == 0:
+            data += b"GET /get/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % n
+            expected.append(b"/get/%d 0" % n)
+        elif kind == 1:  # a body that looks like head ends
+            body = b"\r\n\r\n" * rng.randrange(1, 5) + b"x" * rng.randrange(100)
+            data += b"POST /len/%d HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
+                n,
+                len(body),
+                body,
+            )
+            expected.append(b"/len/%d %d" % (n, len(body)))
+        else:
+            body = b"\r\n\r\n" + b"y" * rng.randrange(50)
+            data += (
+                b"POST /chunked/%d HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (n, len(body), body)
+            )
+            expected.append(b"/chunked/%d %d" % (n, len(body)))
+    return bytes(data), expected
+
+
+def answers(written: bytes) -> list[tuple[int, bytes]]:
+    found = []
+    for match in re.finditer(rb"HTTP/1\.1 (\d+) [^\r]*\r\n(.*?)\r\n\r\n", written, re.S):
+        length = int(re.search(rb"content-length: (\d+)", match.group(2), re.I).group(1))  # type: ignore[union-attr]
+        found.append((int(match.group(1)), written[match.end() : match.end() + length]))
+    return found
+
+
+async def serve(data: bytes, cuts: list[int], count: int) -> tuple[FakeTransport, int, PeerCredProtocol]:
+    """Deliver ``data`` in pieces ending at ``cuts``, only while the protocol reads, until
+    ``count`` answers are written; return the transport and the most requests that waited."""
+    config = Config(app=echo, log_level="warning", access_log=False)
+    config.load()
+    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    most = 0
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+    for _ in range(100_000):
+        if pieces and transport.reading:
+            protocol.data_received(pieces.pop(0))
+        most = max(most, len(protocol.pipeline))
+        if not pieces and len(answers(bytes(transport.written))) >= count:
+            break
+        await asyncio.sleep(0)
+    return transport, most, protocol
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_request_is_answered_in_order_and_at_most_max_pipeline_wait(seed: int) -> None:
+    rng = random.Random(seed)
+    data, expected = requests(300, rng)
+    if seed == 0:
+        cuts = []  # one read holding all of them
+    elif seed == 1:
+        cuts = list(range(1, len(data)))  # a byte at a time
+    else:
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randrange(1, 200)))
+    transport, most, protocol = asyncio.run(serve(data, cuts, len(expected)))
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * len(expected)
+    assert [body for _, body in got] == expected
+    assert most <= MAX_PIPELINE
+    assert transport.reading
+    assert not transport.closing
+    assert not protocol.flow.held
+    assert peercred._HELD.free == HELD_BUDGET
+
+
+def test_input_past_the_held_budget_gets_503_after_the_answers_owed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peercred, "_HELD", Budget(1000, 1000))
+    data = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 100  # 3,900 bytes: more than the budget
+    transport, most, _ = asyncio.run(serve(data, [], MAX_PIPELINE + 2))
+    assert most <= MAX_PIPELINE
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * (MAX_PIPELINE + 1) + [503]
+    assert b"too much pipelined input" in got[-1][1]
+    assert transport.closing or b"connection: close" in bytes(transport.written).lower()
+    assert peercred._HELD.free == 1000

@@ -203,7 +203,7 @@ class HoldingFlow(FlowControl):
     held_from = 0
 
     def resume_reading(self) -> None:
-        if not self.held:
+        if self.read_paused and not self.held:  # uvicorn calls it after every answer: most find it reading
             super().resume_reading()
 
 

@@ -71,11 +71,17 @@ async def echo(scope: Any, receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     await asyncio.sleep(0)
+    if scope["path"] == "/slow":
+        await SLOW["event"].wait()
     body = f"{scope['path']} {size}".encode()
     await send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
     )
     await send({"type": "http.response.body", "body": body})
+
+
+SLOW: dict[str, asyncio.Event] = {}
+"""``/slow`` answers once ``SLOW["event"]`` is set (one event per test's loop)."""
 
 
 def requests(count: int, rng: random.Random) -> tuple[bytes, list[bytes]]:
@@ -113,17 +119,22 @@ def answers(written: bytes) -> list[tuple[int, bytes]]:
     return found
 
 
-async def serve(data: bytes, cuts: list[int], count: int) -> tuple[FakeTransport, int, PeerCredProtocol]:
+async def serve(
+    data: bytes, cuts: list[int], count: int, request_timeout: float = 30.0
+) -> tuple[FakeTransport, int, PeerCredProtocol]:
     """Deliver ``data`` in pieces ending at ``cuts``, only while the protocol reads, until
     ``count`` answers are written; return the transport and the most requests that waited."""
     config = Config(app=echo, log_level="warning", access_log=False)
     config.load()
+    config.request_timeout = request_timeout  # type: ignore[attr-defined]
     protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
     transport = FakeTransport()
     protocol.connection_made(transport)
     most = 0
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
-    for _ in range(100_000):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20  # only there to fail, not to wait
+    while loop.time() < deadline:
         if pieces and transport.reading:
             protocol.data_received(pieces.pop(0))
         most = max(most, len(protocol.pipeline))
@@ -164,3 +175,39 @@ def test_input_past_the_held_budget_gets_503_after_the_answers_owed(monkeypatch:
     assert b"too much pipelined input" in got[-1][1]
     assert transport.closing or b"connection: close" in bytes(transport.written).lower()
     assert peercred._HELD.free == 1000
+
+
+def test_held_requests_are_not_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input held behind a full pipeline is the server's delay, not the client's: a slow first
+    answer that outlasts ``--request-timeout`` brings no 408 to the requests held behind it."""
+    data = (
+        b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        + b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 30
+    )
+
+    async def scenario() -> tuple[FakeTransport, int, PeerCredProtocol]:
+        SLOW["event"] = slow = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, slow.set)  # the first answer takes six request timeouts
+        return await serve(data, [], 31, request_timeout=0.05)
+
+    transport, most, protocol = asyncio.run(scenario())
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * 31, got[-1]
+    assert most <= MAX_PIPELINE
+    assert not protocol.flow.held
+
+
+def test_a_request_left_unfinished_behind_held_input_is_late_from_its_release() -> None:
+    """Once the held input is parsed, the rest of an unfinished request is due within
+    ``--request-timeout`` again: 408, after every answer owed."""
+    get = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    data = b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n" + get * 30 + b"GET /get HTTP/1.1\r\nHost: loc"
+
+    async def scenario() -> tuple[FakeTransport, int, PeerCredProtocol]:
+        SLOW["event"] = slow = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, slow.set)
+        return await serve(data, [], 32, request_timeout=0.05)
+
+    transport, _, _ = asyncio.run(scenario())
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * 31 + [408]

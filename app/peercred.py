@@ -20,10 +20,9 @@ The protocol is the only code that sees raw connections, so it is where we:
   request in flight) is closed to make room, as nginx does; when every connection is busy a new
   one gets 503, and both are logged at most once per ``LOG_PERIOD`` seconds.
 
-The hot path pays a few attribute checks and one scan of the header list for ``Host``: measured
-on the protocol's callbacks alone (parse, checks, bookkeeping; no application), 6.0 -> 6.4 us per
-``POST /messages``, under 0.5% of a whole request. The rest runs only for chunked bodies, split
-heads, paused writes or a full server.
+The hot path pays a few attribute checks, one scan of the header list for ``Host`` and one count
+of head ends per read (docs/performance.md has the figures). The rest runs only for chunked
+bodies, split heads, paused writes, deep pipelining or a full server.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ The protocol is the only code that sees raw connections, so it is where we:
 * answer every error with the project's JSON error shape, after the answers to requests pipelined
   before it;
 * bound HTTP/1.1 pipelining by backpressure: while ``MAX_PIPELINE`` requests wait, the rest of the
-  input is held unparsed and reading pauses; each answer lets the next request in;
+  input is held unparsed and reading pauses; each answer that has left our buffer lets the next
+  request in;
 * cap concurrent connections (``limit_concurrency``): at the cap the longest-idle connection (no
   request in flight) is closed to make room, as nginx does; when every connection is busy a new
   one gets 503, and both are logged at most once per ``LOG_PERIOD`` seconds.
@@ -312,6 +313,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._paused_at: float | None = None
         """Loop time since which the peer has left our answers unread (writing paused), or None."""
         """Cycles not yet answered, the running one and those pipelined behind it."""
+        self._next_waits = False
+        """A pipelined request waits for the answers before it to leave our buffer."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
         """Counts each request for ``/metrics`` (``app.metrics``), when on."""
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
@@ -615,6 +618,16 @@ class PeerCredProtocol(HttpToolsProtocol):
             if last and not self.transport.is_closing():
                 self._close_after(pending)
             return
+        if self.pipeline and self.transport.get_write_buffer_size() and not self.transport.is_closing():
+            # The answers are not going out (the peer reads slower than we answer): the next
+            # pipelined request waits until they have, so a peer that reads nothing pins one answer.
+            self._next_waits = True
+            self.transport.set_write_buffer_limits(high=0)  # resume_writing once the buffer is empty
+            return
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """uvicorn's start of the next pipelined request, then what was held or an early close."""
         super().on_response_complete()
         if not self._message_done and not self._in_head and self.cycle.response_complete:
             # Answered before the whole request arrived (403, 413, 415...): parse no more of it.
@@ -650,6 +663,10 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._next_waits:
+            self._next_waits = False
+            self.transport.set_write_buffer_limits()  # the transport's defaults again
+            self._next_request()
 
     def _unsent_bytes(self) -> int:
         """Bytes written but not yet read by the peer: our buffer plus the kernel's (``SIOCOUTQ``).

@@ -318,7 +318,7 @@ def _fill_history(path: str, count: int) -> None:
     ) + text
     with _connect(path) as conn:
         buffer = bytearray()
-        for start in range(0, count, MAX_PIPELINE):  # pipelined, as deep as the server allows
+        for start in range(0, count, MAX_PIPELINE):  # pipelined, as deep as the server parses ahead
             batch = min(MAX_PIPELINE, count - start)
             conn.sendall(request * batch)
             for _ in range(batch):

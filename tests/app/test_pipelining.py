@@ -55,8 +55,15 @@ class FakeTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         self.reading = True
 
+    unsent = 0
+    """What :meth:`get_write_buffer_size` reports: bytes the peer has not taken yet."""
+    limits: tuple[int | None, int | None] = (None, None)
+
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.unsent
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high, low)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
@@ -211,3 +218,35 @@ def test_a_request_left_unfinished_behind_held_input_is_late_from_its_release() 
     transport, _, _ = asyncio.run(scenario())
     got = answers(bytes(transport.written))
     assert [status for status, _ in got] == [200] * 31 + [408]
+
+
+def test_the_next_request_waits_while_answers_sit_in_the_buffer() -> None:
+    """A peer that reads nothing pins one answer: the next pipelined request starts only once the
+    transport says its buffer emptied (``resume_writing``)."""
+    data = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 20
+
+    async def scenario() -> None:
+        config = Config(app=echo, log_level="warning", access_log=False)
+        config.load()
+        protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        transport = FakeTransport()
+        transport.unsent = 1  # the peer has not read
+        protocol.connection_made(transport)
+        protocol.data_received(data)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(answers(bytes(transport.written))) == 1
+        assert transport.limits == (0, None)  # resume_writing once the buffer is empty
+        assert len(protocol.pipeline) == MAX_PIPELINE
+        transport.unsent = 0  # the peer read everything
+        protocol.resume_writing()
+        assert transport.limits == (None, None)
+        for _ in range(10_000):  # every answer needs a few turns of the loop
+            if len(answers(bytes(transport.written))) >= 20:
+                break
+            await asyncio.sleep(0)
+        assert [status for status, _ in answers(bytes(transport.written))] == [200] * 20
+        assert not protocol.flow.held
+        protocol.connection_lost(None)
+
+    asyncio.run(scenario())

@@ -624,10 +624,6 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._next_waits = True
             self.transport.set_write_buffer_limits(high=0)  # resume_writing once the buffer is empty
             return
-        self._next_request()
-
-    def _next_request(self) -> None:
-        """uvicorn's start of the next pipelined request, then what was held or an early close."""
         super().on_response_complete()
         if not self._message_done and not self._in_head and self.cycle.response_complete:
             # Answered before the whole request arrived (403, 413, 415...): parse no more of it.
@@ -663,10 +659,12 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
-        if self._next_waits:
+        if self._next_waits:  # the answers left our buffer: start the next pipelined request
             self._next_waits = False
             self.transport.set_write_buffer_limits()  # the transport's defaults again
-            self._next_request()
+            super().on_response_complete()
+            if self.flow.held and not self.transport.is_closing():
+                self._release()
 
     def _unsent_bytes(self) -> int:
         """Bytes written but not yet read by the peer: our buffer plus the kernel's (``SIOCOUTQ``).

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
-from client.cli.spawn import ServerProcess, SpawnError, app_command
+from client.cli.spawn import ServerProcess, SpawnError, app_command, python_command
 
 __all__ = ["main"]
 
@@ -76,10 +76,10 @@ class _Lines:
 
 
 def _run_client(path: str) -> None:
-    # Unbuffered output, and the socket from --socket, never from the environment.
-    env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"} | {"PYTHONUNBUFFERED": "1"}
+    # The socket from --socket, never from the environment.
+    env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"}
     client = subprocess.Popen(
-        [sys.executable, "-m", "client", "--socket", path, "send", MESSAGE],
+        python_command("client", "--socket", path, "send", MESSAGE),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -16,14 +16,16 @@ The protocol is the only code that sees raw connections, so it is where we:
   connection lingers, discarding input, then closes (see ``LINGER_SECONDS``);
 * answer every error with the project's JSON error shape, after the answers to requests pipelined
   before it;
+* bound HTTP/1.1 pipelining by backpressure: while ``MAX_PIPELINE`` requests wait, the rest of the
+  input is held unparsed and reading pauses; each answer that has left our buffer lets the next
+  request in;
 * cap concurrent connections (``limit_concurrency``): at the cap the longest-idle connection (no
   request in flight) is closed to make room, as nginx does; when every connection is busy a new
   one gets 503, and both are logged at most once per ``LOG_PERIOD`` seconds.
 
-The hot path pays a few attribute checks and one scan of the header list for ``Host``: measured
-on the protocol's callbacks alone (parse, checks, bookkeeping; no application), 6.0 -> 6.4 us per
-``POST /messages``, under 0.5% of a whole request. The rest runs only for chunked bodies, split
-heads, paused writes or a full server.
+The hot path pays a few attribute checks, one scan of the header list for ``Host`` and one count
+of head ends per read (docs/performance.md has the figures). The rest runs only for chunked
+bodies, split heads, paused writes, deep pipelining or a full server.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ from typing import Any
 
 import httptools
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from app.budget import Budget
 from app.logs import Throttle
 from app.metrics import PeerTally, Recorder
 
@@ -93,8 +97,13 @@ such peers as the cap would lock everyone out, probes included, for ``request_ti
 MAX_PIPELINE = 8
 """Requests parsed ahead of the one being answered on a connection (HTTP/1.1 pipelining). Each
 waits as a parsed request (~3 KiB) and httptools parses a whole read at once, so without a bound one
-read of 200 KiB of ``GET /healthz`` queued ~16 MiB. Past it: 503 after the earlier answers, then
-close."""
+read of 200 KiB of ``GET /healthz`` queued ~16 MiB. At the bound the rest of the read is held as
+bytes, unparsed, and reading pauses until an answer makes room (:meth:`PeerCredProtocol._feed`)."""
+HELD_BUDGET = 8 * 1024 * 1024
+HELD_PER_PEER = HELD_BUDGET // 4
+"""Bytes of pipelined input held unparsed at once, by the whole process and by one peer uid (like
+the request-body budget). A connection holds at most the read that filled its pipeline (up to
+256 KiB); one that cannot hold its read gets 503 after the answers owed before it, then close."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 DRAIN_STALL = 2.0
@@ -126,15 +135,15 @@ _NO_HOST = (400, "bad_request", "the request has no Host header; HTTP/1.1 requir
 _HOSTS = (400, "bad_request", "the request has more than one Host header; send exactly one")
 _BAD_HOST = (400, "bad_request", "the Host header is not a valid host[:port]; send Host: localhost")
 _FULL = (503, "unavailable", "the server is at its connection limit; try again shortly")
-_PIPELINED = (
+_HELD_FULL = (
     503,
     "unavailable",
-    f"more than {MAX_PIPELINE} requests pipelined on one connection; "
-    "wait for the answers before sending more",
+    "too much pipelined input is waiting on the server; wait for the answers before sending more",
 )
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 """RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
 _first = itemgetter(0)
+_HEAD_END = b"\r\n\r\n"
 logger = logging.getLogger("app.connections")
 
 
@@ -221,6 +230,22 @@ def connection_cap(requested: int | None, soft_limit: int) -> int:
     return cap
 
 
+class HoldingFlow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while input is :attr:`held`.
+
+    uvicorn resumes reading after every answer and whenever the application waits for a body; input
+    held back behind a full pipeline must not grow meanwhile.
+    """
+
+    held: bytes = b""
+    """Input read but not parsed yet, from :attr:`held_from` on, because ``MAX_PIPELINE`` requests wait."""
+    held_from = 0
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.held:  # uvicorn calls it after every answer: most find it reading
+            super().resume_reading()
+
+
 class _CapLog:
     """Connections refused (503) or closed to make room at the cap: one log line per period at most.
 
@@ -265,6 +290,7 @@ class _CapLog:
 
 
 _CAP_LOG = _CapLog()
+_HELD = Budget(HELD_BUDGET, HELD_PER_PEER)
 _REJECTED = Throttle(logger)
 _UPGRADES = Throttle(logger)
 
@@ -277,6 +303,8 @@ class PeerCredProtocol(HttpToolsProtocol):
     head arrived in a chunk larger than the limit or across chunks; trailers, transfer codings and
     the send deadline are looked at only when a chunked body or a paused write happens.
     """
+
+    flow: HoldingFlow
 
     def __init__(
         self,
@@ -327,6 +355,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._paused_at: float | None = None
         """Loop time since which the peer has left our answers unread (writing paused), or None."""
         """Cycles not yet answered, the running one and those pipelined behind it."""
+        self._next_waits = False
+        """A pipelined request waits for the answers before it to leave our buffer."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
         """Counts each request for ``/metrics`` (``app.metrics``), when on."""
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
@@ -337,6 +367,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = HoldingFlow(transport)
         sock = transport.get_extra_info("socket")
         self.peer = read_peer(sock)
         # Read now, while the descriptor is surely this connection's (one getsockopt per connection).
@@ -369,6 +400,7 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
         self._live.clear()
+        self._unhold()
         super().connection_lost(exc)
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -383,6 +415,87 @@ class PeerCredProtocol(HttpToolsProtocol):
                 if self._linger_left < 0:
                     self.transport.close()
             return
+        flow = self.flow
+        if flow.held:  # read before the pause took effect: it waits behind what is held
+            held = flow.held[flow.held_from :] + data
+            self._unhold()
+            self._hold(held, 0)
+            return
+        # Each request parsed from ``data`` but the one under way ends its head there, so with
+        # fewer head ends than free places the pipeline cannot overflow (the usual case: one request).
+        if data.count(_HEAD_END) < MAX_PIPELINE - len(self.pipeline):
+            self._parse(data)
+        else:
+            self._feed(data, 0)
+
+    def _feed(self, data: bytes, start: int) -> None:
+        """Parse ``data[start:]`` in pieces, holding the rest unparsed while ``MAX_PIPELINE`` wait.
+
+        A piece ends halfway through its k-th head end (``CRLF CRLF``), k the places free, so it
+        completes at most k heads: the one under way and one per whole head end. Over a request
+        whose body is still due the pipeline may be full: pieces then hold no whole head end, so
+        that body arrives (its request may run before the next answer) and no further head ends.
+        """
+        view = memoryview(data)
+        end = len(data)
+        while start < end:
+            room = MAX_PIPELINE - len(self.pipeline)
+            if room <= 0 and (self._message_done or self._in_head):
+                self._hold(data, start)
+                return
+            cut = start
+            halfway = False
+            for _ in range(max(room, 1)):
+                found = data.find(_HEAD_END, cut)
+                if found < 0:
+                    cut = end
+                    break
+                cut = found + 4
+            else:
+                cut -= 2
+                halfway = True
+            self._parse(view[start:cut])
+            start = cut
+            if self._refused or self.transport.is_closing():
+                return
+            if halfway and self._in_head and not self._head_bytes:
+                self._head_bytes = 1  # split here: on_headers_complete measures the whole head
+
+    def _hold(self, data: bytes, start: int) -> None:
+        """Keep ``data[start:]`` for when the pipeline has room, and stop reading; past
+        :data:`HELD_BUDGET` (or the peer's share), refuse it with 503 instead."""
+        uid = self.peer["uid"] if self.peer is not None else None
+        if not _HELD.take(len(data), uid):
+            self._refuse(*_HELD_FULL)
+            return
+        flow = self.flow
+        flow.held = data
+        flow.held_from = start
+        flow.pause_reading()
+        self._waiting_since = None  # the peer owes nothing: we hold its next request
+
+    def _unhold(self) -> None:
+        """Give back what is held (the caller parses it or drops it)."""
+        flow = self.flow
+        if flow.held:
+            _HELD.give(len(flow.held), self.peer["uid"] if self.peer is not None else None)
+            flow.held = b""
+
+    def _release(self) -> None:
+        """An answer went out: parse what was held, as far as the pipeline has room."""
+        flow = self.flow
+        data, start = flow.held, flow.held_from
+        self._unhold()
+        self._feed(data, start)
+        if not flow.held and not self._refused:
+            flow.resume_reading()
+            if not self._message_done and self._waiting_since is None:
+                self._waiting_since = self.loop.time()  # the rest of a request is due from now
+                if self._deadline is None:
+                    self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+
+    def _parse(self, data: bytes | memoryview) -> None:
+        """Feed ``data`` to the parser, with the bounds that need the chunks' sizes."""
         self._unset_keepalive_if_required()
         self._chunk_bytes = size = len(data)
         begins = self._begins
@@ -454,9 +567,6 @@ class PeerCredProtocol(HttpToolsProtocol):
                 hosts += 1
         if host != self._good_host or hosts != 1:
             self._check_host(host, hosts)
-        if len(self.pipeline) >= MAX_PIPELINE:
-            self._reject = _PIPELINED
-            raise ValueError("too many pipelined requests")
         if self._over_cap:
             if len(self.connections) > (self.max_connections or 0):
                 self._reject = _FULL
@@ -556,12 +666,20 @@ class PeerCredProtocol(HttpToolsProtocol):
             if last and not self.transport.is_closing():
                 self._close_after(pending)
             return
+        if self.pipeline and self.transport.get_write_buffer_size() and not self.transport.is_closing():
+            # The answers are not going out (the peer reads slower than we answer): the next
+            # pipelined request waits until they have, so a peer that reads nothing pins one answer.
+            self._next_waits = True
+            self.transport.set_write_buffer_limits(high=0)  # resume_writing once the buffer is empty
+            return
         super().on_response_complete()
         if not self._message_done and not self._in_head and self.cycle.response_complete:
             # Answered before the whole request arrived (403, 413, 415...): parse no more of it.
             self._refused = True
             self._waiting_since = None
             self._close_after(b"")
+        elif self.flow.held and not self.transport.is_closing():
+            self._release()
 
     def shutdown(self) -> None:
         """uvicorn's graceful close, except that a request the peer has begun or is about to send is
@@ -621,6 +739,12 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._next_waits:  # the answers left our buffer: start the next pipelined request
+            self._next_waits = False
+            self.transport.set_write_buffer_limits()  # the transport's defaults again
+            super().on_response_complete()
+            if self.flow.held and not self.transport.is_closing():
+                self._release()
 
     def _unsent_bytes(self) -> int:
         """Bytes written but not yet read by the peer: our buffer plus the kernel's (``SIOCOUTQ``).

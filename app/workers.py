@@ -1,8 +1,9 @@
 """``--workers N``: N worker processes serve the one socket this process bound; this one supervises.
 
 The parent binds the socket with every check ``app.sockets`` makes, then starts each worker as a
-fresh interpreter (``python -m app.workers``, never a fork of a process with an event loop) that
-gets the listening socket's descriptor and one end of a socket pair. Over that pair the parent sends
+fresh interpreter in isolated mode (``python -I -m app.workers``: nothing from the working directory
+or ``PYTHONPATH``; never a fork of a process with an event loop) that gets the listening socket's
+descriptor and one end of a socket pair. Over that pair the parent sends
 the settings and the app factory; the worker builds its own app (and store connection), serves with
 :func:`app.server.serve`, and answers ``ready`` once it accepts. The parent
 
@@ -263,8 +264,9 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         listen_fd = self.bound.sock.fileno()
         try:
+            # Isolated (-I): the working directory and PYTHON* variables stay off the worker's path.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "app.workers", str(listen_fd), str(theirs.fileno())],
+                [sys.executable, "-I", "-m", "app.workers", str(listen_fd), str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listen_fd, theirs.fileno()),
             )

@@ -34,6 +34,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.audit import MESSAGE_ID
+from app.budget import Budget
 from app.config import Settings
 from app.errors import error_response, error_responses, public_details, summarize
 from app.forwarded import HEADER as FORWARDED_HEADER
@@ -75,36 +76,9 @@ JSON = "application/json"
 _RETRY = {"retry-after": "1"}
 
 
-class _Budget:
-    """A count drawn on and given back on the event loop thread (no awaits inside, no lock), of
-    which one peer uid may hold at most ``per_peer``.
-
-    Not an ``asyncio.Semaphore``: a request that does not fit is refused at once, not queued, and
-    it draws an amount (its body's size), not one unit.
-    """
-
-    __slots__ = ("free", "held", "per_peer")
-
-    def __init__(self, total: int) -> None:
-        self.free = total
-        self.per_peer = max(1, total // PEER_SHARE)
-        self.held: dict[int | None, int] = {}
-
-    def take(self, amount: int, uid: int | None) -> bool:
-        held = self.held.get(uid, 0)
-        if amount > self.free or held + amount > self.per_peer:
-            return False
-        self.free -= amount
-        self.held[uid] = held + amount
-        return True
-
-    def give(self, amount: int, uid: int | None) -> None:
-        self.free += amount
-        left = self.held[uid] - amount
-        if left:
-            self.held[uid] = left
-        else:
-            del self.held[uid]
+def _budget(total: int) -> Budget:
+    """A budget of ``total`` of which one peer uid may hold 1/``PEER_SHARE`` (at least one)."""
+    return Budget(total, max(1, total // PEER_SHARE))
 
 
 def _uid(scope: Scope) -> int | None:
@@ -188,10 +162,10 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     validate_json = message_in_model(settings.max_text_length).model_validate_json
     reply = settings.reply
     default_limit = min(100, settings.history_size)
-    bodies = _Budget(BODY_BUDGET)
+    bodies = _budget(BODY_BUDGET)
     busy_log = Throttle(log)
     store_errors = Throttle(log)
-    streams = _Budget(LIST_STREAMS)
+    streams = _budget(LIST_STREAMS)
 
     async def create_message(request: Request) -> Response:
         """Store a message and answer with the server's reply."""

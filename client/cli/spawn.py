@@ -36,6 +36,7 @@ __all__ = [
     "pinned",
     "poll",
     "probe_tcp",
+    "python_command",
     "socket_dir",
     "spawn",
     "split_cpus",
@@ -49,9 +50,20 @@ class SpawnError(ClientError):
     """The child server could not start, did not answer in time, or did not stop when told."""
 
 
+def python_command(module: str, *args: str, python: str = sys.executable) -> list[str]:
+    """``python -I -u -m module ARGS``: ``module`` from ``python``'s installation only, unbuffered.
+
+    Isolated mode keeps the working directory, ``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``
+    and the user's site-packages off the child's path, so a package that another user planted in
+    a world-writable directory never runs as us. ``-u`` stands in for ``PYTHONUNBUFFERED``, which
+    isolated mode ignores like every ``PYTHON*`` variable.
+    """
+    return [python, "-I", "-u", "-m", module, *args]
+
+
 def app_command(*args: str, python: str = sys.executable) -> list[str]:
-    """The ``uds-server`` command line, run as ``python -m app`` by ``python``."""
-    return [python, "-m", "app", *args]
+    """The ``uds-server`` command line: ``python -m app`` in isolated mode (:func:`python_command`)."""
+    return python_command("app", *args, python=python)
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ The attacks: a flood of keyed POSTs of the largest texts (the history and the Id
 memory); clients that ask for the whole history and never read, while new messages push the old
 ones out; and, on as many connections as the server accepts (``--max-connections``), partial
 bodies, trickled small bodies, unfinished heads, unfinished trailers, idle connections, and
-pipelined GETs whose answers are never read. The last test runs several at once.
+pipelined GETs whose answers are never read (a few, and thousands). The last test runs several at once.
 """
 
 from __future__ import annotations
@@ -253,6 +253,31 @@ def readers_that_never_read(path: str, count: int, requests: int = 24) -> Iterat
 
 
 @contextlib.contextmanager
+def deep_pipeliners(path: str, count: int, requests: int = 12_000) -> Iterator[None]:
+    """``count`` connections each pipelining ``requests`` tiny GETs (500 KiB) and never reading:
+    each holds back the read that filled its pipeline, within the held-input budget."""
+    data = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" * requests
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            conn = connect(path)
+            conns.append(conn)
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                conn.sendall(data)
+        served_after(path)
+        wait_until(
+            lambda: all(waiting_for_us(c) for c in conns),
+            timeout=30,
+            what="the server to answer into every pipelining connection",
+        )
+        yield
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@contextlib.contextmanager
 def partial_trailers(path: str, count: int, trailer_bytes: int = 30 * 1024) -> Iterator[None]:
     """``count`` chunked POSTs whose body is whole but whose trailer section never ends."""
     body = b'{"text": "hi"}'
@@ -328,8 +353,9 @@ def test_clients_that_never_read_a_full_history(server: ServerProcess) -> None:
         (partial_heads, "each holding 30 KiB of an unfinished head"),
         (partial_trailers, "each holding 30 KiB of unfinished trailers"),
         (idle_connections, "idle"),
+        (deep_pipeliners, "each pipelining 12,000 GETs and reading nothing"),
     ],
-    ids=["partial-bodies", "trickled-bodies", "partial-heads", "partial-trailers", "idle"],
+    ids=["partial-bodies", "trickled-bodies", "partial-heads", "partial-trailers", "idle", "deep-pipelining"],
 )
 def test_connections_up_to_the_cap(
     server: ServerProcess, attack: Callable[[str, int], Any], what: str

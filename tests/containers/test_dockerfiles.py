@@ -198,3 +198,61 @@ def optional_modules(tree: ast.AST) -> set[str]:
                 for inner in ast.walk(stmt):
                     found |= imported_modules(inner)
     return found
+
+
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
+"""Directories another uid may write to in a Debian base image."""
+
+
+def workdir_problem(steps: list[tuple[str, str]]) -> str | None:
+    """Why the runtime stage's working directory could hold planted code, or None if it cannot.
+
+    ``python -m`` puts the working directory first on ``sys.path``, so it must not be a directory
+    another uid can write: not one of :data:`WORLD_WRITABLE` (or under it), and not made writable
+    by a ``chmod`` in the runtime stage.
+    """
+    runtime = steps[max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM") :]
+    workdirs = [args for keyword, args in runtime if keyword == "WORKDIR"]
+    if not workdirs:
+        return "the runtime stage sets no WORKDIR (it would inherit the base image's)"
+    workdir = workdirs[-1].rstrip("/") or "/"
+    if not workdir.startswith("/"):
+        return f"WORKDIR {workdir} is relative"
+    for shared in WORLD_WRITABLE:
+        if workdir == shared or workdir.startswith(shared + "/"):
+            return f"WORKDIR {workdir} is in {shared}, which every uid can write"
+    for keyword, args in runtime:
+        if keyword != "RUN":
+            continue
+        for mode, target in re.findall(r"chmod\s+(?:-\S+\s+)*(\S+)\s+(\S+)", args):
+            if target.rstrip("/") != workdir:
+                continue
+            numeric = re.fullmatch(r"[0-7]{3,4}", mode)
+            if (numeric and int(mode[-1]) & 2) or re.search(r"[ao]\+\w*w|\+w", mode):
+                return f"WORKDIR {workdir} is made writable by every uid (chmod {mode})"
+    return None
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_runtime_working_directory_is_not_world_writable(dockerfile: str) -> None:
+    assert workdir_problem(instructions(dockerfile)) is None
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        "WORKDIR /tmp",
+        "WORKDIR /tmp/app",
+        "WORKDIR /var/tmp/",
+        "RUN mkdir /work && chmod 1777 /work\nWORKDIR /work",
+        "RUN mkdir /work && chmod a+rwx /work\nWORKDIR /work",
+        "USER 1:1",
+    ],
+)
+def test_the_working_directory_check_catches_a_writable_one(runtime: str) -> None:
+    bad = short_tmpdir("workdir") / "Dockerfile"
+    bad.write_text(f"FROM base AS builder\nFROM base\n{runtime}\n")
+    try:
+        assert workdir_problem(instructions(str(bad))) is not None
+    finally:
+        shutil.rmtree(bad.parent)

@@ -1,0 +1,37 @@
+"""A bounded amount shared by every connection of one process, of which one peer uid may hold a part."""
+
+from __future__ import annotations
+
+__all__ = ["Budget"]
+
+
+class Budget:
+    """A count drawn on and given back on the event loop thread (no awaits inside, no lock), of
+    which one peer uid may hold at most ``per_peer``.
+
+    Not an ``asyncio.Semaphore``: a request that does not fit is refused at once, not queued, and
+    it draws an amount (its body's size), not one unit.
+    """
+
+    __slots__ = ("free", "held", "per_peer")
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.free = total
+        self.per_peer = per_peer
+        self.held: dict[int | None, int] = {}
+
+    def take(self, amount: int, uid: int | None) -> bool:
+        held = self.held.get(uid, 0)
+        if amount > self.free or held + amount > self.per_peer:
+            return False
+        self.free -= amount
+        self.held[uid] = held + amount
+        return True
+
+    def give(self, amount: int, uid: int | None) -> None:
+        self.free += amount
+        left = self.held[uid] - amount
+        if left:
+            self.held[uid] = left
+        else:
+            del self.held[uid]

@@ -1,0 +1,252 @@
+"""Pipelining bounded by backpressure, driven in process: the protocol on a fake transport.
+
+The input arrives cut at random places (inside heads, inside ``CRLF CRLF``, inside bodies). Every
+request is answered in order, no more than ``MAX_PIPELINE`` ever wait, reading pauses while input
+is held, and the held-input budget is given back. (tests/app/test_protocol_attacks.py runs the same
+against a real server, with RSS and CPU measured.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from app import peercred
+from app.budget import Budget
+from app.peercred import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
+
+
+class FakeTransport(asyncio.Transport):
+    """What the protocol writes, and whether it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.reading = True
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def write_eof(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    unsent = 0
+    """What :meth:`get_write_buffer_size` reports: bytes the peer has not taken yet."""
+    limits: tuple[int | None, int | None] = (None, None)
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def echo(scope: Any, receive: Any, send: Any) -> None:
+    """Answers ``<path> <body length>`` after reading the whole body and yielding to the loop."""
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await asyncio.sleep(0)
+    if scope["path"] == "/slow":
+        await SLOW["event"].wait()
+    body = f"{scope['path']} {size}".encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+SLOW: dict[str, asyncio.Event] = {}
+"""``/slow`` answers once ``SLOW["event"]`` is set (one event per test's loop)."""
+
+
+def requests(count: int, rng: random.Random) -> tuple[bytes, list[bytes]]:
+    """``count`` pipelined requests of every framing, and the answers' bodies they expect."""
+    data = bytearray()
+    expected = []
+    for n in range(count):
+        kind = rng.randrange(3)
+        if kind == 0:
+            data += b"GET /get/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % n
+            expected.append(b"/get/%d 0" % n)
+        elif kind == 1:  # a body that looks like head ends
+            body = b"\r\n\r\n" * rng.randrange(1, 5) + b"x" * rng.randrange(100)
+            data += b"POST /len/%d HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
+                n,
+                len(body),
+                body,
+            )
+            expected.append(b"/len/%d %d" % (n, len(body)))
+        else:
+            body = b"\r\n\r\n" + b"y" * rng.randrange(50)
+            data += (
+                b"POST /chunked/%d HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (n, len(body), body)
+            )
+            expected.append(b"/chunked/%d %d" % (n, len(body)))
+    return bytes(data), expected
+
+
+def answers(written: bytes) -> list[tuple[int, bytes]]:
+    found = []
+    for match in re.finditer(rb"HTTP/1\.1 (\d+) [^\r]*\r\n(.*?)\r\n\r\n", written, re.S):
+        length = int(re.search(rb"content-length: (\d+)", match.group(2), re.I).group(1))  # type: ignore[union-attr]
+        found.append((int(match.group(1)), written[match.end() : match.end() + length]))
+    return found
+
+
+async def serve(
+    data: bytes, cuts: list[int], count: int, request_timeout: float = 30.0
+) -> tuple[FakeTransport, int, PeerCredProtocol]:
+    """Deliver ``data`` in pieces ending at ``cuts``, only while the protocol reads, until
+    ``count`` answers are written; return the transport and the most requests that waited."""
+    config = Config(app=echo, log_level="warning", access_log=False)
+    config.load()
+    config.request_timeout = request_timeout  # type: ignore[attr-defined]
+    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    most = 0
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20  # only there to fail, not to wait
+    while loop.time() < deadline:
+        if pieces and transport.reading:
+            protocol.data_received(pieces.pop(0))
+        most = max(most, len(protocol.pipeline))
+        if not pieces and len(answers(bytes(transport.written))) >= count:
+            break
+        await asyncio.sleep(0)
+    return transport, most, protocol
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_request_is_answered_in_order_and_at_most_max_pipeline_wait(seed: int) -> None:
+    rng = random.Random(seed)
+    data, expected = requests(300, rng)
+    if seed == 0:
+        cuts = []  # one read holding all of them
+    elif seed == 1:
+        cuts = list(range(1, len(data)))  # a byte at a time
+    else:
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randrange(1, 200)))
+    transport, most, protocol = asyncio.run(serve(data, cuts, len(expected)))
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * len(expected)
+    assert [body for _, body in got] == expected
+    assert most <= MAX_PIPELINE
+    assert transport.reading
+    assert not transport.closing
+    assert not protocol.flow.held
+    assert peercred._HELD.free == HELD_BUDGET
+
+
+def test_input_past_the_held_budget_gets_503_after_the_answers_owed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peercred, "_HELD", Budget(1000, 1000))
+    data = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 100  # 3,900 bytes: more than the budget
+    transport, most, _ = asyncio.run(serve(data, [], MAX_PIPELINE + 2))
+    assert most <= MAX_PIPELINE
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * (MAX_PIPELINE + 1) + [503]
+    assert b"too much pipelined input" in got[-1][1]
+    assert transport.closing or b"connection: close" in bytes(transport.written).lower()
+    assert peercred._HELD.free == 1000
+
+
+def test_held_requests_are_not_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input held behind a full pipeline is the server's delay, not the client's: a slow first
+    answer that outlasts ``--request-timeout`` brings no 408 to the requests held behind it."""
+    data = (
+        b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        + b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 30
+    )
+
+    async def scenario() -> tuple[FakeTransport, int, PeerCredProtocol]:
+        SLOW["event"] = slow = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, slow.set)  # the first answer takes six request timeouts
+        return await serve(data, [], 31, request_timeout=0.05)
+
+    transport, most, protocol = asyncio.run(scenario())
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * 31, got[-1]
+    assert most <= MAX_PIPELINE
+    assert not protocol.flow.held
+
+
+def test_a_request_left_unfinished_behind_held_input_is_late_from_its_release() -> None:
+    """Once the held input is parsed, the rest of an unfinished request is due within
+    ``--request-timeout`` again: 408, after every answer owed."""
+    get = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    data = b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n" + get * 30 + b"GET /get HTTP/1.1\r\nHost: loc"
+
+    async def scenario() -> tuple[FakeTransport, int, PeerCredProtocol]:
+        SLOW["event"] = slow = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, slow.set)
+        return await serve(data, [], 32, request_timeout=0.05)
+
+    transport, _, _ = asyncio.run(scenario())
+    got = answers(bytes(transport.written))
+    assert [status for status, _ in got] == [200] * 31 + [408]
+
+
+def test_the_next_request_waits_while_answers_sit_in_the_buffer() -> None:
+    """A peer that reads nothing pins one answer: the next pipelined request starts only once the
+    transport says its buffer emptied (``resume_writing``)."""
+    data = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 20
+
+    async def scenario() -> None:
+        config = Config(app=echo, log_level="warning", access_log=False)
+        config.load()
+        protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        transport = FakeTransport()
+        transport.unsent = 1  # the peer has not read
+        protocol.connection_made(transport)
+        protocol.data_received(data)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(answers(bytes(transport.written))) == 1
+        assert transport.limits == (0, None)  # resume_writing once the buffer is empty
+        assert len(protocol.pipeline) == MAX_PIPELINE
+        transport.unsent = 0  # the peer read everything
+        protocol.resume_writing()
+        assert transport.limits == (None, None)
+        for _ in range(10_000):  # every answer needs a few turns of the loop
+            if len(answers(bytes(transport.written))) >= 20:
+                break
+            await asyncio.sleep(0)
+        assert [status for status, _ in answers(bytes(transport.written))] == [200] * 20
+        assert not protocol.flow.held
+        protocol.connection_lost(None)
+
+    asyncio.run(scenario())

@@ -49,28 +49,30 @@ import asyncio
 import contextlib
 import errno
 import glob
-import io
+import gzip
 import json
 import logging
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 from prometheus_client.core import Metric
-from prometheus_client.exposition import MetricsHandler, _bake_output
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    choose_encoder,
+    generate_latest,
+    gzip_accepted,
+)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -91,15 +93,17 @@ __all__ = [
     "ENDPOINT_DEADLINE",
     "ENDPOINT_REQUEST_BYTES",
     "MAX_PEER_UIDS",
+    "METHODS",
     "METRICS_PATH",
     "OTHER",
     "UNMATCHED",
+    "EndpointThread",
     "LoopEndpoint",
     "Metrics",
-    "MetricsEndpoint",
     "MetricsError",
     "PeerTally",
     "Recorder",
+    "Rendered",
     "for_workers",
     "listening_socket",
     "multiprocess_dir",
@@ -114,26 +118,34 @@ METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"
 """The ``route`` of a request that matched no route or was refused before routing."""
 OTHER = "other"
-"""The ``uid`` of peers beyond the first :data:`MAX_PEER_UIDS`."""
+"""The ``uid`` of peers ``--metrics-uid`` does not name, and the ``method`` outside :data:`METHODS`."""
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+"""The ``method`` label values besides :data:`OTHER`: a peer cannot add series by inventing methods."""
 MAX_PEER_UIDS = 32
-"""Distinct ``uid`` label values per process; with ``--workers N`` at most N times as many series."""
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-"""Upper bounds of the duration histogram, in seconds: a POST over the socket takes 0.1-1 ms."""
+"""Most ``uid`` label values (``--metrics-uid``), the same in every worker, replaced ones included."""
+BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5)
+"""Upper bounds of the duration histogram, in seconds: a POST over the socket takes 0.1-1 ms. Each
+timed operation is len(BUCKETS) + 3 series: few enough for the whole exposition to stay under 300."""
 STORING_OPERATION = "create_message"
 """The operation whose 201 answer means a message was stored (its versioned copies included)."""
 ENDPOINT_CONNECTIONS = 16
-"""Connections the TCP endpoint serves at once (a thread each); one more is closed unanswered.
-Prometheus scrapes one at a time. Without a bound, idle connections each held a thread and a file
-descriptor forever: 240 of them took every descriptor of a server limited to 256, and its Unix
-socket refused every request (tests/app/test_metrics_attacks.py)."""
+"""Connections the TCP endpoint serves at once; Prometheus scrapes one at a time. Without a bound,
+idle connections each held a descriptor forever, and 240 of them took every descriptor of a server
+limited to 256 (tests/app/test_metrics_attacks.py)."""
 ENDPOINT_DEADLINE = 10.0
-"""Seconds a TCP endpoint connection may take to send its request (and then to take the answer): a
-client that trickles its request (slowloris) gives its slot back after this."""
+"""Seconds a TCP endpoint connection may last: its request, its turn and taking the answer."""
+ENDPOINT_HEAD_DEADLINE = 3.0
+"""Seconds a TCP endpoint connection has to send its whole request head (a scrape sends it in one
+packet); a client that trickles it (slowloris) gives its slot back after this, or sooner to a newcomer."""
+SCRAPES_PER_SECOND = 20
+"""Answers the TCP endpoint sends per second at most, one at a time; more wait their turn."""
 ENDPOINT_REQUEST_BYTES = 16 * 1024
 """Bytes of request head a TCP endpoint connection may send (a scrape's is a few hundred); past
-them the loop's endpoint answers 431 and the thread's reads the connection as closed. The standard
-library's parser allows 100 header lines of 64 KiB: 16 connections sending those held 100 MiB of
-the server's memory."""
+them it gets 431."""
+RENDER_EVERY = 1.0
+"""Seconds a rendered exposition is served before the next scrape collects again."""
+MAX_COPIES = 4
+"""Formats (and compressions) rendered per :data:`RENDER_EVERY`; further ones get the text format."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _ENDPOINT_FAILED = Throttle(log)
 _DIR_PREFIX = "uds-metrics-"
@@ -161,18 +173,20 @@ class Recorder:
     the status: the requests in each bucket of :data:`BUCKETS` and above the last, then the sum of
     their seconds; and once in its connection's :class:`PeerTally` (:meth:`peer`).
     Cells are bounded by the app's routes, the methods httptools parses and the statuses the app
-    answers (a peer sending every method to every route made about 500), peers by
-    :data:`MAX_PEER_UIDS` + 2 labels.
+    answers; their labels far more (:meth:`cell`), peers by :data:`MAX_PEER_UIDS` + 2 labels.
     """
 
-    __slots__ = ("cells", "cycle_class", "labels", "on", "peers", "refusals")
+    __slots__ = ("cells", "cycle_class", "labels", "on", "peers", "refusals", "shown_uids")
 
-    def __init__(self, on: bool = True) -> None:
+    def __init__(self, on: bool = True, shown_uids: Iterable[int] = ()) -> None:
         self.on = on
+        self.shown_uids = frozenset(shown_uids)
+        """The peer uids counted under their own label (``--metrics-uid``)."""
         """Count requests (always, but in the benchmark that measures what counting costs)."""
         self.cells: dict[tuple[int, str, int], list[float]] = {}
-        self.labels: dict[tuple[int, str, int], tuple[str, str, str, bool]] = {}
-        """Each cell's method, route template, status, and whether its requests stored a message."""
+        self.labels: dict[tuple[int, str, int], tuple[str, str, str, bool, bool]] = {}
+        """Each cell's method, route template and status labels, whether its requests stored a
+        message, and whether they are timed (they reached an operation)."""
         self.peers: dict[int | str | None, PeerTally] = {}
         """Requests by uid label; every request counts here once (under None without a peer)."""
         self.refusals: dict[tuple[str, int], int] = {}
@@ -181,28 +195,32 @@ class Recorder:
         """The class of the protocol's request cycles: :func:`timed_cycle`'s when counting."""
 
     def peer(self, uid: int | None) -> PeerTally:
-        """Where a connection's requests count: its peer's uid (one of the first
-        :data:`MAX_PEER_UIDS` to connect), :data:`OTHER`, or None for no peer (TCP: not shown)."""
-        peers = self.peers
+        """Where a connection's requests count: its peer's uid if ``--metrics-uid`` names it, else
+        :data:`OTHER` (or None, not shown, when no uid is named or there is no peer: TCP)."""
         label: int | str | None = uid
-        if (
-            uid is not None
-            and uid not in peers
-            and len(peers) - (None in peers) - (OTHER in peers) >= MAX_PEER_UIDS
-        ):
-            label = OTHER
-        tally = peers.get(label)
+        if uid is None or uid not in self.shown_uids:
+            label = OTHER if self.shown_uids and uid is not None else None
+        tally = self.peers.get(label)
         if tally is None:
-            tally = peers[label] = PeerTally(label)
+            tally = self.peers[label] = PeerTally(label)
         return tally
 
     def cell(self, key: tuple[int, str, int], route: object) -> list[float]:
-        """The cell for ``key``, made at its first request (``route``: the matched route or None)."""
+        """The cell for ``key``, made at its first request (``route``: the matched route or None).
+
+        Its labels are bounded whatever peers send: a method outside :data:`METHODS` is
+        :data:`OTHER`, and a request that reached no route, or a route that does not serve its method
+        (404, 405), has route :data:`UNMATCHED`. Only the API's operations (the routes with an
+        OpenAPI ``operationId``: not the docs pages) are timed."""
         found = self.cells.get(key)
         if found is None:
-            path = getattr(route, "path", None) if route is not None else None
-            stores = str(getattr(route, "operation_id", "")).startswith(STORING_OPERATION)
-            self.labels[key] = (key[1], path or UNMATCHED, str(key[2]), stores and key[2] == 201)
+            method = key[1] if key[1] in METHODS else OTHER
+            served = getattr(route, "methods", None) or ("GET", "HEAD")  # a mount serves files
+            path = getattr(route, "path", None) if route is not None and key[1] in served else None
+            operation = str(getattr(route, "operation_id", None) or "")
+            stores = path is not None and key[2] == 201 and operation.startswith(STORING_OPERATION)
+            timed = path is not None and bool(operation)
+            self.labels[key] = (method, path or UNMATCHED, str(key[2]), stores, timed)
             found = self.cells[key] = [0] * (len(BUCKETS) + 1) + [0.0]
         return found
 
@@ -282,11 +300,13 @@ class Metrics:
     registry that ``/metrics`` shows (this process's alone, or every worker's in multiprocess mode).
     """
 
-    def __init__(self, *, on: bool = True, directory: str | None = None) -> None:
+    def __init__(
+        self, *, on: bool = True, directory: str | None = None, shown_uids: Iterable[int] = ()
+    ) -> None:
         self.directory = directory if directory is not None else os.environ.get(MULTIPROC_ENV) or None
         if self.directory is not None:
             _use_multiprocess_values(self.directory)
-        self.recorder = Recorder(on)
+        self.recorder = Recorder(on, shown_uids)
         self.open_connections: Callable[[], int] = lambda: 0
         """Read at each flush; the server points it at uvicorn's connection set."""
         self.event_streams: Callable[[], int] = lambda: 0
@@ -322,8 +342,7 @@ class Metrics:
         )
         self.peer_requests = Counter(
             "uds_peer_requests",
-            f"Requests by the socket peer's uid; the first {MAX_PEER_UIDS} uids a process sees, then "
-            f'uid="{OTHER}".',
+            f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
             ["uid"],
             registry=own,
         )
@@ -342,6 +361,8 @@ class Metrics:
             GCCollector(registry=own)
         else:
             self.registry = exposition_registry(self.directory)
+        self.rendered = Rendered(self.registry, self.flush)
+        """What ``/metrics`` serves, on the socket and on the single process's TCP port."""
 
     def flush(self) -> None:
         """Add what the recorder counted since the last flush to the ``prometheus-client`` objects.
@@ -377,13 +398,13 @@ class Metrics:
         for key, cell in list(recorder.cells.items()):
             pushed = self._pushed_cells.get(key)
             if pushed is None:
-                method, route, status, stores = recorder.labels[key]
-                duration = self.duration.labels(method, route)
+                method, route, status, stores, timed = recorder.labels[key]
+                duration = self.duration.labels(method, route) if timed else None
                 pushed = self._pushed_cells[key] = (
                     self.requests.labels(method, route, status),
                     # Histogram children keep one value per bucket (not cumulative) and one for the
                     # sum; observe() takes one value, so the counts are added to those directly.
-                    [*duration._buckets, duration._sum],
+                    [*duration._buckets, duration._sum] if duration is not None else [],
                     stores,
                     [0] * len(cell),
                 )
@@ -394,15 +415,16 @@ class Metrics:
             requests.inc(added)
             if stores:
                 self.stored.inc(added)
-            for index, value in enumerate(cell):
-                if value != before[index]:
-                    targets[index].inc(value - before[index])
+            for index, target in enumerate(targets):
+                if cell[index] != before[index]:
+                    target.inc(cell[index] - before[index])
             before[:] = cell
         refused = self._pushed_refusals
         for refusal, count in list(recorder.refusals.items()):
             delta = count - refused.get(refusal, 0)
             if delta:
-                self.requests.labels(refusal[0], UNMATCHED, str(refusal[1])).inc(delta)
+                method = refusal[0] if refusal[0] in METHODS else OTHER
+                self.requests.labels(method, UNMATCHED, str(refusal[1])).inc(delta)
                 refused[refusal] = count
         peers = self._pushed_peers
         for label, tally in list(recorder.peers.items()):
@@ -413,27 +435,65 @@ class Metrics:
                 peers[label] = tally.requests
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        """The registry in the format ``accept`` asks for (Prometheus text by default)."""
-        _, headers, output = _output(self.registry, accept, None, "")
+        """The registry in the format ``accept`` asks for (Prometheus text by default), as rendered
+        at most :data:`RENDER_EVERY` seconds ago."""
+        headers, output = self.rendered.render(accept, None)
         return output, dict(headers)["Content-Type"]
 
 
-def _output(
-    registry: Collector, accept: str | None, accept_encoding: str | None, query: str
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """The status, headers and body of a scrape, as prometheus-client's own handlers make them
-    (format, compression, ``name[]`` filters), for any ``Accept``: its ``choose_encoder`` raises
-    ``TypeError`` on a version it cannot compare (``Accept: text/plain; version=x``), and would make
-    every such scrape fail with an ERROR line; that one gets the text format."""
-    try:
-        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
-            registry, accept, accept_encoding, parse_qs(query), False
-        )
-    except (TypeError, ValueError):
-        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
-            registry, None, accept_encoding, parse_qs(query), False
-        )
-    return int(status.split(" ", 1)[0]), list(headers), output
+class Rendered:
+    """A registry's exposition, collected at most once per :data:`RENDER_EVERY` seconds and served
+    as copies, one per format and compression: a flood of scrapes costs a dictionary lookup each.
+
+    At most :data:`MAX_COPIES` copies a period (``Accept`` may name any OpenMetrics version); past
+    them a scrape gets the Prometheus text format. Filters (``name[]``) are not applied: each
+    scrape gets every series. Safe to call from any thread.
+    """
+
+    def __init__(self, registry: Collector, before: Callable[[], None] | None = None) -> None:
+        self.registry = registry
+        self.before = before
+        """Called before each collection (the single process hands its counts over)."""
+        self._families: list[Metric] = []
+        self._taken = float("-inf")
+        self._copies: dict[tuple[str, bool], bytes] = {}
+        self._lock = threading.Lock()
+
+    def collect(self) -> list[Metric]:
+        """The families as last collected (what the encoders read)."""
+        return self._families
+
+    def render(self, accept: str | None, accept_encoding: str | None) -> tuple[list[tuple[str, str]], bytes]:
+        """The headers (``Content-Type``, ``Content-Encoding``) and body of a scrape."""
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):  # an Accept version it cannot compare: the text format
+            encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+        compress = gzip_accepted(accept_encoding or "")
+        with self._lock:
+            now = monotonic()
+            if now - self._taken >= RENDER_EVERY:
+                if self.before is not None:
+                    self.before()
+                self._families = list(self.registry.collect())
+                self._taken = now
+                self._copies.clear()
+            key = (content_type, compress)
+            output = self._copies.get(key)
+            if output is None:
+                if len(self._copies) >= MAX_COPIES:
+                    encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+                    key = (content_type, compress)
+                    output = self._copies.get(key)
+                if output is None:
+                    output = encoder(self)
+                    if compress:
+                        output = gzip.compress(output, 6)
+                    self._copies[key] = output
+        headers = [("Content-Type", content_type)]
+        if compress:
+            headers.append(("Content-Encoding", "gzip"))
+        return headers, output
 
 
 def exposition_registry(directory: str) -> CollectorRegistry:
@@ -595,7 +655,7 @@ def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
             f"cannot create the workers' metrics directory in {base}: {exc.strerror or exc}; "
             "set TMPDIR to a writable directory"
         ) from None
-    endpoint: MetricsEndpoint | None = None
+    endpoint: EndpointThread | None = None
 
     class Hooks(SupervisorHooks):
         def worker_exited(self, pid: int) -> None:
@@ -604,7 +664,8 @@ def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
     try:
         os.environ[MULTIPROC_ENV] = directory
         if settings.metrics_listen is not None:
-            endpoint = MetricsEndpoint(settings.metrics_listen, exposition_registry(directory)).start()
+            rendered = Rendered(exposition_registry(directory))
+            endpoint = EndpointThread(LoopEndpoint(settings.metrics_listen, rendered)).start()
         yield Hooks()
     finally:
         if endpoint is not None:
@@ -621,7 +682,7 @@ def serve_endpoint(settings: Settings, metrics: Metrics | None) -> LoopEndpoint 
     """
     if settings.metrics_listen is None or metrics is None:
         return None
-    return LoopEndpoint(settings.metrics_listen, metrics)
+    return LoopEndpoint(settings.metrics_listen, metrics.rendered)
 
 
 # -- the TCP endpoint ---------------------------------------------------------------------------------
@@ -655,74 +716,6 @@ def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_onl
 def _refused(status: int, *, head_only: bool = False) -> bytes:
     """The whole answer of a :func:`_refusal`."""
     return _whole(status, *_refusal(status), head_only=head_only)
-
-
-def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
-    headers, body = _refusal(status)
-    handler.send_response(status)
-    for name, value in headers:
-        handler.send_header(name, value)
-    handler.end_headers()
-    if handler.command != "HEAD":
-        handler.wfile.write(body)
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, each allowed only the time left until ``deadline`` (``time.monotonic``),
-    all of them together at most :data:`ENDPOINT_REQUEST_BYTES` (then it reads as closed)."""
-
-    def __init__(self, connection: socket.socket, deadline: float) -> None:
-        self.connection = connection
-        self.deadline = deadline
-        self.budget = ENDPOINT_REQUEST_BYTES
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self.deadline - monotonic()
-        if left <= 0:
-            raise TimeoutError("the metrics request took too long")
-        if self.budget <= 0:
-            return 0
-        self.connection.settimeout(left)  # sendall then has at most this long as well
-        received = self.connection.recv_into(memoryview(buffer)[: self.budget])
-        self.budget -= received
-        return received
-
-
-class _Handler(MetricsHandler):
-    """``prometheus-client``'s handler, for ``GET /metrics`` only, one request a connection, which
-    may last :data:`ENDPOINT_DEADLINE` in all (a request trickled in byte by byte included)."""
-
-    protocol_version = "HTTP/1.0"
-    timeout = ENDPOINT_DEADLINE
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, monotonic() + ENDPOINT_DEADLINE))
-
-    def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
-        if path != METRICS_PATH:
-            _not_found(self)
-            return
-        status, headers, output = _output(
-            self.registry, self.headers.get("Accept"), self.headers.get("Accept-Encoding"), query
-        )
-        self.send_response(status)
-        for header in headers:
-            self.send_header(*header)
-        self.end_headers()
-        self.wfile.write(output)
-
-    def do_HEAD(self) -> None:
-        _not_found(self) if self.path.split("?", 1)[0] != METRICS_PATH else self.do_GET()
-
-    def _other(self) -> None:
-        _not_found(self, 405 if self.path.split("?", 1)[0] == METRICS_PATH else 404)
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other
 
 
 def _announce(listen: str, port: int) -> None:
@@ -760,62 +753,126 @@ def listening_socket(listen: str) -> socket.socket:
     return sock
 
 
-class LoopEndpoint:
-    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by the server's event loop; nothing else.
+class _Slot:
+    """One connection the endpoint serves: its stream, when it came, and whether its request head
+    is whole (until then a newcomer may evict it)."""
 
-    The single-process server's endpoint. A thread, as :class:`MetricsEndpoint` serves, cost 1.5-2%
-    of ``POST /messages`` throughput just by being there (an idle thread beside uvicorn's loop,
-    measured with ``benchmarks/metrics.py``'s servers), so here the loop serves it, parsing each
-    request with h11. The limits are the thread's: :data:`ENDPOINT_CONNECTIONS` at once (one more
-    is closed unanswered), :data:`ENDPOINT_DEADLINE` for the request and its answer,
-    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection.
+    __slots__ = ("task", "whole", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.task: asyncio.Task[None] | None = None
+        self.whole = False
+
+
+class LoopEndpoint:
+    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by an event loop; nothing else.
+
+    The single process's loop serves it (a thread beside uvicorn's loop cost 1.5-2% of ``POST
+    /messages`` throughput just by being there), and with ``--workers`` the parent runs it on a
+    loop of its own (:class:`EndpointThread`). Limits: :data:`ENDPOINT_CONNECTIONS` at once, a
+    newcomer evicting the oldest whose request head is not whole yet (idle or trickling: slowloris),
+    and waiting in the listen queue while every one has sent a whole head;
+    :data:`ENDPOINT_HEAD_DEADLINE` for the head, :data:`ENDPOINT_DEADLINE` for the whole exchange,
+    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection; answers one at a time,
+    at most :data:`SCRAPES_PER_SECOND`, from :class:`Rendered` copies, so no scrape rate costs the
+    API more than a few scrapes a second do.
     """
 
-    def __init__(self, listen: str, metrics: Metrics) -> None:
+    def __init__(self, listen: str, rendered: Rendered) -> None:
         self.listen = listen
-        self.metrics = metrics
+        self.rendered = rendered
         self.sock = listening_socket(listen)
         self.port: int = self.sock.getsockname()[1]
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._slots: dict[_Slot, None] = {}  # oldest first
+        self._room: asyncio.Event | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._turn: asyncio.Lock | None = None
+        self._next_answer = 0.0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, sock=self.sock)
+        self.sock.setblocking(False)
+        self._room = asyncio.Event()
+        self._room.set()
+        self._turn = asyncio.Lock()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
         _announce(self.listen, self.port)
 
     def close(self) -> None:
         """Stop listening and drop the connections being served (a scrape is cheap to repeat)."""
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for slot in list(self._slots):
+            slot.writer.transport.abort()
+            if slot.task is not None:
+                slot.task.cancel()
+        self._slots.clear()
         self.sock.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= ENDPOINT_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._writers.add(writer)
+    def _update_room(self) -> None:
+        assert self._room is not None
+        if len(self._slots) < ENDPOINT_CONNECTIONS or any(not slot.whole for slot in self._slots):
+            self._room.set()
+        else:
+            self._room.clear()  # the next connection waits in the kernel's listen queue
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._room is not None
+        while True:
+            await self._room.wait()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError:  # out of descriptors, or the peer already gone: the next one
+                await asyncio.sleep(0.05)
+                continue
+            if len(self._slots) >= ENDPOINT_CONNECTIONS:
+                oldest = next((slot for slot in self._slots if not slot.whole), None)
+                if oldest is None:  # every slot turned whole meanwhile
+                    conn.close()
+                    continue
+                del self._slots[oldest]
+                oldest.writer.transport.abort()
+                if oldest.task is not None:
+                    oldest.task.cancel()
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=ENDPOINT_REQUEST_BYTES)
+            except OSError:
+                conn.close()
+                continue
+            slot = _Slot(writer)
+            self._slots[slot] = None
+            slot.task = loop.create_task(self._serve(reader, slot))
+            self._update_room()
+
+    async def _serve(self, reader: asyncio.StreamReader, slot: _Slot) -> None:
+        writer = slot.writer
         try:
             async with asyncio.timeout(ENDPOINT_DEADLINE):
-                answer = await self._answer(reader)
-                if answer and not writer.is_closing():  # closing: cut at shutdown
+                async with asyncio.timeout(ENDPOINT_HEAD_DEADLINE):
+                    request = await self._read_request(reader)
+                slot.whole = True
+                self._update_room()
+                answer = await self._answer(request) if isinstance(request, h11.Request) else request
+                if answer and not writer.is_closing():  # closing: cut at shutdown or evicted
                     writer.write(answer)
                     await writer.drain()
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, asyncio.CancelledError):
             pass
         except Exception as exc:  # never a line per connection, whatever a client sends
             reason = escaped(f"{type(exc).__name__}: {exc}")
             _ENDPOINT_FAILED.log(logging.ERROR, "Metrics endpoint: could not answer a request (%s)", reason)
         finally:
-            self._writers.discard(writer)
+            self._slots.pop(slot, None)
+            if self._room is not None:
+                self._update_room()
             if writer.transport.get_write_buffer_size():  # the peer did not take the answer in time
                 writer.transport.abort()
             else:
                 writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> bytes:
-        """The whole answer to the connection's request (empty: it closed or sent too much first)."""
+    async def _read_request(self, reader: asyncio.StreamReader) -> h11.Request | bytes:
+        """The request, or the whole answer refusing it (empty: it closed first)."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=ENDPOINT_REQUEST_BYTES)
         budget = ENDPOINT_REQUEST_BYTES
         try:
@@ -829,76 +886,66 @@ class LoopEndpoint:
                 event = connection.next_event()
         except h11.RemoteProtocolError as exc:  # not HTTP, or a head over ENDPOINT_REQUEST_BYTES (431)
             return _refused(exc.error_status_hint)
-        if not isinstance(event, h11.Request):
-            return b""
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        method = event.method.decode("ascii")
+        return event if isinstance(event, h11.Request) else b""
+
+    async def _answer(self, request: h11.Request) -> bytes:
+        path = request.target.decode("latin-1").partition("?")[0]
+        method = request.method.decode("ascii")
         head_only = method == "HEAD"
         if path != METRICS_PATH:
             return _refused(404, head_only=head_only)
         if method not in ("GET", "HEAD"):
             return _refused(405, head_only=head_only)
-        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
-        self.metrics.flush()
-        status, headers, output = _output(
-            self.metrics.registry, fields.get("accept"), fields.get("accept-encoding"), query
-        )
+        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+        assert self._turn is not None
+        async with self._turn:  # one at a time, SCRAPES_PER_SECOND at most
+            loop = asyncio.get_running_loop()
+            wait = self._next_answer - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._next_answer = loop.time() + 1 / SCRAPES_PER_SECOND
+            headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
         headers.append(("Content-Length", str(len(output))))
-        return _whole(status, headers, output, head_only=head_only)
+        return _whole(200, headers, output, head_only=head_only)
 
 
-class MetricsEndpoint:
-    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by a daemon thread; nothing else.
+class EndpointThread:
+    """A :class:`LoopEndpoint` on an event loop of its own, in a daemon thread: the ``--workers``
+    parent's (its main thread supervises and runs no loop)."""
 
-    A thread, not the event loop: the same endpoint serves the single server and, with
-    ``--workers``, the parent process, which runs no event loop.
-    """
+    def __init__(self, endpoint: LoopEndpoint) -> None:
+        self.endpoint = endpoint
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._started = threading.Event()
 
-    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
-        self.listen = listen
-        sock = listening_socket(listen)
-        handler = type("Handler", (_Handler,), {"registry": registry})
-
-        slots = threading.BoundedSemaphore(ENDPOINT_CONNECTIONS)
-
-        class Server(ThreadingHTTPServer):
-            address_family = sock.family
-            daemon_threads = True
-
-            def process_request(self, request: Any, client_address: Any) -> None:
-                if not slots.acquire(blocking=False):  # ENDPOINT_CONNECTIONS busy: close it at once
-                    self.shutdown_request(request)
-                    return
-                try:
-                    super().process_request(request, client_address)
-                except BaseException:
-                    slots.release()
-                    raise
-
-            def process_request_thread(self, request: Any, client_address: Any) -> None:
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    slots.release()
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                if not isinstance(sys.exc_info()[1], OSError):  # a client gone, or cut at the deadline
-                    super().handle_error(request, client_address)
-
-        self.server = Server(sock.getsockname(), handler, bind_and_activate=False)
-        self.server.socket.close()
-        self.server.socket = sock
-        self.server.server_address = sock.getsockname()
-        self.port: int = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
-
-    def start(self) -> MetricsEndpoint:
+    def start(self) -> EndpointThread:
         self._thread.start()
-        _announce(self.listen, self.port)
+        self._started.wait(10)
         return self
+
+    def _run(self) -> None:
+        loop = self.loop
+        try:
+            loop.run_until_complete(self.endpoint.start())
+            self._started.set()
+            loop.run_forever()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            self._started.set()
+            loop.close()
+
+    def _stop(self) -> None:
+        self.endpoint.close()
+        self.loop.stop()
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self.server.shutdown()
-        self.server.server_close()
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                self.loop.call_soon_threadsafe(self._stop)
+            self._thread.join(10)
+        else:
+            self.endpoint.sock.close()

@@ -19,7 +19,8 @@ __all__ = ["install"]
 
 def install(app: FastAPI) -> Metrics:
     """Give ``app`` its :class:`Metrics` (``app.state.metrics``) and the ``GET /metrics`` route."""
-    metrics = Metrics()
+    settings = getattr(app.state, "settings", None)
+    metrics = Metrics(shown_uids=settings.metrics_uid if settings is not None else ())
     app.state.metrics = metrics
     events = getattr(app.state, "events", None)
     if events is not None:
@@ -27,7 +28,6 @@ def install(app: FastAPI) -> Metrics:
 
     async def get_metrics(request: Request) -> Response:
         """Prometheus metrics of the server (all workers)."""
-        metrics.flush()
         body, content_type = metrics.exposition(request.headers.get("accept"))
         return Response(body, 200, {"cache-control": "no-store"}, content_type)
 

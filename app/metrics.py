@@ -708,9 +708,9 @@ class LoopEndpoint:
     newcomer evicting the oldest whose request head is not whole yet (idle or trickling: slowloris),
     and waiting in the listen queue while every one has sent a whole head;
     :data:`ENDPOINT_HEAD_DEADLINE` for the head, :data:`ENDPOINT_DEADLINE` for the whole exchange,
-    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection; answers one at a time,
-    at most :data:`SCRAPES_PER_SECOND`, from :class:`Rendered` copies, so no scrape rate costs the
-    API more than a few scrapes a second do.
+    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection; answers (refusals too)
+    one at a time, at most :data:`SCRAPES_PER_SECOND`, scrapes from :class:`Rendered` copies, so
+    no request rate costs the API more than a few scrapes a second do.
     """
 
     def __init__(self, listen: str, rendered: Rendered) -> None:
@@ -787,7 +787,16 @@ class LoopEndpoint:
                     request = await self._read_request(reader)
                 slot.whole = True
                 self._update_room()
-                answer = await self._answer(request) if isinstance(request, h11.Request) else request
+                if not request:  # it closed first
+                    return
+                assert self._turn is not None
+                async with self._turn:  # one answer at a time, SCRAPES_PER_SECOND at most
+                    loop = asyncio.get_running_loop()
+                    wait = self._next_answer - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._next_answer = loop.time() + 1 / SCRAPES_PER_SECOND
+                    answer = self._answer(request) if isinstance(request, h11.Request) else request
                 if answer and not writer.is_closing():  # closing: cut at shutdown or evicted
                     writer.write(answer)
                     await writer.drain()
@@ -822,7 +831,7 @@ class LoopEndpoint:
             return _refused(exc.error_status_hint)
         return event if isinstance(event, h11.Request) else b""
 
-    async def _answer(self, request: h11.Request) -> bytes:
+    def _answer(self, request: h11.Request) -> bytes:
         path = request.target.decode("latin-1").partition("?")[0]
         method = request.method.decode("ascii")
         head_only = method == "HEAD"
@@ -831,14 +840,7 @@ class LoopEndpoint:
         if method not in ("GET", "HEAD"):
             return _refused(405, head_only=head_only)
         fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
-        assert self._turn is not None
-        async with self._turn:  # one at a time, SCRAPES_PER_SECOND at most
-            loop = asyncio.get_running_loop()
-            wait = self._next_answer - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._next_answer = loop.time() + 1 / SCRAPES_PER_SECOND
-            headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
+        headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
         headers.append(("Content-Length", str(len(output))))
         return _whole(200, headers, output, head_only=head_only)
 

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.config import Settings, SettingsError
 from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
 from app.metrics_files import read_file
 from client.cli.spawn import free_port
@@ -234,7 +235,19 @@ def test_the_socket_metrics_follow_the_peer_allowlist() -> None:
         status, body = http_over_uds(s.socket_path, "GET", "/metrics")
         assert status == 403, body
         assert json.loads(body)["error"] == "forbidden"
-        assert "uds_open_connections" in scrape(port)  # the TCP port is for Prometheus, not peers
+        shown = scrape(port)
+        assert "uds_open_connections" in shown  # the TCP port is for Prometheus, not peers
+        assert (
+            "uds_peer_requests_total{" not in shown
+        )  # before: the peers' uids, which the allowlist kept from /metrics
+
+
+def test_at_most_32_uids_are_shown() -> None:
+    assert Settings.from_env({"UDS_METRICS_UID": " ".join(map(str, range(32)))}).metrics_uid == tuple(
+        range(32)
+    )
+    with pytest.raises(SettingsError, match="at most 32"):
+        Settings.from_env({"UDS_METRICS_UID": " ".join(map(str, range(33)))})
 
 
 @pytest.mark.parametrize("mode", [["--store", "memory"], ["--workers", "2"]], ids=["one-process", "workers"])

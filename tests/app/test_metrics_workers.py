@@ -132,6 +132,7 @@ def test_counts_survive_killed_workers_and_never_go_backwards() -> None:
         no_counter_went_back()
         # Each 201 was counted before it was sent; a worker killed between a message's commit and
         # its count would leave one uncounted, between its count and its answer one unanswered.
+        print(f"answered {answered}, counted {stored}, stored {in_store}")
         assert answered <= stored <= in_store, (answered, stored, in_store)
         assert in_store - answered <= 4 * 4, (answered, stored, in_store)  # those in flight at each kill
         uids = {dict(labels)["uid"] for (name, labels) in _samples(port) if name == "uds_peer_requests_total"}

@@ -41,9 +41,10 @@ def install(app: FastAPI) -> Metrics:
             summary="Prometheus metrics",
             description=(
                 "Request counts and durations by route template, messages stored, open connections "
-                "and event streams, requests by peer uid, and the process metrics, in Prometheus' text "
-                "format (or OpenMetrics, if `Accept` asks for it). With `--workers`, the sum over all "
-                "workers. `--metrics-listen HOST:PORT` serves the same over TCP for Prometheus."
+                "and event streams, requests by the peer uids `--metrics-uid` names, and the process "
+                "metrics, in Prometheus' text format (or OpenMetrics, if `Accept` asks for it), as "
+                "collected at most a second ago. With `--workers`, the sum over all workers, collected "
+                "afresh. `--metrics-listen HOST:PORT` serves the same over TCP for Prometheus."
             ),
             response_model=None,
             responses={

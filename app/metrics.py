@@ -16,7 +16,7 @@ Where it is counted
     The protocol (``app.peercred``) sees every request: it builds each request's cycle from the
     class :func:`timed_cycle` makes, which adds the request to its cell (a list of numbers) when the
     response starts. No ASGI layer wraps the application, and no ``prometheus-client`` object is
-    written on the hot path (its ``inc()`` and ``observe()`` cost 0.2-1.2 µs each). At each
+    written on the hot path (too slow per request: docs/performance.md, k). At each
     exposition :class:`RequestCollector` builds the families from the cells; :class:`Rendered`
     serves a rendering for up to a second.
 
@@ -259,8 +259,8 @@ class Recorder:
 class PeerTally:
     """The requests counted under one uid label, shared by the connections with that label.
 
-    A slot, not a dict entry: counting a request in a dict keyed by label measured 0.4 µs (of 44),
-    through this slot about nothing (``benchmarks/metrics.py --in-process``)."""
+    A slot, not a dict entry keyed by label: that cost a measurable share of a POST
+    (docs/performance.md, k)."""
 
     __slots__ = ("counts", "label")
 

@@ -2,9 +2,9 @@
 its own; the parent and every worker read them all; the parent folds a dead worker's file into one.
 
 Why not ``prometheus-client``'s multiprocess mode: its values reach the files only through its
-metric objects (0.6-1.2 µs a write, so this server handed them counts ten times a second, and a
-killed worker's last tenth of a second vanished), it grows sparse files (a full disk was a SIGBUS,
-then an ``ENOSPC`` at every new worker's start), and it keeps every dead worker's file.
+metric objects, too slow to write per request, so counts waited in memory and a killed worker's
+were lost; its sparse files made a full disk a SIGBUS, then an ``ENOSPC`` at every new worker's
+start; and it keeps every dead worker's file (docs/performance.md, k2).
 
 A file (``cells-PID-TOKEN.db``, 0600) is :data:`SIZE` bytes, allocated on disk when it is made
 (``posix_fallocate``): a full disk refuses the file, never a page later. Its header is the magic, the

@@ -98,6 +98,13 @@ def _ids(value: object) -> tuple[int, ...]:
     return ids
 
 
+def _shown_uids(value: object) -> tuple[int, ...]:
+    ids = tuple(dict.fromkeys(_ids(value)))
+    if len(ids) > 32:
+        raise ValueError("at most 32 uids")
+    return ids
+
+
 def _listen(value: object) -> str:
     host, sep, port = str(value).rpartition(":")
     if not sep or not host:
@@ -325,6 +332,17 @@ class Settings:
         convert=_listen,
         shown_default="off",
     )
+    metrics_uid: tuple[int, ...] = _setting(
+        (),
+        env="UDS_METRICS_UID",
+        help="count this peer uid's requests in its own series of uds_peer_requests_total (repeatable, "
+        'up to 32); the others count as uid="other"',
+        metavar="UID",
+        convert=_shown_uids,
+        repeat=True,
+        shown_default="none",
+    )
+    """Peer uids that ``/metrics`` shows by name (opt-in: anyone who reaches the metrics port sees them)."""
     shutdown_timeout: float = _setting(
         20.0,
         env="UDS_SHUTDOWN_TIMEOUT",

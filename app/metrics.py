@@ -1,46 +1,31 @@
-"""Prometheus metrics: counted on the hot path in plain ints, handed to ``prometheus-client`` on a tick.
+"""Prometheus metrics: plain numbers added on the hot path, read by a collector at each exposition.
 
 What is measured
     ``uds_requests_total{method,route,status}``, ``uds_request_duration_seconds{method,route}``
     (seconds from the parsed request head to the response head: a long event stream counts once,
     when it starts), ``uds_messages_stored_total`` (201 answers of ``create_message``),
     ``uds_open_connections``, ``uds_event_streams``, ``uds_peer_requests_total{uid}`` and the
-    process metrics (``process_*``, ``python_*``). ``route`` is the route template
-    (``/v1/messages/{message_id}``); a request that matched no route, or that the protocol refused
-    before routing (400, 408, 431, 503 at the connection cap), has ``route="unmatched"``. ``uid`` is
-    the socket peer's uid (SO_PEERCRED; a ``uds-client proxy`` counts as its own uid): the first
-    :data:`MAX_PEER_UIDS` uids to connect to a process get their own value, later ones share
-    ``uid="other"``.
+    process metrics (``process_*``, ``python_*``). The labels are bounded whatever peers send
+    (:meth:`Recorder.cell`): ``method`` is one of :data:`METHODS` or ``other``; ``route`` is the
+    route template (``/v1/messages/{message_id}``), or ``unmatched`` for a request that reached no
+    route that serves its method, or that the protocol refused before routing (400, 408, 431, 503
+    at the connection cap). ``uid`` (SO_PEERCRED; a ``uds-client proxy`` counts as its own uid) is
+    opt-in: only the uids ``--metrics-uid`` names, the others as ``other``.
 
 Where it is counted
     The protocol (``app.peercred``) sees every request: it builds each request's cycle from the
-    class :func:`timed_cycle` makes, which notes the status and the route FastAPI's router wrote
-    into the ASGI scope when the response starts. No ASGI layer wraps the application.
-
-Why plain ints first
-    Measured on this project's machine (``prometheus-client`` 0.26, one call each): a cached
-    counter child's ``inc()`` 0.22 µs, a histogram child's ``observe()`` 0.44 µs, and in
-    multiprocess mode (values in mmap files) 0.62 µs and 1.21 µs; ``labels()`` adds 0.6 µs. With
-    three series per request that is 1-3 µs, up to 5% of a POST. So :class:`Recorder` adds each
-    request to one list of plain numbers, and :meth:`Metrics.flush` adds what changed to the
-    ``prometheus-client`` objects every uvicorn tick (0.1 s) and before each exposition on the
-    socket. Counting costs 1.3 µs of a 44 µs ``POST /v1/messages`` in process (1.03x) and 1.04x
-    of the server's CPU per POST (``benchmarks/metrics.py``); :func:`timed_cycle` says where the
-    4.4 µs it used to cost went.
-
-When it is on
-    Always, from the start: a counter that began at the first scrape would report
-    ``uds_messages_stored_total 0`` after a thousand messages. What it costs a POST is measured by
-    ``benchmarks/metrics.py`` (k), whose "off" side is a server with the recorder switched off
-    (``benchmarks/uncounted_server.py``), the only way to run without it.
+    class :func:`timed_cycle` makes, which adds the request to its cell (a list of numbers) when the
+    response starts. No ASGI layer wraps the application, and no ``prometheus-client`` object is
+    written on the hot path (too slow per request: docs/performance.md, k). At each
+    exposition :class:`RequestCollector` builds the families from the cells; :class:`Rendered`
+    serves a rendering for up to a second.
 
 Workers
-    With ``--workers N`` the parent creates a private directory (:func:`multiprocess_dir`), sets
-    ``PROMETHEUS_MULTIPROC_DIR`` to it before the workers start, serves the one TCP endpoint with
-    ``prometheus-client``'s ``MultiProcessCollector`` over the workers' files, calls
-    :func:`worker_gone` for each worker that exits (``mark_process_dead``: its live gauges go, its
-    counters stay in the totals) and removes the directory at exit. Gauges add up over live
-    workers (``livesum``); ``process_*`` add up over the parent and the live workers.
+    With ``--workers N`` the parent creates a private directory (:func:`multiprocess_dir`) and
+    names it to the workers in :data:`DIR_ENV`. Each worker's cells are records of its own shared
+    file (``app.metrics_files``); the parent serves the one TCP endpoint over all the files, folds a
+    dead worker's file into the totals (:func:`worker_gone`) and removes the directory at exit.
+    Gauges add up over live workers; ``process_*`` over the parent and the live workers.
 """
 
 from __future__ import annotations
@@ -49,31 +34,32 @@ import asyncio
 import contextlib
 import errno
 import glob
-import io
+import gzip
 import json
 import logging
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
 from time import monotonic, perf_counter
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import h11
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
-from prometheus_client.core import Metric
-from prometheus_client.exposition import MetricsHandler, _bake_output
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    choose_encoder,
+    generate_latest,
+    gzip_accepted,
+)
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -81,6 +67,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.config import Settings
 from app.logs import Throttle, escaped
+from app.metrics_files import CellFile, Entry, absorb, read_all, worker_pids
 
 if TYPE_CHECKING:
     from app.workers import SupervisorHooks
@@ -91,15 +78,17 @@ __all__ = [
     "ENDPOINT_DEADLINE",
     "ENDPOINT_REQUEST_BYTES",
     "MAX_PEER_UIDS",
+    "METHODS",
     "METRICS_PATH",
     "OTHER",
     "UNMATCHED",
+    "EndpointThread",
     "LoopEndpoint",
     "Metrics",
-    "MetricsEndpoint",
     "MetricsError",
     "PeerTally",
     "Recorder",
+    "Rendered",
     "for_workers",
     "listening_socket",
     "multiprocess_dir",
@@ -114,28 +103,39 @@ METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"
 """The ``route`` of a request that matched no route or was refused before routing."""
 OTHER = "other"
-"""The ``uid`` of peers beyond the first :data:`MAX_PEER_UIDS`."""
+"""The ``uid`` of peers ``--metrics-uid`` does not name, and the ``method`` outside :data:`METHODS`."""
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+"""The ``method`` label values besides :data:`OTHER`: a peer cannot add series by inventing methods."""
 MAX_PEER_UIDS = 32
-"""Distinct ``uid`` label values per process; with ``--workers N`` at most N times as many series."""
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-"""Upper bounds of the duration histogram, in seconds: a POST over the socket takes 0.1-1 ms."""
+"""Most ``uid`` label values (``--metrics-uid``), the same in every worker, replaced ones included."""
+BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5)
+"""Upper bounds of the duration histogram, in seconds: a POST over the socket takes 0.1-1 ms. Each
+timed operation is len(BUCKETS) + 3 series: few enough for the whole exposition to stay under 300."""
 STORING_OPERATION = "create_message"
 """The operation whose 201 answer means a message was stored (its versioned copies included)."""
 ENDPOINT_CONNECTIONS = 16
-"""Connections the TCP endpoint serves at once (a thread each); one more is closed unanswered.
-Prometheus scrapes one at a time. Without a bound, idle connections each held a thread and a file
-descriptor forever: 240 of them took every descriptor of a server limited to 256, and its Unix
-socket refused every request (tests/app/test_metrics_attacks.py)."""
+"""Connections the TCP endpoint serves at once; Prometheus scrapes one at a time. Without a bound,
+idle connections each held a descriptor forever, and 240 of them took every descriptor of a server
+limited to 256 (tests/app/test_metrics_attacks.py)."""
 ENDPOINT_DEADLINE = 10.0
-"""Seconds a TCP endpoint connection may take to send its request (and then to take the answer): a
-client that trickles its request (slowloris) gives its slot back after this."""
+"""Seconds a TCP endpoint connection may last: its request, its turn and taking the answer."""
+ENDPOINT_HEAD_DEADLINE = 3.0
+"""Seconds a TCP endpoint connection has to send its whole request head (a scrape sends it in one
+packet); a client that trickles it (slowloris) gives its slot back after this, or sooner to a newcomer."""
+SCRAPES_PER_SECOND = 20
+"""Answers the TCP endpoint sends per second at most, one at a time; more wait their turn."""
 ENDPOINT_REQUEST_BYTES = 16 * 1024
 """Bytes of request head a TCP endpoint connection may send (a scrape's is a few hundred); past
-them the loop's endpoint answers 431 and the thread's reads the connection as closed. The standard
-library's parser allows 100 header lines of 64 KiB: 16 connections sending those held 100 MiB of
-the server's memory."""
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+them it gets 431."""
+RENDER_EVERY = 1.0
+"""Seconds a rendered exposition is served before the next scrape collects again."""
+MAX_COPIES = 4
+"""Formats (and compressions) rendered per :data:`RENDER_EVERY`; further ones get the text format."""
+DIR_ENV = "UDS_WORKERS_METRICS_DIR"
+"""Where the ``--workers`` parent tells its workers their shared metrics directory is."""
 _ENDPOINT_FAILED = Throttle(log)
+_DEGRADED = Throttle(log)
+_REQUEST_LABELS = ["method", "route", "status"]
 _DIR_PREFIX = "uds-metrics-"
 _PROCESS_SUMS = (
     "process_cpu_seconds_total",
@@ -153,6 +153,10 @@ class MetricsError(Exception):
 # -- the hot path ----------------------------------------------------------------------------------
 
 
+Counts: TypeAlias = "list[float] | memoryview[float]"
+"""A cell's numbers: a list in this process's memory, or doubles in its shared file (``--workers``)."""
+
+
 class Recorder:
     """Plain counts, kept on the event loop thread (no lock, no allocation once a series exists).
 
@@ -161,69 +165,109 @@ class Recorder:
     the status: the requests in each bucket of :data:`BUCKETS` and above the last, then the sum of
     their seconds; and once in its connection's :class:`PeerTally` (:meth:`peer`).
     Cells are bounded by the app's routes, the methods httptools parses and the statuses the app
-    answers (a peer sending every method to every route made about 500), peers by
-    :data:`MAX_PEER_UIDS` + 2 labels.
+    answers; their labels far more (:meth:`cell`), peers by :data:`MAX_PEER_UIDS` + 2 labels.
+
+    With ``--workers`` a cell is a record of the worker's shared file (:class:`CellFile`), written
+    as the request is answered: a killed worker's counts stay. A record the file cannot take (a
+    full disk) is kept in memory, out of the shared view, with one throttled warning.
     """
 
-    __slots__ = ("cells", "cycle_class", "labels", "on", "peers", "refusals")
+    __slots__ = ("cells", "cycle_class", "file", "labels", "on", "peers", "records", "refusals", "shown_uids")
 
-    def __init__(self, on: bool = True) -> None:
+    def __init__(self, on: bool = True, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
         self.on = on
         """Count requests (always, but in the benchmark that measures what counting costs)."""
-        self.cells: dict[tuple[int, str, int], list[float]] = {}
-        self.labels: dict[tuple[int, str, int], tuple[str, str, str, bool]] = {}
-        """Each cell's method, route template, status, and whether its requests stored a message."""
+        self.shown_uids = frozenset(shown_uids)
+        """The peer uids counted under their own label (``--metrics-uid``)."""
+        self.file = file
+        """This worker's shared file (``--workers``), or None."""
+        self.cells: dict[tuple[int, str, int], Counts] = {}
+        self.labels: dict[tuple[int, str, int], tuple[str, str, str, bool, bool]] = {}
+        """Each cell's method, route template and status labels, whether its requests stored a
+        message, and whether they are timed (they reached an operation)."""
+        self.records: dict[tuple[object, ...], Counts] = {}
+        """Every cell by its labels (raw methods outside :data:`METHODS` share one)."""
         self.peers: dict[int | str | None, PeerTally] = {}
-        """Requests by uid label; every request counts here once (under None without a peer)."""
-        self.refusals: dict[tuple[str, int], int] = {}
-        """Requests the protocol answered itself, before routing, by method and status."""
+        """Requests by uid label; every request counts here once (under None when not shown)."""
+        self.refusals: dict[tuple[str, int], Counts] = {}
+        """Requests the protocol answered itself, before routing, by method label and status."""
         self.cycle_class: type[RequestResponseCycle] = timed_cycle(self) if on else RequestResponseCycle
         """The class of the protocol's request cycles: :func:`timed_cycle`'s when counting."""
 
+    def _record(self, labels: tuple[object, ...], count: int) -> Counts:
+        found = self.records.get(labels)
+        if found is None:
+            if self.file is not None:
+                found = self.file.record(labels, count)
+                if found is None:
+                    _DEGRADED.log(
+                        logging.WARNING,
+                        "Metrics: this worker's file %s is full; new series are kept in memory and "
+                        "left out of /metrics",
+                        self.file.path,
+                    )
+            if found is None:
+                found = [0.0] * count
+            self.records[labels] = found
+        return found
+
     def peer(self, uid: int | None) -> PeerTally:
-        """Where a connection's requests count: its peer's uid (one of the first
-        :data:`MAX_PEER_UIDS` to connect), :data:`OTHER`, or None for no peer (TCP: not shown)."""
-        peers = self.peers
+        """Where a connection's requests count: its peer's uid if ``--metrics-uid`` names it, else
+        :data:`OTHER` (or None, not shown, when no uid is named or there is no peer: TCP)."""
         label: int | str | None = uid
-        if (
-            uid is not None
-            and uid not in peers
-            and len(peers) - (None in peers) - (OTHER in peers) >= MAX_PEER_UIDS
-        ):
-            label = OTHER
-        tally = peers.get(label)
+        if uid is None or uid not in self.shown_uids:
+            label = OTHER if self.shown_uids and uid is not None else None
+        tally = self.peers.get(label)
         if tally is None:
-            tally = peers[label] = PeerTally(label)
+            counts = self._record(("peer", str(label)), 1) if label is not None else [0.0]
+            tally = self.peers[label] = PeerTally(label, counts)
         return tally
 
-    def cell(self, key: tuple[int, str, int], route: object) -> list[float]:
-        """The cell for ``key``, made at its first request (``route``: the matched route or None)."""
+    def cell(self, key: tuple[int, str, int], route: object) -> Counts:
+        """The cell for ``key``, made at its first request (``route``: the matched route or None).
+
+        Its labels are bounded whatever peers send: a method outside :data:`METHODS` is
+        :data:`OTHER`, and a request that reached no route, or a route that does not serve its method
+        (404, 405), has route :data:`UNMATCHED`. Only the API's operations (the routes with an
+        OpenAPI ``operationId``: not the docs pages) are timed."""
         found = self.cells.get(key)
         if found is None:
-            path = getattr(route, "path", None) if route is not None else None
-            stores = str(getattr(route, "operation_id", "")).startswith(STORING_OPERATION)
-            self.labels[key] = (key[1], path or UNMATCHED, str(key[2]), stores and key[2] == 201)
-            found = self.cells[key] = [0] * (len(BUCKETS) + 1) + [0.0]
+            method = key[1] if key[1] in METHODS else OTHER
+            served = getattr(route, "methods", None) or ("GET", "HEAD")  # a mount serves files
+            path = getattr(route, "path", None) if route is not None and key[1] in served else None
+            operation = str(getattr(route, "operation_id", None) or "")
+            stores = path is not None and key[2] == 201 and operation.startswith(STORING_OPERATION)
+            timed = path is not None and bool(operation)
+            labels = self.labels[key] = (method, path or UNMATCHED, str(key[2]), stores, timed)
+            found = self.cells[key] = self._record(("cell", *labels), len(BUCKETS) + 2)
         return found
 
     def refused(self, method: str, status: int, tally: PeerTally) -> None:
         """A request the protocol answered itself, before routing (no duration is recorded)."""
-        key = (method, status)
-        self.refusals[key] = self.refusals.get(key, 0) + 1
-        tally.requests += 1
+        key = (method if method in METHODS else OTHER, status)
+        counts = self.refusals.get(key)
+        if counts is None:
+            counts = self.refusals[key] = self._record(("refused", *key), 1)
+        counts[0] += 1
+        tally.counts[0] += 1
+
+    def entries(self) -> list[Entry]:
+        """Every record: its labels and its counts (as :func:`read_all` reads them from files)."""
+        return [(labels, counts) for labels, counts in self.records.items()]
 
 
 class PeerTally:
     """The requests counted under one uid label, shared by the connections with that label.
 
-    An attribute, not a dict entry: counting a request in a dict keyed by label measured 0.4 µs
-    (of 44), in this slot about nothing (``benchmarks/metrics.py --in-process``)."""
+    A slot, not a dict entry keyed by label: that cost a measurable share of a POST
+    (docs/performance.md, k)."""
 
-    __slots__ = ("label", "requests")
+    __slots__ = ("counts", "label")
 
-    def __init__(self, label: int | str | None) -> None:
+    def __init__(self, label: int | str | None, counts: Counts) -> None:
         self.label = label
-        self.requests = 0
+        self.counts = counts
+        """One number: the requests (in the worker's shared file when shown with ``--workers``)."""
 
 
 def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
@@ -232,18 +276,10 @@ def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
 
     The protocol builds its cycles from this class (a copy of uvicorn's ``on_headers_complete``)
     and sets ``started`` (``time.perf_counter()`` when the head was parsed: uvloop's clock counts
-    whole milliseconds) and ``tally`` (its connection's :class:`PeerTally`) on each.
-
-    Measured with the whole request path in process (the protocol and the app, a stand-in
-    transport: ``benchmarks/metrics.py --in-process``), 15 rounds of 4,000 ``POST /v1/messages``
-    of 44 µs each; counting cost 4.4 µs (1.10x) before, 1.3-2.1 µs (1.03x-1.04x) now:
-
-    * changing each cycle's ``__class__`` after uvicorn had built it cost 1.9 µs: CPython 3.11
-      then gives the object a real ``__dict__``, and every attribute uvicorn reads gets slower.
-      Built from this class, the cycle costs nothing more; its two attributes are slots (0.3 µs);
-    * the counting, through three method calls (route lookup, record, peer) into four dicts, cost
-      1.4 µs. Now one dict lookup finds the request's cell, keyed by route, method and status,
-      with the names bound in this closure, and the uid label's tally is a slot.
+    whole milliseconds) and ``tally`` (its connection's :class:`PeerTally`) on each. Built from
+    this class, a cycle costs nothing more than uvicorn's (changing ``__class__`` afterwards gives
+    the object a real ``__dict__``, and every attribute uvicorn reads gets slower); one dict lookup
+    finds the request's cell, with the names bound in this closure (docs/performance.md).
     """
     cells = recorder.cells
     new_cell = recorder.cell
@@ -268,242 +304,194 @@ def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
                     cell = new_cell(key, route)
                 cell[bisect_left(BUCKETS, seconds)] += 1
                 cell[-1] += seconds
-                self.tally.requests += 1
+                self.tally.counts[0] += 1
             return send_on(self, message)
 
     return TimedCycle
 
 
-# -- prometheus-client ------------------------------------------------------------------------------
+# -- exposition ---------------------------------------------------------------------------------------
+
+
+class RequestCollector(Collector):
+    """The ``uds_*`` families from records (:meth:`Recorder.entries` or :func:`read_all`), built
+    with ``prometheus-client``'s public metric families at each collection."""
+
+    def __init__(self, source: Callable[[], tuple[Iterable[Entry], tuple[float, float]]]) -> None:
+        self.source = source
+        """The records and the two gauges (open connections, event streams)."""
+
+    def collect(self) -> Iterable[Metric]:
+        entries, (connections, streams) = self.source()
+        requests: dict[tuple[str, str, str], float] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        peers: dict[str, float] = {}
+        stored = 0.0
+        for labels, counts in entries:
+            kind = labels[0]
+            if kind == "cell":
+                method, route, status = str(labels[1]), str(labels[2]), str(labels[3])
+                stores, timed = bool(labels[4]), bool(labels[5])
+                answered = sum(counts[:-1])
+                key = (method, route, status)
+                requests[key] = requests.get(key, 0.0) + answered
+                stored += answered if stores else 0.0
+                if timed:
+                    kept = durations.setdefault((method, route), [0.0] * len(counts))
+                    for index, value in enumerate(counts):
+                        kept[index] += value
+            elif kind == "refused":
+                refused = (str(labels[1]), UNMATCHED, str(labels[2]))
+                requests[refused] = requests.get(refused, 0.0) + counts[0]
+            elif kind == "peer":
+                peers[str(labels[1])] = peers.get(str(labels[1]), 0.0) + counts[0]
+        family = CounterMetricFamily(
+            "uds_requests", "Requests answered, by method, route template and status.", labels=_REQUEST_LABELS
+        )
+        for labelled, value in sorted(requests.items()):
+            family.add_metric(labelled, value)
+        yield family
+        histogram = HistogramMetricFamily(
+            "uds_request_duration_seconds",
+            "Seconds from the parsed request head to the response head, by method and route template.",
+            labels=["method", "route"],
+        )
+        bounds = [*(repr(bound) for bound in BUCKETS), "+Inf"]
+        for timed_labels, sums in sorted(durations.items()):
+            cumulative = list(accumulate(sums[:-1]))
+            histogram.add_metric(timed_labels, list(zip(bounds, cumulative, strict=True)), sums[-1])
+        yield histogram
+        yield CounterMetricFamily(
+            "uds_messages_stored", "Messages stored (201 answers to POST).", value=stored
+        )
+        yield GaugeMetricFamily(
+            "uds_open_connections", "Connections open to the server (all workers).", connections
+        )
+        yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", streams)
+        by_uid = CounterMetricFamily(
+            "uds_peer_requests",
+            f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
+            labels=["uid"],
+        )
+        for uid, value in sorted(peers.items()):
+            by_uid.add_metric([uid], value)
+        yield by_uid
 
 
 class Metrics:
-    """This process's metrics: the :class:`Recorder`, the ``prometheus-client`` objects and the
-    registry that ``/metrics`` shows (this process's alone, or every worker's in multiprocess mode).
-    """
+    """This process's metrics: the :class:`Recorder` and the registry ``/metrics`` shows (this
+    process's alone, or with ``directory``, ``--workers``, every worker's files)."""
 
-    def __init__(self, *, on: bool = True, directory: str | None = None) -> None:
-        self.directory = directory if directory is not None else os.environ.get(MULTIPROC_ENV) or None
+    def __init__(
+        self, *, on: bool = True, directory: str | None = None, shown_uids: Iterable[int] = ()
+    ) -> None:
+        self.directory = directory if directory is not None else os.environ.get(DIR_ENV) or None
+        file = None
         if self.directory is not None:
-            _use_multiprocess_values(self.directory)
-        self.recorder = Recorder(on)
+            try:
+                file = CellFile(self.directory)
+            except OSError as exc:  # a full disk: serve all the same, this worker's counts unseen
+                _DEGRADED.log(
+                    logging.WARNING,
+                    "Metrics: cannot create this worker's file in %s (%s); its counts are left out of "
+                    "/metrics (free some space)",
+                    self.directory,
+                    exc.strerror or exc,
+                )
+        self.file = file
+        self.recorder = Recorder(on, shown_uids, file)
         self.open_connections: Callable[[], int] = lambda: 0
         """Read at each flush; the server points it at uvicorn's connection set."""
         self.event_streams: Callable[[], int] = lambda: 0
         """Read at each flush; the event hub's count of open streams."""
-        # No ``*_created`` series: multiprocess mode has none, so both modes show the same names.
-        disable_created_metrics()  # type: ignore[no-untyped-call]
-        own = CollectorRegistry()  # the objects this process writes (never exposed in multiprocess mode)
-        self.requests = Counter(
-            "uds_requests",
-            "Requests answered, by method, route template and status.",
-            ["method", "route", "status"],
-            registry=own,
-        )
-        self.duration = Histogram(
-            "uds_request_duration_seconds",
-            "Seconds from the parsed request head to the response head, by method and route template.",
-            ["method", "route"],
-            buckets=BUCKETS,
-            registry=own,
-        )
-        self.stored = Counter("uds_messages_stored", "Messages stored (201 answers to POST).", registry=own)
-        self.connections = Gauge(
-            "uds_open_connections",
-            "Connections open to the server (all workers).",
-            multiprocess_mode="livesum",
-            registry=own,
-        )
-        self.streams = Gauge(
-            "uds_event_streams",
-            "Event streams open (all workers).",
-            multiprocess_mode="livesum",
-            registry=own,
-        )
-        self.peer_requests = Counter(
-            "uds_peer_requests",
-            f"Requests by the socket peer's uid; the first {MAX_PEER_UIDS} uids a process sees, then "
-            f'uid="{OTHER}".',
-            ["uid"],
-            registry=own,
-        )
-        self._pushed_cells: dict[tuple[int, str, int], tuple[Any, list[Any], bool, list[float]]] = {}
-        """Per cell: its requests counter child, its histogram child's values, whether it stores,
-        and the cell as last pushed."""
-        self._pushed_refusals: dict[tuple[str, int], int] = {}
-        self._pushed_peers: dict[int | str | None, int] = {}
-        self._pushed_total = 0
-        self._gauges = (-1, -1)
-        self._full = Throttle(log)
         if self.directory is None:
-            self.registry = own
-            ProcessCollector(registry=own)
-            PlatformCollector(registry=own)
-            GCCollector(registry=own)
+            self.registry = CollectorRegistry()
+            self.registry.register(RequestCollector(self._own))
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+            every = RENDER_EVERY
         else:
             self.registry = exposition_registry(self.directory)
+            every = 0.0  # each worker renders what the files hold now: views never go backwards
+        self.rendered = Rendered(self.registry, every=every)
+        """What ``/metrics`` serves, on the socket and on the single process's TCP port."""
+
+    def _own(self) -> tuple[list[Entry], tuple[float, float]]:
+        return self.recorder.entries(), (float(self.open_connections()), float(self.event_streams()))
 
     def flush(self) -> None:
-        """Add what the recorder counted since the last flush to the ``prometheus-client`` objects.
-
-        A full disk under the workers' mmap files is logged (at most once per 10 s); what could not
-        be written is retried at the next flush, and the server goes on serving."""
-        try:
-            self._flush()
-        except OSError as exc:
-            self._full.log(
-                logging.WARNING,
-                "Cannot record metrics in %s: %s; they are kept in memory and retried (free some space)",
-                self.directory,
-                exc.strerror or exc,
-            )
-
-    def _flush(self) -> None:
-        # Every request counts once under a uid label: no change there, no new request.
-        counted = sum(tally.requests for tally in self.recorder.peers.values())
-        if counted != self._pushed_total:
-            self._flush_requests()
-            self._pushed_total = counted
-        gauges = (self.open_connections(), self.event_streams())
-        if gauges != self._gauges:
-            self._gauges = gauges
-            self.connections.set(gauges[0])
-            self.streams.set(gauges[1])
-
-    def _flush_requests(self) -> None:
-        """Add each cell's growth since the last flush to its series; a cell whose series could not
-        be made (``labels()`` on a full disk raises ``OSError``) is left for the next flush."""
-        recorder = self.recorder
-        for key, cell in list(recorder.cells.items()):
-            pushed = self._pushed_cells.get(key)
-            if pushed is None:
-                method, route, status, stores = recorder.labels[key]
-                duration = self.duration.labels(method, route)
-                pushed = self._pushed_cells[key] = (
-                    self.requests.labels(method, route, status),
-                    # Histogram children keep one value per bucket (not cumulative) and one for the
-                    # sum; observe() takes one value, so the counts are added to those directly.
-                    [*duration._buckets, duration._sum],
-                    stores,
-                    [0] * len(cell),
-                )
-            requests, targets, stores, before = pushed
-            if before == cell:
-                continue
-            added = int(sum(cell[:-1]) - sum(before[:-1]))
-            requests.inc(added)
-            if stores:
-                self.stored.inc(added)
-            for index, value in enumerate(cell):
-                if value != before[index]:
-                    targets[index].inc(value - before[index])
-            before[:] = cell
-        refused = self._pushed_refusals
-        for refusal, count in list(recorder.refusals.items()):
-            delta = count - refused.get(refusal, 0)
-            if delta:
-                self.requests.labels(refusal[0], UNMATCHED, str(refusal[1])).inc(delta)
-                refused[refusal] = count
-        peers = self._pushed_peers
-        for label, tally in list(recorder.peers.items()):
-            delta = tally.requests - peers.get(label, 0)
-            if delta:
-                if label is not None:
-                    self.peer_requests.labels(str(label)).inc(delta)
-                peers[label] = tally.requests
+        """With ``--workers``, write the gauges to this worker's file (every tick, and at the end)."""
+        if self.file is not None:
+            self.file.set_gauges(self.open_connections(), self.event_streams())
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        """The registry in the format ``accept`` asks for (Prometheus text by default)."""
-        _, headers, output = _output(self.registry, accept, None, "")
+        """The registry in the format ``accept`` asks for (Prometheus text by default), as rendered
+        at most :data:`RENDER_EVERY` seconds ago."""
+        headers, output = self.rendered.render(accept, None)
         return output, dict(headers)["Content-Type"]
 
 
-def _output(
-    registry: Collector, accept: str | None, accept_encoding: str | None, query: str
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """The status, headers and body of a scrape, as prometheus-client's own handlers make them
-    (format, compression, ``name[]`` filters), for any ``Accept``: its ``choose_encoder`` raises
-    ``TypeError`` on a version it cannot compare (``Accept: text/plain; version=x``), and would make
-    every such scrape fail with an ERROR line; that one gets the text format."""
-    try:
-        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
-            registry, accept, accept_encoding, parse_qs(query), False
-        )
-    except (TypeError, ValueError):
-        status, headers, output = _bake_output(  # type: ignore[no-untyped-call]
-            registry, None, accept_encoding, parse_qs(query), False
-        )
-    return int(status.split(" ", 1)[0]), list(headers), output
+class Rendered:
+    """A registry's exposition, collected at most once per :data:`RENDER_EVERY` seconds and served
+    as copies, one per format and compression: a flood of scrapes costs a dictionary lookup each.
+
+    At most :data:`MAX_COPIES` copies a period (``Accept`` may name any OpenMetrics version); past
+    them a scrape gets the Prometheus text format. Filters (``name[]``) are not applied: each
+    scrape gets every series. Safe to call from any thread.
+    """
+
+    def __init__(self, registry: Collector, every: float = RENDER_EVERY) -> None:
+        self.registry = registry
+        self.every = every
+        """Seconds a collection is served (0: each scrape collects)."""
+        self._families: list[Metric] = []
+        self._taken = float("-inf")
+        self._copies: dict[tuple[str, bool], bytes] = {}
+        self._lock = threading.Lock()
+
+    def collect(self) -> list[Metric]:
+        """The families as last collected (what the encoders read)."""
+        return self._families
+
+    def render(self, accept: str | None, accept_encoding: str | None) -> tuple[list[tuple[str, str]], bytes]:
+        """The headers (``Content-Type``, ``Content-Encoding``) and body of a scrape."""
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):  # an Accept version it cannot compare: the text format
+            encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+        compress = gzip_accepted(accept_encoding or "")
+        with self._lock:
+            now = monotonic()
+            if now - self._taken >= self.every:
+                self._families = list(self.registry.collect())
+                self._taken = now
+                self._copies.clear()
+            key = (content_type, compress)
+            output = self._copies.get(key)
+            if output is None:
+                if len(self._copies) >= MAX_COPIES:
+                    encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+                    key = (content_type, compress)
+                    output = self._copies.get(key)
+                if output is None:
+                    output = encoder(self)
+                    if compress:
+                        output = gzip.compress(output, 6)
+                    self._copies[key] = output
+        headers = [("Content-Type", content_type)]
+        if compress:
+            headers.append(("Content-Encoding", "gzip"))
+        return headers, output
 
 
 def exposition_registry(directory: str) -> CollectorRegistry:
     """A registry showing every process's metrics from the multiprocess ``directory``."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(RequestCollector(lambda: read_all(directory)))
     registry.register(_ProcessesCollector(directory))
     PlatformCollector(registry=registry)
     return registry
-
-
-def _use_multiprocess_values(directory: str) -> None:
-    """Make metrics created from now on keep their values in ``directory``'s mmap files, whose pages
-    are allocated on disk before they are written (:class:`_AllocatedMmapedDict`).
-
-    ``prometheus-client`` picks its value class when it is first imported, from
-    ``PROMETHEUS_MULTIPROC_DIR``; a process that imported it before the variable was set (a worker
-    forked from a parent that had imported it) switches here.
-    """
-    os.environ[MULTIPROC_ENV] = directory
-    values.MmapedDict = _AllocatedMmapedDict  # type: ignore[attr-defined]  # looked up at each opening
-    if values.ValueClass.__name__ != "MmapedValue":
-        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-
-
-class _AllocatedFile:
-    """A file whose ``truncate`` (how ``MmapedDict`` grows its file) allocates the blocks."""
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-
-    def truncate(self, size: int) -> None:
-        os.posix_fallocate(self._file.fileno(), 0, size)  # OSError (ENOSPC) when the disk is full
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._file, name)
-
-
-class _AllocatedMmapedDict(MmapedDict):
-    """``prometheus-client``'s mmap file, its pages allocated before they are written.
-
-    The library grows the file with ``truncate``, which leaves a sparse file: on a full disk, the
-    first write to a page with no block behind it is a SIGBUS that kills the process. Measured with
-    ``--workers 2`` and a full temporary directory: every worker died at its next new series, every
-    replacement before serving, and the server stopped. Allocated with ``posix_fallocate``, a full
-    disk is an ``OSError`` instead, which :meth:`Metrics.flush` logs.
-    """
-
-    def __init__(self, filename: str, read_mode: bool = False) -> None:
-        if not read_mode:
-            descriptor = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                if os.fstat(descriptor).st_size == 0:
-                    try:
-                        os.posix_fallocate(descriptor, 0, _INITIAL_MMAP_SIZE)
-                    except OSError:  # an empty file would make every exposition fail
-                        os.unlink(filename)
-                        raise
-            finally:
-                os.close(descriptor)
-        super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]
-        self._f = _AllocatedFile(self._f)  # type: ignore[assignment]
-
-    def _init_value(self, key: str) -> None:
-        capacity = self._capacity
-        try:
-            super()._init_value(key)  # type: ignore[no-untyped-call]
-        except OSError:
-            self._capacity = capacity  # the file and its map stay as they were
-            raise
 
 
 class _ProcessesCollector(Collector):
@@ -520,11 +508,7 @@ class _ProcessesCollector(Collector):
         self.owner = named if named is not None else os.getpid()
 
     def pids(self) -> list[int]:
-        found = set()
-        for path in glob.glob(os.path.join(self.directory, "*.db")):
-            match = re.search(r"_(\d+)\.db$", path)
-            if match:
-                found.add(int(match.group(1)))
+        found = set(worker_pids(self.directory))
         found.discard(self.owner)
         return [pid for pid in [self.owner, *sorted(found)] if os.path.exists(f"/proc/{pid}")]
 
@@ -569,8 +553,18 @@ def _owner(directory: str) -> int | None:
 
 
 def worker_gone(pid: int, directory: str) -> None:
-    """A worker exited: drop its live gauges (its counters stay in the totals)."""
-    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    """A worker exited: fold its file into the dead workers' totals (its counts stay, its gauges go).
+    On a full disk its file stays and counts as before, with one throttled warning."""
+    try:
+        absorb(directory, pid)
+    except OSError as exc:
+        _DEGRADED.log(
+            logging.WARNING,
+            "Metrics: cannot fold worker pid %d's counts in %s (%s); its file stays",
+            pid,
+            directory,
+            exc.strerror or exc,
+        )
 
 
 @contextlib.contextmanager
@@ -595,21 +589,22 @@ def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
             f"cannot create the workers' metrics directory in {base}: {exc.strerror or exc}; "
             "set TMPDIR to a writable directory"
         ) from None
-    endpoint: MetricsEndpoint | None = None
+    endpoint: EndpointThread | None = None
 
     class Hooks(SupervisorHooks):
         def worker_exited(self, pid: int) -> None:
             worker_gone(pid, directory)
 
     try:
-        os.environ[MULTIPROC_ENV] = directory
+        os.environ[DIR_ENV] = directory
         if settings.metrics_listen is not None:
-            endpoint = MetricsEndpoint(settings.metrics_listen, exposition_registry(directory)).start()
+            rendered = Rendered(exposition_registry(directory))
+            endpoint = EndpointThread(LoopEndpoint(settings.metrics_listen, rendered)).start()
         yield Hooks()
     finally:
         if endpoint is not None:
             endpoint.close()
-        os.environ.pop(MULTIPROC_ENV, None)
+        os.environ.pop(DIR_ENV, None)
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -621,7 +616,7 @@ def serve_endpoint(settings: Settings, metrics: Metrics | None) -> LoopEndpoint 
     """
     if settings.metrics_listen is None or metrics is None:
         return None
-    return LoopEndpoint(settings.metrics_listen, metrics)
+    return LoopEndpoint(settings.metrics_listen, metrics.rendered)
 
 
 # -- the TCP endpoint ---------------------------------------------------------------------------------
@@ -655,74 +650,6 @@ def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_onl
 def _refused(status: int, *, head_only: bool = False) -> bytes:
     """The whole answer of a :func:`_refusal`."""
     return _whole(status, *_refusal(status), head_only=head_only)
-
-
-def _not_found(handler: BaseHTTPRequestHandler, status: int = 404) -> None:
-    headers, body = _refusal(status)
-    handler.send_response(status)
-    for name, value in headers:
-        handler.send_header(name, value)
-    handler.end_headers()
-    if handler.command != "HEAD":
-        handler.wfile.write(body)
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, each allowed only the time left until ``deadline`` (``time.monotonic``),
-    all of them together at most :data:`ENDPOINT_REQUEST_BYTES` (then it reads as closed)."""
-
-    def __init__(self, connection: socket.socket, deadline: float) -> None:
-        self.connection = connection
-        self.deadline = deadline
-        self.budget = ENDPOINT_REQUEST_BYTES
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self.deadline - monotonic()
-        if left <= 0:
-            raise TimeoutError("the metrics request took too long")
-        if self.budget <= 0:
-            return 0
-        self.connection.settimeout(left)  # sendall then has at most this long as well
-        received = self.connection.recv_into(memoryview(buffer)[: self.budget])
-        self.budget -= received
-        return received
-
-
-class _Handler(MetricsHandler):
-    """``prometheus-client``'s handler, for ``GET /metrics`` only, one request a connection, which
-    may last :data:`ENDPOINT_DEADLINE` in all (a request trickled in byte by byte included)."""
-
-    protocol_version = "HTTP/1.0"
-    timeout = ENDPOINT_DEADLINE
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, monotonic() + ENDPOINT_DEADLINE))
-
-    def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
-        if path != METRICS_PATH:
-            _not_found(self)
-            return
-        status, headers, output = _output(
-            self.registry, self.headers.get("Accept"), self.headers.get("Accept-Encoding"), query
-        )
-        self.send_response(status)
-        for header in headers:
-            self.send_header(*header)
-        self.end_headers()
-        self.wfile.write(output)
-
-    def do_HEAD(self) -> None:
-        _not_found(self) if self.path.split("?", 1)[0] != METRICS_PATH else self.do_GET()
-
-    def _other(self) -> None:
-        _not_found(self, 405 if self.path.split("?", 1)[0] == METRICS_PATH else 404)
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other
 
 
 def _announce(listen: str, port: int) -> None:
@@ -760,62 +687,135 @@ def listening_socket(listen: str) -> socket.socket:
     return sock
 
 
-class LoopEndpoint:
-    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by the server's event loop; nothing else.
+class _Slot:
+    """One connection the endpoint serves: its stream, when it came, and whether its request head
+    is whole (until then a newcomer may evict it)."""
 
-    The single-process server's endpoint. A thread, as :class:`MetricsEndpoint` serves, cost 1.5-2%
-    of ``POST /messages`` throughput just by being there (an idle thread beside uvicorn's loop,
-    measured with ``benchmarks/metrics.py``'s servers), so here the loop serves it, parsing each
-    request with h11. The limits are the thread's: :data:`ENDPOINT_CONNECTIONS` at once (one more
-    is closed unanswered), :data:`ENDPOINT_DEADLINE` for the request and its answer,
-    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection.
+    __slots__ = ("task", "whole", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.task: asyncio.Task[None] | None = None
+        self.whole = False
+
+
+class LoopEndpoint:
+    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by an event loop; nothing else.
+
+    The single process's loop serves it (a thread beside uvicorn's loop cost 1.5-2% of ``POST
+    /messages`` throughput just by being there), and with ``--workers`` the parent runs it on a
+    loop of its own (:class:`EndpointThread`). Limits: :data:`ENDPOINT_CONNECTIONS` at once, a
+    newcomer evicting the oldest whose request head is not whole yet (idle or trickling: slowloris),
+    and waiting in the listen queue while every one has sent a whole head;
+    :data:`ENDPOINT_HEAD_DEADLINE` for the head, :data:`ENDPOINT_DEADLINE` for the whole exchange,
+    :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection; answers (refusals too)
+    one at a time, at most :data:`SCRAPES_PER_SECOND`, scrapes from :class:`Rendered` copies, so
+    no request rate costs the API more than a few scrapes a second do.
     """
 
-    def __init__(self, listen: str, metrics: Metrics) -> None:
+    def __init__(self, listen: str, rendered: Rendered) -> None:
         self.listen = listen
-        self.metrics = metrics
+        self.rendered = rendered
         self.sock = listening_socket(listen)
         self.port: int = self.sock.getsockname()[1]
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._slots: dict[_Slot, None] = {}  # oldest first
+        self._room: asyncio.Event | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._turn: asyncio.Lock | None = None
+        self._next_answer = 0.0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, sock=self.sock)
+        self.sock.setblocking(False)
+        self._room = asyncio.Event()
+        self._room.set()
+        self._turn = asyncio.Lock()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
         _announce(self.listen, self.port)
 
     def close(self) -> None:
         """Stop listening and drop the connections being served (a scrape is cheap to repeat)."""
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for slot in list(self._slots):
+            slot.writer.transport.abort()
+            if slot.task is not None:
+                slot.task.cancel()
+        self._slots.clear()
         self.sock.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= ENDPOINT_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._writers.add(writer)
+    def _update_room(self) -> None:
+        assert self._room is not None
+        if len(self._slots) < ENDPOINT_CONNECTIONS or any(not slot.whole for slot in self._slots):
+            self._room.set()
+        else:
+            self._room.clear()  # the next connection waits in the kernel's listen queue
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._room is not None
+        while True:
+            await self._room.wait()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError:  # out of descriptors, or the peer already gone: the next one
+                await asyncio.sleep(0.05)
+                continue
+            if len(self._slots) >= ENDPOINT_CONNECTIONS:
+                oldest = next((slot for slot in self._slots if not slot.whole), None)
+                if oldest is None:  # every slot turned whole meanwhile
+                    conn.close()
+                    continue
+                del self._slots[oldest]
+                oldest.writer.transport.abort()
+                if oldest.task is not None:
+                    oldest.task.cancel()
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=ENDPOINT_REQUEST_BYTES)
+            except OSError:
+                conn.close()
+                continue
+            slot = _Slot(writer)
+            self._slots[slot] = None
+            slot.task = loop.create_task(self._serve(reader, slot))
+            self._update_room()
+
+    async def _serve(self, reader: asyncio.StreamReader, slot: _Slot) -> None:
+        writer = slot.writer
         try:
             async with asyncio.timeout(ENDPOINT_DEADLINE):
-                answer = await self._answer(reader)
-                if answer and not writer.is_closing():  # closing: cut at shutdown
+                async with asyncio.timeout(ENDPOINT_HEAD_DEADLINE):
+                    request = await self._read_request(reader)
+                slot.whole = True
+                self._update_room()
+                if not request:  # it closed first
+                    return
+                assert self._turn is not None
+                async with self._turn:  # one answer at a time, SCRAPES_PER_SECOND at most
+                    loop = asyncio.get_running_loop()
+                    wait = self._next_answer - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._next_answer = loop.time() + 1 / SCRAPES_PER_SECOND
+                    answer = self._answer(request) if isinstance(request, h11.Request) else request
+                if answer and not writer.is_closing():  # closing: cut at shutdown or evicted
                     writer.write(answer)
                     await writer.drain()
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, asyncio.CancelledError):
             pass
         except Exception as exc:  # never a line per connection, whatever a client sends
             reason = escaped(f"{type(exc).__name__}: {exc}")
             _ENDPOINT_FAILED.log(logging.ERROR, "Metrics endpoint: could not answer a request (%s)", reason)
         finally:
-            self._writers.discard(writer)
+            self._slots.pop(slot, None)
+            if self._room is not None:
+                self._update_room()
             if writer.transport.get_write_buffer_size():  # the peer did not take the answer in time
                 writer.transport.abort()
             else:
                 writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> bytes:
-        """The whole answer to the connection's request (empty: it closed or sent too much first)."""
+    async def _read_request(self, reader: asyncio.StreamReader) -> h11.Request | bytes:
+        """The request, or the whole answer refusing it (empty: it closed first)."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=ENDPOINT_REQUEST_BYTES)
         budget = ENDPOINT_REQUEST_BYTES
         try:
@@ -829,76 +829,59 @@ class LoopEndpoint:
                 event = connection.next_event()
         except h11.RemoteProtocolError as exc:  # not HTTP, or a head over ENDPOINT_REQUEST_BYTES (431)
             return _refused(exc.error_status_hint)
-        if not isinstance(event, h11.Request):
-            return b""
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        method = event.method.decode("ascii")
+        return event if isinstance(event, h11.Request) else b""
+
+    def _answer(self, request: h11.Request) -> bytes:
+        path = request.target.decode("latin-1").partition("?")[0]
+        method = request.method.decode("ascii")
         head_only = method == "HEAD"
         if path != METRICS_PATH:
             return _refused(404, head_only=head_only)
         if method not in ("GET", "HEAD"):
             return _refused(405, head_only=head_only)
-        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
-        self.metrics.flush()
-        status, headers, output = _output(
-            self.metrics.registry, fields.get("accept"), fields.get("accept-encoding"), query
-        )
+        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+        headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
         headers.append(("Content-Length", str(len(output))))
-        return _whole(status, headers, output, head_only=head_only)
+        return _whole(200, headers, output, head_only=head_only)
 
 
-class MetricsEndpoint:
-    """``GET /metrics`` on ``HOST:PORT`` over TCP, served by a daemon thread; nothing else.
+class EndpointThread:
+    """A :class:`LoopEndpoint` on an event loop of its own, in a daemon thread: the ``--workers``
+    parent's (its main thread supervises and runs no loop)."""
 
-    A thread, not the event loop: the same endpoint serves the single server and, with
-    ``--workers``, the parent process, which runs no event loop.
-    """
+    def __init__(self, endpoint: LoopEndpoint) -> None:
+        self.endpoint = endpoint
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._started = threading.Event()
 
-    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
-        self.listen = listen
-        sock = listening_socket(listen)
-        handler = type("Handler", (_Handler,), {"registry": registry})
-
-        slots = threading.BoundedSemaphore(ENDPOINT_CONNECTIONS)
-
-        class Server(ThreadingHTTPServer):
-            address_family = sock.family
-            daemon_threads = True
-
-            def process_request(self, request: Any, client_address: Any) -> None:
-                if not slots.acquire(blocking=False):  # ENDPOINT_CONNECTIONS busy: close it at once
-                    self.shutdown_request(request)
-                    return
-                try:
-                    super().process_request(request, client_address)
-                except BaseException:
-                    slots.release()
-                    raise
-
-            def process_request_thread(self, request: Any, client_address: Any) -> None:
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    slots.release()
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                if not isinstance(sys.exc_info()[1], OSError):  # a client gone, or cut at the deadline
-                    super().handle_error(request, client_address)
-
-        self.server = Server(sock.getsockname(), handler, bind_and_activate=False)
-        self.server.socket.close()
-        self.server.socket = sock
-        self.server.server_address = sock.getsockname()
-        self.port: int = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
-
-    def start(self) -> MetricsEndpoint:
+    def start(self) -> EndpointThread:
         self._thread.start()
-        _announce(self.listen, self.port)
+        self._started.wait(10)
         return self
+
+    def _run(self) -> None:
+        loop = self.loop
+        try:
+            loop.run_until_complete(self.endpoint.start())
+            self._started.set()
+            loop.run_forever()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            self._started.set()
+            loop.close()
+
+    def _stop(self) -> None:
+        self.endpoint.close()
+        self.loop.stop()
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self.server.shutdown()
-        self.server.server_close()
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                self.loop.call_soon_threadsafe(self._stop)
+            self._thread.join(10)
+        else:
+            self.endpoint.sock.close()

@@ -160,7 +160,7 @@ class UdsServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
         took = loop.time() - began
         if self.metrics is not None:
-            self.metrics.flush()  # the last counts, for a parent still serving --workers' metrics
+            self.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
         if self.access is not None and self.access.audit is not None:
             self.access.audit.flush()
         if self.drained:
@@ -171,9 +171,9 @@ class UdsServer(uvicorn.Server):
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
 
     async def on_tick(self, counter: int) -> bool:
-        """Every tick (0.1 s) hand the metrics counted to prometheus-client; once a second, stop
-        (exit 3) if another program removed or replaced our socket file. After a SIGHUP, reload
-        the access policy (the next request sees it); write the audit lines queued."""
+        """Every tick (0.1 s) write the metrics' gauges (``--workers``: to the worker's file); once a
+        second, stop (exit 3) if another program removed or replaced our socket file. After a SIGHUP,
+        reload the access policy (the next request sees it); write the audit lines queued."""
         if self.metrics is not None:
             self.metrics.flush()
         self.notifier.ping_if_due()
@@ -267,7 +267,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
             from app.workers import Supervisor
 
             bound, address = bind(settings, inherited)
-            with for_workers(settings) as hooks:  # PROMETHEUS_MULTIPROC_DIR and the one endpoint
+            with for_workers(settings) as hooks:  # the workers' metrics directory and the one endpoint
                 return Supervisor(settings, app_factory, bound, address, hooks, notifier).run()
         if app_factory is None:  # here, not above: a --workers parent never imports FastAPI
             from app.main import create_app

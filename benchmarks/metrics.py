@@ -1,8 +1,8 @@
 """(k) What collecting metrics costs POST throughput: counted vs not.
 
 Both servers are this tree's ``uds-server --store memory``, on the same CPU. ``uds-server`` counts
-every request (method, route template, status, duration, peer uid) and hands the counts to
-``prometheus-client`` each tick; here it also serves ``--metrics-listen``. The other side is
+every request (method, route template, status, duration, peer uid) in plain numbers that a
+collector reads at each exposition; here it also serves ``--metrics-listen``. The other side is
 ``uncounted_server.py``, the same server with the recorder switched off, which counts nothing. So
 the ratio is the collection's cost alone.
 Each round of the "on" side ends with a scrape of its ``/metrics``, which must show the POSTs

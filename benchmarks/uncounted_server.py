@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -17,8 +18,8 @@ import app.metrics
 class _Off(app.metrics.Recorder):
     __slots__ = ()
 
-    def __init__(self, on: bool = True) -> None:
-        super().__init__(False)
+    def __init__(self, on: bool = True, *args: Any, **kwargs: Any) -> None:
+        super().__init__(False, *args, **kwargs)
 
 
 app.metrics.Recorder = _Off  # type: ignore[misc]

@@ -19,7 +19,8 @@ __all__ = ["install"]
 
 def install(app: FastAPI) -> Metrics:
     """Give ``app`` its :class:`Metrics` (``app.state.metrics``) and the ``GET /metrics`` route."""
-    metrics = Metrics()
+    settings = getattr(app.state, "settings", None)
+    metrics = Metrics(shown_uids=settings.metrics_uid if settings is not None else ())
     app.state.metrics = metrics
     events = getattr(app.state, "events", None)
     if events is not None:
@@ -27,7 +28,6 @@ def install(app: FastAPI) -> Metrics:
 
     async def get_metrics(request: Request) -> Response:
         """Prometheus metrics of the server (all workers)."""
-        metrics.flush()
         body, content_type = metrics.exposition(request.headers.get("accept"))
         return Response(body, 200, {"cache-control": "no-store"}, content_type)
 
@@ -41,9 +41,10 @@ def install(app: FastAPI) -> Metrics:
             summary="Prometheus metrics",
             description=(
                 "Request counts and durations by route template, messages stored, open connections "
-                "and event streams, requests by peer uid, and the process metrics, in Prometheus' text "
-                "format (or OpenMetrics, if `Accept` asks for it). With `--workers`, the sum over all "
-                "workers. `--metrics-listen HOST:PORT` serves the same over TCP for Prometheus."
+                "and event streams, requests by the peer uids `--metrics-uid` names, and the process "
+                "metrics, in Prometheus' text format (or OpenMetrics, if `Accept` asks for it), as "
+                "collected at most a second ago. With `--workers`, the sum over all workers, collected "
+                "afresh. `--metrics-listen HOST:PORT` serves the same over TCP for Prometheus."
             ),
             response_model=None,
             responses={

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.config import Settings, SettingsError
 from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
+from app.metrics_files import read_file
 from client.cli.spawn import free_port
 from tests.support import (
     NOBODY,
@@ -76,7 +77,9 @@ def post(socket_path: str, text: str = "hello", target: str = "/v1/messages") ->
 @pytest.fixture
 def metrics_server() -> Iterator[tuple[ServerProcess, int]]:
     port = free_port()
-    with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
+    with running_server(
+        "--store", "memory", "--metrics-listen", f"127.0.0.1:{port}", "--metrics-uid", str(os.getuid())
+    ) as server:
         yield server, port
 
 
@@ -196,7 +199,7 @@ def test_a_refused_request_counts_as_unmatched(metrics_server: tuple[ServerProce
 
     def counted() -> str | None:
         text = scrape(port)
-        return text if requests_total(text, "unknown", UNMATCHED, 400) == 1 else None
+        return text if requests_total(text, OTHER, UNMATCHED, 400) == 1 else None  # method not parsed
 
     text = wait_until(counted, what="the refused requests counted")
     assert requests_total(text, "GET", UNMATCHED, 400) == 1
@@ -211,8 +214,15 @@ def test_counting_starts_with_the_server_not_with_the_first_scrape() -> None:
         assert requests_total(first, "POST", "/v1/messages", 201) == 1
         assert samples(first)[("uds_messages_stored_total", ())] == 1
         assert post(path) == 201
-        second = http_over_uds(path, "GET", "/metrics")[1].decode()
-        assert requests_total(second, "POST", "/v1/messages", 201) == 2
+        wait_until(  # a scrape within a second of the last one gets the same copy
+            lambda: (
+                requests_total(
+                    http_over_uds(path, "GET", "/metrics")[1].decode(), "POST", "/v1/messages", 201
+                )
+                == 2
+            ),
+            what="the second POST in /metrics",
+        )
 
 
 def test_the_socket_metrics_follow_the_peer_allowlist() -> None:
@@ -225,7 +235,19 @@ def test_the_socket_metrics_follow_the_peer_allowlist() -> None:
         status, body = http_over_uds(s.socket_path, "GET", "/metrics")
         assert status == 403, body
         assert json.loads(body)["error"] == "forbidden"
-        assert "uds_open_connections" in scrape(port)  # the TCP port is for Prometheus, not peers
+        shown = scrape(port)
+        assert "uds_open_connections" in shown  # the TCP port is for Prometheus, not peers
+        assert (
+            "uds_peer_requests_total{" not in shown
+        )  # before: the peers' uids, which the allowlist kept from /metrics
+
+
+def test_at_most_32_uids_are_shown() -> None:
+    assert Settings.from_env({"UDS_METRICS_UID": " ".join(map(str, range(32)))}).metrics_uid == tuple(
+        range(32)
+    )
+    with pytest.raises(SettingsError, match="at most 32"):
+        Settings.from_env({"UDS_METRICS_UID": " ".join(map(str, range(33)))})
 
 
 @pytest.mark.parametrize("mode", [["--store", "memory"], ["--workers", "2"]], ids=["one-process", "workers"])
@@ -264,7 +286,7 @@ def test_workers_add_up() -> None:
             with ThreadPoolExecutor(8) as pool:
                 assert set(pool.map(post, [path] * 40)) == {201}
             sent += 40
-            counts = [posts_in(file) for file in glob.glob(f"{directory}/counter_*.db")]
+            counts = [posts_in(file) for file in glob.glob(f"{directory}/cells-*.db")]
             return counts if len(counts) == 2 and all(counts) else None
 
         wait_until(both_served, timeout=30, what="POSTs answered by both workers")
@@ -275,7 +297,7 @@ def test_workers_add_up() -> None:
 
         text = wait_until(added_up, timeout=15, what=f"{sent} POSTs in the workers' sum")
         assert samples(text)[("uds_messages_stored_total", ())] == sent
-        by_worker = [posts_in(file) for file in glob.glob(f"{directory}/counter_*.db")]
+        by_worker = [posts_in(file) for file in glob.glob(f"{directory}/cells-*.db")]
         assert sum(by_worker) == sent  # two workers' files, one sum
         socket_view = http_over_uds(path, "GET", "/metrics")[1].decode()
         assert requests_total(socket_view, "POST", "/v1/messages", 201) == sent  # the same view
@@ -286,21 +308,22 @@ def test_workers_add_up() -> None:
 
 
 def posts_in(path: str) -> float:
-    """The POST /v1/messages 201 count in one worker's counter file."""
-    wanted = {"method": "POST", "route": "/v1/messages", "status": "201"}
-    for key, value, *_ in MmapedDict.read_all_values_from_file(path):
-        _, name, labels, _ = json.loads(key)
-        if name == "uds_requests_total" and labels == wanted:
-            return float(value)
-    return 0.0
+    """The POST /v1/messages 201 count in one worker's file."""
+    return sum(
+        sum(counts[:-1])
+        for labels, counts in read_file(path)
+        if labels[:4] == ("cell", "POST", "/v1/messages", "201")
+    )
 
 
-def test_peer_uids_are_bounded() -> None:
-    metrics = Metrics(on=True)
+def test_peer_uids_are_opt_in_and_bounded() -> None:
+    hidden = Metrics(on=True).recorder
+    assert {hidden.peer(uid).label for uid in (0, 5, None)} == {None}  # no --metrics-uid: no uid series
+    metrics = Metrics(on=True, shown_uids=range(MAX_PEER_UIDS))
     recorder = metrics.recorder
     tallies = [recorder.peer(uid) for uid in range(MAX_PEER_UIDS + 10)]
     assert [tally.label for tally in tallies] == [*range(MAX_PEER_UIDS), *[OTHER] * 10]
-    assert recorder.peer(3) is tallies[3]  # a uid seen before keeps its own label
+    assert recorder.peer(3) is tallies[3]
     assert recorder.peer(None).label is None  # no peer (TCP): not shown by uid
     assert recorder.peer(MAX_PEER_UIDS + 20).label == OTHER
     for tally in tallies:
@@ -368,7 +391,9 @@ def test_each_request_counts_under_its_connections_uid() -> None:
     directory.chmod(0o755)  # uid 65534 may reach the socket (mode 666)
     port = free_port()
     with running_server(
-        "--store", "memory", "--socket-mode", "666", "--metrics-listen", f"127.0.0.1:{port}", tmp=directory
+        *("--store", "memory", "--socket-mode", "666", "--metrics-listen", f"127.0.0.1:{port}"),
+        *("--metrics-uid", str(NOBODY), "--metrics-uid", str(os.getuid())),
+        tmp=directory,
     ) as server:
         assert server.socket_path is not None
         other = python_as_nobody("-c", _POST_AS_NOBODY, server.socket_path, "3")
@@ -399,7 +424,8 @@ def test_an_answer_that_never_went_out_is_not_counted() -> None:
     was reading, which the peer never gets, is not counted."""
     port = free_port()
     with running_server(
-        "--store", "memory", "--request-timeout", "1", "--metrics-listen", f"127.0.0.1:{port}"
+        *("--store", "memory", "--request-timeout", "1", "--metrics-listen", f"127.0.0.1:{port}"),
+        *("--metrics-uid", str(os.getuid())),
     ) as server:
         assert server.socket_path is not None
         head = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -432,25 +458,19 @@ def test_an_answer_that_never_went_out_is_not_counted() -> None:
         assert found[("uds_peer_requests_total", (("uid", str(os.getuid())),))] == answered
 
 
-def test_a_flush_visits_only_what_changed() -> None:
-    """Many series (a peer sending every method to every path makes a few hundred) cost a flush
-    only where requests arrived: the others are compared, not rebuilt."""
+def test_raw_methods_and_routes_share_their_labels_record() -> None:
+    """Cells are kept by raw method and route object; those with the same labels add up in one
+    record (a peer sending every method to every path makes cells, not series)."""
     metrics = Metrics(on=True)
     recorder = metrics.recorder
     tally = recorder.peer(0)
     for route in range(300):
-        recorder.cell((route, "GET", 404), None)[0] += 1
-        tally.requests += 1
-    metrics.flush()
-    calls = []
-    metrics.requests.labels = lambda *labels: calls.append(labels)  # type: ignore[method-assign,assignment]
-    metrics.flush()  # nothing new
-    recorder.cells[(7, "GET", 404)][3] += 1  # one more request in a series already pushed
-    tally.requests += 1
-    metrics.flush()
-    assert calls == []  # its series' objects were kept from the first flush
+        for method in ("PROPFIND", "BREW"):
+            recorder.cell((route, method, 404), None)[0] += 1
+            tally.counts[0] += 1
+    assert len(recorder.records) == 1  # one cell record (the hidden peer has none)
     body, _ = metrics.exposition(None)
-    assert requests_total(body.decode(), "GET", UNMATCHED, 404) == 301
+    assert requests_total(body.decode(), OTHER, UNMATCHED, 404) == 600
 
 
 def test_the_protocols_copy_of_uvicorns_header_handling_is_current() -> None:

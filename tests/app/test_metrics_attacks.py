@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 
@@ -20,7 +19,6 @@ from tests.support import (
     python_with_open_files,
     running_server,
     short_tmpdir,
-    small_tmpfs,
     wait_until,
 )
 
@@ -114,48 +112,6 @@ METHODS = [
     *("UNSUBSCRIBE", "PURGE", "MKCALENDAR", "LINK", "UNLINK", "SOURCE", "QUERY"),
 ]
 """Methods llhttp parses: each is a new series of the request metrics."""
-
-
-def test_a_full_metrics_directory_never_kills_a_worker(tmp: Path) -> None:
-    """With --workers, metrics live in mmap files in the temporary directory. On a full disk, writing
-    a new series into a sparse page killed the worker with SIGBUS; its replacements died the same
-    way, and the server stopped ("Every worker failed to start"). Any peer makes new series by
-    sending requests with other methods; any uid may fill a shared /tmp."""
-    with (
-        small_tmpfs(tmp / "small", "1m", 0o1777) as small,
-        running_server("--workers", "2", env={"TMPDIR": str(small)}) as server,
-    ):
-        path = server.socket_path
-        assert path is not None
-        wait_until(lambda: "Server listening" in server.output, what="both workers serving")
-        with contextlib.suppress(OSError), (small / "filler").open("wb") as filler:
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
-        for target in ("/v1/messages", "/metrics", "/nowhere", "/v1/messages/1", "/healthz", "/v7/x"):
-            for method in METHODS:
-                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as conn:
-                    conn.settimeout(5)
-                    conn.connect(path)
-                    head = f"{method} {target} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
-                    conn.sendall(head.encode())
-                    conn.recv(100)
-        # Within a few ticks (0.1 s) the workers hand the new series to the mmap files.
-        wait_until(
-            lambda: "killed by signal" in server.output or "Cannot record metrics" in server.output,
-            what="the workers writing the new series",
-        )
-        assert "killed by signal" not in server.output, server.output
-        assert "No space left on device" in server.output
-        for _ in range(10):  # both workers answer, and /metrics too
-            assert http_over_uds(path, "GET", "/healthz")[0] == 200, server.output
-            assert http_over_uds(path, "GET", "/metrics")[0] == 200, server.output
-        # Once there is room again, what could not be written gets there.
-        (small / "filler").unlink()
-        wait_until(
-            lambda: b'method="PROPFIND"' in http_over_uds(path, "GET", "/metrics")[1],
-            what="the held-back series written once there is room",
-        )
 
 
 def _ask(port: int, request: bytes) -> bytes:

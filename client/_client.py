@@ -31,7 +31,7 @@ import httpx2
 import orjson
 
 from client._errors import APIError, ClientError, UsageError
-from client._events import RECONNECT_FOR, Event, follow, follow_async
+from client._events import READ_IDLE_TIMEOUT, RECONNECT_FOR, Event, follow, follow_async
 from client._models import Health, Message, RawResponse, Version
 from client._transport import (
     BASE_URL,
@@ -224,6 +224,21 @@ class _Base:
             raise self._too_large(method, url)
         return True
 
+    def _events_request(self, last_id: int | None) -> tuple[dict[str, str] | None, httpx2.Timeout]:
+        """Headers and timeouts of ``GET /events``: reads may idle up to :data:`READ_IDLE_TIMEOUT`."""
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
+        if last_id is not None:
+            headers["last-event-id"] = str(last_id)
+        return self._headers(headers), httpx2.Timeout(self.timeout, read=max(READ_IDLE_TIMEOUT, self.timeout))
+
+    def _not_a_stream(self, answer: _Answer) -> ClientError:
+        """The error for an answer to ``GET /events`` other than 200: the server's, if it sent one."""
+        try:
+            _check(answer)
+        except ClientError as exc:
+            return exc
+        return ClientError(f"{self.address} answered GET /events with {answer.status}, not a stream")
+
     def _headers(self, extra: dict[str, str] | None) -> dict[str, str] | None:
         """Per-request headers: only ``extra`` on our own httpx2 client, everything on a caller's."""
         if self._owns_http:
@@ -370,7 +385,28 @@ class Client(_Base):
         A dropped stream or a server restart is resumed from the last id (nothing missed or
         repeated); gives up after ``reconnect_for`` seconds without a stream (see client._events).
         """
-        return follow(self, since, reconnect_for)
+        return follow(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
+
+    def _open_events(self, last_id: int | None) -> httpx2.Response:
+        """``GET /events`` after ``last_id``, its head read within ``timeout``: a 200 still
+        streaming, or the error raised."""
+        url = self._api("/events")
+        headers, timeout = self._events_request(last_id)
+        request = self._http.build_request("GET", url, headers=headers, timeout=timeout)
+        token = REQUEST.set(Budget(time.monotonic() + self.timeout))
+        try:
+            response = self._http.send(request, stream=True)
+            if response.status_code == 200:
+                return response
+            try:
+                content = self._body(response.iter_bytes(), "GET", url)
+            finally:
+                response.close()
+        except (httpx2.HTTPError, TimeoutError) as exc:
+            raise mapped_error(exc, self.address) from exc
+        finally:
+            REQUEST.reset(token)
+        raise self._not_a_stream(_Answer(response, content))
 
     def health(self) -> Health:
         """GET /healthz."""
@@ -556,7 +592,28 @@ class AsyncClient(_Base):
         A dropped stream or a server restart is resumed from the last id (nothing missed or
         repeated); gives up after ``reconnect_for`` seconds without a stream (see client._events).
         """
-        return follow_async(self, since, reconnect_for)
+        return follow_async(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
+
+    async def _open_events(self, last_id: int | None) -> httpx2.Response:
+        """As :meth:`Client._open_events`."""
+        url = await self._api("/events")
+        headers, timeout = self._events_request(last_id)
+        request = self._http.build_request("GET", url, headers=headers, timeout=timeout)
+        token = REQUEST.set(Budget(time.monotonic() + self.timeout))
+        try:
+            with anyio.fail_after(self.timeout):
+                response = await self._http.send(request, stream=True)
+                if response.status_code == 200:
+                    return response
+                try:
+                    content = await self._body(response.aiter_bytes(), "GET", url)
+                finally:
+                    await response.aclose()
+        except (httpx2.HTTPError, TimeoutError) as exc:
+            raise mapped_error(exc, self.address) from exc
+        finally:
+            REQUEST.reset(token)
+        raise self._not_a_stream(_Answer(response, content))
 
     async def health(self) -> Health:
         """GET /healthz."""

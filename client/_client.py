@@ -54,8 +54,8 @@ log = logging.getLogger("client")
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 # Sent with every request; no compression on a local socket, so what counts against the cap is
-# what arrives. Set once on an httpx2 client this module builds (per request they cost ~5 us of
-# header merging), per request on a caller's.
+# what arrives. Set once on an httpx2 client this module builds (merging them into each request
+# costs CPU), per request on a caller's.
 _HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
 _JSON = {"content-type": "application/json"}
 _T = TypeVar("_T")
@@ -137,7 +137,7 @@ def _raw(answer: _Answer) -> RawResponse:
 
 
 def _send_request(text: str, idempotency_key: str | None) -> tuple[bytes, dict[str, str]]:
-    # 128 random bits, as uuid4().hex without importing uuid (~1.5 ms of a one-shot command).
+    # 128 random bits, as uuid4().hex without importing uuid (a one-shot command's start-up).
     key = idempotency_key if idempotency_key is not None else os.urandom(16).hex()
     return orjson.dumps({"text": text}), {**_JSON, "idempotency-key": key}
 
@@ -461,9 +461,8 @@ def _spec(body: Any) -> dict[str, Any]:
 class AsyncClient(_Base):
     """The asyncio (or trio) twin of :class:`Client`; share one instance between tasks.
 
-    Tasks beyond ``max_connections`` (httpx2's default, 100) queue for a connection: measured with
-    50 tasks, a pool of 8 connections served 0.87x the requests of one that gave each task its own.
-    ``timeout`` bounds each whole request.
+    Tasks beyond ``max_connections`` (httpx2's default, 100) queue for a connection (a smaller pool
+    serves fewer requests: docs/performance.md). ``timeout`` bounds each whole request.
     """
 
     def __init__(

@@ -252,10 +252,6 @@ class ReuseTracker:
         """The same, for async transports (httpcore2 wants a coroutine function there)."""
         self(event, info)
 
-    @property
-    def reused(self) -> bool:
-        return not self.opened
-
 
 def is_stale_error(exc: BaseException) -> bool:
     """True for the httpx2 errors that a keep-alive connection closed by the server produces."""

@@ -31,7 +31,7 @@ import httpx2
 import orjson
 
 from client._errors import APIError, ClientError, UsageError
-from client._events import RECONNECT_FOR, Event, follow, follow_async
+from client._events import READ_IDLE_TIMEOUT, RECONNECT_FOR, Event, follow, follow_async
 from client._models import Health, Message, RawResponse, Version, WhoAmI
 from client._transport import (
     BASE_URL,
@@ -54,8 +54,8 @@ log = logging.getLogger("client")
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 # Sent with every request; no compression on a local socket, so what counts against the cap is
-# what arrives. Set once on an httpx2 client this module builds (per request they cost ~5 us of
-# header merging), per request on a caller's.
+# what arrives. Set once on an httpx2 client this module builds (merging them into each request
+# costs CPU), per request on a caller's.
 _HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
 _JSON = {"content-type": "application/json"}
 _T = TypeVar("_T")
@@ -137,7 +137,7 @@ def _raw(answer: _Answer) -> RawResponse:
 
 
 def _send_request(text: str, idempotency_key: str | None) -> tuple[bytes, dict[str, str]]:
-    # 128 random bits, as uuid4().hex without importing uuid (~1.5 ms of a one-shot command).
+    # 128 random bits, as uuid4().hex without importing uuid (a one-shot command's start-up).
     key = idempotency_key if idempotency_key is not None else os.urandom(16).hex()
     return orjson.dumps({"text": text}), {**_JSON, "idempotency-key": key}
 
@@ -223,6 +223,21 @@ class _Base:
         if int(declared) > self.max_response_bytes:
             raise self._too_large(method, url)
         return True
+
+    def _events_request(self, last_id: int | None) -> tuple[dict[str, str] | None, httpx2.Timeout]:
+        """Headers and timeouts of ``GET /events``: reads may idle up to :data:`READ_IDLE_TIMEOUT`."""
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
+        if last_id is not None:
+            headers["last-event-id"] = str(last_id)
+        return self._headers(headers), httpx2.Timeout(self.timeout, read=max(READ_IDLE_TIMEOUT, self.timeout))
+
+    def _not_a_stream(self, answer: _Answer) -> ClientError:
+        """The error for an answer to ``GET /events`` other than 200: the server's, if it sent one."""
+        try:
+            _check(answer)
+        except ClientError as exc:
+            return exc
+        return ClientError(f"{self.address} answered GET /events with {answer.status}, not a stream")
 
     def _headers(self, extra: dict[str, str] | None) -> dict[str, str] | None:
         """Per-request headers: only ``extra`` on our own httpx2 client, everything on a caller's."""
@@ -370,7 +385,28 @@ class Client(_Base):
         A dropped stream or a server restart is resumed from the last id (nothing missed or
         repeated); gives up after ``reconnect_for`` seconds without a stream (see client._events).
         """
-        return follow(self, since, reconnect_for)
+        return follow(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
+
+    def _open_events(self, last_id: int | None) -> httpx2.Response:
+        """``GET /events`` after ``last_id``, its head read within ``timeout``: a 200 still
+        streaming, or the error raised."""
+        url = self._api("/events")
+        headers, timeout = self._events_request(last_id)
+        request = self._http.build_request("GET", url, headers=headers, timeout=timeout)
+        token = REQUEST.set(Budget(time.monotonic() + self.timeout))
+        try:
+            response = self._http.send(request, stream=True)
+            if response.status_code == 200:
+                return response
+            try:
+                content = self._body(response.iter_bytes(), "GET", url)
+            finally:
+                response.close()
+        except (httpx2.HTTPError, TimeoutError) as exc:
+            raise mapped_error(exc, self.address) from exc
+        finally:
+            REQUEST.reset(token)
+        raise self._not_a_stream(_Answer(response, content))
 
     def health(self) -> Health:
         """GET /healthz."""
@@ -430,9 +466,8 @@ def _spec(body: Any) -> dict[str, Any]:
 class AsyncClient(_Base):
     """The asyncio (or trio) twin of :class:`Client`; share one instance between tasks.
 
-    Tasks beyond ``max_connections`` (httpx2's default, 100) queue for a connection: measured with
-    50 tasks, a pool of 8 connections served 0.87x the requests of one that gave each task its own.
-    ``timeout`` bounds each whole request.
+    Tasks beyond ``max_connections`` (httpx2's default, 100) queue for a connection (a smaller pool
+    serves fewer requests: docs/performance.md). ``timeout`` bounds each whole request.
     """
 
     def __init__(
@@ -561,7 +596,28 @@ class AsyncClient(_Base):
         A dropped stream or a server restart is resumed from the last id (nothing missed or
         repeated); gives up after ``reconnect_for`` seconds without a stream (see client._events).
         """
-        return follow_async(self, since, reconnect_for)
+        return follow_async(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
+
+    async def _open_events(self, last_id: int | None) -> httpx2.Response:
+        """As :meth:`Client._open_events`."""
+        url = await self._api("/events")
+        headers, timeout = self._events_request(last_id)
+        request = self._http.build_request("GET", url, headers=headers, timeout=timeout)
+        token = REQUEST.set(Budget(time.monotonic() + self.timeout))
+        try:
+            with anyio.fail_after(self.timeout):
+                response = await self._http.send(request, stream=True)
+                if response.status_code == 200:
+                    return response
+                try:
+                    content = await self._body(response.aiter_bytes(), "GET", url)
+                finally:
+                    await response.aclose()
+        except (httpx2.HTTPError, TimeoutError) as exc:
+            raise mapped_error(exc, self.address) from exc
+        finally:
+            REQUEST.reset(token)
+        raise self._not_a_stream(_Answer(response, content))
 
     async def health(self) -> Health:
         """GET /healthz."""

@@ -1,7 +1,7 @@
 """A lean health probe: one HTTP/1.1 request over AF_UNIX with nothing but ``socket``.
 
 ``uds-client health`` runs as a Kubernetes exec probe every few seconds, so it must not pay for
-importing httpx2 (~80 ms), nor even ``http.client`` (which pulls in ``email`` and ``ssl``, ~10 ms).
+importing httpx2, nor even ``http.client`` (which pulls in ``email`` and ``ssl``): docs/performance.md (e).
 The request is fixed (``GET`` with ``Connection: close``), so reading to EOF frames the response.
 ``timeout`` bounds the whole probe: every connect, send and recv waits only for what is left of it,
 so a server that drips a byte at a time cannot keep the probe past it.

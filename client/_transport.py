@@ -1,25 +1,19 @@
-"""httpx2's Unix-socket transports, set up for a socket, and the mapping of their errors.
+"""httpx2's Unix-socket transports, ``HTTPTransport(uds=...)``, set up for the socket, and the
+mapping of their errors.
 
-* **No CA bundle.** httpx2 gives every transport a TLS context and loads the system CA file into it
-  (measured: 38 ms per transport). TLS never runs over the socket, so :func:`sync_transport` and
-  :func:`async_transport` pass one bare context, built once.
-* **A deadline per request.** ``Client`` sets :data:`REQUEST` (a :class:`Budget`) for the whole
-  of a request; the network backends below make every connect, read and write wait at most until
-  its deadline, so ``timeout`` bounds the request, not each read (a server dripping a byte a second
-  cannot stretch it). httpcore2 already bounds each async read with a cancel scope; passing it the
-  time left costs nothing more than a second scope around the request would.
-* **No leaked socket.** httpcore2 2.16's ``SyncBackend.connect_unix_socket`` leaves a socket whose
-  ``connect()`` failed to the garbage collector (a ``ResourceWarning``, and a descriptor held per
-  failed attempt until it is collected); :class:`UnixBackend` closes it (anyio does for async).
-  httpx2 has no argument for a network backend, so both transports get their private ``_pool``
-  swapped for a pool built through httpcore2's public constructor, failing loudly if that
-  attribute changes.
-* **Stale connections.** Idle connections expire after :data:`KEEPALIVE_EXPIRY`, well under the
-  server's keep-alive (15 s). When a reused connection still turns out closed (:func:`is_stale_error`)
-  the caller retries once: the backends mark the :class:`Budget` of a request that opened a new
-  connection (an httpx2 ``trace`` callback, :class:`ReuseTracker`, does it for other transports;
-  it runs on every event of every request: measured with a cancel scope around async requests,
-  15-35 us of CPU per sync request and 3-9% per async one, so the default transports avoid both).
+* **No CA bundle**: TLS never runs over the socket, so the transports get one bare context.
+* **A deadline per request**: ``Client`` sets :data:`REQUEST` (a :class:`Budget`) for a whole
+  request; the network backends below give every connect, read and write only what is left of it,
+  so a server dripping a byte at a time cannot stretch ``timeout``.
+* **No leaked socket**: httpcore2's ``SyncBackend`` leaves the socket of a failed ``connect()`` to
+  the garbage collector; :class:`UnixBackend` closes it.
+* **Stale connections**: idle connections expire after :data:`KEEPALIVE_EXPIRY`, under the
+  server's keep-alive; a reused one found closed (:func:`is_stale_error`) is retried once, and the
+  backends mark the :class:`Budget` of a request that connected (:class:`ReuseTracker`, a
+  ``trace`` callback, does it on other transports, at a cost per request).
+
+httpx2 takes no network backend, so :func:`_use_pool` puts one in (see there). Costs measured:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -197,12 +191,22 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
         return AsyncDeadlineStream(stream)
 
 
-def _pool_of(transport: httpx2.HTTPTransport | httpx2.AsyncHTTPTransport, kind: type) -> None:
-    if type(getattr(transport, "_pool", None)) is not kind:
+def _use_pool(
+    transport: httpx2.HTTPTransport | httpx2.AsyncHTTPTransport,
+    pool: httpcore2.ConnectionPool | httpcore2.AsyncConnectionPool,
+) -> None:
+    """Give ``transport`` the httpcore2 ``pool`` built with our backend, in place of its own.
+
+    The one private hook of this package: ``HTTPTransport`` takes no ``network_backend``, while
+    httpcore2's pool does (publicly). tests/client/test_transport.py fails when httpx2 moves the
+    attribute, or grows a public way to do this.
+    """
+    if type(getattr(transport, "_pool", None)) is not type(pool):
         raise RuntimeError(
-            f"httpx2's {type(transport).__name__} no longer keeps its {kind.__name__} in "
+            f"httpx2's {type(transport).__name__} no longer keeps a {type(pool).__name__} in "
             "_pool; update client._transport for this httpx2 version"
         )
+    transport._pool = pool
 
 
 def _pool_options(path: str, max_connections: int | None) -> dict[str, Any]:
@@ -219,20 +223,16 @@ def _pool_options(path: str, max_connections: int | None) -> dict[str, Any]:
 def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
     """``httpx2.HTTPTransport(uds=path)`` with no CA bundle, :class:`UnixBackend` and short keep-alive."""
     transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    _pool_of(transport, httpcore2.ConnectionPool)
-    transport._pool = httpcore2.ConnectionPool(
-        network_backend=UnixBackend(), **_pool_options(path, max_connections)
-    )
+    options = _pool_options(path, max_connections)
+    _use_pool(transport, httpcore2.ConnectionPool(network_backend=UnixBackend(), **options))
     return transport
 
 
 def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.AsyncHTTPTransport:
     """``httpx2.AsyncHTTPTransport(uds=path)``: no CA bundle, :class:`AsyncUnixBackend`, short keep-alive."""
     transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    _pool_of(transport, httpcore2.AsyncConnectionPool)
-    transport._pool = httpcore2.AsyncConnectionPool(
-        network_backend=AsyncUnixBackend(), **_pool_options(path, max_connections)
-    )
+    options = _pool_options(path, max_connections)
+    _use_pool(transport, httpcore2.AsyncConnectionPool(network_backend=AsyncUnixBackend(), **options))
     return transport
 
 
@@ -252,10 +252,6 @@ class ReuseTracker:
         """The same, for async transports (httpcore2 wants a coroutine function there)."""
         self(event, info)
 
-    @property
-    def reused(self) -> bool:
-        return not self.opened
-
 
 def is_stale_error(exc: BaseException) -> bool:
     """True for the httpx2 errors that a keep-alive connection closed by the server produces."""
@@ -263,11 +259,8 @@ def is_stale_error(exc: BaseException) -> bool:
 
 
 def mapped_error(exc: BaseException, address: str) -> ClientError:
-    """The library's error for an httpx2 error or a timeout; the caller raises it ``from exc``.
-
-    A function for the caller's ``except`` rather than a context manager, which would cost every
-    request ~0.5 us to enter and leave (a bare ``try`` costs nothing until something is raised).
-    """
+    """The library's error for an httpx2 error or a timeout; the caller raises it ``from exc``
+    (a function, not a context manager: a bare ``try`` costs nothing until something is raised)."""
     if isinstance(exc, httpx2.TimeoutException | TimeoutError):
         return ConnectError(address, "timed out")
     if isinstance(exc, httpx2.TransportError):

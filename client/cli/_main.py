@@ -147,10 +147,13 @@ class _VersionAction(argparse.Action):
     ) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
-        try:
-            number = version("uds-example")
-        except PackageNotFoundError:
-            number = "unknown (not installed)"
+        number = "unknown (not installed)"
+        for distribution in ("uds-example", "uds-example-client"):  # the project, or the client alone
+            try:
+                number = version(distribution)
+                break
+            except PackageNotFoundError:
+                continue
         print(f"{PROG} {number}")
         parser.exit(0)
 

@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import orjson
 import psutil
 
-from client._events import EventDecoder
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import (
     ServerProcess,
@@ -28,6 +28,7 @@ from tests.support import (
 
 SSE = tuple[str, str, str | None]
 """A decoded event: (event type, data, last event id)."""
+EVENTS = httpx2.Request("GET", "http://localhost/v1/events")
 
 
 class RawStream:
@@ -44,9 +45,11 @@ class RawStream:
         assert found is not None, "the server closed the stream before its head"
         self.head, self.headers = found
         self.status = response_status(self.head)
-        self.decoder = EventDecoder(1 << 24)
-        self.ready: list[SSE] = []
-        self.ended = False
+        # The chunks, read from the socket as the events are asked for, parsed by httpx2.
+        body = httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=self._chunks(), request=EVENTS
+        )
+        self.events = iter(httpx2.EventSource(body, max_event_size=1 << 24))
 
     def _chunk(self) -> bytes | None:
         """The next chunk of the chunked body; b"" at its end, None if the connection closes first."""
@@ -63,6 +66,10 @@ class RawStream:
         del self.buffer[:need]
         return data
 
+    def _chunks(self) -> Iterator[bytes]:
+        while chunk := self._chunk():
+            yield chunk
+
     def _fill(self) -> bool:
         chunk = self.sock.recv(65536)
         self.buffer += chunk
@@ -70,15 +77,10 @@ class RawStream:
 
     def next(self) -> SSE | None:
         """The next event, or None once the stream has ended (or the connection closed)."""
-        while not self.ready:
-            if self.ended:
-                return None
-            chunk = self._chunk()
-            if not chunk:
-                self.ended = True
-                return None
-            self.ready.extend(self.decoder.feed(chunk))
-        return self.ready.pop(0)
+        for sse in self.events:
+            if sse.data:  # not the opening ``retry:``
+                return sse.event, sse.data, sse.id or None
+        return None
 
     def until(self, event: str) -> list[SSE]:
         """Every event up to and including the first of type ``event``."""

@@ -1,4 +1,4 @@
-"""Following ``GET /events`` from the client: the parser, ``uds-client events`` (output, Ctrl-C,
+"""Following ``GET /events`` from the client: ``uds-client events`` (output, Ctrl-C,
 resuming across a server restart), a client killed and restarted with its last id, and
 ``AsyncClient.events()``; all against real server processes."""
 
@@ -16,10 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pytest
-
-from client import AsyncClient, Client
-from client._events import Event, EventDecoder
+from client import AsyncClient, Client, Event
 from tests.support import PYTHON, ROOT, ServerProcess, run_cli
 
 TIMEOUT = 20.0
@@ -85,27 +82,6 @@ class Follower:
 
 def ids_of(events: list[dict[str, object]]) -> list[object]:
     return [e["id"] for e in events if e["event"] == "message"]
-
-
-# -- the parser ---------------------------------------------------------------------------------
-
-
-def test_the_parser_splits_lines_on_crlf_cr_and_lf_even_across_chunks() -> None:
-    stream = b': heartbeat\r\n\r\nevent: message\rdata: {"a":\r\ndata: 1}\nid: 7\r\n\r\ndata: x\n\n'
-    for size in (1, 2, 3, len(stream)):
-        decoder = EventDecoder(1000)
-        out = []
-        for start in range(0, len(stream), size):
-            out.extend(decoder.feed(stream[start : start + size]))
-        assert out == [("message", '{"a":\n1}', "7"), ("message", "x", "7")], size
-
-
-def test_the_parser_refuses_an_event_larger_than_its_bound() -> None:
-    from client import ClientError
-
-    decoder = EventDecoder(100)
-    with pytest.raises(ClientError, match="larger than 100 bytes"):
-        decoder.feed(b"data: " + b"x" * 200)
 
 
 # -- uds-client events --------------------------------------------------------------------------

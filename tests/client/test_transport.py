@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -79,12 +80,22 @@ def test_httpcore2_still_leaks_the_socket_of_a_failed_connect(tmp_short: Path) -
 
 
 def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
-    """Our transports swap ``_pool`` of httpx2's transports; if httpx2 renames or retypes it, fail here."""
+    """``_use_pool`` swaps ``_pool`` of httpx2's transports; if httpx2 renames or retypes it, fail here."""
     assert type(httpx2.HTTPTransport(uds="/tmp/none.sock", verify=False)._pool) is httpcore2.ConnectionPool
     stock = httpx2.AsyncHTTPTransport(uds="/tmp/none.sock", verify=False)
     assert type(stock._pool) is httpcore2.AsyncConnectionPool
-    assert type(sync_transport("/tmp/none.sock")._pool) is httpcore2.ConnectionPool
-    assert type(async_transport("/tmp/none.sock")._pool) is httpcore2.AsyncConnectionPool
+    ours, ours_async = sync_transport("/tmp/none.sock"), async_transport("/tmp/none.sock")
+    assert type(ours) is httpx2.HTTPTransport  # still HTTPTransport(uds=...), only its pool is ours
+    assert type(ours._pool) is httpcore2.ConnectionPool
+    assert type(ours_async) is httpx2.AsyncHTTPTransport
+    assert type(ours_async._pool) is httpcore2.AsyncConnectionPool
+
+
+@pytest.mark.parametrize("transport", [httpx2.HTTPTransport, httpx2.AsyncHTTPTransport])
+def test_httpx2_transports_still_take_no_network_backend(transport: type) -> None:
+    """Why ``_use_pool`` exists. When this fails, httpx2 takes a backend publicly: pass it there."""
+    public = set(inspect.signature(transport).parameters)
+    assert not {"network_backend", "pool", "backend"} & public, public
 
 
 def test_client_requests_go_through_the_closing_backend(

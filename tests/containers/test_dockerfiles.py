@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,11 @@ def test_base_image_is_a_pinned_build_arg(dockerfile: str) -> None:
 def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: str) -> None:
     steps = instructions(dockerfile)
     copies = [i for i, (keyword, _) in enumerate(steps) if keyword == "COPY"]
-    first_source = next(i for i in copies if steps[i][1].startswith("app/"))
+    first_source = next(i for i in copies if steps[i][1].startswith(("app/ ", "client/ ")))
     deps = next(i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and "--requirement" in args)
-    manifest = next(i for i in copies if steps[i][1].startswith("pyproject.toml"))
+    manifest = next(
+        i for i in copies if steps[i][1].startswith(("pyproject.toml", "client/requirements.txt"))
+    )
     assert manifest < deps < first_source
     # Offline wheels are the package source when the build context has them.
     assert "build/wheel[s]" in steps[manifest][1]
@@ -153,19 +156,27 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert "**/__pycache__" in rules
 
 
+def client_requirements() -> list[str]:
+    """client/requirements.txt without its comments: all the client image installs."""
+    lines = (ROOT / "client" / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower()
+
+
 def test_client_imports_nothing_the_client_image_leaves_out() -> None:
-    """The client image installs pyproject.toml's dependencies but SERVER_PACKAGES (and not ``app``).
+    """The client image installs client/requirements.txt, not the rest of pyproject.toml's
+    dependencies, nor ``app``.
 
     So no module of ``client`` may import those, nor what they bring (Starlette, pydantic), except
     inside ``try: ... except ImportError``. (tests/containers/test_client_image.py imports every
     module in the built image.)
     """
-    steps = instructions("Dockerfile.client")
-    arg = next(args for keyword, args in steps if keyword == "ARG" and args.startswith("SERVER_PACKAGES="))
-    server = set(arg.split("=", 1)[1].strip('"').split())
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower() for d in deps}
-    assert server <= names, f"SERVER_PACKAGES {server - names} are not dependencies in pyproject.toml"
+    client = {requirement_name(d) for d in client_requirements()}
+    server = {requirement_name(d) for d in deps} - client
     left_out = {name.replace("-", "_") for name in server} | {"app", "starlette", "pydantic"}
     imported: dict[str, set[str]] = {}
     for path in sorted((ROOT / "client").rglob("*.py")):
@@ -175,6 +186,69 @@ def test_client_imports_nothing_the_client_image_leaves_out() -> None:
             for top in (imported_modules(node) & left_out) - optional:
                 imported.setdefault(top, set()).add(str(path.relative_to(ROOT)))
     assert not imported, f"client modules import packages the client image lacks: {imported}"
+
+
+def test_the_client_distribution_is_the_projects_client_part() -> None:
+    """client/pyproject.toml builds the ``client`` package alone: its requirements are written as
+    in pyproject.toml, and its packages and ``uds-client`` are the project's."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())
+    assert set(client_requirements()) <= set(project["project"]["dependencies"])
+    assert client["project"]["version"] == project["project"]["version"]
+    assert client["build-system"] == project["build-system"]
+    ours = [p for p in project["tool"]["setuptools"]["packages"] if p.split(".")[0] == "client"]
+    assert client["tool"]["setuptools"]["packages"] == ours
+    assert client["project"]["scripts"] == {"uds-client": project["project"]["scripts"]["uds-client"]}
+
+
+def test_the_client_image_installs_no_server_code_and_deletes_nothing() -> None:
+    """Dockerfile.client installs the client's own distribution and requirements: the server's
+    source never enters the build, so nothing has to be removed after the install."""
+    steps = instructions("Dockerfile.client")
+    copied = [args.split()[0] for keyword, args in steps if keyword == "COPY" and "--from" not in args]
+    assert copied == ["client/requirements.txt", "client/"], copied
+    runs = [args for keyword, args in steps if keyword == "RUN"]
+    assert not [r for r in runs if re.search(r"\brm\b|python3? -c", r)], "no deleting, no inline scripts"
+    assert any("pip install" in r and "--no-deps ./client" in r for r in runs)
+
+
+def test_the_client_distribution_builds_a_wheel_of_the_client_alone() -> None:
+    """The wheel pip builds from client/ (a copy, so the tree stays clean) holds ``client`` and the
+    ``uds-client`` command, nothing of the server."""
+    work = short_tmpdir("cwheel")
+    try:
+        shutil.copytree(ROOT / "client", work / "client", ignore=shutil.ignore_patterns("__pycache__"))
+        pip = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps"]
+        built = subprocess.run(
+            [*pip, "-w", str(work / "dist"), str(work / "client")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert built.returncode == 0, built.stderr
+        (wheel,) = (work / "dist").glob("uds_example_client-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+            scripts = archive.read(
+                next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+            ).decode()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"client"}, tops
+    shipped = {name.removeprefix("client/") for name in names if name.startswith("client/")}
+    source = {str(p.relative_to(ROOT / "client")) for p in (ROOT / "client").rglob("*.py")}
+    assert shipped == source | {"py.typed"}
+    requires = sorted(
+        line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")
+    )
+    assert [requirement_name(r) for r in requires] == sorted(
+        requirement_name(r) for r in client_requirements()
+    )
+    assert "uds-client = client.cli:main" in scripts
+    assert "uds-server" not in scripts
 
 
 def imported_modules(node: ast.AST) -> set[str]:

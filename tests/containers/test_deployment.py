@@ -48,7 +48,8 @@ def for_podman(text: str) -> list[Spec]:
       on that host port, would make fail). In a cluster the port only names 9102 for Prometheus;
       the server listens there all the same (``UDS_METRICS_LISTEN``), on the Pod's own network.
 
-    The PodDisruptionBudget and the NetworkPolicy stay in: podman skips kinds it does not play.
+    The ConfigMap stays in (podman mounts it as the policy file, as the kubelet does); the
+    PodDisruptionBudget and the NetworkPolicy too: podman skips kinds it does not play.
     """
     docs = [d for d in yaml.safe_load_all(text) if d is not None]
     [deployment] = [d for d in docs if d["kind"] == "Deployment"]
@@ -56,7 +57,7 @@ def for_podman(text: str) -> list[Spec]:
     deployment["spec"]["replicas"] = 1
     for container in deployment["spec"]["template"]["spec"]["containers"]:
         container.pop("ports", None)
-    assert [d["kind"] for d in docs] == ["Deployment", "PodDisruptionBudget", "NetworkPolicy"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "PodDisruptionBudget", "NetworkPolicy"]
     return docs
 
 
@@ -99,11 +100,24 @@ def mounts(container: str) -> dict[str, str]:
 
 
 def test_state_volume_is_the_servers_alone(played: Path) -> None:
-    assert mounts(SERVER) == {"/csi": "csi-socket", "/var/lib/uds-example": "state"}
+    assert mounts(SERVER) == {
+        "/csi": "csi-socket",
+        "/var/lib/uds-example": "state",
+        "/etc/uds-example": "uds-example",  # the ConfigMap's policy, read-only
+    }
     assert mounts(CLIENT) == {"/csi": "csi-socket"}
     # The server (uid 10001) can write there, with the root filesystem read-only.
     done = podman("exec", SERVER, "sh", "-c", "test -w /var/lib/uds-example && ! test -w /")
     assert done.returncode == 0, done.stderr
+
+
+def test_the_configmap_policy_is_in_force(played: Path) -> None:
+    """The client container (uid 10002) holds the scopes the ConfigMap's policy grants it."""
+    done = podman("exec", CLIENT, "uds-client", "whoami", "--json")
+    assert done.returncode == 0, done.stderr
+    me = json.loads(done.stdout)
+    assert me["uid"] == 10002
+    assert sorted(me["scopes"]) == ["events", "read", "write"]
 
 
 # From the client container: another process on the Pod's network, as Prometheus is from outside.

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from client.cli.spawn import ServerProcess, SpawnError, app_command, python_command
@@ -36,11 +36,17 @@ _PRINTING = threading.Lock()
 
 
 class _Lines:
-    """Print a child's output lines as they come, labelled, and remember them."""
+    """Print a child's output lines as they come, labelled, and remember them.
 
-    def __init__(self, label: str, stream: IO[str]) -> None:
+    With ``after``, the first line waits (up to 10 s) until ``after()`` is true: the client's
+    answer is printed after the server's line about the same message, as the README shows, even
+    when the client's pipe is read first.
+    """
+
+    def __init__(self, label: str, stream: IO[str], after: Callable[[], bool] | None = None) -> None:
         self.label = label
         self.lines: list[str] = []
+        self._after = after
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
@@ -49,6 +55,9 @@ class _Lines:
         shown = True
         for raw in stream:
             line = raw.rstrip("\n")
+            if self._after is not None:
+                self._after()
+                self._after = None
             if shown:
                 try:
                     with _PRINTING:  # print() writes the text and the newline apart: one line at a time
@@ -75,7 +84,7 @@ class _Lines:
         self._thread.join(timeout)
 
 
-def _run_client(path: str) -> None:
+def _run_client(path: str, server: _Lines) -> None:
     # The socket from --socket, never from the environment.
     env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"}
     client = subprocess.Popen(
@@ -87,7 +96,7 @@ def _run_client(path: str) -> None:
         env=env,
     )
     assert client.stdout is not None
-    lines = _Lines("uds-client", client.stdout)
+    lines = _Lines("uds-client", client.stdout, after=lambda: server.wait_for(RECEIVED, 10.0))
     try:
         code = client.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -115,7 +124,7 @@ def run() -> None:
             lines = _Lines("uds-server", server.proc.stdout)
             try:
                 server.wait_ready(START_TIMEOUT)
-                _run_client(path)
+                _run_client(path, lines)
                 if not lines.wait_for(RECEIVED, 10.0):
                     raise DemoError(f"uds-server never logged {RECEIVED!r}")
                 code = server.stop(timeout=STOP_TIMEOUT)

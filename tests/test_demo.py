@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import subprocess
 import sys
@@ -9,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.demo import main
+from app.demo import RECEIVED as SERVER_LINE
+from app.demo import _Lines, main
 from tests.support import ROOT
 
 LISTENING = re.compile(r"\[uds-server\] 🔌 Server listening on (/tmp/uds-demo-[^/]+)/csi\.sock")
@@ -29,7 +32,7 @@ def test_demo_prints_both_sides_and_cleans_up() -> None:
     assert match, listening[0]
     assert RECEIVED in lines
     assert REPLIED in lines
-    assert lines.index(listening[0]) < lines.index(REPLIED)
+    assert lines.index(listening[0]) < lines.index(RECEIVED) < lines.index(REPLIED)
     assert not Path(match.group(1)).exists(), "the demo left its temp directory behind"
     assert result.stderr == ""
 
@@ -39,3 +42,20 @@ def test_demo_rejects_arguments_with_exit_2(capsys: pytest.CaptureFixture[str]) 
     out, err = capsys.readouterr()
     assert out == ""
     assert err == "Error: uds-demo takes no arguments (got --bogus); try uds-demo --help\n"
+
+
+def test_the_clients_answer_is_printed_after_the_servers_line_even_when_it_arrives_first(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The race of a busy machine, made certain: the client's pipe has its line before the server's."""
+    server_read, server_write = os.pipe()
+    client_stream = io.StringIO("📥 Client received: Hello from server via UDS\n")
+    with open(server_read, encoding="utf-8") as server_stream:
+        server = _Lines("uds-server", server_stream)
+        client = _Lines("uds-client", client_stream, after=lambda: server.wait_for(SERVER_LINE, 10.0))
+        with open(server_write, "w", encoding="utf-8") as writer:
+            writer.write(SERVER_LINE + "\n")
+        client.join(15)
+        server.join(15)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[uds-server] {SERVER_LINE}", REPLIED]

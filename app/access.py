@@ -232,7 +232,7 @@ class PeerAllowlist:
     ) -> None:
         method, path = escaped(scope["method"]), escaped(scope["path"])
         if self.access.audit is not None:
-            self.access.audit.note(_entry(scope, peer, user, 403, "deny", needed))
+            self.access.audit.deny(_entry(scope, peer, user, 403, "deny", needed))
         if peer is None:
             self.refused.log(
                 logging.WARNING,
@@ -292,7 +292,7 @@ class PeerAllowlist:
         self, scope: Scope, receive: Receive, send: Send, peer: dict[str, int], needed: str
     ) -> None:
         if self.access.audit is not None:
-            self.access.audit.note(_entry(scope, peer, None, 403, "deny", needed))
+            self.access.audit.deny(_entry(scope, peer, None, 403, "deny", needed))
         self.refused.log(
             logging.WARNING,
             "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",

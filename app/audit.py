@@ -6,6 +6,9 @@ with one ``write`` each tick of the server (0.1 s) or when :data:`FLUSH_AT` byte
 fsync. Each ``write`` carries whole lines and the file is opened ``O_APPEND``, so ``--workers``
 processes sharing it never split each other's lines. A full disk costs lines, never requests:
 one warning, and when writing works again a line in both logs with the count of lines lost.
+Refusals cost the caller nothing, so they are itemized up to a budget (:data:`DENY_BURST`, then
+:data:`DENY_PER_SECOND`); past it they are counted by uid into one line a second: a flood of 403s
+cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FIELDS", "FLUSH_AT", "MAX_PENDING", "MESSAGE_ID", "AuditError", "AuditLog", "open_audit_file"]
+__all__ = [
+    "DENY_BURST",
+    "DENY_PER_SECOND",
+    "FIELDS",
+    "FLUSH_AT",
+    "MAX_PENDING",
+    "MESSAGE_ID",
+    "AuditError",
+    "AuditLog",
+    "open_audit_file",
+]
 
 log = logging.getLogger("app.audit")
 
@@ -46,6 +59,12 @@ MESSAGE_ID = "uds.message_id"
 """Scope key where ``POST /messages`` leaves the id it stored, for the audit line."""
 MAX_ROUTE = 256
 """Longest path recorded, in characters: a peer chooses it."""
+DENY_BURST = 100
+"""Refusals itemized in a row before the budget applies."""
+DENY_PER_SECOND = 1.0
+"""Refusals itemized per second once the burst is spent; the rest are counted (``"event": "denied"``)."""
+MAX_DENY_UIDS = 32
+"""Distinct uids counted in one ``denied`` line; the others are summed under ``"other"``."""
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -95,6 +114,11 @@ class AuditLog:
         self.failing = False
         self._second = -1
         self._stamp = ""
+        self._tokens = float(DENY_BURST)
+        self._refilled = time.monotonic()
+        self.denied: dict[str, int] = {}
+        """Refusals past the budget not yet written, by uid (``"other"`` past :data:`MAX_DENY_UIDS`)."""
+        self._denied_since = 0.0
 
     def note(self, entry: tuple[Any, ...]) -> None:
         """Queue one request's line: ``entry`` holds ``time.time()`` and then the :data:`FIELDS`.
@@ -104,6 +128,31 @@ class AuditLog:
         queued.append(entry)
         if len(queued) >= ENCODE_AT:
             self._encode()
+
+    def deny(self, entry: tuple[Any, ...]) -> None:
+        """Queue a refusal's line (as :meth:`note`) while the budget allows, else count it by uid."""
+        now = time.monotonic()
+        tokens = min(float(DENY_BURST), self._tokens + (now - self._refilled) * DENY_PER_SECOND)
+        self._refilled = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            self.note(entry)
+            return
+        self._tokens = tokens
+        denied = self.denied
+        if not denied:
+            self._denied_since = entry[0]
+        uid = entry[1]
+        key = "unknown" if uid is None else str(uid)
+        if key not in denied and len(denied) >= MAX_DENY_UIDS:
+            key = "other"
+        denied[key] = denied.get(key, 0) + 1
+
+    def _count_denied(self) -> None:
+        """One line for the refusals counted, not itemized, since the last such line."""
+        denied, self.denied = self.denied, {}
+        since = self._time(self._denied_since)
+        self.record({"event": "denied", "since": since, "requests": sum(denied.values()), "by_uid": denied})
 
     def record(self, fields: dict[str, Any]) -> None:
         """Queue one line of other ``fields`` (after the time), encoded at once."""
@@ -161,6 +210,8 @@ class AuditLog:
 
     def flush(self) -> None:
         """Write what is queued; on failure keep it (up to the bound) and warn once."""
+        if self.denied and time.time() - self._denied_since >= 1.0:
+            self._count_denied()
         if self.queued:
             self._encode()
         if not self.lines and not self.tail:
@@ -233,6 +284,8 @@ class AuditLog:
             os.close(old)
 
     def close(self) -> None:
+        if self.denied:
+            self._count_denied()
         self.flush()
         if self.fd is not None and self.target != "-":
             os.close(self.fd)

@@ -1,0 +1,65 @@
+"""The policy's surfaces attacked on a real server: what a caller without scopes can make it spend.
+
+CI runs as root and drops to other uids (``setpriv``-like, through ``subprocess``) for the callers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.audit import DENY_BURST
+from tests.app.test_policy_server import POLICY, STRANGER, _audit, _server
+from tests.app.test_policy_server import tmp as tmp
+from tests.support import python_as_nobody
+
+_FLOOD = """
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+request = b"POST /v1/messages HTTP/1.1\\r\\nHost: localhost\\r\\nContent-Length: 0\\r\\n\\r\\n"
+refused = 0
+for _ in range(count):
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        conn.sendall(request)
+        refused += conn.recv(64).startswith(b"HTTP/1.1 403 ")
+print(refused)
+"""
+
+REFUSALS = 3000
+
+
+def test_a_flood_of_refusals_cannot_fill_the_disk_through_the_audit_log(tmp: Path) -> None:
+    """Past the burst, refusals are counted by uid (one line a second), not written one by one;
+    the counts add up to every refusal."""
+    log = tmp / "audit.log"
+    with _server(tmp, POLICY, "--store", "memory", "--audit-log", str(log)) as server:
+        server.wait_ready()
+        flood = python_as_nobody("-c", _FLOOD, str(tmp / "s.sock"), str(REFUSALS), uid=STRANGER, gid=STRANGER)
+        assert flood.returncode == 0, flood.stderr
+        assert int(flood.stdout) == REFUSALS
+        assert server.stop() == 0, server.output
+    records = _audit(log)
+    itemized = [r for r in records if r.get("decision") == "deny"]
+    counted = [r for r in records if r.get("event") == "denied"]
+    assert {r["uid"] for r in itemized} == {STRANGER}
+    # The burst, plus one a second for however long the flood took (generously: a minute).
+    assert DENY_BURST <= len(itemized) <= DENY_BURST + 60
+    assert counted, records[-3:]
+    assert all(set(r["by_uid"]) == {str(STRANGER)} for r in counted)
+    assert len(itemized) + sum(r["requests"] for r in counted) == REFUSALS
+    assert log.stat().st_size < 64 * 1024, "about 150 bytes a refusal before"
+
+
+def test_refusals_past_the_budget_are_counted_under_a_bounded_set_of_uids(tmp_path: Path) -> None:
+    from app.audit import MAX_DENY_UIDS, AuditLog
+
+    log = tmp_path / "audit.log"
+    audit = AuditLog(str(log))
+    for uid in range(DENY_BURST + 10 * MAX_DENY_UIDS):
+        audit.deny((1e9, uid, uid, 1, "POST", "/v1/messages", 403, "deny", "write", None, None))
+    audit.close()
+    records = _audit(log)
+    [counted] = [r for r in records if r.get("event") == "denied"]
+    assert len(counted["by_uid"]) == MAX_DENY_UIDS + 1
+    assert counted["by_uid"]["other"] == 9 * MAX_DENY_UIDS
+    assert len(records) - 1 + counted["requests"] == DENY_BURST + 10 * MAX_DENY_UIDS

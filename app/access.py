@@ -137,7 +137,8 @@ class Access:
 
     def whoami(self, scope: Scope) -> dict[str, Any]:
         """``GET /whoami``: the caller's credentials and the scopes it holds (through a proxy: the
-        scopes both hold, and the user behind it with its own)."""
+        scopes both hold, and the user behind it with its scopes among the proxy's: anyone may send
+        the header, so it must not show a stranger the rules of the uid it names)."""
         extensions = scope.get("extensions") or {}
         peer = extensions.get(PEER_KEY)
         connection = extensions.get(CONNECTION_KEY)
@@ -154,9 +155,8 @@ class Access:
             behind = _forwarded(scope)
             user = behind["peer"] if behind is not None else None
             if user is not None:
-                theirs = self.held_behind(user)
-                held = held & theirs
-                doc["forwarded_for"] = {**user, "scopes": ordered(theirs)}
+                held = held & self.held_behind(user)
+                doc["forwarded_for"] = {**user, "scopes": ordered(held)}
         doc["scopes"] = ordered(held)
         return doc
 

@@ -5,6 +5,7 @@ CI runs as root and drops to other uids (``setpriv``-like, through ``subprocess`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from app.audit import DENY_BURST
@@ -63,3 +64,26 @@ def test_refusals_past_the_budget_are_counted_under_a_bounded_set_of_uids(tmp_pa
     assert len(counted["by_uid"]) == MAX_DENY_UIDS + 1
     assert counted["by_uid"]["other"] == 9 * MAX_DENY_UIDS
     assert len(records) - 1 + counted["requests"] == DENY_BURST + 10 * MAX_DENY_UIDS
+
+
+def test_whoami_with_a_forged_header_does_not_show_a_stranger_the_rules(tmp: Path) -> None:
+    """Anyone may send Uds-Forwarded-Peer: naming the writer must not list the writer's scopes."""
+    from tests.app.test_policy_server import WRITER, calls_as
+
+    with _server(tmp, POLICY, "--store", "memory") as server:
+        server.wait_ready()
+        forged = f"uid={WRITER} gid={WRITER} pid=1"
+        script = (
+            "import sys\nfrom tests.support import http_over_uds\n"
+            "named = {'Uds-Forwarded-Peer': sys.argv[2]}\n"
+            "print(http_over_uds(sys.argv[1], 'GET', '/v1/whoami', headers=named)[1].decode())"
+        )
+        shown = python_as_nobody("-c", script, str(tmp / "s.sock"), forged, uid=STRANGER, gid=STRANGER)
+        assert shown.returncode == 0, shown.stderr
+        me = json.loads(shown.stdout)
+        assert me["uid"] == STRANGER
+        assert me["scopes"] == []
+        assert me["forwarded_for"] == {"uid": WRITER, "gid": WRITER, "pid": 1, "scopes": []}
+        # The writer itself still sees its own scopes.
+        [(status, body)] = calls_as(WRITER, str(tmp / "s.sock"), ("GET", "/v1/whoami", ""))
+        assert (status, json.loads(body)["scopes"]) == (200, ["read", "write"])

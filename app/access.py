@@ -109,7 +109,7 @@ class Access:
         self.generation += 1
         log.info(
             "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s",
-            self.path,
+            escaped(self.path),
             os.getpid(),
             policy.rules,
             policy.digest,

@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from app.logs import escaped
+
 __all__ = [
     "DENY_BURST",
     "DENY_PER_SECOND",
@@ -75,22 +77,23 @@ class AuditError(ValueError):
 def open_audit_file(path: str) -> int:
     """Open (create 0600) ``path`` for appending; refuse a symlink, a non-regular file, a file of
     another owner or one others may read. Returns the descriptor."""
+    shown = escaped(path)
     try:
         fd = os.open(path, _FLAGS, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise AuditError(f"audit log {path}: is a symbolic link; give the file itself") from None
-        raise AuditError(f"audit log {path}: cannot open it ({exc.strerror or exc})") from None
+            raise AuditError(f"audit log {shown}: is a symbolic link; give the file itself") from None
+        raise AuditError(f"audit log {shown}: cannot open it ({exc.strerror or exc})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise AuditError(f"audit log {path}: not a regular file")
+            raise AuditError(f"audit log {shown}: not a regular file")
         if info.st_uid != os.geteuid():
             owner = f"owned by uid {info.st_uid}, not this server's {os.geteuid()}"
-            raise AuditError(f"audit log {path}: {owner}")
+            raise AuditError(f"audit log {shown}: {owner}")
         if info.st_mode & 0o077:
             mode = stat.S_IMODE(info.st_mode)
-            raise AuditError(f"audit log {path}: others may open it (mode {mode:04o}); chmod 600 it")
+            raise AuditError(f"audit log {shown}: others may open it (mode {mode:04o}); chmod 600 it")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -230,12 +233,13 @@ class AuditLog:
                 written += os.write(self.fd, data[written:])
         except OSError as exc:
             self._keep(data, written, lines)
-            self._failed(f"cannot write audit log {self.target}: {exc.strerror or exc}")
+            self._failed(f"cannot write audit log {escaped(self.target)}: {exc.strerror or exc}")
             return
         self.tail = b""
         if self.failing:
             self.failing = False
-            log.warning("Audit log %s is writable again; %d line(s) were lost", self.target, self.lost)
+            shown = escaped(self.target)
+            log.warning("Audit log %s is writable again; %d line(s) were lost", shown, self.lost)
             if self.lost:
                 self.record({"event": "lost", "lines": self.lost})
                 self.lost = 0

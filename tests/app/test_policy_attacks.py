@@ -6,12 +6,16 @@ CI runs as root and drops to other uids (``setpriv``-like, through ``subprocess`
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from app.audit import DENY_BURST
 from tests.app.test_policy_server import POLICY, STRANGER, _audit, _server
 from tests.app.test_policy_server import tmp as tmp
-from tests.support import python_as_nobody
+from tests.support import PYTHON, ROOT, ServerProcess, python_as_nobody, wait_until
 
 _FLOOD = """
 import socket, sys
@@ -87,3 +91,41 @@ def test_whoami_with_a_forged_header_does_not_show_a_stranger_the_rules(tmp: Pat
         # The writer itself still sees its own scopes.
         [(status, body)] = calls_as(WRITER, str(tmp / "s.sock"), ("GET", "/v1/whoami", ""))
         assert (status, json.loads(body)["scopes"]) == (200, ["read", "write"])
+
+
+@pytest.mark.parametrize("flag", ["--policy", "--audit-log"])
+def test_a_file_name_with_control_characters_cannot_forge_or_paint_the_error_line(flag: str) -> None:
+    name = "/nonexistent/p\n\x1b[31mError: all good\r"
+    started = subprocess.run(
+        [PYTHON, "-m", "app", "--socket", "/nonexistent/s.sock", flag, name],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 2, started.stderr
+    [line] = started.stderr.splitlines()
+    assert line.isprintable(), line
+    assert "\\n\\x1b[31mError: all good\\r" in line
+
+
+def test_a_reload_names_a_policy_path_with_control_characters_escaped(tmp: Path) -> None:
+    odd = tmp / "a\nb\x1b[2J"
+    odd.mkdir()
+    rules = odd / "policy.toml"
+    rules.write_text(POLICY)
+    sock = str(tmp / "s.sock")
+    with ServerProcess(
+        ["--socket", sock, "--store", "memory", "--policy", str(rules)], socket_path=sock
+    ) as server:
+        server.wait_ready()
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "Policy reloaded from" in server.output, timeout=5)
+        rules.write_text("[[rule]\n")
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "Policy not reloaded" in server.output, timeout=5)
+        assert server.stop() == 0
+    lines = [line for line in server.output.splitlines() if "Policy" in line]
+    assert len(lines) == 2, server.output
+    assert all("a\\nb\\x1b[2J/policy.toml" in line and line.isprintable() for line in lines), lines

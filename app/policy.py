@@ -139,6 +139,8 @@ def load_policy(path: str) -> Policy:
         raise PolicyError(f"policy file {name}: cannot read it ({exc.strerror or exc})") from None
     if len(data) > MAX_BYTES:
         raise PolicyError(f"policy file {name}: larger than {MAX_BYTES} bytes")
+    if not data:  # what a reload sees between an editor's truncate and its write
+        raise PolicyError(f"policy file {name}: empty; to grant nothing, write a comment line in it")
     return parse_policy(data, name)
 
 

@@ -6,6 +6,7 @@ CI runs as root and drops to other uids (``setpriv``-like, through ``subprocess`
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -129,3 +130,20 @@ def test_a_reload_names_a_policy_path_with_control_characters_escaped(tmp: Path)
     lines = [line for line in server.output.splitlines() if "Policy" in line]
     assert len(lines) == 2, server.output
     assert all("a\\nb\\x1b[2J/policy.toml" in line and line.isprintable() for line in lines), lines
+
+
+def test_a_reload_that_meets_the_file_truncated_mid_write_keeps_the_rules(tmp: Path) -> None:
+    """An editor truncates, then writes: a SIGHUP in between read an empty file, a valid policy of
+    no rules, and locked every caller out."""
+    from tests.app.test_policy_server import READER, calls_as
+
+    with _server(tmp, POLICY, "--store", "memory") as server:
+        server.wait_ready()
+        (tmp / "policy.toml").write_bytes(b"")
+        server.signal(signal.SIGHUP)
+        line = wait_until(lambda: re.search(r".*Policy not reloaded.*", server.output), timeout=5)
+        assert "empty; to grant nothing, write a comment line" in line.group(0)
+        assert [
+            status for status, _ in calls_as(READER, str(tmp / "s.sock"), ("GET", "/v1/messages", ""))
+        ] == [200]
+        assert server.stop() == 0

@@ -75,8 +75,8 @@ class AuditError(ValueError):
 
 
 def open_audit_file(path: str) -> int:
-    """Open (create 0600) ``path`` for appending; refuse a symlink, a non-regular file, a file of
-    another owner or one others may read. Returns the descriptor."""
+    """Open (create 0600) ``path`` for appending; refuse a symlink, a non-regular file, one with
+    other hard links, a file of another owner or one others may read. Returns the descriptor."""
     shown = escaped(path)
     try:
         fd = os.open(path, _FLAGS, 0o600)
@@ -88,6 +88,8 @@ def open_audit_file(path: str) -> int:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise AuditError(f"audit log {shown}: not a regular file")
+        if info.st_nlink > 1:  # another name for it may be a file the server keeps (its database)
+            raise AuditError(f"audit log {shown}: has {info.st_nlink} hard links; give a file of its own")
         if info.st_uid != os.geteuid():
             owner = f"owned by uid {info.st_uid}, not this server's {os.geteuid()}"
             raise AuditError(f"audit log {shown}: {owner}")

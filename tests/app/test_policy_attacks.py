@@ -6,6 +6,7 @@ CI runs as root and drops to other uids (``setpriv``-like, through ``subprocess`
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -147,3 +148,26 @@ def test_a_reload_that_meets_the_file_truncated_mid_write_keeps_the_rules(tmp: P
             status for status, _ in calls_as(READER, str(tmp / "s.sock"), ("GET", "/v1/messages", ""))
         ] == [200]
         assert server.stop() == 0
+
+
+def test_an_audit_log_that_is_a_hard_link_to_another_file_is_refused(tmp: Path) -> None:
+    """Where hard links are not protected, whoever can write in the log's directory can link a
+    file the server owns there (its database); the server appended JSON lines to it."""
+    database = tmp / "messages.db"
+    database.write_bytes(b"SQLite format 3\x00")
+    database.chmod(0o600)
+    os.link(database, tmp / "audit.log")
+    started = subprocess.run(
+        [PYTHON, "-m", "app", "--socket", str(tmp / "s.sock"), "--audit-log", str(tmp / "audit.log")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 2, started.stderr
+    assert (
+        started.stderr.strip()
+        == f"Error: audit log {tmp / 'audit.log'}: has 2 hard links; give a file of its own"
+    )
+    assert database.read_bytes() == b"SQLite format 3\x00"

@@ -129,6 +129,12 @@ def load_policy(path: str) -> Policy:
                     f"policy file {name}: owned by uid {info.st_uid}, neither root nor this server's "
                     f"{os.geteuid()}; whoever owns it decides the rules"
                 )
+            # Not even the server's own group: in the Pod it is the group every container shares.
+            if info.st_mode & stat.S_IWGRP and info.st_gid != 0:
+                raise PolicyError(
+                    f"policy file {name}: writable by group {info.st_gid} (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}); its members could change the rules: chmod g-w it"
+                )
             if info.st_mode & stat.S_IWOTH:
                 raise PolicyError(
                     f"policy file {name}: writable by every user (mode {stat.S_IMODE(info.st_mode):04o}); "

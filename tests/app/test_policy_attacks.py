@@ -171,3 +171,25 @@ def test_an_audit_log_that_is_a_hard_link_to_another_file_is_refused(tmp: Path) 
         == f"Error: audit log {tmp / 'audit.log'}: has 2 hard links; give a file of its own"
     )
     assert database.read_bytes() == b"SQLite format 3\x00"
+
+
+def test_a_policy_file_its_group_may_write_is_refused_unless_the_group_is_root(
+    tmp: Path,
+) -> None:
+    """A member of that group (here the stranger's) could grant itself every scope and wait for
+    the next SIGHUP."""
+    rules = tmp / "policy.toml"
+    rules.write_text(POLICY)
+    os.chown(rules, 0, STRANGER)
+    rules.chmod(0o664)
+    args = [PYTHON, "-m", "app", "--socket", str(tmp / "s.sock"), "--store", "memory", "--policy", str(rules)]
+    started = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert started.returncode == 2, started.stderr
+    assert started.stderr.strip() == (
+        f"Error: policy file {rules}: writable by group {STRANGER} (mode 0664); "
+        "its members could change the rules: chmod g-w it"
+    )
+    os.chown(rules, 0, 0)  # root's group may write it
+    with ServerProcess(args[3:], socket_path=str(tmp / "s.sock")) as server:
+        server.wait_ready()
+        assert server.stop() == 0

@@ -290,9 +290,10 @@ class AuditLog:
             os.close(old)
 
     def close(self) -> None:
+        """Write what is queued (and the count of refusals not itemized); close the file."""
         if self.denied:
             self._count_denied()
         self.flush()
-        if self.fd is not None and self.target != "-":
+        if self.fd is not None and self.target != "-":  # standard error stays, and stays the target
             os.close(self.fd)
-        self.fd = None
+            self.fd = None

@@ -193,3 +193,18 @@ def test_a_policy_file_its_group_may_write_is_refused_unless_the_group_is_root(
     with ServerProcess(args[3:], socket_path=str(tmp / "s.sock")) as server:
         server.wait_ready()
         assert server.stop() == 0
+
+
+def test_standard_error_stays_the_audit_target_after_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server closes its audit log when it stops; a line noted after that (a request cancelled
+    by the drain's deadline) must not create a file named ``-`` in the working directory."""
+    from app.audit import AuditLog
+
+    monkeypatch.chdir(tmp_path)
+    audit = AuditLog("-")
+    audit.close()
+    audit.note((1e9, 1, 1, 1, "POST", "/v1/messages", 201, "allow", "write", 1, None))
+    audit.flush()
+    assert not (tmp_path / "-").exists()

@@ -230,7 +230,7 @@ class PeerAllowlist:
         needed: str,
         user: dict[str, int] | None,
     ) -> None:
-        method, path = escaped(scope["method"]), escaped(scope["path"])
+        method, path = escaped(scope["method"]), _shown_path(scope)
         if self.access.audit is not None:
             self.access.audit.deny(_entry(scope, peer, user, 403, "deny", needed))
         if peer is None:
@@ -297,10 +297,17 @@ class PeerAllowlist:
             logging.WARNING,
             "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
             escaped(scope["method"]),
-            escaped(scope["path"]),
+            _shown_path(scope),
         )
         message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         await error_response(403, message)(scope, receive, send)
+
+
+def _shown_path(scope: Scope) -> str:
+    """The path for a log line: cut at :data:`MAX_ROUTE` characters (a peer chooses it, up to the
+    head's 32 KiB, once per throttle period), then escaped."""
+    path: str = scope["path"]
+    return escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
 
 
 def _entry(

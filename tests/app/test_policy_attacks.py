@@ -208,3 +208,21 @@ def test_standard_error_stays_the_audit_target_after_close(
     audit.note((1e9, 1, 1, 1, "POST", "/v1/messages", 201, "allow", "write", 1, None))
     audit.flush()
     assert not (tmp_path / "-").exists()
+
+
+def test_the_refusal_log_line_of_a_huge_path_is_short(tmp: Path) -> None:
+    """One line per 10 s gets out for a flood of refusals; a peer chose its path, up to 32 KiB of
+    head, and each escaped byte took 4 characters: 40 KB a line before, 300 MB a day."""
+    script = (
+        "import sys\nfrom tests.support import http_over_uds\n"
+        "print(http_over_uds(sys.argv[1], 'POST', '/v1/' + '%1b' * 10000, b'')[0])"
+    )
+    with _server(tmp, POLICY, "--store", "memory") as server:
+        server.wait_ready()
+        refused = python_as_nobody("-c", script, str(tmp / "s.sock"), uid=STRANGER, gid=STRANGER)
+        assert refused.stdout.strip() == "403", refused.stderr
+        line = wait_until(lambda: re.search(r".*Refused POST.*", server.output), timeout=5).group(0)
+        assert server.stop() == 0
+    assert len(line) < 1500, len(line)
+    assert "/v1/\\x1b\\x1b" in line
+    assert "\x1b" not in line

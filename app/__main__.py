@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -93,6 +94,9 @@ def check_files(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build Settings (flag > env > default), configure logging, serve."""
+    # A reload asked for while the server starts must not kill it (the default action): ignored
+    # until run() sets its handler. The files a reload reads are read after this anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = parse_settings(argv)
         check_files(settings)

@@ -109,7 +109,7 @@ class Access:
         self.generation += 1
         log.info(
             "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s",
-            self.path,
+            escaped(self.path),
             os.getpid(),
             policy.rules,
             policy.digest,
@@ -137,7 +137,8 @@ class Access:
 
     def whoami(self, scope: Scope) -> dict[str, Any]:
         """``GET /whoami``: the caller's credentials and the scopes it holds (through a proxy: the
-        scopes both hold, and the user behind it with its own)."""
+        scopes both hold, and the user behind it with its scopes among the proxy's: anyone may send
+        the header, so it must not show a stranger the rules of the uid it names)."""
         extensions = scope.get("extensions") or {}
         peer = extensions.get(PEER_KEY)
         connection = extensions.get(CONNECTION_KEY)
@@ -154,9 +155,8 @@ class Access:
             behind = _forwarded(scope)
             user = behind["peer"] if behind is not None else None
             if user is not None:
-                theirs = self.held_behind(user)
-                held = held & theirs
-                doc["forwarded_for"] = {**user, "scopes": ordered(theirs)}
+                held = held & self.held_behind(user)
+                doc["forwarded_for"] = {**user, "scopes": ordered(held)}
         doc["scopes"] = ordered(held)
         return doc
 
@@ -230,9 +230,9 @@ class PeerAllowlist:
         needed: str,
         user: dict[str, int] | None,
     ) -> None:
-        method, path = escaped(scope["method"]), escaped(scope["path"])
+        method, path = escaped(scope["method"]), _shown_path(scope)
         if self.access.audit is not None:
-            self.access.audit.note(_entry(scope, peer, user, 403, "deny", needed))
+            self.access.audit.deny(_entry(scope, peer, user, 403, "deny", needed))
         if peer is None:
             self.refused.log(
                 logging.WARNING,
@@ -292,15 +292,22 @@ class PeerAllowlist:
         self, scope: Scope, receive: Receive, send: Send, peer: dict[str, int], needed: str
     ) -> None:
         if self.access.audit is not None:
-            self.access.audit.note(_entry(scope, peer, None, 403, "deny", needed))
+            self.access.audit.deny(_entry(scope, peer, None, 403, "deny", needed))
         self.refused.log(
             logging.WARNING,
             "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
             escaped(scope["method"]),
-            escaped(scope["path"]),
+            _shown_path(scope),
         )
         message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         await error_response(403, message)(scope, receive, send)
+
+
+def _shown_path(scope: Scope) -> str:
+    """The path for a log line: cut at :data:`MAX_ROUTE` characters (a peer chooses it, up to the
+    head's 32 KiB, once per throttle period), then escaped."""
+    path: str = scope["path"]
+    return escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
 
 
 def _entry(

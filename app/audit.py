@@ -6,6 +6,9 @@ with one ``write`` each tick of the server (0.1 s) or when :data:`FLUSH_AT` byte
 fsync. Each ``write`` carries whole lines and the file is opened ``O_APPEND``, so ``--workers``
 processes sharing it never split each other's lines. A full disk costs lines, never requests:
 one warning, and when writing works again a line in both logs with the count of lines lost.
+Refusals cost the caller nothing, so they are itemized up to a budget (:data:`DENY_BURST`, then
+:data:`DENY_PER_SECOND`); past it they are counted by uid into one line a second: a flood of 403s
+cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -20,7 +23,19 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FIELDS", "FLUSH_AT", "MAX_PENDING", "MESSAGE_ID", "AuditError", "AuditLog", "open_audit_file"]
+from app.logs import escaped
+
+__all__ = [
+    "DENY_BURST",
+    "DENY_PER_SECOND",
+    "FIELDS",
+    "FLUSH_AT",
+    "MAX_PENDING",
+    "MESSAGE_ID",
+    "AuditError",
+    "AuditLog",
+    "open_audit_file",
+]
 
 log = logging.getLogger("app.audit")
 
@@ -46,6 +61,12 @@ MESSAGE_ID = "uds.message_id"
 """Scope key where ``POST /messages`` leaves the id it stored, for the audit line."""
 MAX_ROUTE = 256
 """Longest path recorded, in characters: a peer chooses it."""
+DENY_BURST = 100
+"""Refusals itemized in a row before the budget applies."""
+DENY_PER_SECOND = 1.0
+"""Refusals itemized per second once the burst is spent; the rest are counted (``"event": "denied"``)."""
+MAX_DENY_UIDS = 32
+"""Distinct uids counted in one ``denied`` line; the others are summed under ``"other"``."""
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -54,24 +75,27 @@ class AuditError(ValueError):
 
 
 def open_audit_file(path: str) -> int:
-    """Open (create 0600) ``path`` for appending; refuse a symlink, a non-regular file, a file of
-    another owner or one others may read. Returns the descriptor."""
+    """Open (create 0600) ``path`` for appending; refuse a symlink, a non-regular file, one with
+    other hard links, a file of another owner or one others may read. Returns the descriptor."""
+    shown = escaped(path)
     try:
         fd = os.open(path, _FLAGS, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise AuditError(f"audit log {path}: is a symbolic link; give the file itself") from None
-        raise AuditError(f"audit log {path}: cannot open it ({exc.strerror or exc})") from None
+            raise AuditError(f"audit log {shown}: is a symbolic link; give the file itself") from None
+        raise AuditError(f"audit log {shown}: cannot open it ({exc.strerror or exc})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise AuditError(f"audit log {path}: not a regular file")
+            raise AuditError(f"audit log {shown}: not a regular file")
+        if info.st_nlink > 1:  # another name for it may be a file the server keeps (its database)
+            raise AuditError(f"audit log {shown}: has {info.st_nlink} hard links; give a file of its own")
         if info.st_uid != os.geteuid():
             owner = f"owned by uid {info.st_uid}, not this server's {os.geteuid()}"
-            raise AuditError(f"audit log {path}: {owner}")
+            raise AuditError(f"audit log {shown}: {owner}")
         if info.st_mode & 0o077:
             mode = stat.S_IMODE(info.st_mode)
-            raise AuditError(f"audit log {path}: others may open it (mode {mode:04o}); chmod 600 it")
+            raise AuditError(f"audit log {shown}: others may open it (mode {mode:04o}); chmod 600 it")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -95,6 +119,11 @@ class AuditLog:
         self.failing = False
         self._second = -1
         self._stamp = ""
+        self._tokens = float(DENY_BURST)
+        self._refilled = time.monotonic()
+        self.denied: dict[str, int] = {}
+        """Refusals past the budget not yet written, by uid (``"other"`` past :data:`MAX_DENY_UIDS`)."""
+        self._denied_since = 0.0
 
     def note(self, entry: tuple[Any, ...]) -> None:
         """Queue one request's line: ``entry`` holds ``time.time()`` and then the :data:`FIELDS`.
@@ -104,6 +133,31 @@ class AuditLog:
         queued.append(entry)
         if len(queued) >= ENCODE_AT:
             self._encode()
+
+    def deny(self, entry: tuple[Any, ...]) -> None:
+        """Queue a refusal's line (as :meth:`note`) while the budget allows, else count it by uid."""
+        now = time.monotonic()
+        tokens = min(float(DENY_BURST), self._tokens + (now - self._refilled) * DENY_PER_SECOND)
+        self._refilled = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            self.note(entry)
+            return
+        self._tokens = tokens
+        denied = self.denied
+        if not denied:
+            self._denied_since = entry[0]
+        uid = entry[1]
+        key = "unknown" if uid is None else str(uid)
+        if key not in denied and len(denied) >= MAX_DENY_UIDS:
+            key = "other"
+        denied[key] = denied.get(key, 0) + 1
+
+    def _count_denied(self) -> None:
+        """One line for the refusals counted, not itemized, since the last such line."""
+        denied, self.denied = self.denied, {}
+        since = self._time(self._denied_since)
+        self.record({"event": "denied", "since": since, "requests": sum(denied.values()), "by_uid": denied})
 
     def record(self, fields: dict[str, Any]) -> None:
         """Queue one line of other ``fields`` (after the time), encoded at once."""
@@ -161,6 +215,8 @@ class AuditLog:
 
     def flush(self) -> None:
         """Write what is queued; on failure keep it (up to the bound) and warn once."""
+        if self.denied and time.time() - self._denied_since >= 1.0:
+            self._count_denied()
         if self.queued:
             self._encode()
         if not self.lines and not self.tail:
@@ -179,12 +235,13 @@ class AuditLog:
                 written += os.write(self.fd, data[written:])
         except OSError as exc:
             self._keep(data, written, lines)
-            self._failed(f"cannot write audit log {self.target}: {exc.strerror or exc}")
+            self._failed(f"cannot write audit log {escaped(self.target)}: {exc.strerror or exc}")
             return
         self.tail = b""
         if self.failing:
             self.failing = False
-            log.warning("Audit log %s is writable again; %d line(s) were lost", self.target, self.lost)
+            shown = escaped(self.target)
+            log.warning("Audit log %s is writable again; %d line(s) were lost", shown, self.lost)
             if self.lost:
                 self.record({"event": "lost", "lines": self.lost})
                 self.lost = 0
@@ -233,7 +290,10 @@ class AuditLog:
             os.close(old)
 
     def close(self) -> None:
+        """Write what is queued (and the count of refusals not itemized); close the file."""
+        if self.denied:
+            self._count_denied()
         self.flush()
-        if self.fd is not None and self.target != "-":
+        if self.fd is not None and self.target != "-":  # standard error stays, and stays the target
             os.close(self.fd)
-        self.fd = None
+            self.fd = None

@@ -392,6 +392,12 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        # uvicorn cancels it only on a clean end; after a reset it held this connection for the
+        # whole keep-alive timeout, so a flood of hang-ups piled up memory.
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
         # uvicorn marks only the last parsed cycle as disconnected; the one still answering (with
         # requests pipelined behind it) would then write to the closed transport and log an
         # "internal error" that any peer could trigger at will by hanging up.

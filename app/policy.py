@@ -18,6 +18,8 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from app.logs import escaped
+
 __all__ = [
     "ALL",
     "OPEN",
@@ -114,33 +116,43 @@ def scope_for(table: Mapping[str, str], method: str, path: str) -> str:
 
 def load_policy(path: str) -> Policy:
     """Read and check the policy file at ``path``; raise PolicyError naming the file and the line."""
+    name = escaped(path)  # a path with a line break or an escape code must not break the error line
     try:
         # O_NONBLOCK: a FIFO planted in the file's place must not hang the start or a reload.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb") as file:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise PolicyError(f"policy file {path}: not a regular file")
+                raise PolicyError(f"policy file {name}: not a regular file")
             if info.st_uid not in (0, os.geteuid()):
                 raise PolicyError(
-                    f"policy file {path}: owned by uid {info.st_uid}, neither root nor this server's "
+                    f"policy file {name}: owned by uid {info.st_uid}, neither root nor this server's "
                     f"{os.geteuid()}; whoever owns it decides the rules"
+                )
+            # Not even the server's own group: in the Pod it is the group every container shares.
+            if info.st_mode & stat.S_IWGRP and info.st_gid != 0:
+                raise PolicyError(
+                    f"policy file {name}: writable by group {info.st_gid} (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}); its members could change the rules: chmod g-w it"
                 )
             if info.st_mode & stat.S_IWOTH:
                 raise PolicyError(
-                    f"policy file {path}: writable by every user (mode {stat.S_IMODE(info.st_mode):04o}); "
+                    f"policy file {name}: writable by every user (mode {stat.S_IMODE(info.st_mode):04o}); "
                     "chmod o-w it"
                 )
             data = file.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise PolicyError(f"policy file {path}: cannot read it ({exc.strerror or exc})") from None
+        raise PolicyError(f"policy file {name}: cannot read it ({exc.strerror or exc})") from None
     if len(data) > MAX_BYTES:
-        raise PolicyError(f"policy file {path}: larger than {MAX_BYTES} bytes")
-    return parse_policy(data, path)
+        raise PolicyError(f"policy file {name}: larger than {MAX_BYTES} bytes")
+    if not data:  # what a reload sees between an editor's truncate and its write
+        raise PolicyError(f"policy file {name}: empty; to grant nothing, write a comment line in it")
+    return parse_policy(data, name)
 
 
 def parse_policy(data: bytes, name: str) -> Policy:
     """The policy in ``data`` (TOML); ``name`` is the file's name for the error messages."""
+    name = escaped(name)
     try:
         text = data.decode("utf-8")
         doc = tomllib.loads(text)

@@ -162,7 +162,7 @@ class UdsServer(uvicorn.Server):
         if self.metrics is not None:
             self.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
         if self.access is not None and self.access.audit is not None:
-            self.access.audit.flush()
+            self.access.audit.close()  # the last lines, and the count of refusals not itemized
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
         elif self.force_exit:

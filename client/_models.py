@@ -129,7 +129,8 @@ class WhoAmI:
     ``write``, ``events``, ``metrics``. Over TCP ``uid``, ``gid`` and ``pid`` are None.
 
     Through ``uds-client proxy``, ``uid``/``gid``/``pid`` are the proxy's, ``forwarded_for`` the
-    user it speaks for with that user's own ``forwarded_scopes``, and ``scopes`` those both hold.
+    user it speaks for, and ``scopes`` and ``forwarded_scopes`` those both hold (the server never
+    shows the named user's scopes beyond the caller's own: anyone may send the header).
     """
 
     uid: int | None

@@ -303,9 +303,9 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     print(f"groups  {' '.join(map(str, me.groups)) or '-'}")
     if me.forwarded_for is not None:
         user = me.forwarded_for
-        theirs = ", ".join(me.forwarded_scopes) or "nothing"
+        theirs = _clean(", ".join(me.forwarded_scopes)) or "nothing"
         print(f"behind  uid {user.uid} gid {user.gid} pid {user.pid}, holding {theirs}")
-    print(f"scopes  {', '.join(me.scopes) or 'none'}")
+    print(f"scopes  {_clean(', '.join(me.scopes)) or 'none'}")
     return 0
 
 

@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from client import AsyncClient, Client, Peer, WhoAmI
 from client.cli import main as cli_main
+from tests.client.conftest import answering, json_answer, raw_server
 from tests.support import running_server, short_tmpdir
 
 POLICY = f'[[rule]]\nuid = {os.getuid()}\nallow = ["read", "events"]\n'
@@ -78,3 +80,27 @@ def test_whoami_without_a_socket_and_through_a_proxy_in_process(app_client: Clie
     assert behind.forwarded_for == Peer(pid=0, uid=65534, gid=-1)
     assert behind.forwarded_scopes == ("read", "write")
     assert behind.to_json()["forwarded_for"]["scopes"] == ["read", "write"]
+
+
+def test_uds_client_whoami_escapes_what_the_server_says(
+    tmp_short: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An impostor server's scopes cannot paint the terminal or add lines to whoami's output."""
+    body = json.dumps(
+        {
+            "uid": 1,
+            "gid": 1,
+            "pid": 1,
+            "groups": [],
+            "scopes": ["read\n\x1b[2Jscopes  everything", "write\x07"],
+            "forwarded_for": {"uid": 2, "gid": 2, "pid": 2, "scopes": ["\x1b]0;title\x07"]},
+        }
+    ).encode()
+    with raw_server(str(tmp_short / "w.sock"), answering(json_answer(200, body))) as path:
+        assert cli_main(["--socket", path, "whoami"]) == 0
+    out = capsys.readouterr().out
+    assert out.isascii()
+    assert not any(ord(char) < 0x20 for char in out.replace("\n", "")), out
+    lines = out.splitlines()
+    assert len(lines) == 4, lines
+    assert lines[-1].startswith("scopes  read\\n")

@@ -50,12 +50,18 @@ def test_the_clients_answer_is_printed_after_the_servers_line_even_when_it_arriv
     """The race of a busy machine, made certain: the client's pipe has its line before the server's."""
     server_read, server_write = os.pipe()
     client_stream = io.StringIO("📥 Client received: Hello from server via UDS\n")
-    with open(server_read, encoding="utf-8") as server_stream:
+    writer = open(server_write, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally, first
+    server_stream = open(server_read, encoding="utf-8")  # noqa: SIM115
+    try:
         server = _Lines("uds-server", server_stream)
         client = _Lines("uds-client", client_stream, after=lambda: server.wait_for(SERVER_LINE, 10.0))
-        with open(server_write, "w", encoding="utf-8") as writer:
-            writer.write(SERVER_LINE + "\n")
+        writer.write(SERVER_LINE + "\n")
+        writer.close()
         client.join(15)
         server.join(15)
+    finally:
+        writer.close()  # the server's reader sees the end, so its stream can be closed
+        server.join(15)
+        server_stream.close()
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"[uds-server] {SERVER_LINE}", REPLIED]

@@ -55,7 +55,8 @@ byte for byte.
 Connections are capped (``--max-connections``, lowered to fit the open-file limit, whose soft
 value the proxy raises to the hard one at start): at the cap the oldest connection open for over
 ``MAKE_ROOM_AFTER`` without a whole request head is closed to make room, else the newcomer gets
-``503``; a connection silent from the start is closed after ``FIRST_BYTE_TIMEOUT``. Without this,
+``503``; a connection silent from the start is closed after ``FIRST_BYTE_TIMEOUT``; a refused
+request's connection leaves the count once answered. Without this,
 1,100 idle connections under a limit of 1,024 files left the proxy unable to answer anyone.
 
 Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port cannot be bound (in use,
@@ -533,7 +534,8 @@ class Proxy:
                         f"proxy #{number} {who}: no complete request head within "
                         f"{self.head_timeout:g}s (answered 408)"
                     )
-                    await _answer(
+                    await self._refused(
+                        task,
                         reader,
                         writer,
                         error_answer(
@@ -549,7 +551,7 @@ class Proxy:
                 if status == 431:
                     message = f"the request head is over {MAX_HEAD_BYTES} bytes"
                 self.log(f"proxy #{number} {who}: refused {status}: {message}")
-                await _answer(reader, writer, error_answer(status, message))
+                await self._refused(task, reader, writer, error_answer(status, message))
                 return
             except (OSError, asyncio.IncompleteReadError):
                 return
@@ -562,7 +564,7 @@ class Proxy:
                     f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
                     f"{line}: {verdict.message}"
                 )
-                await _answer(reader, writer, error_answer(verdict.status, verdict.message))
+                await self._refused(task, reader, writer, error_answer(verdict.status, verdict.message))
                 return
             await self._forward(
                 reader,
@@ -605,13 +607,35 @@ class Proxy:
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer 503; linger for the client to read it while few others do, else close at once."""
-        import contextlib
-
         answer = error_answer(
             503,
             f"the proxy is at its connection limit ({self.max_connections}); try again shortly",
             (("Retry-After", "1"),),
         )
+        await self._answer_bounded(reader, writer, answer)
+
+    async def _refused(
+        self,
+        task: asyncio.Task[None],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        answer: bytes,
+    ) -> None:
+        """Answer a request refused before the socket; its connection gives up its place at once.
+
+        A refused connection that lingered in its place let uid 65534, refused itself, lock every
+        caller out: its unread 403s filled the cap.
+        """
+        self.slots.discard(task)
+        self.waiting.pop(task, None)
+        await self._answer_bounded(reader, writer, answer)
+
+    async def _answer_bounded(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes
+    ) -> None:
+        """Answer and linger while fewer than ``_REFUSING`` do; beyond that, answer and close at once."""
+        import contextlib
+
         if self.refusing >= _REFUSING:
             with contextlib.suppress(OSError):
                 writer.write(answer)

@@ -54,7 +54,8 @@ byte for byte.
 
 Connections are capped (``--max-connections``, lowered to fit the open-file limit, whose soft
 value the proxy raises to the hard one at start): at the cap the oldest connection open for over
-``MAKE_ROOM_AFTER`` without a whole request head is closed to make room, else the newcomer gets
+``MAKE_ROOM_AFTER`` without a whole request head (any such one, oldest first, once they hold
+over half the places) is closed to make room, else the newcomer gets
 ``503``; a connection silent from the start is closed after ``FIRST_BYTE_TIMEOUT``; a refused
 request's connection leaves the count once answered. Without this,
 1,100 idle connections under a limit of 1,024 files left the proxy unable to answer anyone.
@@ -80,7 +81,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qsl, urlencode
 
 if TYPE_CHECKING:
@@ -447,6 +448,57 @@ class _CapReport:
             self._timer = None
 
 
+_REFUSAL_KEYS = 64
+"""Distinct (status, caller uid) pairs counted per ``LOG_PERIOD``; beyond, one more bucket counts the rest."""
+
+
+class _RefusalLog:
+    """Lines about refused requests: for each status and caller uid, the first at once, then at the
+    end of the period one line that counts the others and repeats the last (a refused peer must
+    not flood the log: each of its requests wrote a line)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.counted: dict[tuple[int, int | None], list[Any]] = {}
+        """``(status, uid)``: ``[requests refused since the line logged, the last line]``."""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, status: int, caller: Caller | None, line: str) -> None:
+        import asyncio
+
+        key = (status, caller.uid if caller is not None else None)
+        if key not in self.counted and len(self.counted) >= _REFUSAL_KEYS:
+            key = (0, None)
+        entry = self.counted.get(key)
+        if entry is None:
+            self.counted[key] = [0, line]
+            self.log(line)
+        else:
+            entry[0] += 1
+            entry[1] = line
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LOG_PERIOD, self.flush)
+
+    def flush(self) -> None:
+        """Log the counts of the period and start a new one."""
+        self._timer = None
+        for (status, uid), (count, last) in self.counted.items():
+            if count:
+                who = "unknown callers" if uid is None else f"uid {uid}"
+                refused = f"refused with {status}" if status else "refused"
+                self.log(
+                    f"proxy: {count} more request(s) from {who} {refused} in the last "
+                    f"{LOG_PERIOD:g}s; the last: {last}"
+                )
+        self.counted.clear()
+
+    def close(self) -> None:
+        """Log what is still counted (the proxy is stopping) and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+
+
 class Proxy:
     """Accepts TCP connections, checks each request, forwards admitted ones to the Unix socket."""
 
@@ -483,6 +535,7 @@ class Proxy:
         """Connections without a whole request head yet, oldest first, with the time they opened."""
         self.refusing = 0
         self.report = _CapReport(log, max_connections)
+        self.refusals = _RefusalLog(log)
         self.count = 0
 
     def listening(self, hosts: frozenset[str], port: int) -> None:
@@ -513,10 +566,7 @@ class Proxy:
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
         who = _hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
-        # Identify the caller while its head arrives: its socket exists now, and may not later.
         finding: asyncio.Future[Caller | None] | None = None
-        if isinstance(peer, tuple) and isinstance(local, tuple):
-            finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         received = [0]
@@ -530,9 +580,11 @@ class Proxy:
                 return
             except TimeoutError:
                 if received[0]:
-                    self.log(
+                    self.refusals.note(
+                        408,
+                        None,
                         f"proxy #{number} {who}: no complete request head within "
-                        f"{self.head_timeout:g}s (answered 408)"
+                        f"{self.head_timeout:g}s (answered 408)",
                     )
                     await self._refused(
                         task,
@@ -550,19 +602,25 @@ class Proxy:
                 message = f"the request is not valid HTTP/1.1 ({_shown(str(exc))})"
                 if status == 431:
                     message = f"the request head is over {MAX_HEAD_BYTES} bytes"
-                self.log(f"proxy #{number} {who}: refused {status}: {message}")
+                self.refusals.note(status, None, f"proxy #{number} {who}: refused {status}: {message}")
                 await self._refused(task, reader, writer, error_answer(status, message))
                 return
             except (OSError, asyncio.IncompleteReadError):
                 return
             self.waiting.pop(task, None)
+            # The caller is looked up once its head is in: a flood of silent connections must not
+            # queue lookups (threads, /proc) ahead of the requests that wait for theirs.
+            if isinstance(peer, tuple) and isinstance(local, tuple):
+                finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
             caller = await finding if finding is not None else None
             verdict = self._check(request, caller)
             line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
             if verdict.status:
-                self.log(
+                self.refusals.note(
+                    verdict.status,
+                    caller,
                     f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
-                    f"{line}: {verdict.message}"
+                    f"{line}: {verdict.message}",
                 )
                 await self._refused(task, reader, writer, error_answer(verdict.status, verdict.message))
                 return
@@ -588,12 +646,17 @@ class Proxy:
         """Count a new connection against the cap, closing one without a request head to make room.
 
         False when the proxy is full of connections that sent their head or opened less than
-        ``MAKE_ROOM_AFTER`` seconds ago: the newcomer is refused.
+        ``MAKE_ROOM_AFTER`` seconds ago, and those without a head hold at most half the places:
+        the newcomer is refused.
         """
         now = time.monotonic()
         if len(self.slots) >= self.max_connections:
             oldest = next(iter(self.waiting.items()), None)
-            if oldest is None or now - oldest[1] < MAKE_ROOM_AFTER:
+            # Silent connections filling half the places are a flood (a client sends its head in
+            # milliseconds): the oldest goes whatever its age, or a stranger opening them faster
+            # than one a second per place would lock every caller out.
+            crowded = len(self.waiting) > self.max_connections // 2
+            if oldest is None or (now - oldest[1] < MAKE_ROOM_AFTER and not crowded):
                 self.report.note(refused=True)
                 return False
             victim = oldest[0]
@@ -801,6 +864,7 @@ class Proxy:
         import asyncio
 
         self.report.close()
+        self.refusals.close()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()

@@ -7,6 +7,7 @@ runs as uid 65534 (``setpriv``). The suite runs as root, as CI does.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 
@@ -18,13 +19,14 @@ from tests.support import NOBODY, PYTHON
 
 _HOLDER = """
 import socket, sys
-port, keep = int(sys.argv[1]), int(sys.argv[2])
+port, keep, send = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "head"
 head = b"GET /messages HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\n\\r\\n" % port
 held = []
 while True:
     try:
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(head)  # a whole request, refused; its answer is never read, it never closes
+        if send:
+            sock.sendall(head)  # a whole request, refused; its answer is never read, it never closes
     except OSError:
         continue
     held.append(sock)
@@ -47,10 +49,11 @@ def holder() -> Iterator[list[subprocess.Popen[str]]]:
             proc.stdout.close()
 
 
-def _hold(port: int, keep: int, started: list[subprocess.Popen[str]]) -> None:
-    """Run :data:`_HOLDER` as uid 65534 until the test ends; return once it holds ``keep`` connections."""
+def _hold(port: int, keep: int, send: str, started: list[subprocess.Popen[str]]) -> None:
+    """Run :data:`_HOLDER` as uid 65534 until the test ends; return once it holds ``keep`` connections
+    (``send`` is ``head``: each sends a whole request; ``nothing``: none sends a byte)."""
     proc = subprocess.Popen(
-        [*setpriv(NOBODY, NOBODY, []), PYTHON, "-c", _HOLDER, str(port), str(keep)],
+        [*setpriv(NOBODY, NOBODY, []), PYTHON, "-c", _HOLDER, str(port), str(keep), send],
         stdout=subprocess.PIPE,
         text=True,
         cwd="/",
@@ -67,10 +70,91 @@ def test_refused_requests_that_are_never_read_do_not_hold_the_proxys_connections
     """A refused connection gives up its place at once (before: 10 of 10 of root's requests got 503)."""
     with unix_server() as upstream, Proxy(upstream.path, "--max-connections", "32", "--quiet") as proxy:
         proxy.wait_listening()
-        _hold(proxy.port, 64, holder)
+        _hold(proxy.port, 64, "head", holder)
         statuses = [http_get(proxy.port, "/healthz")[0] for _ in range(20)]
         assert holder[0].poll() is None  # still attacking
         assert statuses.count(200) >= 18, statuses
         assert proxy.stop() == 0
     assert upstream.seen.count("GET /healthz") == statuses.count(200)
     assert "GET /messages" not in upstream.seen
+
+
+def test_a_flood_of_silent_connections_does_not_lock_out_a_request(
+    holder: list[subprocess.Popen[str]],
+) -> None:
+    """uid 65534 opening connections faster than one a second per place, none sending a byte: once
+    they fill half the places, a newcomer closes the oldest, whatever its age (before: 20 of 20
+    of root's requests got 503 while it ran)."""
+    with unix_server() as upstream, Proxy(upstream.path, "--max-connections", "32", "--quiet") as proxy:
+        proxy.wait_listening()
+        _hold(proxy.port, 64, "nothing", holder)
+        statuses = [http_get(proxy.port, "/healthz")[0] for _ in range(20)]
+        assert holder[0].poll() is None  # still attacking
+        assert statuses.count(200) >= 18, statuses
+        assert proxy.stop() == 0
+    assert upstream.seen.count("GET /healthz") == statuses.count(200)
+
+
+def test_silent_connections_and_refused_requests_together_do_not_lock_out_a_request(
+    holder: list[subprocess.Popen[str]],
+) -> None:
+    """Both floods at once: the silent connections cost no lookup of their caller, so the refused
+    requests' lookups are not queued behind theirs (before: 10 of 20 of root's requests got 503
+    with the default cap, the rest waited for lookups of connections long closed)."""
+    with unix_server() as upstream, Proxy(upstream.path, "--quiet") as proxy:
+        proxy.wait_listening()
+        _hold(proxy.port, 600, "nothing", holder)
+        _hold(proxy.port, 400, "head", holder)
+        statuses = [http_get(proxy.port, "/healthz")[0] for _ in range(20)]
+        assert all(proc.poll() is None for proc in holder)  # still attacking
+        assert statuses.count(200) >= 18, statuses
+        assert proxy.stop() == 0
+    assert upstream.seen.count("GET /healthz") == statuses.count(200)
+
+
+_REFUSED = """
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(count):
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /messages HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\n\\r\\n" % port)
+        while sock.recv(65536):
+            pass
+"""
+
+
+def test_refusals_are_logged_once_per_period_and_caller_with_a_count() -> None:
+    """300 refused requests from uid 65534: its first refusal at once, the others in one line with
+    their count (before: 300 lines of 261 bytes; one peer wrote about 480 KB/s to the log)."""
+    with unix_server() as upstream, Proxy(upstream.path) as proxy:
+        proxy.wait_listening()
+        attack = subprocess.run(
+            [*setpriv(NOBODY, NOBODY, []), PYTHON, "-c", _REFUSED, str(proxy.port), "300"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            timeout=120,
+            check=False,
+        )
+        assert attack.returncode == 0, attack.stderr
+        assert http_get(proxy.port, "/healthz")[0] == 200  # root is admitted, and logged as before
+        assert proxy.stop() == 0
+    lines = [line for line in proxy.output.splitlines() if "refused" in line]
+    assert re.fullmatch(
+        rf"proxy #1 127\.0\.0\.1:\d+ \(uid={NOBODY} gid={NOBODY} pid=\d+\): refused 403 GET /messages: "
+        rf"uid {NOBODY} may not connect to .*",
+        lines[0],
+    ), lines[0]
+    summary = re.compile(
+        rf"proxy: (\d+) more request\(s\) from uid {NOBODY} refused with 403 in the last 10s; the last: "
+        rf"proxy #\d+ 127\.0\.0\.1:\d+ \(uid={NOBODY} gid={NOBODY} pid=\d+\): refused 403 GET /messages: .*"
+    )
+    counted = [int(found.group(1)) for line in lines if (found := summary.fullmatch(line))]
+    assert counted, lines
+    # Two lines per period at most (one when the attack fits in a period, as it does unless the
+    # machine is very slow), and every refusal is counted.
+    assert len(lines) <= 2 * len(counted), lines
+    assert sum(counted) + len(lines) - len(counted) == 300, lines
+    assert "GET /healthz -> " in proxy.output
+    assert upstream.seen == ["GET /healthz"]

@@ -82,7 +82,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote_to_bytes
 
 if TYPE_CHECKING:
     import asyncio
@@ -109,6 +109,7 @@ __all__ = [
     "raise_open_file_limit",
     "run",
     "serve",
+    "split_token",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -373,6 +374,29 @@ def _shown(value: bytes | str, limit: int = 200) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def split_token(target: bytes) -> tuple[bytes | None, bytes]:
+    """The token given as ``token=`` in the query of ``target`` (the last one), and ``target`` without it.
+
+    A name is decoded as a page's ``URLSearchParams`` decodes it (``%74oken`` is ``token``), so what
+    the docs page reads as the token never reaches the socket; the other parameters are kept byte
+    for byte.
+    """
+    path, sep, query = target.partition(b"?")
+    if not sep or (b"token" not in query and b"%" not in query):
+        return None, target
+    given = None
+    kept = []
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == b"token":
+            given = unquote_to_bytes(value.replace(b"+", b" "))
+        else:
+            kept.append(pair)
+    if given is None:
+        return None, target
+    return given, path + (b"?" + b"&".join(kept) if kept else b"")
+
+
 def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
     body = json.dumps({"error": _ERRORS.get(status, "error"), "message": message, "status": status}).encode()
@@ -614,7 +638,7 @@ class Proxy:
                 finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
             caller = await finding if finding is not None else None
             verdict = self._check(request, caller)
-            line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
+            line = f"{_shown(request.method)} {_shown(split_token(request.target)[1])}"
             if verdict.status:
                 self.refusals.note(
                     verdict.status,
@@ -709,15 +733,6 @@ class Proxy:
         finally:
             self.refusing -= 1
 
-    def _without_token(self, target: bytes) -> bytes:
-        path, sep, query = target.partition(b"?")
-        if not sep or b"token=" not in query:
-            return target
-        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-        pairs = [(k, v) for k, v in pairs if k != "token"]
-        rest = urlencode(pairs)
-        return path + (b"?" + rest.encode("latin-1") if rest else b"")
-
     def _check(self, request: h11.Request, caller: Caller | None) -> _Verdict:
         """Host, Origin, then the caller: by uid against the socket's permissions, or by token."""
         if len(request.headers) > MAX_HEADERS:
@@ -753,13 +768,9 @@ class Proxy:
                 f"cross-origin requests are refused (Origin {_shown(origin)!r}); "
                 "open the page from the proxy's own address",
             )
-        target = request.target
-        if b"token=" in target:
-            query = target.partition(b"?")[2].decode("latin-1")
-            in_url = dict(parse_qsl(query, keep_blank_values=True)).get("token")
-            if in_url is not None:
-                given = given if given is not None else in_url.encode()
-                target = self._without_token(target)
+        in_url, target = split_token(request.target)
+        if given is None:
+            given = in_url
         # A caller the uid check admits is admitted (and named) by uid, token or not: the docs
         # page opened at the printed URL sends the token with every request.
         if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.client.test_proxy import Proxy, http_get, unix_server
+from tests.client.test_proxy import Proxy, http_get, http_request, unix_server
 from tests.client.test_proxy_isolation import setpriv
 from tests.support import NOBODY, PYTHON
 
@@ -158,3 +158,27 @@ def test_refusals_are_logged_once_per_period_and_caller_with_a_count() -> None:
     assert sum(counted) + len(lines) - len(counted) == 300, lines
     assert "GET /healthz -> " in proxy.output
     assert upstream.seen == ["GET /healthz"]
+
+
+def test_the_token_in_the_url_is_found_and_removed_however_it_is_spelled() -> None:
+    """``%74oken=`` is ``token=`` to the docs page (URLSearchParams decodes names): the proxy reads it
+    the same way and removes it; the other parameters reach the socket byte for byte (before: a
+    ``%74oken=`` token was refused, and through the uid check it reached the socket, a ``307``'s
+    ``Location`` and the proxy's log; ``a=%FF`` arrived as ``a=%EF%BF%BD``, ``c`` as ``c=``)."""
+    with unix_server() as upstream, Proxy(upstream.path, "--token-only") as proxy:
+        proxy.wait_listening()
+        token = proxy.token
+        for target, seen in (
+            (f"/headers?a=%FF&%74oken={token}&b=x+y&c", "/headers?a=%FF&b=x+y&c"),
+            (f"/headers?tok%65n={token}&d=%2F%20", "/headers?d=%2F%20"),
+            (f"/headers?token={token}&token={token}", "/headers"),
+            (f"/headers?x=1&%74%6F%6B%65%6E={token}", "/headers?x=1"),
+        ):
+            status, _, body = http_request(proxy.port, "GET", target)
+            assert status == 200, (target, body)
+            assert body["head"][0] == f"GET {seen} HTTP/1.1"
+        # A wrong token in any spelling is refused.
+        assert http_request(proxy.port, "GET", "/headers?%74oken=wrong")[0] == 403
+        assert proxy.stop() == 0
+    assert token not in "".join(upstream.seen)
+    assert proxy.output.count(token) == 1  # the Docs: line

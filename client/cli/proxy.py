@@ -555,6 +555,8 @@ class Proxy:
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots: set[asyncio.Task[None]] = set()
         """Connections counted against ``max_connections`` (not those being refused)."""
+        self.checking: dict[asyncio.Task[None], int | None] = {}
+        """Connections whose request is not judged yet, oldest first, with the uid that opened them."""
         self.waiting: dict[asyncio.Task[None], float] = {}
         """Connections without a whole request head yet, oldest first, with the time they opened."""
         self.refusing = 0
@@ -578,7 +580,10 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
-        if not self._take_slot(task):
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        owner = _owner(peer, local)
+        if not self._take_slot(task, owner):
             try:
                 await self._refuse(reader, writer)
             finally:
@@ -587,8 +592,6 @@ class Proxy:
             return
         self.count += 1
         number = self.count
-        peer = writer.get_extra_info("peername")
-        local = writer.get_extra_info("sockname")
         who = _hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
         finding: asyncio.Future[Caller | None] | None = None
         started = time.monotonic()
@@ -638,6 +641,7 @@ class Proxy:
                 finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
             caller = await finding if finding is not None else None
             verdict = self._check(request, caller)
+            self.checking.pop(task, None)
             line = f"{_shown(request.method)} {_shown(split_token(request.target)[1])}"
             if verdict.status:
                 self.refusals.note(
@@ -665,13 +669,15 @@ class Proxy:
             self.tasks.discard(task)
             self.slots.discard(task)
             self.waiting.pop(task, None)
+            self.checking.pop(task, None)
 
-    def _take_slot(self, task: asyncio.Task[None]) -> bool:
+    def _take_slot(self, task: asyncio.Task[None], owner: int | None) -> bool:
         """Count a new connection against the cap, closing one without a request head to make room.
 
         False when the proxy is full of connections that sent their head or opened less than
-        ``MAKE_ROOM_AFTER`` seconds ago, and those without a head hold at most half the places:
-        the newcomer is refused.
+        ``MAKE_ROOM_AFTER`` seconds ago, those without a head hold at most half the places, and
+        no other uid than the newcomer's (``owner``) holds over half of them with requests not yet
+        judged: the newcomer is refused.
         """
         now = time.monotonic()
         if len(self.slots) >= self.max_connections:
@@ -681,16 +687,35 @@ class Proxy:
             # than one a second per place would lock every caller out.
             crowded = len(self.waiting) > self.max_connections // 2
             if oldest is None or (now - oldest[1] < MAKE_ROOM_AFTER and not crowded):
-                self.report.note(refused=True)
-                return False
-            victim = oldest[0]
-            del self.waiting[victim]
+                victim = self._flooder(owner)
+                if victim is None:
+                    self.report.note(refused=True)
+                    return False
+            else:
+                victim = oldest[0]
+            self.waiting.pop(victim, None)
+            self.checking.pop(victim, None)
             self.slots.discard(victim)
-            victim.cancel()  # it closes its connection; it had sent no whole request
+            victim.cancel()  # it closes its connection; nothing of it has reached the socket
             self.report.note(refused=False)
         self.slots.add(task)
         self.waiting[task] = now
+        self.checking[task] = owner
         return True
+
+    def _flooder(self, owner: int | None) -> asyncio.Task[None] | None:
+        """The oldest connection not yet judged of a uid other than ``owner`` that holds over half
+        the places with such connections, if there is one (their caller lookups queue up: one
+        stranger sending requests faster than they are judged would lock every caller out)."""
+        from collections import Counter
+
+        counts = Counter(self.checking.values())
+        if not counts:
+            return None
+        uid, held = counts.most_common(1)[0]
+        if uid == owner or held <= self.max_connections // 2:
+            return None
+        return next(task for task, of in self.checking.items() if of == uid)
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer 503; linger for the client to read it while few others do, else close at once."""
@@ -881,6 +906,16 @@ class Proxy:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
+
+
+def _owner(peer: object, local: object) -> int | None:
+    """The uid that opened the connection ``peer -> local`` (one sock_diag lookup), None if unknown."""
+    from client.cli._caller import tcp_owner
+
+    if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+        return None
+    found = tcp_owner(peer[:2], local[:2])
+    return found[0] if found is not None else None
 
 
 def _describe(caller: Caller | None) -> str:

@@ -638,7 +638,8 @@ class Proxy:
             # The caller is looked up once its head is in: a flood of silent connections must not
             # queue lookups (threads, /proc) ahead of the requests that wait for theirs.
             if isinstance(peer, tuple) and isinstance(local, tuple):
-                finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
+                matter = _never if self.token_only else self.access.may_ever
+                finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2], matter))
             caller = await finding if finding is not None else None
             verdict = self._check(request, caller)
             self.checking.pop(task, None)
@@ -924,7 +925,13 @@ def _describe(caller: Caller | None) -> str:
     return f"(uid={caller.uid} gid={caller.gid} pid={caller.pid})"
 
 
+def _never(uid: int) -> bool:
+    return False
+
+
 def _groups(caller: Caller) -> str:
+    if caller.source == "skipped":
+        return "not looked up: none would let it in"
     if caller.groups is None:
         return "unknown: its process is not visible to the proxy, so the group's bits do not count"
     return f"{','.join(map(str, sorted(caller.groups))) or 'none'} of its process"

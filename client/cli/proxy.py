@@ -626,7 +626,9 @@ class Proxy:
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in _ERRORS else 400
-                message = f"the request is not valid HTTP/1.1 ({_shown(str(exc))})"
+                # h11 may quote the request line, and with it a token in the URL.
+                reason = str(exc).replace(self.token, "<token>")
+                message = f"the request is not valid HTTP/1.1 ({_shown(reason)})"
                 if status == 431:
                     message = f"the request head is over {MAX_HEAD_BYTES} bytes"
                 self.refusals.note(status, None, f"proxy #{number} {who}: refused {status}: {message}")

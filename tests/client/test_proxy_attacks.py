@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client.cli._caller import SocketAccess
-from tests.client.test_proxy import Proxy, http_get, http_request, socket_file, unix_server
+from tests.client.test_proxy import Proxy, http_get, http_request, raw_exchange, socket_file, unix_server
 from tests.client.test_proxy_isolation import OTHER_GID, SOCKET_GID, set_acl, setpriv
 from tests.support import NOBODY, PYTHON
 
@@ -277,3 +277,19 @@ def test_may_ever_is_true_wherever_some_groups_are_let_in(socket_file: Path) -> 
     set_acl(socket_file, user_obj=6, group_obj=0, other=0, mask=4, groups=((OTHER_GID, 6),))
     assert not access.allows(NOBODY, frozenset({OTHER_GID}))  # the mask takes write away
     assert not access.may_ever(NOBODY)
+
+
+def test_the_token_stays_out_of_the_log_in_a_request_line_h11_rejects() -> None:
+    """h11 quotes a bad request line in its error; the proxy logs it with the token hidden (before:
+    the token went into the log line, and into the period's summary line)."""
+    with unix_server() as upstream, Proxy(upstream.path, "--token-only") as proxy:
+        proxy.wait_listening()
+        data = f"GET /headers?token={proxy.token} x HTTP/1.1\r\nHost: {proxy.host}\r\n\r\n".encode()
+        for _ in range(2):
+            status, _, body = raw_exchange(proxy.port, data)
+            assert status == 400, body
+            assert proxy.token not in body.decode()
+        assert proxy.stop() == 0
+    assert proxy.output.count(proxy.token) == 1, proxy.output  # the Docs: line
+    assert "illegal request line" in proxy.output
+    assert upstream.seen == []

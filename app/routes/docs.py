@@ -25,8 +25,10 @@ ASSETS_URL = "/docs-assets"
 
 # The pages may load only what this server serves: ReDoc 2 hard-codes one image on its CDN
 # (cdn.redoc.ly), which the browser must not fetch from an offline Pod or an air-gapped laptop.
+# Scripts: only the page's own and the assets it runs, by hash (%(scripts)s); no other inline
+# script or handler runs, so markup that got into a page could not read the token in its address.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "default-src 'self'; script-src %(scripts)s; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
     "frame-ancestors 'none'"
 )
@@ -142,8 +144,27 @@ def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -
     return page
 
 
-def _offline(page: HTMLResponse) -> HTMLResponse:
-    page.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+def _script_hash(text: str) -> str:
+    """The CSP source that admits an inline script whose text is ``text``."""
+    import base64
+    import hashlib
+
+    digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+    return f"'sha256-{digest}'"
+
+
+def _policy(page: str, assets: list[str]) -> str:
+    """The page's Content-Security-Policy: its own inline script and the named assets it runs."""
+    import re
+
+    inline = re.findall(r"<script>(.*?)</script>", page, re.DOTALL)
+    # fetch(...).text() decodes UTF-8 and drops a byte order mark; the hash is of that text.
+    texts = [(assets_directory() / name).read_text(encoding="utf-8-sig") for name in assets]
+    return CONTENT_SECURITY_POLICY % {"scripts": " ".join(map(_script_hash, [*inline, *texts]))}
+
+
+def _offline(page: HTMLResponse, policy: str) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = policy
     # Requests from the page carry no Referer: its address may hold the proxy's token.
     page.headers["Referrer-Policy"] = "no-referrer"
     return page
@@ -163,11 +184,13 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     redirect_url = f"{docs_url}/oauth2-redirect"
     swagger_page = _page(_SWAGGER, f"{app.title} - Swagger UI", openapi_url, redirect_url)
     redoc_page = _page(_REDOC, f"{app.title} - ReDoc", openapi_url)
+    swagger_policy = _policy(swagger_page, ["swagger-ui-bundle.js"])
+    redoc_policy = _policy(redoc_page, ["redoc.standalone.js"])
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         """Swagger UI, served offline."""
-        return _offline(HTMLResponse(swagger_page))
+        return _offline(HTMLResponse(swagger_page), swagger_policy)
 
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -177,4 +200,4 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     @app.get(redoc_url, include_in_schema=False)
     async def redoc() -> HTMLResponse:
         """ReDoc, served offline and without web fonts."""
-        return _offline(HTMLResponse(redoc_page))
+        return _offline(HTMLResponse(redoc_page), redoc_policy)

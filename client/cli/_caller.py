@@ -38,6 +38,7 @@ import socket
 import stat
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Caller", "SocketAccess", "find_caller", "tcp_owner", "traversal"]
@@ -72,7 +73,8 @@ class Caller:
     groups: frozenset[int] | None
     """The fsgid and supplementary groups of the holding process; None when unknown."""
     source: str
-    """Where the groups come from: ``process`` (exact) or ``none`` (unknown)."""
+    """Where the groups come from: ``process`` (exact), ``none`` (no process visible) or ``skipped``
+    (no group would change the verdict)."""
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -188,12 +190,20 @@ def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
     return uid, gid, groups | {gid}
 
 
-def find_caller(peer: tuple[str, int], local: tuple[str, int]) -> Caller | None:
-    """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found."""
+def find_caller(
+    peer: tuple[str, int], local: tuple[str, int], groups_matter: Callable[[int], bool] | None = None
+) -> Caller | None:
+    """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found.
+
+    When ``groups_matter(uid)`` is False, no process is looked for (``source`` ``skipped``): the
+    search reads every file descriptor of the caller's processes, as many as it chooses to hold.
+    """
     owner = tcp_owner(peer, local)
     if owner is None:
         return None
     uid, inode = owner
+    if groups_matter is not None and not groups_matter(uid):
+        return Caller(uid=uid, gid=-1, pid=0, groups=None, source="skipped")
     pid = _process_holding(inode)
     if pid is not None:
         credentials = _process_credentials(pid)
@@ -281,6 +291,14 @@ def _may(path: str, info: os.stat_result, uid: int, groups: frozenset[int] | Non
     return bool(mode & bit)
 
 
+def _may_some(path: str, info: os.stat_result, uid: int, bit: int) -> bool:
+    """Whether :func:`_may` allows ``uid`` with no group or with one of the groups that ``path``
+    names (its owning group, and an ACL's named groups)."""
+    entries = _acl(path)
+    gids = {info.st_gid} | {who for tag, _, who in entries or () if tag == _ACL_GROUP}
+    return any(_may(path, info, uid, frozenset(groups), bit) for groups in ((), *((gid,) for gid in gids)))
+
+
 _MAX_SYMLINKS = 40
 """Symbolic links the kernel follows in one path lookup before it fails with ELOOP."""
 
@@ -346,6 +364,24 @@ class SocketAccess:
                 if not _may(directory, os.stat(directory), uid, groups, 0o1):
                     return False
             return _may(final, target, uid, groups, 0o2)
+        except OSError:
+            return False
+
+    def may_ever(self, uid: int) -> bool:
+        """False when ``uid`` may not connect whatever groups it is in: no scan of its processes then.
+
+        An upper bound of :meth:`allows`: each file is judged with the single group (or none) that
+        serves the caller best.
+        """
+        try:
+            searched, final = traversal(self.path)
+            target = os.stat(final)
+            if not stat.S_ISSOCK(target.st_mode):
+                return False
+            for directory in dict.fromkeys(searched):
+                if not _may_some(directory, os.stat(directory), uid, 0o1):
+                    return False
+            return _may_some(final, target, uid, 0o2)
         except OSError:
             return False
 

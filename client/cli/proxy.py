@@ -54,8 +54,10 @@ byte for byte.
 
 Connections are capped (``--max-connections``, lowered to fit the open-file limit, whose soft
 value the proxy raises to the hard one at start): at the cap the oldest connection open for over
-``MAKE_ROOM_AFTER`` without a whole request head is closed to make room, else the newcomer gets
-``503``; a connection silent from the start is closed after ``FIRST_BYTE_TIMEOUT``. Without this,
+``MAKE_ROOM_AFTER`` without a whole request head (any such one, oldest first, once they hold
+over half the places) is closed to make room, else the newcomer gets
+``503``; a connection silent from the start is closed after ``FIRST_BYTE_TIMEOUT``; a refused
+request's connection leaves the count once answered. Without this,
 1,100 idle connections under a limit of 1,024 files left the proxy unable to answer anyone.
 
 Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port cannot be bound (in use,
@@ -79,8 +81,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
-from urllib.parse import parse_qsl, urlencode
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import unquote_to_bytes
 
 if TYPE_CHECKING:
     import asyncio
@@ -107,6 +109,7 @@ __all__ = [
     "raise_open_file_limit",
     "run",
     "serve",
+    "split_token",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -371,6 +374,29 @@ def _shown(value: bytes | str, limit: int = 200) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def split_token(target: bytes) -> tuple[bytes | None, bytes]:
+    """The token given as ``token=`` in the query of ``target`` (the last one), and ``target`` without it.
+
+    A name is decoded as a page's ``URLSearchParams`` decodes it (``%74oken`` is ``token``), so what
+    the docs page reads as the token never reaches the socket; the other parameters are kept byte
+    for byte.
+    """
+    path, sep, query = target.partition(b"?")
+    if not sep or (b"token" not in query and b"%" not in query):
+        return None, target
+    given = None
+    kept = []
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == b"token":
+            given = unquote_to_bytes(value.replace(b"+", b" "))
+        else:
+            kept.append(pair)
+    if given is None:
+        return None, target
+    return given, path + (b"?" + b"&".join(kept) if kept else b"")
+
+
 def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
     body = json.dumps({"error": _ERRORS.get(status, "error"), "message": message, "status": status}).encode()
@@ -446,6 +472,57 @@ class _CapReport:
             self._timer = None
 
 
+_REFUSAL_KEYS = 64
+"""Distinct (status, caller uid) pairs counted per ``LOG_PERIOD``; beyond, one more bucket counts the rest."""
+
+
+class _RefusalLog:
+    """Lines about refused requests: for each status and caller uid, the first at once, then at the
+    end of the period one line that counts the others and repeats the last (a refused peer must
+    not flood the log: each of its requests wrote a line)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.counted: dict[tuple[int, int | None], list[Any]] = {}
+        """``(status, uid)``: ``[requests refused since the line logged, the last line]``."""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, status: int, caller: Caller | None, line: str) -> None:
+        import asyncio
+
+        key = (status, caller.uid if caller is not None else None)
+        if key not in self.counted and len(self.counted) >= _REFUSAL_KEYS:
+            key = (0, None)
+        entry = self.counted.get(key)
+        if entry is None:
+            self.counted[key] = [0, line]
+            self.log(line)
+        else:
+            entry[0] += 1
+            entry[1] = line
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LOG_PERIOD, self.flush)
+
+    def flush(self) -> None:
+        """Log the counts of the period and start a new one."""
+        self._timer = None
+        for (status, uid), (count, last) in self.counted.items():
+            if count:
+                who = "unknown callers" if uid is None else f"uid {uid}"
+                refused = f"refused with {status}" if status else "refused"
+                self.log(
+                    f"proxy: {count} more request(s) from {who} {refused} in the last "
+                    f"{LOG_PERIOD:g}s; the last: {last}"
+                )
+        self.counted.clear()
+
+    def close(self) -> None:
+        """Log what is still counted (the proxy is stopping) and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+
+
 class Proxy:
     """Accepts TCP connections, checks each request, forwards admitted ones to the Unix socket."""
 
@@ -478,10 +555,13 @@ class Proxy:
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots: set[asyncio.Task[None]] = set()
         """Connections counted against ``max_connections`` (not those being refused)."""
+        self.checking: dict[asyncio.Task[None], int | None] = {}
+        """Connections whose request is not judged yet, oldest first, with the uid that opened them."""
         self.waiting: dict[asyncio.Task[None], float] = {}
         """Connections without a whole request head yet, oldest first, with the time they opened."""
         self.refusing = 0
         self.report = _CapReport(log, max_connections)
+        self.refusals = _RefusalLog(log)
         self.count = 0
 
     def listening(self, hosts: frozenset[str], port: int) -> None:
@@ -500,7 +580,10 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
-        if not self._take_slot(task):
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        owner = _owner(peer, local)
+        if not self._take_slot(task, owner):
             try:
                 await self._refuse(reader, writer)
             finally:
@@ -509,13 +592,8 @@ class Proxy:
             return
         self.count += 1
         number = self.count
-        peer = writer.get_extra_info("peername")
-        local = writer.get_extra_info("sockname")
         who = _hostport(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else "?"
-        # Identify the caller while its head arrives: its socket exists now, and may not later.
         finding: asyncio.Future[Caller | None] | None = None
-        if isinstance(peer, tuple) and isinstance(local, tuple):
-            finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2]))
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         received = [0]
@@ -529,11 +607,14 @@ class Proxy:
                 return
             except TimeoutError:
                 if received[0]:
-                    self.log(
+                    self.refusals.note(
+                        408,
+                        None,
                         f"proxy #{number} {who}: no complete request head within "
-                        f"{self.head_timeout:g}s (answered 408)"
+                        f"{self.head_timeout:g}s (answered 408)",
                     )
-                    await _answer(
+                    await self._refused(
+                        task,
                         reader,
                         writer,
                         error_answer(
@@ -545,24 +626,34 @@ class Proxy:
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in _ERRORS else 400
-                message = f"the request is not valid HTTP/1.1 ({_shown(str(exc))})"
+                # h11 may quote the request line, and with it a token in the URL.
+                reason = str(exc).replace(self.token, "<token>")
+                message = f"the request is not valid HTTP/1.1 ({_shown(reason)})"
                 if status == 431:
                     message = f"the request head is over {MAX_HEAD_BYTES} bytes"
-                self.log(f"proxy #{number} {who}: refused {status}: {message}")
-                await _answer(reader, writer, error_answer(status, message))
+                self.refusals.note(status, None, f"proxy #{number} {who}: refused {status}: {message}")
+                await self._refused(task, reader, writer, error_answer(status, message))
                 return
             except (OSError, asyncio.IncompleteReadError):
                 return
             self.waiting.pop(task, None)
+            # The caller is looked up once its head is in: a flood of silent connections must not
+            # queue lookups (threads, /proc) ahead of the requests that wait for theirs.
+            if isinstance(peer, tuple) and isinstance(local, tuple):
+                matter = _never if self.token_only else self.access.may_ever
+                finding = asyncio.ensure_future(asyncio.to_thread(find_caller, peer[:2], local[:2], matter))
             caller = await finding if finding is not None else None
             verdict = self._check(request, caller)
-            line = f"{_shown(request.method)} {_shown(self._without_token(request.target))}"
+            self.checking.pop(task, None)
+            line = f"{_shown(request.method)} {_shown(split_token(request.target)[1])}"
             if verdict.status:
-                self.log(
+                self.refusals.note(
+                    verdict.status,
+                    caller,
                     f"proxy #{number} {who} {_describe(caller)}: refused {verdict.status} "
-                    f"{line}: {verdict.message}"
+                    f"{line}: {verdict.message}",
                 )
-                await _answer(reader, writer, error_answer(verdict.status, verdict.message))
+                await self._refused(task, reader, writer, error_answer(verdict.status, verdict.message))
                 return
             await self._forward(
                 reader,
@@ -581,37 +672,85 @@ class Proxy:
             self.tasks.discard(task)
             self.slots.discard(task)
             self.waiting.pop(task, None)
+            self.checking.pop(task, None)
 
-    def _take_slot(self, task: asyncio.Task[None]) -> bool:
+    def _take_slot(self, task: asyncio.Task[None], owner: int | None) -> bool:
         """Count a new connection against the cap, closing one without a request head to make room.
 
         False when the proxy is full of connections that sent their head or opened less than
-        ``MAKE_ROOM_AFTER`` seconds ago: the newcomer is refused.
+        ``MAKE_ROOM_AFTER`` seconds ago, those without a head hold at most half the places, and
+        no other uid than the newcomer's (``owner``) holds over half of them with requests not yet
+        judged: the newcomer is refused.
         """
         now = time.monotonic()
         if len(self.slots) >= self.max_connections:
             oldest = next(iter(self.waiting.items()), None)
-            if oldest is None or now - oldest[1] < MAKE_ROOM_AFTER:
-                self.report.note(refused=True)
-                return False
-            victim = oldest[0]
-            del self.waiting[victim]
+            # Silent connections filling half the places are a flood (a client sends its head in
+            # milliseconds): the oldest goes whatever its age, or a stranger opening them faster
+            # than one a second per place would lock every caller out.
+            crowded = len(self.waiting) > self.max_connections // 2
+            if oldest is None or (now - oldest[1] < MAKE_ROOM_AFTER and not crowded):
+                victim = self._flooder(owner)
+                if victim is None:
+                    self.report.note(refused=True)
+                    return False
+            else:
+                victim = oldest[0]
+            self.waiting.pop(victim, None)
+            self.checking.pop(victim, None)
             self.slots.discard(victim)
-            victim.cancel()  # it closes its connection; it had sent no whole request
+            victim.cancel()  # it closes its connection; nothing of it has reached the socket
             self.report.note(refused=False)
         self.slots.add(task)
         self.waiting[task] = now
+        self.checking[task] = owner
         return True
+
+    def _flooder(self, owner: int | None) -> asyncio.Task[None] | None:
+        """The oldest connection not yet judged of a uid other than ``owner`` that holds over half
+        the places with such connections, if there is one (their caller lookups queue up: one
+        stranger sending requests faster than they are judged would lock every caller out)."""
+        from collections import Counter
+
+        counts = Counter(self.checking.values())
+        if not counts:
+            return None
+        uid, held = counts.most_common(1)[0]
+        if uid == owner or held <= self.max_connections // 2:
+            return None
+        return next(task for task, of in self.checking.items() if of == uid)
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer 503; linger for the client to read it while few others do, else close at once."""
-        import contextlib
-
         answer = error_answer(
             503,
             f"the proxy is at its connection limit ({self.max_connections}); try again shortly",
             (("Retry-After", "1"),),
         )
+        await self._answer_bounded(reader, writer, answer)
+
+    async def _refused(
+        self,
+        task: asyncio.Task[None],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        answer: bytes,
+    ) -> None:
+        """Answer a request refused before the socket; its connection gives up its place at once.
+
+        A refused connection that lingered in its place let uid 65534, refused itself, lock every
+        caller out: its unread 403s filled the cap.
+        """
+        self.slots.discard(task)
+        self.waiting.pop(task, None)
+        await self._answer_bounded(reader, writer, answer)
+
+    async def _answer_bounded(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes
+    ) -> None:
+        """Answer and linger while fewer than ``_REFUSING`` do; beyond that, answer and close at once."""
+        import contextlib
+
         if self.refusing >= _REFUSING:
             with contextlib.suppress(OSError):
                 writer.write(answer)
@@ -621,15 +760,6 @@ class Proxy:
             await _answer(reader, writer, answer)
         finally:
             self.refusing -= 1
-
-    def _without_token(self, target: bytes) -> bytes:
-        path, sep, query = target.partition(b"?")
-        if not sep or b"token=" not in query:
-            return target
-        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-        pairs = [(k, v) for k, v in pairs if k != "token"]
-        rest = urlencode(pairs)
-        return path + (b"?" + rest.encode("latin-1") if rest else b"")
 
     def _check(self, request: h11.Request, caller: Caller | None) -> _Verdict:
         """Host, Origin, then the caller: by uid against the socket's permissions, or by token."""
@@ -666,13 +796,9 @@ class Proxy:
                 f"cross-origin requests are refused (Origin {_shown(origin)!r}); "
                 "open the page from the proxy's own address",
             )
-        target = request.target
-        if b"token=" in target:
-            query = target.partition(b"?")[2].decode("latin-1")
-            in_url = dict(parse_qsl(query, keep_blank_values=True)).get("token")
-            if in_url is not None:
-                given = given if given is not None else in_url.encode()
-                target = self._without_token(target)
+        in_url, target = split_token(request.target)
+        if given is None:
+            given = in_url
         # A caller the uid check admits is admitted (and named) by uid, token or not: the docs
         # page opened at the printed URL sends the token with every request.
         if not self.token_only and caller is not None and self.access.allows(caller.uid, caller.groups):
@@ -777,11 +903,22 @@ class Proxy:
         import asyncio
 
         self.report.close()
+        self.refusals.close()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
+
+
+def _owner(peer: object, local: object) -> int | None:
+    """The uid that opened the connection ``peer -> local`` (one sock_diag lookup), None if unknown."""
+    from client.cli._caller import tcp_owner
+
+    if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+        return None
+    found = tcp_owner(peer[:2], local[:2])
+    return found[0] if found is not None else None
 
 
 def _describe(caller: Caller | None) -> str:
@@ -790,7 +927,13 @@ def _describe(caller: Caller | None) -> str:
     return f"(uid={caller.uid} gid={caller.gid} pid={caller.pid})"
 
 
+def _never(uid: int) -> bool:
+    return False
+
+
 def _groups(caller: Caller) -> str:
+    if caller.source == "skipped":
+        return "not looked up: none would let it in"
     if caller.groups is None:
         return "unknown: its process is not visible to the proxy, so the group's bits do not count"
     return f"{','.join(map(str, sorted(caller.groups))) or 'none'} of its process"

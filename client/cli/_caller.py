@@ -11,7 +11,8 @@ socket in this network namespace.
 * :func:`find_caller` adds the gids: the fsgid and supplementary groups of a process that holds
   that socket (``/proc/<pid>/fd``, readable for the proxy's own uid, or for any uid when the proxy
   runs as root), which are exactly what the kernel checks on ``connect()``. When no such process
-  is visible (another user's process, another container's PID namespace), the groups are unknown:
+  is visible (another user's process, another container's PID namespace, or one holding over
+  :data:`_MAX_FDS` open files, not searched), the groups are unknown:
   the account database is no substitute, since a process may run with any gid and no
   supplementary groups at all.
 * :class:`SocketAccess` applies the kernel's rule without capabilities: search permission on
@@ -58,6 +59,9 @@ _ALL_STATES = 0xFFFFFFFF
 # inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
 _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_TAIL_AT = 4 + 48
+_MAX_FDS = 1024
+"""Most open files of a process searched for a caller's socket: the usual default soft limit,
+which a process must raise to hold more."""
 _RECENT: deque[int] = deque(maxlen=16)
 """Pids that held recent callers' sockets (threads may race on it: a miss only costs a full scan)."""
 
@@ -136,12 +140,28 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
     return None
 
 
-def _holds(pid: int, target: str) -> bool:
-    fd_dir = f"/proc/{pid}/fd"
+def _open_fds(pid: int) -> list[str] | None:
+    """The fd numbers of ``pid``, or None when it cannot be read or holds over :data:`_MAX_FDS`
+    (counted with an early stop: the directory is not read past that)."""
+    fds: list[str] = []
     try:
-        fds = os.listdir(fd_dir)
+        with os.scandir(f"/proc/{pid}/fd") as entries:
+            for entry in entries:
+                if len(fds) == _MAX_FDS:
+                    return None
+                fds.append(entry.name)
     except OSError:
+        return None
+    return fds
+
+
+def _holds(pid: int, target: str) -> bool:
+    """Whether ``pid`` has ``target`` open; a process holding over :data:`_MAX_FDS` files is not
+    searched (False): reading its fds would cost as much as it chooses to hold."""
+    fds = _open_fds(pid)
+    if fds is None:
         return False
+    fd_dir = f"/proc/{pid}/fd"
     for fd in reversed(fds):  # a new connection tends to have one of the highest fd numbers
         with contextlib.suppress(OSError):
             if os.readlink(f"{fd_dir}/{fd}") == target:

@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKETS",
+    "ENDPOINT_ACCEPTS_PER_SECOND",
     "ENDPOINT_CONNECTIONS",
     "ENDPOINT_DEADLINE",
     "ENDPOINT_PER_SOURCE",
@@ -124,6 +125,10 @@ ENDPOINT_PER_SOURCE = 4
 """Of :data:`ENDPOINT_CONNECTIONS`, those one source address may hold (every loopback address counts
 as one): a newcomer past them takes the place of its own address's oldest unfinished one, else it is
 closed at once, so one address cannot hold the port, nor its turns, against a scraper at another."""
+ENDPOINT_ACCEPTS_PER_SECOND = 400
+"""Connections the TCP endpoint accepts per second at most: refusing one past its address's share
+costs an accept and a reset, and a flood of them on the server's loop took POST throughput to 0.16x;
+the rest wait in the listen queue, a scraper behind at most a flood's connections / this rate."""
 ENDPOINT_DEADLINE = 10.0
 """Seconds a TCP endpoint connection may last: its request, its turn and taking the answer."""
 ENDPOINT_HEAD_DEADLINE = 3.0
@@ -719,6 +724,8 @@ class _Slot:
 _ACCEPT_BATCH = 64
 """Connections accepted one after another before the loop runs other work (a flood is refused at
 about the rate it comes, for a fraction of what a round of the loop each would cost)."""
+_ACCEPT_BURST = 0.05
+"""Seconds of :data:`ENDPOINT_ACCEPTS_PER_SECOND` an idle endpoint may accept at once."""
 _RESET = struct.pack("ii", 1, 0)
 """``SO_LINGER`` on, 0 s: a refused connection is reset, leaving nothing in ``TIME_WAIT``."""
 
@@ -762,6 +769,7 @@ class LoopEndpoint:
         self._accepting: asyncio.Task[None] | None = None
         self._turn: asyncio.Lock | None = None
         self._next_answer = 0.0
+        self._next_accept = 0.0
 
     async def start(self) -> None:
         self.sock.setblocking(False)
@@ -797,15 +805,24 @@ class LoopEndpoint:
             except OSError:  # out of descriptors, or the peer already gone: the next one
                 await asyncio.sleep(0.05)
                 continue
+            self._paced(loop.time())
             self._take(conn, address)
             for _ in range(_ACCEPT_BATCH):  # those already waiting, without a round of the loop each
-                if not self._room.is_set():
+                if not self._room.is_set() or self._paced(loop.time()):
                     break
                 try:
                     conn, address = self.sock.accept()
                 except OSError:  # none waiting (BlockingIOError), or out of descriptors
                     break
                 self._take(conn, address)
+            ahead = self._next_accept - loop.time()
+            if ahead > 0:  # the rest wait in the listen queue, as their peers do (blocked, not spinning)
+                await asyncio.sleep(ahead)
+
+    def _paced(self, now: float) -> bool:
+        """Count an accept against :data:`ENDPOINT_ACCEPTS_PER_SECOND`; whether the next must wait."""
+        self._next_accept = max(self._next_accept, now - _ACCEPT_BURST) + 1 / ENDPOINT_ACCEPTS_PER_SECOND
+        return self._next_accept > now
 
     def _take(self, conn: socket.socket, address: Any) -> None:
         """Serve an accepted connection, or reset it when its address's share (or every slot) is

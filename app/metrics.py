@@ -35,12 +35,14 @@ import contextlib
 import errno
 import glob
 import gzip
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 from bisect import bisect_left
@@ -74,8 +76,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKETS",
+    "ENDPOINT_ACCEPTS_PER_SECOND",
     "ENDPOINT_CONNECTIONS",
     "ENDPOINT_DEADLINE",
+    "ENDPOINT_PER_SOURCE",
     "ENDPOINT_REQUEST_BYTES",
     "MAX_PEER_UIDS",
     "METHODS",
@@ -117,6 +121,14 @@ ENDPOINT_CONNECTIONS = 16
 """Connections the TCP endpoint serves at once; Prometheus scrapes one at a time. Without a bound,
 idle connections each held a descriptor forever, and 240 of them took every descriptor of a server
 limited to 256 (tests/app/test_metrics_attacks.py)."""
+ENDPOINT_PER_SOURCE = 4
+"""Of :data:`ENDPOINT_CONNECTIONS`, those one source address may hold (every loopback address counts
+as one): a newcomer past them takes the place of its own address's oldest unfinished one, else it is
+closed at once, so one address cannot hold the port, nor its turns, against a scraper at another."""
+ENDPOINT_ACCEPTS_PER_SECOND = 400
+"""Connections the TCP endpoint accepts per second at most: refusing one past its address's share
+costs an accept and a reset, and a flood of them on the server's loop took POST throughput to 0.16x;
+the rest wait in the listen queue, a scraper behind at most a flood's connections / this rate."""
 ENDPOINT_DEADLINE = 10.0
 """Seconds a TCP endpoint connection may last: its request, its turn and taking the answer."""
 ENDPOINT_HEAD_DEADLINE = 3.0
@@ -675,7 +687,7 @@ def listening_socket(listen: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(64)
+        sock.listen(1024)  # a flood refused at once must not fill it before a scraper arrives
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)
@@ -691,12 +703,45 @@ class _Slot:
     """One connection the endpoint serves: its stream, when it came, and whether its request head
     is whole (until then a newcomer may evict it)."""
 
-    __slots__ = ("task", "whole", "writer")
+    __slots__ = ("conn", "source", "task", "whole", "writer")
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, conn: socket.socket, source: str) -> None:
+        self.conn = conn
+        self.source = source
+        self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
         self.whole = False
+
+    def drop(self) -> None:
+        """Cut the connection at once (its task is cancelled; one not yet opened closes its socket
+        itself: the loop may be watching it already)."""
+        if self.writer is not None:
+            self.writer.transport.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+
+_ACCEPT_BATCH = 64
+"""Connections accepted one after another before the loop runs other work (a flood is refused at
+about the rate it comes, for a fraction of what a round of the loop each would cost)."""
+_ACCEPT_BURST = 0.05
+"""Seconds of :data:`ENDPOINT_ACCEPTS_PER_SECOND` an idle endpoint may accept at once."""
+_RESET = struct.pack("ii", 1, 0)
+"""``SO_LINGER`` on, 0 s: a refused connection is reset, leaving nothing in ``TIME_WAIT``."""
+
+
+def _source(address: Any) -> str:
+    """The share a peer's address counts in: its IP, or ``loopback`` for any loopback one (a local
+    peer may bind any of 127.0.0.0/8)."""
+    host = str(address[0]) if isinstance(address, tuple) and address else ""
+    if host.startswith(("127.", "::ffff:127.")) or host == "::1":  # the common case, without parsing
+        return "loopback"
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host.partition("%")[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if (mapped or ip).is_loopback:
+            return "loopback"
+    return host
 
 
 class LoopEndpoint:
@@ -704,9 +749,10 @@ class LoopEndpoint:
 
     The single process's loop serves it (a thread beside uvicorn's loop cost 1.5-2% of ``POST
     /messages`` throughput just by being there), and with ``--workers`` the parent runs it on a
-    loop of its own (:class:`EndpointThread`). Limits: :data:`ENDPOINT_CONNECTIONS` at once, a
-    newcomer evicting the oldest whose request head is not whole yet (idle or trickling: slowloris),
-    and waiting in the listen queue while every one has sent a whole head;
+    loop of its own (:class:`EndpointThread`). Limits: :data:`ENDPOINT_CONNECTIONS` at once,
+    :data:`ENDPOINT_PER_SOURCE` of them from one address, a newcomer evicting the oldest whose
+    request head is not whole yet (idle or trickling: slowloris), of its own address when that has
+    its share, and waiting in the listen queue while every one has sent a whole head;
     :data:`ENDPOINT_HEAD_DEADLINE` for the head, :data:`ENDPOINT_DEADLINE` for the whole exchange,
     :data:`ENDPOINT_REQUEST_BYTES` of request; one request a connection; answers (refusals too)
     one at a time, at most :data:`SCRAPES_PER_SECOND`, scrapes from :class:`Rendered` copies, so
@@ -723,6 +769,7 @@ class LoopEndpoint:
         self._accepting: asyncio.Task[None] | None = None
         self._turn: asyncio.Lock | None = None
         self._next_answer = 0.0
+        self._next_accept = 0.0
 
     async def start(self) -> None:
         self.sock.setblocking(False)
@@ -737,9 +784,7 @@ class LoopEndpoint:
         if self._accepting is not None:
             self._accepting.cancel()
         for slot in list(self._slots):
-            slot.writer.transport.abort()
-            if slot.task is not None:
-                slot.task.cancel()
+            slot.drop()
         self._slots.clear()
         self.sock.close()
 
@@ -756,31 +801,62 @@ class LoopEndpoint:
         while True:
             await self._room.wait()
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, address = await loop.sock_accept(self.sock)
             except OSError:  # out of descriptors, or the peer already gone: the next one
                 await asyncio.sleep(0.05)
                 continue
-            if len(self._slots) >= ENDPOINT_CONNECTIONS:
-                oldest = next((slot for slot in self._slots if not slot.whole), None)
-                if oldest is None:  # every slot turned whole meanwhile
-                    conn.close()
-                    continue
-                del self._slots[oldest]
-                oldest.writer.transport.abort()
-                if oldest.task is not None:
-                    oldest.task.cancel()
-            try:
-                reader, writer = await asyncio.open_connection(sock=conn, limit=ENDPOINT_REQUEST_BYTES)
-            except OSError:
-                conn.close()
-                continue
-            slot = _Slot(writer)
-            self._slots[slot] = None
-            slot.task = loop.create_task(self._serve(reader, slot))
-            self._update_room()
+            self._paced(loop.time())
+            self._take(conn, address)
+            for _ in range(_ACCEPT_BATCH):  # those already waiting, without a round of the loop each
+                if not self._room.is_set() or self._paced(loop.time()):
+                    break
+                try:
+                    conn, address = self.sock.accept()
+                except OSError:  # none waiting (BlockingIOError), or out of descriptors
+                    break
+                self._take(conn, address)
+            ahead = self._next_accept - loop.time()
+            if ahead > 0:  # the rest wait in the listen queue, as their peers do (blocked, not spinning)
+                await asyncio.sleep(ahead)
 
-    async def _serve(self, reader: asyncio.StreamReader, slot: _Slot) -> None:
-        writer = slot.writer
+    def _paced(self, now: float) -> bool:
+        """Count an accept against :data:`ENDPOINT_ACCEPTS_PER_SECOND`; whether the next must wait."""
+        self._next_accept = max(self._next_accept, now - _ACCEPT_BURST) + 1 / ENDPOINT_ACCEPTS_PER_SECOND
+        return self._next_accept > now
+
+    def _take(self, conn: socket.socket, address: Any) -> None:
+        """Serve an accepted connection, or reset it when its address's share (or every slot) is
+        whole."""
+        source = _source(address)
+        mine = [slot for slot in self._slots if slot.source == source]
+        full = mine if len(mine) >= ENDPOINT_PER_SOURCE else None
+        if full is None and len(self._slots) >= ENDPOINT_CONNECTIONS:
+            full = list(self._slots)
+        if full is not None:
+            evicted = next((slot for slot in full if not slot.whole and slot.writer is not None), None)
+            if evicted is None:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                conn.close()
+                return
+            del self._slots[evicted]
+            evicted.drop()
+        conn.setblocking(False)
+        slot = _Slot(conn, source)
+        self._slots[slot] = None
+        slot.task = asyncio.get_running_loop().create_task(self._serve(slot))
+        self._update_room()
+
+    async def _serve(self, slot: _Slot) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=slot.conn, limit=ENDPOINT_REQUEST_BYTES)
+        except (OSError, asyncio.CancelledError) as exc:
+            slot.conn.close()
+            self._slots.pop(slot, None)
+            self._update_room()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        slot.writer = writer
         try:
             async with asyncio.timeout(ENDPOINT_DEADLINE):
                 async with asyncio.timeout(ENDPOINT_HEAD_DEADLINE):

@@ -101,9 +101,10 @@ read of 200 KiB of ``GET /healthz`` queued ~16 MiB. At the bound the rest of the
 bytes, unparsed, and reading pauses until an answer makes room (:meth:`PeerCredProtocol._feed`)."""
 HELD_BUDGET = 8 * 1024 * 1024
 HELD_PER_PEER = HELD_BUDGET // 4
-"""Bytes of pipelined input held unparsed at once, by the whole process and by one peer uid (like
-the request-body budget). A connection holds at most the read that filled its pipeline (up to
-256 KiB); one that cannot hold its read gets 503 after the answers owed before it, then close."""
+"""Bytes of pipelined input held unparsed at once, and of bodies of pipelined requests not started
+yet, by the whole process and by one peer uid (like the request-body budget). A connection holds
+at most the read that filled its pipeline (up to 256 KiB); one that cannot hold its read gets 503
+after the answers owed before it, then close."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 DRAIN_STALL = 2.0
@@ -357,6 +358,9 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Cycles not yet answered, the running one and those pipelined behind it."""
         self._next_waits = False
         """A pipelined request waits for the answers before it to leave our buffer."""
+        self._queued_bodies: dict[RequestResponseCycle, int] = {}
+        """Body bytes received for each pipelined request not started yet, drawn on the held-input
+        budget like held input (uvicorn keeps them in the cycle until it runs)."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
         """Counts each request for ``/metrics`` (``app.metrics``), when on."""
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
@@ -407,6 +411,7 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
         self._live.clear()
         self._unhold()
+        self._settle_bodies()
         super().connection_lost(exc)
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -631,6 +636,32 @@ class PeerCredProtocol(HttpToolsProtocol):
         else:
             self.flow.pause_reading()  # pipelined: queued until the answers before it are out
             self.pipeline.appendleft((cycle, self.app))
+            self._queued_bodies[cycle] = 0
+
+    def on_body(self, body: bytes) -> None:
+        queued = self._queued_bodies
+        if queued:
+            cycle = self.cycle
+            held = queued.get(cycle)
+            if held is not None:
+                if not _HELD.take(len(body), self.peer["uid"] if self.peer is not None else None):
+                    self._reject = _HELD_FULL
+                    raise ValueError("pipelined bodies over the held-input budget")
+                queued[cycle] = held + len(body)
+        super().on_body(body)
+
+    def _settle_bodies(self) -> None:
+        """Give back what the bodies of pipelined requests drew, for those that have started (all
+        once the connection is lost)."""
+        queued = self._queued_bodies
+        if not queued:
+            return
+        waiting = {item[0] for item in self.pipeline} if not self.transport.is_closing() else set()
+        uid = self.peer["uid"] if self.peer is not None else None
+        for cycle in [cycle for cycle in queued if cycle not in waiting]:
+            drawn = queued.pop(cycle)
+            if drawn:
+                _HELD.give(drawn, uid)
 
     def on_chunk_header(self) -> None:
         self._in_chunk_head = True
@@ -669,6 +700,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         if pending is not None:
             last = not self.pipeline  # the response that completed was the last one owed before the error
             super().on_response_complete()
+            self._settle_bodies()
             if last and not self.transport.is_closing():
                 self._close_after(pending)
             return
@@ -679,6 +711,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             self.transport.set_write_buffer_limits(high=0)  # resume_writing once the buffer is empty
             return
         super().on_response_complete()
+        self._settle_bodies()
         if not self._message_done and not self._in_head and self.cycle.response_complete:
             # Answered before the whole request arrived (403, 413, 415...): parse no more of it.
             self._refused = True
@@ -749,6 +782,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._next_waits = False
             self.transport.set_write_buffer_limits()  # the transport's defaults again
             super().on_response_complete()
+            self._settle_bodies()
             if self.flow.held and not self.transport.is_closing():
                 self._release()
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psutil
 
-from app.metrics import ENDPOINT_CONNECTIONS
+from app.metrics import ENDPOINT_CONNECTIONS, ENDPOINT_PER_SOURCE
 from client.cli.spawn import free_port
 from tests.support import (
     ServerProcess,
@@ -146,7 +146,8 @@ def test_a_head_over_the_limit_is_431_and_a_stop_with_half_sent_heads_is_clean()
     with running_server("--store", "memory", "--metrics-listen", f"127.0.0.1:{port}") as server:
         big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 20000 + b"\r\n\r\n"
         assert _ask(port, big).startswith(b"HTTP/1.1 431 ")
-        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(ENDPOINT_CONNECTIONS)]
+        # As many as one address keeps: a further one would take the place of the oldest.
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(ENDPOINT_PER_SOURCE)]
         try:
             for conn in held:
                 conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head

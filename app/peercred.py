@@ -101,10 +101,15 @@ read of 200 KiB of ``GET /healthz`` queued ~16 MiB. At the bound the rest of the
 bytes, unparsed, and reading pauses until an answer makes room (:meth:`PeerCredProtocol._feed`)."""
 HELD_BUDGET = 8 * 1024 * 1024
 HELD_PER_PEER = HELD_BUDGET // 4
-"""Bytes of pipelined input held unparsed at once, and of bodies of pipelined requests not started
-yet, by the whole process and by one peer uid (like the request-body budget). A connection holds
-at most the read that filled its pipeline (up to 256 KiB); one that cannot hold its read gets 503
-after the answers owed before it, then close."""
+"""Bytes of pipelined input held unparsed at once, and of request bodies received but not yet read
+by the application (all of a pipelined request's body until it starts), by the whole process and by
+one peer uid (like the request-body budget). A connection holds at most the read that filled its
+pipeline (up to 256 KiB); one that cannot hold its read, or a body that does not fit, gets 503
+(``Retry-After: 1``) after the answers owed before it, then close."""
+BODY_UNCOUNTED = 4 * 1024
+"""Bytes of unread body of the request being answered that a connection holds without drawing on
+the held-input budget (at most ``--max-connections`` times this, 2 MiB by default): most bodies are
+far smaller, and they then cost no budget bookkeeping on the hot path."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about connections refused or closed at the connection cap."""
 DRAIN_STALL = 2.0
@@ -140,6 +145,11 @@ _HELD_FULL = (
     503,
     "unavailable",
     "too much pipelined input is waiting on the server; wait for the answers before sending more",
+)
+_BODIES_FULL = (
+    503,
+    "unavailable",
+    "the server is receiving too many request bodies at once (from your uid or in all); try again shortly",
 )
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 """RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
@@ -200,6 +210,7 @@ def error_response(status: int, error: str, message: str) -> bytes:
             b"content-type: application/json\r\n",
             b"content-length: ",
             str(len(body)).encode(),
+            b"\r\nretry-after: 1" if status == 503 else b"",
             b"\r\nconnection: close\r\n\r\n",
             body,
         )
@@ -358,9 +369,9 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Cycles not yet answered, the running one and those pipelined behind it."""
         self._next_waits = False
         """A pipelined request waits for the answers before it to leave our buffer."""
-        self._queued_bodies: dict[RequestResponseCycle, int] = {}
-        """Body bytes received for each pipelined request not started yet, drawn on the held-input
-        budget like held input (uvicorn keeps them in the cycle until it runs)."""
+        self._bodies: dict[RequestResponseCycle, int] = {}
+        """Body bytes drawn on the held-input budget for each request not answered yet: what uvicorn
+        keeps in the cycle until the application reads it (all of it while the request is queued)."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
         """Counts each request for ``/metrics`` (``app.metrics``), when on."""
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
@@ -411,7 +422,7 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
         self._live.clear()
         self._unhold()
-        self._settle_bodies()
+        self._settle_bodies(lost=True)
         super().connection_lost(exc)
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -636,30 +647,39 @@ class PeerCredProtocol(HttpToolsProtocol):
         else:
             self.flow.pause_reading()  # pipelined: queued until the answers before it are out
             self.pipeline.appendleft((cycle, self.app))
-            self._queued_bodies[cycle] = 0
 
     def on_body(self, body: bytes) -> None:
-        queued = self._queued_bodies
-        if queued:
-            cycle = self.cycle
-            held = queued.get(cycle)
-            if held is not None:
-                if not _HELD.take(len(body), self.peer["uid"] if self.peer is not None else None):
-                    self._reject = _HELD_FULL
-                    raise ValueError("pipelined bodies over the held-input budget")
-                queued[cycle] = held + len(body)
+        cycle = self.cycle
+        # The hot path: a small body of the request being answered, nothing drawn on this connection.
+        if self.pipeline or self._bodies or len(cycle.body) + len(body) > BODY_UNCOUNTED:
+            self._draw(cycle, len(body))
         super().on_body(body)
 
-    def _settle_bodies(self) -> None:
-        """Give back what the bodies of pipelined requests drew, for those that have started (all
-        once the connection is lost)."""
-        queued = self._queued_bodies
-        if not queued:
-            return
-        waiting = {item[0] for item in self.pipeline} if not self.transport.is_closing() else set()
+    def _draw(self, cycle: RequestResponseCycle, arriving: int) -> None:
+        """Make what ``cycle`` draws on the held-input budget its unread body plus ``arriving``
+        bytes: what the application read since the last draw (uvicorn empties the cycle's buffer as
+        it reads) is given back. Past the budget the request gets 503 (a parser error)."""
+        if cycle.response_complete:
+            return  # uvicorn drops the rest of the body
+        bodies = self._bodies
+        drawn = bodies.get(cycle, 0)
+        change = len(cycle.body) + arriving - drawn
         uid = self.peer["uid"] if self.peer is not None else None
-        for cycle in [cycle for cycle in queued if cycle not in waiting]:
-            drawn = queued.pop(cycle)
+        if change < 0:
+            _HELD.give(-change, uid)
+        elif change and not _HELD.take(change, uid):
+            self._reject = _BODIES_FULL
+            raise ValueError("request bodies over the held-input budget")
+        bodies[cycle] = drawn + change
+
+    def _settle_bodies(self, lost: bool = False) -> None:
+        """Give back what the bodies of answered requests drew (all once the connection is ``lost``)."""
+        bodies = self._bodies
+        if not bodies:
+            return
+        uid = self.peer["uid"] if self.peer is not None else None
+        for cycle in [cycle for cycle in bodies if lost or cycle.response_complete]:
+            drawn = bodies.pop(cycle)
             if drawn:
                 _HELD.give(drawn, uid)
 

@@ -8,8 +8,9 @@ prints the peak it reached (``pytest -s``), so a failure names the attack that b
 The attacks: a flood of keyed POSTs of the largest texts (the history and the Idempotency-Key
 memory); clients that ask for the whole history and never read, while new messages push the old
 ones out; and, on as many connections as the server accepts (``--max-connections``), partial
-bodies, trickled small bodies, unfinished heads, unfinished trailers, idle connections, and
-pipelined GETs whose answers are never read (a few, and thousands). The last test runs several at once.
+bodies, trickled small bodies, whole bodies sent all at once, unfinished heads, unfinished
+trailers, idle connections, and pipelined GETs whose answers are never read (a few, and
+thousands). The last test runs several at once.
 """
 
 from __future__ import annotations
@@ -208,6 +209,44 @@ def partial_bodies(path: str, count: int, body_bytes: int = DEFAULTS.max_body_by
 
 
 @contextlib.contextmanager
+def whole_bodies(path: str, count: int, body_bytes: int = DEFAULTS.max_body_bytes) -> Iterator[None]:
+    """``count`` connections, all open first, then each sending one whole POST of a ``body_bytes``
+    body, as fast as we can. Yields once every one is answered."""
+    head = (
+        b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % body_bytes
+    )
+    text = b'{"text":"' + b"\\ud83d\\ude00" * DEFAULTS.max_text_length + b'"'
+    request = head + text + b" " * (body_bytes - len(text) - 1) + b"}"
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(count - 1):
+            conns.append(connect(path))
+        served_after(path)  # every one accepted (and the last one too, now)
+        conns.append(connect(path))
+        sent = []
+        for conn in conns:  # a first part of every request before the rest of any
+            conn.setblocking(False)
+            try:
+                sent.append(conn.send(request))
+            except BlockingIOError:
+                sent.append(0)
+            except (BrokenPipeError, ConnectionResetError):
+                sent.append(len(request))
+        for conn, done in zip(conns, sent, strict=True):
+            conn.setblocking(True)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.sendall(request[done:])
+        wait_until(
+            lambda: all(waiting_for_us(c) for c in conns), timeout=30, what="the server to answer every POST"
+        )
+        yield
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@contextlib.contextmanager
 def partial_heads(path: str, count: int, head_bytes: int = 30 * 1024) -> Iterator[None]:
     """``count`` connections each sending ``head_bytes`` of a request head (under the head limit)
     without the blank line that ends it."""
@@ -350,12 +389,21 @@ def test_clients_that_never_read_a_full_history(server: ServerProcess) -> None:
     [
         (partial_bodies, "each holding all but the last byte of a 64 KiB body"),
         (lambda path, count: partial_bodies(path, count, body_bytes=20), "each trickling a small body"),
+        (whole_bodies, "each sending one whole 64 KiB body at once"),
         (partial_heads, "each holding 30 KiB of an unfinished head"),
         (partial_trailers, "each holding 30 KiB of unfinished trailers"),
         (idle_connections, "idle"),
         (deep_pipeliners, "each pipelining 12,000 GETs and reading nothing"),
     ],
-    ids=["partial-bodies", "trickled-bodies", "partial-heads", "partial-trailers", "idle", "deep-pipelining"],
+    ids=[
+        "partial-bodies",
+        "trickled-bodies",
+        "whole-bodies",
+        "partial-heads",
+        "partial-trailers",
+        "idle",
+        "deep-pipelining",
+    ],
 )
 def test_connections_up_to_the_cap(
     server: ServerProcess, attack: Callable[[str, int], Any], what: str

@@ -277,3 +277,140 @@ def test_bodies_of_pipelined_requests_draw_on_the_held_budget(monkeypatch: pytes
     assert [status for status, _ in got] == [200, 200, 200, 200, 503], got
     assert [body for _, body in got[:4]] == [b"/slow 0", b"/len/0 5000", b"/len/1 5000", b"/len/2 5000"]
     assert peercred._HELD.free == 18_000
+
+
+async def gated(scope: Any, receive: Any, send: Any) -> None:
+    """``/413`` answers 413 without reading the body; any other path reads a chunk of the body
+    each time ``GATE["event"]`` is set, then answers ``<body length>``."""
+    if scope["path"] == "/413":
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    size = 0
+    while True:
+        gate = GATE["event"]
+        await gate.wait()
+        gate.clear()
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message["body"])
+        if not message.get("more_body"):
+            break
+    body = b"%d" % size
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+GATE: dict[str, asyncio.Event] = {}
+
+
+async def gated_protocol() -> tuple[PeerCredProtocol, FakeTransport]:
+    GATE["event"] = asyncio.Event()
+    config = Config(app=gated, log_level="warning", access_log=False)
+    config.load()
+    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def turns(count: int = 50) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def post(path: bytes, length: int) -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (path, length)
+
+
+def test_a_body_draws_on_the_held_budget_until_the_application_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn keeps body bytes in the cycle until the application reads them: they draw on the
+    held-input budget from their arrival, and are given back once read (and the rest when the
+    answer is complete). Before, nothing was drawn: 512 connections each sending a whole POST of
+    64 KiB at once took a server to 126 MiB (tests/app/test_memory_budget.py)."""
+    monkeypatch.setattr(peercred, "_HELD", Budget(10_000, 10_000))
+    monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
+
+    async def scenario() -> None:
+        protocol, transport = await gated_protocol()
+        protocol.data_received(post(b"/small", 500) + b"s" * 500)
+        await turns()
+        assert peercred._HELD.free == 10_000  # small enough not to count
+        GATE["event"].set()
+        await turns()
+        assert answers(bytes(transport.written)) == [(200, b"500")]
+        transport.written.clear()
+        protocol.data_received(post(b"/read", 3000) + b"a" * 1000)
+        await turns()
+        assert peercred._HELD.free == 9000  # received, not read
+        GATE["event"].set()
+        await turns()  # the application read the first 1,000 bytes
+        protocol.data_received(b"b" * 1500)
+        assert peercred._HELD.free == 8500  # only the unread 1,500 count now
+        GATE["event"].set()
+        await turns()
+        protocol.data_received(b"c" * 500)
+        assert peercred._HELD.free == 9500
+        GATE["event"].set()
+        await turns()
+        assert answers(bytes(transport.written)) == [(200, b"3000")]
+        assert peercred._HELD.free == 10_000  # the answer is complete
+        protocol.connection_lost(None)
+        assert peercred._HELD.free == 10_000
+
+    asyncio.run(scenario())
+
+
+def test_a_body_is_given_back_when_the_connection_drops_and_on_an_early_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(peercred, "_HELD", Budget(10_000, 10_000))
+    monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
+
+    async def scenario() -> None:
+        protocol, _ = await gated_protocol()
+        protocol.data_received(post(b"/read", 3000) + b"a" * 2000)
+        await turns()
+        assert peercred._HELD.free == 8000
+        protocol.connection_lost(None)  # the peer hung up before the application read it
+        assert peercred._HELD.free == 10_000
+
+        protocol, transport = await gated_protocol()
+        protocol.data_received(post(b"/413", 3000) + b"a" * 2000)
+        await turns()
+        assert [status for status, _ in answers(bytes(transport.written))] == [413]
+        assert peercred._HELD.free == 10_000  # answered without reading: given back
+        protocol.data_received(b"a" * 1000)  # the rest lingers in, unparsed and not drawn
+        assert peercred._HELD.free == 10_000
+        protocol.connection_lost(None)
+        assert peercred._HELD.free == 10_000
+
+    asyncio.run(scenario())
+
+
+def test_a_body_past_the_held_budget_gets_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peercred, "_HELD", Budget(10_000, 4000))  # a peer's share: 4,000 bytes
+    monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
+
+    async def scenario() -> None:
+        first, _ = await gated_protocol()
+        first.data_received(post(b"/read", 3000) + b"a" * 3000)
+        second, transport = await gated_protocol()
+        second.data_received(post(b"/read", 3000) + b"a" * 3000)
+        await turns()
+        assert peercred._HELD.free == 7000  # the second did not fit in the peer's share
+        written = bytes(transport.written)
+        assert [status for status, _ in answers(written)] == [503]
+        assert b"\r\nretry-after: 1\r\n" in written
+        assert b"too many request bodies" in written
+        second.connection_lost(None)
+        first.connection_lost(None)
+        assert peercred._HELD.free == 10_000
+        assert not peercred._HELD.held
+
+    asyncio.run(scenario())

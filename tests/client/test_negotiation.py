@@ -35,6 +35,9 @@ MESSAGE = {
 class _Stub(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
+    # Above the tests' concurrent connects: socketserver's default backlog of 5 overflowed on a busy
+    # machine when 8 threads connected at once (EAGAIN, "listen backlog is full").
+    request_queue_size = 64
 
     def __init__(self, path: str, versions: tuple[int, int] | None, ping_delay: float) -> None:
         self.versions = versions  # None: no /_ping at all (a server from before API versions)

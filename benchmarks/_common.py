@@ -6,12 +6,15 @@ and reports medians and their ratio; absolute figures depend on the machine and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import resource
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -308,3 +311,55 @@ def paired(
             a = first()
         runs.append((a, b))
     return runs
+
+
+class StandInTransport(asyncio.Transport):
+    """What the protocol writes to, kept in memory: each answer's second write (its body) ends it.
+
+    Its socket reports this process as the peer (SO_PEERCRED) with two supplementary groups
+    (SO_PEERGROUPS), so the in-process benchmarks (k) and (m) drive the protocol as a real
+    connection would.
+    """
+
+    class _Socket:
+        family = socket.AF_UNIX
+
+        def getsockopt(self, level: int, option: int, size: int = 0) -> bytes:
+            if option == socket.SO_PEERCRED:
+                return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+            return struct.pack("2I", 20002, 20004)  # SO_PEERGROUPS: two supplementary groups
+
+        def getsockname(self) -> str:
+            return "bench.sock"
+
+        def getpeername(self) -> str:
+            return ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.answered: asyncio.Future[None] | None = None
+        self.sock = self._Socket()
+
+    def write(self, data: Any) -> None:
+        self.writes += 1
+        if self.writes % 2 == 0 and self.answered is not None:
+            self.answered.set_result(None)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0

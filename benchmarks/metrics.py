@@ -25,16 +25,24 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
-from _common import PYTHON, ROOT, BenchError, Row, Server, autocannon, compare, main_for, paired
+from _common import (
+    PYTHON,
+    ROOT,
+    BenchError,
+    Row,
+    Server,
+    StandInTransport,
+    autocannon,
+    compare,
+    main_for,
+    paired,
+)
 
 from client.cli.spawn import free_port, split_cpus
 
@@ -103,51 +111,6 @@ def pair(cpus: set[int] | None, on_first: bool) -> Iterator[tuple[Server, Server
             server.close()
 
 
-class _Transport(asyncio.Transport):
-    """What the protocol writes to, kept in memory: each answer's second write (its body) ends it."""
-
-    class _Socket:
-        family = socket.AF_UNIX
-
-        def getsockopt(self, *_: Any) -> bytes:
-            return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
-
-        def getsockname(self) -> str:
-            return "bench.sock"
-
-        def getpeername(self) -> str:
-            return ""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-        self.answered: asyncio.Future[None] | None = None
-        self.sock = self._Socket()
-
-    def write(self, data: Any) -> None:
-        self.writes += 1
-        if self.writes % 2 == 0 and self.answered is not None:
-            self.answered.set_result(None)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.sock if name == "socket" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[str, float]]]:
     """Microseconds per ``POST /v1/messages`` through the protocol and the app, counted vs not."""
     import uvloop
@@ -176,7 +139,7 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
         sides = {}
         for on in (True, False):
             config.recorder = counting if on else uncounted.recorder
-            transport = _Transport()
+            transport = StandInTransport()
             protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
             protocol.connection_made(transport)
             sides[on] = (protocol, transport)

@@ -20,8 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import PYTHON, ROOT, BenchError, Row, Server, autocannon, compare, main_for, median
+from _common import (
+    PYTHON,
+    ROOT,
+    BenchError,
+    Row,
+    Server,
+    StandInTransport,
+    autocannon,
+    compare,
+    main_for,
+    median,
+)
 
 from client.cli.spawn import split_cpus
 
@@ -51,53 +60,6 @@ def rules(uid: int, count: int = 10) -> str:
         selector = "uid" if index % 2 else "gid"
         text += f'[[rule]]\n{selector} = {20000 + index}\nallow = ["read", "events"]\n'
     return text
-
-
-class _Transport(asyncio.Transport):
-    """What the protocol writes to, kept in memory: each answer's second write (its body) ends it."""
-
-    class _Socket:
-        family = socket.AF_UNIX
-
-        def getsockopt(self, level: int, option: int, size: int = 0) -> bytes:
-            if option == socket.SO_PEERCRED:
-                return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
-            return struct.pack("2I", 20002, 20004)  # SO_PEERGROUPS: two supplementary groups
-
-        def getsockname(self) -> str:
-            return "bench.sock"
-
-        def getpeername(self) -> str:
-            return ""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-        self.answered: asyncio.Future[None] | None = None
-        self.sock = self._Socket()
-
-    def write(self, data: Any) -> None:
-        self.writes += 1
-        if self.writes % 2 == 0 and self.answered is not None:
-            self.answered.set_result(None)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.sock if name == "socket" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 def check_alone(calls: int, rounds: int) -> list[dict[str, float]]:
@@ -200,7 +162,7 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
             app = create_app(settings)
             config = build_config(settings, app)
             config.load()
-            transport = _Transport()
+            transport = StandInTransport()
             protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
             protocol.connection_made(transport)
             sides[name] = (app, protocol, transport)

@@ -564,7 +564,7 @@ class Proxy:
         self.refusals = _RefusalLog(log)
         self.count = 0
 
-    def listening(self, hosts: frozenset[str], port: int) -> None:
+    def listening(self, hosts: frozenset[str]) -> None:
         """Set what the proxy answers to, once its port is known."""
         self.hosts = hosts
         self.origins = frozenset(f"http://{host}" for host in hosts)
@@ -1152,7 +1152,7 @@ async def _main(
             "Stop what uses it or choose another address with --listen."
         ) from exc
     port = server.sockets[0].getsockname()[1]
-    proxy.listening(allowed_hosts(listen.host, port, allow_hosts), port)
+    proxy.listening(allowed_hosts(listen.host, port, allow_hosts))
     where = _hostport(listen.host, port)
     browse = _hostport(_WILDCARD.get(listen.host, listen.host), port)
     loopback = is_loopback(listen.host)

@@ -77,14 +77,14 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
 def check_files(settings: Settings) -> None:
     """Read the policy file and open the audit log once, so a bad one stops the start with exit 2."""
     if settings.policy is not None:
-        from app.policy import PolicyError, load_policy
+        from app.api.policy import PolicyError, load_policy
 
         try:
             load_policy(settings.policy)
         except PolicyError as exc:
             raise SettingsError(str(exc)) from None
     if settings.audit_log is not None and settings.audit_log != "-":
-        from app.audit import AuditError, open_audit_file
+        from app.api.audit import AuditError, open_audit_file
 
         try:
             os.close(open_audit_file(settings.audit_log))
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
 
     from app.logs import configure
-    from app.server import run
+    from app.serving.server import run
 
     configure(settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log)
     return run(settings)

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from fastapi import APIRouter, FastAPI
 
 from app import __version__
-from app.access import Access, PeerAllowlist
+from app.api.access import Access, PeerAllowlist
+from app.api.errors import install as install_errors
+from app.api.routes import docs, events, health, messages, metrics, whoami
+from app.api.versions import API_VERSIONS, add_unsupported_route, add_versioned
 from app.config import Settings
-from app.durable import build_store, store_lifespan
-from app.errors import install as install_errors
-from app.events import EventHub, stream_capacity
-from app.routes import docs, events, health, messages, metrics, whoami
-from app.versions import API_VERSIONS, add_unsupported_route, add_versioned
+from app.storage.events import EventHub, stream_capacity
+from app.storage.sqlite import build_store, store_lifespan
 
 __all__ = ["create_app"]
 
@@ -56,7 +56,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     """Build the application for these settings.
 
     ``api_versions`` (oldest first) are the API versions served under ``/v{N}``; the default is
-    :data:`app.versions.API_VERSIONS`. Only tests pass others, to stand in for older or newer servers.
+    :data:`app.api.versions.API_VERSIONS`. Only tests pass others, to stand in for older or newer servers.
     """
     app = FastAPI(
         title="uds-example",
@@ -82,7 +82,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     store = build_store(settings)  # not opened yet: create_app does no I/O
     app.state.store = store
     install_errors(app)
-    # API routes under /v{N} and their unversioned aliases (app.versions); every API router joins
+    # API routes under /v{N} and their unversioned aliases (app.api.versions); every API router joins
     # the table through add_versioned. The probes and /_ping stay unversioned.
     add_versioned(app, messages.build_router(settings, store))
     add_versioned(app, health.build_versioned_router(app.state.api_versions))
@@ -142,7 +142,7 @@ def __getattr__(name: str) -> FastAPI:
             configure(
                 settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
             )
-            from app.durable import prepare_store
+            from app.storage.sqlite import prepare_store
 
             prepare_store(settings)  # uds-server does this before binding; here uvicorn has bound
             _app = create_app(settings)

@@ -117,11 +117,11 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
     from uvicorn.server import ServerState
 
     from app.__main__ import parse_settings
+    from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
     from app.main import create_app
-    from app.metrics import Metrics
-    from app.peercred import PeerCredProtocol
-    from app.server import build_config
+    from app.metrics.core import Metrics
+    from app.serving.server import build_config
 
     settings = parse_settings(["--store", "memory", "--socket", "/nonexistent/bench.sock"], {})  # never bound
     # Logged as the server logs (a line per message), to /dev/null like the servers' output above.

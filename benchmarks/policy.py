@@ -2,7 +2,7 @@
 
 Three figures in process, where the socket, the load generator and the scheduler add no noise:
 
-* the check alone: the middleware (``app.access.PeerAllowlist``) around an application that does
+* the check alone: the middleware (``app.api.access.PeerAllowlist``) around an application that does
   nothing, against that application alone, driven without an event loop; a policy of 10 rules,
   a peer whose scopes are cached on its connection (as every request after a connection's first,
   and after each reload);
@@ -65,10 +65,10 @@ def rules(uid: int, count: int = 10) -> str:
 def check_alone(calls: int, rounds: int) -> list[dict[str, float]]:
     """µs per request added by the middleware around an app that answers 201 and does nothing
     else: the check alone (policy), and the check with its audit line (queued, encoded, written)."""
-    from app.access import PeerAllowlist
+    from app.api.access import PeerAllowlist
     from app.config import Settings
+    from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
     from app.main import create_app
-    from app.peercred import CONNECTION_KEY, PEER_KEY, PeerConnection
 
     directory = Path(tempfile.mkdtemp(prefix="pb-"))
     policy = directory / "policy.toml"
@@ -138,10 +138,10 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
     from uvicorn.server import ServerState
 
     from app.__main__ import parse_settings
+    from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
     from app.main import create_app
-    from app.peercred import PeerCredProtocol
-    from app.server import build_config
+    from app.serving.server import build_config
 
     directory = Path(tempfile.mkdtemp(prefix="pb-"))
     policy = directory / "policy.toml"

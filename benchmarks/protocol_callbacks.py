@@ -2,9 +2,9 @@
 
 Both protocols run in this process on a stand-in transport, with no application (starting the
 request's task is skipped), so what is measured is parsing, the checks and the bookkeeping of
-``app/peercred.py`` alone. Rounds alternate between the two, each timing 10,000 requests on one
+``app/connection/protocol.py`` alone. Rounds alternate between the two, each timing 10,000 requests on one
 connection by CPU time; the result is the median of the per-round ratios. The other revision's
-``app/peercred.py`` is loaded from git (it must import only what this tree still has). Not part
+``app/connection/protocol.py`` is loaded from git (it must import only what this tree still has). Not part
 of ``run_all.py``: it needs a revision to compare with.
 
     .venv/bin/python benchmarks/protocol_callbacks.py --rev d966361 [--rounds 21]
@@ -29,7 +29,7 @@ from _common import ROOT
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-import app.peercred
+import app.connection.protocol
 
 BODY = b'{"text": "Hello from client"}'
 REQUEST = (
@@ -62,9 +62,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
 
 
 def at_revision(rev: str) -> ModuleType:
-    """``app/peercred.py`` as it was at ``rev``, loaded as a module of its own."""
+    """``app/connection/protocol.py`` as it was at ``rev``, loaded as a module of its own."""
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:app/peercred.py"], capture_output=True, check=True
+        ["git", "-C", str(ROOT), "show", f"{rev}:app/connection/protocol.py"], capture_output=True, check=True
     ).stdout
     path = Path(tempfile.mkdtemp(prefix="ub-pc-")) / "peercred_at_rev.py"
     path.write_bytes(source)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="requests per round and side")
     args = parser.parse_args(argv)
     other = at_revision(args.rev).PeerCredProtocol
-    ours = app.peercred.PeerCredProtocol
+    ours = app.connection.protocol.PeerCredProtocol
     loop = asyncio.new_event_loop()
     config = Config(app=_app, log_level="warning", access_log=False)
     config.load()

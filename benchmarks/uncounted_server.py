@@ -1,6 +1,6 @@
 """``uds-server`` with its request counting switched off: the "off" side of ``metrics.py`` (k).
 
-The server always counts requests for ``/metrics`` (``app.metrics``); this is the same server with
+The server always counts requests for ``/metrics`` (``app.metrics.core``); this is the same server with
 the recorder off, so that (k) measures what counting costs. Not for anything but that benchmark.
 """
 
@@ -12,17 +12,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app.metrics
+import app.metrics.core
 
 
-class _Off(app.metrics.Recorder):
+class _Off(app.metrics.core.Recorder):
     __slots__ = ()
 
     def __init__(self, on: bool = True, *args: Any, **kwargs: Any) -> None:
         super().__init__(False, *args, **kwargs)
 
 
-app.metrics.Recorder = _Off  # type: ignore[misc]
+app.metrics.core.Recorder = _Off  # type: ignore[misc]
 
 from app.__main__ import main  # noqa: E402
 

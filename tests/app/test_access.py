@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from app.access import OPEN_PATHS, PeerAllowlist, is_allowed
+from app.api.access import OPEN_PATHS, PeerAllowlist, is_allowed
 from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import ASGIClient, assert_error
@@ -40,10 +40,10 @@ def test_stranger_is_refused_everywhere_but_the_probes(
     make_client: Callable[..., ASGIClient], path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = make_client(LIST, peer=STRANGER)
-    with caplog.at_level(logging.WARNING, logger="app.access"):
+    with caplog.at_level(logging.WARNING, logger="app.api.access"):
         body = assert_error(client.get(path), 403, "forbidden")
     assert "5000" in body["message"]
-    warnings = [r for r in caplog.records if r.name == "app.access"]
+    warnings = [r for r in caplog.records if r.name == "app.api.access"]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
     assert "pid=12 uid=5000 gid=5000" in warnings[0].getMessage()
@@ -64,7 +64,7 @@ def test_probes_stay_open(make_client: Callable[..., ASGIClient], path: str) -> 
 def test_no_peer_credentials_fail_closed(
     make_client: Callable[..., ASGIClient], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.access"):
+    with caplog.at_level(logging.WARNING, logger="app.api.access"):
         body = assert_error(make_client(LIST, peer=None).post("/messages", json={"text": "x"}), 403)
     assert "Unix socket" in body["message"]
     assert any("no peer credentials" in r.getMessage() for r in caplog.records)
@@ -106,9 +106,9 @@ def test_refused_line_escapes_control_characters(
 ) -> None:
     """ESC, CR and LF from the path cannot forge log lines or drive a terminal."""
     client = make_client(LIST, peer=STRANGER)
-    with caplog.at_level(logging.WARNING, logger="app.access"):
+    with caplog.at_level(logging.WARNING, logger="app.api.access"):
         assert_error(client.get("/x%1b[31mred%0d%0aINFO forged"), 403, "forbidden")
-    line = next(r.getMessage() for r in caplog.records if r.name == "app.access")
+    line = next(r.getMessage() for r in caplog.records if r.name == "app.api.access")
     assert not any(c in line for c in "\x1b\r\n"), line
     assert "Refused GET /x\\x1b[31mred\\r\\nINFO forged from pid=12" in line
 
@@ -127,12 +127,12 @@ def test_a_proxy_speaks_only_for_allowed_users(
 ) -> None:
     app = create_app(LIST)
     client = make_client(app=app, peer=ALLOWED)
-    with caplog.at_level(logging.WARNING, logger="app.access"):
+    with caplog.at_level(logging.WARNING, logger="app.api.access"):
         response = client.post("/messages", json={"text": "hi"}, headers={"Uds-Forwarded-Peer": behind})
     assert response.status_code == status, response.text
     if status == 403:
         assert app.state.store.last_id() == 0
-        assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["app.access"]
+        assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["app.api.access"]
     else:
         assert response.json()["peer"]["forwarded_for"]["pid"] == 7
 
@@ -155,7 +155,7 @@ def test_refusals_are_logged_once_per_period(
 ) -> None:
     """A refused peer repeating itself must not flood the log: the rest are counted into a later line."""
     client = make_client(LIST, peer=STRANGER)
-    with caplog.at_level(logging.WARNING, logger="app.access"):
+    with caplog.at_level(logging.WARNING, logger="app.api.access"):
         for _ in range(50):
             assert_error(client.get("/messages"), 403, "forbidden")
-    assert len([r for r in caplog.records if r.name == "app.access"]) == 1
+    assert len([r for r in caplog.records if r.name == "app.api.access"]) == 1

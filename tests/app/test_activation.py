@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.activation import inherited_socket
-from app.sockets import SocketError
+from app.serving.activation import inherited_socket
+from app.serving.sockets import SocketError
 from client.cli.spawn import ServerProcess as Spawned
 from tests.support import (
     PYTHON,

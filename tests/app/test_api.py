@@ -324,7 +324,7 @@ def test_docs_pages_are_offline(client: ASGIClient, page: str) -> None:
 def test_docs_assets_come_from_fastapi_offline(client: ASGIClient) -> None:
     import fastapi_offline
 
-    from app.routes.docs import ASSETS_URL, assets_directory
+    from app.api.routes.docs import ASSETS_URL, assets_directory
 
     assert str(assets_directory()).startswith(str(fastapi_offline.__path__[0]))
     js = client.get(f"{ASSETS_URL}/swagger-ui-bundle.js")

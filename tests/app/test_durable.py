@@ -1,4 +1,4 @@
-"""The SQLite store (app.durable): what it keeps, its bounds, its ids, its schema, and the bad states
+"""The SQLite store (app.storage.sqlite): what it keeps, its bounds, its ids, its schema, and the bad states
 a real ``uds-server`` refuses to start on (one line, exit 3, the file untouched)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from app import durable
 from app.config import Settings
-from app.durable import (
+from app.storage import sqlite as durable
+from app.storage.sqlite import (
     APPLICATION_ID,
     CHECKPOINT_EVERY,
     DB_NAME,
@@ -25,7 +25,7 @@ from app.durable import (
     SqliteStore,
     prepare_store,
 )
-from app.store import KeyConflict, Stored, StoreError
+from app.storage.store import KeyConflict, Stored, StoreError
 from tests.support import NOBODY, PYTHON, ROOT, ServerProcess, http_over_uds, python_as_nobody
 
 PEER = {"pid": 1, "uid": 1000, "gid": 1000}
@@ -223,7 +223,7 @@ def test_processes_sharing_the_file_store_one_message_per_key(data: Path) -> Non
     prepare_store(_settings(data))
     script = (
         "import asyncio, sys\n"
-        "from app.durable import SqliteStore\n"
+        "from app.storage.sqlite import SqliteStore\n"
         "s = SqliteStore(sys.argv[1], history_size=100, key_capacity=100)\n"
         "s.open()\n"
         "async def main():\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.durable import DB_NAME, WAL_SIZE_LIMIT
+from app.storage.sqlite import DB_NAME, WAL_SIZE_LIMIT
 from tests.support import ServerProcess, http_over_uds, small_tmpfs
 
 DISK = "4m"

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
+from app.api.errors import CODES, error_body, public_details, summarize
 from app.config import Settings
-from app.errors import CODES, error_body, public_details, summarize
 from app.main import create_app
 from tests.app.conftest import ASGIClient, assert_error
 

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from app.events import EventHub, StreamsFull
-from app.store import MessageStore
+from app.storage.events import EventHub, StreamsFull
+from app.storage.store import MessageStore
 from tests.app.test_events import RawStream, _path, stream_refused, streams
 from tests.support import NOBODY, python_as_nobody, running_server, short_tmpdir
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.store import MessageStore, Store
+from app.storage.store import MessageStore, Store
 from tests.app.test_durable import _store
 from tests.app.test_events import Poster, _path
 from tests.support import NOBODY, PYTHON, ServerProcess, http_over_uds, running_server, short_tmpdir

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
+from app.api.forwarded import key_owner, parse_forwarded_peer
 from app.config import Settings
-from app.forwarded import key_owner, parse_forwarded_peer
 from app.main import create_app
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import http_over_uds, running_server

@@ -12,11 +12,11 @@ import orjson
 import pytest
 from fastapi.routing import APIRoute
 
+from app.api.models import message_in_model
+from app.api.routes import messages
+from app.api.routes.messages import LIST_CHUNK, LeanRoute
 from app.config import Settings
 from app.main import create_app
-from app.models import message_in_model
-from app.routes import messages
-from app.routes.messages import LIST_CHUNK, LeanRoute
 from tests.app.conftest import ASGIClient, _WithPeer, assert_error
 
 JSON = {"content-type": "application/json"}
@@ -211,7 +211,7 @@ def test_list_slots_are_held_by_readers_that_never_read_and_freed_when_they_go()
     gets 503); once they hang up, their slots come back."""
     import socket
 
-    from app.routes.messages import LIST_STREAMS
+    from app.api.routes.messages import LIST_STREAMS
     from tests.support import read_response, running_server, wait_until
 
     body = orjson.dumps({"text": "\U0001f600" * 4096})

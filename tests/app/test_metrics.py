@@ -21,12 +21,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from app.metrics.files import read_file
 from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings, SettingsError
-from app.metrics import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
-from app.metrics_files import read_file
+from app.metrics.core import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
 from client.cli.spawn import free_port
 from tests.support import (
     NOBODY,
@@ -480,7 +480,7 @@ def test_the_protocols_copy_of_uvicorns_header_handling_is_current() -> None:
     source = inspect.getsource(HttpToolsProtocol.on_headers_complete)
     assert hashlib.sha256(source.encode()).hexdigest() == UVICORN_ON_HEADERS_COMPLETE, (
         "uvicorn's HttpToolsProtocol.on_headers_complete changed: compare it with "
-        "app.peercred.PeerCredProtocol._start_cycle"
+        "app.connection.protocol.PeerCredProtocol._start_cycle"
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``--workers`` metrics files (``app.metrics_files``) in process: records, a full file, a full
+"""The ``--workers`` metrics files (``app.metrics.files``) in process: records, a full file, a full
 disk, and folding a dead worker's file in without a count seen twice or missed."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from app.metrics.files import ABSORBED, SIZE, CellFile, absorb, read_all, read_file
 
-from app.metrics_files import ABSORBED, SIZE, CellFile, absorb, read_all, read_file
 from tests.support import small_tmpfs
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.notify import Notifier
+from app.serving.notify import Notifier
 from tests.support import ServerProcess, http_over_uds, wait_until
 
 _UCRED = struct.Struct("3i")

@@ -16,8 +16,8 @@ from typing import Any
 
 from uvicorn.server import ServerState
 
-from app.peercred import PeerCredProtocol
-from app.server import UdsConfig
+from app.connection.protocol import PeerCredProtocol
+from app.serving.server import UdsConfig
 from tests.support import read_response
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()

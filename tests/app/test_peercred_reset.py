@@ -15,7 +15,7 @@ import weakref
 
 import psutil
 
-from app.peercred import PeerCredProtocol
+from app.connection.protocol import PeerCredProtocol
 from tests.app.test_peercred_drain import POST, _answered_once, _unread, _until
 from tests.support import running_server
 

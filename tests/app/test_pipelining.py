@@ -17,9 +17,9 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from app import peercred
-from app.budget import Budget
-from app.peercred import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
+from app.connection import protocol as peercred
+from app.connection.budget import Budget
+from app.connection.protocol import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
 
 
 class FakeTransport(asyncio.Transport):

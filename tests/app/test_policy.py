@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from app.access import Access, PeerAllowlist
-from app.audit import AuditLog
+from app.api.access import Access, PeerAllowlist
+from app.api.audit import AuditLog
+from app.api.policy import PolicyError, load_policy, parse_policy, scope_for, scope_table
 from app.config import Settings
 from app.main import create_app
-from app.policy import PolicyError, load_policy, parse_policy, scope_for, scope_table
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import NOBODY
 
@@ -329,7 +329,7 @@ def test_forged_text_cannot_break_a_line(tmp_path: Path) -> None:
 
 
 def test_a_planted_symlink_or_foreign_file_is_refused(tmp_path: Path) -> None:
-    from app.audit import AuditError, open_audit_file
+    from app.api.audit import AuditError, open_audit_file
 
     target = tmp_path / "elsewhere"
     target.write_text("")
@@ -358,7 +358,7 @@ def test_a_planted_symlink_or_foreign_file_is_refused(tmp_path: Path) -> None:
 def test_a_failing_write_keeps_whole_lines_and_counts_what_it_drops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import app.audit as audit_module
+    import app.api.audit as audit_module
 
     log = tmp_path / "audit.log"
     audit = AuditLog(str(log))
@@ -374,7 +374,7 @@ def test_a_failing_write_keeps_whole_lines_and_counts_what_it_drops(
         return real_write(fd, data[:taken])
 
     monkeypatch.setattr(audit_module.os, "write", full_disk)
-    with caplog.at_level("WARNING", logger="app.audit"):
+    with caplog.at_level("WARNING", logger="app.api.audit"):
         for number in range(10):
             audit.record({"n": number})
             audit.flush()
@@ -383,7 +383,7 @@ def test_a_failing_write_keeps_whole_lines_and_counts_what_it_drops(
     assert "No space left on device" in warnings[0]
     assert audit.lost > 0
     budget["bytes"] = 1 << 20
-    with caplog.at_level("WARNING", logger="app.audit"):
+    with caplog.at_level("WARNING", logger="app.api.audit"):
         audit.flush()
     audit.record({"n": 10})
     audit.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.audit import DENY_BURST
+from app.api.audit import DENY_BURST
 from tests.app.test_policy_server import POLICY, STRANGER, _audit, _server
 from tests.app.test_policy_server import tmp as tmp
 from tests.support import PYTHON, ROOT, ServerProcess, python_as_nobody, wait_until
@@ -58,7 +58,7 @@ def test_a_flood_of_refusals_cannot_fill_the_disk_through_the_audit_log(tmp: Pat
 
 
 def test_refusals_past_the_budget_are_counted_under_a_bounded_set_of_uids(tmp_path: Path) -> None:
-    from app.audit import MAX_DENY_UIDS, AuditLog
+    from app.api.audit import MAX_DENY_UIDS, AuditLog
 
     log = tmp_path / "audit.log"
     audit = AuditLog(str(log))
@@ -200,7 +200,7 @@ def test_standard_error_stays_the_audit_target_after_close(
 ) -> None:
     """The server closes its audit log when it stops; a line noted after that (a request cancelled
     by the drain's deadline) must not create a file named ``-`` in the working directory."""
-    from app.audit import AuditLog
+    from app.api.audit import AuditLog
 
     monkeypatch.chdir(tmp_path)
     audit = AuditLog("-")

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.peercred import MAX_PIPELINE
-from app.routes.messages import LIST_STREAMS, PEER_SHARE
+from app.api.routes.messages import LIST_STREAMS, PEER_SHARE
+from app.connection.protocol import MAX_PIPELINE
 from tests.support import (
     ServerProcess,
     http_over_uds,

@@ -17,7 +17,7 @@ import pytest
 
 from app.config import Settings
 from app.logs import JsonFormatter, TextFormatter, configure
-from app.server import UdsConfig, UdsServer, build_config, run
+from app.serving.server import UdsConfig, UdsServer, build_config, run
 from tests.support import ServerProcess, http_over_uds, running_server, wait_until
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -149,7 +149,7 @@ def test_json_log_format(tmp: Path) -> None:
         assert {"ts", "level", "logger", "message"} <= entry.keys()
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
     messages = {entry["message"]: entry for entry in entries}
-    assert messages[f"🔌 Server listening on {path}"]["logger"] == "app.server"
+    assert messages[f"🔌 Server listening on {path}"]["logger"] == "app.serving.server"
     assert messages["📩 Server received: Hello from client"]["logger"] == "app.messages"
     assert any(e["logger"] == "uvicorn.access" and "POST /messages" in e["message"] for e in entries), entries
 
@@ -263,7 +263,7 @@ def test_signal_before_serving_stops_cleanly(tmp: Path, caplog: pytest.LogCaptur
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the build")
 
-    with caplog.at_level(logging.INFO, logger="app.server"):
+    with caplog.at_level(logging.INFO, logger="app.serving.server"):
         assert run(Settings(socket=path, store="memory"), app_factory=factory) == 0
     assert "Stopped before serving" in caplog.text
     assert not os.path.exists(path)
@@ -319,7 +319,7 @@ def test_text_formatter() -> None:
     assert fmt.format(_record("app.messages", logging.INFO, demo)) == demo
     assert fmt.format(_record("app", logging.INFO, "x")) == "x"
     assert fmt.format(_record("uvicorn.error", logging.INFO, "Shutting down")) == "INFO Shutting down"
-    assert fmt.format(_record("app.sockets", logging.WARNING, "careful")) == "WARNING careful"
+    assert fmt.format(_record("app.serving.sockets", logging.WARNING, "careful")) == "WARNING careful"
     assert fmt.format(_record("application", logging.INFO, "other")) == "INFO other"
     assert fmt.format(_record("app.x", logging.INFO, "a\nINFO forged\r")) == "a\\nINFO forged\\r"
     try:
@@ -371,8 +371,8 @@ def test_configure_routes_uvicorn_through_one_handler() -> None:
     try:
         configure("info", "text", stream=stream)
         logging.getLogger("uvicorn.error").info("Application startup complete.")
-        logging.getLogger("app.server").info("🔌 Server listening on /csi/csi.sock")
-        logging.getLogger("app.server").debug("hidden")
+        logging.getLogger("app.serving.server").info("🔌 Server listening on /csi/csi.sock")
+        logging.getLogger("app.serving.server").debug("hidden")
         logging.getLogger("uvicorn.access").info("not with access log off")
         assert stream.getvalue().splitlines() == [
             "INFO Application startup complete.",

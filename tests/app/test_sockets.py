@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from app import sockets
-from app.sockets import BoundSocket, SocketError, bind_unix
+from app.serving import sockets
+from app.serving.sockets import BoundSocket, SocketError, bind_unix
 from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, wait_until
 
 
@@ -201,7 +201,7 @@ def _stale_socket(path: Path) -> None:
 def test_stale_socket_replaced_and_logged(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp / "s.sock"
     _stale_socket(path)
-    with caplog.at_level(logging.INFO, logger="app.sockets"):
+    with caplog.at_level(logging.INFO, logger="app.serving.sockets"):
         bound = bind_unix(str(path))
     try:
         assert _mode(path) == 0o660
@@ -409,7 +409,7 @@ def test_longest_path_binds_although_the_private_one_is_longer(tmp: Path) -> Non
 
 def _warnings(directory: Path, caplog: pytest.LogCaptureFixture, group: int | None = None) -> list[str]:
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="app.sockets"):
+    with caplog.at_level(logging.WARNING, logger="app.serving.sockets"):
         bound = bind_unix(str(directory / "s.sock"), 0o660, group)
     bound.close()
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -567,7 +567,7 @@ def _leftover(directory: Path, *, listen: bool = False) -> tuple[Path, socket.so
 
 def _bind_and_log(path: Path, caplog: pytest.LogCaptureFixture) -> list[str]:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="app.sockets"):
+    with caplog.at_level(logging.INFO, logger="app.serving.sockets"):
         bound = bind_unix(str(path))
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
@@ -583,7 +583,7 @@ def test_leftover_of_a_start_killed_before_the_rename_is_removed_at_the_next_sta
             PYTHON,
             "-c",
             "import os, signal, sys\n"
-            "from app import sockets\n"
+            "from app.serving import sockets\n"
             "sockets._move_into_place = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
             "sockets.bind_unix(sys.argv[1])\n",
             str(path),

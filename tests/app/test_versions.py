@@ -10,9 +10,9 @@ import pytest
 from fastapi.routing import APIRoute
 
 from app import __version__
+from app.api.versions import API_VERSIONS, CURRENT, MIN
 from app.config import Settings
 from app.main import create_app
-from app.versions import API_VERSIONS, CURRENT, MIN
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import http_over_uds, read_head, read_response, response_status, running_server
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from app.config import Settings
-from app.server import run
+from app.serving.server import run
 from tests.support import (
     NOBODY,
     PYTHON,
@@ -392,7 +392,7 @@ def test_workers_that_cannot_start_stop_the_server_with_exit_3(
     died = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "app.workers" and "before serving" in r.getMessage()
+        if r.name == "app.serving.workers" and "before serving" in r.getMessage()
     ]
     assert 2 <= len(died) <= 4, died
     assert "Every worker failed to start" in caplog.text

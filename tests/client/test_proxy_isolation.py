@@ -312,7 +312,7 @@ def test_idempotency_keys_through_the_proxy_belong_to_each_caller(searchable_dir
 
 def test_the_docs_pages_send_the_header_the_proxy_reads() -> None:
     # The server's pages and the client's proxy name it apart (the client never imports app).
-    from app.routes.docs import TOKEN_HEADER as SENT
+    from app.api.routes.docs import TOKEN_HEADER as SENT
     from client.cli.proxy import TOKEN_HEADER as READ
 
     assert SENT.lower().encode() == READ

@@ -304,7 +304,7 @@ def test_deployment_serves_metrics_where_prometheus_looks() -> None:
 
 
 def test_deployment_reads_its_policy_from_the_configmap() -> None:
-    from app.policy import parse_policy
+    from app.api.policy import parse_policy
 
     template = pod_template(DEPLOYMENT)
     server = containers(template)["uds-server"]

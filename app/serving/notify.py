@@ -23,7 +23,7 @@ from app.logs import escaped
 
 __all__ = ["VARIABLES", "Notifier"]
 
-logger = logging.getLogger("app.notify")
+logger = logging.getLogger("app.serving.notify")
 
 VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 

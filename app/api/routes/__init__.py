@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from app.routes import docs, health, messages
+from app.api.routes import docs, health, messages
 
 __all__ = ["docs", "health", "messages"]

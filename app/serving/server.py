@@ -1,15 +1,15 @@
 """Run the application under uvicorn on a socket we bound ourselves, and stop it cleanly.
 
-``run(settings)`` binds (``app.sockets``), serves with httptools + uvloop and our protocol
-(``app.peercred``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, reloads the access
+``run(settings)`` binds (``app.serving.sockets``), serves with httptools + uvloop and our protocol
+(``app.connection.protocol``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, reloads the access
 policy and reopens the audit log on SIGHUP (at the next tick, on the event loop), removes the
 socket on every exit path and returns the process exit code: 0 clean stop, 3 startup failure.
 
-With ``workers`` above 1 the process binds, then hands the socket to ``app.workers``, whose
+With ``workers`` above 1 the process binds, then hands the socket to ``app.serving.workers``, whose
 worker processes each serve it through :func:`serve`; this process alone removes the socket.
 
-A socket passed by a service manager (``app.activation``) is served instead of binding one, and
-left in place; with ``NOTIFY_SOCKET`` the manager hears readiness and the drain (``app.notify``).
+A socket passed by a service manager (``app.serving.activation``) is served instead of binding one, and
+left in place; with ``NOTIFY_SOCKET`` the manager hears readiness and the drain (``app.serving.notify``).
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
-from app.activation import address_of, inherited_socket
+from app.api.policy import PolicyError
 from app.config import Settings
-from app.metrics import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
-from app.notify import Notifier
-from app.peercred import PeerCredProtocol
-from app.policy import PolicyError
-from app.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
-from app.store import StoreError
+from app.connection.protocol import PeerCredProtocol
+from app.metrics.core import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
+from app.serving.activation import address_of, inherited_socket
+from app.serving.notify import Notifier
+from app.serving.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
+from app.storage.store import StoreError
 
 __all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "note_hangup", "run", "serve"]
 
 if TYPE_CHECKING:
-    from app.access import Access
+    from app.api.access import Access
 
-logger = logging.getLogger("app.server")
+logger = logging.getLogger("app.serving.server")
 
 SOCKET_LOST = (
     "Socket %s was removed or replaced by another program: clients cannot reach this server; stopping"
@@ -63,7 +63,7 @@ class _Stopped(Exception):
 
 
 class UdsConfig(uvicorn.Config):
-    """uvicorn's Config plus the deadlines our protocol (``app.peercred``) enforces on each connection."""
+    """uvicorn's Config plus the deadlines our protocol (``app.connection.protocol``) enforces."""
 
     def __init__(self, app: Any, *, request_timeout: float, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
@@ -72,7 +72,7 @@ class UdsConfig(uvicorn.Config):
         self.send_timeout = send_timeout
         """Seconds a response may make no write progress before the connection is closed."""
         self.recorder: Recorder | None = None
-        """Where the protocol counts requests for ``/metrics`` (``app.metrics``)."""
+        """Where the protocol counts requests for ``/metrics`` (``app.metrics.core``)."""
 
 
 class UdsServer(uvicorn.Server):
@@ -260,11 +260,11 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     notifier = Notifier.from_environ(os.environ)
     try:
         inherited = inherited_socket(os.environ)  # before anything starts a child process
-        from app.durable import prepare_store
+        from app.storage.sqlite import prepare_store
 
         prepare_store(settings)  # the data directory and the database, checked before binding
         if settings.workers > 1:
-            from app.workers import Supervisor
+            from app.serving.workers import Supervisor
 
             bound, address = bind(settings, inherited)
             with for_workers(settings) as hooks:  # the workers' metrics directory and the one endpoint
@@ -323,7 +323,7 @@ def serve(
     ``bound``: the socket file to check once a second (stop if it is removed or replaced).
     ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
     """
-    from app.peercred import connection_cap, raise_open_file_limit
+    from app.connection.protocol import connection_cap, raise_open_file_limit
 
     open_files, _ = raise_open_file_limit()
     config = build_config(settings, application)

@@ -7,7 +7,7 @@ server binds its own socket. Either way the three variables are removed from the
 once read (``sd_listen_fds(unset_environment=1)``), so a child never takes them for its own.
 
 uds-server serves exactly one socket, and only a listening Unix stream socket: anything else is
-a :class:`~app.sockets.SocketError` (one line, exit 3) rather than a server nobody can reach.
+a :class:`~app.serving.sockets.SocketError` (one line, exit 3) rather than a server nobody can reach.
 The inherited socket belongs to the service manager: the server neither binds, chmods nor
 removes its path, and the socket stays listening in the manager's hands when the server exits,
 so connections made meanwhile wait in its backlog for the next server.
@@ -23,11 +23,11 @@ import socket
 from collections.abc import MutableMapping
 
 from app.logs import escaped
-from app.sockets import BoundSocket, SocketError
+from app.serving.sockets import BoundSocket, SocketError
 
 __all__ = ["FIRST_FD", "VARIABLES", "address_of", "inherited_socket"]
 
-logger = logging.getLogger("app.activation")
+logger = logging.getLogger("app.serving.activation")
 
 FIRST_FD = 3
 """``SD_LISTEN_FDS_START``: the first passed descriptor."""

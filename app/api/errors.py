@@ -17,11 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.models import ErrorBody
+from app.api.models import ErrorBody
 
 __all__ = ["CODES", "error_body", "error_response", "error_responses", "install", "public_details"]
 
-log = logging.getLogger("app.errors")
+log = logging.getLogger("app.api.errors")
 
 CODES: dict[int, str] = {
     400: "bad_request",

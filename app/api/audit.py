@@ -37,7 +37,7 @@ __all__ = [
     "open_audit_file",
 ]
 
-log = logging.getLogger("app.audit")
+log = logging.getLogger("app.api.audit")
 
 FLUSH_AT = 64 * 1024
 MAX_PENDING = 256 * 1024

@@ -33,15 +33,15 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.audit import MESSAGE_ID
-from app.budget import Budget
+from app.api.audit import MESSAGE_ID
+from app.api.errors import error_response, error_responses, public_details, summarize
+from app.api.forwarded import HEADER as FORWARDED_HEADER
+from app.api.forwarded import key_owner, with_forwarded
+from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.config import Settings
-from app.errors import error_response, error_responses, public_details, summarize
-from app.forwarded import HEADER as FORWARDED_HEADER
-from app.forwarded import key_owner, with_forwarded
+from app.connection.budget import Budget
 from app.logs import Throttle, escaped
-from app.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
-from app.store import KeyConflict, Store, StoreError, StoreFull
+from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 
 __all__ = [
     "BODY_BUDGET",

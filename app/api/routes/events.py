@@ -1,7 +1,7 @@
 """``GET /events``: every stored message as a Server-Sent Event, live (``docker events``).
 
 The answer is FastAPI's ``fastapi.sse.EventSourceResponse`` built around the hub's byte stream
-(``app.events``), not a generator path operation: FastAPI would then run two tasks and two memory
+(``app.storage.events``), not a generator path operation: FastAPI would then run two tasks and two memory
 streams per open stream and encode every event once per stream; the hub encodes each event once,
 for all streams, and a stream writes what it has waiting in one chunk.
 """
@@ -17,13 +17,13 @@ from pydantic import WithJsonSchema
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.errors import error_response, error_responses
-from app.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from app.api.errors import error_response, error_responses
 from app.logs import Throttle
+from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
 
 __all__ = ["EVENT_SCHEMA", "build_router"]
 
-log = logging.getLogger("app.events")
+log = logging.getLogger("app.storage.events")
 
 RETRY_AFTER = "1"
 

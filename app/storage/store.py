@@ -1,6 +1,6 @@
 """The ``Store`` interface the routes and the event stream use, and the memory store
 (``--store memory``): a bounded in-memory message history and a bounded (LRU) memory of
-idempotency keys. The durable store (the default) is ``app.durable.SqliteStore``.
+idempotency keys. The durable store (the default) is ``app.storage.sqlite.SqliteStore``.
 
 A remembered key keeps only what answering a repeat needs: the message's id, time, peer and a
 16-byte digest of its text. A repeat carries its text, so the answer is rebuilt from that text

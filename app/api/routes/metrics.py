@@ -11,8 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from app.errors import error_responses
-from app.metrics import METRICS_PATH, Metrics
+from app.api.errors import error_responses
+from app.metrics.core import METRICS_PATH, Metrics
 
 __all__ = ["install"]
 

@@ -1,11 +1,11 @@
 """``--workers N``: N worker processes serve the one socket this process bound; this one supervises.
 
-The parent binds the socket with every check ``app.sockets`` makes, then starts each worker as a
-fresh interpreter in isolated mode (``python -I -m app.workers``: nothing from the working directory
+The parent binds the socket with every check ``app.serving.sockets`` makes, then starts each worker as a
+fresh interpreter in isolated mode (``python -I -m app.serving.workers``: nothing from the working directory
 or ``PYTHONPATH``; never a fork of a process with an event loop) that gets the listening socket's
 descriptor and one end of a socket pair. Over that pair the parent sends
 the settings and the app factory; the worker builds its own app (and store connection), serves with
-:func:`app.server.serve`, and answers ``ready`` once it accepts. The parent
+:func:`app.serving.server.serve`, and answers ``ready`` once it accepts. The parent
 
 - logs the demo line ``🔌 Server listening on ...`` once, when every worker serves;
 - checks once a second that the socket file is still its own (removed or replaced: exit 3);
@@ -56,13 +56,13 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from app.config import Settings
-from app.notify import Notifier
-from app.server import SOCKET_LOST, STARTUP_FAILURE
-from app.sockets import BoundSocket
+from app.serving.notify import Notifier
+from app.serving.server import SOCKET_LOST, STARTUP_FAILURE
+from app.serving.sockets import BoundSocket
 
 __all__ = ["QUICK_DEATH", "Supervisor", "SupervisorHooks"]
 
-logger = logging.getLogger("app.workers")
+logger = logging.getLogger("app.serving.workers")
 
 READY = "ready"
 QUICK_DEATH = 10.0
@@ -266,7 +266,7 @@ class Supervisor:
         try:
             # Isolated (-I): the working directory and PYTHON* variables stay off the worker's path.
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "app.workers", str(listen_fd), str(theirs.fileno())],
+                [sys.executable, "-I", "-m", "app.serving.workers", str(listen_fd), str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listen_fd, theirs.fileno()),
             )
@@ -394,8 +394,8 @@ def _watch_parent(conn: Connection) -> None:
 
 def worker_main(listen_fd: int, parent_fd: int) -> int:
     """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
-    from app.policy import PolicyError
-    from app.server import _stop_early, _Stopped, note_hangup, serve
+    from app.api.policy import PolicyError
+    from app.serving.server import _stop_early, _Stopped, note_hangup, serve
 
     previous = {sig: signal.signal(sig, _stop_early) for sig in _STOPS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, note_hangup)

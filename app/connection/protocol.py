@@ -55,9 +55,9 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from app.budget import Budget
+from app.connection.budget import Budget
 from app.logs import Throttle
-from app.metrics import PeerTally, Recorder
+from app.metrics.core import PeerTally, Recorder
 
 __all__ = [
     "CONNECTION_KEY",
@@ -373,7 +373,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Body bytes drawn on the held-input budget for each request not answered yet: what uvicorn
         keeps in the cycle until the application reads it (all of it while the request is queued)."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
-        """Counts each request for ``/metrics`` (``app.metrics``), when on."""
+        """Counts each request for ``/metrics`` (``app.metrics.core``), when on."""
         self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
         """The request cycles' class: the recorder's counts each request when its response starts."""
         self.tally: PeerTally | None = None
@@ -604,7 +604,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         """uvicorn 0.54's ``on_headers_complete``, building the cycle from :attr:`cycle_class`.
 
         A copy, because uvicorn names its class inside the method: changing each cycle's class
-        afterwards cost 1.9 µs of a 44 µs POST (``app.metrics.timed_cycle``). Our protocol never
+        afterwards cost 1.9 µs of a 44 µs POST (``app.metrics.core.timed_cycle``). Our protocol never
         sets uvicorn's ``limit_concurrency`` (it has its own cap), so that branch is left out; a
         request read while the server drains is not kept alive (see :meth:`shutdown`).
         tests/app/test_metrics.py fails when uvicorn changes the original.

@@ -1,7 +1,7 @@
 """Request and response schemas: the one definition of the API that OpenAPI and the tests share.
 
 ``POST /messages`` validates its body with the model built by :func:`message_in_model`
-(``model_validate_json`` on the raw bytes; ``app.routes.messages``), the same model OpenAPI shows.
+(``model_validate_json`` on the raw bytes; ``app.api.routes.messages``), the same model OpenAPI shows.
 """
 
 from __future__ import annotations

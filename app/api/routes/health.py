@@ -13,9 +13,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app import __version__
-from app.errors import error_responses
-from app.models import HealthStatus, ReadyStatus, VersionInfo
-from app.versions import API_VERSIONS
+from app.api.errors import error_responses
+from app.api.models import HealthStatus, ReadyStatus, VersionInfo
+from app.api.versions import API_VERSIONS
 
 __all__ = ["SERVER", "build_router", "build_versioned_router", "versions"]
 
@@ -131,7 +131,7 @@ def build_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
 
 
 def build_versioned_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
-    """``/version``: an API route, added under each version by :func:`app.versions.add_versioned`."""
+    """``/version``: an API route, added under each version by :func:`app.api.versions.add_versioned`."""
     router = APIRouter(tags=["health"])
     api = {"api_version": str(api_versions[-1]), "min_api_version": str(api_versions[0])}
 

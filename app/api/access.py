@@ -9,7 +9,7 @@ probes (``/healthz``, ``/readyz``) stay open so the kubelet can reach them, and 
 (a client negotiates the API version first; the versions are no secret) and ``/whoami`` (what a
 refused caller runs next; it shows the caller only its own identity and scopes).
 
-A request that names the user behind a proxy (``Uds-Forwarded-Peer``, see :mod:`app.forwarded`)
+A request that names the user behind a proxy (``Uds-Forwarded-Peer``, see :mod:`app.api.forwarded`)
 holds only the scopes both hold, the proxy's own process and the user it speaks for (by uid and
 gid: the header carries no groups): a proxy never widens what a caller may do. A malformed or
 repeated header is refused too.
@@ -25,14 +25,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.audit import MAX_ROUTE, MESSAGE_ID, AuditLog
-from app.config import Settings
-from app.errors import error_response
-from app.forwarded import HEADER as FORWARDED_HEADER
-from app.forwarded import parse_forwarded_peer
-from app.logs import Throttle, escaped
-from app.peercred import CONNECTION_KEY, PEER_KEY, PeerConnection
-from app.policy import (
+from app.api.audit import MAX_ROUTE, MESSAGE_ID, AuditLog
+from app.api.errors import error_response
+from app.api.forwarded import HEADER as FORWARDED_HEADER
+from app.api.forwarded import parse_forwarded_peer
+from app.api.policy import (
     ALL,
     NONE,
     OPEN,
@@ -45,10 +42,13 @@ from app.policy import (
     scope_table,
     shorthand,
 )
+from app.config import Settings
+from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
+from app.logs import Throttle, escaped
 
 __all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
 
-log = logging.getLogger("app.access")
+log = logging.getLogger("app.api.access")
 
 
 def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
@@ -318,7 +318,7 @@ def _entry(
     decision: str,
     needed: str,
 ) -> tuple[Any, ...]:
-    """The audit entry: the time, then :data:`app.audit.FIELDS`."""
+    """The audit entry: the time, then :data:`app.api.audit.FIELDS`."""
     if peer is None:
         uid = gid = pid = None
     else:

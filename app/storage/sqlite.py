@@ -50,7 +50,16 @@ from typing import Any
 import orjson
 
 from app.config import Settings
-from app.store import KeyConflict, MessageStore, Remembered, Store, Stored, StoreError, StoreFull, text_digest
+from app.storage.store import (
+    KeyConflict,
+    MessageStore,
+    Remembered,
+    Store,
+    Stored,
+    StoreError,
+    StoreFull,
+    text_digest,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -494,7 +503,7 @@ _Item = tuple[str, str, str, "dict[str, Any] | None", "str | None", "asyncio.Fut
 
 
 class SqliteStore:
-    """The :class:`~app.store.Store` on one SQLite file; see the module's docstring.
+    """The :class:`~app.storage.store.Store` on one SQLite file; see the module's docstring.
 
     ``open()`` connects (once the process serves); until then nothing touches the disk.
     """

@@ -7,8 +7,8 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.access import Access
-from app.models import WhoAmI
+from app.api.access import Access
+from app.api.models import WhoAmI
 
 __all__ = ["build_router"]
 

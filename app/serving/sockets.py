@@ -51,7 +51,7 @@ from client.address import MAX_PATH_BYTES
 
 __all__ = ["BACKLOG", "BoundSocket", "SocketError", "bind_tcp", "bind_unix"]
 
-logger = logging.getLogger("app.sockets")
+logger = logging.getLogger("app.serving.sockets")
 
 BACKLOG = 2048
 PROBE_TIMEOUT = 1.0

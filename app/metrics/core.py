@@ -13,7 +13,7 @@ What is measured
     opt-in: only the uids ``--metrics-uid`` names, the others as ``other``.
 
 Where it is counted
-    The protocol (``app.peercred``) sees every request: it builds each request's cycle from the
+    The protocol (``app.connection.protocol``) sees every request: it builds each request's cycle from the
     class :func:`timed_cycle` makes, which adds the request to its cell (a list of numbers) when the
     response starts. No ASGI layer wraps the application, and no ``prometheus-client`` object is
     written on the hot path (too slow per request: docs/performance.md, k). At each
@@ -23,7 +23,7 @@ Where it is counted
 Workers
     With ``--workers N`` the parent creates a private directory (:func:`multiprocess_dir`) and
     names it to the workers in :data:`DIR_ENV`. Each worker's cells are records of its own shared
-    file (``app.metrics_files``); the parent serves the one TCP endpoint over all the files, folds a
+    file (``app.metrics.files``); the parent serves the one TCP endpoint over all the files, folds a
     dead worker's file into the totals (:func:`worker_gone`) and removes the directory at exit.
     Gauges add up over live workers; ``process_*`` over the parent and the live workers.
 """
@@ -69,10 +69,10 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.config import Settings
 from app.logs import Throttle, escaped
-from app.metrics_files import CellFile, Entry, absorb, read_all, worker_pids
+from app.metrics.files import CellFile, Entry, absorb, read_all, worker_pids
 
 if TYPE_CHECKING:
-    from app.workers import SupervisorHooks
+    from app.serving.workers import SupervisorHooks
 
 __all__ = [
     "BUCKETS",
@@ -101,7 +101,7 @@ __all__ = [
     "worker_gone",
 ]
 
-log = logging.getLogger("app.metrics")
+log = logging.getLogger("app.metrics.core")
 
 METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"
@@ -588,7 +588,9 @@ def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
 
     Raises :class:`MetricsError` when the directory cannot be made or the endpoint cannot listen.
     """
-    from app.workers import SupervisorHooks  # app.workers imports the server, which imports us
+    from app.serving.workers import (
+        SupervisorHooks,  # app.serving.workers imports the server, which imports us
+    )
 
     try:
         base: str | None = tempfile.gettempdir()

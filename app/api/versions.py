@@ -8,7 +8,7 @@ and uses the highest version both sides support.
 
 Adding a router (how every API router joins the table)::
 
-    from app.versions import add_versioned
+    from app.api.versions import add_versioned
 
     def create_app(settings):
         ...
@@ -49,7 +49,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.routing import Route, compile_path
 
-from app.errors import error_response
+from app.api.errors import error_response
 
 __all__ = [
     "API_VERSIONS",

@@ -42,9 +42,9 @@ from typing import Literal
 import orjson
 from fastapi.sse import format_sse_event
 
+from app.api.routes.messages import PEER_SHARE
 from app.logs import Throttle
-from app.routes.messages import PEER_SHARE
-from app.store import Store
+from app.storage.store import Store
 
 __all__ = [
     "BATCH",
@@ -59,7 +59,7 @@ __all__ = [
     "stream_capacity",
 ]
 
-log = logging.getLogger("app.events")
+log = logging.getLogger("app.storage.events")
 
 HEARTBEAT_INTERVAL = 5.0
 """Seconds an open stream may stay silent before it gets a heartbeat comment (``: heartbeat``).
@@ -198,7 +198,7 @@ class Subscriber:
 
 class EventHub:
     """Fans this process's store out to its open streams: at most ``capacity`` of them, of which one
-    peer uid may hold 1/:data:`~app.routes.messages.PEER_SHARE` (at least one), like the other
+    peer uid may hold 1/:data:`~app.api.routes.messages.PEER_SHARE` (at least one), like the other
     budgets, so one uid holding streams open cannot lock every other uid out."""
 
     def __init__(self, store: Store, capacity: int) -> None:

@@ -1,0 +1,1 @@
+"""The API: routes, request and response models, errors, versions and who may call what."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics: the per-request recorder, the exposition, and the ``--workers`` files."""

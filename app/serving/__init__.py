@@ -1,0 +1,1 @@
+"""Serving: the listening socket, the uvicorn server on it, and ``--workers`` supervision."""

@@ -142,7 +142,7 @@ def __getattr__(name: str) -> FastAPI:
             configure(
                 settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
             )
-            from app.storage.sqlite import prepare_store
+            from app.storage.schema import prepare_store
 
             prepare_store(settings)  # uds-server does this before binding; here uvicorn has bound
             _app = create_app(settings)

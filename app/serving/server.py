@@ -260,7 +260,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
     notifier = Notifier.from_environ(os.environ)
     try:
         inherited = inherited_socket(os.environ)  # before anything starts a child process
-        from app.storage.sqlite import prepare_store
+        from app.storage.schema import prepare_store
 
         prepare_store(settings)  # the data directory and the database, checked before binding
         if settings.workers > 1:

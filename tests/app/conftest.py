@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.main import create_app
-from app.storage.sqlite import prepare_store
+from app.storage.schema import prepare_store
 from tests.support import short_tmpdir
 
 PEER = {"pid": 4242, "uid": 1000, "gid": 1000}

@@ -41,6 +41,7 @@ from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_mod
 from app.config import Settings
 from app.connection.budget import Budget
 from app.logs import Throttle, escaped
+from app.storage.events import PEER_SHARE
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 
 __all__ = [
@@ -69,9 +70,6 @@ LIST_CHUNK = 16 * 1024
 """``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
 LIST_STREAMS = 32
 """Most ``GET /messages`` answers longer than one chunk being written at once, server-wide."""
-PEER_SHARE = 4
-"""One peer uid may hold at most 1/``PEER_SHARE`` of either budget (bodies, long lists), so a single
-uid holding bodies or lists open cannot lock every other uid out."""
 JSON = "application/json"
 _RETRY = {"retry-after": "1"}
 

@@ -14,11 +14,14 @@ from fastapi import APIRouter, FastAPI
 from app import __version__
 from app.api.access import Access, PeerAllowlist
 from app.api.errors import install as install_errors
-from app.api.routes import docs, events, health, messages, metrics, whoami
+from app.api.routes import docs, events, health, messages, whoami
+from app.api.routes import metrics as metrics_route
 from app.api.versions import API_VERSIONS, add_unsupported_route, add_versioned
 from app.config import Settings
+from app.metrics.core import Metrics
 from app.storage.events import EventHub, stream_capacity
 from app.storage.sqlite import build_store, store_lifespan
+from app.storage.store import Store
 
 __all__ = ["create_app"]
 
@@ -52,8 +55,16 @@ needs none: it shows the caller's uid, gid, groups and the scopes it holds.
 """
 
 
-def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS) -> FastAPI:
-    """Build the application for these settings.
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    hub: EventHub | None = None,
+    metrics: Metrics | None = None,
+    access: Access | None = None,
+    api_versions: Sequence[int] = API_VERSIONS,
+) -> FastAPI:
+    """Build the application for these settings, with the services given (the rest built here).
 
     ``api_versions`` (oldest first) are the API versions served under ``/v{N}``; the default is
     :data:`app.api.versions.API_VERSIONS`. Only tests pass others, to stand in for older or newer servers.
@@ -79,7 +90,7 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     app.state.settings = settings
     app.state.api_versions = tuple(sorted(set(api_versions)))
     app.state.draining = False
-    store = build_store(settings)  # not opened yet: create_app does no I/O
+    store = build_store(settings) if store is None else store  # not opened yet: create_app does no I/O
     app.state.store = store
     install_errors(app)
     # API routes under /v{N} and their unversioned aliases (app.api.versions); every API router joins
@@ -87,15 +98,15 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     add_versioned(app, messages.build_router(settings, store))
     add_versioned(app, health.build_versioned_router(app.state.api_versions))
     # One event hub per process; the server's signal handler tells it to end the streams on SIGTERM.
-    app.state.events = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
+    app.state.events = hub or EventHub(store, stream_capacity(settings.max_streams, settings.workers))
     add_versioned(app, events.build_router(app.state.events))
     # The policy file is read here: a bad one raises PolicyError (uds-server checks it before binding).
-    access = Access(settings, app.state.api_versions)
+    access = access or Access(settings, app.state.api_versions)
     app.state.access = access  # the server reloads it on SIGHUP and flushes its audit log each tick
     add_versioned(app, whoami.build_router(access))
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
-    metrics.install(app)  # GET /metrics (unversioned) and app.state.metrics
+    metrics_route.install(app, metrics)  # GET /metrics (unversioned) and app.state.metrics
     _spec_after_the_api(app)
     add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)

@@ -1,16 +1,8 @@
-"""Socket activation: serve the listening socket a service manager passes (systemd's ``LISTEN_FDS``).
+"""Socket activation: serve the listening socket a service manager passes (``sd_listen_fds(3)``).
 
-The protocol is ``sd_listen_fds(3)``'s: ``LISTEN_PID`` names the process the sockets are for,
-``LISTEN_FDS`` how many there are from descriptor 3 on, ``LISTEN_FDNAMES`` their names
-(colon-separated). Variables meant for another pid, or without ``LISTEN_PID``, are ignored: the
-server binds its own socket. Either way the three variables are removed from the environment
-once read (``sd_listen_fds(unset_environment=1)``), so a child never takes them for its own.
-
-uds-server serves exactly one socket, and only a listening Unix stream socket: anything else is
-a :class:`~app.serving.sockets.SocketError` (one line, exit 3) rather than a server nobody can reach.
-The inherited socket belongs to the service manager: the server neither binds, chmods nor
-removes its path, and the socket stays listening in the manager's hands when the server exits,
-so connections made meanwhile wait in its backlog for the next server.
+Only one listening Unix stream socket is served; anything else is a :class:`SocketError` (exit 3).
+The socket stays the manager's: never chmodded or removed, so connections made while the server
+restarts wait in its backlog. See docs/systemd.md.
 """
 
 from __future__ import annotations
@@ -29,19 +21,15 @@ __all__ = ["FIRST_FD", "VARIABLES", "address_of", "inherited_socket"]
 
 logger = logging.getLogger("app.serving.activation")
 
-FIRST_FD = 3
-"""``SD_LISTEN_FDS_START``: the first passed descriptor."""
+FIRST_FD = 3  # SD_LISTEN_FDS_START
 VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _FIX = "pass one listening Unix stream socket (ListenStream=/path in the .socket unit)"
 
 
 def inherited_socket(environ: MutableMapping[str, str], pid: int | None = None) -> BoundSocket | None:
-    """The listening socket passed in ``environ`` to process ``pid`` (default: this one), or None.
-
-    Removes ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from ``environ`` in every case.
-    Raises SocketError when the variables are for this process but do not pass exactly one
-    listening ``AF_UNIX`` ``SOCK_STREAM`` socket. The result's ``path`` is None: nothing to remove.
-    """
+    """The listening socket passed in ``environ`` to process ``pid`` (default: this one), or None
+    (variables for another pid are ignored). The variables are removed in every case, so a child
+    never takes them for its own; :class:`SocketError` unless exactly one fitting socket is passed."""
     values = {name: environ.pop(name, None) for name in VARIABLES}
     listen_pid, listen_fds, names = values["LISTEN_PID"], values["LISTEN_FDS"], values["LISTEN_FDNAMES"]
     if listen_fds is None or listen_pid is None:

@@ -1,14 +1,8 @@
 """Tell a service manager how the server is doing: systemd's ``sd_notify(3)`` protocol, stdlib only.
 
-With ``NOTIFY_SOCKET`` set (a path, or ``@name`` in the abstract namespace), :class:`Notifier`
-sends one datagram per call, newline-separated ``KEY=value`` lines: ``READY=1`` with ``MAINPID``
-once every worker serves, ``STATUS=`` lines, ``STOPPING=1`` when the drain starts, and
-``WATCHDOG=1`` pings when ``WATCHDOG_USEC`` asks for them (and ``WATCHDOG_PID``, if set, is this
-process). Without ``NOTIFY_SOCKET`` every call does nothing.
-
-A notification never blocks or stops the server: the socket is non-blocking, and a send that
-fails (the manager gone, its queue full) is dropped with one warning for the process's life.
-``from_environ`` removes the variables it reads, so worker processes never notify on their own.
+With ``NOTIFY_SOCKET`` set, each call sends one non-blocking datagram (``READY=1``, ``STATUS=``,
+``STOPPING=1``, ``WATCHDOG=1``); a failed send is dropped with one warning, never stopping the
+server. Without it every call does nothing. See docs/systemd.md.
 """
 
 from __future__ import annotations
@@ -33,15 +27,15 @@ class Notifier:
 
     def __init__(self, address: str | bytes | None = None, watchdog_every: float | None = None) -> None:
         self.address = address
-        self.watchdog_every = watchdog_every if address is not None else None
-        """Seconds between ``WATCHDOG=1`` pings (half the manager's timeout), or None."""
+        self.watchdog_every = watchdog_every if address is not None else None  # half the manager's timeout
         self.next_ping = time.monotonic()
         self._sock: socket.socket | None = None
         self._warned = False
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str], pid: int | None = None) -> Notifier:
-        """The notifier ``environ`` asks for (removing its variables), for process ``pid`` (default: this)."""
+        """The notifier ``environ`` asks for, for process ``pid`` (default: this); removes the variables,
+        so worker processes never notify on their own."""
         raw, usec, watchdog_pid = (environ.pop(name, None) for name in VARIABLES)
         if not raw:
             return cls()
@@ -68,10 +62,6 @@ class Notifier:
             else:
                 logger.warning("WATCHDOG_USEC=%s is not a positive number: no watchdog pings", escaped(usec))
         return cls(address, every)
-
-    @property
-    def on(self) -> bool:
-        return self.address is not None
 
     def send(self, *lines: str) -> None:
         """Send ``lines`` (``KEY=value`` each) in one datagram; drop them with one warning on failure."""

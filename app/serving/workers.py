@@ -43,19 +43,14 @@ __all__ = ["QUICK_DEATH", "Supervisor"]
 logger = logging.getLogger("app.serving.workers")
 
 READY = "ready"
-QUICK_DEATH = 10.0
-"""A worker that dies this many seconds after its start or sooner counts toward the restart delay."""
+QUICK_DEATH = 10.0  # a worker dying this soon after its start counts toward the restart delay
 FIRST_DELAY = 0.5
 MAX_DELAY = 10.0
-CALM = 30.0
-"""Seconds without a worker dying after which the restart delay starts again from nothing."""
-STOP_GRACE = 5.0
-"""Seconds past ``--shutdown-timeout`` a worker gets to exit before it is killed."""
-CHECK_EVERY = 1.0
-"""Seconds between checks of the socket file (the single-process server checks as often)."""
+CALM = 30.0  # seconds without a death after which the restart delay starts again from nothing
+STOP_GRACE = 5.0  # seconds past --shutdown-timeout a worker gets to exit before it is killed
+CHECK_EVERY = 1.0  # seconds between checks of the socket file, as the single-process server
 _STOPS = (signal.SIGTERM, signal.SIGINT)
-_CLOSED = object()
-"""What ``Supervisor._messages`` yields for a worker whose end of the pair closed."""
+_CLOSED = object()  # what Supervisor._messages yields for a worker whose end of the pair closed
 
 
 def describe_exit(code: int) -> str:
@@ -114,8 +109,6 @@ class Supervisor:
         self.quick_deaths = 0
         self.last_death = float("-inf")
         self._wake_r, self._wake_w = socket.socketpair()
-
-    # -- the parent's loop ---------------------------------------------------------------------
 
     def run(self) -> int:
         """Supervise until stopped; return the exit code (0 clean stop, 3 startup failure or lost socket)."""
@@ -217,8 +210,6 @@ class Supervisor:
     def _live(self) -> list[_Worker]:
         return [worker for worker in self.slots if worker is not None]
 
-    # -- workers' lives --------------------------------------------------------------------------
-
     def _start(self, slot: int) -> _Worker:
         """Start a worker in ``slot``: a fresh interpreter given the listening socket and its pair."""
         ours, theirs = socket.socketpair()
@@ -291,8 +282,6 @@ class Supervisor:
             self.worker_exited(worker.pid)
         return code
 
-    # -- stopping ----------------------------------------------------------------------------------
-
     def _stop(self, code: int) -> int:
         """Stop every worker (each drains within the shutdown timeout), then return ``code``."""
         live = self._live()
@@ -339,9 +328,6 @@ class Supervisor:
     def _signal(worker: _Worker, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             worker.proc.send_signal(sig)
-
-
-# -- the worker process ------------------------------------------------------------------------
 
 
 def _watch_parent(conn: Connection) -> None:

@@ -33,6 +33,7 @@ from app.storage.store import (
     Stored,
     StoreError,
     StoreFull,
+    bounded,
     document,
     text_digest,
 )
@@ -418,65 +419,49 @@ class SqliteStore:
             raise StoreError("the store is not open")
         return self._reader
 
+    def _rows(self, sql: str, **params: int) -> sqlite3.Cursor:
+        """``sql`` on the reader; ``:history`` is ``history_size``: reads see only the ids above the
+        highest less that (the rows below are pruned only every :data:`PRUNE_EVERY` ids)."""
+        return self._read().execute(sql, {**params, "history": self.history_size})
+
     def get(self, message_id: int) -> bytes | None:
         if not 0 < message_id <= _MAX_ID:  # SQLite's integers stop at 2**63 - 1
             return None
-        # Each read sees only the ids above the highest less history_size (see PRUNE_EVERY).
-        row = (
-            self._read()
-            .execute(
-                "SELECT document FROM messages WHERE id = ? "
-                "AND id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ?",
-                (message_id, self.history_size),
-            )
-            .fetchone()
-        )
+        row = self._rows(
+            "SELECT document FROM messages WHERE id = :id "
+            "AND id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history",
+            id=message_id,
+        ).fetchone()
         return row[0] if row else None
 
     def recent_ids(self, limit: int) -> Sequence[int]:
-        rows = (
-            self._read()
-            .execute(
-                "SELECT id FROM messages "
-                "WHERE id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ? "
-                "ORDER BY id DESC LIMIT ?",
-                (self.history_size, limit),
-            )
-            .fetchall()
+        rows = self._rows(
+            "SELECT id FROM messages "
+            "WHERE id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history "
+            "ORDER BY id DESC LIMIT :limit",
+            limit=limit,
         )
-        return [row[0] for row in reversed(rows)]
+        return [row[0] for row in reversed(rows.fetchall())]
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        cursor = self._read().execute(
-            "SELECT id, document FROM messages "
-            "WHERE id > max(?, (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ?) "
-            "ORDER BY id LIMIT ?",
-            (max(after_id, 0), self.history_size, min(limit, _MAX_ID)),
+        cursor = self._rows(
+            "SELECT id, document FROM messages WHERE id > :after "
+            "AND id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history "
+            "ORDER BY id LIMIT :limit",
+            after=max(after_id, 0),
+            limit=min(limit, _MAX_ID),
         )
-        if max_bytes is None:
-            return cursor.fetchall()
-        rows: list[tuple[int, bytes]] = []
-        size = 0
-        for row in cursor:  # SQLite steps one row at a time: the rest is never read
-            rows.append(row)
-            size += len(row[1])
-            if size >= max_bytes:
-                break
+        rows = bounded(cursor, max_bytes)  # SQLite steps one row at a time: the rest is never read
         cursor.close()
         return rows
 
     def first_id(self) -> int | None:
-        first: int | None = (
-            self._read()
-            .execute(
-                "SELECT min(id) FROM messages "
-                "WHERE id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ?",
-                (self.history_size,),
-            )
-            .fetchone()[0]
-        )
+        first: int | None = self._rows(
+            "SELECT min(id) FROM messages "
+            "WHERE id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history"
+        ).fetchone()[0]
         return first
 
     def last_id(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -23,6 +23,8 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "Stored",
+    "bounded",
+    "document",
     "text_digest",
 ]
 
@@ -105,6 +107,20 @@ class Remembered(NamedTuple):
         return Stored(self.id, document(self.id, text, self.reply, self.received_at, self.peer), False)
 
 
+def bounded(rows: Iterable[tuple[int, bytes]], max_bytes: int | None) -> list[tuple[int, bytes]]:
+    """``rows`` up to the first whose documents reach ``max_bytes`` (None: all of them)."""
+    if max_bytes is None:
+        return list(rows)
+    taken: list[tuple[int, bytes]] = []
+    size = 0
+    for row in rows:
+        taken.append(row)
+        size += len(row[1])
+        if size >= max_bytes:
+            break
+    return taken
+
+
 def document(message_id: int, text: str, reply: str, received_at: str, peer: dict[str, Any] | None) -> bytes:
     """A message's JSON document, as stored and answered."""
     return orjson.dumps(
@@ -170,18 +186,7 @@ class MessageStore:
         first = self._next_id - len(self._history)
         start = max(after_id + 1, first)
         stop = min(start + max(limit, 0), self._next_id)
-        history = self._history
-        if max_bytes is None:
-            return [(i, history[i - first]) for i in range(start, stop)]
-        rows: list[tuple[int, bytes]] = []
-        size = 0
-        for i in range(start, stop):
-            document = history[i - first]
-            rows.append((i, document))
-            size += len(document)
-            if size >= max_bytes:
-                break
-        return rows
+        return bounded(((i, self._history[i - first]) for i in range(start, stop)), max_bytes)
 
     def first_id(self) -> int | None:
         """The oldest id still in the history (None when empty)."""

@@ -163,8 +163,8 @@ def test_notifier_reads_and_removes_its_variables() -> None:
     assert (
         Notifier.from_environ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "5"}, pid=7).watchdog_every == 2.5e-6
     )
-    assert not Notifier.from_environ({}).on
-    assert not Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:9"}).on
+    assert Notifier.from_environ({}).address is None
+    assert Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:9"}).address is None
 
 
 def test_a_full_manager_queue_never_blocks(tmp: Path) -> None:

@@ -52,21 +52,16 @@ worker's message may reach this process's streams."""
 FAN_OUT_SHARE = 0.05
 """Under a stream of POSTs, the share of the process's time that writing events may take (a
 round costs about the same for one message or a hundred, so rounds are paced to carry more)."""
-MAX_PAUSE = 0.04
-"""Seconds a round may be held back, at most: the delivery latency that pacing can add."""
-BUFFER = 256
-"""Events a subscriber may have waiting; one more and it is cut off with ``overflow``."""
-BATCH = 100
-"""Messages read from the store at a time, at most (catching up, or by the hub)."""
+MAX_PAUSE = 0.04  # seconds a round may be held back: the delivery latency pacing can add
+BUFFER = 256  # events a subscriber may have waiting; one more and it is cut off with `overflow`
+BATCH = 100  # messages read from the store at a time, at most
 CHUNK = 64 * 1024
 """Bytes a stream writes at a time, at most (plus one event): what a stalled reader holds."""
-RETRY_MS = 1000
-"""The ``retry:`` sent first on every stream: browsers' ``EventSource`` reconnects after 1 s."""
+RETRY_MS = 1000  # the `retry:` sent first on every stream (EventSource reconnects after 1 s)
 
 End = Literal["overflow", "shutdown"]
 
-_RESETS = Throttle(log)
-"""A peer may ask for an id out of the history at will: resets are logged once per period."""
+_RESETS = Throttle(log)  # a peer may ask for an id out of the history at will
 
 
 def stream_capacity(max_streams: int, workers: int) -> int:
@@ -142,20 +137,14 @@ class Subscriber:
     __slots__ = ("beat", "buffer", "cursor", "end", "sent", "uid", "wake", "written")
 
     def __init__(self, uid: int | None = None) -> None:
-        self.uid = uid
-        """The peer uid holding the stream (its share is counted per uid)."""
-        self.cursor = 0
-        """The last id handed to this stream (sent, or waiting in its buffer)."""
-        self.sent = 0
-        """The last id written to the stream: where its reader resumes after a cut-off."""
-        self.buffer = Pending()
-        """Events waiting to be written; their bytes are shared by every stream."""
+        self.uid = uid  # the peer uid holding the stream (its share is counted per uid)
+        self.cursor = 0  # the last id handed to this stream (sent, or waiting in its buffer)
+        self.sent = 0  # the last id written: where its reader resumes after a cut-off
+        self.buffer = Pending()  # events waiting to be written; their bytes are shared by every stream
         self.wake = asyncio.Event()
         self.end: End | None = None
-        self.written = 0.0
-        """When the hub last gave it something to write (event loop time)."""
-        self.beat = False
-        """A heartbeat is due."""
+        self.written = 0.0  # when the hub last gave it something to write (loop time)
+        self.beat = False  # a heartbeat is due
 
 
 class EventHub:
@@ -166,30 +155,22 @@ class EventHub:
         self.store = store
         self.capacity = capacity
         self.per_peer = max(1, capacity // PEER_SHARE)
-        self.open = 0
-        """Streams open now (catching up or live)."""
-        self.held: dict[int | None, int] = {}
-        """Streams open now, by peer uid."""
+        self.open = 0  # streams open now (catching up or live)
+        self.held: dict[int | None, int] = {}  # the same, by peer uid
         self.draining = False
         self._streams: set[Subscriber] = set()
         self._live: set[Subscriber] = set()
-        self._last = 0
-        """The highest id the hub has handed to its live subscribers (or skipped past)."""
+        self._last = 0  # the highest id handed to the live subscribers (or skipped past)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cut_offs = Throttle(log)
-        self.spent = 0.0
-        """Seconds the streams have spent writing what the hub's current round gave them."""
+        self.spent = 0.0  # seconds the streams spent writing what the current round gave them
         store.add_listener(self._on_commit)
 
-    # -- the POST side: one flag, whatever the number of streams ----------------------------------
-
-    def _on_commit(self, last_id: int) -> None:
+    def _on_commit(self, last_id: int) -> None:  # the POST side: one flag, whatever the number of streams
         if self._live and self._wake is not None:
             self._wake.set()
-
-    # -- streams -----------------------------------------------------------------------------------
 
     def subscribe(self, uid: int | None = None) -> Subscriber:
         """Take a slot for a new stream of peer ``uid``; :class:`StreamsFull` when none is left, the
@@ -335,8 +316,6 @@ class EventHub:
             text = f"the server is shutting down; reconnect with Last-Event-ID: {sent}"
         return _control_event(subscriber.end or "shutdown", {"last_id": sent, "message": text})
 
-    # -- the hub -----------------------------------------------------------------------------------
-
     async def _run(self) -> None:
         wake = self._wake
         loop = self._loop
@@ -426,8 +405,6 @@ class EventHub:
         self._live.clear()
         if self._wake is not None:
             self._wake.set()
-
-    # -- shutdown ----------------------------------------------------------------------------------
 
     def drain_soon(self) -> None:
         """Tell every stream to send ``shutdown`` and end; safe to call from a signal handler."""

@@ -170,32 +170,26 @@ class MessageStore:
         return Stored(message_id, encoded, True)
 
     def get(self, message_id: int) -> bytes | None:
-        """The JSON document of the message with this id, if it is still in the history."""
         index = message_id - (self._next_id - len(self._history))
         if 0 <= index < len(self._history):
             return self._history[index]
         return None
 
     def recent_ids(self, limit: int) -> range:
-        """The ids of the most recent ``limit`` messages, oldest first (ids, not documents: a slow
-        reader fetches each later and holds none that has left the history)."""
+        # Ids, not documents: a slow reader fetches each later and holds none that left the history.
         return range(self._next_id - min(limit, len(self._history)), self._next_id)
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` messages with an id above ``after_id``, oldest first (see :class:`Store`)."""
         first = self._next_id - len(self._history)
         start = max(after_id + 1, first)
         stop = min(start + max(limit, 0), self._next_id)
         return bounded(((i, self._history[i - first]) for i in range(start, stop)), max_bytes)
 
     def first_id(self) -> int | None:
-        """The oldest id still in the history (None when empty)."""
         return self._next_id - len(self._history) if self._history else None
 
     def last_id(self) -> int:
-        """The highest id stored so far (0 before the first)."""
         return self._next_id - 1
 
     def add_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(last_id)`` right after each message is stored (on the event loop)."""
         self._listeners.append(callback)

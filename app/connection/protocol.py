@@ -41,10 +41,8 @@ import re
 import socket
 import struct
 import termios
-import urllib.parse
 from asyncio import TimerHandle
 from operator import itemgetter
-from time import perf_counter
 from typing import Any
 
 import httptools
@@ -320,8 +318,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         keeps in the cycle until the application reads it (all of it while the request is queued)."""
         self.recorder: Recorder | None = getattr(config, "recorder", None)
         """Counts each request for ``/metrics`` (``app.metrics.core``), when on."""
-        self.cycle_class = self.recorder.cycle_class if self.recorder is not None else RequestResponseCycle
-        """The request cycles' class: the recorder's counts each request when its response starts."""
+        self._timed_send = self.recorder.timed_send if self.recorder is not None else None
         self.tally: PeerTally | None = None
         """Where the recorder counts this connection's requests by uid (``Recorder.peer``)."""
 
@@ -333,7 +330,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         self.peer = read_peer(sock)
         # Read now, while the descriptor is surely this connection's (one getsockopt per connection).
         self.connection = PeerConnection(read_groups(sock)) if self.peer is not None else None
-        if self.recorder is not None and self.recorder.on:
+        if self.recorder is not None and self._timed_send is not None:
             self.tally = self.recorder.peer(self.peer["uid"] if self.peer is not None else None)
         # A connection that never sends a request is closed after request_timeout too.
         self._connected_at = self._waiting_since = self.loop.time()
@@ -539,58 +536,18 @@ class PeerCredProtocol(HttpToolsProtocol):
                 raise ValueError("over the connection limit")
             self._over_cap = False
         self._in_head = False
-        self._start_cycle()
-        self._live.append(self.cycle)
+        previous = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous:  # else an upgrade, which uvicorn handled
+            if self._draining:
+                cycle.keep_alive = False  # its task has not run yet: the answer says Connection: close
+            timed = self._timed_send
+            if timed is not None and self.tally is not None:  # counting (its task reads cycle.send later)
+                cycle.send = timed(cycle, self.tally)  # type: ignore[method-assign]
+            self._live.append(cycle)
         # Trailer fields (after a chunked body) land in a list of their own, counted, never used.
         self.headers = []
-
-    def _start_cycle(self) -> None:
-        """uvicorn 0.54's ``on_headers_complete``, building the cycle from :attr:`cycle_class`.
-
-        A copy, because uvicorn names its class inside the method: changing each cycle's class
-        afterwards cost 1.9 µs of a 44 µs POST (``app.metrics.core.timed_cycle``). Our protocol never
-        sets uvicorn's ``limit_concurrency`` (it has its own cap), so that branch is left out; a
-        request read while the server drains is not kept alive (see :meth:`shutdown`).
-        tests/app/test_metrics.py fails when uvicorn changes the original.
-        """
-        scope = self.scope
-        parser = self.parser
-        http_version = parser.get_http_version()
-        scope["method"] = parser.get_method().decode("ascii")
-        if http_version != "1.1":
-            scope["http_version"] = http_version
-        if parser.should_upgrade() and self._should_upgrade():
-            return
-        parsed_url = httptools.parse_url(self.url)
-        raw_path = parsed_url.path
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        scope["path"] = self.root_path + path
-        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        scope["query_string"] = parsed_url.query or b""
-        existing_cycle = self.cycle
-        cycle = self.cycle = self.cycle_class(
-            scope=scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive() and not self._draining,
-            on_response=self.on_response_complete,
-        )
-        if self.tally is not None:  # counting
-            cycle.started = perf_counter()  # type: ignore[union-attr]
-            cycle.tally = self.tally  # type: ignore[union-attr]
-        if existing_cycle is None or existing_cycle.response_complete:
-            self._start_asgi_task(cycle, self.app)  # the usual case: answer it now
-        else:
-            self.flow.pause_reading()  # pipelined: queued until the answers before it are out
-            self.pipeline.appendleft((cycle, self.app))
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

@@ -110,6 +110,33 @@ stream nobody reads) may go on reading nothing before its connection is dropped.
 cannot reach it anyway; without this it held the drain until ``--shutdown-timeout``, and was then
 cancelled with one ERROR line per stream."""
 
+UVICORN_INTERNALS = (
+    ("protocol", "parser", "fed piecewise to bound pipelining; read for a refused request's method"),
+    ("protocol", "url", "the request target, to measure a head that came in pieces"),
+    ("protocol", "headers", "counted and measured; trailer fields land there too"),
+    ("protocol", "scope", "gets the peer extensions; its headers give the transfer coding"),
+    ("protocol", "cycle", "the request last parsed: made keep_alive False while draining, counted"),
+    ("protocol", "pipeline", "requests queued behind the one answered: bounded, a refused one dropped"),
+    ("protocol", "flow", "replaced by HoldingFlow, which keeps reading paused while input is held"),
+    ("protocol", "connections", "the open connections, which the connection cap scans"),
+    ("protocol", "limit_concurrency", "set to None: our cap (503 in JSON, room made) replaces uvicorn's"),
+    ("protocol", "timeout_keep_alive", "with timeout_keep_alive_task, tells since when a connection idles"),
+    ("protocol", "timeout_keep_alive_task", "cancelled on a reset too, not only on a clean end"),
+    ("protocol", "_unset_keepalive_if_required", "called before each parse, as uvicorn's data_received does"),
+    ("cycle", "body", "what the application has not read yet, drawn on the held-input budget"),
+    ("cycle", "disconnected", "set with message_event for cycles uvicorn does not mark on a hang-up"),
+    ("cycle", "message_event", "wakes an application waiting for a body that will not come"),
+    ("cycle", "keep_alive", "False for a request read while the server drains"),
+    ("cycle", "response_started", "an answer under way is not cut to make room or on a late body"),
+    ("cycle", "response_complete", "which pipelined requests are answered"),
+    ("cycle", "send", "replaced by the metrics recorder's counting send"),
+    ("flow", "read_paused", "HoldingFlow resumes reading only when nothing is held"),
+    ("flow", "write_paused", "the send deadline runs only while writing is paused"),
+)
+"""The attributes of uvicorn's httptools protocol, its request cycle and its flow control that
+:class:`PeerCredProtocol` uses beyond the asyncio and httptools callbacks it overrides, none of them
+documented by uvicorn: tests/app/test_uvicorn_internals.py fails when one goes."""
+
 _UCRED = struct.Struct("3i")
 _OUTQ = struct.Struct("i")
 _HEAD_TOO_LARGE = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
@@ -368,10 +395,6 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._settle_bodies(lost=True)
         super().connection_lost(exc)
 
-    def _unsupported_upgrade_warning(self) -> None:
-        """One throttled line, not uvicorn's two per request: a peer may send Upgrade at will."""
-        _UPGRADES.log(logging.WARNING, "Ignored an Upgrade request: served as plain HTTP (no WebSockets)")
-
     def data_received(self, data: bytes) -> None:
         if self._refused:
             # An error was answered (or will be, after earlier answers): nothing more is parsed.
@@ -467,10 +490,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+            # One throttled line, not uvicorn's two per request: a peer may send Upgrade at will.
+            _UPGRADES.log(logging.WARNING, "Ignored an Upgrade request: served as plain HTTP (no WebSockets)")
             return
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
@@ -737,10 +758,6 @@ class PeerCredProtocol(HttpToolsProtocol):
         self.transport.abort()
 
     # Errors
-    def send_400_response(self, msg: str) -> None:
-        """Parse errors (and limits raised from parser callbacks) as the JSON error shape."""
-        self._refuse(*(self._reject or (400, "bad_request", "the request is not valid HTTP/1.1")))
-
     def _parse_error(self, exc: httptools.HttpParserError) -> None:
         reject = self._reject
         if reject is None:

@@ -131,16 +131,17 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
         app = create_app(settings)
         config = build_config(settings, app)
         config.load()
-        counting = config.recorder
-        if counting is None or not counting.on:
-            raise BenchError("the server built without its recorder: nothing would be measured")
         metrics = app.state.metrics
+        counting = metrics.recorder
+        if not counting.on:
+            raise BenchError("the server built without its recorder: nothing would be measured")
         uncounted = Metrics(on=False)  # what the uncounted server flushes: nothing
         sides = {}
         for on in (True, False):
-            config.recorder = counting if on else uncounted.recorder
             transport = StandInTransport()
-            protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+            recorder = counting if on else uncounted.recorder
+            loop = asyncio.get_running_loop()
+            protocol = PeerCredProtocol(config, ServerState(), {}, loop, recorder=recorder)
             protocol.connection_made(transport)
             sides[on] = (protocol, transport)
 

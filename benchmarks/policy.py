@@ -138,7 +138,6 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
     from uvicorn.server import ServerState
 
     from app.__main__ import parse_settings
-    from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
     from app.main import create_app
     from app.serving.server import build_config
@@ -163,7 +162,9 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
             config = build_config(settings, app)
             config.load()
             transport = StandInTransport()
-            protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+            protocol = config.http_protocol_class(
+                config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+            )
             protocol.connection_made(transport)
             sides[name] = (app, protocol, transport)
 

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import heapq
 import logging
 import re
@@ -42,6 +43,7 @@ import socket
 import struct
 import termios
 from asyncio import TimerHandle
+from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
@@ -64,8 +66,10 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "PEER_KEY",
+    "UVICORN_INTERNALS",
     "PeerConnection",
     "PeerCredProtocol",
+    "protocol_factory",
     "read_groups",
     "read_peer",
 ]
@@ -274,13 +278,37 @@ class _CapLog:
 
 
 _CAP_LOG = _CapLog()
-_HELD = Budget(HELD_BUDGET, HELD_PER_PEER)
 _REJECTED = Throttle(logger)
 _UPGRADES = Throttle(logger)
 
 
+def protocol_factory(
+    *,
+    request_timeout: float,
+    send_timeout: float,
+    max_connections: int | None,
+    recorder: Recorder | None,
+) -> Callable[..., PeerCredProtocol]:
+    """What uvicorn's ``Config(http=...)`` takes to make each connection's protocol with these
+    settings; all the connections share one held-input budget."""
+    return functools.partial(
+        PeerCredProtocol,
+        request_timeout=request_timeout,
+        send_timeout=send_timeout,
+        max_connections=max_connections,
+        recorder=recorder,
+        held=Budget(HELD_BUDGET, HELD_PER_PEER),
+    )
+
+
 class PeerCredProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with peer credentials, deadlines, limits and strict request framing.
+
+    uvicorn makes one per connection through :func:`protocol_factory`; a test makes one with
+    ``PeerCredProtocol(config, ServerState(), {}, loop, request_timeout=...)``, then calls
+    ``connection_made(transport)``. The keywords: seconds to send a whole request and to read some
+    of a paused answer, the connection cap (None: none), the metrics recorder (None: nothing
+    counted) and the held-input budget (None: one of its own). No WebSockets (``ws="none"``).
 
     Per-request cost is kept near zero: the request deadline is one timer per connection that is
     re-armed lazily when it fires (not a timer per request); the head size is summed only when the
@@ -296,16 +324,23 @@ class PeerCredProtocol(HttpToolsProtocol):
         server_state: ServerState,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        request_timeout: float = 30.0,
+        send_timeout: float = 30.0,
+        max_connections: int | None = None,
+        recorder: Recorder | None = None,
+        held: Budget | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.peer: dict[str, int] | None = None
         self.connection: PeerConnection | None = None
-        self.request_timeout: float = float(getattr(config, "request_timeout", 30.0))
-        self.send_timeout: float = float(getattr(config, "send_timeout", 30.0))
+        self.request_timeout = request_timeout
+        self.send_timeout = send_timeout
         """Seconds the peer may read nothing of a paused answer; :data:`DRAIN_STALL` once draining."""
-        self.max_connections: int | None = config.limit_concurrency
-        # uvicorn's own check answers plain text and never makes room; ours replaces it.
-        self.limit_concurrency = None
+        self.max_connections = max_connections
+        self.limit_concurrency = None  # uvicorn's check answers plain text and never makes room
+        self.held = held if held is not None else Budget(HELD_BUDGET, HELD_PER_PEER)
+        """The held-input budget (:data:`HELD_BUDGET`), shared by the server's connections."""
         self._deadline: TimerHandle | None = None
         self._waiting_since: float | None = None
         """Loop time since which the client owes us a complete request (None: it owes nothing)."""
@@ -343,7 +378,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._bodies: dict[RequestResponseCycle, int] = {}
         """Body bytes drawn on the held-input budget for each request not answered yet: what uvicorn
         keeps in the cycle until the application reads it (all of it while the request is queued)."""
-        self.recorder: Recorder | None = getattr(config, "recorder", None)
+        self.recorder = recorder
         """Counts each request for ``/metrics`` (``app.metrics.core``), when on."""
         self._timed_send = self.recorder.timed_send if self.recorder is not None else None
         self.tally: PeerTally | None = None
@@ -451,7 +486,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Keep ``data[start:]`` for when the pipeline has room, and stop reading; past
         :data:`HELD_BUDGET` (or the peer's share), refuse it with 503 instead."""
         uid = self.peer["uid"] if self.peer is not None else None
-        if not _HELD.take(len(data), uid):
+        if not self.held.take(len(data), uid):
             self._refuse(*_HELD_FULL)
             return
         flow = self.flow
@@ -464,7 +499,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         """Give back what is held (the caller parses it or drops it)."""
         flow = self.flow
         if flow.held:
-            _HELD.give(len(flow.held), self.peer["uid"] if self.peer is not None else None)
+            self.held.give(len(flow.held), self.peer["uid"] if self.peer is not None else None)
             flow.held = b""
 
     def _release(self) -> None:
@@ -565,7 +600,7 @@ class PeerCredProtocol(HttpToolsProtocol):
                 cycle.keep_alive = False  # its task has not run yet: the answer says Connection: close
             timed = self._timed_send
             if timed is not None and self.tally is not None:  # counting (its task reads cycle.send later)
-                cycle.send = timed(cycle, self.tally)  # type: ignore[method-assign]
+                cycle.send = timed(cycle, self.tally)  # type: ignore[method-assign, assignment]
             self._live.append(cycle)
         # Trailer fields (after a chunked body) land in a list of their own, counted, never used.
         self.headers = []
@@ -588,8 +623,8 @@ class PeerCredProtocol(HttpToolsProtocol):
         change = len(cycle.body) + arriving - drawn
         uid = self.peer["uid"] if self.peer is not None else None
         if change < 0:
-            _HELD.give(-change, uid)
-        elif change and not _HELD.take(change, uid):
+            self.held.give(-change, uid)
+        elif change and not self.held.take(change, uid):
             self._reject = _BODIES_FULL
             raise ValueError("request bodies over the held-input budget")
         bodies[cycle] = drawn + change
@@ -603,7 +638,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         for cycle in [cycle for cycle in bodies if lost or cycle.response_complete]:
             drawn = bodies.pop(cycle)
             if drawn:
-                _HELD.give(drawn, uid)
+                self.held.give(drawn, uid)
 
     def on_chunk_header(self) -> None:
         self._in_chunk_head = True

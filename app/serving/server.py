@@ -29,16 +29,18 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from app.api.policy import PolicyError
 from app.config import Settings
-from app.connection.protocol import PeerCredProtocol
-from app.metrics.core import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
+from app.connection.protocol import protocol_factory
+from app.metrics.core import LoopEndpoint, Metrics, MetricsError, for_workers, serve_endpoint
 from app.serving.activation import address_of, inherited_socket
 from app.serving.notify import Notifier
 from app.serving.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
 from app.storage.store import StoreError
 
-__all__ = ["STARTUP_FAILURE", "UdsConfig", "UdsServer", "build_config", "note_hangup", "run", "serve"]
+__all__ = ["STARTUP_FAILURE", "UdsServer", "build_config", "note_hangup", "run", "serve"]
 
 if TYPE_CHECKING:
+    import asyncio
+
     from app.api.access import Access
 
 logger = logging.getLogger("app.serving.server")
@@ -62,19 +64,6 @@ class _Stopped(Exception):
     """A stop signal arrived before the server was serving."""
 
 
-class UdsConfig(uvicorn.Config):
-    """uvicorn's Config plus the deadlines our protocol (``app.connection.protocol``) enforces."""
-
-    def __init__(self, app: Any, *, request_timeout: float, send_timeout: float, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.request_timeout = request_timeout
-        """Seconds a client has to send a whole request (head and body)."""
-        self.send_timeout = send_timeout
-        """Seconds a response may make no write progress before the connection is closed."""
-        self.recorder: Recorder | None = None
-        """Where the protocol counts requests for ``/metrics`` (``app.metrics.core``)."""
-
-
 class UdsServer(uvicorn.Server):
     """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
 
@@ -83,7 +72,7 @@ class UdsServer(uvicorn.Server):
     """
 
     def __init__(
-        self, config: UdsConfig, app: Any, address: str, on_started: Callable[[], None] | None = None
+        self, config: uvicorn.Config, app: Any, address: str, on_started: Callable[[], None] | None = None
     ) -> None:
         super().__init__(config)
         self.app = app
@@ -196,14 +185,21 @@ class UdsServer(uvicorn.Server):
         self.drained = True
 
 
-def build_config(settings: Settings, app: Any) -> UdsConfig:
-    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging."""
-    config = UdsConfig(
-        app,
+def build_config(settings: Settings, app: Any, max_connections: int | None = None) -> uvicorn.Config:
+    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging.
+
+    ``max_connections``: the connection cap, if not ``settings.max_connections``."""
+    metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
+    http = protocol_factory(
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,
+        max_connections=settings.max_connections if max_connections is None else max_connections,
+        recorder=metrics.recorder if metrics is not None else None,
+    )
+    return uvicorn.Config(
+        app,
         loop="uvloop",
-        http=PeerCredProtocol,
+        http=cast("type[asyncio.Protocol]", http),  # uvicorn calls it as it would a protocol class
         ws="none",
         lifespan="on",
         log_config=None,
@@ -211,14 +207,10 @@ def build_config(settings: Settings, app: Any) -> UdsConfig:
         access_log=settings.access_log,
         proxy_headers=False,
         server_header=False,
-        limit_concurrency=settings.max_connections,
         # uvicorn types these as int but schedules them with call_later, which takes seconds as float.
         timeout_keep_alive=cast(int, settings.keepalive_timeout),
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
     )
-    metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
-    config.recorder = metrics.recorder if metrics is not None else None
-    return config
 
 
 def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[BoundSocket, str]:
@@ -326,9 +318,8 @@ def serve(
     from client.net.limits import connection_cap, raise_open_file_limit
 
     open_files, _ = raise_open_file_limit()
-    config = build_config(settings, application)
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
-    config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
+    config = build_config(settings, application, connection_cap(settings.max_connections, open_files))
     server = UdsServer(config, application, address, on_started)
     server.bound = bound
     server.endpoint = endpoint

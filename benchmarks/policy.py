@@ -67,7 +67,7 @@ def check_alone(calls: int, rounds: int) -> list[dict[str, float]]:
     else: the check alone (policy), and the check with its audit line (queued, encoded, written)."""
     from app.api.access import PeerAllowlist
     from app.config import Settings
-    from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
+    from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
     from app.main import create_app
 
     directory = Path(tempfile.mkdtemp(prefix="pb-"))

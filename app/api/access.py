@@ -43,7 +43,7 @@ from app.api.policy import (
     shorthand,
 )
 from app.config import Settings
-from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
+from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
 from app.logs import Throttle, escaped
 
 __all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]

@@ -19,7 +19,8 @@ from uvicorn.server import ServerState
 
 from app.connection import protocol as peercred
 from app.connection.budget import Budget
-from app.connection.protocol import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
+from app.connection.pipelining import HELD_BUDGET, MAX_PIPELINE
+from app.connection.protocol import PeerCredProtocol
 
 
 class FakeTransport(asyncio.Transport):

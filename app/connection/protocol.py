@@ -27,6 +27,7 @@ from uvicorn.server import ServerState
 from app.connection import framing
 from app.connection.budget import Budget
 from app.connection.capacity import SLOW_REQUEST, CapLog, make_room
+from app.connection.deadlines import DRAIN_STALL, SendDeadline
 from app.connection.framing import MAX_HEADER_BYTES, MAX_HEADERS, Refusal
 from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection, queued, read_groups, read_peer
 from app.connection.pipelining import (
@@ -43,36 +44,7 @@ from client.net.answers import error_response
 from client.net.linger import Linger
 from client.net.throttle import Throttle
 
-__all__ = ["DRAIN_STALL", "UVICORN_INTERNALS", "PeerCredProtocol", "protocol_factory"]
-
-DRAIN_STALL = 2.0
-"""Once the server drains, seconds a peer may leave its answer unread (an event stream nobody
-reads), or take to send a request it began, before its connection goes."""
-UVICORN_INTERNALS = (
-    ("protocol", "parser", "fed piecewise to bound pipelining; read for a refused request's method"),
-    ("protocol", "url", "the request target, to measure a head that came in pieces"),
-    ("protocol", "headers", "counted and measured; trailer fields land there too"),
-    ("protocol", "scope", "gets the peer extensions; its headers give the transfer coding"),
-    ("protocol", "cycle", "the request last parsed: made keep_alive False while draining, counted"),
-    ("protocol", "pipeline", "requests queued behind the one answered: bounded, a refused one dropped"),
-    ("protocol", "flow", "replaced by HoldingFlow, which keeps reading paused while input is held"),
-    ("protocol", "connections", "the open connections, which the connection cap scans"),
-    ("protocol", "limit_concurrency", "set to None: our cap (503 in JSON, room made) replaces uvicorn's"),
-    ("protocol", "timeout_keep_alive", "with timeout_keep_alive_task, tells since when a connection idles"),
-    ("protocol", "timeout_keep_alive_task", "cancelled on a reset too, not only on a clean end"),
-    ("protocol", "_unset_keepalive_if_required", "called before each parse, as uvicorn's data_received does"),
-    ("cycle", "body", "what the application has not read yet, drawn on the held-input budget"),
-    ("cycle", "disconnected", "set with message_event for cycles uvicorn does not mark on a hang-up"),
-    ("cycle", "message_event", "wakes an application waiting for a body that will not come"),
-    ("cycle", "keep_alive", "False for a request read while the server drains"),
-    ("cycle", "response_started", "an answer under way is not cut to make room or on a late body"),
-    ("cycle", "response_complete", "which pipelined requests are answered"),
-    ("cycle", "send", "replaced by the metrics recorder's counting send"),
-    ("flow", "read_paused", "HoldingFlow resumes reading only when nothing is held"),
-    ("flow", "write_paused", "the send deadline runs only while writing is paused"),
-)
-"""What :class:`PeerCredProtocol` uses of uvicorn's protocol, request cycle and flow control beyond
-the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""
+__all__ = ["DRAIN_STALL", "PeerCredProtocol", "protocol_factory"]
 
 _CLOSE = (("connection", "close"),)
 _RETRY = (("retry-after", "1"), *_CLOSE)
@@ -154,9 +126,6 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._in_chunk_head = False
         self._chunked_cycle: RequestResponseCycle | None = None
         self._trailer_bytes = 0
-        self._send_timer: TimerHandle | None = None
-        self._unsent = 0
-        self._paused_at: float | None = None
         self._over_cap = False
         self._linger: Linger | None = None
         self._draining = False
@@ -171,6 +140,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = HoldingFlow(transport)
+        self._send = SendDeadline(self.loop, transport, self.flow, self.send_timeout)
         sock = transport.get_extra_info("socket")
         self.peer = peer = read_peer(sock)
         if peer is not None:  # read now, while the descriptor is surely this connection's
@@ -190,9 +160,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send.cancel()
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -483,11 +451,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._deadline = self.loop.call_later(max(0.0, left), self._on_deadline)
         else:
             super().shutdown()
-        if self.send_timeout > DRAIN_STALL:
-            self.send_timeout = DRAIN_STALL
-            if self._send_timer is not None:
-                self._send_timer.cancel()
-                self._send_timer = self.loop.call_later(DRAIN_STALL, self._on_send_timeout)
+        self._send.shorten(DRAIN_STALL)
 
     def _owes_request(self) -> bool:
         """The peer has begun a request, or has sent nothing yet, or has input we have not read."""
@@ -499,20 +463,12 @@ class PeerCredProtocol(HttpToolsProtocol):
 
     # Flow control
     def pause_writing(self) -> None:
-        """The transport's buffer is full: the peer must read within ``send_timeout``."""
         self.flow.pause_writing()
-        if self._paused_at is None:
-            self._paused_at = self.loop.time()
-        if self._send_timer is None:
-            self._unsent = self._unsent_bytes()
-            self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
+        self._send.paused()
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
-        self._paused_at = None
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send.resumed()
         if self._next_waits:  # the answers left our buffer: start the next pipelined request
             self._next_waits = False
             self.transport.set_write_buffer_limits()  # the transport's defaults again
@@ -520,27 +476,6 @@ class PeerCredProtocol(HttpToolsProtocol):
             self._settle_bodies()
             if self.flow.held and not self.transport.is_closing():
                 self._release()
-
-    def _unsent_bytes(self) -> int:
-        """Bytes written but not read by the peer, ours and the kernel's (which shows progress first)."""
-        sock = self.transport.get_extra_info("socket")
-        return self.transport.get_write_buffer_size() + queued(sock, termios.TIOCOUTQ)
-
-    def _on_send_timeout(self) -> None:
-        self._send_timer = None
-        if not self.flow.write_paused:
-            return
-        unsent = self._unsent_bytes()
-        if unsent < self._unsent:  # the peer read something: it gets another period
-            self._unsent = unsent
-            self._send_timer = self.loop.call_later(self.send_timeout, self._on_send_timeout)
-            return
-        logger.warning(
-            "Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
-            self.send_timeout,
-            unsent,
-        )
-        self.transport.abort()
 
     # Errors
 
@@ -614,7 +549,7 @@ class PeerCredProtocol(HttpToolsProtocol):
 
     def slow_since(self, now: float) -> float | None:
         """Since when it has been sending one request or leaving its answer unread, if that long."""
-        paused = self._paused_at
+        paused = self._send.paused_at
         if paused is not None and now - paused >= SLOW_REQUEST and not self.transport.is_closing():
             return paused  # not reading what it asked for
         since = self._waiting_since

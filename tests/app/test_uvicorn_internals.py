@@ -9,7 +9,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.connection.protocol import UVICORN_INTERNALS
+from app.connection.internals import UVICORN_INTERNALS
 
 
 class _Transport(asyncio.Transport):

@@ -496,9 +496,9 @@ class PeerCredProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not self._in_head and not self._message_done:
             # The error is in the body of the request being parsed, whose answer may be under way.
-            queued = next((item for item in self.pipeline if item[0] is cycle), None)
-            if queued is not None:
-                self.pipeline.remove(queued)  # never run; earlier requests are still being answered
+            waiting = next((item for item in self.pipeline if item[0] is cycle), None)
+            if waiting is not None:
+                self.pipeline.remove(waiting)  # never run; earlier requests are still being answered
                 self._pending = answer
                 return
             if cycle.response_started:

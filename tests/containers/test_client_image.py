@@ -1,10 +1,10 @@
-"""The client image runs every ``uds-client`` command the README documents for it.
+"""The client image runs every ``uds-client`` command docs/api.md documents for it.
 
 A real ``uds-server`` runs on this machine with its socket in a directory bind-mounted at /csi in
 a client container (``--network none``, the image's own user 10002 in the socket's group 10000);
 each command then runs in that container with ``podman exec``. The commands that need more than
 the client (``docs``, ``bench --spawn``, ``bench --plot``) fail there with a one-line usage error
-that says so, as the README states. The images come from scripts/build-images, as in
+that says so, as docs/api.md states. The images come from scripts/build-images, as in
 test_pod_e2e.py.
 """
 

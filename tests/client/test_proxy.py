@@ -32,9 +32,9 @@ import pytest
 
 from client._errors import UsageError
 from client._models import Message
-from client.cli import _caller
-from client.cli._caller import SocketAccess, find_caller, tcp_owner
-from client.cli.proxy import allowed_hosts, is_loopback, parse_listen
+from client.cli.proxy import caller as _caller
+from client.cli.proxy.caller import SocketAccess, find_caller, tcp_owner
+from client.cli.proxy.command import allowed_hosts, is_loopback, parse_listen
 from tests.support import (
     NOBODY,
     PYTHON,

@@ -1,31 +1,8 @@
-"""Who is on the other end of a loopback TCP connection, and may that user connect to a Unix socket?
+"""Who opened a loopback TCP connection, and may that user ``connect()`` to a Unix socket?
 
-The proxy uses this to admit only callers who could have used the socket themselves, the way
-identd answers "who owns this connection": the kernel knows the uid that created every TCP
-socket in this network namespace.
-
-* :func:`tcp_owner` asks the kernel for the connecting socket by its exact address pair over
-  ``NETLINK_SOCK_DIAG`` (what ``ss`` uses) and gets its owner uid and inode. Reading
-  ``/proc/net/tcp`` and ``tcp6`` instead cost 14 ms per lookup on the test machine with 1,500
-  sockets open (it lists every socket); the exact lookup costs tens of microseconds at any count.
-* :func:`find_caller` adds the gids: the fsgid and supplementary groups of a process that holds
-  that socket (``/proc/<pid>/fd``, readable for the proxy's own uid, or for any uid when the proxy
-  runs as root), which are exactly what the kernel checks on ``connect()``. When no such process
-  is visible (another user's process, another container's PID namespace, or one holding over
-  :data:`_MAX_FDS` open files, not searched), the groups are unknown:
-  the account database is no substitute, since a process may run with any gid and no
-  supplementary groups at all.
-* :class:`SocketAccess` applies the kernel's rule without capabilities: search permission on
-  every directory the kernel looks a name up in on the way to the socket, and write permission on
-  the socket file, by owner, group or other class, or by the file's POSIX access ACL when it
-  has one (the mode's group bits are then the ACL's mask). The path is walked name by name as the kernel
-  does (:func:`traversal`): the directories of the path as given, and those of every symbolic link's
-  target, so a link in a private directory does not hide that directory. For a caller whose
-  groups are unknown, a group's bits admit only where the other bits admit too (whether or not
-  the caller is in that group, the kernel would let it in). A caller with only
-  ``CAP_DAC_OVERRIDE`` (root that neither owns the socket nor is in its group) is refused: stricter
-  than the kernel, never wider.
-
+The kernel names the owner uid of a TCP socket in this network namespace (``sock_diag``, as
+``ss`` does); the groups come from a process holding that socket. :class:`SocketAccess` applies
+the kernel's permission rule, never wider. Why and how: docs/internals.md, "The proxy".
 Stdlib only, Linux only.
 """
 

@@ -20,13 +20,8 @@ from typing import TextIO
 
 from client._errors import ConnectError, UsageError, reason_for
 from client.address import to_url
-from client.cli.proxy.forwarding import (
-    MAKE_ROOM_AFTER,
-    Proxy,
-    connection_cap,
-    hostport,
-    raise_open_file_limit,
-)
+from client.cli.proxy.forwarding import MAKE_ROOM_AFTER, REFUSING, Proxy, hostport
+from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -230,7 +225,8 @@ def serve(
     except ImportError:
         pass
     soft, _ = raise_open_file_limit()
-    cap = connection_cap(max_connections, soft)
+    # Each connection holds two files (the caller's and the socket's); refusals being answered one.
+    cap = connection_cap(max_connections, soft, reserve=FD_RESERVE + REFUSING, files_each=2)
     if cap < max_connections:
         log(
             f"Connections: at most {cap} at once, not {max_connections} (--max-connections): the "

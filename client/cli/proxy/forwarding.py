@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import resource
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
 
 import h11
 
@@ -37,8 +34,11 @@ from client.cli.proxy.access import (
     split_token,
 )
 from client.cli.proxy.caller import Caller, SocketAccess, find_caller, tcp_owner
+from client.net.answers import error_response
+from client.net.linger import linger
+from client.net.throttle import Throttle
 
-__all__ = ["MAKE_ROOM_AFTER", "Proxy", "connection_cap", "error_answer", "hostport", "raise_open_file_limit"]
+__all__ = ["MAKE_ROOM_AFTER", "REFUSING", "Proxy", "error_answer", "hostport"]
 
 FIRST_BYTE_TIMEOUT = 10.0
 """Seconds a new connection may stay silent (at most ``--head-timeout``): browsers open spare ones."""
@@ -47,14 +47,9 @@ MAKE_ROOM_AFTER = 1.0
 make room (oldest first): clients send theirs in milliseconds."""
 LOG_PERIOD = 10.0
 """Seconds between two log lines about one kind of refusal."""
-FD_RESERVE = 64
-"""File descriptors kept free beyond the connections: the listener, logs, lookups of the caller."""
-_REFUSING = 32
-"""Refusals that may linger at once; beyond, the proxy answers and closes at once."""
-_REFUSAL_KEYS = 64
-"""Distinct (status, uid) pairs counted per ``LOG_PERIOD``; beyond, one more bucket counts the rest."""
+REFUSING = 32
+"""Refusals that may linger at once (files kept free for them); beyond, answered and closed at once."""
 _CHUNK = 256 * 1024
-_LINGER = 2.0
 _LINGER_BYTES = 1 << 20
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
@@ -63,37 +58,10 @@ _ERRORS = {431: "headers_too_large", 503: "unavailable"}
 """The JSON ``error`` where it is not the status's name in lower case."""
 
 
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the ``(soft, hard)`` in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # an unlimited hard limit above the kernel's nr_open
-            pass
-    return soft, hard
-
-
-def connection_cap(requested: int, soft_limit: int) -> int:
-    """``requested``, but no more than the open-file limit leaves room for (two files each)."""
-    if soft_limit < 0:  # RLIM_INFINITY
-        return requested
-    return max(1, min(requested, (soft_limit - FD_RESERVE - _REFUSING) // 2))
-
-
 def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
+    """A whole ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
     error = _ERRORS.get(status) or HTTPStatus(status).name.lower()
-    body = json.dumps({"error": error, "message": message, "status": status}).encode()
-    lines = [
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in headers),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return error_response(status, error, message, headers=(("connection", "close"), *headers))
 
 
 class _Closed(Exception):
@@ -138,45 +106,24 @@ class _CapReport:
 
 
 class _RefusalLog:
-    """Refused requests, per status and caller uid: the first line at once, then one line per
-    period that counts the others and repeats the last (a refused peer must not flood the log)."""
+    """Refused requests, per status and caller uid: the first line at once, the others held and
+    written with their count once per period (a refused peer must not flood the log)."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
-        self.log = log
-        self.counted: dict[tuple[int, int | None], list[Any]] = {}
-        """``(status, uid)``: ``[requests refused since the line logged, the last line]``."""
+        self.throttle = Throttle(log, LOG_PERIOD)
         self._timer: asyncio.TimerHandle | None = None
 
     def note(self, status: int, caller: Caller | None, line: str) -> None:
         key = (status, caller.uid if caller is not None else None)
-        if key not in self.counted and len(self.counted) >= _REFUSAL_KEYS:
-            key = (0, None)
-        entry = self.counted.get(key)
-        if entry is None:
-            self.counted[key] = [0, line]
-            self.log(line)
-        else:
-            entry[0] += 1
-            entry[1] = line
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(LOG_PERIOD, self.flush)
-
-    def flush(self) -> None:
-        self._timer = None
-        for (status, uid), (count, last) in self.counted.items():
-            if count:
-                who = "unknown callers" if uid is None else f"uid {uid}"
-                refused = f"refused with {status}" if status else "refused"
-                self.log(
-                    f"proxy: {count} more request(s) from {who} {refused} in the last "
-                    f"{LOG_PERIOD:g}s; the last: {last}"
-                )
-        self.counted.clear()
+        if not self.throttle.log(0, line, key=key) and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LOG_PERIOD, self.close)
 
     def close(self) -> None:
+        """Write what is held now."""
         if self._timer is not None:
             self._timer.cancel()
-        self.flush()
+            self._timer = None
+        self.throttle.flush()
 
 
 class Proxy:
@@ -372,8 +319,8 @@ class Proxy:
     async def _answer(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes
     ) -> None:
-        """Answer and linger while fewer than ``_REFUSING`` do; beyond that, answer and close at once."""
-        if self.refusing >= _REFUSING:
+        """Answer and linger while fewer than ``REFUSING`` do; beyond that, answer and close at once."""
+        if self.refusing >= REFUSING:
             with contextlib.suppress(OSError):
                 writer.write(answer)
             return
@@ -447,7 +394,7 @@ class Proxy:
                 message = f"the request body is not valid HTTP/1.1 ({shown(str(error))})"
                 await _answer(reader, writer, error_answer(400, message))
             elif not writer.is_closing():
-                await _linger(reader, writer)
+                await linger(reader, writer, limit=_LINGER_BYTES)
         finally:
             upstream_writer.close()
             if self.log_connections:
@@ -566,23 +513,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, re
     with contextlib.suppress(OSError):
         writer.write(response)
         await writer.drain()
-    await _linger(reader, writer)
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, then drop what the client still sends (up to a limit) until it closes too."""
-    with contextlib.suppress(OSError):
-        if writer.can_write_eof() and not writer.is_closing():
-            writer.write_eof()
-    deadline = asyncio.get_running_loop().time() + _LINGER
-    dropped = 0
-    with contextlib.suppress(OSError, TimeoutError):
-        while dropped < _LINGER_BYTES:
-            async with asyncio.timeout_at(deadline):
-                data = await reader.read(_CHUNK)
-            if not data:
-                break
-            dropped += len(data)
+    await linger(reader, writer, limit=_LINGER_BYTES)
 
 
 async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import signal
 import socket
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import NamedTuple
 
 from client._errors import ConnectError, UsageError, reason_for
 from client.address import to_url
-from client.cli.proxy.forwarding import MAKE_ROOM_AFTER, REFUSING, Proxy, hostport
+from client.cli.proxy.capacity import MAKE_ROOM_AFTER
+from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
 from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
 
 __all__ = [
@@ -31,7 +33,6 @@ __all__ = [
     "is_loopback",
     "parse_listen",
     "run",
-    "serve",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -42,21 +43,11 @@ DEFAULT_MAX_CONNECTIONS = 256
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-class Listen(tuple[str, int]):
-    """A parsed ``--listen`` value: ``(host, port)``."""
+class Listen(NamedTuple):
+    """A parsed ``--listen`` value."""
 
-    __slots__ = ()
-
-    def __new__(cls, host: str, port: int) -> Listen:
-        return super().__new__(cls, (host, port))
-
-    @property
-    def host(self) -> str:
-        return self[0]
-
-    @property
-    def port(self) -> int:
-        return self[1]
+    host: str
+    port: int
 
 
 def parse_listen(value: str) -> Listen:
@@ -162,90 +153,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the socket, listen on TCP, serve connections until SIGINT/SIGTERM; return the exit code."""
+    """Check the socket, listen on TCP, serve until SIGINT/SIGTERM; return the exit code."""
     listen = parse_listen(args.listen)
     if not args.head_timeout > 0:
         raise UsageError(f"invalid --head-timeout {args.head_timeout!r}: give a number of seconds above 0")
     if not args.max_connections > 0:
         raise UsageError(f"invalid --max-connections {args.max_connections!r}: give a whole number above 0")
-    extra = [parse_listen(value) for value in args.allow_host]
+    extra = tuple(hostport(*parse_listen(value)) for value in args.allow_host)
     check_socket(args.socket, args.timeout)
-    return serve(
-        listen,
+    soft, _ = raise_open_file_limit()
+    # Each connection holds two files (the caller's and the socket's); refusals being answered one.
+    cap = connection_cap(args.max_connections, soft, reserve=FD_RESERVE + REFUSING, files_each=2)
+    if cap < args.max_connections:
+        _log(
+            f"Connections: at most {cap} at once, not {args.max_connections} (--max-connections): the "
+            f"open-file limit is {soft}; raise it (ulimit -n) to serve more"
+        )
+    proxy = Proxy(
         args.socket,
+        _log,
         connect_timeout=args.timeout,
         log_connections=not args.quiet,
-        stream=sys.stderr,
         token_only=args.token_only,
-        allow_hosts=[hostport(*hp) for hp in extra],
         head_timeout=args.head_timeout,
-        max_connections=args.max_connections,
+        max_connections=cap,
     )
-
-
-def check_socket(path: str, timeout: float) -> None:
-    """Connect to the socket once, or raise :class:`ConnectError` with the contract's reason."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-    except OSError as exc:
-        raise ConnectError(to_url(path), reason_for(exc)) from exc
-    finally:
-        sock.close()
-
-
-def serve(
-    listen: Listen,
-    path: str,
-    *,
-    connect_timeout: float = 5.0,
-    log_connections: bool = True,
-    stream: TextIO | None = None,
-    token_only: bool = False,
-    allow_hosts: Iterable[str] = (),
-    head_timeout: float = DEFAULT_HEAD_TIMEOUT,
-    max_connections: int = DEFAULT_MAX_CONNECTIONS,
-) -> int:
-    """Run the proxy until SIGINT or SIGTERM; return 0. Raises :class:`UsageError` if it cannot bind."""
-    out = stream if stream is not None else sys.stderr
-
-    def log(line: str) -> None:
-        try:
-            out.write(line + "\n")
-            out.flush()
-        except (OSError, ValueError):
-            pass
-
-    loop_factory = None
     try:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     except ImportError:
-        pass
-    soft, _ = raise_open_file_limit()
-    # Each connection holds two files (the caller's and the socket's); refusals being answered one.
-    cap = connection_cap(max_connections, soft, reserve=FD_RESERVE + REFUSING, files_each=2)
-    if cap < max_connections:
-        log(
-            f"Connections: at most {cap} at once, not {max_connections} (--max-connections): the "
-            f"open-file limit is {soft}; raise it (ulimit -n) to serve more"
-        )
-    proxy = Proxy(
-        path,
-        connect_timeout=connect_timeout,
-        log=log,
-        log_connections=log_connections,
-        token_only=token_only,
-        head_timeout=head_timeout,
-        max_connections=cap,
-    )
+        loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_main(proxy, listen, tuple(allow_hosts)))
+        return runner.run(_serve(proxy, listen, extra))
 
 
-async def _main(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> int:
+def check_socket(path: str, timeout: float) -> None:
+    """Connect to the socket once, or raise :class:`ConnectError` with the contract's reason."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ConnectError(to_url(path), reason_for(exc)) from exc
+
+
+def _log(line: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> int:
     log = proxy.log
     try:
         server = await asyncio.start_server(

@@ -33,8 +33,9 @@ import pytest
 from client._errors import UsageError
 from client._models import Message
 from client.cli.proxy import caller as _caller
-from client.cli.proxy.caller import SocketAccess, find_caller, tcp_owner
+from client.cli.proxy.caller import find_caller, tcp_owner
 from client.cli.proxy.command import allowed_hosts, is_loopback, parse_listen
+from client.cli.proxy.permissions import SocketAccess, traversal
 from tests.support import (
     NOBODY,
     PYTHON,
@@ -266,7 +267,7 @@ def test_socket_access_checks_the_directories_of_a_symlink_and_of_its_target(
         os.chmod(links, link_dir_mode)
         os.chmod(links / "sub", 0o755)
         os.chmod(socket_file.parent, target_dir_mode)
-        assert _caller.traversal(str(link))[1] == str(socket_file)
+        assert traversal(str(link))[1] == str(socket_file)
         assert SocketAccess(str(link)).allows(1000, frozenset({1000})) is allowed
         os.chmod(links / "sub", 0o700)  # a directory only the first link's target passes through
         assert SocketAccess(str(link)).allows(1000, frozenset({1000})) is False

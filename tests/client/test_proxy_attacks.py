@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.cli.proxy.caller import SocketAccess
+from client.cli.proxy.permissions import SocketAccess
 from tests.client.test_proxy import Proxy, http_get, http_request, raw_exchange, socket_file, unix_server
 from tests.client.test_proxy_isolation import OTHER_GID, SOCKET_GID, set_acl, setpriv
 from tests.support import NOBODY, PYTHON

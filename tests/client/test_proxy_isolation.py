@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from client.cli.proxy.caller import SocketAccess
+from client.cli.proxy.permissions import SocketAccess
 from tests.client.test_proxy import _AS_CALLER, Proxy, http_request, raw_exchange
 from tests.support import NOBODY, PYTHON, ROOT, http_over_uds, require_tool, running_server, short_tmpdir
 

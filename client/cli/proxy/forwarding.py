@@ -31,8 +31,9 @@ from client.cli.proxy.access import (
     shown,
     split_token,
 )
-from client.cli.proxy.caller import Caller, SocketAccess, find_caller, tcp_owner
+from client.cli.proxy.caller import Caller, find_caller, tcp_owner
 from client.cli.proxy.capacity import LOG_PERIOD, Places
+from client.cli.proxy.permissions import SocketAccess
 from client.net.answers import error_response
 from client.net.linger import linger
 from client.net.throttle import Throttle

@@ -14,40 +14,21 @@ from urllib.parse import unquote_to_bytes
 
 from client.cli.proxy.caller import Caller
 
-__all__ = [
-    "FORWARDED_HEADER",
-    "MAX_HEADERS",
-    "MAX_HEAD_BYTES",
-    "TOKEN_HEADER",
-    "Admit",
-    "Head",
-    "Refuse",
-    "Rules",
-    "decide",
-    "head_of",
-    "shown",
-    "split_token",
-]
-
-FORWARDED_HEADER = b"uds-forwarded-peer"
-"""The request header that names the caller behind the proxy (the server records it)."""
-TOKEN_HEADER = b"uds-proxy-token"
-"""The request header that carries the proxy's token (the docs pages send it); never forwarded."""
-MAX_HEAD_BYTES = 32 * 1024
-"""Largest request head the proxy reads (the server's own limit)."""
+FORWARDED_HEADER = b"uds-forwarded-peer"  # names the caller to the server, which records it
+TOKEN_HEADER = b"uds-proxy-token"  # carries the token (the docs pages send it); never forwarded
+MAX_HEAD_BYTES = 32 * 1024  # the server's own limits
 MAX_HEADERS = 100
-"""Most header fields in one request (the server's own limit)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Rules:
-    """What the proxy admits: the ``Host`` values it answers to, its token, whether uids count."""
+    """What the proxy admits: the ``Host`` values it answers to, its token, whether uids count, and
+    the socket's address (named in refusals)."""
 
     hosts: frozenset[str]
     token: str
     token_only: bool = False
     url: str = ""
-    """The socket's address, named in refusals."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +38,16 @@ class Head:
     target: bytes
     host: bytes | None = None
     origin: bytes | None = None
-    token: bytes | None = None
-    """The ``Uds-Proxy-Token`` header."""
+    token: bytes | None = None  # the Uds-Proxy-Token header
     fields: int = 0
     size: int = 0
-    framings: int = 0
-    """How many of Content-Length and Transfer-Encoding are present."""
+    framings: int = 0  # how many of Content-Length and Transfer-Encoding are present
 
 
 @dataclass(frozen=True, slots=True)
 class Admit:
-    target: bytes
-    """The request target without the token."""
-    by: str
-    """``uid`` or ``token``."""
+    target: bytes  # without the token
+    by: str  # "uid" or "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +77,8 @@ def head_of(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]
 def decide(
     head: Head, caller: Caller | None, rules: Rules, *, may_connect: bool = False, permissions: str = ""
 ) -> Admit | Refuse:
-    """Admit or refuse one request.
-
-    ``caller`` is the owner of the TCP connection (None: not of this machine); ``may_connect``
-    whether the socket's permissions let it connect; ``permissions`` the socket's mode, owner and
-    group as a refusal quotes them.
-    """
+    """Admit or refuse one request. ``caller`` owns the TCP connection (None: not of this machine),
+    ``may_connect`` if the socket's ``permissions`` (quoted in a refusal) let it connect."""
     if head.fields > MAX_HEADERS:
         return Refuse(431, f"the request has more than {MAX_HEADERS} header fields")
     # h11 bounds a head that arrives in pieces; one that arrived whole is measured here.

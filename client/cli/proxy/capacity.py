@@ -5,35 +5,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
-
-__all__ = ["LOG_PERIOD", "MAKE_ROOM_AFTER", "Places"]
+from collections.abc import Callable, Hashable
 
 MAKE_ROOM_AFTER = 1.0
 """At the cap, a connection without a whole request head this long after it opened is closed to
 make room (oldest first): clients send theirs in milliseconds."""
-LOG_PERIOD = 10.0
-"""Seconds between two log lines about the cap (and about one kind of refusal)."""
-
 Task = asyncio.Task[None]
 
 
 class Places:
     """Connections counted against the cap, and which of them have sent a head or been judged.
 
-    One line is logged at the first refusal or eviction, then one per period that sums them up.
+    ``note(line, key)`` is told of each refusal and eviction (the caller throttles the lines).
     """
 
-    def __init__(self, cap: int, log: Callable[[str], None]) -> None:
+    def __init__(self, cap: int, note: Callable[[str, Hashable], None]) -> None:
         self.cap = cap
-        self.log = log
+        self.note = note
         self.held: set[Task] = set()
         self.waiting: dict[Task, float] = {}
         """Connections without a whole request head yet, oldest first, with the time they opened."""
         self.unjudged: dict[Task, int | None] = {}
         """Connections whose request is not judged yet, oldest first, with the uid that opened them."""
-        self.refused = self.closed = 0
-        self._timer: asyncio.TimerHandle | None = None
 
     def take(self, task: Task, owner: int | None) -> bool:
         """Count a new connection, closing one without a request head to make room; False (refuse
@@ -49,13 +42,16 @@ class Places:
             if oldest is None or (now - oldest[1] < MAKE_ROOM_AFTER and not crowded):
                 victim = self._flooder(owner)
                 if victim is None:
-                    self._note(refused=True)
+                    self.note(f"{self._full}: refused a connection with 503", "refused")
                     return False
             else:
                 victim = oldest[0]
             self.release(victim)
             victim.cancel()  # it closes its connection; nothing of it has reached the socket
-            self._note(refused=False)
+            self.note(
+                f"{self._full}: closed a connection to make room (no request head, or not yet judged)",
+                "closed",
+            )
         self.held.add(task)
         self.waiting[task] = now
         self.unjudged[task] = owner
@@ -81,29 +77,6 @@ class Places:
         self.give_up(task)
         self.unjudged.pop(task, None)
 
-    def _note(self, *, refused: bool) -> None:
-        if refused:
-            self.refused += 1
-        else:
-            self.closed += 1
-        if self._timer is None:
-            self._report()
-
-    def _report(self) -> None:
-        self._timer = None
-        if not (self.refused or self.closed):
-            return
-        self.log(
-            f"Proxy at its connection limit ({self.cap}, --max-connections): refused {self.refused} "
-            f"connection(s) with 503, closed {self.closed} without a request head after "
-            f"{MAKE_ROOM_AFTER:g}s to make room; next report in {LOG_PERIOD:g}s at most"
-        )
-        self.refused = self.closed = 0
-        self._timer = asyncio.get_running_loop().call_later(LOG_PERIOD, self._report)
-
-    def close(self) -> None:
-        """Log what is still counted and stop the timer."""
-        self._report()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    @property
+    def _full(self) -> str:
+        return f"Proxy at its connection limit ({self.cap}, --max-connections)"

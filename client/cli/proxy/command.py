@@ -25,20 +25,9 @@ from client.cli.proxy.capacity import MAKE_ROOM_AFTER
 from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
 from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
 
-__all__ = [
-    "DEFAULT_LISTEN",
-    "Listen",
-    "add_arguments",
-    "allowed_hosts",
-    "is_loopback",
-    "parse_listen",
-    "run",
-]
-
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_HEAD_TIMEOUT = 30.0
-"""Seconds a connection may take to send its request head (the server's request_timeout)."""
+DEFAULT_HEAD_TIMEOUT = 30.0  # the server's request_timeout
 DEFAULT_MAX_CONNECTIONS = 256
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -239,12 +228,12 @@ async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> 
     received: list[str] = []
     loop = asyncio.get_running_loop()
 
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
+    def on_signal(name: str) -> None:
+        received.append(name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         await stop.wait()
     finally:

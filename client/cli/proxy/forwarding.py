@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from http import HTTPStatus
 
 import h11
@@ -32,25 +32,21 @@ from client.cli.proxy.access import (
     split_token,
 )
 from client.cli.proxy.caller import Caller, find_caller, tcp_owner
-from client.cli.proxy.capacity import LOG_PERIOD, Places
+from client.cli.proxy.capacity import Places
 from client.cli.proxy.permissions import SocketAccess
 from client.net.answers import error_response
 from client.net.linger import linger
 from client.net.throttle import Throttle
 
-__all__ = ["REFUSING", "Proxy", "error_answer", "hostport"]
-
-FIRST_BYTE_TIMEOUT = 10.0
-"""Seconds a new connection may stay silent (at most ``--head-timeout``): browsers open spare ones."""
-REFUSING = 32
-"""Refusals that may linger at once (files kept free for them); beyond, answered and closed at once."""
+FIRST_BYTE_TIMEOUT = 10.0  # a new connection's silence (browsers open spare ones); at most --head-timeout
+LOG_PERIOD = 10.0  # between two log lines of one kind: a refused peer must not flood the log
+REFUSING = 32  # refusals lingering at once (files kept for them); beyond, answered and closed at once
 _CHUNK = 256 * 1024
 _LINGER_BYTES = 1 << 20
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
 )
-_ERRORS = {431: "headers_too_large", 503: "unavailable"}
-"""The JSON ``error`` where it is not the status's name in lower case."""
+_ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
 
 Addresses = tuple[tuple[str, int], tuple[str, int]]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -80,7 +76,6 @@ class Proxy:
         *,
         connect_timeout: float = 5.0,
         log_connections: bool = True,
-        token: str | None = None,
         token_only: bool = False,
         head_timeout: float = 30.0,
         max_connections: int = 256,
@@ -88,13 +83,12 @@ class Proxy:
         self.path, self.url, self.log = path, to_url(path), log
         self.connect_timeout, self.head_timeout = connect_timeout, head_timeout
         self.log_connections = log_connections
-        self.rules = Rules(frozenset(), token or secrets.token_urlsafe(24), token_only, self.url)
+        self.rules = Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
         self.access = SocketAccess(path)
-        self.places = Places(max_connections, log)
+        self.places = Places(max_connections, self._note)
         self.tasks: set[asyncio.Task[None]] = set()
         self.refusing = 0
         self.refusals = Throttle(log, LOG_PERIOD)
-        """Refusal lines, per status and caller uid (a refused peer must not flood the log)."""
         self._flush: asyncio.TimerHandle | None = None
         self.count = 0
 
@@ -187,12 +181,15 @@ class Proxy:
     async def _refuse(
         self, task: asyncio.Task[None], io: Streams, refusal: Refuse, caller: Caller | None, line: str
     ) -> None:
-        """Log (throttled) and answer a request refused before the socket; its place is given up."""
-        key = (refusal.status, caller.uid if caller is not None else None)
-        if not self.refusals.log(0, line, key=key) and self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(LOG_PERIOD, self._flush_refusals)
+        """Log and answer a request refused before the socket; its place is given up."""
+        self._note(line, (refusal.status, caller.uid if caller is not None else None))
         self.places.give_up(task)
         await self._answer(io, error_answer(refusal.status, refusal.reason))
+
+    def _note(self, line: str, key: Hashable) -> None:
+        """Log ``line`` now, or hold it and say how many there were in a line per period."""
+        if not self.refusals.log(0, line, key=key) and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(LOG_PERIOD, self._flush_refusals)
 
     def _flush_refusals(self) -> None:
         if self._flush is not None:
@@ -281,7 +278,6 @@ class Proxy:
 
     async def close_all(self) -> int:
         """Cut every open connection; return how many there were."""
-        self.places.close()
         self._flush_refusals()
         tasks = list(self.tasks)
         for task in tasks:

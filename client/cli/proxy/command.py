@@ -252,6 +252,7 @@ async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> 
 def _bind_reason(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         return "unknown host"
+    # asyncio rewrites strerror ("error while attempting to bind on address ...").
     return {
         errno.EADDRINUSE: "address already in use",
         errno.EACCES: "permission denied",

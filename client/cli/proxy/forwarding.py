@@ -197,17 +197,21 @@ class Proxy:
             self._flush = None
         self.refusals.flush()
 
-    async def _answer(self, io: Streams, answer: bytes) -> None:
-        """Answer and linger while fewer than ``REFUSING`` do; beyond that, answer and close at once."""
-        if self.refusing >= REFUSING:
+    async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
+        """Send the proxy's own answer and linger (so that it is not reset) while fewer than
+        ``REFUSING`` refusals (``bounded``) do; beyond that, answer and close at once."""
+        if bounded and self.refusing >= REFUSING:
             with contextlib.suppress(OSError):
                 io[1].write(answer)
             return
-        self.refusing += 1
+        self.refusing += bounded
         try:
-            await _answer(io, answer)
+            with contextlib.suppress(OSError):
+                io[1].write(answer)
+                await io[1].drain()
+            await linger(*io, limit=_LINGER_BYTES)
         finally:
-            self.refusing -= 1
+            self.refusing -= bounded
 
     def _upstream_head(
         self, request: h11.Request, target: bytes, caller: Caller | None
@@ -249,7 +253,7 @@ class Proxy:
         except (OSError, TimeoutError) as exc:
             message = str(ConnectError(self.url, reason_for(exc)))
             self.log(f"{label}: {message} (answered 502)")
-            await _answer(io, error_answer(502, message))
+            await self._answer(io, error_answer(502, message), bounded=False)
             return
         if self.log_connections:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
@@ -267,7 +271,7 @@ class Proxy:
             if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
                 # The socket got a cut-off body and is answering nothing: the client hears why.
                 message = f"the request body is not valid HTTP/1.1 ({shown(str(error))})"
-                await _answer(io, error_answer(400, message))
+                await self._answer(io, error_answer(400, message), bounded=False)
             elif not io[1].is_closing():
                 await linger(*io, limit=_LINGER_BYTES)
         finally:
@@ -320,9 +324,7 @@ async def _copy_body(
             conn.receive_data(await reader.read(_CHUNK))
             continue
         if isinstance(event, h11.Data):
-            if not event.data:
-                continue
-            out = b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked else bytes(event.data)
+            out = b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked and event.data else event.data
         elif isinstance(event, h11.EndOfMessage):
             out = b"0\r\n\r\n" if chunked else b""
         else:
@@ -364,14 +366,6 @@ async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tup
             if not t.done():
                 t.cancel()
         await asyncio.gather(body, down, return_exceptions=True)
-
-
-async def _answer(io: Streams, response: bytes) -> None:
-    """Send the proxy's own answer, end the connection, and linger so that it is not reset."""
-    with contextlib.suppress(OSError):
-        io[1].write(response)
-        await io[1].drain()
-    await linger(*io, limit=_LINGER_BYTES)
 
 
 async def _open_unix(path: str) -> Streams:

@@ -13,7 +13,7 @@ import stat
 import struct
 from collections.abc import Callable
 
-__all__ = ["SocketAccess", "traversal"]
+Groups = frozenset[int] | None  # None: unknown
 
 _ACL_XATTR = "system.posix_acl_access"
 _ACL_VERSION = 2
@@ -37,11 +37,7 @@ def _acl(path: str) -> list[tuple[int, int, int]] | None:
 
 
 def _acl_may(
-    entries: list[tuple[int, int, int]],
-    info: os.stat_result,
-    uid: int,
-    groups: frozenset[int] | None,
-    bit: int,
+    entries: list[tuple[int, int, int]], info: os.stat_result, uid: int, groups: Groups, bit: int
 ) -> bool:
     """The kernel's ``posix_acl_permission`` for one permission bit (no capabilities); with
     ``groups`` None, every group entry and the others' entry must allow."""
@@ -66,7 +62,7 @@ def _acl_may(
     return other
 
 
-def _may(path: str, info: os.stat_result, uid: int, groups: frozenset[int] | None, bit: int) -> bool:
+def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
     """The kernel's check (no capabilities) for one permission bit of ``path``, whose stat is
     ``info``: its access ACL if it has one, else its mode. With ``groups`` None (unknown), both the
     group's and the others' bits must allow: never wider than the kernel."""
@@ -142,7 +138,7 @@ class SocketAccess:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def allows(self, uid: int, groups: frozenset[int] | None) -> bool:
+    def allows(self, uid: int, groups: Groups) -> bool:
         """Whether ``uid`` with ``groups`` (None: unknown) may connect."""
         return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
 

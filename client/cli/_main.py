@@ -36,7 +36,10 @@ _VALUE_OPTIONS = ("--socket", "--timeout", "--wait")
 # Commands whose code lives in its own module, imported only when argv names the command.
 _EXTERNAL = {
     "bench": ("client.cli.bench", "measure round trips and throughput against the server"),
-    "proxy": ("client.cli.proxy", "expose the socket's API on a local TCP port (for a browser or curl)"),
+    "proxy": (
+        "client.cli.proxy.command",
+        "expose the socket's API on a local TCP port (for a browser or curl)",
+    ),
     "docs": ("client.cli.docs_export", "export the OpenAPI spec and offline API docs to a directory"),
 }
 

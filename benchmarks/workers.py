@@ -28,7 +28,7 @@ from pathlib import Path
 
 from _common import ROOT, BenchError, Row, autocannon, compare, main_for, paired
 
-from client.cli.spawn import ServerProcess, SpawnError, app_command, socket_dir
+from app.serving.spawn import ServerProcess, SpawnError, app_command, socket_dir
 
 CONNECTIONS = 20
 SERVED = re.compile(r"Worker pid (\d+) stopped after (\d+) request\(s\)")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from client._events import Event
     from client._models import Health, Message, Peer, RawResponse, Version, WhoAmI
     from client._probe import probe
-    from client._wait import wait_for_socket
+    from client.wait import wait_for_socket
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -62,7 +62,7 @@ _WHERE = {
     "Version": "_models",
     "WhoAmI": "_models",
     "probe": "_probe",
-    "wait_for_socket": "_wait",
+    "wait_for_socket": "wait",
 }
 
 

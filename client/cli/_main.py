@@ -35,7 +35,6 @@ PROG = "uds-client"
 _VALUE_OPTIONS = ("--socket", "--timeout", "--wait")
 # Commands whose code lives in its own module, imported only when argv names the command.
 _EXTERNAL = {
-    "bench": ("client.cli.bench", "measure round trips and throughput against the server"),
     "proxy": ("client.cli.proxy", "expose the socket's API on a local TCP port (for a browser or curl)"),
     "docs": ("client.cli.docs_export", "export the OpenAPI spec and offline API docs to a directory"),
 }
@@ -551,7 +550,7 @@ def _enable_debug_logging() -> None:
 
 
 def _wait(args: argparse.Namespace) -> None:
-    from client._wait import wait_for_socket
+    from client.wait import wait_for_socket
 
     reported = False
 

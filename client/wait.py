@@ -2,7 +2,7 @@
 
 :func:`poll` is generic; :func:`wait_for_socket` polls the server's socket with the raw probe (in a
 Pod the client container may start before the server has bound ``/csi/csi.sock``). ``uds-client
---wait``, the spawn helper of ``client.cli.spawn`` and the tests all wait through :func:`poll`.
+--wait``, ``app.serving.spawn`` and the tests all wait through :func:`poll`.
 """
 
 from __future__ import annotations

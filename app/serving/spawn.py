@@ -1,14 +1,9 @@
 """Start a server in a child process and wait until it answers: the one helper for that job.
 
-``uds-demo``, ``uds-client bench --spawn``, the benchmarks and the tests all start ``uds-server``
-through :class:`ServerProcess`. The server runs as a command (``python -m app``, see
-:func:`app_command`), so nothing here imports ``app`` and the client image can carry this module.
-
-Readiness is polled with a deadline, and a child that exits first ends the wait at once with its
-exit code. A socket is polled by the library's own loop (:func:`client.wait_for_socket`, the one
-behind ``uds-client --wait``) with the raw probe :func:`client.probe`; a loopback port, which that
-loop cannot reach, by the same library's :func:`client._wait.poll` with :func:`probe_tcp`; ``poll``
-is also the tests' generic "wait until" loop. Everything here is standard library only.
+``uds-demo``, ``benchmarks/bench.py --spawn``, the other benchmarks and the tests start ``uds-server``
+through :class:`ServerProcess`, as a command (``python -m app``, :func:`app_command`). Readiness is
+polled with a deadline by the client's one wait loop (:mod:`client.wait`); a child that exits first
+ends the wait at once with its exit code.
 """
 
 from __future__ import annotations
@@ -25,8 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 
-from client._errors import ClientError, ConnectError, WaitTimeout, reason_for
-from client._wait import poll, wait_for_socket
+from client import ClientError, ConnectError, WaitTimeout
+from client.wait import poll, wait_for_socket
 
 __all__ = [
     "ServerProcess",
@@ -34,7 +29,6 @@ __all__ = [
     "app_command",
     "free_port",
     "pinned",
-    "poll",
     "probe_tcp",
     "python_command",
     "socket_dir",
@@ -98,7 +92,7 @@ def probe_tcp(host: str, port: int, *, timeout: float = 5.0) -> int:
         hint = "Is a server listening there (uds-server --host HOST --port PORT)?"
         raise ConnectError(address, "connection refused", hint) from exc
     except OSError as exc:
-        raise ConnectError(address, reason_for(exc)) from exc
+        raise ConnectError.caused_by(address, exc) from exc
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise ConnectError(address, "not an HTTP server", "Check the address.")

@@ -264,8 +264,9 @@ def test_get_needs_an_absolute_path(server_path: str, capsys: pytest.CaptureFixt
 def test_missing_external_command_module_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(cli._EXTERNAL, "ghost", ("client.ghost_command_absent", "a missing command"))
-    monkeypatch.setitem(cli._COMMANDS, "ghost", ("a missing command", None, cli._external_builder("ghost")))
+    monkeypatch.setitem(
+        cli._COMMANDS, "ghost", ("a missing command", None, cli._external("client.ghost_command_absent"))
+    )
     assert cli.main(["ghost"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (

@@ -297,60 +297,59 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 # --- parser: each command's options are added only when argv names it (argparse is slow) ---------
 
-_Build = Callable[[argparse.ArgumentParser], None]
-_JSON_FLAG = ("--json",)
+
+def _builtin(name: str, sub: argparse.ArgumentParser) -> None:
+    """The options of command ``name`` of this module (added only when argv names it: argparse is slow)."""
+    if name == "send":
+        sub.add_argument("text", metavar="TEXT", help="the message text")
+        sub.add_argument("--json", action="store_true", help="print the stored message as JSON")
+        keep = sub.add_mutually_exclusive_group()
+        every = "after the first send, send again every SECONDS until SIGTERM/SIGINT"
+        keep.add_argument("--every", type=_positive_float, metavar="SECONDS", help=every)
+        idle = "after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)"
+        keep.add_argument("--then-wait", action="store_true", help=idle)
+    elif name == "messages":
+        sub.add_argument("--limit", type=_positive_int, metavar="N", help="at most N messages")
+    elif name == "events":
+        since = "first print the messages after message ID still kept"
+        sub.add_argument("--since", type=_id, metavar="ID", help=since)
+        sub.add_argument("--json", action="store_true", help="print one JSON object per line")
+    elif name == "openapi":
+        sub.add_argument("--output", "-o", metavar="FILE", help="write the spec to FILE")
+    elif name == "get":
+        sub.add_argument("path", metavar="PATH", help="request path, e.g. /messages?limit=3")
+    elif name == "health":
+        sub.add_argument("--ready", action="store_true", help="check readiness (/readyz) instead")
+    if name in ("messages", "version", "whoami"):
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.set_defaults(func=_RUN[name])
 
 
-def _options(
-    func: Callable[[argparse.Namespace], int], *specs: tuple[tuple[str, ...], dict[str, Any]]
-) -> _Build:
-    def build(sub: argparse.ArgumentParser) -> None:
-        for flags, options in specs:
-            sub.add_argument(*flags, **options)
-        sub.set_defaults(func=func)
-
-    return build
-
-
-def _json(text: str = "print JSON") -> tuple[tuple[str, ...], dict[str, Any]]:
-    return _JSON_FLAG, {"action": "store_true", "help": text}
+def _external(module_name: str, sub: argparse.ArgumentParser) -> None:
+    """The options of a command whose code lives in ``module_name``, imported only now."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise _Exit(f"'{sub.prog}' is not available: module {module_name} is not installed", 2) from exc
+    module.add_arguments(sub)
+    sub.set_defaults(func=module.run)
 
 
-def _build_send(send: argparse.ArgumentParser) -> None:
-    _options(cmd_send, (("text",), {"metavar": "TEXT", "help": "the message text"}))(send)
-    send.add_argument(*_JSON_FLAG, action="store_true", help="print the stored message as JSON")
-    keep = send.add_mutually_exclusive_group()
-    keep.add_argument(
-        "--every",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="after the first send, send again every SECONDS until SIGTERM/SIGINT",
-    )
-    keep.add_argument(
-        "--then-wait",
-        action="store_true",
-        help="after the send, stay idle until SIGTERM/SIGINT (for a Pod's container)",
-    )
-
-
-def _external(module_name: str) -> _Build:
-    """The builder of a command whose code lives in ``module_name``, imported only when it runs."""
-
-    def build(sub: argparse.ArgumentParser) -> None:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            raise _Exit(f"'{sub.prog}' is not available: module {module_name} is not installed", 2) from exc
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
-
-    return build
-
-
-# name -> (help, description, builder)
-_COMMANDS: dict[str, tuple[str, str | None, _Build]] = {
+_RUN = {
+    "send": cmd_send,
+    "messages": cmd_messages,
+    "events": cmd_events,
+    "version": cmd_version,
+    "whoami": cmd_whoami,
+    "openapi": cmd_openapi,
+    "get": cmd_get,
+    "health": cmd_health,
+}
+_EXTERNAL = {"proxy": "client.cli.proxy", "docs": "client.cli.docs_export"}
+# name -> (help, description)
+_COMMANDS: dict[str, tuple[str, str | None]] = {
     "send": (
         "send a message and print the server's reply",
         "POST TEXT to /messages and print '📥 Client received: <reply>'. Each send carries a fresh "
@@ -358,17 +357,8 @@ _COMMANDS: dict[str, tuple[str, str | None, _Build]] = {
         "SECONDS (send again periodically) or --then-wait (send once, then idle); both stop cleanly with "
         "exit 0 on SIGTERM or SIGINT. With them only the first send is fatal; later failures print one "
         "error line and the loop goes on.",
-        _build_send,
     ),
-    "messages": (
-        "list recent messages, oldest first",
-        None,
-        _options(
-            cmd_messages,
-            (("--limit",), {"type": _positive_int, "metavar": "N", "help": "at most N messages"}),
-            _json(),
-        ),
-    ),
+    "messages": ("list recent messages, oldest first", None),
     "events": (
         "print messages as they are stored, like docker events",
         "Follow GET /events and print each event on one line as it comes: every message stored from "
@@ -376,53 +366,21 @@ _COMMANDS: dict[str, tuple[str, str | None, _Build]] = {
         "dropped stream it connects again and goes on from the last event, so nothing is missed or "
         "printed twice; a 'reset' line says some messages left the history meanwhile (list them with "
         "'messages'). Ctrl-C or SIGTERM stops it with exit 0.",
-        _options(
-            cmd_events,
-            (
-                ("--since",),
-                {
-                    "type": _id,
-                    "metavar": "ID",
-                    "help": "first print the messages after message ID still kept",
-                },
-            ),
-            _json("print one JSON object per line"),
-        ),
     ),
-    "version": ("print the server's versions", None, _options(cmd_version, _json())),
+    "version": ("print the server's versions", None),
     "whoami": (
         "print your uid, gid and groups as the server sees them, and the scopes you hold",
         "GET /whoami, which needs no scope: the first thing to run after a 403.",
-        _options(cmd_whoami, _json()),
     ),
-    "openapi": (
-        "print the OpenAPI spec (or write it to a file)",
-        None,
-        _options(cmd_openapi, (("--output", "-o"), {"metavar": "FILE", "help": "write the spec to FILE"})),
-    ),
-    "get": (
-        "GET a path and print the raw body (exit 1 on an error status)",
-        None,
-        _options(cmd_get, (("path",), {"metavar": "PATH", "help": "request path, e.g. /messages?limit=3"})),
-    ),
+    "openapi": ("print the OpenAPI spec (or write it to a file)", None),
+    "get": ("GET a path and print the raw body (exit 1 on an error status)", None),
     "health": (
         "quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
         "GET /healthz (or /readyz with --ready) with the standard library only, for Kubernetes exec "
         "probes. Prints nothing when healthy.",
-        _options(
-            cmd_health, (("--ready",), {"action": "store_true", "help": "check readiness (/readyz) instead"})
-        ),
     ),
-    "proxy": (
-        "expose the socket's API on a local TCP port (for a browser or curl)",
-        None,
-        _external("client.cli.proxy"),
-    ),
-    "docs": (
-        "export the OpenAPI spec and offline API docs to a directory",
-        None,
-        _external("client.cli.docs_export"),
-    ),
+    "proxy": ("expose the socket's API on a local TCP port (for a browser or curl)", None),
+    "docs": ("export the OpenAPI spec and offline API docs to a directory", None),
 }
 
 
@@ -474,12 +432,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log each request and show tracebacks")
     parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, description, build) in _COMMANDS.items():
+    for name, (help_text, description) in _COMMANDS.items():
         sub = commands.add_parser(
             name, help=help_text, description=description or help_text, formatter_class=_Formatter
         )
         if name == command:
-            build(sub)
+            if name in _EXTERNAL:
+                _external(_EXTERNAL[name], sub)
+            else:
+                _builtin(name, sub)
     return parser
 
 

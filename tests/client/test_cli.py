@@ -264,9 +264,8 @@ def test_get_needs_an_absolute_path(server_path: str, capsys: pytest.CaptureFixt
 def test_missing_external_command_module_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(
-        cli._COMMANDS, "ghost", ("a missing command", None, cli._external("client.ghost_command_absent"))
-    )
+    monkeypatch.setitem(cli._EXTERNAL, "ghost", "client.ghost_command_absent")
+    monkeypatch.setitem(cli._COMMANDS, "ghost", ("a missing command", None))
     assert cli.main(["ghost"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (

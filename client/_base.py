@@ -216,13 +216,8 @@ class _Base:
         """Whether to send once more: a reused connection the server had closed."""
         if not is_stale_error(exc) or opened:
             return False
-        log.debug(
-            "%s %s %s: reused connection was closed by the server (%s); retrying once",
-            self.address,
-            method,
-            url,
-            exc,
-        )
+        why = "reused connection was closed by the server"
+        log.debug("%s %s %s: %s (%s); retrying once", self.address, method, url, why, exc)
         return True
 
     def _too_large(self, method: str, url: str) -> ClientError:

@@ -536,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,19 +23,6 @@ from typing import IO, Any, Self
 from client import ClientError, ConnectError, WaitTimeout
 from client.wait import poll, wait_for_socket
 
-__all__ = [
-    "ServerProcess",
-    "SpawnError",
-    "app_command",
-    "free_port",
-    "pinned",
-    "probe_tcp",
-    "python_command",
-    "socket_dir",
-    "spawn",
-    "split_cpus",
-]
-
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
 
@@ -47,10 +34,8 @@ class SpawnError(ClientError):
 def python_command(module: str, *args: str, python: str = sys.executable) -> list[str]:
     """``python -I -u -m module ARGS``: ``module`` from ``python``'s installation only, unbuffered.
 
-    Isolated mode keeps the working directory, ``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``
-    and the user's site-packages off the child's path, so a package that another user planted in
-    a world-writable directory never runs as us. ``-u`` stands in for ``PYTHONUNBUFFERED``, which
-    isolated mode ignores like every ``PYTHON*`` variable.
+    Isolated mode keeps the working directory, ``PYTHON*`` variables and the user's site-packages
+    off the child's path: code another user planted in a world-writable directory never runs as us.
     """
     return [python, "-I", "-u", "-m", module, *args]
 
@@ -130,10 +115,9 @@ class ServerProcess:
         data_dir: str | Path | None = None,
         pass_fds: Sequence[int] = (),
     ) -> None:
-        """``data_dir`` is given to the server as ``UDS_DATA_DIR`` (a ``--data-dir`` flag in the
-        command wins): where ``uds-server`` keeps its durable store. Callers that start servers for
-        a moment pass a temporary directory they remove, never the system's default.
-        ``pass_fds``: descriptors the child keeps (a listening socket handed over, say)."""
+        """``data_dir`` becomes ``UDS_DATA_DIR`` (a ``--data-dir`` flag in the command wins): callers
+        that start servers for a moment pass a temporary directory. ``pass_fds``: descriptors the
+        child keeps (a listening socket handed over, say)."""
         self.command = list(command)
         self.socket = socket
         self.host = host

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO
 
-from client.cli.spawn import ServerProcess, SpawnError, app_command, python_command
+from app.serving.spawn import ServerProcess, SpawnError, app_command, python_command
 
 __all__ = ["main"]
 

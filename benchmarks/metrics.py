@@ -44,7 +44,7 @@ from _common import (
     paired,
 )
 
-from client.cli.spawn import free_port, split_cpus
+from app.serving.spawn import free_port, split_cpus
 
 PATH = "/v1/messages"
 FLUSH_EVERY = 2000

@@ -40,7 +40,7 @@ from _common import (
     median,
 )
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 PATH = "/v1/messages"
 BODY = b'{"text":"Hello from client"}'

@@ -92,7 +92,7 @@ def test_the_image_holds_the_client_library_and_not_the_server(box: Path) -> Non
 def test_help_and_version(box: Path) -> None:
     assert succeeds("--version").strip().endswith(VERSION)
     listed = succeeds("--help")
-    for command in ("send", "messages", "version", "openapi", "get", "health", "bench", "proxy", "docs"):
+    for command in ("send", "messages", "version", "openapi", "get", "health", "proxy", "docs"):
         assert command in listed, command
 
 
@@ -112,12 +112,6 @@ def test_api_commands(box: Path) -> None:
 def test_probes(box: Path) -> None:
     assert succeeds("health") == ""
     assert succeeds("health", "--ready") == ""
-
-
-def test_bench_against_the_socket(box: Path) -> None:
-    report = json.loads(succeeds("bench", "-c", "2", "-n", "40", "--warmup", "0", "-r", "1", "--json"))
-    [row] = report["results"]
-    assert (row["transport"], row["requests"], row["errors"]) == ("uds", 40, 0)
 
 
 def test_proxy_serves_the_api_on_loopback_and_stops_on_sigterm(box: Path) -> None:

@@ -65,17 +65,17 @@ def rules(uid: int, count: int = 10) -> str:
 def check_alone(calls: int, rounds: int) -> list[dict[str, float]]:
     """µs per request added by the middleware around an app that answers 201 and does nothing
     else: the check alone (policy), and the check with its audit line (queued, encoded, written)."""
-    from app.api.access import PeerAllowlist
+    from app.api.access import Access, PeerAllowlist
+    from app.api.versions import API_VERSIONS
     from app.config import Settings
     from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
-    from app.main import create_app
 
     directory = Path(tempfile.mkdtemp(prefix="pb-"))
     policy = directory / "policy.toml"
     policy.write_text(rules(os.getuid()))
     audit_path = directory / "audit.log"
-    access = create_app(Settings(store="memory", policy=str(policy))).state.access
-    audited = create_app(Settings(store="memory", policy=str(policy), audit_log=str(audit_path))).state.access
+    access = Access(Settings(store="memory", policy=str(policy)), API_VERSIONS)
+    audited = Access(Settings(store="memory", policy=str(policy), audit_log=str(audit_path)), API_VERSIONS)
     if access.policy is None or access.policy.rules != 10:
         raise BenchError("the policy was not read: nothing would be measured")
 
@@ -138,6 +138,8 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
     from uvicorn.server import ServerState
 
     from app.__main__ import parse_settings
+    from app.api.access import Access
+    from app.api.versions import API_VERSIONS
     from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
     from app.main import create_app
@@ -159,17 +161,18 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
         sides = {}
         for name, argv in variants.items():
             settings = parse_settings(argv, {})
-            app = create_app(settings)
+            access = Access(settings, API_VERSIONS)
+            app = create_app(settings, access=access)
             config = build_config(settings, app)
             config.load()
             transport = StandInTransport()
             protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
             protocol.connection_made(transport)
-            sides[name] = (app, protocol, transport)
+            sides[name] = (app, protocol, transport, access)
 
         async def one_round(name: str) -> dict[str, float]:
-            app, protocol, transport = sides[name]
-            audit = app.state.access.audit
+            _, protocol, transport, access = sides[name]
+            audit = access.audit
             loop = asyncio.get_running_loop()
             began = time.process_time()
             for index in range(requests):
@@ -195,7 +198,9 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
                 got = {name: await one_round(name) for name in order}
                 out["policy"].append((got["policy"], got["none"]))
                 out["audit"].append((got["audit"], got["none"]))
-            sides["audit"][0].state.access.audit.flush()
+            audit = sides["audit"][3].audit
+            assert audit is not None
+            audit.flush()
         written = audit_path.read_bytes().count(b"\n")
         if written != requests * (rounds + 1):
             raise BenchError(f"the audit log has {written} lines for {requests * (rounds + 1)} POSTs")

@@ -1,26 +1,11 @@
 """``/messages``: send a message (the hot path), list recent ones, fetch one by id.
 
-``POST /messages`` validates its body with the pydantic model (``MessageIn.model_validate_json``)
-and answers with pre-encoded bytes: FastAPI's body and response-model machinery costs more than the
-work it does. It reads the body with a ``receive()`` loop rather than Starlette's
-``Request.stream()`` (an async generator), which measured 1 µs more per request for the same 413
-as soon as the body grows past the limit: driven in-process, the whole app answers a POST in
-12.5 µs with this loop and 13.5 µs with ``stream()`` (11.9 µs with the former hand-written
-validation, which ``model_validate_json`` replaced).
-
-Memory stays bounded whatever clients do (measured in tests/app/test_memory_budget.py):
-
-* request bodies being received draw on a server-wide budget of :data:`BODY_BUDGET` bytes; a body
-  that does not fit gets 503 before it is read;
-* ``GET /messages`` is written in chunks of about :data:`LIST_CHUNK` bytes, each made only once the
-  client has taken the ones before (a client that never reads pins one chunk and the transport's
-  64 KiB buffer, not the list), and at most :data:`LIST_STREAMS` such answers are written at once
-  (503 past it). The answer refers to messages by id, so a slow reader keeps no message alive after
-  it has left the history: it is left out of the answer instead.
+``POST /messages`` validates its body with its pydantic model and answers with pre-encoded bytes;
+request bodies and long list answers draw on server-wide budgets, so memory stays bounded whatever
+clients do. Why it is written this way: docs/internals.md, "API".
 """
 
-# No ``from __future__ import annotations``: the route signatures refer to per-app limits in
-# closures, which FastAPI must see as real objects, not strings.
+# No ``from __future__ import annotations``: FastAPI must see the route signatures' objects.
 
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -40,52 +25,38 @@ from app.api.forwarded import key_owner, with_forwarded
 from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
 from app.config import Settings
 from app.connection.budget import Budget
+from app.connection.protocol import PEER_KEY
 from app.logs import Throttle, escaped
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 
-__all__ = [
-    "BODY_BUDGET",
-    "LIST_CHUNK",
-    "LIST_STREAMS",
-    "MAX_KEY_LENGTH",
-    "REQUEST_COST",
-    "LeanRoute",
-    "build_router",
-]
+__all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
 
 log = logging.getLogger("app.messages")
 
-MAX_KEY_LENGTH = 255
-"""Idempotency-Key values are 1..255 visible ASCII characters (bounded memory per key)."""
-LOGGED_TEXT = 200
-"""Longer texts are cut in the log line (logs never carry whole bodies)."""
+MAX_KEY_LENGTH = 255  # Idempotency-Key: 1..255 visible ASCII characters (bounded memory per key)
+LOGGED_TEXT = 200  # longer texts are cut in the log line (logs never carry whole bodies)
 BODY_BUDGET = 8 * 1024 * 1024
-"""Bytes that requests waiting for their bodies may hold at once, server-wide: each draws
-:data:`REQUEST_COST` plus its body (about 90 bodies of 64 KiB, or 340 requests whose bodies trickle)."""
+"""Bytes that requests waiting for their bodies may hold at once, server-wide."""
 REQUEST_COST = 24 * 1024
-"""What a request waiting for its body holds besides the body: the ASGI scope, the task and the
-framework's frames (measured: 4,000 such requests took 22.8 KiB each)."""
+"""What a request waiting for its body holds besides the body (scope, task, frames)."""
 LIST_CHUNK = 16 * 1024
 """``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
 LIST_STREAMS = 32
 """Most ``GET /messages`` answers longer than one chunk being written at once, server-wide."""
 PEER_SHARE = 4
-"""One peer uid may hold at most 1/``PEER_SHARE`` of either budget (bodies, long lists), so a single
-uid holding bodies or lists open cannot lock every other uid out."""
+"""One peer uid may hold at most 1/``PEER_SHARE`` of either budget, so it cannot lock others out."""
 JSON = "application/json"
 _RETRY = {"retry-after": "1"}
 
 
 def _budget(total: int) -> Budget:
-    """A budget of ``total`` of which one peer uid may hold 1/``PEER_SHARE`` (at least one)."""
     return Budget(total, max(1, total // PEER_SHARE))
 
 
-def _uid(scope: Scope) -> int | None:
-    """The peer's uid (SO_PEERCRED); None over TCP."""
+def _peer(scope: Scope) -> dict[str, Any] | None:
+    """The peer's credentials (SO_PEERCRED); None over TCP."""
     extensions = scope.get("extensions")
-    peer = extensions.get("uds.peer") if extensions else None
-    return peer["uid"] if peer else None
+    return extensions.get(PEER_KEY) if extensions else None
 
 
 _GET_IT = {
@@ -144,11 +115,8 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
 
 
 class LeanRoute(APIRoute):
-    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``.
-
-    It is documented like any route (``openapi_extra``, ``responses``) but skips dependency
-    solving and body/response models: the endpoint does its own parsing and validation.
-    """
+    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``: documented
+    like any route, without dependency solving or body and response models."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
@@ -192,8 +160,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             if size > max_body:
                 return _too_large(max_body)
         taken = REQUEST_COST + size
-        extensions = scope.get("extensions")
-        peer = extensions.get("uds.peer") if extensions else None
+        peer = _peer(scope)
         uid = peer["uid"] if peer else None
         if not bodies.take(taken, uid):
             return _busy(uid, busy_log)
@@ -334,7 +301,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         second = next(chunks, None)
         if second is None:
             return Response(first, 200, None, JSON)
-        uid = _uid(request.scope)
+        peer = _peer(request.scope)
+        uid = peer["uid"] if peer else None
         if not streams.take(1, uid):
             busy_log.log(
                 logging.WARNING,
@@ -382,12 +350,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
 def _list_chunks(store: Store, ids: Sequence[int]) -> Iterator[bytes]:
     """``{"messages": [...]}`` for the messages ``ids[0]..ids[-1]`` in chunks of about
-    :data:`LIST_CHUNK` bytes, reading the rows of each chunk only when it is made (one ``since``
-    query per chunk on the durable store; messages that left the history by then are left out).
-
-    Each read asks for about as many rows as fill one chunk, judged by the rows read so far, so the
-    generator holds about one chunk, not the list.
-    """
+    :data:`LIST_CHUNK` bytes, each read from the store only when it is made (messages that left
+    the history by then are left out); each read asks for about one chunk's worth of rows."""
     parts = [b'{"messages":[']
     if ids:
         size = 0

@@ -1,10 +1,5 @@
-"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``).
-
-The answer is FastAPI's ``fastapi.sse.EventSourceResponse`` built around the hub's byte stream
-(``app.storage.events``), not a generator path operation: FastAPI would then run two tasks and two memory
-streams per open stream and encode every event once per stream; the hub encodes each event once,
-for all streams, and a stream writes what it has waiting in one chunk.
-"""
+"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``): an
+``EventSourceResponse`` around the hub's byte stream (why not a generator: docs/internals.md)."""
 
 # No ``from __future__ import annotations``: FastAPI reads the route signature's annotations.
 
@@ -24,8 +19,6 @@ from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, Stre
 __all__ = ["EVENT_SCHEMA", "build_router"]
 
 log = logging.getLogger("app.storage.events")
-
-RETRY_AFTER = "1"
 
 _DESCRIPTION = f"""\
 A `text/event-stream` (Server-Sent Events) of every message stored from now on, by any worker
@@ -60,8 +53,7 @@ _EXAMPLE = (
 )
 
 
-_AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})
-"""Optional, never null: a parameter left out is None, but ``null`` is not an id (it is a 422)."""
+_AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})  # optional, never null: null is a 422
 
 
 def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
@@ -119,8 +111,7 @@ EVENT_SCHEMA: dict[str, Any] = {
         },
     ],
 }
-"""The 200's ``itemSchema``: ``data`` of a ``message`` is the message (``contentSchema``), of the
-other events the JSON object they carry; FastAPI writes one only for a generator path operation."""
+"""The 200's ``itemSchema`` (FastAPI writes one only for a generator path operation)."""
 
 
 class _EventStream(EventSourceResponse):
@@ -145,11 +136,9 @@ def build_router(hub: EventHub) -> APIRouter:
     router = APIRouter(prefix="/events", tags=["events"])
     refusals = Throttle(log)
 
-    responses: dict[int | str, dict[str, Any]] = {
-        200: {
-            "description": "The event stream.",
-            "content": {"text/event-stream": {"itemSchema": EVENT_SCHEMA, "example": _EXAMPLE}},
-        },
+    stream = {"text/event-stream": {"itemSchema": EVENT_SCHEMA, "example": _EXAMPLE}}
+    responses = {
+        200: {"description": "The event stream.", "content": stream},
         **error_responses(403, 422, 503),
     }
 
@@ -158,9 +147,8 @@ def build_router(hub: EventHub) -> APIRouter:
         summary="Stream events",
         operation_id="stream_events",
         description=_DESCRIPTION,
-        # Not response_class=EventSourceResponse: FastAPI would expect a generator (see above). A
-        # class without a media type, so that FastAPI adds no ``schema`` beside the ``itemSchema``
-        # (OpenAPI 3.2 reads a ``schema`` of an event stream as the schema of the whole stream).
+        # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI
+        # 3.2 would read it as the schema of the whole stream).
         response_class=Response,
         response_model=None,
         responses=responses,
@@ -184,11 +172,7 @@ def build_router(hub: EventHub) -> APIRouter:
             subscriber = hub.subscribe(peer["uid"] if peer else None)
         except StreamsFull as exc:
             refusals.log(logging.WARNING, "Refused an event stream with 503: %s", exc)
-            return error_response(
-                503,
-                f"{exc}; try again shortly",
-                headers={"retry-after": RETRY_AFTER},
-            )
+            return error_response(503, f"{exc}; try again shortly", headers={"retry-after": "1"})
         return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since, request)
 
     return router

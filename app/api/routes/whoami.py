@@ -1,5 +1,5 @@
-"""``GET /whoami``: the caller's uid, gid, pid, groups and the scopes it holds (under ``/v{N}``,
-with its unversioned alias). Open to every peer: it is what a caller runs after a 403."""
+"""``GET /whoami``: the caller's uid, gid, pid, groups and scopes; open to every peer (what a caller
+runs after a 403)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ EXAMPLE = {"uid": 1000, "gid": 1000, "pid": 42, "groups": [1000], "scopes": ["re
 
 
 def build_router(access: Access) -> APIRouter:
-    """The ``/whoami`` route, answering from ``access`` (the rules in force in this process)."""
+    """The ``/whoami`` route, answering from the rules in force in ``access``."""
     router = APIRouter(prefix="/whoami", tags=["access"])
 
     @router.get(

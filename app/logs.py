@@ -19,6 +19,8 @@ import sys
 import time
 from typing import IO, Any
 
+from client.net.throttle import Throttle
+
 __all__ = ["BatchingStreamHandler", "JsonFormatter", "TextFormatter", "Throttle", "configure", "escaped"]
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -170,34 +172,6 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
 def escaped(text: str) -> str:
     """``text`` from outside, fit for one log line: control characters (ESC, CR, LF...) escaped."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
-class Throttle:
-    """At most one log line per ``period`` seconds for one kind of event that peers can trigger at will.
-
-    A refused or rejected request is worth a line, but a peer sending thousands of them must not
-    flood the log (or the node's disk): the first event of a period is logged at once, and the ones
-    held back are counted into the next line that gets out (``... (and 3,879 more like it in 10s)``).
-    """
-
-    __slots__ = ("_held", "_last", "logger", "period")
-
-    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
-        self.logger = logger
-        self.period = period
-        self._last = float("-inf")
-        self._held = 0
-
-    def log(self, level: int, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.period:
-            self._held += 1
-            return
-        if self._held:
-            message += f" (and {self._held} more like it in the last {now - self._last:.0f}s)"
-            self._held = 0
-        self._last = now
-        self.logger.log(level, message, *args)
 
 
 def configure(

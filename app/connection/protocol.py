@@ -13,7 +13,7 @@ The protocol is the only code that sees raw connections, so it is where we:
 * refuse what RFC 9112 says to refuse: transfer codings other than ``chunked`` (501) and a
   missing, repeated or malformed ``Host`` (400);
 * stop parsing a request the application answered early (403, 413, 415...): after the answer the
-  connection lingers, discarding input, then closes (see ``LINGER_SECONDS``);
+  connection lingers, discarding input, then closes (``client.net.linger``);
 * answer every error with the project's JSON error shape, after the answers to requests pipelined
   before it;
 * bound HTTP/1.1 pipelining by backpressure: while ``MAX_PIPELINE`` requests wait, the rest of the
@@ -36,10 +36,8 @@ import contextlib
 import errno
 import fcntl
 import heapq
-import json
 import logging
 import re
-import resource
 import socket
 import struct
 import termios
@@ -52,26 +50,24 @@ from typing import Any
 import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from app.connection.budget import Budget
-from app.logs import Throttle
 from app.metrics.core import PeerTally, Recorder
+from client.net.answers import error_response
+from client.net.linger import Linger
+from client.net.throttle import Throttle
 
 __all__ = [
     "CONNECTION_KEY",
     "DRAIN",
-    "FD_RESERVE",
     "LOG_PERIOD",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "PEER_KEY",
     "PeerConnection",
     "PeerCredProtocol",
-    "connection_cap",
-    "error_response",
-    "raise_open_file_limit",
     "read_groups",
     "read_peer",
 ]
@@ -83,8 +79,6 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 """Largest request line plus headers, and largest trailer section, in bytes (nginx's
 large_client_header_buffers)."""
-FD_RESERVE = 64
-"""File descriptors kept free beyond the connection cap: the listening socket, logs, the event loop."""
 DRAIN = 32
 """Idle connections closed at once when a new one arrives at the cap."""
 SLOW_REQUEST = 2.0
@@ -117,14 +111,6 @@ DRAIN_STALL = 2.0
 stream nobody reads) may go on reading nothing before its connection is dropped. Its final event
 cannot reach it anyway; without this it held the drain until ``--shutdown-timeout``, and was then
 cancelled with one ERROR line per stream."""
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 256 * 1024
-"""After an answer that ends a connection while the client may still be sending (an early 403, 413
-or 415, an error in the body), the server half-closes, discards what still arrives for up to
-``LINGER_SECONDS`` or ``LINGER_BYTES``, then closes: nginx's ``lingering_close``. Closing at once
-would make a client that is still writing its body fail with a broken pipe before it reads the
-answer, and on a Unix socket closing with unread input makes the client's read fail too. Nothing
-is parsed or kept meanwhile."""
 
 _UCRED = struct.Struct("3i")
 _OUTQ = struct.Struct("i")
@@ -153,6 +139,8 @@ _BODIES_FULL = (
 )
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 """RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
+_CLOSE = (("connection", "close"),)
+_RETRY = (("retry-after", "1"), *_CLOSE)
 _first = itemgetter(0)
 _HEAD_END = b"\r\n\r\n"
 logger = logging.getLogger("app.connections")
@@ -199,47 +187,6 @@ class PeerConnection:
         self.groups = groups
         self.generation = -1
         self.scopes: frozenset[str] = frozenset()
-
-
-def error_response(status: int, error: str, message: str) -> bytes:
-    """A whole ``Connection: close`` HTTP response carrying the shared JSON error body."""
-    body = json.dumps({"error": error, "message": message, "status": status}).encode()
-    return b"".join(
-        (
-            STATUS_LINE[status],
-            b"content-type: application/json\r\n",
-            b"content-length: ",
-            str(len(body)).encode(),
-            b"\r\nretry-after: 1" if status == 503 else b"",
-            b"\r\nconnection: close\r\n\r\n",
-            body,
-        )
-    )
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the ``(soft, hard)`` in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    was = soft
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:  # an unlimited hard limit above the kernel's nr_open
-            logger.debug("Could not raise the open-file limit to %d: %s", hard, exc)
-    logger.debug("Open files: soft limit %d (was %d), hard limit %d", soft, was, hard)
-    return soft, hard
-
-
-def connection_cap(requested: int | None, soft_limit: int) -> int:
-    """The connection cap: ``requested``, but at most the open-file limit less ``FD_RESERVE``."""
-    room = soft_limit - FD_RESERVE if 0 <= soft_limit != resource.RLIM_INFINITY else 1 << 30
-    room = max(1, room)
-    if requested is None:
-        return room
-    cap = min(requested, room)
-    logger.debug("Connection limit %d (--max-connections %d, open-file limit %d)", cap, requested, soft_limit)
-    return cap
 
 
 class HoldingFlow(FlowControl):
@@ -359,8 +306,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._send_timer: TimerHandle | None = None
         self._unsent = 0
         self._over_cap = False
-        self._linger: TimerHandle | None = None
-        self._linger_left = 0
+        self._linger: Linger | None = None
         self._draining = False
         """The server drains: each request from now on is answered with ``Connection: close``."""
         self._live: list[RequestResponseCycle] = []
@@ -433,9 +379,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self._refused:
             # An error was answered (or will be, after earlier answers): nothing more is parsed.
             if self._linger is not None:
-                self._linger_left -= len(data)
-                if self._linger_left < 0:
-                    self.transport.close()
+                self._linger.discard(len(data))
             return
         flow = self.flow
         if flow.held:  # read before the pause took effect: it waits behind what is held
@@ -864,7 +808,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             return
         if self.recorder is not None and self.tally is not None:
             self.recorder.refused(self._method(), status, self.tally)
-        answer = error_response(status, error, message)
+        answer = error_response(status, error, message, headers=_RETRY if status == 503 else _CLOSE)
         cycle = self.cycle
         if cycle is not None and not self._in_head and not self._message_done:
             # The error is in the body of the request being parsed, whose answer may be under way.
@@ -893,21 +837,14 @@ class PeerCredProtocol(HttpToolsProtocol):
         return method or "unknown"
 
     def _close_after(self, answer: bytes) -> None:
-        """Write ``answer``, half-close, and close once the client stops sending (``LINGER_SECONDS``)."""
+        """Write ``answer``, then close lingering (``client.net.linger``)."""
         transport = self.transport
         if transport.is_closing():
             return
         if answer:
             transport.write(answer)
-        if self._linger is not None:
-            return
-        try:
-            transport.write_eof()  # the client reads the answer to its end, then EOF
-        except (OSError, RuntimeError, NotImplementedError):
-            transport.close()
-            return
-        self._linger_left = LINGER_BYTES
-        self._linger = self.loop.call_later(LINGER_SECONDS, transport.close)
+        if self._linger is None:
+            self._linger = Linger(transport, self.loop)
 
     def _check_host(self, host: bytes | None, hosts: int) -> None:
         """RFC 9112 section 3.2: exactly one valid Host (HTTP/1.0 may omit it)."""

@@ -323,7 +323,7 @@ def serve(
     ``bound``: the socket file to check once a second (stop if it is removed or replaced).
     ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
     """
-    from app.connection.protocol import connection_cap, raise_open_file_limit
+    from client.net.limits import connection_cap, raise_open_file_limit
 
     open_files, _ = raise_open_file_limit()
     config = build_config(settings, application)

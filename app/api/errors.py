@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -19,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from app.api.models import ErrorBody
+from client.net import answers
 
 __all__ = ["CODES", "error_body", "error_response", "error_responses", "install", "public_details"]
 
@@ -57,11 +57,8 @@ JSON = "application/json"
 def error_body(
     status: int, message: str, *, error: str | None = None, details: Sequence[Mapping[str, Any]] | None = None
 ) -> bytes:
-    """The encoded error document."""
-    doc: dict[str, Any] = {"error": error or CODES.get(status, "error"), "message": message, "status": status}
-    if details is not None:
-        doc["details"] = list(details)
-    return orjson.dumps(doc)
+    """The encoded error document; ``error`` defaults to the status's code."""
+    return answers.error_body(status, error or CODES.get(status, "error"), message, details and list(details))
 
 
 def error_response(

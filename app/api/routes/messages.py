@@ -160,7 +160,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             if size > max_body:
                 return _too_large(max_body)
         taken = REQUEST_COST + size
-        peer = _peer(scope)
+        extensions = scope.get("extensions")  # inline, not _peer(): the hot path
+        peer = extensions.get(PEER_KEY) if extensions else None
         uid = peer["uid"] if peer else None
         if not bodies.take(taken, uid):
             return _busy(uid, busy_log)

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import errors
 from app.api.access import Access, PeerAllowlist
+from app.api.models import describe
 from app.api.routes import docs, events, health, messages, whoami
 from app.api.routes import metrics as metrics_route
 from app.api.versions import API_VERSIONS, add_unsupported_route, add_versioned
@@ -24,35 +25,6 @@ from app.storage.sqlite import SqliteStore, build_store
 from app.storage.store import Store
 
 __all__ = ["create_app"]
-
-DESCRIPTION = """\
-Pod-local REST over a Unix domain socket. Clients in the same Pod reach it through the shared
-socket (default `unix:///csi/csi.sock`), e.g. `curl --unix-socket /csi/csi.sock http://localhost/healthz`.
-
-The API is versioned like Docker's: every operation lives under `/v{N}/...` (this document lists
-version 1), and the same path without the prefix is an alias of the current version. `GET /_ping`
-answers `OK` with the headers `Api-Version` (current) and `Min-Api-Version` (oldest served); a path
-under a version the server does not serve (`/v9/messages`) gets 400. The probes (`/healthz`,
-`/readyz`) and `/_ping` are unversioned.
-
-Every error has one JSON shape: `{"error": "<code>", "message": "<one line>", "status": <int>}`,
-plus `details` for validation errors (422).
-
-`POST /messages` takes an optional `Idempotency-Key` header: a retry with the same key and text
-returns the stored message (200) instead of storing it again; the same key with another text is a
-conflict (409). Keys belong to the peer uid that sent them: the same key from another uid is
-another key.
-
-With a peer allowlist (`UDS_ALLOW_UID` / `UDS_ALLOW_GID`), only processes whose uid or gid is listed
-(read from the socket with SO_PEERCRED) may call the API; others get 403. `/healthz`, `/readyz`
-and `/_ping` stay open for probes and version negotiation. A connection without peer credentials
-(TCP) is refused: the allowlist fails closed.
-
-With a policy (`UDS_POLICY`, a TOML file of rules), each call needs a scope: `read` (GET and HEAD
-of messages, version, docs, this document), `write` (POST of messages), `events` (the event
-stream) or `metrics` (`/metrics`); a caller without it gets 403 naming the scope. `GET /whoami`
-needs none: it shows the caller's uid, gid, groups and the scopes it holds.
-"""
 
 TAGS = [
     {"name": "messages", "description": "Send messages and read the recent history."},
@@ -95,7 +67,7 @@ def create_app(
     app = FastAPI(
         title="uds-example",
         version=__version__,
-        description=DESCRIPTION,
+        description=describe("app"),
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import tomllib
+from functools import cache, lru_cache
+from importlib import resources
+from string import Template
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
@@ -17,7 +20,18 @@ __all__ = [
     "MessageIn",
     "MessageList",
 ]
-__all__ += ["Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "message_in_model"]
+__all__ += ["Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "describe", "message_in_model"]
+
+
+@cache
+def _words() -> dict[str, str]:
+    return tomllib.loads(resources.files("app.api").joinpath("openapi.toml").read_text("utf-8"))
+
+
+def describe(name: str, **values: object) -> str:
+    """The OpenAPI text ``name`` of ``app/api/openapi.toml``, its ``$placeholders`` filled in."""
+    return Template(_words()[name]).substitute(values)
+
 
 EXAMPLE_MESSAGE: dict[str, Any] = {
     "id": 1,

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from app import __version__
 from app.api.errors import error_responses
-from app.api.models import HealthStatus, ReadyStatus, VersionInfo
+from app.api.models import HealthStatus, ReadyStatus, VersionInfo, describe
 from app.storage.events import EventHub
 
 __all__ = ["SERVER", "build_router", "build_versioned_router", "versions"]
@@ -82,12 +82,7 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
             methods=[method],
             operation_id=operation_id,
             summary="Ping, with the API versions",
-            description=(
-                "Answers `OK` with the newest API version this server serves in `Api-Version` (what "
-                "the unversioned paths mean) and the oldest in `Min-Api-Version`; a client uses the "
-                "highest version both sides support, under `/v{N}/...`. Unversioned, and never "
-                "restricted by the peer allowlist."
-            ),
+            description=describe("ping"),
             response_model=None,
             responses={
                 200: {"description": "The server answers.", "headers": headers, "content": {"text/plain": t}}
@@ -110,10 +105,7 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
         "/readyz",
         summary="Readiness probe",
         operation_id="readyz",
-        description=(
-            "200 `ready` while the server takes work; 503 `draining` once shutdown has begun, so "
-            "Kubernetes stops sending traffic. Never restricted by the peer allowlist."
-        ),
+        description=describe("readyz"),
         response_model=None,
         responses={
             200: _json({"status": "ready"}, ReadyStatus),
@@ -138,10 +130,7 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
         "/version",
         summary="Server, stack and API versions",
         operation_id="version",
-        description=(
-            "Versions of the server, Python, uvicorn, FastAPI, Starlette, pydantic and orjson, and the "
-            "newest and oldest API versions served (as in `GET /_ping`)."
-        ),
+        description=describe("version"),
         response_model=None,
         responses={200: _json(_VERSION_EXAMPLE, VersionInfo), **error_responses(403)},
     )

@@ -22,7 +22,7 @@ from app.api.audit import MESSAGE_ID
 from app.api.errors import error_response, error_responses, public_details, summarize
 from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import key_owner, with_forwarded
-from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
+from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model
 from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.protocol import PEER_KEY
@@ -97,12 +97,7 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "description": (
-                    "Makes the request safe to retry: the first request with a key stores the message (201); "
-                    "a repeat with the same key and text returns that message again (200) without storing it "
-                    "twice; the same key with a different text is a conflict (409). The server remembers the "
-                    f"last {settings.idempotency_keys} keys."
-                ),
+                "description": describe("idempotency_key", keys=settings.idempotency_keys),
                 "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
                 "example": "9f1c2b6e-0a4e-4c57-9d3c-2a1f5e7b8c90",
             }
@@ -238,12 +233,11 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         operation_id="create_message",
         status_code=201,
         summary="Send a message",
-        description=(
-            f"Stores the message (the last {settings.history_size} are kept) and answers with the "
-            "server's reply and the sender's peer credentials (null over TCP). The body is JSON "
-            f"(`application/json` or `application/*+json`), at most {max_body} bytes. Bodies being "
-            f"received share a server-wide budget of {BODY_BUDGET // 1024 // 1024} MiB; a body that "
-            "does not fit gets 503 (retry after a second)."
+        description=describe(
+            "create_message",
+            history_size=settings.history_size,
+            max_body=max_body,
+            budget_mib=BODY_BUDGET // 1024 // 1024,
         ),
         response_model=None,
         openapi_extra=_request_schema(settings),
@@ -271,14 +265,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         "",
         summary="List recent messages",
         operation_id="list_messages",
-        description=(
-            "The most recent `limit` messages still in the bounded history, oldest first. A long answer "
-            f"is sent in chunks (chunked transfer encoding) of about {LIST_CHUNK // 1024} KiB, each made "
-            "once the client has read the ones before, so the server holds little of it at a time. A "
-            "message that leaves the history before its chunk is made is left out. At most "
-            f"{LIST_STREAMS} answers longer than one chunk are sent at once; past that the answer is 503 "
-            "(retry after a second)."
-        ),
+        description=describe("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
         response_model=None,
         responses={
             200: {"model": MessageList, "description": "Recent messages, oldest first."},

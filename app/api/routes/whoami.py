@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.access import Access
-from app.api.models import WhoAmI
+from app.api.models import WhoAmI, describe
 
 __all__ = ["build_router"]
 
@@ -24,12 +24,7 @@ def build_router(access: Access) -> APIRouter:
         "",
         summary="Who am I, and what may I do",
         operation_id="whoami",
-        description=(
-            "The caller's credentials as the kernel reports them (SO_PEERCRED, SO_PEERGROUPS) and the "
-            "scopes it holds under the policy in force: `read`, `write`, `events`, `metrics`. Through "
-            "`uds-client proxy`, `forwarded_for` names the user behind it, and `scopes` are those both "
-            "hold. Needs no scope; it never shows the rules."
-        ),
+        description=describe("whoami"),
         response_model=None,
         responses={200: {"model": WhoAmI, "content": {JSON: {"example": EXAMPLE}}}},
     )

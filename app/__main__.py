@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
 
     from app.logs import configure
-    from app.serving.server import run
+    from app.serving.run import run
 
     configure(settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log)
     return run(settings)

@@ -51,6 +51,8 @@ def create_app(
     store = build_store(settings) if store is None else store
     hub = EventHub(store, stream_capacity(settings.max_streams, settings.workers)) if hub is None else hub
     access = Access(settings, versions) if access is None else access
+    metrics = Metrics(shown_uids=settings.metrics_uid) if metrics is None else metrics
+    metrics.event_streams = lambda: int(hub.open)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -85,8 +87,7 @@ def create_app(
     add_versioned(app, whoami.build_router(access), versions)
     app.router.routes.extend(health.build_router(hub, versions).routes)
     docs.install(app)
-    app.state.settings, app.state.events, app.state.access = settings, hub, access  # serving reads these
-    metrics_route.install(app)
+    metrics_route.install(app, metrics)
     app.router.routes.append(spec)
     add_unsupported_route(app, versions)  # last: only requests no route matched reach it
     if access.installed:
@@ -105,7 +106,7 @@ def __getattr__(name: str) -> FastAPI:
         # The plain `uvicorn app.main:app` has no entry point of ours: set up logging (else the demo
         # lines are lost below uvicorn's WARNING root) and the store (uds-server does both).
         from app.logs import configure
-        from app.storage.sqlite import prepare_store
+        from app.storage.schema import prepare_store
 
         s = Settings.from_env()
         configure(s.log_level, s.log_format, debug=s.debug, access_log=s.access_log)

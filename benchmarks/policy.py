@@ -138,12 +138,9 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
     from uvicorn.server import ServerState
 
     from app.__main__ import parse_settings
-    from app.api.access import Access
-    from app.api.versions import API_VERSIONS
     from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
-    from app.main import create_app
-    from app.serving.server import build_config
+    from app.serving.server import Services, build_config
 
     directory = Path(tempfile.mkdtemp(prefix="pb-"))
     policy = directory / "policy.toml"
@@ -161,18 +158,18 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
         sides = {}
         for name, argv in variants.items():
             settings = parse_settings(argv, {})
-            access = Access(settings, API_VERSIONS)
-            app = create_app(settings, access=access)
-            config = build_config(settings, app)
+            services = Services.build(settings)
+            app = services.application(settings)
+            config = build_config(settings, app, services.metrics.recorder)
             config.load()
             transport = StandInTransport()
             protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
             protocol.connection_made(transport)
-            sides[name] = (app, protocol, transport, access)
+            sides[name] = (app, protocol, transport, services)
 
         async def one_round(name: str) -> dict[str, float]:
-            _, protocol, transport, access = sides[name]
-            audit = access.audit
+            _app, protocol, transport, services = sides[name]
+            audit = services.access.audit
             loop = asyncio.get_running_loop()
             began = time.process_time()
             for index in range(requests):
@@ -198,9 +195,7 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
                 got = {name: await one_round(name) for name in order}
                 out["policy"].append((got["policy"], got["none"]))
                 out["audit"].append((got["audit"], got["none"]))
-            audit = sides["audit"][3].audit
-            assert audit is not None
-            audit.flush()
+            sides["audit"][3].access.audit.flush()
         written = audit_path.read_bytes().count(b"\n")
         if written != requests * (rounds + 1):
             raise BenchError(f"the audit log has {written} lines for {requests * (rounds + 1)} POSTs")

@@ -20,7 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.main import create_app
-from app.storage.sqlite import build_store, prepare_store
+from app.storage.schema import prepare_store
+from app.storage.sqlite import build_store
 from app.storage.store import Store
 from tests.support import short_tmpdir
 

@@ -27,6 +27,7 @@ from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.protocol import PEER_KEY
 from app.logs import Throttle, escaped
+from app.storage.events import PEER_SHARE
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 
 __all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
@@ -43,8 +44,6 @@ LIST_CHUNK = 16 * 1024
 """``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
 LIST_STREAMS = 32
 """Most ``GET /messages`` answers longer than one chunk being written at once, server-wide."""
-PEER_SHARE = 4
-"""One peer uid may hold at most 1/``PEER_SHARE`` of either budget, so it cannot lock others out."""
 JSON = "application/json"
 _RETRY = {"retry-after": "1"}
 

@@ -27,12 +27,8 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the setting and the value."""
 
 
-# Conversions: each takes a raw value (a string from the environment or a flag, or a typed value
-# passed in by code) and returns the typed value or raises ValueError saying what is expected.
-
-
-def _as_str(value: object) -> str:
-    return str(value)
+# Conversions: a raw value (a string from the environment or a flag, or a typed value from code) to
+# the typed value, or ValueError saying what is expected.
 
 
 def _as_socket(value: object) -> str:
@@ -138,7 +134,7 @@ class Option:
 
     help: str
     metavar: str | None = None
-    convert: Callable[[object], object] = _as_str
+    convert: Callable[[object], object] = str
     repeat: bool = False
     shown_default: str | None = None
     env: str = ""
@@ -149,7 +145,7 @@ def _setting(
     default: Any,
     help: str,
     metavar: str | None = None,
-    convert: Callable[[object], object] = _as_str,
+    convert: Callable[[object], object] = str,
     *,
     repeat: bool = False,
     shown: str | None = None,

@@ -24,33 +24,23 @@ __all__ = ["CODES", "error_body", "error_response", "error_responses", "install"
 
 log = logging.getLogger("app.api.errors")
 
-CODES: dict[int, str] = {
-    400: "bad_request",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    409: "conflict",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    500: "internal_error",
-    503: "unavailable",
-    507: "insufficient_storage",
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "the request is malformed"),
+    403: ("forbidden", "you are not allowed to use this API"),
+    404: ("not_found", "no such resource; see /docs for the routes"),
+    405: ("method_not_allowed", "method not allowed here; see the Allow header"),
+    408: ("request_timeout", "the request took too long to arrive; send it again"),
+    409: ("conflict", "this Idempotency-Key was already used with a different text; use a new key"),
+    413: ("payload_too_large", "the request body is too large"),
+    415: ("unsupported_media_type", "unsupported content type; send Content-Type: application/json"),
+    422: ("validation_error", "the request is invalid"),
+    500: ("internal_error", "internal server error; the server log has the details"),
+    503: ("unavailable", "the server is not available; try again shortly"),
+    507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
 }
-_MESSAGES: dict[int, str] = {
-    400: "the request is malformed",
-    403: "you are not allowed to use this API",
-    404: "no such resource; see /docs for the routes",
-    405: "method not allowed here; see the Allow header",
-    408: "the request took too long to arrive; send it again",
-    409: "this Idempotency-Key was already used with a different text; use a new key",
-    413: "the request body is too large",
-    415: "unsupported content type; send Content-Type: application/json",
-    500: "internal server error; the server log has the details",
-    503: "the server is not available; try again shortly",
-    507: "the server's disk is full; nothing was stored; retry once space is freed",
-}
+"""Each error status's code and default message."""
+CODES = {status: code for status, (code, _) in _ERRORS.items()}
+_MESSAGES = {status: message for status, (_, message) in _ERRORS.items()}
 JSON = "application/json"
 
 

@@ -11,16 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-__all__ = [
-    "EXAMPLE_MESSAGE",
-    "ErrorBody",
-    "ErrorDetail",
-    "HealthStatus",
-    "Message",
-    "MessageIn",
-    "MessageList",
-]
-__all__ += ["Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "describe", "message_in_model"]
+__all__ = ["EXAMPLE_MESSAGE", "ErrorBody", "ErrorDetail", "HealthStatus", "Message", "MessageIn"]
+__all__ += ["MessageList", "Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "describe", "message_in_model"]
 
 
 @cache

@@ -24,17 +24,8 @@ SERVER = f"uds-example/{__version__}"
 """The ``Server`` header of ``/_ping``."""
 JSON = "application/json"
 _STRING = {"schema": {"type": "string"}}
-_VERSION_EXAMPLE = {
-    "app": "1.0.0",
-    "python": "3.11.2",
-    "uvicorn": "0.54.0",
-    "fastapi": "0.165.0",
-    "starlette": "1.10.0",
-    "pydantic": "2.14.4",
-    "orjson": "3.13.0",
-    "api_version": "1",
-    "min_api_version": "1",
-}
+_VERSION_EXAMPLE = dict(app="1.0.0", python="3.11.2", uvicorn="0.54.0", fastapi="0.165.0", starlette="1.10.0")
+_VERSION_EXAMPLE.update(pydantic="2.14.4", orjson="3.13.0", api_version="1", min_api_version="1")
 
 
 @cache

@@ -67,6 +67,15 @@ _GET_IT = {
 }
 
 
+_LOCATION = {"description": "The new message's URL.", "schema": {"type": "string"}}
+
+
+def _message(description: str, **more: Any) -> dict[str, Any]:
+    """An OpenAPI answer carrying a message."""
+    content = {JSON: {"example": EXAMPLE_MESSAGE}}
+    return {"model": Message, "description": description, "content": content, **more}
+
+
 def _json_content_type(value: bytes) -> bool:
     """``application/json`` or ``application/<anything>+json``, parameters such as charset allowed."""
     media = value.split(b";", 1)[0].strip().lower()
@@ -241,21 +250,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         response_model=None,
         openapi_extra=_request_schema(settings),
         responses={
-            201: {
-                "model": Message,
-                "description": "Stored.",
-                "headers": {
-                    "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}
-                },
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
-                "links": _GET_IT,
-            },
-            200: {
-                "model": Message,
-                "description": "Already stored under this Idempotency-Key.",
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
-                "links": _GET_IT,
-            },
+            201: _message("Stored.", headers={"Location": _LOCATION}, links=_GET_IT),
+            200: _message("Already stored under this Idempotency-Key.", links=_GET_IT),
             **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
         },
     )
@@ -276,9 +272,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         limit: Annotated[
             int,
             Query(
-                ge=1,
-                le=settings.history_size,
-                description="How many of the most recent messages to return.",
+                ge=1, le=settings.history_size, description="How many of the most recent messages to return."
             ),
         ] = default_limit,
     ) -> Response:
@@ -313,11 +307,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         description="The message with this id, while it is still in the bounded history; 404 otherwise.",
         response_model=None,
         responses={
-            200: {
-                "model": Message,
-                "description": "The message.",
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
-            },
+            200: _message("The message."),
             **error_responses(403, 404, 422),
         },
     )

@@ -214,12 +214,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             key = f"{key_owner(peer)}:{key}"
         try:
             stored = await store.put(text, reply, _now(), peer, key)
-        except KeyConflict:
-            return error_response(
-                409,
-                "this Idempotency-Key was already used with a different text; use a new key",
-                error="idempotency_key_reused",
-            )
+        except KeyConflict:  # the default message of 409 says what to do
+            return error_response(409, error="idempotency_key_reused")
         except StoreFull as exc:
             return error_response(507, str(exc))
         except StoreError as exc:  # e.g. the file changed under the server: the transaction rolled back
@@ -384,11 +380,8 @@ class _ListStream(StreamingResponse):
 
 
 def _too_large(limit: int) -> Response:
-    return error_response(
-        413,
-        f"the request body is larger than {limit} bytes; send a shorter text",
-        headers={"connection": "close"},
-    )
+    message = f"the request body is larger than {limit} bytes; send a shorter text"
+    return error_response(413, message, headers={"connection": "close"})
 
 
 def _busy(uid: int | None, throttle: Throttle) -> Response:
@@ -411,9 +404,10 @@ def _invalid(exc: ValidationError, body: bytes) -> Response:
     details = public_details(exc.errors(include_url=False, include_context=False, include_input=False))
     for detail in details:
         detail["loc"].insert(0, "body")
-    if any(detail["type"] == "json_invalid" for detail in details):
-        message = summarize(details)
-        if not body.strip():
-            message = 'the request body is empty; send a JSON object like {"text": "hi"}'
-        return error_response(422, message, error="invalid_json", details=details)
-    return error_response(422, summarize(details), error="validation_error", details=details)
+    code = (
+        "invalid_json" if any(detail["type"] == "json_invalid" for detail in details) else "validation_error"
+    )
+    message = summarize(details)
+    if code == "invalid_json" and not body.strip():
+        message = 'the request body is empty; send a JSON object like {"text": "hi"}'
+    return error_response(422, message, error=code, details=details)

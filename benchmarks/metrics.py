@@ -44,7 +44,7 @@ from _common import (
     paired,
 )
 
-from client.cli.spawn import free_port, split_cpus
+from app.serving.spawn import free_port, split_cpus
 
 PATH = "/v1/messages"
 FLUSH_EVERY = 2000
@@ -119,19 +119,19 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
     from app.__main__ import parse_settings
     from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
-    from app.main import create_app
     from app.metrics.core import Metrics
-    from app.serving.server import build_config
+    from app.serving.server import Services, build_config
 
     settings = parse_settings(["--store", "memory", "--socket", "/nonexistent/bench.sock"], {})  # never bound
     # Logged as the server logs (a line per message), to /dev/null like the servers' output above.
     configure(settings.log_level, settings.log_format, stream=open(os.devnull, "w"))  # noqa: SIM115
 
     async def measure() -> list[tuple[dict[str, float], dict[str, float]]]:
-        app = create_app(settings)
-        config = build_config(settings, app)
+        services = Services.build(settings)
+        app = services.application(settings)
+        metrics = services.metrics
+        config = build_config(settings, app, metrics.recorder)
         config.load()
-        metrics = app.state.metrics
         counting = metrics.recorder
         if not counting.on:
             raise BenchError("the server built without its recorder: nothing would be measured")

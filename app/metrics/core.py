@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from itertools import accumulate
 from time import monotonic, perf_counter
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import h11
 from prometheus_client import CollectorRegistry
@@ -70,9 +70,6 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from app.config import Settings
 from app.logs import Throttle, escaped
 from app.metrics.files import CellFile, Entry, absorb, read_all, worker_pids
-
-if TYPE_CHECKING:
-    from app.serving.workers import SupervisorHooks
 
 __all__ = [
     "BUCKETS",
@@ -582,18 +579,14 @@ def worker_gone(pid: int, directory: str) -> None:
 
 
 @contextlib.contextmanager
-def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
+def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
     """The parent's side of ``--workers``: the multiprocess directory (in the temporary directory,
     else in ``--data-dir``) set in the environment the workers inherit, the one TCP endpoint (if
-    ``--metrics-listen``) over every worker's files, and supervisor hooks that drop a dead worker's
-    gauges. All of it is undone on exit.
+    ``--metrics-listen``) over every worker's files; yields the callback that folds a dead worker's
+    counts (by pid) and drops its gauges. All of it is undone on exit.
 
     Raises :class:`MetricsError` when the directory cannot be made or the endpoint cannot listen.
     """
-    from app.serving.workers import (
-        SupervisorHooks,  # app.serving.workers imports the server, which imports us
-    )
-
     try:
         base: str | None = tempfile.gettempdir()
     except FileNotFoundError:  # no writable temporary directory (a read-only root filesystem)
@@ -607,16 +600,12 @@ def for_workers(settings: Settings) -> Iterator[SupervisorHooks]:
         ) from None
     endpoint: EndpointThread | None = None
 
-    class Hooks(SupervisorHooks):
-        def worker_exited(self, pid: int) -> None:
-            worker_gone(pid, directory)
-
     try:
         os.environ[DIR_ENV] = directory
         if settings.metrics_listen is not None:
             rendered = Rendered(exposition_registry(directory))
             endpoint = EndpointThread(LoopEndpoint(settings.metrics_listen, rendered)).start()
-        yield Hooks()
+        yield lambda pid: worker_gone(pid, directory)
     finally:
         if endpoint is not None:
             endpoint.close()

@@ -1,25 +1,20 @@
-"""Run the application under uvicorn on a socket we bound ourselves, and stop it cleanly.
+"""The uvicorn server on a socket we bound: drain on SIGTERM/SIGINT, reload on SIGHUP, exit codes.
 
-``run(settings)`` binds (``app.serving.sockets``), serves with httptools + uvloop and our protocol
-(``app.connection.protocol``), drains on SIGTERM/SIGINT within ``shutdown_timeout``, reloads the access
-policy and reopens the audit log on SIGHUP (at the next tick, on the event loop), removes the
-socket on every exit path and returns the process exit code: 0 clean stop, 3 startup failure.
-
-With ``workers`` above 1 the process binds, then hands the socket to ``app.serving.workers``, whose
-worker processes each serve it through :func:`serve`; this process alone removes the socket.
-
-A socket passed by a service manager (``app.serving.activation``) is served instead of binding one, and
-left in place; with ``NOTIFY_SOCKET`` the manager hears readiness and the drain (``app.serving.notify``).
+:func:`serve` runs one application on one listening socket until stopped, in a single-process
+server (``app.serving.run``) or in each ``--workers`` worker (``app.serving.workers``).
+:class:`Services` are the objects the server builds, hands to the application factory and uses
+itself (the drain, SIGHUP reloads, the metrics' gauges).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,21 +22,28 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
-from app.api.policy import PolicyError
 from app.config import Settings
 from app.connection.protocol import protocol_factory
-from app.metrics.core import LoopEndpoint, Metrics, MetricsError, for_workers, serve_endpoint
-from app.serving.activation import address_of, inherited_socket
+from app.metrics.core import LoopEndpoint, Recorder
 from app.serving.notify import Notifier
-from app.serving.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
-from app.storage.store import StoreError
-
-__all__ = ["STARTUP_FAILURE", "UdsServer", "build_config", "note_hangup", "run", "serve"]
+from app.serving.sockets import BoundSocket
 
 if TYPE_CHECKING:
-    import asyncio
-
     from app.api.access import Access
+    from app.metrics.core import Metrics
+    from app.storage.events import EventHub
+    from app.storage.store import Store
+
+__all__ = [
+    "SOCKET_LOST",
+    "STARTUP_FAILURE",
+    "Services",
+    "Stopped",
+    "UdsServer",
+    "build_config",
+    "early_signals",
+    "serve",
+]
 
 logger = logging.getLogger("app.serving.server")
 
@@ -50,67 +52,114 @@ SOCKET_LOST = (
 )
 """The error line (``%s``: the address) of a server, or a ``--workers`` parent, whose socket file went."""
 
+AppFactory = Callable[..., Any]
+"""``create_app(settings, *, store, hub, metrics, access)``, or a stand-in with that signature."""
 
 _hangups: list[int] = []
 """SIGHUPs received and not yet acted on; the server's tick takes them (a handler does no I/O)."""
 
 
-def note_hangup(sig: int, frame: FrameType | None) -> None:
-    """The SIGHUP handler, for the whole life of a serving process (the default action would kill it)."""
+class Stopped(BaseException):
+    """A stop signal arrived before the server was serving (like ``KeyboardInterrupt``, no
+    ``except Exception`` in the application's build may take it for a failure)."""
+
+
+def _stop_early(sig: int, frame: FrameType | None) -> None:
+    raise Stopped(signal.Signals(sig).name)
+
+
+def _note_hangup(sig: int, frame: FrameType | None) -> None:
     _hangups.append(sig)
 
 
-class _Stopped(Exception):
-    """A stop signal arrived before the server was serving."""
+@contextlib.contextmanager
+def early_signals() -> Iterator[None]:
+    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, and SIGHUP is kept
+    for the server's tick (its default action would kill the process). Restores the handlers after."""
+    previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _note_hangup)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass(slots=True)
+class Services:
+    """What the application is given and the server itself uses: the store, the event hub (ended on
+    SIGTERM), the metrics (gauges flushed each tick) and the access rules (reloaded on SIGHUP)."""
+
+    store: Store
+    hub: EventHub
+    metrics: Metrics
+    access: Access
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Built in each serving process; raises ``PolicyError`` on a bad policy file."""
+        # Imported here: a --workers parent imports this module and never builds them (nor FastAPI).
+        from app.api.access import Access
+        from app.api.versions import API_VERSIONS
+        from app.metrics.core import Metrics
+        from app.storage.events import EventHub, stream_capacity
+        from app.storage.sqlite import build_store
+
+        store = build_store(settings)  # not opened yet: the application's lifespan opens it
+        hub = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
+        metrics = Metrics(shown_uids=settings.metrics_uid)
+        return cls(store, hub, metrics, Access(settings, API_VERSIONS))
+
+    def application(self, settings: Settings, factory: AppFactory | None = None) -> Any:
+        """The application ``factory`` (default ``app.main.create_app``) builds with these services."""
+        if factory is None:
+            from app.main import create_app
+
+            factory = create_app
+        return factory(settings, store=self.store, hub=self.hub, metrics=self.metrics, access=self.access)
 
 
 class UdsServer(uvicorn.Server):
     """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
 
-    Once serving it logs the demo line, or, given ``on_started`` (a worker process, whose parent
-    logs that line once for all workers), calls it instead.
+    Once serving it logs the demo line, or calls ``on_started`` instead (a worker, whose parent logs
+    that line once for all workers).
     """
 
     def __init__(
-        self, config: uvicorn.Config, app: Any, address: str, on_started: Callable[[], None] | None = None
+        self,
+        config: uvicorn.Config,
+        app: Any,
+        address: str,
+        services: Services | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config)
         self.app = app
         self.address = address
+        self.services = services
         self.on_started = on_started
-        self.metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
-        if self.metrics is not None:
-            self.metrics.open_connections = lambda: len(self.server_state.connections)
+        if services is not None:
+            services.metrics.open_connections = lambda: len(self.server_state.connections)
         self.drained = False
         self.signals: list[int] = []
-        self.bound: BoundSocket | None = None
+        self.bound: BoundSocket | None = None  # the socket file checked once a second
         self.socket_lost = False
-        self.endpoint: LoopEndpoint | None = None
-        """The ``--metrics-listen`` endpoint this server's loop serves, if any."""
-        self.notifier = Notifier()
-        """Tells the service manager when this server serves and drains (a worker's tells nobody)."""
-        self.access: Access | None = getattr(getattr(app, "state", None), "access", None)
+        self.endpoint: LoopEndpoint | None = None  # the --metrics-listen endpoint this loop serves
+        self.notifier = Notifier()  # tells the service manager (a worker's tells nobody)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
-        state = getattr(self.app, "state", None)
-        if state is not None:
-            state.draining = True  # /readyz answers 503 from now on
-            events = getattr(state, "events", None)
-            if events is not None:
-                events.drain_soon()  # every event stream gets `shutdown` and ends: no wait on them
+        if self.services is not None:
+            self.app.state.draining = True  # /readyz answers 503 from now on
+            self.services.hub.drain_soon()  # every event stream gets `shutdown` and ends: no wait on them
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        """uvicorn's, without re-raising the captured signal once the server has stopped.
-
-        uvicorn raises a captured SIGTERM/SIGINT again after the graceful shutdown, when its own
-        handlers are gone; ``run()`` must instead remove the socket and return 0. The signals are
-        forgotten just before that (``self.signals`` keeps them for the drain log). The list is
-        uvicorn's private ``_captured_signals``: tests/app/test_server_process.py fails loudly if
-        uvicorn renames it or re-raises another way.
-        """
+        """uvicorn's, without re-raising the captured signal once the server has stopped: ``run()``
+        must remove the socket and return 0. The list is uvicorn's private ``_captured_signals``:
+        tests/app/test_server_process.py fails if uvicorn renames it or re-raises another way."""
         with super().capture_signals():
             try:
                 yield
@@ -129,17 +178,14 @@ class UdsServer(uvicorn.Server):
                 self.on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        import asyncio
-
         state = self.server_state
         names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
-        busy = len(state.tasks)
         self.notifier.stopping(f"Draining {len(state.connections)} connection(s) after {names}")
         logger.info(
             "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
             names,
             len(state.connections),
-            busy,
+            len(state.tasks),
             self.config.timeout_graceful_shutdown or 0,
         )
         loop = asyncio.get_running_loop()
@@ -148,10 +194,10 @@ class UdsServer(uvicorn.Server):
             self.endpoint.close()
         await super().shutdown(sockets=sockets)
         took = loop.time() - began
-        if self.metrics is not None:
-            self.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
-        if self.access is not None and self.access.audit is not None:
-            self.access.audit.close()  # the last lines, and the count of refusals not itemized
+        if self.services is not None:
+            self.services.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
+            if self.services.access.audit is not None:
+                self.services.access.audit.close()  # the last lines, and the count of refusals not itemized
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
         elif self.force_exit:
@@ -160,19 +206,17 @@ class UdsServer(uvicorn.Server):
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
 
     async def on_tick(self, counter: int) -> bool:
-        """Every tick (0.1 s) write the metrics' gauges (``--workers``: to the worker's file); once a
-        second, stop (exit 3) if another program removed or replaced our socket file. After a SIGHUP,
-        reload the access policy (the next request sees it); write the audit lines queued."""
-        if self.metrics is not None:
-            self.metrics.flush()
+        """Every tick (0.1 s): flush the metrics' gauges and the audit lines, reload the access policy
+        after a SIGHUP; once a second, stop (exit 3) if our socket file was removed or replaced."""
         self.notifier.ping_if_due()
-        access = self.access
-        if _hangups:
-            _hangups.clear()
-            if access is not None:
-                access.reload()
-        if access is not None and access.audit is not None:
-            access.audit.flush()
+        services = self.services
+        if services is not None:
+            services.metrics.flush()
+            if _hangups:
+                services.access.reload()
+            if services.access.audit is not None:
+                services.access.audit.flush()
+        _hangups.clear()
         if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
             if not self.socket_lost:
                 self.socket_lost = True
@@ -185,21 +229,22 @@ class UdsServer(uvicorn.Server):
         self.drained = True
 
 
-def build_config(settings: Settings, app: Any, max_connections: int | None = None) -> uvicorn.Config:
+def build_config(
+    settings: Settings, app: Any, recorder: Recorder | None = None, max_connections: int | None = None
+) -> uvicorn.Config:
     """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging.
 
     ``max_connections``: the connection cap, if not ``settings.max_connections``."""
-    metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
     http = protocol_factory(
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,
         max_connections=settings.max_connections if max_connections is None else max_connections,
-        recorder=metrics.recorder if metrics is not None else None,
+        recorder=recorder,
     )
     return uvicorn.Config(
         app,
         loop="uvloop",
-        http=cast("type[asyncio.Protocol]", http),  # uvicorn calls it as it would a protocol class
+        http=cast(type[asyncio.Protocol], http),  # uvicorn calls it as it would a protocol class
         ws="none",
         lifespan="on",
         log_config=None,
@@ -213,98 +258,13 @@ def build_config(settings: Settings, app: Any, max_connections: int | None = Non
     )
 
 
-def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[BoundSocket, str]:
-    """Bind the listening socket named by ``settings``, unless one was ``inherited`` from a service
-    manager; return it and the address to log."""
-    if inherited is not None:
-        address = address_of(inherited.sock)
-        unused = "" if settings.socket == address else f"; --socket {settings.socket} is not used"
-        details = ""
-        mode = 0
-        if address.startswith("/"):
-            with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
-                details = f": {describe(address)}"
-                mode = os.lstat(address).st_mode
-        logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
-        if mode & 0o002:
-            logger.warning(
-                "Socket %s is writable by every user (mode %04o): any local user can call the API; "
-                "set SocketMode=0660 and SocketGroup= in its .socket unit",
-                address,
-                mode & 0o777,
-            )
-        return inherited, address
-    if settings.uses_tcp:
-        host = settings.host or "127.0.0.1"
-        bound = bind_tcp(host, settings.port or 0)
-        port = bound.sock.getsockname()[1]
-        return bound, f"http://{host}:{port}"
-    bound = bind_unix(settings.socket, settings.socket_mode, settings.socket_group)
-    logger.info("Socket %s: %s", settings.socket, describe(settings.socket))
-    return bound, settings.socket
-
-
-def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> int:
-    """Serve until stopped; return the exit code (0 clean stop, 3 startup failure)."""
-    previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, note_hangup)
-    bound: BoundSocket | None = None
-    notifier = Notifier.from_environ(os.environ)
-    try:
-        inherited = inherited_socket(os.environ)  # before anything starts a child process
-        from app.storage.sqlite import prepare_store
-
-        prepare_store(settings)  # the data directory and the database, checked before binding
-        if settings.workers > 1:
-            from app.serving.workers import Supervisor
-
-            bound, address = bind(settings, inherited)
-            with for_workers(settings) as hooks:  # the workers' metrics directory and the one endpoint
-                return Supervisor(settings, app_factory, bound, address, hooks, notifier).run()
-        if app_factory is None:  # here, not above: a --workers parent never imports FastAPI
-            from app.main import create_app
-
-            app_factory = create_app
-        application = app_factory(settings)
-        bound, address = bind(settings, inherited)
-        endpoint = serve_endpoint(settings, getattr(getattr(application, "state", None), "metrics", None))
-        try:
-            server = serve(
-                settings,
-                application,
-                bound.sock,
-                address,
-                bound=bound if bound.path is not None else None,  # TCP and inherited: no file to watch
-                endpoint=endpoint,
-                notifier=notifier,
-            )
-        finally:
-            if endpoint is not None:
-                endpoint.close()
-        return 0 if server.started and not server.socket_lost else STARTUP_FAILURE
-    except _Stopped:
-        logger.info("Stopped before serving")
-        return 0
-    except (SocketError, StoreError, MetricsError, PolicyError) as exc:
-        logger.error("%s", exc)
-        notifier.status(f"Failed to start: {exc}")
-        return STARTUP_FAILURE
-    finally:
-        notifier.close()
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)  # nothing may interrupt the cleanup below
-        if bound is not None:
-            bound.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def serve(
     settings: Settings,
     application: Any,
     sock: socket.socket,
     address: str,
     *,
+    services: Services | None = None,
     bound: BoundSocket | None = None,
     on_started: Callable[[], None] | None = None,
     endpoint: LoopEndpoint | None = None,
@@ -318,16 +278,14 @@ def serve(
     from client.net.limits import connection_cap, raise_open_file_limit
 
     open_files, _ = raise_open_file_limit()
+    recorder = services.metrics.recorder if services is not None else None
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
-    config = build_config(settings, application, connection_cap(settings.max_connections, open_files))
-    server = UdsServer(config, application, address, on_started)
+    cap = connection_cap(settings.max_connections, open_files)
+    config = build_config(settings, application, recorder, cap)
+    server = UdsServer(config, application, address, services, on_started)
     server.bound = bound
     server.endpoint = endpoint
     if notifier is not None:
         server.notifier = notifier
     server.run(sockets=[sock])
     return server
-
-
-def _stop_early(sig: int, frame: FrameType | None) -> None:
-    raise _Stopped(signal.Signals(sig).name)

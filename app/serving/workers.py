@@ -1,42 +1,13 @@
 """``--workers N``: N worker processes serve the one socket this process bound; this one supervises.
 
-The parent binds the socket with every check ``app.serving.sockets`` makes, then starts each worker as a
-fresh interpreter in isolated mode (``python -I -m app.serving.workers``: nothing from the working directory
-or ``PYTHONPATH``; never a fork of a process with an event loop) that gets the listening socket's
-descriptor and one end of a socket pair. Over that pair the parent sends
-the settings and the app factory; the worker builds its own app (and store connection), serves with
-:func:`app.serving.server.serve`, and answers ``ready`` once it accepts. The parent
-
-- logs the demo line ``🔌 Server listening on ...`` once, when every worker serves;
-- checks once a second that the socket file is still its own (removed or replaced: exit 3);
-- replaces a worker that dies, with one line naming its pid and exit status or signal; when
-  workers keep dying within ``QUICK_DEATH`` seconds of their start, each replacement after the
-  first waits, 0.5 s and doubling up to ``MAX_DELAY``; when every worker has failed to start in a
-  row with none left running, it exits 3;
-- on SIGHUP sends SIGHUP to every worker that serves (one still starting gets it once it does),
-  each of which reloads its access policy and reopens its audit log;
-- on SIGTERM or SIGINT closes its copy of the listening socket and sends SIGTERM to every worker,
-  each of which marks ``/readyz`` draining and drains within ``--shutdown-timeout``; a second
-  SIGINT is passed on (workers then stop at once); a worker still running ``STOP_GRACE`` seconds
-  after the drain deadline is killed. Then it exits 0 and removes the socket, the only process
-  that does.
-
-A worker watches its end of the pair: when the parent is gone (``kill -9``), it drains and exits,
-so it never keeps serving a socket that nobody supervises. Workers stay in the parent's process
-group, so ``kill -9 -PGID`` (or a container's end) takes them all; a terminal's Ctrl-C reaches
-each worker as the SIGINT it would have sent one process (the parent's SIGTERM after it changes
-nothing: only a second SIGINT cuts a drain short).
-
-Why not uvicorn's ``uvicorn.supervisors.Multiprocess`` (0.54, read in its source): its
-``keep_subprocess_alive`` replaces a dead worker at once with no delay and logs only
-``Child process [pid] died``, without the status or signal; a single worker's exit 3 stops the
-whole server; ``join_all`` waits for workers with no deadline; its loop has no place to check the
-socket file or to log once every worker serves, and its ``run`` returns no exit code; its workers
-run plain ``uvicorn.Server`` on a pickled ``Config``, so the app must be an import string (or
-picklable) and our server class (drain, peer credentials, ``/readyz``) would not run. Its
-children are started by ``multiprocessing``'s spawn, which also starts a resource-tracker process
-and re-runs the parent's ``__main__`` module in each worker; ``subprocess`` with ``pass_fds``
-starts just the worker.
+Each worker is a fresh interpreter in isolated mode (``python -I -m app.serving.workers``: nothing
+from the working directory or ``PYTHONPATH``, never a fork of a process with an event loop) given the
+listening socket and one end of a socket pair, over which it gets the settings and answers
+``ready``. The parent logs the demo line once every worker serves, replaces a dead worker (with a
+growing delay when they keep dying, exit 3 when none can start), passes SIGHUP on, checks the
+socket file once a second, and on SIGTERM/SIGINT stops the workers (each drains) and removes the
+socket. A worker whose parent is gone drains and exits. Why not uvicorn's ``Multiprocess``:
+docs/internals.md, "Serving".
 """
 
 from __future__ import annotations
@@ -53,14 +24,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
 
 from app.config import Settings
 from app.serving.notify import Notifier
-from app.serving.server import SOCKET_LOST, STARTUP_FAILURE
+from app.serving.server import (
+    SOCKET_LOST,
+    STARTUP_FAILURE,
+    AppFactory,
+    Services,
+    Stopped,
+    early_signals,
+    serve,
+)
 from app.serving.sockets import BoundSocket
 
-__all__ = ["QUICK_DEATH", "Supervisor", "SupervisorHooks"]
+__all__ = ["QUICK_DEATH", "Supervisor"]
 
 logger = logging.getLogger("app.serving.workers")
 
@@ -80,16 +58,6 @@ _CLOSED = object()
 """What ``Supervisor._messages`` yields for a worker whose end of the pair closed."""
 
 
-class SupervisorHooks:
-    """Extension points in the parent around its workers' lives (metrics overrides them)."""
-
-    def before_spawn(self) -> None:
-        """Called once, before the first worker starts; environment set here reaches every worker."""
-
-    def worker_exited(self, pid: int) -> None:
-        """Called after worker ``pid`` has exited and been reaped, before any replacement starts."""
-
-
 def describe_exit(code: int) -> str:
     """``exited with status 1`` or ``killed by signal SIGKILL`` for a ``Popen.returncode``."""
     if code < 0:
@@ -107,8 +75,7 @@ class _Worker:
     conn: Connection
     started: float = field(default_factory=time.monotonic)
     ready: float | None = None
-    hangup_owed: bool = False
-    """A SIGHUP came while it was starting: it gets one once it serves (its handler is set by then)."""
+    hangup_owed: bool = False  # a SIGHUP came while it was starting: it gets one once it serves
 
     @property
     def pid(self) -> int:
@@ -118,35 +85,32 @@ class _Worker:
 class Supervisor:
     """Start ``settings.workers`` workers on ``bound`` and keep them running until a stop signal.
 
-    ``app_factory`` is sent to each worker by reference (pickled); None means ``app.main.create_app``,
-    which the worker imports itself, so this process never imports FastAPI (17 MiB less: 33 MiB
-    resident instead of 50).
+    ``app_factory`` is sent to each worker pickled; None means ``app.main.create_app``, which the
+    worker imports itself, so this process never imports FastAPI. ``worker_exited(pid)`` is called
+    once a worker is reaped, before its replacement starts; ``notifier`` tells the service manager.
     """
 
     def __init__(
         self,
         settings: Settings,
-        app_factory: Callable[[Settings], Any] | None,
+        app_factory: AppFactory | None,
         bound: BoundSocket,
         address: str,
-        hooks: SupervisorHooks | None = None,
+        worker_exited: Callable[[int], None] | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        """``notifier`` tells the service manager: ready once every worker serves, and stopping."""
         self.settings = settings
         self.app_factory = app_factory
         self.bound = bound
         self.address = address
-        self.hooks = hooks or SupervisorHooks()
+        self.worker_exited = worker_exited
         self.notifier = notifier or Notifier()
         self.slots: list[_Worker | None] = [None] * settings.workers
-        self.due: dict[int, float] = {}
-        """Slots waiting for a replacement, and when it starts (monotonic)."""
+        self.due: dict[int, float] = {}  # slots waiting for a replacement, and when it starts
         self.signals: list[int] = []
         self.hangups = 0
         self.announced = False
-        self.failed_starts = 0
-        """Workers in a row that died before serving (reset when one serves)."""
+        self.failed_starts = 0  # workers in a row that died before serving
         self.quick_deaths = 0
         self.last_death = float("-inf")
         self._wake_r, self._wake_w = socket.socketpair()
@@ -161,7 +125,6 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOPS}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
-            self.hooks.before_spawn()
             for slot in range(len(self.slots)):
                 self._start(slot)
             code = self._supervise()
@@ -235,11 +198,8 @@ class Supervisor:
                 self._serving(worker)
 
     def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object]]:
-        """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here).
-
-        Yield each worker that spoke with its message, or with ``_CLOSED`` if its end of the pair
-        closed (it exited).
-        """
+        """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here); yield
+        each worker that spoke with its message, or with ``_CLOSED`` if its end of the pair closed."""
         by_conn = {worker.conn: worker for worker in self._live()}
         for item in wait([*by_conn, self._wake_r], timeout):
             if item is self._wake_r:
@@ -320,14 +280,15 @@ class Supervisor:
         self.notifier.status(f"Worker pid {worker.pid} {describe_exit(code)}; {then}")
 
     def _reap(self, worker: _Worker) -> int:
-        """Wait for ``worker`` to exit (kill it if it lingers), tell the hooks; return its exit code."""
+        """Wait for ``worker`` to exit (kill it if it lingers), report it; return its exit code."""
         worker.conn.close()
         try:
             code = worker.proc.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:  # its pair closed, yet it runs on: it cannot serve us
             worker.proc.kill()
             code = worker.proc.wait()
-        self.hooks.worker_exited(worker.pid)
+        if self.worker_exited is not None:
+            self.worker_exited(worker.pid)
         return code
 
     # -- stopping ----------------------------------------------------------------------------------
@@ -395,40 +356,37 @@ def _watch_parent(conn: Connection) -> None:
 def worker_main(listen_fd: int, parent_fd: int) -> int:
     """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
     from app.api.policy import PolicyError
-    from app.serving.server import _stop_early, _Stopped, note_hangup, serve
 
-    previous = {sig: signal.signal(sig, _stop_early) for sig in _STOPS}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, note_hangup)
     conn = Connection(parent_fd)
     sock = socket.socket(fileno=listen_fd)
-    try:
-        settings, app_factory, address = conn.recv()
-    except (EOFError, OSError):
-        return STARTUP_FAILURE  # the parent went away before it told us anything
-    from app.logs import configure
-
-    configure(settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log)
-    threading.Thread(target=_watch_parent, args=(conn,), name="watch-parent", daemon=True).start()
-    if app_factory is None:
-        from app.main import create_app
-
-        app_factory = create_app
-    try:
+    with early_signals():
         try:
-            application = app_factory(settings)
-        except PolicyError as exc:  # the file changed since the parent checked it
-            logger.error("Worker pid %d: %s", os.getpid(), exc)
-            return STARTUP_FAILURE
-        except Exception:
-            logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
-            return STARTUP_FAILURE
-        server = serve(settings, application, sock, address, on_started=lambda: conn.send(READY))
-    except _Stopped:
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sock.close()
+            try:
+                settings, app_factory, address = conn.recv()
+            except (EOFError, OSError):
+                return STARTUP_FAILURE  # the parent went away before it told us anything
+            from app.logs import configure
+
+            configure(
+                settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
+            )
+            threading.Thread(target=_watch_parent, args=(conn,), name="watch-parent", daemon=True).start()
+            try:
+                services = Services.build(settings)
+                application = services.application(settings, app_factory)
+            except PolicyError as exc:  # the file changed since the parent checked it
+                logger.error("Worker pid %d: %s", os.getpid(), exc)
+                return STARTUP_FAILURE
+            except Exception:
+                logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
+                return STARTUP_FAILURE
+            server = serve(
+                settings, application, sock, address, services=services, on_started=lambda: conn.send(READY)
+            )
+        except Stopped:
+            return 0
+        finally:
+            sock.close()
     logger.info("Worker pid %d stopped after %d request(s)", os.getpid(), server.server_state.total_requests)
     return 0 if server.started else STARTUP_FAILURE
 

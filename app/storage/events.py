@@ -1,32 +1,10 @@
 """The event hub: one per process, it sends every stored message to every open event stream.
 
-The store is the source. The hub wakes when this process commits (``Store.add_listener``: the
-POST only sets an ``asyncio.Event``, whatever the number of streams) and, while any stream is
-open, also every :data:`POLL_INTERVAL` seconds to read ``Store.last_id()``, so that messages
-committed by the other ``--workers`` processes reach this process's streams too. It then reads the
-new messages once (``Store.since``), encodes each as a Server-Sent Event once, and appends the same
-bytes to every subscriber's buffer. A message that comes alone goes out at once; while messages
-come faster than rounds, rounds are paced so that writing events takes at most
-:data:`FAN_OUT_SHARE` of the process's time.
-
-Each subscriber (:class:`Subscriber`) has a buffer of at most :data:`BUFFER` events. A reader too
-slow to take them (or one that never reads) is cut off when the buffer is full: the hub drops it
-and its buffer at once, and its stream ends with a final ``overflow`` event. So a stream costs at
-most :data:`BUFFER` references to documents the store already holds plus its socket's buffers, and
-a POST never waits for a reader.
-
-A stream that starts from an id (``Last-Event-ID`` or ``?since=``) first reads what it missed from
-the store itself, one write of at most :data:`CHUNK` bytes at a time (plus one message), and reads
-the next only once the connection has taken that one: a reader that never reads holds its
-transport's buffer and nothing more. Before each read it lets the event loop run and stops if its
-client has gone, so a client that hangs up costs a request's work, not a replay of the history.
-Then, in the same step of the event loop as its last empty read, it joins the hub with that id as
-its cursor.
-The hub sends it only ids above its cursor, so nothing is lost or sent twice across the switch.
-An id older than the history (or unknown to the store) gets a ``reset`` event first.
-
-On SIGTERM (:meth:`EventHub.drain_soon`, called from the server's signal handler) every stream is
-told ``shutdown`` and ends, so uvicorn's drain does not wait for them until its timeout.
+The hub wakes on this process's commits (``Store.add_listener``) and polls ``Store.last_id()``
+every :data:`POLL_INTERVAL` while streams are open (other ``--workers`` commit too); it encodes
+each message once and hands the same bytes to every subscriber's bounded buffer. A reader that
+falls :data:`BUFFER` events behind is cut off with ``overflow``, so a POST never waits for a
+reader. Why and how (pacing, catching up, the switch to live): docs/internals.md, "Storage".
 """
 
 from __future__ import annotations
@@ -42,7 +20,6 @@ from typing import Literal
 import orjson
 from fastapi.sse import format_sse_event
 
-from app.api.routes.messages import PEER_SHARE
 from app.logs import Throttle
 from app.storage.store import Store
 
@@ -52,6 +29,7 @@ __all__ = [
     "CHUNK",
     "HEARTBEAT",
     "HEARTBEAT_INTERVAL",
+    "PEER_SHARE",
     "POLL_INTERVAL",
     "EventHub",
     "StreamsFull",
@@ -61,25 +39,19 @@ __all__ = [
 
 log = logging.getLogger("app.storage.events")
 
+PEER_SHARE = 4
+"""One peer uid may hold at most 1/``PEER_SHARE`` of a budget (streams, bodies, long lists), so a
+single uid cannot lock every other uid out."""
 HEARTBEAT_INTERVAL = 5.0
-"""Seconds an open stream may stay silent before it gets a heartbeat comment (``: heartbeat``).
-
-Below the 10 s after which ``uds-client proxy`` and common HTTP proxies close a silent connection;
-clients (``client._events``) treat three missed heartbeats as a dropped stream."""
+"""Seconds a stream may stay silent before a ``: heartbeat`` comment: below the 10 s after which
+common proxies close a silent connection."""
 HEARTBEAT = b": heartbeat\n\n"
 POLL_INTERVAL = 0.1
-"""Seconds between two reads of ``Store.last_id()`` while streams are open: how late a message
-stored by another worker process may reach this process's streams (this process's own commits
-wake the hub at once)."""
+"""Seconds between two reads of ``Store.last_id()`` while streams are open: how late another
+worker's message may reach this process's streams."""
 FAN_OUT_SHARE = 0.05
-"""Under a stream of POSTs, the share of the process's time that writing events may take.
-
-A round of the hub costs about the same whether it carries one message or a hundred: each stream
-is woken and writes once (measured: ~25 µs of CPU a stream). So while messages arrive faster than
-rounds go (a round found more than one), the next round waits until the last one's cost (timed
-around every stream's write) is this share of the time since it began, at most :data:`MAX_PAUSE`;
-each round then carries more messages in the same writes. A message arriving alone goes out at once.
-"""
+"""Under a stream of POSTs, the share of the process's time that writing events may take (a
+round costs about the same for one message or a hundred, so rounds are paced to carry more)."""
 MAX_PAUSE = 0.04
 """Seconds a round may be held back, at most: the delivery latency that pacing can add."""
 BUFFER = 256
@@ -87,26 +59,19 @@ BUFFER = 256
 BATCH = 100
 """Messages read from the store at a time, at most (catching up, or by the hub)."""
 CHUNK = 64 * 1024
-"""Bytes a stream writes at a time, at most (plus one event): a stalled reader's socket holds no
-more than this beyond the kernel's buffers until ``--send-timeout`` closes it."""
+"""Bytes a stream writes at a time, at most (plus one event): what a stalled reader holds."""
 RETRY_MS = 1000
 """The ``retry:`` sent first on every stream: browsers' ``EventSource`` reconnects after 1 s."""
 
 End = Literal["overflow", "shutdown"]
 
 _RESETS = Throttle(log)
-"""Resets are logged at most once per period: a peer may ask for an id out of the history at will."""
+"""A peer may ask for an id out of the history at will: resets are logged once per period."""
 
 
 def stream_capacity(max_streams: int, workers: int) -> int:
-    """Streams one worker process may hold: its share of ``--max-streams``, at least one.
-
-    The cap is per server: with ``--workers N`` each process admits ``max_streams // N``, so the
-    server as a whole never holds more than ``max_streams`` (the kernel spreads connections over
-    the processes; a stream refused by a full process is told to retry, and the retry may land on
-    another). What the cap bounds (memory, descriptors, fan-out work) is per process, which a share
-    counted in each process bounds without any state shared between them.
-    """
+    """Streams one worker process may hold: its share of ``--max-streams``, at least one (a share
+    per process bounds the server's total without state shared between processes)."""
     return max(1, max_streams // max(1, workers))
 
 
@@ -128,11 +93,8 @@ async def _connected() -> bool:
 
 
 class Pending:
-    """Encoded events waiting to be written, with their ids and their size in bytes.
-
-    Lists, extended and joined whole (a round of the hub adds a slice of its events to every
-    stream): no Python-level step per event and per stream.
-    """
+    """Encoded events waiting to be written, with their ids and their size in bytes (lists
+    extended and joined whole: no Python-level step per event and per stream)."""
 
     __slots__ = ("events", "ids", "size")
 
@@ -197,9 +159,8 @@ class Subscriber:
 
 
 class EventHub:
-    """Fans this process's store out to its open streams: at most ``capacity`` of them, of which one
-    peer uid may hold 1/:data:`~app.api.routes.messages.PEER_SHARE` (at least one), like the other
-    budgets, so one uid holding streams open cannot lock every other uid out."""
+    """Fans this process's store out to at most ``capacity`` open streams, 1/:data:`PEER_SHARE` of
+    them (at least one) per peer uid."""
 
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store

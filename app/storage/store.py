@@ -1,14 +1,9 @@
-"""The ``Store`` interface the routes and the event stream use, and the memory store
-(``--store memory``): a bounded in-memory message history and a bounded (LRU) memory of
-idempotency keys. The durable store (the default) is ``app.storage.sqlite.SqliteStore``.
+"""The ``Store`` interface the routes and the event hub use, and the memory store (``--store
+memory``): a bounded message history and a bounded (LRU) memory of idempotency keys.
 
-A remembered key keeps only what answering a repeat needs: the message's id, time, peer and a
-16-byte digest of its text. A repeat carries its text, so the answer is rebuilt from that text
-once the digests match; a key never keeps a message alive after it has left the history. Measured
-over the socket, 20,000 keyed POSTs of 16 KiB texts took the server from 50 to 382 MiB RSS when
-each key kept its whole message, and to 74 MiB now (tests/app/test_memory_budget.py).
-
-Everything runs on the event loop thread with no ``await`` inside a method, so no locks are needed.
+A key keeps only what answering a repeat needs (id, time, peer, a digest of the text), never the
+message: a repeat carries its text. Everything runs on the event loop thread without ``await``
+inside a method, so no locks are needed.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import orjson
 __all__ = [
     "KeyConflict",
     "MessageStore",
-    "Record",
     "Remembered",
     "Store",
     "StoreError",
@@ -32,8 +26,6 @@ __all__ = [
     "text_digest",
 ]
 
-Record = dict[str, Any]
-
 
 def text_digest(text: str) -> bytes:
     """A 16-byte BLAKE2b digest of ``text``: what a remembered key compares a repeat's text with."""
@@ -41,12 +33,11 @@ def text_digest(text: str) -> bytes:
 
 
 class Stored(NamedTuple):
-    """What :meth:`Store.put` answers: the message's id and JSON document, and whether it is new."""
+    """What :meth:`Store.put` answers: the id, the JSON document, and False for a repeated key."""
 
     id: int
     document: bytes
     created: bool
-    """False when the Idempotency-Key was already used with the same text (a repeat: 200, not 201)."""
 
 
 class StoreError(Exception):
@@ -62,19 +53,14 @@ class StoreFull(StoreError):
 
 
 class Store(Protocol):
-    """What the routes and the event stream need of a message store (memory or durable).
-
-    Ids start at 1, increase, and never name two messages, even after pruning or a restart of a
-    durable store. Reads never block on the event loop for long; ``put`` answers only once the
-    message (and its key) is committed.
-    """
+    """A message store (memory or durable). Ids start at 1, increase, and never name two messages,
+    even after pruning or a restart; ``put`` answers once the message and its key are committed."""
 
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Store a message under ``key`` (already scoped to the peer), or return the one stored
-        under it. Raises :class:`KeyConflict` when ``key`` holds another text, :class:`StoreFull`
-        when nothing could be written."""
+        """Store a message under ``key`` (scoped to the peer), or return the one stored under it;
+        :class:`KeyConflict` if ``key`` holds another text, :class:`StoreFull` if nothing was written."""
         ...
 
     def get(self, message_id: int) -> bytes | None:
@@ -86,9 +72,8 @@ class Store(Protocol):
         ...
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` messages with an id above ``after_id`` still in the history, oldest
-        first, as (id, JSON document); with ``max_bytes``, no more once their documents reach it
-        (at least one message): a reader that may stall holds a bounded batch."""
+        """Up to ``limit`` (id, document) above ``after_id`` still in the history, oldest first;
+        with ``max_bytes``, none past that size (at least one): a stalled reader holds a bounded batch."""
         ...
 
     def first_id(self) -> int | None:
@@ -113,28 +98,25 @@ class Remembered(NamedTuple):
     received_at: str
     peer: dict[str, Any] | None
 
-    def matches(self, text: str) -> bool:
-        """True when ``text`` is the text stored under the key (a repeat, not a conflict)."""
-        return text_digest(text) == self.digest
+    def answer(self, text: str) -> Stored:
+        """The repeat's answer, rebuilt around ``text``; :class:`KeyConflict` if the texts differ."""
+        if text_digest(text) != self.digest:
+            raise KeyConflict("this Idempotency-Key was already used with a different text")
+        return Stored(self.id, document(self.id, text, self.reply, self.received_at, self.peer), False)
 
-    def record(self, text: str) -> Record:
-        """The stored message, rebuilt around ``text`` (which :meth:`matches`)."""
-        return {
-            "id": self.id,
-            "text": text,
-            "reply": self.reply,
-            "received_at": self.received_at,
-            "peer": self.peer,
-        }
+
+def document(message_id: int, text: str, reply: str, received_at: str, peer: dict[str, Any] | None) -> bytes:
+    """A message's JSON document, as stored and answered."""
+    return orjson.dumps(
+        {"id": message_id, "text": text, "reply": reply, "received_at": received_at, "peer": peer}
+    )
 
 
 class MessageStore:
-    """The last ``history_size`` messages (ids increasing) and the last ``key_capacity`` keys, in
-    this process's memory (``--store memory``): lost when the process stops.
+    """The last ``history_size`` messages and ``key_capacity`` keys, in this process's memory.
 
-    Each message is kept as its JSON document, encoded once: answers send those bytes as they are,
-    and no ``str`` is kept (orjson caches a UTF-8 copy inside each ``str`` it encodes, which would
-    double, for some texts triple, what a stored text costs).
+    Messages are kept as their encoded JSON documents, no ``str``: orjson caches a UTF-8 copy
+    inside each ``str`` it encodes, which would double what a stored text costs.
     """
 
     __slots__ = ("_history", "_key_capacity", "_keys", "_listeners", "_next_id")
@@ -151,44 +133,25 @@ class MessageStore:
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Store a new message (and remember ``key`` for it), or answer the one stored under ``key``.
-
-        The oldest message falls off once the history is full; so does the least recently used key.
-        Nothing here awaits, so the key check and the add happen in one step of the event loop.
-        """
+        """Store a new message (the oldest message and key fall off past the bounds), or answer the
+        one stored under ``key``; nothing awaits, so the check and the add are one step of the loop."""
         if key is not None:
             earlier = self._keys.get(key)
             if earlier is not None:
                 self._keys.move_to_end(key)
-                if not earlier.matches(text):
-                    raise KeyConflict("this Idempotency-Key was already used with a different text")
-                return Stored(earlier.id, orjson.dumps(earlier.record(text)), False)
+                return earlier.answer(text)
         message_id = self._next_id
         self._next_id += 1
-        # A copy of exactly its size: orjson's own buffer is over-allocated and shrunk in place, and
-        # 1,000 of those kept while others come and go fragmented the heap (measured: RSS grew to
-        # 200 MB over 40,000 keyed 16 KiB POSTs; with the copy it stays at 75 MB).
-        document = bytes(
-            memoryview(
-                orjson.dumps(
-                    {
-                        "id": message_id,
-                        "text": text,
-                        "reply": reply,
-                        "received_at": received_at,
-                        "peer": peer,
-                    }
-                )
-            )
-        )
-        self._history.append(document)
+        # A copy of exactly its size: orjson's over-allocated buffers, kept, fragment the heap.
+        encoded = bytes(memoryview(document(message_id, text, reply, received_at, peer)))
+        self._history.append(encoded)
         if key is not None:
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)
             if len(self._keys) > self._key_capacity:
                 self._keys.popitem(last=False)
         for listener in self._listeners:
             listener(message_id)
-        return Stored(message_id, document, True)
+        return Stored(message_id, encoded, True)
 
     def get(self, message_id: int) -> bytes | None:
         """The JSON document of the message with this id, if it is still in the history."""
@@ -198,11 +161,8 @@ class MessageStore:
         return None
 
     def recent_ids(self, limit: int) -> range:
-        """The ids of the most recent ``limit`` messages, oldest first.
-
-        Ids, not documents: a reader that walks them later (a list sent to a slow client) fetches
-        the messages then and holds none that has since left the history.
-        """
+        """The ids of the most recent ``limit`` messages, oldest first (ids, not documents: a slow
+        reader fetches each later and holds none that has left the history)."""
         return range(self._next_id - min(limit, len(self._history)), self._next_id)
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:

@@ -15,7 +15,7 @@ def error_body(status: int, error: str, message: str, details: Any = None) -> by
     shape: dict[str, Any] = {"error": error, "message": message, "status": status}
     if details is not None:
         shape["details"] = details
-    return json.dumps(shape).encode()
+    return json.dumps(shape, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def error_response(

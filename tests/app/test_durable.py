@@ -14,17 +14,9 @@ import orjson
 import pytest
 
 from app.config import Settings
-from app.storage import sqlite as durable
-from app.storage.sqlite import (
-    APPLICATION_ID,
-    CHECKPOINT_EVERY,
-    DB_NAME,
-    PRUNE_EVERY,
-    SCHEMA_VERSION,
-    WAL_SIZE_LIMIT,
-    SqliteStore,
-    prepare_store,
-)
+from app.storage import schema
+from app.storage.schema import APPLICATION_ID, DB_NAME, SCHEMA_VERSION, prepare_store
+from app.storage.sqlite import CHECKPOINT_EVERY, PRUNE_EVERY, WAL_SIZE_LIMIT, SqliteStore
 from app.storage.store import KeyConflict, Stored, StoreError
 from tests.support import NOBODY, PYTHON, ROOT, ServerProcess, http_over_uds, python_as_nobody
 
@@ -272,10 +264,10 @@ def test_an_older_schema_is_migrated_in_one_transaction(data: Path, monkeypatch:
     store = _store(data)
     first = asyncio.run(_put(store, "kept", "k"))
     store.close()
-    later = {**durable.MIGRATIONS, SCHEMA_VERSION + 1: "ALTER TABLE messages ADD COLUMN note TEXT"}
+    later = {**schema.MIGRATIONS, SCHEMA_VERSION + 1: "ALTER TABLE messages ADD COLUMN note TEXT"}
     broken = {**later, SCHEMA_VERSION + 2: "ALTER TABLE no_such_table ADD COLUMN x TEXT"}
-    monkeypatch.setattr(durable, "MIGRATIONS", broken)
-    monkeypatch.setattr(durable, "SCHEMA_VERSION", SCHEMA_VERSION + 2)
+    monkeypatch.setattr(schema, "MIGRATIONS", broken)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 2)
     with pytest.raises(StoreError, match=r"cannot prepare database .*no such table: no_such_table"):
         prepare_store(_settings(data))
     db = sqlite3.connect(data / DB_NAME)
@@ -283,8 +275,8 @@ def test_an_older_schema_is_migrated_in_one_transaction(data: Path, monkeypatch:
     assert [row[1] for row in db.execute("PRAGMA table_info(messages)")] == ["id", "document"]
     db.close()
 
-    monkeypatch.setattr(durable, "MIGRATIONS", later)
-    monkeypatch.setattr(durable, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", later)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     prepare_store(_settings(data))
     again = _store(data)
     assert again.get(first.id) == first.document

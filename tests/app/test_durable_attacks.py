@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from app.config import Settings
-from app.storage.sqlite import DB_NAME, prepare_store
+from app.storage.schema import DB_NAME, prepare_store
 from tests.app.test_durable import _refused
 from tests.support import NOBODY, http_over_uds, running_server
 

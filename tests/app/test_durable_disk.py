@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.storage.sqlite import DB_NAME, WAL_SIZE_LIMIT
+from app.storage.schema import DB_NAME
+from app.storage.sqlite import WAL_SIZE_LIMIT
 from tests.support import ServerProcess, http_over_uds, small_tmpfs
 
 DISK = "4m"

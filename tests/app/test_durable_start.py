@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.storage.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore, prepare_store
+from app.storage.schema import DB_NAME, SCHEMA_VERSION, prepare_store
+from app.storage.sqlite import SqliteStore
 from app.storage.store import StoreError
 from tests.app.test_durable import _fingerprint, _refused
 from tests.support import NOBODY, PYTHON, ROOT, ServerProcess, http_over_uds, python_as_nobody

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from app.metrics.files import read_file
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings, SettingsError
 from app.metrics.core import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
-from client.cli.spawn import free_port
+from app.metrics.files import read_file
+from app.serving.spawn import free_port
 from tests.support import (
     NOBODY,
     ServerProcess,

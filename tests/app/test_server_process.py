@@ -21,7 +21,8 @@ from uvicorn.server import ServerState
 from app.config import Settings
 from app.connection.protocol import PeerCredProtocol
 from app.logs import JsonFormatter, TextFormatter, configure
-from app.serving.server import UdsServer, build_config, run
+from app.serving.run import run
+from app.serving.server import Services, UdsServer, build_config
 from tests.support import ServerProcess, http_over_uds, running_server, wait_until
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -253,7 +254,7 @@ async def _failing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def test_lifespan_failure_exits_3_and_removes_socket(tmp: Path) -> None:
     path = str(tmp / "s.sock")
     with pytest.raises(SystemExit) as exit_info:
-        run(Settings(socket=path, store="memory"), app_factory=lambda _settings: _failing_app)
+        run(Settings(socket=path, store="memory"), app_factory=lambda _settings, **_services: _failing_app)
     assert exit_info.value.code == 3
     assert not os.path.exists(path)
 
@@ -263,7 +264,7 @@ def test_signal_before_serving_stops_cleanly(tmp: Path, caplog: pytest.LogCaptur
     path = str(tmp / "s.sock")
     before = signal.getsignal(signal.SIGTERM)
 
-    def factory(_settings: Settings) -> object:
+    def factory(_settings: Settings, **_services: object) -> object:
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the build")
 
@@ -275,13 +276,13 @@ def test_signal_before_serving_stops_cleanly(tmp: Path, caplog: pytest.LogCaptur
 
 
 def test_handle_exit_marks_app_draining() -> None:
-    from fastapi import FastAPI
-
-    app = FastAPI()
-    app.state.draining = False
-    server = UdsServer(build_config(Settings(), app), app, "/x.sock")
+    settings = Settings(store="memory")
+    services = Services.build(settings)
+    app = services.application(settings)
+    server = UdsServer(build_config(settings, app), app, "/x.sock", services)
     server.handle_exit(signal.SIGTERM, None)
     assert app.state.draining is True
+    assert services.hub.draining, "event streams are told to end"
     assert server.should_exit
 
 
@@ -292,7 +293,7 @@ def test_config_carries_the_settings() -> None:
     assert (protocol.request_timeout, protocol.send_timeout) == (7.0, 3.0)
     assert protocol.max_connections == 12
     assert config.timeout_keep_alive == 1.5
-    assert _protocol_of(build_config(settings, _failing_app, 5)).max_connections == 5
+    assert _protocol_of(build_config(settings, _failing_app, max_connections=5)).max_connections == 5
 
 
 def _protocol_of(config: uvicorn.Config) -> PeerCredProtocol:

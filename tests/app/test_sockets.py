@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.serving import sockets
+from app.serving import private_dir, sockets
 from app.serving.sockets import BoundSocket, SocketError, bind_unix
 from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, wait_until
 
@@ -383,7 +383,7 @@ def test_setgid_directory_like_an_emptydir_with_fsgroup(tmp: Path) -> None:
 
 
 def test_bind_without_proc_uses_the_private_path(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sockets, "PROC_FD", str(tmp / "no-proc"))
+    monkeypatch.setattr(private_dir, "PROC_FD", str(tmp / "no-proc"))
     bound = bind_unix(str(tmp / "s.sock"), 0o640)
     try:
         assert _mode(tmp / "s.sock") == 0o640
@@ -619,7 +619,7 @@ def test_leftover_removed_without_proc(
     tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without /proc the probe reaches the dead socket through the leftover's path."""
-    monkeypatch.setattr(sockets, "PROC_FD", str(tmp / "no-proc"))
+    monkeypatch.setattr(private_dir, "PROC_FD", str(tmp / "no-proc"))
     made, _ = _leftover(tmp)
     assert _bind_and_log(tmp / "s.sock", caplog) == [
         f"Removed {made}, left by a start that did not finish (a dead socket)"
@@ -738,7 +738,7 @@ def test_start_whose_directory_is_taken_as_a_leftover_makes_a_fresh_one(
     tmp: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     """Another start's cleanup got to the new directory after this start opened it."""
-    real_try_lock = sockets._try_lock
+    real_try_lock = private_dir.try_lock
     calls: list[int] = []
 
     def cleanup_first(fd: int) -> bool | None:
@@ -757,7 +757,7 @@ def test_start_whose_directory_is_taken_as_a_leftover_makes_a_fresh_one(
             os.close(other)
             os.rmdir(name)  # it goes on to remove it
 
-    monkeypatch.setattr(sockets, "_try_lock", cleanup_first)
+    monkeypatch.setattr(private_dir, "try_lock", cleanup_first)
     bound = bind_unix(str(tmp / "s.sock"))
     try:
         assert len(calls) == 2, "a fresh private directory was made and locked"

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from app.config import Settings
-from app.serving.server import run
+from app.serving.run import run
 from tests.support import (
     NOBODY,
     PYTHON,
@@ -377,7 +377,7 @@ def test_workers_stop_when_the_server_process_is_killed(tmp: Path) -> None:
         assert again.stop() == 0
 
 
-def _unbuildable(settings: Settings) -> object:
+def _unbuildable(settings: Settings, **services: object) -> object:
     raise RuntimeError("no application today")
 
 

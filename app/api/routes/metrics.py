@@ -17,10 +17,11 @@ from app.metrics.core import METRICS_PATH, Metrics
 __all__ = ["install"]
 
 
-def install(app: FastAPI) -> Metrics:
+def install(app: FastAPI, metrics: Metrics | None = None) -> Metrics:
     """Give ``app`` its :class:`Metrics` (``app.state.metrics``) and the ``GET /metrics`` route."""
-    settings = getattr(app.state, "settings", None)
-    metrics = Metrics(shown_uids=settings.metrics_uid if settings is not None else ())
+    if metrics is None:
+        settings = getattr(app.state, "settings", None)
+        metrics = Metrics(shown_uids=settings.metrics_uid if settings is not None else ())
     app.state.metrics = metrics
     events = getattr(app.state, "events", None)
     if events is not None:

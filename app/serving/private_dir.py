@@ -1,0 +1,234 @@
+"""The private directory a Unix socket is bound in before it is renamed into place, and the
+removal of those that killed starts left behind.
+
+Nobody else can add or swap entries in a fresh 0700 directory of ours, held open by descriptor; a
+start holds an ``flock`` on it, so another start's cleanup never takes one in use. Why and how:
+docs/internals.md, "Serving".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+import stat
+import tempfile
+from dataclasses import dataclass
+
+__all__ = [
+    "INNER",
+    "PrivateDir",
+    "SocketError",
+    "inner_path",
+    "inode",
+    "probe",
+    "reason",
+    "remove_leftovers",
+    "replaced",
+    "swapped",
+    "try_lock",
+]
+
+logger = logging.getLogger("app.serving.sockets")
+
+PROBE_TIMEOUT = 1.0  # seconds an existing socket has to accept before it is judged
+PROC_FD = "/proc/self/fd"
+INNER = "s"  # the socket's name inside the private directory (AF_UNIX paths stop at 107 bytes)
+_RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkdtemp puts after the prefix
+_CREATE_ATTEMPTS = 5
+_OPEN_PRIVATE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # never a symlink's target
+
+
+class SocketError(Exception):
+    """The server cannot listen where it was told to; the message says what, where and what to do."""
+
+
+def inode(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(slots=True)
+class PrivateDir:
+    """A fresh 0700 directory of ours beside the target, held open by descriptor."""
+
+    parent_fd: int
+    entry: str
+    fd: int
+    path: str
+
+    @classmethod
+    def create(cls, target: str, parent: str, parent_fd: int) -> PrivateDir:
+        for _ in range(_CREATE_ATTEMPTS):
+            made = cls._make(target, parent)
+            entry = os.path.basename(made)
+            try:
+                fd = os.open(entry, _OPEN_PRIVATE, dir_fd=parent_fd)
+            except FileNotFoundError:
+                continue  # another start removed it as a leftover (it was empty): take a fresh one
+            except OSError as exc:
+                raise swapped(target, made) from exc
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
+                os.close(fd)
+                if st.st_uid == os.geteuid():  # ours after all (a strange umask): do not leave it behind
+                    with contextlib.suppress(OSError):
+                        os.rmdir(entry, dir_fd=parent_fd)
+                raise swapped(target, made)
+            # Locked, another server's start leaves it alone. Not lockable: that start is removing it
+            # as a leftover (it is still empty), or already has; take a fresh one.
+            if try_lock(fd) is not False and same_entry(entry, parent_fd, st):
+                return cls(parent_fd, entry, fd, made)
+            os.close(fd)
+        raise SocketError(
+            f"cannot bind {target}: {_CREATE_ATTEMPTS} private directories beside it were removed by "
+            "another program during start; make sure only this server uses its directory"
+        )
+
+    @staticmethod
+    def _make(target: str, parent: str) -> str:
+        try:
+            return tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
+        except OSError as exc:
+            hint = ""
+            if isinstance(exc, PermissionError):
+                hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+            raise SocketError(f"cannot bind {target}: {reason(exc)}{hint}") from exc
+
+    def remove(self) -> None:
+        """Remove the socket if it is still inside, then the directory if it is still ours."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(INNER, dir_fd=self.fd)
+            if same_entry(self.entry, self.parent_fd, os.fstat(self.fd)):
+                os.rmdir(self.entry, dir_fd=self.parent_fd)
+            else:
+                logger.warning("Left %s in place: it is no longer the directory this server made", self.path)
+        except OSError as exc:
+            logger.warning("Could not remove the private directory %s: %s", self.path, reason(exc))
+        finally:
+            os.close(self.fd)
+
+
+def _private_prefix(target: str) -> str:
+    return f".{os.path.basename(target)[:64]}."
+
+
+def inner_path(fd: int, path: str) -> str:
+    """The socket inside the private directory ``fd``: through /proc when it has it, else by ``path``."""
+    by_fd = f"{PROC_FD}/{fd}"
+    if os.path.isdir(by_fd):
+        return f"{by_fd}/{INNER}"
+    return os.path.join(path, INNER)
+
+
+def try_lock(fd: int) -> bool | None:
+    """Lock a private directory: True if taken, False if held elsewhere, None if unsupported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
+    """True while ``entry`` in the parent is still the directory ``st`` describes."""
+    try:
+        now = os.stat(entry, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return inode(now) == inode(st)
+
+
+def remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
+    """Remove private directories of this socket name that killed starts left behind (best effort)."""
+    pattern = re.compile(re.escape(_private_prefix(path)) + _RANDOM)
+    try:
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            names = sorted(name for name in os.listdir(listing) if pattern.fullmatch(name))
+        finally:
+            os.close(listing)
+    except OSError as exc:
+        logger.debug("Did not look for leftover private directories in %s: %s", parent, reason(exc))
+        return
+    for name in names:
+        leftover = os.path.join(parent, name)
+        try:
+            held = _remove_leftover(name, leftover, parent_fd)
+        except OSError as exc:
+            logger.debug("Left %s in place: %s", leftover, reason(exc))
+            continue
+        if held is not None:
+            logger.info("Removed %s, left by a start that did not finish (%s)", leftover, held)
+
+
+def _remove_leftover(name: str, leftover: str, parent_fd: int) -> str | None:
+    """Remove ``name`` if it is a dead start's private directory; say what it held, or None if kept
+    (anything but an unlocked 0700 directory of our uid holding nothing or one dead socket of ours)."""
+    fd = os.open(name, _OPEN_PRIVATE, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID != 0o700
+            or try_lock(fd) is not True
+        ):
+            return None
+        with os.scandir(fd) as entries:
+            inside = [entry.name for entry in entries]
+        if inside == [INNER]:
+            made = os.stat(INNER, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
+                return None
+            if probe(inner_path(fd, leftover)) != "stale":
+                return None
+            os.unlink(INNER, dir_fd=fd)
+        elif inside:
+            return None
+        if not same_entry(name, parent_fd, st):
+            return None
+        os.rmdir(name, dir_fd=parent_fd)
+        return "a dead socket" if inside else "nothing"
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def swapped(path: str, directory: str) -> SocketError:
+    return replaced(path, f"the private directory {directory} was replaced during start")
+
+
+def replaced(path: str, what: str) -> SocketError:
+    return SocketError(
+        f"cannot listen on {path}: {what}; another user can write its directory "
+        f"{os.path.dirname(path) or '.'}: make it writable only by the server's user and the socket's group"
+    )
+
+
+def probe(path: str) -> str:
+    """``live`` if something accepts on ``path``, ``stale`` if refused, else a reason."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return "stale"
+    except TimeoutError:  # a full backlog or a stuck server: something owns it, do not steal it
+        return "live"
+    except OSError as exc:
+        return reason(exc)
+    finally:
+        probe.close()
+    return "live"
+
+
+def reason(exc: OSError) -> str:
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,163 @@
+"""The data directory and the database's files, checked before SQLite opens them.
+
+A directory or file another uid could swap, rename or plant is refused (:class:`StoreError`, one
+line) rather than repaired: they could read or rewrite the messages. Why: docs/internals.md, "Storage".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.storage.store import StoreError
+
+__all__ = ["AGAIN", "SIDE_FILES", "make_logs", "owned_file", "prepare_directory", "reason"]
+
+AGAIN = "; fix it, or set --data-dir (UDS_DATA_DIR) to another directory"
+SIDE_FILES = ("-wal", "-shm", "-journal")
+"""The files SQLite opens beside the database (following symbolic links, creating them if absent)."""
+
+
+def reason(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def owned_file(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; :class:`StoreError` unless it is a regular file of this uid (a
+    symbolic link would make SQLite write where it points). Ours but open to others: made 0600."""
+    uid = os.geteuid()
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"cannot reach {what} {path}: {reason(exc)}{AGAIN}") from exc
+    aside = "move it aside (another uid may have put it there to read or rewrite the messages)"
+    if stat.S_ISLNK(info.st_mode):
+        raise StoreError(f"{what} {path} is a symbolic link; {aside}{AGAIN}")
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"{what} {path} is not a regular file{AGAIN}")
+    if info.st_uid != uid:
+        raise StoreError(f"{what} {path} belongs to uid {info.st_uid}, not this server's uid {uid}; {aside}")
+    if info.st_mode & 0o077:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                os.fchmod(descriptor, 0o600)
+            finally:
+                os.close(descriptor)
+        except OSError as exc:
+            raise StoreError(f"cannot make {what} {path} private (0600): {reason(exc)}{AGAIN}") from exc
+    return True
+
+
+def make_logs(path: Path) -> list[Path]:
+    """Create the database's ``-wal`` and ``-shm`` (0600) before SQLite does, so that no other uid
+    plants them first in a directory others may write in; return those created."""
+    made = []
+    for suffix in ("-wal", "-shm"):
+        log_file = Path(f"{path}{suffix}")
+        try:
+            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:  # an open server's, or a crash's: checked before
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot create {log_file}: {reason(exc)}{AGAIN}") from exc
+        made.append(log_file)
+    return made
+
+
+def prepare_directory(directory: Path, private: bool) -> None:
+    """Create the data directory (0700); refuse one another uid could swap the database in: another
+    uid's, open to others without the sticky bit (unless declared ``private``), or under a parent
+    or symbolic link such a uid could change. An existing directory's mode is never changed."""
+    uid = os.geteuid()
+    directory = Path(os.path.abspath(directory))
+    try:
+        is_file = directory.exists() and not directory.is_dir()
+    except OSError as exc:  # a parent this uid may not search
+        raise StoreError(
+            f"cannot reach data directory {directory} (uid {uid}): {reason(exc)}{AGAIN}"
+        ) from exc
+    if is_file:
+        raise StoreError(f"data directory {directory} is not a directory (a file is there){AGAIN}")
+    _check_parents(directory, directory.parents, uid)  # before mkdir: nothing made under a bad one
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create data directory {directory} (uid {uid}): {reason(exc)}{AGAIN}"
+        ) from exc
+    real = Path(os.path.realpath(directory))
+    _check_parents(directory, [*directory.parents, *real.parents], uid)
+    _check_link(directory, uid)
+    info = real.stat()
+    if info.st_uid not in (uid, 0):  # its owner could swap the database for another at any time
+        raise StoreError(
+            f"data directory {directory} belongs to uid {info.st_uid}, who could replace the database; "
+            f"use a directory of uid {uid} (or root's), or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
+    if _open_to_others(info.st_mode) and not private:
+        raise StoreError(
+            f"data directory {directory} can be written by other uids "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}, no sticky bit), who could rename the database "
+            "away; make it private (chmod 700), or, if only this server can reach it (an emptyDir "
+            "mounted into its container alone), set "
+            "--data-dir-private (UDS_DATA_DIR_PRIVATE=true)"
+        )
+    try:  # SQLite creates files beside the database; a random name cannot be planted in advance
+        descriptor, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write in data directory {directory} (uid {uid}): {reason(exc)}; make it "
+            f"writable for uid {uid}, or set --data-dir (UDS_DATA_DIR) to another directory"
+        ) from exc
+
+
+def _open_to_others(mode: int) -> bool:
+    """Whether group or others may rename names in a directory of ``mode`` (not with the sticky bit)."""
+    return bool(mode & 0o022) and not mode & stat.S_ISVTX
+
+
+def _check_link(path: Path, uid: int) -> None:
+    """Refuse ``path`` if it is a symbolic link another uid made (they may re-point it at will)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (uid, 0):
+        raise StoreError(
+            f"{path} is a symbolic link of uid {info.st_uid}, who could point it elsewhere; use the "
+            f"data directory's real path, or set --data-dir (UDS_DATA_DIR) to another directory"
+        )
+
+
+def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
+    """Refuse a parent that is another uid's (not root's) or open to others without the sticky bit:
+    whoever can rename in it can swap the data directory."""
+    for parent in dict.fromkeys(parents):
+        _check_link(parent, uid)
+        try:
+            info = parent.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot reach {parent} (uid {uid}): {reason(exc)}{AGAIN}") from exc
+        where = f"directory {parent} (a parent of data directory {directory})"
+        if info.st_uid not in (uid, 0):
+            raise StoreError(
+                f"{where} belongs to uid {info.st_uid}, who could replace the data directory; use a "
+                f"path whose directories are root's or uid {uid}'s{AGAIN}"
+            )
+        if _open_to_others(info.st_mode):
+            raise StoreError(
+                f"{where} can be written by other uids (mode {stat.S_IMODE(info.st_mode):04o}, no sticky "
+                f"bit), who could replace the data directory; make it writable by its owner only "
+                f"(chmod go-w){AGAIN}"
+            )

@@ -1,9 +1,5 @@
-"""``uds-server`` (also ``python -m app``): the only code that reads argv.
-
-Exit codes: 0 clean stop, 2 bad usage or setting (a bad policy file or audit log too), 3 startup
-failure (uvicorn's STARTUP_FAILURE: a socket passed through LISTEN_FDS that is not one listening
-Unix stream socket included) or a socket file removed or replaced while serving.
-"""
+"""``uds-server`` (also ``python -m app``): the only code that reads argv. Exit codes: 0 clean stop,
+2 bad usage or setting, 3 startup failure or the socket file removed or replaced while serving."""
 
 from __future__ import annotations
 
@@ -22,11 +18,8 @@ USAGE_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``uds-server`` parser: one option per ``Settings`` field, each value raw until Settings checks it.
-
-    Every option defaults to None (not given), so ``Settings.from_env`` can tell a flag from the
-    environment variable beneath it.
-    """
+    """One option per ``Settings`` field, raw until Settings checks it; None when not given, so
+    ``Settings.from_env`` can tell a flag from the environment variable beneath it."""
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="uds-server",
@@ -42,18 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         default = option.shown_default or _show(getattr(defaults, name))
         text = f"{option.help} [env {option.env}; default {default}]".replace("%", "%%")
         if option.metavar is None:
-            parser.add_argument(
-                flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
-            )
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(
-                flag(name),
-                dest=name,
-                metavar=option.metavar,
-                default=None,
-                help=text,
-                action="append" if option.repeat else "store",
-            )
+            action = "append" if option.repeat else "store"
+            parser.add_argument(flag(name), dest=name, metavar=option.metavar, help=text, action=action)
     parser.add_argument("--version", action="version", version=f"uds-server {__version__}")
     return parser
 
@@ -65,10 +50,7 @@ def _show(value: object) -> str:
 
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """The Settings ``uds-server`` runs with: the flags in ``argv`` over ``environ`` over the defaults.
-
-    Raises SettingsError for a bad value; argparse exits 2 for bad usage.
-    """
+    """The flags in ``argv`` over ``environ`` over the defaults; SettingsError for a bad value."""
     args = build_parser().parse_args(argv)
     flags = {name: value for name, value in vars(args).items() if value is not None}
     return Settings.from_env(os.environ if environ is None else environ, **flags)
@@ -94,8 +76,7 @@ def check_files(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build Settings (flag > env > default), configure logging, serve."""
-    # A reload asked for while the server starts must not kill it (the default action): ignored
-    # until run() sets its handler. The files a reload reads are read after this anyway.
+    # A reload asked for while the server starts must not kill it: ignored until run() handles it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = parse_settings(argv)

@@ -1,12 +1,8 @@
 """Server settings, each declared once: CLI flag > environment variable > default.
 
-Every field of ``Settings`` carries its ``Option`` (environment variable, help, metavar, conversion
-and check) in its dataclass metadata. ``Settings.from_env(environ, **flags)`` and the ``uds-server``
-argument parser (``app.__main__``) are both generated from those fields, so adding a setting is one
-entry here. Nothing here reads ``os.environ`` at import.
-
-Why not pydantic-settings: importing it costs about 150 ms, measured on this project's machine,
-against 40-60 ms for the whole ``uds-server --help``; this module needs only the standard library.
+Each field of ``Settings`` carries its ``Option`` in its metadata; its flag (``--socket-mode``) and
+environment variable (``UDS_SOCKET_MODE``) come from its name. ``Settings.from_env`` and the
+``uds-server`` parser are generated from the fields. Standard library only (why: docs/internals.md).
 """
 
 from __future__ import annotations
@@ -14,10 +10,10 @@ from __future__ import annotations
 import grp
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from client.address import ENV_VAR, parse_address
+from client.address import parse_address
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "Option", "Settings", "SettingsError", "flag", "options"]
 
@@ -31,12 +27,8 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the setting and the value."""
 
 
-# Conversions: each takes a raw value (a string from the environment or a flag, or a typed value
-# passed in by code) and returns the typed value or raises ValueError saying what is expected.
-
-
-def _as_str(value: object) -> str:
-    return str(value)
+# Conversions: a raw value (a string from the environment or a flag, or a typed value from code) to
+# the typed value, or ValueError saying what is expected.
 
 
 def _as_socket(value: object) -> str:
@@ -136,36 +128,30 @@ def _bool(value: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """How one setting is given: its environment variable, its flag's help, and how a value is read.
+    """How one setting is read: its flag's help and metavar (None: an on/off switch), the conversion
+    (raises ValueError saying what it expects), whether the flag repeats, and the default as
+    ``--help`` shows it when ``str(default)`` does not read well."""
 
-    The flag is the field's name with dashes (``--socket-mode``).
-    """
-
-    env: str
     help: str
     metavar: str | None = None
-    """None for an on/off switch (``--debug`` / ``--no-debug``)."""
-    convert: Callable[[object], object] = _as_str
-    """Turns a raw value into the field's type; raises ValueError saying what it expects."""
+    convert: Callable[[object], object] = str
     repeat: bool = False
-    """The flag may be given several times (the values are collected)."""
     shown_default: str | None = None
-    """The default as ``--help`` shows it, when ``str(default)`` does not read well."""
+    env: str = ""
+    """The environment variable: ``UDS_`` and the field's name, upper case."""
 
 
 def _setting(
     default: Any,
-    *,
-    env: str,
     help: str,
     metavar: str | None = None,
-    convert: Callable[[object], object] = _as_str,
+    convert: Callable[[object], object] = str,
+    *,
     repeat: bool = False,
-    shown_default: str | None = None,
+    shown: str | None = None,
 ) -> Any:
     """A ``Settings`` field: its default, with its ``Option`` in the field's metadata."""
-    option = Option(env, help, metavar, convert, repeat, shown_default)
-    return field(default=default, metadata={"option": option})
+    return field(default=default, metadata={"option": Option(help, metavar, convert, repeat, shown)})
 
 
 _ANYONE = "anyone who can open the socket"
@@ -177,236 +163,164 @@ class Settings:
 
     socket: str = _setting(
         "/csi/csi.sock",
-        env=ENV_VAR,
-        help="socket to serve: unix:///abs/path, unix:/abs/path, /abs/path, http+unix://%2F...",
-        metavar="ADDRESS",
-        convert=_as_socket,
-        shown_default="unix:///csi/csi.sock",
+        "socket to serve: unix:///abs/path, unix:/abs/path, /abs/path, http+unix://%2F...",
+        "ADDRESS",
+        _as_socket,
+        shown="unix:///csi/csi.sock",
     )
     """Absolute socket path (already parsed from ``unix:///...`` or a bare path)."""
     host: str | None = _setting(
-        None,
-        env="UDS_HOST",
-        help="serve TCP on this host instead of the socket (debugging, benchmarks); needs --port",
-        metavar="HOST",
+        None, "serve TCP on this host instead of the socket (debugging, benchmarks); needs --port", "HOST"
     )
     port: int | None = _setting(
-        None,
-        env="UDS_PORT",
-        help="serve TCP on this port instead of the socket (0 picks a free port)",
-        metavar="PORT",
-        convert=_port,
+        None, "serve TCP on this port instead of the socket (0 picks a free port)", "PORT", _port
     )
     socket_mode: int = _setting(
-        0o660,
-        env="UDS_SOCKET_MODE",
-        help="octal permissions of the socket; keep 0600 at least",
-        metavar="MODE",
-        convert=_mode,
-        shown_default="0660",
+        0o660, "octal permissions of the socket; keep 0600 at least", "MODE", _mode, shown="0660"
     )
     socket_group: int | None = _setting(
         None,
-        env="UDS_SOCKET_GROUP",
-        help="group (name or gid) that owns the socket, for clients in other containers",
-        metavar="GROUP",
-        convert=_group,
-        shown_default="the process's group",
+        "group (name or gid) that owns the socket, for clients in other containers",
+        "GROUP",
+        _group,
+        shown="the process's group",
     )
     """Group id the socket is chowned to; ``None`` keeps the process's group."""
     allow_uid: tuple[int, ...] = _setting(
         (),
-        env="UDS_ALLOW_UID",
-        help="only peers with this uid may call the API, with every scope (repeatable; SO_PEERCRED; "
+        "only peers with this uid may call the API, with every scope (repeatable; SO_PEERCRED; "
         "beside --policy, its rules are added)",
-        metavar="UID",
-        convert=_ids,
+        "UID",
+        _ids,
         repeat=True,
-        shown_default=_ANYONE,
+        shown=_ANYONE,
     )
     """Peers allowed to call the API; empty (with ``allow_gid`` empty) means anyone."""
     allow_gid: tuple[int, ...] = _setting(
         (),
-        env="UDS_ALLOW_GID",
-        help="only peers with this gid may call the API, with every scope (repeatable; SO_PEERCRED; "
+        "only peers with this gid may call the API, with every scope (repeatable; SO_PEERCRED; "
         "beside --policy, its rules are added)",
-        metavar="GID",
-        convert=_ids,
+        "GID",
+        _ids,
         repeat=True,
-        shown_default=_ANYONE,
+        shown=_ANYONE,
     )
     log_level: str = _setting(
-        "info",
-        env="UDS_LOG_LEVEL",
-        help=", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1],
-        metavar="LEVEL",
-        convert=_choice(LOG_LEVELS),
+        "info", ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1], "LEVEL", _choice(LOG_LEVELS)
     )
     log_format: str = _setting(
         "text",
-        env="UDS_LOG_FORMAT",
-        help="text (demo lines bare, for kubectl logs) or json (one object per line)",
-        metavar="FORMAT",
-        convert=_choice(LOG_FORMATS),
+        "text (demo lines bare, for kubectl logs) or json (one object per line)",
+        "FORMAT",
+        _choice(LOG_FORMATS),
     )
-    access_log: bool = _setting(
-        False, env="UDS_ACCESS_LOG", help="log one line per request (costs speed)", convert=_bool
-    )
-    max_text_length: int = _setting(
-        4096,
-        env="UDS_MAX_TEXT_LENGTH",
-        help="longest message text, in characters",
-        metavar="N",
-        convert=_positive_int,
-    )
-    max_body_bytes: int = _setting(
-        64 * 1024,
-        env="UDS_MAX_BODY_BYTES",
-        help="largest request body, in bytes",
-        metavar="BYTES",
-        convert=_positive_int,
-    )
+    access_log: bool = _setting(False, "log one line per request (costs speed)", None, _bool)
+    max_text_length: int = _setting(4096, "longest message text, in characters", "N", _positive_int)
+    max_body_bytes: int = _setting(64 * 1024, "largest request body, in bytes", "BYTES", _positive_int)
     history_size: int = _setting(
-        1000,
-        env="UDS_HISTORY_SIZE",
-        help="messages kept; older ones are pruned (ids are never reused)",
-        metavar="N",
-        convert=_positive_int,
+        1000, "messages kept; older ones are pruned (ids are never reused)", "N", _positive_int
     )
-    idempotency_keys: int = _setting(
-        10_000,
-        env="UDS_IDEMPOTENCY_KEYS",
-        help="Idempotency-Key values remembered",
-        metavar="N",
-        convert=_positive_int,
-    )
+    idempotency_keys: int = _setting(10_000, "Idempotency-Key values remembered", "N", _positive_int)
     store: str = _setting(
         "sqlite",
-        env="UDS_STORE",
-        help="sqlite (durable, in --data-dir) or memory (lost when the process stops)",
-        metavar="KIND",
-        convert=_choice(STORES),
+        "sqlite (durable, in --data-dir) or memory (lost when the process stops)",
+        "KIND",
+        _choice(STORES),
     )
     data_dir: str = _setting(
-        "/var/lib/uds-example",
-        env="UDS_DATA_DIR",
-        help="directory of the durable store (created if missing)",
-        metavar="DIR",
+        "/var/lib/uds-example", "directory of the durable store (created if missing)", "DIR"
     )
     data_dir_private: bool = _setting(
         False,
-        env="UDS_DATA_DIR_PRIVATE",
-        help="accept a --data-dir that other uids could write in by its mode, because only this "
+        "accept a --data-dir that other uids could write in by its mode, because only this "
         "server can reach it (an emptyDir mounted into its container alone)",
-        convert=_bool,
+        None,
+        _bool,
     )
     """Without it a data directory writable by group or others (no sticky bit) is refused: another
     uid could rename the database away. Its parents are checked either way."""
     durability: str = _setting(
         "normal",
-        env="UDS_DURABILITY",
-        help="normal (acknowledged messages survive a crash of the process) or full (they also "
+        "normal (acknowledged messages survive a crash of the process) or full (they also "
         "survive a power cut: every commit is flushed to disk, which costs throughput)",
-        metavar="LEVEL",
-        convert=_choice(DURABILITIES),
+        "LEVEL",
+        _choice(DURABILITIES),
     )
     workers: int = _setting(
-        1,
-        env="UDS_WORKERS",
-        help="worker processes serving the one socket (more than 1 needs --store sqlite)",
-        metavar="N",
-        convert=_positive_int,
+        1, "worker processes serving the one socket (more than 1 needs --store sqlite)", "N", _positive_int
     )
     max_streams: int = _setting(
         100,
-        env="UDS_MAX_STREAMS",
-        help="event streams (GET /v1/events) open at once, per server; the next one gets 503",
-        metavar="N",
-        convert=_positive_int,
+        "event streams (GET /v1/events) open at once, per server; the next one gets 503",
+        "N",
+        _positive_int,
     )
     metrics_listen: str | None = _setting(
         None,
-        env="UDS_METRICS_LISTEN",
-        help="also serve /metrics (and nothing else) over TCP on HOST:PORT, for Prometheus",
-        metavar="HOST:PORT",
-        convert=_listen,
-        shown_default="off",
+        "also serve /metrics (and nothing else) over TCP on HOST:PORT, for Prometheus",
+        "HOST:PORT",
+        _listen,
+        shown="off",
     )
     metrics_uid: tuple[int, ...] = _setting(
         (),
-        env="UDS_METRICS_UID",
-        help="count this peer uid's requests in its own series of uds_peer_requests_total (repeatable, "
+        "count this peer uid's requests in its own series of uds_peer_requests_total (repeatable, "
         'up to 32); the others count as uid="other"',
-        metavar="UID",
-        convert=_shown_uids,
+        "UID",
+        _shown_uids,
         repeat=True,
-        shown_default="none",
+        shown="none",
     )
     """Peer uids that ``/metrics`` shows by name (opt-in: anyone who reaches the metrics port sees them)."""
     shutdown_timeout: float = _setting(
         20.0,
-        env="UDS_SHUTDOWN_TIMEOUT",
-        help="seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)",
-        metavar="SECONDS",
-        convert=_positive_float,
+        "seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)",
+        "SECONDS",
+        _positive_float,
     )
     keepalive_timeout: float = _setting(
-        15.0,
-        env="UDS_KEEPALIVE_TIMEOUT",
-        help="seconds an idle keep-alive connection stays open",
-        metavar="SECONDS",
-        convert=_positive_float,
+        15.0, "seconds an idle keep-alive connection stays open", "SECONDS", _positive_float
     )
     """Server keep-alive; the client keeps idle connections for less than this."""
     request_timeout: float = _setting(
         30.0,
-        env="UDS_REQUEST_TIMEOUT",
-        help="seconds a client has to send a whole request (head and body) before it gets 408",
-        metavar="SECONDS",
-        convert=_positive_float,
+        "seconds a client has to send a whole request (head and body) before it gets 408",
+        "SECONDS",
+        _positive_float,
     )
     send_timeout: float = _setting(
         30.0,
-        env="UDS_SEND_TIMEOUT",
-        help="seconds a response may make no write progress (a client that does not read) "
+        "seconds a response may make no write progress (a client that does not read) "
         "before the connection is closed",
-        metavar="SECONDS",
-        convert=_positive_float,
+        "SECONDS",
+        _positive_float,
     )
     max_connections: int = _setting(
         512,
-        env="UDS_MAX_CONNECTIONS",
-        help="concurrent connections. At the cap the longest-idle connection is closed for a new "
+        "concurrent connections. At the cap the longest-idle connection is closed for a new "
         "one, else the oldest still sending a request after 2 s; when all are busy the newcomer "
         "gets 503. Sized for the 100 MiB memory budget; kept below the open-file limit, which the "
         "server raises to its hard limit at start",
-        metavar="N",
-        convert=_positive_int,
+        "N",
+        _positive_int,
     )
     reply: str = _setting(
-        "Hello from server via UDS",
-        env="UDS_REPLY",
-        help="the reply text sent with every stored message",
-        metavar="TEXT",
+        "Hello from server via UDS", "the reply text sent with every stored message", "TEXT"
     )
-    debug: bool = _setting(
-        False, env="UDS_DEBUG", help="log tracebacks (never sent to clients)", convert=_bool
-    )
+    debug: bool = _setting(False, "log tracebacks (never sent to clients)", None, _bool)
     policy: str | None = _setting(
         None,
-        env="UDS_POLICY",
-        help="TOML file of rules granting scopes (read, write, events, metrics) by uid, gid, "
+        "TOML file of rules granting scopes (read, write, events, metrics) by uid, gid, "
         "user or group; anything not granted gets 403. SIGHUP re-reads it",
-        metavar="FILE",
-        shown_default="none (every peer holds every scope, unless --allow-uid/--allow-gid)",
+        "FILE",
+        shown="none (every peer holds every scope, unless --allow-uid/--allow-gid)",
     )
     audit_log: str | None = _setting(
         None,
-        env="UDS_AUDIT_LOG",
-        help="append a JSON line for every write and every refusal to FILE (created 0600, "
+        "append a JSON line for every write and every refusal to FILE (created 0600, "
         "reopened on SIGHUP), or - for standard error",
-        metavar="FILE",
-        shown_default="off",
+        "FILE",
+        shown="off",
     )
 
     @property
@@ -453,7 +367,7 @@ class Settings:
 def options() -> Iterator[tuple[str, Option]]:
     """Each setting's field name and ``Option``, in declaration order."""
     for item in fields(Settings):
-        yield item.name, item.metadata["option"]
+        yield item.name, replace(item.metadata["option"], env=f"UDS_{item.name.upper()}")
 
 
 def flag(name: str) -> str:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO
 
-from client.cli.spawn import ServerProcess, SpawnError, app_command, python_command
+from app.serving.spawn import ServerProcess, SpawnError, app_command, python_command
 
 __all__ = ["main"]
 
@@ -31,17 +31,12 @@ class DemoError(Exception):
     """A step of the demo failed; the message says which and why."""
 
 
-_PRINTING = threading.Lock()
-"""Held while a line of either child is printed, so the two children's lines never mix."""
+_PRINTING = threading.Lock()  # one child's line at a time: the two children's lines never mix
 
 
 class _Lines:
-    """Print a child's output lines as they come, labelled, and remember them.
-
-    With ``after``, the first line waits (up to 10 s) until ``after()`` is true: the client's
-    answer is printed after the server's line about the same message, as the README shows, even
-    when the client's pipe is read first.
-    """
+    """Print a child's output lines as they come, labelled, and remember them. With ``after``, the
+    first line waits for ``after()``: the client's answer comes after the server's line about it."""
 
     def __init__(self, label: str, stream: IO[str], after: Callable[[], bool] | None = None) -> None:
         self.label = label
@@ -60,7 +55,7 @@ class _Lines:
                 self._after = None
             if shown:
                 try:
-                    with _PRINTING:  # print() writes the text and the newline apart: one line at a time
+                    with _PRINTING:
                         print(f"[{self.label}] {line}", flush=True)
                 except (BrokenPipeError, ValueError):  # the reader went away (| head): keep going quietly
                     shown = False
@@ -85,7 +80,6 @@ class _Lines:
 
 
 def _run_client(path: str, server: _Lines) -> None:
-    # The socket from --socket, never from the environment.
     env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"}
     client = subprocess.Popen(
         python_command("client", "--socket", path, "send", MESSAGE),

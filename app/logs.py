@@ -1,13 +1,9 @@
 """Logging setup, done once by the entry point (library modules only ever get a logger).
 
 ``text``: INFO lines of the ``app`` loggers are the bare message, so ``kubectl logs`` shows the demo
-lines exactly (``🔌 Server listening on /csi/csi.sock``); every other line is ``LEVEL message``. A
-record that names its ``peer`` (each received message) gets it on the next line,
-``  from peer pid=.. uid=.. gid=.. (message N)`` (with ``via proxy for uid=.. gid=.. pid=..``
-when ``uds-client proxy`` named its caller), so the demo line above it stays exactly as it is.
-``json``: one object per line with ``ts``, ``level``, ``logger``, ``message`` and any extra fields.
-uvicorn's loggers go through the same handler. Tracebacks only with ``debug``; otherwise an
-exception is summarised on the same line.
+lines exactly; a record's ``peer`` goes on the next line (``  from peer pid=.. uid=.. gid=..``), so
+the demo line stays as it is; other lines are ``LEVEL message``. ``json``: one object per line.
+Tracebacks only with ``debug``; otherwise an exception is summarised on the same line.
 """
 
 from __future__ import annotations
@@ -18,6 +14,8 @@ import logging
 import sys
 import time
 from typing import IO, Any
+
+from client.net.throttle import Throttle
 
 __all__ = ["BatchingStreamHandler", "JsonFormatter", "TextFormatter", "Throttle", "configure", "escaped"]
 
@@ -38,12 +36,14 @@ def _exception_line(record: logging.LogRecord) -> str:
     return ""
 
 
-class TextFormatter(logging.Formatter):
-    """Bare message for ``app`` INFO lines, ``LEVEL message`` for everything else."""
-
+class _Formatter(logging.Formatter):
     def __init__(self, debug: bool = False) -> None:
         super().__init__()
         self.debug = debug
+
+
+class TextFormatter(_Formatter):
+    """Bare message for ``app`` INFO lines, ``LEVEL message`` for everything else."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -74,12 +74,8 @@ class TextFormatter(logging.Formatter):
         return message
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Formatter):
     """One JSON object per line: ts (RFC 3339 UTC), level, logger, message, extra fields."""
-
-    def __init__(self, debug: bool = False) -> None:
-        super().__init__()
-        self.debug = debug
 
     def format(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
@@ -101,13 +97,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
-    """A stream handler that writes the lines of one event-loop turn in one ``write`` and flush.
-
-    Under load a turn serves many requests; one write per line was the costliest part of logging
-    a message. Outside a running loop (start-up, shutdown, other threads' records after the loop)
-    every record is written at once, after whatever is pending, so order is kept. A line waits at
-    most one loop turn: nothing is held back for long, and close() writes what is left.
-    """
+    """A stream handler that writes the lines of one event-loop turn in one ``write`` and flush (a
+    line waits one turn at most); outside a running loop every record is written at once, in order."""
 
     def __init__(self, stream: IO[str]) -> None:
         super().__init__(stream)
@@ -172,34 +163,6 @@ def escaped(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-class Throttle:
-    """At most one log line per ``period`` seconds for one kind of event that peers can trigger at will.
-
-    A refused or rejected request is worth a line, but a peer sending thousands of them must not
-    flood the log (or the node's disk): the first event of a period is logged at once, and the ones
-    held back are counted into the next line that gets out (``... (and 3,879 more like it in 10s)``).
-    """
-
-    __slots__ = ("_held", "_last", "logger", "period")
-
-    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
-        self.logger = logger
-        self.period = period
-        self._last = float("-inf")
-        self._held = 0
-
-    def log(self, level: int, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.period:
-            self._held += 1
-            return
-        if self._held:
-            message += f" (and {self._held} more like it in the last {now - self._last:.0f}s)"
-            self._held = 0
-        self._last = now
-        self.logger.log(level, message, *args)
-
-
 def configure(
     level: str = "info",
     fmt: str = "text",
@@ -209,8 +172,7 @@ def configure(
     stream: IO[str] | None = None,
 ) -> logging.Handler:
     """Send the ``app`` and ``uvicorn`` loggers to one handler on ``stream`` (stdout by default)."""
-    # The logging HOWTO's "Optimization" knobs: no caller frame walk, thread or process lookups
-    # per record. No formatter here prints them, and each costs microseconds per message.
+    # The logging HOWTO's "Optimization" switches: no formatter here prints these, so skip them.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.cli.spawn import ServerProcess, SpawnError, app_command, free_port, pinned, socket_dir
+from app.serving.spawn import ServerProcess, SpawnError, app_command, free_port, pinned, socket_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -116,7 +116,7 @@ class Server(ServerProcess):
         return self.ready_after
 
     def target(self) -> Any:
-        from client.cli._loadgen import Target
+        from _loadgen import Target
 
         return Target(port=self.port) if self.port else Target(socket=self.socket)
 
@@ -246,8 +246,8 @@ def autocannon(
 def loadgen(
     server: Server, connections: int, duration: float, warmup: float = 1.0, cpus: set[int] | None = None
 ) -> dict[str, float]:
-    """One run of our generator (``client.cli._loadgen``) with the same request autocannon sends."""
-    from client.cli._loadgen import LoadSpec, run_load
+    """One run of our generator (``_loadgen``) with the same request autocannon sends."""
+    from _loadgen import LoadSpec, run_load
 
     spec = LoadSpec(concurrency=connections, duration=duration, warmup=warmup, body=BODY.encode())
     saved = os.sched_getaffinity(0)

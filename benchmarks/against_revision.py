@@ -21,7 +21,7 @@ from pathlib import Path
 
 from _common import ROOT, Row, Server, autocannon, compare, paired
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 
 @contextlib.contextmanager

@@ -136,7 +136,7 @@ def run(quick: bool) -> list[Row]:
         compare(
             "d",
             f"the same next to what the server can serve at {TASKS} connections",
-            (f"AsyncClient x{TASKS}", f"uds-client bench c={TASKS}"),
+            (f"AsyncClient x{TASKS}", f"bench.py generator c={TASKS}"),
             capacity,
             "rps",
             "req/s",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from _common import Row, Server, autocannon, compare, main_for
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 CONNECTIONS = 10
 

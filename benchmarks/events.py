@@ -28,7 +28,7 @@ from typing import Any
 
 from _common import PYTHON, BenchError, Row, Server, autocannon, compare, main_for, paired
 
-from client.cli.spawn import pinned, split_cpus
+from app.serving.spawn import pinned, split_cpus
 
 SUBSCRIBERS = 100
 CONNECTIONS = 20

@@ -1,4 +1,4 @@
-"""(c) Our load generator (uds-client bench) against autocannon, same server, same request, 10 conns.
+"""(c) Our load generator (bench.py) against autocannon, same server, same request, 10 conns.
 
 Measured against our server and against the faster bare route: if the generator were the
 bottleneck, it would fall behind autocannon on the faster server first. On a machine with two
@@ -12,7 +12,7 @@ from functools import partial
 
 from _common import Row, autocannon, compare, loadgen, main_for, paired, servers
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:
@@ -31,7 +31,7 @@ def run(quick: bool) -> list[Row]:
                 compare(
                     "c",
                     f"req/s against {name} over UDS, 10 conns",
-                    ("uds-client bench", "autocannon"),
+                    ("bench.py generator", "autocannon"),
                     runs,
                     "rps",
                     "req/s",

@@ -44,7 +44,7 @@ from _common import (
     paired,
 )
 
-from client.cli.spawn import free_port, split_cpus
+from app.serving.spawn import free_port, split_cpus
 
 PATH = "/v1/messages"
 FLUSH_EVERY = 2000
@@ -138,9 +138,10 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
         uncounted = Metrics(on=False)  # what the uncounted server flushes: nothing
         sides = {}
         for on in (True, False):
-            config.recorder = counting if on else uncounted.recorder
             transport = StandInTransport()
-            protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+            recorder = counting if on else uncounted.recorder
+            loop = asyncio.get_running_loop()
+            protocol = PeerCredProtocol(config, ServerState(), {}, loop, recorder=recorder)
             protocol.connection_made(transport)
             sides[on] = (protocol, transport)
 

@@ -40,7 +40,7 @@ from _common import (
     median,
 )
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 PATH = "/v1/messages"
 BODY = b'{"text":"Hello from client"}'
@@ -65,17 +65,17 @@ def rules(uid: int, count: int = 10) -> str:
 def check_alone(calls: int, rounds: int) -> list[dict[str, float]]:
     """µs per request added by the middleware around an app that answers 201 and does nothing
     else: the check alone (policy), and the check with its audit line (queued, encoded, written)."""
-    from app.api.access import PeerAllowlist
+    from app.api.access import Access, PeerAllowlist
+    from app.api.versions import API_VERSIONS
     from app.config import Settings
-    from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
-    from app.main import create_app
+    from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
 
     directory = Path(tempfile.mkdtemp(prefix="pb-"))
     policy = directory / "policy.toml"
     policy.write_text(rules(os.getuid()))
     audit_path = directory / "audit.log"
-    access = create_app(Settings(store="memory", policy=str(policy))).state.access
-    audited = create_app(Settings(store="memory", policy=str(policy), audit_log=str(audit_path))).state.access
+    access = Access(Settings(store="memory", policy=str(policy)), API_VERSIONS)
+    audited = Access(Settings(store="memory", policy=str(policy), audit_log=str(audit_path)), API_VERSIONS)
     if access.policy is None or access.policy.rules != 10:
         raise BenchError("the policy was not read: nothing would be measured")
 
@@ -138,7 +138,6 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
     from uvicorn.server import ServerState
 
     from app.__main__ import parse_settings
-    from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
     from app.serving.server import Services, build_config
 
@@ -163,7 +162,9 @@ def in_process(requests: int, rounds: int) -> dict[str, list[tuple[dict[str, flo
             config = build_config(settings, app, services.metrics.recorder)
             config.load()
             transport = StandInTransport()
-            protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+            protocol = config.http_protocol_class(
+                config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+            )
             protocol.connection_made(transport)
             sides[name] = (app, protocol, transport, services)
 

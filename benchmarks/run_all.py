@@ -26,8 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import HERE, Row
-
-from client.cli.bench import json_safe
+from bench import json_safe
 
 BENCHES = {
     "a": ("server_transport", "server over UDS vs TCP"),

@@ -13,7 +13,7 @@ from functools import partial
 
 from _common import Row, autocannon, compare, loadgen, main_for, paired, servers
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:
@@ -44,7 +44,7 @@ def run(quick: bool) -> list[Row]:
             "UDS >= 1.25x TCP",
             lambda r: r >= 1.25,
         )
-        for name, tool in (("autocannon", autocannon), ("uds-client bench", loadgen))
+        for name, tool in (("autocannon", autocannon), ("bench.py generator", loadgen))
     ]
     # The yardstick's own ratio: the bare Starlette route doing the same work, same settings.
     # What the transport can give a Python server of this kind on this machine.

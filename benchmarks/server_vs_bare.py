@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from _common import Row, autocannon, compare, main_for, paired, servers
 
-from client.cli.spawn import split_cpus
+from app.serving.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:

@@ -13,8 +13,9 @@ import time
 
 from _common import PYTHON, BenchError, Row, Server, loadgen, main_for, median, servers
 
-from client._probe import probe
-from client.cli.spawn import ServerProcess, poll, socket_dir
+from app.serving.spawn import ServerProcess, socket_dir
+from client import probe
+from client.wait import poll
 
 
 def cold_start(kind: str) -> float:

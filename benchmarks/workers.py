@@ -28,7 +28,7 @@ from pathlib import Path
 
 from _common import ROOT, BenchError, Row, autocannon, compare, main_for, paired
 
-from client.cli.spawn import ServerProcess, SpawnError, app_command, socket_dir
+from app.serving.spawn import ServerProcess, SpawnError, app_command, socket_dir
 
 CONNECTIONS = 20
 SERVED = re.compile(r"Worker pid (\d+) stopped after (\d+) request\(s\)")
@@ -103,7 +103,8 @@ def _measure(server: _Server, duration: float, warmup: float) -> dict[str, float
     if len(workers) > 1:
         worker_cpu = sum(spent[pid] for pid in workers)
         result["busiest_cpu_share"] = max(spent[pid] for pid in workers) / worker_cpu if worker_cpu else 0.0
-        result["busiest_connection_share"] = max(held.values()) / sum(held.values()) if held else float("nan")
+        connections = sum(held.values())
+        result["busiest_connection_share"] = max(held.values()) / connections if connections else float("nan")
     return result
 
 

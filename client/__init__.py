@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from client._events import Event
     from client._models import Health, Message, Peer, RawResponse, Version, WhoAmI
     from client._probe import probe
-    from client._wait import wait_for_socket
+    from client.wait import wait_for_socket
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -47,23 +47,15 @@ __all__ = [
     "wait_for_socket",
 ]
 
-_WHERE = {
-    "AsyncClient": "_client",
-    "Client": "_client",
-    "APIError": "_errors",
-    "ClientError": "_errors",
-    "ConnectError": "_errors",
-    "WaitTimeout": "_errors",
-    "Event": "_events",
-    "Health": "_models",
-    "Message": "_models",
-    "Peer": "_models",
-    "RawResponse": "_models",
-    "Version": "_models",
-    "WhoAmI": "_models",
-    "probe": "_probe",
-    "wait_for_socket": "_wait",
+_LAZY = {
+    "_client": ("AsyncClient", "Client"),
+    "_errors": ("APIError", "ClientError", "ConnectError", "WaitTimeout"),
+    "_events": ("Event",),
+    "_models": ("Health", "Message", "Peer", "RawResponse", "Version", "WhoAmI"),
+    "_probe": ("probe",),
+    "wait": ("wait_for_socket",),
 }
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:

@@ -42,6 +42,11 @@ class ConnectError(ClientError):
         self.hint = hint if hint is not None else _HINTS.get(reason, "Is the server running?")
         super().__init__(f"cannot connect to {address} ({reason}). {self.hint}")
 
+    @classmethod
+    def caused_by(cls, address: str, exc: BaseException) -> ConnectError:
+        """The error for ``exc``, its reason read from the first ``OSError`` in its cause chain."""
+        return cls(address, reason_for(exc))
+
 
 _HINTS = {
     "no such file": "Is the server running?",

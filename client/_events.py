@@ -1,18 +1,10 @@
-"""Following ``GET /events``: the iterators behind ``Client.events()`` and ``AsyncClient.events()``,
-which resume by themselves.
+"""Following ``GET /events``: the iterators behind ``Client.events()`` and ``AsyncClient.events()``.
 
-Resuming: every event's ``id`` is remembered; when the stream drops (the server restarts, ends it
-with ``shutdown`` or ``overflow``, or sends nothing, not even a heartbeat, for
-:data:`READ_IDLE_TIMEOUT`), the iterator connects again with ``Last-Event-ID`` and the server
-replays what was missed, so the caller sees every message once. Attempts back off from
-:data:`BACKOFF_FIRST` to :data:`BACKOFF_MAX` seconds; after ``reconnect_for`` seconds without a
-stream the last error is raised. The very first connection is not retried (a wrong socket fails
-at once), except for a 503 (all stream slots taken), which is.
-
-Only ``message`` and ``reset`` events reach the caller: ``overflow`` and ``shutdown`` concern the
-connection, which the iterator handles itself (they are logged at DEBUG). The stream is parsed by
-httpx2's :class:`httpx2.EventSource`, each event bounded by the client's ``max_response_bytes``.
-Connecting is the client's job: it passes in a function that opens the stream (see ``Opener``).
+Every event's id is remembered; when the stream drops (restart, ``shutdown``, ``overflow``, or
+:data:`READ_IDLE_TIMEOUT` of silence) the iterator connects again with ``Last-Event-ID``, backing
+off, and gives up after ``reconnect_for`` seconds without a stream. Only ``message`` and ``reset``
+events reach the caller. The stream is parsed by httpx2's :class:`httpx2.EventSource`. Details:
+docs/internals.md, "Client".
 """
 
 from __future__ import annotations
@@ -29,18 +21,6 @@ import orjson
 
 from client._errors import APIError, ClientError, ConnectError
 from client._models import Message
-
-__all__ = [
-    "BACKOFF_FIRST",
-    "BACKOFF_MAX",
-    "READ_IDLE_TIMEOUT",
-    "RECONNECT_FOR",
-    "AsyncOpener",
-    "Event",
-    "Opener",
-    "follow",
-    "follow_async",
-]
 
 log = logging.getLogger("client")
 
@@ -150,8 +130,7 @@ class _Follow:
             self.lost_at = now
         if now - self.lost_at > self.reconnect_for:
             raise exc
-        delay = self.delay
-        self.delay = min(self.delay * 2, BACKOFF_MAX)
+        delay = self._backoff()
         log.debug("%s: event stream lost (%s); connecting again in %.1fs", self.address, exc, delay)
         return delay
 
@@ -162,8 +141,9 @@ class _Follow:
             log.debug("%s: event stream broke: %s", self.address, exc)
         if self.lost_at is None:
             self.lost_at = time.monotonic()
-        if self.received:
-            return 0.0
+        return 0.0 if self.received else self._backoff()
+
+    def _backoff(self) -> float:
         delay = self.delay
         self.delay = min(self.delay * 2, BACKOFF_MAX)
         return delay

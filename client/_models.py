@@ -1,7 +1,6 @@
 """Typed results of the API: frozen dataclasses built from the server's JSON (stdlib only).
 
-``from_json`` raises ``TypeError``, ``KeyError`` or ``ValueError`` for JSON of the wrong shape;
-the client turns those into one :class:`~client.ClientError`.
+``from_json`` raises ``TypeError``, ``KeyError`` or ``ValueError`` for JSON of the wrong shape.
 """
 
 from __future__ import annotations
@@ -9,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-__all__ = ["Health", "Message", "Peer", "RawResponse", "Version", "WhoAmI"]
 
 
 def _object(data: Any, what: str) -> dict[str, Any]:
@@ -76,9 +73,8 @@ class Message:
     def to_json(self) -> dict[str, Any]:
         """The message as the server spells it (``received_at`` in RFC 3339 UTC)."""
         at = self.received_at.isoformat().replace("+00:00", "Z")
-        peer = self.peer
-        peer_json = None if peer is None else peer.to_json()
-        return {"id": self.id, "text": self.text, "reply": self.reply, "received_at": at, "peer": peer_json}
+        peer = None if self.peer is None else self.peer.to_json()
+        return {"id": self.id, "text": self.text, "reply": self.reply, "received_at": at, "peer": peer}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +110,13 @@ class Version:
         missing = [name for name in known if not isinstance(data.get(name), str)]
         if missing:
             raise KeyError(f"no version string for {', '.join(missing)}")
+        extra = {k: v for k, v in data.items() if k not in known}
         return cls(
             app=data["app"],
             python=data["python"],
             uvicorn=data["uvicorn"],
             fastapi=data["fastapi"],
-            extra={k: v for k, v in data.items() if k not in known},
+            extra=extra,
         )
 
 
@@ -165,14 +162,8 @@ class WhoAmI:
         forwarded: dict[str, Any] | None = None
         if self.forwarded_for is not None:
             forwarded = {**self.forwarded_for.to_json(), "scopes": list(self.forwarded_scopes)}
-        return {
-            "uid": self.uid,
-            "gid": self.gid,
-            "pid": self.pid,
-            "groups": list(self.groups),
-            "scopes": list(self.scopes),
-            "forwarded_for": forwarded,
-        }
+        ids = {"uid": self.uid, "gid": self.gid, "pid": self.pid, "groups": list(self.groups)}
+        return {**ids, "scopes": list(self.scopes), "forwarded_for": forwarded}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,8 @@
 """A lean health probe: one HTTP/1.1 request over AF_UNIX with nothing but ``socket``.
 
-``uds-client health`` runs as a Kubernetes exec probe every few seconds, so it must not pay for
-importing httpx2, nor even ``http.client`` (which pulls in ``email`` and ``ssl``): docs/performance.md (e).
-The request is fixed (``GET`` with ``Connection: close``), so reading to EOF frames the response.
-``timeout`` bounds the whole probe: every connect, send and recv waits only for what is left of it,
-so a server that drips a byte at a time cannot keep the probe past it.
+``uds-client health`` runs as an exec probe every few seconds: it imports neither httpx2 nor
+``http.client`` (docs/performance.md (e)). ``Connection: close`` lets EOF frame the response;
+``timeout`` bounds the whole probe, each step waiting only for what is left of it.
 """
 
 from __future__ import annotations
@@ -12,10 +10,8 @@ from __future__ import annotations
 import socket
 import time
 
-from client._errors import ConnectError, reason_for
+from client._errors import ConnectError
 from client.address import to_url
-
-__all__ = ["probe"]
 
 _MAX_RESPONSE = 1 << 20
 
@@ -37,7 +33,7 @@ def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple
             data = _read_all(sock, deadline)
         return _parse(data)
     except (OSError, _BadResponse) as exc:
-        raise ConnectError(to_url(path), reason_for(exc)) from exc
+        raise ConnectError.caused_by(to_url(path), exc) from exc
 
 
 def _wait_until(sock: socket.socket, deadline: float) -> None:

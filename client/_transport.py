@@ -1,19 +1,7 @@
 """httpx2's Unix-socket transports, ``HTTPTransport(uds=...)``, set up for the socket, and the
-mapping of their errors.
-
-* **No CA bundle**: TLS never runs over the socket, so the transports get one bare context.
-* **A deadline per request**: ``Client`` sets :data:`REQUEST` (a :class:`Budget`) for a whole
-  request; the network backends below give every connect, read and write only what is left of it,
-  so a server dripping a byte at a time cannot stretch ``timeout``.
-* **No leaked socket**: httpcore2's ``SyncBackend`` leaves the socket of a failed ``connect()`` to
-  the garbage collector; :class:`UnixBackend` closes it.
-* **Stale connections**: idle connections expire after :data:`KEEPALIVE_EXPIRY`, under the
-  server's keep-alive; a reused one found closed (:func:`is_stale_error`) is retried once, and the
-  backends mark the :class:`Budget` of a request that connected (:class:`ReuseTracker`, a
-  ``trace`` callback, does it on other transports, at a cost per request).
-
-httpx2 takes no network backend, so :func:`_use_pool` puts one in (see there). Costs measured:
-docs/performance.md.
+mapping of their errors: no CA bundle, a deadline per whole request (:data:`REQUEST`), no socket
+leaked by a failed connect, idle connections dropped before the server's keep-alive ends and a
+reused one found closed retried once. Why each: docs/internals.md, "Client".
 """
 
 from __future__ import annotations
@@ -24,26 +12,13 @@ import ssl
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore2
 import httpx2
 
-from client._errors import ClientError, ConnectError, reason_for
-
-__all__ = [
-    "BASE_URL",
-    "KEEPALIVE_EXPIRY",
-    "REQUEST",
-    "AsyncUnixBackend",
-    "Budget",
-    "ReuseTracker",
-    "UnixBackend",
-    "async_transport",
-    "is_stale_error",
-    "mapped_error",
-    "sync_transport",
-]
+from client._errors import ClientError, ConnectError
 
 BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
@@ -51,14 +26,12 @@ KEEPALIVE_EXPIRY = 5.0
 _BARE_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
+@dataclass(slots=True)
 class Budget:
     """One request's deadline (``time.monotonic()``), and whether it had to open a connection."""
 
-    __slots__ = ("deadline", "opened")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.opened = False
+    deadline: float
+    opened: bool = False
 
 
 REQUEST: ContextVar[Budget | None] = ContextVar("uds_client_request", default=None)
@@ -74,6 +47,12 @@ def _remaining(timeout: float | None) -> float | None:
     if left <= 0:
         raise TimeoutError("the request's deadline has passed")
     return left if timeout is None or timeout > left else timeout
+
+
+def _opening() -> None:
+    budget = REQUEST.get()
+    if budget is not None:
+        budget.opened = True
 
 
 class UnixStream(httpcore2.NetworkStream):
@@ -108,15 +87,15 @@ class UnixStream(httpcore2.NetworkStream):
     def get_extra_info(self, info: str) -> Any:
         if info == "socket":
             return self._sock
-        if info == "is_readable":
-            # An idle connection is readable when the server closed it (or sent something unasked).
-            try:
-                poller = select.poll()
-                poller.register(self._sock, select.POLLIN)
-                return bool(poller.poll(0))
-            except (OSError, ValueError):
-                return True
-        return None
+        if info != "is_readable":
+            return None
+        # An idle connection is readable when the server closed it (or sent something unasked).
+        try:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
 
 class UnixBackend(httpcore2.SyncBackend):
@@ -125,9 +104,7 @@ class UnixBackend(httpcore2.SyncBackend):
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore2.NetworkStream:
-        budget = REQUEST.get()
-        if budget is not None:
-            budget.opened = True
+        _opening()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             for option in socket_options or ():
@@ -180,9 +157,7 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's interface
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        budget = REQUEST.get()
-        if budget is not None:
-            budget.opened = True
+        _opening()
         try:
             left = _remaining(timeout)
         except TimeoutError as exc:
@@ -210,43 +185,38 @@ def _use_pool(
 
 
 def _pool_options(path: str, max_connections: int | None) -> dict[str, Any]:
-    """What both pools are built with: the socket, no CA bundle, idle connections kept < the server's."""
-    return {
-        "ssl_context": _BARE_TLS,
-        "uds": path,
-        "max_connections": max_connections,
-        "max_keepalive_connections": max_connections,
-        "keepalive_expiry": KEEPALIVE_EXPIRY,
-    }
+    """The socket, no CA bundle, idle connections kept less long than the server keeps them."""
+    limit = {"max_connections": max_connections, "max_keepalive_connections": max_connections}
+    return {"ssl_context": _BARE_TLS, "uds": path, "keepalive_expiry": KEEPALIVE_EXPIRY, **limit}
 
 
 def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
-    """``httpx2.HTTPTransport(uds=path)`` with no CA bundle, :class:`UnixBackend` and short keep-alive."""
+    """``httpx2.HTTPTransport(uds=path)`` on :class:`UnixBackend`."""
     transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    options = _pool_options(path, max_connections)
-    _use_pool(transport, httpcore2.ConnectionPool(network_backend=UnixBackend(), **options))
+    pool = httpcore2.ConnectionPool(network_backend=UnixBackend(), **_pool_options(path, max_connections))
+    _use_pool(transport, pool)
     return transport
 
 
 def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.AsyncHTTPTransport:
-    """``httpx2.AsyncHTTPTransport(uds=path)``: no CA bundle, :class:`AsyncUnixBackend`, short keep-alive."""
+    """``httpx2.AsyncHTTPTransport(uds=path)`` on :class:`AsyncUnixBackend`."""
     transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    options = _pool_options(path, max_connections)
-    _use_pool(transport, httpcore2.AsyncConnectionPool(network_backend=AsyncUnixBackend(), **options))
+    backend = AsyncUnixBackend()
+    _use_pool(
+        transport,
+        httpcore2.AsyncConnectionPool(network_backend=backend, **_pool_options(path, max_connections)),
+    )
     return transport
 
 
+@dataclass(slots=True)
 class ReuseTracker:
     """An httpx2 ``trace`` callback that records whether a request opened a new connection."""
 
-    __slots__ = ("opened",)
-
-    def __init__(self) -> None:
-        self.opened = False
+    opened: bool = False
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
-        if event.startswith("connection.connect_"):
-            self.opened = True
+        self.opened = self.opened or event.startswith("connection.connect_")
 
     async def atrace(self, event: str, info: dict[str, Any]) -> None:
         """The same, for async transports (httpcore2 wants a coroutine function there)."""
@@ -259,10 +229,9 @@ def is_stale_error(exc: BaseException) -> bool:
 
 
 def mapped_error(exc: BaseException, address: str) -> ClientError:
-    """The library's error for an httpx2 error or a timeout; the caller raises it ``from exc``
-    (a function, not a context manager: a bare ``try`` costs nothing until something is raised)."""
+    """The library's error for an httpx2 error or a timeout; the caller raises it ``from exc``."""
     if isinstance(exc, httpx2.TimeoutException | TimeoutError):
         return ConnectError(address, "timed out")
     if isinstance(exc, httpx2.TransportError):
-        return ConnectError(address, reason_for(exc))
+        return ConnectError.caused_by(address, exc)
     return ClientError(f"request to {address} failed: {exc}")

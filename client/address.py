@@ -1,16 +1,9 @@
 """Parse the socket address shared by the server and the client (stdlib only).
 
-Accepted spellings, like ``DOCKER_HOST`` and the libraries that talk to it:
-
-* a bare absolute path: ``/csi/csi.sock``
-* ``unix:///csi/csi.sock`` and the lax ``unix:/csi/csi.sock`` (``unix://csi/csi.sock`` is rejected
-  because ``csi`` would be a host name)
-* ``http+unix://%2Fcsi%2Fcsi.sock`` (requests-unixsocket, docker-py), with an optional path suffix
-  (``/messages``) that is ignored
-
-Scheme names are case-insensitive. Anything else raises :class:`AddressError`, quoting the value
-and saying what to write instead. :func:`resolve_socket` applies the precedence every command uses:
-an explicit address, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``.
+Accepted, like ``DOCKER_HOST``: a bare absolute path, ``unix:///path`` (and the lax ``unix:/path``;
+``unix://csi/x`` is rejected: ``csi`` would be a host), and ``http+unix://%2Fpath`` with an ignored
+path suffix. Schemes are case-insensitive; anything else raises :class:`AddressError` quoting the
+value and saying what to write instead.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from app.serving import spawn
 from client._probe import probe
-from client.cli import spawn
-from client.cli.spawn import poll
+from client.wait import poll
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def wait_until(
     """Call ``check`` until it returns something other than None/False, or fail after ``timeout``.
 
     Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure. The
-    loop is :func:`client.cli.spawn.poll`, the one the demo, bench and benchmarks use.
+    loop is :func:`client.wait.poll`, the one the demo, bench and benchmarks use.
     """
     try:
         return poll(check, timeout, what=what, retry_on=Exception, first_delay=interval)

@@ -2,8 +2,8 @@
 
 ``python -m`` puts the working directory first on ``sys.path``, and ``PYTHONPATH`` or a
 ``sitecustomize`` module reach every interpreter that honours the environment. So the workers of
-``--workers``, the server and client that ``uds-demo`` starts and the server of ``bench --spawn``
-(``client.cli.spawn.app_command``) run in isolated mode. Each test lets uid 65534 plant packages
+``--workers``, the server and client that ``uds-demo`` starts and the server of ``bench.py --spawn``
+(``app.serving.spawn.app_command``) run in isolated mode. Each test lets uid 65534 plant packages
 named like ours (and ``sitecustomize``) in a world-writable directory, starts the process as root
 with that directory as its working directory or on ``PYTHONPATH``, and checks that nothing planted
 ran (a planted module would write to a directory only root can write) and that the process works.
@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from client.cli import spawn
+from app.serving import spawn
 from tests.support import (
     ROOT,
     http_over_uds,
@@ -182,7 +182,7 @@ def test_workers_never_import_from_pythonpath(planted: Planted, log: Path) -> No
 
 @pytest.mark.parametrize("where", ["cwd", "PYTHONPATH"])
 def test_the_spawn_helper_server_never_imports_planted_code(planted: Planted, where: str) -> None:
-    """``bench --spawn``, the benchmarks and the demo start servers through ``app_command``."""
+    """``bench.py --spawn``, the other benchmarks and the demo start servers through ``app_command``."""
     planted.plant("app", "client", "uvicorn", "sitecustomize.py")
     tmp = short_tmpdir("ps")
     path = str(tmp / "s.sock")

@@ -1,5 +1,6 @@
-"""The README's hand-run examples work as written: each `$ command` in its console blocks is run
-against a fresh `uds-server --socket <short path>` and its output compared with the README's.
+"""The hand-run examples of the README and docs/api.md work as written: each `$ command` in their
+console blocks is run against a fresh `uds-server --socket <short path>` (one per file) and its
+output compared with the page's.
 
 Values that differ from run to run (timestamps, the peer's ids, versions) are compared by type.
 """
@@ -18,13 +19,14 @@ import pytest
 from tests.support import ROOT, require_tool, running_server, short_tmpdir
 
 README = ROOT / "README.md"
+API_DOC = ROOT / "docs" / "api.md"
 README_SOCKET = "/tmp/x/csi.sock"
 VARIABLE_KEYS = {"received_at", "pid", "uid", "gid"}
 
 
-def console_examples() -> list[tuple[str, list[str]]]:
-    """(command, expected output lines) for every `$ ` line of the README's console blocks."""
-    text = README.read_text(encoding="utf-8")
+def console_examples(page: Path) -> list[tuple[str, list[str]]]:
+    """(command, expected output lines) for every `$ ` line of the page's console blocks."""
+    text = page.read_text(encoding="utf-8")
     examples: list[tuple[str, list[str]]] = []
     for block in re.findall(r"```console\n(.*?)```", text, flags=re.DOTALL):
         for line in block.splitlines():
@@ -55,8 +57,8 @@ def same_output(expected: str, actual: str) -> bool:
         return False
 
 
-def test_readme_has_examples_for_every_endpoint() -> None:
-    commands = " ".join(command for command, _ in console_examples())
+def test_docs_have_examples_for_every_endpoint() -> None:
+    commands = " ".join(command for page in (README, API_DOC) for command, _ in console_examples(page))
     for path in (
         "/healthz",
         "/readyz",
@@ -68,13 +70,14 @@ def test_readme_has_examples_for_every_endpoint() -> None:
         "/redoc",
         "Idempotency-Key",
     ):
-        assert path in commands, f"README has no curl example for {path}"
+        assert path in commands, f"neither the README nor docs/api.md has a curl example for {path}"
 
 
-def test_readme_console_examples_work_verbatim() -> None:
+@pytest.mark.parametrize(("page", "at_least"), [(README, 5), (API_DOC, 15)], ids=["README", "api"])
+def test_console_examples_work_verbatim(page: Path, at_least: int) -> None:
     require_tool("curl")
-    examples = console_examples()
-    assert len(examples) >= 15, "the README's console examples were not found"
+    examples = console_examples(page)
+    assert len(examples) >= at_least, f"the console examples of {page.name} were not found"
     tmp = short_tmpdir()
     socket_path = str(tmp / "csi.sock")
     bin_dir = str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin") if os.environ.get("VIRTUAL_ENV") else None
@@ -83,7 +86,7 @@ def test_readme_console_examples_work_verbatim() -> None:
 
     env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), bin_dir, env["PATH"]) if p)
     with running_server(tmp=tmp) as server:
-        # running_server picks s.sock; the README names csi.sock: serve that name too.
+        # running_server picks s.sock; the pages name csi.sock: serve that name too.
         assert server.socket_path
         os.symlink(server.socket_path, socket_path)
         for command, expected_lines in examples:

@@ -1,18 +1,11 @@
 """Who may call what: the policy (``--policy``), its shorthand ``--allow-uid``/``--allow-gid`` (every
-scope), and the audit trail (``--audit-log``), applied by one ASGI middleware.
+scope) and the audit trail (``--audit-log``), applied by one ASGI middleware, installed only when
+one of them is set.
 
-Installed only when one of them is set, so an open server pays nothing. The peer comes from
-``scope["extensions"]["uds.peer"]`` (SO_PEERCRED, set by the socket layer) and its supplementary
-groups from ``["uds.connection"]`` (SO_PEERGROUPS), where its scopes are cached until the policy
-changes. A connection without peer credentials (TCP) holds no scope: the check fails closed. The
-probes (``/healthz``, ``/readyz``) stay open so the kubelet can reach them, and so do ``/_ping``
-(a client negotiates the API version first; the versions are no secret) and ``/whoami`` (what a
-refused caller runs next; it shows the caller only its own identity and scopes).
-
-A request that names the user behind a proxy (``Uds-Forwarded-Peer``, see :mod:`app.api.forwarded`)
-holds only the scopes both hold, the proxy's own process and the user it speaks for (by uid and
-gid: the header carries no groups): a proxy never widens what a caller may do. A malformed or
-repeated header is refused too.
+The peer comes from SO_PEERCRED (set by the connection layer), its groups from SO_PEERGROUPS; its
+scopes are cached on its connection until the policy changes. No peer credentials (TCP): no scope.
+The probes, ``/_ping`` and ``/whoami`` stay open. Behind a proxy (``Uds-Forwarded-Peer``) a request
+holds only the scopes both the proxy and the user it names hold: a proxy never widens them.
 """
 
 from __future__ import annotations
@@ -43,15 +36,18 @@ from app.api.policy import (
     shorthand,
 )
 from app.config import Settings
-from app.connection.protocol import CONNECTION_KEY, PEER_KEY, PeerConnection
+from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
 from app.logs import Throttle, escaped
 
 __all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
 
+Ids = dict[str, int]
+"""Credentials: ``uid``, ``gid``, ``pid``."""
+
 log = logging.getLogger("app.api.access")
 
 
-def is_allowed(peer: dict[str, int] | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
+def is_allowed(peer: Ids | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
     """True when the peer's uid is in ``uids`` or its gid is in ``gids``; no peer is never allowed."""
     if peer is None:
         return False
@@ -65,10 +61,8 @@ def ordered(scopes: Iterable[str]) -> list[str]:
 
 
 class Access:
-    """This process's rules in force (replaced whole by :meth:`reload`) and its audit log.
-
-    Reading the policy file is I/O: a bad file raises PolicyError here, when the app is built.
-    """
+    """This process's rules in force (replaced whole by :meth:`reload`) and its audit log; a bad
+    policy file raises PolicyError here."""
 
     def __init__(self, settings: Settings, versions: Iterable[int]) -> None:
         self.path = settings.policy
@@ -116,7 +110,7 @@ class Access:
         )
         return True
 
-    def held(self, peer: dict[str, int] | None, connection: PeerConnection | None) -> frozenset[str]:
+    def held(self, peer: Ids | None, connection: PeerConnection | None) -> frozenset[str]:
         """The scopes of the process on the socket (cached on its connection)."""
         policy = self.policy
         if policy is None:
@@ -130,7 +124,7 @@ class Access:
             connection.generation = self.generation
         return connection.scopes
 
-    def held_behind(self, user: dict[str, int]) -> frozenset[str]:
+    def held_behind(self, user: Ids) -> frozenset[str]:
         """The scopes of a user named by a proxy (uid and gid only)."""
         policy = self.policy
         return ALL if policy is None else policy.scopes(user["uid"], user["gid"])
@@ -162,17 +156,12 @@ class Access:
 
 
 class PeerAllowlist:
-    """Pure ASGI middleware: a request needing a scope its caller lacks gets 403 (the shared JSON
-    error response, naming the scope); writes and refusals get an audit line.
-
-    It answers without reading the request body; the protocol then closes the connection, so a
-    refused peer cannot keep streaming a body into the server.
-    """
+    """ASGI middleware: a request needing a scope its caller lacks gets 403 naming the scope, without
+    its body being read (the connection then closes); writes and refusals get an audit line."""
 
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app = app
         self.access = access
-        # Refusals are logged at most once per 10 s (with a count): a refused peer must not flood the log.
         self.refused = Throttle(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -187,13 +176,13 @@ class PeerAllowlist:
         extensions = scope.get("extensions")
         peer = extensions.get(PEER_KEY) if extensions else None
         held = access.held(peer, extensions.get(CONNECTION_KEY) if extensions else None)
-        user: dict[str, int] | None = None
+        user: Ids | None = None
         if access.policy is not None and peer is not None:
             behind = _forwarded(scope)
             if behind is not None:
                 user = behind["peer"]
                 if user is None:
-                    await self._refuse_malformed(scope, receive, send, peer, needed)
+                    await self._refuse(scope, receive, send, peer, needed, None, malformed=True)
                     return
                 if needed in held and needed not in access.held_behind(user):
                     await self._refuse(scope, receive, send, peer, needed, user)
@@ -226,97 +215,52 @@ class PeerAllowlist:
         scope: Scope,
         receive: Receive,
         send: Send,
-        peer: dict[str, int] | None,
+        peer: Ids | None,
         needed: str,
-        user: dict[str, int] | None,
+        user: Ids | None,
+        malformed: bool = False,
     ) -> None:
-        method, path = escaped(scope["method"]), _shown_path(scope)
+        """403 naming what is missing; an audit line (within its budget) and a throttled log line."""
         if self.access.audit is not None:
             self.access.audit.deny(_entry(scope, peer, user, 403, "deny", needed))
-        if peer is None:
-            self.refused.log(
-                logging.WARNING,
-                "Refused %s %s: no peer credentials (not a Unix socket connection); "
-                "the policy admits only Unix socket peers",
-                method,
-                path,
-            )
+        whoami = "`uds-client whoami` shows the scopes you hold"
+        if malformed:
+            why = ": malformed or repeated Uds-Forwarded-Peer header"
+            message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
+        elif peer is None:
+            why = ": no peer credentials (not a Unix socket connection); the policy admits only Unix socket "
+            why += "peers"
             message = "this server only accepts allowed peers over its Unix socket"
         elif user is not None:
-            self.refused.log(
-                logging.WARNING,
-                "Refused %s %s via proxy pid=%s for uid=%s gid=%s: lacks the %s scope",
-                method,
-                path,
-                peer.get("pid"),
-                user["uid"],
-                user["gid"],
-                needed,
-            )
-            message = (
-                f"uid {user['uid']} gid {user['gid']}, behind the proxy, lacks the {needed!r} scope this "
-                "request needs; `uds-client whoami` shows the scopes you hold"
-            )
-        elif self.access.path is None:  # the allowlist alone: on it or not
-            self.refused.log(
-                logging.WARNING,
-                "Refused %s %s from pid=%s uid=%s gid=%s: not in allow_uid/allow_gid",
-                method,
-                path,
-                peer.get("pid"),
-                peer.get("uid"),
-                peer.get("gid"),
-            )
-            message = (
-                f"peer uid {peer.get('uid')} gid {peer.get('gid')} is not allowed; "
-                "ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
-            )
+            ids = f"uid {user['uid']} gid {user['gid']}"
+            why = f" via proxy pid={peer.get('pid')} for uid={user['uid']} gid={user['gid']}: lacks the "
+            why += f"{needed} scope"
+            message = f"{ids}, behind the proxy, lacks the {needed!r} scope this request needs; {whoami}"
         else:
-            self.refused.log(
-                logging.WARNING,
-                "Refused %s %s from pid=%s uid=%s gid=%s: lacks the %s scope",
-                method,
-                path,
-                peer.get("pid"),
-                peer.get("uid"),
-                peer.get("gid"),
-                needed,
-            )
-            message = (
-                f"uid {peer.get('uid')} gid {peer.get('gid')} lacks the {needed!r} scope this request "
-                "needs; `uds-client whoami` shows the scopes you hold"
-            )
-        await error_response(403, message)(scope, receive, send)
-
-    async def _refuse_malformed(
-        self, scope: Scope, receive: Receive, send: Send, peer: dict[str, int], needed: str
-    ) -> None:
-        if self.access.audit is not None:
-            self.access.audit.deny(_entry(scope, peer, None, 403, "deny", needed))
+            ids = f"uid {peer.get('uid')} gid {peer.get('gid')}"
+            why = f" from pid={peer.get('pid')} uid={peer.get('uid')} gid={peer.get('gid')}: "
+            if self.access.path is None:  # the allowlist alone: on it or not
+                why += "not in allow_uid/allow_gid"
+                message = (
+                    f"peer {ids} is not allowed; ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
+                )
+            else:
+                why += f"lacks the {needed} scope"
+                message = f"{ids} lacks the {needed!r} scope this request needs; {whoami}"
         self.refused.log(
-            logging.WARNING,
-            "Refused %s %s: malformed or repeated Uds-Forwarded-Peer header",
-            escaped(scope["method"]),
-            _shown_path(scope),
+            logging.WARNING, "Refused %s %s%s", escaped(scope["method"]), _shown_path(scope), why
         )
-        message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         await error_response(403, message)(scope, receive, send)
 
 
 def _shown_path(scope: Scope) -> str:
-    """The path for a log line: cut at :data:`MAX_ROUTE` characters (a peer chooses it, up to the
-    head's 32 KiB, once per throttle period), then escaped."""
+    """The path for a log line: cut at :data:`MAX_ROUTE` characters (a peer chooses it), escaped."""
     path: str = scope["path"]
     return escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
 
 
 def _entry(
-    scope: Scope,
-    peer: dict[str, int] | None,
-    user: dict[str, int] | None,
-    status: int,
-    decision: str,
-    needed: str,
+    scope: Scope, peer: Ids | None, user: Ids | None, status: int, decision: str, need: str
 ) -> tuple[Any, ...]:
     """The audit entry: the time, then :data:`app.api.audit.FIELDS`."""
     if peer is None:
@@ -325,10 +269,10 @@ def _entry(
         uid, gid, pid = peer["uid"], peer["gid"], peer["pid"]
     message_id = scope.get(MESSAGE_ID) if decision == "allow" else None
     method, path = scope["method"], scope["path"]
-    return (time(), uid, gid, pid, method[:16], path[:MAX_ROUTE], status, decision, needed, message_id, user)
+    return (time(), uid, gid, pid, method[:16], path[:MAX_ROUTE], status, decision, need, message_id, user)
 
 
-def _forwarded(scope: Scope) -> dict[str, dict[str, int] | None] | None:
+def _forwarded(scope: Scope) -> dict[str, Ids | None] | None:
     """``{"peer": user, or None if malformed or repeated}`` when the request names a user behind a
     proxy, else None. A repeated header is refused: the record keeps one, so the check must too."""
     values = [value for name, value in scope["headers"] if name == FORWARDED_HEADER]

@@ -1,14 +1,9 @@
-"""The audit trail (``--audit-log FILE`` or ``-``): one JSON object per line for every write and
-every refusal.
+"""The audit trail (``--audit-log FILE`` or ``-``): one JSON line for every write and every refusal.
 
-The request path appends a tuple; entries are encoded in batches of :data:`ENCODE_AT` and written
-with one ``write`` each tick of the server (0.1 s) or when :data:`FLUSH_AT` bytes are waiting. No
-fsync. Each ``write`` carries whole lines and the file is opened ``O_APPEND``, so ``--workers``
-processes sharing it never split each other's lines. A full disk costs lines, never requests:
-one warning, and when writing works again a line in both logs with the count of lines lost.
-Refusals cost the caller nothing, so they are itemized up to a budget (:data:`DENY_BURST`, then
-:data:`DENY_PER_SECOND`); past it they are counted by uid into one line a second: a flood of 403s
-cannot fill the disk.
+The request path appends a tuple; lines are encoded in batches and written whole, one ``write``
+per server tick or :data:`FLUSH_AT` bytes, to a file opened ``O_APPEND`` (so ``--workers`` never
+split each other's lines); no fsync. A full disk costs lines, never requests: one warning, then a
+count of the lines lost. Refusals past a budget are counted by uid into one line a second.
 """
 
 from __future__ import annotations
@@ -25,48 +20,24 @@ import orjson
 
 from app.logs import escaped
 
-__all__ = [
-    "DENY_BURST",
-    "DENY_PER_SECOND",
-    "FIELDS",
-    "FLUSH_AT",
-    "MAX_PENDING",
-    "MESSAGE_ID",
-    "AuditError",
-    "AuditLog",
-    "open_audit_file",
-]
+__all__ = ["DENY_BURST", "FIELDS", "MAX_ROUTE", "MESSAGE_ID", "AuditError", "AuditLog", "open_audit_file"]
 
 log = logging.getLogger("app.api.audit")
 
 FLUSH_AT = 64 * 1024
 MAX_PENDING = 256 * 1024
 """Bytes of lines held while the file cannot be written; past this, new lines are counted as lost."""
-ENCODE_AT = 256
-"""Entries queued before they are encoded in a batch."""
-FIELDS = (
-    "uid",
-    "gid",
-    "pid",
-    "method",
-    "route",
-    "status",
-    "decision",
-    "scope",
-    "message_id",
-    "forwarded_for",
-)
+ENCODE_AT = 256  # entries queued before they are encoded in a batch
+_ID_FIELDS = ("uid", "gid", "pid")
+FIELDS = (*_ID_FIELDS, "method", "route", "status", "decision", "scope", "message_id", "forwarded_for")
 """A request's line after its time; ``forwarded_for`` only via a proxy, ``message_id`` only if allowed."""
 MESSAGE_ID = "uds.message_id"
 """Scope key where ``POST /messages`` leaves the id it stored, for the audit line."""
-MAX_ROUTE = 256
-"""Longest path recorded, in characters: a peer chooses it."""
+MAX_ROUTE = 256  # longest path recorded, in characters: a peer chooses it
 DENY_BURST = 100
-"""Refusals itemized in a row before the budget applies."""
+"""Refusals itemized in a row; past it :data:`DENY_PER_SECOND`, the rest counted (``"event": "denied"``)."""
 DENY_PER_SECOND = 1.0
-"""Refusals itemized per second once the burst is spent; the rest are counted (``"event": "denied"``)."""
-MAX_DENY_UIDS = 32
-"""Distinct uids counted in one ``denied`` line; the others are summed under ``"other"``."""
+MAX_DENY_UIDS = 32  # distinct uids in one ``denied`` line; the others count as "other"
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -109,8 +80,7 @@ class AuditLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.fd: int | None = 2 if target == "-" else None
-        self.queued: list[tuple[Any, ...]] = []
-        """Entries not yet encoded (at most :data:`ENCODE_AT`)."""
+        self.queued: list[tuple[Any, ...]] = []  # not yet encoded (at most ENCODE_AT)
         self.lines: list[bytes] = []
         self.size = 0
         self.tail = b""
@@ -121,14 +91,11 @@ class AuditLog:
         self._stamp = ""
         self._tokens = float(DENY_BURST)
         self._refilled = time.monotonic()
-        self.denied: dict[str, int] = {}
-        """Refusals past the budget not yet written, by uid (``"other"`` past :data:`MAX_DENY_UIDS`)."""
+        self.denied: dict[str, int] = {}  # refusals past the budget not yet written, by uid
         self._denied_since = 0.0
 
     def note(self, entry: tuple[Any, ...]) -> None:
-        """Queue one request's line: ``entry`` holds ``time.time()`` and then the :data:`FIELDS`.
-
-        The request path only appends a tuple; lines are encoded in batches, off the request."""
+        """Queue one request's line: ``entry`` holds ``time.time()`` and then the :data:`FIELDS`."""
         queued = self.queued
         queued.append(entry)
         if len(queued) >= ENCODE_AT:

@@ -1,68 +1,54 @@
 """The one JSON error shape, ``{"error", "message", "status"[, "details"]}``, for every route.
 
-Handlers for Starlette's HTTP errors (unknown route, wrong method), FastAPI's validation errors
-and anything unexpected are installed by :func:`install`; code that answers an error itself
-(the lean ``POST /messages`` path, the peer allowlist) builds the same bytes with :func:`error_body`.
+:func:`install` routes Starlette's HTTP errors, FastAPI's validation errors and anything unexpected
+through it; code that answers an error itself uses :func:`error_response`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 from app.api.models import ErrorBody
+from client.net import answers
 
 __all__ = ["CODES", "error_body", "error_response", "error_responses", "install", "public_details"]
 
 log = logging.getLogger("app.api.errors")
 
-CODES: dict[int, str] = {
-    400: "bad_request",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    409: "conflict",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    500: "internal_error",
-    503: "unavailable",
-    507: "insufficient_storage",
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "the request is malformed"),
+    403: ("forbidden", "you are not allowed to use this API"),
+    404: ("not_found", "no such resource; see /docs for the routes"),
+    405: ("method_not_allowed", "method not allowed here; see the Allow header"),
+    408: ("request_timeout", "the request took too long to arrive; send it again"),
+    409: ("conflict", "this Idempotency-Key was already used with a different text; use a new key"),
+    413: ("payload_too_large", "the request body is too large"),
+    415: ("unsupported_media_type", "unsupported content type; send Content-Type: application/json"),
+    422: ("validation_error", "the request is invalid"),
+    500: ("internal_error", "internal server error; the server log has the details"),
+    503: ("unavailable", "the server is not available; try again shortly"),
+    507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
 }
-
-_DEFAULT_MESSAGES: dict[int, str] = {
-    400: "the request is malformed",
-    403: "you are not allowed to use this API",
-    404: "no such resource; see /docs for the routes",
-    405: "method not allowed here; see the Allow header",
-    408: "the request took too long to arrive; send it again",
-    409: "this Idempotency-Key was already used with a different text; use a new key",
-    413: "the request body is too large",
-    415: "unsupported content type; send Content-Type: application/json",
-    500: "internal server error; the server log has the details",
-    503: "the server is not available; try again shortly",
-    507: "the server's disk is full; nothing was stored; retry once space is freed",
-}
-
+"""Each error status's code and default message."""
+CODES = {status: code for status, (code, _) in _ERRORS.items()}
+_MESSAGES = {status: message for status, (_, message) in _ERRORS.items()}
 JSON = "application/json"
 
 
 def error_body(
     status: int, message: str, *, error: str | None = None, details: Sequence[Mapping[str, Any]] | None = None
 ) -> bytes:
-    """The encoded error document."""
-    doc: dict[str, Any] = {"error": error or CODES.get(status, "error"), "message": message, "status": status}
-    if details is not None:
-        doc["details"] = list(details)
-    return orjson.dumps(doc)
+    """The encoded error document; ``error`` defaults to the status's code."""
+    return answers.error_body(status, error or CODES.get(status, "error"), message, details and list(details))
 
 
 def error_response(
@@ -73,18 +59,21 @@ def error_response(
     details: Sequence[Mapping[str, Any]] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """A ready ``Response`` carrying :func:`error_body`."""
-    text = message or _DEFAULT_MESSAGES.get(status, "request failed")
+    """A ``Response`` carrying :func:`error_body` (the status's default message if none is given)."""
+    text = message or _MESSAGES.get(status, "request failed")
     return Response(error_body(status, text, error=error, details=details), status, headers, JSON)
 
 
 def public_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic errors reduced to ``type``, ``loc`` and ``msg`` (never the input: bodies stay private)."""
-    out: list[dict[str, Any]] = []
-    for err in errors:
-        loc = [part if isinstance(part, int) else str(part) for part in err.get("loc", ())]
-        out.append({"type": str(err.get("type", "value_error")), "loc": loc, "msg": str(err.get("msg", ""))})
-    return out
+    return [
+        {
+            "type": str(err.get("type", "value_error")),
+            "loc": [part if isinstance(part, int) else str(part) for part in err.get("loc", ())],
+            "msg": str(err.get("msg", "")),
+        }
+        for err in errors
+    ]
 
 
 def summarize(details: Sequence[Mapping[str, Any]]) -> str:
@@ -97,22 +86,6 @@ def summarize(details: Sequence[Mapping[str, Any]]) -> str:
     return f"invalid request: {where}: {first['msg']}{more}"
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    status = exc.status_code
-    detail = exc.detail if isinstance(exc.detail, str) else None
-    generic = detail is None or detail == _reason(status)
-    if status == 404 and generic:
-        message = f"no route {_shown_path(request)}; see /docs for the routes"
-    elif status == 405 and generic:
-        allow = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
-        message = f"method {request.method} is not allowed on {_shown_path(request)}; allowed: {allow}"
-        return error_response(status, message, headers={**(exc.headers or {}), "Allow": allow})
-    else:
-        message = (detail if not generic else None) or _DEFAULT_MESSAGES.get(status, "request failed")
-    return error_response(status, message, headers=exc.headers)
-
-
 def _shown_path(request: Request) -> str:
     """The path as the client sent it (still percent-encoded, so it stays on one line)."""
     raw = request.scope.get("raw_path")
@@ -121,71 +94,66 @@ def _shown_path(request: Request) -> str:
     return request.url.path.encode("unicode_escape").decode("ascii")
 
 
-def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path (Starlette names only the first route's)."""
-    routes = getattr(request.app.state, "method_routes", ())
-    path = request.scope["path"]
+def _allowed_methods(routes: Sequence[BaseRoute], path: str) -> str:
+    """Every method some route serves at ``path`` (Starlette names only the first route's)."""
     methods: set[str] = set()
     for route in routes:
-        regex = getattr(route, "path_regex", None)
+        regex = getattr(route, "path_regex", None)  # a Mount has one, a plain BaseRoute may not
         if regex is not None and regex.match(path):
             methods.update(getattr(route, "methods", None) or ())
     return ", ".join(sorted(methods))
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    details = public_details(exc.errors())
-    code = "invalid_json" if any(d["type"] == "json_invalid" for d in details) else "validation_error"
-    return error_response(422, summarize(details), error=code, details=details)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
-    return error_response(500)
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for error statuses, each with the error model and an example."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        example: dict[str, Any] = {
-            "error": CODES.get(status, "error"),
-            "message": _DEFAULT_MESSAGES.get(status, "request failed"),
-            "status": status,
-        }
+        text = _MESSAGES.get(status, "request failed")
+        example: dict[str, Any] = {"error": CODES.get(status, "error"), "message": text, "status": status}
         if status == 422:
-            example["message"] = "invalid request: text: String should have at least 1 character"
-            example["details"] = [
-                {
-                    "type": "string_too_short",
-                    "loc": ["body", "text"],
-                    "msg": "String should have at least 1 character",
-                },
-            ]
+            msg = "String should have at least 1 character"
+            example["message"] = f"invalid request: text: {msg}"
+            example["details"] = [{"type": "string_too_short", "loc": ["body", "text"], "msg": msg}]
+        description = _MESSAGES.get(status, "the request is invalid")
         out[status] = {
             "model": ErrorBody,
-            "description": _sentence(_DEFAULT_MESSAGES.get(status, "the request is invalid")),
+            "description": description[:1].upper() + description[1:] + ".",
             "content": {JSON: {"example": example}},
         }
     return out
 
 
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:] + "."
-
-
 def install(app: FastAPI) -> None:
-    """Route every error through the one JSON shape."""
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)
+    """Route every error of ``app`` through the one JSON shape."""
+    routes = app.router.routes
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        status, headers = exc.status_code, exc.headers
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        try:
+            generic = detail is None or detail == HTTPStatus(status).phrase
+        except ValueError:  # a status http.HTTPStatus does not name
+            generic = False
+        if status == 404 and generic:
+            message = f"no route {_shown_path(request)}; see /docs for the routes"
+            return error_response(404, message, headers=headers)
+        if status == 405 and generic:
+            allow = _allowed_methods(routes, request.scope["path"]) or (headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {_shown_path(request)}; allowed: {allow}"
+            return error_response(405, message, headers={**(headers or {}), "Allow": allow})
+        return error_response(status, None if generic else detail, headers=headers)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        details = public_details(exc.errors())
+        code = "invalid_json" if any(d["type"] == "json_invalid" for d in details) else "validation_error"
+        return error_response(422, summarize(details), error=code, details=details)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(500)
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

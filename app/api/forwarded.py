@@ -1,14 +1,6 @@
-"""The ``Uds-Forwarded-Peer`` request header: who is behind a proxy on the socket.
-
-``uds-client proxy`` identifies the user who opened each TCP connection and tells the server with
-``Uds-Forwarded-Peer: uid=U gid=G pid=P`` (``pid=0`` and ``gid=-1`` when it could not see them).
-It is a claim made by the process on the socket, not a credential: the server records it beside
-that process's own SO_PEERCRED (``peer.forwarded_for``), so whoever made the claim is known too.
-Over TCP (no peer credentials) the header is ignored.
-
-An ``Idempotency-Key`` belongs to the peer uid that sent it, and behind a proxy to the caller it
-names too (:func:`key_owner`): two callers of one proxy never share keys, and a peer that forges
-the header reaches only keys scoped under its own uid.
+"""``Uds-Forwarded-Peer: uid=U gid=G pid=P``: the user behind ``uds-client proxy`` (``pid=0``,
+``gid=-1`` when it could not see them). A claim by the process on the socket, not a credential: it
+is recorded beside that process's own SO_PEERCRED, and ignored over TCP.
 """
 
 from __future__ import annotations
@@ -34,18 +26,11 @@ def parse_forwarded_peer(value: bytes) -> dict[str, int] | None:
 def with_forwarded(peer: dict[str, int], value: bytes) -> dict[str, Any] | None:
     """``peer`` with ``forwarded_for`` added from the header's value; None if it is malformed."""
     forwarded = parse_forwarded_peer(value)
-    if forwarded is None:
-        return None
-    return {**peer, "forwarded_for": forwarded}
+    return None if forwarded is None else {**peer, "forwarded_for": forwarded}
 
 
 def key_owner(peer: dict[str, Any]) -> str:
     """Whose Idempotency-Keys a request uses: ``"U"`` for peer uid U, ``"U>F"`` when U names caller F.
-
-    The proxy's uid stays in the scope: any peer may send the header, so a caller's keys are only
-    as trusted as the proxy that names it, and no other peer can reach them.
-    """
+    Any peer may send the header, so a forger reaches only keys scoped under its own uid."""
     forwarded = peer.get("forwarded_for")
-    if forwarded is None:
-        return str(peer["uid"])
-    return f"{peer['uid']}>{forwarded['uid']}"
+    return str(peer["uid"]) if forwarded is None else f"{peer['uid']}>{forwarded['uid']}"

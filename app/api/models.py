@@ -1,30 +1,29 @@
-"""Request and response schemas: the one definition of the API that OpenAPI and the tests share.
-
-``POST /messages`` validates its body with the model built by :func:`message_in_model`
-(``model_validate_json`` on the raw bytes; ``app.api.routes.messages``), the same model OpenAPI shows.
-"""
+"""Request and response schemas: the one definition of the API that OpenAPI, the validation of
+``POST /messages`` (:func:`message_in_model`) and the tests share."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+import tomllib
+from functools import cache, lru_cache
+from importlib import resources
+from string import Template
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-__all__ = [
-    "EXAMPLE_MESSAGE",
-    "ErrorBody",
-    "ErrorDetail",
-    "HealthStatus",
-    "Message",
-    "MessageIn",
-    "MessageList",
-    "Peer",
-    "ReadyStatus",
-    "VersionInfo",
-    "WhoAmI",
-    "message_in_model",
-]
+__all__ = ["EXAMPLE_MESSAGE", "ErrorBody", "ErrorDetail", "HealthStatus", "Message", "MessageIn"]
+__all__ += ["MessageList", "Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "describe", "message_in_model"]
+
+
+@cache
+def _words() -> dict[str, str]:
+    return tomllib.loads(resources.files("app.api").joinpath("openapi.toml").read_text("utf-8"))
+
+
+def describe(name: str, **values: object) -> str:
+    """The OpenAPI text ``name`` of ``app/api/openapi.toml``, its ``$placeholders`` filled in."""
+    return Template(_words()[name]).substitute(values)
+
 
 EXAMPLE_MESSAGE: dict[str, Any] = {
     "id": 1,
@@ -83,23 +82,13 @@ class ForwardedCaller(ForwardedPeer):
     scopes: list[str]
 
 
+_ME: Any = dict(uid=1000, gid=1000, pid=42, groups=[1000, 2000], scopes=["read", "write"], forwarded_for=None)
+
+
 class WhoAmI(BaseModel):
     """The caller as the server sees it, and the scopes it holds (``GET /whoami``)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "uid": 1000,
-                    "gid": 1000,
-                    "pid": 42,
-                    "groups": [1000, 2000],
-                    "scopes": ["read", "write"],
-                    "forwarded_for": None,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [_ME]})
 
     uid: int | None = Field(description="SO_PEERCRED; null over TCP.")
     gid: int | None

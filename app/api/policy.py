@@ -1,9 +1,8 @@
 """Scopes and the policy file: which uid or gid may read, write, stream events and scrape metrics.
 
 A policy is a TOML file of ``[[rule]]`` tables, each naming one ``uid``, ``gid``, ``user`` or
-``group`` and the scopes it ``allow``s. A caller holds the union of the rules matching its uid,
-its gid and its supplementary groups. :func:`scope_for` says which scope a request needs, from the
-decoded path the router matches, so a percent-encoded path is judged as the route it reaches.
+``group`` and the scopes it ``allow``s; a caller holds the union of the rules matching its uid, gid
+and supplementary groups. A request is judged by the decoded path the router matches.
 """
 
 from __future__ import annotations
@@ -20,26 +19,13 @@ from dataclasses import dataclass
 
 from app.logs import escaped
 
-__all__ = [
-    "ALL",
-    "OPEN",
-    "OPEN_PATHS",
-    "SCOPES",
-    "Policy",
-    "PolicyError",
-    "load_policy",
-    "parse_policy",
-    "scope_for",
-    "shorthand",
-]
+__all__ = ["ALL", "OPEN", "OPEN_PATHS", "SCOPES", "Policy", "PolicyError", "load_policy", "parse_policy"]
 
 SCOPES = ("read", "write", "events", "metrics")
 ALL = frozenset(SCOPES)
 NONE: frozenset[str] = frozenset()
-OPEN = ""
-"""What :func:`scope_for` answers for a path anyone who can connect may use."""
-MAX_BYTES = 1 << 20
-"""A policy file larger than this is refused (a rule is a few dozen bytes)."""
+OPEN = ""  # what scope_for answers for a path anyone who can connect may use
+MAX_BYTES = 1 << 20  # a larger policy file is refused (a rule is a few dozen bytes)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
 """The probes and the version ping: open to anyone who can connect, whatever the policy."""
@@ -59,8 +45,7 @@ class Policy:
     by_uid: Mapping[int, frozenset[str]]
     by_gid: Mapping[int, frozenset[str]]
     rules: int
-    digest: str
-    """The first 12 hex digits of the file's SHA-256 (``shorthand`` for the flags)."""
+    digest: str  # the first 12 hex digits of the file's SHA-256 ("flags" for the shorthand)
 
     def scopes(self, uid: int, gid: int, groups: Iterable[int] = ()) -> frozenset[str]:
         """The scopes held by a process with this uid, gid and supplementary groups."""
@@ -105,9 +90,8 @@ def scope_table(versions: Iterable[int]) -> dict[str, str]:
 
 
 def scope_for(table: Mapping[str, str], method: str, path: str) -> str:
-    """The scope a request needs: the table's entry for its path, else ``read`` for GET and HEAD
-    and ``write`` for anything else (an unknown path or method is judged before the router's 404
-    or 405, so it reveals nothing to a caller without the scope)."""
+    """The table's entry for the path, else ``read`` for GET and HEAD and ``write`` for anything else
+    (judged before the router's 404 or 405, which so reveal nothing to a caller without the scope)."""
     needed = table.get(path)
     if needed is not None:
         return needed

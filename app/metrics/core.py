@@ -13,8 +13,8 @@ What is measured
     opt-in: only the uids ``--metrics-uid`` names, the others as ``other``.
 
 Where it is counted
-    The protocol (``app.connection.protocol``) sees every request: it builds each request's cycle from the
-    class :func:`timed_cycle` makes, which adds the request to its cell (a list of numbers) when the
+    The protocol (``app.connection.protocol``) sees every request: it sends each request's answer
+    through :func:`timed_send`, which adds the request to its cell (a list of numbers) when the
     response starts. No ASGI layer wraps the application, and no ``prometheus-client`` object is
     written on the hot path (too slow per request: docs/performance.md, k). At each
     exposition :class:`RequestCollector` builds the families from the cells; :class:`Rendered`
@@ -94,7 +94,7 @@ __all__ = [
     "listening_socket",
     "multiprocess_dir",
     "serve_endpoint",
-    "timed_cycle",
+    "timed_send",
     "worker_gone",
 ]
 
@@ -181,7 +181,7 @@ class Recorder:
     full disk) is kept in memory, out of the shared view, with one throttled warning.
     """
 
-    __slots__ = ("cells", "cycle_class", "file", "labels", "on", "peers", "records", "refusals", "shown_uids")
+    __slots__ = ("cells", "file", "labels", "on", "peers", "records", "refusals", "shown_uids", "timed_send")
 
     def __init__(self, on: bool = True, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
         self.on = on
@@ -200,8 +200,8 @@ class Recorder:
         """Requests by uid label; every request counts here once (under None when not shown)."""
         self.refusals: dict[tuple[str, int], Counts] = {}
         """Requests the protocol answered itself, before routing, by method label and status."""
-        self.cycle_class: type[RequestResponseCycle] = timed_cycle(self) if on else RequestResponseCycle
-        """The class of the protocol's request cycles: :func:`timed_cycle`'s when counting."""
+        self.timed_send = timed_send(self) if on else None
+        """The protocol's request cycles' ``send`` when counting (:func:`timed_send`)."""
 
     def _record(self, labels: tuple[object, ...], count: int) -> Counts:
         found = self.records.get(labels)
@@ -279,32 +279,33 @@ class PeerTally:
         """One number: the requests (in the worker's shared file when shown with ``--workers``)."""
 
 
-def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
-    """uvicorn's request cycle, which counts its request in ``recorder`` when the response starts
-    (an answer to a peer already gone is not counted: it is never sent).
+def timed_send(recorder: Recorder) -> Callable[[RequestResponseCycle, PeerTally], Callable[[Any], Any]]:
+    """What makes a request cycle's ``send`` that also counts the request in ``recorder`` when the
+    response starts (an answer to a peer already gone is not counted: it is never sent).
 
-    The protocol builds its cycles from this class (a copy of uvicorn's ``on_headers_complete``)
-    and sets ``started`` (``time.perf_counter()`` when the head was parsed: uvloop's clock counts
-    whole milliseconds) and ``tally`` (its connection's :class:`PeerTally`) on each. Built from
-    this class, a cycle costs nothing more than uvicorn's (changing ``__class__`` afterwards gives
-    the object a real ``__dict__``, and every attribute uvicorn reads gets slower); one dict lookup
-    finds the request's cell, with the names bound in this closure (docs/performance.md).
+    The protocol sets ``cycle.send = timed(cycle, tally)`` once the request head is parsed (the
+    duration starts then: uvloop's clock counts whole milliseconds, so ``time.perf_counter()``);
+    ``tally`` is the connection's :class:`PeerTally`. Once counted, the cycle's own ``send`` is back.
     """
     cells = recorder.cells
     new_cell = recorder.cell
     send_on = RequestResponseCycle.send
 
-    class TimedCycle(RequestResponseCycle):
-        __slots__ = ("started", "tally")  # set on each cycle; as slots they leave uvicorn's attributes be
-        started: float
-        tally: PeerTally
+    class TimedSend:
+        __slots__ = ("cycle", "started", "tally")
 
-        def send(self, message: Any) -> Any:
+        def __init__(self, cycle: RequestResponseCycle, tally: PeerTally) -> None:
+            self.cycle = cycle
+            self.tally = tally
+            self.started = perf_counter()
+
+        def __call__(self, message: Any) -> Any:
             # Not ``async``: it returns uvicorn's own coroutine, so no extra frame is awaited.
-            first = not self.response_started and not self.disconnected  # (to a peer gone: never sent)
+            cycle = self.cycle
+            first = not cycle.response_started and not cycle.disconnected  # (to a peer gone: never sent)
             if first and message["type"] == "http.response.start":
                 seconds = perf_counter() - self.started
-                scope = self.scope
+                scope = cycle.scope
                 route = scope.get("route")  # Starlette's router put it in this dict
                 key = (id(route), scope["method"], message["status"])
                 try:
@@ -314,9 +315,10 @@ def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
                 cell[bisect_left(BUCKETS, seconds)] += 1
                 cell[-1] += seconds
                 self.tally.counts[0] += 1
-            return send_on(self, message)
+                del cycle.send  # counted: the cycle no longer refers to itself, so it is freed on its own
+            return send_on(cycle, message)
 
-    return TimedCycle
+    return TimedSend
 
 
 # -- exposition ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
-from app.connection.protocol import PeerCredProtocol, connection_cap, raise_open_file_limit
+from app.connection.protocol import protocol_factory
 from app.metrics.core import LoopEndpoint, Recorder
 from app.serving.notify import Notifier
 from app.serving.sockets import BoundSocket
@@ -39,7 +39,6 @@ __all__ = [
     "STARTUP_FAILURE",
     "Services",
     "Stopped",
-    "UdsConfig",
     "UdsServer",
     "build_config",
     "early_signals",
@@ -121,16 +120,6 @@ class Services:
         return factory(settings, store=self.store, hub=self.hub, metrics=self.metrics, access=self.access)
 
 
-class UdsConfig(uvicorn.Config):
-    """uvicorn's Config plus the deadlines our protocol (``app.connection.protocol``) enforces."""
-
-    def __init__(self, app: Any, *, request_timeout: float, send_timeout: float, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.request_timeout = request_timeout  # seconds to send a whole request, head and body
-        self.send_timeout = send_timeout  # seconds a response may make no write progress
-        self.recorder: Recorder | None = None  # where the protocol counts requests (app.metrics.core)
-
-
 class UdsServer(uvicorn.Server):
     """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
 
@@ -140,7 +129,7 @@ class UdsServer(uvicorn.Server):
 
     def __init__(
         self,
-        config: UdsConfig,
+        config: uvicorn.Config,
         app: Any,
         address: str,
         services: Services | None = None,
@@ -241,14 +230,22 @@ class UdsServer(uvicorn.Server):
         self.drained = True
 
 
-def build_config(settings: Settings, app: Any, recorder: Recorder | None = None) -> UdsConfig:
-    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging."""
-    config = UdsConfig(
-        app,
+def build_config(
+    settings: Settings, app: Any, recorder: Recorder | None = None, max_connections: int | None = None
+) -> uvicorn.Config:
+    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging.
+
+    ``max_connections``: the connection cap, if not ``settings.max_connections``."""
+    http = protocol_factory(
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,
+        max_connections=settings.max_connections if max_connections is None else max_connections,
+        recorder=recorder,
+    )
+    return uvicorn.Config(
+        app,
         loop="uvloop",
-        http=PeerCredProtocol,
+        http=cast(type[asyncio.Protocol], http),  # uvicorn calls it as it would a protocol class
         ws="none",
         lifespan="on",
         log_config=None,
@@ -256,13 +253,10 @@ def build_config(settings: Settings, app: Any, recorder: Recorder | None = None)
         access_log=settings.access_log,
         proxy_headers=False,
         server_header=False,
-        limit_concurrency=settings.max_connections,
         # uvicorn types these as int but schedules them with call_later, which takes seconds as float.
         timeout_keep_alive=cast(int, settings.keepalive_timeout),
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
     )
-    config.recorder = recorder
-    return config
 
 
 def serve(
@@ -282,10 +276,13 @@ def serve(
     ``bound``: the socket file to check once a second (stop if it is removed or replaced).
     ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
     """
+    from client.net.limits import connection_cap, raise_open_file_limit
+
     open_files, _ = raise_open_file_limit()
-    config = build_config(settings, application, services.metrics.recorder if services is not None else None)
+    recorder = services.metrics.recorder if services is not None else None
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
-    config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
+    cap = connection_cap(settings.max_connections, open_files)
+    config = build_config(settings, application, recorder, cap)
     server = UdsServer(config, application, address, services, on_started)
     server.bound = bound
     server.endpoint = endpoint

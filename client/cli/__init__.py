@@ -1,7 +1,7 @@
 """The ``uds-client`` command and its tools: the only part of ``client`` that prints or exits.
 
-``_main`` is the entry point and the API commands; ``bench`` (with its load generator ``_loadgen``),
-``proxy`` and ``docs_export`` are imported only when their command runs.
+``_main`` is the entry point, ``_commands`` the API commands; ``proxy`` and ``docs_export`` are
+imported only when their command runs.
 """
 
 from client.cli._main import build_parser, main

@@ -1,15 +1,8 @@
 """``uds-client docs --output DIR``: the API docs as files that open from ``file://``, no server needed.
 
-The spec is fetched from ``/openapi.json`` over the socket and inlined in each page; Swagger UI and
-ReDoc come from the ``fastapi-offline`` package and are copied into ``DIR/assets``. Nothing is
-loaded from the network. Written files:
-
-* ``index.html``: Swagger UI (read-only: "Try it out" is off, since no server is behind the page)
-* ``redoc.html``: ReDoc
-* ``openapi.json``: the spec as served
-* ``assets/``: ``swagger-ui-bundle.js``, ``swagger-ui.css``, ``redoc.standalone.js``, ``favicon.png``
-
-A Content-Security-Policy in each page lets it load only those files, so nothing can reach out.
+Writes ``index.html`` (Swagger UI, read-only), ``redoc.html``, ``openapi.json`` (the spec as
+served, also inlined in each page) and ``assets/`` (Swagger UI and ReDoc from the
+``fastapi-offline`` package). A Content-Security-Policy in each page lets it load only those files.
 """
 
 from __future__ import annotations
@@ -19,7 +12,6 @@ import html
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,17 +19,6 @@ from typing import Any
 
 from client._errors import ClientError, UsageError
 from client.address import to_url
-
-__all__ = [
-    "ASSETS",
-    "CSP",
-    "add_arguments",
-    "assets_directory",
-    "export",
-    "render_redoc",
-    "render_swagger",
-    "run",
-]
 
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
 
@@ -48,56 +29,46 @@ CSP = (
     "img-src 'self' file: data:; font-src 'self' file: data:; worker-src 'self' blob:; connect-src 'none'"
 )
 
-_SWAGGER = """<!DOCTYPE html>
+_PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="{csp}">
-<title>{title} - Swagger UI (offline)</title>
+<title>{title} - {tool} (offline)</title>
 <link rel="icon" type="image/png" href="assets/favicon.png">
-<link rel="stylesheet" href="assets/swagger-ui.css">
+{head}
 </head>
 <body>
-<div id="swagger-ui"></div>
+<div id="{tool_id}"></div>
 <script id="openapi-spec" type="application/json">{spec}</script>
-<script src="assets/swagger-ui-bundle.js"></script>
+<script src="assets/{script}"></script>
 <script>
-window.ui = SwaggerUIBundle({{
-  spec: JSON.parse(document.getElementById("openapi-spec").textContent),
-  dom_id: "#swagger-ui",
-  layout: "BaseLayout",
-  deepLinking: true,
-  validatorUrl: null,
+const spec = JSON.parse(document.getElementById("openapi-spec").textContent);
+{start}
+</script>
+</body>
+</html>
+"""
+_SWAGGER = {
+    "tool": "Swagger UI",
+    "tool_id": "swagger-ui",
+    "head": '<link rel="stylesheet" href="assets/swagger-ui.css">',
+    "script": "swagger-ui-bundle.js",
+    # supportedSubmitMethods: []: "Try it out" is off, since no server is behind the page.
+    "start": """window.ui = SwaggerUIBundle({
+  spec, dom_id: "#swagger-ui", layout: "BaseLayout", deepLinking: true, validatorUrl: null,
   supportedSubmitMethods: [],
   presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
-}});
-</script>
-</body>
-</html>
-"""
-
-_REDOC = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<title>{title} - ReDoc (offline)</title>
-<link rel="icon" type="image/png" href="assets/favicon.png">
-<style>body {{ margin: 0; padding: 0; }}</style>
-</head>
-<body>
-<div id="redoc"></div>
-<script id="openapi-spec" type="application/json">{spec}</script>
-<script src="assets/redoc.standalone.js"></script>
-<script>
-Redoc.init(JSON.parse(document.getElementById("openapi-spec").textContent), {{}},
-           document.getElementById("redoc"));
-</script>
-</body>
-</html>
-"""
+});""",
+}
+_REDOC = {
+    "tool": "ReDoc",
+    "tool_id": "redoc",
+    "head": "<style>body { margin: 0; padding: 0; }</style>",
+    "script": "redoc.standalone.js",
+    "start": 'Redoc.init(spec, {}, document.getElementById("redoc"));',
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,16 +119,10 @@ def assets_directory() -> Path:
 
 def spec_script(spec: dict[str, Any]) -> str:
     """The spec as JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
-    text = json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
-    for raw, escaped in (
-        ("<", "\\u003c"),
-        (">", "\\u003e"),
-        ("&", "\\u0026"),
-        ("\u2028", "\\u2028"),
-        ("\u2029", "\\u2029"),
-    ):
-        text = text.replace(raw, escaped)
-    return text
+    return json.dumps(spec, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
+
+
+_SCRIPT_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
 
 
 def _title(spec: dict[str, Any]) -> str:
@@ -166,14 +131,18 @@ def _title(spec: dict[str, Any]) -> str:
     return html.escape(str(title or "API"))
 
 
+def _render(spec: dict[str, Any], page: dict[str, str]) -> str:
+    return _PAGE.format(title=_title(spec), spec=spec_script(spec), csp=CSP, **page)
+
+
 def render_swagger(spec: dict[str, Any]) -> str:
     """Swagger UI page with ``spec`` inlined."""
-    return _SWAGGER.format(title=_title(spec), spec=spec_script(spec), csp=CSP)
+    return _render(spec, _SWAGGER)
 
 
 def render_redoc(spec: dict[str, Any]) -> str:
     """ReDoc page with ``spec`` inlined."""
-    return _REDOC.format(title=_title(spec), spec=spec_script(spec), csp=CSP)
+    return _render(spec, _REDOC)
 
 
 def export(spec: dict[str, Any], output: Path) -> list[Path]:
@@ -190,7 +159,7 @@ def export(spec: dict[str, Any], output: Path) -> list[Path]:
             _write(output / "openapi.json", (json.dumps(spec, indent=2, ensure_ascii=False) + "\n").encode()),
         ]
         for name in ASSETS:
-            _copy(source / name, assets / name)
+            _write(assets / name, (source / name).read_bytes())
     except OSError as exc:
         where = exc.filename or output
         reason = (exc.strerror or type(exc).__name__).lower()
@@ -210,15 +179,3 @@ def _write(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _copy(source: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.config import Settings
 from app.main import create_app
 from app.storage.schema import prepare_store
+from app.storage.sqlite import build_store
+from app.storage.store import Store
 from tests.support import short_tmpdir
 
 PEER = {"pid": 4242, "uid": 1000, "gid": 1000}
@@ -55,6 +57,7 @@ class ASGIClient:
         """``lifespan``: run the app's startup (which opens a durable store) now, its shutdown on
         :meth:`close`, as the server does; only one client of an app may do so."""
         self.app = app
+        self.store: Store | None = None
         self._runner = asyncio.Runner()
         transport = httpx2.ASGITransport(app=_WithPeer(app, peer), raise_app_exceptions=raise_app_exceptions)
         self._client = httpx2.AsyncClient(transport=transport, base_url="http://uds")
@@ -115,16 +118,18 @@ def make_client() -> Iterator[Callable[..., ASGIClient]]:
         app: FastAPI | None = None,
         raise_app_exceptions: bool = True,
     ) -> ASGIClient:
-        lifespan = False
+        lifespan, store = False, None
         if app is None:
             settings = settings or Settings(store="memory")
             if settings.store == "sqlite" and settings.data_dir == DEFAULT_DATA_DIR:
                 directories.append(short_tmpdir("ud"))
                 settings = replace(settings, data_dir=str(directories[-1]))
                 prepare_store(settings)
-            app = create_app(settings)
+            store = build_store(settings)
+            app = create_app(settings, store=store)
             lifespan = True
         client = ASGIClient(app, peer, raise_app_exceptions=raise_app_exceptions, lifespan=lifespan)
+        client.store = store  # the store the fixture built, for tests that look inside it
         made.append(client)
         return client
 

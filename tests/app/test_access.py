@@ -12,6 +12,7 @@ import pytest
 from app.api.access import OPEN_PATHS, PeerAllowlist, is_allowed
 from app.config import Settings
 from app.main import create_app
+from app.storage.sqlite import build_store
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import http_over_uds, running_server
 
@@ -50,9 +51,10 @@ def test_stranger_is_refused_everywhere_but_the_probes(
 
 
 def test_refused_post_stores_nothing(make_client: Callable[..., ASGIClient]) -> None:
-    app = create_app(LIST)
+    store = build_store(LIST)
+    app = create_app(LIST, store=store)
     assert_error(make_client(app=app, peer=STRANGER).post("/messages", json={"text": "x"}), 403)
-    assert app.state.store.last_id() == 0
+    assert store.last_id() == 0
 
 
 @pytest.mark.parametrize("path", sorted(OPEN_PATHS))
@@ -125,13 +127,14 @@ def test_refused_line_escapes_control_characters(
 def test_a_proxy_speaks_only_for_allowed_users(
     make_client: Callable[..., ASGIClient], behind: str, status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = create_app(LIST)
+    store = build_store(LIST)
+    app = create_app(LIST, store=store)
     client = make_client(app=app, peer=ALLOWED)
     with caplog.at_level(logging.WARNING, logger="app.api.access"):
         response = client.post("/messages", json={"text": "hi"}, headers={"Uds-Forwarded-Peer": behind})
     assert response.status_code == status, response.text
     if status == 403:
-        assert app.state.store.last_id() == 0
+        assert store.last_id() == 0
         assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["app.api.access"]
     else:
         assert response.json()["peer"]["forwarded_for"]["pid"] == 7
@@ -139,7 +142,8 @@ def test_a_proxy_speaks_only_for_allowed_users(
 
 def test_a_repeated_forwarded_header_is_refused(make_client: Callable[..., ASGIClient]) -> None:
     """The check and the record must read the same header: two of them are refused, not one picked."""
-    app = create_app(LIST)
+    store = build_store(LIST)
+    app = create_app(LIST, store=store)
     client = make_client(app=app, peer=ALLOWED)
     headers = [
         ("Uds-Forwarded-Peer", "uid=1000 gid=9 pid=7"),
@@ -147,7 +151,7 @@ def test_a_repeated_forwarded_header_is_refused(make_client: Callable[..., ASGIC
     ]
     response = client.post("/messages", json={"text": "hi"}, headers=headers)
     assert_error(response, 403, "forbidden")
-    assert app.state.store.last_id() == 0
+    assert store.last_id() == 0
 
 
 def test_refusals_are_logged_once_per_period(

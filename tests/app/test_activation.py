@@ -15,7 +15,7 @@ import pytest
 
 from app.serving.activation import inherited_socket
 from app.serving.sockets import SocketError
-from client.cli.spawn import ServerProcess as Spawned
+from app.serving.spawn import ServerProcess as Spawned
 from tests.support import (
     PYTHON,
     ServerProcess,

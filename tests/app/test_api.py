@@ -14,6 +14,8 @@ import pytest
 
 from app.config import Settings
 from app.main import create_app
+from app.storage.events import EventHub
+from app.storage.sqlite import build_store
 from tests.app.conftest import PEER, ASGIClient, assert_error
 
 JSON = {"content-type": "application/json"}
@@ -125,7 +127,8 @@ def test_history_is_bounded_and_old_ids_disappear(make_client: Callable[..., ASG
     assert_error(client.get(f"/messages/{ids[0]}"), 404)
     assert client.get(f"/messages/{ids[2]}").json()["text"] == "m2"
     assert_error(client.get("/messages?limit=4"), 422)
-    assert [i for i, _ in client.app.state.store.since(0, 10)] == ids[2:]
+    assert client.store is not None
+    assert [i for i, _ in client.store.since(0, 10)] == ids[2:]
 
 
 def test_idempotency_key_returns_the_original_and_stores_once(client: ASGIClient) -> None:
@@ -182,13 +185,16 @@ def test_invalid_idempotency_key_is_400(client: ASGIClient, key: str) -> None:
     assert client.get("/messages").json() == {"messages": []}
 
 
-def test_healthz_and_readyz(client: ASGIClient) -> None:
+def test_healthz_and_readyz(make_client: Callable[..., ASGIClient]) -> None:
+    settings = Settings(store="memory")
+    store = build_store(settings)
+    hub = EventHub(store, 1)
+    client = make_client(app=create_app(settings, store=store, hub=hub))
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
-    assert client.app.state.draining is False
-    client.app.state.draining = True
+    hub.drain_soon()  # what the server's signal handler does on SIGTERM
     draining = client.get("/readyz")
     assert draining.status_code == 503
     assert draining.json() == {"status": "draining"}
@@ -212,12 +218,12 @@ def test_version_lists_the_stack(client: ASGIClient) -> None:
     assert body["pydantic"] == pydantic.VERSION
 
 
-def test_app_state_and_settings(settings: Settings) -> None:
-    from app.main import create_app
-
-    app = create_app(settings)
-    assert app.state.settings is settings
-    assert app.state.draining is False
+def test_create_app_uses_the_dependencies_given(make_client: Callable[..., ASGIClient]) -> None:
+    settings = Settings(store="memory", reply="given")
+    store = build_store(settings)
+    client = make_client(app=create_app(settings, store=store))
+    assert client.post("/messages", json={"text": "hi"}).json()["reply"] == "given"
+    assert [i for i, _ in store.since(0, 10)] == [1]
 
 
 def test_module_level_app_is_built_lazily_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,8 +240,10 @@ def test_module_level_app_is_built_lazily_from_the_environment(monkeypatch: pyte
         assert module._app is None, "importing app.main must not build the app"
         built = module.app
         assert built is module.app
-        assert built.state.settings.history_size == 7
-        assert built.state.settings.reply == "from env"
+        client = ASGIClient(built)
+        assert client.post("/messages", json={"text": "hi"}).json()["reply"] == "from env"
+        assert_error(client.get("/messages?limit=8"), 422)  # the history holds 7
+        client.close()
         assert calls == [("info", "json")]
         with pytest.raises(AttributeError):
             _ = module.no_such_name

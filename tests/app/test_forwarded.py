@@ -11,6 +11,7 @@ import pytest
 from app.api.forwarded import key_owner, parse_forwarded_peer
 from app.config import Settings
 from app.main import create_app
+from app.storage.sqlite import build_store
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import http_over_uds, running_server
 
@@ -98,9 +99,9 @@ def test_a_malformed_forwarded_peer_header_is_refused() -> None:
 
 def test_a_repeated_forwarded_peer_header_is_refused(make_client: Callable[..., ASGIClient]) -> None:
     """Without an allowlist too: the record would have to pick one claim of two."""
-    app = create_app(Settings(store="memory"))
-    client = make_client(app=app)
+    store = build_store(Settings(store="memory"))
+    client = make_client(app=create_app(Settings(store="memory"), store=store))
     headers = [("Uds-Forwarded-Peer", "uid=1 gid=1 pid=1"), ("Uds-Forwarded-Peer", "uid=2 gid=2 pid=2")]
     body = assert_error(client.post("/messages", json={"text": "hi"}, headers=headers), 400, "bad_request")
     assert body["message"] == "more than one Uds-Forwarded-Peer header; send one"
-    assert app.state.store.last_id() == 0
+    assert store.last_id() == 0

@@ -17,6 +17,7 @@ from app.api.routes import messages
 from app.api.routes.messages import LIST_CHUNK, LeanRoute
 from app.config import Settings
 from app.main import create_app
+from app.storage.sqlite import build_store
 from tests.app.conftest import ASGIClient, _WithPeer, assert_error
 
 JSON = {"content-type": "application/json"}
@@ -171,8 +172,7 @@ def test_a_streamed_list_leaves_out_what_left_the_history_and_pins_nothing() -> 
     skips the messages that left, and holds no reference to them."""
     import sys
 
-    app = create_app(Settings(history_size=40, store="memory"))
-    store = app.state.store
+    store = build_store(Settings(history_size=40, store="memory"))
 
     def add(text: str) -> None:
         asyncio.run(store.put(text, "r", "t", None, None))

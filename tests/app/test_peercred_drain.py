@@ -14,10 +14,10 @@ import struct
 import termios
 from typing import Any
 
+from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from app.connection.protocol import PeerCredProtocol
-from app.serving.server import UdsConfig
 from tests.support import read_response
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -47,7 +47,7 @@ async def _answered_once() -> tuple[PeerCredProtocol, asyncio.Transport, socket.
     """A protocol on one end of a socket pair that has answered one request from the other end."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
-    config = UdsConfig(_app, request_timeout=30.0, send_timeout=30.0, http=PeerCredProtocol, lifespan="off")
+    config = Config(_app, http=PeerCredProtocol, lifespan="off")
     config.load()
     protocol = PeerCredProtocol(config, ServerState(), {}, loop)
     transport, _ = await loop.connect_accepted_socket(lambda: protocol, ours)

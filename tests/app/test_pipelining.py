@@ -19,7 +19,8 @@ from uvicorn.server import ServerState
 
 from app.connection import protocol as peercred
 from app.connection.budget import Budget
-from app.connection.protocol import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
+from app.connection.pipelining import HELD_BUDGET, MAX_PIPELINE
+from app.connection.protocol import PeerCredProtocol
 
 
 class FakeTransport(asyncio.Transport):
@@ -127,19 +128,18 @@ def answers(written: bytes) -> list[tuple[int, bytes]]:
 
 
 async def serve(
-    data: bytes, cuts: list[int], count: int, request_timeout: float = 30.0
+    data: bytes, cuts: list[int], count: int, request_timeout: float = 30.0, held: Budget | None = None
 ) -> tuple[FakeTransport, int, PeerCredProtocol]:
     """Deliver ``data`` in pieces ending at ``cuts``, only while the protocol reads, until
     ``count`` answers are written; return the transport and the most requests that waited."""
     config = Config(app=echo, log_level="warning", access_log=False)
     config.load()
-    config.request_timeout = request_timeout  # type: ignore[attr-defined]
-    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    protocol = PeerCredProtocol(config, ServerState(), {}, loop, request_timeout=request_timeout, held=held)
     transport = FakeTransport()
     protocol.connection_made(transport)
     most = 0
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + 20  # only there to fail, not to wait
     while loop.time() < deadline:
         if pieces and transport.reading:
@@ -169,19 +169,19 @@ def test_every_request_is_answered_in_order_and_at_most_max_pipeline_wait(seed: 
     assert transport.reading
     assert not transport.closing
     assert not protocol.flow.held
-    assert peercred._HELD.free == HELD_BUDGET
+    assert protocol.held.free == HELD_BUDGET
 
 
 def test_input_past_the_held_budget_gets_503_after_the_answers_owed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peercred, "_HELD", Budget(1000, 1000))
+    held = Budget(1000, 1000)
     data = b"GET /get HTTP/1.1\r\nHost: localhost\r\n\r\n" * 100  # 3,900 bytes: more than the budget
-    transport, most, _ = asyncio.run(serve(data, [], MAX_PIPELINE + 2))
+    transport, most, _ = asyncio.run(serve(data, [], MAX_PIPELINE + 2, held=held))
     assert most <= MAX_PIPELINE
     got = answers(bytes(transport.written))
     assert [status for status, _ in got] == [200] * (MAX_PIPELINE + 1) + [503]
     assert b"too much pipelined input" in got[-1][1]
     assert transport.closing or b"connection: close" in bytes(transport.written).lower()
-    assert peercred._HELD.free == 1000
+    assert held.free == 1000
 
 
 def test_held_requests_are_not_late(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,7 +257,7 @@ def test_bodies_of_pipelined_requests_draw_on_the_held_budget(monkeypatch: pytes
     behind a slow one count as held input, and past the budget the next gets 503. Before: 8 bodies
     of 5,000 bytes waited, uncounted, with a budget of 18,000 (512 connections pipelining POSTs of
     64 KiB took a real server to 389 MiB)."""
-    monkeypatch.setattr(peercred, "_HELD", Budget(18_000, 18_000))
+    held = Budget(18_000, 18_000)
     body = b"x" * 5000
     data = b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n" + b"".join(
         b"POST /len/%d HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (n, len(body), body)
@@ -268,15 +268,15 @@ def test_bodies_of_pipelined_requests_draw_on_the_held_budget(monkeypatch: pytes
     async def scenario() -> tuple[FakeTransport, int, PeerCredProtocol]:
         SLOW["event"] = slow = asyncio.Event()
         loop = asyncio.get_running_loop()
-        loop.call_later(0.05, lambda: (drawn.append(18_000 - peercred._HELD.free), slow.set()))
-        return await serve(data, [], 5)
+        loop.call_later(0.05, lambda: (drawn.append(18_000 - held.free), slow.set()))
+        return await serve(data, [], 5, held=held)
 
     transport, _, _ = asyncio.run(scenario())
     got = answers(bytes(transport.written))
     assert drawn == [15_000]  # three bodies waited, counted; the fourth did not fit
     assert [status for status, _ in got] == [200, 200, 200, 200, 503], got
     assert [body for _, body in got[:4]] == [b"/slow 0", b"/len/0 5000", b"/len/1 5000", b"/len/2 5000"]
-    assert peercred._HELD.free == 18_000
+    assert held.free == 18_000
 
 
 async def gated(scope: Any, receive: Any, send: Any) -> None:
@@ -307,11 +307,11 @@ async def gated(scope: Any, receive: Any, send: Any) -> None:
 GATE: dict[str, asyncio.Event] = {}
 
 
-async def gated_protocol() -> tuple[PeerCredProtocol, FakeTransport]:
+async def gated_protocol(held: Budget) -> tuple[PeerCredProtocol, FakeTransport]:
     GATE["event"] = asyncio.Event()
     config = Config(app=gated, log_level="warning", access_log=False)
     config.load()
-    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop(), held=held)
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport
@@ -333,35 +333,35 @@ def test_a_body_draws_on_the_held_budget_until_the_application_reads_it(
     held-input budget from their arrival, and are given back once read (and the rest when the
     answer is complete). Before, nothing was drawn: 512 connections each sending a whole POST of
     64 KiB at once took a server to 126 MiB (tests/app/test_memory_budget.py)."""
-    monkeypatch.setattr(peercred, "_HELD", Budget(10_000, 10_000))
+    held = Budget(10_000, 10_000)
     monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
 
     async def scenario() -> None:
-        protocol, transport = await gated_protocol()
+        protocol, transport = await gated_protocol(held)
         protocol.data_received(post(b"/small", 500) + b"s" * 500)
         await turns()
-        assert peercred._HELD.free == 10_000  # small enough not to count
+        assert held.free == 10_000  # small enough not to count
         GATE["event"].set()
         await turns()
         assert answers(bytes(transport.written)) == [(200, b"500")]
         transport.written.clear()
         protocol.data_received(post(b"/read", 3000) + b"a" * 1000)
         await turns()
-        assert peercred._HELD.free == 9000  # received, not read
+        assert held.free == 9000  # received, not read
         GATE["event"].set()
         await turns()  # the application read the first 1,000 bytes
         protocol.data_received(b"b" * 1500)
-        assert peercred._HELD.free == 8500  # only the unread 1,500 count now
+        assert held.free == 8500  # only the unread 1,500 count now
         GATE["event"].set()
         await turns()
         protocol.data_received(b"c" * 500)
-        assert peercred._HELD.free == 9500
+        assert held.free == 9500
         GATE["event"].set()
         await turns()
         assert answers(bytes(transport.written)) == [(200, b"3000")]
-        assert peercred._HELD.free == 10_000  # the answer is complete
+        assert held.free == 10_000  # the answer is complete
         protocol.connection_lost(None)
-        assert peercred._HELD.free == 10_000
+        assert held.free == 10_000
 
     asyncio.run(scenario())
 
@@ -369,48 +369,48 @@ def test_a_body_draws_on_the_held_budget_until_the_application_reads_it(
 def test_a_body_is_given_back_when_the_connection_drops_and_on_an_early_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(peercred, "_HELD", Budget(10_000, 10_000))
+    held = Budget(10_000, 10_000)
     monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
 
     async def scenario() -> None:
-        protocol, _ = await gated_protocol()
+        protocol, _ = await gated_protocol(held)
         protocol.data_received(post(b"/read", 3000) + b"a" * 2000)
         await turns()
-        assert peercred._HELD.free == 8000
+        assert held.free == 8000
         protocol.connection_lost(None)  # the peer hung up before the application read it
-        assert peercred._HELD.free == 10_000
+        assert held.free == 10_000
 
-        protocol, transport = await gated_protocol()
+        protocol, transport = await gated_protocol(held)
         protocol.data_received(post(b"/413", 3000) + b"a" * 2000)
         await turns()
         assert [status for status, _ in answers(bytes(transport.written))] == [413]
-        assert peercred._HELD.free == 10_000  # answered without reading: given back
+        assert held.free == 10_000  # answered without reading: given back
         protocol.data_received(b"a" * 1000)  # the rest lingers in, unparsed and not drawn
-        assert peercred._HELD.free == 10_000
+        assert held.free == 10_000
         protocol.connection_lost(None)
-        assert peercred._HELD.free == 10_000
+        assert held.free == 10_000
 
     asyncio.run(scenario())
 
 
 def test_a_body_past_the_held_budget_gets_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peercred, "_HELD", Budget(10_000, 4000))  # a peer's share: 4,000 bytes
+    held = Budget(10_000, 4000)  # a peer's share: 4,000 bytes
     monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
 
     async def scenario() -> None:
-        first, _ = await gated_protocol()
+        first, _ = await gated_protocol(held)
         first.data_received(post(b"/read", 3000) + b"a" * 3000)
-        second, transport = await gated_protocol()
+        second, transport = await gated_protocol(held)
         second.data_received(post(b"/read", 3000) + b"a" * 3000)
         await turns()
-        assert peercred._HELD.free == 7000  # the second did not fit in the peer's share
+        assert held.free == 7000  # the second did not fit in the peer's share
         written = bytes(transport.written)
         assert [status for status, _ in answers(written)] == [503]
         assert b"\r\nretry-after: 1\r\n" in written
         assert b"too many request bodies" in written
         second.connection_lost(None)
         first.connection_lost(None)
-        assert peercred._HELD.free == 10_000
-        assert not peercred._HELD.held
+        assert held.free == 10_000
+        assert not held.held
 
     asyncio.run(scenario())

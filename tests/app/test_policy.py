@@ -12,8 +12,10 @@ import pytest
 from app.api.access import Access, PeerAllowlist
 from app.api.audit import AuditLog
 from app.api.policy import PolicyError, load_policy, parse_policy, scope_for, scope_table
+from app.api.versions import API_VERSIONS
 from app.config import Settings
 from app.main import create_app
+from app.storage.sqlite import build_store
 from tests.app.conftest import ASGIClient, assert_error
 from tests.support import NOBODY
 
@@ -177,14 +179,16 @@ def test_the_middleware_is_one_and_only_when_needed(tmp_path: Path) -> None:
 def test_reader_reads_and_gets_403_naming_write(
     tmp_path: Path, make_client: Callable[..., ASGIClient]
 ) -> None:
-    app = create_app(_settings(tmp_path))
+    settings = _settings(tmp_path)
+    store = build_store(settings)
+    app = create_app(settings, store=store)
     reader = make_client(app=app, peer=READER)
     assert reader.get("/v1/messages").status_code == 200
     body = assert_error(reader.post("/v1/messages", json={"text": "no"}), 403, "forbidden")
     assert "'write' scope" in body["message"]
     assert "uid 2000" in body["message"]
     assert "1000" not in body["message"]  # never the rules
-    assert app.state.store.last_id() == 0
+    assert store.last_id() == 0
     writer = make_client(app=app, peer=WRITER)
     assert writer.post("/v1/messages", json={"text": "yes"}).status_code == 201
     assert_error(make_client(app=app, peer=STRANGER).get("/v1/messages"), 403)
@@ -264,8 +268,8 @@ def test_reload_replaces_the_rules_whole_or_not_at_all(
     tmp_path: Path, make_client: Callable[..., ASGIClient]
 ) -> None:
     settings = _settings(tmp_path)
-    app = create_app(settings)
-    access: Access = app.state.access
+    access = Access(settings, API_VERSIONS)
+    app = create_app(settings, access=access)
     reader = make_client(app=app, peer=READER)
     assert reader.post("/messages", json={"text": "x"}).status_code == 403  # cached on no connection
     assert settings.policy is not None
@@ -294,13 +298,16 @@ def test_writes_and_refusals_get_one_line_each(
     tmp_path: Path, make_client: Callable[..., ASGIClient]
 ) -> None:
     log = tmp_path / "audit.log"
-    app = create_app(_settings(tmp_path, audit_log=str(log)))
+    settings = _settings(tmp_path, audit_log=str(log))
+    access = Access(settings, API_VERSIONS)
+    app = create_app(settings, access=access)
     writer = make_client(app=app, peer=WRITER)
     assert writer.post("/v1/messages", json={"text": "a"}).status_code == 201
     assert writer.get("/v1/messages").status_code == 200  # a read: no line
     assert make_client(app=app, peer=READER).post("/messages", json={"text": "b"}).status_code == 403
     assert make_client(app=app, peer=STRANGER).get("/messages/1").status_code == 403
-    app.state.access.audit.flush()
+    assert access.audit is not None
+    access.audit.flush()
     lines = _audit_lines(log)
     assert [(x["uid"], x["method"], x["route"], x["status"], x["decision"], x["scope"]) for x in lines] == [
         (1000, "POST", "/v1/messages", 201, "allow", "write"),

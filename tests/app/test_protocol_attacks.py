@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from app.api.routes.messages import LIST_STREAMS, PEER_SHARE
-from app.connection.protocol import MAX_PIPELINE
+from app.connection.pipelining import MAX_PIPELINE
 from tests.support import (
     ServerProcess,
     http_over_uds,

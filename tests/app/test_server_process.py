@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -14,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from uvicorn.server import ServerState
 
 from app.config import Settings
+from app.connection.protocol import PeerCredProtocol
 from app.logs import JsonFormatter, TextFormatter, configure
 from app.serving.run import run
-from app.serving.server import Services, UdsConfig, UdsServer, build_config
+from app.serving.server import Services, UdsServer, build_config
 from tests.support import ServerProcess, http_over_uds, running_server, wait_until
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -285,10 +289,25 @@ def test_handle_exit_marks_app_draining() -> None:
 def test_config_carries_the_settings() -> None:
     settings = Settings(request_timeout=7.0, send_timeout=3.0, max_connections=12, keepalive_timeout=1.5)
     config = build_config(settings, _failing_app)
-    assert isinstance(config, UdsConfig)
-    assert (config.request_timeout, config.send_timeout) == (7.0, 3.0)
-    assert config.limit_concurrency == 12
+    protocol = _protocol_of(config)
+    assert (protocol.request_timeout, protocol.send_timeout) == (7.0, 3.0)
+    assert protocol.max_connections == 12
     assert config.timeout_keep_alive == 1.5
+    assert _protocol_of(build_config(settings, _failing_app, max_connections=5)).max_connections == 5
+
+
+def _protocol_of(config: uvicorn.Config) -> PeerCredProtocol:
+    """The protocol uvicorn would make for one connection under ``config``."""
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = config.http_protocol_class(
+            config=config, server_state=ServerState(), app_state={}, _loop=loop
+        )  # type: ignore[call-arg]
+    finally:
+        loop.close()
+    assert isinstance(protocol, PeerCredProtocol)
+    return protocol
 
 
 def test_captured_signal_is_not_raised_again_after_the_stop() -> None:

@@ -181,8 +181,9 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("send", "messages", "version", "openapi", "get", "health", "bench", "proxy", "docs"):
+    for command in ("send", "messages", "version", "openapi", "get", "health", "proxy", "docs"):
         assert command in out
+    assert "bench" not in out  # a developer tool now: benchmarks/bench.py
     assert "connect, send and the entire answer" in " ".join(out.split())
     with pytest.raises(SystemExit):
         cli.main(["send", "--help"])
@@ -263,8 +264,8 @@ def test_get_needs_an_absolute_path(server_path: str, capsys: pytest.CaptureFixt
 def test_missing_external_command_module_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(cli._EXTERNAL, "ghost", ("client.ghost_command_absent", "a missing command"))
-    monkeypatch.setitem(cli._COMMANDS, "ghost", ("a missing command", None, cli._external_builder("ghost")))
+    monkeypatch.setitem(cli._EXTERNAL, "ghost", "client.ghost_command_absent")
+    monkeypatch.setitem(cli._COMMANDS, "ghost", ("a missing command", None))
     assert cli.main(["ghost"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (
@@ -408,7 +409,7 @@ def test_cli_module_top_level_imports_only_the_standard_library() -> None:
 
 def test_command_word_is_found_after_global_options() -> None:
     assert cli._command_in(["--socket", "send", "health"]) == "health"
-    assert cli._command_in(["--timeout", "3", "--debug", "bench", "--x"]) == "bench"
+    assert cli._command_in(["--timeout", "3", "--debug", "events", "--x"]) == "events"
     assert cli._command_in(["--socket=/a.sock", "proxy"]) == "proxy"
     assert cli._command_in(["--debug"]) is None
 

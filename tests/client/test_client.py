@@ -249,14 +249,17 @@ def test_silent_server_times_out(silent_socket: str) -> None:
 
 
 def test_non_json_success_is_a_client_error(server_path: str) -> None:
-    from client._client import _check
-
     with Client(server_path) as c:
         page = c.get("/docs")
         assert page.ok
         assert page.headers["content-type"].startswith("text/html")
-        with pytest.raises(ClientError, match="not JSON"):
-            _check(c._request("GET", "/docs"))
+    html = httpx2.MockTransport(lambda request: httpx2.Response(200, content=page.content))
+    with (
+        httpx2.Client(transport=html, base_url="http://localhost") as http,
+        Client(http_client=http) as c,
+        pytest.raises(ClientError, match="not JSON"),
+    ):
+        c.health()
 
 
 def test_one_client_shared_by_threads(server_path: str) -> None:

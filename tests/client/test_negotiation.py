@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from app.serving.spawn import ServerProcess as Spawned
 from client import AsyncClient, Client, ClientError
-from client.cli.spawn import ServerProcess as Spawned
 from tests.support import ROOT, run_cli, serving
 
 MESSAGE = {

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from client.cli._caller import SocketAccess
+from client.cli.proxy.permissions import SocketAccess
 from tests.client.test_proxy import _AS_CALLER, Proxy, http_request, raw_exchange
 from tests.support import NOBODY, PYTHON, ROOT, http_over_uds, require_tool, running_server, short_tmpdir
 
@@ -313,7 +313,7 @@ def test_idempotency_keys_through_the_proxy_belong_to_each_caller(searchable_dir
 def test_the_docs_pages_send_the_header_the_proxy_reads() -> None:
     # The server's pages and the client's proxy name it apart (the client never imports app).
     from app.api.routes.docs import TOKEN_HEADER as SENT
-    from client.cli.proxy import TOKEN_HEADER as READ
+    from client.cli.proxy.access import TOKEN_HEADER as READ
 
     assert SENT.lower().encode() == READ
 

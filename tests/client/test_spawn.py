@@ -1,4 +1,4 @@
-"""``client.cli.spawn``: the one helper that starts a server and waits for it, and its poll loop.
+"""``app.serving.spawn``: the one helper that starts a server and waits for it, and its poll loop.
 
 The happy paths run in every test that uses a server (tests.support, bench, the demo); here are the
 ways it fails, each of which must end quickly and say why.
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from client._errors import ConnectError
-from client.cli.spawn import ServerProcess, SpawnError, app_command, free_port, poll, probe_tcp
+from app.serving.spawn import ServerProcess, SpawnError, app_command, free_port, probe_tcp
+from client import ConnectError
+from client.wait import poll
 from tests.support import ROOT
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]

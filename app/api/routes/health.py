@@ -1,5 +1,5 @@
-"""Probes and versions: ``/healthz`` (liveness), ``/readyz`` (readiness), ``/_ping`` (API versions,
-unversioned like Docker's) and ``/version`` (under ``/v{N}``, with its unversioned alias)."""
+"""Probes and versions: ``/healthz``, ``/readyz`` and ``/_ping`` (unversioned, open to every peer)
+and ``/version`` (an API route, under ``/v{N}``)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,25 @@ import platform
 from collections.abc import Sequence
 from functools import cache
 from importlib import metadata
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from app import __version__
 from app.api.errors import error_responses
-from app.api.models import HealthStatus, ReadyStatus, VersionInfo
-from app.api.versions import API_VERSIONS
+from app.api.models import HealthStatus, ReadyStatus, VersionInfo, describe
+from app.storage.events import EventHub
 
 __all__ = ["SERVER", "build_router", "build_versioned_router", "versions"]
 
 SERVER = f"uds-example/{__version__}"
 """The ``Server`` header of ``/_ping``."""
-
 JSON = "application/json"
-_OK = b'{"status":"ok"}'
-_READY = b'{"status":"ready"}'
-_DRAINING = b'{"status":"draining"}'
+_STRING = {"schema": {"type": "string"}}
+_VERSION_EXAMPLE = dict(app="1.0.0", python="3.11.2", uvicorn="0.54.0", fastapi="0.165.0", starlette="1.10.0")
+_VERSION_EXAMPLE.update(pydantic="2.14.4", orjson="3.13.0", api_version="1", min_api_version="1")
 
 
 @cache
@@ -41,8 +41,13 @@ def versions() -> dict[str, str]:
     return info
 
 
-def build_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
-    """The unversioned routes open to every peer: the probes and ``/_ping``."""
+def _json(doc: dict[str, str], model: Any, description: str | None = None) -> dict[str, Any]:
+    entry = {"model": model, "content": {JSON: {"example": doc}}}
+    return {**entry, "description": description} if description else entry
+
+
+def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
+    """The probes and ``/_ping``; ``/readyz`` answers 503 once ``hub`` drains (SIGTERM)."""
     router = APIRouter(tags=["health"])
     ping_headers = {
         "api-version": str(api_versions[-1]),
@@ -55,30 +60,12 @@ def build_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
         """Answer OK with the API versions this server serves."""
         return Response(b"OK", 200, ping_headers, "text/plain")
 
-    ping_description = (
-        "Answers `OK` with the newest API version this server serves in `Api-Version` (what the "
-        "unversioned paths mean) and the oldest in `Min-Api-Version`; a client uses the highest "
-        "version both sides support, under `/v{N}/...`. Unversioned, and never restricted by the "
-        "peer allowlist."
-    )
-    text = {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}
-    ping_responses: dict[int | str, dict[str, object]] = {
-        200: {
-            "description": "The server answers.",
-            "headers": {
-                "Api-Version": {
-                    "description": "The newest API version served.",
-                    "schema": {"type": "string"},
-                },
-                "Min-Api-Version": {
-                    "description": "The oldest API version served.",
-                    "schema": {"type": "string"},
-                },
-                "Server": {"description": "This server and its version.", "schema": {"type": "string"}},
-            },
-            "content": {"text/plain": text},
-        }
+    headers = {
+        "Api-Version": {"description": "The newest API version served.", **_STRING},
+        "Min-Api-Version": {"description": "The oldest API version served.", **_STRING},
+        "Server": {"description": "This server and its version.", **_STRING},
     }
+    t = {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}
     for method, operation_id in (("GET", "ping"), ("HEAD", "ping_head")):
         router.add_api_route(
             "/_ping",
@@ -86,9 +73,11 @@ def build_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
             methods=[method],
             operation_id=operation_id,
             summary="Ping, with the API versions",
-            description=ping_description,
+            description=describe("ping"),
             response_model=None,
-            responses=ping_responses,
+            responses={
+                200: {"description": "The server answers.", "headers": headers, "content": {"text/plain": t}}
+            },
         )
 
     @router.get(
@@ -97,41 +86,34 @@ def build_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
         operation_id="healthz",
         description="200 while the process can answer HTTP. Never restricted by the peer allowlist.",
         response_model=None,
-        responses={200: {"model": HealthStatus, "content": {JSON: {"example": {"status": "ok"}}}}},
+        responses={200: _json({"status": "ok"}, HealthStatus)},
     )
     async def healthz() -> Response:
         """Answer 200 while the process serves HTTP."""
-        return Response(_OK, 200, None, JSON)
+        return Response(b'{"status":"ok"}', 200, None, JSON)
 
     @router.get(
         "/readyz",
         summary="Readiness probe",
         operation_id="readyz",
-        description=(
-            "200 `ready` while the server takes work; 503 `draining` once shutdown has begun, so "
-            "Kubernetes stops sending traffic. Never restricted by the peer allowlist."
-        ),
+        description=describe("readyz"),
         response_model=None,
         responses={
-            200: {"model": ReadyStatus, "content": {JSON: {"example": {"status": "ready"}}}},
-            503: {
-                "model": ReadyStatus,
-                "description": "Shutting down.",
-                "content": {JSON: {"example": {"status": "draining"}}},
-            },
+            200: _json({"status": "ready"}, ReadyStatus),
+            503: _json({"status": "draining"}, ReadyStatus, "Shutting down."),
         },
     )
-    async def readyz(request: Request) -> Response:
+    async def readyz() -> Response:
         """Answer 200 while serving, 503 while draining."""
-        if request.app.state.draining:
-            return Response(_DRAINING, 503, None, JSON)
-        return Response(_READY, 200, None, JSON)
+        if hub.draining:
+            return Response(b'{"status":"draining"}', 503, None, JSON)
+        return Response(b'{"status":"ready"}', 200, None, JSON)
 
     return router
 
 
-def build_versioned_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRouter:
-    """``/version``: an API route, added under each version by :func:`app.api.versions.add_versioned`."""
+def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
+    """``/version``, for :func:`app.api.versions.add_versioned`."""
     router = APIRouter(tags=["health"])
     api = {"api_version": str(api_versions[-1]), "min_api_version": str(api_versions[0])}
 
@@ -139,32 +121,9 @@ def build_versioned_router(api_versions: Sequence[int] = API_VERSIONS) -> APIRou
         "/version",
         summary="Server, stack and API versions",
         operation_id="version",
-        description=(
-            "Versions of the server, Python, uvicorn, FastAPI, Starlette, pydantic and orjson, and the "
-            "newest and oldest API versions served (as in `GET /_ping`)."
-        ),
+        description=describe("version"),
         response_model=None,
-        responses={
-            200: {
-                "model": VersionInfo,
-                "content": {
-                    JSON: {
-                        "example": {
-                            "app": "1.0.0",
-                            "python": "3.11.2",
-                            "uvicorn": "0.54.0",
-                            "fastapi": "0.165.0",
-                            "starlette": "1.10.0",
-                            "pydantic": "2.14.4",
-                            "orjson": "3.13.0",
-                            "api_version": "1",
-                            "min_api_version": "1",
-                        }
-                    }
-                },
-            },
-            **error_responses(403),
-        },
+        responses={200: _json(_VERSION_EXAMPLE, VersionInfo), **error_responses(403)},
     )
     async def version() -> Response:
         """Report the versions of the server, its stack and its API."""

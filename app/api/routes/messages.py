@@ -1,26 +1,11 @@
 """``/messages``: send a message (the hot path), list recent ones, fetch one by id.
 
-``POST /messages`` validates its body with the pydantic model (``MessageIn.model_validate_json``)
-and answers with pre-encoded bytes: FastAPI's body and response-model machinery costs more than the
-work it does. It reads the body with a ``receive()`` loop rather than Starlette's
-``Request.stream()`` (an async generator), which measured 1 µs more per request for the same 413
-as soon as the body grows past the limit: driven in-process, the whole app answers a POST in
-12.5 µs with this loop and 13.5 µs with ``stream()`` (11.9 µs with the former hand-written
-validation, which ``model_validate_json`` replaced).
-
-Memory stays bounded whatever clients do (measured in tests/app/test_memory_budget.py):
-
-* request bodies being received draw on a server-wide budget of :data:`BODY_BUDGET` bytes; a body
-  that does not fit gets 503 before it is read;
-* ``GET /messages`` is written in chunks of about :data:`LIST_CHUNK` bytes, each made only once the
-  client has taken the ones before (a client that never reads pins one chunk and the transport's
-  64 KiB buffer, not the list), and at most :data:`LIST_STREAMS` such answers are written at once
-  (503 past it). The answer refers to messages by id, so a slow reader keeps no message alive after
-  it has left the history: it is left out of the answer instead.
+``POST /messages`` validates its body with its pydantic model and answers with pre-encoded bytes;
+request bodies and long list answers draw on server-wide budgets, so memory stays bounded whatever
+clients do. Why it is written this way: docs/internals.md, "API".
 """
 
-# No ``from __future__ import annotations``: the route signatures refer to per-app limits in
-# closures, which FastAPI must see as real objects, not strings.
+# No ``from __future__ import annotations``: FastAPI must see the route signatures' objects.
 
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -37,35 +22,24 @@ from app.api.audit import MESSAGE_ID
 from app.api.errors import error_response, error_responses, public_details, summarize
 from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import key_owner, with_forwarded
-from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, message_in_model
+from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model
 from app.config import Settings
 from app.connection.budget import Budget
+from app.connection.peer import PEER_KEY
 from app.logs import Throttle, escaped
 from app.storage.events import PEER_SHARE
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 
-__all__ = [
-    "BODY_BUDGET",
-    "LIST_CHUNK",
-    "LIST_STREAMS",
-    "MAX_KEY_LENGTH",
-    "REQUEST_COST",
-    "LeanRoute",
-    "build_router",
-]
+__all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
 
 log = logging.getLogger("app.messages")
 
-MAX_KEY_LENGTH = 255
-"""Idempotency-Key values are 1..255 visible ASCII characters (bounded memory per key)."""
-LOGGED_TEXT = 200
-"""Longer texts are cut in the log line (logs never carry whole bodies)."""
+MAX_KEY_LENGTH = 255  # Idempotency-Key: 1..255 visible ASCII characters (bounded memory per key)
+LOGGED_TEXT = 200  # longer texts are cut in the log line (logs never carry whole bodies)
 BODY_BUDGET = 8 * 1024 * 1024
-"""Bytes that requests waiting for their bodies may hold at once, server-wide: each draws
-:data:`REQUEST_COST` plus its body (about 90 bodies of 64 KiB, or 340 requests whose bodies trickle)."""
+"""Bytes that requests waiting for their bodies may hold at once, server-wide."""
 REQUEST_COST = 24 * 1024
-"""What a request waiting for its body holds besides the body: the ASGI scope, the task and the
-framework's frames (measured: 4,000 such requests took 22.8 KiB each)."""
+"""What a request waiting for its body holds besides the body (scope, task, frames)."""
 LIST_CHUNK = 16 * 1024
 """``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
 LIST_STREAMS = 32
@@ -75,15 +49,13 @@ _RETRY = {"retry-after": "1"}
 
 
 def _budget(total: int) -> Budget:
-    """A budget of ``total`` of which one peer uid may hold 1/``PEER_SHARE`` (at least one)."""
     return Budget(total, max(1, total // PEER_SHARE))
 
 
-def _uid(scope: Scope) -> int | None:
-    """The peer's uid (SO_PEERCRED); None over TCP."""
+def _peer(scope: Scope) -> dict[str, Any] | None:
+    """The peer's credentials (SO_PEERCRED); None over TCP."""
     extensions = scope.get("extensions")
-    peer = extensions.get("uds.peer") if extensions else None
-    return peer["uid"] if peer else None
+    return extensions.get(PEER_KEY) if extensions else None
 
 
 _GET_IT = {
@@ -93,6 +65,15 @@ _GET_IT = {
         "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
     }
 }
+
+
+_LOCATION = {"description": "The new message's URL.", "schema": {"type": "string"}}
+
+
+def _message(description: str, **more: Any) -> dict[str, Any]:
+    """An OpenAPI answer carrying a message."""
+    content = {JSON: {"example": EXAMPLE_MESSAGE}}
+    return {"model": Message, "description": description, "content": content, **more}
 
 
 def _json_content_type(value: bytes) -> bool:
@@ -124,12 +105,7 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "description": (
-                    "Makes the request safe to retry: the first request with a key stores the message (201); "
-                    "a repeat with the same key and text returns that message again (200) without storing it "
-                    "twice; the same key with a different text is a conflict (409). The server remembers the "
-                    f"last {settings.idempotency_keys} keys."
-                ),
+                "description": describe("idempotency_key", keys=settings.idempotency_keys),
                 "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
                 "example": "9f1c2b6e-0a4e-4c57-9d3c-2a1f5e7b8c90",
             }
@@ -142,11 +118,8 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
 
 
 class LeanRoute(APIRoute):
-    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``.
-
-    It is documented like any route (``openapi_extra``, ``responses``) but skips dependency
-    solving and body/response models: the endpoint does its own parsing and validation.
-    """
+    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``: documented
+    like any route, without dependency solving or body and response models."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
@@ -190,8 +163,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             if size > max_body:
                 return _too_large(max_body)
         taken = REQUEST_COST + size
-        extensions = scope.get("extensions")
-        peer = extensions.get("uds.peer") if extensions else None
+        extensions = scope.get("extensions")  # inline, not _peer(): the hot path
+        peer = extensions.get(PEER_KEY) if extensions else None
         uid = peer["uid"] if peer else None
         if not bodies.take(taken, uid):
             return _busy(uid, busy_log)
@@ -241,12 +214,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             key = f"{key_owner(peer)}:{key}"
         try:
             stored = await store.put(text, reply, _now(), peer, key)
-        except KeyConflict:
-            return error_response(
-                409,
-                "this Idempotency-Key was already used with a different text; use a new key",
-                error="idempotency_key_reused",
-            )
+        except KeyConflict:  # the default message of 409 says what to do
+            return error_response(409, error="idempotency_key_reused")
         except StoreFull as exc:
             return error_response(507, str(exc))
         except StoreError as exc:  # e.g. the file changed under the server: the transaction rolled back
@@ -268,31 +237,17 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         operation_id="create_message",
         status_code=201,
         summary="Send a message",
-        description=(
-            f"Stores the message (the last {settings.history_size} are kept) and answers with the "
-            "server's reply and the sender's peer credentials (null over TCP). The body is JSON "
-            f"(`application/json` or `application/*+json`), at most {max_body} bytes. Bodies being "
-            f"received share a server-wide budget of {BODY_BUDGET // 1024 // 1024} MiB; a body that "
-            "does not fit gets 503 (retry after a second)."
+        description=describe(
+            "create_message",
+            history_size=settings.history_size,
+            max_body=max_body,
+            budget_mib=BODY_BUDGET // 1024 // 1024,
         ),
         response_model=None,
         openapi_extra=_request_schema(settings),
         responses={
-            201: {
-                "model": Message,
-                "description": "Stored.",
-                "headers": {
-                    "Location": {"description": "The new message's URL.", "schema": {"type": "string"}}
-                },
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
-                "links": _GET_IT,
-            },
-            200: {
-                "model": Message,
-                "description": "Already stored under this Idempotency-Key.",
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
-                "links": _GET_IT,
-            },
+            201: _message("Stored.", headers={"Location": _LOCATION}, links=_GET_IT),
+            200: _message("Already stored under this Idempotency-Key.", links=_GET_IT),
             **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
         },
     )
@@ -301,14 +256,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         "",
         summary="List recent messages",
         operation_id="list_messages",
-        description=(
-            "The most recent `limit` messages still in the bounded history, oldest first. A long answer "
-            f"is sent in chunks (chunked transfer encoding) of about {LIST_CHUNK // 1024} KiB, each made "
-            "once the client has read the ones before, so the server holds little of it at a time. A "
-            "message that leaves the history before its chunk is made is left out. At most "
-            f"{LIST_STREAMS} answers longer than one chunk are sent at once; past that the answer is 503 "
-            "(retry after a second)."
-        ),
+        description=describe("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
         response_model=None,
         responses={
             200: {"model": MessageList, "description": "Recent messages, oldest first."},
@@ -320,9 +268,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         limit: Annotated[
             int,
             Query(
-                ge=1,
-                le=settings.history_size,
-                description="How many of the most recent messages to return.",
+                ge=1, le=settings.history_size, description="How many of the most recent messages to return."
             ),
         ] = default_limit,
     ) -> Response:
@@ -332,7 +278,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         second = next(chunks, None)
         if second is None:
             return Response(first, 200, None, JSON)
-        uid = _uid(request.scope)
+        peer = _peer(request.scope)
+        uid = peer["uid"] if peer else None
         if not streams.take(1, uid):
             busy_log.log(
                 logging.WARNING,
@@ -356,11 +303,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         description="The message with this id, while it is still in the bounded history; 404 otherwise.",
         response_model=None,
         responses={
-            200: {
-                "model": Message,
-                "description": "The message.",
-                "content": {JSON: {"example": EXAMPLE_MESSAGE}},
-            },
+            200: _message("The message."),
             **error_responses(403, 404, 422),
         },
     )
@@ -380,12 +323,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
 def _list_chunks(store: Store, ids: Sequence[int]) -> Iterator[bytes]:
     """``{"messages": [...]}`` for the messages ``ids[0]..ids[-1]`` in chunks of about
-    :data:`LIST_CHUNK` bytes, reading the rows of each chunk only when it is made (one ``since``
-    query per chunk on the durable store; messages that left the history by then are left out).
-
-    Each read asks for about as many rows as fill one chunk, judged by the rows read so far, so the
-    generator holds about one chunk, not the list.
-    """
+    :data:`LIST_CHUNK` bytes, each read from the store only when it is made (messages that left
+    the history by then are left out); each read asks for about one chunk's worth of rows."""
     parts = [b'{"messages":[']
     if ids:
         size = 0
@@ -441,11 +380,8 @@ class _ListStream(StreamingResponse):
 
 
 def _too_large(limit: int) -> Response:
-    return error_response(
-        413,
-        f"the request body is larger than {limit} bytes; send a shorter text",
-        headers={"connection": "close"},
-    )
+    message = f"the request body is larger than {limit} bytes; send a shorter text"
+    return error_response(413, message, headers={"connection": "close"})
 
 
 def _busy(uid: int | None, throttle: Throttle) -> Response:
@@ -468,9 +404,10 @@ def _invalid(exc: ValidationError, body: bytes) -> Response:
     details = public_details(exc.errors(include_url=False, include_context=False, include_input=False))
     for detail in details:
         detail["loc"].insert(0, "body")
-    if any(detail["type"] == "json_invalid" for detail in details):
-        message = summarize(details)
-        if not body.strip():
-            message = 'the request body is empty; send a JSON object like {"text": "hi"}'
-        return error_response(422, message, error="invalid_json", details=details)
-    return error_response(422, summarize(details), error="validation_error", details=details)
+    code = (
+        "invalid_json" if any(detail["type"] == "json_invalid" for detail in details) else "validation_error"
+    )
+    message = summarize(details)
+    if code == "invalid_json" and not body.strip():
+        message = 'the request body is empty; send a JSON object like {"text": "hi"}'
+    return error_response(422, message, error=code, details=details)

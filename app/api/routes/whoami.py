@@ -1,5 +1,5 @@
-"""``GET /whoami``: the caller's uid, gid, pid, groups and the scopes it holds (under ``/v{N}``,
-with its unversioned alias). Open to every peer: it is what a caller runs after a 403."""
+"""``GET /whoami``: the caller's uid, gid, pid, groups and scopes; open to every peer (what a caller
+runs after a 403)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.access import Access
-from app.api.models import WhoAmI
+from app.api.models import WhoAmI, describe
 
 __all__ = ["build_router"]
 
@@ -17,19 +17,14 @@ EXAMPLE = {"uid": 1000, "gid": 1000, "pid": 42, "groups": [1000], "scopes": ["re
 
 
 def build_router(access: Access) -> APIRouter:
-    """The ``/whoami`` route, answering from ``access`` (the rules in force in this process)."""
+    """The ``/whoami`` route, answering from the rules in force in ``access``."""
     router = APIRouter(prefix="/whoami", tags=["access"])
 
     @router.get(
         "",
         summary="Who am I, and what may I do",
         operation_id="whoami",
-        description=(
-            "The caller's credentials as the kernel reports them (SO_PEERCRED, SO_PEERGROUPS) and the "
-            "scopes it holds under the policy in force: `read`, `write`, `events`, `metrics`. Through "
-            "`uds-client proxy`, `forwarded_for` names the user behind it, and `scopes` are those both "
-            "hold. Needs no scope; it never shows the rules."
-        ),
+        description=describe("whoami"),
         response_model=None,
         responses={200: {"model": WhoAmI, "content": {JSON: {"example": EXAMPLE}}}},
     )

@@ -2,7 +2,7 @@
 
 :func:`poll` is generic; :func:`wait_for_socket` polls the server's socket with the raw probe (in a
 Pod the client container may start before the server has bound ``/csi/csi.sock``). ``uds-client
---wait``, the spawn helper of ``client.cli.spawn`` and the tests all wait through :func:`poll`.
+--wait``, ``app.serving.spawn`` and the tests all wait through :func:`poll`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ def poll(
 ) -> T:
     """Call ``check`` until it returns something other than None or False, and return that.
 
-    ``retry_on`` exceptions count as "not yet"; any other propagates at once. Between calls the
-    pause doubles from ``first_delay`` up to ``max_delay``, never past the deadline;
-    ``on_retry(last exception or None, pause)`` is called before each pause. After ``timeout``
-    seconds raise :class:`TimeoutError` naming ``what`` and the last exception (also its cause).
+    ``retry_on`` exceptions count as "not yet"; others propagate. The pause doubles from
+    ``first_delay`` to ``max_delay``, never past the deadline; ``on_retry(last exception or None,
+    pause)`` runs before each. After ``timeout`` seconds: :class:`TimeoutError` from the last exception.
     """
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
@@ -70,9 +69,7 @@ def wait_for_socket(
 ) -> float:
     """Poll ``GET /healthz`` until the server answers (any status); return the seconds waited.
 
-    Between attempts the delay doubles from ``first_delay`` up to ``max_delay``, never past the
-    deadline. ``on_retry(reason, delay)`` is called before each pause. On the deadline raise
-    :class:`WaitTimeout` naming the time waited and the last reason.
+    As :func:`poll`, with ``on_retry(reason, delay)``; on the deadline :class:`WaitTimeout`.
     """
     started = time.monotonic()
     deadline = started + timeout

@@ -1,10 +1,11 @@
-"""``uds-client bench``: throughput and latency of ``POST /messages`` over the socket, and over TCP.
+"""Throughput and latency of ``POST /messages`` over the socket, and over TCP: a developer tool.
+
+    .venv/bin/python benchmarks/bench.py --spawn --pin -c 1,10,50   # or: python -m benchmarks.bench
 
 Each round measures every concurrency on every transport, interleaved so that drift on a shared
 machine hits both alike; the table shows medians over the rounds and the UDS/TCP ratios. The load
-comes from :mod:`client.cli._loadgen` (keep-alive HTTP/1.1, one request in flight per connection).
-
-Only the standard library is imported at the top, so ``uds-client health`` pays nothing for it.
+comes from ``_loadgen`` (keep-alive HTTP/1.1, one request in flight per connection). Exit codes as
+``uds-client``'s: 0 ok, 1 some request failed, 2 usage, 3 a server could not be reached.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from client._errors import UsageError
-from client._probe import probe
-from client.cli.spawn import ServerProcess, app_command, free_port, probe_tcp, socket_dir, split_cpus
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-__all__ = ["add_arguments", "json_safe", "run"]
+from _loadgen import LoadSpec, Target, run_load
+
+from app.serving.spawn import ServerProcess, app_command, free_port, probe_tcp, socket_dir, split_cpus
+from client import DEFAULT_ADDRESS, ClientError, UsageError, probe, resolve_socket
+
+__all__ = ["build_parser", "json_safe", "main", "run"]
 
 DESCRIPTION = (
     "Send POST /messages with a JSON body over keep-alive connections and report req/s and p50/p90/p99 "
@@ -69,12 +74,25 @@ def _positive(kind: type[int] | type[float], zero_ok: bool = False) -> Any:
     return convert
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``uds-client bench``."""
-    parser.description = DESCRIPTION
-    parser.epilog = (
-        "Exit status: 0 every request got a 2xx answer; 1 some did not (see the errors column); "
-        "2 bad usage; 3 a server could not be reached."
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``benchmarks/bench.py``."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/bench.py",
+        description=DESCRIPTION,
+        epilog="Exit status: 0 every request got a 2xx answer; 1 some did not (see the errors column); "
+        "2 bad usage; 3 a server could not be reached.",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="ADDRESS",
+        help=f"the server's socket (default: $UDS_SOCKET, else {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=5.0,
+        metavar="SECONDS",
+        help="a request unanswered for SECONDS is an error (default: 5)",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -151,6 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.png",
         help="also draw req/s and latency percentiles to FILE.png (needs uds-example[plot])",
     )
+    return parser
 
 
 @dataclass(slots=True)
@@ -243,17 +262,6 @@ def spawned_servers(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _require_server_package() -> None:
-    """``--spawn`` runs ``python -m app``: fail with a usage error where only the client is installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("app") is None or importlib.util.find_spec("uvicorn") is None:
-        raise UsageError(
-            "--spawn starts uds-server, and the server package is not installed here (the "
-            "client image has only the client); measure a running server with --socket instead"
-        )
-
-
 def _pin_split() -> tuple[set[int], set[int]]:
     split = split_cpus()
     if split is None:
@@ -262,8 +270,6 @@ def _pin_split() -> tuple[set[int], set[int]]:
 
 
 def _measure(targets: dict[str, Any], args: argparse.Namespace, show: _Progress) -> list[Cell]:
-    from client.cli._loadgen import LoadSpec, run_load
-
     body = json.dumps({"text": args.text}, separators=(",", ":")).encode()
     cells = {(name, c): Cell(name, c) for c in args.concurrency for name in targets}
     for round_no in range(1, args.rounds + 1):
@@ -399,7 +405,7 @@ def plot(report: dict[str, Any], filename: str) -> None:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     settings = report["settings"]
-    fig.suptitle(f"uds-client bench: POST {settings['path']}, medians of {settings['rounds']} rounds")
+    fig.suptitle(f"bench: POST {settings['path']}, medians of {settings['rounds']} rounds")
     fig.tight_layout()
     try:
         fig.savefig(filename, dpi=110)
@@ -425,7 +431,7 @@ def build_report(
 ) -> dict[str, Any]:
     results = [c.summary() for c in cells]
     return {
-        "tool": "uds-client bench",
+        "tool": "benchmarks/bench.py",
         "settings": {
             "method": "POST",
             "path": "/messages",
@@ -452,8 +458,6 @@ def build_report(
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (or JSON), optionally plot; exit 1 if any request failed."""
-    from client.cli._loadgen import Target
-
     if args.plot:
         _import_matplotlib()  # fail before minutes of measuring, not after
     show = _Progress(
@@ -464,7 +468,6 @@ def run(args: argparse.Namespace) -> int:
         if args.pin and not args.spawn:
             raise UsageError("--pin only applies to servers started with --spawn")
         if args.spawn:
-            _require_server_package()
             server_cpus, generator_cpus = _pin_split() if args.pin else (None, None)
             path, tcp = stack.enter_context(spawned_servers(cpus=server_cpus))
             if generator_cpus:
@@ -522,3 +525,20 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; return the exit code (errors are one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.socket = resolve_socket(args.socket)
+        return run(args)
+    except ClientError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

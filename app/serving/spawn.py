@@ -1,14 +1,9 @@
 """Start a server in a child process and wait until it answers: the one helper for that job.
 
-``uds-demo``, ``uds-client bench --spawn``, the benchmarks and the tests all start ``uds-server``
-through :class:`ServerProcess`. The server runs as a command (``python -m app``, see
-:func:`app_command`), so nothing here imports ``app`` and the client image can carry this module.
-
-Readiness is polled with a deadline, and a child that exits first ends the wait at once with its
-exit code. A socket is polled by the library's own loop (:func:`client.wait_for_socket`, the one
-behind ``uds-client --wait``) with the raw probe :func:`client.probe`; a loopback port, which that
-loop cannot reach, by the same library's :func:`client._wait.poll` with :func:`probe_tcp`; ``poll``
-is also the tests' generic "wait until" loop. Everything here is standard library only.
+``uds-demo``, ``benchmarks/bench.py --spawn``, the other benchmarks and the tests start ``uds-server``
+through :class:`ServerProcess`, as a command (``python -m app``, :func:`app_command`). Readiness is
+polled with a deadline by the client's one wait loop (:mod:`client.wait`); a child that exits first
+ends the wait at once with its exit code.
 """
 
 from __future__ import annotations
@@ -25,22 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 
-from client._errors import ClientError, ConnectError, WaitTimeout, reason_for
-from client._wait import poll, wait_for_socket
-
-__all__ = [
-    "ServerProcess",
-    "SpawnError",
-    "app_command",
-    "free_port",
-    "pinned",
-    "poll",
-    "probe_tcp",
-    "python_command",
-    "socket_dir",
-    "spawn",
-    "split_cpus",
-]
+from client import ClientError, ConnectError, WaitTimeout
+from client.wait import poll, wait_for_socket
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
@@ -53,10 +34,8 @@ class SpawnError(ClientError):
 def python_command(module: str, *args: str, python: str = sys.executable) -> list[str]:
     """``python -I -u -m module ARGS``: ``module`` from ``python``'s installation only, unbuffered.
 
-    Isolated mode keeps the working directory, ``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``
-    and the user's site-packages off the child's path, so a package that another user planted in
-    a world-writable directory never runs as us. ``-u`` stands in for ``PYTHONUNBUFFERED``, which
-    isolated mode ignores like every ``PYTHON*`` variable.
+    Isolated mode keeps the working directory, ``PYTHON*`` variables and the user's site-packages
+    off the child's path: code another user planted in a world-writable directory never runs as us.
     """
     return [python, "-I", "-u", "-m", module, *args]
 
@@ -98,7 +77,7 @@ def probe_tcp(host: str, port: int, *, timeout: float = 5.0) -> int:
         hint = "Is a server listening there (uds-server --host HOST --port PORT)?"
         raise ConnectError(address, "connection refused", hint) from exc
     except OSError as exc:
-        raise ConnectError(address, reason_for(exc)) from exc
+        raise ConnectError.caused_by(address, exc) from exc
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise ConnectError(address, "not an HTTP server", "Check the address.")
@@ -136,10 +115,9 @@ class ServerProcess:
         data_dir: str | Path | None = None,
         pass_fds: Sequence[int] = (),
     ) -> None:
-        """``data_dir`` is given to the server as ``UDS_DATA_DIR`` (a ``--data-dir`` flag in the
-        command wins): where ``uds-server`` keeps its durable store. Callers that start servers for
-        a moment pass a temporary directory they remove, never the system's default.
-        ``pass_fds``: descriptors the child keeps (a listening socket handed over, say)."""
+        """``data_dir`` becomes ``UDS_DATA_DIR`` (a ``--data-dir`` flag in the command wins): callers
+        that start servers for a moment pass a temporary directory. ``pass_fds``: descriptors the
+        child keeps (a listening socket handed over, say)."""
         self.command = list(command)
         self.socket = socket
         self.host = host

@@ -1,4 +1,4 @@
-"""``uds-client bench`` and its load generator, against real servers and scripted fake ones.
+"""``benchmarks/bench.py`` and its load generator, against real servers and scripted fake ones.
 
 No timing is asserted: only counts, statuses, error kinds and the shape of the output.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,13 +17,40 @@ from typing import Any
 
 import pytest
 
-from client.cli import main
-from client.cli._loadgen import LoadSpec, Target, build_request, run_load
-from client.cli.bench import format_table
-from client.cli.spawn import app_command, free_port, spawn
-from tests.support import ROOT, ServerProcess, http_over_uds, read_message, run_cli
+from app.serving.spawn import app_command, free_port, spawn
+from benchmarks import bench
+from benchmarks._loadgen import LoadSpec, Target, build_request, run_load
+from client import UsageError
+from tests.support import (
+    PYTHON,
+    ROOT,
+    ServerProcess,
+    http_over_uds,
+    read_message,
+    running_server,
+    short_tmpdir,
+)
 
 POST = b'{"text":"Hello from client"}'
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server() as process:
+        yield process
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    directory = short_tmpdir("udsb")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python benchmarks/bench.py ARGS``, as a developer runs it."""
+    command = [PYTHON, str(ROOT / "benchmarks" / "bench.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
 
 
 def _stored_count(path: str) -> int:
@@ -221,7 +250,7 @@ def test_generator_times_out_a_silent_server(scripted: Callable[..., str]) -> No
     assert result.error_kinds == {"timeout": 2}
 
 
-# --- uds-client bench ----------------------------------------------------------------------------
+# --- benchmarks/bench.py ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +264,9 @@ def tcp_server() -> Iterator[int]:
 
 
 def _bench(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``uds-client ARGV`` in this process: (exit code, stdout, stderr)."""
+    """``benchmarks/bench.py ARGV`` in this process: (exit code, stdout, stderr)."""
     try:
-        code = main(list(argv))
+        code = bench.main(list(argv))
     except SystemExit as exc:  # argparse's usage errors
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
@@ -267,10 +296,9 @@ def _check_report(
 
 def test_bench_json_uds_and_tcp(server: ServerProcess, tcp_server: int) -> None:
     assert server.socket_path
-    done = run_cli(
+    done = run_bench(
         "--socket",
         server.socket_path,
-        "bench",
         "--tcp",
         f"127.0.0.1:{tcp_server}",
         "-c",
@@ -298,8 +326,7 @@ def test_bench_json_uds_and_tcp(server: ServerProcess, tcp_server: int) -> None:
 
 def test_bench_spawn_pinned_json_progress_plot_and_table(tmp_path: Path) -> None:
     plot = tmp_path / "lat.png"
-    done = run_cli(
-        "bench",
+    done = run_bench(
         "--spawn",
         "--pin",
         "-c",
@@ -323,7 +350,7 @@ def test_bench_spawn_pinned_json_progress_plot_and_table(tmp_path: Path) -> None
     assert "[2/2] tcp c=2 round 1/1" in done.stderr
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     # The human-readable table of the same report.
-    lines = format_table(report).splitlines()
+    lines = bench.format_table(report).splitlines()
     assert any(line.split()[:2] == ["uds", "2"] for line in lines), lines
     assert any(line.split()[:2] == ["tcp", "2"] for line in lines), lines
     assert any(line.strip().startswith("conc   2: req/s") for line in lines), lines
@@ -335,7 +362,6 @@ def test_bench_only_uds_has_no_ratios(server: ServerProcess, capsys: pytest.Capt
         capsys,
         "--socket",
         server.socket_path,
-        "bench",
         "-c",
         "2",
         "-n",
@@ -355,7 +381,7 @@ def test_bench_only_uds_has_no_ratios(server: ServerProcess, capsys: pytest.Capt
 
 def test_bench_cannot_connect_is_exit_3(tmp_short: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_short / "none.sock")
-    code, _, err = _bench(capsys, "--socket", path, "bench", "-n", "5")
+    code, _, err = _bench(capsys, "--socket", path, "-n", "5")
     assert code == 3
     assert err.strip().splitlines() == [
         f"Error: cannot connect to unix://{path} (no such file). Is the server running?"
@@ -365,9 +391,7 @@ def test_bench_cannot_connect_is_exit_3(tmp_short: Path, capsys: pytest.CaptureF
 def test_bench_tcp_refused_is_exit_3(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert server.socket_path
     port = free_port()
-    code, _, err = _bench(
-        capsys, "--socket", server.socket_path, "bench", "--tcp", f"127.0.0.1:{port}", "-n", "5"
-    )
+    code, _, err = _bench(capsys, "--socket", server.socket_path, "--tcp", f"127.0.0.1:{port}", "-n", "5")
     assert code == 3
     assert f"http://127.0.0.1:{port} (connection refused)" in err
     assert len(err.strip().splitlines()) == 1
@@ -386,16 +410,13 @@ def test_bench_tcp_refused_is_exit_3(server: ServerProcess, capsys: pytest.Captu
     ],
 )
 def test_bench_usage_errors_are_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _bench(capsys, "--socket", "/nonexistent/s.sock", "bench", *args)
+    code, _, err = _bench(capsys, "--socket", "/nonexistent/s.sock", *args)
     assert code == 2, err
     assert "Traceback" not in err
 
 
 def test_bench_plot_without_matplotlib_is_a_clear_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
-
-    from client._errors import UsageError
-    from client.cli import bench
 
     real_import = builtins.__import__
 

@@ -1,0 +1,82 @@
+"""The send deadline: the peer of a paused answer must read some of it every ``seconds``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import termios
+
+from uvicorn.protocols.http.flow_control import FlowControl
+
+from app.connection.peer import queued
+
+__all__ = ["DRAIN_STALL", "SendDeadline"]
+
+DRAIN_STALL = 2.0
+"""Once the server drains, seconds a peer may leave its answer unread (an event stream nobody
+reads), or take to send a request it began, before its connection goes."""
+logger = logging.getLogger("app.connections")
+
+
+class SendDeadline:
+    """Aborts the connection (its unsent data dropped) when, ``seconds`` after writing paused, the
+    peer has read nothing since the last check; progress counts our buffer and the kernel's."""
+
+    __slots__ = ("_timer", "_unsent", "flow", "loop", "paused_at", "seconds", "transport")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, flow: FlowControl, seconds: float
+    ) -> None:
+        self.loop = loop
+        self.transport = transport
+        self.flow = flow
+        self.seconds = seconds
+        self.paused_at: float | None = None
+        """Since when the peer has left our answers unread (writing paused), or None."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._unsent = 0
+
+    def paused(self) -> None:
+        if self.paused_at is None:
+            self.paused_at = self.loop.time()
+        if self._timer is None:
+            self._unsent = self._unsent_bytes()
+            self._timer = self.loop.call_later(self.seconds, self._expired)
+
+    def resumed(self) -> None:
+        self.paused_at = None
+        self.cancel()
+
+    def shorten(self, seconds: float) -> None:
+        """At most ``seconds`` from now on (the server drains)."""
+        if self.seconds > seconds:
+            self.seconds = seconds
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self.loop.call_later(seconds, self._expired)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _unsent_bytes(self) -> int:
+        # The kernel's part shows a slow reader's progress: a Unix socket turns writable only late.
+        sock = self.transport.get_extra_info("socket")
+        return self.transport.get_write_buffer_size() + queued(sock, termios.TIOCOUTQ)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if not self.flow.write_paused:
+            return
+        unsent = self._unsent_bytes()
+        if unsent < self._unsent:  # the peer read something: it gets another period
+            self._unsent = unsent
+            self._timer = self.loop.call_later(self.seconds, self._expired)
+            return
+        logger.warning(
+            "Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
+            self.seconds,
+            unsent,
+        )
+        self.transport.abort()

@@ -1,0 +1,31 @@
+"""The uvicorn internals the protocol relies on, in one place."""
+
+from __future__ import annotations
+
+__all__ = ["UVICORN_INTERNALS"]
+
+UVICORN_INTERNALS = (
+    ("protocol", "parser", "fed piecewise to bound pipelining; read for a refused request's method"),
+    ("protocol", "url", "the request target, to measure a head that came in pieces"),
+    ("protocol", "headers", "counted and measured; trailer fields land there too"),
+    ("protocol", "scope", "gets the peer extensions; its headers give the transfer coding"),
+    ("protocol", "cycle", "the request last parsed: made keep_alive False while draining, counted"),
+    ("protocol", "pipeline", "requests queued behind the one answered: bounded, a refused one dropped"),
+    ("protocol", "flow", "replaced by HoldingFlow, which keeps reading paused while input is held"),
+    ("protocol", "connections", "the open connections, which the connection cap scans"),
+    ("protocol", "limit_concurrency", "set to None: our cap (503 in JSON, room made) replaces uvicorn's"),
+    ("protocol", "timeout_keep_alive", "with timeout_keep_alive_task, tells since when a connection idles"),
+    ("protocol", "timeout_keep_alive_task", "cancelled on a reset too, not only on a clean end"),
+    ("protocol", "_unset_keepalive_if_required", "called before each parse, as uvicorn's data_received does"),
+    ("cycle", "body", "what the application has not read yet, drawn on the held-input budget"),
+    ("cycle", "disconnected", "set with message_event for cycles uvicorn does not mark on a hang-up"),
+    ("cycle", "message_event", "wakes an application waiting for a body that will not come"),
+    ("cycle", "keep_alive", "False for a request read while the server drains"),
+    ("cycle", "response_started", "an answer under way is not cut to make room or on a late body"),
+    ("cycle", "response_complete", "which pipelined requests are answered"),
+    ("cycle", "send", "replaced by the metrics recorder's counting send"),
+    ("flow", "read_paused", "HoldingFlow resumes reading only when nothing is held"),
+    ("flow", "write_paused", "the send deadline runs only while writing is paused"),
+)
+"""What :class:`PeerCredProtocol` uses of uvicorn's protocol, request cycle and flow control beyond
+the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""

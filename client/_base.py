@@ -1,0 +1,260 @@
+"""What ``Client`` and ``AsyncClient`` share: building requests, the API version, the response
+cap, and turning an answer into a typed result or one :class:`ClientError`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import httpx2
+import orjson
+
+from client._errors import APIError, ClientError, UsageError
+from client._events import READ_IDLE_TIMEOUT
+from client._models import Health, Message, RawResponse, Version, WhoAmI
+from client._transport import BASE_URL, is_stale_error
+from client.address import resolve_socket, to_url
+
+log = logging.getLogger("client")
+
+# The largest legitimate answer, a full history of long messages, is about 25 MB of JSON.
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+# No compression on a local socket, so what counts against the cap is what arrives. Set once on
+# an httpx2 client this module builds, per request on a caller's.
+_HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
+_T = TypeVar("_T")
+
+API_VERSIONS = (1, 1)
+"""The oldest and the newest API version this client speaks."""
+
+
+class _Answer:
+    """A response whose body has been read (within the cap)."""
+
+    __slots__ = ("content", "response", "status")
+
+    def __init__(self, response: httpx2.Response, content: bytes) -> None:
+        self.response = response
+        self.content = content
+        self.status = response.status_code
+
+
+_NOT_JSON: Any = object()
+
+
+def _snippet(content: bytes) -> str:
+    text = content[:200].decode("utf-8", "replace")
+    return text + ("..." if len(content) > 200 else "")
+
+
+def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
+    """Decode the JSON body, or raise :class:`APIError` from the server's error shape."""
+    try:
+        body = orjson.loads(answer.content)
+    except orjson.JSONDecodeError:
+        body = _NOT_JSON
+    status = answer.status
+    if status < 400 or status in ok:
+        if body is not _NOT_JSON:
+            return body
+        if status == 204:
+            return None
+        raise ClientError(
+            f"the server answered {status} with a body that is not JSON: {_snippet(answer.content)}"
+        )
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        raise APIError(status, body["message"], error=body.get("error"), body=body)
+    reason = answer.response.reason_phrase or "error"
+    text = answer.content.decode("utf-8", "replace")
+    raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
+
+
+def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Callable[[_Answer], _T]:
+    """An answer's parser: :func:`_check`, then ``build``; a wrong shape is one :class:`ClientError`."""
+
+    def parse(answer: _Answer) -> _T:
+        body = _check(answer, ok=ok)
+        try:
+            return build(body)
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ClientError(f"the server's answer is not {what}: {_snippet(orjson.dumps(body))}") from exc
+
+    return parse
+
+
+def _spec(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise TypeError("not a JSON object")
+    return body
+
+
+_MESSAGE = _parser(Message.from_json, "a message")
+_MESSAGES = _parser(lambda data: [Message.from_json(item) for item in data["messages"]], "a list of messages")
+_HEALTH = _parser(lambda data: Health.from_json(data, 200), "a health status")
+_READY_OK = (503,)  # a draining server: ok is False, no exception
+_VERSION = _parser(Version.from_json, "a list of versions")
+_OPENAPI = _parser(_spec, "an OpenAPI document")
+_WHOAMI = _parser(WhoAmI.from_json, "an identity")
+
+
+def _ready(answer: _Answer) -> Health:
+    return _parser(lambda data: Health.from_json(data, answer.status), "a health status", _READY_OK)(answer)
+
+
+def _raw(answer: _Answer) -> RawResponse:
+    headers = {name.lower(): value for name, value in answer.response.headers.items()}
+    return RawResponse(status=answer.status, headers=headers, content=answer.content)
+
+
+def _send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
+    # 128 random bits, as uuid4().hex without importing uuid (a one-shot command's start-up).
+    key = idempotency_key if idempotency_key is not None else os.urandom(16).hex()
+    headers = {"content-type": "application/json", "idempotency-key": key}
+    return {"content": orjson.dumps({"text": text}), "headers": headers}
+
+
+def _messages_path(limit: int | None) -> str:
+    if limit is None:
+        return "/messages"
+    if limit < 1:
+        raise UsageError(f"limit must be at least 1, not {limit}")
+    return f"/messages?limit={int(limit)}"
+
+
+def _raw_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise UsageError(f"path must start with '/', not {path!r}")
+    return path
+
+
+def _versions_text(low: int, high: int) -> str:
+    return f"API version {low}" if low == high else f"API versions {low} to {high}"
+
+
+class _Base:
+    """What both clients share: the socket, limits, the response cap, logging, the API version."""
+
+    API_VERSIONS: tuple[int, int] = API_VERSIONS
+    """(oldest, newest) API version spoken; a subclass may speak another range."""
+
+    _http: httpx2.Client | httpx2.AsyncClient
+    _prefix: str | None = None
+    """``/v{N}`` once negotiated, ``""`` for a server without versions; None before the ping."""
+
+    def __init__(
+        self,
+        socket: str | None,
+        timeout: float,
+        environ: Mapping[str, str] | None,
+        max_response_bytes: int,
+        http_client: Any,
+        own: Callable[..., Any],
+    ) -> None:
+        if not timeout > 0:
+            raise UsageError(f"timeout must be greater than 0, not {timeout!r}")
+        if max_response_bytes < 1:
+            raise UsageError(f"max_response_bytes must be at least 1, not {max_response_bytes!r}")
+        self.path = resolve_socket(socket, environ)
+        self.address = to_url(self.path)
+        self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+        self._owns_http = http_client is None
+        if http_client is None:
+            http_client = own(base_url=BASE_URL, timeout=timeout, trust_env=False, headers=_HEADERS)
+        self._http = http_client
+
+    def _chosen(self, answer: _Answer) -> str:
+        """The path prefix for the server's ``/_ping`` answer (or an error when none will do)."""
+        if answer.status == 404:  # a server from before API versions
+            return ""
+        if answer.status >= 400:
+            _check(answer)  # raises APIError with the server's message
+        headers = answer.response.headers
+        current, oldest = headers.get("api-version"), headers.get("min-api-version")
+        if current is None:
+            return ""
+        try:
+            high = int(current)
+            low = int(oldest) if oldest is not None else high
+        except ValueError:
+            shown = _snippet(f"{current!r}, Min-Api-Version {oldest!r}".encode())
+            raise ClientError(
+                f"{self.address} answered /_ping with Api-Version {shown}, not whole numbers; "
+                "is it a uds-example server?"
+            ) from None
+        mine_low, mine_high = self.API_VERSIONS
+        version = min(high, mine_high)
+        if version < max(low, mine_low):
+            fix = "upgrade the server" if high < mine_low else "upgrade the client"
+            raise ClientError(
+                f"{self.address} serves {_versions_text(low, high)}; this client speaks "
+                f"{_versions_text(mine_low, mine_high)}: no version in common, {fix}"
+            )
+        return f"/v{version}"
+
+    def _build(
+        self,
+        method: str,
+        url: str,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        timeout: httpx2.Timeout | None,
+        tracker: Callable[..., Any] | None,
+    ) -> httpx2.Request:
+        if not self._owns_http:  # a caller's client lacks our default headers
+            headers = _HEADERS if headers is None else {**_HEADERS, **headers}
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        if tracker is not None:
+            options["extensions"] = {"trace": tracker}
+        return self._http.build_request(method, url, content=content, headers=headers, **options)
+
+    def _retrying(self, exc: httpx2.TransportError, opened: bool, method: str, url: str) -> bool:
+        """Whether to send once more: a reused connection the server had closed."""
+        if not is_stale_error(exc) or opened:
+            return False
+        why = "reused connection was closed by the server"
+        log.debug("%s %s %s: %s (%s); retrying once", self.address, method, url, why, exc)
+        return True
+
+    def _too_large(self, method: str, url: str) -> ClientError:
+        return ClientError(
+            f"{self.address} answered {method} {url} with more than "
+            f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)"
+        )
+
+    def _declared_fits(self, response: httpx2.Response, method: str, url: str) -> bool:
+        """True when the answer's Content-Length is within the cap (h11 then reads no more than it)."""
+        declared = response.headers.get("content-length")
+        if declared is None or not declared.isdigit():
+            return False
+        if int(declared) > self.max_response_bytes:
+            raise self._too_large(method, url)
+        return True
+
+    def _events_options(self, last_id: int | None) -> dict[str, Any]:
+        """``GET /events`` after ``last_id``: its reads may idle up to :data:`READ_IDLE_TIMEOUT`."""
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
+        if last_id is not None:
+            headers["last-event-id"] = str(last_id)
+        timeout = httpx2.Timeout(self.timeout, read=max(READ_IDLE_TIMEOUT, self.timeout))
+        return {"headers": headers, "timeouts": timeout, "stream": True}
+
+    def _stream(self, answer: _Answer) -> httpx2.Response:
+        """The open stream of a 200 to ``GET /events``, else the error (the server's, if it sent one)."""
+        if answer.status == 200:
+            return answer.response
+        _check(answer)
+        raise ClientError(f"{self.address} answered GET /events with {answer.status}, not a stream")
+
+    def _log(self, method: str, url: str, status: int, started: float, retried: bool) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            elapsed = (time.monotonic() - started) * 1000
+            note = " (retried on a fresh connection)" if retried else ""
+            log.debug("%s %s %s -> %d in %.1f ms%s", self.address, method, url, status, elapsed, note)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r})"

@@ -1,0 +1,158 @@
+"""Whether the proxy forwards a request: a pure function of its head, its caller and the rules.
+
+Host must be the proxy's own (DNS rebinding), Origin too if sent (cross-site pages), then the
+caller must be someone the socket's permissions admit, or hold the token printed at start. Why,
+and the threat model: docs/internals.md, "The proxy".
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from client.cli.proxy.caller import Caller
+
+FORWARDED_HEADER = b"uds-forwarded-peer"  # names the caller to the server, which records it
+TOKEN_HEADER = b"uds-proxy-token"  # carries the token (the docs pages send it); never forwarded
+MAX_HEAD_BYTES = 32 * 1024  # the server's own limits
+MAX_HEADERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What the proxy admits: the ``Host`` values it answers to, its token, whether uids count, and
+    the socket's address (named in refusals)."""
+
+    hosts: frozenset[str]
+    token: str
+    token_only: bool = False
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The facts of a request head that the decision reads (:func:`head_of` gathers them)."""
+
+    target: bytes
+    host: bytes | None = None
+    origin: bytes | None = None
+    token: bytes | None = None  # the Uds-Proxy-Token header
+    fields: int = 0
+    size: int = 0
+    framings: int = 0  # how many of Content-Length and Transfer-Encoding are present
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    target: bytes  # without the token
+    by: str  # "uid" or "token"
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    status: int
+    reason: str
+
+
+def head_of(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> Head:
+    """The facts of a head whose header names are lower case (as h11 gives them)."""
+    host = origin = token = None
+    fields, framing, size = 0, set(), len(method) + len(target) + 11
+    for name, value in headers:
+        fields += 1
+        size += len(name) + len(value) + 4
+        if name == b"host":
+            host = value
+        elif name in (b"content-length", b"transfer-encoding"):
+            framing.add(name)
+        elif name == b"origin":
+            origin = value
+        elif name == TOKEN_HEADER:
+            token = value
+    return Head(target, host, origin, token, fields, size, len(framing))
+
+
+def decide(
+    head: Head, caller: Caller | None, rules: Rules, *, may_connect: bool = False, permissions: str = ""
+) -> Admit | Refuse:
+    """Admit or refuse one request. ``caller`` owns the TCP connection (None: not of this machine),
+    ``may_connect`` if the socket's ``permissions`` (quoted in a refusal) let it connect."""
+    if head.fields > MAX_HEADERS:
+        return Refuse(431, f"the request has more than {MAX_HEADERS} header fields")
+    # h11 bounds a head that arrives in pieces; one that arrived whole is measured here.
+    if head.size > MAX_HEAD_BYTES:
+        return Refuse(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+    if head.host is None:
+        return Refuse(400, "the request has no Host header; send Host: 127.0.0.1:PORT")
+    if head.framings == 2:  # RFC 9112 section 6.1: a sign of request smuggling
+        return Refuse(400, "the request has both Content-Length and Transfer-Encoding; send one")
+    if head.host.decode("latin-1").lower() not in rules.hosts:
+        return Refuse(
+            421,
+            f"this proxy does not answer for host {shown(head.host)!r}; use "
+            f"{' or '.join(sorted(rules.hosts))} (or start it with --allow-host)",
+        )
+    origin = head.origin.decode("latin-1").lower() if head.origin is not None else None
+    if origin is not None and not (origin.startswith("http://") and origin[7:] in rules.hosts):
+        return Refuse(
+            403,
+            f"cross-origin requests are refused (Origin {shown(head.origin or b'')!r}); "
+            "open the page from the proxy's own address",
+        )
+    in_url, target = split_token(head.target)
+    given = head.token if head.token is not None else in_url
+    # A caller the uid check admits is admitted (and named) by uid, token or not: the docs page
+    # opened at the printed URL sends the token with every request.
+    if not rules.token_only and caller is not None and may_connect:
+        return Admit(target, "uid")
+    if given is not None:
+        if not hmac.compare_digest(given, rules.token.encode()):
+            return Refuse(403, "wrong token; open the URL the proxy printed at start")
+        return Admit(target, "token")
+    if rules.token_only:
+        why = "this proxy admits only requests with its token"
+    elif caller is None:
+        why = "the proxy cannot tell who opened this connection (not a socket of this machine)"
+    else:
+        why = f"uid {caller.uid} may not connect to {rules.url} ({permissions}; groups {_groups(caller)})"
+    return Refuse(403, f"{why}; open the URL with the token that the proxy printed at start")
+
+
+def _groups(caller: Caller) -> str:
+    if caller.source == "skipped":
+        return "not looked up: none would let it in"
+    if caller.groups is None:
+        return "unknown: its process is not visible to the proxy, so the group's bits do not count"
+    return f"{','.join(map(str, sorted(caller.groups))) or 'none'} of its process"
+
+
+def split_token(target: bytes) -> tuple[bytes | None, bytes]:
+    """The last ``token=`` of the query of ``target``, and ``target`` without any.
+
+    Names are decoded as a page's ``URLSearchParams`` decodes them (``%74oken`` is ``token``), so
+    what the docs page reads as the token never reaches the socket; other parameters stay as sent.
+    """
+    path, sep, query = target.partition(b"?")
+    if not sep or (b"token" not in query and b"%" not in query):
+        return None, target
+    given = None
+    kept = []
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == b"token":
+            given = unquote_to_bytes(value.replace(b"+", b" "))
+        else:
+            kept.append(pair)
+    if given is None:
+        return None, target
+    return given, path + (b"?" + b"&".join(kept) if kept else b"")
+
+
+def shown(value: bytes | str, limit: int = 200) -> str:
+    """Text from outside as it goes into one log line or message: control characters escaped, cut."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

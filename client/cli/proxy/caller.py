@@ -1,0 +1,191 @@
+"""Who opened a loopback TCP connection: its owner uid, and the groups of a process holding it.
+
+The kernel names the owner of a TCP socket in this network namespace (``sock_diag``, as ``ss``
+does: an exact lookup by address pair, not a listing). The groups are those the kernel checks on
+``connect()``: the fsgid and supplementary groups of a process holding that socket; the account
+database is no substitute. Stdlib only, Linux only. Why: docs/internals.md, "The proxy".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Caller", "find_caller", "tcp_owner"]
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NLMSG = struct.Struct("=IHHII")
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
+_REQ = struct.Struct("=BBBBI")
+# inet_diag_sockid: sport, dport (big-endian), src[16], dst[16], interface, cookie[2].
+_SOCKID = struct.Struct("!HH16s16s")
+_SOCKID_TAIL = struct.Struct("=III")
+_NOCOOKIE = 0xFFFFFFFF
+_ALL_STATES = 0xFFFFFFFF
+# inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
+_MSG_TAIL = struct.Struct("=IIIII")
+_MSG_TAIL_AT = 4 + 48
+_MAX_FDS = 1024
+"""Most open files of a process searched for a caller's socket: the usual default soft limit,
+which a process must raise to hold more."""
+_RECENT: deque[int] = deque(maxlen=16)
+"""Pids that held recent callers' sockets (threads may race on it: a miss only costs a full scan)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The owner of a TCP connection: ``pid`` 0, ``gid`` -1 and ``groups`` None when no holding
+    process was visible."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int] | None
+    """The fsgid and supplementary groups of the holding process; None when unknown."""
+    source: str
+    """Where the groups come from: ``process`` (exact), ``none`` (no process visible) or ``skipped``
+    (no group would change the verdict)."""
+
+
+def _packed(address: str) -> tuple[int, bytes]:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return family, ip.packed.ljust(16, b"\0")
+
+
+def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
+    """One exact NETLINK_SOCK_DIAG lookup of the TCP socket ``src -> dst``: ``(uid, inode)``."""
+    request = (
+        _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
+        + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
+        + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE)
+    )
+    message = _NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + request
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.sendto(message, (0, 0))
+        answer = nl.recv(8192)
+    if len(answer) < _NLMSG.size:
+        return None
+    _, kind, _, _, _ = _NLMSG.unpack_from(answer)
+    body = answer[_NLMSG.size :]
+    if kind == _NLMSG_ERROR or kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:
+        return None
+    _, _, _, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_TAIL_AT)
+    return uid, inode
+
+
+def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] | None:
+    """``(uid, inode)`` of the socket that connected from ``peer`` to our ``local`` address; None
+    for anything but a live socket of this network namespace."""
+    try:
+        family, peer_ip = _packed(peer[0])
+        local_family, local_ip = _packed(local[0])
+    except ValueError:
+        return None
+    attempts = [(family, (peer_ip, peer[1]), (local_ip, local[1]))]
+    if family == socket.AF_INET and ":" in peer[0]:
+        # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d; an IPv6 caller may have
+        # dialled that mapped address too.
+        mapped = [b"\0" * 10 + b"\xff\xff" + ip[:4] for ip in (peer_ip, local_ip)]
+        attempts.append((socket.AF_INET6, (mapped[0], peer[1]), (mapped[1], local[1])))
+    if local_family != family:
+        return None
+    for fam, src, dst in attempts:
+        try:
+            found = _diag(fam, src, dst)
+        except OSError:
+            return None
+        if found is not None and found[1] != 0:  # inode 0: orphaned, no process holds it any more
+            return found
+    return None
+
+
+def _holds(pid: int, target: str) -> bool:
+    """Whether ``pid`` has ``target`` open. A process holding over :data:`_MAX_FDS` files is not
+    searched (False; the count stops there): its cost would be the caller's choice."""
+    fd_dir = f"/proc/{pid}/fd"
+    fds: list[str] = []
+    try:
+        with os.scandir(fd_dir) as entries:
+            for entry in entries:
+                if len(fds) == _MAX_FDS:
+                    return False
+                fds.append(entry.name)
+    except OSError:
+        return False
+    for fd in reversed(fds):  # a new connection tends to have one of the highest fd numbers
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{fd_dir}/{fd}") == target:
+                return True
+    return False
+
+
+def _process_holding(inode: int) -> int | None:
+    """The pid of a visible process that has the socket with this inode open: those that held the
+    last callers' sockets first (a browser opens many), then all, newest first."""
+    target = f"socket:[{inode}]"
+    for pid in list(_RECENT):
+        if _holds(pid, target):
+            return pid
+    pids = sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True)
+    for pid in pids:
+        if _holds(pid, target):
+            with contextlib.suppress(ValueError):
+                _RECENT.remove(pid)
+            _RECENT.append(pid)
+            return pid
+    return None
+
+
+def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
+    """``(fsuid, fsgid, groups)`` from ``/proc/<pid>/status``; what the kernel checks on connect()."""
+    uid = gid = None
+    groups: frozenset[int] = frozenset()
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key == "Uid":
+                    uid = int(value.split()[3])
+                elif key == "Gid":
+                    gid = int(value.split()[3])
+                elif key == "Groups":
+                    groups = frozenset(int(g) for g in value.split())
+    except (OSError, ValueError, IndexError):
+        return None
+    if uid is None or gid is None:
+        return None
+    return uid, gid, groups | {gid}
+
+
+def find_caller(
+    peer: tuple[str, int], local: tuple[str, int], groups_matter: Callable[[int], bool] | None = None
+) -> Caller | None:
+    """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found.
+
+    When ``groups_matter(uid)`` is False, no process is searched (``source`` ``skipped``).
+    """
+    owner = tcp_owner(peer, local)
+    if owner is None:
+        return None
+    uid, inode = owner
+    if groups_matter is not None and not groups_matter(uid):
+        return Caller(uid=uid, gid=-1, pid=0, groups=None, source="skipped")
+    pid = _process_holding(inode)
+    if pid is not None:
+        credentials = _process_credentials(pid)
+        if credentials is not None and credentials[0] == uid:
+            return Caller(uid=uid, gid=credentials[1], pid=pid, groups=credentials[2], source="process")
+    return Caller(uid=uid, gid=-1, pid=0, groups=None, source="none")

@@ -1,0 +1,260 @@
+"""``uds-client proxy``: a loopback TCP port in front of the Unix socket, for browsers and curl.
+
+It admits a request whose caller could use the socket itself (checked by uid) or that carries
+the token printed at start (:mod:`.access`), and forwards one request per connection
+(:mod:`.forwarding`). Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port
+cannot be bound; 3 the socket cannot be reached at start. Design: docs/internals.md, "The proxy".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import signal
+import socket
+import sys
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from client._errors import ConnectError, UsageError, reason_for
+from client.address import to_url
+from client.cli.proxy.capacity import MAKE_ROOM_AFTER
+from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
+from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HEAD_TIMEOUT = 30.0  # the server's request_timeout
+DEFAULT_MAX_CONNECTIONS = 256
+_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+class Listen(NamedTuple):
+    """A parsed ``--listen`` value."""
+
+    host: str
+    port: int
+
+
+def parse_listen(value: str) -> Listen:
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (no host means 127.0.0.1)."""
+    text = value.strip()
+    host, port_text = DEFAULT_HOST, text
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise UsageError(f"invalid --listen {value!r}: write [::1]:8080 for an IPv6 address")
+        host, port_text = text[1:end], text[end + 2 :]
+    elif ":" in text:
+        if text.count(":") > 1:
+            raise UsageError(f"invalid --listen {value!r}: put an IPv6 address in brackets, as in [::1]:8080")
+        host, port_text = text.split(":")
+        host = host or DEFAULT_HOST
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(
+            f"invalid --listen {value!r}: the port must be a number 0..65535, as in 127.0.0.1:8080"
+        )
+    if not host or any(c.isspace() for c in host):
+        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT, :PORT or PORT")
+    return Listen(host, int(port_text))
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def allowed_hosts(listen_host: str, port: int, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` values the proxy answers to: its own address, loopback names, and ``extra``."""
+    names = {hostport(listen_host, port)}
+    if listen_host in _WILDCARD or is_loopback(listen_host):
+        names |= {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    if port == 80:
+        names |= {name.rsplit(":", 1)[0] for name in names}
+    return frozenset(name.lower() for name in (*names, *extra))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``uds-client proxy``."""
+    parser.epilog = (
+        "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
+        "this machine and network namespace only) may connect to the socket, or if it carries the "
+        "token printed at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs "
+        "URL carries it, never a cookie). Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen "
+        "or the TCP address cannot be used (in use, not permitted); "
+        "3 the socket cannot be reached at start."
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
+        "no host means 127.0.0.1, loopback only; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--token-only",
+        action="store_true",
+        help="admit only requests carrying the printed token, even from users who may use the socket",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="also answer requests whose Host header is HOST:PORT (for example the local side of "
+        "kubectl port-forward 9000:8080); repeatable",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=float,
+        default=DEFAULT_HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has not sent its whole request head in time "
+        f"(default {DEFAULT_HEAD_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
+        "without a whole request head is closed to make room, or the newcomer gets 503 "
+        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not log a line per forwarded request (startup lines, refusals and errors are still printed)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the socket, listen on TCP, serve until SIGINT/SIGTERM; return the exit code."""
+    listen = parse_listen(args.listen)
+    if not args.head_timeout > 0:
+        raise UsageError(f"invalid --head-timeout {args.head_timeout!r}: give a number of seconds above 0")
+    if not args.max_connections > 0:
+        raise UsageError(f"invalid --max-connections {args.max_connections!r}: give a whole number above 0")
+    extra = tuple(hostport(*parse_listen(value)) for value in args.allow_host)
+    check_socket(args.socket, args.timeout)
+    soft, _ = raise_open_file_limit()
+    # Each connection holds two files (the caller's and the socket's); refusals being answered one.
+    cap = connection_cap(args.max_connections, soft, reserve=FD_RESERVE + REFUSING, files_each=2)
+    if cap < args.max_connections:
+        _log(
+            f"Connections: at most {cap} at once, not {args.max_connections} (--max-connections): the "
+            f"open-file limit is {soft}; raise it (ulimit -n) to serve more"
+        )
+    proxy = Proxy(
+        args.socket,
+        _log,
+        connect_timeout=args.timeout,
+        log_connections=not args.quiet,
+        token_only=args.token_only,
+        head_timeout=args.head_timeout,
+        max_connections=cap,
+    )
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(proxy, listen, extra))
+
+
+def check_socket(path: str, timeout: float) -> None:
+    """Connect to the socket once, or raise :class:`ConnectError` with the contract's reason."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ConnectError(to_url(path), reason_for(exc)) from exc
+
+
+def _log(line: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> int:
+    log = proxy.log
+    try:
+        server = await asyncio.start_server(
+            proxy.handle, listen.host, listen.port, backlog=1024, reuse_address=True
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {hostport(*listen)} ({_bind_reason(exc)}). "
+            "Stop what uses it or choose another address with --listen."
+        ) from exc
+    port = server.sockets[0].getsockname()[1]
+    proxy.listening(allowed_hosts(listen.host, port, allow_hosts))
+    where = hostport(listen.host, port)
+    browse = hostport(_WILDCARD.get(listen.host, listen.host), port)
+    loopback = is_loopback(listen.host)
+    scope = "loopback only" if loopback else "REACHABLE FROM OTHER MACHINES"
+    log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
+    if not loopback:
+        log(
+            f"WARNING: {where} is not a loopback address: callers on other machines cannot be identified "
+            "and need the token; anyone who sees it can call the API with this user's rights. Use "
+            "--listen 127.0.0.1:PORT unless you mean it."
+        )
+    if proxy.rules.token_only:
+        log("Access: only requests with this proxy's token (open the URL below; its page sends it)")
+    else:
+        log(
+            f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
+            "or anyone with this proxy's token (open the URL below; its page sends it)"
+        )
+    log(f"Docs: http://{browse}/docs?token={proxy.rules.token}")
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await stop.wait()
+    finally:
+        # A second signal (coreutils timeout sends two) must not kill the proxy halfway through its
+        # shutdown or on its way out: once stopping, the command ignores them until it exits.
+        server.close()
+        count = await proxy.close_all()
+        await server.wait_closed()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    log(f"Proxy stopped ({', '.join(received) or 'stop'}): closed {count} open connection(s)")
+    return 0
+
+
+def _bind_reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    # asyncio rewrites strerror ("error while attempting to bind on address ...").
+    return {
+        errno.EADDRINUSE: "address already in use",
+        errno.EACCES: "permission denied",
+        errno.EADDRNOTAVAIL: "address not available on this machine",
+    }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())

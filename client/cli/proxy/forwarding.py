@@ -1,0 +1,379 @@
+"""The proxy's connections: read one request head (h11), judge it, forward it to the socket.
+
+One request per TCP connection (``Connection: close`` upstream), so each is judged; bodies are
+streamed with backpressure and re-framed by h11, answers copied byte for byte. Why:
+docs/internals.md, "The proxy".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable, Hashable, Iterable
+from http import HTTPStatus
+
+import h11
+
+from client._errors import ConnectError, reason_for
+from client.address import to_url
+from client.cli.proxy.access import (
+    FORWARDED_HEADER,
+    MAX_HEAD_BYTES,
+    TOKEN_HEADER,
+    Admit,
+    Refuse,
+    Rules,
+    decide,
+    head_of,
+    shown,
+    split_token,
+)
+from client.cli.proxy.caller import Caller, find_caller, tcp_owner
+from client.cli.proxy.capacity import Places
+from client.cli.proxy.permissions import SocketAccess
+from client.net.answers import error_response
+from client.net.linger import linger
+from client.net.throttle import Throttle
+
+FIRST_BYTE_TIMEOUT = 10.0  # a new connection's silence (browsers open spare ones); at most --head-timeout
+LOG_PERIOD = 10.0  # between two log lines of one kind: a refused peer must not flood the log
+REFUSING = 32  # refusals lingering at once (files kept for them); beyond, answered and closed at once
+_CHUNK = 256 * 1024
+_LINGER_BYTES = 1 << 20
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
+)
+_ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
+
+Addresses = tuple[tuple[str, int], tuple[str, int]]
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A whole ``Connection: close`` HTTP/1.1 response carrying the shared JSON error shape."""
+    error = _ERRORS.get(status) or HTTPStatus(status).name.lower()
+    return error_response(status, error, message, headers=(("connection", "close"), *headers))
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Closed(Exception):
+    """The client closed the connection before sending a request."""
+
+
+class Proxy:
+    """Accepts TCP connections, judges each request, forwards admitted ones to the Unix socket."""
+
+    def __init__(
+        self,
+        path: str,
+        log: Callable[[str], None],
+        *,
+        connect_timeout: float = 5.0,
+        log_connections: bool = True,
+        token_only: bool = False,
+        head_timeout: float = 30.0,
+        max_connections: int = 256,
+    ) -> None:
+        self.path, self.url, self.log = path, to_url(path), log
+        self.connect_timeout, self.head_timeout = connect_timeout, head_timeout
+        self.log_connections = log_connections
+        self.rules = Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
+        self.access = SocketAccess(path)
+        self.places = Places(max_connections, self._note)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.refusing = 0
+        self.refusals = Throttle(log, LOG_PERIOD)
+        self._flush: asyncio.TimerHandle | None = None
+        self.count = 0
+
+    def listening(self, hosts: frozenset[str]) -> None:
+        """Set the ``Host`` values the proxy answers to, once its port is known."""
+        self.rules = dataclasses.replace(self.rules, hosts=hosts)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one TCP connection: one request, judged, then forwarded or refused."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        addresses = (peer[:2], local[:2]) if isinstance(peer, tuple) and isinstance(local, tuple) else None
+        found = tcp_owner(*addresses) if addresses else None
+        try:
+            if not self.places.take(task, found[0] if found else None):
+                message = f"the proxy is at its connection limit ({self.places.cap}); try again shortly"
+                await self._answer((reader, writer), error_answer(503, message, (("Retry-After", "1"),)))
+                return
+            self.count += 1
+            who = f"proxy #{self.count} {hostport(*peer[:2]) if addresses else '?'}"
+            await self._serve(task, (reader, writer), addresses, who)
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+            self.places.release(task)
+
+    async def _serve(
+        self, task: asyncio.Task[None], io: Streams, addresses: Addresses | None, who: str
+    ) -> None:
+        started = time.monotonic()
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        received = [0]
+        first_byte = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
+        try:
+            request = await asyncio.wait_for(
+                _next_request(io[0], conn, received, first_byte), self.head_timeout
+            )
+        except _Closed:
+            return
+        except TimeoutError:
+            if received[0]:
+                line = f"{who}: no complete request head within {self.head_timeout:g}s (answered 408)"
+                message = f"the request head was not complete within {self.head_timeout:g}s; send it faster"
+                await self._refuse(task, io, Refuse(408, message), None, line)
+            return
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint if exc.error_status_hint in (431, 501) else 400
+            # h11 may quote the request line, and with it a token in the URL.
+            message = (
+                f"the request is not valid HTTP/1.1 ({shown(str(exc).replace(self.rules.token, '<token>'))})"
+            )
+            if status == 431:
+                message = f"the request head is over {MAX_HEAD_BYTES} bytes"
+            await self._refuse(task, io, Refuse(status, message), None, f"{who}: refused {status}: {message}")
+            return
+        except (OSError, asyncio.IncompleteReadError):  # after TimeoutError, which is an OSError
+            return
+        self.places.waiting.pop(task, None)
+        # The caller is looked up once its head is in: a flood of silent connections must not
+        # queue lookups (threads, /proc) ahead of the requests that wait for theirs.
+        caller, may_connect, permissions = (
+            await asyncio.to_thread(self._identify, *addresses) if addresses else (None, False, "")
+        )
+        head = head_of(request.method, request.target, request.headers)
+        verdict = decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
+        self.places.unjudged.pop(task, None)
+        who += (
+            " (unknown user)" if caller is None else f" (uid={caller.uid} gid={caller.gid} pid={caller.pid})"
+        )
+        line = f"{shown(request.method)} {shown(split_token(request.target)[1])}"
+        if isinstance(verdict, Refuse):
+            await self._refuse(
+                task, io, verdict, caller, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
+            )
+        else:
+            await self._forward(io, conn, request, verdict, caller, f"{who} {line}", started)
+
+    def _identify(self, peer: tuple[str, int], local: tuple[str, int]) -> tuple[Caller | None, bool, str]:
+        """The caller, whether the socket's permissions admit it, and those permissions (if not)."""
+        token_only = self.rules.token_only
+        caller = find_caller(peer, local, (lambda uid: False) if token_only else self.access.may_ever)
+        if caller is None or token_only:
+            return caller, False, ""
+        if self.access.allows(caller.uid, caller.groups):
+            return caller, True, ""
+        return caller, False, self.access.describe()
+
+    async def _refuse(
+        self, task: asyncio.Task[None], io: Streams, refusal: Refuse, caller: Caller | None, line: str
+    ) -> None:
+        """Log and answer a request refused before the socket; its place is given up."""
+        self._note(line, (refusal.status, caller.uid if caller is not None else None))
+        self.places.give_up(task)
+        await self._answer(io, error_answer(refusal.status, refusal.reason))
+
+    def _note(self, line: str, key: Hashable) -> None:
+        """Log ``line`` now, or hold it and say how many there were in a line per period."""
+        if not self.refusals.log(0, line, key=key) and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(LOG_PERIOD, self._flush_refusals)
+
+    def _flush_refusals(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self.refusals.flush()
+
+    async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
+        """Send the proxy's own answer and linger (so that it is not reset) while fewer than
+        ``REFUSING`` refusals (``bounded``) do; beyond that, answer and close at once."""
+        if bounded and self.refusing >= REFUSING:
+            with contextlib.suppress(OSError):
+                io[1].write(answer)
+            return
+        self.refusing += bounded
+        try:
+            with contextlib.suppress(OSError):
+                io[1].write(answer)
+                await io[1].drain()
+            await linger(*io, limit=_LINGER_BYTES)
+        finally:
+            self.refusing -= bounded
+
+    def _upstream_head(
+        self, request: h11.Request, target: bytes, caller: Caller | None
+    ) -> tuple[bytes, bool]:
+        """The request head for the socket, and whether its body is chunked.
+
+        The token is the proxy's secret: it is not forwarded, nor a ``Referer`` holding it. The
+        request line keeps the client's HTTP version, so the server frames its answer for it.
+        """
+        token = self.rules.token.encode()
+        fields = [
+            (name, value)
+            for name, value in request.headers.raw_items()
+            if name.lower() not in _HOP_BY_HOP
+            and name.lower() != TOKEN_HEADER
+            and not (name.lower() == b"referer" and token in value)
+        ]
+        fields.append((b"Connection", b"close"))
+        if caller is not None:
+            fields.append(
+                (b"Uds-Forwarded-Peer", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode())
+            )
+        lines = b"".join(b"%s: %s\r\n" % field for field in fields)
+        head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, target, request.http_version, lines)
+        return head, any(name.lower() == b"transfer-encoding" for name, _ in fields)
+
+    async def _forward(
+        self,
+        io: Streams,
+        conn: h11.Connection,
+        request: h11.Request,
+        verdict: Admit,
+        caller: Caller | None,
+        label: str,
+        started: float,
+    ) -> None:
+        try:
+            upstream = await asyncio.wait_for(_open_unix(self.path), self.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            message = str(ConnectError(self.url, reason_for(exc)))
+            self.log(f"{label}: {message} (answered 502)")
+            await self._answer(io, error_answer(502, message), bounded=False)
+            return
+        if self.log_connections:
+            self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
+        moved = [0, 0]  # bytes to the socket, bytes to the client
+        note = " (cut: the proxy is stopping)"
+        # Only a caller identified by uid is named to the server: whoever holds the token acts as
+        # the proxy's user, which is what the server sees on the socket.
+        head, chunked = self._upstream_head(request, verdict.target, caller if verdict.by == "uid" else None)
+        try:
+            upstream[1].write(head)
+            moved[0] += len(head)
+            body = asyncio.ensure_future(_copy_body(io[0], conn, chunked, upstream[1], moved))
+            down = asyncio.ensure_future(_copy(upstream[0], io[1], moved))
+            note, error = await _finish(body, down)
+            if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
+                # The socket got a cut-off body and is answering nothing: the client hears why.
+                message = f"the request body is not valid HTTP/1.1 ({shown(str(error))})"
+                await self._answer(io, error_answer(400, message), bounded=False)
+            elif not io[1].is_closing():
+                await linger(*io, limit=_LINGER_BYTES)
+        finally:
+            upstream[1].close()
+            if self.log_connections:
+                elapsed = time.monotonic() - started
+                self.log(f"{label}: {moved[0]} B to socket, {moved[1]} B to client, {elapsed:.3f} s{note}")
+
+    async def close_all(self) -> int:
+        """Cut every open connection; return how many there were."""
+        self._flush_refusals()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+
+async def _next_request(
+    reader: asyncio.StreamReader, conn: h11.Connection, received: list[int], first_byte: float
+) -> h11.Request:
+    """Read until h11 has a whole request head; :class:`_Closed` on EOF before one, and
+    :class:`TimeoutError` if the first bytes do not come within ``first_byte`` seconds."""
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if event is not h11.NEED_DATA:
+            raise _Closed  # ConnectionClosed
+        async with asyncio.timeout(None if received[0] else first_byte):
+            data = await reader.read(_CHUNK)
+        received[0] += len(data)
+        if not data and not received[0]:
+            raise _Closed
+        conn.receive_data(data)
+
+
+async def _copy_body(
+    reader: asyncio.StreamReader,
+    conn: h11.Connection,
+    chunked: bool,
+    writer: asyncio.StreamWriter,
+    moved: list[int],
+) -> None:
+    """Stream the body h11 decodes to the socket, waiting for it to drain: a chunked body as one
+    chunk per piece read, trailers dropped; a body of known length as it is (h11 checks it)."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(_CHUNK))
+            continue
+        if isinstance(event, h11.Data):
+            out = b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked and event.data else event.data
+        elif isinstance(event, h11.EndOfMessage):
+            out = b"0\r\n\r\n" if chunked else b""
+        else:
+            return
+        if out:
+            writer.write(out)
+            moved[0] += len(out)
+            await writer.drain()
+        if isinstance(event, h11.EndOfMessage):
+            return
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int]) -> None:
+    """Copy the answer until EOF, waiting for the client to drain (backpressure)."""
+    while data := await reader.read(_CHUNK):
+        writer.write(data)
+        moved[1] += len(data)
+        await writer.drain()
+
+
+async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tuple[str, BaseException | None]:
+    """Wait for the answer to be copied; return a note for the log line ("" if all went well)."""
+    try:
+        done, _ = await asyncio.wait({body, down}, return_when=asyncio.FIRST_COMPLETED)
+        if body in done and body.exception() is None:
+            await asyncio.wait({down})  # the whole request is sent: wait for the whole answer
+            done = {body, down}
+        for t, direction in ((body, "client to socket"), (down, "socket to client")):
+            error = t.exception() if t in done and not t.cancelled() else None
+            if error is not None:
+                if isinstance(error, h11.RemoteProtocolError):
+                    what: object = f"invalid body: {error}"
+                else:
+                    what = error.strerror if isinstance(error, OSError) and error.strerror else error
+                return f" ({direction} stopped: {str(what).lower() or type(error).__name__})", error
+        return "", None
+    finally:
+        for t in (body, down):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(body, down, return_exceptions=True)
+
+
+async def _open_unix(path: str) -> Streams:
+    """Connect to the socket, retrying while its listen backlog is full (EAGAIN on AF_UNIX)."""
+    delay = 0.001
+    while True:
+        try:
+            return await asyncio.open_unix_connection(path)
+        except BlockingIOError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)

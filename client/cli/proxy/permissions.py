@@ -1,0 +1,169 @@
+"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider.
+
+Search permission on every directory the path walk looks a name up in, write permission on the
+socket, by its POSIX access ACL when it has one (whose mask then replaces the mode's group bits),
+else by its mode. Root is judged as any uid (no capabilities). Stdlib only, Linux only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+from collections.abc import Callable
+
+Groups = frozenset[int] | None  # None: unknown
+
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_ACL_ENTRY = struct.Struct("=HHI")
+"""One ``posix_acl_xattr_entry``: tag, permission bits, uid or gid."""
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
+
+
+def _acl(path: str) -> list[tuple[int, int, int]] | None:
+    """The entries of the POSIX access ACL of ``path``, None when it has none; :class:`OSError`
+    when one is there but cannot be read (the caller then refuses)."""
+    try:
+        raw = os.getxattr(path, _ACL_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return None
+        raise
+    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != _ACL_VERSION:
+        raise OSError(errno.EINVAL, "unreadable access ACL", path)
+    return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
+
+
+def _acl_may(
+    entries: list[tuple[int, int, int]], info: os.stat_result, uid: int, groups: Groups, bit: int
+) -> bool:
+    """The kernel's ``posix_acl_permission`` for one permission bit (no capabilities); with
+    ``groups`` None, every group entry and the others' entry must allow."""
+    perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
+    mask = perms.get(_ACL_MASK, 0o7)
+    if uid == info.st_uid:
+        return bool(perms.get(_ACL_USER_OBJ, 0) & bit)
+    for tag, perm, who in entries:
+        if tag == _ACL_USER and who == uid:
+            return bool(perm & mask & bit)
+    group_entries = [
+        (perm, info.st_gid if tag == _ACL_GROUP_OBJ else who)
+        for tag, perm, who in entries
+        if tag in (_ACL_GROUP_OBJ, _ACL_GROUP)
+    ]
+    other = bool(perms.get(_ACL_OTHER, 0) & bit)
+    if groups is None:
+        return other and all(perm & mask & bit for perm, _ in group_entries)
+    matched = [perm for perm, gid in group_entries if gid in groups]
+    if matched:
+        return any(perm & mask & bit for perm in matched)
+    return other
+
+
+def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
+    """The kernel's check (no capabilities) for one permission bit of ``path``, whose stat is
+    ``info``: its access ACL if it has one, else its mode. With ``groups`` None (unknown), both the
+    group's and the others' bits must allow: never wider than the kernel."""
+    entries = _acl(path)
+    if entries is not None:
+        return _acl_may(entries, info, uid, groups, bit)
+    mode = info.st_mode
+    if uid == info.st_uid:
+        return bool(mode & (bit << 6))
+    if groups is None:
+        return bool(mode & (bit << 3)) and bool(mode & bit)
+    if info.st_gid in groups:
+        return bool(mode & (bit << 3))
+    return bool(mode & bit)
+
+
+def _may_some(path: str, info: os.stat_result, uid: int, bit: int) -> bool:
+    """Whether :func:`_may` allows ``uid`` with no group or with one of the groups that ``path``
+    names (its owning group, and an ACL's named groups)."""
+    entries = _acl(path)
+    gids = {info.st_gid} | {who for tag, _, who in entries or () if tag == _ACL_GROUP}
+    return any(_may(path, info, uid, frozenset(groups), bit) for groups in ((), *((gid,) for gid in gids)))
+
+
+_MAX_SYMLINKS = 40
+"""Symbolic links the kernel follows in one path lookup before it fails with ELOOP."""
+
+
+def traversal(path: str) -> tuple[list[str], str]:
+    """The directories the kernel searches to open ``path``, and the file it reaches.
+
+    Walked name by name as the kernel does, through each symbolic link's target too (a final one
+    included): ``os.path.realpath`` would lose the directories that hold the links. Raises
+    :class:`OSError` where the kernel's walk would fail.
+    """
+    # A relative path is walked from / through the working directory: each caller has its own,
+    # so every directory above it counts too (stricter than the kernel, never wider).
+    given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+    searched: list[str] = []
+    current = "/"
+    names = [name for name in given.split("/") if name not in ("", ".")]
+    links = 0
+    while names:
+        name = names.pop(0)
+        searched.append(current)
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        info = os.lstat(candidate)
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = "/"
+            names[:0] = [part for part in target.split("/") if part not in ("", ".")]
+            continue
+        if names and not stat.S_ISDIR(info.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        current = candidate
+    return searched, current
+
+
+class SocketAccess:
+    """Who may ``connect()`` to the Unix socket at ``path``, by the file permissions in force now.
+
+    Search on every directory on the way, write on the socket. Anything that cannot be checked
+    (a name gone meanwhile, a directory that cannot be read) refuses.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def allows(self, uid: int, groups: Groups) -> bool:
+        """Whether ``uid`` with ``groups`` (None: unknown) may connect."""
+        return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
+
+    def may_ever(self, uid: int) -> bool:
+        """False when ``uid`` may not connect whatever its groups (then none are looked up): each
+        file judged with the one group, or none, that serves it best."""
+        return self._walk(lambda path, info, bit: _may_some(path, info, uid, bit))
+
+    def _walk(self, may: Callable[[str, os.stat_result, int], bool]) -> bool:
+        try:
+            searched, final = traversal(self.path)
+            target = os.stat(final)
+            if not stat.S_ISSOCK(target.st_mode):
+                return False
+            for directory in dict.fromkeys(searched):
+                if not may(directory, os.stat(directory), 0o1):
+                    return False
+            return may(final, target, 0o2)
+        except OSError:
+            return False
+
+    def describe(self) -> str:
+        """``mode 0660, owner 0, group 4242`` for messages (or why it cannot be read)."""
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            return (exc.strerror or type(exc).__name__).lower()
+        return f"mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}, group {info.st_gid}"

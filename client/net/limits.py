@@ -1,0 +1,40 @@
+"""The open-file limit, and the connection cap that fits under it."""
+
+from __future__ import annotations
+
+import resource
+
+__all__ = ["FD_RESERVE", "connection_cap", "raise_open_file_limit"]
+
+FD_RESERVE = 64
+"""File descriptors kept free beyond the connections: the listening socket, logs, the event loop."""
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the ``(soft, hard)`` in force.
+
+    The usual soft limit (1024) lets a few hundred idle connections exhaust a process's files.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit above the kernel's nr_open
+            pass
+    return soft, hard
+
+
+def connection_cap(
+    requested: int | None, soft_limit: int, *, reserve: int = FD_RESERVE, files_each: int = 1
+) -> int:
+    """``requested`` (None: no wish), but at most what ``soft_limit`` leaves room for once ``reserve``
+    descriptors are kept free and each connection holds ``files_each``; at least 1.
+
+    Past the limit ``accept()`` fails silently, so the cap must stay below it.
+    """
+    if soft_limit < 0 or soft_limit == resource.RLIM_INFINITY:
+        room = 1 << 30
+    else:
+        room = max(1, (soft_limit - reserve) // files_each)
+    return room if requested is None else max(1, min(requested, room))

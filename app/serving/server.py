@@ -108,7 +108,6 @@ class Services:
         store = build_store(settings)  # not opened yet: the application's lifespan opens it
         hub = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
         metrics = Metrics(shown_uids=settings.metrics_uid)
-        metrics.event_streams = lambda: hub.open
         return cls(store, hub, metrics, Access(settings, API_VERSIONS))
 
     def application(self, settings: Settings, factory: AppFactory | None = None) -> Any:

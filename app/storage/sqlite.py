@@ -15,7 +15,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,6 @@ __all__ = [
     "WAL_SIZE_LIMIT",
     "SqliteStore",
     "build_store",
-    "store_lifespan",
 ]
 
 WAL_SIZE_LIMIT = 1024 * 1024
@@ -67,21 +66,6 @@ def build_store(settings: Settings) -> Store:
         key_capacity=settings.idempotency_keys,
         durability=settings.durability,
     )
-
-
-@contextlib.asynccontextmanager
-async def store_lifespan(app: Any) -> AsyncIterator[None]:
-    """Open the app's store when its process serves and close it when it stops (each worker has
-    its own connections)."""
-    store = getattr(app.state, "store", None)
-    if isinstance(store, SqliteStore):
-        store.open()
-        try:
-            yield
-        finally:
-            await store.aclose()
-    else:
-        yield
 
 
 _MAX_ID = 2**63 - 1

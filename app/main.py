@@ -14,9 +14,11 @@ from fastapi import APIRouter, FastAPI
 from app import __version__
 from app.api.access import Access, PeerAllowlist
 from app.api.errors import install as install_errors
-from app.api.routes import docs, events, health, messages, metrics, whoami
+from app.api.routes import docs, events, health, messages, whoami
+from app.api.routes import metrics as metrics_routes
 from app.api.versions import API_VERSIONS, add_unsupported_route, add_versioned
 from app.config import Settings
+from app.metrics.exposition import Metrics
 from app.storage.events import EventHub, stream_capacity
 from app.storage.sqlite import build_store, store_lifespan
 
@@ -52,7 +54,9 @@ needs none: it shows the caller's uid, gid, groups and the scopes it holds.
 """
 
 
-def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS) -> FastAPI:
+def create_app(
+    settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS, metrics: Metrics | None = None
+) -> FastAPI:
     """Build the application for these settings.
 
     ``api_versions`` (oldest first) are the API versions served under ``/v{N}``; the default is
@@ -95,7 +99,10 @@ def create_app(settings: Settings, *, api_versions: Sequence[int] = API_VERSIONS
     add_versioned(app, whoami.build_router(access))
     _add_routes(app, health.build_router(app.state.api_versions))
     docs.install(app)
-    metrics.install(app)  # GET /metrics (unversioned) and app.state.metrics
+    metrics = metrics or Metrics(shown_uids=settings.metrics_uid)
+    hub = app.state.events
+    metrics.event_streams = lambda: int(hub.open)
+    _add_routes(app, metrics_routes.build_router(metrics))  # GET /metrics (unversioned)
     _spec_after_the_api(app)
     add_unsupported_route(app)  # last: only requests no route matched reach it
     app.state.method_routes = list(app.routes)

@@ -120,7 +120,7 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
     from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
     from app.main import create_app
-    from app.metrics.core import Metrics
+    from app.metrics.exposition import Metrics
     from app.serving.server import build_config
 
     settings = parse_settings(["--store", "memory", "--socket", "/nonexistent/bench.sock"], {})  # never bound
@@ -128,17 +128,14 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
     configure(settings.log_level, settings.log_format, stream=open(os.devnull, "w"))  # noqa: SIM115
 
     async def measure() -> list[tuple[dict[str, float], dict[str, float]]]:
-        app = create_app(settings)
-        config = build_config(settings, app)
-        config.load()
-        counting = config.recorder
-        if counting is None or not counting.on:
-            raise BenchError("the server built without its recorder: nothing would be measured")
-        metrics = app.state.metrics
+        metrics = Metrics.for_settings(settings, {})
+        app = create_app(settings, metrics=metrics)
+        counting = metrics.recorder
         uncounted = Metrics(on=False)  # what the uncounted server flushes: nothing
         sides = {}
         for on in (True, False):
-            config.recorder = counting if on else uncounted.recorder
+            config = build_config(settings, app, metrics if on else uncounted)
+            config.load()
             transport = StandInTransport()
             protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
             protocol.connection_made(transport)

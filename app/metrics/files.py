@@ -1,20 +1,7 @@
 """The ``--workers`` counts in shared files: each worker adds to doubles in a memory-mapped file of
-its own; the parent and every worker read them all; the parent folds a dead worker's file into one.
+its own; every process reads them all; the parent folds a dead worker's file into ``absorbed.db``.
 
-Why not ``prometheus-client``'s multiprocess mode: its values reach the files only through its
-metric objects, too slow to write per request, so counts waited in memory and a killed worker's
-were lost; its sparse files made a full disk a SIGBUS, then an ``ENOSPC`` at every new worker's
-start; and it keeps every dead worker's file (docs/performance.md, k2).
-
-A file (``cells-PID-TOKEN.db``, 0600) is :data:`SIZE` bytes, allocated on disk when it is made
-(``posix_fallocate``): a full disk refuses the file, never a page later. Its header is the magic, the
-bytes used, and the worker's two gauges (open connections, event streams); then records, each its
-labels (JSON) and its doubles. A record is written, then counted in the bytes used (one aligned
-8-byte store), so a reader never sees half of one. Values only grow while a worker lives.
-
-``absorbed.db``, written by the parent only (a temporary file, then ``rename``), holds what dead
-workers counted and the names of the files it took in; a reader reads the workers' files first and
-that one last, skipping the names it lists, so a count is never seen twice nor missed.
+The file format and why not ``prometheus-client``'s multiprocess mode: docs/internals.md, "Metrics".
 """
 
 from __future__ import annotations
@@ -26,14 +13,28 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ABSORBED", "SIZE", "CellFile", "Entry", "absorb", "read_all", "read_file", "worker_pids"]
+__all__ = [
+    "ABSORBED",
+    "SIZE",
+    "CellFile",
+    "Entry",
+    "absorb",
+    "multiprocess_dir",
+    "owner",
+    "read_all",
+    "read_file",
+    "worker_pids",
+]
 
 SIZE = 64 * 1024
 """Bytes of one worker's file: far more than the bounded labels need (about 20 KiB at most)."""
 ABSORBED = "absorbed.db"
+DIR_PREFIX = "uds-metrics-"
 _MAGIC = b"udscell1"
 _HEADER = 32  # magic, bytes used, open connections, event streams
 _RECORD = struct.Struct("<II")  # label bytes, values
@@ -202,3 +203,22 @@ def absorb(directory: str, pid: int) -> None:
     for path in dead:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def multiprocess_dir(base: str) -> str:
+    """Create this server's private directory (0700) under ``base``, first removing those that
+    killed servers left (their pid gone, or ours: a restarted container's server is pid 1 again)."""
+    me = os.getpid()
+    for old in glob.glob(os.path.join(base, f"{DIR_PREFIX}*")):
+        pid = owner(old)
+        with contextlib.suppress(OSError):
+            mine = pid is not None and os.stat(old).st_uid == os.getuid()
+            if mine and (pid == me or not os.path.exists(f"/proc/{pid}")):
+                shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{me}-", dir=base)
+
+
+def owner(directory: str) -> int | None:
+    """The pid of the server that made ``directory`` (named in it), if any."""
+    named = re.fullmatch(rf"{DIR_PREFIX}(\d+)-.*", os.path.basename(directory.rstrip("/")))
+    return int(named.group(1)) if named else None

@@ -30,7 +30,9 @@ from uvicorn.server import HANDLED_SIGNALS
 from app.api.policy import PolicyError
 from app.config import Settings
 from app.connection.protocol import PeerCredProtocol
-from app.metrics.core import LoopEndpoint, Metrics, MetricsError, Recorder, for_workers, serve_endpoint
+from app.metrics.core import MetricsError, Recorder
+from app.metrics.endpoint import LoopEndpoint, for_workers
+from app.metrics.exposition import Metrics
 from app.serving.activation import address_of, inherited_socket
 from app.serving.notify import Notifier
 from app.serving.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
@@ -83,13 +85,18 @@ class UdsServer(uvicorn.Server):
     """
 
     def __init__(
-        self, config: UdsConfig, app: Any, address: str, on_started: Callable[[], None] | None = None
+        self,
+        config: UdsConfig,
+        app: Any,
+        address: str,
+        on_started: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(config)
         self.app = app
         self.address = address
         self.on_started = on_started
-        self.metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
+        self.metrics = metrics
         if self.metrics is not None:
             self.metrics.open_connections = lambda: len(self.server_state.connections)
         self.drained = False
@@ -196,7 +203,7 @@ class UdsServer(uvicorn.Server):
         self.drained = True
 
 
-def build_config(settings: Settings, app: Any) -> UdsConfig:
+def build_config(settings: Settings, app: Any, metrics: Metrics | None = None) -> UdsConfig:
     """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging."""
     config = UdsConfig(
         app,
@@ -216,7 +223,6 @@ def build_config(settings: Settings, app: Any) -> UdsConfig:
         timeout_keep_alive=cast(int, settings.keepalive_timeout),
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout),
     )
-    metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
     config.recorder = metrics.recorder if metrics is not None else None
     return config
 
@@ -252,7 +258,7 @@ def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[Boun
     return bound, settings.socket
 
 
-def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> int:
+def run(settings: Settings, app_factory: Callable[..., Any] | None = None) -> int:
     """Serve until stopped; return the exit code (0 clean stop, 3 startup failure)."""
     previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, note_hangup)
@@ -264,18 +270,26 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
 
         prepare_store(settings)  # the data directory and the database, checked before binding
         if settings.workers > 1:
-            from app.serving.workers import Supervisor
+            from app.serving.workers import Supervisor, SupervisorHooks
 
             bound, address = bind(settings, inherited)
-            with for_workers(settings) as hooks:  # the workers' metrics directory and the one endpoint
-                return Supervisor(settings, app_factory, bound, address, hooks, notifier).run()
+            with for_workers(settings) as worker_gone:  # the workers' metrics directory and the one endpoint
+
+                class Hooks(SupervisorHooks):
+                    def worker_exited(self, pid: int) -> None:
+                        worker_gone(pid)
+
+                return Supervisor(settings, app_factory, bound, address, Hooks(), notifier).run()
         if app_factory is None:  # here, not above: a --workers parent never imports FastAPI
             from app.main import create_app
 
             app_factory = create_app
-        application = app_factory(settings)
+        metrics = Metrics.for_settings(settings, os.environ)
+        application = app_factory(settings, metrics=metrics)
         bound, address = bind(settings, inherited)
-        endpoint = serve_endpoint(settings, getattr(getattr(application, "state", None), "metrics", None))
+        endpoint = (
+            LoopEndpoint(settings.metrics_listen, metrics.rendered) if settings.metrics_listen else None
+        )
         try:
             server = serve(
                 settings,
@@ -285,6 +299,7 @@ def run(settings: Settings, app_factory: Callable[[Settings], Any] | None = None
                 bound=bound if bound.path is not None else None,  # TCP and inherited: no file to watch
                 endpoint=endpoint,
                 notifier=notifier,
+                metrics=metrics,
             )
         finally:
             if endpoint is not None:
@@ -317,6 +332,7 @@ def serve(
     on_started: Callable[[], None] | None = None,
     endpoint: LoopEndpoint | None = None,
     notifier: Notifier | None = None,
+    metrics: Metrics | None = None,
 ) -> UdsServer:
     """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
 
@@ -326,10 +342,10 @@ def serve(
     from app.connection.protocol import connection_cap, raise_open_file_limit
 
     open_files, _ = raise_open_file_limit()
-    config = build_config(settings, application)
+    config = build_config(settings, application, metrics)
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
     config.limit_concurrency = connection_cap(config.limit_concurrency, open_files)
-    server = UdsServer(config, application, address, on_started)
+    server = UdsServer(config, application, address, on_started, metrics)
     server.bound = bound
     server.endpoint = endpoint
     if notifier is not None:

@@ -126,7 +126,7 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        app_factory: Callable[[Settings], Any] | None,
+        app_factory: Callable[..., Any] | None,
         bound: BoundSocket,
         address: str,
         hooks: SupervisorHooks | None = None,
@@ -413,16 +413,21 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
         from app.main import create_app
 
         app_factory = create_app
+    from app.metrics.exposition import Metrics
+
+    metrics = Metrics.for_settings(settings, os.environ)  # this worker's file in the parent's directory
     try:
         try:
-            application = app_factory(settings)
+            application = app_factory(settings, metrics=metrics)
         except PolicyError as exc:  # the file changed since the parent checked it
             logger.error("Worker pid %d: %s", os.getpid(), exc)
             return STARTUP_FAILURE
         except Exception:
             logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
             return STARTUP_FAILURE
-        server = serve(settings, application, sock, address, on_started=lambda: conn.send(READY))
+        server = serve(
+            settings, application, sock, address, on_started=lambda: conn.send(READY), metrics=metrics
+        )
     except _Stopped:
         return 0
     finally:

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from app.metrics.files import read_file
 from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings, SettingsError
-from app.metrics.core import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
+from app.metrics.core import MAX_PEER_UIDS, OTHER, UNMATCHED
+from app.metrics.exposition import Metrics
+from app.metrics.files import multiprocess_dir, read_file
 from client.cli.spawn import free_port
 from tests.support import (
     NOBODY,

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from app.metrics.files import ABSORBED, SIZE, CellFile, absorb, read_all, read_file
 
+from app.metrics.files import ABSORBED, SIZE, CellFile, absorb, read_all, read_file
 from tests.support import small_tmpfs
 
 

@@ -249,7 +249,7 @@ async def _failing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def test_lifespan_failure_exits_3_and_removes_socket(tmp: Path) -> None:
     path = str(tmp / "s.sock")
     with pytest.raises(SystemExit) as exit_info:
-        run(Settings(socket=path, store="memory"), app_factory=lambda _settings: _failing_app)
+        run(Settings(socket=path, store="memory"), app_factory=lambda _settings, **_: _failing_app)
     assert exit_info.value.code == 3
     assert not os.path.exists(path)
 
@@ -259,7 +259,7 @@ def test_signal_before_serving_stops_cleanly(tmp: Path, caplog: pytest.LogCaptur
     path = str(tmp / "s.sock")
     before = signal.getsignal(signal.SIGTERM)
 
-    def factory(_settings: Settings) -> object:
+    def factory(_settings: Settings, **_: object) -> object:
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the build")
 

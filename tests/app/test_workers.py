@@ -377,7 +377,7 @@ def test_workers_stop_when_the_server_process_is_killed(tmp: Path) -> None:
         assert again.stop() == 0
 
 
-def _unbuildable(settings: Settings) -> object:
+def _unbuildable(settings: Settings, **_: object) -> object:
     raise RuntimeError("no application today")
 
 

@@ -1,0 +1,364 @@
+"""``GET /metrics`` over TCP (``--metrics-listen``) and nothing else, on an event loop: the server's
+own, or with ``--workers`` one in a thread of the parent, which also keeps the workers' directory.
+
+Its limits, and why it is not a second uvicorn server: docs/internals.md, "Metrics".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from typing import Any
+
+import h11
+
+from app.config import Settings
+from app.logs import Throttle, escaped
+from app.metrics.core import METRICS_PATH, MetricsError
+from app.metrics.exposition import DIR_ENV, Rendered, exposition_registry
+from app.metrics.files import absorb, multiprocess_dir
+
+__all__ = ["ENDPOINT_CONNECTIONS", "ENDPOINT_PER_SOURCE", "LoopEndpoint", "for_workers", "listening_socket"]
+
+log = logging.getLogger("app.metrics")
+
+ENDPOINT_CONNECTIONS = 16
+"""Connections served at once (Prometheus scrapes one at a time); further ones wait in the listen
+queue, or evict the oldest whose request head is not whole yet (slowloris)."""
+ENDPOINT_PER_SOURCE = 4
+"""Of those, the most one address holds (loopback counts as one): a newcomer past them evicts its
+own address's oldest unfinished one or is reset, so one address cannot keep another out."""
+ENDPOINT_ACCEPTS_PER_SECOND = 400
+"""Accepts per second at most: refusing a flood must cost the server's loop little."""
+ENDPOINT_HEAD_DEADLINE = 3.0
+"""Seconds a connection has to send its whole request head (a scrape sends it in one packet)."""
+ENDPOINT_DEADLINE = 10.0
+"""Seconds a connection may last: its request, its turn and taking the answer."""
+ENDPOINT_REQUEST_BYTES = 16 * 1024
+"""Bytes of request head a connection may send; past them it gets 431."""
+SCRAPES_PER_SECOND = 20
+"""Answers sent per second at most, one at a time; further ones wait their turn."""
+_ACCEPT_BATCH = 64
+"""Connections accepted one after another before the loop runs other work."""
+_ACCEPT_BURST = 0.05
+"""Seconds of :data:`ENDPOINT_ACCEPTS_PER_SECOND` an idle endpoint may accept at once."""
+_RESET = struct.pack("ii", 1, 0)
+"""``SO_LINGER`` on, 0 s: a refused connection is reset, leaving nothing in ``TIME_WAIT``."""
+_FAILED = Throttle(log)
+_REFUSALS = {
+    400: ("bad_request", f"the request is not valid HTTP/1.1; send GET {METRICS_PATH}"),
+    404: ("not_found", f"this port serves {METRICS_PATH} only; the API is on the Unix socket"),
+    405: ("method_not_allowed", f"{METRICS_PATH} answers GET and HEAD only"),
+    431: ("headers_too_large", f"the request head is over {ENDPOINT_REQUEST_BYTES} bytes"),
+}
+
+
+def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_only: bool = False) -> bytes:
+    """A whole ``Connection: close`` answer (its body left out for HEAD)."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{n}: {v}" for n, v in headers)]
+    head = "\r\n".join([*lines, f"Content-Length: {len(body)}", "Connection: close", "", ""]).encode(
+        "latin-1"
+    )
+    return head if head_only else head + body
+
+
+def _refused(status: int, *, head_only: bool = False) -> bytes:
+    """A JSON refusal: 404 (another path), 405 (another method), 431, else 400 (not HTTP)."""
+    error, message = _REFUSALS.get(status, _REFUSALS[400])
+    body = json.dumps({"error": error, "message": message, "status": status}).encode()
+    allow = [("Allow", "GET, HEAD")] if status == 405 else []
+    return _whole(status, [("Content-Type", "application/json"), *allow], body, head_only=head_only)
+
+
+def listening_socket(listen: str) -> socket.socket:
+    """A TCP socket listening on ``listen`` (``HOST:PORT``); :class:`MetricsError` if it cannot."""
+    host, _, port = listen.rpartition(":")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, ValueError) as exc:
+        raise MetricsError(
+            f"cannot serve metrics on {listen} (--metrics-listen): {exc}; use HOST:PORT with a local "
+            "address, e.g. 0.0.0.0:9102"
+        ) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)  # a flood refused at once must not fill it before a scraper arrives
+    except OSError as exc:
+        sock.close()
+        in_use = exc.errno == errno.EADDRINUSE
+        hint = "stop the program using it or choose another port" if in_use else "check the address"
+        reason = (exc.strerror or str(exc)).lower()
+        raise MetricsError(f"cannot serve metrics on {listen} (--metrics-listen): {reason}; {hint}") from None
+    return sock
+
+
+def _source(address: Any) -> str:
+    """The share a peer counts in: its IP, or ``loopback`` for any loopback address."""
+    host = str(address[0]) if isinstance(address, tuple) and address else ""
+    if host.startswith(("127.", "::ffff:127.")) or host == "::1":  # the common case, without parsing
+        return "loopback"
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host.partition("%")[0])
+        if (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
+            return "loopback"
+    return host
+
+
+class _Slot:
+    """One connection being served; ``whole`` once its request head is (until then it may be evicted)."""
+
+    __slots__ = ("conn", "source", "task", "whole", "writer")
+
+    def __init__(self, conn: socket.socket, source: str) -> None:
+        self.conn = conn
+        self.source = source
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.whole = False
+
+    def drop(self) -> None:
+        """Cut the connection at once (a slot not yet opened closes its socket itself)."""
+        if self.writer is not None:
+            self.writer.transport.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class LoopEndpoint:
+    """``GET``/``HEAD /metrics`` on ``listen``, answered from ``rendered``, on the running event loop.
+
+    One request a connection; the limits are the ``ENDPOINT_*`` constants above: connections at
+    once and per address, accepts per second, deadlines for the head and the exchange, request
+    bytes; answers go one at a time, at most :data:`SCRAPES_PER_SECOND`.
+    """
+
+    def __init__(self, listen: str, rendered: Rendered) -> None:
+        self.listen = listen
+        self.rendered = rendered
+        self.sock = listening_socket(listen)
+        self.port: int = self.sock.getsockname()[1]
+        self._slots: dict[_Slot, None] = {}  # oldest first
+        self._room = asyncio.Event()
+        self._turn = asyncio.Lock()
+        self._accepting: asyncio.Task[None] | None = None
+        self._next_answer = self._next_accept = 0.0
+
+    async def start(self) -> None:
+        """Serve on the running loop until :meth:`close`."""
+        self.sock.setblocking(False)
+        self._room.set()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+        log.info("Metrics on http://%s:%d%s", self.listen.rpartition(":")[0], self.port, METRICS_PATH)
+
+    def close(self) -> None:
+        """Stop listening and drop the connections being served (a scrape is cheap to repeat)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for slot in list(self._slots):
+            slot.drop()
+        self._slots.clear()
+        self.sock.close()
+
+    def _update_room(self) -> None:
+        if len(self._slots) < ENDPOINT_CONNECTIONS or any(not slot.whole for slot in self._slots):
+            self._room.set()
+        else:
+            self._room.clear()  # the next connection waits in the kernel's listen queue
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._room.wait()
+            try:
+                conn, address = await loop.sock_accept(self.sock)
+            except OSError:  # out of descriptors, or the peer already gone
+                await asyncio.sleep(0.05)
+                continue
+            self._paced(loop.time())
+            self._take(conn, address)
+            for _ in range(_ACCEPT_BATCH):  # those already waiting, without a round of the loop each
+                if not self._room.is_set() or self._paced(loop.time()):
+                    break
+                try:
+                    conn, address = self.sock.accept()
+                except OSError:  # none waiting, or out of descriptors
+                    break
+                self._take(conn, address)
+            if self._next_accept > loop.time():  # the rest wait in the listen queue, their peers blocked
+                await asyncio.sleep(self._next_accept - loop.time())
+
+    def _paced(self, now: float) -> bool:
+        """Count an accept against :data:`ENDPOINT_ACCEPTS_PER_SECOND`; whether the next must wait."""
+        self._next_accept = max(self._next_accept, now - _ACCEPT_BURST) + 1 / ENDPOINT_ACCEPTS_PER_SECOND
+        return self._next_accept > now
+
+    def _take(self, conn: socket.socket, address: Any) -> None:
+        """Serve an accepted connection, evicting an unfinished one if its address's share (or every
+        slot) is taken, or reset it when none can be evicted."""
+        source = _source(address)
+        mine = [slot for slot in self._slots if slot.source == source]
+        full = mine if len(mine) >= ENDPOINT_PER_SOURCE else None
+        if full is None and len(self._slots) >= ENDPOINT_CONNECTIONS:
+            full = list(self._slots)
+        if full is not None:
+            evicted = next((slot for slot in full if not slot.whole and slot.writer is not None), None)
+            if evicted is None:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                conn.close()
+                return
+            del self._slots[evicted]
+            evicted.drop()
+        conn.setblocking(False)
+        slot = _Slot(conn, source)
+        self._slots[slot] = None
+        slot.task = asyncio.get_running_loop().create_task(self._serve(slot))
+        self._update_room()
+
+    async def _serve(self, slot: _Slot) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=slot.conn, limit=ENDPOINT_REQUEST_BYTES)
+        except (OSError, asyncio.CancelledError) as exc:
+            slot.conn.close()
+            self._slots.pop(slot, None)
+            self._update_room()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        slot.writer = writer
+        try:
+            async with asyncio.timeout(ENDPOINT_DEADLINE):
+                async with asyncio.timeout(ENDPOINT_HEAD_DEADLINE):
+                    request = await _read_request(reader)
+                slot.whole = True
+                self._update_room()
+                if not request:  # it closed first
+                    return
+                async with self._turn:
+                    loop = asyncio.get_running_loop()
+                    if self._next_answer > loop.time():
+                        await asyncio.sleep(self._next_answer - loop.time())
+                    self._next_answer = loop.time() + 1 / SCRAPES_PER_SECOND
+                    answer = self._answer(request) if isinstance(request, h11.Request) else request
+                if not writer.is_closing():  # closing: cut at shutdown or evicted
+                    writer.write(answer)
+                    await writer.drain()
+        except (TimeoutError, OSError, asyncio.CancelledError):
+            pass
+        except Exception as exc:  # never a line per connection, whatever a client sends
+            reason = escaped(f"{type(exc).__name__}: {exc}")
+            _FAILED.log(logging.ERROR, "Metrics endpoint: could not answer a request (%s)", reason)
+        finally:
+            self._slots.pop(slot, None)
+            self._update_room()
+            if writer.transport.get_write_buffer_size():  # the peer did not take the answer in time
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    def _answer(self, request: h11.Request) -> bytes:
+        head_only = request.method == b"HEAD"
+        if request.target.partition(b"?")[0] != METRICS_PATH.encode():
+            return _refused(404, head_only=head_only)
+        if request.method not in (b"GET", b"HEAD"):
+            return _refused(405, head_only=head_only)
+        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+        headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
+        return _whole(200, headers, output, head_only=head_only)
+
+
+async def _read_request(reader: asyncio.StreamReader) -> h11.Request | bytes:
+    """The request, or the whole answer refusing it (empty: it closed first)."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=ENDPOINT_REQUEST_BYTES)
+    budget = ENDPOINT_REQUEST_BYTES
+    try:
+        event = connection.next_event()
+        while event is h11.NEED_DATA:
+            if budget <= 0:  # h11's limit is on an incomplete head: a whole one may be larger
+                return _refused(431)
+            data = await reader.read(min(budget, 65536))
+            budget -= len(data)
+            connection.receive_data(data)
+            event = connection.next_event()
+    except h11.RemoteProtocolError as exc:  # not HTTP, or a head over the limit (431)
+        return _refused(exc.error_status_hint)
+    return event if isinstance(event, h11.Request) else b""
+
+
+def _fold(directory: str, pid: int) -> None:
+    """Fold dead worker ``pid``'s counts into the totals; on a full disk its file stays, counted as before."""
+    try:
+        absorb(directory, pid)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        log.warning(
+            "Metrics: cannot fold worker pid %d's counts in %s (%s); its file stays", pid, directory, reason
+        )
+
+
+@contextlib.contextmanager
+def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
+    """The ``--workers`` parent's side, undone on exit: a private directory for the workers' files,
+    named to them in the environment they inherit (``DIR_ENV``), and the TCP endpoint over all of
+    them (with ``--metrics-listen``) on a loop in a thread. Yields the function the supervisor calls
+    with each dead worker's pid, once reaped and before its replacement starts.
+
+    Raises :class:`MetricsError` when the directory cannot be made or the endpoint cannot listen.
+    """
+    try:
+        base = tempfile.gettempdir()
+    except FileNotFoundError:  # no writable temporary directory (a read-only root filesystem)
+        base = settings.data_dir
+    try:
+        directory = multiprocess_dir(base)
+    except OSError as exc:
+        raise MetricsError(
+            f"cannot create the workers' metrics directory in {base}: {exc.strerror or exc}; "
+            "set TMPDIR to a writable directory"
+        ) from None
+    thread: threading.Thread | None = None
+    stop: list[Callable[[], object]] = []
+    try:
+        os.environ[DIR_ENV] = directory
+        if settings.metrics_listen is not None:
+            endpoint = LoopEndpoint(settings.metrics_listen, Rendered(exposition_registry(directory)))
+            started = threading.Event()
+
+            async def serve() -> None:
+                stopped = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                stop.append(lambda: loop.call_soon_threadsafe(stopped.set))
+                try:
+                    await endpoint.start()
+                    started.set()
+                    await stopped.wait()
+                finally:
+                    endpoint.close()  # asyncio.run then cancels what it was serving
+
+            thread = threading.Thread(target=asyncio.run, args=(serve(),), name="metrics", daemon=True)
+            thread.start()
+            started.wait(10)
+        yield lambda pid: _fold(directory, pid)
+    finally:
+        if thread is not None:
+            for stopping in stop:
+                with contextlib.suppress(RuntimeError):  # the loop already closed
+                    stopping()
+            thread.join(10)
+        os.environ.pop(DIR_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -166,8 +166,8 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
                     runs.append((await one_round(True), off))
         stored = sum(
             int(sum(cell[:-1]))
-            for key, cell in counting.cells.items()
-            if counting.labels[key][:3] == ("POST", PATH, "201")
+            for labels, cell in counting.records.items()
+            if labels[:4] == ("cell", "POST", PATH, "201")
         )
         if stored != requests * (rounds + 1):
             raise BenchError(f"the recorder counted {stored} of {requests * (rounds + 1)} POSTs")

@@ -16,18 +16,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from app.logs import Throttle
 from app.metrics.files import CellFile, Entry
 
-__all__ = [
-    "BUCKETS",
-    "MAX_PEER_UIDS",
-    "METHODS",
-    "METRICS_PATH",
-    "OTHER",
-    "UNMATCHED",
-    "MetricsError",
-    "PeerTally",
-    "Recorder",
-    "timed_cycle",
-]
+__all__ = ["METRICS_PATH", "OTHER", "UNMATCHED", "MetricsError", "PeerTally", "Recorder", "timed_cycle"]
 
 METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"
@@ -36,8 +25,6 @@ OTHER = "other"
 """The ``uid`` of peers ``--metrics-uid`` does not name, and the ``method`` outside :data:`METHODS`."""
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 """The ``method`` label values besides :data:`OTHER`: a peer cannot add series by inventing methods."""
-MAX_PEER_UIDS = 32
-"""Most ``uid`` label values (``--metrics-uid``)."""
 BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5)
 """Upper bounds of the duration histogram, in seconds (few, to keep the exposition small)."""
 STORING_OPERATION = "create_message"
@@ -61,7 +48,7 @@ class Recorder:
     file, so a killed worker's counts stay; a record the file cannot take stays in memory, unseen.
     """
 
-    __slots__ = ("cells", "cycle_class", "file", "labels", "on", "peers", "records", "refusals", "shown_uids")
+    __slots__ = ("cells", "cycle_class", "file", "on", "peers", "records", "shown_uids")
 
     def __init__(self, on: bool = True, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
         self.on = on
@@ -69,27 +56,18 @@ class Recorder:
         self.shown_uids = frozenset(shown_uids)
         self.file = file
         self.cells: dict[tuple[int, str, int], Counts] = {}
-        self.labels: dict[tuple[int, str, int], tuple[str, str, str, bool, bool]] = {}
-        """Each cell's method, route and status labels, whether it stores, whether it is timed."""
         self.records: dict[tuple[object, ...], Counts] = {}
         """Every cell by its labels (raw methods outside :data:`METHODS` share one)."""
         self.peers: dict[int | str | None, PeerTally] = {}
-        self.refusals: dict[tuple[str, int], Counts] = {}
         self.cycle_class: type[RequestResponseCycle] = timed_cycle(self) if on else RequestResponseCycle
         """The class the protocol builds its request cycles from."""
 
     def _record(self, labels: tuple[object, ...], count: int) -> Counts:
         found = self.records.get(labels)
         if found is None:
-            if self.file is not None:
-                found = self.file.record(labels, count)
-                if found is None:
-                    _DEGRADED.log(
-                        logging.WARNING,
-                        "Metrics: this worker's file %s is full; new series are kept in memory and "
-                        "left out of /metrics",
-                        self.file.path,
-                    )
+            if self.file is not None and (found := self.file.record(labels, count)) is None:
+                message = "Metrics: this worker's file %s is full; new series are left out of /metrics"
+                _DEGRADED.log(logging.WARNING, message, self.file.path)
             self.records[labels] = found = found if found is not None else [0.0] * count
         return found
 
@@ -118,23 +96,13 @@ class Recorder:
             path = getattr(route, "path", None) if route is not None and key[1] in served else None
             operation = str(getattr(route, "operation_id", None) or "")
             stores = path is not None and key[2] == 201 and operation.startswith(STORING_OPERATION)
-            labels = self.labels[key] = (
-                method,
-                path or UNMATCHED,
-                str(key[2]),
-                stores,
-                bool(path and operation),
-            )
+            labels = (method, path or UNMATCHED, str(key[2]), stores, bool(path and operation))
             found = self.cells[key] = self._record(("cell", *labels), len(BUCKETS) + 2)
         return found
 
     def refused(self, method: str, status: int, tally: PeerTally) -> None:
         """Count a request the protocol answered itself, before routing (no duration)."""
-        key = (method if method in METHODS else OTHER, status)
-        counts = self.refusals.get(key)
-        if counts is None:
-            counts = self.refusals[key] = self._record(("refused", *key), 1)
-        counts[0] += 1
+        self._record(("refused", method if method in METHODS else OTHER, status), 1)[0] += 1
         tally.counts[0] += 1
 
     def entries(self) -> list[Entry]:

@@ -44,6 +44,8 @@ _PROCESS_SUMS = (
     "process_open_fds",
 )
 _DEGRADED = Throttle(logging.getLogger("app.metrics"))
+_REQUEST = ["method", "route", "status"]
+_BOUNDS = [*(repr(bound) for bound in BUCKETS), "+Inf"]
 
 
 class Metrics:
@@ -59,13 +61,9 @@ class Metrics:
             try:
                 self.file = CellFile(directory)
             except OSError as exc:  # a full disk: serve all the same, this worker's counts unseen
-                _DEGRADED.log(
-                    logging.WARNING,
-                    "Metrics: cannot create this worker's file in %s (%s); its counts are left out of "
-                    "/metrics (free some space)",
-                    directory,
-                    exc.strerror or exc,
-                )
+                message = "Metrics: cannot create this worker's file in %s (%s); its counts are left out"
+                message += " of /metrics (free some space)"
+                _DEGRADED.log(logging.WARNING, message, directory, exc.strerror or exc)
         self.recorder = Recorder(on, shown_uids, self.file)
         self.open_connections: Callable[[], int] = lambda: 0
         """The server points it at its connection count."""
@@ -95,11 +93,6 @@ class Metrics:
         if self.file is not None:
             self.file.set_gauges(self.open_connections(), self.event_streams())
 
-    def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        """The body and content type for ``accept`` (Prometheus text by default)."""
-        headers, output = self.rendered.render(accept, None)
-        return output, dict(headers)["Content-Type"]
-
 
 class RequestCollector(Collector):
     """The ``uds_*`` families from records (``Recorder.entries`` or ``files.read_all``), built from
@@ -116,39 +109,39 @@ class RequestCollector(Collector):
         peers: dict[str, float] = {}
         stored = 0.0
         for labels, counts in entries:
-            if labels[0] == "cell":
-                method, route, status = (str(label) for label in labels[1:4])
-                key, stores, timed = (method, route, status), labels[4], labels[5]
-                answered = sum(counts[:-1])
-                requests[key] = requests.get(key, 0.0) + answered
-                stored += answered if stores else 0.0
-                if timed:
-                    kept = durations.setdefault((method, route), [0.0] * len(counts))
+            kind, *named = (str(label) for label in labels)
+            if kind == "cell":
+                key, answered = (named[0], named[1], named[2]), sum(counts[:-1])
+                stored += answered if labels[4] else 0.0
+                if labels[5]:  # timed
+                    kept = durations.setdefault(key[:2], [0.0] * len(counts))
                     kept[:] = [a + b for a, b in zip(kept, counts, strict=False)]
-            elif labels[0] == "refused":
-                key = (str(labels[1]), UNMATCHED, str(labels[2]))
-                requests[key] = requests.get(key, 0.0) + counts[0]
-            elif labels[0] == "peer":
-                peers[str(labels[1])] = peers.get(str(labels[1]), 0.0) + counts[0]
+            elif kind == "refused":
+                key, answered = (named[0], UNMATCHED, named[1]), counts[0]
+            else:
+                peers[named[0]] = peers.get(named[0], 0.0) + counts[0]
+                continue
+            requests[key] = requests.get(key, 0.0) + answered
         family = CounterMetricFamily(
-            "uds_requests",
-            "Requests answered, by method, route template and status.",
-            labels=["method", "route", "status"],
+            "uds_requests", "Requests answered, by method, route template and status.", labels=_REQUEST
         )
-        for labelled, value in sorted(requests.items()):
-            family.add_metric(labelled, value)
-        yield family
         histogram = HistogramMetricFamily(
             "uds_request_duration_seconds",
             "Seconds from the parsed request head to the response head, by method and route template.",
-            labels=["method", "route"],
+            labels=_REQUEST[:2],
         )
-        bounds = [*(repr(bound) for bound in BUCKETS), "+Inf"]
-        for timed_labels, sums in sorted(durations.items()):
-            histogram.add_metric(
-                timed_labels, list(zip(bounds, accumulate(sums[:-1]), strict=True)), sums[-1]
-            )
-        yield histogram
+        by_uid = CounterMetricFamily(
+            "uds_peer_requests",
+            f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
+            labels=["uid"],
+        )
+        for labelled, value in sorted(requests.items()):
+            family.add_metric(labelled, value)
+        for timed, sums in sorted(durations.items()):
+            histogram.add_metric(timed, list(zip(_BOUNDS, accumulate(sums[:-1]), strict=True)), sums[-1])
+        for uid, value in sorted(peers.items()):
+            by_uid.add_metric([uid], value)
+        yield from (family, histogram, by_uid)
         yield CounterMetricFamily(
             "uds_messages_stored", "Messages stored (201 answers to POST).", value=stored
         )
@@ -156,14 +149,6 @@ class RequestCollector(Collector):
             "uds_open_connections", "Connections open to the server (all workers).", connections
         )
         yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", streams)
-        by_uid = CounterMetricFamily(
-            "uds_peer_requests",
-            f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
-            labels=["uid"],
-        )
-        for uid, value in sorted(peers.items()):
-            by_uid.add_metric([uid], value)
-        yield by_uid
 
 
 class Rendered:

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings, SettingsError
-from app.metrics.core import MAX_PEER_UIDS, OTHER, UNMATCHED
+from app.metrics.core import OTHER, UNMATCHED
 from app.metrics.exposition import Metrics
 from app.metrics.files import multiprocess_dir, read_file
 from client.cli.spawn import free_port
@@ -41,6 +41,8 @@ from tests.support import (
 )
 
 POST_HEADERS = {"Content-Type": "application/json"}
+MAX_PEER_UIDS = 32
+"""Most ``--metrics-uid`` values (``app.config``)."""
 UVICORN_ON_HEADERS_COMPLETE = "1ea8589acfad92d8ff9182775f337d98fc469e0fa39642a83195fca920f5ca96"
 """sha256 of uvicorn 0.54's ``HttpToolsProtocol.on_headers_complete`` source."""
 
@@ -330,7 +332,7 @@ def test_peer_uids_are_opt_in_and_bounded() -> None:
     for tally in tallies:
         recorder.refused("GET", 400, tally)
     metrics.flush()
-    body, _ = metrics.exposition(None)
+    _, body = metrics.rendered.render(None, None)
     found = samples(body.decode())
     uids = {
         dict(labels)["uid"]: value
@@ -470,7 +472,7 @@ def test_raw_methods_and_routes_share_their_labels_record() -> None:
             recorder.cell((route, method, 404), None)[0] += 1
             tally.counts[0] += 1
     assert len(recorder.records) == 1  # one cell record (the hidden peer has none)
-    body, _ = metrics.exposition(None)
+    _, body = metrics.rendered.render(None, None)
     assert requests_total(body.decode(), OTHER, UNMATCHED, 404) == 600
 
 

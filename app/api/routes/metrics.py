@@ -40,7 +40,7 @@ def build_router(metrics: Metrics) -> APIRouter:
         },
     )
     async def get_metrics(request: Request) -> Response:
-        body, content_type = metrics.exposition(request.headers.get("accept"))
-        return Response(body, 200, {"cache-control": "no-store"}, content_type)
+        headers, body = metrics.rendered.render(request.headers.get("accept"), None)
+        return Response(body, 200, {"cache-control": "no-store", **dict(headers)})
 
     return router

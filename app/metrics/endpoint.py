@@ -18,7 +18,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -121,23 +121,17 @@ def _source(address: Any) -> str:
 
 
 class _Slot:
-    """One connection being served; ``whole`` once its request head is (until then it may be evicted)."""
+    """One connection being served: evictable once ``reading`` its request head, until it is ``whole``."""
 
-    __slots__ = ("conn", "source", "task", "whole", "writer")
+    __slots__ = ("conn", "reading", "source", "task", "whole")
 
-    def __init__(self, conn: socket.socket, source: str) -> None:
+    def __init__(
+        self, conn: socket.socket, source: str, task: Callable[[_Slot], Coroutine[Any, Any, bool]]
+    ) -> None:
         self.conn = conn
         self.source = source
-        self.writer: asyncio.StreamWriter | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.whole = False
-
-    def drop(self) -> None:
-        """Cut the connection at once (a slot not yet opened closes its socket itself)."""
-        if self.writer is not None:
-            self.writer.transport.abort()
-        if self.task is not None:
-            self.task.cancel()
+        self.reading = self.whole = False
+        self.task = asyncio.get_running_loop().create_task(task(self))
 
 
 class LoopEndpoint:
@@ -171,8 +165,7 @@ class LoopEndpoint:
         if self._accepting is not None:
             self._accepting.cancel()
         for slot in list(self._slots):
-            slot.drop()
-        self._slots.clear()
+            slot.task.cancel()
         self.sock.close()
 
     def _update_room(self) -> None:
@@ -190,86 +183,74 @@ class LoopEndpoint:
             except OSError:  # out of descriptors, or the peer already gone
                 await asyncio.sleep(0.05)
                 continue
-            self._paced(loop.time())
-            self._take(conn, address)
             for _ in range(_ACCEPT_BATCH):  # those already waiting, without a round of the loop each
-                if not self._room.is_set() or self._paced(loop.time()):
+                self._take(conn, address)
+                earliest = loop.time() - _ACCEPT_BURST
+                self._next_accept = max(self._next_accept, earliest) + 1 / ENDPOINT_ACCEPTS_PER_SECOND
+                if not self._room.is_set() or self._next_accept > loop.time():
                     break
                 try:
                     conn, address = self.sock.accept()
                 except OSError:  # none waiting, or out of descriptors
                     break
-                self._take(conn, address)
             if self._next_accept > loop.time():  # the rest wait in the listen queue, their peers blocked
                 await asyncio.sleep(self._next_accept - loop.time())
 
-    def _paced(self, now: float) -> bool:
-        """Count an accept against :data:`ENDPOINT_ACCEPTS_PER_SECOND`; whether the next must wait."""
-        self._next_accept = max(self._next_accept, now - _ACCEPT_BURST) + 1 / ENDPOINT_ACCEPTS_PER_SECOND
-        return self._next_accept > now
-
     def _take(self, conn: socket.socket, address: Any) -> None:
-        """Serve an accepted connection, evicting an unfinished one if its address's share (or every
-        slot) is taken, or reset it when none can be evicted."""
+        """Serve an accepted connection; when its address's share (or every slot) is taken, in the
+        place of the oldest unfinished one there, else reset it."""
         source = _source(address)
-        mine = [slot for slot in self._slots if slot.source == source]
-        full = mine if len(mine) >= ENDPOINT_PER_SOURCE else None
-        if full is None and len(self._slots) >= ENDPOINT_CONNECTIONS:
-            full = list(self._slots)
-        if full is not None:
-            evicted = next((slot for slot in full if not slot.whole and slot.writer is not None), None)
+        crowd = [slot for slot in self._slots if slot.source == source]
+        if len(crowd) < ENDPOINT_PER_SOURCE:
+            crowd = list(self._slots) if len(self._slots) >= ENDPOINT_CONNECTIONS else []
+        if crowd:
+            evicted = next((slot for slot in crowd if slot.reading and not slot.whole), None)
             if evicted is None:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 conn.close()
                 return
             del self._slots[evicted]
-            evicted.drop()
+            evicted.task.cancel()
         conn.setblocking(False)
-        slot = _Slot(conn, source)
+        slot = _Slot(conn, source, self._serve)
         self._slots[slot] = None
-        slot.task = asyncio.get_running_loop().create_task(self._serve(slot))
+        slot.task.add_done_callback(lambda task: self._done(slot, task))
         self._update_room()
 
-    async def _serve(self, slot: _Slot) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=slot.conn, limit=ENDPOINT_REQUEST_BYTES)
-        except (OSError, asyncio.CancelledError) as exc:
-            slot.conn.close()
-            self._slots.pop(slot, None)
-            self._update_room()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        slot.writer = writer
+    def _done(self, slot: _Slot, task: asyncio.Task[bool]) -> None:
+        """Close a connection served, evicted or cut: reset unless it ended cleanly."""
+        self._slots.pop(slot, None)
+        if task.cancelled() or not task.result():
+            with contextlib.suppress(OSError):
+                slot.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        slot.conn.close()
+        self._update_room()
+
+    async def _serve(self, slot: _Slot) -> bool:
+        """Answer the connection's one request; whether it ended cleanly (nothing left unsent)."""
+        loop = asyncio.get_running_loop()
+        slot.reading = True
         try:
             async with asyncio.timeout(ENDPOINT_DEADLINE):
                 async with asyncio.timeout(ENDPOINT_HEAD_DEADLINE):
-                    request = await _read_request(reader)
+                    request = await _read_request(loop, slot.conn)
                 slot.whole = True
                 self._update_room()
-                if not request:  # it closed first
-                    return
+                if request is None:  # it closed first
+                    return True
                 async with self._turn:
-                    loop = asyncio.get_running_loop()
                     if self._next_answer > loop.time():
                         await asyncio.sleep(self._next_answer - loop.time())
                     self._next_answer = loop.time() + 1 / SCRAPES_PER_SECOND
                     answer = self._answer(request) if isinstance(request, h11.Request) else request
-                if not writer.is_closing():  # closing: cut at shutdown or evicted
-                    writer.write(answer)
-                    await writer.drain()
-        except (TimeoutError, OSError, asyncio.CancelledError):
-            pass
+                await loop.sock_sendall(slot.conn, answer)
+                return True
+        except (TimeoutError, OSError):
+            return False
         except Exception as exc:  # never a line per connection, whatever a client sends
             reason = escaped(f"{type(exc).__name__}: {exc}")
             _FAILED.log(logging.ERROR, "Metrics endpoint: could not answer a request (%s)", reason)
-        finally:
-            self._slots.pop(slot, None)
-            self._update_room()
-            if writer.transport.get_write_buffer_size():  # the peer did not take the answer in time
-                writer.transport.abort()
-            else:
-                writer.close()
+            return False
 
     def _answer(self, request: h11.Request) -> bytes:
         head_only = request.method == b"HEAD"
@@ -282,22 +263,20 @@ class LoopEndpoint:
         return _whole(200, headers, output, head_only=head_only)
 
 
-async def _read_request(reader: asyncio.StreamReader) -> h11.Request | bytes:
-    """The request, or the whole answer refusing it (empty: it closed first)."""
+async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> h11.Request | bytes | None:
+    """The request, the whole answer refusing it, or None when the peer closed first."""
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=ENDPOINT_REQUEST_BYTES)
     budget = ENDPOINT_REQUEST_BYTES
     try:
-        event = connection.next_event()
-        while event is h11.NEED_DATA:
+        while (event := connection.next_event()) is h11.NEED_DATA:
             if budget <= 0:  # h11's limit is on an incomplete head: a whole one may be larger
                 return _refused(431)
-            data = await reader.read(min(budget, 65536))
+            data = await loop.sock_recv(conn, 65536)  # all there is: unread bytes would make close a reset
+            connection.receive_data(data[:budget])
             budget -= len(data)
-            connection.receive_data(data)
-            event = connection.next_event()
     except h11.RemoteProtocolError as exc:  # not HTTP, or a head over the limit (431)
         return _refused(exc.error_status_hint)
-    return event if isinstance(event, h11.Request) else b""
+    return event if isinstance(event, h11.Request) else None
 
 
 def _fold(directory: str, pid: int) -> None:

@@ -140,11 +140,8 @@ def timed_cycle(recorder: Recorder) -> type[RequestResponseCycle]:
         tally: PeerTally
 
         def send(self, message: Any) -> Any:  # not async: returns uvicorn's own coroutine
-            if (
-                message["type"] == "http.response.start"
-                and not self.response_started
-                and not self.disconnected
-            ):
+            first = not self.response_started and not self.disconnected  # a peer gone: never sent
+            if first and message["type"] == "http.response.start":
                 seconds = perf_counter() - self.started
                 scope = self.scope
                 route = scope.get("route")  # Starlette's router put it there

@@ -18,7 +18,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -35,11 +35,9 @@ __all__ = ["ENDPOINT_CONNECTIONS", "ENDPOINT_PER_SOURCE", "LoopEndpoint", "for_w
 log = logging.getLogger("app.metrics")
 
 ENDPOINT_CONNECTIONS = 16
-"""Connections served at once (Prometheus scrapes one at a time); further ones wait in the listen
-queue, or evict the oldest whose request head is not whole yet (slowloris)."""
+"""Connections served at once; further ones wait in the listen queue or evict an unfinished one."""
 ENDPOINT_PER_SOURCE = 4
-"""Of those, the most one address holds (loopback counts as one): a newcomer past them evicts its
-own address's oldest unfinished one or is reset, so one address cannot keep another out."""
+"""Of those, the most one address holds (loopback counts as one), so it cannot keep another out."""
 ENDPOINT_ACCEPTS_PER_SECOND = 400
 """Accepts per second at most: refusing a flood must cost the server's loop little."""
 ENDPOINT_HEAD_DEADLINE = 3.0
@@ -49,13 +47,10 @@ ENDPOINT_DEADLINE = 10.0
 ENDPOINT_REQUEST_BYTES = 16 * 1024
 """Bytes of request head a connection may send; past them it gets 431."""
 SCRAPES_PER_SECOND = 20
-"""Answers sent per second at most, one at a time; further ones wait their turn."""
-_ACCEPT_BATCH = 64
-"""Connections accepted one after another before the loop runs other work."""
-_ACCEPT_BURST = 0.05
-"""Seconds of :data:`ENDPOINT_ACCEPTS_PER_SECOND` an idle endpoint may accept at once."""
-_RESET = struct.pack("ii", 1, 0)
-"""``SO_LINGER`` on, 0 s: a refused connection is reset, leaving nothing in ``TIME_WAIT``."""
+"""Answers sent per second at most, one at a time."""
+_ACCEPT_BATCH = 64  # accepted one after another before the loop runs other work
+_ACCEPT_BURST = 0.05  # seconds of ENDPOINT_ACCEPTS_PER_SECOND an idle endpoint may accept at once
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: reset, leaving nothing in TIME_WAIT
 _FAILED = Throttle(log)
 _REFUSALS = {
     400: ("bad_request", f"the request is not valid HTTP/1.1; send GET {METRICS_PATH}"),
@@ -67,11 +62,9 @@ _REFUSALS = {
 
 def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_only: bool = False) -> bytes:
     """A whole ``Connection: close`` answer (its body left out for HEAD)."""
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{n}: {v}" for n, v in headers)]
-    head = "\r\n".join([*lines, f"Content-Length: {len(body)}", "Connection: close", "", ""]).encode(
-        "latin-1"
-    )
-    return head if head_only else head + body
+    headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return (head + "\r\n").encode("latin-1") + (b"" if head_only else body)
 
 
 def _refused(status: int, *, head_only: bool = False) -> bytes:
@@ -85,36 +78,32 @@ def _refused(status: int, *, head_only: bool = False) -> bytes:
 def listening_socket(listen: str) -> socket.socket:
     """A TCP socket listening on ``listen`` (``HOST:PORT``); :class:`MetricsError` if it cannot."""
     host, _, port = listen.rpartition(":")
+    sock = None
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
+        found = socket.getaddrinfo(
             host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        )
+        family, kind, proto, _, address = found[0]
         sock = socket.socket(family, kind, proto)
-    except (OSError, ValueError) as exc:
-        raise MetricsError(
-            f"cannot serve metrics on {listen} (--metrics-listen): {exc}; use HOST:PORT with a local "
-            "address, e.g. 0.0.0.0:9102"
-        ) from None
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(1024)  # a flood refused at once must not fill it before a scraper arrives
-    except OSError as exc:
-        sock.close()
-        in_use = exc.errno == errno.EADDRINUSE
-        hint = "stop the program using it or choose another port" if in_use else "check the address"
-        reason = (exc.strerror or str(exc)).lower()
+        return sock
+    except (OSError, ValueError) as exc:
+        if sock is not None:
+            sock.close()
+        reason = str(getattr(exc, "strerror", None) or exc).lower()
+        hint = "use HOST:PORT with a local address, e.g. 0.0.0.0:9102"
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+            hint = "stop the program using it or choose another port"
         raise MetricsError(f"cannot serve metrics on {listen} (--metrics-listen): {reason}; {hint}") from None
-    return sock
 
 
 def _source(address: Any) -> str:
     """The share a peer counts in: its IP, or ``loopback`` for any loopback address."""
-    host = str(address[0]) if isinstance(address, tuple) and address else ""
-    if host.startswith(("127.", "::ffff:127.")) or host == "::1":  # the common case, without parsing
-        return "loopback"
+    host = str(address[0]).partition("%")[0] if isinstance(address, tuple) and address else ""
     with contextlib.suppress(ValueError):
-        ip = ipaddress.ip_address(host.partition("%")[0])
+        ip = ipaddress.ip_address(host)
         if (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
             return "loopback"
     return host
@@ -124,14 +113,12 @@ class _Slot:
     """One connection being served: evictable once ``reading`` its request head, until it is ``whole``."""
 
     __slots__ = ("conn", "reading", "source", "task", "whole")
+    task: asyncio.Task[bool]
 
-    def __init__(
-        self, conn: socket.socket, source: str, task: Callable[[_Slot], Coroutine[Any, Any, bool]]
-    ) -> None:
+    def __init__(self, conn: socket.socket, source: str) -> None:
         self.conn = conn
         self.source = source
         self.reading = self.whole = False
-        self.task = asyncio.get_running_loop().create_task(task(self))
 
 
 class LoopEndpoint:
@@ -212,8 +199,9 @@ class LoopEndpoint:
             del self._slots[evicted]
             evicted.task.cancel()
         conn.setblocking(False)
-        slot = _Slot(conn, source, self._serve)
+        slot = _Slot(conn, source)
         self._slots[slot] = None
+        slot.task = asyncio.get_running_loop().create_task(self._serve(slot))
         slot.task.add_done_callback(lambda task: self._done(slot, task))
         self._update_room()
 

@@ -37,12 +37,7 @@ RENDER_EVERY = 1.0
 """Seconds a rendered exposition is served before the next scrape collects again."""
 MAX_COPIES = 4
 """Formats (and compressions) rendered per :data:`RENDER_EVERY`; further ones get the text format."""
-_PROCESS_SUMS = (
-    "process_cpu_seconds",
-    "process_resident_memory",
-    "process_virtual_memory",
-    "process_open_fds",
-)
+_PROCESS_SUMS = ("process_cpu", "process_resident", "process_virtual", "process_open_fds")  # added up
 _DEGRADED = Throttle(logging.getLogger("app.metrics"))
 _REQUEST = ["method", "route", "status"]
 _BOUNDS = [*(repr(bound) for bound in BUCKETS), "+Inf"]
@@ -55,7 +50,6 @@ class Metrics:
     def __init__(
         self, *, on: bool = True, directory: str | None = None, shown_uids: Iterable[int] = ()
     ) -> None:
-        self.directory = directory
         self.file: CellFile | None = None
         if directory is not None:
             try:

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.logs import Throttle
-from app.metrics.files import CellFile, Entry
+from app.metrics.files import CellFile
 
 __all__ = ["METRICS_PATH", "OTHER", "UNMATCHED", "MetricsError", "PeerTally", "Recorder", "timed_cycle"]
 
@@ -104,10 +104,6 @@ class Recorder:
         """Count a request the protocol answered itself, before routing (no duration)."""
         self._record(("refused", method if method in METHODS else OTHER, status), 1)[0] += 1
         tally.counts[0] += 1
-
-    def entries(self) -> list[Entry]:
-        """Every record: its labels and its counts (as ``files.read_all`` reads them)."""
-        return list(self.records.items())
 
 
 class PeerTally:

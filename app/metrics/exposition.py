@@ -80,7 +80,8 @@ class Metrics:
         return cls(directory=environ.get(DIR_ENV) or None, shown_uids=settings.metrics_uid)
 
     def _own(self) -> tuple[list[Entry], tuple[float, float]]:
-        return self.recorder.entries(), (float(self.open_connections()), float(self.event_streams()))
+        gauges = (float(self.open_connections()), float(self.event_streams()))
+        return list(self.recorder.records.items()), gauges
 
     def flush(self) -> None:
         """With ``--workers``, write the gauges to this worker's file (every tick, and at the end)."""
@@ -89,7 +90,7 @@ class Metrics:
 
 
 class RequestCollector(Collector):
-    """The ``uds_*`` families from records (``Recorder.entries`` or ``files.read_all``), built from
+    """The ``uds_*`` families from records (``Recorder.records`` or ``files.read_all``), built from
     ``prometheus-client``'s public metric families at each collection."""
 
     def __init__(self, source: Callable[[], tuple[Iterable[Entry], tuple[float, float]]]) -> None:

@@ -19,7 +19,7 @@ from app.api.routes import docs, events, health, messages, whoami
 from app.api.routes import metrics as metrics_route
 from app.api.versions import API_VERSIONS, add_unsupported_route, add_versioned
 from app.config import Settings
-from app.metrics.core import Metrics
+from app.metrics.exposition import Metrics
 from app.storage.events import EventHub, stream_capacity
 from app.storage.sqlite import SqliteStore, build_store
 from app.storage.store import Store
@@ -87,7 +87,7 @@ def create_app(
     add_versioned(app, whoami.build_router(access), versions)
     app.router.routes.extend(health.build_router(hub, versions).routes)
     docs.install(app)
-    metrics_route.install(app, metrics)
+    app.router.routes.extend(metrics_route.build_router(metrics).routes)  # GET /metrics (unversioned)
     app.router.routes.append(spec)
     add_unsupported_route(app, versions)  # last: only requests no route matched reach it
     if access.installed:

@@ -119,7 +119,7 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
     from app.__main__ import parse_settings
     from app.connection.protocol import PeerCredProtocol
     from app.logs import configure
-    from app.metrics.core import Metrics
+    from app.metrics.exposition import Metrics
     from app.serving.server import Services, build_config
 
     settings = parse_settings(["--store", "memory", "--socket", "/nonexistent/bench.sock"], {})  # never bound
@@ -170,8 +170,8 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
                     runs.append((await one_round(True), off))
         stored = sum(
             int(sum(cell[:-1]))
-            for key, cell in counting.cells.items()
-            if counting.labels[key][:3] == ("POST", PATH, "201")
+            for labels, cell in counting.records.items()
+            if labels[:4] == ("cell", "POST", PATH, "201")
         )
         if stored != requests * (rounds + 1):
             raise BenchError(f"the recorder counted {stored} of {requests * (rounds + 1)} POSTs")

@@ -1,7 +1,7 @@
 """``uds-server`` with its request counting switched off: the "off" side of ``metrics.py`` (k).
 
-The server always counts requests for ``/metrics`` (``app.metrics.core``); this is the same server with
-the recorder off, so that (k) measures what counting costs. Not for anything but that benchmark.
+The same server, with the recorder ``app.metrics.exposition.Metrics`` builds switched off, so that (k)
+measures what counting costs. Not for anything but that benchmark.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app.metrics.core
+import app.metrics.exposition
 
 
 class _Off(app.metrics.core.Recorder):
@@ -22,7 +23,7 @@ class _Off(app.metrics.core.Recorder):
         super().__init__(False, *args, **kwargs)
 
 
-app.metrics.core.Recorder = _Off  # type: ignore[misc]
+app.metrics.exposition.Recorder = _Off  # type: ignore[misc]
 
 from app.__main__ import main  # noqa: E402
 

@@ -1,20 +1,7 @@
 """The ``--workers`` counts in shared files: each worker adds to doubles in a memory-mapped file of
-its own; the parent and every worker read them all; the parent folds a dead worker's file into one.
+its own; every process reads them all; the parent folds a dead worker's file into ``absorbed.db``.
 
-Why not ``prometheus-client``'s multiprocess mode: its values reach the files only through its
-metric objects, too slow to write per request, so counts waited in memory and a killed worker's
-were lost; its sparse files made a full disk a SIGBUS, then an ``ENOSPC`` at every new worker's
-start; and it keeps every dead worker's file (docs/performance.md, k2).
-
-A file (``cells-PID-TOKEN.db``, 0600) is :data:`SIZE` bytes, allocated on disk when it is made
-(``posix_fallocate``): a full disk refuses the file, never a page later. Its header is the magic, the
-bytes used, and the worker's two gauges (open connections, event streams); then records, each its
-labels (JSON) and its doubles. A record is written, then counted in the bytes used (one aligned
-8-byte store), so a reader never sees half of one. Values only grow while a worker lives.
-
-``absorbed.db``, written by the parent only (a temporary file, then ``rename``), holds what dead
-workers counted and the names of the files it took in; a reader reads the workers' files first and
-that one last, skipping the names it lists, so a count is never seen twice nor missed.
+The format, and why not ``prometheus-client``'s multiprocess mode: docs/internals.md, "Metrics".
 """
 
 from __future__ import annotations
@@ -26,17 +13,20 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import struct
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Sequence
 
-__all__ = ["ABSORBED", "SIZE", "CellFile", "Entry", "absorb", "read_all", "read_file", "worker_pids"]
+__all__ = ["ABSORBED", "SIZE", "CellFile", "Entry", "absorb", "multiprocess_dir", "read_all", "read_file"]
 
 SIZE = 64 * 1024
-"""Bytes of one worker's file: far more than the bounded labels need (about 20 KiB at most)."""
+"""Bytes of one worker's file: far more than the bounded labels need."""
 ABSORBED = "absorbed.db"
+DIR_PREFIX = "uds-metrics-"
 _MAGIC = b"udscell1"
 _HEADER = 32  # magic, bytes used, open connections, event streams
-_RECORD = struct.Struct("<II")  # label bytes, values
+_RECORD = struct.Struct("<II")  # label bytes, values; then the labels (JSON) padded to 8, the doubles
 _NAMES_KEPT = 64
 """Absorbed file names remembered: a reader that listed one before it went takes milliseconds."""
 _NAME = re.compile(r"cells-(\d+)-[0-9a-f]+\.db")
@@ -45,8 +35,17 @@ Entry = tuple[tuple[object, ...], Sequence[float]]
 """A record: its labels and its values."""
 
 
+def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
+    encoded = json.dumps(labels).encode()
+    padding = bytes(-len(encoded) % 8)
+    return (
+        _RECORD.pack(len(encoded), len(values)) + encoded + padding + struct.pack(f"<{len(values)}d", *values)
+    )
+
+
 class CellFile:
-    """This worker's file in ``directory``. Raises ``OSError`` when it cannot be made (a full disk)."""
+    """This worker's file in ``directory``, allocated whole. Raises ``OSError`` when it cannot be
+    made (a full disk), never later."""
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, f"cells-{os.getpid()}-{secrets.token_hex(4)}.db")
@@ -65,40 +64,35 @@ class CellFile:
 
     def record(self, labels: tuple[object, ...], count: int) -> memoryview[float] | None:
         """``count`` doubles, zero, kept under ``labels``; None when the file is full."""
-        encoded = json.dumps(labels).encode()
-        start = self._used + _RECORD.size + -(-len(encoded) // 8) * 8
-        end = start + 8 * count
+        data = _record(labels, [0.0] * count)
+        end = self._used + len(data)
         if end > SIZE:
             return None
-        _RECORD.pack_into(self._map, self._used, len(encoded), count)
-        self._map[self._used + _RECORD.size : self._used + _RECORD.size + len(encoded)] = encoded
+        self._map[self._used : end] = data
         self._used = end
         struct.pack_into("<q", self._map, 8, end)  # the record is whole: readers may see it
-        return memoryview(self._map)[start:end].cast("d")
+        return memoryview(self._map)[end - 8 * count : end].cast("d")
 
     def set_gauges(self, connections: float, streams: float) -> None:
         struct.pack_into("<dd", self._map, 16, connections, streams)
 
 
-def _parse(data: bytes) -> tuple[tuple[float, float], list[Entry]]:
-    """A file's gauges and records (nothing from a file that is not one)."""
-    if len(data) < _HEADER or data[:8] != _MAGIC:
+def _parse(data: bytes | None) -> tuple[tuple[float, float], list[Entry]]:
+    """A file's gauges and records (nothing from a file that is gone or is not one)."""
+    if data is None or len(data) < _HEADER or data[:8] != _MAGIC:
         return (0.0, 0.0), []
-    (used,) = struct.unpack_from("<q", data, 8)
-    gauges = struct.unpack_from("<dd", data, 16)
+    used = min(struct.unpack_from("<q", data, 8)[0], len(data))
     entries: list[Entry] = []
     offset = _HEADER
-    used = min(used, len(data))
     while offset + _RECORD.size <= used:
         length, count = _RECORD.unpack_from(data, offset)
         start = offset + _RECORD.size + -(-length // 8) * 8
-        end = start + 8 * count
-        if end > used:
+        if start + 8 * count > used:
             break
         labels = tuple(json.loads(data[offset + _RECORD.size : offset + _RECORD.size + length]))
         entries.append((labels, struct.unpack_from(f"<{count}d", data, start)))
-        offset = end
-    return gauges, entries
+        offset = start + 8 * count
+    return struct.unpack_from("<dd", data, 16), entries
 
 
 def _read(path: str) -> bytes | None:
@@ -109,8 +103,7 @@ def _read(path: str) -> bytes | None:
 
 def read_file(path: str) -> list[Entry]:
     """The records of one file (none if it is gone)."""
-    data = _read(path)
-    return _parse(data)[1] if data is not None else []
+    return _parse(_read(path))[1]
 
 
 def worker_pids(directory: str) -> list[int]:
@@ -118,49 +111,42 @@ def worker_pids(directory: str) -> list[int]:
     return sorted({int(m.group(1)) for p in os.listdir(directory) if (m := _NAME.fullmatch(p))})
 
 
-def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
-    """Every record in ``directory`` (dead workers' included, each once) and the gauges summed over
-    the live workers."""
+def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
+    """What dead workers counted, and the names of the files that went into it."""
     entries: list[Entry] = []
+    names: list[str] = []
+    for labels, values in _parse(_read(os.path.join(directory, ABSORBED)))[1]:
+        if labels[:1] == ("names",):
+            names.extend(str(name) for name in labels[1:])
+        else:
+            entries.append((labels, values))
+    return entries, names
+
+
+def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
+    """Every record in ``directory``, each once, and the gauges summed over the live workers.
+
+    The workers' files are read before ``absorbed.db``, whose list of the names it took in says
+    which of them to skip: a file folded meanwhile is neither counted twice nor missed."""
+    found = [
+        (os.path.basename(p), _parse(_read(p))) for p in glob.glob(os.path.join(directory, "cells-*.db"))
+    ]
+    entries, taken = _absorbed(directory)
     gauges = [0.0, 0.0]
-    found: list[tuple[str, tuple[float, float], list[Entry]]] = []
-    for path in glob.glob(os.path.join(directory, "cells-*.db")):
-        data = _read(path)
-        if data is not None:
-            found.append((os.path.basename(path), *_parse(data)))
-    absorbed = _read(os.path.join(directory, ABSORBED))  # last: see the module's docstring
-    taken: set[str] = set()
-    if absorbed is not None:
-        _, records = _parse(absorbed)
-        for labels, values in records:
-            if labels[:1] == ("names",):
-                taken.update(str(name) for name in labels[1:])
-            else:
-                entries.append((labels, values))
-    for name, (connections, streams), records in found:
-        if name in taken:
-            continue
-        entries.extend(records)
-        match = _NAME.fullmatch(name)
-        if match and os.path.exists(f"/proc/{match.group(1)}"):
-            gauges[0] += connections
-            gauges[1] += streams
+    for name, (each, records) in found:
+        if name not in taken:
+            entries.extend(records)
+            match = _NAME.fullmatch(name)
+            if match and os.path.exists(f"/proc/{match.group(1)}"):
+                gauges = [a + b for a, b in zip(gauges, each, strict=True)]
     return entries, (gauges[0], gauges[1])
-
-
-def _merge(totals: dict[tuple[object, ...], list[float]], entries: Iterable[Entry]) -> None:
-    for labels, values in entries:
-        kept = totals.setdefault(labels, [0.0] * len(values))
-        for index, value in enumerate(values[: len(kept)]):
-            kept[index] += value
 
 
 def absorb(directory: str, pid: int) -> None:
     """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them.
 
     Raises ``OSError`` when ``absorbed.db`` cannot be written (a full disk); the files then stay and
-    count as before.
-    """
+    count as before."""
     dead = [
         p
         for p in glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))
@@ -168,31 +154,19 @@ def absorb(directory: str, pid: int) -> None:
     ]
     if not dead:
         return
+    entries, names = _absorbed(directory)
     totals: dict[tuple[object, ...], list[float]] = {}
-    names: list[str] = []
-    absorbed = _read(os.path.join(directory, ABSORBED))
-    if absorbed is not None:
-        for labels, values in _parse(absorbed)[1]:
-            if labels[:1] == ("names",):
-                names.extend(str(name) for name in labels[1:])
-            else:
-                _merge(totals, [(labels, values)])
-    for path in dead:
-        data = _read(path)
-        if data is not None:
-            _merge(totals, _parse(data)[1])
-        names.append(os.path.basename(path))
-    records = [*totals.items(), (("names", *names[-_NAMES_KEPT:]), [])]
+    for labels, values in entries + [entry for path in dead for entry in read_file(path)]:
+        kept = totals.setdefault(labels, [0.0] * len(values))
+        kept[:] = [a + b for a, b in zip(kept, values, strict=False)]
+    names = [*names, *(os.path.basename(path) for path in dead)][-_NAMES_KEPT:]
     body = bytearray(_MAGIC + bytes(_HEADER - 8))
-    for labels, values in records:
-        encoded = json.dumps(labels).encode()
-        body += _RECORD.pack(len(encoded), len(values)) + encoded + bytes(-len(encoded) % 8)
-        body += struct.pack(f"<{len(values)}d", *values)
+    for labels, values in [*totals.items(), (("names", *names), [])]:
+        body += _record(labels, values)
     struct.pack_into("<q", body, 8, len(body))
     temporary = os.path.join(directory, "absorbed.tmp")
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(descriptor, "wb") as file:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
             file.write(body)
         os.rename(temporary, os.path.join(directory, ABSORBED))
     except OSError:
@@ -202,3 +176,21 @@ def absorb(directory: str, pid: int) -> None:
     for path in dead:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def multiprocess_dir(base: str) -> str:
+    """Create this server's private directory (0700) under ``base``, first removing those killed
+    servers left (their pid gone, or ours: a restarted container's server is pid 1 again)."""
+    for old in glob.glob(os.path.join(base, f"{DIR_PREFIX}*")):
+        pid = owner(old)
+        gone = pid is not None and (pid == os.getpid() or not os.path.exists(f"/proc/{pid}"))
+        with contextlib.suppress(OSError):
+            if gone and os.stat(old).st_uid == os.getuid():
+                shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base)
+
+
+def owner(directory: str) -> int | None:
+    """The pid of the server that made ``directory`` (named in it), if any."""
+    named = re.fullmatch(rf"{DIR_PREFIX}(\d+)-.*", os.path.basename(directory.rstrip("/")))
+    return int(named.group(1)) if named else None

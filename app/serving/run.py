@@ -16,7 +16,8 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from app.api.policy import PolicyError
 from app.config import Settings
-from app.metrics.core import MetricsError, for_workers, serve_endpoint
+from app.metrics.core import MetricsError
+from app.metrics.endpoint import LoopEndpoint, for_workers
 from app.serving.activation import address_of, inherited_socket
 from app.serving.notify import Notifier
 from app.serving.server import STARTUP_FAILURE, AppFactory, Services, Stopped, early_signals, serve
@@ -76,7 +77,8 @@ def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
             services = Services.build(settings)
             application = services.application(settings, app_factory)
             bound, address = bind(settings, inherited)
-            endpoint = serve_endpoint(settings, services.metrics)
+            listen = settings.metrics_listen
+            endpoint = LoopEndpoint(listen, services.metrics.rendered) if listen is not None else None
             try:
                 server = serve(
                     settings,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Generator, Iterator
@@ -24,13 +25,14 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
 from app.connection.protocol import protocol_factory
-from app.metrics.core import LoopEndpoint, Recorder
+from app.metrics.core import Recorder
+from app.metrics.endpoint import LoopEndpoint
 from app.serving.notify import Notifier
 from app.serving.sockets import BoundSocket
 
 if TYPE_CHECKING:
     from app.api.access import Access
-    from app.metrics.core import Metrics
+    from app.metrics.exposition import Metrics
     from app.storage.events import EventHub
     from app.storage.store import Store
 
@@ -101,13 +103,13 @@ class Services:
         # Imported here: a --workers parent imports this module and never builds them (nor FastAPI).
         from app.api.access import Access
         from app.api.versions import API_VERSIONS
-        from app.metrics.core import Metrics
+        from app.metrics.exposition import Metrics
         from app.storage.events import EventHub, stream_capacity
         from app.storage.sqlite import build_store
 
         store = build_store(settings)  # not opened yet: the application's lifespan opens it
         hub = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
-        metrics = Metrics(shown_uids=settings.metrics_uid)
+        metrics = Metrics.for_settings(settings, os.environ)  # a worker's file: in the parent's directory
         return cls(store, hub, metrics, Access(settings, API_VERSIONS))
 
     def application(self, settings: Settings, factory: AppFactory | None = None) -> Any:

@@ -22,8 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings, SettingsError
-from app.metrics.core import MAX_PEER_UIDS, OTHER, UNMATCHED, Metrics, multiprocess_dir
-from app.metrics.files import read_file
+from app.metrics.core import OTHER, UNMATCHED
+from app.metrics.exposition import Metrics
+from app.metrics.files import multiprocess_dir, read_file
 from app.serving.spawn import free_port
 from tests.support import (
     NOBODY,
@@ -37,6 +38,8 @@ from tests.support import (
 )
 
 POST_HEADERS = {"Content-Type": "application/json"}
+MAX_PEER_UIDS = 32
+"""Most ``--metrics-uid`` values (``app.config``)."""
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -324,7 +327,7 @@ def test_peer_uids_are_opt_in_and_bounded() -> None:
     for tally in tallies:
         recorder.refused("GET", 400, tally)
     metrics.flush()
-    body, _ = metrics.exposition(None)
+    _, body = metrics.rendered.render(None, None)
     found = samples(body.decode())
     uids = {
         dict(labels)["uid"]: value
@@ -464,7 +467,7 @@ def test_raw_methods_and_routes_share_their_labels_record() -> None:
             recorder.cell((route, method, 404), None)[0] += 1
             tally.counts[0] += 1
     assert len(recorder.records) == 1  # one cell record (the hidden peer has none)
-    body, _ = metrics.exposition(None)
+    _, body = metrics.rendered.render(None, None)
     assert requests_total(body.decode(), OTHER, UNMATCHED, 404) == 600
 
 

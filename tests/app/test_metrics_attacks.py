@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psutil
 
-from app.metrics.core import ENDPOINT_CONNECTIONS, ENDPOINT_PER_SOURCE
+from app.metrics.endpoint import ENDPOINT_CONNECTIONS, ENDPOINT_PER_SOURCE
 from app.serving.spawn import free_port
 from tests.support import (
     ServerProcess,

@@ -1,0 +1,221 @@
+"""What ``/metrics`` shows: :class:`Metrics` (this process's recorder and registry), the collector
+that turns counts into ``prometheus-client`` families, and :class:`Rendered`, the cached rendering."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from itertools import accumulate
+from time import monotonic
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    choose_encoder,
+    generate_latest,
+    gzip_accepted,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from app.config import Settings
+from app.logs import Throttle
+from app.metrics.core import BUCKETS, OTHER, UNMATCHED, Recorder
+from app.metrics.files import CellFile, Entry, owner, read_all, worker_pids
+
+__all__ = ["DIR_ENV", "Metrics", "Rendered", "exposition_registry"]
+
+DIR_ENV = "UDS_WORKERS_METRICS_DIR"
+"""The environment variable by which the ``--workers`` parent names the shared directory to its workers."""
+RENDER_EVERY = 1.0
+"""Seconds a rendered exposition is served before the next scrape collects again."""
+MAX_COPIES = 4
+"""Formats (and compressions) rendered per :data:`RENDER_EVERY`; further ones get the text format."""
+_PROCESS_SUMS = ("process_cpu", "process_resident", "process_virtual", "process_open_fds")  # added up
+_DEGRADED = Throttle(logging.getLogger("app.metrics"))
+_REQUEST = ["method", "route", "status"]
+_BOUNDS = [*(repr(bound) for bound in BUCKETS), "+Inf"]
+
+
+class Metrics:
+    """This process's :class:`Recorder` and the registry ``/metrics`` shows: its own counts, or
+    with ``directory`` (``--workers``) every worker's files."""
+
+    def __init__(
+        self, *, on: bool = True, directory: str | None = None, shown_uids: Iterable[int] = ()
+    ) -> None:
+        self.file: CellFile | None = None
+        if directory is not None:
+            try:
+                self.file = CellFile(directory)
+            except OSError as exc:  # a full disk: serve all the same, this worker's counts unseen
+                message = "Metrics: cannot create this worker's file in %s (%s); its counts are left out"
+                message += " of /metrics (free some space)"
+                _DEGRADED.log(logging.WARNING, message, directory, exc.strerror or exc)
+        self.recorder = Recorder(on, shown_uids, self.file)
+        self.open_connections: Callable[[], int] = lambda: 0
+        """The server points it at its connection count."""
+        self.event_streams: Callable[[], int] = lambda: 0
+        """The application points it at the event hub's open streams."""
+        if directory is None:
+            self.registry = CollectorRegistry()
+            self.registry.register(RequestCollector(self._own))
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        else:
+            self.registry = exposition_registry(directory)
+        # With --workers each scrape reads the files afresh: views never go backwards.
+        self.rendered = Rendered(self.registry, every=RENDER_EVERY if directory is None else 0.0)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, environ: Mapping[str, str]) -> Metrics:
+        """The metrics of a server (or of a ``--workers`` worker: ``environ`` names its directory)."""
+        return cls(directory=environ.get(DIR_ENV) or None, shown_uids=settings.metrics_uid)
+
+    def _own(self) -> tuple[list[Entry], tuple[float, float]]:
+        gauges = (float(self.open_connections()), float(self.event_streams()))
+        return list(self.recorder.records.items()), gauges
+
+    def flush(self) -> None:
+        """With ``--workers``, write the gauges to this worker's file (every tick, and at the end)."""
+        if self.file is not None:
+            self.file.set_gauges(self.open_connections(), self.event_streams())
+
+
+class RequestCollector(Collector):
+    """The ``uds_*`` families from records (``Recorder.records`` or ``files.read_all``), built from
+    ``prometheus-client``'s public metric families at each collection."""
+
+    def __init__(self, source: Callable[[], tuple[Iterable[Entry], tuple[float, float]]]) -> None:
+        self.source = source
+        """The records and the two gauges (open connections, event streams)."""
+
+    def collect(self) -> Iterable[Metric]:
+        entries, (connections, streams) = self.source()
+        requests: dict[tuple[str, str, str], float] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        peers: dict[str, float] = {}
+        stored = 0.0
+        for labels, counts in entries:
+            kind, *named = (str(label) for label in labels)
+            if kind == "cell":
+                key, answered = (named[0], named[1], named[2]), sum(counts[:-1])
+                stored += answered if labels[4] else 0.0
+                if labels[5]:  # timed
+                    kept = durations.setdefault(key[:2], [0.0] * len(counts))
+                    kept[:] = [a + b for a, b in zip(kept, counts, strict=False)]
+            elif kind == "refused":
+                key, answered = (named[0], UNMATCHED, named[1]), counts[0]
+            else:
+                peers[named[0]] = peers.get(named[0], 0.0) + counts[0]
+                continue
+            requests[key] = requests.get(key, 0.0) + answered
+        family = CounterMetricFamily(
+            "uds_requests", "Requests answered, by method, route template and status.", labels=_REQUEST
+        )
+        histogram = HistogramMetricFamily(
+            "uds_request_duration_seconds",
+            "Seconds from the parsed request head to the response head, by method and route template.",
+            labels=_REQUEST[:2],
+        )
+        by_uid = CounterMetricFamily(
+            "uds_peer_requests",
+            f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
+            labels=["uid"],
+        )
+        for labelled, value in sorted(requests.items()):
+            family.add_metric(labelled, value)
+        for timed, sums in sorted(durations.items()):
+            histogram.add_metric(timed, list(zip(_BOUNDS, accumulate(sums[:-1]), strict=True)), sums[-1])
+        for uid, value in sorted(peers.items()):
+            by_uid.add_metric([uid], value)
+        yield from (family, histogram, by_uid)
+        yield CounterMetricFamily(
+            "uds_messages_stored", "Messages stored (201 answers to POST).", value=stored
+        )
+        yield GaugeMetricFamily(
+            "uds_open_connections", "Connections open to the server (all workers).", connections
+        )
+        yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", streams)
+
+
+class Rendered:
+    """A registry's exposition, collected at most once per ``every`` seconds and kept as one copy
+    per format and compression, so a flood of scrapes costs a dict lookup each. Thread-safe.
+
+    At most :data:`MAX_COPIES` copies a period (``Accept`` may name any OpenMetrics version); past
+    them, or for an ``Accept`` prometheus-client cannot read, the Prometheus text format.
+    """
+
+    def __init__(self, registry: Collector, every: float = RENDER_EVERY) -> None:
+        self.registry = registry
+        self.every = every
+        self._families: list[Metric] = []
+        self._taken = float("-inf")
+        self._copies: dict[tuple[str, bool], bytes] = {}
+        self._lock = threading.Lock()
+
+    def collect(self) -> list[Metric]:
+        """The families as last collected (what the encoders read)."""
+        return self._families
+
+    def render(self, accept: str | None, accept_encoding: str | None) -> tuple[list[tuple[str, str]], bytes]:
+        """The headers (``Content-Type``, ``Content-Encoding``) and body of a scrape."""
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):
+            encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+        compress = gzip_accepted(accept_encoding or "")
+        with self._lock:
+            if monotonic() - self._taken >= self.every:
+                self._families = list(self.registry.collect())
+                self._taken = monotonic()
+                self._copies.clear()
+            if (content_type, compress) not in self._copies and len(self._copies) >= MAX_COPIES:
+                encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+            output = self._copies.get((content_type, compress))
+            if output is None:
+                output = encoder(self)
+                self._copies[content_type, compress] = output = (
+                    gzip.compress(output, 6) if compress else output
+                )
+        return [("Content-Type", content_type), *([("Content-Encoding", "gzip")] if compress else [])], output
+
+
+def exposition_registry(directory: str) -> CollectorRegistry:
+    """A registry showing every process's metrics from the ``--workers`` ``directory``."""
+    registry = CollectorRegistry()
+    registry.register(RequestCollector(lambda: read_all(directory)))
+    registry.register(_ProcessesCollector(directory))
+    PlatformCollector(registry=registry)
+    return registry
+
+
+class _ProcessesCollector(Collector):
+    """``process_*`` over the directory's owner (the parent) and its live workers, the same in every
+    view: CPU, memory and open files add up; start time and ``max_fds`` are the owner's."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.owner = owner(directory) or os.getpid()
+
+    def collect(self) -> Iterable[Metric]:
+        pids = [self.owner, *(pid for pid in worker_pids(self.directory) if pid != self.owner)]
+        merged: dict[str, Metric] = {}
+        for pid in pids:
+            if not os.path.exists(f"/proc/{pid}"):
+                continue
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                seen = merged.setdefault(family.name, family)
+                if seen is not family and family.name.startswith(_PROCESS_SUMS) and family.samples:
+                    seen.samples[0] = seen.samples[0]._replace(
+                        value=seen.samples[0].value + family.samples[0].value
+                    )
+        return list(merged.values())

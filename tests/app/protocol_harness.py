@@ -26,10 +26,17 @@ from uvicorn.server import ServerState
 from app.config import Settings
 from app.connection.protocol import PeerCredProtocol
 from app.main import create_app
-from app.serving.server import build_config
+from app.serving.server import UdsConfig, build_config
 
 WAIT = 10.0
 """Seconds of loop time ``recv`` waits for the protocol: far above any answer, only there to fail."""
+
+
+def new_protocol(
+    config: UdsConfig, state: ServerState, app_state: dict[str, Any], loop: asyncio.AbstractEventLoop
+) -> PeerCredProtocol:
+    """The protocol for one connection, built as the server builds it: the one place tests do so."""
+    return PeerCredProtocol(config=config, server_state=state, app_state=app_state, _loop=loop)
 
 
 class FakeTransport(asyncio.Transport):
@@ -178,9 +185,7 @@ class Harness:
         """A new connection, made as the server makes one (the protocol built from the config)."""
         server_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         transport = FakeTransport(self.loop, server_end)
-        protocol = PeerCredProtocol(
-            config=self.config, server_state=self.state, app_state=self.lifespan.state, _loop=self.loop
-        )
+        protocol = new_protocol(self.config, self.state, self.lifespan.state, self.loop)
         transport.protocol = protocol
         protocol.connection_made(transport)
         return Peer(self, transport, (server_end, client_end))

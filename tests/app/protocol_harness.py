@@ -20,20 +20,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from uvicorn.config import Config
 from uvicorn.lifespan.on import LifespanOn
 from uvicorn.server import ServerState
 
 from app.config import Settings
 from app.connection.protocol import PeerCredProtocol
 from app.main import create_app
-from app.serving.server import UdsConfig, build_config
+from app.serving.server import build_config
 
 WAIT = 10.0
 """Seconds of loop time ``recv`` waits for the protocol: far above any answer, only there to fail."""
 
 
 def new_protocol(
-    config: UdsConfig, state: ServerState, app_state: dict[str, Any], loop: asyncio.AbstractEventLoop
+    config: Config, state: ServerState, app_state: dict[str, Any], loop: asyncio.AbstractEventLoop
 ) -> PeerCredProtocol:
     """The protocol for one connection, built as the server builds it: the one place tests do so."""
     return PeerCredProtocol(config=config, server_state=state, app_state=app_state, _loop=loop)

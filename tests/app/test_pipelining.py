@@ -20,6 +20,7 @@ from uvicorn.server import ServerState
 from app.connection import protocol as peercred
 from app.connection.budget import Budget
 from app.connection.protocol import HELD_BUDGET, MAX_PIPELINE, PeerCredProtocol
+from tests.app.protocol_harness import new_protocol
 
 
 class FakeTransport(asyncio.Transport):
@@ -134,7 +135,7 @@ async def serve(
     config = Config(app=echo, log_level="warning", access_log=False)
     config.load()
     config.request_timeout = request_timeout  # type: ignore[attr-defined]
-    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    protocol = new_protocol(config, ServerState(), {}, asyncio.get_running_loop())
     transport = FakeTransport()
     protocol.connection_made(transport)
     most = 0
@@ -228,7 +229,7 @@ def test_the_next_request_waits_while_answers_sit_in_the_buffer() -> None:
     async def scenario() -> None:
         config = Config(app=echo, log_level="warning", access_log=False)
         config.load()
-        protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        protocol = new_protocol(config, ServerState(), {}, asyncio.get_running_loop())
         transport = FakeTransport()
         transport.unsent = 1  # the peer has not read
         protocol.connection_made(transport)
@@ -311,7 +312,7 @@ async def gated_protocol() -> tuple[PeerCredProtocol, FakeTransport]:
     GATE["event"] = asyncio.Event()
     config = Config(app=gated, log_level="warning", access_log=False)
     config.load()
-    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    protocol = new_protocol(config, ServerState(), {}, asyncio.get_running_loop())
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport

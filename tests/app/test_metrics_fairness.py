@@ -21,6 +21,8 @@ from tests.support import running_server, wait_until
 
 _FLOOD = """
 import socket, sys, threading
+
+pytestmark = pytest.mark.slow
 port, threads = int(sys.argv[1]), int(sys.argv[2])
 def run(source):
     while True:

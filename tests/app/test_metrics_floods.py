@@ -28,6 +28,8 @@ MODES = pytest.mark.parametrize(
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"
 _SCRAPER = """
 import signal, socket, sys
+
+pytestmark = pytest.mark.slow
 port, answered = int(sys.argv[1]), 0
 def done(*_):
     print(answered, flush=True)

@@ -22,14 +22,14 @@ from client.cli.spawn import free_port
 from tests.app.test_metrics_attacks import METHODS
 from tests.support import running_server, wait_until
 
+pytestmark = pytest.mark.slow
+
 MODES = pytest.mark.parametrize(
     "mode", [["--store", "memory"], ["--workers", "2"]], ids=["one-process", "workers"]
 )
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"
 _SCRAPER = """
 import signal, socket, sys
-
-pytestmark = pytest.mark.slow
 port, answered = int(sys.argv[1]), 0
 def done(*_):
     print(answered, flush=True)

@@ -41,10 +41,13 @@ def wait_until(
     """Call ``check`` until it returns something other than None/False, or fail after ``timeout``.
 
     Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure. The
-    loop is :func:`client.wait.poll`, the one the demo, bench and benchmarks use.
+    loop is :func:`client.wait.poll`, the one the demo, bench and benchmarks use; its pause
+    grows from ``interval`` to 50 ms at most (a test's wait ends soon after its condition holds).
     """
     try:
-        return poll(check, timeout, what=what, retry_on=Exception, first_delay=interval)
+        return poll(
+            check, timeout, what=what, retry_on=Exception, first_delay=interval, max_delay=max(interval, 0.05)
+        )
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
 
@@ -199,7 +202,9 @@ class ServerProcess(spawn.ServerProcess):
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def wait_ready(self, timeout: float = 15.0, **delays: float) -> ServerProcess:
+        """Poll every 50 ms at most: a test waits for each server it starts, and a probe costs little."""
         assert self.socket_path, "wait_ready needs socket_path"
+        delays.setdefault("max_delay", 0.05)
         try:
             return super().wait_ready(timeout, **delays)
         except spawn.SpawnError as exc:

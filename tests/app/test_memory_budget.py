@@ -369,6 +369,7 @@ def _full_history(path: str) -> None:
     keyed_flood(path, DEFAULTS.history_size)
 
 
+@pytest.mark.slow
 def test_keyed_flood_of_largest_texts(server: ServerProcess) -> None:
     _run(server, lambda path: keyed_flood(path, KEYED_POSTS), f"{KEYED_POSTS} keyed POSTs of 16 KiB texts")
 

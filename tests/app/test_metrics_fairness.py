@@ -19,6 +19,8 @@ from app.serving.spawn import free_port
 from tests.app.test_metrics_floods import _server_cpu
 from tests.support import running_server, wait_until
 
+pytestmark = pytest.mark.slow
+
 _FLOOD = """
 import socket, sys, threading
 port, threads = int(sys.argv[1]), int(sys.argv[2])

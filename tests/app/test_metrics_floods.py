@@ -22,6 +22,8 @@ from benchmarks._loadgen import LoadSpec, Target, run_load
 from tests.app.test_metrics_attacks import METHODS
 from tests.support import running_server, wait_until
 
+pytestmark = pytest.mark.slow
+
 MODES = pytest.mark.parametrize(
     "mode", [["--store", "memory"], ["--workers", "2"]], ids=["one-process", "workers"]
 )

@@ -18,6 +18,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from app.connection.protocol import PeerCredProtocol
+from tests.app.protocol_harness import new_protocol
 from tests.support import read_response
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -49,7 +50,7 @@ async def _answered_once() -> tuple[PeerCredProtocol, asyncio.Transport, socket.
     ours, theirs = socket.socketpair()
     config = Config(_app, http=PeerCredProtocol, lifespan="off")
     config.load()
-    protocol = PeerCredProtocol(config, ServerState(), {}, loop)
+    protocol = new_protocol(config, ServerState(), {}, loop)
     transport, _ = await loop.connect_accepted_socket(lambda: protocol, ours)
     theirs.setblocking(False)
     await loop.sock_sendall(theirs, POST)

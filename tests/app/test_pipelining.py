@@ -21,6 +21,7 @@ from app.connection import protocol as peercred
 from app.connection.budget import Budget
 from app.connection.pipelining import HELD_BUDGET, MAX_PIPELINE
 from app.connection.protocol import PeerCredProtocol
+from tests.app.protocol_harness import new_protocol
 
 
 class FakeTransport(asyncio.Transport):
@@ -135,7 +136,7 @@ async def serve(
     config = Config(app=echo, log_level="warning", access_log=False)
     config.load()
     loop = asyncio.get_running_loop()
-    protocol = PeerCredProtocol(config, ServerState(), {}, loop, request_timeout=request_timeout, held=held)
+    protocol = new_protocol(config, ServerState(), {}, loop, request_timeout=request_timeout, held=held)
     transport = FakeTransport()
     protocol.connection_made(transport)
     most = 0
@@ -228,7 +229,7 @@ def test_the_next_request_waits_while_answers_sit_in_the_buffer() -> None:
     async def scenario() -> None:
         config = Config(app=echo, log_level="warning", access_log=False)
         config.load()
-        protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        protocol = new_protocol(config, ServerState(), {}, asyncio.get_running_loop())
         transport = FakeTransport()
         transport.unsent = 1  # the peer has not read
         protocol.connection_made(transport)
@@ -311,7 +312,7 @@ async def gated_protocol(held: Budget) -> tuple[PeerCredProtocol, FakeTransport]
     GATE["event"] = asyncio.Event()
     config = Config(app=gated, log_level="warning", access_log=False)
     config.load()
-    protocol = PeerCredProtocol(config, ServerState(), {}, asyncio.get_running_loop(), held=held)
+    protocol = new_protocol(config, ServerState(), {}, asyncio.get_running_loop(), held=held)
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport

@@ -169,6 +169,7 @@ def _one_start(path: Path) -> tuple[str, list[str]]:
         return f"replaced after start, exit {code}", problems
 
 
+@pytest.mark.slow
 def test_symlink_swapped_in_during_start_never_gets_chmodded(arena: tuple[Path, Path]) -> None:
     shared, victim = arena
     path = shared / "s.sock"

@@ -16,6 +16,8 @@ import pytest
 
 from tests.support import PYTHON, ROOT, require_tool, short_tmpdir
 
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = ROOT / "benchmarks"
 AUTOCANNON = BENCHMARKS / "node_modules" / ".bin" / "autocannon"
 RUN_ALL = {"a", "b", "c", "d", "e", "f", "i", "j", "k", "l"}

@@ -5,8 +5,10 @@ Not a test module: test_pod_e2e.py, test_deployment.py and test_client_image.py 
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.support import ROOT, require_tool, wait_until
@@ -44,11 +46,21 @@ def run_script(name: str, *args: str, timeout: float) -> None:
     assert result.returncode == 0, f"scripts/{name} failed ({result.returncode}):\n{output}"
 
 
+@contextmanager
+def taking_turns(name: str) -> Iterator[None]:
+    """Hold the machine-wide lock ``name`` (a file under /tmp) while in the block."""
+    with open(f"/tmp/uds-example-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_images() -> None:
-    """podman configured, the base image and both images built (cached between runs)."""
+    """podman configured, the base image and both images built (cached between runs); one build
+    at a time, as the files that need the images may run at once."""
     require_tool("podman")
-    run_script("podman-setup", timeout=60)
-    run_script("build-images", "--no-setup", timeout=800)
+    with taking_turns("build"):
+        run_script("podman-setup", timeout=60)
+        run_script("build-images", "--no-setup", timeout=800)
 
 
 def tear_down(pod: str, manifest: Path, volumes: Iterable[str]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -38,7 +37,7 @@ from client._base import (
 )
 from client._events import RECONNECT_FOR, Event, follow, follow_async
 from client._models import Health, Message, RawResponse, Version, WhoAmI
-from client._transport import REQUEST, Budget, ReuseTracker, async_transport, mapped_error, sync_transport
+from client._transport import REQUEST, async_transport, mapped_error, sync_transport
 
 __all__ = ["API_VERSIONS", "DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
 
@@ -66,9 +65,8 @@ class Client(_Base):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         def own(**options: Any) -> httpx2.Client:
-            return httpx2.Client(
-                transport=sync_transport(self.path, max_connections=max_connections), **options
-            )
+            transport = sync_transport(self.path, max_connections=max_connections)
+            return httpx2.Client(transport=transport, **options)
 
         super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
         self._negotiation = threading.Lock()
@@ -99,19 +97,14 @@ class Client(_Base):
         timeouts: httpx2.Timeout | None = None,
         stream: bool = False,
     ) -> _Answer:
-        started = time.monotonic()
-        budget = Budget(started + self.timeout)
-        token = REQUEST.set(budget)
-        # Our own backend marks the budget when it connects; another transport needs a trace.
-        tracker = None if self._owns_http else ReuseTracker()
+        started, budget, token, tracker = self._start()
         retried = False
         try:
             request = self._build(method, url, content, headers, timeouts, tracker)
             try:
                 answer = self._read(request, method, url, stream)
             except httpx2.TransportError as exc:
-                opened = budget.opened if tracker is None else tracker.opened
-                if not self._retrying(exc, opened, method, url):
+                if not self._retrying(exc, budget, tracker, method, url):
                     raise
                 retried = True
                 answer = self._read(request, method, url, stream)
@@ -129,19 +122,13 @@ class Client(_Base):
         try:
             if self._declared_fits(response, method, url):
                 return _Answer(response, response.read())
-            return _Answer(response, self._body(response.iter_bytes(), method, url))
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                self._cap(len(body), method, url)
+            return _Answer(response, bytes(body))
         finally:
             response.close()
-
-    def _body(self, chunks: Iterator[bytes], method: str, url: str) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        for chunk in chunks:
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                raise self._too_large(method, url)
-            parts.append(chunk)
-        return b"".join(parts)
 
     def _call(
         self, method: str, path: str, parse: Callable[[_Answer], _T], *, api: bool = True, **body: Any
@@ -169,7 +156,6 @@ class Client(_Base):
         return follow(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
 
     def _open_events(self, last_id: int | None) -> httpx2.Response:
-        """``GET /events`` after ``last_id``, its head read within ``timeout``."""
         return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
 
     def health(self) -> Health:
@@ -211,10 +197,8 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """The asyncio (or trio) twin of :class:`Client`; share one instance between tasks.
-
-    Tasks beyond ``max_connections`` queue for a connection. ``timeout`` bounds each whole request.
-    """
+    """The asyncio (or trio) twin of :class:`Client`, each method as its namesake there; share
+    one instance between tasks. Tasks beyond ``max_connections`` queue for a connection."""
 
     _http: httpx2.AsyncClient
 
@@ -236,8 +220,7 @@ class AsyncClient(_Base):
         self._negotiation: anyio.Lock | None = None
 
     async def _api(self, path: str) -> str:
-        """``path`` under the negotiated API version (pinging the server first, once: concurrent
-        first calls wait for that one ping)."""
+        """As :meth:`Client._api`: concurrent first calls wait for the one ping."""
         prefix = self._prefix
         if prefix is None:
             if self._negotiation is None:
@@ -249,7 +232,6 @@ class AsyncClient(_Base):
         return prefix + path
 
     async def api_version(self) -> int | None:
-        """As :meth:`Client.api_version`."""
         prefix = await self._api("")
         return int(prefix[2:]) if prefix else None
 
@@ -263,22 +245,16 @@ class AsyncClient(_Base):
         timeouts: httpx2.Timeout | None = None,
         stream: bool = False,
     ) -> _Answer:
-        started = time.monotonic()
-        budget = Budget(started + self.timeout)
-        token = REQUEST.set(budget)
-        # Our own backend bounds each step by the budget and marks it when it connects; another
-        # transport gets a cancel scope around the request, and a trace for the retry.
-        tracker = None if self._owns_http else ReuseTracker()
+        started, budget, token, tracker = self._start()
         retried = False
         try:
-            atrace = None if tracker is None else tracker.atrace
-            request = self._build(method, url, content, headers, timeouts, atrace)
+            request = self._build(method, url, content, headers, timeouts, tracker and tracker.atrace)
+            # Our own backend bounds each step by the budget; another transport gets a cancel scope.
             with contextlib.nullcontext() if tracker is None else anyio.fail_after(self.timeout):
                 try:
                     answer = await self._read(request, method, url, stream)
                 except httpx2.TransportError as exc:
-                    opened = budget.opened if tracker is None else tracker.opened
-                    if not self._retrying(exc, opened, method, url):
+                    if not self._retrying(exc, budget, tracker, method, url):
                         raise
                     retried = True
                     answer = await self._read(request, method, url, stream)
@@ -296,19 +272,13 @@ class AsyncClient(_Base):
         try:
             if self._declared_fits(response, method, url):
                 return _Answer(response, await response.aread())
-            return _Answer(response, await self._body(response.aiter_bytes(), method, url))
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                self._cap(len(body), method, url)
+            return _Answer(response, bytes(body))
         finally:
             await response.aclose()
-
-    async def _body(self, chunks: AsyncIterator[bytes], method: str, url: str) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                raise self._too_large(method, url)
-            parts.append(chunk)
-        return b"".join(parts)
 
     async def _call(
         self, method: str, path: str, parse: Callable[[_Answer], _T], *, api: bool = True, **body: Any
@@ -316,21 +286,17 @@ class AsyncClient(_Base):
         return parse(await self._request(method, await self._api(path) if api else path, **body))
 
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
-        """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
         return await self._call("POST", "/messages", _MESSAGE, **_send_body(text, idempotency_key))
 
     async def messages(self, limit: int | None = None) -> list[Message]:
-        """GET /messages: the most recent ``limit`` messages, oldest first."""
         return await self._call("GET", _messages_path(limit), _MESSAGES)
 
     async def message(self, id: int) -> Message:
-        """GET /messages/{id}."""
         return await self._call("GET", f"/messages/{int(id)}", _MESSAGE)
 
     def events(
         self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR
     ) -> AsyncIterator[Event]:
-        """As :meth:`Client.events`."""
         return follow_async(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
 
     async def _open_events(self, last_id: int | None) -> httpx2.Response:
@@ -338,27 +304,21 @@ class AsyncClient(_Base):
         return self._stream(await self._request("GET", url, **self._events_options(last_id)))
 
     async def health(self) -> Health:
-        """GET /healthz."""
         return await self._call("GET", "/healthz", _HEALTH, api=False)
 
     async def ready(self) -> Health:
-        """GET /readyz; ``ok`` is False (no exception) while the server drains."""
         return await self._call("GET", "/readyz", _ready, api=False)
 
     async def version(self) -> Version:
-        """GET /version."""
         return await self._call("GET", "/version", _VERSION)
 
     async def openapi(self) -> dict[str, Any]:
-        """GET /openapi.json, decoded."""
         return await self._call("GET", "/openapi.json", _OPENAPI, api=False)
 
     async def whoami(self) -> WhoAmI:
-        """GET /whoami: who the server sees calling and the scopes it holds (needs no scope)."""
         return await self._call("GET", "/whoami", _WHOAMI)
 
     async def get(self, path: str) -> RawResponse:
-        """A raw GET of ``path``; error statuses are returned, not raised."""
         return await self._call("GET", _raw_path(path), _raw, api=False)
 
     async def aclose(self) -> None:

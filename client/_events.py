@@ -1,11 +1,6 @@
-"""Following ``GET /events``: the iterators behind ``Client.events()`` and ``AsyncClient.events()``.
-
-Every event's id is remembered; when the stream drops (restart, ``shutdown``, ``overflow``, or
-:data:`READ_IDLE_TIMEOUT` of silence) the iterator connects again with ``Last-Event-ID``, backing
-off, and gives up after ``reconnect_for`` seconds without a stream. Only ``message`` and ``reset``
-events reach the caller. The stream is parsed by httpx2's :class:`httpx2.EventSource`. Details:
-docs/internals.md, "Client".
-"""
+"""Following ``GET /events`` on httpx2's :class:`httpx2.EventSource`: the iterators behind
+``Client.events()`` and ``AsyncClient.events()``, resuming from the last id after a drop, backing
+off, giving up after ``reconnect_for`` seconds without a stream (docs/internals.md, "Client")."""
 
 from __future__ import annotations
 
@@ -70,13 +65,9 @@ class _Follow:
     def __init__(self, address: str, since: int | None, max_bytes: int, reconnect_for: float) -> None:
         if since is not None and since < 0:
             raise ClientError(f"since must be 0 or more, not {since}")
-        self.address = address
-        self.last = since
-        self.max_bytes = max_bytes
-        self.reconnect_for = reconnect_for
+        self.address, self.last, self.max_bytes, self.reconnect_for = address, since, max_bytes, reconnect_for
         self.connected = False
-        self.received = False
-        """Whether the current connection brought any event."""
+        self.received = False  # whether the current connection brought any event
         self.lost_at: float | None = None
         self.delay = BACKOFF_FIRST
 
@@ -93,9 +84,7 @@ class _Follow:
 
     def take(self, sse: httpx2.ServerSentEvent) -> Event | None:
         """The event for the caller, if it is one; remembers its id either way."""
-        if not sse.data:
-            # No data: the stream's opening ``retry:``, or a field without an event (WHATWG
-            # dispatches none); the server never sends an event with empty data.
+        if not sse.data:  # the opening ``retry:``, or a field without an event (WHATWG dispatches none)
             return None
         event_id = None
         if sse.id:
@@ -165,8 +154,7 @@ def follow(
             for sse in state.source(response):
                 if response.is_closed:
                     break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
-                event = state.take(sse)
-                if event is not None:
+                if event := state.take(sse):
                     yield event
         except httpx2.SSEError as exc:
             raise state.too_large() from exc
@@ -174,15 +162,13 @@ def follow(
             broke = exc
         finally:
             response.close()
-        delay = state.dropped(broke)
-        if delay:
-            time.sleep(delay)
+        time.sleep(state.dropped(broke))
 
 
 async def follow_async(
     open_stream: AsyncOpener, address: str, since: int | None, max_bytes: int, reconnect_for: float
 ) -> AsyncIterator[Event]:
-    """The events ``open_stream`` brings, after id ``since``, for ever (``AsyncClient.events``)."""
+    """As :func:`follow`, for ``AsyncClient.events``."""
     state = _Follow(address, since, max_bytes, reconnect_for)
     while True:
         try:
@@ -195,8 +181,7 @@ async def follow_async(
             async for sse in state.source(response):
                 if response.is_closed:
                     break  # as in follow()
-                event = state.take(sse)
-                if event is not None:
+                if event := state.take(sse):
                     yield event
         except httpx2.SSEError as exc:
             raise state.too_large() from exc
@@ -204,6 +189,4 @@ async def follow_async(
             broke = exc
         finally:
             await response.aclose()
-        delay = state.dropped(broke)
-        if delay:
-            await anyio.sleep(delay)
+        await anyio.sleep(state.dropped(broke))

@@ -5,35 +5,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 __all__ = ["Throttle"]
 
-_OTHERS = object()
-"""The key shared by every key past :attr:`Throttle.keys`."""
+_OTHERS = object()  # the key shared by every key past Throttle.keys
 
 
+@dataclass(slots=True)
 class _Kind:
-    __slots__ = ("args", "held", "last", "level", "message")
-
-    def __init__(self) -> None:
-        self.last = float("-inf")
-        """When the last line of this kind was written."""
-        self.held = 0
-        """Events held back since."""
-        self.level = logging.INFO
-        self.message = ""
-        self.args: tuple[object, ...] = ()
+    last: float = float("-inf")  # when the last line of this kind was written
+    held: int = 0  # events held back since
+    level: int = logging.INFO
+    message: str = ""
+    args: tuple[object, ...] = ()
 
 
 class Throttle:
-    """At most one line per ``period`` seconds for each ``key`` of one kind of event.
-
-    A refused request is worth a line, but a peer sending thousands of them must not flood the log
-    (or the node's disk): the first event of a period is written at once; the ones held back are
-    counted into the next line written (``... (and 3879 more like it in the last 10s)``), or into
-    the line :meth:`flush` writes for them. At most ``keys`` keys are tracked; the rest share one.
-    ``log`` is a logger, or a function that writes one finished line.
-    """
+    """At most one line per ``period`` seconds for each ``key`` of one kind of event: the first at
+    once, those held back counted into the next line (``... (and 3879 more like it in the last
+    10s)``) or :meth:`flush`'s. At most ``keys`` keys; the rest share one. ``log``: a logger, or a
+    function that writes one finished line."""
 
     __slots__ = ("_kinds", "_log", "keys", "period")
 

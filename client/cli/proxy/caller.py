@@ -1,10 +1,6 @@
-"""Who opened a loopback TCP connection: its owner uid, and the groups of a process holding it.
-
-The kernel names the owner of a TCP socket in this network namespace (``sock_diag``, as ``ss``
-does: an exact lookup by address pair, not a listing). The groups are those the kernel checks on
-``connect()``: the fsgid and supplementary groups of a process holding that socket; the account
-database is no substitute. Stdlib only, Linux only. Why: docs/internals.md, "The proxy".
-"""
+"""Who opened a loopback TCP connection: its owner uid (``sock_diag``, as ``ss`` asks), and the
+fsgid and groups of a process holding it, which ``connect()`` checks. Linux only; why:
+docs/internals.md, "The proxy"."""
 
 from __future__ import annotations
 
@@ -34,26 +30,21 @@ _ALL_STATES = 0xFFFFFFFF
 # inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
 _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_TAIL_AT = 4 + 48
-_MAX_FDS = 1024
-"""Most open files of a process searched for a caller's socket: the usual default soft limit,
-which a process must raise to hold more."""
-_RECENT: deque[int] = deque(maxlen=16)
-"""Pids that held recent callers' sockets (threads may race on it: a miss only costs a full scan)."""
+_MAX_FDS = 1024  # most open files of a process searched: the usual soft limit
+_RECENT: deque[int] = deque(maxlen=16)  # pids of recent callers (a race only costs a full scan)
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The owner of a TCP connection: ``pid`` 0, ``gid`` -1 and ``groups`` None when no holding
-    process was visible."""
+    """The owner of a TCP connection, with the fsgid and groups of a process holding it; ``pid`` 0,
+    ``gid`` -1 and ``groups`` None when none was visible (``source`` ``none``) or searched for
+    (``skipped``: no group would change the verdict), else ``source`` is ``process``."""
 
     uid: int
     gid: int
     pid: int
     groups: frozenset[int] | None
-    """The fsgid and supplementary groups of the holding process; None when unknown."""
     source: str
-    """Where the groups come from: ``process`` (exact), ``none`` (no process visible) or ``skipped``
-    (no group would change the verdict)."""
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -113,8 +104,7 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
 
 
 def _holds(pid: int, target: str) -> bool:
-    """Whether ``pid`` has ``target`` open. A process holding over :data:`_MAX_FDS` files is not
-    searched (False; the count stops there): its cost would be the caller's choice."""
+    """Whether ``pid`` has ``target`` open; not searched past :data:`_MAX_FDS` files (the caller's choice)."""
     fd_dir = f"/proc/{pid}/fd"
     fds: list[str] = []
     try:
@@ -133,8 +123,7 @@ def _holds(pid: int, target: str) -> bool:
 
 
 def _process_holding(inode: int) -> int | None:
-    """The pid of a visible process that has the socket with this inode open: those that held the
-    last callers' sockets first (a browser opens many), then all, newest first."""
+    """The pid of a visible process holding the socket ``inode``: recent callers' first, then all."""
     target = f"socket:[{inode}]"
     for pid in list(_RECENT):
         if _holds(pid, target):
@@ -173,10 +162,8 @@ def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
 def find_caller(
     peer: tuple[str, int], local: tuple[str, int], groups_matter: Callable[[int], bool] | None = None
 ) -> Caller | None:
-    """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found.
-
-    When ``groups_matter(uid)`` is False, no process is searched (``source`` ``skipped``).
-    """
+    """The owner of the TCP connection ``peer -> local``, or None; no process is searched when
+    ``groups_matter(uid)`` is False."""
     owner = tcp_owner(peer, local)
     if owner is None:
         return None

@@ -7,37 +7,27 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 
-MAKE_ROOM_AFTER = 1.0
-"""At the cap, a connection without a whole request head this long after it opened is closed to
-make room (oldest first): clients send theirs in milliseconds."""
+MAKE_ROOM_AFTER = 1.0  # seconds without a whole request head before a connection may be evicted
 Task = asyncio.Task[None]
 
 
 class Places:
-    """Connections counted against the cap, and which of them have sent a head or been judged.
-
-    ``note(line, key)`` is told of each refusal and eviction (the caller throttles the lines).
-    """
+    """Connections counted against the cap, and which have sent a head or been judged;
+    ``note(line, key)`` is told of each refusal and eviction."""
 
     def __init__(self, cap: int, note: Callable[[str, Hashable], None]) -> None:
         self.cap = cap
         self.note = note
         self.held: set[Task] = set()
-        self.waiting: dict[Task, float] = {}
-        """Connections without a whole request head yet, oldest first, with the time they opened."""
-        self.unjudged: dict[Task, int | None] = {}
-        """Connections whose request is not judged yet, oldest first, with the uid that opened them."""
+        self.waiting: dict[Task, float] = {}  # no whole head yet, oldest first: when they opened
+        self.unjudged: dict[Task, int | None] = {}  # not judged yet, oldest first: the uid
 
     def take(self, task: Task, owner: int | None) -> bool:
-        """Count a new connection, closing one without a request head to make room; False (refuse
-        it) when every place is held by one that sent its head or opened under ``MAKE_ROOM_AFTER``
-        ago, those without a head hold at most half, and no uid but the newcomer's (``owner``)
-        holds over half with requests not judged."""
+        """Count a new connection, evicting one to make room if it may (docs/internals.md, "Bounded
+        under attack"); False to refuse it."""
         now = time.monotonic()
         if len(self.held) >= self.cap:
             oldest = next(iter(self.waiting.items()), None)
-            # Silent connections filling half the places are a flood: the oldest goes whatever its
-            # age, or a stranger opening them faster than one a second per place locks all out.
             crowded = len(self.waiting) > self.cap // 2
             if oldest is None or (now - oldest[1] < MAKE_ROOM_AFTER and not crowded):
                 victim = self._flooder(owner)
@@ -58,8 +48,7 @@ class Places:
         return True
 
     def _flooder(self, owner: int | None) -> Task | None:
-        """The oldest unjudged connection of a uid other than ``owner`` that holds over half the
-        places with such connections (their caller lookups queue up and would lock all out)."""
+        """The oldest unjudged connection of a uid but ``owner`` holding over half the places so."""
         counts = Counter(self.unjudged.values())
         if not counts:
             return None
@@ -69,7 +58,7 @@ class Places:
         return next(task for task, of in self.unjudged.items() if of == uid)
 
     def give_up(self, task: Task) -> None:
-        """A refused request's connection leaves the count at once: unread refusals must not fill it."""
+        """A refused request's connection leaves the count at once (unread refusals must not fill it)."""
         self.held.discard(task)
         self.waiting.pop(task, None)
 

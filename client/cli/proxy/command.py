@@ -1,10 +1,5 @@
-"""``uds-client proxy``: a loopback TCP port in front of the Unix socket, for browsers and curl.
-
-It admits a request whose caller could use the socket itself (checked by uid) or that carries
-the token printed at start (:mod:`.access`), and forwards one request per connection
-(:mod:`.forwarding`). Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port
-cannot be bound; 3 the socket cannot be reached at start. Design: docs/internals.md, "The proxy".
-"""
+"""``uds-client proxy``: a loopback TCP port in front of the Unix socket, for browsers and curl;
+its options, start-up lines, signals and exit codes (docs/internals.md, "The proxy")."""
 
 from __future__ import annotations
 
@@ -17,9 +12,8 @@ import signal
 import socket
 import sys
 from collections.abc import Iterable
-from typing import NamedTuple
 
-from client._errors import ConnectError, UsageError, reason_for
+from client._errors import ConnectError, UsageError
 from client.address import to_url
 from client.cli.proxy.capacity import MAKE_ROOM_AFTER
 from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
@@ -32,14 +26,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-class Listen(NamedTuple):
-    """A parsed ``--listen`` value."""
-
-    host: str
-    port: int
-
-
-def parse_listen(value: str) -> Listen:
+def parse_listen(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (no host means 127.0.0.1)."""
     text = value.strip()
     host, port_text = DEFAULT_HOST, text
@@ -59,7 +46,7 @@ def parse_listen(value: str) -> Listen:
         )
     if not host or any(c.isspace() for c in host):
         raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT, :PORT or PORT")
-    return Listen(host, int(port_text))
+    return host, int(port_text)
 
 
 def is_loopback(host: str) -> bool:
@@ -184,7 +171,7 @@ def check_socket(path: str, timeout: float) -> None:
         try:
             sock.connect(path)
         except OSError as exc:
-            raise ConnectError(to_url(path), reason_for(exc)) from exc
+            raise ConnectError.caused_by(to_url(path), exc) from exc
 
 
 def _log(line: str) -> None:
@@ -192,22 +179,20 @@ def _log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> int:
-    log = proxy.log
+async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, ...]) -> int:
+    log, host = proxy.log, listen[0]
     try:
-        server = await asyncio.start_server(
-            proxy.handle, listen.host, listen.port, backlog=1024, reuse_address=True
-        )
+        server = await asyncio.start_server(proxy.handle, *listen, backlog=1024, reuse_address=True)
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {hostport(*listen)} ({_bind_reason(exc)}). "
             "Stop what uses it or choose another address with --listen."
         ) from exc
     port = server.sockets[0].getsockname()[1]
-    proxy.listening(allowed_hosts(listen.host, port, allow_hosts))
-    where = hostport(listen.host, port)
-    browse = hostport(_WILDCARD.get(listen.host, listen.host), port)
-    loopback = is_loopback(listen.host)
+    proxy.listening(allowed_hosts(host, port, allow_hosts))
+    where = hostport(host, port)
+    browse = hostport(_WILDCARD.get(host, host), port)
+    loopback = is_loopback(host)
     scope = "loopback only" if loopback else "REACHABLE FROM OTHER MACHINES"
     log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
     if not loopback:
@@ -237,8 +222,7 @@ async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> 
     try:
         await stop.wait()
     finally:
-        # A second signal (coreutils timeout sends two) must not kill the proxy halfway through its
-        # shutdown or on its way out: once stopping, the command ignores them until it exits.
+        # A second signal (coreutils timeout sends two) must not kill the proxy while it stops.
         server.close()
         count = await proxy.close_all()
         await server.wait_closed()

@@ -1,9 +1,5 @@
-"""The proxy's connections: read one request head (h11), judge it, forward it to the socket.
-
-One request per TCP connection (``Connection: close`` upstream), so each is judged; bodies are
-streamed with backpressure and re-framed by h11, answers copied byte for byte. Why:
-docs/internals.md, "The proxy".
-"""
+"""The proxy's connections: read one request head (h11), judge it, forward it to the socket, one
+request per connection (docs/internals.md, "One request per connection")."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from http import HTTPStatus
 
 import h11
 
-from client._errors import ConnectError, reason_for
+from client._errors import ConnectError
 from client.address import to_url
 from client.cli.proxy.access import (
     FORWARDED_HEADER,
@@ -39,8 +35,8 @@ from client.net.linger import linger
 from client.net.throttle import Throttle
 
 FIRST_BYTE_TIMEOUT = 10.0  # a new connection's silence (browsers open spare ones); at most --head-timeout
-LOG_PERIOD = 10.0  # between two log lines of one kind: a refused peer must not flood the log
-REFUSING = 32  # refusals lingering at once (files kept for them); beyond, answered and closed at once
+LOG_PERIOD = 10.0  # between two log lines of one kind
+REFUSING = 32  # refusals lingering at once; beyond, answered and closed at once
 _CHUNK = 256 * 1024
 _LINGER_BYTES = 1 << 20
 _HOP_BY_HOP = frozenset(
@@ -149,8 +145,7 @@ class Proxy:
         except (OSError, asyncio.IncompleteReadError):  # after TimeoutError, which is an OSError
             return
         self.places.waiting.pop(task, None)
-        # The caller is looked up once its head is in: a flood of silent connections must not
-        # queue lookups (threads, /proc) ahead of the requests that wait for theirs.
+        # Looked up once the head is in: silent connections must not queue lookups.
         caller, may_connect, permissions = (
             await asyncio.to_thread(self._identify, *addresses) if addresses else (None, False, "")
         )
@@ -198,8 +193,8 @@ class Proxy:
         self.refusals.flush()
 
     async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
-        """Send the proxy's own answer and linger (so that it is not reset) while fewer than
-        ``REFUSING`` refusals (``bounded``) do; beyond that, answer and close at once."""
+        """Send the proxy's own answer and linger (so it is not reset) while fewer than ``REFUSING``
+        refusals (``bounded``) do; beyond that, answer and close at once."""
         if bounded and self.refusing >= REFUSING:
             with contextlib.suppress(OSError):
                 io[1].write(answer)
@@ -216,11 +211,8 @@ class Proxy:
     def _upstream_head(
         self, request: h11.Request, target: bytes, caller: Caller | None
     ) -> tuple[bytes, bool]:
-        """The request head for the socket, and whether its body is chunked.
-
-        The token is the proxy's secret: it is not forwarded, nor a ``Referer`` holding it. The
-        request line keeps the client's HTTP version, so the server frames its answer for it.
-        """
+        """The request head for the socket (without the token, or a ``Referer`` holding it, in the
+        client's HTTP version), and whether its body is chunked."""
         token = self.rules.token.encode()
         fields = [
             (name, value)
@@ -251,7 +243,7 @@ class Proxy:
         try:
             upstream = await asyncio.wait_for(_open_unix(self.path), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            message = str(ConnectError(self.url, reason_for(exc)))
+            message = str(ConnectError.caused_by(self.url, exc))
             self.log(f"{label}: {message} (answered 502)")
             await self._answer(io, error_answer(502, message), bounded=False)
             return
@@ -259,8 +251,7 @@ class Proxy:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
         moved = [0, 0]  # bytes to the socket, bytes to the client
         note = " (cut: the proxy is stopping)"
-        # Only a caller identified by uid is named to the server: whoever holds the token acts as
-        # the proxy's user, which is what the server sees on the socket.
+        # Only a caller identified by uid is named: a token's holder acts as the proxy's user.
         head, chunked = self._upstream_head(request, verdict.target, caller if verdict.by == "uid" else None)
         try:
             upstream[1].write(head)

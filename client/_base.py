@@ -193,20 +193,14 @@ class _Base:
         return started, budget, REQUEST.set(budget), None if self._owns_http else ReuseTracker()
 
     def _build(
-        self,
-        method: str,
-        url: str,
-        content: bytes | None,
-        headers: dict[str, str] | None,
-        timeout: httpx2.Timeout | None,
-        trace: Callable[..., Any] | None,
+        self, method: str, url: str, trace: Callable[..., Any] | None, headers: Any = None, **options: Any
     ) -> httpx2.Request:
+        """The request; ``options`` are ``content`` and ``timeout``, as httpx2 takes them."""
         if not self._owns_http:  # a caller's client lacks our default headers
             headers = _HEADERS if headers is None else {**_HEADERS, **headers}
-        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         if trace is not None:
             options["extensions"] = {"trace": trace}
-        return self._http.build_request(method, url, content=content, headers=headers, **options)
+        return self._http.build_request(method, url, headers=headers, **options)
 
     def _retrying(
         self, exc: httpx2.TransportError, budget: Budget, tracker: ReuseTracker | None, method: str, url: str
@@ -240,7 +234,7 @@ class _Base:
         if last_id is not None:
             headers["last-event-id"] = str(last_id)
         timeout = httpx2.Timeout(self.timeout, read=max(READ_IDLE_TIMEOUT, self.timeout))
-        return {"headers": headers, "timeouts": timeout, "stream": True}
+        return {"headers": headers, "timeout": timeout, "stream": True}
 
     def _stream(self, answer: _Answer) -> httpx2.Response:
         """The open stream of a 200 to ``GET /events``, else the error (the server's, if it sent one)."""

@@ -1,10 +1,5 @@
-"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket, over httpx2.
-
-Both send through httpx2's Unix-socket transports (``client._transport``), or through an
-``httpx2.Client`` / ``httpx2.AsyncClient`` the caller passes (FastAPI's ``TestClient`` works).
-Requests and answers are shaped once, in ``client._base``; the two classes differ only in how
-they wait. API requests go under ``/v{N}``, negotiated with one ``GET /_ping`` (docs/internals.md).
-"""
+"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket, over httpx2;
+requests and answers are shaped once, in ``client._base``, so the two differ only in how they wait."""
 
 from __future__ import annotations
 
@@ -87,20 +82,11 @@ class Client(_Base):
         prefix = self._api("")
         return int(prefix[2:]) if prefix else None
 
-    def _request(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        timeouts: httpx2.Timeout | None = None,
-        stream: bool = False,
-    ) -> _Answer:
+    def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
         started, budget, token, tracker = self._start()
         retried = False
         try:
-            request = self._build(method, url, content, headers, timeouts, tracker)
+            request = self._build(method, url, tracker, **options)
             try:
                 answer = self._read(request, method, url, stream)
             except httpx2.TransportError as exc:
@@ -153,10 +139,11 @@ class Client(_Base):
         A dropped stream or a server restart is resumed from the last id (nothing missed or
         repeated); gives up after ``reconnect_for`` seconds without a stream.
         """
-        return follow(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
 
-    def _open_events(self, last_id: int | None) -> httpx2.Response:
-        return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
+        def open_stream(last_id: int | None) -> httpx2.Response:
+            return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
+
+        return follow(open_stream, self.address, since, self.max_response_bytes, reconnect_for)
 
     def health(self) -> Health:
         """GET /healthz."""
@@ -235,20 +222,11 @@ class AsyncClient(_Base):
         prefix = await self._api("")
         return int(prefix[2:]) if prefix else None
 
-    async def _request(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        timeouts: httpx2.Timeout | None = None,
-        stream: bool = False,
-    ) -> _Answer:
+    async def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
         started, budget, token, tracker = self._start()
         retried = False
         try:
-            request = self._build(method, url, content, headers, timeouts, tracker and tracker.atrace)
+            request = self._build(method, url, tracker and tracker.atrace, **options)
             # Our own backend bounds each step by the budget; another transport gets a cancel scope.
             with contextlib.nullcontext() if tracker is None else anyio.fail_after(self.timeout):
                 try:

@@ -27,8 +27,8 @@ RECONNECT_FOR = 300.0
 """Default seconds to keep trying to get a stream back (Kubernetes' crash-loop back-off tops at 5 min)."""
 _WANTED = ("message", "reset")
 
+# Open GET /events after the given id: a 200 still streaming, or raise ClientError.
 Opener = Callable[[int | None], httpx2.Response]
-"""Opens ``GET /events`` after the given id: a 200 still streaming, or raises :class:`ClientError`."""
 AsyncOpener = Callable[[int | None], Awaitable[httpx2.Response]]
 
 

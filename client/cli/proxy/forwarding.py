@@ -58,10 +58,6 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _Closed(Exception):
-    """The client closed the connection before sending a request."""
-
-
 class Proxy:
     """Accepts TCP connections, judges each request, forwards admitted ones to the Unix socket."""
 
@@ -124,8 +120,6 @@ class Proxy:
             request = await asyncio.wait_for(
                 _next_request(io[0], conn, received, first_byte), self.head_timeout
             )
-        except _Closed:
-            return
         except TimeoutError:
             if received[0]:
                 line = f"{who}: no complete request head within {self.head_timeout:g}s (answered 408)"
@@ -143,6 +137,8 @@ class Proxy:
             await self._refuse(task, io, Refuse(status, message), None, f"{who}: refused {status}: {message}")
             return
         except (OSError, asyncio.IncompleteReadError):  # after TimeoutError, which is an OSError
+            return
+        if request is None:  # closed before a request
             return
         self.places.waiting.pop(task, None)
         # Looked up once the head is in: silent connections must not queue lookups.
@@ -283,20 +279,20 @@ class Proxy:
 
 async def _next_request(
     reader: asyncio.StreamReader, conn: h11.Connection, received: list[int], first_byte: float
-) -> h11.Request:
-    """Read until h11 has a whole request head; :class:`_Closed` on EOF before one, and
+) -> h11.Request | None:
+    """Read until h11 has a whole request head; None on EOF before one, and
     :class:`TimeoutError` if the first bytes do not come within ``first_byte`` seconds."""
     while True:
         event = conn.next_event()
         if isinstance(event, h11.Request):
             return event
         if event is not h11.NEED_DATA:
-            raise _Closed  # ConnectionClosed
+            return None  # ConnectionClosed
         async with asyncio.timeout(None if received[0] else first_byte):
             data = await reader.read(_CHUNK)
         received[0] += len(data)
         if not data and not received[0]:
-            raise _Closed
+            return None
         conn.receive_data(data)
 
 

@@ -15,7 +15,7 @@ import orjson
 from client._errors import APIError, ClientError, UsageError
 from client._events import READ_IDLE_TIMEOUT
 from client._models import Health, Message, RawResponse, Version, WhoAmI, _object
-from client._transport import BASE_URL, REQUEST, Budget, ReuseTracker, is_stale_error
+from client._transport import BASE_URL, REQUEST, Budget, ReuseTracker
 from client.address import resolve_socket, to_url
 
 log = logging.getLogger("client")
@@ -205,8 +205,9 @@ class _Base:
     def _retrying(
         self, exc: httpx2.TransportError, budget: Budget, tracker: ReuseTracker | None, method: str, url: str
     ) -> bool:
-        """Whether to send once more: a reused connection the server had closed."""
-        if not is_stale_error(exc) or (budget.opened if tracker is None else tracker.opened):
+        """Whether to send once more: a reused connection the server had closed (errors of a stale one)."""
+        stale = isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
+        if not stale or (budget.opened if tracker is None else tracker.opened):
             return False
         why = "reused connection was closed by the server"
         log.debug("%s %s %s: %s (%s); retrying once", self.address, method, url, why, exc)

@@ -206,11 +206,6 @@ class ReuseTracker:
         self(event, info)
 
 
-def is_stale_error(exc: BaseException) -> bool:
-    """True for the httpx2 errors that a keep-alive connection closed by the server produces."""
-    return isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
-
-
 def mapped_error(exc: BaseException, address: str) -> ClientError:
     """The library's error for an httpx2 error or a timeout; the caller raises it ``from exc``."""
     if isinstance(exc, httpx2.TimeoutException | TimeoutError):

@@ -10,10 +10,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from client._errors import APIError, ClientError
+from client._errors import APIError, ClientError, UsageError
 from client.address import DEFAULT_ADDRESS, ENV_VAR, resolve_socket, to_url
 from client.cli import _commands
-from client.cli._commands import _api_error, _clean, _error, _Exit
+from client.cli._commands import _api_error, _clean, _error
 
 # Not typing.TYPE_CHECKING: importing typing costs every probe; mypy honours this name.
 TYPE_CHECKING = False
@@ -114,7 +114,7 @@ def _external(module_name: str, sub: argparse.ArgumentParser) -> None:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
-        raise _Exit(f"'{sub.prog}' is not available: module {module_name} is not installed", 2) from exc
+        raise UsageError(f"'{sub.prog}' is not available: module {module_name} is not installed") from exc
     module.add_arguments(sub)
     sub.set_defaults(func=module.run)
 
@@ -252,8 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(_api_error(args, exc), exc.exit_code, debug)
     except ClientError as exc:
         return _fail(str(exc), exc.exit_code, debug)
-    except _Exit as exc:
-        return _fail(str(exc), exc.code, debug)
     except KeyboardInterrupt:
         return 130
 

@@ -40,9 +40,16 @@ class Throttle:
     def log(self, level: int, message: str, *args: object, key: Hashable = None) -> bool:
         """Write ``message % args`` now, or count it for later; return whether it was written."""
         now = time.monotonic()
-        kind = self._kinds.get(key)
+        kinds = self._kinds
+        kind = kinds.get(key)
         if kind is None:
-            kind = self._kinds.setdefault(self._room(key, now), _Kind())
+            if len(kinds) >= self.keys:  # forget kinds quiet for a period, else share one key
+                for old in [
+                    k for k, kind in kinds.items() if not kind.held and now - kind.last >= self.period
+                ]:
+                    del kinds[old]
+                key = key if len(kinds) < self.keys else _OTHERS
+            kind = kinds.setdefault(key, _Kind())
         if now - kind.last < self.period:
             kind.held += 1
             kind.level, kind.message, kind.args = level, message, args
@@ -63,15 +70,6 @@ class Throttle:
                 self._write(kind.level, kind.message + (more if kind.held > 1 else ""), kind.args)
                 kind.held = 0
                 kind.last = now
-
-    def _room(self, key: Hashable, now: float) -> Hashable:
-        """``key``, once kinds quiet for a period are forgotten, if there is room for it."""
-        kinds = self._kinds
-        if len(kinds) < self.keys:
-            return key
-        for old in [k for k, kind in kinds.items() if not kind.held and now - kind.last >= self.period]:
-            del kinds[old]
-        return key if len(kinds) < self.keys else _OTHERS
 
     def _write(self, level: int, message: str, args: tuple[object, ...]) -> None:
         if isinstance(self._log, logging.Logger):

@@ -30,10 +30,12 @@ class Places:
             oldest = next(iter(self.waiting.items()), None)
             crowded = len(self.waiting) > self.cap // 2
             if oldest is None or (now - oldest[1] < MAKE_ROOM_AFTER and not crowded):
-                victim = self._flooder(owner)
-                if victim is None:
+                # Else the oldest unjudged connection of a uid but the newcomer's holding over half.
+                uid, held = Counter(self.unjudged.values()).most_common(1)[0] if self.unjudged else (owner, 0)
+                if uid == owner or held <= self.cap // 2:
                     self.note(f"{self._full}: refused a connection with 503", "refused")
                     return False
+                victim = next(t for t, of in self.unjudged.items() if of == uid)
             else:
                 victim = oldest[0]
             self.release(victim)
@@ -46,16 +48,6 @@ class Places:
         self.waiting[task] = now
         self.unjudged[task] = owner
         return True
-
-    def _flooder(self, owner: int | None) -> Task | None:
-        """The oldest unjudged connection of a uid but ``owner`` holding over half the places so."""
-        counts = Counter(self.unjudged.values())
-        if not counts:
-            return None
-        uid, held = counts.most_common(1)[0]
-        if uid == owner or held <= self.cap // 2:
-            return None
-        return next(task for task, of in self.unjudged.items() if of == uid)
 
     def give_up(self, task: Task) -> None:
         """A refused request's connection leaves the count at once (unread refusals must not fill it)."""

@@ -136,7 +136,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_connections > 0:
         raise UsageError(f"invalid --max-connections {args.max_connections!r}: give a whole number above 0")
     extra = tuple(hostport(*parse_listen(value)) for value in args.allow_host)
-    check_socket(args.socket, args.timeout)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # reachable now, or exit 3
+        sock.settimeout(args.timeout)
+        try:
+            sock.connect(args.socket)
+        except OSError as exc:
+            raise ConnectError.caused_by(to_url(args.socket), exc) from exc
     soft, _ = raise_open_file_limit()
     # Each connection holds two files (the caller's and the socket's); refusals being answered one.
     cap = connection_cap(args.max_connections, soft, reserve=FD_RESERVE + REFUSING, files_each=2)
@@ -164,16 +169,6 @@ def run(args: argparse.Namespace) -> int:
         return runner.run(_serve(proxy, listen, extra))
 
 
-def check_socket(path: str, timeout: float) -> None:
-    """Connect to the socket once, or raise :class:`ConnectError` with the contract's reason."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise ConnectError.caused_by(to_url(path), exc) from exc
-
-
 def _log(line: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr, flush=True)
@@ -184,8 +179,16 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     try:
         server = await asyncio.start_server(proxy.handle, *listen, backlog=1024, reuse_address=True)
     except OSError as exc:
+        # asyncio rewrites strerror ("error while attempting to bind on address ...").
+        reason = {
+            errno.EADDRINUSE: "address already in use",
+            errno.EACCES: "permission denied",
+            errno.EADDRNOTAVAIL: "address not available on this machine",
+        }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())
+        if isinstance(exc, socket.gaierror):
+            reason = "unknown host"
         raise UsageError(
-            f"cannot listen on {hostport(*listen)} ({_bind_reason(exc)}). "
+            f"cannot listen on {hostport(*listen)} ({reason}). "
             "Stop what uses it or choose another address with --listen."
         ) from exc
     port = server.sockets[0].getsockname()[1]
@@ -231,14 +234,3 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
             signal.signal(sig, signal.SIG_IGN)
     log(f"Proxy stopped ({', '.join(received) or 'stop'}): closed {count} open connection(s)")
     return 0
-
-
-def _bind_reason(exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return "unknown host"
-    # asyncio rewrites strerror ("error while attempting to bind on address ...").
-    return {
-        errno.EADDRINUSE: "address already in use",
-        errno.EACCES: "permission denied",
-        errno.EADDRNOTAVAIL: "address not available on this machine",
-    }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())

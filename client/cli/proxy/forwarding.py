@@ -204,28 +204,6 @@ class Proxy:
         finally:
             self.refusing -= bounded
 
-    def _upstream_head(
-        self, request: h11.Request, target: bytes, caller: Caller | None
-    ) -> tuple[bytes, bool]:
-        """The request head for the socket (without the token, or a ``Referer`` holding it, in the
-        client's HTTP version), and whether its body is chunked."""
-        token = self.rules.token.encode()
-        fields = [
-            (name, value)
-            for name, value in request.headers.raw_items()
-            if name.lower() not in _HOP_BY_HOP
-            and name.lower() != TOKEN_HEADER
-            and not (name.lower() == b"referer" and token in value)
-        ]
-        fields.append((b"Connection", b"close"))
-        if caller is not None:
-            fields.append(
-                (b"Uds-Forwarded-Peer", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode())
-            )
-        lines = b"".join(b"%s: %s\r\n" % field for field in fields)
-        head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, target, request.http_version, lines)
-        return head, any(name.lower() == b"transfer-encoding" for name, _ in fields)
-
     async def _forward(
         self,
         io: Streams,
@@ -247,8 +225,25 @@ class Proxy:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
         moved = [0, 0]  # bytes to the socket, bytes to the client
         note = " (cut: the proxy is stopping)"
-        # Only a caller identified by uid is named: a token's holder acts as the proxy's user.
-        head, chunked = self._upstream_head(request, verdict.target, caller if verdict.by == "uid" else None)
+        # Upstream: no token (nor a Referer holding it), in the client's HTTP version, so that the
+        # server frames its answer for it; only a caller identified by uid is named (a token's
+        # holder acts as the proxy's user).
+        token = self.rules.token.encode()
+        fields = [
+            (name, value)
+            for name, value in request.headers.raw_items()
+            if name.lower() not in _HOP_BY_HOP
+            and name.lower() != TOKEN_HEADER
+            and not (name.lower() == b"referer" and token in value)
+        ]
+        fields.append((b"Connection", b"close"))
+        if caller is not None and verdict.by == "uid":
+            fields.append(
+                (b"Uds-Forwarded-Peer", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode())
+            )
+        lines = b"".join(b"%s: %s\r\n" % field for field in fields)
+        head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version, lines)
+        chunked = any(name.lower() == b"transfer-encoding" for name, _ in fields)
         try:
             upstream[1].write(head)
             moved[0] += len(head)

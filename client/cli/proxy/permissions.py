@@ -73,13 +73,6 @@ def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) ->
     return bool(mode & bit)
 
 
-def _may_some(path: str, info: os.stat_result, uid: int, bit: int) -> bool:
-    """Whether :func:`_may` allows ``uid`` with no group or with one of the groups ``path`` names."""
-    entries = _acl(path)
-    gids = {info.st_gid} | {who for tag, _, who in entries or () if tag == _ACL_GROUP}
-    return any(_may(path, info, uid, frozenset(groups), bit) for groups in ((), *((gid,) for gid in gids)))
-
-
 _MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
 
 
@@ -127,8 +120,14 @@ class SocketAccess:
         return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
 
     def may_ever(self, uid: int) -> bool:
-        """False when ``uid`` may not connect whatever its groups (then none are looked up)."""
-        return self._walk(lambda path, info, bit: _may_some(path, info, uid, bit))
+        """False when ``uid`` may not connect whatever its groups (then none are looked up): each
+        file judged with no group, or the one of those it names that serves best."""
+
+        def may_some(path: str, info: os.stat_result, bit: int) -> bool:
+            gids = {info.st_gid} | {who for tag, _, who in _acl(path) or () if tag == _ACL_GROUP}
+            return any(_may(path, info, uid, frozenset(g), bit) for g in ((), *((gid,) for gid in gids)))
+
+        return self._walk(may_some)
 
     def _walk(self, may: Callable[[str, os.stat_result, int], bool]) -> bool:
         try:

@@ -84,48 +84,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or the TCP address cannot be used (in use, not permitted); "
         "3 the socket cannot be reached at start."
     )
-    parser.add_argument(
-        "--listen",
-        default=DEFAULT_LISTEN,
-        metavar="HOST:PORT",
-        help=f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
-        "no host means 127.0.0.1, loopback only; port 0 picks a free port)",
+    listen = (
+        f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
+        "no host means 127.0.0.1, loopback only; port 0 picks a free port)"
     )
-    parser.add_argument(
-        "--token-only",
-        action="store_true",
-        help="admit only requests carrying the printed token, even from users who may use the socket",
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=listen)
+    only = "admit only requests carrying the printed token, even from users who may use the socket"
+    parser.add_argument("--token-only", action="store_true", help=only)
+    allow_host = (
+        "also answer requests whose Host header is HOST:PORT (for example the local side of "
+        "kubectl port-forward 9000:8080); repeatable"
     )
+    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=allow_host)
+    head = "close a connection that has not sent its whole request head in time"
+    head += f" (default {DEFAULT_HEAD_TIMEOUT:g})"
     parser.add_argument(
-        "--allow-host",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="also answer requests whose Host header is HOST:PORT (for example the local side of "
-        "kubectl port-forward 9000:8080); repeatable",
+        "--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, metavar="SECONDS", help=head
     )
-    parser.add_argument(
-        "--head-timeout",
-        type=float,
-        default=DEFAULT_HEAD_TIMEOUT,
-        metavar="SECONDS",
-        help="close a connection that has not sent its whole request head in time "
-        f"(default {DEFAULT_HEAD_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        metavar="N",
-        help=f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
+    cap = (
+        f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
         "without a whole request head is closed to make room, or the newcomer gets 503 "
-        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)",
+        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)"
     )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="do not log a line per forwarded request (startup lines, refusals and errors are still printed)",
-    )
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N", help=cap)
+    quiet = "do not log a line per forwarded request (startup lines, refusals and errors are still printed)"
+    parser.add_argument("--quiet", action="store_true", help=quiet)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -148,13 +148,12 @@ class Proxy:
         head = head_of(request.method, request.target, request.headers)
         verdict = decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
         self.places.unjudged.pop(task, None)
-        who += (
-            " (unknown user)" if caller is None else f" (uid={caller.uid} gid={caller.gid} pid={caller.pid})"
-        )
+        uid = None if caller is None else caller.uid
+        who += " (unknown user)" if caller is None else f" (uid={uid} gid={caller.gid} pid={caller.pid})"
         line = f"{shown(request.method)} {shown(split_token(request.target)[1])}"
         if isinstance(verdict, Refuse):
             await self._refuse(
-                task, io, verdict, caller, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
+                task, io, verdict, uid, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
             )
         else:
             await self._forward(io, conn, request, verdict, caller, f"{who} {line}", started)
@@ -170,10 +169,10 @@ class Proxy:
         return caller, False, self.access.describe()
 
     async def _refuse(
-        self, task: asyncio.Task[None], io: Streams, refusal: Refuse, caller: Caller | None, line: str
+        self, task: asyncio.Task[None], io: Streams, refusal: Refuse, uid: int | None, line: str
     ) -> None:
-        """Log and answer a request refused before the socket; its place is given up."""
-        self._note(line, (refusal.status, caller.uid if caller is not None else None))
+        """Log and answer a request refused before the socket (by uid); its place is given up."""
+        self._note(line, (refusal.status, uid))
         self.places.give_up(task)
         await self._answer(io, error_answer(refusal.status, refusal.reason))
 

@@ -68,7 +68,10 @@ def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
     raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
 
 
-def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Callable[[_Answer], _T]:
+Parser = Callable[[_Answer], _T]
+
+
+def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Parser[_T]:
     """An answer's parser: :func:`_check`, then ``build``; a wrong shape is one :class:`ClientError`."""
 
     def parse(answer: _Answer) -> _T:
@@ -81,32 +84,32 @@ def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> 
     return parse
 
 
-_MESSAGE = _parser(Message.from_json, "a message")
-_MESSAGES = _parser(lambda data: [Message.from_json(item) for item in data["messages"]], "a list of messages")
-_HEALTH = _parser(lambda data: Health.from_json(data, 200), "a health status")
-_VERSION = _parser(Version.from_json, "a list of versions")
-_OPENAPI = _parser(lambda data: _object(data, "an OpenAPI document"), "an OpenAPI document")
-_WHOAMI = _parser(WhoAmI.from_json, "an identity")
+MESSAGE = _parser(Message.from_json, "a message")
+MESSAGES = _parser(lambda data: [Message.from_json(item) for item in data["messages"]], "a list of messages")
+HEALTH = _parser(lambda data: Health.from_json(data, 200), "a health status")
+VERSION = _parser(Version.from_json, "a list of versions")
+OPENAPI = _parser(lambda data: _object(data, "an OpenAPI document"), "an OpenAPI document")
+WHOAMI = _parser(WhoAmI.from_json, "an identity")
 
 
-def _ready(answer: _Answer) -> Health:
+def ready(answer: _Answer) -> Health:
     # 503 is a draining server: ok is False, no exception.
     return _parser(lambda data: Health.from_json(data, answer.status), "a health status", (503,))(answer)
 
 
-def _raw(answer: _Answer) -> RawResponse:
+def raw(answer: _Answer) -> RawResponse:
     headers = {name.lower(): value for name, value in answer.response.headers.items()}
     return RawResponse(status=answer.status, headers=headers, content=answer.content)
 
 
-def _send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
+def send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
     # 128 random bits, as uuid4().hex without importing uuid (a one-shot command's start-up).
     key = idempotency_key if idempotency_key is not None else os.urandom(16).hex()
     headers = {"content-type": "application/json", "idempotency-key": key}
     return {"content": orjson.dumps({"text": text}), "headers": headers}
 
 
-def _messages_path(limit: int | None) -> str:
+def messages_path(limit: int | None) -> str:
     if limit is None:
         return "/messages"
     if limit < 1:
@@ -114,7 +117,7 @@ def _messages_path(limit: int | None) -> str:
     return f"/messages?limit={int(limit)}"
 
 
-def _raw_path(path: str) -> str:
+def raw_path(path: str) -> str:
     if not path.startswith("/"):
         raise UsageError(f"path must start with '/', not {path!r}")
     return path

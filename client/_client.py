@@ -5,31 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Self
 
 import anyio
 import httpx2
 
-from client._base import (
-    _HEALTH,
-    _MESSAGE,
-    _MESSAGES,
-    _OPENAPI,
-    _T,
-    _VERSION,
-    _WHOAMI,
-    API_VERSIONS,
-    DEFAULT_MAX_RESPONSE_BYTES,
-    _Answer,
-    _Base,
-    _messages_path,
-    _raw,
-    _raw_path,
-    _ready,
-    _send_body,
-)
-from client._events import RECONNECT_FOR, Event, follow, follow_async
+from client import _base as shape
+from client._base import _T, API_VERSIONS, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Answer, _Base
+from client._events import RECONNECT_FOR, Event, Follow
 from client._models import Health, Message, RawResponse, Version, WhoAmI
 from client._transport import REQUEST, async_transport, mapped_error, sync_transport
 
@@ -37,14 +21,12 @@ __all__ = ["API_VERSIONS", "DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"
 
 
 class Client(_Base):
-    """A synchronous client. ``Client()`` talks to ``$UDS_SOCKET`` or ``unix:///csi/csi.sock``.
+    """A synchronous client of ``$UDS_SOCKET`` (else ``unix:///csi/csi.sock``), shared by threads.
 
-    ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's ``TestClient``) replaces the one built
-    for the socket. ``timeout`` bounds each whole request: connect, write and read (with a
-    caller's ``http_client``, its own per-step timeouts apply instead). A response larger than
-    ``max_response_bytes`` raises :class:`ClientError` without being read. Up to
-    ``max_connections`` connections are kept; one instance may be shared by threads.
-    """
+    ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's ``TestClient``, with its own per-step
+    timeouts) replaces the one built for the socket, which keeps up to ``max_connections``;
+    ``timeout`` bounds each whole request; an answer over ``max_response_bytes`` raises
+    :class:`ClientError` unread."""
 
     _http: httpx2.Client
 
@@ -115,22 +97,20 @@ class Client(_Base):
         finally:
             response.close()
 
-    def _call(
-        self, method: str, path: str, parse: Callable[[_Answer], _T], *, api: bool = True, **body: Any
-    ) -> _T:
+    def _call(self, method: str, path: str, parse: Parser[_T], *, api: bool = True, **body: Any) -> _T:
         return parse(self._request(method, self._api(path) if api else path, **body))
 
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
-        return self._call("POST", "/messages", _MESSAGE, **_send_body(text, idempotency_key))
+        return self._call("POST", "/messages", shape.MESSAGE, **shape.send_body(text, idempotency_key))
 
     def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return self._call("GET", _messages_path(limit), _MESSAGES)
+        return self._call("GET", shape.messages_path(limit), shape.MESSAGES)
 
     def message(self, id: int) -> Message:
         """GET /messages/{id}."""
-        return self._call("GET", f"/messages/{int(id)}", _MESSAGE)
+        return self._call("GET", f"/messages/{int(id)}", shape.MESSAGE)
 
     def events(self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR) -> Iterator[Event]:
         """GET /events: each message as it is stored (those after id ``since`` first), for ever.
@@ -142,31 +122,31 @@ class Client(_Base):
         def open_stream(last_id: int | None) -> httpx2.Response:
             return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
 
-        return follow(open_stream, self.address, since, self.max_response_bytes, reconnect_for)
+        return Follow(self.address, since, self.max_response_bytes, reconnect_for).follow(open_stream)
 
     def health(self) -> Health:
         """GET /healthz."""
-        return self._call("GET", "/healthz", _HEALTH, api=False)
+        return self._call("GET", "/healthz", shape.HEALTH, api=False)
 
     def ready(self) -> Health:
         """GET /readyz; ``ok`` is False (no exception) while the server drains."""
-        return self._call("GET", "/readyz", _ready, api=False)
+        return self._call("GET", "/readyz", shape.ready, api=False)
 
     def version(self) -> Version:
         """GET /version."""
-        return self._call("GET", "/version", _VERSION)
+        return self._call("GET", "/version", shape.VERSION)
 
     def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
-        return self._call("GET", "/openapi.json", _OPENAPI, api=False)
+        return self._call("GET", "/openapi.json", shape.OPENAPI, api=False)
 
     def whoami(self) -> WhoAmI:
         """GET /whoami: who the server sees calling and the scopes it holds (needs no scope)."""
-        return self._call("GET", "/whoami", _WHOAMI)
+        return self._call("GET", "/whoami", shape.WHOAMI)
 
     def get(self, path: str) -> RawResponse:
         """A raw GET of ``path``; error statuses are returned, not raised."""
-        return self._call("GET", _raw_path(path), _raw, api=False)
+        return self._call("GET", shape.raw_path(path), shape.raw, api=False)
 
     def close(self) -> None:
         """Close pooled connections (a caller's ``http_client`` stays open: it is theirs)."""
@@ -255,46 +235,46 @@ class AsyncClient(_Base):
         finally:
             await response.aclose()
 
-    async def _call(
-        self, method: str, path: str, parse: Callable[[_Answer], _T], *, api: bool = True, **body: Any
-    ) -> _T:
+    async def _call(self, method: str, path: str, parse: Parser[_T], *, api: bool = True, **body: Any) -> _T:
         return parse(await self._request(method, await self._api(path) if api else path, **body))
 
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
-        return await self._call("POST", "/messages", _MESSAGE, **_send_body(text, idempotency_key))
+        return await self._call("POST", "/messages", shape.MESSAGE, **shape.send_body(text, idempotency_key))
 
     async def messages(self, limit: int | None = None) -> list[Message]:
-        return await self._call("GET", _messages_path(limit), _MESSAGES)
+        return await self._call("GET", shape.messages_path(limit), shape.MESSAGES)
 
     async def message(self, id: int) -> Message:
-        return await self._call("GET", f"/messages/{int(id)}", _MESSAGE)
+        return await self._call("GET", f"/messages/{int(id)}", shape.MESSAGE)
 
     def events(
         self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR
     ) -> AsyncIterator[Event]:
-        return follow_async(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
+        return Follow(self.address, since, self.max_response_bytes, reconnect_for).follow_async(
+            self._open_events
+        )
 
     async def _open_events(self, last_id: int | None) -> httpx2.Response:
         url = await self._api("/events")
         return self._stream(await self._request("GET", url, **self._events_options(last_id)))
 
     async def health(self) -> Health:
-        return await self._call("GET", "/healthz", _HEALTH, api=False)
+        return await self._call("GET", "/healthz", shape.HEALTH, api=False)
 
     async def ready(self) -> Health:
-        return await self._call("GET", "/readyz", _ready, api=False)
+        return await self._call("GET", "/readyz", shape.ready, api=False)
 
     async def version(self) -> Version:
-        return await self._call("GET", "/version", _VERSION)
+        return await self._call("GET", "/version", shape.VERSION)
 
     async def openapi(self) -> dict[str, Any]:
-        return await self._call("GET", "/openapi.json", _OPENAPI, api=False)
+        return await self._call("GET", "/openapi.json", shape.OPENAPI, api=False)
 
     async def whoami(self) -> WhoAmI:
-        return await self._call("GET", "/whoami", _WHOAMI)
+        return await self._call("GET", "/whoami", shape.WHOAMI)
 
     async def get(self, path: str) -> RawResponse:
-        return await self._call("GET", _raw_path(path), _raw, api=False)
+        return await self._call("GET", shape.raw_path(path), shape.raw, api=False)
 
     async def aclose(self) -> None:
         """Close pooled connections (only those of an httpx2 client this object built)."""

@@ -34,11 +34,9 @@ AsyncOpener = Callable[[int | None], Awaitable[httpx2.Response]]
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event of ``GET /events``: ``event`` is ``message`` or ``reset``; ``data`` its JSON text.
-
-    ``id`` is the message id for ``message``; for ``reset``, the id the stream goes on after (the
-    ``oldest`` message kept is ``id + 1``: list the messages again, some were missed).
-    """
+    """One event of ``GET /events``: ``event`` is ``message`` or ``reset``, ``data`` its JSON text,
+    ``id`` the message's, or for ``reset`` the one the stream goes on after (the oldest message
+    kept is ``id + 1``: list the messages again, some were missed)."""
 
     event: str
     id: int | None
@@ -59,8 +57,8 @@ class Event:
             raise ClientError(f"event {self.id} is not a message: {self.data[:200]!r}") from exc
 
 
-class _Follow:
-    """What the sync and async iterators share: the last id, the back-off and the give-up time."""
+class Follow:
+    """Following the stream after id ``since``: the last id, the back-off and the give-up time."""
 
     def __init__(self, address: str, since: int | None, max_bytes: int, reconnect_for: float) -> None:
         if since is not None and since < 0:
@@ -137,56 +135,48 @@ class _Follow:
         self.delay = min(self.delay * 2, BACKOFF_MAX)
         return delay
 
+    def follow(self, open_stream: Opener) -> Iterator[Event]:
+        """The events ``open_stream`` brings, after id ``since``, for ever (``Client.events``)."""
+        while True:
+            try:
+                response = open_stream(self.last)
+            except ClientError as exc:
+                time.sleep(self.retry_after(exc))
+                continue
+            broke = None
+            try:
+                for sse in self.source(response):
+                    if response.is_closed:
+                        break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
+                    if event := self.take(sse):
+                        yield event
+            except httpx2.SSEError as exc:
+                raise self.too_large() from exc
+            except (httpx2.TransportError, httpx2.StreamError) as exc:
+                broke = exc
+            finally:
+                response.close()
+            time.sleep(self.dropped(broke))
 
-def follow(
-    open_stream: Opener, address: str, since: int | None, max_bytes: int, reconnect_for: float
-) -> Iterator[Event]:
-    """The events ``open_stream`` brings, after id ``since``, for ever (``Client.events``)."""
-    state = _Follow(address, since, max_bytes, reconnect_for)
-    while True:
-        try:
-            response = open_stream(state.last)
-        except ClientError as exc:
-            time.sleep(state.retry_after(exc))
-            continue
-        broke = None
-        try:
-            for sse in state.source(response):
-                if response.is_closed:
-                    break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
-                if event := state.take(sse):
-                    yield event
-        except httpx2.SSEError as exc:
-            raise state.too_large() from exc
-        except (httpx2.TransportError, httpx2.StreamError) as exc:
-            broke = exc
-        finally:
-            response.close()
-        time.sleep(state.dropped(broke))
-
-
-async def follow_async(
-    open_stream: AsyncOpener, address: str, since: int | None, max_bytes: int, reconnect_for: float
-) -> AsyncIterator[Event]:
-    """As :func:`follow`, for ``AsyncClient.events``."""
-    state = _Follow(address, since, max_bytes, reconnect_for)
-    while True:
-        try:
-            response = await open_stream(state.last)
-        except ClientError as exc:
-            await anyio.sleep(state.retry_after(exc))
-            continue
-        broke = None
-        try:
-            async for sse in state.source(response):
-                if response.is_closed:
-                    break  # as in follow()
-                if event := state.take(sse):
-                    yield event
-        except httpx2.SSEError as exc:
-            raise state.too_large() from exc
-        except (httpx2.TransportError, httpx2.StreamError) as exc:
-            broke = exc
-        finally:
-            await response.aclose()
-        await anyio.sleep(state.dropped(broke))
+    async def follow_async(self, open_stream: AsyncOpener) -> AsyncIterator[Event]:
+        """As :meth:`follow`, for ``AsyncClient.events``."""
+        while True:
+            try:
+                response = await open_stream(self.last)
+            except ClientError as exc:
+                await anyio.sleep(self.retry_after(exc))
+                continue
+            broke = None
+            try:
+                async for sse in self.source(response):
+                    if response.is_closed:
+                        break  # as in follow()
+                    if event := self.take(sse):
+                        yield event
+            except httpx2.SSEError as exc:
+                raise self.too_large() from exc
+            except (httpx2.TransportError, httpx2.StreamError) as exc:
+                broke = exc
+            finally:
+                await response.aclose()
+            await anyio.sleep(self.dropped(broke))

@@ -110,13 +110,9 @@ class Version:
 
 @dataclass(frozen=True, slots=True)
 class WhoAmI:
-    """The caller as the server sees it (``GET /whoami``) and the scopes it holds: ``read``,
-    ``write``, ``events``, ``metrics``. Over TCP ``uid``, ``gid`` and ``pid`` are None.
-
-    Through ``uds-client proxy``, ``uid``/``gid``/``pid`` are the proxy's, ``forwarded_for`` the
-    user it speaks for, and ``scopes`` and ``forwarded_scopes`` those both hold (the server never
-    shows the named user's scopes beyond the caller's own: anyone may send the header).
-    """
+    """The caller as the server sees it (``GET /whoami``; ids None over TCP) and the scopes it holds
+    (``read``, ``write``, ``events``, ``metrics``). Through ``uds-client proxy``, the ids are the
+    proxy's, ``forwarded_for`` the user it speaks for, and both scope lists what both hold."""
 
     uid: int | None
     gid: int | None

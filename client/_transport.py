@@ -155,12 +155,9 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
 
 
 def _use_pool(transport: _Transport, backend: Any, path: str, max_connections: int | None) -> _Transport:
-    """Give ``transport`` an httpcore2 pool on ``backend`` in place of its own, and return it.
-
-    The one private hook of this package: ``HTTPTransport`` takes no ``network_backend``, while
-    httpcore2's pool does (publicly). tests/client/test_transport.py fails when httpx2 moves the
-    attribute, or grows a public way to do this.
-    """
+    """Give ``transport`` an httpcore2 pool on ``backend`` in place of its own, and return it: the
+    one private hook of this package, as ``HTTPTransport`` takes no ``network_backend``
+    (tests/client/test_transport.py fails when httpx2 moves the attribute or takes one)."""
     sync = isinstance(transport, httpx2.HTTPTransport)
     kind = httpcore2.ConnectionPool if sync else httpcore2.AsyncConnectionPool
     if type(getattr(transport, "_pool", None)) is not kind:

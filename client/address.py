@@ -39,10 +39,8 @@ class AddressError(ValueError):
 
 
 def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``.
-
-    Raises :class:`~client.UsageError` quoting a value that is not a socket address.
-    """
+    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``;
+    :class:`~client.UsageError` quoting a value that is not a socket address."""
     env = os.environ if environ is None else environ
     value = socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS)
     try:

@@ -69,18 +69,13 @@ def wait_for_socket(
         probe(path, timeout=max(min(deadline - time.monotonic(), 5.0), 0.05))
         return True
 
-    def retrying(last: BaseException | None, pause: float) -> None:
+    def tell(last: BaseException | None, pause: float) -> None:
         if on_retry is not None and isinstance(last, ConnectError):
             on_retry(last.reason, pause)
 
     try:
         poll(
-            answered,
-            timeout,
-            what=to_url(path),
-            first_delay=first_delay,
-            max_delay=max_delay,
-            on_retry=retrying,
+            answered, timeout, what=to_url(path), first_delay=first_delay, max_delay=max_delay, on_retry=tell
         )
     except TimeoutError as exc:
         last = exc.__cause__

@@ -67,10 +67,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     def send_once(client: Client) -> None:
         message = client.send(args.text)
-        print(
-            _dumps(message.to_json()) if args.json else f"📥 Client received: {_clean(message.reply)}",
-            flush=True,
-        )
+        line = _dumps(message.to_json()) if args.json else f"📥 Client received: {_clean(message.reply)}"
+        print(line, flush=True)
 
     with _client(args) as client:
         send_once(client)

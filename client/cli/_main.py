@@ -207,14 +207,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _wait(args: argparse.Namespace) -> None:
     from client.wait import wait_for_socket
 
-    reported = False
+    said: list[str] = []  # one line, or one per attempt with --debug
 
     def on_retry(reason: str, delay: float) -> None:
-        nonlocal reported
-        if not reported or args.debug:
+        if not said or args.debug:
+            said.append(reason)
             where = _clean(to_url(args.socket))
             print(f"{PROG}: waiting up to {args.wait:g}s for {where} ({reason})", file=sys.stderr, flush=True)
-            reported = True
 
     wait_for_socket(args.socket, args.wait, on_retry=on_retry)
 

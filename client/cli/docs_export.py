@@ -73,14 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output is "
         "a file or cannot be written; 3 the socket cannot be reached."
     )
-    parser.add_argument(
-        "--output",
-        "-o",
-        required=True,
-        metavar="DIR",
-        help="directory to write index.html (Swagger UI), redoc.html, openapi.json and "
-        "assets/ into; created if missing, existing files replaced",
-    )
+    where = "directory to write index.html (Swagger UI), redoc.html, openapi.json and assets/ into; "
+    where += "created if missing, existing files replaced"
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help=where)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ __all__ = ["Caller", "find_caller", "tcp_owner"]
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
 _NLMSG = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
 _REQ = struct.Struct("=BBBBI")
@@ -71,7 +70,7 @@ def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[
         return None
     _, kind, _, _, _ = _NLMSG.unpack_from(answer)
     body = answer[_NLMSG.size :]
-    if kind == _NLMSG_ERROR or kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:
+    if kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:  # NLMSG_ERROR among others
         return None
     _, _, _, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_TAIL_AT)
     return uid, inode

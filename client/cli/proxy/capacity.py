@@ -17,6 +17,7 @@ class Places:
 
     def __init__(self, cap: int, note: Callable[[str, Hashable], None]) -> None:
         self.cap = cap
+        self._full = f"Proxy at its connection limit ({cap}, --max-connections)"
         self.note = note
         self.held: set[Task] = set()
         self.waiting: dict[Task, float] = {}  # no whole head yet, oldest first: when they opened
@@ -57,7 +58,3 @@ class Places:
     def release(self, task: Task) -> None:
         self.give_up(task)
         self.unjudged.pop(task, None)
-
-    @property
-    def _full(self) -> str:
-        return f"Proxy at its connection limit ({self.cap}, --max-connections)"

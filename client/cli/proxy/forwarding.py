@@ -28,7 +28,7 @@ from client.cli.proxy.access import (
     split_token,
 )
 from client.cli.proxy.caller import Caller, find_caller, tcp_owner
-from client.cli.proxy.capacity import Places
+from client.cli.proxy.capacity import Places, Task
 from client.cli.proxy.permissions import SocketAccess
 from client.net.answers import error_response
 from client.net.linger import linger
@@ -45,7 +45,9 @@ _HOP_BY_HOP = frozenset(
 _ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
 
 Addresses = tuple[tuple[str, int], tuple[str, int]]
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+Streams = tuple[Reader, Writer]
 
 
 def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
@@ -78,7 +80,7 @@ class Proxy:
         self.rules = Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
         self.access = SocketAccess(path)
         self.places = Places(max_connections, self._note)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[Task] = set()
         self.refusing = 0
         self.refusals = Throttle(log, LOG_PERIOD)
         self._flush: asyncio.TimerHandle | None = None
@@ -88,7 +90,7 @@ class Proxy:
         """Set the ``Host`` values the proxy answers to, once its port is known."""
         self.rules = dataclasses.replace(self.rules, hosts=hosts)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: Reader, writer: Writer) -> None:
         """Serve one TCP connection: one request, judged, then forwarded or refused."""
         task = asyncio.current_task()
         assert task is not None
@@ -109,9 +111,7 @@ class Proxy:
             self.tasks.discard(task)
             self.places.release(task)
 
-    async def _serve(
-        self, task: asyncio.Task[None], io: Streams, addresses: Addresses | None, who: str
-    ) -> None:
+    async def _serve(self, task: Task, io: Streams, addresses: Addresses | None, who: str) -> None:
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         received = [0]
@@ -168,9 +168,7 @@ class Proxy:
             return caller, True, ""
         return caller, False, self.access.describe()
 
-    async def _refuse(
-        self, task: asyncio.Task[None], io: Streams, refusal: Refuse, uid: int | None, line: str
-    ) -> None:
+    async def _refuse(self, task: Task, io: Streams, refusal: Refuse, uid: int | None, line: str) -> None:
         """Log and answer a request refused before the socket (by uid); its place is given up."""
         self._note(line, (refusal.status, uid))
         self.places.give_up(task)
@@ -272,30 +270,26 @@ class Proxy:
 
 
 async def _next_request(
-    reader: asyncio.StreamReader, conn: h11.Connection, received: list[int], first_byte: float
+    reader: Reader, conn: h11.Connection, seen: list[int], first: float
 ) -> h11.Request | None:
     """Read until h11 has a whole request head; None on EOF before one, and
-    :class:`TimeoutError` if the first bytes do not come within ``first_byte`` seconds."""
+    :class:`TimeoutError` if the first bytes do not come within ``first`` seconds (``seen`` counts them)."""
     while True:
         event = conn.next_event()
         if isinstance(event, h11.Request):
             return event
         if event is not h11.NEED_DATA:
             return None  # ConnectionClosed
-        async with asyncio.timeout(None if received[0] else first_byte):
+        async with asyncio.timeout(None if seen[0] else first):
             data = await reader.read(_CHUNK)
-        received[0] += len(data)
-        if not data and not received[0]:
+        seen[0] += len(data)
+        if not data and not seen[0]:
             return None
         conn.receive_data(data)
 
 
 async def _copy_body(
-    reader: asyncio.StreamReader,
-    conn: h11.Connection,
-    chunked: bool,
-    writer: asyncio.StreamWriter,
-    moved: list[int],
+    reader: Reader, conn: h11.Connection, chunked: bool, writer: Writer, moved: list[int]
 ) -> None:
     """Stream the body h11 decodes to the socket, waiting for it to drain: a chunked body as one
     chunk per piece read, trailers dropped; a body of known length as it is (h11 checks it)."""
@@ -318,7 +312,7 @@ async def _copy_body(
             return
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int]) -> None:
+async def _copy(reader: Reader, writer: Writer, moved: list[int]) -> None:
     """Copy the answer until EOF, waiting for the client to drain (backpressure)."""
     while data := await reader.read(_CHUNK):
         writer.write(data)

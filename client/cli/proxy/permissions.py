@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 
 Groups = frozenset[int] | None  # None: unknown
+Entries = list[tuple[int, int, int]]  # an access ACL's (tag, permission bits, uid or gid)
 
 _ACL_XATTR = "system.posix_acl_access"
 _ACL_VERSION = 2
@@ -18,7 +19,7 @@ _ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry: tag, permission bit
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
 
 
-def _acl(path: str) -> list[tuple[int, int, int]] | None:
+def _acl(path: str) -> Entries | None:
     """The entries of the access ACL of ``path``, None when it has none; OSError if unreadable."""
     try:
         raw = os.getxattr(path, _ACL_XATTR)
@@ -31,9 +32,7 @@ def _acl(path: str) -> list[tuple[int, int, int]] | None:
     return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
 
 
-def _acl_may(
-    entries: list[tuple[int, int, int]], info: os.stat_result, uid: int, groups: Groups, bit: int
-) -> bool:
+def _acl_may(entries: Entries, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
     """The kernel's ``posix_acl_permission`` for one bit; with ``groups`` None, every group entry
     and the others' entry must allow."""
     perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}

@@ -189,8 +189,8 @@ class _Base:
         return f"/v{version}"
 
     def _start(self) -> tuple[float, Budget, Any, ReuseTracker | None]:
-        """A request's start time, its :class:`Budget` (set for this thread or task, with the
-        token to reset it), and a tracker of new connections unless our own backend marks them."""
+        """A request's start, its :class:`Budget` (set for this thread or task; the token resets it),
+        and a tracker of new connections unless our own backend marks them."""
         started = time.monotonic()
         budget = Budget(started + self.timeout)
         return started, budget, REQUEST.set(budget), None if self._owns_http else ReuseTracker()

@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
             f"{to_url(args.socket)} answered /openapi.json with something that is not an OpenAPI document"
         )
     written = export(spec, Path(args.output))
-    index = written[0]
     print(f"Wrote {', '.join(str(p) for p in written)}")
-    print(f"Open {index.resolve().as_uri()} (Swagger UI) or {written[1].resolve().as_uri()} (ReDoc)")
+    print(f"Open {written[0].resolve().as_uri()} (Swagger UI) or {written[1].resolve().as_uri()} (ReDoc)")
     sys.stdout.flush()
     return 0
 

@@ -86,8 +86,7 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
         return None
     attempts = [(family, (peer_ip, peer[1]), (local_ip, local[1]))]
     if family == socket.AF_INET and ":" in peer[0]:
-        # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d; an IPv6 caller may have
-        # dialled that mapped address too.
+        # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d, which an IPv6 one may dial too.
         mapped = [b"\0" * 10 + b"\xff\xff" + ip[:4] for ip in (peer_ip, local_ip)]
         attempts.append((socket.AF_INET6, (mapped[0], peer[1]), (mapped[1], local[1])))
     if local_family != family:
@@ -139,21 +138,12 @@ def _process_holding(inode: int) -> int | None:
 
 def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
     """``(fsuid, fsgid, groups)`` from ``/proc/<pid>/status``; what the kernel checks on connect()."""
-    uid = gid = None
-    groups: frozenset[int] = frozenset()
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                if key == "Uid":
-                    uid = int(value.split()[3])
-                elif key == "Gid":
-                    gid = int(value.split()[3])
-                elif key == "Groups":
-                    groups = frozenset(int(g) for g in value.split())
-    except (OSError, ValueError, IndexError):
-        return None
-    if uid is None or gid is None:
+            fields = dict(line.partition(":")[::2] for line in status)
+        uid, gid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
+    except (OSError, ValueError, IndexError, KeyError):
         return None
     return uid, gid, groups | {gid}
 

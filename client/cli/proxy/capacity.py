@@ -41,10 +41,8 @@ class Places:
                 victim = oldest[0]
             self.release(victim)
             victim.cancel()  # it closes its connection; nothing of it has reached the socket
-            self.note(
-                f"{self._full}: closed a connection to make room (no request head, or not yet judged)",
-                "closed",
-            )
+            why = "closed a connection to make room (no request head, or not yet judged)"
+            self.note(f"{self._full}: {why}", "closed")
         self.held.add(task)
         self.waiting[task] = now
         self.unjudged[task] = owner

@@ -164,9 +164,8 @@ class Proxy:
         caller = find_caller(peer, local, (lambda uid: False) if token_only else self.access.may_ever)
         if caller is None or token_only:
             return caller, False, ""
-        if self.access.allows(caller.uid, caller.groups):
-            return caller, True, ""
-        return caller, False, self.access.describe()
+        allowed = self.access.allows(caller.uid, caller.groups)
+        return caller, allowed, "" if allowed else self.access.describe()
 
     async def _refuse(self, task: Task, io: Streams, refusal: Refuse, uid: int | None, line: str) -> None:
         """Log and answer a request refused before the socket (by uid); its place is given up."""
@@ -222,9 +221,8 @@ class Proxy:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
         moved = [0, 0]  # bytes to the socket, bytes to the client
         note = " (cut: the proxy is stopping)"
-        # Upstream: no token (nor a Referer holding it), in the client's HTTP version, so that the
-        # server frames its answer for it; only a caller identified by uid is named (a token's
-        # holder acts as the proxy's user).
+        # No token (nor a Referer holding it), the client's HTTP version (the server frames for it);
+        # only a caller identified by uid is named: a token's holder acts as the proxy's user.
         token = self.rules.token.encode()
         fields = [
             (name, value)

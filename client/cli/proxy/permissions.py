@@ -9,6 +9,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 Groups = frozenset[int] | None  # None: unknown
 Entries = list[tuple[int, int, int]]  # an access ACL's (tag, permission bits, uid or gid)
@@ -107,12 +108,12 @@ def traversal(path: str) -> tuple[list[str], str]:
     return searched, current
 
 
+@dataclass(frozen=True, slots=True)
 class SocketAccess:
     """Who may ``connect()`` to the socket at ``path``, by the permissions in force now; anything
     that cannot be checked refuses."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    path: str
 
     def allows(self, uid: int, groups: Groups) -> bool:
         """Whether ``uid`` with ``groups`` (None: unknown) may connect."""

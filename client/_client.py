@@ -58,8 +58,7 @@ class Client(_Base):
         return prefix + path
 
     def api_version(self) -> int | None:
-        """The API version used with the server (asking it first if not done yet); None for a
-        server without API versions, which gets the unversioned paths."""
+        """The API version used with the server (asked once); None for one without versions."""
         prefix = self._api("")
         return int(prefix[2:]) if prefix else None
 

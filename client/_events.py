@@ -19,16 +19,12 @@ from client._models import Message
 
 log = logging.getLogger("client")
 
-READ_IDLE_TIMEOUT = 15.0
-"""Seconds without a byte (the server sends a heartbeat every 5 s) before the stream counts as dropped."""
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 2.0
-RECONNECT_FOR = 300.0
-"""Default seconds to keep trying to get a stream back (Kubernetes' crash-loop back-off tops at 5 min)."""
+READ_IDLE_TIMEOUT = 15.0  # seconds of silence (three missed heartbeats) before the stream counts as dropped
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds between attempts to reconnect, doubling
+RECONNECT_FOR = 300.0  # seconds to try to get a stream back: Kubernetes' crash-loop back-off tops at 5 min
 _WANTED = ("message", "reset")
 
-# Open GET /events after the given id: a 200 still streaming, or raise ClientError.
-Opener = Callable[[int | None], httpx2.Response]
+Opener = Callable[[int | None], httpx2.Response]  # GET /events after an id: a 200 streaming, or ClientError
 AsyncOpener = Callable[[int | None], Awaitable[httpx2.Response]]
 
 

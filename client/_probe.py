@@ -12,10 +12,6 @@ from client.address import to_url
 _MAX_RESPONSE = 1 << 20
 
 
-class _BadResponse(Exception):
-    """The peer answered something that is not HTTP/1.x."""
-
-
 def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET ``target`` on the socket at ``path`` within ``timeout`` seconds in all; return (status,
     body) or raise :class:`ConnectError`. ``Connection: close`` lets EOF frame the answer."""
@@ -39,7 +35,7 @@ def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple
                 chunks.append(chunk)
                 size += len(chunk)
         return _parse(b"".join(chunks))
-    except (OSError, _BadResponse) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: the peer's answer is not HTTP/1.x
         raise ConnectError.caused_by(to_url(path), exc) from exc
 
 
@@ -48,7 +44,7 @@ def _parse(data: bytes) -> tuple[int, bytes]:
     status_line, _, header_block = head.partition(b"\r\n")
     parts = status_line.split(b" ", 2)
     if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise _BadResponse("the server did not answer with HTTP/1.x")
+        raise ValueError("the server did not answer with HTTP/1.x")
     if b"transfer-encoding: chunked" not in header_block.lower():
         return int(parts[1]), body
     out: list[bytes] = []
@@ -57,7 +53,7 @@ def _parse(data: bytes) -> tuple[int, bytes]:
         try:
             size = int(size_line.split(b";", 1)[0], 16)
         except ValueError:
-            raise _BadResponse("bad chunked encoding from the server") from None
+            raise ValueError("bad chunked encoding from the server") from None
         if size == 0:
             break
         out.append(rest[:size])

@@ -48,10 +48,12 @@ def _remaining(timeout: float | None, late: type[Exception]) -> float | None:
     return left if timeout is None or timeout > left else timeout
 
 
-def _opening() -> None:
+def _connecting(timeout: float | None) -> float | None:
+    """Mark the request as opening a connection; what is left of its deadline for the connect."""
     budget = REQUEST.get()
     if budget is not None:
         budget.opened = True
+    return _remaining(timeout, httpcore2.ConnectTimeout)
 
 
 class UnixStream(httpcore2.NetworkStream):
@@ -103,8 +105,7 @@ class UnixBackend(httpcore2.SyncBackend):
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore2.NetworkStream:
-        _opening()
-        left = _remaining(timeout, httpcore2.ConnectTimeout)
+        left = _connecting(timeout)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             for option in socket_options or ():
@@ -149,9 +150,8 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
         timeout: float | None = None,  # noqa: ASYNC109
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        _opening()
-        left = _remaining(timeout, httpcore2.ConnectTimeout)
-        return AsyncDeadlineStream(await super().connect_unix_socket(path, left, socket_options))
+        stream = await super().connect_unix_socket(path, _connecting(timeout), socket_options)
+        return AsyncDeadlineStream(stream)
 
 
 def _use_pool(transport: _Transport, backend: Any, path: str, max_connections: int | None) -> _Transport:
@@ -198,8 +198,7 @@ class ReuseTracker:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         self.opened = self.opened or event.startswith("connection.connect_")
 
-    async def atrace(self, event: str, info: dict[str, Any]) -> None:
-        """The same, for async transports (httpcore2 wants a coroutine function there)."""
+    async def atrace(self, event: str, info: dict[str, Any]) -> None:  # async transports want a coroutine
         self(event, info)
 
 

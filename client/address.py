@@ -102,10 +102,7 @@ def parse_address(value: str) -> str:
     if not path.startswith("/"):
         raise bad(f"the socket path must be absolute; {_EXPECTED}")
     # Only repeated slashes and "." go: ".." stays, as a directory on the way may be a link.
-    directory, path = (
-        path.endswith("/"),
-        "/" + "/".join(p for p in path.split("/") if p not in ("", ".")),
-    )
+    directory, path = (path.endswith("/"), "/" + "/".join(p for p in path.split("/") if p not in ("", ".")))
     if directory or path == "/":
         raise bad("the path names a directory; add the socket's file name, as in /csi/csi.sock")
     try:

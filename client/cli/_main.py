@@ -157,12 +157,10 @@ _COMMANDS: dict[str, tuple[str, str | None]] = {
 
 def _command_in(argv: Sequence[str]) -> str | None:
     """The command named in argv (the first word that is not a global option or its value)."""
-    skip = False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in _VALUE_OPTIONS:
-            skip = True
+    words = iter(argv)
+    for word in words:
+        if word in _VALUE_OPTIONS:
+            next(words, None)
         elif word == "--":
             return None
         elif not word.startswith("-"):

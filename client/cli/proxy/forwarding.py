@@ -114,14 +114,12 @@ class Proxy:
     async def _serve(self, task: Task, io: Streams, addresses: Addresses | None, who: str) -> None:
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        received = [0]
-        first_byte = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
+        seen = [0]  # bytes received
+        first = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
         try:
-            request = await asyncio.wait_for(
-                _next_request(io[0], conn, received, first_byte), self.head_timeout
-            )
+            request = await asyncio.wait_for(_next_request(io[0], conn, seen, first), self.head_timeout)
         except TimeoutError:
-            if received[0]:
+            if seen[0]:
                 line = f"{who}: no complete request head within {self.head_timeout:g}s (answered 408)"
                 message = f"the request head was not complete within {self.head_timeout:g}s; send it faster"
                 await self._refuse(task, io, Refuse(408, message), None, line)
@@ -233,9 +231,8 @@ class Proxy:
         ]
         fields.append((b"Connection", b"close"))
         if caller is not None and verdict.by == "uid":
-            fields.append(
-                (b"Uds-Forwarded-Peer", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode())
-            )
+            peer = f"uid={caller.uid} gid={caller.gid} pid={caller.pid}"
+            fields.append((b"Uds-Forwarded-Peer", peer.encode()))
         lines = b"".join(b"%s: %s\r\n" % field for field in fields)
         head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version, lines)
         chunked = any(name.lower() == b"transfer-encoding" for name, _ in fields)
@@ -328,10 +325,9 @@ async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tup
         for t, direction in ((body, "client to socket"), (down, "socket to client")):
             error = t.exception() if t in done and not t.cancelled() else None
             if error is not None:
+                what = error.strerror if isinstance(error, OSError) and error.strerror else error
                 if isinstance(error, h11.RemoteProtocolError):
-                    what: object = f"invalid body: {error}"
-                else:
-                    what = error.strerror if isinstance(error, OSError) and error.strerror else error
+                    what = f"invalid body: {error}"
                 return f" ({direction} stopped: {str(what).lower() or type(error).__name__})", error
         return "", None
     finally:

@@ -1,9 +1,5 @@
 """uds-example client: a typed library and the uds-client command for a Unix-socket REST server.
-
-Names load on first use (PEP 562), so ``import client`` stays free of httpx2 for the lean
-``uds-client health`` probe. The address module (:mod:`client.address`) is public: the server
-parses its ``--socket`` with it too.
-"""
+Names load on first use (PEP 562), so the lean ``uds-client health`` probe imports no httpx2."""
 
 from __future__ import annotations
 

@@ -7,48 +7,43 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import httpx2
 import orjson
 
 from client._errors import APIError, ClientError, UsageError
 from client._events import READ_IDLE_TIMEOUT
-from client._models import Health, Message, RawResponse, Version, WhoAmI
-from client._transport import BASE_URL, is_stale_error
+from client._models import Health, Message, RawResponse, Version, WhoAmI, _object
+from client._transport import BASE_URL, REQUEST, Budget, ReuseTracker
 from client.address import resolve_socket, to_url
 
 log = logging.getLogger("client")
 
-# The largest legitimate answer, a full history of long messages, is about 25 MB of JSON.
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-
-# No compression on a local socket, so what counts against the cap is what arrives. Set once on
-# an httpx2 client this module builds, per request on a caller's.
-_HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
-_T = TypeVar("_T")
-
+"""Room for the largest legitimate answer, a full history of long messages (docs/internals.md)."""
 API_VERSIONS = (1, 1)
 """The oldest and the newest API version this client speaks."""
 
-
-class _Answer:
-    """A response whose body has been read (within the cap)."""
-
-    __slots__ = ("content", "response", "status")
-
-    def __init__(self, response: httpx2.Response, content: bytes) -> None:
-        self.response = response
-        self.content = content
-        self.status = response.status_code
-
-
+# Set once on an httpx2 client built here, per request on a caller's (docs/internals.md).
+_HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
+_T = TypeVar("_T")
 _NOT_JSON: Any = object()
 
 
+class _Answer(NamedTuple):
+    """A response whose body has been read (within the cap)."""
+
+    response: httpx2.Response
+    content: bytes
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+
 def _snippet(content: bytes) -> str:
-    text = content[:200].decode("utf-8", "replace")
-    return text + ("..." if len(content) > 200 else "")
+    return content[:200].decode("utf-8", "replace") + ("..." if len(content) > 200 else "")
 
 
 def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
@@ -73,7 +68,10 @@ def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
     raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
 
 
-def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Callable[[_Answer], _T]:
+Parser = Callable[[_Answer], _T]
+
+
+def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Parser[_T]:
     """An answer's parser: :func:`_check`, then ``build``; a wrong shape is one :class:`ClientError`."""
 
     def parse(answer: _Answer) -> _T:
@@ -86,38 +84,32 @@ def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> 
     return parse
 
 
-def _spec(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise TypeError("not a JSON object")
-    return body
+MESSAGE = _parser(Message.from_json, "a message")
+MESSAGES = _parser(lambda data: [Message.from_json(item) for item in data["messages"]], "a list of messages")
+HEALTH = _parser(lambda data: Health.from_json(data, 200), "a health status")
+VERSION = _parser(Version.from_json, "a list of versions")
+OPENAPI = _parser(lambda data: _object(data, "an OpenAPI document"), "an OpenAPI document")
+WHOAMI = _parser(WhoAmI.from_json, "an identity")
 
 
-_MESSAGE = _parser(Message.from_json, "a message")
-_MESSAGES = _parser(lambda data: [Message.from_json(item) for item in data["messages"]], "a list of messages")
-_HEALTH = _parser(lambda data: Health.from_json(data, 200), "a health status")
-_READY_OK = (503,)  # a draining server: ok is False, no exception
-_VERSION = _parser(Version.from_json, "a list of versions")
-_OPENAPI = _parser(_spec, "an OpenAPI document")
-_WHOAMI = _parser(WhoAmI.from_json, "an identity")
+def ready(answer: _Answer) -> Health:
+    # 503 is a draining server: ok is False, no exception.
+    return _parser(lambda data: Health.from_json(data, answer.status), "a health status", (503,))(answer)
 
 
-def _ready(answer: _Answer) -> Health:
-    return _parser(lambda data: Health.from_json(data, answer.status), "a health status", _READY_OK)(answer)
-
-
-def _raw(answer: _Answer) -> RawResponse:
+def raw(answer: _Answer) -> RawResponse:
     headers = {name.lower(): value for name, value in answer.response.headers.items()}
     return RawResponse(status=answer.status, headers=headers, content=answer.content)
 
 
-def _send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
+def send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
     # 128 random bits, as uuid4().hex without importing uuid (a one-shot command's start-up).
     key = idempotency_key if idempotency_key is not None else os.urandom(16).hex()
     headers = {"content-type": "application/json", "idempotency-key": key}
     return {"content": orjson.dumps({"text": text}), "headers": headers}
 
 
-def _messages_path(limit: int | None) -> str:
+def messages_path(limit: int | None) -> str:
     if limit is None:
         return "/messages"
     if limit < 1:
@@ -125,7 +117,7 @@ def _messages_path(limit: int | None) -> str:
     return f"/messages?limit={int(limit)}"
 
 
-def _raw_path(path: str) -> str:
+def raw_path(path: str) -> str:
     if not path.startswith("/"):
         raise UsageError(f"path must start with '/', not {path!r}")
     return path
@@ -196,43 +188,48 @@ class _Base:
             )
         return f"/v{version}"
 
+    def _start(self) -> tuple[float, Budget, Any, ReuseTracker | None]:
+        """A request's start, its :class:`Budget` (set for this thread or task; the token resets it),
+        and a tracker of new connections unless our own backend marks them."""
+        started = time.monotonic()
+        budget = Budget(started + self.timeout)
+        return started, budget, REQUEST.set(budget), None if self._owns_http else ReuseTracker()
+
     def _build(
-        self,
-        method: str,
-        url: str,
-        content: bytes | None,
-        headers: dict[str, str] | None,
-        timeout: httpx2.Timeout | None,
-        tracker: Callable[..., Any] | None,
+        self, method: str, url: str, trace: Callable[..., Any] | None, headers: Any = None, **options: Any
     ) -> httpx2.Request:
+        """The request; ``options`` are ``content`` and ``timeout``, as httpx2 takes them."""
         if not self._owns_http:  # a caller's client lacks our default headers
             headers = _HEADERS if headers is None else {**_HEADERS, **headers}
-        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        if tracker is not None:
-            options["extensions"] = {"trace": tracker}
-        return self._http.build_request(method, url, content=content, headers=headers, **options)
+        if trace is not None:
+            options["extensions"] = {"trace": trace}
+        return self._http.build_request(method, url, headers=headers, **options)
 
-    def _retrying(self, exc: httpx2.TransportError, opened: bool, method: str, url: str) -> bool:
-        """Whether to send once more: a reused connection the server had closed."""
-        if not is_stale_error(exc) or opened:
+    def _retrying(
+        self, exc: httpx2.TransportError, budget: Budget, tracker: ReuseTracker | None, method: str, url: str
+    ) -> bool:
+        """Whether to send once more: a reused connection the server had closed (errors of a stale one)."""
+        stale = isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
+        if not stale or (budget.opened if tracker is None else tracker.opened):
             return False
         why = "reused connection was closed by the server"
         log.debug("%s %s %s: %s (%s); retrying once", self.address, method, url, why, exc)
         return True
 
-    def _too_large(self, method: str, url: str) -> ClientError:
-        return ClientError(
-            f"{self.address} answered {method} {url} with more than "
-            f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)"
-        )
+    def _cap(self, size: int, method: str, url: str) -> None:
+        """Raise :class:`ClientError` once an answer's body reaches over ``max_response_bytes``."""
+        if size > self.max_response_bytes:
+            raise ClientError(
+                f"{self.address} answered {method} {url} with more than "
+                f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)"
+            )
 
     def _declared_fits(self, response: httpx2.Response, method: str, url: str) -> bool:
         """True when the answer's Content-Length is within the cap (h11 then reads no more than it)."""
         declared = response.headers.get("content-length")
         if declared is None or not declared.isdigit():
             return False
-        if int(declared) > self.max_response_bytes:
-            raise self._too_large(method, url)
+        self._cap(int(declared), method, url)
         return True
 
     def _events_options(self, last_id: int | None) -> dict[str, Any]:
@@ -241,7 +238,7 @@ class _Base:
         if last_id is not None:
             headers["last-event-id"] = str(last_id)
         timeout = httpx2.Timeout(self.timeout, read=max(READ_IDLE_TIMEOUT, self.timeout))
-        return {"headers": headers, "timeouts": timeout, "stream": True}
+        return {"headers": headers, "timeout": timeout, "stream": True}
 
     def _stream(self, answer: _Answer) -> httpx2.Response:
         """The open stream of a 200 to ``GET /events``, else the error (the server's, if it sent one)."""

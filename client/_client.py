@@ -1,57 +1,32 @@
-"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket, over httpx2.
-
-Both send through httpx2's Unix-socket transports (``client._transport``), or through an
-``httpx2.Client`` / ``httpx2.AsyncClient`` the caller passes (FastAPI's ``TestClient`` works).
-Requests and answers are shaped once, in ``client._base``; the two classes differ only in how
-they wait. API requests go under ``/v{N}``, negotiated with one ``GET /_ping`` (docs/internals.md).
-"""
+"""``Client`` and ``AsyncClient``: one typed method per endpoint, on a Unix socket, over httpx2;
+requests and answers are shaped once, in ``client._base``, so the two differ only in how they wait."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from types import TracebackType
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Self
 
 import anyio
 import httpx2
 
-from client._base import (
-    _HEALTH,
-    _MESSAGE,
-    _MESSAGES,
-    _OPENAPI,
-    _T,
-    _VERSION,
-    _WHOAMI,
-    API_VERSIONS,
-    DEFAULT_MAX_RESPONSE_BYTES,
-    _Answer,
-    _Base,
-    _messages_path,
-    _raw,
-    _raw_path,
-    _ready,
-    _send_body,
-)
-from client._events import RECONNECT_FOR, Event, follow, follow_async
+from client import _base as shape
+from client._base import _T, API_VERSIONS, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Answer, _Base
+from client._events import RECONNECT_FOR, Event, Follow
 from client._models import Health, Message, RawResponse, Version, WhoAmI
-from client._transport import REQUEST, Budget, ReuseTracker, async_transport, mapped_error, sync_transport
+from client._transport import REQUEST, async_transport, mapped_error, sync_transport
 
 __all__ = ["API_VERSIONS", "DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
 
 
 class Client(_Base):
-    """A synchronous client. ``Client()`` talks to ``$UDS_SOCKET`` or ``unix:///csi/csi.sock``.
+    """A synchronous client of ``$UDS_SOCKET`` (else ``unix:///csi/csi.sock``), shared by threads.
 
-    ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's ``TestClient``) replaces the one built
-    for the socket. ``timeout`` bounds each whole request: connect, write and read (with a
-    caller's ``http_client``, its own per-step timeouts apply instead). A response larger than
-    ``max_response_bytes`` raises :class:`ClientError` without being read. Up to
-    ``max_connections`` connections are kept; one instance may be shared by threads.
-    """
+    ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's ``TestClient``, with its own per-step
+    timeouts) replaces the one built for the socket, which keeps up to ``max_connections``;
+    ``timeout`` bounds each whole request; an answer over ``max_response_bytes`` raises
+    :class:`ClientError` unread."""
 
     _http: httpx2.Client
 
@@ -66,9 +41,8 @@ class Client(_Base):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         def own(**options: Any) -> httpx2.Client:
-            return httpx2.Client(
-                transport=sync_transport(self.path, max_connections=max_connections), **options
-            )
+            transport = sync_transport(self.path, max_connections=max_connections)
+            return httpx2.Client(transport=transport, **options)
 
         super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
         self._negotiation = threading.Lock()
@@ -84,34 +58,19 @@ class Client(_Base):
         return prefix + path
 
     def api_version(self) -> int | None:
-        """The API version used with the server (asking it first if not done yet); None for a
-        server without API versions, which gets the unversioned paths."""
+        """The API version used with the server (asked once); None for one without versions."""
         prefix = self._api("")
         return int(prefix[2:]) if prefix else None
 
-    def _request(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        timeouts: httpx2.Timeout | None = None,
-        stream: bool = False,
-    ) -> _Answer:
-        started = time.monotonic()
-        budget = Budget(started + self.timeout)
-        token = REQUEST.set(budget)
-        # Our own backend marks the budget when it connects; another transport needs a trace.
-        tracker = None if self._owns_http else ReuseTracker()
+    def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
+        started, budget, token, tracker = self._start()
         retried = False
         try:
-            request = self._build(method, url, content, headers, timeouts, tracker)
+            request = self._build(method, url, tracker, **options)
             try:
                 answer = self._read(request, method, url, stream)
             except httpx2.TransportError as exc:
-                opened = budget.opened if tracker is None else tracker.opened
-                if not self._retrying(exc, opened, method, url):
+                if not self._retrying(exc, budget, tracker, method, url):
                     raise
                 retried = True
                 answer = self._read(request, method, url, stream)
@@ -129,36 +88,28 @@ class Client(_Base):
         try:
             if self._declared_fits(response, method, url):
                 return _Answer(response, response.read())
-            return _Answer(response, self._body(response.iter_bytes(), method, url))
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                self._cap(len(body), method, url)
+            return _Answer(response, bytes(body))
         finally:
             response.close()
 
-    def _body(self, chunks: Iterator[bytes], method: str, url: str) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        for chunk in chunks:
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                raise self._too_large(method, url)
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def _call(
-        self, method: str, path: str, parse: Callable[[_Answer], _T], *, api: bool = True, **body: Any
-    ) -> _T:
+    def _call(self, method: str, path: str, parse: Parser[_T], *, api: bool = True, **body: Any) -> _T:
         return parse(self._request(method, self._api(path) if api else path, **body))
 
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
-        return self._call("POST", "/messages", _MESSAGE, **_send_body(text, idempotency_key))
+        return self._call("POST", "/messages", shape.MESSAGE, **shape.send_body(text, idempotency_key))
 
     def messages(self, limit: int | None = None) -> list[Message]:
         """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return self._call("GET", _messages_path(limit), _MESSAGES)
+        return self._call("GET", shape.messages_path(limit), shape.MESSAGES)
 
     def message(self, id: int) -> Message:
         """GET /messages/{id}."""
-        return self._call("GET", f"/messages/{int(id)}", _MESSAGE)
+        return self._call("GET", f"/messages/{int(id)}", shape.MESSAGE)
 
     def events(self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR) -> Iterator[Event]:
         """GET /events: each message as it is stored (those after id ``since`` first), for ever.
@@ -166,35 +117,35 @@ class Client(_Base):
         A dropped stream or a server restart is resumed from the last id (nothing missed or
         repeated); gives up after ``reconnect_for`` seconds without a stream.
         """
-        return follow(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
 
-    def _open_events(self, last_id: int | None) -> httpx2.Response:
-        """``GET /events`` after ``last_id``, its head read within ``timeout``."""
-        return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
+        def open_stream(last_id: int | None) -> httpx2.Response:
+            return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
+
+        return Follow(self.address, since, self.max_response_bytes, reconnect_for).follow(open_stream)
 
     def health(self) -> Health:
         """GET /healthz."""
-        return self._call("GET", "/healthz", _HEALTH, api=False)
+        return self._call("GET", "/healthz", shape.HEALTH, api=False)
 
     def ready(self) -> Health:
         """GET /readyz; ``ok`` is False (no exception) while the server drains."""
-        return self._call("GET", "/readyz", _ready, api=False)
+        return self._call("GET", "/readyz", shape.ready, api=False)
 
     def version(self) -> Version:
         """GET /version."""
-        return self._call("GET", "/version", _VERSION)
+        return self._call("GET", "/version", shape.VERSION)
 
     def openapi(self) -> dict[str, Any]:
         """GET /openapi.json, decoded."""
-        return self._call("GET", "/openapi.json", _OPENAPI, api=False)
+        return self._call("GET", "/openapi.json", shape.OPENAPI, api=False)
 
     def whoami(self) -> WhoAmI:
         """GET /whoami: who the server sees calling and the scopes it holds (needs no scope)."""
-        return self._call("GET", "/whoami", _WHOAMI)
+        return self._call("GET", "/whoami", shape.WHOAMI)
 
     def get(self, path: str) -> RawResponse:
         """A raw GET of ``path``; error statuses are returned, not raised."""
-        return self._call("GET", _raw_path(path), _raw, api=False)
+        return self._call("GET", shape.raw_path(path), shape.raw, api=False)
 
     def close(self) -> None:
         """Close pooled connections (a caller's ``http_client`` stays open: it is theirs)."""
@@ -204,17 +155,13 @@ class Client(_Base):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
 class AsyncClient(_Base):
-    """The asyncio (or trio) twin of :class:`Client`; share one instance between tasks.
-
-    Tasks beyond ``max_connections`` queue for a connection. ``timeout`` bounds each whole request.
-    """
+    """The asyncio (or trio) twin of :class:`Client`, each method as its namesake there; share
+    one instance between tasks. Tasks beyond ``max_connections`` queue for a connection."""
 
     _http: httpx2.AsyncClient
 
@@ -236,8 +183,7 @@ class AsyncClient(_Base):
         self._negotiation: anyio.Lock | None = None
 
     async def _api(self, path: str) -> str:
-        """``path`` under the negotiated API version (pinging the server first, once: concurrent
-        first calls wait for that one ping)."""
+        """As :meth:`Client._api`: concurrent first calls wait for the one ping."""
         prefix = self._prefix
         if prefix is None:
             if self._negotiation is None:
@@ -249,36 +195,20 @@ class AsyncClient(_Base):
         return prefix + path
 
     async def api_version(self) -> int | None:
-        """As :meth:`Client.api_version`."""
         prefix = await self._api("")
         return int(prefix[2:]) if prefix else None
 
-    async def _request(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        timeouts: httpx2.Timeout | None = None,
-        stream: bool = False,
-    ) -> _Answer:
-        started = time.monotonic()
-        budget = Budget(started + self.timeout)
-        token = REQUEST.set(budget)
-        # Our own backend bounds each step by the budget and marks it when it connects; another
-        # transport gets a cancel scope around the request, and a trace for the retry.
-        tracker = None if self._owns_http else ReuseTracker()
+    async def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
+        started, budget, token, tracker = self._start()
         retried = False
         try:
-            atrace = None if tracker is None else tracker.atrace
-            request = self._build(method, url, content, headers, timeouts, atrace)
+            request = self._build(method, url, tracker and tracker.atrace, **options)
+            # Our own backend bounds each step by the budget; another transport gets a cancel scope.
             with contextlib.nullcontext() if tracker is None else anyio.fail_after(self.timeout):
                 try:
                     answer = await self._read(request, method, url, stream)
                 except httpx2.TransportError as exc:
-                    opened = budget.opened if tracker is None else tracker.opened
-                    if not self._retrying(exc, opened, method, url):
+                    if not self._retrying(exc, budget, tracker, method, url):
                         raise
                     retried = True
                     answer = await self._read(request, method, url, stream)
@@ -296,70 +226,54 @@ class AsyncClient(_Base):
         try:
             if self._declared_fits(response, method, url):
                 return _Answer(response, await response.aread())
-            return _Answer(response, await self._body(response.aiter_bytes(), method, url))
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                self._cap(len(body), method, url)
+            return _Answer(response, bytes(body))
         finally:
             await response.aclose()
 
-    async def _body(self, chunks: AsyncIterator[bytes], method: str, url: str) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                raise self._too_large(method, url)
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def _call(
-        self, method: str, path: str, parse: Callable[[_Answer], _T], *, api: bool = True, **body: Any
-    ) -> _T:
+    async def _call(self, method: str, path: str, parse: Parser[_T], *, api: bool = True, **body: Any) -> _T:
         return parse(await self._request(method, await self._api(path) if api else path, **body))
 
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
-        """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
-        return await self._call("POST", "/messages", _MESSAGE, **_send_body(text, idempotency_key))
+        return await self._call("POST", "/messages", shape.MESSAGE, **shape.send_body(text, idempotency_key))
 
     async def messages(self, limit: int | None = None) -> list[Message]:
-        """GET /messages: the most recent ``limit`` messages, oldest first."""
-        return await self._call("GET", _messages_path(limit), _MESSAGES)
+        return await self._call("GET", shape.messages_path(limit), shape.MESSAGES)
 
     async def message(self, id: int) -> Message:
-        """GET /messages/{id}."""
-        return await self._call("GET", f"/messages/{int(id)}", _MESSAGE)
+        return await self._call("GET", f"/messages/{int(id)}", shape.MESSAGE)
 
     def events(
         self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR
     ) -> AsyncIterator[Event]:
-        """As :meth:`Client.events`."""
-        return follow_async(self._open_events, self.address, since, self.max_response_bytes, reconnect_for)
+        return Follow(self.address, since, self.max_response_bytes, reconnect_for).follow_async(
+            self._open_events
+        )
 
     async def _open_events(self, last_id: int | None) -> httpx2.Response:
         url = await self._api("/events")
         return self._stream(await self._request("GET", url, **self._events_options(last_id)))
 
     async def health(self) -> Health:
-        """GET /healthz."""
-        return await self._call("GET", "/healthz", _HEALTH, api=False)
+        return await self._call("GET", "/healthz", shape.HEALTH, api=False)
 
     async def ready(self) -> Health:
-        """GET /readyz; ``ok`` is False (no exception) while the server drains."""
-        return await self._call("GET", "/readyz", _ready, api=False)
+        return await self._call("GET", "/readyz", shape.ready, api=False)
 
     async def version(self) -> Version:
-        """GET /version."""
-        return await self._call("GET", "/version", _VERSION)
+        return await self._call("GET", "/version", shape.VERSION)
 
     async def openapi(self) -> dict[str, Any]:
-        """GET /openapi.json, decoded."""
-        return await self._call("GET", "/openapi.json", _OPENAPI, api=False)
+        return await self._call("GET", "/openapi.json", shape.OPENAPI, api=False)
 
     async def whoami(self) -> WhoAmI:
-        """GET /whoami: who the server sees calling and the scopes it holds (needs no scope)."""
-        return await self._call("GET", "/whoami", _WHOAMI)
+        return await self._call("GET", "/whoami", shape.WHOAMI)
 
     async def get(self, path: str) -> RawResponse:
-        """A raw GET of ``path``; error statuses are returned, not raised."""
-        return await self._call("GET", _raw_path(path), _raw, api=False)
+        return await self._call("GET", shape.raw_path(path), shape.raw, api=False)
 
     async def aclose(self) -> None:
         """Close pooled connections (only those of an httpx2 client this object built)."""
@@ -369,7 +283,5 @@ class AsyncClient(_Base):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -1,7 +1,5 @@
-"""The library's exceptions. Lower-layer (httpx2, socket) errors are mapped into these once.
-
-The CLI turns them into one line on stderr and an exit code (``exit_code`` on each class).
-"""
+"""The library's exceptions, each with the CLI's ``exit_code``; lower-layer (httpx2, socket)
+errors are mapped into these once."""
 
 from __future__ import annotations
 
@@ -28,11 +26,8 @@ class UsageError(ClientError):
 
 
 class ConnectError(ClientError):
-    """The socket could not be reached: missing, refused, permission denied, or timed out.
-
-    ``address`` is the socket URL (``unix:///csi/csi.sock``); ``reason`` a short phrase such as
-    ``"no such file"``, ``"connection refused"``, ``"permission denied"`` or ``"timed out"``.
-    """
+    """The socket could not be reached: ``address`` its URL, ``reason`` a short phrase such as
+    ``"no such file"``, ``"connection refused"``, ``"permission denied"`` or ``"timed out"``."""
 
     exit_code = 3
 
@@ -44,12 +39,10 @@ class ConnectError(ClientError):
 
     @classmethod
     def caused_by(cls, address: str, exc: BaseException) -> ConnectError:
-        """The error for ``exc``, its reason read from the first ``OSError`` in its cause chain."""
         return cls(address, reason_for(exc))
 
 
 _HINTS = {
-    "no such file": "Is the server running?",
     "connection refused": "The socket exists but nothing is serving it: is the server running?",
     "permission denied": "Check that your user is in the socket's group (ls -l on the socket).",
     "timed out": "The server did not answer in time: is it overloaded or stuck? Try --timeout.",
@@ -78,6 +71,7 @@ _ERRNO_REASONS = {
     errno.EPIPE: "connection closed by the server",
     errno.EAGAIN: "the server's listen backlog is full",
 }
+_TEXT_REASONS = ("no such file", "connection refused", "permission denied", "timed out")
 
 
 def reason_for(exc: BaseException) -> str:
@@ -94,22 +88,16 @@ def reason_for(exc: BaseException) -> str:
             return "connection closed by the server"
         current = current.__cause__ or current.__context__
     text = str(exc).lower()
-    for needle, reason in (
-        ("no such file", "no such file"),
-        ("connection refused", "connection refused"),
-        ("permission denied", "permission denied"),
-        ("timed out", "timed out"),
-        ("disconnected", "connection closed by the server"),
-    ):
-        if needle in text:
+    for reason in _TEXT_REASONS:
+        if reason in text:
             return reason
+    if "disconnected" in text:
+        return "connection closed by the server"
     return str(exc) or type(exc).__name__
 
 
 class APIError(ClientError):
     """The server answered with an error status; ``status`` and the server's ``message`` are kept."""
-
-    exit_code = 1
 
     def __init__(self, status: int, message: str, *, error: str | None = None, body: Any = None) -> None:
         self.status = status

@@ -1,11 +1,6 @@
-"""Following ``GET /events``: the iterators behind ``Client.events()`` and ``AsyncClient.events()``.
-
-Every event's id is remembered; when the stream drops (restart, ``shutdown``, ``overflow``, or
-:data:`READ_IDLE_TIMEOUT` of silence) the iterator connects again with ``Last-Event-ID``, backing
-off, and gives up after ``reconnect_for`` seconds without a stream. Only ``message`` and ``reset``
-events reach the caller. The stream is parsed by httpx2's :class:`httpx2.EventSource`. Details:
-docs/internals.md, "Client".
-"""
+"""Following ``GET /events`` on httpx2's :class:`httpx2.EventSource`: the iterators behind
+``Client.events()`` and ``AsyncClient.events()``, resuming from the last id after a drop, backing
+off, giving up after ``reconnect_for`` seconds without a stream (docs/internals.md, "Client")."""
 
 from __future__ import annotations
 
@@ -24,26 +19,20 @@ from client._models import Message
 
 log = logging.getLogger("client")
 
-READ_IDLE_TIMEOUT = 15.0
-"""Seconds without a byte (the server sends a heartbeat every 5 s) before the stream counts as dropped."""
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 2.0
-RECONNECT_FOR = 300.0
-"""Default seconds to keep trying to get a stream back (Kubernetes' crash-loop back-off tops at 5 min)."""
+READ_IDLE_TIMEOUT = 15.0  # seconds of silence (three missed heartbeats) before the stream counts as dropped
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds between attempts to reconnect, doubling
+RECONNECT_FOR = 300.0  # seconds to try to get a stream back: Kubernetes' crash-loop back-off tops at 5 min
 _WANTED = ("message", "reset")
 
-Opener = Callable[[int | None], httpx2.Response]
-"""Opens ``GET /events`` after the given id: a 200 still streaming, or raises :class:`ClientError`."""
+Opener = Callable[[int | None], httpx2.Response]  # GET /events after an id: a 200 streaming, or ClientError
 AsyncOpener = Callable[[int | None], Awaitable[httpx2.Response]]
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event of ``GET /events``: ``event`` is ``message`` or ``reset``; ``data`` its JSON text.
-
-    ``id`` is the message id for ``message``; for ``reset``, the id the stream goes on after (the
-    ``oldest`` message kept is ``id + 1``: list the messages again, some were missed).
-    """
+    """One event of ``GET /events``: ``event`` is ``message`` or ``reset``, ``data`` its JSON text,
+    ``id`` the message's, or for ``reset`` the one the stream goes on after (the oldest message
+    kept is ``id + 1``: list the messages again, some were missed)."""
 
     event: str
     id: int | None
@@ -64,19 +53,15 @@ class Event:
             raise ClientError(f"event {self.id} is not a message: {self.data[:200]!r}") from exc
 
 
-class _Follow:
-    """What the sync and async iterators share: the last id, the back-off and the give-up time."""
+class Follow:
+    """Following the stream after id ``since``: the last id, the back-off and the give-up time."""
 
     def __init__(self, address: str, since: int | None, max_bytes: int, reconnect_for: float) -> None:
         if since is not None and since < 0:
             raise ClientError(f"since must be 0 or more, not {since}")
-        self.address = address
-        self.last = since
-        self.max_bytes = max_bytes
-        self.reconnect_for = reconnect_for
+        self.address, self.last, self.max_bytes, self.reconnect_for = address, since, max_bytes, reconnect_for
         self.connected = False
-        self.received = False
-        """Whether the current connection brought any event."""
+        self.received = False  # whether the current connection brought any event
         self.lost_at: float | None = None
         self.delay = BACKOFF_FIRST
 
@@ -93,9 +78,7 @@ class _Follow:
 
     def take(self, sse: httpx2.ServerSentEvent) -> Event | None:
         """The event for the caller, if it is one; remembers its id either way."""
-        if not sse.data:
-            # No data: the stream's opening ``retry:``, or a field without an event (WHATWG
-            # dispatches none); the server never sends an event with empty data.
+        if not sse.data:  # the opening ``retry:``, or a field without an event (WHATWG dispatches none)
             return None
         event_id = None
         if sse.id:
@@ -148,62 +131,48 @@ class _Follow:
         self.delay = min(self.delay * 2, BACKOFF_MAX)
         return delay
 
+    def follow(self, open_stream: Opener) -> Iterator[Event]:
+        """The events ``open_stream`` brings, after id ``since``, for ever (``Client.events``)."""
+        while True:
+            try:
+                response = open_stream(self.last)
+            except ClientError as exc:
+                time.sleep(self.retry_after(exc))
+                continue
+            broke = None
+            try:
+                for sse in self.source(response):
+                    if response.is_closed:
+                        break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
+                    if event := self.take(sse):
+                        yield event
+            except httpx2.SSEError as exc:
+                raise self.too_large() from exc
+            except (httpx2.TransportError, httpx2.StreamError) as exc:
+                broke = exc
+            finally:
+                response.close()
+            time.sleep(self.dropped(broke))
 
-def follow(
-    open_stream: Opener, address: str, since: int | None, max_bytes: int, reconnect_for: float
-) -> Iterator[Event]:
-    """The events ``open_stream`` brings, after id ``since``, for ever (``Client.events``)."""
-    state = _Follow(address, since, max_bytes, reconnect_for)
-    while True:
-        try:
-            response = open_stream(state.last)
-        except ClientError as exc:
-            time.sleep(state.retry_after(exc))
-            continue
-        broke = None
-        try:
-            for sse in state.source(response):
-                if response.is_closed:
-                    break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
-                event = state.take(sse)
-                if event is not None:
-                    yield event
-        except httpx2.SSEError as exc:
-            raise state.too_large() from exc
-        except (httpx2.TransportError, httpx2.StreamError) as exc:
-            broke = exc
-        finally:
-            response.close()
-        delay = state.dropped(broke)
-        if delay:
-            time.sleep(delay)
-
-
-async def follow_async(
-    open_stream: AsyncOpener, address: str, since: int | None, max_bytes: int, reconnect_for: float
-) -> AsyncIterator[Event]:
-    """The events ``open_stream`` brings, after id ``since``, for ever (``AsyncClient.events``)."""
-    state = _Follow(address, since, max_bytes, reconnect_for)
-    while True:
-        try:
-            response = await open_stream(state.last)
-        except ClientError as exc:
-            await anyio.sleep(state.retry_after(exc))
-            continue
-        broke = None
-        try:
-            async for sse in state.source(response):
-                if response.is_closed:
-                    break  # as in follow()
-                event = state.take(sse)
-                if event is not None:
-                    yield event
-        except httpx2.SSEError as exc:
-            raise state.too_large() from exc
-        except (httpx2.TransportError, httpx2.StreamError) as exc:
-            broke = exc
-        finally:
-            await response.aclose()
-        delay = state.dropped(broke)
-        if delay:
-            await anyio.sleep(delay)
+    async def follow_async(self, open_stream: AsyncOpener) -> AsyncIterator[Event]:
+        """As :meth:`follow`, for ``AsyncClient.events``."""
+        while True:
+            try:
+                response = await open_stream(self.last)
+            except ClientError as exc:
+                await anyio.sleep(self.retry_after(exc))
+                continue
+            broke = None
+            try:
+                async for sse in self.source(response):
+                    if response.is_closed:
+                        break  # as in follow()
+                    if event := self.take(sse):
+                        yield event
+            except httpx2.SSEError as exc:
+                raise self.too_large() from exc
+            except (httpx2.TransportError, httpx2.StreamError) as exc:
+                broke = exc
+            finally:
+                await response.aclose()
+            await anyio.sleep(self.dropped(broke))

@@ -18,11 +18,8 @@ def _object(data: Any, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The credentials (SO_PEERCRED) of the process that sent a message.
-
-    ``forwarded_for`` is set when that process is ``uds-client proxy``: the user it admitted
-    (``pid`` 0 and ``gid`` -1 when the proxy could not see them).
-    """
+    """The credentials (SO_PEERCRED) of the process that sent a message; ``forwarded_for`` is the
+    user that ``uds-client proxy`` admitted (``pid`` 0 and ``gid`` -1 when it could not see them)."""
 
     pid: int
     uid: int
@@ -33,12 +30,8 @@ class Peer:
     def from_json(cls, data: Any) -> Peer:
         data = _object(data, "peer credentials")
         forwarded = data.get("forwarded_for")
-        return cls(
-            pid=int(data["pid"]),
-            uid=int(data["uid"]),
-            gid=int(data["gid"]),
-            forwarded_for=None if forwarded is None else cls.from_json(forwarded),
-        )
+        behind = None if forwarded is None else cls.from_json(forwarded)
+        return cls(pid=int(data["pid"]), uid=int(data["uid"]), gid=int(data["gid"]), forwarded_for=behind)
 
     def to_json(self) -> dict[str, Any]:
         """The credentials as the server spells them."""
@@ -86,11 +79,13 @@ class Health:
 
     @classmethod
     def from_json(cls, data: Any, http_status: int) -> Health:
-        data = _object(data, "a health status")
-        status = data.get("status")
+        status = _object(data, "a health status").get("status")
         if not isinstance(status, str):
             status = str(data.get("error") or "unavailable")
         return cls(status=status, ok=http_status == 200)
+
+
+_COMPONENTS = ("app", "python", "uvicorn", "fastapi")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,29 +101,18 @@ class Version:
     @classmethod
     def from_json(cls, data: Any) -> Version:
         data = _object(data, "versions")
-        known = ("app", "python", "uvicorn", "fastapi")
-        missing = [name for name in known if not isinstance(data.get(name), str)]
+        missing = [name for name in _COMPONENTS if not isinstance(data.get(name), str)]
         if missing:
             raise KeyError(f"no version string for {', '.join(missing)}")
-        extra = {k: v for k, v in data.items() if k not in known}
-        return cls(
-            app=data["app"],
-            python=data["python"],
-            uvicorn=data["uvicorn"],
-            fastapi=data["fastapi"],
-            extra=extra,
-        )
+        extra = {k: v for k, v in data.items() if k not in _COMPONENTS}
+        return cls(**{name: data[name] for name in _COMPONENTS}, extra=extra)
 
 
 @dataclass(frozen=True, slots=True)
 class WhoAmI:
-    """The caller as the server sees it (``GET /whoami``) and the scopes it holds: ``read``,
-    ``write``, ``events``, ``metrics``. Over TCP ``uid``, ``gid`` and ``pid`` are None.
-
-    Through ``uds-client proxy``, ``uid``/``gid``/``pid`` are the proxy's, ``forwarded_for`` the
-    user it speaks for, and ``scopes`` and ``forwarded_scopes`` those both hold (the server never
-    shows the named user's scopes beyond the caller's own: anyone may send the header).
-    """
+    """The caller as the server sees it (``GET /whoami``; ids None over TCP) and the scopes it holds
+    (``read``, ``write``, ``events``, ``metrics``). Through ``uds-client proxy``, the ids are the
+    proxy's, ``forwarded_for`` the user it speaks for, and both scope lists what both hold."""
 
     uid: int | None
     gid: int | None
@@ -142,15 +126,9 @@ class WhoAmI:
     def from_json(cls, data: Any) -> WhoAmI:
         data = _object(data, "an identity")
         forwarded = data.get("forwarded_for")
-
-        def number(name: str) -> int | None:
-            value = data.get(name)
-            return None if value is None else int(value)
-
+        ids = {name: None if data.get(name) is None else int(data[name]) for name in ("uid", "gid", "pid")}
         return cls(
-            uid=number("uid"),
-            gid=number("gid"),
-            pid=number("pid"),
+            **ids,
             groups=tuple(int(group) for group in data.get("groups") or ()),
             scopes=tuple(str(scope) for scope in data["scopes"]),
             forwarded_for=None if forwarded is None else Peer.from_json(forwarded),

@@ -1,8 +1,6 @@
-"""httpx2's Unix-socket transports, ``HTTPTransport(uds=...)``, set up for the socket, and the
-mapping of their errors: no CA bundle, a deadline per whole request (:data:`REQUEST`), no socket
-leaked by a failed connect, idle connections dropped before the server's keep-alive ends and a
-reused one found closed retried once. Why each: docs/internals.md, "Client".
-"""
+"""httpx2's Unix-socket transports, ``HTTPTransport(uds=...)``, set up for the socket: no CA
+bundle, a deadline per whole request (:data:`REQUEST`), no socket leaked by a failed connect, idle
+connections dropped before the server's; and the mapping of their errors (docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import time
 from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpcore2
 import httpx2
@@ -24,6 +22,7 @@ BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
 
 _BARE_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+_Transport = TypeVar("_Transport", httpx2.HTTPTransport, httpx2.AsyncHTTPTransport)
 
 
 @dataclass(slots=True)
@@ -38,32 +37,34 @@ REQUEST: ContextVar[Budget | None] = ContextVar("uds_client_request", default=No
 """The :class:`Budget` of the request running in this thread or task, if any."""
 
 
-def _remaining(timeout: float | None) -> float | None:
-    """``timeout`` cut to what is left of the request's deadline; TimeoutError once it has passed."""
+def _remaining(timeout: float | None, late: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of the request's deadline; ``late`` once it has passed."""
     budget = REQUEST.get()
     if budget is None:
         return timeout
     left = budget.deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError("the request's deadline has passed")
+        raise late("the request's deadline has passed")
     return left if timeout is None or timeout > left else timeout
 
 
-def _opening() -> None:
+def _connecting(timeout: float | None) -> float | None:
+    """Mark the request as opening a connection; what is left of its deadline for the connect."""
     budget = REQUEST.get()
     if budget is not None:
         budget.opened = True
+    return _remaining(timeout, httpcore2.ConnectTimeout)
 
 
 class UnixStream(httpcore2.NetworkStream):
-    """A connected AF_UNIX socket whose reads and writes respect the request's deadline (:data:`REQUEST`)."""
+    """A connected AF_UNIX socket whose reads and writes respect the request's deadline."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
-            self._sock.settimeout(_remaining(timeout))
+            self._sock.settimeout(_remaining(timeout, httpcore2.ReadTimeout))
             return self._sock.recv(max_bytes)
         except TimeoutError as exc:
             raise httpcore2.ReadTimeout(exc) from exc
@@ -74,7 +75,7 @@ class UnixStream(httpcore2.NetworkStream):
         view = memoryview(buffer)
         try:
             while view:
-                self._sock.settimeout(_remaining(timeout))
+                self._sock.settimeout(_remaining(timeout, httpcore2.WriteTimeout))
                 view = view[self._sock.send(view) :]
         except TimeoutError as exc:
             raise httpcore2.WriteTimeout(exc) from exc
@@ -104,12 +105,12 @@ class UnixBackend(httpcore2.SyncBackend):
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore2.NetworkStream:
-        _opening()
+        left = _connecting(timeout)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             for option in socket_options or ():
                 sock.setsockopt(*option)
-            sock.settimeout(_remaining(timeout))
+            sock.settimeout(left)
             sock.connect(path)
         except TimeoutError as exc:
             sock.close()
@@ -128,18 +129,10 @@ class AsyncDeadlineStream(httpcore2.AsyncNetworkStream):
 
     # httpcore2's interface passes each step its timeout (hence the noqa).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        try:
-            left = _remaining(timeout)
-        except TimeoutError as exc:
-            raise httpcore2.ReadTimeout(exc) from exc
-        return await self._inner.read(max_bytes, left)
+        return await self._inner.read(max_bytes, _remaining(timeout, httpcore2.ReadTimeout))
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        try:
-            left = _remaining(timeout)
-        except TimeoutError as exc:
-            raise httpcore2.WriteTimeout(exc) from exc
-        await self._inner.write(buffer, left)
+        await self._inner.write(buffer, _remaining(timeout, httpcore2.WriteTimeout))
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -154,59 +147,46 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
     async def connect_unix_socket(
         self,
         path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's interface
+        timeout: float | None = None,  # noqa: ASYNC109
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        _opening()
-        try:
-            left = _remaining(timeout)
-        except TimeoutError as exc:
-            raise httpcore2.ConnectTimeout(exc) from exc
-        stream = await super().connect_unix_socket(path, timeout=left, socket_options=socket_options)
+        stream = await super().connect_unix_socket(path, _connecting(timeout), socket_options)
         return AsyncDeadlineStream(stream)
 
 
-def _use_pool(
-    transport: httpx2.HTTPTransport | httpx2.AsyncHTTPTransport,
-    pool: httpcore2.ConnectionPool | httpcore2.AsyncConnectionPool,
-) -> None:
-    """Give ``transport`` the httpcore2 ``pool`` built with our backend, in place of its own.
-
-    The one private hook of this package: ``HTTPTransport`` takes no ``network_backend``, while
-    httpcore2's pool does (publicly). tests/client/test_transport.py fails when httpx2 moves the
-    attribute, or grows a public way to do this.
-    """
-    if type(getattr(transport, "_pool", None)) is not type(pool):
+def _use_pool(transport: _Transport, backend: Any, path: str, max_connections: int | None) -> _Transport:
+    """Give ``transport`` an httpcore2 pool on ``backend`` in place of its own, and return it: the
+    one private hook of this package, as ``HTTPTransport`` takes no ``network_backend``
+    (tests/client/test_transport.py fails when httpx2 moves the attribute or takes one)."""
+    sync = isinstance(transport, httpx2.HTTPTransport)
+    kind = httpcore2.ConnectionPool if sync else httpcore2.AsyncConnectionPool
+    if type(getattr(transport, "_pool", None)) is not kind:
         raise RuntimeError(
-            f"httpx2's {type(transport).__name__} no longer keeps a {type(pool).__name__} in "
+            f"httpx2's {type(transport).__name__} no longer keeps a {kind.__name__} in "
             "_pool; update client._transport for this httpx2 version"
         )
-    transport._pool = pool
-
-
-def _pool_options(path: str, max_connections: int | None) -> dict[str, Any]:
-    """The socket, no CA bundle, idle connections kept less long than the server keeps them."""
-    limit = {"max_connections": max_connections, "max_keepalive_connections": max_connections}
-    return {"ssl_context": _BARE_TLS, "uds": path, "keepalive_expiry": KEEPALIVE_EXPIRY, **limit}
+    # No CA bundle; idle connections kept less long than the server keeps them.
+    transport._pool = kind(
+        network_backend=backend,
+        ssl_context=_BARE_TLS,
+        uds=path,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+    )
+    return transport
 
 
 def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
     """``httpx2.HTTPTransport(uds=path)`` on :class:`UnixBackend`."""
     transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    pool = httpcore2.ConnectionPool(network_backend=UnixBackend(), **_pool_options(path, max_connections))
-    _use_pool(transport, pool)
-    return transport
+    return _use_pool(transport, UnixBackend(), path, max_connections)
 
 
 def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.AsyncHTTPTransport:
     """``httpx2.AsyncHTTPTransport(uds=path)`` on :class:`AsyncUnixBackend`."""
     transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    backend = AsyncUnixBackend()
-    _use_pool(
-        transport,
-        httpcore2.AsyncConnectionPool(network_backend=backend, **_pool_options(path, max_connections)),
-    )
-    return transport
+    return _use_pool(transport, AsyncUnixBackend(), path, max_connections)
 
 
 @dataclass(slots=True)
@@ -218,14 +198,8 @@ class ReuseTracker:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         self.opened = self.opened or event.startswith("connection.connect_")
 
-    async def atrace(self, event: str, info: dict[str, Any]) -> None:
-        """The same, for async transports (httpcore2 wants a coroutine function there)."""
+    async def atrace(self, event: str, info: dict[str, Any]) -> None:  # async transports want a coroutine
         self(event, info)
-
-
-def is_stale_error(exc: BaseException) -> bool:
-    """True for the httpx2 errors that a keep-alive connection closed by the server produces."""
-    return isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
 
 
 def mapped_error(exc: BaseException, address: str) -> ClientError:

@@ -1,16 +1,15 @@
 """Parse the socket address shared by the server and the client (stdlib only).
 
-Accepted, like ``DOCKER_HOST``: a bare absolute path, ``unix:///path`` (and the lax ``unix:/path``;
-``unix://csi/x`` is rejected: ``csi`` would be a host), and ``http+unix://%2Fpath`` with an ignored
-path suffix. Schemes are case-insensitive; anything else raises :class:`AddressError` quoting the
-value and saying what to write instead.
+Accepted, like ``DOCKER_HOST``: a bare absolute path, ``unix:///path`` (and the lax ``unix:/path``,
+but not ``unix://csi/x``, whose ``csi`` is a host), and ``http+unix://%2Fpath``; anything else
+raises :class:`AddressError` quoting the value and saying what to write instead.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from urllib.parse import unquote
 
 from client._errors import UsageError
@@ -34,18 +33,14 @@ _EXPECTED = "expected unix:///path/to.sock or an absolute path"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _TCP = {"tcp", "http", "https"}
 
-_Bad = Callable[[str], "AddressError"]
-
 
 class AddressError(ValueError):
     """The socket address is not one we understand."""
 
 
 def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``.
-
-    Raises :class:`~client.UsageError` quoting a value that is not a socket address.
-    """
+    """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``;
+    :class:`~client.UsageError` quoting a value that is not a socket address."""
     env = os.environ if environ is None else environ
     value = socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS)
     try:
@@ -57,8 +52,6 @@ def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None 
 def parse_address(value: str) -> str:
     """Return the absolute socket path named by ``value``.
 
-    >>> parse_address("unix:///csi/csi.sock")
-    '/csi/csi.sock'
     >>> parse_address("http+unix://%2Fcsi%2Fcsi.sock")
     '/csi/csi.sock'
     """
@@ -71,13 +64,25 @@ def parse_address(value: str) -> str:
         raise bad(_EXPECTED)
     if "\x00" in raw:
         raise bad("it contains a NUL byte")
-    scheme, sep, rest = raw.partition(":")
+    scheme, sep, path = raw.partition(":")
     scheme = scheme.lower() if sep else ""
-    path: str
     if scheme == "http+unix":
-        path = _http_unix_path(rest, bad)
+        if not path.startswith("//"):
+            raise bad(
+                "http+unix needs the percent-encoded path as the host, as in http+unix://%2Fcsi%2Fcsi.sock"
+            )
+        host = path[2:].partition("/")[0].partition("?")[0].partition("#")[0]
+        if not host:
+            raise bad("http+unix:// names no socket; encode the path as in http+unix://%2Fcsi%2Fcsi.sock")
+        try:
+            path = unquote(host, errors="strict")
+        except UnicodeDecodeError:
+            raise bad("the percent-encoding is not valid UTF-8") from None
+        if "\x00" in path:
+            raise bad("the decoded path contains a NUL byte")
+        if not path.startswith("/"):
+            raise bad(f"the decoded path {path!r} is not absolute; encode the leading slash as %2F")
     elif scheme == "unix":
-        path = rest
         if path == "//":
             raise bad("unix:// names no socket; write unix:///path/to.sock")
         if path.startswith("//") and not path.startswith("///"):
@@ -94,35 +99,11 @@ def parse_address(value: str) -> str:
         raise bad(f"scheme {name!r} is not supported; use unix:///path/to.sock{hint}")
     else:
         path = raw
-    return _check_path(path, bad)
-
-
-def _http_unix_path(rest: str, bad: _Bad) -> str:
-    if not rest.startswith("//"):
-        raise bad("http+unix needs the percent-encoded path as the host, as in http+unix://%2Fcsi%2Fcsi.sock")
-    host = rest[2:].partition("/")[0].partition("?")[0].partition("#")[0]
-    if not host:
-        raise bad("http+unix:// names no socket; encode the path as in http+unix://%2Fcsi%2Fcsi.sock")
-    try:
-        path = unquote(host, errors="strict")
-    except UnicodeDecodeError:
-        raise bad("the percent-encoding is not valid UTF-8") from None
-    if "\x00" in path:
-        raise bad("the decoded path contains a NUL byte")
-    if not path.startswith("/"):
-        raise bad(f"the decoded path {path!r} is not absolute; encode the leading slash as %2F")
-    return path
-
-
-def _check_path(path: str, bad: _Bad) -> str:
     if not path.startswith("/"):
         raise bad(f"the socket path must be absolute; {_EXPECTED}")
-    if path.endswith("/"):
-        raise bad("the path names a directory; add the socket's file name, as in /csi/csi.sock")
-    # Drop repeated slashes and "." only: ".." stays, since collapsing it lexically would be wrong
-    # when a directory on the way is a symbolic link.
-    path = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
-    if path == "/":
+    # Only repeated slashes and "." go: ".." stays, as a directory on the way may be a link.
+    directory, path = (path.endswith("/"), "/" + "/".join(p for p in path.split("/") if p not in ("", ".")))
+    if directory or path == "/":
         raise bad("the path names a directory; add the socket's file name, as in /csi/csi.sock")
     try:
         size = len(os.fsencode(path))

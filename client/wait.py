@@ -1,9 +1,5 @@
-"""The one wait loop: poll with exponential backoff until a deadline (stdlib only).
-
-:func:`poll` is generic; :func:`wait_for_socket` polls the server's socket with the raw probe (in a
-Pod the client container may start before the server has bound ``/csi/csi.sock``). ``uds-client
---wait``, ``app.serving.spawn`` and the tests all wait through :func:`poll`.
-"""
+"""The one wait loop (:func:`poll`, stdlib only), and :func:`wait_for_socket`, which polls the
+server's socket with the raw probe: in a Pod the client may start before the server binds it."""
 
 from __future__ import annotations
 
@@ -30,12 +26,9 @@ def poll(
     max_delay: float = 0.2,
     on_retry: Callable[[BaseException | None, float], None] | None = None,
 ) -> T:
-    """Call ``check`` until it returns something other than None or False, and return that.
-
-    ``retry_on`` exceptions count as "not yet"; others propagate. The pause doubles from
-    ``first_delay`` to ``max_delay``, never past the deadline; ``on_retry(last exception or None,
-    pause)`` runs before each. After ``timeout`` seconds: :class:`TimeoutError` from the last exception.
-    """
+    """Call ``check`` until it returns something but None or False, and return that; ``retry_on``
+    exceptions count as "not yet". The pause doubles from ``first_delay`` to ``max_delay``, after
+    ``on_retry(last exception or None, pause)``; after ``timeout`` s, :class:`TimeoutError`."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     delay = first_delay
@@ -68,9 +61,7 @@ def wait_for_socket(
     on_retry: Callable[[str, float], None] | None = None,
 ) -> float:
     """Poll ``GET /healthz`` until the server answers (any status); return the seconds waited.
-
-    As :func:`poll`, with ``on_retry(reason, delay)``; on the deadline :class:`WaitTimeout`.
-    """
+    As :func:`poll`, with ``on_retry(reason, delay)``; on the deadline :class:`WaitTimeout`."""
     started = time.monotonic()
     deadline = started + timeout
 
@@ -78,18 +69,13 @@ def wait_for_socket(
         probe(path, timeout=max(min(deadline - time.monotonic(), 5.0), 0.05))
         return True
 
-    def retrying(last: BaseException | None, pause: float) -> None:
+    def tell(last: BaseException | None, pause: float) -> None:
         if on_retry is not None and isinstance(last, ConnectError):
             on_retry(last.reason, pause)
 
     try:
         poll(
-            answered,
-            timeout,
-            what=to_url(path),
-            first_delay=first_delay,
-            max_delay=max_delay,
-            on_retry=retrying,
+            answered, timeout, what=to_url(path), first_delay=first_delay, max_delay=max_delay, on_retry=tell
         )
     except TimeoutError as exc:
         last = exc.__cause__

@@ -1,8 +1,5 @@
-"""The ``uds-client`` command and its tools: the only part of ``client`` that prints or exits.
-
-``_main`` is the entry point, ``_commands`` the API commands; ``proxy`` and ``docs_export`` are
-imported only when their command runs.
-"""
+"""The ``uds-client`` command (``_main``, with the API commands in ``_commands``; ``proxy`` and
+``docs_export`` load only when they run): the only part of ``client`` that prints or exits."""
 
 from client.cli._main import build_parser, main
 

@@ -1,6 +1,5 @@
 """The API commands of ``uds-client`` and how they print: one line per item, text from the server
-with its control characters escaped (docs/internals.md, "Client"). Standard library only at the top.
-"""
+with its control characters escaped (docs/internals.md, "Client"). Standard library only at the top."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import argparse
 import os
 import sys
 
-from client._errors import APIError, ClientError
+from client._errors import APIError, ClientError, UsageError
 from client.address import to_url
 
 # Not typing.TYPE_CHECKING: importing typing costs every probe; mypy honours this name.
@@ -18,8 +17,7 @@ if TYPE_CHECKING:
 
     from client._client import Client
 
-# What can move the cursor, rewrite a line or reorder it on a terminal: C0, DEL, C1, the line
-# separators and the bidirectional overrides.
+# What can move the cursor, rewrite a line or reorder it: C0, DEL, C1, line separators, bidi overrides.
 _CONTROLS = (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _CONTROLS}
 _ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
@@ -34,14 +32,6 @@ def _clean(text: str) -> str:
 
 def _error(text: str) -> None:
     print(f"Error: {_clean(text)}", file=sys.stderr, flush=True)
-
-
-class _Exit(Exception):
-    """Leave with ``code`` after printing ``message`` (local failures, not the server's)."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -77,10 +67,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     def send_once(client: Client) -> None:
         message = client.send(args.text)
-        print(
-            _dumps(message.to_json()) if args.json else f"📥 Client received: {_clean(message.reply)}",
-            flush=True,
-        )
+        line = _dumps(message.to_json()) if args.json else f"📥 Client received: {_clean(message.reply)}"
+        print(line, flush=True)
 
     with _client(args) as client:
         send_once(client)
@@ -183,7 +171,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8") as out:
             out.write(text)
     except OSError as exc:
-        raise _Exit(f"cannot write {args.output}: {exc.strerror or exc}", 2) from exc
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from exc
     return 0
 
 

@@ -1,9 +1,6 @@
-"""``uds-client``: talk to the server on its Unix socket, like ``docker`` talks to docker.sock.
-
-The entry point: options, dispatch and exit codes (0 ok, 1 the server answered an error, 2 usage,
-3 cannot reach the socket), errors as one line on stderr (``--debug`` adds the traceback and a log
-line per request). The top level imports the standard library only, for the ``health`` probe.
-"""
+"""``uds-client``'s entry point: options, dispatch, exit codes (0 ok, 1 the server answered an
+error, 2 usage, 3 cannot reach the socket) and one error line on stderr (``--debug`` adds tracebacks
+and a log line per request). Standard library only at the top, for the ``health`` probe."""
 
 from __future__ import annotations
 
@@ -13,22 +10,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from client._errors import APIError, ClientError
+from client._errors import APIError, ClientError, UsageError
 from client.address import DEFAULT_ADDRESS, ENV_VAR, resolve_socket, to_url
-from client.cli._commands import (
-    _api_error,
-    _clean,
-    _error,
-    _Exit,
-    cmd_events,
-    cmd_get,
-    cmd_health,
-    cmd_messages,
-    cmd_openapi,
-    cmd_send,
-    cmd_version,
-    cmd_whoami,
-)
+from client.cli import _commands
+from client.cli._commands import _api_error, _clean, _error
 
 # Not typing.TYPE_CHECKING: importing typing costs every probe; mypy honours this name.
 TYPE_CHECKING = False
@@ -65,28 +50,21 @@ _id = _number(lambda t: int(t, 10), "a message id", lambda v: v >= 0, "0 or more
 class _Formatter(argparse.HelpFormatter):
     """argparse's help formatter, learning the width without importing shutil (lzma, bz2)."""
 
-    def __init__(
-        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
-    ) -> None:
-        if width is None:
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            width = 0
+        if width <= 0:
             try:
-                width = int(os.environ.get("COLUMNS", "0"))
-            except ValueError:
-                width = 0
-            if width <= 0:
-                try:
-                    width = os.get_terminal_size(sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
-                except (AttributeError, ValueError, OSError):
-                    width = 80
-            width = (width or 80) - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
+                width = os.get_terminal_size(sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
+            except (AttributeError, ValueError, OSError):
+                width = 80
+        super().__init__(prog, width=(width or 80) - 2)
 
 
 class _VersionAction(argparse.Action):
     """``--version``: read the installed version only when asked (importlib.metadata is not free)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
         from importlib.metadata import PackageNotFoundError, version
@@ -126,7 +104,7 @@ def _builtin(name: str, sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--ready", action="store_true", help="check readiness (/readyz) instead")
     if name in ("messages", "version", "whoami"):
         sub.add_argument("--json", action="store_true", help="print JSON")
-    sub.set_defaults(func=_RUN[name])
+    sub.set_defaults(func=getattr(_commands, f"cmd_{name}"))
 
 
 def _external(module_name: str, sub: argparse.ArgumentParser) -> None:
@@ -136,23 +114,12 @@ def _external(module_name: str, sub: argparse.ArgumentParser) -> None:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
-        raise _Exit(f"'{sub.prog}' is not available: module {module_name} is not installed", 2) from exc
+        raise UsageError(f"'{sub.prog}' is not available: module {module_name} is not installed") from exc
     module.add_arguments(sub)
     sub.set_defaults(func=module.run)
 
 
-_RUN = {
-    "send": cmd_send,
-    "messages": cmd_messages,
-    "events": cmd_events,
-    "version": cmd_version,
-    "whoami": cmd_whoami,
-    "openapi": cmd_openapi,
-    "get": cmd_get,
-    "health": cmd_health,
-}
 _EXTERNAL = {"proxy": "client.cli.proxy.command", "docs": "client.cli.docs_export"}
-# name -> (help, description)
 _COMMANDS: dict[str, tuple[str, str | None]] = {
     "send": (
         "send a message and print the server's reply",
@@ -190,12 +157,10 @@ _COMMANDS: dict[str, tuple[str, str | None]] = {
 
 def _command_in(argv: Sequence[str]) -> str | None:
     """The command named in argv (the first word that is not a global option or its value)."""
-    skip = False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in _VALUE_OPTIONS:
-            skip = True
+    words = iter(argv)
+    for word in words:
+        if word in _VALUE_OPTIONS:
+            next(words, None)
         elif word == "--":
             return None
         elif not word.startswith("-"):
@@ -212,29 +177,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Talk to the uds-example server over its Unix socket.",
         epilog="Exit codes: 0 ok, 1 the server answered an error, 2 usage, 3 cannot reach the socket.",
     )
-    parser.add_argument(
-        "--socket",
-        metavar="ADDRESS",
-        help=f"server socket: unix:///path, unix:/path, a bare absolute path or "
-        f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})",
+    where = "server socket: unix:///path, unix:/path, a bare absolute path or "
+    where += f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})"
+    parser.add_argument("--socket", metavar="ADDRESS", help=where)
+    whole = "give up on a request after SECONDS, whole: connect, send and the entire answer (default: 5)"
+    parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS", help=whole)
+    wait = (
+        "before the first request, wait up to SECONDS (backing off) for the "
+        "server to accept; exit 3 if it never does (default: 0, no waiting)"
     )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="give up on a request after SECONDS, whole: connect, send and the entire answer (default: 5)",
-    )
-    parser.add_argument(
-        "--wait",
-        type=_non_negative_float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before the first request, wait up to SECONDS (backing off) for the "
-        "server to accept; exit 3 if it never does (default: 0, no waiting)",
-    )
+    parser.add_argument("--wait", type=_non_negative_float, default=0.0, metavar="SECONDS", help=wait)
     parser.add_argument("--debug", action="store_true", help="log each request and show tracebacks")
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, description) in _COMMANDS.items():
         sub = commands.add_parser(
@@ -248,27 +202,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _enable_debug_logging() -> None:
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("client")
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-
-
 def _wait(args: argparse.Namespace) -> None:
     from client.wait import wait_for_socket
 
-    reported = False
+    said: list[str] = []  # one line, or one per attempt with --debug
 
     def on_retry(reason: str, delay: float) -> None:
-        nonlocal reported
-        if not reported or args.debug:
+        if not said or args.debug:
+            said.append(reason)
             where = _clean(to_url(args.socket))
             print(f"{PROG}: waiting up to {args.wait:g}s for {where} ({reason})", file=sys.stderr, flush=True)
-            reported = True
 
     wait_for_socket(args.socket, args.wait, on_retry=on_retry)
 
@@ -280,7 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(_command_in(words)).parse_args(words)
         if args.debug:
-            _enable_debug_logging()
+            import logging
+
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            logging.getLogger("client").addHandler(handler)
+            logging.getLogger("client").setLevel(logging.DEBUG)
         args.socket = resolve_socket(args.socket)
         if args.wait > 0:
             _wait(args)
@@ -290,8 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(_api_error(args, exc), exc.exit_code, debug)
     except ClientError as exc:
         return _fail(str(exc), exc.exit_code, debug)
-    except _Exit as exc:
-        return _fail(str(exc), exc.code, debug)
     except KeyboardInterrupt:
         return 130
 

@@ -1,9 +1,6 @@
-"""``uds-client docs --output DIR``: the API docs as files that open from ``file://``, no server needed.
-
-Writes ``index.html`` (Swagger UI, read-only), ``redoc.html``, ``openapi.json`` (the spec as
-served, also inlined in each page) and ``assets/`` (Swagger UI and ReDoc from the
-``fastapi-offline`` package). A Content-Security-Policy in each page lets it load only those files.
-"""
+"""``uds-client docs --output DIR``: the API docs as files that open from ``file://``: Swagger UI
+(read-only) and ReDoc pages with the spec inlined, ``openapi.json``, and ``assets/`` from the
+``fastapi-offline`` package; each page's Content-Security-Policy lets it load only those files."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ from client.address import to_url
 
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
 
-# The pages may load only the files next to them (file: when opened from disk, 'self' when served).
-# ReDoc 2 hard-codes one remote image (Redocly's logo, https://cdn.redoc.ly/...): this blocks it.
+# file: when opened from disk, 'self' when served; blocks ReDoc 2's one remote image (a logo).
 CSP = (
     "default-src 'none'; script-src 'self' file: 'unsafe-inline'; style-src 'self' file: 'unsafe-inline'; "
     "img-src 'self' file: data:; font-src 'self' file: data:; worker-src 'self' blob:; connect-src 'none'"
@@ -77,18 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output is "
         "a file or cannot be written; 3 the socket cannot be reached."
     )
-    parser.add_argument(
-        "--output",
-        "-o",
-        required=True,
-        metavar="DIR",
-        help="directory to write index.html (Swagger UI), redoc.html, openapi.json and "
-        "assets/ into; created if missing, existing files replaced",
-    )
+    where = "directory to write index.html (Swagger UI), redoc.html, openapi.json and assets/ into; "
+    where += "created if missing, existing files replaced"
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help=where)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fetch the spec over the socket and write the offline docs; print where they are."""
+    """Fetch the spec, write the offline docs, print where they are."""
     from client._client import Client
 
     with Client(args.socket, timeout=args.timeout) as client:
@@ -98,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
             f"{to_url(args.socket)} answered /openapi.json with something that is not an OpenAPI document"
         )
     written = export(spec, Path(args.output))
-    index = written[0]
     print(f"Wrote {', '.join(str(p) for p in written)}")
-    print(f"Open {index.resolve().as_uri()} (Swagger UI) or {written[1].resolve().as_uri()} (ReDoc)")
+    print(f"Open {written[0].resolve().as_uri()} (Swagger UI) or {written[1].resolve().as_uri()} (ReDoc)")
     sys.stdout.flush()
     return 0
 
@@ -125,14 +115,10 @@ def spec_script(spec: dict[str, Any]) -> str:
 _SCRIPT_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
 
 
-def _title(spec: dict[str, Any]) -> str:
-    info = spec.get("info")
-    title = info.get("title") if isinstance(info, dict) else None
-    return html.escape(str(title or "API"))
-
-
 def _render(spec: dict[str, Any], page: dict[str, str]) -> str:
-    return _PAGE.format(title=_title(spec), spec=spec_script(spec), csp=CSP, **page)
+    info = spec.get("info")
+    title = html.escape(str((info.get("title") if isinstance(info, dict) else None) or "API"))
+    return _PAGE.format(title=title, spec=spec_script(spec), csp=CSP, **page)
 
 
 def render_swagger(spec: dict[str, Any]) -> str:

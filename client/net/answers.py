@@ -19,12 +19,7 @@ def error_body(status: int, error: str, message: str, details: Any = None) -> by
 
 
 def error_response(
-    status: int,
-    error: str,
-    message: str,
-    *,
-    headers: Iterable[tuple[str, str]] = (),
-    head_only: bool = False,
+    status: int, error: str, message: str, *, headers: Iterable[tuple[str, str]] = (), head_only: bool = False
 ) -> bytes:
     """A whole HTTP/1.1 response carrying :func:`error_body`, with ``headers`` (such as
     ``("connection", "close")``) after its content headers; ``head_only``: without the body

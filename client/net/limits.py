@@ -11,10 +11,7 @@ FD_RESERVE = 64
 
 
 def raise_open_file_limit() -> tuple[int, int]:
-    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the ``(soft, hard)`` in force.
-
-    The usual soft limit (1024) lets a few hundred idle connections exhaust a process's files.
-    """
+    """Raise ``RLIMIT_NOFILE``'s soft limit (often 1024) to the hard one; return ``(soft, hard)``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -29,10 +26,7 @@ def connection_cap(
     requested: int | None, soft_limit: int, *, reserve: int = FD_RESERVE, files_each: int = 1
 ) -> int:
     """``requested`` (None: no wish), but at most what ``soft_limit`` leaves room for once ``reserve``
-    descriptors are kept free and each connection holds ``files_each``; at least 1.
-
-    Past the limit ``accept()`` fails silently, so the cap must stay below it.
-    """
+    are kept free, each connection holding ``files_each``; at least 1 (past the limit, accept fails)."""
     if soft_limit < 0 or soft_limit == resource.RLIM_INFINITY:
         room = 1 << 30
     else:

@@ -1,9 +1,6 @@
-"""The lingering close: after an answer that ends a connection, shut down writing, discard what
-the peer still sends (up to ``limit`` bytes, for up to ``seconds``), then close.
-
-Closing at once would make a client still writing its request fail with a broken pipe before it
-reads the answer (nginx's ``lingering_close``); nothing is parsed or kept meanwhile.
-"""
+"""The lingering close (nginx's ``lingering_close``): after an answer that ends a connection, shut
+down writing, discard what the peer still sends (up to ``limit`` bytes, for up to ``seconds``),
+then close, so that a client still writing its request reads the answer, not a broken pipe."""
 
 from __future__ import annotations
 
@@ -65,10 +62,8 @@ async def linger(
     seconds: float = SECONDS,
     limit: int = LIMIT,
 ) -> None:
-    """The lingering close of a stream connection; returns when the peer is done or the bounds hit.
-
-    The caller closes ``writer`` afterwards.
-    """
+    """The lingering close of a stream connection, returning when the peer is done or a bound is
+    hit; the caller closes ``writer`` afterwards."""
     if not _shut_write(writer.transport):
         return
     deadline = asyncio.get_running_loop().time() + seconds

@@ -5,35 +5,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 __all__ = ["Throttle"]
 
-_OTHERS = object()
-"""The key shared by every key past :attr:`Throttle.keys`."""
+_OTHERS = object()  # the key shared by every key past Throttle.keys
 
 
+@dataclass(slots=True)
 class _Kind:
-    __slots__ = ("args", "held", "last", "level", "message")
-
-    def __init__(self) -> None:
-        self.last = float("-inf")
-        """When the last line of this kind was written."""
-        self.held = 0
-        """Events held back since."""
-        self.level = logging.INFO
-        self.message = ""
-        self.args: tuple[object, ...] = ()
+    last: float = float("-inf")  # when the last line of this kind was written
+    held: int = 0  # events held back since
+    level: int = logging.INFO
+    message: str = ""
+    args: tuple[object, ...] = ()
 
 
 class Throttle:
-    """At most one line per ``period`` seconds for each ``key`` of one kind of event.
-
-    A refused request is worth a line, but a peer sending thousands of them must not flood the log
-    (or the node's disk): the first event of a period is written at once; the ones held back are
-    counted into the next line written (``... (and 3879 more like it in the last 10s)``), or into
-    the line :meth:`flush` writes for them. At most ``keys`` keys are tracked; the rest share one.
-    ``log`` is a logger, or a function that writes one finished line.
-    """
+    """At most one line per ``period`` seconds for each ``key`` of one kind of event: the first at
+    once, those held back counted into the next line (``... (and 3879 more like it in the last
+    10s)``) or :meth:`flush`'s. At most ``keys`` keys; the rest share one. ``log``: a logger, or a
+    function that writes one finished line."""
 
     __slots__ = ("_kinds", "_log", "keys", "period")
 
@@ -48,9 +40,16 @@ class Throttle:
     def log(self, level: int, message: str, *args: object, key: Hashable = None) -> bool:
         """Write ``message % args`` now, or count it for later; return whether it was written."""
         now = time.monotonic()
-        kind = self._kinds.get(key)
+        kinds = self._kinds
+        kind = kinds.get(key)
         if kind is None:
-            kind = self._kinds.setdefault(self._room(key, now), _Kind())
+            if len(kinds) >= self.keys:  # forget kinds quiet for a period, else share one key
+                for old in [
+                    k for k, kind in kinds.items() if not kind.held and now - kind.last >= self.period
+                ]:
+                    del kinds[old]
+                key = key if len(kinds) < self.keys else _OTHERS
+            kind = kinds.setdefault(key, _Kind())
         if now - kind.last < self.period:
             kind.held += 1
             kind.level, kind.message, kind.args = level, message, args
@@ -71,15 +70,6 @@ class Throttle:
                 self._write(kind.level, kind.message + (more if kind.held > 1 else ""), kind.args)
                 kind.held = 0
                 kind.last = now
-
-    def _room(self, key: Hashable, now: float) -> Hashable:
-        """``key``, once kinds quiet for a period are forgotten, if there is room for it."""
-        kinds = self._kinds
-        if len(kinds) < self.keys:
-            return key
-        for old in [k for k, kind in kinds.items() if not kind.held and now - kind.last >= self.period]:
-            del kinds[old]
-        return key if len(kinds) < self.keys else _OTHERS
 
     def _write(self, level: int, message: str, args: tuple[object, ...]) -> None:
         if isinstance(self._log, logging.Logger):

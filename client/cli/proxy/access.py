@@ -1,9 +1,5 @@
-"""Whether the proxy forwards a request: a pure function of its head, its caller and the rules.
-
-Host must be the proxy's own (DNS rebinding), Origin too if sent (cross-site pages), then the
-caller must be someone the socket's permissions admit, or hold the token printed at start. Why,
-and the threat model: docs/internals.md, "The proxy".
-"""
+"""Whether the proxy forwards a request: a pure function of its head, its caller and the rules
+(docs/internals.md, "The proxy": Host, Origin, then the caller's uid or the token)."""
 
 from __future__ import annotations
 
@@ -22,8 +18,7 @@ MAX_HEADERS = 100
 
 @dataclass(frozen=True, slots=True)
 class Rules:
-    """What the proxy admits: the ``Host`` values it answers to, its token, whether uids count, and
-    the socket's address (named in refusals)."""
+    """The ``Host`` values answered, the token, whether uids count, the socket's URL (for refusals)."""
 
     hosts: frozenset[str]
     token: str
@@ -33,7 +28,7 @@ class Rules:
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """The facts of a request head that the decision reads (:func:`head_of` gathers them)."""
+    """The facts of a request head that the decision reads."""
 
     target: bytes
     host: bytes | None = None
@@ -103,8 +98,7 @@ def decide(
         )
     in_url, target = split_token(head.target)
     given = head.token if head.token is not None else in_url
-    # A caller the uid check admits is admitted (and named) by uid, token or not: the docs page
-    # opened at the printed URL sends the token with every request.
+    # Admitted (and named) by uid, token or not: the docs page sends the token with every request.
     if not rules.token_only and caller is not None and may_connect:
         return Admit(target, "uid")
     if given is not None:
@@ -129,11 +123,8 @@ def _groups(caller: Caller) -> str:
 
 
 def split_token(target: bytes) -> tuple[bytes | None, bytes]:
-    """The last ``token=`` of the query of ``target``, and ``target`` without any.
-
-    Names are decoded as a page's ``URLSearchParams`` decodes them (``%74oken`` is ``token``), so
-    what the docs page reads as the token never reaches the socket; other parameters stay as sent.
-    """
+    """The last ``token=`` of the query of ``target``, and ``target`` without any; names decoded as
+    ``URLSearchParams`` does (``%74oken`` is ``token``), other parameters left as sent."""
     path, sep, query = target.partition(b"?")
     if not sep or (b"token" not in query and b"%" not in query):
         return None, target

@@ -1,10 +1,6 @@
-"""Who opened a loopback TCP connection: its owner uid, and the groups of a process holding it.
-
-The kernel names the owner of a TCP socket in this network namespace (``sock_diag``, as ``ss``
-does: an exact lookup by address pair, not a listing). The groups are those the kernel checks on
-``connect()``: the fsgid and supplementary groups of a process holding that socket; the account
-database is no substitute. Stdlib only, Linux only. Why: docs/internals.md, "The proxy".
-"""
+"""Who opened a loopback TCP connection: its owner uid (``sock_diag``, as ``ss`` asks), and the
+fsgid and groups of a process holding it, which ``connect()`` checks. Linux only; why:
+docs/internals.md, "The proxy"."""
 
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ __all__ = ["Caller", "find_caller", "tcp_owner"]
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
 _NLMSG = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
 _REQ = struct.Struct("=BBBBI")
@@ -34,26 +29,21 @@ _ALL_STATES = 0xFFFFFFFF
 # inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
 _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_TAIL_AT = 4 + 48
-_MAX_FDS = 1024
-"""Most open files of a process searched for a caller's socket: the usual default soft limit,
-which a process must raise to hold more."""
-_RECENT: deque[int] = deque(maxlen=16)
-"""Pids that held recent callers' sockets (threads may race on it: a miss only costs a full scan)."""
+_MAX_FDS = 1024  # most open files of a process searched: the usual soft limit
+_RECENT: deque[int] = deque(maxlen=16)  # pids of recent callers (a race only costs a full scan)
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The owner of a TCP connection: ``pid`` 0, ``gid`` -1 and ``groups`` None when no holding
-    process was visible."""
+    """The owner of a TCP connection, with the fsgid and groups of a process holding it; ``pid`` 0,
+    ``gid`` -1 and ``groups`` None when none was visible (``source`` ``none``) or searched for
+    (``skipped``: no group would change the verdict), else ``source`` is ``process``."""
 
     uid: int
     gid: int
     pid: int
     groups: frozenset[int] | None
-    """The fsgid and supplementary groups of the holding process; None when unknown."""
     source: str
-    """Where the groups come from: ``process`` (exact), ``none`` (no process visible) or ``skipped``
-    (no group would change the verdict)."""
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -80,7 +70,7 @@ def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[
         return None
     _, kind, _, _, _ = _NLMSG.unpack_from(answer)
     body = answer[_NLMSG.size :]
-    if kind == _NLMSG_ERROR or kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:
+    if kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:  # NLMSG_ERROR among others
         return None
     _, _, _, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_TAIL_AT)
     return uid, inode
@@ -96,8 +86,7 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
         return None
     attempts = [(family, (peer_ip, peer[1]), (local_ip, local[1]))]
     if family == socket.AF_INET and ":" in peer[0]:
-        # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d; an IPv6 caller may have
-        # dialled that mapped address too.
+        # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d, which an IPv6 one may dial too.
         mapped = [b"\0" * 10 + b"\xff\xff" + ip[:4] for ip in (peer_ip, local_ip)]
         attempts.append((socket.AF_INET6, (mapped[0], peer[1]), (mapped[1], local[1])))
     if local_family != family:
@@ -113,8 +102,7 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
 
 
 def _holds(pid: int, target: str) -> bool:
-    """Whether ``pid`` has ``target`` open. A process holding over :data:`_MAX_FDS` files is not
-    searched (False; the count stops there): its cost would be the caller's choice."""
+    """Whether ``pid`` has ``target`` open; not searched past :data:`_MAX_FDS` files (the caller's choice)."""
     fd_dir = f"/proc/{pid}/fd"
     fds: list[str] = []
     try:
@@ -133,8 +121,7 @@ def _holds(pid: int, target: str) -> bool:
 
 
 def _process_holding(inode: int) -> int | None:
-    """The pid of a visible process that has the socket with this inode open: those that held the
-    last callers' sockets first (a browser opens many), then all, newest first."""
+    """The pid of a visible process holding the socket ``inode``: recent callers' first, then all."""
     target = f"socket:[{inode}]"
     for pid in list(_RECENT):
         if _holds(pid, target):
@@ -151,21 +138,12 @@ def _process_holding(inode: int) -> int | None:
 
 def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
     """``(fsuid, fsgid, groups)`` from ``/proc/<pid>/status``; what the kernel checks on connect()."""
-    uid = gid = None
-    groups: frozenset[int] = frozenset()
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                if key == "Uid":
-                    uid = int(value.split()[3])
-                elif key == "Gid":
-                    gid = int(value.split()[3])
-                elif key == "Groups":
-                    groups = frozenset(int(g) for g in value.split())
-    except (OSError, ValueError, IndexError):
-        return None
-    if uid is None or gid is None:
+            fields = dict(line.partition(":")[::2] for line in status)
+        uid, gid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
+    except (OSError, ValueError, IndexError, KeyError):
         return None
     return uid, gid, groups | {gid}
 
@@ -173,10 +151,8 @@ def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
 def find_caller(
     peer: tuple[str, int], local: tuple[str, int], groups_matter: Callable[[int], bool] | None = None
 ) -> Caller | None:
-    """The owner of the TCP connection ``peer -> local`` with its groups, or None if not found.
-
-    When ``groups_matter(uid)`` is False, no process is searched (``source`` ``skipped``).
-    """
+    """The owner of the TCP connection ``peer -> local``, or None; no process is searched when
+    ``groups_matter(uid)`` is False."""
     owner = tcp_owner(peer, local)
     if owner is None:
         return None

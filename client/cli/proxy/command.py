@@ -1,10 +1,5 @@
-"""``uds-client proxy``: a loopback TCP port in front of the Unix socket, for browsers and curl.
-
-It admits a request whose caller could use the socket itself (checked by uid) or that carries
-the token printed at start (:mod:`.access`), and forwards one request per connection
-(:mod:`.forwarding`). Exit codes: 0 after SIGINT/SIGTERM; 2 bad ``--listen`` or the TCP port
-cannot be bound; 3 the socket cannot be reached at start. Design: docs/internals.md, "The proxy".
-"""
+"""``uds-client proxy``: a loopback TCP port in front of the Unix socket, for browsers and curl;
+its options, start-up lines, signals and exit codes (docs/internals.md, "The proxy")."""
 
 from __future__ import annotations
 
@@ -17,9 +12,8 @@ import signal
 import socket
 import sys
 from collections.abc import Iterable
-from typing import NamedTuple
 
-from client._errors import ConnectError, UsageError, reason_for
+from client._errors import ConnectError, UsageError
 from client.address import to_url
 from client.cli.proxy.capacity import MAKE_ROOM_AFTER
 from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
@@ -32,14 +26,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-class Listen(NamedTuple):
-    """A parsed ``--listen`` value."""
-
-    host: str
-    port: int
-
-
-def parse_listen(value: str) -> Listen:
+def parse_listen(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (no host means 127.0.0.1)."""
     text = value.strip()
     host, port_text = DEFAULT_HOST, text
@@ -59,7 +46,7 @@ def parse_listen(value: str) -> Listen:
         )
     if not host or any(c.isspace() for c in host):
         raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT, :PORT or PORT")
-    return Listen(host, int(port_text))
+    return host, int(port_text)
 
 
 def is_loopback(host: str) -> bool:
@@ -97,48 +84,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or the TCP address cannot be used (in use, not permitted); "
         "3 the socket cannot be reached at start."
     )
-    parser.add_argument(
-        "--listen",
-        default=DEFAULT_LISTEN,
-        metavar="HOST:PORT",
-        help=f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
-        "no host means 127.0.0.1, loopback only; port 0 picks a free port)",
+    listen = (
+        f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
+        "no host means 127.0.0.1, loopback only; port 0 picks a free port)"
     )
-    parser.add_argument(
-        "--token-only",
-        action="store_true",
-        help="admit only requests carrying the printed token, even from users who may use the socket",
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=listen)
+    only = "admit only requests carrying the printed token, even from users who may use the socket"
+    parser.add_argument("--token-only", action="store_true", help=only)
+    allow_host = (
+        "also answer requests whose Host header is HOST:PORT (for example the local side of "
+        "kubectl port-forward 9000:8080); repeatable"
     )
+    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=allow_host)
+    head = "close a connection that has not sent its whole request head in time"
+    head += f" (default {DEFAULT_HEAD_TIMEOUT:g})"
     parser.add_argument(
-        "--allow-host",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="also answer requests whose Host header is HOST:PORT (for example the local side of "
-        "kubectl port-forward 9000:8080); repeatable",
+        "--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, metavar="SECONDS", help=head
     )
-    parser.add_argument(
-        "--head-timeout",
-        type=float,
-        default=DEFAULT_HEAD_TIMEOUT,
-        metavar="SECONDS",
-        help="close a connection that has not sent its whole request head in time "
-        f"(default {DEFAULT_HEAD_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        metavar="N",
-        help=f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
+    cap = (
+        f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
         "without a whole request head is closed to make room, or the newcomer gets 503 "
-        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)",
+        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)"
     )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="do not log a line per forwarded request (startup lines, refusals and errors are still printed)",
-    )
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N", help=cap)
+    quiet = "do not log a line per forwarded request (startup lines, refusals and errors are still printed)"
+    parser.add_argument("--quiet", action="store_true", help=quiet)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,7 +119,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_connections > 0:
         raise UsageError(f"invalid --max-connections {args.max_connections!r}: give a whole number above 0")
     extra = tuple(hostport(*parse_listen(value)) for value in args.allow_host)
-    check_socket(args.socket, args.timeout)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # reachable now, or exit 3
+        sock.settimeout(args.timeout)
+        try:
+            sock.connect(args.socket)
+        except OSError as exc:
+            raise ConnectError.caused_by(to_url(args.socket), exc) from exc
     soft, _ = raise_open_file_limit()
     # Each connection holds two files (the caller's and the socket's); refusals being answered one.
     cap = connection_cap(args.max_connections, soft, reserve=FD_RESERVE + REFUSING, files_each=2)
@@ -177,37 +152,33 @@ def run(args: argparse.Namespace) -> int:
         return runner.run(_serve(proxy, listen, extra))
 
 
-def check_socket(path: str, timeout: float) -> None:
-    """Connect to the socket once, or raise :class:`ConnectError` with the contract's reason."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise ConnectError(to_url(path), reason_for(exc)) from exc
-
-
 def _log(line: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr, flush=True)
 
 
-async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> int:
-    log = proxy.log
+async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, ...]) -> int:
+    log, host = proxy.log, listen[0]
     try:
-        server = await asyncio.start_server(
-            proxy.handle, listen.host, listen.port, backlog=1024, reuse_address=True
-        )
+        server = await asyncio.start_server(proxy.handle, *listen, backlog=1024, reuse_address=True)
     except OSError as exc:
+        # asyncio rewrites strerror ("error while attempting to bind on address ...").
+        reason = {
+            errno.EADDRINUSE: "address already in use",
+            errno.EACCES: "permission denied",
+            errno.EADDRNOTAVAIL: "address not available on this machine",
+        }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())
+        if isinstance(exc, socket.gaierror):
+            reason = "unknown host"
         raise UsageError(
-            f"cannot listen on {hostport(*listen)} ({_bind_reason(exc)}). "
+            f"cannot listen on {hostport(*listen)} ({reason}). "
             "Stop what uses it or choose another address with --listen."
         ) from exc
     port = server.sockets[0].getsockname()[1]
-    proxy.listening(allowed_hosts(listen.host, port, allow_hosts))
-    where = hostport(listen.host, port)
-    browse = hostport(_WILDCARD.get(listen.host, listen.host), port)
-    loopback = is_loopback(listen.host)
+    proxy.listening(allowed_hosts(host, port, allow_hosts))
+    where = hostport(host, port)
+    browse = hostport(_WILDCARD.get(host, host), port)
+    loopback = is_loopback(host)
     scope = "loopback only" if loopback else "REACHABLE FROM OTHER MACHINES"
     log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
     if not loopback:
@@ -237,8 +208,7 @@ async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> 
     try:
         await stop.wait()
     finally:
-        # A second signal (coreutils timeout sends two) must not kill the proxy halfway through its
-        # shutdown or on its way out: once stopping, the command ignores them until it exits.
+        # A second signal (coreutils timeout sends two) must not kill the proxy while it stops.
         server.close()
         count = await proxy.close_all()
         await server.wait_closed()
@@ -247,14 +217,3 @@ async def _serve(proxy: Proxy, listen: Listen, allow_hosts: tuple[str, ...]) -> 
             signal.signal(sig, signal.SIG_IGN)
     log(f"Proxy stopped ({', '.join(received) or 'stop'}): closed {count} open connection(s)")
     return 0
-
-
-def _bind_reason(exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return "unknown host"
-    # asyncio rewrites strerror ("error while attempting to bind on address ...").
-    return {
-        errno.EADDRINUSE: "address already in use",
-        errno.EACCES: "permission denied",
-        errno.EADDRNOTAVAIL: "address not available on this machine",
-    }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())

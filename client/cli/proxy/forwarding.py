@@ -1,9 +1,5 @@
-"""The proxy's connections: read one request head (h11), judge it, forward it to the socket.
-
-One request per TCP connection (``Connection: close`` upstream), so each is judged; bodies are
-streamed with backpressure and re-framed by h11, answers copied byte for byte. Why:
-docs/internals.md, "The proxy".
-"""
+"""The proxy's connections: read one request head (h11), judge it, forward it to the socket, one
+request per connection (docs/internals.md, "One request per connection")."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from http import HTTPStatus
 
 import h11
 
-from client._errors import ConnectError, reason_for
+from client._errors import ConnectError
 from client.address import to_url
 from client.cli.proxy.access import (
     FORWARDED_HEADER,
@@ -32,15 +28,15 @@ from client.cli.proxy.access import (
     split_token,
 )
 from client.cli.proxy.caller import Caller, find_caller, tcp_owner
-from client.cli.proxy.capacity import Places
+from client.cli.proxy.capacity import Places, Task
 from client.cli.proxy.permissions import SocketAccess
 from client.net.answers import error_response
 from client.net.linger import linger
 from client.net.throttle import Throttle
 
 FIRST_BYTE_TIMEOUT = 10.0  # a new connection's silence (browsers open spare ones); at most --head-timeout
-LOG_PERIOD = 10.0  # between two log lines of one kind: a refused peer must not flood the log
-REFUSING = 32  # refusals lingering at once (files kept for them); beyond, answered and closed at once
+LOG_PERIOD = 10.0  # between two log lines of one kind
+REFUSING = 32  # refusals lingering at once; beyond, answered and closed at once
 _CHUNK = 256 * 1024
 _LINGER_BYTES = 1 << 20
 _HOP_BY_HOP = frozenset(
@@ -49,7 +45,9 @@ _HOP_BY_HOP = frozenset(
 _ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
 
 Addresses = tuple[tuple[str, int], tuple[str, int]]
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+Streams = tuple[Reader, Writer]
 
 
 def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
@@ -60,10 +58,6 @@ def error_answer(status: int, message: str, headers: Iterable[tuple[str, str]] =
 
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class _Closed(Exception):
-    """The client closed the connection before sending a request."""
 
 
 class Proxy:
@@ -86,7 +80,7 @@ class Proxy:
         self.rules = Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
         self.access = SocketAccess(path)
         self.places = Places(max_connections, self._note)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[Task] = set()
         self.refusing = 0
         self.refusals = Throttle(log, LOG_PERIOD)
         self._flush: asyncio.TimerHandle | None = None
@@ -96,7 +90,7 @@ class Proxy:
         """Set the ``Host`` values the proxy answers to, once its port is known."""
         self.rules = dataclasses.replace(self.rules, hosts=hosts)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: Reader, writer: Writer) -> None:
         """Serve one TCP connection: one request, judged, then forwarded or refused."""
         task = asyncio.current_task()
         assert task is not None
@@ -117,21 +111,15 @@ class Proxy:
             self.tasks.discard(task)
             self.places.release(task)
 
-    async def _serve(
-        self, task: asyncio.Task[None], io: Streams, addresses: Addresses | None, who: str
-    ) -> None:
+    async def _serve(self, task: Task, io: Streams, addresses: Addresses | None, who: str) -> None:
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        received = [0]
-        first_byte = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
+        seen = [0]  # bytes received
+        first = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
         try:
-            request = await asyncio.wait_for(
-                _next_request(io[0], conn, received, first_byte), self.head_timeout
-            )
-        except _Closed:
-            return
+            request = await asyncio.wait_for(_next_request(io[0], conn, seen, first), self.head_timeout)
         except TimeoutError:
-            if received[0]:
+            if seen[0]:
                 line = f"{who}: no complete request head within {self.head_timeout:g}s (answered 408)"
                 message = f"the request head was not complete within {self.head_timeout:g}s; send it faster"
                 await self._refuse(task, io, Refuse(408, message), None, line)
@@ -148,22 +136,22 @@ class Proxy:
             return
         except (OSError, asyncio.IncompleteReadError):  # after TimeoutError, which is an OSError
             return
+        if request is None:  # closed before a request
+            return
         self.places.waiting.pop(task, None)
-        # The caller is looked up once its head is in: a flood of silent connections must not
-        # queue lookups (threads, /proc) ahead of the requests that wait for theirs.
+        # Looked up once the head is in: silent connections must not queue lookups.
         caller, may_connect, permissions = (
             await asyncio.to_thread(self._identify, *addresses) if addresses else (None, False, "")
         )
         head = head_of(request.method, request.target, request.headers)
         verdict = decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
         self.places.unjudged.pop(task, None)
-        who += (
-            " (unknown user)" if caller is None else f" (uid={caller.uid} gid={caller.gid} pid={caller.pid})"
-        )
+        uid = None if caller is None else caller.uid
+        who += " (unknown user)" if caller is None else f" (uid={uid} gid={caller.gid} pid={caller.pid})"
         line = f"{shown(request.method)} {shown(split_token(request.target)[1])}"
         if isinstance(verdict, Refuse):
             await self._refuse(
-                task, io, verdict, caller, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
+                task, io, verdict, uid, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
             )
         else:
             await self._forward(io, conn, request, verdict, caller, f"{who} {line}", started)
@@ -174,15 +162,12 @@ class Proxy:
         caller = find_caller(peer, local, (lambda uid: False) if token_only else self.access.may_ever)
         if caller is None or token_only:
             return caller, False, ""
-        if self.access.allows(caller.uid, caller.groups):
-            return caller, True, ""
-        return caller, False, self.access.describe()
+        allowed = self.access.allows(caller.uid, caller.groups)
+        return caller, allowed, "" if allowed else self.access.describe()
 
-    async def _refuse(
-        self, task: asyncio.Task[None], io: Streams, refusal: Refuse, caller: Caller | None, line: str
-    ) -> None:
-        """Log and answer a request refused before the socket; its place is given up."""
-        self._note(line, (refusal.status, caller.uid if caller is not None else None))
+    async def _refuse(self, task: Task, io: Streams, refusal: Refuse, uid: int | None, line: str) -> None:
+        """Log and answer a request refused before the socket (by uid); its place is given up."""
+        self._note(line, (refusal.status, uid))
         self.places.give_up(task)
         await self._answer(io, error_answer(refusal.status, refusal.reason))
 
@@ -198,8 +183,8 @@ class Proxy:
         self.refusals.flush()
 
     async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
-        """Send the proxy's own answer and linger (so that it is not reset) while fewer than
-        ``REFUSING`` refusals (``bounded``) do; beyond that, answer and close at once."""
+        """Send the proxy's own answer and linger (so it is not reset) while fewer than ``REFUSING``
+        refusals (``bounded``) do; beyond that, answer and close at once."""
         if bounded and self.refusing >= REFUSING:
             with contextlib.suppress(OSError):
                 io[1].write(answer)
@@ -212,31 +197,6 @@ class Proxy:
             await linger(*io, limit=_LINGER_BYTES)
         finally:
             self.refusing -= bounded
-
-    def _upstream_head(
-        self, request: h11.Request, target: bytes, caller: Caller | None
-    ) -> tuple[bytes, bool]:
-        """The request head for the socket, and whether its body is chunked.
-
-        The token is the proxy's secret: it is not forwarded, nor a ``Referer`` holding it. The
-        request line keeps the client's HTTP version, so the server frames its answer for it.
-        """
-        token = self.rules.token.encode()
-        fields = [
-            (name, value)
-            for name, value in request.headers.raw_items()
-            if name.lower() not in _HOP_BY_HOP
-            and name.lower() != TOKEN_HEADER
-            and not (name.lower() == b"referer" and token in value)
-        ]
-        fields.append((b"Connection", b"close"))
-        if caller is not None:
-            fields.append(
-                (b"Uds-Forwarded-Peer", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}".encode())
-            )
-        lines = b"".join(b"%s: %s\r\n" % field for field in fields)
-        head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, target, request.http_version, lines)
-        return head, any(name.lower() == b"transfer-encoding" for name, _ in fields)
 
     async def _forward(
         self,
@@ -251,7 +211,7 @@ class Proxy:
         try:
             upstream = await asyncio.wait_for(_open_unix(self.path), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            message = str(ConnectError(self.url, reason_for(exc)))
+            message = str(ConnectError.caused_by(self.url, exc))
             self.log(f"{label}: {message} (answered 502)")
             await self._answer(io, error_answer(502, message), bounded=False)
             return
@@ -259,9 +219,23 @@ class Proxy:
             self.log(f"{label} -> {self.url} (admitted by {verdict.by})")
         moved = [0, 0]  # bytes to the socket, bytes to the client
         note = " (cut: the proxy is stopping)"
-        # Only a caller identified by uid is named to the server: whoever holds the token acts as
-        # the proxy's user, which is what the server sees on the socket.
-        head, chunked = self._upstream_head(request, verdict.target, caller if verdict.by == "uid" else None)
+        # No token (nor a Referer holding it), the client's HTTP version (the server frames for it);
+        # only a caller identified by uid is named: a token's holder acts as the proxy's user.
+        token = self.rules.token.encode()
+        fields = [
+            (name, value)
+            for name, value in request.headers.raw_items()
+            if name.lower() not in _HOP_BY_HOP
+            and name.lower() != TOKEN_HEADER
+            and not (name.lower() == b"referer" and token in value)
+        ]
+        fields.append((b"Connection", b"close"))
+        if caller is not None and verdict.by == "uid":
+            peer = f"uid={caller.uid} gid={caller.gid} pid={caller.pid}"
+            fields.append((b"Uds-Forwarded-Peer", peer.encode()))
+        lines = b"".join(b"%s: %s\r\n" % field for field in fields)
+        head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version, lines)
+        chunked = any(name.lower() == b"transfer-encoding" for name, _ in fields)
         try:
             upstream[1].write(head)
             moved[0] += len(head)
@@ -291,30 +265,26 @@ class Proxy:
 
 
 async def _next_request(
-    reader: asyncio.StreamReader, conn: h11.Connection, received: list[int], first_byte: float
-) -> h11.Request:
-    """Read until h11 has a whole request head; :class:`_Closed` on EOF before one, and
-    :class:`TimeoutError` if the first bytes do not come within ``first_byte`` seconds."""
+    reader: Reader, conn: h11.Connection, seen: list[int], first: float
+) -> h11.Request | None:
+    """Read until h11 has a whole request head; None on EOF before one, and
+    :class:`TimeoutError` if the first bytes do not come within ``first`` seconds (``seen`` counts them)."""
     while True:
         event = conn.next_event()
         if isinstance(event, h11.Request):
             return event
         if event is not h11.NEED_DATA:
-            raise _Closed  # ConnectionClosed
-        async with asyncio.timeout(None if received[0] else first_byte):
+            return None  # ConnectionClosed
+        async with asyncio.timeout(None if seen[0] else first):
             data = await reader.read(_CHUNK)
-        received[0] += len(data)
-        if not data and not received[0]:
-            raise _Closed
+        seen[0] += len(data)
+        if not data and not seen[0]:
+            return None
         conn.receive_data(data)
 
 
 async def _copy_body(
-    reader: asyncio.StreamReader,
-    conn: h11.Connection,
-    chunked: bool,
-    writer: asyncio.StreamWriter,
-    moved: list[int],
+    reader: Reader, conn: h11.Connection, chunked: bool, writer: Writer, moved: list[int]
 ) -> None:
     """Stream the body h11 decodes to the socket, waiting for it to drain: a chunked body as one
     chunk per piece read, trailers dropped; a body of known length as it is (h11 checks it)."""
@@ -337,7 +307,7 @@ async def _copy_body(
             return
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int]) -> None:
+async def _copy(reader: Reader, writer: Writer, moved: list[int]) -> None:
     """Copy the answer until EOF, waiting for the client to drain (backpressure)."""
     while data := await reader.read(_CHUNK):
         writer.write(data)
@@ -355,10 +325,9 @@ async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tup
         for t, direction in ((body, "client to socket"), (down, "socket to client")):
             error = t.exception() if t in done and not t.cancelled() else None
             if error is not None:
+                what = error.strerror if isinstance(error, OSError) and error.strerror else error
                 if isinstance(error, h11.RemoteProtocolError):
-                    what: object = f"invalid body: {error}"
-                else:
-                    what = error.strerror if isinstance(error, OSError) and error.strerror else error
+                    what = f"invalid body: {error}"
                 return f" ({direction} stopped: {str(what).lower() or type(error).__name__})", error
         return "", None
     finally:

@@ -1,9 +1,6 @@
-"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider.
-
-Search permission on every directory the path walk looks a name up in, write permission on the
-socket, by its POSIX access ACL when it has one (whose mask then replaces the mode's group bits),
-else by its mode. Root is judged as any uid (no capabilities). Stdlib only, Linux only.
-"""
+"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider:
+search on every directory the path walk looks in, write on the socket, by POSIX access ACL or mode;
+root is judged as any uid (no capabilities). Linux only."""
 
 from __future__ import annotations
 
@@ -12,19 +9,19 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 Groups = frozenset[int] | None  # None: unknown
+Entries = list[tuple[int, int, int]]  # an access ACL's (tag, permission bits, uid or gid)
 
 _ACL_XATTR = "system.posix_acl_access"
 _ACL_VERSION = 2
-_ACL_ENTRY = struct.Struct("=HHI")
-"""One ``posix_acl_xattr_entry``: tag, permission bits, uid or gid."""
+_ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry: tag, permission bits, uid or gid
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
 
 
-def _acl(path: str) -> list[tuple[int, int, int]] | None:
-    """The entries of the POSIX access ACL of ``path``, None when it has none; :class:`OSError`
-    when one is there but cannot be read (the caller then refuses)."""
+def _acl(path: str) -> Entries | None:
+    """The entries of the access ACL of ``path``, None when it has none; OSError if unreadable."""
     try:
         raw = os.getxattr(path, _ACL_XATTR)
     except OSError as exc:
@@ -36,11 +33,9 @@ def _acl(path: str) -> list[tuple[int, int, int]] | None:
     return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
 
 
-def _acl_may(
-    entries: list[tuple[int, int, int]], info: os.stat_result, uid: int, groups: Groups, bit: int
-) -> bool:
-    """The kernel's ``posix_acl_permission`` for one permission bit (no capabilities); with
-    ``groups`` None, every group entry and the others' entry must allow."""
+def _acl_may(entries: Entries, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
+    """The kernel's ``posix_acl_permission`` for one bit; with ``groups`` None, every group entry
+    and the others' entry must allow."""
     perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
     mask = perms.get(_ACL_MASK, 0o7)
     if uid == info.st_uid:
@@ -63,9 +58,8 @@ def _acl_may(
 
 
 def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
-    """The kernel's check (no capabilities) for one permission bit of ``path``, whose stat is
-    ``info``: its access ACL if it has one, else its mode. With ``groups`` None (unknown), both the
-    group's and the others' bits must allow: never wider than the kernel."""
+    """The kernel's check for one bit of ``path`` (stat ``info``), by ACL or mode; with ``groups``
+    None (unknown), both the group's and the others' bits must allow."""
     entries = _acl(path)
     if entries is not None:
         return _acl_may(entries, info, uid, groups, bit)
@@ -79,27 +73,13 @@ def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) ->
     return bool(mode & bit)
 
 
-def _may_some(path: str, info: os.stat_result, uid: int, bit: int) -> bool:
-    """Whether :func:`_may` allows ``uid`` with no group or with one of the groups that ``path``
-    names (its owning group, and an ACL's named groups)."""
-    entries = _acl(path)
-    gids = {info.st_gid} | {who for tag, _, who in entries or () if tag == _ACL_GROUP}
-    return any(_may(path, info, uid, frozenset(groups), bit) for groups in ((), *((gid,) for gid in gids)))
-
-
-_MAX_SYMLINKS = 40
-"""Symbolic links the kernel follows in one path lookup before it fails with ELOOP."""
+_MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
 
 
 def traversal(path: str) -> tuple[list[str], str]:
-    """The directories the kernel searches to open ``path``, and the file it reaches.
-
-    Walked name by name as the kernel does, through each symbolic link's target too (a final one
-    included): ``os.path.realpath`` would lose the directories that hold the links. Raises
-    :class:`OSError` where the kernel's walk would fail.
-    """
-    # A relative path is walked from / through the working directory: each caller has its own,
-    # so every directory above it counts too (stricter than the kernel, never wider).
+    """The directories the kernel searches to open ``path``, and the file it reaches, walked name by
+    name through every symbolic link (``realpath`` would lose the directories holding them); raises
+    :class:`OSError` where the kernel's walk would fail. A relative path counts from /."""
     given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
     searched: list[str] = []
     current = "/"
@@ -128,15 +108,12 @@ def traversal(path: str) -> tuple[list[str], str]:
     return searched, current
 
 
+@dataclass(frozen=True, slots=True)
 class SocketAccess:
-    """Who may ``connect()`` to the Unix socket at ``path``, by the file permissions in force now.
+    """Who may ``connect()`` to the socket at ``path``, by the permissions in force now; anything
+    that cannot be checked refuses."""
 
-    Search on every directory on the way, write on the socket. Anything that cannot be checked
-    (a name gone meanwhile, a directory that cannot be read) refuses.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
+    path: str
 
     def allows(self, uid: int, groups: Groups) -> bool:
         """Whether ``uid`` with ``groups`` (None: unknown) may connect."""
@@ -144,8 +121,13 @@ class SocketAccess:
 
     def may_ever(self, uid: int) -> bool:
         """False when ``uid`` may not connect whatever its groups (then none are looked up): each
-        file judged with the one group, or none, that serves it best."""
-        return self._walk(lambda path, info, bit: _may_some(path, info, uid, bit))
+        file judged with no group, or the one of those it names that serves best."""
+
+        def may_some(path: str, info: os.stat_result, bit: int) -> bool:
+            gids = {info.st_gid} | {who for tag, _, who in _acl(path) or () if tag == _ACL_GROUP}
+            return any(_may(path, info, uid, frozenset(g), bit) for g in ((), *((gid,) for gid in gids)))
+
+        return self._walk(may_some)
 
     def _walk(self, may: Callable[[str, os.stat_result, int], bool]) -> bool:
         try:

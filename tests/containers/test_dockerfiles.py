@@ -196,8 +196,15 @@ def test_the_client_distribution_is_the_projects_client_part() -> None:
     assert set(client_requirements()) <= set(project["project"]["dependencies"])
     assert client["project"]["version"] == project["project"]["version"]
     assert client["build-system"] == project["build-system"]
-    ours = [p for p in project["tool"]["setuptools"]["packages"] if p.split(".")[0] == "client"]
-    assert client["tool"]["setuptools"]["packages"] == ours
+    # Every package under client/ (the top-level pyproject finds them all), and nothing else.
+    ours = sorted(".".join(i.parent.relative_to(ROOT).parts) for i in (ROOT / "client").rglob("__init__.py"))
+    assert sorted(client["tool"]["setuptools"]["packages"]) == ours
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == [
+        "app",
+        "app.*",
+        "client",
+        "client.*",
+    ]
     assert client["project"]["scripts"] == {"uds-client": project["project"]["scripts"]["uds-client"]}
 
 

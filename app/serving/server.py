@@ -153,8 +153,8 @@ class UdsServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
         if self.services is not None:
-            self.app.state.draining = True  # /readyz answers 503 from now on
-            self.services.hub.drain_soon()  # every event stream gets `shutdown` and ends: no wait on them
+            # /readyz answers 503 from now on, and every event stream gets `shutdown` and ends.
+            self.services.hub.drain_soon()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

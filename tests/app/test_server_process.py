@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from uvicorn.server import ServerState
 
 from app.config import Settings
@@ -280,8 +281,10 @@ def test_handle_exit_marks_app_draining() -> None:
     services = Services.build(settings)
     app = services.application(settings)
     server = UdsServer(build_config(settings, app), app, "/x.sock", services)
-    server.handle_exit(signal.SIGTERM, None)
-    assert app.state.draining is True
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        server.handle_exit(signal.SIGTERM, None)
+        assert client.get("/readyz").json() == {"status": "draining"}
     assert services.hub.draining, "event streams are told to end"
     assert server.should_exit
 

@@ -177,6 +177,8 @@ class PeerCredProtocol(HttpToolsProtocol):
             if not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
+            # A counting send not yet used refers back to its cycle: drop it (nothing more is counted).
+            vars(cycle).pop("send", None)
         self._live.clear()
         self._unhold()
         self._settle_bodies(lost=True)

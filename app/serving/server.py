@@ -212,13 +212,14 @@ class UdsServer(uvicorn.Server):
         after a SIGHUP; once a second, stop (exit 3) if our socket file was removed or replaced."""
         self.notifier.ping_if_due()
         services = self.services
+        hangup = bool(_hangups)
+        _hangups.clear()  # before the reload: a SIGHUP during it asks for the next one
         if services is not None:
             services.metrics.flush()
-            if _hangups:
+            if hangup:
                 services.access.reload()
             if services.access.audit is not None:
                 services.access.audit.flush()
-        _hangups.clear()
         if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
             if not self.socket_lost:
                 self.socket_lost = True

@@ -415,3 +415,29 @@ def test_a_body_past_the_held_budget_gets_503_with_retry_after(monkeypatch: pyte
         assert not held.held
 
     asyncio.run(scenario())
+
+
+def test_a_cycle_whose_peer_hung_up_before_its_answer_drops_its_counting_send() -> None:
+    """The counting ``send`` refers back to its cycle; a hang-up before the answer breaks that loop,
+    so the cycle (scope, unread body) is freed at once rather than by the garbage collector."""
+    from app.metrics.core import Recorder
+
+    async def scenario() -> None:
+        GATE["event"] = asyncio.Event()
+        config = Config(app=gated, log_level="warning", access_log=False)
+        config.load()
+        loop = asyncio.get_running_loop()
+        protocol = new_protocol(config, ServerState(), {}, loop, recorder=Recorder())
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(post(b"/read", 10))
+        await turns()
+        cycle = protocol.cycle
+        assert "send" in vars(cycle), "the request is counted through its own send"
+        protocol.connection_lost(None)
+        assert "send" not in vars(cycle)
+        GATE["event"].set()  # the application ends: nothing is sent to the peer gone, nothing counted
+        await turns()
+        assert transport.written == b""
+
+    asyncio.run(scenario())

@@ -23,7 +23,7 @@ from app.config import Settings
 from app.connection.protocol import PeerCredProtocol
 from app.logs import JsonFormatter, TextFormatter, configure
 from app.serving.run import run
-from app.serving.server import Services, UdsServer, build_config
+from app.serving.server import Services, UdsServer, build_config, early_signals
 from tests.support import ServerProcess, http_over_uds, running_server, wait_until
 
 HELLO = json.dumps({"text": "Hello from client"}).encode()
@@ -482,3 +482,25 @@ def test_socket_removed_while_serving_stops_with_exit_3(tmp: Path) -> None:
         lost = [line for line in server.output.splitlines() if "was removed or replaced" in line]
         assert len(lost) == 1, server.output
         assert server.socket_path in lost[0]
+
+
+def test_a_hangup_during_a_reload_asks_for_another() -> None:
+    """A SIGHUP that lands while the policy file is being read is not lost: the next tick reloads."""
+    settings = Settings(store="memory")
+    services = Services.build(settings)
+    app = services.application(settings)
+    server = UdsServer(build_config(settings, app), app, "/x.sock", services)
+    reloads: list[int] = []
+
+    def reload() -> None:
+        reloads.append(1)
+        if len(reloads) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)  # the operator's second edit, while the first is read
+
+    services.access.reload = reload  # type: ignore[method-assign]
+    with early_signals():  # SIGHUP noted for the tick, as while serving
+        os.kill(os.getpid(), signal.SIGHUP)
+        asyncio.run(server.on_tick(1))
+        asyncio.run(server.on_tick(2))
+        asyncio.run(server.on_tick(3))
+    assert len(reloads) == 2

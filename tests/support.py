@@ -6,6 +6,7 @@ Tests never sleep and hope: they poll with a deadline and put the last error in 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -374,3 +375,13 @@ def serving(server: socketserver.UnixStreamServer) -> Iterator[None]:
         server.server_close()
         thread.join(5)
         Path(server.server_address).unlink(missing_ok=True)
+
+
+def error_body(body: bytes, status: int, code: str) -> dict[str, object]:
+    """The project's JSON error shape in ``body``, with this status and code and a one-line message."""
+    doc: dict[str, object] = json.loads(body)
+    assert doc["status"] == status, doc
+    assert doc["error"] == code, doc
+    assert isinstance(doc["message"], str)
+    assert "\n" not in doc["message"]
+    return doc

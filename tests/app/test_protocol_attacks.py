@@ -25,6 +25,7 @@ from app.api.routes.messages import LIST_STREAMS, PEER_SHARE
 from app.connection.pipelining import MAX_PIPELINE
 from tests.support import (
     ServerProcess,
+    error_body,
     http_over_uds,
     open_files_of,
     python_with_open_files,
@@ -76,15 +77,6 @@ def _closed(conn: socket.socket) -> bool:
     except ConnectionResetError:
         return True
     return True
-
-
-def _error(body: bytes, status: int, code: str) -> dict[str, object]:
-    doc: dict[str, object] = json.loads(body)
-    assert doc["status"] == status, doc
-    assert doc["error"] == code, doc
-    assert isinstance(doc["message"], str)
-    assert "\n" not in doc["message"]
-    return doc
 
 
 def _stream_until_answered(conn: socket.socket, head: bytes, frame: bytes, limit: int) -> tuple[bytes, int]:
@@ -364,7 +356,7 @@ def test_past_the_cap_busy_server_answers_503_json_and_logs_once(tmp: Path) -> N
                     assert status == 503
                     assert headers["content-type"] == "application/json"
                     assert headers["connection"] == "close"
-                    _error(body, 503, "unavailable")
+                    error_body(body, 503, "unavailable")
                     assert _closed(extra)
             for conn in busy:  # the requests in flight are unharmed
                 conn.sendall(b'{"text": "in time"}')

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.app.protocol_harness import Harness, Peer, harness
-from tests.support import read_response
+from tests.support import error_body, read_response
 
 POST_CHUNKED = (
     b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -39,15 +39,6 @@ def _closed(conn: Peer) -> bool:
     return conn.transport.eof or conn.transport.closed
 
 
-def _error(body: bytes, status: int, code: str) -> dict[str, object]:
-    doc: dict[str, object] = json.loads(body)
-    assert doc["status"] == status, doc
-    assert doc["error"] == code, doc
-    assert isinstance(doc["message"], str)
-    assert "\n" not in doc["message"]
-    return doc
-
-
 def _count(server: Harness) -> int:
     with server.connect() as conn:
         conn.sendall(b"GET /messages?limit=1000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -67,7 +58,7 @@ def test_over_100_trailer_fields_in_one_piece_get_431(server: Harness) -> None:
         status, headers, body = read_response(conn)
         assert status == 431
         assert headers["connection"] == "close"
-        message = _error(body, 431, "headers_too_large")["message"]
+        message = error_body(body, 431, "headers_too_large")["message"]
         assert message == "the request has more than 100 trailer fields"
         assert _closed(conn)
     assert _count(server) == stored, "the refused request was not stored"
@@ -124,7 +115,7 @@ def test_early_answer_then_close(server: Harness, head: bytes, status: int, code
         conn.sendall(head + b'{"text": "')
         got, _, body = read_response(conn)
         assert got == status
-        _error(body, status, code)
+        error_body(body, status, code)
         assert _closed(conn), "the rest of the body must not be awaited"  # within 5 s, not the 30 s deadline
     assert _count(server) == stored
 
@@ -141,7 +132,7 @@ def test_a_client_still_sending_its_body_reads_the_early_answer(server: Harness)
         conn.sendall(head)
         got, _, body = read_response(conn)
         assert got == 415
-        _error(body, 415, "unsupported_media_type")
+        error_body(body, 415, "unsupported_media_type")
         conn.sendall(b"x" * 65536)  # the body goes on: discarded, not a broken pipe
         assert conn.recv(100) == b""  # the answer was whole, then EOF (the server's half-close)
         assert conn.transport.eof
@@ -223,7 +214,7 @@ def test_missing_repeated_or_invalid_host_gets_400(server: Harness, fields: byte
         status, headers, body = read_response(conn)
         assert status == 400
         assert headers["connection"] == "close"
-        assert message in str(_error(body, 400, "bad_request")["message"])
+        assert message in str(error_body(body, 400, "bad_request")["message"])
         assert _closed(conn)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from app.config import Settings
 from tests.app.protocol_harness import Harness, Peer, harness
-from tests.support import read_response
+from tests.support import error_body, read_response
 
 CONNECTIONS = "app.connections"
 """The protocol's logger."""
@@ -39,15 +39,6 @@ def _with(**fields: object) -> list[Settings]:
 def _closed(conn: Peer) -> bool:
     """True once the server has closed the connection (the peer reads EOF)."""
     return conn.recv(65536) == b""
-
-
-def _error(body: bytes, status: int, code: str) -> dict[str, object]:
-    data = json.loads(body)
-    assert data["status"] == status
-    assert data["error"] == code
-    assert isinstance(data["message"], str)
-    assert "\n" not in data["message"]
-    return data
 
 
 def _get(server: Harness, target: str = "/healthz") -> tuple[int, bytes]:
@@ -74,7 +65,7 @@ def test_stalled_head_gets_408_and_others_are_served(
         assert status == 408
         assert headers["content-type"] == "application/json"
         assert headers["connection"] == "close"
-        _error(body, 408, "request_timeout")
+        error_body(body, 408, "request_timeout")
         assert _closed(stalled)
     assert _get(server)[0] == 200
     cut = "Request not complete after 0.5s: answered 408 and closed the connection"
@@ -99,7 +90,7 @@ def test_slow_body_gets_408(server: Harness) -> None:
         )
         status, _, body = read_response(conn)
         assert status == 408
-        _error(body, 408, "request_timeout")
+        error_body(body, 408, "request_timeout")
         assert _closed(conn)
     status, body = _get(server, "/messages")
     assert status == 200
@@ -161,7 +152,7 @@ def test_too_many_headers_get_431(server: Harness) -> None:
         status, headers, body = read_response(conn)
         assert status == 431
         assert headers["connection"] == "close"
-        message = str(_error(body, 431, "headers_too_large")["message"])
+        message = str(error_body(body, 431, "headers_too_large")["message"])
         assert message == "the request has more than 100 header fields"
         assert _closed(conn)
     assert _get(server)[0] == 200
@@ -186,7 +177,7 @@ def test_endless_header_gets_431(server: Harness) -> None:
         assert conn.transport.closed, "the server stopped reading before 2 MiB"
         status, _, body = read_response(conn)
         assert status == 431
-        message = str(_error(body, 431, "headers_too_large")["message"])
+        message = str(error_body(body, 431, "headers_too_large")["message"])
         assert message == "the request head is over 32768 bytes"
         assert _closed(conn)
     assert _get(server)[0] == 200
@@ -197,7 +188,7 @@ def test_large_head_in_one_piece_gets_431(server: Harness) -> None:
         conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
         status, _, body = read_response(conn)
         assert status == 431
-        _error(body, 431, "headers_too_large")
+        error_body(body, 431, "headers_too_large")
 
 
 @pytest.mark.parametrize("server", _with(max_body_bytes=200000, max_text_length=100000), indirect=True)
@@ -222,5 +213,5 @@ def test_garbage_gets_400_json(server: Harness) -> None:
         status, headers, body = read_response(conn)
         assert status == 400
         assert headers["content-type"] == "application/json"
-        _error(body, 400, "bad_request")
+        error_body(body, 400, "bad_request")
     assert _get(server)[0] == 200

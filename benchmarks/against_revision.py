@@ -35,7 +35,7 @@ def worktree(rev: str) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
 
 
-def run(rev: str, rounds: int, duration: float, path: str = "/messages") -> Row:
+def run(rev: str, rounds: int, duration: float, path: str = "/messages", warmup: float = 1.0) -> Row:
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
     with worktree(rev) as other_tree:
@@ -47,8 +47,8 @@ def run(rev: str, rounds: int, duration: float, path: str = "/messages") -> Row:
             theirs.ready()
             runs = paired(
                 rounds,
-                lambda: autocannon(ours, 10, duration, 1.0, generator_cpus, path),
-                lambda: autocannon(theirs, 10, duration, 1.0, generator_cpus),
+                lambda: autocannon(ours, 10, duration, warmup, generator_cpus, path),
+                lambda: autocannon(theirs, 10, duration, warmup, generator_cpus),
             )
         finally:
             ours.close()
@@ -70,9 +70,10 @@ def main() -> None:
     parser.add_argument("--rev", required=True, help="the git revision to compare with")
     parser.add_argument("--rounds", type=int, default=9, help="paired rounds (default 9)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run (default 3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run (default 1)")
     parser.add_argument("--path", default="/messages", help="this tree's POST path (default /messages)")
     args = parser.parse_args()
-    print(json.dumps(run(args.rev, args.rounds, args.duration, args.path).as_dict()))
+    print(json.dumps(run(args.rev, args.rounds, args.duration, args.path, args.warmup).as_dict()))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def async_rate(path: str, seconds: float, tasks: int = TASKS) -> dict[str, float
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, seconds = (1, 0.5) if quick else (7, 2.0)
+    rounds, seconds = (1, 0.25) if quick else (7, 2.0)
     with servers(("ours", False)) as (server,):
         path = str(server.socket)
         sequential = paired(rounds, lambda: client_rate(path, seconds), lambda: bare_rate(path, seconds))

@@ -206,7 +206,7 @@ def throughput(server: Server, streams: str, duration: float, cpus: set[int] | N
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, messages = (1, 1.0, 30) if quick else (5, 3.0, 300)
+    rounds, duration, messages = (1, 0.5, 30) if quick else (5, 3.0, 300)
     split = split_cpus()
     server_cpus, load_cpus = split if split else (None, None)
     # One uid holds every subscriber: it may hold a quarter of --max-streams.

@@ -16,7 +16,7 @@ from app.serving.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (7, 3.0, 1.0)
+    rounds, duration, warmup = (1, 0.5, 0.2) if quick else (7, 3.0, 1.0)
     rows: list[Row] = []
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)

@@ -181,7 +181,7 @@ def in_process(requests: int, rounds: int) -> list[tuple[dict[str, float], dict[
 
 
 def run(quick: bool) -> list[Row]:
-    pairs, rounds, duration, warmup = (1, 1, 1.0, 0.5) if quick else (5, 2, 3.0, 1.0)
+    pairs, rounds, duration, warmup = (1, 1, 0.5, 0.0) if quick else (5, 2, 3.0, 1.0)
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
     runs = []

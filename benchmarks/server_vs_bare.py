@@ -13,7 +13,7 @@ from app.serving.spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (7, 3.0, 1.0)
+    rounds, duration, warmup = (1, 0.5, 0.0) if quick else (7, 3.0, 1.0)
     split = split_cpus()
     server_cpus, generator_cpus = split if split else (None, None)
     with servers(("ours", False), ("bare", False), cpus=server_cpus, store="memory") as (ours, bare):

@@ -75,7 +75,7 @@ def rss_during(server: Server, seconds: float, samples: list[int]) -> None:
 
 
 def run(quick: bool) -> list[Row]:
-    starts, load_s, long_s = (2, 1.0, 2.0) if quick else (5, 5.0, 60.0)
+    starts, load_s, long_s = (1, 0.5, 1.0) if quick else (5, 5.0, 60.0)
     ours: list[float] = []
     bare: list[float] = []
     activated: list[float] = []

@@ -117,7 +117,7 @@ def _request_shares(server: _Server) -> list[int]:
 
 
 def run(quick: bool) -> list[Row]:
-    rounds, duration, warmup = (1, 1.0, 0.5) if quick else (7, 3.0, 1.0)
+    rounds, duration, warmup = (1, 0.5, 0.2) if quick else (7, 3.0, 1.0)
     two, one = _Server(2), _Server(1)
     try:
         for server in (two, one):

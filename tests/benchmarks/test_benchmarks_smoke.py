@@ -105,6 +105,8 @@ def test_against_revision_compares_two_checkouts() -> None:
             "1",
             "--duration",
             "0.5",
+            "--warmup",
+            "0",
         ],
         capture_output=True,
         text=True,

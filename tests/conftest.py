@@ -9,8 +9,8 @@ Every test must have a node id of its own: pytest-xdist runs tests by id, so tes
 run once for all of them (pytest 9.2 names schemathesis's per-operation tests so, hence its pin in
 pyproject.toml).
 
-The two files that play a pod (their pods share volume names, tests/containers/conftest.py) go one
-first and one last, so that neither waits for the other.
+The two files that play a pod take turns (their pods share volume names, tests/containers/conftest.py):
+one goes first, the other once the first has had its seconds to finish, so that neither waits.
 """
 
 from __future__ import annotations
@@ -35,16 +35,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _sort_key(item: pytest.Item, seconds: dict[str, float], slow: set[str]) -> tuple[int, float]:
-    name = item.path.name
-    if name == PLAYS_A_POD[0]:
-        return (0, 0.0)
-    if name == PLAYS_A_POD[1]:
-        return (2, 0.0)
-    path = item.path.relative_to(ROOT).as_posix()
-    if path in seconds:
-        return (1, -seconds[path])
-    return (1, -math.inf if path in slow else 0.0)
+def _order(files: list[str], seconds: dict[str, float], slow: set[str]) -> list[str]:
+    """Longest first; the first pod file before all, the second where the first has had its
+    seconds to finish (the other workers have spent as long on the files before it), else last."""
+    first, second = (f"tests/containers/{name}" for name in PLAYS_A_POD)
+    both = first in files and second in files
+    rest = sorted(
+        (path for path in files if path != first and not (both and path == second)),
+        key=lambda path: -seconds.get(path, math.inf if path in slow else 0.0),
+    )
+    order = [first] if first in files else []
+    spent, placed = 0.0, not both
+    for path in rest:
+        if not placed and first in seconds and spent >= seconds[first]:
+            order.append(second)
+            placed = True
+        order.append(path)
+        spent += seconds.get(path, 0.0)
+    return order if placed else [*order, second]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,8 +60,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if shared:
         raise pytest.UsageError(f"tests share a node id, so pytest-xdist would run one of each: {shared}")
     seconds = json.loads(FILE_SECONDS.read_text(encoding="utf-8"))
-    slow = {item.path.relative_to(ROOT).as_posix() for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: _sort_key(item, seconds, slow))  # stable: each file's tests keep their order
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:  # each file's tests keep their order
+        by_file.setdefault(item.path.relative_to(ROOT).as_posix(), []).append(item)
+    slow = {path for path, tests in by_file.items() if any(test.get_closest_marker("slow") for test in tests)}
+    items[:] = [item for path in _order(list(by_file), seconds, slow) for item in by_file[path]]
 
 
 _file_seconds: defaultdict[str, float] = defaultdict(float)

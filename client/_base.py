@@ -42,6 +42,9 @@ class _Answer(NamedTuple):
         return self.response.status_code
 
 
+Parser = Callable[[_Answer], _T]
+
+
 def _snippet(content: bytes) -> str:
     return content[:200].decode("utf-8", "replace") + ("..." if len(content) > 200 else "")
 
@@ -70,7 +73,7 @@ def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
     raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
 
 
-def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Callable[[_Answer], _T]:
+def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Parser[_T]:
     """An answer's parser: :func:`_check`, then ``build``; a wrong shape is one :class:`ClientError`."""
 
     def parse(answer: _Answer) -> _T:
@@ -187,19 +190,17 @@ class _Base:
             )
         return f"/v{version}"
 
-    def _start(self) -> tuple[Budget, Token[Budget | None]]:
-        """A request's :class:`Budget`, set for this thread or task (the token resets it)."""
+    def _begin(
+        self, method: str, url: str, is_async: bool, headers: Any = None, **options: Any
+    ) -> tuple[httpx2.Request, Budget, Token[Budget | None]]:
+        """The request (``options`` as httpx2 takes them) and its :class:`Budget`, set for this
+        thread or task until the token resets it."""
         budget = Budget(time.monotonic() + self.timeout)
-        return budget, REQUEST.set(budget)
-
-    def _build(
-        self, method: str, url: str, trace: Any, headers: Any = None, **options: Any
-    ) -> httpx2.Request:
-        """The request; ``options`` are ``content`` and ``timeout``, as httpx2 takes them."""
         if not self._owns_http:  # a caller's client lacks our headers, and our backends' marks
             headers = _HEADERS if headers is None else {**_HEADERS, **headers}
-            options["extensions"] = {"trace": trace}
-        return self._http.build_request(method, url, headers=headers, **options)
+            options["extensions"] = {"trace": budget.atrace if is_async else budget}
+        request = self._http.build_request(method, url, headers=headers, **options)
+        return request, budget, REQUEST.set(budget)
 
     def _retry(self, exc: httpx2.TransportError, budget: Budget, request: httpx2.Request) -> None:
         """Raise ``exc`` unless it is a reused connection the server had closed (send once more)."""

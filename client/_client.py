@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from functools import partial
 from typing import Any, Self
 
@@ -13,7 +13,7 @@ import anyio
 import httpx2
 
 from client import _base as shape
-from client._base import _T, DEFAULT_MAX_RESPONSE_BYTES, _Answer, _Base
+from client._base import _T, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Answer, _Base
 from client._events import RECONNECT_FOR, Follow
 from client._models import Event, Health, Message, RawResponse, Version, WhoAmI
 from client._transport import REQUEST, mapped_error, uds_transport
@@ -51,7 +51,7 @@ class Client(_Base):
         if self._prefix is None:
             with self._negotiation:
                 if self._prefix is None:
-                    self._prefix = self._chosen(self._request("GET", "/_ping"))
+                    self._prefix = self._call("GET", "/_ping", self._chosen, api=False)
         return self._prefix + path
 
     def api_version(self) -> int | None:
@@ -59,10 +59,12 @@ class Client(_Base):
         prefix = self._api("")
         return int(prefix[2:]) if prefix else None
 
-    def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
-        budget, token = self._start()
+    def _call(
+        self, method: str, path: str, parse: Parser[_T], *, api: bool = True, stream: bool = False, **kw: Any
+    ) -> _T:
+        url = self._api(path) if api else path
+        request, budget, token = self._begin(method, url, False, **kw)
         try:
-            request = self._build(method, url, budget, **options)
             try:
                 answer = self._read(request, stream)
             except httpx2.TransportError as exc:
@@ -73,7 +75,7 @@ class Client(_Base):
         finally:
             REQUEST.reset(token)
         self._log(request, answer.status, budget)
-        return answer
+        return parse(answer)
 
     def _read(self, request: httpx2.Request, stream: bool) -> _Answer:
         response = self._http.send(request, stream=True)
@@ -84,11 +86,6 @@ class Client(_Base):
             return _Answer(response, b"".join([count(chunk) for chunk in response.iter_bytes()]))
         finally:
             response.close()
-
-    def _call(
-        self, method: str, path: str, parse: Callable[[_Answer], _T], api: bool = True, **options: Any
-    ) -> _T:
-        return parse(self._request(method, self._api(path) if api else path, **options))
 
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
@@ -176,17 +173,19 @@ class AsyncClient(_Base):
                 self._negotiation = anyio.Lock()
             async with self._negotiation:
                 if self._prefix is None:
-                    self._prefix = self._chosen(await self._request("GET", "/_ping"))
+                    self._prefix = await self._call("GET", "/_ping", self._chosen, api=False)
         return self._prefix + path
 
     async def api_version(self) -> int | None:
         prefix = await self._api("")
         return int(prefix[2:]) if prefix else None
 
-    async def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
-        budget, token = self._start()
+    async def _call(
+        self, method: str, path: str, parse: Parser[_T], *, api: bool = True, stream: bool = False, **kw: Any
+    ) -> _T:
+        url = await self._api(path) if api else path
+        request, budget, token = self._begin(method, url, True, **kw)
         try:
-            request = self._build(method, url, budget.atrace, **options)
             # Our own backend bounds each step by the budget; another transport gets a cancel scope.
             with contextlib.nullcontext() if self._owns_http else anyio.fail_after(self.timeout):
                 try:
@@ -199,7 +198,7 @@ class AsyncClient(_Base):
         finally:
             REQUEST.reset(token)
         self._log(request, answer.status, budget)
-        return answer
+        return parse(answer)
 
     async def _read(self, request: httpx2.Request, stream: bool) -> _Answer:
         response = await self._http.send(request, stream=True)
@@ -210,11 +209,6 @@ class AsyncClient(_Base):
             return _Answer(response, b"".join([count(chunk) async for chunk in response.aiter_bytes()]))
         finally:
             await response.aclose()
-
-    async def _call(
-        self, method: str, path: str, parse: Callable[[_Answer], _T], api: bool = True, **options: Any
-    ) -> _T:
-        return parse(await self._request(method, await self._api(path) if api else path, **options))
 
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         return await self._call("POST", "/messages", shape.MESSAGE, **shape.send_body(text, idempotency_key))

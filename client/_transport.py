@@ -1,6 +1,6 @@
-"""httpx2's Unix-socket transports, ``HTTPTransport(uds=...)``, set up for the socket: no CA
-bundle, a deadline per whole request (:data:`REQUEST`), no socket leaked by a failed connect, idle
-connections dropped before the server's; and the mapping of their errors (docs/internals.md)."""
+"""httpx2's ``HTTPTransport(uds=...)`` set up for the socket: no CA bundle, a deadline per whole
+request (:data:`REQUEST`), no socket leaked by a failed connect, idle connections dropped before
+the server's; and the mapping of their errors (docs/internals.md, "Transport")."""
 
 from __future__ import annotations
 
@@ -80,11 +80,9 @@ class UnixStream(httpcore2.NetworkStream):
             raise httpcore2.ReadError(exc) from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        view = memoryview(buffer)
         try:
-            while view:
-                self._sock.settimeout(_remaining(timeout, httpcore2.WriteTimeout))
-                view = view[self._sock.send(view) :]
+            self._sock.settimeout(_remaining(timeout, httpcore2.WriteTimeout))
+            self._sock.sendall(buffer)  # the timeout bounds the whole sendall
         except TimeoutError as exc:
             raise httpcore2.WriteTimeout(exc) from exc
         except OSError as exc:

@@ -20,12 +20,9 @@ from client._transport import REQUEST, mapped_error, uds_transport
 
 
 class Client(_Base):
-    """A synchronous client of ``$UDS_SOCKET`` (else ``unix:///csi/csi.sock``), shared by threads.
-
-    ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's ``TestClient``, with its own per-step
-    timeouts) replaces the one built for the socket, which keeps up to ``max_connections``;
-    ``timeout`` bounds each whole request; an answer over ``max_response_bytes`` raises
-    :class:`ClientError` unread."""
+    """A client of ``$UDS_SOCKET`` (else ``unix:///csi/csi.sock``), shared by threads; ``timeout``
+    bounds each whole request, an answer over ``max_response_bytes`` is a :class:`ClientError`;
+    ``http_client`` (e.g. FastAPI's ``TestClient``) replaces the pool of ``max_connections``."""
 
     _http: httpx2.Client
 
@@ -100,11 +97,8 @@ class Client(_Base):
         return self._call("GET", f"/messages/{int(id)}", shape.MESSAGE)
 
     def events(self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR) -> Iterator[Event]:
-        """GET /events: each message as it is stored (those after id ``since`` first), for ever.
-
-        A dropped stream or a server restart is resumed from the last id (nothing missed or
-        repeated); gives up after ``reconnect_for`` seconds without a stream.
-        """
+        """GET /events: each message as it is stored (those after id ``since`` first), for ever, resumed
+        from the last id after a drop or a restart; gives up after ``reconnect_for`` s without one."""
         follow = Follow(self.address, since, self.timeout, self.max_response_bytes, reconnect_for)
         return follow.follow(partial(self._call, "GET", "/events", self._stream, stream=True))
 

@@ -79,7 +79,7 @@ def test_httpcore2_still_leaks_the_socket_of_a_failed_connect(tmp_short: Path) -
 
 
 def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
-    """``uds_transport`` swaps ``_pool`` of httpx2's transports; if httpx2 renames or retypes it, fail here."""
+    """``uds_transport`` swaps ``_pool`` in httpx2's transports: fail if httpx2 renames or retypes it."""
     assert type(httpx2.HTTPTransport(uds="/tmp/none.sock", verify=False)._pool) is httpcore2.ConnectionPool
     stock = httpx2.AsyncHTTPTransport(uds="/tmp/none.sock", verify=False)
     assert type(stock._pool) is httpcore2.AsyncConnectionPool
@@ -93,7 +93,7 @@ def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
 
 @pytest.mark.parametrize("transport", [httpx2.HTTPTransport, httpx2.AsyncHTTPTransport])
 def test_httpx2_transports_still_take_no_network_backend(transport: type) -> None:
-    """Why ``uds_transport`` swaps the pool. When this fails, httpx2 takes a backend publicly: pass it there."""
+    """Why ``uds_transport`` swaps the pool. When this fails, httpx2 takes a backend: pass it there."""
     public = set(inspect.signature(transport).parameters)
     assert not {"network_backend", "pool", "backend"} & public, public
 

@@ -113,9 +113,7 @@ class UnixBackend(httpcore2.SyncBackend):
     ) -> httpcore2.NetworkStream:
         left = _connecting(timeout)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
+        try:  # no socket_options: uds_transport's pool is built without them
             sock.settimeout(left)
             sock.connect(path)
         except TimeoutError as exc:

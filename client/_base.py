@@ -1,5 +1,5 @@
-"""What ``Client`` and ``AsyncClient`` share: building requests, the API version, the response
-cap, and turning an answer into a typed result or one :class:`ClientError`."""
+"""What ``Client`` and ``AsyncClient`` share, doing no I/O: building requests, the API version, the
+response cap, and turning an answer into a typed result or one :class:`ClientError`."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextvars import Token
 from typing import Any, NamedTuple, TypeVar
 
 import httpx2
 import orjson
 
 from client._errors import APIError, ClientError, UsageError
-from client._events import READ_IDLE_TIMEOUT
 from client._models import Health, Message, RawResponse, Version, WhoAmI, _object
-from client._transport import BASE_URL, REQUEST, Budget, ReuseTracker
+from client._transport import BASE_URL, REQUEST, Budget
 from client.address import resolve_socket, to_url
 
 log = logging.getLogger("client")
@@ -42,8 +42,15 @@ class _Answer(NamedTuple):
         return self.response.status_code
 
 
+Parser = Callable[[_Answer], _T]
+
+
 def _snippet(content: bytes) -> str:
     return content[:200].decode("utf-8", "replace") + ("..." if len(content) > 200 else "")
+
+
+def _what(request: httpx2.Request) -> str:
+    return f"{request.method} {request.url.raw_path.decode('ascii')}"
 
 
 def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
@@ -56,8 +63,6 @@ def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
     if status < 400 or status in ok:
         if body is not _NOT_JSON:
             return body
-        if status == 204:
-            return None
         raise ClientError(
             f"the server answered {status} with a body that is not JSON: {_snippet(answer.content)}"
         )
@@ -66,9 +71,6 @@ def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
     reason = answer.response.reason_phrase or "error"
     text = answer.content.decode("utf-8", "replace")
     raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
-
-
-Parser = Callable[[_Answer], _T]
 
 
 def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Parser[_T]:
@@ -188,57 +190,49 @@ class _Base:
             )
         return f"/v{version}"
 
-    def _start(self) -> tuple[float, Budget, Any, ReuseTracker | None]:
-        """A request's start, its :class:`Budget` (set for this thread or task; the token resets it),
-        and a tracker of new connections unless our own backend marks them."""
-        started = time.monotonic()
-        budget = Budget(started + self.timeout)
-        return started, budget, REQUEST.set(budget), None if self._owns_http else ReuseTracker()
-
-    def _build(
-        self, method: str, url: str, trace: Callable[..., Any] | None, headers: Any = None, **options: Any
-    ) -> httpx2.Request:
-        """The request; ``options`` are ``content`` and ``timeout``, as httpx2 takes them."""
-        if not self._owns_http:  # a caller's client lacks our default headers
+    def _begin(
+        self, method: str, url: str, is_async: bool, headers: Any = None, **options: Any
+    ) -> tuple[httpx2.Request, Budget, Token[Budget | None]]:
+        """The request (``options`` as httpx2 takes them) and its :class:`Budget`, set for this
+        thread or task until the token resets it."""
+        budget = Budget(time.monotonic() + self.timeout)
+        if not self._owns_http:  # a caller's client lacks our headers, and our backends' marks
             headers = _HEADERS if headers is None else {**_HEADERS, **headers}
-        if trace is not None:
-            options["extensions"] = {"trace": trace}
-        return self._http.build_request(method, url, headers=headers, **options)
+            options["extensions"] = {"trace": budget.atrace if is_async else budget}
+        request = self._http.build_request(method, url, headers=headers, **options)
+        return request, budget, REQUEST.set(budget)
 
-    def _retrying(
-        self, exc: httpx2.TransportError, budget: Budget, tracker: ReuseTracker | None, method: str, url: str
-    ) -> bool:
-        """Whether to send once more: a reused connection the server had closed (errors of a stale one)."""
+    def _retry(self, exc: httpx2.TransportError, budget: Budget, request: httpx2.Request) -> None:
+        """Raise ``exc`` unless it is a reused connection the server had closed (send once more)."""
         stale = isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
-        if not stale or (budget.opened if tracker is None else tracker.opened):
-            return False
+        if budget.opened or not stale:
+            raise exc
+        budget.retried = True
         why = "reused connection was closed by the server"
-        log.debug("%s %s %s: %s (%s); retrying once", self.address, method, url, why, exc)
-        return True
+        log.debug("%s %s: %s (%s); retrying once", self.address, _what(request), why, exc)
 
-    def _cap(self, size: int, method: str, url: str) -> None:
-        """Raise :class:`ClientError` once an answer's body reaches over ``max_response_bytes``."""
+    def _over(self, size: int, request: httpx2.Request) -> None:
         if size > self.max_response_bytes:
             raise ClientError(
-                f"{self.address} answered {method} {url} with more than "
+                f"{self.address} answered {_what(request)} with more than "
                 f"{self.max_response_bytes} bytes; refusing to read it (max_response_bytes)"
             )
 
-    def _declared_fits(self, response: httpx2.Response, method: str, url: str) -> bool:
-        """True when the answer's Content-Length is within the cap (h11 then reads no more than it)."""
-        declared = response.headers.get("content-length")
-        if declared is None or not declared.isdigit():
-            return False
-        self._cap(int(declared), method, url)
-        return True
+    def _capped(self, response: httpx2.Response) -> Callable[[bytes], bytes]:
+        """Pass on each chunk of the body; :class:`ClientError` as soon as its Content-Length or the
+        chunks so far exceed ``max_response_bytes``."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit():
+            self._over(int(declared), response.request)
+        total = 0
 
-    def _events_options(self, last_id: int | None) -> dict[str, Any]:
-        """``GET /events`` after ``last_id``: its reads may idle up to :data:`READ_IDLE_TIMEOUT`."""
-        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
-        if last_id is not None:
-            headers["last-event-id"] = str(last_id)
-        timeout = httpx2.Timeout(self.timeout, read=max(READ_IDLE_TIMEOUT, self.timeout))
-        return {"headers": headers, "timeout": timeout, "stream": True}
+        def count(chunk: bytes) -> bytes:
+            nonlocal total
+            total += len(chunk)
+            self._over(total, response.request)
+            return chunk
+
+        return count
 
     def _stream(self, answer: _Answer) -> httpx2.Response:
         """The open stream of a 200 to ``GET /events``, else the error (the server's, if it sent one)."""
@@ -247,11 +241,11 @@ class _Base:
         _check(answer)
         raise ClientError(f"{self.address} answered GET /events with {answer.status}, not a stream")
 
-    def _log(self, method: str, url: str, status: int, started: float, retried: bool) -> None:
+    def _log(self, request: httpx2.Request, status: int, budget: Budget) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            elapsed = (time.monotonic() - started) * 1000
-            note = " (retried on a fresh connection)" if retried else ""
-            log.debug("%s %s %s -> %d in %.1f ms%s", self.address, method, url, status, elapsed, note)
+            elapsed = (time.monotonic() + self.timeout - budget.deadline) * 1000
+            note = " (retried on a fresh connection)" if budget.retried else ""
+            log.debug("%s %s -> %d in %.1f ms%s", self.address, _what(request), status, elapsed, note)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"

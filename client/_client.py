@@ -6,27 +6,23 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
+from functools import partial
 from typing import Any, Self
 
 import anyio
 import httpx2
 
 from client import _base as shape
-from client._base import _T, API_VERSIONS, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Answer, _Base
-from client._events import RECONNECT_FOR, Event, Follow
-from client._models import Health, Message, RawResponse, Version, WhoAmI
-from client._transport import REQUEST, async_transport, mapped_error, sync_transport
-
-__all__ = ["API_VERSIONS", "DEFAULT_MAX_RESPONSE_BYTES", "AsyncClient", "Client"]
+from client._base import _T, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Answer, _Base
+from client._events import RECONNECT_FOR, Follow
+from client._models import Event, Health, Message, RawResponse, Version, WhoAmI
+from client._transport import REQUEST, mapped_error, uds_transport
 
 
 class Client(_Base):
-    """A synchronous client of ``$UDS_SOCKET`` (else ``unix:///csi/csi.sock``), shared by threads.
-
-    ``http_client`` (an ``httpx2.Client``, e.g. FastAPI's ``TestClient``, with its own per-step
-    timeouts) replaces the one built for the socket, which keeps up to ``max_connections``;
-    ``timeout`` bounds each whole request; an answer over ``max_response_bytes`` raises
-    :class:`ClientError` unread."""
+    """A client of ``$UDS_SOCKET`` (else ``unix:///csi/csi.sock``), shared by threads; ``timeout``
+    bounds each whole request, an answer over ``max_response_bytes`` is a :class:`ClientError`;
+    ``http_client`` (e.g. FastAPI's ``TestClient``) replaces the pool of ``max_connections``."""
 
     _http: httpx2.Client
 
@@ -41,7 +37,7 @@ class Client(_Base):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         def own(**options: Any) -> httpx2.Client:
-            transport = sync_transport(self.path, max_connections=max_connections)
+            transport = uds_transport(httpx2.HTTPTransport, self.path, max_connections)
             return httpx2.Client(transport=transport, **options)
 
         super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
@@ -49,55 +45,44 @@ class Client(_Base):
 
     def _api(self, path: str) -> str:
         """``path`` under the negotiated API version (pinging the server first, once)."""
-        prefix = self._prefix
-        if prefix is None:
+        if self._prefix is None:
             with self._negotiation:
-                prefix = self._prefix
-                if prefix is None:
-                    prefix = self._prefix = self._chosen(self._request("GET", "/_ping"))
-        return prefix + path
+                if self._prefix is None:
+                    self._prefix = self._call("GET", "/_ping", self._chosen, api=False)
+        return self._prefix + path
 
     def api_version(self) -> int | None:
         """The API version used with the server (asked once); None for one without versions."""
         prefix = self._api("")
         return int(prefix[2:]) if prefix else None
 
-    def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
-        started, budget, token, tracker = self._start()
-        retried = False
+    def _call(
+        self, method: str, path: str, parse: Parser[_T], *, api: bool = True, stream: bool = False, **kw: Any
+    ) -> _T:
+        url = self._api(path) if api else path
+        request, budget, token = self._begin(method, url, False, **kw)
         try:
-            request = self._build(method, url, tracker, **options)
             try:
-                answer = self._read(request, method, url, stream)
+                answer = self._read(request, stream)
             except httpx2.TransportError as exc:
-                if not self._retrying(exc, budget, tracker, method, url):
-                    raise
-                retried = True
-                answer = self._read(request, method, url, stream)
+                self._retry(exc, budget, request)
+                answer = self._read(request, stream)
         except (httpx2.HTTPError, TimeoutError) as exc:
             raise mapped_error(exc, self.address) from exc
         finally:
             REQUEST.reset(token)
-        self._log(method, url, answer.status, started, retried)
-        return answer
+        self._log(request, answer.status, budget)
+        return parse(answer)
 
-    def _read(self, request: httpx2.Request, method: str, url: str, stream: bool) -> _Answer:
+    def _read(self, request: httpx2.Request, stream: bool) -> _Answer:
         response = self._http.send(request, stream=True)
         if stream and response.status_code == 200:
             return _Answer(response, b"")  # the caller reads and closes it
         try:
-            if self._declared_fits(response, method, url):
-                return _Answer(response, response.read())
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                self._cap(len(body), method, url)
-            return _Answer(response, bytes(body))
+            count = self._capped(response)
+            return _Answer(response, b"".join([count(chunk) for chunk in response.iter_bytes()]))
         finally:
             response.close()
-
-    def _call(self, method: str, path: str, parse: Parser[_T], *, api: bool = True, **body: Any) -> _T:
-        return parse(self._request(method, self._api(path) if api else path, **body))
 
     def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         """POST /messages; a retry after a dropped connection reuses the same Idempotency-Key."""
@@ -112,16 +97,10 @@ class Client(_Base):
         return self._call("GET", f"/messages/{int(id)}", shape.MESSAGE)
 
     def events(self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR) -> Iterator[Event]:
-        """GET /events: each message as it is stored (those after id ``since`` first), for ever.
-
-        A dropped stream or a server restart is resumed from the last id (nothing missed or
-        repeated); gives up after ``reconnect_for`` seconds without a stream.
-        """
-
-        def open_stream(last_id: int | None) -> httpx2.Response:
-            return self._stream(self._request("GET", self._api("/events"), **self._events_options(last_id)))
-
-        return Follow(self.address, since, self.max_response_bytes, reconnect_for).follow(open_stream)
+        """GET /events: each message as it is stored (those after id ``since`` first), for ever, resumed
+        from the last id after a drop or a restart; gives up after ``reconnect_for`` s without one."""
+        follow = Follow(self.address, since, self.timeout, self.max_response_bytes, reconnect_for)
+        return follow.follow(partial(self._call, "GET", "/events", self._stream, stream=True))
 
     def health(self) -> Health:
         """GET /healthz."""
@@ -176,66 +155,54 @@ class AsyncClient(_Base):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         def own(**options: Any) -> httpx2.AsyncClient:
-            transport = async_transport(self.path, max_connections=max_connections)
+            transport = uds_transport(httpx2.AsyncHTTPTransport, self.path, max_connections)
             return httpx2.AsyncClient(transport=transport, **options)
 
         super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
         self._negotiation: anyio.Lock | None = None
 
     async def _api(self, path: str) -> str:
-        """As :meth:`Client._api`: concurrent first calls wait for the one ping."""
-        prefix = self._prefix
-        if prefix is None:
+        if self._prefix is None:
             if self._negotiation is None:
                 self._negotiation = anyio.Lock()
             async with self._negotiation:
-                prefix = self._prefix
-                if prefix is None:
-                    prefix = self._prefix = self._chosen(await self._request("GET", "/_ping"))
-        return prefix + path
+                if self._prefix is None:
+                    self._prefix = await self._call("GET", "/_ping", self._chosen, api=False)
+        return self._prefix + path
 
     async def api_version(self) -> int | None:
         prefix = await self._api("")
         return int(prefix[2:]) if prefix else None
 
-    async def _request(self, method: str, url: str, stream: bool = False, **options: Any) -> _Answer:
-        started, budget, token, tracker = self._start()
-        retried = False
+    async def _call(
+        self, method: str, path: str, parse: Parser[_T], *, api: bool = True, stream: bool = False, **kw: Any
+    ) -> _T:
+        url = await self._api(path) if api else path
+        request, budget, token = self._begin(method, url, True, **kw)
         try:
-            request = self._build(method, url, tracker and tracker.atrace, **options)
             # Our own backend bounds each step by the budget; another transport gets a cancel scope.
-            with contextlib.nullcontext() if tracker is None else anyio.fail_after(self.timeout):
+            with contextlib.nullcontext() if self._owns_http else anyio.fail_after(self.timeout):
                 try:
-                    answer = await self._read(request, method, url, stream)
+                    answer = await self._read(request, stream)
                 except httpx2.TransportError as exc:
-                    if not self._retrying(exc, budget, tracker, method, url):
-                        raise
-                    retried = True
-                    answer = await self._read(request, method, url, stream)
+                    self._retry(exc, budget, request)
+                    answer = await self._read(request, stream)
         except (httpx2.HTTPError, TimeoutError) as exc:
             raise mapped_error(exc, self.address) from exc
         finally:
             REQUEST.reset(token)
-        self._log(method, url, answer.status, started, retried)
-        return answer
+        self._log(request, answer.status, budget)
+        return parse(answer)
 
-    async def _read(self, request: httpx2.Request, method: str, url: str, stream: bool) -> _Answer:
+    async def _read(self, request: httpx2.Request, stream: bool) -> _Answer:
         response = await self._http.send(request, stream=True)
         if stream and response.status_code == 200:
             return _Answer(response, b"")  # the caller reads and closes it
         try:
-            if self._declared_fits(response, method, url):
-                return _Answer(response, await response.aread())
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                self._cap(len(body), method, url)
-            return _Answer(response, bytes(body))
+            count = self._capped(response)
+            return _Answer(response, b"".join([count(chunk) async for chunk in response.aiter_bytes()]))
         finally:
             await response.aclose()
-
-    async def _call(self, method: str, path: str, parse: Parser[_T], *, api: bool = True, **body: Any) -> _T:
-        return parse(await self._request(method, await self._api(path) if api else path, **body))
 
     async def send(self, text: str, *, idempotency_key: str | None = None) -> Message:
         return await self._call("POST", "/messages", shape.MESSAGE, **shape.send_body(text, idempotency_key))
@@ -249,13 +216,8 @@ class AsyncClient(_Base):
     def events(
         self, since: int | None = None, *, reconnect_for: float = RECONNECT_FOR
     ) -> AsyncIterator[Event]:
-        return Follow(self.address, since, self.max_response_bytes, reconnect_for).follow_async(
-            self._open_events
-        )
-
-    async def _open_events(self, last_id: int | None) -> httpx2.Response:
-        url = await self._api("/events")
-        return self._stream(await self._request("GET", url, **self._events_options(last_id)))
+        follow = Follow(self.address, since, self.timeout, self.max_response_bytes, reconnect_for)
+        return follow.follow_async(partial(self._call, "GET", "/events", self._stream, stream=True))
 
     async def health(self) -> Health:
         return await self._call("GET", "/healthz", shape.HEALTH, api=False)

@@ -1,5 +1,5 @@
 """The library's exceptions, each with the CLI's ``exit_code``; lower-layer (httpx2, socket)
-errors are mapped into these once."""
+errors are mapped into these once (docs/internals.md, "Client")."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import errno
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-__all__ = ["APIError", "ClientError", "ConnectError", "UsageError", "WaitTimeout", "reason_for"]
 
 
 class ClientError(Exception):

@@ -1,21 +1,19 @@
-"""Following ``GET /events`` on httpx2's :class:`httpx2.EventSource`: the iterators behind
-``Client.events()`` and ``AsyncClient.events()``, resuming from the last id after a drop, backing
-off, giving up after ``reconnect_for`` seconds without a stream (docs/internals.md, "Client")."""
+"""The iterators behind ``Client.events()`` and ``AsyncClient.events()``, on httpx2's EventSource:
+resuming from the last id after a drop, backing off, giving up after ``reconnect_for`` seconds
+without a stream (docs/internals.md, "Following GET /events")."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx2
-import orjson
 
 from client._errors import APIError, ClientError, ConnectError
-from client._models import Message
+from client._models import Event
 
 log = logging.getLogger("client")
 
@@ -24,46 +22,28 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds between attempts to reconnect, 
 RECONNECT_FOR = 300.0  # seconds to try to get a stream back: Kubernetes' crash-loop back-off tops at 5 min
 _WANTED = ("message", "reset")
 
-Opener = Callable[[int | None], httpx2.Response]  # GET /events after an id: a 200 streaming, or ClientError
-AsyncOpener = Callable[[int | None], Awaitable[httpx2.Response]]
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One event of ``GET /events``: ``event`` is ``message`` or ``reset``, ``data`` its JSON text,
-    ``id`` the message's, or for ``reset`` the one the stream goes on after (the oldest message
-    kept is ``id + 1``: list the messages again, some were missed)."""
-
-    event: str
-    id: int | None
-    data: str
-
-    def json(self) -> Any:
-        """The data, decoded."""
-        return orjson.loads(self.data)
-
-    @property
-    def message(self) -> Message | None:
-        """The stored message of a ``message`` event (None for other events)."""
-        if self.event != "message":
-            return None
-        try:
-            return Message.from_json(self.json())
-        except (TypeError, KeyError, ValueError, orjson.JSONDecodeError) as exc:
-            raise ClientError(f"event {self.id} is not a message: {self.data[:200]!r}") from exc
-
 
 class Follow:
     """Following the stream after id ``since``: the last id, the back-off and the give-up time."""
 
-    def __init__(self, address: str, since: int | None, max_bytes: int, reconnect_for: float) -> None:
+    def __init__(
+        self, address: str, since: int | None, timeout: float, max_bytes: int, reconnect_for: float
+    ) -> None:
         if since is not None and since < 0:
             raise ClientError(f"since must be 0 or more, not {since}")
         self.address, self.last, self.max_bytes, self.reconnect_for = address, since, max_bytes, reconnect_for
+        self.timeout = httpx2.Timeout(timeout, read=max(READ_IDLE_TIMEOUT, timeout))
         self.connected = False
         self.received = False  # whether the current connection brought any event
         self.lost_at: float | None = None
         self.delay = BACKOFF_FIRST
+
+    def options(self) -> dict[str, Any]:
+        """``GET /events`` after the last id; its reads may idle up to :data:`READ_IDLE_TIMEOUT`."""
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
+        if self.last is not None:
+            headers["last-event-id"] = str(self.last)
+        return {"headers": headers, "timeout": self.timeout}
 
     def source(self, response: httpx2.Response) -> httpx2.EventSource:
         """The events of an open stream, once its content type says it is one."""
@@ -131,11 +111,11 @@ class Follow:
         self.delay = min(self.delay * 2, BACKOFF_MAX)
         return delay
 
-    def follow(self, open_stream: Opener) -> Iterator[Event]:
-        """The events ``open_stream`` brings, after id ``since``, for ever (``Client.events``)."""
+    def follow(self, open_stream: Callable[..., httpx2.Response]) -> Iterator[Event]:
+        """The events of the streams ``open_stream(**options())`` opens, for ever (``Client.events``)."""
         while True:
             try:
-                response = open_stream(self.last)
+                response = open_stream(**self.options())
             except ClientError as exc:
                 time.sleep(self.retry_after(exc))
                 continue
@@ -154,11 +134,13 @@ class Follow:
                 response.close()
             time.sleep(self.dropped(broke))
 
-    async def follow_async(self, open_stream: AsyncOpener) -> AsyncIterator[Event]:
+    async def follow_async(
+        self, open_stream: Callable[..., Awaitable[httpx2.Response]]
+    ) -> AsyncIterator[Event]:
         """As :meth:`follow`, for ``AsyncClient.events``."""
         while True:
             try:
-                response = await open_stream(self.last)
+                response = await open_stream(**self.options())
             except ClientError as exc:
                 await anyio.sleep(self.retry_after(exc))
                 continue

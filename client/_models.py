@@ -1,13 +1,14 @@
-"""Typed results of the API: frozen dataclasses built from the server's JSON (stdlib only).
-
-``from_json`` raises ``TypeError``, ``KeyError`` or ``ValueError`` for JSON of the wrong shape.
-"""
+"""Typed results of the API: frozen dataclasses built from the server's JSON (stdlib only);
+``from_json`` raises ``TypeError``, ``KeyError`` or ``ValueError`` for JSON of the wrong shape."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from client._errors import ClientError
 
 
 def _object(data: Any, what: str) -> dict[str, Any]:
@@ -18,8 +19,8 @@ def _object(data: Any, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The credentials (SO_PEERCRED) of the process that sent a message; ``forwarded_for`` is the
-    user that ``uds-client proxy`` admitted (``pid`` 0 and ``gid`` -1 when it could not see them)."""
+    """The SO_PEERCRED credentials of a message's sender; ``forwarded_for`` the user that
+    ``uds-client proxy`` admitted (``pid`` 0 and ``gid`` -1 when it could not see them)."""
 
     pid: int
     uid: int
@@ -34,7 +35,6 @@ class Peer:
         return cls(pid=int(data["pid"]), uid=int(data["uid"]), gid=int(data["gid"]), forwarded_for=behind)
 
     def to_json(self) -> dict[str, Any]:
-        """The credentials as the server spells them."""
         data: dict[str, Any] = {"pid": self.pid, "uid": self.uid, "gid": self.gid}
         if self.forwarded_for is not None:
             data["forwarded_for"] = self.forwarded_for.to_json()
@@ -136,7 +136,6 @@ class WhoAmI:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The identity as the server spells it."""
         forwarded: dict[str, Any] | None = None
         if self.forwarded_for is not None:
             forwarded = {**self.forwarded_for.to_json(), "scopes": list(self.forwarded_scopes)}
@@ -161,6 +160,28 @@ class RawResponse:
         return self.content.decode("utf-8", errors="replace")
 
     def json(self) -> Any:
-        import json
-
         return json.loads(self.content)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of ``GET /events``: ``event`` is ``message`` or ``reset``, ``data`` its JSON text,
+    ``id`` the message's, or for ``reset`` the one the stream goes on after (the oldest message
+    kept is ``id + 1``: list the messages again, some were missed)."""
+
+    event: str
+    id: int | None
+    data: str
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    @property
+    def message(self) -> Message | None:
+        """The stored message of a ``message`` event (None for other events)."""
+        if self.event != "message":
+            return None
+        try:
+            return Message.from_json(self.json())
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ClientError(f"event {self.id} is not a message: {self.data[:200]!r}") from exc

@@ -29,12 +29,10 @@ def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             within(sock).connect(path)
             within(sock).sendall(request)
-            chunks: list[bytes] = []
-            size = 0
-            while size <= _MAX_RESPONSE and (chunk := within(sock).recv(65536)):
-                chunks.append(chunk)
-                size += len(chunk)
-        return _parse(b"".join(chunks))
+            data = bytearray()
+            while len(data) <= _MAX_RESPONSE and (chunk := within(sock).recv(65536)):
+                data += chunk
+        return _parse(bytes(data))
     except (OSError, ValueError) as exc:  # ValueError: the peer's answer is not HTTP/1.x
         raise ConnectError.caused_by(to_url(path), exc) from exc
 

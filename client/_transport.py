@@ -1,6 +1,6 @@
-"""httpx2's Unix-socket transports, ``HTTPTransport(uds=...)``, set up for the socket: no CA
-bundle, a deadline per whole request (:data:`REQUEST`), no socket leaked by a failed connect, idle
-connections dropped before the server's; and the mapping of their errors (docs/internals.md)."""
+"""httpx2's ``HTTPTransport(uds=...)`` set up for the socket: no CA bundle, a deadline per whole
+request (:data:`REQUEST`), no socket leaked by a failed connect, idle connections dropped before
+the server's; and the mapping of their errors (docs/internals.md, "Transport")."""
 
 from __future__ import annotations
 
@@ -27,10 +27,18 @@ _Transport = TypeVar("_Transport", httpx2.HTTPTransport, httpx2.AsyncHTTPTranspo
 
 @dataclass(slots=True)
 class Budget:
-    """One request's deadline (``time.monotonic()``), and whether it had to open a connection."""
+    """One request's deadline (``time.monotonic()``) and whether it opened a connection: our backends
+    mark that; on a caller's transport, the Budget is an httpx2 ``trace`` callback that does."""
 
     deadline: float
     opened: bool = False
+    retried: bool = False
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        self.opened = self.opened or event.startswith("connection.connect_")
+
+    async def atrace(self, event: str, info: dict[str, Any]) -> None:  # async transports want a coroutine
+        self(event, info)
 
 
 REQUEST: ContextVar[Budget | None] = ContextVar("uds_client_request", default=None)
@@ -72,11 +80,9 @@ class UnixStream(httpcore2.NetworkStream):
             raise httpcore2.ReadError(exc) from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        view = memoryview(buffer)
         try:
-            while view:
-                self._sock.settimeout(_remaining(timeout, httpcore2.WriteTimeout))
-                view = view[self._sock.send(view) :]
+            self._sock.settimeout(_remaining(timeout, httpcore2.WriteTimeout))
+            self._sock.sendall(buffer)  # the timeout bounds the whole sendall
         except TimeoutError as exc:
             raise httpcore2.WriteTimeout(exc) from exc
         except OSError as exc:
@@ -107,9 +113,7 @@ class UnixBackend(httpcore2.SyncBackend):
     ) -> httpcore2.NetworkStream:
         left = _connecting(timeout)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
+        try:  # no socket_options: uds_transport's pool is built without them
             sock.settimeout(left)
             sock.connect(path)
         except TimeoutError as exc:
@@ -154,20 +158,21 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
         return AsyncDeadlineStream(stream)
 
 
-def _use_pool(transport: _Transport, backend: Any, path: str, max_connections: int | None) -> _Transport:
-    """Give ``transport`` an httpcore2 pool on ``backend`` in place of its own, and return it: the
-    one private hook of this package, as ``HTTPTransport`` takes no ``network_backend``
+def uds_transport(kind: type[_Transport], path: str, max_connections: int | None) -> _Transport:
+    """``kind(uds=path)``, with an httpcore2 pool on our backend in place of its own: the one
+    private hook of this package, as httpx2's transports take no ``network_backend``
     (tests/client/test_transport.py fails when httpx2 moves the attribute or takes one)."""
+    transport = kind(uds=path, verify=_BARE_TLS, trust_env=False)
     sync = isinstance(transport, httpx2.HTTPTransport)
-    kind = httpcore2.ConnectionPool if sync else httpcore2.AsyncConnectionPool
-    if type(getattr(transport, "_pool", None)) is not kind:
+    pool = httpcore2.ConnectionPool if sync else httpcore2.AsyncConnectionPool
+    if type(getattr(transport, "_pool", None)) is not pool:
         raise RuntimeError(
-            f"httpx2's {type(transport).__name__} no longer keeps a {kind.__name__} in "
-            "_pool; update client._transport for this httpx2 version"
+            f"httpx2's {kind.__name__} no longer keeps a {pool.__name__} in _pool; "
+            "update client._transport for this httpx2 version"
         )
     # No CA bundle; idle connections kept less long than the server keeps them.
-    transport._pool = kind(
-        network_backend=backend,
+    transport._pool = pool(
+        network_backend=UnixBackend() if sync else AsyncUnixBackend(),
         ssl_context=_BARE_TLS,
         uds=path,
         keepalive_expiry=KEEPALIVE_EXPIRY,
@@ -175,31 +180,6 @@ def _use_pool(transport: _Transport, backend: Any, path: str, max_connections: i
         max_keepalive_connections=max_connections,
     )
     return transport
-
-
-def sync_transport(path: str, *, max_connections: int | None = 10) -> httpx2.HTTPTransport:
-    """``httpx2.HTTPTransport(uds=path)`` on :class:`UnixBackend`."""
-    transport = httpx2.HTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    return _use_pool(transport, UnixBackend(), path, max_connections)
-
-
-def async_transport(path: str, *, max_connections: int | None = 100) -> httpx2.AsyncHTTPTransport:
-    """``httpx2.AsyncHTTPTransport(uds=path)`` on :class:`AsyncUnixBackend`."""
-    transport = httpx2.AsyncHTTPTransport(uds=path, verify=_BARE_TLS, trust_env=False)
-    return _use_pool(transport, AsyncUnixBackend(), path, max_connections)
-
-
-@dataclass(slots=True)
-class ReuseTracker:
-    """An httpx2 ``trace`` callback that records whether a request opened a new connection."""
-
-    opened: bool = False
-
-    def __call__(self, event: str, info: dict[str, Any]) -> None:
-        self.opened = self.opened or event.startswith("connection.connect_")
-
-    async def atrace(self, event: str, info: dict[str, Any]) -> None:  # async transports want a coroutine
-        self(event, info)
 
 
 def mapped_error(exc: BaseException, address: str) -> ClientError:

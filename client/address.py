@@ -1,9 +1,6 @@
-"""Parse the socket address shared by the server and the client (stdlib only).
-
-Accepted, like ``DOCKER_HOST``: a bare absolute path, ``unix:///path`` (and the lax ``unix:/path``,
-but not ``unix://csi/x``, whose ``csi`` is a host), and ``http+unix://%2Fpath``; anything else
-raises :class:`AddressError` quoting the value and saying what to write instead.
-"""
+"""The socket address shared by the server and the client (stdlib only), like ``DOCKER_HOST``: a bare
+absolute path, ``unix:///path`` (and the lax ``unix:/path``, not ``unix://csi/x``: ``csi`` is a host)
+or ``http+unix://%2Fpath``; anything else is an :class:`AddressError` saying what to write instead."""
 
 from __future__ import annotations
 
@@ -13,16 +10,6 @@ from collections.abc import Mapping
 from urllib.parse import unquote
 
 from client._errors import UsageError
-
-__all__ = [
-    "DEFAULT_ADDRESS",
-    "ENV_VAR",
-    "MAX_PATH_BYTES",
-    "AddressError",
-    "parse_address",
-    "resolve_socket",
-    "to_url",
-]
 
 DEFAULT_ADDRESS = "unix:///csi/csi.sock"
 ENV_VAR = "UDS_SOCKET"
@@ -50,11 +37,7 @@ def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None 
 
 
 def parse_address(value: str) -> str:
-    """Return the absolute socket path named by ``value``.
-
-    >>> parse_address("http+unix://%2Fcsi%2Fcsi.sock")
-    '/csi/csi.sock'
-    """
+    """The absolute socket path ``value`` names."""
 
     def bad(reason: str) -> AddressError:
         return AddressError(f"invalid socket address {value!r}: {reason}")
@@ -115,5 +98,4 @@ def parse_address(value: str) -> str:
 
 
 def to_url(path: str) -> str:
-    """Spell a socket path the canonical way, ``unix:///...``."""
     return "unix://" + path

@@ -11,8 +11,6 @@ from client._errors import ConnectError, WaitTimeout
 from client._probe import probe
 from client.address import to_url
 
-__all__ = ["poll", "wait_for_socket"]
-
 T = TypeVar("T")
 
 
@@ -26,9 +24,9 @@ def poll(
     max_delay: float = 0.2,
     on_retry: Callable[[BaseException | None, float], None] | None = None,
 ) -> T:
-    """Call ``check`` until it returns something but None or False, and return that; ``retry_on``
-    exceptions count as "not yet". The pause doubles from ``first_delay`` to ``max_delay``, after
-    ``on_retry(last exception or None, pause)``; after ``timeout`` s, :class:`TimeoutError`."""
+    """``check()`` once it returns neither None nor False (``retry_on`` means "not yet"), else
+    :class:`TimeoutError` after ``timeout`` s; pauses double from ``first_delay`` to ``max_delay``,
+    each after ``on_retry(last exception or None, pause)``."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     delay = first_delay
@@ -63,10 +61,9 @@ def wait_for_socket(
     """Poll ``GET /healthz`` until the server answers (any status); return the seconds waited.
     As :func:`poll`, with ``on_retry(reason, delay)``; on the deadline :class:`WaitTimeout`."""
     started = time.monotonic()
-    deadline = started + timeout
 
     def answered() -> bool:
-        probe(path, timeout=max(min(deadline - time.monotonic(), 5.0), 0.05))
+        probe(path, timeout=max(min(started + timeout - time.monotonic(), 5.0), 0.05))
         return True
 
     def tell(last: BaseException | None, pause: float) -> None:

@@ -22,8 +22,7 @@ from client._transport import (
     AsyncUnixBackend,
     UnixBackend,
     UnixStream,
-    async_transport,
-    sync_transport,
+    uds_transport,
 )
 
 
@@ -68,7 +67,7 @@ def test_async_failed_connects_leak_no_socket(tmp_short: Path, refused_socket: s
 
 def test_httpcore2_still_leaks_the_socket_of_a_failed_connect(tmp_short: Path) -> None:
     """Why ``UnixBackend`` exists. When this fails, httpcore2 closes the socket itself: drop the
-    backend (and the ``_pool`` swap in ``sync_transport``), keeping the deadline some other way."""
+    backend (and the ``_pool`` swap in ``uds_transport``), keeping the deadline some other way."""
     missing = str(tmp_short / "missing.sock")
 
     def connect_once() -> None:
@@ -80,11 +79,12 @@ def test_httpcore2_still_leaks_the_socket_of_a_failed_connect(tmp_short: Path) -
 
 
 def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
-    """``_use_pool`` swaps ``_pool`` of httpx2's transports; if httpx2 renames or retypes it, fail here."""
+    """``uds_transport`` swaps ``_pool`` in httpx2's transports: fail if httpx2 renames or retypes it."""
     assert type(httpx2.HTTPTransport(uds="/tmp/none.sock", verify=False)._pool) is httpcore2.ConnectionPool
     stock = httpx2.AsyncHTTPTransport(uds="/tmp/none.sock", verify=False)
     assert type(stock._pool) is httpcore2.AsyncConnectionPool
-    ours, ours_async = sync_transport("/tmp/none.sock"), async_transport("/tmp/none.sock")
+    ours = uds_transport(httpx2.HTTPTransport, "/tmp/none.sock", 10)
+    ours_async = uds_transport(httpx2.AsyncHTTPTransport, "/tmp/none.sock", 100)
     assert type(ours) is httpx2.HTTPTransport  # still HTTPTransport(uds=...), only its pool is ours
     assert type(ours._pool) is httpcore2.ConnectionPool
     assert type(ours_async) is httpx2.AsyncHTTPTransport
@@ -93,7 +93,7 @@ def test_httpx2_keeps_its_pools_where_our_transports_replace_them() -> None:
 
 @pytest.mark.parametrize("transport", [httpx2.HTTPTransport, httpx2.AsyncHTTPTransport])
 def test_httpx2_transports_still_take_no_network_backend(transport: type) -> None:
-    """Why ``_use_pool`` exists. When this fails, httpx2 takes a backend publicly: pass it there."""
+    """Why ``uds_transport`` swaps the pool. When this fails, httpx2 takes a backend: pass it there."""
     public = set(inspect.signature(transport).parameters)
     assert not {"network_backend", "pool", "backend"} & public, public
 

@@ -1,11 +1,6 @@
-"""The event hub: one per process, it sends every stored message to every open event stream.
-
-The hub wakes on this process's commits (``Store.add_listener``) and polls ``Store.last_id()``
-every :data:`POLL_INTERVAL` while streams are open (other ``--workers`` commit too); it encodes
-each message once and hands the same bytes to every subscriber's bounded buffer. A reader that
-falls :data:`BUFFER` events behind is cut off with ``overflow``, so a POST never waits for a
-reader. Why and how (pacing, catching up, the switch to live): docs/internals.md, "Storage".
-"""
+"""The event hub: one per process, it hands every stored message to every open event stream, each
+through a bounded buffer; a reader that falls :data:`BUFFER` events behind is cut off with
+``overflow``, so a POST never waits for a reader. Why and how: docs/internals.md, "Storage"."""
 
 from __future__ import annotations
 
@@ -23,40 +18,17 @@ from fastapi.sse import format_sse_event
 from app.logs import Throttle
 from app.storage.store import Store
 
-__all__ = [
-    "BATCH",
-    "BUFFER",
-    "CHUNK",
-    "HEARTBEAT",
-    "HEARTBEAT_INTERVAL",
-    "PEER_SHARE",
-    "POLL_INTERVAL",
-    "EventHub",
-    "StreamsFull",
-    "Subscriber",
-    "stream_capacity",
-]
-
 log = logging.getLogger("app.storage.events")
 
-PEER_SHARE = 4
-"""One peer uid may hold at most 1/``PEER_SHARE`` of a budget (streams, bodies, long lists), so a
-single uid cannot lock every other uid out."""
-HEARTBEAT_INTERVAL = 5.0
-"""Seconds a stream may stay silent before a ``: heartbeat`` comment: below the 10 s after which
-common proxies close a silent connection."""
+PEER_SHARE = 4  # one peer uid may hold at most 1/PEER_SHARE of a budget (streams, bodies, lists)
+HEARTBEAT_INTERVAL = 5.0  # seconds of silence before a heartbeat: common proxies close after 10 s
 HEARTBEAT = b": heartbeat\n\n"
-POLL_INTERVAL = 0.1
-"""Seconds between two reads of ``Store.last_id()`` while streams are open: how late another
-worker's message may reach this process's streams."""
-FAN_OUT_SHARE = 0.05
-"""Under a stream of POSTs, the share of the process's time that writing events may take (a
-round costs about the same for one message or a hundred, so rounds are paced to carry more)."""
+POLL_INTERVAL = 0.1  # seconds between two reads of Store.last_id() (other workers' commits)
+FAN_OUT_SHARE = 0.05  # under a stream of POSTs, the share of the time writing events may take
 MAX_PAUSE = 0.04  # seconds a round may be held back: the delivery latency pacing can add
 BUFFER = 256  # events a subscriber may have waiting; one more and it is cut off with `overflow`
 BATCH = 100  # messages read from the store at a time, at most
-CHUNK = 64 * 1024
-"""Bytes a stream writes at a time, at most (plus one event): what a stalled reader holds."""
+CHUNK = 64 * 1024  # bytes a stream writes at a time, at most (plus one event)
 RETRY_MS = 1000  # the `retry:` sent first on every stream (EventSource reconnects after 1 s)
 
 End = Literal["overflow", "shutdown"]
@@ -65,13 +37,11 @@ _RESETS = Throttle(log)  # a peer may ask for an id out of the history at will
 
 
 def stream_capacity(max_streams: int, workers: int) -> int:
-    """Streams one worker process may hold: its share of ``--max-streams``, at least one (a share
-    per process bounds the server's total without state shared between processes)."""
+    """Streams one worker process may hold: its share of ``--max-streams``, at least one."""
     return max(1, max_streams // max(1, workers))
 
 
 def _message_event(message_id: int, document: bytes) -> bytes:
-    """``event: message``, ``data:`` the document, ``id:`` its id (once per message, for every stream)."""
     return format_sse_event(data_str=document.decode("utf-8"), event="message", id=str(message_id))
 
 
@@ -83,13 +53,9 @@ def _control_event(event: str, data: dict[str, object], event_id: int | None = N
     )
 
 
-async def _connected() -> bool:
-    return False
-
-
 class Pending:
-    """Encoded events waiting to be written, with their ids and their size in bytes (lists
-    extended and joined whole: no Python-level step per event and per stream)."""
+    """Encoded events waiting to be written, with their ids and their size in bytes (lists extended
+    and joined whole: no Python-level step per event and per stream)."""
 
     __slots__ = ("events", "ids", "size")
 
@@ -113,14 +79,12 @@ class Pending:
 
     def take(self) -> tuple[int, bytes]:
         """(last id, bytes) of up to :data:`CHUNK` bytes of the oldest events (at least one)."""
-        if self.size <= CHUNK:
-            last, chunk = self.ids[-1], b"".join(self.events)
-            self.clear()
-            return last, chunk
-        count = size = 0
-        while size < CHUNK:
-            size += len(self.events[count])
-            count += 1
+        count, size = len(self.ids), self.size
+        if size > CHUNK:
+            count = size = 0
+            while size < CHUNK:
+                size += len(self.events[count])
+                count += 1
         last, chunk = self.ids[count - 1], b"".join(self.events[:count])
         del self.ids[:count], self.events[:count]
         self.size -= size
@@ -149,7 +113,8 @@ class Subscriber:
 
 class EventHub:
     """Fans this process's store out to at most ``capacity`` open streams, 1/:data:`PEER_SHARE` of
-    them (at least one) per peer uid."""
+    them (at least one) per peer uid. It wakes on this process's commits and polls
+    ``Store.last_id()`` every :data:`POLL_INTERVAL` while streams are open (other workers commit)."""
 
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
@@ -202,25 +167,16 @@ class EventHub:
             self._live.discard(subscriber)
             subscriber.buffer.clear()
             self.open -= 1
-            left = self.held[subscriber.uid] - 1
-            if left:
-                self.held[subscriber.uid] = left
-            else:
+            self.held[subscriber.uid] -= 1
+            if not self.held[subscriber.uid]:
                 del self.held[subscriber.uid]
 
     async def stream(
-        self,
-        subscriber: Subscriber,
-        since: int | None,
-        gone: Callable[[], Awaitable[bool]] = _connected,
+        self, subscriber: Subscriber, since: int | None, gone: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[bytes]:
-        """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events.
-
-        It ends after a final ``overflow`` or ``shutdown`` event, or, while catching up, as soon as
-        ``gone()`` (asked before each read of the store, after a pass of the event loop) says its
-        client has left; the caller unsubscribes. Catching up holds one batch of at most
-        :data:`CHUNK` bytes (plus one message) that its reader has not taken.
-        """
+        """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events,
+        until a final ``overflow`` or ``shutdown`` event, or until ``gone()`` while catching up (asked
+        before each read of the store, a write of at most :data:`CHUNK` bytes); the caller unsubscribes."""
         store = self.store
         yield format_sse_event(retry=RETRY_MS)
         if since is None:
@@ -278,10 +234,7 @@ class EventHub:
     def _join(self, subscriber: Subscriber) -> None:
         if subscriber.end is not None:
             return
-        if not self._live:
-            self._last = subscriber.cursor
-        else:
-            self._last = min(self._last, subscriber.cursor)
+        self._last = min(self._last, subscriber.cursor) if self._live else subscriber.cursor
         assert self._loop is not None
         subscriber.written = self._loop.time()
         self._live.add(subscriber)
@@ -334,9 +287,14 @@ class EventHub:
                         await wake.wait()
                 except TimeoutError:
                     pass
-                self._heartbeats(loop.time())
+                now = loop.time()
+                for subscriber in self._live:  # silent for HEARTBEAT_INTERVAL: a heartbeat is due
+                    if now - subscriber.written >= HEARTBEAT_INTERVAL:
+                        subscriber.written = now
+                        subscriber.beat = True
+                        subscriber.wake.set()
                 if carried > 1:  # messages come faster than rounds: pace them (FAN_OUT_SHARE)
-                    pause = min(MAX_PAUSE, self.spent / FAN_OUT_SHARE) - (loop.time() - began)
+                    pause = min(MAX_PAUSE, self.spent / FAN_OUT_SHARE) - (now - began)
                     if pause > 0:
                         await asyncio.sleep(pause)
         except Exception:  # never leave streams silent without saying why
@@ -345,17 +303,8 @@ class EventHub:
         finally:
             self._task = None
 
-    def _heartbeats(self, now: float) -> None:
-        """Wake the streams that have had nothing to write for :data:`HEARTBEAT_INTERVAL`."""
-        for subscriber in self._live:
-            if now - subscriber.written >= HEARTBEAT_INTERVAL:
-                subscriber.written = now
-                subscriber.beat = True
-                subscriber.wake.set()
-
     def _fan_out(self, now: float) -> int:
-        """Hand every message above ``_last`` to the live subscribers (their buffers, not sockets);
-        return how many messages there were."""
+        """Hand every message above ``_last`` to the live subscribers' buffers; return how many."""
         store = self.store
         carried = 0
         while self._live and store.last_id() > self._last:
@@ -378,24 +327,21 @@ class EventHub:
                 start = bisect_right(ids, cursor)
                 buffer.add(ids[start:], events[start:], ends[-1] - ends[start])
                 subscriber.cursor = last_id
-                if len(buffer) > BUFFER:
-                    self._cut_off(subscriber)
+                if len(buffer) > BUFFER:  # too slow: dropped (resent on resume from Last-Event-ID)
+                    subscriber.buffer.clear()
+                    subscriber.end = "overflow"
+                    self._live.discard(subscriber)
+                    self._cut_offs.log(
+                        logging.WARNING,
+                        "Cut off an event stream whose reader fell more than %d events behind",
+                        BUFFER,
+                    )
                 else:
                     subscriber.written = now
-                    subscriber.wake.set()
+                subscriber.wake.set()
             self._last = last_id
             carried += len(ids)
         return carried
-
-    def _cut_off(self, subscriber: Subscriber) -> None:
-        """The reader is too slow: drop its buffer, stop feeding it, let it send ``overflow``."""
-        subscriber.buffer.clear()  # resent on resume, from the reader's Last-Event-ID
-        subscriber.end = "overflow"
-        self._live.discard(subscriber)
-        subscriber.wake.set()
-        self._cut_offs.log(
-            logging.WARNING, "Cut off an event stream whose reader fell more than %d events behind", BUFFER
-        )
 
     def _end_all(self, reason: End) -> None:
         for subscriber in self._streams:

@@ -53,19 +53,27 @@ def _control_event(event: str, data: dict[str, object], event_id: int | None = N
     )
 
 
-class Pending:
-    """Encoded events waiting to be written, with their ids and their size in bytes (lists extended
-    and joined whole: no Python-level step per event and per stream)."""
+class StreamsFull(Exception):
+    """No stream can be opened now: all slots are taken, or the server is shutting down."""
 
-    __slots__ = ("events", "ids", "size")
 
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.events: list[bytes] = []
+class Subscriber:
+    """One open stream: its cursor (the last id it was given), its buffer, and why it ends. The
+    buffer's lists are extended and joined whole: no Python-level step per event and per stream."""
+
+    __slots__ = ("beat", "cursor", "end", "events", "ids", "sent", "size", "uid", "wake", "written")
+
+    def __init__(self, uid: int | None = None) -> None:
+        self.uid = uid  # the peer uid holding the stream (its share is counted per uid)
+        self.cursor = 0  # the last id handed to this stream (sent, or waiting in its buffer)
+        self.sent = 0  # the last id written: where its reader resumes after a cut-off
+        self.ids: list[int] = []  # the buffer: events waiting to be written, their ids, their size
+        self.events: list[bytes] = []  # (the bytes of each event are shared by every stream)
         self.size = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        self.wake = asyncio.Event()
+        self.end: End | None = None
+        self.written = 0.0  # when the hub last gave it something to write (loop time)
+        self.beat = False  # a heartbeat is due
 
     def add(self, ids: list[int], events: list[bytes], size: int) -> None:
         self.ids += ids
@@ -77,38 +85,18 @@ class Pending:
         self.events.clear()
         self.size = 0
 
-    def take(self) -> tuple[int, bytes]:
-        """(last id, bytes) of up to :data:`CHUNK` bytes of the oldest events (at least one)."""
+    def take(self) -> bytes:
+        """Up to :data:`CHUNK` bytes of the oldest events (at least one); ``sent`` moves past them."""
         count, size = len(self.ids), self.size
         if size > CHUNK:
             count = size = 0
             while size < CHUNK:
                 size += len(self.events[count])
                 count += 1
-        last, chunk = self.ids[count - 1], b"".join(self.events[:count])
+        self.sent, chunk = self.ids[count - 1], b"".join(self.events[:count])
         del self.ids[:count], self.events[:count]
         self.size -= size
-        return last, chunk
-
-
-class StreamsFull(Exception):
-    """No stream can be opened now: all slots are taken, or the server is shutting down."""
-
-
-class Subscriber:
-    """One open stream: its cursor (the last id it was given), its buffer, and why it ends."""
-
-    __slots__ = ("beat", "buffer", "cursor", "end", "sent", "uid", "wake", "written")
-
-    def __init__(self, uid: int | None = None) -> None:
-        self.uid = uid  # the peer uid holding the stream (its share is counted per uid)
-        self.cursor = 0  # the last id handed to this stream (sent, or waiting in its buffer)
-        self.sent = 0  # the last id written: where its reader resumes after a cut-off
-        self.buffer = Pending()  # events waiting to be written; their bytes are shared by every stream
-        self.wake = asyncio.Event()
-        self.end: End | None = None
-        self.written = 0.0  # when the hub last gave it something to write (loop time)
-        self.beat = False  # a heartbeat is due
+        return chunk
 
 
 class EventHub:
@@ -165,7 +153,7 @@ class EventHub:
         if subscriber in self._streams:
             self._streams.discard(subscriber)
             self._live.discard(subscriber)
-            subscriber.buffer.clear()
+            subscriber.clear()
             self.open -= 1
             self.held[subscriber.uid] -= 1
             if not self.held[subscriber.uid]:
@@ -184,20 +172,14 @@ class EventHub:
             self._join(subscriber)
         else:
             subscriber.cursor = subscriber.sent = since
-            last = store.last_id()
-            if since > last:
-                # An id this store never gave (its history was lost, e.g. a memory store restarted).
-                first = store.first_id()
-                subscriber.cursor = subscriber.sent = last if first is None else first - 1
-                yield self._reset(since, subscriber.cursor)
             while subscriber.end is None:
                 await asyncio.sleep(0)  # a failed write's connection loss runs; other requests too
                 if await gone():
                     return
-                first = store.first_id()
-                if first is not None and subscriber.cursor < first - 1:
-                    requested = subscriber.cursor
-                    subscriber.cursor = subscriber.sent = first - 1
+                first, requested = store.first_id(), subscriber.cursor
+                # Out of the history, or an id this store never gave (e.g. a memory store restarted).
+                if requested > store.last_id() or (first is not None and requested < first - 1):
+                    subscriber.cursor = subscriber.sent = store.last_id() if first is None else first - 1
                     yield self._reset(requested, subscriber.cursor)
                 rows = store.since(subscriber.cursor, BATCH, CHUNK)
                 if not rows:
@@ -209,12 +191,10 @@ class EventHub:
                 yield chunk
                 del chunk
                 yield b""  # writes nothing, but waits while the connection cannot take more
-        buffer = subscriber.buffer
         wake = subscriber.wake
         while True:
-            if buffer:
-                subscriber.sent, chunk = buffer.take()
-                yield chunk
+            if subscriber.ids:
+                yield subscriber.take()
                 continue
             if subscriber.end is not None:
                 yield self._final(subscriber)
@@ -226,9 +206,8 @@ class EventHub:
             wake.clear()
             await wake.wait()  # the hub wakes it for events, its end, or a heartbeat
             began = perf_counter()
-            if buffer:
-                subscriber.sent, chunk = buffer.take()
-                yield chunk
+            if subscriber.ids:
+                yield subscriber.take()
                 self.spent += perf_counter() - began
 
     def _join(self, subscriber: Subscriber) -> None:
@@ -320,15 +299,14 @@ class EventHub:
                 cursor = subscriber.cursor
                 if cursor >= last_id:
                     continue
-                buffer = subscriber.buffer
                 if cursor < first_id - 1:
                     reset = self._reset(cursor, first_id - 1)
-                    buffer.add([first_id - 1], [reset], len(reset))
+                    subscriber.add([first_id - 1], [reset], len(reset))
                 start = bisect_right(ids, cursor)
-                buffer.add(ids[start:], events[start:], ends[-1] - ends[start])
+                subscriber.add(ids[start:], events[start:], ends[-1] - ends[start])
                 subscriber.cursor = last_id
-                if len(buffer) > BUFFER:  # too slow: dropped (resent on resume from Last-Event-ID)
-                    subscriber.buffer.clear()
+                if len(subscriber.ids) > BUFFER:  # too slow: dropped (resent on resume from Last-Event-ID)
+                    subscriber.clear()
                     subscriber.end = "overflow"
                     self._live.discard(subscriber)
                     self._cut_offs.log(

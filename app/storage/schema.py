@@ -48,6 +48,7 @@ SCHEMA_VERSION = max(MIGRATIONS)
 
 _ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
 _SCHEMA_QUERY = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+_COUNTERS = "SELECT name FROM counters"
 
 
 def database_path(settings: Settings) -> Path:
@@ -125,12 +126,7 @@ def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
         except sqlite3.DatabaseError as exc:  # not a database at all
             raise _corrupt(path, exc) from exc
         try:
-            version = _check(connection, path)
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _statements(MIGRATIONS[step]):
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                connection.execute(f"PRAGMA user_version = {step}")
+            _migrate(connection, _check(connection, path))
             _verify(connection, path)
             connection.execute("COMMIT")
         except BaseException:
@@ -174,21 +170,32 @@ def _check(connection: sqlite3.Connection, path: Path) -> int:
     return version
 
 
+def _migrate(connection: sqlite3.Connection, version: int) -> None:
+    """Bring the schema from ``version`` to :data:`SCHEMA_VERSION`, in the open transaction (hence
+    no ``executescript``, which would commit it)."""
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[step].split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute(f"PRAGMA user_version = {step}")
+
+
+def _layout(connection: sqlite3.Connection) -> dict[tuple[str, str], str]:
+    return {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+
+
 def _verify(connection: sqlite3.Connection, path: Path) -> None:
     """Refuse a schema that differs from what :data:`MIGRATIONS` make (a table, column, index or
     counter row dropped, changed or added): writes would fail on it with a 500."""
     expected = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        for step in range(1, SCHEMA_VERSION + 1):
-            for statement in _statements(MIGRATIONS[step]):
-                expected.execute(statement)
-        wanted = {(kind, name): sql for kind, name, sql in expected.execute(_SCHEMA_QUERY)}
-        counters = set()
-        if ("table", "counters") in wanted:
-            counters = {row[0] for row in expected.execute("SELECT name FROM counters")}
+        _migrate(expected, 0)
+        wanted = _layout(expected)
+        counters = {row[0] for row in expected.execute(_COUNTERS)}
     finally:
         expected.close()
-    found = {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+    found = _layout(connection)
     problems = [f"{kind} {name} is missing" for kind, name in wanted if (kind, name) not in found]
     problems += [
         f"{kind} {name} differs"
@@ -196,16 +203,11 @@ def _verify(connection: sqlite3.Connection, path: Path) -> None:
         if found.get((kind, name), sql) != sql
     ]
     problems += [f"{kind} {name} is not this server's" for kind, name in found if (kind, name) not in wanted]
-    if not problems and counters:
-        present = {row[0] for row in connection.execute("SELECT name FROM counters")}
+    if not problems:  # the counters table is as expected: its rows can be read
+        present = {row[0] for row in connection.execute(_COUNTERS)}
         problems = [f"counter {name} is missing" for name in sorted(counters - present)]
     if problems:
         raise StoreError(
             f"database {path} does not have this server's schema (version {SCHEMA_VERSION}): "
             f"{', '.join(problems)}; {_ASIDE}"
         )
-
-
-def _statements(script: str) -> list[str]:
-    """``script`` split into statements (``executescript`` would commit the open transaction)."""
-    return [part.strip() for part in script.split(";") if part.strip()]

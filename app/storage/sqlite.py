@@ -44,6 +44,7 @@ _GET = f"SELECT document FROM messages WHERE id = :id AND {_VISIBLE}"  # noqa: S
 _RECENT = f"SELECT id FROM messages WHERE {_VISIBLE} ORDER BY id DESC LIMIT :limit"  # noqa: S608
 _SINCE = f"SELECT id, document FROM messages WHERE id > :after AND {_VISIBLE} ORDER BY id LIMIT :limit"  # noqa: S608
 _FIRST = f"SELECT min(id) FROM messages WHERE {_VISIBLE}"  # noqa: S608
+_KEY = "SELECT message_id, digest, reply, received_at, peer FROM idempotency_keys WHERE key = ?"
 
 
 def build_store(settings: Settings) -> Store:
@@ -210,7 +211,12 @@ class SqliteStore(Store):
             if not self._checkpointing and (
                 self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
             ):
-                self._start_checkpoint()
+                assert self._loop is not None
+                assert self._executor is not None
+                self._commits = 0
+                self._checkpointing = True  # batches queue behind it, on the writer thread
+                done = self._loop.run_in_executor(self._executor, self._checkpoint)
+                done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
         if self._pending:
             self._scheduled = True
             assert self._loop is not None
@@ -225,20 +231,11 @@ class SqliteStore(Store):
         except OSError:
             return 0
 
-    def _start_checkpoint(self) -> None:
-        """Copy the log into the database on the writer thread, off the event loop."""
-        assert self._loop is not None
-        assert self._executor is not None
-        self._commits = 0
-        self._checkpointing = True
-        done = self._loop.run_in_executor(self._executor, self._checkpoint)
-        done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
-
     def _checkpoint(self) -> None:
+        """Copy the log into the database (on the writer thread): RESTART waits for writers, then
+        the next commit starts the log afresh. Busy or a full disk: the next checkpoint tries again."""
         connection = self._checkpointer
         if connection is not None:
-            # RESTART: waits (off the loop) for writers, then the next commit starts the log afresh
-            # (docs/internals.md). Busy or a full disk: the log keeps the commits; the next one retries.
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
@@ -271,52 +268,39 @@ class SqliteStore(Store):
                 clock = self._counter(execute("SELECT value FROM counters WHERE name = 'clock'"), "clock")
             results: list[Stored | BaseException] = []
             messages: list[tuple[int, bytes]] = []
-            keys: list[tuple[str, int, bytes, str, str, bytes, int]] = []
-            batch_keys: dict[str, tuple[int, bytes, str, str, bytes]] = {}
-            touched: list[tuple[int, str]] = []
+            added = 0
             for text, reply, received_at, peer, key, _ in batch:
-                if key is not None:
-                    found = batch_keys.get(key)
-                    if found is None:
-                        found = execute(
-                            "SELECT message_id, digest, reply, received_at, peer FROM idempotency_keys "
-                            "WHERE key = ?",
-                            (key,),
-                        ).fetchone()
-                    if found is not None:
-                        message_id, digest, first_reply, first_received, first_peer = found
-                        earlier = Remembered(
-                            message_id, digest, first_reply, first_received, orjson.loads(first_peer)
-                        )
-                        try:
-                            results.append(earlier.answer(text))
-                        except KeyConflict as exc:
-                            results.append(exc)
-                            continue
-                        clock += 1
-                        touched.append((clock, key))
+                found = None if key is None else execute(_KEY, (key,)).fetchone()
+                if found is not None:
+                    first_id, digest, first_reply, first_at, first_peer = found
+                    earlier = Remembered(first_id, digest, first_reply, first_at, orjson.loads(first_peer))
+                    try:
+                        results.append(earlier.answer(text))
+                    except KeyConflict as exc:
+                        results.append(exc)
                         continue
+                    clock += 1
+                    execute("UPDATE idempotency_keys SET used = ? WHERE key = ?", (clock, key))
+                    continue
                 message_id = next_id
                 next_id += 1
                 encoded = document(message_id, text, reply, received_at, peer)
                 messages.append((message_id, encoded))
                 if key is not None:
                     clock += 1
-                    peer_json = orjson.dumps(peer)
-                    digest = text_digest(text)
-                    batch_keys[key] = (message_id, digest, reply, received_at, peer_json)
-                    keys.append((key, message_id, digest, reply, received_at, peer_json, clock))
+                    added += 1
+                    row = (key, message_id, text_digest(text), reply, received_at, orjson.dumps(peer), clock)
+                    execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 results.append(Stored(message_id, encoded, True))
             if messages:
                 connection.executemany("INSERT INTO messages (id, document) VALUES (?, ?)", messages)
                 if (next_id - 1) // PRUNE_EVERY != (messages[0][0] - 1) // PRUNE_EVERY:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
-            if keys:
-                connection.executemany("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", keys)
+            if added:
                 count = self._counter(
                     execute(
                         "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value",
-                        (len(keys),),
+                        (added,),
                     ),
                     "keys",
                 )
@@ -327,9 +311,7 @@ class SqliteStore(Store):
                         (count - self.key_capacity,),
                     )
                     execute("UPDATE counters SET value = ? WHERE name = 'keys'", (self.key_capacity,))
-            if touched:
-                connection.executemany("UPDATE idempotency_keys SET used = ? WHERE key = ?", touched)
-            if keys or touched:
+            if clock:
                 execute("UPDATE counters SET value = ? WHERE name = 'clock'", (clock,))
             execute("COMMIT")
         except BaseException as exc:

@@ -64,11 +64,10 @@ def bounded(rows: Iterable[tuple[int, bytes]], max_bytes: int | None) -> list[tu
     if max_bytes is None:
         return list(rows)
     taken: list[tuple[int, bytes]] = []
-    size = 0
     for row in rows:
         taken.append(row)
-        size += len(row[1])
-        if size >= max_bytes:
+        max_bytes -= len(row[1])
+        if max_bytes <= 0:
             break
     return taken
 

@@ -167,30 +167,26 @@ class EventHub:
         before each read of the store, a write of at most :data:`CHUNK` bytes); the caller unsubscribes."""
         store = self.store
         yield format_sse_event(retry=RETRY_MS)
-        if since is None:
-            subscriber.cursor = subscriber.sent = store.last_id()
-            self._join(subscriber)
-        else:
-            subscriber.cursor = subscriber.sent = since
-            while subscriber.end is None:
-                await asyncio.sleep(0)  # a failed write's connection loss runs; other requests too
-                if await gone():
-                    return
-                first, requested = store.first_id(), subscriber.cursor
-                # Out of the history, or an id this store never gave (e.g. a memory store restarted).
-                if requested > store.last_id() or (first is not None and requested < first - 1):
-                    subscriber.cursor = subscriber.sent = store.last_id() if first is None else first - 1
-                    yield self._reset(requested, subscriber.cursor)
-                rows = store.since(subscriber.cursor, BATCH, CHUNK)
-                if not rows:
-                    self._join(subscriber)  # same loop step as the empty read: nothing falls between
-                    break
-                subscriber.cursor = subscriber.sent = rows[-1][0]
-                chunk = b"".join([_message_event(i, doc) for i, doc in rows])
-                del rows
-                yield chunk
-                del chunk
-                yield b""  # writes nothing, but waits while the connection cannot take more
+        subscriber.cursor = subscriber.sent = store.last_id() if since is None else since
+        while subscriber.end is None:
+            await asyncio.sleep(0)  # a failed write's connection loss runs; other requests too
+            if await gone():
+                return
+            first, requested = store.first_id(), subscriber.cursor
+            # Out of the history, or an id this store never gave (e.g. a memory store restarted).
+            if requested > store.last_id() or (first is not None and requested < first - 1):
+                subscriber.cursor = subscriber.sent = store.last_id() if first is None else first - 1
+                yield self._reset(requested, subscriber.cursor)
+            rows = store.since(subscriber.cursor, BATCH, CHUNK)
+            if not rows:
+                self._join(subscriber)  # same loop step as the empty read: nothing falls between
+                break
+            subscriber.cursor = subscriber.sent = rows[-1][0]
+            chunk = b"".join([_message_event(i, doc) for i, doc in rows])
+            del rows
+            yield chunk
+            del chunk
+            yield b""  # writes nothing, but waits while the connection cannot take more
         wake = subscriber.wake
         while True:
             if subscriber.ids:

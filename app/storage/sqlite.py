@@ -68,24 +68,18 @@ _Item = tuple[str, str, str, "dict[str, Any] | None", "str | None", "asyncio.Fut
 
 class SqliteStore(Store):
     """The store on one SQLite file; ``open()`` connects (once the process serves), until then
-    nothing touches the disk. ``inline``: commit on the event loop thread first (default: with
-    ``normal`` durability; with ``full`` the loop reads requests while the writer thread syncs)."""
+    nothing touches the disk. With ``normal`` durability it commits on the event loop thread first;
+    with ``full`` the loop reads requests while the writer thread syncs."""
 
     def __init__(
-        self,
-        path: Path | str,
-        *,
-        history_size: int,
-        key_capacity: int,
-        durability: str = "normal",
-        inline: bool | None = None,
+        self, path: Path | str, *, history_size: int, key_capacity: int, durability: str = "normal"
     ) -> None:
         super().__init__(history_size, key_capacity)
         if durability not in ("normal", "full"):
             raise ValueError("durability is normal or full")
         self.path = Path(path)
         self.durability = durability
-        self.inline = durability == "normal" if inline is None else inline
+        self.inline = durability == "normal"
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None

@@ -41,9 +41,8 @@ MIGRATIONS: dict[int, str] = {
         INSERT INTO counters VALUES ('keys', 0), ('clock', 0);
     """,
 }
-"""Schema version -> the SQL that brings version ``N - 1`` to ``N``; never edit a shipped one.
-``idempotency_keys.used`` orders keys for LRU pruning; ``counters`` holds the number of keys (no
-``COUNT(*)``) and the clock ``used`` is read from."""
+"""Version N -> the SQL that brings N - 1 to N (never edit a shipped one). ``counters``: the number
+of keys (no ``COUNT(*)``) and the clock that ``idempotency_keys.used`` (LRU order) is read from."""
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
@@ -171,8 +170,7 @@ def _check(connection: sqlite3.Connection, path: Path) -> int:
 
 
 def _migrate(connection: sqlite3.Connection, version: int) -> None:
-    """Bring the schema from ``version`` to :data:`SCHEMA_VERSION`, in the open transaction (hence
-    no ``executescript``, which would commit it)."""
+    """From ``version`` to :data:`SCHEMA_VERSION` (no ``executescript``: it would commit)."""
     for step in range(version + 1, SCHEMA_VERSION + 1):
         for statement in MIGRATIONS[step].split(";"):
             if statement.strip():

@@ -283,8 +283,16 @@ class SqliteStore(Store):
                 if key is not None:
                     clock += 1
                     added += 1
-                    row = (key, message_id, text_digest(text), reply, received_at, orjson.dumps(peer), clock)
-                    execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                    new_key = (
+                        key,
+                        message_id,
+                        text_digest(text),
+                        reply,
+                        received_at,
+                        orjson.dumps(peer),
+                        clock,
+                    )
+                    execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", new_key)
                 results.append(Stored(message_id, encoded, True))
             if messages:
                 connection.executemany("INSERT INTO messages (id, document) VALUES (?, ?)", messages)
@@ -364,8 +372,7 @@ class SqliteStore(Store):
         return first
 
     def last_id(self) -> int:
-        """The highest id any process has stored (``PRAGMA data_version`` changes only when another
-        connection commits: an unchanged database costs one pragma, not a query)."""
+        # PRAGMA data_version changes only when another connection commits: one pragma, no query.
         reader = self._read()
         version = reader.execute("PRAGMA data_version").fetchone()[0]
         if version != self._seen_version:

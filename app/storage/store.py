@@ -117,9 +117,8 @@ class Store:
 
 
 class MessageStore(Store):
-    """The last ``history_size`` messages and ``key_capacity`` keys, in this process's memory, as
-    encoded documents (orjson caches a UTF-8 copy inside each ``str`` it encodes). No method awaits,
-    so no locks are needed."""
+    """The last messages and keys, in this process's memory, as encoded documents (orjson caches a
+    UTF-8 copy inside each ``str`` it encodes); no method awaits, so no locks are needed."""
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
         super().__init__(history_size, key_capacity)

@@ -222,27 +222,19 @@ class EventHub:
         _RESETS.log(
             logging.INFO, "Event stream asked for messages after #%d: continuing from #%d", requested, oldest
         )
-        return _control_event(
-            "reset",
-            {
-                "oldest": oldest,
-                "message": f"messages after #{requested} are no longer all in the history; "
-                f"list them again (GET /messages), events go on from #{oldest}",
-            },
-            cursor,
+        message = (
+            f"messages after #{requested} are no longer all in the history; "
+            f"list them again (GET /messages), events go on from #{oldest}"
         )
+        return _control_event("reset", {"oldest": oldest, "message": message}, cursor)
 
     @staticmethod
     def _final(subscriber: Subscriber) -> bytes:
-        sent = subscriber.sent
+        why = "the server is shutting down"
         if subscriber.end == "overflow":
-            text = (
-                f"this stream was cut off: its reader fell more than {BUFFER} events behind; "
-                f"reconnect with Last-Event-ID: {sent}"
-            )
-        else:
-            text = f"the server is shutting down; reconnect with Last-Event-ID: {sent}"
-        return _control_event(subscriber.end or "shutdown", {"last_id": sent, "message": text})
+            why = f"this stream was cut off: its reader fell more than {BUFFER} events behind"
+        message = f"{why}; reconnect with Last-Event-ID: {subscriber.sent}"
+        return _control_event(subscriber.end or "shutdown", {"last_id": subscriber.sent, "message": message})
 
     async def _run(self) -> None:
         wake = self._wake

@@ -255,8 +255,8 @@ class SqliteStore(Store):
                 f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was stored"
             ) from exc
         try:
-            row = execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-            next_id = (row[0] if row else 0) + 1
+            seq = execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+            next_id = (seq[0] if seq else 0) + 1
             clock = 0  # the clock is read (a page of its own) only for a batch with keys
             if any(item[4] is not None for item in batch):
                 clock = self._counter(execute("SELECT value FROM counters WHERE name = 'clock'"), "clock")
@@ -283,29 +283,19 @@ class SqliteStore(Store):
                 if key is not None:
                     clock += 1
                     added += 1
-                    new_key = (
-                        key,
-                        message_id,
-                        text_digest(text),
-                        reply,
-                        received_at,
-                        orjson.dumps(peer),
-                        clock,
-                    )
-                    execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", new_key)
+                    digest = text_digest(text)
+                    row = (key, message_id, digest, reply, received_at, orjson.dumps(peer), clock)
+                    execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 results.append(Stored(message_id, encoded, True))
             if messages:
                 connection.executemany("INSERT INTO messages (id, document) VALUES (?, ?)", messages)
                 if (next_id - 1) // PRUNE_EVERY != (messages[0][0] - 1) // PRUNE_EVERY:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
             if added:
-                count = self._counter(
-                    execute(
-                        "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value",
-                        (added,),
-                    ),
-                    "keys",
+                keys = execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value", (added,)
                 )
+                count = self._counter(keys, "keys")
                 if count > self.key_capacity:
                     execute(
                         "DELETE FROM idempotency_keys WHERE key IN "

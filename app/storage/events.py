@@ -114,7 +114,7 @@ class EventHub:
         self._streams: set[Subscriber] = set()
         self._live: set[Subscriber] = set()
         self._last = 0  # the highest id handed to the live subscribers (or skipped past)
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # the hub's: set on a commit, or to end its streams
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cut_offs = Throttle(log)
@@ -122,7 +122,7 @@ class EventHub:
         store.add_listener(self._on_commit)
 
     def _on_commit(self, last_id: int) -> None:  # the POST side: one flag, whatever the number of streams
-        if self._live and self._wake is not None:
+        if self._live:
             self._wake.set()
 
     def subscribe(self, uid: int | None = None) -> Subscriber:
@@ -141,7 +141,6 @@ class EventHub:
             )
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self._wake = asyncio.Event()
         self.open += 1
         self.held[uid] = held + 1
         subscriber = Subscriber(uid)
@@ -239,7 +238,6 @@ class EventHub:
     async def _run(self) -> None:
         wake = self._wake
         loop = self._loop
-        assert wake is not None
         assert loop is not None
         try:
             while self._live:
@@ -315,8 +313,7 @@ class EventHub:
                 subscriber.end = reason
             subscriber.wake.set()
         self._live.clear()
-        if self._wake is not None:
-            self._wake.set()
+        self._wake.set()
 
     def drain_soon(self) -> None:
         """Tell every stream to send ``shutdown`` and end; safe to call from a signal handler."""

@@ -37,6 +37,10 @@ starts afresh: the log needs this much disk plus one commit."""
 CHECKPOINT_EVERY = 100  # commits between two checkpoints at most (SQLite's own is off)
 PRUNE_EVERY = 64  # rows past the history are deleted when a commit's ids cross a multiple of this
 
+# The writer never waits inside SQLite (whose busy handler sleeps a whole millisecond first): a lock
+# held by another process sends the batch to the writer thread, which waits there. Checkpoints (the
+# only fsyncs with ``normal``) run on the writer thread, never on the loop.
+_WRITER = ("busy_timeout=0", "wal_autocheckpoint=0", f"journal_size_limit={WAL_SIZE_LIMIT}")
 _MAX_ID = 2**63 - 1  # SQLite's integers stop there
 # Reads see only the ids above the highest less ``history_size`` (the rows below are pruned later).
 _VISIBLE = "id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history"
@@ -103,17 +107,8 @@ class SqliteStore(Store):
             return
         synchronous = f"synchronous={self.durability.upper()}"
         waiting = f"busy_timeout={BUSY_TIMEOUT_MS}"
-        # The writer never waits inside SQLite (whose busy handler sleeps a whole millisecond first):
-        # a lock held by another process sends the batch to the writer thread, which waits there.
-        # Checkpoints (the only fsyncs with ``normal``) run on the writer thread, never on the loop.
         self._writer = connect(
-            self.path,
-            synchronous,
-            "busy_timeout=0",
-            "wal_autocheckpoint=0",
-            f"journal_size_limit={WAL_SIZE_LIMIT}",
-            check_same_thread=False,
-            cached_statements=32,
+            self.path, synchronous, *_WRITER, check_same_thread=False, cached_statements=32
         )
         self._reader = connect(self.path, synchronous, waiting, cached_statements=32)
         self._checkpointer = connect(self.path, synchronous, waiting, check_same_thread=False)

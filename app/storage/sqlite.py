@@ -215,10 +215,9 @@ class SqliteStore(Store):
 
     def _log_size(self) -> int:
         """The log file's size: one ``stat`` a commit, which sees every process's commits."""
-        try:
+        with contextlib.suppress(OSError):
             return os.stat(self._log_path).st_size
-        except OSError:
-            return 0
+        return 0
 
     def _checkpoint(self) -> None:
         """Copy the log into the database (on the writer thread): RESTART waits for writers, then
@@ -314,8 +313,7 @@ class SqliteStore(Store):
         row = cursor.fetchone()
         if row is None:  # the start checks the rows; another program may have deleted one since
             raise StoreError(f"database {self.path}: counter {name} is missing")
-        value: int = row[0]
-        return value
+        return int(row[0])
 
     def _mapped(self, exc: sqlite3.Error) -> StoreError:
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:

@@ -1,8 +1,6 @@
-"""The data directory and the database's files, checked before SQLite opens them.
-
-A directory or file another uid could swap, rename or plant is refused (:class:`StoreError`, one
-line) rather than repaired: they could read or rewrite the messages. Why: docs/internals.md, "Storage".
-"""
+"""The data directory and the database's files, checked before SQLite opens them: a directory or
+file another uid could swap, rename or plant is refused (:class:`StoreError`, one line), never
+repaired. Why: docs/internals.md, "Storage"."""
 
 from __future__ import annotations
 
@@ -15,18 +13,43 @@ from pathlib import Path
 
 from app.storage.store import StoreError
 
-__all__ = ["AGAIN", "SIDE_FILES", "make_logs", "owned_file", "prepare_directory", "reason"]
-
 AGAIN = "; fix it, or set --data-dir (UDS_DATA_DIR) to another directory"
-SIDE_FILES = ("-wal", "-shm", "-journal")
-"""The files SQLite opens beside the database (following symbolic links, creating them if absent)."""
+SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite opens beside the database (following links)
+_ASIDE = "move it aside (another uid may have put it there to read or rewrite the messages)"
 
 
-def reason(exc: OSError) -> str:
+def _reason(exc: OSError) -> str:
     return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def owned_file(path: Path, what: str) -> bool:
+def prepare_files(path: Path) -> list[Path]:
+    """Check the database ``path`` and the files beside it, create those missing (0600) before
+    SQLite does, so that no other uid plants them first; return the logs created."""
+    exists = _owned_file(path, "database")
+    for suffix in SIDE_FILES:
+        _owned_file(Path(f"{path}{suffix}"), "database file")
+    if not exists and not _create(path, "database"):
+        _owned_file(path, "database")  # another server starting at the same instant made it first
+    return make_logs(path)
+
+
+def make_logs(path: Path) -> list[Path]:
+    """Create the database's ``-wal`` and ``-shm`` (0600) where absent; return those created."""
+    return [log for log in (Path(f"{path}-wal"), Path(f"{path}-shm")) if _create(log, "database file")]
+
+
+def _create(path: Path, what: str) -> bool:
+    """Create ``path`` private (0600), never through a link; False if something is there already."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:  # an open server's, or a crash's: checked before
+        return False
+    except OSError as exc:
+        raise StoreError(f"cannot create {what} {path}: {_reason(exc)}{AGAIN}") from exc
+    return True
+
+
+def _owned_file(path: Path, what: str) -> bool:
     """Whether ``path`` exists; :class:`StoreError` unless it is a regular file of this uid (a
     symbolic link would make SQLite write where it points). Ours but open to others: made 0600."""
     uid = os.geteuid()
@@ -35,14 +58,13 @@ def owned_file(path: Path, what: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise StoreError(f"cannot reach {what} {path}: {reason(exc)}{AGAIN}") from exc
-    aside = "move it aside (another uid may have put it there to read or rewrite the messages)"
+        raise StoreError(f"cannot reach {what} {path}: {_reason(exc)}{AGAIN}") from exc
     if stat.S_ISLNK(info.st_mode):
-        raise StoreError(f"{what} {path} is a symbolic link; {aside}{AGAIN}")
+        raise StoreError(f"{what} {path} is a symbolic link; {_ASIDE}{AGAIN}")
     if not stat.S_ISREG(info.st_mode):
         raise StoreError(f"{what} {path} is not a regular file{AGAIN}")
     if info.st_uid != uid:
-        raise StoreError(f"{what} {path} belongs to uid {info.st_uid}, not this server's uid {uid}; {aside}")
+        raise StoreError(f"{what} {path} belongs to uid {info.st_uid}, not this server's uid {uid}; {_ASIDE}")
     if info.st_mode & 0o077:
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -51,24 +73,8 @@ def owned_file(path: Path, what: str) -> bool:
             finally:
                 os.close(descriptor)
         except OSError as exc:
-            raise StoreError(f"cannot make {what} {path} private (0600): {reason(exc)}{AGAIN}") from exc
+            raise StoreError(f"cannot make {what} {path} private (0600): {_reason(exc)}{AGAIN}") from exc
     return True
-
-
-def make_logs(path: Path) -> list[Path]:
-    """Create the database's ``-wal`` and ``-shm`` (0600) before SQLite does, so that no other uid
-    plants them first in a directory others may write in; return those created."""
-    made = []
-    for suffix in ("-wal", "-shm"):
-        log_file = Path(f"{path}{suffix}")
-        try:
-            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        except FileExistsError:  # an open server's, or a crash's: checked before
-            continue
-        except OSError as exc:
-            raise StoreError(f"cannot create {log_file}: {reason(exc)}{AGAIN}") from exc
-        made.append(log_file)
-    return made
 
 
 def prepare_directory(directory: Path, private: bool) -> None:
@@ -81,7 +87,7 @@ def prepare_directory(directory: Path, private: bool) -> None:
         is_file = directory.exists() and not directory.is_dir()
     except OSError as exc:  # a parent this uid may not search
         raise StoreError(
-            f"cannot reach data directory {directory} (uid {uid}): {reason(exc)}{AGAIN}"
+            f"cannot reach data directory {directory} (uid {uid}): {_reason(exc)}{AGAIN}"
         ) from exc
     if is_file:
         raise StoreError(f"data directory {directory} is not a directory (a file is there){AGAIN}")
@@ -90,7 +96,7 @@ def prepare_directory(directory: Path, private: bool) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(
-            f"cannot create data directory {directory} (uid {uid}): {reason(exc)}{AGAIN}"
+            f"cannot create data directory {directory} (uid {uid}): {_reason(exc)}{AGAIN}"
         ) from exc
     real = Path(os.path.realpath(directory))
     _check_parents(directory, [*directory.parents, *real.parents], uid)
@@ -115,7 +121,7 @@ def prepare_directory(directory: Path, private: bool) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise StoreError(
-            f"cannot write in data directory {directory} (uid {uid}): {reason(exc)}; make it "
+            f"cannot write in data directory {directory} (uid {uid}): {_reason(exc)}; make it "
             f"writable for uid {uid}, or set --data-dir (UDS_DATA_DIR) to another directory"
         ) from exc
 
@@ -148,7 +154,7 @@ def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise StoreError(f"cannot reach {parent} (uid {uid}): {reason(exc)}{AGAIN}") from exc
+            raise StoreError(f"cannot reach {parent} (uid {uid}): {_reason(exc)}{AGAIN}") from exc
         where = f"directory {parent} (a parent of data directory {directory})"
         if info.st_uid not in (uid, 0):
             raise StoreError(

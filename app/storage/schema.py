@@ -1,10 +1,6 @@
-"""The database's schema and its preparation at start: checked, migrated and verified.
-
-:func:`prepare_store` runs once, before the socket is bound; on a state it will not touch (a newer
-or drifted schema, a corrupt or foreign file, an unsafe data directory) it raises
-:class:`StoreError` (one line) and leaves the file as it was. The version is ``PRAGMA
-user_version``; ``PRAGMA application_id`` marks the file as this program's.
-"""
+"""The database's schema, its preparation at start (checked, migrated, verified) and the connections
+to it. :func:`prepare_store` refuses a state it will not touch (a newer or drifted schema, a corrupt
+or foreign file, an unsafe data directory) with :class:`StoreError`, leaving the file as it was."""
 
 from __future__ import annotations
 
@@ -13,29 +9,17 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from app.config import Settings
-from app.storage.datadir import AGAIN, SIDE_FILES, make_logs, owned_file, prepare_directory, reason
+from app.storage.datadir import AGAIN, make_logs, prepare_directory, prepare_files
 from app.storage.store import StoreError
 
-__all__ = [
-    "APPLICATION_ID",
-    "BUSY_TIMEOUT_MS",
-    "DB_NAME",
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
-    "database_path",
-    "prepare_store",
-    "uri",
-]
-
-DB_NAME = "messages.sqlite3"
-"""The database file's name inside the data directory (with its ``-wal`` and ``-shm`` beside it)."""
-APPLICATION_ID = 0x75647378
-"""``PRAGMA application_id`` of this program's databases ("udsx"): a file without it is not ours."""
-BUSY_TIMEOUT_MS = 10_000
-"""How long a transaction waits for another process's write lock before failing."""
+DB_NAME = "messages.sqlite3"  # in the data directory, with its -wal and -shm beside it
+APPLICATION_ID = 0x75647378  # PRAGMA application_id of this program's databases ("udsx")
+BUSY_TIMEOUT_MS = 10_000  # how long a transaction waits for another process's write lock
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -57,51 +41,66 @@ MIGRATIONS: dict[int, str] = {
         INSERT INTO counters VALUES ('keys', 0), ('clock', 0);
     """,
 }
-"""Schema version -> the SQL that brings version ``N - 1`` to ``N``. Add a version to change the
-schema; never edit a shipped one. ``messages`` holds each JSON document as answered;
-``idempotency_keys`` what answering a repeat needs (``used`` orders them for LRU pruning);
-``counters`` the number of keys (no ``COUNT(*)``) and the clock ``used`` is read from."""
+"""Version N -> the SQL that brings N - 1 to N (never edit a shipped one). ``counters``: the number
+of keys (no ``COUNT(*)``) and the clock that ``idempotency_keys.used`` (LRU order) is read from."""
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
 _SCHEMA_QUERY = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+_COUNTERS = "SELECT name FROM counters"
 
 
 def database_path(settings: Settings) -> Path:
     return Path(settings.data_dir) / DB_NAME
 
 
-def uri(path: Path) -> str:
-    """``path`` as a percent-encoded ``file:`` URI that opens the existing file only (``mode=rw``):
-    a ``?`` or ``#`` in a directory's name would otherwise end the path there."""
-    return f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
+def connect(path: Path, *pragmas: str, **options: Any) -> sqlite3.Connection:
+    """The existing database ``path`` (``mode=rw``; percent-encoded, as a ``?`` or ``#`` in a name
+    would end the path) in autocommit mode, with ``pragmas`` set; opening waits for a checkpoint."""
+    try:
+        connection: sqlite3.Connection = sqlite3.connect(
+            f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=rw",
+            uri=True,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            **options,
+        )
+        for pragma in pragmas:
+            connection.execute(f"PRAGMA {pragma}")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}{AGAIN}") from exc
+    return connection
+
+
+def busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says another connection holds the lock."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def retry_busy(call: Callable[[], object], first: float, most: float) -> None:
+    """``call()``, again after a pause (``first`` seconds, doubled up to ``most``) while it fails
+    because the database is busy, for up to :data:`BUSY_TIMEOUT_MS`; then that error."""
+    delay, deadline = first, time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            call()
+            return
+        except sqlite3.OperationalError as exc:
+            if not busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, most)
 
 
 def prepare_store(settings: Settings) -> None:
     """Create, check and migrate the data directory and the database of ``settings`` (sqlite only)."""
     if settings.store != "sqlite":
         return
-    directory = Path(settings.data_dir)
-    prepare_directory(directory, settings.data_dir_private)
-    path = directory / DB_NAME
-    exists = owned_file(path, "database")
-    for suffix in SIDE_FILES:
-        owned_file(Path(f"{path}{suffix}"), "database file")
-    if not exists:
-        try:  # created private: messages are the peers' data
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        except FileExistsError:  # another server starting at the same instant made it first
-            owned_file(path, "database")
-        except OSError as exc:
-            raise StoreError(f"cannot create database {path}: {reason(exc)}{AGAIN}") from exc
-    made = make_logs(path)
+    prepare_directory(Path(settings.data_dir), settings.data_dir_private)
+    path = database_path(settings)
+    made = prepare_files(path)
     try:
-        try:
-            connection = sqlite3.connect(
-                uri(path), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}{AGAIN}") from exc
+        connection = connect(path)
         try:
             _prepare_schema(connection, path)
         finally:
@@ -124,40 +123,23 @@ def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
         except sqlite3.OperationalError:
             raise  # locked past BUSY_TIMEOUT_MS, or no disk: "cannot prepare" below
         except sqlite3.DatabaseError as exc:  # not a database at all
-            raise StoreError(
-                f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}"
-            ) from exc
+            raise _corrupt(path, exc) from exc
         try:
-            version = _check(connection, path)
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _statements(MIGRATIONS[step]):
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                connection.execute(f"PRAGMA user_version = {step}")
+            _migrate(connection, _check(connection, path))
             _verify(connection, path)
             connection.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             raise
-        _to_wal(connection)
+        # Retried: while another server starts on the file, SQLite may refuse the switch at once.
+        retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL").fetchall(), 0.001, 0.05)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot prepare database {path}: {exc}{AGAIN}") from exc
 
 
-def _to_wal(connection: sqlite3.Connection) -> None:
-    """``PRAGMA journal_mode=WAL``, retried for up to :data:`BUSY_TIMEOUT_MS`: while another server
-    starts on the file, SQLite may refuse the switch at once without calling the busy handler."""
-    delay, deadline = 0.001, time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            connection.execute("PRAGMA journal_mode=WAL").fetchall()
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+def _corrupt(path: Path, exc: sqlite3.Error) -> StoreError:
+    return StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}")
 
 
 def _check(connection: sqlite3.Connection, path: Path) -> int:
@@ -167,7 +149,7 @@ def _check(connection: sqlite3.Connection, path: Path) -> int:
         application = connection.execute("PRAGMA application_id").fetchone()[0]
         tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}") from exc
+        raise _corrupt(path, exc) from exc
     if application not in (0, APPLICATION_ID) or (application == 0 and (version or tables)):
         raise StoreError(f"database {path} belongs to another program; {_ASIDE}")
     if version > SCHEMA_VERSION:
@@ -187,21 +169,31 @@ def _check(connection: sqlite3.Connection, path: Path) -> int:
     return version
 
 
+def _migrate(connection: sqlite3.Connection, version: int) -> None:
+    """From ``version`` to :data:`SCHEMA_VERSION` (no ``executescript``: it would commit)."""
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[step].split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute(f"PRAGMA user_version = {step}")
+
+
+def _layout(connection: sqlite3.Connection) -> dict[tuple[str, str], str]:
+    return {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+
+
 def _verify(connection: sqlite3.Connection, path: Path) -> None:
     """Refuse a schema that differs from what :data:`MIGRATIONS` make (a table, column, index or
     counter row dropped, changed or added): writes would fail on it with a 500."""
     expected = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        for step in range(1, SCHEMA_VERSION + 1):
-            for statement in _statements(MIGRATIONS[step]):
-                expected.execute(statement)
-        wanted = {(kind, name): sql for kind, name, sql in expected.execute(_SCHEMA_QUERY)}
-        counters = set()
-        if ("table", "counters") in wanted:
-            counters = {row[0] for row in expected.execute("SELECT name FROM counters")}
+        _migrate(expected, 0)
+        wanted = _layout(expected)
+        counters = {row[0] for row in expected.execute(_COUNTERS)}
     finally:
         expected.close()
-    found = {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+    found = _layout(connection)
     problems = [f"{kind} {name} is missing" for kind, name in wanted if (kind, name) not in found]
     problems += [
         f"{kind} {name} differs"
@@ -209,16 +201,11 @@ def _verify(connection: sqlite3.Connection, path: Path) -> None:
         if found.get((kind, name), sql) != sql
     ]
     problems += [f"{kind} {name} is not this server's" for kind, name in found if (kind, name) not in wanted]
-    if not problems and counters:
-        present = {row[0] for row in connection.execute("SELECT name FROM counters")}
+    if not problems:  # the counters table is as expected: its rows can be read
+        present = {row[0] for row in connection.execute(_COUNTERS)}
         problems = [f"counter {name} is missing" for name in sorted(counters - present)]
     if problems:
         raise StoreError(
             f"database {path} does not have this server's schema (version {SCHEMA_VERSION}): "
             f"{', '.join(problems)}; {_ASIDE}"
         )
-
-
-def _statements(script: str) -> list[str]:
-    """``script`` split into statements (``executescript`` would commit the open transaction)."""
-    return [part.strip() for part in script.split(";") if part.strip()]

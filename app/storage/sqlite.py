@@ -1,12 +1,6 @@
 """The durable message store (``--store sqlite``, the default): ``sqlite3`` in WAL mode, one
-database file in ``--data-dir`` shared by every worker process.
-
-A 201 (or the 200 of a repeated key) means the message and its key were committed: with
-``--durability normal`` it survives a crash of the process, with ``full`` a power cut too.
-Keys are decided inside the write transaction (``BEGIN IMMEDIATE``), so processes sharing the file
-store one message for one key. ``put`` calls made within two turns of the event loop share one
-transaction. The design and its measurements: docs/internals.md and docs/performance.md.
-"""
+database file in ``--data-dir`` shared by every worker process. A 201 means the message and its key
+were committed; ``put`` calls made within two turns of the event loop share one transaction."""
 
 from __future__ import annotations
 
@@ -14,8 +8,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +17,7 @@ import orjson
 
 from app.config import Settings
 from app.storage import schema
-from app.storage.schema import BUSY_TIMEOUT_MS, database_path, uri
+from app.storage.schema import BUSY_TIMEOUT_MS, busy, connect, database_path, retry_busy
 from app.storage.store import (
     KeyConflict,
     MessageStore,
@@ -38,22 +31,24 @@ from app.storage.store import (
     text_digest,
 )
 
-__all__ = [
-    "CHECKPOINT_EVERY",
-    "PRUNE_EVERY",
-    "WAL_SIZE_LIMIT",
-    "SqliteStore",
-    "build_store",
-]
-
 WAL_SIZE_LIMIT = 1024 * 1024
 """A checkpoint starts once the log grows past this size, and the log is cut back to it when it
 starts afresh: the log needs this much disk plus one commit."""
-CHECKPOINT_EVERY = 100
-"""Commits between two checkpoints at most (SQLite's own, inside a commit, is off)."""
-PRUNE_EVERY = 64
-"""Messages past the history are deleted when a commit's ids cross a multiple of this (reads hide
-them meanwhile): a delete rewrites the table's oldest page, a large share of a small commit."""
+CHECKPOINT_EVERY = 100  # commits between two checkpoints at most (SQLite's own is off)
+PRUNE_EVERY = 64  # rows past the history are deleted when a commit's ids cross a multiple of this
+
+# The writer never waits inside SQLite (whose busy handler sleeps a whole millisecond first): a lock
+# held by another process sends the batch to the writer thread, which waits there. Checkpoints (the
+# only fsyncs with ``normal``) run on the writer thread, never on the loop.
+_WRITER = ("busy_timeout=0", "wal_autocheckpoint=0", f"journal_size_limit={WAL_SIZE_LIMIT}")
+_MAX_ID = 2**63 - 1  # SQLite's integers stop there
+# Reads see only the ids above the highest less ``history_size`` (the rows below are pruned later).
+_VISIBLE = "id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history"
+_GET = f"SELECT document FROM messages WHERE id = :id AND {_VISIBLE}"  # noqa: S608 - constants only
+_RECENT = f"SELECT id FROM messages WHERE {_VISIBLE} ORDER BY id DESC LIMIT :limit"  # noqa: S608
+_SINCE = f"SELECT id, document FROM messages WHERE id > :after AND {_VISIBLE} ORDER BY id LIMIT :limit"  # noqa: S608
+_FIRST = f"SELECT min(id) FROM messages WHERE {_VISIBLE}"  # noqa: S608
+_KEY = "SELECT message_id, digest, reply, received_at, peer FROM idempotency_keys WHERE key = ?"
 
 
 def build_store(settings: Settings) -> Store:
@@ -68,13 +63,6 @@ def build_store(settings: Settings) -> Store:
     )
 
 
-_MAX_ID = 2**63 - 1
-
-
-def _full(exc: sqlite3.Error) -> bool:
-    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
-
-
 class _Busy(Exception):
     """Another process holds the write lock (the inline attempt gives way to the writer thread)."""
 
@@ -82,30 +70,20 @@ class _Busy(Exception):
 _Item = tuple[str, str, str, "dict[str, Any] | None", "str | None", "asyncio.Future[Stored]"]
 
 
-class SqliteStore:
-    """The :class:`~app.storage.store.Store` on one SQLite file; ``open()`` connects (once the
-    process serves), until then nothing touches the disk."""
+class SqliteStore(Store):
+    """The store on one SQLite file; ``open()`` connects (once the process serves), until then
+    nothing touches the disk. With ``normal`` durability it commits on the event loop thread first;
+    with ``full`` the loop reads requests while the writer thread syncs."""
 
     def __init__(
-        self,
-        path: Path | str,
-        *,
-        history_size: int,
-        key_capacity: int,
-        durability: str = "normal",
-        inline: bool | None = None,
+        self, path: Path | str, *, history_size: int, key_capacity: int, durability: str = "normal"
     ) -> None:
-        """``inline``: commit on the event loop thread first (default: with ``normal`` durability;
-        with ``full`` the loop reads requests while the writer thread syncs)."""
-        if history_size < 1 or key_capacity < 1:
-            raise ValueError("history_size and key_capacity must be at least 1")
+        super().__init__(history_size, key_capacity)
         if durability not in ("normal", "full"):
             raise ValueError("durability is normal or full")
         self.path = Path(path)
-        self.history_size = history_size
-        self.key_capacity = key_capacity
         self.durability = durability
-        self.inline = durability == "normal" if inline is None else inline
+        self.inline = durability == "normal"
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
@@ -118,7 +96,6 @@ class SqliteStore:
         self._scheduled = False
         self._writing = False
         self._idle: asyncio.Event | None = None
-        self._listeners: list[Callable[[int], None]] = []
         self._seen_version = -1
         self._last_id = 0
 
@@ -128,40 +105,21 @@ class SqliteStore:
         """Connect (a reader for this thread, a writer for the writer thread); check the schema."""
         if self._reader is not None:
             return
-        # The writer never waits inside SQLite (whose busy handler sleeps a whole millisecond first):
-        # a lock held by another process sends the batch to the writer thread, which waits there.
-        self._writer = self._connection(check_same_thread=False, busy_timeout=0)
-        self._reader = self._connection(check_same_thread=True)
-        # Checkpoints (the only fsyncs with ``normal``) run on the writer thread, never on the loop.
-        self._writer.execute("PRAGMA wal_autocheckpoint=0")
-        self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        self._checkpointer = self._connection(check_same_thread=False)
+        synchronous = f"synchronous={self.durability.upper()}"
+        waiting = f"busy_timeout={BUSY_TIMEOUT_MS}"
+        self._writer = connect(
+            self.path, synchronous, *_WRITER, check_same_thread=False, cached_statements=32
+        )
+        self._reader = connect(self.path, synchronous, waiting, cached_statements=32)
+        self._checkpointer = connect(self.path, synchronous, waiting, check_same_thread=False)
         version = self._reader.execute("PRAGMA user_version").fetchone()[0]
         if version != schema.SCHEMA_VERSION:
-            self._close_connections()
+            self.close()
             raise StoreError(
                 f"database {self.path} has schema version {version}, not {schema.SCHEMA_VERSION}; "
                 "start the server with uds-server, which prepares it"
             )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="uds-store-writer")
-
-    def _connection(
-        self, *, check_same_thread: bool, busy_timeout: int = BUSY_TIMEOUT_MS
-    ) -> sqlite3.Connection:
-        try:
-            connection = sqlite3.connect(
-                uri(self.path),
-                uri=True,
-                isolation_level=None,
-                timeout=BUSY_TIMEOUT_MS / 1000,  # opening waits: another process may be checkpointing
-                check_same_thread=check_same_thread,
-                cached_statements=32,
-            )
-            connection.execute(f"PRAGMA synchronous={self.durability.upper()}")
-            connection.execute(f"PRAGMA busy_timeout={busy_timeout}")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
-        return connection
 
     async def aclose(self) -> None:
         """Wait for the writes in progress, then close the connections."""
@@ -175,9 +133,6 @@ class SqliteStore:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        self._close_connections()
-
-    def _close_connections(self) -> None:
         for connection in (self._reader, self._writer, self._checkpointer):
             if connection is not None:
                 connection.close()
@@ -245,7 +200,12 @@ class SqliteStore:
             if not self._checkpointing and (
                 self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
             ):
-                self._start_checkpoint()
+                assert self._loop is not None
+                assert self._executor is not None
+                self._commits = 0
+                self._checkpointing = True  # batches queue behind it, on the writer thread
+                done = self._loop.run_in_executor(self._executor, self._checkpoint)
+                done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
         if self._pending:
             self._scheduled = True
             assert self._loop is not None
@@ -255,26 +215,15 @@ class SqliteStore:
 
     def _log_size(self) -> int:
         """The log file's size: one ``stat`` a commit, which sees every process's commits."""
-        try:
+        with contextlib.suppress(OSError):
             return os.stat(self._log_path).st_size
-        except OSError:
-            return 0
-
-    def _start_checkpoint(self) -> None:
-        """Copy the log into the database on the writer thread, off the event loop."""
-        assert self._loop is not None
-        assert self._executor is not None
-        self._commits = 0
-        self._checkpointing = True
-        done = self._loop.run_in_executor(self._executor, self._checkpoint)
-        done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
+        return 0
 
     def _checkpoint(self) -> None:
+        """Copy the log into the database (on the writer thread): RESTART waits for writers, then
+        the next commit starts the log afresh. Busy or a full disk: the next checkpoint tries again."""
         connection = self._checkpointer
         if connection is not None:
-            # RESTART: waits (off the loop) for writers, then the next commit starts the log afresh
-            # (PASSIVE lets the log grow without bound under load; docs/internals.md). Busy or a
-            # full disk: the log keeps the commits and the next checkpoint tries again.
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
@@ -285,82 +234,62 @@ class SqliteStore:
         if connection is None:
             raise StoreError("the store is closed")
         execute = connection.execute
-        delay, deadline = 0.0001, time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise self._mapped(exc) from exc
-                if not wait:
-                    raise _Busy from exc
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"database {self.path} stayed locked by another process for "
-                        f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was stored"
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.005)
-            except sqlite3.Error as exc:
-                raise self._mapped(exc) from exc
         try:
-            row = execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-            next_id = (row[0] if row else 0) + 1
+            if wait:
+                retry_busy(lambda: execute("BEGIN IMMEDIATE"), 0.0001, 0.005)
+            else:
+                execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if not busy(exc):
+                raise self._mapped(exc) from exc
+            if not wait:
+                raise _Busy from exc
+            raise StoreError(
+                f"database {self.path} stayed locked by another process for "
+                f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was stored"
+            ) from exc
+        try:
+            seq = execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+            next_id = (seq[0] if seq else 0) + 1
             clock = 0  # the clock is read (a page of its own) only for a batch with keys
             if any(item[4] is not None for item in batch):
                 clock = self._counter(execute("SELECT value FROM counters WHERE name = 'clock'"), "clock")
             results: list[Stored | BaseException] = []
             messages: list[tuple[int, bytes]] = []
-            keys: list[tuple[str, int, bytes, str, str, bytes, int]] = []
-            batch_keys: dict[str, tuple[int, bytes, str, str, bytes]] = {}
-            touched: list[tuple[int, str]] = []
+            added = 0
             for text, reply, received_at, peer, key, _ in batch:
-                if key is not None:
-                    found = batch_keys.get(key)
-                    if found is None:
-                        found = execute(
-                            "SELECT message_id, digest, reply, received_at, peer FROM idempotency_keys "
-                            "WHERE key = ?",
-                            (key,),
-                        ).fetchone()
-                    if found is not None:
-                        message_id, digest, first_reply, first_received, first_peer = found
-                        earlier = Remembered(
-                            message_id, digest, first_reply, first_received, orjson.loads(first_peer)
-                        )
-                        try:
-                            results.append(earlier.answer(text))
-                        except KeyConflict as exc:
-                            results.append(exc)
-                            continue
-                        clock += 1
-                        touched.append((clock, key))
+                found = None if key is None else execute(_KEY, (key,)).fetchone()
+                if found is not None:
+                    first_id, digest, first_reply, first_at, first_peer = found
+                    earlier = Remembered(first_id, digest, first_reply, first_at, orjson.loads(first_peer))
+                    try:
+                        results.append(earlier.answer(text))
+                    except KeyConflict as exc:
+                        results.append(exc)
                         continue
+                    clock += 1
+                    execute("UPDATE idempotency_keys SET used = ? WHERE key = ?", (clock, key))
+                    continue
                 message_id = next_id
                 next_id += 1
                 encoded = document(message_id, text, reply, received_at, peer)
                 messages.append((message_id, encoded))
                 if key is not None:
                     clock += 1
-                    peer_json = orjson.dumps(peer)
+                    added += 1
                     digest = text_digest(text)
-                    batch_keys[key] = (message_id, digest, reply, received_at, peer_json)
-                    keys.append((key, message_id, digest, reply, received_at, peer_json, clock))
+                    row = (key, message_id, digest, reply, received_at, orjson.dumps(peer), clock)
+                    execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 results.append(Stored(message_id, encoded, True))
             if messages:
                 connection.executemany("INSERT INTO messages (id, document) VALUES (?, ?)", messages)
                 if (next_id - 1) // PRUNE_EVERY != (messages[0][0] - 1) // PRUNE_EVERY:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
-            if keys:
-                connection.executemany("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", keys)
-                count = self._counter(
-                    execute(
-                        "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value",
-                        (len(keys),),
-                    ),
-                    "keys",
+            if added:
+                keys = execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value", (added,)
                 )
+                count = self._counter(keys, "keys")
                 if count > self.key_capacity:
                     execute(
                         "DELETE FROM idempotency_keys WHERE key IN "
@@ -368,9 +297,7 @@ class SqliteStore:
                         (count - self.key_capacity,),
                     )
                     execute("UPDATE counters SET value = ? WHERE name = 'keys'", (self.key_capacity,))
-            if touched:
-                connection.executemany("UPDATE idempotency_keys SET used = ? WHERE key = ?", touched)
-            if keys or touched:
+            if clock:
                 execute("UPDATE counters SET value = ? WHERE name = 'clock'", (clock,))
             execute("COMMIT")
         except BaseException as exc:
@@ -386,11 +313,10 @@ class SqliteStore:
         row = cursor.fetchone()
         if row is None:  # the start checks the rows; another program may have deleted one since
             raise StoreError(f"database {self.path}: counter {name} is missing")
-        value: int = row[0]
-        return value
+        return int(row[0])
 
     def _mapped(self, exc: sqlite3.Error) -> StoreError:
-        if _full(exc):
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
             return StoreFull(
                 f"the disk holding {self.path.parent} is full; nothing was stored; retry once space is freed"
             )
@@ -404,53 +330,32 @@ class SqliteStore:
         return self._reader
 
     def _rows(self, sql: str, **params: int) -> sqlite3.Cursor:
-        """``sql`` on the reader; ``:history`` is ``history_size``: reads see only the ids above the
-        highest less that (the rows below are pruned only every :data:`PRUNE_EVERY` ids)."""
+        """``sql`` on the reader, with ``:history`` bound to ``history_size`` (see :data:`_VISIBLE`)."""
         return self._read().execute(sql, {**params, "history": self.history_size})
 
     def get(self, message_id: int) -> bytes | None:
-        if not 0 < message_id <= _MAX_ID:  # SQLite's integers stop at 2**63 - 1
+        if not 0 < message_id <= _MAX_ID:
             return None
-        row = self._rows(
-            "SELECT document FROM messages WHERE id = :id "
-            "AND id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history",
-            id=message_id,
-        ).fetchone()
+        row = self._rows(_GET, id=message_id).fetchone()
         return row[0] if row else None
 
     def recent_ids(self, limit: int) -> Sequence[int]:
-        rows = self._rows(
-            "SELECT id FROM messages "
-            "WHERE id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history "
-            "ORDER BY id DESC LIMIT :limit",
-            limit=limit,
-        )
-        return [row[0] for row in reversed(rows.fetchall())]
+        return [row[0] for row in reversed(self._rows(_RECENT, limit=limit).fetchall())]
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        cursor = self._rows(
-            "SELECT id, document FROM messages WHERE id > :after "
-            "AND id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history "
-            "ORDER BY id LIMIT :limit",
-            after=max(after_id, 0),
-            limit=min(limit, _MAX_ID),
-        )
+        cursor = self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
         rows = bounded(cursor, max_bytes)  # SQLite steps one row at a time: the rest is never read
         cursor.close()
         return rows
 
     def first_id(self) -> int | None:
-        first: int | None = self._rows(
-            "SELECT min(id) FROM messages "
-            "WHERE id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history"
-        ).fetchone()[0]
+        first: int | None = self._rows(_FIRST).fetchone()[0]
         return first
 
     def last_id(self) -> int:
-        """The highest id any process has stored (``PRAGMA data_version`` changes only when another
-        connection commits: an unchanged database costs one pragma, not a query)."""
+        # PRAGMA data_version changes only when another connection commits: one pragma, no query.
         reader = self._read()
         version = reader.execute("PRAGMA data_version").fetchone()[0]
         if version != self._seen_version:
@@ -458,6 +363,3 @@ class SqliteStore:
             self._last_id = row[0] if row else 0
             self._seen_version = version
         return self._last_id
-
-    def add_listener(self, callback: Callable[[int], None]) -> None:
-        self._listeners.append(callback)

@@ -1,37 +1,26 @@
 """The ``Store`` interface the routes and the event hub use, and the memory store (``--store
-memory``): a bounded message history and a bounded (LRU) memory of idempotency keys.
-
-A key keeps only what answering a repeat needs (id, time, peer, a digest of the text), never the
-message: a repeat carries its text. Everything runs on the event loop thread without ``await``
-inside a method, so no locks are needed.
-"""
+memory``): a bounded history and a bounded (LRU) memory of idempotency keys; docs/internals.md."""
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import orjson
-
-__all__ = [
-    "KeyConflict",
-    "MessageStore",
-    "Remembered",
-    "Store",
-    "StoreError",
-    "StoreFull",
-    "Stored",
-    "bounded",
-    "document",
-    "text_digest",
-]
 
 
 def text_digest(text: str) -> bytes:
     """A 16-byte BLAKE2b digest of ``text``: what a remembered key compares a repeat's text with."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def document(message_id: int, text: str, reply: str, received_at: str, peer: dict[str, Any] | None) -> bytes:
+    """A message's JSON document, as stored and answered."""
+    return orjson.dumps(
+        {"id": message_id, "text": text, "reply": reply, "received_at": received_at, "peer": peer}
+    )
 
 
 class Stored(NamedTuple):
@@ -54,45 +43,8 @@ class StoreFull(StoreError):
     """The disk (or the database's size limit) is full: nothing was written (507)."""
 
 
-class Store(Protocol):
-    """A message store (memory or durable). Ids start at 1, increase, and never name two messages,
-    even after pruning or a restart; ``put`` answers once the message and its key are committed."""
-
-    async def put(
-        self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
-    ) -> Stored:
-        """Store a message under ``key`` (scoped to the peer), or return the one stored under it;
-        :class:`KeyConflict` if ``key`` holds another text, :class:`StoreFull` if nothing was written."""
-        ...
-
-    def get(self, message_id: int) -> bytes | None:
-        """The JSON document of this message, while it is in the history."""
-        ...
-
-    def recent_ids(self, limit: int) -> Sequence[int]:
-        """The ids of the most recent ``limit`` messages, oldest first."""
-        ...
-
-    def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` (id, document) above ``after_id`` still in the history, oldest first;
-        with ``max_bytes``, none past that size (at least one): a stalled reader holds a bounded batch."""
-        ...
-
-    def first_id(self) -> int | None:
-        """The oldest id still in the history (None when empty)."""
-        ...
-
-    def last_id(self) -> int:
-        """The highest id ever stored, by any process sharing the store (0 before the first)."""
-        ...
-
-    def add_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(last_id)`` on the event loop after each commit made by this process."""
-        ...
-
-
 class Remembered(NamedTuple):
-    """The message first stored under a key, without its text."""
+    """The message first stored under a key, without its text (a repeat carries it)."""
 
     id: int
     digest: bytes
@@ -112,45 +64,71 @@ def bounded(rows: Iterable[tuple[int, bytes]], max_bytes: int | None) -> list[tu
     if max_bytes is None:
         return list(rows)
     taken: list[tuple[int, bytes]] = []
-    size = 0
     for row in rows:
         taken.append(row)
-        size += len(row[1])
-        if size >= max_bytes:
+        max_bytes -= len(row[1])
+        if max_bytes <= 0:
             break
     return taken
 
 
-def document(message_id: int, text: str, reply: str, received_at: str, peer: dict[str, Any] | None) -> bytes:
-    """A message's JSON document, as stored and answered."""
-    return orjson.dumps(
-        {"id": message_id, "text": text, "reply": reply, "received_at": received_at, "peer": peer}
-    )
-
-
-class MessageStore:
-    """The last ``history_size`` messages and ``key_capacity`` keys, in this process's memory.
-
-    Messages are kept as their encoded JSON documents, no ``str``: orjson caches a UTF-8 copy
-    inside each ``str`` it encodes, which would double what a stored text costs.
-    """
-
-    __slots__ = ("_history", "_key_capacity", "_keys", "_listeners", "_next_id")
+class Store:
+    """A message store. Ids start at 1, increase, and never name two messages, even after pruning or
+    a restart; ``put`` answers once the message and its key are committed."""
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
         if history_size < 1 or key_capacity < 1:
             raise ValueError("history_size and key_capacity must be at least 1")
-        self._history: deque[bytes] = deque(maxlen=history_size)
-        self._keys: OrderedDict[str, Remembered] = OrderedDict()
-        self._key_capacity = key_capacity
-        self._next_id = 1
+        self.history_size = history_size
+        self.key_capacity = key_capacity
         self._listeners: list[Callable[[int], None]] = []
+
+    def add_listener(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(last_id)`` on the event loop after each commit made by this process."""
+        self._listeners.append(callback)
 
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Store a new message (the oldest message and key fall off past the bounds), or answer the
-        one stored under ``key``; nothing awaits, so the check and the add are one step of the loop."""
+        """Store a message under ``key`` (scoped to the peer), or return the one stored under it;
+        :class:`KeyConflict` if ``key`` holds another text, :class:`StoreFull` if nothing was written."""
+        raise NotImplementedError
+
+    def get(self, message_id: int) -> bytes | None:
+        """The JSON document of this message, while it is in the history."""
+        raise NotImplementedError
+
+    def recent_ids(self, limit: int) -> Sequence[int]:
+        """The ids of the most recent ``limit`` messages, oldest first."""
+        raise NotImplementedError
+
+    def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (id, document) above ``after_id`` still in the history, oldest first;
+        with ``max_bytes``, none past that size (at least one): a stalled reader holds a bounded batch."""
+        raise NotImplementedError
+
+    def first_id(self) -> int | None:
+        """The oldest id still in the history (None when empty)."""
+        raise NotImplementedError
+
+    def last_id(self) -> int:
+        """The highest id ever stored, by any process sharing the store (0 before the first)."""
+        raise NotImplementedError
+
+
+class MessageStore(Store):
+    """The last messages and keys, in this process's memory, as encoded documents (orjson caches a
+    UTF-8 copy inside each ``str`` it encodes); no method awaits, so no locks are needed."""
+
+    def __init__(self, history_size: int, key_capacity: int) -> None:
+        super().__init__(history_size, key_capacity)
+        self._history: deque[bytes] = deque(maxlen=history_size)
+        self._keys: OrderedDict[str, Remembered] = OrderedDict()
+        self._next_id = 1
+
+    async def put(
+        self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
+    ) -> Stored:
         if key is not None:
             earlier = self._keys.get(key)
             if earlier is not None:
@@ -163,7 +141,7 @@ class MessageStore:
         self._history.append(encoded)
         if key is not None:
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)
-            if len(self._keys) > self._key_capacity:
+            if len(self._keys) > self.key_capacity:
                 self._keys.popitem(last=False)
         for listener in self._listeners:
             listener(message_id)
@@ -190,6 +168,3 @@ class MessageStore:
 
     def last_id(self) -> int:
         return self._next_id - 1
-
-    def add_listener(self, callback: Callable[[int], None]) -> None:
-        self._listeners.append(callback)

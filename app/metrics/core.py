@@ -13,8 +13,8 @@ from typing import Any, TypeAlias
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from app.logs import Throttle
 from app.metrics.files import CellFile
+from client.net.throttle import Throttle
 
 __all__ = ["METRICS_PATH", "OTHER", "UNMATCHED", "MetricsError", "PeerTally", "Recorder", "timed_send"]
 

@@ -25,10 +25,11 @@ from typing import Any
 import h11
 
 from app.config import Settings
-from app.logs import Throttle, escaped
+from app.logs import escaped
 from app.metrics.core import METRICS_PATH, MetricsError
 from app.metrics.exposition import DIR_ENV, Rendered, exposition_registry
 from app.metrics.files import absorb, multiprocess_dir
+from client.net.throttle import Throttle
 
 __all__ = ["ENDPOINT_CONNECTIONS", "ENDPOINT_PER_SOURCE", "LoopEndpoint", "for_workers", "listening_socket"]
 

@@ -25,9 +25,9 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from app.config import Settings
-from app.logs import Throttle
 from app.metrics.core import BUCKETS, OTHER, UNMATCHED, Recorder
 from app.metrics.files import CellFile, Entry, owner, read_all, worker_pids
+from client.net.throttle import Throttle
 
 __all__ = ["DIR_ENV", "Metrics", "Rendered", "exposition_registry"]
 

@@ -29,14 +29,9 @@ from app.metrics.core import BUCKETS, OTHER, UNMATCHED, Recorder
 from app.metrics.files import CellFile, Entry, owner, read_all, worker_pids
 from client.net.throttle import Throttle
 
-__all__ = ["DIR_ENV", "Metrics", "Rendered", "exposition_registry"]
-
-DIR_ENV = "UDS_WORKERS_METRICS_DIR"
-"""The environment variable by which the ``--workers`` parent names the shared directory to its workers."""
-RENDER_EVERY = 1.0
-"""Seconds a rendered exposition is served before the next scrape collects again."""
-MAX_COPIES = 4
-"""Formats (and compressions) rendered per :data:`RENDER_EVERY`; further ones get the text format."""
+DIR_ENV = "UDS_WORKERS_METRICS_DIR"  # how the --workers parent names its directory to its workers
+RENDER_EVERY = 1.0  # seconds a rendering is served before the next scrape collects again
+MAX_COPIES = 4  # formats (and compressions) rendered per RENDER_EVERY; further ones get the text format
 _PROCESS_SUMS = ("process_cpu", "process_resident", "process_virtual", "process_open_fds")  # added up
 _DEGRADED = Throttle(logging.getLogger("app.metrics"))
 _REQUEST = ["method", "route", "status"]
@@ -59,10 +54,8 @@ class Metrics:
                 message += " of /metrics (free some space)"
                 _DEGRADED.log(logging.WARNING, message, directory, exc.strerror or exc)
         self.recorder = Recorder(on, shown_uids, self.file)
-        self.open_connections: Callable[[], int] = lambda: 0
-        """The server points it at its connection count."""
-        self.event_streams: Callable[[], int] = lambda: 0
-        """The application points it at the event hub's open streams."""
+        self.open_connections: Callable[[], int] = lambda: 0  # the server points them at its
+        self.event_streams: Callable[[], int] = lambda: 0  # connections and the hub's streams
         if directory is None:
             self.registry = CollectorRegistry()
             self.registry.register(RequestCollector(self._own))
@@ -90,12 +83,10 @@ class Metrics:
 
 
 class RequestCollector(Collector):
-    """The ``uds_*`` families from records (``Recorder.records`` or ``files.read_all``), built from
-    ``prometheus-client``'s public metric families at each collection."""
+    """The ``uds_*`` families from ``source``'s records and its two gauges (connections, streams)."""
 
     def __init__(self, source: Callable[[], tuple[Iterable[Entry], tuple[float, float]]]) -> None:
         self.source = source
-        """The records and the two gauges (open connections, event streams)."""
 
     def collect(self) -> Iterable[Metric]:
         entries, (connections, streams) = self.source()
@@ -147,12 +138,9 @@ class RequestCollector(Collector):
 
 
 class Rendered:
-    """A registry's exposition, collected at most once per ``every`` seconds and kept as one copy
-    per format and compression, so a flood of scrapes costs a dict lookup each. Thread-safe.
-
-    At most :data:`MAX_COPIES` copies a period (``Accept`` may name any OpenMetrics version); past
-    them, or for an ``Accept`` prometheus-client cannot read, the Prometheus text format.
-    """
+    """A registry's exposition, collected at most once per ``every`` seconds, kept as one copy per
+    format and compression (at most :data:`MAX_COPIES`; past them, or for an ``Accept``
+    prometheus-client cannot read, the text format). Thread-safe."""
 
     def __init__(self, registry: Collector, every: float = RENDER_EVERY) -> None:
         self.registry = registry

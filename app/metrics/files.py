@@ -1,8 +1,6 @@
-"""The ``--workers`` counts in shared files: each worker adds to doubles in a memory-mapped file of
-its own; every process reads them all; the parent folds a dead worker's file into ``absorbed.db``.
-
-The format, and why not ``prometheus-client``'s multiprocess mode: docs/internals.md, "Metrics".
-"""
+"""The ``--workers`` counts: each worker adds to doubles in a memory-mapped file of its own, every
+process reads them all, the parent folds a dead worker's file into ``absorbed.db``. The format, and
+why not ``prometheus-client``'s multiprocess mode: docs/internals.md, "Metrics"."""
 
 from __future__ import annotations
 
@@ -18,21 +16,16 @@ import struct
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["ABSORBED", "SIZE", "CellFile", "Entry", "absorb", "multiprocess_dir", "read_all", "read_file"]
-
-SIZE = 64 * 1024
-"""Bytes of one worker's file: far more than the bounded labels need."""
+SIZE = 64 * 1024  # bytes of a worker's file: far more than the bounded labels need
 ABSORBED = "absorbed.db"
 DIR_PREFIX = "uds-metrics-"
 _MAGIC = b"udscell1"
 _HEADER = 32  # magic, bytes used, open connections, event streams
 _RECORD = struct.Struct("<II")  # label bytes, values; then the labels (JSON) padded to 8, the doubles
-_NAMES_KEPT = 64
-"""Absorbed file names remembered: a reader that listed one before it went takes milliseconds."""
+_NAMES_KEPT = 64  # absorbed names remembered: a reader that listed one before it went takes ms
 _NAME = re.compile(r"cells-(\d+)-[0-9a-f]+\.db")
 
-Entry = tuple[tuple[object, ...], Sequence[float]]
-"""A record: its labels and its values."""
+Entry = tuple[tuple[object, ...], Sequence[float]]  # a record's labels and values
 
 
 def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
@@ -44,8 +37,7 @@ def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
 
 
 class CellFile:
-    """This worker's file in ``directory``, allocated whole. Raises ``OSError`` when it cannot be
-    made (a full disk), never later."""
+    """This worker's file in ``directory``, allocated whole: ``OSError`` on a full disk, never later."""
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, f"cells-{os.getpid()}-{secrets.token_hex(4)}.db")
@@ -124,10 +116,8 @@ def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
 
 
 def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
-    """Every record in ``directory``, each once, and the gauges summed over the live workers.
-
-    The workers' files are read before ``absorbed.db``, whose list of the names it took in says
-    which of them to skip: a file folded meanwhile is neither counted twice nor missed."""
+    """Every record in ``directory``, each once (``absorbed.db`` read last, skipping the files it
+    names), and the gauges summed over the live workers."""
     found = [
         (os.path.basename(p), _parse(_read(p))) for p in glob.glob(os.path.join(directory, "cells-*.db"))
     ]
@@ -143,10 +133,8 @@ def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
 
 
 def absorb(directory: str, pid: int) -> None:
-    """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them.
-
-    Raises ``OSError`` when ``absorbed.db`` cannot be written (a full disk); the files then stay and
-    count as before."""
+    """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them; on ``OSError`` (a full
+    disk) they stay and count as before."""
     dead = [
         p
         for p in glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))

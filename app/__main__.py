@@ -12,14 +12,11 @@ from collections.abc import Mapping, Sequence
 from app import __version__
 from app.config import Settings, SettingsError, flag, options
 
-__all__ = ["build_parser", "main", "parse_settings"]
-
 USAGE_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One option per ``Settings`` field, raw until Settings checks it; None when not given, so
-    ``Settings.from_env`` can tell a flag from the environment variable beneath it."""
+    """One option per ``Settings`` field, raw (None when not given) until ``Settings`` checks it."""
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="uds-server",
@@ -57,7 +54,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
 
 
 def check_files(settings: Settings) -> None:
-    """Read the policy file and open the audit log once, so a bad one stops the start with exit 2."""
+    """Read the policy file and open the audit log once: a bad one stops the start with exit 2."""
     if settings.policy is not None:
         from app.api.policy import PolicyError, load_policy
 

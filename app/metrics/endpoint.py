@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -16,7 +15,6 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -26,6 +24,7 @@ from app.logs import escaped
 from app.metrics.core import METRICS_PATH, MetricsError
 from app.metrics.exposition import DIR_ENV, Rendered, exposition_registry
 from app.metrics.files import absorb, multiprocess_dir
+from client.net.answers import error_response
 from client.net.throttle import Throttle
 
 log = logging.getLogger("app.metrics")
@@ -49,19 +48,11 @@ _REFUSALS = {
 }
 
 
-def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_only: bool = False) -> bytes:
-    """A whole ``Connection: close`` answer (its body left out for HEAD)."""
-    headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
-    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
-    return (head + "\r\n").encode("latin-1") + (b"" if head_only else body)
-
-
 def _refused(status: int, *, head_only: bool = False) -> bytes:
     """A JSON refusal: 404 (another path), 405 (another method), 431, else 400 (not HTTP)."""
     error, message = _REFUSALS.get(status, _REFUSALS[400])
-    body = json.dumps({"error": error, "message": message, "status": status}).encode()
-    allow = [("Allow", "GET, HEAD")] if status == 405 else []
-    return _whole(status, [("Content-Type", "application/json"), *allow], body, head_only=head_only)
+    headers = [*([("Allow", "GET, HEAD")] if status == 405 else []), ("Connection", "close")]
+    return error_response(status, error, message, headers=headers, head_only=head_only)
 
 
 def listening_socket(listen: str) -> socket.socket:
@@ -233,7 +224,9 @@ class LoopEndpoint:
             return _refused(405, head_only=head_only)
         fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
         headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
-        return _whole(200, headers, output, head_only=head_only)
+        headers += [("Content-Length", str(len(output))), ("Connection", "close")]
+        head = "HTTP/1.1 200 OK\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        return (head + "\r\n").encode("latin-1") + (b"" if head_only else output)
 
 
 async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> h11.Request | bytes | None:

@@ -69,9 +69,12 @@ class CellFile:
         struct.pack_into("<dd", self._map, 16, connections, streams)
 
 
-def _parse(data: bytes | None) -> tuple[tuple[float, float], list[Entry]]:
+def _parse(path: str) -> tuple[tuple[float, float], list[Entry]]:
     """A file's gauges and records (nothing from a file that is gone or is not one)."""
-    if data is None or len(data) < _HEADER or data[:8] != _MAGIC:
+    data = b""
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
+        data = file.read()
+    if len(data) < _HEADER or data[:8] != _MAGIC:
         return (0.0, 0.0), []
     used = min(struct.unpack_from("<q", data, 8)[0], len(data))
     entries: list[Entry] = []
@@ -87,15 +90,9 @@ def _parse(data: bytes | None) -> tuple[tuple[float, float], list[Entry]]:
     return struct.unpack_from("<dd", data, 16), entries
 
 
-def _read(path: str) -> bytes | None:
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
-        return file.read()
-    return None
-
-
 def read_file(path: str) -> list[Entry]:
     """The records of one file (none if it is gone)."""
-    return _parse(_read(path))[1]
+    return _parse(path)[1]
 
 
 def worker_pids(directory: str) -> list[int]:
@@ -107,7 +104,7 @@ def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
     """What dead workers counted, and the names of the files that went into it."""
     entries: list[Entry] = []
     names: list[str] = []
-    for labels, values in _parse(_read(os.path.join(directory, ABSORBED)))[1]:
+    for labels, values in read_file(os.path.join(directory, ABSORBED)):
         if labels[:1] == ("names",):
             names.extend(str(name) for name in labels[1:])
         else:
@@ -118,9 +115,7 @@ def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
 def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
     """Every record in ``directory``, each once (``absorbed.db`` read last, skipping the files it
     names), and the gauges summed over the live workers."""
-    found = [
-        (os.path.basename(p), _parse(_read(p))) for p in glob.glob(os.path.join(directory, "cells-*.db"))
-    ]
+    found = [(os.path.basename(p), _parse(p)) for p in glob.glob(os.path.join(directory, "cells-*.db"))]
     entries, taken = _absorbed(directory)
     gauges = [0.0, 0.0]
     for name, (each, records) in found:

@@ -52,8 +52,6 @@ def _mode(value: object) -> int:
 
 
 def _group(value: object) -> int:
-    if isinstance(value, int):
-        return value
     text = str(value)
     if text.isdigit():
         return int(text)
@@ -132,6 +130,14 @@ def _setting(
     return field(default=default, metadata={"option": Option(help, metavar, convert, repeat, shown)})
 
 
+def _count(default: int, help: str, metavar: str = "N") -> Any:
+    return _setting(default, help, metavar, _positive_int)
+
+
+def _seconds(default: float, help: str) -> Any:
+    return _setting(default, help, "SECONDS", _positive_float)
+
+
 _ANYONE = "anyone who can open the socket"
 
 
@@ -190,12 +196,10 @@ class Settings:
         _choice(LOG_FORMATS),
     )
     access_log: bool = _setting(False, "log one line per request (costs speed)", None, _bool)
-    max_text_length: int = _setting(4096, "longest message text, in characters", "N", _positive_int)
-    max_body_bytes: int = _setting(64 * 1024, "largest request body, in bytes", "BYTES", _positive_int)
-    history_size: int = _setting(
-        1000, "messages kept; older ones are pruned (ids are never reused)", "N", _positive_int
-    )
-    idempotency_keys: int = _setting(10_000, "Idempotency-Key values remembered", "N", _positive_int)
+    max_text_length: int = _count(4096, "longest message text, in characters")
+    max_body_bytes: int = _count(64 * 1024, "largest request body, in bytes", "BYTES")
+    history_size: int = _count(1000, "messages kept; older ones are pruned (ids are never reused)")
+    idempotency_keys: int = _count(10_000, "Idempotency-Key values remembered")
     store: str = _setting(
         "sqlite",
         "sqlite (durable, in --data-dir) or memory (lost when the process stops)",
@@ -219,14 +223,9 @@ class Settings:
         "LEVEL",
         _choice(DURABILITIES),
     )
-    workers: int = _setting(
-        1, "worker processes serving the one socket (more than 1 needs --store sqlite)", "N", _positive_int
-    )
-    max_streams: int = _setting(
-        100,
-        "event streams (GET /v1/events) open at once, per server; the next one gets 503",
-        "N",
-        _positive_int,
+    workers: int = _count(1, "worker processes serving the one socket (more than 1 needs --store sqlite)")
+    max_streams: int = _count(
+        100, "event streams (GET /v1/events) open at once, per server; the next one gets 503"
     )
     metrics_listen: str | None = _setting(
         None,
@@ -244,36 +243,24 @@ class Settings:
         repeat=True,
         shown="none",
     )
-    shutdown_timeout: float = _setting(
-        20.0,
-        "seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)",
-        "SECONDS",
-        _positive_float,
+    shutdown_timeout: float = _seconds(
+        20.0, "seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)"
     )
-    keepalive_timeout: float = _setting(
-        15.0, "seconds an idle keep-alive connection stays open", "SECONDS", _positive_float
+    keepalive_timeout: float = _seconds(15.0, "seconds an idle keep-alive connection stays open")
+    request_timeout: float = _seconds(
+        30.0, "seconds a client has to send a whole request (head and body) before it gets 408"
     )
-    request_timeout: float = _setting(
-        30.0,
-        "seconds a client has to send a whole request (head and body) before it gets 408",
-        "SECONDS",
-        _positive_float,
-    )
-    send_timeout: float = _setting(
+    send_timeout: float = _seconds(
         30.0,
         "seconds a response may make no write progress (a client that does not read) "
         "before the connection is closed",
-        "SECONDS",
-        _positive_float,
     )
-    max_connections: int = _setting(
+    max_connections: int = _count(
         512,
         "concurrent connections. At the cap the longest-idle connection is closed for a new "
         "one, else the oldest still sending a request after 2 s; when all are busy the newcomer "
         "gets 503. Sized for the 100 MiB memory budget; kept below the open-file limit, which the "
         "server raises to its hard limit at start",
-        "N",
-        _positive_int,
     )
     reply: str = _setting(
         "Hello from server via UDS", "the reply text sent with every stored message", "TEXT"
@@ -319,8 +306,14 @@ class Settings:
             raw = overrides.get(name)
             if raw is None or raw == () or raw == []:
                 raw = env.get(option.env) or None  # an empty variable counts as unset
-            if raw is not None:
-                values[name] = _convert(name, option, raw)
+            if raw is None:
+                continue
+            try:
+                values[name] = option.convert(raw)
+            except (TypeError, ValueError, KeyError) as exc:
+                detail = f": {exc}" if str(exc) else ""
+                where = f"{flag(name)} ({option.env})"
+                raise SettingsError(f"invalid value {raw!r} for {where}{detail}") from exc
         if "host" in values and "port" not in values:
             raise SettingsError(f"--host needs --port ({known['port'].env}) to serve TCP")
         if values.get("workers", 1) != 1 and values.get("store") == "memory":
@@ -338,11 +331,3 @@ def options() -> Iterator[tuple[str, Option]]:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _convert(name: str, option: Option, value: object) -> object:
-    try:
-        return option.convert(value)
-    except (TypeError, ValueError, KeyError) as exc:
-        detail = f": {exc}" if str(exc) else ""
-        raise SettingsError(f"invalid value {value!r} for {flag(name)} ({option.env}){detail}") from exc

@@ -12,12 +12,8 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message",
-    "asctime",
-    "color_message",
-    "taskName",
-}
+_RECORD = logging.LogRecord("", 0, "", 0, "", None, None).__dict__
+_STANDARD = frozenset(_RECORD) | {"message", "asctime", "color_message", "taskName"}  # not extra fields
 
 
 def _exception_line(record: logging.LogRecord) -> str:

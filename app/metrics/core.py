@@ -63,7 +63,7 @@ class Recorder:
         tally = self.peers.get(label)
         if tally is None:
             counts = self._record(("peer", str(label)), 1) if label is not None else [0.0]
-            tally = self.peers[label] = PeerTally(label, counts)
+            tally = self.peers[label] = PeerTally(counts)
         return tally
 
     def cell(self, key: tuple[int, str, int], route: object) -> Counts:
@@ -89,10 +89,9 @@ class Recorder:
 class PeerTally:
     """The requests (one number) counted under one uid label, shared by its connections."""
 
-    __slots__ = ("counts", "label")
+    __slots__ = ("counts",)
 
-    def __init__(self, label: int | str | None, counts: Counts) -> None:
-        self.label = label
+    def __init__(self, counts: Counts) -> None:
         self.counts = counts
 
 

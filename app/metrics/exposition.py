@@ -131,9 +131,8 @@ class RequestCollector(Collector):
         yield CounterMetricFamily(
             "uds_messages_stored", "Messages stored (201 answers to POST).", value=stored
         )
-        yield GaugeMetricFamily(
-            "uds_open_connections", "Connections open to the server (all workers).", connections
-        )
+        connected = "Connections open to the server (all workers)."
+        yield GaugeMetricFamily("uds_open_connections", connected, connections)
         yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", streams)
 
 

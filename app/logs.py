@@ -102,7 +102,10 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
 
     def _drain(self) -> None:
         self._loop = None
-        self.flush()
+        try:
+            self.flush()
+        except Exception:  # a closed or broken stream must not take the server down
+            self.handleError(logging.makeLogRecord({"msg": "cannot write the log lines of this turn"}))
 
     def flush(self) -> None:
         self.acquire()
@@ -112,13 +115,11 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
             if text:
                 self.stream.write(text)
             super().flush()
-        except Exception:  # a closed or broken stream must not take the server down
-            self.handleError(logging.makeLogRecord({"msg": text.rstrip("\n")}))
         finally:
             self.release()
 
     def close(self) -> None:
-        self.flush()
+        self._drain()
         super().close()
 
 
@@ -144,9 +145,7 @@ def configure(
     handler = BatchingStreamHandler(stream if stream is not None else sys.stdout)
     handler.setFormatter(JsonFormatter(debug) if fmt == "json" else TextFormatter(debug))
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
+    root.handlers = [handler]
     root.setLevel(logging.WARNING)
     for name in ("app", "uvicorn", "uvicorn.error", "uvicorn.asgi", "fastapi", "uvicorn.access"):
         logger = logging.getLogger(name)

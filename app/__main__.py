@@ -31,11 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, option in options():
         default = option.shown_default or _show(getattr(defaults, name))
         text = f"{option.help} [env {option.env}; default {default}]".replace("%", "%%")
-        if option.metavar is None:
-            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            action = "append" if option.repeat else "store"
-            parser.add_argument(flag(name), dest=name, metavar=option.metavar, help=text, action=action)
+        action: str | type[argparse.Action] = "append" if option.repeat else "store"
+        if option.metavar is None:  # an on/off switch
+            action = argparse.BooleanOptionalAction
+        parser.add_argument(flag(name), dest=name, metavar=option.metavar, help=text, action=action)
     parser.add_argument("--version", action="version", version=f"uds-server {__version__}")
     return parser
 

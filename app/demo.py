@@ -42,24 +42,26 @@ def _print(label: str, line: str) -> bool:
     return True
 
 
-class _Lines:
+class _Lines(threading.Thread):
     """Print a child's output lines as they come, labelled, and remember them."""
 
     def __init__(self, label: str, stream: IO[str]) -> None:
+        super().__init__(daemon=True)
+        self.label = label
+        self.stream = stream
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(label, stream), daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _pump(self, label: str, stream: IO[str]) -> None:
+    def run(self) -> None:
         shown = True
-        for raw in stream:
+        for raw in self.stream:
             line = raw.rstrip("\n")
-            shown = shown and _print(label, line)  # past a closed stdout, keep reading quietly
+            shown = shown and _print(self.label, line)  # past a closed stdout, keep reading quietly
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
-        stream.close()
+        self.stream.close()
 
     def wait_for(self, text: str, timeout: float) -> bool:
         """Whether a line containing ``text`` arrives within ``timeout`` seconds."""
@@ -67,13 +69,10 @@ class _Lines:
         with self._changed:
             while not any(text in line for line in self.lines):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._thread.is_alive():
+                if remaining <= 0 or not self.is_alive():
                     return any(text in line for line in self.lines)
                 self._changed.wait(min(remaining, 0.1))
             return True
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
 
 
 def _run_client(command: list[str], server: _Lines) -> None:

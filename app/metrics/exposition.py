@@ -11,17 +11,17 @@ from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
 from time import monotonic
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import (
+from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
-    choose_encoder,
+    CollectorRegistry,
+    GCCollector,
+    Metric,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
-    gzip_accepted,
 )
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from app.config import Settings

@@ -63,7 +63,7 @@ class Recorder:
         tally = self.peers.get(label)
         if tally is None:
             counts = self._record(("peer", str(label)), 1) if label is not None else [0.0]
-            tally = self.peers[label] = PeerTally(counts)
+            tally = self.peers[label] = PeerTally(label, counts)
         return tally
 
     def cell(self, key: tuple[int, str, int], route: object) -> Counts:
@@ -89,9 +89,10 @@ class Recorder:
 class PeerTally:
     """The requests (one number) counted under one uid label, shared by its connections."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "label")
 
-    def __init__(self, counts: Counts) -> None:
+    def __init__(self, label: int | str | None, counts: Counts) -> None:
+        self.label = label
         self.counts = counts
 
 

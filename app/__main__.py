@@ -12,14 +12,11 @@ from collections.abc import Mapping, Sequence
 from app import __version__
 from app.config import Settings, SettingsError, flag, options
 
-__all__ = ["build_parser", "main", "parse_settings"]
-
 USAGE_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One option per ``Settings`` field, raw until Settings checks it; None when not given, so
-    ``Settings.from_env`` can tell a flag from the environment variable beneath it."""
+    """One option per ``Settings`` field, raw (None when not given) until ``Settings`` checks it."""
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="uds-server",
@@ -34,11 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, option in options():
         default = option.shown_default or _show(getattr(defaults, name))
         text = f"{option.help} [env {option.env}; default {default}]".replace("%", "%%")
-        if option.metavar is None:
-            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            action = "append" if option.repeat else "store"
-            parser.add_argument(flag(name), dest=name, metavar=option.metavar, help=text, action=action)
+        action: str | type[argparse.Action] = "append" if option.repeat else "store"
+        if option.metavar is None:  # an on/off switch
+            action = argparse.BooleanOptionalAction
+        parser.add_argument(flag(name), dest=name, metavar=option.metavar, help=text, action=action)
     parser.add_argument("--version", action="version", version=f"uds-server {__version__}")
     return parser
 
@@ -57,7 +53,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
 
 
 def check_files(settings: Settings) -> None:
-    """Read the policy file and open the audit log once, so a bad one stops the start with exit 2."""
+    """Read the policy file and open the audit log once: a bad one stops the start with exit 2."""
     if settings.policy is not None:
         from app.api.policy import PolicyError, load_policy
 

@@ -1,9 +1,6 @@
-"""Server settings, each declared once: CLI flag > environment variable > default.
-
-Each field of ``Settings`` carries its ``Option`` in its metadata; its flag (``--socket-mode``) and
-environment variable (``UDS_SOCKET_MODE``) come from its name. ``Settings.from_env`` and the
-``uds-server`` parser are generated from the fields. Standard library only (why: docs/internals.md).
-"""
+"""Server settings, each declared once as a ``Settings`` field whose ``Option`` makes its flag
+(``--socket-mode``) and environment variable (``UDS_SOCKET_MODE``): flag > environment > default.
+Standard library only (why: docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -11,16 +8,15 @@ import grp
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from client.address import parse_address
-
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "Option", "Settings", "SettingsError", "flag", "options"]
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
 STORES = ("sqlite", "memory")
 DURABILITIES = ("normal", "full")
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -31,29 +27,19 @@ class SettingsError(ValueError):
 # the typed value, or ValueError saying what is expected.
 
 
-def _as_socket(value: object) -> str:
-    return parse_address(str(value))
+def _number(kind: Callable[[str], N], ok: Callable[[N], bool], expected: str) -> Callable[[object], N]:
+    def convert(value: object) -> N:
+        number = kind(str(value))
+        if not ok(number):
+            raise ValueError(expected)
+        return number
+
+    return convert
 
 
-def _positive_int(value: object) -> int:
-    number = int(value, 10) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _port(value: object) -> int:
-    number = int(str(value), 10)
-    if not 0 <= number <= 65535:
-        raise ValueError("must be 0..65535")
-    return number
-
-
-def _positive_float(value: object) -> float:
-    number = float(str(value))
-    if not number > 0:
-        raise ValueError("must be greater than 0")
-    return number
+_positive_int = _number(int, lambda n: n >= 1, "must be at least 1")
+_port = _number(int, lambda n: 0 <= n <= 65535, "must be 0..65535")
+_positive_float = _number(float, lambda n: n > 0, "must be greater than 0")
 
 
 def _mode(value: object) -> int:
@@ -66,8 +52,6 @@ def _mode(value: object) -> int:
 
 
 def _group(value: object) -> int:
-    if isinstance(value, int):
-        return value
     text = str(value)
     if text.isdigit():
         return int(text)
@@ -78,13 +62,8 @@ def _group(value: object) -> int:
 
 
 def _ids(value: object) -> tuple[int, ...]:
-    if isinstance(value, str):
-        parts: list[object] = [p for p in value.replace(",", " ").split() if p]
-    elif isinstance(value, int):
-        parts = [value]
-    else:
-        parts = list(value)  # type: ignore[call-overload]
-    ids = tuple(int(str(p), 10) for p in parts)
+    parts = str(value).replace(",", " ").split() if isinstance(value, str | int) else value
+    ids = tuple(int(str(p), 10) for p in parts)  # type: ignore[attr-defined]
     if any(i < 0 for i in ids):
         raise ValueError("ids are not negative")
     return ids
@@ -128,9 +107,8 @@ def _bool(value: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """How one setting is read: its flag's help and metavar (None: an on/off switch), the conversion
-    (raises ValueError saying what it expects), whether the flag repeats, and the default as
-    ``--help`` shows it when ``str(default)`` does not read well."""
+    """How one setting is read: its flag's help and metavar (None: an on/off switch), the conversion,
+    whether the flag repeats, the default as ``--help`` shows it, the environment variable."""
 
     help: str
     metavar: str | None = None
@@ -138,7 +116,6 @@ class Option:
     repeat: bool = False
     shown_default: str | None = None
     env: str = ""
-    """The environment variable: ``UDS_`` and the field's name, upper case."""
 
 
 def _setting(
@@ -150,8 +127,15 @@ def _setting(
     repeat: bool = False,
     shown: str | None = None,
 ) -> Any:
-    """A ``Settings`` field: its default, with its ``Option`` in the field's metadata."""
     return field(default=default, metadata={"option": Option(help, metavar, convert, repeat, shown)})
+
+
+def _count(default: int, help: str, metavar: str = "N") -> Any:
+    return _setting(default, help, metavar, _positive_int)
+
+
+def _seconds(default: float, help: str) -> Any:
+    return _setting(default, help, "SECONDS", _positive_float)
 
 
 _ANYONE = "anyone who can open the socket"
@@ -165,10 +149,9 @@ class Settings:
         "/csi/csi.sock",
         "socket to serve: unix:///abs/path, unix:/abs/path, /abs/path, http+unix://%2F...",
         "ADDRESS",
-        _as_socket,
+        lambda value: parse_address(str(value)),
         shown="unix:///csi/csi.sock",
     )
-    """Absolute socket path (already parsed from ``unix:///...`` or a bare path)."""
     host: str | None = _setting(
         None, "serve TCP on this host instead of the socket (debugging, benchmarks); needs --port", "HOST"
     )
@@ -185,7 +168,6 @@ class Settings:
         _group,
         shown="the process's group",
     )
-    """Group id the socket is chowned to; ``None`` keeps the process's group."""
     allow_uid: tuple[int, ...] = _setting(
         (),
         "only peers with this uid may call the API, with every scope (repeatable; SO_PEERCRED; "
@@ -195,7 +177,6 @@ class Settings:
         repeat=True,
         shown=_ANYONE,
     )
-    """Peers allowed to call the API; empty (with ``allow_gid`` empty) means anyone."""
     allow_gid: tuple[int, ...] = _setting(
         (),
         "only peers with this gid may call the API, with every scope (repeatable; SO_PEERCRED; "
@@ -215,12 +196,10 @@ class Settings:
         _choice(LOG_FORMATS),
     )
     access_log: bool = _setting(False, "log one line per request (costs speed)", None, _bool)
-    max_text_length: int = _setting(4096, "longest message text, in characters", "N", _positive_int)
-    max_body_bytes: int = _setting(64 * 1024, "largest request body, in bytes", "BYTES", _positive_int)
-    history_size: int = _setting(
-        1000, "messages kept; older ones are pruned (ids are never reused)", "N", _positive_int
-    )
-    idempotency_keys: int = _setting(10_000, "Idempotency-Key values remembered", "N", _positive_int)
+    max_text_length: int = _count(4096, "longest message text, in characters")
+    max_body_bytes: int = _count(64 * 1024, "largest request body, in bytes", "BYTES")
+    history_size: int = _count(1000, "messages kept; older ones are pruned (ids are never reused)")
+    idempotency_keys: int = _count(10_000, "Idempotency-Key values remembered")
     store: str = _setting(
         "sqlite",
         "sqlite (durable, in --data-dir) or memory (lost when the process stops)",
@@ -237,8 +216,6 @@ class Settings:
         None,
         _bool,
     )
-    """Without it a data directory writable by group or others (no sticky bit) is refused: another
-    uid could rename the database away. Its parents are checked either way."""
     durability: str = _setting(
         "normal",
         "normal (acknowledged messages survive a crash of the process) or full (they also "
@@ -246,14 +223,9 @@ class Settings:
         "LEVEL",
         _choice(DURABILITIES),
     )
-    workers: int = _setting(
-        1, "worker processes serving the one socket (more than 1 needs --store sqlite)", "N", _positive_int
-    )
-    max_streams: int = _setting(
-        100,
-        "event streams (GET /v1/events) open at once, per server; the next one gets 503",
-        "N",
-        _positive_int,
+    workers: int = _count(1, "worker processes serving the one socket (more than 1 needs --store sqlite)")
+    max_streams: int = _count(
+        100, "event streams (GET /v1/events) open at once, per server; the next one gets 503"
     )
     metrics_listen: str | None = _setting(
         None,
@@ -271,38 +243,24 @@ class Settings:
         repeat=True,
         shown="none",
     )
-    """Peer uids that ``/metrics`` shows by name (opt-in: anyone who reaches the metrics port sees them)."""
-    shutdown_timeout: float = _setting(
-        20.0,
-        "seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)",
-        "SECONDS",
-        _positive_float,
+    shutdown_timeout: float = _seconds(
+        20.0, "seconds in-flight requests get to finish after SIGTERM (below Kubernetes' 30)"
     )
-    keepalive_timeout: float = _setting(
-        15.0, "seconds an idle keep-alive connection stays open", "SECONDS", _positive_float
+    keepalive_timeout: float = _seconds(15.0, "seconds an idle keep-alive connection stays open")
+    request_timeout: float = _seconds(
+        30.0, "seconds a client has to send a whole request (head and body) before it gets 408"
     )
-    """Server keep-alive; the client keeps idle connections for less than this."""
-    request_timeout: float = _setting(
-        30.0,
-        "seconds a client has to send a whole request (head and body) before it gets 408",
-        "SECONDS",
-        _positive_float,
-    )
-    send_timeout: float = _setting(
+    send_timeout: float = _seconds(
         30.0,
         "seconds a response may make no write progress (a client that does not read) "
         "before the connection is closed",
-        "SECONDS",
-        _positive_float,
     )
-    max_connections: int = _setting(
+    max_connections: int = _count(
         512,
         "concurrent connections. At the cap the longest-idle connection is closed for a new "
         "one, else the oldest still sending a request after 2 s; when all are busy the newcomer "
         "gets 503. Sized for the 100 MiB memory budget; kept below the open-file limit, which the "
         "server raises to its hard limit at start",
-        "N",
-        _positive_int,
     )
     reply: str = _setting(
         "Hello from server via UDS", "the reply text sent with every stored message", "TEXT"
@@ -336,12 +294,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from ``environ`` (default ``os.environ``), then ``overrides`` (CLI flags).
-
-        ``overrides`` whose value is ``None`` (or an empty repeat) are ignored, so a CLI can pass
-        every flag as parsed. Raw values from either source are converted and checked here; an error
-        names the flag, the environment variable and the value.
-        """
+        """``overrides`` (CLI flags; None or an empty repeat: not given) over ``environ`` (default
+        ``os.environ``) over the defaults; a bad value raises SettingsError naming both sources."""
         env = os.environ if environ is None else environ
         known = dict(options())
         unknown = overrides.keys() - known.keys()
@@ -352,8 +306,14 @@ class Settings:
             raw = overrides.get(name)
             if raw is None or raw == () or raw == []:
                 raw = env.get(option.env) or None  # an empty variable counts as unset
-            if raw is not None:
-                values[name] = _convert(name, option, raw)
+            if raw is None:
+                continue
+            try:
+                values[name] = option.convert(raw)
+            except (TypeError, ValueError, KeyError) as exc:
+                detail = f": {exc}" if str(exc) else ""
+                where = f"{flag(name)} ({option.env})"
+                raise SettingsError(f"invalid value {raw!r} for {where}{detail}") from exc
         if "host" in values and "port" not in values:
             raise SettingsError(f"--host needs --port ({known['port'].env}) to serve TCP")
         if values.get("workers", 1) != 1 and values.get("store") == "memory":
@@ -365,19 +325,9 @@ class Settings:
 
 
 def options() -> Iterator[tuple[str, Option]]:
-    """Each setting's field name and ``Option``, in declaration order."""
     for item in fields(Settings):
         yield item.name, replace(item.metadata["option"], env=f"UDS_{item.name.upper()}")
 
 
 def flag(name: str) -> str:
-    """The CLI flag of the field ``name``."""
     return "--" + name.replace("_", "-")
-
-
-def _convert(name: str, option: Option, value: object) -> object:
-    try:
-        return option.convert(value)
-    except (TypeError, ValueError, KeyError) as exc:
-        detail = f": {exc}" if str(exc) else ""
-        raise SettingsError(f"invalid value {value!r} for {flag(name)} ({option.env}){detail}") from exc

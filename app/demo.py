@@ -14,12 +14,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import IO
 
 from app.serving.spawn import ServerProcess, SpawnError, app_command, python_command
-
-__all__ = ["main"]
 
 MESSAGE = "Hello from client"
 RECEIVED = f"📩 Server received: {MESSAGE}"
@@ -34,35 +32,36 @@ class DemoError(Exception):
 _PRINTING = threading.Lock()  # one child's line at a time: the two children's lines never mix
 
 
-class _Lines:
-    """Print a child's output lines as they come, labelled, and remember them. With ``after``, the
-    first line waits for ``after()``: the client's answer comes after the server's line about it."""
+def _print(label: str, line: str) -> bool:
+    """Print one labelled line; False once stdout's reader is gone (``| head``)."""
+    try:
+        with _PRINTING:
+            print(f"[{label}] {line}", flush=True)
+    except (BrokenPipeError, ValueError):
+        return False
+    return True
 
-    def __init__(self, label: str, stream: IO[str], after: Callable[[], bool] | None = None) -> None:
+
+class _Lines(threading.Thread):
+    """Print a child's output lines as they come, labelled, and remember them."""
+
+    def __init__(self, label: str, stream: IO[str]) -> None:
+        super().__init__(daemon=True)
         self.label = label
+        self.stream = stream
         self.lines: list[str] = []
-        self._after = after
         self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _pump(self, stream: IO[str]) -> None:
+    def run(self) -> None:
         shown = True
-        for raw in stream:
+        for raw in self.stream:
             line = raw.rstrip("\n")
-            if self._after is not None:
-                self._after()
-                self._after = None
-            if shown:
-                try:
-                    with _PRINTING:
-                        print(f"[{self.label}] {line}", flush=True)
-                except (BrokenPipeError, ValueError):  # the reader went away (| head): keep going quietly
-                    shown = False
+            shown = shown and _print(self.label, line)  # past a closed stdout, keep reading quietly
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
-        stream.close()
+        self.stream.close()
 
     def wait_for(self, text: str, timeout: float) -> bool:
         """Whether a line containing ``text`` arrives within ``timeout`` seconds."""
@@ -70,36 +69,29 @@ class _Lines:
         with self._changed:
             while not any(text in line for line in self.lines):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._thread.is_alive():
+                if remaining <= 0 or not self.is_alive():
                     return any(text in line for line in self.lines)
                 self._changed.wait(min(remaining, 0.1))
             return True
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
 
-
-def _run_client(path: str, server: _Lines) -> None:
+def _run_client(command: list[str], server: _Lines) -> None:
+    """Run the client; print its lines after the server's line about its message, as kubectl shows them."""
     env = {k: v for k, v in os.environ.items() if k != "UDS_SOCKET"}
-    client = subprocess.Popen(
-        python_command("client", "--socket", path, "send", MESSAGE),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        encoding="utf-8",
-        env=env,
-    )
-    assert client.stdout is not None
-    lines = _Lines("uds-client", client.stdout, after=lambda: server.wait_for(RECEIVED, 10.0))
     try:
-        code = client.wait(timeout=30)
+        client = subprocess.run(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", env=env, timeout=30
+        )
     except subprocess.TimeoutExpired:
-        client.kill()
-        client.wait()
         raise DemoError("uds-client did not finish within 30s") from None
-    lines.join(5)
-    if code != 0:
-        raise DemoError(f"uds-client exited with code {code}")
+    received = server.wait_for(RECEIVED, 10.0)
+    for line in client.stdout.splitlines():
+        if not _print("uds-client", line):
+            break
+    if client.returncode != 0:
+        raise DemoError(f"uds-client exited with code {client.returncode}")
+    if not received:
+        raise DemoError(f"uds-server never logged {RECEIVED!r}")
 
 
 def run() -> None:
@@ -118,9 +110,7 @@ def run() -> None:
             lines = _Lines("uds-server", server.proc.stdout)
             try:
                 server.wait_ready(START_TIMEOUT)
-                _run_client(path, lines)
-                if not lines.wait_for(RECEIVED, 10.0):
-                    raise DemoError(f"uds-server never logged {RECEIVED!r}")
+                _run_client(python_command("client", "--socket", path, "send", MESSAGE), lines)
                 code = server.stop(timeout=STOP_TIMEOUT)
             except SpawnError as exc:
                 raise DemoError(str(exc)) from exc

@@ -1,13 +1,10 @@
 """The FastAPI application: ``create_app(settings, store=, hub=, metrics=, access=)`` builds it.
-
-Nothing happens at import. ``uvicorn app.main:app`` builds the module-level ``app`` from the
-environment on first access (a PEP 562 module ``__getattr__``).
-"""
+Nothing happens at import; ``uvicorn app.main:app`` builds ``app`` from the environment on first use."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -23,8 +20,6 @@ from app.metrics.exposition import Metrics
 from app.storage.events import EventHub, stream_capacity
 from app.storage.sqlite import SqliteStore, build_store
 from app.storage.store import Store
-
-__all__ = ["create_app"]
 
 TAGS = [
     {"name": "messages", "description": "Send messages and read the recent history."},
@@ -43,9 +38,8 @@ def create_app(
     access: Access | None = None,
     api_versions: Sequence[int] = API_VERSIONS,
 ) -> FastAPI:
-    """Build the application; each dependency not given is built from ``settings`` (default: the
-    environment). Building does no I/O beyond reading the policy file (a bad one raises
-    PolicyError). ``api_versions`` (served under ``/v{N}``) differ only in tests."""
+    """The application; each dependency not given is built from ``settings`` (default: the
+    environment). No I/O but reading the policy file (a bad one raises PolicyError)."""
     settings = Settings.from_env() if settings is None else settings
     versions = tuple(sorted(set(api_versions)))
     store = build_store(settings) if store is None else store
@@ -57,14 +51,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         """Each (worker) process opens its own connections to the durable store."""
-        if not isinstance(store, SqliteStore):
+        async with AsyncExitStack() as stack:
+            if isinstance(store, SqliteStore):
+                store.open()
+                stack.push_async_callback(store.aclose)
             yield
-            return
-        store.open()
-        try:
-            yield
-        finally:
-            await store.aclose()
 
     app = FastAPI(
         title="uds-example",

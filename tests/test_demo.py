@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from app.demo import RECEIVED as SERVER_LINE
-from app.demo import _Lines, main
-from tests.support import ROOT
+from app.demo import _Lines, _run_client, main
+from tests.support import ROOT, wait_until
 
 LISTENING = re.compile(r"\[uds-server\] 🔌 Server listening on (/tmp/uds-demo-[^/]+)/csi\.sock")
 RECEIVED = "[uds-server] 📩 Server received: Hello from client"
@@ -45,23 +45,21 @@ def test_demo_rejects_arguments_with_exit_2(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_the_clients_answer_is_printed_after_the_servers_line_even_when_it_arrives_first(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """The race of a busy machine, made certain: the client's pipe has its line before the server's."""
+    """The race of a busy machine, made certain: the client has answered before the server's line."""
+    done = tmp_path / "done"
+    answer = REPLIED.removeprefix("[uds-client] ")
+    client = [sys.executable, "-c", f"import pathlib; print({answer!r}); pathlib.Path({str(done)!r}).touch()"]
     server_read, server_write = os.pipe()
-    client_stream = io.StringIO("📥 Client received: Hello from server via UDS\n")
-    writer = open(server_write, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally, first
-    server_stream = open(server_read, encoding="utf-8")  # noqa: SIM115
-    try:
+    with open(server_read, encoding="utf-8") as server_stream, open(server_write, "w") as writer:
         server = _Lines("uds-server", server_stream)
-        client = _Lines("uds-client", client_stream, after=lambda: server.wait_for(SERVER_LINE, 10.0))
+        running = threading.Thread(target=_run_client, args=(client, server))
+        running.start()
+        wait_until(done.exists, timeout=30, what="the client to answer")
         writer.write(SERVER_LINE + "\n")
-        writer.close()
-        client.join(15)
+        writer.close()  # the server's reader sees the end
+        running.join(15)
         server.join(15)
-    finally:
-        writer.close()  # the server's reader sees the end, so its stream can be closed
-        server.join(15)
-        server_stream.close()
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"[uds-server] {SERVER_LINE}", REPLIED]

@@ -37,7 +37,8 @@ from app.api.policy import (
 )
 from app.config import Settings
 from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
-from app.logs import Throttle, escaped
+from app.logs import escaped
+from client.net.throttle import Throttle
 
 __all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
 

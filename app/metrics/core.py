@@ -1,7 +1,5 @@
 """The hot path of the metrics: plain numbers the protocol adds to as each request is answered.
-
-What is counted, and why not through ``prometheus-client`` objects: docs/internals.md, "Metrics".
-"""
+What is counted, and why not through ``prometheus-client`` objects: docs/internals.md, "Metrics"."""
 
 from __future__ import annotations
 
@@ -13,26 +11,18 @@ from typing import Any, TypeAlias
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from app.logs import Throttle
 from app.metrics.files import CellFile
-
-__all__ = ["METRICS_PATH", "OTHER", "UNMATCHED", "MetricsError", "PeerTally", "Recorder", "timed_send"]
+from client.net.throttle import Throttle
 
 METRICS_PATH = "/metrics"
-UNMATCHED = "unmatched"
-"""The ``route`` of a request that matched no route or was refused before routing."""
-OTHER = "other"
-"""The ``uid`` of peers ``--metrics-uid`` does not name, and the ``method`` outside :data:`METHODS`."""
+UNMATCHED = "unmatched"  # the route of a request no route served, or refused before routing
+OTHER = "other"  # the uid of peers --metrics-uid does not name, and any method outside METHODS
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-"""The ``method`` label values besides :data:`OTHER`: a peer cannot add series by inventing methods."""
-BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5)
-"""Upper bounds of the duration histogram, in seconds (few, to keep the exposition small)."""
-STORING_OPERATION = "create_message"
-"""The operation whose 201 answer means a message was stored (its versioned copies included)."""
+BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5)  # seconds
+STORING_OPERATION = "create_message"  # its 201 answer (in any API version) stored a message
 _DEGRADED = Throttle(logging.getLogger("app.metrics"))
 
-Counts: TypeAlias = "list[float] | memoryview[float]"
-"""A cell's numbers: in this process's memory, or doubles in its shared file (``--workers``)."""
+Counts: TypeAlias = "list[float] | memoryview[float]"  # in memory, or in the shared file (--workers)
 
 
 class MetricsError(Exception):
@@ -40,27 +30,20 @@ class MetricsError(Exception):
 
 
 class Recorder:
-    """Plain counts kept on the event loop thread: no lock, no allocation once a series exists.
-
-    A request counts in one *cell*, keyed by the matched route object's ``id()``, the method and
-    the status (the requests per bucket of :data:`BUCKETS`, then their seconds), and once in its
-    connection's :class:`PeerTally`. With ``file`` (``--workers``) the counts live in that shared
-    file, so a killed worker's counts stay; a record the file cannot take stays in memory, unseen.
-    """
+    """Counts kept on the event loop thread, no lock: a request counts in one *cell* (its requests
+    per bucket of :data:`BUCKETS`, then their seconds) and in its connection's :class:`PeerTally`.
+    With ``file`` (``--workers``) they live in that file; a record it cannot take stays unseen."""
 
     __slots__ = ("cells", "file", "on", "peers", "records", "shown_uids", "timed_send")
 
     def __init__(self, on: bool = True, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
-        self.on = on
-        """Count requests (off only in the benchmark that measures what counting costs)."""
+        self.on = on  # off only in the benchmark that measures what counting costs
         self.shown_uids = frozenset(shown_uids)
         self.file = file
         self.cells: dict[tuple[int, str, int], Counts] = {}
-        self.records: dict[tuple[object, ...], Counts] = {}
-        """Every cell by its labels (raw methods outside :data:`METHODS` share one)."""
+        self.records: dict[tuple[object, ...], Counts] = {}  # every cell by its labels
         self.peers: dict[int | str | None, PeerTally] = {}
         self.timed_send = timed_send(self) if on else None
-        """The protocol's request cycles' ``send`` when counting (:func:`timed_send`)."""
 
     def _record(self, labels: tuple[object, ...], count: int) -> Counts:
         found = self.records.get(labels)
@@ -72,8 +55,8 @@ class Recorder:
         return found
 
     def peer(self, uid: int | None) -> PeerTally:
-        """Where a connection's requests count: its uid if ``--metrics-uid`` names it, else
-        :data:`OTHER` (None, not shown, when no uid is named or there is no peer: TCP)."""
+        """A connection's tally: its uid if ``--metrics-uid`` names it, else :data:`OTHER` (None,
+        not shown, when no uid is named or there is no peer: TCP)."""
         label: int | str | None = uid
         if uid is None or uid not in self.shown_uids:
             label = OTHER if self.shown_uids and uid is not None else None
@@ -84,11 +67,8 @@ class Recorder:
         return tally
 
     def cell(self, key: tuple[int, str, int], route: object) -> Counts:
-        """The cell for ``key`` (route id, method, status), made at its first request.
-
-        Labels stay bounded whatever peers send: a method outside :data:`METHODS` is :data:`OTHER`;
-        no route, or one that does not serve the method (404, 405), is :data:`UNMATCHED`. Only API
-        operations (routes with an ``operationId``) are timed."""
+        """The cell for ``key`` (route id, method, status), its labels bounded: :data:`OTHER`
+        methods, :data:`UNMATCHED` routes; only API operations (an ``operationId``) are timed."""
         found = self.cells.get(key)
         if found is None:
             method = key[1] if key[1] in METHODS else OTHER
@@ -107,25 +87,18 @@ class Recorder:
 
 
 class PeerTally:
-    """The requests counted under one uid label, shared by its connections (a slot, not a dict
-    lookup per request)."""
+    """The requests (one number) counted under one uid label, shared by its connections."""
 
     __slots__ = ("counts", "label")
 
     def __init__(self, label: int | str | None, counts: Counts) -> None:
         self.label = label
         self.counts = counts
-        """One number: the requests."""
 
 
 def timed_send(recorder: Recorder) -> Callable[[RequestResponseCycle, PeerTally], Callable[[Any], Any]]:
-    """What makes a request cycle's ``send`` that also counts the request in ``recorder`` when the
-    response starts (an answer to a peer already gone is not counted: it is never sent).
-
-    The protocol sets ``cycle.send = timed(cycle, tally)`` once the request head is parsed (the
-    duration starts then: uvloop's clock counts whole milliseconds, so ``time.perf_counter()``);
-    ``tally`` is the connection's :class:`PeerTally`. Once counted, the cycle's own ``send`` is back.
-    """
+    """The class whose ``timed(cycle, tally)``, set as ``cycle.send`` once the head is parsed, counts
+    the request in ``recorder`` when its response starts (never one to a peer already gone)."""
     cells = recorder.cells
     new_cell = recorder.cell
     send_on = RequestResponseCycle.send

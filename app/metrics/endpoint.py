@@ -1,8 +1,5 @@
-"""``GET /metrics`` over TCP (``--metrics-listen``) and nothing else, on an event loop: the server's
-own, or with ``--workers`` one in a thread of the parent, which also keeps the workers' directory.
-
-Its limits, and why it is not a second uvicorn server: docs/internals.md, "Metrics".
-"""
+"""``GET /metrics`` over TCP (``--metrics-listen``) and nothing else, on the server's event loop or,
+with ``--workers``, on one in a thread of the parent. Limits, and why not uvicorn: docs/internals.md."""
 
 from __future__ import annotations
 
@@ -10,7 +7,6 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -19,35 +15,27 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from http import HTTPStatus
 from typing import Any
 
 import h11
 
 from app.config import Settings
-from app.logs import Throttle, escaped
+from app.logs import escaped
 from app.metrics.core import METRICS_PATH, MetricsError
 from app.metrics.exposition import DIR_ENV, Rendered, exposition_registry
 from app.metrics.files import absorb, multiprocess_dir
-
-__all__ = ["ENDPOINT_CONNECTIONS", "ENDPOINT_PER_SOURCE", "LoopEndpoint", "for_workers", "listening_socket"]
+from client.net.answers import error_response
+from client.net.throttle import Throttle
 
 log = logging.getLogger("app.metrics")
 
-ENDPOINT_CONNECTIONS = 16
-"""Connections served at once; further ones wait in the listen queue or evict an unfinished one."""
-ENDPOINT_PER_SOURCE = 4
-"""Of those, the most one address holds (loopback counts as one), so it cannot keep another out."""
-ENDPOINT_ACCEPTS_PER_SECOND = 400
-"""Accepts per second at most: refusing a flood must cost the server's loop little."""
-ENDPOINT_HEAD_DEADLINE = 3.0
-"""Seconds a connection has to send its whole request head (a scrape sends it in one packet)."""
-ENDPOINT_DEADLINE = 10.0
-"""Seconds a connection may last: its request, its turn and taking the answer."""
-ENDPOINT_REQUEST_BYTES = 16 * 1024
-"""Bytes of request head a connection may send; past them it gets 431."""
-SCRAPES_PER_SECOND = 20
-"""Answers sent per second at most, one at a time."""
+ENDPOINT_CONNECTIONS = 16  # served at once; the next waits in the listen queue or evicts an unfinished one
+ENDPOINT_PER_SOURCE = 4  # of those, the most one address holds (all of loopback counts as one)
+ENDPOINT_ACCEPTS_PER_SECOND = 400  # so that refusing a flood costs the server's loop little
+ENDPOINT_HEAD_DEADLINE = 3.0  # seconds to send the whole request head (a scrape sends it in one packet)
+ENDPOINT_DEADLINE = 10.0  # seconds a connection may last: its request, its turn and taking the answer
+ENDPOINT_REQUEST_BYTES = 16 * 1024  # of request head; past them, 431
+SCRAPES_PER_SECOND = 20  # answers sent, one at a time
 _ACCEPT_BATCH = 64  # accepted one after another before the loop runs other work
 _ACCEPT_BURST = 0.05  # seconds of ENDPOINT_ACCEPTS_PER_SECOND an idle endpoint may accept at once
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: reset, leaving nothing in TIME_WAIT
@@ -60,19 +48,11 @@ _REFUSALS = {
 }
 
 
-def _whole(status: int, headers: list[tuple[str, str]], body: bytes, *, head_only: bool = False) -> bytes:
-    """A whole ``Connection: close`` answer (its body left out for HEAD)."""
-    headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
-    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
-    return (head + "\r\n").encode("latin-1") + (b"" if head_only else body)
-
-
 def _refused(status: int, *, head_only: bool = False) -> bytes:
     """A JSON refusal: 404 (another path), 405 (another method), 431, else 400 (not HTTP)."""
     error, message = _REFUSALS.get(status, _REFUSALS[400])
-    body = json.dumps({"error": error, "message": message, "status": status}).encode()
-    allow = [("Allow", "GET, HEAD")] if status == 405 else []
-    return _whole(status, [("Content-Type", "application/json"), *allow], body, head_only=head_only)
+    headers = [*([("Allow", "GET, HEAD")] if status == 405 else []), ("Connection", "close")]
+    return error_response(status, error, message, headers=headers, head_only=head_only)
 
 
 def listening_socket(listen: str) -> socket.socket:
@@ -110,7 +90,7 @@ def _source(address: Any) -> str:
 
 
 class _Slot:
-    """One connection being served: evictable once ``reading`` its request head, until it is ``whole``."""
+    """A connection being served: evictable once ``reading`` its request head, until it is ``whole``."""
 
     __slots__ = ("conn", "reading", "source", "task", "whole")
     task: asyncio.Task[bool]
@@ -122,12 +102,8 @@ class _Slot:
 
 
 class LoopEndpoint:
-    """``GET``/``HEAD /metrics`` on ``listen``, answered from ``rendered``, on the running event loop.
-
-    One request a connection; the limits are the ``ENDPOINT_*`` constants above: connections at
-    once and per address, accepts per second, deadlines for the head and the exchange, request
-    bytes; answers go one at a time, at most :data:`SCRAPES_PER_SECOND`.
-    """
+    """``GET``/``HEAD /metrics`` on ``listen`` from ``rendered``, one request a connection, within
+    the limits above."""
 
     def __init__(self, listen: str, rendered: Rendered) -> None:
         self.listen = listen
@@ -184,8 +160,8 @@ class LoopEndpoint:
                 await asyncio.sleep(self._next_accept - loop.time())
 
     def _take(self, conn: socket.socket, address: Any) -> None:
-        """Serve an accepted connection; when its address's share (or every slot) is taken, in the
-        place of the oldest unfinished one there, else reset it."""
+        """Serve ``conn``; past its address's share (or every slot), evict the oldest unfinished one
+        there, or else reset ``conn``."""
         source = _source(address)
         crowd = [slot for slot in self._slots if slot.source == source]
         if len(crowd) < ENDPOINT_PER_SOURCE:
@@ -248,7 +224,9 @@ class LoopEndpoint:
             return _refused(405, head_only=head_only)
         fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
         headers, output = self.rendered.render(fields.get("accept"), fields.get("accept-encoding"))
-        return _whole(200, headers, output, head_only=head_only)
+        headers += [("Content-Length", str(len(output))), ("Connection", "close")]
+        head = "HTTP/1.1 200 OK\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        return (head + "\r\n").encode("latin-1") + (b"" if head_only else output)
 
 
 async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> h11.Request | bytes | None:
@@ -267,26 +245,11 @@ async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket) ->
     return event if isinstance(event, h11.Request) else None
 
 
-def _fold(directory: str, pid: int) -> None:
-    """Fold dead worker ``pid``'s counts into the totals; on a full disk its file stays, counted as before."""
-    try:
-        absorb(directory, pid)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        log.warning(
-            "Metrics: cannot fold worker pid %d's counts in %s (%s); its file stays", pid, directory, reason
-        )
-
-
 @contextlib.contextmanager
 def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
-    """The ``--workers`` parent's side, undone on exit: a private directory for the workers' files,
-    named to them in the environment they inherit (``DIR_ENV``), and the TCP endpoint over all of
-    them (with ``--metrics-listen``) on a loop in a thread. Yields the function the supervisor calls
-    with each dead worker's pid, once reaped and before its replacement starts.
-
-    Raises :class:`MetricsError` when the directory cannot be made or the endpoint cannot listen.
-    """
+    """The ``--workers`` parent's side, undone on exit: the workers' directory (named to them in
+    ``DIR_ENV``) and the endpoint over it on a loop in a thread. Yields what folds a reaped worker's
+    counts in (a full disk leaves its file, counted as before). Raises :class:`MetricsError`."""
     try:
         base = tempfile.gettempdir()
     except FileNotFoundError:  # no writable temporary directory (a read-only root filesystem)
@@ -300,6 +263,14 @@ def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
         ) from None
     thread: threading.Thread | None = None
     stop: list[Callable[[], object]] = []
+
+    def fold(pid: int) -> None:
+        try:
+            absorb(directory, pid)
+        except OSError as exc:
+            message = "Metrics: cannot fold worker pid %d's counts in %s (%s); its file stays"
+            log.warning(message, pid, directory, exc.strerror or exc)
+
     try:
         os.environ[DIR_ENV] = directory
         if settings.metrics_listen is not None:
@@ -320,7 +291,7 @@ def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
             thread = threading.Thread(target=asyncio.run, args=(serve(),), name="metrics", daemon=True)
             thread.start()
             started.wait(10)
-        yield lambda pid: _fold(directory, pid)
+        yield fold
     finally:
         if thread is not None:
             for stopping in stop:

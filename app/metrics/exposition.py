@@ -11,32 +11,27 @@ from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
 from time import monotonic
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import (
+from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
-    choose_encoder,
+    CollectorRegistry,
+    GCCollector,
+    Metric,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
-    gzip_accepted,
 )
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from app.config import Settings
-from app.logs import Throttle
 from app.metrics.core import BUCKETS, OTHER, UNMATCHED, Recorder
 from app.metrics.files import CellFile, Entry, owner, read_all, worker_pids
+from client.net.throttle import Throttle
 
-__all__ = ["DIR_ENV", "Metrics", "Rendered", "exposition_registry"]
-
-DIR_ENV = "UDS_WORKERS_METRICS_DIR"
-"""The environment variable by which the ``--workers`` parent names the shared directory to its workers."""
-RENDER_EVERY = 1.0
-"""Seconds a rendered exposition is served before the next scrape collects again."""
-MAX_COPIES = 4
-"""Formats (and compressions) rendered per :data:`RENDER_EVERY`; further ones get the text format."""
+DIR_ENV = "UDS_WORKERS_METRICS_DIR"  # how the --workers parent names its directory to its workers
+RENDER_EVERY = 1.0  # seconds a rendering is served before the next scrape collects again
+MAX_COPIES = 4  # formats (and compressions) rendered per RENDER_EVERY; further ones get the text format
 _PROCESS_SUMS = ("process_cpu", "process_resident", "process_virtual", "process_open_fds")  # added up
 _DEGRADED = Throttle(logging.getLogger("app.metrics"))
 _REQUEST = ["method", "route", "status"]
@@ -59,10 +54,8 @@ class Metrics:
                 message += " of /metrics (free some space)"
                 _DEGRADED.log(logging.WARNING, message, directory, exc.strerror or exc)
         self.recorder = Recorder(on, shown_uids, self.file)
-        self.open_connections: Callable[[], int] = lambda: 0
-        """The server points it at its connection count."""
-        self.event_streams: Callable[[], int] = lambda: 0
-        """The application points it at the event hub's open streams."""
+        self.open_connections: Callable[[], int] = lambda: 0  # the server points them at its
+        self.event_streams: Callable[[], int] = lambda: 0  # connections and the hub's streams
         if directory is None:
             self.registry = CollectorRegistry()
             self.registry.register(RequestCollector(self._own))
@@ -90,12 +83,10 @@ class Metrics:
 
 
 class RequestCollector(Collector):
-    """The ``uds_*`` families from records (``Recorder.records`` or ``files.read_all``), built from
-    ``prometheus-client``'s public metric families at each collection."""
+    """The ``uds_*`` families from ``source``'s records and its two gauges (connections, streams)."""
 
     def __init__(self, source: Callable[[], tuple[Iterable[Entry], tuple[float, float]]]) -> None:
         self.source = source
-        """The records and the two gauges (open connections, event streams)."""
 
     def collect(self) -> Iterable[Metric]:
         entries, (connections, streams) = self.source()
@@ -140,19 +131,15 @@ class RequestCollector(Collector):
         yield CounterMetricFamily(
             "uds_messages_stored", "Messages stored (201 answers to POST).", value=stored
         )
-        yield GaugeMetricFamily(
-            "uds_open_connections", "Connections open to the server (all workers).", connections
-        )
+        connected = "Connections open to the server (all workers)."
+        yield GaugeMetricFamily("uds_open_connections", connected, connections)
         yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", streams)
 
 
 class Rendered:
-    """A registry's exposition, collected at most once per ``every`` seconds and kept as one copy
-    per format and compression, so a flood of scrapes costs a dict lookup each. Thread-safe.
-
-    At most :data:`MAX_COPIES` copies a period (``Accept`` may name any OpenMetrics version); past
-    them, or for an ``Accept`` prometheus-client cannot read, the Prometheus text format.
-    """
+    """A registry's exposition, collected at most once per ``every`` seconds, kept as one copy per
+    format and compression (at most :data:`MAX_COPIES`; past them, or for an ``Accept``
+    prometheus-client cannot read, the text format). Thread-safe."""
 
     def __init__(self, registry: Collector, every: float = RENDER_EVERY) -> None:
         self.registry = registry

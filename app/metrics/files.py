@@ -1,8 +1,6 @@
-"""The ``--workers`` counts in shared files: each worker adds to doubles in a memory-mapped file of
-its own; every process reads them all; the parent folds a dead worker's file into ``absorbed.db``.
-
-The format, and why not ``prometheus-client``'s multiprocess mode: docs/internals.md, "Metrics".
-"""
+"""The ``--workers`` counts: each worker adds to doubles in a memory-mapped file of its own, every
+process reads them all, the parent folds a dead worker's file into ``absorbed.db``. The format, and
+why not ``prometheus-client``'s multiprocess mode: docs/internals.md, "Metrics"."""
 
 from __future__ import annotations
 
@@ -18,21 +16,16 @@ import struct
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["ABSORBED", "SIZE", "CellFile", "Entry", "absorb", "multiprocess_dir", "read_all", "read_file"]
-
-SIZE = 64 * 1024
-"""Bytes of one worker's file: far more than the bounded labels need."""
+SIZE = 64 * 1024  # bytes of a worker's file: far more than the bounded labels need
 ABSORBED = "absorbed.db"
 DIR_PREFIX = "uds-metrics-"
 _MAGIC = b"udscell1"
 _HEADER = 32  # magic, bytes used, open connections, event streams
 _RECORD = struct.Struct("<II")  # label bytes, values; then the labels (JSON) padded to 8, the doubles
-_NAMES_KEPT = 64
-"""Absorbed file names remembered: a reader that listed one before it went takes milliseconds."""
+_NAMES_KEPT = 64  # absorbed names remembered: a reader that listed one before it went takes ms
 _NAME = re.compile(r"cells-(\d+)-[0-9a-f]+\.db")
 
-Entry = tuple[tuple[object, ...], Sequence[float]]
-"""A record: its labels and its values."""
+Entry = tuple[tuple[object, ...], Sequence[float]]  # a record's labels and values
 
 
 def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
@@ -44,8 +37,7 @@ def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
 
 
 class CellFile:
-    """This worker's file in ``directory``, allocated whole. Raises ``OSError`` when it cannot be
-    made (a full disk), never later."""
+    """This worker's file in ``directory``, allocated whole: ``OSError`` on a full disk, never later."""
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, f"cells-{os.getpid()}-{secrets.token_hex(4)}.db")
@@ -77,9 +69,12 @@ class CellFile:
         struct.pack_into("<dd", self._map, 16, connections, streams)
 
 
-def _parse(data: bytes | None) -> tuple[tuple[float, float], list[Entry]]:
+def _parse(path: str) -> tuple[tuple[float, float], list[Entry]]:
     """A file's gauges and records (nothing from a file that is gone or is not one)."""
-    if data is None or len(data) < _HEADER or data[:8] != _MAGIC:
+    data = b""
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
+        data = file.read()
+    if len(data) < _HEADER or data[:8] != _MAGIC:
         return (0.0, 0.0), []
     used = min(struct.unpack_from("<q", data, 8)[0], len(data))
     entries: list[Entry] = []
@@ -95,15 +90,9 @@ def _parse(data: bytes | None) -> tuple[tuple[float, float], list[Entry]]:
     return struct.unpack_from("<dd", data, 16), entries
 
 
-def _read(path: str) -> bytes | None:
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
-        return file.read()
-    return None
-
-
 def read_file(path: str) -> list[Entry]:
     """The records of one file (none if it is gone)."""
-    return _parse(_read(path))[1]
+    return _parse(path)[1]
 
 
 def worker_pids(directory: str) -> list[int]:
@@ -115,7 +104,7 @@ def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
     """What dead workers counted, and the names of the files that went into it."""
     entries: list[Entry] = []
     names: list[str] = []
-    for labels, values in _parse(_read(os.path.join(directory, ABSORBED)))[1]:
+    for labels, values in read_file(os.path.join(directory, ABSORBED)):
         if labels[:1] == ("names",):
             names.extend(str(name) for name in labels[1:])
         else:
@@ -124,13 +113,9 @@ def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
 
 
 def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
-    """Every record in ``directory``, each once, and the gauges summed over the live workers.
-
-    The workers' files are read before ``absorbed.db``, whose list of the names it took in says
-    which of them to skip: a file folded meanwhile is neither counted twice nor missed."""
-    found = [
-        (os.path.basename(p), _parse(_read(p))) for p in glob.glob(os.path.join(directory, "cells-*.db"))
-    ]
+    """Every record in ``directory``, each once (``absorbed.db`` read last, skipping the files it
+    names), and the gauges summed over the live workers."""
+    found = [(os.path.basename(p), _parse(p)) for p in glob.glob(os.path.join(directory, "cells-*.db"))]
     entries, taken = _absorbed(directory)
     gauges = [0.0, 0.0]
     for name, (each, records) in found:
@@ -143,10 +128,8 @@ def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
 
 
 def absorb(directory: str, pid: int) -> None:
-    """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them.
-
-    Raises ``OSError`` when ``absorbed.db`` cannot be written (a full disk); the files then stay and
-    count as before."""
+    """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them; on ``OSError`` (a full
+    disk) they stay and count as before."""
     dead = [
         p
         for p in glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))

@@ -15,8 +15,8 @@ from typing import Literal
 import orjson
 from fastapi.sse import format_sse_event
 
-from app.logs import Throttle
 from app.storage.store import Store
+from client.net.throttle import Throttle
 
 log = logging.getLogger("app.storage.events")
 

@@ -16,8 +16,8 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.errors import error_response, error_responses
 from app.api.models import describe
-from app.logs import Throttle
 from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from client.net.throttle import Throttle
 
 __all__ = ["build_router"]
 

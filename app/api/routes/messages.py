@@ -26,9 +26,10 @@ from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, mess
 from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.peer import PEER_KEY
-from app.logs import Throttle, escaped
+from app.logs import escaped
 from app.storage.events import PEER_SHARE
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
+from client.net.throttle import Throttle
 
 __all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
 

@@ -125,6 +125,7 @@ class PeerCredProtocol(HttpToolsProtocol):
         self._good_host = b"localhost"
         self._in_chunk_head = False
         self._chunked_cycle: RequestResponseCycle | None = None
+        self._watched: RequestResponseCycle | None = None
         self._trailer_bytes = 0
         self._over_cap = False
         self._linger: Linger | None = None
@@ -288,6 +289,8 @@ class PeerCredProtocol(HttpToolsProtocol):
                 self._refuse(*framing.TRAILERS_TOO_LARGE)
             elif len(self.headers) > MAX_HEADERS:
                 self._refuse(*framing.TOO_MANY_TRAILERS)
+        if not self._message_done and not self._in_head and self.cycle is not self._watched:
+            self._watch(self.cycle)  # its body is still coming: its task may answer before it has
 
     # Parser callbacks
     def on_message_begin(self) -> None:
@@ -352,6 +355,24 @@ class PeerCredProtocol(HttpToolsProtocol):
         if self.pipeline or self._bodies or len(cycle.body) + len(body) > BODY_UNCOUNTED:
             self._draw(cycle, len(body))
         super().on_body(body)
+
+    def _watch(self, cycle: RequestResponseCycle) -> None:
+        """Make an answer that ``cycle`` starts before its body has all come say ``Connection: close``,
+        and leave the close to :meth:`on_response_complete` (lingering), not to uvicorn (at once)."""
+        self._watched = cycle
+        send = cycle.send
+
+        def early_send(message: Any) -> Any:
+            if cycle is self.cycle and not self._message_done and not self._in_head:
+                if message["type"] == "http.response.start":
+                    cycle.keep_alive = False  # uvicorn writes Connection: close
+                elif not message.get("more_body", False):
+                    cycle.keep_alive = True  # uvicorn does not close: on_response_complete lingers
+            reply = send(message)
+            vars(cycle).pop("send", None)  # the task holds this send: the cycle need not (no loop)
+            return reply
+
+        cycle.send = early_send  # type: ignore[method-assign]
 
     def _draw(self, cycle: RequestResponseCycle, arriving: int) -> None:
         """Make what ``cycle`` draws on the held-input budget its unread body plus ``arriving``

@@ -1,8 +1,7 @@
-"""The uvicorn internals the protocol relies on, in one place."""
+"""What the connection protocol uses of uvicorn's protocol, request cycle and flow control beyond
+the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""
 
 from __future__ import annotations
-
-__all__ = ["UVICORN_INTERNALS"]
 
 UVICORN_INTERNALS = (
     ("protocol", "parser", "fed piecewise to bound pipelining; read for a refused request's method"),
@@ -25,7 +24,4 @@ UVICORN_INTERNALS = (
     ("cycle", "response_complete", "which pipelined requests are answered"),
     ("cycle", "send", "wrapped by the recorder's counting send, and while a body is due"),
     ("flow", "read_paused", "HoldingFlow resumes reading only when nothing is held"),
-    ("flow", "write_paused", "the send deadline runs only while writing is paused"),
 )
-"""What :class:`PeerCredProtocol` uses of uvicorn's protocol, request cycle and flow control beyond
-the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""

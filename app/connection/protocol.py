@@ -34,14 +34,12 @@ def protocol_factory(
 
 
 class PeerCredProtocol(RequestHooks):
-    """uvicorn makes one per connection through :func:`protocol_factory`; a test makes one with
-    ``PeerCredProtocol(config, ServerState(), {}, loop, request_timeout=...)`` (keywords:
-    :class:`~app.connection.state.ConnectionState`), then calls ``connection_made(transport)``."""
+    """One per connection, made by :func:`protocol_factory` (keywords: ``ConnectionState``)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = HoldingFlow(transport)
-        self._send = SendDeadline(self.loop, transport, self.flow, self.send_timeout)
+        self._send = SendDeadline(self.loop, transport, self.send_timeout)
         sock = transport.get_extra_info("socket")
         self.peer = peer = read_peer(sock)
         if peer is not None:  # read now, while the descriptor is surely this connection's
@@ -49,8 +47,7 @@ class PeerCredProtocol(RequestHooks):
             self.connection = PeerConnection(read_groups(sock))
         if self.recorder is not None and self._timed_send is not None:
             self.tally = self.recorder.peer(self.uid)
-        # A connection that never sends a request is closed after request_timeout too.
-        self._connected_at = self._waiting_since = self.loop.time()
+        self._waiting_since = self.loop.time()  # a connection that never sends a request is closed too
         self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
         cap = self.max_connections
         if cap is not None and len(self.connections) > cap:
@@ -66,8 +63,7 @@ class PeerCredProtocol(RequestHooks):
             self._linger.cancel()
             self._linger = None
         self._unset_keepalive_if_required()  # uvicorn cancels it only on a clean end, not on a reset
-        # uvicorn marks only the last parsed cycle as disconnected: the one still answering would
-        # write to the closed transport and log an internal error.
+        # uvicorn marks only the last parsed cycle as disconnected, not the one still answering.
         for cycle in self._live:
             if not cycle.response_complete:
                 cycle.disconnected = True
@@ -79,20 +75,16 @@ class PeerCredProtocol(RequestHooks):
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
-        """uvicorn's graceful close, except that a request begun or about to come within
-        :data:`DRAIN_STALL` is still answered (``Connection: close``), and an answer stalled on a
-        peer that reads nothing gets :data:`DRAIN_STALL` more, not the whole send timeout."""
+        """uvicorn's graceful close, but a request begun or coming within ``DRAIN_STALL`` is answered."""
         self._draining = True
         cycle = self.cycle
         if (cycle is None or cycle.response_complete) and self._owes_request():
-            now = self.loop.time()
             self.request_timeout = min(self.request_timeout, DRAIN_STALL)
             if self._waiting_since is None:  # input after an answer, its head not parsed yet
-                self._waiting_since = now
+                self._waiting_since = self.loop.time()
             if self._deadline is not None:
                 self._deadline.cancel()
-            left = self._waiting_since + self.request_timeout - now
-            self._deadline = self.loop.call_later(max(0.0, left), self._on_deadline)
+            self._deadline = self.loop.call_soon(self._on_deadline)  # which waits for what is left
         else:
             super().shutdown()
         self._send.shorten(DRAIN_STALL)
@@ -126,10 +118,10 @@ class PeerCredProtocol(RequestHooks):
         keep_alive = self.timeout_keep_alive_task
         if keep_alive is not None:
             return keep_alive.when() - self.timeout_keep_alive
-        return None if self._begins else self._connected_at  # connected, sent nothing yet
+        return None if self._begins else self._waiting_since  # connected, sent nothing yet
 
     def slow_since(self, now: float) -> float | None:
-        """Since when it has been sending one request or leaving its answer unread, if that long."""
+        """Since when it has been sending a request or leaving its answer unread, if that long."""
         paused = self._send.paused_at
         if paused is not None and now - paused >= SLOW_REQUEST and not self.transport.is_closing():
             return paused  # not reading what it asked for

@@ -29,7 +29,7 @@ class Refusals(ConnectionState):
         self._reject = None
         self._waiting_since = None
         if (status, error, message) == framing.FULL:
-            CAP_LOG.note(self.loop, self.max_connections or 0, refused=True)
+            CAP_LOG.note(self.loop, self.max_connections or 0, "refused")
         elif log:
             _REJECTED.log(logging.WARNING, "Rejected a request with %d: %s", status, message)
         if self.transport.is_closing():
@@ -84,12 +84,10 @@ class Refusals(ConnectionState):
             return
         self._waiting_since = None
         cycle = self.cycle
-        if not self._in_head and (cycle is None or cycle.response_complete):
-            logger.info("Closed a connection that sent no request for %gs", self.request_timeout)
-            self.transport.close()
-            return
-        if not self._in_head and cycle is not None and cycle.response_started:
-            self.transport.close()  # the application answers without the body; only the body is late
+        if not self._in_head and (cycle is None or cycle.response_started):
+            if cycle is None or cycle.response_complete:
+                logger.info("Closed a connection that sent no request for %gs", self.request_timeout)
+            self.transport.close()  # else the application answers without the late body
             return
         logger.warning(
             "Request not complete after %gs: answered 408 and closed the connection", self.request_timeout

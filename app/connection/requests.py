@@ -1,6 +1,5 @@
-"""The connection protocol's per-request hooks: input parsed as far as the pipeline has room,
-heads, trailers and framing bounded, bodies drawn on the held-input budget, early answers closed
-lingering. Why each bound: docs/internals.md, "Connection layer"."""
+"""The connection protocol's per-request hooks: input parsed as far as the pipeline has room, heads,
+trailers and framing bounded, bodies drawn on the held-input budget, early answers closed lingering."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ _UPGRADES = Throttle(logging.getLogger("app.connections"))
 
 class RequestHooks(Refusals):
     def data_received(self, data: bytes) -> None:
-        if self._refused:  # nothing more is parsed
+        if self._refused:
             if self._linger is not None:
                 self._linger.discard(len(data))
             return
@@ -32,16 +31,14 @@ class RequestHooks(Refusals):
             self._unhold()
             self._hold(held, 0)
             return
-        # Each request parsed from ``data`` but the one under way ends its head there, so with
-        # fewer head ends than free places the pipeline cannot overflow (the usual case: one request).
+        # Fewer head ends than free places: the pipeline cannot overflow (the usual case).
         if data.count(HEAD_END) < MAX_PIPELINE - len(self.pipeline):
             self._parse(data)
         else:
             self._feed(data, 0)
 
     def _feed(self, data: bytes, start: int) -> None:
-        """Parse ``data[start:]`` at most as many heads at a time as the pipeline has room for;
-        hold the rest once it is full (a body still due is parsed: it has no head end)."""
+        """Parse ``data[start:]`` as far as the pipeline has room, then hold the rest."""
         view = memoryview(data)
         while start < len(data):
             room = MAX_PIPELINE - len(self.pipeline)
@@ -67,7 +64,6 @@ class RequestHooks(Refusals):
         self._waiting_since = None  # the peer owes nothing: we hold its next request
 
     def _unhold(self) -> None:
-        """Give back what is held (the caller parses it or drops it)."""
         if self.flow.held:
             self.held.give(len(self.flow.held), self.uid)
             self.flow.held = b""
@@ -95,14 +91,13 @@ class RequestHooks(Refusals):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # One throttled line, not uvicorn's two per request: a peer may send Upgrade at will.
+            # One throttled line, not uvicorn's two per request.
             _UPGRADES.log(logging.WARNING, "Ignored an Upgrade request: served as plain HTTP (no WebSockets)")
             return
         except httptools.HttpParserError as exc:  # our limits raise from callbacks, which ends up here
             self._refuse(*(self._reject or framing.parse_refusal(exc)))
             return
-        # httptools buffers a header until it ends, so the head is bounded by the reads that carry it
-        # on; the one in which it began is not counted: it may hold the previous body too.
+        # The head is bounded by the reads that carry it on (the one it began in may hold a body).
         if self._in_head and self._begins == begins:
             self._head_bytes += size
             if self._head_bytes > MAX_HEADER_BYTES:
@@ -114,8 +109,7 @@ class RequestHooks(Refusals):
             and len(chunk_cycle.body) == body_before
             and not chunk_cycle.response_complete
         ):
-            # A whole read after the last chunk's header and no body: trailer fields, counted per
-            # read like the head (httptools re-copies a growing field on every read).
+            # A whole read after the last chunk's header and no body: trailer fields.
             self._trailer_bytes += size
             if self._trailer_bytes > MAX_HEADER_BYTES:
                 self._refuse(*framing.TRAILERS_TOO_LARGE)
@@ -127,7 +121,6 @@ class RequestHooks(Refusals):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self.peer is not None:
-            # ASGI types extensions as dict[str, dict]; ours carry a dict and an object.
             extensions: dict[Any, Any] = {PEER_KEY: dict(self.peer), CONNECTION_KEY: self.connection}
             self.scope["extensions"] = extensions
         self._in_head = True
@@ -144,7 +137,6 @@ class RequestHooks(Refusals):
         if len(headers) > MAX_HEADERS:
             self._reject = framing.TOO_MANY_HEADERS
             raise ValueError("too many header fields")  # httptools turns it into a parser error
-        # A head that fit in one small read is small; only a big or split one is measured.
         split_or_big = self._head_bytes or self._chunk_bytes > MAX_HEADER_BYTES
         if split_or_big and len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEADER_BYTES:
             self._reject = framing.HEAD_TOO_LARGE
@@ -187,8 +179,7 @@ class RequestHooks(Refusals):
         super().on_body(body)
 
     def _draw(self, cycle: RequestResponseCycle, arriving: int) -> None:
-        """Make what ``cycle`` draws on the held-input budget its unread body plus ``arriving`` bytes
-        (uvicorn empties ``cycle.body`` as the application reads); past the budget, 503."""
+        """Draw ``cycle``'s unread body plus ``arriving`` bytes on the held-input budget, or refuse."""
         if cycle.response_complete:
             return  # uvicorn drops the rest of the body
         drawn = self._bodies.get(cycle, 0)
@@ -209,8 +200,7 @@ class RequestHooks(Refusals):
                 self.held.give(drawn, self.uid)
 
     def _watch(self, cycle: RequestResponseCycle) -> None:
-        """Make an answer that ``cycle`` starts before its body has all come say ``Connection: close``,
-        and leave the close to :meth:`on_response_complete` (lingering), not to uvicorn (at once)."""
+        """An answer ``cycle`` starts before its body is in says ``Connection: close``, and we close."""
         self._watched = cycle
         send = cycle.send
 
@@ -266,8 +256,7 @@ class RequestHooks(Refusals):
             if last and not self.transport.is_closing():
                 self._close_after(pending)
         elif self.pipeline and self.transport.get_write_buffer_size() and not self.transport.is_closing():
-            # The answers are not going out: the next pipelined request waits until they have
-            # (resume_writing), so a peer that reads nothing pins one answer.
+            # The answers are not going out: the next pipelined request waits for resume_writing.
             self._next_waits = True
             self.transport.set_write_buffer_limits(high=0)
         else:
@@ -279,7 +268,7 @@ class RequestHooks(Refusals):
                 self._close_after(b"")
 
     def _start_next(self) -> None:
-        """uvicorn's end of an answer (the next pipelined request starts), then give back what it held."""
+        """uvicorn's end of an answer (the next pipelined request starts), then what it held goes."""
         super().on_response_complete()
         if self._bodies:
             self._settle_bodies()

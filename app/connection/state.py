@@ -51,9 +51,8 @@ class ConnectionState(HttpToolsProtocol):
         self.peer: dict[str, int] | None = None
         self.uid: int | None = None
         self.connection: PeerConnection | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.Handle | None = None
         self._waiting_since: float | None = None  # since when the peer owes a complete request
-        self._connected_at = 0.0
         self._in_head = False
         self._message_done = True
         self._begins = 0

@@ -33,10 +33,6 @@ class SendDeadline:
             self._unsent = self._unsent_bytes()
             self._timer = self.loop.call_later(self.seconds, self._expired)
 
-    def resumed(self) -> None:
-        self.paused_at = None
-        self.cancel()
-
     def shorten(self, seconds: float) -> None:
         """At most ``seconds`` from now on (the server drains)."""
         if self.seconds > seconds:
@@ -45,7 +41,9 @@ class SendDeadline:
                 self._timer.cancel()
                 self._timer = self.loop.call_later(seconds, self._expired)
 
-    def cancel(self) -> None:
+    def stop(self) -> None:
+        """Writing resumed, or the connection is gone."""
+        self.paused_at = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -55,7 +53,7 @@ class SendDeadline:
         sock = self.transport.get_extra_info("socket")
         return self.transport.get_write_buffer_size() + queued(sock, termios.TIOCOUTQ)
 
-    def _expired(self) -> None:  # runs only while paused: resumed() cancels it
+    def _expired(self) -> None:  # runs only while paused: stop() cancels it
         unsent = self._unsent_bytes()
         if unsent < self._unsent:  # the peer read something: it gets another period
             self._unsent = unsent

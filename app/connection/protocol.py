@@ -54,14 +54,11 @@ class PeerCredProtocol(RequestHooks):
             self._over_cap = not make_room(self, self.connections, cap, self.loop, CAP_LOG)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._waiting_since = None
         if self._deadline is not None:
             self._deadline.cancel()
-            self._deadline = None
-        self._send.cancel()
+        self._send.stop()
         if self._linger is not None:
             self._linger.cancel()
-            self._linger = None
         self._unset_keepalive_if_required()  # uvicorn cancels it only on a clean end, not on a reset
         # uvicorn marks only the last parsed cycle as disconnected, not the one still answering.
         for cycle in self._live:
@@ -103,7 +100,7 @@ class PeerCredProtocol(RequestHooks):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._send.resumed()
+        self._send.stop()
         if self._next_waits:  # the answers left our buffer: start the next pipelined request
             self._next_waits = False
             self.transport.set_write_buffer_limits()  # the transport's defaults again

@@ -4,13 +4,13 @@ trailers and framing bounded, bodies drawn on the held-input budget, early answe
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.connection import framing
-from app.connection.framing import MAX_HEADER_BYTES, MAX_HEADERS
+from app.connection.framing import MAX_HEADER_BYTES, MAX_HEADERS, Refusal
 from app.connection.peer import CONNECTION_KEY, PEER_KEY
 from app.connection.pipelining import BODY_UNCOUNTED, HEAD_END, MAX_PIPELINE, next_cut
 from app.connection.refusals import Refusals
@@ -135,12 +135,10 @@ class RequestHooks(Refusals):
     def on_headers_complete(self) -> None:
         headers = self.headers
         if len(headers) > MAX_HEADERS:
-            self._reject = framing.TOO_MANY_HEADERS
-            raise ValueError("too many header fields")  # httptools turns it into a parser error
+            self._fail(framing.TOO_MANY_HEADERS)
         split_or_big = self._head_bytes or self._chunk_bytes > MAX_HEADER_BYTES
         if split_or_big and len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEADER_BYTES:
-            self._reject = framing.HEAD_TOO_LARGE
-            raise ValueError("request head too large")
+            self._fail(framing.HEAD_TOO_LARGE)
         host = None
         hosts = 0
         for name, value in headers:
@@ -148,15 +146,14 @@ class RequestHooks(Refusals):
                 host = value
                 hosts += 1
         if host != self._good_host or hosts != 1:
-            self._reject = framing.check_host(host, hosts, self.parser.get_http_version())
-            if self._reject is not None:
-                raise ValueError("bad Host header")
+            refusal = framing.check_host(host, hosts, self.parser.get_http_version())
+            if refusal is not None:
+                self._fail(refusal)
             if host is not None:
                 self._good_host = host
         if self._over_cap:
             if len(self.connections) > (self.max_connections or 0):
-                self._reject = framing.FULL
-                raise ValueError("over the connection limit")
+                self._fail(framing.FULL)
             self._over_cap = False
         self._in_head = False
         previous = self.cycle
@@ -170,6 +167,11 @@ class RequestHooks(Refusals):
                 cycle.send = timed(cycle, self.tally)  # type: ignore[method-assign, assignment]
             self._live.append(cycle)
         self.headers = []  # trailer fields (after a chunked body) land in a list of their own
+
+    def _fail(self, refusal: Refusal) -> NoReturn:
+        """Refuse from a parser callback (httptools turns the exception into a parse error)."""
+        self._reject = refusal
+        raise ValueError(refusal[2])
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -187,8 +189,7 @@ class RequestHooks(Refusals):
         if change < 0:
             self.held.give(-change, self.uid)
         elif change and not self.held.take(change, self.uid):
-            self._reject = framing.BODIES_FULL
-            raise ValueError("request bodies over the held-input budget")
+            self._fail(framing.BODIES_FULL)
         self._bodies[cycle] = drawn + change
 
     def _settle_bodies(self, lost: bool = False) -> None:
@@ -224,8 +225,7 @@ class RequestHooks(Refusals):
             self._trailer_bytes = 0
             codings = [value for name, value in self.scope["headers"] if name == b"transfer-encoding"]
             if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
-                self._reject = framing.CODING
-                raise ValueError("unsupported transfer coding")
+                self._fail(framing.CODING)
 
     def on_chunk_complete(self) -> None:
         self._in_chunk_head = False
@@ -234,11 +234,9 @@ class RequestHooks(Refusals):
         trailers = self.headers  # the last chunk's on_chunk_complete came just before, after them
         if trailers:
             if len(trailers) > MAX_HEADERS:
-                self._reject = framing.TOO_MANY_TRAILERS
-                raise ValueError("too many trailer fields")
+                self._fail(framing.TOO_MANY_TRAILERS)
             if sum(len(name) + len(value) + 4 for name, value in trailers) > MAX_HEADER_BYTES:
-                self._reject = framing.TRAILERS_TOO_LARGE
-                raise ValueError("trailer section too large")
+                self._fail(framing.TRAILERS_TOO_LARGE)
         self._waiting_since = None
         self._message_done = True
         super().on_message_complete()

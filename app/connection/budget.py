@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["Budget"]
-
 
 class Budget:
-    """A count drawn on and given back on the event loop thread (no awaits inside, no lock), of
-    which one peer uid may hold at most ``per_peer``.
-
-    Not an ``asyncio.Semaphore``: a request that does not fit is refused at once, not queued, and
-    it draws an amount (its body's size), not one unit.
-    """
+    """Drawn on and given back on the event loop thread, in amounts (a body's size); what does not
+    fit is refused at once, not queued (unlike an ``asyncio.Semaphore``)."""
 
     __slots__ = ("free", "held", "per_peer")
 

@@ -6,33 +6,23 @@ import asyncio
 import logging
 import termios
 
-from uvicorn.protocols.http.flow_control import FlowControl
-
 from app.connection.peer import queued
 
-__all__ = ["DRAIN_STALL", "SendDeadline"]
-
-DRAIN_STALL = 2.0
-"""Once the server drains, seconds a peer may leave its answer unread (an event stream nobody
-reads), or take to send a request it began, before its connection goes."""
+DRAIN_STALL = 2.0  # once draining: seconds for an answer left unread, or a request begun, before closing
 logger = logging.getLogger("app.connections")
 
 
 class SendDeadline:
-    """Aborts the connection (its unsent data dropped) when, ``seconds`` after writing paused, the
-    peer has read nothing since the last check; progress counts our buffer and the kernel's."""
+    """Aborts the connection (dropping what is unsent) when, ``seconds`` after writing paused, the
+    peer has read nothing since the last check, counting our buffer and the kernel's."""
 
-    __slots__ = ("_timer", "_unsent", "flow", "loop", "paused_at", "seconds", "transport")
+    __slots__ = ("_timer", "_unsent", "loop", "paused_at", "seconds", "transport")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, flow: FlowControl, seconds: float
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, seconds: float) -> None:
         self.loop = loop
         self.transport = transport
-        self.flow = flow
         self.seconds = seconds
-        self.paused_at: float | None = None
-        """Since when the peer has left our answers unread (writing paused), or None."""
+        self.paused_at: float | None = None  # since when the peer leaves our answers unread
         self._timer: asyncio.TimerHandle | None = None
         self._unsent = 0
 
@@ -43,10 +33,6 @@ class SendDeadline:
             self._unsent = self._unsent_bytes()
             self._timer = self.loop.call_later(self.seconds, self._expired)
 
-    def resumed(self) -> None:
-        self.paused_at = None
-        self.cancel()
-
     def shorten(self, seconds: float) -> None:
         """At most ``seconds`` from now on (the server drains)."""
         if self.seconds > seconds:
@@ -55,7 +41,9 @@ class SendDeadline:
                 self._timer.cancel()
                 self._timer = self.loop.call_later(seconds, self._expired)
 
-    def cancel(self) -> None:
+    def stop(self) -> None:
+        """Writing resumed, or the connection is gone."""
+        self.paused_at = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -65,15 +53,13 @@ class SendDeadline:
         sock = self.transport.get_extra_info("socket")
         return self.transport.get_write_buffer_size() + queued(sock, termios.TIOCOUTQ)
 
-    def _expired(self) -> None:
-        self._timer = None
-        if not self.flow.write_paused:
-            return
+    def _expired(self) -> None:  # runs only while paused: stop() cancels it
         unsent = self._unsent_bytes()
         if unsent < self._unsent:  # the peer read something: it gets another period
             self._unsent = unsent
             self._timer = self.loop.call_later(self.seconds, self._expired)
             return
+        self._timer = None
         logger.warning(
             "Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
             self.seconds,

@@ -1,18 +1,13 @@
-"""What the protocol refuses in a request's framing, and the error each refusal answers with."""
+"""What the protocol refuses in a request's framing (RFC 9112), and the error each refusal answers."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "Refusal", "check_host", "parse_refusal"]
+Refusal = tuple[int, str, str]  # status, error code, message
 
-Refusal = tuple[int, str, str]
-"""An error answer: status, ``error`` code, message."""
-
-MAX_HEADERS = 100
-"""Most header fields in one request, and most trailer fields after a chunked body (gunicorn's default)."""
-MAX_HEADER_BYTES = 32 * 1024
-"""Largest request line plus headers, and largest trailer section (nginx's large_client_header_buffers)."""
+MAX_HEADERS = 100  # header fields in a request, and trailer fields after a chunked body (gunicorn's)
+MAX_HEADER_BYTES = 32 * 1024  # request line and headers, and trailer section (nginx's)
 
 HEAD_TOO_LARGE = (431, "headers_too_large", f"the request head is over {MAX_HEADER_BYTES} bytes")
 TOO_MANY_HEADERS = (431, "headers_too_large", f"the request has more than {MAX_HEADERS} header fields")
@@ -37,12 +32,12 @@ BODIES_FULL = (
     "unavailable",
     "the server is receiving too many request bodies at once (from your uid or in all); try again shortly",
 )
+# RFC 3986 ``host [":" port]``: an IP literal, an IPv4 address or a reg-name (possibly empty).
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
-"""RFC 3986 ``host [ ":" port ]``: an IP literal, an IPv4 address or a reg-name (possibly empty)."""
 
 
 def check_host(host: bytes | None, hosts: int, http_version: str) -> Refusal | None:
-    """RFC 9112 section 3.2: exactly one valid ``Host`` (HTTP/1.0 may omit it); else the refusal."""
+    """Exactly one valid ``Host`` (HTTP/1.0 may omit it), else the refusal."""
     if hosts > 1:
         return HOSTS
     if host is None:

@@ -1,8 +1,7 @@
-"""The uvicorn internals the protocol relies on, in one place."""
+"""What the connection protocol uses of uvicorn's protocol, request cycle and flow control beyond
+the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""
 
 from __future__ import annotations
-
-__all__ = ["UVICORN_INTERNALS"]
 
 UVICORN_INTERNALS = (
     ("protocol", "parser", "fed piecewise to bound pipelining; read for a refused request's method"),
@@ -14,18 +13,15 @@ UVICORN_INTERNALS = (
     ("protocol", "flow", "replaced by HoldingFlow, which keeps reading paused while input is held"),
     ("protocol", "connections", "the open connections, which the connection cap scans"),
     ("protocol", "limit_concurrency", "set to None: our cap (503 in JSON, room made) replaces uvicorn's"),
-    ("protocol", "timeout_keep_alive", "with timeout_keep_alive_task, tells since when a connection idles"),
-    ("protocol", "timeout_keep_alive_task", "cancelled on a reset too, not only on a clean end"),
-    ("protocol", "_unset_keepalive_if_required", "called before each parse, as uvicorn's data_received does"),
+    ("protocol", "timeout_keep_alive", "with timeout_keep_alive_task, since when a connection idles"),
+    ("protocol", "timeout_keep_alive_task", "its due time tells since when a connection idles"),
+    ("protocol", "_unset_keepalive_if_required", "before each parse, as in uvicorn; on a reset too"),
     ("cycle", "body", "what the application has not read yet, drawn on the held-input budget"),
     ("cycle", "disconnected", "set with message_event for cycles uvicorn does not mark on a hang-up"),
     ("cycle", "message_event", "wakes an application waiting for a body that will not come"),
-    ("cycle", "keep_alive", "False for a request read while the server drains"),
+    ("cycle", "keep_alive", "False while draining; True again for the end of an early answer"),
     ("cycle", "response_started", "an answer under way is not cut to make room or on a late body"),
     ("cycle", "response_complete", "which pipelined requests are answered"),
-    ("cycle", "send", "replaced by the metrics recorder's counting send"),
+    ("cycle", "send", "wrapped by the recorder's counting send, and while a body is due"),
     ("flow", "read_paused", "HoldingFlow resumes reading only when nothing is held"),
-    ("flow", "write_paused", "the send deadline runs only while writing is paused"),
 )
-"""What :class:`PeerCredProtocol` uses of uvicorn's protocol, request cycle and flow control beyond
-the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""

@@ -8,15 +8,11 @@ import errno
 import fcntl
 import socket
 import struct
+from dataclasses import dataclass
 
-__all__ = ["CONNECTION_KEY", "PEER_KEY", "PeerConnection", "queued", "read_groups", "read_peer"]
-
-PEER_KEY = "uds.peer"
-"""``scope["extensions"][PEER_KEY]``: ``{"pid", "uid", "gid"}`` of the connecting process (not over TCP)."""
-CONNECTION_KEY = "uds.connection"
-"""``scope["extensions"][CONNECTION_KEY]``: the connection's :class:`PeerConnection`."""
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-"""Linux 4.13+: the connecting process's supplementary groups, as the kernel saw them at connect()."""
+PEER_KEY = "uds.peer"  # scope["extensions"][PEER_KEY]: {"pid", "uid", "gid"} (not over TCP)
+CONNECTION_KEY = "uds.connection"  # scope["extensions"][CONNECTION_KEY]: the PeerConnection
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
 _UCRED = struct.Struct("3i")
 _INT = struct.Struct("i")
 
@@ -33,10 +29,8 @@ def read_peer(sock: socket.socket | None) -> dict[str, int] | None:
     return {"pid": pid, "uid": uid, "gid": gid}
 
 
-def read_groups(sock: socket.socket | None) -> tuple[int, ...]:
-    """The connecting process's supplementary group ids (``SO_PEERGROUPS``); empty if unknown."""
-    if sock is None:
-        return ()
+def read_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The connecting process's supplementary group ids, as at connect(); empty if unknown."""
     for room in (64, 65536):  # NGROUPS_MAX is 65536; most processes have a handful
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, room * 4)
@@ -49,21 +43,19 @@ def read_groups(sock: socket.socket | None) -> tuple[int, ...]:
 
 
 def queued(sock: socket.socket | None, request: int) -> int:
-    """Bytes queued in the kernel: unread input (``termios.FIONREAD``) or output the peer has not
-    read yet (``termios.TIOCOUTQ``); 0 if unknown."""
+    """Bytes in the kernel's queue: unread input (``termios.FIONREAD``) or output the peer has not
+    read (``termios.TIOCOUTQ``); 0 if unknown."""
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             return int(_INT.unpack(fcntl.ioctl(sock.fileno(), request, _INT.pack(0)))[0])
     return 0
 
 
+@dataclass(slots=True)
 class PeerConnection:
-    """One Unix-socket connection's identity, shared by its requests: its credentials never change
-    while it is open, so the access check computes its scopes once (per policy ``generation``)."""
+    """One connection's identity, shared by its requests: the access check caches its scopes on it
+    (per policy ``generation``), since credentials cannot change while it is open."""
 
-    __slots__ = ("generation", "groups", "scopes")
-
-    def __init__(self, groups: tuple[int, ...]) -> None:
-        self.groups = groups
-        self.generation = -1
-        self.scopes: frozenset[str] = frozenset()
+    groups: tuple[int, ...]
+    generation: int = -1
+    scopes: frozenset[str] = frozenset()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import resource
 
-__all__ = ["FD_RESERVE", "connection_cap", "raise_open_file_limit"]
-
-FD_RESERVE = 64
-"""File descriptors kept free beyond the connections: the listening socket, logs, the event loop."""
+FD_RESERVE = 64  # descriptors kept free beyond the connections: listening socket, logs, event loop
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -25,8 +22,8 @@ def raise_open_file_limit() -> tuple[int, int]:
 def connection_cap(
     requested: int | None, soft_limit: int, *, reserve: int = FD_RESERVE, files_each: int = 1
 ) -> int:
-    """``requested`` (None: no wish), but at most what ``soft_limit`` leaves room for once ``reserve``
-    are kept free, each connection holding ``files_each``; at least 1 (past the limit, accept fails)."""
+    """``requested`` (None: no wish), at most what ``soft_limit`` leaves once ``reserve`` are kept
+    free, each connection holding ``files_each``; at least 1."""
     if soft_limit < 0 or soft_limit == resource.RLIM_INFINITY:
         room = 1 << 30
     else:

@@ -1,24 +1,22 @@
 """The lingering close (nginx's ``lingering_close``): after an answer that ends a connection, shut
-down writing, discard what the peer still sends (up to ``limit`` bytes, for up to ``seconds``),
-then close, so that a client still writing its request reads the answer, not a broken pipe."""
+down writing and discard what still comes (up to ``limit`` bytes, for ``seconds``), then close, so
+that a client still writing its request reads the answer instead of a reset."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-__all__ = ["LIMIT", "SECONDS", "Linger", "linger"]
-
 SECONDS = 2.0
 LIMIT = 256 * 1024
 
 
 def _shut_write(transport: asyncio.WriteTransport) -> bool:
-    """Half-close ``transport``; close it instead (and return False) where it cannot half-close."""
+    """Half-close ``transport``, or close it and return False where it cannot half-close."""
     if transport.is_closing():
         return False
     try:
-        transport.write_eof()  # the client reads the answer to its end, then EOF
+        transport.write_eof()
     except (OSError, RuntimeError, NotImplementedError):
         transport.close()
         return False
@@ -26,25 +24,18 @@ def _shut_write(transport: asyncio.WriteTransport) -> bool:
 
 
 class Linger:
-    """The lingering close of a protocol's ``transport``: feed what arrives to :meth:`discard`;
-    :meth:`cancel` once the connection is lost."""
+    """A protocol's lingering close: feed what arrives to :meth:`discard`; :meth:`cancel` once lost."""
 
     __slots__ = ("_left", "_timer", "transport")
 
     def __init__(
-        self,
-        transport: asyncio.WriteTransport,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        seconds: float = SECONDS,
-        limit: int = LIMIT,
+        self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, *, seconds: float = SECONDS
     ) -> None:
         self.transport = transport
-        self._left = limit
+        self._left = LIMIT
         self._timer = loop.call_later(seconds, transport.close) if _shut_write(transport) else None
 
     def discard(self, size: int) -> None:
-        """``size`` bytes arrived and were dropped: close once over the limit."""
         self._left -= size
         if self._left < 0:
             self.transport.close()
@@ -52,7 +43,6 @@ class Linger:
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
 
 
 async def linger(
@@ -62,8 +52,8 @@ async def linger(
     seconds: float = SECONDS,
     limit: int = LIMIT,
 ) -> None:
-    """The lingering close of a stream connection, returning when the peer is done or a bound is
-    hit; the caller closes ``writer`` afterwards."""
+    """A stream connection's lingering close, until the peer is done or a bound is hit; the caller
+    closes ``writer`` afterwards."""
     if not _shut_write(writer.transport):
         return
     deadline = asyncio.get_running_loop().time() + seconds

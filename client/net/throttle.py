@@ -7,25 +7,23 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-__all__ = ["Throttle"]
-
 _OTHERS = object()  # the key shared by every key past Throttle.keys
 
 
 @dataclass(slots=True)
 class _Kind:
-    last: float = float("-inf")  # when the last line of this kind was written
-    held: int = 0  # events held back since
+    last: float = float("-inf")  # when its last line was written
+    held: int = 0  # events held back since, the last of them:
     level: int = logging.INFO
     message: str = ""
     args: tuple[object, ...] = ()
 
 
 class Throttle:
-    """At most one line per ``period`` seconds for each ``key`` of one kind of event: the first at
-    once, those held back counted into the next line (``... (and 3879 more like it in the last
-    10s)``) or :meth:`flush`'s. At most ``keys`` keys; the rest share one. ``log``: a logger, or a
-    function that writes one finished line."""
+    """At most one line per ``period`` seconds for each ``key`` of an event: the first at once, those
+    held back counted into the next line (``... (and 3879 more like it in the last 10s)``) or into
+    :meth:`flush`'s. Past ``keys`` keys the rest share one. ``log``: a logger, or a function that
+    writes a finished line."""
 
     __slots__ = ("_kinds", "_log", "keys", "period")
 
@@ -44,10 +42,8 @@ class Throttle:
         kind = kinds.get(key)
         if kind is None:
             if len(kinds) >= self.keys:  # forget kinds quiet for a period, else share one key
-                for old in [
-                    k for k, kind in kinds.items() if not kind.held and now - kind.last >= self.period
-                ]:
-                    del kinds[old]
+                kinds = {k: old for k, old in kinds.items() if old.held or now - old.last < self.period}
+                self._kinds = kinds
                 key = key if len(kinds) < self.keys else _OTHERS
             kind = kinds.setdefault(key, _Kind())
         if now - kind.last < self.period:

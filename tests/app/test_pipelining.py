@@ -17,7 +17,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from app.connection import protocol as peercred
+from app.connection import requests as hooks
 from app.connection.budget import Budget
 from app.connection.pipelining import HELD_BUDGET, MAX_PIPELINE
 from app.connection.protocol import PeerCredProtocol
@@ -335,7 +335,7 @@ def test_a_body_draws_on_the_held_budget_until_the_application_reads_it(
     answer is complete). Before, nothing was drawn: 512 connections each sending a whole POST of
     64 KiB at once took a server to 126 MiB (tests/app/test_memory_budget.py)."""
     held = Budget(10_000, 10_000)
-    monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
+    monkeypatch.setattr(hooks, "BODY_UNCOUNTED", 500)
 
     async def scenario() -> None:
         protocol, transport = await gated_protocol(held)
@@ -371,7 +371,7 @@ def test_a_body_is_given_back_when_the_connection_drops_and_on_an_early_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     held = Budget(10_000, 10_000)
-    monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
+    monkeypatch.setattr(hooks, "BODY_UNCOUNTED", 500)
 
     async def scenario() -> None:
         protocol, _ = await gated_protocol(held)
@@ -396,7 +396,7 @@ def test_a_body_is_given_back_when_the_connection_drops_and_on_an_early_answer(
 
 def test_a_body_past_the_held_budget_gets_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     held = Budget(10_000, 4000)  # a peer's share: 4,000 bytes
-    monkeypatch.setattr(peercred, "BODY_UNCOUNTED", 500)
+    monkeypatch.setattr(hooks, "BODY_UNCOUNTED", 500)
 
     async def scenario() -> None:
         first, _ = await gated_protocol(held)

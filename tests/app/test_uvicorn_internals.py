@@ -56,5 +56,5 @@ def test_every_uvicorn_internal_the_protocol_uses_exists() -> None:
         for owner, name, why in UVICORN_INTERNALS
         if not hasattr(owners[owner], name)
     ]
-    assert not missing, f"uvicorn no longer has: {', '.join(missing)}; app/connection/protocol.py must change"
+    assert not missing, f"uvicorn no longer has: {', '.join(missing)}; app/connection/ must change"
     assert {owner for owner, _, _ in UVICORN_INTERNALS} == set(owners)

@@ -107,14 +107,14 @@ def test_linger_half_closes_discards_then_closes() -> None:
         ours, theirs = socket.socketpair()
         transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
         transport.write(b"answer")
-        held = linger.Linger(transport, loop, seconds=0.2, limit=10)
+        held = linger.Linger(transport, loop, seconds=0.2)
         theirs.setblocking(False)
         got = b""
         while not got.endswith(b"answer") or await loop.sock_recv(theirs, 1) != b"":
             got += await loop.sock_recv(theirs, 100)  # the answer, then EOF: the peer reads it all
-        held.discard(5)
+        held.discard(linger.LIMIT)
         assert not transport.is_closing()
-        held.discard(6)  # over the limit: closed at once
+        held.discard(1)  # over the limit: closed at once
         assert transport.is_closing()
         held.cancel()
         theirs.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.serving import spawn
+from benchmarks._spawn import socket_dir
 from client._probe import probe
 from client.wait import poll
 
@@ -32,7 +33,7 @@ PYTHON = sys.executable
 _SIGTERM = signal.SIGTERM  # the class below has a method named signal
 
 
-short_tmpdir = spawn.socket_dir
+short_tmpdir = socket_dir
 """A fresh directory under /tmp with a short name (AF_UNIX paths stop at 107 bytes)."""
 
 

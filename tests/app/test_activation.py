@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from app.serving.activation import inherited_socket
-from app.serving.sockets import SocketError
-from app.serving.spawn import ServerProcess as Spawned
+from app.serving.private_dir import SocketError
+from benchmarks._spawn import ServerProcess as Spawned
 from tests.support import (
     PYTHON,
     ServerProcess,

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.serving import private_dir, sockets
-from app.serving.sockets import BoundSocket, SocketError, bind_unix
+from app.serving.private_dir import SocketError
+from app.serving.sockets import BoundSocket, bind_unix
 from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, wait_until
 
 

@@ -1,8 +1,6 @@
-"""Socket activation: serve the listening socket a service manager passes (``sd_listen_fds(3)``).
-
-Only one listening Unix stream socket is served; anything else is a :class:`SocketError` (exit 3).
-The socket stays the manager's: never chmodded or removed, so connections made while the server
-restarts wait in its backlog. See docs/systemd.md.
+"""Socket activation: serve the one listening Unix stream socket a service manager passes
+(``sd_listen_fds(3)``); anything else is a :class:`SocketError`. The socket stays the manager's:
+never chmodded or removed. See docs/systemd.md.
 """
 
 from __future__ import annotations
@@ -15,9 +13,8 @@ import socket
 from collections.abc import MutableMapping
 
 from app.logs import escaped
-from app.serving.sockets import BoundSocket, SocketError
-
-__all__ = ["FIRST_FD", "VARIABLES", "address_of", "inherited_socket"]
+from app.serving.private_dir import SocketError
+from app.serving.sockets import BoundSocket
 
 logger = logging.getLogger("app.serving.activation")
 

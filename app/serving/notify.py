@@ -1,8 +1,5 @@
-"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)`` protocol, stdlib only.
-
-With ``NOTIFY_SOCKET`` set, each call sends one non-blocking datagram (``READY=1``, ``STATUS=``,
-``STOPPING=1``, ``WATCHDOG=1``); a failed send is dropped with one warning, never stopping the
-server. Without it every call does nothing. See docs/systemd.md.
+"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)``, stdlib only. A failed
+send is dropped with one warning, never stopping the server; without ``NOTIFY_SOCKET`` nothing is sent.
 """
 
 from __future__ import annotations
@@ -14,8 +11,6 @@ import time
 from collections.abc import MutableMapping
 
 from app.logs import escaped
-
-__all__ = ["VARIABLES", "Notifier"]
 
 logger = logging.getLogger("app.serving.notify")
 
@@ -34,8 +29,8 @@ class Notifier:
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str], pid: int | None = None) -> Notifier:
-        """The notifier ``environ`` asks for, for process ``pid`` (default: this); removes the variables,
-        so worker processes never notify on their own."""
+        """The notifier ``environ`` asks for, for process ``pid`` (default: this); removes the variables
+        so that workers never notify on their own."""
         raw, usec, watchdog_pid = (environ.pop(name, None) for name in VARIABLES)
         if not raw:
             return cls()
@@ -84,14 +79,12 @@ class Notifier:
                 )
 
     def ready(self, status: str) -> None:
-        """``READY=1`` with this process as ``MAINPID``, and ``status``."""
         self.send("READY=1", f"MAINPID={os.getpid()}", _status(status))
 
     def status(self, status: str) -> None:
         self.send(_status(status))
 
     def stopping(self, status: str) -> None:
-        """``STOPPING=1``: the drain begins."""
         self.send("STOPPING=1", _status(status))
 
     def ping_if_due(self, now: float | None = None) -> None:

@@ -1,9 +1,6 @@
-"""The private directory a Unix socket is bound in before it is renamed into place, and the
-removal of those that killed starts left behind.
-
-Nobody else can add or swap entries in a fresh 0700 directory of ours, held open by descriptor; a
-start holds an ``flock`` on it, so another start's cleanup never takes one in use. Why and how:
-docs/internals.md, "Serving".
+"""The private 0700 directory a Unix socket is bound in before it is renamed into place, and the
+removal of those that killed starts left behind (each start holds an ``flock`` on its own).
+Why and how: docs/internals.md, "Serving".
 """
 
 from __future__ import annotations
@@ -18,20 +15,6 @@ import socket
 import stat
 import tempfile
 from dataclasses import dataclass
-
-__all__ = [
-    "INNER",
-    "PrivateDir",
-    "SocketError",
-    "inner_path",
-    "inode",
-    "probe",
-    "reason",
-    "remove_leftovers",
-    "replaced",
-    "swapped",
-    "try_lock",
-]
 
 logger = logging.getLogger("app.serving.sockets")
 
@@ -63,7 +46,13 @@ class PrivateDir:
     @classmethod
     def create(cls, target: str, parent: str, parent_fd: int) -> PrivateDir:
         for _ in range(_CREATE_ATTEMPTS):
-            made = cls._make(target, parent)
+            try:
+                made = tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
+            except OSError as exc:
+                hint = ""
+                if isinstance(exc, PermissionError):
+                    hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+                raise SocketError(f"cannot bind {target}: {reason(exc)}{hint}") from exc
             entry = os.path.basename(made)
             try:
                 fd = os.open(entry, _OPEN_PRIVATE, dir_fd=parent_fd)
@@ -87,16 +76,6 @@ class PrivateDir:
             f"cannot bind {target}: {_CREATE_ATTEMPTS} private directories beside it were removed by "
             "another program during start; make sure only this server uses its directory"
         )
-
-    @staticmethod
-    def _make(target: str, parent: str) -> str:
-        try:
-            return tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
-        except OSError as exc:
-            hint = ""
-            if isinstance(exc, PermissionError):
-                hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
-            raise SocketError(f"cannot bind {target}: {reason(exc)}{hint}") from exc
 
     def remove(self) -> None:
         """Remove the socket if it is still inside, then the directory if it is still ours."""

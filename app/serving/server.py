@@ -1,9 +1,6 @@
 """The uvicorn server on a socket we bound: drain on SIGTERM/SIGINT, reload on SIGHUP, exit codes.
 
-:func:`serve` runs one application on one listening socket until stopped, in a single-process
-server (``app.serving.run``) or in each ``--workers`` worker (``app.serving.workers``).
-:class:`Services` are the objects the server builds, hands to the application factory and uses
-itself (the drain, SIGHUP reloads, the metrics' gauges).
+One application on one listening socket, in ``uds-server`` or in each ``--workers`` worker.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
@@ -29,41 +25,29 @@ from app.metrics.core import Recorder
 from app.metrics.endpoint import LoopEndpoint
 from app.serving.notify import Notifier
 from app.serving.sockets import BoundSocket
+from client.net.limits import connection_cap, raise_open_file_limit
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a --workers parent imports this module and never builds these (nor FastAPI)
     from app.api.access import Access
     from app.metrics.exposition import Metrics
     from app.storage.events import EventHub
     from app.storage.store import Store
-
-__all__ = [
-    "SOCKET_LOST",
-    "STARTUP_FAILURE",
-    "Services",
-    "Stopped",
-    "UdsServer",
-    "build_config",
-    "early_signals",
-    "serve",
-]
 
 logger = logging.getLogger("app.serving.server")
 
 SOCKET_LOST = (
     "Socket %s was removed or replaced by another program: clients cannot reach this server; stopping"
 )
-"""The error line (``%s``: the address) of a server, or a ``--workers`` parent, whose socket file went."""
 
 AppFactory = Callable[..., Any]
 """``create_app(settings, *, store, hub, metrics, access)``, or a stand-in with that signature."""
 
-_hangups: list[int] = []
-"""SIGHUPs received and not yet acted on; the server's tick takes them (a handler does no I/O)."""
+_hangups: list[int] = []  # SIGHUPs not yet acted on; the server's tick takes them (a handler does no I/O)
 
 
 class Stopped(BaseException):
-    """A stop signal arrived before the server was serving (like ``KeyboardInterrupt``, no
-    ``except Exception`` in the application's build may take it for a failure)."""
+    """A stop signal arrived before the server was serving (a BaseException, like
+    ``KeyboardInterrupt``: no ``except Exception`` in the application's build takes it for a failure)."""
 
 
 def _stop_early(sig: int, frame: FrameType | None) -> None:
@@ -76,8 +60,8 @@ def _note_hangup(sig: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def early_signals() -> Iterator[None]:
-    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, and SIGHUP is kept
-    for the server's tick (its default action would kill the process). Restores the handlers after."""
+    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, SIGHUP is kept for
+    the server's tick (its default action would kill the process). Restores the handlers after."""
     previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _note_hangup)
     try:
@@ -85,6 +69,10 @@ def early_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def signal_names(signals: list[int]) -> str:
+    return ", ".join(signal.Signals(s).name for s in signals)
 
 
 @dataclass(slots=True)
@@ -100,7 +88,6 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """Built in each serving process; raises ``PolicyError`` on a bad policy file."""
-        # Imported here: a --workers parent imports this module and never builds them (nor FastAPI).
         from app.api.access import Access
         from app.api.versions import API_VERSIONS
         from app.metrics.exposition import Metrics
@@ -124,8 +111,9 @@ class Services:
 class UdsServer(uvicorn.Server):
     """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
 
-    Once serving it logs the demo line, or calls ``on_started`` instead (a worker, whose parent logs
-    that line once for all workers).
+    Once serving it logs the demo line and tells ``notifier``, or calls ``on_started`` instead (a
+    worker, whose parent does both once for all workers). ``bound``: the socket file checked once a
+    second (removed or replaced: stop, exit 3); ``endpoint``: the ``--metrics-listen`` endpoint.
     """
 
     def __init__(
@@ -135,6 +123,10 @@ class UdsServer(uvicorn.Server):
         address: str,
         services: Services | None = None,
         on_started: Callable[[], None] | None = None,
+        *,
+        bound: BoundSocket | None = None,
+        endpoint: LoopEndpoint | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         super().__init__(config)
         self.app = app
@@ -145,10 +137,10 @@ class UdsServer(uvicorn.Server):
             services.metrics.open_connections = lambda: len(self.server_state.connections)
         self.drained = False
         self.signals: list[int] = []
-        self.bound: BoundSocket | None = None  # the socket file checked once a second
+        self.bound = bound
         self.socket_lost = False
-        self.endpoint: LoopEndpoint | None = None  # the --metrics-listen endpoint this loop serves
-        self.notifier = Notifier()  # tells the service manager (a worker's tells nobody)
+        self.endpoint = endpoint
+        self.notifier = notifier or Notifier()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
@@ -159,9 +151,8 @@ class UdsServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        """uvicorn's, without re-raising the captured signal once the server has stopped: ``run()``
-        must remove the socket and return 0. The list is uvicorn's private ``_captured_signals``:
-        tests/app/test_server_process.py fails if uvicorn renames it or re-raises another way."""
+        """uvicorn's, without re-raising the captured signal once stopped: ``run()`` must remove the
+        socket and return 0. ``_captured_signals`` is uvicorn's private list (see docs/internals.md)."""
         with super().capture_signals():
             try:
                 yield
@@ -170,18 +161,19 @@ class UdsServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if self.started and self.endpoint is not None:
+        if not self.started:
+            return
+        if self.endpoint is not None:
             await self.endpoint.start()
-        if self.started:
-            if self.on_started is None:
-                logger.info("🔌 Server listening on %s", self.address)
-                self.notifier.ready(f"Serving on {self.address}")
-            else:
-                self.on_started()
+        if self.on_started is None:
+            logger.info("🔌 Server listening on %s", self.address)
+            self.notifier.ready(f"Serving on {self.address}")
+        else:
+            self.on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self.server_state
-        names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
+        names = signal_names(self.signals) or "a stop request"
         self.notifier.stopping(f"Draining {len(state.connections)} connection(s) after {names}")
         logger.info(
             "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
@@ -235,9 +227,8 @@ class UdsServer(uvicorn.Server):
 def build_config(
     settings: Settings, app: Any, recorder: Recorder | None = None, max_connections: int | None = None
 ) -> uvicorn.Config:
-    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging.
-
-    ``max_connections``: the connection cap, if not ``settings.max_connections``."""
+    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging;
+    ``max_connections`` replaces ``settings.max_connections`` if given."""
     http = protocol_factory(
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,
@@ -263,32 +254,24 @@ def build_config(
 
 def serve(
     settings: Settings,
+    services: Services,
     application: Any,
     sock: socket.socket,
     address: str,
-    *,
-    services: Services | None = None,
-    bound: BoundSocket | None = None,
-    on_started: Callable[[], None] | None = None,
-    endpoint: LoopEndpoint | None = None,
-    notifier: Notifier | None = None,
+    **options: Any,
 ) -> UdsServer:
     """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
 
-    ``bound``: the socket file to check once a second (stop if it is removed or replaced).
-    ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
+    ``options`` are :class:`UdsServer`'s (``on_started``, ``bound``, ``endpoint``, ``notifier``).
     """
-    from client.net.limits import connection_cap, raise_open_file_limit
-
     open_files, _ = raise_open_file_limit()
-    recorder = services.metrics.recorder if services is not None else None
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
     cap = connection_cap(settings.max_connections, open_files)
-    config = build_config(settings, application, recorder, cap)
-    server = UdsServer(config, application, address, services, on_started)
-    server.bound = bound
-    server.endpoint = endpoint
-    if notifier is not None:
-        server.notifier = notifier
-    server.run(sockets=[sock])
+    config = build_config(settings, application, services.metrics.recorder, cap)
+    server = UdsServer(config, application, address, services, **options)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if server.endpoint is not None:
+            server.endpoint.close()
     return server

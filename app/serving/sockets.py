@@ -1,10 +1,6 @@
-"""The listening socket's life: check the path, bind safely, set mode and group, clean up.
-
-Unlike ``uvicorn --uds``: a live server's socket is never replaced, a file that is not a socket is
-never touched, the socket is never more open than its mode, and on exit it is removed only if it
-is still ours. It is bound, chowned and chmodded in a private 0700 directory beside the target
-(through its descriptor, never following symlinks), then renamed into place, so nothing another
-user puts at the path is ever changed. Why and how: docs/internals.md, "Serving".
+"""The listening socket's life: bind in a private directory, set mode and group, rename into place
+(never over a live server's socket or a file that is not a socket), and remove it on exit only if
+it is still ours. Why and how: docs/internals.md, "Serving".
 """
 
 from __future__ import annotations
@@ -30,8 +26,6 @@ from app.serving.private_dir import (
     swapped,
 )
 from client.address import MAX_PATH_BYTES
-
-__all__ = ["BACKLOG", "BoundSocket", "SocketError", "bind_tcp", "bind_unix"]
 
 logger = logging.getLogger("app.serving.sockets")
 
@@ -76,9 +70,8 @@ class BoundSocket:
         self.path = None
 
 
-def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: int = BACKLOG) -> BoundSocket:
-    """Bind and listen on ``path`` with ``mode`` and ``group`` (see the module's docstring);
-    :class:`SocketError` if we cannot."""
+def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSocket:
+    """Listen on ``path`` with ``mode`` and ``group``; :class:`SocketError` if we cannot."""
     size = len(os.fsencode(path))
     if size > MAX_PATH_BYTES:
         raise SocketError(
@@ -96,14 +89,14 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: i
         remove_leftovers(path, parent, parent_fd)
         private = PrivateDir.create(path, parent, parent_fd)
         try:
-            return _bind_privately(path, private, mode, group, backlog)
+            return _bind_privately(path, private, mode, group)
         finally:
             private.remove()
     finally:
         os.close(parent_fd)
 
 
-def bind_tcp(host: str, port: int, backlog: int = BACKLOG) -> BoundSocket:
+def bind_tcp(host: str, port: int) -> BoundSocket:
     """Bind and listen on ``host:port`` (debugging and benchmarks); port 0 picks a free port."""
     sock = None
     try:
@@ -114,7 +107,7 @@ def bind_tcp(host: str, port: int, backlog: int = BACKLOG) -> BoundSocket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        sock.listen(BACKLOG)
     except OSError as exc:
         if sock is not None:
             sock.close()
@@ -151,9 +144,7 @@ def _ensure_parent(path: str) -> None:
     logger.info("Created directory %s for the socket", parent)
 
 
-def _bind_privately(
-    path: str, private: PrivateDir, mode: int, group: int | None, backlog: int
-) -> BoundSocket:
+def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None) -> BoundSocket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Owner-only while it is bound: never more open than the target mode (which includes 0600).
@@ -170,7 +161,7 @@ def _bind_privately(
         if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
             raise swapped(path, private.path)
         _apply_owner_and_mode(path, private, inode(made), mode, group)
-        sock.listen(backlog)
+        sock.listen(BACKLOG)
         identity = _move_into_place(path, private, inode(made))
     except BaseException:
         sock.close()

@@ -1,13 +1,5 @@
-"""``--workers N``: N worker processes serve the one socket this process bound; this one supervises.
-
-Each worker is a fresh interpreter in isolated mode (``python -I -m app.serving.workers``: nothing
-from the working directory or ``PYTHONPATH``, never a fork of a process with an event loop) given the
-listening socket and one end of a socket pair, over which it gets the settings and answers
-``ready``. The parent logs the demo line once every worker serves, replaces a dead worker (with a
-growing delay when they keep dying, exit 3 when none can start), passes SIGHUP on, checks the
-socket file once a second, and on SIGTERM/SIGINT stops the workers (each drains) and removes the
-socket. A worker whose parent is gone drains and exits. Why not uvicorn's ``Multiprocess``:
-docs/internals.md, "Serving".
+"""``--workers N``: N worker processes serve the one socket this process bound; this one supervises
+(starts, replaces with a growing delay, passes SIGHUP on, stops them). See docs/internals.md, "Serving".
 """
 
 from __future__ import annotations
@@ -25,20 +17,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
+from uvicorn.config import STARTUP_FAILURE
+
+from app.api.policy import PolicyError
 from app.config import Settings
+from app.logs import configure
 from app.serving.notify import Notifier
 from app.serving.server import (
     SOCKET_LOST,
-    STARTUP_FAILURE,
     AppFactory,
     Services,
     Stopped,
     early_signals,
     serve,
+    signal_names,
 )
 from app.serving.sockets import BoundSocket
-
-__all__ = ["QUICK_DEATH", "Supervisor"]
 
 logger = logging.getLogger("app.serving.workers")
 
@@ -215,8 +209,8 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         listen_fd = self.bound.sock.fileno()
         try:
-            # Isolated (-I): the working directory and PYTHON* variables stay off the worker's path.
             proc = subprocess.Popen(
+                # Isolated (-I): the working directory and PYTHON* variables stay off the worker's path.
                 [sys.executable, "-I", "-m", "app.serving.workers", str(listen_fd), str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listen_fd, theirs.fileno()),
@@ -289,9 +283,11 @@ class Supervisor:
         timeout = self.settings.shutdown_timeout
         self.notifier.stopping(f"Stopping {len(live)} worker(s)")
         if self.signals:
-            names = ", ".join(signal.Signals(s).name for s in self.signals)
             logger.info(
-                "Received %s: stopping %d worker(s), each drains for up to %gs", names, len(live), timeout
+                "Received %s: stopping %d worker(s), each drains for up to %gs",
+                signal_names(self.signals),
+                len(live),
+                timeout,
             )
         # New connections are refused once every worker has closed its copy too, as with one process.
         self.bound.sock.close()
@@ -341,8 +337,6 @@ def _watch_parent(conn: Connection) -> None:
 
 def worker_main(listen_fd: int, parent_fd: int) -> int:
     """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
-    from app.api.policy import PolicyError
-
     conn = Connection(parent_fd)
     sock = socket.socket(fileno=listen_fd)
     with early_signals():
@@ -351,8 +345,6 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
                 settings, app_factory, address = conn.recv()
             except (EOFError, OSError):
                 return STARTUP_FAILURE  # the parent went away before it told us anything
-            from app.logs import configure
-
             configure(
                 settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
             )
@@ -367,7 +359,7 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
                 logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
                 return STARTUP_FAILURE
             server = serve(
-                settings, application, sock, address, services=services, on_started=lambda: conn.send(READY)
+                settings, services, application, sock, address, on_started=lambda: conn.send(READY)
             )
         except Stopped:
             return 0

@@ -213,7 +213,7 @@ class ServerProcess(spawn.ServerProcess):
             raise AssertionError(f"{exc}\n--- server output ---\n{self.output}") from None
 
     def signal(self, sig: int) -> None:
-        self.send_signal(sig)
+        self.proc.send_signal(sig)
 
     def stop(self, sig: int = _SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the exit code (killing the process if it hangs)."""

@@ -260,10 +260,7 @@ def serve(
     address: str,
     **options: Any,
 ) -> UdsServer:
-    """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
-
-    ``options`` are :class:`UdsServer`'s (``on_started``, ``bound``, ``endpoint``, ``notifier``).
-    """
+    """Serve ``application`` on ``sock`` until stopped; ``options`` go to :class:`UdsServer`."""
     open_files, _ = raise_open_file_limit()
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
     cap = connection_cap(settings.max_connections, open_files)

@@ -50,24 +50,17 @@ class BoundSocket:
             return None
         return _identity(st) == self.identity and stat.S_ISSOCK(st.st_mode)
 
-    def remove(self) -> bool:
-        """Unlink the socket file if it is still the inode we created; True if removed."""
-        state = self.in_place()
-        if state is None or self.path is None:
-            return False
-        if not state:
-            logger.warning("Left %s in place: it is no longer the socket this server created", self.path)
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        return True
-
     def close(self) -> None:
-        """Close the listening socket and remove its file (idempotent)."""
+        """Close the listening socket and unlink its file if it is still the one we made (idempotent)."""
         self.sock.close()
-        if self.remove():
-            logger.debug("Removed socket %s", self.path)
+        path, state = self.path, self.in_place()
         self.path = None
+        if path is not None and state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            logger.debug("Removed socket %s", path)
+        elif state is False:
+            logger.warning("Left %s in place: it is no longer the socket this server created", path)
 
 
 def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSocket:

@@ -111,9 +111,6 @@ class ServerProcess:
             ) from exc
         return self
 
-    def send_signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send ``sig`` (if still running) and return the exit code; kill it and raise on a hang."""
         if self.proc.poll() is None:

@@ -66,17 +66,12 @@ class _Worker:
     ready: float | None = None
     hangup_owed: bool = False  # a SIGHUP came while it was starting: it gets one once it serves
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
 
 class Supervisor:
     """Start ``settings.workers`` workers on ``bound`` and keep them running until a stop signal.
 
-    ``app_factory`` is sent to each worker pickled; None means ``app.main.create_app``, which the
-    worker imports itself, so this process never imports FastAPI. ``worker_exited(pid)`` is called
-    once a worker is reaped, before its replacement starts; ``notifier`` tells the service manager.
+    ``app_factory`` goes to each worker pickled (None: the worker imports ``create_app`` itself, so
+    this process never imports FastAPI); ``worker_exited(pid)`` is called once a worker is reaped.
     """
 
     def __init__(
@@ -85,15 +80,15 @@ class Supervisor:
         app_factory: AppFactory | None,
         bound: BoundSocket,
         address: str,
-        worker_exited: Callable[[int], None] | None = None,
-        notifier: Notifier | None = None,
+        worker_exited: Callable[[int], None],
+        notifier: Notifier,
     ) -> None:
         self.settings = settings
         self.app_factory = app_factory
         self.bound = bound
         self.address = address
         self.worker_exited = worker_exited
-        self.notifier = notifier or Notifier()
+        self.notifier = notifier
         self.slots: list[_Worker | None] = [None] * settings.workers
         self.due: dict[int, float] = {}  # slots waiting for a replacement, and when it starts
         self.signals: list[int] = []
@@ -236,7 +231,7 @@ class Supervisor:
             logger.info(
                 "%d workers serving (pids %s)",
                 len(self.slots),
-                ", ".join(str(w.pid) for w in self._live()),
+                ", ".join(str(w.proc.pid) for w in self._live()),
             )
             logger.info("🔌 Server listening on %s", self.address)
             self.notifier.ready(f"Serving on {self.address} with {len(self.slots)} workers")
@@ -260,9 +255,9 @@ class Supervisor:
             then = f"starting a replacement in {delay:g}s ({self.quick_deaths} quick exits in a row)"
             self.due[slot] = now + delay
         else:
-            then = f"replaced by pid {self._start(slot).pid}"
-        logger.warning("Worker pid %d %s %s; %s", worker.pid, describe_exit(code), when, then)
-        self.notifier.status(f"Worker pid {worker.pid} {describe_exit(code)}; {then}")
+            then = f"replaced by pid {self._start(slot).proc.pid}"
+        logger.warning("Worker pid %d %s %s; %s", worker.proc.pid, describe_exit(code), when, then)
+        self.notifier.status(f"Worker pid {worker.proc.pid} {describe_exit(code)}; {then}")
 
     def _reap(self, worker: _Worker) -> int:
         """Wait for ``worker`` to exit (kill it if it lingers), report it; return its exit code."""
@@ -272,8 +267,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:  # its pair closed, yet it runs on: it cannot serve us
             worker.proc.kill()
             code = worker.proc.wait()
-        if self.worker_exited is not None:
-            self.worker_exited(worker.pid)
+        self.worker_exited(worker.proc.pid)
         return code
 
     def _stop(self, code: int) -> int:
@@ -306,7 +300,9 @@ class Supervisor:
             forwarded = len(self.signals)
         for worker in self._live():
             logger.error(
-                "Worker pid %d did not stop within %gs of SIGTERM: killed", worker.pid, timeout + STOP_GRACE
+                "Worker pid %d did not stop within %gs of SIGTERM: killed",
+                worker.proc.pid,
+                timeout + STOP_GRACE,
             )
             self._signal(worker, signal.SIGKILL)
             self._stopped(worker)
@@ -318,7 +314,7 @@ class Supervisor:
         code = self._reap(worker)
         self.slots[self.slots.index(worker)] = None
         if code not in (0, STARTUP_FAILURE) and code != -signal.SIGKILL:
-            logger.warning("Worker pid %d %s while stopping", worker.pid, describe_exit(code))
+            logger.warning("Worker pid %d %s while stopping", worker.proc.pid, describe_exit(code))
 
     @staticmethod
     def _signal(worker: _Worker, sig: int) -> None:

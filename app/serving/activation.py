@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 
 from app.logs import escaped
 from app.serving.private_dir import SocketError
-from app.serving.sockets import BoundSocket
+from app.serving.sockets import BoundSocket, describe
 
 logger = logging.getLogger("app.serving.activation")
 
@@ -54,12 +54,28 @@ def inherited_socket(environ: MutableMapping[str, str], pid: int | None = None) 
     return BoundSocket(sock)
 
 
-def address_of(sock: socket.socket) -> str:
-    """The inherited socket's address as a person reads it: its path, or ``@name`` if abstract."""
+def announce(sock: socket.socket, configured: str) -> str:
+    """Log the inherited socket (warn if every user may write to it); return its address."""
     name = sock.getsockname()
     if isinstance(name, bytes):  # the abstract namespace: a leading NUL byte
-        return "@" + escaped(name[1:].decode("utf-8", "backslashreplace"))
-    return escaped(name) if name else f"an unnamed socket (fd {sock.fileno()})"
+        address = "@" + escaped(name[1:].decode("utf-8", "backslashreplace"))
+    else:
+        address = escaped(name) if name else f"an unnamed socket (fd {sock.fileno()})"
+    unused = "" if configured == address else f"; --socket {configured} is not used"
+    details, mode = "", 0
+    if address.startswith("/"):
+        with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
+            details = f": {describe(address)}"
+            mode = os.lstat(address).st_mode
+    logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
+    if mode & 0o002:
+        logger.warning(
+            "Socket %s is writable by every user (mode %04o): any local user can call the API; "
+            "set SocketMode=0660 and SocketGroup= in its .socket unit",
+            address,
+            mode & 0o777,
+        )
+    return address
 
 
 def _check(fd: int, name: str) -> socket.socket:

@@ -64,8 +64,8 @@ class Notifier:
             return
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.setblocking(False)
+                kind = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                self._sock = socket.socket(socket.AF_UNIX, kind)
             self._sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
         except OSError as exc:
             if not self._warned:

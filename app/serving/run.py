@@ -4,7 +4,6 @@ remove the socket on every exit path; exit 0 after a clean stop, 3 after a start
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -16,7 +15,7 @@ from app.api.policy import PolicyError
 from app.config import Settings
 from app.metrics.core import MetricsError
 from app.metrics.endpoint import LoopEndpoint, for_workers
-from app.serving.activation import address_of, inherited_socket
+from app.serving.activation import announce, inherited_socket
 from app.serving.notify import Notifier
 from app.serving.private_dir import SocketError
 from app.serving.server import AppFactory, Services, Stopped, early_signals, serve
@@ -30,30 +29,15 @@ logger = logging.getLogger("app.serving.server")
 
 def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[BoundSocket, str]:
     """The listening socket ``settings`` name, unless one was ``inherited``; with the address to log."""
-    if inherited is None and settings.uses_tcp:
+    if inherited is not None:
+        return inherited, announce(inherited.sock, settings.socket)
+    if settings.uses_tcp:
         host = settings.host or "127.0.0.1"
         bound = bind_tcp(host, settings.port or 0)
         return bound, f"http://{host}:{bound.sock.getsockname()[1]}"
-    if inherited is None:
-        bound = bind_unix(settings.socket, settings.socket_mode, settings.socket_group)
-        logger.info("Socket %s: %s", settings.socket, describe(settings.socket))
-        return bound, settings.socket
-    address = address_of(inherited.sock)
-    unused = "" if settings.socket == address else f"; --socket {settings.socket} is not used"
-    details, mode = "", 0
-    if address.startswith("/"):
-        with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
-            details = f": {describe(address)}"
-            mode = os.lstat(address).st_mode
-    logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
-    if mode & 0o002:
-        logger.warning(
-            "Socket %s is writable by every user (mode %04o): any local user can call the API; "
-            "set SocketMode=0660 and SocketGroup= in its .socket unit",
-            address,
-            mode & 0o777,
-        )
-    return inherited, address
+    bound = bind_unix(settings.socket, settings.socket_mode, settings.socket_group)
+    logger.info("Socket %s: %s", settings.socket, describe(settings.socket))
+    return bound, settings.socket
 
 
 def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
@@ -78,7 +62,7 @@ def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
                 application,
                 bound.sock,
                 address,
-                bound=bound if bound.path is not None else None,  # TCP and inherited: no file to watch
+                bound=bound,
                 endpoint=LoopEndpoint(listen, services.metrics.rendered) if listen is not None else None,
                 notifier=notifier,
             )

@@ -46,8 +46,7 @@ _hangups: list[int] = []  # SIGHUPs not yet acted on; the server's tick takes th
 
 
 class Stopped(BaseException):
-    """A stop signal arrived before the server was serving (a BaseException, like
-    ``KeyboardInterrupt``: no ``except Exception`` in the application's build takes it for a failure)."""
+    """A stop signal before serving (a BaseException: no ``except Exception`` may take it)."""
 
 
 def _stop_early(sig: int, frame: FrameType | None) -> None:
@@ -111,9 +110,8 @@ class Services:
 class UdsServer(uvicorn.Server):
     """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
 
-    Once serving it logs the demo line and tells ``notifier``, or calls ``on_started`` instead (a
-    worker, whose parent does both once for all workers). ``bound``: the socket file checked once a
-    second (removed or replaced: stop, exit 3); ``endpoint``: the ``--metrics-listen`` endpoint.
+    Once serving it logs the demo line and tells ``notifier``, or calls ``on_started`` (a worker's
+    parent does both). ``bound``: the socket file to watch; ``endpoint``: ``--metrics-listen``'s.
     """
 
     def __init__(
@@ -212,10 +210,9 @@ class UdsServer(uvicorn.Server):
                 services.access.reload()
             if services.access.audit is not None:
                 services.access.audit.flush()
-        if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
-            if not self.socket_lost:
-                self.socket_lost = True
-                logger.error(SOCKET_LOST, self.address)
+        if counter % 10 == 0 and self.bound is not None and self.bound.lost():
+            self.socket_lost = True  # uvicorn stops ticking once this returns True
+            logger.error(SOCKET_LOST, self.address)
             return True
         return await super().on_tick(counter)
 

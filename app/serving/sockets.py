@@ -50,6 +50,10 @@ class BoundSocket:
             return None
         return _identity(st) == self.identity and stat.S_ISSOCK(st.st_mode)
 
+    def lost(self) -> bool:
+        """True once a socket file of ours was removed or replaced (never for TCP or inherited sockets)."""
+        return self.path is not None and self.in_place() is not True
+
     def close(self) -> None:
         """Close the listening socket and unlink its file if it is still the one we made (idempotent)."""
         self.sock.close()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any, Self
 
 from client import ClientError, ConnectError, WaitTimeout
 from client.wait import wait_for_socket
@@ -38,8 +38,8 @@ def app_command(*args: str, python: str = sys.executable) -> list[str]:
 class ServerProcess:
     """A server command in a child process (its own session), serving on ``socket``.
 
-    ``stdout`` takes the child's output, stderr included. ``env`` is laid over ``os.environ`` (None
-    removes a name); ``data_dir`` becomes ``UDS_DATA_DIR``; ``popen`` goes to :class:`subprocess.Popen`.
+    ``env`` is laid over ``os.environ`` (None removes a name); ``data_dir`` becomes ``UDS_DATA_DIR``;
+    ``popen`` goes to :class:`subprocess.Popen` (``stdout`` takes stderr too; ``text`` is UTF-8).
     """
 
     def __init__(
@@ -48,8 +48,6 @@ class ServerProcess:
         *,
         socket: str | None = None,
         name: str = "uds-server",
-        stdout: int | IO[Any] = subprocess.DEVNULL,
-        text: bool = False,
         env: Mapping[str, str | None] | None = None,
         data_dir: str | Path | None = None,
         **popen: Any,
@@ -65,13 +63,12 @@ class ServerProcess:
                 full_env.pop(key, None)
             else:
                 full_env[key] = value
+        popen.setdefault("stdout", subprocess.DEVNULL)
         self.proc: subprocess.Popen[Any] = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
-            stdout=stdout,
             stderr=subprocess.STDOUT,
-            text=text,
-            encoding="utf-8" if text else None,
+            encoding="utf-8" if popen.get("text") else None,
             env=full_env,
             start_new_session=True,
             **popen,

@@ -146,7 +146,11 @@ class Supervisor:
             wakeups = [next_check, *self.due.values()]
             if self.notifier.watchdog_every is not None:
                 wakeups.append(self.notifier.next_ping)
-            self._wait(max(0.0, min(wakeups) - now))
+            for worker, message in self._messages(max(0.0, min(wakeups) - now)):
+                if message is _CLOSED:
+                    self._died(worker)
+                elif message == READY:
+                    self._serving(worker)
             if self.signals:
                 return 0
             if self.hangups:
@@ -167,17 +171,9 @@ class Supervisor:
                 return STARTUP_FAILURE
             if now >= next_check:
                 next_check = now + CHECK_EVERY
-                if self.bound.path is not None and self.bound.in_place() is not True:
+                if self.bound.lost():
                     logger.error(SOCKET_LOST, self.address)
                     return STARTUP_FAILURE
-
-    def _wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for a worker's message or exit, or a signal; handle what came."""
-        for worker, message in self._messages(timeout):
-            if message is _CLOSED:
-                self._died(worker)
-            elif message == READY:
-                self._serving(worker)
 
     def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object]]:
         """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here); yield
@@ -215,7 +211,7 @@ class Supervisor:
         conn = Connection(ours.detach())
         worker = _Worker(proc, conn)
         self.slots[slot] = worker
-        # If it died at once, its end of the pair reads as closed and _wait reaps it.
+        # If it died at once, its end of the pair reads as closed and _supervise reaps it.
         with contextlib.suppress(OSError):
             conn.send((self.settings, self.app_factory, self.address))
         return worker

@@ -117,7 +117,6 @@ class UdsServer(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
-        app: Any,
         address: str,
         services: Services | None = None,
         on_started: Callable[[], None] | None = None,
@@ -127,7 +126,6 @@ class UdsServer(uvicorn.Server):
         notifier: Notifier | None = None,
     ) -> None:
         super().__init__(config)
-        self.app = app
         self.address = address
         self.services = services
         self.on_started = on_started
@@ -262,7 +260,7 @@ def serve(
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
     cap = connection_cap(settings.max_connections, open_files)
     config = build_config(settings, application, services.metrics.recorder, cap)
-    server = UdsServer(config, application, address, services, **options)
+    server = UdsServer(config, address, services, **options)
     try:
         server.run(sockets=[sock])
     finally:

@@ -154,23 +154,25 @@ def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None
         sock.close()
         raise SocketError(f"cannot bind {path}: {reason(exc)}") from exc
     try:
-        made = _inner_stat(path, private)
-        if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
-            raise swapped(path, private.path)
-        _apply_owner_and_mode(path, private, inode(made), mode, group)
+        made = inode(_inner_socket(path, private))
+        _apply_owner_and_mode(path, private, made, mode, group)
         sock.listen(BACKLOG)
-        identity = _move_into_place(path, private, inode(made))
+        identity = _move_into_place(path, private, made)
     except BaseException:
         sock.close()
         raise
     return BoundSocket(sock, path, identity)
 
 
-def _inner_stat(path: str, private: PrivateDir) -> os.stat_result:
+def _inner_socket(path: str, private: PrivateDir, made: tuple[int, int] | None = None) -> os.stat_result:
+    """The socket in the private directory; :class:`SocketError` unless it is still ours (``made``)."""
     try:
-        return os.stat(INNER, dir_fd=private.fd, follow_symlinks=False)
+        st = os.stat(INNER, dir_fd=private.fd, follow_symlinks=False)
     except OSError as exc:
         raise swapped(path, private.path) from exc
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or made not in (None, inode(st)):
+        raise swapped(path, private.path)
+    return st
 
 
 def _apply_owner_and_mode(
@@ -190,9 +192,7 @@ def _apply_owner_and_mode(
     except (OSError, ValueError, NotImplementedError) as exc:
         why = reason(exc) if isinstance(exc, OSError) else str(exc)
         raise SocketError(f"cannot set mode {mode:04o} on {path}: {why}") from exc
-    st = _inner_stat(path, private)
-    if inode(st) != made or not stat.S_ISSOCK(st.st_mode):
-        raise swapped(path, private.path)
+    st = _inner_socket(path, private, made)
     if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
         raise SocketError(
             f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Pipe, wait
 
 from uvicorn.config import STARTUP_FAILURE
 
@@ -197,7 +197,7 @@ class Supervisor:
 
     def _start(self, slot: int) -> _Worker:
         """Start a worker in ``slot``: a fresh interpreter given the listening socket and its pair."""
-        ours, theirs = socket.socketpair()
+        conn, theirs = Pipe()
         listen_fd = self.bound.sock.fileno()
         try:
             proc = subprocess.Popen(
@@ -208,7 +208,6 @@ class Supervisor:
             )
         finally:
             theirs.close()
-        conn = Connection(ours.detach())
         worker = _Worker(proc, conn)
         self.slots[slot] = worker
         # If it died at once, its end of the pair reads as closed and _supervise reaps it.
@@ -289,10 +288,9 @@ class Supervisor:
             for worker, message in self._messages(deadline - time.monotonic()):
                 if message is _CLOSED:  # a late "ready" is ignored: it drains all the same
                     self._stopped(worker)
-            for sig in self.signals[forwarded:]:
-                if sig == signal.SIGINT:  # a second Ctrl-C: workers stop without waiting
-                    for worker in self._live():
-                        self._signal(worker, signal.SIGINT)
+            if signal.SIGINT in self.signals[forwarded:]:  # a second Ctrl-C: workers stop without waiting
+                for worker in self._live():
+                    self._signal(worker, signal.SIGINT)
             forwarded = len(self.signals)
         for worker in self._live():
             logger.error(

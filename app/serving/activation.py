@@ -23,33 +23,27 @@ VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _FIX = "pass one listening Unix stream socket (ListenStream=/path in the .socket unit)"
 
 
-def inherited_socket(environ: MutableMapping[str, str], pid: int | None = None) -> BoundSocket | None:
-    """The listening socket passed in ``environ`` to process ``pid`` (default: this one), or None
-    (variables for another pid are ignored). The variables are removed in every case, so a child
-    never takes them for its own; :class:`SocketError` unless exactly one fitting socket is passed."""
-    values = {name: environ.pop(name, None) for name in VARIABLES}
-    listen_pid, listen_fds, names = values["LISTEN_PID"], values["LISTEN_FDS"], values["LISTEN_FDNAMES"]
+def inherited_socket(environ: MutableMapping[str, str]) -> BoundSocket | None:
+    """The listening socket passed in ``environ`` to this process, or None (variables for another pid
+    are ignored). The variables are removed in every case, so a child never takes them for its own;
+    :class:`SocketError` unless exactly one fitting socket is passed."""
+    listen_pid, listen_fds, names = (environ.pop(name, None) for name in VARIABLES)
     if listen_fds is None or listen_pid is None:
         return None
-    me = os.getpid() if pid is None else pid
-    if listen_pid.strip() != str(me):
+    if listen_pid.strip() != str(os.getpid()):
         logger.info(
             "LISTEN_FDS is set for pid %s, not this process (pid %d): ignored, binding the socket itself",
             escaped(listen_pid),
-            me,
+            os.getpid(),
         )
         return None
-    try:
-        count = int(listen_fds, 10)
-    except ValueError:
-        count = -1
+    count = int(listen_fds) if listen_fds.strip().isdigit() else -1
     if count == 0:
         return None
     if count != 1:
         shown = f"LISTEN_FDS={escaped(listen_fds)}" + (f", names {escaped(names)}" if names else "")
         raise SocketError(f"cannot serve the sockets passed by the service manager ({shown}): {_FIX}")
-    name = (names or "").split(":")[0]
-    sock = _check(FIRST_FD, name)
+    sock = _check(FIRST_FD, (names or "").split(":")[0])
     sock.set_inheritable(False)  # workers get it through pass_fds; nothing else should
     return BoundSocket(sock)
 
@@ -80,32 +74,24 @@ def announce(sock: socket.socket, configured: str) -> str:
 
 def _check(fd: int, name: str) -> socket.socket:
     """A socket object for descriptor ``fd`` if it is a listening Unix stream socket."""
-    what = f"fd {fd}" + (f" named {escaped(name)!r}" if name else "")
-
-    def refuse(reason: str) -> SocketError:
-        return SocketError(
-            f"cannot serve the socket passed by the service manager ({what}): {reason}; {_FIX}"
-        )
-
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         reason = "it is not open" if exc.errno == errno.EBADF else "it is not a socket"
-        raise refuse(reason) from exc
-    try:
+    else:
         if sock.family != socket.AF_UNIX:
             family = _FAMILIES.get(sock.family, f"a family {int(sock.family)}")
-            raise refuse(f"it is {family} socket, not a Unix (AF_UNIX) one")
-        if sock.type != socket.SOCK_STREAM:
+            reason = f"it is {family} socket, not a Unix (AF_UNIX) one"
+        elif sock.type != socket.SOCK_STREAM:
             kind = _TYPES.get(sock.type, f"a type {int(sock.type)}")
-            raise refuse(f"it is {kind} socket, not a stream (SOCK_STREAM) one")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise refuse("it is not listening (a .socket unit with Accept=yes passes connections instead)")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            sock.detach()  # leave the descriptor to its owner; we exit anyway
-        raise
-    return sock
+            reason = f"it is {kind} socket, not a stream (SOCK_STREAM) one"
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            reason = "it is not listening (a .socket unit with Accept=yes passes connections instead)"
+        else:
+            return sock
+        sock.detach()  # leave the descriptor to its owner; we exit anyway
+    what = f"fd {fd}" + (f" named {escaped(name)!r}" if name else "")
+    raise SocketError(f"cannot serve the socket passed by the service manager ({what}): {reason}; {_FIX}")
 
 
 _FAMILIES = {socket.AF_INET: "an IPv4 (AF_INET)", socket.AF_INET6: "an IPv6 (AF_INET6)"}

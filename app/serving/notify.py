@@ -28,30 +28,21 @@ class Notifier:
         self._warned = False
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str], pid: int | None = None) -> Notifier:
-        """The notifier ``environ`` asks for, for process ``pid`` (default: this); removes the variables
-        so that workers never notify on their own."""
+    def from_environ(cls, environ: MutableMapping[str, str]) -> Notifier:
+        """The notifier ``environ`` asks for; removes the variables so that workers never notify."""
         raw, usec, watchdog_pid = (environ.pop(name, None) for name in VARIABLES)
-        if not raw:
+        if not raw or raw[0] not in "@/":
+            if raw:
+                logger.warning(
+                    "NOTIFY_SOCKET=%s is neither a path nor @abstract: the service manager is not told "
+                    "when the server is ready",
+                    escaped(raw),
+                )
             return cls()
-        if raw.startswith("@"):
-            address: str | bytes = b"\0" + os.fsencode(raw[1:])
-        elif raw.startswith("/"):
-            address = raw
-        else:
-            logger.warning(
-                "NOTIFY_SOCKET=%s is neither a path nor @abstract: the service manager is not told "
-                "when the server is ready",
-                escaped(raw),
-            )
-            return cls()
+        address = b"\0" + os.fsencode(raw[1:]) if raw[0] == "@" else raw
         every = None
-        me = os.getpid() if pid is None else pid
-        if usec and (watchdog_pid is None or watchdog_pid.strip() == str(me)):
-            try:
-                timeout = int(usec, 10) / 1e6
-            except ValueError:
-                timeout = 0.0
+        if usec and (watchdog_pid is None or watchdog_pid.strip() == str(os.getpid())):
+            timeout = int(usec) / 1e6 if usec.strip().isdigit() else 0.0
             if timeout > 0:
                 every = timeout / 2
             else:
@@ -64,8 +55,7 @@ class Notifier:
             return
         try:
             if self._sock is None:
-                kind = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-                self._sock = socket.socket(socket.AF_UNIX, kind)
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
         except OSError as exc:
             if not self._warned:

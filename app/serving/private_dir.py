@@ -30,8 +30,14 @@ class SocketError(Exception):
     """The server cannot listen where it was told to; the message says what, where and what to do."""
 
 
-def inode(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
+def ours(st: os.stat_result, kind: int, mode: int | None = None) -> bool:
+    """True if ``st`` is a ``kind`` (``stat.S_IFDIR``, ``stat.S_IFSOCK``) of our uid, with ``mode`` if
+    given (a setgid bit from the parent aside)."""
+    return (
+        stat.S_IFMT(st.st_mode) == kind
+        and st.st_uid == os.geteuid()
+        and (mode is None or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID == mode)
+    )
 
 
 @dataclass(slots=True)
@@ -61,7 +67,7 @@ class PrivateDir:
             except OSError as exc:
                 raise swapped(target, made) from exc
             st = os.fstat(fd)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
+            if not ours(st, stat.S_IFDIR, 0o700):
                 os.close(fd)
                 if st.st_uid == os.geteuid():  # ours after all (a strange umask): do not leave it behind
                     with contextlib.suppress(OSError):
@@ -118,10 +124,9 @@ def try_lock(fd: int) -> bool | None:
 def same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
     """True while ``entry`` in the parent is still the directory ``st`` describes."""
     try:
-        now = os.stat(entry, dir_fd=parent_fd, follow_symlinks=False)
+        return os.path.samestat(os.stat(entry, dir_fd=parent_fd, follow_symlinks=False), st)
     except FileNotFoundError:
         return False
-    return inode(now) == inode(st)
 
 
 def remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
@@ -153,20 +158,13 @@ def _remove_leftover(name: str, leftover: str, parent_fd: int) -> str | None:
     fd = os.open(name, _OPEN_PRIVATE, dir_fd=parent_fd)
     try:
         st = os.fstat(fd)
-        if (
-            not stat.S_ISDIR(st.st_mode)
-            or st.st_uid != os.geteuid()
-            or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID != 0o700
-            or try_lock(fd) is not True
-        ):
+        if not ours(st, stat.S_IFDIR, 0o700) or try_lock(fd) is not True:
             return None
         with os.scandir(fd) as entries:
             inside = [entry.name for entry in entries]
         if inside == [INNER]:
             made = os.stat(INNER, dir_fd=fd, follow_symlinks=False)
-            if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
-                return None
-            if probe(inner_path(fd, leftover)) != "stale":
+            if not ours(made, stat.S_IFSOCK) or probe(inner_path(fd, leftover)) != "stale":
                 return None
             os.unlink(INNER, dir_fd=fd)
         elif inside:

@@ -18,7 +18,7 @@ from app.serving.private_dir import (
     PrivateDir,
     SocketError,
     inner_path,
-    inode,
+    ours,
     probe,
     reason,
     remove_leftovers,
@@ -95,20 +95,14 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSo
 
 def bind_tcp(host: str, port: int) -> BoundSocket:
     """Bind and listen on ``host:port`` (debugging and benchmarks); port 0 picks a free port."""
-    sock = None
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
+        family, *_, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-        sock.listen(BACKLOG)
+        sock = socket.create_server(address, family=family, backlog=BACKLOG)
     except OSError as exc:
-        if sock is not None:
-            sock.close()
         raise SocketError(f"cannot listen on {host}:{port}: {reason(exc)}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return BoundSocket(sock)
 
 
@@ -142,20 +136,37 @@ def _ensure_parent(path: str) -> None:
 
 
 def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None) -> BoundSocket:
+    """Bind inside ``private``, set group and mode there (never following a symlink), listen, move."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Owner-only while it is bound: never more open than the target mode (which includes 0600).
         old_umask = os.umask(0o177)
         try:
             sock.bind(inner_path(private.fd, private.path))
+        except OSError as exc:
+            raise SocketError(f"cannot bind {path}: {reason(exc)}") from exc
         finally:
             os.umask(old_umask)
-    except OSError as exc:
-        sock.close()
-        raise SocketError(f"cannot bind {path}: {reason(exc)}") from exc
-    try:
-        made = inode(_inner_socket(path, private))
-        _apply_owner_and_mode(path, private, made, mode, group)
+        made = _inner_socket(path, private)
+        if group is not None:
+            try:
+                os.chown(INNER, -1, group, dir_fd=private.fd, follow_symlinks=False)
+            except OSError as exc:
+                raise SocketError(
+                    f"cannot give {path} to group {group}: {reason(exc)}; "
+                    "the server's user must be root or a member of that group (--socket-group)"
+                ) from exc
+        try:
+            os.chmod(INNER, mode, dir_fd=private.fd, follow_symlinks=False)
+        except (OSError, ValueError, NotImplementedError) as exc:
+            why = reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise SocketError(f"cannot set mode {mode:04o} on {path}: {why}") from exc
+        st = _inner_socket(path, private, made)
+        if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
+            raise SocketError(
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
+                f"mode {mode:04o} group {group}; does the filesystem support it?"
+            )
         sock.listen(BACKLOG)
         identity = _move_into_place(path, private, made)
     except BaseException:
@@ -164,43 +175,18 @@ def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None
     return BoundSocket(sock, path, identity)
 
 
-def _inner_socket(path: str, private: PrivateDir, made: tuple[int, int] | None = None) -> os.stat_result:
+def _inner_socket(path: str, private: PrivateDir, made: os.stat_result | None = None) -> os.stat_result:
     """The socket in the private directory; :class:`SocketError` unless it is still ours (``made``)."""
     try:
         st = os.stat(INNER, dir_fd=private.fd, follow_symlinks=False)
     except OSError as exc:
         raise swapped(path, private.path) from exc
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or made not in (None, inode(st)):
+    if not ours(st, stat.S_IFSOCK) or (made is not None and not os.path.samestat(st, made)):
         raise swapped(path, private.path)
     return st
 
 
-def _apply_owner_and_mode(
-    path: str, private: PrivateDir, made: tuple[int, int], mode: int, group: int | None
-) -> None:
-    """Set group and mode on the socket inside the private directory, without following symlinks."""
-    if group is not None:
-        try:
-            os.chown(INNER, -1, group, dir_fd=private.fd, follow_symlinks=False)
-        except OSError as exc:
-            raise SocketError(
-                f"cannot give {path} to group {group}: {reason(exc)}; "
-                "the server's user must be root or a member of that group (--socket-group)"
-            ) from exc
-    try:
-        os.chmod(INNER, mode, dir_fd=private.fd, follow_symlinks=False)
-    except (OSError, ValueError, NotImplementedError) as exc:
-        why = reason(exc) if isinstance(exc, OSError) else str(exc)
-        raise SocketError(f"cannot set mode {mode:04o} on {path}: {why}") from exc
-    st = _inner_socket(path, private, made)
-    if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
-        raise SocketError(
-            f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
-            f"mode {mode:04o} group {group}; does the filesystem support it?"
-        )
-
-
-def _move_into_place(path: str, private: PrivateDir, made: tuple[int, int]) -> tuple[int, int, int]:
+def _move_into_place(path: str, private: PrivateDir, made: os.stat_result) -> tuple[int, int, int]:
     """Rename the finished socket over ``path`` if only a dead socket or nothing is there."""
     name = os.path.basename(path)
     stale = _check_target(path, private.parent_fd)
@@ -213,7 +199,7 @@ def _move_into_place(path: str, private: PrivateDir, made: tuple[int, int]) -> t
         st = os.stat(name, dir_fd=private.parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
-    if st is None or not stat.S_ISSOCK(st.st_mode) or inode(st) != made:
+    if st is None or not stat.S_ISSOCK(st.st_mode) or not os.path.samestat(st, made):
         raise replaced(path, "another program replaced the socket as soon as it appeared")
     if stale:
         logger.info("Removed stale socket %s (nothing was listening on it)", path)

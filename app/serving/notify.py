@@ -5,6 +5,7 @@ send is dropped with one warning, never stopping the server; without ``NOTIFY_SO
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ class Notifier:
     def __init__(self, address: str | bytes | None = None, watchdog_every: float | None = None) -> None:
         self.address = address
         self.watchdog_every = watchdog_every if address is not None else None  # half the manager's timeout
-        self.next_ping = time.monotonic()
+        self.next_ping = time.monotonic() if self.watchdog_every else math.inf
         self._sock: socket.socket | None = None
         self._warned = False
 
@@ -79,10 +80,8 @@ class Notifier:
 
     def ping_if_due(self, now: float | None = None) -> None:
         """``WATCHDOG=1`` if ``watchdog_every`` seconds have passed since the last ping."""
-        if self.watchdog_every is None:
-            return
         now = time.monotonic() if now is None else now
-        if now >= self.next_ping:
+        if self.watchdog_every is not None and now >= self.next_ping:
             self.next_ping = now + self.watchdog_every
             self.send("WATCHDOG=1")
 

@@ -67,6 +67,7 @@ class _Worker:
     hangup_owed: bool = False  # a SIGHUP came while it was starting: it gets one once it serves
 
 
+@dataclass(eq=False)
 class Supervisor:
     """Start ``settings.workers`` workers on ``bound`` and keep them running until a stop signal.
 
@@ -74,87 +75,64 @@ class Supervisor:
     this process never imports FastAPI); ``worker_exited(pid)`` is called once a worker is reaped.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        app_factory: AppFactory | None,
-        bound: BoundSocket,
-        address: str,
-        worker_exited: Callable[[int], None],
-        notifier: Notifier,
-    ) -> None:
-        self.settings = settings
-        self.app_factory = app_factory
-        self.bound = bound
-        self.address = address
-        self.worker_exited = worker_exited
-        self.notifier = notifier
-        self.slots: list[_Worker | None] = [None] * settings.workers
-        self.due: dict[int, float] = {}  # slots waiting for a replacement, and when it starts
-        self.signals: list[int] = []
-        self.hangups = 0
-        self.announced = False
-        self.failed_starts = 0  # workers in a row that died before serving
-        self.quick_deaths = 0
-        self.last_death = float("-inf")
-        self._wake_r, self._wake_w = socket.socketpair()
+    settings: Settings
+    app_factory: AppFactory | None
+    bound: BoundSocket
+    address: str
+    worker_exited: Callable[[int], None]
+    notifier: Notifier
+    due: dict[int, float] = field(default_factory=dict)  # slots waiting for a replacement, and when
+    signals: list[int] = field(default_factory=list)
+    hangups: int = 0
+    announced: bool = False
+    failed_starts: int = 0  # workers in a row that died before serving
+    quick_deaths: int = 0
+    last_death: float = float("-inf")
 
     def run(self) -> int:
         """Supervise until stopped; return the exit code (0 clean stop, 3 startup failure or lost socket)."""
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOPS}
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
+        self.slots: list[_Worker | None] = [None] * self.settings.workers
+        self._wake, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (*_STOPS, signal.SIGHUP)}
         try:
             for slot in range(len(self.slots)):
                 self._start(slot)
-            code = self._supervise()
-            return self._stop(code)
+            return self._stop(self._supervise())
         finally:
             for worker in self._live():  # an exception above: never leave a worker behind
-                with contextlib.suppress(OSError):
-                    worker.proc.kill()
+                worker.proc.send_signal(signal.SIGKILL)
                 self._reap(worker)
             signal.set_wakeup_fd(previous_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._wake_r.close()
-            self._wake_w.close()
+            os.close(self._wake)
+            os.close(wake_w)
 
     def _on_signal(self, sig: int, frame: object) -> None:
-        self.signals.append(sig)
-
-    def _on_hangup(self, sig: int, frame: object) -> None:
-        self.hangups += 1
-
-    def _pass_hangup(self) -> None:
-        """SIGHUP to every worker that serves; one still starting gets it when it says ready."""
-        self.hangups = 0
-        live = self._live()
-        logger.info("Received SIGHUP: passing it to %d worker(s)", len(live))
-        for worker in live:
-            if worker.ready is None:
-                worker.hangup_owed = True
-            else:
-                self._signal(worker, signal.SIGHUP)
+        if sig == signal.SIGHUP:
+            self.hangups += 1
+        else:
+            self.signals.append(sig)
 
     def _supervise(self) -> int:
         next_check = time.monotonic() + CHECK_EVERY
         while True:
-            now = time.monotonic()
-            wakeups = [next_check, *self.due.values()]
-            if self.notifier.watchdog_every is not None:
-                wakeups.append(self.notifier.next_ping)
-            for worker, message in self._messages(max(0.0, min(wakeups) - now)):
+            wakeups = [next_check, self.notifier.next_ping, *self.due.values()]
+            for worker, message in self._messages(max(0.0, min(wakeups) - time.monotonic())):
                 if message is _CLOSED:
                     self._died(worker)
                 elif message == READY:
                     self._serving(worker)
             if self.signals:
                 return 0
-            if self.hangups:
-                self._pass_hangup()
+            if self.hangups:  # to every worker that serves; one still starting gets it once ready
+                self.hangups = 0
+                logger.info("Received SIGHUP: passing it to %d worker(s)", len(self._live()))
+                for worker in self._live():
+                    worker.hangup_owed = worker.ready is None
+                    if worker.ready is not None:
+                        worker.proc.send_signal(signal.SIGHUP)
             now = time.monotonic()
             self.notifier.ping_if_due(now)
             if self.quick_deaths and now - self.last_death >= CALM:
@@ -179,11 +157,9 @@ class Supervisor:
         """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here); yield
         each worker that spoke with its message, or with ``_CLOSED`` if its end of the pair closed."""
         by_conn = {worker.conn: worker for worker in self._live()}
-        for item in wait([*by_conn, self._wake_r], timeout):
-            if item is self._wake_r:
-                with contextlib.suppress(OSError):
-                    while self._wake_r.recv(64):
-                        pass
+        for item in wait([*by_conn, self._wake], timeout):
+            if item == self._wake:
+                os.read(self._wake, 512)  # the signals' bytes: the handlers have counted them
                 continue
             worker = by_conn[item]  # type: ignore[index]
             try:
@@ -219,7 +195,7 @@ class Supervisor:
         worker.ready = time.monotonic()
         if worker.hangup_owed:
             worker.hangup_owed = False
-            self._signal(worker, signal.SIGHUP)
+            worker.proc.send_signal(signal.SIGHUP)
         self.failed_starts = 0
         if not self.announced and all(w is not None and w.ready is not None for w in self.slots):
             self.announced = True
@@ -233,9 +209,8 @@ class Supervisor:
 
     def _died(self, worker: _Worker) -> None:
         """Reap a worker whose end of the pair closed, log it and schedule its replacement."""
-        code = self._reap(worker)
         slot = self.slots.index(worker)
-        self.slots[slot] = None
+        code = self._reap(worker)
         now = time.monotonic()
         if worker.ready is None:
             self.failed_starts += 1
@@ -255,7 +230,8 @@ class Supervisor:
         self.notifier.status(f"Worker pid {worker.proc.pid} {describe_exit(code)}; {then}")
 
     def _reap(self, worker: _Worker) -> int:
-        """Wait for ``worker`` to exit (kill it if it lingers), report it; return its exit code."""
+        """Wait for ``worker`` to exit (kill it if it lingers), free its slot; return its exit code."""
+        self.slots[self.slots.index(worker)] = None
         worker.conn.close()
         try:
             code = worker.proc.wait(STOP_GRACE)
@@ -282,7 +258,7 @@ class Supervisor:
         self.bound.sock.close()
         forwarded = len(self.signals)
         for worker in live:
-            self._signal(worker, signal.SIGTERM)
+            worker.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout + STOP_GRACE
         while self._live() and time.monotonic() < deadline:
             for worker, message in self._messages(deadline - time.monotonic()):
@@ -290,7 +266,7 @@ class Supervisor:
                     self._stopped(worker)
             if signal.SIGINT in self.signals[forwarded:]:  # a second Ctrl-C: workers stop without waiting
                 for worker in self._live():
-                    self._signal(worker, signal.SIGINT)
+                    worker.proc.send_signal(signal.SIGINT)
             forwarded = len(self.signals)
         for worker in self._live():
             logger.error(
@@ -298,7 +274,7 @@ class Supervisor:
                 worker.proc.pid,
                 timeout + STOP_GRACE,
             )
-            self._signal(worker, signal.SIGKILL)
+            worker.proc.send_signal(signal.SIGKILL)
             self._stopped(worker)
         if live:
             logger.info("All workers stopped")
@@ -306,14 +282,8 @@ class Supervisor:
 
     def _stopped(self, worker: _Worker) -> None:
         code = self._reap(worker)
-        self.slots[self.slots.index(worker)] = None
         if code not in (0, STARTUP_FAILURE) and code != -signal.SIGKILL:
             logger.warning("Worker pid %d %s while stopping", worker.proc.pid, describe_exit(code))
-
-    @staticmethod
-    def _signal(worker: _Worker, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.send_signal(sig)
 
 
 def _watch_parent(conn: Connection) -> None:

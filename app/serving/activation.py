@@ -1,7 +1,5 @@
-"""Socket activation: serve the one listening Unix stream socket a service manager passes
-(``sd_listen_fds(3)``); anything else is a :class:`SocketError`. The socket stays the manager's:
-never chmodded or removed. See docs/systemd.md.
-"""
+"""Socket activation (``sd_listen_fds(3)``): serve the one listening Unix stream socket a service
+manager passes, never chmodded or removed; anything else is a :class:`SocketError`. docs/systemd.md."""
 
 from __future__ import annotations
 
@@ -24,9 +22,8 @@ _FIX = "pass one listening Unix stream socket (ListenStream=/path in the .socket
 
 
 def inherited_socket(environ: MutableMapping[str, str]) -> BoundSocket | None:
-    """The listening socket passed in ``environ`` to this process, or None (variables for another pid
-    are ignored). The variables are removed in every case, so a child never takes them for its own;
-    :class:`SocketError` unless exactly one fitting socket is passed."""
+    """The socket ``environ`` passes to this process, or None; removes the variables (a child must not
+    take them for its own). :class:`SocketError` unless exactly one fitting socket is passed."""
     listen_pid, listen_fds, names = (environ.pop(name, None) for name in VARIABLES)
     if listen_fds is None or listen_pid is None:
         return None

@@ -1,6 +1,5 @@
-"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)``, stdlib only. A failed
-send is dropped with one warning, never stopping the server; without ``NOTIFY_SOCKET`` nothing is sent.
-"""
+"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)``. A failed send is
+dropped with one warning, never stopping the server; without ``NOTIFY_SOCKET`` nothing is sent."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """The private 0700 directory a Unix socket is bound in before it is renamed into place, and the
-removal of those that killed starts left behind (each start holds an ``flock`` on its own).
-Why and how: docs/internals.md, "Serving".
-"""
+removal of those that killed starts left behind. Why and how: docs/internals.md, "Serving"."""
 
 from __future__ import annotations
 
@@ -31,8 +29,7 @@ class SocketError(Exception):
 
 
 def ours(st: os.stat_result, kind: int, mode: int | None = None) -> bool:
-    """True if ``st`` is a ``kind`` (``stat.S_IFDIR``, ``stat.S_IFSOCK``) of our uid, with ``mode`` if
-    given (a setgid bit from the parent aside)."""
+    """``st`` is a ``kind`` (``stat.S_IFDIR``...) of our uid, with ``mode`` if given (setgid aside)."""
     return (
         stat.S_IFMT(st.st_mode) == kind
         and st.st_uid == os.geteuid()
@@ -153,8 +150,7 @@ def remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
 
 
 def _remove_leftover(name: str, leftover: str, parent_fd: int) -> str | None:
-    """Remove ``name`` if it is a dead start's private directory; say what it held, or None if kept
-    (anything but an unlocked 0700 directory of our uid holding nothing or one dead socket of ours)."""
+    """Remove ``name`` if it is a dead start's private directory; what it held, or None if kept."""
     fd = os.open(name, _OPEN_PRIVATE, dir_fd=parent_fd)
     try:
         st = os.fstat(fd)

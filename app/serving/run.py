@@ -1,6 +1,5 @@
 """``uds-server``'s life: prepare the store, bind (or take the service manager's socket), serve,
-remove the socket on every exit path; exit 0 after a clean stop, 3 after a startup failure.
-"""
+remove the socket on every exit path; exit 0 after a clean stop, 3 after a startup failure."""
 
 from __future__ import annotations
 

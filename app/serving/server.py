@@ -1,7 +1,5 @@
-"""The uvicorn server on a socket we bound: drain on SIGTERM/SIGINT, reload on SIGHUP, exit codes.
-
-One application on one listening socket, in ``uds-server`` or in each ``--workers`` worker.
-"""
+"""The uvicorn server on a socket we bound, in ``uds-server`` or in each ``--workers`` worker:
+drain on SIGTERM/SIGINT, reload on SIGHUP, exit codes. See docs/internals.md, "Serving"."""
 
 from __future__ import annotations
 
@@ -59,8 +57,7 @@ def _note_hangup(sig: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def early_signals() -> Iterator[None]:
-    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, SIGHUP is kept for
-    the server's tick (its default action would kill the process). Restores the handlers after."""
+    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, SIGHUP waits for a tick."""
     previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _note_hangup)
     try:
@@ -76,8 +73,7 @@ def signal_names(signals: list[int]) -> str:
 
 @dataclass(slots=True)
 class Services:
-    """What the application is given and the server itself uses: the store, the event hub (ended on
-    SIGTERM), the metrics (gauges flushed each tick) and the access rules (reloaded on SIGHUP)."""
+    """What the application is given and the server itself uses (docs/internals.md, "Layout")."""
 
     store: Store
     hub: EventHub
@@ -108,11 +104,8 @@ class Services:
 
 
 class UdsServer(uvicorn.Server):
-    """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
-
-    Once serving it logs the demo line and tells ``notifier``, or calls ``on_started`` (a worker's
-    parent does both). ``bound``: the socket file to watch; ``endpoint``: ``--metrics-listen``'s.
-    """
+    """uvicorn's Server that drains, logs and exits 0 after a signal. Once serving it logs the demo
+    line and tells ``notifier``, or calls ``on_started`` (a worker: its parent does both)."""
 
     def __init__(
         self,
@@ -147,8 +140,7 @@ class UdsServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        """uvicorn's, without re-raising the captured signal once stopped: ``run()`` must remove the
-        socket and return 0. ``_captured_signals`` is uvicorn's private list (see docs/internals.md)."""
+        """uvicorn's, without re-raising the signal once stopped (private: docs/internals.md, "Signals")."""
         with super().capture_signals():
             try:
                 yield
@@ -196,8 +188,7 @@ class UdsServer(uvicorn.Server):
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
 
     async def on_tick(self, counter: int) -> bool:
-        """Every tick (0.1 s): flush the metrics' gauges and the audit lines, reload the access policy
-        after a SIGHUP; once a second, stop (exit 3) if our socket file was removed or replaced."""
+        """Flush gauges and audit lines, reload after SIGHUP; stop (exit 3) once our socket file is lost."""
         self.notifier.ping_if_due()
         services = self.services
         hangup = bool(_hangups)
@@ -222,8 +213,7 @@ class UdsServer(uvicorn.Server):
 def build_config(
     settings: Settings, app: Any, recorder: Recorder | None = None, max_connections: int | None = None
 ) -> uvicorn.Config:
-    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging;
-    ``max_connections`` replaces ``settings.max_connections`` if given."""
+    """The uvicorn Config for ``settings``; ``max_connections`` replaces the setting if given."""
     http = protocol_factory(
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,

@@ -1,7 +1,5 @@
 """The listening socket's life: bind in a private directory, set mode and group, rename into place
-(never over a live server's socket or a file that is not a socket), and remove it on exit only if
-it is still ours. Why and how: docs/internals.md, "Serving".
-"""
+(never over a live socket or a non-socket), remove it on exit only if still ours. docs/internals.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """Start a server in a child process and wait until it answers on its socket (the demo's helper;
-tests and benchmarks extend it in benchmarks/_spawn.py). Readiness is polled with a deadline by
-:mod:`client.wait`; a child that exits first ends the wait at once with its exit code.
-"""
+benchmarks/_spawn.py extends it). A child that exits first ends the wait at once with its code."""
 
 from __future__ import annotations
 
@@ -25,8 +23,7 @@ class SpawnError(ClientError):
 
 
 def python_command(module: str, *args: str, python: str = sys.executable) -> list[str]:
-    """``python -I -u -m module ARGS``: isolated mode keeps the working directory, ``PYTHON*``
-    variables and the user's site-packages (code another user may plant) off the child's path."""
+    """``python -I -u -m module ARGS``: isolated, so no code another user planted is on the path."""
     return [python, "-I", "-u", "-m", module, *args]
 
 
@@ -36,11 +33,8 @@ def app_command(*args: str, python: str = sys.executable) -> list[str]:
 
 
 class ServerProcess:
-    """A server command in a child process (its own session), serving on ``socket``.
-
-    ``env`` is laid over ``os.environ`` (None removes a name); ``data_dir`` becomes ``UDS_DATA_DIR``;
-    ``popen`` goes to :class:`subprocess.Popen` (``stdout`` takes stderr too; ``text`` is UTF-8).
-    """
+    """A server command in its own session, serving on ``socket``; ``env`` is laid over os.environ
+    (None removes a name); ``popen`` goes to Popen (``stdout`` takes stderr too)."""
 
     def __init__(
         self,
@@ -95,8 +89,7 @@ class ServerProcess:
     def wait_ready(
         self, timeout: float = START_TIMEOUT, *, first_delay: float = 0.01, max_delay: float = 0.2
     ) -> Self:
-        """Wait until ``GET /healthz`` gets an answer; :class:`SpawnError` as soon as the child exits,
-        or after ``timeout`` with the last error."""
+        """Wait for an answer; :class:`SpawnError` once the child exits, or at ``timeout``."""
         try:
             self.wait_answer(timeout, first_delay, max_delay)
         except (WaitTimeout, TimeoutError) as exc:

@@ -1,6 +1,5 @@
 """``--workers N``: N worker processes serve the one socket this process bound; this one supervises
-(starts, replaces with a growing delay, passes SIGHUP on, stops them). See docs/internals.md, "Serving".
-"""
+(starts, replaces with a growing delay, passes SIGHUP on, stops them). docs/internals.md, "Serving"."""
 
 from __future__ import annotations
 
@@ -23,15 +22,7 @@ from app.api.policy import PolicyError
 from app.config import Settings
 from app.logs import configure
 from app.serving.notify import Notifier
-from app.serving.server import (
-    SOCKET_LOST,
-    AppFactory,
-    Services,
-    Stopped,
-    early_signals,
-    serve,
-    signal_names,
-)
+from app.serving.server import SOCKET_LOST, AppFactory, Services, Stopped, early_signals, serve, signal_names
 from app.serving.sockets import BoundSocket
 
 logger = logging.getLogger("app.serving.workers")
@@ -49,13 +40,11 @@ _CLOSED = object()  # what Supervisor._messages yields for a worker whose end of
 
 def describe_exit(code: int) -> str:
     """``exited with status 1`` or ``killed by signal SIGKILL`` for a ``Popen.returncode``."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        return f"killed by signal {name}"
-    return f"exited with status {code}"
+    if code >= 0:
+        return f"exited with status {code}"
+    with contextlib.suppress(ValueError):
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"killed by signal {-code}"
 
 
 @dataclass(eq=False)
@@ -69,11 +58,8 @@ class _Worker:
 
 @dataclass(eq=False)
 class Supervisor:
-    """Start ``settings.workers`` workers on ``bound`` and keep them running until a stop signal.
-
-    ``app_factory`` goes to each worker pickled (None: the worker imports ``create_app`` itself, so
-    this process never imports FastAPI); ``worker_exited(pid)`` is called once a worker is reaped.
-    """
+    """Keep ``settings.workers`` workers on ``bound`` until a stop signal; ``app_factory`` goes to
+    each pickled (None: this process never imports FastAPI); ``worker_exited(pid)`` after each reap."""
 
     settings: Settings
     app_factory: AppFactory | None
@@ -154,8 +140,7 @@ class Supervisor:
                     return STARTUP_FAILURE
 
     def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object]]:
-        """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here); yield
-        each worker that spoke with its message, or with ``_CLOSED`` if its end of the pair closed."""
+        """Wait up to ``timeout`` for workers or a signal; yield each worker's message (or ``_CLOSED``)."""
         by_conn = {worker.conn: worker for worker in self._live()}
         for item in wait([*by_conn, self._wake], timeout):
             if item == self._wake:

@@ -52,9 +52,8 @@ class PrivateDir:
             try:
                 made = tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
             except OSError as exc:
-                hint = ""
-                if isinstance(exc, PermissionError):
-                    hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+                fix = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+                hint = fix if isinstance(exc, PermissionError) else ""
                 raise SocketError(f"cannot bind {target}: {reason(exc)}{hint}") from exc
             entry = os.path.basename(made)
             try:
@@ -102,9 +101,7 @@ def _private_prefix(target: str) -> str:
 def inner_path(fd: int, path: str) -> str:
     """The socket inside the private directory ``fd``: through /proc when it has it, else by ``path``."""
     by_fd = f"{PROC_FD}/{fd}"
-    if os.path.isdir(by_fd):
-        return f"{by_fd}/{INNER}"
-    return os.path.join(path, INNER)
+    return os.path.join(by_fd if os.path.isdir(by_fd) else path, INNER)
 
 
 def try_lock(fd: int) -> bool | None:
@@ -129,12 +126,8 @@ def same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
 def remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
     """Remove private directories of this socket name that killed starts left behind (best effort)."""
     pattern = re.compile(re.escape(_private_prefix(path)) + _RANDOM)
-    try:
-        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
-        try:
-            names = sorted(name for name in os.listdir(listing) if pattern.fullmatch(name))
-        finally:
-            os.close(listing)
+    try:  # names only: each is opened through ``parent_fd``, never following a symlink
+        names = sorted(name for name in os.listdir(parent) if pattern.fullmatch(name))
     except OSError as exc:
         logger.debug("Did not look for leftover private directories in %s: %s", parent, reason(exc))
         return

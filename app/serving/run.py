@@ -55,16 +55,9 @@ def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
             application = services.application(settings, app_factory)
             bound, address = bind(settings, inherited)
             listen = settings.metrics_listen
-            server = serve(
-                settings,
-                services,
-                application,
-                bound.sock,
-                address,
-                bound=bound,
-                endpoint=LoopEndpoint(listen, services.metrics.rendered) if listen is not None else None,
-                notifier=notifier,
-            )
+            endpoint = LoopEndpoint(listen, services.metrics.rendered) if listen is not None else None
+            options = {"bound": bound, "endpoint": endpoint, "notifier": notifier}
+            server = serve(settings, services, application, bound.sock, address, **options)
             return 0 if server.started and not server.socket_lost else STARTUP_FAILURE
         except Stopped:
             logger.info("Stopped before serving")

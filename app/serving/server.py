@@ -47,19 +47,16 @@ class Stopped(BaseException):
     """A stop signal before serving (a BaseException: no ``except Exception`` may take it)."""
 
 
-def _stop_early(sig: int, frame: FrameType | None) -> None:
-    raise Stopped(signal.Signals(sig).name)
-
-
-def _note_hangup(sig: int, frame: FrameType | None) -> None:
+def _early(sig: int, frame: FrameType | None) -> None:
+    if sig != signal.SIGHUP:
+        raise Stopped(signal.Signals(sig).name)
     _hangups.append(sig)
 
 
 @contextlib.contextmanager
 def early_signals() -> Iterator[None]:
     """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, SIGHUP waits for a tick."""
-    previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _note_hangup)
+    previous = {sig: signal.signal(sig, _early) for sig in (*HANDLED_SIGNALS, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -111,7 +108,7 @@ class UdsServer(uvicorn.Server):
         self,
         config: uvicorn.Config,
         address: str,
-        services: Services | None = None,
+        services: Services,
         on_started: Callable[[], None] | None = None,
         *,
         bound: BoundSocket | None = None,
@@ -122,8 +119,7 @@ class UdsServer(uvicorn.Server):
         self.address = address
         self.services = services
         self.on_started = on_started
-        if services is not None:
-            services.metrics.open_connections = lambda: len(self.server_state.connections)
+        services.metrics.open_connections = lambda: len(self.server_state.connections)
         self.drained = False
         self.signals: list[int] = []
         self.bound = bound
@@ -133,9 +129,7 @@ class UdsServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
-        if self.services is not None:
-            # /readyz answers 503 from now on, and every event stream gets `shutdown` and ends.
-            self.services.hub.drain_soon()
+        self.services.hub.drain_soon()  # /readyz answers 503 from now on; event streams end
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -176,10 +170,9 @@ class UdsServer(uvicorn.Server):
             self.endpoint.close()
         await super().shutdown(sockets=sockets)
         took = loop.time() - began
-        if self.services is not None:
-            self.services.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
-            if self.services.access.audit is not None:
-                self.services.access.audit.close()  # the last lines, and the count of refusals not itemized
+        self.services.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
+        if self.services.access.audit is not None:
+            self.services.access.audit.close()  # the last lines, and the count of refusals not itemized
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
         elif self.force_exit:
@@ -190,15 +183,14 @@ class UdsServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         """Flush gauges and audit lines, reload after SIGHUP; stop (exit 3) once our socket file is lost."""
         self.notifier.ping_if_due()
-        services = self.services
+        access = self.services.access
         hangup = bool(_hangups)
         _hangups.clear()  # before the reload: a SIGHUP during it asks for the next one
-        if services is not None:
-            services.metrics.flush()
-            if hangup:
-                services.access.reload()
-            if services.access.audit is not None:
-                services.access.audit.flush()
+        self.services.metrics.flush()
+        if hangup:
+            access.reload()
+        if access.audit is not None:
+            access.audit.flush()
         if counter % 10 == 0 and self.bound is not None and self.bound.lost():
             self.socket_lost = True  # uvicorn stops ticking once this returns True
             logger.error(SOCKET_LOST, self.address)

@@ -73,8 +73,17 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSo
             f"cannot listen on {path}: the path is {size} bytes, AF_UNIX allows at most {MAX_PATH_BYTES}; "
             "use a shorter --socket"
         )
-    _ensure_parent(path)
     parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        cannot = f"cannot create the socket's directory {parent}"
+        if os.path.lexists(parent):
+            raise SocketError(f"{cannot}: it exists and is not a directory; choose another --socket")
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            fix = "create it (or mount a volume there) or choose another --socket"
+            raise SocketError(f"{cannot}: {reason(exc)}; {fix}") from exc
+        logger.info("Created directory %s for the socket", parent)
     try:
         parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
@@ -116,21 +125,6 @@ def describe(path: str) -> str:
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
-def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(path) or "."
-    if os.path.isdir(parent):
-        return
-    cannot = f"cannot create the socket's directory {parent}"
-    if os.path.lexists(parent):
-        raise SocketError(f"{cannot}: it exists and is not a directory; choose another --socket")
-    try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        fix = "create it (or mount a volume there) or choose another --socket"
-        raise SocketError(f"{cannot}: {reason(exc)}; {fix}") from exc
-    logger.info("Created directory %s for the socket", parent)
 
 
 def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None) -> BoundSocket:
@@ -219,16 +213,13 @@ def _check_target(path: str, parent_fd: int) -> bool:
             "Remove it yourself or choose another --socket"
         )
     state = probe(path)
+    if state == "stale":
+        return True
     if state == "live":
-        raise SocketError(
-            f"cannot listen on {path}: another server is already listening on it; "
-            "stop it first or choose another --socket"
-        )
-    if state != "stale":
-        raise SocketError(
-            f"cannot listen on {path}: the existing socket cannot be checked ({state}); left untouched"
-        )
-    return True
+        why = "another server is already listening on it; stop it first or choose another --socket"
+    else:
+        why = f"the existing socket cannot be checked ({state}); left untouched"
+    raise SocketError(f"cannot listen on {path}: {why}")
 
 
 _KINDS = {

@@ -46,24 +46,17 @@ class ServerProcess:
         data_dir: str | Path | None = None,
         **popen: Any,
     ) -> None:
-        self.command = list(command)
         self.socket = socket
         self.name = name
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if data_dir is not None:
-            full_env["UDS_DATA_DIR"] = str(data_dir)
-        for key, value in (env or {}).items():
-            if value is None:
-                full_env.pop(key, None)
-            else:
-                full_env[key] = value
+        data = {} if data_dir is None else {"UDS_DATA_DIR": str(data_dir)}
+        laid = {**os.environ, "PYTHONUNBUFFERED": "1", **data, **(env or {})}
         popen.setdefault("stdout", subprocess.DEVNULL)
         self.proc: subprocess.Popen[Any] = subprocess.Popen(
-            self.command,
+            list(command),
             stdin=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             encoding="utf-8" if popen.get("text") else None,
-            env=full_env,
+            env={key: value for key, value in laid.items() if value is not None},
             start_new_session=True,
             **popen,
         )

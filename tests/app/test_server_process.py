@@ -315,7 +315,8 @@ def _protocol_of(config: uvicorn.Config) -> PeerCredProtocol:
 
 def test_captured_signal_is_not_raised_again_after_the_stop() -> None:
     """uvicorn raises a captured SIGTERM again once its handlers are gone; UdsServer must not."""
-    server = UdsServer(build_config(Settings(), _failing_app), "/x.sock")
+    settings = Settings(store="memory")
+    server = UdsServer(build_config(settings, _failing_app), "/x.sock", Services.build(settings))
     seen: list[int] = []
     before = signal.signal(signal.SIGTERM, lambda sig, _frame: seen.append(sig))
     try:

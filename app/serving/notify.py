@@ -49,10 +49,12 @@ class Notifier:
                 logger.warning("WATCHDOG_USEC=%s is not a positive number: no watchdog pings", escaped(usec))
         return cls(address, every)
 
-    def send(self, *lines: str) -> None:
-        """Send ``lines`` (``KEY=value`` each) in one datagram; drop them with one warning on failure."""
+    def send(self, status: str | None, *lines: str) -> None:
+        """``STATUS=status`` and ``lines`` (``KEY=value``) in one datagram; one warning on failure."""
         if self.address is None:
             return
+        if status is not None:
+            lines = (*lines, "STATUS=" + " ".join(escaped(status).split()))
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -69,26 +71,16 @@ class Notifier:
                 )
 
     def ready(self, status: str) -> None:
-        self.send("READY=1", f"MAINPID={os.getpid()}", _status(status))
-
-    def status(self, status: str) -> None:
-        self.send(_status(status))
-
-    def stopping(self, status: str) -> None:
-        self.send("STOPPING=1", _status(status))
+        self.send(status, "READY=1", f"MAINPID={os.getpid()}")
 
     def ping_if_due(self, now: float | None = None) -> None:
         """``WATCHDOG=1`` if ``watchdog_every`` seconds have passed since the last ping."""
         now = time.monotonic() if now is None else now
         if self.watchdog_every is not None and now >= self.next_ping:
             self.next_ping = now + self.watchdog_every
-            self.send("WATCHDOG=1")
+            self.send(None, "WATCHDOG=1")
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _status(text: str) -> str:
-    return "STATUS=" + " ".join(escaped(text).split())

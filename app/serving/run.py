@@ -64,7 +64,7 @@ def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
             return 0
         except (SocketError, StoreError, MetricsError, PolicyError) as exc:
             logger.error("%s", exc)
-            notifier.status(f"Failed to start: {exc}")
+            notifier.send(f"Failed to start: {exc}")
             return STARTUP_FAILURE
         finally:
             notifier.close()

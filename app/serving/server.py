@@ -156,7 +156,7 @@ class UdsServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self.server_state
         names = signal_names(self.signals) or "a stop request"
-        self.notifier.stopping(f"Draining {len(state.connections)} connection(s) after {names}")
+        self.notifier.send(f"Draining {len(state.connections)} connection(s) after {names}", "STOPPING=1")
         logger.info(
             "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
             names,

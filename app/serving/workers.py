@@ -212,7 +212,7 @@ class Supervisor:
         else:
             then = f"replaced by pid {self._start(slot).proc.pid}"
         logger.warning("Worker pid %d %s %s; %s", worker.proc.pid, describe_exit(code), when, then)
-        self.notifier.status(f"Worker pid {worker.proc.pid} {describe_exit(code)}; {then}")
+        self.notifier.send(f"Worker pid {worker.proc.pid} {describe_exit(code)}; {then}")
 
     def _reap(self, worker: _Worker) -> int:
         """Wait for ``worker`` to exit (kill it if it lingers), free its slot; return its exit code."""
@@ -231,7 +231,7 @@ class Supervisor:
         live = self._live()
         self.due.clear()
         timeout = self.settings.shutdown_timeout
-        self.notifier.stopping(f"Stopping {len(live)} worker(s)")
+        self.notifier.send(f"Stopping {len(live)} worker(s)", "STOPPING=1")
         if self.signals:
             logger.info(
                 "Received %s: stopping %d worker(s), each drains for up to %gs",

@@ -177,7 +177,7 @@ def test_a_full_manager_queue_never_blocks(tmp: Path) -> None:
         notifier = Notifier(str(tmp / "n"))
         started = time.process_time()
         for _ in range(2000):
-            notifier.status("x" * 1000)
+            notifier.send("x" * 1000)
         notifier.close()
         assert time.process_time() - started < 5  # it returned: a blocking send would hang here
         assert notifier._warned

@@ -179,18 +179,16 @@ def replaced(path: str, what: str) -> SocketError:
 
 def probe(path: str) -> str:
     """``live`` if something accepts on ``path``, ``stale`` if refused, else a reason."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(PROBE_TIMEOUT)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return "stale"
-    except TimeoutError:  # a full backlog or a stuck server: something owns it, do not steal it
-        return "live"
-    except OSError as exc:
-        return reason(exc)
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return "stale"
+        except TimeoutError:  # a full backlog or a stuck server: something owns it, do not steal it
+            return "live"
+        except OSError as exc:
+            return reason(exc)
     return "live"
 
 

@@ -108,9 +108,8 @@ class ServerProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.kill()  # nothing if it has exited already
+        self.proc.wait()
 
     def __enter__(self) -> Self:
         return self

@@ -35,7 +35,6 @@ CALM = 30.0  # seconds without a death after which the restart delay starts agai
 STOP_GRACE = 5.0  # seconds past --shutdown-timeout a worker gets to exit before it is killed
 CHECK_EVERY = 1.0  # seconds between checks of the socket file, as the single-process server
 _STOPS = (signal.SIGTERM, signal.SIGINT)
-_CLOSED = object()  # what Supervisor._messages yields for a worker whose end of the pair closed
 
 
 def describe_exit(code: int) -> str:
@@ -106,7 +105,7 @@ class Supervisor:
         while True:
             wakeups = [next_check, self.notifier.next_ping, *self.due.values()]
             for worker, message in self._messages(max(0.0, min(wakeups) - time.monotonic())):
-                if message is _CLOSED:
+                if message is None:
                     self._died(worker)
                 elif message == READY:
                     self._serving(worker)
@@ -139,8 +138,8 @@ class Supervisor:
                     logger.error(SOCKET_LOST, self.address)
                     return STARTUP_FAILURE
 
-    def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object]]:
-        """Wait up to ``timeout`` for workers or a signal; yield each worker's message (or ``_CLOSED``)."""
+    def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object | None]]:
+        """Wait up to ``timeout`` for workers or a signal; yield each message (None: pipe closed)."""
         by_conn = {worker.conn: worker for worker in self._live()}
         for item in wait([*by_conn, self._wake], timeout):
             if item == self._wake:
@@ -150,7 +149,7 @@ class Supervisor:
             try:
                 message = worker.conn.recv()
             except (EOFError, OSError):
-                message = _CLOSED
+                message = None
             yield worker, message
 
     def _live(self) -> list[_Worker]:
@@ -247,7 +246,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout + STOP_GRACE
         while self._live() and time.monotonic() < deadline:
             for worker, message in self._messages(deadline - time.monotonic()):
-                if message is _CLOSED:  # a late "ready" is ignored: it drains all the same
+                if message is None:  # a late "ready" is ignored: it drains all the same
                     self._stopped(worker)
             if signal.SIGINT in self.signals[forwarded:]:  # a second Ctrl-C: workers stop without waiting
                 for worker in self._live():

@@ -178,7 +178,6 @@ class Supervisor:
     def _serving(self, worker: _Worker) -> None:
         worker.ready = time.monotonic()
         if worker.hangup_owed:
-            worker.hangup_owed = False
             worker.proc.send_signal(signal.SIGHUP)
         self.failed_starts = 0
         if not self.announced and all(w is not None and w.ready is not None for w in self.slots):

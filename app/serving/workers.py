@@ -281,8 +281,7 @@ def _watch_parent(conn: Connection) -> None:
 def worker_main(listen_fd: int, parent_fd: int) -> int:
     """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
     conn = Connection(parent_fd)
-    sock = socket.socket(fileno=listen_fd)
-    with early_signals():
+    with early_signals(), socket.socket(fileno=listen_fd) as sock:
         try:
             try:
                 settings, app_factory, address = conn.recv()
@@ -306,8 +305,6 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
             )
         except Stopped:
             return 0
-        finally:
-            sock.close()
     logger.info("Worker pid %d stopped after %d request(s)", os.getpid(), server.server_state.total_requests)
     return 0 if server.started else STARTUP_FAILURE
 

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.serving.spawn import ServerProcess, SpawnError, app_command, free_port, pinned, socket_dir
+from _spawn import ServerProcess, free_port, pinned, socket_dir
+
+from app.serving.spawn import SpawnError, app_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _common import ROOT, Row, Server, autocannon, compare, paired
-
-from app.serving.spawn import split_cpus
+from _spawn import split_cpus
 
 
 @contextlib.contextmanager

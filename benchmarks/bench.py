@@ -27,8 +27,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _loadgen import LoadSpec, Target, run_load
+from _spawn import ServerProcess, free_port, probe_tcp, socket_dir, split_cpus
 
-from app.serving.spawn import ServerProcess, app_command, free_port, probe_tcp, socket_dir, split_cpus
+from app.serving.spawn import app_command
 from client import DEFAULT_ADDRESS, ClientError, UsageError, probe, resolve_socket
 
 __all__ = ["build_parser", "json_safe", "main", "run"]

@@ -11,8 +11,7 @@ on the first and autocannon on the others.
 from __future__ import annotations
 
 from _common import Row, Server, autocannon, compare, main_for
-
-from app.serving.spawn import split_cpus
+from _spawn import split_cpus
 
 CONNECTIONS = 10
 

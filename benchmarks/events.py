@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import PYTHON, BenchError, Row, Server, autocannon, compare, main_for, paired
-
-from app.serving.spawn import pinned, split_cpus
+from _spawn import pinned, split_cpus
 
 SUBSCRIBERS = 100
 CONNECTIONS = 20

@@ -43,8 +43,7 @@ from _common import (
     main_for,
     paired,
 )
-
-from app.serving.spawn import free_port, split_cpus
+from _spawn import free_port, split_cpus
 
 PATH = "/v1/messages"
 FLUSH_EVERY = 2000

@@ -39,8 +39,7 @@ from _common import (
     main_for,
     median,
 )
-
-from app.serving.spawn import split_cpus
+from _spawn import split_cpus
 
 PATH = "/v1/messages"
 BODY = b'{"text":"Hello from client"}'

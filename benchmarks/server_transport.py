@@ -12,8 +12,7 @@ from collections.abc import Callable
 from functools import partial
 
 from _common import Row, autocannon, compare, loadgen, main_for, paired, servers
-
-from app.serving.spawn import split_cpus
+from _spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:

@@ -8,8 +8,7 @@ the figure is the framework's and the hardening's cost; what the durable store c
 from __future__ import annotations
 
 from _common import Row, autocannon, compare, main_for, paired, servers
-
-from app.serving.spawn import split_cpus
+from _spawn import split_cpus
 
 
 def run(quick: bool) -> list[Row]:

@@ -12,8 +12,8 @@ import threading
 import time
 
 from _common import PYTHON, BenchError, Row, Server, loadgen, main_for, median, servers
+from _spawn import ServerProcess, socket_dir
 
-from app.serving.spawn import ServerProcess, socket_dir
 from client import probe
 from client.wait import poll
 

@@ -27,8 +27,9 @@ import threading
 from pathlib import Path
 
 from _common import ROOT, BenchError, Row, autocannon, compare, main_for, paired
+from _spawn import ServerProcess, socket_dir
 
-from app.serving.spawn import ServerProcess, SpawnError, app_command, socket_dir
+from app.serving.spawn import SpawnError, app_command
 
 CONNECTIONS = 20
 SERVED = re.compile(r"Worker pid (\d+) stopped after (\d+) request\(s\)")

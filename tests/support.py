@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.serving import spawn
+from benchmarks._spawn import socket_dir
 from client._probe import probe
 from client.wait import poll
 
@@ -32,7 +33,7 @@ PYTHON = sys.executable
 _SIGTERM = signal.SIGTERM  # the class below has a method named signal
 
 
-short_tmpdir = spawn.socket_dir
+short_tmpdir = socket_dir
 """A fresh directory under /tmp with a short name (AF_UNIX paths stop at 107 bytes)."""
 
 
@@ -212,7 +213,7 @@ class ServerProcess(spawn.ServerProcess):
             raise AssertionError(f"{exc}\n--- server output ---\n{self.output}") from None
 
     def signal(self, sig: int) -> None:
-        self.send_signal(sig)
+        self.proc.send_signal(sig)
 
     def stop(self, sig: int = _SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the exit code (killing the process if it hangs)."""

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from app.serving import spawn
+from benchmarks import _spawn
 from tests.support import (
     ROOT,
     http_over_uds,
@@ -190,7 +191,7 @@ def test_the_spawn_helper_server_never_imports_planted_code(planted: Planted, wh
     cwd = planted.root if where == "cwd" else tmp
     try:
         command = spawn.app_command("--socket", path, "--store", "memory")
-        with planted.checked(), spawn.spawn(command, socket=path, cwd=cwd, env=env, timeout=30):
+        with planted.checked(), _spawn.spawn(command, socket=path, cwd=cwd, env=env, timeout=30):
             status, _ = http_over_uds(path, "POST", "/messages", b'{"text": "hi"}', JSON)
             assert status == 201
     finally:

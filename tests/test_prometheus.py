@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from app.serving.spawn import free_port
+from benchmarks._spawn import free_port
 from tests.support import http_over_uds, require_tool, running_server, wait_until
 
 POSTS = 25

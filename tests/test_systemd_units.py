@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.serving.spawn import ServerProcess as Spawned
+from benchmarks._spawn import ServerProcess as Spawned
 from tests.support import ROOT, require_tool, short_tmpdir, wait_until
 
 UNITS = ROOT / "deploy" / "systemd"

@@ -1,9 +1,5 @@
-"""Socket activation: serve the listening socket a service manager passes (``sd_listen_fds(3)``).
-
-Only one listening Unix stream socket is served; anything else is a :class:`SocketError` (exit 3).
-The socket stays the manager's: never chmodded or removed, so connections made while the server
-restarts wait in its backlog. See docs/systemd.md.
-"""
+"""Socket activation (``sd_listen_fds(3)``): serve the one listening Unix stream socket a service
+manager passes, never chmodded or removed; anything else is a :class:`SocketError`. docs/systemd.md."""
 
 from __future__ import annotations
 
@@ -15,9 +11,8 @@ import socket
 from collections.abc import MutableMapping
 
 from app.logs import escaped
-from app.serving.sockets import BoundSocket, SocketError
-
-__all__ = ["FIRST_FD", "VARIABLES", "address_of", "inherited_socket"]
+from app.serving.private_dir import SocketError
+from app.serving.sockets import BoundSocket, describe
 
 logger = logging.getLogger("app.serving.activation")
 
@@ -26,73 +21,74 @@ VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _FIX = "pass one listening Unix stream socket (ListenStream=/path in the .socket unit)"
 
 
-def inherited_socket(environ: MutableMapping[str, str], pid: int | None = None) -> BoundSocket | None:
-    """The listening socket passed in ``environ`` to process ``pid`` (default: this one), or None
-    (variables for another pid are ignored). The variables are removed in every case, so a child
-    never takes them for its own; :class:`SocketError` unless exactly one fitting socket is passed."""
-    values = {name: environ.pop(name, None) for name in VARIABLES}
-    listen_pid, listen_fds, names = values["LISTEN_PID"], values["LISTEN_FDS"], values["LISTEN_FDNAMES"]
+def inherited_socket(environ: MutableMapping[str, str]) -> BoundSocket | None:
+    """The socket ``environ`` passes to this process, or None; removes the variables (a child must not
+    take them for its own). :class:`SocketError` unless exactly one fitting socket is passed."""
+    listen_pid, listen_fds, names = (environ.pop(name, None) for name in VARIABLES)
     if listen_fds is None or listen_pid is None:
         return None
-    me = os.getpid() if pid is None else pid
-    if listen_pid.strip() != str(me):
+    if listen_pid.strip() != str(os.getpid()):
         logger.info(
             "LISTEN_FDS is set for pid %s, not this process (pid %d): ignored, binding the socket itself",
             escaped(listen_pid),
-            me,
+            os.getpid(),
         )
         return None
-    try:
-        count = int(listen_fds, 10)
-    except ValueError:
-        count = -1
+    count = int(listen_fds) if listen_fds.strip().isdigit() else -1
     if count == 0:
         return None
     if count != 1:
         shown = f"LISTEN_FDS={escaped(listen_fds)}" + (f", names {escaped(names)}" if names else "")
         raise SocketError(f"cannot serve the sockets passed by the service manager ({shown}): {_FIX}")
-    name = (names or "").split(":")[0]
-    sock = _check(FIRST_FD, name)
+    sock = _check(FIRST_FD, (names or "").split(":")[0])
     sock.set_inheritable(False)  # workers get it through pass_fds; nothing else should
     return BoundSocket(sock)
 
 
-def address_of(sock: socket.socket) -> str:
-    """The inherited socket's address as a person reads it: its path, or ``@name`` if abstract."""
+def announce(sock: socket.socket, configured: str) -> str:
+    """Log the inherited socket (warn if every user may write to it); return its address."""
     name = sock.getsockname()
     if isinstance(name, bytes):  # the abstract namespace: a leading NUL byte
-        return "@" + escaped(name[1:].decode("utf-8", "backslashreplace"))
-    return escaped(name) if name else f"an unnamed socket (fd {sock.fileno()})"
+        address = "@" + escaped(name[1:].decode("utf-8", "backslashreplace"))
+    else:
+        address = escaped(name) if name else f"an unnamed socket (fd {sock.fileno()})"
+    unused = "" if configured == address else f"; --socket {configured} is not used"
+    details, mode = "", 0
+    if address.startswith("/"):
+        with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
+            details = f": {describe(address)}"
+            mode = os.lstat(address).st_mode
+    logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
+    if mode & 0o002:
+        logger.warning(
+            "Socket %s is writable by every user (mode %04o): any local user can call the API; "
+            "set SocketMode=0660 and SocketGroup= in its .socket unit",
+            address,
+            mode & 0o777,
+        )
+    return address
 
 
 def _check(fd: int, name: str) -> socket.socket:
     """A socket object for descriptor ``fd`` if it is a listening Unix stream socket."""
-    what = f"fd {fd}" + (f" named {escaped(name)!r}" if name else "")
-
-    def refuse(reason: str) -> SocketError:
-        return SocketError(
-            f"cannot serve the socket passed by the service manager ({what}): {reason}; {_FIX}"
-        )
-
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         reason = "it is not open" if exc.errno == errno.EBADF else "it is not a socket"
-        raise refuse(reason) from exc
-    try:
+    else:
         if sock.family != socket.AF_UNIX:
             family = _FAMILIES.get(sock.family, f"a family {int(sock.family)}")
-            raise refuse(f"it is {family} socket, not a Unix (AF_UNIX) one")
-        if sock.type != socket.SOCK_STREAM:
+            reason = f"it is {family} socket, not a Unix (AF_UNIX) one"
+        elif sock.type != socket.SOCK_STREAM:
             kind = _TYPES.get(sock.type, f"a type {int(sock.type)}")
-            raise refuse(f"it is {kind} socket, not a stream (SOCK_STREAM) one")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise refuse("it is not listening (a .socket unit with Accept=yes passes connections instead)")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            sock.detach()  # leave the descriptor to its owner; we exit anyway
-        raise
-    return sock
+            reason = f"it is {kind} socket, not a stream (SOCK_STREAM) one"
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            reason = "it is not listening (a .socket unit with Accept=yes passes connections instead)"
+        else:
+            return sock
+        sock.detach()  # leave the descriptor to its owner; we exit anyway
+    what = f"fd {fd}" + (f" named {escaped(name)!r}" if name else "")
+    raise SocketError(f"cannot serve the socket passed by the service manager ({what}): {reason}; {_FIX}")
 
 
 _FAMILIES = {socket.AF_INET: "an IPv4 (AF_INET)", socket.AF_INET6: "an IPv6 (AF_INET6)"}

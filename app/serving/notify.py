@@ -1,21 +1,16 @@
-"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)`` protocol, stdlib only.
-
-With ``NOTIFY_SOCKET`` set, each call sends one non-blocking datagram (``READY=1``, ``STATUS=``,
-``STOPPING=1``, ``WATCHDOG=1``); a failed send is dropped with one warning, never stopping the
-server. Without it every call does nothing. See docs/systemd.md.
-"""
+"""Tell a service manager how the server is doing: systemd's ``sd_notify(3)``. A failed send is
+dropped with one warning, never stopping the server; without ``NOTIFY_SOCKET`` nothing is sent."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
 from collections.abc import MutableMapping
 
 from app.logs import escaped
-
-__all__ = ["VARIABLES", "Notifier"]
 
 logger = logging.getLogger("app.serving.notify")
 
@@ -28,49 +23,41 @@ class Notifier:
     def __init__(self, address: str | bytes | None = None, watchdog_every: float | None = None) -> None:
         self.address = address
         self.watchdog_every = watchdog_every if address is not None else None  # half the manager's timeout
-        self.next_ping = time.monotonic()
+        self.next_ping = time.monotonic() if self.watchdog_every else math.inf
         self._sock: socket.socket | None = None
         self._warned = False
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str], pid: int | None = None) -> Notifier:
-        """The notifier ``environ`` asks for, for process ``pid`` (default: this); removes the variables,
-        so worker processes never notify on their own."""
+    def from_environ(cls, environ: MutableMapping[str, str]) -> Notifier:
+        """The notifier ``environ`` asks for; removes the variables so that workers never notify."""
         raw, usec, watchdog_pid = (environ.pop(name, None) for name in VARIABLES)
-        if not raw:
+        if not raw or raw[0] not in "@/":
+            if raw:
+                logger.warning(
+                    "NOTIFY_SOCKET=%s is neither a path nor @abstract: the service manager is not told "
+                    "when the server is ready",
+                    escaped(raw),
+                )
             return cls()
-        if raw.startswith("@"):
-            address: str | bytes = b"\0" + os.fsencode(raw[1:])
-        elif raw.startswith("/"):
-            address = raw
-        else:
-            logger.warning(
-                "NOTIFY_SOCKET=%s is neither a path nor @abstract: the service manager is not told "
-                "when the server is ready",
-                escaped(raw),
-            )
-            return cls()
+        address = b"\0" + os.fsencode(raw[1:]) if raw[0] == "@" else raw
         every = None
-        me = os.getpid() if pid is None else pid
-        if usec and (watchdog_pid is None or watchdog_pid.strip() == str(me)):
-            try:
-                timeout = int(usec, 10) / 1e6
-            except ValueError:
-                timeout = 0.0
+        if usec and (watchdog_pid is None or watchdog_pid.strip() == str(os.getpid())):
+            timeout = int(usec) / 1e6 if usec.strip().isdigit() else 0.0
             if timeout > 0:
                 every = timeout / 2
             else:
                 logger.warning("WATCHDOG_USEC=%s is not a positive number: no watchdog pings", escaped(usec))
         return cls(address, every)
 
-    def send(self, *lines: str) -> None:
-        """Send ``lines`` (``KEY=value`` each) in one datagram; drop them with one warning on failure."""
+    def send(self, status: str | None, *lines: str) -> None:
+        """``STATUS=status`` and ``lines`` (``KEY=value``) in one datagram; one warning on failure."""
         if self.address is None:
             return
+        if status is not None:
+            lines = (*lines, "STATUS=" + " ".join(escaped(status).split()))
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.setblocking(False)
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
         except OSError as exc:
             if not self._warned:
@@ -84,30 +71,16 @@ class Notifier:
                 )
 
     def ready(self, status: str) -> None:
-        """``READY=1`` with this process as ``MAINPID``, and ``status``."""
-        self.send("READY=1", f"MAINPID={os.getpid()}", _status(status))
-
-    def status(self, status: str) -> None:
-        self.send(_status(status))
-
-    def stopping(self, status: str) -> None:
-        """``STOPPING=1``: the drain begins."""
-        self.send("STOPPING=1", _status(status))
+        self.send(status, "READY=1", f"MAINPID={os.getpid()}")
 
     def ping_if_due(self, now: float | None = None) -> None:
         """``WATCHDOG=1`` if ``watchdog_every`` seconds have passed since the last ping."""
-        if self.watchdog_every is None:
-            return
         now = time.monotonic() if now is None else now
-        if now >= self.next_ping:
+        if self.watchdog_every is not None and now >= self.next_ping:
             self.next_ping = now + self.watchdog_every
-            self.send("WATCHDOG=1")
+            self.send(None, "WATCHDOG=1")
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _status(text: str) -> str:
-    return "STATUS=" + " ".join(escaped(text).split())

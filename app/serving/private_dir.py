@@ -1,10 +1,5 @@
-"""The private directory a Unix socket is bound in before it is renamed into place, and the
-removal of those that killed starts left behind.
-
-Nobody else can add or swap entries in a fresh 0700 directory of ours, held open by descriptor; a
-start holds an ``flock`` on it, so another start's cleanup never takes one in use. Why and how:
-docs/internals.md, "Serving".
-"""
+"""The private 0700 directory a Unix socket is bound in before it is renamed into place, and the
+removal of those that killed starts left behind. Why and how: docs/internals.md, "Serving"."""
 
 from __future__ import annotations
 
@@ -18,20 +13,6 @@ import socket
 import stat
 import tempfile
 from dataclasses import dataclass
-
-__all__ = [
-    "INNER",
-    "PrivateDir",
-    "SocketError",
-    "inner_path",
-    "inode",
-    "probe",
-    "reason",
-    "remove_leftovers",
-    "replaced",
-    "swapped",
-    "try_lock",
-]
 
 logger = logging.getLogger("app.serving.sockets")
 
@@ -47,8 +28,13 @@ class SocketError(Exception):
     """The server cannot listen where it was told to; the message says what, where and what to do."""
 
 
-def inode(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
+def ours(st: os.stat_result, kind: int, mode: int | None = None) -> bool:
+    """``st`` is a ``kind`` (``stat.S_IFDIR``...) of our uid, with ``mode`` if given (setgid aside)."""
+    return (
+        stat.S_IFMT(st.st_mode) == kind
+        and st.st_uid == os.geteuid()
+        and (mode is None or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID == mode)
+    )
 
 
 @dataclass(slots=True)
@@ -63,7 +49,12 @@ class PrivateDir:
     @classmethod
     def create(cls, target: str, parent: str, parent_fd: int) -> PrivateDir:
         for _ in range(_CREATE_ATTEMPTS):
-            made = cls._make(target, parent)
+            try:
+                made = tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
+            except OSError as exc:
+                fix = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
+                hint = fix if isinstance(exc, PermissionError) else ""
+                raise SocketError(f"cannot bind {target}: {reason(exc)}{hint}") from exc
             entry = os.path.basename(made)
             try:
                 fd = os.open(entry, _OPEN_PRIVATE, dir_fd=parent_fd)
@@ -72,7 +63,7 @@ class PrivateDir:
             except OSError as exc:
                 raise swapped(target, made) from exc
             st = os.fstat(fd)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:  # setgid may come from the parent
+            if not ours(st, stat.S_IFDIR, 0o700):
                 os.close(fd)
                 if st.st_uid == os.geteuid():  # ours after all (a strange umask): do not leave it behind
                     with contextlib.suppress(OSError):
@@ -87,16 +78,6 @@ class PrivateDir:
             f"cannot bind {target}: {_CREATE_ATTEMPTS} private directories beside it were removed by "
             "another program during start; make sure only this server uses its directory"
         )
-
-    @staticmethod
-    def _make(target: str, parent: str) -> str:
-        try:
-            return tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
-        except OSError as exc:
-            hint = ""
-            if isinstance(exc, PermissionError):
-                hint = f"; uid {os.geteuid()} needs write access to {parent} (check its owner and mode)"
-            raise SocketError(f"cannot bind {target}: {reason(exc)}{hint}") from exc
 
     def remove(self) -> None:
         """Remove the socket if it is still inside, then the directory if it is still ours."""
@@ -120,9 +101,7 @@ def _private_prefix(target: str) -> str:
 def inner_path(fd: int, path: str) -> str:
     """The socket inside the private directory ``fd``: through /proc when it has it, else by ``path``."""
     by_fd = f"{PROC_FD}/{fd}"
-    if os.path.isdir(by_fd):
-        return f"{by_fd}/{INNER}"
-    return os.path.join(path, INNER)
+    return os.path.join(by_fd if os.path.isdir(by_fd) else path, INNER)
 
 
 def try_lock(fd: int) -> bool | None:
@@ -139,21 +118,16 @@ def try_lock(fd: int) -> bool | None:
 def same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
     """True while ``entry`` in the parent is still the directory ``st`` describes."""
     try:
-        now = os.stat(entry, dir_fd=parent_fd, follow_symlinks=False)
+        return os.path.samestat(os.stat(entry, dir_fd=parent_fd, follow_symlinks=False), st)
     except FileNotFoundError:
         return False
-    return inode(now) == inode(st)
 
 
 def remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
     """Remove private directories of this socket name that killed starts left behind (best effort)."""
     pattern = re.compile(re.escape(_private_prefix(path)) + _RANDOM)
-    try:
-        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
-        try:
-            names = sorted(name for name in os.listdir(listing) if pattern.fullmatch(name))
-        finally:
-            os.close(listing)
+    try:  # names only: each is opened through ``parent_fd``, never following a symlink
+        names = sorted(name for name in os.listdir(parent) if pattern.fullmatch(name))
     except OSError as exc:
         logger.debug("Did not look for leftover private directories in %s: %s", parent, reason(exc))
         return
@@ -169,25 +143,17 @@ def remove_leftovers(path: str, parent: str, parent_fd: int) -> None:
 
 
 def _remove_leftover(name: str, leftover: str, parent_fd: int) -> str | None:
-    """Remove ``name`` if it is a dead start's private directory; say what it held, or None if kept
-    (anything but an unlocked 0700 directory of our uid holding nothing or one dead socket of ours)."""
+    """Remove ``name`` if it is a dead start's private directory; what it held, or None if kept."""
     fd = os.open(name, _OPEN_PRIVATE, dir_fd=parent_fd)
     try:
         st = os.fstat(fd)
-        if (
-            not stat.S_ISDIR(st.st_mode)
-            or st.st_uid != os.geteuid()
-            or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID != 0o700
-            or try_lock(fd) is not True
-        ):
+        if not ours(st, stat.S_IFDIR, 0o700) or try_lock(fd) is not True:
             return None
         with os.scandir(fd) as entries:
             inside = [entry.name for entry in entries]
         if inside == [INNER]:
             made = os.stat(INNER, dir_fd=fd, follow_symlinks=False)
-            if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
-                return None
-            if probe(inner_path(fd, leftover)) != "stale":
+            if not ours(made, stat.S_IFSOCK) or probe(inner_path(fd, leftover)) != "stale":
                 return None
             os.unlink(INNER, dir_fd=fd)
         elif inside:
@@ -213,18 +179,16 @@ def replaced(path: str, what: str) -> SocketError:
 
 def probe(path: str) -> str:
     """``live`` if something accepts on ``path``, ``stale`` if refused, else a reason."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(PROBE_TIMEOUT)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return "stale"
-    except TimeoutError:  # a full backlog or a stuck server: something owns it, do not steal it
-        return "live"
-    except OSError as exc:
-        return reason(exc)
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return "stale"
+        except TimeoutError:  # a full backlog or a stuck server: something owns it, do not steal it
+            return "live"
+        except OSError as exc:
+            return reason(exc)
     return "live"
 
 

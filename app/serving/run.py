@@ -1,57 +1,35 @@
 """``uds-server``'s life: prepare the store, bind (or take the service manager's socket), serve,
-remove the socket on every exit path; the exit code is 0 for a clean stop, 3 for a startup failure.
-
-With ``--workers`` above 1 this process binds and supervises (``app.serving.workers``); it alone
-removes the socket. With ``NOTIFY_SOCKET`` the manager hears readiness and the drain.
-"""
+remove the socket on every exit path; exit 0 after a clean stop, 3 after a startup failure."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
 from app.api.policy import PolicyError
 from app.config import Settings
 from app.metrics.core import MetricsError
 from app.metrics.endpoint import LoopEndpoint, for_workers
-from app.serving.activation import address_of, inherited_socket
+from app.serving.activation import announce, inherited_socket
 from app.serving.notify import Notifier
-from app.serving.server import STARTUP_FAILURE, AppFactory, Services, Stopped, early_signals, serve
-from app.serving.sockets import BoundSocket, SocketError, bind_tcp, bind_unix, describe
+from app.serving.private_dir import SocketError
+from app.serving.server import AppFactory, Services, Stopped, early_signals, serve
+from app.serving.sockets import BoundSocket, bind_tcp, bind_unix, describe
 from app.serving.workers import Supervisor
 from app.storage.schema import prepare_store
 from app.storage.store import StoreError
-
-__all__ = ["bind", "run"]
 
 logger = logging.getLogger("app.serving.server")
 
 
 def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[BoundSocket, str]:
-    """The listening socket ``settings`` name, unless one was ``inherited`` from a service manager;
-    with the address to log."""
+    """The listening socket ``settings`` name, unless one was ``inherited``; with the address to log."""
     if inherited is not None:
-        address = address_of(inherited.sock)
-        unused = "" if settings.socket == address else f"; --socket {settings.socket} is not used"
-        details = ""
-        mode = 0
-        if address.startswith("/"):
-            with contextlib.suppress(OSError):  # its file may be gone: the socket still serves
-                details = f": {describe(address)}"
-                mode = os.lstat(address).st_mode
-        logger.info("Socket %s passed by the service manager%s%s", address, details, unused)
-        if mode & 0o002:
-            logger.warning(
-                "Socket %s is writable by every user (mode %04o): any local user can call the API; "
-                "set SocketMode=0660 and SocketGroup= in its .socket unit",
-                address,
-                mode & 0o777,
-            )
-        return inherited, address
+        return inherited, announce(inherited.sock, settings.socket)
     if settings.uses_tcp:
         host = settings.host or "127.0.0.1"
         bound = bind_tcp(host, settings.port or 0)
@@ -62,7 +40,7 @@ def bind(settings: Settings, inherited: BoundSocket | None = None) -> tuple[Boun
 
 
 def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
-    """Serve until stopped; return the exit code (0 clean stop, 3 startup failure)."""
+    """Serve until stopped (with ``--workers`` above 1, supervise the workers); the exit code."""
     bound: BoundSocket | None = None
     notifier = Notifier.from_environ(os.environ)
     with early_signals():
@@ -72,34 +50,21 @@ def run(settings: Settings, app_factory: AppFactory | None = None) -> int:
             if settings.workers > 1:  # this process never builds an application (nor imports FastAPI)
                 bound, address = bind(settings, inherited)
                 with for_workers(settings) as worker_exited:  # the workers' metrics and the one endpoint
-                    supervisor = Supervisor(settings, app_factory, bound, address, worker_exited, notifier)
-                    return supervisor.run()
+                    return Supervisor(settings, app_factory, bound, address, worker_exited, notifier).run()
             services = Services.build(settings)
             application = services.application(settings, app_factory)
             bound, address = bind(settings, inherited)
             listen = settings.metrics_listen
             endpoint = LoopEndpoint(listen, services.metrics.rendered) if listen is not None else None
-            try:
-                server = serve(
-                    settings,
-                    application,
-                    bound.sock,
-                    address,
-                    services=services,
-                    bound=bound if bound.path is not None else None,  # TCP and inherited: no file to watch
-                    endpoint=endpoint,
-                    notifier=notifier,
-                )
-            finally:
-                if endpoint is not None:
-                    endpoint.close()
+            options = {"bound": bound, "endpoint": endpoint, "notifier": notifier}
+            server = serve(settings, services, application, bound.sock, address, **options)
             return 0 if server.started and not server.socket_lost else STARTUP_FAILURE
         except Stopped:
             logger.info("Stopped before serving")
             return 0
         except (SocketError, StoreError, MetricsError, PolicyError) as exc:
             logger.error("%s", exc)
-            notifier.status(f"Failed to start: {exc}")
+            notifier.send(f"Failed to start: {exc}")
             return STARTUP_FAILURE
         finally:
             notifier.close()

@@ -1,10 +1,5 @@
-"""The uvicorn server on a socket we bound: drain on SIGTERM/SIGINT, reload on SIGHUP, exit codes.
-
-:func:`serve` runs one application on one listening socket until stopped, in a single-process
-server (``app.serving.run``) or in each ``--workers`` worker (``app.serving.workers``).
-:class:`Services` are the objects the server builds, hands to the application factory and uses
-itself (the drain, SIGHUP reloads, the metrics' gauges).
-"""
+"""The uvicorn server on a socket we bound, in ``uds-server`` or in each ``--workers`` worker:
+drain on SIGTERM/SIGINT, reload on SIGHUP, exit codes. See docs/internals.md, "Serving"."""
 
 from __future__ import annotations
 
@@ -20,7 +15,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 from uvicorn.server import HANDLED_SIGNALS
 
 from app.config import Settings
@@ -29,57 +23,40 @@ from app.metrics.core import Recorder
 from app.metrics.endpoint import LoopEndpoint
 from app.serving.notify import Notifier
 from app.serving.sockets import BoundSocket
+from client.net.limits import connection_cap, raise_open_file_limit
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a --workers parent imports this module and never builds these (nor FastAPI)
     from app.api.access import Access
     from app.metrics.exposition import Metrics
     from app.storage.events import EventHub
     from app.storage.store import Store
-
-__all__ = [
-    "SOCKET_LOST",
-    "STARTUP_FAILURE",
-    "Services",
-    "Stopped",
-    "UdsServer",
-    "build_config",
-    "early_signals",
-    "serve",
-]
 
 logger = logging.getLogger("app.serving.server")
 
 SOCKET_LOST = (
     "Socket %s was removed or replaced by another program: clients cannot reach this server; stopping"
 )
-"""The error line (``%s``: the address) of a server, or a ``--workers`` parent, whose socket file went."""
 
 AppFactory = Callable[..., Any]
 """``create_app(settings, *, store, hub, metrics, access)``, or a stand-in with that signature."""
 
-_hangups: list[int] = []
-"""SIGHUPs received and not yet acted on; the server's tick takes them (a handler does no I/O)."""
+_hangups: list[int] = []  # SIGHUPs not yet acted on; the server's tick takes them (a handler does no I/O)
 
 
 class Stopped(BaseException):
-    """A stop signal arrived before the server was serving (like ``KeyboardInterrupt``, no
-    ``except Exception`` in the application's build may take it for a failure)."""
+    """A stop signal before serving (a BaseException: no ``except Exception`` may take it)."""
 
 
-def _stop_early(sig: int, frame: FrameType | None) -> None:
-    raise Stopped(signal.Signals(sig).name)
-
-
-def _note_hangup(sig: int, frame: FrameType | None) -> None:
+def _early(sig: int, frame: FrameType | None) -> None:
+    if sig != signal.SIGHUP:
+        raise Stopped(signal.Signals(sig).name)
     _hangups.append(sig)
 
 
 @contextlib.contextmanager
 def early_signals() -> Iterator[None]:
-    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, and SIGHUP is kept
-    for the server's tick (its default action would kill the process). Restores the handlers after."""
-    previous = {sig: signal.signal(sig, _stop_early) for sig in HANDLED_SIGNALS}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _note_hangup)
+    """Until uvicorn's handlers take over: SIGTERM/SIGINT raise :class:`Stopped`, SIGHUP waits for a tick."""
+    previous = {sig: signal.signal(sig, _early) for sig in (*HANDLED_SIGNALS, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -87,10 +64,13 @@ def early_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def signal_names(signals: list[int]) -> str:
+    return ", ".join(signal.Signals(s).name for s in signals)
+
+
 @dataclass(slots=True)
 class Services:
-    """What the application is given and the server itself uses: the store, the event hub (ended on
-    SIGTERM), the metrics (gauges flushed each tick) and the access rules (reloaded on SIGHUP)."""
+    """What the application is given and the server itself uses (docs/internals.md, "Layout")."""
 
     store: Store
     hub: EventHub
@@ -100,7 +80,6 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """Built in each serving process; raises ``PolicyError`` on a bad policy file."""
-        # Imported here: a --workers parent imports this module and never builds them (nor FastAPI).
         from app.api.access import Access
         from app.api.versions import API_VERSIONS
         from app.metrics.exposition import Metrics
@@ -122,46 +101,40 @@ class Services:
 
 
 class UdsServer(uvicorn.Server):
-    """uvicorn's Server that marks the app draining, logs the drain and exits 0 after a signal.
-
-    Once serving it logs the demo line, or calls ``on_started`` instead (a worker, whose parent logs
-    that line once for all workers).
-    """
+    """uvicorn's Server that drains, logs and exits 0 after a signal. Once serving it logs the demo
+    line and tells ``notifier``, or calls ``on_started`` (a worker: its parent does both)."""
 
     def __init__(
         self,
         config: uvicorn.Config,
-        app: Any,
         address: str,
-        services: Services | None = None,
+        services: Services,
         on_started: Callable[[], None] | None = None,
+        *,
+        bound: BoundSocket | None = None,
+        endpoint: LoopEndpoint | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         super().__init__(config)
-        self.app = app
         self.address = address
         self.services = services
         self.on_started = on_started
-        if services is not None:
-            services.metrics.open_connections = lambda: len(self.server_state.connections)
+        services.metrics.open_connections = lambda: len(self.server_state.connections)
         self.drained = False
         self.signals: list[int] = []
-        self.bound: BoundSocket | None = None  # the socket file checked once a second
+        self.bound = bound
         self.socket_lost = False
-        self.endpoint: LoopEndpoint | None = None  # the --metrics-listen endpoint this loop serves
-        self.notifier = Notifier()  # tells the service manager (a worker's tells nobody)
+        self.endpoint = endpoint
+        self.notifier = notifier or Notifier()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
-        if self.services is not None:
-            # /readyz answers 503 from now on, and every event stream gets `shutdown` and ends.
-            self.services.hub.drain_soon()
+        self.services.hub.drain_soon()  # /readyz answers 503 from now on; event streams end
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        """uvicorn's, without re-raising the captured signal once the server has stopped: ``run()``
-        must remove the socket and return 0. The list is uvicorn's private ``_captured_signals``:
-        tests/app/test_server_process.py fails if uvicorn renames it or re-raises another way."""
+        """uvicorn's, without re-raising the signal once stopped (private: docs/internals.md, "Signals")."""
         with super().capture_signals():
             try:
                 yield
@@ -170,19 +143,20 @@ class UdsServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if self.started and self.endpoint is not None:
+        if not self.started:
+            return
+        if self.endpoint is not None:
             await self.endpoint.start()
-        if self.started:
-            if self.on_started is None:
-                logger.info("🔌 Server listening on %s", self.address)
-                self.notifier.ready(f"Serving on {self.address}")
-            else:
-                self.on_started()
+        if self.on_started is None:
+            logger.info("🔌 Server listening on %s", self.address)
+            self.notifier.ready(f"Serving on {self.address}")
+        else:
+            self.on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self.server_state
-        names = ", ".join(signal.Signals(s).name for s in self.signals) or "a stop request"
-        self.notifier.stopping(f"Draining {len(state.connections)} connection(s) after {names}")
+        names = signal_names(self.signals) or "a stop request"
+        self.notifier.send(f"Draining {len(state.connections)} connection(s) after {names}", "STOPPING=1")
         logger.info(
             "Received %s: draining %d connection(s), %d request(s) in flight (up to %gs)",
             names,
@@ -196,10 +170,9 @@ class UdsServer(uvicorn.Server):
             self.endpoint.close()
         await super().shutdown(sockets=sockets)
         took = loop.time() - began
-        if self.services is not None:
-            self.services.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
-            if self.services.access.audit is not None:
-                self.services.access.audit.close()  # the last lines, and the count of refusals not itemized
+        self.services.metrics.flush()  # the last gauges, for a parent still serving --workers' metrics
+        if self.services.access.audit is not None:
+            self.services.access.audit.close()  # the last lines, and the count of refusals not itemized
         if self.drained:
             logger.info("Drain done in %.2fs: all requests finished", took)
         elif self.force_exit:
@@ -208,22 +181,19 @@ class UdsServer(uvicorn.Server):
             logger.warning("Drain timed out after %.2fs: unfinished requests were cancelled", took)
 
     async def on_tick(self, counter: int) -> bool:
-        """Every tick (0.1 s): flush the metrics' gauges and the audit lines, reload the access policy
-        after a SIGHUP; once a second, stop (exit 3) if our socket file was removed or replaced."""
+        """Flush gauges and audit lines, reload after SIGHUP; stop (exit 3) once our socket file is lost."""
         self.notifier.ping_if_due()
-        services = self.services
+        access = self.services.access
         hangup = bool(_hangups)
         _hangups.clear()  # before the reload: a SIGHUP during it asks for the next one
-        if services is not None:
-            services.metrics.flush()
-            if hangup:
-                services.access.reload()
-            if services.access.audit is not None:
-                services.access.audit.flush()
-        if counter % 10 == 0 and self.bound is not None and self.bound.in_place() is not True:
-            if not self.socket_lost:
-                self.socket_lost = True
-                logger.error(SOCKET_LOST, self.address)
+        self.services.metrics.flush()
+        if hangup:
+            access.reload()
+        if access.audit is not None:
+            access.audit.flush()
+        if counter % 10 == 0 and self.bound is not None and self.bound.lost():
+            self.socket_lost = True  # uvicorn stops ticking once this returns True
+            logger.error(SOCKET_LOST, self.address)
             return True
         return await super().on_tick(counter)
 
@@ -235,9 +205,7 @@ class UdsServer(uvicorn.Server):
 def build_config(
     settings: Settings, app: Any, recorder: Recorder | None = None, max_connections: int | None = None
 ) -> uvicorn.Config:
-    """The uvicorn Config for ``settings``: httptools + uvloop, our protocol, our logging.
-
-    ``max_connections``: the connection cap, if not ``settings.max_connections``."""
+    """The uvicorn Config for ``settings``; ``max_connections`` replaces the setting if given."""
     http = protocol_factory(
         request_timeout=settings.request_timeout,
         send_timeout=settings.send_timeout,
@@ -263,32 +231,21 @@ def build_config(
 
 def serve(
     settings: Settings,
+    services: Services,
     application: Any,
     sock: socket.socket,
     address: str,
-    *,
-    services: Services | None = None,
-    bound: BoundSocket | None = None,
-    on_started: Callable[[], None] | None = None,
-    endpoint: LoopEndpoint | None = None,
-    notifier: Notifier | None = None,
+    **options: Any,
 ) -> UdsServer:
-    """Serve ``application`` on the listening ``sock`` until stopped; return the finished server.
-
-    ``bound``: the socket file to check once a second (stop if it is removed or replaced).
-    ``notifier``: tells the service manager when it serves and drains (None: nobody is told).
-    """
-    from client.net.limits import connection_cap, raise_open_file_limit
-
+    """Serve ``application`` on ``sock`` until stopped; ``options`` go to :class:`UdsServer`."""
     open_files, _ = raise_open_file_limit()
-    recorder = services.metrics.recorder if services is not None else None
     # Connections past the open-file limit would fail silently at accept(): cap them below it.
     cap = connection_cap(settings.max_connections, open_files)
-    config = build_config(settings, application, recorder, cap)
-    server = UdsServer(config, application, address, services, on_started)
-    server.bound = bound
-    server.endpoint = endpoint
-    if notifier is not None:
-        server.notifier = notifier
-    server.run(sockets=[sock])
+    config = build_config(settings, application, services.metrics.recorder, cap)
+    server = UdsServer(config, address, services, **options)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if server.endpoint is not None:
+            server.endpoint.close()
     return server

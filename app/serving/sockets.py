@@ -1,11 +1,5 @@
-"""The listening socket's life: check the path, bind safely, set mode and group, clean up.
-
-Unlike ``uvicorn --uds``: a live server's socket is never replaced, a file that is not a socket is
-never touched, the socket is never more open than its mode, and on exit it is removed only if it
-is still ours. It is bound, chowned and chmodded in a private 0700 directory beside the target
-(through its descriptor, never following symlinks), then renamed into place, so nothing another
-user puts at the path is ever changed. Why and how: docs/internals.md, "Serving".
-"""
+"""The listening socket's life: bind in a private directory, set mode and group, rename into place
+(never over a live socket or a non-socket), remove it on exit only if still ours. docs/internals.md."""
 
 from __future__ import annotations
 
@@ -22,7 +16,7 @@ from app.serving.private_dir import (
     PrivateDir,
     SocketError,
     inner_path,
-    inode,
+    ours,
     probe,
     reason,
     remove_leftovers,
@@ -30,8 +24,6 @@ from app.serving.private_dir import (
     swapped,
 )
 from client.address import MAX_PATH_BYTES
-
-__all__ = ["BACKLOG", "BoundSocket", "SocketError", "bind_tcp", "bind_unix"]
 
 logger = logging.getLogger("app.serving.sockets")
 
@@ -56,37 +48,42 @@ class BoundSocket:
             return None
         return _identity(st) == self.identity and stat.S_ISSOCK(st.st_mode)
 
-    def remove(self) -> bool:
-        """Unlink the socket file if it is still the inode we created; True if removed."""
-        state = self.in_place()
-        if state is None or self.path is None:
-            return False
-        if not state:
-            logger.warning("Left %s in place: it is no longer the socket this server created", self.path)
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        return True
+    def lost(self) -> bool:
+        """True once a socket file of ours was removed or replaced (never for TCP or inherited sockets)."""
+        return self.path is not None and self.in_place() is not True
 
     def close(self) -> None:
-        """Close the listening socket and remove its file (idempotent)."""
+        """Close the listening socket and unlink its file if it is still the one we made (idempotent)."""
         self.sock.close()
-        if self.remove():
-            logger.debug("Removed socket %s", self.path)
+        path, state = self.path, self.in_place()
         self.path = None
+        if path is not None and state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            logger.debug("Removed socket %s", path)
+        elif state is False:
+            logger.warning("Left %s in place: it is no longer the socket this server created", path)
 
 
-def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: int = BACKLOG) -> BoundSocket:
-    """Bind and listen on ``path`` with ``mode`` and ``group`` (see the module's docstring);
-    :class:`SocketError` if we cannot."""
+def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSocket:
+    """Listen on ``path`` with ``mode`` and ``group``; :class:`SocketError` if we cannot."""
     size = len(os.fsencode(path))
     if size > MAX_PATH_BYTES:
         raise SocketError(
             f"cannot listen on {path}: the path is {size} bytes, AF_UNIX allows at most {MAX_PATH_BYTES}; "
             "use a shorter --socket"
         )
-    _ensure_parent(path)
     parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        cannot = f"cannot create the socket's directory {parent}"
+        if os.path.lexists(parent):
+            raise SocketError(f"{cannot}: it exists and is not a directory; choose another --socket")
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            fix = "create it (or mount a volume there) or choose another --socket"
+            raise SocketError(f"{cannot}: {reason(exc)}; {fix}") from exc
+        logger.info("Created directory %s for the socket", parent)
     try:
         parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
@@ -96,29 +93,23 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None, backlog: i
         remove_leftovers(path, parent, parent_fd)
         private = PrivateDir.create(path, parent, parent_fd)
         try:
-            return _bind_privately(path, private, mode, group, backlog)
+            return _bind_privately(path, private, mode, group)
         finally:
             private.remove()
     finally:
         os.close(parent_fd)
 
 
-def bind_tcp(host: str, port: int, backlog: int = BACKLOG) -> BoundSocket:
+def bind_tcp(host: str, port: int) -> BoundSocket:
     """Bind and listen on ``host:port`` (debugging and benchmarks); port 0 picks a free port."""
-    sock = None
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
+        family, *_, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-        sock.listen(backlog)
+        sock = socket.create_server(address, family=family, backlog=BACKLOG)
     except OSError as exc:
-        if sock is not None:
-            sock.close()
         raise SocketError(f"cannot listen on {host}:{port}: {reason(exc)}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return BoundSocket(sock)
 
 
@@ -136,83 +127,58 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(path) or "."
-    if os.path.isdir(parent):
-        return
-    cannot = f"cannot create the socket's directory {parent}"
-    if os.path.lexists(parent):
-        raise SocketError(f"{cannot}: it exists and is not a directory; choose another --socket")
-    try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        fix = "create it (or mount a volume there) or choose another --socket"
-        raise SocketError(f"{cannot}: {reason(exc)}; {fix}") from exc
-    logger.info("Created directory %s for the socket", parent)
-
-
-def _bind_privately(
-    path: str, private: PrivateDir, mode: int, group: int | None, backlog: int
-) -> BoundSocket:
+def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None) -> BoundSocket:
+    """Bind inside ``private``, set group and mode there (never following a symlink), listen, move."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Owner-only while it is bound: never more open than the target mode (which includes 0600).
         old_umask = os.umask(0o177)
         try:
             sock.bind(inner_path(private.fd, private.path))
+        except OSError as exc:
+            raise SocketError(f"cannot bind {path}: {reason(exc)}") from exc
         finally:
             os.umask(old_umask)
-    except OSError as exc:
-        sock.close()
-        raise SocketError(f"cannot bind {path}: {reason(exc)}") from exc
-    try:
-        made = _inner_stat(path, private)
-        if not stat.S_ISSOCK(made.st_mode) or made.st_uid != os.geteuid():
-            raise swapped(path, private.path)
-        _apply_owner_and_mode(path, private, inode(made), mode, group)
-        sock.listen(backlog)
-        identity = _move_into_place(path, private, inode(made))
+        made = _inner_socket(path, private)
+        if group is not None:
+            try:
+                os.chown(INNER, -1, group, dir_fd=private.fd, follow_symlinks=False)
+            except OSError as exc:
+                raise SocketError(
+                    f"cannot give {path} to group {group}: {reason(exc)}; "
+                    "the server's user must be root or a member of that group (--socket-group)"
+                ) from exc
+        try:
+            os.chmod(INNER, mode, dir_fd=private.fd, follow_symlinks=False)
+        except (OSError, ValueError, NotImplementedError) as exc:
+            why = reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise SocketError(f"cannot set mode {mode:04o} on {path}: {why}") from exc
+        st = _inner_socket(path, private, made)
+        if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
+            raise SocketError(
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
+                f"mode {mode:04o} group {group}; does the filesystem support it?"
+            )
+        sock.listen(BACKLOG)
+        identity = _move_into_place(path, private, made)
     except BaseException:
         sock.close()
         raise
     return BoundSocket(sock, path, identity)
 
 
-def _inner_stat(path: str, private: PrivateDir) -> os.stat_result:
+def _inner_socket(path: str, private: PrivateDir, made: os.stat_result | None = None) -> os.stat_result:
+    """The socket in the private directory; :class:`SocketError` unless it is still ours (``made``)."""
     try:
-        return os.stat(INNER, dir_fd=private.fd, follow_symlinks=False)
+        st = os.stat(INNER, dir_fd=private.fd, follow_symlinks=False)
     except OSError as exc:
         raise swapped(path, private.path) from exc
-
-
-def _apply_owner_and_mode(
-    path: str, private: PrivateDir, made: tuple[int, int], mode: int, group: int | None
-) -> None:
-    """Set group and mode on the socket inside the private directory, without following symlinks."""
-    if group is not None:
-        try:
-            os.chown(INNER, -1, group, dir_fd=private.fd, follow_symlinks=False)
-        except OSError as exc:
-            raise SocketError(
-                f"cannot give {path} to group {group}: {reason(exc)}; "
-                "the server's user must be root or a member of that group (--socket-group)"
-            ) from exc
-    try:
-        os.chmod(INNER, mode, dir_fd=private.fd, follow_symlinks=False)
-    except (OSError, ValueError, NotImplementedError) as exc:
-        why = reason(exc) if isinstance(exc, OSError) else str(exc)
-        raise SocketError(f"cannot set mode {mode:04o} on {path}: {why}") from exc
-    st = _inner_stat(path, private)
-    if inode(st) != made or not stat.S_ISSOCK(st.st_mode):
+    if not ours(st, stat.S_IFSOCK) or (made is not None and not os.path.samestat(st, made)):
         raise swapped(path, private.path)
-    if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
-        raise SocketError(
-            f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
-            f"mode {mode:04o} group {group}; does the filesystem support it?"
-        )
+    return st
 
 
-def _move_into_place(path: str, private: PrivateDir, made: tuple[int, int]) -> tuple[int, int, int]:
+def _move_into_place(path: str, private: PrivateDir, made: os.stat_result) -> tuple[int, int, int]:
     """Rename the finished socket over ``path`` if only a dead socket or nothing is there."""
     name = os.path.basename(path)
     stale = _check_target(path, private.parent_fd)
@@ -225,7 +191,7 @@ def _move_into_place(path: str, private: PrivateDir, made: tuple[int, int]) -> t
         st = os.stat(name, dir_fd=private.parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
-    if st is None or not stat.S_ISSOCK(st.st_mode) or inode(st) != made:
+    if st is None or not stat.S_ISSOCK(st.st_mode) or not os.path.samestat(st, made):
         raise replaced(path, "another program replaced the socket as soon as it appeared")
     if stale:
         logger.info("Removed stale socket %s (nothing was listening on it)", path)
@@ -247,16 +213,13 @@ def _check_target(path: str, parent_fd: int) -> bool:
             "Remove it yourself or choose another --socket"
         )
     state = probe(path)
+    if state == "stale":
+        return True
     if state == "live":
-        raise SocketError(
-            f"cannot listen on {path}: another server is already listening on it; "
-            "stop it first or choose another --socket"
-        )
-    if state != "stale":
-        raise SocketError(
-            f"cannot listen on {path}: the existing socket cannot be checked ({state}); left untouched"
-        )
-    return True
+        why = "another server is already listening on it; stop it first or choose another --socket"
+    else:
+        why = f"the existing socket cannot be checked ({state}); left untouched"
+    raise SocketError(f"cannot listen on {path}: {why}")
 
 
 _KINDS = {

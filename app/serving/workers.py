@@ -1,14 +1,5 @@
-"""``--workers N``: N worker processes serve the one socket this process bound; this one supervises.
-
-Each worker is a fresh interpreter in isolated mode (``python -I -m app.serving.workers``: nothing
-from the working directory or ``PYTHONPATH``, never a fork of a process with an event loop) given the
-listening socket and one end of a socket pair, over which it gets the settings and answers
-``ready``. The parent logs the demo line once every worker serves, replaces a dead worker (with a
-growing delay when they keep dying, exit 3 when none can start), passes SIGHUP on, checks the
-socket file once a second, and on SIGTERM/SIGINT stops the workers (each drains) and removes the
-socket. A worker whose parent is gone drains and exits. Why not uvicorn's ``Multiprocess``:
-docs/internals.md, "Serving".
-"""
+"""``--workers N``: N worker processes serve the one socket this process bound; this one supervises
+(starts, replaces with a growing delay, passes SIGHUP on, stops them). docs/internals.md, "Serving"."""
 
 from __future__ import annotations
 
@@ -23,22 +14,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Pipe, wait
 
+from uvicorn.config import STARTUP_FAILURE
+
+from app.api.policy import PolicyError
 from app.config import Settings
+from app.logs import configure
 from app.serving.notify import Notifier
-from app.serving.server import (
-    SOCKET_LOST,
-    STARTUP_FAILURE,
-    AppFactory,
-    Services,
-    Stopped,
-    early_signals,
-    serve,
-)
+from app.serving.server import SOCKET_LOST, AppFactory, Services, Stopped, early_signals, serve, signal_names
 from app.serving.sockets import BoundSocket
-
-__all__ = ["QUICK_DEATH", "Supervisor"]
 
 logger = logging.getLogger("app.serving.workers")
 
@@ -50,18 +35,15 @@ CALM = 30.0  # seconds without a death after which the restart delay starts agai
 STOP_GRACE = 5.0  # seconds past --shutdown-timeout a worker gets to exit before it is killed
 CHECK_EVERY = 1.0  # seconds between checks of the socket file, as the single-process server
 _STOPS = (signal.SIGTERM, signal.SIGINT)
-_CLOSED = object()  # what Supervisor._messages yields for a worker whose end of the pair closed
 
 
 def describe_exit(code: int) -> str:
     """``exited with status 1`` or ``killed by signal SIGKILL`` for a ``Popen.returncode``."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        return f"killed by signal {name}"
-    return f"exited with status {code}"
+    if code >= 0:
+        return f"exited with status {code}"
+    with contextlib.suppress(ValueError):
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"killed by signal {-code}"
 
 
 @dataclass(eq=False)
@@ -72,96 +54,70 @@ class _Worker:
     ready: float | None = None
     hangup_owed: bool = False  # a SIGHUP came while it was starting: it gets one once it serves
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
-
+@dataclass(eq=False)
 class Supervisor:
-    """Start ``settings.workers`` workers on ``bound`` and keep them running until a stop signal.
+    """Keep ``settings.workers`` workers on ``bound`` until a stop signal; ``app_factory`` goes to
+    each pickled (None: this process never imports FastAPI); ``worker_exited(pid)`` after each reap."""
 
-    ``app_factory`` is sent to each worker pickled; None means ``app.main.create_app``, which the
-    worker imports itself, so this process never imports FastAPI. ``worker_exited(pid)`` is called
-    once a worker is reaped, before its replacement starts; ``notifier`` tells the service manager.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        app_factory: AppFactory | None,
-        bound: BoundSocket,
-        address: str,
-        worker_exited: Callable[[int], None] | None = None,
-        notifier: Notifier | None = None,
-    ) -> None:
-        self.settings = settings
-        self.app_factory = app_factory
-        self.bound = bound
-        self.address = address
-        self.worker_exited = worker_exited
-        self.notifier = notifier or Notifier()
-        self.slots: list[_Worker | None] = [None] * settings.workers
-        self.due: dict[int, float] = {}  # slots waiting for a replacement, and when it starts
-        self.signals: list[int] = []
-        self.hangups = 0
-        self.announced = False
-        self.failed_starts = 0  # workers in a row that died before serving
-        self.quick_deaths = 0
-        self.last_death = float("-inf")
-        self._wake_r, self._wake_w = socket.socketpair()
+    settings: Settings
+    app_factory: AppFactory | None
+    bound: BoundSocket
+    address: str
+    worker_exited: Callable[[int], None]
+    notifier: Notifier
+    due: dict[int, float] = field(default_factory=dict)  # slots waiting for a replacement, and when
+    signals: list[int] = field(default_factory=list)
+    hangups: int = 0
+    announced: bool = False
+    failed_starts: int = 0  # workers in a row that died before serving
+    quick_deaths: int = 0
+    last_death: float = float("-inf")
 
     def run(self) -> int:
         """Supervise until stopped; return the exit code (0 clean stop, 3 startup failure or lost socket)."""
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOPS}
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
+        self.slots: list[_Worker | None] = [None] * self.settings.workers
+        self._wake, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (*_STOPS, signal.SIGHUP)}
         try:
             for slot in range(len(self.slots)):
                 self._start(slot)
-            code = self._supervise()
-            return self._stop(code)
+            return self._stop(self._supervise())
         finally:
             for worker in self._live():  # an exception above: never leave a worker behind
-                with contextlib.suppress(OSError):
-                    worker.proc.kill()
+                worker.proc.send_signal(signal.SIGKILL)
                 self._reap(worker)
             signal.set_wakeup_fd(previous_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._wake_r.close()
-            self._wake_w.close()
+            os.close(self._wake)
+            os.close(wake_w)
 
     def _on_signal(self, sig: int, frame: object) -> None:
-        self.signals.append(sig)
-
-    def _on_hangup(self, sig: int, frame: object) -> None:
-        self.hangups += 1
-
-    def _pass_hangup(self) -> None:
-        """SIGHUP to every worker that serves; one still starting gets it when it says ready."""
-        self.hangups = 0
-        live = self._live()
-        logger.info("Received SIGHUP: passing it to %d worker(s)", len(live))
-        for worker in live:
-            if worker.ready is None:
-                worker.hangup_owed = True
-            else:
-                self._signal(worker, signal.SIGHUP)
+        if sig == signal.SIGHUP:
+            self.hangups += 1
+        else:
+            self.signals.append(sig)
 
     def _supervise(self) -> int:
         next_check = time.monotonic() + CHECK_EVERY
         while True:
-            now = time.monotonic()
-            wakeups = [next_check, *self.due.values()]
-            if self.notifier.watchdog_every is not None:
-                wakeups.append(self.notifier.next_ping)
-            self._wait(max(0.0, min(wakeups) - now))
+            wakeups = [next_check, self.notifier.next_ping, *self.due.values()]
+            for worker, message in self._messages(max(0.0, min(wakeups) - time.monotonic())):
+                if message is None:
+                    self._died(worker)
+                elif message == READY:
+                    self._serving(worker)
             if self.signals:
                 return 0
-            if self.hangups:
-                self._pass_hangup()
+            if self.hangups:  # to every worker that serves; one still starting gets it once ready
+                self.hangups = 0
+                logger.info("Received SIGHUP: passing it to %d worker(s)", len(self._live()))
+                for worker in self._live():
+                    worker.hangup_owed = worker.ready is None
+                    if worker.ready is not None:
+                        worker.proc.send_signal(signal.SIGHUP)
             now = time.monotonic()
             self.notifier.ping_if_due(now)
             if self.quick_deaths and now - self.last_death >= CALM:
@@ -178,33 +134,22 @@ class Supervisor:
                 return STARTUP_FAILURE
             if now >= next_check:
                 next_check = now + CHECK_EVERY
-                if self.bound.path is not None and self.bound.in_place() is not True:
+                if self.bound.lost():
                     logger.error(SOCKET_LOST, self.address)
                     return STARTUP_FAILURE
 
-    def _wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for a worker's message or exit, or a signal; handle what came."""
-        for worker, message in self._messages(timeout):
-            if message is _CLOSED:
-                self._died(worker)
-            elif message == READY:
-                self._serving(worker)
-
-    def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object]]:
-        """Wait up to ``timeout`` for the live workers or a signal (the wake pipe, drained here); yield
-        each worker that spoke with its message, or with ``_CLOSED`` if its end of the pair closed."""
+    def _messages(self, timeout: float) -> Iterator[tuple[_Worker, object | None]]:
+        """Wait up to ``timeout`` for workers or a signal; yield each message (None: pipe closed)."""
         by_conn = {worker.conn: worker for worker in self._live()}
-        for item in wait([*by_conn, self._wake_r], timeout):
-            if item is self._wake_r:
-                with contextlib.suppress(OSError):
-                    while self._wake_r.recv(64):
-                        pass
+        for item in wait([*by_conn, self._wake], timeout):
+            if item == self._wake:
+                os.read(self._wake, 512)  # the signals' bytes: the handlers have counted them
                 continue
             worker = by_conn[item]  # type: ignore[index]
             try:
                 message = worker.conn.recv()
             except (EOFError, OSError):
-                message = _CLOSED
+                message = None
             yield worker, message
 
     def _live(self) -> list[_Worker]:
@@ -212,21 +157,20 @@ class Supervisor:
 
     def _start(self, slot: int) -> _Worker:
         """Start a worker in ``slot``: a fresh interpreter given the listening socket and its pair."""
-        ours, theirs = socket.socketpair()
+        conn, theirs = Pipe()
         listen_fd = self.bound.sock.fileno()
         try:
-            # Isolated (-I): the working directory and PYTHON* variables stay off the worker's path.
             proc = subprocess.Popen(
+                # Isolated (-I): the working directory and PYTHON* variables stay off the worker's path.
                 [sys.executable, "-I", "-m", "app.serving.workers", str(listen_fd), str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listen_fd, theirs.fileno()),
             )
         finally:
             theirs.close()
-        conn = Connection(ours.detach())
         worker = _Worker(proc, conn)
         self.slots[slot] = worker
-        # If it died at once, its end of the pair reads as closed and _wait reaps it.
+        # If it died at once, its end of the pair reads as closed and _supervise reaps it.
         with contextlib.suppress(OSError):
             conn.send((self.settings, self.app_factory, self.address))
         return worker
@@ -234,24 +178,22 @@ class Supervisor:
     def _serving(self, worker: _Worker) -> None:
         worker.ready = time.monotonic()
         if worker.hangup_owed:
-            worker.hangup_owed = False
-            self._signal(worker, signal.SIGHUP)
+            worker.proc.send_signal(signal.SIGHUP)
         self.failed_starts = 0
         if not self.announced and all(w is not None and w.ready is not None for w in self.slots):
             self.announced = True
             logger.info(
                 "%d workers serving (pids %s)",
                 len(self.slots),
-                ", ".join(str(w.pid) for w in self._live()),
+                ", ".join(str(w.proc.pid) for w in self._live()),
             )
             logger.info("🔌 Server listening on %s", self.address)
             self.notifier.ready(f"Serving on {self.address} with {len(self.slots)} workers")
 
     def _died(self, worker: _Worker) -> None:
         """Reap a worker whose end of the pair closed, log it and schedule its replacement."""
-        code = self._reap(worker)
         slot = self.slots.index(worker)
-        self.slots[slot] = None
+        code = self._reap(worker)
         now = time.monotonic()
         if worker.ready is None:
             self.failed_starts += 1
@@ -266,20 +208,20 @@ class Supervisor:
             then = f"starting a replacement in {delay:g}s ({self.quick_deaths} quick exits in a row)"
             self.due[slot] = now + delay
         else:
-            then = f"replaced by pid {self._start(slot).pid}"
-        logger.warning("Worker pid %d %s %s; %s", worker.pid, describe_exit(code), when, then)
-        self.notifier.status(f"Worker pid {worker.pid} {describe_exit(code)}; {then}")
+            then = f"replaced by pid {self._start(slot).proc.pid}"
+        logger.warning("Worker pid %d %s %s; %s", worker.proc.pid, describe_exit(code), when, then)
+        self.notifier.send(f"Worker pid {worker.proc.pid} {describe_exit(code)}; {then}")
 
     def _reap(self, worker: _Worker) -> int:
-        """Wait for ``worker`` to exit (kill it if it lingers), report it; return its exit code."""
+        """Wait for ``worker`` to exit (kill it if it lingers), free its slot; return its exit code."""
+        self.slots[self.slots.index(worker)] = None
         worker.conn.close()
         try:
             code = worker.proc.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:  # its pair closed, yet it runs on: it cannot serve us
             worker.proc.kill()
             code = worker.proc.wait()
-        if self.worker_exited is not None:
-            self.worker_exited(worker.pid)
+        self.worker_exited(worker.proc.pid)
         return code
 
     def _stop(self, code: int) -> int:
@@ -287,32 +229,35 @@ class Supervisor:
         live = self._live()
         self.due.clear()
         timeout = self.settings.shutdown_timeout
-        self.notifier.stopping(f"Stopping {len(live)} worker(s)")
+        self.notifier.send(f"Stopping {len(live)} worker(s)", "STOPPING=1")
         if self.signals:
-            names = ", ".join(signal.Signals(s).name for s in self.signals)
             logger.info(
-                "Received %s: stopping %d worker(s), each drains for up to %gs", names, len(live), timeout
+                "Received %s: stopping %d worker(s), each drains for up to %gs",
+                signal_names(self.signals),
+                len(live),
+                timeout,
             )
         # New connections are refused once every worker has closed its copy too, as with one process.
         self.bound.sock.close()
         forwarded = len(self.signals)
         for worker in live:
-            self._signal(worker, signal.SIGTERM)
+            worker.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout + STOP_GRACE
         while self._live() and time.monotonic() < deadline:
             for worker, message in self._messages(deadline - time.monotonic()):
-                if message is _CLOSED:  # a late "ready" is ignored: it drains all the same
+                if message is None:  # a late "ready" is ignored: it drains all the same
                     self._stopped(worker)
-            for sig in self.signals[forwarded:]:
-                if sig == signal.SIGINT:  # a second Ctrl-C: workers stop without waiting
-                    for worker in self._live():
-                        self._signal(worker, signal.SIGINT)
+            if signal.SIGINT in self.signals[forwarded:]:  # a second Ctrl-C: workers stop without waiting
+                for worker in self._live():
+                    worker.proc.send_signal(signal.SIGINT)
             forwarded = len(self.signals)
         for worker in self._live():
             logger.error(
-                "Worker pid %d did not stop within %gs of SIGTERM: killed", worker.pid, timeout + STOP_GRACE
+                "Worker pid %d did not stop within %gs of SIGTERM: killed",
+                worker.proc.pid,
+                timeout + STOP_GRACE,
             )
-            self._signal(worker, signal.SIGKILL)
+            worker.proc.send_signal(signal.SIGKILL)
             self._stopped(worker)
         if live:
             logger.info("All workers stopped")
@@ -320,14 +265,8 @@ class Supervisor:
 
     def _stopped(self, worker: _Worker) -> None:
         code = self._reap(worker)
-        self.slots[self.slots.index(worker)] = None
         if code not in (0, STARTUP_FAILURE) and code != -signal.SIGKILL:
-            logger.warning("Worker pid %d %s while stopping", worker.pid, describe_exit(code))
-
-    @staticmethod
-    def _signal(worker: _Worker, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.send_signal(sig)
+            logger.warning("Worker pid %d %s while stopping", worker.proc.pid, describe_exit(code))
 
 
 def _watch_parent(conn: Connection) -> None:
@@ -341,18 +280,13 @@ def _watch_parent(conn: Connection) -> None:
 
 def worker_main(listen_fd: int, parent_fd: int) -> int:
     """One worker: build the app from the parent's settings, serve the inherited socket; the exit code."""
-    from app.api.policy import PolicyError
-
     conn = Connection(parent_fd)
-    sock = socket.socket(fileno=listen_fd)
-    with early_signals():
+    with early_signals(), socket.socket(fileno=listen_fd) as sock:
         try:
             try:
                 settings, app_factory, address = conn.recv()
             except (EOFError, OSError):
                 return STARTUP_FAILURE  # the parent went away before it told us anything
-            from app.logs import configure
-
             configure(
                 settings.log_level, settings.log_format, debug=settings.debug, access_log=settings.access_log
             )
@@ -367,12 +301,10 @@ def worker_main(listen_fd: int, parent_fd: int) -> int:
                 logger.error("Worker pid %d could not build the application", os.getpid(), exc_info=True)
                 return STARTUP_FAILURE
             server = serve(
-                settings, application, sock, address, services=services, on_started=lambda: conn.send(READY)
+                settings, services, application, sock, address, on_started=lambda: conn.send(READY)
             )
         except Stopped:
             return 0
-        finally:
-            sock.close()
     logger.info("Worker pid %d stopped after %d request(s)", os.getpid(), server.server_state.total_requests)
     return 0 if server.started else STARTUP_FAILURE
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from app.serving.activation import inherited_socket
-from app.serving.sockets import SocketError
-from app.serving.spawn import ServerProcess as Spawned
+from app.serving.private_dir import SocketError
+from benchmarks._spawn import ServerProcess as Spawned
 from tests.support import (
     PYTHON,
     ServerProcess,
@@ -191,24 +191,24 @@ def test_listen_pid_of_another_process_is_ignored(tmp: Path, held: socket.socket
 
 
 def test_variables_are_read_once_and_removed() -> None:
-    environ = {"LISTEN_PID": "42", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "api", "OTHER": "x"}
-    assert inherited_socket(environ, pid=7) is None  # for another process
+    environ = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "api", "OTHER": "x"}
+    assert inherited_socket(environ) is None  # for another process
     assert environ == {"OTHER": "x"}
     environ = {"LISTEN_FDS": "1"}
-    assert inherited_socket(environ, pid=7) is None  # no LISTEN_PID: not for us (sd_listen_fds)
+    assert inherited_socket(environ) is None  # no LISTEN_PID: not for us (sd_listen_fds)
     assert environ == {}
-    environ = {"LISTEN_PID": "7", "LISTEN_FDS": "0"}
-    assert inherited_socket(environ, pid=7) is None
+    environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0"}
+    assert inherited_socket(environ) is None
     assert environ == {}
 
 
 @pytest.mark.parametrize(("fds", "shown"), [("2", "LISTEN_FDS=2, names a:b"), ("x\x1b", "LISTEN_FDS=x\\x1b")])
 def test_anything_but_one_socket_is_refused(fds: str, shown: str) -> None:
-    environ = {"LISTEN_PID": "7", "LISTEN_FDS": fds}
+    environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": fds}
     if fds == "2":
         environ["LISTEN_FDNAMES"] = "a:b"
     with pytest.raises(SocketError) as caught:
-        inherited_socket(environ, pid=7)
+        inherited_socket(environ)
     assert str(caught.value) == (
         f"cannot serve the sockets passed by the service manager ({shown}): "
         "pass one listening Unix stream socket (ListenStream=/path in the .socket unit)"

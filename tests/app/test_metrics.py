@@ -25,7 +25,7 @@ from app.config import Settings, SettingsError
 from app.metrics.core import OTHER, UNMATCHED
 from app.metrics.exposition import Metrics
 from app.metrics.files import multiprocess_dir, read_file
-from app.serving.spawn import free_port
+from benchmarks._spawn import free_port
 from tests.support import (
     NOBODY,
     ServerProcess,

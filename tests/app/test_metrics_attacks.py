@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import psutil
 
 from app.metrics.endpoint import ENDPOINT_CONNECTIONS, ENDPOINT_PER_SOURCE
-from app.serving.spawn import free_port
+from benchmarks._spawn import free_port
 from tests.support import (
     ServerProcess,
     http_over_uds,

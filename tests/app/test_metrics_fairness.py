@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from app.serving.spawn import free_port
+from benchmarks._spawn import free_port
 from tests.app.test_metrics_floods import _server_cpu
 from tests.support import running_server, wait_until
 

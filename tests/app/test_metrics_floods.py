@@ -17,8 +17,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.serving.spawn import free_port
 from benchmarks._loadgen import LoadSpec, Target, run_load
+from benchmarks._spawn import free_port
 from tests.app.test_metrics_attacks import METHODS
 from tests.support import running_server, wait_until
 

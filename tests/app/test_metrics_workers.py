@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.serving.spawn import free_port
+from benchmarks._spawn import free_port
 from tests.support import ServerProcess, http_over_uds, running_server, small_tmpfs, wait_until
 
 POST_HEADERS = {"Content-Type": "application/json"}

@@ -156,13 +156,16 @@ def test_a_missing_notify_socket_costs_one_warning(tmp: Path) -> None:
 
 
 def test_notifier_reads_and_removes_its_variables() -> None:
-    environ = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "7", "OTHER": "y"}
-    notifier = Notifier.from_environ(environ, pid=7)
+    environ = {
+        "NOTIFY_SOCKET": "@x",
+        "WATCHDOG_USEC": "2000000",
+        "WATCHDOG_PID": str(os.getpid()),
+        "OTHER": "y",
+    }
+    notifier = Notifier.from_environ(environ)
     assert (notifier.address, notifier.watchdog_every) == (b"\0x", 1.0)
     assert environ == {"OTHER": "y"}
-    assert (
-        Notifier.from_environ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "5"}, pid=7).watchdog_every == 2.5e-6
-    )
+    assert Notifier.from_environ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "5"}).watchdog_every == 2.5e-6
     assert Notifier.from_environ({}).address is None
     assert Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:9"}).address is None
 
@@ -174,7 +177,7 @@ def test_a_full_manager_queue_never_blocks(tmp: Path) -> None:
         notifier = Notifier(str(tmp / "n"))
         started = time.process_time()
         for _ in range(2000):
-            notifier.status("x" * 1000)
+            notifier.send("x" * 1000)
         notifier.close()
         assert time.process_time() - started < 5  # it returned: a blocking send would hang here
         assert notifier._warned

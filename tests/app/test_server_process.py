@@ -280,7 +280,7 @@ def test_handle_exit_marks_app_draining() -> None:
     settings = Settings(store="memory")
     services = Services.build(settings)
     app = services.application(settings)
-    server = UdsServer(build_config(settings, app), app, "/x.sock", services)
+    server = UdsServer(build_config(settings, app), "/x.sock", services)
     with TestClient(app) as client:
         assert client.get("/readyz").status_code == 200
         server.handle_exit(signal.SIGTERM, None)
@@ -315,7 +315,8 @@ def _protocol_of(config: uvicorn.Config) -> PeerCredProtocol:
 
 def test_captured_signal_is_not_raised_again_after_the_stop() -> None:
     """uvicorn raises a captured SIGTERM again once its handlers are gone; UdsServer must not."""
-    server = UdsServer(build_config(Settings(), _failing_app), _failing_app, "/x.sock")
+    settings = Settings(store="memory")
+    server = UdsServer(build_config(settings, _failing_app), "/x.sock", Services.build(settings))
     seen: list[int] = []
     before = signal.signal(signal.SIGTERM, lambda sig, _frame: seen.append(sig))
     try:
@@ -489,7 +490,7 @@ def test_a_hangup_during_a_reload_asks_for_another() -> None:
     settings = Settings(store="memory")
     services = Services.build(settings)
     app = services.application(settings)
-    server = UdsServer(build_config(settings, app), app, "/x.sock", services)
+    server = UdsServer(build_config(settings, app), "/x.sock", services)
     reloads: list[int] = []
 
     def reload() -> None:

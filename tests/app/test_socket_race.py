@@ -210,7 +210,8 @@ def test_many_binds_against_the_swapper_never_touch_the_victim(arena: tuple[Path
     """The same race on ``bind_unix`` alone, in-process: thousands of tries in a few seconds."""
     import time
 
-    from app.serving.sockets import SocketError, bind_unix
+    from app.serving.private_dir import SocketError
+    from app.serving.sockets import bind_unix
 
     shared, victim = arena
     path = shared / "s.sock"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.serving import private_dir, sockets
-from app.serving.sockets import BoundSocket, SocketError, bind_unix
+from app.serving.private_dir import SocketError
+from app.serving.sockets import BoundSocket, bind_unix
 from tests.support import PYTHON, ROOT, ServerProcess, http_over_uds, wait_until
 
 
@@ -463,7 +464,7 @@ def test_tcp_port_zero_picks_a_port() -> None:
     bound: BoundSocket = sockets.bind_tcp("127.0.0.1", 0)
     try:
         assert bound.sock.getsockname()[1] > 0
-        assert bound.remove() is False
+        assert bound.in_place() is None  # no file to remove
     finally:
         bound.close()
 

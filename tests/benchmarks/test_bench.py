@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from app.serving.spawn import app_command, free_port, spawn
+from app.serving.spawn import app_command
 from benchmarks import bench
 from benchmarks._loadgen import LoadSpec, Target, build_request, run_load
+from benchmarks._spawn import free_port, spawn
 from client import UsageError
 from tests.support import (
     PYTHON,

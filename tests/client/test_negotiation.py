@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from app.serving.spawn import ServerProcess as Spawned
+from benchmarks._spawn import ServerProcess as Spawned
 from client import AsyncClient, Client, ClientError
 from tests.support import ROOT, run_cli, serving
 

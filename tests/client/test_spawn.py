@@ -1,4 +1,4 @@
-"""``app.serving.spawn``: the one helper that starts a server and waits for it, and its poll loop.
+"""``app.serving.spawn`` and ``benchmarks/_spawn.py``: the helper that starts a server and waits for it.
 
 The happy paths run in every test that uses a server (tests.support, bench, the demo); here are the
 ways it fails, each of which must end quickly and say why.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.serving.spawn import ServerProcess, SpawnError, app_command, free_port, probe_tcp
+from app.serving.spawn import SpawnError, app_command
+from benchmarks._spawn import ServerProcess, free_port, probe_tcp
 from client import ConnectError
 from client.wait import poll
 from tests.support import ROOT

@@ -1,5 +1,5 @@
-"""What the connection protocol uses of uvicorn's protocol, request cycle and flow control beyond
-the callbacks it overrides, none of it documented: tests/app/test_uvicorn_internals.py checks it."""
+"""What the connection protocol (and the serving layer's ``UdsServer``) use of uvicorn beyond the
+callbacks they override, none of it documented: tests/app/test_uvicorn_internals.py checks it."""
 
 from __future__ import annotations
 
@@ -24,4 +24,6 @@ UVICORN_INTERNALS = (
     ("cycle", "response_complete", "which pipelined requests are answered"),
     ("cycle", "send", "wrapped by the recorder's counting send, and while a body is due"),
     ("flow", "read_paused", "HoldingFlow resumes reading only when nothing is held"),
+    ("server", "_captured_signals", "cleared once stopped: a SIGTERM ends the process with code 0"),
+    ("server", "_wait_tasks_to_complete", 'extended to note the drain done, for the "Drain done" line'),
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
+from uvicorn.server import Server, ServerState
 
 from app.connection.internals import UVICORN_INTERNALS
 
@@ -46,6 +46,9 @@ def test_every_uvicorn_internal_the_protocol_uses_exists() -> None:
         protocol.connection_made(_Transport())
         protocol.data_received(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         owners: dict[str, object] = {"protocol": protocol, "cycle": protocol.cycle, "flow": protocol.flow}
+        server = Server(config)
+        with server.capture_signals():  # the signals it captured are kept in an attribute
+            owners["server"] = server
         await asyncio.sleep(0)  # the request's task runs
         protocol.connection_lost(None)
         return owners

@@ -13,22 +13,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Caller", "find_caller", "tcp_owner"]
-
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 1
+# nlmsghdr (length, type, flags, seq, pid), then inet_diag_req_v2 (family, protocol, ext, pad, states).
+_REQUEST = struct.Struct("=IHHIIBBBBI")
+# inet_diag_sockid: sport, dport, src[16], dst[16], interface, cookie[2] (all-ones: none).
+_SOCKID = struct.Struct("!HH16s16sIII")
 _NLMSG = struct.Struct("=IHHII")
-# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
-_REQ = struct.Struct("=BBBBI")
-# inet_diag_sockid: sport, dport (big-endian), src[16], dst[16], interface, cookie[2].
-_SOCKID = struct.Struct("!HH16s16s")
-_SOCKID_TAIL = struct.Struct("=III")
-_NOCOOKIE = 0xFFFFFFFF
-_ALL_STATES = 0xFFFFFFFF
 # inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
 _MSG_TAIL = struct.Struct("=IIIII")
-_MSG_TAIL_AT = 4 + 48
+_MSG_TAIL_AT = _NLMSG.size + 4 + 48
 _MAX_FDS = 1024  # most open files of a process searched: the usual soft limit
 _RECENT: deque[int] = deque(maxlen=16)  # pids of recent callers (a race only costs a full scan)
 
@@ -56,23 +50,17 @@ def _packed(address: str) -> tuple[int, bytes]:
 
 def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
     """One exact NETLINK_SOCK_DIAG lookup of the TCP socket ``src -> dst``: ``(uid, inode)``."""
-    request = (
-        _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
-        + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
-        + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE)
-    )
-    message = _NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + request
+    size = _REQUEST.size + _SOCKID.size
+    request = _REQUEST.pack(size, _SOCK_DIAG_BY_FAMILY, 1, 1, 0, family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    request += _SOCKID.pack(src[1], dst[1], src[0], dst[0], 0, 0xFFFFFFFF, 0xFFFFFFFF)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(1.0)
-        nl.sendto(message, (0, 0))
+        nl.sendto(request, (0, 0))
         answer = nl.recv(8192)
-    if len(answer) < _NLMSG.size:
+    # Anything but one inet_diag_msg (NLMSG_ERROR among others) finds nothing.
+    if len(answer) < _MSG_TAIL_AT + _MSG_TAIL.size or _NLMSG.unpack_from(answer)[1] != _SOCK_DIAG_BY_FAMILY:
         return None
-    _, kind, _, _, _ = _NLMSG.unpack_from(answer)
-    body = answer[_NLMSG.size :]
-    if kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:  # NLMSG_ERROR among others
-        return None
-    _, _, _, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_TAIL_AT)
+    _, _, _, uid, inode = _MSG_TAIL.unpack_from(answer, _MSG_TAIL_AT)
     return uid, inode
 
 
@@ -84,13 +72,13 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
         local_family, local_ip = _packed(local[0])
     except ValueError:
         return None
+    if local_family != family:
+        return None
     attempts = [(family, (peer_ip, peer[1]), (local_ip, local[1]))]
     if family == socket.AF_INET and ":" in peer[0]:
         # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d, which an IPv6 one may dial too.
         mapped = [b"\0" * 10 + b"\xff\xff" + ip[:4] for ip in (peer_ip, local_ip)]
         attempts.append((socket.AF_INET6, (mapped[0], peer[1]), (mapped[1], local[1])))
-    if local_family != family:
-        return None
     for fam, src, dst in attempts:
         try:
             found = _diag(fam, src, dst)
@@ -126,8 +114,7 @@ def _process_holding(inode: int) -> int | None:
     for pid in list(_RECENT):
         if _holds(pid, target):
             return pid
-    pids = sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True)
-    for pid in pids:
+    for pid in sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True):
         if _holds(pid, target):
             with contextlib.suppress(ValueError):
                 _RECENT.remove(pid)
@@ -148,14 +135,9 @@ def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
     return uid, gid, groups | {gid}
 
 
-def find_caller(
-    peer: tuple[str, int], local: tuple[str, int], groups_matter: Callable[[int], bool] | None = None
-) -> Caller | None:
-    """The owner of the TCP connection ``peer -> local``, or None; no process is searched when
-    ``groups_matter(uid)`` is False."""
-    owner = tcp_owner(peer, local)
-    if owner is None:
-        return None
+def find_caller(owner: tuple[int, int], groups_matter: Callable[[int], bool] | None = None) -> Caller:
+    """The caller owning the socket ``owner`` (``(uid, inode)`` from :func:`tcp_owner`); no process
+    is searched when ``groups_matter(uid)`` is False."""
     uid, inode = owner
     if groups_matter is not None and not groups_matter(uid):
         return Caller(uid=uid, gid=-1, pid=0, groups=None, source="skipped")

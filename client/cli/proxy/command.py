@@ -29,22 +29,20 @@ _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 def parse_listen(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (no host means 127.0.0.1)."""
     text = value.strip()
-    host, port_text = DEFAULT_HOST, text
+    host, _, port_text = text.rpartition(":")
     if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
+        if not host.endswith("]"):
             raise UsageError(f"invalid --listen {value!r}: write [::1]:8080 for an IPv6 address")
-        host, port_text = text[1:end], text[end + 2 :]
-    elif ":" in text:
-        if text.count(":") > 1:
-            raise UsageError(f"invalid --listen {value!r}: put an IPv6 address in brackets, as in [::1]:8080")
-        host, port_text = text.split(":")
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"invalid --listen {value!r}: put an IPv6 address in brackets, as in [::1]:8080")
+    else:
         host = host or DEFAULT_HOST
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(
             f"invalid --listen {value!r}: the port must be a number 0..65535, as in 127.0.0.1:8080"
         )
-    if not host or any(c.isspace() for c in host):
+    if not host or any(c.isspace() or c in "[]" for c in host):
         raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT, :PORT or PORT")
     return host, int(port_text)
 

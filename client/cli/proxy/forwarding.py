@@ -15,18 +15,8 @@ import h11
 
 from client._errors import ConnectError
 from client.address import to_url
-from client.cli.proxy.access import (
-    FORWARDED_HEADER,
-    MAX_HEAD_BYTES,
-    TOKEN_HEADER,
-    Admit,
-    Refuse,
-    Rules,
-    decide,
-    head_of,
-    shown,
-    split_token,
-)
+from client.cli.proxy import access
+from client.cli.proxy.access import Admit, Refuse, shown
 from client.cli.proxy.caller import Caller, find_caller, tcp_owner
 from client.cli.proxy.capacity import Places, Task
 from client.cli.proxy.permissions import SocketAccess
@@ -39,12 +29,9 @@ LOG_PERIOD = 10.0  # between two log lines of one kind
 REFUSING = 32  # refusals lingering at once; beyond, answered and closed at once
 _CHUNK = 256 * 1024
 _LINGER_BYTES = 1 << 20
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
-)
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", access.FORWARDED_HEADER}
 _ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
 
-Addresses = tuple[tuple[str, int], tuple[str, int]]
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
 Streams = tuple[Reader, Writer]
@@ -68,17 +55,17 @@ class Proxy:
         path: str,
         log: Callable[[str], None],
         *,
-        connect_timeout: float = 5.0,
-        log_connections: bool = True,
-        token_only: bool = False,
-        head_timeout: float = 30.0,
-        max_connections: int = 256,
+        connect_timeout: float,
+        log_connections: bool,
+        token_only: bool,
+        head_timeout: float,
+        max_connections: int,
     ) -> None:
         self.path, self.url, self.log = path, to_url(path), log
         self.connect_timeout, self.head_timeout = connect_timeout, head_timeout
         self.log_connections = log_connections
-        self.rules = Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
-        self.access = SocketAccess(path)
+        self.rules = access.Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
+        self.socket = SocketAccess(path)
         self.places = Places(max_connections, self._note)
         self.tasks: set[Task] = set()
         self.refusing = 0
@@ -96,24 +83,25 @@ class Proxy:
         assert task is not None
         self.tasks.add(task)
         peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-        addresses = (peer[:2], local[:2]) if isinstance(peer, tuple) and isinstance(local, tuple) else None
-        found = tcp_owner(*addresses) if addresses else None
+        known = isinstance(peer, tuple) and isinstance(local, tuple)
+        # The owner (uid, inode) is fixed for the socket's life: looked up once, for the cap and the verdict.
+        owner = tcp_owner(peer[:2], local[:2]) if known else None
         try:
-            if not self.places.take(task, found[0] if found else None):
+            if not self.places.take(task, owner[0] if owner else None):
                 message = f"the proxy is at its connection limit ({self.places.cap}); try again shortly"
                 await self._answer((reader, writer), error_answer(503, message, (("Retry-After", "1"),)))
                 return
             self.count += 1
-            who = f"proxy #{self.count} {hostport(*peer[:2]) if addresses else '?'}"
-            await self._serve(task, (reader, writer), addresses, who)
+            who = f"proxy #{self.count} {hostport(*peer[:2]) if known else '?'}"
+            await self._serve(task, (reader, writer), owner, who)
         finally:
             writer.close()
             self.tasks.discard(task)
             self.places.release(task)
 
-    async def _serve(self, task: Task, io: Streams, addresses: Addresses | None, who: str) -> None:
+    async def _serve(self, task: Task, io: Streams, owner: tuple[int, int] | None, who: str) -> None:
         started = time.monotonic()
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=access.MAX_HEAD_BYTES)
         seen = [0]  # bytes received
         first = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
         try:
@@ -131,7 +119,7 @@ class Proxy:
                 f"the request is not valid HTTP/1.1 ({shown(str(exc).replace(self.rules.token, '<token>'))})"
             )
             if status == 431:
-                message = f"the request head is over {MAX_HEAD_BYTES} bytes"
+                message = f"the request head is over {access.MAX_HEAD_BYTES} bytes"
             await self._refuse(task, io, Refuse(status, message), None, f"{who}: refused {status}: {message}")
             return
         except (OSError, asyncio.IncompleteReadError):  # after TimeoutError, which is an OSError
@@ -139,16 +127,16 @@ class Proxy:
         if request is None:  # closed before a request
             return
         self.places.waiting.pop(task, None)
-        # Looked up once the head is in: silent connections must not queue lookups.
+        # Searched once the head is in: silent connections must not queue searches of /proc.
         caller, may_connect, permissions = (
-            await asyncio.to_thread(self._identify, *addresses) if addresses else (None, False, "")
+            await asyncio.to_thread(self._identify, owner) if owner else (None, False, "")
         )
-        head = head_of(request.method, request.target, request.headers)
-        verdict = decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
+        head = access.head_of(request.method, request.target, request.headers)
+        verdict = access.decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
         self.places.unjudged.pop(task, None)
         uid = None if caller is None else caller.uid
         who += " (unknown user)" if caller is None else f" (uid={uid} gid={caller.gid} pid={caller.pid})"
-        line = f"{shown(request.method)} {shown(split_token(request.target)[1])}"
+        line = f"{shown(request.method)} {shown(access.split_token(request.target)[1])}"
         if isinstance(verdict, Refuse):
             await self._refuse(
                 task, io, verdict, uid, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
@@ -156,14 +144,13 @@ class Proxy:
         else:
             await self._forward(io, conn, request, verdict, caller, f"{who} {line}", started)
 
-    def _identify(self, peer: tuple[str, int], local: tuple[str, int]) -> tuple[Caller | None, bool, str]:
+    def _identify(self, owner: tuple[int, int]) -> tuple[Caller, bool, str]:
         """The caller, whether the socket's permissions admit it, and those permissions (if not)."""
-        token_only = self.rules.token_only
-        caller = find_caller(peer, local, (lambda uid: False) if token_only else self.access.may_ever)
-        if caller is None or token_only:
-            return caller, False, ""
-        allowed = self.access.allows(caller.uid, caller.groups)
-        return caller, allowed, "" if allowed else self.access.describe()
+        if self.rules.token_only:
+            return find_caller(owner, lambda uid: False), False, ""
+        caller = find_caller(owner, self.socket.may_ever)
+        allowed = self.socket.allows(caller.uid, caller.groups)
+        return caller, allowed, "" if allowed else self.socket.describe()
 
     async def _refuse(self, task: Task, io: Streams, refusal: Refuse, uid: int | None, line: str) -> None:
         """Log and answer a request refused before the socket (by uid); its place is given up."""
@@ -226,7 +213,7 @@ class Proxy:
             (name, value)
             for name, value in request.headers.raw_items()
             if name.lower() not in _HOP_BY_HOP
-            and name.lower() != TOKEN_HEADER
+            and name.lower() != access.TOKEN_HEADER
             and not (name.lower() == b"referer" and token in value)
         ]
         fields.append((b"Connection", b"close"))
@@ -331,9 +318,8 @@ async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tup
                 return f" ({direction} stopped: {str(what).lower() or type(error).__name__})", error
         return "", None
     finally:
-        for t in (body, down):
-            if not t.done():
-                t.cancel()
+        body.cancel()
+        down.cancel()
         await asyncio.gather(body, down, return_exceptions=True)
 
 

@@ -14,28 +14,35 @@ from dataclasses import dataclass
 Groups = frozenset[int] | None  # None: unknown
 Entries = list[tuple[int, int, int]]  # an access ACL's (tag, permission bits, uid or gid)
 
-_ACL_XATTR = "system.posix_acl_access"
-_ACL_VERSION = 2
-_ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry: tag, permission bits, uid or gid
+_ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry, after a 4-byte version (2)
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
+_MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
 
 
 def _acl(path: str) -> Entries | None:
     """The entries of the access ACL of ``path``, None when it has none; OSError if unreadable."""
     try:
-        raw = os.getxattr(path, _ACL_XATTR)
+        raw = os.getxattr(path, "system.posix_acl_access")
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
             return None
         raise
-    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != _ACL_VERSION:
+    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != 2:
         raise OSError(errno.EINVAL, "unreadable access ACL", path)
     return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
 
 
-def _acl_may(entries: Entries, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
-    """The kernel's ``posix_acl_permission`` for one bit; with ``groups`` None, every group entry
-    and the others' entry must allow."""
+def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
+    """The kernel's ``posix_acl_permission`` for one bit of ``path`` (stat ``info``), the mode being
+    the minimal ACL; with ``groups`` None (unknown), every group entry and the others' must allow."""
+    entries = _acl(path)
+    if entries is None:
+        mode = info.st_mode
+        entries = [
+            (_ACL_USER_OBJ, mode >> 6 & 7, 0),
+            (_ACL_GROUP_OBJ, mode >> 3 & 7, 0),
+            (_ACL_OTHER, mode & 7, 0),
+        ]
     perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
     mask = perms.get(_ACL_MASK, 0o7)
     if uid == info.st_uid:
@@ -52,28 +59,7 @@ def _acl_may(entries: Entries, info: os.stat_result, uid: int, groups: Groups, b
     if groups is None:
         return other and all(perm & mask & bit for perm, _ in group_entries)
     matched = [perm for perm, gid in group_entries if gid in groups]
-    if matched:
-        return any(perm & mask & bit for perm in matched)
-    return other
-
-
-def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
-    """The kernel's check for one bit of ``path`` (stat ``info``), by ACL or mode; with ``groups``
-    None (unknown), both the group's and the others' bits must allow."""
-    entries = _acl(path)
-    if entries is not None:
-        return _acl_may(entries, info, uid, groups, bit)
-    mode = info.st_mode
-    if uid == info.st_uid:
-        return bool(mode & (bit << 6))
-    if groups is None:
-        return bool(mode & (bit << 3)) and bool(mode & bit)
-    if info.st_gid in groups:
-        return bool(mode & (bit << 3))
-    return bool(mode & bit)
-
-
-_MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
+    return any(perm & mask & bit for perm in matched) if matched else other
 
 
 def traversal(path: str) -> tuple[list[str], str]:

@@ -5,31 +5,25 @@ and a log line per request). Standard library only at the top, for the ``health`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from client._errors import APIError, ClientError, UsageError
+from client._errors import ClientError, UsageError
 from client.address import DEFAULT_ADDRESS, ENV_VAR, resolve_socket, to_url
 from client.cli import _commands
-from client.cli._commands import _api_error, _clean, _error
-
-# Not typing.TYPE_CHECKING: importing typing costs every probe; mypy honours this name.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
-
-__all__ = ["main"]
+from client.cli._commands import clean, error_line, failure
 
 PROG = "uds-client"
 _VALUE_OPTIONS = ("--socket", "--timeout", "--wait")  # global options that take a value
 
 
 def _number(
-    parse: Callable[[str], Any], what: str, fits: Callable[[Any], bool], bound: str
-) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
+    parse: Callable[[str], float], what: str, fits: Callable[[float], bool], bound: str
+) -> Callable[[str], float]:
+    def convert(text: str) -> float:
         try:
             value = parse(text)
         except ValueError:
@@ -48,12 +42,12 @@ _id = _number(lambda t: int(t, 10), "a message id", lambda v: v >= 0, "0 or more
 
 
 class _Formatter(argparse.HelpFormatter):
-    """argparse's help formatter, learning the width without importing shutil (lzma, bz2)."""
+    """argparse's help formatter, learning the width as shutil does without importing it (lzma, bz2)."""
 
     def __init__(self, prog: str) -> None:
         try:
-            width = int(os.environ.get("COLUMNS", "0"))
-        except ValueError:
+            width = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
             width = 0
         if width <= 0:
             try:
@@ -66,16 +60,13 @@ class _Formatter(argparse.HelpFormatter):
 class _VersionAction(argparse.Action):
     """``--version``: read the installed version only when asked (importlib.metadata is not free)."""
 
-    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
         number = "unknown (not installed)"
-        for distribution in ("uds-example", "uds-example-client"):  # the project, or the client alone
-            try:
+        for distribution in ("uds-example-client", "uds-example"):  # the project's wins if installed
+            with contextlib.suppress(PackageNotFoundError):
                 number = version(distribution)
-                break
-            except PackageNotFoundError:
-                continue
         print(f"{PROG} {number}")
         parser.exit(0)
 
@@ -210,7 +201,7 @@ def _wait(args: argparse.Namespace) -> None:
     def on_retry(reason: str, delay: float) -> None:
         if not said or args.debug:
             said.append(reason)
-            where = _clean(to_url(args.socket))
+            where = clean(to_url(args.socket))
             print(f"{PROG}: waiting up to {args.wait:g}s for {where} ({reason})", file=sys.stderr, flush=True)
 
     wait_for_socket(args.socket, args.wait, on_retry=on_retry)
@@ -220,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``uds-client``; return the exit code."""
     words = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in words
+    address = ""
     try:
         args = build_parser(_command_in(words)).parse_args(words)
         if args.debug:
@@ -229,26 +221,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logging.getLogger("client").addHandler(handler)
             logging.getLogger("client").setLevel(logging.DEBUG)
-        args.socket = resolve_socket(args.socket)
+        args.socket = address = resolve_socket(args.socket)
         if args.wait > 0:
             _wait(args)
         run: Callable[[argparse.Namespace], int] = args.func
         return run(args)
-    except APIError as exc:
-        return _fail(_api_error(args, exc), exc.exit_code, debug)
     except ClientError as exc:
-        return _fail(str(exc), exc.exit_code, debug)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        error_line(failure(address, exc))
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def _fail(message: str, code: int, debug: bool) -> int:
-    if debug:
-        import traceback
-
-        traceback.print_exc()
-    _error(message)
-    return code
 
 
 if __name__ == "__main__":

@@ -86,7 +86,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_messages(args: argparse.Namespace) -> int:
-    """Print the most recent messages, oldest first."""
     with _client(args) as client:
         messages = client.messages(args.limit)
     lines = (f"#{m.id} {m.to_json()['received_at']} {_peer(m.peer)}: {clean(m.text)}" for m in messages)
@@ -159,7 +158,6 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    """Print the OpenAPI spec, or write it to --output."""
     with _client(args) as client:
         text = _dumps(client.openapi()) + "\n"
     if args.output is None:
@@ -174,7 +172,6 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    """GET PATH and print the body as it came."""
     with _client(args) as client:
         raw = client.get(args.path)
     body = raw.text

@@ -208,7 +208,6 @@ def _wait(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``uds-client``; return the exit code."""
     words = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in words
     address = ""

@@ -28,8 +28,6 @@ class Rules:
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """The facts of a request head that the decision reads."""
-
     target: bytes
     host: bytes | None = None
     origin: bytes | None = None

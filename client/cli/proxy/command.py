@@ -73,7 +73,6 @@ def allowed_hosts(listen_host: str, port: int, extra: Iterable[str] = ()) -> fro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``uds-client proxy``."""
     parser.epilog = (
         "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
         "this machine and network namespace only) may connect to the socket, or if it carries the "

@@ -54,6 +54,13 @@ def failure(address: str, exc: ClientError) -> str:
     )
 
 
+def _show(as_json: bool, data: object, lines: Iterable[str]) -> int:
+    """Print ``data`` as JSON, or ``lines``."""
+    for line in [_dumps(data)] if as_json else lines:
+        print(line)
+    return 0
+
+
 def _peer(peer: Any) -> str:
     return "tcp" if peer is None else f"pid={peer.pid} uid={peer.uid} gid={peer.gid}"
 
@@ -66,8 +73,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     stop = threading.Event()
     keep = args.every is not None or args.then_wait
     if keep:
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
 
     def send_once(client: Client) -> None:
         message = client.send(args.text)
@@ -90,13 +97,6 @@ def cmd_messages(args: argparse.Namespace) -> int:
         messages = client.messages(args.limit)
     lines = (f"#{m.id} {m.to_json()['received_at']} {_peer(m.peer)}: {clean(m.text)}" for m in messages)
     return _show(args.json, {"messages": [m.to_json() for m in messages]}, lines)
-
-
-def _show(as_json: bool, data: object, lines: Iterable[str]) -> int:
-    """Print ``data`` as JSON, or ``lines``."""
-    for line in [_dumps(data)] if as_json else lines:
-        print(line)
-    return 0
 
 
 def _event_line(event: Any, as_json: bool) -> str:
@@ -139,9 +139,8 @@ def cmd_version(args: argparse.Namespace) -> int:
         v = client.version()
     fields = {"app": v.app, "python": v.python, "uvicorn": v.uvicorn, "fastapi": v.fastapi, **v.extra}
     width = max(len(name) for name in fields)
-    return _show(
-        args.json, fields, (f"{clean(name):<{width}}  {clean(str(value))}" for name, value in fields.items())
-    )
+    lines = (f"{clean(name):<{width}}  {clean(str(value))}" for name, value in fields.items())
+    return _show(args.json, fields, lines)
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:

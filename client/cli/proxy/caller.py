@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import socket
 import struct
@@ -92,14 +93,12 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
 def _holds(pid: int, target: str) -> bool:
     """Whether ``pid`` has ``target`` open; not searched past :data:`_MAX_FDS` files (the caller's choice)."""
     fd_dir = f"/proc/{pid}/fd"
-    fds: list[str] = []
     try:
         with os.scandir(fd_dir) as entries:
-            for entry in entries:
-                if len(fds) == _MAX_FDS:
-                    return False
-                fds.append(entry.name)
+            fds = [entry.name for entry in itertools.islice(entries, _MAX_FDS + 1)]
     except OSError:
+        return False
+    if len(fds) > _MAX_FDS:
         return False
     for fd in reversed(fds):  # a new connection tends to have one of the highest fd numbers
         with contextlib.suppress(OSError):

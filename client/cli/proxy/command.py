@@ -19,10 +19,7 @@ from client.cli.proxy.capacity import MAKE_ROOM_AFTER
 from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
 from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_HEAD_TIMEOUT = 30.0  # the server's request_timeout
-DEFAULT_MAX_CONNECTIONS = 256
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
@@ -82,10 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "3 the socket cannot be reached at start."
     )
     listen = (
-        f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
+        "TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default %(default)s; "
         "no host means 127.0.0.1, loopback only; port 0 picks a free port)"
     )
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=listen)
+    parser.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help=listen)
     only = "admit only requests carrying the printed token, even from users who may use the socket"
     parser.add_argument("--token-only", action="store_true", help=only)
     allow_host = (
@@ -93,17 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kubectl port-forward 9000:8080); repeatable"
     )
     parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=allow_host)
-    head = "close a connection that has not sent its whole request head in time"
-    head += f" (default {DEFAULT_HEAD_TIMEOUT:g})"
-    parser.add_argument(
-        "--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, metavar="SECONDS", help=head
-    )
+    head = "close a connection that has not sent its whole request head in time (default %(default)g)"
+    # The default is the server's request_timeout.
+    parser.add_argument("--head-timeout", type=float, default=30.0, metavar="SECONDS", help=head)
     cap = (
         f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
         "without a whole request head is closed to make room, or the newcomer gets 503 "
-        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)"
+        "(default %(default)s; lowered to fit the open-file limit)"
     )
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N", help=cap)
+    parser.add_argument("--max-connections", type=int, default=256, metavar="N", help=cap)
     quiet = "do not log a line per forwarded request (startup lines, refusals and errors are still printed)"
     parser.add_argument("--quiet", action="store_true", help=quiet)
 

@@ -131,8 +131,15 @@ class Proxy:
         caller, may_connect, permissions = (
             await asyncio.to_thread(self._identify, owner) if owner else (None, False, "")
         )
-        head = access.head_of(request.method, request.target, request.headers)
-        verdict = access.decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
+        verdict = access.decide(
+            request.method,
+            request.target,
+            request.headers,
+            caller,
+            self.rules,
+            may_connect=may_connect,
+            permissions=permissions,
+        )
         self.places.unjudged.pop(task, None)
         uid = None if caller is None else caller.uid
         who += " (unknown user)" if caller is None else f" (uid={uid} gid={caller.gid} pid={caller.pid})"

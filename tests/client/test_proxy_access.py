@@ -96,7 +96,7 @@ def test_decide(
     expected: Admit | Refuse,
 ) -> None:
     permissions = MODE if caller is not None and not may_connect else ""
-    got = decide(b"GET", target, fields, caller, rules, may_connect=may_connect, permissions=permissions)
+    got = decide(b"GET", target, fields, rules, caller, may_connect=may_connect, permissions=permissions)
     assert got == expected
 
 
@@ -105,7 +105,7 @@ def test_the_head_size_counts_the_request_line_and_every_field() -> None:
     room = 32_768 - (3 + 4 + 11 + (4 + len(HOST) + 4) + (1 + 0 + 4))
 
     def judged(size: int) -> Admit | Refuse:
-        return decide(b"GET", b"/abc", [(b"host", HOST), (b"x", b"y" * size)], ROOT, RULES, may_connect=True)
+        return decide(b"GET", b"/abc", [(b"host", HOST), (b"x", b"y" * size)], RULES, ROOT, may_connect=True)
 
     assert judged(room) == Admit(b"/abc", "uid")
     assert judged(room + 1) == Refuse(431, "the request head is over 32768 bytes")

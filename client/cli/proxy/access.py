@@ -42,9 +42,8 @@ def decide(
     method: bytes,
     target: bytes,
     headers: Iterable[tuple[bytes, bytes]],
-    caller: Caller | None,
     rules: Rules,
-    *,
+    caller: Caller | None = None,
     may_connect: bool = False,
     permissions: str = "",
 ) -> Admit | Refuse:

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from http import HTTPStatus
 
 import h11
@@ -114,10 +114,8 @@ class Proxy:
             return
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (431, 501) else 400
-            # h11 may quote the request line, and with it a token in the URL.
-            message = (
-                f"the request is not valid HTTP/1.1 ({shown(str(exc).replace(self.rules.token, '<token>'))})"
-            )
+            detail = shown(str(exc).replace(self.rules.token, "<token>"))  # h11 may quote the URL
+            message = f"the request is not valid HTTP/1.1 ({detail})"
             if status == 431:
                 message = f"the request head is over {access.MAX_HEAD_BYTES} bytes"
             await self._refuse(task, io, Refuse(status, message), None, f"{who}: refused {status}: {message}")
@@ -128,19 +126,10 @@ class Proxy:
             return
         self.places.waiting.pop(task, None)
         # Searched once the head is in: silent connections must not queue searches of /proc.
-        caller, may_connect, permissions = (
-            await asyncio.to_thread(self._identify, owner) if owner else (None, False, "")
-        )
-        verdict = access.decide(
-            request.method,
-            request.target,
-            request.headers,
-            caller,
-            self.rules,
-            may_connect=may_connect,
-            permissions=permissions,
-        )
+        identity = await asyncio.to_thread(self._identify, owner) if owner else (None, False, "")
+        verdict = access.decide(request.method, request.target, request.headers, self.rules, *identity)
         self.places.unjudged.pop(task, None)
+        caller = identity[0]
         uid = None if caller is None else caller.uid
         who += " (unknown user)" if caller is None else f" (uid={uid} gid={caller.gid} pid={caller.pid})"
         line = f"{shown(request.method)} {shown(access.split_token(request.target)[1])}"
@@ -179,14 +168,13 @@ class Proxy:
     async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
         """Send the proxy's own answer and linger (so it is not reset) while fewer than ``REFUSING``
         refusals (``bounded``) do; beyond that, answer and close at once."""
+        with contextlib.suppress(OSError):
+            io[1].write(answer)
         if bounded and self.refusing >= REFUSING:
-            with contextlib.suppress(OSError):
-                io[1].write(answer)
             return
         self.refusing += bounded
         try:
             with contextlib.suppress(OSError):
-                io[1].write(answer)
                 await io[1].drain()
             await linger(*io, limit=_LINGER_BYTES)
         finally:
@@ -233,8 +221,8 @@ class Proxy:
         try:
             upstream[1].write(head)
             moved[0] += len(head)
-            body = asyncio.ensure_future(_copy_body(io[0], conn, chunked, upstream[1], moved))
-            down = asyncio.ensure_future(_copy(upstream[0], io[1], moved))
+            body = asyncio.ensure_future(_copy(_body(io[0], conn, chunked), upstream[1], moved, 0))
+            down = asyncio.ensure_future(_copy(_reads(upstream[0]), io[1], moved, 1))
             note, error = await _finish(body, down)
             if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
                 # The socket got a cut-off body and is answering nothing: the client hears why.
@@ -277,35 +265,29 @@ async def _next_request(
         conn.receive_data(data)
 
 
-async def _copy_body(
-    reader: Reader, conn: h11.Connection, chunked: bool, writer: Writer, moved: list[int]
-) -> None:
-    """Stream the body h11 decodes to the socket, waiting for it to drain: a chunked body as one
-    chunk per piece read, trailers dropped; a body of known length as it is (h11 checks it)."""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(_CHUNK))
-            continue
+async def _body(reader: Reader, conn: h11.Connection, chunked: bool) -> AsyncIterator[bytes]:
+    """The body h11 decodes, framed again: a chunked body as one chunk per piece read, trailers
+    dropped; a body of known length as it is (h11 checks it)."""
+    while (event := conn.next_event()) is h11.NEED_DATA or isinstance(event, h11.Data):
         if isinstance(event, h11.Data):
-            out = b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked and event.data else event.data
-        elif isinstance(event, h11.EndOfMessage):
-            out = b"0\r\n\r\n" if chunked else b""
+            if event.data:
+                yield b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked else event.data
         else:
-            return
-        if out:
-            writer.write(out)
-            moved[0] += len(out)
-            await writer.drain()
-        if isinstance(event, h11.EndOfMessage):
-            return
+            conn.receive_data(await reader.read(_CHUNK))
+    if isinstance(event, h11.EndOfMessage) and chunked:
+        yield b"0\r\n\r\n"
 
 
-async def _copy(reader: Reader, writer: Writer, moved: list[int]) -> None:
-    """Copy the answer until EOF, waiting for the client to drain (backpressure)."""
+async def _reads(reader: Reader) -> AsyncIterator[bytes]:
     while data := await reader.read(_CHUNK):
+        yield data
+
+
+async def _copy(chunks: AsyncIterator[bytes], writer: Writer, moved: list[int], side: int) -> None:
+    """Write each chunk, waiting for ``writer`` to drain (backpressure); ``moved[side]`` counts them."""
+    async for data in chunks:
         writer.write(data)
-        moved[1] += len(data)
+        moved[side] += len(data)
         await writer.drain()
 
 

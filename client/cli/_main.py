@@ -45,15 +45,11 @@ class _Formatter(argparse.HelpFormatter):
     """argparse's help formatter, learning the width as shutil does without importing it (lzma, bz2)."""
 
     def __init__(self, prog: str) -> None:
-        try:
-            width = int(os.environ["COLUMNS"])
-        except (KeyError, ValueError):
-            width = 0
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdecimal() else 0
         if width <= 0:
-            try:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
                 width = os.get_terminal_size(sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
-            except (AttributeError, ValueError, OSError):
-                width = 80
         super().__init__(prog, width=(width or 80) - 2)
 
 
@@ -75,7 +71,6 @@ def _builtin(name: str, sub: argparse.ArgumentParser) -> None:
     """The options of command ``name`` of this module (added only when argv names it: argparse is slow)."""
     if name == "send":
         sub.add_argument("text", metavar="TEXT", help="the message text")
-        sub.add_argument("--json", action="store_true", help="print the stored message as JSON")
         keep = sub.add_mutually_exclusive_group()
         every = "after the first send, send again every SECONDS until SIGTERM/SIGINT"
         keep.add_argument("--every", type=_positive_float, metavar="SECONDS", help=every)
@@ -86,15 +81,15 @@ def _builtin(name: str, sub: argparse.ArgumentParser) -> None:
     elif name == "events":
         since = "first print the messages after message ID still kept"
         sub.add_argument("--since", type=_id, metavar="ID", help=since)
-        sub.add_argument("--json", action="store_true", help="print one JSON object per line")
     elif name == "openapi":
         sub.add_argument("--output", "-o", metavar="FILE", help="write the spec to FILE")
     elif name == "get":
         sub.add_argument("path", metavar="PATH", help="request path, e.g. /messages?limit=3")
     elif name == "health":
         sub.add_argument("--ready", action="store_true", help="check readiness (/readyz) instead")
-    if name in ("messages", "version", "whoami"):
-        sub.add_argument("--json", action="store_true", help="print JSON")
+    if name in ("send", "messages", "events", "version", "whoami"):
+        as_json = {"send": "print the stored message as JSON", "events": "print one JSON object per line"}
+        sub.add_argument("--json", action="store_true", help=as_json.get(name, "print JSON"))
     sub.set_defaults(func=getattr(_commands, f"cmd_{name}"))
 
 

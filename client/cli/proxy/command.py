@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -154,14 +155,12 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     try:
         server = await asyncio.start_server(proxy.handle, *listen, backlog=1024, reuse_address=True)
     except OSError as exc:
-        # asyncio rewrites strerror ("error while attempting to bind on address ...").
-        reason = {
-            errno.EADDRINUSE: "address already in use",
-            errno.EACCES: "permission denied",
-            errno.EADDRNOTAVAIL: "address not available on this machine",
-        }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())
+        # asyncio rewrites strerror ("error while attempting to bind on address ..."): the errno's.
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         if isinstance(exc, socket.gaierror):
             reason = "unknown host"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = "address not available on this machine"
         raise UsageError(
             f"cannot listen on {hostport(*listen)} ({reason}). "
             "Stop what uses it or choose another address with --listen."
@@ -179,13 +178,9 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
             "and need the token; anyone who sees it can call the API with this user's rights. Use "
             "--listen 127.0.0.1:PORT unless you mean it."
         )
-    if proxy.rules.token_only:
-        log("Access: only requests with this proxy's token (open the URL below; its page sends it)")
-    else:
-        log(
-            f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
-            "or anyone with this proxy's token (open the URL below; its page sends it)"
-        )
+    who = f"callers on this machine who may connect to {proxy.url} themselves (checked by uid), or anyone"
+    who = "only requests" if proxy.rules.token_only else who
+    log(f"Access: {who} with this proxy's token (open the URL below; its page sends it)")
     log(f"Docs: http://{browse}/docs?token={proxy.rules.token}")
     stop = asyncio.Event()
     received: list[str] = []

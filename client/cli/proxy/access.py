@@ -44,12 +44,10 @@ def decide(
     headers: Iterable[tuple[bytes, bytes]],
     rules: Rules,
     caller: Caller | None = None,
-    may_connect: bool = False,
-    permissions: str = "",
+    may_connect: bool = False,  # whether the socket's permissions let ``caller`` connect
+    permissions: str = "",  # those permissions, quoted in a refusal
 ) -> Admit | Refuse:
-    """Admit or refuse one request (header names in lower case, as h11 gives them). ``caller`` owns
-    the TCP connection (None: not of this machine), ``may_connect`` if the socket's ``permissions``
-    (quoted in a refusal) let it connect."""
+    """Admit or refuse a request (lower-case header names) of ``caller`` (None: not of this machine)."""
     fields = list(headers)
     last = dict(fields)  # the last value of each name
     if len(fields) > MAX_HEADERS:
@@ -102,8 +100,7 @@ def _groups(caller: Caller) -> str:
 
 
 def split_token(target: bytes) -> tuple[bytes | None, bytes]:
-    """The last ``token=`` of the query of ``target``, and ``target`` without any; names decoded as
-    ``URLSearchParams`` does (``%74oken`` is ``token``), other parameters left as sent."""
+    """The last ``token=`` of ``target``'s query (read as ``URLSearchParams`` does), and the rest."""
     path, sep, query = target.partition(b"?")
     if not sep or (b"token" not in query and b"%" not in query):
         return None, target

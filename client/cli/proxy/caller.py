@@ -30,15 +30,13 @@ _RECENT: deque[int] = deque(maxlen=16)  # pids of recent callers (a race only co
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The owner of a TCP connection, with the fsgid and groups of a process holding it; ``pid`` 0,
-    ``gid`` -1 and ``groups`` None when none was visible (``source`` ``none``) or searched for
-    (``skipped``: no group would change the verdict), else ``source`` is ``process``."""
+    """A connection's owner, with a holding process's fsgid and groups (``source`` ``process``)."""
 
     uid: int
-    gid: int
+    gid: int  # -1, with pid 0 and groups None, when no process was visible or searched for
     pid: int
     groups: frozenset[int] | None
-    source: str
+    source: str  # "process", "none" (not visible), "skipped" (no group would change the verdict)
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -66,8 +64,7 @@ def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[
 
 
 def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] | None:
-    """``(uid, inode)`` of the socket that connected from ``peer`` to our ``local`` address; None
-    for anything but a live socket of this network namespace."""
+    """``(uid, inode)`` of the live socket of this network namespace connected from ``peer`` to ``local``."""
     try:
         family, peer_ip = _packed(peer[0])
         local_family, local_ip = _packed(local[0])
@@ -135,8 +132,7 @@ def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
 
 
 def find_caller(owner: tuple[int, int], groups_matter: Callable[[int], bool] | None = None) -> Caller:
-    """The caller owning the socket ``owner`` (``(uid, inode)`` from :func:`tcp_owner`); no process
-    is searched when ``groups_matter(uid)`` is False."""
+    """The caller owning ``owner`` (from :func:`tcp_owner`); none searched if not ``groups_matter(uid)``."""
     uid, inode = owner
     if groups_matter is not None and not groups_matter(uid):
         return Caller(uid=uid, gid=-1, pid=0, groups=None, source="skipped")

@@ -166,8 +166,7 @@ class Proxy:
         self.refusals.flush()
 
     async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
-        """Send the proxy's own answer and linger (so it is not reset) while fewer than ``REFUSING``
-        refusals (``bounded``) do; beyond that, answer and close at once."""
+        """Send the proxy's answer and linger, unless ``REFUSING`` ``bounded`` answers already do."""
         with contextlib.suppress(OSError):
             io[1].write(answer)
         if bounded and self.refusing >= REFUSING:
@@ -249,8 +248,7 @@ class Proxy:
 async def _next_request(
     reader: Reader, conn: h11.Connection, seen: list[int], first: float
 ) -> h11.Request | None:
-    """Read until h11 has a whole request head; None on EOF before one, and
-    :class:`TimeoutError` if the first bytes do not come within ``first`` seconds (``seen`` counts them)."""
+    """A whole request head, or None on EOF; TimeoutError if no byte (``seen``) within ``first`` s."""
     while True:
         event = conn.next_event()
         if isinstance(event, h11.Request):
@@ -266,8 +264,7 @@ async def _next_request(
 
 
 async def _body(reader: Reader, conn: h11.Connection, chunked: bool) -> AsyncIterator[bytes]:
-    """The body h11 decodes, framed again: a chunked body as one chunk per piece read, trailers
-    dropped; a body of known length as it is (h11 checks it)."""
+    """The body h11 decodes, framed again: chunked stays chunked (trailers dropped)."""
     while (event := conn.next_event()) is h11.NEED_DATA or isinstance(event, h11.Data):
         if isinstance(event, h11.Data):
             if event.data:

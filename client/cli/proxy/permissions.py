@@ -33,8 +33,7 @@ def _acl(path: str) -> Entries | None:
 
 
 def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
-    """The kernel's ``posix_acl_permission`` for one bit of ``path`` (stat ``info``), the mode being
-    the minimal ACL; with ``groups`` None (unknown), every group entry and the others' must allow."""
+    """The kernel's ``posix_acl_permission`` (the mode as the minimal ACL); groups None: all must allow."""
     entries = _acl(path)
     if entries is None:
         mode = info.st_mode
@@ -63,9 +62,7 @@ def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) ->
 
 
 def traversal(path: str) -> tuple[list[str], str]:
-    """The directories the kernel searches to open ``path``, and the file it reaches, walked name by
-    name through every symbolic link (``realpath`` would lose the directories holding them); raises
-    :class:`OSError` where the kernel's walk would fail. A relative path counts from /."""
+    """The directories searched to open ``path`` (links too) and the file reached; OSError as the kernel."""
     given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
     searched: list[str] = []
     current = "/"
@@ -96,8 +93,7 @@ def traversal(path: str) -> tuple[list[str], str]:
 
 @dataclass(frozen=True, slots=True)
 class SocketAccess:
-    """Who may ``connect()`` to the socket at ``path``, by the permissions in force now; anything
-    that cannot be checked refuses."""
+    """Who may ``connect()`` to the socket at ``path`` now; what cannot be checked refuses."""
 
     path: str
 
@@ -106,8 +102,7 @@ class SocketAccess:
         return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
 
     def may_ever(self, uid: int) -> bool:
-        """False when ``uid`` may not connect whatever its groups (then none are looked up): each
-        file judged with no group, or the one of those it names that serves best."""
+        """False when ``uid`` may not connect whatever its groups (each file's best group tried)."""
 
         def may_some(path: str, info: os.stat_result, bit: int) -> bool:
             gids = {info.st_gid} | {who for tag, _, who in _acl(path) or () if tag == _ACL_GROUP}

@@ -16,14 +16,11 @@ from dataclasses import dataclass
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-# nlmsghdr (length, type, flags, seq, pid), then inet_diag_req_v2 (family, protocol, ext, pad, states).
-_REQUEST = struct.Struct("=IHHIIBBBBI")
-# inet_diag_sockid: sport, dport, src[16], dst[16], interface, cookie[2] (all-ones: none).
-_SOCKID = struct.Struct("!HH16s16sIII")
-_NLMSG = struct.Struct("=IHHII")
-# inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
-_MSG_TAIL = struct.Struct("=IIIII")
-_MSG_TAIL_AT = _NLMSG.size + 4 + 48
+# nlmsghdr (length, type, flags, seq, pid), inet_diag_req_v2 (family, protocol, ext, pad, states),
+# inet_diag_sockid (sport, dport in network order, src[16], dst[16], interface, cookie[2]: all-ones).
+_REQUEST = struct.Struct("=IHHIIBBBBIHH16s16sIII")
+# nlmsghdr's type; after inet_diag_msg's 4 bytes, sockid, expires, rqueue and wqueue: uid, inode.
+_ANSWER = struct.Struct("=4xH74xII")
 _MAX_FDS = 1024  # most open files of a process searched: the usual soft limit
 _RECENT: deque[int] = deque(maxlen=16)  # pids of recent callers (a race only costs a full scan)
 
@@ -33,10 +30,10 @@ class Caller:
     """A connection's owner, with a holding process's fsgid and groups (``source`` ``process``)."""
 
     uid: int
-    gid: int  # -1, with pid 0 and groups None, when no process was visible or searched for
-    pid: int
-    groups: frozenset[int] | None
-    source: str  # "process", "none" (not visible), "skipped" (no group would change the verdict)
+    gid: int = -1  # -1, pid 0 and groups None when no process was visible or searched for
+    pid: int = 0
+    groups: frozenset[int] | None = None
+    source: str = "none"  # "process", "none" (not visible), "skipped" (no group would change the verdict)
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -49,18 +46,18 @@ def _packed(address: str) -> tuple[int, bytes]:
 
 def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
     """One exact NETLINK_SOCK_DIAG lookup of the TCP socket ``src -> dst``: ``(uid, inode)``."""
-    size = _REQUEST.size + _SOCKID.size
-    request = _REQUEST.pack(size, _SOCK_DIAG_BY_FAMILY, 1, 1, 0, family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-    request += _SOCKID.pack(src[1], dst[1], src[0], dst[0], 0, 0xFFFFFFFF, 0xFFFFFFFF)
+    ports = socket.htons(src[1]), socket.htons(dst[1])
+    head = (_REQUEST.size, _SOCK_DIAG_BY_FAMILY, 1, 1, 0, family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    request = _REQUEST.pack(*head, *ports, src[0], dst[0], 0, 0xFFFFFFFF, 0xFFFFFFFF)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(1.0)
         nl.sendto(request, (0, 0))
         answer = nl.recv(8192)
     # Anything but one inet_diag_msg (NLMSG_ERROR among others) finds nothing.
-    if len(answer) < _MSG_TAIL_AT + _MSG_TAIL.size or _NLMSG.unpack_from(answer)[1] != _SOCK_DIAG_BY_FAMILY:
+    if len(answer) < _ANSWER.size:
         return None
-    _, _, _, uid, inode = _MSG_TAIL.unpack_from(answer, _MSG_TAIL_AT)
-    return uid, inode
+    kind, uid, inode = _ANSWER.unpack_from(answer)
+    return (uid, inode) if kind == _SOCK_DIAG_BY_FAMILY else None
 
 
 def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] | None:
@@ -119,26 +116,18 @@ def _process_holding(inode: int) -> int | None:
     return None
 
 
-def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
-    """``(fsuid, fsgid, groups)`` from ``/proc/<pid>/status``; what the kernel checks on connect()."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            fields = dict(line.partition(":")[::2] for line in status)
-        uid, gid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
-        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
-    except (OSError, ValueError, IndexError, KeyError):
-        return None
-    return uid, gid, groups | {gid}
-
-
 def find_caller(owner: tuple[int, int], groups_matter: Callable[[int], bool] | None = None) -> Caller:
     """The caller owning ``owner`` (from :func:`tcp_owner`); none searched if not ``groups_matter(uid)``."""
     uid, inode = owner
     if groups_matter is not None and not groups_matter(uid):
-        return Caller(uid=uid, gid=-1, pid=0, groups=None, source="skipped")
+        return Caller(uid, source="skipped")
     pid = _process_holding(inode)
-    if pid is not None:
-        credentials = _process_credentials(pid)
-        if credentials is not None and credentials[0] == uid:
-            return Caller(uid=uid, gid=credentials[1], pid=pid, groups=credentials[2], source="process")
-    return Caller(uid=uid, gid=-1, pid=0, groups=None, source="none")
+    if pid is not None:  # its fsuid, fsgid and groups: what the kernel checks on connect()
+        with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                fields = dict(line.partition(":")[::2] for line in status)
+            fsuid, fsgid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+            if fsuid == uid:
+                groups = frozenset(int(g) for g in fields.get("Groups", "").split()) | {fsgid}
+                return Caller(uid, fsgid, pid, groups, "process")
+    return Caller(uid)

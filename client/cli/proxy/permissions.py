@@ -16,17 +16,18 @@ Entries = list[tuple[int, int, int]]  # an access ACL's (tag, permission bits, u
 
 _ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry, after a 4-byte version (2)
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
+_MINIMAL_ACL = ((_ACL_USER_OBJ, 6), (_ACL_GROUP_OBJ, 3), (_ACL_OTHER, 0))  # the mode's bits as an ACL
 _MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
 
 
-def _acl(path: str) -> Entries | None:
-    """The entries of the access ACL of ``path``, None when it has none; OSError if unreadable."""
+def _acl(path: str, mode: int) -> Entries:
+    """The access ACL of ``path``, or ``mode`` as the minimal ACL; OSError if unreadable."""
     try:
         raw = os.getxattr(path, "system.posix_acl_access")
     except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
-            return None
-        raise
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        return [(tag, mode >> shift & 7, 0) for tag, shift in _MINIMAL_ACL]
     if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != 2:
         raise OSError(errno.EINVAL, "unreadable access ACL", path)
     return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
@@ -34,14 +35,7 @@ def _acl(path: str) -> Entries | None:
 
 def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
     """The kernel's ``posix_acl_permission`` (the mode as the minimal ACL); groups None: all must allow."""
-    entries = _acl(path)
-    if entries is None:
-        mode = info.st_mode
-        entries = [
-            (_ACL_USER_OBJ, mode >> 6 & 7, 0),
-            (_ACL_GROUP_OBJ, mode >> 3 & 7, 0),
-            (_ACL_OTHER, mode & 7, 0),
-        ]
+    entries = _acl(path, info.st_mode)
     perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
     mask = perms.get(_ACL_MASK, 0o7)
     if uid == info.st_uid:
@@ -105,7 +99,7 @@ class SocketAccess:
         """False when ``uid`` may not connect whatever its groups (each file's best group tried)."""
 
         def may_some(path: str, info: os.stat_result, bit: int) -> bool:
-            gids = {info.st_gid} | {who for tag, _, who in _acl(path) or () if tag == _ACL_GROUP}
+            gids = {info.st_gid} | {who for tag, _, who in _acl(path, info.st_mode) if tag == _ACL_GROUP}
             return any(_may(path, info, uid, frozenset(g), bit) for g in ((), *((gid,) for gid in gids)))
 
         return self._walk(may_some)

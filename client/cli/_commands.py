@@ -4,6 +4,7 @@ with its control characters escaped (docs/internals.md, "Client"). Standard libr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -31,8 +32,11 @@ def clean(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def error_line(text: str) -> None:
-    print(f"Error: {clean(text)}", file=sys.stderr, flush=True)
+def error_line(error: str | ClientError, address: str = "") -> None:
+    """One ``Error:`` line on stderr; the server's answer named with the socket's ``address``."""
+    if isinstance(error, APIError):
+        error = f"{to_url(address)} answered {error.status}: {error.message}"
+    print(f"Error: {clean(str(error))}", file=sys.stderr, flush=True)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -45,13 +49,6 @@ def _dumps(data: object) -> str:
     import json
 
     return json.dumps(data, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
-
-
-def failure(address: str, exc: ClientError) -> str:
-    """The error line's text: the server's answer with the socket's address, or the error itself."""
-    return (
-        f"{to_url(address)} answered {exc.status}: {exc.message}" if isinstance(exc, APIError) else str(exc)
-    )
 
 
 def _show(as_json: bool, data: object, lines: Iterable[str]) -> int:
@@ -88,7 +85,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             try:
                 send_once(client)
             except ClientError as exc:  # keep the container alive while the server restarts
-                error_line(failure(args.socket, exc))
+                error_line(exc, args.socket)
     return 0
 
 
@@ -177,14 +174,11 @@ def cmd_get(args: argparse.Namespace) -> int:
     sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
     if raw.ok:
         return 0
-    try:
-        message = str(raw.json().get("message") or "")
-    except (ValueError, AttributeError):
-        message = ""
-    error_line(
-        f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
-        + (f": {message}" if message else "")
-    )
+    error = f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
+    with contextlib.suppress(ValueError, AttributeError):  # a body that is not the JSON error shape
+        if message := raw.json().get("message"):
+            error += f": {message}"
+    error_line(error)
     return 1
 
 

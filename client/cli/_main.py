@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from client._errors import ClientError, UsageError
 from client.address import DEFAULT_ADDRESS, ENV_VAR, resolve_socket, to_url
 from client.cli import _commands
-from client.cli._commands import clean, error_line, failure
+from client.cli._commands import clean, error_line
 
 PROG = "uds-client"
 _VALUE_OPTIONS = ("--socket", "--timeout", "--wait")  # global options that take a value
@@ -106,38 +106,32 @@ def _external(module_name: str, sub: argparse.ArgumentParser) -> None:
 
 
 _EXTERNAL = {"proxy": "client.cli.proxy.command", "docs": "client.cli.docs_export"}
-_COMMANDS: dict[str, tuple[str, str | None]] = {
-    "send": (
-        "send a message and print the server's reply",
-        "POST TEXT to /messages and print '📥 Client received: <reply>'. Each send carries a fresh "
-        "Idempotency-Key, so a retry never stores it twice. To keep a container running, add --every "
-        "SECONDS (send again periodically) or --then-wait (send once, then idle); both stop cleanly with "
-        "exit 0 on SIGTERM or SIGINT. With them only the first send is fatal; later failures print one "
-        "error line and the loop goes on.",
-    ),
-    "messages": ("list recent messages, oldest first", None),
-    "events": (
-        "print messages as they are stored, like docker events",
-        "Follow GET /events and print each event on one line as it comes: every message stored from "
-        "now on (after message ID first, with --since), from any worker. After a server restart or a "
-        "dropped stream it connects again and goes on from the last event, so nothing is missed or "
-        "printed twice; a 'reset' line says some messages left the history meanwhile (list them with "
-        "'messages'). Ctrl-C or SIGTERM stops it with exit 0.",
-    ),
-    "version": ("print the server's versions", None),
-    "whoami": (
-        "print your uid, gid and groups as the server sees them, and the scopes you hold",
-        "GET /whoami, which needs no scope: the first thing to run after a 403.",
-    ),
-    "openapi": ("print the OpenAPI spec (or write it to a file)", None),
-    "get": ("GET a path and print the raw body (exit 1 on an error status)", None),
-    "health": (
-        "quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
-        "GET /healthz (or /readyz with --ready) with the standard library only, for Kubernetes exec "
-        "probes. Prints nothing when healthy.",
-    ),
-    "proxy": ("expose the socket's API on a local TCP port (for a browser or curl)", None),
-    "docs": ("export the OpenAPI spec and offline API docs to a directory", None),
+_COMMANDS = {  # name: the line in the list of commands
+    "send": "send a message and print the server's reply",
+    "messages": "list recent messages, oldest first",
+    "events": "print messages as they are stored, like docker events",
+    "version": "print the server's versions",
+    "whoami": "print your uid, gid and groups as the server sees them, and the scopes you hold",
+    "openapi": "print the OpenAPI spec (or write it to a file)",
+    "get": "GET a path and print the raw body (exit 1 on an error status)",
+    "health": "quiet health check for exec probes: exit 0 healthy, 1 unhealthy, 3 unreachable",
+    "proxy": "expose the socket's API on a local TCP port (for a browser or curl)",
+    "docs": "export the OpenAPI spec and offline API docs to a directory",
+}
+_DESCRIPTIONS = {  # the command's own --help, where it says more
+    "send": "POST TEXT to /messages and print '📥 Client received: <reply>'. Each send carries a fresh "
+    "Idempotency-Key, so a retry never stores it twice. To keep a container running, add --every SECONDS "
+    "(send again periodically) or --then-wait (send once, then idle); both stop cleanly with exit 0 on "
+    "SIGTERM or SIGINT. With them only the first send is fatal; later failures print one error line and "
+    "the loop goes on.",
+    "events": "Follow GET /events and print each event on one line as it comes: every message stored from "
+    "now on (after message ID first, with --since), from any worker. After a server restart or a dropped "
+    "stream it connects again and goes on from the last event, so nothing is missed or printed twice; a "
+    "'reset' line says some messages left the history meanwhile (list them with 'messages'). Ctrl-C or "
+    "SIGTERM stops it with exit 0.",
+    "whoami": "GET /whoami, which needs no scope: the first thing to run after a 403.",
+    "health": "GET /healthz (or /readyz with --ready) with the standard library only, for Kubernetes exec "
+    "probes. Prints nothing when healthy.",
 }
 
 
@@ -176,10 +170,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log each request and show tracebacks")
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, description) in _COMMANDS.items():
-        sub = commands.add_parser(
-            name, help=help_text, description=description or help_text, formatter_class=_Formatter
-        )
+    for name, help_text in _COMMANDS.items():
+        description = _DESCRIPTIONS.get(name, help_text)
+        sub = commands.add_parser(name, help=help_text, description=description, formatter_class=_Formatter)
         if name == command:
             if name in _EXTERNAL:
                 _external(_EXTERNAL[name], sub)
@@ -225,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        error_line(failure(address, exc))
+        error_line(exc, address)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

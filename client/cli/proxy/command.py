@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from client._errors import ConnectError, UsageError
 from client.address import to_url
@@ -135,12 +135,11 @@ def run(args: argparse.Namespace) -> int:
         head_timeout=args.head_timeout,
         max_connections=cap,
     )
-    try:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with contextlib.suppress(ImportError):
         import uvloop
 
         loop_factory = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(_serve(proxy, listen, extra))
 
@@ -182,18 +181,12 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     who = "only requests" if proxy.rules.token_only else who
     log(f"Access: {who} with this proxy's token (open the URL below; its page sends it)")
     log(f"Docs: http://{browse}/docs?token={proxy.rules.token}")
-    stop = asyncio.Event()
-    received: list[str] = []
     loop = asyncio.get_running_loop()
-
-    def on_signal(name: str) -> None:
-        received.append(name)
-        stop.set()
-
+    signals: asyncio.Queue[str] = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.add_signal_handler(sig, signals.put_nowait, sig.name)
     try:
-        await stop.wait()
+        received = await signals.get()
     finally:
         # A second signal (coreutils timeout sends two) must not kill the proxy while it stops.
         server.close()
@@ -202,5 +195,5 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
-    log(f"Proxy stopped ({', '.join(received) or 'stop'}): closed {count} open connection(s)")
+    log(f"Proxy stopped ({received}): closed {count} open connection(s)")
     return 0

@@ -64,17 +64,14 @@ def assets_directory() -> Path:
     return directory
 
 
-def spec_script(spec: dict[str, Any]) -> str:
-    """The spec as JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
-    return json.dumps(spec, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
-
-
 def render(spec: dict[str, Any], page: str) -> str:
     """The page ``page`` (``swagger`` or ``redoc``) with ``spec`` inlined."""
     info = spec.get("info")
     title = html.escape(str((info.get("title") if isinstance(info, dict) else None) or "API"))
+    # The spec as JSON that is safe inside a <script> element: no </script>, no <!--.
+    script = json.dumps(spec, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
     template = resources.files("client.cli").joinpath(f"pages/{page}.html").read_text(encoding="utf-8")
-    return template % {"title": title, "spec": spec_script(spec), "csp": CSP}
+    return template % {"title": title, "spec": script, "csp": CSP}
 
 
 def export(spec: dict[str, Any], output: Path) -> list[Path]:
@@ -85,11 +82,9 @@ def export(spec: dict[str, Any], output: Path) -> list[Path]:
     assets = output / "assets"
     try:
         assets.mkdir(parents=True, exist_ok=True)
-        files = [
-            _write(output / "index.html", render(spec, "swagger").encode()),
-            _write(output / "redoc.html", render(spec, "redoc").encode()),
-            _write(output / "openapi.json", (json.dumps(spec, indent=2, ensure_ascii=False) + "\n").encode()),
-        ]
+        pages = {"index.html": render(spec, "swagger"), "redoc.html": render(spec, "redoc")}
+        pages["openapi.json"] = json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+        files = [_write(output / name, text.encode()) for name, text in pages.items()]
         for name in ASSETS:
             _write(assets / name, (source / name).read_bytes())
     except OSError as exc:

@@ -86,15 +86,11 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
 
 def _holds(pid: int, target: str) -> bool:
     """Whether ``pid`` has ``target`` open; not searched past :data:`_MAX_FDS` files (the caller's choice)."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        with os.scandir(fd_dir) as entries:
-            fds = [entry.name for entry in itertools.islice(entries, _MAX_FDS + 1)]
-    except OSError:
-        return False
-    if len(fds) > _MAX_FDS:
-        return False
-    for fd in reversed(fds):  # a new connection tends to have one of the highest fd numbers
+    fd_dir, fds = f"/proc/{pid}/fd", []
+    with contextlib.suppress(OSError), os.scandir(fd_dir) as entries:
+        fds = [entry.name for entry in itertools.islice(entries, _MAX_FDS + 1)]
+    # A new connection tends to have one of the highest fd numbers.
+    for fd in reversed(fds if len(fds) <= _MAX_FDS else []):
         with contextlib.suppress(OSError):
             if os.readlink(f"{fd_dir}/{fd}") == target:
                 return True

@@ -47,12 +47,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def is_loopback(host: str) -> bool:
     """True when every address ``host`` resolves to is a loopback address."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
+    with contextlib.suppress(ValueError):
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:

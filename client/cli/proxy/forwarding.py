@@ -29,7 +29,9 @@ LOG_PERIOD = 10.0  # between two log lines of one kind
 REFUSING = 32  # refusals lingering at once; beyond, answered and closed at once
 _CHUNK = 256 * 1024
 _LINGER_BYTES = 1 << 20
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", access.FORWARDED_HEADER}
+# Hop-by-hop fields, a claimed caller and the token: never forwarded.
+_DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te"}
+_DROPPED |= {access.FORWARDED_HEADER, access.TOKEN_HEADER}
 _ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
 
 Reader = asyncio.StreamReader
@@ -142,11 +144,10 @@ class Proxy:
 
     def _identify(self, owner: tuple[int, int]) -> tuple[Caller, bool, str]:
         """The caller, whether the socket's permissions admit it, and those permissions (if not)."""
-        if self.rules.token_only:
-            return find_caller(owner, lambda uid: False), False, ""
-        caller = find_caller(owner, self.socket.may_ever)
-        allowed = self.socket.allows(caller.uid, caller.groups)
-        return caller, allowed, "" if allowed else self.socket.describe()
+        token_only = self.rules.token_only
+        caller = find_caller(owner, (lambda uid: False) if token_only else self.socket.may_ever)
+        allowed = not token_only and self.socket.allows(caller.uid, caller.groups)
+        return caller, allowed, "" if allowed or token_only else self.socket.describe()
 
     async def _refuse(self, task: Task, io: Streams, refusal: Refuse, uid: int | None, line: str) -> None:
         """Log and answer a request refused before the socket (by uid); its place is given up."""
@@ -206,9 +207,7 @@ class Proxy:
         fields = [
             (name, value)
             for name, value in request.headers.raw_items()
-            if name.lower() not in _HOP_BY_HOP
-            and name.lower() != access.TOKEN_HEADER
-            and not (name.lower() == b"referer" and token in value)
+            if name.lower() not in _DROPPED and not (name.lower() == b"referer" and token in value)
         ]
         fields.append((b"Connection", b"close"))
         if caller is not None and verdict.by == "uid":

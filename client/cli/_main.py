@@ -160,12 +160,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     where = "server socket: unix:///path, unix:/path, a bare absolute path or "
     where += f"http+unix://%%2Fpath (default: ${ENV_VAR}, else {DEFAULT_ADDRESS})"
     parser.add_argument("--socket", metavar="ADDRESS", help=where)
-    whole = "give up on a request after SECONDS, whole: connect, send and the entire answer (default: 5)"
+    whole = "give up on a request after SECONDS, whole: connect, send and the entire answer "
+    whole += "(default: %(default)g)"
     parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS", help=whole)
-    wait = (
-        "before the first request, wait up to SECONDS (backing off) for the "
-        "server to accept; exit 3 if it never does (default: 0, no waiting)"
-    )
+    wait = "before the first request, wait up to SECONDS (backing off) for the server to accept; exit 3 if "
+    wait += "it never does (default: %(default)g, no waiting)"
     parser.add_argument("--wait", type=_non_negative_float, default=0.0, metavar="SECONDS", help=wait)
     parser.add_argument("--debug", action="store_true", help="log each request and show tracebacks")
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")

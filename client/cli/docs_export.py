@@ -28,9 +28,9 @@ _SCRIPT_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output is "
-        "a file or cannot be written; 3 the socket cannot be reached."
+        "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output "
     )
+    parser.epilog += "is a file or cannot be written; 3 the socket cannot be reached."
     where = "directory to write index.html (Swagger UI), redoc.html, openapi.json and assets/ into; "
     where += "created if missing, existing files replaced"
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help=where)

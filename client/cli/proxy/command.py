@@ -68,33 +68,26 @@ def allowed_hosts(listen_host: str, port: int, extra: Iterable[str] = ()) -> fro
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
-        "this machine and network namespace only) may connect to the socket, or if it carries the "
-        "token printed at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs "
-        "URL carries it, never a cookie). Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen "
-        "or the TCP address cannot be used (in use, not permitted); "
-        "3 the socket cannot be reached at start."
+        "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, this "
+        "machine and network namespace only) may connect to the socket, or if it carries the token printed "
+        "at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs URL carries it, never "
+        "a cookie). Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be "
+        "used (in use, not permitted); 3 the socket cannot be reached at start."
     )
-    listen = (
-        "TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default %(default)s; "
-        "no host means 127.0.0.1, loopback only; port 0 picks a free port)"
-    )
+    listen = "TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default %(default)s; no host "
+    listen += "means 127.0.0.1, loopback only; port 0 picks a free port)"
     parser.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help=listen)
     only = "admit only requests carrying the printed token, even from users who may use the socket"
     parser.add_argument("--token-only", action="store_true", help=only)
-    allow_host = (
-        "also answer requests whose Host header is HOST:PORT (for example the local side of "
-        "kubectl port-forward 9000:8080); repeatable"
-    )
-    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=allow_host)
+    also = "also answer requests whose Host header is HOST:PORT (for example the local side of kubectl "
+    also += "port-forward 9000:8080); repeatable"
+    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=also)
     head = "close a connection that has not sent its whole request head in time (default %(default)g)"
     # The default is the server's request_timeout.
     parser.add_argument("--head-timeout", type=float, default=30.0, metavar="SECONDS", help=head)
-    cap = (
-        f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
-        "without a whole request head is closed to make room, or the newcomer gets 503 "
-        "(default %(default)s; lowered to fit the open-file limit)"
-    )
+    cap = f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s without a whole "
+    cap += "request head is closed to make room, or the newcomer gets 503 (default %(default)s; lowered to "
+    cap += "fit the open-file limit)"
     parser.add_argument("--max-connections", type=int, default=256, metavar="N", help=cap)
     quiet = "do not log a line per forwarded request (startup lines, refusals and errors are still printed)"
     parser.add_argument("--quiet", action="store_true", help=quiet)

@@ -62,17 +62,11 @@ def decide(
     if b"content-length" in last and b"transfer-encoding" in last:
         return Refuse(400, "the request has both Content-Length and Transfer-Encoding; send one")
     if host.decode("latin-1").lower() not in rules.hosts:
-        return Refuse(
-            421,
-            f"this proxy does not answer for host {shown(host)!r}; use "
-            f"{' or '.join(sorted(rules.hosts))} (or start it with --allow-host)",
-        )
+        why = f"this proxy does not answer for host {shown(host)!r}; use {' or '.join(sorted(rules.hosts))}"
+        return Refuse(421, f"{why} (or start it with --allow-host)")
     if origin is not None and origin.decode("latin-1").lower() not in {f"http://{h}" for h in rules.hosts}:
-        return Refuse(
-            403,
-            f"cross-origin requests are refused (Origin {shown(origin)!r}); "
-            "open the page from the proxy's own address",
-        )
+        why = f"cross-origin requests are refused (Origin {shown(origin)!r})"
+        return Refuse(403, f"{why}; open the page from the proxy's own address")
     in_url, target = split_token(target)
     given = last.get(TOKEN_HEADER, in_url)
     # Admitted (and named) by uid, token or not: the docs page sends the token with every request.

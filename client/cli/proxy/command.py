@@ -26,22 +26,20 @@ _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 def parse_listen(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (no host means 127.0.0.1)."""
-    text = value.strip()
+    text, bad = value.strip(), f"invalid --listen {value!r}"
     host, _, port_text = text.rpartition(":")
     if text.startswith("["):
         if not host.endswith("]"):
-            raise UsageError(f"invalid --listen {value!r}: write [::1]:8080 for an IPv6 address")
+            raise UsageError(f"{bad}: write [::1]:8080 for an IPv6 address")
         host = host[1:-1]
     elif ":" in host:
-        raise UsageError(f"invalid --listen {value!r}: put an IPv6 address in brackets, as in [::1]:8080")
+        raise UsageError(f"{bad}: put an IPv6 address in brackets, as in [::1]:8080")
     else:
         host = host or DEFAULT_HOST
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(
-            f"invalid --listen {value!r}: the port must be a number 0..65535, as in 127.0.0.1:8080"
-        )
+        raise UsageError(f"{bad}: the port must be a number 0..65535, as in 127.0.0.1:8080")
     if not host or any(c.isspace() or c in "[]" for c in host):
-        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT, :PORT or PORT")
+        raise UsageError(f"{bad}: expected HOST:PORT, :PORT or PORT")
     return host, int(port_text)
 
 
@@ -161,11 +159,11 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     scope = "loopback only" if loopback else "REACHABLE FROM OTHER MACHINES"
     log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
     if not loopback:
-        log(
-            f"WARNING: {where} is not a loopback address: callers on other machines cannot be identified "
-            "and need the token; anyone who sees it can call the API with this user's rights. Use "
-            "--listen 127.0.0.1:PORT unless you mean it."
+        warning = f"WARNING: {where} is not a loopback address: callers on other machines cannot be "
+        warning += (
+            "identified and need the token; anyone who sees it can call the API with this user's rights."
         )
+        log(f"{warning} Use --listen 127.0.0.1:PORT unless you mean it.")
     who = f"callers on this machine who may connect to {proxy.url} themselves (checked by uid), or anyone"
     who = "only requests" if proxy.rules.token_only else who
     log(f"Access: {who} with this proxy's token (open the URL below; its page sends it)")

@@ -63,8 +63,7 @@ def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[
 def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] | None:
     """``(uid, inode)`` of the live socket of this network namespace connected from ``peer`` to ``local``."""
     try:
-        family, peer_ip = _packed(peer[0])
-        local_family, local_ip = _packed(local[0])
+        (family, peer_ip), (local_family, local_ip) = _packed(peer[0]), _packed(local[0])
     except ValueError:
         return None
     if local_family != family:

@@ -217,9 +217,7 @@ class Proxy:
         head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version, lines)
         chunked = any(name.lower() == b"transfer-encoding" for name, _ in fields)
         try:
-            upstream[1].write(head)
-            moved[0] += len(head)
-            body = asyncio.ensure_future(_copy(_body(io[0], conn, chunked), upstream[1], moved, 0))
+            body = asyncio.ensure_future(_copy(_request(head, io[0], conn, chunked), upstream[1], moved, 0))
             down = asyncio.ensure_future(_copy(_reads(upstream[0]), io[1], moved, 1))
             note, error = await _finish(body, down)
             if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
@@ -262,8 +260,9 @@ async def _next_request(
         conn.receive_data(data)
 
 
-async def _body(reader: Reader, conn: h11.Connection, chunked: bool) -> AsyncIterator[bytes]:
-    """The body h11 decodes, framed again: chunked stays chunked (trailers dropped)."""
+async def _request(head: bytes, reader: Reader, conn: h11.Connection, chunked: bool) -> AsyncIterator[bytes]:
+    """``head``, then the body h11 decodes, framed again: chunked stays chunked (trailers dropped)."""
+    yield head
     while (event := conn.next_event()) is h11.NEED_DATA or isinstance(event, h11.Data):
         if isinstance(event, h11.Data):
             if event.data:

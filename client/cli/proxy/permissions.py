@@ -36,7 +36,7 @@ def _acl(path: str, mode: int) -> Entries:
 def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
     """The kernel's ``posix_acl_permission`` (the mode as the minimal ACL); groups None: all must allow."""
     entries = _acl(path, info.st_mode)
-    perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
+    perms = {tag: perm for tag, perm, _ in entries}  # read for the tags that occur once
     mask = perms.get(_ACL_MASK, 0o7)
     if uid == info.st_uid:
         return bool(perms.get(_ACL_USER_OBJ, 0) & bit)

@@ -4,6 +4,7 @@ with its control characters escaped (docs/internals.md, "Client"). Standard libr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -13,6 +14,7 @@ from client.address import to_url
 # Not typing.TYPE_CHECKING: importing typing costs every probe; mypy honours this name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
     from client._client import Client
@@ -25,13 +27,16 @@ _ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
 _JSON_ESCAPES = {code: f"\\u{code:04x}" for code in _CONTROLS if code >= 0x20}
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """``text`` on one line, with every control character spelled as an escape."""
     return text.translate(_ESCAPES)
 
 
-def _error(text: str) -> None:
-    print(f"Error: {_clean(text)}", file=sys.stderr, flush=True)
+def error_line(error: str | ClientError, address: str = "") -> None:
+    """One ``Error:`` line on stderr; the server's answer named with the socket's ``address``."""
+    if isinstance(error, APIError):
+        error = f"{to_url(address)} answered {error.status}: {error.message}"
+    print(f"Error: {clean(str(error))}", file=sys.stderr, flush=True)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -46,8 +51,11 @@ def _dumps(data: object) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
-def _api_error(args: argparse.Namespace, exc: APIError) -> str:
-    return f"{to_url(args.socket)} answered {exc.status}: {exc.message}"
+def _show(as_json: bool, data: object, lines: Iterable[str]) -> int:
+    """Print ``data`` as JSON, or ``lines``."""
+    for line in [_dumps(data)] if as_json else lines:
+        print(line)
+    return 0
 
 
 def _peer(peer: Any) -> str:
@@ -62,12 +70,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     stop = threading.Event()
     keep = args.every is not None or args.then_wait
     if keep:
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
 
     def send_once(client: Client) -> None:
         message = client.send(args.text)
-        line = _dumps(message.to_json()) if args.json else f"📥 Client received: {_clean(message.reply)}"
+        line = _dumps(message.to_json()) if args.json else f"📥 Client received: {clean(message.reply)}"
         print(line, flush=True)
 
     with _client(args) as client:
@@ -77,20 +85,15 @@ def cmd_send(args: argparse.Namespace) -> int:
             try:
                 send_once(client)
             except ClientError as exc:  # keep the container alive while the server restarts
-                _error(_api_error(args, exc) if isinstance(exc, APIError) else str(exc))
+                error_line(exc, args.socket)
     return 0
 
 
 def cmd_messages(args: argparse.Namespace) -> int:
-    """Print the most recent messages, oldest first."""
     with _client(args) as client:
         messages = client.messages(args.limit)
-    if args.json:
-        print(_dumps({"messages": [m.to_json() for m in messages]}))
-        return 0
-    for m in messages:
-        print(f"#{m.id} {m.to_json()['received_at']} {_peer(m.peer)}: {_clean(m.text)}")
-    return 0
+    lines = (f"#{m.id} {m.to_json()['received_at']} {_peer(m.peer)}: {clean(m.text)}" for m in messages)
+    return _show(args.json, {"messages": [m.to_json() for m in messages]}, lines)
 
 
 def _event_line(event: Any, as_json: bool) -> str:
@@ -104,12 +107,12 @@ def _event_line(event: Any, as_json: bool) -> str:
     message = event.message
     if message is not None:
         at = message.to_json()["received_at"]
-        return f"{at} message #{message.id} {_peer(message.peer)}: {_clean(message.text)}"
+        return f"{at} message #{message.id} {_peer(message.peer)}: {clean(message.text)}"
     from datetime import UTC, datetime
 
     now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     detail = data.get("message", "") if isinstance(data, dict) else data
-    return f"{now} {_clean(event.event)}: {_clean(str(detail))}"
+    return f"{now} {clean(event.event)}: {clean(str(detail))}"
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -129,39 +132,28 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    """Print the server's versions."""
     with _client(args) as client:
         v = client.version()
     fields = {"app": v.app, "python": v.python, "uvicorn": v.uvicorn, "fastapi": v.fastapi, **v.extra}
-    if args.json:
-        print(_dumps(fields))
-        return 0
     width = max(len(name) for name in fields)
-    for name, value in fields.items():
-        print(f"{_clean(name):<{width}}  {_clean(str(value))}")
-    return 0
+    lines = (f"{clean(name):<{width}}  {clean(str(value))}" for name, value in fields.items())
+    return _show(args.json, fields, lines)
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:
-    """Print who the server sees calling and the scopes it holds."""
     with _client(args) as client:
         me = client.whoami()
-    if args.json:
-        print(_dumps(me.to_json()))
-        return 0
     ids = "none (not a Unix socket connection)" if me.uid is None else f"{me.uid} gid {me.gid} pid {me.pid}"
-    print(f"uid     {ids}")
-    print(f"groups  {' '.join(map(str, me.groups)) or '-'}")
+    lines = [f"uid     {ids}", f"groups  {' '.join(map(str, me.groups)) or '-'}"]
     if me.forwarded_for is not None:
         user = me.forwarded_for
-        theirs = _clean(", ".join(me.forwarded_scopes)) or "nothing"
-        print(f"behind  uid {user.uid} gid {user.gid} pid {user.pid}, holding {theirs}")
-    print(f"scopes  {_clean(', '.join(me.scopes)) or 'none'}")
-    return 0
+        theirs = clean(", ".join(me.forwarded_scopes)) or "nothing"
+        lines.append(f"behind  uid {user.uid} gid {user.gid} pid {user.pid}, holding {theirs}")
+    lines.append(f"scopes  {clean(', '.join(me.scopes)) or 'none'}")
+    return _show(args.json, me.to_json(), lines)
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    """Print the OpenAPI spec, or write it to --output."""
     with _client(args) as client:
         text = _dumps(client.openapi()) + "\n"
     if args.output is None:
@@ -176,21 +168,17 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    """GET PATH and print the body as it came."""
     with _client(args) as client:
         raw = client.get(args.path)
     body = raw.text
     sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
     if raw.ok:
         return 0
-    try:
-        message = str(raw.json().get("message") or "")
-    except (ValueError, AttributeError):
-        message = ""
-    _error(
-        f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
-        + (f": {message}" if message else "")
-    )
+    error = f"{to_url(args.socket)} answered {raw.status} for GET {args.path}"
+    with contextlib.suppress(ValueError, AttributeError):  # a body that is not the JSON error shape
+        if message := raw.json().get("message"):
+            error += f": {message}"
+    error_line(error)
     return 1
 
 
@@ -204,5 +192,5 @@ def cmd_health(args: argparse.Namespace) -> int:
         return 0
     detail = body.decode("utf-8", "replace").strip()[:200]
     state = "ready" if args.ready else "healthy"
-    _error(f"{to_url(args.socket)} is not {state}: {target} answered {status} {detail}")
+    error_line(f"{to_url(args.socket)} is not {state}: {target} answered {status} {detail}")
     return 1

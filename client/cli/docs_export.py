@@ -1,6 +1,5 @@
-"""``uds-client docs --output DIR``: the API docs as files that open from ``file://``: Swagger UI
-(read-only) and ReDoc pages with the spec inlined, ``openapi.json``, and ``assets/`` from the
-``fastapi-offline`` package; each page's Content-Security-Policy lets it load only those files."""
+"""``uds-client docs --output DIR``: Swagger UI (read-only) and ReDoc pages (``pages/``) with the
+spec inlined, ``openapi.json``, and ``fastapi-offline``'s assets: API docs that open from ``file://``."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ import html
 import importlib.util
 import json
 import os
-import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,55 +23,14 @@ CSP = (
     "default-src 'none'; script-src 'self' file: 'unsafe-inline'; style-src 'self' file: 'unsafe-inline'; "
     "img-src 'self' file: data:; font-src 'self' file: data:; worker-src 'self' blob:; connect-src 'none'"
 )
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<title>{title} - {tool} (offline)</title>
-<link rel="icon" type="image/png" href="assets/favicon.png">
-{head}
-</head>
-<body>
-<div id="{tool_id}"></div>
-<script id="openapi-spec" type="application/json">{spec}</script>
-<script src="assets/{script}"></script>
-<script>
-const spec = JSON.parse(document.getElementById("openapi-spec").textContent);
-{start}
-</script>
-</body>
-</html>
-"""
-_SWAGGER = {
-    "tool": "Swagger UI",
-    "tool_id": "swagger-ui",
-    "head": '<link rel="stylesheet" href="assets/swagger-ui.css">',
-    "script": "swagger-ui-bundle.js",
-    # supportedSubmitMethods: []: "Try it out" is off, since no server is behind the page.
-    "start": """window.ui = SwaggerUIBundle({
-  spec, dom_id: "#swagger-ui", layout: "BaseLayout", deepLinking: true, validatorUrl: null,
-  supportedSubmitMethods: [],
-  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
-});""",
-}
-_REDOC = {
-    "tool": "ReDoc",
-    "tool_id": "redoc",
-    "head": "<style>body { margin: 0; padding: 0; }</style>",
-    "script": "redoc.standalone.js",
-    "start": 'Redoc.init(spec, {}, document.getElementById("redoc"));',
-}
+_SCRIPT_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``uds-client docs``."""
     parser.epilog = (
-        "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output is "
-        "a file or cannot be written; 3 the socket cannot be reached."
+        "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output "
     )
+    parser.epilog += "is a file or cannot be written; 3 the socket cannot be reached."
     where = "directory to write index.html (Swagger UI), redoc.html, openapi.json and assets/ into; "
     where += "created if missing, existing files replaced"
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help=where)
@@ -91,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
     written = export(spec, Path(args.output))
     print(f"Wrote {', '.join(str(p) for p in written)}")
     print(f"Open {written[0].resolve().as_uri()} (Swagger UI) or {written[1].resolve().as_uri()} (ReDoc)")
-    sys.stdout.flush()
     return 0
 
 
@@ -107,28 +64,14 @@ def assets_directory() -> Path:
     return directory
 
 
-def spec_script(spec: dict[str, Any]) -> str:
-    """The spec as JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
-    return json.dumps(spec, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
-
-
-_SCRIPT_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
-
-
-def _render(spec: dict[str, Any], page: dict[str, str]) -> str:
+def render(spec: dict[str, Any], page: str) -> str:
+    """The page ``page`` (``swagger`` or ``redoc``) with ``spec`` inlined."""
     info = spec.get("info")
     title = html.escape(str((info.get("title") if isinstance(info, dict) else None) or "API"))
-    return _PAGE.format(title=title, spec=spec_script(spec), csp=CSP, **page)
-
-
-def render_swagger(spec: dict[str, Any]) -> str:
-    """Swagger UI page with ``spec`` inlined."""
-    return _render(spec, _SWAGGER)
-
-
-def render_redoc(spec: dict[str, Any]) -> str:
-    """ReDoc page with ``spec`` inlined."""
-    return _render(spec, _REDOC)
+    # The spec as JSON that is safe inside a <script> element: no </script>, no <!--.
+    script = json.dumps(spec, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
+    template = resources.files("client.cli").joinpath(f"pages/{page}.html").read_text(encoding="utf-8")
+    return template % {"title": title, "spec": script, "csp": CSP}
 
 
 def export(spec: dict[str, Any], output: Path) -> list[Path]:
@@ -139,11 +82,9 @@ def export(spec: dict[str, Any], output: Path) -> list[Path]:
     assets = output / "assets"
     try:
         assets.mkdir(parents=True, exist_ok=True)
-        files = [
-            _write(output / "index.html", render_swagger(spec).encode()),
-            _write(output / "redoc.html", render_redoc(spec).encode()),
-            _write(output / "openapi.json", (json.dumps(spec, indent=2, ensure_ascii=False) + "\n").encode()),
-        ]
+        pages = {"index.html": render(spec, "swagger"), "redoc.html": render(spec, "redoc")}
+        pages["openapi.json"] = json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+        files = [_write(output / name, text.encode()) for name, text in pages.items()]
         for name in ASSETS:
             _write(assets / name, (source / name).read_bytes())
     except OSError as exc:

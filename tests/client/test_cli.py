@@ -265,7 +265,7 @@ def test_missing_external_command_module_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(cli._EXTERNAL, "ghost", "client.ghost_command_absent")
-    monkeypatch.setitem(cli._COMMANDS, "ghost", ("a missing command", None))
+    monkeypatch.setitem(cli._COMMANDS, "ghost", "a missing command")
     assert cli.main(["ghost"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (

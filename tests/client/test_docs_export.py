@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client.cli.docs_export import ASSETS, assets_directory, render_redoc, render_swagger, spec_script
+from client.cli.docs_export import ASSETS, assets_directory, render
 from tests.client.conftest import answering, json_answer, raw_server
 from tests.support import http_over_uds, run_cli, short_tmpdir
 
@@ -71,11 +71,13 @@ def test_spec_text_cannot_break_out_of_the_script_element() -> None:
         "paths": {},
         "x-note": "</script><script>alert(1)</script><!-- \u2028 \u2029",
     }
-    text = spec_script(spec)
+    found = _SPEC_TAG.search(render(spec, "swagger"))
+    assert found
+    text = found.group(1)
     for bad in ("<", ">", "&", "\u2028", "\u2029"):
         assert bad not in text
     assert json.loads(text) == spec
-    for page in (render_swagger(spec), render_redoc(spec)):
+    for page in (render(spec, "swagger"), render(spec, "redoc")):
         assert page.count("</script>") == 3
         assert "<title>&lt;b&gt;T&lt;/b&gt; &amp; co - " in page
         found = _SPEC_TAG.search(page)

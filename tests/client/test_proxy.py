@@ -175,7 +175,9 @@ def test_find_caller_reads_the_groups_of_the_process_holding_the_socket() -> Non
             assert child.stdout.readline() == "connected\n"
             accepted, peer = listener.accept()
             with accepted:
-                caller = find_caller(peer[:2], accepted.getsockname()[:2])
+                owner = tcp_owner(peer[:2], accepted.getsockname()[:2])
+                assert owner is not None
+                caller = find_caller(owner)
             assert caller is not None
             # uid 65534's account has no group 4242: the groups came from the process itself.
             assert (caller.uid, caller.gid, caller.pid) == (NOBODY, NOBODY, child.pid)
@@ -190,10 +192,8 @@ def test_find_caller_leaves_the_groups_unknown_when_no_process_is_visible(
 ) -> None:
     # As when the holding process is not visible (another user's, another container's). The
     # account database is not asked: uid 65534 has an entry, and the process may not hold its groups.
-    monkeypatch.setattr(_caller, "tcp_owner", lambda peer, local: (uid, 1))
     monkeypatch.setattr(_caller, "_process_holding", lambda inode: None)
-    caller = find_caller(("127.0.0.1", 1), ("127.0.0.1", 2))
-    assert caller is not None
+    caller = find_caller((uid, 1))
     assert (caller.uid, caller.gid, caller.pid, caller.groups, caller.source) == (uid, -1, 0, None, "none")
 
 

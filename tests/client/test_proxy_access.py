@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.cli.proxy.access import Admit, Refuse, Rules, decide, head_of, split_token
+from client.cli.proxy.access import Admit, Refuse, Rules, decide, split_token
 from client.cli.proxy.caller import Caller
 
 HOST = b"127.0.0.1:8080"
@@ -96,24 +96,20 @@ def test_decide(
     expected: Admit | Refuse,
 ) -> None:
     permissions = MODE if caller is not None and not may_connect else ""
-    got = decide(
-        head_of(b"GET", target, fields), caller, rules, may_connect=may_connect, permissions=permissions
-    )
+    got = decide(b"GET", target, fields, rules, caller, may_connect=may_connect, permissions=permissions)
     assert got == expected
 
 
 def test_the_head_size_counts_the_request_line_and_every_field() -> None:
-    fields = [(b"host", HOST), (b"x", b"y" * 100)]
-    assert head_of(b"GET", b"/abc", fields).size == 3 + 4 + 11 + (4 + len(HOST) + 4) + (1 + 100 + 4)
-    room = 32_768 - head_of(b"GET", b"/", [(b"host", HOST), (b"x", b"")]).size
+    # "GET /abc HTTP/1.1\r\n" + "host: ...\r\n" + "x: yyy...\r\n": method, target and 11; name, value and 4.
+    room = 32_768 - (3 + 4 + 11 + (4 + len(HOST) + 4) + (1 + 0 + 4))
 
     def judged(size: int) -> Admit | Refuse:
-        return decide(
-            head_of(b"GET", b"/", [(b"host", HOST), (b"x", b"a" * size)]), ROOT, RULES, may_connect=True
-        )
+        return decide(b"GET", b"/abc", [(b"host", HOST), (b"x", b"y" * size)], RULES, ROOT, may_connect=True)
 
-    assert judged(room) == Admit(b"/", "uid")
+    assert judged(room) == Admit(b"/abc", "uid")
     assert judged(room + 1) == Refuse(431, "the request head is over 32768 bytes")
+    assert judged(100) == Admit(b"/abc", "uid")
 
 
 @pytest.mark.parametrize(

@@ -27,19 +27,6 @@ class Rules:
 
 
 @dataclass(frozen=True, slots=True)
-class Head:
-    """The facts of a request head that the decision reads."""
-
-    target: bytes
-    host: bytes | None = None
-    origin: bytes | None = None
-    token: bytes | None = None  # the Uds-Proxy-Token header
-    fields: int = 0
-    size: int = 0
-    framings: int = 0  # how many of Content-Length and Transfer-Encoding are present
-
-
-@dataclass(frozen=True, slots=True)
 class Admit:
     target: bytes  # without the token
     by: str  # "uid" or "token"
@@ -51,53 +38,37 @@ class Refuse:
     reason: str
 
 
-def head_of(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> Head:
-    """The facts of a head whose header names are lower case (as h11 gives them)."""
-    host = origin = token = None
-    fields, framing, size = 0, set(), len(method) + len(target) + 11
-    for name, value in headers:
-        fields += 1
-        size += len(name) + len(value) + 4
-        if name == b"host":
-            host = value
-        elif name in (b"content-length", b"transfer-encoding"):
-            framing.add(name)
-        elif name == b"origin":
-            origin = value
-        elif name == TOKEN_HEADER:
-            token = value
-    return Head(target, host, origin, token, fields, size, len(framing))
-
-
 def decide(
-    head: Head, caller: Caller | None, rules: Rules, *, may_connect: bool = False, permissions: str = ""
+    method: bytes,
+    target: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    rules: Rules,
+    caller: Caller | None = None,
+    may_connect: bool = False,  # whether the socket's permissions let ``caller`` connect
+    permissions: str = "",  # those permissions, quoted in a refusal
 ) -> Admit | Refuse:
-    """Admit or refuse one request. ``caller`` owns the TCP connection (None: not of this machine),
-    ``may_connect`` if the socket's ``permissions`` (quoted in a refusal) let it connect."""
-    if head.fields > MAX_HEADERS:
+    """Admit or refuse a request (lower-case header names) of ``caller`` (None: not of this machine)."""
+    fields = list(headers)
+    last = dict(fields)  # the last value of each name
+    if len(fields) > MAX_HEADERS:
         return Refuse(431, f"the request has more than {MAX_HEADERS} header fields")
     # h11 bounds a head that arrives in pieces; one that arrived whole is measured here.
-    if head.size > MAX_HEAD_BYTES:
+    if len(method) + len(target) + 11 + sum(len(n) + len(v) + 4 for n, v in fields) > MAX_HEAD_BYTES:
         return Refuse(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
-    if head.host is None:
+    host, origin = last.get(b"host"), last.get(b"origin")
+    if host is None:
         return Refuse(400, "the request has no Host header; send Host: 127.0.0.1:PORT")
-    if head.framings == 2:  # RFC 9112 section 6.1: a sign of request smuggling
+    # RFC 9112 section 6.1: both framings are a sign of request smuggling.
+    if b"content-length" in last and b"transfer-encoding" in last:
         return Refuse(400, "the request has both Content-Length and Transfer-Encoding; send one")
-    if head.host.decode("latin-1").lower() not in rules.hosts:
-        return Refuse(
-            421,
-            f"this proxy does not answer for host {shown(head.host)!r}; use "
-            f"{' or '.join(sorted(rules.hosts))} (or start it with --allow-host)",
-        )
-    origin = head.origin.decode("latin-1").lower() if head.origin is not None else None
-    if origin is not None and not (origin.startswith("http://") and origin[7:] in rules.hosts):
-        return Refuse(
-            403,
-            f"cross-origin requests are refused (Origin {shown(head.origin or b'')!r}); "
-            "open the page from the proxy's own address",
-        )
-    in_url, target = split_token(head.target)
-    given = head.token if head.token is not None else in_url
+    if host.decode("latin-1").lower() not in rules.hosts:
+        why = f"this proxy does not answer for host {shown(host)!r}; use {' or '.join(sorted(rules.hosts))}"
+        return Refuse(421, f"{why} (or start it with --allow-host)")
+    if origin is not None and origin.decode("latin-1").lower() not in {f"http://{h}" for h in rules.hosts}:
+        why = f"cross-origin requests are refused (Origin {shown(origin)!r})"
+        return Refuse(403, f"{why}; open the page from the proxy's own address")
+    in_url, target = split_token(target)
+    given = last.get(TOKEN_HEADER, in_url)
     # Admitted (and named) by uid, token or not: the docs page sends the token with every request.
     if not rules.token_only and caller is not None and may_connect:
         return Admit(target, "uid")
@@ -123,8 +94,7 @@ def _groups(caller: Caller) -> str:
 
 
 def split_token(target: bytes) -> tuple[bytes | None, bytes]:
-    """The last ``token=`` of the query of ``target``, and ``target`` without any; names decoded as
-    ``URLSearchParams`` does (``%74oken`` is ``token``), other parameters left as sent."""
+    """The last ``token=`` of ``target``'s query (read as ``URLSearchParams`` does), and the rest."""
     path, sep, query = target.partition(b"?")
     if not sep or (b"token" not in query and b"%" not in query):
         return None, target

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import socket
 import struct
@@ -13,37 +14,26 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Caller", "find_caller", "tcp_owner"]
-
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 1
-_NLMSG = struct.Struct("=IHHII")
-# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
-_REQ = struct.Struct("=BBBBI")
-# inet_diag_sockid: sport, dport (big-endian), src[16], dst[16], interface, cookie[2].
-_SOCKID = struct.Struct("!HH16s16s")
-_SOCKID_TAIL = struct.Struct("=III")
-_NOCOOKIE = 0xFFFFFFFF
-_ALL_STATES = 0xFFFFFFFF
-# inet_diag_msg after its sockid (48 bytes, 4 before it): expires, rqueue, wqueue, uid, inode.
-_MSG_TAIL = struct.Struct("=IIIII")
-_MSG_TAIL_AT = 4 + 48
+# nlmsghdr (length, type, flags, seq, pid), inet_diag_req_v2 (family, protocol, ext, pad, states),
+# inet_diag_sockid (sport, dport in network order, src[16], dst[16], interface, cookie[2]: all-ones).
+_REQUEST = struct.Struct("=IHHIIBBBBIHH16s16sIII")
+# nlmsghdr's type; after inet_diag_msg's 4 bytes, sockid, expires, rqueue and wqueue: uid, inode.
+_ANSWER = struct.Struct("=4xH74xII")
 _MAX_FDS = 1024  # most open files of a process searched: the usual soft limit
 _RECENT: deque[int] = deque(maxlen=16)  # pids of recent callers (a race only costs a full scan)
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The owner of a TCP connection, with the fsgid and groups of a process holding it; ``pid`` 0,
-    ``gid`` -1 and ``groups`` None when none was visible (``source`` ``none``) or searched for
-    (``skipped``: no group would change the verdict), else ``source`` is ``process``."""
+    """A connection's owner, with a holding process's fsgid and groups (``source`` ``process``)."""
 
     uid: int
-    gid: int
-    pid: int
-    groups: frozenset[int] | None
-    source: str
+    gid: int = -1  # -1, pid 0 and groups None when no process was visible or searched for
+    pid: int = 0
+    groups: frozenset[int] | None = None
+    source: str = "none"  # "process", "none" (not visible), "skipped" (no group would change the verdict)
 
 
 def _packed(address: str) -> tuple[int, bytes]:
@@ -56,41 +46,33 @@ def _packed(address: str) -> tuple[int, bytes]:
 
 def _diag(family: int, src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
     """One exact NETLINK_SOCK_DIAG lookup of the TCP socket ``src -> dst``: ``(uid, inode)``."""
-    request = (
-        _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
-        + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
-        + _SOCKID_TAIL.pack(0, _NOCOOKIE, _NOCOOKIE)
-    )
-    message = _NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + request
+    ports = socket.htons(src[1]), socket.htons(dst[1])
+    head = (_REQUEST.size, _SOCK_DIAG_BY_FAMILY, 1, 1, 0, family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    request = _REQUEST.pack(*head, *ports, src[0], dst[0], 0, 0xFFFFFFFF, 0xFFFFFFFF)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(1.0)
-        nl.sendto(message, (0, 0))
+        nl.sendto(request, (0, 0))
         answer = nl.recv(8192)
-    if len(answer) < _NLMSG.size:
+    # Anything but one inet_diag_msg (NLMSG_ERROR among others) finds nothing.
+    if len(answer) < _ANSWER.size:
         return None
-    _, kind, _, _, _ = _NLMSG.unpack_from(answer)
-    body = answer[_NLMSG.size :]
-    if kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG_TAIL_AT + _MSG_TAIL.size:  # NLMSG_ERROR among others
-        return None
-    _, _, _, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_TAIL_AT)
-    return uid, inode
+    kind, uid, inode = _ANSWER.unpack_from(answer)
+    return (uid, inode) if kind == _SOCK_DIAG_BY_FAMILY else None
 
 
 def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] | None:
-    """``(uid, inode)`` of the socket that connected from ``peer`` to our ``local`` address; None
-    for anything but a live socket of this network namespace."""
+    """``(uid, inode)`` of the live socket of this network namespace connected from ``peer`` to ``local``."""
     try:
-        family, peer_ip = _packed(peer[0])
-        local_family, local_ip = _packed(local[0])
+        (family, peer_ip), (local_family, local_ip) = _packed(peer[0]), _packed(local[0])
     except ValueError:
+        return None
+    if local_family != family:
         return None
     attempts = [(family, (peer_ip, peer[1]), (local_ip, local[1]))]
     if family == socket.AF_INET and ":" in peer[0]:
         # A dual-stack listener sees an IPv4 caller as ::ffff:a.b.c.d, which an IPv6 one may dial too.
         mapped = [b"\0" * 10 + b"\xff\xff" + ip[:4] for ip in (peer_ip, local_ip)]
         attempts.append((socket.AF_INET6, (mapped[0], peer[1]), (mapped[1], local[1])))
-    if local_family != family:
-        return None
     for fam, src, dst in attempts:
         try:
             found = _diag(fam, src, dst)
@@ -103,17 +85,11 @@ def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> tuple[int, int] 
 
 def _holds(pid: int, target: str) -> bool:
     """Whether ``pid`` has ``target`` open; not searched past :data:`_MAX_FDS` files (the caller's choice)."""
-    fd_dir = f"/proc/{pid}/fd"
-    fds: list[str] = []
-    try:
-        with os.scandir(fd_dir) as entries:
-            for entry in entries:
-                if len(fds) == _MAX_FDS:
-                    return False
-                fds.append(entry.name)
-    except OSError:
-        return False
-    for fd in reversed(fds):  # a new connection tends to have one of the highest fd numbers
+    fd_dir, fds = f"/proc/{pid}/fd", []
+    with contextlib.suppress(OSError), os.scandir(fd_dir) as entries:
+        fds = [entry.name for entry in itertools.islice(entries, _MAX_FDS + 1)]
+    # A new connection tends to have one of the highest fd numbers.
+    for fd in reversed(fds if len(fds) <= _MAX_FDS else []):
         with contextlib.suppress(OSError):
             if os.readlink(f"{fd_dir}/{fd}") == target:
                 return True
@@ -126,8 +102,7 @@ def _process_holding(inode: int) -> int | None:
     for pid in list(_RECENT):
         if _holds(pid, target):
             return pid
-    pids = sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True)
-    for pid in pids:
+    for pid in sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True):
         if _holds(pid, target):
             with contextlib.suppress(ValueError):
                 _RECENT.remove(pid)
@@ -136,32 +111,18 @@ def _process_holding(inode: int) -> int | None:
     return None
 
 
-def _process_credentials(pid: int) -> tuple[int, int, frozenset[int]] | None:
-    """``(fsuid, fsgid, groups)`` from ``/proc/<pid>/status``; what the kernel checks on connect()."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            fields = dict(line.partition(":")[::2] for line in status)
-        uid, gid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
-        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
-    except (OSError, ValueError, IndexError, KeyError):
-        return None
-    return uid, gid, groups | {gid}
-
-
-def find_caller(
-    peer: tuple[str, int], local: tuple[str, int], groups_matter: Callable[[int], bool] | None = None
-) -> Caller | None:
-    """The owner of the TCP connection ``peer -> local``, or None; no process is searched when
-    ``groups_matter(uid)`` is False."""
-    owner = tcp_owner(peer, local)
-    if owner is None:
-        return None
+def find_caller(owner: tuple[int, int], groups_matter: Callable[[int], bool] | None = None) -> Caller:
+    """The caller owning ``owner`` (from :func:`tcp_owner`); none searched if not ``groups_matter(uid)``."""
     uid, inode = owner
     if groups_matter is not None and not groups_matter(uid):
-        return Caller(uid=uid, gid=-1, pid=0, groups=None, source="skipped")
+        return Caller(uid, source="skipped")
     pid = _process_holding(inode)
-    if pid is not None:
-        credentials = _process_credentials(pid)
-        if credentials is not None and credentials[0] == uid:
-            return Caller(uid=uid, gid=credentials[1], pid=pid, groups=credentials[2], source="process")
-    return Caller(uid=uid, gid=-1, pid=0, groups=None, source="none")
+    if pid is not None:  # its fsuid, fsgid and groups: what the kernel checks on connect()
+        with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                fields = dict(line.partition(":")[::2] for line in status)
+            fsuid, fsgid = int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+            if fsuid == uid:
+                groups = frozenset(int(g) for g in fields.get("Groups", "").split()) | {fsgid}
+                return Caller(uid, fsgid, pid, groups, "process")
+    return Caller(uid)

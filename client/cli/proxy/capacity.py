@@ -12,8 +12,7 @@ Task = asyncio.Task[None]
 
 
 class Places:
-    """Connections counted against the cap, and which have sent a head or been judged;
-    ``note(line, key)`` is told of each refusal and eviction."""
+    """Connections counted against the cap; ``note(line, key)`` hears of each refusal and eviction."""
 
     def __init__(self, cap: int, note: Callable[[str, Hashable], None]) -> None:
         self.cap = cap
@@ -24,8 +23,7 @@ class Places:
         self.unjudged: dict[Task, int | None] = {}  # not judged yet, oldest first: the uid
 
     def take(self, task: Task, owner: int | None) -> bool:
-        """Count a new connection, evicting one to make room if it may (docs/internals.md, "Bounded
-        under attack"); False to refuse it."""
+        """Count a connection, evicting one if it may (docs/internals.md); False to refuse it."""
         now = time.monotonic()
         if len(self.held) >= self.cap:
             oldest = next(iter(self.waiting.items()), None)

@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from client._errors import ConnectError, UsageError
 from client.address import to_url
@@ -19,44 +20,33 @@ from client.cli.proxy.capacity import MAKE_ROOM_AFTER
 from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
 from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_HEAD_TIMEOUT = 30.0  # the server's request_timeout
-DEFAULT_MAX_CONNECTIONS = 256
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def parse_listen(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (no host means 127.0.0.1)."""
-    text = value.strip()
-    host, port_text = DEFAULT_HOST, text
+    text, bad = value.strip(), f"invalid --listen {value!r}"
+    host, _, port_text = text.rpartition(":")
     if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise UsageError(f"invalid --listen {value!r}: write [::1]:8080 for an IPv6 address")
-        host, port_text = text[1:end], text[end + 2 :]
-    elif ":" in text:
-        if text.count(":") > 1:
-            raise UsageError(f"invalid --listen {value!r}: put an IPv6 address in brackets, as in [::1]:8080")
-        host, port_text = text.split(":")
+        if not host.endswith("]"):
+            raise UsageError(f"{bad}: write [::1]:8080 for an IPv6 address")
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"{bad}: put an IPv6 address in brackets, as in [::1]:8080")
+    else:
         host = host or DEFAULT_HOST
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(
-            f"invalid --listen {value!r}: the port must be a number 0..65535, as in 127.0.0.1:8080"
-        )
-    if not host or any(c.isspace() for c in host):
-        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT, :PORT or PORT")
+        raise UsageError(f"{bad}: the port must be a number 0..65535, as in 127.0.0.1:8080")
+    if not host or any(c.isspace() or c in "[]" for c in host):
+        raise UsageError(f"{bad}: expected HOST:PORT, :PORT or PORT")
     return host, int(port_text)
 
 
 def is_loopback(host: str) -> bool:
     """True when every address ``host`` resolves to is a loopback address."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
+    with contextlib.suppress(ValueError):
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
@@ -75,38 +65,28 @@ def allowed_hosts(listen_host: str, port: int, extra: Iterable[str] = ()) -> fro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``uds-client proxy``."""
     parser.epilog = (
-        "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, "
-        "this machine and network namespace only) may connect to the socket, or if it carries the "
-        "token printed at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs "
-        "URL carries it, never a cookie). Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen "
-        "or the TCP address cannot be used (in use, not permitted); "
-        "3 the socket cannot be reached at start."
+        "Access: a request is admitted if the user who opened the TCP connection (looked up by uid, this "
+        "machine and network namespace only) may connect to the socket, or if it carries the token printed "
+        "at start (in a Uds-Proxy-Token header or ?token= in the URL; the printed docs URL carries it, never "
+        "a cookie). Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad --listen or the TCP address cannot be "
+        "used (in use, not permitted); 3 the socket cannot be reached at start."
     )
-    listen = (
-        f"TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default {DEFAULT_LISTEN}; "
-        "no host means 127.0.0.1, loopback only; port 0 picks a free port)"
-    )
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=listen)
+    listen = "TCP address to listen on: HOST:PORT, [IPv6]:PORT, :PORT or PORT (default %(default)s; no host "
+    listen += "means 127.0.0.1, loopback only; port 0 picks a free port)"
+    parser.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help=listen)
     only = "admit only requests carrying the printed token, even from users who may use the socket"
     parser.add_argument("--token-only", action="store_true", help=only)
-    allow_host = (
-        "also answer requests whose Host header is HOST:PORT (for example the local side of "
-        "kubectl port-forward 9000:8080); repeatable"
-    )
-    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=allow_host)
-    head = "close a connection that has not sent its whole request head in time"
-    head += f" (default {DEFAULT_HEAD_TIMEOUT:g})"
-    parser.add_argument(
-        "--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, metavar="SECONDS", help=head
-    )
-    cap = (
-        f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s "
-        "without a whole request head is closed to make room, or the newcomer gets 503 "
-        f"(default {DEFAULT_MAX_CONNECTIONS}; lowered to fit the open-file limit)"
-    )
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N", help=cap)
+    also = "also answer requests whose Host header is HOST:PORT (for example the local side of kubectl "
+    also += "port-forward 9000:8080); repeatable"
+    parser.add_argument("--allow-host", action="append", default=[], metavar="HOST:PORT", help=also)
+    head = "close a connection that has not sent its whole request head in time (default %(default)g)"
+    # The default is the server's request_timeout.
+    parser.add_argument("--head-timeout", type=float, default=30.0, metavar="SECONDS", help=head)
+    cap = f"connections served at once; at the limit, one open for over {MAKE_ROOM_AFTER:g}s without a whole "
+    cap += "request head is closed to make room, or the newcomer gets 503 (default %(default)s; lowered to "
+    cap += "fit the open-file limit)"
+    parser.add_argument("--max-connections", type=int, default=256, metavar="N", help=cap)
     quiet = "do not log a line per forwarded request (startup lines, refusals and errors are still printed)"
     parser.add_argument("--quiet", action="store_true", help=quiet)
 
@@ -142,12 +122,11 @@ def run(args: argparse.Namespace) -> int:
         head_timeout=args.head_timeout,
         max_connections=cap,
     )
-    try:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with contextlib.suppress(ImportError):
         import uvloop
 
         loop_factory = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(_serve(proxy, listen, extra))
 
@@ -162,14 +141,12 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     try:
         server = await asyncio.start_server(proxy.handle, *listen, backlog=1024, reuse_address=True)
     except OSError as exc:
-        # asyncio rewrites strerror ("error while attempting to bind on address ...").
-        reason = {
-            errno.EADDRINUSE: "address already in use",
-            errno.EACCES: "permission denied",
-            errno.EADDRNOTAVAIL: "address not available on this machine",
-        }.get(exc.errno or 0, (exc.strerror or type(exc).__name__).lower())
+        # asyncio rewrites strerror ("error while attempting to bind on address ..."): the errno's.
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         if isinstance(exc, socket.gaierror):
             reason = "unknown host"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = "address not available on this machine"
         raise UsageError(
             f"cannot listen on {hostport(*listen)} ({reason}). "
             "Stop what uses it or choose another address with --listen."
@@ -182,31 +159,21 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     scope = "loopback only" if loopback else "REACHABLE FROM OTHER MACHINES"
     log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
     if not loopback:
-        log(
-            f"WARNING: {where} is not a loopback address: callers on other machines cannot be identified "
-            "and need the token; anyone who sees it can call the API with this user's rights. Use "
-            "--listen 127.0.0.1:PORT unless you mean it."
+        warning = f"WARNING: {where} is not a loopback address: callers on other machines cannot be "
+        warning += (
+            "identified and need the token; anyone who sees it can call the API with this user's rights."
         )
-    if proxy.rules.token_only:
-        log("Access: only requests with this proxy's token (open the URL below; its page sends it)")
-    else:
-        log(
-            f"Access: callers on this machine who may connect to {proxy.url} themselves (checked by uid), "
-            "or anyone with this proxy's token (open the URL below; its page sends it)"
-        )
+        log(f"{warning} Use --listen 127.0.0.1:PORT unless you mean it.")
+    who = f"callers on this machine who may connect to {proxy.url} themselves (checked by uid), or anyone"
+    who = "only requests" if proxy.rules.token_only else who
+    log(f"Access: {who} with this proxy's token (open the URL below; its page sends it)")
     log(f"Docs: http://{browse}/docs?token={proxy.rules.token}")
-    stop = asyncio.Event()
-    received: list[str] = []
     loop = asyncio.get_running_loop()
-
-    def on_signal(name: str) -> None:
-        received.append(name)
-        stop.set()
-
+    signals: asyncio.Queue[str] = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.add_signal_handler(sig, signals.put_nowait, sig.name)
     try:
-        await stop.wait()
+        received = await signals.get()
     finally:
         # A second signal (coreutils timeout sends two) must not kill the proxy while it stops.
         server.close()
@@ -215,5 +182,5 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
-    log(f"Proxy stopped ({', '.join(received) or 'stop'}): closed {count} open connection(s)")
+    log(f"Proxy stopped ({received}): closed {count} open connection(s)")
     return 0

@@ -8,25 +8,15 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from http import HTTPStatus
 
 import h11
 
 from client._errors import ConnectError
 from client.address import to_url
-from client.cli.proxy.access import (
-    FORWARDED_HEADER,
-    MAX_HEAD_BYTES,
-    TOKEN_HEADER,
-    Admit,
-    Refuse,
-    Rules,
-    decide,
-    head_of,
-    shown,
-    split_token,
-)
+from client.cli.proxy import access
+from client.cli.proxy.access import Admit, Refuse, shown
 from client.cli.proxy.caller import Caller, find_caller, tcp_owner
 from client.cli.proxy.capacity import Places, Task
 from client.cli.proxy.permissions import SocketAccess
@@ -39,12 +29,11 @@ LOG_PERIOD = 10.0  # between two log lines of one kind
 REFUSING = 32  # refusals lingering at once; beyond, answered and closed at once
 _CHUNK = 256 * 1024
 _LINGER_BYTES = 1 << 20
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te", FORWARDED_HEADER}
-)
+# Hop-by-hop fields, a claimed caller and the token: never forwarded.
+_DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te"}
+_DROPPED |= {access.FORWARDED_HEADER, access.TOKEN_HEADER}
 _ERRORS = {431: "headers_too_large", 503: "unavailable"}  # elsewhere the status's name in lower case
 
-Addresses = tuple[tuple[str, int], tuple[str, int]]
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
 Streams = tuple[Reader, Writer]
@@ -68,17 +57,17 @@ class Proxy:
         path: str,
         log: Callable[[str], None],
         *,
-        connect_timeout: float = 5.0,
-        log_connections: bool = True,
-        token_only: bool = False,
-        head_timeout: float = 30.0,
-        max_connections: int = 256,
+        connect_timeout: float,
+        log_connections: bool,
+        token_only: bool,
+        head_timeout: float,
+        max_connections: int,
     ) -> None:
         self.path, self.url, self.log = path, to_url(path), log
         self.connect_timeout, self.head_timeout = connect_timeout, head_timeout
         self.log_connections = log_connections
-        self.rules = Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
-        self.access = SocketAccess(path)
+        self.rules = access.Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
+        self.socket = SocketAccess(path)
         self.places = Places(max_connections, self._note)
         self.tasks: set[Task] = set()
         self.refusing = 0
@@ -96,24 +85,25 @@ class Proxy:
         assert task is not None
         self.tasks.add(task)
         peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-        addresses = (peer[:2], local[:2]) if isinstance(peer, tuple) and isinstance(local, tuple) else None
-        found = tcp_owner(*addresses) if addresses else None
+        known = isinstance(peer, tuple) and isinstance(local, tuple)
+        # The owner (uid, inode) is fixed for the socket's life: looked up once, for the cap and the verdict.
+        owner = tcp_owner(peer[:2], local[:2]) if known else None
         try:
-            if not self.places.take(task, found[0] if found else None):
+            if not self.places.take(task, owner[0] if owner else None):
                 message = f"the proxy is at its connection limit ({self.places.cap}); try again shortly"
                 await self._answer((reader, writer), error_answer(503, message, (("Retry-After", "1"),)))
                 return
             self.count += 1
-            who = f"proxy #{self.count} {hostport(*peer[:2]) if addresses else '?'}"
-            await self._serve(task, (reader, writer), addresses, who)
+            who = f"proxy #{self.count} {hostport(*peer[:2]) if known else '?'}"
+            await self._serve(task, (reader, writer), owner, who)
         finally:
             writer.close()
             self.tasks.discard(task)
             self.places.release(task)
 
-    async def _serve(self, task: Task, io: Streams, addresses: Addresses | None, who: str) -> None:
+    async def _serve(self, task: Task, io: Streams, owner: tuple[int, int] | None, who: str) -> None:
         started = time.monotonic()
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=access.MAX_HEAD_BYTES)
         seen = [0]  # bytes received
         first = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
         try:
@@ -126,12 +116,10 @@ class Proxy:
             return
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (431, 501) else 400
-            # h11 may quote the request line, and with it a token in the URL.
-            message = (
-                f"the request is not valid HTTP/1.1 ({shown(str(exc).replace(self.rules.token, '<token>'))})"
-            )
+            detail = shown(str(exc).replace(self.rules.token, "<token>"))  # h11 may quote the URL
+            message = f"the request is not valid HTTP/1.1 ({detail})"
             if status == 431:
-                message = f"the request head is over {MAX_HEAD_BYTES} bytes"
+                message = f"the request head is over {access.MAX_HEAD_BYTES} bytes"
             await self._refuse(task, io, Refuse(status, message), None, f"{who}: refused {status}: {message}")
             return
         except (OSError, asyncio.IncompleteReadError):  # after TimeoutError, which is an OSError
@@ -139,16 +127,14 @@ class Proxy:
         if request is None:  # closed before a request
             return
         self.places.waiting.pop(task, None)
-        # Looked up once the head is in: silent connections must not queue lookups.
-        caller, may_connect, permissions = (
-            await asyncio.to_thread(self._identify, *addresses) if addresses else (None, False, "")
-        )
-        head = head_of(request.method, request.target, request.headers)
-        verdict = decide(head, caller, self.rules, may_connect=may_connect, permissions=permissions)
+        # Searched once the head is in: silent connections must not queue searches of /proc.
+        identity = await asyncio.to_thread(self._identify, owner) if owner else (None, False, "")
+        verdict = access.decide(request.method, request.target, request.headers, self.rules, *identity)
         self.places.unjudged.pop(task, None)
+        caller = identity[0]
         uid = None if caller is None else caller.uid
         who += " (unknown user)" if caller is None else f" (uid={uid} gid={caller.gid} pid={caller.pid})"
-        line = f"{shown(request.method)} {shown(split_token(request.target)[1])}"
+        line = f"{shown(request.method)} {shown(access.split_token(request.target)[1])}"
         if isinstance(verdict, Refuse):
             await self._refuse(
                 task, io, verdict, uid, f"{who}: refused {verdict.status} {line}: {verdict.reason}"
@@ -156,14 +142,12 @@ class Proxy:
         else:
             await self._forward(io, conn, request, verdict, caller, f"{who} {line}", started)
 
-    def _identify(self, peer: tuple[str, int], local: tuple[str, int]) -> tuple[Caller | None, bool, str]:
+    def _identify(self, owner: tuple[int, int]) -> tuple[Caller, bool, str]:
         """The caller, whether the socket's permissions admit it, and those permissions (if not)."""
         token_only = self.rules.token_only
-        caller = find_caller(peer, local, (lambda uid: False) if token_only else self.access.may_ever)
-        if caller is None or token_only:
-            return caller, False, ""
-        allowed = self.access.allows(caller.uid, caller.groups)
-        return caller, allowed, "" if allowed else self.access.describe()
+        caller = find_caller(owner, (lambda uid: False) if token_only else self.socket.may_ever)
+        allowed = not token_only and self.socket.allows(caller.uid, caller.groups)
+        return caller, allowed, "" if allowed or token_only else self.socket.describe()
 
     async def _refuse(self, task: Task, io: Streams, refusal: Refuse, uid: int | None, line: str) -> None:
         """Log and answer a request refused before the socket (by uid); its place is given up."""
@@ -183,16 +167,14 @@ class Proxy:
         self.refusals.flush()
 
     async def _answer(self, io: Streams, answer: bytes, *, bounded: bool = True) -> None:
-        """Send the proxy's own answer and linger (so it is not reset) while fewer than ``REFUSING``
-        refusals (``bounded``) do; beyond that, answer and close at once."""
+        """Send the proxy's answer and linger, unless ``REFUSING`` ``bounded`` answers already do."""
+        with contextlib.suppress(OSError):
+            io[1].write(answer)
         if bounded and self.refusing >= REFUSING:
-            with contextlib.suppress(OSError):
-                io[1].write(answer)
             return
         self.refusing += bounded
         try:
             with contextlib.suppress(OSError):
-                io[1].write(answer)
                 await io[1].drain()
             await linger(*io, limit=_LINGER_BYTES)
         finally:
@@ -225,9 +207,7 @@ class Proxy:
         fields = [
             (name, value)
             for name, value in request.headers.raw_items()
-            if name.lower() not in _HOP_BY_HOP
-            and name.lower() != TOKEN_HEADER
-            and not (name.lower() == b"referer" and token in value)
+            if name.lower() not in _DROPPED and not (name.lower() == b"referer" and token in value)
         ]
         fields.append((b"Connection", b"close"))
         if caller is not None and verdict.by == "uid":
@@ -237,10 +217,8 @@ class Proxy:
         head = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, verdict.target, request.http_version, lines)
         chunked = any(name.lower() == b"transfer-encoding" for name, _ in fields)
         try:
-            upstream[1].write(head)
-            moved[0] += len(head)
-            body = asyncio.ensure_future(_copy_body(io[0], conn, chunked, upstream[1], moved))
-            down = asyncio.ensure_future(_copy(upstream[0], io[1], moved))
+            body = asyncio.ensure_future(_copy(_request(head, io[0], conn, chunked), upstream[1], moved, 0))
+            down = asyncio.ensure_future(_copy(_reads(upstream[0]), io[1], moved, 1))
             note, error = await _finish(body, down)
             if isinstance(error, h11.RemoteProtocolError) and moved[1] == 0:
                 # The socket got a cut-off body and is answering nothing: the client hears why.
@@ -267,8 +245,7 @@ class Proxy:
 async def _next_request(
     reader: Reader, conn: h11.Connection, seen: list[int], first: float
 ) -> h11.Request | None:
-    """Read until h11 has a whole request head; None on EOF before one, and
-    :class:`TimeoutError` if the first bytes do not come within ``first`` seconds (``seen`` counts them)."""
+    """A whole request head, or None on EOF; TimeoutError if no byte (``seen``) within ``first`` s."""
     while True:
         event = conn.next_event()
         if isinstance(event, h11.Request):
@@ -283,35 +260,29 @@ async def _next_request(
         conn.receive_data(data)
 
 
-async def _copy_body(
-    reader: Reader, conn: h11.Connection, chunked: bool, writer: Writer, moved: list[int]
-) -> None:
-    """Stream the body h11 decodes to the socket, waiting for it to drain: a chunked body as one
-    chunk per piece read, trailers dropped; a body of known length as it is (h11 checks it)."""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(_CHUNK))
-            continue
+async def _request(head: bytes, reader: Reader, conn: h11.Connection, chunked: bool) -> AsyncIterator[bytes]:
+    """``head``, then the body h11 decodes, framed again: chunked stays chunked (trailers dropped)."""
+    yield head
+    while (event := conn.next_event()) is h11.NEED_DATA or isinstance(event, h11.Data):
         if isinstance(event, h11.Data):
-            out = b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked and event.data else event.data
-        elif isinstance(event, h11.EndOfMessage):
-            out = b"0\r\n\r\n" if chunked else b""
+            if event.data:
+                yield b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked else event.data
         else:
-            return
-        if out:
-            writer.write(out)
-            moved[0] += len(out)
-            await writer.drain()
-        if isinstance(event, h11.EndOfMessage):
-            return
+            conn.receive_data(await reader.read(_CHUNK))
+    if isinstance(event, h11.EndOfMessage) and chunked:
+        yield b"0\r\n\r\n"
 
 
-async def _copy(reader: Reader, writer: Writer, moved: list[int]) -> None:
-    """Copy the answer until EOF, waiting for the client to drain (backpressure)."""
+async def _reads(reader: Reader) -> AsyncIterator[bytes]:
     while data := await reader.read(_CHUNK):
+        yield data
+
+
+async def _copy(chunks: AsyncIterator[bytes], writer: Writer, moved: list[int], side: int) -> None:
+    """Write each chunk, waiting for ``writer`` to drain (backpressure); ``moved[side]`` counts them."""
+    async for data in chunks:
         writer.write(data)
-        moved[1] += len(data)
+        moved[side] += len(data)
         await writer.drain()
 
 
@@ -331,9 +302,8 @@ async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tup
                 return f" ({direction} stopped: {str(what).lower() or type(error).__name__})", error
         return "", None
     finally:
-        for t in (body, down):
-            if not t.done():
-                t.cancel()
+        body.cancel()
+        down.cancel()
         await asyncio.gather(body, down, return_exceptions=True)
 
 

@@ -14,29 +14,29 @@ from dataclasses import dataclass
 Groups = frozenset[int] | None  # None: unknown
 Entries = list[tuple[int, int, int]]  # an access ACL's (tag, permission bits, uid or gid)
 
-_ACL_XATTR = "system.posix_acl_access"
-_ACL_VERSION = 2
-_ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry: tag, permission bits, uid or gid
+_ACL_ENTRY = struct.Struct("=HHI")  # posix_acl_xattr_entry, after a 4-byte version (2)
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
+_MINIMAL_ACL = ((_ACL_USER_OBJ, 6), (_ACL_GROUP_OBJ, 3), (_ACL_OTHER, 0))  # the mode's bits as an ACL
+_MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
 
 
-def _acl(path: str) -> Entries | None:
-    """The entries of the access ACL of ``path``, None when it has none; OSError if unreadable."""
+def _acl(path: str, mode: int) -> Entries:
+    """The access ACL of ``path``, or ``mode`` as the minimal ACL; OSError if unreadable."""
     try:
-        raw = os.getxattr(path, _ACL_XATTR)
+        raw = os.getxattr(path, "system.posix_acl_access")
     except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
-            return None
-        raise
-    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != _ACL_VERSION:
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        return [(tag, mode >> shift & 7, 0) for tag, shift in _MINIMAL_ACL]
+    if len(raw) < 4 or (len(raw) - 4) % _ACL_ENTRY.size or struct.unpack_from("=I", raw)[0] != 2:
         raise OSError(errno.EINVAL, "unreadable access ACL", path)
     return [_ACL_ENTRY.unpack_from(raw, offset) for offset in range(4, len(raw), _ACL_ENTRY.size)]
 
 
-def _acl_may(entries: Entries, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
-    """The kernel's ``posix_acl_permission`` for one bit; with ``groups`` None, every group entry
-    and the others' entry must allow."""
-    perms = {tag: perm for tag, perm, _ in entries if tag in (_ACL_USER_OBJ, _ACL_MASK, _ACL_OTHER)}
+def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
+    """The kernel's ``posix_acl_permission`` (the mode as the minimal ACL); groups None: all must allow."""
+    entries = _acl(path, info.st_mode)
+    perms = {tag: perm for tag, perm, _ in entries}  # read for the tags that occur once
     mask = perms.get(_ACL_MASK, 0o7)
     if uid == info.st_uid:
         return bool(perms.get(_ACL_USER_OBJ, 0) & bit)
@@ -52,34 +52,11 @@ def _acl_may(entries: Entries, info: os.stat_result, uid: int, groups: Groups, b
     if groups is None:
         return other and all(perm & mask & bit for perm, _ in group_entries)
     matched = [perm for perm, gid in group_entries if gid in groups]
-    if matched:
-        return any(perm & mask & bit for perm in matched)
-    return other
-
-
-def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) -> bool:
-    """The kernel's check for one bit of ``path`` (stat ``info``), by ACL or mode; with ``groups``
-    None (unknown), both the group's and the others' bits must allow."""
-    entries = _acl(path)
-    if entries is not None:
-        return _acl_may(entries, info, uid, groups, bit)
-    mode = info.st_mode
-    if uid == info.st_uid:
-        return bool(mode & (bit << 6))
-    if groups is None:
-        return bool(mode & (bit << 3)) and bool(mode & bit)
-    if info.st_gid in groups:
-        return bool(mode & (bit << 3))
-    return bool(mode & bit)
-
-
-_MAX_SYMLINKS = 40  # followed in one path lookup before the kernel fails with ELOOP
+    return any(perm & mask & bit for perm in matched) if matched else other
 
 
 def traversal(path: str) -> tuple[list[str], str]:
-    """The directories the kernel searches to open ``path``, and the file it reaches, walked name by
-    name through every symbolic link (``realpath`` would lose the directories holding them); raises
-    :class:`OSError` where the kernel's walk would fail. A relative path counts from /."""
+    """The directories searched to open ``path`` (links too) and the file reached; OSError as the kernel."""
     given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
     searched: list[str] = []
     current = "/"
@@ -110,8 +87,7 @@ def traversal(path: str) -> tuple[list[str], str]:
 
 @dataclass(frozen=True, slots=True)
 class SocketAccess:
-    """Who may ``connect()`` to the socket at ``path``, by the permissions in force now; anything
-    that cannot be checked refuses."""
+    """Who may ``connect()`` to the socket at ``path`` now; what cannot be checked refuses."""
 
     path: str
 
@@ -120,11 +96,10 @@ class SocketAccess:
         return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
 
     def may_ever(self, uid: int) -> bool:
-        """False when ``uid`` may not connect whatever its groups (then none are looked up): each
-        file judged with no group, or the one of those it names that serves best."""
+        """False when ``uid`` may not connect whatever its groups (each file's best group tried)."""
 
         def may_some(path: str, info: os.stat_result, bit: int) -> bool:
-            gids = {info.st_gid} | {who for tag, _, who in _acl(path) or () if tag == _ACL_GROUP}
+            gids = {info.st_gid} | {who for tag, _, who in _acl(path, info.st_mode) if tag == _ACL_GROUP}
             return any(_may(path, info, uid, frozenset(g), bit) for g in ((), *((gid,) for gid in gids)))
 
         return self._walk(may_some)

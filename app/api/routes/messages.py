@@ -1,9 +1,5 @@
-"""``/messages``: send a message (the hot path), list recent ones, fetch one by id.
-
-``POST /messages`` validates its body with its pydantic model and answers with pre-encoded bytes;
-request bodies and long list answers draw on server-wide budgets, so memory stays bounded whatever
-clients do. Why it is written this way: docs/internals.md, "API".
-"""
+"""``/messages``: send a message (the hot path), list recent ones, fetch one by id. Bodies and long
+lists draw on server-wide budgets. Why it is written this way: docs/internals.md, "API"."""
 
 # No ``from __future__ import annotations``: FastAPI must see the route signatures' objects.
 
@@ -19,9 +15,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.api.audit import MESSAGE_ID
-from app.api.errors import error_response, error_responses, public_details, summarize
+from app.api.errors import error_response, error_responses, validation_error
 from app.api.forwarded import HEADER as FORWARDED_HEADER
-from app.api.forwarded import key_owner, with_forwarded
+from app.api.forwarded import key_owner, parse_forwarded_peer
 from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model
 from app.config import Settings
 from app.connection.budget import Budget
@@ -30,12 +26,10 @@ from app.logs import Throttle, escaped
 from app.storage.events import PEER_SHARE
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 
-__all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
-
 log = logging.getLogger("app.messages")
 
 MAX_KEY_LENGTH = 255  # Idempotency-Key: 1..255 visible ASCII characters (bounded memory per key)
-LOGGED_TEXT = 200  # longer texts are cut in the log line (logs never carry whole bodies)
+LOGGED_TEXT = 200  # longer texts are cut in the log line
 BODY_BUDGET = 8 * 1024 * 1024
 """Bytes that requests waiting for their bodies may hold at once, server-wide."""
 REQUEST_COST = 24 * 1024
@@ -52,12 +46,6 @@ def _budget(total: int) -> Budget:
     return Budget(total, max(1, total // PEER_SHARE))
 
 
-def _peer(scope: Scope) -> dict[str, Any] | None:
-    """The peer's credentials (SO_PEERCRED); None over TCP."""
-    extensions = scope.get("extensions")
-    return extensions.get(PEER_KEY) if extensions else None
-
-
 _GET_IT = {
     "GetMessage": {
         "operationId": "get_message",
@@ -65,8 +53,6 @@ _GET_IT = {
         "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
     }
 }
-
-
 _LOCATION = {"description": "The new message's URL.", "schema": {"type": "string"}}
 
 
@@ -80,21 +66,6 @@ def _json_content_type(value: bytes) -> bool:
     """``application/json`` or ``application/<anything>+json``, parameters such as charset allowed."""
     media = value.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
-def _valid_key(key: str) -> bool:
-    return 0 < len(key) <= MAX_KEY_LENGTH and all(0x21 <= ord(c) <= 0x7E for c in key)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _shown(text: str) -> str:
-    """The text as it goes into one log line: control characters escaped, long texts cut."""
-    if len(text) > LOGGED_TEXT:
-        text = f"{text[:LOGGED_TEXT]}… ({len(text)} characters)"
-    return escaped(text)
 
 
 def _request_schema(settings: Settings) -> dict[str, Any]:
@@ -172,7 +143,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             key: str | None = None
             if key_raw is not None:
                 key = key_raw.decode("latin-1")
-                if not _valid_key(key):
+                if not 0 < len(key) <= MAX_KEY_LENGTH or not all(0x21 <= ord(c) <= 0x7E for c in key):
                     return error_response(
                         400, f"invalid Idempotency-Key: use 1 to {MAX_KEY_LENGTH} visible ASCII characters"
                     )
@@ -199,21 +170,24 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             try:
                 text: str = validate_json(body).text
             except ValidationError as exc:
-                return _invalid(exc, body)
+                errors = exc.errors(include_url=False, include_context=False, include_input=False)
+                return validation_error(errors, under=("body",), empty=not body.strip())
         finally:
             bodies.give(taken, uid)
 
         if forwarded_raw is not None and peer is not None:
-            peer = with_forwarded(peer, forwarded_raw)
-            if peer is None:
+            forwarded = parse_forwarded_peer(forwarded_raw)
+            if forwarded is None:
                 return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
+            peer = {**peer, "forwarded_for": forwarded}
         if key is not None and peer is not None:
             # Keys belong to the peer uid that sent them (and the caller a proxy names): another uid
             # reusing one stores its own message and learns nothing of the first (neither its
             # record nor, by a 409, its text).
             key = f"{key_owner(peer)}:{key}"
         try:
-            stored = await store.put(text, reply, _now(), peer, key)
+            now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            stored = await store.put(text, reply, now, peer, key)
         except KeyConflict:  # the default message of 409 says what to do
             return error_response(409, error="idempotency_key_reused")
         except StoreFull as exc:
@@ -225,7 +199,9 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         if not stored.created:
             return Response(stored.document, 200, None, JSON)
         message_id = stored.id
-        log.info("📩 Server received: %s", _shown(text), extra={"peer": peer, "message_id": message_id})
+        if len(text) > LOGGED_TEXT:  # logs never carry whole bodies
+            text = f"{text[:LOGGED_TEXT]}… ({len(text)} characters)"
+        log.info("📩 Server received: %s", escaped(text), extra={"peer": peer, "message_id": message_id})
         # Under the version it was posted to: /v1/messages/7, or /messages/7 through the alias.
         return Response(stored.document, 201, {"location": f"{scope['path']}/{message_id}"}, JSON)
 
@@ -243,7 +219,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             max_body=max_body,
             budget_mib=BODY_BUDGET // 1024 // 1024,
         ),
-        response_model=None,
         openapi_extra=_request_schema(settings),
         responses={
             201: _message("Stored.", headers={"Location": _LOCATION}, links=_GET_IT),
@@ -257,7 +232,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         summary="List recent messages",
         operation_id="list_messages",
         description=describe("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
-        response_model=None,
         responses={
             200: {"model": MessageList, "description": "Recent messages, oldest first."},
             **error_responses(403, 422, 503),
@@ -278,7 +252,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         second = next(chunks, None)
         if second is None:
             return Response(first, 200, None, JSON)
-        peer = _peer(request.scope)
+        peer = request.scope.get("extensions", {}).get(PEER_KEY)
         uid = peer["uid"] if peer else None
         if not streams.take(1, uid):
             busy_log.log(
@@ -301,7 +275,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         summary="Get one message",
         operation_id="get_message",
         description="The message with this id, while it is still in the bounded history; 404 otherwise.",
-        response_model=None,
         responses={
             200: _message("The message."),
             **error_responses(403, 404, 422),
@@ -397,17 +370,3 @@ def _busy(uid: int | None, throttle: Throttle) -> Response:
         "try again shortly",
         headers={**_RETRY, "connection": "close"},
     )
-
-
-def _invalid(exc: ValidationError, body: bytes) -> Response:
-    """The model's verdict as a 422: ``details`` located under ``body`` like FastAPI's own."""
-    details = public_details(exc.errors(include_url=False, include_context=False, include_input=False))
-    for detail in details:
-        detail["loc"].insert(0, "body")
-    code = (
-        "invalid_json" if any(detail["type"] == "json_invalid" for detail in details) else "validation_error"
-    )
-    message = summarize(details)
-    if code == "invalid_json" and not body.strip():
-        message = 'the request body is empty; send a JSON object like {"text": "hi"}'
-    return error_response(422, message, error=code, details=details)

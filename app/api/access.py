@@ -2,8 +2,6 @@
 the audit trail (``--audit-log``), applied by one ASGI middleware installed only when one is set.
 Peers, groups, proxies and the cached scopes: docs/internals.md, "Access"."""
 
-from __future__ import annotations
-
 import logging
 import os
 from time import time

@@ -2,8 +2,6 @@
 appended in batches to an ``O_APPEND`` file, bounded in memory; a full disk costs lines, never
 requests. How and why: docs/internals.md, "The audit trail"."""
 
-from __future__ import annotations
-
 import errno
 import json
 import logging

@@ -2,8 +2,6 @@
 :func:`install` routes Starlette's and FastAPI's errors through it; code that answers an error
 itself uses :func:`error_response`."""
 
-from __future__ import annotations
-
 import logging
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus

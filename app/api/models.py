@@ -1,8 +1,6 @@
 """Request and response schemas: the one definition of the API that OpenAPI, the validation of
 ``POST /messages`` (:func:`message_in_model`) and the tests share."""
 
-from __future__ import annotations
-
 import tomllib
 from functools import cache, lru_cache
 from importlib import resources
@@ -11,18 +9,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-__all__ = ["EXAMPLE_MESSAGE", "ErrorBody", "ErrorDetail", "HealthStatus", "Message", "MessageIn"]
-__all__ += ["MessageList", "Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "describe", "message_in_model"]
-
 
 @cache
-def _words() -> dict[str, str]:
+def _words() -> dict[str, Any]:
     return tomllib.loads(resources.files("app.api").joinpath("openapi.toml").read_text("utf-8"))
 
 
 def describe(name: str, **values: object) -> str:
     """The OpenAPI text ``name`` of ``app/api/openapi.toml``, its ``$placeholders`` filled in."""
     return Template(_words()[name]).substitute(values)
+
+
+def operation(name: str, **values: object) -> dict[str, Any]:
+    """A route's ``operation_id`` (``name``), ``summary`` and ``description`` (as :func:`describe`)."""
+    words = _words()[name]
+    description = Template(words["description"]).substitute(values)
+    return {"operation_id": name, "summary": words["summary"], "description": description}
 
 
 EXAMPLE_MESSAGE: dict[str, Any] = {
@@ -35,26 +37,20 @@ EXAMPLE_MESSAGE: dict[str, Any] = {
 
 
 class MessageIn(BaseModel):
-    """What a client sends to ``POST /messages`` (default text limit; see :func:`message_in_model`)."""
+    """What a client sends to ``POST /messages``."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "Hello from client"}]})
 
-    text: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
-        description="The message, 1 to max_text_length characters."
-    )
+    text: str
 
 
 @lru_cache(maxsize=8)
 def message_in_model(max_text_length: int) -> type[MessageIn]:
-    """``MessageIn`` with the server's configured text limit (the model the server documents)."""
-    if max_text_length == 4096:
-        return MessageIn
+    """``MessageIn`` with the server's text limit (the model the server documents and validates with)."""
     text_type = Annotated[str, StringConstraints(min_length=1, max_length=max_text_length)]
-    return create_model(
-        "MessageIn",
-        __base__=MessageIn,
-        text=(text_type, Field(description="The message, 1 to max_text_length characters.")),
-    )
+    description = "The message, 1 to max_text_length characters."
+    text = (text_type, Field(description=description))
+    return create_model("MessageIn", __base__=MessageIn, __doc__=MessageIn.__doc__, text=text)
 
 
 class ForwardedPeer(BaseModel):

@@ -4,8 +4,6 @@ A TOML file of ``[[rule]]`` tables, each naming one ``uid``, ``gid``, ``user`` o
 scopes it ``allow``s; a caller holds the union of the rules matching its uid, gid and groups.
 """
 
-from __future__ import annotations
-
 import grp
 import hashlib
 import os
@@ -53,7 +51,7 @@ class Policy:
                 held |= more
         return held
 
-    def granting_all(self, uids: Sequence[int], gids: Sequence[int]) -> Policy:
+    def granting_all(self, uids: Sequence[int], gids: Sequence[int]) -> "Policy":
         """This policy and ``--allow-uid``/``--allow-gid``: every scope for each id given."""
         by_uid = {**self.by_uid, **dict.fromkeys(uids, ALL)}
         by_gid = {**self.by_gid, **dict.fromkeys(gids, ALL)}

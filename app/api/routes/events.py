@@ -1,8 +1,6 @@
 """``GET /events``: every stored message as a Server-Sent Event, live (``docker events``): an
 ``EventSourceResponse`` around the hub's byte stream (why not a generator: docs/internals.md)."""
 
-# No ``from __future__ import annotations``: FastAPI reads the route signature's annotations.
-
 import json
 import logging
 from importlib import resources
@@ -15,11 +13,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.errors import error_response, error_responses
-from app.api.models import describe
+from app.api.models import describe, operation
+from app.connection.peer import PEER_KEY
 from app.logs import Throttle
 from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
-
-__all__ = ["build_router"]
 
 log = logging.getLogger("app.storage.events")
 
@@ -55,20 +52,13 @@ def build_router(hub: EventHub) -> APIRouter:
         200: {"description": "The event stream.", "content": stream},
         **error_responses(403, 422, 503),
     }
-
-    @router.get(
-        "",
-        summary="Stream events",
-        operation_id="stream_events",
-        description=describe(
-            "stream_events", chunk_kib=CHUNK // 1024, heartbeat=f"{HEARTBEAT_INTERVAL:g}", buffer=BUFFER
-        ),
-        # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI
-        # 3.2 would read it as the schema of the whole stream).
-        response_class=Response,
-        response_model=None,
-        responses=responses,
+    words = operation(
+        "stream_events", chunk_kib=CHUNK // 1024, heartbeat=f"{HEARTBEAT_INTERVAL:g}", buffer=BUFFER
     )
+
+    # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI 3.2
+    # would read it as the schema of the whole stream).
+    @router.get("", **words, response_class=Response, responses=responses)
     async def stream_events(
         request: Request,
         since: Annotated[
@@ -84,7 +74,7 @@ def build_router(hub: EventHub) -> APIRouter:
     ) -> Response:
         """Stream stored messages as Server-Sent Events."""
         try:
-            peer = request.scope.get("extensions", {}).get("uds.peer")
+            peer = request.scope.get("extensions", {}).get(PEER_KEY)
             subscriber = hub.subscribe(peer["uid"] if peer else None)
         except StreamsFull as exc:
             refusals.log(logging.WARNING, "Refused an event stream with 503: %s", exc)

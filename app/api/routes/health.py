@@ -1,8 +1,6 @@
 """Probes and versions: ``/healthz``, ``/readyz`` and ``/_ping`` (unversioned, open to every peer)
 and ``/version`` (an API route, under ``/v{N}``)."""
 
-from __future__ import annotations
-
 import platform
 from collections.abc import Sequence
 from functools import cache
@@ -15,10 +13,8 @@ from starlette.responses import Response
 
 from app import __version__
 from app.api.errors import error_responses
-from app.api.models import HealthStatus, ReadyStatus, VersionInfo, describe
+from app.api.models import HealthStatus, ReadyStatus, VersionInfo, operation
 from app.storage.events import EventHub
-
-__all__ = ["SERVER", "build_router", "build_versioned_router", "versions"]
 
 SERVER = f"uds-example/{__version__}"
 """The ``Server`` header of ``/_ping``."""
@@ -26,6 +22,12 @@ JSON = "application/json"
 _STRING = {"schema": {"type": "string"}}
 _VERSION_EXAMPLE = dict(app="1.0.0", python="3.11.2", uvicorn="0.54.0", fastapi="0.165.0", starlette="1.10.0")
 _VERSION_EXAMPLE.update(pydantic="2.14.4", orjson="3.13.0", api_version="1", min_api_version="1")
+_PING_HEADERS = {
+    "Api-Version": {"description": "The newest API version served.", **_STRING},
+    "Min-Api-Version": {"description": "The oldest API version served.", **_STRING},
+    "Server": {"description": "This server and its version.", **_STRING},
+}
+_OK = {"text/plain": {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}}
 
 
 @cache
@@ -41,9 +43,8 @@ def versions() -> dict[str, str]:
     return info
 
 
-def _json(doc: dict[str, str], model: Any, description: str | None = None) -> dict[str, Any]:
-    entry = {"model": model, "content": {JSON: {"example": doc}}}
-    return {**entry, "description": description} if description else entry
+def _json(doc: dict[str, str], model: Any, description: str = "Successful Response") -> dict[str, Any]:
+    return {"model": model, "description": description, "content": {JSON: {"example": doc}}}
 
 
 def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
@@ -60,44 +61,19 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
         """Answer OK with the API versions this server serves."""
         return Response(b"OK", 200, ping_headers, "text/plain")
 
-    headers = {
-        "Api-Version": {"description": "The newest API version served.", **_STRING},
-        "Min-Api-Version": {"description": "The oldest API version served.", **_STRING},
-        "Server": {"description": "This server and its version.", **_STRING},
-    }
-    t = {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}
+    ok = {"description": "The server answers.", "headers": _PING_HEADERS, "content": _OK}
     for method, operation_id in (("GET", "ping"), ("HEAD", "ping_head")):
-        router.add_api_route(
-            "/_ping",
-            ping,
-            methods=[method],
-            operation_id=operation_id,
-            summary="Ping, with the API versions",
-            description=describe("ping"),
-            response_model=None,
-            responses={
-                200: {"description": "The server answers.", "headers": headers, "content": {"text/plain": t}}
-            },
-        )
+        words = {**operation("ping"), "operation_id": operation_id}
+        router.add_api_route("/_ping", ping, methods=[method], **words, responses={200: ok})
 
-    @router.get(
-        "/healthz",
-        summary="Liveness probe",
-        operation_id="healthz",
-        description="200 while the process can answer HTTP. Never restricted by the peer allowlist.",
-        response_model=None,
-        responses={200: _json({"status": "ok"}, HealthStatus)},
-    )
+    @router.get("/healthz", **operation("healthz"), responses={200: _json({"status": "ok"}, HealthStatus)})
     async def healthz() -> Response:
         """Answer 200 while the process serves HTTP."""
         return Response(b'{"status":"ok"}', 200, None, JSON)
 
     @router.get(
         "/readyz",
-        summary="Readiness probe",
-        operation_id="readyz",
-        description=describe("readyz"),
-        response_model=None,
+        **operation("readyz"),
         responses={
             200: _json({"status": "ready"}, ReadyStatus),
             503: _json({"status": "draining"}, ReadyStatus, "Shutting down."),
@@ -119,10 +95,7 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
 
     @router.get(
         "/version",
-        summary="Server, stack and API versions",
-        operation_id="version",
-        description=describe("version"),
-        response_model=None,
+        **operation("version"),
         responses={200: _json(_VERSION_EXAMPLE, VersionInfo), **error_responses(403)},
     )
     async def version() -> Response:

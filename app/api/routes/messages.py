@@ -18,7 +18,7 @@ from app.api.audit import MESSAGE_ID
 from app.api.errors import error_response, error_responses, validation_error
 from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import key_owner, parse_forwarded_peer
-from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model
+from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model, operation
 from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.peer import PEER_KEY
@@ -210,10 +210,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         create_message,
         methods=["POST"],
         route_class_override=LeanRoute,
-        operation_id="create_message",
         status_code=201,
-        summary="Send a message",
-        description=describe(
+        **operation(
             "create_message",
             history_size=settings.history_size,
             max_body=max_body,
@@ -229,9 +227,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
     @router.get(
         "",
-        summary="List recent messages",
-        operation_id="list_messages",
-        description=describe("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
+        **operation("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
         responses={
             200: {"model": MessageList, "description": "Recent messages, oldest first."},
             **error_responses(403, 422, 503),
@@ -272,13 +268,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
     @router.get(
         "/{message_id}",
-        summary="Get one message",
-        operation_id="get_message",
-        description="The message with this id, while it is still in the bounded history; 404 otherwise.",
-        responses={
-            200: _message("The message."),
-            **error_responses(403, 404, 422),
-        },
+        **operation("get_message"),
+        responses={200: _message("The message."), **error_responses(403, 404, 422)},
     )
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],

@@ -210,12 +210,22 @@ def _ordered(scopes: frozenset[str]) -> list[str]:
 
 def _entry(
     scope: Scope, peer: Ids | None, user: Ids | None, status: int, decision: str, need: str
-) -> tuple[Any, ...]:
-    """The entry :meth:`AuditLog.note` takes."""
-    uid, gid, pid = (peer["uid"], peer["gid"], peer["pid"]) if peer else (None, None, None)
-    message_id = scope.get(MESSAGE_ID) if decision == "allow" else None
-    method, path = scope["method"], scope["path"]
-    return (time(), uid, gid, pid, method[:16], path[:MAX_ROUTE], status, decision, need, message_id, user)
+) -> dict[str, Any]:
+    """An audit line's fields; ``message_id`` only if allowed, ``forwarded_for`` only via a proxy."""
+    ids = peer or {}
+    fields: dict[str, Any] = {
+        "time": time(),
+        "uid": ids.get("uid"),
+        "gid": ids.get("gid"),
+        "pid": ids.get("pid"),
+    }
+    fields.update(method=scope["method"][:16], route=scope["path"][:MAX_ROUTE], status=status)
+    fields.update(decision=decision, scope=need)
+    if decision == "allow":
+        fields["message_id"] = scope.get(MESSAGE_ID)
+    if user is not None:
+        fields["forwarded_for"] = user
+    return fields
 
 
 def _forwarded(scope: Scope) -> Ids | None:

@@ -70,7 +70,7 @@ class AuditLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.fd: int | None = 2 if target == "-" else None
-        self.queued: list[tuple[Any, ...]] = []  # not yet encoded (at most ENCODE_AT)
+        self.queued: list[dict[str, Any]] = []  # not yet encoded (at most ENCODE_AT)
         self.pending = bytearray()  # encoded, not yet written
         self.cut = False
         """``pending`` starts mid-line (a short write cut it): it is written first, so no line breaks."""
@@ -83,28 +83,27 @@ class AuditLog:
         self.denied: dict[str, int] = {}  # refusals past the budget not yet written, by uid
         self._denied_since = 0.0
 
-    def note(self, entry: tuple[Any, ...]) -> None:
-        """Queue one request's line: ``entry`` is ``(time.time(), uid, gid, pid, method, route,
-        status, decision, scope, message_id, forwarded_for)``."""
+    def note(self, fields: dict[str, Any]) -> None:
+        """Queue one line: ``fields`` starting with ``"time"``, a ``time.time()`` (written in UTC)."""
         queued = self.queued
-        queued.append(entry)
+        queued.append(fields)
         if len(queued) >= ENCODE_AT:
             self._encode()
 
-    def deny(self, entry: tuple[Any, ...]) -> None:
+    def deny(self, fields: dict[str, Any]) -> None:
         """Queue a refusal's line (as :meth:`note`) while the budget allows, else count it by uid."""
         now = time.monotonic()
         tokens = min(float(DENY_BURST), self._tokens + (now - self._refilled) * DENY_PER_SECOND)
         self._refilled = now
         if tokens >= 1.0:
             self._tokens = tokens - 1.0
-            self.note(entry)
+            self.note(fields)
             return
         self._tokens = tokens
         denied = self.denied
         if not denied:
-            self._denied_since = entry[0]
-        key = "unknown" if entry[1] is None else str(entry[1])
+            self._denied_since = fields["time"]
+        key = "unknown" if fields["uid"] is None else str(fields["uid"])
         if key not in denied and len(denied) >= MAX_DENY_UIDS:
             key = "other"
         denied[key] = denied.get(key, 0) + 1
@@ -123,22 +122,8 @@ class AuditLog:
 
     def _encode(self) -> None:
         queued, self.queued = self.queued, []
-        for now, uid, gid, pid, method, route, status, decision, scope, message_id, user in queued:
-            fields = {
-                "time": self._time(now),
-                "uid": uid,
-                "gid": gid,
-                "pid": pid,
-                "method": method,
-                "route": route,
-                "status": status,
-                "decision": decision,
-                "scope": scope,
-            }
-            if decision == "allow":
-                fields["message_id"] = message_id
-            if user is not None:
-                fields["forwarded_for"] = user
+        for fields in queued:
+            fields["time"] = self._time(fields["time"])
             self._add(fields)
 
     def _add(self, fields: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Request and response schemas: the one definition of the API that OpenAPI, the validation of
 ``POST /messages`` (:func:`message_in_model`) and the tests share."""
 
+import json
 import tomllib
 from functools import cache, lru_cache
 from importlib import resources
@@ -27,13 +28,15 @@ def operation(name: str, **values: object) -> dict[str, Any]:
     return {"operation_id": name, "summary": words["summary"], "description": description}
 
 
-EXAMPLE_MESSAGE: dict[str, Any] = {
-    "id": 1,
-    "text": "Hello from client",
-    "reply": "Hello from server via UDS",
-    "received_at": "2026-11-28T21:00:00.123456Z",
-    "peer": {"pid": 42, "uid": 1000, "gid": 1000},
-}
+def answer(model: type[BaseModel], example: Any, description: str = "Successful Response") -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry: ``model`` as its JSON schema, with ``example``."""
+    return {"model": model, "description": description, "content": {"application/json": {"example": example}}}
+
+
+PARTS: dict[str, Any] = json.loads(
+    resources.files("app.api").joinpath("openapi-parts.json").read_text("utf-8")
+)
+"""The OpenAPI examples, links and headers of ``app/api/openapi-parts.json``."""
 
 
 class MessageIn(BaseModel):
@@ -78,13 +81,10 @@ class ForwardedCaller(ForwardedPeer):
     scopes: list[str]
 
 
-_ME: Any = dict(uid=1000, gid=1000, pid=42, groups=[1000, 2000], scopes=["read", "write"], forwarded_for=None)
-
-
 class WhoAmI(BaseModel):
     """The caller as the server sees it, and the scopes it holds (``GET /whoami``)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [_ME]})
+    model_config = ConfigDict(json_schema_extra={"examples": [PARTS["whoami"]]})
 
     uid: int | None = Field(description="SO_PEERCRED; null over TCP.")
     gid: int | None
@@ -102,7 +102,7 @@ class WhoAmI(BaseModel):
 class Message(BaseModel):
     """A stored message and the server's reply."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_MESSAGE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [PARTS["message"]]})
 
     id: int = Field(description="Increasing number, unique for the server's lifetime.")
     text: str = Field(description="The text the client sent.")
@@ -114,7 +114,7 @@ class Message(BaseModel):
 class MessageList(BaseModel):
     """The most recent messages, oldest first."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [EXAMPLE_MESSAGE]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [PARTS["message"]]}]})
 
     messages: list[Message]
 

@@ -5,28 +5,18 @@ import platform
 from collections.abc import Sequence
 from functools import cache
 from importlib import metadata
-from typing import Any
 
 import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
 from app import __version__
-from app.api.errors import error_responses
-from app.api.models import HealthStatus, ReadyStatus, VersionInfo, operation
+from app.api.errors import JSON, error_responses
+from app.api.models import PARTS, HealthStatus, ReadyStatus, VersionInfo, answer, operation
 from app.storage.events import EventHub
 
 SERVER = f"uds-example/{__version__}"
 """The ``Server`` header of ``/_ping``."""
-JSON = "application/json"
-_STRING = {"schema": {"type": "string"}}
-_VERSION_EXAMPLE = dict(app="1.0.0", python="3.11.2", uvicorn="0.54.0", fastapi="0.165.0", starlette="1.10.0")
-_VERSION_EXAMPLE.update(pydantic="2.14.4", orjson="3.13.0", api_version="1", min_api_version="1")
-_PING_HEADERS = {
-    "Api-Version": {"description": "The newest API version served.", **_STRING},
-    "Min-Api-Version": {"description": "The oldest API version served.", **_STRING},
-    "Server": {"description": "This server and its version.", **_STRING},
-}
 _OK = {"text/plain": {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}}
 
 
@@ -43,10 +33,6 @@ def versions() -> dict[str, str]:
     return info
 
 
-def _json(doc: dict[str, str], model: Any, description: str = "Successful Response") -> dict[str, Any]:
-    return {"model": model, "description": description, "content": {JSON: {"example": doc}}}
-
-
 def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
     """The probes and ``/_ping``; ``/readyz`` answers 503 once ``hub`` drains (SIGTERM)."""
     router = APIRouter(tags=["health"])
@@ -61,12 +47,12 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
         """Answer OK with the API versions this server serves."""
         return Response(b"OK", 200, ping_headers, "text/plain")
 
-    ok = {"description": "The server answers.", "headers": _PING_HEADERS, "content": _OK}
+    ok = {"description": "The server answers.", "headers": PARTS["ping_headers"], "content": _OK}
     for method, operation_id in (("GET", "ping"), ("HEAD", "ping_head")):
         words = {**operation("ping"), "operation_id": operation_id}
         router.add_api_route("/_ping", ping, methods=[method], **words, responses={200: ok})
 
-    @router.get("/healthz", **operation("healthz"), responses={200: _json({"status": "ok"}, HealthStatus)})
+    @router.get("/healthz", **operation("healthz"), responses={200: answer(HealthStatus, {"status": "ok"})})
     async def healthz() -> Response:
         """Answer 200 while the process serves HTTP."""
         return Response(b'{"status":"ok"}', 200, None, JSON)
@@ -75,8 +61,8 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
         "/readyz",
         **operation("readyz"),
         responses={
-            200: _json({"status": "ready"}, ReadyStatus),
-            503: _json({"status": "draining"}, ReadyStatus, "Shutting down."),
+            200: answer(ReadyStatus, {"status": "ready"}),
+            503: answer(ReadyStatus, {"status": "draining"}, "Shutting down."),
         },
     )
     async def readyz() -> Response:
@@ -96,7 +82,7 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
     @router.get(
         "/version",
         **operation("version"),
-        responses={200: _json(_VERSION_EXAMPLE, VersionInfo), **error_responses(403)},
+        responses={200: answer(VersionInfo, PARTS["version"]), **error_responses(403)},
     )
     async def version() -> Response:
         """Report the versions of the server, its stack and its API."""

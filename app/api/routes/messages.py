@@ -15,10 +15,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.api.audit import MESSAGE_ID
-from app.api.errors import error_response, error_responses, validation_error
+from app.api.errors import JSON, error_response, error_responses, validation_error
 from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import key_owner, parse_forwarded_peer
-from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model, operation
+from app.api.models import PARTS, Message, MessageList, answer, describe, message_in_model, operation
 from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.peer import PEER_KEY
@@ -38,28 +38,12 @@ LIST_CHUNK = 16 * 1024
 """``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
 LIST_STREAMS = 32
 """Most ``GET /messages`` answers longer than one chunk being written at once, server-wide."""
-JSON = "application/json"
+
 _RETRY = {"retry-after": "1"}
 
 
 def _budget(total: int) -> Budget:
     return Budget(total, max(1, total // PEER_SHARE))
-
-
-_GET_IT = {
-    "GetMessage": {
-        "operationId": "get_message",
-        "parameters": {"message_id": "$response.body#/id"},
-        "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
-    }
-}
-_LOCATION = {"description": "The new message's URL.", "schema": {"type": "string"}}
-
-
-def _message(description: str, **more: Any) -> dict[str, Any]:
-    """An OpenAPI answer carrying a message."""
-    content = {JSON: {"example": EXAMPLE_MESSAGE}}
-    return {"model": Message, "description": description, "content": content, **more}
 
 
 def _json_content_type(value: bytes) -> bool:
@@ -78,7 +62,7 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
                 "required": False,
                 "description": describe("idempotency_key", keys=settings.idempotency_keys),
                 "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
-                "example": "9f1c2b6e-0a4e-4c57-9d3c-2a1f5e7b8c90",
+                "example": PARTS["idempotency_key"],
             }
         ],
         "requestBody": {
@@ -205,6 +189,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         # Under the version it was posted to: /v1/messages/7, or /messages/7 through the alias.
         return Response(stored.document, 201, {"location": f"{scope['path']}/{message_id}"}, JSON)
 
+    location, get_it = {"Location": PARTS["location"]}, PARTS["get_it"]
     router.add_api_route(
         "",
         create_message,
@@ -219,8 +204,11 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         ),
         openapi_extra=_request_schema(settings),
         responses={
-            201: _message("Stored.", headers={"Location": _LOCATION}, links=_GET_IT),
-            200: _message("Already stored under this Idempotency-Key.", links=_GET_IT),
+            201: {**answer(Message, PARTS["message"], "Stored."), "headers": location, "links": get_it},
+            200: {
+                **answer(Message, PARTS["message"], "Already stored under this Idempotency-Key."),
+                "links": get_it,
+            },
             **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
         },
     )
@@ -269,7 +257,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     @router.get(
         "/{message_id}",
         **operation("get_message"),
-        responses={200: _message("The message."), **error_responses(403, 404, 422)},
+        responses={200: answer(Message, PARTS["message"], "The message."), **error_responses(403, 404, 422)},
     )
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],

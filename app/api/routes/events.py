@@ -1,5 +1,5 @@
-"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``): an
-``EventSourceResponse`` around the hub's byte stream (why not a generator: docs/internals.md)."""
+"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``): a
+response around the hub's byte stream (why not a generator: docs/internals.md)."""
 
 import json
 import logging
@@ -7,37 +7,20 @@ from importlib import resources
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.sse import EventSourceResponse
 from pydantic import WithJsonSchema
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from app.api.errors import error_response, error_responses
 from app.api.models import describe, operation
+from app.api.routes import ReleasingStream
 from app.connection.peer import PEER_KEY
 from app.logs import Throttle
-from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull
 
 log = logging.getLogger("app.storage.events")
 
+_NO_CACHE = {"cache-control": "no-cache"}
 _AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})  # optional, never null: null is a 422
-
-
-class _EventStream(EventSourceResponse):
-    """An event stream that gives its slot back however it ends (done, failed, client gone)."""
-
-    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None, request: Request) -> None:
-        super().__init__(
-            hub.stream(subscriber, since, request.is_disconnected), headers={"cache-control": "no-cache"}
-        )
-        self._hub = hub
-        self._subscriber = subscriber
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._hub.unsubscribe(self._subscriber)
 
 
 def build_router(hub: EventHub) -> APIRouter:
@@ -79,6 +62,8 @@ def build_router(hub: EventHub) -> APIRouter:
         except StreamsFull as exc:
             refusals.log(logging.WARNING, "Refused an event stream with 503: %s", exc)
             return error_response(503, f"{exc}; try again shortly", headers={"retry-after": "1"})
-        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since, request)
+        since = last_event_id if last_event_id is not None else since
+        chunks = hub.stream(subscriber, since, request.is_disconnected)
+        return ReleasingStream(chunks, lambda: hub.unsubscribe(subscriber), "text/event-stream", _NO_CACHE)
 
     return router

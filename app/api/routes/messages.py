@@ -11,14 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from app.api.audit import MESSAGE_ID
 from app.api.errors import JSON, error_response, error_responses, validation_error
 from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import key_owner, parse_forwarded_peer
 from app.api.models import PARTS, Message, MessageList, answer, describe, message_in_model, operation
+from app.api.routes import ReleasingStream
 from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.peer import PEER_KEY
@@ -77,8 +77,7 @@ class LeanRoute(APIRoute):
     like any route, without dependency solving or body and response models."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
-        return endpoint
+        return self.endpoint
 
 
 def build_router(settings: Settings, store: Store) -> APIRouter:
@@ -252,7 +251,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
                 "already; try again shortly, or ask for fewer with ?limit=",
                 headers=_RETRY,
             )
-        return _ListStream(_resume([first, second], chunks), lambda: streams.give(1, uid))
+        return ReleasingStream(_resume([first, second], chunks), lambda: streams.give(1, uid), JSON, {})
 
     @router.get(
         "/{message_id}",
@@ -315,20 +314,6 @@ async def _resume(ready: list[bytes], rest: Iterator[bytes]) -> AsyncIterator[by
         yield ready.pop(0)
     for chunk in rest:
         yield chunk
-
-
-class _ListStream(StreamingResponse):
-    """A streamed list answer that gives its slot back however it ends (done, failed, client gone)."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], release: Callable[[], None]) -> None:
-        super().__init__(chunks, 200, None, JSON)
-        self._release = release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release()
 
 
 def _too_large(limit: int) -> Response:

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from app.api.models import ErrorBody
+from app.api.models import PARTS, ErrorBody, answer
 from client.net import answers
 
 log = logging.getLogger("app.api.errors")
@@ -60,10 +60,9 @@ def validation_error(errors: Sequence[Any], *, under: tuple[str, ...] = (), empt
     where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
     more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
     message = f"invalid request: {where}: {first['msg']}{more}"
-    code = (
-        "invalid_json" if any(detail["type"] == "json_invalid" for detail in details) else "validation_error"
-    )
-    if code == "invalid_json" and empty:
+    invalid_json = any(detail["type"] == "json_invalid" for detail in details)
+    code = "invalid_json" if invalid_json else "validation_error"
+    if invalid_json and empty:
         message = 'the request body is empty; send a JSON object like {"text": "hi"}'
     return error_response(422, message, error=code, details=details)
 
@@ -91,17 +90,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         code, text = _ERRORS[status]
-        example: dict[str, Any] = {"error": code, "message": text, "status": status}
-        if status == 422:
-            msg = "String should have at least 1 character"
-            example["message"] = f"invalid request: text: {msg}"
-            example["details"] = [{"type": "string_too_short", "loc": ["body", "text"], "msg": msg}]
-        description = text[:1].upper() + text[1:] + "."
-        out[status] = {
-            "model": ErrorBody,
-            "description": description,
-            "content": {JSON: {"example": example}},
-        }
+        example = PARTS["invalid"] if status == 422 else {"error": code, "message": text, "status": status}
+        out[status] = answer(ErrorBody, example, text[:1].upper() + text[1:] + ".")
     return out
 
 

@@ -46,30 +46,15 @@ def _budget(total: int) -> Budget:
     return Budget(total, max(1, total // PEER_SHARE))
 
 
-def _json_content_type(value: bytes) -> bool:
-    """``application/json`` or ``application/<anything>+json``, parameters such as charset allowed."""
-    media = value.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
 def _request_schema(settings: Settings) -> dict[str, Any]:
-    schema = message_in_model(settings.max_text_length).model_json_schema()
-    return {
-        "parameters": [
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "description": describe("idempotency_key", keys=settings.idempotency_keys),
-                "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
-                "example": PARTS["idempotency_key"],
-            }
-        ],
-        "requestBody": {
-            "required": True,
-            "content": {JSON: {"schema": schema, "example": {"text": "Hello from client"}}},
-        },
+    key = {
+        **PARTS["idempotency_key"],
+        "description": describe("idempotency_key", keys=settings.idempotency_keys),
     }
+    key["schema"] = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"}
+    body = {JSON: {"schema": message_in_model(settings.max_text_length).model_json_schema()}}
+    body[JSON]["example"] = {"text": "Hello from client"}
+    return {"parameters": [key], "requestBody": {"required": True, "content": body}}
 
 
 class LeanRoute(APIRoute):
@@ -107,7 +92,11 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
                 if forwarded_raw is not None:
                     return error_response(400, "more than one Uds-Forwarded-Peer header; send one")
                 forwarded_raw = value
-        if content_type is None or not _json_content_type(content_type):
+        # application/json or application/<anything>+json, parameters such as charset allowed
+        media = content_type.split(b";", 1)[0].strip().lower() if content_type is not None else b""
+        if media != b"application/json" and not (
+            media.startswith(b"application/") and media.endswith(b"+json")
+        ):
             return error_response(415, "unsupported content type; send Content-Type: application/json")
         size = 0
         if content_length is not None:

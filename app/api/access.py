@@ -97,14 +97,13 @@ class Access:
         peer = extensions.get(PEER_KEY)
         connection = extensions.get(CONNECTION_KEY)
         held = self.held(peer, connection)
-        doc: dict[str, Any] = {key: peer[key] if peer else None for key in ("uid", "gid", "pid")}
-        doc["groups"] = list(connection.groups) if connection is not None else []
-        doc["forwarded_for"] = None
         user = _forwarded(scope) if peer is not None else None
         if user:
             held = held & self.held_behind(user)
-            doc["forwarded_for"] = {**user, "scopes": _ordered(held)}
-        doc["scopes"] = _ordered(held)
+        doc: dict[str, Any] = {key: peer[key] if peer else None for key in ("uid", "gid", "pid")}
+        doc["groups"] = list(connection.groups) if connection is not None else []
+        doc["scopes"] = [name for name in SCOPES if name in held]
+        doc["forwarded_for"] = {**user, "scopes": doc["scopes"]} if user else None
         return doc
 
 
@@ -202,10 +201,6 @@ class PeerAllowlist:
         shown = escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
         self.refused.log(logging.WARNING, "Refused %s %s%s", escaped(scope["method"]), shown, why)
         await error_response(403, message)(scope, receive, send)
-
-
-def _ordered(scopes: frozenset[str]) -> list[str]:
-    return [scope for scope in SCOPES if scope in scopes]
 
 
 def _entry(

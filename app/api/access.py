@@ -131,10 +131,7 @@ class PeerAllowlist:
         user = None
         if access.policy is not None and peer is not None:
             user = _forwarded(scope)
-            if user is MALFORMED:
-                await self._refuse(scope, receive, send, peer, needed, None, malformed=True)
-                return
-            if user and needed in held and needed not in access.held_behind(user):
+            if user is MALFORMED or (user and needed in held and needed not in access.held_behind(user)):
                 await self._refuse(scope, receive, send, peer, needed, user)
                 return
         if needed not in held:
@@ -160,22 +157,16 @@ class PeerAllowlist:
             audit.note(_entry(scope, peer, user, status, "allow", needed))
 
     async def _refuse(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        peer: Ids | None,
-        needed: str,
-        user: Ids | None,
-        malformed: bool = False,
+        self, scope: Scope, receive: Receive, send: Send, peer: Ids | None, needed: str, user: Ids | None
     ) -> None:
-        """403 naming what is missing; an audit line (within its budget) and a throttled log line."""
+        """403 naming what is missing (``user``: the one a proxy names, or :data:`MALFORMED`); an
+        audit line (within its budget) and a throttled log line."""
         if self.access.audit is not None:
-            self.access.audit.deny(_entry(scope, peer, user, 403, "deny", needed))
+            self.access.audit.deny(_entry(scope, peer, user or None, 403, "deny", needed))
         lacks = (
             f"lacks the {needed!r} scope this request needs; `uds-client whoami` shows the scopes you hold"
         )
-        if malformed:
+        if user is MALFORMED:
             why = ": malformed or repeated Uds-Forwarded-Peer header"
             message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         elif peer is None:

@@ -33,7 +33,6 @@ _ERRORS: dict[int, tuple[str, str]] = {
     507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
 }
 """Each error status's code and default message."""
-CODES = {status: code for status, (code, _) in _ERRORS.items()}
 JSON = "application/json"
 
 

@@ -22,8 +22,7 @@ def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int]) -> N
     into ``app``'s table under each of ``versions`` (oldest first). Only the newest version's copy
     is documented, and it also answers the unversioned path."""
     for route in router.routes:
-        if not isinstance(route, APIRoute):
-            raise TypeError(f"add_versioned takes API routes; {route!r} is not one")
+        assert isinstance(route, APIRoute), f"add_versioned takes API routes; {route!r} is not one"
         for version in reversed(versions):
             moved = copy.copy(route)  # shares the endpoint, its dependant and its handler
             moved.path = f"/v{version}{route.path}"

@@ -43,13 +43,8 @@ class Policy:
 
     def scopes(self, uid: int, gid: int, groups: Iterable[int] = ()) -> frozenset[str]:
         """The scopes held by a process with this uid, gid and supplementary groups."""
-        held = self.by_uid.get(uid, NONE) | self.by_gid.get(gid, NONE)
         by_gid = self.by_gid
-        for group in groups:
-            more = by_gid.get(group)
-            if more is not None:
-                held |= more
-        return held
+        return self.by_uid.get(uid, NONE).union(by_gid.get(gid, NONE), *(by_gid.get(g, NONE) for g in groups))
 
     def granting_all(self, uids: Sequence[int], gids: Sequence[int]) -> "Policy":
         """This policy and ``--allow-uid``/``--allow-gid``: every scope for each id given."""

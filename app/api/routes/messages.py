@@ -1,8 +1,6 @@
 """``/messages``: send a message (the hot path), list recent ones, fetch one by id. Bodies and long
 lists draw on server-wide budgets. Why it is written this way: docs/internals.md, "API"."""
 
-# No ``from __future__ import annotations``: FastAPI must see the route signatures' objects.
-
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
@@ -42,10 +40,6 @@ LIST_STREAMS = 32
 _RETRY = {"retry-after": "1"}
 
 
-def _budget(total: int) -> Budget:
-    return Budget(total, max(1, total // PEER_SHARE))
-
-
 def _request_schema(settings: Settings) -> dict[str, Any]:
     key = {
         **PARTS["idempotency_key"],
@@ -72,10 +66,10 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     validate_json = message_in_model(settings.max_text_length).model_validate_json
     reply = settings.reply
     default_limit = min(100, settings.history_size)
-    bodies = _budget(BODY_BUDGET)
+    bodies = Budget(BODY_BUDGET, max(1, BODY_BUDGET // PEER_SHARE))
     busy_log = Throttle(log)
     store_errors = Throttle(log)
-    streams = _budget(LIST_STREAMS)
+    streams = Budget(LIST_STREAMS, max(1, LIST_STREAMS // PEER_SHARE))
 
     async def create_message(request: Request) -> Response:
         """Store a message and answer with the server's reply."""

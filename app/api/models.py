@@ -28,9 +28,12 @@ def operation(name: str, **values: object) -> dict[str, Any]:
     return {"operation_id": name, "summary": words["summary"], "description": description}
 
 
-def answer(model: type[BaseModel], example: Any, description: str = "Successful Response") -> dict[str, Any]:
-    """An OpenAPI ``responses`` entry: ``model`` as its JSON schema, with ``example``."""
-    return {"model": model, "description": description, "content": {"application/json": {"example": example}}}
+def answer(
+    model: type[BaseModel], example: Any, description: str = "Successful Response", **more: Any
+) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry: ``model`` as its JSON schema, with ``example`` (and ``more``)."""
+    content = {"application/json": {"example": example}}
+    return {"model": model, "description": description, "content": content, **more}
 
 
 PARTS: dict[str, Any] = json.loads(

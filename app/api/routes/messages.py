@@ -186,11 +186,10 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         ),
         openapi_extra=_request_schema(settings),
         responses={
-            201: {**answer(Message, PARTS["message"], "Stored."), "headers": location, "links": get_it},
-            200: {
-                **answer(Message, PARTS["message"], "Already stored under this Idempotency-Key."),
-                "links": get_it,
-            },
+            201: answer(Message, PARTS["message"], "Stored.", headers=location, links=get_it),
+            200: answer(
+                Message, PARTS["message"], "Already stored under this Idempotency-Key.", links=get_it
+            ),
             **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
         },
     )
@@ -221,13 +220,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         peer = request.scope.get("extensions", {}).get(PEER_KEY)
         uid = peer["uid"] if peer else None
         if not streams.take(1, uid):
-            busy_log.log(
-                logging.WARNING,
-                "Refused a long list with 503: all %d slots (or peer uid %s's "
-                "share) are taken by answers being sent",
-                LIST_STREAMS,
-                uid,
-            )
+            why = "all %d slots (or peer uid %s's share) are taken by answers being sent"
+            busy_log.log(logging.WARNING, "Refused a long list with 503: " + why, LIST_STREAMS, uid)
             return error_response(
                 503,
                 f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent "

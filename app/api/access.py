@@ -18,10 +18,8 @@ from app.config import Settings
 from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
 from app.logs import Throttle, escaped
 
-Ids = dict[str, int]
-"""Credentials: ``uid``, ``gid``, ``pid``."""
-MALFORMED: Ids = {}
-"""What :func:`_forwarded` answers for a malformed or repeated ``Uds-Forwarded-Peer``."""
+Ids = dict[str, int]  # credentials: ``uid``, ``gid``, ``pid``
+MALFORMED: Ids = {}  # what :func:`_forwarded` answers for a malformed or repeated ``Uds-Forwarded-Peer``
 _FLAGS_ONLY = Policy({}, {}, 0, "flags")
 
 log = logging.getLogger("app.api.access")

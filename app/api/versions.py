@@ -13,8 +13,7 @@ from starlette.routing import Route, compile_path
 
 from app.api.errors import error_response
 
-API_VERSIONS: tuple[int, ...] = (1,)
-"""The API versions this server serves, oldest first."""
+API_VERSIONS: tuple[int, ...] = (1,)  # the API versions this server serves, oldest first
 
 
 def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int]) -> None:

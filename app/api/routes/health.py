@@ -15,8 +15,7 @@ from app.api.errors import JSON, error_responses
 from app.api.models import PARTS, HealthStatus, ReadyStatus, VersionInfo, answer, operation
 from app.storage.events import EventHub
 
-SERVER = f"uds-example/{__version__}"
-"""The ``Server`` header of ``/_ping``."""
+SERVER = f"uds-example/{__version__}"  # the ``Server`` header of ``/_ping``
 _OK = {"text/plain": {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}}
 
 

@@ -34,12 +34,10 @@ class Access:
         self.allow = (settings.allow_uid, settings.allow_gid)
         self.policy = self._with_flags(load_policy(self.path) if self.path else None)
         """None: no policy and no allowlist, everyone holds every scope."""
-        self.generation = 0
-        """Bumped on every reload; a connection's cached scopes from an older generation are stale."""
+        self.generation = 0  # bumped on every reload: cached scopes of an older one are stale
         self.table = scope_table(versions)
         self.audit = AuditLog(settings.audit_log) if settings.audit_log else None
-        self.installed = self.policy is not None or self.audit is not None
-        """Whether requests need the middleware: a policy or allowlist to enforce, or writes to audit."""
+        self.installed = self.policy is not None or self.audit is not None  # the middleware is needed
 
     def _with_flags(self, policy: Policy | None) -> Policy | None:
         uids, gids = self.allow

@@ -17,14 +17,11 @@ from app.logs import escaped
 log = logging.getLogger("app.api.audit")
 
 FLUSH_AT = 64 * 1024
-MAX_PENDING = 256 * 1024
-"""Bytes of lines held while the file cannot be written; past this, new lines are counted as lost."""
+MAX_PENDING = 256 * 1024  # bytes held while the file cannot be written; past it, lines are counted as lost
 ENCODE_AT = 256  # entries queued before they are encoded in a batch
-MESSAGE_ID = "uds.message_id"
-"""Scope key where ``POST /messages`` leaves the id it stored, for the audit line."""
+MESSAGE_ID = "uds.message_id"  # the scope key where ``POST /messages`` leaves the id it stored
 MAX_ROUTE = 256  # longest path recorded, in characters: a peer chooses it
-DENY_BURST = 100
-"""Refusals itemized in a row; past it :data:`DENY_PER_SECOND`, the rest counted (``"event": "denied"``)."""
+DENY_BURST = 100  # refusals itemized in a row; then DENY_PER_SECOND, the rest counted ("denied")
 DENY_PER_SECOND = 1.0
 MAX_DENY_UIDS = 32  # distinct uids in one ``denied`` line; the others count as "other"
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK

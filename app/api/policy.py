@@ -1,8 +1,6 @@
-"""Scopes and the policy file: which uid or gid may read, write, stream events and scrape metrics.
-
-A TOML file of ``[[rule]]`` tables, each naming one ``uid``, ``gid``, ``user`` or ``group`` and the
-scopes it ``allow``s; a caller holds the union of the rules matching its uid, gid and groups.
-"""
+"""Scopes and the policy file (``--policy``): a TOML file of ``[[rule]]`` tables, each naming one
+``uid``, ``gid``, ``user`` or ``group`` and the scopes it ``allow``s (read, write, events, metrics);
+a caller holds the union of the rules matching its uid, gid and groups."""
 
 import grp
 import hashlib
@@ -21,8 +19,7 @@ ALL = frozenset(SCOPES)
 NONE: frozenset[str] = frozenset()
 OPEN = ""  # what scope_for answers for a path anyone who can connect may use
 MAX_BYTES = 1 << 20  # a larger policy file is refused (a rule is a few dozen bytes)
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
-"""The probes and the version ping: open to anyone who can connect, whatever the policy."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})  # open to any peer, whatever the policy
 _SELECTORS = ("uid", "gid", "user", "group")
 _RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
 _AT_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)$")

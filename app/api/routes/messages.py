@@ -30,8 +30,7 @@ MAX_KEY_LENGTH = 255  # Idempotency-Key: 1..255 visible ASCII characters (bounde
 LOGGED_TEXT = 200  # longer texts are cut in the log line
 BODY_BUDGET = 8 * 1024 * 1024  # bytes that requests waiting for their bodies may hold at once, server-wide
 REQUEST_COST = 24 * 1024  # what a request waiting for its body holds besides the body (scope, task, frames)
-LIST_CHUNK = 16 * 1024
-"""``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
+LIST_CHUNK = 16 * 1024  # ``GET /messages`` answers are written in chunks of this size (plus a message)
 LIST_STREAMS = 32  # most ``GET /messages`` answers longer than one chunk being written at once, server-wide
 
 _RETRY = {"retry-after": "1"}

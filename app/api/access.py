@@ -194,15 +194,10 @@ def _entry(
     scope: Scope, peer: Ids | None, user: Ids | None, status: int, decision: str, need: str
 ) -> dict[str, Any]:
     """An audit line's fields; ``message_id`` only if allowed, ``forwarded_for`` only via a proxy."""
-    ids = peer or {}
-    fields: dict[str, Any] = {
-        "time": time(),
-        "uid": ids.get("uid"),
-        "gid": ids.get("gid"),
-        "pid": ids.get("pid"),
-    }
-    fields.update(method=scope["method"][:16], route=scope["path"][:MAX_ROUTE], status=status)
-    fields.update(decision=decision, scope=need)
+    uid, gid, pid = (peer["uid"], peer["gid"], peer["pid"]) if peer else (None, None, None)
+    method, route = scope["method"][:16], scope["path"][:MAX_ROUTE]
+    fields = {"time": time(), "uid": uid, "gid": gid, "pid": pid, "method": method, "route": route}
+    fields |= {"status": status, "decision": decision, "scope": need}
     if decision == "allow":
         fields["message_id"] = scope.get(MESSAGE_ID)
     if user is not None:

@@ -127,16 +127,16 @@ class AuditLog:
         """Encode one line: control characters and anything not ASCII escaped, so no text from a
         peer can end a line or look like one (U+2028, U+0085: some readers split lines at them)."""
         try:
-            line = orjson.dumps(fields)
+            line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
             plain = line.isascii()
         except TypeError:  # a lone surrogate
             plain = False
         if not plain:
-            line = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
-        if len(self.pending) + len(line) >= MAX_PENDING:
+            line = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+        if len(self.pending) + len(line) > MAX_PENDING:
             self.lost += 1
             return
-        self.pending += line + b"\n"
+        self.pending += line
         if len(self.pending) >= FLUSH_AT:
             self.flush()
 

@@ -1,18 +1,9 @@
-"""Who may call what: the policy (``--policy``), its shorthand ``--allow-uid``/``--allow-gid`` (every
-scope) and the audit trail (``--audit-log``), applied by one ASGI middleware, installed only when
-one of them is set.
-
-The peer comes from SO_PEERCRED (set by the connection layer), its groups from SO_PEERGROUPS; its
-scopes are cached on its connection until the policy changes. No peer credentials (TCP): no scope.
-The probes, ``/_ping`` and ``/whoami`` stay open. Behind a proxy (``Uds-Forwarded-Peer``) a request
-holds only the scopes both the proxy and the user it names hold: a proxy never widens them.
-"""
-
-from __future__ import annotations
+"""Who may call what: the policy (``--policy``), its shorthand ``--allow-uid``/``--allow-gid`` and
+the audit trail (``--audit-log``), applied by one ASGI middleware installed only when one is set.
+Peers, groups, proxies and the cached scopes: docs/internals.md, "Access"."""
 
 import logging
 import os
-from collections.abc import Iterable
 from time import time
 from typing import Any
 
@@ -22,69 +13,38 @@ from app.api.audit import MAX_ROUTE, MESSAGE_ID, AuditLog
 from app.api.errors import error_response
 from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import parse_forwarded_peer
-from app.api.policy import (
-    ALL,
-    NONE,
-    OPEN,
-    OPEN_PATHS,
-    SCOPES,
-    Policy,
-    PolicyError,
-    load_policy,
-    scope_for,
-    scope_table,
-    shorthand,
-)
+from app.api.policy import ALL, NONE, OPEN, SCOPES, Policy, PolicyError, load_policy, scope_for, scope_table
 from app.config import Settings
 from app.connection.peer import CONNECTION_KEY, PEER_KEY, PeerConnection
 from app.logs import escaped
 from client.net.throttle import Throttle
 
-__all__ = ["OPEN_PATHS", "Access", "PeerAllowlist", "is_allowed"]
-
-Ids = dict[str, int]
-"""Credentials: ``uid``, ``gid``, ``pid``."""
+Ids = dict[str, int]  # credentials: ``uid``, ``gid``, ``pid``
+MALFORMED: Ids = {}  # what :func:`_forwarded` answers for a malformed or repeated ``Uds-Forwarded-Peer``
+_FLAGS_ONLY = Policy({}, {}, 0, "flags")
 
 log = logging.getLogger("app.api.access")
-
-
-def is_allowed(peer: Ids | None, uids: frozenset[int], gids: frozenset[int]) -> bool:
-    """True when the peer's uid is in ``uids`` or its gid is in ``gids``; no peer is never allowed."""
-    if peer is None:
-        return False
-    return peer.get("uid") in uids or peer.get("gid") in gids
-
-
-def ordered(scopes: Iterable[str]) -> list[str]:
-    """Scopes in their documented order (read, write, events, metrics)."""
-    held = set(scopes)
-    return [scope for scope in SCOPES if scope in held]
 
 
 class Access:
     """This process's rules in force (replaced whole by :meth:`reload`) and its audit log; a bad
     policy file raises PolicyError here."""
 
-    def __init__(self, settings: Settings, versions: Iterable[int]) -> None:
+    def __init__(self, settings: Settings, versions: tuple[int, ...]) -> None:
         self.path = settings.policy
-        flags = settings.allow_uid or settings.allow_gid
-        self.flags = shorthand(settings.allow_uid, settings.allow_gid) if flags else None
-        self.policy: Policy | None = self._with_flags(load_policy(self.path) if self.path else None)
+        self.allow = (settings.allow_uid, settings.allow_gid)
+        self.policy = self._with_flags(load_policy(self.path) if self.path else None)
         """None: no policy and no allowlist, everyone holds every scope."""
-        self.generation = 0
-        """Bumped on every reload; a connection's cached scopes from an older generation are stale."""
+        self.generation = 0  # bumped on every reload: cached scopes of an older one are stale
         self.table = scope_table(versions)
         self.audit = AuditLog(settings.audit_log) if settings.audit_log else None
+        self.installed = self.policy is not None or self.audit is not None  # the middleware is needed
 
     def _with_flags(self, policy: Policy | None) -> Policy | None:
-        if self.flags is None:
+        uids, gids = self.allow
+        if not uids and not gids:
             return policy
-        return self.flags if policy is None else policy | self.flags
-
-    @property
-    def installed(self) -> bool:
-        """Whether requests need the middleware: a policy or allowlist to enforce, or writes to audit."""
-        return self.policy is not None or self.audit is not None
+        return (policy or _FLAGS_ONLY).granting_all(uids, gids)
 
     def reload(self) -> bool:
         """SIGHUP: reopen the audit log, then read the policy file again. A valid file replaces the
@@ -102,12 +62,9 @@ class Access:
             return False
         self.policy = self._with_flags(policy)
         self.generation += 1
+        pid, rules, digest = os.getpid(), policy.rules, policy.digest
         log.info(
-            "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s",
-            escaped(self.path),
-            os.getpid(),
-            policy.rules,
-            policy.digest,
+            "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s", escaped(self.path), pid, rules, digest
         )
         return True
 
@@ -127,8 +84,7 @@ class Access:
 
     def held_behind(self, user: Ids) -> frozenset[str]:
         """The scopes of a user named by a proxy (uid and gid only)."""
-        policy = self.policy
-        return ALL if policy is None else policy.scopes(user["uid"], user["gid"])
+        return ALL if self.policy is None else self.policy.scopes(user["uid"], user["gid"])
 
     def whoami(self, scope: Scope) -> dict[str, Any]:
         """``GET /whoami``: the caller's credentials and the scopes it holds (through a proxy: the
@@ -138,21 +94,13 @@ class Access:
         peer = extensions.get(PEER_KEY)
         connection = extensions.get(CONNECTION_KEY)
         held = self.held(peer, connection)
-        doc: dict[str, Any] = {
-            "uid": peer["uid"] if peer else None,
-            "gid": peer["gid"] if peer else None,
-            "pid": peer["pid"] if peer else None,
-            "groups": list(connection.groups) if connection is not None else [],
-            "scopes": [],
-            "forwarded_for": None,
-        }
-        if peer is not None:
-            behind = _forwarded(scope)
-            user = behind["peer"] if behind is not None else None
-            if user is not None:
-                held = held & self.held_behind(user)
-                doc["forwarded_for"] = {**user, "scopes": ordered(held)}
-        doc["scopes"] = ordered(held)
+        user = _forwarded(scope) if peer is not None else None
+        if user:
+            held = held & self.held_behind(user)
+        doc: dict[str, Any] = {key: peer[key] if peer else None for key in ("uid", "gid", "pid")}
+        doc["groups"] = list(connection.groups) if connection is not None else []
+        doc["scopes"] = [name for name in SCOPES if name in held]
+        doc["forwarded_for"] = {**user, "scopes": doc["scopes"]} if user else None
         return doc
 
 
@@ -177,17 +125,12 @@ class PeerAllowlist:
         extensions = scope.get("extensions")
         peer = extensions.get(PEER_KEY) if extensions else None
         held = access.held(peer, extensions.get(CONNECTION_KEY) if extensions else None)
-        user: Ids | None = None
+        user = None
         if access.policy is not None and peer is not None:
-            behind = _forwarded(scope)
-            if behind is not None:
-                user = behind["peer"]
-                if user is None:
-                    await self._refuse(scope, receive, send, peer, needed, None, malformed=True)
-                    return
-                if needed in held and needed not in access.held_behind(user):
-                    await self._refuse(scope, receive, send, peer, needed, user)
-                    return
+            user = _forwarded(scope)
+            if user is MALFORMED or (user and needed in held and needed not in access.held_behind(user)):
+                await self._refuse(scope, receive, send, peer, needed, user)
+                return
         if needed not in held:
             await self._refuse(scope, receive, send, peer, needed, None)
             return
@@ -206,40 +149,34 @@ class PeerAllowlist:
         try:
             await self.app(scope, receive, watch)
         finally:
-            if user is None and peer is not None and access.policy is None:
-                behind = _forwarded(scope)
-                user = behind["peer"] if behind is not None else None
+            if access.policy is None and peer is not None:  # the policy's check did not read it
+                user = _forwarded(scope) or None
             audit.note(_entry(scope, peer, user, status, "allow", needed))
 
     async def _refuse(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        peer: Ids | None,
-        needed: str,
-        user: Ids | None,
-        malformed: bool = False,
+        self, scope: Scope, receive: Receive, send: Send, peer: Ids | None, needed: str, user: Ids | None
     ) -> None:
-        """403 naming what is missing; an audit line (within its budget) and a throttled log line."""
+        """403 naming what is missing (``user``: the one a proxy names, or :data:`MALFORMED`); an
+        audit line (within its budget) and a throttled log line."""
         if self.access.audit is not None:
-            self.access.audit.deny(_entry(scope, peer, user, 403, "deny", needed))
-        whoami = "`uds-client whoami` shows the scopes you hold"
-        if malformed:
+            self.access.audit.deny(_entry(scope, peer, user or None, 403, "deny", needed))
+        lacks = (
+            f"lacks the {needed!r} scope this request needs; `uds-client whoami` shows the scopes you hold"
+        )
+        if user is MALFORMED:
             why = ": malformed or repeated Uds-Forwarded-Peer header"
             message = "send one Uds-Forwarded-Peer header, reading 'uid=U gid=G pid=P'"
         elif peer is None:
-            why = ": no peer credentials (not a Unix socket connection); the policy admits only Unix socket "
-            why += "peers"
+            why = ": no peer credentials (not a Unix socket connection); the policy admits only Unix "
+            why += "socket peers"
             message = "this server only accepts allowed peers over its Unix socket"
         elif user is not None:
-            ids = f"uid {user['uid']} gid {user['gid']}"
-            why = f" via proxy pid={peer.get('pid')} for uid={user['uid']} gid={user['gid']}: lacks the "
-            why += f"{needed} scope"
-            message = f"{ids}, behind the proxy, lacks the {needed!r} scope this request needs; {whoami}"
+            why = f" via proxy pid={peer['pid']} for uid={user['uid']} gid={user['gid']}: "
+            why += f"lacks the {needed} scope"
+            message = f"uid {user['uid']} gid {user['gid']}, behind the proxy, {lacks}"
         else:
-            ids = f"uid {peer.get('uid')} gid {peer.get('gid')}"
-            why = f" from pid={peer.get('pid')} uid={peer.get('uid')} gid={peer.get('gid')}: "
+            ids = f"uid {peer['uid']} gid {peer['gid']}"
+            why = f" from pid={peer['pid']} uid={peer['uid']} gid={peer['gid']}: "
             if self.access.path is None:  # the allowlist alone: on it or not
                 why += "not in allow_uid/allow_gid"
                 message = (
@@ -247,36 +184,33 @@ class PeerAllowlist:
                 )
             else:
                 why += f"lacks the {needed} scope"
-                message = f"{ids} lacks the {needed!r} scope this request needs; {whoami}"
-        self.refused.log(
-            logging.WARNING, "Refused %s %s%s", escaped(scope["method"]), _shown_path(scope), why
-        )
+                message = f"{ids} {lacks}"
+        path: str = scope["path"]  # cut (a peer chooses it) and escaped
+        shown = escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
+        self.refused.log(logging.WARNING, "Refused %s %s%s", escaped(scope["method"]), shown, why)
         await error_response(403, message)(scope, receive, send)
-
-
-def _shown_path(scope: Scope) -> str:
-    """The path for a log line: cut at :data:`MAX_ROUTE` characters (a peer chooses it), escaped."""
-    path: str = scope["path"]
-    return escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
 
 
 def _entry(
     scope: Scope, peer: Ids | None, user: Ids | None, status: int, decision: str, need: str
-) -> tuple[Any, ...]:
-    """The audit entry: the time, then :data:`app.api.audit.FIELDS`."""
-    if peer is None:
-        uid = gid = pid = None
-    else:
-        uid, gid, pid = peer["uid"], peer["gid"], peer["pid"]
-    message_id = scope.get(MESSAGE_ID) if decision == "allow" else None
-    method, path = scope["method"], scope["path"]
-    return (time(), uid, gid, pid, method[:16], path[:MAX_ROUTE], status, decision, need, message_id, user)
+) -> dict[str, Any]:
+    """An audit line's fields; ``message_id`` only if allowed, ``forwarded_for`` only via a proxy."""
+    uid, gid, pid = (peer["uid"], peer["gid"], peer["pid"]) if peer else (None, None, None)
+    method, route = scope["method"][:16], scope["path"][:MAX_ROUTE]
+    fields = {"time": time(), "uid": uid, "gid": gid, "pid": pid, "method": method, "route": route}
+    fields |= {"status": status, "decision": decision, "scope": need}
+    if decision == "allow":
+        fields["message_id"] = scope.get(MESSAGE_ID)
+    if user is not None:
+        fields["forwarded_for"] = user
+    return fields
 
 
-def _forwarded(scope: Scope) -> dict[str, Ids | None] | None:
-    """``{"peer": user, or None if malformed or repeated}`` when the request names a user behind a
-    proxy, else None. A repeated header is refused: the record keeps one, so the check must too."""
+def _forwarded(scope: Scope) -> Ids | None:
+    """The user a proxy names, None without the header, :data:`MALFORMED` if malformed or repeated
+    (the record keeps one, so the check must too)."""
     values = [value for name, value in scope["headers"] if name == FORWARDED_HEADER]
     if not values:
         return None
-    return {"peer": parse_forwarded_peer(values[0]) if len(values) == 1 else None}
+    user = parse_forwarded_peer(values[0]) if len(values) == 1 else None
+    return MALFORMED if user is None else user

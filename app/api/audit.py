@@ -1,12 +1,6 @@
-"""The audit trail (``--audit-log FILE`` or ``-``): one JSON line for every write and every refusal.
-
-The request path appends a tuple; lines are encoded in batches and written whole, one ``write``
-per server tick or :data:`FLUSH_AT` bytes, to a file opened ``O_APPEND`` (so ``--workers`` never
-split each other's lines); no fsync. A full disk costs lines, never requests: one warning, then a
-count of the lines lost. Refusals past a budget are counted by uid into one line a second.
-"""
-
-from __future__ import annotations
+"""The audit trail (``--audit-log FILE`` or ``-``): one JSON line for every write and every refusal,
+appended in batches to an ``O_APPEND`` file, bounded in memory; a full disk costs lines, never
+requests. How and why: docs/internals.md, "The audit trail"."""
 
 import errno
 import json
@@ -20,22 +14,14 @@ import orjson
 
 from app.logs import escaped
 
-__all__ = ["DENY_BURST", "FIELDS", "MAX_ROUTE", "MESSAGE_ID", "AuditError", "AuditLog", "open_audit_file"]
-
 log = logging.getLogger("app.api.audit")
 
 FLUSH_AT = 64 * 1024
-MAX_PENDING = 256 * 1024
-"""Bytes of lines held while the file cannot be written; past this, new lines are counted as lost."""
+MAX_PENDING = 256 * 1024  # bytes held while the file cannot be written; past it, lines are counted as lost
 ENCODE_AT = 256  # entries queued before they are encoded in a batch
-_ID_FIELDS = ("uid", "gid", "pid")
-FIELDS = (*_ID_FIELDS, "method", "route", "status", "decision", "scope", "message_id", "forwarded_for")
-"""A request's line after its time; ``forwarded_for`` only via a proxy, ``message_id`` only if allowed."""
-MESSAGE_ID = "uds.message_id"
-"""Scope key where ``POST /messages`` leaves the id it stored, for the audit line."""
+MESSAGE_ID = "uds.message_id"  # the scope key where ``POST /messages`` leaves the id it stored
 MAX_ROUTE = 256  # longest path recorded, in characters: a peer chooses it
-DENY_BURST = 100
-"""Refusals itemized in a row; past it :data:`DENY_PER_SECOND`, the rest counted (``"event": "denied"``)."""
+DENY_BURST = 100  # refusals itemized in a row; then DENY_PER_SECOND, the rest counted ("denied")
 DENY_PER_SECOND = 1.0
 MAX_DENY_UIDS = 32  # distinct uids in one ``denied`` line; the others count as "other"
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -62,8 +48,9 @@ def open_audit_file(path: str) -> int:
         if info.st_nlink > 1:  # another name for it may be a file the server keeps (its database)
             raise AuditError(f"audit log {shown}: has {info.st_nlink} hard links; give a file of its own")
         if info.st_uid != os.geteuid():
-            owner = f"owned by uid {info.st_uid}, not this server's {os.geteuid()}"
-            raise AuditError(f"audit log {shown}: {owner}")
+            raise AuditError(
+                f"audit log {shown}: owned by uid {info.st_uid}, not this server's {os.geteuid()}"
+            )
         if info.st_mode & 0o077:
             mode = stat.S_IMODE(info.st_mode)
             raise AuditError(f"audit log {shown}: others may open it (mode {mode:04o}); chmod 600 it")
@@ -80,11 +67,10 @@ class AuditLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.fd: int | None = 2 if target == "-" else None
-        self.queued: list[tuple[Any, ...]] = []  # not yet encoded (at most ENCODE_AT)
-        self.lines: list[bytes] = []
-        self.size = 0
-        self.tail = b""
-        """The unwritten end of a line a short write cut: written first, so no line is ever broken."""
+        self.queued: list[dict[str, Any]] = []  # not yet encoded (at most ENCODE_AT)
+        self.pending = bytearray()  # encoded, not yet written
+        self.cut = False
+        """``pending`` starts mid-line (a short write cut it): it is written first, so no line breaks."""
         self.lost = 0
         self.failing = False
         self._second = -1
@@ -94,42 +80,35 @@ class AuditLog:
         self.denied: dict[str, int] = {}  # refusals past the budget not yet written, by uid
         self._denied_since = 0.0
 
-    def note(self, entry: tuple[Any, ...]) -> None:
-        """Queue one request's line: ``entry`` holds ``time.time()`` and then the :data:`FIELDS`."""
+    def note(self, fields: dict[str, Any]) -> None:
+        """Queue one line: ``fields`` starting with ``"time"``, a ``time.time()`` (written in UTC)."""
         queued = self.queued
-        queued.append(entry)
+        queued.append(fields)
         if len(queued) >= ENCODE_AT:
             self._encode()
 
-    def deny(self, entry: tuple[Any, ...]) -> None:
+    def deny(self, fields: dict[str, Any]) -> None:
         """Queue a refusal's line (as :meth:`note`) while the budget allows, else count it by uid."""
         now = time.monotonic()
         tokens = min(float(DENY_BURST), self._tokens + (now - self._refilled) * DENY_PER_SECOND)
         self._refilled = now
         if tokens >= 1.0:
             self._tokens = tokens - 1.0
-            self.note(entry)
+            self.note(fields)
             return
         self._tokens = tokens
         denied = self.denied
         if not denied:
-            self._denied_since = entry[0]
-        uid = entry[1]
-        key = "unknown" if uid is None else str(uid)
+            self._denied_since = fields["time"]
+        key = "unknown" if fields["uid"] is None else str(fields["uid"])
         if key not in denied and len(denied) >= MAX_DENY_UIDS:
             key = "other"
         denied[key] = denied.get(key, 0) + 1
 
-    def _count_denied(self) -> None:
-        """One line for the refusals counted, not itemized, since the last such line."""
-        denied, self.denied = self.denied, {}
-        since = self._time(self._denied_since)
-        self.record({"event": "denied", "since": since, "requests": sum(denied.values()), "by_uid": denied})
-
     def record(self, fields: dict[str, Any]) -> None:
         """Queue one line of other ``fields`` (after the time), encoded at once."""
         self._encode()  # in order
-        self._add(self._line({"time": self._time(time.time()), **fields}))
+        self._add({"time": self._time(time.time()), **fields})
 
     def _time(self, now: float) -> str:
         second = int(now)
@@ -140,44 +119,25 @@ class AuditLog:
 
     def _encode(self) -> None:
         queued, self.queued = self.queued, []
-        for now, uid, gid, pid, method, route, status, decision, scope, message_id, user in queued:
-            fields = {
-                "time": self._time(now),
-                "uid": uid,
-                "gid": gid,
-                "pid": pid,
-                "method": method,
-                "route": route,
-                "status": status,
-                "decision": decision,
-                "scope": scope,
-            }
-            if decision == "allow":
-                fields["message_id"] = message_id
-            if user is not None:
-                fields["forwarded_for"] = user
-            self._add(self._line(fields))
+        for fields in queued:
+            fields["time"] = self._time(fields["time"])
+            self._add(fields)
 
-    @staticmethod
-    def _line(fields: dict[str, Any]) -> bytes:
-        """One JSON line. Control characters and anything not ASCII are escaped, so no text from a
-        peer can end a line or look like one."""
+    def _add(self, fields: dict[str, Any]) -> None:
+        """Encode one line: control characters and anything not ASCII escaped, so no text from a
+        peer can end a line or look like one (U+2028, U+0085: some readers split lines at them)."""
         try:
-            line = orjson.dumps(fields)
-            plain = line.isascii()  # else U+2028, U+0085...: some readers split lines at them too
+            line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+            plain = line.isascii()
         except TypeError:  # a lone surrogate
             plain = False
         if not plain:
-            line = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
-        return line + b"\n"
-
-    def _add(self, line: bytes) -> None:
-        if self.size + len(line) > MAX_PENDING:
+            line = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+        if len(self.pending) + len(line) > MAX_PENDING:
             self.lost += 1
             return
-        self.lines.append(line)
-        self.size += len(line)
-        if self.size >= FLUSH_AT:
+        self.pending += line
+        if len(self.pending) >= FLUSH_AT:
             self.flush()
 
     def flush(self) -> None:
@@ -186,66 +146,53 @@ class AuditLog:
             self._count_denied()
         if self.queued:
             self._encode()
-        if not self.lines and not self.tail:
+        pending = self.pending
+        if not pending:
             return
-        if self.fd is None:
-            try:
-                self.fd = open_audit_file(self.target)
-            except AuditError as exc:
-                self._failed(str(exc))
-                return
-        data = self.tail + b"".join(self.lines)
-        lines, self.lines, self.size = self.lines, [], 0
-        written = 0
         try:
-            while written < len(data):
-                written += os.write(self.fd, data[written:])
+            if self.fd is None:
+                self.fd = open_audit_file(self.target)
+            while pending:
+                written = os.write(self.fd, pending)
+                self.cut = pending[written - 1] != ord("\n")
+                del pending[:written]
+        except AuditError as exc:
+            self._failed(str(exc))
+            return
         except OSError as exc:
-            self._keep(data, written, lines)
             self._failed(f"cannot write audit log {escaped(self.target)}: {exc.strerror or exc}")
             return
-        self.tail = b""
         if self.failing:
             self.failing = False
-            shown = escaped(self.target)
-            log.warning("Audit log %s is writable again; %d line(s) were lost", shown, self.lost)
+            log.warning(
+                "Audit log %s is writable again; %d line(s) were lost", escaped(self.target), self.lost
+            )
             if self.lost:
                 self.record({"event": "lost", "lines": self.lost})
                 self.lost = 0
 
-    def _keep(self, data: bytes, written: int, lines: list[bytes]) -> None:
-        """After a failed write of ``data`` (``written`` bytes went out): the rest of the line it
-        cut becomes the tail, the whole lines after it stay queued."""
-        done = written - len(self.tail)
-        if done < 0:
-            self.tail = self.tail[written:]
-            self.lines, self.size = lines, sum(map(len, lines))
-            return
-        for index, line in enumerate(lines):
-            if done < len(line):
-                self.tail = line[done:] if done else b""
-                kept = lines[index + 1 :] if done else lines[index:]
-                self.lines, self.size = kept, sum(map(len, kept))
-                return
-            done -= len(line)
-        self.tail, self.lines, self.size = b"", [], 0
-
     def _failed(self, message: str) -> None:
         if not self.failing:
             self.failing = True
+            kib = MAX_PENDING // 1024
             log.warning(
-                "%s; keeping up to %d KiB of lines in memory, counting the rest as lost",
-                message,
-                MAX_PENDING // 1024,
+                "%s; keeping up to %d KiB of lines in memory, counting the rest as lost", message, kib
             )
+
+    def _count_denied(self) -> None:
+        """One line for the refusals counted, not itemized, since the last such line."""
+        denied, self.denied = self.denied, {}
+        since = self._time(self._denied_since)
+        self.record({"event": "denied", "since": since, "requests": sum(denied.values()), "by_uid": denied})
 
     def reopen(self) -> None:
         """Flush, then open the path again (after logrotate moved it); standard error stays."""
         self.flush()
         if self.target == "-":
             return
-        if self.tail:  # the old file keeps its cut line; the new one must not start mid-line
-            self.tail = b""
+        if self.cut:  # the old file keeps its cut line; the new one must not start mid-line
+            del self.pending[: self.pending.index(b"\n") + 1]
+            self.cut = False
             self.lost += 1
         try:
             fd = open_audit_file(self.target)

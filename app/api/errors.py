@@ -1,10 +1,6 @@
-"""The one JSON error shape, ``{"error", "message", "status"[, "details"]}``, for every route.
-
-:func:`install` routes Starlette's HTTP errors, FastAPI's validation errors and anything unexpected
-through it; code that answers an error itself uses :func:`error_response`.
-"""
-
-from __future__ import annotations
+"""The one JSON error shape, ``{"error", "message", "status"[, "details"]}``, for every route:
+:func:`install` routes Starlette's and FastAPI's errors through it; code that answers an error
+itself uses :func:`error_response`."""
 
 import logging
 from collections.abc import Mapping, Sequence
@@ -17,10 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from app.api.models import ErrorBody
+from app.api.models import PARTS, ErrorBody, answer
 from client.net import answers
-
-__all__ = ["CODES", "error_body", "error_response", "error_responses", "install", "public_details"]
 
 log = logging.getLogger("app.api.errors")
 
@@ -39,16 +33,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
     507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
 }
 """Each error status's code and default message."""
-CODES = {status: code for status, (code, _) in _ERRORS.items()}
-_MESSAGES = {status: message for status, (_, message) in _ERRORS.items()}
 JSON = "application/json"
-
-
-def error_body(
-    status: int, message: str, *, error: str | None = None, details: Sequence[Mapping[str, Any]] | None = None
-) -> bytes:
-    """The encoded error document; ``error`` defaults to the status's code."""
-    return answers.error_body(status, error or CODES.get(status, "error"), message, details and list(details))
 
 
 def error_response(
@@ -56,34 +41,29 @@ def error_response(
     message: str | None = None,
     *,
     error: str | None = None,
-    details: Sequence[Mapping[str, Any]] | None = None,
+    details: list[dict[str, Any]] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """A ``Response`` carrying :func:`error_body` (the status's default message if none is given)."""
-    text = message or _MESSAGES.get(status, "request failed")
-    return Response(error_body(status, text, error=error, details=details), status, headers, JSON)
+    """The error document; ``error`` defaults to the status's code, ``message`` to its default."""
+    code, default = _ERRORS.get(status, ("error", "request failed"))
+    return Response(
+        answers.error_body(status, error or code, message or default, details), status, headers, JSON
+    )
 
 
-def public_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    """Pydantic errors reduced to ``type``, ``loc`` and ``msg`` (never the input: bodies stay private)."""
-    return [
-        {
-            "type": str(err.get("type", "value_error")),
-            "loc": [part if isinstance(part, int) else str(part) for part in err.get("loc", ())],
-            "msg": str(err.get("msg", "")),
-        }
-        for err in errors
-    ]
-
-
-def summarize(details: Sequence[Mapping[str, Any]]) -> str:
-    """One line naming the first problem and how many more there are."""
-    if not details:
-        return "the request is invalid"
+def validation_error(errors: Sequence[Any], *, under: tuple[str, ...] = (), empty: bool = False) -> Response:
+    """422 naming the first of pydantic's ``errors``, listing each one's ``type``, ``loc`` (located
+    ``under`` a part of the request) and ``msg``; never its input (bodies stay private)."""
+    details = [{"type": err["type"], "loc": [*under, *err["loc"]], "msg": err["msg"]} for err in errors]
     first = details[0]
     where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
     more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
-    return f"invalid request: {where}: {first['msg']}{more}"
+    message = f"invalid request: {where}: {first['msg']}{more}"
+    invalid_json = any(detail["type"] == "json_invalid" for detail in details)
+    code = "invalid_json" if invalid_json else "validation_error"
+    if invalid_json and empty:
+        message = 'the request body is empty; send a JSON object like {"text": "hi"}'
+    return error_response(422, message, error=code, details=details)
 
 
 def _shown_path(request: Request) -> str:
@@ -108,18 +88,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for error statuses, each with the error model and an example."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        text = _MESSAGES.get(status, "request failed")
-        example: dict[str, Any] = {"error": CODES.get(status, "error"), "message": text, "status": status}
-        if status == 422:
-            msg = "String should have at least 1 character"
-            example["message"] = f"invalid request: text: {msg}"
-            example["details"] = [{"type": "string_too_short", "loc": ["body", "text"], "msg": msg}]
-        description = _MESSAGES.get(status, "the request is invalid")
-        out[status] = {
-            "model": ErrorBody,
-            "description": description[:1].upper() + description[1:] + ".",
-            "content": {JSON: {"example": example}},
-        }
+        code, text = _ERRORS[status]
+        example = PARTS["invalid"] if status == 422 else {"error": code, "message": text, "status": status}
+        out[status] = answer(ErrorBody, example, text[:1].upper() + text[1:] + ".")
     return out
 
 
@@ -144,16 +115,14 @@ def install(app: FastAPI) -> None:
             return error_response(405, message, headers={**(headers or {}), "Allow": allow})
         return error_response(status, None if generic else detail, headers=headers)
 
-    async def validation_error(request: Request, exc: Exception) -> Response:
+    async def invalid(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        details = public_details(exc.errors())
-        code = "invalid_json" if any(d["type"] == "json_invalid" for d in details) else "validation_error"
-        return error_response(422, summarize(details), error=code, details=details)
+        return validation_error(exc.errors())
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
         return error_response(500)
 
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, unexpected)

@@ -1,8 +1,7 @@
 """Request and response schemas: the one definition of the API that OpenAPI, the validation of
 ``POST /messages`` (:func:`message_in_model`) and the tests share."""
 
-from __future__ import annotations
-
+import json
 import tomllib
 from functools import cache, lru_cache
 from importlib import resources
@@ -11,12 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-__all__ = ["EXAMPLE_MESSAGE", "ErrorBody", "ErrorDetail", "HealthStatus", "Message", "MessageIn"]
-__all__ += ["MessageList", "Peer", "ReadyStatus", "VersionInfo", "WhoAmI", "describe", "message_in_model"]
-
 
 @cache
-def _words() -> dict[str, str]:
+def _words() -> dict[str, Any]:
     return tomllib.loads(resources.files("app.api").joinpath("openapi.toml").read_text("utf-8"))
 
 
@@ -25,36 +21,42 @@ def describe(name: str, **values: object) -> str:
     return Template(_words()[name]).substitute(values)
 
 
-EXAMPLE_MESSAGE: dict[str, Any] = {
-    "id": 1,
-    "text": "Hello from client",
-    "reply": "Hello from server via UDS",
-    "received_at": "2026-11-28T21:00:00.123456Z",
-    "peer": {"pid": 42, "uid": 1000, "gid": 1000},
-}
+def operation(name: str, **values: object) -> dict[str, Any]:
+    """A route's ``operation_id`` (``name``), ``summary`` and ``description`` (as :func:`describe`)."""
+    words = _words()[name]
+    description = Template(words["description"]).substitute(values)
+    return {"operation_id": name, "summary": words["summary"], "description": description}
+
+
+def answer(
+    model: type[BaseModel], example: Any, description: str = "Successful Response", **more: Any
+) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry: ``model`` as its JSON schema, with ``example`` (and ``more``)."""
+    content = {"application/json": {"example": example}}
+    return {"model": model, "description": description, "content": content, **more}
+
+
+PARTS: dict[str, Any] = json.loads(
+    resources.files("app.api").joinpath("openapi-parts.json").read_text("utf-8")
+)
+"""The OpenAPI examples, links and headers of ``app/api/openapi-parts.json``."""
 
 
 class MessageIn(BaseModel):
-    """What a client sends to ``POST /messages`` (default text limit; see :func:`message_in_model`)."""
+    """What a client sends to ``POST /messages``."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "Hello from client"}]})
 
-    text: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
-        description="The message, 1 to max_text_length characters."
-    )
+    text: str
 
 
 @lru_cache(maxsize=8)
 def message_in_model(max_text_length: int) -> type[MessageIn]:
-    """``MessageIn`` with the server's configured text limit (the model the server documents)."""
-    if max_text_length == 4096:
-        return MessageIn
+    """``MessageIn`` with the server's text limit (the model the server documents and validates with)."""
     text_type = Annotated[str, StringConstraints(min_length=1, max_length=max_text_length)]
-    return create_model(
-        "MessageIn",
-        __base__=MessageIn,
-        text=(text_type, Field(description="The message, 1 to max_text_length characters.")),
-    )
+    description = "The message, 1 to max_text_length characters."
+    text = (text_type, Field(description=description))
+    return create_model("MessageIn", __base__=MessageIn, __doc__=MessageIn.__doc__, text=text)
 
 
 class ForwardedPeer(BaseModel):
@@ -82,13 +84,10 @@ class ForwardedCaller(ForwardedPeer):
     scopes: list[str]
 
 
-_ME: Any = dict(uid=1000, gid=1000, pid=42, groups=[1000, 2000], scopes=["read", "write"], forwarded_for=None)
-
-
 class WhoAmI(BaseModel):
     """The caller as the server sees it, and the scopes it holds (``GET /whoami``)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [_ME]})
+    model_config = ConfigDict(json_schema_extra={"examples": [PARTS["whoami"]]})
 
     uid: int | None = Field(description="SO_PEERCRED; null over TCP.")
     gid: int | None
@@ -106,7 +105,7 @@ class WhoAmI(BaseModel):
 class Message(BaseModel):
     """A stored message and the server's reply."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_MESSAGE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [PARTS["message"]]})
 
     id: int = Field(description="Increasing number, unique for the server's lifetime.")
     text: str = Field(description="The text the client sent.")
@@ -118,7 +117,7 @@ class Message(BaseModel):
 class MessageList(BaseModel):
     """The most recent messages, oldest first."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [EXAMPLE_MESSAGE]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [PARTS["message"]]}]})
 
     messages: list[Message]
 

@@ -1,11 +1,6 @@
-"""Scopes and the policy file: which uid or gid may read, write, stream events and scrape metrics.
-
-A policy is a TOML file of ``[[rule]]`` tables, each naming one ``uid``, ``gid``, ``user`` or
-``group`` and the scopes it ``allow``s; a caller holds the union of the rules matching its uid, gid
-and supplementary groups. A request is judged by the decoded path the router matches.
-"""
-
-from __future__ import annotations
+"""Scopes and the policy file (``--policy``): a TOML file of ``[[rule]]`` tables, each naming one
+``uid``, ``gid``, ``user`` or ``group`` and the scopes it ``allow``s (read, write, events, metrics);
+a caller holds the union of the rules matching its uid, gid and groups."""
 
 import grp
 import hashlib
@@ -19,16 +14,12 @@ from dataclasses import dataclass
 
 from app.logs import escaped
 
-__all__ = ["ALL", "OPEN", "OPEN_PATHS", "SCOPES", "Policy", "PolicyError", "load_policy", "parse_policy"]
-
 SCOPES = ("read", "write", "events", "metrics")
 ALL = frozenset(SCOPES)
 NONE: frozenset[str] = frozenset()
 OPEN = ""  # what scope_for answers for a path anyone who can connect may use
 MAX_BYTES = 1 << 20  # a larger policy file is refused (a rule is a few dozen bytes)
-
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})
-"""The probes and the version ping: open to anyone who can connect, whatever the policy."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/_ping"})  # open to any peer, whatever the policy
 _SELECTORS = ("uid", "gid", "user", "group")
 _RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
 _AT_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)$")
@@ -45,38 +36,18 @@ class Policy:
     by_uid: Mapping[int, frozenset[str]]
     by_gid: Mapping[int, frozenset[str]]
     rules: int
-    digest: str  # the first 12 hex digits of the file's SHA-256 ("flags" for the shorthand)
+    digest: str  # the first 12 hex digits of the file's SHA-256 ("flags" for the shorthand alone)
 
     def scopes(self, uid: int, gid: int, groups: Iterable[int] = ()) -> frozenset[str]:
         """The scopes held by a process with this uid, gid and supplementary groups."""
-        held = self.by_uid.get(uid, NONE) | self.by_gid.get(gid, NONE)
         by_gid = self.by_gid
-        for group in groups:
-            more = by_gid.get(group)
-            if more is not None:
-                held |= more
-        return held
+        return self.by_uid.get(uid, NONE).union(by_gid.get(gid, NONE), *(by_gid.get(g, NONE) for g in groups))
 
-    def __or__(self, other: Policy) -> Policy:
-        """Both policies' rules (the digest stays this one's)."""
-        return Policy(
-            _union(self.by_uid, other.by_uid),
-            _union(self.by_gid, other.by_gid),
-            self.rules + other.rules,
-            self.digest,
-        )
-
-
-def _union(a: Mapping[int, frozenset[str]], b: Mapping[int, frozenset[str]]) -> dict[int, frozenset[str]]:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = out.get(key, NONE) | value
-    return out
-
-
-def shorthand(uids: Sequence[int], gids: Sequence[int]) -> Policy:
-    """``--allow-uid`` / ``--allow-gid``: every scope for each id given."""
-    return Policy({uid: ALL for uid in uids}, {gid: ALL for gid in gids}, len(uids) + len(gids), "flags")
+    def granting_all(self, uids: Sequence[int], gids: Sequence[int]) -> "Policy":
+        """This policy and ``--allow-uid``/``--allow-gid``: every scope for each id given."""
+        by_uid = {**self.by_uid, **dict.fromkeys(uids, ALL)}
+        by_gid = {**self.by_gid, **dict.fromkeys(gids, ALL)}
+        return Policy(by_uid, by_gid, self.rules + len(uids) + len(gids), self.digest)
 
 
 def scope_table(versions: Iterable[int]) -> dict[str, str]:
@@ -106,6 +77,7 @@ def load_policy(path: str) -> Policy:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb") as file:
             info = os.fstat(fd)
+            mode = stat.S_IMODE(info.st_mode)
             if not stat.S_ISREG(info.st_mode):
                 raise PolicyError(f"policy file {name}: not a regular file")
             if info.st_uid not in (0, os.geteuid()):
@@ -114,15 +86,14 @@ def load_policy(path: str) -> Policy:
                     f"{os.geteuid()}; whoever owns it decides the rules"
                 )
             # Not even the server's own group: in the Pod it is the group every container shares.
-            if info.st_mode & stat.S_IWGRP and info.st_gid != 0:
+            if mode & stat.S_IWGRP and info.st_gid != 0:
                 raise PolicyError(
-                    f"policy file {name}: writable by group {info.st_gid} (mode "
-                    f"{stat.S_IMODE(info.st_mode):04o}); its members could change the rules: chmod g-w it"
+                    f"policy file {name}: writable by group {info.st_gid} (mode {mode:04o}); its members "
+                    "could change the rules: chmod g-w it"
                 )
-            if info.st_mode & stat.S_IWOTH:
+            if mode & stat.S_IWOTH:
                 raise PolicyError(
-                    f"policy file {name}: writable by every user (mode {stat.S_IMODE(info.st_mode):04o}); "
-                    "chmod o-w it"
+                    f"policy file {name}: writable by every user (mode {mode:04o}); chmod o-w it"
                 )
             data = file.read(MAX_BYTES + 1)
     except OSError as exc:
@@ -144,27 +115,22 @@ def parse_policy(data: bytes, name: str) -> Policy:
         line = data[: exc.start].count(b"\n") + 1
         raise PolicyError(f"policy file {name}, line {line}: not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        found = _AT_LINE.search(message)
+        found = _AT_LINE.search(str(exc))
         where = f", line {found.group(1)}" if found else ""
-        raise PolicyError(f"policy file {name}{where}: {_AT_LINE.sub('', message)}") from None
-    lines = [number for number, line in enumerate(text.splitlines(), 1) if _RULE_HEADER.match(line)]
+        raise PolicyError(f"policy file {name}{where}: {_AT_LINE.sub('', str(exc))}") from None
     unknown = sorted(set(doc) - {"rule"})
     if unknown:
         raise PolicyError(f"policy file {name}: unknown key {unknown[0]!r}; the file holds [[rule]] tables")
     rules = doc.get("rule", [])
     if not isinstance(rules, list):
         raise PolicyError(f"policy file {name}: 'rule' must be written [[rule]], a table per rule")
-    by_uid: dict[int, frozenset[str]] = {}
-    by_gid: dict[int, frozenset[str]] = {}
+    lines = [number for number, line in enumerate(text.splitlines(), 1) if _RULE_HEADER.match(line)]
+    tables: dict[str, dict[int, frozenset[str]]] = {"uid": {}, "gid": {}}
     for index, rule in enumerate(rules):
         where = f"policy file {name}, line {lines[index]}" if index < len(lines) else f"policy file {name}"
-        where += f" (rule {index + 1})"
-        kind, ident, scopes = _rule(rule, where)
-        table = by_uid if kind == "uid" else by_gid
-        table[ident] = table.get(ident, NONE) | scopes
-    digest = hashlib.sha256(data).hexdigest()[:12]
-    return Policy(by_uid, by_gid, len(rules), digest)
+        kind, ident, scopes = _rule(rule, f"{where} (rule {index + 1})")
+        tables[kind][ident] = tables[kind].get(ident, NONE) | scopes
+    return Policy(tables["uid"], tables["gid"], len(rules), hashlib.sha256(data).hexdigest()[:12])
 
 
 def _rule(rule: object, where: str) -> tuple[str, int, frozenset[str]]:
@@ -184,9 +150,9 @@ def _rule(rule: object, where: str) -> tuple[str, int, frozenset[str]]:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32 - 1:
             raise PolicyError(f"{where}: {key} must be a number from 0, not {value!r}")
         ident = value
+    elif not isinstance(value, str):
+        raise PolicyError(f"{where}: {key} must be a name in quotes, not {value!r}")
     else:
-        if not isinstance(value, str):
-            raise PolicyError(f"{where}: {key} must be a name in quotes, not {value!r}")
         try:
             ident = pwd.getpwnam(value).pw_uid if key == "user" else grp.getgrnam(value).gr_gid
         except KeyError:

@@ -1,12 +1,6 @@
 """API versions: every API route lives under ``/v{N}``, and its unversioned path is an alias of the
-current version (like Docker's ``/v1.47/containers/json`` and ``/containers/json``).
-
-A router joins with :func:`add_versioned` (unversioned paths, an ``operation_id`` on every route, no
-router-level dependencies). The probes, ``/_ping``, ``/openapi.json`` and the docs stay unversioned.
-Why copies and one pattern for a route and its alias: docs/internals.md, "API".
-"""
-
-from __future__ import annotations
+current version (like Docker's ``/v1.47/containers/json`` and ``/containers/json``). The probes,
+``/_ping``, ``/openapi.json`` and the docs stay unversioned. Why: docs/internals.md, "API"."""
 
 import copy
 import re
@@ -19,26 +13,15 @@ from starlette.routing import Route, compile_path
 
 from app.api.errors import error_response
 
-__all__ = ["API_VERSIONS", "CURRENT", "MIN", "add_unsupported_route", "add_versioned", "supported_range"]
-
-API_VERSIONS: tuple[int, ...] = (1,)
-"""The API versions this server serves, oldest first."""
-CURRENT = API_VERSIONS[-1]
-MIN = API_VERSIONS[0]
-
-
-def supported_range(versions: Sequence[int]) -> str:
-    """``"API version 1"`` or ``"API versions 1 to 3"``."""
-    low, high = versions[0], versions[-1]
-    return f"API version {low}" if low == high else f"API versions {low} to {high}"
+API_VERSIONS: tuple[int, ...] = (1,)  # the API versions this server serves, oldest first
 
 
 def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int]) -> None:
-    """Put copies of ``router``'s API routes into ``app``'s table under each of ``versions`` (oldest
-    first). Only the newest version's copy is documented, and it also answers the unversioned path."""
+    """Put copies of ``router``'s API routes (each with an ``operation_id``, no router dependencies)
+    into ``app``'s table under each of ``versions`` (oldest first). Only the newest version's copy
+    is documented, and it also answers the unversioned path."""
     for route in router.routes:
-        if not isinstance(route, APIRoute):
-            raise TypeError(f"add_versioned takes API routes; {route!r} is not one")
+        assert isinstance(route, APIRoute), f"add_versioned takes API routes; {route!r} is not one"
         for version in reversed(versions):
             moved = copy.copy(route)  # shares the endpoint, its dependant and its handler
             moved.path = f"/v{version}{route.path}"
@@ -55,21 +38,21 @@ def add_unsupported_route(app: FastAPI, versions: Sequence[int]) -> None:
     """Answer 400 at ``/v{N}/...`` for every version not served. Added last, so it costs matched
     requests nothing; its pattern excludes the served versions, so ``/v1/nowhere`` stays a 404 and
     a wrong method on ``/v1/messages`` a 405."""
-    text = supported_range(versions)
-    served = "|".join(str(v) for v in versions)
-    pattern = re.compile(rf"^/v(?!(?:{served})(?:/|$))(?P<version>[0-9][^/]*)(?:/.*)?$")
+    low, high = versions[0], versions[-1]
+    served = f"API version {low}" if low == high else f"API versions {low} to {high}"
+    pattern = "|".join(str(v) for v in versions)
 
     async def unsupported_version(request: Request) -> Response:
         """Refuse a path under an API version this server does not serve."""
         asked = request.path_params["version"]
         return error_response(
             400,
-            f"API version {asked!r} is not supported; this server supports {text}: use "
-            f"/v{versions[-1]}/... or the unversioned paths (GET /_ping tells the versions)",
+            f"API version {asked!r} is not supported; this server supports {served}: use "
+            f"/v{high}/... or the unversioned paths (GET /_ping tells the versions)",
             error="unsupported_api_version",
         )
 
     route = Route("/v{version}", unsupported_version, include_in_schema=False)
-    route.path_regex = pattern
+    route.path_regex = re.compile(rf"^/v(?!(?:{pattern})(?:/|$))(?P<version>[0-9][^/]*)(?:/.*)?$")
     route.methods = None  # Starlette makes a function endpoint GET-only; the version is what is wrong
     app.router.routes.append(route)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from app.api.access import OPEN_PATHS, PeerAllowlist, is_allowed
+from app.api.access import Access, PeerAllowlist
+from app.api.policy import OPEN_PATHS
 from app.config import Settings
 from app.main import create_app
 from app.storage.sqlite import build_store
@@ -72,13 +73,16 @@ def test_no_peer_credentials_fail_closed(
     assert any("no peer credentials" in r.getMessage() for r in caplog.records)
 
 
-def test_is_allowed() -> None:
-    uids, gids = frozenset({1}), frozenset({2})
-    assert is_allowed({"pid": 1, "uid": 1, "gid": 9}, uids, gids)
-    assert is_allowed({"pid": 1, "uid": 9, "gid": 2}, uids, gids)
-    assert not is_allowed({"pid": 1, "uid": 9, "gid": 9}, uids, gids)
-    assert not is_allowed(None, uids, gids)
-    assert not is_allowed({"pid": 1, "uid": 9, "gid": 9}, frozenset(), gids)
+def test_the_allowlist_admits_a_listed_uid_or_gid_and_no_one_else() -> None:
+    held = Access(Settings(allow_uid=(1,), allow_gid=(2,), store="memory"), (1,)).held
+    assert held({"pid": 1, "uid": 1, "gid": 9}, None) == {"read", "write", "events", "metrics"}
+    assert held({"pid": 1, "uid": 9, "gid": 2}, None) == {"read", "write", "events", "metrics"}
+    assert held({"pid": 1, "uid": 9, "gid": 9}, None) == set()
+    assert held(None, None) == set()
+    assert (
+        Access(Settings(allow_gid=(2,), store="memory"), (1,)).held({"pid": 1, "uid": 9, "gid": 9}, None)
+        == set()
+    )
 
 
 def test_allowlist_over_a_real_socket() -> None:

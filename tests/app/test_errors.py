@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from app.api.errors import CODES, error_body, public_details, summarize
+from app.api.errors import error_response, validation_error
 from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import ASGIClient, assert_error
@@ -89,15 +89,24 @@ def test_http_exception_detail_is_the_message(make_client: Callable[..., ASGICli
     assert body["message"] == "warming up; try again in a second"
 
 
-def test_error_body_helpers() -> None:
+def test_error_response_helpers() -> None:
     import orjson
 
     expected = {"error": "payload_too_large", "message": "too big", "status": 413}
-    assert orjson.loads(error_body(413, "too big")) == expected
-    assert orjson.loads(error_body(418, "odd")) == {"error": "error", "message": "odd", "status": 418}
-    with_details = orjson.loads(error_body(422, "bad", details=[{"type": "t", "loc": ["body"], "msg": "m"}]))
+    assert orjson.loads(error_response(413, "too big").body) == expected
+    assert orjson.loads(error_response(418, "odd").body) == {
+        "error": "error",
+        "message": "odd",
+        "status": 418,
+    }
+    with_details = orjson.loads(
+        error_response(422, "bad", details=[{"type": "t", "loc": ["body"], "msg": "m"}]).body
+    )
     assert with_details["details"] == [{"type": "t", "loc": ["body"], "msg": "m"}]
     raw = [{"type": "missing", "loc": ("body", "text"), "msg": "Field required", "input": {}}]
-    assert public_details(raw) == [{"type": "missing", "loc": ["body", "text"], "msg": "Field required"}]
-    assert summarize([]) == "the request is invalid"
-    assert {400, 403, 404, 405, 408, 413, 415, 422, 500, 503} <= set(CODES)
+    invalid = orjson.loads(validation_error(raw).body)
+    assert invalid["details"] == [{"type": "missing", "loc": ["body", "text"], "msg": "Field required"}]
+    assert invalid["message"] == "invalid request: text: Field required"
+    assert orjson.loads(error_response(422).body)["message"] == "the request is invalid"
+    for status in (400, 403, 404, 405, 408, 413, 415, 422, 500, 503):
+        assert orjson.loads(error_response(status).body)["error"] not in ("", "error"), status

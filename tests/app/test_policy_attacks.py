@@ -63,7 +63,9 @@ def test_refusals_past_the_budget_are_counted_under_a_bounded_set_of_uids(tmp_pa
     log = tmp_path / "audit.log"
     audit = AuditLog(str(log))
     for uid in range(DENY_BURST + 10 * MAX_DENY_UIDS):
-        audit.deny((1e9, uid, uid, 1, "POST", "/v1/messages", 403, "deny", "write", None, None))
+        audit.deny(
+            {"time": 1e9, "uid": uid, "gid": uid, "pid": 1, "route": "/v1/messages", "decision": "deny"}
+        )
     audit.close()
     records = _audit(log)
     [counted] = [r for r in records if r.get("event") == "denied"]
@@ -205,7 +207,9 @@ def test_standard_error_stays_the_audit_target_after_close(
     monkeypatch.chdir(tmp_path)
     audit = AuditLog("-")
     audit.close()
-    audit.note((1e9, 1, 1, 1, "POST", "/v1/messages", 201, "allow", "write", 1, None))
+    audit.note(
+        {"time": 1e9, "uid": 1, "method": "POST", "route": "/v1/messages", "status": 201, "message_id": 1}
+    )
     audit.flush()
     assert not (tmp_path / "-").exists()
 

@@ -1,12 +1,6 @@
 """Offline API docs: Swagger UI at ``/docs`` and ReDoc at ``/redoc``, every asset served locally
-from ``fastapi-offline``'s static directory (no CDN, no web fonts).
-
-Each page fetches its assets, the spec and every call, adding ``Uds-Proxy-Token`` when its address
-carries ``?token=`` (how ``uds-client proxy`` admits a browser, with no cookie); a ``<script src>``
-cannot carry a header, so the scripts run inline, admitted by their hashes.
-"""
-
-from __future__ import annotations
+from ``fastapi-offline``'s static directory (no CDN, no web fonts). How the pages carry the proxy's
+token: docs/internals.md, "The docs pages"."""
 
 import base64
 import hashlib
@@ -21,26 +15,19 @@ from fastapi.openapi.docs import get_swagger_ui_oauth2_redirect_html
 from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
-__all__ = ["ASSETS_URL", "CONTENT_SECURITY_POLICY", "TOKEN_HEADER", "assets_directory", "install"]
-
 ASSETS_URL = "/docs-assets"
 
-# The pages may load only what this server serves: ReDoc 2 hard-codes one image on its CDN
-# (cdn.redoc.ly), which the browser must not fetch from an offline Pod or an air-gapped laptop.
-# Scripts: only the page's own and the assets it runs, by hash (%(scripts)s); no other inline
-# script or handler runs, so markup that got into a page could not read the token in its address.
+# Only what this server serves (ReDoc hard-codes an image on cdn.redoc.ly), and only the scripts
+# admitted by hash (%(scripts)s): markup that got into a page could not read the token in its address.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src %(scripts)s; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
     "frame-ancestors 'none'"
 )
-
-
 TOKEN_HEADER = "Uds-Proxy-Token"  # noqa: S105 - a header name, not a secret
 """The header that carries ``uds-client proxy``'s token (the proxy removes it before the socket)."""
 
-_PAGES = resources.files("app.api") / "pages"
-"""The pages' templates (``%(name)s`` placeholders) and the loader script both run."""
+_PAGES = resources.files("app.api") / "pages"  # templates with %(name)s placeholders, and loader.js
 
 
 def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -> str:
@@ -53,34 +40,26 @@ def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -
         "header": literal(TOKEN_HEADER),
         "assets": literal(ASSETS_URL),
     }
-    page = _PAGES.joinpath(template).read_text() % {
+    return _PAGES.joinpath(template).read_text() % {
         "title": escape(title),
         "loader": loader,
         "openapi": literal(openapi_url),
         "redirect": literal(redirect_url),
     }
-    return page
 
 
-def _script_hash(text: str) -> str:
-    """The CSP source that admits an inline script whose text is ``text``."""
-    digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
-    return f"'sha256-{digest}'"
-
-
-def _policy(page: str, assets: list[str]) -> str:
-    """The page's Content-Security-Policy: its own inline script and the named assets it runs."""
+def _headers(page: str, assets: list[str]) -> dict[str, str]:
+    """A Content-Security-Policy admitting the page's own inline script and the named assets it
+    runs, by hash; no Referer from the page (its address may hold the proxy's token)."""
     inline = re.findall(r"<script>(.*?)</script>", page, re.DOTALL)
     # fetch(...).text() decodes UTF-8 and drops a byte order mark; the hash is of that text.
     texts = [(assets_directory() / name).read_text(encoding="utf-8-sig") for name in assets]
-    return CONTENT_SECURITY_POLICY % {"scripts": " ".join(map(_script_hash, [*inline, *texts]))}
-
-
-def _offline(page: HTMLResponse, policy: str) -> HTMLResponse:
-    page.headers["Content-Security-Policy"] = policy
-    # Requests from the page carry no Referer: its address may hold the proxy's token.
-    page.headers["Referrer-Policy"] = "no-referrer"
-    return page
+    hashes = [base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() for text in [*inline, *texts]]
+    scripts = " ".join(f"'sha256-{digest}'" for digest in hashes)
+    return {
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY % {"scripts": scripts},
+        "Referrer-Policy": "no-referrer",
+    }
 
 
 def assets_directory() -> Path:
@@ -97,13 +76,13 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     redirect_url = f"{docs_url}/oauth2-redirect"
     swagger_page = _page("swagger.html", f"{app.title} - Swagger UI", openapi_url, redirect_url)
     redoc_page = _page("redoc.html", f"{app.title} - ReDoc", openapi_url)
-    swagger_policy = _policy(swagger_page, ["swagger-ui-bundle.js"])
-    redoc_policy = _policy(redoc_page, ["redoc.standalone.js"])
+    swagger_headers = _headers(swagger_page, ["swagger-ui-bundle.js"])
+    redoc_headers = _headers(redoc_page, ["redoc.standalone.js"])
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         """Swagger UI, served offline."""
-        return _offline(HTMLResponse(swagger_page), swagger_policy)
+        return HTMLResponse(swagger_page, headers=swagger_headers)
 
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -113,4 +92,4 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     @app.get(redoc_url, include_in_schema=False)
     async def redoc() -> HTMLResponse:
         """ReDoc, served offline and without web fonts."""
-        return _offline(HTMLResponse(redoc_page), redoc_policy)
+        return HTMLResponse(redoc_page, headers=redoc_headers)

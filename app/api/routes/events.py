@@ -1,7 +1,5 @@
-"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``): an
-``EventSourceResponse`` around the hub's byte stream (why not a generator: docs/internals.md)."""
-
-# No ``from __future__ import annotations``: FastAPI reads the route signature's annotations.
+"""``GET /events``: every stored message as a Server-Sent Event, live (``docker events``): a
+response around the hub's byte stream (why not a generator: docs/internals.md)."""
 
 import json
 import logging
@@ -9,38 +7,20 @@ from importlib import resources
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.sse import EventSourceResponse
 from pydantic import WithJsonSchema
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from app.api.errors import error_response, error_responses
-from app.api.models import describe
-from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull, Subscriber
+from app.api.models import describe, operation
+from app.api.routes import ReleasingStream
+from app.connection.peer import PEER_KEY
+from app.storage.events import BUFFER, CHUNK, HEARTBEAT_INTERVAL, EventHub, StreamsFull
 from client.net.throttle import Throttle
-
-__all__ = ["build_router"]
 
 log = logging.getLogger("app.storage.events")
 
+_NO_CACHE = {"cache-control": "no-cache"}
 _AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})  # optional, never null: null is a 422
-
-
-class _EventStream(EventSourceResponse):
-    """An event stream that gives its slot back however it ends (done, failed, client gone)."""
-
-    def __init__(self, hub: EventHub, subscriber: Subscriber, since: int | None, request: Request) -> None:
-        super().__init__(
-            hub.stream(subscriber, since, request.is_disconnected), headers={"cache-control": "no-cache"}
-        )
-        self._hub = hub
-        self._subscriber = subscriber
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._hub.unsubscribe(self._subscriber)
 
 
 def build_router(hub: EventHub) -> APIRouter:
@@ -55,20 +35,13 @@ def build_router(hub: EventHub) -> APIRouter:
         200: {"description": "The event stream.", "content": stream},
         **error_responses(403, 422, 503),
     }
-
-    @router.get(
-        "",
-        summary="Stream events",
-        operation_id="stream_events",
-        description=describe(
-            "stream_events", chunk_kib=CHUNK // 1024, heartbeat=f"{HEARTBEAT_INTERVAL:g}", buffer=BUFFER
-        ),
-        # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI
-        # 3.2 would read it as the schema of the whole stream).
-        response_class=Response,
-        response_model=None,
-        responses=responses,
+    words = operation(
+        "stream_events", chunk_kib=CHUNK // 1024, heartbeat=f"{HEARTBEAT_INTERVAL:g}", buffer=BUFFER
     )
+
+    # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI 3.2
+    # would read it as the schema of the whole stream).
+    @router.get("", **words, response_class=Response, responses=responses)
     async def stream_events(
         request: Request,
         since: Annotated[
@@ -84,11 +57,13 @@ def build_router(hub: EventHub) -> APIRouter:
     ) -> Response:
         """Stream stored messages as Server-Sent Events."""
         try:
-            peer = request.scope.get("extensions", {}).get("uds.peer")
+            peer = request.scope.get("extensions", {}).get(PEER_KEY)
             subscriber = hub.subscribe(peer["uid"] if peer else None)
         except StreamsFull as exc:
             refusals.log(logging.WARNING, "Refused an event stream with 503: %s", exc)
             return error_response(503, f"{exc}; try again shortly", headers={"retry-after": "1"})
-        return _EventStream(hub, subscriber, last_event_id if last_event_id is not None else since, request)
+        since = last_event_id if last_event_id is not None else since
+        chunks = hub.stream(subscriber, since, request.is_disconnected)
+        return ReleasingStream(chunks, lambda: hub.unsubscribe(subscriber), "text/event-stream", _NO_CACHE)
 
     return router

@@ -1,31 +1,22 @@
 """Probes and versions: ``/healthz``, ``/readyz`` and ``/_ping`` (unversioned, open to every peer)
 and ``/version`` (an API route, under ``/v{N}``)."""
 
-from __future__ import annotations
-
 import platform
 from collections.abc import Sequence
 from functools import cache
 from importlib import metadata
-from typing import Any
 
 import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
 from app import __version__
-from app.api.errors import error_responses
-from app.api.models import HealthStatus, ReadyStatus, VersionInfo, describe
+from app.api.errors import JSON, error_responses
+from app.api.models import PARTS, HealthStatus, ReadyStatus, VersionInfo, answer, operation
 from app.storage.events import EventHub
 
-__all__ = ["SERVER", "build_router", "build_versioned_router", "versions"]
-
-SERVER = f"uds-example/{__version__}"
-"""The ``Server`` header of ``/_ping``."""
-JSON = "application/json"
-_STRING = {"schema": {"type": "string"}}
-_VERSION_EXAMPLE = dict(app="1.0.0", python="3.11.2", uvicorn="0.54.0", fastapi="0.165.0", starlette="1.10.0")
-_VERSION_EXAMPLE.update(pydantic="2.14.4", orjson="3.13.0", api_version="1", min_api_version="1")
+SERVER = f"uds-example/{__version__}"  # the ``Server`` header of ``/_ping``
+_OK = {"text/plain": {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}}
 
 
 @cache
@@ -39,11 +30,6 @@ def versions() -> dict[str, str]:
             info[name] = "not installed"
     info["platform"] = f"{platform.system().lower()}/{platform.machine()}"
     return info
-
-
-def _json(doc: dict[str, str], model: Any, description: str | None = None) -> dict[str, Any]:
-    entry = {"model": model, "content": {JSON: {"example": doc}}}
-    return {**entry, "description": description} if description else entry
 
 
 def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
@@ -60,47 +46,22 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
         """Answer OK with the API versions this server serves."""
         return Response(b"OK", 200, ping_headers, "text/plain")
 
-    headers = {
-        "Api-Version": {"description": "The newest API version served.", **_STRING},
-        "Min-Api-Version": {"description": "The oldest API version served.", **_STRING},
-        "Server": {"description": "This server and its version.", **_STRING},
-    }
-    t = {"schema": {"type": "string", "enum": ["OK"]}, "example": "OK"}
+    ok = {"description": "The server answers.", "headers": PARTS["ping_headers"], "content": _OK}
     for method, operation_id in (("GET", "ping"), ("HEAD", "ping_head")):
-        router.add_api_route(
-            "/_ping",
-            ping,
-            methods=[method],
-            operation_id=operation_id,
-            summary="Ping, with the API versions",
-            description=describe("ping"),
-            response_model=None,
-            responses={
-                200: {"description": "The server answers.", "headers": headers, "content": {"text/plain": t}}
-            },
-        )
+        words = {**operation("ping"), "operation_id": operation_id}
+        router.add_api_route("/_ping", ping, methods=[method], **words, responses={200: ok})
 
-    @router.get(
-        "/healthz",
-        summary="Liveness probe",
-        operation_id="healthz",
-        description="200 while the process can answer HTTP. Never restricted by the peer allowlist.",
-        response_model=None,
-        responses={200: _json({"status": "ok"}, HealthStatus)},
-    )
+    @router.get("/healthz", **operation("healthz"), responses={200: answer(HealthStatus, {"status": "ok"})})
     async def healthz() -> Response:
         """Answer 200 while the process serves HTTP."""
         return Response(b'{"status":"ok"}', 200, None, JSON)
 
     @router.get(
         "/readyz",
-        summary="Readiness probe",
-        operation_id="readyz",
-        description=describe("readyz"),
-        response_model=None,
+        **operation("readyz"),
         responses={
-            200: _json({"status": "ready"}, ReadyStatus),
-            503: _json({"status": "draining"}, ReadyStatus, "Shutting down."),
+            200: answer(ReadyStatus, {"status": "ready"}),
+            503: answer(ReadyStatus, {"status": "draining"}, "Shutting down."),
         },
     )
     async def readyz() -> Response:
@@ -119,11 +80,8 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
 
     @router.get(
         "/version",
-        summary="Server, stack and API versions",
-        operation_id="version",
-        description=describe("version"),
-        response_model=None,
-        responses={200: _json(_VERSION_EXAMPLE, VersionInfo), **error_responses(403)},
+        **operation("version"),
+        responses={200: answer(VersionInfo, PARTS["version"]), **error_responses(403)},
     )
     async def version() -> Response:
         """Report the versions of the server, its stack and its API."""

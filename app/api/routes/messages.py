@@ -1,11 +1,5 @@
-"""``/messages``: send a message (the hot path), list recent ones, fetch one by id.
-
-``POST /messages`` validates its body with its pydantic model and answers with pre-encoded bytes;
-request bodies and long list answers draw on server-wide budgets, so memory stays bounded whatever
-clients do. Why it is written this way: docs/internals.md, "API".
-"""
-
-# No ``from __future__ import annotations``: FastAPI must see the route signatures' objects.
+"""``/messages``: send a message (the hot path), list recent ones, fetch one by id. Bodies and long
+lists draw on server-wide budgets. Why it is written this way: docs/internals.md, "API"."""
 
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -15,14 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from app.api.audit import MESSAGE_ID
-from app.api.errors import error_response, error_responses, public_details, summarize
+from app.api.errors import JSON, error_response, error_responses, validation_error
 from app.api.forwarded import HEADER as FORWARDED_HEADER
-from app.api.forwarded import key_owner, with_forwarded
-from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model
+from app.api.forwarded import key_owner, parse_forwarded_peer
+from app.api.models import PARTS, Message, MessageList, answer, describe, message_in_model, operation
+from app.api.routes import ReleasingStream
 from app.config import Settings
 from app.connection.budget import Budget
 from app.connection.peer import PEER_KEY
@@ -31,91 +25,27 @@ from app.storage.events import PEER_SHARE
 from app.storage.store import KeyConflict, Store, StoreError, StoreFull
 from client.net.throttle import Throttle
 
-__all__ = ["BODY_BUDGET", "LIST_CHUNK", "LIST_STREAMS", "MAX_KEY_LENGTH", "LeanRoute", "build_router"]
-
 log = logging.getLogger("app.messages")
 
 MAX_KEY_LENGTH = 255  # Idempotency-Key: 1..255 visible ASCII characters (bounded memory per key)
-LOGGED_TEXT = 200  # longer texts are cut in the log line (logs never carry whole bodies)
-BODY_BUDGET = 8 * 1024 * 1024
-"""Bytes that requests waiting for their bodies may hold at once, server-wide."""
-REQUEST_COST = 24 * 1024
-"""What a request waiting for its body holds besides the body (scope, task, frames)."""
-LIST_CHUNK = 16 * 1024
-"""``GET /messages`` answers are written in chunks of this size (plus at most one message)."""
-LIST_STREAMS = 32
-"""Most ``GET /messages`` answers longer than one chunk being written at once, server-wide."""
-JSON = "application/json"
+LOGGED_TEXT = 200  # longer texts are cut in the log line
+BODY_BUDGET = 8 * 1024 * 1024  # bytes that requests waiting for their bodies may hold at once, server-wide
+REQUEST_COST = 24 * 1024  # what a request waiting for its body holds besides the body (scope, task, frames)
+LIST_CHUNK = 16 * 1024  # ``GET /messages`` answers are written in chunks of this size (plus a message)
+LIST_STREAMS = 32  # most ``GET /messages`` answers longer than one chunk being written at once, server-wide
+
 _RETRY = {"retry-after": "1"}
 
 
-def _budget(total: int) -> Budget:
-    return Budget(total, max(1, total // PEER_SHARE))
-
-
-def _peer(scope: Scope) -> dict[str, Any] | None:
-    """The peer's credentials (SO_PEERCRED); None over TCP."""
-    extensions = scope.get("extensions")
-    return extensions.get(PEER_KEY) if extensions else None
-
-
-_GET_IT = {
-    "GetMessage": {
-        "operationId": "get_message",
-        "parameters": {"message_id": "$response.body#/id"},
-        "description": "The `id` in the answer is the `message_id` of `GET /messages/{message_id}`.",
-    }
-}
-
-
-_LOCATION = {"description": "The new message's URL.", "schema": {"type": "string"}}
-
-
-def _message(description: str, **more: Any) -> dict[str, Any]:
-    """An OpenAPI answer carrying a message."""
-    content = {JSON: {"example": EXAMPLE_MESSAGE}}
-    return {"model": Message, "description": description, "content": content, **more}
-
-
-def _json_content_type(value: bytes) -> bool:
-    """``application/json`` or ``application/<anything>+json``, parameters such as charset allowed."""
-    media = value.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
-def _valid_key(key: str) -> bool:
-    return 0 < len(key) <= MAX_KEY_LENGTH and all(0x21 <= ord(c) <= 0x7E for c in key)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _shown(text: str) -> str:
-    """The text as it goes into one log line: control characters escaped, long texts cut."""
-    if len(text) > LOGGED_TEXT:
-        text = f"{text[:LOGGED_TEXT]}… ({len(text)} characters)"
-    return escaped(text)
-
-
 def _request_schema(settings: Settings) -> dict[str, Any]:
-    schema = message_in_model(settings.max_text_length).model_json_schema()
-    return {
-        "parameters": [
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "description": describe("idempotency_key", keys=settings.idempotency_keys),
-                "schema": {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"},
-                "example": "9f1c2b6e-0a4e-4c57-9d3c-2a1f5e7b8c90",
-            }
-        ],
-        "requestBody": {
-            "required": True,
-            "content": {JSON: {"schema": schema, "example": {"text": "Hello from client"}}},
-        },
+    key = {
+        **PARTS["idempotency_key"],
+        "description": describe("idempotency_key", keys=settings.idempotency_keys),
     }
+    key["schema"] = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"}
+    body = {JSON: {"schema": message_in_model(settings.max_text_length).model_json_schema()}}
+    body[JSON]["example"] = {"text": "Hello from client"}
+    return {"parameters": [key], "requestBody": {"required": True, "content": body}}
 
 
 class LeanRoute(APIRoute):
@@ -123,8 +53,7 @@ class LeanRoute(APIRoute):
     like any route, without dependency solving or body and response models."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
-        return endpoint
+        return self.endpoint
 
 
 def build_router(settings: Settings, store: Store) -> APIRouter:
@@ -134,10 +63,10 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     validate_json = message_in_model(settings.max_text_length).model_validate_json
     reply = settings.reply
     default_limit = min(100, settings.history_size)
-    bodies = _budget(BODY_BUDGET)
+    bodies = Budget(BODY_BUDGET, max(1, BODY_BUDGET // PEER_SHARE))
     busy_log = Throttle(log)
     store_errors = Throttle(log)
-    streams = _budget(LIST_STREAMS)
+    streams = Budget(LIST_STREAMS, max(1, LIST_STREAMS // PEER_SHARE))
 
     async def create_message(request: Request) -> Response:
         """Store a message and answer with the server's reply."""
@@ -154,7 +83,11 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
                 if forwarded_raw is not None:
                     return error_response(400, "more than one Uds-Forwarded-Peer header; send one")
                 forwarded_raw = value
-        if content_type is None or not _json_content_type(content_type):
+        # application/json or application/<anything>+json, parameters such as charset allowed
+        media = content_type.split(b";", 1)[0].strip().lower() if content_type is not None else b""
+        if media != b"application/json" and not (
+            media.startswith(b"application/") and media.endswith(b"+json")
+        ):
             return error_response(415, "unsupported content type; send Content-Type: application/json")
         size = 0
         if content_length is not None:
@@ -173,7 +106,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             key: str | None = None
             if key_raw is not None:
                 key = key_raw.decode("latin-1")
-                if not _valid_key(key):
+                if not 0 < len(key) <= MAX_KEY_LENGTH or not all(0x21 <= ord(c) <= 0x7E for c in key):
                     return error_response(
                         400, f"invalid Idempotency-Key: use 1 to {MAX_KEY_LENGTH} visible ASCII characters"
                     )
@@ -200,21 +133,24 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             try:
                 text: str = validate_json(body).text
             except ValidationError as exc:
-                return _invalid(exc, body)
+                errors = exc.errors(include_url=False, include_context=False, include_input=False)
+                return validation_error(errors, under=("body",), empty=not body.strip())
         finally:
             bodies.give(taken, uid)
 
         if forwarded_raw is not None and peer is not None:
-            peer = with_forwarded(peer, forwarded_raw)
-            if peer is None:
+            forwarded = parse_forwarded_peer(forwarded_raw)
+            if forwarded is None:
                 return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
+            peer = {**peer, "forwarded_for": forwarded}
         if key is not None and peer is not None:
             # Keys belong to the peer uid that sent them (and the caller a proxy names): another uid
             # reusing one stores its own message and learns nothing of the first (neither its
             # record nor, by a 409, its text).
             key = f"{key_owner(peer)}:{key}"
         try:
-            stored = await store.put(text, reply, _now(), peer, key)
+            now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            stored = await store.put(text, reply, now, peer, key)
         except KeyConflict:  # the default message of 409 says what to do
             return error_response(409, error="idempotency_key_reused")
         except StoreFull as exc:
@@ -226,39 +162,38 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         if not stored.created:
             return Response(stored.document, 200, None, JSON)
         message_id = stored.id
-        log.info("📩 Server received: %s", _shown(text), extra={"peer": peer, "message_id": message_id})
+        if len(text) > LOGGED_TEXT:  # logs never carry whole bodies
+            text = f"{text[:LOGGED_TEXT]}… ({len(text)} characters)"
+        log.info("📩 Server received: %s", escaped(text), extra={"peer": peer, "message_id": message_id})
         # Under the version it was posted to: /v1/messages/7, or /messages/7 through the alias.
         return Response(stored.document, 201, {"location": f"{scope['path']}/{message_id}"}, JSON)
 
+    location, get_it = {"Location": PARTS["location"]}, PARTS["get_it"]
     router.add_api_route(
         "",
         create_message,
         methods=["POST"],
         route_class_override=LeanRoute,
-        operation_id="create_message",
         status_code=201,
-        summary="Send a message",
-        description=describe(
+        **operation(
             "create_message",
             history_size=settings.history_size,
             max_body=max_body,
             budget_mib=BODY_BUDGET // 1024 // 1024,
         ),
-        response_model=None,
         openapi_extra=_request_schema(settings),
         responses={
-            201: _message("Stored.", headers={"Location": _LOCATION}, links=_GET_IT),
-            200: _message("Already stored under this Idempotency-Key.", links=_GET_IT),
+            201: answer(Message, PARTS["message"], "Stored.", headers=location, links=get_it),
+            200: answer(
+                Message, PARTS["message"], "Already stored under this Idempotency-Key.", links=get_it
+            ),
             **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
         },
     )
 
     @router.get(
         "",
-        summary="List recent messages",
-        operation_id="list_messages",
-        description=describe("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
-        response_model=None,
+        **operation("list_messages", chunk_kib=LIST_CHUNK // 1024, streams=LIST_STREAMS),
         responses={
             200: {"model": MessageList, "description": "Recent messages, oldest first."},
             **error_responses(403, 422, 503),
@@ -279,34 +214,23 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         second = next(chunks, None)
         if second is None:
             return Response(first, 200, None, JSON)
-        peer = _peer(request.scope)
+        peer = request.scope.get("extensions", {}).get(PEER_KEY)
         uid = peer["uid"] if peer else None
         if not streams.take(1, uid):
-            busy_log.log(
-                logging.WARNING,
-                "Refused a long list with 503: all %d slots (or peer uid %s's "
-                "share) are taken by answers being sent",
-                LIST_STREAMS,
-                uid,
-            )
+            why = "all %d slots (or peer uid %s's share) are taken by answers being sent"
+            busy_log.log(logging.WARNING, "Refused a long list with 503: " + why, LIST_STREAMS, uid)
             return error_response(
                 503,
                 f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent "
                 "already; try again shortly, or ask for fewer with ?limit=",
                 headers=_RETRY,
             )
-        return _ListStream(_resume([first, second], chunks), lambda: streams.give(1, uid))
+        return ReleasingStream(_resume([first, second], chunks), lambda: streams.give(1, uid), JSON, {})
 
     @router.get(
         "/{message_id}",
-        summary="Get one message",
-        operation_id="get_message",
-        description="The message with this id, while it is still in the bounded history; 404 otherwise.",
-        response_model=None,
-        responses={
-            200: _message("The message."),
-            **error_responses(403, 404, 422),
-        },
+        **operation("get_message"),
+        responses={200: answer(Message, PARTS["message"], "The message."), **error_responses(403, 404, 422)},
     )
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],
@@ -366,20 +290,6 @@ async def _resume(ready: list[bytes], rest: Iterator[bytes]) -> AsyncIterator[by
         yield chunk
 
 
-class _ListStream(StreamingResponse):
-    """A streamed list answer that gives its slot back however it ends (done, failed, client gone)."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], release: Callable[[], None]) -> None:
-        super().__init__(chunks, 200, None, JSON)
-        self._release = release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release()
-
-
 def _too_large(limit: int) -> Response:
     message = f"the request body is larger than {limit} bytes; send a shorter text"
     return error_response(413, message, headers={"connection": "close"})
@@ -398,17 +308,3 @@ def _busy(uid: int | None, throttle: Throttle) -> Response:
         "try again shortly",
         headers={**_RETRY, "connection": "close"},
     )
-
-
-def _invalid(exc: ValidationError, body: bytes) -> Response:
-    """The model's verdict as a 422: ``details`` located under ``body`` like FastAPI's own."""
-    details = public_details(exc.errors(include_url=False, include_context=False, include_input=False))
-    for detail in details:
-        detail["loc"].insert(0, "body")
-    code = (
-        "invalid_json" if any(detail["type"] == "json_invalid" for detail in details) else "validation_error"
-    )
-    message = summarize(details)
-    if code == "invalid_json" and not body.strip():
-        message = 'the request body is empty; send a JSON object like {"text": "hi"}'
-    return error_response(422, message, error=code, details=details)

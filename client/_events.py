@@ -56,9 +56,10 @@ class Follow:
         self.received = False
         return httpx2.EventSource(response, max_event_size=self.max_bytes)
 
-    def take(self, sse: httpx2.ServerSentEvent) -> Event | None:
-        """The event for the caller, if it is one; remembers its id either way."""
-        if not sse.data:  # the opening ``retry:``, or a field without an event (WHATWG dispatches none)
+    def take(self, sse: httpx2.ServerSentEvent, response: httpx2.Response) -> Event | None:
+        """The event for the caller, if it is one; remembers its id either way. Once the body is
+        closed, httpx2 flushes its unterminated tail: an event cut off, not sent."""
+        if not sse.data or response.is_closed:  # no data: the opening ``retry:`` (WHATWG dispatches none)
             return None
         event_id = None
         if sse.id:
@@ -122,9 +123,7 @@ class Follow:
             broke = None
             try:
                 for sse in self.source(response):
-                    if response.is_closed:
-                        break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
-                    if event := self.take(sse):
+                    if event := self.take(sse, response):
                         yield event
             except httpx2.SSEError as exc:
                 raise self.too_large() from exc
@@ -147,9 +146,7 @@ class Follow:
             broke = None
             try:
                 async for sse in self.source(response):
-                    if response.is_closed:
-                        break  # as in follow()
-                    if event := self.take(sse):
+                    if event := self.take(sse, response):
                         yield event
             except httpx2.SSEError as exc:
                 raise self.too_large() from exc

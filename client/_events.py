@@ -57,9 +57,9 @@ class Follow:
         return httpx2.EventSource(response, max_event_size=self.max_bytes)
 
     def take(self, sse: httpx2.ServerSentEvent, response: httpx2.Response) -> Event | None:
-        """The event for the caller, if it is one; remembers its id either way. Once the body is
-        closed, httpx2 flushes its unterminated tail: an event cut off, not sent."""
-        if not sse.data or response.is_closed:  # no data: the opening ``retry:`` (WHATWG dispatches none)
+        """The event for the caller, if it is one; remembers its id either way."""
+        # No data: the opening ``retry:``. A closed body: httpx2 flushing the tail of one cut off.
+        if not sse.data or response.is_closed:
             return None
         event_id = None
         if sse.id:
@@ -99,8 +99,7 @@ class Follow:
         return delay
 
     def dropped(self, exc: Exception | None) -> float:
-        """Seconds to wait after an open stream ended or broke: none after one that brought
-        events (a restart, a cut-off), else the back-off (a server that ends every stream at once)."""
+        """Seconds to wait after an open stream ended or broke: none if it brought events."""
         if exc is not None:
             log.debug("%s: event stream broke: %s", self.address, exc)
         if self.lost_at is None:

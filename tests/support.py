@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from app.serving import spawn
 from benchmarks._spawn import poll, socket_dir
-from client._probe import probe
+from client.wait import probe
 
 T = TypeVar("T")
 

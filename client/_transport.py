@@ -110,12 +110,10 @@ class UnixBackend(httpcore2.SyncBackend):
         try:  # no socket_options: uds_transport's pool is built without them
             sock.settimeout(left)
             sock.connect(path)
-        except TimeoutError as exc:
-            sock.close()
-            raise httpcore2.ConnectTimeout(exc) from exc
         except OSError as exc:
             sock.close()
-            raise httpcore2.ConnectError(exc) from exc
+            failed = httpcore2.ConnectTimeout if isinstance(exc, TimeoutError) else httpcore2.ConnectError
+            raise failed(exc) from exc
         return UnixStream(sock)
 
 

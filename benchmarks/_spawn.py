@@ -11,11 +11,43 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from app.serving import spawn as app_spawn
 from client import ConnectError
-from client.wait import poll
+
+T = TypeVar("T")
+
+
+def poll(
+    check: Callable[[], T | None],
+    timeout: float,
+    *,
+    what: str,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
+    first_delay: float = 0.01,
+    max_delay: float = 0.2,
+) -> T:
+    """``check()`` once it returns neither None nor False (``retry_on`` means "not yet"), else
+    :class:`TimeoutError` after ``timeout`` s; pauses double from ``first_delay`` to ``max_delay``."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    delay = first_delay
+    while True:
+        try:
+            result = check()
+        except retry_on as exc:
+            last = exc
+        else:
+            if result is not None and result is not False:
+                return result
+            last = None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            message = f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}"
+            raise TimeoutError(message) from last
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_delay)
 
 
 def free_port() -> int:

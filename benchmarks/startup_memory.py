@@ -12,10 +12,9 @@ import threading
 import time
 
 from _common import PYTHON, BenchError, Row, Server, loadgen, main_for, median, servers
-from _spawn import ServerProcess, socket_dir
+from _spawn import ServerProcess, poll, socket_dir
 
 from client import probe
-from client.wait import poll
 
 
 def cold_start(kind: str) -> float:

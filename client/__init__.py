@@ -13,8 +13,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from client._client import AsyncClient, Client
     from client._models import Event, Health, Message, Peer, RawResponse, Version, WhoAmI
-    from client._probe import probe
-    from client.wait import wait_for_socket
+    from client.wait import probe, wait_for_socket
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -42,8 +41,7 @@ __all__ = [
 _LAZY = {
     "_client": ("AsyncClient", "Client"),
     "_models": ("Event", "Health", "Message", "Peer", "RawResponse", "Version", "WhoAmI"),
-    "_probe": ("probe",),
-    "wait": ("wait_for_socket",),
+    "wait": ("probe", "wait_for_socket"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -193,8 +193,7 @@ class _Base:
     def _begin(
         self, method: str, url: str, is_async: bool, headers: Any = None, **options: Any
     ) -> tuple[httpx2.Request, Budget, Token[Budget | None]]:
-        """The request (``options`` as httpx2 takes them) and its :class:`Budget`, set for this
-        thread or task until the token resets it."""
+        """The request and its :class:`Budget`, set for this thread or task until the token resets it."""
         budget = Budget(time.monotonic() + self.timeout)
         if not self._owns_http:  # a caller's client lacks our headers, and our backends' marks
             headers = _HEADERS if headers is None else {**_HEADERS, **headers}
@@ -219,8 +218,7 @@ class _Base:
             )
 
     def _capped(self, response: httpx2.Response) -> Callable[[bytes], bytes]:
-        """Pass on each chunk of the body; :class:`ClientError` as soon as its Content-Length or the
-        chunks so far exceed ``max_response_bytes``."""
+        """Pass each chunk on; :class:`ClientError` once Content-Length or the chunks exceed the cap."""
         declared = response.headers.get("content-length", "")
         if declared.isdigit():
             self._over(int(declared), response.request)

@@ -159,12 +159,10 @@ class AsyncClient(_Base):
             return httpx2.AsyncClient(transport=transport, **options)
 
         super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
-        self._negotiation: anyio.Lock | None = None
+        self._negotiation = anyio.Lock()  # bound to the event loop on first use
 
     async def _api(self, path: str) -> str:
         if self._prefix is None:
-            if self._negotiation is None:
-                self._negotiation = anyio.Lock()
             async with self._negotiation:
                 if self._prefix is None:
                     self._prefix = await self._call("GET", "/_ping", self._chosen, api=False)

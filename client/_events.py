@@ -56,9 +56,10 @@ class Follow:
         self.received = False
         return httpx2.EventSource(response, max_event_size=self.max_bytes)
 
-    def take(self, sse: httpx2.ServerSentEvent) -> Event | None:
+    def take(self, sse: httpx2.ServerSentEvent, response: httpx2.Response) -> Event | None:
         """The event for the caller, if it is one; remembers its id either way."""
-        if not sse.data:  # the opening ``retry:``, or a field without an event (WHATWG dispatches none)
+        # No data: the opening ``retry:``. A closed body: httpx2 flushing the tail of one cut off.
+        if not sse.data or response.is_closed:
             return None
         event_id = None
         if sse.id:
@@ -98,8 +99,7 @@ class Follow:
         return delay
 
     def dropped(self, exc: Exception | None) -> float:
-        """Seconds to wait after an open stream ended or broke: none after one that brought
-        events (a restart, a cut-off), else the back-off (a server that ends every stream at once)."""
+        """Seconds to wait after an open stream ended or broke: none if it brought events."""
         if exc is not None:
             log.debug("%s: event stream broke: %s", self.address, exc)
         if self.lost_at is None:
@@ -122,9 +122,7 @@ class Follow:
             broke = None
             try:
                 for sse in self.source(response):
-                    if response.is_closed:
-                        break  # httpx2 flushes the body's unterminated tail: an event cut off, not sent
-                    if event := self.take(sse):
+                    if event := self.take(sse, response):
                         yield event
             except httpx2.SSEError as exc:
                 raise self.too_large() from exc
@@ -147,9 +145,7 @@ class Follow:
             broke = None
             try:
                 async for sse in self.source(response):
-                    if response.is_closed:
-                        break  # as in follow()
-                    if event := self.take(sse):
+                    if event := self.take(sse, response):
                         yield event
             except httpx2.SSEError as exc:
                 raise self.too_large() from exc

@@ -27,8 +27,7 @@ _Transport = TypeVar("_Transport", httpx2.HTTPTransport, httpx2.AsyncHTTPTranspo
 
 @dataclass(slots=True)
 class Budget:
-    """One request's deadline (``time.monotonic()``) and whether it opened a connection: our backends
-    mark that; on a caller's transport, the Budget is an httpx2 ``trace`` callback that does."""
+    """A request's deadline and whether it opened a connection (on a caller's transport, a trace)."""
 
     deadline: float
     opened: bool = False
@@ -46,22 +45,17 @@ REQUEST: ContextVar[Budget | None] = ContextVar("uds_client_request", default=No
 
 
 def _remaining(timeout: float | None, late: type[Exception]) -> float | None:
-    """``timeout`` cut to what is left of the request's deadline; ``late`` once it has passed."""
+    """``timeout`` cut to what is left of the request's deadline; ``late`` once it has passed.
+    A connect (``late`` is ConnectTimeout) marks the request as having opened a connection."""
     budget = REQUEST.get()
     if budget is None:
         return timeout
+    if late is httpcore2.ConnectTimeout:
+        budget.opened = True
     left = budget.deadline - time.monotonic()
     if left <= 0:
         raise late("the request's deadline has passed")
     return left if timeout is None or timeout > left else timeout
-
-
-def _connecting(timeout: float | None) -> float | None:
-    """Mark the request as opening a connection; what is left of its deadline for the connect."""
-    budget = REQUEST.get()
-    if budget is not None:
-        budget.opened = True
-    return _remaining(timeout, httpcore2.ConnectTimeout)
 
 
 class UnixStream(httpcore2.NetworkStream):
@@ -111,17 +105,15 @@ class UnixBackend(httpcore2.SyncBackend):
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore2.NetworkStream:
-        left = _connecting(timeout)
+        left = _remaining(timeout, httpcore2.ConnectTimeout)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:  # no socket_options: uds_transport's pool is built without them
             sock.settimeout(left)
             sock.connect(path)
-        except TimeoutError as exc:
-            sock.close()
-            raise httpcore2.ConnectTimeout(exc) from exc
         except OSError as exc:
             sock.close()
-            raise httpcore2.ConnectError(exc) from exc
+            failed = httpcore2.ConnectTimeout if isinstance(exc, TimeoutError) else httpcore2.ConnectError
+            raise failed(exc) from exc
         return UnixStream(sock)
 
 
@@ -154,14 +146,14 @@ class AsyncUnixBackend(httpcore2.AnyIOBackend):
         timeout: float | None = None,  # noqa: ASYNC109
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        stream = await super().connect_unix_socket(path, _connecting(timeout), socket_options)
+        stream = await super().connect_unix_socket(
+            path, _remaining(timeout, httpcore2.ConnectTimeout), socket_options
+        )
         return AsyncDeadlineStream(stream)
 
 
 def uds_transport(kind: type[_Transport], path: str, max_connections: int | None) -> _Transport:
-    """``kind(uds=path)``, with an httpcore2 pool on our backend in place of its own: the one
-    private hook of this package, as httpx2's transports take no ``network_backend``
-    (tests/client/test_transport.py fails when httpx2 moves the attribute or takes one)."""
+    """``kind(uds=path)`` on our backend: the package's one private hook (docs/internals.md, "Transport")."""
     transport = kind(uds=path, verify=_BARE_TLS, trust_env=False)
     sync = isinstance(transport, httpx2.HTTPTransport)
     pool = httpcore2.ConnectionPool if sync else httpcore2.AsyncConnectionPool

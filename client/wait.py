@@ -1,53 +1,64 @@
-"""The one wait loop (:func:`poll`, stdlib only), and :func:`wait_for_socket`, which polls the
-server's socket with the raw probe: in a Pod the client may start before the server binds it."""
+"""Reaching the socket with nothing but the stdlib: :func:`probe`, one HTTP/1.1 request, so an exec
+probe imports neither httpx2 nor ``http.client``, and :func:`wait_for_socket`, which repeats it
+until the server answers (docs/internals.md, "Client")."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 from client._errors import ConnectError, WaitTimeout
-from client._probe import probe
 from client.address import to_url
 
-T = TypeVar("T")
+_MAX_RESPONSE = 1 << 20
 
 
-def poll(
-    check: Callable[[], T | None],
-    timeout: float,
-    *,
-    what: str,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = ConnectError,
-    first_delay: float = 0.01,
-    max_delay: float = 0.2,
-    on_retry: Callable[[BaseException | None, float], None] | None = None,
-) -> T:
-    """``check()`` once it returns neither None nor False (``retry_on`` means "not yet"), else
-    :class:`TimeoutError` after ``timeout`` s; pauses double from ``first_delay`` to ``max_delay``,
-    each after ``on_retry(last exception or None, pause)``."""
+def probe(path: str, target: str = "/healthz", *, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``target`` on the socket at ``path`` within ``timeout`` seconds in all; return (status,
+    body) or raise :class:`ConnectError`. ``Connection: close`` lets EOF frame the answer."""
+    request = f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode("ascii")
     deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    delay = first_delay
-    while True:
+
+    def within(sock: socket.socket) -> socket.socket:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the probe's deadline has passed")
+        sock.settimeout(left)
+        return sock
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            within(sock).connect(path)
+            within(sock).sendall(request)
+            data = bytearray()
+            while len(data) <= _MAX_RESPONSE and (chunk := within(sock).recv(65536)):
+                data += chunk
+        return _parse(bytes(data))
+    except (OSError, ValueError) as exc:  # ValueError: the peer's answer is not HTTP/1.x
+        raise ConnectError.caused_by(to_url(path), exc) from exc
+
+
+def _parse(data: bytes) -> tuple[int, bytes]:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    status_line, _, header_block = head.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ValueError("the server did not answer with HTTP/1.x")
+    if b"transfer-encoding: chunked" not in header_block.lower():
+        return int(parts[1]), body
+    out: list[bytes] = []
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
         try:
-            result = check()
-        except retry_on as exc:
-            last = exc
-        else:
-            if result is not None and result is not False:
-                return result
-            last = None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            message = f"timed out after {timeout:g}s waiting for {what}; last error: {last!r}"
-            raise TimeoutError(message) from last
-        pause = min(delay, remaining)
-        if on_retry is not None:
-            on_retry(last, pause)
-        time.sleep(pause)
-        delay = min(delay * 2, max_delay)
+            size = int(size_line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise ValueError("bad chunked encoding from the server") from None
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return int(parts[1]), b"".join(out)
 
 
 def wait_for_socket(
@@ -59,23 +70,22 @@ def wait_for_socket(
     on_retry: Callable[[str, float], None] | None = None,
 ) -> float:
     """Poll ``GET /healthz`` until the server answers (any status); return the seconds waited.
-    As :func:`poll`, with ``on_retry(reason, delay)``; on the deadline :class:`WaitTimeout`."""
+    Pauses double from ``first_delay`` to ``max_delay``, each after ``on_retry(reason, pause)``;
+    on the deadline :class:`WaitTimeout`."""
     started = time.monotonic()
-
-    def answered() -> bool:
-        probe(path, timeout=max(min(started + timeout - time.monotonic(), 5.0), 0.05))
-        return True
-
-    def tell(last: BaseException | None, pause: float) -> None:
-        if on_retry is not None and isinstance(last, ConnectError):
+    deadline = started + timeout
+    delay = first_delay
+    while True:
+        try:
+            probe(path, timeout=max(min(deadline - time.monotonic(), 5.0), 0.05))
+            return time.monotonic() - started
+        except ConnectError as exc:
+            last = exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeout(to_url(path), time.monotonic() - started, last.reason) from last
+        pause = min(delay, remaining)
+        if on_retry is not None:
             on_retry(last.reason, pause)
-
-    try:
-        poll(
-            answered, timeout, what=to_url(path), first_delay=first_delay, max_delay=max_delay, on_retry=tell
-        )
-    except TimeoutError as exc:
-        last = exc.__cause__
-        reason = last.reason if isinstance(last, ConnectError) else "no answer"
-        raise WaitTimeout(to_url(path), time.monotonic() - started, reason) from last
-    return time.monotonic() - started
+        time.sleep(pause)
+        delay = min(delay * 2, max_delay)

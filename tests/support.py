@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.serving import spawn
-from benchmarks._spawn import socket_dir
-from client._probe import probe
-from client.wait import poll
+from benchmarks._spawn import poll, socket_dir
+from client.wait import probe
 
 T = TypeVar("T")
 
@@ -43,7 +42,7 @@ def wait_until(
     """Call ``check`` until it returns something other than None/False, or fail after ``timeout``.
 
     Exceptions raised by ``check`` count as "not yet"; the last one is reported on failure. The
-    loop is :func:`client.wait.poll`, the one the demo, bench and benchmarks use; its pause
+    loop is :func:`benchmarks._spawn.poll`, the one the benchmarks use; its pause
     grows from ``interval`` to 50 ms at most (a test's wait ends soon after its condition holds).
     """
     try:

@@ -184,7 +184,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when healthy (ready with --ready), 1 when the server says otherwise, 3 if unreachable."""
-    from client._probe import probe
+    from client.wait import probe
 
     target = "/readyz" if args.ready else "/healthz"
     status, body = probe(args.socket, target, timeout=args.timeout)

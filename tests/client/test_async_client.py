@@ -81,3 +81,15 @@ def test_silent_server_times_out(silent_socket: str) -> None:
     with pytest.raises(ConnectError) as info:
         asyncio.run(scenario())
     assert info.value.reason == "timed out"
+
+
+def test_a_client_made_outside_any_loop_negotiates_inside_one(server_path: str) -> None:
+    client = AsyncClient(server_path)  # its negotiation lock binds to the loop of its first use
+
+    async def scenario() -> None:
+        async with client:
+            first, second = await asyncio.gather(client.api_version(), client.api_version())
+            assert first == second == 1
+            assert (await client.send("from a task")).text == "from a task"
+
+    asyncio.run(scenario())

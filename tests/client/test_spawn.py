@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from app.serving.spawn import SpawnError, app_command
-from benchmarks._spawn import ServerProcess, free_port, probe_tcp
+from benchmarks._spawn import ServerProcess, free_port, poll, probe_tcp
 from client import ConnectError
-from client.wait import poll
 from tests.support import ROOT
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]

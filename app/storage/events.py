@@ -58,8 +58,7 @@ class StreamsFull(Exception):
 
 
 class Subscriber:
-    """One open stream: its cursor (the last id it was given), its buffer, and why it ends. The
-    buffer's lists are extended and joined whole: no Python-level step per event and per stream."""
+    """One open stream: its cursor, its buffer (lists extended and joined whole), and why it ends."""
 
     __slots__ = ("beat", "cursor", "end", "events", "ids", "sent", "size", "uid", "wake", "written")
 
@@ -101,17 +100,15 @@ class Subscriber:
 
 class EventHub:
     """Fans this process's store out to at most ``capacity`` open streams, 1/:data:`PEER_SHARE` of
-    them (at least one) per peer uid. It wakes on this process's commits and polls
-    ``Store.last_id()`` every :data:`POLL_INTERVAL` while streams are open (other workers commit)."""
+    them (at least one) per peer uid; wakes on commits, and polls other workers' every POLL_INTERVAL."""
 
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
         self.capacity = capacity
         self.per_peer = max(1, capacity // PEER_SHARE)
-        self.open = 0  # streams open now (catching up or live)
-        self.held: dict[int | None, int] = {}  # the same, by peer uid
+        self.streams: set[Subscriber] = set()  # open now (catching up or live)
+        self.held: dict[int | None, int] = {}  # how many, by peer uid
         self.draining = False
-        self._streams: set[Subscriber] = set()
         self._live: set[Subscriber] = set()
         self._last = 0  # the highest id handed to the live subscribers (or skipped past)
         self._wake = asyncio.Event()  # the hub's: set on a commit, or to end its streams
@@ -126,11 +123,10 @@ class EventHub:
             self._wake.set()
 
     def subscribe(self, uid: int | None = None) -> Subscriber:
-        """Take a slot for a new stream of peer ``uid``; :class:`StreamsFull` when none is left, the
-        uid holds its share already, or the server drains."""
+        """Take a slot for a new stream of peer ``uid``; :class:`StreamsFull` if none, or none for it."""
         if self.draining:
             raise StreamsFull("the server is shutting down")
-        if self.open >= self.capacity:
+        if len(self.streams) >= self.capacity:
             raise StreamsFull(f"{self.capacity} event streams are open already")
         held = self.held.get(uid, 0)
         if held >= self.per_peer:
@@ -141,19 +137,17 @@ class EventHub:
             )
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        self.open += 1
         self.held[uid] = held + 1
         subscriber = Subscriber(uid)
-        self._streams.add(subscriber)
+        self.streams.add(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Give the slot back (the stream ended, failed, or its client went away)."""
-        if subscriber in self._streams:
-            self._streams.discard(subscriber)
+        if subscriber in self.streams:
+            self.streams.discard(subscriber)
             self._live.discard(subscriber)
             subscriber.clear()
-            self.open -= 1
             self.held[subscriber.uid] -= 1
             if not self.held[subscriber.uid]:
                 del self.held[subscriber.uid]
@@ -161,9 +155,8 @@ class EventHub:
     async def stream(
         self, subscriber: Subscriber, since: int | None, gone: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[bytes]:
-        """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events,
-        until a final ``overflow`` or ``shutdown`` event, or until ``gone()`` while catching up (asked
-        before each read of the store, a write of at most :data:`CHUNK` bytes); the caller unsubscribes."""
+        """One ``text/event-stream``: what was missed after ``since``, then live events, until a final
+        ``overflow`` or ``shutdown``, or ``gone()`` while catching up; the caller unsubscribes."""
         store = self.store
         yield format_sse_event(retry=RETRY_MS)
         subscriber.cursor = subscriber.sent = store.last_id() if since is None else since
@@ -308,7 +301,7 @@ class EventHub:
         return carried
 
     def _end_all(self, reason: End) -> None:
-        for subscriber in self._streams:
+        for subscriber in self.streams:
             if subscriber.end is None:
                 subscriber.end = reason
             subscriber.wake.set()

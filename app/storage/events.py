@@ -5,6 +5,7 @@ through a bounded buffer; a reader that falls :data:`BUFFER` events behind is cu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,12 +46,26 @@ def _message_event(message_id: int, document: bytes) -> bytes:
     return format_sse_event(data_str=document.decode("utf-8"), event="message", id=str(message_id))
 
 
-def _control_event(event: str, data: dict[str, object], event_id: int | None = None) -> bytes:
-    return format_sse_event(
-        data_str=orjson.dumps(data).decode("utf-8"),
-        event=event,
-        id=None if event_id is None else str(event_id),
+def _reset(requested: int, cursor: int) -> bytes:
+    oldest = cursor + 1
+    _RESETS.log(
+        logging.INFO, "Event stream asked for messages after #%d: continuing from #%d", requested, oldest
     )
+    message = (
+        f"messages after #{requested} are no longer all in the history; "
+        f"list them again (GET /messages), events go on from #{oldest}"
+    )
+    data = orjson.dumps({"oldest": oldest, "message": message}).decode("utf-8")
+    return format_sse_event(data_str=data, event="reset", id=str(cursor))
+
+
+def _final(subscriber: Subscriber) -> bytes:
+    why = "the server is shutting down"
+    if subscriber.end == "overflow":
+        why = f"this stream was cut off: its reader fell more than {BUFFER} events behind"
+    message = f"{why}; reconnect with Last-Event-ID: {subscriber.sent}"
+    data = orjson.dumps({"last_id": subscriber.sent, "message": message}).decode("utf-8")
+    return format_sse_event(data_str=data, event=subscriber.end or "shutdown")
 
 
 class StreamsFull(Exception):
@@ -168,7 +183,7 @@ class EventHub:
             # Out of the history, or an id this store never gave (e.g. a memory store restarted).
             if requested > store.last_id() or (first is not None and requested < first - 1):
                 subscriber.cursor = subscriber.sent = store.last_id() if first is None else first - 1
-                yield self._reset(requested, subscriber.cursor)
+                yield _reset(requested, subscriber.cursor)
             rows = store.since(subscriber.cursor, BATCH, CHUNK)
             if not rows:
                 self._join(subscriber)  # same loop step as the empty read: nothing falls between
@@ -185,7 +200,7 @@ class EventHub:
                 yield subscriber.take()
                 continue
             if subscriber.end is not None:
-                yield self._final(subscriber)
+                yield _final(subscriber)
                 return
             if subscriber.beat:
                 subscriber.beat = False
@@ -208,26 +223,6 @@ class EventHub:
         if self._task is None:
             self._task = self._loop.create_task(self._run(), name="event hub")
 
-    @staticmethod
-    def _reset(requested: int, cursor: int) -> bytes:
-        oldest = cursor + 1
-        _RESETS.log(
-            logging.INFO, "Event stream asked for messages after #%d: continuing from #%d", requested, oldest
-        )
-        message = (
-            f"messages after #{requested} are no longer all in the history; "
-            f"list them again (GET /messages), events go on from #{oldest}"
-        )
-        return _control_event("reset", {"oldest": oldest, "message": message}, cursor)
-
-    @staticmethod
-    def _final(subscriber: Subscriber) -> bytes:
-        why = "the server is shutting down"
-        if subscriber.end == "overflow":
-            why = f"this stream was cut off: its reader fell more than {BUFFER} events behind"
-        message = f"{why}; reconnect with Last-Event-ID: {subscriber.sent}"
-        return _control_event(subscriber.end or "shutdown", {"last_id": subscriber.sent, "message": message})
-
     async def _run(self) -> None:
         wake = self._wake
         loop = self._loop
@@ -240,11 +235,9 @@ class EventHub:
                 carried = self._fan_out(began)
                 if not self._live:
                     break
-                try:
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL):
                         await wake.wait()
-                except TimeoutError:
-                    pass
                 now = loop.time()
                 for subscriber in self._live:  # silent for HEARTBEAT_INTERVAL: a heartbeat is due
                     if now - subscriber.written >= HEARTBEAT_INTERVAL:
@@ -279,7 +272,7 @@ class EventHub:
                 if cursor >= last_id:
                     continue
                 if cursor < first_id - 1:
-                    reset = self._reset(cursor, first_id - 1)
+                    reset = _reset(cursor, first_id - 1)
                     subscriber.add([first_id - 1], [reset], len(reset))
                 start = bisect_right(ids, cursor)
                 subscriber.add(ids[start:], events[start:], ends[-1] - ends[start])

@@ -97,11 +97,8 @@ def prepare_store(settings: Settings) -> None:
     path = database_path(settings)
     made = prepare_files(path)
     try:
-        connection = connect(path)
-        try:
+        with contextlib.closing(connect(path)) as connection:
             _prepare_schema(connection, path)
-        finally:
-            connection.close()
     except BaseException:  # refused: leave the directory as it was
         for log_file in made:
             with contextlib.suppress(OSError):

@@ -105,11 +105,10 @@ def prepare_directory(directory: Path, private: bool) -> None:
         )
     if _open_to_others(info.st_mode) and not private:
         raise StoreError(
-            f"data directory {directory} can be written by other uids "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}, no sticky bit), who could rename the database "
-            "away; make it private (chmod 700), or, if only this server can reach it (an emptyDir "
-            "mounted into its container alone), set "
-            "--data-dir-private (UDS_DATA_DIR_PRIVATE=true)"
+            f"data directory {directory} can be written by other uids (mode {info.st_mode & 0o7777:04o}, "
+            "no sticky bit), who could rename the database away; make it private (chmod 700), or, if only "
+            "this server can reach it (an emptyDir mounted into its container alone), set --data-dir-private "
+            "(UDS_DATA_DIR_PRIVATE=true)"
         )
     try:  # SQLite creates files beside the database; a random name cannot be planted in advance
         descriptor, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)

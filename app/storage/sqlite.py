@@ -148,9 +148,7 @@ class SqliteStore(Store):
         if not batch:
             return
         self._writing = True
-        if (
-            self.durability == "normal" and not self._checkpointing
-        ):  # during a checkpoint, batches queue behind it
+        if self.durability == "normal" and not self._checkpointing:  # else: queued behind a checkpoint
             results: list[Stored | BaseException] | BaseException | None
             try:
                 results = self._write(batch, wait=False)
@@ -170,9 +168,8 @@ class SqliteStore(Store):
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
         self._writing = False
-        for index, item in enumerate(batch):
-            future = item[5]
-            outcome = results if isinstance(results, BaseException) else results[index]
+        outcomes = [results] * len(batch) if isinstance(results, BaseException) else results
+        for (*_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # the request was cancelled (client gone): its row stays committed
                 continue
             if isinstance(outcome, BaseException):
@@ -222,12 +219,7 @@ class SqliteStore(Store):
             if wait:
                 retry_busy(lambda: execute("BEGIN IMMEDIATE"), 0.0001, 0.005)
             else:
-                execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            if busy(exc) and not wait:
-                raise _Busy from exc
-            raise self._mapped(exc) from exc
-        try:
+                execute("BEGIN IMMEDIATE")  # only this can be busy: the lock is ours after it
             seq = execute(_SEQ).fetchone()
             next_id = (seq[0] if seq else 0) + 1
             clock = 0  # the clock is read (a page of its own) only for a batch with keys
@@ -284,6 +276,8 @@ class SqliteStore(Store):
                 if connection.in_transaction:
                     execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
+                if busy(exc) and not wait:
+                    raise _Busy from exc
                 raise self._mapped(exc) from exc
             raise
         return results

@@ -71,17 +71,15 @@ def connect(path: Path, *pragmas: str, **options: Any) -> sqlite3.Connection:
 
 
 def busy(exc: sqlite3.Error) -> bool:
-    """Whether ``exc`` says another connection holds the lock."""
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
-def retry_busy(call: Callable[[], object], first: float, most: float) -> None:
+def retry_busy(call: Callable[[], object], first: float, most: float) -> object:
     """``call()`` until not busy, pausing ``first`` s doubled up to ``most``, for BUSY_TIMEOUT_MS at most."""
     delay, deadline = first, time.monotonic() + BUSY_TIMEOUT_MS / 1000
     while True:
         try:
-            call()
-            return
+            return call()
         except sqlite3.OperationalError as exc:
             if not busy(exc) or time.monotonic() > deadline:
                 raise

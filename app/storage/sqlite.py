@@ -318,10 +318,10 @@ class SqliteStore(Store):
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        cursor = self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
-        rows = bounded(cursor, max_bytes)  # SQLite steps one row at a time: the rest is never read
-        cursor.close()
-        return rows
+        with contextlib.closing(
+            self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
+        ) as rows:
+            return bounded(rows, max_bytes)  # SQLite steps one row at a time: the rest is never read
 
     def first_id(self) -> int | None:
         first: int | None = self._rows(_FIRST).fetchone()[0]

@@ -17,7 +17,6 @@ def text_digest(text: str) -> bytes:
 
 
 def document(message_id: int, text: str, reply: str, received_at: str, peer: dict[str, Any] | None) -> bytes:
-    """A message's JSON document, as stored and answered."""
     return orjson.dumps(
         {"id": message_id, "text": text, "reply": reply, "received_at": received_at, "peer": peer}
     )

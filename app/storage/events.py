@@ -150,8 +150,7 @@ class EventHub:
                 f"{who} holds {held} event streams already, its share of the {self.capacity} this "
                 "process admits"
             )
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self.held[uid] = held + 1
         subscriber = Subscriber(uid)
         self.streams.add(subscriber)

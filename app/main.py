@@ -46,7 +46,7 @@ def create_app(
     hub = EventHub(store, stream_capacity(settings.max_streams, settings.workers)) if hub is None else hub
     access = Access(settings, versions) if access is None else access
     metrics = Metrics(shown_uids=settings.metrics_uid) if metrics is None else metrics
-    metrics.event_streams = lambda: int(hub.open)
+    metrics.event_streams = lambda: len(hub.streams)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,6 +1,5 @@
-"""The data directory and the database's files, checked before SQLite opens them: a directory or
-file another uid could swap, rename or plant is refused (:class:`StoreError`, one line), never
-repaired. Why: docs/internals.md, "Storage"."""
+"""The data directory and the database's files, checked before SQLite opens them: what another uid
+could swap, rename or plant is refused (:class:`StoreError`), never repaired; docs/internals.md."""
 
 from __future__ import annotations
 
@@ -18,13 +17,16 @@ SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite opens beside the databa
 _ASIDE = "move it aside (another uid may have put it there to read or rewrite the messages)"
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+def _cannot(action: str, exc: OSError, fix: str = AGAIN) -> StoreError:
+    """The refusal when ``action`` failed with ``exc``, and what to do (``fix``)."""
+    return StoreError(
+        f"cannot {action}: {exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))}{fix}"
+    )
 
 
 def prepare_files(path: Path) -> list[Path]:
-    """Check the database ``path`` and the files beside it, create those missing (0600) before
-    SQLite does, so that no other uid plants them first; return the logs created."""
+    """Check the database and its side files, create the missing ones (0600) before SQLite (and any
+    other uid) does; return the logs created."""
     exists = _owned_file(path, "database")
     for suffix in SIDE_FILES:
         _owned_file(Path(f"{path}{suffix}"), "database file")
@@ -45,20 +47,19 @@ def _create(path: Path, what: str) -> bool:
     except FileExistsError:  # an open server's, or a crash's: checked before
         return False
     except OSError as exc:
-        raise StoreError(f"cannot create {what} {path}: {_reason(exc)}{AGAIN}") from exc
+        raise _cannot(f"create {what} {path}", exc) from exc
     return True
 
 
 def _owned_file(path: Path, what: str) -> bool:
-    """Whether ``path`` exists; :class:`StoreError` unless it is a regular file of this uid (a
-    symbolic link would make SQLite write where it points). Ours but open to others: made 0600."""
+    """Whether ``path`` exists; refused unless a regular file (not a link) of this uid; made 0600."""
     uid = os.geteuid()
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise StoreError(f"cannot reach {what} {path}: {_reason(exc)}{AGAIN}") from exc
+        raise _cannot(f"reach {what} {path}", exc) from exc
     if stat.S_ISLNK(info.st_mode):
         raise StoreError(f"{what} {path} is a symbolic link; {_ASIDE}{AGAIN}")
     if not stat.S_ISREG(info.st_mode):
@@ -73,31 +74,26 @@ def _owned_file(path: Path, what: str) -> bool:
             finally:
                 os.close(descriptor)
         except OSError as exc:
-            raise StoreError(f"cannot make {what} {path} private (0600): {_reason(exc)}{AGAIN}") from exc
+            raise _cannot(f"make {what} {path} private (0600)", exc) from exc
     return True
 
 
 def prepare_directory(directory: Path, private: bool) -> None:
-    """Create the data directory (0700); refuse one another uid could swap the database in: another
-    uid's, open to others without the sticky bit (unless declared ``private``), or under a parent
-    or symbolic link such a uid could change. An existing directory's mode is never changed."""
+    """Create the data directory (0700), or refuse one another uid could swap the database in (an
+    existing directory's mode is never changed)."""
     uid = os.geteuid()
     directory = Path(os.path.abspath(directory))
     try:
         is_file = directory.exists() and not directory.is_dir()
     except OSError as exc:  # a parent this uid may not search
-        raise StoreError(
-            f"cannot reach data directory {directory} (uid {uid}): {_reason(exc)}{AGAIN}"
-        ) from exc
+        raise _cannot(f"reach data directory {directory} (uid {uid})", exc) from exc
     if is_file:
         raise StoreError(f"data directory {directory} is not a directory (a file is there){AGAIN}")
     _check_parents(directory, directory.parents, uid)  # before mkdir: nothing made under a bad one
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise StoreError(
-            f"cannot create data directory {directory} (uid {uid}): {_reason(exc)}{AGAIN}"
-        ) from exc
+        raise _cannot(f"create data directory {directory} (uid {uid})", exc) from exc
     real = Path(os.path.realpath(directory))
     _check_parents(directory, [*directory.parents, *real.parents], uid)
     _check_link(directory, uid)
@@ -109,21 +105,18 @@ def prepare_directory(directory: Path, private: bool) -> None:
         )
     if _open_to_others(info.st_mode) and not private:
         raise StoreError(
-            f"data directory {directory} can be written by other uids "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}, no sticky bit), who could rename the database "
-            "away; make it private (chmod 700), or, if only this server can reach it (an emptyDir "
-            "mounted into its container alone), set "
-            "--data-dir-private (UDS_DATA_DIR_PRIVATE=true)"
+            f"data directory {directory} can be written by other uids (mode {info.st_mode & 0o7777:04o}, "
+            "no sticky bit), who could rename the database away; make it private (chmod 700), or, if only "
+            "this server can reach it (an emptyDir mounted into its container alone), set --data-dir-private "
+            "(UDS_DATA_DIR_PRIVATE=true)"
         )
     try:  # SQLite creates files beside the database; a random name cannot be planted in advance
         descriptor, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
         os.close(descriptor)
         os.unlink(probe)
     except OSError as exc:
-        raise StoreError(
-            f"cannot write in data directory {directory} (uid {uid}): {_reason(exc)}; make it "
-            f"writable for uid {uid}, or set --data-dir (UDS_DATA_DIR) to another directory"
-        ) from exc
+        fix = f"; make it writable for uid {uid}, or set --data-dir (UDS_DATA_DIR) to another directory"
+        raise _cannot(f"write in data directory {directory} (uid {uid})", exc, fix) from exc
 
 
 def _open_to_others(mode: int) -> bool:
@@ -145,8 +138,7 @@ def _check_link(path: Path, uid: int) -> None:
 
 
 def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
-    """Refuse a parent that is another uid's (not root's) or open to others without the sticky bit:
-    whoever can rename in it can swap the data directory."""
+    """Refuse a parent another uid (not root) owns or may rename in: it could swap the data directory."""
     for parent in dict.fromkeys(parents):
         _check_link(parent, uid)
         try:
@@ -154,7 +146,7 @@ def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise StoreError(f"cannot reach {parent} (uid {uid}): {_reason(exc)}{AGAIN}") from exc
+            raise _cannot(f"reach {parent} (uid {uid})", exc) from exc
         where = f"directory {parent} (a parent of data directory {directory})"
         if info.st_uid not in (uid, 0):
             raise StoreError(

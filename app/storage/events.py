@@ -5,6 +5,7 @@ through a bounded buffer; a reader that falls :data:`BUFFER` events behind is cu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,12 +46,26 @@ def _message_event(message_id: int, document: bytes) -> bytes:
     return format_sse_event(data_str=document.decode("utf-8"), event="message", id=str(message_id))
 
 
-def _control_event(event: str, data: dict[str, object], event_id: int | None = None) -> bytes:
-    return format_sse_event(
-        data_str=orjson.dumps(data).decode("utf-8"),
-        event=event,
-        id=None if event_id is None else str(event_id),
+def _reset(requested: int, cursor: int) -> bytes:
+    oldest = cursor + 1
+    _RESETS.log(
+        logging.INFO, "Event stream asked for messages after #%d: continuing from #%d", requested, oldest
     )
+    message = (
+        f"messages after #{requested} are no longer all in the history; "
+        f"list them again (GET /messages), events go on from #{oldest}"
+    )
+    data = orjson.dumps({"oldest": oldest, "message": message}).decode("utf-8")
+    return format_sse_event(data_str=data, event="reset", id=str(cursor))
+
+
+def _final(subscriber: Subscriber) -> bytes:
+    why = "the server is shutting down"
+    if subscriber.end == "overflow":
+        why = f"this stream was cut off: its reader fell more than {BUFFER} events behind"
+    message = f"{why}; reconnect with Last-Event-ID: {subscriber.sent}"
+    data = orjson.dumps({"last_id": subscriber.sent, "message": message}).decode("utf-8")
+    return format_sse_event(data_str=data, event=subscriber.end or "shutdown")
 
 
 class StreamsFull(Exception):
@@ -58,8 +73,7 @@ class StreamsFull(Exception):
 
 
 class Subscriber:
-    """One open stream: its cursor (the last id it was given), its buffer, and why it ends. The
-    buffer's lists are extended and joined whole: no Python-level step per event and per stream."""
+    """One open stream: its cursor, its buffer (lists extended and joined whole), and why it ends."""
 
     __slots__ = ("beat", "cursor", "end", "events", "ids", "sent", "size", "uid", "wake", "written")
 
@@ -101,17 +115,15 @@ class Subscriber:
 
 class EventHub:
     """Fans this process's store out to at most ``capacity`` open streams, 1/:data:`PEER_SHARE` of
-    them (at least one) per peer uid. It wakes on this process's commits and polls
-    ``Store.last_id()`` every :data:`POLL_INTERVAL` while streams are open (other workers commit)."""
+    them (at least one) per peer uid; wakes on commits, and polls other workers' every POLL_INTERVAL."""
 
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
         self.capacity = capacity
         self.per_peer = max(1, capacity // PEER_SHARE)
-        self.open = 0  # streams open now (catching up or live)
-        self.held: dict[int | None, int] = {}  # the same, by peer uid
+        self.streams: set[Subscriber] = set()  # open now (catching up or live)
+        self.held: dict[int | None, int] = {}  # how many, by peer uid
         self.draining = False
-        self._streams: set[Subscriber] = set()
         self._live: set[Subscriber] = set()
         self._last = 0  # the highest id handed to the live subscribers (or skipped past)
         self._wake = asyncio.Event()  # the hub's: set on a commit, or to end its streams
@@ -126,11 +138,10 @@ class EventHub:
             self._wake.set()
 
     def subscribe(self, uid: int | None = None) -> Subscriber:
-        """Take a slot for a new stream of peer ``uid``; :class:`StreamsFull` when none is left, the
-        uid holds its share already, or the server drains."""
+        """Take a slot for a new stream of peer ``uid``; :class:`StreamsFull` if none, or none for it."""
         if self.draining:
             raise StreamsFull("the server is shutting down")
-        if self.open >= self.capacity:
+        if len(self.streams) >= self.capacity:
             raise StreamsFull(f"{self.capacity} event streams are open already")
         held = self.held.get(uid, 0)
         if held >= self.per_peer:
@@ -139,21 +150,18 @@ class EventHub:
                 f"{who} holds {held} event streams already, its share of the {self.capacity} this "
                 "process admits"
             )
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        self.open += 1
+        self._loop = asyncio.get_running_loop()
         self.held[uid] = held + 1
         subscriber = Subscriber(uid)
-        self._streams.add(subscriber)
+        self.streams.add(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Give the slot back (the stream ended, failed, or its client went away)."""
-        if subscriber in self._streams:
-            self._streams.discard(subscriber)
+        if subscriber in self.streams:
+            self.streams.discard(subscriber)
             self._live.discard(subscriber)
             subscriber.clear()
-            self.open -= 1
             self.held[subscriber.uid] -= 1
             if not self.held[subscriber.uid]:
                 del self.held[subscriber.uid]
@@ -161,9 +169,8 @@ class EventHub:
     async def stream(
         self, subscriber: Subscriber, since: int | None, gone: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[bytes]:
-        """The bytes of one ``text/event-stream``: what was missed after ``since``, then live events,
-        until a final ``overflow`` or ``shutdown`` event, or until ``gone()`` while catching up (asked
-        before each read of the store, a write of at most :data:`CHUNK` bytes); the caller unsubscribes."""
+        """One ``text/event-stream``: what was missed after ``since``, then live events, until a final
+        ``overflow`` or ``shutdown``, or ``gone()`` while catching up; the caller unsubscribes."""
         store = self.store
         yield format_sse_event(retry=RETRY_MS)
         subscriber.cursor = subscriber.sent = store.last_id() if since is None else since
@@ -175,7 +182,7 @@ class EventHub:
             # Out of the history, or an id this store never gave (e.g. a memory store restarted).
             if requested > store.last_id() or (first is not None and requested < first - 1):
                 subscriber.cursor = subscriber.sent = store.last_id() if first is None else first - 1
-                yield self._reset(requested, subscriber.cursor)
+                yield _reset(requested, subscriber.cursor)
             rows = store.since(subscriber.cursor, BATCH, CHUNK)
             if not rows:
                 self._join(subscriber)  # same loop step as the empty read: nothing falls between
@@ -192,7 +199,7 @@ class EventHub:
                 yield subscriber.take()
                 continue
             if subscriber.end is not None:
-                yield self._final(subscriber)
+                yield _final(subscriber)
                 return
             if subscriber.beat:
                 subscriber.beat = False
@@ -215,26 +222,6 @@ class EventHub:
         if self._task is None:
             self._task = self._loop.create_task(self._run(), name="event hub")
 
-    @staticmethod
-    def _reset(requested: int, cursor: int) -> bytes:
-        oldest = cursor + 1
-        _RESETS.log(
-            logging.INFO, "Event stream asked for messages after #%d: continuing from #%d", requested, oldest
-        )
-        message = (
-            f"messages after #{requested} are no longer all in the history; "
-            f"list them again (GET /messages), events go on from #{oldest}"
-        )
-        return _control_event("reset", {"oldest": oldest, "message": message}, cursor)
-
-    @staticmethod
-    def _final(subscriber: Subscriber) -> bytes:
-        why = "the server is shutting down"
-        if subscriber.end == "overflow":
-            why = f"this stream was cut off: its reader fell more than {BUFFER} events behind"
-        message = f"{why}; reconnect with Last-Event-ID: {subscriber.sent}"
-        return _control_event(subscriber.end or "shutdown", {"last_id": subscriber.sent, "message": message})
-
     async def _run(self) -> None:
         wake = self._wake
         loop = self._loop
@@ -247,11 +234,9 @@ class EventHub:
                 carried = self._fan_out(began)
                 if not self._live:
                     break
-                try:
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL):
                         await wake.wait()
-                except TimeoutError:
-                    pass
                 now = loop.time()
                 for subscriber in self._live:  # silent for HEARTBEAT_INTERVAL: a heartbeat is due
                     if now - subscriber.written >= HEARTBEAT_INTERVAL:
@@ -286,7 +271,7 @@ class EventHub:
                 if cursor >= last_id:
                     continue
                 if cursor < first_id - 1:
-                    reset = self._reset(cursor, first_id - 1)
+                    reset = _reset(cursor, first_id - 1)
                     subscriber.add([first_id - 1], [reset], len(reset))
                 start = bisect_right(ids, cursor)
                 subscriber.add(ids[start:], events[start:], ends[-1] - ends[start])
@@ -308,7 +293,7 @@ class EventHub:
         return carried
 
     def _end_all(self, reason: End) -> None:
-        for subscriber in self._streams:
+        for subscriber in self.streams:
             if subscriber.end is None:
                 subscriber.end = reason
             subscriber.wake.set()

@@ -46,7 +46,6 @@ of keys (no ``COUNT(*)``) and the clock that ``idempotency_keys.used`` (LRU orde
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
-_SCHEMA_QUERY = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
 _COUNTERS = "SELECT name FROM counters"
 
 
@@ -55,8 +54,7 @@ def database_path(settings: Settings) -> Path:
 
 
 def connect(path: Path, *pragmas: str, **options: Any) -> sqlite3.Connection:
-    """The existing database ``path`` (``mode=rw``; percent-encoded, as a ``?`` or ``#`` in a name
-    would end the path) in autocommit mode, with ``pragmas`` set; opening waits for a checkpoint."""
+    """The existing database ``path`` (a percent-encoded ``mode=rw`` URI), autocommit, ``pragmas`` set."""
     try:
         connection: sqlite3.Connection = sqlite3.connect(
             f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=rw",
@@ -73,18 +71,15 @@ def connect(path: Path, *pragmas: str, **options: Any) -> sqlite3.Connection:
 
 
 def busy(exc: sqlite3.Error) -> bool:
-    """Whether ``exc`` says another connection holds the lock."""
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
-def retry_busy(call: Callable[[], object], first: float, most: float) -> None:
-    """``call()``, again after a pause (``first`` seconds, doubled up to ``most``) while it fails
-    because the database is busy, for up to :data:`BUSY_TIMEOUT_MS`; then that error."""
+def retry_busy(call: Callable[[], object], first: float, most: float) -> object:
+    """``call()`` until not busy, pausing ``first`` s doubled up to ``most``, for BUSY_TIMEOUT_MS at most."""
     delay, deadline = first, time.monotonic() + BUSY_TIMEOUT_MS / 1000
     while True:
         try:
-            call()
-            return
+            return call()
         except sqlite3.OperationalError as exc:
             if not busy(exc) or time.monotonic() > deadline:
                 raise
@@ -100,11 +95,8 @@ def prepare_store(settings: Settings) -> None:
     path = database_path(settings)
     made = prepare_files(path)
     try:
-        connection = connect(path)
-        try:
+        with contextlib.closing(connect(path)) as connection:
             _prepare_schema(connection, path)
-        finally:
-            connection.close()
     except BaseException:  # refused: leave the directory as it was
         for log_file in made:
             with contextlib.suppress(OSError):
@@ -115,8 +107,7 @@ def prepare_store(settings: Settings) -> None:
 
 
 def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
-    """Check, migrate and verify in one ``BEGIN IMMEDIATE`` (servers starting at once take turns and
-    each finds the schema whole), then switch to WAL (a transaction cannot). A refusal rolls back."""
+    """Check, migrate and verify in one ``BEGIN IMMEDIATE``, then switch to WAL; a refusal rolls back."""
     try:
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -180,12 +171,12 @@ def _migrate(connection: sqlite3.Connection, version: int) -> None:
 
 
 def _layout(connection: sqlite3.Connection) -> dict[tuple[str, str], str]:
-    return {(kind, name): sql for kind, name, sql in connection.execute(_SCHEMA_QUERY)}
+    rows = connection.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'")
+    return {(kind, name): sql for kind, name, sql in rows}
 
 
 def _verify(connection: sqlite3.Connection, path: Path) -> None:
-    """Refuse a schema that differs from what :data:`MIGRATIONS` make (a table, column, index or
-    counter row dropped, changed or added): writes would fail on it with a 500."""
+    """Refuse a schema (or counter rows) other than :data:`MIGRATIONS` make: writes would fail on it."""
     expected = sqlite3.connect(":memory:", isolation_level=None)
     try:
         _migrate(expected, 0)

@@ -31,19 +31,16 @@ from app.storage.store import (
     text_digest,
 )
 
-WAL_SIZE_LIMIT = 1024 * 1024
-"""A checkpoint starts once the log grows past this size, and the log is cut back to it when it
-starts afresh: the log needs this much disk plus one commit."""
+WAL_SIZE_LIMIT = 1024 * 1024  # the log size that starts a checkpoint, and that the log is cut back to
 CHECKPOINT_EVERY = 100  # commits between two checkpoints at most (SQLite's own is off)
 PRUNE_EVERY = 64  # rows past the history are deleted when a commit's ids cross a multiple of this
 
-# The writer never waits inside SQLite (whose busy handler sleeps a whole millisecond first): a lock
-# held by another process sends the batch to the writer thread, which waits there. Checkpoints (the
-# only fsyncs with ``normal``) run on the writer thread, never on the loop.
+# The writer never waits inside SQLite: a busy batch goes to the writer thread, which retries.
 _WRITER = ("busy_timeout=0", "wal_autocheckpoint=0", f"journal_size_limit={WAL_SIZE_LIMIT}")
 _MAX_ID = 2**63 - 1  # SQLite's integers stop there
 # Reads see only the ids above the highest less ``history_size`` (the rows below are pruned later).
-_VISIBLE = "id > (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - :history"
+_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+_VISIBLE = f"id > ({_SEQ}) - :history"
 _GET = f"SELECT document FROM messages WHERE id = :id AND {_VISIBLE}"  # noqa: S608 - constants only
 _RECENT = f"SELECT id FROM messages WHERE {_VISIBLE} ORDER BY id DESC LIMIT :limit"  # noqa: S608
 _SINCE = f"SELECT id, document FROM messages WHERE id > :after AND {_VISIBLE} ORDER BY id LIMIT :limit"  # noqa: S608
@@ -55,12 +52,8 @@ def build_store(settings: Settings) -> Store:
     """The store ``settings`` ask for, not yet opened (``create_app`` stays free of I/O)."""
     if settings.store == "memory":
         return MessageStore(settings.history_size, settings.idempotency_keys)
-    return SqliteStore(
-        database_path(settings),
-        history_size=settings.history_size,
-        key_capacity=settings.idempotency_keys,
-        durability=settings.durability,
-    )
+    path = database_path(settings)
+    return SqliteStore(path, settings.history_size, settings.idempotency_keys, settings.durability)
 
 
 class _Busy(Exception):
@@ -71,25 +64,22 @@ _Item = tuple[str, str, str, "dict[str, Any] | None", "str | None", "asyncio.Fut
 
 
 class SqliteStore(Store):
-    """The store on one SQLite file; ``open()`` connects (once the process serves), until then
-    nothing touches the disk. With ``normal`` durability it commits on the event loop thread first;
-    with ``full`` the loop reads requests while the writer thread syncs."""
+    """The store on one SQLite file; nothing touches the disk before ``open()``. ``normal`` durability
+    commits on the event loop thread, ``full`` on the writer thread (the loop reads on meanwhile)."""
 
     def __init__(
-        self, path: Path | str, *, history_size: int, key_capacity: int, durability: str = "normal"
+        self, path: Path | str, history_size: int, key_capacity: int, durability: str = "normal"
     ) -> None:
         super().__init__(history_size, key_capacity)
         if durability not in ("normal", "full"):
             raise ValueError("durability is normal or full")
         self.path = Path(path)
         self.durability = durability
-        self.inline = durability == "normal"
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
         self._commits = 0
         self._checkpointing = False
-        self._log_path = f"{self.path}-wal"
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
@@ -98,8 +88,6 @@ class SqliteStore(Store):
         self._idle: asyncio.Event | None = None
         self._seen_version = -1
         self._last_id = 0
-
-    # -- life --
 
     def open(self) -> None:
         """Connect (a reader for this thread, a writer for the writer thread); check the schema."""
@@ -138,8 +126,6 @@ class SqliteStore(Store):
                 connection.close()
         self._reader = self._writer = self._checkpointer = None
 
-    # -- writes --
-
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
@@ -162,7 +148,7 @@ class SqliteStore(Store):
         if not batch:
             return
         self._writing = True
-        if self.inline and not self._checkpointing:  # during a checkpoint, batches queue behind it
+        if self.durability == "normal" and not self._checkpointing:  # else: queued behind a checkpoint
             results: list[Stored | BaseException] | BaseException | None
             try:
                 results = self._write(batch, wait=False)
@@ -182,9 +168,8 @@ class SqliteStore(Store):
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
         self._writing = False
-        for index, item in enumerate(batch):
-            future = item[5]
-            outcome = results if isinstance(results, BaseException) else results[index]
+        outcomes = [results] * len(batch) if isinstance(results, BaseException) else results
+        for (*_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # the request was cancelled (client gone): its row stays committed
                 continue
             if isinstance(outcome, BaseException):
@@ -194,8 +179,7 @@ class SqliteStore(Store):
         if not isinstance(results, BaseException):
             last = max((r.id for r in results if isinstance(r, Stored) and r.created), default=0)
             if last:
-                for listener in self._listeners:
-                    listener(last)
+                self._committed(last)
             self._commits += 1
             if not self._checkpointing and (
                 self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
@@ -216,20 +200,17 @@ class SqliteStore(Store):
     def _log_size(self) -> int:
         """The log file's size: one ``stat`` a commit, which sees every process's commits."""
         with contextlib.suppress(OSError):
-            return os.stat(self._log_path).st_size
+            return os.stat(f"{self.path}-wal").st_size
         return 0
 
     def _checkpoint(self) -> None:
-        """Copy the log into the database (on the writer thread): RESTART waits for writers, then
-        the next commit starts the log afresh. Busy or a full disk: the next checkpoint tries again."""
-        connection = self._checkpointer
-        if connection is not None:
-            with contextlib.suppress(sqlite3.Error):
-                connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        """Copy the log into the database (writer thread); busy or a full disk: the next one retries."""
+        assert self._checkpointer is not None  # close() waits for the writer thread first
+        with contextlib.suppress(sqlite3.Error):
+            self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
     def _write(self, batch: list[_Item], wait: bool) -> list[Stored | BaseException]:
-        """One transaction for ``batch``: keys decided, messages inserted, bounds enforced. Another
-        process's write lock raises :class:`_Busy` at once unless ``wait`` (the writer thread)."""
+        """One transaction for ``batch``; another process's lock raises :class:`_Busy` unless ``wait``."""
         connection = self._writer
         if connection is None:
             raise StoreError("the store is closed")
@@ -238,18 +219,8 @@ class SqliteStore(Store):
             if wait:
                 retry_busy(lambda: execute("BEGIN IMMEDIATE"), 0.0001, 0.005)
             else:
-                execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            if not busy(exc):
-                raise self._mapped(exc) from exc
-            if not wait:
-                raise _Busy from exc
-            raise StoreError(
-                f"database {self.path} stayed locked by another process for "
-                f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was stored"
-            ) from exc
-        try:
-            seq = execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+                execute("BEGIN IMMEDIATE")  # only this can be busy: the lock is ours after it
+            seq = execute(_SEQ).fetchone()
             next_id = (seq[0] if seq else 0) + 1
             clock = 0  # the clock is read (a page of its own) only for a batch with keys
             if any(item[4] is not None for item in batch):
@@ -305,6 +276,8 @@ class SqliteStore(Store):
                 if connection.in_transaction:
                     execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
+                if busy(exc) and not wait:
+                    raise _Busy from exc
                 raise self._mapped(exc) from exc
             raise
         return results
@@ -316,22 +289,22 @@ class SqliteStore(Store):
         return int(row[0])
 
     def _mapped(self, exc: sqlite3.Error) -> StoreError:
+        if busy(exc):
+            return StoreError(
+                f"database {self.path} stayed locked by another process for "
+                f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was stored"
+            )
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
             return StoreFull(
                 f"the disk holding {self.path.parent} is full; nothing was stored; retry once space is freed"
             )
         return StoreError(f"database {self.path}: {exc}")
 
-    # -- reads (event loop thread) --
-
-    def _read(self) -> sqlite3.Connection:
-        if self._reader is None:
-            raise StoreError("the store is not open")
-        return self._reader
-
     def _rows(self, sql: str, **params: int) -> sqlite3.Cursor:
         """``sql`` on the reader, with ``:history`` bound to ``history_size`` (see :data:`_VISIBLE`)."""
-        return self._read().execute(sql, {**params, "history": self.history_size})
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        return self._reader.execute(sql, {**params, "history": self.history_size})
 
     def get(self, message_id: int) -> bytes | None:
         if not 0 < message_id <= _MAX_ID:
@@ -345,10 +318,10 @@ class SqliteStore(Store):
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        cursor = self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
-        rows = bounded(cursor, max_bytes)  # SQLite steps one row at a time: the rest is never read
-        cursor.close()
-        return rows
+        with contextlib.closing(
+            self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
+        ) as rows:
+            return bounded(rows, max_bytes)  # SQLite steps one row at a time: the rest is never read
 
     def first_id(self) -> int | None:
         first: int | None = self._rows(_FIRST).fetchone()[0]
@@ -356,10 +329,9 @@ class SqliteStore(Store):
 
     def last_id(self) -> int:
         # PRAGMA data_version changes only when another connection commits: one pragma, no query.
-        reader = self._read()
-        version = reader.execute("PRAGMA data_version").fetchone()[0]
+        version = self._rows("PRAGMA data_version").fetchone()[0]
         if version != self._seen_version:
-            row = reader.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+            row = self._rows(_SEQ).fetchone()
             self._last_id = row[0] if row else 0
             self._seen_version = version
         return self._last_id

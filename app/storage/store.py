@@ -17,7 +17,6 @@ def text_digest(text: str) -> bytes:
 
 
 def document(message_id: int, text: str, reply: str, received_at: str, peer: dict[str, Any] | None) -> bytes:
-    """A message's JSON document, as stored and answered."""
     return orjson.dumps(
         {"id": message_id, "text": text, "reply": reply, "received_at": received_at, "peer": peer}
     )
@@ -60,7 +59,7 @@ class Remembered(NamedTuple):
 
 
 def bounded(rows: Iterable[tuple[int, bytes]], max_bytes: int | None) -> list[tuple[int, bytes]]:
-    """``rows`` up to the first whose documents reach ``max_bytes`` (None: all of them)."""
+    """``rows`` up to the first whose documents reach ``max_bytes`` (None: all): a bounded batch."""
     if max_bytes is None:
         return list(rows)
     taken: list[tuple[int, bytes]] = []
@@ -73,8 +72,7 @@ def bounded(rows: Iterable[tuple[int, bytes]], max_bytes: int | None) -> list[tu
 
 
 class Store:
-    """A message store. Ids start at 1, increase, and never name two messages, even after pruning or
-    a restart; ``put`` answers once the message and its key are committed."""
+    """A message store: ids start at 1, increase and are never reused; ``put`` answers once committed."""
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
         if history_size < 1 or key_capacity < 1:
@@ -87,11 +85,14 @@ class Store:
         """Call ``callback(last_id)`` on the event loop after each commit made by this process."""
         self._listeners.append(callback)
 
+    def _committed(self, last_id: int) -> None:
+        for listener in self._listeners:
+            listener(last_id)
+
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Store a message under ``key`` (scoped to the peer), or return the one stored under it;
-        :class:`KeyConflict` if ``key`` holds another text, :class:`StoreFull` if nothing was written."""
+        """Store under ``key`` (per peer), or answer the one stored under it; KeyConflict, StoreFull."""
         raise NotImplementedError
 
     def get(self, message_id: int) -> bytes | None:
@@ -103,8 +104,7 @@ class Store:
         raise NotImplementedError
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` (id, document) above ``after_id`` still in the history, oldest first;
-        with ``max_bytes``, none past that size (at least one): a stalled reader holds a bounded batch."""
+        """Up to ``limit`` (id, document) above ``after_id``, oldest first, within :func:`bounded`."""
         raise NotImplementedError
 
     def first_id(self) -> int | None:
@@ -117,8 +117,7 @@ class Store:
 
 
 class MessageStore(Store):
-    """The last messages and keys, in this process's memory, as encoded documents (orjson caches a
-    UTF-8 copy inside each ``str`` it encodes); no method awaits, so no locks are needed."""
+    """The last messages (encoded) and keys in this process's memory; no method awaits, so no locks."""
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
         super().__init__(history_size, key_capacity)
@@ -143,8 +142,7 @@ class MessageStore(Store):
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)
             if len(self._keys) > self.key_capacity:
                 self._keys.popitem(last=False)
-        for listener in self._listeners:
-            listener(message_id)
+        self._committed(message_id)
         return Stored(message_id, encoded, True)
 
     def get(self, message_id: int) -> bytes | None:

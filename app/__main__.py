@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Under systemd it serves the socket passed in LISTEN_FDS and notifies NOTIFY_SOCKET.",
     )
     for name, option in options():
-        default = option.shown_default or _show(getattr(defaults, name))
+        default = option.shown or _show(getattr(defaults, name))
         text = f"{option.help} [env {option.env}; default {default}]".replace("%", "%%")
         action: str | type[argparse.Action] = "append" if option.repeat else "store"
         if option.metavar is None:  # an on/off switch

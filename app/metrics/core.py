@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, TypeAlias
 
@@ -86,14 +87,12 @@ class Recorder:
         tally.counts[0] += 1
 
 
+@dataclass(eq=False, slots=True)
 class PeerTally:
     """The requests (one number) counted under one uid label, shared by its connections."""
 
-    __slots__ = ("counts", "label")
-
-    def __init__(self, label: int | str | None, counts: Counts) -> None:
-        self.label = label
-        self.counts = counts
+    label: int | str | None
+    counts: Counts
 
 
 def timed_send(recorder: Recorder) -> Callable[[RequestResponseCycle, PeerTally], Callable[[Any], Any]]:

@@ -309,7 +309,7 @@ def posts_in(path: str) -> float:
     """The POST /v1/messages 201 count in one worker's file."""
     return sum(
         sum(counts[:-1])
-        for labels, counts in read_file(path)
+        for labels, counts in read_file(path)[0]
         if labels[:4] == ("cell", "POST", "/v1/messages", "201")
     )
 

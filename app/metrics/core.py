@@ -35,16 +35,15 @@ class Recorder:
     per bucket of :data:`BUCKETS`, then their seconds) and in its connection's :class:`PeerTally`.
     With ``file`` (``--workers``) they live in that file; a record it cannot take stays unseen."""
 
-    __slots__ = ("cells", "file", "on", "peers", "records", "shown_uids", "timed_send")
+    __slots__ = ("cells", "file", "peers", "records", "shown_uids", "timed_send")
 
-    def __init__(self, on: bool = True, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
-        self.on = on  # off only in the benchmark that measures what counting costs
+    def __init__(self, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
         self.shown_uids = frozenset(shown_uids)
         self.file = file
         self.cells: dict[tuple[int, str, int], Counts] = {}
         self.records: dict[tuple[object, ...], Counts] = {}  # every cell by its labels
         self.peers: dict[int | str | None, PeerTally] = {}
-        self.timed_send = timed_send(self) if on else None
+        self.timed_send = timed_send(self)
 
     def _record(self, labels: tuple[object, ...], count: int) -> Counts:
         found = self.records.get(labels)

@@ -165,12 +165,10 @@ class Rendered:
                 self._copies.clear()
             if (content_type, compress) not in self._copies and len(self._copies) >= MAX_COPIES:
                 encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-            output = self._copies.get((content_type, compress))
-            if output is None:
+            if (content_type, compress) not in self._copies:
                 output = encoder(self)
-                self._copies[content_type, compress] = output = (
-                    gzip.compress(output, 6) if compress else output
-                )
+                self._copies[content_type, compress] = gzip.compress(output, 6) if compress else output
+            output = self._copies[content_type, compress]
         return [("Content-Type", content_type), *([("Content-Encoding", "gzip")] if compress else [])], output
 
 

@@ -96,15 +96,11 @@ def worker_pids(directory: str) -> list[int]:
 
 
 def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
-    """What dead workers counted, and the names of the files that went into it."""
-    entries: list[Entry] = []
-    names: list[str] = []
-    for labels, values in read_file(os.path.join(directory, ABSORBED))[0]:
-        if labels[:1] == ("names",):
-            names.extend(str(name) for name in labels[1:])
-        else:
-            entries.append((labels, values))
-    return entries, names
+    """What dead workers counted, and the names of the files that went into it (its last record)."""
+    entries = read_file(os.path.join(directory, ABSORBED))[0]
+    if entries and entries[-1][0][:1] == ("names",):
+        return entries[:-1], [str(name) for name in entries[-1][0][1:]]
+    return entries, []
 
 
 def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
@@ -125,11 +121,7 @@ def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
 def absorb(directory: str, pid: int) -> None:
     """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them; on ``OSError`` (a full
     disk) they stay and count as before."""
-    dead = [
-        p
-        for p in glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))
-        if _NAME.fullmatch(os.path.basename(p))
-    ]
+    dead = glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))  # the directory is ours alone (0700)
     if not dead:
         return
     entries, names = _absorbed(directory)

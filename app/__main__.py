@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Under systemd it serves the socket passed in LISTEN_FDS and notifies NOTIFY_SOCKET.",
     )
     for name, option in options():
-        default = option.shown_default or _show(getattr(defaults, name))
+        default = option.shown or _show(getattr(defaults, name))
         text = f"{option.help} [env {option.env}; default {default}]".replace("%", "%%")
         action: str | type[argparse.Action] = "append" if option.repeat else "store"
         if option.metavar is None:  # an on/off switch
@@ -54,20 +54,16 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
 
 def check_files(settings: Settings) -> None:
     """Read the policy file and open the audit log once: a bad one stops the start with exit 2."""
-    if settings.policy is not None:
-        from app.api.policy import PolicyError, load_policy
+    from app.api.audit import AuditError, open_audit_file  # the server imports both anyway
+    from app.api.policy import PolicyError, load_policy
 
-        try:
+    try:
+        if settings.policy is not None:
             load_policy(settings.policy)
-        except PolicyError as exc:
-            raise SettingsError(str(exc)) from None
-    if settings.audit_log is not None and settings.audit_log != "-":
-        from app.api.audit import AuditError, open_audit_file
-
-        try:
+        if settings.audit_log is not None and settings.audit_log != "-":
             os.close(open_audit_file(settings.audit_log))
-        except AuditError as exc:
-            raise SettingsError(str(exc)) from None
+    except (PolicyError, AuditError) as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,20 +114,12 @@ class Option:
     metavar: str | None = None
     convert: Callable[[object], object] = str
     repeat: bool = False
-    shown_default: str | None = None
+    shown: str | None = None
     env: str = ""
 
 
-def _setting(
-    default: Any,
-    help: str,
-    metavar: str | None = None,
-    convert: Callable[[object], object] = str,
-    *,
-    repeat: bool = False,
-    shown: str | None = None,
-) -> Any:
-    return field(default=default, metadata={"option": Option(help, metavar, convert, repeat, shown)})
+def _setting(default: Any, *args: Any, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"option": Option(*args, **kwargs)})
 
 
 def _count(default: int, help: str, metavar: str = "N") -> Any:
@@ -138,7 +130,10 @@ def _seconds(default: float, help: str) -> Any:
     return _setting(default, help, "SECONDS", _positive_float)
 
 
-_ANYONE = "anyone who can open the socket"
+def _allow(kind: str, metavar: str) -> Any:
+    help = f"only peers with this {kind} may call the API, with every scope (repeatable; SO_PEERCRED; "
+    help += "beside --policy, its rules are added)"
+    return _setting((), help, metavar, _ids, repeat=True, shown="anyone who can open the socket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,24 +163,8 @@ class Settings:
         _group,
         shown="the process's group",
     )
-    allow_uid: tuple[int, ...] = _setting(
-        (),
-        "only peers with this uid may call the API, with every scope (repeatable; SO_PEERCRED; "
-        "beside --policy, its rules are added)",
-        "UID",
-        _ids,
-        repeat=True,
-        shown=_ANYONE,
-    )
-    allow_gid: tuple[int, ...] = _setting(
-        (),
-        "only peers with this gid may call the API, with every scope (repeatable; SO_PEERCRED; "
-        "beside --policy, its rules are added)",
-        "GID",
-        _ids,
-        repeat=True,
-        shown=_ANYONE,
-    )
+    allow_uid: tuple[int, ...] = _allow("uid", "UID")
+    allow_gid: tuple[int, ...] = _allow("gid", "GID")
     log_level: str = _setting(
         "info", ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1], "LEVEL", _choice(LOG_LEVELS)
     )

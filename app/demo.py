@@ -1,10 +1,7 @@
-"""``uds-demo``: the Pod in one process tree, no cluster needed.
-
-Starts ``uds-server`` on a socket in a fresh temp directory, waits for it, runs ``uds-client send
-"Hello from client"`` once, and prints both containers' lines labelled as ``kubectl logs uds-demo -c
-<container>`` would show them. Then it stops the server with SIGTERM, checks it exited 0 and removes
-the directory. Exit 0 when all of that worked, else 1 with one line saying what failed.
-"""
+"""``uds-demo``: the Pod in one process tree, no cluster needed. Runs ``uds-server`` on a socket in a
+fresh temp directory and ``uds-client send "Hello from client"`` once, prints both sides' lines as
+``kubectl logs uds-demo -c <container>`` would, stops the server with SIGTERM (it must exit 0) and
+removes the directory. Exit 0 when all of that worked, else 1 with one line saying what failed."""
 
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from typing import IO
 
@@ -50,29 +46,30 @@ class _Lines(threading.Thread):
         self.label = label
         self.stream = stream
         self.lines: list[str] = []
+        self.ended = False
         self._changed = threading.Condition()
         self.start()
 
     def run(self) -> None:
         shown = True
-        for raw in self.stream:
-            line = raw.rstrip("\n")
-            shown = shown and _print(self.label, line)  # past a closed stdout, keep reading quietly
+        try:
+            for raw in self.stream:
+                line = raw.rstrip("\n")
+                shown = shown and _print(self.label, line)  # past a closed stdout, keep reading quietly
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
+        finally:
+            self.stream.close()
             with self._changed:
-                self.lines.append(line)
+                self.ended = True
                 self._changed.notify_all()
-        self.stream.close()
 
     def wait_for(self, text: str, timeout: float) -> bool:
         """Whether a line containing ``text`` arrives within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
         with self._changed:
-            while not any(text in line for line in self.lines):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.is_alive():
-                    return any(text in line for line in self.lines)
-                self._changed.wait(min(remaining, 0.1))
-            return True
+            self._changed.wait_for(lambda: self.ended or any(text in line for line in self.lines), timeout)
+            return any(text in line for line in self.lines)
 
 
 def _run_client(command: list[str], server: _Lines) -> None:

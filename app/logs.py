@@ -1,7 +1,5 @@
 """Logging setup, done once by the entry point (library modules only ever get a logger).
-
-Text: ``app`` INFO lines bare (the demo lines, for ``kubectl logs``); JSON: one object per line.
-"""
+Text: ``app`` INFO lines bare (the demo lines, for ``kubectl logs``); JSON: one object per line."""
 
 from __future__ import annotations
 
@@ -16,18 +14,19 @@ _RECORD = logging.LogRecord("", 0, "", 0, "", None, None).__dict__
 _STANDARD = frozenset(_RECORD) | {"message", "asctime", "color_message", "taskName"}  # not extra fields
 
 
-def _exception_line(record: logging.LogRecord) -> str:
-    if record.exc_info and record.exc_info[1] is not None:
-        exc = record.exc_info[1]
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return ""
-
-
 class _Formatter(logging.Formatter):
     def __init__(self, debug: bool = False) -> None:
         super().__init__()
         self.debug = debug
+
+    def failure(self, record: logging.LogRecord) -> tuple[str, str | None]:
+        """The record's exception in one line, and its traceback with ``debug``."""
+        assert record.exc_info is not None
+        exc, line = record.exc_info[1], ""
+        if exc is not None:
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return line, self.formatException(record.exc_info) if self.debug else None
 
 
 class TextFormatter(_Formatter):
@@ -49,10 +48,8 @@ class TextFormatter(_Formatter):
             if number is not None:
                 message += f" (message {number})"
         if record.exc_info:
-            if self.debug:
-                message = f"{message}\n{self.formatException(record.exc_info)}"
-            else:
-                message = f"{message} ({_exception_line(record)}; run with --debug for the traceback)"
+            line, traceback = self.failure(record)
+            message += f"\n{traceback}" if traceback else f" ({line}; run with --debug for the traceback)"
         return message
 
 
@@ -70,9 +67,9 @@ class JsonFormatter(_Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["error"] = _exception_line(record)
-            if self.debug:
-                entry["traceback"] = self.formatException(record.exc_info)
+            entry["error"], traceback = self.failure(record)
+            if traceback:
+                entry["traceback"] = traceback
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
@@ -108,15 +105,12 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
             self.handleError(logging.makeLogRecord({"msg": "cannot write the log lines of this turn"}))
 
     def flush(self) -> None:
-        self.acquire()
-        try:
+        with self.lock:  # type: ignore[union-attr]
             text = "".join(self._pending)
             self._pending.clear()
             if text:
                 self.stream.write(text)
             super().flush()
-        finally:
-            self.release()
 
     def close(self) -> None:
         self._drain()

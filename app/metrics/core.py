@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, TypeAlias
 
@@ -34,16 +35,15 @@ class Recorder:
     per bucket of :data:`BUCKETS`, then their seconds) and in its connection's :class:`PeerTally`.
     With ``file`` (``--workers``) they live in that file; a record it cannot take stays unseen."""
 
-    __slots__ = ("cells", "file", "on", "peers", "records", "shown_uids", "timed_send")
+    __slots__ = ("cells", "file", "peers", "records", "shown_uids", "timed_send")
 
-    def __init__(self, on: bool = True, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
-        self.on = on  # off only in the benchmark that measures what counting costs
+    def __init__(self, shown_uids: Iterable[int] = (), file: CellFile | None = None) -> None:
         self.shown_uids = frozenset(shown_uids)
         self.file = file
         self.cells: dict[tuple[int, str, int], Counts] = {}
         self.records: dict[tuple[object, ...], Counts] = {}  # every cell by its labels
         self.peers: dict[int | str | None, PeerTally] = {}
-        self.timed_send = timed_send(self) if on else None
+        self.timed_send = timed_send(self)
 
     def _record(self, labels: tuple[object, ...], count: int) -> Counts:
         found = self.records.get(labels)
@@ -86,14 +86,12 @@ class Recorder:
         tally.counts[0] += 1
 
 
+@dataclass(eq=False, slots=True)
 class PeerTally:
     """The requests (one number) counted under one uid label, shared by its connections."""
 
-    __slots__ = ("counts", "label")
-
-    def __init__(self, label: int | str | None, counts: Counts) -> None:
-        self.label = label
-        self.counts = counts
+    label: int | str | None
+    counts: Counts
 
 
 def timed_send(recorder: Recorder) -> Callable[[RequestResponseCycle, PeerTally], Callable[[Any], Any]]:

@@ -262,7 +262,7 @@ def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
             "set TMPDIR to a writable directory"
         ) from None
     thread: threading.Thread | None = None
-    stop: list[Callable[[], object]] = []
+    done = threading.Event()
 
     def fold(pid: int) -> None:
         try:
@@ -278,13 +278,10 @@ def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
             started = threading.Event()
 
             async def serve() -> None:
-                stopped = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                stop.append(lambda: loop.call_soon_threadsafe(stopped.set))
                 try:
                     await endpoint.start()
                     started.set()
-                    await stopped.wait()
+                    await asyncio.to_thread(done.wait)
                 finally:
                     endpoint.close()  # asyncio.run then cancels what it was serving
 
@@ -294,9 +291,7 @@ def for_workers(settings: Settings) -> Iterator[Callable[[int], None]]:
         yield fold
     finally:
         if thread is not None:
-            for stopping in stop:
-                with contextlib.suppress(RuntimeError):  # the loop already closed
-                    stopping()
+            done.set()
             thread.join(10)
         os.environ.pop(DIR_ENV, None)
         shutil.rmtree(directory, ignore_errors=True)

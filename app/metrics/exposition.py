@@ -42,9 +42,7 @@ class Metrics:
     """This process's :class:`Recorder` and the registry ``/metrics`` shows: its own counts, or
     with ``directory`` (``--workers``) every worker's files."""
 
-    def __init__(
-        self, *, on: bool = True, directory: str | None = None, shown_uids: Iterable[int] = ()
-    ) -> None:
+    def __init__(self, *, directory: str | None = None, shown_uids: Iterable[int] = ()) -> None:
         self.file: CellFile | None = None
         if directory is not None:
             try:
@@ -53,7 +51,7 @@ class Metrics:
                 message = "Metrics: cannot create this worker's file in %s (%s); its counts are left out"
                 message += " of /metrics (free some space)"
                 _DEGRADED.log(logging.WARNING, message, directory, exc.strerror or exc)
-        self.recorder = Recorder(on, shown_uids, self.file)
+        self.recorder = Recorder(shown_uids, self.file)
         self.open_connections: Callable[[], int] = lambda: 0  # the server points them at its
         self.event_streams: Callable[[], int] = lambda: 0  # connections and the hub's streams
         if directory is None:
@@ -167,12 +165,10 @@ class Rendered:
                 self._copies.clear()
             if (content_type, compress) not in self._copies and len(self._copies) >= MAX_COPIES:
                 encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-            output = self._copies.get((content_type, compress))
-            if output is None:
+            if (content_type, compress) not in self._copies:
                 output = encoder(self)
-                self._copies[content_type, compress] = output = (
-                    gzip.compress(output, 6) if compress else output
-                )
+                self._copies[content_type, compress] = gzip.compress(output, 6) if compress else output
+            output = self._copies[content_type, compress]
         return [("Content-Type", content_type), *([("Content-Encoding", "gzip")] if compress else [])], output
 
 

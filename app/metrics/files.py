@@ -69,13 +69,13 @@ class CellFile:
         struct.pack_into("<dd", self._map, 16, connections, streams)
 
 
-def _parse(path: str) -> tuple[tuple[float, float], list[Entry]]:
-    """A file's gauges and records (nothing from a file that is gone or is not one)."""
+def read_file(path: str) -> tuple[list[Entry], tuple[float, float]]:
+    """A file's records and gauges (nothing from a file that is gone or is not one)."""
     data = b""
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
         data = file.read()
     if len(data) < _HEADER or data[:8] != _MAGIC:
-        return (0.0, 0.0), []
+        return [], (0.0, 0.0)
     used = min(struct.unpack_from("<q", data, 8)[0], len(data))
     entries: list[Entry] = []
     offset = _HEADER
@@ -87,12 +87,7 @@ def _parse(path: str) -> tuple[tuple[float, float], list[Entry]]:
         labels = tuple(json.loads(data[offset + _RECORD.size : offset + _RECORD.size + length]))
         entries.append((labels, struct.unpack_from(f"<{count}d", data, start)))
         offset = start + 8 * count
-    return struct.unpack_from("<dd", data, 16), entries
-
-
-def read_file(path: str) -> list[Entry]:
-    """The records of one file (none if it is gone)."""
-    return _parse(path)[1]
+    return entries, struct.unpack_from("<dd", data, 16)
 
 
 def worker_pids(directory: str) -> list[int]:
@@ -101,24 +96,20 @@ def worker_pids(directory: str) -> list[int]:
 
 
 def _absorbed(directory: str) -> tuple[list[Entry], list[str]]:
-    """What dead workers counted, and the names of the files that went into it."""
-    entries: list[Entry] = []
-    names: list[str] = []
-    for labels, values in read_file(os.path.join(directory, ABSORBED)):
-        if labels[:1] == ("names",):
-            names.extend(str(name) for name in labels[1:])
-        else:
-            entries.append((labels, values))
-    return entries, names
+    """What dead workers counted, and the names of the files that went into it (its last record)."""
+    entries = read_file(os.path.join(directory, ABSORBED))[0]
+    if entries and entries[-1][0][:1] == ("names",):
+        return entries[:-1], [str(name) for name in entries[-1][0][1:]]
+    return entries, []
 
 
 def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
     """Every record in ``directory``, each once (``absorbed.db`` read last, skipping the files it
     names), and the gauges summed over the live workers."""
-    found = [(os.path.basename(p), _parse(p)) for p in glob.glob(os.path.join(directory, "cells-*.db"))]
+    found = [(os.path.basename(p), read_file(p)) for p in glob.glob(os.path.join(directory, "cells-*.db"))]
     entries, taken = _absorbed(directory)
     gauges = [0.0, 0.0]
-    for name, (each, records) in found:
+    for name, (records, each) in found:
         if name not in taken:
             entries.extend(records)
             match = _NAME.fullmatch(name)
@@ -130,16 +121,12 @@ def read_all(directory: str) -> tuple[list[Entry], tuple[float, float]]:
 def absorb(directory: str, pid: int) -> None:
     """Fold dead worker ``pid``'s files into ``absorbed.db`` and remove them; on ``OSError`` (a full
     disk) they stay and count as before."""
-    dead = [
-        p
-        for p in glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))
-        if _NAME.fullmatch(os.path.basename(p))
-    ]
+    dead = glob.glob(os.path.join(directory, f"cells-{pid}-*.db"))  # the directory is ours alone (0700)
     if not dead:
         return
     entries, names = _absorbed(directory)
     totals: dict[tuple[object, ...], list[float]] = {}
-    for labels, values in entries + [entry for path in dead for entry in read_file(path)]:
+    for labels, values in entries + [entry for path in dead for entry in read_file(path)[0]]:
         kept = totals.setdefault(labels, [0.0] * len(values))
         kept[:] = [a + b for a, b in zip(kept, values, strict=False)]
     names = [*names, *(os.path.basename(path) for path in dead)][-_NAMES_KEPT:]

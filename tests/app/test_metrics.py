@@ -309,15 +309,15 @@ def posts_in(path: str) -> float:
     """The POST /v1/messages 201 count in one worker's file."""
     return sum(
         sum(counts[:-1])
-        for labels, counts in read_file(path)
+        for labels, counts in read_file(path)[0]
         if labels[:4] == ("cell", "POST", "/v1/messages", "201")
     )
 
 
 def test_peer_uids_are_opt_in_and_bounded() -> None:
-    hidden = Metrics(on=True).recorder
+    hidden = Metrics().recorder
     assert {hidden.peer(uid).label for uid in (0, 5, None)} == {None}  # no --metrics-uid: no uid series
-    metrics = Metrics(on=True, shown_uids=range(MAX_PEER_UIDS))
+    metrics = Metrics(shown_uids=range(MAX_PEER_UIDS))
     recorder = metrics.recorder
     tallies = [recorder.peer(uid) for uid in range(MAX_PEER_UIDS + 10)]
     assert [tally.label for tally in tallies] == [*range(MAX_PEER_UIDS), *[OTHER] * 10]
@@ -459,7 +459,7 @@ def test_an_answer_that_never_went_out_is_not_counted() -> None:
 def test_raw_methods_and_routes_share_their_labels_record() -> None:
     """Cells are kept by raw method and route object; those with the same labels add up in one
     record (a peer sending every method to every path makes cells, not series)."""
-    metrics = Metrics(on=True)
+    metrics = Metrics()
     recorder = metrics.recorder
     tally = recorder.peer(0)
     for route in range(300):

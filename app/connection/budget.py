@@ -4,8 +4,7 @@ from __future__ import annotations
 
 
 class Budget:
-    """Drawn on and given back on the event loop thread, in amounts (a body's size); what does not
-    fit is refused at once, not queued (unlike an ``asyncio.Semaphore``)."""
+    """Drawn on and given back on the event loop thread; what does not fit is refused, not queued."""
 
     __slots__ = ("free", "held", "per_peer")
 

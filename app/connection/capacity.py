@@ -26,8 +26,7 @@ class Capped(Protocol):
 
 
 class CapLog:
-    """Connections refused (503) or closed at the cap: the first logged at once, the rest summed up
-    in one line per :data:`LOG_PERIOD`."""
+    """Connections refused or closed at the cap: the first logged at once, the rest once a period."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()  # "refused", "closed" (idle), "slow"
@@ -62,8 +61,7 @@ class CapLog:
 def make_room(
     newcomer: Capped, connections: MutableSet[Any], cap: int, loop: asyncio.AbstractEventLoop, log: CapLog
 ) -> bool:
-    """Over ``cap``: close up to :data:`DRAIN` of the longest-idle connections, else of the slowest;
-    False when none can go (the newcomer's request then gets 503)."""
+    """Over ``cap``: close up to :data:`DRAIN` longest-idle, else slowest; False if none can go."""
     idle: list[tuple[float, Capped]] = []
     slow: list[tuple[float, Capped]] = []
     now = loop.time()

@@ -13,8 +13,7 @@ logger = logging.getLogger("app.connections")
 
 
 class SendDeadline:
-    """Aborts the connection (dropping what is unsent) when, ``seconds`` after writing paused, the
-    peer has read nothing since the last check, counting our buffer and the kernel's."""
+    """Aborts the connection when the peer of a paused answer reads nothing of it for ``seconds``."""
 
     __slots__ = ("_timer", "_unsent", "loop", "paused_at", "seconds", "transport")
 

@@ -1,5 +1,4 @@
-"""What the connection protocol (and the serving layer's ``UdsServer``) use of uvicorn beyond the
-callbacks they override, none of it documented: tests/app/test_uvicorn_internals.py checks it."""
+"""uvicorn's undocumented state the protocol and ``UdsServer`` use: tests/app/test_uvicorn_internals.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """uvicorn's httptools protocol with peer credentials, deadlines, limits and strict HTTP/1.1: its
-connection's life here, its requests in ``requests.py``, its error answers in ``refusals.py``.
-Why each defence is there: docs/internals.md, "Connection layer"."""
+connection's life (docs/internals.md, "Connection layer")."""
 
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ from app.connection.capacity import SLOW_REQUEST, make_room
 from app.connection.deadlines import DRAIN_STALL, SendDeadline
 from app.connection.peer import PeerConnection, queued, read_groups, read_peer
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
-from app.connection.refusals import CAP_LOG
 from app.connection.requests import RequestHooks
+from app.connection.state import CAP_LOG
 from app.metrics.core import Recorder
 
 
@@ -47,8 +46,7 @@ class PeerCredProtocol(RequestHooks):
             self.connection = PeerConnection(read_groups(sock))
         if self.recorder is not None and self._timed_send is not None:
             self.tally = self.recorder.peer(self.uid)
-        self._waiting_since = self.loop.time()  # a connection that never sends a request is closed too
-        self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+        self._await_request()  # a connection that never sends a request is closed too
         cap = self.max_connections
         if cap is not None and len(self.connections) > cap:
             self._over_cap = not make_room(self, self.connections, cap, self.loop, CAP_LOG)

@@ -22,8 +22,7 @@ def raise_open_file_limit() -> tuple[int, int]:
 def connection_cap(
     requested: int | None, soft_limit: int, *, reserve: int = FD_RESERVE, files_each: int = 1
 ) -> int:
-    """``requested`` (None: no wish), at most what ``soft_limit`` leaves once ``reserve`` are kept
-    free, each connection holding ``files_each``; at least 1."""
+    """``requested`` (None: no wish), at most the connections of ``files_each`` that fit; at least 1."""
     if soft_limit < 0 or soft_limit == resource.RLIM_INFINITY:
         room = 1 << 30
     else:

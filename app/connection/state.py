@@ -15,7 +15,6 @@ from uvicorn.server import ServerState
 from app.connection import framing
 from app.connection.budget import Budget
 from app.connection.capacity import CapLog
-from app.connection.deadlines import SendDeadline
 from app.connection.framing import Refusal
 from app.connection.peer import PeerConnection
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
@@ -35,7 +34,6 @@ class ConnectionState(HttpToolsProtocol):
     """``held``: the held-input budget shared by the connections (None: one of its own)."""
 
     flow: HoldingFlow
-    _send: SendDeadline
 
     def __init__(
         self,

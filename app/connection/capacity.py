@@ -1,4 +1,5 @@
-"""The connection cap: at the cap, the longest-idle connections make room for a new one (nginx)."""
+"""What a process's connections share: budgets of amounts, capped per peer uid, and the connection
+cap, at which the longest-idle connections make room for a new one (nginx)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,33 @@ SLOW_REQUEST = 2.0  # with none idle, one sending a request or not reading for t
 LOG_PERIOD = 10.0  # seconds between two log lines about the cap
 _first = itemgetter(0)
 logger = logging.getLogger("app.connections")
+
+
+class Budget:
+    """Drawn on and given back on the event loop thread; what does not fit is refused, not queued."""
+
+    __slots__ = ("free", "held", "per_peer")
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.free = total
+        self.per_peer = per_peer
+        self.held: dict[int | None, int] = {}
+
+    def take(self, amount: int, uid: int | None) -> bool:
+        held = self.held.get(uid, 0)
+        if amount > self.free or held + amount > self.per_peer:
+            return False
+        self.free -= amount
+        self.held[uid] = held + amount
+        return True
+
+    def give(self, amount: int, uid: int | None) -> None:
+        self.free += amount
+        left = self.held[uid] - amount
+        if left:
+            self.held[uid] = left
+        else:
+            del self.held[uid]
 
 
 class Capped(Protocol):

@@ -8,8 +8,7 @@ import functools
 import termios
 from collections.abc import Callable
 
-from app.connection.budget import Budget
-from app.connection.capacity import SLOW_REQUEST, make_room
+from app.connection.capacity import SLOW_REQUEST, Budget, make_room
 from app.connection.peer import PeerConnection, queued, read_groups, read_peer
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
 from app.connection.requests import RequestHooks

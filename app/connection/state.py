@@ -13,8 +13,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from app.connection import framing
-from app.connection.budget import Budget
-from app.connection.capacity import CapLog
+from app.connection.capacity import Budget, CapLog
 from app.connection.framing import Refusal
 from app.connection.peer import PeerConnection
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow

@@ -24,7 +24,7 @@ from app.api.forwarded import HEADER as FORWARDED_HEADER
 from app.api.forwarded import key_owner, with_forwarded
 from app.api.models import EXAMPLE_MESSAGE, Message, MessageList, describe, message_in_model
 from app.config import Settings
-from app.connection.budget import Budget
+from app.connection.capacity import Budget
 from app.connection.peer import PEER_KEY
 from app.logs import escaped
 from app.storage.events import PEER_SHARE

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import termios
 from collections.abc import Callable
+from operator import itemgetter
 
-from app.connection.capacity import SLOW_REQUEST, Budget, make_room
+from app.connection.capacity import DRAIN, SLOW_REQUEST, Budget
 from app.connection.peer import PeerConnection, queued, read_groups, read_peer
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
 from app.connection.requests import RequestHooks
@@ -106,7 +108,7 @@ class PeerCredProtocol(RequestHooks):
         self._await_request()  # a connection that never sends a request is closed too
         cap = self.max_connections
         if cap is not None and len(self.connections) > cap:
-            self._over_cap = not make_room(self, self.connections, cap, self.loop, CAP_LOG)
+            self._over_cap = not self._make_room(cap)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
@@ -182,3 +184,30 @@ class PeerCredProtocol(RequestHooks):
             return None
         cycle = self.cycle
         return None if cycle is not None and cycle.response_started else since  # not cut mid-answer
+
+    def _make_room(self, cap: int) -> bool:
+        """Over ``cap``: close up to :data:`DRAIN` longest-idle, else slowest; False if none can go."""
+        idle: list[tuple[float, PeerCredProtocol]] = []
+        slow: list[tuple[float, PeerCredProtocol]] = []
+        now = self.loop.time()
+        open_ = 0
+        for conn in self.connections:
+            if conn.transport.is_closing():
+                continue  # on its way out: it makes room by itself
+            open_ += 1
+            if conn is not self and isinstance(conn, type(self)):
+                since = conn.idle_since()
+                if since is not None:
+                    idle.append((since, conn))
+                elif not idle:
+                    since = conn.slow_since(now)
+                    if since is not None:
+                        slow.append((since, conn))
+        if open_ <= cap:
+            return True
+        victims = idle or slow
+        for _, conn in heapq.nsmallest(DRAIN, victims, key=itemgetter(0)):
+            conn.transport.close()
+            self.connections.discard(conn)  # counted out now; connection_lost follows
+            CAP_LOG.note(self.loop, cap, "closed" if idle else "slow")
+        return bool(victims)

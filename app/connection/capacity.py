@@ -15,8 +15,6 @@ logger = logging.getLogger("app.connections")
 class Budget:
     """Drawn on and given back on the event loop thread; what does not fit is refused, not queued."""
 
-    __slots__ = ("free", "held", "per_peer")
-
     def __init__(self, total: int, per_peer: int) -> None:
         self.free = total
         self.per_peer = per_peer

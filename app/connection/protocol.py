@@ -1,5 +1,4 @@
-"""uvicorn's httptools protocol with peer credentials, deadlines, limits and strict HTTP/1.1: its
-connection's life and send deadline (docs/internals.md, "Connection layer")."""
+"""The connection protocol: a connection's life and send deadline (docs/internals.md, "Connection layer")."""
 
 from __future__ import annotations
 
@@ -10,11 +9,11 @@ import termios
 from collections.abc import Callable
 from operator import itemgetter
 
-from app.connection.capacity import DRAIN, SLOW_REQUEST, Budget
+from app.connection.capacity import DRAIN, SLOW_REQUEST, Budget, logger
 from app.connection.peer import PeerConnection, queued, read_groups, read_peer
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
 from app.connection.requests import RequestHooks
-from app.connection.state import CAP_LOG, logger
+from app.connection.state import CAP_LOG
 from app.metrics.core import Recorder
 
 DRAIN_STALL = 2.0  # once draining: seconds for an answer left unread, or a request begun, before closing
@@ -62,8 +61,7 @@ class SendDeadline:
                 self._timer.cancel()
                 self._timer = self.loop.call_later(seconds, self._expired)
 
-    def stop(self) -> None:
-        """Writing resumed, or the connection is gone."""
+    def stop(self) -> None:  # writing resumed, or the connection is gone
         self.paused_at = None
         if self._timer is not None:
             self._timer.cancel()

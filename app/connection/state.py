@@ -13,7 +13,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from app.connection import framing
-from app.connection.capacity import Budget, CapLog
+from app.connection.capacity import Budget, CapLog, logger
 from app.connection.framing import Refusal
 from app.connection.peer import PeerConnection
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
@@ -24,7 +24,6 @@ from client.net.throttle import Throttle
 
 _CLOSE = (("connection", "close"),)
 _RETRY = (("retry-after", "1"), *_CLOSE)
-logger = logging.getLogger("app.connections")
 CAP_LOG = CapLog()
 _REJECTED = Throttle(logger)
 
@@ -156,6 +155,5 @@ class ConnectionState(HttpToolsProtocol):
         logger.warning(
             "Request not complete after %gs: answered 408 and closed the connection", self.request_timeout
         )
-        # The application, if it waits for the body, learns that the client is gone.
         late = f"the request was not complete within {self.request_timeout:g}s; send it faster"
         self._refuse(408, "request_timeout", late, log=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 
 FD_RESERVE = 64  # descriptors kept free beyond the connections: listening socket, logs, event loop
@@ -11,11 +12,9 @@ def raise_open_file_limit() -> tuple[int, int]:
     """Raise ``RLIMIT_NOFILE``'s soft limit (often 1024) to the hard one; return ``(soft, hard)``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit above the kernel's nr_open
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-        except (ValueError, OSError):  # an unlimited hard limit above the kernel's nr_open
-            pass
     return soft, hard
 
 

@@ -36,13 +36,13 @@ BODIES_FULL = (
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
-def check_host(hosts: list[bytes], http_version: str) -> Refusal | None:
+def check_host(host: bytes | None, hosts: int, http_version: str) -> Refusal | None:
     """Exactly one valid ``Host`` (HTTP/1.0 may omit it), else the refusal."""
-    if len(hosts) > 1:
+    if hosts > 1:
         return HOSTS
-    if not hosts:
+    if host is None:
         return None if http_version == "1.0" else NO_HOST
-    return None if _HOST.fullmatch(hosts[0]) else BAD_HOST
+    return None if _HOST.fullmatch(host) else BAD_HOST
 
 
 def parse_refusal(exc: Exception) -> Refusal:

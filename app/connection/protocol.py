@@ -90,8 +90,6 @@ class SendDeadline:
 class PeerCredProtocol(RequestHooks):
     """One per connection, made by :func:`protocol_factory` (keywords: ``ConnectionState``)."""
 
-    _send: SendDeadline
-
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = HoldingFlow(transport)

@@ -133,13 +133,17 @@ class RequestHooks(ConnectionState):
         split_or_big = self._head_bytes or self._chunk_bytes > MAX_HEADER_BYTES
         if split_or_big and len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEADER_BYTES:
             self._fail(framing.HEAD_TOO_LARGE)
-        hosts = [value for name, value in headers if name == b"host"]
-        if len(hosts) != 1 or hosts[0] != self._good_host:
-            refusal = framing.check_host(hosts, self.parser.get_http_version())
+        host = None
+        hosts = 0
+        for name, value in headers:
+            if name == b"host":
+                host = value
+                hosts += 1
+        if host != self._good_host or hosts != 1:
+            refusal = framing.check_host(host, hosts, self.parser.get_http_version())
             if refusal is not None:
                 self._fail(refusal)
-            if hosts:
-                self._good_host = hosts[0]
+            self._good_host = host  # valid, or None (HTTP/1.0)
         if self._over_cap:
             if len(self.connections) > (self.max_connections or 0):
                 self._fail(framing.FULL)

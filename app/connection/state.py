@@ -68,7 +68,7 @@ class ConnectionState(HttpToolsProtocol):
         self._reject: Refusal | None = None
         self._refused = False  # an error was answered or waits to be: the rest of the input is ignored
         self._pending: bytes | None = None  # an error answer waiting for the answers owed before it
-        self._good_host = b"localhost"
+        self._good_host: bytes | None = b"localhost"
         self._in_chunk_head = False
         self._chunked_cycle: RequestResponseCycle | None = None
         self._watched: RequestResponseCycle | None = None
@@ -124,8 +124,7 @@ class ConnectionState(HttpToolsProtocol):
     def _close_after(self, answer: bytes) -> None:
         if self.transport.is_closing():
             return
-        if answer:
-            self.transport.write(answer)
+        self.transport.write(answer)  # b"" writes nothing
         if self._linger is None:
             self._linger = Linger(self.transport, self.loop)
 

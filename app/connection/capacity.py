@@ -1,33 +1,44 @@
-"""The connection cap: at the cap, the longest-idle connections make room for a new one (nginx)."""
+"""What a process's connections share: budgets of amounts capped per peer uid; the connection cap."""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 from collections import Counter
-from collections.abc import MutableSet
-from operator import itemgetter
-from typing import Any, Protocol
 
 DRAIN = 32  # connections closed at once to make room (nginx's ngx_drain_connections)
 SLOW_REQUEST = 2.0  # with none idle, one sending a request or not reading for this long goes
 LOG_PERIOD = 10.0  # seconds between two log lines about the cap
-_first = itemgetter(0)
 logger = logging.getLogger("app.connections")
 
 
-class Capped(Protocol):
-    transport: asyncio.Transport
+class Budget:
+    """Drawn on and given back on the event loop thread; what does not fit is refused, not queued."""
 
-    def idle_since(self) -> float | None: ...
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.free = total
+        self.per_peer = per_peer
+        self.held: dict[int | None, int] = {}
 
-    def slow_since(self, now: float) -> float | None: ...
+    def take(self, amount: int, uid: int | None) -> bool:
+        held = self.held.get(uid, 0)
+        if amount > self.free or held + amount > self.per_peer:
+            return False
+        self.free -= amount
+        self.held[uid] = held + amount
+        return True
+
+    def give(self, amount: int, uid: int | None) -> None:
+        self.free += amount
+        left = self.held[uid] - amount
+        if left:
+            self.held[uid] = left
+        else:
+            del self.held[uid]
 
 
 class CapLog:
-    """Connections refused (503) or closed at the cap: the first logged at once, the rest summed up
-    in one line per :data:`LOG_PERIOD`."""
+    """Connections refused or closed at the cap: the first logged at once, the rest once a period."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()  # "refused", "closed" (idle), "slow"
@@ -46,46 +57,12 @@ class CapLog:
         logger.log(
             logging.WARNING if counts["refused"] or counts["slow"] else logging.INFO,
             "At the connection limit (%d, --max-connections): refused %d connection(s) "
-            "with 503, closed %d idle connection(s) and %d slow to send a request (over %gs) "
-            "to make room; next report in %gs at most",
+            f"with 503, closed %d idle connection(s) and %d slow to send a request (over {SLOW_REQUEST:g}s) "
+            f"to make room; next report in {LOG_PERIOD:g}s at most",
             cap,
             counts["refused"],
             counts["closed"],
             counts["slow"],
-            SLOW_REQUEST,
-            LOG_PERIOD,
         )
         counts.clear()
         self._timer = loop.call_later(LOG_PERIOD, self._flush, loop, cap)
-
-
-def make_room(
-    newcomer: Capped, connections: MutableSet[Any], cap: int, loop: asyncio.AbstractEventLoop, log: CapLog
-) -> bool:
-    """Over ``cap``: close up to :data:`DRAIN` of the longest-idle connections, else of the slowest;
-    False when none can go (the newcomer's request then gets 503)."""
-    idle: list[tuple[float, Capped]] = []
-    slow: list[tuple[float, Capped]] = []
-    now = loop.time()
-    kind = type(newcomer)
-    open_ = 0
-    for conn in connections:
-        if conn.transport.is_closing():
-            continue  # on its way out: it makes room by itself
-        open_ += 1
-        if conn is not newcomer and isinstance(conn, kind):
-            since = conn.idle_since()
-            if since is not None:
-                idle.append((since, conn))
-            elif not idle:
-                since = conn.slow_since(now)
-                if since is not None:
-                    slow.append((since, conn))
-    if open_ <= cap:
-        return True
-    victims = idle or slow
-    for _, conn in heapq.nsmallest(DRAIN, victims, key=_first):
-        conn.transport.close()
-        connections.discard(conn)  # counted out now; connection_lost follows
-        log.note(loop, cap, "closed" if idle else "slow")
-    return bool(victims)

@@ -43,8 +43,7 @@ def read_groups(sock: socket.socket) -> tuple[int, ...]:
 
 
 def queued(sock: socket.socket | None, request: int) -> int:
-    """Bytes in the kernel's queue: unread input (``termios.FIONREAD``) or output the peer has not
-    read (``termios.TIOCOUTQ``); 0 if unknown."""
+    """Bytes of unread input (``termios.FIONREAD``) or unread output (``TIOCOUTQ``); 0 if unknown."""
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             return int(_INT.unpack(fcntl.ioctl(sock.fileno(), request, _INT.pack(0)))[0])
@@ -53,8 +52,7 @@ def queued(sock: socket.socket | None, request: int) -> int:
 
 @dataclass(slots=True)
 class PeerConnection:
-    """One connection's identity, shared by its requests: the access check caches its scopes on it
-    (per policy ``generation``), since credentials cannot change while it is open."""
+    """One connection's identity: the access check caches its scopes on it, per policy ``generation``."""
 
     groups: tuple[int, ...]
     generation: int = -1

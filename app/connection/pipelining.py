@@ -1,5 +1,4 @@
-"""HTTP/1.1 pipelining bounded by backpressure: past ``MAX_PIPELINE`` waiting requests, input is
-held unparsed and reading pauses until an answer makes room."""
+"""HTTP/1.1 pipelining bounded: past ``MAX_PIPELINE`` waiting requests, input is held unparsed."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ class HoldingFlow(FlowControl):
 
 
 def next_cut(data: bytes, start: int, room: int) -> tuple[int, bool]:
-    """Where the next piece of ``data[start:]`` to parse ends, so that it completes at most ``room``
-    heads (at least one), and whether it ends halfway through a head end (``CRLF CRLF``)."""
+    """The end of a piece of ``data[start:]`` with at most ``room`` heads (1+); if it splits CRLF CRLF."""
     cut = start
     for _ in range(max(room, 1)):
         found = data.find(HEAD_END, cut)

@@ -1,22 +1,22 @@
-"""uvicorn's httptools protocol with peer credentials, deadlines, limits and strict HTTP/1.1: its
-connection's life here, its requests in ``requests.py``, its error answers in ``refusals.py``.
-Why each defence is there: docs/internals.md, "Connection layer"."""
+"""The connection protocol: a connection's life and send deadline (docs/internals.md, "Connection layer")."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import termios
 from collections.abc import Callable
+from operator import itemgetter
 
-from app.connection.budget import Budget
-from app.connection.capacity import SLOW_REQUEST, make_room
-from app.connection.deadlines import DRAIN_STALL, SendDeadline
+from app.connection.capacity import DRAIN, SLOW_REQUEST, Budget, logger
 from app.connection.peer import PeerConnection, queued, read_groups, read_peer
 from app.connection.pipelining import HELD_BUDGET, HELD_PER_PEER, HoldingFlow
-from app.connection.refusals import CAP_LOG
 from app.connection.requests import RequestHooks
+from app.connection.state import CAP_LOG
 from app.metrics.core import Recorder
+
+DRAIN_STALL = 2.0  # once draining: seconds for an answer left unread, or a request begun, before closing
 
 
 def protocol_factory(
@@ -33,6 +33,60 @@ def protocol_factory(
     )
 
 
+class SendDeadline:
+    """Aborts the connection when the peer of a paused answer reads nothing of it for ``seconds``."""
+
+    __slots__ = ("_timer", "_unsent", "loop", "paused_at", "seconds", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, seconds: float) -> None:
+        self.loop = loop
+        self.transport = transport
+        self.seconds = seconds
+        self.paused_at: float | None = None  # since when the peer leaves our answers unread
+        self._timer: asyncio.TimerHandle | None = None
+        self._unsent = 0
+
+    def paused(self) -> None:
+        if self.paused_at is None:
+            self.paused_at = self.loop.time()
+        if self._timer is None:
+            self._unsent = self._unsent_bytes()
+            self._timer = self.loop.call_later(self.seconds, self._expired)
+
+    def shorten(self, seconds: float) -> None:
+        """At most ``seconds`` from now on (the server drains)."""
+        if self.seconds > seconds:
+            self.seconds = seconds
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self.loop.call_later(seconds, self._expired)
+
+    def stop(self) -> None:  # writing resumed, or the connection is gone
+        self.paused_at = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _unsent_bytes(self) -> int:
+        # The kernel's part shows a slow reader's progress: a Unix socket turns writable only late.
+        sock = self.transport.get_extra_info("socket")
+        return self.transport.get_write_buffer_size() + queued(sock, termios.TIOCOUTQ)
+
+    def _expired(self) -> None:  # runs only while paused: stop() cancels it
+        unsent = self._unsent_bytes()
+        if unsent < self._unsent:  # the peer read something: it gets another period
+            self._unsent = unsent
+            self._timer = self.loop.call_later(self.seconds, self._expired)
+            return
+        self._timer = None
+        logger.warning(
+            "Closed a connection whose peer read nothing for %gs; dropped %d unsent bytes",
+            self.seconds,
+            unsent,
+        )
+        self.transport.abort()
+
+
 class PeerCredProtocol(RequestHooks):
     """One per connection, made by :func:`protocol_factory` (keywords: ``ConnectionState``)."""
 
@@ -47,11 +101,10 @@ class PeerCredProtocol(RequestHooks):
             self.connection = PeerConnection(read_groups(sock))
         if self.recorder is not None and self._timed_send is not None:
             self.tally = self.recorder.peer(self.uid)
-        self._waiting_since = self.loop.time()  # a connection that never sends a request is closed too
-        self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+        self._await_request()  # a connection that never sends a request is closed too
         cap = self.max_connections
         if cap is not None and len(self.connections) > cap:
-            self._over_cap = not make_room(self, self.connections, cap, self.loop, CAP_LOG)
+            self._over_cap = not self._make_room(cap)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
@@ -127,3 +180,30 @@ class PeerCredProtocol(RequestHooks):
             return None
         cycle = self.cycle
         return None if cycle is not None and cycle.response_started else since  # not cut mid-answer
+
+    def _make_room(self, cap: int) -> bool:
+        """Over ``cap``: close up to :data:`DRAIN` longest-idle, else slowest; False if none can go."""
+        idle: list[tuple[float, PeerCredProtocol]] = []
+        slow: list[tuple[float, PeerCredProtocol]] = []
+        now = self.loop.time()
+        open_ = 0
+        for conn in self.connections:
+            if conn.transport.is_closing():
+                continue  # on its way out: it makes room by itself
+            open_ += 1
+            if conn is not self and isinstance(conn, type(self)):
+                since = conn.idle_since()
+                if since is not None:
+                    idle.append((since, conn))
+                elif not idle:
+                    since = conn.slow_since(now)
+                    if since is not None:
+                        slow.append((since, conn))
+        if open_ <= cap:
+            return True
+        victims = idle or slow
+        for _, conn in heapq.nsmallest(DRAIN, victims, key=itemgetter(0)):
+            conn.transport.close()
+            self.connections.discard(conn)  # counted out now; connection_lost follows
+            CAP_LOG.note(self.loop, cap, "closed" if idle else "slow")
+        return bool(victims)

@@ -1,5 +1,4 @@
-"""The connection protocol's per-request hooks: input parsed as far as the pipeline has room, heads,
-trailers and framing bounded, bodies drawn on the held-input budget, early answers closed lingering."""
+"""The connection protocol's per-request hooks: parsing, bounds on heads and bodies, early answers."""
 
 from __future__ import annotations
 
@@ -13,13 +12,13 @@ from app.connection import framing
 from app.connection.framing import MAX_HEADER_BYTES, MAX_HEADERS, Refusal
 from app.connection.peer import CONNECTION_KEY, PEER_KEY
 from app.connection.pipelining import BODY_UNCOUNTED, HEAD_END, MAX_PIPELINE, next_cut
-from app.connection.refusals import Refusals
+from app.connection.state import ConnectionState
 from client.net.throttle import Throttle
 
 _UPGRADES = Throttle(logging.getLogger("app.connections"))
 
 
-class RequestHooks(Refusals):
+class RequestHooks(ConnectionState):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             if self._linger is not None:
@@ -76,10 +75,8 @@ class RequestHooks(Refusals):
         self._feed(data, start)
         if not flow.held and not self._refused:
             flow.resume_reading()
-            if not self._message_done and self._waiting_since is None:
-                self._waiting_since = self.loop.time()  # the rest of a request is due from now
-                if self._deadline is None:
-                    self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+            if not self._message_done:
+                self._await_request()  # the rest of a request is due from now
 
     def _parse(self, data: bytes | memoryview) -> None:
         """Feed ``data`` to the parser, with the bounds that need the reads' sizes."""
@@ -127,10 +124,7 @@ class RequestHooks(Refusals):
         self._message_done = False
         self._begins += 1
         self._head_bytes = 0
-        if self._waiting_since is None:
-            self._waiting_since = self.loop.time()
-        if self._deadline is None:
-            self._deadline = self.loop.call_later(self.request_timeout, self._on_deadline)
+        self._await_request()
 
     def on_headers_complete(self) -> None:
         headers = self.headers
@@ -149,8 +143,7 @@ class RequestHooks(Refusals):
             refusal = framing.check_host(host, hosts, self.parser.get_http_version())
             if refusal is not None:
                 self._fail(refusal)
-            if host is not None:
-                self._good_host = host
+            self._good_host = host  # valid, or None (HTTP/1.0)
         if self._over_cap:
             if len(self.connections) > (self.max_connections or 0):
                 self._fail(framing.FULL)

@@ -1,6 +1,4 @@
-"""The lingering close (nginx's ``lingering_close``): after an answer that ends a connection, shut
-down writing and discard what still comes (up to ``limit`` bytes, for ``seconds``), then close, so
-that a client still writing its request reads the answer instead of a reset."""
+"""The lingering close (nginx's): half-close, discard what comes (``limit`` bytes, ``seconds``), close."""
 
 from __future__ import annotations
 
@@ -52,8 +50,7 @@ async def linger(
     seconds: float = SECONDS,
     limit: int = LIMIT,
 ) -> None:
-    """A stream connection's lingering close, until the peer is done or a bound is hit; the caller
-    closes ``writer`` afterwards."""
+    """A stream connection's lingering close; the caller closes ``writer`` afterwards."""
     if not _shut_write(writer.transport):
         return
     deadline = asyncio.get_running_loop().time() + seconds

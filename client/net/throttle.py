@@ -20,10 +20,8 @@ class _Kind:
 
 
 class Throttle:
-    """At most one line per ``period`` seconds for each ``key`` of an event: the first at once, those
-    held back counted into the next line (``... (and 3879 more like it in the last 10s)``) or into
-    :meth:`flush`'s. Past ``keys`` keys the rest share one. ``log``: a logger, or a function that
-    writes a finished line."""
+    """One line per ``period`` for each ``key`` (past ``keys`` keys, one for the rest), those held back
+    counted into the next or :meth:`flush`'s; ``log``: a logger, or a function that writes a line."""
 
     __slots__ = ("_kinds", "_log", "keys", "period")
 

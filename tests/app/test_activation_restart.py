@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from app.connection.deadlines import DRAIN_STALL
+from app.connection.protocol import DRAIN_STALL
 from client import Client
 from tests.support import (
     ServerProcess,

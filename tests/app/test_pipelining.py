@@ -18,7 +18,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from app.connection import requests as hooks
-from app.connection.budget import Budget
+from app.connection.capacity import Budget
 from app.connection.pipelining import HELD_BUDGET, MAX_PIPELINE
 from app.connection.protocol import PeerCredProtocol
 from tests.app.protocol_harness import new_protocol

@@ -18,7 +18,7 @@ from app.api.forwarded import key_owner, parse_forwarded_peer
 from app.api.models import PARTS, Message, MessageList, answer, describe, message_in_model, operation
 from app.api.routes import ReleasingStream
 from app.config import Settings
-from app.connection.budget import Budget
+from app.connection.capacity import Budget
 from app.connection.peer import PEER_KEY
 from app.logs import escaped
 from app.storage.events import PEER_SHARE

@@ -49,8 +49,7 @@ def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -
 
 
 def _headers(page: str, assets: list[str]) -> dict[str, str]:
-    """A Content-Security-Policy admitting the page's own inline script and the named assets it
-    runs, by hash; no Referer from the page (its address may hold the proxy's token)."""
+    """A CSP admitting the page's inline script and named assets by hash; no Referer (token in the URL)."""
     inline = re.findall(r"<script>(.*?)</script>", page, re.DOTALL)
     # fetch(...).text() decodes UTF-8 and drops a byte order mark; the hash is of that text.
     texts = [(assets_directory() / name).read_text(encoding="utf-8-sig") for name in assets]
@@ -81,15 +80,12 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        """Swagger UI, served offline."""
         return HTMLResponse(swagger_page, headers=swagger_headers)
 
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
-        """Swagger UI's OAuth2 redirect page."""
         return get_swagger_ui_oauth2_redirect_html()
 
     @app.get(redoc_url, include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        """ReDoc, served offline and without web fonts."""
         return HTMLResponse(redoc_page, headers=redoc_headers)

@@ -24,7 +24,6 @@ _AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})  # optional, never nu
 
 
 def build_router(hub: EventHub) -> APIRouter:
-    """The ``/events`` router, bound to this process's hub."""
     router = APIRouter(prefix="/events", tags=["events"])
     refusals = Throttle(log)
 
@@ -55,7 +54,6 @@ def build_router(hub: EventHub) -> APIRouter:
             Header(alias="last-event-id", ge=0, description="The id of the last event received."),
         ] = None,
     ) -> Response:
-        """Stream stored messages as Server-Sent Events."""
         try:
             peer = request.scope.get("extensions", {}).get(PEER_KEY)
             subscriber = hub.subscribe(peer["uid"] if peer else None)

@@ -49,15 +49,13 @@ def _request_schema(settings: Settings) -> dict[str, Any]:
 
 
 class LeanRoute(APIRoute):
-    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``: documented
-    like any route, without dependency solving or body and response models."""
+    """A documented route whose endpoint takes the raw ``Request``: no dependencies, no models."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         return self.endpoint
 
 
 def build_router(settings: Settings, store: Store) -> APIRouter:
-    """The ``/messages`` router, bound to this app's settings and store."""
     router = APIRouter(prefix="/messages", tags=["messages"])
     max_body = settings.max_body_bytes
     validate_json = message_in_model(settings.max_text_length).model_validate_json
@@ -69,7 +67,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     streams = Budget(LIST_STREAMS, max(1, LIST_STREAMS // PEER_SHARE))
 
     async def create_message(request: Request) -> Response:
-        """Store a message and answer with the server's reply."""
         scope = request.scope
         content_type = content_length = key_raw = forwarded_raw = None
         for name, value in scope["headers"]:
@@ -208,7 +205,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             ),
         ] = default_limit,
     ) -> Response:
-        """List the most recent messages, oldest first."""
         chunks = _list_chunks(store, store.recent_ids(limit))
         first = next(chunks)
         second = next(chunks, None)
@@ -235,7 +231,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],
     ) -> Response:
-        """Get one message by id."""
         document = store.get(message_id)
         if document is None:
             return error_response(
@@ -247,9 +242,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
 
 def _list_chunks(store: Store, ids: Sequence[int]) -> Iterator[bytes]:
-    """``{"messages": [...]}`` for the messages ``ids[0]..ids[-1]`` in chunks of about
-    :data:`LIST_CHUNK` bytes, each read from the store only when it is made (messages that left
-    the history by then are left out); each read asks for about one chunk's worth of rows."""
+    """``{"messages": [...]}`` for ``ids[0]..ids[-1]`` in chunks of about LIST_CHUNK, each read when made."""
     parts = [b'{"messages":[']
     if ids:
         size = 0

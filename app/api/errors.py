@@ -31,8 +31,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
     500: ("internal_error", "internal server error; the server log has the details"),
     503: ("unavailable", "the server is not available; try again shortly"),
     507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
-}
-"""Each error status's code and default message."""
+}  # each error status's code and default message
 JSON = "application/json"
 
 
@@ -52,8 +51,7 @@ def error_response(
 
 
 def validation_error(errors: Sequence[Any], *, under: tuple[str, ...] = (), empty: bool = False) -> Response:
-    """422 naming the first of pydantic's ``errors``, listing each one's ``type``, ``loc`` (located
-    ``under`` a part of the request) and ``msg``; never its input (bodies stay private)."""
+    """422 naming the first of pydantic's ``errors``, listing each without its input (bodies stay private)."""
     details = [{"type": err["type"], "loc": [*under, *err["loc"]], "msg": err["msg"]} for err in errors]
     first = details[0]
     where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"

@@ -36,10 +36,10 @@ def answer(
     return {"model": model, "description": description, "content": content, **more}
 
 
+# The OpenAPI examples, links and headers of ``app/api/openapi-parts.json``.
 PARTS: dict[str, Any] = json.loads(
     resources.files("app.api").joinpath("openapi-parts.json").read_text("utf-8")
 )
-"""The OpenAPI examples, links and headers of ``app/api/openapi-parts.json``."""
 
 
 class MessageIn(BaseModel):

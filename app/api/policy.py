@@ -61,8 +61,7 @@ def scope_table(versions: Iterable[int]) -> dict[str, str]:
 
 
 def scope_for(table: Mapping[str, str], method: str, path: str) -> str:
-    """The table's entry for the path, else ``read`` for GET and HEAD and ``write`` for anything else
-    (judged before the router's 404 or 405, which so reveal nothing to a caller without the scope)."""
+    """The table's entry for the path, else ``read`` for GET and HEAD and ``write`` for anything else."""
     needed = table.get(path)
     if needed is not None:
         return needed

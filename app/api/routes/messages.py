@@ -38,11 +38,9 @@ _RETRY = {"retry-after": "1"}
 
 
 def _request_schema(settings: Settings) -> dict[str, Any]:
-    key = {
-        **PARTS["idempotency_key"],
-        "description": describe("idempotency_key", keys=settings.idempotency_keys),
-    }
-    key["schema"] = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"}
+    description = describe("idempotency_key", keys=settings.idempotency_keys)
+    pattern = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"}
+    key = {**PARTS["idempotency_key"], "description": description, "schema": pattern}
     body = {JSON: {"schema": message_in_model(settings.max_text_length).model_json_schema()}}
     body[JSON]["example"] = {"text": "Hello from client"}
     return {"parameters": [key], "requestBody": {"required": True, "content": body}}
@@ -215,11 +213,9 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         if not streams.take(1, uid):
             why = "all %d slots (or peer uid %s's share) are taken by answers being sent"
             busy_log.log(logging.WARNING, "Refused a long list with 503: " + why, LIST_STREAMS, uid)
+            busy = f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent already"
             return error_response(
-                503,
-                f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent "
-                "already; try again shortly, or ask for fewer with ?limit=",
-                headers=_RETRY,
+                503, f"{busy}; try again shortly, or ask for fewer with ?limit=", headers=_RETRY
             )
         return ReleasingStream(_resume([first, second], chunks), lambda: streams.give(1, uid), JSON, {})
 
@@ -289,15 +285,7 @@ def _too_large(limit: int) -> Response:
 
 
 def _busy(uid: int | None, throttle: Throttle) -> Response:
-    throttle.log(
-        logging.WARNING,
-        "Refused a request body with 503: the body budget (or peer uid %s's "
-        "share) is taken by requests still receiving theirs",
-        uid,
-    )
-    return error_response(
-        503,
-        "the server is receiving too many request bodies at once (from your uid or in all); "
-        "try again shortly",
-        headers={**_RETRY, "connection": "close"},
-    )
+    why = "the body budget (or peer uid %s's share) is taken by requests still receiving theirs"
+    throttle.log(logging.WARNING, "Refused a request body with 503: " + why, uid)
+    busy = "the server is receiving too many request bodies at once (from your uid or in all)"
+    return error_response(503, f"{busy}; try again shortly", headers={**_RETRY, "connection": "close"})

@@ -38,8 +38,7 @@ def build_router(hub: EventHub) -> APIRouter:
         "stream_events", chunk_kib=CHUNK // 1024, heartbeat=f"{HEARTBEAT_INTERVAL:g}", buffer=BUFFER
     )
 
-    # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI 3.2
-    # would read it as the schema of the whole stream).
+    # A class without a media type: no ``schema`` beside the ``itemSchema`` (docs/internals.md).
     @router.get("", **words, response_class=Response, responses=responses)
     async def stream_events(
         request: Request,

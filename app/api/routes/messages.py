@@ -139,9 +139,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
                 return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
             peer = {**peer, "forwarded_for": forwarded}
         if key is not None and peer is not None:
-            # Keys belong to the peer uid that sent them (and the caller a proxy names): another uid
-            # reusing one stores its own message and learns nothing of the first (neither its
-            # record nor, by a 409, its text).
+            # Keys belong to the peer uid that sent them: another uid learns nothing of the first
             key = f"{key_owner(peer)}:{key}"
         try:
             now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -239,34 +237,26 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
 def _list_chunks(store: Store, ids: Sequence[int]) -> Iterator[bytes]:
     """``{"messages": [...]}`` for ``ids[0]..ids[-1]`` in chunks of about LIST_CHUNK, each read when made."""
-    parts = [b'{"messages":[']
-    if ids:
-        size = 0
-        separator = b""
-        after, last = ids[0] - 1, ids[-1]
-        want = 8
-        read = read_bytes = 0
-        while after < last:
-            rows = store.since(after, min(want, last - after))
-            if not rows:
+    parts, separator = [b'{"messages":['], b""
+    after, last = (ids[0] - 1, ids[-1]) if ids else (0, 0)
+    size = read = read_bytes = 0
+    want = 8  # rows per read: then about one chunk's worth
+    while after < last and (rows := store.since(after, min(want, last - after))):
+        for message_id, data in rows:
+            if message_id > last:
+                after = last
                 break
-            for message_id, data in rows:
-                if message_id > last:
-                    after = last
-                    break
-                after = message_id
-                parts.append(separator)
-                separator = b","
-                parts.append(data)
-                size += len(data) + 1
-                read += 1
-                read_bytes += len(data) + 1
-                if size >= LIST_CHUNK:
-                    yield b"".join(parts)
-                    parts = []
-                    size = 0
-            del rows
-            want = max(1, min(256, (LIST_CHUNK - size) * read // max(read_bytes, 1) + 1))
+            after = message_id
+            parts += (separator, data)
+            separator = b","
+            size += len(data) + 1
+            read += 1
+            read_bytes += len(data) + 1
+            if size >= LIST_CHUNK:
+                yield b"".join(parts)
+                parts, size = [], 0
+        del rows
+        want = max(1, min(256, (LIST_CHUNK - size) * read // max(read_bytes, 1) + 1))
     parts.append(b"]}")
     yield b"".join(parts)
 

@@ -33,26 +33,25 @@ class AuditError(ValueError):
 
 def open_audit_file(path: str) -> int:
     """Open (create 0600) ``path`` to append; refuse a symlink, a shared, foreign or readable file."""
-    shown = escaped(path)
+    shown = f"audit log {escaped(path)}"
     try:
         fd = os.open(path, _FLAGS, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise AuditError(f"audit log {shown}: is a symbolic link; give the file itself") from None
-        raise AuditError(f"audit log {shown}: cannot open it ({exc.strerror or exc})") from None
+            raise AuditError(f"{shown}: is a symbolic link; give the file itself") from None
+        raise AuditError(f"{shown}: cannot open it ({exc.strerror or exc})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise AuditError(f"audit log {shown}: not a regular file")
+            raise AuditError(f"{shown}: not a regular file")
         if info.st_nlink > 1:  # another name for it may be a file the server keeps (its database)
-            raise AuditError(f"audit log {shown}: has {info.st_nlink} hard links; give a file of its own")
+            raise AuditError(f"{shown}: has {info.st_nlink} hard links; give a file of its own")
         if info.st_uid != os.geteuid():
-            raise AuditError(
-                f"audit log {shown}: owned by uid {info.st_uid}, not this server's {os.geteuid()}"
-            )
+            raise AuditError(f"{shown}: owned by uid {info.st_uid}, not this server's {os.geteuid()}")
         if info.st_mode & 0o077:
-            mode = stat.S_IMODE(info.st_mode)
-            raise AuditError(f"audit log {shown}: others may open it (mode {mode:04o}); chmod 600 it")
+            raise AuditError(
+                f"{shown}: others may open it (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it"
+            )
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

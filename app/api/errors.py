@@ -33,6 +33,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
     507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
 }  # each error status's code and default message
 JSON = "application/json"
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 def error_response(
@@ -100,10 +101,7 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         status, headers = exc.status_code, exc.headers
         detail = exc.detail if isinstance(exc.detail, str) else None
-        try:
-            generic = detail is None or detail == HTTPStatus(status).phrase
-        except ValueError:  # a status http.HTTPStatus does not name
-            generic = False
+        generic = detail is None or detail == _PHRASES.get(status)
         if status == 404 and generic:
             message = f"no route {_shown_path(request)}; see /docs for the routes"
             return error_response(404, message, headers=headers)

@@ -113,12 +113,9 @@ class PeerAllowlist:
         self.refused = Throttle(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         access = self.access
-        needed = scope_for(access.table, scope["method"], scope["path"])
-        if needed == OPEN:
+        needed = scope_for(access.table, scope["method"], scope["path"]) if scope["type"] == "http" else OPEN
+        if needed == OPEN:  # and lifespan, which has no method
             await self.app(scope, receive, send)
             return
         extensions = scope.get("extensions")

@@ -24,8 +24,8 @@ CONTENT_SECURITY_POLICY = (
     "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
     "frame-ancestors 'none'"
 )
-TOKEN_HEADER = "Uds-Proxy-Token"  # noqa: S105 - a header name, not a secret
-"""The header that carries ``uds-client proxy``'s token (the proxy removes it before the socket)."""
+# The header of ``uds-client proxy``'s token (the proxy removes it before the socket); not a secret.
+TOKEN_HEADER = "Uds-Proxy-Token"  # noqa: S105
 
 _PAGES = resources.files("app.api") / "pages"  # templates with %(name)s placeholders, and loader.js
 

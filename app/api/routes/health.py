@@ -75,11 +75,9 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
     router = APIRouter(tags=["health"])
     api = {"api_version": str(api_versions[-1]), "min_api_version": str(api_versions[0])}
 
-    @router.get(
-        "/version",
-        **operation("version"),
-        responses={200: answer(VersionInfo, PARTS["version"]), **error_responses(403)},
-    )
+    responses = {200: answer(VersionInfo, PARTS["version"]), **error_responses(403)}
+
+    @router.get("/version", **operation("version"), responses=responses)
     async def version() -> Response:
         return Response(orjson.dumps({**versions(), **api}), 200, None, JSON)
 

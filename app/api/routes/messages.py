@@ -161,27 +161,22 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         # Under the version it was posted to: /v1/messages/7, or /messages/7 through the alias.
         return Response(stored.document, 201, {"location": f"{scope['path']}/{message_id}"}, JSON)
 
-    location, get_it = {"Location": PARTS["location"]}, PARTS["get_it"]
+    get_it, stored = PARTS["get_it"], PARTS["message"]
+    responses = {
+        201: answer(Message, stored, "Stored.", headers={"Location": PARTS["location"]}, links=get_it),
+        200: answer(Message, stored, "Already stored under this Idempotency-Key.", links=get_it),
+        **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
+    }
+    sizes = {"history_size": settings.history_size, "max_body": max_body, "budget_mib": BODY_BUDGET >> 20}
     router.add_api_route(
         "",
         create_message,
         methods=["POST"],
         route_class_override=LeanRoute,
         status_code=201,
-        **operation(
-            "create_message",
-            history_size=settings.history_size,
-            max_body=max_body,
-            budget_mib=BODY_BUDGET // 1024 // 1024,
-        ),
+        **operation("create_message", **sizes),
         openapi_extra=_request_schema(settings),
-        responses={
-            201: answer(Message, PARTS["message"], "Stored.", headers=location, links=get_it),
-            200: answer(
-                Message, PARTS["message"], "Already stored under this Idempotency-Key.", links=get_it
-            ),
-            **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
-        },
+        responses=responses,
     )
 
     @router.get(
@@ -217,11 +212,9 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
             )
         return ReleasingStream(_resume([first, second], chunks), lambda: streams.give(1, uid), JSON, {})
 
-    @router.get(
-        "/{message_id}",
-        **operation("get_message"),
-        responses={200: answer(Message, PARTS["message"], "The message."), **error_responses(403, 404, 422)},
-    )
+    found = {200: answer(Message, stored, "The message."), **error_responses(403, 404, 422)}
+
+    @router.get("/{message_id}", **operation("get_message"), responses=found)
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],
     ) -> Response:

@@ -21,6 +21,8 @@ log = logging.getLogger("app.storage.events")
 
 _NO_CACHE = {"cache-control": "no-cache"}
 _AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})  # optional, never null: null is a 422
+_SINCE = "Replay the messages after this id first (like `Last-Event-ID`)."
+_LAST = "The id of the last event received."
 
 
 def build_router(hub: EventHub) -> APIRouter:
@@ -42,15 +44,9 @@ def build_router(hub: EventHub) -> APIRouter:
     @router.get("", **words, response_class=Response, responses=responses)
     async def stream_events(
         request: Request,
-        since: Annotated[
-            int | None,
-            _AN_ID,
-            Query(ge=0, description="Replay the messages after this id first (like `Last-Event-ID`)."),
-        ] = None,
+        since: Annotated[int | None, _AN_ID, Query(ge=0, description=_SINCE)] = None,
         last_event_id: Annotated[
-            int | None,
-            _AN_ID,
-            Header(alias="last-event-id", ge=0, description="The id of the last event received."),
+            int | None, _AN_ID, Header(alias="last-event-id", ge=0, description=_LAST)
         ] = None,
     ) -> Response:
         try:

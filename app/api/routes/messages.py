@@ -35,6 +35,7 @@ LIST_CHUNK = 16 * 1024  # ``GET /messages`` answers are written in chunks of thi
 LIST_STREAMS = 32  # most ``GET /messages`` answers longer than one chunk being written at once, server-wide
 
 _RETRY = {"retry-after": "1"}
+_HOW_MANY = "How many of the most recent messages to return."
 
 
 def _request_schema(settings: Settings) -> dict[str, Any]:
@@ -189,12 +190,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     )
     async def list_messages(
         request: Request,
-        limit: Annotated[
-            int,
-            Query(
-                ge=1, le=settings.history_size, description="How many of the most recent messages to return."
-            ),
-        ] = default_limit,
+        limit: Annotated[int, Query(ge=1, le=settings.history_size, description=_HOW_MANY)] = default_limit,
     ) -> Response:
         chunks = _list_chunks(store, store.recent_ids(limit))
         first = next(chunks)

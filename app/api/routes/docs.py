@@ -36,10 +36,8 @@ def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -
     def literal(value: str) -> str:
         return json.dumps(value).replace("<", "\\u003c")
 
-    loader = _PAGES.joinpath("loader.js").read_text() % {
-        "header": literal(TOKEN_HEADER),
-        "assets": literal(ASSETS_URL),
-    }
+    names = {"header": literal(TOKEN_HEADER), "assets": literal(ASSETS_URL)}
+    loader = _PAGES.joinpath("loader.js").read_text() % names
     return _PAGES.joinpath(template).read_text() % {
         "title": escape(title),
         "loader": loader,
@@ -55,10 +53,8 @@ def _headers(page: str, assets: list[str]) -> dict[str, str]:
     texts = [(assets_directory() / name).read_text(encoding="utf-8-sig") for name in assets]
     hashes = [base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() for text in [*inline, *texts]]
     scripts = " ".join(f"'sha256-{digest}'" for digest in hashes)
-    return {
-        "Content-Security-Policy": CONTENT_SECURITY_POLICY % {"scripts": scripts},
-        "Referrer-Policy": "no-referrer",
-    }
+    policy = CONTENT_SECURITY_POLICY % {"scripts": scripts}
+    return {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer"}
 
 
 def assets_directory() -> Path:

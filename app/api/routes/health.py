@@ -74,7 +74,6 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
     """``/version``, for :func:`app.api.versions.add_versioned`."""
     router = APIRouter(tags=["health"])
     api = {"api_version": str(api_versions[-1]), "min_api_version": str(api_versions[0])}
-
     responses = {200: answer(VersionInfo, PARTS["version"]), **error_responses(403)}
 
     @router.get("/version", **operation("version"), responses=responses)

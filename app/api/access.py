@@ -27,14 +27,13 @@ log = logging.getLogger("app.api.access")
 
 
 class Access:
-    """This process's rules in force (replaced whole by :meth:`reload`) and its audit log; a bad
-    policy file raises PolicyError here."""
+    """This process's rules in force (replaced whole by :meth:`reload`) and its audit log."""
 
     def __init__(self, settings: Settings, versions: tuple[int, ...]) -> None:
         self.path = settings.policy
         self.allow = (settings.allow_uid, settings.allow_gid)
+        # None: no policy and no allowlist, everyone holds every scope. A bad file raises PolicyError.
         self.policy = self._with_flags(load_policy(self.path) if self.path else None)
-        """None: no policy and no allowlist, everyone holds every scope."""
         self.generation = 0  # bumped on every reload: cached scopes of an older one are stale
         self.table = scope_table(versions)
         self.audit = AuditLog(settings.audit_log) if settings.audit_log else None
@@ -47,8 +46,7 @@ class Access:
         return (policy or _FLAGS_ONLY).granting_all(uids, gids)
 
     def reload(self) -> bool:
-        """SIGHUP: reopen the audit log, then read the policy file again. A valid file replaces the
-        rules in force at once (the next request sees it); an invalid one changes nothing. One line."""
+        """SIGHUP: reopen the audit log; a valid policy file replaces the rules, an invalid one does not."""
         if self.audit is not None:
             self.audit.reopen()
         if self.path is None:
@@ -62,9 +60,13 @@ class Access:
             return False
         self.policy = self._with_flags(policy)
         self.generation += 1
-        pid, rules, digest = os.getpid(), policy.rules, policy.digest
+        shown, pid = escaped(self.path), os.getpid()
         log.info(
-            "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s", escaped(self.path), pid, rules, digest
+            "Policy reloaded from %s in pid %d: %d rule(s), sha256 %s",
+            shown,
+            pid,
+            policy.rules,
+            policy.digest,
         )
         return True
 
@@ -87,9 +89,7 @@ class Access:
         return ALL if self.policy is None else self.policy.scopes(user["uid"], user["gid"])
 
     def whoami(self, scope: Scope) -> dict[str, Any]:
-        """``GET /whoami``: the caller's credentials and the scopes it holds (through a proxy: the
-        scopes both hold, and the user behind it with its scopes among the proxy's: anyone may send
-        the header, so it must not show a stranger the rules of the uid it names)."""
+        """``GET /whoami``: the caller's credentials and scopes (through a proxy: those both hold)."""
         extensions = scope.get("extensions") or {}
         peer = extensions.get(PEER_KEY)
         connection = extensions.get(CONNECTION_KEY)
@@ -105,8 +105,7 @@ class Access:
 
 
 class PeerAllowlist:
-    """ASGI middleware: a request needing a scope its caller lacks gets 403 naming the scope, without
-    its body being read (the connection then closes); writes and refusals get an audit line."""
+    """ASGI middleware: 403 for a scope the caller lacks, body unread; an audit line per write and refusal."""
 
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app = app
@@ -114,12 +113,9 @@ class PeerAllowlist:
         self.refused = Throttle(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         access = self.access
-        needed = scope_for(access.table, scope["method"], scope["path"])
-        if needed == OPEN:
+        needed = scope_for(access.table, scope["method"], scope["path"]) if scope["type"] == "http" else OPEN
+        if needed == OPEN:  # and lifespan, which has no method
             await self.app(scope, receive, send)
             return
         extensions = scope.get("extensions")
@@ -156,8 +152,7 @@ class PeerAllowlist:
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, peer: Ids | None, needed: str, user: Ids | None
     ) -> None:
-        """403 naming what is missing (``user``: the one a proxy names, or :data:`MALFORMED`); an
-        audit line (within its budget) and a throttled log line."""
+        """403 naming what is missing (``user``: named by a proxy, or MALFORMED); audit and log lines."""
         if self.access.audit is not None:
             self.access.audit.deny(_entry(scope, peer, user or None, 403, "deny", needed))
         lacks = (
@@ -174,17 +169,13 @@ class PeerAllowlist:
             why = f" via proxy pid={peer['pid']} for uid={user['uid']} gid={user['gid']}: "
             why += f"lacks the {needed} scope"
             message = f"uid {user['uid']} gid {user['gid']}, behind the proxy, {lacks}"
+        elif self.access.path is None:  # the allowlist alone: on it or not
+            why = f" from pid={peer['pid']} uid={peer['uid']} gid={peer['gid']}: not in allow_uid/allow_gid"
+            message = f"peer uid {peer['uid']} gid {peer['gid']} is not allowed; ask the operator to add "
+            message += "it to UDS_ALLOW_UID or UDS_ALLOW_GID"
         else:
-            ids = f"uid {peer['uid']} gid {peer['gid']}"
-            why = f" from pid={peer['pid']} uid={peer['uid']} gid={peer['gid']}: "
-            if self.access.path is None:  # the allowlist alone: on it or not
-                why += "not in allow_uid/allow_gid"
-                message = (
-                    f"peer {ids} is not allowed; ask the operator to add it to UDS_ALLOW_UID or UDS_ALLOW_GID"
-                )
-            else:
-                why += f"lacks the {needed} scope"
-                message = f"{ids} {lacks}"
+            why = f" from pid={peer['pid']} uid={peer['uid']} gid={peer['gid']}: lacks the {needed} scope"
+            message = f"uid {peer['uid']} gid {peer['gid']} {lacks}"
         path: str = scope["path"]  # cut (a peer chooses it) and escaped
         shown = escaped(path if len(path) <= MAX_ROUTE else path[:MAX_ROUTE] + "...")
         self.refused.log(logging.WARNING, "Refused %s %s%s", escaped(scope["method"]), shown, why)
@@ -207,8 +198,7 @@ def _entry(
 
 
 def _forwarded(scope: Scope) -> Ids | None:
-    """The user a proxy names, None without the header, :data:`MALFORMED` if malformed or repeated
-    (the record keeps one, so the check must too)."""
+    """The user a proxy names, None without the header, MALFORMED if malformed or repeated."""
     values = [value for name, value in scope["headers"] if name == FORWARDED_HEADER]
     if not values:
         return None

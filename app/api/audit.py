@@ -32,28 +32,26 @@ class AuditError(ValueError):
 
 
 def open_audit_file(path: str) -> int:
-    """Open (create 0600) ``path`` for appending; refuse a symlink, a non-regular file, one with
-    other hard links, a file of another owner or one others may read. Returns the descriptor."""
-    shown = escaped(path)
+    """Open (create 0600) ``path`` to append; refuse a symlink, a shared, foreign or readable file."""
+    shown = f"audit log {escaped(path)}"
     try:
         fd = os.open(path, _FLAGS, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise AuditError(f"audit log {shown}: is a symbolic link; give the file itself") from None
-        raise AuditError(f"audit log {shown}: cannot open it ({exc.strerror or exc})") from None
+            raise AuditError(f"{shown}: is a symbolic link; give the file itself") from None
+        raise AuditError(f"{shown}: cannot open it ({exc.strerror or exc})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise AuditError(f"audit log {shown}: not a regular file")
+            raise AuditError(f"{shown}: not a regular file")
         if info.st_nlink > 1:  # another name for it may be a file the server keeps (its database)
-            raise AuditError(f"audit log {shown}: has {info.st_nlink} hard links; give a file of its own")
+            raise AuditError(f"{shown}: has {info.st_nlink} hard links; give a file of its own")
         if info.st_uid != os.geteuid():
-            raise AuditError(
-                f"audit log {shown}: owned by uid {info.st_uid}, not this server's {os.geteuid()}"
-            )
+            raise AuditError(f"{shown}: owned by uid {info.st_uid}, not this server's {os.geteuid()}")
         if info.st_mode & 0o077:
-            mode = stat.S_IMODE(info.st_mode)
-            raise AuditError(f"audit log {shown}: others may open it (mode {mode:04o}); chmod 600 it")
+            raise AuditError(
+                f"{shown}: others may open it (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it"
+            )
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -69,8 +67,7 @@ class AuditLog:
         self.fd: int | None = 2 if target == "-" else None
         self.queued: list[dict[str, Any]] = []  # not yet encoded (at most ENCODE_AT)
         self.pending = bytearray()  # encoded, not yet written
-        self.cut = False
-        """``pending`` starts mid-line (a short write cut it): it is written first, so no line breaks."""
+        self.cut = False  # ``pending`` starts mid-line (a short write cut it): it goes first
         self.lost = 0
         self.failing = False
         self._second = -1
@@ -124,8 +121,7 @@ class AuditLog:
             self._add(fields)
 
     def _add(self, fields: dict[str, Any]) -> None:
-        """Encode one line: control characters and anything not ASCII escaped, so no text from a
-        peer can end a line or look like one (U+2028, U+0085: some readers split lines at them)."""
+        """Encode one line, all but printable ASCII escaped (U+2028 and U+0085 end lines for some)."""
         try:
             line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
             plain = line.isascii()
@@ -164,9 +160,8 @@ class AuditLog:
             return
         if self.failing:
             self.failing = False
-            log.warning(
-                "Audit log %s is writable again; %d line(s) were lost", escaped(self.target), self.lost
-            )
+            shown = escaped(self.target)
+            log.warning("Audit log %s is writable again; %d line(s) were lost", shown, self.lost)
             if self.lost:
                 self.record({"event": "lost", "lines": self.lost})
                 self.lost = 0
@@ -174,10 +169,8 @@ class AuditLog:
     def _failed(self, message: str) -> None:
         if not self.failing:
             self.failing = True
-            kib = MAX_PENDING // 1024
-            log.warning(
-                "%s; keeping up to %d KiB of lines in memory, counting the rest as lost", message, kib
-            )
+            kept = "keeping up to %d KiB of lines in memory, counting the rest as lost"
+            log.warning("%s; " + kept, message, MAX_PENDING // 1024)
 
     def _count_denied(self) -> None:
         """One line for the refusals counted, not itemized, since the last such line."""

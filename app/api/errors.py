@@ -31,9 +31,9 @@ _ERRORS: dict[int, tuple[str, str]] = {
     500: ("internal_error", "internal server error; the server log has the details"),
     503: ("unavailable", "the server is not available; try again shortly"),
     507: ("insufficient_storage", "the server's disk is full; nothing was stored; retry once space is freed"),
-}
-"""Each error status's code and default message."""
+}  # each error status's code and default message
 JSON = "application/json"
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 def error_response(
@@ -52,8 +52,7 @@ def error_response(
 
 
 def validation_error(errors: Sequence[Any], *, under: tuple[str, ...] = (), empty: bool = False) -> Response:
-    """422 naming the first of pydantic's ``errors``, listing each one's ``type``, ``loc`` (located
-    ``under`` a part of the request) and ``msg``; never its input (bodies stay private)."""
+    """422 naming the first of pydantic's ``errors``, listing each without its input (bodies stay private)."""
     details = [{"type": err["type"], "loc": [*under, *err["loc"]], "msg": err["msg"]} for err in errors]
     first = details[0]
     where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
@@ -102,10 +101,7 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         status, headers = exc.status_code, exc.headers
         detail = exc.detail if isinstance(exc.detail, str) else None
-        try:
-            generic = detail is None or detail == HTTPStatus(status).phrase
-        except ValueError:  # a status http.HTTPStatus does not name
-            generic = False
+        generic = detail is None or detail == _PHRASES.get(status)
         if status == 404 and generic:
             message = f"no route {_shown_path(request)}; see /docs for the routes"
             return error_response(404, message, headers=headers)

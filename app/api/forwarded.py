@@ -16,7 +16,6 @@ def parse_forwarded_peer(value: bytes) -> dict[str, int] | None:
 
 
 def key_owner(peer: dict[str, Any]) -> str:
-    """Whose Idempotency-Keys a request uses: ``"U"`` for peer uid U, ``"U>F"`` when U names caller F.
-    Any peer may send the header, so a forger reaches only keys scoped under its own uid."""
+    """Whose Idempotency-Keys a request uses: ``"U"`` for peer uid U, ``"U>F"`` when U names caller F."""
     forwarded = peer.get("forwarded_for")
     return str(peer["uid"]) if forwarded is None else f"{peer['uid']}>{forwarded['uid']}"

@@ -36,10 +36,10 @@ def answer(
     return {"model": model, "description": description, "content": content, **more}
 
 
+# The OpenAPI examples, links and headers of ``app/api/openapi-parts.json``.
 PARTS: dict[str, Any] = json.loads(
     resources.files("app.api").joinpath("openapi-parts.json").read_text("utf-8")
 )
-"""The OpenAPI examples, links and headers of ``app/api/openapi-parts.json``."""
 
 
 class MessageIn(BaseModel):
@@ -59,6 +59,9 @@ def message_in_model(max_text_length: int) -> type[MessageIn]:
     return create_model("MessageIn", __base__=MessageIn, __doc__=MessageIn.__doc__, text=text)
 
 
+_VIA_PROXY = "Set when the peer is `uds-client proxy`: the user it admitted."
+
+
 class ForwardedPeer(BaseModel):
     """The caller a proxy on the socket named (``Uds-Forwarded-Peer``); a claim made by that peer."""
 
@@ -73,9 +76,7 @@ class Peer(BaseModel):
     pid: int
     uid: int
     gid: int
-    forwarded_for: ForwardedPeer | None = Field(
-        default=None, description="Set when the peer is `uds-client proxy`: the user it admitted."
-    )
+    forwarded_for: ForwardedPeer | None = Field(default=None, description=_VIA_PROXY)
 
 
 class ForwardedCaller(ForwardedPeer):
@@ -97,9 +98,7 @@ class WhoAmI(BaseModel):
         description="Scopes this call holds (read, write, events, metrics); through a proxy, those "
         "both the proxy and the user behind it hold."
     )
-    forwarded_for: ForwardedCaller | None = Field(
-        default=None, description="Set when the peer is `uds-client proxy`: the user it admitted."
-    )
+    forwarded_for: ForwardedCaller | None = Field(default=None, description=_VIA_PROXY)
 
 
 class Message(BaseModel):

@@ -61,8 +61,7 @@ def scope_table(versions: Iterable[int]) -> dict[str, str]:
 
 
 def scope_for(table: Mapping[str, str], method: str, path: str) -> str:
-    """The table's entry for the path, else ``read`` for GET and HEAD and ``write`` for anything else
-    (judged before the router's 404 or 405, which so reveal nothing to a caller without the scope)."""
+    """The table's entry for the path, else ``read`` for GET and HEAD and ``write`` for anything else."""
     needed = table.get(path)
     if needed is not None:
         return needed
@@ -72,6 +71,7 @@ def scope_for(table: Mapping[str, str], method: str, path: str) -> str:
 def load_policy(path: str) -> Policy:
     """Read and check the policy file at ``path``; raise PolicyError naming the file and the line."""
     name = escaped(path)  # a path with a line break or an escape code must not break the error line
+    where = f"policy file {name}"
     try:
         # O_NONBLOCK: a FIFO planted in the file's place must not hang the start or a reload.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -79,29 +79,27 @@ def load_policy(path: str) -> Policy:
             info = os.fstat(fd)
             mode = stat.S_IMODE(info.st_mode)
             if not stat.S_ISREG(info.st_mode):
-                raise PolicyError(f"policy file {name}: not a regular file")
+                raise PolicyError(f"{where}: not a regular file")
             if info.st_uid not in (0, os.geteuid()):
                 raise PolicyError(
-                    f"policy file {name}: owned by uid {info.st_uid}, neither root nor this server's "
+                    f"{where}: owned by uid {info.st_uid}, neither root nor this server's "
                     f"{os.geteuid()}; whoever owns it decides the rules"
                 )
             # Not even the server's own group: in the Pod it is the group every container shares.
             if mode & stat.S_IWGRP and info.st_gid != 0:
                 raise PolicyError(
-                    f"policy file {name}: writable by group {info.st_gid} (mode {mode:04o}); its members "
+                    f"{where}: writable by group {info.st_gid} (mode {mode:04o}); its members "
                     "could change the rules: chmod g-w it"
                 )
             if mode & stat.S_IWOTH:
-                raise PolicyError(
-                    f"policy file {name}: writable by every user (mode {mode:04o}); chmod o-w it"
-                )
+                raise PolicyError(f"{where}: writable by every user (mode {mode:04o}); chmod o-w it")
             data = file.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise PolicyError(f"policy file {name}: cannot read it ({exc.strerror or exc})") from None
+        raise PolicyError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     if len(data) > MAX_BYTES:
-        raise PolicyError(f"policy file {name}: larger than {MAX_BYTES} bytes")
+        raise PolicyError(f"{where}: larger than {MAX_BYTES} bytes")
     if not data:  # what a reload sees between an editor's truncate and its write
-        raise PolicyError(f"policy file {name}: empty; to grant nothing, write a comment line in it")
+        raise PolicyError(f"{where}: empty; to grant nothing, write a comment line in it")
     return parse_policy(data, name)
 
 

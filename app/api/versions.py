@@ -17,9 +17,7 @@ API_VERSIONS: tuple[int, ...] = (1,)  # the API versions this server serves, old
 
 
 def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int]) -> None:
-    """Put copies of ``router``'s API routes (each with an ``operation_id``, no router dependencies)
-    into ``app``'s table under each of ``versions`` (oldest first). Only the newest version's copy
-    is documented, and it also answers the unversioned path."""
+    """Copy ``router``'s routes under ``/v{N}``; only the newest is documented and answers unversioned."""
     for route in router.routes:
         assert isinstance(route, APIRoute), f"add_versioned takes API routes; {route!r} is not one"
         for version in reversed(versions):
@@ -35,15 +33,12 @@ def add_versioned(app: FastAPI, router: APIRouter, versions: Sequence[int]) -> N
 
 
 def add_unsupported_route(app: FastAPI, versions: Sequence[int]) -> None:
-    """Answer 400 at ``/v{N}/...`` for every version not served. Added last, so it costs matched
-    requests nothing; its pattern excludes the served versions, so ``/v1/nowhere`` stays a 404 and
-    a wrong method on ``/v1/messages`` a 405."""
+    """Answer 400 at ``/v{N}/...`` for every version not served (added last: free for the others)."""
     low, high = versions[0], versions[-1]
     served = f"API version {low}" if low == high else f"API versions {low} to {high}"
     pattern = "|".join(str(v) for v in versions)
 
     async def unsupported_version(request: Request) -> Response:
-        """Refuse a path under an API version this server does not serve."""
         asked = request.path_params["version"]
         return error_response(
             400,

@@ -24,8 +24,8 @@ CONTENT_SECURITY_POLICY = (
     "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
     "frame-ancestors 'none'"
 )
-TOKEN_HEADER = "Uds-Proxy-Token"  # noqa: S105 - a header name, not a secret
-"""The header that carries ``uds-client proxy``'s token (the proxy removes it before the socket)."""
+# The header of ``uds-client proxy``'s token (the proxy removes it before the socket); not a secret.
+TOKEN_HEADER = "Uds-Proxy-Token"  # noqa: S105
 
 _PAGES = resources.files("app.api") / "pages"  # templates with %(name)s placeholders, and loader.js
 
@@ -36,10 +36,8 @@ def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -
     def literal(value: str) -> str:
         return json.dumps(value).replace("<", "\\u003c")
 
-    loader = _PAGES.joinpath("loader.js").read_text() % {
-        "header": literal(TOKEN_HEADER),
-        "assets": literal(ASSETS_URL),
-    }
+    names = {"header": literal(TOKEN_HEADER), "assets": literal(ASSETS_URL)}
+    loader = _PAGES.joinpath("loader.js").read_text() % names
     return _PAGES.joinpath(template).read_text() % {
         "title": escape(title),
         "loader": loader,
@@ -49,17 +47,14 @@ def _page(template: str, title: str, openapi_url: str, redirect_url: str = "") -
 
 
 def _headers(page: str, assets: list[str]) -> dict[str, str]:
-    """A Content-Security-Policy admitting the page's own inline script and the named assets it
-    runs, by hash; no Referer from the page (its address may hold the proxy's token)."""
+    """A CSP admitting the page's inline script and named assets by hash; no Referer (token in the URL)."""
     inline = re.findall(r"<script>(.*?)</script>", page, re.DOTALL)
     # fetch(...).text() decodes UTF-8 and drops a byte order mark; the hash is of that text.
     texts = [(assets_directory() / name).read_text(encoding="utf-8-sig") for name in assets]
     hashes = [base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() for text in [*inline, *texts]]
     scripts = " ".join(f"'sha256-{digest}'" for digest in hashes)
-    return {
-        "Content-Security-Policy": CONTENT_SECURITY_POLICY % {"scripts": scripts},
-        "Referrer-Policy": "no-referrer",
-    }
+    policy = CONTENT_SECURITY_POLICY % {"scripts": scripts}
+    return {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer"}
 
 
 def assets_directory() -> Path:
@@ -81,15 +76,12 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        """Swagger UI, served offline."""
         return HTMLResponse(swagger_page, headers=swagger_headers)
 
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
-        """Swagger UI's OAuth2 redirect page."""
         return get_swagger_ui_oauth2_redirect_html()
 
     @app.get(redoc_url, include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        """ReDoc, served offline and without web fonts."""
         return HTMLResponse(redoc_page, headers=redoc_headers)

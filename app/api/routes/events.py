@@ -21,10 +21,11 @@ log = logging.getLogger("app.storage.events")
 
 _NO_CACHE = {"cache-control": "no-cache"}
 _AN_ID = WithJsonSchema({"type": "integer", "minimum": 0})  # optional, never null: null is a 422
+_SINCE = "Replay the messages after this id first (like `Last-Event-ID`)."
+_LAST = "The id of the last event received."
 
 
 def build_router(hub: EventHub) -> APIRouter:
-    """The ``/events`` router, bound to this process's hub."""
     router = APIRouter(prefix="/events", tags=["events"])
     refusals = Throttle(log)
 
@@ -39,23 +40,15 @@ def build_router(hub: EventHub) -> APIRouter:
         "stream_events", chunk_kib=CHUNK // 1024, heartbeat=f"{HEARTBEAT_INTERVAL:g}", buffer=BUFFER
     )
 
-    # A class without a media type: FastAPI adds no ``schema`` beside the ``itemSchema`` (OpenAPI 3.2
-    # would read it as the schema of the whole stream).
+    # A class without a media type: no ``schema`` beside the ``itemSchema`` (docs/internals.md).
     @router.get("", **words, response_class=Response, responses=responses)
     async def stream_events(
         request: Request,
-        since: Annotated[
-            int | None,
-            _AN_ID,
-            Query(ge=0, description="Replay the messages after this id first (like `Last-Event-ID`)."),
-        ] = None,
+        since: Annotated[int | None, _AN_ID, Query(ge=0, description=_SINCE)] = None,
         last_event_id: Annotated[
-            int | None,
-            _AN_ID,
-            Header(alias="last-event-id", ge=0, description="The id of the last event received."),
+            int | None, _AN_ID, Header(alias="last-event-id", ge=0, description=_LAST)
         ] = None,
     ) -> Response:
-        """Stream stored messages as Server-Sent Events."""
         try:
             peer = request.scope.get("extensions", {}).get(PEER_KEY)
             subscriber = hub.subscribe(peer["uid"] if peer else None)

@@ -43,7 +43,6 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
     }
 
     async def ping() -> Response:
-        """Answer OK with the API versions this server serves."""
         return Response(b"OK", 200, ping_headers, "text/plain")
 
     ok = {"description": "The server answers.", "headers": PARTS["ping_headers"], "content": _OK}
@@ -53,7 +52,6 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
 
     @router.get("/healthz", **operation("healthz"), responses={200: answer(HealthStatus, {"status": "ok"})})
     async def healthz() -> Response:
-        """Answer 200 while the process serves HTTP."""
         return Response(b'{"status":"ok"}', 200, None, JSON)
 
     @router.get(
@@ -65,7 +63,6 @@ def build_router(hub: EventHub, api_versions: Sequence[int]) -> APIRouter:
         },
     )
     async def readyz() -> Response:
-        """Answer 200 while serving, 503 while draining."""
         if hub.draining:
             return Response(b'{"status":"draining"}', 503, None, JSON)
         return Response(b'{"status":"ready"}', 200, None, JSON)
@@ -77,14 +74,10 @@ def build_versioned_router(api_versions: Sequence[int]) -> APIRouter:
     """``/version``, for :func:`app.api.versions.add_versioned`."""
     router = APIRouter(tags=["health"])
     api = {"api_version": str(api_versions[-1]), "min_api_version": str(api_versions[0])}
+    responses = {200: answer(VersionInfo, PARTS["version"]), **error_responses(403)}
 
-    @router.get(
-        "/version",
-        **operation("version"),
-        responses={200: answer(VersionInfo, PARTS["version"]), **error_responses(403)},
-    )
+    @router.get("/version", **operation("version"), responses=responses)
     async def version() -> Response:
-        """Report the versions of the server, its stack and its API."""
         return Response(orjson.dumps({**versions(), **api}), 200, None, JSON)
 
     return router

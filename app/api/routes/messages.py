@@ -35,29 +35,26 @@ LIST_CHUNK = 16 * 1024  # ``GET /messages`` answers are written in chunks of thi
 LIST_STREAMS = 32  # most ``GET /messages`` answers longer than one chunk being written at once, server-wide
 
 _RETRY = {"retry-after": "1"}
+_HOW_MANY = "How many of the most recent messages to return."
 
 
 def _request_schema(settings: Settings) -> dict[str, Any]:
-    key = {
-        **PARTS["idempotency_key"],
-        "description": describe("idempotency_key", keys=settings.idempotency_keys),
-    }
-    key["schema"] = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"}
+    description = describe("idempotency_key", keys=settings.idempotency_keys)
+    pattern = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_KEY_LENGTH}}}$"}
+    key = {**PARTS["idempotency_key"], "description": description, "schema": pattern}
     body = {JSON: {"schema": message_in_model(settings.max_text_length).model_json_schema()}}
     body[JSON]["example"] = {"text": "Hello from client"}
     return {"parameters": [key], "requestBody": {"required": True, "content": body}}
 
 
 class LeanRoute(APIRoute):
-    """An ``APIRoute`` whose endpoint takes the raw ``Request`` and returns a ``Response``: documented
-    like any route, without dependency solving or body and response models."""
+    """A documented route whose endpoint takes the raw ``Request``: no dependencies, no models."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         return self.endpoint
 
 
 def build_router(settings: Settings, store: Store) -> APIRouter:
-    """The ``/messages`` router, bound to this app's settings and store."""
     router = APIRouter(prefix="/messages", tags=["messages"])
     max_body = settings.max_body_bytes
     validate_json = message_in_model(settings.max_text_length).model_validate_json
@@ -69,7 +66,6 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     streams = Budget(LIST_STREAMS, max(1, LIST_STREAMS // PEER_SHARE))
 
     async def create_message(request: Request) -> Response:
-        """Store a message and answer with the server's reply."""
         scope = request.scope
         content_type = content_length = key_raw = forwarded_raw = None
         for name, value in scope["headers"]:
@@ -144,9 +140,7 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
                 return error_response(400, "invalid Uds-Forwarded-Peer header; send uid=U gid=G pid=P")
             peer = {**peer, "forwarded_for": forwarded}
         if key is not None and peer is not None:
-            # Keys belong to the peer uid that sent them (and the caller a proxy names): another uid
-            # reusing one stores its own message and learns nothing of the first (neither its
-            # record nor, by a 409, its text).
+            # Keys belong to the peer uid that sent them: another uid learns nothing of the first
             key = f"{key_owner(peer)}:{key}"
         try:
             now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -168,27 +162,22 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         # Under the version it was posted to: /v1/messages/7, or /messages/7 through the alias.
         return Response(stored.document, 201, {"location": f"{scope['path']}/{message_id}"}, JSON)
 
-    location, get_it = {"Location": PARTS["location"]}, PARTS["get_it"]
+    get_it, stored = PARTS["get_it"], PARTS["message"]
+    responses = {
+        201: answer(Message, stored, "Stored.", headers={"Location": PARTS["location"]}, links=get_it),
+        200: answer(Message, stored, "Already stored under this Idempotency-Key.", links=get_it),
+        **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
+    }
+    sizes = {"history_size": settings.history_size, "max_body": max_body, "budget_mib": BODY_BUDGET >> 20}
     router.add_api_route(
         "",
         create_message,
         methods=["POST"],
         route_class_override=LeanRoute,
         status_code=201,
-        **operation(
-            "create_message",
-            history_size=settings.history_size,
-            max_body=max_body,
-            budget_mib=BODY_BUDGET // 1024 // 1024,
-        ),
+        **operation("create_message", **sizes),
         openapi_extra=_request_schema(settings),
-        responses={
-            201: answer(Message, PARTS["message"], "Stored.", headers=location, links=get_it),
-            200: answer(
-                Message, PARTS["message"], "Already stored under this Idempotency-Key.", links=get_it
-            ),
-            **error_responses(400, 403, 409, 413, 415, 422, 503, 507),
-        },
+        responses=responses,
     )
 
     @router.get(
@@ -201,14 +190,8 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
     )
     async def list_messages(
         request: Request,
-        limit: Annotated[
-            int,
-            Query(
-                ge=1, le=settings.history_size, description="How many of the most recent messages to return."
-            ),
-        ] = default_limit,
+        limit: Annotated[int, Query(ge=1, le=settings.history_size, description=_HOW_MANY)] = default_limit,
     ) -> Response:
-        """List the most recent messages, oldest first."""
         chunks = _list_chunks(store, store.recent_ids(limit))
         first = next(chunks)
         second = next(chunks, None)
@@ -219,23 +202,18 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
         if not streams.take(1, uid):
             why = "all %d slots (or peer uid %s's share) are taken by answers being sent"
             busy_log.log(logging.WARNING, "Refused a long list with 503: " + why, LIST_STREAMS, uid)
+            busy = f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent already"
             return error_response(
-                503,
-                f"{LIST_STREAMS} long lists (or {streams.per_peer} for your uid) are being sent "
-                "already; try again shortly, or ask for fewer with ?limit=",
-                headers=_RETRY,
+                503, f"{busy}; try again shortly, or ask for fewer with ?limit=", headers=_RETRY
             )
         return ReleasingStream(_resume([first, second], chunks), lambda: streams.give(1, uid), JSON, {})
 
-    @router.get(
-        "/{message_id}",
-        **operation("get_message"),
-        responses={200: answer(Message, PARTS["message"], "The message."), **error_responses(403, 404, 422)},
-    )
+    found = {200: answer(Message, stored, "The message."), **error_responses(403, 404, 422)}
+
+    @router.get("/{message_id}", **operation("get_message"), responses=found)
     async def get_message(
         message_id: Annotated[int, Path(description="The id `POST /messages` answered with.")],
     ) -> Response:
-        """Get one message by id."""
         document = store.get(message_id)
         if document is None:
             return error_response(
@@ -247,37 +225,27 @@ def build_router(settings: Settings, store: Store) -> APIRouter:
 
 
 def _list_chunks(store: Store, ids: Sequence[int]) -> Iterator[bytes]:
-    """``{"messages": [...]}`` for the messages ``ids[0]..ids[-1]`` in chunks of about
-    :data:`LIST_CHUNK` bytes, each read from the store only when it is made (messages that left
-    the history by then are left out); each read asks for about one chunk's worth of rows."""
-    parts = [b'{"messages":[']
-    if ids:
-        size = 0
-        separator = b""
-        after, last = ids[0] - 1, ids[-1]
-        want = 8
-        read = read_bytes = 0
-        while after < last:
-            rows = store.since(after, min(want, last - after))
-            if not rows:
+    """``{"messages": [...]}`` for ``ids[0]..ids[-1]`` in chunks of about LIST_CHUNK, each read when made."""
+    parts, separator = [b'{"messages":['], b""
+    after, last = (ids[0] - 1, ids[-1]) if ids else (0, 0)
+    size = read = read_bytes = 0
+    want = 8  # rows per read: then about one chunk's worth
+    while after < last and (rows := store.since(after, min(want, last - after))):
+        for message_id, data in rows:
+            if message_id > last:
+                after = last
                 break
-            for message_id, data in rows:
-                if message_id > last:
-                    after = last
-                    break
-                after = message_id
-                parts.append(separator)
-                separator = b","
-                parts.append(data)
-                size += len(data) + 1
-                read += 1
-                read_bytes += len(data) + 1
-                if size >= LIST_CHUNK:
-                    yield b"".join(parts)
-                    parts = []
-                    size = 0
-            del rows
-            want = max(1, min(256, (LIST_CHUNK - size) * read // max(read_bytes, 1) + 1))
+            after = message_id
+            parts += (separator, data)
+            separator = b","
+            size += len(data) + 1
+            read += 1
+            read_bytes += len(data) + 1
+            if size >= LIST_CHUNK:
+                yield b"".join(parts)
+                parts, size = [], 0
+        del rows
+        want = max(1, min(256, (LIST_CHUNK - size) * read // max(read_bytes, 1) + 1))
     parts.append(b"]}")
     yield b"".join(parts)
 
@@ -296,15 +264,7 @@ def _too_large(limit: int) -> Response:
 
 
 def _busy(uid: int | None, throttle: Throttle) -> Response:
-    throttle.log(
-        logging.WARNING,
-        "Refused a request body with 503: the body budget (or peer uid %s's "
-        "share) is taken by requests still receiving theirs",
-        uid,
-    )
-    return error_response(
-        503,
-        "the server is receiving too many request bodies at once (from your uid or in all); "
-        "try again shortly",
-        headers={**_RETRY, "connection": "close"},
-    )
+    why = "the body budget (or peer uid %s's share) is taken by requests still receiving theirs"
+    throttle.log(logging.WARNING, "Refused a request body with 503: " + why, uid)
+    busy = "the server is receiving too many request bodies at once (from your uid or in all)"
+    return error_response(503, f"{busy}; try again shortly", headers={**_RETRY, "connection": "close"})

@@ -13,7 +13,6 @@ _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 
 
 def build_router(metrics: Metrics) -> APIRouter:
-    """The ``GET /metrics`` route, showing ``metrics``."""
     router = APIRouter(tags=["metrics"])
     responses = {200: {"description": "The metrics.", "content": _TEXT}, **error_responses(403)}
 

@@ -1,5 +1,5 @@
-"""``GET /whoami``: the caller's uid, gid, pid, groups and scopes; open to every peer (what a caller
-runs after a 403)."""
+"""``GET /whoami``: the caller's uid, gid, pid, groups and scopes; open to every peer (what a
+caller runs after a 403)."""
 
 import orjson
 from fastapi import APIRouter, Request
@@ -11,12 +11,10 @@ from app.api.models import PARTS, WhoAmI, answer, operation
 
 
 def build_router(access: Access) -> APIRouter:
-    """The ``/whoami`` route, answering from the rules in force in ``access``."""
     router = APIRouter(prefix="/whoami", tags=["access"])
 
     @router.get("", **operation("whoami"), responses={200: answer(WhoAmI, PARTS["whoami_answer"])})
     async def whoami(request: Request) -> Response:
-        """Answer with the caller's identity and scopes."""
         return Response(orjson.dumps(access.whoami(request.scope)), 200, None, JSON)
 
     return router

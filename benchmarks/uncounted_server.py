@@ -1,7 +1,7 @@
 """``uds-server`` with its request counting switched off: the "off" side of ``metrics.py`` (k).
 
-The same server, with the recorder ``app.metrics.exposition.Metrics`` builds switched off, so that (k)
-measures what counting costs. Not for anything but that benchmark.
+The same server, its protocol given no recorder (``/metrics`` still answers, counting nothing), so
+that (k) measures what counting costs. Not for anything but that benchmark.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app.metrics.core
-import app.metrics.exposition
+import app.serving.server
+
+_build_config = app.serving.server.build_config
 
 
-class _Off(app.metrics.core.Recorder):
-    __slots__ = ()
-
-    def __init__(self, on: bool = True, *args: Any, **kwargs: Any) -> None:
-        super().__init__(False, *args, **kwargs)
+def _uncounted(settings: Any, app: Any, recorder: Any = None, max_connections: int | None = None) -> Any:
+    return _build_config(settings, app, None, max_connections)  # a protocol without a recorder counts nothing
 
 
-app.metrics.exposition.Recorder = _Off  # type: ignore[misc]
+app.serving.server.build_config = _uncounted
 
 from app.__main__ import main  # noqa: E402
 

@@ -247,7 +247,9 @@ def test_the_client_distribution_builds_a_wheel_of_the_client_alone() -> None:
     assert tops == {"client"}, tops
     shipped = {name.removeprefix("client/") for name in names if name.startswith("client/")}
     source = {str(p.relative_to(ROOT / "client")) for p in (ROOT / "client").rglob("*.py")}
-    assert shipped == source | {"py.typed"}
+    pages = {str(p.relative_to(ROOT / "client")) for p in (ROOT / "client" / "cli" / "pages").glob("*.html")}
+    assert len(pages) == 2  # the docs export's page templates, package data
+    assert shipped == source | pages | {"py.typed"}
     requires = sorted(
         line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")
     )

@@ -122,11 +122,13 @@ def run(args: argparse.Namespace) -> int:
         head_timeout=args.head_timeout,
         max_connections=cap,
     )
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    with contextlib.suppress(ImportError):
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+    try:  # the client image has no uvloop: asyncio's own loop then
         import uvloop
 
         loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(_serve(proxy, listen, extra))
 

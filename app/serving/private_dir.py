@@ -128,7 +128,6 @@ def try_lock(fd: int) -> bool | None:
 
 
 def same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
-    """True while ``entry`` in the parent is still the directory ``st`` describes."""
     try:
         return os.path.samestat(os.stat(entry, dir_fd=parent_fd, follow_symlinks=False), st)
     except FileNotFoundError:

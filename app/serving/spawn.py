@@ -28,7 +28,6 @@ def python_command(module: str, *args: str, python: str = sys.executable) -> lis
 
 
 def app_command(*args: str, python: str = sys.executable) -> list[str]:
-    """The ``uds-server`` command line (:func:`python_command` of ``app``)."""
     return python_command("app", *args, python=python)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from app.serving import spawn as app_spawn
-from client import ConnectError
+from client import ConnectError, WaitTimeout
 
 T = TypeVar("T")
 
@@ -135,7 +135,12 @@ class ServerProcess(app_spawn.ServerProcess):
             probe_tcp(self.host, port, timeout=1.0)
             return True
 
-        poll(answered, timeout, what=self.where, first_delay=first_delay, max_delay=max_delay)
+        try:
+            poll(answered, timeout, what=self.where, first_delay=first_delay, max_delay=max_delay)
+        except TimeoutError as exc:
+            last = exc.__cause__
+            reason = last.reason if isinstance(last, ConnectError) else repr(last)
+            raise WaitTimeout(self.where, timeout, reason) from exc
 
 
 @contextlib.contextmanager

@@ -22,8 +22,7 @@ _FIX = "pass one listening Unix stream socket (ListenStream=/path in the .socket
 
 
 def inherited_socket(environ: MutableMapping[str, str]) -> BoundSocket | None:
-    """The socket ``environ`` passes to this process, or None; removes the variables (a child must not
-    take them for its own). :class:`SocketError` unless exactly one fitting socket is passed."""
+    """The one socket ``environ`` passes this process, or None; its variables are removed."""
     listen_pid, listen_fds, names = (environ.pop(name, None) for name in VARIABLES)
     if listen_fds is None or listen_pid is None:
         return None

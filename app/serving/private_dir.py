@@ -48,6 +48,8 @@ class PrivateDir:
 
     @classmethod
     def create(cls, target: str, parent: str, parent_fd: int) -> PrivateDir:
+        """Made after removing the private directories of ``target`` that killed starts left."""
+        remove_leftovers(target, parent, parent_fd)
         for _ in range(_CREATE_ATTEMPTS):
             try:
                 made = tempfile.mkdtemp(prefix=_private_prefix(target), dir=parent)
@@ -78,6 +80,16 @@ class PrivateDir:
             f"cannot bind {target}: {_CREATE_ATTEMPTS} private directories beside it were removed by "
             "another program during start; make sure only this server uses its directory"
         )
+
+    def inner_socket(self, target: str, made: os.stat_result | None = None) -> os.stat_result:
+        """The socket inside; :class:`SocketError` unless it is still ours (``made``)."""
+        try:
+            st = os.stat(INNER, dir_fd=self.fd, follow_symlinks=False)
+        except OSError as exc:
+            raise swapped(target, self.path) from exc
+        if not ours(st, stat.S_IFSOCK) or (made is not None and not os.path.samestat(st, made)):
+            raise swapped(target, self.path)
+        return st
 
     def remove(self) -> None:
         """Remove the socket if it is still inside, then the directory if it is still ours."""
@@ -116,7 +128,6 @@ def try_lock(fd: int) -> bool | None:
 
 
 def same_entry(entry: str, parent_fd: int, st: os.stat_result) -> bool:
-    """True while ``entry`` in the parent is still the directory ``st`` describes."""
     try:
         return os.path.samestat(os.stat(entry, dir_fd=parent_fd, follow_symlinks=False), st)
     except FileNotFoundError:

@@ -37,8 +37,7 @@ SOCKET_LOST = (
     "Socket %s was removed or replaced by another program: clients cannot reach this server; stopping"
 )
 
-AppFactory = Callable[..., Any]
-"""``create_app(settings, *, store, hub, metrics, access)``, or a stand-in with that signature."""
+AppFactory = Callable[..., Any]  # create_app(settings, *, store, hub, metrics, access) or a stand-in
 
 _hangups: list[int] = []  # SIGHUPs not yet acted on; the server's tick takes them (a handler does no I/O)
 

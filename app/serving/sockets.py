@@ -11,18 +11,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from app.serving.private_dir import (
-    INNER,
-    PrivateDir,
-    SocketError,
-    inner_path,
-    ours,
-    probe,
-    reason,
-    remove_leftovers,
-    replaced,
-    swapped,
-)
+from app.serving.private_dir import INNER, PrivateDir, SocketError, inner_path, probe, reason, replaced
 from client.address import MAX_PATH_BYTES
 
 logger = logging.getLogger("app.serving.sockets")
@@ -90,7 +79,6 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSo
         raise SocketError(f"cannot open the socket's directory {parent}: {reason(exc)}") from exc
     try:
         _warn_if_shared(parent, os.fstat(parent_fd), group)
-        remove_leftovers(path, parent, parent_fd)
         private = PrivateDir.create(path, parent, parent_fd)
         try:
             return _bind_privately(path, private, mode, group)
@@ -139,7 +127,7 @@ def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None
             raise SocketError(f"cannot bind {path}: {reason(exc)}") from exc
         finally:
             os.umask(old_umask)
-        made = _inner_socket(path, private)
+        made = private.inner_socket(path)
         if group is not None:
             try:
                 os.chown(INNER, -1, group, dir_fd=private.fd, follow_symlinks=False)
@@ -153,7 +141,7 @@ def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None
         except (OSError, ValueError, NotImplementedError) as exc:
             why = reason(exc) if isinstance(exc, OSError) else str(exc)
             raise SocketError(f"cannot set mode {mode:04o} on {path}: {why}") from exc
-        st = _inner_socket(path, private, made)
+        st = private.inner_socket(path, made)
         if stat.S_IMODE(st.st_mode) != mode or (group is not None and st.st_gid != group):
             raise SocketError(
                 f"{path} has mode {stat.S_IMODE(st.st_mode):04o} group {st.st_gid} after setting "
@@ -165,17 +153,6 @@ def _bind_privately(path: str, private: PrivateDir, mode: int, group: int | None
         sock.close()
         raise
     return BoundSocket(sock, path, identity)
-
-
-def _inner_socket(path: str, private: PrivateDir, made: os.stat_result | None = None) -> os.stat_result:
-    """The socket in the private directory; :class:`SocketError` unless it is still ours (``made``)."""
-    try:
-        st = os.stat(INNER, dir_fd=private.fd, follow_symlinks=False)
-    except OSError as exc:
-        raise swapped(path, private.path) from exc
-    if not ours(st, stat.S_IFSOCK) or (made is not None and not os.path.samestat(st, made)):
-        raise swapped(path, private.path)
-    return st
 
 
 def _move_into_place(path: str, private: PrivateDir, made: os.stat_result) -> tuple[int, int, int]:

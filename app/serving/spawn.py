@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from client import ClientError, ConnectError, WaitTimeout
+from client import ClientError, WaitTimeout
 from client.wait import wait_for_socket
 
 START_TIMEOUT = 15.0
@@ -28,7 +28,6 @@ def python_command(module: str, *args: str, python: str = sys.executable) -> lis
 
 
 def app_command(*args: str, python: str = sys.executable) -> list[str]:
-    """The ``uds-server`` command line (:func:`python_command` of ``app``)."""
     return python_command("app", *args, python=python)
 
 
@@ -71,7 +70,7 @@ class ServerProcess:
             raise SpawnError(f"{self.name} exited with code {code} before it answered on {self.where}")
 
     def wait_answer(self, timeout: float, first_delay: float, max_delay: float) -> None:
-        """Poll until the server answers; :class:`WaitTimeout` or :class:`TimeoutError` on the deadline."""
+        """Poll until the server answers; :class:`WaitTimeout` on the deadline."""
         if self.socket is None:
             raise ValueError("wait_ready needs the socket the server serves on")
         self.check_alive()
@@ -85,12 +84,10 @@ class ServerProcess:
         """Wait for an answer; :class:`SpawnError` once the child exits, or at ``timeout``."""
         try:
             self.wait_answer(timeout, first_delay, max_delay)
-        except (WaitTimeout, TimeoutError) as exc:
+        except WaitTimeout as exc:
             self.check_alive()
-            last = exc if isinstance(exc, WaitTimeout) else exc.__cause__
-            reason = last.reason if isinstance(last, ConnectError) else repr(last)
             raise SpawnError(
-                f"{self.name} did not answer on {self.where} within {timeout:g}s (last error: {reason})"
+                f"{self.name} did not answer on {self.where} within {timeout:g}s (last error: {exc.reason})"
             ) from exc
         return self
 

@@ -15,18 +15,17 @@ import orjson
 
 from client._errors import APIError, ClientError, UsageError
 from client._models import Health, Message, RawResponse, Version, WhoAmI, _object
-from client._transport import BASE_URL, REQUEST, Budget
+from client._transport import REQUEST, Budget
 from client.address import resolve_socket, to_url
 
 log = logging.getLogger("client")
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 """Room for the largest legitimate answer, a full history of long messages (docs/internals.md)."""
-API_VERSIONS = (1, 1)
-"""The oldest and the newest API version this client speaks."""
 
 # Set once on an httpx2 client built here, per request on a caller's (docs/internals.md).
 _HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
+OWN: dict[str, Any] = {"base_url": "http://localhost", "trust_env": False, "headers": _HEADERS}
 _T = TypeVar("_T")
 _NOT_JSON: Any = object()
 
@@ -100,8 +99,8 @@ def ready(answer: _Answer) -> Health:
 
 
 def raw(answer: _Answer) -> RawResponse:
-    headers = {name.lower(): value for name, value in answer.response.headers.items()}
-    return RawResponse(status=answer.status, headers=headers, content=answer.content)
+    # httpx2's headers come with lower-case names, repeated fields joined by ", ".
+    return RawResponse(status=answer.status, headers=dict(answer.response.headers), content=answer.content)
 
 
 def send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
@@ -130,9 +129,7 @@ def _versions_text(low: int, high: int) -> str:
 
 
 class _Base:
-    """What both clients share: the socket, limits, the response cap, logging, the API version."""
-
-    API_VERSIONS: tuple[int, int] = API_VERSIONS
+    API_VERSIONS: tuple[int, int] = (1, 1)
     """(oldest, newest) API version spoken; a subclass may speak another range."""
 
     _http: httpx2.Client | httpx2.AsyncClient
@@ -145,8 +142,7 @@ class _Base:
         timeout: float,
         environ: Mapping[str, str] | None,
         max_response_bytes: int,
-        http_client: Any,
-        own: Callable[..., Any],
+        http_client: object,
     ) -> None:
         if not timeout > 0:
             raise UsageError(f"timeout must be greater than 0, not {timeout!r}")
@@ -157,9 +153,6 @@ class _Base:
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self._owns_http = http_client is None
-        if http_client is None:
-            http_client = own(base_url=BASE_URL, timeout=timeout, trust_env=False, headers=_HEADERS)
-        self._http = http_client
 
     def _chosen(self, answer: _Answer) -> str:
         """The path prefix for the server's ``/_ping`` answer (or an error when none will do)."""
@@ -222,12 +215,9 @@ class _Base:
         declared = response.headers.get("content-length", "")
         if declared.isdigit():
             self._over(int(declared), response.request)
-        total = 0
 
         def count(chunk: bytes) -> bytes:
-            nonlocal total
-            total += len(chunk)
-            self._over(total, response.request)
+            self._over(response.num_bytes_downloaded, response.request)
             return chunk
 
         return count

@@ -36,11 +36,12 @@ class Client(_Base):
         max_connections: int = 10,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        def own(**options: Any) -> httpx2.Client:
-            transport = uds_transport(httpx2.HTTPTransport, self.path, max_connections)
-            return httpx2.Client(transport=transport, **options)
-
-        super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
+        super().__init__(socket, timeout, environ, max_response_bytes, http_client)
+        self._http = http_client or httpx2.Client(
+            transport=uds_transport(httpx2.HTTPTransport, self.path, max_connections),
+            timeout=timeout,
+            **shape.OWN,
+        )
         self._negotiation = threading.Lock()
 
     def _api(self, path: str) -> str:
@@ -154,11 +155,12 @@ class AsyncClient(_Base):
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        def own(**options: Any) -> httpx2.AsyncClient:
-            transport = uds_transport(httpx2.AsyncHTTPTransport, self.path, max_connections)
-            return httpx2.AsyncClient(transport=transport, **options)
-
-        super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
+        super().__init__(socket, timeout, environ, max_response_bytes, http_client)
+        self._http = http_client or httpx2.AsyncClient(
+            transport=uds_transport(httpx2.AsyncHTTPTransport, self.path, max_connections),
+            timeout=timeout,
+            **shape.OWN,
+        )
         self._negotiation = anyio.Lock()  # bound to the event loop on first use
 
     async def _api(self, path: str) -> str:

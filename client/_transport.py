@@ -18,7 +18,6 @@ import httpx2
 
 from client._errors import ClientError, ConnectError
 
-BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
 
 _BARE_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

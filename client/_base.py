@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from contextvars import Token
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import httpx2
 import orjson
@@ -30,18 +30,8 @@ _T = TypeVar("_T")
 _NOT_JSON: Any = object()
 
 
-class _Answer(NamedTuple):
-    """A response whose body has been read (within the cap)."""
-
-    response: httpx2.Response
-    content: bytes
-
-    @property
-    def status(self) -> int:
-        return self.response.status_code
-
-
-Parser = Callable[[_Answer], _T]
+Parser = Callable[[httpx2.Response, bytes], _T]
+"""Turns an answer and its body (read within the cap) into a result."""
 
 
 def _snippet(content: bytes) -> str:
@@ -52,31 +42,29 @@ def _what(request: httpx2.Request) -> str:
     return f"{request.method} {request.url.raw_path.decode('ascii')}"
 
 
-def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
+def _check(response: httpx2.Response, content: bytes, *, ok: tuple[int, ...] = ()) -> Any:
     """Decode the JSON body, or raise :class:`APIError` from the server's error shape."""
     try:
-        body = orjson.loads(answer.content)
+        body = orjson.loads(content)
     except orjson.JSONDecodeError:
         body = _NOT_JSON
-    status = answer.status
+    status = response.status_code
     if status < 400 or status in ok:
         if body is not _NOT_JSON:
             return body
-        raise ClientError(
-            f"the server answered {status} with a body that is not JSON: {_snippet(answer.content)}"
-        )
+        raise ClientError(f"the server answered {status} with a body that is not JSON: {_snippet(content)}")
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         raise APIError(status, body["message"], error=body.get("error"), body=body)
-    reason = answer.response.reason_phrase or "error"
-    text = answer.content.decode("utf-8", "replace")
+    reason = response.reason_phrase or "error"
+    text = content.decode("utf-8", "replace")
     raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
 
 
 def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Parser[_T]:
     """An answer's parser: :func:`_check`, then ``build``; a wrong shape is one :class:`ClientError`."""
 
-    def parse(answer: _Answer) -> _T:
-        body = _check(answer, ok=ok)
+    def parse(response: httpx2.Response, content: bytes) -> _T:
+        body = _check(response, content, ok=ok)
         try:
             return build(body)
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
@@ -93,14 +81,15 @@ OPENAPI = _parser(lambda data: _object(data, "an OpenAPI document"), "an OpenAPI
 WHOAMI = _parser(WhoAmI.from_json, "an identity")
 
 
-def ready(answer: _Answer) -> Health:
+def ready(response: httpx2.Response, content: bytes) -> Health:
     # 503 is a draining server: ok is False, no exception.
-    return _parser(lambda data: Health.from_json(data, answer.status), "a health status", (503,))(answer)
+    status = response.status_code
+    return _parser(lambda data: Health.from_json(data, status), "a health status", (503,))(response, content)
 
 
-def raw(answer: _Answer) -> RawResponse:
+def raw(response: httpx2.Response, content: bytes) -> RawResponse:
     # httpx2's headers come with lower-case names, repeated fields joined by ", ".
-    return RawResponse(status=answer.status, headers=dict(answer.response.headers), content=answer.content)
+    return RawResponse(status=response.status_code, headers=dict(response.headers), content=content)
 
 
 def send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
@@ -154,13 +143,13 @@ class _Base:
         self.max_response_bytes = max_response_bytes
         self._owns_http = http_client is None
 
-    def _chosen(self, answer: _Answer) -> str:
+    def _chosen(self, response: httpx2.Response, content: bytes) -> str:
         """The path prefix for the server's ``/_ping`` answer (or an error when none will do)."""
-        if answer.status == 404:  # a server from before API versions
+        if response.status_code == 404:  # a server from before API versions
             return ""
-        if answer.status >= 400:
-            _check(answer)  # raises APIError with the server's message
-        headers = answer.response.headers
+        if response.status_code >= 400:
+            _check(response, content)  # raises APIError with the server's message
+        headers = response.headers
         current, oldest = headers.get("api-version"), headers.get("min-api-version")
         if current is None:
             return ""
@@ -222,12 +211,12 @@ class _Base:
 
         return count
 
-    def _stream(self, answer: _Answer) -> httpx2.Response:
+    def _stream(self, response: httpx2.Response, content: bytes) -> httpx2.Response:
         """The open stream of a 200 to ``GET /events``, else the error (the server's, if it sent one)."""
-        if answer.status == 200:
-            return answer.response
-        _check(answer)
-        raise ClientError(f"{self.address} answered GET /events with {answer.status}, not a stream")
+        if response.status_code == 200:
+            return response
+        _check(response, content)
+        raise ClientError(f"{self.address} answered GET /events with {response.status_code}, not a stream")
 
     def _log(self, request: httpx2.Request, status: int, budget: Budget) -> None:
         if log.isEnabledFor(logging.DEBUG):

@@ -37,11 +37,10 @@ class Client(_Base):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(socket, timeout, environ, max_response_bytes, http_client)
-        self._http = http_client or httpx2.Client(
-            transport=uds_transport(httpx2.HTTPTransport, self.path, max_connections),
-            timeout=timeout,
-            **shape.OWN,
-        )
+        if http_client is None:
+            transport = uds_transport(httpx2.HTTPTransport, self.path, max_connections)
+            http_client = httpx2.Client(transport=transport, timeout=timeout, **shape.OWN)
+        self._http = http_client
         self._negotiation = threading.Lock()
 
     def _api(self, path: str) -> str:
@@ -156,11 +155,10 @@ class AsyncClient(_Base):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(socket, timeout, environ, max_response_bytes, http_client)
-        self._http = http_client or httpx2.AsyncClient(
-            transport=uds_transport(httpx2.AsyncHTTPTransport, self.path, max_connections),
-            timeout=timeout,
-            **shape.OWN,
-        )
+        if http_client is None:
+            transport = uds_transport(httpx2.AsyncHTTPTransport, self.path, max_connections)
+            http_client = httpx2.AsyncClient(transport=transport, timeout=timeout, **shape.OWN)
+        self._http = http_client
         self._negotiation = anyio.Lock()  # bound to the event loop on first use
 
     async def _api(self, path: str) -> str:

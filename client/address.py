@@ -43,8 +43,8 @@ def parse_address(value: str) -> str:
         raise bad(_EXPECTED)
     if "\x00" in raw:
         raise bad("it contains a NUL byte")
-    scheme, sep, path = raw.partition(":")
-    scheme = scheme.lower() if sep else ""
+    name, sep, path = raw.partition(":")
+    scheme = name.lower() if sep else ""
     if scheme == "http+unix":
         if not path.startswith("//"):
             raise bad(
@@ -72,9 +72,8 @@ def parse_address(value: str) -> str:
             )
         if path.startswith("///"):
             path = path[2:]
-    elif "://" in raw and _SCHEME.fullmatch(raw.split("://", 1)[0]):
-        name = raw.split("://", 1)[0]
-        hint = " (to reach the socket over TCP, run uds-client proxy)" if name.lower() in _TCP else ""
+    elif path.startswith("//") and _SCHEME.fullmatch(name):
+        hint = " (to reach the socket over TCP, run uds-client proxy)" if scheme in _TCP else ""
         raise bad(f"scheme {name!r} is not supported; use unix:///path/to.sock{hint}")
     else:
         path = raw

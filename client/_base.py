@@ -188,7 +188,6 @@ class _Base:
         stale = isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
         if budget.opened or not stale:
             raise exc
-        budget.retried = True
         why = "reused connection was closed by the server"
         log.debug("%s %s: %s (%s); retrying once", self.address, _what(request), why, exc)
 
@@ -221,8 +220,7 @@ class _Base:
     def _log(self, request: httpx2.Request, status: int, budget: Budget) -> None:
         if log.isEnabledFor(logging.DEBUG):
             elapsed = (time.monotonic() + self.timeout - budget.deadline) * 1000
-            note = " (retried on a fresh connection)" if budget.retried else ""
-            log.debug("%s %s -> %d in %.1f ms%s", self.address, _what(request), status, elapsed, note)
+            log.debug("%s %s -> %d in %.1f ms", self.address, _what(request), status, elapsed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"

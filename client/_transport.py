@@ -30,7 +30,6 @@ class Budget:
 
     deadline: float
     opened: bool = False
-    retried: bool = False
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         self.opened = self.opened or event.startswith("connection.connect_")

@@ -204,8 +204,12 @@ class _Base:
         if declared.isdigit():
             self._over(int(declared), response.request)
 
-        def count(chunk: bytes) -> bytes:
-            self._over(response.num_bytes_downloaded, response.request)
+        total = 0
+
+        def count(chunk: bytes) -> bytes:  # decoded bytes: a compressed answer counts what it becomes
+            nonlocal total
+            total += len(chunk)
+            self._over(total, response.request)
             return chunk
 
         return count

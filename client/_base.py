@@ -8,41 +8,30 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from contextvars import Token
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import httpx2
 import orjson
 
 from client._errors import APIError, ClientError, UsageError
 from client._models import Health, Message, RawResponse, Version, WhoAmI, _object
-from client._transport import BASE_URL, REQUEST, Budget
+from client._transport import REQUEST, Budget
 from client.address import resolve_socket, to_url
 
 log = logging.getLogger("client")
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 """Room for the largest legitimate answer, a full history of long messages (docs/internals.md)."""
-API_VERSIONS = (1, 1)
-"""The oldest and the newest API version this client speaks."""
 
 # Set once on an httpx2 client built here, per request on a caller's (docs/internals.md).
 _HEADERS = {"user-agent": "uds-client", "accept": "application/json", "accept-encoding": "identity"}
+OWN: dict[str, Any] = {"base_url": "http://localhost", "trust_env": False, "headers": _HEADERS}
 _T = TypeVar("_T")
 _NOT_JSON: Any = object()
 
 
-class _Answer(NamedTuple):
-    """A response whose body has been read (within the cap)."""
-
-    response: httpx2.Response
-    content: bytes
-
-    @property
-    def status(self) -> int:
-        return self.response.status_code
-
-
-Parser = Callable[[_Answer], _T]
+Parser = Callable[[httpx2.Response, bytes], _T]
+"""Turns an answer and its body (read within the cap) into a result."""
 
 
 def _snippet(content: bytes) -> str:
@@ -53,31 +42,29 @@ def _what(request: httpx2.Request) -> str:
     return f"{request.method} {request.url.raw_path.decode('ascii')}"
 
 
-def _check(answer: _Answer, *, ok: tuple[int, ...] = ()) -> Any:
+def _check(response: httpx2.Response, content: bytes, *, ok: tuple[int, ...] = ()) -> Any:
     """Decode the JSON body, or raise :class:`APIError` from the server's error shape."""
     try:
-        body = orjson.loads(answer.content)
+        body = orjson.loads(content)
     except orjson.JSONDecodeError:
         body = _NOT_JSON
-    status = answer.status
+    status = response.status_code
     if status < 400 or status in ok:
         if body is not _NOT_JSON:
             return body
-        raise ClientError(
-            f"the server answered {status} with a body that is not JSON: {_snippet(answer.content)}"
-        )
+        raise ClientError(f"the server answered {status} with a body that is not JSON: {_snippet(content)}")
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         raise APIError(status, body["message"], error=body.get("error"), body=body)
-    reason = answer.response.reason_phrase or "error"
-    text = answer.content.decode("utf-8", "replace")
+    reason = response.reason_phrase or "error"
+    text = content.decode("utf-8", "replace")
     raise APIError(status, f"{reason} (HTTP {status})", body=text if body is _NOT_JSON else body)
 
 
 def _parser(build: Callable[[Any], _T], what: str, ok: tuple[int, ...] = ()) -> Parser[_T]:
     """An answer's parser: :func:`_check`, then ``build``; a wrong shape is one :class:`ClientError`."""
 
-    def parse(answer: _Answer) -> _T:
-        body = _check(answer, ok=ok)
+    def parse(response: httpx2.Response, content: bytes) -> _T:
+        body = _check(response, content, ok=ok)
         try:
             return build(body)
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
@@ -94,14 +81,15 @@ OPENAPI = _parser(lambda data: _object(data, "an OpenAPI document"), "an OpenAPI
 WHOAMI = _parser(WhoAmI.from_json, "an identity")
 
 
-def ready(answer: _Answer) -> Health:
+def ready(response: httpx2.Response, content: bytes) -> Health:
     # 503 is a draining server: ok is False, no exception.
-    return _parser(lambda data: Health.from_json(data, answer.status), "a health status", (503,))(answer)
+    status = response.status_code
+    return _parser(lambda data: Health.from_json(data, status), "a health status", (503,))(response, content)
 
 
-def raw(answer: _Answer) -> RawResponse:
-    headers = {name.lower(): value for name, value in answer.response.headers.items()}
-    return RawResponse(status=answer.status, headers=headers, content=answer.content)
+def raw(response: httpx2.Response, content: bytes) -> RawResponse:
+    # httpx2's headers come with lower-case names, repeated fields joined by ", ".
+    return RawResponse(status=response.status_code, headers=dict(response.headers), content=content)
 
 
 def send_body(text: str, idempotency_key: str | None) -> dict[str, Any]:
@@ -130,9 +118,7 @@ def _versions_text(low: int, high: int) -> str:
 
 
 class _Base:
-    """What both clients share: the socket, limits, the response cap, logging, the API version."""
-
-    API_VERSIONS: tuple[int, int] = API_VERSIONS
+    API_VERSIONS: tuple[int, int] = (1, 1)
     """(oldest, newest) API version spoken; a subclass may speak another range."""
 
     _http: httpx2.Client | httpx2.AsyncClient
@@ -145,8 +131,7 @@ class _Base:
         timeout: float,
         environ: Mapping[str, str] | None,
         max_response_bytes: int,
-        http_client: Any,
-        own: Callable[..., Any],
+        http_client: object,
     ) -> None:
         if not timeout > 0:
             raise UsageError(f"timeout must be greater than 0, not {timeout!r}")
@@ -157,17 +142,14 @@ class _Base:
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self._owns_http = http_client is None
-        if http_client is None:
-            http_client = own(base_url=BASE_URL, timeout=timeout, trust_env=False, headers=_HEADERS)
-        self._http = http_client
 
-    def _chosen(self, answer: _Answer) -> str:
+    def _chosen(self, response: httpx2.Response, content: bytes) -> str:
         """The path prefix for the server's ``/_ping`` answer (or an error when none will do)."""
-        if answer.status == 404:  # a server from before API versions
+        if response.status_code == 404:  # a server from before API versions
             return ""
-        if answer.status >= 400:
-            _check(answer)  # raises APIError with the server's message
-        headers = answer.response.headers
+        if response.status_code >= 400:
+            _check(response, content)  # raises APIError with the server's message
+        headers = response.headers
         current, oldest = headers.get("api-version"), headers.get("min-api-version")
         if current is None:
             return ""
@@ -206,7 +188,6 @@ class _Base:
         stale = isinstance(exc, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError)
         if budget.opened or not stale:
             raise exc
-        budget.retried = True
         why = "reused connection was closed by the server"
         log.debug("%s %s: %s (%s); retrying once", self.address, _what(request), why, exc)
 
@@ -222,9 +203,10 @@ class _Base:
         declared = response.headers.get("content-length", "")
         if declared.isdigit():
             self._over(int(declared), response.request)
+
         total = 0
 
-        def count(chunk: bytes) -> bytes:
+        def count(chunk: bytes) -> bytes:  # decoded bytes: a compressed answer counts what it becomes
             nonlocal total
             total += len(chunk)
             self._over(total, response.request)
@@ -232,18 +214,17 @@ class _Base:
 
         return count
 
-    def _stream(self, answer: _Answer) -> httpx2.Response:
+    def _stream(self, response: httpx2.Response, content: bytes) -> httpx2.Response:
         """The open stream of a 200 to ``GET /events``, else the error (the server's, if it sent one)."""
-        if answer.status == 200:
-            return answer.response
-        _check(answer)
-        raise ClientError(f"{self.address} answered GET /events with {answer.status}, not a stream")
+        if response.status_code == 200:
+            return response
+        _check(response, content)
+        raise ClientError(f"{self.address} answered GET /events with {response.status_code}, not a stream")
 
     def _log(self, request: httpx2.Request, status: int, budget: Budget) -> None:
         if log.isEnabledFor(logging.DEBUG):
             elapsed = (time.monotonic() + self.timeout - budget.deadline) * 1000
-            note = " (retried on a fresh connection)" if budget.retried else ""
-            log.debug("%s %s -> %d in %.1f ms%s", self.address, _what(request), status, elapsed, note)
+            log.debug("%s %s -> %d in %.1f ms", self.address, _what(request), status, elapsed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"

@@ -13,7 +13,7 @@ import anyio
 import httpx2
 
 from client import _base as shape
-from client._base import _T, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Answer, _Base
+from client._base import _T, DEFAULT_MAX_RESPONSE_BYTES, Parser, _Base
 from client._events import RECONNECT_FOR, Follow
 from client._models import Event, Health, Message, RawResponse, Version, WhoAmI
 from client._transport import REQUEST, mapped_error, uds_transport
@@ -36,11 +36,11 @@ class Client(_Base):
         max_connections: int = 10,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        def own(**options: Any) -> httpx2.Client:
+        super().__init__(socket, timeout, environ, max_response_bytes, http_client)
+        if http_client is None:
             transport = uds_transport(httpx2.HTTPTransport, self.path, max_connections)
-            return httpx2.Client(transport=transport, **options)
-
-        super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
+            http_client = httpx2.Client(transport=transport, timeout=timeout, **shape.OWN)
+        self._http = http_client
         self._negotiation = threading.Lock()
 
     def _api(self, path: str) -> str:
@@ -63,24 +63,24 @@ class Client(_Base):
         request, budget, token = self._begin(method, url, False, **kw)
         try:
             try:
-                answer = self._read(request, stream)
+                response, content = self._read(request, stream)
             except httpx2.TransportError as exc:
                 self._retry(exc, budget, request)
-                answer = self._read(request, stream)
+                response, content = self._read(request, stream)
         except (httpx2.HTTPError, TimeoutError) as exc:
             raise mapped_error(exc, self.address) from exc
         finally:
             REQUEST.reset(token)
-        self._log(request, answer.status, budget)
-        return parse(answer)
+        self._log(request, response.status_code, budget)
+        return parse(response, content)
 
-    def _read(self, request: httpx2.Request, stream: bool) -> _Answer:
+    def _read(self, request: httpx2.Request, stream: bool) -> tuple[httpx2.Response, bytes]:
         response = self._http.send(request, stream=True)
         if stream and response.status_code == 200:
-            return _Answer(response, b"")  # the caller reads and closes it
+            return response, b""  # the caller reads and closes it
         try:
             count = self._capped(response)
-            return _Answer(response, b"".join([count(chunk) for chunk in response.iter_bytes()]))
+            return response, b"".join([count(chunk) for chunk in response.iter_bytes()])
         finally:
             response.close()
 
@@ -154,11 +154,11 @@ class AsyncClient(_Base):
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        def own(**options: Any) -> httpx2.AsyncClient:
+        super().__init__(socket, timeout, environ, max_response_bytes, http_client)
+        if http_client is None:
             transport = uds_transport(httpx2.AsyncHTTPTransport, self.path, max_connections)
-            return httpx2.AsyncClient(transport=transport, **options)
-
-        super().__init__(socket, timeout, environ, max_response_bytes, http_client, own)
+            http_client = httpx2.AsyncClient(transport=transport, timeout=timeout, **shape.OWN)
+        self._http = http_client
         self._negotiation = anyio.Lock()  # bound to the event loop on first use
 
     async def _api(self, path: str) -> str:
@@ -181,24 +181,24 @@ class AsyncClient(_Base):
             # Our own backend bounds each step by the budget; another transport gets a cancel scope.
             with contextlib.nullcontext() if self._owns_http else anyio.fail_after(self.timeout):
                 try:
-                    answer = await self._read(request, stream)
+                    response, content = await self._read(request, stream)
                 except httpx2.TransportError as exc:
                     self._retry(exc, budget, request)
-                    answer = await self._read(request, stream)
+                    response, content = await self._read(request, stream)
         except (httpx2.HTTPError, TimeoutError) as exc:
             raise mapped_error(exc, self.address) from exc
         finally:
             REQUEST.reset(token)
-        self._log(request, answer.status, budget)
-        return parse(answer)
+        self._log(request, response.status_code, budget)
+        return parse(response, content)
 
-    async def _read(self, request: httpx2.Request, stream: bool) -> _Answer:
+    async def _read(self, request: httpx2.Request, stream: bool) -> tuple[httpx2.Response, bytes]:
         response = await self._http.send(request, stream=True)
         if stream and response.status_code == 200:
-            return _Answer(response, b"")  # the caller reads and closes it
+            return response, b""  # the caller reads and closes it
         try:
             count = self._capped(response)
-            return _Answer(response, b"".join([count(chunk) async for chunk in response.aiter_bytes()]))
+            return response, b"".join([count(chunk) async for chunk in response.aiter_bytes()])
         finally:
             await response.aclose()
 

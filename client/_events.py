@@ -135,7 +135,6 @@ class Follow:
     async def follow_async(
         self, open_stream: Callable[..., Awaitable[httpx2.Response]]
     ) -> AsyncIterator[Event]:
-        """As :meth:`follow`, for ``AsyncClient.events``."""
         while True:
             try:
                 response = await open_stream(**self.options())

@@ -18,7 +18,6 @@ import httpx2
 
 from client._errors import ClientError, ConnectError
 
-BASE_URL = "http://localhost"
 KEEPALIVE_EXPIRY = 5.0
 
 _BARE_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -31,7 +30,6 @@ class Budget:
 
     deadline: float
     opened: bool = False
-    retried: bool = False
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         self.opened = self.opened or event.startswith("connection.connect_")

@@ -21,19 +21,15 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _TCP = {"tcp", "http", "https"}
 
 
-class AddressError(ValueError):
-    """The socket address is not one we understand."""
+class AddressError(UsageError, ValueError):
+    """The socket address is not one we understand (a ValueError too, for settings parsers)."""
 
 
 def resolve_socket(socket: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The socket path: ``socket`` if given, else ``$UDS_SOCKET``, else ``unix:///csi/csi.sock``;
-    :class:`~client.UsageError` quoting a value that is not a socket address."""
+    :class:`AddressError` quoting a value that is not a socket address."""
     env = os.environ if environ is None else environ
-    value = socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS)
-    try:
-        return parse_address(value)
-    except AddressError as exc:
-        raise UsageError(str(exc)) from exc
+    return parse_address(socket if socket is not None else (env.get(ENV_VAR) or DEFAULT_ADDRESS))
 
 
 def parse_address(value: str) -> str:
@@ -47,8 +43,8 @@ def parse_address(value: str) -> str:
         raise bad(_EXPECTED)
     if "\x00" in raw:
         raise bad("it contains a NUL byte")
-    scheme, sep, path = raw.partition(":")
-    scheme = scheme.lower() if sep else ""
+    name, sep, path = raw.partition(":")
+    scheme = name.lower() if sep else ""
     if scheme == "http+unix":
         if not path.startswith("//"):
             raise bad(
@@ -76,9 +72,8 @@ def parse_address(value: str) -> str:
             )
         if path.startswith("///"):
             path = path[2:]
-    elif "://" in raw and _SCHEME.fullmatch(raw.split("://", 1)[0]):
-        name = raw.split("://", 1)[0]
-        hint = " (to reach the socket over TCP, run uds-client proxy)" if name.lower() in _TCP else ""
+    elif path.startswith("//") and _SCHEME.fullmatch(name):
+        hint = " (to reach the socket over TCP, run uds-client proxy)" if scheme in _TCP else ""
         raise bad(f"scheme {name!r} is not supported; use unix:///path/to.sock{hint}")
     else:
         path = raw

@@ -107,6 +107,23 @@ def test_an_answer_over_max_response_bytes_is_refused(tmp_short: Path, declared:
         assert len(c.get("/big").content) == 2000
 
 
+def test_a_compressed_answer_is_capped_by_what_it_decodes_to(tmp_short: Path) -> None:
+    """A server may compress though asked not to (``accept-encoding: identity``): HTTPX decodes it,
+    so the cap counts decoded bytes; 20 MB of zeros arrive as about 20 KB."""
+    import gzip
+
+    body = gzip.compress(b" " * 20_000_000)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+    answer = head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
+    with (
+        raw_server(str(tmp_short / "gz.sock"), answering(answer)) as path,
+        Client(path, max_response_bytes=1_000_000) as c,
+        pytest.raises(ClientError) as info,
+    ):
+        c.get("/big")
+    assert "with more than 1000000 bytes; refusing to read it (max_response_bytes)" in str(info.value)
+
+
 def test_the_default_cap_holds_a_full_history_of_maximum_size_messages(tmp_short: Path) -> None:
     text = "\U0001d11e" * 4096  # the longest text the server accepts: 4,096 four-byte characters
     with running_server(tmp=tmp_short) as server, Client(server.socket_path) as c:

@@ -12,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from app import __version__
 from app.config import Settings, SettingsError, flag, options
 
-USAGE_ERROR = 2
-
 
 def build_parser() -> argparse.ArgumentParser:
     """One option per ``Settings`` field, raw (None when not given) until ``Settings`` checks it."""
@@ -75,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_files(settings)
     except SettingsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+        return 2  # bad usage
 
     from app.logs import configure
     from app.serving.run import run

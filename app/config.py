@@ -264,13 +264,6 @@ class Settings:
     def uses_tcp(self) -> bool:
         return self.port is not None
 
-    @property
-    def address(self) -> str:
-        """Where the server listens, as a person reads it."""
-        if self.uses_tcp:
-            return f"http://{self.host or '127.0.0.1'}:{self.port}"
-        return self.socket
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """``overrides`` (CLI flags; None or an empty repeat: not given) over ``environ`` (default

@@ -130,6 +130,10 @@ def _seconds(default: float, help: str) -> Any:
     return _setting(default, help, "SECONDS", _positive_float)
 
 
+def _one_of(choices: tuple[str, ...], help: str, metavar: str, default: str = "") -> Any:
+    return _setting(default or choices[0], help, metavar, _choice(choices))
+
+
 def _allow(kind: str, metavar: str) -> Any:
     help = f"only peers with this {kind} may call the API, with every scope (repeatable; SO_PEERCRED; "
     help += "beside --policy, its rules are added)"
@@ -165,25 +169,17 @@ class Settings:
     )
     allow_uid: tuple[int, ...] = _allow("uid", "UID")
     allow_gid: tuple[int, ...] = _allow("gid", "GID")
-    log_level: str = _setting(
-        "info", ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1], "LEVEL", _choice(LOG_LEVELS)
-    )
-    log_format: str = _setting(
-        "text",
-        "text (demo lines bare, for kubectl logs) or json (one object per line)",
-        "FORMAT",
-        _choice(LOG_FORMATS),
+    log_level: str = _one_of(LOG_LEVELS, "critical, error, warning, info or debug", "LEVEL", "info")
+    log_format: str = _one_of(
+        LOG_FORMATS, "text (demo lines bare, for kubectl logs) or json (one object per line)", "FORMAT"
     )
     access_log: bool = _setting(False, "log one line per request (costs speed)", None, _bool)
     max_text_length: int = _count(4096, "longest message text, in characters")
     max_body_bytes: int = _count(64 * 1024, "largest request body, in bytes", "BYTES")
     history_size: int = _count(1000, "messages kept; older ones are pruned (ids are never reused)")
     idempotency_keys: int = _count(10_000, "Idempotency-Key values remembered")
-    store: str = _setting(
-        "sqlite",
-        "sqlite (durable, in --data-dir) or memory (lost when the process stops)",
-        "KIND",
-        _choice(STORES),
+    store: str = _one_of(
+        STORES, "sqlite (durable, in --data-dir) or memory (lost when the process stops)", "KIND"
     )
     data_dir: str = _setting(
         "/var/lib/uds-example", "directory of the durable store (created if missing)", "DIR"
@@ -195,12 +191,11 @@ class Settings:
         None,
         _bool,
     )
-    durability: str = _setting(
-        "normal",
+    durability: str = _one_of(
+        DURABILITIES,
         "normal (acknowledged messages survive a crash of the process) or full (they also "
         "survive a power cut: every commit is flushed to disk, which costs throughput)",
         "LEVEL",
-        _choice(DURABILITIES),
     )
     workers: int = _count(1, "worker processes serving the one socket (more than 1 needs --store sqlite)")
     max_streams: int = _count(

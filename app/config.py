@@ -37,9 +37,7 @@ def _number(kind: Callable[[str], N], ok: Callable[[N], bool], expected: str) ->
     return convert
 
 
-_positive_int = _number(int, lambda n: n >= 1, "must be at least 1")
 _port = _number(int, lambda n: 0 <= n <= 65535, "must be 0..65535")
-_positive_float = _number(float, lambda n: n > 0, "must be greater than 0")
 
 
 def _mode(value: object) -> int:
@@ -123,11 +121,11 @@ def _setting(default: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _count(default: int, help: str, metavar: str = "N") -> Any:
-    return _setting(default, help, metavar, _positive_int)
+    return _setting(default, help, metavar, _number(int, lambda n: n >= 1, "must be at least 1"))
 
 
 def _seconds(default: float, help: str) -> Any:
-    return _setting(default, help, "SECONDS", _positive_float)
+    return _setting(default, help, "SECONDS", _number(float, lambda n: n > 0, "must be greater than 0"))
 
 
 def _one_of(choices: tuple[str, ...], help: str, metavar: str, default: str = "") -> Any:

@@ -7,7 +7,7 @@ import gzip
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from time import monotonic
 
@@ -24,7 +24,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
-from app.config import Settings
 from app.metrics.core import BUCKETS, OTHER, UNMATCHED, Recorder
 from app.metrics.files import CellFile, Entry, owner, read_all, worker_pids
 from client.net.throttle import Throttle
@@ -44,7 +43,7 @@ class Metrics:
 
     def __init__(self, *, directory: str | None = None, shown_uids: Iterable[int] = ()) -> None:
         self.file: CellFile | None = None
-        if directory is not None:
+        if directory:
             try:
                 self.file = CellFile(directory)
             except OSError as exc:  # a full disk: serve all the same, this worker's counts unseen
@@ -54,7 +53,7 @@ class Metrics:
         self.recorder = Recorder(shown_uids, self.file)
         self.open_connections: Callable[[], int] = lambda: 0  # the server points them at its
         self.event_streams: Callable[[], int] = lambda: 0  # connections and the hub's streams
-        if directory is None:
+        if not directory:
             registry = CollectorRegistry()
             registry.register(self)
             ProcessCollector(registry=registry)
@@ -63,12 +62,7 @@ class Metrics:
         else:
             registry = exposition_registry(directory)
         # With --workers each scrape reads the files afresh: views never go backwards.
-        self.rendered = Rendered(registry, every=RENDER_EVERY if directory is None else 0.0)
-
-    @classmethod
-    def for_settings(cls, settings: Settings, environ: Mapping[str, str]) -> Metrics:
-        """The metrics of a server (or of a ``--workers`` worker: ``environ`` names its directory)."""
-        return cls(directory=environ.get(DIR_ENV) or None, shown_uids=settings.metrics_uid)
+        self.rendered = Rendered(registry, every=0.0 if directory else RENDER_EVERY)
 
     def collect(self) -> Iterable[Metric]:
         """This process's ``uds_*`` families (its registry's collector)."""

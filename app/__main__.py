@@ -45,9 +45,7 @@ def _show(value: object) -> str:
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """The flags in ``argv`` over ``environ`` over the defaults; SettingsError for a bad value."""
-    args = build_parser().parse_args(argv)
-    flags = {name: value for name, value in vars(args).items() if value is not None}
-    return Settings.from_env(os.environ if environ is None else environ, **flags)
+    return Settings.from_env(environ, **vars(build_parser().parse_args(argv)))
 
 
 def check_files(settings: Settings) -> None:

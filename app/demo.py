@@ -1,7 +1,6 @@
-"""``uds-demo``: the Pod in one process tree, no cluster needed. Runs ``uds-server`` on a socket in a
-fresh temp directory and ``uds-client send "Hello from client"`` once, prints both sides' lines as
-``kubectl logs uds-demo -c <container>`` would, stops the server with SIGTERM (it must exit 0) and
-removes the directory. Exit 0 when all of that worked, else 1 with one line saying what failed."""
+"""``uds-demo``: the Pod in one process tree. Runs ``uds-server`` on a socket in a fresh temp directory
+and ``uds-client send "Hello from client"`` once, prints both sides' lines as ``kubectl logs`` would,
+stops the server with SIGTERM (it must exit 0). Exit 0 when all of that worked, else 1 and why."""
 
 from __future__ import annotations
 
@@ -110,7 +109,6 @@ def run() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``uds-demo`` entry point."""
     words = list(sys.argv[1:] if argv is None else argv)
     if words in (["-h"], ["--help"]):
         print(__doc__)

@@ -21,7 +21,7 @@ ABSORBED = "absorbed.db"
 DIR_PREFIX = "uds-metrics-"
 _MAGIC = b"udscell1"
 _HEADER = struct.Struct("<8sqdd")  # magic, bytes used, open connections, event streams
-_RECORD = struct.Struct("<II")  # label bytes, values; then the labels (JSON) padded to 8, the doubles
+_RECORD = struct.Struct("<II")  # label bytes (JSON, padded to 8), values; then the labels, the doubles
 _NAMES_KEPT = 64  # absorbed names remembered: a reader that listed one before it went takes ms
 _NAME = re.compile(r"cells-(\d+)-[0-9a-f]+\.db")
 
@@ -30,10 +30,8 @@ Entry = tuple[tuple[object, ...], Sequence[float]]  # a record's labels and valu
 
 def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
     encoded = json.dumps(labels).encode()
-    padding = bytes(-len(encoded) % 8)
-    return (
-        _RECORD.pack(len(encoded), len(values)) + encoded + padding + struct.pack(f"<{len(values)}d", *values)
-    )
+    encoded += b" " * (-len(encoded) % 8)  # JSON padded with spaces to 8 bytes
+    return _RECORD.pack(len(encoded), len(values)) + encoded + struct.pack(f"<{len(values)}d", *values)
 
 
 class CellFile:
@@ -81,7 +79,7 @@ def read_file(path: str) -> tuple[list[Entry], tuple[float, float]]:
     offset = _HEADER.size
     while offset + _RECORD.size <= used:
         length, count = _RECORD.unpack_from(data, offset)
-        start = offset + _RECORD.size + -(-length // 8) * 8
+        start = offset + _RECORD.size + length
         if start + 8 * count > used:
             break
         labels = tuple(json.loads(data[offset + _RECORD.size : offset + _RECORD.size + length]))

@@ -277,8 +277,7 @@ class Settings:
                 values[name] = option.convert(raw)
             except (TypeError, ValueError, KeyError) as exc:
                 detail = f": {exc}" if str(exc) else ""
-                where = f"{flag(name)} ({option.env})"
-                raise SettingsError(f"invalid value {raw!r} for {where}{detail}") from exc
+                raise SettingsError(f"invalid value {raw!r} for {flag(name)} ({option.env}){detail}") from exc
         if "host" in values and "port" not in values:
             raise SettingsError(f"--host needs --port ({known['port'].env}) to serve TCP")
         if values.get("workers", 1) != 1 and values.get("store") == "memory":

@@ -12,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from app import __version__
 from app.config import Settings, SettingsError, flag, options
 
-USAGE_ERROR = 2
-
 
 def build_parser() -> argparse.ArgumentParser:
     """One option per ``Settings`` field, raw (None when not given) until ``Settings`` checks it."""
@@ -47,9 +45,7 @@ def _show(value: object) -> str:
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """The flags in ``argv`` over ``environ`` over the defaults; SettingsError for a bad value."""
-    args = build_parser().parse_args(argv)
-    flags = {name: value for name, value in vars(args).items() if value is not None}
-    return Settings.from_env(os.environ if environ is None else environ, **flags)
+    return Settings.from_env(environ, **vars(build_parser().parse_args(argv)))
 
 
 def check_files(settings: Settings) -> None:
@@ -75,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_files(settings)
     except SettingsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+        return 2  # bad usage
 
     from app.logs import configure
     from app.serving.run import run

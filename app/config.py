@@ -37,9 +37,7 @@ def _number(kind: Callable[[str], N], ok: Callable[[N], bool], expected: str) ->
     return convert
 
 
-_positive_int = _number(int, lambda n: n >= 1, "must be at least 1")
 _port = _number(int, lambda n: 0 <= n <= 65535, "must be 0..65535")
-_positive_float = _number(float, lambda n: n > 0, "must be greater than 0")
 
 
 def _mode(value: object) -> int:
@@ -123,11 +121,15 @@ def _setting(default: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _count(default: int, help: str, metavar: str = "N") -> Any:
-    return _setting(default, help, metavar, _positive_int)
+    return _setting(default, help, metavar, _number(int, lambda n: n >= 1, "must be at least 1"))
 
 
 def _seconds(default: float, help: str) -> Any:
-    return _setting(default, help, "SECONDS", _positive_float)
+    return _setting(default, help, "SECONDS", _number(float, lambda n: n > 0, "must be greater than 0"))
+
+
+def _one_of(choices: tuple[str, ...], help: str, metavar: str, default: str = "") -> Any:
+    return _setting(default or choices[0], help, metavar, _choice(choices))
 
 
 def _allow(kind: str, metavar: str) -> Any:
@@ -165,25 +167,17 @@ class Settings:
     )
     allow_uid: tuple[int, ...] = _allow("uid", "UID")
     allow_gid: tuple[int, ...] = _allow("gid", "GID")
-    log_level: str = _setting(
-        "info", ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1], "LEVEL", _choice(LOG_LEVELS)
-    )
-    log_format: str = _setting(
-        "text",
-        "text (demo lines bare, for kubectl logs) or json (one object per line)",
-        "FORMAT",
-        _choice(LOG_FORMATS),
+    log_level: str = _one_of(LOG_LEVELS, "critical, error, warning, info or debug", "LEVEL", "info")
+    log_format: str = _one_of(
+        LOG_FORMATS, "text (demo lines bare, for kubectl logs) or json (one object per line)", "FORMAT"
     )
     access_log: bool = _setting(False, "log one line per request (costs speed)", None, _bool)
     max_text_length: int = _count(4096, "longest message text, in characters")
     max_body_bytes: int = _count(64 * 1024, "largest request body, in bytes", "BYTES")
     history_size: int = _count(1000, "messages kept; older ones are pruned (ids are never reused)")
     idempotency_keys: int = _count(10_000, "Idempotency-Key values remembered")
-    store: str = _setting(
-        "sqlite",
-        "sqlite (durable, in --data-dir) or memory (lost when the process stops)",
-        "KIND",
-        _choice(STORES),
+    store: str = _one_of(
+        STORES, "sqlite (durable, in --data-dir) or memory (lost when the process stops)", "KIND"
     )
     data_dir: str = _setting(
         "/var/lib/uds-example", "directory of the durable store (created if missing)", "DIR"
@@ -195,12 +189,11 @@ class Settings:
         None,
         _bool,
     )
-    durability: str = _setting(
-        "normal",
+    durability: str = _one_of(
+        DURABILITIES,
         "normal (acknowledged messages survive a crash of the process) or full (they also "
         "survive a power cut: every commit is flushed to disk, which costs throughput)",
         "LEVEL",
-        _choice(DURABILITIES),
     )
     workers: int = _count(1, "worker processes serving the one socket (more than 1 needs --store sqlite)")
     max_streams: int = _count(
@@ -264,13 +257,6 @@ class Settings:
     def uses_tcp(self) -> bool:
         return self.port is not None
 
-    @property
-    def address(self) -> str:
-        """Where the server listens, as a person reads it."""
-        if self.uses_tcp:
-            return f"http://{self.host or '127.0.0.1'}:{self.port}"
-        return self.socket
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """``overrides`` (CLI flags; None or an empty repeat: not given) over ``environ`` (default
@@ -291,8 +277,7 @@ class Settings:
                 values[name] = option.convert(raw)
             except (TypeError, ValueError, KeyError) as exc:
                 detail = f": {exc}" if str(exc) else ""
-                where = f"{flag(name)} ({option.env})"
-                raise SettingsError(f"invalid value {raw!r} for {where}{detail}") from exc
+                raise SettingsError(f"invalid value {raw!r} for {flag(name)} ({option.env}){detail}") from exc
         if "host" in values and "port" not in values:
             raise SettingsError(f"--host needs --port ({known['port'].env}) to serve TCP")
         if values.get("workers", 1) != 1 and values.get("store") == "memory":

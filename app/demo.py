@@ -1,7 +1,6 @@
-"""``uds-demo``: the Pod in one process tree, no cluster needed. Runs ``uds-server`` on a socket in a
-fresh temp directory and ``uds-client send "Hello from client"`` once, prints both sides' lines as
-``kubectl logs uds-demo -c <container>`` would, stops the server with SIGTERM (it must exit 0) and
-removes the directory. Exit 0 when all of that worked, else 1 with one line saying what failed."""
+"""``uds-demo``: the Pod in one process tree. Runs ``uds-server`` on a socket in a fresh temp directory
+and ``uds-client send "Hello from client"`` once, prints both sides' lines as ``kubectl logs`` would,
+stops the server with SIGTERM (it must exit 0). Exit 0 when all of that worked, else 1 and why."""
 
 from __future__ import annotations
 
@@ -39,15 +38,15 @@ def _print(label: str, line: str) -> bool:
 
 
 class _Lines(threading.Thread):
-    """Print a child's output lines as they come, labelled, and remember them."""
+    """Print a child's output lines as they come, labelled; ``settled`` once :data:`RECEIVED` or the
+    end of the output is seen, ``received`` whether it was the former."""
 
     def __init__(self, label: str, stream: IO[str]) -> None:
         super().__init__(daemon=True)
         self.label = label
         self.stream = stream
-        self.lines: list[str] = []
-        self.ended = False
-        self._changed = threading.Condition()
+        self.received = False
+        self.settled = threading.Event()
         self.start()
 
     def run(self) -> None:
@@ -56,20 +55,12 @@ class _Lines(threading.Thread):
             for raw in self.stream:
                 line = raw.rstrip("\n")
                 shown = shown and _print(self.label, line)  # past a closed stdout, keep reading quietly
-                with self._changed:
-                    self.lines.append(line)
-                    self._changed.notify_all()
+                if RECEIVED in line:
+                    self.received = True
+                    self.settled.set()
         finally:
             self.stream.close()
-            with self._changed:
-                self.ended = True
-                self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        """Whether a line containing ``text`` arrives within ``timeout`` seconds."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.ended or any(text in line for line in self.lines), timeout)
-            return any(text in line for line in self.lines)
+            self.settled.set()
 
 
 def _run_client(command: list[str], server: _Lines) -> None:
@@ -81,7 +72,8 @@ def _run_client(command: list[str], server: _Lines) -> None:
         )
     except subprocess.TimeoutExpired:
         raise DemoError("uds-client did not finish within 30s") from None
-    received = server.wait_for(RECEIVED, 10.0)
+    server.settled.wait(10.0)
+    received = server.received
     for line in client.stdout.splitlines():
         if not _print("uds-client", line):
             break
@@ -117,7 +109,6 @@ def run() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``uds-demo`` entry point."""
     words = list(sys.argv[1:] if argv is None else argv)
     if words in (["-h"], ["--help"]):
         print(__doc__)

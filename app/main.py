@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import cache
 
 from fastapi import FastAPI
 
@@ -86,21 +87,16 @@ def create_app(
     return app
 
 
-_app: FastAPI | None = None
-
-
+@cache
 def __getattr__(name: str) -> FastAPI:
-    global _app
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _app is None:
-        # The plain `uvicorn app.main:app` has no entry point of ours: set up logging (else the demo
-        # lines are lost below uvicorn's WARNING root) and the store (uds-server does both).
-        from app.logs import configure
-        from app.storage.schema import prepare_store
+    # The plain `uvicorn app.main:app` has no entry point of ours: set up logging (else the demo
+    # lines are lost below uvicorn's WARNING root) and the store (uds-server does both).
+    from app.logs import configure
+    from app.storage.schema import prepare_store
 
-        s = Settings.from_env()
-        configure(s.log_level, s.log_format, debug=s.debug, access_log=s.access_log)
-        prepare_store(s)
-        _app = create_app(s)
-    return _app
+    s = Settings.from_env()
+    configure(s.log_level, s.log_format, debug=s.debug, access_log=s.access_log)
+    prepare_store(s)
+    return create_app(s)

@@ -109,7 +109,6 @@ class LoopEndpoint:
         self.listen = listen
         self.rendered = rendered
         self.sock = listening_socket(listen)
-        self.port: int = self.sock.getsockname()[1]
         self._slots: dict[_Slot, None] = {}  # oldest first
         self._room = asyncio.Event()
         self._turn = asyncio.Lock()
@@ -121,7 +120,8 @@ class LoopEndpoint:
         self.sock.setblocking(False)
         self._room.set()
         self._accepting = asyncio.get_running_loop().create_task(self._accept())
-        log.info("Metrics on http://%s:%d%s", self.listen.rpartition(":")[0], self.port, METRICS_PATH)
+        port = self.sock.getsockname()[1]
+        log.info("Metrics on http://%s:%d%s", self.listen.rpartition(":")[0], port, METRICS_PATH)
 
     def close(self) -> None:
         """Stop listening and drop the connections being served (a scrape is cheap to repeat)."""

@@ -1,5 +1,5 @@
-"""What ``/metrics`` shows: :class:`Metrics` (this process's recorder and registry), the collector
-that turns counts into ``prometheus-client`` families, and :class:`Rendered`, the cached rendering."""
+"""What ``/metrics`` shows: :class:`Metrics` (this process's recorder and registry), the
+``prometheus-client`` families made of the counts, and :class:`Rendered`, the cached rendering."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gzip
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from time import monotonic
 
@@ -24,7 +24,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
-from app.config import Settings
 from app.metrics.core import BUCKETS, OTHER, UNMATCHED, Recorder
 from app.metrics.files import CellFile, Entry, owner, read_all, worker_pids
 from client.net.throttle import Throttle
@@ -44,7 +43,7 @@ class Metrics:
 
     def __init__(self, *, directory: str | None = None, shown_uids: Iterable[int] = ()) -> None:
         self.file: CellFile | None = None
-        if directory is not None:
+        if directory:
             try:
                 self.file = CellFile(directory)
             except OSError as exc:  # a full disk: serve all the same, this worker's counts unseen
@@ -54,25 +53,21 @@ class Metrics:
         self.recorder = Recorder(shown_uids, self.file)
         self.open_connections: Callable[[], int] = lambda: 0  # the server points them at its
         self.event_streams: Callable[[], int] = lambda: 0  # connections and the hub's streams
-        if directory is None:
-            self.registry = CollectorRegistry()
-            self.registry.register(RequestCollector(self._own))
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+        if not directory:
+            registry = CollectorRegistry()
+            registry.register(self)
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
         else:
-            self.registry = exposition_registry(directory)
+            registry = exposition_registry(directory)
         # With --workers each scrape reads the files afresh: views never go backwards.
-        self.rendered = Rendered(self.registry, every=RENDER_EVERY if directory is None else 0.0)
+        self.rendered = Rendered(registry, every=0.0 if directory else RENDER_EVERY)
 
-    @classmethod
-    def for_settings(cls, settings: Settings, environ: Mapping[str, str]) -> Metrics:
-        """The metrics of a server (or of a ``--workers`` worker: ``environ`` names its directory)."""
-        return cls(directory=environ.get(DIR_ENV) or None, shown_uids=settings.metrics_uid)
-
-    def _own(self) -> tuple[list[Entry], tuple[float, float]]:
+    def collect(self) -> Iterable[Metric]:
+        """This process's ``uds_*`` families (its registry's collector)."""
         gauges = (float(self.open_connections()), float(self.event_streams()))
-        return list(self.recorder.records.items()), gauges
+        return request_families(list(self.recorder.records.items()), gauges)
 
     def flush(self) -> None:
         """With ``--workers``, write the gauges to this worker's file (every tick, and at the end)."""
@@ -80,58 +75,51 @@ class Metrics:
             self.file.set_gauges(self.open_connections(), self.event_streams())
 
 
-class RequestCollector(Collector):
-    """The ``uds_*`` families from ``source``'s records and its two gauges (connections, streams)."""
-
-    def __init__(self, source: Callable[[], tuple[Iterable[Entry], tuple[float, float]]]) -> None:
-        self.source = source
-
-    def collect(self) -> Iterable[Metric]:
-        entries, (connections, streams) = self.source()
-        requests: dict[tuple[str, str, str], float] = {}
-        durations: dict[tuple[str, str], list[float]] = {}
-        peers: dict[str, float] = {}
-        stored = 0.0
-        for labels, counts in entries:
-            kind, *named = (str(label) for label in labels)
-            if kind == "cell":
-                key, answered = (named[0], named[1], named[2]), sum(counts[:-1])
-                stored += answered if labels[4] else 0.0
-                if labels[5]:  # timed
-                    kept = durations.setdefault(key[:2], [0.0] * len(counts))
-                    kept[:] = [a + b for a, b in zip(kept, counts, strict=False)]
-            elif kind == "refused":
-                key, answered = (named[0], UNMATCHED, named[1]), counts[0]
-            else:
-                peers[named[0]] = peers.get(named[0], 0.0) + counts[0]
-                continue
-            requests[key] = requests.get(key, 0.0) + answered
-        family = CounterMetricFamily(
-            "uds_requests", "Requests answered, by method, route template and status.", labels=_REQUEST
-        )
-        histogram = HistogramMetricFamily(
-            "uds_request_duration_seconds",
-            "Seconds from the parsed request head to the response head, by method and route template.",
-            labels=_REQUEST[:2],
-        )
-        by_uid = CounterMetricFamily(
-            "uds_peer_requests",
-            f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
-            labels=["uid"],
-        )
-        for labelled, value in sorted(requests.items()):
-            family.add_metric(labelled, value)
-        for timed, sums in sorted(durations.items()):
-            histogram.add_metric(timed, list(zip(_BOUNDS, accumulate(sums[:-1]), strict=True)), sums[-1])
-        for uid, value in sorted(peers.items()):
-            by_uid.add_metric([uid], value)
-        yield from (family, histogram, by_uid)
-        yield CounterMetricFamily(
-            "uds_messages_stored", "Messages stored (201 answers to POST).", value=stored
-        )
-        connected = "Connections open to the server (all workers)."
-        yield GaugeMetricFamily("uds_open_connections", connected, connections)
-        yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", streams)
+def request_families(entries: Iterable[Entry], gauges: tuple[float, float]) -> Iterator[Metric]:
+    """The ``uds_*`` families from records and the two gauges (connections, streams)."""
+    requests: dict[tuple[str, str, str], float] = {}
+    durations: dict[tuple[str, str], list[float]] = {}
+    peers: dict[str, float] = {}
+    stored = 0.0
+    for labels, counts in entries:
+        kind, *named = (str(label) for label in labels)
+        if kind == "cell":
+            key, answered = (named[0], named[1], named[2]), sum(counts[:-1])
+            stored += answered if labels[4] else 0.0
+            if labels[5]:  # timed
+                kept = durations.setdefault(key[:2], [0.0] * len(counts))
+                kept[:] = [a + b for a, b in zip(kept, counts, strict=False)]
+        elif kind == "refused":
+            key, answered = (named[0], UNMATCHED, named[1]), counts[0]
+        else:
+            peers[named[0]] = peers.get(named[0], 0.0) + counts[0]
+            continue
+        requests[key] = requests.get(key, 0.0) + answered
+    family = CounterMetricFamily(
+        "uds_requests", "Requests answered, by method, route template and status.", labels=_REQUEST
+    )
+    histogram = HistogramMetricFamily(
+        "uds_request_duration_seconds",
+        "Seconds from the parsed request head to the response head, by method and route template.",
+        labels=_REQUEST[:2],
+    )
+    by_uid = CounterMetricFamily(
+        "uds_peer_requests",
+        f'Requests by the socket peer\'s uid: the uids --metrics-uid names, the others as uid="{OTHER}".',
+        labels=["uid"],
+    )
+    for labelled, value in sorted(requests.items()):
+        family.add_metric(labelled, value)
+    for timed, sums in sorted(durations.items()):
+        histogram.add_metric(timed, list(zip(_BOUNDS, accumulate(sums[:-1]), strict=True)), sums[-1])
+    for uid, value in sorted(peers.items()):
+        by_uid.add_metric([uid], value)
+    yield from (family, histogram, by_uid)
+    yield CounterMetricFamily("uds_messages_stored", "Messages stored (201 answers to POST).", value=stored)
+    yield GaugeMetricFamily(
+        "uds_open_connections", "Connections open to the server (all workers).", gauges[0]
+    )
+    yield GaugeMetricFamily("uds_event_streams", "Event streams open (all workers).", gauges[1])
 
 
 class Rendered:
@@ -147,8 +135,7 @@ class Rendered:
         self._copies: dict[tuple[str, bool], bytes] = {}
         self._lock = threading.Lock()
 
-    def collect(self) -> list[Metric]:
-        """The families as last collected (what the encoders read)."""
+    def collect(self) -> list[Metric]:  # what the encoders read
         return self._families
 
     def render(self, accept: str | None, accept_encoding: str | None) -> tuple[list[tuple[str, str]], bytes]:
@@ -175,21 +162,22 @@ class Rendered:
 def exposition_registry(directory: str) -> CollectorRegistry:
     """A registry showing every process's metrics from the ``--workers`` ``directory``."""
     registry = CollectorRegistry()
-    registry.register(RequestCollector(lambda: read_all(directory)))
-    registry.register(_ProcessesCollector(directory))
+    registry.register(_Workers(directory))
     PlatformCollector(registry=registry)
     return registry
 
 
-class _ProcessesCollector(Collector):
-    """``process_*`` over the directory's owner (the parent) and its live workers, the same in every
-    view: CPU, memory and open files add up; start time and ``max_fds`` are the owner's."""
+class _Workers(Collector):
+    """The ``uds_*`` families of every process in ``directory``, and ``process_*`` over its owner (the
+    parent) and its live workers, the same in every view: CPU, memory and open files add up; start
+    time and ``max_fds`` are the owner's."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.owner = owner(directory) or os.getpid()
 
     def collect(self) -> Iterable[Metric]:
+        yield from request_families(*read_all(self.directory))
         pids = [self.owner, *(pid for pid in worker_pids(self.directory) if pid != self.owner)]
         merged: dict[str, Metric] = {}
         for pid in pids:
@@ -201,4 +189,4 @@ class _ProcessesCollector(Collector):
                     seen.samples[0] = seen.samples[0]._replace(
                         value=seen.samples[0].value + family.samples[0].value
                     )
-        return list(merged.values())
+        yield from merged.values()

@@ -20,8 +20,8 @@ SIZE = 64 * 1024  # bytes of a worker's file: far more than the bounded labels n
 ABSORBED = "absorbed.db"
 DIR_PREFIX = "uds-metrics-"
 _MAGIC = b"udscell1"
-_HEADER = 32  # magic, bytes used, open connections, event streams
-_RECORD = struct.Struct("<II")  # label bytes, values; then the labels (JSON) padded to 8, the doubles
+_HEADER = struct.Struct("<8sqdd")  # magic, bytes used, open connections, event streams
+_RECORD = struct.Struct("<II")  # label bytes (JSON, padded to 8), values; then the labels, the doubles
 _NAMES_KEPT = 64  # absorbed names remembered: a reader that listed one before it went takes ms
 _NAME = re.compile(r"cells-(\d+)-[0-9a-f]+\.db")
 
@@ -30,10 +30,8 @@ Entry = tuple[tuple[object, ...], Sequence[float]]  # a record's labels and valu
 
 def _record(labels: tuple[object, ...], values: Sequence[float]) -> bytes:
     encoded = json.dumps(labels).encode()
-    padding = bytes(-len(encoded) % 8)
-    return (
-        _RECORD.pack(len(encoded), len(values)) + encoded + padding + struct.pack(f"<{len(values)}d", *values)
-    )
+    encoded += b" " * (-len(encoded) % 8)  # JSON padded with spaces to 8 bytes
+    return _RECORD.pack(len(encoded), len(values)) + encoded + struct.pack(f"<{len(values)}d", *values)
 
 
 class CellFile:
@@ -50,9 +48,8 @@ class CellFile:
             raise
         finally:
             os.close(descriptor)
-        self._map[:8] = _MAGIC
-        self._used = _HEADER
-        struct.pack_into("<q", self._map, 8, self._used)
+        self._used = _HEADER.size
+        _HEADER.pack_into(self._map, 0, _MAGIC, self._used, 0.0, 0.0)
 
     def record(self, labels: tuple[object, ...], count: int) -> memoryview[float] | None:
         """``count`` doubles, zero, kept under ``labels``; None when the file is full."""
@@ -74,20 +71,21 @@ def read_file(path: str) -> tuple[list[Entry], tuple[float, float]]:
     data = b""
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
         data = file.read()
-    if len(data) < _HEADER or data[:8] != _MAGIC:
+    if len(data) < _HEADER.size or data[:8] != _MAGIC:
         return [], (0.0, 0.0)
-    used = min(struct.unpack_from("<q", data, 8)[0], len(data))
+    _, used, *gauges = _HEADER.unpack_from(data)
+    used = min(used, len(data))
     entries: list[Entry] = []
-    offset = _HEADER
+    offset = _HEADER.size
     while offset + _RECORD.size <= used:
         length, count = _RECORD.unpack_from(data, offset)
-        start = offset + _RECORD.size + -(-length // 8) * 8
+        start = offset + _RECORD.size + length
         if start + 8 * count > used:
             break
         labels = tuple(json.loads(data[offset + _RECORD.size : offset + _RECORD.size + length]))
         entries.append((labels, struct.unpack_from(f"<{count}d", data, start)))
         offset = start + 8 * count
-    return entries, struct.unpack_from("<dd", data, 16)
+    return entries, (gauges[0], gauges[1])
 
 
 def worker_pids(directory: str) -> list[int]:
@@ -130,10 +128,9 @@ def absorb(directory: str, pid: int) -> None:
         kept = totals.setdefault(labels, [0.0] * len(values))
         kept[:] = [a + b for a, b in zip(kept, values, strict=False)]
     names = [*names, *(os.path.basename(path) for path in dead)][-_NAMES_KEPT:]
-    body = bytearray(_MAGIC + bytes(_HEADER - 8))
-    for labels, values in [*totals.items(), (("names", *names), [])]:
-        body += _record(labels, values)
-    struct.pack_into("<q", body, 8, len(body))
+    totals[("names", *names)] = []  # last
+    records = b"".join(_record(labels, values) for labels, values in totals.items())
+    body = _HEADER.pack(_MAGIC, _HEADER.size + len(records), 0.0, 0.0) + records
     temporary = os.path.join(directory, "absorbed.tmp")
     try:
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:

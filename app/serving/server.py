@@ -81,13 +81,14 @@ class Services:
         """Built in each serving process; raises ``PolicyError`` on a bad policy file."""
         from app.api.access import Access
         from app.api.versions import API_VERSIONS
-        from app.metrics.exposition import Metrics
+        from app.metrics.exposition import DIR_ENV, Metrics
         from app.storage.events import EventHub, stream_capacity
         from app.storage.sqlite import build_store
 
         store = build_store(settings)  # not opened yet: the application's lifespan opens it
         hub = EventHub(store, stream_capacity(settings.max_streams, settings.workers))
-        metrics = Metrics.for_settings(settings, os.environ)  # a worker's file: in the parent's directory
+        # With --workers, this worker's file goes in the directory the parent names.
+        metrics = Metrics(directory=os.environ.get(DIR_ENV), shown_uids=settings.metrics_uid)
         return cls(store, hub, metrics, Access(settings, API_VERSIONS))
 
     def application(self, settings: Settings, factory: AppFactory | None = None) -> Any:

@@ -26,7 +26,7 @@ def test_defaults() -> None:
     assert s.send_timeout == 30.0
     assert s.max_connections == 512
     assert not s.uses_tcp
-    assert s.address == "/csi/csi.sock"
+    assert s.socket == "/csi/csi.sock"
 
 
 def test_env_overrides_default_and_flag_overrides_env() -> None:
@@ -148,7 +148,7 @@ def test_host_needs_port() -> None:
         Settings.from_env({"UDS_HOST": "127.0.0.1"})
     tcp = Settings.from_env({"UDS_HOST": "127.0.0.1", "UDS_PORT": "0"})
     assert tcp.uses_tcp
-    assert tcp.address == "http://127.0.0.1:0"
+    assert (tcp.host, tcp.port) == ("127.0.0.1", 0)
 
 
 def test_conversions() -> None:

@@ -1,6 +1,5 @@
-"""Who opened a loopback TCP connection: its owner uid (``sock_diag``, as ``ss`` asks), and the
-fsgid and groups of a process holding it, which ``connect()`` checks. Linux only; why:
-docs/internals.md, "The proxy"."""
+"""Who opened a loopback TCP connection: its owner uid (``sock_diag``, as ``ss`` asks), and the fsgid
+and groups of a process holding it, which ``connect()`` checks. Linux only (docs/internals.md)."""
 
 from __future__ import annotations
 

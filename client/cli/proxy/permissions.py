@@ -1,6 +1,5 @@
-"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider:
-search on every directory the path walk looks in, write on the socket, by POSIX access ACL or mode;
-root is judged as any uid (no capabilities). Linux only."""
+"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider: search
+on each directory walked, write on the socket, by POSIX ACL or mode; root as any uid. Linux only."""
 
 from __future__ import annotations
 
@@ -92,7 +91,6 @@ class SocketAccess:
     path: str
 
     def allows(self, uid: int, groups: Groups) -> bool:
-        """Whether ``uid`` with ``groups`` (None: unknown) may connect."""
         return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
 
     def may_ever(self, uid: int) -> bool:

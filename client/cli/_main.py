@@ -202,9 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             import logging
 
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-            logging.getLogger("client").addHandler(handler)
+            logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # stderr
             logging.getLogger("client").setLevel(logging.DEBUG)
         args.socket = address = resolve_socket(args.socket)
         if args.wait > 0:

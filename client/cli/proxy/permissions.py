@@ -56,11 +56,9 @@ def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) ->
 
 def traversal(path: str) -> tuple[list[str], str]:
     """The directories searched to open ``path`` (links too) and the file reached; OSError as the kernel."""
-    given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
     searched: list[str] = []
-    current = "/"
-    names = [name for name in given.split("/") if name not in ("", ".")]
-    links = 0
+    current, links = "/", 0
+    names = [name for name in os.path.join(os.getcwd(), path).split("/") if name not in ("", ".")]
     while names:
         name = names.pop(0)
         searched.append(current)

@@ -45,10 +45,11 @@ def client_for(args: argparse.Namespace) -> Client:
     return Client(args.socket, timeout=args.timeout)
 
 
-def _dumps(data: object) -> str:
+def _dumps(data: object, indent: int | None = 2) -> str:
     import json
 
-    return json.dumps(data, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
+    compact = None if indent else (",", ":")
+    return json.dumps(data, indent=indent, ensure_ascii=False, separators=compact).translate(_JSON_ESCAPES)
 
 
 def _show(as_json: bool, data: object, lines: Iterable[str]) -> int:
@@ -96,12 +97,9 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 def _event_line(event: Any, as_json: bool) -> str:
     """One line for an event of ``GET /events``, like ``docker events``."""
-    import json
-
     data = event.json()
     if as_json:
-        doc = {"event": event.event, "id": event.id, "data": data}
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).translate(_JSON_ESCAPES)
+        return _dumps({"event": event.event, "id": event.id, "data": data}, indent=None)
     message = event.message
     if message is not None:
         at = message.to_json()["received_at"]

@@ -102,9 +102,7 @@ def _process_holding(inode: int) -> int | None:
         if _holds(pid, target):
             return pid
     for pid in sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True):
-        if _holds(pid, target):
-            with contextlib.suppress(ValueError):
-                _RECENT.remove(pid)
+        if _holds(pid, target):  # not among the recent ones, but for a race: a repeat costs a check
             _RECENT.append(pid)
             return pid
     return None

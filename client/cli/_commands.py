@@ -39,20 +39,20 @@ def error_line(error: str | ClientError, address: str = "") -> None:
     print(f"Error: {clean(str(error))}", file=sys.stderr, flush=True)
 
 
-def _client(args: argparse.Namespace) -> Client:
+def client_for(args: argparse.Namespace) -> Client:
     from client._client import Client
 
     return Client(args.socket, timeout=args.timeout)
 
 
-def _dumps(data: object) -> str:
+def _dumps(data: object, indent: int | None = 2) -> str:
     import json
 
-    return json.dumps(data, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
+    compact = None if indent else (",", ":")
+    return json.dumps(data, indent=indent, ensure_ascii=False, separators=compact).translate(_JSON_ESCAPES)
 
 
 def _show(as_json: bool, data: object, lines: Iterable[str]) -> int:
-    """Print ``data`` as JSON, or ``lines``."""
     for line in [_dumps(data)] if as_json else lines:
         print(line)
     return 0
@@ -63,7 +63,6 @@ def _peer(peer: Any) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    """Send TEXT once; with --every keep sending, with --then-wait stay idle, until SIGTERM/SIGINT."""
     import signal
     import threading
 
@@ -78,7 +77,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         line = _dumps(message.to_json()) if args.json else f"📥 Client received: {clean(message.reply)}"
         print(line, flush=True)
 
-    with _client(args) as client:
+    with client_for(args) as client:
         send_once(client)
         # --then-wait: wait(None) returns only once a signal set the event.
         while keep and not stop.wait(args.every):
@@ -90,7 +89,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_messages(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         messages = client.messages(args.limit)
     lines = (f"#{m.id} {m.to_json()['received_at']} {_peer(m.peer)}: {clean(m.text)}" for m in messages)
     return _show(args.json, {"messages": [m.to_json() for m in messages]}, lines)
@@ -98,12 +97,9 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 def _event_line(event: Any, as_json: bool) -> str:
     """One line for an event of ``GET /events``, like ``docker events``."""
-    import json
-
     data = event.json()
     if as_json:
-        doc = {"event": event.event, "id": event.id, "data": data}
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).translate(_JSON_ESCAPES)
+        return _dumps({"event": event.event, "id": event.id, "data": data}, indent=None)
     message = event.message
     if message is not None:
         at = message.to_json()["received_at"]
@@ -116,12 +112,11 @@ def _event_line(event: Any, as_json: bool) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    """Print events as they come, one line each, until Ctrl-C or SIGTERM (exit 0)."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops it like Ctrl-C
     try:
-        with _client(args) as client:
+        with client_for(args) as client:
             for event in client.events(args.since):
                 print(_event_line(event, args.json), flush=True)
     except KeyboardInterrupt:
@@ -132,7 +127,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         v = client.version()
     fields = {"app": v.app, "python": v.python, "uvicorn": v.uvicorn, "fastapi": v.fastapi, **v.extra}
     width = max(len(name) for name in fields)
@@ -141,7 +136,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         me = client.whoami()
     ids = "none (not a Unix socket connection)" if me.uid is None else f"{me.uid} gid {me.gid} pid {me.pid}"
     lines = [f"uid     {ids}", f"groups  {' '.join(map(str, me.groups)) or '-'}"]
@@ -154,7 +149,7 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         text = _dumps(client.openapi()) + "\n"
     if args.output is None:
         sys.stdout.write(text)
@@ -168,7 +163,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         raw = client.get(args.path)
     body = raw.text
     sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
@@ -183,7 +178,6 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when healthy (ready with --ready), 1 when the server says otherwise, 3 if unreachable."""
     from client.wait import probe
 
     target = "/readyz" if args.ready else "/healthz"

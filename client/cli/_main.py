@@ -17,7 +17,6 @@ from client.cli import _commands
 from client.cli._commands import clean, error_line
 
 PROG = "uds-client"
-_VALUE_OPTIONS = ("--socket", "--timeout", "--wait")  # global options that take a value
 
 
 def _number(
@@ -139,7 +138,7 @@ def _command_in(argv: Sequence[str]) -> str | None:
     """The command named in argv (the first word that is not a global option or its value)."""
     words = iter(argv)
     for word in words:
-        if word in _VALUE_OPTIONS:
+        if word in ("--socket", "--timeout", "--wait"):  # global options that take a value
             next(words, None)
         elif word == "--":
             return None
@@ -203,9 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             import logging
 
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-            logging.getLogger("client").addHandler(handler)
+            logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")  # stderr
             logging.getLogger("client").setLevel(logging.DEBUG)
         args.socket = address = resolve_socket(args.socket)
         if args.wait > 0:

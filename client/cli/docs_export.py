@@ -15,6 +15,7 @@ from typing import Any
 
 from client._errors import ClientError, UsageError
 from client.address import to_url
+from client.cli._commands import client_for
 
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
 
@@ -27,10 +28,8 @@ _SCRIPT_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (
-        "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; 2 --output "
-    )
-    parser.epilog += "is a file or cannot be written; 3 the socket cannot be reached."
+    parser.epilog = "Exit codes: 0 written; 1 the server answered an error or no OpenAPI document; "
+    parser.epilog += "2 --output is a file or cannot be written; 3 the socket cannot be reached."
     where = "directory to write index.html (Swagger UI), redoc.html, openapi.json and assets/ into; "
     where += "created if missing, existing files replaced"
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help=where)
@@ -38,9 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fetch the spec, write the offline docs, print where they are."""
-    from client._client import Client
-
-    with Client(args.socket, timeout=args.timeout) as client:
+    with client_for(args) as client:
         spec = client.openapi()
     if not isinstance(spec.get("openapi"), str) or not isinstance(spec.get("paths"), dict):
         raise ClientError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 import pytest
@@ -25,15 +26,10 @@ def test_one_owner_lookup_per_connection(monkeypatch: pytest.MonkeyPatch) -> Non
     lines: list[str] = []
 
     async def one_request(path: str) -> bytes:
-        proxy = Proxy(
-            path,
-            lines.append,
-            connect_timeout=5.0,
-            log_connections=True,
-            token_only=False,
-            head_timeout=10.0,
-            max_connections=8,
+        options = argparse.Namespace(
+            socket=path, timeout=5.0, head_timeout=10.0, token_only=False, quiet=False
         )
+        proxy = Proxy(options, 8, lines.append)
         server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         proxy.listening(allowed_hosts("127.0.0.1", port))

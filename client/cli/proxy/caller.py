@@ -1,6 +1,5 @@
-"""Who opened a loopback TCP connection: its owner uid (``sock_diag``, as ``ss`` asks), and the
-fsgid and groups of a process holding it, which ``connect()`` checks. Linux only; why:
-docs/internals.md, "The proxy"."""
+"""Who opened a loopback TCP connection: its owner uid (``sock_diag``, as ``ss`` asks), and the fsgid
+and groups of a process holding it, which ``connect()`` checks. Linux only (docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -103,9 +102,7 @@ def _process_holding(inode: int) -> int | None:
         if _holds(pid, target):
             return pid
     for pid in sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True):
-        if _holds(pid, target):
-            with contextlib.suppress(ValueError):
-                _RECENT.remove(pid)
+        if _holds(pid, target):  # not among the recent ones, but for a race: a repeat costs a check
             _RECENT.append(pid)
             return pid
     return None

@@ -20,8 +20,8 @@ from client.cli.proxy.capacity import MAKE_ROOM_AFTER
 from client.cli.proxy.forwarding import REFUSING, Proxy, hostport
 from client.net.limits import FD_RESERVE, connection_cap, raise_open_file_limit
 
-DEFAULT_HOST = "127.0.0.1"
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+_STOP = (signal.SIGINT, signal.SIGTERM)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -35,7 +35,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     elif ":" in host:
         raise UsageError(f"{bad}: put an IPv6 address in brackets, as in [::1]:8080")
     else:
-        host = host or DEFAULT_HOST
+        host = host or "127.0.0.1"
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"{bad}: the port must be a number 0..65535, as in 127.0.0.1:8080")
     if not host or any(c.isspace() or c in "[]" for c in host):
@@ -113,15 +113,7 @@ def run(args: argparse.Namespace) -> int:
             f"Connections: at most {cap} at once, not {args.max_connections} (--max-connections): the "
             f"open-file limit is {soft}; raise it (ulimit -n) to serve more"
         )
-    proxy = Proxy(
-        args.socket,
-        _log,
-        connect_timeout=args.timeout,
-        log_connections=not args.quiet,
-        token_only=args.token_only,
-        head_timeout=args.head_timeout,
-        max_connections=cap,
-    )
+    proxy = Proxy(args, cap, _log)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
     try:  # the client image has no uvloop: asyncio's own loop then
         import uvloop
@@ -153,6 +145,10 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
             f"cannot listen on {hostport(*listen)} ({reason}). "
             "Stop what uses it or choose another address with --listen."
         ) from exc
+    loop = asyncio.get_running_loop()
+    signals: asyncio.Queue[str] = asyncio.Queue()
+    for sig in _STOP:  # before the first line: a supervisor may signal as soon as it reads one
+        loop.add_signal_handler(sig, signals.put_nowait, sig.name)
     port = server.sockets[0].getsockname()[1]
     proxy.listening(allowed_hosts(host, port, allow_hosts))
     where = hostport(host, port)
@@ -162,18 +158,12 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
     log(f"Proxy listening on http://{where} ({scope}) -> {proxy.url}")
     if not loopback:
         warning = f"WARNING: {where} is not a loopback address: callers on other machines cannot be "
-        warning += (
-            "identified and need the token; anyone who sees it can call the API with this user's rights."
-        )
-        log(f"{warning} Use --listen 127.0.0.1:PORT unless you mean it.")
+        warning += "identified and need the token; anyone who sees it can call the API with this user's "
+        log(f"{warning}rights. Use --listen 127.0.0.1:PORT unless you mean it.")
     who = f"callers on this machine who may connect to {proxy.url} themselves (checked by uid), or anyone"
     who = "only requests" if proxy.rules.token_only else who
     log(f"Access: {who} with this proxy's token (open the URL below; its page sends it)")
     log(f"Docs: http://{browse}/docs?token={proxy.rules.token}")
-    loop = asyncio.get_running_loop()
-    signals: asyncio.Queue[str] = asyncio.Queue()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signals.put_nowait, sig.name)
     try:
         received = await signals.get()
     finally:
@@ -181,8 +171,10 @@ async def _serve(proxy: Proxy, listen: tuple[str, int], allow_hosts: tuple[str, 
         server.close()
         count = await proxy.close_all()
         await server.wait_closed()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)  # removing a handler restores the default action
+        for sig in _STOP:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
     log(f"Proxy stopped ({received}): closed {count} open connection(s)")
     return 0

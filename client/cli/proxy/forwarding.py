@@ -3,6 +3,7 @@ request per connection (docs/internals.md, "One request per connection")."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -50,24 +51,15 @@ def hostport(host: str, port: int) -> str:
 
 
 class Proxy:
-    """Accepts TCP connections, judges each request, forwards admitted ones to the Unix socket."""
+    """Accepts TCP connections, judges each request, forwards admitted ones to the Unix socket;
+    ``args``: the command's socket, timeout, head_timeout, token_only and quiet."""
 
-    def __init__(
-        self,
-        path: str,
-        log: Callable[[str], None],
-        *,
-        connect_timeout: float,
-        log_connections: bool,
-        token_only: bool,
-        head_timeout: float,
-        max_connections: int,
-    ) -> None:
-        self.path, self.url, self.log = path, to_url(path), log
-        self.connect_timeout, self.head_timeout = connect_timeout, head_timeout
-        self.log_connections = log_connections
-        self.rules = access.Rules(frozenset(), secrets.token_urlsafe(24), token_only, self.url)
-        self.socket = SocketAccess(path)
+    def __init__(self, args: argparse.Namespace, max_connections: int, log: Callable[[str], None]) -> None:
+        self.path, self.url, self.log = args.socket, to_url(args.socket), log
+        self.connect_timeout, self.head_timeout = args.timeout, args.head_timeout
+        self.log_connections = not args.quiet
+        self.rules = access.Rules(frozenset(), secrets.token_urlsafe(24), args.token_only, self.url)
+        self.socket = SocketAccess(self.path)
         self.places = Places(max_connections, self._note)
         self.tasks: set[Task] = set()
         self.refusing = 0
@@ -80,7 +72,6 @@ class Proxy:
         self.rules = dataclasses.replace(self.rules, hosts=hosts)
 
     async def handle(self, reader: Reader, writer: Writer) -> None:
-        """Serve one TCP connection: one request, judged, then forwarded or refused."""
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
@@ -104,12 +95,11 @@ class Proxy:
     async def _serve(self, task: Task, io: Streams, owner: tuple[int, int] | None, who: str) -> None:
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=access.MAX_HEAD_BYTES)
-        seen = [0]  # bytes received
         first = min(FIRST_BYTE_TIMEOUT, self.head_timeout)
         try:
-            request = await asyncio.wait_for(_next_request(io[0], conn, seen, first), self.head_timeout)
+            request = await asyncio.wait_for(_next_request(io[0], conn, first), self.head_timeout)
         except TimeoutError:
-            if seen[0]:
+            if conn.trailing_data[0]:  # some of a head came
                 line = f"{who}: no complete request head within {self.head_timeout:g}s (answered 408)"
                 message = f"the request head was not complete within {self.head_timeout:g}s; send it faster"
                 await self._refuse(task, io, Refuse(408, message), None, line)
@@ -242,22 +232,14 @@ class Proxy:
         return len(tasks)
 
 
-async def _next_request(
-    reader: Reader, conn: h11.Connection, seen: list[int], first: float
-) -> h11.Request | None:
-    """A whole request head, or None on EOF; TimeoutError if no byte (``seen``) within ``first`` s."""
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Request):
-            return event
-        if event is not h11.NEED_DATA:
-            return None  # ConnectionClosed
-        async with asyncio.timeout(None if seen[0] else first):
-            data = await reader.read(_CHUNK)
-        seen[0] += len(data)
-        if not data and not seen[0]:
-            return None
-        conn.receive_data(data)
+async def _next_request(reader: Reader, conn: h11.Connection, first: float) -> h11.Request | None:
+    """A whole request head, or None on EOF; TimeoutError if no byte came within ``first`` s."""
+    timeout: float | None = first
+    while (event := conn.next_event()) is h11.NEED_DATA:
+        async with asyncio.timeout(timeout):
+            conn.receive_data(await reader.read(_CHUNK))
+        timeout = None
+    return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
 
 
 async def _request(head: bytes, reader: Reader, conn: h11.Connection, chunked: bool) -> AsyncIterator[bytes]:
@@ -294,8 +276,7 @@ async def _finish(body: asyncio.Future[None], down: asyncio.Future[None]) -> tup
             await asyncio.wait({down})  # the whole request is sent: wait for the whole answer
             done = {body, down}
         for t, direction in ((body, "client to socket"), (down, "socket to client")):
-            error = t.exception() if t in done and not t.cancelled() else None
-            if error is not None:
+            if t in done and (error := t.exception()) is not None:  # cancelled only below
                 what = error.strerror if isinstance(error, OSError) and error.strerror else error
                 if isinstance(error, h11.RemoteProtocolError):
                     what = f"invalid body: {error}"

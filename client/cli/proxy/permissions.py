@@ -1,6 +1,5 @@
-"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider:
-search on every directory the path walk looks in, write on the socket, by POSIX access ACL or mode;
-root is judged as any uid (no capabilities). Linux only."""
+"""May a user, with given groups, ``connect()`` to a Unix socket? The kernel's rule, never wider: search
+on each directory walked, write on the socket, by POSIX ACL or mode; root as any uid. Linux only."""
 
 from __future__ import annotations
 
@@ -57,11 +56,9 @@ def _may(path: str, info: os.stat_result, uid: int, groups: Groups, bit: int) ->
 
 def traversal(path: str) -> tuple[list[str], str]:
     """The directories searched to open ``path`` (links too) and the file reached; OSError as the kernel."""
-    given = path if path.startswith("/") else os.path.join(os.getcwd(), path)
     searched: list[str] = []
-    current = "/"
-    names = [name for name in given.split("/") if name not in ("", ".")]
-    links = 0
+    current, links = "/", 0
+    names = [name for name in os.path.join(os.getcwd(), path).split("/") if name not in ("", ".")]
     while names:
         name = names.pop(0)
         searched.append(current)
@@ -92,7 +89,6 @@ class SocketAccess:
     path: str
 
     def allows(self, uid: int, groups: Groups) -> bool:
-        """Whether ``uid`` with ``groups`` (None: unknown) may connect."""
         return self._walk(lambda path, info, bit: _may(path, info, uid, groups, bit))
 
     def may_ever(self, uid: int) -> bool:

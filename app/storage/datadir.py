@@ -18,7 +18,6 @@ _ASIDE = "move it aside (another uid may have put it there to read or rewrite th
 
 
 def _cannot(action: str, exc: OSError, fix: str = AGAIN) -> StoreError:
-    """The refusal when ``action`` failed with ``exc``, and what to do (``fix``)."""
     return StoreError(
         f"cannot {action}: {exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))}{fix}"
     )

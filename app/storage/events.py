@@ -16,6 +16,7 @@ from typing import Literal
 import orjson
 from fastapi.sse import format_sse_event
 
+from app.connection.capacity import Budget
 from app.storage.store import Store
 from client.net.throttle import Throttle
 
@@ -120,9 +121,8 @@ class EventHub:
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
         self.capacity = capacity
-        self.per_peer = max(1, capacity // PEER_SHARE)
+        self.slots = Budget(capacity, max(1, capacity // PEER_SHARE))
         self.streams: set[Subscriber] = set()  # open now (catching up or live)
-        self.held: dict[int | None, int] = {}  # how many, by peer uid
         self.draining = False
         self._live: set[Subscriber] = set()
         self._last = 0  # the highest id handed to the live subscribers (or skipped past)
@@ -143,15 +143,13 @@ class EventHub:
             raise StreamsFull("the server is shutting down")
         if len(self.streams) >= self.capacity:
             raise StreamsFull(f"{self.capacity} event streams are open already")
-        held = self.held.get(uid, 0)
-        if held >= self.per_peer:
+        if not self.slots.take(1, uid):
             who = "connections without peer credentials" if uid is None else f"uid {uid}"
             raise StreamsFull(
-                f"{who} holds {held} event streams already, its share of the {self.capacity} this "
-                "process admits"
+                f"{who} holds {self.slots.held[uid]} event streams already, its share of the "
+                f"{self.capacity} this process admits"
             )
         self._loop = asyncio.get_running_loop()
-        self.held[uid] = held + 1
         subscriber = Subscriber(uid)
         self.streams.add(subscriber)
         return subscriber
@@ -162,9 +160,7 @@ class EventHub:
             self.streams.discard(subscriber)
             self._live.discard(subscriber)
             subscriber.clear()
-            self.held[subscriber.uid] -= 1
-            if not self.held[subscriber.uid]:
-                del self.held[subscriber.uid]
+            self.slots.give(1, subscriber.uid)
 
     async def stream(
         self, subscriber: Subscriber, since: int | None, gone: Callable[[], Awaitable[bool]]

@@ -49,10 +49,6 @@ _ASIDE = "restore it from a backup or move it aside to start afresh (it was left
 _COUNTERS = "SELECT name FROM counters"
 
 
-def database_path(settings: Settings) -> Path:
-    return Path(settings.data_dir) / DB_NAME
-
-
 def connect(path: Path, *pragmas: str, **options: Any) -> sqlite3.Connection:
     """The existing database ``path`` (a percent-encoded ``mode=rw`` URI), autocommit, ``pragmas`` set."""
     try:
@@ -92,7 +88,7 @@ def prepare_store(settings: Settings) -> None:
     if settings.store != "sqlite":
         return
     prepare_directory(Path(settings.data_dir), settings.data_dir_private)
-    path = database_path(settings)
+    path = Path(settings.data_dir) / DB_NAME
     made = prepare_files(path)
     try:
         with contextlib.closing(connect(path)) as connection:
@@ -177,13 +173,10 @@ def _layout(connection: sqlite3.Connection) -> dict[tuple[str, str], str]:
 
 def _verify(connection: sqlite3.Connection, path: Path) -> None:
     """Refuse a schema (or counter rows) other than :data:`MIGRATIONS` make: writes would fail on it."""
-    expected = sqlite3.connect(":memory:", isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as expected:
         _migrate(expected, 0)
         wanted = _layout(expected)
         counters = {row[0] for row in expected.execute(_COUNTERS)}
-    finally:
-        expected.close()
     found = _layout(connection)
     problems = [f"{kind} {name} is missing" for kind, name in wanted if (kind, name) not in found]
     problems += [

@@ -17,7 +17,7 @@ import orjson
 
 from app.config import Settings
 from app.storage import schema
-from app.storage.schema import BUSY_TIMEOUT_MS, busy, connect, database_path, retry_busy
+from app.storage.schema import BUSY_TIMEOUT_MS, busy, connect, retry_busy
 from app.storage.store import (
     KeyConflict,
     MessageStore,
@@ -52,7 +52,7 @@ def build_store(settings: Settings) -> Store:
     """The store ``settings`` ask for, not yet opened (``create_app`` stays free of I/O)."""
     if settings.store == "memory":
         return MessageStore(settings.history_size, settings.idempotency_keys)
-    path = database_path(settings)
+    path = Path(settings.data_dir) / schema.DB_NAME
     return SqliteStore(path, settings.history_size, settings.idempotency_keys, settings.durability)
 
 
@@ -71,8 +71,6 @@ class SqliteStore(Store):
         self, path: Path | str, history_size: int, key_capacity: int, durability: str = "normal"
     ) -> None:
         super().__init__(history_size, key_capacity)
-        if durability not in ("normal", "full"):
-            raise ValueError("durability is normal or full")
         self.path = Path(path)
         self.durability = durability
         self._reader: sqlite3.Connection | None = None
@@ -93,13 +91,12 @@ class SqliteStore(Store):
         """Connect (a reader for this thread, a writer for the writer thread); check the schema."""
         if self._reader is not None:
             return
-        synchronous = f"synchronous={self.durability.upper()}"
-        waiting = f"busy_timeout={BUSY_TIMEOUT_MS}"
+        synchronous = f"synchronous={self.durability.upper()}"  # connect() waits BUSY_TIMEOUT_MS
         self._writer = connect(
             self.path, synchronous, *_WRITER, check_same_thread=False, cached_statements=32
         )
-        self._reader = connect(self.path, synchronous, waiting, cached_statements=32)
-        self._checkpointer = connect(self.path, synchronous, waiting, check_same_thread=False)
+        self._reader = connect(self.path, synchronous, cached_statements=32)
+        self._checkpointer = connect(self.path, synchronous, check_same_thread=False)
         version = self._reader.execute("PRAGMA user_version").fetchone()[0]
         if version != schema.SCHEMA_VERSION:
             self.close()
@@ -167,6 +164,7 @@ class SqliteStore(Store):
         done.add_done_callback(lambda fut: self._finish(batch, fut.exception() or fut.result()))
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
+        assert self._loop is not None
         self._writing = False
         outcomes = [results] * len(batch) if isinstance(results, BaseException) else results
         for (*_, future), outcome in zip(batch, outcomes, strict=True):
@@ -184,7 +182,6 @@ class SqliteStore(Store):
             if not self._checkpointing and (
                 self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
             ):
-                assert self._loop is not None
                 assert self._executor is not None
                 self._commits = 0
                 self._checkpointing = True  # batches queue behind it, on the writer thread
@@ -192,7 +189,6 @@ class SqliteStore(Store):
                 done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
         if self._pending:
             self._scheduled = True
-            assert self._loop is not None
             self._loop.call_soon(self._flush)
         elif self._idle is not None:
             self._idle.set()

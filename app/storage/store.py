@@ -75,8 +75,6 @@ class Store:
     """A message store: ids start at 1, increase and are never reused; ``put`` answers once committed."""
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
-        if history_size < 1 or key_capacity < 1:
-            raise ValueError("history_size and key_capacity must be at least 1")
         self.history_size = history_size
         self.key_capacity = key_capacity
         self._listeners: list[Callable[[int], None]] = []

@@ -131,7 +131,7 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cut_offs = Throttle(log)
         self.spent = 0.0  # seconds the streams spent writing what the current round gave them
-        store.add_listener(self._on_commit)
+        store.on_commit = self._on_commit
 
     def _on_commit(self, last_id: int) -> None:  # the POST side: one flag, whatever the number of streams
         if self._live:

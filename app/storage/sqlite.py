@@ -81,9 +81,8 @@ class SqliteStore(Store):
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
-        self._scheduled = False
-        self._writing = False
-        self._idle: asyncio.Event | None = None
+        self._active = False  # a transaction is scheduled or running
+        self._idle = asyncio.Event()  # set when one ends with nothing pending
         self._seen_version = -1
         self._last_id = 0
 
@@ -108,7 +107,7 @@ class SqliteStore(Store):
 
     async def aclose(self) -> None:
         """Wait for the writes in progress, then close the connections."""
-        if self._idle is not None and (self._writing or self._pending):
+        if self._active:
             self._idle.clear()
             await self._idle.wait()
         self.close()
@@ -133,18 +132,14 @@ class SqliteStore(Store):
             self._idle = asyncio.Event()
         future: asyncio.Future[Stored] = loop.create_future()
         self._pending.append((text, reply, received_at, peer, key, future))
-        if not self._scheduled and not self._writing:
-            self._scheduled = True
+        if not self._active:
+            self._active = True
             loop.call_soon(loop.call_soon, self._flush)  # two turns: the next poll's requests join
         return await future
 
     def _flush(self) -> None:
         """Start the transaction of every ``put`` queued so far (on the writer thread, or here)."""
-        self._scheduled = False
         batch, self._pending = self._pending, []
-        if not batch:
-            return
-        self._writing = True
         if self.durability == "normal" and not self._checkpointing:  # else: queued behind a checkpoint
             results: list[Stored | BaseException] | BaseException | None
             try:
@@ -165,7 +160,6 @@ class SqliteStore(Store):
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
         assert self._loop is not None
-        self._writing = False
         outcomes = [results] * len(batch) if isinstance(results, BaseException) else results
         for (*_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # the request was cancelled (client gone): its row stays committed
@@ -177,7 +171,7 @@ class SqliteStore(Store):
         if not isinstance(results, BaseException):
             last = max((r.id for r in results if isinstance(r, Stored) and r.created), default=0)
             if last:
-                self._committed(last)
+                self.on_commit(last)
             self._commits += 1
             if not self._checkpointing and (
                 self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
@@ -188,9 +182,9 @@ class SqliteStore(Store):
                 done = self._loop.run_in_executor(self._executor, self._checkpoint)
                 done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
         if self._pending:
-            self._scheduled = True
             self._loop.call_soon(self._flush)
-        elif self._idle is not None:
+        else:
+            self._active = False
             self._idle.set()
 
     def _log_size(self) -> int:

@@ -77,15 +77,8 @@ class Store:
     def __init__(self, history_size: int, key_capacity: int) -> None:
         self.history_size = history_size
         self.key_capacity = key_capacity
-        self._listeners: list[Callable[[int], None]] = []
-
-    def add_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(last_id)`` on the event loop after each commit made by this process."""
-        self._listeners.append(callback)
-
-    def _committed(self, last_id: int) -> None:
-        for listener in self._listeners:
-            listener(last_id)
+        # Called with the last id on the event loop after each commit made by this process (the hub's).
+        self.on_commit: Callable[[int], None] = lambda last_id: None
 
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
@@ -140,7 +133,7 @@ class MessageStore(Store):
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)
             if len(self._keys) > self.key_capacity:
                 self._keys.popitem(last=False)
-        self._committed(message_id)
+        self.on_commit(message_id)
         return Stored(message_id, encoded, True)
 
     def get(self, message_id: int) -> bytes | None:

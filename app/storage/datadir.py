@@ -24,8 +24,7 @@ def _cannot(action: str, exc: OSError, fix: str = AGAIN) -> StoreError:
 
 
 def prepare_files(path: Path) -> list[Path]:
-    """Check the database and its side files, create the missing ones (0600) before SQLite (and any
-    other uid) does; return the logs created."""
+    """Check the database and its side files, create the missing ones (0600) first; the logs created."""
     exists = _owned_file(path, "database")
     for suffix in SIDE_FILES:
         _owned_file(Path(f"{path}{suffix}"), "database file")
@@ -109,10 +108,8 @@ def prepare_directory(directory: Path, private: bool) -> None:
             "this server can reach it (an emptyDir mounted into its container alone), set --data-dir-private "
             "(UDS_DATA_DIR_PRIVATE=true)"
         )
-    try:  # SQLite creates files beside the database; a random name cannot be planted in advance
-        descriptor, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
-        os.close(descriptor)
-        os.unlink(probe)
+    try:  # SQLite creates files beside the database; an unnamed file cannot be planted in advance
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as exc:
         fix = f"; make it writable for uid {uid}, or set --data-dir (UDS_DATA_DIR) to another directory"
         raise _cannot(f"write in data directory {directory} (uid {uid})", exc, fix) from exc

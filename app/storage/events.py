@@ -24,7 +24,6 @@ log = logging.getLogger("app.storage.events")
 
 PEER_SHARE = 4  # one peer uid may hold at most 1/PEER_SHARE of a budget (streams, bodies, lists)
 HEARTBEAT_INTERVAL = 5.0  # seconds of silence before a heartbeat: common proxies close after 10 s
-HEARTBEAT = b": heartbeat\n\n"
 POLL_INTERVAL = 0.1  # seconds between two reads of Store.last_id() (other workers' commits)
 FAN_OUT_SHARE = 0.05  # under a stream of POSTs, the share of the time writing events may take
 MAX_PAUSE = 0.04  # seconds a round may be held back: the delivery latency pacing can add
@@ -199,7 +198,7 @@ class EventHub:
                 return
             if subscriber.beat:
                 subscriber.beat = False
-                yield HEARTBEAT
+                yield b": heartbeat\n\n"
                 continue
             wake.clear()
             await wake.wait()  # the hub wakes it for events, its end, or a heartbeat

@@ -105,12 +105,7 @@ def prepare_store(settings: Settings) -> None:
 def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
     """Check, migrate and verify in one ``BEGIN IMMEDIATE``, then switch to WAL; a refusal rolls back."""
     try:
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            raise  # locked past BUSY_TIMEOUT_MS, or no disk: "cannot prepare" below
-        except sqlite3.DatabaseError as exc:  # not a database at all
-            raise _corrupt(path, exc) from exc
+        connection.execute("BEGIN IMMEDIATE")
         try:
             _migrate(connection, _check(connection, path))
             _verify(connection, path)
@@ -122,21 +117,18 @@ def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
         # Retried: while another server starts on the file, SQLite may refuse the switch at once.
         retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL").fetchall(), 0.001, 0.05)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot prepare database {path}: {exc}{AGAIN}") from exc
-
-
-def _corrupt(path: Path, exc: sqlite3.Error) -> StoreError:
-    return StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}")
+        if type(exc) is sqlite3.DatabaseError:  # not a database at all, or a corrupt one
+            raise StoreError(
+                f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}"
+            ) from exc
+        raise StoreError(f"cannot prepare database {path}: {exc}{AGAIN}") from exc  # locked, or no disk
 
 
 def _check(connection: sqlite3.Connection, path: Path) -> int:
     """Read-only checks (nothing is written before they pass); the schema version found."""
-    try:
-        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
-        application = connection.execute("PRAGMA application_id").fetchone()[0]
-        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        raise _corrupt(path, exc) from exc
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    application = connection.execute("PRAGMA application_id").fetchone()[0]
+    tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     if application not in (0, APPLICATION_ID) or (application == 0 and (version or tables)):
         raise StoreError(f"database {path} belongs to another program; {_ASIDE}")
     if version > SCHEMA_VERSION:

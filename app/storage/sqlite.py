@@ -238,8 +238,7 @@ class SqliteStore(Store):
                 if key is not None:
                     clock += 1
                     added += 1
-                    digest = text_digest(text)
-                    row = (key, message_id, digest, reply, received_at, orjson.dumps(peer), clock)
+                    row = (key, message_id, text_digest(text), reply, received_at, orjson.dumps(peer), clock)
                     execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 results.append(Stored(message_id, encoded, True))
             if messages:

@@ -116,12 +116,10 @@ def prepare_directory(directory: Path, private: bool) -> None:
 
 
 def _open_to_others(mode: int) -> bool:
-    """Whether group or others may rename names in a directory of ``mode`` (not with the sticky bit)."""
     return bool(mode & 0o022) and not mode & stat.S_ISVTX
 
 
 def _check_link(path: Path, uid: int) -> None:
-    """Refuse ``path`` if it is a symbolic link another uid made (they may re-point it at will)."""
     try:
         info = os.lstat(path)
     except OSError:
@@ -134,7 +132,6 @@ def _check_link(path: Path, uid: int) -> None:
 
 
 def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
-    """Refuse a parent another uid (not root) owns or may rename in: it could swap the data directory."""
     for parent in dict.fromkeys(parents):
         _check_link(parent, uid)
         try:

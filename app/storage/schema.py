@@ -114,7 +114,6 @@ def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             raise
-        # Retried: while another server starts on the file, SQLite may refuse the switch at once.
         retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL").fetchall(), 0.001, 0.05)
     except sqlite3.Error as exc:
         if type(exc) is sqlite3.DatabaseError:  # not a database at all, or a corrupt one
@@ -164,7 +163,6 @@ def _layout(connection: sqlite3.Connection) -> dict[tuple[str, str], str]:
 
 
 def _verify(connection: sqlite3.Connection, path: Path) -> None:
-    """Refuse a schema (or counter rows) other than :data:`MIGRATIONS` make: writes would fail on it."""
     with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as expected:
         _migrate(expected, 0)
         wanted = _layout(expected)

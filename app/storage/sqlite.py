@@ -35,10 +35,8 @@ WAL_SIZE_LIMIT = 1024 * 1024  # the log size that starts a checkpoint, and that 
 CHECKPOINT_EVERY = 100  # commits between two checkpoints at most (SQLite's own is off)
 PRUNE_EVERY = 64  # rows past the history are deleted when a commit's ids cross a multiple of this
 
-# The writer never waits inside SQLite: a busy batch goes to the writer thread, which retries.
 _WRITER = ("busy_timeout=0", "wal_autocheckpoint=0", f"journal_size_limit={WAL_SIZE_LIMIT}")
 _MAX_ID = 2**63 - 1  # SQLite's integers stop there
-# Reads see only the ids above the highest less ``history_size`` (the rows below are pruned later).
 _SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 _VISIBLE = f"id > ({_SEQ}) - :history"
 _GET = f"SELECT document FROM messages WHERE id = :id AND {_VISIBLE}"  # noqa: S608 - constants only
@@ -138,9 +136,9 @@ class SqliteStore(Store):
         return await future
 
     def _flush(self) -> None:
-        """Start the transaction of every ``put`` queued so far (on the writer thread, or here)."""
         batch, self._pending = self._pending, []
-        if self.durability == "normal" and not self._checkpointing:  # else: queued behind a checkpoint
+        # Here, unless full durability or a checkpoint wants the writer thread (or the store is not open).
+        if (self.durability == "normal" and not self._checkpointing) or self._executor is None:
             results: list[Stored | BaseException] | BaseException | None
             try:
                 results = self._write(batch, wait=False)
@@ -152,9 +150,6 @@ class SqliteStore(Store):
                 self._finish(batch, results)
                 return
         assert self._loop is not None
-        if self._executor is None:
-            self._finish(batch, StoreError(f"the store {self.path} is not open"))
-            return
         done = self._loop.run_in_executor(self._executor, self._write, batch, True)
         done.add_done_callback(lambda fut: self._finish(batch, fut.exception() or fut.result()))
 
@@ -203,7 +198,7 @@ class SqliteStore(Store):
         """One transaction for ``batch``; another process's lock raises :class:`_Busy` unless ``wait``."""
         connection = self._writer
         if connection is None:
-            raise StoreError("the store is closed")
+            raise StoreError(f"the store {self.path} is not open")
         execute = connection.execute
         try:
             if wait:
@@ -317,7 +312,6 @@ class SqliteStore(Store):
         return first
 
     def last_id(self) -> int:
-        # PRAGMA data_version changes only when another connection commits: one pragma, no query.
         version = self._rows("PRAGMA data_version").fetchone()[0]
         if version != self._seen_version:
             row = self._rows(_SEQ).fetchone()

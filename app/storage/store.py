@@ -143,7 +143,6 @@ class MessageStore(Store):
         return None
 
     def recent_ids(self, limit: int) -> range:
-        # Ids, not documents: a slow reader fetches each later and holds none that left the history.
         return range(self._next_id - min(limit, len(self._history)), self._next_id)
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:

@@ -13,7 +13,6 @@ from pathlib import Path
 from app.storage.store import StoreError
 
 AGAIN = "; fix it, or set --data-dir (UDS_DATA_DIR) to another directory"
-SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite opens beside the database (following links)
 _ASIDE = "move it aside (another uid may have put it there to read or rewrite the messages)"
 
 
@@ -26,7 +25,7 @@ def _cannot(action: str, exc: OSError, fix: str = AGAIN) -> StoreError:
 def prepare_files(path: Path) -> list[Path]:
     """Check the database and its side files, create the missing ones (0600) first; the logs created."""
     exists = _owned_file(path, "database")
-    for suffix in SIDE_FILES:
+    for suffix in ("-wal", "-shm", "-journal"):  # what SQLite opens beside it, following links
         _owned_file(Path(f"{path}{suffix}"), "database file")
     if not exists and not _create(path, "database"):
         _owned_file(path, "database")  # another server starting at the same instant made it first

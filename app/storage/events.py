@@ -188,7 +188,6 @@ class EventHub:
             yield chunk
             del chunk
             yield b""  # writes nothing, but waits while the connection cannot take more
-        wake = subscriber.wake
         while True:
             if subscriber.ids:
                 yield subscriber.take()
@@ -200,8 +199,8 @@ class EventHub:
                 subscriber.beat = False
                 yield b": heartbeat\n\n"
                 continue
-            wake.clear()
-            await wake.wait()  # the hub wakes it for events, its end, or a heartbeat
+            subscriber.wake.clear()
+            await subscriber.wake.wait()  # the hub wakes it for events, its end, or a heartbeat
             began = perf_counter()
             if subscriber.ids:
                 yield subscriber.take()
@@ -218,12 +217,10 @@ class EventHub:
             self._task = self._loop.create_task(self._run(), name="event hub")
 
     async def _run(self) -> None:
-        wake = self._wake
-        loop = self._loop
-        assert loop is not None
+        loop = asyncio.get_running_loop()
         try:
             while self._live:
-                wake.clear()
+                self._wake.clear()
                 began = loop.time()
                 self.spent = 0.0
                 carried = self._fan_out(began)
@@ -231,7 +228,7 @@ class EventHub:
                     break
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL):
-                        await wake.wait()
+                        await self._wake.wait()
                 now = loop.time()
                 for subscriber in self._live:  # silent for HEARTBEAT_INTERVAL: a heartbeat is due
                     if now - subscriber.written >= HEARTBEAT_INTERVAL:

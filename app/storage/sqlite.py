@@ -86,8 +86,6 @@ class SqliteStore(Store):
 
     def open(self) -> None:
         """Connect (a reader for this thread, a writer for the writer thread); check the schema."""
-        if self._reader is not None:
-            return
         synchronous = f"synchronous={self.durability.upper()}"  # connect() waits BUSY_TIMEOUT_MS
         self._writer = connect(
             self.path, synchronous, *_WRITER, check_same_thread=False, cached_statements=32
@@ -241,10 +239,8 @@ class SqliteStore(Store):
                 if (next_id - 1) // PRUNE_EVERY != (messages[0][0] - 1) // PRUNE_EVERY:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
             if added:
-                keys = execute(
-                    "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value", (added,)
-                )
-                count = self._counter(keys, "keys")
+                adding = "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value"
+                count = self._counter(execute(adding, (added,)), "keys")
                 if count > self.key_capacity:
                     execute(
                         "DELETE FROM idempotency_keys WHERE key IN "
@@ -302,9 +298,8 @@ class SqliteStore(Store):
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        with contextlib.closing(
-            self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
-        ) as rows:
+        rows = self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
+        with contextlib.closing(rows):
             return bounded(rows, max_bytes)  # SQLite steps one row at a time: the rest is never read
 
     def first_id(self) -> int | None:

@@ -41,8 +41,7 @@ MIGRATIONS: dict[int, str] = {
         INSERT INTO counters VALUES ('keys', 0), ('clock', 0);
     """,
 }
-"""Version N -> the SQL that brings N - 1 to N (never edit a shipped one). ``counters``: the number
-of keys (no ``COUNT(*)``) and the clock that ``idempotency_keys.used`` (LRU order) is read from."""
+"""Version N -> the SQL that brings N - 1 to N (never edit a shipped one); docs/internals.md, "Start"."""
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"

@@ -121,7 +121,6 @@ class SqliteStore(Store):
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Queue the message for the next transaction; answer once that has committed."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop

@@ -13,22 +13,19 @@ from pathlib import Path
 from app.storage.store import StoreError
 
 AGAIN = "; fix it, or set --data-dir (UDS_DATA_DIR) to another directory"
-SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite opens beside the database (following links)
 _ASIDE = "move it aside (another uid may have put it there to read or rewrite the messages)"
 
 
 def _cannot(action: str, exc: OSError, fix: str = AGAIN) -> StoreError:
-    """The refusal when ``action`` failed with ``exc``, and what to do (``fix``)."""
     return StoreError(
         f"cannot {action}: {exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))}{fix}"
     )
 
 
 def prepare_files(path: Path) -> list[Path]:
-    """Check the database and its side files, create the missing ones (0600) before SQLite (and any
-    other uid) does; return the logs created."""
+    """Check the database and its side files, create the missing ones (0600) first; the logs created."""
     exists = _owned_file(path, "database")
-    for suffix in SIDE_FILES:
+    for suffix in ("-wal", "-shm", "-journal"):  # what SQLite opens beside it, following links
         _owned_file(Path(f"{path}{suffix}"), "database file")
     if not exists and not _create(path, "database"):
         _owned_file(path, "database")  # another server starting at the same instant made it first
@@ -110,22 +107,18 @@ def prepare_directory(directory: Path, private: bool) -> None:
             "this server can reach it (an emptyDir mounted into its container alone), set --data-dir-private "
             "(UDS_DATA_DIR_PRIVATE=true)"
         )
-    try:  # SQLite creates files beside the database; a random name cannot be planted in advance
-        descriptor, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
-        os.close(descriptor)
-        os.unlink(probe)
+    try:  # SQLite creates files beside the database; an unnamed file cannot be planted in advance
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as exc:
         fix = f"; make it writable for uid {uid}, or set --data-dir (UDS_DATA_DIR) to another directory"
         raise _cannot(f"write in data directory {directory} (uid {uid})", exc, fix) from exc
 
 
 def _open_to_others(mode: int) -> bool:
-    """Whether group or others may rename names in a directory of ``mode`` (not with the sticky bit)."""
     return bool(mode & 0o022) and not mode & stat.S_ISVTX
 
 
 def _check_link(path: Path, uid: int) -> None:
-    """Refuse ``path`` if it is a symbolic link another uid made (they may re-point it at will)."""
     try:
         info = os.lstat(path)
     except OSError:
@@ -138,7 +131,6 @@ def _check_link(path: Path, uid: int) -> None:
 
 
 def _check_parents(directory: Path, parents: Sequence[Path], uid: int) -> None:
-    """Refuse a parent another uid (not root) owns or may rename in: it could swap the data directory."""
     for parent in dict.fromkeys(parents):
         _check_link(parent, uid)
         try:

@@ -16,6 +16,7 @@ from typing import Literal
 import orjson
 from fastapi.sse import format_sse_event
 
+from app.connection.capacity import Budget
 from app.storage.store import Store
 from client.net.throttle import Throttle
 
@@ -23,7 +24,6 @@ log = logging.getLogger("app.storage.events")
 
 PEER_SHARE = 4  # one peer uid may hold at most 1/PEER_SHARE of a budget (streams, bodies, lists)
 HEARTBEAT_INTERVAL = 5.0  # seconds of silence before a heartbeat: common proxies close after 10 s
-HEARTBEAT = b": heartbeat\n\n"
 POLL_INTERVAL = 0.1  # seconds between two reads of Store.last_id() (other workers' commits)
 FAN_OUT_SHARE = 0.05  # under a stream of POSTs, the share of the time writing events may take
 MAX_PAUSE = 0.04  # seconds a round may be held back: the delivery latency pacing can add
@@ -120,9 +120,8 @@ class EventHub:
     def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
         self.capacity = capacity
-        self.per_peer = max(1, capacity // PEER_SHARE)
+        self.slots = Budget(capacity, max(1, capacity // PEER_SHARE))
         self.streams: set[Subscriber] = set()  # open now (catching up or live)
-        self.held: dict[int | None, int] = {}  # how many, by peer uid
         self.draining = False
         self._live: set[Subscriber] = set()
         self._last = 0  # the highest id handed to the live subscribers (or skipped past)
@@ -131,7 +130,7 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cut_offs = Throttle(log)
         self.spent = 0.0  # seconds the streams spent writing what the current round gave them
-        store.add_listener(self._on_commit)
+        store.on_commit = self._on_commit
 
     def _on_commit(self, last_id: int) -> None:  # the POST side: one flag, whatever the number of streams
         if self._live:
@@ -143,15 +142,13 @@ class EventHub:
             raise StreamsFull("the server is shutting down")
         if len(self.streams) >= self.capacity:
             raise StreamsFull(f"{self.capacity} event streams are open already")
-        held = self.held.get(uid, 0)
-        if held >= self.per_peer:
+        if not self.slots.take(1, uid):
             who = "connections without peer credentials" if uid is None else f"uid {uid}"
             raise StreamsFull(
-                f"{who} holds {held} event streams already, its share of the {self.capacity} this "
-                "process admits"
+                f"{who} holds {self.slots.held[uid]} event streams already, its share of the "
+                f"{self.capacity} this process admits"
             )
         self._loop = asyncio.get_running_loop()
-        self.held[uid] = held + 1
         subscriber = Subscriber(uid)
         self.streams.add(subscriber)
         return subscriber
@@ -162,9 +159,7 @@ class EventHub:
             self.streams.discard(subscriber)
             self._live.discard(subscriber)
             subscriber.clear()
-            self.held[subscriber.uid] -= 1
-            if not self.held[subscriber.uid]:
-                del self.held[subscriber.uid]
+            self.slots.give(1, subscriber.uid)
 
     async def stream(
         self, subscriber: Subscriber, since: int | None, gone: Callable[[], Awaitable[bool]]
@@ -193,7 +188,6 @@ class EventHub:
             yield chunk
             del chunk
             yield b""  # writes nothing, but waits while the connection cannot take more
-        wake = subscriber.wake
         while True:
             if subscriber.ids:
                 yield subscriber.take()
@@ -203,10 +197,10 @@ class EventHub:
                 return
             if subscriber.beat:
                 subscriber.beat = False
-                yield HEARTBEAT
+                yield b": heartbeat\n\n"
                 continue
-            wake.clear()
-            await wake.wait()  # the hub wakes it for events, its end, or a heartbeat
+            subscriber.wake.clear()
+            await subscriber.wake.wait()  # the hub wakes it for events, its end, or a heartbeat
             began = perf_counter()
             if subscriber.ids:
                 yield subscriber.take()
@@ -223,12 +217,10 @@ class EventHub:
             self._task = self._loop.create_task(self._run(), name="event hub")
 
     async def _run(self) -> None:
-        wake = self._wake
-        loop = self._loop
-        assert loop is not None
+        loop = asyncio.get_running_loop()
         try:
             while self._live:
-                wake.clear()
+                self._wake.clear()
                 began = loop.time()
                 self.spent = 0.0
                 carried = self._fan_out(began)
@@ -236,7 +228,7 @@ class EventHub:
                     break
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL):
-                        await wake.wait()
+                        await self._wake.wait()
                 now = loop.time()
                 for subscriber in self._live:  # silent for HEARTBEAT_INTERVAL: a heartbeat is due
                     if now - subscriber.written >= HEARTBEAT_INTERVAL:

@@ -41,16 +41,11 @@ MIGRATIONS: dict[int, str] = {
         INSERT INTO counters VALUES ('keys', 0), ('clock', 0);
     """,
 }
-"""Version N -> the SQL that brings N - 1 to N (never edit a shipped one). ``counters``: the number
-of keys (no ``COUNT(*)``) and the clock that ``idempotency_keys.used`` (LRU order) is read from."""
+"""Version N -> the SQL that brings N - 1 to N (never edit a shipped one); docs/internals.md, "Start"."""
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _ASIDE = "restore it from a backup or move it aside to start afresh (it was left untouched)"
 _COUNTERS = "SELECT name FROM counters"
-
-
-def database_path(settings: Settings) -> Path:
-    return Path(settings.data_dir) / DB_NAME
 
 
 def connect(path: Path, *pragmas: str, **options: Any) -> sqlite3.Connection:
@@ -92,7 +87,7 @@ def prepare_store(settings: Settings) -> None:
     if settings.store != "sqlite":
         return
     prepare_directory(Path(settings.data_dir), settings.data_dir_private)
-    path = database_path(settings)
+    path = Path(settings.data_dir) / DB_NAME
     made = prepare_files(path)
     try:
         with contextlib.closing(connect(path)) as connection:
@@ -109,12 +104,7 @@ def prepare_store(settings: Settings) -> None:
 def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
     """Check, migrate and verify in one ``BEGIN IMMEDIATE``, then switch to WAL; a refusal rolls back."""
     try:
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            raise  # locked past BUSY_TIMEOUT_MS, or no disk: "cannot prepare" below
-        except sqlite3.DatabaseError as exc:  # not a database at all
-            raise _corrupt(path, exc) from exc
+        connection.execute("BEGIN IMMEDIATE")
         try:
             _migrate(connection, _check(connection, path))
             _verify(connection, path)
@@ -123,24 +113,20 @@ def _prepare_schema(connection: sqlite3.Connection, path: Path) -> None:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             raise
-        # Retried: while another server starts on the file, SQLite may refuse the switch at once.
         retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL").fetchall(), 0.001, 0.05)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot prepare database {path}: {exc}{AGAIN}") from exc
-
-
-def _corrupt(path: Path, exc: sqlite3.Error) -> StoreError:
-    return StoreError(f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}")
+        if type(exc) is sqlite3.DatabaseError:  # not a database at all, or a corrupt one
+            raise StoreError(
+                f"database {path} is not a SQLite database or is corrupt ({exc}); {_ASIDE}"
+            ) from exc
+        raise StoreError(f"cannot prepare database {path}: {exc}{AGAIN}") from exc  # locked, or no disk
 
 
 def _check(connection: sqlite3.Connection, path: Path) -> int:
     """Read-only checks (nothing is written before they pass); the schema version found."""
-    try:
-        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
-        application = connection.execute("PRAGMA application_id").fetchone()[0]
-        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        raise _corrupt(path, exc) from exc
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    application = connection.execute("PRAGMA application_id").fetchone()[0]
+    tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     if application not in (0, APPLICATION_ID) or (application == 0 and (version or tables)):
         raise StoreError(f"database {path} belongs to another program; {_ASIDE}")
     if version > SCHEMA_VERSION:
@@ -176,14 +162,10 @@ def _layout(connection: sqlite3.Connection) -> dict[tuple[str, str], str]:
 
 
 def _verify(connection: sqlite3.Connection, path: Path) -> None:
-    """Refuse a schema (or counter rows) other than :data:`MIGRATIONS` make: writes would fail on it."""
-    expected = sqlite3.connect(":memory:", isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as expected:
         _migrate(expected, 0)
         wanted = _layout(expected)
         counters = {row[0] for row in expected.execute(_COUNTERS)}
-    finally:
-        expected.close()
     found = _layout(connection)
     problems = [f"{kind} {name} is missing" for kind, name in wanted if (kind, name) not in found]
     problems += [

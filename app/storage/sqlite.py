@@ -17,7 +17,7 @@ import orjson
 
 from app.config import Settings
 from app.storage import schema
-from app.storage.schema import BUSY_TIMEOUT_MS, busy, connect, database_path, retry_busy
+from app.storage.schema import BUSY_TIMEOUT_MS, busy, connect, retry_busy
 from app.storage.store import (
     KeyConflict,
     MessageStore,
@@ -35,10 +35,8 @@ WAL_SIZE_LIMIT = 1024 * 1024  # the log size that starts a checkpoint, and that 
 CHECKPOINT_EVERY = 100  # commits between two checkpoints at most (SQLite's own is off)
 PRUNE_EVERY = 64  # rows past the history are deleted when a commit's ids cross a multiple of this
 
-# The writer never waits inside SQLite: a busy batch goes to the writer thread, which retries.
 _WRITER = ("busy_timeout=0", "wal_autocheckpoint=0", f"journal_size_limit={WAL_SIZE_LIMIT}")
 _MAX_ID = 2**63 - 1  # SQLite's integers stop there
-# Reads see only the ids above the highest less ``history_size`` (the rows below are pruned later).
 _SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 _VISIBLE = f"id > ({_SEQ}) - :history"
 _GET = f"SELECT document FROM messages WHERE id = :id AND {_VISIBLE}"  # noqa: S608 - constants only
@@ -52,7 +50,7 @@ def build_store(settings: Settings) -> Store:
     """The store ``settings`` ask for, not yet opened (``create_app`` stays free of I/O)."""
     if settings.store == "memory":
         return MessageStore(settings.history_size, settings.idempotency_keys)
-    path = database_path(settings)
+    path = Path(settings.data_dir) / schema.DB_NAME
     return SqliteStore(path, settings.history_size, settings.idempotency_keys, settings.durability)
 
 
@@ -71,8 +69,6 @@ class SqliteStore(Store):
         self, path: Path | str, history_size: int, key_capacity: int, durability: str = "normal"
     ) -> None:
         super().__init__(history_size, key_capacity)
-        if durability not in ("normal", "full"):
-            raise ValueError("durability is normal or full")
         self.path = Path(path)
         self.durability = durability
         self._reader: sqlite3.Connection | None = None
@@ -83,23 +79,19 @@ class SqliteStore(Store):
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
-        self._scheduled = False
-        self._writing = False
-        self._idle: asyncio.Event | None = None
+        self._active = False  # a transaction is scheduled or running
+        self._idle = asyncio.Event()  # set when one ends with nothing pending
         self._seen_version = -1
         self._last_id = 0
 
     def open(self) -> None:
         """Connect (a reader for this thread, a writer for the writer thread); check the schema."""
-        if self._reader is not None:
-            return
-        synchronous = f"synchronous={self.durability.upper()}"
-        waiting = f"busy_timeout={BUSY_TIMEOUT_MS}"
+        synchronous = f"synchronous={self.durability.upper()}"  # connect() waits BUSY_TIMEOUT_MS
         self._writer = connect(
             self.path, synchronous, *_WRITER, check_same_thread=False, cached_statements=32
         )
-        self._reader = connect(self.path, synchronous, waiting, cached_statements=32)
-        self._checkpointer = connect(self.path, synchronous, waiting, check_same_thread=False)
+        self._reader = connect(self.path, synchronous, cached_statements=32)
+        self._checkpointer = connect(self.path, synchronous, check_same_thread=False)
         version = self._reader.execute("PRAGMA user_version").fetchone()[0]
         if version != schema.SCHEMA_VERSION:
             self.close()
@@ -111,7 +103,7 @@ class SqliteStore(Store):
 
     async def aclose(self) -> None:
         """Wait for the writes in progress, then close the connections."""
-        if self._idle is not None and (self._writing or self._pending):
+        if self._active:
             self._idle.clear()
             await self._idle.wait()
         self.close()
@@ -129,26 +121,21 @@ class SqliteStore(Store):
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
     ) -> Stored:
-        """Queue the message for the next transaction; answer once that has committed."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
             self._idle = asyncio.Event()
         future: asyncio.Future[Stored] = loop.create_future()
         self._pending.append((text, reply, received_at, peer, key, future))
-        if not self._scheduled and not self._writing:
-            self._scheduled = True
+        if not self._active:
+            self._active = True
             loop.call_soon(loop.call_soon, self._flush)  # two turns: the next poll's requests join
         return await future
 
     def _flush(self) -> None:
-        """Start the transaction of every ``put`` queued so far (on the writer thread, or here)."""
-        self._scheduled = False
         batch, self._pending = self._pending, []
-        if not batch:
-            return
-        self._writing = True
-        if self.durability == "normal" and not self._checkpointing:  # else: queued behind a checkpoint
+        # Here, unless full durability or a checkpoint wants the writer thread (or the store is not open).
+        if (self.durability == "normal" and not self._checkpointing) or self._executor is None:
             results: list[Stored | BaseException] | BaseException | None
             try:
                 results = self._write(batch, wait=False)
@@ -160,14 +147,11 @@ class SqliteStore(Store):
                 self._finish(batch, results)
                 return
         assert self._loop is not None
-        if self._executor is None:
-            self._finish(batch, StoreError(f"the store {self.path} is not open"))
-            return
         done = self._loop.run_in_executor(self._executor, self._write, batch, True)
         done.add_done_callback(lambda fut: self._finish(batch, fut.exception() or fut.result()))
 
     def _finish(self, batch: list[_Item], results: list[Stored | BaseException] | BaseException) -> None:
-        self._writing = False
+        assert self._loop is not None
         outcomes = [results] * len(batch) if isinstance(results, BaseException) else results
         for (*_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # the request was cancelled (client gone): its row stays committed
@@ -179,22 +163,20 @@ class SqliteStore(Store):
         if not isinstance(results, BaseException):
             last = max((r.id for r in results if isinstance(r, Stored) and r.created), default=0)
             if last:
-                self._committed(last)
+                self.on_commit(last)
             self._commits += 1
             if not self._checkpointing and (
                 self._commits >= CHECKPOINT_EVERY or self._log_size() > WAL_SIZE_LIMIT
             ):
-                assert self._loop is not None
                 assert self._executor is not None
                 self._commits = 0
                 self._checkpointing = True  # batches queue behind it, on the writer thread
                 done = self._loop.run_in_executor(self._executor, self._checkpoint)
                 done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
         if self._pending:
-            self._scheduled = True
-            assert self._loop is not None
             self._loop.call_soon(self._flush)
-        elif self._idle is not None:
+        else:
+            self._active = False
             self._idle.set()
 
     def _log_size(self) -> int:
@@ -213,7 +195,7 @@ class SqliteStore(Store):
         """One transaction for ``batch``; another process's lock raises :class:`_Busy` unless ``wait``."""
         connection = self._writer
         if connection is None:
-            raise StoreError("the store is closed")
+            raise StoreError(f"the store {self.path} is not open")
         execute = connection.execute
         try:
             if wait:
@@ -248,8 +230,7 @@ class SqliteStore(Store):
                 if key is not None:
                     clock += 1
                     added += 1
-                    digest = text_digest(text)
-                    row = (key, message_id, digest, reply, received_at, orjson.dumps(peer), clock)
+                    row = (key, message_id, text_digest(text), reply, received_at, orjson.dumps(peer), clock)
                     execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 results.append(Stored(message_id, encoded, True))
             if messages:
@@ -257,10 +238,8 @@ class SqliteStore(Store):
                 if (next_id - 1) // PRUNE_EVERY != (messages[0][0] - 1) // PRUNE_EVERY:
                     execute("DELETE FROM messages WHERE id <= ?", (next_id - 1 - self.history_size,))
             if added:
-                keys = execute(
-                    "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value", (added,)
-                )
-                count = self._counter(keys, "keys")
+                adding = "UPDATE counters SET value = value + ? WHERE name = 'keys' RETURNING value"
+                count = self._counter(execute(adding, (added,)), "keys")
                 if count > self.key_capacity:
                     execute(
                         "DELETE FROM idempotency_keys WHERE key IN "
@@ -318,9 +297,8 @@ class SqliteStore(Store):
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         if after_id >= _MAX_ID or limit < 1:
             return []
-        with contextlib.closing(
-            self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
-        ) as rows:
+        rows = self._rows(_SINCE, after=max(after_id, 0), limit=min(limit, _MAX_ID))
+        with contextlib.closing(rows):
             return bounded(rows, max_bytes)  # SQLite steps one row at a time: the rest is never read
 
     def first_id(self) -> int | None:
@@ -328,7 +306,6 @@ class SqliteStore(Store):
         return first
 
     def last_id(self) -> int:
-        # PRAGMA data_version changes only when another connection commits: one pragma, no query.
         version = self._rows("PRAGMA data_version").fetchone()[0]
         if version != self._seen_version:
             row = self._rows(_SEQ).fetchone()

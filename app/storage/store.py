@@ -75,19 +75,10 @@ class Store:
     """A message store: ids start at 1, increase and are never reused; ``put`` answers once committed."""
 
     def __init__(self, history_size: int, key_capacity: int) -> None:
-        if history_size < 1 or key_capacity < 1:
-            raise ValueError("history_size and key_capacity must be at least 1")
         self.history_size = history_size
         self.key_capacity = key_capacity
-        self._listeners: list[Callable[[int], None]] = []
-
-    def add_listener(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(last_id)`` on the event loop after each commit made by this process."""
-        self._listeners.append(callback)
-
-    def _committed(self, last_id: int) -> None:
-        for listener in self._listeners:
-            listener(last_id)
+        # Called with the last id on the event loop after each commit made by this process (the hub's).
+        self.on_commit: Callable[[int], None] = lambda last_id: None
 
     async def put(
         self, text: str, reply: str, received_at: str, peer: dict[str, Any] | None, key: str | None
@@ -142,7 +133,7 @@ class MessageStore(Store):
             self._keys[key] = Remembered(message_id, text_digest(text), reply, received_at, peer)
             if len(self._keys) > self.key_capacity:
                 self._keys.popitem(last=False)
-        self._committed(message_id)
+        self.on_commit(message_id)
         return Stored(message_id, encoded, True)
 
     def get(self, message_id: int) -> bytes | None:
@@ -152,7 +143,6 @@ class MessageStore(Store):
         return None
 
     def recent_ids(self, limit: int) -> range:
-        # Ids, not documents: a slow reader fetches each later and holds none that left the history.
         return range(self._next_id - min(limit, len(self._history)), self._next_id)
 
     def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:

@@ -101,7 +101,7 @@ def test_rows_past_the_history_are_deleted_every_prune_every_ids_and_never_read(
 def test_one_turn_is_one_transaction_and_a_key_repeated_in_it_stores_once(data: Path) -> None:
     store = _store(data)
     commits: list[int] = []
-    store.add_listener(commits.append)
+    store.on_commit = commits.append
 
     async def burst() -> list[Stored | BaseException]:
         puts = [_put(store, "same", "k") for _ in range(10)] + [_put(store, f"other {i}") for i in range(5)]

@@ -59,11 +59,11 @@ def test_the_hub_counts_streams_per_uid_and_in_total() -> None:
             hub.subscribe(5)  # the total cap still holds
         hub.unsubscribe(held[0])
         hub.unsubscribe(held[0])  # twice is harmless
-        assert hub.held[1] == 1
+        assert hub.slots.held[1] == 1
         hub.subscribe(1)
         for subscriber in held[1:]:
             hub.unsubscribe(subscriber)
-        assert hub.held == {1: 1, None: 1}
+        assert hub.slots.held == {1: 1, None: 1}
 
     asyncio.run(main())
 

@@ -33,7 +33,7 @@ def inherited_socket(environ: MutableMapping[str, str]) -> BoundSocket | None:
             os.getpid(),
         )
         return None
-    count = int(listen_fds) if listen_fds.strip().isdigit() else -1
+    count = int(listen_fds) if listen_fds.strip().isdecimal() else -1
     if count == 0:
         return None
     if count != 1:

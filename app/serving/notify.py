@@ -42,7 +42,7 @@ class Notifier:
         address = b"\0" + os.fsencode(raw[1:]) if raw[0] == "@" else raw
         every = None
         if usec and (watchdog_pid is None or watchdog_pid.strip() == str(os.getpid())):
-            timeout = int(usec) / 1e6 if usec.strip().isdigit() else 0.0
+            timeout = int(usec) / 1e6 if usec.strip().isdecimal() else 0.0
             if timeout > 0:
                 every = timeout / 2
             else:

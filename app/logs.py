@@ -99,10 +99,12 @@ class BatchingStreamHandler(logging.StreamHandler[IO[str]]):
 
     def _drain(self) -> None:
         self._loop = None
-        try:
-            self.flush()
-        except Exception:  # a closed or broken stream must not take the server down
-            self.handleError(logging.makeLogRecord({"msg": "cannot write the log lines of this turn"}))
+        with self.lock:  # type: ignore[union-attr]
+            lines = "".join(self._pending)
+            try:
+                self.flush()
+            except Exception:  # a closed or broken stream must not take the server down
+                self.handleError(logging.makeLogRecord({"msg": lines.rstrip("\n")}))  # shown on stderr
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]

@@ -90,14 +90,21 @@ def bind_unix(path: str, mode: int = 0o660, group: int | None = None) -> BoundSo
 
 def bind_tcp(host: str, port: int) -> BoundSocket:
     """Bind and listen on ``host:port`` (debugging and benchmarks); port 0 picks a free port."""
+    sock = None
     try:
         family, *_, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.create_server(address, family=family, backlog=BACKLOG)
+        # Not socket.create_server: it makes an IPv6 listener IPv6-only, not the system's default.
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as exc:
+        if sock is not None:
+            sock.close()
         raise SocketError(f"cannot listen on {host}:{port}: {reason(exc)}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return BoundSocket(sock)
 
 

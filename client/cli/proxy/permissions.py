@@ -58,7 +58,8 @@ def traversal(path: str) -> tuple[list[str], str]:
     """The directories searched to open ``path`` (links too) and the file reached; OSError as the kernel."""
     searched: list[str] = []
     current, links = "/", 0
-    names = [name for name in os.path.join(os.getcwd(), path).split("/") if name not in ("", ".")]
+    given = path if path.startswith("/") else os.path.join(os.getcwd(), path)  # a cwd may be gone
+    names = [name for name in given.split("/") if name not in ("", ".")]
     while names:
         name = names.pop(0)
         searched.append(current)

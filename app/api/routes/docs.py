@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+from functools import cache, partial
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -57,6 +58,17 @@ def _headers(page: str, assets: list[str]) -> dict[str, str]:
     return {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer"}
 
 
+_SCRIPTS = {"swagger.html": "swagger-ui-bundle.js", "redoc.html": "redoc.standalone.js"}
+
+
+def _built(
+    template: str, tool: str, title: str, openapi_url: str, redirect_url: str
+) -> tuple[str, dict[str, str]]:
+    """A docs page and its headers."""
+    page = _page(template, f"{title} - {tool}", openapi_url, redirect_url)
+    return page, _headers(page, [_SCRIPTS[template]])
+
+
 def assets_directory() -> Path:
     """Where ``fastapi-offline`` keeps Swagger UI, ReDoc and the favicon."""
     import fastapi_offline
@@ -69,19 +81,20 @@ def install(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     app.mount(ASSETS_URL, StaticFiles(directory=assets_directory()), name="docs-assets")
     openapi_url = app.openapi_url or "/openapi.json"
     redirect_url = f"{docs_url}/oauth2-redirect"
-    swagger_page = _page("swagger.html", f"{app.title} - Swagger UI", openapi_url, redirect_url)
-    redoc_page = _page("redoc.html", f"{app.title} - ReDoc", openapi_url)
-    swagger_headers = _headers(swagger_page, ["swagger-ui-bundle.js"])
-    redoc_headers = _headers(redoc_page, ["redoc.standalone.js"])
+    # Built at the first request: hashing the two scripts (2.6 MB) would slow every start.
+    swagger = cache(partial(_built, "swagger.html", "Swagger UI", app.title, openapi_url, redirect_url))
+    redoc = cache(partial(_built, "redoc.html", "ReDoc", app.title, openapi_url, ""))
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return HTMLResponse(swagger_page, headers=swagger_headers)
+        page, headers = swagger()
+        return HTMLResponse(page, headers=headers)
 
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
     @app.get(redoc_url, include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return HTMLResponse(redoc_page, headers=redoc_headers)
+    async def redoc_page() -> HTMLResponse:
+        page, headers = redoc()
+        return HTMLResponse(page, headers=headers)

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import short_tmpdir
 
 PLAYS_A_POD = ("test_pod_e2e.py", "test_deployment.py")
 FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
@@ -80,3 +84,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         ranked = sorted(_file_seconds.items(), key=lambda entry: -entry[1])
         table = {name: round(spent, 1) for name, spent in ranked}
         Path(path).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A short temp directory for the sockets of one test (AF_UNIX paths stay under 107 bytes)."""
+    directory = short_tmpdir("uds")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import subprocess
 import threading
@@ -29,7 +28,6 @@ from tests.support import (
     http_over_uds,
     read_message,
     running_server,
-    short_tmpdir,
 )
 
 POST = b'{"text":"Hello from client"}'
@@ -39,13 +37,6 @@ POST = b'{"text":"Hello from client"}'
 def server() -> Iterator[ServerProcess]:
     with running_server() as process:
         yield process
-
-
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    directory = short_tmpdir("udsb")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:

@@ -47,14 +47,6 @@ def server_path(server: ServerProcess) -> str:
 
 
 @pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    """A short temp directory for sockets of this test, removed afterwards."""
-    directory = short_tmpdir("udsc")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
 def refused_socket(tmp_short: Path) -> Iterator[str]:
     """A socket file that exists but nobody listens on: connect() is refused."""
     path = str(tmp_short / "dead.sock")
